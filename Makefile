@@ -1,0 +1,43 @@
+# attnlab — set-up, tests and the demo. Two commands matter: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# A bare `torch` requirement pulls several GB of CUDA wheels; pin the CPU build first.
+TORCH  ?= torch==2.13.0
+
+.PHONY: demo test lint typecheck pytest bench-smoke install dev clean
+
+$(VENV)/.base: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.base
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.base
+dev: $(VENV)/.dev
+
+demo: $(VENV)/.base
+	$(VENV)/bin/attnlab demo
+
+lint: $(VENV)/.dev
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff format --check src tests benchmarks
+
+typecheck: $(VENV)/.dev
+	$(PY) -m mypy
+
+pytest: $(VENV)/.dev
+	$(PY) -m pytest -q -n 2
+
+bench-smoke: $(VENV)/.base
+	$(PY) benchmarks/bench_core.py --smoke
+
+test: lint typecheck pytest bench-smoke
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

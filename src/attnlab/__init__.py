@@ -1,0 +1,33 @@
+"""attnlab: the attention mechanism of transformer models, complete, fast and visible.
+
+Example:
+    >>> import torch, attnlab
+    >>> from attnlab import masks, bias
+    >>> q = k = v = torch.randn(1, 8, 32, 16)
+    >>> out = attnlab.attention(q, k, v, mask=masks.causal(), bias=bias.alibi(8))
+    >>> out.shape
+    torch.Size([1, 8, 32, 16])
+"""
+
+from __future__ import annotations
+
+from attnlab import bias, engines, masks, normalize, scores
+from attnlab.engines import available_engines, get_engine, register_engine
+from attnlab.functional import AttentionOutput, attend, attention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionOutput",
+    "__version__",
+    "attend",
+    "attention",
+    "available_engines",
+    "bias",
+    "engines",
+    "get_engine",
+    "masks",
+    "normalize",
+    "register_engine",
+    "scores",
+]

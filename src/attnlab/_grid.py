@@ -1,0 +1,122 @@
+"""Index grids: the coordinates at which masks and biases are evaluated.
+
+Masks and biases in attnlab are functions of ``(batch, head, query position, key index)``.
+A :class:`Grid` holds those four coordinates as broadcastable integer tensors, so the same
+definition serves the dense reference (one grid over all of ``Lq x Lk``) and tiled engines
+(one small grid per tile).
+
+Query positions are aligned bottom-right: query row ``i`` sits at position
+``i + Lk - Lq``. This is the frame of cached decoding, where the last query is the newest
+token and the keys are the whole history.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Broadcastable coordinates of a block of the ``(B, H, Lq, Lk)`` score tensor.
+
+    Attributes:
+        b: batch indices, shape ``(Bg, 1, 1, 1)``.
+        h: head indices, shape ``(1, Hg, 1, 1)``.
+        q: query positions (row index + ``lk - lq``), shape ``(1, 1, Tq, 1)``.
+        k: key indices, shape ``(1, 1, 1, Tk)``.
+        lq: full query length of the attention call.
+        lk: full key length of the attention call.
+
+    Example:
+        >>> g = Grid.full(lq=2, lk=3)
+        >>> g.q.flatten().tolist(), g.k.flatten().tolist()
+        ([1, 2], [0, 1, 2])
+    """
+
+    b: Tensor
+    h: Tensor
+    q: Tensor
+    k: Tensor
+    lq: int
+    lk: int
+
+    @property
+    def offset(self) -> int:
+        """The bottom-right alignment offset ``lk - lq`` (position = row + offset)."""
+        return self.lk - self.lq
+
+    @property
+    def rows(self) -> Tensor:
+        """Query row indices (positions minus the offset), shape ``(1, 1, Tq, 1)``."""
+        return self.q - self.offset
+
+    @staticmethod
+    def full(
+        lq: int,
+        lk: int,
+        *,
+        batch: int = 1,
+        heads: int = 1,
+        device: torch.device | str | None = None,
+    ) -> Grid:
+        """The grid of a whole ``(batch, heads, lq, lk)`` score tensor."""
+        return Grid.tile(
+            torch.arange(lq, device=device),
+            torch.arange(lk, device=device),
+            lq=lq,
+            lk=lk,
+            batch=batch,
+            heads=heads,
+        )
+
+    @staticmethod
+    def tile(
+        rows: Tensor,
+        keys: Tensor,
+        *,
+        lq: int,
+        lk: int,
+        batch: int = 1,
+        heads: int = 1,
+    ) -> Grid:
+        """The grid of the given query ``rows`` (not positions) and ``keys`` (1-D each)."""
+        device = rows.device
+        return Grid(
+            b=torch.arange(batch, device=device).view(-1, 1, 1, 1),
+            h=torch.arange(heads, device=device).view(1, -1, 1, 1),
+            q=(rows + (lk - lq)).view(1, 1, -1, 1),
+            k=keys.view(1, 1, 1, -1),
+            lq=lq,
+            lk=lk,
+        )
+
+    def restrict(self, *, batch: bool, heads: bool) -> Grid:
+        """This grid with the batch and/or head axis collapsed to index 0 (size 1)."""
+        return Grid(
+            b=self.b if batch else self.b[:1],
+            h=self.h if heads else self.h[:, :1],
+            q=self.q,
+            k=self.k,
+            lq=self.lq,
+            lk=self.lk,
+        )
+
+    def gather(self, t: Tensor) -> Tensor:
+        """Index a dense ``(Bt, Ht, lq, lk)`` tensor at this grid (size-1 dims broadcast).
+
+        Returns a tensor of shape ``(Bg or 1, Hg or 1, Tq, Tk)``; gradients flow into ``t``.
+        """
+        zero = self.b.new_zeros(())
+        b = self.b if t.shape[0] > 1 else zero
+        h = self.h if t.shape[1] > 1 else zero
+        q = self.rows if t.shape[2] > 1 else zero
+        k = self.k if t.shape[3] > 1 else zero
+        return t[b, h, q, k]
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """The broadcast shape ``(Bg, Hg, Tq, Tk)`` of a value evaluated on this grid."""
+        return (self.b.shape[0], self.h.shape[1], self.q.shape[2], self.k.shape[3])

@@ -1,0 +1,156 @@
+"""Input validation for the public entry points.
+
+Each helper raises ``TypeError`` or ``ValueError`` whose message names the argument, what
+was seen and what was expected. No asserts: validation survives ``python -O``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from attnlab.normalize import NORMALIZERS
+from attnlab.scores import SCORES
+
+LAYOUT = "(B, H, L, E)"
+
+
+def validate_qkv(q: object, k: object, v: object, *, same_dim: bool) -> tuple[Tensor, ...]:
+    """Check q ``(B, Hq, Lq, E)``, k ``(B, Hkv, Lk, E)``, v ``(B, Hkv, Lk, Ev)``; broadcast
+    a batch of 1 and return the three tensors."""
+    ts = [_rank4(name, x) for name, x in (("q", q), ("k", k), ("v", v))]
+    _same_dtype_device(ts)
+    q_, k_, v_ = ts
+    if k_.shape[1] != v_.shape[1] or k_.shape[2] != v_.shape[2]:
+        raise ValueError(
+            f"k and v must have the same heads and length (B, Hkv, Lk, .); got "
+            f"k {tuple(k_.shape)} and v {tuple(v_.shape)}"
+        )
+    if same_dim and q_.shape[3] != k_.shape[3]:
+        raise ValueError(
+            f"q and k must have the same head dim E; got q {tuple(q_.shape)} and "
+            f"k {tuple(k_.shape)}"
+        )
+    hq, hkv = q_.shape[1], k_.shape[1]
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(
+            f"query heads must be a multiple of key/value heads (GQA); got "
+            f"q heads {hq} and k/v heads {hkv}"
+        )
+    return _broadcast_batch(q_, k_, v_)
+
+
+def _rank4(name: str, x: object) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {LAYOUT}, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must have shape {LAYOUT} (rank 4), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    return x
+
+
+def _same_dtype_device(ts: list[Tensor]) -> None:
+    names = ("q", "k", "v")
+    dtypes = {t.dtype for t in ts}
+    if len(dtypes) > 1:
+        seen = ", ".join(f"{n} {t.dtype}" for n, t in zip(names, ts, strict=False))
+        raise TypeError(f"q, k and v must share one dtype; got {seen}")
+    devices = {t.device for t in ts}
+    if len(devices) > 1:
+        seen = ", ".join(f"{n} {t.device}" for n, t in zip(names, ts, strict=False))
+        raise ValueError(f"q, k and v must be on one device; got {seen}")
+
+
+def _broadcast_batch(*ts: Tensor) -> tuple[Tensor, ...]:
+    sizes = [t.shape[0] for t in ts]
+    big = {s for s in sizes if s != 1}
+    if len(big) > 1:
+        raise ValueError(f"batch sizes of q, k, v must match or be 1; got {sizes}")
+    b = big.pop() if big else 1
+    return tuple(t.expand(b, *t.shape[1:]) if t.shape[0] != b else t for t in ts)
+
+
+def validate_scale(scale: object) -> float | None:
+    """``None`` or a finite real number."""
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, int | float):
+        raise TypeError(f"scale must be a finite float or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return float(scale)
+
+
+def validate_score(score: object) -> str | Callable[[Tensor, Tensor], Tensor]:
+    """A known score name or a callable ``fn(q, k) -> (B, Hq, Lq, Lk)``."""
+    if callable(score):
+        return score
+    if not isinstance(score, str):
+        raise TypeError(f"score must be a str or a callable fn(q, k), got {type(score).__name__}")
+    if score not in SCORES:
+        known = ", ".join(map(repr, SCORES))
+        raise ValueError(
+            f"score={score!r} is not a known score; expected one of {known} or "
+            f"a callable fn(q, k) -> (B, H, Lq, Lk)"
+        )
+    return score
+
+
+def validate_normalize(normalize: object, return_lse: bool) -> str:
+    """A known normalizer name; the logsumexp exists for softmax only."""
+    if not isinstance(normalize, str):
+        raise TypeError(f"normalize must be a str, got {type(normalize).__name__}")
+    if normalize not in NORMALIZERS:
+        known = ", ".join(map(repr, NORMALIZERS))
+        raise ValueError(
+            f"normalize={normalize!r} is not a known normalizer; expected one of {known}"
+        )
+    if return_lse and normalize != "softmax":
+        raise ValueError(
+            f"return_lse=True needs normalize='softmax'; the logsumexp is not "
+            f"defined for normalize={normalize!r}"
+        )
+    return normalize
+
+
+def validate_dropout(p: object) -> float:
+    """A probability in ``[0, 1)``."""
+    if isinstance(p, bool) or not isinstance(p, int | float):
+        raise TypeError(f"dropout_p must be a float in [0, 1), got {type(p).__name__}")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {p}")
+    return float(p)
+
+
+def validate_flag(name: str, value: object) -> bool:
+    """A real ``bool`` (not a tensor or an int)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def validate_scores(scores: object, v: Tensor) -> Tensor:
+    """Precomputed scores ``(B, Hq, Lq, Lk)`` that fit ``v (B, Hkv, Lk, Ev)``."""
+    s = _rank4("scores", scores)
+    _rank4("v", v)
+    if s.dtype != v.dtype or s.device != v.device:
+        raise TypeError(
+            f"scores and v must share dtype and device; got {s.dtype}/{s.device} "
+            f"and {v.dtype}/{v.device}"
+        )
+    if s.shape[3] != v.shape[2] or v.shape[1] == 0 or s.shape[1] % v.shape[1]:
+        raise ValueError(
+            f"scores (B, Hq, Lq, Lk) {tuple(s.shape)} do not fit v (B, Hkv, Lk, "
+            f"Ev) {tuple(v.shape)}: need equal Lk and Hq % Hkv == 0"
+        )
+    return s
+
+
+def assert_shape(name: str, x: Tensor, shape: torch.Size | tuple[int, ...]) -> None:
+    """Raise ``ValueError`` unless ``x.shape == shape``."""
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")

@@ -1,0 +1,167 @@
+"""The engine contract: one request type, one result type, one registry.
+
+Every engine receives a validated :class:`AttentionRequest` and returns
+``(out, weights | None, lse | None)``. An engine declares what it can compute exactly
+through :meth:`Engine.unsupported`, which returns ``None`` or the reason it cannot;
+``engine="auto"`` picks the first exact engine in preference order that can.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from attnlab.bias import Bias
+from attnlab.masks import Mask
+from attnlab.scores import ScoreFn
+
+__all__ = [
+    "AttentionRequest",
+    "Engine",
+    "EngineResult",
+    "available_engines",
+    "get_engine",
+    "register_engine",
+    "select_engine",
+]
+
+EngineResult = tuple[Tensor, Tensor | None, Tensor | None]
+
+
+@dataclass(frozen=True)
+class AttentionRequest:
+    """A validated attention call. Tensors are ``(B, H, L, E)``; batch already broadcast.
+
+    Attributes:
+        q: queries ``(B, Hq, Lq, E)``.
+        k: keys ``(B, Hkv, Lk, E)``.
+        v: values ``(B, Hkv, Lk, Ev)``.
+        mask: a :class:`~attnlab.masks.Mask` already checked against the sizes, or None.
+        bias: a :class:`~attnlab.bias.Bias` already checked against the sizes, or None.
+        scale: the multiplier of the raw scores (resolved; never None).
+        score: ``"dot"``, ``"cosine"`` or a callable ``fn(q, k) -> (B, Hq, Lq, Lk)``.
+        normalize: ``"softmax"``, ``"sparsemax"`` or ``"entmax15"``.
+        dropout_p: dropout probability on the weights.
+        return_weights: whether weights ``(B, Hq, Lq, Lk)`` are wanted.
+        return_lse: whether the per-row logsumexp ``(B, Hq, Lq)`` is wanted.
+    """
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    mask: Mask | None
+    bias: Bias | None
+    scale: float
+    score: str | ScoreFn
+    normalize: str
+    dropout_p: float
+    return_weights: bool
+    return_lse: bool
+
+    @property
+    def batch(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def heads(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def lq(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def lk(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def needs_grad(self) -> bool:
+        """Whether autograd will need gradients through this call."""
+        leaves = [self.q, self.k, self.v, *(self.bias.parameters() if self.bias else [])]
+        return torch.is_grad_enabled() and any(t.requires_grad for t in leaves)
+
+
+class Engine:
+    """Base class of engines. Subclasses set ``name`` and ``exact`` and implement
+    :meth:`unsupported` and :meth:`forward`."""
+
+    name: str = "engine"
+    exact: bool = True
+    summary: str = ""
+
+    def unsupported(self, req: AttentionRequest) -> str | None:
+        """``None`` if this engine computes ``req`` exactly, else the reason it cannot."""
+        raise NotImplementedError
+
+    def forward(self, req: AttentionRequest) -> EngineResult:
+        """Compute ``(out (B, Hq, Lq, Ev), weights | None, lse | None)``."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<engine {self.name!r}{'' if self.exact else ' (approximate)'}>"
+
+
+_REGISTRY: dict[str, Engine] = {}
+_AUTO_ORDER: list[str] = []
+
+
+def register_engine(engine: Engine, *, auto_rank: int | None = None) -> Engine:
+    """Add ``engine`` to the registry; with ``auto_rank``, ``auto`` considers it at that
+    position in its preference order (0 = tried first). Approximate engines are never
+    picked by ``auto``.
+
+    Example:
+        >>> from attnlab.engines import get_engine
+        >>> get_engine("reference").name
+        'reference'
+    """
+    _REGISTRY[engine.name] = engine
+    if engine.name in _AUTO_ORDER:
+        _AUTO_ORDER.remove(engine.name)
+    if auto_rank is not None and engine.exact:
+        _AUTO_ORDER.insert(auto_rank, engine.name)
+    return engine
+
+
+def available_engines() -> dict[str, Engine]:
+    """All registered engines by name."""
+    return dict(_REGISTRY)
+
+
+def get_engine(name: str) -> Engine:
+    """The engine registered under ``name``; ``ValueError`` listing the known names."""
+    if not isinstance(name, str):
+        raise TypeError(f"engine must be a str, got {type(name).__name__}")
+    if name not in _REGISTRY:
+        known = ", ".join(repr(n) for n in ["auto", *_REGISTRY])
+        raise ValueError(f"engine={name!r} is not a known engine; expected one of {known}")
+    return _REGISTRY[name]
+
+
+def select_engine(name: str, req: AttentionRequest) -> Engine:
+    """Resolve ``name`` (or ``"auto"``) to an engine that can compute ``req``.
+
+    Raises ``ValueError`` saying what is unsupported and which engines can do it.
+    """
+    if name == "auto":
+        for cand in _AUTO_ORDER:
+            if _REGISTRY[cand].unsupported(req) is None:
+                return _REGISTRY[cand]
+        raise ValueError(
+            "no registered exact engine supports this request: " + _reasons(req, _AUTO_ORDER)
+        )
+    engine = get_engine(name)
+    reason = engine.unsupported(req)
+    if reason is None:
+        return engine
+    able = [n for n, e in _REGISTRY.items() if e.unsupported(req) is None]
+    raise ValueError(
+        f"engine={name!r} cannot compute this request: {reason}. "
+        f"Engines that can: {', '.join(map(repr, able)) or 'none'}"
+    )
+
+
+def _reasons(req: AttentionRequest, names: list[str]) -> str:
+    return "; ".join(f"{n}: {_REGISTRY[n].unsupported(req)}" for n in names)

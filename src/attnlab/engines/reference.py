@@ -1,0 +1,102 @@
+"""The reference engine: eager, materializes the scores, supports everything.
+
+It is the oracle of the test suite (run it in float64) and the fallback of ``auto``. Its
+four steps are the library's definition of attention::
+
+    scores  = score(q, k) * scale + bias
+    scores  = mask(scores)              # masked entries become -inf
+    weights = normalize(scores)         # fully masked rows give 0
+    out     = dropout(weights) @ v
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnlab.engines.base import AttentionRequest, Engine, EngineResult
+from attnlab.normalize import get_normalizer, softmax_with_lse
+from attnlab.scores import SCORES, expand_kv, grouped_matmul
+
+__all__ = ["ReferenceEngine", "mix", "request_scores"]
+
+
+def request_scores(req: AttentionRequest) -> Tensor:
+    """Scaled and biased scores ``(B, Hq, Lq, Lk)`` of a request, before masking."""
+    if isinstance(req.score, str):
+        s = SCORES[req.score](req.q, req.k)
+    else:
+        s = req.score(req.q, expand_kv(req.k, req.heads))
+    s = s * req.scale if req.scale != 1.0 else s
+    if req.bias is not None:
+        b = req.bias.dense(
+            req.lq, req.lk, batch=req.batch, heads=req.heads, device=s.device, dtype=s.dtype
+        )  # (Bb, Hb, Lq, Lk)
+        s = s + b
+    return s
+
+
+def mix(
+    scores: Tensor,
+    v: Tensor,
+    allowed: Tensor | None,
+    *,
+    normalize: str = "softmax",
+    dropout_p: float = 0.0,
+    want_lse: bool = False,
+) -> EngineResult:
+    """Mask, normalize and take the weighted sum of ``v``.
+
+    Args:
+        scores: ``(B, Hq, Lq, Lk)`` scaled scores.
+        v: ``(B, Hkv, Lk, Ev)`` values, ``Hq % Hkv == 0``.
+        allowed: bool, broadcastable to ``scores``; ``False`` entries are masked.
+        normalize: normalizer name.
+        dropout_p: dropout on the weights (the returned weights are before dropout).
+        want_lse: also return the logsumexp ``(B, Hq, Lq)`` (softmax only).
+
+    Returns:
+        ``(out (B, Hq, Lq, Ev), weights (B, Hq, Lq, Lk), lse | None)``.
+    """
+    s = scores if allowed is None else scores.masked_fill(~allowed, float("-inf"))
+    lse = None
+    if normalize == "softmax":
+        w, lse = softmax_with_lse(s)
+    else:
+        w = get_normalizer(normalize)(s)
+    wd = F.dropout(w, p=dropout_p, training=True) if dropout_p > 0 else w
+    out = grouped_matmul(wd, v)  # (B, Hq, Lq, Ev)
+    return out, w, (lse if want_lse else None)
+
+
+class ReferenceEngine(Engine):
+    """Eager attention over materialized ``Lq x Lk`` scores; every feature, any dtype."""
+
+    name = "reference"
+    exact = True
+    summary = (
+        "every score, mask, bias and normalizer; dropout; weights and lse; "
+        "autograd; any dtype and device (materializes Lq x Lk)"
+    )
+
+    def unsupported(self, req: AttentionRequest) -> str | None:
+        if req.return_lse and req.normalize != "softmax":
+            return f"the logsumexp is only defined for softmax, not {req.normalize!r}"
+        return None
+
+    def forward(self, req: AttentionRequest) -> EngineResult:
+        s = request_scores(req)  # (B, Hq, Lq, Lk)
+        allowed = None
+        if req.mask is not None:
+            allowed = req.mask.dense(
+                req.lq, req.lk, batch=req.batch, heads=req.heads, device=s.device
+            )  # (Bm, Hm, Lq, Lk)
+        out, w, lse = mix(
+            s,
+            req.v,
+            allowed,
+            normalize=req.normalize,
+            dropout_p=req.dropout_p,
+            want_lse=req.return_lse,
+        )
+        return out, (w if req.return_weights else None), lse

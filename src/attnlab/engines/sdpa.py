@@ -1,0 +1,96 @@
+"""The SDPA engine: :func:`torch.nn.functional.scaled_dot_product_attention`.
+
+Used wherever torch computes the request exactly: dot-product scores, softmax, any mask
+and bias (passed as one dense additive mask, or as ``is_causal`` for square causal
+attention), dropout, grouped-query attention. It does not return weights or the
+logsumexp; ``auto`` routes those requests elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnlab.engines.base import AttentionRequest, Engine, EngineResult
+from attnlab.masks import _Causal
+
+__all__ = ["SdpaEngine"]
+
+
+class SdpaEngine(Engine):
+    """torch SDPA for dot-product softmax attention with any mask and bias."""
+
+    name = "sdpa"
+    exact = True
+    summary = (
+        "dot score, softmax, any mask and bias (as a dense additive mask; square "
+        "causal without one), dropout, GQA, autograd incl. learnable biases; "
+        "no weights, no lse"
+    )
+
+    def unsupported(self, req: AttentionRequest) -> str | None:
+        if req.score != "dot":
+            return f"torch SDPA computes dot-product scores only, not score={req.score!r}"
+        if req.normalize != "softmax":
+            return f"torch SDPA normalizes with softmax only, not {req.normalize!r}"
+        if req.return_weights:
+            return "torch SDPA does not return attention weights (return_weights=True)"
+        if req.return_lse:
+            return "torch SDPA does not return the logsumexp (return_lse=True)"
+        if req.batch == 0 or req.lq == 0 or req.lk == 0:
+            return "torch SDPA does not accept empty batches or sequences"
+        if any(bool(torch.isnan(t).any()) for t in (req.q, req.k, req.v)):
+            return "the inputs hold NaN, which torch SDPA's fused kernels turn into 0"
+        return None
+
+    def forward(self, req: AttentionRequest) -> EngineResult:
+        gqa = req.heads != req.k.shape[1]
+        if isinstance(req.mask, _Causal) and req.bias is None and req.lq == req.lk:
+            out = F.scaled_dot_product_attention(
+                req.q,
+                req.k,
+                req.v,
+                dropout_p=req.dropout_p,
+                is_causal=True,
+                scale=req.scale,
+                enable_gqa=gqa,
+            )
+            return out, None, None
+        attn_mask, empty_rows = _dense_mask(req)
+        out = F.scaled_dot_product_attention(
+            req.q,
+            req.k,
+            req.v,
+            attn_mask=attn_mask,
+            dropout_p=req.dropout_p,
+            scale=req.scale,
+            enable_gqa=gqa,
+        )  # (B, Hq, Lq, Ev)
+        if empty_rows is not None:
+            out = out.masked_fill(empty_rows, 0.0)
+        return out, None, None
+
+
+def _dense_mask(req: AttentionRequest) -> tuple[Tensor | None, Tensor | None]:
+    """The request's mask and bias as one SDPA ``attn_mask``, plus its fully masked rows.
+
+    Fully masked rows are opened to every key (so torch never sees an all ``-inf`` row
+    and its gradients stay finite) and their output is zeroed afterwards.
+    """
+    allowed = empty = None
+    if req.mask is not None:
+        allowed = req.mask.dense(
+            req.lq, req.lk, batch=req.batch, heads=req.heads, device=req.q.device
+        )  # (Bm, Hm, Lq, Lk)
+        empty = ~allowed.any(dim=-1, keepdim=True)  # (Bm, Hm, Lq, 1)
+        allowed = allowed | empty if bool(empty.any()) else allowed
+        empty = empty if bool(empty.any()) else None
+    if req.bias is None:
+        return allowed, empty
+    bias = req.bias.dense(
+        req.lq, req.lk, batch=req.batch, heads=req.heads, device=req.q.device, dtype=req.q.dtype
+    )  # (Bb, Hb, Lq, Lk)
+    if allowed is not None:
+        bias = bias.masked_fill(~allowed, float("-inf"))
+    return bias, empty

@@ -1,0 +1,190 @@
+"""The one entry point: :func:`attention`, and :func:`attend` for precomputed scores.
+
+Every attention in attnlab is the same four steps::
+
+    scores  = score(q, k) * scale + bias        # dot, cosine, or a parametric module
+    scores  = mask(scores)                      # causal, window, padding, documents, ...
+    weights = normalize(scores)                 # softmax, sparsemax, entmax15
+    out     = weights @ v                       # weighted sum
+
+:func:`attention` validates the call and hands it to an engine; :func:`attend` runs the
+last three steps on scores computed elsewhere (Bahdanau's additive score, say).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from torch import Tensor
+
+from attnlab import _validate as V
+from attnlab.bias import Bias, as_bias
+from attnlab.engines import AttentionRequest, select_engine
+from attnlab.engines.reference import mix
+from attnlab.masks import Mask, as_mask
+from attnlab.scores import ScoreFn, default_scale
+
+__all__ = ["AttentionOutput", "attend", "attention"]
+
+
+class AttentionOutput(NamedTuple):
+    """What :func:`attention` returns when weights or the logsumexp are asked for.
+
+    Attributes:
+        out: ``(B, Hq, Lq, Ev)``.
+        weights: ``(B, Hq, Lq, Lk)`` normalized weights (before dropout), or None.
+        lse: ``(B, Hq, Lq)`` logsumexp of the scaled, biased, masked scores (``-inf`` on
+            fully masked rows), or None.
+    """
+
+    out: Tensor
+    weights: Tensor | None
+    lse: Tensor | None
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Mask | Tensor | None = None,
+    bias: Bias | Tensor | None = None,
+    scale: float | None = None,
+    score: str | ScoreFn = "dot",
+    normalize: str = "softmax",
+    dropout_p: float = 0.0,
+    engine: str = "auto",
+    return_weights: bool = False,
+    return_lse: bool = False,
+) -> Tensor | AttentionOutput:
+    """Attention of queries over keys and values, in the ``(B, H, L, E)`` layout.
+
+    Args:
+        q: queries ``(B, Hq, Lq, E)``.
+        k: keys ``(B, Hkv, Lk, E)``; ``Hq % Hkv == 0`` (grouped / multi-query attention).
+        v: values ``(B, Hkv, Lk, Ev)``. A batch of 1 in any of q, k, v broadcasts.
+        mask: an :mod:`attnlab.masks` mask or a bool tensor broadcastable to
+            ``(B, Hq, Lq, Lk)`` (True = may attend). Query positions are aligned
+            bottom-right: row ``i`` is position ``i + Lk - Lq``.
+        bias: an :mod:`attnlab.bias` bias or a float tensor added to the scaled scores.
+        scale: multiplier of the scores; default ``1/sqrt(E)`` for ``"dot"``, else 1.
+        score: ``"dot"``, ``"cosine"``, or a callable ``fn(q, k) -> (B, Hq, Lq, Lk)``
+            (it receives k expanded to Hq heads).
+        normalize: ``"softmax"``, ``"sparsemax"`` or ``"entmax15"``.
+        dropout_p: dropout probability on the weights (reproducible under
+            ``torch.manual_seed`` for a given engine).
+        engine: ``"auto"`` (the fastest exact engine that supports the call) or a name
+            from :func:`attnlab.engines.available_engines`.
+        return_weights: also return the weights ``(B, Hq, Lq, Lk)``.
+        return_lse: also return the logsumexp ``(B, Hq, Lq)`` (softmax only).
+
+    Returns:
+        ``out (B, Hq, Lq, Ev)``, or an :class:`AttentionOutput` when ``return_weights`` or
+        ``return_lse`` is set. Fully masked query rows give output 0 and weights 0.
+
+    Example:
+        >>> import torch, attnlab
+        >>> from attnlab import masks
+        >>> q = k = v = torch.randn(2, 4, 16, 8)
+        >>> attnlab.attention(q, k, v, mask=masks.causal()).shape
+        torch.Size([2, 4, 16, 8])
+        >>> r = attnlab.attention(q, k, v, mask=masks.window(3), return_weights=True)
+        >>> r.weights.shape, bool(r.weights[0, 0, 10, :7].sum() == 0)
+        (torch.Size([2, 4, 16, 16]), True)
+    """
+    req = _request(
+        q, k, v, mask, bias, scale, score, normalize, dropout_p, return_weights, return_lse
+    )
+    chosen = select_engine(engine, req)
+    out, weights, lse = chosen.forward(req)
+    if return_weights or return_lse:
+        return AttentionOutput(out, weights, lse)
+    return out
+
+
+def _request(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Mask | Tensor | None,
+    bias: Bias | Tensor | None,
+    scale: float | None,
+    score: str | ScoreFn,
+    normalize: str,
+    dropout_p: float,
+    return_weights: bool,
+    return_lse: bool,
+) -> AttentionRequest:
+    """Validate every argument and build the engine request."""
+    score_ = V.validate_score(score)
+    q, k, v = V.validate_qkv(q, k, v, same_dim=isinstance(score_, str))
+    sizes = {"batch": q.shape[0], "heads": q.shape[1], "lq": q.shape[2], "lk": k.shape[2]}
+    mask_, bias_ = as_mask(mask), as_bias(bias)
+    if mask_ is not None:
+        mask_.check(**sizes)
+    if bias_ is not None:
+        bias_.check(**sizes)
+    want_lse = V.validate_flag("return_lse", return_lse)
+    scale_ = V.validate_scale(scale)
+    return AttentionRequest(
+        q=q,
+        k=k,
+        v=v,
+        mask=mask_,
+        bias=bias_,
+        scale=default_scale(score_, q.shape[-1]) if scale_ is None else scale_,
+        score=score_,
+        normalize=V.validate_normalize(normalize, want_lse),
+        dropout_p=V.validate_dropout(dropout_p),
+        return_weights=V.validate_flag("return_weights", return_weights),
+        return_lse=want_lse,
+    )
+
+
+def attend(
+    scores: Tensor,
+    v: Tensor,
+    *,
+    mask: Mask | Tensor | None = None,
+    normalize: str = "softmax",
+    dropout_p: float = 0.0,
+    return_weights: bool = False,
+    return_lse: bool = False,
+) -> Tensor | AttentionOutput:
+    """Mask, normalize and mix precomputed scores: the last three steps of attention.
+
+    For parametric scores (Luong's general, Bahdanau's additive) computed by a module.
+
+    Args:
+        scores: ``(B, Hq, Lq, Lk)`` scores, already scaled and biased.
+        v: values ``(B, Hkv, Lk, Ev)``, ``Hq % Hkv == 0``.
+        mask, normalize, dropout_p, return_weights, return_lse: as in :func:`attention`.
+
+    Returns:
+        ``out (B, Hq, Lq, Ev)`` or an :class:`AttentionOutput`.
+
+    Example:
+        >>> import torch
+        >>> scores, v = torch.zeros(1, 1, 1, 4), torch.arange(4.).view(1, 1, 4, 1)
+        >>> attend(scores, v).item()
+        1.5
+    """
+    s = V.validate_scores(scores, v)
+    b, h, lq, lk = s.shape
+    mask_ = as_mask(mask)
+    allowed = None
+    if mask_ is not None:
+        mask_.check(batch=b, heads=h, lq=lq, lk=lk)
+        allowed = mask_.dense(lq, lk, batch=b, heads=h, device=s.device)
+    want_lse = V.validate_flag("return_lse", return_lse)
+    out, w, lse = mix(
+        s,
+        v,
+        allowed,
+        normalize=V.validate_normalize(normalize, want_lse),
+        dropout_p=V.validate_dropout(dropout_p),
+        want_lse=want_lse,
+    )
+    if V.validate_flag("return_weights", return_weights) or want_lse:
+        return AttentionOutput(out, w if return_weights else None, lse)
+    return out

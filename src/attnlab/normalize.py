@@ -1,0 +1,407 @@
+"""Attention normalizers: softmax, sparsemax and 1.5-entmax over the last dim of the scores.
+
+Every normalizer maps a scores tensor (usually ``(B, H, Lq, Lk)``, but any shape works) to
+weights along ``dim=-1`` that are non-negative and sum to 1. They share one set of rules:
+
+* an entry equal to ``-inf`` is *masked* and gets weight exactly 0;
+* a fully masked row (all ``-inf``) gives an all-zero row and zero gradients, never NaN;
+* a NaN anywhere in a row makes that whole row of weights NaN (it is never silently zeroed);
+* an empty last dim returns an empty tensor of the same shape;
+* float16 / bfloat16 inputs are computed in float32 and cast back.
+
+``sparsemax`` (Martins & Astudillo, 2016) and ``entmax15`` (Peters, Niculae & Martins,
+2019) are exact, sort-based, and can put exactly zero weight on low scores. Both are
+:class:`torch.autograd.Function` s with a closed-form backward.
+
+Example:
+    >>> import torch
+    >>> scores = torch.tensor([[1.0, 0.5, -1.0], [0.0, float("-inf"), 0.0]])
+    >>> sparsemax(scores)
+    tensor([[0.7500, 0.2500, 0.0000],
+            [0.5000, 0.0000, 0.5000]])
+    >>> get_normalizer("softmax")(scores)[1]
+    tensor([0.5000, 0.0000, 0.5000])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+__all__ = [
+    "NORMALIZERS",
+    "entmax15",
+    "get_normalizer",
+    "softmax",
+    "softmax_with_lse",
+    "sparsemax",
+]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_scores(scores: Tensor, fn: str) -> None:
+    """Reject inputs that have no last dim or are not floating point.
+
+    Args:
+        scores: the tensor handed to a normalizer.
+        fn: the public function name, used in the error message.
+
+    Raises:
+        ValueError: ``scores`` is 0-dimensional.
+        TypeError: ``scores`` is not a floating-point tensor.
+    """
+    if scores.ndim == 0:
+        raise ValueError(f"{fn}: scores must have at least one dimension, got a 0-d tensor")
+    if not scores.is_floating_point():
+        raise TypeError(f"{fn}: scores must be a floating-point tensor, got {scores.dtype}")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype to compute in: float32 for half types, otherwise ``dtype`` itself."""
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def _safe_row_max(x: Tensor) -> Tensor:
+    """Row max with non-finite values (fully masked rows, NaN, +inf) replaced by 0.
+
+    Args:
+        x: scores, shape ``(..., L)`` with ``L >= 1``.
+
+    Returns:
+        The shift to subtract, shape ``(..., 1)``.
+    """
+    m = x.amax(dim=-1, keepdim=True)  # (..., 1)
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
+def _nan_rows(x: Tensor) -> Tensor:
+    """Rows containing a NaN, shape ``(..., 1)`` bool."""
+    return torch.isnan(x).any(dim=-1, keepdim=True)
+
+
+def _finish(p: Tensor, x: Tensor) -> Tensor:
+    """Force fully masked rows to exact zeros and NaN-containing rows to NaN.
+
+    Args:
+        p: computed weights, shape ``(..., L)``.
+        x: the scores they were computed from, shape ``(..., L)``.
+
+    Returns:
+        The cleaned weights, shape ``(..., L)``.
+    """
+    all_masked = torch.isneginf(x).all(dim=-1, keepdim=True)  # (..., 1)
+    p = torch.where(all_masked, torch.zeros_like(p), p)
+    return torch.where(_nan_rows(x), torch.full_like(p, math.nan), p)
+
+
+def _sorted_rows(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Sort each row in descending order, zeroing the masked ``-inf`` tail.
+
+    The ``-inf`` entries sort last; instead of doing arithmetic on them (which gives NaN in
+    cumulative sums) they are replaced by 0 and excluded through a rank mask built from the
+    count of valid (non ``-inf``) entries.
+
+    Args:
+        x: shifted scores, shape ``(..., L)``.
+
+    Returns:
+        ``(xs, k, in_range)``: sorted values with the tail zeroed ``(..., L)``, the 1-based
+        ranks ``(L,)`` in ``x.dtype``, and ``k <= n_valid`` as a bool ``(..., L)``.
+    """
+    xs = torch.sort(x, dim=-1, descending=True).values  # (..., L)
+    n_valid = (~torch.isneginf(x)).sum(dim=-1, keepdim=True)  # (..., 1)
+    k = torch.arange(1, x.shape[-1] + 1, device=x.device, dtype=x.dtype)  # (L,)
+    in_range = k <= n_valid  # (..., L)
+    return torch.where(in_range, xs, torch.zeros_like(xs)), k, in_range
+
+
+def _support_size(in_support: Tensor) -> Tensor:
+    """Count the support per row, at least 1 so it can index, shape ``(..., 1)`` int64."""
+    return in_support.sum(dim=-1, keepdim=True).clamp(min=1)
+
+
+def _empty_like_result(scores: Tensor) -> Tensor:
+    """Result for an empty last dim: an empty tensor of the same shape, still in the graph."""
+    return scores.clone()
+
+
+# --------------------------------------------------------------------------- sparsemax
+
+
+def _sparsemax_forward(x: Tensor) -> Tensor:
+    """Euclidean projection of each row onto the simplex (exact, sort-based).
+
+    Args:
+        x: scores shifted by their row max, shape ``(..., L)``.
+
+    Returns:
+        Weights ``max(x - tau, 0)``, shape ``(..., L)``.
+    """
+    xs, k, in_range = _sorted_rows(x)  # (..., L), (L,), (..., L)
+    cs = xs.cumsum(dim=-1)  # (..., L)
+    in_support = in_range & (1 + k * xs > cs)  # (..., L)
+    k_star = _support_size(in_support)  # (..., 1)
+    tau = (cs.gather(-1, k_star - 1) - 1) / k_star.to(x.dtype)  # (..., 1)
+    return torch.clamp(x - tau, min=0)
+
+
+def _sparsemax_backward(p: Tensor, g: Tensor) -> Tensor:
+    """Vector-Jacobian product of sparsemax: ``S * (g - mean of g over S)``.
+
+    Args:
+        p: forward output, shape ``(..., L)``.
+        g: upstream gradient, shape ``(..., L)``.
+
+    Returns:
+        Gradient w.r.t. the scores, shape ``(..., L)``.
+    """
+    support = p > 0  # (..., L)
+    g_s = torch.where(support, g, torch.zeros_like(g))  # (..., L)
+    n = support.sum(dim=-1, keepdim=True).clamp(min=1)  # (..., 1)
+    g_mean = g_s.sum(dim=-1, keepdim=True) / n.to(g.dtype)  # (..., 1)
+    grad = torch.where(support, g - g_mean, torch.zeros_like(g))
+    return torch.where(_nan_rows(p), torch.full_like(grad, math.nan), grad)
+
+
+class _Sparsemax(torch.autograd.Function):
+    """Autograd wrapper of sparsemax along the last dim."""
+
+    @staticmethod
+    def forward(ctx: Any, scores: Tensor) -> Tensor:
+        """Compute sparsemax in (at least) float32 and save the weights for backward."""
+        x = scores.to(_compute_dtype(scores.dtype))  # (..., L)
+        p = _finish(_sparsemax_forward(x - _safe_row_max(x)), x)  # (..., L)
+        ctx.save_for_backward(p)
+        ctx.in_dtype = scores.dtype
+        return p.to(scores.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> Tensor:
+        """Closed-form gradient; see :func:`_sparsemax_backward`."""
+        (p,) = ctx.saved_tensors
+        return _sparsemax_backward(p, grad_out.to(p.dtype)).to(ctx.in_dtype)
+
+
+def sparsemax(scores: Tensor) -> Tensor:
+    """Sparsemax along the last dim: the Euclidean projection of each row onto the simplex.
+
+    Args:
+        scores: any shape ``(..., L)``; ``-inf`` entries are masked.
+
+    Returns:
+        Weights of the same shape and dtype; rows sum to 1 (0 for fully masked rows).
+
+    Example:
+        >>> sparsemax(torch.tensor([1.0, 0.5, -1.0]))
+        tensor([0.7500, 0.2500, 0.0000])
+    """
+    _check_scores(scores, "sparsemax")
+    if scores.shape[-1] == 0:
+        return _empty_like_result(scores)
+    out: Tensor = _Sparsemax.apply(scores)
+    return out
+
+
+# --------------------------------------------------------------------------- entmax15
+
+
+def _entmax15_forward(x: Tensor) -> Tensor:
+    """Exact 1.5-entmax of each row: ``max(x / 2 - tau, 0) ** 2`` with ``sum = 1``.
+
+    For a candidate support of the ``k`` largest ``y = x / 2``, ``tau`` solves
+    ``sum (y_i - tau)^2 = 1``, i.e. ``tau = mean - sqrt((1 - ss) / k)`` with ``ss`` the sum
+    of squared deviations; the support is the ranks where ``tau_k <= y_(k)``.
+
+    Args:
+        x: scores shifted by their row max, shape ``(..., L)``.
+
+    Returns:
+        Weights, shape ``(..., L)``.
+    """
+    y = x / 2  # (..., L)
+    ys, k, in_range = _sorted_rows(y)  # (..., L), (L,), (..., L)
+    mean = ys.cumsum(dim=-1) / k  # (..., L)
+    mean_sq = (ys * ys).cumsum(dim=-1) / k  # (..., L)
+    ss = k * (mean_sq - mean * mean)  # (..., L)
+    tau = mean - torch.sqrt(torch.clamp((1 - ss) / k, min=0))  # (..., L)
+    in_support = in_range & (tau <= ys)  # (..., L)
+    tau_star = tau.gather(-1, _support_size(in_support) - 1)  # (..., 1)
+    return torch.clamp(y - tau_star, min=0) ** 2
+
+
+def _entmax15_backward(p: Tensor, g: Tensor) -> Tensor:
+    """Vector-Jacobian product of 1.5-entmax with ``s = sqrt(p)``: ``g*s - s*sum(g*s)/sum(s)``.
+
+    Args:
+        p: forward output, shape ``(..., L)``.
+        g: upstream gradient, shape ``(..., L)``.
+
+    Returns:
+        Gradient w.r.t. the scores, shape ``(..., L)``.
+    """
+    gppr = torch.sqrt(p)  # (..., L), 0 off the support
+    dx = torch.where(p > 0, g, torch.zeros_like(g)) * gppr  # (..., L)
+    denom = gppr.sum(dim=-1, keepdim=True)  # (..., 1)
+    q = dx.sum(dim=-1, keepdim=True) / torch.where(denom == 0, torch.ones_like(denom), denom)
+    grad = dx - q * gppr
+    return torch.where(_nan_rows(p), torch.full_like(grad, math.nan), grad)
+
+
+class _Entmax15(torch.autograd.Function):
+    """Autograd wrapper of 1.5-entmax along the last dim."""
+
+    @staticmethod
+    def forward(ctx: Any, scores: Tensor) -> Tensor:
+        """Compute 1.5-entmax in (at least) float32 and save the weights for backward."""
+        x = scores.to(_compute_dtype(scores.dtype))  # (..., L)
+        p = _finish(_entmax15_forward(x - _safe_row_max(x)), x)  # (..., L)
+        ctx.save_for_backward(p)
+        ctx.in_dtype = scores.dtype
+        return p.to(scores.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> Tensor:
+        """Closed-form gradient; see :func:`_entmax15_backward`."""
+        (p,) = ctx.saved_tensors
+        return _entmax15_backward(p, grad_out.to(p.dtype)).to(ctx.in_dtype)
+
+
+def entmax15(scores: Tensor) -> Tensor:
+    """1.5-entmax along the last dim (Peters, Niculae & Martins, 2019), exact sort-based.
+
+    Args:
+        scores: any shape ``(..., L)``; ``-inf`` entries are masked.
+
+    Returns:
+        Weights of the same shape and dtype; rows sum to 1 (0 for fully masked rows).
+
+    Example:
+        >>> entmax15(torch.tensor([0.0, 0.0, -5.0]))
+        tensor([0.5000, 0.5000, 0.0000])
+    """
+    _check_scores(scores, "entmax15")
+    if scores.shape[-1] == 0:
+        return _empty_like_result(scores)
+    out: Tensor = _Entmax15.apply(scores)
+    return out
+
+
+# --------------------------------------------------------------------------- softmax
+
+
+def _softmax_parts(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Shared pieces of softmax and its logsumexp, with plain autograd ops.
+
+    Args:
+        x: scores in the compute dtype, shape ``(..., L)`` with ``L >= 1``.
+
+    Returns:
+        ``(e, s, m)``: ``exp(x - m)`` ``(..., L)``, its row sum ``(..., 1)`` and the
+        (detached, finite) row shift ``m`` ``(..., 1)``.
+    """
+    m = _safe_row_max(x.detach())  # (..., 1)
+    e = torch.exp(x - m)  # (..., L); masked entries give exactly 0
+    return e, e.sum(dim=-1, keepdim=True), m
+
+
+def _nonzero(s: Tensor) -> Tensor:
+    """``s`` with exact zeros replaced by 1 (NaN kept), so dividing or taking logs is safe."""
+    return torch.where(s == 0, torch.ones_like(s), s)
+
+
+def softmax(scores: Tensor) -> Tensor:
+    """Softmax along the last dim with masked (``-inf``) and fully masked rows handled.
+
+    Args:
+        scores: any shape ``(..., L)``; ``-inf`` entries are masked.
+
+    Returns:
+        Weights of the same shape and dtype; rows sum to 1 (0 for fully masked rows).
+
+    Example:
+        >>> softmax(torch.tensor([[0.0, 0.0], [float("-inf"), float("-inf")]]))
+        tensor([[0.5000, 0.5000],
+                [0.0000, 0.0000]])
+    """
+    return softmax_with_lse(scores)[0]
+
+
+def softmax_with_lse(scores: Tensor) -> tuple[Tensor, Tensor]:
+    """Softmax along the last dim and the per-row logsumexp of the scores.
+
+    The logsumexp is ``-inf`` for fully masked (and empty) rows; its gradient there is 0.
+
+    Args:
+        scores: any shape ``(..., L)``; ``-inf`` entries are masked.
+
+    Returns:
+        ``(weights, lse)``: weights ``(..., L)`` and lse ``(...)``, both in ``scores.dtype``.
+
+    Example:
+        >>> p, lse = softmax_with_lse(torch.tensor([0.0, 0.0]))
+        >>> p, round(lse.item(), 4)
+        (tensor([0.5000, 0.5000]), 0.6931)
+    """
+    _check_scores(scores, "softmax_with_lse")
+    if scores.shape[-1] == 0:
+        return _empty_like_result(scores), scores.new_full(scores.shape[:-1], -math.inf)
+    x = scores.to(_compute_dtype(scores.dtype))  # (..., L)
+    e, s, m = _softmax_parts(x)  # (..., L), (..., 1), (..., 1)
+    s_safe = _nonzero(s)  # (..., 1)
+    p = e / s_safe  # (..., L)
+    lse = torch.where(s == 0, torch.full_like(s, -math.inf), m + torch.log(s_safe))  # (..., 1)
+    return p.to(scores.dtype), lse.squeeze(-1).to(scores.dtype)
+
+
+# --------------------------------------------------------------------------- registry
+
+NORMALIZERS: dict[str, Callable[[Tensor], Tensor]] = {
+    "softmax": softmax,
+    "sparsemax": sparsemax,
+    "entmax15": entmax15,
+}
+
+
+def _valid_names() -> str:
+    """The registered names, quoted and comma separated."""
+    return ", ".join(repr(name) for name in NORMALIZERS)
+
+
+def get_normalizer(name: object) -> Callable[[Tensor], Tensor]:
+    """Look up a normalizer by name.
+
+    Args:
+        name: one of the keys of :data:`NORMALIZERS`.
+
+    Returns:
+        The normalizer function.
+
+    Raises:
+        TypeError: ``name`` is not a string.
+        ValueError: ``name`` is not a registered normalizer.
+
+    Example:
+        >>> get_normalizer("sparsemax") is sparsemax
+        True
+    """
+    if not isinstance(name, str):
+        raise TypeError(
+            f"normalize={name!r} must be a str (got {type(name).__name__}); "
+            f"expected one of {_valid_names()}"
+        )
+    if name not in NORMALIZERS:
+        raise ValueError(
+            f"normalize={name!r} is not a known normalizer; expected one of {_valid_names()}"
+        )
+    return NORMALIZERS[name]

@@ -1,0 +1,83 @@
+"""Score functions: how similar each query is to each key, before scaling and masking.
+
+Built-in scores take ``q (B, Hq, Lq, E)`` and ``k (B, Hkv, Lk, E)`` with ``Hq % Hkv == 0``
+(grouped-query attention: query head ``h`` reads key head ``h // (Hq // Hkv)``) and return
+``(B, Hq, Lq, Lk)``. A custom score is any callable ``fn(q, k) -> (B, Hq, Lq, Lk)``; it
+receives ``k`` already expanded to ``Hq`` heads. The parametric scores (Luong's general,
+Bahdanau's additive) are such callables, built as modules in :mod:`attnlab.nn`.
+
+Example:
+    >>> import torch
+    >>> q, k = torch.ones(1, 2, 3, 4), torch.ones(1, 1, 5, 4)
+    >>> dot(q, k).shape
+    torch.Size([1, 2, 3, 5])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch  # noqa: F401  (used by the doctests)
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["SCORES", "ScoreFn", "cosine", "default_scale", "dot", "expand_kv"]
+
+ScoreFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def expand_kv(x: Tensor, heads: int) -> Tensor:
+    """Repeat key/value heads ``(B, Hkv, L, E)`` to ``(B, heads, L, E)`` (GQA order).
+
+    Example:
+        >>> expand_kv(torch.arange(2.).view(1, 2, 1, 1), 4).flatten().tolist()
+        [0.0, 0.0, 1.0, 1.0]
+    """
+    groups = heads // x.shape[1]
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def grouped_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a (B, Hq, M, K) @ b (B, Hkv, K, N)`` without copying ``b`` across query groups."""
+    bsz, hq, m, _ = a.shape
+    hkv = b.shape[1]
+    if hq == hkv:
+        return a @ b
+    ag = a.reshape(bsz, hkv, hq // hkv, m, a.shape[-1])  # (B, Hkv, G, M, K)
+    return (ag @ b.unsqueeze(2)).reshape(bsz, hq, m, b.shape[-1])  # (B, Hq, M, N)
+
+
+def dot(q: Tensor, k: Tensor) -> Tensor:
+    """Dot-product scores ``q @ k^T``: ``(B, Hq, Lq, E), (B, Hkv, Lk, E) -> (B, Hq, Lq, Lk)``.
+
+    Example:
+        >>> dot(torch.ones(1, 1, 1, 2), torch.ones(1, 1, 1, 2)).item()
+        2.0
+    """
+    return grouped_matmul(q, k.transpose(-1, -2))
+
+
+def cosine(q: Tensor, k: Tensor) -> Tensor:
+    """Cosine-similarity scores in ``[-1, 1]``, shape ``(B, Hq, Lq, Lk)``.
+
+    Use ``scale`` as the inverse temperature (cosine attention defaults to ``scale=1``).
+
+    Example:
+        >>> cosine(torch.ones(1, 1, 1, 2), 3 * torch.ones(1, 1, 1, 2)).item()
+        1.0
+    """
+    return dot(F.normalize(q, dim=-1, eps=1e-12), F.normalize(k, dim=-1, eps=1e-12))
+
+
+SCORES: dict[str, ScoreFn] = {"dot": dot, "cosine": cosine}
+
+
+def default_scale(score: str | ScoreFn, head_dim: int) -> float:
+    """The scale used when none is given: ``1/sqrt(E)`` for ``"dot"``, else 1.
+
+    Example:
+        >>> default_scale("dot", 64)
+        0.125
+    """
+    return 1.0 / math.sqrt(head_dim) if score == "dot" and head_dim > 0 else 1.0

@@ -1,0 +1,72 @@
+"""Shared test helpers: an independent eager reference and flash-attn's 2x error rule."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import Tensor
+
+# Keep the suite deterministic and friendly to two cores with pytest-xdist.
+torch.set_num_threads(max(1, int(os.environ.get("ATTNLAB_TEST_THREADS", "1"))))
+
+
+def naive_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    allowed: Tensor | None = None,
+    bias: Tensor | None = None,
+    scale: float | None = None,
+    normalizer: str = "softmax",
+) -> tuple[Tensor, Tensor]:
+    """Plain PyTorch attention written from the definition, independent of attnlab.
+
+    q (B, Hq, Lq, E), k/v (B, Hkv, Lk, .); returns (out, weights). Fully masked rows -> 0.
+    Sparse normalizers use the `entmax` package.
+    """
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = torch.einsum("bhqe,bhke->bhqk", q, k) * scale
+    if bias is not None:
+        s = s + bias
+    if allowed is None:
+        allowed = torch.ones_like(s, dtype=torch.bool)
+    allowed = torch.broadcast_to(allowed, s.shape)
+    if normalizer == "softmax":
+        w = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
+    else:
+        import entmax
+
+        fn = {"sparsemax": entmax.sparsemax, "entmax15": entmax.entmax15}[normalizer]
+        w = fn(s.masked_fill(~allowed, -1e4 if s.dtype != torch.float64 else -1e9), dim=-1)
+    w = torch.where(allowed.any(-1, keepdim=True), w, torch.zeros_like(w))
+    return torch.einsum("bhqk,bhke->bhqe", w, v), w
+
+
+def max_err(a: Tensor, b: Tensor) -> float:
+    """Max absolute difference in float64 (equal infinities count as equal)."""
+    if not a.numel():
+        return 0.0
+    a, b = a.double(), b.double()
+    return torch.where(a == b, 0.0, (a - b).abs()).max().item()
+
+
+def assert_2x_rule(ours: Tensor, plain: Tensor, ref64: Tensor, what: str = "") -> None:
+    """flash-attn's rule: our error vs fp64 is at most 2x plain PyTorch's in the same dtype.
+
+    The 1e-5 floor covers degenerate cases where plain PyTorch is exact by luck (Lk = 1:
+    dq is 0 in exact arithmetic and any fused kernel leaves rounding noise).
+    """
+    ours_err, plain_err = max_err(ours, ref64), max_err(plain, ref64)
+    assert ours_err <= 2 * plain_err + 1e-5, (
+        f"{what}: error {ours_err:.3e} > 2 x plain PyTorch's {plain_err:.3e}"
+    )
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)

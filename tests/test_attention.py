@@ -1,0 +1,374 @@
+"""Every engine against an fp64 eager reference, with flash-attn's 2x error rule."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import Tensor
+
+import attnlab
+from attnlab import bias as B
+from attnlab import masks as M
+from attnlab.engines import available_engines
+from tests.conftest import assert_2x_rule, max_err, naive_attention
+
+ENGINES = ["auto", *available_engines()]
+
+
+def _doc_ids(n: int) -> Tensor:
+    return torch.arange(n) * 5 // max(n, 1)  # 5 contiguous documents
+
+
+def _mask_cases() -> dict[str, Callable[[int, int, int], M.Mask]]:
+    """name -> factory(batch, lq, lk)."""
+    return {
+        "causal": lambda b, lq, lk: M.causal(),
+        "window": lambda b, lq, lk: M.window(16) & M.causal(),
+        "window_bidir": lambda b, lq, lk: M.window(8, 8),
+        "padding": lambda b, lq, lk: M.padding([lk // 2 + 1] + [lk] * (b - 1)),
+        "query_padding": lambda b, lq, lk: M.padding([lk] * b, [max(lq - 3, 0)] * b),
+        "documents": lambda b, lq, lk: M.documents(_doc_ids(lk)),
+        "documents_causal": lambda b, lq, lk: M.documents(_doc_ids(lk)) & M.causal(),
+        "prefix": lambda b, lq, lk: M.prefix(20),
+        "global_window": lambda b, lq, lk: M.global_tokens([0, 5]) | M.window(4, 4),
+        "dilated": lambda b, lq, lk: M.dilated(12, 3),
+        "block_random": lambda b, lq, lk: M.block_random(16, 2, seed=1) & M.causal(),
+        "custom": lambda b, lq, lk: M.custom(lambda bb, h, q, k: (q + k + h) % 3 != 0),
+        "not_window": lambda b, lq, lk: ~M.window(3, 3),
+        "tensor": lambda b, lq, lk: M.tensor(torch.rand(lq, lk) > 0.3),
+    }
+
+
+MASKS = _mask_cases()
+MASK_SIZES = [(1, 1, 40), (1, 97, 59), (97, 97, 64), (127, 130, 111)]
+
+
+def _qkv(
+    b: int, hq: int, hkv: int, lq: int, lk: int, e: int, dtype: torch.dtype, ev: int | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    q = torch.randn(b, hq, lq, e, dtype=dtype)
+    k = torch.randn(b, hkv, lk, e, dtype=dtype)
+    v = torch.randn(b, hkv, lk, ev or e, dtype=dtype)
+    return q, k, v
+
+
+def _leaf(*ts: Tensor) -> list[Tensor]:
+    return [t.detach().clone().requires_grad_() for t in ts]
+
+
+def _check_engine(
+    engine: str,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: M.Mask | None = None,
+    bias: B.Bias | None = None,
+    normalize: str = "softmax",
+    grads: bool = True,
+) -> None:
+    """Compare engine output and gradients with plain PyTorch under the 2x rule."""
+    b, hq, lq, _ = q.shape
+    lk, dtype = k.shape[2], q.dtype
+    allowed = None if mask is None else mask.dense(lq, lk, batch=b, heads=hq)
+    bias64 = None if bias is None else copy.deepcopy(bias).double()
+    runs = {}
+    for tag, dt, bmod in (
+        ("ours", dtype, bias),
+        ("plain", dtype, bias),
+        ("ref", torch.float64, bias64),
+    ):
+        qq, kk, vv = _leaf(q.to(dt), k.to(dt), v.to(dt))
+        if tag == "ours":
+            out = attnlab.attention(
+                qq, kk, vv, mask=mask, bias=bmod, normalize=normalize, engine=engine
+            )
+        else:
+            dense_bias = None if bmod is None else bmod.dense(lq, lk, batch=b, heads=hq)
+            out, _ = naive_attention(
+                qq, kk, vv, allowed=allowed, bias=dense_bias, normalizer=normalize
+            )
+        assert isinstance(out, Tensor)
+        params = list(bmod.parameters()) if bmod is not None else []
+        tensors = [out]
+        if grads and out.numel():
+            for p_ in params:
+                p_.grad = None
+            gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dt)
+            out.backward(gout)
+            tensors += [qq.grad, kk.grad, vv.grad, *[p_.grad for p_ in params]]
+        runs[tag] = tensors
+    names = ["out", "dq", "dk", "dv", "dbias", "dbias2"]
+    for i, (o, p, r) in enumerate(zip(runs["ours"], runs["plain"], runs["ref"], strict=True)):
+        assert o is not None and p is not None and r is not None, names[i]
+        assert not torch.isnan(o).any(), f"{names[i]} has NaN"
+        assert_2x_rule(o, p, r, f"{engine} {names[i]}")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("mask_name", list(MASKS))
+@pytest.mark.parametrize("lq,lk,e", MASK_SIZES)
+def test_masks_every_engine(engine: str, mask_name: str, lq: int, lk: int, e: int) -> None:
+    if mask_name.startswith("documents") and lq > lk:
+        pytest.skip("documents need Lq <= Lk")
+    q, k, v = _qkv(2, 4, 2, lq, lk, e, torch.float32)
+    _check_engine(engine, q, k, v, mask=MASKS[mask_name](2, lq, lk))
+
+
+def _bias_cases(h: int, lq: int, lk: int) -> dict[str, B.Bias]:
+    table = torch.randn(h, lq, lk, requires_grad=True)
+    return {
+        "alibi": B.alibi(h),
+        "t5": B.relative_buckets(h, num_buckets=16, max_distance=64),
+        "learned": B.learned_relative(h, max_distance=20),
+        "custom": B.custom(lambda hh, q, k: torch.sin(0.1 * (q - k) + hh)),
+        "tensor": B.tensor(table),
+        "alibi+t5": B.alibi(h) + B.relative_buckets(h, num_buckets=8, max_distance=32),
+    }
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("bias_name", list(_bias_cases(4, 2, 2)))
+@pytest.mark.parametrize("masked", [False, True])
+def test_biases_every_engine(engine: str, bias_name: str, masked: bool) -> None:
+    lq, lk = 97, 127
+    bias = _bias_cases(4, lq, lk)[bias_name]
+    for p in bias.parameters():  # learned tables start random so gradients are not trivial
+        torch.nn.init.normal_(p)
+    q, k, v = _qkv(2, 4, 1, lq, lk, 64, torch.float32)
+    _check_engine(engine, q, k, v, mask=M.causal() if masked else None, bias=bias)
+
+
+AWKWARD = [(1, 1), (1, 1025), (97, 127), (127, 97), (1023, 1025), (1025, 1023)]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("lq,lk", AWKWARD)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_awkward_sizes(engine: str, lq: int, lk: int, dtype: torch.dtype, causal: bool) -> None:
+    e = {1: 40, 97: 59, 127: 111, 1023: 64, 1025: 64}[lq]
+    q, k, v = _qkv(1, 2, 1, lq, lk, e, dtype)
+    _check_engine(engine, q, k, v, mask=M.causal() if causal else None, grads=lq * lk < 2e5)
+
+
+@pytest.mark.parametrize("normalize", ["sparsemax", "entmax15"])
+@pytest.mark.parametrize("mask_name", ["causal", "padding", "documents", "global_window"])
+def test_sparse_normalizers_against_entmax(normalize: str, mask_name: str) -> None:
+    q, k, v = _qkv(2, 4, 2, 33, 40, 16, torch.float32)
+    q = q * 3  # peaky scores so the supports are small
+    _check_engine("auto", q, k, v, mask=MASKS[mask_name](2, 33, 40), normalize=normalize)
+
+
+@pytest.mark.parametrize("ratio", [(4, 2), (4, 1), (3, 3)])
+def test_gqa_equals_repeated_heads(ratio: tuple[int, int]) -> None:
+    hq, hkv = ratio
+    q, k, v = _qkv(2, hq, hkv, 9, 11, 8, torch.float64)
+    g = hq // hkv
+    for engine in ENGINES:
+        ours = attnlab.attention(q, k, v, mask=M.causal(), engine=engine)
+        full = attnlab.attention(
+            q,
+            k.repeat_interleave(g, 1),
+            v.repeat_interleave(g, 1),
+            mask=M.causal(),
+            engine="reference",
+        )
+        assert isinstance(ours, Tensor) and isinstance(full, Tensor)
+        assert max_err(ours, full) < 1e-12
+
+
+def test_weights_and_lse_match_plain_pytorch() -> None:
+    q, k, v = _qkv(2, 4, 2, 37, 50, 16, torch.float64)
+    mask = M.window(5, 2) & M.padding([50, 20])
+    bias = B.alibi(4)
+    r = attnlab.attention(q, k, v, mask=mask, bias=bias, return_weights=True, return_lse=True)
+    assert isinstance(r, attnlab.AttentionOutput)
+    allowed = mask.dense(37, 50, batch=2, heads=4)
+    dense_bias = bias.dense(37, 50, heads=4).double()
+    out, w = naive_attention(q, k, v, allowed=allowed, bias=dense_bias)
+    s = torch.einsum("bhqe,bhke->bhqk", q, k.repeat_interleave(2, 1)) / 4 + dense_bias
+    lse = torch.logsumexp(s.masked_fill(~allowed, float("-inf")), dim=-1)
+    assert r.weights is not None and r.lse is not None
+    assert max_err(r.out, out) < 1e-12 and max_err(r.weights, w) < 1e-12
+    assert max_err(r.lse, lse) < 1e-12
+
+
+@pytest.mark.parametrize("normalize", ["softmax", "sparsemax", "entmax15"])
+def test_gradcheck_reference(normalize: str) -> None:
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 1, 5, 6, 4, torch.float64))
+    table = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    mask = M.causal() & M.padding([5])
+
+    def fn(q: Tensor, k: Tensor, v: Tensor, t: Tensor) -> Tensor:
+        out = attnlab.attention(q, k, v, mask=mask, bias=t, normalize=normalize, engine="reference")
+        assert isinstance(out, Tensor)
+        return out
+
+    assert torch.autograd.gradcheck(fn, (q * 2, k, v, table))
+
+
+@pytest.mark.parametrize("engine", ["sdpa", "reference"])
+def test_gradcheck_learnable_bias(engine: str) -> None:
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 2, 4, 6, 4, torch.float64))
+    t5 = B.relative_buckets(2, num_buckets=8, max_distance=8).double()
+    torch.nn.init.normal_(t5.table)
+    (table,) = t5.parameters()
+
+    def fn(q: Tensor, k: Tensor, v: Tensor, _: Tensor) -> Tensor:
+        out = attnlab.attention(q, k, v, mask=M.window(2, 1), bias=t5, engine=engine)
+        assert isinstance(out, Tensor)
+        return out
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, table))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("normalize", ["softmax", "sparsemax", "entmax15"])
+def test_fully_masked_rows_give_zero_and_finite_grads(engine: str, normalize: str) -> None:
+    if engine == "sdpa" and normalize != "softmax":
+        pytest.skip("sdpa is softmax only")
+    q, k, v = _leaf(*_qkv(2, 2, 2, 6, 6, 8, torch.float32))
+    mask = M.padding([0, 6], [6, 3]) & M.causal()  # batch 0: no keys; batch 1: 3 query rows
+    out = attnlab.attention(q, k, v, mask=mask, normalize=normalize, engine=engine)
+    assert isinstance(out, Tensor)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert torch.equal(out[1, :, 3:], torch.zeros_like(out[1, :, 3:]))
+    out.sum().backward()
+    for g in (q.grad, k.grad, v.grad):
+        assert g is not None and torch.isfinite(g).all()
+    assert q.grad is not None and torch.equal(q.grad[0], torch.zeros_like(q.grad[0]))
+    assert torch.equal(q.grad[1, :, 3:], torch.zeros_like(q.grad[1, :, 3:]))
+
+
+def test_fully_masked_rows_weights_and_lse() -> None:
+    q, k, v = _qkv(1, 1, 1, 4, 3, 8, torch.float32)  # Lq > Lk: the first row sees nothing
+    r = attnlab.attention(q, k, v, mask=M.causal(), return_weights=True, return_lse=True)
+    assert isinstance(r, attnlab.AttentionOutput) and r.weights is not None
+    assert r.lse is not None and r.lse[0, 0, 0] == float("-inf")
+    assert torch.equal(r.weights[0, 0, 0], torch.zeros(3)) and torch.equal(
+        r.out[0, 0, 0], torch.zeros(8)
+    )
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_nan_input_stays_nan(engine: str) -> None:
+    q, k, v = _qkv(1, 2, 2, 5, 5, 8, torch.float32)
+    q[0, 0, 2, 0] = float("nan")
+    if engine == "sdpa":  # its fused kernels zero NaN rows, so it declines such input
+        with pytest.raises(ValueError, match=r"NaN.*Engines that can: 'reference'"):
+            attnlab.attention(q, k, v, engine=engine)
+        return
+    out = attnlab.attention(q, k, v, engine=engine)
+    assert isinstance(out, Tensor)
+    assert torch.isnan(out[0, 0, 2]).all() and not torch.isnan(out[0, 1]).any()
+
+
+@pytest.mark.parametrize("b,lq,lk", [(0, 4, 4), (2, 0, 4), (2, 4, 0)])
+def test_empty_inputs(b: int, lq: int, lk: int) -> None:
+    q, k, v = _leaf(*_qkv(b, 2, 1, lq, lk, 8, torch.float32, ev=6))
+    r = attnlab.attention(q, k, v, mask=M.causal(), return_weights=True, return_lse=True)
+    assert isinstance(r, attnlab.AttentionOutput) and r.weights is not None
+    assert r.out.shape == (b, 2, lq, 6) and r.weights.shape == (b, 2, lq, lk)
+    assert torch.equal(r.out, torch.zeros_like(r.out))
+    r.out.sum().backward()
+    assert q.grad is not None and torch.equal(q.grad, torch.zeros_like(q.grad))
+
+
+def test_batch_of_one_broadcasts() -> None:
+    q, k, v = _qkv(3, 2, 2, 5, 7, 8, torch.float64)
+    out = attnlab.attention(q, k[:1], v[:1], mask=M.padding([7, 3, 1]))
+    full = attnlab.attention(
+        q,
+        k[:1].expand(3, -1, -1, -1),
+        v[:1].expand(3, -1, -1, -1),
+        mask=M.padding([7, 3, 1]),
+        engine="reference",
+    )
+    assert isinstance(out, Tensor) and isinstance(full, Tensor)
+    assert out.shape == (3, 2, 5, 8) and max_err(out, full) < 1e-12
+
+
+def test_cosine_and_callable_scores() -> None:
+    q, k, v = _qkv(1, 2, 2, 5, 7, 8, torch.float64)
+    qn, kn = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(k, dim=-1)
+    want, _ = naive_attention(qn, kn, v, scale=10.0)
+    got = attnlab.attention(q, k, v, score="cosine", scale=10.0)
+    assert isinstance(got, Tensor) and max_err(got, want) < 1e-12
+    w = torch.randn(8, 8, dtype=torch.float64)  # Luong's "general" score q W k^T
+
+    def general(qq: Tensor, kk: Tensor) -> Tensor:
+        return qq @ w @ kk.transpose(-1, -2)
+
+    got = attnlab.attention(q, k, v, score=general, mask=M.causal())
+    want, _ = naive_attention(q @ w, k, v, scale=1.0, allowed=M.causal().dense(5, 7))
+    assert isinstance(got, Tensor) and max_err(got, want) < 1e-12
+
+
+def test_attend_precomputed_scores() -> None:
+    q, k, v = _qkv(2, 4, 2, 6, 9, 8, torch.float64)
+    scores = torch.einsum("bhqe,bhke->bhqk", q, k.repeat_interleave(2, 1)) * 0.3
+    allowed = M.window(2).dense(6, 9)
+    r = attnlab.attend(scores, v, mask=allowed, return_weights=True)
+    want, w = naive_attention(q, k, v, scale=0.3, allowed=allowed)
+    assert isinstance(r, attnlab.AttentionOutput) and r.weights is not None
+    assert max_err(r.out, want) < 1e-12 and max_err(r.weights, w) < 1e-12
+
+
+@pytest.mark.parametrize("engine", ["reference", "sdpa"])
+def test_dropout_reproducible_and_unbiased(engine: str) -> None:
+    q, k, v = _qkv(1, 2, 2, 16, 16, 8, torch.float64)
+
+    def run(seed: int) -> Tensor:
+        torch.manual_seed(seed)
+        out = attnlab.attention(q, k, v, mask=M.causal(), dropout_p=0.3, engine=engine)
+        assert isinstance(out, Tensor)
+        return out
+
+    assert torch.equal(run(1), run(1)) and not torch.equal(run(1), run(2))
+    mean = torch.stack([run(s) for s in range(400)]).mean(0)
+    exact = attnlab.attention(q, k, v, mask=M.causal())
+    assert isinstance(exact, Tensor)
+    assert max_err(mean, exact) < 0.25  # 400 draws: the mean approaches the exact output
+
+
+def test_reference_dropout_is_dropout_of_weights() -> None:
+    q, k, v = _qkv(1, 2, 2, 8, 8, 4, torch.float64)
+    torch.manual_seed(7)
+    got = attnlab.attention(q, k, v, dropout_p=0.5, engine="reference")
+    _, w = naive_attention(q, k, v)
+    torch.manual_seed(7)
+    want = torch.nn.functional.dropout(w, 0.5) @ v
+    assert isinstance(got, Tensor) and max_err(got, want) < 1e-12
+
+
+def test_auto_picks_an_engine_that_can() -> None:
+    from attnlab.engines import AttentionRequest, select_engine
+
+    q, k, v = _qkv(1, 2, 2, 4, 4, 8, torch.float32)
+
+    def req(**kw: object) -> AttentionRequest:
+        base: dict[str, object] = dict(
+            q=q,
+            k=k,
+            v=v,
+            mask=None,
+            bias=None,
+            scale=1.0,
+            score="dot",
+            normalize="softmax",
+            dropout_p=0.0,
+            return_weights=False,
+            return_lse=False,
+        )
+        base.update(kw)
+        return AttentionRequest(**base)  # type: ignore[arg-type]
+
+    assert select_engine("auto", req()).name == "sdpa"
+    assert select_engine("auto", req(return_weights=True)).name == "reference"
+    assert select_engine("auto", req(normalize="entmax15")).name == "reference"
+    with pytest.raises(ValueError, match=r"engine='sdpa' cannot compute.*weights.*'reference'"):
+        select_engine("sdpa", req(return_weights=True))
