@@ -247,7 +247,12 @@ class Mask:
 
     def __repr__(self) -> str:
         n = self.natural_length or 256
-        return f"{self._spec()}  [{100 * self.visible_fraction(n, n):.1f}% visible at {n}x{n}]"
+        try:
+            self._check_sizes(None, 1, n, n)
+            frac = self.visible_fraction(n, n)
+        except (ValueError, IndexError):  # e.g. a non-square tensor mask: no n x n form
+            return self._spec()
+        return f"{self._spec()}  [{100 * frac:.1f}% visible at {n}x{n}]"
 
 
 def _operand(x: Mask | Tensor) -> Mask:
@@ -408,6 +413,8 @@ def _pos_int(name: str, value: object) -> int:
 def _int_tensor(name: str, value: object, ndims: tuple[int, ...]) -> Tensor:
     """Coerce a list or tensor of ints into a long tensor with one of ``ndims`` ranks."""
     t = value if isinstance(value, Tensor) else torch.as_tensor(value)
+    if not isinstance(value, Tensor) and t.numel() == 0:
+        t = t.long()  # torch.as_tensor([]) is float32; an empty list holds no non-integer
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"{name} must hold integers, got dtype {t.dtype}")
     if t.dim() not in ndims:
@@ -588,9 +595,11 @@ class _Dilated(Mask):
         d = grid.q - grid.k
         return (d.abs() <= self.window) & (torch.remainder(d, self.dilation) == 0)
 
-    def _row_bounds(self, lq: int, lk: int, batch: int, device: Device) -> RowBounds:
+    def _row_bounds(self, lq: int, lk: int, batch: int, device: Device) -> RowBounds | None:
+        if self.dilation != 1:
+            return None  # an envelope only: evaluate, so that the layout stays exact
         p = _positions(lq, lk, 1, device)
-        return RowBounds(p - self.window, p + self.window, exact=self.dilation == 1)
+        return RowBounds(p - self.window, p + self.window, exact=True)
 
     def _spec(self) -> str:
         return f"dilated(window={self.window}, dilation={self.dilation})"

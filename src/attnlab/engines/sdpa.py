@@ -40,7 +40,7 @@ class SdpaEngine(Engine):
             return "torch SDPA does not return the logsumexp (return_lse=True)"
         if req.batch == 0 or req.lq == 0 or req.lk == 0:
             return "torch SDPA does not accept empty batches or sequences"
-        if any(bool(torch.isnan(t).any()) for t in (req.q, req.k, req.v)):
+        if _may_hold_nan(req.q, req.k, req.v):
             return "the inputs hold NaN, which torch SDPA's fused kernels turn into 0"
         return None
 
@@ -94,3 +94,8 @@ def _dense_mask(req: AttentionRequest) -> tuple[Tensor | None, Tensor | None]:
     if allowed is not None:
         bias = bias.masked_fill(~allowed, float("-inf"))
     return bias, empty
+
+
+def _may_hold_nan(*ts: torch.Tensor) -> bool:
+    """Cheap NaN screen: a sum is NaN if any element is (or, rarely, if +inf meets -inf)."""
+    return any(bool(torch.isnan(t.sum())) for t in ts if t.numel())

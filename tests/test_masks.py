@@ -1,0 +1,991 @@
+"""Tests for attnlab.masks: every dense form and block layout is checked against references.
+
+The references are written from the documented semantics with Python scalars and loops over
+``(b, h, i, j)``, using the bottom-right query position ``p = i + Lk - Lq``; they share no
+code with the implementation. Block layouts are checked tile by tile against those dense
+references: ``EMPTY`` tiles hold no allowed pair, ``FULL`` tiles only allowed pairs, and for
+primitive masks (and their negations) ``PARTIAL`` tiles hold both.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import Tensor
+
+from attnlab import masks
+from attnlab.masks import BlockLayout, Mask, TileState
+
+# --------------------------------------------------------------------------- references
+
+Pred = Callable[[int, int, int, int, int], bool]  # (b, h, i, p, j) -> may attend
+
+
+def build(pred: Pred, lq: int, lk: int, batch: int = 1, heads: int = 1) -> np.ndarray:
+    """Dense bool ``(batch, heads, lq, lk)`` from a predicate, with plain loops."""
+    out = np.zeros((batch, heads, lq, lk), dtype=bool)
+    for b in range(batch):
+        for h in range(heads):
+            for i in range(lq):
+                p = i + lk - lq
+                for j in range(lk):
+                    out[b, h, i, j] = bool(pred(b, h, i, p, j))
+    return out
+
+
+def ref_causal() -> Pred:
+    return lambda b, h, i, p, j: j <= p
+
+
+def ref_window(left: int, right: int = 0) -> Pred:
+    return lambda b, h, i, p, j: p - left <= j <= p + right
+
+
+def ref_prefix(n: int) -> Pred:
+    return lambda b, h, i, p, j: j < n or j <= p
+
+
+def ref_padding(key_lengths: Sequence[int], query_lengths: Sequence[int] | None = None) -> Pred:
+    def pred(b: int, h: int, i: int, p: int, j: int) -> bool:
+        ok = j < key_lengths[b]
+        if query_lengths is not None:
+            ok = ok and i < query_lengths[b]
+        return ok
+
+    return pred
+
+
+def ref_documents(ids: Sequence[int] | Sequence[Sequence[int]]) -> Pred:
+    rows = [list(r) for r in ids] if isinstance(ids[0], (list, tuple)) else [list(ids)]
+
+    def pred(b: int, h: int, i: int, p: int, j: int) -> bool:
+        row = rows[b] if len(rows) > 1 else rows[0]
+        return row[p] == row[j]
+
+    return pred
+
+
+def ref_global(indices: Sequence[int]) -> Pred:
+    idx = set(indices)
+    return lambda b, h, i, p, j: p in idx or j in idx
+
+
+def ref_dilated(window: int, dilation: int) -> Pred:
+    return lambda b, h, i, p, j: abs(p - j) <= window and (p - j) % dilation == 0
+
+
+def ref_tensor(t: np.ndarray) -> Pred:
+    """A dense bool array of rank 2, 3 or 4, broadcast over size-1 dims."""
+    t4 = t.reshape((1,) * (4 - t.ndim) + t.shape)
+
+    def pred(b: int, h: int, i: int, p: int, j: int) -> bool:
+        bb, hh, ii, jj = (x if s > 1 else 0 for x, s in zip((b, h, i, j), t4.shape, strict=True))
+        return bool(t4[bb, hh, ii, jj])
+
+    return pred
+
+
+def to_np(t: Tensor) -> np.ndarray:
+    return t.cpu().numpy().astype(bool)
+
+
+def expected_states(dense: np.ndarray, bq: int, bk: int) -> np.ndarray:
+    """Exact tile states ``(B, H, nQ, nK)`` of a dense bool array, by slicing."""
+    bsz, hsz, lq, lk = dense.shape
+    nq, nk = math.ceil(lq / bq), math.ceil(lk / bk)
+    out = np.zeros((bsz, hsz, nq, nk), dtype=np.int64)
+    for qi in range(nq):
+        for ki in range(nk):
+            tile = dense[:, :, qi * bq : (qi + 1) * bq, ki * bk : (ki + 1) * bk]
+            anyv = tile.any(axis=(2, 3))
+            allv = tile.all(axis=(2, 3))
+            out[:, :, qi, ki] = np.where(~anyv, 0, np.where(allv, 2, 1))
+    return out
+
+
+def check_layout(layout: BlockLayout, dense: np.ndarray, bq: int, bk: int, *, exact: bool) -> None:
+    """The layout is consistent with ``dense`` (``(Bm, Hm, lq, lk)``); exact if asked."""
+    bm, hm, lq, lk = dense.shape
+    nq, nk = math.ceil(lq / bq), math.ceil(lk / bk)
+    assert layout.states.dtype == torch.int8
+    assert tuple(layout.states.shape) == (bm, hm, nq, nk)
+    assert (layout.lq, layout.lk, layout.block_q, layout.block_k) == (lq, lk, bq, bk)
+    got = layout.states.cpu().numpy().astype(np.int64)
+    assert set(np.unique(got).tolist()) <= {0, 1, 2}
+    want = expected_states(dense, bq, bk)
+    if exact:
+        np.testing.assert_array_equal(got, want)
+    else:
+        # EMPTY => no True in the tile; FULL => all True.
+        assert not ((got == 0) & (want != 0)).any(), "EMPTY tile holds an allowed pair"
+        assert not ((got == 2) & (want != 2)).any(), "FULL tile holds a hidden pair"
+
+
+def check_and_control(
+    fn: Callable[[], object], ok: Callable[[], object], exc: type[Exception], match: str
+) -> None:
+    """``fn`` raises ``exc`` matching ``match``; ``ok`` (the positive control) does not."""
+    with pytest.raises(exc, match=match):
+        fn()
+    ok()
+
+
+# Length pairs: Lq == Lk, Lq < Lk and Lq > Lk, with sizes 1, 7, 33.
+SIZES = [(1, 1), (7, 7), (33, 33), (1, 7), (7, 33), (1, 33), (7, 1), (33, 7), (33, 1)]
+SIZES_LQ_LE_LK = [(lq, lk) for lq, lk in SIZES if lq <= lk]
+# Awkward tile sizes: 1, 3, 8, mixed, and larger than every length.
+BLOCKS = [(1, 1), (3, 3), (8, 8), (3, 8), (8, 1), (5, 7), (64, 64)]
+
+
+def assert_mask(
+    mask: Mask,
+    pred: Pred,
+    lq: int,
+    lk: int,
+    shape_bh: tuple[int, int],
+    *,
+    batch: int | None = None,
+    heads: int = 1,
+    exact: bool = True,
+) -> np.ndarray:
+    """Dense form equals the reference with shape ``(Bm, Hm, lq, lk)``; layouts agree."""
+    bm, hm = shape_bh
+    want = build(pred, lq, lk, bm, hm)
+    got = mask.dense(lq, lk, batch=batch, heads=heads)
+    assert got.dtype == torch.bool
+    assert tuple(got.shape) == (bm, hm, lq, lk)
+    np.testing.assert_array_equal(to_np(got), want)
+    for bq, bk in BLOCKS:
+        layout = mask.block_layout(lq, lk, bq, bk, batch=batch, heads=heads)
+        check_layout(layout, want, bq, bk, exact=exact)
+        # The negation's layout is exact too.
+        neg = (~mask).block_layout(lq, lk, bq, bk, batch=batch, heads=heads)
+        check_layout(neg, ~want, bq, bk, exact=exact)
+    np.testing.assert_array_equal(to_np((~mask).dense(lq, lk, batch=batch, heads=heads)), ~want)
+    return want
+
+
+# --------------------------------------------------------------------------- primitives
+
+
+@pytest.mark.parametrize(("lq", "lk"), SIZES)
+def test_causal(lq: int, lk: int) -> None:
+    assert_mask(masks.causal(), ref_causal(), lq, lk, (1, 1))
+
+
+def test_causal_literal() -> None:
+    got = masks.causal().dense(2, 4)[0, 0].int().tolist()
+    assert got == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    got = masks.causal().dense(3, 2)[0, 0].int().tolist()  # the first row sits at -1
+    assert got == [[0, 0], [1, 0], [1, 1]]
+
+
+@pytest.mark.parametrize(("lq", "lk"), SIZES)
+@pytest.mark.parametrize(("left", "right"), [(0, 0), (1, 0), (2, 3), (0, 5), (40, 0)])
+def test_window(lq: int, lk: int, left: int, right: int) -> None:
+    assert_mask(masks.window(left, right), ref_window(left, right), lq, lk, (1, 1))
+
+
+def test_window_default_right_is_zero() -> None:
+    got = masks.window(1).dense(3, 3)[0, 0].int().tolist()
+    assert got == [[1, 0, 0], [1, 1, 0], [0, 1, 1]]
+
+
+@pytest.mark.parametrize(("lq", "lk"), SIZES)
+@pytest.mark.parametrize("n", [0, 1, 3, 7, 50])
+def test_prefix(lq: int, lk: int, n: int) -> None:
+    assert_mask(masks.prefix(n), ref_prefix(n), lq, lk, (1, 1))
+
+
+@pytest.mark.parametrize(("lq", "lk"), SIZES)
+@pytest.mark.parametrize(
+    ("key_lengths", "query_lengths"),
+    [([0, 3], None), ([5, 40], None), ([1], [1]), ([4, 0, 33], [2, 7, 0]), ([7, 2], [40, 3])],
+)
+def test_padding(lq: int, lk: int, key_lengths: list[int], query_lengths: list[int] | None) -> None:
+    m = masks.padding(key_lengths, query_lengths)
+    n = len(key_lengths)
+    assert m.batch_size == n and m.per_batch
+    assert_mask(m, ref_padding(key_lengths, query_lengths), lq, lk, (n, 1))
+    # The batch size may also be given explicitly (it must match).
+    got = m.dense(lq, lk, batch=n, heads=4)
+    assert tuple(got.shape) == (n, 1, lq, lk)
+
+
+def test_padding_accepts_tensors() -> None:
+    m = masks.padding(torch.tensor([2, 3]), torch.tensor([1, 2]))
+    want = build(ref_padding([2, 3], [1, 2]), 2, 3, 2, 1)
+    np.testing.assert_array_equal(to_np(m.dense(2, 3)), want)
+
+
+CONTIGUOUS_7 = [0, 0, 0, 1, 1, 2, 2]
+NONCONTIG_7 = [0, 1, 0, 1, 2, 2, 0]
+
+
+def _random_ids(n: int, seed: int, contiguous: bool) -> list[int]:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, 4, size=n).tolist()
+    return sorted(ids) if contiguous else ids
+
+
+DOC_CASES = [
+    ([0, 1, 0, 1, 2, 2], [(6, 6), (1, 6), (4, 6)]),
+    (CONTIGUOUS_7, [(7, 7), (1, 7), (5, 7)]),
+    (NONCONTIG_7, [(7, 7), (1, 7), (3, 7)]),
+    ([[0, 0, 1, 1, 1, 2, 2], [0, 1, 1, 1, 1, 1, 1]], [(7, 7), (2, 7)]),  # (B, L) contiguous
+    ([[0, 0, 1, 1, 1, 2, 2], [0, 1, 0, 1, 0, 1, 0]], [(7, 7), (2, 7)]),  # one row not
+    ([5], [(1, 1)]),
+    (_random_ids(33, 0, True), [(33, 33), (7, 33), (1, 33)]),
+    (_random_ids(33, 1, False), [(33, 33), (7, 33), (1, 33)]),
+    ([_random_ids(33, 2, True), _random_ids(33, 3, False)], [(33, 33), (7, 33)]),
+]
+
+
+@pytest.mark.parametrize(
+    ("ids", "lq", "lk"), [(ids, lq, lk) for ids, sizes in DOC_CASES for lq, lk in sizes]
+)
+def test_documents(ids: list, lq: int, lk: int) -> None:
+    m = masks.documents(ids)
+    two_d = isinstance(ids[0], list)
+    bm = len(ids) if two_d and len(ids) > 1 else 1
+    assert m.batch_size == (bm if bm > 1 else None)
+    assert_mask(m, ref_documents(ids), lq, lk, (bm, 1))
+
+
+def test_documents_literal_noncontiguous() -> None:
+    got = masks.documents([0, 1, 0, 1, 2, 2]).dense(6, 6)[0, 0].int().tolist()
+    assert got == [
+        [1, 0, 1, 0, 0, 0],
+        [0, 1, 0, 1, 0, 0],
+        [1, 0, 1, 0, 0, 0],
+        [0, 1, 0, 1, 0, 0],
+        [0, 0, 0, 0, 1, 1],
+        [0, 0, 0, 0, 1, 1],
+    ]
+
+
+def test_documents_tensor_ids_and_one_row_batch() -> None:
+    ids = torch.tensor([[0, 0, 1, 1, 1]])  # (1, L): not tied to a batch size
+    m = masks.documents(ids)
+    assert m.batch_size is None
+    got = m.dense(3, 5, batch=4)
+    assert tuple(got.shape) == (1, 1, 3, 5)
+    np.testing.assert_array_equal(to_np(got), build(ref_documents([0, 0, 1, 1, 1]), 3, 5))
+
+
+@pytest.mark.parametrize(("lq", "lk"), SIZES)
+@pytest.mark.parametrize("indices", [[0], [3], [0, 6, 32], [], [100]])
+def test_global_tokens(lq: int, lk: int, indices: list[int]) -> None:
+    assert_mask(masks.global_tokens(indices), ref_global(indices), lq, lk, (1, 1))
+
+
+@pytest.mark.parametrize(("lq", "lk"), SIZES)
+@pytest.mark.parametrize(("w", "d"), [(0, 1), (2, 1), (2, 2), (5, 3), (40, 2), (3, 7)])
+def test_dilated(lq: int, lk: int, w: int, d: int) -> None:
+    assert_mask(masks.dilated(w, d), ref_dilated(w, d), lq, lk, (1, 1))
+
+
+def test_dilated_layout_is_exact_small() -> None:
+    # Every 1x1 tile is either fully allowed or fully hidden: no PARTIAL tile may appear.
+    layout = masks.dilated(2, 2).block_layout(4, 4, 1, 1)
+    want = build(ref_dilated(2, 2), 4, 4)[0, 0].astype(np.int64) * 2
+    assert layout.states[0, 0].tolist() == want.tolist()
+    assert layout.count(TileState.PARTIAL) == 0
+
+
+@pytest.mark.parametrize(("lq", "lk"), SIZES)
+@pytest.mark.parametrize(("bs", "nb", "seed"), [(1, 1, 0), (2, 1, 0), (3, 2, 5), (8, 3, 1)])
+def test_block_random_structure(lq: int, lk: int, bs: int, nb: int, seed: int) -> None:
+    m = masks.block_random(bs, nb, seed=seed)
+    got = to_np(m.dense(lq, lk))
+    assert got.shape == (1, 1, lq, lk)
+    n_blocks = math.ceil(lk / bs)
+    chosen: dict[int, set[int]] = {}
+    for i in range(lq):
+        p = i + lk - lq
+        row = got[0, 0, i]
+        if p < 0:
+            assert not row.any(), f"row {i} at position {p} must see nothing"
+            continue
+        blocks = {j // bs for j in range(lk) if row[j]}
+        assert len(blocks) == min(nb, n_blocks)
+        # Whole key blocks are visible.
+        for j in range(lk):
+            assert row[j] == (j // bs in blocks)
+        # Every row of one query block sees the same key blocks.
+        assert chosen.setdefault(p // bs, blocks) == blocks
+    # Same seed: same mask; the choice depends on positions, not rows.
+    np.testing.assert_array_equal(to_np(masks.block_random(bs, nb, seed=seed).dense(lq, lk)), got)
+    if lq <= lk:
+        square = to_np(m.dense(lk, lk))
+        np.testing.assert_array_equal(got, square[:, :, lk - lq :, :])
+    for bq, bk in BLOCKS:
+        check_layout(m.block_layout(lq, lk, bq, bk), got, bq, bk, exact=True)
+
+
+def test_block_random_counts_literal() -> None:
+    got = masks.block_random(2, 1, seed=0).dense(4, 4)
+    assert int(got.sum()) == 8
+    got = masks.block_random(1, 10, seed=0).dense(5, 5)  # more blocks than exist: all
+    assert bool(got.all())
+    got = masks.block_random(3, 0, seed=0).dense(5, 5)
+    assert not bool(got.any())
+
+
+def test_block_random_seeds_differ() -> None:
+    dense = [to_np(masks.block_random(2, 2, seed=s).dense(32, 32)) for s in range(6)]
+    assert any(not np.array_equal(dense[0], d) for d in dense[1:])
+    assert np.array_equal(dense[3], to_np(masks.block_random(2, 2, seed=3).dense(32, 32)))
+
+
+CUSTOMS: list[tuple[str, Callable, Pred, bool, bool]] = [
+    (
+        "bh",
+        lambda b, h, q, k: (q + 2 * k + b + h) % 3 == 0,
+        lambda b, h, i, p, j: (p + 2 * j + b + h) % 3 == 0,
+        True,
+        True,
+    ),
+    (
+        "h",
+        lambda b, h, q, k: k <= q + h,
+        lambda b, h, i, p, j: j <= p + h,
+        False,
+        True,
+    ),
+    (
+        "b",
+        lambda b, h, q, k: (k + b) % 2 == 0,
+        lambda b, h, i, p, j: (j + b) % 2 == 0,
+        True,
+        False,
+    ),
+    (
+        "none",
+        lambda b, h, q, k: (q - k).abs() % 4 == 1,
+        lambda b, h, i, p, j: abs(p - j) % 4 == 1,
+        False,
+        False,
+    ),
+]
+
+
+@pytest.mark.parametrize(("lq", "lk"), SIZES)
+@pytest.mark.parametrize("case", CUSTOMS, ids=[c[0] for c in CUSTOMS])
+def test_custom(lq: int, lk: int, case: tuple) -> None:
+    _, fn, pred, per_batch, per_head = case
+    m = masks.custom(fn, per_batch=per_batch, per_head=per_head)
+    shape = (2 if per_batch else 1, 3 if per_head else 1)
+    assert_mask(m, pred, lq, lk, shape, batch=2, heads=3)
+
+
+def test_custom_per_head_dense_shape() -> None:
+    m = masks.custom(lambda b, h, q, k: k <= q - h, per_batch=False, per_head=True)
+    got = m.dense(4, 6, heads=3)
+    assert tuple(got.shape) == (1, 3, 4, 6)
+    np.testing.assert_array_equal(to_np(got), build(lambda b, h, i, p, j: j <= p - h, 4, 6, 1, 3))
+
+
+def test_custom_receives_broadcast_index_tensors() -> None:
+    seen: list[tuple] = []
+
+    def fn(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        seen.append((tuple(b.shape), tuple(h.shape), q.flatten().tolist(), k.flatten().tolist()))
+        return k >= 0
+
+    masks.custom(fn).dense(2, 3, batch=4, heads=5)
+    assert seen[0] == ((4, 1, 1, 1), (1, 5, 1, 1), [1, 2], [0, 1, 2])
+
+
+def test_custom_defaults_vary_with_batch_and_head() -> None:
+    m = masks.custom(lambda b, h, q, k: (b + h + q + k) % 2 == 0)
+    assert m.per_batch and m.per_head
+    assert tuple(m.dense(3, 3, batch=2, heads=2).shape) == (2, 2, 3, 3)
+
+
+@pytest.mark.parametrize(("lq", "lk"), SIZES)
+@pytest.mark.parametrize("shape", ["2d", "3d", "4d", "4d_b", "row", "col"])
+def test_tensor(lq: int, lk: int, shape: str) -> None:
+    rng = np.random.default_rng(lq * 100 + lk)
+    dims = {
+        "2d": (lq, lk),
+        "3d": (3, lq, lk),
+        "4d": (2, 3, lq, lk),
+        "4d_b": (2, 1, lq, lk),
+        "row": (1, lk),  # broadcast over queries
+        "col": (1, 1, lq, 1),  # broadcast over keys
+    }[shape]
+    arr = rng.random(dims) < 0.5
+    arr4 = arr.reshape((1,) * (4 - arr.ndim) + arr.shape)
+    bm, hm = arr4.shape[0], arr4.shape[1]
+    t = torch.from_numpy(arr)
+    for m in (masks.tensor(t), masks.as_mask(t)):
+        assert isinstance(m, Mask)
+        assert m.batch_size == (bm if bm > 1 else None)
+        assert_mask(m, ref_tensor(arr), lq, lk, (bm, hm), heads=hm)
+
+
+def test_tensor_operand_in_combination() -> None:
+    t = torch.tensor([[True, False, True], [False, True, True]])
+    got = (masks.causal() & t).dense(2, 3)[0, 0].int().tolist()
+    assert got == [[1, 0, 0], [0, 1, 1]]
+    got = (masks.causal() | t).dense(2, 3)[0, 0].int().tolist()
+    assert got == [[1, 1, 1], [1, 1, 1]]
+
+
+def test_as_mask_passthrough() -> None:
+    m = masks.causal()
+    assert masks.as_mask(m) is m
+    assert masks.as_mask(None) is None
+
+
+# --------------------------------------------------------------------------- combinators
+
+
+def test_combination_literal() -> None:
+    m = masks.causal() & masks.window(2)
+    assert m.dense(4, 4)[0, 0].int().tolist() == [
+        [1, 0, 0, 0],
+        [1, 1, 0, 0],
+        [1, 1, 1, 0],
+        [0, 1, 1, 1],
+    ]
+    m = masks.window(0) | masks.global_tokens([0])
+    assert m.dense(3, 3)[0, 0].int().tolist() == [[1, 1, 1], [1, 1, 0], [1, 0, 1]]
+    m = ~masks.causal()
+    assert m.dense(2, 2)[0, 0].int().tolist() == [[0, 1], [0, 0]]
+
+
+@pytest.mark.parametrize(("lq", "lk"), [*SIZES_LQ_LE_LK, (9, 4)])
+def test_combination_shapes_and_values(lq: int, lk: int) -> None:
+    pad = masks.padding([lk, max(lk - 2, 0)], [lq, max(lq - 1, 0)])
+    head = masks.custom(lambda b, h, q, k: k == q - h, per_batch=False, per_head=True)
+    m = (masks.causal() | masks.global_tokens([1])) & pad & ~head
+    assert m.per_batch and m.per_head and m.batch_size == 2
+    pc, pg = ref_causal(), ref_global([1])
+    pp = ref_padding([lk, max(lk - 2, 0)], [lq, max(lq - 1, 0)])
+
+    def pred(b: int, h: int, i: int, p: int, j: int) -> bool:
+        return (pc(b, h, i, p, j) or pg(b, h, i, p, j)) and pp(b, h, i, p, j) and j != p - h
+
+    want = build(pred, lq, lk, 2, 3)
+    got = m.dense(lq, lk, heads=3)
+    assert tuple(got.shape) == (2, 3, lq, lk)
+    np.testing.assert_array_equal(to_np(got), want)
+    for bq, bk in BLOCKS:
+        check_layout(m.block_layout(lq, lk, bq, bk, heads=3), want, bq, bk, exact=False)
+
+
+def test_combination_layout_is_conservative_but_sound() -> None:
+    # causal & ~causal is empty everywhere; its layout may call diagonal tiles PARTIAL.
+    m = masks.causal() & ~masks.causal()
+    assert not bool(m.dense(8, 8).any())
+    layout = m.block_layout(8, 8, 4, 4)
+    assert layout.count(TileState.FULL) == 0
+    assert layout.states[0, 0].tolist() == [[1, 0], [0, 1]]
+    # causal | ~causal allows everything.
+    m = masks.causal() | ~masks.causal()
+    assert bool(m.dense(8, 8).all())
+    assert m.block_layout(8, 8, 4, 4).count(TileState.EMPTY) == 0
+
+
+def test_combinations_flatten_and_repr() -> None:
+    m = masks.causal() & masks.window(3) & masks.prefix(2)
+    assert repr(m).startswith("(causal() & window(left=3, right=0) & prefix(2))")
+    assert repr(~masks.causal()).startswith("~causal()")
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+def test_layout_docstring_example_and_str() -> None:
+    layout = masks.causal().block_layout(256, 256, 64, 64)
+    assert str(layout) == (
+        "BlockLayout(256x256, tiles 64x64: 6 full, 4 partial, 6 empty; 62.5% of tiles computed)"
+    )
+    assert layout.computed_fraction == pytest.approx(10 / 16)
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [masks.window(3, 1), masks.documents(NONCONTIG_7 * 3), masks.padding([5, 21])],
+    ids=["window", "documents", "padding"],
+)
+def test_layout_str_contains_counts(mask: Mask) -> None:
+    layout = mask.block_layout(21, 21, 4, 3)
+    s = layout.states
+    full, part, empty = (int((s == v).sum()) for v in (2, 1, 0))
+    assert full + part + empty == s.numel()
+    assert layout.count(TileState.FULL) == full
+    assert layout.count(TileState.PARTIAL) == part
+    assert layout.count(TileState.EMPTY) == empty
+    text = str(layout)
+    assert f"{full} full, {part} partial, {empty} empty" in text
+    assert f"{100 * (full + part) / s.numel():.1f}% of tiles computed" in text
+    assert text.startswith("BlockLayout(21x21, tiles 4x3:")
+
+
+def test_layout_default_block_sizes() -> None:
+    layout = masks.causal().block_layout(130, 70)
+    assert (layout.block_q, layout.block_k) == (64, 64)
+    assert tuple(layout.states.shape) == (1, 1, 3, 2)
+    check_layout(layout, build(ref_causal(), 130, 70), 64, 64, exact=True)
+
+
+def test_layout_by_evaluation_in_several_chunks() -> None:
+    # 2 x 2 batch/heads, 64-row tiles and 600 keys: the evaluation runs in chunks of query
+    # blocks; the last tile row and column are short.
+    lq, lk, bq, bk = 1300, 600, 64, 48
+    m = masks.custom(lambda b, h, q, k: ((q // 50 + k // 70 + b + h) % 3 == 0) | (q == k))
+    layout = m.block_layout(lq, lk, bq, bk, batch=2, heads=2)
+    b = np.arange(2).reshape(-1, 1, 1, 1)
+    h = np.arange(2).reshape(1, -1, 1, 1)
+    q = (np.arange(lq) + lk - lq).reshape(1, 1, -1, 1)
+    k = np.arange(lk).reshape(1, 1, 1, -1)
+    want = ((q // 50 + k // 70 + b + h) % 3 == 0) | (q == k)
+    check_layout(layout, want, bq, bk, exact=True)
+
+
+@pytest.mark.parametrize(
+    ("mask", "pred", "lq", "lk"),
+    [
+        (masks.causal(), ref_causal(), 100, 100),
+        (masks.window(5, 2), ref_window(5, 2), 40, 70),
+        (masks.prefix(4), ref_prefix(4), 70, 40),
+    ],
+    ids=["causal", "window", "prefix"],
+)
+@pytest.mark.parametrize(("bq", "bk"), [(1, 64), (64, 1), (7, 9), (16, 16), (128, 3)])
+def test_layout_exact_larger(mask: Mask, pred: Pred, lq: int, lk: int, bq: int, bk: int) -> None:
+    check_layout(mask.block_layout(lq, lk, bq, bk), build(pred, lq, lk), bq, bk, exact=True)
+
+
+# --------------------------------------------------------------------------- display
+
+
+@pytest.mark.parametrize(
+    ("mask", "pred", "n"),
+    [
+        (masks.causal(), ref_causal(), 256),
+        (masks.window(4, 4), ref_window(4, 4), 256),
+        (masks.global_tokens([0, 5]), ref_global([0, 5]), 256),
+        (masks.documents(CONTIGUOUS_7), ref_documents(CONTIGUOUS_7), 7),
+    ],
+    ids=["causal", "window", "global", "documents"],
+)
+def test_repr_shows_visible_percentage(mask: Mask, pred: Pred, n: int) -> None:
+    frac = build(pred, n, n).mean()
+    text = repr(mask)
+    assert "% visible" in text
+    assert f"[{100 * frac:.1f}% visible at {n}x{n}]" in text
+
+
+def test_repr_padding_uses_natural_length() -> None:
+    # padding([2, 3]) at 3x3: batch 0 allows 6 of 9, batch 1 all 9: 15 / 18.
+    assert repr(masks.padding([2, 3])) == "padding(key_lengths=[2, 3])  [83.3% visible at 3x3]"
+    assert repr(masks.causal()) == "causal()  [50.2% visible at 256x256]"
+
+
+def test_repr_of_non_square_tensor_mask_does_not_raise() -> None:
+    t = torch.ones(3, 5, dtype=torch.bool)
+    text = repr(masks.tensor(t))
+    assert text.startswith("tensor(shape=(1, 1, 3, 5))")
+    text = repr(masks.documents([0, 0, 1]) & torch.ones(2, 2, dtype=torch.bool))
+    assert "documents(2 documents, length 3)" in text
+
+
+@pytest.mark.parametrize(("lq", "lk"), [(1, 1), (7, 33), (33, 7), (600, 520)])
+def test_visible_fraction(lq: int, lk: int) -> None:
+    m = masks.window(9, 2) | masks.global_tokens([3])
+    p = np.arange(lq).reshape(-1, 1) + lk - lq
+    j = np.arange(lk).reshape(1, -1)
+    want = ((j >= p - 9) & (j <= p + 2)) | (p == 3) | (j == 3)
+    assert m.visible_fraction(lq, lk) == pytest.approx(want.mean())
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_window_negative_left() -> None:
+    check_and_control(
+        lambda: masks.window(-1),
+        lambda: masks.window(0),
+        ValueError,
+        "left must be a non-negative int, got -1",
+    )
+    check_and_control(
+        lambda: masks.window(1, -2),
+        lambda: masks.window(1, 0),
+        ValueError,
+        "right must be a non-negative int, got -2",
+    )
+    check_and_control(
+        lambda: masks.window(1.5),
+        lambda: masks.window(1),
+        TypeError,
+        r"left must be an int, got float 1\.5",
+    )
+
+
+def test_dilated_zero_dilation() -> None:
+    check_and_control(
+        lambda: masks.dilated(2, 0),
+        lambda: masks.dilated(2, 1),
+        ValueError,
+        "dilation must be a positive int, got 0",
+    )
+
+
+def test_prefix_and_block_random_arguments() -> None:
+    check_and_control(
+        lambda: masks.prefix(-1), lambda: masks.prefix(0), ValueError, "n must be a non-negative"
+    )
+    check_and_control(
+        lambda: masks.block_random(0, 1),
+        lambda: masks.block_random(1, 1),
+        ValueError,
+        "block_size must be a positive int, got 0",
+    )
+    check_and_control(
+        lambda: masks.block_random(2, -1),
+        lambda: masks.block_random(2, 0),
+        ValueError,
+        "num_blocks must be a non-negative int, got -1",
+    )
+
+
+def test_padding_float_lengths() -> None:
+    check_and_control(
+        lambda: masks.padding([1.0, 2.0]),
+        lambda: masks.padding([1, 2]),
+        TypeError,
+        "key_lengths must hold integers, got dtype torch.float32",
+    )
+    check_and_control(
+        lambda: masks.padding([1, 2], [1.5, 2.0]),
+        lambda: masks.padding([1, 2], [1, 2]),
+        TypeError,
+        "query_lengths must hold integers",
+    )
+
+
+def test_padding_lengths_shape_and_sign() -> None:
+    check_and_control(
+        lambda: masks.padding([1, 2], [1]),
+        lambda: masks.padding([1, 2], [1, 1]),
+        ValueError,
+        r"query_lengths has shape \(1,\) but key_lengths has \(2,\)",
+    )
+    check_and_control(
+        lambda: masks.padding([1, -2]),
+        lambda: masks.padding([1, 2]),
+        ValueError,
+        r"key_lengths must be >= 0, got \[1, -2\]",
+    )
+
+
+def test_padding_batch_mismatch() -> None:
+    m = masks.padding([2, 3])
+    msg = "mask=padding\\(...\\) holds 2 lengths but the batch size is 3"
+    check_and_control(
+        lambda: m.check(batch=3, heads=1, lq=4, lk=4),
+        lambda: m.check(batch=2, heads=1, lq=4, lk=4),
+        ValueError,
+        msg,
+    )
+    check_and_control(
+        lambda: m.dense(4, 4, batch=3), lambda: m.dense(4, 4, batch=2), ValueError, msg
+    )
+    check_and_control(
+        lambda: m.block_layout(4, 4, 2, 2, batch=3),
+        lambda: m.block_layout(4, 4, 2, 2, batch=2),
+        ValueError,
+        msg,
+    )
+
+
+def test_documents_wrong_length() -> None:
+    m = masks.documents([0, 0, 1])
+    msg = r"doc_ids of length 3 but the call has Lq=4, Lk=4; expected Lk == 3 and Lq <= Lk"
+    check_and_control(lambda: m.dense(4, 4), lambda: m.dense(3, 3), ValueError, msg)
+    check_and_control(
+        lambda: m.dense(4, 3),
+        lambda: m.dense(2, 3),
+        ValueError,
+        r"Lq=4, Lk=3; expected Lk == 3 and Lq <= Lk",
+    )
+    check_and_control(
+        lambda: m.block_layout(3, 5, 2, 2),
+        lambda: m.block_layout(3, 3, 2, 2),
+        ValueError,
+        "doc_ids of length 3",
+    )
+
+
+def test_documents_batch_mismatch_and_types() -> None:
+    m = masks.documents([[0, 1], [1, 1]])
+    check_and_control(
+        lambda: m.dense(2, 2, batch=3),
+        lambda: m.dense(2, 2, batch=2),
+        ValueError,
+        "doc_ids for 2 batch items but the batch size is 3",
+    )
+    check_and_control(
+        lambda: masks.documents([0.0, 1.0]),
+        lambda: masks.documents([0, 1]),
+        TypeError,
+        "doc_ids must hold integers",
+    )
+    check_and_control(
+        lambda: masks.documents([[[0]]]),
+        lambda: masks.documents([[0]]),
+        ValueError,
+        r"doc_ids must have rank 1 or 2, got shape \(1, 1, 1\)",
+    )
+
+
+def test_float_tensor_mask() -> None:
+    check_and_control(
+        lambda: masks.as_mask(torch.zeros(2, 2)),
+        lambda: masks.as_mask(torch.zeros(2, 2, dtype=torch.bool)),
+        TypeError,
+        "mask= got a tensor of dtype torch.float32.*Pass additive float tensors as bias=",
+    )
+    check_and_control(
+        lambda: masks.causal() & torch.zeros(2, 2),
+        lambda: masks.causal() & torch.zeros(2, 2, dtype=torch.bool),
+        TypeError,
+        "bias=",
+    )
+    check_and_control(
+        lambda: masks.tensor(torch.zeros(2, 2)),
+        lambda: masks.tensor(torch.zeros(2, 2, dtype=torch.bool)),
+        TypeError,
+        "mask tensor must be a bool tensor",
+    )
+    check_and_control(
+        lambda: masks.as_mask([[True]]),
+        lambda: masks.as_mask(torch.tensor([[True]])),
+        TypeError,
+        "mask= expects an attnlab.masks.Mask, a bool tensor or None, got list",
+    )
+
+
+def test_tensor_mask_shape_errors() -> None:
+    check_and_control(
+        lambda: masks.tensor(torch.ones(5, dtype=torch.bool)),
+        lambda: masks.tensor(torch.ones(1, 5, dtype=torch.bool)),
+        ValueError,
+        r"mask tensor must have rank 2 .* got shape \(5,\)",
+    )
+    m = masks.tensor(torch.ones(3, 4, dtype=torch.bool))
+    check_and_control(
+        lambda: m.dense(3, 5),
+        lambda: m.dense(3, 4),
+        ValueError,
+        r"mask tensor of shape \(1, 1, 3, 4\) does not broadcast to \(B, H, Lq, Lk\) = "
+        r"\(1, 1, 3, 5\)",
+    )
+
+
+def test_combining_different_batch_sizes() -> None:
+    msg = re.escape("cannot combine masks tied to different batch sizes [2, 3]")
+    check_and_control(
+        lambda: masks.padding([1, 2]) & masks.padding([1, 2, 3]),
+        lambda: masks.padding([1, 2]) & masks.padding([3, 4]),
+        ValueError,
+        msg,
+    )
+    check_and_control(
+        lambda: masks.padding([1, 2, 3]) | masks.documents([[0, 1], [1, 1]]),
+        lambda: masks.padding([1, 2]) | masks.documents([[0, 1], [1, 1]]),
+        ValueError,
+        msg,
+    )
+    check_and_control(
+        lambda: (masks.causal() & masks.padding([1, 2])) | ~masks.padding([1, 2, 3]),
+        lambda: (masks.causal() & masks.padding([1, 2])) | ~masks.padding([1, 2]),
+        ValueError,
+        msg,
+    )
+
+
+@pytest.mark.parametrize(("bq", "bk"), [(0, 4), (4, 0), (-1, 4), (4, -3)])
+def test_block_sizes_must_be_positive(bq: int, bk: int) -> None:
+    check_and_control(
+        lambda: masks.causal().block_layout(8, 8, bq, bk),
+        lambda: masks.causal().block_layout(8, 8, 1, 1),
+        ValueError,
+        f"block sizes must be positive, got block_q={bq}, block_k={bk}",
+    )
+
+
+def test_custom_errors() -> None:
+    check_and_control(
+        lambda: masks.custom(3),  # type: ignore[arg-type]
+        lambda: masks.custom(lambda b, h, q, k: q >= k),
+        TypeError,
+        "fn must be callable",
+    )
+    check_and_control(
+        lambda: masks.custom(lambda b, h, q, k: (q - k).float()).dense(2, 2),
+        lambda: masks.custom(lambda b, h, q, k: q >= k).dense(2, 2),
+        TypeError,
+        "custom mask fn must return a bool tensor, got torch.float32",
+    )
+
+
+def test_global_tokens_negative() -> None:
+    check_and_control(
+        lambda: masks.global_tokens([0, -1]),
+        lambda: masks.global_tokens([0, 1]),
+        ValueError,
+        r"indices must be >= 0, got \[0, -1\]",
+    )
+
+
+# --------------------------------------------------------------------------- properties
+
+B, H = 2, 2  # batch and head extent of every property example
+
+
+@dataclass
+class Expr:
+    mask: Mask
+    ref: np.ndarray  # bool (B, H, lq, lk)
+    primitive: bool  # a primitive mask or the negation of one: its layout is exact
+    text: str
+
+
+def _bh(a: np.ndarray) -> np.ndarray:
+    return np.broadcast_to(a, (B, H, *a.shape[2:]))
+
+
+@st.composite
+def primitives(draw: st.DrawFn, lq: int, lk: int, docs_ok: bool) -> Expr:
+    kinds = ["causal", "window", "prefix", "padding", "global", "dilated", "random", "custom"]
+    kinds += ["tensor"] + (["documents"] if docs_ok else [])
+    kind = draw(st.sampled_from(kinds))
+    small = st.integers(0, 6)
+    if kind == "causal":
+        mask, pred = masks.causal(), ref_causal()
+    elif kind == "window":
+        left, right = draw(small), draw(small)
+        mask, pred = masks.window(left, right), ref_window(left, right)
+    elif kind == "prefix":
+        n = draw(st.integers(0, 45))
+        mask, pred = masks.prefix(n), ref_prefix(n)
+    elif kind == "padding":
+        kl = draw(st.lists(st.integers(0, lk + 2), min_size=B, max_size=B))
+        ql = draw(st.none() | st.lists(st.integers(0, lq + 2), min_size=B, max_size=B))
+        mask, pred = masks.padding(kl, ql), ref_padding(kl, ql)
+    elif kind == "global":
+        idx = draw(st.lists(st.integers(0, 45), max_size=3))
+        mask, pred = masks.global_tokens(idx), ref_global(idx)
+    elif kind == "dilated":
+        w, d = draw(small), draw(st.integers(1, 3))
+        mask, pred = masks.dilated(w, d), ref_dilated(w, d)
+    elif kind == "random":
+        bs, nb, seed = draw(st.integers(1, 6)), draw(st.integers(0, 4)), draw(st.integers(0, 3))
+        mask = masks.block_random(bs, nb, seed=seed)
+        # Checked structurally in test_block_random_structure; here its dense form is the
+        # reference, and the property tests check the algebra and layouts around it.
+        ref = _bh(to_np(mask.dense(lq, lk)))
+        return Expr(mask, ref, True, f"block_random({bs}, {nb}, seed={seed})")
+    elif kind == "custom":
+        _, fn, pred, per_batch, per_head = draw(st.sampled_from(CUSTOMS))
+        mask = masks.custom(fn, per_batch=per_batch, per_head=per_head)
+    elif kind == "tensor":
+        dims = draw(st.sampled_from([(lq, lk), (1, H, lq, lk), (B, 1, lq, lk), (1, lk)]))
+        n = int(np.prod(dims))
+        bits = draw(st.lists(st.booleans(), min_size=n, max_size=n))
+        arr = np.array(bits, dtype=bool).reshape(dims)
+        mask, pred = masks.tensor(torch.from_numpy(arr)), ref_tensor(arr)
+    else:
+        contiguous = draw(st.booleans())
+        rows = draw(st.integers(1, B))
+        ids = [draw(st.lists(st.integers(0, 3), min_size=lk, max_size=lk)) for _ in range(rows)]
+        if contiguous:
+            ids = [sorted(r) for r in ids]
+        arg = ids if rows > 1 else ids[0]
+        mask, pred = masks.documents(arg), ref_documents(arg)
+    return Expr(mask, build(pred, lq, lk, B, H), True, mask._spec())
+
+
+@st.composite
+def expressions(draw: st.DrawFn, lq: int, lk: int, docs_ok: bool, depth: int = 3) -> Expr:
+    if depth == 0 or draw(st.integers(0, 2)) == 0:
+        return draw(primitives(lq, lk, docs_ok))
+    op = draw(st.sampled_from(["&", "|", "~"]))
+    a = draw(expressions(lq, lk, docs_ok, depth - 1))
+    if op == "~":
+        return Expr(~a.mask, ~a.ref, a.primitive, f"~{a.text}")
+    b = draw(expressions(lq, lk, docs_ok, depth - 1))
+    if op == "&":
+        return Expr(a.mask & b.mask, a.ref & b.ref, False, f"({a.text} & {b.text})")
+    return Expr(a.mask | b.mask, a.ref | b.ref, False, f"({a.text} | {b.text})")
+
+
+@st.composite
+def sizes(draw: st.DrawFn) -> tuple[int, int, bool]:
+    lq, lk = draw(st.integers(1, 40)), draw(st.integers(1, 40))
+    docs_ok = draw(st.booleans())
+    if docs_ok:
+        lq = min(lq, lk)
+    return lq, lk, docs_ok
+
+
+def dense_bh(e: Expr | Mask, lq: int, lk: int) -> np.ndarray:
+    mask = e.mask if isinstance(e, Expr) else e
+    got = mask.dense(lq, lk, batch=B, heads=H)
+    assert got.dtype == torch.bool and got.shape[2:] == (lq, lk)
+    assert got.shape[0] in (1, B) and got.shape[1] in (1, H)
+    assert (got.shape[0] == B) == mask.per_batch
+    assert (got.shape[1] == H) == mask.per_head
+    return _bh(to_np(got))
+
+
+PROPERTY_SETTINGS = settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+@PROPERTY_SETTINGS
+@given(data=st.data(), size=sizes())
+def test_property_algebra(data: st.DataObject, size: tuple[int, int, bool]) -> None:
+    lq, lk, docs_ok = size
+    a = data.draw(expressions(lq, lk, docs_ok), label="a")
+    b = data.draw(expressions(lq, lk, docs_ok), label="b")
+    try:
+        both, either = a.mask & b.mask, a.mask | b.mask
+    except ValueError as err:  # two different batch sizes cannot happen here (all are B)
+        raise AssertionError(f"{a.text} and {b.text} should combine") from err
+    da, db = dense_bh(a, lq, lk), dense_bh(b, lq, lk)
+    np.testing.assert_array_equal(da, a.ref, err_msg=a.text)
+    np.testing.assert_array_equal(db, b.ref, err_msg=b.text)
+    np.testing.assert_array_equal(dense_bh(both, lq, lk), da & db)
+    np.testing.assert_array_equal(dense_bh(either, lq, lk), da | db)
+    np.testing.assert_array_equal(dense_bh(~a.mask, lq, lk), ~da)
+
+
+@PROPERTY_SETTINGS
+@given(data=st.data(), size=sizes(), bq=st.integers(1, 9), bk=st.integers(1, 9))
+def test_property_layout_consistent(
+    data: st.DataObject, size: tuple[int, int, bool], bq: int, bk: int
+) -> None:
+    lq, lk, docs_ok = size
+    e = data.draw(expressions(lq, lk, docs_ok), label="expr")
+    dense = to_np(e.mask.dense(lq, lk, batch=B, heads=H))
+    np.testing.assert_array_equal(_bh(dense), e.ref, err_msg=e.text)
+    layout = e.mask.block_layout(lq, lk, bq, bk, batch=B, heads=H)
+    check_layout(layout, dense, bq, bk, exact=e.primitive)
