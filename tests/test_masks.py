@@ -541,17 +541,49 @@ def test_layout_default_block_sizes() -> None:
 
 
 def test_layout_by_evaluation_in_several_chunks() -> None:
-    # 2 x 2 batch/heads, 64-row tiles and 600 keys: the evaluation runs in chunks of query
-    # blocks; the last tile row and column are short.
-    lq, lk, bq, bk = 1300, 600, 64, 48
+    # 4 x 4 batch/heads, 64-row tiles and 600 keys: the evaluation takes a few query blocks
+    # at a time (2**22 values per chunk), so 21 query blocks need several chunks; the last
+    # tile row and column are short.
+    lq, lk, bq, bk, nb = 1300, 600, 64, 48, 4
+    assert 4 * 4 * bq * lk * math.ceil(lq / bq) > 2 * 2**22
     m = masks.custom(lambda b, h, q, k: ((q // 50 + k // 70 + b + h) % 3 == 0) | (q == k))
-    layout = m.block_layout(lq, lk, bq, bk, batch=2, heads=2)
-    b = np.arange(2).reshape(-1, 1, 1, 1)
-    h = np.arange(2).reshape(1, -1, 1, 1)
+    layout = m.block_layout(lq, lk, bq, bk, batch=nb, heads=nb)
+    b = np.arange(nb).reshape(-1, 1, 1, 1)
+    h = np.arange(nb).reshape(1, -1, 1, 1)
     q = (np.arange(lq) + lk - lq).reshape(1, 1, -1, 1)
     k = np.arange(lk).reshape(1, 1, 1, -1)
     want = ((q // 50 + k // 70 + b + h) % 3 == 0) | (q == k)
     check_layout(layout, want, bq, bk, exact=True)
+
+
+ZERO_LENGTH_MASKS = {
+    "causal": masks.causal(),
+    "window": masks.window(1, 2),
+    "prefix": masks.prefix(2),
+    "padding": masks.padding([1, 0], [0, 1]),
+    "global": masks.global_tokens([0]),
+    "dilated1": masks.dilated(1, 1),
+    "dilated3": masks.dilated(4, 3),
+    "random": masks.block_random(2, 1),
+    "custom": masks.custom(lambda b, h, q, k: q >= k),
+    "combined": masks.causal() & ~masks.padding([1, 0]) | masks.window(1),
+}
+
+
+@pytest.mark.parametrize("name", list(ZERO_LENGTH_MASKS))
+@pytest.mark.parametrize(("lq", "lk"), [(0, 5), (5, 0), (0, 0)])
+def test_zero_lengths(name: str, lq: int, lk: int) -> None:
+    m = ZERO_LENGTH_MASKS[name]
+    dense = m.dense(lq, lk, batch=2)
+    assert dense.shape[2:] == (lq, lk)
+    layout = m.block_layout(lq, lk, 4, 3, batch=2)
+    assert tuple(layout.states.shape) == (*dense.shape[:2], math.ceil(lq / 4), math.ceil(lk / 3))
+
+
+def test_documents_zero_queries() -> None:
+    m = masks.documents([0, 0, 1, 1, 1])
+    assert tuple(m.dense(0, 5).shape) == (1, 1, 0, 5)
+    assert tuple(m.block_layout(0, 5, 2, 2).states.shape) == (1, 1, 0, 3)
 
 
 @pytest.mark.parametrize(

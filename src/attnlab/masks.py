@@ -265,9 +265,9 @@ def _operand(x: Mask | Tensor) -> Mask:
 def _layout_from_bounds(bounds: RowBounds, lq: int, lk: int, bq: int, bk: int) -> Tensor:
     """Exact tile states from per-row intervals; returns ``(Bm, 1, nQ, nK)``."""
     nq, nk = math.ceil(lq / bq), math.ceil(lk / bk)
-    pad = nq * bq - lq
-    lo = torch.nn.functional.pad(bounds.lo, (0, pad), value=lk).view(-1, nq, bq, 1)
-    hi = torch.nn.functional.pad(bounds.hi, (0, pad), value=-1).view(-1, nq, bq, 1)
+    pad, bm = nq * bq - lq, bounds.lo.shape[0]  # explicit bm: a view(-1, 0, ...) fails at lq=0
+    lo = torch.nn.functional.pad(bounds.lo, (0, pad), value=lk).view(bm, nq, bq, 1)
+    hi = torch.nn.functional.pad(bounds.hi, (0, pad), value=-1).view(bm, nq, bq, 1)
     real = (torch.arange(nq * bq, device=lo.device) < lq).view(1, nq, bq, 1)
     ks = (torch.arange(nk, device=lo.device) * bk).view(1, 1, 1, nk)
     ke = torch.clamp(ks + bk, max=lk) - 1
