@@ -13,9 +13,19 @@ import attnlab
 from attnlab import bias as B
 from attnlab import masks as M
 from attnlab.engines import available_engines
+from attnlab.engines import blocked as blocked_mod
 from tests.conftest import assert_2x_rule, max_err, naive_attention
 
-ENGINES = ["auto", *available_engines()]
+ENGINES = ["auto", *available_engines(), "blocked-eager"]
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every engine; "blocked-eager" is the blocked engine without torch's fused kernel."""
+    if request.param == "blocked-eager":
+        monkeypatch.setattr(blocked_mod, "USE_FUSED", False)
+        return "blocked"
+    return str(request.param)
 
 
 def _doc_ids(n: int) -> Tensor:
@@ -108,7 +118,6 @@ def _check_engine(
         assert_2x_rule(o, p, r, f"{engine} {names[i]}")
 
 
-@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("mask_name", list(MASKS))
 @pytest.mark.parametrize("lq,lk,e", MASK_SIZES)
 def test_masks_every_engine(engine: str, mask_name: str, lq: int, lk: int, e: int) -> None:
@@ -130,7 +139,6 @@ def _bias_cases(h: int, lq: int, lk: int) -> dict[str, B.Bias]:
     }
 
 
-@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("bias_name", list(_bias_cases(4, 2, 2)))
 @pytest.mark.parametrize("masked", [False, True])
 def test_biases_every_engine(engine: str, bias_name: str, masked: bool) -> None:
@@ -145,7 +153,6 @@ def test_biases_every_engine(engine: str, bias_name: str, masked: bool) -> None:
 AWKWARD = [(1, 1), (1, 1025), (97, 127), (127, 97), (1023, 1025), (1025, 1023)]
 
 
-@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("lq,lk", AWKWARD)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("causal", [False, True])
@@ -168,7 +175,7 @@ def test_gqa_equals_repeated_heads(ratio: tuple[int, int]) -> None:
     hq, hkv = ratio
     q, k, v = _qkv(2, hq, hkv, 9, 11, 8, torch.float64)
     g = hq // hkv
-    for engine in ENGINES:
+    for engine in available_engines():
         ours = attnlab.attention(q, k, v, mask=M.causal(), engine=engine)
         full = attnlab.attention(
             q,
@@ -211,7 +218,7 @@ def test_gradcheck_reference(normalize: str) -> None:
     assert torch.autograd.gradcheck(fn, (q * 2, k, v, table))
 
 
-@pytest.mark.parametrize("engine", ["sdpa", "reference"])
+@pytest.mark.parametrize("engine", ["sdpa", "reference", "blocked"])
 def test_gradcheck_learnable_bias(engine: str) -> None:
     q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 2, 4, 6, 4, torch.float64))
     t5 = B.relative_buckets(2, num_buckets=8, max_distance=8).double()
@@ -226,11 +233,10 @@ def test_gradcheck_learnable_bias(engine: str) -> None:
     assert torch.autograd.gradcheck(fn, (q, k, v, table))
 
 
-@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("normalize", ["softmax", "sparsemax", "entmax15"])
 def test_fully_masked_rows_give_zero_and_finite_grads(engine: str, normalize: str) -> None:
-    if engine == "sdpa" and normalize != "softmax":
-        pytest.skip("sdpa is softmax only")
+    if engine in ("sdpa", "blocked") and normalize != "softmax":
+        pytest.skip(f"{engine} is softmax only")
     q, k, v = _leaf(*_qkv(2, 2, 2, 6, 6, 8, torch.float32))
     mask = M.padding([0, 6], [6, 3]) & M.causal()  # batch 0: no keys; batch 1: 3 query rows
     out = attnlab.attention(q, k, v, mask=mask, normalize=normalize, engine=engine)
@@ -254,7 +260,6 @@ def test_fully_masked_rows_weights_and_lse() -> None:
     )
 
 
-@pytest.mark.parametrize("engine", ENGINES)
 def test_nan_input_stays_nan(engine: str) -> None:
     q, k, v = _qkv(1, 2, 2, 5, 5, 8, torch.float32)
     q[0, 0, 2, 0] = float("nan")

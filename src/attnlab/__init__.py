@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from attnlab import bias, engines, masks, normalize, scores
 from attnlab.engines import available_engines, get_engine, register_engine
-from attnlab.functional import AttentionOutput, attend, attention
+from attnlab.functional import AttentionOutput, attend, attention, attention_weights
 
 __version__ = "0.1.0"
 
@@ -22,6 +22,7 @@ __all__ = [
     "__version__",
     "attend",
     "attention",
+    "attention_weights",
     "available_engines",
     "bias",
     "engines",

@@ -19,12 +19,13 @@ from torch import Tensor
 
 from attnlab import _validate as V
 from attnlab.bias import Bias, as_bias
-from attnlab.engines import AttentionRequest, select_engine
+from attnlab.engines import AttentionRequest, get_engine, select_engine
+from attnlab.engines.blocked import BlockedEngine
 from attnlab.engines.reference import mix
 from attnlab.masks import Mask, as_mask
 from attnlab.scores import ScoreFn, default_scale
 
-__all__ = ["AttentionOutput", "attend", "attention"]
+__all__ = ["AttentionOutput", "attend", "attention", "attention_weights"]
 
 
 class AttentionOutput(NamedTuple):
@@ -188,3 +189,48 @@ def attend(
     if V.validate_flag("return_weights", return_weights) or want_lse:
         return AttentionOutput(out, w if return_weights else None, lse)
     return out
+
+
+def attention_weights(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Mask | Tensor | None = None,
+    bias: Bias | Tensor | None = None,
+    scale: float | None = None,
+    score: str = "dot",
+    heads: list[int] | None = None,
+    rows: tuple[int, int] | None = None,
+) -> Tensor:
+    """Softmax attention weights of some heads and query rows, without ``Lq x Lk`` for all.
+
+    The blocked engine computes only the query blocks that overlap ``rows`` and keeps only
+    ``heads``, so one head of a long sequence costs little memory. No autograd.
+
+    Args:
+        q, k, v: ``(B, Hq, Lq, E)``, ``(B, Hkv, Lk, E)``, ``(B, Hkv, Lk, Ev)``.
+        mask, bias, scale, score: as in :func:`attention` (``"dot"`` or ``"cosine"``).
+        heads: query heads to return (default all).
+        rows: ``(r0, r1)`` query rows to return (default all).
+
+    Returns:
+        ``(B, len(heads), r1 - r0, Lk)`` weights.
+
+    Example:
+        >>> import torch
+        >>> from attnlab import masks
+        >>> q = k = v = torch.randn(1, 4, 300, 16)
+        >>> w = attention_weights(q, k, v, mask=masks.window(8), heads=[2], rows=(290, 300))
+        >>> w.shape, bool(w[0, 0, 0, :282].sum() == 0)
+        (torch.Size([1, 1, 10, 300]), True)
+    """
+    req = _request(q, k, v, mask, bias, scale, score, "softmax", 0.0, False, False)
+    if heads is not None and any(not 0 <= h < req.heads for h in heads):
+        raise ValueError(f"heads={heads} must be query head indices in [0, {req.heads})")
+    if rows is not None and not 0 <= rows[0] <= rows[1] <= req.lq:
+        raise ValueError(f"rows={rows} must satisfy 0 <= r0 <= r1 <= Lq={req.lq}")
+    engine = get_engine("blocked")
+    if not isinstance(engine, BlockedEngine) or engine.unsupported(req) is not None:
+        raise ValueError("attention_weights needs the blocked engine (dot or cosine score)")
+    return engine.weights(req, heads, rows)

@@ -5,9 +5,12 @@ engine         exact  what it computes
 =============  =====  ===========================================================
 ``reference``  yes    everything (materializes Lq x Lk); the fp64 oracle
 ``sdpa``       yes    dot + softmax with any mask/bias via torch SDPA; no weights
+``blocked``    yes    dot/cosine + softmax, any mask/bias; skips empty tiles, fwd+bwd
 =============  =====  ===========================================================
 
-``engine="auto"`` tries ``sdpa`` first and falls back to ``reference``.
+``engine="auto"`` picks ``blocked`` when the mask leaves most tiles empty (or adds a
+bias to a causal mask), ``sdpa`` for dense and plain causal attention, and falls back to
+``reference`` for what neither supports.
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ from attnlab.engines.base import (
     register_engine,
     select_engine,
 )
+from attnlab.engines.blocked import BlockedEngine
 from attnlab.engines.reference import ReferenceEngine
 from attnlab.engines.sdpa import SdpaEngine
 
 __all__ = [
     "AttentionRequest",
+    "BlockedEngine",
     "Engine",
     "EngineResult",
     "ReferenceEngine",
@@ -38,3 +43,4 @@ __all__ = [
 
 register_engine(ReferenceEngine(), auto_rank=0)
 register_engine(SdpaEngine(), auto_rank=0)
+register_engine(BlockedEngine(), auto_rank=0)

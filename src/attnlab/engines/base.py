@@ -23,6 +23,7 @@ __all__ = [
     "EngineResult",
     "available_engines",
     "get_engine",
+    "may_hold_nan",
     "register_engine",
     "select_engine",
 ]
@@ -99,8 +100,17 @@ class Engine:
         """Compute ``(out (B, Hq, Lq, Ev), weights | None, lse | None)``."""
         raise NotImplementedError
 
+    def prefers(self, req: AttentionRequest) -> bool:
+        """Whether ``auto`` should pick this engine for ``req`` (given it is supported)."""
+        return True
+
     def __repr__(self) -> str:
         return f"<engine {self.name!r}{'' if self.exact else ' (approximate)'}>"
+
+
+def may_hold_nan(*ts: Tensor) -> bool:
+    """Cheap NaN screen: a sum is NaN if any element is (or, rarely, if +inf meets -inf)."""
+    return any(bool(torch.isnan(t.sum())) for t in ts if t.numel())
 
 
 _REGISTRY: dict[str, Engine] = {}
@@ -147,8 +157,9 @@ def select_engine(name: str, req: AttentionRequest) -> Engine:
     """
     if name == "auto":
         for cand in _AUTO_ORDER:
-            if _REGISTRY[cand].unsupported(req) is None:
-                return _REGISTRY[cand]
+            eng = _REGISTRY[cand]
+            if eng.unsupported(req) is None and eng.prefers(req):
+                return eng
         raise ValueError(
             "no registered exact engine supports this request: " + _reasons(req, _AUTO_ORDER)
         )

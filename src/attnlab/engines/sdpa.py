@@ -8,11 +8,10 @@ logsumexp; ``auto`` routes those requests elsewhere.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlab.engines.base import AttentionRequest, Engine, EngineResult
+from attnlab.engines.base import AttentionRequest, Engine, EngineResult, may_hold_nan
 from attnlab.masks import _Causal
 
 __all__ = ["SdpaEngine"]
@@ -40,7 +39,7 @@ class SdpaEngine(Engine):
             return "torch SDPA does not return the logsumexp (return_lse=True)"
         if req.batch == 0 or req.lq == 0 or req.lk == 0:
             return "torch SDPA does not accept empty batches or sequences"
-        if _may_hold_nan(req.q, req.k, req.v):
+        if may_hold_nan(req.q, req.k, req.v):
             return "the inputs hold NaN, which torch SDPA's fused kernels turn into 0"
         return None
 
@@ -94,8 +93,3 @@ def _dense_mask(req: AttentionRequest) -> tuple[Tensor | None, Tensor | None]:
     if allowed is not None:
         bias = bias.masked_fill(~allowed, float("-inf"))
     return bias, empty
-
-
-def _may_hold_nan(*ts: torch.Tensor) -> bool:
-    """Cheap NaN screen: a sum is NaN if any element is (or, rarely, if +inf meets -inf)."""
-    return any(bool(torch.isnan(t.sum())) for t in ts if t.numel())

@@ -1,0 +1,167 @@
+"""The blocked engine: it skips empty tiles, reads O(block) keys, and returns weights.
+
+Numerical agreement with the fp64 reference (every mask, bias, GQA, gradients) runs in
+test_attention.py, where "blocked" and "blocked-eager" are among the engines.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+import attnlab
+from attnlab import bias as B
+from attnlab import masks as M
+from attnlab.engines import blocked as blocked_mod
+from attnlab.engines import get_engine, select_engine
+from attnlab.functional import _request
+from tests.conftest import max_err, naive_attention
+
+
+def _req(
+    n: int,
+    mask: M.Mask | None,
+    bias: B.Bias | None = None,
+    *,
+    heads: int = 2,
+    weights: bool = False,
+    grad: bool = False,
+) -> attnlab.engines.AttentionRequest:
+    q, k, v = (torch.randn(1, heads, n, 16, requires_grad=grad) for _ in range(3))
+    return _request(q, k, v, mask, bias, None, "dot", "softmax", 0.0, weights, False)
+
+
+def _keys_read(
+    req: attnlab.engines.AttentionRequest, monkeypatch: pytest.MonkeyPatch, backward: bool = False
+) -> list[tuple[int, int]]:
+    """(rows, keys) of every block the engine computes, via its key-selection helper."""
+    seen: list[tuple[int, int]] = []
+    take = blocked_mod._take
+
+    def spy(x: Tensor, keys: slice | Tensor) -> Tensor:
+        out = take(x, keys)
+        seen.append((x.shape[2], out.shape[2]))
+        return out
+
+    monkeypatch.setattr(blocked_mod, "_take", spy)
+    out, _, _ = get_engine("blocked").forward(req)
+    if backward:
+        out.sum().backward()
+    return seen
+
+
+def test_window_reads_only_the_band(monkeypatch: pytest.MonkeyPatch) -> None:
+    n, w, block = 4096, 256, get_engine("blocked").block  # type: ignore[attr-defined]
+    req = _req(n, M.causal() & M.window(w), grad=True)
+    reads = _keys_read(req, monkeypatch, backward=True)
+    assert reads and max(keys for _, keys in reads) <= w + 2 * block
+    dense_tiles = (n // block) ** 2
+    band_tiles = sum(keys for _, keys in reads) / block / 2 / 2  # k and v, forward and backward
+    assert band_tiles <= dense_tiles * 0.2
+
+
+def test_documents_read_only_their_documents(monkeypatch: pytest.MonkeyPatch) -> None:
+    ids = torch.repeat_interleave(torch.arange(4), torch.tensor([1000, 24, 1500, 1572]))
+    reads = _keys_read(_req(4096, M.documents(ids)), monkeypatch)
+    block = get_engine("blocked").block  # type: ignore[attr-defined]
+    # a query block that straddles a boundary reads both documents, never more
+    assert max(keys for _, keys in reads) <= 1500 + 1572 + 2 * block
+    assert sum(keys for _, keys in reads) / 2 < 0.45 * 4096 * 4096 / block
+
+
+def test_empty_query_blocks_are_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    req = _req(1024, M.padding([1024], [200]))  # rows >= 200 see nothing
+    reads = _keys_read(req, monkeypatch)
+    block = get_engine("blocked").block  # type: ignore[attr-defined]
+    assert len(reads) == 2 * -(-200 // block)  # k and v of the blocks that hold rows < 200
+    out, _, _ = get_engine("blocked").forward(req)
+    assert torch.equal(out[:, :, 200:], torch.zeros_like(out[:, :, 200:]))
+
+
+def test_scattered_blocks_are_gathered_and_exact() -> None:
+    q, k, v = (torch.randn(1, 2, 700, 16, dtype=torch.float64) for _ in range(3))
+    mask = M.block_random(128, 2, seed=3) | M.global_tokens([5, 650])
+    plan = blocked_mod._plan(
+        mask, _request(q, k, v, mask, None, None, "dot", "softmax", 0.0, False, False), 128
+    )
+    assert any(isinstance(b.keys, Tensor) for b in plan.blocks)  # non-contiguous keys
+    want, _ = naive_attention(q, k, v, allowed=mask.dense(700, 700))
+    got = attnlab.attention(q, k, v, mask=mask, engine="blocked")
+    assert isinstance(got, Tensor) and max_err(got, want) < 1e-12
+
+
+def test_weights_and_lse_from_the_blocked_engine() -> None:
+    q, k, v = (torch.randn(2, 4, 300, 16, dtype=torch.float64) for _ in range(3))
+    mask, alibi = M.window(20, 5) & M.padding([300, 120]), B.alibi(4)
+    ref = attnlab.attention(
+        q, k, v, mask=mask, bias=alibi, return_weights=True, return_lse=True, engine="reference"
+    )
+    got = attnlab.attention(
+        q, k, v, mask=mask, bias=alibi, return_weights=True, return_lse=True, engine="blocked"
+    )
+    assert isinstance(ref, attnlab.AttentionOutput) and isinstance(got, attnlab.AttentionOutput)
+    for a, b in zip(got, ref, strict=True):
+        assert a is not None and b is not None and max_err(a, b) < 1e-12
+
+
+def test_weights_of_some_heads_and_rows() -> None:
+    q, k, v = (torch.randn(1, 4, 1000, 16, dtype=torch.float64) for _ in range(3))
+    mask = M.causal() & M.window(64)
+    full = attnlab.attention(q, k, v, mask=mask, return_weights=True, engine="reference")
+    assert isinstance(full, attnlab.AttentionOutput) and full.weights is not None
+    part = attnlab.attention_weights(q, k, v, mask=mask, heads=[3, 1], rows=(500, 530))
+    assert part.shape == (1, 2, 30, 1000)
+    assert max_err(part, full.weights[:, [3, 1], 500:530]) < 1e-12
+
+
+def test_attention_weights_validates_its_arguments() -> None:
+    q = k = v = torch.randn(1, 2, 10, 4)
+    with pytest.raises(ValueError, match=r"heads=\[2\] must be query head indices in \[0, 2\)"):
+        attnlab.attention_weights(q, k, v, heads=[2])
+    with pytest.raises(ValueError, match=r"rows=\(4, 11\) must satisfy 0 <= r0 <= r1 <= Lq=10"):
+        attnlab.attention_weights(q, k, v, rows=(4, 11))
+    assert attnlab.attention_weights(q, k, v, heads=[1], rows=(4, 10)).shape == (1, 1, 6, 10)
+
+
+def test_auto_uses_blocked_where_it_skips_work() -> None:
+    assert select_engine("auto", _req(2048, M.causal() & M.window(256))).name == "blocked"
+    assert select_engine("auto", _req(2048, M.documents(torch.arange(2048) // 128))).name == (
+        "blocked"
+    )
+    assert select_engine("auto", _req(2048, M.causal(), B.alibi(2))).name == "blocked"
+    assert select_engine("auto", _req(2048, M.causal())).name == "sdpa"  # torch's flash wins
+    assert select_engine("auto", _req(2048, None)).name == "sdpa"
+    assert select_engine("auto", _req(64, M.window(8))).name == "sdpa"  # too small to pay
+    with pytest.raises(ValueError, match="returns weights without autograd"):
+        select_engine("blocked", _req(256, M.causal(), weights=True, grad=True))
+    assert select_engine("auto", _req(256, M.causal(), weights=True, grad=True)).name == (
+        "reference"
+    )
+
+
+def test_private_flash_op_is_guarded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused path uses a private torch op; without it the eager path gives the same."""
+    q, k, v = (torch.randn(1, 2, 200, 16, requires_grad=True) for _ in range(3))
+    mask = M.causal() & M.window(50)
+
+    def run() -> list[Tensor]:
+        out = attnlab.attention(q, k, v, mask=mask, bias=B.alibi(2), engine="blocked")
+        assert isinstance(out, Tensor)
+        return [out, *torch.autograd.grad(out.sum(), (q, k, v))]
+
+    assert blocked_mod._FLASH_FWD is not None  # torch 2.13 has it: the fast path is tested
+    fused = run()
+    monkeypatch.setattr(blocked_mod, "_FLASH_FWD", None)
+    eager = run()
+    for a, b in zip(fused, eager, strict=True):
+        assert max_err(a, b) < 1e-5
+
+
+def test_bfloat16_runs_in_float32_inside() -> None:
+    q, k, v = (torch.randn(1, 2, 300, 16) for _ in range(3))
+    mask = M.causal() & M.window(40)
+    ref, _ = naive_attention(q.double(), k.double(), v.double(), allowed=mask.dense(300, 300))
+    got = attnlab.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask=mask, engine="blocked")
+    assert isinstance(got, Tensor) and got.dtype == torch.bfloat16
+    assert max_err(got, ref) <= 2**-8 * ref.abs().max().item()  # one bf16 rounding of out
