@@ -36,6 +36,8 @@ pytest: $(VENV)/.dev
 
 bench-smoke: $(VENV)/.base
 	$(PY) benchmarks/bench_core.py --smoke
+	$(PY) benchmarks/bench_core.py --smoke --memory
+	$(PY) benchmarks/bench_core.py --smoke --cases window --modes fwd --flex
 
 test: lint typecheck pytest bench-smoke
 

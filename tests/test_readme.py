@@ -41,3 +41,13 @@ def test_mask_repr_example_matches() -> None:
             assert got == lines[i + 1], (src, got)
         elif line.startswith(">>> "):
             exec(line[4:], namespace)
+
+
+def test_attention_weights_example_runs() -> None:
+    namespace: dict[str, object] = {}
+    blocks = _blocks("python")
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    exec(compile(blocks[2], "README.md", "exec"), namespace)
+    w = namespace["w"]
+    assert isinstance(w, torch.Tensor) and w.shape == (2, 2, 20, 1024)
+    assert torch.allclose(w.sum(-1), torch.ones(2, 2, 20, dtype=w.dtype), atol=1e-5)

@@ -1,4 +1,4 @@
-"""Command line: ``attnlab demo``, ``attnlab engines``.
+"""Command line: ``attnlab demo``, ``attnlab engines``, ``attnlab bench``.
 
 Example:
     >>> main(["engines"])  # doctest: +ELLIPSIS
@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Sequence
 
@@ -109,11 +110,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
     eng = sub.add_parser("engines", help="list the engines and what they support")
     eng.set_defaults(func=_engines)
+    bench = sub.add_parser(
+        "bench", help="time engines against torch SDPA / FlexAttention", add_help=False
+    )
+    bench.set_defaults(func=None)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from attnlab.bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.func(args))
 

@@ -1,0 +1,228 @@
+"""Benchmarks of attnlab's engines against torch, measured in the same run.
+
+Each result is one JSON line with attnlab's time beside the anchors' on the same case:
+torch SDPA with the mask (and bias) as a dense tensor, and, with ``--flex``, torch
+FlexAttention compiled (forward only; FlexAttention has no CPU backward). Ratios are
+``anchor / ours`` (> 1: attnlab is faster). ``--memory`` measures the peak memory of one
+forward+backward in a fresh process.
+
+    attnlab bench                                   # window/documents/alibi/dense/causal
+    attnlab bench --smoke                           # tiny sizes, for CI
+    attnlab bench --cases window --n 16384 --flex   # one case, with FlexAttention
+    attnlab bench --memory --n 65536 --heads 1 --window 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import attnlab
+from attnlab import bias as B
+from attnlab import masks as M
+
+CASES = ("window", "documents", "alibi", "dense", "causal")
+
+
+def doc_ids(n: int, docs: int = 16, seed: int = 0) -> Tensor:
+    """Ids of ``docs`` packed documents of random lengths summing to ``n``."""
+    gen = torch.Generator().manual_seed(seed)
+    cuts = torch.randperm(n - 1, generator=gen)[: docs - 1].add(1)
+    starts = torch.zeros(n, dtype=torch.long)
+    starts[cuts] = 1
+    return starts.cumsum(0)
+
+
+def make_case(name: str, n: int, heads: int, window: int) -> tuple[M.Mask | None, B.Bias | None]:
+    """The mask and bias of a named case at length ``n``."""
+    cases: dict[str, Callable[[], tuple[M.Mask | None, B.Bias | None]]] = {
+        "window": lambda: (M.causal() & M.window(window), None),
+        "documents": lambda: (M.documents(doc_ids(n)), None),
+        "alibi": lambda: (M.causal(), B.alibi(heads)),
+        "dense": lambda: (None, None),
+        "causal": lambda: (M.causal(), None),
+    }
+    if name not in cases:
+        raise ValueError(f"case={name!r} is not a benchmark case; expected one of {CASES}")
+    return cases[name]()
+
+
+def timeit(fn: Callable[[], object], repeat: int) -> float:
+    """Median wall time of ``fn`` in milliseconds, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def _sdpa_anchor(case: tuple[M.Mask | None, B.Bias | None], n: int, heads: int) -> Any:
+    """torch SDPA's arguments for the case: a dense bool or float mask, or is_causal."""
+    mask, bias = case
+    if isinstance(mask, M._Causal) and bias is None:
+        return {"is_causal": True}
+    attn = None if mask is None else mask.dense(n, n)
+    if bias is not None:
+        b = bias.dense(n, n, heads=heads)
+        attn = b if attn is None else b.masked_fill(~attn, float("-inf"))
+    return {"attn_mask": attn}
+
+
+def _flex_anchor(name: str, n: int, heads: int, window: int) -> Callable[..., Tensor]:
+    """FlexAttention compiled for the case (block mask built once, outside the timing)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    ids, slopes = doc_ids(n), B.alibi_slopes(heads)
+
+    def mask_mod(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        if name == "window":
+            return (k <= q) & (q - k <= window)
+        if name == "documents":
+            return ids[q] == ids[k]
+        return k <= q
+
+    def score_mod(s: Tensor, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        return s - slopes[h] * (q - k).abs()
+
+    block_mask = (
+        None if name == "dense" else create_block_mask(mask_mod, None, None, n, n, device="cpu")
+    )
+    compiled = torch.compile(flex_attention)
+    mod = score_mod if name == "alibi" else None
+    return lambda q, k, v: compiled(q, k, v, score_mod=mod, block_mask=block_mask)
+
+
+def run_case(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Time one case forward and/or forward+backward; returns the JSON records."""
+    case = make_case(name, args.n, args.heads, args.window)
+    anchor_kw = _sdpa_anchor(case, args.n, args.heads)
+    flex = _flex_anchor(name, args.n, args.heads, args.window) if args.flex else None
+    return [_measure(name, mode, case, anchor_kw, flex, args) for mode in args.modes.split(",")]
+
+
+def _measure(
+    name: str,
+    mode: str,
+    case: tuple[M.Mask | None, B.Bias | None],
+    anchor_kw: dict[str, Any],
+    flex: Callable[..., Tensor] | None,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """One JSON record: attnlab and its anchors on the same inputs, in the same run."""
+    n, h, e, grad = args.n, args.heads, args.dim, mode == "fwd+bwd"
+    q, k, v = (torch.randn(1, h, n, e, requires_grad=grad) for _ in range(3))
+    fns: dict[str, Callable[[], Any]] = {
+        "ours_ms": lambda: attnlab.attention(
+            q, k, v, mask=case[0], bias=case[1], engine=args.engine
+        ),
+        "sdpa_ms": lambda: F.scaled_dot_product_attention(q, k, v, **anchor_kw),
+    }
+    if flex is not None and not grad:
+        fns["flex_ms"] = lambda: flex(q, k, v)
+    rec: dict[str, Any] = {
+        "case": name,
+        "mode": mode,
+        "engine": args.engine,
+        "n": n,
+        "heads": h,
+        "dim": e,
+    }
+    with torch.set_grad_enabled(grad):
+        for key, fn in fns.items():
+            rec[key] = round(timeit(_with_backward(fn) if grad else fn, args.repeat), 2)
+    for key in ("sdpa_ms", "flex_ms"):
+        if key in rec:
+            rec[f"speedup_vs_{key[:-3]}"] = round(rec[key] / rec["ours_ms"], 3)
+    if name == "window" and not grad:
+        rec["useful_gflops"] = round(4 * n * args.window * e * h / rec["ours_ms"] / 1e6, 1)
+        rec["matmul_gflops"] = round(matmul_gflops(), 1)
+        rec["efficiency"] = round(rec["useful_gflops"] / rec["matmul_gflops"], 3)
+    return rec
+
+
+def _with_backward(fn: Callable[[], Tensor]) -> Callable[[], None]:
+    def step() -> None:
+        out = fn()
+        out.backward(torch.ones_like(out))
+
+    return step
+
+
+def matmul_gflops(size: int = 2048) -> float:
+    """fp32 matmul throughput of this machine now (the roofline of the efficiency figure)."""
+    a = torch.randn(size, size)
+    return 2 * size**3 / timeit(lambda: a @ a, 3) / 1e6
+
+
+def memory_probe(args: argparse.Namespace) -> dict[str, Any]:
+    """Peak resident memory of one forward+backward, measured in a fresh process."""
+    code = (
+        "import resource, torch, attnlab; from attnlab import masks as M\n"
+        f"q, k, v = (torch.randn(1, {args.heads}, {args.n}, {args.dim}, requires_grad=True)"
+        " for _ in range(3))\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        f"out = attnlab.attention(q, k, v, mask=M.causal() & M.window({args.window}), "
+        f"engine={args.engine!r})\n"
+        "out.backward(torch.ones_like(out))\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 2**20)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    gib = float(res.stdout.strip().splitlines()[-1])
+    return {
+        "case": "memory",
+        "mode": "fwd+bwd",
+        "engine": args.engine,
+        "n": args.n,
+        "heads": args.heads,
+        "dim": args.dim,
+        "window": args.window,
+        "peak_extra_gib": round(gib, 3),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of ``attnlab bench``."""
+    p = argparse.ArgumentParser(prog="attnlab bench", description=__doc__.splitlines()[0])
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma list of {CASES}")
+    p.add_argument("--n", type=int, default=4096, help="sequence length")
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--window", type=int, default=256)
+    p.add_argument("--engine", default="auto")
+    p.add_argument("--modes", default="fwd,fwd+bwd")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--flex", action="store_true", help="also time FlexAttention (compiles)")
+    p.add_argument("--memory", action="store_true", help="peak memory of window fwd+bwd")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (for CI)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print JSON lines."""
+    args = build_parser().parse_args(argv)
+    if args.smoke:
+        args.n, args.heads, args.repeat, args.window = 256, 2, 1, 64
+    torch.manual_seed(0)
+    if args.memory:
+        print(json.dumps(memory_probe(args)), flush=True)
+        return 0
+    for name in args.cases.split(","):
+        for rec in run_case(name, args):
+            print(json.dumps(rec), flush=True)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
