@@ -172,24 +172,38 @@ def _sparsemax_backward(p: Tensor, g: Tensor) -> Tensor:
     return torch.where(_nan_rows(p), torch.full_like(grad, math.nan), grad)
 
 
-class _Sparsemax(torch.autograd.Function):
-    """Autograd wrapper of sparsemax along the last dim."""
+class _SparseMap(torch.autograd.Function):
+    """A sparse normalizer along the last dim with a closed-form backward.
 
-    @staticmethod
-    def forward(ctx: Any, scores: Tensor) -> Tensor:
-        """Compute sparsemax in (at least) float32 and save the weights for backward."""
+    Subclasses set ``project`` (shifted scores -> weights) and ``gradient``
+    (weights, upstream gradient -> gradient w.r.t. the scores).
+    """
+
+    project: Callable[[Tensor], Tensor]
+    gradient: Callable[[Tensor, Tensor], Tensor]
+
+    @classmethod
+    def forward(cls, ctx: Any, scores: Tensor) -> Tensor:
+        """Compute in (at least) float32 and save the weights for backward."""
         x = scores.to(_compute_dtype(scores.dtype))  # (..., L)
-        p = _finish(_sparsemax_forward(x - _safe_row_max(x)), x)  # (..., L)
+        p = _finish(cls.project(x - _safe_row_max(x)), x)  # (..., L)
         ctx.save_for_backward(p)
         ctx.in_dtype = scores.dtype
         return p.to(scores.dtype)
 
-    @staticmethod
+    @classmethod
     @once_differentiable
-    def backward(ctx: Any, grad_out: Tensor) -> Tensor:
-        """Closed-form gradient; see :func:`_sparsemax_backward`."""
+    def backward(cls, ctx: Any, grad_out: Tensor) -> Tensor:
+        """The closed-form gradient of ``gradient``."""
         (p,) = ctx.saved_tensors
-        return _sparsemax_backward(p, grad_out.to(p.dtype)).to(ctx.in_dtype)
+        return cls.gradient(p, grad_out.to(p.dtype)).to(ctx.in_dtype)
+
+
+class _Sparsemax(_SparseMap):
+    """Autograd wrapper of sparsemax along the last dim."""
+
+    project = staticmethod(_sparsemax_forward)
+    gradient = staticmethod(_sparsemax_backward)
 
 
 def sparsemax(scores: Tensor) -> Tensor:
@@ -257,24 +271,11 @@ def _entmax15_backward(p: Tensor, g: Tensor) -> Tensor:
     return torch.where(_nan_rows(p), torch.full_like(grad, math.nan), grad)
 
 
-class _Entmax15(torch.autograd.Function):
+class _Entmax15(_SparseMap):
     """Autograd wrapper of 1.5-entmax along the last dim."""
 
-    @staticmethod
-    def forward(ctx: Any, scores: Tensor) -> Tensor:
-        """Compute 1.5-entmax in (at least) float32 and save the weights for backward."""
-        x = scores.to(_compute_dtype(scores.dtype))  # (..., L)
-        p = _finish(_entmax15_forward(x - _safe_row_max(x)), x)  # (..., L)
-        ctx.save_for_backward(p)
-        ctx.in_dtype = scores.dtype
-        return p.to(scores.dtype)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad_out: Tensor) -> Tensor:
-        """Closed-form gradient; see :func:`_entmax15_backward`."""
-        (p,) = ctx.saved_tensors
-        return _entmax15_backward(p, grad_out.to(p.dtype)).to(ctx.in_dtype)
+    project = staticmethod(_entmax15_forward)
+    gradient = staticmethod(_entmax15_backward)
 
 
 def entmax15(scores: Tensor) -> Tensor:
