@@ -64,6 +64,7 @@ def _demo_call(length: int) -> None:
     )
     assert isinstance(ref, torch.Tensor)
     for name in ("auto", *available_engines()):
+        attnlab.attention(q, k, v, mask=mask, bias=alibi, engine=name)  # warm-up
         t0 = time.perf_counter()
         out = attnlab.attention(q, k, v, mask=mask, bias=alibi, engine=name)
         ms = 1e3 * (time.perf_counter() - t0)
