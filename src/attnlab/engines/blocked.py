@@ -19,6 +19,7 @@ to be merged across tiles and no ``Lq x Lk`` tensor exists: memory is
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -393,12 +394,13 @@ class BlockedEngine(Engine):
 
     def __init__(self, block: int = 128) -> None:
         self.block = block
-        self._cache: tuple[AttentionRequest, _Plan] | None = None
+        # the last request's plan; a weak reference, so its tensors are not kept alive
+        self._cache: tuple[weakref.ref[AttentionRequest], _Plan] | None = None
 
     def plan(self, req: AttentionRequest) -> _Plan:
         """The block schedule of ``req`` (memoized for the last request)."""
-        if self._cache is None or self._cache[0] is not req:
-            self._cache = (req, _plan(req.mask, req, self.block))
+        if self._cache is None or self._cache[0]() is not req:
+            self._cache = (weakref.ref(req), _plan(req.mask, req, self.block))
         return self._cache[1]
 
     def unsupported(self, req: AttentionRequest) -> str | None:
