@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -65,6 +66,15 @@ def assert_2x_rule(ours: Tensor, plain: Tensor, ref64: Tensor, what: str = "") -
     assert ours_err <= 2 * plain_err + 1e-5, (
         f"{what}: error {ours_err:.3e} > 2 x plain PyTorch's {plain_err:.3e}"
     )
+
+
+def check_and_control(
+    fn: Callable[[], object], ok: Callable[[], object], exc: type[Exception], match: str
+) -> None:
+    """``fn`` raises ``exc`` matching ``match``; ``ok`` (the positive control) does not."""
+    with pytest.raises(exc, match=match):
+        fn()
+    ok()
 
 
 @pytest.fixture(autouse=True)

@@ -34,6 +34,7 @@ from attnlab.bias import (
     t5_bucket,
     tensor,
 )
+from tests.conftest import check_and_control
 
 # --------------------------------------------------------------------------- references
 
@@ -72,15 +73,6 @@ def ref_t5_bucket(rel: int, bidirectional: bool, num_buckets: int, max_distance:
 def positions(lq: int, lk: int) -> list[int]:
     """Bottom-right aligned query positions."""
     return [i + lk - lq for i in range(lq)]
-
-
-def check_and_control(
-    fn: Callable[[], object], ok: Callable[[], object], exc: type[Exception], match: str
-) -> None:
-    """``fn`` raises ``exc`` matching ``match``; ``ok`` (the positive control) does not."""
-    with pytest.raises(exc, match=match):
-        fn()
-    ok()
 
 
 # --------------------------------------------------------------------------- ALiBi slopes

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from attnlab import masks
 from attnlab.masks import BlockLayout, Mask, TileState
+from tests.conftest import check_and_control
 
 # --------------------------------------------------------------------------- references
 
@@ -127,15 +128,6 @@ def check_layout(layout: BlockLayout, dense: np.ndarray, bq: int, bk: int, *, ex
         # EMPTY => no True in the tile; FULL => all True.
         assert not ((got == 0) & (want != 0)).any(), "EMPTY tile holds an allowed pair"
         assert not ((got == 2) & (want != 2)).any(), "FULL tile holds a hidden pair"
-
-
-def check_and_control(
-    fn: Callable[[], object], ok: Callable[[], object], exc: type[Exception], match: str
-) -> None:
-    """``fn`` raises ``exc`` matching ``match``; ``ok`` (the positive control) does not."""
-    with pytest.raises(exc, match=match):
-        fn()
-    ok()
 
 
 # Length pairs: Lq == Lk, Lq < Lk and Lq > Lk, with sizes 1, 7, 33.

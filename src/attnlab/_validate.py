@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-import torch
 from torch import Tensor
 
 from attnlab.normalize import NORMALIZERS
@@ -148,9 +147,3 @@ def validate_scores(scores: object, v: Tensor) -> Tensor:
             f"Ev) {tuple(v.shape)}: need equal Lk and Hq % Hkv == 0"
         )
     return s
-
-
-def assert_shape(name: str, x: Tensor, shape: torch.Size | tuple[int, ...]) -> None:
-    """Raise ``ValueError`` unless ``x.shape == shape``."""
-    if tuple(x.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")

@@ -275,13 +275,32 @@ class _BlockedAttention(torch.autograd.Function):
     def backward(ctx: Any, dout: Tensor, _dlse: Tensor | None) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse, *leaves = ctx.saved_tensors
         dout = dout.to(q.dtype)
+        sv = _Saved(ctx.req, q, k, v, out, lse, dout, (dout * out).sum(-1), leaves)
         grads = _Grads.zeros(q, k, v, leaves)
         step = _fused_block_backward if ctx.fused else _eager_block_backward
-        delta = (dout * out).sum(-1)  # (B, Hq, Lq)
         for blk in ctx.plan.blocks:
-            step(ctx.req, q, k, v, out, lse, dout, delta, blk, leaves, grads)
+            step(sv, blk, grads)
         dq, dk, dv = (g.to(t) for g, t in zip(grads.qkv, ctx.dtypes, strict=True))
         return (dq, dk, dv, None, None, *grads.leaves)
+
+
+@dataclass(frozen=True)
+class _Saved:
+    """What one backward pass reads: the forward's tensors and the upstream gradient.
+
+    ``delta`` is ``rowsum(dout * out)`` ``(B, Hq, Lq)``; ``leaves`` are the bias tensors
+    that need gradients.
+    """
+
+    req: AttentionRequest
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    out: Tensor
+    lse: Tensor
+    dout: Tensor
+    delta: Tensor
+    leaves: list[Tensor]
 
 
 @dataclass
@@ -299,20 +318,9 @@ class _Grads:
         )
 
 
-def _fused_block_backward(
-    req: AttentionRequest,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    dout: Tensor,
-    delta: Tensor,
-    blk: _Block,
-    leaves: list[Tensor],
-    grads: _Grads,
-) -> None:
+def _fused_block_backward(sv: _Saved, blk: _Block, grads: _Grads) -> None:
     """One block's dq, dk, dv through torch's fused CPU flash backward."""
+    req, q, k, v, out, lse, dout = sv.req, sv.q, sv.k, sv.v, sv.out, sv.lse, sv.dout
     r0, r1 = blk.rows
     tile, _ = _block_tile(req, blk, blk.key_index(q.device), q.dtype)
     lse_b = lse[:, :, r0:r1]
@@ -335,20 +343,9 @@ def _fused_block_backward(
     _scatter_add(dv, blk.keys, dv_b)
 
 
-def _eager_block_backward(
-    req: AttentionRequest,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    dout: Tensor,
-    delta: Tensor,
-    blk: _Block,
-    leaves: list[Tensor],
-    grads: _Grads,
-) -> None:
+def _eager_block_backward(sv: _Saved, blk: _Block, grads: _Grads) -> None:
     """One block's dq, dk, dv and bias gradients, recomputing probabilities from ``lse``."""
+    req, q, k, v, lse, dout, leaves = sv.req, sv.q, sv.k, sv.v, sv.lse, sv.dout, sv.leaves
     r0, r1 = blk.rows
     hkv = k.shape[1]
     tile, bias_tile = _block_tile(
@@ -359,7 +356,7 @@ def _eager_block_backward(
     p = _probs(s if tile is None else s + tile, lse[:, :, r0:r1])
     do = dout[:, :, r0:r1]  # (B, Hq, T, Ev)
     dp = grouped_matmul(do, v_sel.transpose(-1, -2))  # (B, Hq, T, Ks)
-    ds = p * (dp - delta[:, :, r0:r1].unsqueeze(-1))  # (B, Hq, T, Ks)
+    ds = p * (dp - sv.delta[:, :, r0:r1].unsqueeze(-1))  # (B, Hq, T, Ks)
     dq, dk, dv = grads.qkv
     dq[:, :, r0:r1] += grouped_matmul(ds, k_sel) * req.scale
     _scatter_add(dk, blk.keys, _group_sum(ds.transpose(-1, -2) @ qs, hkv))

@@ -82,9 +82,9 @@ def _dense_mask(req: AttentionRequest) -> tuple[Tensor | None, Tensor | None]:
         allowed = req.mask.dense(
             req.lq, req.lk, batch=req.batch, heads=req.heads, device=req.q.device
         )  # (Bm, Hm, Lq, Lk)
-        empty = ~allowed.any(dim=-1, keepdim=True)  # (Bm, Hm, Lq, 1)
-        allowed = allowed | empty if bool(empty.any()) else allowed
-        empty = empty if bool(empty.any()) else None
+        rows = ~allowed.any(dim=-1, keepdim=True)  # (Bm, Hm, Lq, 1)
+        if bool(rows.any()):
+            allowed, empty = allowed | rows, rows
     if req.bias is None:
         return allowed, empty
     bias = req.bias.dense(
