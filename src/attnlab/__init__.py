@@ -11,7 +11,7 @@ Example:
 
 from __future__ import annotations
 
-from attnlab import bias, engines, masks, normalize, scores
+from attnlab import bias, engines, masks, nn, normalize, positional, scores
 from attnlab.engines import available_engines, get_engine, register_engine
 from attnlab.functional import AttentionOutput, attend, attention, attention_weights
 
@@ -28,7 +28,9 @@ __all__ = [
     "engines",
     "get_engine",
     "masks",
+    "nn",
     "normalize",
+    "positional",
     "register_engine",
     "scores",
 ]

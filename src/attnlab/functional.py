@@ -25,7 +25,7 @@ from attnlab.engines.reference import mix
 from attnlab.masks import Mask, as_mask
 from attnlab.scores import ScoreFn, default_scale
 
-__all__ = ["AttentionOutput", "attend", "attention", "attention_weights"]
+__all__ = ["AttentionOutput", "attend", "attention", "attention_weights", "unsupported_by"]
 
 
 class AttentionOutput(NamedTuple):
@@ -101,6 +101,35 @@ def attention(
     if return_weights or return_lse:
         return AttentionOutput(out, weights, lse)
     return out
+
+
+def unsupported_by(
+    engine: str,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Mask | Tensor | None = None,
+    bias: Bias | Tensor | None = None,
+    scale: float | None = None,
+    score: str | ScoreFn = "dot",
+    normalize: str = "softmax",
+    return_weights: bool = False,
+) -> str | None:
+    """Why ``engine`` cannot compute this :func:`attention` call, or None if it can.
+
+    Layers use it to fall back (for example to recompute weights) instead of failing.
+
+    Example:
+        >>> import torch
+        >>> q = torch.randn(1, 2, 4, 8)
+        >>> unsupported_by("sdpa", q, q, q, return_weights=True)
+        'torch SDPA does not return attention weights (return_weights=True)'
+        >>> unsupported_by("reference", q, q, q, return_weights=True) is None
+        True
+    """
+    req = _request(q, k, v, mask, bias, scale, score, normalize, 0.0, return_weights, False)
+    return get_engine(engine).unsupported(req)
 
 
 def _request(

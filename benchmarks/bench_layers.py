@@ -1,0 +1,103 @@
+"""attnlab's EncoderLayer against torch.nn.TransformerEncoderLayer of the same size.
+
+Prints one JSON line per (mode, norm placement): both times in ms, measured interleaved in
+the same run, and torch_ms / attnlab_ms (> 1 means attnlab is faster). Inference runs both
+under ``torch.inference_mode`` in eval mode (torch takes its fused fast path there); a
+training step is forward, backward and an AdamW step.
+
+python benchmarks/bench_layers.py            # d=512, 8 heads, ff=2048, B=8, L=256
+python benchmarks/bench_layers.py --smoke    # tiny sizes, for CI
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from attnlab.nn import EncoderLayer
+
+
+def _interleaved(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
+    """Median ms of each fn, calls alternating so machine noise hits both alike."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(1e3 * (time.perf_counter() - t0))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _train_step(layer: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-4)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        layer(x).square().mean().backward()
+        opt.step()
+
+    return step
+
+
+def _infer(layer: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def run() -> None:
+        with torch.inference_mode():
+            layer(x)
+
+    return run
+
+
+def run(args: argparse.Namespace) -> list[dict[str, object]]:
+    rows = []
+    x = torch.randn(args.batch, args.length, args.d)
+    for norm_first in (False, True):
+        ref = nn.TransformerEncoderLayer(
+            args.d, args.heads, args.ff, dropout=0.0, norm_first=norm_first, batch_first=True
+        )
+        ours = EncoderLayer.from_torch(ref)
+        for mode in ("inference", "train_step"):
+            ref.train(mode != "inference"), ours.train(mode != "inference")
+            make = _infer if mode == "inference" else _train_step
+            t = _interleaved({"torch": make(ref, x), "attnlab": make(ours, x)}, args.repeat)
+            rows.append(
+                {
+                    "bench": "encoder_layer",
+                    "mode": mode,
+                    "norm_first": norm_first,
+                    "shape": [args.batch, args.length, args.d, args.heads, args.ff],
+                    "torch_ms": round(t["torch"], 3),
+                    "attnlab_ms": round(t["attnlab"], 3),
+                    "ratio": round(t["torch"] / t["attnlab"], 3),
+                    "threads": torch.get_num_threads(),
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--length", type=int, default=256)
+    p.add_argument("--d", type=int, default=512)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--ff", type=int, default=2048)
+    p.add_argument("--repeat", type=int, default=15)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, 2 repeats (CI)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.batch, args.length, args.d, args.heads, args.ff, args.repeat = 2, 16, 32, 4, 64, 2
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,332 @@
+"""Multi-head attention: self and cross, MHA / GQA / MQA, RoPE, qk-norm and a KV cache.
+
+Inputs are batch-first ``(B, L, D)``; inside, heads are ``(B, H, L, E)`` and every call
+goes through :func:`attnlab.attention`, so any mask, bias, normalizer and engine of the
+core works here. Parameter names follow ``torch.nn.MultiheadAttention``
+(``in_proj_weight``, ``in_proj_bias``, ``out_proj``), so loading its weights is a mapping.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnlab.bias import Bias
+from attnlab.functional import AttentionOutput, attention, unsupported_by
+from attnlab.masks import Mask
+from attnlab.nn.cache import KVCache
+from attnlab.scores import ScoreFn
+
+if TYPE_CHECKING:
+    from attnlab.positional import RotaryEmbedding
+
+__all__ = ["MultiHeadAttention"]
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention with separate query and key/value head counts.
+
+    ``num_kv_heads == num_heads`` is multi-head attention, ``1`` is multi-query, anything
+    dividing ``num_heads`` is grouped-query attention.
+
+    Args:
+        embed_dim: model width ``D`` of the query input and the output.
+        num_heads: query heads ``H``.
+        num_kv_heads: key/value heads ``Hkv`` (default ``num_heads``); ``H % Hkv == 0``.
+        head_dim: ``E`` (default ``embed_dim // num_heads``).
+        kdim, vdim: widths of the key and value inputs (default ``embed_dim``).
+        bias: whether the input and output projections have a bias.
+        dropout: dropout on the attention weights while training.
+        qk_norm: RMS-normalize each head's queries and keys (learned gain) before RoPE.
+        rope: a :class:`attnlab.positional.RotaryEmbedding` applied to self-attention's
+            queries and keys, at positions offset by the KV cache's length.
+        scale, score, normalize, engine: passed to :func:`attnlab.attention`.
+
+    Example:
+        >>> import torch
+        >>> from attnlab import masks
+        >>> mha = MultiHeadAttention(64, 8, num_kv_heads=2)
+        >>> x = torch.randn(2, 10, 64)
+        >>> out, w = mha(x, mask=masks.causal(), need_weights=True)
+        >>> tuple(out.shape), tuple(w.shape)
+        ((2, 10, 64), (2, 8, 10, 10))
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        bias: bool = True,
+        dropout: float = 0.0,
+        qk_norm: bool = False,
+        rope: RotaryEmbedding | None = None,
+        scale: float | None = None,
+        score: str | ScoreFn = "dot",
+        normalize: str = "softmax",
+        engine: str = "auto",
+    ) -> None:
+        super().__init__()
+        hkv = _check_heads(embed_dim, num_heads, num_kv_heads, head_dim)
+        self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, hkv
+        self.head_dim = head_dim or embed_dim // num_heads
+        self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
+        self.dropout, self.scale, self.score = float(dropout), scale, score
+        self.normalize, self.engine, self.rope = normalize, engine, rope
+        self._init_projections(bias)
+        self.q_norm = nn.RMSNorm(self.head_dim) if qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim) if qk_norm else None
+
+    @property
+    def _qkv_same_embed_dim(self) -> bool:
+        return self.kdim == self.embed_dim and self.vdim == self.embed_dim
+
+    def _init_projections(self, bias: bool) -> None:
+        d, hq, hk = (
+            self.embed_dim,
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+        )
+        if self._qkv_same_embed_dim:
+            self.in_proj_weight = nn.Parameter(torch.empty(hq + 2 * hk, d))
+        else:
+            self.q_proj_weight = nn.Parameter(torch.empty(hq, d))
+            self.k_proj_weight = nn.Parameter(torch.empty(hk, self.kdim))
+            self.v_proj_weight = nn.Parameter(torch.empty(hk, self.vdim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(hq + 2 * hk)) if bias else None
+        self.out_proj = nn.Linear(hq, d, bias=bias)
+        for w in self._proj_weights():
+            nn.init.xavier_uniform_(w)
+        if bias:
+            nn.init.zeros_(self.out_proj.bias)
+
+    def _proj_weights(self) -> list[Tensor]:
+        if self._qkv_same_embed_dim:
+            return [self.in_proj_weight]
+        return [self.q_proj_weight, self.k_proj_weight, self.v_proj_weight]
+
+    def _weight(self, part: str) -> tuple[Tensor, Tensor | None]:
+        """Weight and bias of the ``"q"``, ``"k"``, ``"v"`` or ``"kv"`` projection."""
+        hq, hk = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        lo, hi = {"q": (0, hq), "k": (hq, hq + hk), "v": (hq + hk, hq + 2 * hk)}.get(
+            part, (hq, hq + 2 * hk)
+        )
+        b = None if self.in_proj_bias is None else self.in_proj_bias[lo:hi]
+        if self._qkv_same_embed_dim:
+            return self.in_proj_weight[lo:hi], b
+        return cast(Tensor, getattr(self, f"{part}_proj_weight")), b
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor | None = None,
+        value: Tensor | None = None,
+        *,
+        mask: Mask | Tensor | None = None,
+        bias: Bias | Tensor | None = None,
+        cache: KVCache | None = None,
+        need_weights: bool = False,
+        average_weights: bool = False,
+        positions: Tensor | None = None,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Attend from ``query`` over ``key``/``value`` (self-attention when key is None).
+
+        Args:
+            query: ``(B, Lq, D)``.
+            key, value: ``(B, Lk, kdim)`` and ``(B, Lk, vdim)`` for cross-attention;
+                ``value`` defaults to ``key``. Leave both None (or pass ``query``) for
+                self-attention.
+            mask: a mask or bool tensor broadcastable to ``(B, H, Lq, Lk)`` (True = may
+                attend); query rows are aligned bottom-right, so ``masks.causal()`` also
+                holds for a cached decoding step.
+            bias: an additive bias (ALiBi, T5 buckets, a tensor).
+            cache: a :class:`KVCache`. Self-attention appends this call's keys and values;
+                cross-attention fills it on the first call and reuses it afterwards (the
+                ``key`` argument is then ignored).
+            need_weights: also return the attention weights (from any engine: an engine
+                that cannot return them computes the output, and the weights are
+                recomputed without autograd by one that can).
+            average_weights: average the weights over heads, as torch's layer does.
+            positions: RoPE positions ``(L,)`` or ``(B, L)`` of this call's queries and new
+                keys (default: the cache length onward).
+
+        Returns:
+            ``(B, Lq, D)``, or with ``need_weights`` a pair with the weights
+            ``(B, H, Lq, Lk)`` (``(B, Lq, Lk)`` when averaged).
+        """
+        _check_input("query", query, self.embed_dim)
+        is_self = key is None or key is query
+        q, k, v = self._heads(query, None if is_self else key, value, cache, positions)
+        res = self._attend(q, k, v, mask, bias, need_weights)
+        out = res.out if isinstance(res, AttentionOutput) else res  # (B, H, Lq, E)
+        b, h, lq, e = out.shape
+        out = self.out_proj(out.transpose(1, 2).reshape(b, lq, h * e))  # (B, Lq, D)
+        if not need_weights:
+            return out
+        w = cast(AttentionOutput, res).weights
+        assert w is not None
+        return out, (w.mean(1) if average_weights else w)
+
+    def _heads(
+        self,
+        x: Tensor,
+        key: Tensor | None,
+        value: Tensor | None,
+        cache: KVCache | None,
+        positions: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Project to ``q (B, H, Lq, E)``, ``k, v (B, Hkv, Lk, E)``, using the cache."""
+        if key is None:
+            q, k, v = self._project_self(x)
+            offset = 0 if cache is None else cache.length
+            q = self._prep(q, self.q_norm, positions, offset)
+            k = self._prep(k, self.k_norm, positions, offset)
+            return (q, *cache.append(k, v)) if cache is not None else (q, k, v)
+        q = self._split(F.linear(x, *self._weight("q")), self.num_heads)
+        q = self._prep(q, self.q_norm, None, None)  # no RoPE across two sequences
+        if cache is not None and cache.length:
+            assert cache.keys is not None and cache.values is not None
+            return q, cache.keys, cache.values
+        k, v = self._project_kv(key, key if value is None else value)
+        k = self._prep(k, self.k_norm, None, None)
+        return (q, *cache.set(k, v)) if cache is not None else (q, k, v)
+
+    def _project_self(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        hq, hk = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        if not self._qkv_same_embed_dim:
+            return self._split(F.linear(x, *self._weight("q")), self.num_heads), *self._project_kv(
+                x, x
+            )
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, L, (H + 2Hkv) E)
+        q, k, v = qkv.split([hq, hk, hk], dim=-1)
+        return (
+            self._split(q, self.num_heads),
+            self._split(k, self.num_kv_heads),
+            self._split(v, self.num_kv_heads),
+        )
+
+    def _project_kv(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        _check_input("key", key, self.kdim)
+        _check_input("value", value, self.vdim)
+        if self._qkv_same_embed_dim and key is value:
+            kv = F.linear(key, *self._weight("kv"))  # (B, Lk, 2 Hkv E)
+            k, v = kv.chunk(2, dim=-1)
+        else:
+            k, v = F.linear(key, *self._weight("k")), F.linear(value, *self._weight("v"))
+        return self._split(k, self.num_kv_heads), self._split(v, self.num_kv_heads)
+
+    def _split(self, x: Tensor, heads: int) -> Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, heads, self.head_dim).transpose(1, 2)  # (B, heads, L, E)
+
+    def _prep(
+        self, x: Tensor, norm: nn.Module | None, positions: Tensor | None, offset: int | None
+    ) -> Tensor:
+        """qk-norm, then RoPE at ``positions`` (or from ``offset``) unless offset is None."""
+        x = x if norm is None else norm(x)
+        if self.rope is None or offset is None:
+            return x
+        return self.rope(x, positions if positions is not None else offset)
+
+    def _attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: Mask | Tensor | None,
+        bias: Bias | Tensor | None,
+        need_weights: bool,
+    ) -> Tensor | AttentionOutput:
+        def run(engine: str, weights: bool, p: float) -> Tensor | AttentionOutput:
+            return attention(
+                q,
+                k,
+                v,
+                mask=mask,
+                bias=bias,
+                scale=self.scale,
+                score=self.score,
+                normalize=self.normalize,
+                dropout_p=p,
+                engine=engine,
+                return_weights=weights,
+            )
+
+        p = self.dropout if self.training else 0.0
+        direct = need_weights and (
+            self.engine == "auto"
+            or unsupported_by(
+                self.engine,
+                q,
+                k,
+                v,
+                mask=mask,
+                bias=bias,
+                scale=self.scale,
+                score=self.score,
+                normalize=self.normalize,
+                return_weights=True,
+            )
+            is None
+        )
+        res = run(self.engine, direct, p)
+        if not need_weights or direct:
+            return res
+        with torch.no_grad():  # the chosen engine gives no weights: recompute them
+            w = cast(AttentionOutput, run("auto", True, 0.0)).weights
+        return AttentionOutput(cast(Tensor, res), w, None)
+
+    @classmethod
+    def from_torch(cls, module: nn.MultiheadAttention) -> MultiHeadAttention:
+        """A copy of a ``torch.nn.MultiheadAttention`` (its weights, heads and dropout).
+
+        The copy is batch-first whatever ``module.batch_first`` says.
+
+        Example:
+            >>> import torch
+            >>> ref = torch.nn.MultiheadAttention(32, 4, batch_first=True).eval()
+            >>> x = torch.randn(2, 5, 32)
+            >>> ours = MultiHeadAttention.from_torch(ref)
+            >>> torch.allclose(ours(x), ref(x, x, x)[0], atol=1e-6)
+            True
+        """
+        if not isinstance(module, nn.MultiheadAttention):
+            raise TypeError(f"module must be torch.nn.MultiheadAttention, got {type(module)}")
+        if module.bias_k is not None or module.add_zero_attn:
+            raise ValueError("add_bias_kv and add_zero_attn are not supported by from_torch")
+        ours = cls(
+            module.embed_dim,
+            module.num_heads,
+            kdim=module.kdim,
+            vdim=module.vdim,
+            bias=module.in_proj_bias is not None,
+            dropout=module.dropout,
+        )
+        ours.load_state_dict(module.state_dict())
+        return ours.to(module.out_proj.weight.device, module.out_proj.weight.dtype)
+
+
+def _check_heads(d: int, h: int, hkv: int | None, e: int | None) -> int:
+    for name, val in (("embed_dim", d), ("num_heads", h)):
+        if not isinstance(val, int) or val <= 0:
+            raise ValueError(f"{name} must be a positive int, got {val!r}")
+    hkv = h if hkv is None else hkv
+    if not isinstance(hkv, int) or hkv <= 0 or h % hkv:
+        raise ValueError(f"num_kv_heads={hkv!r} must be a positive int dividing num_heads={h}")
+    if e is None and d % h:
+        raise ValueError(f"embed_dim={d} is not divisible by num_heads={h}; pass head_dim")
+    return hkv
+
+
+def _check_input(name: str, x: object, dim: int) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a Tensor (B, L, D), got {type(x).__name__}")
+    if x.dim() != 3 or x.shape[-1] != dim:
+        raise ValueError(f"{name} must be (B, L, {dim}), got {tuple(x.shape)}")

@@ -1,0 +1,158 @@
+"""Key/value caches for incremental decoding.
+
+A :class:`KVCache` belongs to one attention layer. Self-attention appends the new step's
+keys and values; cross-attention (the decoder's context attention) fills it once with the
+projected encoder output and reuses it. A :class:`DecoderCache` holds one pair per
+decoder layer and applies beam-search reordering and cropping to all of them.
+
+Keys are stored after RoPE, so a cached key never needs rotating again; the cache length
+is the position offset of the next query.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["DecoderCache", "KVCache"]
+
+
+class KVCache:
+    """Growing ``(B, Hkv, L, E)`` key and value buffers of one attention layer.
+
+    Storage grows by doubling, so appending one step at a time costs amortized O(1)
+    copies per step instead of re-concatenating the whole history.
+
+    Example:
+        >>> import torch
+        >>> c = KVCache()
+        >>> k, v = c.append(torch.ones(2, 4, 3, 8), torch.ones(2, 4, 3, 8))
+        >>> k, v = c.append(torch.ones(2, 4, 1, 8), torch.ones(2, 4, 1, 8))
+        >>> c.length, tuple(k.shape)
+        (4, (2, 4, 4, 8))
+        >>> c.reorder(torch.tensor([1, 1, 0])).batch_size
+        3
+    """
+
+    def __init__(self) -> None:
+        self._k: Tensor | None = None  # (B, Hkv, capacity, E)
+        self._v: Tensor | None = None  # (B, Hkv, capacity, Ev)
+        self._len = 0
+
+    @property
+    def length(self) -> int:
+        """Cached positions; the position of the next query."""
+        return self._len
+
+    @property
+    def batch_size(self) -> int:
+        """Batch of the cached tensors (0 when empty)."""
+        return 0 if self._k is None else self._k.shape[0]
+
+    @property
+    def keys(self) -> Tensor | None:
+        """Cached keys ``(B, Hkv, L, E)`` or None when empty."""
+        return None if self._k is None else self._k[:, :, : self._len]
+
+    @property
+    def values(self) -> Tensor | None:
+        """Cached values ``(B, Hkv, L, Ev)`` or None when empty."""
+        return None if self._v is None else self._v[:, :, : self._len]
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Add ``k (B, Hkv, T, E)`` and ``v (B, Hkv, T, Ev)``; return all cached keys/values."""
+        _check_step(self, k, v)
+        need = self._len + k.shape[2]
+        if self._k is None or self._v is None or need > self._k.shape[2]:
+            self._grow(k, v, need)
+        assert self._k is not None and self._v is not None
+        self._k[:, :, self._len : need] = k
+        self._v[:, :, self._len : need] = v
+        self._len = need
+        return self._k[:, :, :need], self._v[:, :, :need]
+
+    def set(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Replace the contents by ``k`` and ``v`` (cross-attention's encoder keys)."""
+        self._k, self._v, self._len = k, v, k.shape[2]
+        return k, v
+
+    def crop(self, length: int) -> KVCache:
+        """Forget every position from ``length`` on (speculative decoding, retries)."""
+        if not isinstance(length, int) or not 0 <= length <= self._len:
+            raise ValueError(f"crop length must be an int in [0, {self._len}], got {length!r}")
+        self._len = length
+        return self
+
+    def reorder(self, index: Tensor) -> KVCache:
+        """Select batch rows by ``index (B',)``: beam search keeps the surviving beams."""
+        if self._k is None or self._v is None:
+            return self
+        if index.dtype not in (torch.int32, torch.int64) or index.dim() != 1:
+            raise TypeError(
+                f"index must be a 1-D integer tensor, got {index.dtype} {index.dim()}-D"
+            )
+        idx = index.to(self._k.device)
+        self._k = self._k.index_select(0, idx)
+        self._v = self._v.index_select(0, idx)
+        return self
+
+    def _grow(self, k: Tensor, v: Tensor, need: int) -> None:
+        cap = max(need, 2 * (0 if self._k is None else self._k.shape[2]), 16)
+        nk = k.new_empty(k.shape[0], k.shape[1], cap, k.shape[3])  # (B, Hkv, cap, E)
+        nv = v.new_empty(v.shape[0], v.shape[1], cap, v.shape[3])  # (B, Hkv, cap, Ev)
+        if self._k is not None and self._v is not None and self._len:
+            nk[:, :, : self._len] = self._k[:, :, : self._len]
+            nv[:, :, : self._len] = self._v[:, :, : self._len]
+        self._k, self._v = nk, nv
+
+    def __repr__(self) -> str:
+        shape = None if self._k is None else (*self._k.shape[:2], self._len, self._k.shape[3])
+        return f"KVCache(length={self._len}, shape={shape})"
+
+
+def _check_step(cache: KVCache, k: Tensor, v: Tensor) -> None:
+    if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
+        raise ValueError(
+            f"k and v must be (B, Hkv, T, E) with equal B, Hkv, T; got {tuple(k.shape)} "
+            f"and {tuple(v.shape)}"
+        )
+    old = cache.keys
+    if old is not None and cache.length and (old.shape[:2] != k.shape[:2]):
+        raise ValueError(
+            f"cache holds (B, Hkv)={tuple(old.shape[:2])} but the new step has "
+            f"{tuple(k.shape[:2])}; reorder the cache before changing the batch"
+        )
+
+
+class DecoderCache:
+    """One self-attention and one (optional) cross-attention cache per decoder layer.
+
+    Example:
+        >>> import torch
+        >>> c = DecoderCache(num_layers=2, cross=True)
+        >>> len(c.self_attn), c.length
+        (2, 0)
+    """
+
+    def __init__(self, num_layers: int, *, cross: bool = False) -> None:
+        self.self_attn = [KVCache() for _ in range(num_layers)]
+        self.cross_attn: list[KVCache] | None = (
+            [KVCache() for _ in range(num_layers)] if cross else None
+        )
+
+    @property
+    def length(self) -> int:
+        """Decoded positions so far (the position offset of the next step)."""
+        return self.self_attn[0].length if self.self_attn else 0
+
+    def reorder(self, index: Tensor) -> DecoderCache:
+        """Reorder every layer's batch by ``index (B',)`` (beam search)."""
+        for c in [*self.self_attn, *(self.cross_attn or [])]:
+            c.reorder(index)
+        return self
+
+    def crop(self, length: int) -> DecoderCache:
+        """Crop the self-attention caches to ``length`` positions."""
+        for c in self.self_attn:
+            c.crop(length)
+        return self

@@ -1,0 +1,214 @@
+"""MultiHeadAttention against torch.nn.MultiheadAttention, and cached decoding."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from attnlab import bias as B
+from attnlab import masks
+from attnlab.nn import KVCache, MultiHeadAttention
+from attnlab.positional import RotaryEmbedding
+from tests.conftest import assert_2x_rule, check_and_control, max_err
+
+ENGINES = ["reference", "sdpa", "blocked", "auto"]
+
+
+def _torch_pair(
+    d: int, h: int, **kw: object
+) -> tuple[nn.MultiheadAttention, nn.MultiheadAttention]:
+    ref = nn.MultiheadAttention(d, h, batch_first=True, **kw).eval()  # type: ignore[arg-type]
+    with torch.no_grad():  # non-zero biases so they are checked too
+        for n, p in ref.named_parameters():
+            if "bias" in n:
+                p.normal_()
+    return ref, copy.deepcopy(ref).double()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("case", ["plain", "padding", "causal", "cross"])
+def test_matches_torch_outputs_and_averaged_weights(engine: str, case: str) -> None:
+    d, h, lq = 48, 6, 13
+    lk = 17 if case == "cross" else lq
+    ref, ref64 = _torch_pair(d, h)
+    ours = MultiHeadAttention.from_torch(ref).eval()
+    ours.engine = engine
+    x, mem = torch.randn(3, lq, d), torch.randn(3, lk, d)
+    lengths = torch.tensor([lk, 5, 1])
+    kpm = torch.arange(lk)[None] >= lengths[:, None]  # torch: True = ignore
+    tmask = torch.triu(torch.ones(lq, lk, dtype=torch.bool), 1) if case == "causal" else None
+    kw = {"key_padding_mask": kpm if case == "padding" else None, "attn_mask": tmask}
+    mask = {"padding": masks.padding(lengths), "causal": masks.causal()}.get(case)
+    key = mem if case == "cross" else x
+    want, want_w = ref(x, key, key, **kw)
+    want64, want64_w = ref64(x.double(), key.double(), key.double(), **kw)
+    got, got_w = ours(x, key, key, mask=mask, need_weights=True, average_weights=True)
+    assert_2x_rule(got, want, want64, f"{engine}/{case} out")
+    assert_2x_rule(got_w, want_w, want64_w, f"{engine}/{case} weights")
+
+
+def test_per_head_weights_and_gradients_match_torch() -> None:
+    ref, ref64 = _torch_pair(32, 4)
+    ours = MultiHeadAttention.from_torch(ref)
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    x64 = x.detach().double().requires_grad_()
+    out, w = ours(x, need_weights=True)
+    want64, w64 = ref64(x64, x64, x64, average_attn_weights=False)
+    assert w.shape == (2, 4, 9, 9) and max_err(w, w64) < 1e-5
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    (want64 * g.double()).sum().backward()
+    assert max_err(x.grad, x64.grad) < 1e-4
+    for (n, p), (_, p64) in zip(ours.named_parameters(), ref64.named_parameters(), strict=True):
+        assert max_err(p.grad, p64.grad) < 1e-4, n
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_kdim_vdim_and_no_bias_load_from_torch(bias: bool) -> None:
+    ref = nn.MultiheadAttention(24, 3, kdim=10, vdim=7, bias=bias, batch_first=True).eval()
+    ours = MultiHeadAttention.from_torch(ref)
+    assert (ours.in_proj_bias is None) == (not bias)
+    x, k, v = torch.randn(2, 5, 24), torch.randn(2, 8, 10), torch.randn(2, 8, 7)
+    assert max_err(ours(x, k, v), ref(x, k, v)[0]) < 1e-5
+
+
+def test_need_weights_with_an_engine_that_returns_none() -> None:
+    mha = MultiHeadAttention(32, 4, engine="sdpa").eval()
+    x = torch.randn(2, 11, 32)
+    out, w = mha(x, mask=masks.window(3), bias=B.alibi(4), need_weights=True)
+    mha.engine = "reference"
+    out_ref, w_ref = mha(x, mask=masks.window(3), bias=B.alibi(4), need_weights=True)
+    assert max_err(out, out_ref) < 1e-5 and max_err(w, w_ref) < 1e-6
+
+
+@pytest.mark.parametrize("hkv", [4, 2, 1])
+def test_gqa_equals_mha_with_repeated_kv_weights(hkv: int) -> None:
+    """A GQA layer is an MHA layer whose k/v projection rows repeat per group."""
+    d, h, e = 32, 4, 8
+    gqa = MultiHeadAttention(d, h, num_kv_heads=hkv)
+    mha = MultiHeadAttention(d, h)
+    wq, wk, wv = gqa.in_proj_weight.split([h * e, hkv * e, hkv * e])
+    bq, bk, bv = gqa.in_proj_bias.split([h * e, hkv * e, hkv * e])  # type: ignore[union-attr]
+
+    def rep(t: torch.Tensor) -> torch.Tensor:
+        return t.view(hkv, e, *t.shape[1:]).repeat_interleave(h // hkv, 0).flatten(0, 1)
+
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(torch.cat([wq, rep(wk), rep(wv)]))
+        mha.in_proj_bias.copy_(torch.cat([bq, rep(bk), rep(bv)]))  # type: ignore[union-attr]
+        mha.out_proj.load_state_dict(gqa.out_proj.state_dict())
+    x = torch.randn(2, 7, d)
+    assert max_err(gqa(x, mask=masks.causal()), mha(x, mask=masks.causal())) < 1e-5
+
+
+def _layer(hkv: int, rope: bool, qk_norm: bool) -> MultiHeadAttention:
+    r = RotaryEmbedding(16, rotary_dim=8) if rope else None
+    return MultiHeadAttention(64, 4, num_kv_heads=hkv, rope=r, qk_norm=qk_norm).eval()
+
+
+@pytest.mark.parametrize(
+    ("hkv", "rope", "qk_norm"), [(4, False, False), (2, True, True), (1, True, False)]
+)
+def test_cached_self_attention_equals_full_causal_pass(hkv: int, rope: bool, qk_norm: bool) -> None:
+    mha = _layer(hkv, rope, qk_norm)
+    x = torch.randn(2, 11, 64, dtype=torch.float64)
+    mha = mha.double()
+    full = mha(x, mask=masks.causal())
+    cache = KVCache()
+    chunks = [x[:, :4], x[:, 4:5], x[:, 5:9], x[:, 9:10], x[:, 10:]]  # prefill, then steps
+    steps = [mha(c, mask=masks.causal(), cache=cache) for c in chunks]
+    assert cache.length == 11
+    assert max_err(torch.cat(steps, 1), full) < 1e-12
+
+
+def test_cached_cross_attention_projects_memory_once() -> None:
+    mha = MultiHeadAttention(32, 4, num_kv_heads=2).double().eval()
+    x, mem = torch.randn(2, 6, 32).double(), torch.randn(2, 9, 32).double()
+    pad = masks.padding(torch.tensor([9, 4]))
+    full = mha(x, mem, mask=pad)
+    cache = KVCache()
+    steps = [
+        mha(x[:, i : i + 1], mem if i == 0 else mem[:, :0], mask=pad, cache=cache) for i in range(6)
+    ]
+    assert max_err(torch.cat(steps, 1), full) < 1e-12
+
+
+def test_beam_reorder_and_crop() -> None:
+    mha = _layer(2, True, False).double()
+    x = torch.randn(3, 8, 64).double()
+    cache = KVCache()
+    mha(x[:, :5], mask=masks.causal(), cache=cache)
+    beams = torch.tensor([2, 0, 0, 1])  # beams survive, one of them twice
+    cache.reorder(beams)
+    step = mha(x[beams, 5:8], mask=masks.causal(), cache=cache)
+    full = mha(x[beams], mask=masks.causal())
+    assert max_err(step, full[:, 5:8]) < 1e-12
+    cache.crop(6)  # drop two positions and decode them again
+    again = mha(x[beams, 6:8], mask=masks.causal(), cache=cache)
+    assert max_err(again, full[:, 6:8]) < 1e-12 and cache.length == 8
+
+
+def test_rope_positions_argument_equals_cache_offset() -> None:
+    mha = _layer(4, True, False).double()
+    x = torch.randn(1, 6, 64).double()
+    cache = KVCache()
+    mha(x[:, :3], mask=masks.causal(), cache=cache)
+    a = mha(x[:, 3:], mask=masks.causal(), cache=cache)
+    cache2 = KVCache()
+    mha(x[:, :3], mask=masks.causal(), cache=cache2, positions=torch.arange(3))
+    b = mha(x[:, 3:], mask=masks.causal(), cache=cache2, positions=torch.arange(3, 6))
+    assert max_err(a, b) < 1e-12
+
+
+def test_dropout_only_in_training() -> None:
+    mha = MultiHeadAttention(16, 2, dropout=0.5)
+    x = torch.randn(1, 20, 16)
+    torch.manual_seed(0)
+    a = mha(x)
+    mha.eval()
+    b, c = mha(x), mha(x)
+    assert max_err(b, c) == 0 and max_err(a, b) > 1e-3
+
+
+def test_sparse_normalizer_passes_through() -> None:
+    import entmax
+
+    mha = MultiHeadAttention(16, 2, normalize="sparsemax").double()
+    x = torch.randn(1, 5, 16).double()
+    _, w = mha(x, need_weights=True)
+    q, k, _ = mha._project_self(x)
+    s = q @ k.transpose(-1, -2) / 8**0.5
+    assert max_err(w, entmax.sparsemax(s, dim=-1)) < 1e-12
+
+
+def test_errors_name_the_argument() -> None:
+    mha = MultiHeadAttention(16, 4)
+    check_and_control(
+        lambda: mha(torch.randn(2, 3, 15)),
+        lambda: mha(torch.randn(2, 3, 16)),
+        ValueError,
+        r"query must be \(B, L, 16\), got \(2, 3, 15\)",
+    )
+    check_and_control(
+        lambda: MultiHeadAttention(16, 4, num_kv_heads=3),
+        lambda: MultiHeadAttention(16, 4, num_kv_heads=2),
+        ValueError,
+        "num_kv_heads=3 must be a positive int dividing num_heads=4",
+    )
+    check_and_control(
+        lambda: MultiHeadAttention(10, 4),
+        lambda: MultiHeadAttention(10, 4, head_dim=3),
+        ValueError,
+        "not divisible by num_heads=4; pass head_dim",
+    )
+    check_and_control(
+        lambda: KVCache().crop(1),
+        lambda: KVCache().crop(0),
+        ValueError,
+        r"crop length must be an int in \[0, 0\]",
+    )
+    with pytest.raises(TypeError, match=r"torch\.nn\.MultiheadAttention"):
+        MultiHeadAttention.from_torch(nn.Linear(2, 2))  # type: ignore[arg-type]

@@ -1,0 +1,177 @@
+"""Transformer layers and stacks against torch.nn's, and cached seq2seq decoding."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attnlab import masks
+from attnlab.nn import (
+    Decoder,
+    DecoderLayer,
+    DecoderOnly,
+    EncoderLayer,
+    FeedForward,
+    Transformer,
+)
+from attnlab.positional import RotaryEmbedding
+from tests.conftest import assert_2x_rule, check_and_control, max_err
+
+D, H, FF = 48, 4, 96
+
+
+def _jitter(m: nn.Module) -> nn.Module:
+    """Random norm gains and biases, so a swapped or missing one shows."""
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "norm" in n or "bias" in n:
+                p.normal_()
+    return m
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_encoder_layer_matches_torch(norm_first: bool, activation: str) -> None:
+    ref = _jitter(
+        nn.TransformerEncoderLayer(
+            D, H, FF, dropout=0.0, activation=activation, norm_first=norm_first, batch_first=True
+        )
+    )
+    ref64 = copy.deepcopy(ref).double()
+    ours = EncoderLayer.from_torch(ref)
+    x = torch.randn(3, 10, D)
+    lengths = torch.tensor([10, 7, 3])
+    kpm = torch.arange(10)[None] >= lengths[:, None]
+    for train in (True, False):  # eval mode takes torch's fused fast path
+        ref.train(train), ref64.train(train), ours.train(train)
+        with torch.inference_mode(not train):
+            want = ref(x, src_key_padding_mask=kpm)
+            want64 = ref64(x.double(), src_key_padding_mask=kpm)
+            got = ours(x, mask=masks.padding(lengths))
+        real = ~kpm[..., None]  # torch's fast path zeroes padded rows; compare real ones
+        assert_2x_rule(got * real, want * real, want64 * real, f"train={train}")
+
+
+def test_encoder_layer_gradients_match_torch() -> None:
+    ref = _jitter(nn.TransformerEncoderLayer(D, H, FF, dropout=0.0, batch_first=True)).double()
+    ours = EncoderLayer.from_torch(ref)
+    x = torch.randn(2, 9, D, dtype=torch.float64)
+    g = torch.randn(2, 9, D, dtype=torch.float64)
+    (ref(x) * g).sum().backward()
+    (ours(x) * g).sum().backward()
+    ref_grads = {n.replace("linear", "ff.linear"): p.grad for n, p in ref.named_parameters()}
+    for n, p in ours.named_parameters():
+        assert max_err(p.grad, ref_grads[n]) < 1e-10, n
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_decoder_layer_matches_torch(norm_first: bool) -> None:
+    ref = _jitter(
+        nn.TransformerDecoderLayer(D, H, FF, dropout=0.0, norm_first=norm_first, batch_first=True)
+    ).double()
+    ours = DecoderLayer.from_torch(ref)
+    tgt, mem = torch.randn(2, 7, D).double(), torch.randn(2, 11, D).double()
+    lengths = torch.tensor([11, 4])
+    kpm = torch.arange(11)[None] >= lengths[:, None]
+    causal = nn.Transformer.generate_square_subsequent_mask(7, dtype=torch.float64)
+    want = ref(tgt, mem, tgt_mask=causal, memory_key_padding_mask=kpm)
+    got = ours(tgt, mem, memory_mask=masks.padding(lengths))
+    assert max_err(got, want) < 1e-12
+
+
+def test_seq2seq_transformer_matches_torch() -> None:
+    ref = nn.Transformer(D, H, 2, 2, FF, dropout=0.0, norm_first=True, batch_first=True)
+    ref = _jitter(ref).double().eval()
+    ours = Transformer.from_torch(ref).eval()
+    src, tgt = torch.randn(2, 9, D).double(), torch.randn(2, 6, D).double()
+    causal = nn.Transformer.generate_square_subsequent_mask(6, dtype=torch.float64)
+    want = ref(src, tgt, tgt_mask=causal)
+    assert max_err(ours(src, tgt), want) < 1e-12
+
+
+@pytest.mark.parametrize("beam", [False, True])
+def test_cached_seq2seq_decoding_equals_full_pass(beam: bool) -> None:
+    model = Transformer(32, 4, 2, 2, 64, dropout=0.0, num_kv_heads=2).double().eval()
+    src, tgt = torch.randn(3, 8, 32).double(), torch.randn(3, 6, 32).double()
+    pad = masks.padding(torch.tensor([8, 5, 2]))
+    memory = model.encode(src, mask=pad)
+    cache = model.new_cache()
+    outs = [model.decode(tgt[:, :2], memory, memory_mask=pad, cache=cache)]
+    index = torch.tensor([2, 2, 0]) if beam else torch.arange(3)
+    cache.reorder(index)
+    for i in range(2, 6):  # after the first step, memory comes from the cross cache
+        outs.append(
+            model.decode(tgt[index, i : i + 1], None, memory_mask=pad_of(index), cache=cache)
+        )
+    full = model.decode(tgt[index], memory[index], memory_mask=pad_of(index))
+    assert max_err(torch.cat(outs[1:], 1), full[:, 2:]) < 1e-12
+    assert max_err(outs[0][index], full[:, :2]) < 1e-12
+
+
+def pad_of(index: torch.Tensor) -> masks.Mask:
+    return masks.padding(torch.tensor([8, 5, 2])[index])
+
+
+def test_decoder_only_cache_with_rope_and_gqa_equals_full_pass() -> None:
+    lm = DecoderOnly(32, 4, 3, num_kv_heads=1, rope=RotaryEmbedding(8, base=500.0), qk_norm=True)
+    lm = lm.double().eval()
+    x = torch.randn(2, 9, 32).double()
+    cache = lm.new_cache()
+    steps = [lm(x[:, :5], cache=cache)] + [lm(x[:, i : i + 1], cache=cache) for i in range(5, 9)]
+    assert max_err(torch.cat(steps, 1), lm(x)) < 1e-12
+    assert cache.length == 9 and cache.cross_attn is None
+
+
+def test_decoder_only_is_causal() -> None:
+    lm = DecoderOnly(16, 2, 2).eval()
+    x = torch.randn(1, 6, 16)
+    y = x.clone()
+    y[:, 4:] = torch.randn(1, 2, 16)  # changing the future must not change the past
+    assert max_err(lm(x)[:, :4], lm(y)[:, :4]) < 1e-6
+    assert max_err(lm(x)[:, 4:], lm(y)[:, 4:]) > 1e-3
+
+
+def test_swiglu_feed_forward_formula() -> None:
+    ff = FeedForward(8, 16, activation="swiglu", bias=False).double()
+    x = torch.randn(2, 3, 8).double()
+    w1, w2 = ff.linear1.weight, ff.linear2.weight
+    gate, up = (x @ w1.T).chunk(2, -1)
+    want = (gate * torch.sigmoid(gate) * up) @ w2.T
+    assert max_err(ff(x), want) < 1e-12
+    tanh = FeedForward(8, 16, activation="gelu_tanh").double()
+    want_t = F.gelu(tanh.linear1(x), approximate="tanh") @ tanh.linear2.weight.T
+    assert max_err(tanh(x), want_t + tanh.linear2.bias) < 1e-12
+
+
+def test_rms_norm_layer_and_errors() -> None:
+    layer = EncoderLayer(16, 2, 32, norm="rms", activation="swiglu", dropout=0.0)
+    assert isinstance(layer.norm1, nn.RMSNorm)
+    check_and_control(
+        lambda: EncoderLayer(16, 2, norm="batch"),
+        lambda: EncoderLayer(16, 2, norm="layer"),
+        ValueError,
+        r"norm='batch' is not one of \('layer', 'rms'\)",
+    )
+    check_and_control(
+        lambda: FeedForward(4, 8, activation="tanh"),
+        lambda: FeedForward(4, 8, activation="gelu"),
+        ValueError,
+        "activation='tanh' is not one of",
+    )
+    dec = Decoder(DecoderLayer(16, 2, 32), 2)
+    check_and_control(
+        lambda: dec(torch.randn(1, 2, 16)),
+        lambda: dec(torch.randn(1, 2, 16), torch.randn(1, 3, 16)),
+        ValueError,
+        "memory .* is required unless cross_cache is already filled",
+    )
+    check_and_control(
+        lambda: Decoder(DecoderLayer(16, 2, 32), 0),
+        lambda: Decoder(DecoderLayer(16, 2, 32), 1),
+        ValueError,
+        "num_layers must be a positive int, got 0",
+    )
