@@ -8,7 +8,7 @@ core works here. Parameter names follow ``torch.nn.MultiheadAttention``
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, TypedDict, cast
 
 import torch
 import torch.nn.functional as F
@@ -201,9 +201,8 @@ class MultiHeadAttention(nn.Module):
     def _project_self(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         hq, hk = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         if not self._qkv_same_embed_dim:
-            return self._split(F.linear(x, *self._weight("q")), self.num_heads), *self._project_kv(
-                x, x
-            )
+            q = self._split(F.linear(x, *self._weight("q")), self.num_heads)  # (B, H, L, E)
+            return (q, *self._project_kv(x, x))
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, L, (H + 2Hkv) E)
         q, k, v = qkv.split([hq, hk, hk], dim=-1)
         return (
@@ -244,37 +243,18 @@ class MultiHeadAttention(nn.Module):
         bias: Bias | Tensor | None,
         need_weights: bool,
     ) -> Tensor | AttentionOutput:
-        def run(engine: str, weights: bool, p: float) -> Tensor | AttentionOutput:
-            return attention(
-                q,
-                k,
-                v,
-                mask=mask,
-                bias=bias,
-                scale=self.scale,
-                score=self.score,
-                normalize=self.normalize,
-                dropout_p=p,
-                engine=engine,
-                return_weights=weights,
-            )
-
+        """:func:`attnlab.attention` on ``(B, H, L, E)`` heads; weights from any engine."""
+        kw = _Call(
+            mask=mask, bias=bias, scale=self.scale, score=self.score, normalize=self.normalize
+        )
         p = self.dropout if self.training else 0.0
+
+        def run(engine: str, weights: bool, p: float) -> Tensor | AttentionOutput:
+            return attention(q, k, v, **kw, dropout_p=p, engine=engine, return_weights=weights)
+
         direct = need_weights and (
             self.engine == "auto"
-            or unsupported_by(
-                self.engine,
-                q,
-                k,
-                v,
-                mask=mask,
-                bias=bias,
-                scale=self.scale,
-                score=self.score,
-                normalize=self.normalize,
-                return_weights=True,
-            )
-            is None
+            or unsupported_by(self.engine, q, k, v, **kw, return_weights=True) is None
         )
         res = run(self.engine, direct, p)
         if not need_weights or direct:
@@ -311,6 +291,16 @@ class MultiHeadAttention(nn.Module):
         )
         ours.load_state_dict(module.state_dict())
         return ours.to(module.out_proj.weight.device, module.out_proj.weight.dtype)
+
+
+class _Call(TypedDict):
+    """The :func:`attnlab.attention` arguments a layer fixes for one call."""
+
+    mask: Mask | Tensor | None
+    bias: Bias | Tensor | None
+    scale: float | None
+    score: str | ScoreFn
+    normalize: str
 
 
 def _check_heads(d: int, h: int, hkv: int | None, e: int | None) -> int:

@@ -36,6 +36,7 @@ __all__ = [
 ]
 
 MaskLike = Mask | Tensor | None
+_L = TypeVar("_L", bound="EncoderLayer")
 _ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "swiglu")
 
 
@@ -98,57 +99,7 @@ def _norm(kind: str, d: int, eps: float, bias: bool) -> nn.Module:
     raise ValueError(f"norm={kind!r} is not one of ('layer', 'rms')")
 
 
-class _Block(nn.Module):
-    """What encoder and decoder layers share: options, norms, the residual pattern."""
-
-    def __init__(
-        self,
-        d_model: int,
-        num_heads: int,
-        dim_feedforward: int,
-        *,
-        num_kv_heads: int | None,
-        dropout: float,
-        activation: str,
-        norm_first: bool,
-        norm: str,
-        norm_eps: float,
-        bias: bool,
-        qk_norm: bool,
-        rope: RotaryEmbedding | None,
-        normalize: str,
-        engine: str,
-        num_norms: int,
-    ) -> None:
-        super().__init__()
-        self.norm_first = norm_first
-        self.self_attn = MultiHeadAttention(
-            d_model,
-            num_heads,
-            num_kv_heads=num_kv_heads,
-            bias=bias,
-            dropout=dropout,
-            qk_norm=qk_norm,
-            rope=rope,
-            normalize=normalize,
-            engine=engine,
-        )
-        self.ff = FeedForward(
-            d_model, dim_feedforward, activation=activation, dropout=dropout, bias=bias
-        )
-        for i in range(1, num_norms + 1):
-            setattr(self, f"norm{i}", _norm(norm, d_model, norm_eps, bias))
-            setattr(self, f"dropout{i}", nn.Dropout(dropout))
-
-    def _residual(self, x: Tensor, i: int, fn: Callable[[Tensor], Tensor]) -> Tensor:
-        """Pre-norm ``x + f(norm(x))`` or post-norm ``norm(x + f(x))`` for sub-layer ``i``."""
-        norm, drop = getattr(self, f"norm{i}"), getattr(self, f"dropout{i}")
-        if self.norm_first:
-            return x + drop(fn(norm(x)))
-        return norm(x + drop(fn(x)))
-
-
-class EncoderLayer(_Block):
+class EncoderLayer(nn.Module):
     """Self-attention and feed-forward with residuals: a transformer encoder layer.
 
     Args:
@@ -186,23 +137,36 @@ class EncoderLayer(_Block):
         normalize: str = "softmax",
         engine: str = "auto",
     ) -> None:
-        super().__init__(
+        super().__init__()
+        self.norm_first = norm_first
+        self.self_attn = MultiHeadAttention(
             d_model,
             num_heads,
-            dim_feedforward,
             num_kv_heads=num_kv_heads,
-            dropout=dropout,
-            activation=activation,
-            norm_first=norm_first,
-            norm=norm,
-            norm_eps=norm_eps,
             bias=bias,
+            dropout=dropout,
             qk_norm=qk_norm,
             rope=rope,
             normalize=normalize,
             engine=engine,
-            num_norms=2,
         )
+        self.ff = FeedForward(
+            d_model, dim_feedforward, activation=activation, dropout=dropout, bias=bias
+        )
+        self._add_norm(1, norm, d_model, norm_eps, bias, dropout)
+        self._add_norm(2, norm, d_model, norm_eps, bias, dropout)
+
+    def _add_norm(self, i: int, kind: str, d: int, eps: float, bias: bool, p: float) -> None:
+        """Sub-layer ``i``'s norm and output dropout (``norm{i}``, ``dropout{i}``)."""
+        setattr(self, f"norm{i}", _norm(kind, d, eps, bias))
+        setattr(self, f"dropout{i}", nn.Dropout(p))
+
+    def _residual(self, x: Tensor, i: int, fn: Callable[[Tensor], Tensor]) -> Tensor:
+        """Pre-norm ``x + f(norm(x))`` or post-norm ``norm(x + f(x))`` for sub-layer ``i``."""
+        norm, drop = getattr(self, f"norm{i}"), getattr(self, f"dropout{i}")
+        if self.norm_first:
+            return x + drop(fn(norm(x)))
+        return norm(x + drop(fn(x)))
 
     def forward(
         self,
@@ -220,12 +184,12 @@ class EncoderLayer(_Block):
         return self._residual(x, 2, self.ff)
 
     @classmethod
-    def from_torch(cls, layer: nn.TransformerEncoderLayer) -> EncoderLayer:
+    def from_torch(cls: type[_L], layer: nn.Module) -> _L:
         """Copy a ``torch.nn.TransformerEncoderLayer`` (weights, norm placement, eps)."""
         return _copy_torch_layer(cls, layer)
 
 
-class DecoderLayer(_Block):
+class DecoderLayer(EncoderLayer):
     """Masked self-attention, context (cross) attention over the encoder output, and
     feed-forward: a transformer decoder layer.
 
@@ -276,11 +240,11 @@ class DecoderLayer(_Block):
             rope=rope,
             normalize=normalize,
             engine=engine,
-            num_norms=3 if cross_attention else 2,
         )
         self.causal = causal
-        self.cross_attn = (
-            MultiHeadAttention(
+        self.cross_attn: MultiHeadAttention | None = None
+        if cross_attention:  # sub-layers: 1 self-attention, 2 cross-attention, 3 feed-forward
+            self.cross_attn = MultiHeadAttention(
                 d_model,
                 num_heads,
                 num_kv_heads=num_kv_heads,
@@ -290,9 +254,7 @@ class DecoderLayer(_Block):
                 normalize=normalize,
                 engine=engine,
             )
-            if cross_attention
-            else None
-        )
+            self._add_norm(3, norm, d_model, norm_eps, bias, dropout)
 
     def forward(
         self,
@@ -324,7 +286,7 @@ class DecoderLayer(_Block):
         return self._residual(x, 3 if ca is not None else 2, self.ff)
 
     @classmethod
-    def from_torch(cls, layer: nn.TransformerDecoderLayer) -> DecoderLayer:
+    def from_torch(cls: type[_L], layer: nn.Module) -> _L:
         """Copy a ``torch.nn.TransformerDecoderLayer`` (its self-attention is made causal
         here; torch's takes the causal mask as an argument)."""
         return _copy_torch_layer(cls, layer)
@@ -350,9 +312,6 @@ def _memory(attn: MultiHeadAttention, memory: Tensor | None, cache: KVCache | No
 def _with_causal(mask: MaskLike) -> Mask:
     causal = M.causal()
     return causal if mask is None else causal & mask
-
-
-_L = TypeVar("_L", EncoderLayer, DecoderLayer)
 
 
 def _torch_activation(act: object) -> str:
