@@ -38,6 +38,7 @@ bench-smoke: $(VENV)/.base
 	$(PY) benchmarks/bench_core.py --smoke
 	$(PY) benchmarks/bench_core.py --smoke --memory
 	$(PY) benchmarks/bench_core.py --smoke --cases window --modes fwd --flex
+	$(PY) benchmarks/bench_layers.py --smoke
 
 test: lint typecheck pytest bench-smoke
 

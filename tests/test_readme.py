@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -51,3 +52,12 @@ def test_attention_weights_example_runs() -> None:
     w = namespace["w"]
     assert isinstance(w, torch.Tensor) and w.shape == (2, 2, 20, 1024)
     assert torch.allclose(w.sum(-1), torch.ones(2, 2, 20, dtype=w.dtype), atol=1e-5)
+
+
+def test_building_blocks_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    namespace: dict[str, object] = {}
+    exec(compile(_blocks("python")[3], "README.md", "exec"), namespace)
+    assert capsys.readouterr().out.strip() == "True"
+    w = namespace["w"]
+    assert isinstance(w, torch.Tensor) and w.shape == (2, 8, 10, 10)
+    assert torch.allclose(w.sum(-1), torch.ones(2, 8, 10), atol=1e-5)
