@@ -1,0 +1,171 @@
+"""Translation: French number words to English number words (num2words).
+
+``"quatre-vingt-dix-sept mille trois cent deux"`` -> ``"ninety-seven thousand, three
+hundred and two"``. Numbers are drawn with a uniform number of digits (1 to 6), so small
+and large numbers are both common; the test numbers never occur in training. Scores are
+exact match and BLEU (sacrebleu) of greedy or beam-search decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnlab.models.seq2seq import Seq2Seq, Seq2SeqConfig
+from attnlab.tasks.text import Vocab, pad_batch
+
+__all__ = ["TranslationBatch", "TranslationTask", "number_pairs"]
+
+
+def _num2words() -> Any:
+    try:
+        from num2words import num2words
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "the translation task needs num2words: pip install 'attnlab[tasks]'"
+        ) from e
+    return num2words
+
+
+def number_pairs(numbers: list[int]) -> list[tuple[str, str]]:
+    """``(french, english)`` number words of each number.
+
+    Example:
+        >>> for pair in number_pairs([97302]):
+        ...     print(pair[0])
+        ...     print(pair[1])
+        quatre-vingt-dix-sept mille trois cent deux
+        ninety-seven thousand, three hundred and two
+    """
+    n2w = _num2words()
+    return [(n2w(n, lang="fr"), n2w(n, lang="en")) for n in numbers]
+
+
+def _split_numbers(
+    train: int, test: int, seed: int, max_digits: int = 6
+) -> tuple[list[int], list[int]]:
+    """Disjoint train and test numbers, digit counts uniform in 1..max_digits."""
+    g = torch.Generator().manual_seed(seed)
+    picked: dict[int, None] = {}
+    while len(picked) < train + test:
+        digits = int(torch.randint(1, max_digits + 1, (), generator=g))
+        lo = 0 if digits == 1 else 10 ** (digits - 1)
+        picked[int(torch.randint(lo, 10**digits, (), generator=g))] = None
+        if len(picked) >= 10**max_digits:
+            raise ValueError("asked for more distinct numbers than there are")
+    nums = list(picked)
+    return nums[test:], nums[:test]
+
+
+@dataclass
+class TranslationBatch:
+    src: Tensor  # (B, Ls)
+    lengths: Tensor  # (B,)
+    tgt_in: Tensor  # (B, Lt): BOS + target
+    tgt_out: Tensor  # (B, Lt): target + EOS, 0 = padding
+
+
+class TranslationTask:
+    """French -> English number words, for :class:`attnlab.train.Trainer`.
+
+    Args:
+        train_size, test_size: distinct numbers in each split.
+        eval_size: test sentences decoded at each periodic evaluation (all at the end).
+        seed: picks the numbers (the model's seed is the trainer's).
+        d_model, num_heads, layers, dim_feedforward, dropout: model size.
+
+    Example:
+        >>> task = TranslationTask(train_size=50, test_size=5)
+        >>> task.train_pairs[0][0] != "", task.num_train()
+        (True, 50)
+    """
+
+    name = "translation"
+
+    def __init__(
+        self,
+        train_size: int = 50_000,
+        test_size: int = 1000,
+        *,
+        eval_size: int = 300,
+        seed: int = 1234,
+        d_model: int = 128,
+        num_heads: int = 4,
+        layers: int = 2,
+        dim_feedforward: int = 512,
+        dropout: float = 0.1,
+    ) -> None:
+        train, test = _split_numbers(train_size, test_size, seed)
+        self.train_numbers, self.test_numbers = train, test
+        self.train_pairs, self.test_pairs = number_pairs(train), number_pairs(test)
+        self.src_vocab = Vocab.build(p[0] for p in self.train_pairs)
+        self.tgt_vocab = Vocab.build(p[1] for p in self.train_pairs)
+        self.eval_size = eval_size
+        self.model_cfg = Seq2SeqConfig(
+            len(self.src_vocab),
+            len(self.tgt_vocab),
+            d_model=d_model,
+            num_heads=num_heads,
+            encoder_layers=layers,
+            decoder_layers=layers,
+            dim_feedforward=dim_feedforward,
+            dropout=dropout,
+        )
+        self._src = [self.src_vocab.encode(s) for s, _ in self.train_pairs]
+        self._tgt = [self.tgt_vocab.encode(t) for _, t in self.train_pairs]
+
+    def build_model(self) -> nn.Module:
+        return Seq2Seq(self.model_cfg)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "task": self.name,
+            "model": self.model_cfg.__dict__,
+            "src_vocab": self.src_vocab.tokens,
+            "tgt_vocab": self.tgt_vocab.tokens,
+        }
+
+    def num_train(self) -> int:
+        return len(self._src)
+
+    def batch(self, indices: Tensor) -> TranslationBatch:
+        idx = indices.tolist()
+        src, lengths = pad_batch([self._src[i] for i in idx])
+        tgt_in, _ = pad_batch([[1, *self._tgt[i]] for i in idx])
+        tgt_out, _ = pad_batch([[*self._tgt[i], 2] for i in idx])
+        return TranslationBatch(src, lengths, tgt_in, tgt_out)
+
+    def loss(self, model: nn.Module, batch: TranslationBatch) -> Tensor:
+        logits = model(batch.src, batch.lengths, batch.tgt_in)  # (B, Lt, V)
+        return F.cross_entropy(logits.flatten(0, 1), batch.tgt_out.flatten(), ignore_index=0)
+
+    def translate(
+        self, model: Seq2Seq, sentences: list[str], *, beam: int = 1, batch_size: int = 256
+    ) -> list[str]:
+        """English words for each French sentence."""
+        out: list[str] = []
+        for i in range(0, len(sentences), batch_size):
+            src, lengths = pad_batch(
+                [self.src_vocab.encode(s) for s in sentences[i : i + batch_size]]
+            )
+            ids = model.generate(src, lengths, max_len=int(lengths.max()) * 2 + 8, beam=beam)
+            out += [self.tgt_vocab.decode(r) for r in ids]
+        return out
+
+    def evaluate(
+        self, model: nn.Module, *, limit: int | None = None, beam: int = 1
+    ) -> dict[str, float]:
+        """Exact match (%) and BLEU on the held-out numbers; ``score`` is exact / 100."""
+        import sacrebleu
+
+        assert isinstance(model, Seq2Seq)
+        pairs = self.test_pairs[: limit or self.eval_size]
+        hyps = self.translate(model, [s for s, _ in pairs], beam=beam)
+        refs = [t for _, t in pairs]
+        exact = 100.0 * sum(h == r for h, r in zip(hyps, refs, strict=True)) / len(pairs)
+        bleu = sacrebleu.corpus_bleu(hyps, [refs]).score
+        return {"exact": round(exact, 2), "bleu": round(bleu, 2), "score": exact / 100}

@@ -1,0 +1,157 @@
+"""Checkpoints: one safetensors file with weights, config and optimizer state.
+
+Nothing is pickled. Tensors go into the safetensors body under ``model.*``, ``optim.*``
+and ``state.*``; the config, the optimizer's hyper-parameters and the trainer's counters
+go into its string metadata as JSON. Writes are atomic: the file is written next to the
+target under a temporary name, flushed to disk and renamed over it, so a crash during a
+save leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+__all__ = ["Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, truncated, corrupt or does not fit the model."""
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint holds.
+
+    Attributes:
+        model: the model's ``state_dict``.
+        config: JSON-able model/task configuration (enough to rebuild the model).
+        optimizer: the optimizer's ``state_dict`` (or None).
+        state: trainer counters and extra tensors (``step``, the RNG state, ...).
+    """
+
+    model: dict[str, Tensor]
+    config: dict[str, Any] = field(default_factory=dict)
+    optimizer: dict[str, Any] | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
+    """Write ``ckpt`` to ``path`` atomically (temporary file, fsync, rename).
+
+    Example:
+        >>> import tempfile, torch
+        >>> d = tempfile.mkdtemp()
+        >>> m = torch.nn.Linear(2, 2)
+        >>> p = save_checkpoint(f"{d}/ck.safetensors", Checkpoint(m.state_dict(), {"n": 2}))
+        >>> load_checkpoint(p).config
+        {'n': 2}
+    """
+    path = Path(path)
+    tensors, meta = _flatten(ckpt)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    Raises:
+        CheckpointError: the file is missing, truncated or corrupt, or is not an attnlab
+            checkpoint; the message names the file and the cause.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        tensors = load_file(path)
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is truncated or corrupt and cannot be read ({e}); "
+            "use an earlier checkpoint or train again"
+        ) from e
+    if meta.get("format") != "attnlab-checkpoint-1":
+        raise CheckpointError(f"{str(path)!r} is a safetensors file but not an attnlab checkpoint")
+    return _unflatten(tensors, meta)
+
+
+def _flatten(ckpt: Checkpoint) -> tuple[dict[str, Tensor], dict[str, str]]:
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in ckpt.model.items()}
+    opt_meta: dict[str, Any] = {}
+    if ckpt.optimizer is not None:
+        opt_meta = {"param_groups": ckpt.optimizer["param_groups"], "state": {}}
+        for pid, st in ckpt.optimizer["state"].items():
+            opt_meta["state"][str(pid)] = _split_state(st, f"optim.{pid}.", tensors)
+    state_meta = _split_state(ckpt.state, "state.", tensors)
+    meta = {
+        "format": "attnlab-checkpoint-1",
+        "config": json.dumps(ckpt.config),
+        "optimizer": json.dumps(opt_meta if ckpt.optimizer is not None else None),
+        "state": json.dumps(state_meta),
+    }
+    return tensors, meta
+
+
+def _split_state(d: dict[str, Any], prefix: str, tensors: dict[str, Tensor]) -> dict[str, Any]:
+    """Move the tensors of ``d`` into ``tensors`` under ``prefix``; return the rest."""
+    rest: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Tensor):
+            tensors[prefix + k] = v.detach().contiguous().cpu()
+        else:
+            rest[k] = v
+    return rest
+
+
+def _unflatten(tensors: dict[str, Tensor], meta: dict[str, str]) -> Checkpoint:
+    def under(prefix: str) -> dict[str, Tensor]:
+        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    opt = json.loads(meta["optimizer"])
+    if opt is not None:
+        state = {}
+        for pid, rest in opt["state"].items():
+            state[int(pid)] = {**rest, **under(f"optim.{pid}.")}
+        opt = {"param_groups": opt["param_groups"], "state": state}
+    return Checkpoint(
+        model=under("model."),
+        config=json.loads(meta["config"]),
+        optimizer=opt,
+        state={**json.loads(meta["state"]), **under("state.")},
+    )
+
+
+def load_model_state(model: nn.Module, ckpt: Checkpoint, path: str | Path = "") -> None:
+    """Load weights, turning key or shape mismatches into a :class:`CheckpointError`."""
+    try:
+        model.load_state_dict(ckpt.model)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model: {e}") from e
+
+
+def rng_state() -> dict[str, Tensor]:
+    """The torch CPU RNG state, for resuming dropout exactly."""
+    return {"rng_torch": torch.get_rng_state()}

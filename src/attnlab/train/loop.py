@@ -1,0 +1,227 @@
+"""A small, deterministic training loop: AdamW, warmup + cosine, clipping, evaluation,
+early stop, atomic safetensors checkpoints and exact resume.
+
+Batches are a pure function of ``(seed, step)`` (a seeded permutation per epoch), the
+learning rate a pure function of the step, and the torch RNG state (dropout) is saved in
+every checkpoint, so a run resumed from a checkpoint takes the same steps as one that
+never stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from attnlab.train.checkpoint import Checkpoint, load_checkpoint, load_model_state, save_checkpoint
+
+__all__ = ["Task", "TrainConfig", "Trainer", "lr_factor"]
+
+
+class Task(Protocol):
+    """What the trainer needs from a task (see :mod:`attnlab.tasks`)."""
+
+    name: str
+
+    def build_model(self) -> nn.Module: ...
+    def config(self) -> dict[str, Any]: ...
+    def num_train(self) -> int: ...
+    def batch(self, indices: Tensor) -> Any: ...
+    def loss(self, model: nn.Module, batch: Any) -> Tensor: ...
+    def evaluate(self, model: nn.Module) -> dict[str, float]: ...
+
+
+@dataclass
+class TrainConfig:
+    """Training settings.
+
+    Attributes:
+        steps: optimizer steps at most.
+        batch_size: examples per step.
+        lr, weight_decay, warmup, clip: AdamW, linear warmup steps then cosine decay to
+            ``min_lr_ratio * lr``, gradient-norm clipping (0 = off).
+        eval_every: steps between evaluations (and checkpoints).
+        target: stop once the task's ``score`` reaches it.
+        patience: stop after this many evaluations without a better score.
+        time_limit: stop (after evaluating) once this many seconds have passed.
+        seed: seeds the model init, the batch order and dropout.
+        out_dir: where ``last.safetensors`` and ``best.safetensors`` go (None: no files).
+        resume: continue from ``out_dir/last.safetensors`` if it exists.
+        progress: show a rich progress bar with loss and throughput.
+    """
+
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: int = 100
+    min_lr_ratio: float = 0.05
+    clip: float = 1.0
+    eval_every: int = 250
+    target: float | None = None
+    patience: int | None = None
+    time_limit: float | None = None
+    seed: int = 0
+    out_dir: str | None = None
+    resume: bool = False
+    progress: bool = True
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to 1, then cosine decay to ``min_lr_ratio``.
+
+    Example:
+        >>> cfg = TrainConfig(steps=100, warmup=10)
+        >>> lr_factor(4, cfg), lr_factor(10, cfg), round(lr_factor(100, cfg), 3)
+        (0.5, 1.0, 0.05)
+    """
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    cos = 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cos
+
+
+class Trainer:
+    """Train ``task``'s model under ``cfg``; :meth:`fit` returns the evaluation history.
+
+    Example:
+        >>> from attnlab.tasks.translation import TranslationTask
+        >>> task = TranslationTask(train_size=64, test_size=8, d_model=32)
+        >>> cfg = TrainConfig(steps=3, batch_size=16, eval_every=3, progress=False)
+        >>> hist = Trainer(task, cfg).fit()
+        >>> hist[-1]["step"]
+        3
+    """
+
+    def __init__(self, task: Task, cfg: TrainConfig) -> None:
+        self.task, self.cfg = task, cfg
+        torch.manual_seed(cfg.seed)
+        self.model = task.build_model()
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
+        self.step, self.best, self.bad_evals = 0, -math.inf, 0
+        self.history: list[dict[str, float]] = []
+        self._perm: tuple[int, Tensor] | None = None
+        if cfg.resume and cfg.out_dir and (Path(cfg.out_dir) / "last.safetensors").exists():
+            self._resume(Path(cfg.out_dir) / "last.safetensors")
+
+    def _indices(self, step: int) -> Tensor:
+        """The example indices of ``step``: a seeded permutation per epoch."""
+        n, bs = self.task.num_train(), self.cfg.batch_size
+        per_epoch = max(1, n // bs)
+        epoch, pos = divmod(step, per_epoch)
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
+            self._perm = (epoch, torch.randperm(n, generator=g))
+        return self._perm[1][pos * bs : (pos + 1) * bs]
+
+    def train_step(self) -> float:
+        """One optimizer step; returns the loss."""
+        self.model.train()
+        for group in self.opt.param_groups:
+            group["lr"] = self.cfg.lr * lr_factor(self.step, self.cfg)
+        loss = self.task.loss(self.model, self.task.batch(self._indices(self.step)))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
+        self.opt.step()
+        self.step += 1
+        return float(loss.detach())
+
+    def fit(self) -> list[dict[str, float]]:
+        """Train until ``steps``, the target, patience or the time limit ends it."""
+        start = time.perf_counter()
+        with _progress(self.cfg.progress, self.cfg.steps, self.step) as advance:
+            while self.step < self.cfg.steps:
+                t0 = time.perf_counter()
+                loss = self.train_step()
+                advance(loss, self.cfg.batch_size / (time.perf_counter() - t0))
+                at_eval = self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps
+                if at_eval and self._evaluate(loss, time.perf_counter() - start):
+                    break
+        return self.history
+
+    def _evaluate(self, loss: float, elapsed: float) -> bool:
+        """Evaluate, checkpoint, and say whether to stop."""
+        self.model.eval()
+        with torch.no_grad():
+            metrics = self.task.evaluate(self.model)
+        record = {"step": self.step, "loss": loss, "seconds": round(elapsed, 1), **metrics}
+        self.history.append(record)
+        score = metrics.get("score", -loss)
+        improved = score > self.best
+        self.best, self.bad_evals = max(self.best, score), 0 if improved else self.bad_evals + 1
+        self._save("last.safetensors")
+        if improved:
+            self._save("best.safetensors")
+        cfg = self.cfg
+        return bool(
+            (cfg.target is not None and score >= cfg.target)
+            or (cfg.patience is not None and self.bad_evals >= cfg.patience)
+            or (cfg.time_limit is not None and elapsed >= cfg.time_limit)
+        )
+
+    def _save(self, name: str) -> None:
+        if not self.cfg.out_dir:
+            return
+        state = {
+            "step": self.step,
+            "best": self.best,
+            "bad_evals": self.bad_evals,
+            "history": self.history,
+            "train": asdict(self.cfg),
+            "rng_torch": torch.get_rng_state(),
+        }
+        ckpt = Checkpoint(self.model.state_dict(), self.task.config(), self.opt.state_dict(), state)
+        save_checkpoint(Path(self.cfg.out_dir) / name, ckpt)
+
+    def _resume(self, path: Path) -> None:
+        ckpt = load_checkpoint(path)
+        load_model_state(self.model, ckpt, path)
+        if ckpt.optimizer is not None:
+            self.opt.load_state_dict(ckpt.optimizer)
+        st = ckpt.state
+        self.step, self.best, self.bad_evals = int(st["step"]), float(st["best"]), st["bad_evals"]
+        self.history = list(st.get("history", []))
+        torch.set_rng_state(st["rng_torch"])
+
+
+class _progress:
+    """A rich progress bar showing loss and examples/s (or nothing when disabled)."""
+
+    def __init__(self, enabled: bool, total: int, done: int) -> None:
+        self.enabled, self.total, self.done = enabled, total, done
+        self._bar: Any = None
+
+    def __enter__(self) -> Callable[[float, float], None]:
+        if self.enabled:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._bar = Progress(
+                TextColumn("step {task.completed}/{task.total}"),
+                BarColumn(),
+                TextColumn("loss {task.fields[loss]:.4f}  {task.fields[speed]:.0f} ex/s"),
+                TimeElapsedColumn(),
+            )
+            self._bar.start()
+            self._id = self._bar.add_task(
+                "train", total=self.total, completed=self.done, loss=0, speed=0
+            )
+        return self._advance
+
+    def _advance(self, loss: float, speed: float) -> None:
+        if self._bar is not None:
+            self._bar.update(self._id, advance=1, loss=loss, speed=speed)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()

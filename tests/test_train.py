@@ -1,0 +1,169 @@
+"""The training loop, checkpoints, and seq2seq decoding."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnlab.models.seq2seq import Seq2Seq, Seq2SeqConfig
+from attnlab.tasks.text import Vocab, pad_batch
+from attnlab.tasks.translation import TranslationTask
+from attnlab.train import (
+    Checkpoint,
+    CheckpointError,
+    TrainConfig,
+    Trainer,
+    load_checkpoint,
+    lr_factor,
+    save_checkpoint,
+)
+from attnlab.train import checkpoint as ckmod
+from tests.conftest import check_and_control
+
+pytest.importorskip("num2words")
+
+
+@pytest.fixture(scope="module")
+def task() -> TranslationTask:
+    return TranslationTask(
+        train_size=256, test_size=16, eval_size=16, d_model=32, dim_feedforward=64
+    )
+
+
+def _cfg(tmp: Path | None = None, **kw: object) -> TrainConfig:
+    base = {"steps": 8, "batch_size": 32, "lr": 3e-3, "warmup": 2, "eval_every": 4}
+    base.update(kw)
+    return TrainConfig(**base, progress=False, out_dir=None if tmp is None else str(tmp))  # type: ignore[arg-type]
+
+
+def test_loss_goes_down(task: TranslationTask) -> None:
+    tr = Trainer(task, _cfg(steps=40, eval_every=40))
+    losses = [tr.train_step() for _ in range(40)]
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+
+
+def test_resume_takes_the_same_next_step(task: TranslationTask, tmp_path: Path) -> None:
+    """Stop after 4 steps (checkpoint), resume, and the 5th step's loss is the same."""
+    straight = Trainer(task, _cfg())
+    losses = [straight.train_step() for _ in range(6)]
+    first = Trainer(task, _cfg(tmp_path, target=-1.0))  # same schedule; stops at the 1st eval
+    first.fit()
+    assert (tmp_path / "last.safetensors").exists() and first.step == 4
+    resumed = Trainer(task, _cfg(tmp_path, resume=True))
+    assert resumed.step == 4
+    assert [resumed.train_step(), resumed.train_step()] == pytest.approx(losses[4:], abs=1e-6)
+
+
+def test_same_seed_same_run(task: TranslationTask) -> None:
+    a = [Trainer(task, _cfg(seed=3)).train_step() for _ in range(1)]
+    b = [Trainer(task, _cfg(seed=3)).train_step() for _ in range(1)]
+    c = [Trainer(task, _cfg(seed=4)).train_step() for _ in range(1)]
+    assert a == b and a != c
+
+
+def test_corrupt_and_truncated_checkpoints_give_clear_errors(tmp_path: Path) -> None:
+    good = save_checkpoint(
+        tmp_path / "ok.safetensors", Checkpoint(torch.nn.Linear(3, 3).state_dict())
+    )
+    data = good.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
+    for name in ("cut", "junk"):
+        check_and_control(
+            lambda n=name: load_checkpoint(tmp_path / f"{n}.safetensors"),  # type: ignore[misc]
+            lambda: load_checkpoint(good),
+            CheckpointError,
+            "is truncated or corrupt",
+        )
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.safetensors")
+
+
+def test_a_crash_during_save_keeps_the_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "last.safetensors"
+    save_checkpoint(path, Checkpoint({"w": torch.ones(2)}, {"version": 1}))
+
+    def crash(*args: object, **kw: object) -> None:
+        Path(str(args[1])).write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckmod, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, Checkpoint({"w": torch.zeros(2)}, {"version": 2}))
+    assert load_checkpoint(path).config == {"version": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.safetensors"]  # no temp files left
+
+
+def test_checkpoint_round_trip_with_optimizer_state(task: TranslationTask, tmp_path: Path) -> None:
+    tr = Trainer(task, _cfg(tmp_path, steps=4))
+    tr.fit()
+    ck = load_checkpoint(tmp_path / "last.safetensors")
+    assert ck.config["task"] == "translation" and ck.state["step"] == 4
+    ref = tr.opt.state_dict()
+    assert ck.optimizer is not None
+    assert ck.optimizer["param_groups"] == json.loads(json.dumps(ref["param_groups"]))
+    for pid, st in ref["state"].items():
+        for k, v in st.items():
+            assert torch.equal(ck.optimizer["state"][pid][k], v), (pid, k)
+    for k, v in tr.model.state_dict().items():
+        assert torch.equal(ck.model[k], v), k
+
+
+def test_lr_schedule() -> None:
+    cfg = TrainConfig(steps=110, warmup=10, min_lr_ratio=0.1)
+    assert lr_factor(0, cfg) == pytest.approx(0.1)
+    assert lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(60, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_factor(110, cfg) == pytest.approx(0.1)
+
+
+def _naive_greedy(
+    model: Seq2Seq, src: torch.Tensor, lengths: torch.Tensor, steps: int
+) -> list[list[int]]:
+    """Greedy decoding by re-running the whole decoder on the prefix (no cache)."""
+    tokens = torch.ones(src.shape[0], 1, dtype=torch.long)
+    for _ in range(steps):
+        nxt = model(src, lengths, tokens)[:, -1].argmax(-1)
+        tokens = torch.cat([tokens, nxt[:, None]], 1)
+    out = []
+    for row in tokens[:, 1:].tolist():
+        out.append(row[: row.index(2)] if 2 in row else row)
+    return out
+
+
+def test_cached_greedy_equals_uncached_and_beam_is_no_worse() -> None:
+    torch.manual_seed(0)
+    model = Seq2Seq(Seq2SeqConfig(src_vocab=20, tgt_vocab=9, d_model=32, num_heads=4)).eval()
+    src, lengths = pad_batch([[5, 6, 7, 8], [9, 10], [11, 12, 13]])
+    assert model.generate(src, lengths, max_len=6) == _naive_greedy(model, src, lengths, 6)
+
+    def logprob(row: list[int], b: int) -> float:
+        ids = torch.tensor([[1, *row]])
+        logp = torch.log_softmax(model(src[b : b + 1], lengths[b : b + 1], ids), -1)[0]
+        tgt = [*row, 2] if len(row) < 6 else row
+        return float(sum(logp[i, t] for i, t in enumerate(tgt)).detach())
+
+    greedy, beam = (
+        model.generate(src, lengths, max_len=6),
+        model.generate(src, lengths, max_len=6, beam=4),
+    )
+    for b in range(3):  # beam search finds a sequence at least as likely as greedy's
+        assert logprob(beam[b], b) >= logprob(greedy[b], b) - 1e-5
+
+
+def test_vocab_round_trip_and_errors() -> None:
+    text = "quatre-vingt-dix-sept mille trois cent deux"
+    v = Vocab.build([text])
+    assert v.decode(v.encode(text)) == text and v.encode("inconnu") == [3]
+    check_and_control(
+        lambda: Vocab(["a", "b"]),
+        lambda: Vocab(["<pad>", "<bos>", "<eos>", "<unk>", "a"]),
+        ValueError,
+        "tokens must start with",
+    )
