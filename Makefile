@@ -21,7 +21,11 @@ $(VENV)/.dev: $(VENV)/.base
 install: $(VENV)/.base
 dev: $(VENV)/.dev
 
-demo: $(VENV)/.base
+$(VENV)/.demo: $(VENV)/.base
+	$(PY) -m pip install -q -e ".[demo]"
+	touch $@
+
+demo: $(VENV)/.demo
 	$(VENV)/bin/attnlab demo
 
 lint: $(VENV)/.dev
@@ -39,6 +43,8 @@ bench-smoke: $(VENV)/.base
 	$(PY) benchmarks/bench_core.py --smoke --memory
 	$(PY) benchmarks/bench_core.py --smoke --cases window --modes fwd --flex
 	$(PY) benchmarks/bench_layers.py --smoke
+	$(PY) benchmarks/bench_approx.py --smoke
+	$(PY) benchmarks/bench_minilm.py --smoke
 
 test: lint typecheck pytest bench-smoke
 

@@ -41,8 +41,8 @@ def _cfg(tmp: Path | None = None, **kw: object) -> TrainConfig:
 
 
 def test_loss_goes_down(task: TranslationTask) -> None:
-    tr = Trainer(task, _cfg(steps=40, eval_every=40))
-    losses = [tr.train_step() for _ in range(40)]
+    tr = Trainer(task, _cfg(steps=60, eval_every=60))
+    losses = [tr.train_step() for _ in range(60)]
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
 
 
@@ -167,3 +167,18 @@ def test_vocab_round_trip_and_errors() -> None:
         ValueError,
         "tokens must start with",
     )
+
+
+def test_report_has_alignment_pictures(task: TranslationTask, tmp_path: Path) -> None:
+    from attnlab.tasks.run import cross_alignment, write_report
+
+    model = task.build_model().eval()
+    assert isinstance(model, Seq2Seq)
+    src, ref = task.test_pairs[0]
+    w = cross_alignment(task, model, src, ref)  # (Lt + 1, Ls): one row per output step
+    assert w.shape == (len(task.tgt_vocab.encode(ref)) + 1, len(task.src_vocab.encode(src)))
+    assert torch.allclose(w.sum(-1), torch.ones(w.shape[0]), atol=1e-5)
+    page = write_report(task, model, [(src, "x", ref)], {"exact": 0.0}, tmp_path)
+    text = page.read_text()
+    assert text.count("data:image/png;base64,") == 1 and "http" not in text
+    assert (tmp_path / "alignment_0.png").stat().st_size > 1000

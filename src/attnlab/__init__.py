@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 from attnlab import bias, engines, masks, nn, normalize, positional, scores
+from attnlab.approximation import approximation_error
 from attnlab.engines import available_engines, get_engine, register_engine
 from attnlab.functional import AttentionOutput, attend, attention, attention_weights
 
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionOutput",
     "__version__",
+    "approximation_error",
     "attend",
     "attention",
     "attention_weights",

@@ -1,4 +1,4 @@
-"""Command line: ``attnlab demo``, ``attnlab engines``, ``attnlab bench``.
+"""Command line: ``attnlab demo | train | tour | engines | bench``.
 
 Example:
     >>> main(["engines"])  # doctest: +ELLIPSIS
@@ -18,6 +18,8 @@ import torch
 import attnlab
 from attnlab import bias, masks
 from attnlab.engines import available_engines
+from attnlab.models.commands import add_parsers as add_model_parsers
+from attnlab.tasks.run import add_parsers as add_task_parsers
 
 
 def _engines(_: argparse.Namespace) -> int:
@@ -63,7 +65,7 @@ def _demo_call(length: int) -> None:
         q.double(), k.double(), v.double(), mask=mask, bias=alibi, engine="reference"
     )
     assert isinstance(ref, torch.Tensor)
-    for name in ("auto", *available_engines()):
+    for name in ("auto", *(n for n, e in available_engines().items() if e.exact)):
         attnlab.attention(q, k, v, mask=mask, bias=alibi, engine=name)  # warm-up
         t0 = time.perf_counter()
         out = attnlab.attention(q, k, v, mask=mask, bias=alibi, engine=name)
@@ -106,11 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnlab", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=attnlab.__version__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="a short tour of the API")
-    demo.add_argument("--length", type=int, default=1024, help="sequence length of the tour")
-    demo.set_defaults(func=_demo)
+    tour = sub.add_parser("tour", help="a short tour of the API: masks, engines, normalizers")
+    tour.add_argument("--length", type=int, default=1024, help="sequence length of the tour")
+    tour.set_defaults(func=_demo)
+    add_task_parsers(sub)  # train, demo
     eng = sub.add_parser("engines", help="list the engines and what they support")
     eng.set_defaults(func=_engines)
+    add_model_parsers(sub)  # embed, attend
     bench = sub.add_parser(
         "bench", help="time engines against torch SDPA / FlexAttention", add_help=False
     )

@@ -13,13 +13,15 @@ last three steps on scores computed elsewhere (Bahdanau's additive score, say).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import NamedTuple
 
 from torch import Tensor
 
 from attnlab import _validate as V
+from attnlab._observe import OBSERVERS, AttentionEvent, notify
 from attnlab.bias import Bias, as_bias
-from attnlab.engines import AttentionRequest, get_engine, select_engine
+from attnlab.engines import AttentionRequest, get_engine, select_engine, validate_options
 from attnlab.engines.blocked import BlockedEngine
 from attnlab.engines.reference import mix
 from attnlab.masks import Mask, as_mask
@@ -55,6 +57,8 @@ def attention(
     normalize: str = "softmax",
     dropout_p: float = 0.0,
     engine: str = "auto",
+    engine_options: Mapping[str, object] | None = None,
+    approximate: bool = False,
     return_weights: bool = False,
     return_lse: bool = False,
 ) -> Tensor | AttentionOutput:
@@ -75,7 +79,14 @@ def attention(
         dropout_p: dropout probability on the weights (reproducible under
             ``torch.manual_seed`` for a given engine).
         engine: ``"auto"`` (the fastest exact engine that supports the call) or a name
-            from :func:`attnlab.engines.available_engines`.
+            from :func:`attnlab.engines.available_engines`, including the approximate
+            ``"linear"``, ``"performer"`` and ``"nystrom"``.
+        engine_options: settings of the named engine, e.g. ``{"num_features": 256}`` for
+            ``"performer"``; an unknown name or bad value is a ``ValueError``/``TypeError``.
+        approximate: let ``engine="auto"`` pick an approximate engine for long sequences
+            without weights (Nystromformer from ``Lq * Lk >= 2**22``, Performer for causal
+            masks from ``2**24``; see :mod:`attnlab.engines`). Off by default: ``auto`` is
+            exact unless asked.
         return_weights: also return the weights ``(B, Hq, Lq, Lk)``.
         return_lse: also return the logsumexp ``(B, Hq, Lq)`` (softmax only).
 
@@ -92,12 +103,29 @@ def attention(
         >>> r = attnlab.attention(q, k, v, mask=masks.window(3), return_weights=True)
         >>> r.weights.shape, bool(r.weights[0, 0, 10, :7].sum() == 0)
         (torch.Size([2, 4, 16, 16]), True)
+        >>> opts = {"num_features": 128, "seed": 0}
+        >>> attnlab.attention(q, k, v, engine="performer", engine_options=opts).shape
+        torch.Size([2, 4, 16, 8])
     """
     req = _request(
-        q, k, v, mask, bias, scale, score, normalize, dropout_p, return_weights, return_lse
+        q,
+        k,
+        v,
+        mask,
+        bias,
+        scale,
+        score,
+        normalize,
+        dropout_p,
+        return_weights,
+        return_lse,
+        engine_options=engine_options,
+        approximate=approximate,
     )
     chosen = select_engine(engine, req)
     out, weights, lse = chosen.forward(req)
+    if OBSERVERS:  # an attnlab.interpret.capture block is open
+        notify(AttentionEvent(req, weights, lse, chosen.name))
     if return_weights or return_lse:
         return AttentionOutput(out, weights, lse)
     return out
@@ -144,6 +172,9 @@ def _request(
     dropout_p: float,
     return_weights: bool,
     return_lse: bool,
+    *,
+    engine_options: Mapping[str, object] | None = None,
+    approximate: bool = False,
 ) -> AttentionRequest:
     """Validate every argument and build the engine request."""
     score_ = V.validate_score(score)
@@ -168,6 +199,8 @@ def _request(
         dropout_p=V.validate_dropout(dropout_p),
         return_weights=V.validate_flag("return_weights", return_weights),
         return_lse=want_lse,
+        options=validate_options(engine_options),
+        approximate=V.validate_flag("approximate", approximate),
     )
 
 
@@ -215,6 +248,8 @@ def attend(
         dropout_p=V.validate_dropout(dropout_p),
         want_lse=want_lse,
     )
+    if OBSERVERS:
+        notify(AttentionEvent(None, w, lse, "attend"))
     if V.validate_flag("return_weights", return_weights) or want_lse:
         return AttentionOutput(out, w if return_weights else None, lse)
     return out

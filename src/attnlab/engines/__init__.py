@@ -6,15 +6,23 @@ engine         exact  what it computes
 ``reference``  yes    everything (materializes Lq x Lk); the fp64 oracle
 ``sdpa``       yes    dot + softmax with any mask/bias via torch SDPA; no weights
 ``blocked``    yes    dot/cosine + softmax, any mask/bias; skips empty tiles, fwd+bwd
+``linear``     no     linear attention, elu(x) + 1 features; causal, padding; O(L)
+``performer``  no     FAVOR+ random-feature estimate of softmax; causal, padding; O(L)
+``nystrom``    no     Nystromformer landmarks; non-causal, padding; O(L)
 =============  =====  ===========================================================
 
 ``engine="auto"`` picks ``blocked`` when the mask leaves most tiles empty (or adds a
 bias to a causal mask), ``sdpa`` for dense and plain causal attention, and falls back to
-``reference`` for what neither supports.
+``reference`` for what neither supports. It picks an approximate engine only for calls
+with ``approximate=True`` that want no weights: ``nystrom`` from ``2**22`` (query, key)
+pairs on (it has no causal form), else ``performer`` from ``2**24`` pairs on; ``linear``
+is a different kernel, not an estimate of softmax, so ``auto`` never picks it. Engine
+settings travel as ``engine_options`` and are checked against :attr:`Engine.options`.
 """
 
 from __future__ import annotations
 
+from attnlab.engines.approximate import LinearEngine, PerformerEngine
 from attnlab.engines.base import (
     AttentionRequest,
     Engine,
@@ -23,8 +31,10 @@ from attnlab.engines.base import (
     get_engine,
     register_engine,
     select_engine,
+    validate_options,
 )
 from attnlab.engines.blocked import BlockedEngine
+from attnlab.engines.nystrom import NystromEngine
 from attnlab.engines.reference import ReferenceEngine
 from attnlab.engines.sdpa import SdpaEngine
 
@@ -33,14 +43,21 @@ __all__ = [
     "BlockedEngine",
     "Engine",
     "EngineResult",
+    "LinearEngine",
+    "NystromEngine",
+    "PerformerEngine",
     "ReferenceEngine",
     "SdpaEngine",
     "available_engines",
     "get_engine",
     "register_engine",
     "select_engine",
+    "validate_options",
 ]
 
 register_engine(ReferenceEngine(), auto_rank=0)
 register_engine(SdpaEngine(), auto_rank=0)
 register_engine(BlockedEngine(), auto_rank=0)
+register_engine(LinearEngine())  # a different kernel: never chosen by auto
+register_engine(PerformerEngine(), auto_rank=0)  # auto with approximate=True only
+register_engine(NystromEngine(), auto_rank=0)  # tried before performer (non-causal)

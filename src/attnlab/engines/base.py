@@ -1,14 +1,18 @@
 """The engine contract: one request type, one result type, one registry.
 
 Every engine receives a validated :class:`AttentionRequest` and returns
-``(out, weights | None, lse | None)``. An engine declares what it can compute exactly
-through :meth:`Engine.unsupported`, which returns ``None`` or the reason it cannot;
-``engine="auto"`` picks the first exact engine in preference order that can.
+``(out, weights | None, lse | None)``. An engine declares what it can compute
+through :meth:`Engine.unsupported`, which returns ``None`` or the reason it cannot, and
+the settings it takes through :attr:`Engine.options`; ``engine="auto"`` picks the first
+exact engine in preference order that can. Inexact (approximate) engines are candidates
+of ``auto`` only when the call opts in with ``approximate=True``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import torch
 from torch import Tensor
@@ -26,6 +30,7 @@ __all__ = [
     "may_hold_nan",
     "register_engine",
     "select_engine",
+    "validate_options",
 ]
 
 EngineResult = tuple[Tensor, Tensor | None, Tensor | None]
@@ -47,6 +52,9 @@ class AttentionRequest:
         dropout_p: dropout probability on the weights.
         return_weights: whether weights ``(B, Hq, Lq, Lk)`` are wanted.
         return_lse: whether the per-row logsumexp ``(B, Hq, Lq)`` is wanted.
+        options: settings for the named engine (``engine_options``), read-only; checked
+            against :attr:`Engine.options` when the engine is selected.
+        approximate: whether ``engine="auto"`` may pick an inexact engine.
     """
 
     q: Tensor
@@ -60,6 +68,10 @@ class AttentionRequest:
     dropout_p: float
     return_weights: bool
     return_lse: bool
+    options: Mapping[str, object] = field(
+        default_factory=lambda: MappingProxyType({}), hash=False
+    )  # not hashed: a request stays hashable, as before options existed
+    approximate: bool = False
 
     @property
     def batch(self) -> int:
@@ -86,14 +98,31 @@ class AttentionRequest:
 
 class Engine:
     """Base class of engines. Subclasses set ``name`` and ``exact`` and implement
-    :meth:`unsupported` and :meth:`forward`."""
+    :meth:`unsupported` and :meth:`forward`; an engine with settings lists their names in
+    ``options`` and checks their values in :meth:`check_option_values`."""
 
     name: str = "engine"
     exact: bool = True
     summary: str = ""
+    options: tuple[str, ...] = ()
+
+    def check_options(self, options: Mapping[str, object]) -> None:
+        """``ValueError`` naming an option this engine does not take, or a bad value."""
+        for key in options:
+            if key not in self.options:
+                accepted = ", ".join(map(repr, self.options)) or "none"
+                raise ValueError(
+                    f"engine_options: {key!r} is not an option of engine {self.name!r}; "
+                    f"it accepts {accepted}"
+                )
+        self.check_option_values(options)
+
+    def check_option_values(self, options: Mapping[str, object]) -> None:
+        """``ValueError``/``TypeError`` for a bad option value (names already checked)."""
 
     def unsupported(self, req: AttentionRequest) -> str | None:
-        """``None`` if this engine computes ``req`` exactly, else the reason it cannot."""
+        """``None`` if this engine can compute ``req`` (exactly, if it is exact), else the
+        reason it cannot."""
         raise NotImplementedError
 
     def forward(self, req: AttentionRequest) -> EngineResult:
@@ -113,14 +142,36 @@ def may_hold_nan(*ts: Tensor) -> bool:
     return any(bool(torch.isnan(t.sum())) for t in ts if t.numel())
 
 
+def validate_options(options: object) -> Mapping[str, object]:
+    """``engine_options``: ``None`` or a mapping with str keys, returned read-only.
+
+    Example:
+        >>> dict(validate_options({"seed": 0}))
+        {'seed': 0}
+    """
+    if options is None:
+        return MappingProxyType({})
+    if not isinstance(options, Mapping):
+        raise TypeError(
+            f"engine_options must be a mapping of option names to values or None, "
+            f"got {type(options).__name__}"
+        )
+    bad = [key for key in options if not isinstance(key, str)]
+    if bad:
+        raise TypeError(f"engine_options keys must be str option names, got {bad[0]!r}")
+    return MappingProxyType(dict(options))
+
+
 _REGISTRY: dict[str, Engine] = {}
 _AUTO_ORDER: list[str] = []
+_APPROX_ORDER: list[str] = []
 
 
 def register_engine(engine: Engine, *, auto_rank: int | None = None) -> Engine:
     """Add ``engine`` to the registry; with ``auto_rank``, ``auto`` considers it at that
-    position in its preference order (0 = tried first). Approximate engines are never
-    picked by ``auto``.
+    position in its preference order (0 = tried first). An approximate engine with an
+    ``auto_rank`` joins a separate order that ``auto`` tries first, but only for calls
+    with ``approximate=True``; without one, ``auto`` never picks it.
 
     Example:
         >>> from attnlab.engines import get_engine
@@ -128,10 +179,11 @@ def register_engine(engine: Engine, *, auto_rank: int | None = None) -> Engine:
         'reference'
     """
     _REGISTRY[engine.name] = engine
-    if engine.name in _AUTO_ORDER:
-        _AUTO_ORDER.remove(engine.name)
-    if auto_rank is not None and engine.exact:
-        _AUTO_ORDER.insert(auto_rank, engine.name)
+    for order in (_AUTO_ORDER, _APPROX_ORDER):
+        if engine.name in order:
+            order.remove(engine.name)
+    if auto_rank is not None:
+        (_AUTO_ORDER if engine.exact else _APPROX_ORDER).insert(auto_rank, engine.name)
     return engine
 
 
@@ -153,24 +205,42 @@ def get_engine(name: str) -> Engine:
 def select_engine(name: str, req: AttentionRequest) -> Engine:
     """Resolve ``name`` (or ``"auto"``) to an engine that can compute ``req``.
 
-    Raises ``ValueError`` saying what is unsupported and which engines can do it.
+    ``auto`` tries the ranked approximate engines first when ``req.approximate`` is set
+    (each declines unless it :meth:`~Engine.prefers` the request), then the exact ones.
+    Raises ``ValueError`` saying what is unsupported and which engines can do it, or
+    naming a bad engine option.
     """
     if name == "auto":
-        for cand in _AUTO_ORDER:
-            eng = _REGISTRY[cand]
-            if eng.unsupported(req) is None and eng.prefers(req):
-                return eng
-        raise ValueError(
-            "no registered exact engine supports this request: " + _reasons(req, _AUTO_ORDER)
-        )
+        return _select_auto(req)
     engine = get_engine(name)
+    engine.check_options(req.options)
     reason = engine.unsupported(req)
     if reason is None:
         return engine
-    able = [n for n, e in _REGISTRY.items() if e.unsupported(req) is None]
+    able = [  # suggest approximations only to a caller who chose one
+        n
+        for n, e in _REGISTRY.items()
+        if (e.exact or not engine.exact) and e.unsupported(req) is None
+    ]
     raise ValueError(
         f"engine={name!r} cannot compute this request: {reason}. "
         f"Engines that can: {', '.join(map(repr, able)) or 'none'}"
+    )
+
+
+def _select_auto(req: AttentionRequest) -> Engine:
+    if req.options:
+        raise ValueError(
+            f"engine_options={dict(req.options)} need a named engine (for example "
+            f"engine='performer'); engine='auto' chooses among engines with different options"
+        )
+    order = [*_APPROX_ORDER, *_AUTO_ORDER] if req.approximate else _AUTO_ORDER
+    for cand in order:
+        eng = _REGISTRY[cand]
+        if eng.unsupported(req) is None and eng.prefers(req):
+            return eng
+    raise ValueError(
+        "no registered exact engine supports this request: " + _reasons(req, _AUTO_ORDER)
     )
 
 

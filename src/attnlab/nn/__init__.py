@@ -13,6 +13,7 @@ from attnlab.nn.attention import MultiHeadAttention
 from attnlab.nn.cache import DecoderCache, KVCache
 from attnlab.nn.classic import AttentionPooling, BahdanauAttention, LuongAttention
 from attnlab.nn.hierarchical import HierarchicalAttention, HierarchicalOutput
+from attnlab.nn.linformer import LinformerAttention
 from attnlab.nn.transformer import (
     Decoder,
     DecoderLayer,
@@ -36,6 +37,7 @@ __all__ = [
     "HierarchicalAttention",
     "HierarchicalOutput",
     "KVCache",
+    "LinformerAttention",
     "LuongAttention",
     "MultiHeadAttention",
     "Transformer",

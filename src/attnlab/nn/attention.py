@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from attnlab.bias import Bias
 from attnlab.functional import AttentionOutput, attention, unsupported_by
 from attnlab.masks import Mask
+from attnlab.nn._fused import linear, module_linear
 from attnlab.nn.cache import KVCache
 from attnlab.scores import ScoreFn
 
@@ -167,7 +168,7 @@ class MultiHeadAttention(nn.Module):
         res = self._attend(q, k, v, mask, bias, need_weights)
         out = res.out if isinstance(res, AttentionOutput) else res  # (B, H, Lq, E)
         b, h, lq, e = out.shape
-        out = self.out_proj(out.transpose(1, 2).reshape(b, lq, h * e))  # (B, Lq, D)
+        out = module_linear(self.out_proj, out.transpose(1, 2).reshape(b, lq, h * e))  # (B, Lq, D)
         if not need_weights:
             return out
         w = cast(AttentionOutput, res).weights
@@ -203,7 +204,7 @@ class MultiHeadAttention(nn.Module):
         if not self._qkv_same_embed_dim:
             q = self._split(F.linear(x, *self._weight("q")), self.num_heads)  # (B, H, L, E)
             return (q, *self._project_kv(x, x))
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, L, (H + 2Hkv) E)
+        qkv = linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, L, (H + 2Hkv) E)
         q, k, v = qkv.split([hq, hk, hk], dim=-1)
         return (
             self._split(q, self.num_heads),

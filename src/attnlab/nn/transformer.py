@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from attnlab import masks as M
 from attnlab.bias import Bias
 from attnlab.masks import Mask
+from attnlab.nn._fused import module_linear
 from attnlab.nn.attention import MultiHeadAttention
 from attnlab.nn.cache import DecoderCache, KVCache
 
@@ -80,15 +81,12 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``x (B, L, D) -> (B, L, D)``."""
-        h = self.linear1(x)  # (B, L, F) or (B, L, 2F)
         if self.activation == "swiglu":
-            gate, value = h.chunk(2, dim=-1)
+            gate, value = self.linear1(x).chunk(2, dim=-1)  # (B, L, F) each
             h = F.silu(gate) * value
-        elif self.activation == "relu":
-            h = F.relu(h)
-        else:
-            h = F.gelu(h, approximate="tanh" if self.activation == "gelu_tanh" else "none")
-        return self.linear2(self.dropout(h))
+        else:  # one fused matmul + bias + activation at CPU inference
+            h = module_linear(self.linear1, x, self.activation)  # (B, L, F)
+        return module_linear(self.linear2, self.dropout(h))
 
 
 def _norm(kind: str, d: int, eps: float, bias: bool) -> nn.Module:

@@ -48,17 +48,23 @@ def number_pairs(numbers: list[int]) -> list[tuple[str, str]]:
 def _split_numbers(
     train: int, test: int, seed: int, max_digits: int = 6
 ) -> tuple[list[int], list[int]]:
-    """Disjoint train and test numbers, digit counts uniform in 1..max_digits."""
+    """Disjoint train and test numbers, digit counts uniform in 1..max_digits.
+
+    Every number below 100 is in training (they are the words the others are built
+    from, like a dictionary); the test numbers are drawn from 100 upward.
+    """
+    if train < 100 or train + test > 10**max_digits:
+        raise ValueError(
+            f"train_size={train} must be at least 100 and train_size + test_size at most "
+            f"{10**max_digits}"
+        )
     g = torch.Generator().manual_seed(seed)
-    picked: dict[int, None] = {}
+    picked: dict[int, None] = dict.fromkeys(range(100))
     while len(picked) < train + test:
-        digits = int(torch.randint(1, max_digits + 1, (), generator=g))
-        lo = 0 if digits == 1 else 10 ** (digits - 1)
-        picked[int(torch.randint(lo, 10**digits, (), generator=g))] = None
-        if len(picked) >= 10**max_digits:
-            raise ValueError("asked for more distinct numbers than there are")
+        digits = int(torch.randint(3, max_digits + 1, (), generator=g))
+        picked[int(torch.randint(10 ** (digits - 1), 10**digits, (), generator=g))] = None
     nums = list(picked)
-    return nums[test:], nums[:test]
+    return nums[:100] + nums[100 + test :], nums[100 : 100 + test]
 
 
 @dataclass
@@ -79,9 +85,9 @@ class TranslationTask:
         d_model, num_heads, layers, dim_feedforward, dropout: model size.
 
     Example:
-        >>> task = TranslationTask(train_size=50, test_size=5)
-        >>> task.train_pairs[0][0] != "", task.num_train()
-        (True, 50)
+        >>> task = TranslationTask(train_size=150, test_size=5)
+        >>> task.train_pairs[21][0], task.num_train()
+        ('vingt et un', 150)
     """
 
     name = "translation"

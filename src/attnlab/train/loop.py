@@ -49,11 +49,14 @@ class TrainConfig:
         eval_every: steps between evaluations (and checkpoints).
         target: stop once the task's ``score`` reaches it.
         patience: stop after this many evaluations without a better score.
-        time_limit: stop (after evaluating) once this many seconds have passed.
+        time_limit: stop (after a last evaluation) at the first step past this many seconds.
         seed: seeds the model init, the batch order and dropout.
         out_dir: where ``last.safetensors`` and ``best.safetensors`` go (None: no files).
         resume: continue from ``out_dir/last.safetensors`` if it exists.
         progress: show a rich progress bar with loss and throughput.
+        flush_denormal: treat denormal floats as 0 (``torch.set_flush_denormal``). Adam's
+            second moments of rarely-used weights decay into denormals, which the CPU
+            computes tens of times slower: on the translation task this halves the step time.
     """
 
     steps: int = 2000
@@ -71,6 +74,7 @@ class TrainConfig:
     out_dir: str | None = None
     resume: bool = False
     progress: bool = True
+    flush_denormal: bool = True
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -91,17 +95,27 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 class Trainer:
     """Train ``task``'s model under ``cfg``; :meth:`fit` returns the evaluation history.
 
+    ``on_eval`` receives each evaluation record (step, loss, seconds, task metrics).
+
     Example:
         >>> from attnlab.tasks.translation import TranslationTask
-        >>> task = TranslationTask(train_size=64, test_size=8, d_model=32)
+        >>> task = TranslationTask(train_size=128, test_size=8, d_model=32)
         >>> cfg = TrainConfig(steps=3, batch_size=16, eval_every=3, progress=False)
         >>> hist = Trainer(task, cfg).fit()
         >>> hist[-1]["step"]
         3
     """
 
-    def __init__(self, task: Task, cfg: TrainConfig) -> None:
-        self.task, self.cfg = task, cfg
+    def __init__(
+        self,
+        task: Task,
+        cfg: TrainConfig,
+        *,
+        on_eval: Callable[[dict[str, float]], None] | None = None,
+    ) -> None:
+        self.task, self.cfg, self.on_eval = task, cfg, on_eval
+        if cfg.flush_denormal:
+            torch.set_flush_denormal(True)
         torch.manual_seed(cfg.seed)
         self.model = task.build_model()
         self.opt = torch.optim.AdamW(
@@ -145,8 +159,10 @@ class Trainer:
                 t0 = time.perf_counter()
                 loss = self.train_step()
                 advance(loss, self.cfg.batch_size / (time.perf_counter() - t0))
+                elapsed = time.perf_counter() - start
+                out_of_time = self.cfg.time_limit is not None and elapsed >= self.cfg.time_limit
                 at_eval = self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps
-                if at_eval and self._evaluate(loss, time.perf_counter() - start):
+                if (at_eval or out_of_time) and self._evaluate(loss, elapsed):
                     break
         return self.history
 
@@ -157,6 +173,8 @@ class Trainer:
             metrics = self.task.evaluate(self.model)
         record = {"step": self.step, "loss": loss, "seconds": round(elapsed, 1), **metrics}
         self.history.append(record)
+        if self.on_eval is not None:
+            self.on_eval(record)
         score = metrics.get("score", -loss)
         improved = score > self.best
         self.best, self.bad_evals = max(self.best, score), 0 if improved else self.bad_evals + 1

@@ -1,0 +1,44 @@
+"""The capture hook: observers see every :func:`attnlab.attention` / ``attend`` call.
+
+:mod:`attnlab.interpret` registers an observer while a ``capture`` block is open; with no
+observer the hook costs one truthiness check per call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from attnlab.engines import AttentionRequest
+
+__all__ = ["OBSERVERS", "AttentionEvent", "notify"]
+
+
+@dataclass(frozen=True)
+class AttentionEvent:
+    """One attention call as an observer sees it.
+
+    Attributes:
+        request: the validated request (None for :func:`attnlab.attend`, whose scores
+            were computed by the caller).
+        weights: ``(B, H, Lq, Lk)`` if the engine returned them (always for ``attend``).
+        lse: ``(B, H, Lq)`` logsumexp if the engine returned it.
+        engine: the engine's name (``"attend"`` for :func:`attnlab.attend`).
+    """
+
+    request: AttentionRequest | None
+    weights: Tensor | None
+    lse: Tensor | None
+    engine: str
+
+
+Observer = Callable[[AttentionEvent], None]
+OBSERVERS: list[Observer] = []
+
+
+def notify(event: AttentionEvent) -> None:
+    """Hand ``event`` to every registered observer."""
+    for obs in list(OBSERVERS):
+        obs(event)

@@ -1,0 +1,19 @@
+"""See inside: capture attention weights from any engine (explanations and pictures build
+on it).
+
+Example:
+    >>> import torch
+    >>> from attnlab.nn import MultiHeadAttention
+    >>> from attnlab.interpret import capture
+    >>> mha = MultiHeadAttention(16, 2, engine="sdpa")
+    >>> with capture(mha) as cap:
+    ...     _ = mha(torch.randn(1, 5, 16))
+    >>> cap.records[0].engine, tuple(cap.records[0].weights.shape)
+    ('sdpa', (1, 2, 5, 5))
+"""
+
+from __future__ import annotations
+
+from attnlab.interpret.capture import Captured, capture
+
+__all__ = ["Captured", "capture"]

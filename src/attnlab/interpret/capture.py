@@ -1,0 +1,157 @@
+"""Record the attention weights of every attnlab attention call inside a model.
+
+``capture`` listens on the hook in :mod:`attnlab.functional` and names each call by the
+innermost module running when it happened (``"encoder.layers.0.self_attn"``). Engines
+that return no weights (``sdpa``, ``blocked`` without ``return_weights``) are not asked
+to: the weights of only the requested layers, heads and query rows are recomputed from
+the call's own inputs afterwards (by the blocked engine, tile by tile, for softmax), so a
+long sequence costs ``rows x Lk`` per head rather than ``Lq x Lk`` for every head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from attnlab._observe import OBSERVERS, AttentionEvent
+from attnlab.engines import AttentionRequest, get_engine
+from attnlab.engines.blocked import BlockedEngine
+
+__all__ = ["Captured", "capture"]
+
+
+@dataclass(frozen=True)
+class Captured:
+    """The weights of one attention call.
+
+    Attributes:
+        name: the module that made the call (``""`` outside any module of the model).
+        call: how many earlier calls this module made during the capture (decoding steps).
+        weights: ``(B, h, r, Lk)``: the requested heads and query rows.
+        engine: the engine that computed the call's output.
+    """
+
+    name: str
+    call: int
+    weights: Tensor
+    engine: str
+
+
+class capture:
+    """Context manager recording the attention weights of a model's attnlab calls.
+
+    Args:
+        model: the model whose module names label the calls (None: calls are unnamed).
+        layers: module names or glob patterns to keep (``"*.self_attn"``); default all.
+        heads: query heads to keep; default all.
+        rows: ``(r0, r1)`` query rows to keep; default all.
+
+    Example:
+        >>> import torch
+        >>> from attnlab.nn import Encoder, EncoderLayer
+        >>> enc = Encoder(EncoderLayer(32, 4, 64, dropout=0.0), 2).eval()
+        >>> with capture(enc, heads=[0]) as cap:
+        ...     _ = enc(torch.randn(1, 6, 32))
+        >>> [(c.name, tuple(c.weights.shape)) for c in cap.records]
+        [('layers.0.self_attn', (1, 1, 6, 6)), ('layers.1.self_attn', (1, 1, 6, 6))]
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        *,
+        layers: Sequence[str] | None = None,
+        heads: Sequence[int] | None = None,
+        rows: tuple[int, int] | None = None,
+    ) -> None:
+        self.model, self.layers = model, None if layers is None else list(layers)
+        self.heads, self.rows = None if heads is None else list(heads), rows
+        self.records: list[Captured] = []
+        self._stack: list[str] = []
+        self._handles: list[RemovableHandle] = []
+        self._calls: dict[str, int] = {}
+
+    def __enter__(self) -> capture:
+        for name, module in self.model.named_modules() if self.model is not None else []:
+            self._handles.append(module.register_forward_pre_hook(self._push(name)))
+            self._handles.append(module.register_forward_hook(self._pop, always_call=True))
+        OBSERVERS.append(self._observe)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        OBSERVERS.remove(self._observe)
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _push(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any) -> None:
+            self._stack.append(name)
+
+        return hook
+
+    def _pop(self, module: nn.Module, args: Any, out: Any) -> None:
+        if self._stack:
+            self._stack.pop()
+
+    def _wanted(self, name: str) -> bool:
+        return self.layers is None or any(fnmatch.fnmatchcase(name, p) for p in self.layers)
+
+    def _observe(self, event: AttentionEvent) -> None:
+        name = self._stack[-1] if self._stack else ""
+        if not self._wanted(name):
+            return
+        call = self._calls.get(name, 0)
+        self._calls[name] = call + 1
+        w = _weights(event, self.heads, self.rows).detach()
+        self.records.append(Captured(name, call, w, event.engine))
+
+    def weights(self, name: str) -> list[Tensor]:
+        """Weights of every call ``name`` made, in order."""
+        return [c.weights for c in self.records if c.name == name]
+
+    def __iter__(self) -> Iterator[Captured]:
+        return iter(self.records)
+
+
+def _weights(
+    event: AttentionEvent, heads: list[int] | None, rows: tuple[int, int] | None
+) -> Tensor:
+    """``(B, h, r, Lk)`` weights of the call: sliced if returned, else recomputed."""
+    if event.weights is not None:
+        return _slice(event.weights, heads, rows)
+    req = event.request
+    assert req is not None, "attend() always hands its weights to observers"
+    with torch.no_grad():
+        plain = _detached(req)
+        blocked = get_engine("blocked")
+        if isinstance(blocked, BlockedEngine) and blocked.unsupported(plain) is None:
+            return blocked.weights(plain, heads, rows)
+        _, w, _ = get_engine("reference").forward(dataclasses.replace(plain, return_weights=True))
+    assert w is not None
+    return _slice(w, heads, rows)
+
+
+def _detached(req: AttentionRequest) -> AttentionRequest:
+    """The same call without dropout, autograd, or extra outputs."""
+    return dataclasses.replace(
+        req,
+        q=req.q.detach(),
+        k=req.k.detach(),
+        v=req.v.detach(),
+        dropout_p=0.0,
+        return_weights=False,
+        return_lse=False,
+    )
+
+
+def _slice(w: Tensor, heads: list[int] | None, rows: tuple[int, int] | None) -> Tensor:
+    w = w if heads is None else w[:, heads]
+    return w if rows is None else w[:, :, rows[0] : rows[1]]

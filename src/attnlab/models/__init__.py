@@ -1,0 +1,28 @@
+"""Whole models built from :mod:`attnlab.nn`: BERT encoders and sentence embedders.
+
+Example:
+    >>> import torch
+    >>> from attnlab.models import BertConfig, BertEncoder
+    >>> bert = BertEncoder(BertConfig(vocab_size=20, hidden_size=16, num_hidden_layers=1,
+    ...                               num_attention_heads=2, intermediate_size=32))
+    >>> tuple(bert(torch.tensor([[1, 2, 3]])).hidden.shape)
+    (1, 3, 16)
+"""
+
+from __future__ import annotations
+
+from attnlab.models.bert import BertConfig, BertEmbeddings, BertEncoder, BertOutput, bert_state_dict
+from attnlab.models.pretrained import minilm_path
+from attnlab.models.sentence import SentenceConfig, SentenceEncoder, load_tokenizer
+
+__all__ = [
+    "BertConfig",
+    "BertEmbeddings",
+    "BertEncoder",
+    "BertOutput",
+    "SentenceConfig",
+    "SentenceEncoder",
+    "bert_state_dict",
+    "load_tokenizer",
+    "minilm_path",
+]

@@ -1,0 +1,96 @@
+"""Reading safetensors checkpoints and reporting how they fail to fit a model.
+
+Weights are read with :mod:`safetensors` only: nothing is unpickled, ever.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor
+
+__all__ = ["check_keys", "read_safetensors"]
+
+_SHOWN = 8  # names listed per kind of mismatch before "... and N more"
+
+
+def read_safetensors(path: str | Path) -> dict[str, Tensor]:
+    """All tensors of a ``.safetensors`` file, by name.
+
+    Raises ``FileNotFoundError`` (saying what a folder must hold) when the file is absent
+    and ``ValueError`` when it is truncated or not a safetensors file.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from safetensors.torch import save_file
+        >>> path = tempfile.mkdtemp() + "/w.safetensors"
+        >>> save_file({"w": torch.ones(2)}, path)
+        >>> read_safetensors(path)
+        {'w': tensor([1., 1.])}
+    """
+    path = Path(path)
+    if not path.is_file():
+        pickled = path.parent / "pytorch_model.bin"
+        hint = (
+            f" ({pickled.name} is there, but attnlab never unpickles weights: convert it "
+            "to safetensors first)"
+            if pickled.exists()
+            else ""
+        )
+        raise FileNotFoundError(f"weights file {path} does not exist{hint}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(
+            f"weights file {path} is not a readable safetensors file ({err}); it may be "
+            "truncated or corrupt: reinstall or re-export it"
+        ) from err
+
+
+def check_keys(
+    where: str,
+    found: Mapping[str, tuple[int, ...]],
+    expected: Mapping[str, tuple[int, ...]],
+    optional: Iterable[str] = (),
+) -> None:
+    """Raise ``ValueError`` listing missing, unexpected and mis-shaped tensors.
+
+    Args:
+        where: what is being loaded (named in the message).
+        found: tensor names and shapes of the checkpoint.
+        expected: tensor names and shapes the model needs.
+        optional: name prefixes that may be present and are ignored.
+
+    Example:
+        >>> check_keys("ckpt", {"b": (3,)}, {"b": (4,), "c": (1,)})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: ckpt does not fit the model: missing 1: c; mis-shaped 1: b (checkpoint (3,), ...
+    """
+    opt = tuple(optional)
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected and not k.startswith(opt)]
+    shaped = [
+        f"{k} (checkpoint {tuple(found[k])}, model {tuple(expected[k])})"
+        for k in expected
+        if k in found and tuple(found[k]) != tuple(expected[k])
+    ]
+    parts = [
+        _listing(kind, names)
+        for kind, names in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("mis-shaped", shaped),
+        )
+        if names
+    ]
+    if parts:
+        raise ValueError(f"{where} does not fit the model: " + "; ".join(parts))
+
+
+def _listing(kind: str, names: list[str]) -> str:
+    more = f", ... and {len(names) - _SHOWN} more" if len(names) > _SHOWN else ""
+    return f"{kind} {len(names)}: " + ", ".join(names[:_SHOWN]) + more

