@@ -186,8 +186,14 @@ def test_bad_input_ids(hf_folder: Path) -> None:
         lambda: ours(torch.randint(1, 97, (1, 65))),
         lambda: ours(ok),
         ValueError,
-        r"length 65 > max_position_embeddings=64",
+        r"position 64 >= max_position_embeddings=64; truncate the input",
     )
+    with pytest.raises(
+        ValueError, match=r"must lie in \[0, vocab_size=97\), got values in \[1, 97\]"
+    ):
+        ours(torch.tensor([[1, 97]]))
+    with pytest.raises(ValueError, match=r"position 64 >= max_position_embeddings=64"):
+        ours(ok[:, :3], positions=torch.tensor([0, 1, 64]))
     with pytest.raises(
         TypeError, match=r"input_ids must hold integer token ids, got dtype torch\.float32"
     ):

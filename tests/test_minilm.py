@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from attnlab.cli import main
-from attnlab.models import SentenceEncoder, minilm_path
+from attnlab.models import SentenceConfig, SentenceEncoder, minilm_path
 from tests.conftest import assert_2x_rule, check_and_control
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -271,3 +271,28 @@ def test_cli_attend_names_the_most_attended_tokens(capsys: pytest.CaptureFixture
     tokens = tok.convert_ids_to_tokens(enc["input_ids"][0])
     want = "  ".join(f"{tokens[q]}->{tokens[k]}({w[q, k]:.2f})" for q, k in enumerate(w.argmax(-1)))
     assert out == ["tokens: " + " ".join(tokens), "layer 2 head 5: " + want]
+
+
+def test_sentence_config_from_folder(tmp_path: Path) -> None:
+    modules = [
+        {"idx": 0, "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    (tmp_path / "modules.json").write_text(json.dumps(modules))
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text('{"pooling_mode_cls_token": true}')
+    (tmp_path / "sentence_bert_config.json").write_text(
+        '{"max_seq_length": 1000, "do_lower_case": true}'
+    )
+    cfg = SentenceConfig.from_folder(tmp_path, max_positions=512)
+    assert cfg == SentenceConfig("cls", normalize=False, max_seq_length=512, lowercase=True)
+    assert SentenceConfig.from_folder(tmp_path / "1_Pooling", 64) == SentenceConfig(
+        "mean", normalize=False, max_seq_length=64
+    )  # a plain BERT folder
+    (tmp_path / "1_Pooling" / "config.json").write_text(
+        '{"pooling_mode_cls_token": true, "pooling_mode_mean_tokens": true}'
+    )
+    with pytest.raises(
+        ValueError, match=r"exactly one of .* must be true \(got \['mean', 'cls'\]\)"
+    ):
+        SentenceConfig.from_folder(tmp_path, 512)

@@ -1,4 +1,4 @@
-"""Whole models built from :mod:`attnlab.nn`: BERT encoders and sentence embedders.
+"""Whole models built from :mod:`attnlab.nn`: BERT encoders, sentence embedders, seq2seq.
 
 Example:
     >>> import torch
@@ -14,6 +14,7 @@ from __future__ import annotations
 from attnlab.models.bert import BertConfig, BertEmbeddings, BertEncoder, BertOutput, bert_state_dict
 from attnlab.models.pretrained import minilm_path
 from attnlab.models.sentence import SentenceConfig, SentenceEncoder, load_tokenizer
+from attnlab.models.seq2seq import Seq2Seq, Seq2SeqConfig
 
 __all__ = [
     "BertConfig",
@@ -22,6 +23,8 @@ __all__ = [
     "BertOutput",
     "SentenceConfig",
     "SentenceEncoder",
+    "Seq2Seq",
+    "Seq2SeqConfig",
     "bert_state_dict",
     "load_tokenizer",
     "minilm_path",

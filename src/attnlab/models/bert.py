@@ -25,7 +25,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -211,7 +211,7 @@ class BertEncoder(nn.Module):
         super().__init__()
         self.config = config
         self.embeddings = BertEmbeddings(config)
-        self.layers: list[EncoderLayer] = nn.ModuleList(  # type: ignore[assignment]
+        self.layers = nn.ModuleList(
             EncoderLayer(
                 config.hidden_size,
                 config.num_attention_heads,
@@ -258,16 +258,26 @@ class BertEncoder(nn.Module):
         return BertOutput(x, tuple(weights) if need_weights else None)
 
     def _check_ids(self, input_ids: object, positions: Tensor | None) -> None:
+        """Validate ``input_ids (B, L)`` and the positions they get (ids and positions
+        outside the embedding tables would otherwise fail deep inside ``nn.Embedding``)."""
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
             seen = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids)
             raise TypeError(f"input_ids must be an integer Tensor (B, L), got {seen}")
         if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
             raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
-        limit = self.config.max_position_embeddings
-        if positions is None and input_ids.shape[1] > limit:
+        c = self.config
+        lo, hi = (int(v) for v in torch.aminmax(input_ids)) if input_ids.numel() else (0, 0)
+        if lo < 0 or hi >= c.vocab_size:
             raise ValueError(
-                f"input_ids has length {input_ids.shape[1]} > max_position_embeddings={limit}; "
-                "truncate the input (or pack it with explicit positions)"
+                f"input_ids must lie in [0, vocab_size={c.vocab_size}), got values in [{lo}, {hi}]"
+            )
+        top = input_ids.shape[1] - 1
+        if positions is not None and positions.numel():
+            top = int(positions.max())
+        if top >= c.max_position_embeddings:
+            raise ValueError(
+                f"position {top} >= max_position_embeddings={c.max_position_embeddings}; "
+                "truncate the input"
             )
 
     @classmethod
@@ -302,9 +312,10 @@ class BertEncoder(nn.Module):
 
 
 def _layer_with_weights(
-    layer: EncoderLayer, x: Tensor, mask: Mask | Tensor | None
+    module: nn.Module, x: Tensor, mask: Mask | Tensor | None
 ) -> tuple[Tensor, Tensor]:
     """One layer (its own norm placement), returning its attention weights ``(B, H, L, L)``."""
+    layer = cast(EncoderLayer, module)
     weights: list[Tensor] = []
 
     def attend(h: Tensor) -> Tensor:

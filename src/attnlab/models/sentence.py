@@ -57,11 +57,14 @@ class SentenceConfig:
         pooling: ``"mean"`` (over the text's tokens), ``"cls"`` or ``"max"``.
         normalize: L2-normalize the pooled vector.
         max_seq_length: longer texts are truncated to this many tokens (with a warning).
+        lowercase: lowercase texts before tokenizing (sentence-transformers'
+            ``do_lower_case``).
     """
 
     pooling: str = "mean"
     normalize: bool = True
     max_seq_length: int = 512
+    lowercase: bool = False
 
     def __post_init__(self) -> None:
         if self.pooling not in _POOLINGS.values():
@@ -84,8 +87,9 @@ class SentenceConfig:
         )
         pooling = "mean" if pool_dir is None else _pooling_mode(folder / pool_dir / "config.json")
         st = _read_json(folder / "sentence_bert_config.json", default={})
-        limit = int(st.get("max_seq_length") or max_positions)
-        return cls(pooling, any(t.endswith("Normalize") for t in types), min(limit, max_positions))
+        limit = min(int(st.get("max_seq_length") or max_positions), max_positions)
+        normalize = any(t.endswith("Normalize") for t in types)
+        return cls(pooling, normalize, limit, bool(st.get("do_lower_case", False)))
 
 
 def _read_json(path: Path, default: Any) -> Any:
@@ -191,7 +195,8 @@ class SentenceEncoder(nn.Module):
             [[101, 7592, 1010, 2088, 999, 102]]
         """
         _check_texts(texts)
-        encs = self.tokenizer.encode_batch(list(texts))
+        texts = [t.lower() for t in texts] if self.config.lowercase else list(texts)
+        encs = self.tokenizer.encode_batch(texts)
         cut = [i for i, e in enumerate(encs) if e.overflowing]
         if cut:
             warnings.warn(
