@@ -35,7 +35,6 @@ import re
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,6 +42,7 @@ import torch
 from torch import Tensor
 
 import attnlab
+from attnlab.bench import interleaved_ms
 from attnlab.nn.linformer import linformer_attention
 
 METHODS = ("exact", "dense", "linear", "performer", "nystrom", "linformer")
@@ -75,19 +75,6 @@ def make_step(method: str, n: int, heads: int, dim: int) -> Callable[[], None]:
         out.backward(torch.ones_like(out))
 
     return step
-
-
-def interleaved_ms(steps: dict[str, Callable[[], None]], repeat: int) -> dict[str, float]:
-    """Median ms of each step after a warm-up, calls alternating between the steps."""
-    for step in steps.values():
-        step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeat):
-        for name, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            times[name].append(1e3 * (time.perf_counter() - t0))
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _rss_kib(field: str) -> int:

@@ -13,27 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from attnlab.bench import interleaved_ms
 from attnlab.nn import EncoderLayer
-
-
-def _interleaved(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
-    """Median ms of each fn, calls alternating so machine noise hits both alike."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(1e3 * (time.perf_counter() - t0))
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _train_step(layer: nn.Module, x: torch.Tensor) -> Callable[[], None]:
@@ -66,7 +52,7 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
         for mode in ("inference", "train_step"):
             ref.train(mode != "inference"), ours.train(mode != "inference")
             make = _infer if mode == "inference" else _train_step
-            t = _interleaved({"torch": make(ref, x), "attnlab": make(ours, x)}, args.repeat)
+            t = interleaved_ms({"torch": make(ref, x), "attnlab": make(ours, x)}, args.repeat)
             rows.append(
                 {
                     "bench": "encoder_layer",

@@ -68,6 +68,20 @@ def timeit(fn: Callable[[], object], repeat: int) -> float:
     return 1e3 * statistics.median(times)
 
 
+def interleaved_ms(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
+    """Median ms of each fn after one warm-up, calls alternating so that machine noise
+    hits every fn alike (benchmarks compare ratios measured this way)."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(1e3 * (time.perf_counter() - t0))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def _sdpa_anchor(case: tuple[M.Mask | None, B.Bias | None], n: int, heads: int) -> Any:
     """torch SDPA's arguments for the case: a dense bool or float mask, or is_causal."""
     mask, bias = case
