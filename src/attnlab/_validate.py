@@ -7,6 +7,7 @@ was seen and what was expected. No asserts: validation survives ``python -O``.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 
 from torch import Tensor
@@ -15,6 +16,24 @@ from attnlab.normalize import NORMALIZERS
 from attnlab.scores import SCORES
 
 LAYOUT = "(B, H, L, E)"
+
+
+def positive_int(name: str, value: object) -> int:
+    """``value`` as an int, or a TypeError/ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int, got {value!r} ({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+    return int(value)
+
+
+def nonnegative_int(name: str, value: object) -> int:
+    """``value`` as an int >= 0, or a TypeError/ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= 0, got {value!r} ({type(value).__name__})")
+    if value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value}")
+    return int(value)
 
 
 def validate_qkv(q: object, k: object, v: object, *, same_dim: bool) -> tuple[Tensor, ...]:

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from attnlab._grid import Grid
+from attnlab._validate import nonnegative_int, positive_int
 
 __all__ = [
     "ALiBi",
@@ -55,24 +56,6 @@ ScoreBiasFn = Callable[[Tensor, Tensor, Tensor], Tensor | float]
 # --------------------------------------------------------------------------- validation
 
 
-def _positive_int(name: str, value: object) -> int:
-    """``value`` as an int, or a TypeError/ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be a positive int, got {value!r} ({type(value).__name__})")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value}")
-    return int(value)
-
-
-def _nonnegative_int(name: str, value: object) -> int:
-    """``value`` as an int >= 0, or a TypeError/ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int >= 0, got {value!r} ({type(value).__name__})")
-    if value < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {value}")
-    return int(value)
-
-
 def _check_bool(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
@@ -93,7 +76,7 @@ def _check_bucket_args(num_buckets: object, max_distance: object, bidirectional:
         )
     if num_buckets < 2:
         raise ValueError(f"num_buckets must be an int >= 2, got {num_buckets}")
-    max_distance = _positive_int("max_distance", max_distance)
+    max_distance = positive_int("max_distance", max_distance)
     max_exact = _max_exact(int(num_buckets), bidirectional)
     if max_distance <= max_exact:
         raise ValueError(
@@ -186,8 +169,8 @@ class Bias(nn.Module, abc.ABC):
             tensor([[-0.0625, -0.0000, -0.0625],
                     [-0.1250, -0.0625, -0.0000]])
         """
-        lq, lk = _nonnegative_int("lq", lq), _nonnegative_int("lk", lk)
-        batch, heads = _positive_int("batch", batch), _positive_int("heads", heads)
+        lq, lk = nonnegative_int("lq", lq), nonnegative_int("lk", lk)
+        batch, heads = positive_int("batch", batch), positive_int("heads", heads)
         self.check(batch=batch, heads=heads, lq=lq, lk=lk)
         if device is None:
             device = self._own_device()
@@ -288,7 +271,7 @@ def alibi_slopes(num_heads: int) -> Tensor:
         >>> alibi_slopes(4)
         tensor([0.2500, 0.0625, 0.0156, 0.0039])
     """
-    n = _positive_int("num_heads", num_heads)
+    n = positive_int("num_heads", num_heads)
     m = 1 << (n.bit_length() - 1)  # the largest power of two <= n
     slopes = _power_of_two_slopes(m)
     if m != n:
@@ -313,7 +296,7 @@ class ALiBi(Bias):
 
     def __init__(self, num_heads: int) -> None:
         super().__init__()
-        self.num_heads = _positive_int("num_heads", num_heads)
+        self.num_heads = positive_int("num_heads", num_heads)
         self.register_buffer("slopes", alibi_slopes(self.num_heads), persistent=False)  # (H,)
 
     @property
@@ -423,7 +406,7 @@ class RelativeBuckets(Bias):
         bidirectional: bool = True,
     ) -> None:
         super().__init__()
-        self.num_heads = _positive_int("num_heads", num_heads)
+        self.num_heads = positive_int("num_heads", num_heads)
         _check_bucket_args(num_buckets, max_distance, bidirectional)
         self.num_buckets = int(num_buckets)
         self.max_distance = int(max_distance)
@@ -494,8 +477,8 @@ class LearnedRelative(Bias):
 
     def __init__(self, num_heads: int, max_distance: int) -> None:
         super().__init__()
-        self.num_heads = _positive_int("num_heads", num_heads)
-        self.max_distance = _positive_int("max_distance", max_distance)
+        self.num_heads = positive_int("num_heads", num_heads)
+        self.max_distance = positive_int("max_distance", max_distance)
         rows = 2 * self.max_distance + 1
         self.table = nn.Parameter(torch.empty(rows, self.num_heads))  # (2D + 1, H)
         nn.init.normal_(self.table, std=0.02)

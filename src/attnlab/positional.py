@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlab import bias as _bias
-from attnlab.bias import _nonnegative_int, _positive_int
+from attnlab._validate import nonnegative_int, positive_int
 
 __all__ = [
     "LearnedPositional",
@@ -95,7 +95,7 @@ def _positions(
 ) -> Tensor:
     """The positions of ``length`` tokens: ``offset + arange(length)`` or the explicit ones."""
     if positions is None:
-        start = _nonnegative_int("offset", offset)
+        start = nonnegative_int("offset", offset)
         return torch.arange(start, start + length, device=device)  # (L,)
     if not (isinstance(offset, numbers.Integral) and offset == 0):
         raise ValueError(
@@ -162,9 +162,9 @@ def sinusoidal_table(
                 [ 0.9093, -0.4161,  0.0200,  0.9998],
                 [ 0.1411, -0.9900,  0.0300,  0.9996]])
     """
-    length = _nonnegative_int("length", length)
-    dim = _positive_int("dim", dim)
-    offset = _nonnegative_int("offset", offset)
+    length = nonnegative_int("length", length)
+    dim = positive_int("dim", dim)
+    offset = nonnegative_int("offset", offset)
     if not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
     pos = torch.arange(offset, offset + length, device=device)  # (L,)
@@ -189,7 +189,7 @@ class SinusoidalPositional(nn.Module):
 
     def __init__(self, dim: int, *, base: float = 10000.0) -> None:
         super().__init__()
-        self.dim = _positive_int("dim", dim)
+        self.dim = positive_int("dim", dim)
         self.base = _positive_float("base", base)
 
     def forward(self, x: Tensor, offset: int = 0, *, positions: Tensor | None = None) -> Tensor:
@@ -231,8 +231,8 @@ class LearnedPositional(nn.Module):
 
     def __init__(self, max_len: int, dim: int) -> None:
         super().__init__()
-        self.max_len = _positive_int("max_len", max_len)
-        self.dim = _positive_int("dim", dim)
+        self.max_len = positive_int("max_len", max_len)
+        self.dim = positive_int("dim", dim)
         self.weight = nn.Parameter(torch.empty(self.max_len, self.dim))  # (max_len, D)
         nn.init.normal_(self.weight, std=0.02)
 
@@ -286,8 +286,8 @@ class LearnedPositional(nn.Module):
 
 def _check_rotary(head_dim: object, rotary_dim: object) -> tuple[int, int]:
     """``(head_dim, rotary_dim)`` with ``rotary_dim`` even and ``<= head_dim``."""
-    e = _positive_int("head_dim", head_dim)
-    r = e if rotary_dim is None else _positive_int("rotary_dim", rotary_dim)
+    e = positive_int("head_dim", head_dim)
+    r = e if rotary_dim is None else positive_int("rotary_dim", rotary_dim)
     if r % 2 or r > e:
         given = "defaults to head_dim" if rotary_dim is None else f"head_dim={e}"
         raise ValueError(

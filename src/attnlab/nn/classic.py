@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from attnlab import masks
+from attnlab._validate import positive_int
 from attnlab.functional import AttentionOutput, attend
 from attnlab.normalize import get_normalizer
 
@@ -35,15 +36,6 @@ LUONG_METHODS = ("dot", "general", "concat")
 
 # ---------------------------------------------------------------------------------------
 # validation and the shared attend step
-
-
-def _positive_int(name: str, value: object) -> int:
-    """A positive ``int`` (not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value}")
-    return value
 
 
 def _normalizer_name(normalize: object) -> str:
@@ -244,9 +236,9 @@ class BahdanauAttention(_ScoredAttention):
         bias: bool = True,
     ) -> None:
         super().__init__()
-        self.query_dim = _positive_int("query_dim", query_dim)
-        self.key_dim = _positive_int("key_dim", key_dim)
-        self.projected_dim = _positive_int("hidden_dim", hidden_dim)
+        self.query_dim = positive_int("query_dim", query_dim)
+        self.key_dim = positive_int("key_dim", key_dim)
+        self.projected_dim = positive_int("hidden_dim", hidden_dim)
         self.normalize = _normalizer_name(normalize)
         self.query_proj = nn.Linear(query_dim, hidden_dim, bias=bias)
         self.key_proj = nn.Linear(key_dim, hidden_dim, bias=False)
@@ -308,15 +300,15 @@ class LuongAttention(_ScoredAttention):
         normalize: str = "softmax",
     ) -> None:
         super().__init__()
-        self.query_dim = _positive_int("query_dim", query_dim)
-        self.key_dim = query_dim if key_dim is None else _positive_int("key_dim", key_dim)
+        self.query_dim = positive_int("query_dim", query_dim)
+        self.key_dim = query_dim if key_dim is None else positive_int("key_dim", key_dim)
         self.method = _luong_method(method, self.query_dim, self.key_dim, hidden_dim)
         self.normalize = _normalizer_name(normalize)
         self.projected_dim = self.key_dim if method == "dot" else self.query_dim
         if method == "general":
             self.key_proj = nn.Linear(self.key_dim, query_dim, bias=False)
         elif method == "concat":
-            hidden = query_dim if hidden_dim is None else _positive_int("hidden_dim", hidden_dim)
+            hidden = query_dim if hidden_dim is None else positive_int("hidden_dim", hidden_dim)
             self.projected_dim = hidden
             self.proj = nn.Linear(query_dim + self.key_dim, hidden, bias=False)
             self.v = nn.Linear(hidden, 1, bias=False)
@@ -404,8 +396,8 @@ class AttentionPooling(nn.Module):
         self, input_dim: int, attn_dim: int | None = None, *, normalize: str = "softmax"
     ) -> None:
         super().__init__()
-        self.input_dim = _positive_int("input_dim", input_dim)
-        self.attn_dim = input_dim if attn_dim is None else _positive_int("attn_dim", attn_dim)
+        self.input_dim = positive_int("input_dim", input_dim)
+        self.attn_dim = input_dim if attn_dim is None else positive_int("attn_dim", attn_dim)
         self.normalize = _normalizer_name(normalize)
         self.proj = nn.Linear(input_dim, self.attn_dim)
         self.context = nn.Parameter(torch.randn(self.attn_dim) / math.sqrt(self.attn_dim))
