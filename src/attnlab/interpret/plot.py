@@ -5,13 +5,13 @@ Files are written atomically (a temporary file renamed over the target).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
+
+from attnlab._io import atomic_write
 
 __all__ = ["alignment"]
 
@@ -65,20 +65,6 @@ def alignment(
     ax.set_yticks(range(len(tgt_tokens)), tgt_tokens)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    out = _atomic_savefig(fig, Path(path))
+    out = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), mode=0o644)
     plt.close(fig)
     return out
-
-
-def _atomic_savefig(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path

@@ -11,14 +11,13 @@ import argparse
 import base64
 import html
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from attnlab._io import atomic_write
 from attnlab.interpret import capture
 from attnlab.models.seq2seq import Seq2Seq
 from attnlab.tasks.text import pad_batch
@@ -157,9 +156,5 @@ def _write_html(
         ok = "correct" if hyp == ref else f"expected: {html.escape(ref)}"
         parts.append(f"<h3>{html.escape(src)}</h3><p>{html.escape(hyp)} ({ok})</p>")
         parts.append(f"<img alt='cross-attention alignment' src='data:image/png;base64,{img}'>")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".html")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write("\n".join(parts))
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    return path
+    text = "\n".join(parts)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), mode=0o644)

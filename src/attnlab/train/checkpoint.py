@@ -10,16 +10,15 @@ save leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
+
+from attnlab._io import atomic_write
 
 __all__ = ["Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint"]
 
@@ -56,20 +55,8 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
         >>> load_checkpoint(p).config
         {'n': 2}
     """
-    path = Path(path)
     tensors, meta = _flatten(ckpt)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
@@ -83,11 +70,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
-        tensors = load_file(path)
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
+        with safe_open(str(path), "pt") as f:  # one pass: metadata and tensors
             meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(
             f"checkpoint {str(path)!r} is truncated or corrupt and cannot be read ({e}); "
@@ -150,8 +135,3 @@ def load_model_state(model: nn.Module, ckpt: Checkpoint, path: str | Path = "") 
         model.load_state_dict(ckpt.model)
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model: {e}") from e
-
-
-def rng_state() -> dict[str, Tensor]:
-    """The torch CPU RNG state, for resuming dropout exactly."""
-    return {"rng_torch": torch.get_rng_state()}
