@@ -170,7 +170,7 @@ def test_vocab_round_trip_and_errors() -> None:
 
 
 def test_report_has_alignment_pictures(task: TranslationTask, tmp_path: Path) -> None:
-    from attnlab.tasks.run import cross_alignment, write_report
+    from attnlab.tasks.translation import cross_alignment, write_report
 
     model = task.build_model().eval()
     assert isinstance(model, Seq2Seq)

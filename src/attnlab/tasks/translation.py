@@ -8,17 +8,30 @@ exact match and BLEU (sacrebleu) of greedy or beam-search decoding.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnlab.interpret import capture
 from attnlab.models.seq2seq import Seq2Seq, Seq2SeqConfig
+from attnlab.tasks.registry import TaskSpec
+from attnlab.tasks.report import Section, write_html
 from attnlab.tasks.text import Vocab, pad_batch
 
-__all__ = ["TranslationBatch", "TranslationTask", "number_pairs"]
+__all__ = [
+    "SPEC",
+    "TranslationBatch",
+    "TranslationTask",
+    "cross_alignment",
+    "finish",
+    "number_pairs",
+    "write_report",
+]
 
 
 def _num2words() -> Any:
@@ -175,3 +188,66 @@ class TranslationTask:
         exact = 100.0 * sum(h == r for h, r in zip(hyps, refs, strict=True)) / len(pairs)
         bleu = sacrebleu.corpus_bleu(hyps, [refs]).score
         return {"exact": round(exact, 2), "bleu": round(bleu, 2), "score": exact / 100}
+
+
+def samples(task: TranslationTask, model: Seq2Seq, n: int) -> list[tuple[str, str, str]]:
+    """``(french, greedy translation, reference)`` of the first ``n`` held-out numbers."""
+    pairs = task.test_pairs[:n]
+    hyps = task.translate(model, [s for s, _ in pairs])
+    return [(s, h, r) for (s, r), h in zip(pairs, hyps, strict=True)]
+
+
+def cross_alignment(task: TranslationTask, model: Seq2Seq, src: str, hyp: str) -> Tensor:
+    """Cross-attention of each output token over the source, mean over heads and layers:
+    ``(Lt + 1, Ls)`` (the last row is the end-of-sentence step)."""
+    s, lengths = pad_batch([task.src_vocab.encode(src)])
+    t, _ = pad_batch([[1, *task.tgt_vocab.encode(hyp)]])
+    with torch.no_grad(), capture(model, layers=["*.cross_attn"]) as cap:
+        model(s, lengths, t)
+    return torch.stack([c.weights[0].mean(0) for c in cap]).mean(0)  # (Lt, Ls)
+
+
+def write_report(
+    task: TranslationTask,
+    model: Seq2Seq,
+    rows: list[tuple[str, str, str]],
+    scores: dict[str, float],
+    folder: Path,
+) -> Path:
+    """Alignment PNGs and a self-contained ``report.html`` (images inlined) in ``folder``."""
+    from attnlab.interpret.plot import alignment
+
+    folder.mkdir(parents=True, exist_ok=True)
+    sections = []
+    for i, (src, hyp, ref) in enumerate(rows[:4]):
+        w = cross_alignment(task, model, src, hyp)
+        src_toks = [task.src_vocab.tokens[j] for j in task.src_vocab.encode(src)]
+        tgt_toks = [task.tgt_vocab.tokens[j] for j in task.tgt_vocab.encode(hyp)] + ["</s>"]
+        png = alignment(w, src_toks, tgt_toks, folder / f"alignment_{i}.png", title=src)
+        ok = "correct" if hyp == ref else f"expected: {ref}"
+        sections.append(Section(src, f"{hyp} ({ok})", [png]))
+    title = "French number words to English"
+    return write_html(folder / "report.html", title, scores, sections)
+
+
+def finish(task: TranslationTask, model: nn.Module, folder: Path) -> dict[str, float]:
+    """Greedy scores on every held-out number, beam-4 on the first 200, samples, report."""
+    assert isinstance(model, Seq2Seq)
+    greedy = task.evaluate(model, limit=len(task.test_pairs))
+    beam = task.evaluate(model, limit=200, beam=4)
+    scores = {"greedy_exact": greedy["exact"], "greedy_bleu": greedy["bleu"]}
+    scores |= {"beam4_exact_first200": beam["exact"], "beam4_bleu_first200": beam["bleu"]}
+    print(f"held-out scores ({len(task.test_pairs)} numbers):", json.dumps(scores))
+    rows = samples(task, model, n=6)
+    for src, hyp, ref in rows:
+        print(f"  {'ok ' if hyp == ref else 'BAD'} {src}\n      -> {hyp}")
+    write_report(task, model, rows, scores, folder)
+    return scores
+
+
+SPEC = TaskSpec(
+    summary="French number words to English (num2words), seq2seq transformer",
+    build=lambda n: TranslationTask(60_000 if n is None else n, dropout=0.0),
+    defaults={"steps": 2000, "batch_size": 128, "lr": 2e-3, "warmup": 100, "eval_every": 250},
+    finish=finish,
+)

@@ -1,0 +1,64 @@
+"""The tasks that ``attnlab train TASK`` knows, and what each needs from the command line.
+
+Each task module defines ``SPEC``, a :class:`TaskSpec`: how to build the task, its
+default training settings, and what to do once training ends (final scores, pictures).
+Modules are imported only when their task is asked for.
+
+Example:
+    >>> sorted(TASKS)[:3]
+    ['captioning', 'classification', 'dates']
+    >>> spec("translation").defaults["steps"]
+    2000
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from attnlab.train.loop import Task
+
+__all__ = ["TASKS", "TaskSpec", "spec"]
+
+TASKS: dict[str, str] = {
+    "translation": "attnlab.tasks.translation",
+    "dates": "attnlab.tasks.dates",
+    "generation": "attnlab.tasks.generation",
+    "vision": "attnlab.tasks.digits",
+    "captioning": "attnlab.tasks.captioning",
+    "classification": "attnlab.tasks.documents",
+}
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """How the command line trains one task.
+
+    Attributes:
+        summary: one line for ``attnlab train --help``.
+        build: ``build(train_size)`` makes the task (None: the task's default size).
+        defaults: :class:`attnlab.train.TrainConfig` fields (steps, batch_size, lr, ...)
+            that the command line's options override.
+        finish: ``finish(task, model, folder)`` runs the final evaluation, prints what a
+            user should see (scores, samples), writes pictures into ``folder`` and returns
+            the final metrics.
+    """
+
+    summary: str
+    build: Callable[[int | None], Task]
+    defaults: dict[str, Any] = field(default_factory=dict)
+    finish: Callable[[Any, nn.Module, Path], dict[str, float]] | None = None
+
+
+def spec(name: str) -> TaskSpec:
+    """The :class:`TaskSpec` of task ``name`` (one of :data:`TASKS`)."""
+    if name not in TASKS:
+        raise ValueError(f"task must be one of {sorted(TASKS)}, got {name!r}")
+    s = importlib.import_module(TASKS[name]).SPEC
+    assert isinstance(s, TaskSpec)
+    return s

@@ -1,0 +1,48 @@
+"""One self-contained HTML page per training run: scores, samples and inlined pictures."""
+
+from __future__ import annotations
+
+import base64
+import html
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from attnlab._io import atomic_write
+
+__all__ = ["Section", "write_html"]
+
+
+@dataclass(frozen=True)
+class Section:
+    """One heading with a line of text and optional PNG pictures (inlined as base64)."""
+
+    heading: str
+    text: str = ""
+    pictures: Sequence[Path] = ()
+
+
+def write_html(
+    path: str | Path, title: str, scores: dict[str, float], sections: Sequence[Section]
+) -> Path:
+    """Write ``path``: a page that needs no network (every picture is inside it).
+
+    Example:
+        >>> import tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> p = write_html(f"{d}/r.html", "Run", {"exact": 99.5}, [Section("a <b>", "ok")])
+        >>> "a &lt;b&gt;" in p.read_text() and "exact 99.5" in p.read_text()
+        True
+    """
+    parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>"]
+    parts.append("<style>body{font-family:sans-serif;max-width:60em;margin:auto}</style>")
+    parts.append(f"<h1>{html.escape(title)}</h1><p>Scores: ")
+    parts.append(html.escape(", ".join(f"{k} {v}" for k, v in scores.items())) + "</p>")
+    for sec in sections:
+        parts.append(f"<h3>{html.escape(sec.heading)}</h3><p>{html.escape(sec.text)}</p>")
+        for pic in sec.pictures:
+            data = base64.b64encode(Path(pic).read_bytes()).decode()
+            alt = html.escape(Path(pic).stem.replace("_", " "))
+            parts.append(f"<img alt='{alt}' src='data:image/png;base64,{data}'>")
+    text = "\n".join(parts)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), mode=0o644)
