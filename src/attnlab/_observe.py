@@ -13,7 +13,7 @@ from torch import Tensor
 
 from attnlab.engines import AttentionRequest
 
-__all__ = ["OBSERVERS", "AttentionEvent", "notify"]
+__all__ = ["LIVE_WEIGHTS", "OBSERVERS", "AttentionEvent", "notify"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,11 @@ class AttentionEvent:
 
 Observer = Callable[[AttentionEvent], None]
 OBSERVERS: list[Observer] = []
+
+#: While non-empty, :func:`attnlab.attention` runs every call on the reference engine with
+#: weights, so observers see the weights that computed the output (gradient relevance needs
+#: d output / d weights). ``capture(..., grad=True)`` pushes onto it.
+LIVE_WEIGHTS: list[object] = []
 
 
 def notify(event: AttentionEvent) -> None:

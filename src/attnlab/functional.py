@@ -13,13 +13,15 @@ last three steps on scores computed elsewhere (Bahdanau's additive score, say).
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Mapping
 from typing import NamedTuple
 
 from torch import Tensor
 
 from attnlab import _validate as V
-from attnlab._observe import OBSERVERS, AttentionEvent, notify
+from attnlab._observe import LIVE_WEIGHTS, OBSERVERS, AttentionEvent, notify
 from attnlab.bias import Bias, as_bias
 from attnlab.engines import AttentionRequest, get_engine, select_engine, validate_options
 from attnlab.engines.blocked import BlockedEngine
@@ -123,11 +125,14 @@ def attention(
         approximate=approximate,
     )
     chosen = select_engine(engine, req)
+    if LIVE_WEIGHTS:  # capture(grad=True): the weights must be the ones in the graph
+        chosen = get_engine("reference")
+        req = dataclasses.replace(req, return_weights=True, options={})
     out, weights, lse = chosen.forward(req)
     if OBSERVERS:  # an attnlab.interpret.capture block is open
         notify(AttentionEvent(req, weights, lse, chosen.name))
     if return_weights or return_lse:
-        return AttentionOutput(out, weights, lse)
+        return AttentionOutput(out, weights if return_weights else None, lse)
     return out
 
 

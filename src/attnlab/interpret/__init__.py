@@ -15,5 +15,24 @@ Example:
 from __future__ import annotations
 
 from attnlab.interpret.capture import Captured, capture
+from attnlab.interpret.explain import (
+    Attribution,
+    fuse_heads,
+    gradient_relevance,
+    integrated_gradients,
+    relevance,
+    rollout,
+)
+from attnlab.interpret.flow import attention_flow
 
-__all__ = ["Captured", "capture"]
+__all__ = [
+    "Attribution",
+    "Captured",
+    "attention_flow",
+    "capture",
+    "fuse_heads",
+    "gradient_relevance",
+    "integrated_gradients",
+    "relevance",
+    "rollout",
+]

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from attnlab._observe import OBSERVERS, AttentionEvent
+from attnlab._observe import LIVE_WEIGHTS, OBSERVERS, AttentionEvent
 from attnlab.engines import AttentionRequest, get_engine
 from attnlab.engines.blocked import BlockedEngine
 
@@ -52,6 +52,10 @@ class capture:
         layers: module names or glob patterns to keep (``"*.self_attn"``); default all.
         heads: query heads to keep; default all.
         rows: ``(r0, r1)`` query rows to keep; default all.
+        grad: keep the weights that computed the output, still in the autograd graph, so
+            ``torch.autograd.grad(score, [c.weights for c in cap])`` gives d score / d
+            weights (gradient relevance). Every call then runs on the ``reference`` engine;
+            ``heads`` and ``rows`` must be left out.
 
     Example:
         >>> import torch
@@ -70,7 +74,14 @@ class capture:
         layers: Sequence[str] | None = None,
         heads: Sequence[int] | None = None,
         rows: tuple[int, int] | None = None,
+        grad: bool = False,
     ) -> None:
+        if grad and (heads is not None or rows is not None):
+            raise ValueError(
+                f"capture(grad=True) keeps whole weight tensors in the graph; got heads={heads} "
+                f"and rows={rows}, expected both None (slice the records afterwards)"
+            )
+        self.grad = grad
         self.model, self.layers = model, None if layers is None else list(layers)
         self.heads, self.rows = None if heads is None else list(heads), rows
         self.records: list[Captured] = []
@@ -83,10 +94,14 @@ class capture:
             self._handles.append(module.register_forward_pre_hook(self._push(name)))
             self._handles.append(module.register_forward_hook(self._pop, always_call=True))
         OBSERVERS.append(self._observe)
+        if self.grad:
+            LIVE_WEIGHTS.append(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
         OBSERVERS.remove(self._observe)
+        if self.grad:
+            LIVE_WEIGHTS.remove(self)
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -110,7 +125,12 @@ class capture:
             return
         call = self._calls.get(name, 0)
         self._calls[name] = call + 1
-        w = _weights(event, self.heads, self.rows).detach()
+        if self.grad:
+            if event.weights is None:
+                raise RuntimeError(f"{event.engine} returned no weights under capture(grad=True)")
+            w = event.weights
+        else:
+            w = _weights(event, self.heads, self.rows).detach()
         self.records.append(Captured(name, call, w, event.engine))
 
     def weights(self, name: str) -> list[Tensor]:

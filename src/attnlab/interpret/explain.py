@@ -1,0 +1,249 @@
+"""Explanations built on attention: rollout, gradient relevance, integrated gradients.
+
+- :func:`rollout` (Abnar & Zuidema 2020): multiply the layers' head-fused attention,
+  each mixed half-and-half with the identity for the residual connection.
+- :func:`relevance` / :func:`gradient_relevance` (Chefer et al. 2021): the positive part
+  of gradient x attention, averaged over heads, accumulated as ``R <- R + A_bar @ R``.
+  The gradients come from autograd through the model as it is: no per-layer rule.
+- :func:`integrated_gradients` (Sundararajan et al. 2017) over inputs or a layer's output
+  (the token embeddings), computed by captum.
+
+Attention lists are in layer order, each ``(B, H, n, n)`` with rows the queries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from attnlab.interpret.capture import capture
+
+__all__ = [
+    "Attribution",
+    "fuse_heads",
+    "gradient_relevance",
+    "integrated_gradients",
+    "relevance",
+    "rollout",
+]
+
+_FUSIONS = ("mean", "max", "min")
+
+
+def _check_layers(name: str, attentions: Sequence[Tensor]) -> tuple[int, int]:
+    """``(B, n)`` of a non-empty list of square ``(B, H, n, n)`` tensors of one shape."""
+    if not isinstance(attentions, Sequence) or len(attentions) == 0:
+        raise ValueError(f"{name} must be a non-empty list of (B, H, n, n) tensors")
+    first = attentions[0]
+    for i, a in enumerate(attentions):
+        if not isinstance(a, Tensor):
+            raise TypeError(f"{name}[{i}] must be a Tensor, got {type(a).__name__}")
+        if a.dim() != 4 or a.shape[-1] != a.shape[-2]:
+            raise ValueError(
+                f"{name}[{i}] has shape {tuple(a.shape)}; expected square self-attention "
+                "weights (B, H, n, n)"
+            )
+        if a.shape[0] != first.shape[0] or a.shape[-1] != first.shape[-1]:
+            raise ValueError(
+                f"{name}[{i}] has shape {tuple(a.shape)} but {name}[0] has "
+                f"{tuple(first.shape)}; every layer needs the same B and n"
+            )
+    return first.shape[0], first.shape[-1]
+
+
+def fuse_heads(attention: Tensor, head_fusion: str = "mean") -> Tensor:
+    """``(B, H, n, m)`` -> ``(B, n, m)`` by the mean, max or min over heads.
+
+    Example:
+        >>> a = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])  # B=1, H=2, one query
+        >>> fuse_heads(a).tolist(), fuse_heads(a, "max").tolist()
+        ([[[0.5, 0.5]]], [[[1.0, 1.0]]])
+    """
+    if head_fusion == "mean":
+        return attention.mean(1)
+    if head_fusion == "max":
+        return attention.amax(1)
+    if head_fusion == "min":
+        return attention.amin(1)
+    raise ValueError(f"head_fusion must be one of {_FUSIONS}, got {head_fusion!r}")
+
+
+def rollout(
+    attentions: Sequence[Tensor], *, head_fusion: str = "mean", residual: bool = True
+) -> Tensor:
+    """Attention rollout: how much each output token draws on each input token.
+
+    Each layer's heads are fused; with ``residual`` the fused matrix becomes
+    ``0.5 * A + 0.5 * I`` with rows renormalized; the result is ``A_L @ ... @ A_1``.
+
+    Args:
+        attentions: per-layer weights ``(B, H, n, n)`` in layer order.
+        head_fusion: ``"mean"`` (the paper's), ``"max"`` or ``"min"`` over heads.
+        residual: account for the residual connection (the paper's choice).
+
+    Returns:
+        ``(B, n, n)``: row ``i`` is output token ``i``'s attribution over the input tokens.
+
+    Example:
+        >>> a = torch.tensor([[[[0.0, 1.0], [0.0, 1.0]]]])  # everyone attends to token 1
+        >>> rollout([a, a])[0].tolist()
+        [[0.25, 0.75], [0.0, 1.0]]
+    """
+    _check_layers("attentions", attentions)
+    out: Tensor | None = None
+    for a in attentions:
+        fused = fuse_heads(a.detach(), head_fusion)  # (B, n, n)
+        if residual:
+            fused = 0.5 * fused + 0.5 * torch.eye(fused.shape[-1], dtype=fused.dtype)
+            fused = fused / fused.sum(-1, keepdim=True).clamp_min(1e-12)
+        out = fused if out is None else fused @ out
+    assert out is not None
+    return out
+
+
+def relevance(attentions: Sequence[Tensor], gradients: Sequence[Tensor]) -> Tensor:
+    """Chefer et al.'s relevance from each layer's weights and d score / d weights.
+
+    ``R = I``; for each layer ``R <- R + mean_h((grad * A)^+) @ R``.
+
+    Args:
+        attentions, gradients: per-layer ``(B, H, n, n)`` in layer order.
+
+    Returns:
+        ``(B, n, n)``: row ``i`` is token ``i``'s relevance over the input tokens (row 0,
+        the [CLS] token, explains a classifier).
+
+    Example:
+        >>> a = torch.full((1, 1, 2, 2), 0.5)
+        >>> relevance([a], [torch.tensor([[[[1.0, -1.0], [0.0, 2.0]]]])])[0].tolist()
+        [[1.5, 0.0], [0.0, 2.0]]
+    """
+    b, n = _check_layers("attentions", attentions)
+    _check_layers("gradients", gradients)
+    if len(gradients) != len(attentions):
+        raise ValueError(
+            f"gradients has {len(gradients)} layers but attentions has {len(attentions)}"
+        )
+    r = torch.eye(n, dtype=attentions[0].dtype).expand(b, n, n)
+    for a, g in zip(attentions, gradients, strict=True):
+        if g.shape != a.shape:
+            raise ValueError(f"a gradient has shape {tuple(g.shape)}, its weights {tuple(a.shape)}")
+        cam = (g.detach() * a.detach()).clamp_min(0).mean(1)  # (B, n, n)
+        r = r + cam @ r
+    return r
+
+
+def gradient_relevance(
+    model: nn.Module, run: Callable[[], Tensor], *, layers: Sequence[str] | None = None
+) -> Tensor:
+    """Chefer et al.'s relevance of ``run()``'s score, captured from ``model``.
+
+    ``run`` calls the model and returns the score to explain: a scalar, or ``(B,)`` (one per
+    example; they are summed, which leaves each example's gradients its own). Every
+    attnlab attention call inside ``model`` whose name matches ``layers`` (default: all)
+    is computed on the reference engine with its weights kept in the graph.
+
+    Returns:
+        ``(B, n, n)`` relevance (see :func:`relevance`).
+
+    Example:
+        >>> from attnlab.nn import Encoder, EncoderLayer
+        >>> enc = Encoder(EncoderLayer(16, 2, 32, dropout=0.0), 2).eval()
+        >>> x = torch.randn(1, 5, 16)
+        >>> tuple(gradient_relevance(enc, lambda: enc(x)[:, 0].sum()).shape)
+        (1, 5, 5)
+    """
+    with capture(model, layers=layers, grad=True) as cap, torch.enable_grad():
+        score = run()
+    if not isinstance(score, Tensor) or score.dim() > 1:
+        shape = tuple(score.shape) if isinstance(score, Tensor) else type(score).__name__
+        raise ValueError(f"run() must return a scalar or (B,) score, got {shape}")
+    weights = [c.weights for c in cap.records]
+    if not weights:
+        raise ValueError(f"no attention call inside the model matched layers={layers}")
+    grads = torch.autograd.grad(score.sum(), weights, allow_unused=True)
+    grads_ = [torch.zeros_like(w) if g is None else g for w, g in zip(weights, grads, strict=True)]
+    return relevance(weights, grads_)
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """Integrated-gradients attributions.
+
+    Attributes:
+        attributions: the inputs' (or the layer output's) shape, e.g. ``(B, L, D)``.
+        delta: ``(B,)`` completeness gap ``sum(attributions) - (f(x) - f(baseline))``.
+    """
+
+    attributions: Tensor
+    delta: Tensor
+
+    def per_token(self) -> Tensor:
+        """``(B, L)``: attributions summed over the last (embedding) dimension."""
+        return self.attributions.sum(-1)
+
+
+def _captum() -> Any:
+    try:
+        import captum.attr
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("integrated gradients need captum: pip install 'attnlab[explain]'") from e
+    return captum.attr
+
+
+def integrated_gradients(
+    forward: Callable[[Tensor], Tensor],
+    inputs: Tensor,
+    baselines: Tensor | None = None,
+    *,
+    layer: nn.Module | None = None,
+    steps: int = 50,
+    method: str = "gausslegendre",
+    internal_batch_size: int | None = None,
+) -> Attribution:
+    """Integrated gradients of ``forward``'s ``(B,)`` output (captum).
+
+    Args:
+        forward: ``inputs -> (B,)`` scores.
+        inputs: what ``forward`` takes, e.g. embeddings ``(B, L, D)`` or token ids ``(B, L)``.
+        baselines: the reference input (default zeros; with ``layer``, baseline token ids).
+        layer: attribute to this module's output instead of the inputs (e.g. a model's word
+            embedding, so ``inputs`` can be token ids).
+        steps, method: the path integral's points and rule (captum's ``n_steps`` and
+            ``method``; ``"gausslegendre"`` converges fastest).
+        internal_batch_size: evaluate the path in chunks of this many inputs.
+
+    Returns:
+        An :class:`Attribution`; completeness means ``delta`` is small against
+        ``f(x) - f(baseline)``.
+
+    Example:
+        >>> x = torch.tensor([[1.0, 2.0, 3.0]])
+        >>> ig = integrated_gradients(lambda t: (t**2).sum(-1), x)
+        >>> [round(v, 4) for v in ig.attributions[0].tolist()], abs(ig.delta.item()) < 1e-4
+        ([1.0, 4.0, 9.0], True)
+    """
+    if not isinstance(inputs, Tensor):
+        raise TypeError(f"inputs must be a Tensor, got {type(inputs).__name__}")
+    if not isinstance(steps, int) or steps < 2:
+        raise ValueError(f"steps must be an int >= 2, got {steps!r}")
+    attr = _captum()
+    algo = (
+        attr.IntegratedGradients(forward)
+        if layer is None
+        else attr.LayerIntegratedGradients(forward, layer)
+    )
+    with torch.enable_grad():
+        a, delta = algo.attribute(
+            inputs,
+            baselines=baselines,
+            n_steps=steps,
+            method=method,
+            internal_batch_size=internal_batch_size,
+            return_convergence_delta=True,
+        )
+    return Attribution(a.detach(), delta.detach())

@@ -1,0 +1,206 @@
+"""interpret.explain: rollout, gradient relevance and integrated gradients against
+independent references (numpy formulas, an eager re-implementation, a Riemann sum)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnlab.interpret import (
+    capture,
+    gradient_relevance,
+    integrated_gradients,
+    relevance,
+    rollout,
+)
+from attnlab.models import BertConfig, BertEncoder
+from attnlab.nn import Encoder, EncoderLayer
+from tests.conftest import check_and_control
+
+
+def _random_attn(layers: int, b: int, h: int, n: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(b, h, n, n, generator=g, dtype=torch.float64).softmax(-1) for _ in range(layers)
+    ]
+
+
+def _numpy_rollout(attns: list[np.ndarray], fusion: str, residual: bool) -> np.ndarray:
+    """The paper's formula, one example at a time, in plain numpy."""
+    fuse = {"mean": np.mean, "max": np.max, "min": np.min}[fusion]
+    n = attns[0].shape[-1]
+    joint = np.eye(n)
+    for a in attns:  # (H, n, n)
+        m = fuse(a, axis=0)
+        if residual:
+            m = 0.5 * m + 0.5 * np.eye(n)
+            m = m / m.sum(-1, keepdims=True)
+        joint = m @ joint
+    return joint
+
+
+@pytest.mark.parametrize("fusion", ["mean", "max", "min"])
+@pytest.mark.parametrize("residual", [True, False])
+def test_rollout_equals_numpy_formula(fusion: str, residual: bool) -> None:
+    attns = _random_attn(4, 2, 3, 7, seed=1)
+    got = rollout(attns, head_fusion=fusion, residual=residual)
+    for b in range(2):
+        want = _numpy_rollout([a[b].numpy() for a in attns], fusion, residual)
+        np.testing.assert_allclose(got[b].numpy(), want, rtol=1e-12, atol=1e-12)
+    if fusion == "mean":  # rows of a product of row-stochastic matrices sum to 1
+        assert torch.allclose(got.sum(-1), torch.ones(2, 7, dtype=torch.float64))
+
+
+def test_rollout_and_relevance_errors() -> None:
+    a = torch.rand(1, 2, 4, 4)
+    ok = lambda: rollout([a, a])  # noqa: E731
+    check_and_control(lambda: rollout([]), ok, ValueError, "non-empty list")
+    check_and_control(lambda: rollout([torch.rand(1, 2, 4, 5)]), ok, ValueError, "square")
+    check_and_control(lambda: rollout([a, torch.rand(1, 2, 5, 5)]), ok, ValueError, "same B and n")
+    check_and_control(
+        lambda: rollout([a], head_fusion="median"),
+        lambda: rollout([a], head_fusion="max"),
+        ValueError,
+        "head_fusion must be one of",
+    )
+    check_and_control(
+        lambda: relevance([a, a], [a]), lambda: relevance([a], [a]), ValueError, "gradients has 1"
+    )
+    check_and_control(lambda: rollout([a.numpy()]), ok, TypeError, "must be a Tensor")
+
+
+def _encoder(engine: str) -> Encoder:
+    torch.manual_seed(0)
+    return Encoder(EncoderLayer(16, 4, 32, dropout=0.0, engine=engine), 3).double().eval()
+
+
+def _eager_relevance(enc: Encoder, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The same encoder written out by hand, with softmax weights kept for autograd, and
+    Chefer et al.'s rule applied in a plain loop."""
+    attns: list[torch.Tensor] = []
+    h = x
+    for layer in enc.layers:
+        mha = layer.self_attn
+        b, n, d = h.shape
+        heads = mha.num_heads
+        qkv = F.linear(h, mha.in_proj_weight, mha.in_proj_bias)  # (B, n, 3D)
+        q, k, v = (t.view(b, n, heads, d // heads).transpose(1, 2) for t in qkv.chunk(3, -1))
+        a = (q @ k.transpose(-1, -2) / math.sqrt(d // heads)).softmax(-1)  # (B, H, n, n)
+        attns.append(a)
+        o = (a @ v).transpose(1, 2).reshape(b, n, d)
+        h = layer.norm1(h + mha.out_proj(o))
+        h = layer.norm2(h + layer.ff(h))
+    score = (h[:, 0] @ w).sum()
+    grads = torch.autograd.grad(score, attns)
+    r = torch.eye(x.shape[1], dtype=x.dtype).repeat(x.shape[0], 1, 1)
+    for a, g in zip(attns, grads, strict=True):
+        cam = torch.clamp(g * a, min=0).mean(1)
+        r = r + torch.bmm(cam, r)
+    return r
+
+
+@pytest.mark.parametrize("engine", ["reference", "sdpa", "blocked"])
+def test_gradient_relevance_equals_eager_computation(engine: str) -> None:
+    enc = _encoder(engine)
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    w = torch.randn(16, dtype=torch.float64)
+    got = gradient_relevance(enc, lambda: enc(x)[:, 0] @ w)
+    want = _eager_relevance(enc, x, w)
+    assert got.shape == (2, 9, 9)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert (got - torch.eye(9)).abs().max() > 1e-3  # the gradients did contribute
+
+
+def test_gradient_relevance_leaves_model_and_engines_as_they_were() -> None:
+    enc = _encoder("sdpa")
+    x = torch.randn(1, 6, 16, dtype=torch.float64)
+    gradient_relevance(enc, lambda: enc(x)[:, 0].sum())
+    with capture(enc) as cap:
+        enc(x)
+    assert {c.engine for c in cap} == {"sdpa"}  # the reference override ended with the block
+    check_and_control(
+        lambda: gradient_relevance(enc, lambda: enc(x)),
+        lambda: gradient_relevance(enc, lambda: enc(x).sum()),
+        ValueError,
+        r"scalar or \(B,\)",
+    )
+    check_and_control(
+        lambda: gradient_relevance(enc, lambda: enc(x).sum(), layers=["nothing"]),
+        lambda: gradient_relevance(enc, lambda: enc(x).sum(), layers=["*self_attn"]),
+        ValueError,
+        "no attention call",
+    )
+    check_and_control(
+        lambda: capture(enc, heads=[0], grad=True),
+        lambda: capture(enc, grad=True),
+        ValueError,
+        r"heads=\[0\]",
+    )
+
+
+def _riemann_ig(f, x: torch.Tensor, base: torch.Tensor, steps: int = 4000) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """Midpoint-rule integrated gradients, written out directly."""
+    total = torch.zeros_like(x)
+    for i in range(steps):
+        alpha = (i + 0.5) / steps
+        p = (base + alpha * (x - base)).requires_grad_(True)
+        (g,) = torch.autograd.grad(f(p).sum(), p)
+        total += g
+    return (x - base) * total / steps
+
+
+def test_integrated_gradients_complete_and_equal_a_riemann_sum() -> None:
+    enc = _encoder("auto")
+    w = torch.randn(16, dtype=torch.float64)
+
+    def f(e: torch.Tensor) -> torch.Tensor:
+        return enc(e)[:, 0] @ w  # (B,)
+
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    # not zeros: LayerNorm of a near-zero vector is ill-conditioned, so the path would not be
+    # smooth enough for any quadrature to converge
+    base = torch.randn(2, 5, 16, dtype=torch.float64)
+    ig = integrated_gradients(f, x, base, steps=64)
+    gap = (f(x) - f(base)).detach()
+    assert ig.attributions.shape == x.shape
+    torch.testing.assert_close(ig.attributions.sum((1, 2)), gap, rtol=0.01, atol=0)
+    assert (ig.delta.abs() <= 0.01 * gap.abs()).all()
+    fine = integrated_gradients(f, x, base, steps=256).attributions
+    want = _riemann_ig(f, x, base, steps=300)
+    torch.testing.assert_close(fine, want, rtol=0, atol=3e-3 * want.abs().max().item())
+
+
+def test_layer_integrated_gradients_on_token_ids() -> None:
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=30,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        hidden_dropout_prob=0.0,
+    )
+    bert = BertEncoder(cfg).double().eval()
+    ids = torch.tensor([[2, 7, 9, 11, 3]])
+    base = torch.tensor([[2, 0, 0, 0, 3]])  # keep [CLS]/[SEP], pad the words
+
+    w = torch.randn(16, dtype=torch.float64)
+
+    def f(t: torch.Tensor) -> torch.Tensor:
+        return bert(t).hidden[:, 0] @ w  # (B,)
+
+    ig = integrated_gradients(f, ids, base, layer=bert.embeddings.word_embeddings, steps=64)
+    gap = (f(ids) - f(base)).detach()
+    assert ig.attributions.shape == (1, 5, 16) and ig.per_token().shape == (1, 5)
+    torch.testing.assert_close(ig.per_token().sum(-1), gap, rtol=0.01, atol=0)
+    assert ig.per_token()[0, [0, 4]].abs().max() < 1e-12  # unchanged tokens get nothing
+    check_and_control(
+        lambda: integrated_gradients(f, ids, base, layer=bert.embeddings.word_embeddings, steps=1),
+        lambda: integrated_gradients(f, ids, base, layer=bert.embeddings.word_embeddings, steps=2),
+        ValueError,
+        "steps must be an int >= 2",
+    )
