@@ -1,4 +1,4 @@
-"""Command line: ``attnlab demo | train | tour | engines | bench``.
+"""Command line: ``attnlab demo | train | tour | engines | bench | embed | attend | explain``.
 
 Example:
     >>> main(["engines"])  # doctest: +ELLIPSIS
@@ -18,6 +18,7 @@ import torch
 import attnlab
 from attnlab import bias, masks
 from attnlab.engines import available_engines
+from attnlab.interpret.command import add_parsers as add_explain_parser
 from attnlab.models.commands import add_parsers as add_model_parsers
 from attnlab.tasks.run import add_parsers as add_task_parsers
 
@@ -115,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     eng = sub.add_parser("engines", help="list the engines and what they support")
     eng.set_defaults(func=_engines)
     add_model_parsers(sub)  # embed, attend
+    add_explain_parser(sub)  # explain
     bench = sub.add_parser(
         "bench", help="time engines against torch SDPA / FlexAttention", add_help=False
     )

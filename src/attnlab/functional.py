@@ -14,7 +14,6 @@ last three steps on scores computed elsewhere (Bahdanau's additive score, say).
 from __future__ import annotations
 
 import dataclasses
-
 from collections.abc import Mapping
 from typing import NamedTuple
 

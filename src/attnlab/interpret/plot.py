@@ -1,4 +1,5 @@
-"""Pictures of attention (matplotlib, the ``viz`` extra): alignment matrices and heatmaps.
+"""Pictures of attention (matplotlib, the ``viz`` extra): alignment matrices, per-head
+heatmaps, layer x head grids and token saliency bars.
 
 Files are written atomically (a temporary file renamed over the target).
 """
@@ -13,7 +14,7 @@ from torch import Tensor
 
 from attnlab._io import atomic_write
 
-__all__ = ["alignment"]
+__all__ = ["alignment", "head_grid", "heatmap", "saliency"]
 
 
 def _pyplot() -> Any:
@@ -52,18 +53,116 @@ def alignment(
         >>> p.suffix, p.stat().st_size > 0
         ('.png', True)
     """
-    w = weights.detach().float().cpu().numpy()
-    if w.shape != (len(tgt_tokens), len(src_tokens)):
-        raise ValueError(
-            f"weights has shape {w.shape} but the labels need "
-            f"({len(tgt_tokens)}, {len(src_tokens)}) (target rows, source columns)"
-        )
+    w = _matrix("weights", weights, len(tgt_tokens), len(src_tokens))
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(1.0 + 0.45 * w.shape[1], 1.0 + 0.4 * w.shape[0]))
     ax.imshow(w, cmap="viridis", vmin=0.0, vmax=max(float(w.max()), 1e-9), aspect="auto")
-    ax.set_xticks(range(len(src_tokens)), src_tokens, rotation=60, ha="right")
-    ax.set_yticks(range(len(tgt_tokens)), tgt_tokens)
+    _label(ax, src_tokens, tgt_tokens)
     ax.set_title(title, fontsize=9)
+    return _save(plt, fig, path)
+
+
+def heatmap(weights: Tensor, tokens: Sequence[str], path: str | Path, *, title: str = "") -> Path:
+    """Save one head's self-attention ``(n, n)`` (queries as rows) as a labelled PNG.
+
+    Example:
+        >>> import tempfile, torch
+        >>> p = heatmap(torch.eye(3), ["a", "b", "c"], tempfile.mkdtemp() + "/h.png")
+        >>> p.stat().st_size > 0
+        True
+    """
+    return alignment(weights, tokens, tokens, path, title=title)
+
+
+def head_grid(
+    attentions: Sequence[Tensor],
+    path: str | Path,
+    *,
+    tokens: Sequence[str] | None = None,
+    title: str = "",
+) -> Path:
+    """Save every layer's heads as a grid of small heatmaps (layers as rows).
+
+    Args:
+        attentions: per-layer ``(H, n, n)`` weights of one example, in layer order.
+        path: the PNG to write.
+        tokens: tick labels when there are at most 24 tokens.
+        title: a title above the grid.
+
+    Example:
+        >>> import tempfile, torch
+        >>> attns = [torch.rand(2, 4, 4).softmax(-1) for _ in range(3)]
+        >>> head_grid(attns, tempfile.mkdtemp() + "/g.png").stat().st_size > 0
+        True
+    """
+    if not attentions or any(a.dim() != 3 for a in attentions):
+        raise ValueError("attentions must be a non-empty list of per-layer (H, n, m) tensors")
+    rows, cols = len(attentions), max(a.shape[0] for a in attentions)
+    plt = _pyplot()
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows), squeeze=False)
+    small = tokens is not None and len(tokens) <= 24
+    for li, a in enumerate(attentions):
+        for h in range(cols):
+            ax = axes[li][h]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if h >= a.shape[0]:
+                ax.axis("off")
+                continue
+            ax.imshow(a[h].detach().float().cpu().numpy(), cmap="viridis", vmin=0.0)
+            if li == 0:
+                ax.set_title(f"head {h}", fontsize=7)
+            if h == 0:
+                ax.set_ylabel(f"layer {li}", fontsize=7)
+            if small and li == rows - 1 and tokens is not None:
+                ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=4)
+    fig.suptitle(title, fontsize=9)
+    return _save(plt, fig, path)
+
+
+def saliency(
+    tokens: Sequence[str],
+    scores: Tensor | Sequence[float],
+    path: str | Path,
+    *,
+    title: str = "",
+) -> Path:
+    """Save a bar per token (positive bars green, negative red) as a PNG.
+
+    Example:
+        >>> import tempfile
+        >>> saliency(["a", "b"], [0.5, -0.2], tempfile.mkdtemp() + "/s.png").suffix
+        '.png'
+    """
+    vals = [float(v) for v in scores]
+    if len(vals) != len(tokens):
+        raise ValueError(f"scores has {len(vals)} values but there are {len(tokens)} tokens")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.0 + 0.4 * len(vals), 2.6))
+    ax.bar(range(len(vals)), vals, color=["#2a9d47" if v >= 0 else "#c0392b" for v in vals])
+    ax.set_xticks(range(len(tokens)), tokens, rotation=60, ha="right")
+    ax.axhline(0.0, color="black", linewidth=0.5)
+    ax.set_title(title, fontsize=9)
+    return _save(plt, fig, path)
+
+
+def _matrix(name: str, weights: Tensor, rows: int, cols: int) -> Any:
+    w = weights.detach().float().cpu().numpy()
+    if w.shape != (rows, cols):
+        raise ValueError(
+            f"{name} has shape {w.shape} but the labels need ({rows}, {cols}) "
+            "(rows: queries / target tokens, columns: keys / source tokens)"
+        )
+    return w
+
+
+def _label(ax: Any, cols: Sequence[str], rows: Sequence[str]) -> None:
+    ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+
+
+def _save(plt: Any, fig: Any, path: str | Path) -> Path:
+    """Write ``fig`` to ``path`` atomically and free it."""
     fig.tight_layout()
     out = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), mode=0o644)
     plt.close(fig)

@@ -247,6 +247,27 @@ class SentenceEncoder(nn.Module):
             hidden = self._padded(flat, lengths)
         return self._pool(hidden, doc, lengths)
 
+    def embed_rows(self, ids: Tensor, *, normalize: bool | None = None) -> Tensor:
+        """Embeddings ``(B, D)`` of ``ids (B, L)``: rows of one length, no padding.
+
+        Differentiable (no ``inference_mode``), for explanations that need gradients.
+        ``normalize`` overrides the model's own setting (``False``: the raw pooled vector).
+
+        Example:
+            >>> enc = SentenceEncoder.from_pretrained()  # needs attnlab[pretrained]
+            >>> ids = enc.tokenize(["Hello, world!"])
+            >>> e = enc.embed_rows(torch.tensor(ids))
+            >>> torch.allclose(e, enc.encode(["Hello, world!"]), atol=1e-6)
+            True
+        """
+        if not isinstance(ids, Tensor) or ids.dim() != 2:
+            raise ValueError(f"ids must be a (B, L) tensor, got {getattr(ids, 'shape', ids)!r}")
+        b, n = ids.shape
+        hidden = self.bert(ids).hidden.flatten(0, 1)  # (B * L, D)
+        doc = torch.arange(b, device=ids.device).repeat_interleave(n)  # (B * L,)
+        lengths = torch.full((b,), n, device=ids.device)
+        return self._pool(hidden, doc, lengths, normalize)
+
     def _packed(self, flat: Tensor, lengths: Tensor, doc: Tensor) -> Tensor:
         """Token states ``(T, D)`` of the batch run as one sequence of ``T`` tokens."""
         starts = torch.cumsum(lengths, 0) - lengths  # (B,)
@@ -263,7 +284,9 @@ class SentenceEncoder(nn.Module):
         out = self.bert(ids, mask=valid[:, None, None, :])  # keys of each row: (B, 1, 1, L)
         return out.hidden[valid]  # (T, D)
 
-    def _pool(self, hidden: Tensor, doc: Tensor, lengths: Tensor) -> Tensor:
+    def _pool(
+        self, hidden: Tensor, doc: Tensor, lengths: Tensor, normalize: bool | None = None
+    ) -> Tensor:
         """Pool token states ``(T, D)`` of texts ``doc (T,)`` to ``(B, D)``."""
         b, d = len(lengths), hidden.shape[1]
         if self.config.pooling == "mean":
@@ -275,7 +298,8 @@ class SentenceEncoder(nn.Module):
             )
         else:
             pooled = hidden[torch.cumsum(lengths, 0) - lengths]  # each text's first token
-        return F.normalize(pooled, dim=-1) if self.config.normalize else pooled
+        unit = self.config.normalize if normalize is None else normalize
+        return F.normalize(pooled, dim=-1) if unit else pooled
 
 
 def _check_texts(texts: object) -> None:

