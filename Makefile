@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # A bare `torch` requirement pulls several GB of CUDA wheels; pin the CPU build first.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test lint typecheck pytest bench-smoke install dev clean
+.PHONY: demo test lint typecheck pytest bench-smoke install dev browser clean
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,17 @@ $(VENV)/.dev: $(VENV)/.base
 install: $(VENV)/.base
 dev: $(VENV)/.dev
 
+# The HTML report's browser test drives Debian's chromium with Playwright (no browser
+# download). Without root or apt the test skips, and this says so.
+$(VENV)/.browser: $(VENV)/.dev
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo "sudo -n" ); \
+	  $$SUDO apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO apt-get install -y -q chromium >/dev/null 2>&1; } || \
+	  echo "warning: could not install Debian's chromium; the browser tests will be skipped"; }
+	touch $@
+browser: $(VENV)/.browser
+
 $(VENV)/.demo: $(VENV)/.base
 	$(PY) -m pip install -q -e ".[demo]"
 	touch $@
@@ -35,7 +46,7 @@ lint: $(VENV)/.dev
 typecheck: $(VENV)/.dev
 	$(PY) -m mypy
 
-pytest: $(VENV)/.dev
+pytest: $(VENV)/.dev $(VENV)/.browser
 	$(PY) -m pytest -q -n 2
 
 bench-smoke: $(VENV)/.base
@@ -45,6 +56,7 @@ bench-smoke: $(VENV)/.base
 	$(PY) benchmarks/bench_layers.py --smoke
 	$(PY) benchmarks/bench_approx.py --smoke
 	$(PY) benchmarks/bench_minilm.py --smoke
+	$(PY) benchmarks/bench_flow.py --smoke
 
 test: lint typecheck pytest bench-smoke
 
