@@ -32,6 +32,7 @@ def test_explain_writes_report_and_pictures(tmp_path: Path, capsys: pytest.Captu
         "r.html",
         "r_heads.png",
         "r_rollout.png",
+        "r_saliency_attention_flow.png",
         "r_saliency_gradient_relevance.png",
         "r_saliency_integrated_gradients.png",
         "r_saliency_rollout.png",
@@ -40,7 +41,7 @@ def test_explain_writes_report_and_pictures(tmp_path: Path, capsys: pytest.Captu
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = out.read_text()
     assert "<script src" not in page and "http://" not in page and "https://" not in page
-    assert page.count("data:image/png;base64,") == 5
+    assert page.count("data:image/png;base64,") == 6
 
 
 def test_explanation_figures_match_their_definitions(enc: SentenceEncoder, tmp_path: Path) -> None:
@@ -59,6 +60,8 @@ def test_explanation_figures_match_their_definitions(enc: SentenceEncoder, tmp_p
     # rollout saliency is the mean of the rollout rows (mean pooling)
     want_roll = rollout([a[None] for a in ex.attentions])[0].mean(0)
     torch.testing.assert_close(torch.tensor(ex.saliency["rollout"]), want_roll.float())
+    # flow saliency: rows of the row-normalized flow average to a distribution
+    assert abs(sum(ex.saliency["attention flow"]) - 1) < 1e-5
     # integrated gradients are complete: they sum to f(x) - f(baseline) within 1%
     gap = ex.score - ex.baseline_score
     assert abs(sum(ex.saliency["integrated gradients"]) - gap) <= 0.01 * abs(gap)

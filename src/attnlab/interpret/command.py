@@ -25,6 +25,7 @@ from torch import Tensor
 
 from attnlab.interpret.capture import capture
 from attnlab.interpret.explain import gradient_relevance, integrated_gradients, rollout
+from attnlab.interpret.flow import attention_flow
 from attnlab.interpret.report import report
 from attnlab.models.sentence import SentenceEncoder
 
@@ -79,12 +80,14 @@ def explain_text(
     *,
     against: str | None = None,
     steps: int = 32,
+    flow_tokens: int = 64,
     log: Callable[[str], None] = print,
 ) -> Explanation:
     """Explain ``enc``'s embedding of ``text`` and write the report to ``out`` (HTML).
 
     PNGs go beside it: ``<stem>_heads.png`` (every layer's heads), ``<stem>_rollout.png``
-    and ``<stem>_saliency_<method>.png``.
+    and ``<stem>_saliency_<method>.png``. Attention flow (one max-flow per token pair) is
+    computed for texts of at most ``flow_tokens`` tokens.
 
     Example:
         >>> import tempfile
@@ -126,8 +129,16 @@ def explain_text(
         f"integrated gradients ({steps} steps) in {time.perf_counter() - t0:.1f} s: "
         f"sum {float(ig.per_token().sum()):.4f} vs f(x) - f(baseline) {s_x - s_b:.4f}"
     )
-    sal = {
-        "rollout": _pool_rows(roll, pooling).tolist(),
+    sal = {"rollout": _pool_rows(roll, pooling).tolist()}
+    if len(tokens) <= flow_tokens:
+        t0 = time.perf_counter()
+        rows = [0] if pooling == "cls" else None
+        flow = attention_flow([a[None] for a in attns], outputs=rows, normalize=True)[0]
+        sal["attention flow"] = flow.mean(0).tolist()
+        log(f"attention flow ({flow.numel()} max-flows) in {time.perf_counter() - t0:.1f} s")
+    else:
+        log(f"attention flow skipped: {len(tokens)} tokens > flow_tokens={flow_tokens}")
+    sal |= {
         "gradient relevance": _pool_rows(rel - torch.eye(len(tokens)), pooling).tolist(),
         "integrated gradients": ig.per_token()[0].tolist(),
     }
@@ -158,6 +169,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--against", default=None, help="explain the similarity to this text")
     p.add_argument("--steps", type=int, default=32, help="integrated-gradients steps")
     p.add_argument(
+        "--flow-tokens", type=int, default=64, help="attention flow only up to this many tokens"
+    )
+    p.add_argument(
         "--model", default=None, help="a sentence-transformers folder (default: all-MiniLM-L6-v2)"
     )
     p.set_defaults(func=_explain)
@@ -165,7 +179,14 @@ def add_parsers(sub: Any) -> None:
 
 def _explain(args: argparse.Namespace) -> int:
     enc = SentenceEncoder.from_pretrained(args.model)
-    ex = explain_text(enc, args.text, args.out, against=args.against, steps=args.steps)
+    ex = explain_text(
+        enc,
+        args.text,
+        args.out,
+        against=args.against,
+        steps=args.steps,
+        flow_tokens=args.flow_tokens,
+    )
     top = sorted(zip(ex.saliency["integrated gradients"], ex.tokens, strict=True), reverse=True)
     print(
         "most important tokens (integrated gradients): "
