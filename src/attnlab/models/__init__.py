@@ -1,4 +1,5 @@
-"""Whole models built from :mod:`attnlab.nn`: BERT encoders, sentence embedders, seq2seq.
+"""Whole models built from :mod:`attnlab.nn`: BERT encoders, sentence embedders, seq2seq
+(transformer and Bahdanau-attention GRU).
 
 Example:
     >>> import torch
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from attnlab.models.bert import BertConfig, BertEmbeddings, BertEncoder, BertOutput, bert_state_dict
 from attnlab.models.pretrained import minilm_path
+from attnlab.models.rnn import RNNSeq2Seq, RNNSeq2SeqConfig
 from attnlab.models.sentence import SentenceConfig, SentenceEncoder, load_tokenizer
 from attnlab.models.seq2seq import Seq2Seq, Seq2SeqConfig
 
@@ -21,6 +23,8 @@ __all__ = [
     "BertEmbeddings",
     "BertEncoder",
     "BertOutput",
+    "RNNSeq2Seq",
+    "RNNSeq2SeqConfig",
     "SentenceConfig",
     "SentenceEncoder",
     "Seq2Seq",

@@ -16,11 +16,21 @@ from typing import Any
 
 from attnlab.tasks.registry import TASKS, TaskSpec, spec
 from attnlab.train import TrainConfig, Trainer
-from attnlab.train.loop import Task
+from attnlab.train.loop import Task, num_threads
 
 __all__ = ["add_parsers", "demo_command", "run_task", "train_command"]
 
-_OVERRIDES = ("steps", "batch_size", "lr", "warmup", "eval_every", "seed", "time_limit", "target")
+_OVERRIDES = (
+    "steps",
+    "batch_size",
+    "lr",
+    "warmup",
+    "eval_every",
+    "seed",
+    "time_limit",
+    "target",
+    "threads",
+)
 
 
 def add_parsers(sub: Any) -> None:
@@ -36,6 +46,7 @@ def add_parsers(sub: Any) -> None:
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--time-limit", type=float, default=None, help="seconds of training")
     t.add_argument("--target", type=float, default=None, help="stop at this eval score")
+    t.add_argument("--threads", type=int, default=None, help="torch threads (task default)")
     t.add_argument("--out", default=None, help="checkpoints and report (runs/TASK)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
     t.add_argument("--no-progress", action="store_true")
@@ -102,6 +113,7 @@ def run_task(s: TaskSpec, task: Task, cfg: TrainConfig, report: Path) -> dict[st
     model = trainer.model.eval()
     if s.finish is None:
         return trainer.history[-1] if trainer.history else {}
-    final = s.finish(task, model, report)
+    with num_threads(cfg.threads):
+        final = s.finish(task, model, report)
     print(f"report: {report}")
     return final

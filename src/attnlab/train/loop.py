@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,9 +20,10 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from attnlab._validate import positive_int
 from attnlab.train.checkpoint import Checkpoint, load_checkpoint, load_model_state, save_checkpoint
 
-__all__ = ["Task", "TrainConfig", "Trainer", "lr_factor"]
+__all__ = ["Task", "TrainConfig", "Trainer", "lr_factor", "num_threads"]
 
 
 class Task(Protocol):
@@ -57,6 +59,9 @@ class TrainConfig:
         flush_denormal: treat denormal floats as 0 (``torch.set_flush_denormal``). Adam's
             second moments of rarely-used weights decay into denormals, which the CPU
             computes tens of times slower: on the translation task this halves the step time.
+        threads: ``torch.set_num_threads`` for the run (None: leave it). Models made of
+            many small steps (RNN decoders) run faster on one thread, and a shared CPU
+            stalls torch's thread pool.
     """
 
     steps: int = 2000
@@ -75,6 +80,7 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
     flush_denormal: bool = True
+    threads: int | None = None
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -116,6 +122,8 @@ class Trainer:
         self.task, self.cfg, self.on_eval = task, cfg, on_eval
         if cfg.flush_denormal:
             torch.set_flush_denormal(True)
+        if cfg.threads is not None:
+            positive_int("threads", cfg.threads)
         torch.manual_seed(cfg.seed)
         self.model = task.build_model()
         self.opt = torch.optim.AdamW(
@@ -152,7 +160,12 @@ class Trainer:
         return float(loss.detach())
 
     def fit(self) -> list[dict[str, float]]:
-        """Train until ``steps``, the target, patience or the time limit ends it."""
+        """Train until ``steps``, the target, patience or the time limit ends it (on
+        ``cfg.threads`` threads, restored afterwards)."""
+        with num_threads(self.cfg.threads):
+            return self._fit()
+
+    def _fit(self) -> list[dict[str, float]]:
         start = time.perf_counter()
         with _progress(self.cfg.progress, self.cfg.steps, self.step) as advance:
             while self.step < self.cfg.steps:
@@ -211,6 +224,27 @@ class Trainer:
         self.step, self.best, self.bad_evals = int(st["step"]), float(st["best"]), st["bad_evals"]
         self.history = list(st.get("history", []))
         torch.set_rng_state(st["rng_torch"])
+
+
+@contextmanager
+def num_threads(n: int | None) -> Iterator[None]:
+    """Run the block on ``n`` torch threads (None: as is), then restore the count.
+
+    Example:
+        >>> before = torch.get_num_threads()
+        >>> with num_threads(1):
+        ...     torch.get_num_threads()
+        1
+        >>> torch.get_num_threads() == before
+        True
+    """
+    old = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(positive_int("threads", n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 class _progress:

@@ -1,0 +1,180 @@
+"""An RNN encoder-decoder with additive attention (Bahdanau, Cho & Bengio, 2015).
+
+A bidirectional GRU reads the source; a GRU decoder attends over its states at every
+step with :class:`attnlab.nn.BahdanauAttention`, from its previous state, and feeds the
+context into its next input::
+
+    c_t, a_t = attention(s_{t-1}, H)                 # a_t (B, Ls): one row of the alignment
+    s_t      = GRUCell([emb(y_{t-1}); c_t], s_{t-1})
+    logits_t = W_o [s_t; c_t; emb(y_{t-1})]
+
+``W2 H`` (the key half of the additive score) is computed once per source
+(:meth:`~attnlab.nn.BahdanauAttention.project_keys`) and reused at every step. Source
+padding (id 0, at the end of each row) is hidden twice: the encoder runs on packed
+sequences, and the attention gets the key-padding mask.
+
+The attention rows go through :func:`attnlab.attend`, so :class:`attnlab.interpret.capture`
+records them: one call per decoder step, named ``"attention"``, weights ``(B, 1, 1, Ls)``
+(the call of step ``t`` is the attention used to predict output token ``t``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from attnlab._validate import positive_int
+from attnlab.nn import BahdanauAttention
+
+__all__ = ["RNNSeq2Seq", "RNNSeq2SeqConfig"]
+
+
+@dataclass
+class RNNSeq2SeqConfig:
+    """Sizes of an :class:`RNNSeq2Seq` model (saved in its checkpoints).
+
+    Attributes:
+        src_vocab, tgt_vocab: vocabulary sizes (id 0 is padding in both).
+        embed_dim: token embedding size.
+        hidden: encoder GRU size per direction (encoder states are ``2 * hidden``).
+        decoder_hidden: decoder GRU size.
+        attn_dim: hidden size of the additive score.
+        dropout: dropout on embeddings and on the output layer's input.
+        bos, eos: decoder start and end token ids.
+    """
+
+    src_vocab: int
+    tgt_vocab: int
+    embed_dim: int = 64
+    hidden: int = 128
+    decoder_hidden: int = 256
+    attn_dim: int = 128
+    dropout: float = 0.0
+    bos: int = 1
+    eos: int = 2
+
+
+@dataclass
+class _Memory:
+    """What every decoder step reads: encoder states, their projection, the padding mask."""
+
+    states: Tensor  # (B, Ls, 2H)
+    keys: Tensor  # (B, Ls, A): W2 H, computed once
+    keep: Tensor  # (B, Ls) bool, True = a real source token
+
+
+class RNNSeq2Seq(nn.Module):
+    """Bidirectional GRU encoder, GRU decoder with Bahdanau attention and input feeding.
+
+    Token ids ``(B, L)`` with padding id 0 at the end of each row and the real source
+    lengths passed explicitly.
+
+    Example:
+        >>> import torch
+        >>> m = RNNSeq2Seq(RNNSeq2SeqConfig(src_vocab=10, tgt_vocab=8, embed_dim=8,
+        ...                                 hidden=8, decoder_hidden=16, attn_dim=8))
+        >>> src, lengths = torch.tensor([[4, 5, 6], [7, 8, 0]]), torch.tensor([3, 2])
+        >>> tuple(m(src, lengths, torch.ones(2, 4, dtype=torch.long)).shape)
+        (2, 4, 8)
+        >>> out = m.eval().generate(src, lengths, max_len=5)
+        >>> len(out), all(len(o) <= 5 for o in out)
+        (2, True)
+    """
+
+    def __init__(self, cfg: RNNSeq2SeqConfig) -> None:
+        super().__init__()
+        for name in ("src_vocab", "tgt_vocab", "embed_dim", "hidden", "decoder_hidden"):
+            positive_int(name, getattr(cfg, name))
+        self.cfg = cfg
+        e, h, d = cfg.embed_dim, cfg.hidden, cfg.decoder_hidden
+        self.src_embed = nn.Embedding(cfg.src_vocab, e, padding_idx=0)
+        self.tgt_embed = nn.Embedding(cfg.tgt_vocab, e, padding_idx=0)
+        self.encoder = nn.GRU(e, h, batch_first=True, bidirectional=True)
+        self.init_state = nn.Linear(2 * h, d)
+        self.attention = BahdanauAttention(d, 2 * h, cfg.attn_dim)
+        self.decoder = nn.GRUCell(e + 2 * h, d)
+        self.out = nn.Linear(d + 2 * h + e, cfg.tgt_vocab)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def config(self) -> dict[str, object]:
+        """The JSON-able config that rebuilds this model."""
+        return asdict(self.cfg)
+
+    def encode(self, src: Tensor, lengths: Tensor) -> tuple[_Memory, Tensor]:
+        """``src (B, Ls)`` -> the decoder's memory and its first state ``(B, D)``."""
+        _check_source(src, lengths)
+        x = self.drop(self.src_embed(src))  # (B, Ls, E)
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, last = self.encoder(packed)  # last (2, B, H): forward at the end, backward at 0
+        states, _ = pad_packed_sequence(out, batch_first=True, total_length=src.shape[1])
+        s0 = torch.tanh(self.init_state(torch.cat([last[0], last[1]], -1)))  # (B, D)
+        keep = torch.arange(src.shape[1], device=src.device) < lengths[:, None].to(src.device)
+        return _Memory(states, self.attention.project_keys(states), keep), s0
+
+    def step(self, prev: Tensor, state: Tensor, memory: _Memory) -> tuple[Tensor, Tensor]:
+        """One decoder step after tokens ``prev (B,)``: ``(logits (B, V), new state (B, D))``."""
+        emb = self.drop(self.tgt_embed(prev))  # (B, E)
+        context, _ = self.attention(
+            state, memory.states, mask=memory.keep, projected_keys=memory.keys
+        )  # (B, 2H)
+        state = self.decoder(torch.cat([emb, context], -1), state)  # (B, D)
+        return self.out(self.drop(torch.cat([state, context, emb], -1))), state
+
+    def forward(self, src: Tensor, lengths: Tensor, tgt_in: Tensor) -> Tensor:
+        """Teacher-forced logits ``(B, Lt, V)`` for decoder inputs ``tgt_in (B, Lt)``
+        (BOS followed by the target, shifted right)."""
+        _check_ids("tgt_in", tgt_in, src.shape[0] if isinstance(src, Tensor) else None)
+        memory, state = self.encode(src, lengths)
+        logits = []
+        for t in range(tgt_in.shape[1]):
+            out, state = self.step(tgt_in[:, t], state, memory)
+            logits.append(out)
+        return torch.stack(logits, 1)  # (B, Lt, V)
+
+    @torch.no_grad()
+    def generate(self, src: Tensor, lengths: Tensor, *, max_len: int = 32) -> list[list[int]]:
+        """Greedy decoding of each source row: ids without BOS and EOS."""
+        max_len = positive_int("max_len", max_len)
+        memory, state = self.encode(src, lengths)
+        prev = torch.full((src.shape[0],), self.cfg.bos, dtype=torch.long, device=src.device)
+        done = torch.zeros_like(prev, dtype=torch.bool)
+        ids = []
+        for _ in range(max_len):
+            logits, state = self.step(prev, state, memory)
+            prev = logits.argmax(-1).masked_fill(done, self.cfg.eos)  # (B,)
+            ids.append(prev)
+            done |= prev == self.cfg.eos
+            if bool(done.all()):
+                break
+        rows = torch.stack(ids, 1).tolist()  # (B, T)
+        return [r[: r.index(self.cfg.eos)] if self.cfg.eos in r else r for r in rows]
+
+
+def _check_ids(name: str, ids: object, batch: int | None) -> Tensor:
+    """``ids`` must be an integer tensor ``(B, L)`` with ``L >= 1``."""
+    if not isinstance(ids, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of token ids (B, L), got {type(ids)}")
+    if ids.dim() != 2 or ids.shape[1] == 0 or ids.is_floating_point() or ids.is_complex():
+        raise ValueError(
+            f"{name} must be an integer tensor of token ids (B, L) with L >= 1, got "
+            f"shape {tuple(ids.shape)} and dtype {ids.dtype}"
+        )
+    if batch is not None and ids.shape[0] != batch:
+        raise ValueError(f"{name} has batch size {ids.shape[0]} but src has {batch}")
+    return ids
+
+
+def _check_source(src: object, lengths: object) -> None:
+    """``src (B, Ls)`` ids and ``lengths (B,)`` with ``1 <= lengths <= Ls``."""
+    s = _check_ids("src", src, None)
+    if not isinstance(lengths, Tensor) or lengths.shape != (s.shape[0],):
+        seen = tuple(lengths.shape) if isinstance(lengths, Tensor) else type(lengths).__name__
+        raise ValueError(f"lengths must be a tensor of shape (B,) = ({s.shape[0]},), got {seen}")
+    if lengths.numel() and (int(lengths.min()) < 1 or int(lengths.max()) > s.shape[1]):
+        raise ValueError(
+            f"lengths must lie in [1, Ls={s.shape[1]}] (the real length of each src row), "
+            f"got {lengths.tolist()}"
+        )

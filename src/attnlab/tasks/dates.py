@@ -1,0 +1,498 @@
+"""Dates: written dates in several locales (Babel) to ISO ``YYYY-MM-DD``.
+
+``"[fr_FR] 21 novembre 2026"`` -> ``"2026-11-21"``, ``"[en_US] Nov 21, 2026"`` -> the
+same, with a Bahdanau-attention GRU encoder-decoder (:class:`attnlab.models.RNNSeq2Seq`).
+
+Data. Each example is a date between 1900-01-01 and 2099-12-31 written by
+:func:`babel.dates.format_date` in one locale and one CLDR width (short, medium, long,
+full). The short widths of some locales have two-digit years (``11/21/26``), which cannot
+name a year of a 200-year range, so every pattern's ``yy`` is widened to a full year.
+
+Split. By the date itself: the test dates are drawn first and no training example is
+written from any of them, in any locale or width; each test date appears once, in a
+random locale and width. So every held-out score is on days the model never saw.
+
+Tokens. Characters, plus one leading locale token (``<en_US>``). Characters because
+several widths have no word boundaries (``21.11.2026``), because a closed set of ~100
+characters leaves nothing unknown at test time, and because the task is then about
+alignment: output digits must find their source digits and the month must be read from a
+name's letters. The locale token is needed: ``04/03/1907`` is 4 March in en_GB and
+April 3 in en_US.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnlab._validate import positive_int
+from attnlab.interpret import capture
+from attnlab.models.rnn import RNNSeq2Seq, RNNSeq2SeqConfig
+from attnlab.tasks.registry import TaskSpec
+from attnlab.tasks.report import Section, write_html
+from attnlab.tasks.text import SPECIALS, pad_batch
+
+__all__ = [
+    "FORMATS",
+    "LOCALES",
+    "SPEC",
+    "CharVocab",
+    "DateExample",
+    "DatesBatch",
+    "DatesTask",
+    "date_pattern",
+    "field_alignment",
+    "finish",
+    "render",
+    "split_dates",
+]
+
+LOCALES = (
+    "en_US",
+    "en_GB",
+    "fr_FR",
+    "de_DE",
+    "es_ES",
+    "it_IT",
+    "pt_BR",
+    "nl_NL",
+    "pl_PL",
+    "tr_TR",
+)
+FORMATS = ("short", "medium", "long", "full")
+FIRST, LAST = dt.date(1900, 1, 1), dt.date(2099, 12, 31)
+# which date field each CLDR pattern letter writes
+_FIELDS = {"y": "year", "Y": "year", "u": "year", "M": "month", "L": "month", "d": "day"}
+# output characters of each field in "YYYY-MM-DD"
+ISO_ROWS = {"year": range(0, 4), "month": range(5, 7), "day": range(8, 10)}
+
+
+def _babel() -> Any:
+    try:
+        import babel.dates
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("the dates task needs Babel: pip install 'attnlab[tasks]'") from e
+    return babel.dates
+
+
+@cache
+def date_pattern(locale: str, width: str) -> str:
+    """The CLDR date pattern of ``locale`` at ``width``, with two-digit years widened.
+
+    Example:
+        >>> date_pattern("en_US", "short"), date_pattern("fr_FR", "long")
+        ('M/d/y', 'd MMMM y')
+    """
+    if width not in FORMATS:
+        raise ValueError(f"width must be one of {FORMATS}, got {width!r}")
+    pattern = str(_babel().get_date_format(width, locale=locale).pattern)
+    return re.sub(r"(?<!y)yy(?!y)", "y", pattern)
+
+
+@dataclass(frozen=True)
+class DateExample:
+    """One written date.
+
+    Attributes:
+        date: the day.
+        locale, width: how it is written (a Babel locale, a CLDR width).
+        text: the written date, equal to ``format_date(date, date_pattern(locale, width),
+            locale=locale)``.
+        spans: ``{"year" | "month" | "day": (start, end)}`` character spans in ``text``.
+    """
+
+    date: dt.date
+    locale: str
+    width: str
+    text: str
+    spans: dict[str, tuple[int, int]] = field(compare=False)
+
+    @property
+    def target(self) -> str:
+        """The ISO date ``YYYY-MM-DD``."""
+        return self.date.isoformat()
+
+
+def render(day: dt.date, locale: str, width: str) -> DateExample:
+    """Write ``day`` as Babel does, field by field, remembering where each field went.
+
+    Example:
+        >>> ex = render(dt.date(2026, 11, 21), "fr_FR", "long")
+        >>> ex.text, ex.target, ex.text[slice(*ex.spans["month"])]
+        ('21 novembre 2026', '2026-11-21', 'novembre')
+    """
+    bd = _babel()
+    fmt = bd.DateTimeFormat(day, _locale(locale))
+    text, spans = "", {}
+    for kind, value in bd.tokenize_pattern(date_pattern(locale, width)):
+        piece = fmt[value[0] * value[1]] if kind == "field" else value
+        if kind == "field" and value[0] in _FIELDS:
+            spans[_FIELDS[value[0]]] = (len(text), len(text) + len(piece))
+        text += piece
+    return DateExample(day, locale, width, text, spans)
+
+
+@cache
+def _locale(name: str) -> Any:
+    from babel import Locale
+
+    return Locale.parse(name)
+
+
+def split_dates(test_size: int, seed: int) -> tuple[list[dt.date], list[dt.date]]:
+    """Every day of 1900-2099 split at random into ``(train days, test days)``.
+
+    Example:
+        >>> train, test = split_dates(10, seed=0)
+        >>> len(train) + len(test), len(set(train) & set(test))
+        (73049, 0)
+    """
+    n = (LAST - FIRST).days + 1
+    if not 0 < test_size < n:
+        raise ValueError(f"test_size must be in [1, {n - 1}] (days in 1900-2099), got {test_size}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    days = [FIRST + dt.timedelta(days=i) for i in perm]
+    return days[test_size:], days[:test_size]
+
+
+def _examples(
+    days: Sequence[dt.date], count: int, styles: Sequence[tuple[str, str]], g: torch.Generator
+) -> list[DateExample]:
+    """``count`` examples: days drawn with replacement (or all of them, in order, when
+    ``count == len(days)``), each in a random (locale, width)."""
+    pick = (
+        torch.arange(len(days))
+        if count == len(days)
+        else torch.randint(len(days), (count,), generator=g)
+    )
+    style = torch.randint(len(styles), (count,), generator=g)
+    return [render(days[d], *styles[s]) for d, s in zip(pick.tolist(), style.tolist(), strict=True)]
+
+
+class CharVocab:
+    """Characters (and whole-token tags) <-> ids; ids 0-3 are ``<pad> <bos> <eos> <unk>``.
+
+    Example:
+        >>> v = CharVocab(["<fr_FR>", *"21 nov"])
+        >>> v.encode("21 nov", tag="<fr_FR>")
+        [4, 5, 6, 7, 8, 9, 10]
+        >>> v.decode([5, 6, 2, 9])
+        '21'
+    """
+
+    def __init__(self, tokens: Sequence[str]) -> None:
+        self.tokens = [*SPECIALS, *dict.fromkeys(t for t in tokens if t not in SPECIALS)]
+        self.index = {t: i for i, t in enumerate(self.tokens)}
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def encode(self, text: str, *, tag: str | None = None) -> list[int]:
+        """Ids of ``tag`` (if any) then of each character (unknown -> 3)."""
+        return ([self.index[tag]] if tag else []) + [self.index.get(c, 3) for c in text]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The characters of ``ids`` up to the first EOS, skipping special tokens."""
+        ids = list(ids)
+        ids = ids[: ids.index(2)] if 2 in ids else ids
+        return "".join(self.tokens[i] for i in ids if len(SPECIALS) <= i < len(self.tokens))
+
+
+@dataclass
+class DatesBatch:
+    src: Tensor  # (B, Ls): locale token + characters
+    lengths: Tensor  # (B,)
+    tgt_in: Tensor  # (B, 11): BOS + YYYY-MM-DD
+    tgt_out: Tensor  # (B, 11): YYYY-MM-DD + EOS
+
+
+class DatesTask:
+    """Written dates -> ISO dates, for :class:`attnlab.train.Trainer`.
+
+    Args:
+        train_size: training examples (days of the training split, with replacement, each
+            in a random locale and width).
+        test_size: held-out days, one example each.
+        eval_size: test examples decoded at each periodic evaluation (all at the end).
+        seed: picks the split and the examples (the model's seed is the trainer's).
+        locales, formats: the Babel locales and CLDR widths to write dates in.
+        embed_dim, hidden, decoder_hidden, attn_dim, dropout: model size
+            (:class:`attnlab.models.RNNSeq2SeqConfig`).
+
+    Example:
+        >>> task = DatesTask(train_size=20, test_size=5, locales=("de_DE",))
+        >>> task.num_train(), len(task.test), task.train[0].target in task.test_days
+        (20, 5, False)
+    """
+
+    name = "dates"
+
+    def __init__(
+        self,
+        train_size: int = 40_000,
+        test_size: int = 5000,
+        *,
+        eval_size: int = 500,
+        seed: int = 1234,
+        locales: Sequence[str] = LOCALES,
+        formats: Sequence[str] = FORMATS,
+        embed_dim: int = 32,
+        hidden: int = 64,
+        decoder_hidden: int = 128,
+        attn_dim: int = 64,
+        dropout: float = 0.0,
+    ) -> None:
+        positive_int("train_size", train_size)
+        self.eval_size = positive_int("eval_size", eval_size)
+        self.styles = _styles(locales, formats)
+        train_days, test_days = split_dates(test_size, seed)
+        g = torch.Generator().manual_seed(seed + 1)
+        self.test = _examples(test_days, len(test_days), self.styles, g)
+        self.train = _examples(train_days, train_size, self.styles, g)
+        self.test_days = {d.isoformat() for d in test_days}
+        self.src_vocab = CharVocab(
+            [f"<{loc}>" for loc, _ in self.styles] + sorted({c for e in self.train for c in e.text})
+        )
+        self.tgt_vocab = CharVocab(list("0123456789-"))
+        self.model_cfg = RNNSeq2SeqConfig(
+            len(self.src_vocab),
+            len(self.tgt_vocab),
+            embed_dim=embed_dim,
+            hidden=hidden,
+            decoder_hidden=decoder_hidden,
+            attn_dim=attn_dim,
+            dropout=dropout,
+        )
+        self._src = [self.encode_source(e) for e in self.train]
+        self._tgt = [self.tgt_vocab.encode(e.target) for e in self.train]
+
+    def encode_source(self, ex: DateExample) -> list[int]:
+        """Source ids: the locale token, then the characters."""
+        return self.src_vocab.encode(ex.text, tag=f"<{ex.locale}>")
+
+    def build_model(self) -> nn.Module:
+        return RNNSeq2Seq(self.model_cfg)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "task": self.name,
+            "model": self.model_cfg.__dict__,
+            "styles": [list(s) for s in self.styles],
+            "src_vocab": self.src_vocab.tokens,
+            "tgt_vocab": self.tgt_vocab.tokens,
+        }
+
+    def num_train(self) -> int:
+        return len(self._src)
+
+    def batch(self, indices: Tensor) -> DatesBatch:
+        idx = indices.tolist()
+        return self._batch([self._src[i] for i in idx], [self._tgt[i] for i in idx])
+
+    def _batch(self, src: list[list[int]], tgt: list[list[int]]) -> DatesBatch:
+        s, lengths = pad_batch(src)
+        tgt_in, _ = pad_batch([[1, *t] for t in tgt])
+        tgt_out, _ = pad_batch([[*t, 2] for t in tgt])
+        return DatesBatch(s, lengths, tgt_in, tgt_out)
+
+    def test_batch(self, examples: Sequence[DateExample]) -> DatesBatch:
+        """A batch of any examples (e.g. held-out ones)."""
+        return self._batch(
+            [self.encode_source(e) for e in examples],
+            [self.tgt_vocab.encode(e.target) for e in examples],
+        )
+
+    def loss(self, model: nn.Module, batch: DatesBatch) -> Tensor:
+        logits = model(batch.src, batch.lengths, batch.tgt_in)  # (B, Lt, V)
+        return F.cross_entropy(logits.flatten(0, 1), batch.tgt_out.flatten(), ignore_index=0)
+
+    def convert(
+        self, model: RNNSeq2Seq, examples: Sequence[DateExample], *, batch_size: int = 500
+    ) -> list[str]:
+        """Greedy ISO dates for ``examples``."""
+        out: list[str] = []
+        for i in range(0, len(examples), batch_size):
+            b = self.test_batch(examples[i : i + batch_size])
+            out += [self.tgt_vocab.decode(r) for r in model.generate(b.src, b.lengths, max_len=12)]
+        return out
+
+    def evaluate(self, model: nn.Module, *, limit: int | None = None) -> dict[str, float]:
+        """Exact match (%) on the first ``limit`` held-out dates; ``score`` is exact / 100."""
+        if not isinstance(model, RNNSeq2Seq):
+            raise TypeError(f"model must be an RNNSeq2Seq, got {type(model).__name__}")
+        examples = self.test[: limit or self.eval_size]
+        hyps = self.convert(model, examples)
+        exact = 100.0 * sum(h == e.target for h, e in zip(hyps, examples, strict=True))
+        exact /= len(examples)
+        return {"exact": round(exact, 2), "score": exact / 100}
+
+
+def _styles(locales: Sequence[str], formats: Sequence[str]) -> list[tuple[str, str]]:
+    """Every (locale, width), validated against Babel."""
+    if isinstance(locales, str) or not locales:
+        raise ValueError(f"locales must be a non-empty sequence of Babel locales, got {locales!r}")
+    bad = [f for f in formats if f not in FORMATS]
+    if isinstance(formats, str) or not formats or bad:
+        raise ValueError(
+            f"formats must be a non-empty sequence drawn from {FORMATS}, got {formats!r}"
+        )
+    from babel.core import UnknownLocaleError
+
+    for loc in locales:
+        try:
+            _locale(loc)
+        except (ValueError, TypeError, UnknownLocaleError) as e:
+            raise ValueError(f"locales: {loc!r} is not a Babel locale ({e})") from e
+    return [(loc, f) for loc in locales for f in formats]
+
+
+# ---------------------------------------------------------------------------------------
+# alignment: which source characters each output character attends to
+
+
+def alignment_rows(task: DatesTask, model: RNNSeq2Seq, examples: Sequence[DateExample]) -> Tensor:
+    """Attention of each output character over the source, teacher-forced on the reference:
+    ``(B, 11, Ls)`` (rows: ``YYYY-MM-DD`` then end of sentence; column 0: locale token).
+
+    Read with :class:`attnlab.interpret.capture`: one ``attention`` call per decoder step.
+    """
+    b = task.test_batch(examples)
+    with torch.no_grad(), capture(model, layers=["attention"]) as cap:
+        model(b.src, b.lengths, b.tgt_in)
+    return torch.cat([w[:, 0] for w in cap.weights("attention")], 1)  # (B, Lt, Ls)
+
+
+def field_alignment(
+    task: DatesTask, model: RNNSeq2Seq, examples: Sequence[DateExample], *, threshold: float = 0.5
+) -> dict[str, float]:
+    """How often the year, month and day output characters attend to their source field.
+
+    A field is aligned in an example when its output characters' attention mass on the
+    source span of that field, averaged over those characters, is at least ``threshold``.
+    Output characters that the source does not write are left out: the leading ``0`` of
+    day ``04`` in ``"4 March"`` has nothing to align to.
+
+    Returns:
+        ``{"year", "month", "day", "all"}``: % of examples with that field aligned (all: all
+        three), and ``"mass_<field>"``: the mean attention mass on the field's span.
+
+    Example:
+        >>> task = DatesTask(train_size=20, test_size=4, hidden=8, decoder_hidden=8)
+        >>> a = field_alignment(task, task.build_model().eval(), task.test)
+        >>> sorted(a), 0 <= a["all"] <= a["year"] <= 100
+        (['all', 'day', 'mass_day', 'mass_month', 'mass_year', 'month', 'year'], True)
+    """
+    mass: dict[str, list[Tensor]] = {k: [] for k in ISO_ROWS}
+    for i in range(0, len(examples), 500):
+        chunk = examples[i : i + 500]
+        w = alignment_rows(task, model, chunk)  # (B, 11, Ls)
+        for name in ISO_ROWS:
+            span, rows = _field_masks(chunk, name, w.shape[-1])  # (B, Ls), (B, 11)
+            on_span = (w * span[:, None]).sum(-1)  # (B, 11)
+            mass[name].append((on_span * rows).sum(-1) / rows.sum(-1))  # (B,)
+    per = {k: torch.cat(v) for k, v in mass.items()}  # (N,) each
+    ok = {k: v >= threshold for k, v in per.items()}
+    scores = {k: round(100.0 * float(v.float().mean()), 2) for k, v in ok.items()}
+    everything = torch.stack(list(ok.values())).all(0)
+    scores["all"] = round(100.0 * float(everything.float().mean()), 2)
+    return scores | {f"mass_{k}": round(float(v.mean()), 3) for k, v in per.items()}
+
+
+def _field_masks(examples: Sequence[DateExample], name: str, ls: int) -> tuple[Tensor, Tensor]:
+    """Source span ``(B, Ls)`` (after the locale token) and the output rows ``(B, 11)`` of
+    field ``name`` that the source writes (a one-digit ``4`` writes only the ``4`` of ``04``)."""
+    span, rows = torch.zeros(len(examples), ls), torch.zeros(len(examples), 11)
+    out = list(ISO_ROWS[name])
+    for j, e in enumerate(examples):
+        s0, s1 = e.spans[name]
+        span[j, 1 + s0 : 1 + s1] = 1.0  # +1: the locale token
+        short = s1 - s0 < len(out) and e.text[s0:s1].isdigit()
+        rows[j, out[len(out) - (s1 - s0) :] if short else out] = 1.0
+    return span, rows
+
+
+def _labels(ex: DateExample) -> tuple[list[str], list[str]]:
+    src = [f"<{ex.locale}>", *(c if c != " " else "\u2423" for c in ex.text)]
+    return src, [*ex.target, "</s>"]
+
+
+def write_report(
+    task: DatesTask,
+    model: RNNSeq2Seq,
+    rows: list[tuple[DateExample, str]],
+    scores: dict[str, float],
+    folder: Path,
+) -> Path:
+    """Alignment PNGs and a self-contained ``report.html`` (images inlined) in ``folder``."""
+    from attnlab.interpret.plot import alignment
+
+    folder.mkdir(parents=True, exist_ok=True)
+    sections = []
+    weights = alignment_rows(task, model, [e for e, _ in rows])  # (B, 11, Ls)
+    for i, (ex, hyp) in enumerate(rows):
+        src, tgt = _labels(ex)
+        w = weights[i, :, : len(src)]
+        png = alignment(
+            w, src, tgt, folder / f"alignment_{i}.png", title=f"{ex.text} ({ex.locale})"
+        )
+        ok = "correct" if hyp == ex.target else f"expected {ex.target}"
+        sections.append(Section(f"{ex.text} [{ex.locale}, {ex.width}]", f"{hyp} ({ok})", [png]))
+    title = "Written dates (Babel, several locales) to ISO, Bahdanau-attention GRU"
+    return write_html(folder / "report.html", title, scores, sections)
+
+
+def _showcase(task: DatesTask, n: int) -> list[DateExample]:
+    """``n`` held-out examples in different locales, with a month name if possible."""
+    chosen: dict[str, DateExample] = {}
+    for e in task.test:
+        named = not e.text[slice(*e.spans["month"])].isdigit()
+        if e.locale not in chosen and (named or e.width == "short"):
+            chosen[e.locale] = e
+    return list(chosen.values())[:n]
+
+
+def finish(task: DatesTask, model: nn.Module, folder: Path) -> dict[str, float]:
+    """Exact match on every held-out date, the alignment check, samples and a report."""
+    if not isinstance(model, RNNSeq2Seq):
+        raise TypeError(f"model must be an RNNSeq2Seq, got {type(model).__name__}")
+    hyps = task.convert(model, task.test)
+    right = [h == e.target for h, e in zip(hyps, task.test, strict=True)]
+    scores = {"exact": round(100.0 * sum(right) / len(right), 2)}
+    aligned = field_alignment(task, model, task.test)
+    scores |= {f"aligned_{k}": v for k, v in aligned.items()}
+    print(f"held-out dates ({len(task.test)}, never in training):", json.dumps(scores))
+    wrong = [(e, h) for e, h, r in zip(task.test, hyps, right, strict=True) if not r]
+    shown = [(e, task.convert(model, [e])[0]) for e in _showcase(task, 6)]
+    for ex, hyp in shown + wrong[:4]:
+        mark = "ok " if hyp == ex.target else "BAD"
+        print(
+            f"  {mark} [{ex.locale}] {ex.text!r} -> {hyp}"
+            + ("" if mark == "ok " else f" (expected {ex.target})")
+        )
+    write_report(task, model, shown[:4], scores, folder)
+    return scores
+
+
+SPEC = TaskSpec(
+    summary="written dates in 10 locales (Babel) to ISO, Bahdanau-attention GRU seq2seq",
+    build=lambda n: DatesTask(40_000 if n is None else n),
+    defaults={
+        "steps": 450,
+        "batch_size": 64,
+        "lr": 3e-3,
+        "warmup": 50,
+        "eval_every": 150,
+        "threads": 1,
+    },
+    finish=finish,
+)
