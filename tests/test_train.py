@@ -182,3 +182,11 @@ def test_report_has_alignment_pictures(task: TranslationTask, tmp_path: Path) ->
     text = page.read_text()
     assert text.count("data:image/png;base64,") == 1 and "http" not in text
     assert (tmp_path / "alignment_0.png").stat().st_size > 1000
+
+
+def test_fit_leaves_threads_and_denormals_as_it_found_them(task: TranslationTask) -> None:
+    threads = torch.get_num_threads()
+    Trainer(task, _cfg(steps=2, eval_every=2, threads=1)).fit()
+    assert torch.get_num_threads() == threads
+    tiny = torch.tensor(1e-310, dtype=torch.float64)  # a denormal
+    assert float(tiny * 1.0) != 0.0  # flush-to-zero was switched off again

@@ -13,23 +13,34 @@ Example:
 from __future__ import annotations
 
 from attnlab.models.bert import BertConfig, BertEmbeddings, BertEncoder, BertOutput, bert_state_dict
+from attnlab.models.captioner import Captioner, CaptionerConfig
+from attnlab.models.lm import LanguageModel, LMConfig, sample_logits
 from attnlab.models.pretrained import minilm_path
 from attnlab.models.rnn import RNNSeq2Seq, RNNSeq2SeqConfig
 from attnlab.models.sentence import SentenceConfig, SentenceEncoder, load_tokenizer
 from attnlab.models.seq2seq import Seq2Seq, Seq2SeqConfig
+from attnlab.models.vit import PatchEmbedding, ViT, ViTConfig
 
 __all__ = [
     "BertConfig",
     "BertEmbeddings",
     "BertEncoder",
     "BertOutput",
+    "Captioner",
+    "CaptionerConfig",
+    "LMConfig",
+    "LanguageModel",
+    "PatchEmbedding",
     "RNNSeq2Seq",
     "RNNSeq2SeqConfig",
     "SentenceConfig",
     "SentenceEncoder",
     "Seq2Seq",
     "Seq2SeqConfig",
+    "ViT",
+    "ViTConfig",
     "bert_state_dict",
     "load_tokenizer",
     "minilm_path",
+    "sample_logits",
 ]

@@ -56,7 +56,8 @@ class TrainConfig:
         out_dir: where ``last.safetensors`` and ``best.safetensors`` go (None: no files).
         resume: continue from ``out_dir/last.safetensors`` if it exists.
         progress: show a rich progress bar with loss and throughput.
-        flush_denormal: treat denormal floats as 0 (``torch.set_flush_denormal``). Adam's
+        flush_denormal: treat denormal floats as 0 during :meth:`Trainer.fit`
+            (``torch.set_flush_denormal``; switched off again afterwards). Adam's
             second moments of rarely-used weights decay into denormals, which the CPU
             computes tens of times slower: on the translation task this halves the step time.
         threads: ``torch.set_num_threads`` for the run (None: leave it). Models made of
@@ -120,8 +121,6 @@ class Trainer:
         on_eval: Callable[[dict[str, float]], None] | None = None,
     ) -> None:
         self.task, self.cfg, self.on_eval = task, cfg, on_eval
-        if cfg.flush_denormal:
-            torch.set_flush_denormal(True)
         if cfg.threads is not None:
             positive_int("threads", cfg.threads)
         torch.manual_seed(cfg.seed)
@@ -162,7 +161,7 @@ class Trainer:
     def fit(self) -> list[dict[str, float]]:
         """Train until ``steps``, the target, patience or the time limit ends it (on
         ``cfg.threads`` threads, restored afterwards)."""
-        with num_threads(self.cfg.threads):
+        with num_threads(self.cfg.threads), _flush_denormal(self.cfg.flush_denormal):
             return self._fit()
 
     def _fit(self) -> list[dict[str, float]]:
@@ -245,6 +244,18 @@ def num_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+@contextmanager
+def _flush_denormal(on: bool) -> Iterator[None]:
+    """Flush denormals to zero inside the block only (torch's default, off, after it)."""
+    if on:
+        torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if on:
+            torch.set_flush_denormal(False)
 
 
 class _progress:

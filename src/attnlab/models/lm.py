@@ -1,0 +1,291 @@
+"""A decoder-only language model with RoPE and KV-cache sampling.
+
+Token ids ``(B, L)`` in, next-token logits ``(B, L, V)`` out. :meth:`LanguageModel.generate`
+runs the prompt through the model once (the prefill, which fills every layer's KV cache)
+and then feeds one new token per step; :func:`sample_logits` turns a step's logits into
+tokens with temperature, top-k and top-p (nucleus) sampling, or greedily at temperature 0.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnlab._validate import nonnegative_int, positive_int
+from attnlab.nn import DecoderCache, DecoderOnly
+from attnlab.positional import RotaryEmbedding
+
+__all__ = ["LMConfig", "LanguageModel", "filter_logits", "sample_logits"]
+
+
+@dataclass
+class LMConfig:
+    """Sizes of a :class:`LanguageModel` (saved in its checkpoints).
+
+    Attributes:
+        vocab_size: ``V``, token ids ``0 .. V-1``.
+        d_model, num_heads, num_layers, dim_feedforward: the decoder stack's widths
+            (``dim_feedforward`` None: ``4 * d_model``).
+        num_kv_heads: key/value heads (GQA); None: ``num_heads``.
+        dropout: in the decoder layers.
+        tie_weights: the output head reuses the token embedding (``logits = h @ E^T``).
+        rope_base: RoPE's frequency base.
+    """
+
+    vocab_size: int
+    d_model: int = 128
+    num_heads: int = 4
+    num_layers: int = 2
+    dim_feedforward: int | None = None
+    num_kv_heads: int | None = None
+    dropout: float = 0.0
+    tie_weights: bool = True
+    rope_base: float = 10000.0
+
+
+class LanguageModel(nn.Module):
+    """Token embedding, a RoPE :class:`~attnlab.nn.DecoderOnly` stack and an output head.
+
+    Args:
+        cfg: an :class:`LMConfig`.
+
+    Example:
+        >>> import torch
+        >>> lm = LanguageModel(LMConfig(vocab_size=11, d_model=16, num_heads=2)).eval()
+        >>> prompt = torch.tensor([[1, 5, 6]])
+        >>> tuple(lm(prompt).shape)
+        (1, 3, 11)
+        >>> out = lm.generate(prompt, 4, temperature=0.0)
+        >>> tuple(out.shape), out[0, :3].tolist()
+        ((1, 7), [1, 5, 6])
+    """
+
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        positive_int("vocab_size", cfg.vocab_size)
+        positive_int("d_model", cfg.d_model)
+        heads = positive_int("num_heads", cfg.num_heads)
+        if cfg.d_model % heads:
+            raise ValueError(
+                f"d_model={cfg.d_model} must be a multiple of num_heads={heads} (head dim)"
+            )
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.decoder = DecoderOnly(
+            cfg.d_model,
+            heads,
+            cfg.num_layers,
+            cfg.dim_feedforward,
+            num_kv_heads=cfg.num_kv_heads,
+            dropout=cfg.dropout,
+            rope=RotaryEmbedding(cfg.d_model // heads, base=cfg.rope_base),
+        )
+        # Tied: no head module, so the state dict holds the shared matrix once (safetensors
+        # refuses tensors that share memory).
+        self.head = None if cfg.tie_weights else nn.Linear(cfg.d_model, cfg.vocab_size, False)
+
+    def config(self) -> dict[str, object]:
+        """The JSON-able config that rebuilds this model."""
+        return asdict(self.cfg)
+
+    def new_cache(self) -> DecoderCache:
+        """An empty KV cache (one per decoder layer) for :meth:`forward` with ``cache``."""
+        return self.decoder.new_cache()
+
+    def forward(self, ids: Tensor, *, cache: DecoderCache | None = None) -> Tensor:
+        """Next-token logits ``(B, L, V)`` for token ids ``ids (B, L)``.
+
+        With ``cache`` the ids are the new tokens only; their positions continue from the
+        cache length (RoPE) and they attend to every cached token.
+        """
+        _check_ids(ids, self.cfg.vocab_size)
+        h = self.decoder(self.embed(ids), cache=cache)  # (B, L, D)
+        weight = self.embed.weight if self.head is None else self.head.weight  # (V, D)
+        return F.linear(h, weight)  # (B, L, V)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+        eos_id: int | None = None,
+    ) -> Tensor:
+        """Continue each prompt by up to ``max_new_tokens`` tokens.
+
+        One forward pass over the whole prompt fills the KV cache; then each step feeds
+        only the last token. Sampling follows :func:`sample_logits` (greedy when
+        ``temperature == 0``).
+
+        Args:
+            prompt_ids: ``(B, P)`` (or ``(P,)``) token ids, ``P >= 1``.
+            max_new_tokens: tokens to add at most.
+            temperature, top_k, top_p, generator: see :func:`sample_logits`.
+            eos_id: once a row produces it, the row repeats it; generation stops when
+                every row has. None: always ``max_new_tokens``.
+
+        Returns:
+            ``(B, P + T)`` (or ``(P + T,)``): the prompt followed by the ``T`` new tokens.
+        """
+        one_row = isinstance(prompt_ids, Tensor) and prompt_ids.dim() == 1
+        ids = prompt_ids[None] if one_row else prompt_ids  # (B, P)
+        _check_ids(ids, self.cfg.vocab_size, "prompt_ids")
+        if ids.shape[1] == 0:
+            raise ValueError("prompt_ids must hold at least one token (e.g. <bos>), got P=0")
+        n = nonnegative_int("max_new_tokens", max_new_tokens)
+        _check_sampling(temperature, top_k, top_p, generator)
+        cache, out = self.new_cache(), [ids]
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)  # (B,)
+        step_in = ids  # the prefill, then one token per step
+        for _ in range(n):
+            logits = self(step_in, cache=cache)[:, -1]  # (B, V)
+            nxt = sample_logits(logits, temperature, top_k, top_p, generator)  # (B,)
+            if eos_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+                done |= nxt == eos_id
+            out.append(nxt[:, None])
+            step_in = nxt[:, None]  # (B, 1)
+            if bool(done.all()):
+                break
+        result = torch.cat(out, dim=1)  # (B, P + T)
+        return result[0] if one_row else result
+
+
+def _check_ids(ids: object, vocab_size: int, name: str = "ids") -> None:
+    """Integer token ids ``(B, L)`` in ``[0, vocab_size)``."""
+    if not isinstance(ids, Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor (B, L) of token ids, got {type(ids).__name__}"
+        )
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must hold int64 or int32 token ids, got dtype {ids.dtype}")
+    if ids.dim() != 2:
+        raise ValueError(f"{name} must have shape (B, L), got shape {tuple(ids.shape)}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(
+            f"{name} must lie in [0, vocab_size={vocab_size}), got values in "
+            f"[{int(ids.min())}, {int(ids.max())}]"
+        )
+
+
+def _check_sampling(temperature: object, top_k: object, top_p: object, generator: object) -> None:
+    """``temperature >= 0`` finite, ``top_k`` a positive int, ``top_p`` in ``(0, 1]``."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a float >= 0, got {type(temperature).__name__}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite float >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None:
+        positive_int("top_k", top_k)
+    if top_p is not None:
+        if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real):
+            raise TypeError(f"top_p must be a float in (0, 1] or None, got {type(top_p).__name__}")
+        if not 0.0 < float(top_p) <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+        )
+
+
+def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None = None) -> Tensor:
+    """Set the logits outside the top-k and then outside the top-p nucleus to ``-inf``.
+
+    Top-k keeps exactly the ``k`` largest logits of each row (ties broken by
+    ``torch.topk``). Top-p keeps the smallest set of most probable tokens whose
+    probability (softmax of the top-k-filtered logits) reaches ``top_p``: a token stays
+    when the mass of the tokens ranked before it is below ``top_p``, so the most probable
+    token always stays.
+
+    Args:
+        logits: ``(..., V)``.
+        top_k: keep this many tokens per row (None or ``>= V``: all).
+        top_p: the nucleus mass in ``(0, 1]`` (None or 1: all).
+
+    Returns:
+        ``(..., V)`` logits, ``-inf`` where filtered out.
+
+    Example:
+        >>> import torch
+        >>> logits = torch.tensor([0.4, 0.3, 0.2, 0.1]).log()
+        >>> [round(p, 4) for p in filter_logits(logits, top_p=0.6).softmax(-1).tolist()]
+        [0.5714, 0.4286, 0.0, 0.0]
+        >>> filter_logits(logits, top_k=3).isinf().tolist()
+        [False, False, False, True]
+    """
+    _check_sampling(1.0, top_k, top_p, None)
+    v = logits.shape[-1]
+    if top_k is not None and top_k < v:
+        idx = logits.topk(top_k, dim=-1).indices  # (..., k)
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, idx, True)
+        logits = logits.masked_fill(~keep, -math.inf)
+    if top_p is not None and top_p < 1.0:
+        ranked, order = logits.sort(dim=-1, descending=True)  # (..., V)
+        probs = ranked.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass ranked strictly before each token
+        drop = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, order, before >= top_p)
+        logits = logits.masked_fill(drop, -math.inf)
+    return logits
+
+
+def sample_logits(
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Draw one token per row of ``logits``.
+
+    The logits are divided by ``temperature``, filtered by :func:`filter_logits`
+    (top-k, then top-p on the tempered distribution) and sampled from. ``temperature=0``
+    returns the argmax (greedy decoding; ``top_k``/``top_p`` cannot change it).
+
+    Args:
+        logits: ``(..., V)`` unnormalized log-probabilities.
+        temperature: ``>= 0``; below 1 sharpens, above 1 flattens.
+        top_k: keep the ``k`` most probable tokens (None: all).
+        top_p: keep the smallest most-probable set with mass ``>= top_p`` (None: all).
+        generator: a ``torch.Generator`` for reproducible draws.
+
+    Returns:
+        ``(...)`` int64 token ids.
+
+    Example:
+        >>> import torch
+        >>> logits = torch.tensor([[2.0, 1.0, 0.5], [0.0, 3.0, 0.0]])
+        >>> sample_logits(logits, temperature=0.0).tolist()
+        [0, 1]
+        >>> g = torch.Generator().manual_seed(0)
+        >>> sample_logits(logits, top_k=1, generator=g).tolist()
+        [0, 1]
+    """
+    if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.dim() < 1:
+        seen = (
+            f"{logits.dtype} {tuple(logits.shape)}"
+            if isinstance(logits, Tensor)
+            else type(logits).__name__
+        )
+        raise TypeError(f"logits must be a floating-point tensor (..., V), got {seen}")
+    if logits.shape[-1] == 0:
+        raise ValueError(
+            f"logits must have at least one token (V >= 1), got shape {tuple(logits.shape)}"
+        )
+    _check_sampling(temperature, top_k, top_p, generator)
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    x = logits.float()
+    x = (x - x.amax(dim=-1, keepdim=True)) / temperature  # max 0: no overflow at small T
+    scaled = filter_logits(x, top_k, top_p)  # (..., V)
+    probs = scaled.softmax(dim=-1).reshape(-1, logits.shape[-1])  # (N, V)
+    picked = torch.multinomial(probs, 1, generator=generator)  # (N, 1)
+    return picked.reshape(logits.shape[:-1])
