@@ -1,13 +1,15 @@
-"""Atomic file writes: a crash while writing never leaves a half-written file behind."""
+"""File helpers: atomic writes (a crash while writing never leaves a half-written file
+behind) and PNGs inlined as data URIs for self-contained HTML."""
 
 from __future__ import annotations
 
+import base64
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "atomic_write_text", "png_data_uri"]
 
 
 def atomic_write(
@@ -43,3 +45,27 @@ def atomic_write(
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically, readable by everyone (0o644).
+
+    Example:
+        >>> import tempfile
+        >>> atomic_write_text(tempfile.mkdtemp() + "/a.html", "<p>hi</p>").read_text()
+        '<p>hi</p>'
+    """
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), mode=0o644)
+
+
+def png_data_uri(path: str | Path) -> str:
+    """``data:image/png;base64,...`` of the PNG at ``path``, for an ``<img src>``.
+
+    Example:
+        >>> import tempfile
+        >>> p = Path(tempfile.mkdtemp()) / "x.png"
+        >>> _ = p.write_bytes(b"PNG")
+        >>> png_data_uri(p)
+        'data:image/png;base64,UE5H'
+    """
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()

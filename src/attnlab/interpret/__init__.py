@@ -21,6 +21,7 @@ from attnlab.interpret.explain import (
     gradient_relevance,
     integrated_gradients,
     relevance,
+    residual_attention,
     rollout,
 )
 from attnlab.interpret.flow import attention_flow
@@ -34,5 +35,6 @@ __all__ = [
     "gradient_relevance",
     "integrated_gradients",
     "relevance",
+    "residual_attention",
     "rollout",
 ]

@@ -23,15 +23,17 @@ from torch import Tensor, nn
 from attnlab.interpret.capture import capture
 
 __all__ = [
+    "HEAD_FUSIONS",
     "Attribution",
     "fuse_heads",
     "gradient_relevance",
     "integrated_gradients",
     "relevance",
+    "residual_attention",
     "rollout",
 ]
 
-_FUSIONS = ("mean", "max", "min")
+HEAD_FUSIONS = ("mean", "max", "min")
 
 
 def _check_layers(name: str, attentions: Sequence[Tensor]) -> tuple[int, int]:
@@ -69,7 +71,26 @@ def fuse_heads(attention: Tensor, head_fusion: str = "mean") -> Tensor:
         return attention.amax(1)
     if head_fusion == "min":
         return attention.amin(1)
-    raise ValueError(f"head_fusion must be one of {_FUSIONS}, got {head_fusion!r}")
+    raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
+
+
+def residual_attention(
+    attention: Tensor, head_fusion: str = "mean", residual: bool = True
+) -> Tensor:
+    """One layer as rollout and flow see it: ``(B, H, n, n)`` -> ``(B, n, n)``, heads fused,
+    then with ``residual`` ``0.5 * A + 0.5 * I`` with rows renormalized.
+
+    Example:
+        >>> a = torch.tensor([[[[0.0, 1.0], [0.0, 1.0]]]])
+        >>> residual_attention(a)[0].tolist()
+        [[0.5, 0.5], [0.0, 1.0]]
+    """
+    fused = fuse_heads(attention.detach(), head_fusion)  # (B, n, n)
+    if not residual:
+        return fused
+    eye = torch.eye(fused.shape[-1], dtype=fused.dtype, device=fused.device)
+    aug = 0.5 * fused + 0.5 * eye  # (B, n, n)
+    return aug / aug.sum(-1, keepdim=True).clamp_min(1e-12)
 
 
 def rollout(
@@ -96,11 +117,8 @@ def rollout(
     _check_layers("attentions", attentions)
     out: Tensor | None = None
     for a in attentions:
-        fused = fuse_heads(a.detach(), head_fusion)  # (B, n, n)
-        if residual:
-            fused = 0.5 * fused + 0.5 * torch.eye(fused.shape[-1], dtype=fused.dtype)
-            fused = fused / fused.sum(-1, keepdim=True).clamp_min(1e-12)
-        out = fused if out is None else fused @ out
+        layer = residual_attention(a, head_fusion, residual)  # (B, n, n)
+        out = layer if out is None else layer @ out
     assert out is not None
     return out
 

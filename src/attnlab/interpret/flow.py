@@ -32,11 +32,10 @@ import torch
 from torch import Tensor
 
 from attnlab._validate import validate_flag
-from attnlab.interpret.explain import fuse_heads
+from attnlab.interpret.explain import HEAD_FUSIONS, residual_attention
 
 __all__ = ["attention_flow"]
 
-HEAD_FUSIONS = ("mean", "max", "min")  # as fuse_heads
 _CAPACITY_BITS = 30  # flow values stay below 2**31 (scipy's int32 capacities)
 
 
@@ -84,24 +83,13 @@ def attention_flow(
     validate_flag("normalize", normalize)
     n = layers[0].shape[-1]
     rows = _validate_outputs(outputs, n)
-    caps = [_residual_capacities(a, head_fusion, residual) for a in layers]  # L x (B, n, n)
+    caps = [residual_attention(a, head_fusion, residual) for a in layers]  # L x (B, n, n)
     caps_np = torch.stack(caps, 1).detach().to("cpu", torch.float64).numpy()  # (B, L, n, n)
     flows = np.stack([_flows_one(c, rows) for c in caps_np])  # (B, n_out, n)
     if normalize:
         total = flows.sum(-1, keepdims=True)
         flows = np.divide(flows, total, out=np.zeros_like(flows), where=total > 0)
     return torch.from_numpy(flows).to(layers[0].device, layers[0].dtype)
-
-
-def _residual_capacities(attn: Tensor, head_fusion: str, residual: bool) -> Tensor:
-    """``(B, H, n, n)`` -> ``(B, n, n)``: heads fused, then ``0.5 A + 0.5 I`` renormalized
-    (rollout's convention)."""
-    fused = fuse_heads(attn.detach(), head_fusion)  # (B, n, n)
-    if not residual:
-        return fused
-    eye = torch.eye(fused.shape[-1], dtype=fused.dtype, device=fused.device)
-    aug = 0.5 * fused + 0.5 * eye  # (B, n, n); every row sum >= 0.5
-    return aug / aug.sum(-1, keepdim=True)
 
 
 def _flows_one(caps: np.ndarray, rows: list[int]) -> np.ndarray:

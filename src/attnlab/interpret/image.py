@@ -15,8 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from attnlab._io import atomic_write
-from attnlab.interpret.plot import _pyplot
+from attnlab.interpret.plot import pyplot, save_figure
 
 __all__ = ["image_attention", "patch_grid"]
 
@@ -81,7 +80,7 @@ def image_attention(
     """
     img, m = _as_image(image), _as_maps(maps, titles)
     h, w = img.shape[:2]
-    plt = _pyplot()
+    plt = pyplot()
     n = 1 + len(titles)
     fig, axes = plt.subplots(1, n, figsize=(1.6 * n, 2.0), squeeze=False)
     extent = (-0.5, w - 0.5, h - 0.5, -0.5)  # each grid cell covers its patch
@@ -97,10 +96,7 @@ def image_attention(
         ax.set_yticks([])
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    out = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"), mode=0o644)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path, dpi=100)
 
 
 def patch_grid(weights: Tensor, grid: int) -> Tensor:

@@ -14,10 +14,11 @@ from torch import Tensor
 
 from attnlab._io import atomic_write
 
-__all__ = ["alignment", "head_grid", "heatmap", "saliency"]
+__all__ = ["alignment", "head_grid", "heatmap", "pyplot", "saliency", "save_figure"]
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend (files only), with an install hint if missing."""
     try:
         import matplotlib
 
@@ -54,12 +55,12 @@ def alignment(
         ('.png', True)
     """
     w = _matrix("weights", weights, len(tgt_tokens), len(src_tokens))
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.0 + 0.45 * w.shape[1], 1.0 + 0.4 * w.shape[0]))
     ax.imshow(w, cmap="viridis", vmin=0.0, vmax=max(float(w.max()), 1e-9), aspect="auto")
     _label(ax, src_tokens, tgt_tokens)
     ax.set_title(title, fontsize=9)
-    return _save(plt, fig, path)
+    return save_figure(fig, path)
 
 
 def heatmap(weights: Tensor, tokens: Sequence[str], path: str | Path, *, title: str = "") -> Path:
@@ -98,7 +99,7 @@ def head_grid(
     if not attentions or any(a.dim() != 3 for a in attentions):
         raise ValueError("attentions must be a non-empty list of per-layer (H, n, m) tensors")
     rows, cols = len(attentions), max(a.shape[0] for a in attentions)
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows), squeeze=False)
     small = tokens is not None and len(tokens) <= 24
     for li, a in enumerate(attentions):
@@ -117,7 +118,7 @@ def head_grid(
             if small and li == rows - 1 and tokens is not None:
                 ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=4)
     fig.suptitle(title, fontsize=9)
-    return _save(plt, fig, path)
+    return save_figure(fig, path)
 
 
 def saliency(
@@ -137,13 +138,13 @@ def saliency(
     vals = [float(v) for v in scores]
     if len(vals) != len(tokens):
         raise ValueError(f"scores has {len(vals)} values but there are {len(tokens)} tokens")
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.0 + 0.4 * len(vals), 2.6))
     ax.bar(range(len(vals)), vals, color=["#2a9d47" if v >= 0 else "#c0392b" for v in vals])
     ax.set_xticks(range(len(tokens)), tokens, rotation=60, ha="right")
     ax.axhline(0.0, color="black", linewidth=0.5)
     ax.set_title(title, fontsize=9)
-    return _save(plt, fig, path)
+    return save_figure(fig, path)
 
 
 def _matrix(name: str, weights: Tensor, rows: int, cols: int) -> Any:
@@ -161,9 +162,9 @@ def _label(ax: Any, cols: Sequence[str], rows: Sequence[str]) -> None:
     ax.set_yticks(range(len(rows)), rows)
 
 
-def _save(plt: Any, fig: Any, path: str | Path) -> Path:
-    """Write ``fig`` to ``path`` atomically and free it."""
+def save_figure(fig: Any, path: str | Path, *, dpi: int = 110) -> Path:
+    """Lay out ``fig``, write it to ``path`` as a PNG atomically and free it."""
     fig.tight_layout()
-    out = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), mode=0o644)
-    plt.close(fig)
+    out = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"), mode=0o644)
+    pyplot().close(fig)
     return out

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from attnlab._io import atomic_write
+from attnlab._io import atomic_write_text, png_data_uri
 
 __all__ = ["report"]
 
@@ -111,7 +111,7 @@ def report(
         "saliency": sal,
     }
     page = _page(title, text, data, [Path(p) for p in pictures])
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"), mode=0o644)
+    return atomic_write_text(path, page)
 
 
 def _scores(name: str, scores: Sequence[float] | Tensor, n: int) -> list[float]:
@@ -124,9 +124,8 @@ def _scores(name: str, scores: Sequence[float] | Tensor, n: int) -> list[float]:
 def _page(title: str, text: str, data: dict[str, object], pictures: list[Path]) -> str:
     blob = json.dumps(data).replace("</", "<\\/")
     imgs = "<h2>Pictures</h2>" * bool(pictures) + "".join(
-        f"<figure><img alt='{html.escape(p.stem)}' src='data:image/png;base64,"
-        f"{base64.b64encode(p.read_bytes()).decode()}'><figcaption>{html.escape(p.stem)}"
-        "</figcaption></figure>"
+        f"<figure><img alt='{html.escape(p.stem)}' src='{png_data_uri(p)}'>"
+        f"<figcaption>{html.escape(p.stem)}</figcaption></figure>"
         for p in pictures
     )
     template = (Path(__file__).parent / "report.html").read_text(encoding="utf-8")

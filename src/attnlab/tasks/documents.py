@@ -33,7 +33,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlab._io import atomic_write
 from attnlab.nn import HierarchicalAttention
 from attnlab.nn.hierarchical import HierarchicalOutput
 from attnlab.tasks.registry import TaskSpec
@@ -337,11 +336,9 @@ class DocumentTask:
 
 def attention_picture(doc: Document, weights: Tensor, predicted: int, path: Path) -> Path:
     """A bar per sentence of its attention weight; the deciding sentence in orange."""
-    import matplotlib
+    from attnlab.interpret.plot import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     w = weights[: len(doc.sentences)].tolist()
     colors = ["tab:orange" if i == doc.deciding else "tab:blue" for i in range(len(w))]
     fig, ax = plt.subplots(figsize=(9, 0.5 + 0.42 * len(w)))
@@ -352,10 +349,7 @@ def attention_picture(doc: Document, weights: Tensor, predicted: int, path: Path
     ax.set_xlabel("sentence attention")
     truth, guess = currency_name(CURRENCIES[doc.label]), currency_name(CURRENCIES[predicted])
     ax.set_title(f"label: {truth}   predicted: {guess}   (orange: deciding sentence)", fontsize=9)
-    fig.tight_layout()
-    out = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"), mode=0o644)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path, dpi=100)
 
 
 def finish(task: DocumentTask, model: nn.Module, folder: Path) -> dict[str, float]:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import base64
 import html
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from attnlab._io import atomic_write
+from attnlab._io import atomic_write_text, png_data_uri
 
 __all__ = ["Section", "write_html"]
 
@@ -41,8 +40,7 @@ def write_html(
     for sec in sections:
         parts.append(f"<h3>{html.escape(sec.heading)}</h3><p>{html.escape(sec.text)}</p>")
         for pic in sec.pictures:
-            data = base64.b64encode(Path(pic).read_bytes()).decode()
             alt = html.escape(Path(pic).stem.replace("_", " "))
-            parts.append(f"<img alt='{alt}' src='data:image/png;base64,{data}'>")
+            parts.append(f"<img alt='{alt}' src='{png_data_uri(pic)}'>")
     text = "\n".join(parts)
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), mode=0o644)
+    return atomic_write_text(path, text)
