@@ -17,15 +17,20 @@ from attnlab.engines import blocked as blocked_mod
 from tests.conftest import assert_2x_rule, max_err, naive_attention
 
 EXACT = [name for name, eng in available_engines().items() if eng.exact]
-ENGINES = ["auto", *EXACT, "blocked-eager"]  # approximations: tests/test_approximate.py
+# approximations: tests/test_approximate.py
+ENGINES = ["auto", *EXACT, "blocked-torch", "blocked-eager"]
 
 
 @pytest.fixture(params=ENGINES)
 def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every engine; "blocked-eager" is the blocked engine without torch's fused kernel."""
-    if request.param == "blocked-eager":
-        monkeypatch.setattr(blocked_mod, "USE_FUSED", False)
+    """Every engine. "blocked" runs attnlab's compiled kernel where it can; "blocked-torch"
+    is the blocked engine on torch's fused kernel per block, "blocked-eager" on neither."""
+    if request.param in ("blocked-torch", "blocked-eager"):
+        monkeypatch.setattr(blocked_mod, "USE_KERNEL", False)
+        monkeypatch.setattr(blocked_mod, "USE_FUSED", request.param == "blocked-torch")
         return "blocked"
+    if request.param == "blocked" and blocked_mod.kernel() is None:
+        pytest.skip(f"attnlab's CPU kernel could not be built: {blocked_mod.kernel_error()}")
     return str(request.param)
 
 

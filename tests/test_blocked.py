@@ -35,7 +35,9 @@ def _req(
 def _keys_read(
     req: attnlab.engines.AttentionRequest, monkeypatch: pytest.MonkeyPatch, backward: bool = False
 ) -> list[tuple[int, int]]:
-    """(rows, keys) of every block the engine computes, via its key-selection helper."""
+    """(rows, keys) of every block torch's per-block path computes, via its key-selection
+    helper (attnlab's compiled kernel is switched off; :func:`_kernel_scores` counts its)."""
+    monkeypatch.setattr(blocked_mod, "USE_KERNEL", False)
     seen: list[tuple[int, int]] = []
     take = blocked_mod._take
 
@@ -68,6 +70,34 @@ def test_documents_read_only_their_documents(monkeypatch: pytest.MonkeyPatch) ->
     # a query block that straddles a boundary reads both documents, never more
     assert max(keys for _, keys in reads) <= 1500 + 1572 + 2 * block
     assert sum(keys for _, keys in reads) / 2 < 0.45 * 4096 * 4096 / block
+
+
+def _kernel_scores(req: attnlab.engines.AttentionRequest) -> int:
+    """How many scores attnlab's compiled kernel computed for ``req`` (counted in C++)."""
+    if blocked_mod.kernel() is None:
+        pytest.skip(f"attnlab's CPU kernel could not be built: {blocked_mod.kernel_error()}")
+    blocked_mod.STATS.clear()
+    get_engine("blocked").forward(req)
+    return blocked_mod.STATS["scores"]
+
+
+def test_kernel_computes_only_the_band() -> None:
+    n, w, heads, rows = 4096, 256, 2, blocked_mod.ROWS[0]
+    req = _req(n, M.causal() & M.window(w), heads=heads)
+    allowed = int((M.causal() & M.window(w)).dense(n, n).sum())
+    got = _kernel_scores(req)
+    assert heads * allowed <= got <= heads * n * (w + rows)  # each row group: its band only
+
+
+def test_kernel_computes_only_the_documents() -> None:
+    sizes = [1000, 24, 1500, 1572]
+    ids = torch.repeat_interleave(torch.arange(4), torch.tensor(sizes))
+    rows = blocked_mod.ROWS[0]
+    got = _kernel_scores(_req(4096, M.documents(ids), heads=1))
+    # a row group that straddles a boundary computes both documents' keys, never more
+    assert sum(s * s for s in sizes) <= got <= sum(s * s for s in sizes) + 3 * rows * 2 * 1572
+    pad = _kernel_scores(_req(1024, M.padding([1024], [200]), heads=1))  # rows >= 200: none
+    assert pad == -(-200 // rows) * rows * 1024
 
 
 def test_empty_query_blocks_are_skipped(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -263,19 +264,30 @@ def _operand(x: Mask | Tensor) -> Mask:
 
 
 def _layout_from_bounds(bounds: RowBounds, lq: int, lk: int, bq: int, bk: int) -> Tensor:
-    """Exact tile states from per-row intervals; returns ``(Bm, 1, nQ, nK)``."""
+    """Exact tile states from per-row intervals; returns ``(Bm, 1, nQ, nK)``.
+
+    Each row touches the key tiles ``lo // bk .. hi // bk``; a difference array summed along
+    the tiles marks the union per query block in ``O(Lq + nQ nK)``. A tile is full when
+    every row of its block covers it (the block's largest ``lo`` and smallest ``hi``).
+    """
     nq, nk = math.ceil(lq / bq), math.ceil(lk / bk)
     pad, bm = nq * bq - lq, bounds.lo.shape[0]  # explicit bm: a view(-1, 0, ...) fails at lq=0
-    lo = torch.nn.functional.pad(bounds.lo, (0, pad), value=lk).view(bm, nq, bq, 1)
-    hi = torch.nn.functional.pad(bounds.hi, (0, pad), value=-1).view(bm, nq, bq, 1)
-    real = (torch.arange(nq * bq, device=lo.device) < lq).view(1, nq, bq, 1)
-    ks = (torch.arange(nk, device=lo.device) * bk).view(1, 1, 1, nk)
+    lo, hi = bounds.lo.clamp(min=0), bounds.hi.clamp(max=lk - 1)  # (Bm, Lq)
+    some = lo <= hi  # rows that allow any key
+    first = torch.where(some, lo // bk, nk)  # (Bm, Lq) first tile touched (nk: none)
+    after = torch.where(some, hi // bk + 1, nk)  # one past the last tile touched
+    block = (torch.arange(lq, device=lo.device) // bq).expand(bm, lq)  # (Bm, Lq)
+    diff = torch.zeros(bm, nq, nk + 1, dtype=torch.int32, device=lo.device)
+    ones = torch.ones_like(first, dtype=torch.int32)
+    diff.view(bm, -1).scatter_add_(1, block * (nk + 1) + first, ones)
+    diff.view(bm, -1).scatter_add_(1, block * (nk + 1) + after, -ones)
+    touched = diff.cumsum(-1)[..., :nk] > 0  # (Bm, nQ, nK)
+    lo_max = torch.nn.functional.pad(lo, (0, pad), value=0).view(bm, nq, bq).amax(-1)
+    hi_min = torch.nn.functional.pad(hi, (0, pad), value=lk - 1).view(bm, nq, bq).amin(-1)
+    ks = torch.arange(nk, device=lo.device) * bk  # (nK,)
     ke = torch.clamp(ks + bk, max=lk) - 1
-    row_full = (lo <= ks) & (hi >= ke) & real
-    row_none = (hi < ks) | (lo > ke) | (lo > hi) | ~real
-    empty = row_none.all(dim=2)  # (Bm, nQ, nK)
-    full = (row_full | ~real).all(dim=2) & bounds.exact & ~empty
-    states = torch.where(empty, 0, torch.where(full, 2, 1))
+    full = (lo_max[..., None] <= ks) & (hi_min[..., None] >= ke) & bounds.exact & touched
+    states = torch.where(touched, torch.where(full, 2, 1), 0)
     return states.unsqueeze(1)
 
 
@@ -341,10 +353,26 @@ class _Combined(Mask):
         for p in self.parts:
             p.check(batch=batch, heads=heads, lq=lq, lk=lk)
 
+    def _row_bounds(self, lq: int, lk: int, batch: int, device: Device) -> RowBounds | None:
+        """An ``&`` of masks with row intervals allows at most their intersection."""
+        if self.op != "&":
+            return None
+        parts = [p._row_bounds(lq, lk, batch, device) for p in self.parts]
+        if any(b is None for b in parts):
+            return None
+        lo = functools.reduce(torch.maximum, [b.lo for b in parts if b is not None])
+        hi = functools.reduce(torch.minimum, [b.hi for b in parts if b is not None])
+        return RowBounds(lo, hi, all(b.exact for b in parts if b is not None))
+
     def _layout(
         self, lq: int, lk: int, bq: int, bk: int, batch: int | None, heads: int, device: Device
     ) -> Tensor:
         b = batch if batch is not None else self.batch_size
+        if not self.per_head:  # intervals carry no head axis
+            bm, _ = self._sizes(b, heads)
+            bounds = self._row_bounds(lq, lk, bm, device)
+            if bounds is not None:
+                return _layout_from_bounds(bounds, lq, lk, bq, bk)
         states = [p._layout(lq, lk, bq, bk, b, heads, device) for p in self.parts]
         out = states[0]
         for s in states[1:]:

@@ -27,12 +27,13 @@ import torch
 from torch import Tensor
 
 from attnlab._grid import Grid
-from attnlab.bias import Bias
+from attnlab.bias import ALiBi, Bias
+from attnlab.engines._native import kernel, kernel_error
 from attnlab.engines.base import AttentionRequest, Engine, EngineResult, may_hold_nan
-from attnlab.masks import Mask, TileState, _Causal
+from attnlab.masks import Mask, TileState, _Causal, _Combined, _Custom, _Not
 from attnlab.scores import grouped_matmul
 
-__all__ = ["BlockedEngine"]
+__all__ = ["BlockedEngine", "kernel", "kernel_error"]
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,139 @@ def _make_block(
                 masked.append((col, col + b - a))
         col += b - a
     return _Block(rows, keys, tuple(masked), has_full=any(full[kb] for kb in kbs))
+
+
+@dataclass(frozen=True)
+class _KernelPlan:
+    """The plan in the compiled kernel's terms (``csrc/blocked.cpp``).
+
+    Attributes:
+        blocks: ``(nblk, 4)`` int64: rows ``r0, r1`` and keys ``k0, k1`` of each block.
+        tiles: ``(nblk, ntile)`` int64: for the block's j-th key tile, its index in
+            ``allowed`` if the tile is partial, else -1 (full: no mask evaluation).
+        allowed: ``(Bm, Hm, nP, bs, bs)`` bool: the mask on each partial tile.
+        spans: ``(Bm, Hm, Lq, 2)`` int64: each row's key span ``[lo, hi)``, from its first
+            allowed key to its last; the kernel computes only the union over a few rows.
+        slopes: ``(Hq,)`` float32 ALiBi slopes (evaluated in the kernel), or None.
+        bs: the tile size.
+        interval: the mask allows exactly each row's span (causal, windows, documents,
+            prefixes, padding and their ``&``): the kernel masks by the spans alone and
+            no tile is evaluated.
+    """
+
+    blocks: Tensor
+    tiles: Tensor
+    allowed: Tensor
+    spans: Tensor
+    slopes: Tensor | None
+    bs: int
+    interval: bool
+
+    def args(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, int, bool]:
+        return (
+            self.blocks,
+            self.tiles,
+            self.allowed,
+            self.spans,
+            self.slopes,
+            self.bs,
+            self.interval,
+        )
+
+
+def _kernel_plan(req: AttentionRequest, plan: _Plan, bs: int) -> _KernelPlan | None:
+    """The kernel's form of ``plan``, or None if the kernel cannot run it (gathered keys,
+    or a bias other than ALiBi)."""
+    if req.bias is not None and type(req.bias) is not ALiBi:
+        return None
+    if not plan.blocks or any(not isinstance(b.keys, slice) for b in plan.blocks):
+        return None
+    blocks = torch.tensor(
+        [(*b.rows, b.keys.start, b.keys.stop) for b in plan.blocks],  # type: ignore[union-attr]
+        dtype=torch.long,
+    )
+    slopes = None
+    if req.bias is not None:
+        slopes = req.bias.slopes.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    spans = _interval_spans(req)
+    if spans is not None:  # no tile to evaluate: the spans are the mask
+        tiles = torch.full((len(plan.blocks), 1), -1, dtype=torch.long)
+        allowed = torch.ones(spans.shape[0], 1, 0, bs, bs, dtype=torch.bool)
+        return _KernelPlan(blocks, tiles, allowed, spans, slopes, bs, True)
+    starts: list[tuple[int, int]] = []  # (first row, first key) of each partial tile
+    table: list[list[int]] = []
+    for blk in plan.blocks:
+        k0, k1 = blk.keys.start, blk.keys.stop  # type: ignore[union-attr]
+        ids = [-1] * -(-(k1 - k0) // bs)
+        for c0, c1 in blk.masked:
+            for j in range(c0 // bs, -(-c1 // bs)):
+                ids[j] = len(starts)
+                starts.append((blk.rows[0], k0 + j * bs))
+        table.append(ids)
+    width = max(len(t) for t in table)
+    tiles = torch.tensor([t + [-1] * (width - len(t)) for t in table], dtype=torch.long)
+    allowed = _allowed_tiles(req, starts, bs)
+    spans = kernel().row_spans(blocks, tiles, allowed, bs, req.lq)
+    return _KernelPlan(blocks, tiles, allowed, spans, slopes, bs, False)
+
+
+def _interval_spans(req: AttentionRequest) -> Tensor | None:
+    """``(Bm, 1, Lq, 2)`` spans ``[lo, hi)`` if the mask allows exactly one key interval
+    per row (the same for every head), else None."""
+    m = req.mask
+    if m is None or m.per_head:
+        return None
+    bm = req.batch if m.per_batch else 1
+    bounds = m._row_bounds(req.lq, req.lk, bm, "cpu")
+    if bounds is None or not bounds.exact:
+        return None
+    lo = bounds.lo.clamp(0, req.lk)
+    hi = (bounds.hi + 1).clamp(0, req.lk)
+    return torch.stack([lo, hi], -1).expand(bm, req.lq, 2).reshape(bm, 1, req.lq, 2).contiguous()
+
+
+def _allowed_tiles(req: AttentionRequest, starts: list[tuple[int, int]], bs: int) -> Tensor:
+    """The mask on the partial tiles ``(Bm, Hm, nP, bs, bs)``, evaluated in one call.
+
+    Tile ``p`` covers rows ``r0 .. r0 + bs`` and keys ``k0 .. k0 + bs`` of ``starts[p]``
+    (indices past the end are clamped; the kernel never reads them). Library masks are
+    elementwise in their coordinates, so all tiles are evaluated as one grid; custom
+    masks get one grid per tile, the form they are documented to receive.
+    """
+    m = req.mask
+    bm = req.batch if m is not None and m.per_batch else 1
+    hm = req.heads if m is not None and m.per_head else 1
+    if m is None or not starts:
+        return torch.ones(bm, hm, 0, bs, bs, dtype=torch.bool)
+    ar = torch.arange(bs)
+    r0, c0 = torch.tensor(starts).unbind(1)  # (nP,) each
+    rows = (r0[:, None] + ar).clamp(max=req.lq - 1)  # (nP, bs)
+    keys = (c0[:, None] + ar).clamp(max=req.lk - 1)  # (nP, bs)
+    if _has_custom(m):
+        tiles = [
+            m(Grid.tile(r, c, lq=req.lq, lk=req.lk, batch=bm, heads=hm)).expand(bm, hm, bs, bs)
+            for r, c in zip(rows, keys, strict=True)
+        ]
+        return torch.stack(tiles, 2).cpu().contiguous()
+    grid = Grid(
+        b=torch.arange(bm).view(-1, 1, 1, 1),
+        h=torch.arange(hm).view(1, -1, 1, 1),
+        q=(rows + (req.lk - req.lq)).view(1, 1, -1, 1),
+        k=keys[:, None, :].expand(-1, bs, -1).reshape(1, 1, -1, bs),
+        lq=req.lq,
+        lk=req.lk,
+    )
+    allowed = m(grid).expand(bm, hm, len(starts) * bs, bs)
+    return allowed.reshape(bm, hm, len(starts), bs, bs).cpu().contiguous()
+
+
+def _has_custom(m: Mask) -> bool:
+    """Whether a user-defined mask function is part of ``m``."""
+    if isinstance(m, _Custom):
+        return True
+    if isinstance(m, _Combined):
+        return any(_has_custom(p) for p in m.parts)
+    return isinstance(m, _Not) and _has_custom(m.inner)
 
 
 def _take(x: Tensor, keys: slice | Tensor) -> Tensor:
@@ -201,6 +335,9 @@ _FLASH_BWD: Any = getattr(
     torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None
 )
 USE_FUSED = True  # tests switch this off to check the eager fallback
+USE_KERNEL = True  # tests switch this off to check torch's per-block kernel
+ROWS = [32, 64]  # query rows per task of the kernel's forward and backward
+STATS: dict[str, int] = {}  # scores the kernel's last forward computed (for tests, benchmarks)
 
 
 def _fused_ok(q: Tensor, k: Tensor, v: Tensor, leaves: tuple[Tensor, ...]) -> bool:
@@ -215,6 +352,15 @@ def _fused_ok(q: Tensor, k: Tensor, v: Tensor, leaves: tuple[Tensor, ...]) -> bo
         and not leaves
         and not may_hold_nan(q, k, v)
     )
+
+
+def _kernel_ok(req: AttentionRequest, leaves: list[Tensor]) -> bool:
+    """Whether attnlab's compiled kernel can run this call (float32 or half on the CPU, no
+    bias gradients, no NaN) and could be built."""
+    q, k, v = req.q, req.k, req.v
+    if not (USE_KERNEL and _acc_dtype(q.dtype) == torch.float32 and q.device.type == "cpu"):
+        return False
+    return not leaves and not may_hold_nan(q, k, v) and kernel() is not None
 
 
 def _empty_rows(tile: Tensor | None) -> Tensor | None:
@@ -245,7 +391,11 @@ def _block_forward(
 
 
 class _BlockedAttention(torch.autograd.Function):
-    """Blocked attention with a logsumexp-recompute backward."""
+    """Blocked attention with a logsumexp-recompute backward.
+
+    Three implementations of the same plan, tried in order: attnlab's compiled tile kernel
+    (``kplan``), torch's fused CPU flash kernel per block, eager PyTorch per block.
+    """
 
     @staticmethod
     def forward(
@@ -255,19 +405,27 @@ class _BlockedAttention(torch.autograd.Function):
         v: Tensor,
         req: AttentionRequest,
         plan: _Plan,
+        kplan: _KernelPlan | None,
         *leaves: Tensor,
     ) -> tuple[Tensor, Tensor]:
         ctx.dtypes = (q.dtype, k.dtype, v.dtype)
         acc = _acc_dtype(q.dtype)  # half precision runs in float32 throughout
         q, k, v = q.to(acc), k.to(acc), v.to(acc)
-        fused = _fused_ok(q, k, v, leaves)
-        out = q.new_zeros((*q.shape[:3], v.shape[-1]))  # (B, Hq, Lq, Ev)
-        lse = torch.full(q.shape[:3], float("-inf"), device=q.device, dtype=acc)
-        for blk in plan.blocks:
-            r0, r1 = blk.rows
-            out[:, :, r0:r1], lse[:, :, r0:r1] = _block_forward(req, q, k, v, blk, fused)
+        ops = kernel() if kplan is not None else None
+        fused = ops is None and _fused_ok(q, k, v, leaves)
+        if ops is not None:
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+            out, lse, work = ops.forward(q, k, v, *kplan.args(), req.scale, ROWS[0])  # type: ignore[union-attr]
+            STATS["scores"] = work
+        else:
+            out = q.new_zeros((*q.shape[:3], v.shape[-1]))  # (B, Hq, Lq, Ev)
+            lse = torch.full(q.shape[:3], float("-inf"), device=q.device, dtype=acc)
+            for blk in plan.blocks:
+                r0, r1 = blk.rows
+                out[:, :, r0:r1], lse[:, :, r0:r1] = _block_forward(req, q, k, v, blk, fused)
         ctx.save_for_backward(q, k, v, out, lse, *leaves)
         ctx.req, ctx.plan, ctx.fused = req, plan, fused
+        ctx.kernel = (ops, kplan) if ops is not None else None
         ctx.mark_non_differentiable(lse)
         return out.to(ctx.dtypes[2]), lse
 
@@ -275,13 +433,21 @@ class _BlockedAttention(torch.autograd.Function):
     def backward(ctx: Any, dout: Tensor, _dlse: Tensor | None) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse, *leaves = ctx.saved_tensors
         dout = dout.to(q.dtype)
-        sv = _Saved(ctx.req, q, k, v, out, lse, dout, (dout * out).sum(-1), leaves)
-        grads = _Grads.zeros(q, k, v, leaves)
-        step = _fused_block_backward if ctx.fused else _eager_block_backward
-        for blk in ctx.plan.blocks:
-            step(sv, blk, grads)
+        delta = (dout * out).sum(-1)  # (B, Hq, Lq)
+        if ctx.kernel is not None:
+            ops, kplan = ctx.kernel
+            dq, dk, dv = ops.backward(
+                dout.contiguous(), q, k, v, lse, delta, *kplan.args(), ctx.req.scale, ROWS[1]
+            )
+            grads = _Grads((dq, dk, dv), [])
+        else:
+            sv = _Saved(ctx.req, q, k, v, out, lse, dout, delta, leaves)
+            grads = _Grads.zeros(q, k, v, leaves)
+            step = _fused_block_backward if ctx.fused else _eager_block_backward
+            for blk in ctx.plan.blocks:
+                step(sv, blk, grads)
         dq, dk, dv = (g.to(t) for g, t in zip(grads.qkv, ctx.dtypes, strict=True))
-        return (dq, dk, dv, None, None, *grads.leaves)
+        return (dq, dk, dv, None, None, None, *grads.leaves)
 
 
 @dataclass(frozen=True)
@@ -418,7 +584,8 @@ class BlockedEngine(Engine):
             req = _normalized(req)
         plan = self.plan(req)
         leaves = _bias_leaves(req.bias)
-        out, lse = _BlockedAttention.apply(req.q, req.k, req.v, req, plan, *leaves)
+        kplan = _kernel_plan(req, plan, self.block) if _kernel_ok(req, leaves) else None
+        out, lse = _BlockedAttention.apply(req.q, req.k, req.v, req, plan, kplan, *leaves)
         weights = _weights(req, plan) if req.return_weights else None
         return out, weights, (lse.to(req.q.dtype) if req.return_lse else None)
 

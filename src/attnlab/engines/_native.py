@@ -1,0 +1,92 @@
+"""attnlab's compiled CPU tile kernel (``csrc/blocked.cpp``), built at first use and cached.
+
+:func:`kernel` compiles the kernel with :func:`torch.utils.cpp_extension.load` the first
+time it is asked for (about a minute on a 2-core machine; the build is cached under
+``~/.cache/torch_extensions``, or ``$TORCH_EXTENSIONS_DIR``, so later processes load it
+in well under a second). It returns ``None`` when the kernel cannot be had: no C++
+compiler, a failed build, or ``ATTNLAB_NO_KERNEL=1`` in the environment. The blocked engine
+then runs torch's own fused kernel per block instead (exact as well, but slower).
+
+Example:
+    >>> ops = kernel()                    # None where nothing can be compiled
+    >>> ops is None or hasattr(ops, "forward")
+    True
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["kernel", "kernel_error"]
+
+_SOURCE = Path(__file__).with_name("csrc") / "blocked.cpp"
+_VERSION = 1  # bump when the kernel's interface changes
+_FLAGS = {  # vector width of torch's at::vec, matched to what this CPU runs
+    "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mfma", "-mavx2"],
+    "AVX2": ["-mavx2", "-mfma"],
+}
+_lock = threading.Lock()
+_state: dict[str, Any] = {}
+
+
+def _capability() -> str:
+    cap = torch.backends.cpu.get_cpu_capability()
+    return cap if cap in _FLAGS else "DEFAULT"
+
+
+def _build() -> Any:
+    from torch.utils.cpp_extension import _get_build_directory, load
+
+    cap = _capability()
+    name = f"attnlab_blocked_v{_VERSION}_{cap.lower()}"
+    # -fopenmp: at::parallel_for is inline OpenMP; without it the kernel runs on one thread
+    flags = ["-O3", "-fopenmp", *_FLAGS.get(cap, []), f"-DCPU_CAPABILITY={cap}"]
+    if cap != "DEFAULT":
+        flags.append(f"-DCPU_CAPABILITY_{cap}")
+    built = Path(_get_build_directory(name, verbose=False)) / f"{name}.so"
+    if not built.exists():
+        print(
+            "attnlab: compiling the blocked engine's CPU kernel (once, about a minute; "
+            "cached in torch's extensions folder)",
+            file=sys.stderr,
+            flush=True,
+        )
+    load(
+        name=name,
+        sources=[str(_SOURCE)],
+        extra_cflags=flags,
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+    )
+    return torch.ops.attnlab_blocked
+
+
+def kernel() -> Any | None:
+    """The compiled kernel's ops (``forward``, ``backward``), or ``None`` if unavailable."""
+    if os.environ.get("ATTNLAB_NO_KERNEL", "") not in ("", "0"):
+        return None
+    with _lock:
+        if "ops" not in _state:
+            try:
+                _state["ops"] = _build()
+            except Exception as exc:  # no compiler, failed build: fall back, say why once
+                _state["ops"], _state["error"] = None, f"{type(exc).__name__}: {exc}"
+                warnings.warn(
+                    "attnlab could not build its CPU kernel; the blocked engine falls back "
+                    f"to torch's per-block kernel ({_state['error'][:300]})",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        return _state["ops"]
+
+
+def kernel_error() -> str | None:
+    """Why :func:`kernel` returned ``None`` (after it was asked), else ``None``."""
+    return _state.get("error")
