@@ -180,7 +180,7 @@ def _kernel_plan(req: AttentionRequest, plan: _Plan, bs: int) -> _KernelPlan | N
     width = max(len(t) for t in table)
     tiles = torch.tensor([t + [-1] * (width - len(t)) for t in table], dtype=torch.long)
     allowed = _allowed_tiles(req, starts, bs)
-    spans = kernel().row_spans(blocks, tiles, allowed, bs, req.lq)
+    spans = _ops().row_spans(blocks, tiles, allowed, bs, req.lq)
     return _KernelPlan(blocks, tiles, allowed, spans, slopes, bs, False)
 
 
@@ -352,6 +352,14 @@ def _fused_ok(q: Tensor, k: Tensor, v: Tensor, leaves: tuple[Tensor, ...]) -> bo
         and not leaves
         and not may_hold_nan(q, k, v)
     )
+
+
+def _ops() -> Any:
+    """The compiled kernel's ops (callers have checked :func:`_kernel_ok`)."""
+    ops = kernel()
+    if ops is None:  # pragma: no cover - guarded by _kernel_ok
+        raise RuntimeError(f"attnlab's CPU kernel is unavailable: {kernel_error()}")
+    return ops
 
 
 def _kernel_ok(req: AttentionRequest, leaves: list[Tensor]) -> bool:

@@ -16,6 +16,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -47,6 +48,8 @@ int64_t workers(int64_t n, int64_t chunk) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (n + chunk - 1) / chunk));
 }
 
+bool brgemm_works();
+
 template <typename F>
 void dynamic_for(int64_t n, int64_t chunk, const F& fn) {
   std::atomic<int64_t> next{0};
@@ -55,6 +58,7 @@ void dynamic_for(int64_t n, int64_t chunk, const F& fn) {
     for (int64_t w = wb; w < we; ++w)
       for (int64_t s = next.fetch_add(chunk); s < n; s = next.fetch_add(chunk))
         fn(w, s, std::min(n, s + chunk));
+    if (brgemm_works()) at::native::cpublas::brgemm_release(false);
   });
 }
 
@@ -70,9 +74,64 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const 
   sgemm_(&cb, &ca, &in, &im, &ik, &alpha, b, &ib, a, &ia, &beta, c, &ic);
 }
 
+// oneDNN's brgemm (through torch's cpublas) where this CPU and build run it: it reads A and
+// B in place, where MKL's sgemm would first pack both for each of these small products.
+bool brgemm_works() {
+  static const bool works = [] {
+    try {
+      float a[16] = {1.f}, b[16] = {2.f}, c[16] = {0.f};
+      at::native::cpublas::brgemm(1, 16, 1, 1, 16, 16, false, a, b, c, false);
+      at::native::cpublas::brgemm_release(false);
+      return c[0] == 2.f;
+    } catch (...) {
+      return false;
+    }
+  }();
+  return works;
+}
+
+// Row-major C (m x n) = A (m x k) B (k x n), or C += A B with `add`.
+void mm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+        int64_t ldb, float* c, int64_t ldc, bool add) {
+  if (brgemm_works())
+    at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, add, a, b, c, false);
+  else
+    gemm(false, false, m, n, k, 1.f, a, lda, b, ldb, add ? 1.f : 0.f, c, ldc);
+}
+
+// (B, H, L, E) -> (B, H, E, L), in 16 x 16 tiles, in parallel: the right operand of Q K^T.
+at::Tensor transposed(const at::Tensor& x) {
+  const int64_t bh = x.size(0) * x.size(1), L = x.size(2), E = x.size(3);
+  // rows padded past a power-of-two stride, which would map them onto the same cache sets
+  const int64_t ld = L + 16;
+  at::Tensor out = at::empty({x.size(0), x.size(1), E, ld}, x.options());
+  const float* src = x.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  const int64_t nl = (L + 15) / 16;
+  at::parallel_for(0, bh * nl, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t m = t / nl, l0 = (t % nl) * 16, l1 = std::min(l0 + 16, L);
+      const float* s = src + m * L * E;
+      float* d = dst + m * E * ld;
+      for (int64_t e0 = 0; e0 < E; e0 += 16)
+        for (int64_t l = l0; l < l1; ++l)
+          for (int64_t e = e0; e < std::min(e0 + 16, E); ++e) d[e * ld + l] = s[l * E + e];
+    }
+  });
+  return out;
+}
+
+// dst (n x m) = src (m x n)^T, leading dims n and m.
+void transpose(const float* src, int64_t m, int64_t n, float* dst) {
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) dst[j * m + i] = src[i * n + j];
+}
+
 // The planned problem: tensors, sizes, the block schedule and the partial tiles.
 struct Problem {
   const float *q, *k, *v;
+  const float *kt, *vt;  // K and V transposed, (B, Hkv, E, ldt): the right operand of Q K^T
+  int64_t ldt;           // their row length (Lk padded)
   int64_t B, Hq, Hkv, Lq, Lk, E, Ev, bs;
   float scale;
   const int64_t* blocks;  // (nblk, 4): r0, r1, k0, k1
@@ -94,7 +153,15 @@ struct Problem {
   const float* vrow(int64_t b, int64_t h, int64_t c) const {
     return v + ((b * Hkv + h / group()) * Lk + c) * Ev;
   }
+  const float* ktcol(int64_t b, int64_t h, int64_t c) const {
+    return kt + (b * Hkv + h / group()) * E * ldt + c;
+  }
+  const float* vtcol(int64_t b, int64_t h, int64_t c) const {
+    return vt + (b * Hkv + h / group()) * Ev * ldt + c;
+  }
 };
+
+void scale_row(float* x, int64_t n, float a);
 
 // The key span [lo, hi) of rows [a, z): the union of the rows' spans (hi <= lo: no key).
 std::pair<int64_t, int64_t> group_span(const Problem& P, int64_t b, int64_t h, int64_t a,
@@ -114,10 +181,13 @@ std::pair<int64_t, int64_t> group_span(const Problem& P, int64_t b, int64_t h, i
 // S (T x n, leading dim n) = scores of rows [a, a + T) (in block `blk`) against keys
 // [c0, c0 + n), with the partial tiles' mask and ALiBi applied.
 void scores(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_t a, int64_t T,
-            int64_t c0, int64_t n, float* S) {
+            int64_t c0, int64_t n, float* S, float* qscaled) {
   const int64_t* bl = P.blocks + 4 * blk;
   const int64_t r0 = bl[0], k0 = bl[2];
-  gemm(false, true, T, n, P.E, P.scale, P.qrow(b, h, a), P.E, P.krow(b, h, c0), P.E, 0.f, S, n);
+  float* qs = qscaled;  // scale * Q of the rows (T x E), so S needs no pass of its own
+  const float* qp = P.qrow(b, h, a);
+  for (int64_t i = 0; i < T * P.E; ++i) qs[i] = qp[i] * P.scale;
+  mm(T, n, P.E, qs, P.E, P.ktcol(b, h, c0), P.ldt, S, n, false);
   const int64_t mb = P.mB == 1 ? 0 : b, mh = P.mH == 1 ? 0 : h;
   const int64_t j_end = P.interval ? 0 : std::min(P.ntile, (c0 + n - k0 + P.bs - 1) / P.bs);
   for (int64_t j = (c0 - k0) / P.bs; j < j_end; ++j) {  // partial tiles: their mask
@@ -194,9 +264,10 @@ void scale_row(float* x, int64_t n, float a) {
 
 // Per-thread scratch: a score chunk, its gradient, the accumulator and row statistics.
 struct Scratch {
-  std::vector<float> S, dP, acc, m, l;
-  Scratch(int64_t rows, int64_t chunk, int64_t ev)
-      : S(rows * chunk), dP(rows * chunk), acc(rows * ev), m(rows), l(rows) {}
+  std::vector<float> S, dP, X, Q, acc, m, l;
+  Scratch(int64_t rows, int64_t chunk, int64_t e, int64_t ev)
+      : S(rows * chunk), dP(rows * chunk), X(rows * chunk), Q(rows * e), acc(rows * ev),
+        m(rows), l(rows) {}
 };
 
 // One forward task: rows [a, a + T) of block `blk` for batch b, query head h.
@@ -211,7 +282,7 @@ int64_t forward_rows(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_
   std::fill(acc, acc + T * P.Ev, 0.f);
   for (int64_t c0 = lo; c0 < hi; c0 += P.chunk) {
     const int64_t n = std::min(P.chunk, hi - c0);
-    scores(P, b, h, blk, a, T, c0, n, S);
+    scores(P, b, h, blk, a, T, c0, n, S, w.Q.data());
     for (int64_t i = 0; i < T; ++i) {
       float* s = S + i * n;
       const float nm = std::max(m[i], row_max(s, n));
@@ -224,7 +295,7 @@ int64_t forward_rows(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_
       if (alpha != 1.f) scale_row(acc + i * P.Ev, P.Ev, alpha);
       m[i] = nm;
     }
-    gemm(false, false, T, P.Ev, n, 1.f, S, n, P.vrow(b, h, c0), P.Ev, 1.f, acc, P.Ev);
+    mm(T, P.Ev, n, S, n, P.vrow(b, h, c0), P.Ev, acc, P.Ev, true);
   }
   float* o = out + ((b * P.Hq + h) * P.Lq + a) * P.Ev;
   float* ls = lse + (b * P.Hq + h) * P.Lq + a;
@@ -308,8 +379,10 @@ std::tuple<at::Tensor, at::Tensor, int64_t> blocked_forward(
     const at::Tensor& tiles, const at::Tensor& allowed, const at::Tensor& spans,
     const c10::optional<at::Tensor>& slopes, int64_t bs, bool interval, double scale,
     int64_t group) {
-  const Problem P =
-      make_problem(q, k, v, blocks, tiles, allowed, spans, slopes, bs, scale, interval);
+  Problem P = make_problem(q, k, v, blocks, tiles, allowed, spans, slopes, bs, scale, interval);
+  const at::Tensor kt = transposed(k);
+  P.kt = kt.data_ptr<float>();
+  P.ldt = kt.size(3);
   at::Tensor out = at::zeros({P.B, P.Hq, P.Lq, P.Ev}, q.options());
   at::Tensor lse = at::full({P.B, P.Hq, P.Lq}, kNegInf, q.options());
   float* o = out.data_ptr<float>();
@@ -317,7 +390,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t> blocked_forward(
   const int64_t ng = groups_of(P, group);
   std::atomic<int64_t> work{0};
   dynamic_for(P.B * P.Hq * P.nblk * ng, 16, [&](int64_t, int64_t begin, int64_t end) {
-    Scratch w(group, P.chunk, P.Ev);
+    Scratch w(group, P.chunk, P.E, P.Ev);
     int64_t done = 0;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t g = t % ng, blk = (t / ng) % P.nblk, bh = t / ng / P.nblk;
@@ -336,7 +409,7 @@ void backward_chunk(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_t
                     const float* delta, float* dq, float* dk, float* dv, Scratch& w) {
   float* S = w.S.data();
   float* dP = w.dP.data();
-  scores(P, b, h, blk, a, T, c0, n, S);
+  scores(P, b, h, blk, a, T, c0, n, S, w.Q.data());
   const int64_t row = (b * P.Hq + h) * P.Lq + a;
   for (int64_t i = 0; i < T; ++i) {  // P = exp(S - lse); rows without keys give 0
     const float shift = lse[row + i];
@@ -346,19 +419,22 @@ void backward_chunk(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_t
   }
   const float* dO = dout + row * P.Ev;
   const int64_t kv = (b * P.Hkv + h / P.group()) * P.Lk + c0;
-  gemm(true, false, n, P.Ev, T, 1.f, S, n, dO, P.Ev, 1.f, dv + kv * P.Ev, P.Ev);  // dV += P^T dO
-  gemm(false, true, T, n, P.Ev, 1.f, dO, P.Ev, P.vrow(b, h, c0), P.Ev, 0.f, dP, n);  // dO V^T
-  for (int64_t i = 0; i < T; ++i) {  // dS = P * (dP - delta)
-    const Vec d(delta[row + i]);
+  float* X = w.X.data();  // n x T: P^T, then dS^T
+  transpose(S, T, n, X);
+  mm(n, P.Ev, T, X, T, dO, P.Ev, dv + kv * P.Ev, P.Ev, true);   // dV += P^T dO
+  mm(T, n, P.Ev, dO, P.Ev, P.vtcol(b, h, c0), P.ldt, dP, n, false);  // dP = dO V^T
+  for (int64_t i = 0; i < T; ++i) {  // dS = scale * P * (dP - delta)
+    const Vec d(delta[row + i]), sc(P.scale);
     float* s = S + i * n;
     const float* g = dP + i * n;
     int64_t j = 0;
     for (; j + Vec::size() <= n; j += Vec::size())
-      (Vec::loadu(s + j) * (Vec::loadu(g + j) - d)).store(s + j);
-    for (; j < n; ++j) s[j] = s[j] * (g[j] - delta[row + i]);
+      (Vec::loadu(s + j) * (Vec::loadu(g + j) - d) * sc).store(s + j);
+    for (; j < n; ++j) s[j] = s[j] * (g[j] - delta[row + i]) * P.scale;
   }
-  gemm(false, false, T, P.E, n, P.scale, S, n, P.krow(b, h, c0), P.E, 1.f, dq + row * P.E, P.E);
-  gemm(true, false, n, P.E, T, P.scale, S, n, P.qrow(b, h, a), P.E, 1.f, dk + kv * P.E, P.E);
+  mm(T, P.E, n, S, n, P.krow(b, h, c0), P.E, dq + row * P.E, P.E, true);  // dQ += dS K
+  transpose(S, T, n, X);
+  mm(n, P.E, T, X, T, P.qrow(b, h, a), P.E, dk + kv * P.E, P.E, true);  // dK += dS^T Q
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> blocked_backward(
@@ -367,8 +443,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blocked_backward(
     const at::Tensor& tiles, const at::Tensor& allowed, const at::Tensor& spans,
     const c10::optional<at::Tensor>& slopes, int64_t bs, bool interval, double scale,
     int64_t group) {
-  const Problem P =
-      make_problem(q, k, v, blocks, tiles, allowed, spans, slopes, bs, scale, interval);
+  Problem P = make_problem(q, k, v, blocks, tiles, allowed, spans, slopes, bs, scale, interval);
+  const at::Tensor kt = transposed(k), vt = transposed(v);
+  P.kt = kt.data_ptr<float>();
+  P.vt = vt.data_ptr<float>();
+  P.ldt = kt.size(3);
   for (const at::Tensor* t : {&dout, &lse, &delta})
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(),
                 "dout, lse and delta must be contiguous float32");
@@ -383,7 +462,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blocked_backward(
   float *pq = dq.data_ptr<float>(), *pk = dk.data_ptr<float>(), *pv = dv.data_ptr<float>();
   const int64_t kv_size = P.B * P.Hkv * P.Lk;
   std::vector<Scratch> scratch;
-  for (int64_t w = 0; w < nw; ++w) scratch.emplace_back(group, P.chunk, P.Ev);
+  for (int64_t w = 0; w < nw; ++w) scratch.emplace_back(group, P.chunk, P.E, P.Ev);
   dynamic_for(tasks, 4, [&](int64_t w, int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t blk = t % P.nblk, bh = t / P.nblk, b = bh / P.Hq, h = bh % P.Hq;
