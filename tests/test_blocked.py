@@ -195,3 +195,48 @@ def test_bfloat16_runs_in_float32_inside() -> None:
     got = attnlab.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask=mask, engine="blocked")
     assert isinstance(got, Tensor) and got.dtype == torch.bfloat16
     assert max_err(got, ref) <= 2**-8 * ref.abs().max().item()  # one bf16 rounding of out
+
+
+def test_kernel_unavailable_falls_back_with_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    from attnlab.engines import _native
+
+    def broken() -> None:
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(_native, "_state", {})
+    monkeypatch.setattr(_native, "_build", broken)
+    with pytest.warns(RuntimeWarning, match="could not build its CPU kernel.*no compiler here"):
+        assert _native.kernel() is None
+    assert _native.kernel_error() == "RuntimeError: no compiler here"
+    q, k, v = (torch.randn(1, 2, 600, 16, dtype=torch.float64) for _ in range(3))
+    mask = M.causal() & M.window(50)
+    want, _ = naive_attention(q, k, v, allowed=mask.dense(600, 600))
+    got = attnlab.attention(q.float(), k.float(), v.float(), mask=mask, engine="blocked")
+    assert isinstance(got, Tensor) and max_err(got, want) < 1e-5  # torch's per-block path
+
+
+def test_kernel_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    from attnlab.engines import _native
+
+    monkeypatch.setenv("ATTNLAB_NO_KERNEL", "1")
+    assert _native.kernel() is None
+    monkeypatch.setenv("ATTNLAB_NO_KERNEL", "0")
+    assert _native.kernel() is not None or _native.kernel_error() is not None
+
+
+def test_kernel_half_precision_and_gqa_match_the_reference() -> None:
+    if blocked_mod.kernel() is None:
+        pytest.skip(f"attnlab's CPU kernel could not be built: {blocked_mod.kernel_error()}")
+    q = torch.randn(2, 4, 333, 32, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 333, 32, dtype=torch.float64) for _ in range(2))
+    mask, alibi = M.causal() & M.window(70), B.alibi(4)
+    want = attnlab.attention(q, k, v, mask=mask, bias=alibi, engine="reference")
+    for dtype in (torch.bfloat16, torch.float16):
+        got = attnlab.attention(
+            q.to(dtype), k.to(dtype), v.to(dtype), mask=mask, bias=alibi, engine="blocked"
+        )
+        plain = attnlab.attention(
+            q.to(dtype), k.to(dtype), v.to(dtype), mask=mask, bias=alibi, engine="reference"
+        )
+        assert isinstance(got, Tensor) and isinstance(plain, Tensor) and got.dtype == dtype
+        assert max_err(got, want) <= 2 * max_err(plain, want) + 1e-6

@@ -1,7 +1,7 @@
 """attnlab's compiled CPU tile kernel (``csrc/blocked.cpp``), built at first use and cached.
 
 :func:`kernel` compiles the kernel with :func:`torch.utils.cpp_extension.load` the first
-time it is asked for (about a minute on a 2-core machine; the build is cached under
+time it is asked for (19 s on a 2-core machine; the build is cached under
 ``~/.cache/torch_extensions``, or ``$TORCH_EXTENSIONS_DIR``, so later processes load it
 in well under a second). It returns ``None`` when the kernel cannot be had: no C++
 compiler, a failed build, or ``ATTNLAB_NO_KERNEL=1`` in the environment. The blocked engine
@@ -53,7 +53,7 @@ def _build() -> Any:
     built = Path(_get_build_directory(name, verbose=False)) / f"{name}.so"
     if not built.exists():
         print(
-            "attnlab: compiling the blocked engine's CPU kernel (once, about a minute; "
+            "attnlab: compiling the blocked engine's CPU kernel (once, about 20 s; "
             "cached in torch's extensions folder)",
             file=sys.stderr,
             flush=True,
