@@ -20,7 +20,7 @@ from attnlab import bias as B
 from attnlab import masks as M
 from attnlab.engines import AttentionRequest, available_engines, select_engine
 from attnlab.engines import approximate as approx_mod
-from attnlab.engines.approximate import orthogonal_features
+from attnlab.engines.performer import orthogonal_features
 from attnlab.nn import LinformerAttention
 from attnlab.nn.linformer import linformer_attention
 from tests.conftest import check_and_control, max_err, naive_attention

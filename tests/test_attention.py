@@ -13,7 +13,7 @@ import attnlab
 from attnlab import bias as B
 from attnlab import masks as M
 from attnlab.engines import available_engines
-from attnlab.engines import blocked as blocked_mod
+from attnlab.engines import blocked_autograd as blocked_mod
 from tests.conftest import assert_2x_rule, max_err, naive_attention
 
 EXACT = [name for name, eng in available_engines().items() if eng.exact]

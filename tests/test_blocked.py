@@ -13,8 +13,9 @@ from torch import Tensor
 import attnlab
 from attnlab import bias as B
 from attnlab import masks as M
-from attnlab.engines import blocked as blocked_mod
+from attnlab.engines import blocked_autograd as blocked_mod
 from attnlab.engines import get_engine, select_engine
+from attnlab.engines.blocked_plan import make_plan
 from attnlab.functional import _request
 from tests.conftest import max_err, naive_attention
 
@@ -39,14 +40,14 @@ def _keys_read(
     helper (attnlab's compiled kernel is switched off; :func:`_kernel_scores` counts its)."""
     monkeypatch.setattr(blocked_mod, "USE_KERNEL", False)
     seen: list[tuple[int, int]] = []
-    take = blocked_mod._take
+    take = blocked_mod.take
 
     def spy(x: Tensor, keys: slice | Tensor) -> Tensor:
         out = take(x, keys)
         seen.append((x.shape[2], out.shape[2]))
         return out
 
-    monkeypatch.setattr(blocked_mod, "_take", spy)
+    monkeypatch.setattr(blocked_mod, "take", spy)
     out, _, _ = get_engine("blocked").forward(req)
     if backward:
         out.sum().backward()
@@ -112,7 +113,7 @@ def test_empty_query_blocks_are_skipped(monkeypatch: pytest.MonkeyPatch) -> None
 def test_scattered_blocks_are_gathered_and_exact() -> None:
     q, k, v = (torch.randn(1, 2, 700, 16, dtype=torch.float64) for _ in range(3))
     mask = M.block_random(128, 2, seed=3) | M.global_tokens([5, 650])
-    plan = blocked_mod._plan(
+    plan = make_plan(
         mask, _request(q, k, v, mask, None, None, "dot", "softmax", 0.0, False, False), 128
     )
     assert any(isinstance(b.keys, Tensor) for b in plan.blocks)  # non-contiguous keys

@@ -941,7 +941,7 @@ def primitives(draw: st.DrawFn, lq: int, lk: int, docs_ok: bool) -> Expr:
             ids = [sorted(r) for r in ids]
         arg = ids if rows > 1 else ids[0]
         mask, pred = masks.documents(arg), ref_documents(arg)
-    return Expr(mask, build(pred, lq, lk, B, H), True, mask._spec())
+    return Expr(mask, build(pred, lq, lk, B, H), True, mask.spec())
 
 
 @st.composite

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import attnlab
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -61,3 +63,26 @@ def test_building_blocks_example_runs(capsys: pytest.CaptureFixture[str]) -> Non
     w = namespace["w"]
     assert isinstance(w, torch.Tensor) and w.shape == (2, 8, 10, 10)
     assert torch.allclose(w.sum(-1), torch.ones(2, 8, 10), atol=1e-5)
+
+
+def test_custom_mask_class_example_uses_the_protocol() -> None:
+    """README's `Band` mask: exact against the library's own causal window, and the
+    blocked kernel treats it as an interval mask (no tile of it is evaluated)."""
+    from attnlab import masks
+    from attnlab.engines.blocked_plan import kernel_plan, make_plan
+    from attnlab.functional import _request
+
+    namespace: dict[str, object] = {}
+    exec(compile(_blocks("py")[0], "README.md", "exec"), namespace)
+    band = namespace["Band"](40)  # type: ignore[operator]
+    same = masks.causal() & masks.window(40)
+    assert torch.equal(band.dense(300, 300), same.dense(300, 300))
+    q, k, v = (torch.randn(1, 2, 600, 16, dtype=torch.float64) for _ in range(3))
+    got = attnlab.attention(q, k, v, mask=band, engine="blocked")
+    want = attnlab.attention(q, k, v, mask=same.dense(600, 600), engine="reference")
+    assert torch.allclose(got, want, atol=1e-12)  # type: ignore[arg-type]
+    req = _request(q.float(), k.float(), v.float(), band, None, None, "dot", "softmax", 0.0,
+                   False, False)  # fmt: skip
+    kplan = kernel_plan(req, make_plan(band, req, 128), 128)
+    assert kplan is not None and kplan.interval  # masked by spans, no tile evaluated
+    assert namespace["out"].shape == (1, 8, 8192, 64)  # type: ignore[attr-defined]

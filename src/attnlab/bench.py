@@ -85,7 +85,7 @@ def interleaved_ms(fns: dict[str, Callable[[], object]], repeat: int) -> dict[st
 def _sdpa_anchor(case: tuple[M.Mask | None, B.Bias | None], n: int, heads: int) -> Any:
     """torch SDPA's arguments for the case: a dense bool or float mask, or is_causal."""
     mask, bias = case
-    if isinstance(mask, M._Causal) and bias is None:
+    if mask is not None and mask.is_causal and bias is None:
         return {"is_causal": True}
     attn = None if mask is None else mask.dense(n, n)
     if bias is not None:

@@ -17,18 +17,27 @@ import dataclasses
 from collections.abc import Mapping
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 from attnlab import _validate as V
 from attnlab._observe import LIVE_WEIGHTS, OBSERVERS, AttentionEvent, notify
 from attnlab.bias import Bias, as_bias
 from attnlab.engines import AttentionRequest, get_engine, select_engine, validate_options
-from attnlab.engines.blocked import BlockedEngine
+from attnlab.engines.base import slice_weights
 from attnlab.engines.reference import mix
 from attnlab.masks import Mask, as_mask
 from attnlab.scores import ScoreFn, default_scale
 
-__all__ = ["AttentionOutput", "attend", "attention", "attention_weights", "unsupported_by"]
+__all__ = [
+    "AttentionOutput",
+    "attend",
+    "attention",
+    "attention_weights",
+    "observed_weights",
+    "request_weights",
+    "unsupported_by",
+]
 
 
 class AttentionOutput(NamedTuple):
@@ -298,7 +307,49 @@ def attention_weights(
         raise ValueError(f"heads={heads} must be query head indices in [0, {req.heads})")
     if rows is not None and not 0 <= rows[0] <= rows[1] <= req.lq:
         raise ValueError(f"rows={rows} must satisfy 0 <= r0 <= r1 <= Lq={req.lq}")
-    engine = get_engine("blocked")
-    if not isinstance(engine, BlockedEngine) or engine.unsupported(req) is not None:
+    if get_engine("blocked").unsupported(req) is not None:
         raise ValueError("attention_weights needs the blocked engine (dot or cosine score)")
-    return engine.weights(req, heads, rows)
+    return request_weights(req, heads, rows)
+
+
+def request_weights(
+    req: AttentionRequest, heads: list[int] | None = None, rows: tuple[int, int] | None = None
+) -> Tensor:
+    """Weights ``(B, len(heads), r1 - r0, Lk)`` of a validated request, without autograd.
+
+    The one place weights are recomputed (for :func:`attention_weights` and for
+    :mod:`attnlab.interpret`): by the blocked engine where it can (only the query blocks
+    that overlap ``rows``), else by the reference engine. Dropout is not applied.
+
+    Example:
+        >>> import torch
+        >>> q = k = v = torch.randn(1, 2, 5, 4)
+        >>> req = _request(q, k, v, None, None, None, "dot", "softmax", 0.0, False, False)
+        >>> request_weights(req, heads=[1], rows=(0, 2)).shape
+        torch.Size([1, 1, 2, 5])
+    """
+    with torch.no_grad():
+        plain = dataclasses.replace(
+            req,
+            q=req.q.detach(),
+            k=req.k.detach(),
+            v=req.v.detach(),
+            dropout_p=0.0,
+            return_weights=False,
+            return_lse=False,
+        )
+        blocked = get_engine("blocked")
+        engine = blocked if blocked.unsupported(plain) is None else get_engine("reference")
+        return engine.weights(plain, heads, rows)
+
+
+def observed_weights(
+    event: AttentionEvent, heads: list[int] | None = None, rows: tuple[int, int] | None = None
+) -> Tensor:
+    """``(B, h, r, Lk)`` weights of an observed call: sliced from the weights the engine
+    returned, else recomputed by :func:`request_weights`."""
+    if event.weights is not None:
+        return slice_weights(event.weights, heads, rows)
+    if event.request is None:
+        raise ValueError("attend() hands its weights to observers; this event has none")
+    return request_weights(event.request, heads, rows)

@@ -22,7 +22,6 @@ settings travel as ``engine_options`` and are checked against :attr:`Engine.opti
 
 from __future__ import annotations
 
-from attnlab.engines.approximate import LinearEngine, PerformerEngine
 from attnlab.engines.base import (
     AttentionRequest,
     Engine,
@@ -34,7 +33,9 @@ from attnlab.engines.base import (
     validate_options,
 )
 from attnlab.engines.blocked import BlockedEngine
+from attnlab.engines.linear import LinearEngine
 from attnlab.engines.nystrom import NystromEngine
+from attnlab.engines.performer import PerformerEngine
 from attnlab.engines.reference import ReferenceEngine
 from attnlab.engines.sdpa import SdpaEngine
 

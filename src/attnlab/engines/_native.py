@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["kernel", "kernel_error"]
+__all__ = ["kernel", "kernel_error", "ops"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "blocked.cpp"
 _VERSION = 1  # bump when the kernel's interface changes
@@ -90,3 +90,12 @@ def kernel() -> Any | None:
 def kernel_error() -> str | None:
     """Why :func:`kernel` returned ``None`` (after it was asked), else ``None``."""
     return _state.get("error")
+
+
+def ops() -> Any:
+    """The compiled kernel's ops; ``RuntimeError`` if unavailable (callers have checked
+    :func:`kernel`)."""
+    built = kernel()
+    if built is None:  # pragma: no cover - callers check kernel() first
+        raise RuntimeError(f"attnlab's CPU kernel is unavailable: {kernel_error()}")
+    return built

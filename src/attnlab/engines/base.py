@@ -10,6 +10,7 @@ of ``auto`` only when the call opts in with ``approximate=True``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -30,6 +31,7 @@ __all__ = [
     "may_hold_nan",
     "register_engine",
     "select_engine",
+    "slice_weights",
     "validate_options",
 ]
 
@@ -133,8 +135,36 @@ class Engine:
         """Whether ``auto`` should pick this engine for ``req`` (given it is supported)."""
         return True
 
+    def weights(
+        self,
+        req: AttentionRequest,
+        heads: list[int] | None = None,
+        rows: tuple[int, int] | None = None,
+    ) -> Tensor:
+        """Normalized weights ``(B, len(heads), r1 - r0, Lk)`` of some heads and query rows.
+
+        This default computes every weight with :meth:`forward` and slices; an engine that
+        can compute only the asked part (``blocked``: only the query blocks that overlap
+        ``rows``) overrides it. ``ValueError`` if the engine returns no weights.
+        """
+        _, w, _ = self.forward(dataclasses.replace(req, return_weights=True))
+        if w is None:
+            raise ValueError(f"engine {self.name!r} returns no attention weights")
+        return slice_weights(w, heads, rows)
+
     def __repr__(self) -> str:
         return f"<engine {self.name!r}{'' if self.exact else ' (approximate)'}>"
+
+
+def slice_weights(w: Tensor, heads: list[int] | None, rows: tuple[int, int] | None) -> Tensor:
+    """``w (B, H, Lq, Lk)`` restricted to ``heads`` and query ``rows`` (None: all).
+
+    Example:
+        >>> slice_weights(torch.zeros(1, 4, 6, 6), [1, 3], (2, 5)).shape
+        torch.Size([1, 2, 3, 6])
+    """
+    w = w if heads is None else w[:, heads]
+    return w if rows is None else w[:, :, rows[0] : rows[1]]
 
 
 def may_hold_nan(*ts: Tensor) -> bool:

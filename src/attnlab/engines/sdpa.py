@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.engines.base import AttentionRequest, Engine, EngineResult, may_hold_nan
-from attnlab.masks import _Causal
 
 __all__ = ["SdpaEngine"]
 
@@ -45,7 +44,7 @@ class SdpaEngine(Engine):
 
     def forward(self, req: AttentionRequest) -> EngineResult:
         gqa = req.heads != req.k.shape[1]
-        if isinstance(req.mask, _Causal) and req.bias is None and req.lq == req.lk:
+        if req.mask is not None and req.mask.is_causal and req.bias is None and req.lq == req.lk:
             out = F.scaled_dot_product_attention(
                 req.q,
                 req.k,

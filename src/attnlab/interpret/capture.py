@@ -10,19 +10,16 @@ long sequence costs ``rows x Lk`` per head rather than ``Lq x Lk`` for every hea
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from attnlab._observe import LIVE_WEIGHTS, OBSERVERS, AttentionEvent
-from attnlab.engines import AttentionRequest, get_engine
-from attnlab.engines.blocked import BlockedEngine
+from attnlab.functional import observed_weights
 
 __all__ = ["Captured", "capture"]
 
@@ -130,7 +127,7 @@ class capture:
                 raise RuntimeError(f"{event.engine} returned no weights under capture(grad=True)")
             w = event.weights
         else:
-            w = _weights(event, self.heads, self.rows).detach()
+            w = observed_weights(event, self.heads, self.rows).detach()
         self.records.append(Captured(name, call, w, event.engine))
 
     def weights(self, name: str) -> list[Tensor]:
@@ -139,39 +136,3 @@ class capture:
 
     def __iter__(self) -> Iterator[Captured]:
         return iter(self.records)
-
-
-def _weights(
-    event: AttentionEvent, heads: list[int] | None, rows: tuple[int, int] | None
-) -> Tensor:
-    """``(B, h, r, Lk)`` weights of the call: sliced if returned, else recomputed."""
-    if event.weights is not None:
-        return _slice(event.weights, heads, rows)
-    req = event.request
-    assert req is not None, "attend() always hands its weights to observers"
-    with torch.no_grad():
-        plain = _detached(req)
-        blocked = get_engine("blocked")
-        if isinstance(blocked, BlockedEngine) and blocked.unsupported(plain) is None:
-            return blocked.weights(plain, heads, rows)
-        _, w, _ = get_engine("reference").forward(dataclasses.replace(plain, return_weights=True))
-    assert w is not None
-    return _slice(w, heads, rows)
-
-
-def _detached(req: AttentionRequest) -> AttentionRequest:
-    """The same call without dropout, autograd, or extra outputs."""
-    return dataclasses.replace(
-        req,
-        q=req.q.detach(),
-        k=req.k.detach(),
-        v=req.v.detach(),
-        dropout_p=0.0,
-        return_weights=False,
-        return_lse=False,
-    )
-
-
-def _slice(w: Tensor, heads: list[int] | None, rows: tuple[int, int] | None) -> Tensor:
-    w = w if heads is None else w[:, heads]
-    return w if rows is None else w[:, :, rows[0] : rows[1]]

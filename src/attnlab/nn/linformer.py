@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from attnlab.engines.approximate import padding_validity
 from attnlab.functional import AttentionOutput, attention
-from attnlab.masks import Mask, _Padding
+from attnlab.masks import Mask
 
 __all__ = ["SHARING", "LinformerAttention", "linformer_attention"]
 
@@ -101,7 +101,7 @@ def _padding(
     """Key and query validity ``(B, 1, L, 1)`` of a padding mask (None: no mask)."""
     if mask is None:
         return None, None
-    if not isinstance(mask, _Padding):
+    if mask.lengths() is None:
         raise ValueError(
             f"Linformer takes mask=None or masks.padding(...) only, got {mask!r}: its keys "
             f"are projected to mixtures of positions, so a per-pair mask has no meaning"

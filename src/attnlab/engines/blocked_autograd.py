@@ -1,0 +1,342 @@
+"""The blocked engine's computation: one autograd function over a plan, three ways.
+
+:class:`BlockedAttention` runs a :class:`~attnlab.engines.blocked_plan.Plan` with
+attnlab's compiled tile kernel when it can (``csrc/blocked.cpp``, float32 and half on the
+CPU, ALiBi-like biases), else torch's fused CPU flash kernel per query block, else eager
+PyTorch per block (any bias, learnable ones included, float64). Forward saves the per-row
+logsumexp; backward recomputes each block's probabilities from it and gives ``dq``,
+``dk``, ``dv`` and the gradients of learnable biases.
+
+Tests switch paths with the module flags :data:`USE_KERNEL` and :data:`USE_FUSED`, and
+read the kernel's work counter in :data:`STATS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnlab._grid import Grid
+from attnlab.bias import Bias
+from attnlab.engines._native import kernel, kernel_error
+from attnlab.engines.base import AttentionRequest, may_hold_nan
+from attnlab.engines.blocked_plan import Block, KernelPlan, Plan
+from attnlab.scores import grouped_matmul
+
+__all__ = [
+    "ROWS",
+    "STATS",
+    "USE_FUSED",
+    "USE_KERNEL",
+    "BlockedAttention",
+    "acc_dtype",
+    "bias_leaves",
+    "block_tile",
+    "kernel",
+    "kernel_error",
+    "kernel_ok",
+    "softmax_lse",
+    "take",
+]
+
+
+def take(x: Tensor, keys: slice | Tensor) -> Tensor:
+    """Rows of ``x (B, H, L, E)`` at ``keys``: a view for slices, a gather otherwise."""
+    if isinstance(keys, slice):
+        return x[:, :, keys]
+    return x.index_select(2, keys.to(x.device))
+
+
+def _grid(req: AttentionRequest, blk: Block, keys: Tensor, batch: bool, heads: bool) -> Grid:
+    rows = torch.arange(*blk.rows, device=keys.device)
+    return Grid.tile(
+        rows,
+        keys,
+        lq=req.lq,
+        lk=req.lk,
+        batch=req.batch if batch else 1,
+        heads=req.heads if heads else 1,
+    )
+
+
+def block_tile(
+    req: AttentionRequest, blk: Block, keys: Tensor, dtype: torch.dtype, *, bias_grad: bool = False
+) -> tuple[Tensor | None, Tensor | None]:
+    """The additive bias-and-mask tile ``(Bt, Ht, T, Ks)`` of one query block, or None.
+
+    Masked pairs are ``-inf``; the mask is evaluated only on the block's partial columns.
+    Also returns the bias tile with its autograd graph (with ``bias_grad``).
+    """
+    tile = bias_tile = None
+    if req.bias is not None:
+        with torch.set_grad_enabled(bias_grad):
+            bias_tile = req.bias(_grid(req, blk, keys, req.bias.per_batch, req.bias.per_head))
+        tile = bias_tile.detach().to(dtype)
+    if req.mask is not None and blk.masked:
+        m = req.mask
+        t = blk.rows[1] - blk.rows[0]
+        if tile is None:
+            tile = torch.zeros(1, 1, t, len(keys), dtype=dtype, device=keys.device)
+        for c0, c1 in blk.masked:
+            allowed = m(_grid(req, blk, keys[c0:c1], m.per_batch, m.per_head))
+            shape = torch.broadcast_shapes(tile.shape, (*allowed.shape[:2], 1, 1))
+            tile = tile.expand(shape).clone() if tile.shape != shape else tile
+            tile[..., c0:c1].masked_fill_(~allowed, float("-inf"))
+    return tile, bias_tile
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Softmax statistics run in float32 at least (float64 stays float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def softmax_lse(s: Tensor) -> tuple[Tensor, Tensor]:
+    """Probabilities and logsumexp of ``s (..., Ks)``; fully masked rows give 0 and -inf."""
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m)
+    total = p.sum(-1, keepdim=True)
+    p = p / torch.where(total > 0, total, torch.ones_like(total))
+    lse = torch.where(total > 0, m + torch.log(total), float("-inf"))
+    return p, lse.squeeze(-1)
+
+
+def _probs(s: Tensor, lse: Tensor) -> Tensor:
+    """Recompute probabilities ``exp(s - lse)`` (0 on fully masked rows)."""
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).unsqueeze(-1)
+    return torch.exp(s - safe)
+
+
+def _group_sum(x: Tensor, hkv: int) -> Tensor:
+    """Sum ``(B, Hq, L, E)`` over the query heads that share a key/value head."""
+    b, hq = x.shape[:2]
+    return x if hq == hkv else x.view(b, hkv, hq // hkv, *x.shape[2:]).sum(2)
+
+
+def _sum_to(x: Tensor, shape: torch.Size) -> Tensor:
+    """Sum ``x`` over the dims where ``shape`` broadcasts (size 1)."""
+    dims = [i for i, (a, b) in enumerate(zip(x.shape, shape, strict=True)) if b == 1 and a != 1]
+    return x.sum(dims, keepdim=True) if dims else x
+
+
+def bias_leaves(bias: Bias | None) -> list[Tensor]:
+    """The tensors of ``bias`` that autograd should reach (parameters and grad buffers)."""
+    if bias is None:
+        return []
+    return [t for t in (*bias.parameters(), *bias.buffers()) if t.requires_grad]
+
+
+# torch's fused CPU flash kernel with its logsumexp (a private op: guarded, with a fallback)
+_FLASH_FWD: Any = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_BWD: Any = getattr(
+    torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None
+)
+USE_FUSED = True  # tests switch this off to check the eager fallback
+USE_KERNEL = True  # tests switch this off to check torch's per-block kernel
+ROWS = [32, 64]  # query rows per task of the kernel's forward and backward
+STATS: dict[str, int] = {}  # scores the kernel's last forward computed (for tests, benchmarks)
+
+
+def _fused_ok(q: Tensor, k: Tensor, v: Tensor, leaves: tuple[Tensor, ...]) -> bool:
+    """Whether the fused CPU kernel can run this call: CPU, equal head dims, no bias grads,
+    and no NaN (the fused kernel turns NaN rows into 0)."""
+    return (
+        USE_FUSED
+        and _FLASH_FWD is not None
+        and _FLASH_BWD is not None
+        and q.device.type == "cpu"
+        and q.shape[-1] == v.shape[-1]
+        and not leaves
+        and not may_hold_nan(q, k, v)
+    )
+
+
+def kernel_ok(req: AttentionRequest, leaves: list[Tensor]) -> bool:
+    """Whether attnlab's compiled kernel can run this call (float32 or half on the CPU, no
+    bias gradients, no NaN) and could be built."""
+    q, k, v = req.q, req.k, req.v
+    if not (USE_KERNEL and acc_dtype(q.dtype) == torch.float32 and q.device.type == "cpu"):
+        return False
+    return not leaves and not may_hold_nan(q, k, v) and kernel() is not None
+
+
+def _empty_rows(tile: Tensor | None) -> Tensor | None:
+    """Rows ``(Bt, Ht, T)`` of an additive tile that allow no key, or None if none do."""
+    if tile is None:
+        return None
+    empty = torch.isneginf(tile).all(-1)
+    return empty if bool(empty.any()) else None
+
+
+def _block_forward(
+    req: AttentionRequest, q: Tensor, k: Tensor, v: Tensor, blk: Block, fused: bool
+) -> tuple[Tensor, Tensor]:
+    """Output ``(B, Hq, T, Ev)`` and logsumexp ``(B, Hq, T)`` of one query block."""
+    r0, r1 = blk.rows
+    keys = blk.key_index(q.device)
+    tile, _ = block_tile(req, blk, keys, q.dtype)
+    k_sel, v_sel = take(k, blk.keys), take(v, blk.keys)
+    if fused:
+        out, lse = _FLASH_FWD(
+            q[:, :, r0:r1], k_sel, v_sel, 0.0, False, attn_mask=tile, scale=req.scale
+        )
+        empty = None if blk.has_full else _empty_rows(tile)
+        return out, (lse if empty is None else lse.masked_fill(empty, float("-inf")))
+    s = grouped_matmul(q[:, :, r0:r1] * req.scale, k_sel.transpose(-1, -2))  # (B, Hq, T, Ks)
+    p, lse = softmax_lse(s if tile is None else s + tile)
+    return grouped_matmul(p, v_sel), lse
+
+
+class BlockedAttention(torch.autograd.Function):
+    """Blocked attention with a logsumexp-recompute backward.
+
+    Three implementations of the same plan, tried in order: attnlab's compiled tile kernel
+    (``kplan``), torch's fused CPU flash kernel per block, eager PyTorch per block.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        req: AttentionRequest,
+        plan: Plan,
+        kplan: KernelPlan | None,
+        *leaves: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        ctx.dtypes = (q.dtype, k.dtype, v.dtype)
+        acc = acc_dtype(q.dtype)  # half precision runs in float32 throughout
+        q, k, v = q.to(acc), k.to(acc), v.to(acc)
+        ops = kernel() if kplan is not None else None
+        fused = ops is None and _fused_ok(q, k, v, leaves)
+        if ops is not None:
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+            out, lse, work = ops.forward(q, k, v, *kplan.args(), req.scale, ROWS[0])  # type: ignore[union-attr]
+            STATS["scores"] = work
+        else:
+            out = q.new_zeros((*q.shape[:3], v.shape[-1]))  # (B, Hq, Lq, Ev)
+            lse = torch.full(q.shape[:3], float("-inf"), device=q.device, dtype=acc)
+            for blk in plan.blocks:
+                r0, r1 = blk.rows
+                out[:, :, r0:r1], lse[:, :, r0:r1] = _block_forward(req, q, k, v, blk, fused)
+        ctx.save_for_backward(q, k, v, out, lse, *leaves)
+        ctx.req, ctx.plan, ctx.fused = req, plan, fused
+        ctx.kernel = (ops, kplan) if ops is not None else None
+        ctx.mark_non_differentiable(lse)
+        return out.to(ctx.dtypes[2]), lse
+
+    @staticmethod
+    def backward(ctx: Any, dout: Tensor, _dlse: Tensor | None) -> tuple[Tensor | None, ...]:
+        q, k, v, out, lse, *leaves = ctx.saved_tensors
+        dout = dout.to(q.dtype)
+        delta = (dout * out).sum(-1)  # (B, Hq, Lq)
+        if ctx.kernel is not None:
+            ops, kplan = ctx.kernel
+            dq, dk, dv = ops.backward(
+                dout.contiguous(), q, k, v, lse, delta, *kplan.args(), ctx.req.scale, ROWS[1]
+            )
+            grads = _Grads((dq, dk, dv), [])
+        else:
+            sv = _Saved(ctx.req, q, k, v, out, lse, dout, delta, leaves)
+            grads = _Grads.zeros(q, k, v, leaves)
+            step = _fused_block_backward if ctx.fused else _eager_block_backward
+            for blk in ctx.plan.blocks:
+                step(sv, blk, grads)
+        dq, dk, dv = (g.to(t) for g, t in zip(grads.qkv, ctx.dtypes, strict=True))
+        return (dq, dk, dv, None, None, None, *grads.leaves)
+
+
+@dataclass(frozen=True)
+class _Saved:
+    """What one backward pass reads: the forward's tensors and the upstream gradient.
+
+    ``delta`` is ``rowsum(dout * out)`` ``(B, Hq, Lq)``; ``leaves`` are the bias tensors
+    that need gradients.
+    """
+
+    req: AttentionRequest
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    out: Tensor
+    lse: Tensor
+    dout: Tensor
+    delta: Tensor
+    leaves: list[Tensor]
+
+
+@dataclass
+class _Grads:
+    """Gradient accumulators of one backward pass."""
+
+    qkv: tuple[Tensor, Tensor, Tensor]
+    leaves: list[Tensor]
+
+    @staticmethod
+    def zeros(q: Tensor, k: Tensor, v: Tensor, leaves: list[Tensor]) -> _Grads:
+        return _Grads(
+            (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)),
+            [torch.zeros_like(t) for t in leaves],
+        )
+
+
+def _fused_block_backward(sv: _Saved, blk: Block, grads: _Grads) -> None:
+    """One block's dq, dk, dv through torch's fused CPU flash backward."""
+    req, q, k, v, out, lse, dout = sv.req, sv.q, sv.k, sv.v, sv.out, sv.lse, sv.dout
+    r0, r1 = blk.rows
+    tile, _ = block_tile(req, blk, blk.key_index(q.device), q.dtype)
+    lse_b = lse[:, :, r0:r1]
+    lse_b = torch.where(torch.isfinite(lse_b), lse_b, torch.zeros_like(lse_b))
+    dq_b, dk_b, dv_b = _FLASH_BWD(
+        dout[:, :, r0:r1].contiguous(),
+        q[:, :, r0:r1],
+        take(k, blk.keys),
+        take(v, blk.keys),
+        out[:, :, r0:r1],
+        lse_b.contiguous(),
+        0.0,
+        False,
+        attn_mask=tile,
+        scale=req.scale,
+    )
+    dq, dk, dv = grads.qkv
+    dq[:, :, r0:r1] += dq_b
+    _scatter_add(dk, blk.keys, dk_b)
+    _scatter_add(dv, blk.keys, dv_b)
+
+
+def _eager_block_backward(sv: _Saved, blk: Block, grads: _Grads) -> None:
+    """One block's dq, dk, dv and bias gradients, recomputing probabilities from ``lse``."""
+    req, q, k, v, lse, dout, leaves = sv.req, sv.q, sv.k, sv.v, sv.lse, sv.dout, sv.leaves
+    r0, r1 = blk.rows
+    hkv = k.shape[1]
+    tile, bias_tile = block_tile(req, blk, blk.key_index(q.device), q.dtype, bias_grad=bool(leaves))
+    qs, k_sel, v_sel = q[:, :, r0:r1] * req.scale, take(k, blk.keys), take(v, blk.keys)
+    s = grouped_matmul(qs, k_sel.transpose(-1, -2))  # (B, Hq, T, Ks)
+    p = _probs(s if tile is None else s + tile, lse[:, :, r0:r1])
+    do = dout[:, :, r0:r1]  # (B, Hq, T, Ev)
+    dp = grouped_matmul(do, v_sel.transpose(-1, -2))  # (B, Hq, T, Ks)
+    ds = p * (dp - sv.delta[:, :, r0:r1].unsqueeze(-1))  # (B, Hq, T, Ks)
+    dq, dk, dv = grads.qkv
+    dq[:, :, r0:r1] += grouped_matmul(ds, k_sel) * req.scale
+    _scatter_add(dk, blk.keys, _group_sum(ds.transpose(-1, -2) @ qs, hkv))
+    _scatter_add(dv, blk.keys, _group_sum(p.transpose(-1, -2) @ do, hkv))
+    if bias_tile is not None and leaves:
+        gs = torch.autograd.grad(
+            bias_tile, leaves, _sum_to(ds, bias_tile.shape).to(bias_tile.dtype), allow_unused=True
+        )
+        for acc, g in zip(grads.leaves, gs, strict=True):
+            if g is not None:
+                acc += g
+
+
+def _scatter_add(dst: Tensor, keys: slice | Tensor, src: Tensor) -> None:
+    """``dst[:, :, keys] += src`` for a slice or an index tensor (duplicates accumulate)."""
+    if isinstance(keys, slice):
+        dst[:, :, keys] += src
+    else:
+        dst.index_add_(2, keys.to(dst.device), src)

@@ -1,0 +1,223 @@
+"""The blocked engine's plan: which query blocks run, which keys each reads, and which
+tiles need the mask.
+
+:func:`make_plan` turns a mask's block layout (union over batch and heads) into a
+schedule of :class:`Block` s; :func:`kernel_plan` turns that schedule into the compiled
+kernel's terms (:class:`KernelPlan`): key spans per row, and the mask evaluated once on
+the partial tiles, or nothing at all when the mask reports exact key intervals per row
+(:meth:`Mask.row_bounds <attnlab.masks.Mask.row_bounds>`). Masks are asked through their
+public protocol only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from attnlab._grid import Grid
+from attnlab.engines._native import ops
+from attnlab.engines.base import AttentionRequest
+from attnlab.masks import Mask, TileState
+
+__all__ = ["Block", "KernelPlan", "Plan", "kernel_plan", "make_plan"]
+
+
+@dataclass(frozen=True)
+class Block:
+    """One query block: its rows, the keys it reads, and which columns need the mask.
+
+    Attributes:
+        rows: ``(r0, r1)`` query rows.
+        keys: a ``slice`` of key indices, or a 1-D index tensor (gathered keys).
+        masked: ``(c0, c1)`` column ranges (into the block's keys) of partial tiles.
+        has_full: whether some tile is full for every (batch, head): then no row of the
+            block can be fully masked.
+    """
+
+    rows: tuple[int, int]
+    keys: slice | Tensor
+    masked: tuple[tuple[int, int], ...]
+    has_full: bool = True
+
+    def key_index(self, device: torch.device) -> Tensor:
+        """The key indices as a tensor ``(Ks,)``."""
+        if isinstance(self.keys, slice):
+            return torch.arange(self.keys.start, self.keys.stop, device=device)
+        return self.keys
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The work of one request: non-empty query blocks and the fraction of tiles kept."""
+
+    blocks: tuple[Block, ...]
+    computed_fraction: float
+
+
+def make_plan(mask: Mask | None, req: AttentionRequest, block: int) -> Plan:
+    """Turn the mask's block layout (union over batch and heads) into a block schedule."""
+    lq, lk = req.lq, req.lk
+    if mask is None:
+        spans = [(r, min(r + block, lq)) for r in range(0, lq, block)]
+        return Plan(tuple(Block(r, slice(0, lk), ()) for r in spans), 1.0)
+    layout = mask.block_layout(lq, lk, block, block, batch=req.batch, heads=req.heads)
+    states = layout.states.flatten(0, 1)  # (Bm*Hm, nQ, nK)
+    needed = (states != TileState.EMPTY).any(0)  # (nQ, nK)
+    full = (states == TileState.FULL).all(0)  # (nQ, nK)
+    blocks: list[Block] = []
+    for qb in range(needed.shape[0]):
+        kbs = needed[qb].nonzero().flatten().tolist()
+        if kbs:
+            rows = (qb * block, min((qb + 1) * block, lq))
+            blocks.append(_make_block(rows, kbs, full[qb], block, lk))
+    frac = float(needed.float().mean()) if needed.numel() else 0.0
+    return Plan(tuple(blocks), frac)
+
+
+def _make_block(
+    rows: tuple[int, int], kbs: list[int], full_row: Tensor, block: int, lk: int
+) -> Block:
+    """The keys of one query block (slice if contiguous) and its partial column ranges."""
+    full = full_row.tolist()
+    spans = [(kb * block, min((kb + 1) * block, lk)) for kb in kbs]
+    if kbs[-1] - kbs[0] + 1 == len(kbs):
+        keys: slice | Tensor = slice(spans[0][0], spans[-1][1])
+    else:
+        keys = torch.cat([torch.arange(a, b) for a, b in spans])
+    masked: list[tuple[int, int]] = []
+    col = 0
+    for kb, (a, b) in zip(kbs, spans, strict=True):
+        if not full[kb]:
+            if masked and masked[-1][1] == col:
+                masked[-1] = (masked[-1][0], col + b - a)  # merge adjacent partial tiles
+            else:
+                masked.append((col, col + b - a))
+        col += b - a
+    return Block(rows, keys, tuple(masked), has_full=any(full[kb] for kb in kbs))
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """The plan in the compiled kernel's terms (``csrc/blocked.cpp``).
+
+    Attributes:
+        blocks: ``(nblk, 4)`` int64: rows ``r0, r1`` and keys ``k0, k1`` of each block.
+        tiles: ``(nblk, ntile)`` int64: for the block's j-th key tile, its index in
+            ``allowed`` if the tile is partial, else -1 (full: no mask evaluation).
+        allowed: ``(Bm, Hm, nP, bs, bs)`` bool: the mask on each partial tile.
+        spans: ``(Bm, Hm, Lq, 2)`` int64: each row's key span ``[lo, hi)``, from its first
+            allowed key to its last; the kernel computes only the union over a few rows.
+        slopes: ``(Hq,)`` float32 slopes of a bias ``-slope_h |p - k|`` (ALiBi), evaluated
+            in the kernel, or None.
+        bs: the tile size.
+        interval: the mask allows exactly each row's span (causal, windows, documents,
+            prefixes, padding and their ``&``): the kernel masks by the spans alone and
+            no tile is evaluated.
+    """
+
+    blocks: Tensor
+    tiles: Tensor
+    allowed: Tensor
+    spans: Tensor
+    slopes: Tensor | None
+    bs: int
+    interval: bool
+
+    def args(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, int, bool]:
+        return (
+            self.blocks,
+            self.tiles,
+            self.allowed,
+            self.spans,
+            self.slopes,
+            self.bs,
+            self.interval,
+        )
+
+
+def kernel_plan(req: AttentionRequest, plan: Plan, bs: int) -> KernelPlan | None:
+    """The kernel's form of ``plan``, or None if the kernel cannot run it (gathered keys,
+    or a bias that is not linear in distance, i.e. not ALiBi-like)."""
+    slopes = None if req.bias is None else req.bias.linear_distance_slopes()  # (Hq,)
+    if req.bias is not None and slopes is None:
+        return None
+    if not plan.blocks or any(not isinstance(b.keys, slice) for b in plan.blocks):
+        return None
+    blocks = torch.tensor(
+        [(*b.rows, b.keys.start, b.keys.stop) for b in plan.blocks],  # type: ignore[union-attr]
+        dtype=torch.long,
+    )
+    if slopes is not None:
+        slopes = slopes.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    spans = _interval_spans(req)
+    if spans is not None:  # no tile to evaluate: the spans are the mask
+        tiles = torch.full((len(plan.blocks), 1), -1, dtype=torch.long)
+        allowed = torch.ones(spans.shape[0], 1, 0, bs, bs, dtype=torch.bool)
+        return KernelPlan(blocks, tiles, allowed, spans, slopes, bs, True)
+    starts: list[tuple[int, int]] = []  # (first row, first key) of each partial tile
+    table: list[list[int]] = []
+    for blk in plan.blocks:
+        k0, k1 = blk.keys.start, blk.keys.stop  # type: ignore[union-attr]
+        ids = [-1] * -(-(k1 - k0) // bs)
+        for c0, c1 in blk.masked:
+            for j in range(c0 // bs, -(-c1 // bs)):
+                ids[j] = len(starts)
+                starts.append((blk.rows[0], k0 + j * bs))
+        table.append(ids)
+    width = max(len(t) for t in table)
+    tiles = torch.tensor([t + [-1] * (width - len(t)) for t in table], dtype=torch.long)
+    allowed = _allowed_tiles(req, starts, bs)
+    spans = ops().row_spans(blocks, tiles, allowed, bs, req.lq)
+    return KernelPlan(blocks, tiles, allowed, spans, slopes, bs, False)
+
+
+def _interval_spans(req: AttentionRequest) -> Tensor | None:
+    """``(Bm, 1, Lq, 2)`` spans ``[lo, hi)`` if the mask allows exactly one key interval
+    per row (the same for every head), else None."""
+    m = req.mask
+    if m is None or m.per_head:
+        return None
+    bm = req.batch if m.per_batch else 1
+    bounds = m.row_bounds(req.lq, req.lk, bm, "cpu")
+    if bounds is None or not bounds.exact:
+        return None
+    lo = bounds.lo.clamp(0, req.lk)
+    hi = (bounds.hi + 1).clamp(0, req.lk)
+    return torch.stack([lo, hi], -1).expand(bm, req.lq, 2).reshape(bm, 1, req.lq, 2).contiguous()
+
+
+def _allowed_tiles(req: AttentionRequest, starts: list[tuple[int, int]], bs: int) -> Tensor:
+    """The mask on the partial tiles ``(Bm, Hm, nP, bs, bs)``, evaluated in one call.
+
+    Tile ``p`` covers rows ``r0 .. r0 + bs`` and keys ``k0 .. k0 + bs`` of ``starts[p]``
+    (indices past the end are clamped; the kernel never reads them). Library masks are
+    elementwise in their coordinates, so all tiles are evaluated as one grid; custom
+    masks get one grid per tile, the form they are documented to receive.
+    """
+    m = req.mask
+    bm = req.batch if m is not None and m.per_batch else 1
+    hm = req.heads if m is not None and m.per_head else 1
+    if m is None or not starts:
+        return torch.ones(bm, hm, 0, bs, bs, dtype=torch.bool)
+    ar = torch.arange(bs)
+    r0, c0 = torch.tensor(starts).unbind(1)  # (nP,) each
+    rows = (r0[:, None] + ar).clamp(max=req.lq - 1)  # (nP, bs)
+    keys = (c0[:, None] + ar).clamp(max=req.lk - 1)  # (nP, bs)
+    if not m.elementwise:
+        tiles = [
+            m(Grid.tile(r, c, lq=req.lq, lk=req.lk, batch=bm, heads=hm)).expand(bm, hm, bs, bs)
+            for r, c in zip(rows, keys, strict=True)
+        ]
+        return torch.stack(tiles, 2).cpu().contiguous()
+    grid = Grid(
+        b=torch.arange(bm).view(-1, 1, 1, 1),
+        h=torch.arange(hm).view(1, -1, 1, 1),
+        q=(rows + (req.lk - req.lq)).view(1, 1, -1, 1),
+        k=keys[:, None, :].expand(-1, bs, -1).reshape(1, 1, -1, bs),
+        lq=req.lq,
+        lk=req.lk,
+    )
+    allowed = m(grid).expand(bm, hm, len(starts) * bs, bs)
+    return allowed.reshape(bm, hm, len(starts), bs, bs).cpu().contiguous()

@@ -1,0 +1,167 @@
+"""Performer (Choromanski et al. 2021, FAVOR+): a random-feature estimate of softmax.
+
+Positive orthogonal random features ``phi(x) = exp(W x - |x|^2 / 2) / sqrt(F)`` of
+``x = sqrt(scale) * q`` (or ``k``): ``phi(q) . phi(k)`` estimates ``exp(scale q . k)``
+without bias, and the attention's error falls like ``1 / sqrt(F)`` with
+``num_features``. Its relative variance grows like ``exp(scale (|q|^2 + |k|^2))``: large
+queries and keys need many features. Causal attention takes chunked prefix sums
+(:func:`~attnlab.engines.kernelized.kernel_attention`).
+
+.. warning:: Inexact. ``engine="auto"`` uses it only for calls with ``approximate=True``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from attnlab.engines.approximate import ApproximateEngine, MaskPlan, option_field, parse_options
+from attnlab.engines.base import AttentionRequest
+from attnlab.engines.kernelized import kernel_result
+
+__all__ = ["PerformerEngine", "PerformerOptions", "favor_features", "orthogonal_features"]
+
+
+@dataclass(frozen=True)
+class PerformerOptions:
+    """``engine_options`` of ``"performer"``.
+
+    Attributes:
+        num_features: random features ``F``; the error falls like ``1/sqrt(F)``.
+        seed: seed of the feature draw (the same features on every call).
+        redraw: draw new features on every call from torch's global RNG (reproducible
+            under ``torch.manual_seed``), as Performer training does; excludes ``seed``.
+        chunk_size: keys per chunk of the causal prefix sums.
+    """
+
+    num_features: int = option_field(256, minimum=1)
+    seed: int = option_field(0, minimum=0)
+    redraw: bool = False
+    chunk_size: int = option_field(128, minimum=1)
+
+
+def orthogonal_features(
+    num_features: int, dim: int, *, generator: torch.Generator | None = None
+) -> Tensor:
+    """FAVOR+'s random features ``W (F, E)``: blocks of ``E`` orthogonal rows, each row
+    scaled to the length of a Gaussian vector (so ``W`` rows are marginally Gaussian).
+
+    The QR factor is corrected by the signs of ``R``'s diagonal: LAPACK's sign convention
+    alone makes the rows not uniformly oriented, and the estimate biased.
+
+    Drawn in float64 on the CPU from ``generator`` (default: torch's global RNG).
+
+    Example:
+        >>> w = orthogonal_features(8, 4, generator=torch.Generator().manual_seed(0))
+        >>> block = w[:4] / w[:4].norm(dim=1, keepdim=True)
+        >>> torch.allclose(block @ block.T, torch.eye(4, dtype=torch.float64))
+        True
+    """
+    blocks = []
+    for _ in range(-(-num_features // dim)):
+        q, r = torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=torch.float64))
+        blocks.append((q * r.diagonal().sign()).T)  # (E, E) Haar-random orthonormal rows
+    w = torch.cat(blocks)[:num_features]  # (F, E)
+    lengths = torch.randn(num_features, dim, generator=generator, dtype=torch.float64)
+    return w * lengths.norm(dim=1, keepdim=True)
+
+
+@functools.lru_cache(maxsize=32)
+def _seeded_features(
+    num_features: int, dim: int, seed: int, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return orthogonal_features(num_features, dim, generator=gen).to(device, dtype)
+
+
+def favor_features(x: Tensor, w: Tensor, *, is_query: bool, valid: Tensor | None = None) -> Tensor:
+    """FAVOR+'s positive random features ``exp(W x - |x|^2 / 2)`` of ``x (B, H, L, E)``,
+    up to factors that cancel between the numerator and denominator of attention.
+
+    A query's features are divided by any per-row constant (here the row maximum, which
+    also absorbs ``|x|^2 / 2``); all keys' by one constant (the maximum over valid keys
+    and features), so ``exp`` never overflows. The ``1 / sqrt(F)`` of the estimator is
+    left out for the same reason. Padded keys (``valid`` False, ``(B, 1, L, 1)``) get 0.
+
+    Returns:
+        ``(B, H, L, F)``, entries in ``[0, 1]``.
+
+    Example:
+        >>> x, w = torch.randn(1, 1, 3, 4), torch.randn(8, 4)
+        >>> favor_features(x, w, is_query=True).amax(-1).flatten().tolist()
+        [1.0, 1.0, 1.0]
+    """
+    proj = x @ w.T  # (B, H, L, F); updated in place below (matmul keeps its inputs only)
+    row_max = proj.detach().amax(-1, keepdim=True)  # (B, H, L, 1)
+    if is_query:
+        return proj.sub_(row_max).exp_()
+    half_sq = x.square().sum(-1, keepdim=True) / 2  # (B, H, L, 1)
+    top = row_max - half_sq.detach()
+    if valid is not None:
+        top = top.masked_fill(~valid, float("-inf"))
+    shift = half_sq + top.amax(-2, keepdim=True)  # (B, H, L, 1)
+    if valid is None:
+        return proj.sub_(shift).exp_()
+    return proj.sub_(torch.where(valid, shift, row_max)).exp_() * valid
+
+
+class PerformerEngine(ApproximateEngine):
+    """Performer's FAVOR+ estimate of softmax attention (Choromanski et al. 2021).
+
+    Example:
+        >>> import torch, attnlab
+        >>> _ = torch.manual_seed(0)
+        >>> q, k, v = torch.randn(3, 1, 2, 500, 16).double().unbind(0)
+        >>> q, k = q / 2, k / 2  # the variance grows like exp(scale (|q|^2 + |k|^2))
+        >>> opts = {"num_features": 1024, "seed": 0}
+        >>> err = attnlab.approximation_error(q, k, v, engine="performer", engine_options=opts)
+        >>> err["relative_fro"] < 0.25
+        True
+    """
+
+    name = "performer"
+    summary = (
+        "FAVOR+ positive orthogonal random features, a random-feature estimate of "
+        "softmax; causal, padding, GQA; options num_features, seed, redraw; O(L F E)"
+    )
+    options = ("num_features", "seed", "redraw", "chunk_size")
+    settings_type = PerformerOptions
+
+    def check_option_values(self, options: Mapping[str, object]) -> None:
+        opts = parse_options(PerformerOptions, options, self.name)
+        if opts.redraw and "seed" in options:
+            raise ValueError(
+                "engine_options: engine 'performer' takes either seed (fixed features) or "
+                "redraw=True (new features each call from torch's RNG), not both"
+            )
+
+    def unsupported(self, req: AttentionRequest) -> str | None:
+        if req.scale < 0:
+            return f"FAVOR+ needs scale >= 0 (it splits sqrt(scale)), got {req.scale}"
+        return super().unsupported(req)
+
+    def compute(
+        self, req: AttentionRequest, plan: MaskPlan, opts: PerformerOptions
+    ) -> tuple[Tensor, Tensor | None]:
+        w = self.features(opts, req.q.shape[-1], req.q.device, req.q.dtype)  # (F, E)
+        root = math.sqrt(req.scale)
+        qf = favor_features(req.q * root, w, is_query=True, valid=None)  # (B, Hq, Lq, F)
+        kf = favor_features(req.k * root, w, is_query=False, valid=plan.key_valid)
+        return kernel_result(req, qf, kf, plan.causal, opts.chunk_size)
+
+    def feature_dim(self, req: AttentionRequest, opts: PerformerOptions) -> int:
+        return opts.num_features
+
+    @staticmethod
+    def features(
+        opts: PerformerOptions, dim: int, device: torch.device, dtype: torch.dtype
+    ) -> Tensor:
+        """The random features ``(F, E)`` this call uses (fixed by seed, or redrawn)."""
+        if opts.redraw:
+            return orthogonal_features(opts.num_features, dim).to(device, dtype)
+        return _seeded_features(opts.num_features, dim, opts.seed, device, dtype)

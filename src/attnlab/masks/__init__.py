@@ -1,0 +1,77 @@
+"""Attention masks: typed, composable, and aware of their block structure.
+
+A mask says which (query, key) pairs may attend. Every mask is a function of
+``(batch, head, query position, key index)``; query positions are aligned bottom-right
+(query row ``i`` sits at position ``i + Lk - Lq``), the frame of cached decoding. ``True``
+means *may attend*, as in :func:`torch.nn.functional.scaled_dot_product_attention`.
+
+Masks combine with ``&`` (both allow), ``|`` (either allows) and ``~`` (negation). Each
+mask knows its dense form (:meth:`Mask.dense` -> bool ``(Bm, Hm, Lq, Lk)``) and its block
+layout (:meth:`Mask.block_layout`: which ``(q-block, k-block)`` tiles are empty, partial
+or full), and describes its structure to engines through a public protocol (see
+:mod:`attnlab.masks.base`): the key interval of each row, its ``&`` parts, whether it is
+causal, its padding lengths. Engines ask; they never check a mask's class.
+
+The package holds one file per family: ``intervals`` (causal, window, prefix, dilated),
+``padding``, ``documents``, ``sparse`` (global tokens, random blocks), ``custom``,
+``tensor``; ``base`` holds the protocol and the ``& | ~`` combinators, ``layout`` the
+block layouts.
+
+Example:
+    >>> from attnlab import masks
+    >>> m = masks.causal() & masks.window(2)
+    >>> m.dense(4, 4)[0, 0].int().tolist()
+    [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 1, 1]]
+"""
+
+from __future__ import annotations
+
+from attnlab.masks.base import And, Mask, Not, Or
+from attnlab.masks.custom import Custom, MaskFn, custom
+from attnlab.masks.documents import Documents, documents
+from attnlab.masks.intervals import (
+    Causal,
+    Dilated,
+    Prefix,
+    Window,
+    causal,
+    dilated,
+    prefix,
+    window,
+)
+from attnlab.masks.layout import BlockLayout, RowBounds, TileState
+from attnlab.masks.padding import Padding, padding
+from attnlab.masks.sparse import BlockRandom, GlobalTokens, block_random, global_tokens
+from attnlab.masks.tensor import TensorMask, as_mask, tensor
+
+__all__ = [
+    "And",
+    "BlockLayout",
+    "BlockRandom",
+    "Causal",
+    "Custom",
+    "Dilated",
+    "Documents",
+    "GlobalTokens",
+    "Mask",
+    "MaskFn",
+    "Not",
+    "Or",
+    "Padding",
+    "Prefix",
+    "RowBounds",
+    "TensorMask",
+    "TileState",
+    "Window",
+    "as_mask",
+    "block_random",
+    "causal",
+    "custom",
+    "dilated",
+    "documents",
+    "global_tokens",
+    "padding",
+    "prefix",
+    "tensor",
+    "window",
+]

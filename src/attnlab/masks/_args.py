@@ -1,0 +1,43 @@
+"""Argument checks and coordinates shared by the mask kinds (private to ``masks``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+Device = torch.device | str | None
+
+
+def positions(lq: int, lk: int, batch: int, device: Device) -> Tensor:
+    """Query positions ``(batch, lq)`` (bottom-right aligned)."""
+    return (torch.arange(lq, device=device) + (lk - lq)).expand(batch, lq)
+
+
+def nonneg_int(name: str, value: object) -> int:
+    """``value`` as an int >= 0, or a ``TypeError``/``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value}")
+    return value
+
+
+def pos_int(name: str, value: object) -> int:
+    """``value`` as an int >= 1, or a ``TypeError``/``ValueError`` naming ``name``."""
+    if nonneg_int(name, value) == 0:
+        raise ValueError(f"{name} must be a positive int, got 0")
+    return int(value)  # type: ignore[call-overload]
+
+
+def int_tensor(name: str, value: object, ndims: tuple[int, ...]) -> Tensor:
+    """Coerce a list or tensor of ints into a long tensor with one of ``ndims`` ranks."""
+    t = value if isinstance(value, Tensor) else torch.as_tensor(value)
+    if not isinstance(value, Tensor) and t.numel() == 0:
+        t = t.long()  # torch.as_tensor([]) is float32; an empty list holds no non-integer
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integers, got dtype {t.dtype}")
+    if t.dim() not in ndims:
+        raise ValueError(
+            f"{name} must have rank {' or '.join(map(str, ndims))}, got shape {tuple(t.shape)}"
+        )
+    return t.long()

@@ -1,0 +1,94 @@
+"""Packed documents: a query sees only keys of its own document."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from attnlab._grid import Grid
+from attnlab.masks._args import int_tensor
+from attnlab.masks.base import Mask
+from attnlab.masks.layout import Device, RowBounds
+
+__all__ = ["Documents", "documents"]
+
+
+class Documents(Mask):
+    """``doc_ids[p] == doc_ids[k]``. Build with :func:`documents`.
+
+    When every document is one contiguous run, each row's keys are that run: the mask
+    reports it as an exact :meth:`row_bounds` interval.
+    """
+
+    def __init__(self, doc_ids: object) -> None:
+        ids = int_tensor("doc_ids", doc_ids, (1, 2))
+        self.ids = ids if ids.dim() == 2 else ids.unsqueeze(0)  # (Bd, L)
+        self._bounds = _run_bounds(self.ids)
+
+    @property
+    def batch_size(self) -> int | None:
+        return self.ids.shape[0] if self.ids.shape[0] > 1 else None
+
+    @property
+    def natural_length(self) -> int:
+        return self.ids.shape[1]
+
+    def check(self, *, batch: int, heads: int, lq: int, lk: int) -> None:
+        n = self.ids.shape[1]
+        if lk != n or lq > lk:
+            raise ValueError(
+                f"mask=documents(...) has doc_ids of length {n} but the call has "
+                f"Lq={lq}, Lk={lk}; expected Lk == {n} and Lq <= Lk"
+            )
+        if self.batch_size is not None and batch != self.batch_size:
+            raise ValueError(
+                f"mask=documents(...) has doc_ids for {self.batch_size} batch "
+                f"items but the batch size is {batch}"
+            )
+
+    def evaluate(self, grid: Grid) -> Tensor:
+        ids = self.ids.to(grid.k.device)
+        b = grid.b if ids.shape[0] > 1 else torch.zeros_like(grid.b)
+        return ids[b, grid.q.clamp(min=0)] == ids[b, grid.k]
+
+    def row_bounds(
+        self, lq: int, lk: int, batch: int = 1, device: Device = None
+    ) -> RowBounds | None:
+        if self._bounds is None:
+            return None
+        lo, hi = (t.to(device)[:, lk - lq :] for t in self._bounds)
+        return RowBounds(lo, hi, exact=True)
+
+    def spec(self) -> str:
+        n_docs = int(self.ids[0].unique().numel()) if self.ids.numel() else 0
+        return f"documents({n_docs} documents, length {self.ids.shape[1]})"
+
+
+def _run_bounds(ids: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Per-position ``(start, end)`` of its document, if every document is one run."""
+    if ids.shape[1] == 0:
+        return ids.clone(), ids.clone()
+    change = torch.nn.functional.pad(ids[:, 1:] != ids[:, :-1], (1, 0), value=True)
+    run = change.long().cumsum(1) - 1  # (Bd, L) run index of each position
+    for row, r in zip(ids, run, strict=True):
+        if int(r[-1]) + 1 != row.unique().numel():
+            return None
+    pos = torch.arange(ids.shape[1]).expand_as(ids)
+    start = torch.zeros_like(ids).scatter_reduce(1, run, pos, "amin", include_self=False)
+    end = torch.zeros_like(ids).scatter_reduce(1, run, pos, "amax", include_self=False)
+    return start.gather(1, run), end.gather(1, run)
+
+
+def documents(doc_ids: Sequence[int] | Tensor) -> Mask:
+    """Packed documents: a query sees only keys with the same document id.
+
+    Args:
+        doc_ids: ``(L,)`` or ``(B, L)`` integer ids, ``L == Lk``.
+
+    Example:
+        >>> documents([0, 0, 1]).dense(3, 3)[0, 0].int().tolist()
+        [[1, 1, 0], [1, 1, 0], [0, 0, 1]]
+    """
+    return Documents(doc_ids)

@@ -1,0 +1,131 @@
+"""Masks that allow an interval of keys per query row: causal, window, prefix, dilated.
+
+Each reports its exact interval through :meth:`~attnlab.masks.Mask.row_bounds`, so block
+layouts come from intervals and the blocked engine masks by spans without evaluating
+tiles (a dilated window with ``dilation > 1`` reports none: it is not an interval).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from attnlab._grid import Grid
+from attnlab.masks._args import nonneg_int, pos_int, positions
+from attnlab.masks.base import Mask
+from attnlab.masks.layout import Device, RowBounds
+
+__all__ = ["Causal", "Dilated", "Prefix", "Window", "causal", "dilated", "prefix", "window"]
+
+
+class Causal(Mask):
+    """Query position ``p`` sees keys ``k <= p``. Build with :func:`causal`."""
+
+    is_causal = True
+
+    def evaluate(self, grid: Grid) -> Tensor:
+        return grid.k <= grid.q
+
+    def row_bounds(self, lq: int, lk: int, batch: int = 1, device: Device = None) -> RowBounds:
+        p = positions(lq, lk, 1, device)
+        return RowBounds(torch.zeros_like(p), p, exact=True)
+
+    def spec(self) -> str:
+        return "causal()"
+
+
+class Window(Mask):
+    """Query position ``p`` sees keys ``p - left <= k <= p + right``. See :func:`window`."""
+
+    def __init__(self, left: int, right: int) -> None:
+        self.left, self.right = nonneg_int("left", left), nonneg_int("right", right)
+
+    def evaluate(self, grid: Grid) -> Tensor:
+        return (grid.k >= grid.q - self.left) & (grid.k <= grid.q + self.right)
+
+    def row_bounds(self, lq: int, lk: int, batch: int = 1, device: Device = None) -> RowBounds:
+        p = positions(lq, lk, 1, device)
+        return RowBounds(p - self.left, p + self.right, exact=True)
+
+    def spec(self) -> str:
+        return f"window(left={self.left}, right={self.right})"
+
+
+class Prefix(Mask):
+    """Every query sees keys ``k < n``; past the prefix it is causal. See :func:`prefix`."""
+
+    def __init__(self, n: int) -> None:
+        self.n = nonneg_int("n", n)
+
+    def evaluate(self, grid: Grid) -> Tensor:
+        return (grid.k < self.n) | (grid.k <= grid.q)
+
+    def row_bounds(self, lq: int, lk: int, batch: int = 1, device: Device = None) -> RowBounds:
+        p = positions(lq, lk, 1, device)
+        return RowBounds(torch.zeros_like(p), torch.clamp(p, min=self.n - 1), exact=True)
+
+    def spec(self) -> str:
+        return f"prefix({self.n})"
+
+
+class Dilated(Mask):
+    """Keys with ``|p - k| <= window`` and ``(p - k) % dilation == 0``. See :func:`dilated`."""
+
+    def __init__(self, window: int, dilation: int) -> None:
+        self.window = nonneg_int("window", window)
+        self.dilation = pos_int("dilation", dilation)
+
+    def evaluate(self, grid: Grid) -> Tensor:
+        d = grid.q - grid.k
+        return (d.abs() <= self.window) & (torch.remainder(d, self.dilation) == 0)
+
+    def row_bounds(
+        self, lq: int, lk: int, batch: int = 1, device: Device = None
+    ) -> RowBounds | None:
+        if self.dilation != 1:
+            return None  # an envelope only: evaluate, so that the layout stays exact
+        p = positions(lq, lk, 1, device)
+        return RowBounds(p - self.window, p + self.window, exact=True)
+
+    def spec(self) -> str:
+        return f"dilated(window={self.window}, dilation={self.dilation})"
+
+
+def causal() -> Mask:
+    """Causal mask: query position ``p`` sees keys ``k <= p`` (bottom-right aligned).
+
+    Example:
+        >>> causal().dense(1, 3)[0, 0].tolist()   # one new token sees the whole history
+        [[True, True, True]]
+    """
+    return Causal()
+
+
+def window(left: int, right: int = 0) -> Mask:
+    """Sliding window: query position ``p`` sees keys ``p - left <= k <= p + right``.
+
+    Example:
+        >>> window(1, 1).dense(3, 3)[0, 0].int().tolist()
+        [[1, 1, 0], [1, 1, 1], [0, 1, 1]]
+    """
+    return Window(left, right)
+
+
+def prefix(n: int) -> Mask:
+    """Prefix-LM: every query sees keys ``k < n``; after the prefix it is causal.
+
+    Example:
+        >>> prefix(2).dense(3, 3)[0, 0].int().tolist()
+        [[1, 1, 0], [1, 1, 0], [1, 1, 1]]
+    """
+    return Prefix(n)
+
+
+def dilated(window: int, dilation: int) -> Mask:
+    """Dilated window: keys with ``|p - k| <= window`` and ``(p - k) % dilation == 0``.
+
+    Example:
+        >>> dilated(2, 2).dense(3, 3)[0, 0].int().tolist()
+        [[1, 0, 1], [0, 1, 0], [1, 0, 1]]
+    """
+    return Dilated(window, dilation)

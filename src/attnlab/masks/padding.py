@@ -1,0 +1,87 @@
+"""Padding: per batch item, keys past its length are hidden and padded query rows see
+nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from attnlab._grid import Grid
+from attnlab.masks._args import int_tensor
+from attnlab.masks.base import Mask
+from attnlab.masks.layout import Device, RowBounds
+
+__all__ = ["Padding", "padding"]
+
+
+class Padding(Mask):
+    """Keys ``k >= key_lengths[b]`` hidden; rows ``i >= query_lengths[b]`` see nothing.
+
+    Build with :func:`padding`. Engines that need only validity (approximate engines,
+    Linformer) read it through :meth:`lengths`.
+    """
+
+    def __init__(self, key_lengths: object, query_lengths: object | None) -> None:
+        self.kl = int_tensor("key_lengths", key_lengths, (1,))
+        self.ql = (
+            None if query_lengths is None else int_tensor("query_lengths", query_lengths, (1,))
+        )
+        if self.ql is not None and self.ql.shape != self.kl.shape:
+            raise ValueError(
+                f"query_lengths has shape {tuple(self.ql.shape)} but key_lengths "
+                f"has {tuple(self.kl.shape)}; give one length per batch item"
+            )
+        for name, t in (("key_lengths", self.kl), ("query_lengths", self.ql)):
+            if t is not None and bool((t < 0).any()):
+                raise ValueError(f"{name} must be >= 0, got {t.tolist()}")
+
+    @property
+    def batch_size(self) -> int:
+        return self.kl.shape[0]
+
+    @property
+    def natural_length(self) -> int | None:
+        return int(self.kl.max()) if self.kl.numel() else None
+
+    def lengths(self) -> tuple[Tensor, Tensor | None]:
+        return self.kl, self.ql
+
+    def check(self, *, batch: int, heads: int, lq: int, lk: int) -> None:
+        if batch != self.batch_size:
+            raise ValueError(
+                f"mask=padding(...) holds {self.batch_size} lengths but the batch "
+                f"size is {batch}; give one length per batch item"
+            )
+
+    def evaluate(self, grid: Grid) -> Tensor:
+        kl = self.kl.to(grid.k.device)[grid.b]  # (B, 1, 1, 1)
+        ok = grid.k < kl
+        if self.ql is not None:
+            ok = ok & (grid.rows < self.ql.to(grid.k.device)[grid.b])
+        return ok
+
+    def row_bounds(self, lq: int, lk: int, batch: int = 1, device: Device = None) -> RowBounds:
+        hi = (self.kl.to(device) - 1).view(-1, 1).expand(-1, lq)
+        if self.ql is not None:
+            rows = torch.arange(lq, device=device).view(1, -1)
+            hi = torch.where(rows < self.ql.to(device).view(-1, 1), hi, -1)
+        return RowBounds(torch.zeros_like(hi), hi, exact=True)
+
+    def spec(self) -> str:
+        q = "" if self.ql is None else f", query_lengths={self.ql.tolist()}"
+        return f"padding(key_lengths={self.kl.tolist()}{q})"
+
+
+def padding(
+    key_lengths: Sequence[int] | Tensor, query_lengths: Sequence[int] | Tensor | None = None
+) -> Mask:
+    """Padding: in batch item ``b`` keys ``k >= key_lengths[b]`` are hidden; rows
+    ``i >= query_lengths[b]`` (query padding) see nothing and give output 0.
+
+    Example:
+        >>> padding([2, 3]).dense(1, 3)[:, 0, 0].int().tolist()
+        [[1, 1, 0], [1, 1, 1]]
+    """
+    return Padding(key_lengths, query_lengths)

@@ -1,0 +1,93 @@
+"""Sparse patterns of long-sequence models: global tokens (Longformer) and random key
+blocks (BigBird)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from attnlab._grid import Grid
+from attnlab.masks._args import int_tensor, nonneg_int, pos_int
+from attnlab.masks.base import Mask
+
+__all__ = ["BlockRandom", "GlobalTokens", "block_random", "global_tokens"]
+
+
+class GlobalTokens(Mask):
+    """Positions in ``indices`` see every key and are seen by every query. See
+    :func:`global_tokens`."""
+
+    def __init__(self, indices: object) -> None:
+        self.idx = int_tensor("indices", indices, (1,))
+        if bool((self.idx < 0).any()):
+            raise ValueError(f"indices must be >= 0, got {self.idx.tolist()}")
+
+    def evaluate(self, grid: Grid) -> Tensor:
+        idx = self.idx.to(grid.k.device)
+        return torch.isin(grid.q, idx) | torch.isin(grid.k, idx)
+
+    def spec(self) -> str:
+        return f"global_tokens({self.idx.tolist()})"
+
+
+class BlockRandom(Mask):
+    """Each query block sees ``num_blocks`` seeded random key blocks. See
+    :func:`block_random`."""
+
+    def __init__(self, block_size: int, num_blocks: int, seed: int) -> None:
+        self.block_size = pos_int("block_size", block_size)
+        self.num_blocks = nonneg_int("num_blocks", num_blocks)
+        self.seed = nonneg_int("seed", seed)
+        self._tables: dict[int, Tensor] = {}
+
+    def table(self, lk: int) -> Tensor:
+        """Bool ``(n_blocks, n_blocks)``: query block -> its random key blocks (seeded)."""
+        if lk not in self._tables:
+            n = max(1, math.ceil(lk / self.block_size))
+            gen = torch.Generator().manual_seed(self.seed)
+            tab = torch.zeros(n, n, dtype=torch.bool)
+            for row in range(n):
+                tab[row, torch.randperm(n, generator=gen)[: self.num_blocks]] = True
+            self._tables[lk] = tab
+        return self._tables[lk]
+
+    def evaluate(self, grid: Grid) -> Tensor:
+        tab = self.table(grid.lk).to(grid.k.device)
+        qb = grid.q.clamp(min=0) // self.block_size
+        ok = tab[qb, grid.k // self.block_size]
+        return ok & (grid.q >= 0)
+
+    def spec(self) -> str:
+        return (
+            f"block_random(block_size={self.block_size}, num_blocks={self.num_blocks}, "
+            f"seed={self.seed})"
+        )
+
+
+def global_tokens(indices: Sequence[int] | Tensor) -> Mask:
+    """Global tokens: positions in ``indices`` see every key and are seen by every query.
+
+    Combine with a local mask, e.g. ``window(64, 64) | global_tokens([0])`` (Longformer).
+
+    Example:
+        >>> global_tokens([0]).dense(3, 3)[0, 0].int().tolist()
+        [[1, 1, 1], [1, 0, 0], [1, 0, 0]]
+    """
+    return GlobalTokens(indices)
+
+
+def block_random(block_size: int, num_blocks: int, *, seed: int = 0) -> Mask:
+    """BigBird's random blocks: each query block sees ``num_blocks`` random key blocks.
+
+    The choice is seeded and fixed per key length. Combine with ``window`` and
+    ``global_tokens`` for the full BigBird pattern.
+
+    Example:
+        >>> m = block_random(2, 1, seed=0)
+        >>> int(m.dense(4, 4).sum())   # 2 query blocks x 1 key block x (2 x 2) pairs
+        8
+    """
+    return BlockRandom(block_size, num_blocks, seed)

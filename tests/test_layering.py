@@ -1,0 +1,165 @@
+"""The structure README describes, checked on the source: one-way imports, no private
+mask names outside ``masks/``, and rooms of readable size.
+
+Each check runs on the real tree and, as a positive control, on a small snippet that
+breaks the rule, so a checker that sees nothing cannot pass.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "attnlab"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+# A room may import rooms of a lower rank (or itself). README's order, bottom to top.
+RANKS = {
+    "_grid": 0,
+    "normalize": 1,
+    "scores": 1,
+    "_validate": 2,
+    "_io": 2,
+    "masks": 3,
+    "bias": 3,
+    "positional": 4,
+    "engines": 5,
+    "_observe": 6,
+    "functional": 7,
+    "approximation": 8,
+    "nn": 8,
+    "interpret": 8,
+    "attnlab": 8,  # the package root: functional, nn and the vocabulary re-exported
+    "models": 9,
+    "train": 9,
+    "tasks": 10,
+    "bench": 10,
+    "cli": 11,
+}
+# Beyond the ranks: interpret observes attention only through functional and its hook.
+FORBIDDEN = {"interpret": {"engines", "models"}, "train": {"models", "nn", "tasks"}}
+MAX_LINES = 450
+
+
+def room_of(path: Path) -> str:
+    """The room of a source file: its top-level module or package under attnlab/."""
+    rel = path.relative_to(SRC).with_suffix("")
+    return "attnlab" if rel.parts == ("__init__",) else rel.parts[0]
+
+
+def imported_rooms(tree: ast.AST) -> set[str]:
+    """Rooms of attnlab that a module imports (anywhere in it, functions included)."""
+    rooms: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            mod = node.module.split(".")
+            if mod[0] != "attnlab":
+                continue
+            if len(mod) > 1:
+                rooms.add(mod[1])
+            else:
+                rooms.update(a.name if a.name in RANKS else "attnlab" for a in node.names)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                mod = alias.name.split(".")
+                if mod[0] == "attnlab":
+                    rooms.add(mod[1] if len(mod) > 1 else "attnlab")
+    return rooms
+
+
+def layering_violations(room: str, tree: ast.AST) -> list[str]:
+    """What ``room`` imports against the layering (empty when it keeps it)."""
+    bad = []
+    for target in sorted(imported_rooms(tree) - {room}):
+        if target not in RANKS:
+            bad.append(f"{room} imports {target}, a room with no place in the layering")
+        elif RANKS[target] > RANKS[room] or target in FORBIDDEN.get(room, ()):
+            bad.append(f"{room} imports {target}")
+    return bad
+
+
+def sources() -> list[Path]:
+    return sorted(SRC.rglob("*.py"))
+
+
+def test_every_room_has_a_place_and_imports_only_downward() -> None:
+    bad = []
+    for path in sources():
+        room = room_of(path)
+        assert room in RANKS, f"{path}: room {room!r} is not in the layering"
+        bad += [
+            f"{path.relative_to(SRC)}: {v}"
+            for v in layering_violations(room, ast.parse(path.read_text()))
+        ]
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize(
+    ("room", "code"),
+    [
+        ("interpret", "from attnlab.engines import get_engine"),
+        ("interpret", "def f():\n    from attnlab.models import BertEncoder"),
+        ("masks", "import attnlab.functional"),
+        ("engines", "from attnlab import nn"),
+        ("functional", "from attnlab import attention"),  # the package root sits above
+    ],
+)
+def test_layering_check_catches_an_upward_import(room: str, code: str) -> None:
+    assert layering_violations(room, ast.parse(code))
+
+
+def private_mask_names() -> set[str]:
+    """Private names defined in masks/: module-level and class-level, not dunders."""
+    names: set[str] = set()
+    for path in (SRC / "masks").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.ClassDef | ast.AsyncFunctionDef):
+                names.add(node.name)
+            elif isinstance(node, ast.Assign):
+                names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+                names.update(t.attr for t in node.targets if isinstance(t, ast.Attribute))
+    return {n for n in names if n.startswith("_") and not n.endswith("__")}
+
+
+def private_mask_uses(tree: ast.AST, private: set[str]) -> list[str]:
+    """Imports of private names from ``attnlab.masks`` and attribute reads of them."""
+    uses = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("attnlab.masks"):
+            uses += [f"imports {a.name}" for a in node.names if a.name.startswith("_")]
+        elif isinstance(node, ast.Attribute) and node.attr in private:
+            uses.append(f"uses .{node.attr}")
+    return uses
+
+
+def test_no_private_mask_name_outside_masks() -> None:
+    private = private_mask_names()
+    assert {"_layout", "_sizes"} <= private  # the collector sees the package
+    outside = [p for p in sources() if room_of(p) != "masks"] + sorted(BENCHMARKS.glob("*.py"))
+    bad = [
+        f"{p}: {use}"
+        for p in outside
+        for use in private_mask_uses(ast.parse(p.read_text()), private)
+    ]
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "from attnlab.masks import _Causal",
+        "from attnlab.masks.base import _Combination",
+        "def f(m):\n    return m._layout(1, 1, 1, 1, None, 1, None)",
+    ],
+)
+def test_private_name_check_catches_a_use(code: str) -> None:
+    assert private_mask_uses(ast.parse(code), private_mask_names())
+
+
+def test_no_source_module_is_over_the_size_limit() -> None:
+    sizes = {p.relative_to(SRC): len(p.read_text().splitlines()) for p in sources()}
+    big = {str(p): n for p, n in sizes.items() if n > MAX_LINES}
+    assert not big, f"modules over {MAX_LINES} lines: {big}"
+    assert max(sizes.values()) > 100  # the count reads real files
