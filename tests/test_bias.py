@@ -10,6 +10,7 @@ import math
 import re
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -667,6 +668,96 @@ def test_base_class_is_abstract_and_default_check_accepts() -> None:
     z.check(batch=7, heads=5, lq=3, lk=2)  # default: no check
     assert z.dense(3, 2, batch=7, heads=5).shape == (1, 1, 3, 2)
     assert repr(z) == "bias()"
+
+
+# --------------------------------------------------------------------------- linear-distance slopes
+
+
+def np_linear_distance(slopes: list[float], lq: int, lk: int, *, aligned: bool = True) -> Tensor:
+    """``-slopes[h] * |p - k|`` built in numpy, shape (1, H, lq, lk); p bottom-right aligned.
+
+    ``aligned=False`` puts query ``i`` at position ``i`` (top-left): the wrong frame, used as
+    a control that the comparison can fail.
+    """
+    m = np.asarray(slopes, dtype=np.float64)[:, None, None]  # (H, 1, 1)
+    p = np.arange(lq) + (lk - lq if aligned else 0)  # (lq,)
+    k = np.arange(lk)  # (lk,)
+    values = -m * np.abs(p[:, None] - k[None, :])  # (H, lq, lk)
+    return torch.from_numpy(values[None])  # (1, H, lq, lk)
+
+
+@pytest.mark.parametrize("heads", [1, 5, 8, 12])
+@pytest.mark.parametrize(("lq", "lk"), [(4, 4), (3, 7), (1, 5), (5, 3)])
+def test_alibi_linear_distance_slopes_rebuild_its_dense(heads: int, lq: int, lk: int) -> None:
+    b = alibi(heads)
+    slopes = b.linear_distance_slopes()
+    assert slopes is not None and slopes is dict(b.named_buffers())["slopes"]
+    assert slopes.shape == (heads,)
+    torch.testing.assert_close(
+        slopes.double(), torch.tensor(ref_slopes(heads), dtype=torch.float64), rtol=1e-6, atol=0
+    )
+    # An engine that computes -slopes[h] * |p - k| from the answer gets exactly b's values.
+    dense = b.dense(lq, lk, heads=heads).double()
+    expected = np_linear_distance(slopes.tolist(), lq, lk)
+    torch.testing.assert_close(dense, expected, rtol=1e-6, atol=1e-7)
+    if lq != lk:  # control: the comparison sees a wrong query frame
+        assert not torch.allclose(dense, np_linear_distance(slopes.tolist(), lq, lk, aligned=False))
+
+
+def test_linear_distance_slopes_none_unless_declared() -> None:
+    # Biases whose values are ALiBi's still answer None: the answer is declared, not guessed.
+    same_as_alibi = {
+        "custom": custom(lambda h, q, k: -torch.tensor(ref_slopes(3))[h] * (q - k).abs()),
+        "tensor": tensor(alibi(3).dense(4, 4, heads=3)[0]),
+    }
+    for name, b in same_as_alibi.items():
+        torch.testing.assert_close(b.dense(4, 4, heads=3), alibi(3).dense(4, 4, heads=3))
+        assert b.linear_distance_slopes() is None, name
+    others = [
+        relative_buckets(3, num_buckets=8, max_distance=8),
+        learned_relative(3, 2),
+        alibi(3) + tensor(torch.zeros(4, 4)),
+        alibi(3) + alibi(3),  # linear too, but a sum of several terms answers None
+    ]
+    for b in others:
+        assert b.linear_distance_slopes() is None, repr(b)
+    # control: a sum of exactly one term gives that term's answer
+    one = SumBias(alibi(3)).linear_distance_slopes()
+    assert one is not None and torch.equal(one, alibi_slopes(3))
+
+
+def test_user_subclass_declares_linear_distance_slopes() -> None:
+    class Undeclared(Bias):
+        """ALiBi-shaped values with user slopes, without the declaration."""
+
+        slopes: Tensor
+
+        def __init__(self, slopes: Tensor) -> None:
+            super().__init__()
+            self.register_buffer("slopes", slopes)  # (H,)
+
+        @property
+        def per_head(self) -> bool:
+            return True
+
+        def forward(self, grid: Grid) -> Tensor:
+            return -self.slopes[grid.h] * (grid.q - grid.k).abs()  # (1, Hg, Tq, Tk)
+
+    class Declared(Undeclared):
+        def linear_distance_slopes(self) -> Tensor:
+            return self.slopes
+
+    values = [0.3, 1.5, 0.0]
+    b = Declared(torch.tensor(values, dtype=torch.float64))
+    got = b.linear_distance_slopes()
+    assert got is not None and got.tolist() == values
+    torch.testing.assert_close(b.dense(3, 6, heads=3), np_linear_distance(values, 3, 6))
+    one = SumBias(b).linear_distance_slopes()
+    assert one is not None and torch.equal(one, b.slopes)
+    # control: the same values without the declaration answer Bias's default, None
+    u = Undeclared(torch.tensor(values, dtype=torch.float64))
+    assert torch.equal(u.dense(3, 6, heads=3), b.dense(3, 6, heads=3))
+    assert u.linear_distance_slopes() is None
 
 
 # --------------------------------------------------------------------------- as_bias

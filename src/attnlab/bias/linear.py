@@ -1,0 +1,100 @@
+"""ALiBi, Attention with Linear Biases (Press et al., 2022): ``bias[h, p, k] = -m_h * |p - k|``."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from attnlab._grid import Grid
+from attnlab._validate import positive_int
+from attnlab.bias.base import Bias, _check_heads
+
+__all__ = ["ALiBi", "alibi", "alibi_slopes"]
+
+
+def _power_of_two_slopes(n: int) -> list[float]:
+    """The geometric sequence 2^(-8/n), 2^(-16/n), ..., 2^(-8) (n a power of 2)."""
+    return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
+
+
+def alibi_slopes(num_heads: int) -> Tensor:
+    """The per-head ALiBi slopes of Press et al. (2022), float32 of shape ``(num_heads,)``.
+
+    For a power of two ``n`` the slopes are the geometric sequence that starts at
+    ``2^(-8/n)`` with ratio ``2^(-8/n)``. Otherwise, with ``m`` the largest power of two below
+    ``n``, they are the ``m`` slopes for ``m`` heads followed by the first ``n - m`` of every
+    other slope (indices 0, 2, 4, ...) for ``2m`` heads.
+
+    Example:
+        >>> alibi_slopes(4)
+        tensor([0.2500, 0.0625, 0.0156, 0.0039])
+    """
+    n = positive_int("num_heads", num_heads)
+    m = 1 << (n.bit_length() - 1)  # the largest power of two <= n
+    slopes = _power_of_two_slopes(m)
+    if m != n:
+        slopes += _power_of_two_slopes(2 * m)[0::2][: n - m]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+class ALiBi(Bias):
+    """Attention with Linear Biases: ``bias[h, p, k] = -m_h * |p - k|``.
+
+    ``p`` is the query position, ``k`` the key index and ``m_h`` the head's slope from
+    :func:`alibi_slopes`, kept as a (non-persistent) buffer, not a parameter. Build with
+    :func:`alibi`.
+
+    Example:
+        >>> alibi(8).slopes[:3]
+        tensor([0.5000, 0.2500, 0.1250])
+    """
+
+    _factory = "alibi"
+    slopes: Tensor
+
+    def __init__(self, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = positive_int("num_heads", num_heads)
+        self.register_buffer("slopes", alibi_slopes(self.num_heads), persistent=False)  # (H,)
+
+    @property
+    def per_head(self) -> bool:
+        return True
+
+    def check(self, *, batch: int, heads: int, lq: int, lk: int) -> None:
+        _check_heads(self, self.num_heads, heads)
+
+    def linear_distance_slopes(self) -> Tensor:
+        """The slopes buffer ``(H,)``: ALiBi is exactly ``-slopes[h] * |p - k|``."""
+        return self.slopes
+
+    def forward(self, grid: Grid) -> Tensor:
+        dtype = torch.promote_types(self.slopes.dtype, torch.float32)
+        device = self.slopes.device
+        slope = self.slopes[grid.h.to(device)].to(dtype)  # (1, Hg, 1, 1)
+        distance = (grid.q - grid.k).abs().to(device=device, dtype=dtype)  # (1, 1, Tq, Tk)
+        return -slope * distance  # (1, Hg, Tq, Tk)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}"
+
+
+def alibi(num_heads: int) -> ALiBi:
+    """ALiBi (Press et al., 2022) as an attention bias for ``num_heads`` query heads.
+
+    Pass the result as ``bias=`` to :func:`attnlab.attention`; it replaces position
+    embeddings rather than adding to them. Also found as :func:`attnlab.positional.alibi`.
+
+    Args:
+        num_heads: number of query heads.
+
+    Returns:
+        An :class:`ALiBi` bias with the slopes of :func:`alibi_slopes`.
+
+    Example:
+        >>> alibi(4).slopes
+        tensor([0.2500, 0.0625, 0.0156, 0.0039])
+        >>> alibi(1).dense(1, 3)
+        tensor([[[[-0.0078, -0.0039, -0.0000]]]])
+    """
+    return ALiBi(num_heads)
