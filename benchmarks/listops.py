@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 import attnlab
 from attnlab import masks as M
-from attnlab.nn import EncoderLayer, LinformerAttention
+from attnlab.nn import EncoderLayer, LayerConfig, LinformerAttention
 
 METHODS = ("exact", "linear", "performer", "nystrom", "linformer")
 LRA_ACCURACY = {"exact": 36.37, "linear": 16.13, "performer": 18.01, "linformer": 35.70}
@@ -137,7 +137,7 @@ class Classifier(nn.Module):
         self.pos = nn.Parameter(torch.randn(args.max_len, d) * 0.02)
         self.layers = nn.ModuleList()
         for _ in range(args.layers):
-            layer = EncoderLayer(d, h, 2 * d, dropout=0.1, norm_first=True)
+            layer = EncoderLayer(LayerConfig(d, h, 2 * d, dropout=0.1, norm_first=True))
             layer.self_attn = attention_layer(method, args)  # type: ignore[assignment]
             self.layers.append(layer)
         self.norm = nn.LayerNorm(d)

@@ -7,13 +7,13 @@ import torch
 
 from attnlab import bias, masks
 from attnlab.interpret import capture
-from attnlab.nn import DecoderOnly, Encoder, EncoderLayer, LuongAttention, Transformer
+from attnlab.nn import DecoderOnly, Encoder, EncoderLayer, LayerConfig, LuongAttention, Transformer
 from tests.conftest import max_err
 
 
 def _encoder(engine: str) -> Encoder:
     torch.manual_seed(0)
-    layer = EncoderLayer(32, 4, 64, dropout=0.0, engine=engine)
+    layer = EncoderLayer(LayerConfig(32, 4, 64, dropout=0.0, engine=engine))
     return Encoder(layer, 2).eval()
 
 
@@ -34,7 +34,7 @@ def test_capture_on_fast_engines_equals_reference_weights(engine: str) -> None:
 
 
 def test_capture_with_gradients_enabled_and_training_dropout() -> None:
-    enc = Encoder(EncoderLayer(16, 2, 32, dropout=0.5), 1)  # training mode, dropout on
+    enc = Encoder(EncoderLayer(LayerConfig(16, 2, 32, dropout=0.5)), 1)  # training mode, dropout on
     x = torch.randn(1, 7, 16, requires_grad=True)
     with capture(enc) as cap:
         enc(x).sum().backward()  # capture does not disturb autograd
@@ -44,7 +44,7 @@ def test_capture_with_gradients_enabled_and_training_dropout() -> None:
 
 
 def test_seq2seq_names_cross_attention_and_decoding_steps() -> None:
-    model = Transformer(16, 2, 1, 1, 32, dropout=0.0).eval()
+    model = Transformer(LayerConfig(16, 2, 32, dropout=0.0), 1, 1).eval()
     src, tgt = torch.randn(1, 5, 16), torch.randn(1, 3, 16)
     memory = model.encode(src)
     cache = model.new_cache()
@@ -64,7 +64,9 @@ def test_classic_attention_and_outside_any_model() -> None:
     with capture(luong) as cap:
         _, w = luong(torch.randn(2, 8), torch.randn(2, 6, 8))
     assert cap.records[0].engine == "attend" and max_err(cap.records[0].weights[:, 0, 0], w) == 0
-    lm = DecoderOnly(16, 2, 1).eval()
+    lm = DecoderOnly(
+        LayerConfig(16, 2, 64, dropout=0.0, activation="gelu", norm_first=True), 1
+    ).eval()
     with capture() as cap:
         lm(torch.randn(1, 4, 16))
     assert [c.name for c in cap] == [""]

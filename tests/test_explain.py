@@ -18,7 +18,7 @@ from attnlab.interpret import (
     rollout,
 )
 from attnlab.models import BertConfig, BertEncoder
-from attnlab.nn import Encoder, EncoderLayer
+from attnlab.nn import Encoder, EncoderLayer, LayerConfig
 from tests.conftest import check_and_control
 
 
@@ -75,7 +75,9 @@ def test_rollout_and_relevance_errors() -> None:
 
 def _encoder(engine: str) -> Encoder:
     torch.manual_seed(0)
-    return Encoder(EncoderLayer(16, 4, 32, dropout=0.0, engine=engine), 3).double().eval()
+    return (
+        Encoder(EncoderLayer(LayerConfig(16, 4, 32, dropout=0.0, engine=engine)), 3).double().eval()
+    )
 
 
 def _eager_relevance(enc: Encoder, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

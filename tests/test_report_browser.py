@@ -16,7 +16,7 @@ import torch
 
 from attnlab.interpret import capture
 from attnlab.interpret.report import report
-from attnlab.nn import Encoder, EncoderLayer
+from attnlab.nn import Encoder, EncoderLayer, LayerConfig
 from tests.conftest import check_and_control
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -38,7 +38,9 @@ def browser() -> Iterator[Any]:
 
 def _attentions(n: int, layers: int, heads: int) -> list[torch.Tensor]:
     torch.manual_seed(0)
-    enc = Encoder(EncoderLayer(32, heads, 64, dropout=0.0, engine="blocked"), layers).eval()
+    enc = Encoder(
+        EncoderLayer(LayerConfig(32, heads, 64, dropout=0.0, engine="blocked")), layers
+    ).eval()
     with torch.no_grad(), capture(enc) as cap:
         enc(torch.randn(1, n, 32))
     return [c.weights[0] for c in cap]  # per layer (H, n, n)

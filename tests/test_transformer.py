@@ -16,6 +16,7 @@ from attnlab.nn import (
     DecoderOnly,
     EncoderLayer,
     FeedForward,
+    LayerConfig,
     Transformer,
 )
 from attnlab.positional import RotaryEmbedding
@@ -95,7 +96,8 @@ def test_seq2seq_transformer_matches_torch() -> None:
 
 @pytest.mark.parametrize("beam", [False, True])
 def test_cached_seq2seq_decoding_equals_full_pass(beam: bool) -> None:
-    model = Transformer(32, 4, 2, 2, 64, dropout=0.0, num_kv_heads=2).double().eval()
+    model = Transformer(LayerConfig(32, 4, 64, dropout=0.0, num_kv_heads=2), 2, 2)
+    model = model.double().eval()
     src, tgt = torch.randn(3, 8, 32).double(), torch.randn(3, 6, 32).double()
     pad = masks.padding(torch.tensor([8, 5, 2]))
     memory = model.encode(src, mask=pad)
@@ -117,8 +119,19 @@ def pad_of(index: torch.Tensor) -> masks.Mask:
 
 
 def test_decoder_only_cache_with_rope_and_gqa_equals_full_pass() -> None:
-    lm = DecoderOnly(32, 4, 3, num_kv_heads=1, rope=RotaryEmbedding(8, base=500.0), qk_norm=True)
-    lm = lm.double().eval()
+    rope = RotaryEmbedding(8, base=500.0)
+    config = LayerConfig(  # DecoderOnly's former defaults: pre-norm GELU, no dropout
+        32,
+        4,
+        128,
+        num_kv_heads=1,
+        dropout=0.0,
+        activation="gelu",
+        norm_first=True,
+        qk_norm=True,
+        rope=rope,
+    )
+    lm = DecoderOnly(config, 3).double().eval()
     x = torch.randn(2, 9, 32).double()
     cache = lm.new_cache()
     steps = [lm(x[:, :5], cache=cache)] + [lm(x[:, i : i + 1], cache=cache) for i in range(5, 9)]
@@ -127,7 +140,8 @@ def test_decoder_only_cache_with_rope_and_gqa_equals_full_pass() -> None:
 
 
 def test_decoder_only_is_causal() -> None:
-    lm = DecoderOnly(16, 2, 2).eval()
+    config = LayerConfig(16, 2, 64, dropout=0.0, activation="gelu", norm_first=True)
+    lm = DecoderOnly(config, 2).eval()
     x = torch.randn(1, 6, 16)
     y = x.clone()
     y[:, 4:] = torch.randn(1, 2, 16)  # changing the future must not change the past
@@ -148,11 +162,11 @@ def test_swiglu_feed_forward_formula() -> None:
 
 
 def test_rms_norm_layer_and_errors() -> None:
-    layer = EncoderLayer(16, 2, 32, norm="rms", activation="swiglu", dropout=0.0)
+    layer = EncoderLayer(LayerConfig(16, 2, 32, norm="rms", activation="swiglu", dropout=0.0))
     assert isinstance(layer.norm1, nn.RMSNorm)
     check_and_control(
-        lambda: EncoderLayer(16, 2, norm="batch"),
-        lambda: EncoderLayer(16, 2, norm="layer"),
+        lambda: EncoderLayer(LayerConfig(16, 2, norm="batch")),
+        lambda: EncoderLayer(LayerConfig(16, 2, norm="layer")),
         ValueError,
         r"norm='batch' is not one of \('layer', 'rms'\)",
     )
@@ -162,7 +176,7 @@ def test_rms_norm_layer_and_errors() -> None:
         ValueError,
         "activation='tanh' is not one of",
     )
-    dec = Decoder(DecoderLayer(16, 2, 32), 2)
+    dec = Decoder(DecoderLayer(LayerConfig(16, 2, 32)), 2)
     check_and_control(
         lambda: dec(torch.randn(1, 2, 16)),
         lambda: dec(torch.randn(1, 2, 16), torch.randn(1, 3, 16)),
@@ -170,8 +184,43 @@ def test_rms_norm_layer_and_errors() -> None:
         "memory .* is required unless cross_cache is already filled",
     )
     check_and_control(
-        lambda: Decoder(DecoderLayer(16, 2, 32), 0),
-        lambda: Decoder(DecoderLayer(16, 2, 32), 1),
+        lambda: Decoder(DecoderLayer(LayerConfig(16, 2, 32)), 0),
+        lambda: Decoder(DecoderLayer(LayerConfig(16, 2, 32)), 1),
         ValueError,
         "num_layers must be a positive int, got 0",
+    )
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_layer_need_weights_returns_its_self_attention_weights(norm_first: bool) -> None:
+    layer = EncoderLayer(LayerConfig(16, 2, 32, dropout=0.0, norm_first=norm_first))
+    layer = _jitter(layer).double().eval()
+    x = torch.randn(2, 5, 16).double()
+    pad = masks.padding(torch.tensor([5, 3]))
+    out, w = layer(x, mask=pad, need_weights=True)
+    assert max_err(out, layer(x, mask=pad)) < 1e-12  # the engine may differ
+    h = layer.norm1(x) if norm_first else x  # the oracle: softmax(q k^T / sqrt(E)) by hand
+    q, k, _ = (h @ layer.self_attn.in_proj_weight.T + layer.self_attn.in_proj_bias).chunk(3, -1)
+    q, k = (t.view(2, 5, 2, 8).transpose(1, 2) for t in (q, k))  # (B, H, L, E)
+    keep = torch.arange(5) < torch.tensor([5, 3])[:, None]  # (B, L) real keys
+    scores = (q @ k.transpose(-1, -2) / 8**0.5).masked_fill(~keep[:, None, None], -torch.inf)
+    assert max_err(w, scores.softmax(-1)) < 1e-12
+    dec = DecoderLayer(LayerConfig(16, 2, 32, dropout=0.0), cross_attention=False).eval()
+    _, causal_w = dec(x.float(), need_weights=True)
+    assert bool((causal_w.triu(1) == 0).all()) and bool((causal_w.diagonal(0, -2, -1) > 0).all())
+    assert max_err(causal_w.sum(-1), torch.ones(2, 2, 5)) < 1e-6
+
+
+def test_layer_config_errors() -> None:
+    check_and_control(
+        lambda: LayerConfig(16, 0),
+        lambda: LayerConfig(16, 2),
+        ValueError,
+        "num_heads must be a positive int, got 0",
+    )
+    check_and_control(
+        lambda: LayerConfig(16, 2, activation="tanh"),
+        lambda: LayerConfig(16, 2, activation="gelu_tanh"),
+        ValueError,
+        r"activation='tanh' is not one of \('relu', 'gelu', 'gelu_tanh', 'swiglu'\)",
     )

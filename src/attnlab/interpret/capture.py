@@ -56,8 +56,8 @@ class capture:
 
     Example:
         >>> import torch
-        >>> from attnlab.nn import Encoder, EncoderLayer
-        >>> enc = Encoder(EncoderLayer(32, 4, 64, dropout=0.0), 2).eval()
+        >>> from attnlab.nn import Encoder, EncoderLayer, LayerConfig
+        >>> enc = Encoder(EncoderLayer(LayerConfig(32, 4, 64, dropout=0.0)), 2).eval()
         >>> with capture(enc, heads=[0]) as cap:
         ...     _ = enc(torch.randn(1, 6, 32))
         >>> [(c.name, tuple(c.weights.shape)) for c in cap.records]

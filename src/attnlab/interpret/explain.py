@@ -169,8 +169,8 @@ def gradient_relevance(
         ``(B, n, n)`` relevance (see :func:`relevance`).
 
     Example:
-        >>> from attnlab.nn import Encoder, EncoderLayer
-        >>> enc = Encoder(EncoderLayer(16, 2, 32, dropout=0.0), 2).eval()
+        >>> from attnlab.nn import Encoder, EncoderLayer, LayerConfig
+        >>> enc = Encoder(EncoderLayer(LayerConfig(16, 2, 32, dropout=0.0)), 2).eval()
         >>> x = torch.randn(1, 5, 16)
         >>> tuple(gradient_relevance(enc, lambda: enc(x)[:, 0].sum()).shape)
         (1, 5, 5)

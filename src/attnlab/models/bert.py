@@ -25,14 +25,14 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from attnlab.masks import Mask
 from attnlab.models._checkpoint import check_keys, read_safetensors
-from attnlab.nn import EncoderLayer
+from attnlab.nn import EncoderLayer, LayerConfig
 
 __all__ = ["BertConfig", "BertEmbeddings", "BertEncoder", "BertOutput", "bert_state_dict"]
 
@@ -45,7 +45,8 @@ _ACTIVATIONS = {
 }
 # checkpoint prefixes that may be present and are not used by the encoder
 _OPTIONAL = ("pooler.", "cls.", "embeddings.position_ids")
-# per-layer Hugging Face module names -> attnlab EncoderLayer module names
+# per-layer Hugging Face module names -> attnlab EncoderLayer module names (documented in
+# attnlab.nn.layers; the query, key and value rows go into self_attn.in_proj_*)
 _LAYER_NAMES = {
     "attention.output.dense": "self_attn.out_proj",
     "attention.output.LayerNorm": "norm1",
@@ -211,18 +212,16 @@ class BertEncoder(nn.Module):
         super().__init__()
         self.config = config
         self.embeddings = BertEmbeddings(config)
-        self.layers = nn.ModuleList(
-            EncoderLayer(
-                config.hidden_size,
-                config.num_attention_heads,
-                config.intermediate_size,
-                dropout=config.hidden_dropout_prob,
-                activation=_ACTIVATIONS[config.hidden_act],
-                norm_eps=config.layer_norm_eps,
-                engine=engine,
-            )
-            for _ in range(config.num_hidden_layers)
+        layer = LayerConfig(
+            config.hidden_size,
+            config.num_attention_heads,
+            config.intermediate_size,
+            dropout=config.hidden_dropout_prob,
+            activation=_ACTIVATIONS[config.hidden_act],
+            norm_eps=config.layer_norm_eps,
+            engine=engine,
         )
+        self.layers = nn.ModuleList(EncoderLayer(layer) for _ in range(config.num_hidden_layers))
 
     def forward(
         self,
@@ -251,7 +250,7 @@ class BertEncoder(nn.Module):
         weights: list[Tensor] = []
         for layer in self.layers:
             if need_weights:
-                x, w = _layer_with_weights(layer, x, mask)
+                x, w = layer(x, mask=mask, need_weights=True)  # w: (B, H, L, L)
                 weights.append(w)
             else:
                 x = layer(x, mask=mask)
@@ -309,22 +308,6 @@ class BertEncoder(nn.Module):
         model = cls(config, engine=engine)
         model.load_state_dict(state)
         return model.eval()
-
-
-def _layer_with_weights(
-    module: nn.Module, x: Tensor, mask: Mask | Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """One layer (its own norm placement), returning its attention weights ``(B, H, L, L)``."""
-    layer = cast(EncoderLayer, module)
-    weights: list[Tensor] = []
-
-    def attend(h: Tensor) -> Tensor:
-        out, w = layer.self_attn(h, mask=mask, need_weights=True)
-        weights.append(w)
-        return out  # (B, L, D)
-
-    x = layer._residual(x, 1, attend)
-    return layer._residual(x, 2, layer.ff), weights[0]
 
 
 def _hf_shapes(c: BertConfig) -> dict[str, tuple[int, ...]]:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from attnlab._validate import positive_int
 from attnlab.models.vit import PatchEmbedding
-from attnlab.nn import BahdanauAttention, Encoder, EncoderLayer
+from attnlab.nn import BahdanauAttention, Encoder, EncoderLayer, LayerConfig
 from attnlab.positional import LearnedPositional
 
 __all__ = ["Captioner", "CaptionerConfig"]
@@ -74,7 +74,9 @@ class Captioner(nn.Module):
         self.patches = PatchEmbedding(cfg.image_size, cfg.patch_size, cfg.channels, d)
         self.pos = LearnedPositional(self.patches.num_patches, d)
         layer = EncoderLayer(
-            d, cfg.num_heads, 2 * d, dropout=cfg.dropout, activation="gelu", norm_first=True
+            LayerConfig(
+                d, cfg.num_heads, 2 * d, dropout=cfg.dropout, activation="gelu", norm_first=True
+            )
         )
         self.encoder = Encoder(layer, positive_int("encoder_layers", cfg.encoder_layers))
         self.encoder_norm = nn.LayerNorm(d)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlab._validate import nonnegative_int, positive_int
-from attnlab.nn import DecoderCache, DecoderOnly
+from attnlab.nn import DecoderCache, DecoderOnly, LayerConfig
 from attnlab.positional import RotaryEmbedding
 
 __all__ = ["LMConfig", "LanguageModel", "filter_logits", "sample_logits"]
@@ -77,15 +77,17 @@ class LanguageModel(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         nn.init.normal_(self.embed.weight, std=0.02)
-        self.decoder = DecoderOnly(
+        layer = LayerConfig(  # pre-norm GELU layers with RoPE
             cfg.d_model,
             heads,
-            cfg.num_layers,
-            cfg.dim_feedforward,
+            cfg.dim_feedforward or 4 * cfg.d_model,
             num_kv_heads=cfg.num_kv_heads,
             dropout=cfg.dropout,
+            activation="gelu",
+            norm_first=True,
             rope=RotaryEmbedding(cfg.d_model // heads, base=cfg.rope_base),
         )
+        self.decoder = DecoderOnly(layer, cfg.num_layers)
         # Tied: no head module, so the state dict holds the shared matrix once (safetensors
         # refuses tensors that share memory).
         self.head = None if cfg.tie_weights else nn.Linear(cfg.d_model, cfg.vocab_size, False)

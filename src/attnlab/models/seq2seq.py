@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from attnlab import masks
-from attnlab.nn import DecoderCache, Transformer
+from attnlab.nn import DecoderCache, LayerConfig, Transformer
 from attnlab.positional import SinusoidalPositional
 
 __all__ = ["Seq2Seq", "Seq2SeqConfig"]
@@ -59,15 +59,10 @@ class Seq2Seq(nn.Module):
         self.src_embed = nn.Embedding(cfg.src_vocab, d, padding_idx=0)
         self.tgt_embed = nn.Embedding(cfg.tgt_vocab, d, padding_idx=0)
         self.pos = SinusoidalPositional(d)
-        self.transformer = Transformer(
-            d,
-            cfg.num_heads,
-            cfg.encoder_layers,
-            cfg.decoder_layers,
-            cfg.dim_feedforward,
-            dropout=cfg.dropout,
-            norm_first=cfg.norm_first,
+        layer = LayerConfig(
+            d, cfg.num_heads, cfg.dim_feedforward, dropout=cfg.dropout, norm_first=cfg.norm_first
         )
+        self.transformer = Transformer(layer, cfg.encoder_layers, cfg.decoder_layers)
         self.out = nn.Linear(d, cfg.tgt_vocab)
 
     def config(self) -> dict[str, object]:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from attnlab._validate import positive_int
-from attnlab.nn import Encoder, EncoderLayer
+from attnlab.nn import Encoder, EncoderLayer, LayerConfig
 from attnlab.positional import LearnedPositional
 
 __all__ = ["PatchEmbedding", "ViT", "ViTConfig", "check_images"]
@@ -120,13 +120,15 @@ class ViT(nn.Module):
         self.pos = LearnedPositional(self.num_tokens, d)
         self.dropout = nn.Dropout(cfg.dropout)
         layer = EncoderLayer(
-            d,
-            cfg.num_heads,
-            cfg.dim_feedforward,
-            dropout=cfg.dropout,
-            activation="gelu",
-            norm_first=True,
-            engine=cfg.engine,
+            LayerConfig(
+                d,
+                cfg.num_heads,
+                cfg.dim_feedforward,
+                dropout=cfg.dropout,
+                activation="gelu",
+                norm_first=True,
+                engine=cfg.engine,
+            )
         )
         self.encoder = Encoder(layer, positive_int("layers", cfg.layers), nn.LayerNorm(d))
         self.head = nn.Linear(d, positive_int("num_classes", cfg.num_classes))

@@ -12,17 +12,11 @@ from __future__ import annotations
 from attnlab.nn.attention import MultiHeadAttention
 from attnlab.nn.cache import DecoderCache, KVCache
 from attnlab.nn.classic import AttentionPooling, BahdanauAttention, LuongAttention
+from attnlab.nn.config import LayerConfig
 from attnlab.nn.hierarchical import HierarchicalAttention, HierarchicalOutput
+from attnlab.nn.layers import DecoderLayer, EncoderLayer, FeedForward
 from attnlab.nn.linformer import LinformerAttention
-from attnlab.nn.transformer import (
-    Decoder,
-    DecoderLayer,
-    DecoderOnly,
-    Encoder,
-    EncoderLayer,
-    FeedForward,
-    Transformer,
-)
+from attnlab.nn.transformer import Decoder, DecoderOnly, Encoder, Transformer
 
 __all__ = [
     "AttentionPooling",
@@ -37,6 +31,7 @@ __all__ = [
     "HierarchicalAttention",
     "HierarchicalOutput",
     "KVCache",
+    "LayerConfig",
     "LinformerAttention",
     "LuongAttention",
     "MultiHeadAttention",

@@ -1,349 +1,25 @@
-"""Transformer blocks: feed-forward, encoder and decoder layers, stacks, seq2seq.
+"""Transformer stacks: encoder, decoder, decoder-only, and the encoder-decoder transformer.
 
-Layers follow ``torch.nn.TransformerEncoderLayer`` / ``TransformerDecoderLayer``
-(post-norm by default, ``norm_first=True`` for pre-norm) with attnlab's attention inside,
-so every mask, bias, normalizer, engine, GQA and RoPE option reaches them. Inputs are
-batch-first ``(B, L, D)``. :meth:`EncoderLayer.from_torch` and
-:meth:`DecoderLayer.from_torch` copy torch layers.
+A stack is ``num_layers`` copies of one layer (:class:`~attnlab.nn.EncoderLayer`,
+:class:`~attnlab.nn.DecoderLayer`), then an optional final norm, which pre-norm stacks need.
+:class:`DecoderOnly` and :class:`Transformer` build their layers from one
+:class:`~attnlab.nn.LayerConfig`; inputs are batch-first ``(B, L, D)``.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlab import masks as M
 from attnlab.bias import Bias
-from attnlab.masks import Mask
-from attnlab.nn._fused import module_linear
-from attnlab.nn.attention import MultiHeadAttention
-from attnlab.nn.cache import DecoderCache, KVCache
+from attnlab.nn._from_torch import load_torch, torch_config
+from attnlab.nn.cache import DecoderCache
+from attnlab.nn.config import LayerConfig
+from attnlab.nn.layers import DecoderLayer, EncoderLayer, MaskLike
 
-if TYPE_CHECKING:
-    from attnlab.positional import RotaryEmbedding
-
-__all__ = [
-    "Decoder",
-    "DecoderLayer",
-    "DecoderOnly",
-    "Encoder",
-    "EncoderLayer",
-    "FeedForward",
-    "Transformer",
-]
-
-MaskLike = Mask | Tensor | None
-_L = TypeVar("_L", bound="EncoderLayer")
-_ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "swiglu")
-
-
-class FeedForward(nn.Module):
-    """Position-wise feed-forward: ``linear2(dropout(act(linear1(x))))``.
-
-    ``activation="swiglu"`` (Shazeer 2020) makes ``linear1`` produce gate and value halves
-    and computes ``linear2(silu(gate) * value)``.
-
-    Args:
-        d_model: input and output width ``D``.
-        dim_feedforward: hidden width.
-        activation: ``"relu"``, ``"gelu"``, ``"gelu_tanh"`` or ``"swiglu"``.
-        dropout: dropout after the activation.
-        bias: whether the linear layers have biases.
-
-    Example:
-        >>> import torch
-        >>> ff = FeedForward(16, 64, activation="swiglu")
-        >>> tuple(ff(torch.randn(2, 3, 16)).shape), tuple(ff.linear1.weight.shape)
-        ((2, 3, 16), (128, 16))
-    """
-
-    def __init__(
-        self,
-        d_model: int,
-        dim_feedforward: int,
-        *,
-        activation: str = "relu",
-        dropout: float = 0.0,
-        bias: bool = True,
-    ) -> None:
-        super().__init__()
-        if activation not in _ACTIVATIONS:
-            raise ValueError(f"activation={activation!r} is not one of {_ACTIVATIONS}")
-        width = 2 * dim_feedforward if activation == "swiglu" else dim_feedforward
-        self.activation = activation
-        self.linear1 = nn.Linear(d_model, width, bias=bias)
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``x (B, L, D) -> (B, L, D)``."""
-        if self.activation == "swiglu":
-            gate, value = self.linear1(x).chunk(2, dim=-1)  # (B, L, F) each
-            h = F.silu(gate) * value
-        else:  # one fused matmul + bias + activation at CPU inference
-            h = module_linear(self.linear1, x, self.activation)  # (B, L, F)
-        return module_linear(self.linear2, self.dropout(h))
-
-
-def _norm(kind: str, d: int, eps: float, bias: bool) -> nn.Module:
-    if kind == "layer":
-        return nn.LayerNorm(d, eps=eps, bias=bias)
-    if kind == "rms":
-        return nn.RMSNorm(d, eps=eps)
-    raise ValueError(f"norm={kind!r} is not one of ('layer', 'rms')")
-
-
-class EncoderLayer(nn.Module):
-    """Self-attention and feed-forward with residuals: a transformer encoder layer.
-
-    Args:
-        d_model, num_heads, dim_feedforward: widths and query heads.
-        num_kv_heads: key/value heads (GQA / MQA); default ``num_heads``.
-        dropout: on attention weights, after each sub-layer and inside the feed-forward.
-        activation: ``"relu"``, ``"gelu"``, ``"gelu_tanh"`` or ``"swiglu"``.
-        norm_first: pre-norm (True) or post-norm (False, the original transformer).
-        norm: ``"layer"`` (LayerNorm) or ``"rms"`` (RMSNorm); ``norm_eps`` its epsilon.
-        bias: biases in the projections, feed-forward and LayerNorms.
-        qk_norm, rope, normalize, engine: passed to :class:`MultiHeadAttention`.
-
-    Example:
-        >>> import torch
-        >>> layer = EncoderLayer(32, 4, 64, dropout=0.0, norm_first=True)
-        >>> tuple(layer(torch.randn(2, 7, 32)).shape)
-        (2, 7, 32)
-    """
-
-    def __init__(
-        self,
-        d_model: int,
-        num_heads: int,
-        dim_feedforward: int = 2048,
-        *,
-        num_kv_heads: int | None = None,
-        dropout: float = 0.1,
-        activation: str = "relu",
-        norm_first: bool = False,
-        norm: str = "layer",
-        norm_eps: float = 1e-5,
-        bias: bool = True,
-        qk_norm: bool = False,
-        rope: RotaryEmbedding | None = None,
-        normalize: str = "softmax",
-        engine: str = "auto",
-    ) -> None:
-        super().__init__()
-        self.norm_first = norm_first
-        self.self_attn = MultiHeadAttention(
-            d_model,
-            num_heads,
-            num_kv_heads=num_kv_heads,
-            bias=bias,
-            dropout=dropout,
-            qk_norm=qk_norm,
-            rope=rope,
-            normalize=normalize,
-            engine=engine,
-        )
-        self.ff = FeedForward(
-            d_model, dim_feedforward, activation=activation, dropout=dropout, bias=bias
-        )
-        self._add_norm(1, norm, d_model, norm_eps, bias, dropout)
-        self._add_norm(2, norm, d_model, norm_eps, bias, dropout)
-
-    def _add_norm(self, i: int, kind: str, d: int, eps: float, bias: bool, p: float) -> None:
-        """Sub-layer ``i``'s norm and output dropout (``norm{i}``, ``dropout{i}``)."""
-        setattr(self, f"norm{i}", _norm(kind, d, eps, bias))
-        setattr(self, f"dropout{i}", nn.Dropout(p))
-
-    def _residual(self, x: Tensor, i: int, fn: Callable[[Tensor], Tensor]) -> Tensor:
-        """Pre-norm ``x + f(norm(x))`` or post-norm ``norm(x + f(x))`` for sub-layer ``i``."""
-        norm, drop = getattr(self, f"norm{i}"), getattr(self, f"dropout{i}")
-        if self.norm_first:
-            return x + drop(fn(norm(x)))
-        return norm(x + drop(fn(x)))
-
-    def forward(
-        self,
-        x: Tensor,
-        *,
-        mask: MaskLike = None,
-        bias: Bias | Tensor | None = None,
-        positions: Tensor | None = None,
-    ) -> Tensor:
-        """``x (B, L, D) -> (B, L, D)``; ``mask``/``bias`` go to the self-attention."""
-        sa = self.self_attn
-        x = self._residual(
-            x, 1, lambda h: _attend(sa, h, mask=mask, bias=bias, positions=positions)
-        )
-        return self._residual(x, 2, self.ff)
-
-    @classmethod
-    def from_torch(cls: type[_L], layer: nn.Module) -> _L:
-        """Copy a ``torch.nn.TransformerEncoderLayer`` (weights, norm placement, eps)."""
-        return _copy_torch_layer(cls, layer)
-
-
-class DecoderLayer(EncoderLayer):
-    """Masked self-attention, context (cross) attention over the encoder output, and
-    feed-forward: a transformer decoder layer.
-
-    Self-attention is causal (``causal=True``) and any ``mask`` passed to :meth:`forward`
-    is combined with it. ``cross_attention=False`` gives a decoder-only (GPT-style) layer.
-    The other arguments are those of :class:`EncoderLayer`.
-
-    Example:
-        >>> import torch
-        >>> layer = DecoderLayer(32, 4, 64, dropout=0.0)
-        >>> tgt, memory = torch.randn(2, 5, 32), torch.randn(2, 9, 32)
-        >>> tuple(layer(tgt, memory).shape)
-        (2, 5, 32)
-    """
-
-    def __init__(
-        self,
-        d_model: int,
-        num_heads: int,
-        dim_feedforward: int = 2048,
-        *,
-        cross_attention: bool = True,
-        causal: bool = True,
-        num_kv_heads: int | None = None,
-        dropout: float = 0.1,
-        activation: str = "relu",
-        norm_first: bool = False,
-        norm: str = "layer",
-        norm_eps: float = 1e-5,
-        bias: bool = True,
-        qk_norm: bool = False,
-        rope: RotaryEmbedding | None = None,
-        normalize: str = "softmax",
-        engine: str = "auto",
-    ) -> None:
-        super().__init__(
-            d_model,
-            num_heads,
-            dim_feedforward,
-            num_kv_heads=num_kv_heads,
-            dropout=dropout,
-            activation=activation,
-            norm_first=norm_first,
-            norm=norm,
-            norm_eps=norm_eps,
-            bias=bias,
-            qk_norm=qk_norm,
-            rope=rope,
-            normalize=normalize,
-            engine=engine,
-        )
-        self.causal = causal
-        self.cross_attn: MultiHeadAttention | None = None
-        if cross_attention:  # sub-layers: 1 self-attention, 2 cross-attention, 3 feed-forward
-            self.cross_attn = MultiHeadAttention(
-                d_model,
-                num_heads,
-                num_kv_heads=num_kv_heads,
-                bias=bias,
-                dropout=dropout,
-                qk_norm=qk_norm,
-                normalize=normalize,
-                engine=engine,
-            )
-            self._add_norm(3, norm, d_model, norm_eps, bias, dropout)
-
-    def forward(
-        self,
-        x: Tensor,
-        memory: Tensor | None = None,
-        *,
-        mask: MaskLike = None,
-        memory_mask: MaskLike = None,
-        bias: Bias | Tensor | None = None,
-        cache: KVCache | None = None,
-        cross_cache: KVCache | None = None,
-        positions: Tensor | None = None,
-    ) -> Tensor:
-        """``x (B, Lt, D)``, ``memory (B, Ls, D)`` -> ``(B, Lt, D)``.
-
-        ``cache`` / ``cross_cache`` are this layer's :class:`KVCache` s for step-by-step
-        decoding; ``memory`` may be None once ``cross_cache`` is filled.
-        """
-        sa, ca = self.self_attn, self.cross_attn
-        m = _with_causal(mask) if self.causal else mask
-        x = self._residual(
-            x, 1, lambda h: _attend(sa, h, mask=m, bias=bias, cache=cache, positions=positions)
-        )
-        if ca is not None:
-            mem = _memory(ca, memory, cross_cache)
-            x = self._residual(
-                x, 2, lambda h: _attend(ca, h, mem, mask=memory_mask, cache=cross_cache)
-            )
-        return self._residual(x, 3 if ca is not None else 2, self.ff)
-
-    @classmethod
-    def from_torch(cls: type[_L], layer: nn.Module) -> _L:
-        """Copy a ``torch.nn.TransformerDecoderLayer`` (its self-attention is made causal
-        here; torch's takes the causal mask as an argument)."""
-        return _copy_torch_layer(cls, layer)
-
-
-def _attend(attn: MultiHeadAttention, x: Tensor, *args: Tensor | None, **kw: object) -> Tensor:
-    """Call ``attn`` for its output only (it returns a Tensor without ``need_weights``)."""
-    out = attn(x, *args, **kw)
-    assert isinstance(out, Tensor)
-    return out
-
-
-def _memory(attn: MultiHeadAttention, memory: Tensor | None, cache: KVCache | None) -> Tensor:
-    """The cross-attention key input; a placeholder once the cache holds its keys."""
-    if memory is not None:
-        return memory
-    if cache is None or not cache.length:
-        raise ValueError("memory (B, Ls, D) is required unless cross_cache is already filled")
-    assert cache.keys is not None
-    return cache.keys.new_empty(cache.batch_size, 0, attn.kdim)
-
-
-def _with_causal(mask: MaskLike) -> Mask:
-    causal = M.causal()
-    return causal if mask is None else causal & mask
-
-
-def _torch_activation(act: object) -> str:
-    if act is F.relu or isinstance(act, nn.ReLU):
-        return "relu"
-    if act is F.gelu or (isinstance(act, nn.GELU) and act.approximate == "none"):
-        return "gelu"
-    if isinstance(act, nn.GELU):
-        return "gelu_tanh"
-    raise ValueError(f"the torch layer's activation {act!r} has no attnlab equivalent")
-
-
-def _copy_torch_layer(cls: type[_L], layer: Any) -> _L:
-    """Build ``cls`` with ``layer``'s sizes and options and load its weights."""
-    sa, w = layer.self_attn, layer.linear1.weight
-    ours = cls(
-        sa.embed_dim,
-        sa.num_heads,
-        layer.linear1.out_features,
-        dropout=layer.dropout.p,
-        activation=_torch_activation(layer.activation),
-        norm_first=layer.norm_first,
-        norm_eps=layer.norm1.eps,
-        bias=sa.in_proj_bias is not None,
-    )
-    ours.load_state_dict({_rename(k): v for k, v in layer.state_dict().items()})
-    return ours.to(w.device, w.dtype)
-
-
-def _rename(key: str) -> str:
-    """A torch transformer state-dict key as attnlab names it."""
-    parts = key.split(".")
-    renamed = {"linear1": "ff.linear1", "linear2": "ff.linear2", "multihead_attn": "cross_attn"}
-    return ".".join(renamed.get(p, p) for p in parts)
+__all__ = ["Decoder", "DecoderOnly", "Encoder", "Transformer"]
 
 
 def _clones(layer: nn.Module, n: int) -> nn.ModuleList:
@@ -353,7 +29,7 @@ def _clones(layer: nn.Module, n: int) -> nn.ModuleList:
 
 
 class Encoder(nn.Module):
-    """A stack of ``num_layers`` copies of an :class:`EncoderLayer`, then ``norm``.
+    """A stack of ``num_layers`` copies of an :class:`~attnlab.nn.EncoderLayer`, then ``norm``.
 
     Args:
         layer: the layer to copy (its weights are copied too; re-initialize if needed).
@@ -362,7 +38,8 @@ class Encoder(nn.Module):
 
     Example:
         >>> import torch
-        >>> enc = Encoder(EncoderLayer(32, 4, 64, dropout=0.0), 2)
+        >>> from attnlab.nn import LayerConfig
+        >>> enc = Encoder(EncoderLayer(LayerConfig(32, 4, 64, dropout=0.0)), 2)
         >>> tuple(enc(torch.randn(2, 7, 32)).shape)
         (2, 7, 32)
     """
@@ -387,12 +64,13 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """A stack of :class:`DecoderLayer` copies, then ``norm``; with or without
+    """A stack of :class:`~attnlab.nn.DecoderLayer` copies, then ``norm``; with or without
     cross-attention, and with a :class:`DecoderCache` for step-by-step decoding.
 
     Example:
         >>> import torch
-        >>> dec = Decoder(DecoderLayer(32, 4, 64, dropout=0.0), 2).eval()
+        >>> from attnlab.nn import LayerConfig
+        >>> dec = Decoder(DecoderLayer(LayerConfig(32, 4, 64, dropout=0.0)), 2).eval()
         >>> memory, tgt = torch.randn(1, 6, 32), torch.randn(1, 4, 32)
         >>> full = dec(tgt, memory)
         >>> cache = dec.new_cache()
@@ -441,13 +119,23 @@ class Decoder(nn.Module):
 
 
 class DecoderOnly(Decoder):
-    """A decoder-only (GPT-style) stack: pre-norm causal layers without cross-attention
-    and a final norm. Defaults follow modern practice (GELU, no dropout).
+    """A decoder-only (GPT-style) stack: ``num_layers`` causal :class:`~attnlab.nn.DecoderLayer` s
+    without cross-attention, then a final norm when the layers are pre-norm.
+
+    Modern decoders are pre-norm without dropout: ``LayerConfig(..., norm_first=True,
+    activation="gelu", dropout=0.0)``, often with ``rope`` and ``num_kv_heads``.
+
+    Args:
+        config: the layers' sizes and options.
+        num_layers: stack depth.
 
     Example:
         >>> import torch
+        >>> from attnlab.nn import LayerConfig
         >>> from attnlab.positional import RotaryEmbedding
-        >>> lm = DecoderOnly(32, 4, 2, num_kv_heads=2, rope=RotaryEmbedding(8)).eval()
+        >>> config = LayerConfig(32, 4, 128, num_kv_heads=2, dropout=0.0, activation="gelu",
+        ...                      norm_first=True, rope=RotaryEmbedding(8))
+        >>> lm = DecoderOnly(config, 2).eval()
         >>> x = torch.randn(1, 5, 32)
         >>> cache = lm.new_cache()
         >>> a = lm(x[:, :3], cache=cache)
@@ -456,57 +144,29 @@ class DecoderOnly(Decoder):
         True
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        num_heads: int,
-        num_layers: int,
-        dim_feedforward: int | None = None,
-        *,
-        num_kv_heads: int | None = None,
-        dropout: float = 0.0,
-        activation: str = "gelu",
-        norm: str = "layer",
-        norm_eps: float = 1e-5,
-        bias: bool = True,
-        qk_norm: bool = False,
-        rope: RotaryEmbedding | None = None,
-        normalize: str = "softmax",
-        engine: str = "auto",
-    ) -> None:
-        layer = DecoderLayer(
-            d_model,
-            num_heads,
-            dim_feedforward or 4 * d_model,
-            cross_attention=False,
-            num_kv_heads=num_kv_heads,
-            dropout=dropout,
-            activation=activation,
-            norm_first=True,
-            norm=norm,
-            norm_eps=norm_eps,
-            bias=bias,
-            qk_norm=qk_norm,
-            rope=rope,
-            normalize=normalize,
-            engine=engine,
-        )
-        super().__init__(layer, num_layers, _norm(norm, d_model, norm_eps, bias))
+    def __init__(self, config: LayerConfig, num_layers: int) -> None:
+        layer = DecoderLayer(config, cross_attention=False)
+        super().__init__(layer, num_layers, config.norm_layer() if config.norm_first else None)
 
 
 class Transformer(nn.Module):
     """The encoder-decoder transformer of Vaswani et al. (2017), batch-first, without
     embeddings (add them in the model): ``forward(src, tgt) -> (B, Lt, D)``.
 
-    Pre-norm stacks (``norm_first=True``) end with a final norm each. Masks are explicit:
+    Pre-norm stacks (``config.norm_first``) end with a final norm each. Masks are explicit:
     ``src_mask`` for the encoder's self-attention, ``memory_mask`` for the decoder's
     context attention (usually the same source padding mask), ``tgt_mask`` combined with
     the decoder's causal mask.
 
+    Args:
+        config: the sizes and options of every encoder and decoder layer.
+        num_encoder_layers, num_decoder_layers: the stacks' depths.
+
     Example:
         >>> import torch
         >>> from attnlab import masks
-        >>> model = Transformer(32, 4, 2, 2, 64, dropout=0.0)
+        >>> from attnlab.nn import LayerConfig
+        >>> model = Transformer(LayerConfig(32, 4, 64, dropout=0.0), 2, 2)
         >>> src, tgt = torch.randn(2, 9, 32), torch.randn(2, 5, 32)
         >>> pad = masks.padding(torch.tensor([9, 6]))
         >>> tuple(model(src, tgt, src_mask=pad, memory_mask=pad).shape)
@@ -514,40 +174,13 @@ class Transformer(nn.Module):
     """
 
     def __init__(
-        self,
-        d_model: int = 512,
-        num_heads: int = 8,
-        num_encoder_layers: int = 6,
-        num_decoder_layers: int = 6,
-        dim_feedforward: int = 2048,
-        *,
-        num_kv_heads: int | None = None,
-        dropout: float = 0.1,
-        activation: str = "relu",
-        norm_first: bool = False,
-        norm: str = "layer",
-        norm_eps: float = 1e-5,
-        bias: bool = True,
-        normalize: str = "softmax",
-        engine: str = "auto",
+        self, config: LayerConfig, num_encoder_layers: int = 6, num_decoder_layers: int = 6
     ) -> None:
         super().__init__()
-        kw = {
-            "num_kv_heads": num_kv_heads,
-            "dropout": dropout,
-            "activation": activation,
-            "norm_first": norm_first,
-            "norm": norm,
-            "norm_eps": norm_eps,
-            "bias": bias,
-            "normalize": normalize,
-            "engine": engine,
-        }
-        final = (lambda: _norm(norm, d_model, norm_eps, bias)) if norm_first else (lambda: None)
-        enc = EncoderLayer(d_model, num_heads, dim_feedforward, **kw)  # type: ignore[arg-type]
-        dec = DecoderLayer(d_model, num_heads, dim_feedforward, **kw)  # type: ignore[arg-type]
-        self.encoder = Encoder(enc, num_encoder_layers, final())
-        self.decoder = Decoder(dec, num_decoder_layers, final())
+        enc, dec = EncoderLayer(config), DecoderLayer(config)
+        pre = config.norm_first
+        self.encoder = Encoder(enc, num_encoder_layers, config.norm_layer() if pre else None)
+        self.decoder = Decoder(dec, num_decoder_layers, config.norm_layer() if pre else None)
 
     def forward(
         self,
@@ -592,18 +225,5 @@ class Transformer(nn.Module):
         layer: Any = model.encoder.layers[0]
         if not layer.norm_first:
             raise ValueError("from_torch needs norm_first=True (see the docstring)")
-        sa = layer.self_attn
-        ours = cls(
-            sa.embed_dim,
-            sa.num_heads,
-            len(model.encoder.layers),
-            len(model.decoder.layers),
-            layer.linear1.out_features,
-            dropout=layer.dropout.p,
-            activation=_torch_activation(layer.activation),
-            norm_first=True,
-            norm_eps=layer.norm1.eps,
-            bias=sa.in_proj_bias is not None,
-        )
-        ours.load_state_dict({_rename(k): v for k, v in model.state_dict().items()})
-        return ours.to(layer.linear1.weight.device, layer.linear1.weight.dtype)
+        ours = cls(torch_config(layer), len(model.encoder.layers), len(model.decoder.layers))
+        return load_torch(ours, model, layer)

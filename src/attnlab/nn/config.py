@@ -1,0 +1,98 @@
+"""One configuration for every transformer layer and stack of :mod:`attnlab.nn`.
+
+:class:`LayerConfig` holds a layer's sizes and options once; :class:`~attnlab.nn.EncoderLayer`,
+:class:`~attnlab.nn.DecoderLayer`, :class:`~attnlab.nn.DecoderOnly` and
+:class:`~attnlab.nn.Transformer` take it instead of repeating the keywords.
+"""
+
+from __future__ import annotations
+
+from dataclasses import KW_ONLY, dataclass
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from attnlab._validate import positive_int
+
+if TYPE_CHECKING:
+    from attnlab.positional import RotaryEmbedding
+
+__all__ = ["LayerConfig"]
+
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "swiglu")
+NORMS = ("layer", "rms")
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    """A ValueError naming ``name`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {choices}")
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """Sizes and options of a transformer layer (encoder, decoder or decoder-only).
+
+    The defaults are those of the original transformer and ``torch.nn.Transformer``
+    (post-norm, ReLU, dropout 0.1); a GPT-style stack sets ``norm_first=True``,
+    ``activation="gelu"`` and ``dropout=0.0``.
+
+    Args:
+        d_model: model width ``D`` of the layer's input and output ``(B, L, D)``.
+        num_heads: query heads ``H`` (``D % H == 0``).
+        dim_feedforward: the feed-forward's hidden width.
+        num_kv_heads: key/value heads (GQA / MQA); default ``num_heads``.
+        dropout: on attention weights, after each sub-layer and inside the feed-forward.
+        activation: ``"relu"``, ``"gelu"``, ``"gelu_tanh"`` or ``"swiglu"``.
+        norm_first: pre-norm (True) or post-norm (False, the original transformer).
+            Stacks of pre-norm layers end with a final norm.
+        norm: ``"layer"`` (LayerNorm) or ``"rms"`` (RMSNorm).
+        norm_eps: the norms' epsilon.
+        bias: biases in the projections, feed-forward and LayerNorms.
+        qk_norm: RMS-normalize queries and keys per head (see
+            :class:`~attnlab.nn.MultiHeadAttention`).
+        rope: a :class:`~attnlab.positional.RotaryEmbedding` for self-attention.
+        normalize: the attention normalizer (``"softmax"``, ``"sparsemax"``, ...).
+        engine: the attention engine (``"auto"`` picks per call).
+
+    Raises:
+        TypeError, ValueError: a size that is not a positive int, an unknown
+            ``activation`` or ``norm``.
+
+    Example:
+        >>> config = LayerConfig(32, 4, 64, dropout=0.0, norm_first=True)
+        >>> config.d_model, config.activation, type(config.norm_layer()).__name__
+        (32, 'relu', 'LayerNorm')
+        >>> LayerConfig(32, 4, norm="batch")
+        Traceback (most recent call last):
+        ...
+        ValueError: norm='batch' is not one of ('layer', 'rms')
+    """
+
+    d_model: int
+    num_heads: int
+    dim_feedforward: int = 2048
+    _: KW_ONLY
+    num_kv_heads: int | None = None
+    dropout: float = 0.1
+    activation: str = "relu"
+    norm_first: bool = False
+    norm: str = "layer"
+    norm_eps: float = 1e-5
+    bias: bool = True
+    qk_norm: bool = False
+    rope: RotaryEmbedding | None = None
+    normalize: str = "softmax"
+    engine: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "num_heads", "dim_feedforward"):
+            positive_int(name, getattr(self, name))
+        check_choice("activation", self.activation, ACTIVATIONS)
+        check_choice("norm", self.norm, NORMS)
+
+    def norm_layer(self) -> nn.Module:
+        """A new norm of this config's kind, width ``d_model`` and epsilon."""
+        if self.norm == "rms":
+            return nn.RMSNorm(self.d_model, eps=self.norm_eps)
+        return nn.LayerNorm(self.d_model, eps=self.norm_eps, bias=self.bias)

@@ -1,0 +1,259 @@
+"""Transformer layers: the position-wise feed-forward, encoder and decoder layers.
+
+Layers follow ``torch.nn.TransformerEncoderLayer`` / ``TransformerDecoderLayer``
+(post-norm by default, ``norm_first=True`` for pre-norm) with attnlab's attention inside,
+so every mask, bias, normalizer, engine, GQA and RoPE option reaches them. Sizes and
+options come in one :class:`~attnlab.nn.LayerConfig`; inputs are batch-first ``(B, L, D)``.
+:meth:`EncoderLayer.from_torch` and :meth:`DecoderLayer.from_torch` copy torch layers.
+
+Submodule names are part of the API (checkpoint keys, :func:`attnlab.interpret.capture`
+patterns) and follow torch's, so loading weights is a key mapping:
+
+* ``self_attn``: a :class:`~attnlab.nn.MultiHeadAttention` (``in_proj_weight`` with the
+  query, key and value rows in that order, ``in_proj_bias``, ``out_proj``);
+* ``cross_attn``: the decoder's context attention (torch's ``multihead_attn``);
+* ``ff.linear1``, ``ff.linear2``: the feed-forward (torch's ``linear1``, ``linear2``);
+* ``norm1``, ``norm2`` (, ``norm3``): one norm per sub-layer in order: self-attention,
+  (cross-attention,) feed-forward; ``dropout1``... the dropouts after them.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnlab import masks as M
+from attnlab.bias import Bias
+from attnlab.masks import Mask
+from attnlab.nn._from_torch import load_torch, torch_config
+from attnlab.nn._fused import module_linear
+from attnlab.nn.attention import MultiHeadAttention
+from attnlab.nn.cache import KVCache
+from attnlab.nn.config import ACTIVATIONS, LayerConfig, check_choice
+
+__all__ = ["DecoderLayer", "EncoderLayer", "FeedForward", "MaskLike"]
+
+MaskLike = Mask | Tensor | None
+_L = TypeVar("_L", bound="EncoderLayer")
+
+
+class FeedForward(nn.Module):
+    """Position-wise feed-forward: ``linear2(dropout(act(linear1(x))))``.
+
+    ``activation="swiglu"`` (Shazeer 2020) makes ``linear1`` produce gate and value halves
+    and computes ``linear2(silu(gate) * value)``.
+
+    Args:
+        d_model: input and output width ``D``.
+        dim_feedforward: hidden width.
+        activation: ``"relu"``, ``"gelu"``, ``"gelu_tanh"`` or ``"swiglu"``.
+        dropout: dropout after the activation.
+        bias: whether the linear layers have biases.
+
+    Example:
+        >>> import torch
+        >>> ff = FeedForward(16, 64, activation="swiglu")
+        >>> tuple(ff(torch.randn(2, 3, 16)).shape), tuple(ff.linear1.weight.shape)
+        ((2, 3, 16), (128, 16))
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        dim_feedforward: int,
+        *,
+        activation: str = "relu",
+        dropout: float = 0.0,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        check_choice("activation", activation, ACTIVATIONS)
+        width = 2 * dim_feedforward if activation == "swiglu" else dim_feedforward
+        self.activation = activation
+        self.linear1 = nn.Linear(d_model, width, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x (B, L, D) -> (B, L, D)``."""
+        if self.activation == "swiglu":
+            gate, value = self.linear1(x).chunk(2, dim=-1)  # (B, L, F) each
+            h = F.silu(gate) * value
+        else:  # one fused matmul + bias + activation at CPU inference
+            h = module_linear(self.linear1, x, self.activation)  # (B, L, F)
+        return module_linear(self.linear2, self.dropout(h))
+
+
+def _attention(c: LayerConfig, *, rope: bool) -> MultiHeadAttention:
+    """The layer's self-attention (with the config's RoPE) or cross-attention (without)."""
+    return MultiHeadAttention(
+        c.d_model,
+        c.num_heads,
+        num_kv_heads=c.num_kv_heads,
+        bias=c.bias,
+        dropout=c.dropout,
+        qk_norm=c.qk_norm,
+        rope=c.rope if rope else None,
+        normalize=c.normalize,
+        engine=c.engine,
+    )
+
+
+class EncoderLayer(nn.Module):
+    """Self-attention and feed-forward with residuals: a transformer encoder layer.
+
+    Args:
+        config: sizes and options, a :class:`~attnlab.nn.LayerConfig`.
+
+    Example:
+        >>> import torch
+        >>> from attnlab.nn import LayerConfig
+        >>> layer = EncoderLayer(LayerConfig(32, 4, 64, dropout=0.0, norm_first=True))
+        >>> out, weights = layer(torch.randn(2, 7, 32), need_weights=True)
+        >>> tuple(out.shape), tuple(weights.shape)
+        ((2, 7, 32), (2, 4, 7, 7))
+    """
+
+    def __init__(self, config: LayerConfig) -> None:
+        super().__init__()
+        c = self.config = config
+        self.norm_first = c.norm_first
+        self.self_attn = _attention(c, rope=True)
+        self.ff = FeedForward(
+            c.d_model, c.dim_feedforward, activation=c.activation, dropout=c.dropout, bias=c.bias
+        )
+        self.norm1, self.dropout1 = c.norm_layer(), nn.Dropout(c.dropout)
+        self.norm2, self.dropout2 = c.norm_layer(), nn.Dropout(c.dropout)
+
+    def _in(self, x: Tensor, norm: nn.Module) -> Tensor:
+        """A sub-layer's input: ``norm(x)`` pre-norm, ``x`` post-norm."""
+        return norm(x) if self.norm_first else x
+
+    def _out(self, x: Tensor, h: Tensor, norm: nn.Module, drop: nn.Module) -> Tensor:
+        """The residual around sub-layer output ``h``: pre-norm ``x + drop(h)``, post-norm
+        ``norm(x + drop(h))``."""
+        return x + drop(h) if self.norm_first else norm(x + drop(h))
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        mask: MaskLike = None,
+        bias: Bias | Tensor | None = None,
+        positions: Tensor | None = None,
+        need_weights: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """``x (B, L, D) -> (B, L, D)``; ``mask``/``bias`` go to the self-attention.
+
+        With ``need_weights``, a pair with the self-attention weights ``(B, H, L, L)``.
+        """
+        out = self.self_attn(
+            self._in(x, self.norm1),
+            mask=mask,
+            bias=bias,
+            positions=positions,
+            need_weights=need_weights,
+        )
+        h, weights = out if need_weights else (out, None)
+        x = self._out(x, h, self.norm1, self.dropout1)
+        x = self._out(x, self.ff(self._in(x, self.norm2)), self.norm2, self.dropout2)
+        return x if weights is None else (x, weights)
+
+    @classmethod
+    def from_torch(cls: type[_L], layer: nn.Module) -> _L:
+        """Copy a ``torch.nn.TransformerEncoderLayer`` (weights, norm placement, eps)."""
+        return load_torch(cls(torch_config(layer)), layer, layer)
+
+
+class DecoderLayer(EncoderLayer):
+    """Masked self-attention, context (cross) attention over the encoder output, and
+    feed-forward: a transformer decoder layer.
+
+    Self-attention is causal (``causal=True``) and any ``mask`` passed to :meth:`forward`
+    is combined with it. ``cross_attention=False`` gives a decoder-only (GPT-style) layer.
+
+    Args:
+        config: sizes and options, a :class:`~attnlab.nn.LayerConfig` (the cross-attention
+            takes them too, without RoPE).
+        cross_attention: whether the layer attends over ``memory``.
+        causal: whether the self-attention is causal.
+
+    Example:
+        >>> import torch
+        >>> from attnlab.nn import LayerConfig
+        >>> layer = DecoderLayer(LayerConfig(32, 4, 64, dropout=0.0))
+        >>> tgt, memory = torch.randn(2, 5, 32), torch.randn(2, 9, 32)
+        >>> tuple(layer(tgt, memory).shape)
+        (2, 5, 32)
+    """
+
+    def __init__(
+        self, config: LayerConfig, *, cross_attention: bool = True, causal: bool = True
+    ) -> None:
+        super().__init__(config)
+        self.causal = causal
+        self.cross_attn: MultiHeadAttention | None = None
+        if cross_attention:  # sub-layers: 1 self-attention, 2 cross-attention, 3 feed-forward
+            self.cross_attn = _attention(config, rope=False)
+            self.norm3, self.dropout3 = config.norm_layer(), nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        memory: Tensor | None = None,
+        *,
+        mask: MaskLike = None,
+        memory_mask: MaskLike = None,
+        bias: Bias | Tensor | None = None,
+        cache: KVCache | None = None,
+        cross_cache: KVCache | None = None,
+        positions: Tensor | None = None,
+        need_weights: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """``x (B, Lt, D)``, ``memory (B, Ls, D)`` -> ``(B, Lt, D)``.
+
+        ``cache`` / ``cross_cache`` are this layer's :class:`KVCache` s for step-by-step
+        decoding; ``memory`` may be None once ``cross_cache`` is filled. With
+        ``need_weights``, a pair with the self-attention weights ``(B, H, Lt, Lk)``.
+        """
+        out = self.self_attn(
+            self._in(x, self.norm1),
+            mask=_with_causal(mask) if self.causal else mask,
+            bias=bias,
+            cache=cache,
+            positions=positions,
+            need_weights=need_weights,
+        )
+        h, weights = out if need_weights else (out, None)
+        x = self._out(x, h, self.norm1, self.dropout1)
+        ca, norm, drop = self.cross_attn, self.norm2, self.dropout2
+        if ca is not None:
+            mem = _memory(ca, memory, cross_cache)
+            h = ca(self._in(x, norm), mem, mask=memory_mask, cache=cross_cache)
+            x = self._out(x, h, norm, drop)
+            norm, drop = self.norm3, self.dropout3
+        x = self._out(x, self.ff(self._in(x, norm)), norm, drop)
+        return x if weights is None else (x, weights)
+
+    @classmethod
+    def from_torch(cls: type[_L], layer: nn.Module) -> _L:
+        """Copy a ``torch.nn.TransformerDecoderLayer`` (its self-attention is made causal
+        here; torch's takes the causal mask as an argument)."""
+        return load_torch(cls(torch_config(layer)), layer, layer)
+
+
+def _memory(attn: MultiHeadAttention, memory: Tensor | None, cache: KVCache | None) -> Tensor:
+    """The cross-attention key input; a placeholder once the cache holds its keys."""
+    if memory is not None:
+        return memory
+    if cache is None or not cache.length:
+        raise ValueError("memory (B, Ls, D) is required unless cross_cache is already filled")
+    assert cache.keys is not None
+    return cache.keys.new_empty(cache.batch_size, 0, attn.kdim)
+
+
+def _with_causal(mask: MaskLike) -> Mask:
+    causal = M.causal()
+    return causal if mask is None else causal & mask
