@@ -6,7 +6,9 @@ python benchmarks/bench_core.py --cases window --n 16384 --flex
 
 from __future__ import annotations
 
-from attnlab.bench import main
+import sys
+
+from attnlab.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(["bench", *sys.argv[1:]]))

@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("num2words")
 pytest.importorskip("babel")
 
-from attnlab.tasks import documents as D
+from attnlab.tasks import classification as D
 from attnlab.train import TrainConfig, Trainer
 from tests.conftest import check_and_control
 

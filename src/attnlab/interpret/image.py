@@ -62,7 +62,7 @@ def image_attention(
     Args:
         image: ``(H, W)`` grey or ``(H, W, 3)`` RGB (any range; scaled to [0, 1]).
         maps: ``(N, gh, gw)`` attention over the ``gh x gw`` patch grid (row-major
-            patches, as :class:`attnlab.models.vit.PatchEmbedding` orders them).
+            patches, as a ViT's ``PatchEmbedding`` orders them).
         titles: ``N`` panel titles (the generated words, or "rollout").
         path: the PNG to write (atomically).
         title: a line above the panels.

@@ -1,5 +1,6 @@
 """Whole models built from :mod:`attnlab.nn`: BERT encoders, sentence embedders, seq2seq
-(transformer and Bahdanau-attention GRU).
+(transformer and Bahdanau-attention GRU), a decoder LM, ViT, a captioner and a
+hierarchical-attention document classifier.
 
 Example:
     >>> import torch
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 from attnlab.models.bert import BertConfig, BertEmbeddings, BertEncoder, BertOutput, bert_state_dict
 from attnlab.models.captioner import Captioner, CaptionerConfig
+from attnlab.models.document import ClassifierOutput, DocumentClassifier
 from attnlab.models.lm import LanguageModel, LMConfig, sample_logits
 from attnlab.models.pretrained import minilm_path
 from attnlab.models.rnn import RNNSeq2Seq, RNNSeq2SeqConfig
@@ -28,6 +30,8 @@ __all__ = [
     "BertOutput",
     "Captioner",
     "CaptionerConfig",
+    "ClassifierOutput",
+    "DocumentClassifier",
     "LMConfig",
     "LanguageModel",
     "PatchEmbedding",

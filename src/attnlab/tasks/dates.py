@@ -3,14 +3,10 @@
 ``"[fr_FR] 21 novembre 2026"`` -> ``"2026-11-21"``, ``"[en_US] Nov 21, 2026"`` -> the
 same, with a Bahdanau-attention GRU encoder-decoder (:class:`attnlab.models.RNNSeq2Seq`).
 
-Data. Each example is a date between 1900-01-01 and 2099-12-31 written by
-:func:`babel.dates.format_date` in one locale and one CLDR width (short, medium, long,
-full). The short widths of some locales have two-digit years (``11/21/26``), which cannot
-name a year of a 200-year range, so every pattern's ``yy`` is widened to a full year.
-
-Split. By the date itself: the test dates are drawn first and no training example is
-written from any of them, in any locale or width; each test date appears once, in a
-random locale and width. So every held-out score is on days the model never saw.
+Data and split (:mod:`attnlab.tasks.dates_data`). Each example is a date of 1900-2099
+written by Babel in one locale and one CLDR width; the test days are drawn first and no
+training example is written from any of them, so every held-out score is on days the
+model never saw.
 
 Tokens. Characters, plus one leading locale token (``<en_US>``). Characters because
 several widths have no word boundaries (``21.11.2026``), because a closed set of ~100
@@ -22,12 +18,9 @@ April 3 in en_US.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from functools import cache
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +31,16 @@ from torch import Tensor, nn
 from attnlab._validate import positive_int
 from attnlab.interpret import capture
 from attnlab.models.rnn import RNNSeq2Seq, RNNSeq2SeqConfig
+from attnlab.tasks.dates_data import (
+    FORMATS,
+    LOCALES,
+    DateExample,
+    date_pattern,
+    draw_examples,
+    render,
+    split_dates,
+    writing_styles,
+)
 from attnlab.tasks.registry import TaskSpec
 from attnlab.tasks.report import Section, write_html
 from attnlab.tasks.text import SPECIALS, pad_batch
@@ -57,126 +60,8 @@ __all__ = [
     "split_dates",
 ]
 
-LOCALES = (
-    "en_US",
-    "en_GB",
-    "fr_FR",
-    "de_DE",
-    "es_ES",
-    "it_IT",
-    "pt_BR",
-    "nl_NL",
-    "pl_PL",
-    "tr_TR",
-)
-FORMATS = ("short", "medium", "long", "full")
-FIRST, LAST = dt.date(1900, 1, 1), dt.date(2099, 12, 31)
-# which date field each CLDR pattern letter writes
-_FIELDS = {"y": "year", "Y": "year", "u": "year", "M": "month", "L": "month", "d": "day"}
 # output characters of each field in "YYYY-MM-DD"
 ISO_ROWS = {"year": range(0, 4), "month": range(5, 7), "day": range(8, 10)}
-
-
-def _babel() -> Any:
-    try:
-        import babel.dates
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("the dates task needs Babel: pip install 'attnlab[tasks]'") from e
-    return babel.dates
-
-
-@cache
-def date_pattern(locale: str, width: str) -> str:
-    """The CLDR date pattern of ``locale`` at ``width``, with two-digit years widened.
-
-    Example:
-        >>> date_pattern("en_US", "short"), date_pattern("fr_FR", "long")
-        ('M/d/y', 'd MMMM y')
-    """
-    if width not in FORMATS:
-        raise ValueError(f"width must be one of {FORMATS}, got {width!r}")
-    pattern = str(_babel().get_date_format(width, locale=locale).pattern)
-    return re.sub(r"(?<!y)yy(?!y)", "y", pattern)
-
-
-@dataclass(frozen=True)
-class DateExample:
-    """One written date.
-
-    Attributes:
-        date: the day.
-        locale, width: how it is written (a Babel locale, a CLDR width).
-        text: the written date, equal to ``format_date(date, date_pattern(locale, width),
-            locale=locale)``.
-        spans: ``{"year" | "month" | "day": (start, end)}`` character spans in ``text``.
-    """
-
-    date: dt.date
-    locale: str
-    width: str
-    text: str
-    spans: dict[str, tuple[int, int]] = field(compare=False)
-
-    @property
-    def target(self) -> str:
-        """The ISO date ``YYYY-MM-DD``."""
-        return self.date.isoformat()
-
-
-def render(day: dt.date, locale: str, width: str) -> DateExample:
-    """Write ``day`` as Babel does, field by field, remembering where each field went.
-
-    Example:
-        >>> ex = render(dt.date(2026, 11, 21), "fr_FR", "long")
-        >>> ex.text, ex.target, ex.text[slice(*ex.spans["month"])]
-        ('21 novembre 2026', '2026-11-21', 'novembre')
-    """
-    bd = _babel()
-    fmt = bd.DateTimeFormat(day, _locale(locale))
-    text, spans = "", {}
-    for kind, value in bd.tokenize_pattern(date_pattern(locale, width)):
-        piece = fmt[value[0] * value[1]] if kind == "field" else value
-        if kind == "field" and value[0] in _FIELDS:
-            spans[_FIELDS[value[0]]] = (len(text), len(text) + len(piece))
-        text += piece
-    return DateExample(day, locale, width, text, spans)
-
-
-@cache
-def _locale(name: str) -> Any:
-    from babel import Locale
-
-    return Locale.parse(name)
-
-
-def split_dates(test_size: int, seed: int) -> tuple[list[dt.date], list[dt.date]]:
-    """Every day of 1900-2099 split at random into ``(train days, test days)``.
-
-    Example:
-        >>> train, test = split_dates(10, seed=0)
-        >>> len(train) + len(test), len(set(train) & set(test))
-        (73049, 0)
-    """
-    n = (LAST - FIRST).days + 1
-    if not 0 < test_size < n:
-        raise ValueError(f"test_size must be in [1, {n - 1}] (days in 1900-2099), got {test_size}")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    days = [FIRST + dt.timedelta(days=i) for i in perm]
-    return days[test_size:], days[:test_size]
-
-
-def _examples(
-    days: Sequence[dt.date], count: int, styles: Sequence[tuple[str, str]], g: torch.Generator
-) -> list[DateExample]:
-    """``count`` examples: days drawn with replacement (or all of them, in order, when
-    ``count == len(days)``), each in a random (locale, width)."""
-    pick = (
-        torch.arange(len(days))
-        if count == len(days)
-        else torch.randint(len(days), (count,), generator=g)
-    )
-    style = torch.randint(len(styles), (count,), generator=g)
-    return [render(days[d], *styles[s]) for d, s in zip(pick.tolist(), style.tolist(), strict=True)]
 
 
 class CharVocab:
@@ -254,11 +139,11 @@ class DatesTask:
     ) -> None:
         positive_int("train_size", train_size)
         self.eval_size = positive_int("eval_size", eval_size)
-        self.styles = _styles(locales, formats)
+        self.styles = writing_styles(locales, formats)
         train_days, test_days = split_dates(test_size, seed)
         g = torch.Generator().manual_seed(seed + 1)
-        self.test = _examples(test_days, len(test_days), self.styles, g)
-        self.train = _examples(train_days, train_size, self.styles, g)
+        self.test = draw_examples(test_days, len(test_days), self.styles, g)
+        self.train = draw_examples(train_days, train_size, self.styles, g)
         self.test_days = {d.isoformat() for d in test_days}
         self.src_vocab = CharVocab(
             [f"<{loc}>" for loc, _ in self.styles] + sorted({c for e in self.train for c in e.text})
@@ -335,25 +220,6 @@ class DatesTask:
         exact = 100.0 * sum(h == e.target for h, e in zip(hyps, examples, strict=True))
         exact /= len(examples)
         return {"exact": round(exact, 2), "score": exact / 100}
-
-
-def _styles(locales: Sequence[str], formats: Sequence[str]) -> list[tuple[str, str]]:
-    """Every (locale, width), validated against Babel."""
-    if isinstance(locales, str) or not locales:
-        raise ValueError(f"locales must be a non-empty sequence of Babel locales, got {locales!r}")
-    bad = [f for f in formats if f not in FORMATS]
-    if isinstance(formats, str) or not formats or bad:
-        raise ValueError(
-            f"formats must be a non-empty sequence drawn from {FORMATS}, got {formats!r}"
-        )
-    from babel.core import UnknownLocaleError
-
-    for loc in locales:
-        try:
-            _locale(loc)
-        except (ValueError, TypeError, UnknownLocaleError) as e:
-            raise ValueError(f"locales: {loc!r} is not a Babel locale ({e})") from e
-    return [(loc, f) for loc in locales for f in formats]
 
 
 # ---------------------------------------------------------------------------------------

@@ -29,9 +29,9 @@ TASKS: dict[str, str] = {
     "translation": "attnlab.tasks.translation",
     "dates": "attnlab.tasks.dates",
     "generation": "attnlab.tasks.generation",
-    "vision": "attnlab.tasks.digits",
+    "vision": "attnlab.tasks.vision",
     "captioning": "attnlab.tasks.captioning",
-    "classification": "attnlab.tasks.documents",
+    "classification": "attnlab.tasks.classification",
 }
 
 

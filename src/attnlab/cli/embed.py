@@ -3,7 +3,8 @@
 ``attnlab embed TEXT...`` prints one text's embedding, or the cosine similarity matrix of
 several. ``attnlab attend TEXT`` prints, for every layer and head, the tokens each token
 attends to most. Both use all-MiniLM-L6-v2 from ``attnlab[pretrained]`` unless
-``--model`` names a sentence-transformers folder.
+``--model`` names a sentence-transformers folder
+(:meth:`attnlab.models.SentenceEncoder.from_pretrained`).
 
 Example:
     >>> from attnlab.cli import main
@@ -23,9 +24,9 @@ from typing import Any
 
 import torch
 
-from attnlab.models.sentence import SentenceEncoder
+from attnlab.cli._sentence import add_model_option, load_encoder
 
-__all__ = ["add_parsers"]
+__all__ = ["add_parsers", "run_attend", "run_embed"]
 
 
 def add_parsers(sub: Any) -> None:
@@ -34,30 +35,20 @@ def add_parsers(sub: Any) -> None:
     embed.add_argument("texts", nargs="+", metavar="TEXT")
     embed.add_argument("--json", action="store_true", help="print the embeddings as JSON")
     embed.add_argument("--batch-size", type=int, default=32)
-    _model_option(embed)
-    embed.set_defaults(func=_embed)
+    add_model_option(embed)
+    embed.set_defaults(run=run_embed)
     attend = sub.add_parser("attend", help="per layer and head, the tokens each token attends to")
     attend.add_argument("text", metavar="TEXT")
     attend.add_argument("--top", type=int, default=1, help="keys shown per token (default 1)")
     attend.add_argument("--layer", type=int, action="append", help="only this layer (repeatable)")
     attend.add_argument("--head", type=int, action="append", help="only this head (repeatable)")
-    _model_option(attend)
-    attend.set_defaults(func=_attend)
+    add_model_option(attend)
+    attend.set_defaults(run=run_attend)
 
 
-def _model_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model", default=None, help="a sentence-transformers folder (default: all-MiniLM-L6-v2)"
-    )
-
-
-def _load(args: argparse.Namespace) -> tuple[SentenceEncoder, str]:
-    name = "all-MiniLM-L6-v2" if args.model is None else str(args.model)
-    return SentenceEncoder.from_pretrained(args.model), name
-
-
-def _embed(args: argparse.Namespace) -> int:
-    enc, name = _load(args)
+def run_embed(args: argparse.Namespace) -> int:
+    """``attnlab embed``."""
+    enc, name = load_encoder(args.model)
     emb = enc.encode(args.texts, batch_size=args.batch_size)  # (N, D)
     if args.json:
         print(json.dumps([[round(x, 7) for x in row] for row in emb.tolist()]))
@@ -81,8 +72,9 @@ def _print_similarity(texts: list[str], emb: torch.Tensor, name: str) -> None:
         print(f"{f'[{i}]':<5}" + "".join(f"{x:8.4f}" for x in row) + f"  {label}")
 
 
-def _attend(args: argparse.Namespace) -> int:
-    enc, _ = _load(args)
+def run_attend(args: argparse.Namespace) -> int:
+    """``attnlab attend``."""
+    enc, _ = load_encoder(args.model)
     ids = enc.tokenize([args.text])[0]
     tokens = [enc.tokenizer.id_to_token(i) or "?" for i in ids]
     with torch.inference_mode():

@@ -1,0 +1,60 @@
+"""Command line: ``attnlab demo | train | tour | engines | bench | embed | attend | explain``.
+
+One module per command or small group of commands (``tour``, ``train`` + ``demo``,
+``engines``, ``embed`` + ``attend``, ``explain``, ``bench``): its ``add_parsers(sub)`` adds
+the subparsers and sets each one's ``run`` default to a thin runner, ``args -> exit
+status``, that calls library functions (:mod:`attnlab.tasks`, :mod:`attnlab.models`,
+:mod:`attnlab.interpret`, :mod:`attnlab.bench`). :func:`main` parses the command line
+and runs every command through one place, :func:`_run`.
+
+Example:
+    >>> main(["engines"])  # doctest: +ELLIPSIS
+    reference ...
+    0
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import attnlab
+from attnlab.cli import bench, embed, engines, explain, tour, train
+
+__all__ = ["build_parser", "main", "parse_args"]
+
+# in the order of ``attnlab --help``
+_COMMANDS = (tour, train, engines, embed, explain, bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``attnlab`` argument parser."""
+    parser = argparse.ArgumentParser(prog="attnlab", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=attnlab.__version__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in _COMMANDS:
+        command.add_parsers(sub)
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """The parsed command line; ``args.run`` is the command's runner.
+
+    ``attnlab bench ...`` is parsed by the benchmark's own parser, the one that
+    ``benchmarks/bench_core.py`` uses, so both print the same usage and errors.
+    """
+    if list(argv[:1]) == ["bench"]:
+        return bench.parse_args(argv[1:])
+    return build_parser().parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status."""
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The one place where every command runs."""
+    return int(args.run(args))

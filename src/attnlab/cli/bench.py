@@ -1,0 +1,75 @@
+"""``attnlab bench``: attnlab's engines timed against torch SDPA / FlexAttention in the same
+run, printed as JSON lines (the measuring is :mod:`attnlab.bench`'s; ``benchmarks/
+bench_core.py`` is the same program).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from attnlab import bench
+
+__all__ = ["add_arguments", "add_parsers", "build_parser", "parse_args", "run"]
+
+_DESCRIPTION = (bench.__doc__ or "").splitlines()[0]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``attnlab bench``."""
+    defaults = bench.BenchConfig()
+    cases = bench.CASES
+    p.add_argument("--cases", default=",".join(cases), help=f"comma list of {cases}")
+    p.add_argument("--n", type=int, default=defaults.n, help="sequence length")
+    p.add_argument("--heads", type=int, default=defaults.heads)
+    p.add_argument("--dim", type=int, default=defaults.dim)
+    p.add_argument("--window", type=int, default=defaults.window)
+    p.add_argument("--engine", default=defaults.engine)
+    p.add_argument("--modes", default=",".join(defaults.modes))
+    p.add_argument("--repeat", type=int, default=defaults.repeat)
+    p.add_argument("--flex", action="store_true", help="also time FlexAttention (compiles)")
+    p.add_argument("--memory", action="store_true", help="peak memory of window fwd+bwd")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (for CI)")
+
+
+def add_parsers(sub: Any) -> None:
+    """Add the ``bench`` subcommand to an argparse subparsers object."""
+    p = sub.add_parser(
+        "bench", help="time engines against torch SDPA / FlexAttention", description=_DESCRIPTION
+    )
+    add_arguments(p)
+    p.set_defaults(run=run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``attnlab bench``'s own parser: its usage and errors name ``attnlab bench``."""
+    p = argparse.ArgumentParser(prog="attnlab bench", description=_DESCRIPTION)
+    add_arguments(p)
+    p.set_defaults(run=run, command="bench")
+    return p
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """The arguments after ``attnlab bench``."""
+    return build_parser().parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``attnlab bench``: one JSON line per record, flushed as each is measured."""
+    cfg = bench.BenchConfig(
+        n=args.n,
+        heads=args.heads,
+        dim=args.dim,
+        window=args.window,
+        engine=args.engine,
+        modes=tuple(args.modes.split(",")),
+        repeat=args.repeat,
+        flex=args.flex,
+    )
+    if args.smoke:
+        cfg = cfg.smoke()
+    for rec in bench.records(cfg, args.cases.split(","), memory=args.memory):
+        print(json.dumps(rec), flush=True)
+    return 0

@@ -1,0 +1,77 @@
+"""``attnlab explain TEXT``: what a sentence encoder attends to, and which tokens matter.
+
+Loads the shipped all-MiniLM-L6-v2 (or any sentence-transformers folder), hands it to
+:func:`attnlab.interpret.explain_text` as a :class:`~attnlab.interpret.TextModel`, prints
+the most important tokens and the files written: the interactive HTML report and PNG
+pictures beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from attnlab.cli._sentence import add_model_option, load_encoder
+from attnlab.interpret import TextModel, explain_text
+from attnlab.models import SentenceEncoder
+
+__all__ = ["add_parsers", "run", "text_model"]
+
+
+def add_parsers(sub: Any) -> None:
+    """Add the ``explain`` subcommand to an argparse subparsers object."""
+    p = sub.add_parser("explain", help="explain a sentence encoder's attention (HTML + PNGs)")
+    p.add_argument("text", metavar="TEXT")
+    p.add_argument("--out", default="report.html", help="the HTML report; PNGs go beside it")
+    p.add_argument("--against", default=None, help="explain the similarity to this text")
+    p.add_argument("--steps", type=int, default=32, help="integrated-gradients steps")
+    p.add_argument(
+        "--flow-tokens", type=int, default=64, help="attention flow only up to this many tokens"
+    )
+    add_model_option(p)
+    p.set_defaults(run=run)
+
+
+def text_model(enc: SentenceEncoder) -> TextModel:
+    """``enc`` as the explanations see it: its BERT, tokenizer, pooling and word embeddings.
+
+    Example:
+        >>> import tempfile
+        >>> from attnlab.interpret import explain_text
+        >>> enc = SentenceEncoder.from_pretrained()  # needs attnlab[pretrained]
+        >>> ex = explain_text(text_model(enc), "Cats purr.", tempfile.mkdtemp() + "/r.html",
+        ...                   steps=4, log=lambda s: None)
+        >>> ex.tokens, [p.suffix for p in ex.files][:2]
+        (['[CLS]', 'cats', 'pu', '##rr', '.', '[SEP]'], ['.html', '.png'])
+    """
+    return TextModel(
+        network=enc.bert,
+        tokenize=lambda text: enc.tokenize([text])[0],
+        token_name=lambda i: enc.tokenizer.id_to_token(i) or "?",
+        pooled=lambda ids: enc.embed_rows(ids, normalize=False),
+        embed=lambda ids: enc.embed_rows(ids),
+        input_embeddings=enc.bert.embeddings.word_embeddings,
+        pad_id=enc.bert.config.pad_token_id,
+        pooling=enc.config.pooling,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """``attnlab explain``."""
+    enc, _ = load_encoder(args.model)
+    ex = explain_text(
+        text_model(enc),
+        args.text,
+        args.out,
+        against=args.against,
+        steps=args.steps,
+        flow_tokens=args.flow_tokens,
+    )
+    top = sorted(zip(ex.saliency["integrated gradients"], ex.tokens, strict=True), reverse=True)
+    print(
+        "most important tokens (integrated gradients): "
+        + ", ".join(f"{t} ({v:+.3f})" for v, t in top[:5])
+    )
+    for path in ex.files:
+        print(f"wrote {path}")
+    return 0

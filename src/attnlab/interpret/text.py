@@ -1,0 +1,229 @@
+"""Explain a text encoder: what it attends to, and which tokens matter to its embedding.
+
+:func:`explain_text` captures every layer's attention, computes rollout, attention flow,
+gradient relevance and integrated gradients of the embedding, and writes the interactive
+HTML report with PNG pictures beside it (``attnlab explain`` runs it on a sentence
+encoder). The encoder comes in as a :class:`TextModel`: the few things the explanations
+use, so this module knows no model class.
+
+The explained score is the embedding's length along its own direction (the raw pooled
+vector dotted with its unit vector, held fixed), or with ``against=OTHER`` the cosine
+similarity to OTHER's embedding. Token saliency pools the ``(n, n)`` explanations the
+way the model pools tokens (the mean of rows for mean pooling, row 0 for [CLS]).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnlab.interpret.capture import capture
+from attnlab.interpret.explain import (
+    Attribution,
+    gradient_relevance,
+    integrated_gradients,
+    rollout,
+)
+from attnlab.interpret.flow import attention_flow
+from attnlab.interpret.report import report
+
+__all__ = [
+    "Explanation",
+    "TextModel",
+    "captured_attentions",
+    "explain_text",
+    "explained_score",
+    "write_explanation",
+]
+
+
+@dataclass(frozen=True)
+class TextModel:
+    """A text encoder as the explanations see it.
+
+    Attributes:
+        network: the attention stack; ``network(ids)`` runs it on ids ``(1, n)`` (its
+            attention calls are captured and differentiated).
+        tokenize: a text -> its ``n`` token ids, special tokens included.
+        token_name: a token id -> the token's string.
+        pooled: ids ``(B, n)`` -> the raw pooled embedding ``(B, D)``, differentiable.
+        embed: ids ``(B, n)`` -> the embedding ``(B, D)`` as the model gives it.
+        input_embeddings: the module whose output integrated gradients interpolate.
+        pad_id: the baseline's token id (the first and last token are kept).
+        pooling: ``"cls"`` (the first token's state) or another pooling (a mean of tokens).
+    """
+
+    network: nn.Module
+    tokenize: Callable[[str], Sequence[int]]
+    token_name: Callable[[int], str]
+    pooled: Callable[[Tensor], Tensor]
+    embed: Callable[[Tensor], Tensor]
+    input_embeddings: nn.Module
+    pad_id: int
+    pooling: str = "mean"
+
+
+@dataclass
+class Explanation:
+    """What :func:`explain_text` found and wrote.
+
+    Attributes:
+        tokens: the ``n`` tokens.
+        attentions: per-layer ``(H, n, n)`` weights.
+        saliency: method -> ``n`` token scores (rollout, relevance, integrated gradients).
+        score, baseline_score: the explained score at the text and at the baseline.
+        files: the HTML report first, then the PNGs.
+    """
+
+    tokens: list[str]
+    attentions: list[Tensor]
+    saliency: dict[str, list[float]]
+    score: float
+    baseline_score: float
+    files: list[Path] = field(default_factory=list)
+
+
+def _pool_rows(matrix: Tensor, pooling: str) -> Tensor:
+    """``(n, n)`` explanation -> ``(n,)`` token scores, pooled like the model's tokens."""
+    return matrix[0] if pooling == "cls" else matrix.mean(0)
+
+
+def captured_attentions(model: TextModel, ids: Tensor) -> list[Tensor]:
+    """Every layer's attention weights ``(H, n, n)`` on ids ``(1, n)``, in layer order."""
+    with torch.no_grad(), capture(model.network) as cap:
+        model.network(ids)
+    return [c.weights[0] for c in cap]
+
+
+def explained_score(
+    model: TextModel, ids: Tensor, against: str | None = None
+) -> Callable[[Tensor], Tensor]:
+    """``ids (B, n) -> (B,)``: the score that the explanations explain (see the module)."""
+    with torch.no_grad():
+        if against is None:
+            target = F.normalize(model.pooled(ids), dim=-1)  # (1, D)
+        else:
+            other = torch.tensor([list(model.tokenize(against))])  # (1, m)
+            target = F.normalize(model.embed(other), dim=-1)
+
+    def score(t: Tensor) -> Tensor:
+        e = model.pooled(t)
+        e = F.normalize(e, dim=-1) if against is not None else e
+        return (e * target).sum(-1)
+
+    return score
+
+
+def _integrated(
+    model: TextModel, score: Callable[[Tensor], Tensor], ids: Tensor, steps: int
+) -> tuple[Attribution, float, float]:
+    """Integrated gradients from a baseline of padding between the end tokens, and the
+    score at the text and at the baseline."""
+    base = ids.clone()
+    base[:, 1:-1] = model.pad_id  # keep [CLS] and [SEP]
+    ig = integrated_gradients(
+        score, ids, base, layer=model.input_embeddings, steps=steps, internal_batch_size=8
+    )
+    with torch.no_grad():
+        return ig, float(score(ids)), float(score(base))
+
+
+def _flow_saliency(
+    attns: list[Tensor], pooling: str, flow_tokens: int, log: Callable[[str], None]
+) -> dict[str, list[float]]:
+    """``{"attention flow": n scores}``, or nothing past ``flow_tokens`` tokens."""
+    n = attns[0].shape[-1]
+    if n > flow_tokens:
+        log(f"attention flow skipped: {n} tokens > flow_tokens={flow_tokens}")
+        return {}
+    t0 = time.perf_counter()
+    rows = [0] if pooling == "cls" else None
+    flow = attention_flow([a[None] for a in attns], outputs=rows, normalize=True)[0]
+    log(f"attention flow ({flow.numel()} max-flows) in {time.perf_counter() - t0:.1f} s")
+    return {"attention flow": flow.mean(0).tolist()}
+
+
+def write_explanation(
+    out: str | Path,
+    tokens: list[str],
+    attns: list[Tensor],
+    roll: Tensor,
+    saliency: dict[str, list[float]],
+    *,
+    text: str = "",
+) -> list[Path]:
+    """The HTML report ``out`` and PNGs beside it (heads, rollout ``roll (n, n)``, one per
+    saliency method); returns the report first, then the PNGs."""
+    from attnlab.interpret import plot
+
+    stem = Path(out).with_suffix("")
+    pngs = [plot.head_grid(attns, f"{stem}_heads.png", tokens=tokens, title="attention heads")]
+    pngs.append(plot.heatmap(roll, tokens, f"{stem}_rollout.png", title="attention rollout"))
+    for name, vals in saliency.items():
+        slug = name.replace(" ", "_")
+        pngs.append(plot.saliency(tokens, vals, f"{stem}_saliency_{slug}.png", title=name))
+    html = report(
+        out, tokens, attns, title="attnlab explain", text=text, saliency=saliency, pictures=pngs
+    )
+    return [html, *pngs]
+
+
+def explain_text(
+    model: TextModel,
+    text: str,
+    out: str | Path,
+    *,
+    against: str | None = None,
+    steps: int = 32,
+    flow_tokens: int = 64,
+    log: Callable[[str], None] = print,
+) -> Explanation:
+    """Explain ``model``'s embedding of ``text`` and write the report to ``out`` (HTML).
+
+    PNGs go beside it: ``<stem>_heads.png`` (every layer's heads), ``<stem>_rollout.png``
+    and ``<stem>_saliency_<method>.png``. Attention flow (one max-flow per token pair) is
+    computed for texts of at most ``flow_tokens`` tokens; ``steps`` are the integrated
+    gradients' steps. ``attnlab explain`` runs this on a sentence encoder.
+
+    Example:
+        >>> import tempfile
+        >>> from attnlab.nn import MultiHeadAttention
+        >>> words = nn.Embedding(10, 16)
+        >>> net = nn.Sequential(words, MultiHeadAttention(16, 2), MultiHeadAttention(16, 2))
+        >>> toy = TextModel(net, tokenize=lambda s: [1, *(2 + len(w) for w in s.split()), 9],
+        ...                 token_name=str, pooled=lambda t: net(t).mean(1),
+        ...                 embed=lambda t: F.normalize(net(t).mean(1), dim=-1),
+        ...                 input_embeddings=words, pad_id=0)
+        >>> ex = explain_text(toy, "a toy text", tempfile.mkdtemp() + "/r.html", steps=4,
+        ...                   log=lambda s: None)
+        >>> ex.tokens, [p.suffix for p in ex.files][:2]
+        (['1', '3', '5', '6', '9'], ['.html', '.png'])
+    """
+    ids = torch.tensor([list(model.tokenize(text))])  # (1, n)
+    tokens = [model.token_name(int(i)) for i in ids[0]]
+    attns = captured_attentions(model, ids)  # per layer (H, n, n)
+    log(f"{len(tokens)} tokens, {len(attns)} layers x {attns[0].shape[0]} heads captured")
+    score = explained_score(model, ids, against)
+    t0 = time.perf_counter()
+    roll = rollout([a[None] for a in attns])[0]  # (n, n)
+    rel = gradient_relevance(model.network, lambda: score(ids))[0]  # (n, n)
+    log(f"rollout and gradient relevance in {time.perf_counter() - t0:.1f} s")
+    t0 = time.perf_counter()
+    ig, s_x, s_b = _integrated(model, score, ids, steps)
+    log(
+        f"integrated gradients ({steps} steps) in {time.perf_counter() - t0:.1f} s: "
+        f"sum {float(ig.per_token().sum()):.4f} vs f(x) - f(baseline) {s_x - s_b:.4f}"
+    )
+    sal = {"rollout": _pool_rows(roll, model.pooling).tolist()}
+    sal |= _flow_saliency(attns, model.pooling, flow_tokens, log)
+    sal["gradient relevance"] = _pool_rows(rel - torch.eye(len(tokens)), model.pooling).tolist()
+    sal["integrated gradients"] = ig.per_token()[0].tolist()
+    what = f"similarity to: {against}" if against else "the embedding along its own direction"
+    files = write_explanation(out, tokens, attns, roll, sal, text=f"{text}  (score: {what})")
+    return Explanation(tokens, attns, sal, s_x, s_b, files)
