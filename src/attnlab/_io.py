@@ -1,15 +1,41 @@
 """File helpers: atomic writes (a crash while writing never leaves a half-written file
-behind) and PNGs inlined as data URIs for self-contained HTML."""
+behind, a failed write keeps the previous file), a lock on an output path that a crashed
+run does not leave stuck, and PNGs inlined as data URIs for self-contained HTML."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import json
 import os
+import socket
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
+from types import TracebackType
+from typing import Any
 
-__all__ = ["atomic_write", "atomic_write_text", "png_data_uri"]
+__all__ = [
+    "LockedError",
+    "OutputLock",
+    "WriteError",
+    "atomic_write",
+    "atomic_write_text",
+    "decode_text",
+    "png_data_uri",
+]
+
+
+class WriteError(OSError):
+    """A file could not be written (full disk, read-only folder, ...); the previous file,
+    if there was one, is unchanged. ``str()`` names the file and the cause."""
+
+    def __str__(self) -> str:
+        return (
+            f"could not write {self.filename}: {self.strerror or 'error'} "
+            f"[errno {self.errno}]; the previous file, if any, is unchanged"
+        )
 
 
 def atomic_write(
@@ -24,6 +50,10 @@ def atomic_write(
         write: writes the whole content to the temporary path it is given.
         mode: permission bits for the file (default: the temporary file's, 0o600).
 
+    Raises:
+        WriteError: an ``OSError`` (no space, no permission, ...) while writing, naming
+            ``path``; ``path`` keeps its previous content.
+
     Example:
         >>> import tempfile
         >>> p = atomic_write(tempfile.mkdtemp() + "/a.txt", lambda t: Path(t).write_text("hi"))
@@ -31,8 +61,11 @@ def atomic_write(
         'hi'
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise WriteError(e.errno, e.strerror, str(path)) from e
     os.close(fd)
     try:
         write(tmp)
@@ -41,6 +74,10 @@ def atomic_write(
         if mode is not None:
             os.chmod(tmp, mode)
         os.replace(tmp, path)
+    except OSError as e:
+        if isinstance(e, WriteError):
+            raise
+        raise WriteError(e.errno, e.strerror or str(e), str(path)) from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -58,6 +95,32 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), mode=0o644)
 
 
+def decode_text(text: str) -> tuple[str, bool]:
+    r"""``text`` with bytes that were not UTF-8 replaced by U+FFFD, and whether any were.
+
+    Python hands undecodable bytes of the command line or a file read with
+    ``errors="surrogateescape"`` over as lone surrogates (``\udcXX``), which tokenizers
+    and encoders reject; this decodes them the way ``bytes.decode(errors="replace")`` does.
+
+    Example:
+        >>> text, replaced = decode_text(b"caf\xe9 ok".decode("utf-8", "surrogateescape"))
+        >>> text == "caf\ufffd ok", replaced
+        (True, True)
+        >>> decode_text("café")
+        ('café', False)
+    """
+    try:
+        text.encode("utf-8")
+        return text, False
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # surrogates that are not escaped bytes
+        raw = text.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "replace"), True
+
+
 def png_data_uri(path: str | Path) -> str:
     """``data:image/png;base64,...`` of the PNG at ``path``, for an ``<img src>``.
 
@@ -69,3 +132,143 @@ def png_data_uri(path: str | Path) -> str:
         'data:image/png;base64,UE5H'
     """
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+class LockedError(RuntimeError):
+    """Another live run holds the lock on an output path; ``holder`` is what it recorded
+    (``pid``, ``host``, ``command``, ``started``)."""
+
+    def __init__(self, target: Path, lock: Path, holder: dict[str, Any]) -> None:
+        self.target, self.lock, self.holder = target, lock, holder
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder["started"])))
+        super().__init__(
+            f"{target} is in use by another run: `{holder.get('command') or '?'}` "
+            f"(pid {holder['pid']} on {holder['host']}, started {when}); wait for it to end "
+            f"or choose another output (if that run is gone, delete {lock})"
+        )
+
+
+class OutputLock:
+    """An exclusive lock on an output folder or file, held while a run writes there.
+
+    The lock file (``FOLDER/.attnlab.lock``, or ``.NAME.lock`` beside a file) records the
+    holder's pid, host, command and start time. A second run is refused with a
+    :class:`LockedError` naming the first; a lock whose process is gone (same host, pid
+    dead, a zombie, or reused by a process started later) is stale and taken over, so a
+    crashed run never blocks the next one. A lock from another host cannot be checked and
+    is respected.
+
+    Example:
+        >>> import tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> with OutputLock(d, command="attnlab train dates"):
+        ...     OutputLock(d).acquire()  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        attnlab._io.LockedError: ... is in use by another run: `attnlab train dates` (pid ...
+    """
+
+    def __init__(self, target: str | Path, *, folder: bool = True, command: str = "") -> None:
+        self.target = Path(target)
+        parent, name = (self.target, "") if folder else (self.target.parent, self.target.name)
+        self.path = parent / (f".{name}.lock" if name else ".attnlab.lock")
+        self.command, self._held, self._created = command, False, False
+
+    def acquire(self) -> OutputLock:
+        """Take the lock (creating its folder); :class:`LockedError` if a live run has it."""
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command}
+        me["started"] = time.time()
+        new = self.path.with_name(f"{self.path.name}.{os.getpid()}.new")
+        self._created = not self.path.parent.exists()
+        atomic_write(new, lambda t: _dump(t, me))
+        try:
+            for _ in range(5):
+                try:
+                    _link(new, self.path)  # atomic: fails if a lock exists
+                    self._held = True
+                    return self
+                except FileExistsError:
+                    holder = _read_lock(self.path)
+                    if holder is not None and not _is_stale(holder):
+                        raise LockedError(self.target, self.path, holder) from None
+                    _take_over(self.path, holder)
+            raise LockedError(self.target, self.path, _read_lock(self.path) or me)
+        finally:
+            new.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        """Give the lock back (only if this object holds it)."""
+        if self._held:
+            self._held = False
+            holder = _read_lock(self.path)
+            if holder is not None and holder.get("pid") == os.getpid():
+                self.path.unlink(missing_ok=True)
+            if self._created:  # the folder this lock made, if the run left it empty
+                with contextlib.suppress(OSError):
+                    self.path.parent.rmdir()
+
+    def __enter__(self) -> OutputLock:
+        return self.acquire()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+
+def _dump(path: str, info: dict[str, Any]) -> None:
+    Path(path).write_text(json.dumps(info), encoding="utf-8")
+
+
+def _link(new: Path, path: Path) -> None:
+    """Create ``path`` with ``new``'s content, or FileExistsError if it exists: a hard link
+    (atomic), or an exclusive create where the file system has no hard links."""
+    try:
+        os.link(new, path)
+    except FileExistsError:
+        raise
+    except OSError:  # FAT, some FUSE mounts
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(new.read_bytes())
+
+
+def _read_lock(path: Path) -> dict[str, Any] | None:
+    """The holder recorded in ``path``; None if it is gone or unreadable (a stale lock)."""
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        return info if isinstance(info, dict) and {"pid", "host", "started"} <= set(info) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _is_stale(holder: dict[str, Any]) -> bool:
+    """Whether the run that wrote ``holder`` is certainly gone (same host only)."""
+    if holder["host"] != socket.gethostname():
+        return False
+    pid = int(holder["pid"])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, another user's
+    proc = Path(f"/proc/{pid}")
+    try:
+        zombie = proc.joinpath("stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        reused = proc.stat().st_ctime > float(holder["started"]) + 2.0
+    except (OSError, IndexError):
+        return False  # no /proc: alive as far as we can tell
+    return zombie or reused
+
+
+def _take_over(path: Path, holder: dict[str, Any] | None) -> None:
+    """Move a stale lock aside; if another run replaced it meanwhile, put that one back."""
+    aside = path.with_name(f"{path.name}.stale-{os.getpid()}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return
+    if _read_lock(aside) != holder:  # not the stale lock we judged: a live one, restore it
+        with contextlib.suppress(FileExistsError):
+            os.link(aside, path)
+    aside.unlink(missing_ok=True)

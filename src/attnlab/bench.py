@@ -29,11 +29,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import attnlab
+import attnlab.engines
 from attnlab import bias as B
 from attnlab import masks as M
+from attnlab._validate import positive_int
 
 __all__ = [
     "CASES",
+    "MODES",
     "BenchConfig",
     "doc_ids",
     "interleaved_ms",
@@ -46,6 +49,7 @@ __all__ = [
 ]
 
 CASES = ("window", "documents", "alibi", "dense", "causal")
+MODES = ("fwd", "fwd+bwd")
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,18 @@ class BenchConfig:
     modes: tuple[str, ...] = ("fwd", "fwd+bwd")
     repeat: int = 3
     flex: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("n", "heads", "dim", "window", "repeat"):
+            positive_int(name, getattr(self, name))
+        if not isinstance(self.modes, tuple) or not self.modes:
+            raise TypeError(f"modes must be a non-empty tuple of {MODES}, got {self.modes!r}")
+        bad = [m for m in self.modes if m not in MODES]
+        if bad:
+            raise ValueError(f"modes: {bad[0]!r} is not a mode; expected some of {MODES}")
+        if self.engine != "auto" and self.engine not in attnlab.engines.available_engines():
+            known = ("auto", *attnlab.engines.available_engines())
+            raise ValueError(f"engine={self.engine!r} is not an engine; expected one of {known}")
 
     def smoke(self) -> BenchConfig:
         """These settings at tiny sizes with one repeat (``--smoke``, for CI)."""
@@ -170,6 +186,9 @@ def records(
         >>> [(r["case"], r["n"]) for r in records(cfg, ["causal"])]
         [('causal', 256)]
     """
+    bad = [c for c in cases if c not in CASES]
+    if isinstance(cases, str) or bad:
+        raise ValueError(f"cases must be a list of names from {CASES}, got {cases!r}")
     torch.manual_seed(0)
     if memory:
         yield memory_probe(cfg)

@@ -1,4 +1,4 @@
-"""Command line: ``attnlab demo | train | tour | engines | bench | embed | attend | explain``.
+"""Command line: ``attnlab demo|train|tour|engines|info|bench|embed|attend|explain``.
 
 One module per command or small group of commands (``tour``, ``train`` + ``demo``,
 ``engines``, ``embed`` + ``attend``, ``explain``, ``bench``): its ``add_parsers(sub)`` adds
@@ -20,21 +20,28 @@ import sys
 from collections.abc import Sequence
 
 import attnlab
-from attnlab.cli import bench, embed, engines, explain, tour, train
+from attnlab.cli import bench, embed, engines, explain, info, tour, train
+from attnlab.cli._errors import Parser, run_command
 
 __all__ = ["build_parser", "main", "parse_args"]
 
 # in the order of ``attnlab --help``
-_COMMANDS = (tour, train, engines, embed, explain, bench)
+_COMMANDS = (tour, train, engines, info, embed, explain, bench)
+
+
+_DEBUG_HELP = "print the traceback of an error (or set ATTNLAB_DEBUG=1)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``attnlab`` argument parser."""
-    parser = argparse.ArgumentParser(prog="attnlab", description=__doc__.splitlines()[0])
+    """The ``attnlab`` argument parser (its errors are one line, exit status 2)."""
+    parser = Parser(prog="attnlab", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=attnlab.__version__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for command in _COMMANDS:
         command.add_parsers(sub)
+    for p in sub.choices.values():  # `attnlab CMD ... --debug` works too
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
     return parser
 
 
@@ -50,11 +57,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status."""
-    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    """Run the CLI; returns the exit status (``--help`` and parse errors included)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error already printed
+        return e.code if isinstance(e.code, int) else 2
+    args.argv = argv
     return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:
-    """The one place where every command runs."""
-    return int(args.run(args))
+    """The one place where every command runs: errors become one line and a status."""
+    return run_command(args)

@@ -11,6 +11,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from attnlab import bench
+from attnlab.cli._args import int_in, names_in
+from attnlab.cli._errors import Parser
+from attnlab.engines import available_engines
 
 __all__ = ["add_arguments", "add_parsers", "build_parser", "parse_args", "run"]
 
@@ -20,15 +23,17 @@ _DESCRIPTION = (bench.__doc__ or "").splitlines()[0]
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``attnlab bench``."""
     defaults = bench.BenchConfig()
-    cases = bench.CASES
-    p.add_argument("--cases", default=",".join(cases), help=f"comma list of {cases}")
-    p.add_argument("--n", type=int, default=defaults.n, help="sequence length")
-    p.add_argument("--heads", type=int, default=defaults.heads)
-    p.add_argument("--dim", type=int, default=defaults.dim)
-    p.add_argument("--window", type=int, default=defaults.window)
-    p.add_argument("--engine", default=defaults.engine)
-    p.add_argument("--modes", default=",".join(defaults.modes))
-    p.add_argument("--repeat", type=int, default=defaults.repeat)
+    cases, positive = bench.CASES, int_in(1)
+    p.add_argument(
+        "--cases", type=names_in(cases), default=",".join(cases), help=f"comma list of {cases}"
+    )
+    p.add_argument("--n", type=positive, default=defaults.n, help="sequence length")
+    p.add_argument("--heads", type=positive, default=defaults.heads)
+    p.add_argument("--dim", type=positive, default=defaults.dim)
+    p.add_argument("--window", type=positive, default=defaults.window)
+    p.add_argument("--engine", default=defaults.engine, choices=["auto", *available_engines()])
+    p.add_argument("--modes", type=names_in(bench.MODES), default=",".join(defaults.modes))
+    p.add_argument("--repeat", type=positive, default=defaults.repeat)
     p.add_argument("--flex", action="store_true", help="also time FlexAttention (compiles)")
     p.add_argument("--memory", action="store_true", help="peak memory of window fwd+bwd")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (for CI)")
@@ -45,8 +50,9 @@ def add_parsers(sub: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """``attnlab bench``'s own parser: its usage and errors name ``attnlab bench``."""
-    p = argparse.ArgumentParser(prog="attnlab bench", description=_DESCRIPTION)
+    p = Parser(prog="attnlab bench", description=_DESCRIPTION)
     add_arguments(p)
+    p.add_argument("--debug", action="store_true", help="print the traceback of an error")
     p.set_defaults(run=run, command="bench")
     return p
 
@@ -64,12 +70,12 @@ def run(args: argparse.Namespace) -> int:
         dim=args.dim,
         window=args.window,
         engine=args.engine,
-        modes=tuple(args.modes.split(",")),
+        modes=tuple(args.modes),
         repeat=args.repeat,
         flex=args.flex,
     )
     if args.smoke:
         cfg = cfg.smoke()
-    for rec in bench.records(cfg, args.cases.split(","), memory=args.memory):
+    for rec in bench.records(cfg, args.cases, memory=args.memory):
         print(json.dumps(rec), flush=True)
     return 0

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from attnlab.cli._args import clean_text, int_in
+from attnlab.cli._errors import UsageError
 from attnlab.cli._sentence import add_model_option, load_encoder
 
 __all__ = ["add_parsers", "run_attend", "run_embed"]
@@ -34,20 +36,25 @@ def add_parsers(sub: Any) -> None:
     embed = sub.add_parser("embed", help="sentence embeddings, or the cosine matrix of several")
     embed.add_argument("texts", nargs="+", metavar="TEXT")
     embed.add_argument("--json", action="store_true", help="print the embeddings as JSON")
-    embed.add_argument("--batch-size", type=int, default=32)
+    embed.add_argument("--batch-size", type=int_in(1), default=32)
     add_model_option(embed)
     embed.set_defaults(run=run_embed)
     attend = sub.add_parser("attend", help="per layer and head, the tokens each token attends to")
     attend.add_argument("text", metavar="TEXT")
-    attend.add_argument("--top", type=int, default=1, help="keys shown per token (default 1)")
-    attend.add_argument("--layer", type=int, action="append", help="only this layer (repeatable)")
-    attend.add_argument("--head", type=int, action="append", help="only this head (repeatable)")
+    attend.add_argument("--top", type=int_in(1), default=1, help="keys shown per token (default 1)")
+    attend.add_argument(
+        "--layer", type=int_in(0), action="append", help="only this layer (repeatable)"
+    )
+    attend.add_argument(
+        "--head", type=int_in(0), action="append", help="only this head (repeatable)"
+    )
     add_model_option(attend)
     attend.set_defaults(run=run_attend)
 
 
 def run_embed(args: argparse.Namespace) -> int:
     """``attnlab embed``."""
+    args.texts = [clean_text(args, f"TEXT {i + 1}", t) for i, t in enumerate(args.texts)]
     enc, name = load_encoder(args.model)
     emb = enc.encode(args.texts, batch_size=args.batch_size)  # (N, D)
     if args.json:
@@ -74,8 +81,11 @@ def _print_similarity(texts: list[str], emb: torch.Tensor, name: str) -> None:
 
 def run_attend(args: argparse.Namespace) -> int:
     """``attnlab attend``."""
-    enc, _ = load_encoder(args.model)
-    ids = enc.tokenize([args.text])[0]
+    text = clean_text(args, "TEXT", args.text)
+    enc, name = load_encoder(args.model)
+    _check_in_model("--layer", args.layer, enc.bert.config.num_hidden_layers, "layers", name)
+    _check_in_model("--head", args.head, enc.bert.config.num_attention_heads, "heads", name)
+    ids = enc.tokenize([text])[0]
     tokens = [enc.tokenizer.id_to_token(i) or "?" for i in ids]
     with torch.inference_mode():
         out = enc.bert(torch.tensor([ids]), need_weights=True)
@@ -91,6 +101,13 @@ def run_attend(args: argparse.Namespace) -> int:
                 continue
             print(f"layer {li} head {h}: " + _head_line(tokens, vals[h], idx[h]))
     return 0
+
+
+def _check_in_model(argument: str, given: list[int] | None, n: int, what: str, name: str) -> None:
+    """Every index in ``given`` is below ``n``, the model's count of ``what``."""
+    bad = [i for i in given or [] if i >= n]
+    if bad:
+        raise UsageError(argument, f"{bad[0]} is out of range: {name} has {what} 0 to {n - 1}")
 
 
 def _head_line(tokens: list[str], vals: torch.Tensor, idx: torch.Tensor) -> str:

@@ -11,16 +11,25 @@ import torch
 
 import attnlab
 from attnlab import bias, masks
+from attnlab.cli._args import int_in
 from attnlab.cli.engines import print_engines
 from attnlab.engines import available_engines
 
 __all__ = ["add_parsers", "run", "tour"]
 
+# the tour's fp64 reference builds (8, L, L) scores: 8192 is 4 GiB
+_MAX_LENGTH = 8192
+
 
 def add_parsers(sub: Any) -> None:
     """Add the ``tour`` subcommand to an argparse subparsers object."""
     p = sub.add_parser("tour", help="a short tour of the API: masks, engines, normalizers")
-    p.add_argument("--length", type=int, default=1024, help="sequence length of the tour")
+    p.add_argument(
+        "--length",
+        type=int_in(1, _MAX_LENGTH),
+        default=1024,
+        help=f"sequence length of the tour (1 to {_MAX_LENGTH})",
+    )
     p.set_defaults(run=run)
 
 

@@ -2,16 +2,26 @@
 
 The runners call :mod:`attnlab.tasks`: :func:`~attnlab.tasks.train_config` (the task's
 defaults with the command line's settings on top), :func:`~attnlab.tasks.run_task` and
-:func:`~attnlab.tasks.demo`.
+:func:`~attnlab.tasks.demo`. Every option is checked before any work starts (ranges,
+``--out`` writable, ``--resume`` with a readable checkpoint of the same task); ``--out``
+is locked while the run writes there. Ctrl-C or SIGTERM saves ``OUT/last.safetensors``
+and prints the command that resumes it.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
-from attnlab.tasks import TASKS, demo, run_task, spec, train_config
+from attnlab._io import OutputLock
+from attnlab.cli._args import check_out_folder, float_in, int_in
+from attnlab.cli._errors import UsageError, warn
+from attnlab.tasks import TASKS, TaskSpec, demo, run_task, spec, train_config
+from attnlab.train import CheckpointError, TrainingInterrupted, load_checkpoint
+from attnlab.train.loop import Task
 
 __all__ = ["add_parsers", "run_demo", "run_train"]
 
@@ -31,25 +41,26 @@ _OVERRIDES = (
 
 def add_parsers(sub: Any) -> None:
     """Add the ``train`` and ``demo`` subcommands to an argparse subparsers object."""
+    positive, above0 = int_in(1), float_in(0.0, open_low=True)
     t = sub.add_parser("train", help="train a task model (see README: tasks)")
     t.add_argument("task", choices=sorted(TASKS))
-    t.add_argument("--steps", type=int, default=None, help="optimizer steps (task default)")
-    t.add_argument("--batch-size", type=int, default=None)
-    t.add_argument("--lr", type=float, default=None)
-    t.add_argument("--warmup", type=int, default=None)
-    t.add_argument("--eval-every", type=int, default=None)
-    t.add_argument("--train-size", type=int, default=None, help="training examples")
-    t.add_argument("--seed", type=int, default=None)
-    t.add_argument("--time-limit", type=float, default=None, help="seconds of training")
-    t.add_argument("--target", type=float, default=None, help="stop at this eval score")
-    t.add_argument("--threads", type=int, default=None, help="torch threads (task default)")
+    t.add_argument("--steps", type=positive, default=None, help="optimizer steps (task default)")
+    t.add_argument("--batch-size", type=positive, default=None)
+    t.add_argument("--lr", type=above0, default=None, help="peak learning rate (> 0)")
+    t.add_argument("--warmup", type=int_in(0), default=None)
+    t.add_argument("--eval-every", type=positive, default=None)
+    t.add_argument("--train-size", type=positive, default=None, help="training examples")
+    t.add_argument("--seed", type=int_in(0), default=None)
+    t.add_argument("--time-limit", type=above0, default=None, help="seconds of training")
+    t.add_argument("--target", type=float_in(), default=None, help="stop at this eval score")
+    t.add_argument("--threads", type=positive, default=None, help="torch threads (task default)")
     t.add_argument("--out", default=None, help="checkpoints and report (runs/TASK)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(run=run_train)
-    d = sub.add_parser("demo", help="the translation task in about 3 minutes, with a report")
+    d = sub.add_parser("demo", help="the translation task (1100 steps, minutes), with a report")
     d.add_argument("--out", default="attnlab-demo", help="report folder")
-    d.add_argument("--seconds", type=float, default=150.0, help="training time limit")
+    d.add_argument("--seconds", type=above0, default=None, help="optional training time limit")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(run=run_demo)
 
@@ -57,14 +68,65 @@ def add_parsers(sub: Any) -> None:
 def run_train(args: argparse.Namespace) -> int:
     """``attnlab train``: the task's settings with the command line's on top."""
     s = spec(args.task)
-    out = args.out or f"runs/{args.task}"
+    out = check_out_folder("--out", args.out or f"runs/{args.task}")
+    _check_resume(args.task, out / "last.safetensors", args)
     over = {k: getattr(args, k) for k in _OVERRIDES}
-    cfg = train_config(s, **over, out_dir=out, resume=args.resume, progress=not args.no_progress)
-    run_task(s, s.build(args.train_size), cfg, Path(out) / "report")
+    cfg = train_config(
+        s, **over, out_dir=str(out), resume=args.resume, progress=not args.no_progress
+    )
+    with OutputLock(out, command=_command(args)):
+        if not args.resume and (out / "last.safetensors").exists():
+            warn(args, f"{out / 'last.safetensors'} will be overwritten (--resume continues it)")
+        task = _build(s, args.train_size)
+        try:
+            run_task(s, task, cfg, out / "report")
+        except TrainingInterrupted as e:
+            print(f"attnlab train: {e}", file=sys.stderr)
+            if e.checkpoint is not None:
+                print(f"resume with: {_command(args, resume=True)}", file=sys.stderr)
+            return 128 + int(e.signum)
     return 0
 
 
 def run_demo(args: argparse.Namespace) -> int:
     """``attnlab demo``: a short translation run with scores and a report."""
-    demo(args.out, seconds=args.seconds, progress=not args.no_progress)
+    out = check_out_folder("--out", args.out)
+    with OutputLock(out, command=_command(args)):
+        demo(out, seconds=args.seconds, progress=not args.no_progress)
     return 0
+
+
+def _check_resume(task: str, last: Path, args: argparse.Namespace) -> None:
+    """With ``--resume``, ``last`` must be a readable checkpoint of ``task``."""
+    if not args.resume:
+        return
+    if not last.is_file():
+        raise UsageError("--resume", f"no checkpoint at {last}; drop --resume to start fresh")
+    try:
+        ckpt = load_checkpoint(last)
+    except CheckpointError as e:
+        raise UsageError("--resume", f"{e}; or drop --resume to start fresh") from e
+    if ckpt.config.get("task", task) != task:
+        raise UsageError(
+            "--resume", f"{last} is a checkpoint of task {ckpt.config['task']!r}, not {task!r}"
+        )
+
+
+def _build(s: TaskSpec, train_size: int | None) -> Task:
+    """The task; a size it cannot make is a usage error of ``--train-size``."""
+    try:
+        return s.build(train_size)
+    except ValueError as e:
+        if train_size is not None and "size" in str(e):
+            raise UsageError("--train-size", str(e)) from e
+        raise
+
+
+def _command(args: argparse.Namespace, *, resume: bool = False) -> str:
+    """The command line of this run (with ``--resume`` added if asked)."""
+    argv = list(getattr(args, "argv", None) or [args.command])
+    if args.command == "train" and getattr(args, "argv", None) is None:
+        argv += [args.task, "--out", str(args.out or f"runs/{args.task}")]
+    if resume and "--resume" not in argv:
+        argv.append("--resume")
+    return "attnlab " + shlex.join(argv)

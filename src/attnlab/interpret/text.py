@@ -174,6 +174,27 @@ def write_explanation(
     return [html, *pngs]
 
 
+def _check_explain_args(
+    model: object, text: object, out: object, against: object, steps: object, flow: object
+) -> None:
+    """:func:`explain_text`'s arguments, checked before any work (TypeError/ValueError)."""
+    if not isinstance(model, TextModel):
+        raise TypeError(f"model must be a TextModel, got {type(model).__name__}")
+    for name, value in (("text", text), ("against", against)):
+        if not (isinstance(value, str) or (name == "against" and value is None)):
+            raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+    if not str(text).strip():
+        raise ValueError("text must be a non-empty str, got an empty or blank one")
+    if not isinstance(out, str | Path):
+        raise TypeError(f"out must be a str or Path (the .html report), got {type(out).__name__}")
+    if Path(out).is_dir():
+        raise ValueError(f"out must be a file path, got the folder {str(out)!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+        raise ValueError(f"steps must be an int >= 2 (integrated gradients), got {steps!r}")
+    if isinstance(flow, bool) or not isinstance(flow, int) or flow < 0:
+        raise ValueError(f"flow_tokens must be an int >= 0, got {flow!r}")
+
+
 def explain_text(
     model: TextModel,
     text: str,
@@ -205,6 +226,7 @@ def explain_text(
         >>> ex.tokens, [p.suffix for p in ex.files][:2]
         (['1', '3', '5', '6', '9'], ['.html', '.png'])
     """
+    _check_explain_args(model, text, out, against, steps, flow_tokens)
     ids = torch.tensor([list(model.tokenize(text))])  # (1, n)
     tokens = [model.token_name(int(i)) for i in ids[0]]
     attns = captured_attentions(model, ids)  # per layer (H, n, n)

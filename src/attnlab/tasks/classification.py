@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnlab._validate import positive_int
 from attnlab.models.document import DocumentClassifier
 from attnlab.tasks.registry import TaskSpec
 from attnlab.tasks.report import Section, write_html
@@ -214,6 +215,8 @@ class DocumentTask:
         word_hidden: int = 64,
         sentence_hidden: int = 64,
     ) -> None:
+        positive_int("train_size", train_size)
+        positive_int("test_size", test_size)
         docs = make_documents(train_size + test_size, seed)
         self.test_docs, self.train_docs = docs[:test_size], docs[test_size:]
         self.vocab = Vocab.build(s for d in self.train_docs for s in d.sentences)

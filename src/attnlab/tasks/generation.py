@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnlab._validate import positive_int
 from attnlab.interpret import capture
 from attnlab.models.lm import LanguageModel, LMConfig
 from attnlab.tasks.registry import TaskSpec
@@ -255,6 +256,9 @@ class GenerationTask:
         dim_feedforward: int = 384,
         dropout: float = 0.0,
     ) -> None:
+        positive_int("train_size", train_size)
+        positive_int("test_size", test_size)
+        positive_int("eval_size", eval_size)
         pairs = make_sentences(train_size + test_size, seed)
         random.Random(seed).shuffle(pairs)  # the test split has the families' proportions
         self.test_pairs, self.train_pairs = pairs[:test_size], pairs[test_size:]
@@ -425,7 +429,6 @@ SPEC = TaskSpec(
         "lr": 3e-3,
         "warmup": 100,
         "eval_every": 250,
-        "time_limit": 300.0,
     },
     finish=finish,
 )

@@ -18,7 +18,7 @@ from attnlab.tasks.registry import TaskSpec, spec
 from attnlab.train import TrainConfig, Trainer
 from attnlab.train.loop import Task, num_threads
 
-__all__ = ["demo", "run_task", "train_config"]
+__all__ = ["DEMO_STEPS", "demo", "demo_config", "run_task", "train_config"]
 
 
 def train_config(s: TaskSpec, **overrides: Any) -> TrainConfig:
@@ -29,25 +29,68 @@ def train_config(s: TaskSpec, **overrides: Any) -> TrainConfig:
         >>> train_config(spec("translation"), steps=10, lr=None).steps
         10
     """
+    if not isinstance(s, TaskSpec):
+        raise TypeError(f"s must be a TaskSpec (see attnlab.tasks.spec), got {type(s).__name__}")
     known = {f.name for f in fields(TrainConfig)}
     bad = sorted(set(s.defaults) - known)
     if bad:
         raise ValueError(f"task defaults name unknown TrainConfig fields {bad}")
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(
+            f"overrides {unknown} are not TrainConfig fields; expected some of {sorted(known)}"
+        )
     values = dict(s.defaults) | {k: v for k, v in overrides.items() if v is not None}
     return TrainConfig(**values)
 
 
-def demo(out: str | Path, *, seconds: float = 150.0, progress: bool = True) -> dict[str, float]:
-    """A short translation run (``seconds`` of training) with scores and a report in ``out``."""
+DEMO_STEPS = 1100
+
+
+def demo_config(seconds: float | None = None, *, progress: bool = True) -> TrainConfig:
+    """The demo's training settings: :data:`DEMO_STEPS` steps of the translation task,
+    with a time limit only when ``seconds`` is given (the result must not depend on the
+    CPU's speed).
+
+    Example:
+        >>> cfg = demo_config()
+        >>> cfg.steps, cfg.time_limit
+        (1100, None)
+    """
+    s = spec("translation")
+    return train_config(
+        s, steps=DEMO_STEPS, eval_every=275, time_limit=seconds, out_dir=None, progress=progress
+    )
+
+
+def demo(
+    out: str | Path, *, seconds: float | None = None, progress: bool = True
+) -> dict[str, float]:
+    """A short translation run with scores and a report in ``out``.
+
+    It trains a fixed number of steps (:func:`demo_config`), so its result does not depend
+    on how fast the CPU is; ``seconds`` adds an optional time limit on the training.
+    Prints the time it took.
+
+    Raises:
+        TypeError, ValueError: ``seconds`` is not None or a number > 0, ``out`` not a path.
+    """
+    if not isinstance(out, str | Path):
+        raise TypeError(f"out must be a str or Path (a folder), got {type(out).__name__}")
+    if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, int | float)):
+        raise TypeError(f"seconds must be None or a number > 0, got {type(seconds).__name__}")
+    if seconds is not None and (not seconds > 0 or seconds == float("inf")):
+        raise ValueError(f"seconds must be a finite number > 0, got {seconds!r}")
+    t0 = time.perf_counter()
     print("attnlab demo: French number words -> English number words (num2words)")
     print("held-out numbers never appear in training; model: 2+2-layer transformer\n")
     s = spec("translation")
-    cfg = train_config(
-        s, steps=1100, eval_every=275, time_limit=seconds, out_dir=None, progress=progress
-    )
+    cfg = demo_config(seconds, progress=progress)
     from attnlab.tasks.translation import TranslationTask
 
-    return run_task(s, TranslationTask(40_000, eval_size=200, dropout=0.0), cfg, Path(out))
+    final = run_task(s, TranslationTask(40_000, eval_size=200, dropout=0.0), cfg, Path(out))
+    print(f"demo took {time.perf_counter() - t0:.0f} s in all")
+    return final
 
 
 def run_task(s: TaskSpec, task: Task, cfg: TrainConfig, report: Path) -> dict[str, float]:

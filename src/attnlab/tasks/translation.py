@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnlab._validate import positive_int
 from attnlab.interpret import capture
 from attnlab.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from attnlab.tasks.registry import TaskSpec
@@ -118,6 +119,9 @@ class TranslationTask:
         dim_feedforward: int = 512,
         dropout: float = 0.1,
     ) -> None:
+        positive_int("train_size", train_size)
+        positive_int("test_size", test_size)
+        positive_int("eval_size", eval_size)
         train, test = _split_numbers(train_size, test_size, seed)
         self.train_numbers, self.test_numbers = train, test
         self.train_pairs, self.test_pairs = number_pairs(train), number_pairs(test)

@@ -1,4 +1,5 @@
-"""Training: a deterministic loop and atomic safetensors checkpoints.
+"""Training: a deterministic loop, atomic safetensors checkpoints, a clean stop on
+Ctrl-C/SIGTERM (:class:`TrainingInterrupted`, after a final checkpoint).
 
 Example:
     >>> from attnlab.train import TrainConfig
@@ -9,6 +10,7 @@ Example:
 from __future__ import annotations
 
 from attnlab.train.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from attnlab.train.interrupt import TrainingInterrupted
 from attnlab.train.loop import Task, TrainConfig, Trainer, lr_factor
 
 __all__ = [
@@ -17,6 +19,7 @@ __all__ = [
     "Task",
     "TrainConfig",
     "Trainer",
+    "TrainingInterrupted",
     "load_checkpoint",
     "lr_factor",
     "save_checkpoint",

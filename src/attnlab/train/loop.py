@@ -1,5 +1,6 @@
 """A small, deterministic training loop: AdamW, warmup + cosine, clipping, evaluation,
-early stop, atomic safetensors checkpoints and exact resume.
+early stop, atomic safetensors checkpoints, exact resume, and a clean stop on Ctrl-C or
+SIGTERM (a final checkpoint, then :class:`~attnlab.train.interrupt.TrainingInterrupted`).
 
 Batches are a pure function of ``(seed, step)`` (a seeded permutation per epoch), the
 learning rate a pure function of the step, and the torch RNG state (dropout) is saved in
@@ -10,6 +11,7 @@ never stopped.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,8 +22,9 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from attnlab._validate import positive_int
+from attnlab._validate import nonnegative_int, positive_int
 from attnlab.train.checkpoint import Checkpoint, load_checkpoint, load_model_state, save_checkpoint
+from attnlab.train.interrupt import TrainingInterrupted, stop_requests
 
 __all__ = ["Task", "TrainConfig", "Trainer", "lr_factor", "num_threads"]
 
@@ -63,6 +66,10 @@ class TrainConfig:
         threads: ``torch.set_num_threads`` for the run (None: leave it). Models made of
             many small steps (RNN decoders) run faster on one thread, and a shared CPU
             stalls torch's thread pool.
+
+    Raises:
+        TypeError, ValueError: a field of the wrong type or out of range, named (e.g.
+            ``steps must be a positive int, got -5``).
     """
 
     steps: int = 2000
@@ -82,6 +89,47 @@ class TrainConfig:
     progress: bool = True
     flush_denormal: bool = True
     threads: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_every"):
+            positive_int(name, getattr(self, name))
+        for name in ("warmup", "seed"):
+            nonnegative_int(name, getattr(self, name))
+        for name in ("patience", "threads"):
+            if getattr(self, name) is not None:
+                positive_int(name, getattr(self, name))
+        _real("lr", self.lr, low=0.0, open_low=True)
+        _real("weight_decay", self.weight_decay, low=0.0)
+        _real("min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0)
+        _real("clip", self.clip, low=0.0)
+        if self.time_limit is not None:
+            _real("time_limit", self.time_limit, low=0.0, open_low=True)
+        if self.target is not None:
+            _real("target", self.target)
+        if self.out_dir is not None and not isinstance(self.out_dir, str | Path):
+            raise TypeError(
+                f"out_dir must be a str, a Path or None, got {type(self.out_dir).__name__}"
+            )
+        if isinstance(self.out_dir, Path):
+            self.out_dir = str(self.out_dir)  # checkpoints store the config as JSON
+
+
+def _real(
+    name: str,
+    value: object,
+    *,
+    low: float = -math.inf,
+    high: float = math.inf,
+    open_low: bool = False,
+) -> float:
+    """``value`` as a finite float in ``[low, high]`` (``(low, high]`` if ``open_low``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    v = float(value)
+    if not math.isfinite(v) or v < low or v > high or (open_low and v == low):
+        lo = "(" if open_low else "["
+        raise ValueError(f"{name} must be a finite number in {lo}{low}, {high}], got {value!r}")
+    return v
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -166,8 +214,11 @@ class Trainer:
 
     def _fit(self) -> list[dict[str, float]]:
         start = time.perf_counter()
-        with _progress(self.cfg.progress, self.cfg.steps, self.step) as advance:
+        progress = _progress(self.cfg.progress, self.cfg.steps, self.step)
+        with progress as advance, stop_requests() as requested:
             while self.step < self.cfg.steps:
+                if requested() is not None:
+                    break
                 t0 = time.perf_counter()
                 loss = self.train_step()
                 advance(loss, self.cfg.batch_size / (time.perf_counter() - t0))
@@ -176,7 +227,14 @@ class Trainer:
                 at_eval = self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps
                 if (at_eval or out_of_time) and self._evaluate(loss, elapsed):
                     break
+            signum = requested()
+            if signum is not None:  # saved while a second signal still stops at once
+                self._save("last.safetensors")
+                raise TrainingInterrupted(self.step, self._path("last.safetensors"), signum)
         return self.history
+
+    def _path(self, name: str) -> Path | None:
+        return Path(self.cfg.out_dir) / name if self.cfg.out_dir else None
 
     def _evaluate(self, loss: float, elapsed: float) -> bool:
         """Evaluate, checkpoint, and say whether to stop."""

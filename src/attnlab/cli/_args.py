@@ -1,0 +1,149 @@
+"""Argument checks shared by the commands, run before any work starts.
+
+Numbers are checked by ``argparse`` types (:func:`int_in`, :func:`float_in`,
+:func:`names_in`), so ``--steps -5`` fails while parsing, one line naming the argument.
+Paths are checked by the ``check_*`` functions, which raise :class:`UsageError` naming
+the argument: an output folder must be creatable and writable, an input folder readable.
+
+Example:
+    >>> int_in(1)("12"), float_in(0.0, open_low=True)("3e-4")
+    (12, 0.0003)
+    >>> int_in(1)("-5")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: must be an int >= 1, got '-5'
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from attnlab._io import decode_text
+from attnlab.cli._errors import UsageError, warn
+
+__all__ = [
+    "check_in_folder",
+    "check_out_file",
+    "check_out_folder",
+    "clean_text",
+    "float_in",
+    "int_in",
+    "names_in",
+]
+
+
+def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an int in ``[low, high]``."""
+    allowed = f"an int >= {low}" if high is None else f"an int in [{low}, {high}]"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+def float_in(
+    low: float = -math.inf, high: float = math.inf, *, open_low: bool = False
+) -> Callable[[str], float]:
+    """An argparse type: a finite float in ``[low, high]`` (``(low, high]`` if
+    ``open_low``)."""
+    if math.isinf(low) and math.isinf(high):
+        allowed = "a finite number"
+    elif math.isinf(high):
+        allowed = f"a number {'>' if open_low else '>='} {low:g}"
+    else:
+        allowed = f"a number in {'(' if open_low else '['}{low:g}, {high:g}]"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}") from None
+        bad = value < low or value > high or (open_low and value == low)
+        if bad or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}")
+        return value
+
+    parse.__name__ = "float"
+    return parse
+
+
+def names_in(choices: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
+    """An argparse type: a comma list of names, each one of ``choices``."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(n.strip() for n in text.split(","))
+        bad = [n for n in names if n not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(
+                f"{bad[0] if bad else text!r} is not one of {', '.join(choices)} "
+                "(give a comma list of them)"
+            )
+        return names
+
+    parse.__name__ = "list"
+    return parse
+
+
+def clean_text(args: argparse.Namespace, name: str, text: str) -> str:
+    """``text`` with bytes that are not UTF-8 replaced by U+FFFD (one warning if any)."""
+    fixed, replaced = decode_text(text)
+    if replaced:
+        warn(args, f"{name} is not valid UTF-8; the undecodable bytes were replaced by U+FFFD")
+    return fixed
+
+
+def check_out_folder(argument: str, path: str | Path) -> Path:
+    """``path`` as an output folder: it exists as a writable folder, or can be created."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UsageError(argument, f"{str(p)!r} is a file, not a folder")
+    _check_creatable(argument, p)
+    return p
+
+
+def check_out_file(argument: str, path: str | Path) -> Path:
+    """``path`` as an output file: not a folder, and its folder writable or creatable."""
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(argument, f"{str(p)!r} is a folder; give a file, e.g. {p / 'report.html'}")
+    _check_creatable(argument, p.parent if str(p.parent) else Path("."))
+    return p
+
+
+def check_in_folder(argument: str, path: str | Path) -> Path:
+    """``path`` as an input folder: it exists, is a folder and can be read."""
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(argument, f"{str(p)!r} does not exist")
+    if not p.is_dir():
+        raise UsageError(argument, f"{str(p)!r} is not a folder")
+    if not os.access(p, os.R_OK | os.X_OK):
+        raise UsageError(argument, f"{str(p)!r} cannot be read (permission denied)")
+    return p
+
+
+def _check_creatable(argument: str, folder: Path) -> None:
+    """``folder`` exists and is writable, or its nearest existing ancestor is a writable
+    folder (so it can be created)."""
+    for level in (folder, *folder.absolute().parents):
+        if level.exists():
+            break
+    if not level.is_dir():
+        raise UsageError(
+            argument, f"cannot create {str(folder)!r}: {str(level)!r} is a file, not a folder"
+        )
+    if not os.access(level, os.W_OK | os.X_OK):
+        raise UsageError(
+            argument, f"cannot write in {str(level)!r} (permission denied or read-only)"
+        )

@@ -1,0 +1,134 @@
+"""How every command fails: one line on stderr, an exit status, no traceback.
+
+Exit status 2: a usage error (an argument out of range, a wrong choice, a path that
+cannot be read or written, ``--resume`` without a checkpoint), found before any work
+starts. Exit status 1: a failure at run time (a write that failed, an output locked by
+another run, a corrupt file). 130 / 143: stopped by Ctrl-C (SIGINT) / SIGTERM. With
+``--debug`` or ``ATTNLAB_DEBUG=1`` the traceback is printed too.
+
+Example:
+    >>> import argparse
+    >>> def boom(args):
+    ...     raise UsageError("--steps", "must be a positive int, got -5")
+    >>> import sys; sys.stderr = sys.stdout  # show stderr in the doctest
+    >>> run_command(argparse.Namespace(command="train", run=boom))
+    attnlab train: error: argument --steps: must be a positive int, got -5
+    2
+    >>> sys.stderr = sys.__stderr__
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any, NoReturn
+
+from attnlab._io import LockedError, WriteError
+from attnlab.train import CheckpointError
+
+__all__ = ["Parser", "UsageError", "debug_wanted", "run_command", "warn"]
+
+USAGE, FAILURE = 2, 1
+
+
+class UsageError(Exception):
+    """A command-line argument that is wrong (exit status 2); names the argument."""
+
+    def __init__(self, argument: str, message: str) -> None:
+        self.argument = argument
+        super().__init__(f"argument {argument}: {message}")
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``argparse`` parser whose errors are one line on stderr, exit status 2, and that
+    reads ``--lr -1e-3`` as a (negative) value, not as an option."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # argparse's own pattern (3.10-3.12) misses exponents; 3.13+ has a similar one
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that clean-ups run."""
+
+
+def debug_wanted(args: argparse.Namespace) -> bool:
+    """``--debug`` on the command line or ``ATTNLAB_DEBUG`` set (not ``0``)."""
+    env = os.environ.get("ATTNLAB_DEBUG", "").strip().lower()
+    return bool(getattr(args, "debug", False)) or env not in ("", "0", "false", "no")
+
+
+def warn(args: argparse.Namespace, message: str) -> None:
+    """One warning line on stderr, prefixed with the command."""
+    print(f"attnlab {getattr(args, 'command', '')}: warning: {message}", file=sys.stderr)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run ``args.run(args)``; any error becomes one line on stderr and an exit status."""
+    prog = f"attnlab {getattr(args, 'command', '')}".strip()
+    try:
+        with _sigterm_as_interrupt():
+            return int(args.run(args))
+    except UsageError as e:
+        return _fail(args, f"{prog}: error: {e}", USAGE)
+    except KeyboardInterrupt as e:
+        name = "SIGTERM" if isinstance(e, _Terminated) else "SIGINT"
+        code = 128 + (signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT)
+        why = f"{prog}: interrupted ({name}); files are written whole or not at all"
+        return _fail(args, why, int(code))
+    except (WriteError, LockedError, CheckpointError) as e:
+        return _fail(args, f"{prog}: error: {e}", FAILURE)
+    except ModuleNotFoundError as e:
+        return _fail(args, f"{prog}: error: {e} (an optional dependency is missing)", FAILURE)
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly
+        _silence_stdout()
+        return FAILURE
+    except Exception as e:
+        line = f"{prog}: error: {type(e).__name__}: {e}"
+        return _fail(args, line, FAILURE, hint=" (--debug or ATTNLAB_DEBUG=1 shows the traceback)")
+
+
+def _fail(args: argparse.Namespace, line: str, code: int, *, hint: str = "") -> int:
+    """Print ``line`` (as one line) and, when debugging, the traceback first."""
+    if debug_wanted(args):
+        traceback.print_exc()
+    print(" ".join(line.split("\n")) + ("" if debug_wanted(args) else hint), file=sys.stderr)
+    return code
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the flush at exit does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # pragma: no cover - no real stdout
+        pass
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Inside the block SIGTERM raises like Ctrl-C, so clean-ups run (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise _Terminated
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)

@@ -1,0 +1,80 @@
+"""Stopping a training run by Ctrl-C (SIGINT) or SIGTERM without losing it.
+
+Inside :func:`stop_requests` the first SIGINT or SIGTERM is only recorded: the trainer
+finishes its step, saves ``last.safetensors`` atomically and raises
+:class:`TrainingInterrupted`. A second signal raises ``KeyboardInterrupt`` at once; the
+checkpoint on disk is never half-written (writes go to a temporary file renamed over it),
+so the last complete one survives.
+
+Example:
+    >>> import os, signal
+    >>> with stop_requests() as requested:
+    ...     os.kill(os.getpid(), signal.SIGTERM)  # recorded, not fatal
+    ...     requested() == signal.SIGTERM
+    True
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+
+__all__ = ["TrainingInterrupted", "stop_requests"]
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped by a signal after saving a final checkpoint.
+
+    Attributes:
+        step: optimizer steps done (the checkpoint's step).
+        checkpoint: the ``last.safetensors`` written, or None (no ``out_dir``).
+        signum: the signal (``signal.SIGINT`` or ``signal.SIGTERM``).
+    """
+
+    def __init__(self, step: int, checkpoint: Path | None, signum: int) -> None:
+        self.step, self.checkpoint, self.signum = step, checkpoint, signum
+        saved = f"saved {checkpoint}" if checkpoint else "no checkpoint (no out_dir)"
+        super().__init__(
+            f"training stopped by {signal.Signals(signum).name} at step {step}; {saved}"
+        )
+
+
+@contextmanager
+def stop_requests() -> Iterator[Callable[[], int | None]]:
+    """Record the first SIGINT/SIGTERM inside the block; a second one raises
+    ``KeyboardInterrupt``. Yields a function returning the recorded signal (or None).
+    Outside the main thread (where Python cannot set handlers) nothing is installed."""
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if got:
+            raise KeyboardInterrupt
+        got.append(signum)
+        _say(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint")
+        _say(" (press Ctrl-C again to stop at once)\n")
+
+    old = {s: signal.signal(s, handler) for s in _SIGNALS}
+    try:
+        yield lambda: got[0] if got else None
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _say(text: str) -> None:
+    """Write to stderr from a signal handler (a re-entrant write is skipped, not fatal)."""
+    try:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    except (RuntimeError, OSError, ValueError):
+        pass

