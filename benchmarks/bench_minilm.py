@@ -122,7 +122,8 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
     first = next(iter(encs.values()))
     lengths = [len(x) for x in first.tokenize(texts)]
     flops = model_flops(first, lengths)
-    return [_row(k, args, secs, outs, flops, roof, len(lengths), sum(lengths)) for k in encs]
+    ran = {k: e.precision for k, e in encs.items()}
+    return [_row(k, args, secs, outs, flops, roof, len(lengths), sum(lengths), ran) for k in encs]
 
 
 def _row(
@@ -134,7 +135,9 @@ def _row(
     roof: float,
     n: int,
     tokens: int,
+    precisions: dict[str, str],
 ) -> dict[str, object]:
+    """One JSON line; ``precisions`` is the precision each mode actually ran."""
     st, ours = secs["sentence_transformers"], secs[mode]
     row: dict[str, object] = {
         "bench": "minilm_encode",
@@ -143,6 +146,8 @@ def _row(
         "tokens": tokens,
         "batch_size": args.batch_size,
         "threads": torch.get_num_threads(),
+        "cpu": torch.backends.cpu.get_cpu_capability(),
+        "precision": precisions.get(mode, "float32"),
         "st_s": round(st, 3),
         "attnlab_s": round(ours, 3),
         "st_sents_per_s": round(n / st, 1),

@@ -236,12 +236,15 @@ def test_bfloat16_mode_stays_close(
     encoders: dict[str, SentenceEncoder], reference: torch.Tensor
 ) -> None:
     exact = encoders["bucket"]
-    fast = SentenceEncoder(exact.bert, exact.tokenizer, exact.config, precision="bfloat16")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        fast = SentenceEncoder(exact.bert, exact.tokenizer, exact.config, precision="bfloat16")
         got = fast.encode(SENTENCES, batch_size=8)
     assert got.dtype == torch.float32
     cos = torch.nn.functional.cosine_similarity(got, reference, dim=-1)
+    if fast.precision == "float32":  # no bfloat16 units here: it ran float32 (tests/test_cpu)
+        assert cos.min().item() >= 0.99999, f"min cosine {cos.min().item()}"
+        return
     assert 0.999 <= cos.min().item() < 0.999999, f"min cosine {cos.min().item()}"  # not exact
 
 

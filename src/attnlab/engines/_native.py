@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["kernel", "kernel_error", "ops"]
+__all__ = ["build_settings", "kernel", "kernel_error", "ops"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "blocked.cpp"
 _VERSION = 1  # bump when the kernel's interface changes
@@ -41,15 +41,28 @@ def _capability() -> str:
     return cap if cap in _FLAGS else "DEFAULT"
 
 
-def _build() -> Any:
-    from torch.utils.cpp_extension import _get_build_directory, load
+def build_settings() -> tuple[str, list[str]]:
+    """The kernel's build name and compiler flags for this process's instruction set
+    (torch's capability, so ``ATEN_CPU_CAPABILITY=avx2`` builds and loads the AVX2 kernel).
 
+    Example:
+        >>> name, flags = build_settings()
+        >>> name.startswith("attnlab_blocked_v") and "-O3" in flags
+        True
+    """
     cap = _capability()
     name = f"attnlab_blocked_v{_VERSION}_{cap.lower()}"
     # -fopenmp: at::parallel_for is inline OpenMP; without it the kernel runs on one thread
     flags = ["-O3", "-fopenmp", *_FLAGS.get(cap, []), f"-DCPU_CAPABILITY={cap}"]
     if cap != "DEFAULT":
         flags.append(f"-DCPU_CAPABILITY_{cap}")
+    return name, flags
+
+
+def _build() -> Any:
+    from torch.utils.cpp_extension import _get_build_directory, load
+
+    name, flags = build_settings()
     built = Path(_get_build_directory(name, verbose=False)) / f"{name}.so"
     if not built.exists():
         print(

@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlab import masks
+from attnlab._cpu import resolve_precision
+from attnlab._io import decode_text
 from attnlab.models.bert import BertEncoder
 from attnlab.models.pretrained import minilm_path
 
@@ -46,7 +48,6 @@ __all__ = ["SentenceConfig", "SentenceEncoder", "load_tokenizer"]
 _POOLINGS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}
 _POOLINGS |= {"pooling_mode_max_tokens": "max"}
 STRATEGIES = ("pack", "bucket")
-PRECISIONS = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -141,9 +142,13 @@ class SentenceEncoder(nn.Module):
         tokenizer: a ``tokenizers.Tokenizer`` (see :func:`load_tokenizer`).
         config: pooling, normalization and the length limit.
         strategy: ``"pack"`` or ``"bucket"`` (see the module docstring).
-        precision: ``"float32"`` (exact) or ``"bfloat16"``: a faster, approximate mode
-            that runs the matrix products under ``torch.autocast`` in bfloat16 (fast on
-            CPUs with AVX512-BF16 or AMX; slower elsewhere). Embeddings stay float32.
+        precision: ``"float32"`` (exact, the default), ``"bfloat16"`` (a faster,
+            approximate mode that runs the matrix products under ``torch.autocast`` in
+            bfloat16, where the CPU has bfloat16 units: AVX512-BF16 or AMX; elsewhere it
+            warns once and runs float32, which is faster there) or ``"auto"`` (bfloat16
+            where the CPU has native bfloat16 units, float32 elsewhere). Embeddings stay
+            float32. :attr:`precision` is the mode that runs, :attr:`precision_reason`
+            says why.
     """
 
     def __init__(
@@ -158,10 +163,9 @@ class SentenceEncoder(nn.Module):
         super().__init__()
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy={strategy!r} is not one of {STRATEGIES}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision={precision!r} is not one of {PRECISIONS}")
         self.bert, self.tokenizer, self.config = bert, tokenizer, config
-        self.strategy, self.precision = strategy, precision
+        self.strategy = strategy
+        self.precision, self.precision_reason = resolve_precision(precision)
 
     @property
     def dim(self) -> int:
@@ -194,7 +198,7 @@ class SentenceEncoder(nn.Module):
             >>> enc.tokenize(["Hello, world!"])
             [[101, 7592, 1010, 2088, 999, 102]]
         """
-        _check_texts(texts)
+        texts = _check_texts(texts)
         texts = [t.lower() for t in texts] if self.config.lowercase else list(texts)
         encs = self.tokenizer.encode_batch(texts)
         cut = [i for i, e in enumerate(encs) if e.overflowing]
@@ -302,10 +306,21 @@ class SentenceEncoder(nn.Module):
         return F.normalize(pooled, dim=-1) if unit else pooled
 
 
-def _check_texts(texts: object) -> None:
+def _check_texts(texts: object) -> list[str]:
+    """``texts`` as a list of str; undecodable bytes (lone surrogates) are replaced by
+    U+FFFD with one warning, as ``bytes.decode(errors="replace")`` would."""
     if isinstance(texts, str) or not isinstance(texts, Sequence):
         got = "a str" if isinstance(texts, str) else type(texts).__name__
         raise TypeError(f"texts must be a list of str, got {got}; wrap one text as [text]")
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}: {t!r:.40}")
+    fixed = [decode_text(t) for t in texts]
+    bad = [i for i, (_, replaced) in enumerate(fixed) if replaced]
+    if bad:
+        warnings.warn(
+            f"{len(bad)} of {len(texts)} texts (first: texts[{bad[0]}]) are not valid UTF-8; "
+            "the undecodable characters were replaced by U+FFFD",
+            stacklevel=4,
+        )
+    return [t for t, _ in fixed]

@@ -1,0 +1,72 @@
+"""``attnlab info``: this machine as attnlab sees it, and the modes it chose from that.
+
+Prints the CPU and torch's instruction set, the thread count, whether bfloat16 matrix
+products are native or emulated (and so what ``precision="auto"`` runs), the blocked
+engine's compiled kernel (built for which instruction set, or why it is unavailable) and
+the registered engines. ``--json`` prints the same as one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from typing import Any
+
+import torch
+
+import attnlab
+from attnlab._cpu import cpu_info, resolve_precision
+from attnlab.engines import available_engines, kernel_status
+
+__all__ = ["add_parsers", "facts", "run"]
+
+
+def add_parsers(sub: Any) -> None:
+    """Add the ``info`` subcommand to an argparse subparsers object."""
+    p = sub.add_parser("info", help="CPU, instruction set, threads, kernels and precisions")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of lines")
+    p.set_defaults(run=run)
+
+
+def facts() -> dict[str, Any]:
+    """What ``attnlab info`` reports, as a dict (builds the kernel if it is not built)."""
+    cpu, engines = cpu_info(), available_engines()
+    precision, why = resolve_precision("auto", cpu)
+    return {
+        "attnlab": attnlab.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": cpu.cpu_name,
+        "capability": cpu.capability,
+        "threads": cpu.threads,
+        "bf16_native": cpu.native_bf16,
+        "precision_auto": precision,
+        "precision_why": why,
+        "kernel": kernel_status(),
+        "engines": {n: "exact" if e.exact else "approximate" for n, e in engines.items()},
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    """``attnlab info``."""
+    f = facts()
+    if args.json:
+        print(json.dumps(f))
+        return 0
+    k = f["kernel"]
+    bf16 = "native" if f["bf16_native"] else "not native (precision='bfloat16' runs float32)"
+    print(f"attnlab {f['attnlab']}, torch {f['torch']}, python {f['python']}")
+    print(f"cpu: {f['cpu'] or 'unknown'}; torch instruction set {f['capability']}; "
+          f"{f['threads']} threads")  # fmt: skip
+    print(f"bfloat16 matrix products: {bf16}")
+    print(f"precision='auto' runs {f['precision_auto']}: {f['precision_why']}")
+    if k["loaded"]:
+        print(f"blocked kernel: built for {k['isa']} ({' '.join(k['flags'])}); "
+              f"{k['rows_forward']} query rows per forward task, {k['rows_backward']} "
+              f"per backward task")  # fmt: skip
+    else:
+        print(f"blocked kernel: unavailable ({k['why_not']}); the blocked engine runs "
+              f"torch's per-block kernel instead")  # fmt: skip
+    print("engines: " + ", ".join(f"{n} ({kind})" for n, kind in f["engines"].items()))
+    return 0

