@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Any
 
@@ -84,9 +85,14 @@ def _packed(weight: Tensor, rows: int) -> Tensor:
         packed = _REORDER(weight.detach(), rows)
     except RuntimeError:
         return weight
-    ref = weakref.ref(weight, lambda _, key=key: _PACKED.pop(key, None))
+    ref = weakref.ref(weight, functools.partial(_forget, key))
     _PACKED[key] = (ref, weight._version, packed)
     return packed
+
+
+def _forget(key: int, _ref: object) -> None:
+    """Drop the packed copy of a weight that was freed."""
+    _PACKED.pop(key, None)
 
 
 def _activate(y: Tensor, activation: str | None) -> Tensor:
