@@ -57,6 +57,8 @@ bench-smoke: $(VENV)/.base
 	$(PY) benchmarks/bench_approx.py --smoke
 	$(PY) benchmarks/bench_minilm.py --smoke
 	$(PY) benchmarks/bench_flow.py --smoke
+	$(PY) benchmarks/bench_distributed.py --smoke
+	$(PY) benchmarks/bench_hf.py --smoke
 
 test: lint typecheck pytest bench-smoke
 

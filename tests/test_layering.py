@@ -18,6 +18,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 # A room may import rooms of a lower rank (or itself). README's order, bottom to top.
 RANKS = {
     "_grid": 0,
+    "_cpu": 0,
     "normalize": 1,
     "scores": 1,
     "_validate": 2,
@@ -30,10 +31,12 @@ RANKS = {
     "functional": 7,
     "approximation": 8,
     "nn": 8,
+    "distributed": 8,  # context parallelism: beside nn, over functional and the vocabulary
     "attnlab": 8,  # the package root: functional, nn and the vocabulary re-exported
     "models": 9,
     "train": 9,
     "interpret": 10,
+    "integrations": 11,  # attnlab under other libraries (transformers); cli imports it
     "tasks": 11,
     "bench": 11,
     "cli": 12,

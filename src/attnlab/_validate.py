@@ -103,6 +103,36 @@ def validate_scale(scale: object) -> float | None:
     return float(scale)
 
 
+def validate_softcap(softcap: object) -> float | None:
+    """``None`` or a positive finite float (logit soft-capping)."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, int | float):
+        raise TypeError(f"softcap must be a positive float or None, got {type(softcap).__name__}")
+    if not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be a positive finite float or None, got {softcap}")
+    return float(softcap)
+
+
+def validate_sinks(sinks: object, q: Tensor, normalize: str) -> Tensor | None:
+    """``None`` or a float tensor ``(Hq,)`` on q's device (attention sinks, softmax only)."""
+    if sinks is None:
+        return None
+    if not isinstance(sinks, Tensor) or not sinks.is_floating_point():
+        seen = getattr(sinks, "dtype", type(sinks).__name__)
+        raise TypeError(f"sinks must be a float tensor (Hq,) or None, got {seen}")
+    if tuple(sinks.shape) != (q.shape[1],):
+        raise ValueError(
+            f"sinks must have shape (Hq,) = ({q.shape[1]},), one logit per query head; "
+            f"got {tuple(sinks.shape)}"
+        )
+    if sinks.device != q.device:
+        raise ValueError(f"sinks must be on q's device {q.device}, got {sinks.device}")
+    if normalize != "softmax":
+        raise ValueError(f"sinks join a softmax's denominator; normalize={normalize!r}")
+    return sinks
+
+
 def validate_score(score: object) -> str | Callable[[Tensor, Tensor], Tensor]:
     """A known score name or a callable ``fn(q, k) -> (B, Hq, Lq, Lk)``."""
     if callable(score):

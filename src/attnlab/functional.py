@@ -71,6 +71,8 @@ def attention(
     approximate: bool = False,
     return_weights: bool = False,
     return_lse: bool = False,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
 ) -> Tensor | AttentionOutput:
     """Attention of queries over keys and values, in the ``(B, H, L, E)`` layout.
 
@@ -99,6 +101,11 @@ def attention(
             exact unless asked.
         return_weights: also return the weights ``(B, Hq, Lq, Lk)``.
         return_lse: also return the logsumexp ``(B, Hq, Lq)`` (softmax only).
+        softcap: logit soft-capping (Gemma 2, Grok): the scaled scores ``s`` become
+            ``softcap * tanh(s / softcap)`` before the bias and the mask. None: off.
+        sinks: attention sinks ``(Hq,)`` (gpt-oss): one learned logit per query head in
+            the softmax denominator, ``w_j = exp(s_j) / (exp(sink) + sum_k exp(s_k))``; the
+            weights then sum to less than 1 and the logsumexp includes the sink.
 
     Returns:
         ``out (B, Hq, Lq, Ev)``, or an :class:`AttentionOutput` when ``return_weights`` or
@@ -131,6 +138,8 @@ def attention(
         return_lse,
         engine_options=engine_options,
         approximate=approximate,
+        softcap=softcap,
+        sinks=sinks,
     )
     chosen = select_engine(engine, req)
     if LIVE_WEIGHTS:  # capture(grad=True): the weights must be the ones in the graph
@@ -188,6 +197,8 @@ def _request(
     *,
     engine_options: Mapping[str, object] | None = None,
     approximate: bool = False,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
 ) -> AttentionRequest:
     """Validate every argument and build the engine request."""
     score_ = V.validate_score(score)
@@ -200,6 +211,7 @@ def _request(
         bias_.check(**sizes)
     want_lse = V.validate_flag("return_lse", return_lse)
     scale_ = V.validate_scale(scale)
+    normalize_ = V.validate_normalize(normalize, want_lse)
     return AttentionRequest(
         q=q,
         k=k,
@@ -208,12 +220,14 @@ def _request(
         bias=bias_,
         scale=default_scale(score_, q.shape[-1]) if scale_ is None else scale_,
         score=score_,
-        normalize=V.validate_normalize(normalize, want_lse),
+        normalize=normalize_,
         dropout_p=V.validate_dropout(dropout_p),
         return_weights=V.validate_flag("return_weights", return_weights),
         return_lse=want_lse,
         options=validate_options(engine_options),
         approximate=V.validate_flag("approximate", approximate),
+        softcap=V.validate_softcap(softcap),
+        sinks=V.validate_sinks(sinks, q, normalize_),
     )
 
 
@@ -279,6 +293,8 @@ def attention_weights(
     score: str = "dot",
     heads: list[int] | None = None,
     rows: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """Softmax attention weights of some heads and query rows, without ``Lq x Lk`` for all.
 
@@ -287,7 +303,8 @@ def attention_weights(
 
     Args:
         q, k, v: ``(B, Hq, Lq, E)``, ``(B, Hkv, Lk, E)``, ``(B, Hkv, Lk, Ev)``.
-        mask, bias, scale, score: as in :func:`attention` (``"dot"`` or ``"cosine"``).
+        mask, bias, scale, score, softcap, sinks: as in :func:`attention` (``"dot"`` or
+            ``"cosine"`` score).
         heads: query heads to return (default all).
         rows: ``(r0, r1)`` query rows to return (default all).
 
@@ -302,7 +319,8 @@ def attention_weights(
         >>> w.shape, bool(w[0, 0, 0, :282].sum() == 0)
         (torch.Size([1, 1, 10, 300]), True)
     """
-    req = _request(q, k, v, mask, bias, scale, score, "softmax", 0.0, False, False)
+    extras = {"softcap": softcap, "sinks": sinks}
+    req = _request(q, k, v, mask, bias, scale, score, "softmax", 0.0, False, False, **extras)  # type: ignore[arg-type]
     if heads is not None and any(not 0 <= h < req.heads for h in heads):
         raise ValueError(f"heads={heads} must be query head indices in [0, {req.heads})")
     if rows is not None and not 0 <= rows[0] <= rows[1] <= req.lq:

@@ -32,7 +32,7 @@ from attnlab.engines.base import (
     select_engine,
     validate_options,
 )
-from attnlab.engines.blocked import BlockedEngine
+from attnlab.engines.blocked import BlockedEngine, kernel_status
 from attnlab.engines.linear import LinearEngine
 from attnlab.engines.nystrom import NystromEngine
 from attnlab.engines.performer import PerformerEngine
@@ -51,6 +51,7 @@ __all__ = [
     "SdpaEngine",
     "available_engines",
     "get_engine",
+    "kernel_status",
     "register_engine",
     "select_engine",
     "validate_options",

@@ -168,6 +168,10 @@ class ApproximateEngine(Engine):
             return f"{n} approximates softmax only, not normalize={req.normalize!r}"
         if req.bias is not None:
             return f"{n} cannot add a bias to scores it never forms"
+        if req.softcap is not None:
+            return f"{n} cannot soft-cap scores it never forms (softcap)"
+        if req.sinks is not None:
+            return f"{n} has no softmax denominator for attention sinks (sinks)"
         if req.dropout_p > 0:
             return f"{n} has no weights to drop out (dropout_p > 0)"
         if req.return_lse:

@@ -57,6 +57,10 @@ class AttentionRequest:
         options: settings for the named engine (``engine_options``), read-only; checked
             against :attr:`Engine.options` when the engine is selected.
         approximate: whether ``engine="auto"`` may pick an inexact engine.
+        softcap: logit soft-capping: the scaled scores become ``softcap * tanh(s / softcap)``
+            before the bias and mask (Gemma 2, Grok), or None.
+        sinks: attention sinks ``(Hq,)``: a learned logit per query head that joins the
+            softmax denominator (gpt-oss) and takes weight from the keys, or None.
     """
 
     q: Tensor
@@ -74,6 +78,8 @@ class AttentionRequest:
         default_factory=lambda: MappingProxyType({}), hash=False
     )  # not hashed: a request stays hashable, as before options existed
     approximate: bool = False
+    softcap: float | None = None
+    sinks: Tensor | None = field(default=None, hash=False)
 
     @property
     def batch(self) -> int:
@@ -95,6 +101,7 @@ class AttentionRequest:
     def needs_grad(self) -> bool:
         """Whether autograd will need gradients through this call."""
         leaves = [self.q, self.k, self.v, *(self.bias.parameters() if self.bias else [])]
+        leaves += [] if self.sinks is None else [self.sinks]
         return torch.is_grad_enabled() and any(t.requires_grad for t in leaves)
 
 

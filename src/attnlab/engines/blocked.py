@@ -29,22 +29,26 @@ import weakref
 import torch
 from torch import Tensor
 
+from attnlab.engines import blocked_autograd
+from attnlab.engines._native import build_settings
 from attnlab.engines.base import AttentionRequest, Engine, EngineResult
 from attnlab.engines.blocked_autograd import (
     BlockedAttention,
     acc_dtype,
     bias_leaves,
     block_tile,
+    cap_scores,
     kernel,
     kernel_error,
     kernel_ok,
     softmax_lse,
     take,
+    with_sinks,
 )
 from attnlab.engines.blocked_plan import Plan, kernel_plan, make_plan
 from attnlab.scores import grouped_matmul
 
-__all__ = ["BlockedEngine", "kernel", "kernel_error"]
+__all__ = ["BlockedEngine", "kernel", "kernel_error", "kernel_status"]
 
 
 class BlockedEngine(Engine):
@@ -54,7 +58,7 @@ class BlockedEngine(Engine):
     exact = True
     summary = (
         "dot/cosine score, softmax, any mask (skips empty tiles, masks only partial "
-        "ones) and bias (per tile), GQA, autograd incl. learnable biases, lse, "
+        "ones) and bias (per tile), softcap, sinks, GQA, autograd incl. learnable biases, lse, "
         "weights (recomputed per block, no autograd); no dropout"
     )
 
@@ -88,7 +92,8 @@ class BlockedEngine(Engine):
         plan = self.plan(req)
         leaves = bias_leaves(req.bias)
         kplan = kernel_plan(req, plan, self.block) if kernel_ok(req, leaves) else None
-        out, lse = BlockedAttention.apply(req.q, req.k, req.v, req, plan, kplan, *leaves)
+        args = (req.q, req.k, req.v, req.sinks, req, plan, kplan, *leaves)
+        out, lse = BlockedAttention.apply(*args)
         weights = _weights(req, plan) if req.return_weights else None
         return out, weights, (lse.to(req.q.dtype) if req.return_lse else None)
 
@@ -148,7 +153,33 @@ def _weights(
             s = grouped_matmul(
                 q[:, :, blk.rows[0] : blk.rows[1]] * req.scale, take(k, blk.keys).transpose(-1, -2)
             )  # (B, Hq, T, Ks)
+            s = cap_scores(s, req.softcap)
             s = s if tile is None else s + tile
-            p, _ = softmax_lse(s[:, hs, a - blk.rows[0] : b - blk.rows[0]])
+            p, lse = softmax_lse(s[:, hs, a - blk.rows[0] : b - blk.rows[0]])
+            if req.sinks is not None:  # the sinks take their share: scale by exp(lse - lse')
+                p, _ = with_sinks(p, lse, req.sinks.to(acc)[hs])
             w[:, :, a - r_lo : b - r_lo].index_copy_(-1, blk.key_index(w.device), p.to(w.dtype))
     return w
+
+
+def kernel_status() -> dict[str, object]:
+    """The blocked engine's compiled CPU kernel: the instruction set it is built for, its
+    compiler flags, whether it loaded (building it on first use, about 20 s), why not, and
+    the query rows per task of its forward and backward.
+
+    Example:
+        >>> status = kernel_status()
+        >>> sorted(status)
+        ['build', 'flags', 'isa', 'loaded', 'rows_backward', 'rows_forward', 'why_not']
+    """
+    name, flags = build_settings()
+    loaded = kernel() is not None
+    return {
+        "isa": name.rsplit("_", 1)[-1].upper(),
+        "build": name,
+        "flags": flags,
+        "loaded": loaded,
+        "why_not": None if loaded else (kernel_error() or "switched off (ATTNLAB_NO_KERNEL)"),
+        "rows_forward": blocked_autograd.ROWS[0],
+        "rows_backward": blocked_autograd.ROWS[1],
+    }

@@ -35,11 +35,13 @@ __all__ = [
     "acc_dtype",
     "bias_leaves",
     "block_tile",
+    "cap_scores",
     "kernel",
     "kernel_error",
     "kernel_ok",
     "softmax_lse",
     "take",
+    "with_sinks",
 ]
 
 
@@ -86,6 +88,33 @@ def block_tile(
             tile = tile.expand(shape).clone() if tile.shape != shape else tile
             tile[..., c0:c1].masked_fill_(~allowed, float("-inf"))
     return tile, bias_tile
+
+
+def cap_scores(s: Tensor, softcap: float | None) -> Tensor:
+    """Logit soft-capping ``softcap * tanh(s / softcap)`` of scaled scores (None: ``s``).
+
+    Example:
+        >>> cap_scores(torch.tensor([0.0, 100.0]), 5.0).tolist()
+        [0.0, 5.0]
+    """
+    return s if softcap is None else torch.tanh(s / softcap) * softcap
+
+
+def with_sinks(out: Tensor, lse: Tensor, sinks: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Attention sinks ``(H,)`` joined to a finished softmax: ``out (B, H, L, Ev)`` scaled by
+    ``exp(lse - lse')`` and ``lse (B, H, L)`` raised to ``lse' = logaddexp(lse, sink)``.
+
+    Exact whatever computed ``out`` and ``lse``; fully masked rows (``lse = -inf``) stay 0.
+
+    Example:
+        >>> out, lse = with_sinks(torch.ones(1, 1, 1, 1), torch.zeros(1, 1, 1), torch.zeros(1))
+        >>> out.item(), round(lse.item(), 4)
+        (0.5, 0.6931)
+    """
+    if sinks is None:
+        return out, lse
+    total = torch.logaddexp(lse, sinks.to(lse.dtype).view(1, -1, 1))  # (B, H, L)
+    return out * torch.exp(lse - total).unsqueeze(-1).to(out.dtype), total
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -156,8 +185,10 @@ def _fused_ok(q: Tensor, k: Tensor, v: Tensor, leaves: tuple[Tensor, ...]) -> bo
 
 def kernel_ok(req: AttentionRequest, leaves: list[Tensor]) -> bool:
     """Whether attnlab's compiled kernel can run this call (float32 or half on the CPU, no
-    bias gradients, no NaN) and could be built."""
+    bias gradients, no soft-capping or sinks, no NaN) and could be built."""
     q, k, v = req.q, req.k, req.v
+    if req.softcap is not None or req.sinks is not None:
+        return False  # the kernel neither soft-caps nor has sinks; the per-block paths do
     if not (USE_KERNEL and acc_dtype(q.dtype) == torch.float32 and q.device.type == "cpu"):
         return False
     return not leaves and not may_hold_nan(q, k, v) and kernel() is not None
@@ -186,6 +217,7 @@ def _block_forward(
         empty = None if blk.has_full else _empty_rows(tile)
         return out, (lse if empty is None else lse.masked_fill(empty, float("-inf")))
     s = grouped_matmul(q[:, :, r0:r1] * req.scale, k_sel.transpose(-1, -2))  # (B, Hq, T, Ks)
+    s = cap_scores(s, req.softcap)
     p, lse = softmax_lse(s if tile is None else s + tile)
     return grouped_matmul(p, v_sel), lse
 
@@ -203,6 +235,7 @@ class BlockedAttention(torch.autograd.Function):
         q: Tensor,
         k: Tensor,
         v: Tensor,
+        sinks: Tensor | None,
         req: AttentionRequest,
         plan: Plan,
         kplan: KernelPlan | None,
@@ -212,7 +245,7 @@ class BlockedAttention(torch.autograd.Function):
         acc = acc_dtype(q.dtype)  # half precision runs in float32 throughout
         q, k, v = q.to(acc), k.to(acc), v.to(acc)
         ops = kernel() if kplan is not None else None
-        fused = ops is None and _fused_ok(q, k, v, leaves)
+        fused = ops is None and req.softcap is None and _fused_ok(q, k, v, leaves)
         if ops is not None:
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
             out, lse, work = ops.forward(q, k, v, *kplan.args(), req.scale, ROWS[0])  # type: ignore[union-attr]
@@ -223,6 +256,8 @@ class BlockedAttention(torch.autograd.Function):
             for blk in plan.blocks:
                 r0, r1 = blk.rows
                 out[:, :, r0:r1], lse[:, :, r0:r1] = _block_forward(req, q, k, v, blk, fused)
+        out, lse = with_sinks(out, lse, sinks)  # backward then sees the sinks' lse
+        ctx.sink_dtype = None if sinks is None else sinks.dtype
         ctx.save_for_backward(q, k, v, out, lse, *leaves)
         ctx.req, ctx.plan, ctx.fused = req, plan, fused
         ctx.kernel = (ops, kplan) if ops is not None else None
@@ -247,7 +282,11 @@ class BlockedAttention(torch.autograd.Function):
             for blk in ctx.plan.blocks:
                 step(sv, blk, grads)
         dq, dk, dv = (g.to(t) for g, t in zip(grads.qkv, ctx.dtypes, strict=True))
-        return (dq, dk, dv, None, None, None, *grads.leaves)
+        dsinks = None
+        if ctx.sink_dtype is not None:  # d lse' / d sink = p_sink; d out / d sink = -p_sink out
+            sinks = ctx.req.sinks.to(lse.dtype).view(1, -1, 1)
+            dsinks = -(torch.exp(sinks - lse) * delta).sum((0, 2)).to(ctx.sink_dtype)
+        return (dq, dk, dv, dsinks, None, None, None, *grads.leaves)
 
 
 @dataclass(frozen=True)
@@ -316,18 +355,24 @@ def _eager_block_backward(sv: _Saved, blk: Block, grads: _Grads) -> None:
     hkv = k.shape[1]
     tile, bias_tile = block_tile(req, blk, blk.key_index(q.device), q.dtype, bias_grad=bool(leaves))
     qs, k_sel, v_sel = q[:, :, r0:r1] * req.scale, take(k, blk.keys), take(v, blk.keys)
-    s = grouped_matmul(qs, k_sel.transpose(-1, -2))  # (B, Hq, T, Ks)
+    s = cap_scores(grouped_matmul(qs, k_sel.transpose(-1, -2)), req.softcap)  # (B, Hq, T, Ks)
     p = _probs(s if tile is None else s + tile, lse[:, :, r0:r1])
     do = dout[:, :, r0:r1]  # (B, Hq, T, Ev)
     dp = grouped_matmul(do, v_sel.transpose(-1, -2))  # (B, Hq, T, Ks)
     ds = p * (dp - sv.delta[:, :, r0:r1].unsqueeze(-1))  # (B, Hq, T, Ks)
+    bias_ds = ds  # the bias is added after the cap
+    if req.softcap is not None:  # d(c tanh(x / c)) / dx = 1 - (s / c)^2
+        ds = ds * (1 - (s / req.softcap) ** 2)
     dq, dk, dv = grads.qkv
     dq[:, :, r0:r1] += grouped_matmul(ds, k_sel) * req.scale
     _scatter_add(dk, blk.keys, _group_sum(ds.transpose(-1, -2) @ qs, hkv))
     _scatter_add(dv, blk.keys, _group_sum(p.transpose(-1, -2) @ do, hkv))
     if bias_tile is not None and leaves:
         gs = torch.autograd.grad(
-            bias_tile, leaves, _sum_to(ds, bias_tile.shape).to(bias_tile.dtype), allow_unused=True
+            bias_tile,
+            leaves,
+            _sum_to(bias_ds, bias_tile.shape).to(bias_tile.dtype),
+            allow_unused=True,
         )
         for acc, g in zip(grads.leaves, gs, strict=True):
             if g is not None:

@@ -3,7 +3,7 @@
 It is the oracle of the test suite (run it in float64) and the fallback of ``auto``. Its
 four steps are the library's definition of attention::
 
-    scores  = score(q, k) * scale + bias
+    scores  = score(q, k) * scale + bias  # softcap: cap * tanh(score * scale / cap) + bias
     scores  = mask(scores)              # masked entries become -inf
     weights = normalize(scores)         # fully masked rows give 0
     out     = dropout(weights) @ v
@@ -11,6 +11,7 @@ four steps are the library's definition of attention::
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -22,12 +23,15 @@ __all__ = ["ReferenceEngine", "mix", "request_scores"]
 
 
 def request_scores(req: AttentionRequest) -> Tensor:
-    """Scaled and biased scores ``(B, Hq, Lq, Lk)`` of a request, before masking."""
+    """Scaled, soft-capped and biased scores ``(B, Hq, Lq, Lk)`` of a request, before
+    masking."""
     if isinstance(req.score, str):
         s = SCORES[req.score](req.q, req.k)
     else:
         s = req.score(req.q, expand_kv(req.k, req.heads))
     s = s * req.scale if req.scale != 1.0 else s
+    if req.softcap is not None:
+        s = torch.tanh(s / req.softcap) * req.softcap
     if req.bias is not None:
         b = req.bias.dense(
             req.lq, req.lk, batch=req.batch, heads=req.heads, device=s.device, dtype=s.dtype
@@ -44,6 +48,7 @@ def mix(
     normalize: str = "softmax",
     dropout_p: float = 0.0,
     want_lse: bool = False,
+    sinks: Tensor | None = None,
 ) -> EngineResult:
     """Mask, normalize and take the weighted sum of ``v``.
 
@@ -54,13 +59,18 @@ def mix(
         normalize: normalizer name.
         dropout_p: dropout on the weights (the returned weights are before dropout).
         want_lse: also return the logsumexp ``(B, Hq, Lq)`` (softmax only).
+        sinks: ``(Hq,)`` logits that join the softmax denominator (softmax only), or None.
 
     Returns:
         ``(out (B, Hq, Lq, Ev), weights (B, Hq, Lq, Lk), lse | None)``.
     """
     s = scores if allowed is None else scores.masked_fill(~allowed, float("-inf"))
     lse = None
-    if normalize == "softmax":
+    if normalize == "softmax" and sinks is not None:
+        sink = sinks.to(s.dtype).view(1, -1, 1, 1).expand(*s.shape[:-1], 1)  # (B, Hq, Lq, 1)
+        w, lse = softmax_with_lse(torch.cat([s, sink], -1))
+        w = w[..., :-1]  # the sink's share is dropped: the weights sum to less than 1
+    elif normalize == "softmax":
         w, lse = softmax_with_lse(s)
     else:
         w = get_normalizer(normalize)(s)
@@ -98,5 +108,6 @@ class ReferenceEngine(Engine):
             normalize=req.normalize,
             dropout_p=req.dropout_p,
             want_lse=req.return_lse,
+            sinks=req.sinks,
         )
         return out, (w if req.return_weights else None), lse

@@ -32,6 +32,10 @@ class SdpaEngine(Engine):
             return f"torch SDPA computes dot-product scores only, not score={req.score!r}"
         if req.normalize != "softmax":
             return f"torch SDPA normalizes with softmax only, not {req.normalize!r}"
+        if req.softcap is not None:
+            return "torch SDPA has no logit soft-capping (softcap)"
+        if req.sinks is not None:
+            return "torch SDPA has no attention sinks (sinks)"
         if req.return_weights:
             return "torch SDPA does not return attention weights (return_weights=True)"
         if req.return_lse:

@@ -1,0 +1,255 @@
+"""transformers models on the attnlab backend against ``attn_implementation="sdpa"`` / ``"eager"``.
+
+The same tiny-vocabulary random model (nothing downloaded) runs with each attention
+implementation in the same process; runs alternate (anchor, attnlab, anchor, ...) and
+each side's best run counts. One JSON line per case, with the anchor's time beside ours
+and ``ratio = anchor / attnlab`` (> 1: attnlab is faster):
+
+* ``window``: a Mistral-style model (hidden 512, 8 heads, 2 key/value heads, 4 layers,
+  sliding window 512) at 8192 tokens, forward and forward+backward, against ``sdpa``
+  (targets: ratio >= 3 for both);
+* ``memory``: peak resident memory of that forward, each implementation in a fresh
+  process (target: attnlab at most a quarter of sdpa's), and of the same model whose
+  attention does nothing (its MLPs, norms and projections), so that ``attention_fraction``
+  compares what the two attentions add;
+* ``dense``: a Llama-style model at 2048 tokens, prefill and greedy decoding of 128
+  tokens, against ``sdpa`` (targets: within 5% and 10%);
+* ``weights``: ``output_attentions=True`` on the window model at 4096 tokens, against
+  ``eager``, the only other implementation that returns weights (target: ratio >= 5).
+
+python benchmarks/bench_hf.py                   # every case at the target sizes
+python benchmarks/bench_hf.py --cases window    # one case
+python benchmarks/bench_hf.py --smoke           # small sizes, one run each, for CI
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a hub
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch
+
+VOCAB = 512
+CASES = ("window", "memory", "dense", "weights")
+
+
+def build(kind: str, layers: int, window: int, impl: str) -> torch.nn.Module:
+    """The seeded random model of ``kind`` ("window": Mistral-style, "dense": Llama-style)."""
+    import transformers as t
+
+    from attnlab.integrations.transformers import register
+
+    register()
+    if impl == "none":  # the model's own memory floor: attention returns its queries
+        t.AttentionInterface.register(
+            "none", lambda m, q, k, v, mask, **kw: (q.transpose(1, 2), None)
+        )
+        t.masking_utils.AttentionMaskInterface.register("none", lambda **kw: None)
+    common = {
+        "vocab_size": VOCAB,
+        "hidden_size": 512,
+        "intermediate_size": 1024,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 16384,
+    }
+    torch.manual_seed(0)
+    if kind == "window":
+        cfg = t.MistralConfig(**common, sliding_window=window)
+        return t.AutoModel.from_config(cfg, attn_implementation=impl).eval()
+    cfg = t.LlamaConfig(**common)
+    return t.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl).eval()
+
+
+def best_times(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
+    """Best seconds of each fn over ``repeat`` alternating rounds (after one warm-up)."""
+    for fn in fns.values():
+        fn()
+    times = {k: float("inf") for k in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name] = min(times[name], time.perf_counter() - t0)
+    return times
+
+
+def _row(case: str, mode: str, anchor: str, secs: dict[str, float], **extra: object) -> dict:
+    a, ours = secs[anchor], secs["attnlab"]
+    return {
+        "bench": "hf",
+        "case": case,
+        "mode": mode,
+        **extra,
+        "anchor": anchor,
+        "anchor_s": round(a, 4),
+        "attnlab_s": round(ours, 4),
+        "ratio": round(a / ours, 3),
+        "threads": torch.get_num_threads(),
+        "cpu": torch.backends.cpu.get_cpu_capability(),
+    }
+
+
+def window_case(args: argparse.Namespace) -> list[dict]:
+    """Forward and forward+backward of the window model against sdpa."""
+    ids = torch.randint(0, VOCAB, (1, args.n))
+    models = {i: build("window", args.layers, args.window, i) for i in ("sdpa", "attnlab")}
+
+    def fwd(m: torch.nn.Module) -> Callable[[], object]:
+        def run() -> object:
+            with torch.no_grad():
+                return m(input_ids=ids, use_cache=False).last_hidden_state
+
+        return run
+
+    def fwd_bwd(m: torch.nn.Module) -> Callable[[], object]:
+        def run() -> object:
+            m.zero_grad(set_to_none=True)
+            out = m(input_ids=ids, use_cache=False).last_hidden_state
+            out.square().mean().backward()
+            return out
+
+        return run
+
+    size = {"n": args.n, "window": args.window, "layers": args.layers}
+    rows = []
+    for mode, make in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+        secs = best_times({k: make(m) for k, m in models.items()}, args.repeat)
+        rows.append(_row("window", mode, "sdpa", secs, **size))
+    return rows
+
+
+def memory_case(args: argparse.Namespace) -> list[dict]:
+    """Peak resident memory of one forward of the window model above the resident memory
+    just before it (Linux ``VmHWM`` reset through ``/proc/self/clear_refs``), each
+    implementation in a fresh process."""
+    code = (
+        "import sys, torch; sys.path.insert(0, {here!r}); import bench_hf as b\n"
+        "torch.set_num_threads({threads})\n"
+        "m = b.build('window', {layers}, {window}, {impl!r})\n"
+        "ids = torch.randint(0, b.VOCAB, (1, {n}))\n"
+        "def kib(key):\n"
+        "    line = next(x for x in open('/proc/self/status') if x.startswith(key))\n"
+        "    return int(line.split()[1])\n"
+        "open('/proc/self/clear_refs', 'w').write('5')  # VmHWM := VmRSS (ru_maxrss is\n"
+        "base = kib('VmRSS')  # inherited from the parent process through fork)\n"
+        "with torch.no_grad(): m(input_ids=ids, use_cache=False)\n"
+        "print((kib('VmHWM') - base) / 1024)\n"
+    )
+    here = os.path.dirname(os.path.abspath(__file__))
+    mib = {}
+    for impl in ("sdpa", "attnlab", "none"):
+        threads = torch.get_num_threads()
+        src = code.format(
+            here=here, layers=args.layers, window=args.window, impl=impl, n=args.n, threads=threads
+        )
+        res = subprocess.run([sys.executable, "-c", src], capture_output=True, text=True)
+        if res.returncode:
+            raise RuntimeError(res.stderr[-2000:])
+        mib[impl] = float(res.stdout.strip().splitlines()[-1])
+    return [
+        {
+            "bench": "hf",
+            "case": "memory",
+            "mode": "fwd",
+            "n": args.n,
+            "window": args.window,
+            "layers": args.layers,
+            "anchor": "sdpa",
+            "anchor_peak_mib": round(mib["sdpa"], 1),
+            "attnlab_peak_mib": round(mib["attnlab"], 1),
+            "fraction": round(mib["attnlab"] / max(mib["sdpa"], 1e-3), 3),
+            "no_attention_peak_mib": round(mib["none"], 1),  # MLP, norms, projections
+            "attention_fraction": round(
+                (mib["attnlab"] - mib["none"]) / max(mib["sdpa"] - mib["none"], 1e-3), 3
+            ),
+            "cpu": torch.backends.cpu.get_cpu_capability(),
+        }
+    ]
+
+
+def dense_case(args: argparse.Namespace) -> list[dict]:
+    """Prefill and greedy decoding of the Llama-style model against sdpa."""
+    ids = torch.randint(0, VOCAB, (1, args.dense_n))
+    models = {i: build("dense", args.layers, 0, i) for i in ("sdpa", "attnlab")}
+
+    def prefill(m: torch.nn.Module) -> Callable[[], object]:
+        def run() -> object:
+            with torch.no_grad():
+                return m(input_ids=ids).logits
+
+        return run
+
+    def decode(m: torch.nn.Module) -> Callable[[], object]:
+        kw = {"max_new_tokens": args.new, "min_new_tokens": args.new, "do_sample": False}
+        return lambda: m.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+
+    size = {"n": args.dense_n, "layers": args.layers}
+    secs = best_times({k: prefill(m) for k, m in models.items()}, args.repeat)
+    rows = [_row("dense", "prefill", "sdpa", secs, **size)]
+    gen = best_times({k: decode(m) for k, m in models.items()}, args.repeat)
+    decode_only = {k: gen[k] - secs[k] for k in gen}  # generate() minus its prefill
+    rows.append(_row("dense", f"decode {args.new}", "sdpa", decode_only, **size))
+    return rows
+
+
+def weights_case(args: argparse.Namespace) -> list[dict]:
+    """``output_attentions=True`` on the window model against eager."""
+    ids = torch.randint(0, VOCAB, (1, args.weights_n))
+    models = {i: build("window", args.layers, args.window, i) for i in ("eager", "attnlab")}
+
+    def run(m: torch.nn.Module) -> Callable[[], object]:
+        def call() -> object:
+            with torch.no_grad():
+                return m(input_ids=ids, use_cache=False, output_attentions=True).attentions
+
+        return call
+
+    secs = best_times({k: run(m) for k, m in models.items()}, args.repeat)
+    with torch.no_grad():  # the weights agree (every layer)
+        a, b = (run(m)() for m in models.values())
+    diff = max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))  # type: ignore[call-overload]
+    size = {"n": args.weights_n, "window": args.window, "layers": args.layers}
+    return [_row("weights", "fwd output_attentions", "eager", secs, **size, max_abs_diff=diff)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="small sizes, one run each")
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    parser.add_argument("--n", type=int, default=8192, help="tokens of the window cases")
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--dense-n", type=int, default=2048, help="tokens of the dense case")
+    parser.add_argument("--new", type=int, default=128, help="greedy tokens to decode")
+    parser.add_argument("--weights-n", type=int, default=4096, help="tokens, weights case")
+    parser.add_argument("--repeat", type=int, default=3, help="alternating rounds")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    args = parser.parse_args()
+    if args.threads:  # one thread keeps a shared machine's other jobs from stalling the pool
+        torch.set_num_threads(args.threads)
+    if args.smoke:
+        args.n, args.window, args.layers, args.repeat = 512, 64, 1, 1
+        args.dense_n, args.new, args.weights_n = 128, 4, 256
+    if importlib.util.find_spec("transformers") is None:  # `make bench-smoke` alone
+        print(json.dumps({"bench": "hf", "skipped": "not installed: transformers (attnlab[hf])"}))
+        return
+    run = {"window": window_case, "memory": memory_case, "dense": dense_case}
+    run["weights"] = weights_case
+    for case in args.cases:
+        for row in run[case](args):
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""What Hugging Face transformers asks of a mask builder, as attnlab masks.
+
+transformers describes each attention mask as a composed index function
+``mask_function(batch_idx, head_idx, q_idx, kv_idx)`` plus a 2-D padding
+``attention_mask`` and the query and key offsets of the KV cache. :func:`translate`
+recognizes the pieces transformers builds its masks from (causal, bidirectional,
+sliding windows, packed sequences, padding, ``and``/``or``) and turns them into attnlab
+masks with exact key intervals, so the blocked engine skips masked-out work and no
+``Lq x Lk`` tensor is made. A piece it does not recognize (a model's own overlay, chunked
+attention) is not dropped: the whole function is then evaluated tile by tile as an
+attnlab :func:`~attnlab.masks.custom` mask, which is exact but slower.
+
+Positions: transformers' query ``i`` is at ``q_offset + i`` and key ``j`` at
+``kv_offset + j``; attnlab aligns queries bottom-right (row ``i`` at ``i + Lk - Lq``).
+The two agree up to a shift that causal and window masks do not see when
+``kv_offset + Lk == q_offset + Lq`` (dynamic caches, sliding-window caches, no cache).
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from attnlab._grid import Grid
+from attnlab.masks import Mask, RowBounds, causal, custom, documents, padding, window
+
+__all__ = ["KeyValid", "MaskCall", "translate"]
+
+HFMaskFn = Callable[..., Tensor]
+
+
+@dataclass(frozen=True)
+class MaskCall:
+    """The arguments transformers hands a mask builder (``AttentionMaskInterface``).
+
+    Attributes:
+        batch_size, q_length, kv_length: the sizes of the attention call.
+        q_offset, kv_offset: absolute positions of the first query and the first key.
+        mask_function: transformers' ``fn(batch_idx, head_idx, q_idx, kv_idx) -> bool``.
+        attention_mask: the 2-D padding mask ``(B, >= kv_offset + kv_length)`` (1 = token),
+            or None.
+    """
+
+    batch_size: int
+    q_length: int
+    kv_length: int
+    q_offset: int
+    kv_offset: int
+    mask_function: HFMaskFn
+    attention_mask: Tensor | None
+
+
+class KeyValid(Mask):
+    """Keys ``j`` with ``valid[b, j]`` may be attended: a 2-D padding mask, left or right.
+
+    Rows of ``valid`` whose valid keys are one contiguous run report that run as an exact
+    :meth:`row_bounds` interval (left padding, right padding, both).
+
+    Example:
+        >>> m = KeyValid(torch.tensor([[False, True, True], [True, True, False]]))
+        >>> m.dense(1, 3, batch=2)[:, 0, 0].int().tolist()
+        [[0, 1, 1], [1, 1, 0]]
+        >>> m.row_bounds(1, 3, 2).lo.tolist()
+        [[1], [0]]
+    """
+
+    def __init__(self, valid: Tensor) -> None:
+        if valid.dtype != torch.bool or valid.dim() != 2:
+            raise TypeError(
+                f"valid must be a bool tensor (B, Lk), got {valid.dtype} {tuple(valid.shape)}"
+            )
+        self.valid = valid
+        self._run = _contiguous_run(valid)
+
+    @property
+    def batch_size(self) -> int:
+        return self.valid.shape[0]
+
+    @property
+    def natural_length(self) -> int:
+        return self.valid.shape[1]
+
+    def check(self, *, batch: int, heads: int, lq: int, lk: int) -> None:
+        if (batch, lk) != tuple(self.valid.shape):
+            raise ValueError(
+                f"KeyValid mask holds valid keys of shape {tuple(self.valid.shape)} but the "
+                f"call has (B, Lk) = {(batch, lk)}"
+            )
+
+    def evaluate(self, grid: Grid) -> Tensor:
+        valid = self.valid.to(grid.k.device)
+        return valid[grid.b, grid.k]  # (B, 1, 1, Tk)
+
+    def row_bounds(
+        self, lq: int, lk: int, batch: int = 1, device: torch.device | str | None = None
+    ) -> RowBounds | None:
+        if self._run is None:
+            return None
+        lo, hi = (t.to(device).view(-1, 1).expand(-1, lq) for t in self._run)
+        return RowBounds(lo, hi, exact=True)
+
+    def spec(self) -> str:
+        return f"key_valid({int(self.valid.sum())} of {self.valid.numel()} keys)"
+
+
+def _contiguous_run(valid: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``(first, last)`` valid key per row ``(B,)`` when each row's valid keys are one run."""
+    idx = torch.arange(valid.shape[1], device=valid.device).expand_as(valid)
+    first = torch.where(valid, idx, valid.shape[1]).amin(1)
+    last = torch.where(valid, idx, -1).amax(1)
+    count = valid.sum(1)
+    if bool(((last - first + 1).clamp(min=0) != count).any()):
+        return None
+    return first, last
+
+
+def padding_mask(valid: Tensor) -> Mask | None:
+    """The attnlab mask of a 2-D key validity tensor ``(B, Lk)``: None when all are valid,
+    :func:`~attnlab.masks.padding` for right padding (engines read its lengths), else
+    :class:`KeyValid`.
+
+    Example:
+        >>> padding_mask(torch.tensor([[True, True, False]])).spec()
+        'padding(key_lengths=[2])'
+    """
+    if bool(valid.all()):
+        return None
+    lengths = valid.sum(1)
+    prefix = torch.arange(valid.shape[1], device=valid.device) < lengths.view(-1, 1)
+    if bool((prefix == valid).all()):
+        return padding(lengths.cpu())
+    return KeyValid(valid)
+
+
+def translate(call: MaskCall) -> Mask | None:
+    """The attnlab mask of one transformers mask request (None: every pair attends).
+
+    Example:
+        >>> from transformers.masking_utils import sliding_window_causal_mask_function
+        >>> call = MaskCall(1, 4, 4, 0, 0, sliding_window_causal_mask_function(2), None)
+        >>> translate(call).dense(4, 4)[0, 0].int().tolist()
+        [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]
+    """
+    aligned = call.kv_offset + call.kv_length == call.q_offset + call.q_length
+    structured = _structure(call.mask_function, call) if aligned else _UNKNOWN
+    if structured is _UNKNOWN:
+        return _evaluated(call)
+    pad = None
+    if call.attention_mask is not None:
+        am = call.attention_mask.to(torch.bool)
+        short = call.kv_offset + call.kv_length - am.shape[1]
+        am = torch.nn.functional.pad(am, (0, short)) if short > 0 else am  # as transformers
+        pad = padding_mask(am[:, call.kv_offset : call.kv_offset + call.kv_length])
+    if isinstance(structured, Mask) and structured.is_causal and call.q_length == 1:
+        structured = None  # one new token sees every cached key: no mask to apply
+    parts = [m for m in (structured, pad) if isinstance(m, Mask)]
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else parts[0] & parts[1]
+
+
+class _Unknown:
+    """Marker: a piece of a mask function that :func:`translate` does not recognize."""
+
+
+@dataclass(frozen=True)
+class _Overlay:
+    """transformers' sliding-window overlay: keys ``k > q - window`` (future keys too)."""
+
+    window: int
+
+
+_UNKNOWN = _Unknown()
+_ALL = None  # every pair may attend
+Piece = Mask | _Overlay | _Unknown | None
+
+
+def _cells(fn: Callable[..., object]) -> dict[str, object]:
+    """The closure variables of ``fn`` by name."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return {}
+    return {n: c.cell_contents for n, c in zip(code.co_freevars, fn.__closure__ or (), strict=True)}
+
+
+def _structure(fn: HFMaskFn, call: MaskCall) -> Piece:
+    """The mask of one piece of a transformers mask function, or ``_UNKNOWN``."""
+    name, cells = getattr(fn, "__qualname__", ""), _cells(fn)
+    kind = name.split(".")[0]
+    if name in ("causal_mask_function", "bidirectional_mask_function"):
+        return causal() if name.startswith("causal") else _ALL
+    if kind == "sliding_window_overlay":
+        return _Overlay(int(cells["sliding_window"]))  # type: ignore[call-overload]
+    if kind == "sliding_window_bidirectional_overlay":
+        w = int(cells["sliding_window"])  # type: ignore[call-overload]
+        return window(w, w)
+    if kind == "padding_mask_function":
+        pad = cells["padding_mask"]
+        if isinstance(pad, Tensor):
+            return padding_mask(pad[:, call.kv_offset : call.kv_offset + call.kv_length].bool())
+    if kind == "packed_sequence_mask_function" and call.q_length == call.kv_length:
+        return documents(cells["packed_sequence_mask"])  # type: ignore[arg-type]
+    if kind == "remap_positions_for_packed_sequence":
+        # inside one packed sequence positions rise by 1 per token, so causal and window
+        # masks on positions equal those masks on indices; the packed part is AND-ed
+        return _structure(cells["mask_function"], call)  # type: ignore[arg-type]
+    if kind in ("and_masks", "or_masks"):
+        return _combine(kind == "and_masks", cells["mask_functions"], call)  # type: ignore[arg-type]
+    return _UNKNOWN
+
+
+def _combine(conjunction: bool, fns: tuple[HFMaskFn, ...], call: MaskCall) -> Piece:
+    """``and``/``or`` of translated pieces; a window beside causal loses its future side."""
+    parts = [_structure(f, call) for f in fns]
+    if any(isinstance(p, _Unknown) for p in parts):
+        return _UNKNOWN
+    if not conjunction and any(p is _ALL for p in parts):
+        return _ALL  # one part allows everything
+    causal_too = conjunction and any(isinstance(p, Mask) and p.is_causal for p in parts)
+    masks = [_as_mask(p, call, causal_too) for p in parts if p is not _ALL]
+    if not masks:
+        return _ALL
+    return functools.reduce(operator.and_ if conjunction else operator.or_, masks)
+
+
+def _as_mask(p: Piece, call: MaskCall, causal_too: bool) -> Mask:
+    """A translated piece as a mask: an overlay becomes a window, one-sided beside causal."""
+    if isinstance(p, _Overlay):
+        return window(p.window - 1, 0 if causal_too else call.kv_length)
+    assert isinstance(p, Mask)
+    return p
+
+
+def _evaluated(call: MaskCall) -> Mask:
+    """transformers' own mask function, padding included, evaluated tile by tile at its
+    absolute positions."""
+    from transformers.masking_utils import (
+        and_masks,
+        padding_mask_function,
+        prepare_padding_mask,
+    )
+
+    fn = call.mask_function
+    if call.attention_mask is not None:
+        pad = prepare_padding_mask(call.attention_mask.bool(), call.kv_length, call.kv_offset)
+        fn = and_masks(fn, padding_mask_function(pad))  # type: ignore[arg-type]
+    shift = call.q_offset - (call.kv_length - call.q_length)  # attnlab position -> absolute
+
+    def hf_mask(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        ok = fn(b, h, q + shift, k + call.kv_offset).to(torch.bool)
+        return torch.broadcast_to(ok, torch.broadcast_shapes(b.shape, q.shape, k.shape))
+
+    return custom(hf_mask, per_batch=True, per_head=False)

@@ -1,0 +1,134 @@
+"""A local transformers model folder as an :class:`attnlab.interpret.TextModel`.
+
+The model runs on the attnlab backend (``attn_implementation="attnlab"``), so
+:func:`attnlab.interpret.explain_text`, :class:`~attnlab.interpret.capture`, rollout,
+gradient relevance and integrated gradients see every one of its attention calls.
+
+* An encoder (BERT-like; ``architectures`` not a causal LM): the explained score is the
+  mean-pooled embedding's length along its own direction, as for attnlab's sentence
+  encoder.
+* A decoder (``*ForCausalLM``, ``*LMHeadModel``): the "embedding" is the log-probability of
+  the greedy next token after the text, or of ``continuation`` after it, so the explained
+  score is that log-probability's size, ``-log p`` (how unexpected the model finds it;
+  attributions of ``log p`` itself are the same with the opposite sign).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnlab.integrations.transformers import register
+from attnlab.interpret import TextModel
+
+__all__ = ["hf_text_model", "is_decoder", "load_hf"]
+
+
+def is_decoder(config: Any) -> bool:
+    """Whether a transformers config describes a causal language model.
+
+    Example:
+        >>> from transformers import BertConfig, GPT2Config
+        >>> is_decoder(GPT2Config(architectures=["GPT2LMHeadModel"])), is_decoder(BertConfig())
+        (True, False)
+    """
+    names = getattr(config, "architectures", None) or []
+    return any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in names)
+
+
+def load_hf(folder: str | Path) -> tuple[nn.Module, Any]:
+    """The model (on the attnlab backend, eval mode) and tokenizer in a local folder.
+
+    ``ValueError`` naming the folder when it holds no config, no tokenizer, or an
+    encoder-decoder (which the explanations do not handle).
+    """
+    import transformers as t
+
+    path = Path(folder)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--hf-model: {str(path)!r} holds no config.json (a local model folder)")
+    config = t.AutoConfig.from_pretrained(path)
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"--hf-model: {str(path)!r} is an encoder-decoder ({config.model_type}); "
+            f"explain takes an encoder or a decoder-only model"
+        )
+    try:
+        tokenizer = t.AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--hf-model: no tokenizer in {str(path)!r}: {e}") from e
+    auto = t.AutoModelForCausalLM if is_decoder(config) else t.AutoModel
+    model = auto.from_pretrained(path, attn_implementation=register()).eval()
+    return model, tokenizer
+
+
+def hf_text_model(
+    model: nn.Module, tokenizer: Any, *, text: str = "", continuation: str | None = None
+) -> TextModel:
+    """``model`` (on the attnlab backend) as the explanations see it.
+
+    Args:
+        model: a transformers encoder or causal LM whose ``attn_implementation`` is attnlab.
+        tokenizer: its tokenizer.
+        text: (decoders) the text whose greedy next token is explained, when no
+            ``continuation`` is given.
+        continuation: (decoders) explain the log-probability of this text after the text.
+
+    Example:
+        >>> from attnlab.models.pretrained import minilm_path  # needs attnlab[pretrained]
+        >>> model, tok = load_hf(minilm_path())
+        >>> tm = hf_text_model(model, tok)
+        >>> [tm.token_name(i) for i in tm.tokenize("Cats purr.")]
+        ['[CLS]', 'cats', 'pu', '##rr', '.', '[SEP]']
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    common: dict[str, Any] = {
+        "network": model,
+        "token_name": lambda i: tokenizer.convert_ids_to_tokens(int(i)),
+        "input_embeddings": model.get_input_embeddings(),  # type: ignore[operator]
+        "pad_id": int(pad),
+    }
+    if not is_decoder(model.config):
+
+        def pooled(ids: Tensor) -> Tensor:
+            return model(input_ids=ids).last_hidden_state.mean(1)  # (B, D)
+
+        tokenize = lambda s: tokenizer(s)["input_ids"]  # noqa: E731
+        return TextModel(
+            tokenize=tokenize,
+            pooled=pooled,
+            embed=lambda ids: F.normalize(pooled(ids), dim=-1),
+            pooling="mean",
+            **common,
+        )
+    follow = _continuation(model, tokenizer, text, continuation)
+    return TextModel(
+        tokenize=lambda s: [*tokenizer(s)["input_ids"], *follow],
+        pooled=lambda ids: _log_prob(model, ids, len(follow)),
+        embed=lambda ids: _log_prob(model, ids, len(follow)),
+        pooling="mean",
+        **common,
+    )
+
+
+def _continuation(model: nn.Module, tokenizer: Any, text: str, cont: str | None) -> list[int]:
+    """The token ids to explain after the text: ``cont``'s, else the greedy next token."""
+    if cont is not None:
+        ids = tokenizer(cont, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError(f"continuation={cont!r} has no tokens")
+        return list(ids)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([tokenizer(text)["input_ids"]])).logits
+    return [int(logits[0, -1].argmax())]
+
+
+def _log_prob(model: nn.Module, ids: Tensor, m: int) -> Tensor:
+    """``(B, 1)`` log-probability of the last ``m`` tokens of ``ids (B, n)`` given the rest."""
+    logits = model(input_ids=ids).logits[:, -m - 1 : -1]  # (B, m, V): each predicts the next
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return logp.gather(-1, ids[:, -m:, None]).sum((1, 2)).unsqueeze(-1)

@@ -1,0 +1,188 @@
+"""attnlab as a Hugging Face transformers attention backend (extra ``attnlab[hf]``).
+
+:func:`register` adds ``"attnlab"`` to transformers' ``AttentionInterface`` and
+``AttentionMaskInterface``. A model loaded with ``attn_implementation="attnlab"`` (or
+switched with ``model.set_attn_implementation("attnlab")``) then runs every attention
+call through :func:`attnlab.attention`:
+
+* the mask builder (:func:`build_mask`) hands the model attnlab masks, never a dense
+  ``S x S`` tensor: causal, bidirectional, padding (left or right), sliding windows,
+  packed sequences from ``position_ids``, the KV-cache offset (see
+  :mod:`attnlab.integrations.hf_masks`);
+* the attention function (:func:`attention_forward`) calls the fastest exact engine for
+  the mask, with the model's scale, dropout, logit soft-capping and attention sinks;
+* ``output_attentions=True`` returns exact weights while the output still comes from the
+  fast engine (the blocked engine recomputes the weights from its logsumexp).
+
+What the backend cannot serve exactly (T5's position bias, a head mask, an unknown mask
+type) raises a ``ValueError`` naming it; nothing is silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from attnlab.functional import AttentionOutput, attention, attention_weights
+from attnlab.integrations.hf_masks import MaskCall, translate
+from attnlab.masks import Mask
+
+__all__ = ["NAME", "attention_forward", "build_mask", "register"]
+
+NAME = "attnlab"
+# keyword arguments that change the attention and that attnlab does not compute
+_REFUSED = ("position_bias", "head_mask", "layer_head_mask")
+
+
+def register(name: str = NAME, engine: str = "auto") -> str:
+    """Register attnlab with transformers under ``name``; idempotent. Returns ``name``.
+
+    Args:
+        name: the ``attn_implementation`` to register.
+        engine: the attnlab engine every call uses (``"auto"``: the fastest exact one).
+
+    Example:
+        >>> import torch
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> register()
+        'attnlab'
+        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...                   num_hidden_layers=1, num_attention_heads=2)
+        >>> model = LlamaForCausalLM(cfg).eval()
+        >>> model.set_attn_implementation("attnlab")
+        >>> model(torch.tensor([[1, 2, 3]])).logits.shape
+        torch.Size([1, 3, 32])
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    def forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                attention_mask: Any, **kwargs: Any) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+        return attention_forward(module, query, key, value, attention_mask, engine=engine, **kwargs)
+
+    AttentionInterface.register(name, forward)
+    AttentionMaskInterface.register(name, build_mask)
+    return name
+
+
+def build_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function: Any = None,
+    attention_mask: Tensor | None = None,
+    **kwargs: Any,
+) -> Mask | None:
+    """transformers' mask request as an attnlab mask (None: every pair attends).
+
+    Registered as the ``"attnlab"`` mask builder; the model hands its result to
+    :func:`attention_forward` as ``attention_mask``. ``attention_mask`` is the 2-D padding
+    mask ``(B, >= kv_offset + kv_length)``.
+
+    Example:
+        >>> from transformers.masking_utils import causal_mask_function
+        >>> build_mask(1, 3, 3, mask_function=causal_mask_function).spec()
+        'causal()'
+    """
+    if mask_function is None:
+        from transformers.masking_utils import causal_mask_function as mask_function
+    q_offset, kv_offset = int(q_offset), int(kv_offset)  # tensors under some caches
+    call = MaskCall(
+        batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask
+    )
+    return translate(call)
+
+
+def attention_forward(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Mask | Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    engine: str = "auto",
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor | None]:
+    """transformers' attention-function contract on :func:`attnlab.attention`.
+
+    Args:
+        module: the calling attention module (unused: everything it sets arrives as an
+            argument).
+        query: ``(B, Hq, Lq, E)``.
+        key, value: ``(B, Hkv, Lk, E)``, ``(B, Hkv, Lk, Ev)`` (GQA: not repeated).
+        attention_mask: an attnlab mask from :func:`build_mask`, None, a bool tensor
+            ``(B, 1, Lq, >= Lk)`` (True = attend) or an additive float tensor.
+        scaling: the score scale (default ``1/sqrt(E)``).
+        dropout: dropout on the weights (the model passes 0 in eval mode).
+        softcap: logit soft-capping ``cap * tanh(s / cap)`` (Gemma 2), or None.
+        engine: the attnlab engine (``"auto"``: the fastest exact one).
+        kwargs: ``output_attentions=True`` asks for the weights; ``s_aux`` are attention
+            sinks ``(Hq,)`` (gpt-oss); ``sliding_window`` is already in the mask; options
+            attnlab does not compute (``position_bias``, a head mask) raise ``ValueError``.
+
+    Returns:
+        ``(out (B, Lq, Hq, Ev), weights (B, Hq, Lq, Lk) or None)``, as transformers'
+        eager attention returns them.
+
+    Example:
+        >>> q = k = v = torch.randn(1, 2, 5, 8)
+        >>> out, w = attention_forward(None, q, k, v, None, output_attentions=True)
+        >>> out.shape, w.shape
+        (torch.Size([1, 5, 2, 8]), torch.Size([1, 2, 5, 5]))
+    """
+    refused = [n for n in _REFUSED if kwargs.get(n) is not None]
+    if refused:
+        raise ValueError(
+            f"the attnlab backend cannot compute {refused[0]!r} (a model option outside "
+            f"attnlab's attention); load this model with attn_implementation='eager'"
+        )
+    mask, bias = _mask_and_bias(attention_mask, key.shape[-2])
+    want = bool(kwargs.get("output_attentions", False)) or _collecting_attentions()
+    graph = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    sinks = kwargs.get("s_aux")  # gpt-oss: one learned logit per head in the denominator
+    args = {"mask": mask, "bias": bias, "scale": scaling, "softcap": softcap, "sinks": sinks}
+    r = attention(
+        query,
+        key,
+        value,
+        **args,  # type: ignore[arg-type]
+        dropout_p=float(dropout),
+        engine=engine,
+        return_weights=want and not graph,
+    )
+    out, weights = (r.out, r.weights) if isinstance(r, AttentionOutput) else (r, None)
+    if want and graph:  # the output keeps the engine's autograd; weights come without
+        weights = attention_weights(query.detach(), key.detach(), value.detach(), **args)  # type: ignore[arg-type]
+    return out.transpose(1, 2).contiguous(), weights  # (B, Lq, Hq, Ev)
+
+
+def _collecting_attentions() -> bool:
+    """Whether transformers is recording attention weights now (``output_attentions=True``
+    on a model that does not pass the flag down to its attention calls, like GPT-2)."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # an older transformers passes output_attentions down
+        return False
+    collected = _active_collector.get()
+    return bool(collected) and any("attentions" in key for key in collected)
+
+
+def _mask_and_bias(m: Mask | Tensor | None, lk: int) -> tuple[Mask | Tensor | None, Tensor | None]:
+    """The model's ``attention_mask`` as an attnlab mask or an additive bias."""
+    if m is None or isinstance(m, Mask):
+        return m, None
+    if not isinstance(m, Tensor):
+        raise TypeError(
+            f"attention_mask: the attnlab backend takes an attnlab mask, a bool tensor or "
+            f"an additive float tensor, got {type(m).__name__}"
+        )
+    m = m[..., :lk]  # static caches hand a longer mask, as to eager
+    if m.dtype == torch.bool:
+        return m, None
+    return None, m

@@ -1,0 +1,100 @@
+"""attnlab's interpretability on transformers models through the backend: the real
+all-MiniLM-L6-v2 explained through transformers equals attnlab's own encoder of the same
+weights, and ``attnlab explain --hf-model DIR`` on a tiny decoder explains the
+log-probability that transformers' eager model gives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+from attnlab.cli import main  # noqa: E402
+from attnlab.cli.explain import text_model  # noqa: E402
+from attnlab.integrations.hf_text import hf_text_model, load_hf  # noqa: E402
+from attnlab.interpret import captured_attentions, gradient_relevance  # noqa: E402
+from attnlab.models import SentenceEncoder, minilm_path  # noqa: E402
+from tests.conftest import max_err  # noqa: E402
+
+WORDS = ["<pad>", "<unk>", "the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to"]
+WORDS += ["house", "it", "was", "red", "big"]
+
+
+def test_minilm_through_transformers_explains_like_attnlabs_own_encoder() -> None:
+    model, tok = load_hf(minilm_path())
+    ours = hf_text_model(model, tok)
+    own = text_model(SentenceEncoder.from_pretrained())
+    text = "The cat sat on the mat."
+    ids = torch.tensor([list(ours.tokenize(text))])
+    assert ids.tolist() == [list(own.tokenize(text))]
+    got, want = captured_attentions(ours, ids), captured_attentions(own, ids)
+    assert len(got) == len(want) == 6
+    with torch.no_grad():  # and transformers' own eager weights, independent of attnlab
+        eager = transformers.AutoModel.from_pretrained(minilm_path(), attn_implementation="eager")
+        ref = eager.eval()(input_ids=ids, output_attentions=True).attentions
+    for g, w, r in zip(got, want, ref, strict=True):
+        assert max_err(g, w) < 1e-5 and max_err(g, r[0]) < 1e-5
+    assert max_err(ours.embed(ids), own.embed(ids)) < 1e-5
+    rel = gradient_relevance(model, lambda: ours.pooled(ids).sum())
+    rel_own = gradient_relevance(own.network, lambda: own.pooled(ids).sum())
+    assert max_err(rel, rel_own) < 1e-4
+
+
+def _decoder_folder(path: Path) -> Path:
+    """A tiny random GPT-2 with a word-level tokenizer, saved to ``path``."""
+    vocab = {w: i for i, w in enumerate(WORDS)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>"
+    )
+    fast.save_pretrained(path)
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=len(WORDS), n_embd=32, n_head=4, n_layer=2)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("continuation", [None, "ran to the house"])
+def test_explain_hf_model_decoder_explains_eagers_log_probability(
+    tmp_path: Path, continuation: str | None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = _decoder_folder(tmp_path / "gpt2")
+    text = "the big dog sat on a red mat"
+    model, tok = load_hf(folder)
+    tm = hf_text_model(model, tok, text=text, continuation=continuation)
+    ids = torch.tensor([list(tm.tokenize(text))])
+    eager = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager")
+    with torch.no_grad():
+        logp = torch.log_softmax(eager.eval()(input_ids=ids).logits[0], -1)  # (n, V)
+    n_text = len(text.split())
+    m = ids.shape[1] - n_text
+    assert m == (1 if continuation is None else len(continuation.split()))
+    if continuation is None:
+        assert int(ids[0, -1]) == int(logp[n_text - 1].argmax())  # the greedy next token
+    want = sum(float(logp[i - 1, int(ids[0, i])]) for i in range(n_text, ids.shape[1]))
+    with torch.no_grad():
+        assert abs(float(tm.pooled(ids)) - want) < 1e-5
+
+    args = ["explain", text, "--hf-model", str(folder), "--out", str(tmp_path / "r.html")]
+    args += ["--steps", "4"] + ([] if continuation is None else ["--continuation", continuation])
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "most important tokens" in out and (tmp_path / "r.html").is_file()
+    assert (tmp_path / "r_heads.png").is_file()
+
+
+def test_explain_hf_model_names_a_folder_that_is_not_a_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = ["explain", "a text", "--hf-model", str(tmp_path), "--out", str(tmp_path / "r.html")]
+    assert main(bad) != 0
+    err = capsys.readouterr().err
+    assert "--hf-model:" in err and "holds no config.json" in err
+    with pytest.raises(ValueError, match=r"--hf-model: .* holds no config.json"):
+        load_hf(tmp_path)
+    assert load_hf(_decoder_folder(tmp_path / "ok"))[0] is not None  # positive control

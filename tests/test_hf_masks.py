@@ -1,0 +1,127 @@
+"""The transformers mask builder: every mask transformers asks for, as an attnlab mask,
+equals transformers' own dense mask; the known kinds carry exact key intervals (no dense
+tensor); what is not recognized is evaluated, never dropped. And the backend's errors.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+mu = pytest.importorskip("transformers.masking_utils")
+
+import attnlab  # noqa: E402
+from attnlab.integrations.hf_masks import KeyValid, MaskCall, translate  # noqa: E402
+from attnlab.integrations.transformers import attention_forward, build_mask  # noqa: E402
+from attnlab.masks import Custom  # noqa: E402
+from tests.conftest import check_and_control  # noqa: E402
+
+B = 2
+
+
+def _padding(kv_total: int) -> torch.Tensor:
+    am = torch.ones(B, kv_total, dtype=torch.bool)
+    am[0, :3] = False  # left padding
+    am[1, -2:] = False  # right padding
+    return am
+
+
+def _hf_dense(call: MaskCall) -> torch.Tensor:
+    """transformers' own dense bool mask ``(B, 1, Lq, Lk)`` for the same request."""
+    m = mu.sdpa_mask(
+        batch_size=call.batch_size,
+        q_length=call.q_length,
+        kv_length=call.kv_length,
+        q_offset=call.q_offset,
+        kv_offset=call.kv_offset,
+        mask_function=call.mask_function,
+        attention_mask=call.attention_mask,
+        allow_is_causal_skip=False,
+        allow_is_bidirectional_skip=False,
+    )
+    return torch.broadcast_to(m, (call.batch_size, 1, call.q_length, call.kv_length))
+
+
+PACKED = torch.tensor([[0] * 5 + [1] * 7, [0] * 9 + [1] * 3])
+POS = torch.tensor([list(range(5)) + list(range(7)), list(range(9)) + list(range(3))])
+CASES = {
+    "causal": (mu.causal_mask_function, 12, 12, 0, 0, False),
+    "bidirectional": (mu.bidirectional_mask_function, 12, 12, 0, 0, True),
+    "sliding": (mu.sliding_window_causal_mask_function(4), 12, 12, 0, 0, True),
+    "sliding-bidirectional": (mu.sliding_window_bidirectional_mask_function(2), 12, 12, 0, 0, True),
+    "decode": (mu.causal_mask_function, 1, 13, 12, 0, True),
+    "prefill-after-cache": (mu.causal_mask_function, 4, 16, 12, 0, True),
+    "sliding-cache": (mu.sliding_window_causal_mask_function(4), 1, 4, 12, 9, True),
+    "packed": (
+        mu.and_masks(
+            mu.remap_positions_for_packed_sequence(mu.causal_mask_function, POS),
+            mu.packed_sequence_mask_function(PACKED),
+        ),
+        12, 12, 0, 0, False,
+    ),
+    "static-cache": (mu.causal_mask_function, 3, 20, 5, 0, True),  # Lk past the tokens
+    "chunked": (mu.chunked_causal_mask_function(4, torch.zeros(B, dtype=torch.long)),
+                12, 12, 0, 0, True),
+    "or-overlay": (mu.or_masks(mu.causal_mask_function, lambda b, h, q, k: k == 0),
+                   12, 12, 0, 0, True),
+}  # fmt: skip
+INTERVALS = {"causal", "sliding", "sliding-bidirectional", "decode", "prefill-after-cache"}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_translated_masks_equal_transformers_dense_masks(name: str) -> None:
+    fn, lq, lk, q_off, kv_off, pad = CASES[name]
+    call = MaskCall(B, lq, lk, q_off, kv_off, fn, _padding(kv_off + lk) if pad else None)
+    mask = translate(call)
+    want = _hf_dense(call)
+    got = torch.ones_like(want) if mask is None else mask.dense(lq, lk, batch=B)
+    assert torch.equal(torch.broadcast_to(got, want.shape), want), name
+    structural = mask is None or not isinstance(mask, Custom)
+    if name in {*INTERVALS, "packed"}:  # no evaluation of a function: exact intervals
+        assert structural and (mask is None or mask.row_bounds(lq, lk, B) is not None), name
+    if name in {"static-cache", "chunked", "or-overlay"}:  # evaluated, never dropped
+        assert isinstance(mask, Custom), name
+
+
+def test_left_padding_is_an_exact_interval_per_row() -> None:
+    m = translate(MaskCall(B, 12, 12, 0, 0, mu.causal_mask_function, _padding(12)))
+    assert m is not None and m.row_bounds(12, 12, B) is not None
+    assert any(isinstance(p, KeyValid) for p in m.conjuncts)
+    layout = m.block_layout(12, 12, 4, 4, batch=B)
+    assert layout.count(attnlab.masks.TileState.EMPTY) > 0  # tiles are skipped
+
+
+def test_build_mask_takes_transformers_keywords() -> None:
+    m = build_mask(
+        batch_size=1, q_length=3, kv_length=3, mask_function=mu.causal_mask_function,
+        attention_mask=None, allow_is_causal_skip=True, dtype=torch.float32, use_vmap=False,
+    )  # fmt: skip
+    assert m is not None and m.is_causal
+
+
+def test_what_the_backend_cannot_compute_is_named() -> None:
+    q = k = v = torch.randn(1, 2, 4, 8)
+    check_and_control(
+        lambda: attention_forward(None, q, k, v, None, position_bias=torch.zeros(1, 2, 4, 4)),
+        lambda: attention_forward(None, q, k, v, None, position_bias=None),
+        ValueError,
+        "cannot compute 'position_bias'",
+    )
+    check_and_control(
+        lambda: attention_forward(None, q, k, v, "causal"),  # type: ignore[arg-type]
+        lambda: attention_forward(None, q, k, v, torch.ones(1, 1, 4, 4, dtype=torch.bool)),
+        TypeError,
+        "attention_mask: the attnlab backend takes an attnlab mask.*got str",
+    )
+
+
+def test_a_float_mask_is_added_like_eager() -> None:
+    q = k = v = torch.randn(1, 2, 4, 8, dtype=torch.float64)
+    add = torch.zeros(1, 1, 4, 6, dtype=torch.float64)
+    add[..., 1] = torch.finfo(torch.float64).min  # eager's additive form, one key hidden
+    out, _ = attention_forward(None, q, k, v, add)  # sliced to Lk = 4, as eager does
+    allowed = torch.ones(4, 4, dtype=torch.bool)
+    allowed[:, 1] = False
+    want = attnlab.attention(q, k, v, mask=allowed, engine="reference")
+    assert torch.allclose(out, want.transpose(1, 2))  # type: ignore[union-attr]

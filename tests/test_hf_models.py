@@ -1,0 +1,190 @@
+"""attnlab as a transformers attention backend: tiny random models of each family against
+the same model with ``attn_implementation="eager"`` (and an fp64 eager run for the 2x
+rule), padded and packed batches, cached generation, returned weights, the real
+all-MiniLM-L6-v2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from attnlab.integrations.transformers import register  # noqa: E402
+from tests.conftest import assert_2x_rule, max_err  # noqa: E402
+
+V = 64
+SMALL = {"vocab_size": V, "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2}
+GQA = {**SMALL, "num_attention_heads": 4, "num_key_value_heads": 2}
+
+
+def _configs() -> dict[str, Callable[[], object]]:
+    t = transformers
+    return {
+        "llama": lambda: t.LlamaConfig(**GQA),
+        "mistral": lambda: t.MistralConfig(**GQA, sliding_window=5),  # shorter than the text
+        "qwen2": lambda: t.Qwen2Config(**GQA),
+        "gemma2": lambda: t.Gemma2Config(**GQA, head_dim=16, sliding_window=5),  # soft-capping
+        "gpt_oss": lambda: t.GptOssConfig(
+            **GQA, head_dim=16, num_local_experts=2, num_experts_per_tok=1, sliding_window=5
+        ),  # attention sinks
+        "gpt2": lambda: t.GPT2Config(
+            vocab_size=V, n_embd=64, n_head=4, n_layer=2, bos_token_id=0, eos_token_id=0
+        ),
+        "bert": lambda: t.BertConfig(
+            vocab_size=V,
+            hidden_size=64,
+            num_attention_heads=4,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        ),
+    }
+
+
+DECODERS = ["llama", "mistral", "qwen2", "gemma2", "gpt_oss", "gpt2"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _registered() -> None:
+    register()
+    register("attnlab_blocked", engine="blocked")  # the tile-skipping engine on every call
+
+
+def tiny(family: str, impl: str = "eager") -> torch.nn.Module:
+    """A tiny random model of ``family`` (seeded), in eval mode."""
+    torch.manual_seed(0)
+    cfg = _configs()[family]()
+    auto = transformers.AutoModel if family == "bert" else transformers.AutoModelForCausalLM
+    kw = {"experts_implementation": "eager"} if family == "gpt_oss" else {}  # fp64 experts
+    model = auto.from_config(cfg, attn_implementation=impl, **kw).eval()
+    with torch.no_grad():  # gpt-oss initializes its sinks to 0 or leaves them empty
+        for name, p in model.named_parameters():
+            if name.endswith(".sinks"):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+    return model
+
+
+def _out(model: torch.nn.Module, **kw: object) -> torch.Tensor:
+    o = model(**kw)
+    return o.logits if hasattr(o, "logits") else o.last_hidden_state
+
+
+def _ids(b: int = 2, n: int = 16) -> torch.Tensor:
+    return torch.randint(1, V, (b, n), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("impl", ["attnlab", "attnlab_blocked"])
+@pytest.mark.parametrize("family", [*DECODERS, "bert"])
+def test_logits_and_gradients_follow_eager_by_the_2x_rule(family: str, impl: str) -> None:
+    ids = _ids()
+    model = tiny(family)
+    model64 = tiny(family).double()
+    ref64 = _out(model64, input_ids=ids)
+    ref64.square().mean().backward()
+    plain = _out(model, input_ids=ids)
+    plain.square().mean().backward()
+    plain_g = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.set_attn_implementation(impl)
+    ours = _out(model, input_ids=ids)
+    ours.square().mean().backward()
+    assert_2x_rule(ours, plain, ref64, f"{family} {impl} logits")
+    for (name, p), pg, p64 in zip(
+        model.named_parameters(), plain_g, model64.parameters(), strict=True
+    ):
+        if p64.grad is None:  # a part the loss does not reach (BERT's pooler)
+            assert p.grad is None and pg is None, name
+            continue
+        assert_2x_rule(p.grad, pg, p64.grad, f"{family} {impl} grad {name}")
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "gpt_oss", "bert"])
+def test_padded_batches_and_weights_equal_eager(family: str, side: str) -> None:
+    ids, am = _ids(), torch.ones(2, 16, dtype=torch.long)
+    am[0, :4] = 0 if side == "left" else 1
+    am[1, -3:] = 0 if side == "right" else 1
+    model = tiny(family)
+    ref = model(input_ids=ids, attention_mask=am, output_attentions=True)
+    model.set_attn_implementation("attnlab_blocked")
+    got = model(input_ids=ids, attention_mask=am, output_attentions=True)
+    valid = am.bool()
+    a = ref.logits if hasattr(ref, "logits") else ref.last_hidden_state
+    b = got.logits if hasattr(got, "logits") else got.last_hidden_state
+    assert max_err(a[valid], b[valid]) < 1e-5
+    assert len(got.attentions) == len(ref.attentions) == 2
+    for w_ref, w in zip(ref.attentions, got.attentions, strict=True):  # every layer
+        assert w.shape == w_ref.shape
+        assert max_err(w_ref.transpose(1, 2)[valid], w.transpose(1, 2)[valid]) < 1e-6
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_packed_rows_from_position_ids_equal_separate_sequences(family: str) -> None:
+    ids = _ids(1, 16)
+    pos = torch.tensor([list(range(6)) + list(range(10))])  # two sequences, 6 and 10
+    model = tiny(family)
+    model.set_attn_implementation("attnlab_blocked")
+    packed = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+    first = model(input_ids=ids[:, :6]).logits
+    second = model(input_ids=ids[:, 6:]).logits
+    assert max_err(packed, torch.cat([first, second], 1)) < 1e-5
+    model.set_attn_implementation("eager")
+    assert max_err(packed, model(input_ids=ids, position_ids=pos, use_cache=False).logits) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "gpt_oss", "gpt2"])
+def test_generate_with_the_cache_gives_eagers_greedy_tokens(family: str, tmp_path: Path) -> None:
+    tiny(family).save_pretrained(tmp_path)  # the two-line use, from a folder
+    auto = transformers.AutoModelForCausalLM
+    ours = auto.from_pretrained(tmp_path, attn_implementation="attnlab").eval()
+    eager = auto.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    ids, am = _ids(2, 8), torch.ones(2, 8, dtype=torch.long)
+    am[0, :3] = 0  # left padding
+    kw = {"attention_mask": am, "max_new_tokens": 64, "min_new_tokens": 64, "do_sample": False}
+    want = eager.generate(ids, **kw)
+    got = ours.generate(ids, **kw)
+    assert want.shape == (2, 72)
+    assert torch.equal(got, want)
+
+
+def test_all_minilm_l6_v2_through_the_backend_equals_eager() -> None:
+    from attnlab.models.pretrained import minilm_path
+
+    path = minilm_path()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    batch = tok(
+        ["The cat sat on the mat.", "Attention is all you need, they said, in 2017."],
+        padding=True,
+        return_tensors="pt",
+    )
+    auto = transformers.AutoModel
+    eager = auto.from_pretrained(path, attn_implementation="eager").eval()
+    ours = auto.from_pretrained(path, attn_implementation="attnlab").eval()
+    eager64 = auto.from_pretrained(path, attn_implementation="eager").double().eval()
+    with torch.no_grad():
+        plain = eager(**batch).last_hidden_state
+        got = ours(**batch).last_hidden_state
+        ref = eager64(**batch).last_hidden_state
+    valid = batch["attention_mask"].bool()
+    assert not bool(valid.all())  # the batch is padded
+    assert_2x_rule(got[valid], plain[valid], ref[valid], "all-MiniLM-L6-v2")
+
+
+def test_the_readme_example_runs() -> None:
+    import re
+
+    from attnlab.models.pretrained import minilm_path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    block = next(b for b in blocks if 'attn_implementation="attnlab"' in b)
+    namespace: dict[str, object] = {"folder": minilm_path()}
+    exec(compile(block, "README.md", "exec"), namespace)
+    model = namespace["model"]
+    assert model.config._attn_implementation == "attnlab"  # type: ignore[attr-defined]

@@ -1,0 +1,115 @@
+"""Attention sinks (gpt-oss: a learned logit per head in the softmax denominator) in the
+core: the reference and blocked engines against plain PyTorch written from the
+definition, forward and backward (the sinks' gradient too); engines without a softmax
+denominator decline; bad sinks are named."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnlab
+from attnlab import masks
+from attnlab.engines import blocked_autograd
+from tests.conftest import assert_2x_rule, check_and_control, max_err
+
+
+def naive_sinks(q, k, v, allowed, sinks, scale):  # type: ignore[no-untyped-def]
+    """The definition: a softmax over the keys and one extra logit per head, whose share
+    is dropped (fully masked rows give 0)."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    s = torch.einsum("bhqe,bhke->bhqk", q, k) * scale
+    s = s.masked_fill(~allowed, float("-inf"))
+    sink = sinks.view(1, -1, 1, 1).expand(*s.shape[:-1], 1)
+    w = torch.softmax(torch.cat([s, sink], -1), -1)[..., :-1]
+    return torch.einsum("bhqk,bhke->bhqe", w, v), w
+
+
+def _inputs(dtype: torch.dtype, n: int = 97, e: int = 40) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, n, e, generator=g) for h in (4, 2, 2))
+    sinks = torch.randn(4, generator=g) * 2
+    return [t.to(dtype).requires_grad_() for t in (q, k, v, sinks)]
+
+
+def _allowed(n: int) -> torch.Tensor:
+    m = (masks.causal() & masks.window(30)).dense(n, n).clone()  # (1, 1, n, n)
+    m[..., 7, :] = False  # one fully masked row
+    return m
+
+
+@pytest.mark.parametrize("engine", ["reference", "blocked", "blocked-eager"])
+def test_sinks_follow_the_definition_by_the_2x_rule(
+    engine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    n, allowed = 97, _allowed(97)
+    if engine == "blocked-eager":  # the per-block eager path, not torch's fused kernel
+        monkeypatch.setattr(blocked_autograd, "USE_FUSED", False)
+        engine = "blocked"
+
+    def run(fn, dtype):  # type: ignore[no-untyped-def]
+        ts = _inputs(dtype, n)
+        out = fn(*ts)
+        out.square().sum().backward()
+        return [out.detach(), *(t.grad for t in ts)]
+
+    ref64 = run(lambda q, k, v, s: naive_sinks(q, k, v, allowed, s, 40**-0.5)[0], torch.float64)
+    plain = run(lambda q, k, v, s: naive_sinks(q, k, v, allowed, s, 40**-0.5)[0], torch.float32)
+    ours = run(
+        lambda q, k, v, s: attnlab.attention(q, k, v, mask=allowed, sinks=s, engine=engine),
+        torch.float32,
+    )
+    for what, o, p, r in zip(["out", "dq", "dk", "dv", "dsinks"], ours, plain, ref64, strict=True):
+        assert_2x_rule(o, p, r, f"{engine} {what}")
+    assert float(ours[0][:, :, 7].abs().max()) == 0.0  # the fully masked row gives 0
+    plain_out = attnlab.attention(*_inputs(torch.float32, n)[:3], mask=allowed, engine=engine)
+    assert max_err(plain_out, ours[0]) > 1e-2  # positive control: the sinks matter
+
+
+@pytest.mark.parametrize("engine", ["reference", "blocked"])
+def test_sink_weights_and_lse_are_exact(engine: str) -> None:
+    q, k, v, s = (t.detach() for t in _inputs(torch.float64, 64, 16))
+    allowed = _allowed(64)
+    r = attnlab.attention(
+        q, k, v, mask=allowed, sinks=s, engine=engine, return_weights=True, return_lse=True
+    )
+    _, w = naive_sinks(q, k, v, allowed, s, 16**-0.5)
+    assert max_err(r.weights, w) < 1e-12  # type: ignore[union-attr]
+    assert bool((w.sum(-1) < 1).all())  # the sinks take a share of every row
+    scores = torch.einsum("bhqe,bhke->bhqk", q, k.repeat_interleave(2, 1)) * 16**-0.5
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.logaddexp(scores.logsumexp(-1), s.view(1, -1, 1))  # keys and the sink
+    assert max_err(r.lse, lse) < 1e-12  # type: ignore[union-attr]
+    w2 = attnlab.attention_weights(q, k, v, mask=allowed, sinks=s, heads=[3], rows=(5, 9))
+    assert max_err(w2, w[:, [3], 5:9]) < 1e-12
+
+
+@pytest.mark.parametrize("engine", ["sdpa", "performer", "nystrom", "linear"])
+def test_engines_without_a_softmax_denominator_decline_sinks(engine: str) -> None:
+    q = k = v = torch.randn(1, 2, 16, 8)
+    check_and_control(
+        lambda: attnlab.attention(q, k, v, sinks=torch.zeros(2), engine=engine),
+        lambda: attnlab.attention(q, k, v, engine=engine),
+        ValueError,
+        f"engine='{engine}' cannot compute this request: .*sinks",
+    )
+
+
+@pytest.mark.parametrize(
+    ("sinks", "kw", "exc", "match"),
+    [
+        (torch.zeros(3), {}, ValueError, r"sinks must have shape \(Hq,\) = \(2,\).*got \(3,\)"),
+        (torch.zeros(2, dtype=torch.long), {}, TypeError, "sinks must be a float tensor"),
+        ([0.0, 0.0], {}, TypeError, "sinks must be a float tensor .* got list"),
+        (torch.zeros(2), {"normalize": "sparsemax"}, ValueError, "normalize='sparsemax'"),
+    ],
+)
+def test_bad_sinks_are_named(sinks: object, kw: dict, exc: type[Exception], match: str) -> None:
+    q = torch.randn(1, 2, 4, 8)
+    check_and_control(
+        lambda: attnlab.attention(q, q, q, sinks=sinks, **kw),  # type: ignore[arg-type]
+        lambda: attnlab.attention(q, q, q, sinks=torch.zeros(2)),
+        exc,
+        match,
+    )

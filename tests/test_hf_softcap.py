@@ -1,0 +1,119 @@
+"""Logit soft-capping (``softcap * tanh(s / softcap)``, Gemma 2) in the core: the
+reference and blocked engines against plain PyTorch written from the definition, forward
+and backward; engines that cannot soft-cap say so; bad values are named."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnlab
+from attnlab import masks
+from attnlab.engines import blocked_autograd
+from tests.conftest import assert_2x_rule, check_and_control, max_err
+
+CAP = 4.0
+
+
+def naive_capped(q, k, v, allowed, bias, scale, cap):  # type: ignore[no-untyped-def]
+    """Soft-capped attention from the definition (fully masked rows give 0)."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    s = torch.einsum("bhqe,bhke->bhqk", q, k) * scale
+    s = cap * torch.tanh(s / cap) + bias
+    s = s.masked_fill(~allowed, float("-inf"))
+    w = torch.softmax(s, -1)
+    w = torch.where(allowed.any(-1, keepdim=True), w, torch.zeros_like(w))
+    return torch.einsum("bhqk,bhke->bhqe", w, v), w
+
+
+def _inputs(dtype: torch.dtype, lq: int = 97, e: int = 40) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, lq, e, generator=g) * 2  # large scores, so the cap matters
+    k = torch.randn(2, 2, lq, e, generator=g) * 2
+    v = torch.randn(2, 2, lq, e, generator=g)
+    bias = torch.randn(1, 4, lq, lq, generator=g) * 0.5
+    return [t.to(dtype).requires_grad_() for t in (q, k, v, bias)]
+
+
+def _allowed(lq: int) -> torch.Tensor:
+    m = (masks.causal() & masks.window(30)).dense(lq, lq)  # (1, 1, L, L)
+    m = m.clone()
+    m[..., 5, :] = False  # one fully masked row
+    return m
+
+
+@pytest.mark.parametrize("engine", ["reference", "blocked"])
+def test_softcap_follows_the_definition_by_the_2x_rule(engine: str) -> None:
+    lq = 97
+    allowed = _allowed(lq)
+    scale = 40**-0.5
+
+    def run(fn, dtype):  # type: ignore[no-untyped-def]
+        ts = _inputs(dtype, lq)
+        out = fn(*ts)
+        out.square().sum().backward()
+        return [out.detach(), *(t.grad for t in ts)]
+
+    ref64 = run(lambda q, k, v, b: naive_capped(q, k, v, allowed, b, scale, CAP)[0], torch.float64)
+    plain = run(lambda q, k, v, b: naive_capped(q, k, v, allowed, b, scale, CAP)[0], torch.float32)
+    ours = run(
+        lambda q, k, v, b: attnlab.attention(
+            q, k, v, mask=allowed, bias=b, softcap=CAP, engine=engine
+        ),
+        torch.float32,
+    )
+    for what, o, p, r in zip(["out", "dq", "dk", "dv", "dbias"], ours, plain, ref64, strict=True):
+        assert_2x_rule(o, p, r, f"{engine} {what}")
+    assert float(ours[0][:, :, 5].abs().max()) == 0.0  # the fully masked row gives 0
+    uncapped = attnlab.attention(*_inputs(torch.float32, lq)[:3], mask=allowed, engine=engine)
+    assert max_err(uncapped, ours[0]) > 1e-2  # positive control: the cap changes the result
+
+
+@pytest.mark.parametrize("engine", ["reference", "blocked"])
+def test_softcap_weights_are_exact(engine: str) -> None:
+    q, k, v, b = (t.detach().double() for t in _inputs(torch.float64, 64, 16))
+    allowed = _allowed(64)
+    r = attnlab.attention(
+        q, k, v, mask=allowed, bias=b, softcap=CAP, engine=engine, return_weights=True
+    )
+    _, w = naive_capped(q, k, v, allowed, b, 16**-0.5, CAP)
+    assert max_err(r.weights, w) < 1e-12  # type: ignore[union-attr]
+    w2 = attnlab.attention_weights(q, k, v, mask=allowed, bias=b, softcap=CAP, heads=[1])
+    assert max_err(w2, w[:, [1]]) < 1e-12
+
+
+def test_the_compiled_kernel_and_fused_path_decline_softcap() -> None:
+    q, k, v, _ = (t.detach() for t in _inputs(torch.float32, 64, 16))
+    req = attnlab.functional._request(
+        q, k, v, masks.causal(), None, None, "dot", "softmax", 0.0, False, False, softcap=CAP
+    )
+    assert not blocked_autograd.kernel_ok(req, [])
+
+
+@pytest.mark.parametrize("engine", ["sdpa", "performer", "nystrom", "linear"])
+def test_engines_that_cannot_softcap_decline_with_a_reason(engine: str) -> None:
+    q = k = v = torch.randn(1, 2, 16, 8)
+    check_and_control(
+        lambda: attnlab.attention(q, k, v, softcap=CAP, engine=engine),
+        lambda: attnlab.attention(q, k, v, engine=engine),
+        ValueError,
+        f"engine='{engine}' cannot compute this request: .*soft-?cap",
+    )
+    assert attnlab.attention(q, k, v, softcap=CAP).shape == q.shape  # auto finds one
+
+
+@pytest.mark.parametrize(
+    ("value", "exc", "match"),
+    [(0.0, ValueError, "softcap must be a positive finite float or None, got 0.0"),
+     (float("inf"), ValueError, "softcap must be a positive finite"),
+     ("30", TypeError, "softcap must be a positive float or None, got str")],
+)  # fmt: skip
+def test_bad_softcap_is_named(value: object, exc: type[Exception], match: str) -> None:
+    q = torch.randn(1, 1, 4, 8)
+    check_and_control(
+        lambda: attnlab.attention(q, q, q, softcap=value),  # type: ignore[arg-type]
+        lambda: attnlab.attention(q, q, q, softcap=30),
+        exc,
+        match,
+    )
