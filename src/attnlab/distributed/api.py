@@ -1,0 +1,216 @@
+"""The entry point :func:`attention`: validate on every rank at once, plan, dispatch.
+
+Before any data moves, every rank shares a small table of its shapes, dtype, options and
+whether its own arguments were valid; every rank then checks the same table, so a bad
+call raises on every rank (each with the message) instead of leaving some rank waiting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnlab.bias import Bias, TensorBias, as_bias
+from attnlab.distributed.comm import Group, gather_meta
+from attnlab.distributed.layout import LAYOUTS, shard_lengths, validate_layout
+from attnlab.distributed.ring import RingAttention
+from attnlab.distributed.setup import Setup, make_setup
+from attnlab.masks import Mask, TensorMask, as_mask
+
+__all__ = ["STRATEGIES", "attention", "prepare"]
+
+STRATEGIES = ("ring", "all-gather")
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Mask | None = None,
+    bias: Bias | None = None,
+    scale: float | None = None,
+    group: Any = None,
+    layout: str = "zigzag",
+    strategy: str = "ring",
+    engine: str = "auto",
+) -> Tensor:
+    """Exact softmax attention of a sequence sharded over the ranks of ``group``.
+
+    Every rank passes its shard (as :func:`attnlab.distributed.shard` cuts it) and gets
+    its shard of the output; forward and backward equal :func:`attnlab.attention` on the
+    whole sequence. Masks and biases are evaluated at global positions.
+
+    Args:
+        q: this rank's queries ``(B, Hq, L_r, E)``.
+        k: this rank's keys ``(B, Hkv, L_r, E)``; ``Hq % Hkv == 0``.
+        v: this rank's values ``(B, Hkv, L_r, Ev)``.
+        mask: an :mod:`attnlab.masks` mask over the whole sequence (not a dense tensor:
+            that would put the whole ``N x N`` on every rank).
+        bias: an :mod:`attnlab.bias` bias (not a dense tensor), learnable ones included.
+        scale: score multiplier; default ``1/sqrt(E)``.
+        group: a ``torch.distributed`` process group (default: the world).
+        layout: ``"zigzag"`` (each rank holds chunks ``r`` and ``2P-1-r``: balanced
+            causal work) or ``"contiguous"``.
+        strategy: ``"ring"`` (keys and values travel, step by step, between the ranks
+            that need them; sends overlap compute) or ``"all-gather"`` (one collective
+            gathers every shard's keys and values first: fewer, larger messages, best
+            with few key/value heads). Both return gradients of keys and values to their
+            owners point to point.
+        engine: the local engine of each step (``"auto"``: the blocked kernel on CPU).
+
+    Returns:
+        This rank's output shard ``(B, Hq, L_r, Ev)``.
+
+    Example (run under ``torchrun --nproc-per-node 2``)::
+
+        from attnlab import masks
+        from attnlab.distributed import attention, shard
+        r, p = dist.get_rank(), dist.get_world_size()
+        qs, ks, vs = (shard(t, r, p) for t in (q, k, v))
+        out = attention(qs, ks, vs, mask=masks.causal() & masks.window(512))
+    """
+    s = prepare(
+        q,
+        k,
+        v,
+        mask=mask,
+        bias=bias,
+        scale=scale,
+        group=group,
+        layout=layout,
+        strategy=strategy,
+        engine=engine,
+    )
+    leaves = [] if s.bias is None else _leaves(s.bias)
+    out: Tensor = RingAttention.apply(q, k, v, s, *leaves)
+    return out
+
+
+def prepare(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Mask | None,
+    bias: Bias | None,
+    scale: float | None,
+    group: Any,
+    layout: str,
+    strategy: str,
+    engine: str,
+) -> Setup:
+    """Validate a call on every rank at once and return its plan (a :class:`Setup`)."""
+    g = Group.of(group)
+    try:
+        mask_, bias_ = _structured(mask, bias)
+        _local_checks(q, k, v, layout, strategy)
+        local_error: Exception | None = None
+    except (TypeError, ValueError) as e:
+        local_error, mask_, bias_ = e, None, None
+    flags = (
+        int(local_error is not None),
+        LAYOUTS.index(layout) if layout in LAYOUTS else -1,
+        STRATEGIES.index(strategy) if strategy in STRATEGIES else -1,
+    )
+    meta = gather_meta(g, *_shape_probe(q, k, v), flags).cpu()
+    if local_error is not None:
+        raise local_error
+    n = _check_table(meta, g, layout)
+    dim = q.shape[-1]
+    sizes = (q.shape[0], q.shape[1], k.shape[1], dim, v.shape[-1])
+    scale_ = dim**-0.5 if scale is None else float(scale)
+    s = make_setup(g, n, layout, strategy, mask_, bias_, scale_, engine, sizes)
+    return dataclasses.replace(s, cpu=q.device.type == "cpu")
+
+
+def _structured(mask: object, bias: object) -> tuple[Mask | None, Bias | None]:
+    """The mask and bias, refusing dense tensors (they need the whole sequence)."""
+    if isinstance(mask, Tensor | TensorMask):
+        raise ValueError(
+            f"mask must be a structured attnlab.masks mask evaluated at global positions, "
+            f"got a dense tensor mask ({_describe(mask)}): it needs the whole N x N on one "
+            f"rank; use masks.custom(fn) or masks.documents(ids) instead"
+        )
+    if isinstance(bias, Tensor | TensorBias):
+        raise ValueError(
+            "bias must be an attnlab.bias bias evaluated at global positions, got a dense "
+            "tensor bias: it needs the whole N x N on one rank; use bias.custom(fn)"
+        )
+    return as_mask(mask), as_bias(bias)  # type: ignore[arg-type]
+
+
+def _local_checks(q: Tensor, k: Tensor, v: Tensor, layout: str, strategy: str) -> None:
+    validate_layout(layout)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a (B, H, L_r, E) shard, got {_describe(t)}")
+    if q.shape[2] != k.shape[2] or k.shape[2] != v.shape[2]:
+        raise ValueError(
+            f"q, k and v shards must have the same length (self-attention over one "
+            f"sharded sequence), got {q.shape[2]}, {k.shape[2]}, {v.shape[2]}"
+        )
+    if q.shape[1] % k.shape[1] or k.shape[1] != v.shape[1] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit: "
+            "need Hq % Hkv == 0, k and v with the same heads, q and k with the same E"
+        )
+    if q.dtype != k.dtype or k.dtype != v.dtype or not q.is_floating_point():
+        raise TypeError(f"q, k, v must share one float dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def _describe(t: object) -> str:
+    return f"shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+
+
+def _shape_probe(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Tensors whose shapes describe the call (zeros of rank 4 where an input is broken)."""
+    ok = all(isinstance(t, Tensor) and t.dim() == 4 for t in (q, k, v))
+    if ok:
+        return q, k, v
+    z = torch.zeros(0, 0, 0, 0, device=q.device if isinstance(q, Tensor) else "cpu")
+    return z, z, z
+
+
+def _check_table(meta: Tensor, g: Group, layout: str) -> int:
+    """The global length, after checking every rank's row; the same error everywhere."""
+    bad = meta[:, 7].nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"invalid arguments on rank(s) {bad} of the group (see their error)")
+    names = (
+        "batch",
+        "query heads",
+        "key/value heads",
+        None,
+        "head dim",
+        "value dim",
+        "dtype",
+        None,
+        "layout",
+        "strategy",
+    )
+    for col, name in enumerate(names):
+        if name is not None and bool((meta[:, col] != meta[0, col]).any()):
+            raise ValueError(
+                f"ranks disagree on the {name}: {meta[:, col].tolist()} over ranks 0..{g.world - 1}"
+            )
+    lengths = meta[:, 3].tolist()
+    n = int(sum(lengths))
+    want = shard_lengths(n, g.world, layout)
+    if lengths != want:
+        raise ValueError(
+            f"shards have lengths {lengths} over ranks 0..{g.world - 1}, but the {layout} "
+            f"layout of {n} positions over {g.world} ranks gives {want}; cut the sequence "
+            f"with attnlab.distributed.shard(x, rank, {g.world}, layout={layout!r})"
+        )
+    return n
+
+
+def _leaves(bias: Bias) -> list[Tensor]:
+    """The tensors of ``bias`` that autograd should reach (parameters and grad buffers)."""
+    return [t for t in (*bias.parameters(), *bias.buffers()) if t.requires_grad]

@@ -1,0 +1,103 @@
+"""Run a function on several local gloo processes, with a timeout: for tests, benchmarks
+and trying things out without ``torchrun``.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+__all__ = ["free_port", "run_local"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _child(
+    rank: int,
+    world: int,
+    port: int,
+    threads: int,
+    timeout: float,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    out: Any,
+) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(threads)
+    try:
+        dist.init_process_group(
+            "gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout)
+        )
+        out.put((rank, True, fn(rank, world, *args)))
+    except BaseException as e:  # reported to the parent, which raises
+        out.put((rank, False, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_local(
+    fn: Callable[..., Any],
+    world: int,
+    *args: Any,
+    timeout: float = 120.0,
+    threads: int = 1,
+) -> list[Any]:
+    """Run ``fn(rank, world, *args)`` on ``world`` spawned gloo processes on 127.0.0.1.
+
+    ``fn`` must be importable (a module-level function) and return something picklable.
+    Returns the per-rank results in rank order. A rank that raises makes this raise
+    ``RuntimeError`` with every rank's error; a run that takes longer than ``timeout``
+    seconds is killed and raises ``TimeoutError`` (collectives time out too, so no rank
+    waits forever).
+
+    Example:
+        >>> run_local(_rank_times_two, 2, timeout=60)
+        [0, 2]
+    """
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_child, args=(r, world, port, threads, timeout, fn, args, out))
+        for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    results: dict[int, tuple[bool, Any]] = {}
+    try:
+        while len(results) < world:
+            rank, ok, value = out.get(timeout=timeout)
+            results[rank] = (ok, value)
+    except queue.Empty:
+        raise TimeoutError(
+            f"run_local: ranks {sorted(set(range(world)) - set(results))} gave no result "
+            f"within {timeout} s"
+        ) from None
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+    errors = {r: v for r, (ok, v) in results.items() if not ok}
+    if errors:
+        raise RuntimeError("\n".join(f"rank {r}: {v}" for r, v in sorted(errors.items())))
+    return [results[r][1] for r in range(world)]
+
+
+def _rank_times_two(rank: int, world: int) -> int:
+    return 2 * rank

@@ -1,0 +1,115 @@
+"""How a sequence is cut across ranks: contiguous and zigzag layouts, shard and unshard.
+
+A sequence of length ``N`` over ``P`` ranks is cut into chunks with
+:func:`torch.tensor_split` sizes (the first ``N % parts`` chunks one longer), so lengths
+need not divide. In the ``"contiguous"`` layout rank ``r`` holds chunk ``r`` of ``P``; in
+the ``"zigzag"`` layout it holds chunks ``r`` and ``2P - 1 - r`` of ``2P``, so every rank
+has as much causal work as every other. A rank's shard is its chunks concatenated in
+order; the same helpers shard document ids and position ids (any ``dim``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["LAYOUTS", "Piece", "pieces", "positions", "shard", "shard_lengths", "unshard"]
+
+LAYOUTS = ("contiguous", "zigzag")
+Piece = tuple[int, int]  # a contiguous global range [start, stop) of positions
+
+
+def validate_layout(layout: object) -> str:
+    """Return ``layout`` if it is a known layout name, else raise ``ValueError``."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    return str(layout)
+
+
+def _chunks(n: int, parts: int) -> list[Piece]:
+    """``parts`` consecutive ranges covering ``[0, n)``, sizes as :func:`torch.tensor_split`."""
+    base, extra = divmod(n, parts)
+    out, start = [], 0
+    for i in range(parts):
+        size = base + (1 if i < extra else 0)
+        out.append((start, start + size))
+        start += size
+    return out
+
+
+def pieces(n: int, rank: int, world: int, layout: str = "zigzag") -> list[Piece]:
+    """The global ranges ``[start, stop)`` that ``rank`` holds, in shard order.
+
+    Example:
+        >>> pieces(8, 0, 2), pieces(8, 1, 2)
+        ([(0, 2), (6, 8)], [(2, 4), (4, 6)])
+        >>> pieces(7, 1, 2, "contiguous")
+        [(4, 7)]
+    """
+    if not 0 <= rank < world:
+        raise ValueError(f"rank must be in [0, world={world}), got {rank}")
+    if validate_layout(layout) == "contiguous":
+        return [_chunks(n, world)[rank]]
+    chunks = _chunks(n, 2 * world)
+    return [chunks[rank], chunks[2 * world - 1 - rank]]
+
+
+def shard_lengths(n: int, world: int, layout: str = "zigzag") -> list[int]:
+    """The shard length of every rank for a sequence of length ``n``.
+
+    Example:
+        >>> shard_lengths(10, 4)
+        [3, 3, 2, 2]
+    """
+    return [sum(b - a for a, b in pieces(n, r, world, layout)) for r in range(world)]
+
+
+def positions(n: int, rank: int, world: int, layout: str = "zigzag") -> Tensor:
+    """Global position ids ``(L_r,)`` of ``rank``'s shard (e.g. for RoPE or documents).
+
+    Example:
+        >>> positions(8, 0, 2).tolist()
+        [0, 1, 6, 7]
+    """
+    return torch.cat([torch.arange(a, b) for a, b in pieces(n, rank, world, layout)])
+
+
+def shard(x: Tensor, rank: int, world: int, *, layout: str = "zigzag", dim: int = 2) -> Tensor:
+    """``rank``'s shard of ``x`` along ``dim`` (default the ``L`` of ``(B, H, L, E)``).
+
+    Use ``dim=-1`` for document ids ``(L,)`` or ``(B, L)``.
+
+    Example:
+        >>> shard(torch.arange(8), 1, 2, dim=0).tolist()
+        [2, 3, 4, 5]
+    """
+    n = x.shape[dim]
+    return torch.cat([x.narrow(dim, a, b - a) for a, b in pieces(n, rank, world, layout)], dim)
+
+
+def unshard(shards: Sequence[Tensor], *, layout: str = "zigzag", dim: int = 2) -> Tensor:
+    """The whole sequence from every rank's shard (in rank order): inverse of :func:`shard`.
+
+    Example:
+        >>> x = torch.arange(10)
+        >>> parts = [shard(x, r, 3, dim=0) for r in range(3)]
+        >>> unshard(parts, dim=0).tolist() == x.tolist()
+        True
+    """
+    world = len(shards)
+    n = sum(s.shape[dim] for s in shards)
+    if [s.shape[dim] for s in shards] != shard_lengths(n, world, layout):
+        raise ValueError(
+            f"shards have lengths {[s.shape[dim] for s in shards]} along dim {dim}; "
+            f"the {layout} layout of {n} positions over {world} ranks has "
+            f"{shard_lengths(n, world, layout)}"
+        )
+    placed: list[tuple[int, Tensor]] = []
+    for r, s in enumerate(shards):
+        offset = 0
+        for a, b in pieces(n, r, world, layout):
+            placed.append((a, s.narrow(dim, offset, b - a)))
+            offset += b - a
+    return torch.cat([t for _, t in sorted(placed, key=lambda p: p[0])], dim)

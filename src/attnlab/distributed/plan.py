@@ -1,0 +1,210 @@
+"""The cost model: per rank and per ring step, the bytes a call sends and receives and the
+useful FLOPs it computes, and a simulation of parallel efficiency from them.
+
+:func:`plan` needs no process group: it runs the same need-matrix logic as
+:func:`attnlab.distributed.attention`, so its bytes equal what a run counts in
+:data:`~attnlab.distributed.TRAFFIC` (the tests check it exactly at P = 2 and 4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from attnlab._grid import Grid
+from attnlab.distributed.comm import Group
+from attnlab.distributed.layout import validate_layout
+from attnlab.distributed.ring import segments
+from attnlab.distributed.setup import Setup, make_setup
+from attnlab.masks import Mask
+
+__all__ = ["CallPlan", "RankCost", "Step", "plan", "simulate"]
+
+BACKWARD_FLOPS = 2.5  # backward recomputes S, then dP, dV, dQ, dK: 5 matmuls to forward's 2
+
+
+@dataclass(frozen=True)
+class Step:
+    """One ring step of one rank: keys of ``src`` in, own keys out to ``dst``.
+
+    Attributes:
+        src, dst: peers of the step (this rank itself at step 0).
+        received, sent: forward bytes of the step's key/value messages.
+        flops: useful forward FLOPs on ``src``'s keys (allowed pairs x 4 x E x Hq).
+    """
+
+    src: int
+    dst: int
+    received: int
+    sent: int
+    flops: float
+
+
+@dataclass(frozen=True)
+class RankCost:
+    """One rank's totals: forward and backward bytes, useful forward FLOPs, peers."""
+
+    steps: tuple[Step, ...]
+    forward_sent: int
+    forward_received: int
+    backward_sent: int
+    backward_received: int
+    peers: frozenset[int]
+
+    @property
+    def flops(self) -> float:
+        return sum(s.flops for s in self.steps)
+
+
+@dataclass(frozen=True)
+class CallPlan:
+    """What a call costs on every rank (see :func:`plan`)."""
+
+    strategy: str
+    layout: str
+    ranks: tuple[RankCost, ...]
+
+    def __str__(self) -> str:
+        lines = [f"{self.strategy}, {self.layout}, P={len(self.ranks)}"]
+        for r, c in enumerate(self.ranks):
+            lines.append(
+                f"  rank {r}: fwd {c.forward_sent / 1e6:.2f}/{c.forward_received / 1e6:.2f} MB "
+                f"out/in, bwd {c.backward_sent / 1e6:.2f}/{c.backward_received / 1e6:.2f} MB, "
+                f"{c.flops / 1e9:.2f} GFLOP, peers {sorted(c.peers)}"
+            )
+        return "\n".join(lines)
+
+
+def plan(
+    n: int,
+    world: int,
+    *,
+    mask: Mask | None = None,
+    batch: int = 1,
+    heads: int = 8,
+    kv_heads: int | None = None,
+    head_dim: int = 64,
+    element_size: int = 4,
+    strategy: str = "ring",
+    layout: str = "zigzag",
+) -> CallPlan:
+    """Per-rank bytes and useful FLOPs of :func:`attnlab.distributed.attention`.
+
+    Args:
+        n: global sequence length; world: number of ranks.
+        mask: the global mask (asked for its row intervals, as the call does).
+        batch, heads, kv_heads, head_dim: ``B``, ``Hq``, ``Hkv`` (default ``Hq``), ``E``.
+        element_size: bytes per element (4 for float32; backward sends float32 at least).
+        strategy, layout: as in :func:`~attnlab.distributed.attention`.
+
+    Example:
+        >>> from attnlab import masks
+        >>> p = plan(4096, 4, mask=masks.causal() & masks.window(128), layout="contiguous")
+        >>> sorted(p.ranks[1].peers), p.ranks[1].forward_received
+        ([0, 2], 524288)
+    """
+    validate_layout(layout)
+    hkv = heads if kv_heads is None else kv_heads
+    sizes = (batch, heads, hkv, head_dim, head_dim)
+    s = make_setup(Group(None, 0, world), n, layout, strategy, mask, None, 1.0, "auto", sizes)
+    return CallPlan(strategy, layout, tuple(_rank(s, r, element_size) for r in range(world)))
+
+
+def _rank(s: Setup, r: int, element_size: int) -> RankCost:
+    """One rank's steps: the rows of keys that travel (:func:`segments`), both ways."""
+    world = s.group.world
+    b, _, hkv, e, ev = s.sizes
+
+    def nbytes(receiver: int, owner: int) -> int:
+        rows = sum(x[1] for x in segments(s, receiver, owner))
+        return b * hkv * rows * (e + ev) * element_size
+
+    steps = []
+    for t in range(world):
+        src, dst = (r - t) % world, (r + t) % world
+        got, gave = (nbytes(r, src), nbytes(dst, r)) if t else (0, 0)
+        steps.append(Step(src, dst, got, gave, _flops(s, r, src)))
+    ring_in, ring_out = sum(x.received for x in steps), sum(x.sent for x in steps)
+    if s.strategy == "all-gather":
+        shard = [b * hkv * sum(y - x for x, y in s.pieces[p]) * (e + ev) for p in range(world)]
+        fwd_in = fwd_out = (world - 1) * max(shard) * element_size
+    else:
+        fwd_in, fwd_out = ring_in, ring_out
+    # backward: the keys again as forward, plus each peer's key gradients sent back
+    peers = frozenset(x.src for x in steps if x.received) | {x.dst for x in steps if x.sent}
+    return RankCost(tuple(steps), fwd_out, fwd_in, fwd_out + ring_in, fwd_in + ring_out, peers)
+
+
+def _flops(s: Setup, r: int, src: int) -> float:
+    """Useful forward FLOPs of rank ``r``'s queries on rank ``src``'s keys."""
+    b, hq, _, e, ev = s.sizes
+    pairs = 0
+    for qp in s.pieces[r]:
+        for kp in s.pieces[src]:
+            if qp[1] > qp[0] and kp[1] > kp[0] and s.span(qp, kp) is not None:
+                pairs += _allowed(s, qp, kp)
+    per_batch = 1 if s.bounds is not None and s.bounds.lo.shape[0] > 1 else b
+    return float(pairs * per_batch * hq * 2 * (e + ev))
+
+
+def _allowed(s: Setup, q: tuple[int, int], k: tuple[int, int]) -> int:
+    """Allowed (query, key) pairs of one piece pair, summed over the mask's batch rows."""
+    if s.mask is None:
+        return (q[1] - q[0]) * (k[1] - k[0])
+    if s.bounds is not None and s.bounds.exact:
+        lo = s.bounds.lo[:, q[0] : q[1]].clamp(min=k[0])
+        hi = s.bounds.hi[:, q[0] : q[1]].clamp(max=k[1] - 1)
+        return int((hi - lo + 1).clamp(min=0).sum())
+    total = 0
+    for a in range(q[0], q[1], 256):
+        grid = Grid.tile(torch.arange(a, min(a + 256, q[1])), torch.arange(*k), lq=s.n, lk=s.n)
+        total += int(torch.broadcast_to(s.mask(grid), (1, 1, grid.q.shape[2], k[1] - k[0])).sum())
+    return total
+
+
+def simulate(
+    p: CallPlan, *, bandwidth: float, flops: float, latency: float = 0.0, backward: bool = True
+) -> float:
+    """Predicted parallel efficiency of a plan: ideal time over the slowest rank's time.
+
+    Each ring step takes ``max(compute, the next step's transfer)`` (sends overlap
+    compute); ``bandwidth`` is bytes/s per direction of a rank's link, ``flops`` its
+    attention compute rate, ``latency`` seconds added to every step that moves data.
+    Backward computes ``BACKWARD_FLOPS`` x forward's work and moves keys in and key
+    gradients out at every step.
+
+    Example:
+        >>> from attnlab import masks
+        >>> e = simulate(plan(8192, 4, mask=masks.causal()), bandwidth=1e9, flops=1e11)
+        >>> 0.9 < e <= 1.0
+        True
+    """
+    factor = 1 + (BACKWARD_FLOPS if backward else 0)
+    total = sum(c.flops for c in p.ranks) * factor
+    ideal = total / (len(p.ranks) * flops)
+    if p.strategy == "all-gather":  # one gather before compute; gradients go back after
+        times = [
+            (c.forward_received + (c.backward_received if backward else 0)) / bandwidth
+            + c.flops * factor / flops
+            for c in p.ranks
+        ]
+        return ideal / max(times)
+    return ideal / max(_rank_time(c, bandwidth, flops, latency, backward) for c in p.ranks)
+
+
+def _rank_time(
+    c: RankCost, bandwidth: float, flops: float, latency: float, backward: bool
+) -> float:
+    steps = c.steps
+    moves = [
+        max(s.received, s.sent) / bandwidth + (latency if s.received or s.sent else 0.0)
+        for s in steps
+    ] + [0.0]
+    time = 0.0
+    for t, s in enumerate(steps):
+        time += max(s.flops / flops, moves[t + 1])
+    if backward:
+        for t, s in enumerate(steps):
+            time += max(BACKWARD_FLOPS * s.flops / flops, moves[t + 1] + moves[t])
+    return time

@@ -1,0 +1,241 @@
+"""The ring strategy: key/value shards travel between ranks, one step per distance.
+
+At step ``t`` rank ``r`` receives the keys and values of rank ``r - t`` and sends its own
+to rank ``r + t`` (mod ``P``), but only where the mask lets the receiver's queries see
+any of them (:attr:`Setup.need`): a window run exchanges with its neighbours only, packed
+documents only with the ranks whose documents overlap. Step ``t + 1``'s messages are
+posted before step ``t`` computes, so sending overlaps compute. Backward exchanges the
+keys and values again (nothing but this rank's shard is kept) and sends each peer the
+gradient of its keys and values.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnlab.distributed.comm import all_gather_tensor, post, wait_all
+from attnlab.distributed.layout import Piece
+from attnlab.distributed.setup import Setup
+from attnlab.distributed.steps import Keys, Partial, Rows, backward_pair, forward_pair
+
+__all__ = ["RingAttention", "offsets", "segments"]
+
+
+def offsets(s: Setup, rank: int) -> list[int]:
+    """Where each of ``rank``'s pieces starts inside its shard."""
+    out, at = [], 0
+    for a, b in s.pieces[rank]:
+        out.append(at)
+        at += b - a
+    return out
+
+
+def segments(s: Setup, receiver: int, owner: int) -> list[tuple[int, int, int]]:
+    """``(offset in owner's shard, length, global start)`` of the keys of ``owner`` that
+    ``receiver`` needs: the rows that travel, in this order."""
+    out = []
+    for o, (p0, _), rng in zip(
+        offsets(s, owner), s.pieces[owner], s.keys[receiver][owner], strict=True
+    ):
+        if rng is not None:
+            out.append((o + rng[0], rng[1] - rng[0], p0 + rng[0]))
+    return out
+
+
+KeyPiece = tuple[Piece, Tensor, Tensor]  # global range, keys (B, Hkv, Ks, E), values
+
+
+def _views(segs: list[tuple[int, int, int]], k: Tensor, v: Tensor, packed: bool) -> list[KeyPiece]:
+    """Key pieces of ``k, v``: the owner's whole shard (``packed`` False) or a message."""
+    out, at = [], 0
+    for o, n, g in segs:
+        i = at if packed else o
+        out.append(((g, g + n), k[:, :, i : i + n], v[:, :, i : i + n]))
+        at += n
+    return out
+
+
+def _pack(segs: list[tuple[int, int, int]], k: Tensor, v: Tensor) -> Tensor:
+    """The needed rows of ``k`` and ``v``, concatenated along L, flattened into one."""
+    ks = torch.cat([k[:, :, o : o + n] for o, n, _ in segs], 2)
+    vs = torch.cat([v[:, :, o : o + n] for o, n, _ in segs], 2)
+    return torch.cat([ks.reshape(-1), vs.reshape(-1)])
+
+
+def _unpack(s: Setup, segs: list[tuple[int, int, int]], buf: Tensor) -> tuple[Tensor, Tensor]:
+    b, _, hkv, e, ev = s.sizes
+    n = sum(x[1] for x in segs)
+    k, v = buf.split([b * hkv * n * e, b * hkv * n * ev])
+    return k.view(b, hkv, n, e), v.view(b, hkv, n, ev)
+
+
+def _size(s: Setup, segs: list[tuple[int, int, int]]) -> int:
+    b, _, hkv, e, ev = s.sizes
+    return b * hkv * sum(x[1] for x in segs) * (e + ev)
+
+
+class _Exchange:
+    """One step's messages: ``send`` to ``dst`` and a buffer from ``src`` (if needed)."""
+
+    def __init__(
+        self, s: Setup, dst: int, send: Tensor | None, src: int, size: int, like: Tensor, tag: int
+    ) -> None:
+        self.buf = like.new_empty(size) if size else None
+        self.send = send  # kept alive until the send completes
+        self.works: list[Any] = post(
+            s.group,
+            [(send, dst)] if send is not None else [],
+            [(self.buf, src)] if self.buf is not None else [],
+            tag,
+        )
+
+    def result(self) -> Tensor | None:
+        wait_all(self.works)
+        self.send = None
+        return self.buf
+
+
+def _kv_exchange(s: Setup, t: int, k: Tensor, v: Tensor, tag: int) -> _Exchange:
+    """Step ``t`` of the ring: own keys to ``r + t``, keys of ``r - t`` in."""
+    r, world = s.group.rank, s.group.world
+    src, dst = (r - t) % world, (r + t) % world
+    out = segments(s, dst, r)
+    send = _pack(out, k, v) if out else None
+    return _Exchange(s, dst, send, src, _size(s, segments(s, r, src)), k, tag)
+
+
+def _kv_steps(s: Setup, k: Tensor, v: Tensor, tag: int) -> Any:
+    """Yield ``(t, src, key pieces)`` per step, posting step ``t + 1``'s messages before
+    handing out step ``t``."""
+    r, world = s.group.rank, s.group.world
+    if s.strategy == "all-gather":
+        yield from _gathered(s, k, v)
+        return
+    ahead = _kv_exchange(s, 1, k, v, tag + 1) if world > 1 else None
+    yield 0, r, _views(segments(s, r, r), k, v, packed=False)
+    for t in range(1, world):
+        assert ahead is not None
+        buf = ahead.result()
+        ahead = _kv_exchange(s, t + 1, k, v, tag + t + 1) if t + 1 < world else None
+        src = (r - t) % world
+        segs = segments(s, r, src)
+        yield t, src, [] if buf is None else _views(segs, *_unpack(s, segs, buf), packed=True)
+
+
+def _gathered(s: Setup, k: Tensor, v: Tensor) -> Any:
+    """The all-gather strategy's steps: every whole shard gathered at once (padded to the
+    longest), then handed out in ring order."""
+    r, world = s.group.rank, s.group.world
+    b, _, hkv, e, ev = s.sizes
+    width = max(b * hkv * sum(y - x for x, y in s.pieces[p]) * (e + ev) for p in range(world))
+    own = torch.cat([k.reshape(-1), v.reshape(-1)])
+    padded = torch.cat([own, own.new_zeros(width - own.numel())])
+    every = all_gather_tensor(s.group, padded) if world > 1 else [padded]
+    for t in range(world):
+        src = (r - t) % world
+        n = sum(y - x for x, y in s.pieces[src])
+        ks, vs = every[src][: b * hkv * n * (e + ev)].split([b * hkv * n * e, b * hkv * n * ev])
+        ks, vs = (k, v) if t == 0 else (ks.view(b, hkv, n, e), vs.view(b, hkv, n, ev))
+        yield t, src, _views(segments(s, r, src), ks, vs, packed=False)
+
+
+def ring_forward(
+    s: Setup, q: Tensor, k: Tensor, v: Tensor
+) -> tuple[Tensor, Tensor, dict[tuple[int, Piece], Tensor]]:
+    """``out (B, Hq, L, Ev)`` and ``lse (B, Hq, L)`` of this rank's queries (accumulation
+    dtype), and each (query piece, key range) pair's own logsumexp for the backward."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    r = s.group.rank
+    b, hq, _, _, ev = s.sizes
+    parts = [
+        Partial(
+            q.new_zeros((b, hq, hi - lo, ev), dtype=acc),
+            q.new_full((b, hq, hi - lo), float("-inf"), dtype=acc),
+        )
+        for lo, hi in s.pieces[r]
+    ]
+    pair_lse: dict[tuple[int, Piece], Tensor] = {}
+    qo = offsets(s, r)
+    for _, _, key_pieces in _kv_steps(s, k, v, tag=0):
+        for kp, kj, vj in key_pieces:
+            for i, qp in enumerate(s.pieces[r]):
+                if qp[1] > qp[0] and s.span(qp, kp) is not None:
+                    qi = q[:, :, qo[i] : qo[i] + qp[1] - qp[0]]
+                    out, lse = forward_pair(s, qi, qp, kj, vj, kp)
+                    pair_lse[(i, kp)] = lse.to(acc)
+                    parts[i].merge(out, lse)
+    out, lse = torch.cat([p.out for p in parts], 2), torch.cat([p.lse for p in parts], 2)
+    return out, lse, pair_lse
+
+
+def ring_backward(
+    s: Setup,
+    saved: tuple[Tensor, ...],
+    pair_lse: dict[tuple[int, Piece], Tensor],
+    dout: Tensor,
+    leaves: list[Tensor],
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """``dq, dk, dv`` of this rank's shard and the bias leaves' gradients."""
+    q, k, v, out, lse = saved
+    acc = out.dtype
+    q, dout = q.to(acc), dout.to(acc)
+    dq = torch.zeros_like(q)
+    dleaves = [torch.zeros_like(t) for t in leaves]
+    r, world = s.group.rank, s.group.world
+    rows = []
+    for o, (a, b) in zip(offsets(s, r), s.pieces[r], strict=True):
+        q_, do_, out_, lse_, dq_ = (x[:, :, o : o + b - a] for x in (q, dout, out, lse, dq))
+        rows.append(Rows(q_, do_, out_, lse_, dq_, first=a))
+    own_dk, own_dv = torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)
+    returns: list[tuple[_Exchange, list[tuple[int, int, int]]]] = []
+    for t, src, key_pieces in _kv_steps(s, k.to(acc), v.to(acc), tag=world):
+        segs = segments(s, r, src)
+        if t == 0:
+            grads = _views(segs, own_dk, own_dv, packed=False)
+        else:
+            dk_all = q.new_zeros((s.sizes[0], s.sizes[2], sum(x[1] for x in segs), s.sizes[3]))
+            dv_all = q.new_zeros((*dk_all.shape[:3], s.sizes[4]))
+            grads = _views(segs, dk_all, dv_all, packed=True)
+        for (kp, kj, vj), (_, dkj, dvj) in zip(key_pieces, grads, strict=True):
+            keys = Keys(kj, vj, dkj, dvj, first=kp[0])
+            for i in range(len(s.pieces[r])):
+                if (i, kp) in pair_lse:
+                    backward_pair(s, rows[i], keys, pair_lse[(i, kp)], leaves, dleaves)
+        if t > 0:  # the gradients of src's keys go back to src; ours come from r + t
+            dst = (r + t) % world
+            mine = segments(s, dst, r)
+            send = torch.cat([dk_all.reshape(-1), dv_all.reshape(-1)]) if segs else None
+            ex = _Exchange(s, src, send, dst, _size(s, mine), own_dk, 2 * world + t)
+            returns.append((ex, mine))
+    for ex, mine in returns:
+        buf = ex.result()
+        if buf is not None:
+            for (_, dk_r, dv_r), (o, n, _) in zip(
+                _views(mine, *_unpack(s, mine, buf), packed=True), mine, strict=True
+            ):
+                own_dk[:, :, o : o + n] += dk_r
+                own_dv[:, :, o : o + n] += dv_r
+    return dq, own_dk, own_dv, dleaves
+
+
+class RingAttention(torch.autograd.Function):
+    """Ring attention over a :class:`Setup`: logsumexp merge forward, global-logsumexp
+    recompute backward. Inputs ``q, k, v`` are this rank's shards ``(B, H, L_r, E)``."""
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, s: Setup, *leaves: Tensor) -> Tensor:
+        out, lse, pair_lse = ring_forward(s, q, k, v)
+        ctx.save_for_backward(q, k, v, out, lse, *leaves)
+        ctx.setup, ctx.pair_lse, ctx.dtypes = s, pair_lse, (q.dtype, k.dtype, v.dtype)
+        return out.to(v.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, dout: Tensor) -> tuple[Tensor | None, ...]:
+        q, k, v, out, lse, *leaves = ctx.saved_tensors
+        saved = (q, k, v, out, lse)
+        dq, dk, dv, dleaves = ring_backward(ctx.setup, saved, ctx.pair_lse, dout, leaves)
+        dq, dk, dv = (g.to(d) for g, d in zip((dq, dk, dv), ctx.dtypes, strict=True))
+        return (dq, dk, dv, None, *dleaves)

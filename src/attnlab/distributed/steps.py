@@ -1,0 +1,271 @@
+"""The local steps: one (query piece, key piece) pair, forward and backward, and the
+logsumexp merge of partial results.
+
+Forward runs :func:`attnlab.functional.attention` with the global mask and bias restricted
+to the pair (:class:`~attnlab.distributed.shifted.ShiftedMask`), so the local engine skips
+what the mask leaves empty. Backward needs each pair's probabilities normalized by the
+*global* logsumexp, which attnlab's engines do not take as an input (their ``lse`` output
+carries no gradient). :func:`backward_pair` gets it two ways: torch's fused CPU flash
+backward takes the global output and logsumexp as inputs (:func:`_flash_step`); and the
+blocked engine computes it given one extra "sink" key and one extra value column
+(:func:`_engine_step`), which also carries gradients of learnable biases.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnlab.bias import Bias
+from attnlab.distributed.layout import Piece
+from attnlab.distributed.setup import Setup
+from attnlab.distributed.shifted import ShiftedBias, ShiftedMask
+from attnlab.functional import AttentionOutput, attention, unsupported_by
+from attnlab.masks import Mask
+
+__all__ = ["Keys", "Partial", "Rows", "backward_pair", "forward_pair"]
+
+ROWS = 128  # query rows per backward call where the mask is not one interval per pair
+
+
+@dataclass
+class Partial:
+    """A running merge of partial attention results of some query rows.
+
+    Attributes:
+        out: ``(B, Hq, T, Ev)`` in the accumulation dtype.
+        lse: ``(B, Hq, T)``, ``-inf`` where no key has been seen.
+    """
+
+    out: Tensor
+    lse: Tensor
+    empty: bool = True
+
+    def merge(self, out: Tensor, lse: Tensor) -> None:
+        """Fold in another partial result over disjoint keys."""
+        if self.empty:  # the first result: nothing to rescale
+            self.out, self.lse, self.empty = out.to(self.out.dtype), lse.to(self.lse.dtype), False
+            return
+        new = torch.logaddexp(self.lse, lse)  # (B, Hq, T)
+        safe = torch.where(torch.isfinite(new), new, torch.zeros_like(new))
+        a, b = torch.exp(self.lse - safe), torch.exp(lse - safe)
+        self.out = self.out * a.unsqueeze(-1) + out.to(self.out.dtype) * b.unsqueeze(-1)
+        self.lse = new
+
+
+def forward_pair(
+    s: Setup, q: Tensor, qp: Piece, k: Tensor, v: Tensor, kp: Piece
+) -> tuple[Tensor, Tensor]:
+    """``(out (B, Hq, Tq, Ev), lse (B, Hq, Tq))`` of queries ``qp`` over keys ``kp``."""
+    mask, bias = restricted(s, qp, kp)
+    engine = _engine(s, q, k, v, mask, bias)
+    r = attention(q, k, v, mask=mask, bias=bias, scale=s.scale, engine=engine, return_lse=True)
+    assert isinstance(r, AttentionOutput) and r.lse is not None
+    return r.out, r.lse
+
+
+@dataclass(frozen=True)
+class Rows:
+    """What a backward step reads of some query rows (accumulation dtype), and their dq."""
+
+    q: Tensor  # (B, Hq, T, E)
+    dout: Tensor  # (B, Hq, T, Ev)
+    out: Tensor  # (B, Hq, T, Ev), the merged output
+    lse: Tensor  # (B, Hq, T), the global logsumexp
+    dq: Tensor  # (B, Hq, T, E), accumulated in place
+    first: int  # the global position of row 0
+
+
+@dataclass(frozen=True)
+class Keys:
+    """One piece of keys and values and their gradient accumulators."""
+
+    k: Tensor  # (B, Hkv, Ks, E)
+    v: Tensor  # (B, Hkv, Ks, Ev)
+    dk: Tensor  # like k, accumulated in place
+    dv: Tensor  # like v, accumulated in place
+    first: int  # the global position of key 0
+
+
+def backward_pair(
+    s: Setup, rw: Rows, kw: Keys, lse: Tensor, leaves: list[Tensor], dleaves: list[Tensor]
+) -> None:
+    """Add the rows' share of dq, dk, dv (and of bias gradients) over the keys.
+
+    ``lse (B, Hq, T)`` is the pair's own logsumexp from the forward pass. On the CPU
+    without learnable biases: torch's flash backward, given the global output and
+    logsumexp (whole pairs where they are full or causal-diagonal, else chunks of rows
+    over their key span with the mask and bias as a tile). Otherwise the engine with a
+    sink key (:func:`_engine_step`): one call when the mask stays an exact interval, else
+    one per chunk of rows.
+    """
+    lq, lk = rw.q.shape[2], kw.k.shape[2]
+    whole = ((rw.first, rw.first + lq), (kw.first, kw.first + lk))
+    flash = _FLASH_BWD is not None and s.cpu and s.sizes[3] == s.sizes[4] and not leaves
+    if flash and s.bias is None and (s.full(*whole) or _diagonal(s, *whole)):
+        _flash_step(s, rw, kw, (0, lq), (0, lk), causal=not s.full(*whole))
+        return
+    if not flash and (_sink_mask(s, *whole) is None or _sink_exact(s, *whole)):
+        _engine_step(s, rw, kw, (0, lq), (0, lk), lse, leaves, dleaves)
+        return
+    for r0 in range(0, lq, ROWS):
+        r1 = min(r0 + ROWS, lq)
+        span = s.span((rw.first + r0, rw.first + r1), whole[1])
+        if span is not None and flash:
+            _flash_step(s, rw, kw, (r0, r1), span, causal=False)
+        elif span is not None:
+            _engine_step(s, rw, kw, (r0, r1), span, lse, leaves, dleaves)
+
+
+# torch's fused CPU flash backward takes the logsumexp and output as inputs, so given the
+# global ones it computes exactly this pair's share of the global gradient (a private op:
+# guarded, with the engine path above as the fallback)
+_FLASH_BWD: Any = getattr(
+    torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None
+)
+
+
+def _diagonal(s: Setup, rows: Piece, keys: Piece) -> bool:
+    """Whether the pair is a square block on the diagonal of a causal mask."""
+    return rows == keys and s.mask is not None and s.mask.is_causal
+
+
+def _flash_step(s: Setup, rw: Rows, kw: Keys, rr: Piece, kk: Piece, causal: bool) -> None:
+    """Rows ``rr`` over keys ``kk`` (local ranges) through torch's flash backward, given
+    the global output and logsumexp; the mask and bias as one additive tile (none for
+    full and causal-diagonal pairs)."""
+    (r0, r1), (a, b) = rr, kk
+    bsz, hq, hkv = s.sizes[:3]
+    rows, keys = (rw.first + r0, rw.first + r1), (kw.first + a, kw.first + b)
+    tile = None if causal else _tile(s, rows, keys, rw.q.dtype)
+    k, v = (t[:, :, a:b] for t in (kw.k, kw.v))
+    k, v = (t.repeat_interleave(hq // hkv, 1) if hq != hkv else t for t in (k, v))
+    lse = rw.lse[:, :, r0:r1]
+    dq, dk, dv = _FLASH_BWD(
+        rw.dout[:, :, r0:r1].contiguous(),
+        rw.q[:, :, r0:r1],
+        k,
+        v,
+        rw.out[:, :, r0:r1].contiguous(),
+        torch.where(torch.isfinite(lse), lse, 0.0).contiguous(),  # masked rows: P = 0
+        0.0,
+        causal,
+        attn_mask=tile,
+        scale=s.scale,
+    )
+    rw.dq[:, :, r0:r1] += dq
+    if hq != hkv:  # sum over the query heads that share a key/value head
+        dk, dv = (t.view(bsz, hkv, hq // hkv, *t.shape[2:]).sum(2) for t in (dk, dv))
+    kw.dk[:, :, a:b] += dk
+    kw.dv[:, :, a:b] += dv
+
+
+def _tile(s: Setup, rows: Piece, keys: Piece, dtype: torch.dtype) -> Tensor | None:
+    """The additive bias-and-mask tile ``(Bt, Ht, T, K)`` of global rows x keys, or None."""
+    mask, bias = restricted(s, rows, keys)
+    t, k = rows[1] - rows[0], keys[1] - keys[0]
+    tile = None if bias is None else bias.dense(t, k, batch=s.sizes[0], heads=s.sizes[1])
+    tile = None if tile is None else tile.to(dtype)
+    if mask is not None:
+        allowed = mask.dense(t, k, batch=s.sizes[0], heads=s.sizes[1])  # (Bm, Hm, T, K)
+        base = torch.zeros((), dtype=dtype) if tile is None else tile
+        tile = base.masked_fill(~allowed, float("-inf"))
+    return tile
+
+
+def restricted(
+    s: Setup, rows: Piece, keys: Piece, sink: bool = False
+) -> tuple[ShiftedMask | None, ShiftedBias | None]:
+    """The global mask and bias on global ``rows`` x ``keys`` (None where nothing is left:
+    no bias, or a mask that allows every pair), with a leading sink key if asked."""
+    lq, lk = rows[1] - rows[0], keys[1] - keys[0] + int(sink)
+    mask = bias = None
+    if s.mask is not None and not s.full(rows, keys):
+        mask = ShiftedMask(
+            s.mask, n=s.n, qs=rows[0], ks=keys[0], lq=lq, lk=lk, sink=sink, bounds=s.bounds
+        )
+    if s.bias is not None:
+        bias = ShiftedBias(s.bias, n=s.n, qs=rows[0], ks=keys[0], lq=lq, lk=lk, sink=sink)
+    return mask, bias
+
+
+def _sink_mask(s: Setup, rows: Piece, keys: Piece) -> ShiftedMask | None:
+    return restricted(s, rows, keys, sink=True)[0]
+
+
+def _sink_exact(s: Setup, rows: Piece, keys: Piece) -> bool:
+    m = _sink_mask(s, rows, keys)
+    bm = s.bounds.lo.shape[0] if s.bounds is not None else 1
+    b = None if m is None else m.row_bounds(rows[1] - rows[0], keys[1] - keys[0] + 1, bm)
+    return b is not None and b.exact
+
+
+def _engine_step(
+    s: Setup,
+    rw: Rows,
+    kw: Keys,
+    rr: Piece,
+    kk: Piece,
+    pair_lse: Tensor,
+    leaves: list[Tensor],
+    dleaves: list[Tensor],
+) -> None:
+    """Rows ``rr`` over keys ``kk`` (local ranges) through an engine's backward.
+
+    The engine sees one extra *sink* key that holds the probability mass of every other
+    key of the sequence (score ``log(exp(LSE) - exp(lse))``, carried by an extra query
+    dimension), so its softmax over this step's keys is the global one; an extra value
+    column that is 1 on the sink lets the upstream gradient set the engine's
+    ``rowsum(dout * out)`` to the global output's. The engine's gradients are then exactly
+    this step's share of the global ones.
+    """
+    (r0, r1), (a, b) = rr, kk
+    q, lse, pl = rw.q[:, :, r0:r1], rw.lse[:, :, r0:r1], pair_lse[:, :, r0:r1]
+    w = torch.where(torch.isfinite(pl) & torch.isfinite(lse), torch.exp(pl - lse), 0.0)
+    beta = torch.where(torch.isfinite(lse), lse + torch.log1p(-w.clamp(max=1.0)), 0.0)
+    beta = torch.where(torch.isfinite(beta), beta, lse - 1e4)  # this step holds all mass
+    qx = torch.cat([q, (beta / s.scale).unsqueeze(-1)], -1).requires_grad_()  # (B,Hq,T,E+1)
+    kx, vx = (_with_sink(t[:, :, a:b]).requires_grad_() for t in (kw.k, kw.v))
+    rows, keys = (rw.first + r0, rw.first + r1), (kw.first + a, kw.first + b)
+    mask, bias = restricted(s, rows, keys, sink=True)
+    with torch.enable_grad():
+        out = attention(
+            qx,
+            kx,
+            vx,
+            mask=mask,
+            bias=bias,
+            scale=s.scale,
+            engine=_engine(s, qx, kx, vx, mask, bias),
+        )
+    assert isinstance(out, Tensor)
+    do, ov, p_sink = rw.dout[:, :, r0:r1], out[..., :-1].detach(), out[..., -1].detach()
+    num = (do * (rw.out[:, :, r0:r1] - ov)).sum(-1)  # dout . (global out - this step's)
+    c = torch.where(p_sink > 1e-30, num / p_sink.clamp(min=1e-30), 0.0)
+    upstream = torch.cat([do, c.unsqueeze(-1)], -1)
+    grads = torch.autograd.grad(out, [qx, kx, vx, *leaves], upstream, allow_unused=True)
+    rw.dq[:, :, r0:r1] += grads[0][..., :-1]
+    kw.dk[:, :, a:b] += grads[1][:, :, 1:, :-1]
+    kw.dv[:, :, a:b] += grads[2][:, :, 1:, :-1]
+    for acc, g in zip(dleaves, grads[3:], strict=True):
+        if g is not None:
+            acc += g
+
+
+def _with_sink(t: Tensor) -> Tensor:
+    """``(B, H, K, D) -> (B, H, 1 + K, D + 1)``: a first row ``[0, .., 0, 1]``, then
+    ``t`` with a zero column."""
+    x = torch.nn.functional.pad(t, (0, 1, 1, 0))
+    x[:, :, 0, -1] = 1.0
+    return x
+
+
+def _engine(s: Setup, q: Tensor, k: Tensor, v: Tensor, mask: Mask | None, bias: Bias | None) -> str:
+    """The engine of a local step: the blocked one for ``auto`` where it can (``auto``
+    alone would take SDPA for causal pairs, which has no logsumexp)."""
+    if s.engine == "auto" and unsupported_by("blocked", q, k, v, mask=mask, bias=bias) is None:
+        return "blocked"
+    return s.engine

@@ -1,0 +1,283 @@
+"""Context-parallel attention (``attnlab.distributed``) against single-process attention.
+
+Every test spawns local gloo processes through ``run_local`` (with a timeout, so a hang
+fails). Each process runs many cases and compares its output shard and gradient shards
+with single-process ``attnlab.attention`` on the whole sequence (the reference engine,
+fp64), so one spawn covers the whole matrix of masks, biases and layouts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+import attnlab
+import attnlab.distributed as D
+from attnlab import bias as B
+from attnlab import masks
+from attnlab.distributed import steps
+from attnlab.distributed.launch import run_local
+
+N = 13  # not divisible by 2P for P = 2, 3, 4
+Case = tuple[str, Callable[[int], masks.Mask | None], Callable[[int], B.Bias | None], int]
+
+
+def _docs(n: int) -> Tensor:
+    """Two rows of document ids: boundaries inside shards, and on the zigzag/contiguous
+    chunk edges of P = 2 (4 | 8 | ...)."""
+    a = torch.tensor([0] * 3 + [1] * 5 + [2] * (n - 8))
+    b = torch.tensor([0] * 4 + [1] * 3 + [2] * (n - 7))
+    return torch.stack([a, b])
+
+
+CASES: list[Case] = [
+    ("dense", lambda n: None, lambda n: None, 2),
+    ("causal", lambda n: masks.causal(), lambda n: None, 2),
+    ("window narrow", lambda n: masks.causal() & masks.window(2), lambda n: None, 2),
+    ("window wide two-sided", lambda n: masks.window(6, 4), lambda n: None, 2),
+    ("documents", lambda n: masks.documents(_docs(n)) & masks.causal(), lambda n: None, 2),
+    ("prefix", lambda n: masks.prefix(5), lambda n: None, 2),
+    ("alibi causal", lambda n: masks.causal(), lambda n: B.alibi(4), 2),
+    ("alibi dense MHA", lambda n: None, lambda n: B.alibi(4), 4),
+    (
+        "padding, fully masked rows",
+        lambda n: masks.padding([n - 2, n - 6], [n, n - 4]),
+        lambda n: None,
+        2,
+    ),
+    (
+        "custom mask (no intervals)",
+        lambda n: masks.custom(lambda b, h, q, k: (q - k) % 3 == 0) & masks.causal(),
+        lambda n: None,
+        1,
+    ),
+    ("learned relative bias", lambda n: masks.causal(), lambda n: _learned(), 2),
+    ("learned bias, window", lambda n: masks.window(3, 1), lambda n: _learned(), 2),
+]
+
+
+def _learned() -> B.Bias:
+    torch.manual_seed(3)
+    rel = B.relative_buckets(4, num_buckets=8, max_distance=16)
+    with torch.no_grad():
+        for p in rel.parameters():
+            p.normal_()
+    return rel.double()
+
+
+def _run_case(
+    rank: int, world: int, case: Case, layout: str, dtype: torch.dtype, strategy: str = "ring"
+) -> list[float]:
+    """Max errors of (out, dq, dk, dv, bias grads) of one case against one process."""
+    _, make_mask, make_bias, hkv = case
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, N, 8, dtype=torch.float64)
+    k, v = (
+        torch.randn(2, hkv, N, 8, dtype=torch.float64),
+        torch.randn(2, hkv, N, 8, dtype=torch.float64),
+    )
+    g = torch.randn(2, 4, N, 8, dtype=torch.float64)
+    mask, bias = make_mask(N), make_bias(N)
+    ref = _single(q, k, v, g, mask, bias, torch.float64)
+    ours = _sharded(rank, world, q, k, v, g, mask, bias, (layout, strategy), dtype)
+    if dtype == torch.float64:
+        return [(a - b).abs().max().item() for a, b in zip(ours, ref, strict=True)]
+    plain = _single(q, k, v, g, mask, bias, dtype)  # plain PyTorch in the same dtype
+    return [
+        (a - r).abs().max().item() - 2 * (p - r).abs().max().item() - 1e-5
+        for a, p, r in zip(ours, plain, ref, strict=True)
+    ]
+
+
+def _single(q, k, v, g, mask, bias, dtype) -> list[Tensor]:  # type: ignore[no-untyped-def]
+    """Output and gradients of single-process attention on the whole sequence."""
+    q, k, v = (t.to(dtype, copy=True).requires_grad_() for t in (q, k, v))
+    b = None if bias is None else bias.to(dtype)
+    out = attnlab.attention(q, k, v, mask=mask, bias=b, engine="reference")
+    out.backward(g.to(dtype))
+    extra = [] if b is None else [p.grad.double() for p in b.parameters()]
+    grads = [t.grad.double() for t in (q, k, v)]  # type: ignore[union-attr]
+    if b is not None:
+        b.zero_grad()
+    return [out.detach().double(), *grads, *extra]
+
+
+def _sharded(rank, world, q, k, v, g, mask, bias, how, dtype) -> list[Tensor]:  # type: ignore[no-untyped-def]
+    """Output and gradients of the context-parallel call, gathered to every rank."""
+    layout, strategy = how
+    qs, ks, vs = (
+        D.shard(t, rank, world, layout=layout).to(dtype).requires_grad_() for t in (q, k, v)
+    )
+    b = None if bias is None else bias.to(dtype)
+    out = D.attention(qs, ks, vs, mask=mask, bias=b, layout=layout, strategy=strategy)
+    out.backward(D.shard(g, rank, world, layout=layout).to(dtype))
+    shards = [_gather(t, world, layout) for t in (out.detach(), qs.grad, ks.grad, vs.grad)]
+    extra = []
+    if b is not None:
+        for p in b.parameters():
+            total = p.grad.double().clone()  # type: ignore[union-attr]
+            dist.all_reduce(total)  # each rank holds its queries' share
+            extra.append(total)
+        b.zero_grad()
+    return [*shards, *extra]
+
+
+def _gather(t: Tensor, world: int, layout: str) -> Tensor:
+    """The whole sequence from every rank's shard (shard lengths may differ)."""
+    lengths = D.shard_lengths(N, world, layout)
+    padded = torch.zeros(*t.shape[:2], max(lengths), t.shape[3], dtype=torch.float64)
+    padded[:, :, : t.shape[2]] = t.double()
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return D.unshard([p[:, :, :n] for p, n in zip(parts, lengths, strict=True)], layout=layout)
+
+
+def _matrix(rank: int, world: int, dtype: torch.dtype, names: list[str]) -> dict[str, float]:
+    out = {}
+    for case in CASES:
+        if case[0] not in names:
+            continue
+        for layout in D.LAYOUTS:
+            out[f"{case[0]} / {layout}"] = max(_run_case(rank, world, case, layout, dtype))
+        if dtype == torch.float64:  # the other strategy, in the balanced layout
+            errs = _run_case(rank, world, case, "zigzag", dtype, "all-gather")
+            out[f"{case[0]} / zigzag / all-gather"] = max(errs)
+        if dtype == torch.float64 and world == 2:  # every pair through the engine's path
+            flash, steps._FLASH_BWD = steps._FLASH_BWD, None
+            try:
+                out[f"{case[0]} / engine backward"] = max(
+                    _run_case(rank, world, case, "zigzag", dtype)
+                )
+            finally:
+                steps._FLASH_BWD = flash
+    return out
+
+
+ALL = [c[0] for c in CASES]
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_every_mask_and_bias_equals_one_process_in_fp64(world: int) -> None:
+    results = run_local(_matrix, world, torch.float64, ALL, timeout=240)
+    worst = {key: max(r[key] for r in results) for key in results[0]}
+    assert len(worst) == (4 if world == 2 else 3) * len(CASES)
+    bad = {key: err for key, err in worst.items() if not err <= 1e-10}
+    assert not bad, bad
+
+
+def test_fp32_meets_the_2x_rule() -> None:
+    names = ["causal", "window narrow", "documents", "alibi causal", "padding, fully masked rows"]
+    results = run_local(_matrix, 2, torch.float32, names, timeout=120)
+    bad = {key: e for r in results for key, e in r.items() if e > 0}
+    assert not bad, f"error above 2 x plain PyTorch's (+1e-5) by {bad}"
+
+
+def _errors(rank: int, world: int) -> dict[str, str]:
+    """Each bad call's error on this rank, then a good call on the same group."""
+    q, long = torch.randn(1, 2, 6, 4), torch.randn(1, 2, 8, 4)
+    cut = long[:, :, : 5 + 2 * rank]  # 5 and 7 positions: the layout wants 6 and 6
+    seen = {}
+    calls: dict[str, Callable[[], object]] = {
+        "lengths": lambda: D.attention(cut, cut, cut),
+        "heads": lambda: D.attention(q[:, : 1 + rank], q[:, : 1 + rank], q[:, : 1 + rank]),
+        "layout": lambda: D.attention(q, q, q, layout=D.LAYOUTS[rank]),
+        "one rank's bad input": lambda: D.attention(q if rank else q[0], q, q),
+        "tensor mask": lambda: D.attention(q, q, q, mask=torch.ones(12, 12, dtype=torch.bool)),
+        "mask size": lambda: D.attention(q, q, q, mask=masks.documents(torch.zeros(20).long())),
+        "not in group": lambda: D.attention(q, q, q, group=dist.new_group([0])),
+    }
+    for name, call in calls.items():
+        try:
+            call()
+            seen[name] = "no error"
+        except (ValueError, TypeError) as e:
+            seen[name] = f"{type(e).__name__}: {e}"
+    out = D.attention(q, q, q, mask=masks.causal())  # positive control: the group still works
+    seen["control"] = str(tuple(out.shape))
+    return seen
+
+
+def test_bad_input_fails_on_every_rank_without_hanging() -> None:
+    results = run_local(_errors, 2, timeout=60)
+    want = {
+        "lengths": "shards have lengths \\[5, 7\\].*gives \\[6, 6\\]",
+        "heads": "ranks disagree on the query heads: \\[1, 2\\]",
+        "layout": "ranks disagree on the layout",
+        "tensor mask": "dense tensor mask",
+        "mask size": "20",
+    }
+    for rank, seen in enumerate(results):
+        for name, pattern in want.items():
+            assert re.search(pattern, seen[name]), (rank, name, seen[name])
+        assert seen["control"] == "(1, 2, 6, 4)"
+    assert re.search("must be a \\(B, H, L_r, E\\) shard", results[0]["one rank's bad input"])
+    assert re.search("invalid arguments on rank\\(s\\) \\[0\\]", results[1]["one rank's bad input"])
+    assert "does not contain this process" in results[1]["not in group"]
+
+
+def _traffic(rank: int, world: int) -> dict[str, tuple[int, ...]]:
+    """Counted bytes (forward out/in, backward out/in) and peers of several calls."""
+    n, seen = 64, {}
+    docs = torch.tensor([0] * 20 + [1] * 30 + [2] * 14)
+    cases = {
+        "causal": masks.causal(),
+        "window": masks.causal() & masks.window(5),
+        "documents": masks.documents(docs) & masks.causal(),
+    }
+    for (name, mask), layout, strategy in itertools.product(cases.items(), D.LAYOUTS, D.STRATEGIES):
+        q = torch.randn(2, 4, D.shard_lengths(n, world, layout)[rank], 8, requires_grad=True)
+        k, v = (torch.randn(2, 2, q.shape[2], 8, requires_grad=True) for _ in range(2))
+        D.TRAFFIC.reset()
+        out = D.attention(q, k, v, mask=mask, layout=layout, strategy=strategy)
+        fwd = (D.TRAFFIC.sent, D.TRAFFIC.received)
+        D.TRAFFIC.reset()
+        out.sum().backward()
+        bwd = (D.TRAFFIC.sent, D.TRAFFIC.received)
+        seen[f"{name}/{layout}/{strategy}"] = (*fwd, *bwd, *sorted(D.TRAFFIC.peers))
+    return seen
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_counted_bytes_equal_the_plan_and_windows_talk_to_neighbours(world: int) -> None:
+    results = run_local(_traffic, world, timeout=120)
+    docs = torch.tensor([0] * 20 + [1] * 30 + [2] * 14)
+    cases = {
+        "causal": masks.causal(),
+        "window": masks.causal() & masks.window(5),
+        "documents": masks.documents(docs) & masks.causal(),
+    }
+    for key in results[0]:
+        name, layout, strategy = key.split("/")
+        p = D.plan(
+            64,
+            world,
+            mask=cases[name],
+            batch=2,
+            heads=4,
+            kv_heads=2,
+            head_dim=8,
+            layout=layout,
+            strategy=strategy,
+        )
+        for rank, (seen, cost) in enumerate(zip(results, p.ranks, strict=True)):
+            want = (
+                cost.forward_sent,
+                cost.forward_received,
+                cost.backward_sent,
+                cost.backward_received,
+            )
+            assert seen[key][:4] == want, (key, rank, seen[key], want)
+            if strategy == "ring":
+                assert set(seen[key][4:]) == cost.peers, (key, rank)
+    for rank in range(world):  # a contiguous window talks to its neighbours only
+        peers = set(results[rank]["window/contiguous/ring"][4:])
+        assert peers and peers <= {rank - 1, rank + 1}, (rank, peers)
+    last = results[-1]  # the last rank's queries see every shard under causal
+    window, causal = last["window/contiguous/ring"][1], last["causal/contiguous/ring"][1]
+    assert 0 < window == 2 * 2 * 5 * 16 * 4 < causal  # (B, Hkv, w keys, E + Ev) float32

@@ -1,0 +1,26 @@
+"""The torchrun training example (examples/context_parallel_lm.py): its first 20 losses
+with 2 context-parallel processes equal a single-process run on the same data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "context_parallel_lm.py"
+
+
+def _losses(processes: int) -> list[float]:
+    cmd = [sys.executable, str(EXAMPLE), "--local", str(processes), "--seq", "512", "--steps", "20"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, check=True)
+    losses: list[float] = json.loads(done.stdout.strip().splitlines()[-1])["losses"]
+    return losses
+
+
+def test_twenty_losses_equal_one_process() -> None:
+    one, two = _losses(1), _losses(2)
+    assert len(one) == len(two) == 20
+    assert one[-1] < 0.5 * one[0]  # it trains
+    for step, (a, b) in enumerate(zip(one, two, strict=True)):
+        assert abs(a - b) <= 1e-4 * abs(a), (step, a, b)
