@@ -57,6 +57,12 @@ CASES: list[Case] = [
         lambda n: None,
         1,
     ),
+    (
+        "per-head custom mask",
+        lambda n: masks.custom(lambda b, h, q, k: (q - k + h) % 3 == 0) & masks.causal(),
+        lambda n: None,
+        2,
+    ),
     ("learned relative bias", lambda n: masks.causal(), lambda n: _learned(), 2),
     ("learned bias, window", lambda n: masks.window(3, 1), lambda n: _learned(), 2),
 ]
@@ -148,6 +154,10 @@ def _matrix(rank: int, world: int, dtype: torch.dtype, names: list[str]) -> dict
         if dtype == torch.float64:  # the other strategy, in the balanced layout
             errs = _run_case(rank, world, case, "zigzag", dtype, "all-gather")
             out[f"{case[0]} / zigzag / all-gather"] = max(errs)
+        if dtype == torch.float64 and _ulysses_fits(case, world):  # heads split over ranks
+            for layout in D.LAYOUTS:
+                errs = _run_case(rank, world, case, layout, dtype, "ulysses")
+                out[f"{case[0]} / {layout} / ulysses"] = max(errs)
         if dtype == torch.float64 and world == 2:  # every pair through the engine's path
             flash, steps._FLASH_BWD = steps._FLASH_BWD, None
             try:
@@ -159,6 +169,12 @@ def _matrix(rank: int, world: int, dtype: torch.dtype, names: list[str]) -> dict
     return out
 
 
+def _ulysses_fits(case: Case, world: int) -> bool:
+    """Whether Ulysses can split this case's heads (4 query heads, ``case[3]`` key/value
+    heads) over ``world`` ranks."""
+    return 4 % world == 0 and case[3] % world == 0
+
+
 ALL = [c[0] for c in CASES]
 
 
@@ -166,7 +182,9 @@ ALL = [c[0] for c in CASES]
 def test_every_mask_and_bias_equals_one_process_in_fp64(world: int) -> None:
     results = run_local(_matrix, world, torch.float64, ALL, timeout=240)
     worst = {key: max(r[key] for r in results) for key in results[0]}
-    assert len(worst) == (4 if world == 2 else 3) * len(CASES)
+    ulysses = 2 * sum(_ulysses_fits(c, world) for c in CASES)
+    assert len(worst) == (4 if world == 2 else 3) * len(CASES) + ulysses
+    assert ulysses >= (2 if world == 4 else 0)  # per-head ALiBi over 4 ranks among them
     bad = {key: err for key, err in worst.items() if not err <= 1e-10}
     assert not bad, bad
 
@@ -180,7 +198,7 @@ def test_fp32_meets_the_2x_rule() -> None:
 
 def _errors(rank: int, world: int) -> dict[str, str]:
     """Each bad call's error on this rank, then a good call on the same group."""
-    q, long = torch.randn(1, 2, 6, 4), torch.randn(1, 2, 8, 4)
+    q, long, odd = torch.randn(1, 2, 6, 4), torch.randn(1, 2, 8, 4), torch.randn(1, 3, 6, 4)
     cut = long[:, :, : 5 + 2 * rank]  # 5 and 7 positions: the layout wants 6 and 6
     seen = {}
     calls: dict[str, Callable[[], object]] = {
@@ -191,6 +209,7 @@ def _errors(rank: int, world: int) -> dict[str, str]:
         "tensor mask": lambda: D.attention(q, q, q, mask=torch.ones(12, 12, dtype=torch.bool)),
         "mask size": lambda: D.attention(q, q, q, mask=masks.documents(torch.zeros(20).long())),
         "not in group": lambda: D.attention(q, q, q, group=dist.new_group([0])),
+        "ulysses heads": lambda: D.attention(odd, odd[:, :1], odd[:, :1], strategy="ulysses"),
     }
     for name, call in calls.items():
         try:
@@ -200,6 +219,8 @@ def _errors(rank: int, world: int) -> dict[str, str]:
             seen[name] = f"{type(e).__name__}: {e}"
     out = D.attention(q, q, q, mask=masks.causal())  # positive control: the group still works
     seen["control"] = str(tuple(out.shape))
+    out = D.attention(q, q[:, :1].repeat(1, 2, 1, 1), q, strategy="ulysses")  # 2 heads fit
+    seen["ulysses control"] = str(tuple(out.shape))
     return seen
 
 
@@ -211,11 +232,12 @@ def test_bad_input_fails_on_every_rank_without_hanging() -> None:
         "layout": "ranks disagree on the layout",
         "tensor mask": "dense tensor mask",
         "mask size": "20",
+        "ulysses heads": "^ValueError: strategy='ulysses' .* divide by 2; got Hq=3, Hkv=1",
     }
     for rank, seen in enumerate(results):
         for name, pattern in want.items():
             assert re.search(pattern, seen[name]), (rank, name, seen[name])
-        assert seen["control"] == "(1, 2, 6, 4)"
+        assert seen["control"] == seen["ulysses control"] == "(1, 2, 6, 4)"
     assert re.search("must be a \\(B, H, L_r, E\\) shard", results[0]["one rank's bad input"])
     assert re.search("invalid arguments on rank\\(s\\) \\[0\\]", results[1]["one rank's bad input"])
     assert "does not contain this process" in results[1]["not in group"]
@@ -232,7 +254,8 @@ def _traffic(rank: int, world: int) -> dict[str, tuple[int, ...]]:
     }
     for (name, mask), layout, strategy in itertools.product(cases.items(), D.LAYOUTS, D.STRATEGIES):
         q = torch.randn(2, 4, D.shard_lengths(n, world, layout)[rank], 8, requires_grad=True)
-        k, v = (torch.randn(2, 2, q.shape[2], 8, requires_grad=True) for _ in range(2))
+        hkv = 4 if strategy == "ulysses" else 2  # Ulysses needs Hkv % P == 0 at P = 4
+        k, v = (torch.randn(2, hkv, q.shape[2], 8, requires_grad=True) for _ in range(2))
         D.TRAFFIC.reset()
         out = D.attention(q, k, v, mask=mask, layout=layout, strategy=strategy)
         fwd = (D.TRAFFIC.sent, D.TRAFFIC.received)
@@ -260,7 +283,7 @@ def test_counted_bytes_equal_the_plan_and_windows_talk_to_neighbours(world: int)
             mask=cases[name],
             batch=2,
             heads=4,
-            kv_heads=2,
+            kv_heads=4 if strategy == "ulysses" else 2,
             head_dim=8,
             layout=layout,
             strategy=strategy,
@@ -281,3 +304,49 @@ def test_counted_bytes_equal_the_plan_and_windows_talk_to_neighbours(world: int)
     last = results[-1]  # the last rank's queries see every shard under causal
     window, causal = last["window/contiguous/ring"][1], last["causal/contiguous/ring"][1]
     assert 0 < window == 2 * 2 * 5 * 16 * 4 < causal  # (B, Hkv, w keys, E + Ev) float32
+
+
+def _moved(p: D.CallPlan) -> int:
+    """The busiest rank's bytes, forward and backward, sent and received."""
+    return max(
+        c.forward_sent + c.forward_received + c.backward_sent + c.backward_received for c in p.ranks
+    )
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "world", "window", "want"),
+    [
+        (8, 8, 4, None, "ulysses"),  # MHA, heads divide: 2 all-to-alls beat the ring
+        (8, 8, 2, None, "ulysses"),
+        (32, 4, 4, None, "all-gather"),  # GQA: few key/value heads, causal needs them all
+        (4, 2, 2, None, "all-gather"),
+        (8, 8, 4, 64, "ring"),  # a window: the ring talks to neighbours only
+        (8, 2, 4, 64, "ring"),  # GQA, but the window skips rank pairs
+        (6, 6, 4, None, "ring"),  # heads do not divide by P, MHA
+    ],
+)
+def test_auto_picks_what_the_rule_says(
+    heads: int, kv_heads: int, world: int, window: int | None, want: str
+) -> None:
+    mask = masks.causal() if window is None else masks.causal() & masks.window(window)
+    layout = "zigzag" if window is None else "contiguous"
+
+    def planned(strategy: str) -> D.CallPlan:
+        return D.plan(
+            4096, world, mask=mask, heads=heads, kv_heads=kv_heads, strategy=strategy, layout=layout
+        )
+
+    auto = planned("auto")
+    assert auto.strategy == want
+    ring = _moved(planned("ring"))
+    if want == "ulysses":  # the rule's reason, from the plan's own bytes
+        assert _moved(planned("ulysses")) < ring
+    elif heads % world == 0 and kv_heads % world == 0:
+        assert _moved(planned("ulysses")) >= ring
+    assert _moved(auto) == _moved(planned(want))
+
+
+def test_plan_refuses_ulysses_with_indivisible_heads() -> None:
+    with pytest.raises(ValueError, match="divisible by world=4, got heads=4, kv_heads=2"):
+        D.plan(64, 4, heads=4, kv_heads=2, strategy="ulysses")
+    assert D.plan(64, 4, heads=4, kv_heads=4, strategy="ulysses").strategy == "ulysses"

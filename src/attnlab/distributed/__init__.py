@@ -5,7 +5,9 @@ A sequence too long for one process is cut across the ranks of a process group
 computes exact attention of every rank's queries over the whole sequence, forward and
 backward, with any attnlab mask and bias evaluated at global positions. Each local step
 runs on attnlab's engines (the blocked kernel on CPU) and partial results merge through
-their logsumexp; ranks exchange keys and values only where the mask needs them.
+their logsumexp; ranks exchange keys and values only where the mask needs them. The
+``"ulysses"`` strategy instead trades sequence shards for head shards by all-to-all and
+attends whole sequences per head group; ``"auto"`` picks a strategy from :func:`plan`.
 
 Example:
     >>> import torch

@@ -16,13 +16,15 @@ from torch import Tensor
 from attnlab.bias import Bias, TensorBias, as_bias
 from attnlab.distributed.comm import Group, gather_meta
 from attnlab.distributed.layout import LAYOUTS, shard_lengths, validate_layout
+from attnlab.distributed.plan import choose
 from attnlab.distributed.ring import RingAttention
 from attnlab.distributed.setup import Setup, make_setup
+from attnlab.distributed.ulysses import ulysses
 from attnlab.masks import Mask, TensorMask, as_mask
 
 __all__ = ["STRATEGIES", "attention", "prepare"]
 
-STRATEGIES = ("ring", "all-gather")
+STRATEGIES = ("ring", "all-gather", "ulysses", "auto")
 
 
 def attention(
@@ -58,8 +60,15 @@ def attention(
         strategy: ``"ring"`` (keys and values travel, step by step, between the ranks
             that need them; sends overlap compute) or ``"all-gather"`` (one collective
             gathers every shard's keys and values first: fewer, larger messages, best
-            with few key/value heads). Both return gradients of keys and values to their
-            owners point to point.
+            with few key/value heads); both return gradients of keys and values to their
+            owners point to point. ``"ulysses"`` (DeepSpeed-Ulysses: one all-to-all turns
+            sequence shards into head shards, each rank attends its ``Hq/P`` query heads
+            over the whole sequence, one all-to-all brings the output back; needs
+            ``Hq % P == 0`` and ``Hkv % P == 0``, else ``ValueError`` on every rank).
+            ``"auto"`` asks the cost model (``plan(..., strategy="auto")`` names its pick):
+            ulysses when the heads divide by ``P`` and its busiest rank moves fewer bytes
+            than the ring's; else all-gather when there are fewer key/value heads than
+            query heads (GQA/MQA) and the mask skips no rank pair; else ring.
         engine: the local engine of each step (``"auto"``: the blocked kernel on CPU).
 
     Returns:
@@ -85,6 +94,8 @@ def attention(
         strategy=strategy,
         engine=engine,
     )
+    if s.strategy == "ulysses":
+        return ulysses(s, q, k, v)
     leaves = [] if s.bias is None else _leaves(s.bias)
     out: Tensor = RingAttention.apply(q, k, v, s, *leaves)
     return out
@@ -108,6 +119,7 @@ def prepare(
     try:
         mask_, bias_ = _structured(mask, bias)
         _local_checks(q, k, v, layout, strategy)
+        _ulysses_checks(q, k, strategy, g.world)
         local_error: Exception | None = None
     except (TypeError, ValueError) as e:
         local_error, mask_, bias_ = e, None, None
@@ -124,7 +136,8 @@ def prepare(
     sizes = (q.shape[0], q.shape[1], k.shape[1], dim, v.shape[-1])
     scale_ = dim**-0.5 if scale is None else float(scale)
     s = make_setup(g, n, layout, strategy, mask_, bias_, scale_, engine, sizes)
-    return dataclasses.replace(s, cpu=q.device.type == "cpu")
+    picked = choose(s) if strategy == "auto" else strategy
+    return dataclasses.replace(s, strategy=picked, cpu=q.device.type == "cpu")
 
 
 def _structured(mask: object, bias: object) -> tuple[Mask | None, Bias | None]:
@@ -162,6 +175,18 @@ def _local_checks(q: Tensor, k: Tensor, v: Tensor, layout: str, strategy: str) -
         )
     if q.dtype != k.dtype or k.dtype != v.dtype or not q.is_floating_point():
         raise TypeError(f"q, k, v must share one float dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def _ulysses_checks(q: Tensor, k: Tensor, strategy: str, world: int) -> None:
+    """Ulysses splits heads over ranks: both head counts must divide by ``world``."""
+    if strategy != "ulysses" or not isinstance(q, Tensor) or not isinstance(k, Tensor):
+        return
+    if q.dim() == 4 and k.dim() == 4 and (q.shape[1] % world or k.shape[1] % world):
+        raise ValueError(
+            f"strategy='ulysses' splits heads over the {world} ranks, so query heads and "
+            f"key/value heads must both divide by {world}; got Hq={q.shape[1]}, "
+            f"Hkv={k.shape[1]}; use strategy='ring', 'all-gather' or 'auto'"
+        )
 
 
 def _describe(t: object) -> str:

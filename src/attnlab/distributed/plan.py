@@ -1,5 +1,6 @@
 """The cost model: per rank and per ring step, the bytes a call sends and receives and the
-useful FLOPs it computes, and a simulation of parallel efficiency from them.
+useful FLOPs it computes, a simulation of parallel efficiency from them, and the rule
+(:func:`choose`) by which ``strategy="auto"`` picks ring, all-gather or Ulysses.
 
 :func:`plan` needs no process group: it runs the same need-matrix logic as
 :func:`attnlab.distributed.attention`, so its bytes equal what a run counts in
@@ -8,7 +9,7 @@ useful FLOPs it computes, and a simulation of parallel efficiency from them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -19,7 +20,7 @@ from attnlab.distributed.ring import segments
 from attnlab.distributed.setup import Setup, make_setup
 from attnlab.masks import Mask
 
-__all__ = ["CallPlan", "RankCost", "Step", "plan", "simulate"]
+__all__ = ["CallPlan", "RankCost", "Step", "choose", "plan", "simulate"]
 
 BACKWARD_FLOPS = 2.5  # backward recomputes S, then dP, dV, dQ, dK: 5 matmuls to forward's 2
 
@@ -96,7 +97,8 @@ def plan(
         mask: the global mask (asked for its row intervals, as the call does).
         batch, heads, kv_heads, head_dim: ``B``, ``Hq``, ``Hkv`` (default ``Hq``), ``E``.
         element_size: bytes per element (4 for float32; backward sends float32 at least).
-        strategy, layout: as in :func:`~attnlab.distributed.attention`.
+        strategy, layout: as in :func:`~attnlab.distributed.attention` (``"auto"``:
+            the strategy :func:`choose` picks, named in the returned plan).
 
     Example:
         >>> from attnlab import masks
@@ -106,9 +108,101 @@ def plan(
     """
     validate_layout(layout)
     hkv = heads if kv_heads is None else kv_heads
+    if strategy == "ulysses" and (heads % world or hkv % world):
+        raise ValueError(
+            f"strategy='ulysses' needs heads and kv_heads divisible by world={world}, "
+            f"got heads={heads}, kv_heads={hkv}"
+        )
     sizes = (batch, heads, hkv, head_dim, head_dim)
     s = make_setup(Group(None, 0, world), n, layout, strategy, mask, None, 1.0, "auto", sizes)
-    return CallPlan(strategy, layout, tuple(_rank(s, r, element_size) for r in range(world)))
+    if strategy == "auto":
+        s = replace(s, strategy=choose(s))
+    if s.strategy == "ulysses":
+        total = sum(_flops(s, r, src) for r in range(world) for src in range(world))
+        ranks = tuple(_ulysses(s, r, element_size, total / world) for r in range(world))
+        return CallPlan(s.strategy, layout, ranks)
+    ranks = tuple(_rank(s, r, element_size) for r in range(world))
+    return CallPlan(s.strategy, layout, ranks)
+
+
+def choose(s: Setup) -> str:
+    """The strategy ``strategy="auto"`` runs for the call planned in ``s``.
+
+    The rule, from this module's byte counts (the same on every rank):
+
+    1. ``"ulysses"`` if ``Hq`` and ``Hkv`` both divide by ``P`` and its busiest rank moves
+       fewer bytes (forward + backward, sent + received) than the ring's busiest rank;
+    2. else ``"all-gather"`` if there are fewer key/value heads than query heads (GQA/MQA:
+       the gathered keys are small) and the mask needs every rank's keys on every rank
+       (so gathering everything wastes nothing the ring would skip);
+    3. else ``"ring"``.
+
+    Example:
+        >>> from attnlab import masks
+        >>> from attnlab.distributed.setup import make_setup
+        >>> s = make_setup(Group(None, 0, 4), 4096, "zigzag", "auto", masks.causal(), None,
+        ...                1.0, "auto", (1, 32, 4, 64, 64))
+        >>> choose(s)
+        'all-gather'
+    """
+    world, (_, hq, hkv, _, _) = s.group.world, s.sizes
+    ring = max(_busiest(_bytes(s, r, 1)) for r in range(world))
+    if hq % world == 0 and hkv % world == 0:
+        uly = max(_busiest(_ulysses_bytes(s, r, 1)) for r in range(world))
+        if uly < ring:
+            return "ulysses"
+    if hkv < hq and all(all(row) for row in s.need):
+        return "all-gather"
+    return "ring"
+
+
+def _busiest(b: tuple[int, int, int, int]) -> int:
+    return sum(b)
+
+
+def _bytes(s: Setup, r: int, element_size: int) -> tuple[int, int, int, int]:
+    """Rank ``r``'s ring or all-gather bytes: forward sent, received, backward sent,
+    received."""
+    world = s.group.world
+    b, _, hkv, e, ev = s.sizes
+
+    def nbytes(receiver: int, owner: int) -> int:
+        rows = sum(x[1] for x in segments(s, receiver, owner))
+        return b * hkv * rows * (e + ev) * element_size
+
+    ring_in = sum(nbytes(r, (r - t) % world) for t in range(1, world))
+    ring_out = sum(nbytes((r + t) % world, r) for t in range(1, world))
+    if s.strategy == "all-gather":
+        shard = [b * hkv * sum(y - x for x, y in s.pieces[p]) * (e + ev) for p in range(world)]
+        fwd_in = fwd_out = (world - 1) * max(shard) * element_size
+    else:
+        fwd_in, fwd_out = ring_in, ring_out
+    # backward: the keys again as forward, plus each peer's key gradients sent back
+    return fwd_out, fwd_in, fwd_out + ring_in, fwd_in + ring_out
+
+
+def _ulysses_bytes(s: Setup, r: int, element_size: int) -> tuple[int, int, int, int]:
+    """Rank ``r``'s Ulysses bytes: q, k, v out by head group, the output back; backward
+    is the same all-to-alls reversed (gradients in the input dtype)."""
+    world = s.group.world
+    b, hq, hkv, e, ev = s.sizes
+    own = sum(y - x for x, y in s.pieces[r])
+    others = s.n - own
+    per_row = (hq * e + hkv * (e + ev)) // world  # q, k, v of one position, one head group
+    out_row = hq // world * ev
+    sent = ((world - 1) * own * per_row + others * out_row) * b * element_size
+    received = (others * per_row + (world - 1) * own * out_row) * b * element_size
+    return sent, received, received, sent
+
+
+def _ulysses(s: Setup, r: int, element_size: int, flops: float) -> RankCost:
+    """One rank's Ulysses cost: one all-to-all step, a ``1/P`` share of the useful work."""
+    fwd_out, fwd_in, bwd_out, bwd_in = _ulysses_bytes(s, r, element_size)
+    peers = (
+        frozenset(p for p in range(s.group.world) if p != r) if fwd_out + fwd_in else frozenset()
+    )
+    step = Step(r, r, fwd_in, fwd_out, flops)
+    return RankCost((step,), fwd_out, fwd_in, bwd_out, bwd_in, peers)
 
 
 def _rank(s: Setup, r: int, element_size: int) -> RankCost:
@@ -125,15 +219,8 @@ def _rank(s: Setup, r: int, element_size: int) -> RankCost:
         src, dst = (r - t) % world, (r + t) % world
         got, gave = (nbytes(r, src), nbytes(dst, r)) if t else (0, 0)
         steps.append(Step(src, dst, got, gave, _flops(s, r, src)))
-    ring_in, ring_out = sum(x.received for x in steps), sum(x.sent for x in steps)
-    if s.strategy == "all-gather":
-        shard = [b * hkv * sum(y - x for x, y in s.pieces[p]) * (e + ev) for p in range(world)]
-        fwd_in = fwd_out = (world - 1) * max(shard) * element_size
-    else:
-        fwd_in, fwd_out = ring_in, ring_out
-    # backward: the keys again as forward, plus each peer's key gradients sent back
     peers = frozenset(x.src for x in steps if x.received) | {x.dst for x in steps if x.sent}
-    return RankCost(tuple(steps), fwd_out, fwd_in, fwd_out + ring_in, fwd_in + ring_out, peers)
+    return RankCost(tuple(steps), *_bytes(s, r, element_size), peers)
 
 
 def _flops(s: Setup, r: int, src: int) -> float:
@@ -183,7 +270,7 @@ def simulate(
     factor = 1 + (BACKWARD_FLOPS if backward else 0)
     total = sum(c.flops for c in p.ranks) * factor
     ideal = total / (len(p.ranks) * flops)
-    if p.strategy == "all-gather":  # one gather before compute; gradients go back after
+    if p.strategy in ("all-gather", "ulysses"):  # collectives before and after compute
         times = [
             (c.forward_received + (c.backward_received if backward else 0)) / bandwidth
             + c.flops * factor / flops

@@ -30,7 +30,8 @@ class Setup:
         n: the global sequence length.
         layout: ``"contiguous"`` or ``"zigzag"``.
         pieces: each rank's global ranges ``[start, stop)``, in shard order.
-        strategy: ``"ring"`` or ``"all-gather"``.
+        strategy: ``"ring"``, ``"all-gather"`` or ``"ulysses"`` (``"auto"`` is resolved by
+            the cost model's ``choose`` after this is made).
         mask, bias, scale, engine: as in :func:`attnlab.attention`, at global positions.
         bounds: the mask's global row intervals ``(Bm, N)``, or None.
         need: ``need[r][s]``: rank ``r``'s queries see some key of rank ``s``.
