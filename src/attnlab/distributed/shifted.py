@@ -15,7 +15,7 @@ from torch import Tensor
 
 from attnlab._grid import Grid
 from attnlab.bias import Bias
-from attnlab.masks import Mask, RowBounds
+from attnlab.masks import Mask, RowBounds, Wrapped
 from attnlab.masks.layout import Device
 
 __all__ = ["ShiftedBias", "ShiftedMask", "global_grid"]
@@ -32,7 +32,7 @@ def global_grid(grid: Grid, n: int, qs: int, ks: int, sink: bool = False) -> Gri
     return Grid(b=grid.b, h=grid.h, q=grid.rows + qs, k=k, lq=n, lk=n)
 
 
-class ShiftedMask(Mask):
+class ShiftedMask(Wrapped):
     """``inner`` on the queries ``[qs, qs + lq)`` and keys ``[ks, ks + lk)`` of ``n``.
 
     With ``sink``, the local keys are one extra key (index 0, allowed for every row)
@@ -61,21 +61,12 @@ class ShiftedMask(Mask):
         sink: bool = False,
         bounds: RowBounds | None = None,
     ) -> None:
-        self.inner, self.n, self.qs, self.ks, self.sink = inner, n, qs, ks, sink
-        self.per_head = inner.per_head
-        self.elementwise = inner.elementwise
+        super().__init__(inner)
+        self.n, self.qs, self.ks, self.sink = n, qs, ks, sink
         self.is_causal = inner.is_causal and qs == ks and lq == lk and not sink
         self._global: dict[int, RowBounds | None] = {}
         if bounds is not None:
             self._global[bounds.lo.shape[0]] = bounds
-
-    @property
-    def per_batch(self) -> bool:
-        return self.inner.per_batch
-
-    @property
-    def batch_size(self) -> int | None:
-        return self.inner.batch_size
 
     def evaluate(self, grid: Grid) -> Tensor:
         allowed = self.inner(global_grid(grid, self.n, self.qs, self.ks, self.sink))

@@ -28,7 +28,7 @@ from attnlab.bias import Bias
 from attnlab.distributed.comm import post, wait_all
 from attnlab.distributed.layout import shard, unshard
 from attnlab.distributed.setup import Setup
-from attnlab.masks import Mask
+from attnlab.masks import Mask, Wrapped
 
 __all__ = ["HeadSliceBias", "HeadSliceMask", "heads_to_seq", "seq_to_heads", "ulysses"]
 
@@ -39,7 +39,7 @@ def _shift(grid: Grid, start: int) -> Grid:
     return dataclasses.replace(grid, h=grid.h + start)
 
 
-class HeadSliceMask(Mask):
+class HeadSliceMask(Wrapped):
     """``inner`` (a per-head mask of ``total`` heads) on heads ``[start, start + H)``.
 
     Example:
@@ -49,19 +49,10 @@ class HeadSliceMask(Mask):
         True
     """
 
-    per_head = True
-
     def __init__(self, inner: Mask, *, start: int, total: int) -> None:
-        self.inner, self.start, self.total = inner, start, total
-        self.elementwise = inner.elementwise
-
-    @property
-    def per_batch(self) -> bool:
-        return self.inner.per_batch
-
-    @property
-    def batch_size(self) -> int | None:
-        return self.inner.batch_size
+        super().__init__(inner)
+        self.start, self.total = start, total
+        self.per_head = True
 
     def evaluate(self, grid: Grid) -> Tensor:
         return self.inner(_shift(grid, self.start))

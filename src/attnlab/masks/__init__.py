@@ -26,7 +26,7 @@ Example:
 
 from __future__ import annotations
 
-from attnlab.masks.base import And, Mask, Not, Or
+from attnlab.masks.base import And, Mask, Not, Or, Wrapped
 from attnlab.masks.custom import Custom, MaskFn, custom
 from attnlab.masks.documents import Documents, documents
 from attnlab.masks.intervals import (
@@ -63,6 +63,7 @@ __all__ = [
     "TensorMask",
     "TileState",
     "Window",
+    "Wrapped",
     "as_mask",
     "block_random",
     "causal",

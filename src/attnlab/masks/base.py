@@ -41,7 +41,7 @@ from attnlab.masks.layout import (
     layout_from_bounds,
 )
 
-__all__ = ["And", "Mask", "Not", "Or"]
+__all__ = ["And", "Mask", "Not", "Or", "Wrapped"]
 
 
 class Mask:
@@ -332,8 +332,14 @@ class Or(_Combination):
         return torch.maximum(a, b)
 
 
-class Not(Mask):
-    """``~a``: a pair may attend when ``a`` forbids it. Build with ``~``."""
+class Wrapped(Mask):
+    """A mask defined from one other mask, ``inner``: it varies by batch and head as
+    ``inner`` does, is elementwise when ``inner`` is, and checks sizes through it.
+
+    Subclasses implement :meth:`evaluate` and :meth:`spec` and override what they change
+    (:class:`Not`; outside this package, masks that restrict ``inner`` to a shard or to
+    some heads).
+    """
 
     def __init__(self, inner: Mask) -> None:
         self.inner = inner
@@ -348,15 +354,19 @@ class Not(Mask):
     def batch_size(self) -> int | None:
         return self.inner.batch_size
 
+    def check(self, *, batch: int, heads: int, lq: int, lk: int) -> None:
+        self.inner.check(batch=batch, heads=heads, lq=lq, lk=lk)
+
+
+class Not(Wrapped):
+    """``~a``: a pair may attend when ``a`` forbids it. Build with ``~``."""
+
     @property
     def natural_length(self) -> int | None:
         return self.inner.natural_length
 
     def evaluate(self, grid: Grid) -> Tensor:
         return ~self.inner(grid)
-
-    def check(self, *, batch: int, heads: int, lq: int, lk: int) -> None:
-        self.inner.check(batch=batch, heads=heads, lq=lq, lk=lk)
 
     def _layout(
         self, lq: int, lk: int, bq: int, bk: int, batch: int | None, heads: int, device: Device
