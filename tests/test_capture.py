@@ -74,3 +74,32 @@ def test_classic_attention_and_outside_any_model() -> None:
         pass
     lm(torch.randn(1, 4, 16))  # hooks are gone after the block
     assert all(not m._forward_pre_hooks for m in lm.modules())
+
+
+def test_a_capture_sees_only_its_own_threads_calls() -> None:
+    """Two threads capturing at once: each records its own model's calls only, and a
+    ``grad=True`` capture in one thread leaves the other's engine alone."""
+    import threading
+
+    from attnlab.nn import Encoder, EncoderLayer, LayerConfig
+
+    torch.manual_seed(0)
+    encs = [Encoder(EncoderLayer(LayerConfig(16, 2, 32, dropout=0.0)), n).eval() for n in (2, 3)]
+    got: dict[int, list[str]] = {}
+    barrier = threading.Barrier(2)
+
+    def work(i: int) -> None:
+        with capture(encs[i], grad=i == 1) as cap:
+            barrier.wait()
+            for _ in range(20):
+                encs[i](torch.randn(1, 5, 16))
+        got[i] = sorted({(c.name, c.engine) for c in cap.records})
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert [name for name, _ in got[0]] == ["layers.0.self_attn", "layers.1.self_attn"]
+    assert [name for name, _ in got[1]] == [f"layers.{i}.self_attn" for i in range(3)]
+    assert {e for _, e in got[1]} == {"reference"} and "reference" not in {e for _, e in got[0]}

@@ -6,6 +6,7 @@ observer the hook costs one truthiness check per call.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -13,7 +14,7 @@ from torch import Tensor
 
 from attnlab.engines import AttentionRequest
 
-__all__ = ["LIVE_WEIGHTS", "OBSERVERS", "AttentionEvent", "notify"]
+__all__ = ["LIVE_WEIGHTS", "OBSERVERS", "AttentionEvent", "live_weights", "notify"]
 
 
 @dataclass(frozen=True)
@@ -37,10 +38,16 @@ class AttentionEvent:
 Observer = Callable[[AttentionEvent], None]
 OBSERVERS: list[Observer] = []
 
-#: While non-empty, :func:`attnlab.attention` runs every call on the reference engine with
-#: weights, so observers see the weights that computed the output (gradient relevance needs
-#: d output / d weights). ``capture(..., grad=True)`` pushes onto it.
-LIVE_WEIGHTS: list[object] = []
+#: The threads (``threading.get_ident()``) in which :func:`attnlab.attention` runs every call
+#: on the reference engine with weights, so observers see the weights that computed the
+#: output (gradient relevance needs d output / d weights). ``capture(..., grad=True)``
+#: pushes its thread onto it; calls in other threads keep their engine.
+LIVE_WEIGHTS: list[int] = []
+
+
+def live_weights() -> bool:
+    """Whether a ``capture(grad=True)`` block is open in this thread (cheap when none is)."""
+    return bool(LIVE_WEIGHTS) and threading.get_ident() in LIVE_WEIGHTS
 
 
 def notify(event: AttentionEvent) -> None:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from attnlab import _validate as V
-from attnlab._observe import LIVE_WEIGHTS, OBSERVERS, AttentionEvent, notify
+from attnlab._observe import OBSERVERS, AttentionEvent, live_weights, notify
 from attnlab.bias import Bias, as_bias
 from attnlab.engines import AttentionRequest, get_engine, select_engine, validate_options
 from attnlab.engines.base import slice_weights
@@ -142,7 +142,7 @@ def attention(
         sinks=sinks,
     )
     chosen = select_engine(engine, req)
-    if LIVE_WEIGHTS:  # capture(grad=True): the weights must be the ones in the graph
+    if live_weights():  # capture(grad=True): the weights must be the ones in the graph
         chosen = get_engine("reference")
         req = dataclasses.replace(req, return_weights=True, options={})
     out, weights, lse = chosen.forward(req)

@@ -16,7 +16,7 @@ from attnlab.cli._args import check_out_file, clean_text, int_in
 from attnlab.cli._errors import UsageError
 from attnlab.cli._sentence import add_model_option, load_encoder
 from attnlab.interpret import TextModel, explain_text
-from attnlab.models import SentenceEncoder
+from attnlab.tasks.encoder import text_model
 
 __all__ = ["add_parsers", "run", "text_model"]
 
@@ -45,30 +45,6 @@ def add_parsers(sub: Any) -> None:
         "--continuation", default=None, help="with a decoder: explain log p(this | TEXT)"
     )
     p.set_defaults(run=run)
-
-
-def text_model(enc: SentenceEncoder) -> TextModel:
-    """``enc`` as the explanations see it: its BERT, tokenizer, pooling and word embeddings.
-
-    Example:
-        >>> import tempfile
-        >>> from attnlab.interpret import explain_text
-        >>> enc = SentenceEncoder.from_pretrained()  # needs attnlab[pretrained]
-        >>> ex = explain_text(text_model(enc), "Cats purr.", tempfile.mkdtemp() + "/r.html",
-        ...                   steps=4, log=lambda s: None)
-        >>> ex.tokens, [p.suffix for p in ex.files][:2]
-        (['[CLS]', 'cats', 'pu', '##rr', '.', '[SEP]'], ['.html', '.png'])
-    """
-    return TextModel(
-        network=enc.bert,
-        tokenize=lambda text: enc.tokenize([text])[0],
-        token_name=lambda i: enc.tokenizer.id_to_token(i) or "?",
-        pooled=lambda ids: enc.embed_rows(ids, normalize=False),
-        embed=lambda ids: enc.embed_rows(ids),
-        input_embeddings=enc.bert.embeddings.word_embeddings,
-        pad_id=enc.bert.config.pad_token_id,
-        pooling=enc.config.pooling,
-    )
 
 
 def _hf_model(args: argparse.Namespace, text: str) -> TextModel:

@@ -6,11 +6,15 @@ that return no weights (``sdpa``, ``blocked`` without ``return_weights``) are no
 to: the weights of only the requested layers, heads and query rows are recomputed from
 the call's own inputs afterwards (by the blocked engine, tile by tile, for softmax), so a
 long sequence costs ``rows x Lk`` per head rather than ``Lq x Lk`` for every head.
+
+A capture records the calls of the thread that opened it only, so two threads may each
+capture their own model at the same time (the explorer's worker threads do).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -85,38 +89,43 @@ class capture:
         self._stack: list[str] = []
         self._handles: list[RemovableHandle] = []
         self._calls: dict[str, int] = {}
+        self._thread = 0
 
     def __enter__(self) -> capture:
+        self._thread = threading.get_ident()
         for name, module in self.model.named_modules() if self.model is not None else []:
             self._handles.append(module.register_forward_pre_hook(self._push(name)))
             self._handles.append(module.register_forward_hook(self._pop, always_call=True))
         OBSERVERS.append(self._observe)
         if self.grad:
-            LIVE_WEIGHTS.append(self)
+            LIVE_WEIGHTS.append(self._thread)
         return self
 
     def __exit__(self, *exc: object) -> None:
         OBSERVERS.remove(self._observe)
         if self.grad:
-            LIVE_WEIGHTS.remove(self)
+            LIVE_WEIGHTS.remove(self._thread)
         for h in self._handles:
             h.remove()
         self._handles.clear()
 
     def _push(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any) -> None:
-            self._stack.append(name)
+            if threading.get_ident() == self._thread:
+                self._stack.append(name)
 
         return hook
 
     def _pop(self, module: nn.Module, args: Any, out: Any) -> None:
-        if self._stack:
+        if self._stack and threading.get_ident() == self._thread:
             self._stack.pop()
 
     def _wanted(self, name: str) -> bool:
         return self.layers is None or any(fnmatch.fnmatchcase(name, p) for p in self.layers)
 
     def _observe(self, event: AttentionEvent) -> None:
+        if threading.get_ident() != self._thread:
+            return  # another thread's call
         name = self._stack[-1] if self._stack else ""
         if not self._wanted(name):
             return
