@@ -39,7 +39,8 @@ RANKS = {
     "integrations": 11,  # attnlab under other libraries (transformers); cli imports it
     "tasks": 11,
     "bench": 11,
-    "cli": 12,
+    "serve": 12,  # the local explorer: over interpret, models and tasks; cli starts it
+    "cli": 13,
 }
 # Beyond the ranks: interpret observes attention only through functional and its hook, and
 # the training loop knows nothing of any model.

@@ -1,0 +1,93 @@
+"""``attnlab serve``: the local explorer, a web page to look inside attention.
+
+Serves the page and its JSON API (FastAPI under uvicorn) on 127.0.0.1 by default; any
+other host needs ``--allow-remote`` and prints a warning, since the API runs models for
+whoever can reach it. The port is checked before anything loads, so a busy port is one
+line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import socket
+from typing import Any
+
+from attnlab.cli._args import check_in_folder, int_in
+from attnlab.cli._errors import UsageError, warn
+
+__all__ = ["add_parsers", "run"]
+
+
+def add_parsers(sub: Any) -> None:
+    """Add the ``serve`` subcommand to an argparse subparsers object."""
+    p = sub.add_parser("serve", help="a local web page to explore attention (attnlab[serve])")
+    p.add_argument(
+        "--model", default=None, help="a sentence-transformers folder (default: all-MiniLM-L6-v2)"
+    )
+    p.add_argument("--runs", default=None, help="list the task checkpoints found in this folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
+    p.add_argument("--port", type=int_in(0, 65535), default=8000, help="0: any free port")
+    p.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow a --host other than loopback (anyone who reaches it can run models)",
+    )
+    p.set_defaults(run=run)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (uvicorn serves on it); a usage error if it cannot."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit it
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise UsageError("--port", f"cannot listen on {host}:{port} ({e.strerror or e})") from e
+    sock.listen(2048)  # connections wait from now on, before uvicorn starts accepting
+    return sock
+
+
+def run(args: argparse.Namespace) -> int:
+    """``attnlab serve``."""
+    if not _is_loopback(args.host) and not args.allow_remote:
+        raise UsageError(
+            "--host",
+            f"{args.host!r} is not loopback; add --allow-remote to serve beyond this machine",
+        )
+    if args.model is not None:
+        check_in_folder("--model", args.model)
+    if args.runs is not None:
+        check_in_folder("--runs", args.runs)
+    try:
+        import uvicorn
+
+        from attnlab.serve import create_app
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError(f"{e}; pip install 'attnlab[serve]'") from e
+    sock = _bind(args.host, args.port)
+    if not _is_loopback(args.host):
+        warn(args, f"serving on {args.host}: anyone who can reach it can run models here")
+    app = create_app(args.model, args.runs)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"attnlab serve: http://{shown}:{port}/  (API docs: /docs; Ctrl-C stops)", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shut down cleanly, then re-raised Ctrl-C / SIGTERM
+        pass
+    print("attnlab serve: stopped", flush=True)
+    return 0

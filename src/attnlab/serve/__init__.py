@@ -1,0 +1,13 @@
+"""The local explorer: ``attnlab serve``, a FastAPI app over :mod:`attnlab.interpret`,
+the sentence encoder and trained task checkpoints (``pip install attnlab[serve]``).
+
+:func:`create_app` builds the app; the page (``static/``) and scripts use its JSON API
+under ``/api`` (FastAPI's OpenAPI page is at ``/docs``).
+"""
+
+from __future__ import annotations
+
+from attnlab.serve.app import create_app
+from attnlab.serve.limits import Limits
+
+__all__ = ["Limits", "create_app"]

@@ -1,0 +1,255 @@
+"""The explorer's FastAPI app: the page, its assets, and the JSON API under ``/api``.
+
+Every model call runs on one worker thread (:class:`~attnlab.serve.jobs.Worker`), off the
+event loop; slow explanations run as jobs with progress and cancel. The last few inputs'
+attention is kept, so moving between layers and heads does not recompute it.
+
+Example:
+    >>> from fastapi.testclient import TestClient
+    >>> with TestClient(create_app()) as client:
+    ...     r = client.post("/api/attend", json={"text": "Cats purr.", "layer": 5, "head": 3})
+    >>> r.status_code, r.json()["head"]["n_queries"], len(r.json()["thumbs"])
+    (200, 6, 6)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
+
+import attnlab
+from attnlab.serve import payload
+from attnlab.serve.jobs import Worker
+from attnlab.serve.limits import ApiError, Limits, check_range, check_text, decode_image
+from attnlab.serve.payload import AttendIn, CompareIn, ExplainIn, Side
+from attnlab.serve.registry import Registry
+
+__all__ = ["STATIC", "create_app"]
+
+STATIC = Path(__file__).with_name("static")
+CACHE = 6  # inputs whose attention is kept
+
+
+class Explorer:
+    """The app's state: models, limits, the worker and the attention cache."""
+
+    def __init__(self, registry: Registry, limits: Limits) -> None:
+        self.registry, self.limits = registry, limits
+        self.worker = Worker()
+        self.cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self.lock = threading.Lock()  # the cache
+
+    async def run(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` on the worker thread, awaited without blocking the event loop."""
+        return await asyncio.wrap_future(self.worker.call(fn))
+
+    def model(self, name: str | None) -> Any:
+        try:
+            return self.registry.get(name or self.registry.default)
+        except KeyError as e:
+            raise ApiError(404, str(e.args[0])) from e
+
+    def inspect(self, name: str | None, side: Side | ExplainIn) -> tuple[Any, Any]:
+        """(model, inspection) of one input; worker thread only."""
+        m = self.model(name)
+        text, image, key = self.read_input(m, side)
+        cache_key = (name or self.registry.default, key)
+        with self.lock:
+            if cache_key in self.cache:
+                self.cache.move_to_end(cache_key)
+                return m, self.cache[cache_key]
+        if text is not None:
+            n = m.count_tokens(text)
+            if n > self.limits.max_tokens:
+                raise ApiError(
+                    413, f"text has {n} tokens; the limit is max_tokens={self.limits.max_tokens}"
+                )
+        try:
+            ins = m.inspect(text=text, image=image)
+        except (ValueError, TypeError) as e:
+            raise ApiError(422, str(e)) from e
+        with self.lock:
+            self.cache[cache_key] = ins
+            while len(self.cache) > CACHE:
+                self.cache.popitem(last=False)
+        return m, ins
+
+    def read_input(self, m: Any, side: Side | ExplainIn) -> tuple[str | None, Any, str]:
+        """The text or decoded image a request gives, checked against the model's input."""
+        if m.input == "image":
+            if side.image is None:
+                raise ApiError(422, f"image is required: model {side.model!r} reads images")
+            digest = hashlib.sha256(side.image.encode()).hexdigest()
+            return None, decode_image(self.limits, side.image), "image:" + digest
+        if side.text is None:
+            raise ApiError(422, f"text is required: model {side.model!r} reads text")
+        text = check_text(self.limits, side.text)
+        return text, None, "text:" + text
+
+
+def create_app(
+    model: str | Path | None = None,
+    runs: str | Path | None = None,
+    *,
+    limits: Limits | None = None,
+    encoder: Any = None,
+) -> FastAPI:
+    """The explorer app over the encoder ``model`` (default: all-MiniLM-L6-v2) and the
+    checkpoints under ``runs``; ``encoder`` hands in an already loaded SentenceEncoder."""
+    ex = Explorer(Registry(model, runs, encoder), limits or Limits())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        ex.worker.call(ex.registry.get(ex.registry.default).load)  # ready for the first text
+        yield
+        ex.worker.close()
+
+    app = FastAPI(title="attnlab explorer", version=attnlab.__version__, lifespan=lifespan)
+    app.state.explorer = ex
+    _errors(app, ex.limits)
+    _routes(app, ex)
+    if STATIC.is_dir():
+        app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def _errors(app: FastAPI, limits: Limits) -> None:
+    """One-line ``detail`` for every error; bodies past the upload limit refused early."""
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError) -> JSONResponse:
+        return JSONResponse({"detail": e.detail}, status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": payload.one_line(e.errors())}, status_code=422)
+
+    @app.middleware("http")
+    async def body_limit(request: Request, call_next: Any) -> Any:
+        size = request.headers.get("content-length", "")
+        if size.isdigit() and int(size) > limits.max_upload_bytes * 4 // 3 + 65536:
+            detail = f"request body has {size} bytes; max_upload_bytes={limits.max_upload_bytes}"
+            return JSONResponse({"detail": detail}, status_code=413)
+        return await call_next(request)
+
+
+def _routes(app: FastAPI, ex: Explorer) -> None:
+    @app.get("/", include_in_schema=False)
+    async def index() -> Any:
+        page = STATIC / "index.html"
+        if page.is_file():
+            return FileResponse(page)
+        return PlainTextResponse("attnlab explorer: the page is missing; the API is at /docs")
+
+    @app.get("/api/health")
+    async def health() -> dict[str, Any]:
+        return {"ok": True, "version": attnlab.__version__}
+
+    @app.get("/api/limits")
+    async def limits() -> dict[str, int]:
+        return ex.limits.as_dict()
+
+    @app.get("/api/models")
+    async def models() -> dict[str, Any]:
+        return {"models": ex.registry.info(), "default": ex.registry.default}
+
+    @app.get("/api/models/{name:path}")
+    async def model_info(name: str) -> dict[str, Any]:
+        """One model, loaded now if it was not (so its ``example`` is known)."""
+        m = ex.model(name)
+        await ex.run(m.load)
+        return next(i for i in ex.registry.info() if i["name"] == name)
+
+    @app.post("/api/attend")
+    async def attend(body: AttendIn) -> dict[str, Any]:
+        """Attention of one input: its stacks, the thumbnails, the chosen head."""
+        _check_view(ex.limits, body.top_k)
+
+        def work() -> dict[str, Any]:
+            t0 = time.perf_counter()
+            ins = ex.inspect(body.model, body)[1]
+            out = payload.attend(ins, body, model=body.model or ex.registry.default)
+            return out | {"seconds": round(time.perf_counter() - t0, 4)}
+
+        return await ex.run(work)
+
+    @app.post("/api/compare")
+    async def compare(body: CompareIn) -> dict[str, Any]:
+        """Two inputs (or two models), the same head, and their difference."""
+        _check_view(ex.limits, body.top_k)
+
+        def work() -> dict[str, Any]:
+            t0 = time.perf_counter()
+            a = ex.inspect(body.a.model, body.a)[1]
+            b = ex.inspect(body.b.model, body.b)[1]
+            out = payload.compare(a, b, body, ex.registry.default)
+            return out | {"seconds": round(time.perf_counter() - t0, 4)}
+
+        return await ex.run(work)
+
+    @app.post("/api/explain", status_code=202)
+    async def explain(body: ExplainIn) -> dict[str, Any]:
+        """Start a slow explanation as a job; poll ``GET /api/jobs/{id}``."""
+        _check_view(ex.limits, body.top_k)
+        check_range("steps", body.steps, 2, ex.limits.max_steps, "max_steps")
+        m = ex.model(body.model)
+        if body.method not in m.methods or body.method == "attention":
+            allowed = [x for x in m.methods if x != "attention"]
+            raise ApiError(
+                422, f"method must be one of {allowed} for this model, got {body.method!r}"
+            )
+        if ex.worker.active() >= ex.limits.max_jobs:
+            raise ApiError(
+                429,
+                f"{ex.limits.max_jobs} jobs are queued or running "
+                f"(max_jobs={ex.limits.max_jobs}); wait or cancel one",
+            )
+        text = check_text(ex.limits, body.text)
+        await ex.run(lambda: _check_tokens(ex, body, body.method))
+
+        def work(report: Callable[..., None]) -> dict[str, Any]:
+            out = m.explain(text, body.method, steps=body.steps, top_k=body.top_k, report=report)
+            return out
+
+        job = ex.worker.submit(work)
+        return {"job": job.id, "state": job.state}
+
+    @app.get("/api/jobs/{job_id}")
+    async def job(job_id: str) -> dict[str, Any]:
+        found = ex.worker.job(job_id)
+        if found is None:
+            raise ApiError(404, f"unknown job {job_id!r} (finished jobs are kept a while)")
+        return found.as_dict()
+
+    @app.delete("/api/jobs/{job_id}")
+    async def cancel(job_id: str) -> dict[str, Any]:
+        found = ex.worker.job(job_id)
+        if found is None:
+            raise ApiError(404, f"unknown job {job_id!r}")
+        found.cancel()
+        return {"job": found.id, "state": found.state}
+
+
+def _check_view(limits: Limits, top_k: int) -> None:
+    check_range("top_k", top_k, 1, limits.max_top_k, "max_top_k")
+
+
+def _check_tokens(ex: Explorer, body: ExplainIn, method: str) -> None:
+    """The token limit (and attention flow's) before a job is queued; worker thread."""
+    m = ex.inspect(body.model, body)[0]
+    n = m.count_tokens(body.text)
+    cap = ex.limits.max_flow_tokens
+    if method == "flow" and n > cap:
+        raise ApiError(413, f"attention flow reads at most max_flow_tokens={cap} tokens; got {n}")

@@ -1,0 +1,84 @@
+"""``attnlab serve`` as a user starts it: a real process on 127.0.0.1, its API over HTTP,
+one-line errors before anything loads, and a clean stop on Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+from attnlab.cli import main
+
+pytest.importorskip("fastapi")
+
+
+def _serve(*extra: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "attnlab.cli", "serve", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def test_remote_host_needs_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--host", "0.0.0.0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--allow-remote" in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_busy_port_and_missing_folders_are_one_line(tmp_path: object) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = _serve("--port", str(port))
+    assert r.returncode == 2 and f"127.0.0.1:{port}" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stdout == ""
+    r = _serve("--runs", "/no/such/folder")
+    assert r.returncode == 2 and "--runs" in r.stderr and "does not exist" in r.stderr
+    assert main(["serve", "--port", "70000"]) == 2
+
+
+def test_serves_on_loopback_and_stops_on_ctrl_c() -> None:
+    cmd = [sys.executable, "-m", "attnlab.cli", "serve", "--port", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("attnlab serve: http://127.0.0.1:"), line
+        url = line.split()[2]
+        with urllib.request.urlopen(url + "api/health", timeout=60) as r:
+            assert json.load(r)["ok"] is True
+        req = urllib.request.Request(
+            url + "api/attend",
+            data=json.dumps({"text": "Hello there."}).encode(),
+            headers={"content-type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=120) as r:
+            assert json.load(r)["stacks"][0]["queries"] == ["[CLS]", "hello", "there", ".", "[SEP]"]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def test_allow_remote_binds_and_warns() -> None:
+    cmd = [sys.executable, "-m", "attnlab.cli", "serve", "--host", "0.0.0.0", "--port", "0"]
+    proc = subprocess.Popen(
+        [*cmd, "--allow-remote"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout.readline().startswith("attnlab serve: http://0.0.0.0:")
+        warning = proc.stderr.readline()
+        assert "warning" in warning and "anyone who can reach it" in warning
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
