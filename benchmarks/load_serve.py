@@ -3,7 +3,8 @@
 Starts the server as a user would (``attnlab serve --port 0``, a subprocess bound to
 127.0.0.1), then ``--clients`` threads each loop for ``--seconds``, picking at random:
 ``GET /api/models``, ``POST /api/attend`` (a short or a long text, any layer and head,
-with or without thumbnails), ``POST /api/compare``, and ``POST /api/explain`` (rollout)
+with or without thumbnails; or a new text every time, shuffled words, which the server's
+cache cannot answer), ``POST /api/compare``, and ``POST /api/explain`` (rollout)
 polled until done. Every answer must be 200/202 (or the job ``done``); anything else is
 an error. The server's memory (VmRSS) is sampled every second; the growth after warm-up
 is the largest sample of the last third minus the first sample after ``--warmup``.
@@ -81,14 +82,17 @@ class Client:
 def one_call(client: Client, rng: random.Random) -> tuple[str, bool]:
     """One random call (a job is polled to its end); (kind, ok)."""
     kind = rng.choices(
-        ["models", "attend", "attend_long", "compare", "explain", "health"],
-        weights=[1, 6, 2, 2, 1, 1],
+        ["models", "attend", "attend_long", "attend_new", "compare", "explain", "health"],
+        weights=[1, 4, 2, 2, 2, 1, 1],
     )[0]
     if kind in ("models", "health"):
         status, _ = client.call("GET", f"/api/{kind}")
         return kind, status == 200
     if kind.startswith("attend"):
         text = LONG if kind == "attend_long" else rng.choice(SHORT)
+        if kind == "attend_new":
+            words = rng.choice(SHORT).split()
+            text = " ".join(rng.sample(words, len(words)))
         body = {
             "text": text,
             "layer": rng.randrange(6),

@@ -38,7 +38,7 @@ class Limits:
     max_steps: int = 64
     max_top_k: int = 64
     max_flow_tokens: int = 64
-    max_jobs: int = 8
+    max_jobs: int = 32
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
