@@ -175,8 +175,14 @@ def slice_weights(w: Tensor, heads: list[int] | None, rows: tuple[int, int] | No
 
 
 def may_hold_nan(*ts: Tensor) -> bool:
-    """Cheap NaN screen: a sum is NaN if any element is (or, rarely, if +inf meets -inf)."""
-    return any(bool(torch.isnan(t.sum())) for t in ts if t.numel())
+    """Cheap NaN screen: torch's max propagates NaN, so ``amax`` is NaN exactly when an
+    element is (one pass, cheaper than a sum; decoding screens the whole KV cache).
+
+    Example:
+        >>> may_hold_nan(torch.ones(3)), may_hold_nan(torch.tensor([1.0, float("nan")]))
+        (False, True)
+    """
+    return any(bool(torch.isnan(t.amax())) for t in ts if t.numel())
 
 
 def validate_options(options: object) -> Mapping[str, object]:
