@@ -144,9 +144,10 @@ def _gathered(s: Setup, k: Tensor, v: Tensor) -> Any:
 
 def ring_forward(
     s: Setup, q: Tensor, k: Tensor, v: Tensor
-) -> tuple[Tensor, Tensor, dict[tuple[int, Piece], Tensor]]:
+) -> tuple[Tensor, Tensor, dict[tuple[int, Piece], tuple[Piece, Tensor]]]:
     """``out (B, Hq, L, Ev)`` and ``lse (B, Hq, L)`` of this rank's queries (accumulation
-    dtype), and each (query piece, key range) pair's own logsumexp for the backward."""
+    dtype), and for each (query piece, key range) pair the rows that see it and their own
+    logsumexp, for the backward. A pair runs only the rows that see some of its keys."""
     acc = torch.promote_types(q.dtype, torch.float32)
     r = s.group.rank
     b, hq, _, _, ev = s.sizes
@@ -157,16 +158,18 @@ def ring_forward(
         )
         for lo, hi in s.pieces[r]
     ]
-    pair_lse: dict[tuple[int, Piece], Tensor] = {}
+    pair_lse: dict[tuple[int, Piece], tuple[Piece, Tensor]] = {}
     qo = offsets(s, r)
     for _, _, key_pieces in _kv_steps(s, k, v, tag=0):
         for kp, kj, vj in key_pieces:
             for i, qp in enumerate(s.pieces[r]):
-                if qp[1] > qp[0] and s.span(qp, kp) is not None:
-                    qi = q[:, :, qo[i] : qo[i] + qp[1] - qp[0]]
-                    out, lse = forward_pair(s, qi, qp, kj, vj, kp)
-                    pair_lse[(i, kp)] = lse.to(acc)
-                    parts[i].merge(out, lse)
+                rr = s.rows(qp, kp) if qp[1] > qp[0] else None
+                if rr is None:
+                    continue
+                qi = q[:, :, qo[i] + rr[0] : qo[i] + rr[1]]  # only the rows that see kp
+                out, lse = forward_pair(s, qi, (qp[0] + rr[0], qp[0] + rr[1]), kj, vj, kp)
+                pair_lse[(i, kp)] = (rr, lse.to(acc).clone())
+                parts[i].merge(out, lse, rr)
     out, lse = torch.cat([p.out for p in parts], 2), torch.cat([p.lse for p in parts], 2)
     return out, lse, pair_lse
 
@@ -174,7 +177,7 @@ def ring_forward(
 def ring_backward(
     s: Setup,
     saved: tuple[Tensor, ...],
-    pair_lse: dict[tuple[int, Piece], Tensor],
+    pair_lse: dict[tuple[int, Piece], tuple[Piece, Tensor]],
     dout: Tensor,
     leaves: list[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
@@ -203,7 +206,8 @@ def ring_backward(
             keys = Keys(kj, vj, dkj, dvj, first=kp[0])
             for i in range(len(s.pieces[r])):
                 if (i, kp) in pair_lse:
-                    backward_pair(s, rows[i], keys, pair_lse[(i, kp)], leaves, dleaves)
+                    rr, pl = pair_lse[(i, kp)]
+                    backward_pair(s, _row_slice(rows[i], rr), keys, pl, leaves, dleaves)
         if t > 0:  # the gradients of src's keys go back to src; ours come from r + t
             dst = (r + t) % world
             mine = segments(s, dst, r)
@@ -219,6 +223,15 @@ def ring_backward(
                 own_dk[:, :, o : o + n] += dk_r
                 own_dv[:, :, o : o + n] += dv_r
     return dq, own_dk, own_dv, dleaves
+
+
+def _row_slice(rw: Rows, rr: Piece) -> Rows:
+    """Rows ``[a, b)`` of ``rw`` (views: ``dq`` still accumulates in place)."""
+    a, b = rr
+    if (a, b) == (0, rw.q.shape[2]):
+        return rw
+    q, do, out, lse, dq = (x[:, :, a:b] for x in (rw.q, rw.dout, rw.out, rw.lse, rw.dq))
+    return Rows(q, do, out, lse, dq, first=rw.first + a)
 
 
 class RingAttention(torch.autograd.Function):

@@ -70,6 +70,19 @@ class Setup:
         b = int(torch.where(some, hi, ks - 1).max()) + 1
         return (a - ks, b - ks)
 
+    def rows(self, q: Piece, k: Piece) -> Piece | None:
+        """Local row range ``[a, b)`` of piece ``q`` whose rows may see a key of piece
+        ``k``, or None (a window's neighbour pair: only the first ``w`` rows)."""
+        qs, qe = q
+        if self.bounds is None:
+            return (0, qe - qs)
+        lo, hi = self.bounds.lo[:, qs:qe], self.bounds.hi[:, qs:qe]  # (Bm, T)
+        some = ((lo <= k[1] - 1) & (hi >= k[0]) & (lo <= hi)).any(0)  # (T,)
+        idx = torch.nonzero(some).flatten()
+        if idx.numel() == 0:
+            return None
+        return (int(idx[0]), int(idx[-1]) + 1)
+
     def full(self, q: Piece, k: Piece) -> bool:
         """Whether the mask allows every pair of rows ``q`` and keys ``k`` (exactly)."""
         if self.mask is None:

@@ -44,16 +44,23 @@ class Partial:
     lse: Tensor
     empty: bool = True
 
-    def merge(self, out: Tensor, lse: Tensor) -> None:
-        """Fold in another partial result over disjoint keys."""
-        if self.empty:  # the first result: nothing to rescale
+    def merge(self, out: Tensor, lse: Tensor, rows: tuple[int, int] | None = None) -> None:
+        """Fold in another partial result over disjoint keys, of all rows or of rows
+        ``[a, b)`` (``out (B, Hq, b - a, Ev)``, ``lse (B, Hq, b - a)``)."""
+        a, b = rows or (0, self.out.shape[2])
+        if self.empty and (a, b) == (0, self.out.shape[2]):  # nothing to rescale
             self.out, self.lse, self.empty = out.to(self.out.dtype), lse.to(self.lse.dtype), False
             return
-        new = torch.logaddexp(self.lse, lse)  # (B, Hq, T)
+        old_out, old_lse = self.out[:, :, a:b], self.lse[:, :, a:b]
+        new = torch.logaddexp(old_lse, lse)  # (B, Hq, b - a)
         safe = torch.where(torch.isfinite(new), new, torch.zeros_like(new))
-        a, b = torch.exp(self.lse - safe), torch.exp(lse - safe)
-        self.out = self.out * a.unsqueeze(-1) + out.to(self.out.dtype) * b.unsqueeze(-1)
-        self.lse = new
+        wa, wb = torch.exp(old_lse - safe), torch.exp(lse - safe)
+        merged = old_out * wa.unsqueeze(-1) + out.to(self.out.dtype) * wb.unsqueeze(-1)
+        if (a, b) == (0, self.out.shape[2]):
+            self.out, self.lse = merged, new
+        else:  # in place: only these rows change (self.out is this merge's own tensor)
+            self.out[:, :, a:b], self.lse[:, :, a:b] = merged, new
+        self.empty = False
 
 
 def forward_pair(
