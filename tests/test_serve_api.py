@@ -329,6 +329,11 @@ def test_runs_are_listed_by_folder_and_nothing_outside(with_runs: TestClient) ->
     assert set(models) == {"minilm", "translation", "exp/vision", "captioning", "classification"}
     assert models["exp/vision"]["input"] == "image" and models["translation"]["kind"] == "seq2seq"
     assert not any(m["loaded"] for n, m in models.items() if n != "minilm")
+    assert [models[n]["methods"] for n in ("translation", "exp/vision", "classification")] == [
+        ["attention", "rollout"],
+        ["attention"],
+        ["attention"],
+    ]
     one = with_runs.get("/api/models/translation").json()  # loads it
     assert one["loaded"] and one["example"] and one["kind"] == "seq2seq"
     assert with_runs.get("/api/models/..%2Fsecret").status_code == 404
@@ -353,6 +358,21 @@ def test_translation_output_and_alignment_equal_the_python_api(
     assert got["alignment"]["keys"] == want.alignment.keys
     assert np.allclose(got["alignment"]["weights"], want.alignment.weights[0][0], atol=1e-5)
     cross = next(s for s in want.stacks if s.name == "cross").weights[0][0]  # (Lq, Lk)
+    job = with_runs.post(
+        "/api/explain", json={"model": "translation", "text": src, "method": "rollout"}
+    ).json()["job"]
+    end = time.monotonic() + 60
+    while (res := with_runs.get(f"/api/jobs/{job}").json())["state"] in ("queued", "running"):
+        assert time.monotonic() < end
+        time.sleep(0.05)
+    enc = [a[None].double() for a in want.stacks[0].weights]  # the encoder's self-attention
+    n = enc[0].shape[-1]
+    roll = torch.eye(n, dtype=torch.float64)
+    for a in enc:
+        aug = 0.5 * a[0].mean(0) + 0.5 * torch.eye(n, dtype=torch.float64)
+        roll = (aug / aug.sum(-1, keepdim=True)) @ roll
+    assert res["state"] == "done", res
+    assert np.allclose(res["result"]["saliency"], roll.mean(0).numpy(), atol=2e-5)
     assert got["head"]["argmax"] == cross.argmax(-1).tolist()
     assert {s["name"] for s in got["stacks"]} >= {"encoder", "cross"}
 

@@ -52,11 +52,10 @@ class RunEntry:
 
     @property
     def methods(self) -> tuple[str, ...]:
-        return (
-            ("attention", "rollout")
-            if self.kind in ("image", "classifier", "lm")
-            else ("attention",)
-        )
+        """Raw attention; rollout too where the model has a self-attention stack over its
+        input (translation's encoder, generation's decoder). Vision's rollout comes with
+        every attend answer, as its overlay."""
+        return ("attention", "rollout") if self.task in _ROLLOUT else ("attention",)
 
     @property
     def example(self) -> str:
@@ -86,6 +85,7 @@ class RunEntry:
         }
 
 
+_ROLLOUT = ("translation", "generation")
 _KINDS = {
     "translation": "seq2seq",
     "dates": "seq2seq",
