@@ -174,7 +174,7 @@ def test_gradient_and_flow_equal_the_api(client: TestClient, enc: SentenceEncode
 
 
 def test_cancel_a_running_and_a_queued_job(client: TestClient) -> None:
-    long = {"text": TEXT * 4, "method": "integrated", "steps": 64}
+    long = {"text": TEXT * 16, "method": "integrated", "steps": 64}  # 180 tokens: seconds
     first = client.post("/api/explain", json=long).json()["job"]
     second = client.post("/api/explain", json=long).json()["job"]
     assert client.delete(f"/api/jobs/{second}").json()["state"] == "cancelled"

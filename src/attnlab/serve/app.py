@@ -217,14 +217,14 @@ def _routes(app: FastAPI, ex: Explorer) -> None:
                 f"(max_jobs={ex.limits.max_jobs}); wait or cancel one",
             )
         text = check_text(ex.limits, body.text)
-        await ex.run(lambda: _check_tokens(ex, body, body.method))
+        tokens = await ex.run(lambda: _check_tokens(ex, body, body.method))
 
         def work(report: Callable[..., None]) -> dict[str, Any]:
             out = m.explain(text, body.method, steps=body.steps, top_k=body.top_k, report=report)
             return out
 
         job = ex.worker.submit(work)
-        return {"job": job.id, "state": job.state}
+        return {"job": job.id, "state": job.state, "tokens": tokens}
 
     @app.get("/api/jobs/{job_id}")
     async def job(job_id: str) -> dict[str, Any]:
@@ -246,10 +246,12 @@ def _check_view(limits: Limits, top_k: int) -> None:
     check_range("top_k", top_k, 1, limits.max_top_k, "max_top_k")
 
 
-def _check_tokens(ex: Explorer, body: ExplainIn, method: str) -> None:
-    """The token limit (and attention flow's) before a job is queued; worker thread."""
+def _check_tokens(ex: Explorer, body: ExplainIn, method: str) -> int:
+    """The text's tokens, within the token limit (and attention flow's), before a job is
+    queued; worker thread."""
     m = ex.inspect(body.model, body)[0]
     n = m.count_tokens(body.text)
     cap = ex.limits.max_flow_tokens
     if method == "flow" and n > cap:
         raise ApiError(413, f"attention flow reads at most max_flow_tokens={cap} tokens; got {n}")
+    return n

@@ -229,6 +229,7 @@ async function explain() {
   }
   const id = start.job;
   S.job = id;
+  if (start.tokens) flowLimit(start.tokens);  // known now, even if the job is cancelled
   for (;;) {
     await sleep(200);
     if (S.job !== id) return;
