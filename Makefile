@@ -60,6 +60,7 @@ bench-smoke: $(VENV)/.base
 	$(PY) benchmarks/bench_distributed.py --smoke
 	$(PY) benchmarks/load_serve.py --smoke
 	$(PY) benchmarks/bench_hf.py --smoke
+	$(PY) benchmarks/bench_ask.py --smoke
 
 test: lint typecheck pytest bench-smoke
 

@@ -93,6 +93,19 @@ BAD: list[tuple[str, int, str]] = [
     ("explain hi --out {file}/r.html", 2, "argument --out: cannot create '{file}'"),
     ("explain hi --out {empty}", 2, "argument --out: '{empty}' is a folder; give a file"),
     ("explain hi --model {tmp}/nowhere", 2, "argument --model: '{tmp}/nowhere' does not exist"),
+    # ask and summarize
+    ("ask why --top 0", 2, "argument --top: must be an int in [1, 50], got '0'"),
+    ("ask why --docs {empty}", 2, "argument --docs: the folder '{empty}' holds no text files"),
+    ("ask why --docs {tmp}/nowhere", 2, "argument --docs: '{tmp}/nowhere' does not exist"),
+    ("ask why --out {empty}", 2, "argument --out: '{empty}' is a folder; give a file"),
+    ("summarize {empty}", 2, "argument FILE: '{empty}' is a folder; give one text file"),
+    ("summarize {tmp}/nowhere", 2, "argument FILE: '{tmp}/nowhere' does not exist"),
+    ("summarize {file} --sentences 0", 2, "argument --sentences: must be an int >= 1, got '0'"),
+    # serve (refused before anything loads or binds)
+    ("serve --host 0.0.0.0", 2, "argument --host: '0.0.0.0' is not loopback; add --allow-remote"),
+    ("serve --port 70000", 2, "argument --port: must be an int in [0, 65535], got '70000'"),
+    ("serve --runs {tmp}/nowhere", 2, "argument --runs: '{tmp}/nowhere' does not exist"),
+    ("serve --model {file}", 2, "argument --model: '{file}' is not a folder"),
 ]
 NEED_MODEL_CASES: list[tuple[str, int, str]] = [
     ("attend hi --layer 9", 2, "argument --layer: 9 is out of range: all-MiniLM-L6-v2 has "),

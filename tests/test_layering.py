@@ -38,6 +38,7 @@ RANKS = {
     "interpret": 10,
     "integrations": 11,  # attnlab under other libraries (transformers); cli imports it
     "tasks": 11,
+    "apps": 11,  # what users run on real text (ask, summarize): over models and interpret
     "bench": 11,
     "serve": 12,  # the local explorer: over interpret, models and tasks; cli starts it
     "cli": 13,

@@ -1,11 +1,14 @@
-"""Command line: ``attnlab demo|train|tour|engines|info|bench|embed|attend|explain|serve``.
+"""The attention mechanism of transformer models: complete, fast and visible.
+
+``attnlab demo|train|tour|engines|info|embed|attend|explain|ask|summarize|serve|robust|bench``.
 
 One module per command or small group of commands (``tour``, ``train`` + ``demo``,
-``engines``, ``embed`` + ``attend``, ``explain``, ``serve``, ``bench``): its
-``add_parsers(sub)`` adds the subparsers and sets each one's ``run`` default to a thin
-runner, ``args -> exit status``, that calls library functions (:mod:`attnlab.tasks`,
-:mod:`attnlab.models`, :mod:`attnlab.interpret`, :mod:`attnlab.bench`, :mod:`attnlab.serve`).
-:func:`main` parses the command line and runs every command through one place, :func:`_run`.
+``engines``, ``embed`` + ``attend``, ``explain``, ``ask`` + ``summarize``, ``serve``,
+``robust``, ``bench``): its ``add_parsers(sub)`` adds the subparsers and sets each one's
+``run`` default to a thin runner, ``args -> exit status``, that calls library functions
+(:mod:`attnlab.tasks`, :mod:`attnlab.models`, :mod:`attnlab.interpret`, :mod:`attnlab.apps`,
+:mod:`attnlab.robust`, :mod:`attnlab.serve`, :mod:`attnlab.bench`). :func:`main` parses the
+command line and runs every command through one place, :func:`_run`.
 
 Example:
     >>> main(["engines"])  # doctest: +ELLIPSIS
@@ -20,13 +23,13 @@ import sys
 from collections.abc import Sequence
 
 import attnlab
-from attnlab.cli import bench, embed, engines, explain, info, serve, tour, train
+from attnlab.cli import ask, bench, embed, engines, explain, info, serve, tour, train
 from attnlab.cli._errors import Parser, run_command
 
 __all__ = ["build_parser", "main", "parse_args"]
 
 # in the order of ``attnlab --help``
-_COMMANDS = (tour, train, engines, info, embed, explain, serve, bench)
+_COMMANDS = (tour, train, engines, info, embed, explain, ask, serve, bench)
 
 
 _DEBUG_HELP = "print the traceback of an error (or set ATTNLAB_DEBUG=1)"

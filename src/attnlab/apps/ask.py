@@ -1,0 +1,218 @@
+"""Answer a question from documents: the sentence that answers it, in its context.
+
+Every sentence of the documents is scored for the question by four signals, each in
+``[0, 1]`` or a cosine, and ranked by their weighted sum (:class:`Weights`):
+
+* ``cosine``: MiniLM cosine between the question and the sentence (the index's vectors);
+* ``context``: cosine to the sentence with its neighbours in the same paragraph (the
+  normalized sum of the three unit vectors: a sentence that continues a relevant one);
+* ``title``: cosine to the sentence's document name and section heading;
+* ``lexical``: BM25 over the sentences' words, divided by the question's best BM25 score.
+
+The best ``Weights.candidates`` sentences are then re-ranked with a fifth signal,
+``tokens``: for each question word piece (special tokens and stop words left out), the
+largest cosine between its final MiniLM state and any of the sentence's token states,
+averaged over the question (late interaction, "MaxSim"). It is the word-to-word match
+that :mod:`attnlab.apps.match` shows, used as a score. A sentence that appears word for
+word in several documents is answered once (its best-ranked copy).
+
+The weights were chosen on the dev half of the question set that ships in
+``attnlab/apps/data/questions.jsonl`` (``benchmarks/bench_ask.py`` reports the test half
+separately). :func:`ask` can also explain each answer: which question words matched which
+passage words (:mod:`attnlab.apps.match`).
+
+Example:
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> docs = Path(tempfile.mkdtemp())
+    >>> _ = (docs / "a.txt").write_text("A break statement ends a loop. Cats purr.")
+    >>> _ = (docs / "b.txt").write_text("The nonlocal statement rebinds an outer variable.")
+    >>> answers = ask("How do I change a variable of the enclosing function?", docs,
+    ...               top=1, explain=False)  # needs attnlab[pretrained,apps]
+    >>> answers[0].sentence.text
+    'The nonlocal statement rebinds an outer variable.'
+
+With ``docs="pydoc"`` (the default) the index of the whole reference is built once
+(about a minute on two cores) under ``~/.cache/attnlab`` and reused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from itertools import pairwise
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnlab.apps.corpus import Sentence, load_documents
+from attnlab.apps.index import Index, Progress, build_index, default_cache
+from attnlab.apps.lexical import BM25, words
+from attnlab.apps.match import WordMatch, match_words, maxsim
+from attnlab.models import SentenceEncoder
+
+__all__ = ["MAX_QUESTION_WORDS", "Answer", "Asker", "Weights", "ask", "check_question"]
+
+MAX_QUESTION_WORDS = 200
+
+
+@dataclass(frozen=True)
+class Weights:
+    """The ranking's weights on its four signals (see the module docstring)."""
+
+    cosine: float = 1.0
+    context: float = 0.5
+    title: float = 0.25
+    lexical: float = 0.25
+    tokens: float = 4.0
+    candidates: int = 20
+
+
+@dataclass
+class Answer:
+    """One ranked sentence.
+
+    Attributes:
+        sentence: the answering sentence.
+        score: its ranking score; ``signals``: the four signals behind it.
+        context: the paragraph's sentences around it (previous, it, next).
+        matches: which question words matched which passage words (None unless asked).
+    """
+
+    sentence: Sentence
+    score: float
+    signals: dict[str, float]
+    context: list[str] = field(default_factory=list)
+    matches: WordMatch | None = None
+
+
+def check_question(question: object) -> str:
+    """``question`` stripped; a non-str, blank or over-long one is a Type/ValueError.
+
+    Example:
+        >>> check_question("  What is a coroutine? ")
+        'What is a coroutine?'
+    """
+    if not isinstance(question, str):
+        raise TypeError(f"question must be a str, got {type(question).__name__}")
+    n = len(question.split())
+    if n == 0:
+        raise ValueError("question must be a non-empty str, got an empty or blank one")
+    if n > MAX_QUESTION_WORDS:
+        raise ValueError(
+            f"question has {n} words; at most {MAX_QUESTION_WORDS} are allowed (MiniLM reads "
+            "256 tokens): ask a shorter question"
+        )
+    return question.strip()
+
+
+class Asker:
+    """Ranks an index's sentences for questions (build once, ask many times).
+
+    Args:
+        index: the sentence index (:func:`attnlab.apps.index.build_index`).
+        enc: the encoder that built it.
+        weights: the ranking weights.
+    """
+
+    def __init__(self, index: Index, enc: SentenceEncoder, weights: Weights | None = None) -> None:
+        self.index, self.enc, self.weights = index, enc, weights or Weights()
+        self.bm25 = BM25([words(s.text) for s in index.sentences])
+        self.context = _context_vectors(index)  # (N, D)
+        heads = [f"{s.doc}: {s.section}" for s in index.sentences]
+        unique = sorted(set(heads))
+        vecs = enc.encode(unique) if unique else torch.empty(0, enc.dim)  # (T, D)
+        where = {h: i for i, h in enumerate(unique)}
+        self.titles = vecs[torch.tensor([where[h] for h in heads], dtype=torch.long)]  # (N, D)
+
+    def signals(self, question: str) -> dict[str, Tensor]:
+        """The four ``(N,)`` signals of every sentence for ``question``."""
+        q = self.enc.encode([check_question(question)])[0]  # (D,)
+        lex = self.bm25.scores(words(question))
+        return {
+            "cosine": self.index.vectors @ q,
+            "context": self.context @ q,
+            "title": self.titles @ q,
+            "lexical": lex / lex.max().clamp_min(1e-9),
+        }
+
+    def rank(self, question: str, top: int = 5) -> list[Answer]:
+        """The ``top`` best sentences for ``question``, best first."""
+        sig = self.signals(question)
+        w = self.weights
+        first = sum(getattr(w, name) * s for name, s in sig.items())
+        assert isinstance(first, Tensor)
+        cand = first.topk(min(max(w.candidates, top), len(first))).indices  # (K,)
+        texts = [self.index.sentences[i].text for i in cand.tolist()]
+        tok = maxsim(self.enc, question, texts) if w.tokens else torch.zeros(len(cand))  # (K,)
+        total = first[cand] + w.tokens * tok
+        out: list[Answer] = []
+        for r in total.argsort(descending=True).tolist():
+            i = int(cand[r])
+            if len(out) == top:
+                break
+            if any(a.sentence.text == self.index.sentences[i].text for a in out):
+                continue  # the same sentence in another document (topics overlap)
+            signals = {k: float(v[i]) for k, v in sig.items()} | {"tokens": float(tok[r])}
+            out.append(Answer(self.index.sentences[i], float(total[r]), signals, self._context(i)))
+        return out
+
+    def _context(self, i: int) -> list[str]:
+        s = self.index.sentences
+        near = [j for j in (i - 1, i, i + 1) if 0 <= j < len(s) and _same_para(s[i], s[j])]
+        return [s[j].text for j in near]
+
+
+def _same_para(a: Sentence, b: Sentence) -> bool:
+    return a.doc == b.doc and a.para == b.para
+
+
+def _context_vectors(index: Index) -> Tensor:
+    """``(N, D)``: each sentence's unit vector plus its same-paragraph neighbours',
+    normalized."""
+    v, s = index.vectors, index.sentences
+    same = torch.tensor([_same_para(a, b) for a, b in pairwise(s)])  # (N-1,)
+    out = v.clone()  # (N, D)
+    out[1:] += v[:-1] * same[:, None]  # the previous sentence of the same paragraph
+    out[:-1] += v[1:] * same[:, None]  # the next one
+    return F.normalize(out, dim=-1)
+
+
+def ask(
+    question: str,
+    docs: str | Path | Sequence[str | Path] = "pydoc",
+    *,
+    top: int = 3,
+    encoder: SentenceEncoder | None = None,
+    cache: str | Path | None = None,
+    explain: bool = True,
+    progress: Progress | None = None,
+) -> list[Answer]:
+    """Answer ``question`` from ``docs`` (``"pydoc"``, files or folders).
+
+    Args:
+        question: at most :data:`MAX_QUESTION_WORDS` words.
+        docs: what :func:`attnlab.apps.corpus.load_documents` reads.
+        top: how many answers, best first.
+        encoder: the sentence encoder (default: all-MiniLM-L6-v2).
+        cache: the index folder (default :func:`attnlab.apps.index.default_cache`).
+        explain: compute each answer's word matches (:func:`attnlab.apps.match.match_words`).
+        progress: ``progress(done, total)`` while sentences are embedded.
+
+    Returns:
+        ``top`` :class:`Answer` objects, best first.
+    """
+    question = check_question(question)
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise ValueError(f"top must be a positive int, got {top!r}")
+    documents = load_documents(docs)
+    enc = encoder or SentenceEncoder.from_pretrained()
+    folder = default_cache(docs) if cache is None else cache
+    index = build_index(documents, enc, folder, progress=progress)
+    answers = Asker(index, enc).rank(question, top)
+    if explain:
+        for a in answers:
+            a.matches = match_words(enc, question, a.sentence.text)
+    return answers

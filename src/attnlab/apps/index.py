@@ -1,0 +1,211 @@
+"""A sentence index: every sentence's MiniLM embedding, built once and kept on disk.
+
+The index is two files in one folder: ``index.safetensors`` (the ``(N, D)`` float32
+unit vectors) and ``index.json`` (the model's name, and per document its content hash
+and its sentences, and the vectors file's SHA-256, so a pair from two different builds is
+never read as one). :func:`build_index` reuses the rows of every document whose hash is
+unchanged and embeds only the new or changed ones, so editing one document re-embeds
+that document alone; a different model or splitter version rebuilds everything. Both
+files are written atomically (a crash leaves the previous index). Nothing is pickled.
+
+Search is brute force (``vectors @ q``, exact): at the Python reference's size (3,603
+sentences x 384) one query is a 1.4 MFLOP matrix-vector product. ``benchmarks/bench_ask.py``
+times it beside faiss: faiss' exact flat index and its HNSW graph answer a query faster
+(fractions of a millisecond; HNSW misses about 5% of the exact top 5), but every search
+here is followed by a ~1 s MiniLM re-ranking, so the search is under 1% of a question's
+time and brute force keeps the index exact and free of another dependency.
+
+Example:
+    >>> import tempfile
+    >>> from attnlab.models import SentenceEncoder
+    >>> from attnlab.apps.corpus import Document
+    >>> enc = SentenceEncoder.from_pretrained()  # needs attnlab[pretrained]
+    >>> docs = [Document("a", "Cats purr. Dogs bark."), Document("b", "Rain falls.")]
+    >>> ix = build_index(docs, enc, tempfile.mkdtemp())
+    >>> ix.vectors.shape, ix.embedded, [s.text for s in ix.sentences]
+    (torch.Size([3, 384]), 3, ['Cats purr.', 'Dogs bark.', 'Rain falls.'])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnlab._io import atomic_write, atomic_write_text
+from attnlab.apps.corpus import Document, Sentence, split_document
+from attnlab.models import SentenceEncoder
+
+__all__ = ["FORMAT", "Index", "build_index", "default_cache", "load_index"]
+
+FORMAT = 2  # bump when the splitter or the file layout changes: every index rebuilds
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Index:
+    """Sentences and their unit vectors.
+
+    Attributes:
+        sentences: the ``N`` sentences, document by document.
+        vectors: ``(N, D)`` float32 unit embeddings, row ``i`` for ``sentences[i]``.
+        digests: document name -> content hash.
+        model: the encoder's name (a different one invalidates the index).
+        embedded: how many sentences this build embedded (0: all reused).
+    """
+
+    sentences: list[Sentence]
+    vectors: Tensor
+    digests: dict[str, str]
+    model: str
+    embedded: int = 0
+
+    def search(self, query: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """The ``k`` best rows for unit vectors ``query (Q, D)``: scores and indices,
+        each ``(Q, min(k, N))``, best first (exact cosine, brute force)."""
+        scores = query @ self.vectors.T  # (Q, N)
+        return scores.topk(min(k, scores.shape[1]), dim=1)
+
+
+def default_cache(docs: str | Path | Sequence[str | Path]) -> Path:
+    """Where the index of ``docs`` lives: for ``"pydoc"`` under ``$XDG_CACHE_HOME/attnlab``
+    (or ``~/.cache/attnlab``), else ``.attnlab-index`` in the (first) folder given or
+    beside the (first) file."""
+    first = Path(docs if isinstance(docs, str | Path) else docs[0])
+    if str(first) == "pydoc":
+        import sys
+
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "attnlab"
+        return base / f"pydoc-{sys.version_info.major}.{sys.version_info.minor}"
+    return (first if first.is_dir() else first.parent) / ".attnlab-index"
+
+
+def _model_name(enc: SentenceEncoder) -> str:
+    c = enc.bert.config
+    return f"{enc.config.pooling}-{c.hidden_size}x{c.num_hidden_layers}-{c.vocab_size}"
+
+
+def load_index(folder: str | Path) -> Index | None:
+    """The index saved in ``folder``, or None if there is none or it is unreadable."""
+    from safetensors.torch import load
+
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / "index.json").read_text(encoding="utf-8"))
+        raw = (folder / "index.safetensors").read_bytes()
+        if meta.get("format") != FORMAT or meta.get("vectors_sha256") != _sha(raw):
+            return None  # another version, or vectors from a build whose JSON never landed
+        vectors = load(raw)["vectors"]
+        sentences = [Sentence(*row) for d in meta["docs"] for row in d["sentences"]]
+        digests = {d["name"]: d["digest"] for d in meta["docs"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if vectors.shape[0] != len(sentences):
+        return None
+    return Index(sentences, vectors, digests, str(meta.get("model")))
+
+
+def _save(index: Index, folder: Path) -> None:
+    """Vectors first, then the JSON that describes them (both atomic)."""
+    from safetensors.torch import save
+
+    by_doc: dict[str, list[list[Any]]] = {name: [] for name in index.digests}
+    for s in index.sentences:
+        by_doc[s.doc].append([s.text, s.doc, s.section, s.para])
+    docs = [{"name": n, "digest": d, "sentences": by_doc[n]} for n, d in index.digests.items()]
+    raw = save({"vectors": index.vectors.contiguous()})
+    meta = {"format": FORMAT, "model": index.model, "vectors_sha256": _sha(raw), "docs": docs}
+    atomic_write(folder / "index.safetensors", lambda t: Path(t).write_bytes(raw), mode=0o644)
+    atomic_write_text(folder / "index.json", json.dumps(meta, ensure_ascii=False))
+
+
+def _sha(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _embed(
+    enc: SentenceEncoder, texts: list[str], progress: Progress | None, batch: int = 256
+) -> Tensor:
+    """``(len(texts), D)`` unit vectors, reporting ``progress(done, total)``; one warning
+    names how many texts were longer than the encoder reads (their first tokens count)."""
+    parts = [torch.empty(0, enc.dim)]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*exceed max_seq_length")
+        for start in range(0, len(texts), batch):
+            parts.append(enc.encode(texts[start : start + batch]))
+            if progress is not None:
+                progress(min(start + batch, len(texts)), len(texts))
+        limit = enc.config.max_seq_length
+        long = sum(len(ids) >= limit for ids in enc.tokenize(texts)) if texts else 0
+    if long:
+        warnings.warn(
+            f"{long} of {len(texts)} sentences reach the encoder's {limit}-token limit; "
+            f"only their first {limit} tokens are embedded",
+            stacklevel=3,
+        )
+    return torch.cat(parts)
+
+
+def build_index(
+    docs: Sequence[Document],
+    enc: SentenceEncoder,
+    folder: str | Path | None,
+    *,
+    progress: Progress | None = None,
+) -> Index:
+    """The index of ``docs``: loaded from ``folder`` and brought up to date (only new or
+    changed documents are split and embedded), then saved back if anything changed.
+
+    Args:
+        docs: the documents (names must be unique).
+        enc: the sentence encoder.
+        folder: where the index lives (None: build in memory, save nothing).
+        progress: called as ``progress(sentences embedded, sentences to embed)``.
+    """
+    names = [d.name for d in docs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"docs: document names must be unique, got {len(names)} with repeats")
+    model = _model_name(enc)
+    old = load_index(folder) if folder is not None else None
+    old = old if old is not None and old.model == model else None
+    keep = {} if old is None else _rows_by_doc(old)
+    fresh = [d for d in docs if old is None or old.digests.get(d.name) != d.digest]
+    new_sents = {d.name: split_document(d) for d in fresh}
+    texts = [s.text for d in fresh for s in new_sents[d.name]]
+    vecs = _embed(enc, texts, progress) if texts else torch.empty(0, enc.dim)
+    new_rows, start = {}, 0
+    for d in fresh:
+        n = len(new_sents[d.name])
+        new_rows[d.name], start = (new_sents[d.name], vecs[start : start + n]), start + n
+    sentences: list[Sentence] = []
+    parts = [torch.empty(0, enc.dim)]
+    for d in docs:
+        s, v = new_rows.get(d.name) or keep[d.name]
+        sentences += s
+        parts.append(v)
+    index = Index(sentences, torch.cat(parts), {d.name: d.digest for d in docs}, model, len(texts))
+    changed = old is None or fresh or set(old.digests) != set(index.digests)
+    if folder is not None and changed:
+        _save(index, Path(folder))
+    return index
+
+
+def _rows_by_doc(index: Index) -> dict[str, tuple[list[Sentence], Tensor]]:
+    """Document name -> its sentences and their rows of ``index.vectors``."""
+    counts = {name: 0 for name in index.digests}
+    for s in index.sentences:
+        counts[s.doc] += 1
+    out: dict[str, tuple[list[Sentence], Tensor]] = {}
+    start = 0
+    for name, n in counts.items():  # saved document by document, in this order
+        out[name] = (index.sentences[start : start + n], index.vectors[start : start + n])
+        start += n
+    return out

