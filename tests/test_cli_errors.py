@@ -106,6 +106,11 @@ BAD: list[tuple[str, int, str]] = [
     ("serve --port 70000", 2, "argument --port: must be an int in [0, 65535], got '70000'"),
     ("serve --runs {tmp}/nowhere", 2, "argument --runs: '{tmp}/nowhere' does not exist"),
     ("serve --model {file}", 2, "argument --model: '{file}' is not a folder"),
+    # robust
+    ("robust nosuchtask", 2, "argument task: invalid choice: 'nosuchtask'"),
+    ("robust vision --method plain,magic", 2, "argument --method: 'magic' is not one of plain"),
+    ("robust dates --steps 0", 2, "argument --steps: must be an int >= 1, got '0'"),
+    ("robust shortcut --out {file}", 2, "argument --out: '{file}' is a file, not a folder"),
 ]
 NEED_MODEL_CASES: list[tuple[str, int, str]] = [
     ("attend hi --layer 9", 2, "argument --layer: 9 is out of range: all-MiniLM-L6-v2 has "),

@@ -23,13 +23,13 @@ import sys
 from collections.abc import Sequence
 
 import attnlab
-from attnlab.cli import ask, bench, embed, engines, explain, info, serve, tour, train
+from attnlab.cli import ask, bench, embed, engines, explain, info, robust, serve, tour, train
 from attnlab.cli._errors import Parser, run_command
 
 __all__ = ["build_parser", "main", "parse_args"]
 
 # in the order of ``attnlab --help``
-_COMMANDS = (tour, train, engines, info, embed, explain, ask, serve, bench)
+_COMMANDS = (tour, train, engines, info, embed, explain, ask, serve, robust, bench)
 
 
 _DEBUG_HELP = "print the traceback of an error (or set ATTNLAB_DEBUG=1)"

@@ -9,6 +9,7 @@ line and exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import socket
 from typing import Any
@@ -85,9 +86,7 @@ def run(args: argparse.Namespace) -> int:
     shown = f"[{host}]" if ":" in host else host
     print(f"attnlab serve: http://{shown}:{port}/  (API docs: /docs; Ctrl-C stops)", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn shut down, then re-raised Ctrl-C
         server.run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn shut down cleanly, then re-raised Ctrl-C / SIGTERM
-        pass
     print("attnlab serve: stopped", flush=True)
     return 0

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from attnlab.train.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from attnlab.train.interrupt import TrainingInterrupted
-from attnlab.train.loop import Task, TrainConfig, Trainer, lr_factor
+from attnlab.train.loop import LossFn, Plugin, Task, TrainConfig, Trainer, lr_factor
 
 __all__ = [
     "Checkpoint",
     "CheckpointError",
+    "LossFn",
+    "Plugin",
     "Task",
     "TrainConfig",
     "Trainer",

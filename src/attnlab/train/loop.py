@@ -13,9 +13,10 @@ from __future__ import annotations
 import math
 import numbers
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,7 +27,7 @@ from attnlab._validate import nonnegative_int, positive_int
 from attnlab.train.checkpoint import Checkpoint, load_checkpoint, load_model_state, save_checkpoint
 from attnlab.train.interrupt import TrainingInterrupted, stop_requests
 
-__all__ = ["Task", "TrainConfig", "Trainer", "lr_factor", "num_threads"]
+__all__ = ["LossFn", "Plugin", "Task", "TrainConfig", "Trainer", "lr_factor", "num_threads"]
 
 
 class Task(Protocol):
@@ -40,6 +41,24 @@ class Task(Protocol):
     def batch(self, indices: Tensor) -> Any: ...
     def loss(self, model: nn.Module, batch: Any) -> Tensor: ...
     def evaluate(self, model: nn.Module) -> dict[str, float]: ...
+
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+
+
+class Plugin(Protocol):
+    """A change to how a step computes its gradients (adversarial training, a loss term;
+    see :mod:`attnlab.robust`).
+
+    ``step(model, batch, loss_fn)`` returns a loss still in the autograd graph; the
+    trainer calls ``backward`` on it. A plug-in may also have put gradients into the
+    parameters' ``.grad`` before returning (the trainer zeroes them before the step and
+    never after), and it reports through the returned value: ``float(loss)`` is the
+    step's logged loss. ``Trainer(..., plugins=[a, b])`` runs ``b`` around ``a``: ``b``'s
+    ``loss_fn`` is ``a.step`` over the task's loss.
+    """
+
+    def step(self, model: nn.Module, batch: Any, loss_fn: LossFn) -> Tensor: ...
 
 
 @dataclass
@@ -151,6 +170,8 @@ class Trainer:
     """Train ``task``'s model under ``cfg``; :meth:`fit` returns the evaluation history.
 
     ``on_eval`` receives each evaluation record (step, loss, seconds, task metrics).
+    ``plugins`` change how each step's gradients are computed (:class:`Plugin`); with
+    none, a step is ``task.loss(model, batch).backward()``.
 
     Example:
         >>> from attnlab.tasks.translation import TranslationTask
@@ -167,8 +188,10 @@ class Trainer:
         cfg: TrainConfig,
         *,
         on_eval: Callable[[dict[str, float]], None] | None = None,
+        plugins: Sequence[Plugin] = (),
     ) -> None:
         self.task, self.cfg, self.on_eval = task, cfg, on_eval
+        self.loss_fn = _with_plugins(task.loss, plugins)
         if cfg.threads is not None:
             positive_int("threads", cfg.threads)
         torch.manual_seed(cfg.seed)
@@ -197,8 +220,9 @@ class Trainer:
         self.model.train()
         for group in self.opt.param_groups:
             group["lr"] = self.cfg.lr * lr_factor(self.step, self.cfg)
-        loss = self.task.loss(self.model, self.task.batch(self._indices(self.step)))
-        self.opt.zero_grad(set_to_none=True)
+        batch = self.task.batch(self._indices(self.step))
+        self.opt.zero_grad(set_to_none=True)  # before: plug-ins may accumulate gradients
+        loss = self.loss_fn(self.model, batch)
         loss.backward()
         if self.cfg.clip > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
@@ -281,6 +305,18 @@ class Trainer:
         self.step, self.best, self.bad_evals = int(st["step"]), float(st["best"]), st["bad_evals"]
         self.history = list(st.get("history", []))
         torch.set_rng_state(st["rng_torch"])
+
+
+def _with_plugins(loss_fn: LossFn, plugins: Sequence[Plugin]) -> LossFn:
+    """``loss_fn`` wrapped by each plug-in in turn (the last one outermost)."""
+    for plugin in plugins:
+        if not callable(getattr(plugin, "step", None)):
+            raise TypeError(
+                f"plugins must hold objects with a step(model, batch, loss_fn) method, got "
+                f"{type(plugin).__name__}"
+            )
+        loss_fn = partial(plugin.step, loss_fn=loss_fn)
+    return loss_fn
 
 
 @contextmanager

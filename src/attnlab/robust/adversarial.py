@@ -1,0 +1,311 @@
+"""Adversarial training as :class:`attnlab.train.Trainer` plug-ins.
+
+Each plug-in perturbs the model's embeddings (:func:`~attnlab.robust.perturb.find_embedding`:
+token embeddings, the ViT's patch embeddings, or with ``site="input"`` the pixels) and
+turns ``(model, batch, loss_fn)`` into the step's gradients:
+
+======== ================================================================ ================
+plug-in  objective                                                        cost per step
+======== ================================================================ ================
+FGM      L(x) + L(x + eps g/||g||)  (Miyato et al., 2017)                 2 fwd + 2 bwd
+PGD      L(x + delta_k), delta by k projected ascent steps (Madry, 2018)  k+1 fwd + k+1 bwd
+FreeLB   mean over k of L(x + delta_t), gradients accumulated (Zhu, 2020) k fwd + k bwd
+SMART    L(x) + w * symKL(f(x), f(x + delta)) (Jiang et al., 2020)        k+3 fwd, k+1 bwd
+======== ================================================================ ================
+
+(plain training: 1 forward + 1 backward). Norms are per example (L2 or L-infinity over
+all of one example's embedding values). ``benchmarks/bench_robust.py`` measures the costs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnlab._validate import positive_int
+from attnlab.robust.perturb import (
+    Perturbation,
+    ascent_direction,
+    check_norm,
+    check_positive,
+    find_embedding,
+    project,
+    random_start,
+)
+from attnlab.train import LossFn
+
+__all__ = ["FGM", "PGD", "SMART", "FreeLB", "symmetric_kl"]
+
+Outputs = Callable[[nn.Module, Any], Tensor]
+
+
+class _Adversary:
+    """Shared settings: the ball, where the perturbation goes in."""
+
+    def __init__(
+        self,
+        epsilon: float,
+        norm: str,
+        embedding: str | None,
+        site: str,
+        bounds: tuple[float, float] | None,
+    ) -> None:
+        self.epsilon = check_positive("epsilon", epsilon)
+        self.norm = check_norm(norm)
+        self.embedding, self.site, self.bounds = embedding, site, bounds
+        if site not in ("output", "input"):
+            raise ValueError(f"site must be 'output' or 'input', got {site!r}")
+        self._cache: tuple[nn.Module, Perturbation] | None = None
+
+    def perturbation(self, model: nn.Module) -> Perturbation:
+        """The (cached) :class:`Perturbation` of ``model``'s embedding layer, cleared."""
+        if self._cache is None or self._cache[0] is not model:
+            module = find_embedding(model, self.embedding)
+            self._cache = (model, Perturbation(module, self.site, self.bounds))
+        pert = self._cache[1]
+        pert.delta = None
+        return pert
+
+    def _start(self, x: Tensor) -> Tensor:
+        return random_start(x, self.epsilon, self.norm)
+
+
+class FGM(_Adversary):
+    """Fast gradient method (Miyato et al., 2017): one step of size ``epsilon`` along the
+    embedding gradient; trains on the clean plus the adversarial loss.
+
+    ``delta = epsilon * g / ||g||_2`` (L2, per example) or ``epsilon * sign(g)`` (L-inf,
+    FGSM), ``g = d L / d embeddings``. The logged loss is clean + adversarial.
+
+    Args:
+        epsilon: radius (> 0).
+        norm: ``"l2"`` or ``"linf"``.
+        embedding: the embedding submodule's name (default: found).
+        site: ``"output"`` (embeddings) or ``"input"`` (pixels of a ViT).
+        bounds: clamp of the perturbed input (``site="input"``), e.g. ``(0, 1)``.
+
+    Example:
+        >>> FGM(epsilon=0.5).epsilon, FGM(0.1, norm="linf").norm
+        (0.5, 'linf')
+    """
+
+    def __init__(
+        self,
+        epsilon: float = 1.0,
+        *,
+        norm: str = "l2",
+        embedding: str | None = None,
+        site: str = "output",
+        bounds: tuple[float, float] | None = None,
+    ) -> None:
+        super().__init__(epsilon, norm, embedding, site, bounds)
+
+    def step(self, model: nn.Module, batch: Any, loss_fn: LossFn) -> Tensor:
+        pert = self.perturbation(model)
+        with pert.active(track=True):
+            clean = loss_fn(model, batch)
+        clean.backward()  # parameter gradients of the clean loss, and d L / d delta
+        assert pert.delta is not None and pert.delta.grad is not None
+        pert.delta = self.epsilon * ascent_direction(pert.delta.grad, self.norm)
+        with pert.active():
+            adv = loss_fn(model, batch)
+        pert.delta = None
+        return adv + clean.detach()
+
+
+class PGD(_Adversary):
+    """Projected gradient descent (Madry et al., 2018): ``steps`` ascent steps of size
+    ``alpha`` on the perturbation, each projected back onto the ``epsilon`` ball; trains
+    on the adversarial loss (plus the clean loss with ``clean=True``).
+
+    Args:
+        epsilon: radius (> 0).
+        steps: ascent steps (>= 1).
+        alpha: step size (default ``2.5 * epsilon / steps``).
+        norm: ``"l2"`` or ``"linf"``.
+        random_start: start from a uniform draw in the ball (else from 0).
+        clean: add the clean loss (the variant common for text).
+        embedding, site, bounds: as in :class:`FGM`.
+
+    Example:
+        >>> round(PGD(0.1, steps=3).alpha, 6)
+        0.083333
+    """
+
+    def __init__(
+        self,
+        epsilon: float = 1.0,
+        *,
+        steps: int = 3,
+        alpha: float | None = None,
+        norm: str = "l2",
+        random_start: bool = True,
+        clean: bool = False,
+        embedding: str | None = None,
+        site: str = "output",
+        bounds: tuple[float, float] | None = None,
+    ) -> None:
+        super().__init__(epsilon, norm, embedding, site, bounds)
+        self.steps = positive_int("steps", steps)
+        self.alpha = 2.5 * self.epsilon / self.steps if alpha is None else alpha
+        check_positive("alpha", self.alpha)
+        self.random_start, self.clean = random_start, clean
+
+    def attack(self, model: nn.Module, batch: Any, loss_fn: LossFn) -> Perturbation:
+        """The perturbation after ``steps`` projected ascent steps (parameters untouched)."""
+        pert = self.perturbation(model)
+        init = self._start if self.random_start else None
+        for _ in range(self.steps):
+            with pert.active(track=True, init=init):
+                loss = loss_fn(model, batch)
+            assert pert.delta is not None
+            (g,) = torch.autograd.grad(loss, pert.delta)
+            step = pert.delta.detach() + self.alpha * ascent_direction(g, self.norm)
+            pert.leaf(project(step, self.epsilon, self.norm))
+        assert pert.delta is not None
+        pert.delta = pert.delta.detach()
+        return pert
+
+    def step(self, model: nn.Module, batch: Any, loss_fn: LossFn) -> Tensor:
+        pert = self.attack(model, batch, loss_fn)
+        with pert.active():
+            adv = loss_fn(model, batch)
+        pert.delta = None
+        return adv + loss_fn(model, batch) if self.clean else adv
+
+
+class FreeLB(_Adversary):
+    """FreeLB (Zhu et al., 2020): ``steps`` ascent steps whose parameter gradients are
+    all kept, so the update follows the mean loss over the path of the perturbation.
+
+    ``for t in 1..K: (L(x + delta_{t-1}) / K).backward(); delta_t = project(delta_{t-1}
+    + alpha * g / ||g||)``; the first ``K - 1`` backward passes run here, the last in the
+    trainer. ``delta_0`` is drawn in the ball of radius ``init_epsilon`` (0: zeros).
+
+    Args:
+        epsilon: radius (> 0) of the ball the perturbation stays in.
+        steps: ascent steps ``K`` (>= 1).
+        alpha: step size (default ``epsilon / steps``).
+        init_epsilon: radius of the random start (>= 0; default ``epsilon / 2``).
+        norm, embedding, site, bounds: as in :class:`FGM`.
+
+    Example:
+        >>> round(FreeLB(0.3, steps=3).alpha, 6)
+        0.1
+    """
+
+    def __init__(
+        self,
+        epsilon: float = 1.0,
+        *,
+        steps: int = 3,
+        alpha: float | None = None,
+        init_epsilon: float | None = None,
+        norm: str = "l2",
+        embedding: str | None = None,
+        site: str = "output",
+        bounds: tuple[float, float] | None = None,
+    ) -> None:
+        super().__init__(epsilon, norm, embedding, site, bounds)
+        self.steps = positive_int("steps", steps)
+        self.alpha = check_positive("alpha", self.epsilon / self.steps if alpha is None else alpha)
+        init = self.epsilon / 2 if init_epsilon is None else init_epsilon
+        self.init_epsilon = check_positive("init_epsilon", init, zero=True)
+
+    def _init(self, x: Tensor) -> Tensor:
+        if self.init_epsilon == 0:
+            return torch.zeros_like(x)
+        return random_start(x, self.init_epsilon, self.norm)
+
+    def step(self, model: nn.Module, batch: Any, loss_fn: LossFn) -> Tensor:
+        pert, total = self.perturbation(model), 0.0
+        for _ in range(self.steps - 1):
+            with pert.active(track=True, init=self._init):
+                loss = loss_fn(model, batch) / self.steps
+            loss.backward()  # accumulates the parameters' gradients, and d L / d delta
+            total += float(loss.detach())
+            assert pert.delta is not None and pert.delta.grad is not None
+            step = pert.delta.detach() + self.alpha * ascent_direction(pert.delta.grad, self.norm)
+            pert.leaf(project(step, self.epsilon, self.norm))
+        with pert.active(track=True, init=self._init):
+            last = loss_fn(model, batch) / self.steps
+        pert.delta = None
+        return last + total  # the logged value is the mean loss over the K steps
+
+
+def symmetric_kl(p_logits: Tensor, q_logits: Tensor) -> Tensor:
+    """``KL(p||q) + KL(q||p)`` over the last dim, averaged over the rest: a scalar.
+
+    Example:
+        >>> float(symmetric_kl(torch.tensor([[0.0, 1.0]]), torch.tensor([[0.0, 1.0]])))
+        0.0
+    """
+    lp, lq = F.log_softmax(p_logits.float(), -1), F.log_softmax(q_logits.float(), -1)
+    return ((lp.exp() - lq.exp()) * (lp - lq)).sum(-1).mean()
+
+
+class SMART(_Adversary):
+    """SMART's smoothness-inducing regularizer (Jiang et al., 2020).
+
+    ``L(x) + weight * symKL(f(x), f(x + delta))``, ``delta`` from a draw of scale
+    ``noise`` followed by ``steps`` ascent steps of size ``alpha`` along the sign of the
+    symmetric KL's gradient, each projected onto the ``epsilon`` ball.
+
+    Args:
+        outputs: ``outputs(model, batch) -> logits (..., C)``.
+        epsilon: radius (> 0). weight: of the smoothness term (> 0).
+        steps: ascent steps (>= 1). alpha: their size (default ``epsilon``).
+        noise: scale of the Gaussian start (default ``epsilon / 10``).
+        norm, embedding, site, bounds: as in :class:`FGM`.
+
+    Example:
+        >>> SMART(lambda m, b: m(b), epsilon=0.1).weight
+        1.0
+    """
+
+    def __init__(
+        self,
+        outputs: Outputs,
+        *,
+        epsilon: float = 1e-2,
+        weight: float = 1.0,
+        steps: int = 1,
+        alpha: float | None = None,
+        noise: float | None = None,
+        norm: str = "linf",
+        embedding: str | None = None,
+        site: str = "output",
+        bounds: tuple[float, float] | None = None,
+    ) -> None:
+        super().__init__(epsilon, norm, embedding, site, bounds)
+        if not callable(outputs):
+            raise TypeError(f"outputs must be callable (model, batch) -> logits, got {outputs!r}")
+        self.outputs = outputs
+        self.weight = check_positive("weight", weight)
+        self.steps = positive_int("steps", steps)
+        self.alpha = check_positive("alpha", self.epsilon if alpha is None else alpha)
+        self.noise = check_positive("noise", self.epsilon / 10 if noise is None else noise)
+
+    def step(self, model: nn.Module, batch: Any, loss_fn: LossFn) -> Tensor:
+        loss = loss_fn(model, batch)
+        clean = self.outputs(model, batch)
+        target = clean.detach()
+        pert = self.perturbation(model)
+        init: Callable[[Tensor], Tensor] = lambda x: torch.randn_like(x) * self.noise  # noqa: E731
+        for _ in range(self.steps):
+            with pert.active(track=True, init=init):
+                div = symmetric_kl(self.outputs(model, batch), target)
+            assert pert.delta is not None
+            (g,) = torch.autograd.grad(div, pert.delta)
+            step = pert.delta.detach() + self.alpha * ascent_direction(g, "linf")
+            pert.leaf(project(step, self.epsilon, self.norm))
+        assert pert.delta is not None
+        pert.delta = pert.delta.detach()
+        with pert.active():
+            div = symmetric_kl(self.outputs(model, batch), clean)
+        pert.delta = None
+        return loss + self.weight * div

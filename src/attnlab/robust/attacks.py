@@ -1,0 +1,233 @@
+"""Attacks for evaluation: PGD on pixels, PGD on embeddings, greedy character edits.
+
+* :func:`pgd_pixels`: L-infinity (or L2) PGD on images, kept in the images' range;
+* :func:`pgd_embeddings`: PGD on a text model's embeddings (a :class:`Perturbation` to
+  evaluate under);
+* :class:`CharEditAttack`: greedy character edits (swap two neighbours, drop one, insert
+  one) within a budget of edits per word, choosing at each round the edit that lowers the
+  model's score of the right answer most, until the answer is wrong or the budget spent.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnlab._validate import nonnegative_int, positive_int
+from attnlab.robust.adversarial import PGD
+from attnlab.robust.perturb import (
+    Perturbation,
+    ascent_direction,
+    check_norm,
+    check_positive,
+    project,
+    random_start,
+)
+from attnlab.train import LossFn
+
+__all__ = ["CharEditAttack", "EditResult", "pgd_embeddings", "pgd_pixels", "word_edits"]
+
+
+def pgd_pixels(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    epsilon: float,
+    steps: int = 10,
+    alpha: float | None = None,
+    norm: str = "linf",
+    bounds: tuple[float, float] = (0.0, 1.0),
+    seed: int = 0,
+) -> Tensor:
+    """Adversarial images: PGD on the cross-entropy of ``model(images)`` (Madry et al.).
+
+    Args:
+        model: ``images (B, C, H, W) -> logits (B, K)`` (put it in eval mode first).
+        images: ``(B, C, H, W)`` inside ``bounds``. labels: ``(B,)``.
+        epsilon: radius (> 0). steps: >= 1. alpha: step (default ``2.5 eps / steps``).
+        norm: ``"linf"`` or ``"l2"``. bounds: the valid pixel range.
+        seed: of the random start.
+
+    Returns:
+        ``(B, C, H, W)`` images within ``epsilon`` of ``images`` and inside ``bounds``.
+
+    Example:
+        >>> m = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+        >>> x = torch.rand(3, 1, 2, 2)
+        >>> adv = pgd_pixels(m, x, torch.tensor([0, 1, 0]), epsilon=0.1, steps=2)
+        >>> bool((adv - x).abs().max() <= 0.1 + 1e-6), bool(adv.min() >= 0)
+        (True, True)
+    """
+    eps, norm = check_positive("epsilon", epsilon), check_norm(norm)
+    steps = positive_int("steps", steps)
+    alpha = check_positive("alpha", 2.5 * eps / steps if alpha is None else alpha)
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(int(torch.randint(2**31, (1,), generator=g)))
+        delta = random_start(images, eps, norm)
+    x = images.detach()
+    for _ in range(steps):
+        delta = ((x + delta).clamp(*bounds) - x).requires_grad_(True)
+        loss = F.cross_entropy(model(x + delta), labels)
+        (grad,) = torch.autograd.grad(loss, delta)
+        delta = project(delta.detach() + alpha * ascent_direction(grad, norm), eps, norm)
+    return (x + delta).clamp(*bounds).detach()
+
+
+def pgd_embeddings(
+    model: nn.Module,
+    batch: Any,
+    loss_fn: LossFn,
+    *,
+    epsilon: float,
+    steps: int = 10,
+    alpha: float | None = None,
+    norm: str = "l2",
+    embedding: str | None = None,
+) -> Perturbation:
+    """PGD on the embeddings of ``batch``: evaluate under it with ``p.active()``.
+
+    Example:
+        >>> m = nn.Sequential(nn.Embedding(5, 3), nn.Flatten(), nn.Linear(6, 2))
+        >>> ids, y = torch.tensor([[1, 2], [3, 4]]), torch.tensor([0, 1])
+        >>> p = pgd_embeddings(m, ids, lambda m, b: F.cross_entropy(m(b), y), epsilon=0.5)
+        >>> bool(p.delta.flatten(1).norm(dim=1).max() <= 0.5 + 1e-6)
+        True
+    """
+    return PGD(epsilon, steps=steps, alpha=alpha, norm=norm, embedding=embedding).attack(
+        model, batch, loss_fn
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# greedy character edits
+
+
+@dataclass
+class EditResult:
+    """The attack on one text: the edited text, the edits per word, whether it won."""
+
+    text: str
+    edits: list[int]
+    success: bool
+
+
+def word_edits(word: str, protect: Callable[[str], bool], alphabet: str) -> list[str]:
+    """Every word one edit away (swap two neighbours, drop one, insert one of
+    ``alphabet``) that keeps the protected characters and their adjacency.
+
+    A protected character (a digit of a date) is never dropped or swapped, nothing is
+    inserted between two protected characters, and none is dropped from between two of
+    them, so ``"21.11"`` never becomes ``"2111"``.
+
+    Example:
+        >>> sorted(word_edits("a1", str.isdigit, "x"))
+        ['1', 'a1x', 'ax1', 'xa1']
+    """
+    out: set[str] = set()
+    n = len(word)
+    for i in range(n):
+        c = word[i]
+        left = i > 0 and protect(word[i - 1])
+        right = i + 1 < n and protect(word[i + 1])
+        if n > 1 and not protect(c) and not (left and right):
+            out.add(word[:i] + word[i + 1 :])
+        if i + 1 < n and c != word[i + 1] and not protect(c) and not protect(word[i + 1]):
+            out.add(word[:i] + word[i + 1] + c + word[i + 2 :])
+    for i in range(n + 1):
+        if 0 < i < n and protect(word[i - 1]) and protect(word[i]):
+            continue
+        out.update(word[:i] + a + word[i:] for a in alphabet)
+    out.discard(word)
+    return sorted(out)
+
+
+class CharEditAttack:
+    """Greedy character edits within ``budget`` edits per word (words: split on " ").
+
+    Args:
+        budget: edits allowed in each word (>= 0).
+        alphabet: characters that may be inserted (no space).
+        protect: characters never edited (default none); e.g. ``str.isdigit`` for dates.
+        max_candidates: edits scored per text and round, drawn at random (seeded).
+        seed: of that draw.
+
+    ``attack(texts, score, wrong)``: ``score(index, texts) -> (N,)`` (lower = worse for
+    the model, e.g. the log-probability of the right answer) and ``wrong(index, texts) ->
+    list[bool]`` (the model's answer is wrong) see edited texts and, in ``index``, which
+    of the original texts each one comes from.
+
+    Example:
+        >>> att = CharEditAttack(1, "x")
+        >>> r = att.attack(["ab"], lambda i, t: torch.tensor([-s.count("x") for s in t]),
+        ...                lambda i, t: ["x" in s for s in t])
+        >>> r[0].success, r[0].edits, r[0].text.count("x")
+        (True, [1], 1)
+    """
+
+    def __init__(
+        self,
+        budget: int,
+        alphabet: str,
+        *,
+        protect: Callable[[str], bool] | None = None,
+        max_candidates: int = 64,
+        seed: int = 0,
+    ) -> None:
+        self.budget = nonnegative_int("budget", budget)
+        if not isinstance(alphabet, str) or " " in alphabet:
+            raise ValueError(f"alphabet must be a str without spaces, got {alphabet!r}")
+        self.alphabet = alphabet
+        self.protect = protect or (lambda c: False)
+        self.max_candidates = positive_int("max_candidates", max_candidates)
+        self.seed = seed
+
+    def _candidates(
+        self, words: list[str], used: list[int], rng: random.Random
+    ) -> list[tuple[int, str]]:
+        cands = [
+            (j, w)
+            for j, word in enumerate(words)
+            if used[j] < self.budget
+            for w in word_edits(word, self.protect, self.alphabet)
+        ]
+        return rng.sample(cands, min(len(cands), self.max_candidates))
+
+    def attack(
+        self,
+        texts: Sequence[str],
+        score: Callable[[list[int], list[str]], Tensor],
+        wrong: Callable[[list[int], list[str]], list[bool]],
+    ) -> list[EditResult]:
+        """Attack every text; see the class docstring."""
+        rng = random.Random(self.seed)
+        words = [t.split(" ") for t in texts]
+        used = [[0] * len(w) for w in words]
+        done = wrong(list(range(len(texts))), list(texts))
+        for _ in range(self.budget * max((len(w) for w in words), default=0)):
+            todo = [i for i in range(len(texts)) if not done[i]]
+            cands = {i: self._candidates(words[i], used[i], rng) for i in todo}
+            flat = [(i, j, w) for i in todo for j, w in cands[i]]
+            if not flat:
+                break
+            edited = [" ".join([*words[i][:j], w, *words[i][j + 1 :]]) for i, j, w in flat]
+            scores = score([i for i, _, _ in flat], edited).tolist()
+            best: dict[int, tuple[float, int, str]] = {}
+            for (i, j, w), s in zip(flat, scores, strict=True):
+                if i not in best or s < best[i][0]:
+                    best[i] = (s, j, w)
+            for i, (_, j, w) in best.items():
+                words[i][j], used[i][j] = w, used[i][j] + 1
+            now = wrong(list(best), [" ".join(words[i]) for i in best])
+            for i, w_ in zip(best, now, strict=True):
+                done[i] = w_
+        return [
+            EditResult(" ".join(w), u, bool(d)) for w, u, d in zip(words, used, done, strict=True)
+        ]

@@ -1,0 +1,216 @@
+"""Where a perturbation goes in: the embedding layer of a model, and the norm-ball algebra.
+
+A :class:`Perturbation` is a forward hook on one module: ``site="output"`` adds ``delta``
+to what the module returns (token embeddings ``(B, L, E)``, the ViT's patch embeddings
+``(B, N, D)``), ``site="input"`` adds it to the module's first input (the ViT's pixels
+``(B, C, H, W)``, optionally clamped to the images' range). ``delta`` is made lazily, the
+shape of that tensor, and is a leaf that requires grad, so ``delta.grad`` after a backward
+is d loss / d embeddings.
+
+Norms are per example: every dimension but the first (batch) counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from attnlab.models.vit import PatchEmbedding
+
+__all__ = [
+    "NORMS",
+    "Perturbation",
+    "ascent_direction",
+    "check_norm",
+    "check_positive",
+    "find_embedding",
+    "per_example_norm",
+    "project",
+    "random_start",
+]
+
+NORMS = ("l2", "linf")
+_EMBEDDINGS = (nn.Embedding, PatchEmbedding)
+
+
+def check_positive(name: str, value: object, *, zero: bool = False) -> float:
+    """``value`` as a finite float > 0 (>= 0 with ``zero``), or an error naming ``name``.
+
+    Example:
+        >>> check_positive("epsilon", 0.5)
+        0.5
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    if not (v >= 0 if zero else v > 0) or v != v or v == float("inf"):
+        want = ">= 0" if zero else "> 0"
+        raise ValueError(f"{name} must be a finite number {want}, got {value!r}")
+    return v
+
+
+def check_norm(norm: object) -> str:
+    """``norm`` as one of :data:`NORMS`, or a ValueError naming it."""
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    return str(norm)
+
+
+def find_embedding(model: nn.Module, name: str | None = None) -> nn.Module:
+    """The module whose output is the model's input embeddings.
+
+    Args:
+        model: any model.
+        name: a submodule name (``"src_embed"``); default the first ``nn.Embedding`` or
+            :class:`~attnlab.models.vit.PatchEmbedding` in ``model.named_modules()``
+            order (the source embedding of a seq2seq model, the patches of a ViT).
+
+    Raises:
+        TypeError: the model has no embedding layer (name one with ``name``).
+
+    Example:
+        >>> find_embedding(nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 2)))
+        Embedding(5, 3)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    modules = dict(model.named_modules())
+    if name is not None:
+        if name not in modules:
+            raise ValueError(f"embedding={name!r} is not a submodule of {type(model).__name__}")
+        return modules[name]
+    for module in modules.values():
+        if isinstance(module, _EMBEDDINGS):
+            return module
+    raise TypeError(
+        f"model ({type(model).__name__}) has no embedding layer (nn.Embedding or "
+        f"PatchEmbedding); pass embedding='<submodule name>' to name one"
+    )
+
+
+def per_example_norm(x: Tensor, norm: str) -> Tensor:
+    """``(B, ...) -> (B, 1, ..., 1)``: the L2 or L-infinity norm of each example."""
+    flat = x.flatten(1)
+    n = flat.norm(dim=1) if norm == "l2" else flat.abs().amax(dim=1)
+    return n.view(-1, *([1] * (x.dim() - 1)))
+
+
+def ascent_direction(grad: Tensor, norm: str) -> Tensor:
+    """The steepest-ascent unit step: ``g / ||g||_2`` per example, or ``sign(g)``.
+
+    Example:
+        >>> ascent_direction(torch.tensor([[3.0, -4.0]]), "l2")
+        tensor([[ 0.6000, -0.8000]])
+    """
+    if norm == "linf":
+        return grad.sign()
+    return grad / per_example_norm(grad, "l2").clamp_min(1e-12)
+
+
+def project(delta: Tensor, epsilon: float, norm: str) -> Tensor:
+    """``delta`` projected onto the ball of radius ``epsilon`` (per example).
+
+    Example:
+        >>> project(torch.tensor([[3.0, -4.0]]), 1.0, "l2")
+        tensor([[ 0.6000, -0.8000]])
+    """
+    if norm == "linf":
+        return delta.clamp(-epsilon, epsilon)
+    n = per_example_norm(delta, "l2")
+    return delta * torch.clamp(epsilon / n.clamp_min(1e-12), max=1.0)
+
+
+def random_start(like: Tensor, epsilon: float, norm: str) -> Tensor:
+    """A uniform draw in the L-inf ball, or a Gaussian direction scaled into the L2 ball."""
+    if norm == "linf":
+        return torch.empty_like(like).uniform_(-epsilon, epsilon)
+    g = torch.randn_like(like)
+    radius = epsilon * torch.rand(like.shape[0], *([1] * (like.dim() - 1)), dtype=like.dtype)
+    return g / per_example_norm(g, "l2").clamp_min(1e-12) * radius
+
+
+class Perturbation:
+    """Add ``delta`` to a module's output (or first input) while the context is open.
+
+    Args:
+        module: usually :func:`find_embedding`'s answer.
+        site: ``"output"`` or ``"input"`` (a floating-point input: pixels).
+        bounds: ``(low, high)`` to clamp the perturbed input to (``site="input"`` only).
+
+    Attributes:
+        delta: the perturbation (None until set or until the first forward with
+            ``track=True`` makes a zero leaf of the right shape).
+
+    Example:
+        >>> emb = nn.Embedding(4, 2)
+        >>> p = Perturbation(emb)
+        >>> with p.active(track=True):
+        ...     emb(torch.tensor([[1, 2]])).sum().backward()
+        >>> p.delta.grad
+        tensor([[[1., 1.],
+                 [1., 1.]]])
+    """
+
+    def __init__(
+        self, module: nn.Module, site: str = "output", bounds: tuple[float, float] | None = None
+    ) -> None:
+        if site not in ("output", "input"):
+            raise ValueError(f"site must be 'output' or 'input', got {site!r}")
+        if bounds is not None and site != "input":
+            raise ValueError(f"bounds clamp the perturbed input; got bounds={bounds} with {site=}")
+        self.module, self.site, self.bounds = module, site, bounds
+        self.delta: Tensor | None = None
+        self._track = False
+        self._init: Callable[[Tensor], Tensor] | None = None
+
+    def leaf(self, value: Tensor) -> Tensor:
+        """Set ``delta`` to a detached copy of ``value`` that requires grad; return it."""
+        self.delta = value.detach().clone().requires_grad_(True)
+        return self.delta
+
+    @contextmanager
+    def active(
+        self, *, track: bool = False, init: Callable[[Tensor], Tensor] | None = None
+    ) -> Iterator[Perturbation]:
+        """Apply ``delta`` inside the block; ``track`` makes a leaf if it is None: zeros, or
+        ``init(x)`` of the tensor ``x`` it is added to."""
+        self._init = torch.zeros_like if init is None else init
+        self._track = track
+        if self.site == "output":
+            handle = self.module.register_forward_hook(self._add_to_output)
+        else:
+            handle = self.module.register_forward_pre_hook(self._add_to_input)
+        try:
+            yield self
+        finally:
+            handle.remove()
+            self._track = False
+
+    def _delta_for(self, x: Tensor) -> Tensor | None:
+        if self.delta is None and self._track:
+            assert self._init is not None
+            self.leaf(self._init(x.detach()))
+        return self.delta
+
+    def _add_to_output(self, module: nn.Module, args: Any, out: Tensor) -> Tensor:
+        delta = self._delta_for(out)
+        return out if delta is None else out + delta
+
+    def _add_to_input(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        x = args[0]
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise TypeError(
+                f"site='input' perturbs a floating-point input (pixels); "
+                f"{type(module).__name__} got {getattr(x, 'dtype', type(x).__name__)}"
+            )
+        delta = self._delta_for(x)
+        if delta is None:
+            return args
+        x = x + delta
+        if self.bounds is not None:
+            x = x.clamp(*self.bounds)
+        return (x, *args[1:])

@@ -1,0 +1,205 @@
+"""Attention regularizers as loss terms, and as :class:`attnlab.train.Trainer` plug-ins.
+
+* entropy (Attanasio et al., 2022): the mean entropy of each layer's and head's attention
+  rows, pushed up (no target) or toward a target entropy;
+* supervised attention (Garg et al., 2019): cross-entropy of the attention rows against
+  given alignments (a distribution or a one-hot row per query);
+* head dropout: whole heads of every :class:`~attnlab.nn.MultiHeadAttention` zeroed at
+  random during training (Zhou et al., 2020), the survivors scaled by ``1 / (1 - p)``.
+
+The plug-ins read the weights with :class:`attnlab.interpret.capture` ``(grad=True)``, so
+they work on any model whose attention goes through :mod:`attnlab.functional`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from attnlab.interpret import capture
+from attnlab.nn import MultiHeadAttention
+from attnlab.robust.perturb import check_positive
+from attnlab.train import LossFn
+
+__all__ = [
+    "EntropyRegularizer",
+    "HeadDropout",
+    "SupervisedAttention",
+    "attention_entropy",
+    "entropy_term",
+    "head_entropies",
+    "supervised_attention_term",
+]
+
+
+def attention_entropy(weights: Tensor) -> Tensor:
+    """Entropy (nats) of each attention row: ``(..., Lk) -> (...)``, with ``0 log 0 = 0``.
+
+    Example:
+        >>> attention_entropy(torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]]))
+        tensor([0.6931, 0.0000])
+    """
+    safe = weights.clamp_min(torch.finfo(weights.dtype).tiny)  # masked 0s: gradient 0, not NaN
+    return -(weights * safe.log()).sum(-1) + 0.0  # + 0.0: no "-0."
+
+
+def head_entropies(weights: Tensor) -> Tensor:
+    """Mean row entropy of each head: ``(B, H, Lq, Lk) -> (H,)``; fully masked rows (all
+    weights 0) are left out of the mean.
+
+    Example:
+        >>> bool(head_entropies(torch.full((2, 3, 4, 5), 0.2)).sub(1.6094).abs().max() < 1e-4)
+        True
+    """
+    if weights.dim() != 4:
+        raise ValueError(f"weights must be (B, H, Lq, Lk), got shape {tuple(weights.shape)}")
+    real = (weights.sum(-1) > 0).to(weights.dtype)  # (B, H, Lq)
+    ent = attention_entropy(weights) * real  # (B, H, Lq)
+    return ent.sum((0, 2)) / real.sum((0, 2)).clamp_min(1.0)
+
+
+def entropy_term(weights: Sequence[Tensor], target: float | Tensor | None = None) -> Tensor:
+    """The entropy regularizer over several attention calls.
+
+    Args:
+        weights: one ``(B, H, Lq, Lk)`` tensor per layer (or per call).
+        target: None: ``-mean(Hbar)`` (minimizing it spreads attention, as in EAR); a
+            number or a ``(H,)`` tensor: ``mean((Hbar - target)^2)``. ``Hbar`` is each
+            layer's and head's mean row entropy (:func:`head_entropies`).
+
+    Example:
+        >>> w = [torch.full((1, 2, 3, 4), 0.25)]                 # entropy log 4 = 1.386
+        >>> round(float(entropy_term(w)), 3), round(float(entropy_term(w, 1.386)), 6)
+        (-1.386, 0.0)
+    """
+    if not weights:
+        raise ValueError("weights is empty: no attention call was captured")
+    ent = torch.cat([head_entropies(w) for w in weights])  # (layers * H,)
+    if target is None:
+        return -ent.mean()
+    if isinstance(target, Tensor):
+        target = target.repeat(len(weights))
+    return ((ent - target) ** 2).mean()
+
+
+def supervised_attention_term(weights: Tensor, target: Tensor, eps: float = 1e-9) -> Tensor:
+    """Cross-entropy ``-sum_k t_k log w_k`` of attention rows against target rows, averaged
+    over the rows whose target is not all 0.
+
+    Args:
+        weights: ``(..., Lk)`` attention rows.
+        target: the same shape (or broadcastable): distributions or one-hot rows.
+
+    Example:
+        >>> w, t = torch.tensor([[0.5, 0.25, 0.25]]), torch.tensor([[1.0, 0.0, 0.0]])
+        >>> round(float(supervised_attention_term(w, t)), 4)
+        0.6931
+    """
+    t = target.to(weights.dtype).expand_as(weights)
+    rows = (t.sum(-1) > 0).to(weights.dtype)
+    ce = -(t * torch.log(weights + eps)).sum(-1)
+    return (ce * rows).sum() / rows.sum().clamp_min(1.0)
+
+
+class EntropyRegularizer:
+    """Plug-in: ``loss + weight * entropy_term(captured weights, target)``.
+
+    Args:
+        weight: the term's weight (> 0).
+        target: see :func:`entropy_term`.
+        layers: module names or patterns whose attention counts (default all).
+
+    Example:
+        >>> EntropyRegularizer(0.1, layers=["han.word_attention"]).layers
+        ['han.word_attention']
+    """
+
+    def __init__(
+        self,
+        weight: float = 0.01,
+        *,
+        target: float | Tensor | None = None,
+        layers: Sequence[str] | None = None,
+    ) -> None:
+        self.weight = check_positive("weight", weight)
+        if target is not None and not isinstance(target, Tensor):
+            check_positive("target", target, zero=True)
+        self.target, self.layers = target, None if layers is None else list(layers)
+
+    def step(self, model: nn.Module, batch: Any, loss_fn: LossFn) -> Tensor:
+        with capture(model, layers=self.layers, grad=True) as cap:
+            loss = loss_fn(model, batch)
+        return loss + self.weight * entropy_term([c.weights for c in cap], self.target)
+
+
+class SupervisedAttention:
+    """Plug-in: ``loss + weight * supervised_attention_term(weights of layer, target)``.
+
+    Args:
+        layer: the module name whose attention is supervised (``"han.sentence_attention"``).
+        alignment: ``alignment(batch) -> target (B, Lq, Lk)`` (or ``(B, Lk)`` for a
+            one-query pooling); the layer's calls are joined along the query dimension
+            (one call per decoder step gives ``Lq`` = the steps) and every head is
+            supervised.
+        weight: the term's weight (> 0).
+
+    Example:
+        >>> SupervisedAttention("han.sentence_attention", lambda b: b.target).weight
+        1.0
+    """
+
+    def __init__(self, layer: str, alignment: Callable[[Any], Tensor], weight: float = 1.0) -> None:
+        if not isinstance(layer, str):
+            raise TypeError(f"layer must be a module name (str), got {type(layer).__name__}")
+        if not callable(alignment):
+            raise TypeError(f"alignment must be callable (batch) -> Tensor, got {alignment!r}")
+        self.layer, self.alignment = layer, alignment
+        self.weight = check_positive("weight", weight)
+
+    def step(self, model: nn.Module, batch: Any, loss_fn: LossFn) -> Tensor:
+        with capture(model, layers=[self.layer], grad=True) as cap:
+            loss = loss_fn(model, batch)
+        if not cap.records:
+            raise ValueError(f"layer={self.layer!r} made no attention call in this step")
+        w = torch.cat([c.weights for c in cap], dim=2)  # (B, H, Lq, Lk)
+        target = self.alignment(batch)
+        target = target[:, None] if target.dim() == 2 else target  # (B, Lq, Lk)
+        return loss + self.weight * supervised_attention_term(w, target[:, None])
+
+
+class HeadDropout:
+    """Plug-in: each head of every :class:`~attnlab.nn.MultiHeadAttention` is zeroed with
+    probability ``p`` per example during the step (before the output projection), the
+    others scaled by ``1 / (1 - p)``.
+
+    Example:
+        >>> HeadDropout(0.1).p
+        0.1
+    """
+
+    def __init__(self, p: float = 0.1) -> None:
+        check_positive("p", p)
+        if p >= 1:
+            raise ValueError(f"p must be in (0, 1), got {p}")
+        self.p = float(p)
+
+    def _hook(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        x, heads = args[0], self._heads[module]  # (B, Lq, H * E)
+        keep = torch.rand(x.shape[0], 1, heads, 1, device=x.device) >= self.p  # (B, 1, H, 1)
+        scale = keep.to(x.dtype) / (1 - self.p)
+        return ((x.unflatten(-1, (heads, -1)) * scale).flatten(-2), *args[1:])
+
+    def step(self, model: nn.Module, batch: Any, loss_fn: LossFn) -> Tensor:
+        mhas = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+        if not mhas:
+            raise TypeError(f"model ({type(model).__name__}) has no MultiHeadAttention")
+        self._heads: dict[nn.Module, int] = {m.out_proj: m.num_heads for m in mhas}
+        handles = [p.register_forward_pre_hook(self._hook) for p in self._heads]
+        try:
+            return loss_fn(model, batch)
+        finally:
+            for h in handles:
+                h.remove()
