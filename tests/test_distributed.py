@@ -350,3 +350,11 @@ def test_plan_refuses_ulysses_with_indivisible_heads() -> None:
     with pytest.raises(ValueError, match="divisible by world=4, got heads=4, kv_heads=2"):
         D.plan(64, 4, heads=4, kv_heads=2, strategy="ulysses")
     assert D.plan(64, 4, heads=4, kv_heads=4, strategy="ulysses").strategy == "ulysses"
+
+
+def test_run_local_checks_its_backend() -> None:
+    with pytest.raises(ValueError, match="backend must be 'gloo' or 'nccl', got 'mpi'"):
+        run_local(_errors, 2, backend="mpi")
+    if torch.cuda.device_count() < 2:
+        with pytest.raises(ValueError, match="needs one GPU per rank"):
+            run_local(_errors, 2, backend="nccl")

@@ -32,6 +32,7 @@ def _child(
     port: int,
     threads: int,
     timeout: float,
+    backend: str,
     fn: Callable[..., Any],
     args: tuple[Any, ...],
     out: Any,
@@ -39,8 +40,10 @@ def _child(
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
     try:
+        if backend == "nccl":  # one GPU per rank
+            torch.cuda.set_device(rank)
         dist.init_process_group(
-            "gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout)
+            backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout)
         )
         out.put((rank, True, fn(rank, world, *args)))
     except BaseException as e:  # reported to the parent, which raises
@@ -56,8 +59,10 @@ def run_local(
     *args: Any,
     timeout: float = 120.0,
     threads: int = 1,
+    backend: str = "gloo",
 ) -> list[Any]:
-    """Run ``fn(rank, world, *args)`` on ``world`` spawned gloo processes on 127.0.0.1.
+    """Run ``fn(rank, world, *args)`` on ``world`` spawned processes on 127.0.0.1, over
+    ``backend``: ``"gloo"`` (CPU) or ``"nccl"`` (rank ``r`` on GPU ``r``).
 
     ``fn`` must be importable (a module-level function) and return something picklable.
     Returns the per-rank results in rank order. A rank that raises makes this raise
@@ -69,12 +74,19 @@ def run_local(
         >>> run_local(_rank_times_two, 2, timeout=60)
         [0, 2]
     """
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+    if backend == "nccl" and torch.cuda.device_count() < world:
+        raise ValueError(
+            f"backend='nccl' needs one GPU per rank: world={world}, "
+            f"{torch.cuda.device_count()} GPU(s) visible"
+        )
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = free_port()
+    conf = (port, threads, timeout, backend)
     procs = [
-        ctx.Process(target=_child, args=(r, world, port, threads, timeout, fn, args, out))
-        for r in range(world)
+        ctx.Process(target=_child, args=(r, world, *conf, fn, args, out)) for r in range(world)
     ]
     for p in procs:
         p.start()
