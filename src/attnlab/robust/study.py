@@ -33,6 +33,16 @@ class Row:
     metrics: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
 
+    def line(self) -> str:
+        """One line for the terminal.
+
+        Example:
+            >>> Row("plain", {"clean": 97.5, "pgd@0.1": 5.6}, 129.0).line()
+            'plain: clean 97.5, pgd@0.1 5.6 (trained in 129 s)'
+        """
+        cells = ", ".join(f"{k} {_cell(v)}" for k, v in self.metrics.items())
+        return f"{self.method}: {cells} (trained in {self.seconds:.0f} s)"
+
 
 def train_row(
     task: Task, cfg: TrainConfig, plugins: Sequence[Plugin] = ()

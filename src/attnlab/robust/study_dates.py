@@ -174,7 +174,7 @@ def dates_study(
                 for e, t in zip(test[:3], texts[:3], strict=True)
             ]
         rows.append(Row(method, metrics, round(seconds, 1)))
-        print(rows[-1], flush=True)
+        print(rows[-1].line(), flush=True)
     if out is not None:
         notes = [
             f"Exact match (%) on the first {examples} held-out dates (days never trained on), "

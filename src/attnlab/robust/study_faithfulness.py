@@ -133,7 +133,7 @@ def faithfulness_study(
     rows = []
     for name in names:
         rows.append(faithfulness_row(name, smoke=smoke))
-        print(rows[-1], flush=True)
+        print(rows[-1].line(), flush=True)
     if out is not None:
         notes = [
             "accuracy: held-out accuracy / exact match (%); uniform_accuracy: the same model "

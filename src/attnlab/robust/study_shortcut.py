@@ -156,7 +156,7 @@ def shortcut_study(
     for method in methods:
         model, seconds = train_row(task, cfg, shortcut_plugins(method))
         rows.append(Row(method, task.measure(model), round(seconds, 1)))
-        print(rows[-1], flush=True)
+        print(rows[-1].line(), flush=True)
     if out is not None:
         notes = [
             f"{len(task.test_docs)} held-out documents. reversed: accuracy (%) when the colour "

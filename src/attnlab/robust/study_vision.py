@@ -82,7 +82,7 @@ def vision_study(
     for method in methods:
         model, seconds = train_row(task, cfg, vision_plugins(method))
         rows.append(Row(method, evaluate_vision(task, model), round(seconds, 1)))
-        print(rows[-1], flush=True)
+        print(rows[-1].line(), flush=True)
     if out is not None:
         columns = ["clean", *(f"pgd@{e:g}" for e in BUDGETS)]
         notes = [
