@@ -347,7 +347,7 @@ def test_bad_settings_name_the_argument() -> None:
         lambda: CharEditAttack(-1, "ab"), lambda: CharEditAttack(0, "ab"), ValueError, "budget"
     )
     check_and_control(
-        lambda: override_attention(nn.Linear(2, 2), lambda w, i: w).__enter__(),
+        lambda: override_attention("pool", lambda w, i: w).__enter__(),  # type: ignore[arg-type]
         lambda: uniform_attention(AttentionPooling(2)).__enter__(),
         TypeError,
         "module",
@@ -472,3 +472,54 @@ def test_every_study_runs_as_a_smoke(tmp_path: Path, task: str, method: str, col
     assert main(["robust", task, "--smoke", "--method", method, "--out", str(out)]) == 0
     rows = json.loads((out / "table.json").read_text())["rows"]
     assert [r["method"] for r in rows] == [method] and column in rows[0]["metrics"]
+
+
+class _TinyTransformer(nn.Module):
+    """A 2-layer encoder classifier (mean-pooled), for the faithfulness tests on
+    multi-head attention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from attnlab.nn import Encoder, EncoderLayer, LayerConfig
+
+        self.encoder = Encoder(EncoderLayer(LayerConfig(16, 2, 32, dropout=0.0)), 2)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x).mean(1))  # (B, 3)
+
+
+def test_faithfulness_on_multi_head_attention() -> None:
+    from attnlab.interpret import capture
+    from attnlab.robust import adversarial_attention, override_attention, permutation_test
+
+    torch.manual_seed(0)
+    model, x = _TinyTransformer().eval(), torch.randn(3, 6, 16)
+    site = model.encoder.layers[1].self_attn
+    run = lambda m: m(x)  # noqa: E731
+    seen: list[tuple[int, ...]] = []
+
+    def keep(w: torch.Tensor, i: int) -> torch.Tensor:
+        seen.append((i, *w.shape))
+        return w
+
+    with torch.no_grad():
+        plain = model(x)
+        with override_attention(site, keep):  # the identity: same logits, one call seen
+            same = model(x)
+        with capture(model) as cap:
+            model(x)
+        with override_attention(site, lambda w, i: torch.full_like(w, 1 / 6)):
+            uniform = model(x)
+    assert torch.allclose(plain, same, atol=1e-5) and seen == [(0, 3, 2, 6, 6)]
+    assert not torch.allclose(plain, uniform, atol=1e-3)  # the intervention reaches the logits
+    assert torch.allclose(cap.weights("encoder.layers.1.self_attn")[0].sum(-1), torch.ones(3, 2, 6))
+    found = adversarial_attention(model, site, run, tolerance=0.02, steps=15)
+    assert found.weights.shape == (3, 1, 2, 6, 6)
+    assert bool((found.tvd <= 0.02).all()) and bool((found.jsd >= 0).all())
+    assert torch.allclose(found.weights.sum(-1), torch.ones(3, 1, 2, 6), atol=1e-5)
+    with torch.no_grad(), override_attention(site, lambda w, i: found.weights[:, i]):
+        moved = (model(x).softmax(-1) - plain.softmax(-1)).abs().sum(-1) / 2  # TVD
+    assert torch.allclose(moved, found.tvd, atol=1e-5)  # the reported shift is the real one
+    shuffled = permutation_test(model, site, run, permutations=3)
+    assert shuffled["median_tvd"].shape == (3,) and bool((shuffled["median_tvd"] > 0).all())

@@ -14,7 +14,15 @@ from torch import Tensor
 
 from attnlab.engines import AttentionRequest
 
-__all__ = ["LIVE_WEIGHTS", "OBSERVERS", "AttentionEvent", "live_weights", "notify"]
+__all__ = [
+    "LIVE_WEIGHTS",
+    "OBSERVERS",
+    "REWRITERS",
+    "AttentionEvent",
+    "live_weights",
+    "notify",
+    "rewriter",
+]
 
 
 @dataclass(frozen=True)
@@ -54,3 +62,20 @@ def notify(event: AttentionEvent) -> None:
     """Hand ``event`` to every registered observer."""
     for obs in list(OBSERVERS):
         obs(event)
+
+
+Rewriter = Callable[[AttentionRequest, Tensor], Tensor]
+
+#: ``(thread, fn)``: in that thread, :func:`attnlab.attention` computes the weights on the
+#: reference engine, hands them to ``fn(request, weights)`` and returns
+#: ``fn(...) @ v`` with the weights ``fn`` gave (an intervention on the attention, as the
+#: faithfulness tests of :mod:`attnlab.robust` make). The newest entry of a thread wins.
+REWRITERS: list[tuple[int, Rewriter]] = []
+
+
+def rewriter() -> Rewriter | None:
+    """The weight rewriter of this thread, or None (cheap when there is none)."""
+    if not REWRITERS:
+        return None
+    me = threading.get_ident()
+    return next((fn for t, fn in reversed(REWRITERS) if t == me), None)

@@ -21,13 +21,13 @@ import torch
 from torch import Tensor
 
 from attnlab import _validate as V
-from attnlab._observe import OBSERVERS, AttentionEvent, live_weights, notify
+from attnlab._observe import OBSERVERS, AttentionEvent, live_weights, notify, rewriter
 from attnlab.bias import Bias, as_bias
 from attnlab.engines import AttentionRequest, get_engine, select_engine, validate_options
 from attnlab.engines.base import slice_weights
 from attnlab.engines.reference import mix
 from attnlab.masks import Mask, as_mask
-from attnlab.scores import ScoreFn, default_scale
+from attnlab.scores import ScoreFn, default_scale, expand_kv
 
 __all__ = [
     "AttentionOutput",
@@ -142,10 +142,15 @@ def attention(
         sinks=sinks,
     )
     chosen = select_engine(engine, req)
-    if live_weights():  # capture(grad=True): the weights must be the ones in the graph
+    rewrite = rewriter()
+    if live_weights() or rewrite:  # the weights must be the ones in the graph
         chosen = get_engine("reference")
         req = dataclasses.replace(req, return_weights=True, options={})
     out, weights, lse = chosen.forward(req)
+    if rewrite is not None and weights is not None:  # an intervention on the weights
+        weights = rewrite(req, weights)  # (B, Hq, Lq, Lk)
+        out = weights.to(req.v.dtype) @ expand_kv(req.v, req.heads)  # (B, Hq, Lq, Ev)
+        lse = None
     if OBSERVERS:  # an attnlab.interpret.capture block is open
         notify(AttentionEvent(req, weights, lse, chosen.name))
     if return_weights or return_lse:

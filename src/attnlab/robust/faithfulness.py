@@ -8,16 +8,21 @@
 * :func:`uniform_attention` (Wiegreffe & Pinter, 2019): freeze the attention to uniform,
   train the model that way, and compare its accuracy (the frozen-attention baseline).
 
-They intervene on one attention module that returns ``(context, weights)`` with
-``context = weights @ values``: :class:`~attnlab.nn.AttentionPooling` (the sentence
-attention of the hierarchical classifier), :class:`~attnlab.nn.BahdanauAttention` and
-:class:`~attnlab.nn.LuongAttention` (the dates model's decoder, one call per step). The
-module's weights are replaced and its output recomputed from them; ``run(model)`` must
-return the model's logits ``(B, C)`` or ``(B, T, C)`` for a fixed batch.
+They intervene on one attention module. One that returns ``(context, weights)`` with
+``context = weights @ values`` (:class:`~attnlab.nn.AttentionPooling`, the sentence
+attention of the hierarchical classifier; :class:`~attnlab.nn.BahdanauAttention` and
+:class:`~attnlab.nn.LuongAttention`, the dates model's decoder, one call per step) has its
+weights replaced and its output recomputed from them. Any other module (a
+:class:`~attnlab.nn.MultiHeadAttention` of a transformer: the ViT's last self-attention,
+the translator's cross-attention) has the weights ``(B, H, Lq, Lk)`` of every
+:func:`attnlab.attention` call it makes replaced, through the rewrite hook of
+:mod:`attnlab.functional`, and each call's output recomputed from them. ``run(model)``
+must return the model's logits ``(B, C)`` or ``(B, T, C)`` for a fixed batch.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from attnlab._observe import REWRITERS
 from attnlab._validate import positive_int
 from attnlab.nn import AttentionPooling, BahdanauAttention, LuongAttention
 from attnlab.robust.perturb import check_positive
@@ -73,11 +79,14 @@ def _values(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
 @contextmanager
 def override_attention(module: nn.Module, fn: WeightsFn) -> Iterator[None]:
     """Inside the block, ``module``'s weights ``w`` of call ``i`` become ``fn(w, i)`` and its
-    output ``fn(w, i) @ values``.
+    output is recomputed from them.
 
     Args:
-        module: an AttentionPooling, BahdanauAttention or LuongAttention.
-        fn: ``(weights (B, Lk) or (B, Lq, Lk), call index) -> new weights`` (same shape).
+        module: an AttentionPooling, BahdanauAttention or LuongAttention (weights
+            ``(B, Lk)`` or ``(B, Lq, Lk)``), or any module whose attention runs through
+            :func:`attnlab.attention` (weights ``(B, H, Lq, Lk)``; calls of this thread
+            made while ``module`` runs, its submodules included).
+        fn: ``(weights, call index) -> new weights`` (same shape).
 
     Example:
         >>> pool = AttentionPooling(3)
@@ -86,12 +95,19 @@ def override_attention(module: nn.Module, fn: WeightsFn) -> Iterator[None]:
         ...     out, w = pool(h)
         >>> torch.allclose(out, h.mean(1))
         True
+        >>> from attnlab.nn import MultiHeadAttention
+        >>> mha, x = MultiHeadAttention(8, 2).eval(), torch.randn(1, 4, 8)
+        >>> with override_attention(mha, lambda w, i: torch.full_like(w, 0.25)):
+        ...     out = mha(x)
+        >>> bool(torch.allclose(out[0, 0], out[0, 3], atol=1e-6))  # every query: mean of v
+        True
     """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
     if not isinstance(module, _SITES):
-        raise TypeError(
-            f"module must be an AttentionPooling, BahdanauAttention or LuongAttention, got "
-            f"{type(module).__name__}"
-        )
+        with _rewritten(module, fn):
+            yield
+        return
     calls = [0]
 
     def hook(m: nn.Module, args: Any, kwargs: Any, out: tuple[Tensor, Tensor]) -> Any:
@@ -106,6 +122,38 @@ def override_attention(module: nn.Module, fn: WeightsFn) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+@contextmanager
+def _rewritten(module: nn.Module, fn: WeightsFn) -> Iterator[None]:
+    """``fn`` rewrites the weights of the attnlab attention calls made inside ``module``
+    (in this thread), counted in order."""
+    me, depth, calls = threading.get_ident(), [0], [0]
+
+    def enter(m: nn.Module, args: Any) -> None:
+        depth[0] += threading.get_ident() == me
+
+    def leave(m: nn.Module, args: Any, out: Any) -> None:
+        depth[0] -= threading.get_ident() == me
+
+    def rewrite(req: Any, w: Tensor) -> Tensor:
+        if depth[0] <= 0:
+            return w  # a call outside the module
+        calls[0] += 1
+        return fn(w, calls[0] - 1)
+
+    handles = [
+        module.register_forward_pre_hook(enter),
+        module.register_forward_hook(leave, always_call=True),
+    ]
+    entry = (me, rewrite)
+    REWRITERS.append(entry)
+    try:
+        yield
+    finally:
+        REWRITERS.remove(entry)
+        for h in handles:
+            h.remove()
 
 
 def _rows_of(w: Tensor) -> WeightsFn:
@@ -198,8 +246,8 @@ def adversarial_attention(
 
 
 def _mean_rows(x: Tensor, rows: Tensor) -> Tensor:
-    """Mean of ``x (B, T)`` over the rows marked in ``rows (B, T)``: ``(B,)``."""
-    r = rows.to(x.dtype)
+    """Mean of ``x (B, ...)`` over the rows marked in ``rows`` (same shape): ``(B,)``."""
+    x, r = x.flatten(1), rows.flatten(1).to(x.dtype)
     return (x * r).sum(-1) / r.sum(-1).clamp_min(1.0)
 
 
