@@ -523,3 +523,29 @@ def test_faithfulness_on_multi_head_attention() -> None:
     assert torch.allclose(moved, found.tvd, atol=1e-5)  # the reported shift is the real one
     shuffled = permutation_test(model, site, run, permutations=3)
     assert shuffled["median_tvd"].shape == (3,) and bool((shuffled["median_tvd"] > 0).all())
+
+
+def test_adversarial_edits_train_on_the_hardest_version() -> None:
+    from attnlab.robust.study_dates import AdversarialEditsTask, _log_prob, _sources
+
+    torch.manual_seed(0)
+    task = AdversarialEditsTask(train_size=40, test_size=4, locales=("fr_FR",), k=5)
+    model = task.build_model().eval()
+    batch = task.batch(torch.arange(6))
+    assert len(batch.texts) == 5 and all(len(t) == 6 for t in batch.texts)
+    for versions, e in zip(zip(*batch.texts, strict=True), batch.examples, strict=True):
+        digits = [c for c in e.text if c.isdigit()]
+        assert all([c for c in v if c.isdigit()] == digits for v in versions)  # answer kept
+    scores = torch.stack([_log_prob(model, _sources(task, batch.examples, t)) for t in batch.texts])
+    worst = [batch.texts[j][i] for i, j in enumerate(scores.argmin(0).tolist())]
+    want = super(AdversarialEditsTask, task).loss(model, _sources(task, batch.examples, worst))
+    assert torch.allclose(task.loss(model, batch), want)
+    best = [batch.texts[j][i] for i, j in enumerate(scores.argmax(0).tolist())]
+    easier = super(AdversarialEditsTask, task).loss(model, _sources(task, batch.examples, best))
+    assert bool(want >= easier)  # the chosen versions are the hard ones
+    check_and_control(
+        lambda: AdversarialEditsTask(train_size=8, test_size=2, locales=("fr_FR",), k=0),
+        lambda: AdversarialEditsTask(train_size=8, test_size=2, locales=("fr_FR",), k=1),
+        ValueError,
+        "k must be",
+    )

@@ -3,7 +3,7 @@ same budget, then write a table and a report (:mod:`attnlab.robust`'s studies).
 
 Tasks: ``vision`` (ViT on digits under PGD; plain, fgm, pgd, pgd_mixed, freelb), ``shortcut`` (a
 reversed cue in the classification task; plain, entropy, supervised), ``dates``
-(character edits; plain, freelb, edits) and ``faithfulness`` (Jain & Wallace's and
+(character edits; plain, freelb, edits, adv_edits) and ``faithfulness`` (Jain & Wallace's and
 Wiegreffe & Pinter's tests on the classification and dates models). Every option is
 checked before any work starts; ``--out`` is locked while the run writes there, and
 ``table.json``, ``table.md`` and ``report.html`` are written whole or not at all.
@@ -24,7 +24,7 @@ __all__ = ["METHODS", "add_parsers", "run_robust"]
 METHODS = {
     "vision": ("plain", "fgm", "pgd", "pgd_mixed", "freelb"),
     "shortcut": ("plain", "entropy", "supervised"),
-    "dates": ("plain", "freelb", "edits"),
+    "dates": ("plain", "freelb", "edits", "adv_edits"),
     "faithfulness": ("classification", "dates"),
 }
 
@@ -36,8 +36,9 @@ def add_parsers(sub: Any) -> None:
     r.add_argument(
         "--method",
         default=None,
-        help="comma list of rows (default all): vision: plain,fgm,pgd,pgd_mixed,freelb; shortcut: "
-        "plain,entropy,supervised; dates: plain,freelb,edits; faithfulness: classification,dates",
+        help="comma list of rows (default all): vision: plain,fgm,pgd,pgd_mixed,freelb; "
+        "shortcut: plain,entropy,supervised; dates: plain,freelb,edits,adv_edits; "
+        "faithfulness: classification,dates",
     )
     r.add_argument("--steps", type=int_in(1), default=None, help="training steps per row")
     r.add_argument("--seed", type=int_in(0), default=0)

@@ -10,19 +10,23 @@ ISO date most, until the greedy answer is wrong or the budget is spent.
 
 Rows: plain training; FreeLB on the character embeddings; training on randomly edited
 sources (each word of a training source gets one random edit with probability 0.5, the
-same kinds of edits as the attack's). Measured on held-out days.
+same kinds of edits as the attack's); and adversarial training with edits
+(:class:`AdversarialEditsTask`: of ``k`` randomly edited versions of each training source,
+the one the current model finds hardest is trained on, a one-round version of the
+attack's inner maximization). Measured on held-out days.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from attnlab.models.rnn import RNNSeq2Seq
 from attnlab.robust.adversarial import FreeLB
@@ -31,9 +35,16 @@ from attnlab.robust.study import Row, train_row, write_outputs
 from attnlab.tasks.dates import DateExample, DatesBatch, DatesTask
 from attnlab.train import Plugin, TrainConfig
 
-__all__ = ["METHODS", "EditedDatesTask", "attack_dates", "dates_plugins", "dates_study"]
+__all__ = [
+    "METHODS",
+    "AdversarialEditsTask",
+    "EditedDatesTask",
+    "attack_dates",
+    "dates_plugins",
+    "dates_study",
+]
 
-METHODS = ("plain", "freelb", "edits")
+METHODS = ("plain", "freelb", "edits", "adv_edits")
 
 
 def letters(task: DatesTask) -> str:
@@ -81,9 +92,60 @@ class EditedDatesTask(DatesTask):
         return self.test_batch(edited)
 
 
+@dataclass(frozen=True)
+class EditCandidates:
+    """``k`` randomly edited versions of each example of a training batch."""
+
+    examples: list[DateExample]
+    texts: list[list[str]]  # (k, B)
+
+
+class AdversarialEditsTask(EditedDatesTask):
+    """Adversarial training with character edits: each training source comes in ``k``
+    randomly edited versions (:func:`random_edits` at ``rate``), and the loss is taken on
+    the version with the lowest log-probability of the right date under the current
+    model (chosen without gradients): the greedy attack's inner maximization, one round
+    over ``k`` draws. A step costs ``k`` extra forward passes.
+
+    Example:
+        >>> t = AdversarialEditsTask(train_size=20, test_size=4, locales=("fr_FR",), k=3)
+        >>> b = t.batch(torch.arange(4))
+        >>> len(b.texts), len(b.texts[0])
+        (3, 4)
+    """
+
+    def __init__(self, *args: object, k: int = 4, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an int >= 1 (edited versions per source), got {k!r}")
+        self.k = k
+
+    def batch(self, indices: Tensor) -> EditCandidates:  # type: ignore[override]
+        rng = random.Random(int(torch.randint(2**31, (1,))))
+        examples = [self.train[i] for i in indices.tolist()]
+        texts = [
+            [random_edits(e.text, self.rate, self.alphabet, rng) for e in examples]
+            for _ in range(self.k)
+        ]
+        return EditCandidates(examples, texts)
+
+    def loss(self, model: nn.Module, batch: EditCandidates) -> Tensor:  # type: ignore[override]
+        assert isinstance(model, RNNSeq2Seq)
+        was = model.training
+        model.eval()  # choose with the model as it predicts (no dropout)
+        scores = torch.stack(
+            [_log_prob(model, _sources(self, batch.examples, t)) for t in batch.texts]
+        )  # (k, B)
+        model.train(was)
+        worst = scores.argmin(0).tolist()  # (B,)
+        chosen = [batch.texts[j][i] for i, j in enumerate(worst)]
+        return super().loss(model, _sources(self, batch.examples, chosen))
+
+
 def dates_plugins(method: str) -> list[Plugin]:
     """The plug-ins of ``method``: FreeLB on the source characters' embeddings for
-    ``"freelb"``; none for ``"plain"`` and ``"edits"`` (the edits are in the data).
+    ``"freelb"``; none for ``"plain"``, ``"edits"`` and ``"adv_edits"`` (the edits are in
+    the data).
 
     Example:
         >>> [type(p).__name__ for p in dates_plugins("freelb")]
@@ -162,7 +224,11 @@ def dates_study(
     )  # fmt: skip
     rows, samples = [], []
     for method in methods:
-        task = EditedDatesTask(**size) if method == "edits" else DatesTask(**size)  # type: ignore[arg-type]
+        kinds: dict[str, type[DatesTask]] = {
+            "edits": EditedDatesTask,
+            "adv_edits": AdversarialEditsTask,
+        }
+        task = kinds.get(method, DatesTask)(**size)  # type: ignore[arg-type]
         model, seconds = train_row(task, cfg, dates_plugins(method))
         assert isinstance(model, RNNSeq2Seq)
         test = task.test[:examples]
