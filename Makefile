@@ -62,6 +62,7 @@ bench-smoke: $(VENV)/.base
 	$(PY) benchmarks/bench_hf.py --smoke
 	$(PY) benchmarks/bench_ask.py --smoke
 	$(PY) benchmarks/bench_robust.py --smoke
+	$(PY) benchmarks/bench_generative.py --smoke
 
 test: lint typecheck pytest bench-smoke
 
