@@ -6,34 +6,15 @@ Skipped when Playwright or ``/usr/bin/chromium`` is missing (``make test`` insta
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 
 from attnlab.interpret import capture
 from attnlab.interpret.report import report
 from attnlab.nn import Encoder, EncoderLayer, LayerConfig
-from tests.conftest import check_and_control
-
-CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = Path(os.environ.get("ATTNLAB_ARTIFACTS", "test-artifacts"))
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not CHROMIUM.exists():
-        pytest.skip("needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(
-            executable_path=str(CHROMIUM), args=["--headless", "--no-sandbox", "--disable-gpu"]
-        )
-        yield b
-        b.close()
+from tests.conftest import ARTIFACTS, check_and_control
 
 
 def _attentions(n: int, layers: int, heads: int) -> list[torch.Tensor]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
-import os
 import re
 import subprocess
 import sys
@@ -26,8 +25,8 @@ from typing import Any
 import pytest
 import torch
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = Path(os.environ.get("ATTNLAB_ARTIFACTS", "test-artifacts"))
+from tests.conftest import ARTIFACTS
+
 ATTNLAB = Path(sys.executable).parent / "attnlab"
 TEXT = "The quick brown fox jumps over the lazy dog."
 IDLE = "document.body.dataset.busy === '0' && +document.body.dataset.done > {n}"
@@ -102,19 +101,6 @@ def _post(url: str, path: str, body: dict[str, Any]) -> Any:
     )
     with urllib.request.urlopen(req, timeout=60) as r:
         return json.loads(r.read())
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not CHROMIUM.exists():
-        pytest.skip("needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(
-            executable_path=str(CHROMIUM), args=["--headless", "--no-sandbox", "--disable-gpu"]
-        )
-        yield b
-        b.close()
 
 
 @pytest.fixture
