@@ -71,11 +71,7 @@ class Explorer:
                 self.cache.move_to_end(cache_key)
                 return m, self.cache[cache_key]
         if text is not None:
-            n = m.count_tokens(text)
-            if n > self.limits.max_tokens:
-                raise ApiError(
-                    413, f"text has {n} tokens; the limit is max_tokens={self.limits.max_tokens}"
-                )
+            self.count_tokens(m, text)
         try:
             ins = m.inspect(text=text, image=image)
         except (ValueError, TypeError) as e:
@@ -85,6 +81,14 @@ class Explorer:
             while len(self.cache) > CACHE:
                 self.cache.popitem(last=False)
         return m, ins
+
+    def count_tokens(self, m: Any, text: str) -> int:
+        """``text``'s tokens for model ``m``; ApiError 413 past ``max_tokens``."""
+        n = int(m.count_tokens(text))
+        if n > self.limits.max_tokens:
+            cap = self.limits.max_tokens
+            raise ApiError(413, f"text has {n} tokens; the limit is max_tokens={cap}")
+        return n
 
     def read_input(self, m: Any, side: Side | ExplainIn) -> tuple[str | None, Any, str]:
         """The text or decoded image a request gives, checked against the model's input."""
@@ -249,8 +253,8 @@ def _check_view(limits: Limits, top_k: int) -> None:
 def _check_tokens(ex: Explorer, body: ExplainIn, method: str) -> int:
     """The text's tokens, within the token limit (and attention flow's), before a job is
     queued; worker thread."""
-    m = ex.inspect(body.model, body)[0]
-    n = m.count_tokens(body.text)
+    m = ex.inspect(body.model, body)[0]  # checks the input (and caches its attention)
+    n = ex.count_tokens(m, body.text)
     cap = ex.limits.max_flow_tokens
     if method == "flow" and n > cap:
         raise ApiError(413, f"attention flow reads at most max_flow_tokens={cap} tokens; got {n}")

@@ -92,19 +92,20 @@ class EncoderModel:
                 self._models[me] = text_model(own)
             return self._models[me]
 
-    def ids(self, text: str) -> Tensor:
-        """Token ids ``(1, n)`` of ``text``, [CLS] and [SEP] included, at most 512."""
+    def _encoding(self, text: str) -> Any:
+        """The tokenizer's encoding of ``text`` (lower-cased if the model is), truncated at
+        512 tokens with the rest in its ``overflowing`` parts."""
         self.load()
         assert self._enc is not None
-        text = text.lower() if self._enc.config.lowercase else text
-        return torch.tensor([self._tokenizer.encode(text).ids])
+        return self._tokenizer.encode(text.lower() if self._enc.config.lowercase else text)
+
+    def ids(self, text: str) -> Tensor:
+        """Token ids ``(1, n)`` of ``text``, [CLS] and [SEP] included, at most 512."""
+        return torch.tensor([self._encoding(text).ids])
 
     def count_tokens(self, text: str) -> int:
         """How many tokens ``text`` has, untruncated (for the server's limit)."""
-        self.load()
-        assert self._enc is not None
-        text = text.lower() if self._enc.config.lowercase else text
-        enc = self._tokenizer.encode(text)
+        enc = self._encoding(text)
         return len(enc.ids) + sum(len(o.ids) - 2 for o in enc.overflowing)
 
     def tokens(self, ids: Tensor) -> list[str]:

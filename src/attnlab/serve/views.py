@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnlab.robust.faithfulness import jsd
+
 __all__ = ["THUMB", "divergence", "head_view", "matrix_view", "rounded", "thumbs", "top_rows"]
 
 THUMB = 16  # cells per side of a thumbnail, at most
@@ -88,14 +90,8 @@ def divergence(a: list[Tensor], b: list[Tensor]) -> list[list[float]]:
     out = []
     for x, y in zip(a, b, strict=True):  # (H, Lq, Lk) each
         x, y = x.double(), y.double()
-        m = 0.5 * (x + y)
-        js = 0.5 * (_kl(x, m) + _kl(y, m))  # (H, Lq)
+        js = jsd(x, y)  # (H, Lq)
         live = (x.sum(-1) > 0) & (y.sum(-1) > 0)  # (H, Lq)
         mean = (js * live).sum(-1) / live.sum(-1).clamp_min(1)
         out.append(rounded(mean))
     return out
-
-
-def _kl(p: Tensor, q: Tensor) -> Tensor:
-    """``sum p log(p / q)`` over the last dim, with ``0 log 0 = 0``."""
-    return torch.where(p > 0, p * (p / q.clamp_min(1e-300)).log(), torch.zeros_like(p)).sum(-1)
