@@ -81,6 +81,18 @@ def _job(client: TestClient, body: dict[str, Any], timeout: float = 120) -> dict
     raise AssertionError(f"job {job} did not end in {timeout} s")
 
 
+def _rollout64(layers: list[torch.Tensor]) -> torch.Tensor:
+    """Rollout in fp64 from per-layer ``(H, n, n)``: ``A_l = 0.5 mean_h(a) + 0.5 I``, rows
+    renormalized; ``R = A_L ... A_1``."""
+    n = layers[0].shape[-1]
+    eye = torch.eye(n, dtype=torch.float64)
+    roll = eye
+    for a in layers:
+        aug = 0.5 * a.double().mean(0) + 0.5 * eye
+        roll = (aug / aug.sum(-1, keepdim=True)) @ roll
+    return roll
+
+
 def test_health_limits_models(client: TestClient) -> None:
     assert client.get("/api/health").json()["ok"] is True
     assert client.get("/api/limits").json() == Limits().as_dict()
@@ -127,11 +139,7 @@ def test_rollout_equals_fp64_formula(
     _, heads = hf_heads
     res = _job(client, {"method": "rollout", "top_k": 64})
     assert res["state"] == "done", res
-    n = heads[0].shape[-1]
-    roll = torch.eye(n, dtype=torch.float64)
-    for a in heads:  # A_l = 0.5 mean_h(a) + 0.5 I, rows renormalized; R = A_L ... A_1
-        aug = 0.5 * a.mean(0) + 0.5 * torch.eye(n, dtype=torch.float64)
-        roll = (aug / aug.sum(-1, keepdim=True)) @ roll
+    roll = _rollout64(heads)
     assert np.allclose(res["result"]["saliency"], roll.mean(0).numpy(), atol=2e-5)
     assert res["result"]["matrix"]["argmax"] == roll.argmax(-1).tolist()
     assert res["result"]["seconds"] >= 0 and res["seconds"] >= 0
@@ -358,19 +366,8 @@ def test_translation_output_and_alignment_equal_the_python_api(
     assert got["alignment"]["keys"] == want.alignment.keys
     assert np.allclose(got["alignment"]["weights"], want.alignment.weights[0][0], atol=1e-5)
     cross = next(s for s in want.stacks if s.name == "cross").weights[0][0]  # (Lq, Lk)
-    job = with_runs.post(
-        "/api/explain", json={"model": "translation", "text": src, "method": "rollout"}
-    ).json()["job"]
-    end = time.monotonic() + 60
-    while (res := with_runs.get(f"/api/jobs/{job}").json())["state"] in ("queued", "running"):
-        assert time.monotonic() < end
-        time.sleep(0.05)
-    enc = [a[None].double() for a in want.stacks[0].weights]  # the encoder's self-attention
-    n = enc[0].shape[-1]
-    roll = torch.eye(n, dtype=torch.float64)
-    for a in enc:
-        aug = 0.5 * a[0].mean(0) + 0.5 * torch.eye(n, dtype=torch.float64)
-        roll = (aug / aug.sum(-1, keepdim=True)) @ roll
+    res = _job(with_runs, {"model": "translation", "text": src, "method": "rollout"}, 60)
+    roll = _rollout64([a.double() for a in want.stacks[0].weights])  # the encoder's
     assert res["state"] == "done", res
     assert np.allclose(res["result"]["saliency"], roll.mean(0).numpy(), atol=2e-5)
     assert got["head"]["argmax"] == cross.argmax(-1).tolist()
