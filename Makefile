@@ -58,6 +58,7 @@ bench-smoke: $(VENV)/.base
 	$(PY) benchmarks/bench_minilm.py --smoke
 	$(PY) benchmarks/bench_flow.py --smoke
 	$(PY) benchmarks/bench_distributed.py --smoke
+	$(PY) benchmarks/bench_rl.py --smoke
 	$(PY) benchmarks/load_serve.py --smoke
 	$(PY) benchmarks/bench_hf.py --smoke
 	$(PY) benchmarks/bench_ask.py --smoke

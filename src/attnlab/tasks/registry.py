@@ -1,7 +1,8 @@
 """The tasks that ``attnlab train TASK`` knows, and what each needs from the command line.
 
-Each task module defines ``SPEC``, a :class:`TaskSpec`: how to build the task, its
-default training settings, and what to do once training ends (final scores, pictures).
+Each task module defines ``SPEC`` (or the attribute named after a colon in :data:`TASKS`),
+a :class:`TaskSpec`: how to build the task, its default training settings, and what to do
+once training ends (final scores, pictures).
 Modules are imported only when their task is asked for.
 
 Example:
@@ -32,6 +33,13 @@ TASKS: dict[str, str] = {
     "vision": "attnlab.tasks.vision",
     "captioning": "attnlab.tasks.captioning",
     "classification": "attnlab.tasks.classification",
+    # PPO agents (attnlab.rl): attention over the recent past, and LSTM / MLP baselines
+    "memory-agent": "attnlab.rl.specs:MEMORY_AGENT",
+    "memory-agent-lstm": "attnlab.rl.specs:MEMORY_AGENT_LSTM",
+    "memory-agent-mlp": "attnlab.rl.specs:MEMORY_AGENT_MLP",
+    "doorkey-agent": "attnlab.rl.specs:DOORKEY_AGENT",
+    "doorkey-agent-lstm": "attnlab.rl.specs:DOORKEY_AGENT_LSTM",
+    "doorkey-agent-mlp": "attnlab.rl.specs:DOORKEY_AGENT_MLP",
 }
 
 
@@ -59,6 +67,7 @@ def spec(name: str) -> TaskSpec:
     """The :class:`TaskSpec` of task ``name`` (one of :data:`TASKS`)."""
     if name not in TASKS:
         raise ValueError(f"task must be one of {sorted(TASKS)}, got {name!r}")
-    s = importlib.import_module(TASKS[name]).SPEC
+    module, _, attr = TASKS[name].partition(":")  # "module" means "module:SPEC"
+    s = getattr(importlib.import_module(module), attr or "SPEC")
     assert isinstance(s, TaskSpec)
     return s

@@ -43,6 +43,15 @@ class Task(Protocol):
     def evaluate(self, model: nn.Module) -> dict[str, float]: ...
 
 
+# A task may also define ``begin_step(model, step)``: the trainer calls it before each
+# step's ``batch``, so a task whose data comes from the model itself (reinforcement
+# learning's rollouts, :mod:`attnlab.rl`) can collect it. It should be a pure function of
+# ``(seed, step, model)`` for exact resume.
+#
+# A task may also define ``param_groups(model)``: AdamW parameter groups (dicts with
+# ``params`` and any of ``betas``, ``weight_decay``, ``lr_scale``); a group's learning rate
+# is ``lr * lr_scale`` on the schedule. A GAN uses it for its two learning rates (TTUR).
+
 LossFn = Callable[[nn.Module, Any], Tensor]
 
 
@@ -196,9 +205,9 @@ class Trainer:
             positive_int("threads", cfg.threads)
         torch.manual_seed(cfg.seed)
         self.model = task.build_model()
-        self.opt = torch.optim.AdamW(
-            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
-        )
+        groups = getattr(task, "param_groups", None)  # optional: per-group lr_scale, betas
+        params = groups(self.model) if groups is not None else self.model.parameters()
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step, self.best, self.bad_evals = 0, -math.inf, 0
         self.history: list[dict[str, float]] = []
         self._perm: tuple[int, Tensor] | None = None
@@ -219,7 +228,10 @@ class Trainer:
         """One optimizer step; returns the loss."""
         self.model.train()
         for group in self.opt.param_groups:
-            group["lr"] = self.cfg.lr * lr_factor(self.step, self.cfg)
+            group["lr"] = self.cfg.lr * group.get("lr_scale", 1.0) * lr_factor(self.step, self.cfg)
+        begin = getattr(self.task, "begin_step", None)
+        if begin is not None:  # tasks whose data depends on the model (RL rollouts)
+            begin(self.model, self.step)
         batch = self.task.batch(self._indices(self.step))
         self.opt.zero_grad(set_to_none=True)  # before: plug-ins may accumulate gradients
         loss = self.loss_fn(self.model, batch)

@@ -1,0 +1,178 @@
+"""MiniGrid environments as batched tensors: ``n`` gymnasium environments stepped together,
+each observation encoded as one-hot features, episodes restarted as they end.
+
+The agent sees MiniGrid's partial, egocentric 7x7 view: per cell an (object, colour,
+state) triple, and its facing direction. :func:`encode` turns that into a flat float
+vector: one-hot object (11), colour (6) and state (3) per cell, then one-hot direction
+(4), ``7*7*20 + 4 = 984`` features. Each environment keeps a reduced action set: the
+memory task needs only turning and moving; DoorKey adds pick-up and toggle.
+
+Example:
+    >>> envs = GridEnvs("MiniGrid-MemoryS11-v0", 2, seed=0)
+    >>> obs = envs.reset()
+    >>> tuple(obs.shape), envs.num_actions
+    ((2, 984), 3)
+    >>> obs, reward, done = envs.step(torch.tensor([2, 0]))
+    >>> tuple(reward.shape), done.dtype
+    ((2,), torch.bool)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from attnlab._validate import nonnegative_int, positive_int
+
+__all__ = ["ACTIONS", "OBS_DIM", "EpisodeLog", "GridEnvs", "encode", "make_env"]
+
+# MiniGrid's action ids kept per environment family (0 left, 1 right, 2 forward,
+# 3 pick up, 5 toggle); the agent's action i is ACTIONS[family][i].
+ACTIONS: dict[str, tuple[int, ...]] = {"Memory": (0, 1, 2), "DoorKey": (0, 1, 2, 3, 5)}
+_OBJECTS, _COLOURS, _STATES, _DIRS = 11, 6, 3, 4
+OBS_DIM = 7 * 7 * (_OBJECTS + _COLOURS + _STATES) + _DIRS  # 984
+
+
+def make_env(env_id: str) -> Any:
+    """A gymnasium MiniGrid environment, or a clear error when the ``rl`` extra is missing
+    or ``env_id`` is not a registered MiniGrid Memory or DoorKey environment."""
+    if not isinstance(env_id, str):
+        raise TypeError(f"env_id must be a str, got {type(env_id).__name__}")
+    _family(env_id)
+    try:
+        import gymnasium as gym
+        import minigrid  # noqa: F401  (registers the MiniGrid environments)
+    except ImportError as e:  # pragma: no cover - depends on the installed extras
+        raise ImportError("attnlab.rl needs the rl extra: pip install 'attnlab[rl]'") from e
+    if env_id not in gym.registry:
+        known = sorted(k for k in gym.registry if k.startswith("MiniGrid-") and _known(k))
+        raise ValueError(f"env_id must be one of {known}, got {env_id!r}")
+    return gym.make(env_id)
+
+
+def _known(env_id: str) -> bool:
+    return any(f"-{name}" in env_id for name in ACTIONS)
+
+
+def _family(env_id: str) -> str:
+    for name in ACTIONS:
+        if env_id.startswith(f"MiniGrid-{name}"):
+            return name
+    raise ValueError(
+        f"env_id must be a MiniGrid Memory or DoorKey environment (e.g. "
+        f"'MiniGrid-MemoryS11-v0', 'MiniGrid-DoorKey-5x5-v0'), got {env_id!r}"
+    )
+
+
+def encode(image: np.ndarray | Tensor, direction: int | np.ndarray | Tensor) -> Tensor:
+    """One-hot features ``(..., 984)`` of MiniGrid views ``(..., 7, 7, 3)`` and directions
+    ``(...)``.
+
+    Example:
+        >>> img = np.zeros((7, 7, 3), dtype=np.uint8)
+        >>> x = encode(img, 1)
+        >>> tuple(x.shape), float(x.sum())  # 49 cells x 3 one-hots + 1 direction
+        ((984,), 148.0)
+    """
+    img = np.asarray(image).astype(np.int64)  # (..., 7, 7, 3)
+    if img.shape[-3:] != (7, 7, 3):
+        raise ValueError(f"image must be (..., 7, 7, 3), got {tuple(img.shape)}")
+    lead = img.shape[:-3]
+    flat = img.reshape(-1, 49, 3).clip(0, _LIMITS - 1)  # (N, 49, 3)
+    hot = (flat + _OFFSETS).reshape(len(flat), -1)  # (N, 147) feature indices
+    dirs = np.broadcast_to(np.asarray(direction, dtype=np.int64) % _DIRS, lead).reshape(-1)
+    out = np.zeros((len(flat), OBS_DIM), dtype=np.float32)
+    rows = np.arange(len(flat))[:, None]
+    out[rows, hot] = 1.0
+    out[rows[:, 0], OBS_DIM - _DIRS + dirs] = 1.0
+    return torch.from_numpy(out.reshape(*lead, OBS_DIM))
+
+
+_LIMITS = np.array([_OBJECTS, _COLOURS, _STATES])
+_WIDTH = _OBJECTS + _COLOURS + _STATES
+# feature index of value 0 of each (cell, channel): cell * 20 + channel start
+_OFFSETS = np.arange(49)[:, None] * _WIDTH + np.array([0, _OBJECTS, _OBJECTS + _COLOURS])
+
+
+@dataclass
+class EpisodeLog:
+    """Returns and successes of the episodes finished so far (success: reward > 0)."""
+
+    returns: list[float] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+
+    @property
+    def success(self) -> list[bool]:
+        return [r > 0 for r in self.returns]
+
+
+class GridEnvs:
+    """``n`` copies of ``env_id`` stepped in lock-step; finished episodes restart at once.
+
+    Every episode is seeded by a generator seeded with ``seed`` (:meth:`reset` may give a
+    new one), so a run is a pure function of the seed and the actions. :attr:`log` collects
+    finished episodes; :attr:`starts` says which environments began a new episode at the
+    current observation.
+    """
+
+    def __init__(self, env_id: str, n: int, *, seed: int = 0) -> None:
+        self.env_id, self.n = env_id, positive_int("n", n)
+        self.actions = ACTIONS[_family(env_id)]
+        self.envs = [make_env(env_id) for _ in range(self.n)]
+        self._rng = np.random.default_rng(nonnegative_int("seed", seed))
+        self._ret = np.zeros(self.n)
+        self._len = np.zeros(self.n, dtype=np.int64)
+        self.starts = torch.ones(self.n, dtype=torch.bool)
+        self.log = EpisodeLog()
+
+    @property
+    def num_actions(self) -> int:
+        return len(self.actions)
+
+    def _reset_one(self, i: int) -> dict[str, Any]:
+        obs, _ = self.envs[i].reset(seed=int(self._rng.integers(2**31)))
+        self._ret[i], self._len[i] = 0.0, 0
+        return obs
+
+    def reset(self, seed: int | None = None) -> Tensor:
+        """Start every environment afresh (seeding episodes from ``seed`` when given) and
+        clear the log; observations ``(n, 984)``."""
+        if seed is not None:
+            self._rng = np.random.default_rng(nonnegative_int("seed", seed))
+        self.log = EpisodeLog()
+        self.starts = torch.ones(self.n, dtype=torch.bool)
+        return _encode_all([self._reset_one(i) for i in range(self.n)])
+
+    def step(self, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Act; returns ``(next observations (n, 984), rewards (n,), done (n,))``.
+
+        A done environment's next observation is the first of its new episode.
+        """
+        acts = torch.as_tensor(actions).flatten()
+        if acts.numel() != self.n or bool(((acts < 0) | (acts >= self.num_actions)).any()):
+            raise ValueError(
+                f"actions must be {self.n} ints in [0, {self.num_actions}), got {acts.tolist()}"
+            )
+        obs, rewards, dones = [], np.zeros(self.n, dtype=np.float32), np.zeros(self.n, bool)
+        for i, (env, a) in enumerate(zip(self.envs, acts.tolist(), strict=True)):
+            o, r, term, trunc, _ = env.step(self.actions[a])
+            self._ret[i] += r
+            self._len[i] += 1
+            rewards[i], dones[i] = r, term or trunc
+            if dones[i]:
+                self.log.returns.append(float(self._ret[i]))
+                self.log.lengths.append(int(self._len[i]))
+                obs.append(self._reset_one(i))
+            else:
+                obs.append(o)
+        self.starts = torch.from_numpy(dones.copy())
+        return _encode_all(obs), torch.from_numpy(rewards), self.starts.clone()
+
+
+def _encode_all(obs: list[dict[str, Any]]) -> Tensor:
+    """Features ``(n, 984)`` of ``n`` MiniGrid observation dicts."""
+    return encode(np.stack([o["image"] for o in obs]), np.array([o["direction"] for o in obs]))

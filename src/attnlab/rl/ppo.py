@@ -1,0 +1,151 @@
+"""Proximal policy optimization (Schulman et al. 2017) on segments of experience.
+
+:func:`collect` runs a policy in :class:`~attnlab.rl.env.GridEnvs` for ``T`` steps and
+returns a :class:`Rollout` of ``(B, T)`` tensors; :func:`gae` computes generalized
+advantage estimates (Schulman et al. 2016); :func:`ppo_loss` is the clipped surrogate
+objective with a value loss and an entropy bonus, over whole segments so recurrent and
+attending policies see each step's past.
+
+Example:
+    >>> rewards = torch.tensor([[0.0, 0.0, 1.0]])
+    >>> values = torch.zeros(1, 3)
+    >>> dones = torch.tensor([[False, False, True]])
+    >>> adv, ret = gae(rewards, values, dones, torch.zeros(1), gamma=0.5, lam=1.0)
+    >>> adv.tolist()
+    [[0.25, 0.5, 1.0]]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from attnlab.rl.env import GridEnvs
+from attnlab.rl.policy import AgentPolicy
+
+__all__ = ["PPOConfig", "Rollout", "collect", "gae", "ppo_loss"]
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """PPO's settings: discount ``gamma``, GAE ``lam``, the ratio clip, the value-loss and
+    entropy weights."""
+
+    gamma: float = 0.99
+    lam: float = 0.95
+    clip: float = 0.2
+    value_coef: float = 0.5
+    entropy_coef: float = 0.01
+
+    def __post_init__(self) -> None:
+        for name in ("gamma", "lam"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("clip", "value_coef", "entropy_coef"):
+            if not getattr(self, name) >= 0.0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class Rollout:
+    """``T`` steps of ``B`` environments: inputs ``obs (B, T, D)``, ``starts (B, T)``,
+    the actions taken, their log-probabilities and values at the time, the rewards and
+    ``dones`` (the episode ended after that step), and the advantages and returns."""
+
+    obs: Tensor
+    starts: Tensor
+    actions: Tensor
+    logp: Tensor
+    values: Tensor
+    rewards: Tensor
+    dones: Tensor
+    advantages: Tensor
+    returns: Tensor
+
+    def select(self, envs: Tensor) -> Rollout:
+        """The segments of environments ``envs`` (a minibatch)."""
+        return Rollout(*(getattr(self, f)[envs] for f in self.__dataclass_fields__))
+
+
+def gae(
+    rewards: Tensor, values: Tensor, dones: Tensor, last_value: Tensor, *, gamma: float, lam: float
+) -> tuple[Tensor, Tensor]:
+    """Generalized advantage estimates and returns ``(B, T)``.
+
+    ``delta_t = r_t + gamma * V_{t+1} * (1 - done_t) - V_t`` and
+    ``A_t = delta_t + gamma * lam * (1 - done_t) * A_{t+1}``, with ``V_T = last_value``
+    (the segment's cut is bootstrapped, an episode's end is not); returns ``A + V``.
+    """
+    b, t = rewards.shape
+    adv, running = torch.zeros(b, t), torch.zeros(b)
+    next_value = last_value
+    for i in reversed(range(t)):
+        live = (~dones[:, i]).float()
+        delta = rewards[:, i] + gamma * next_value * live - values[:, i]
+        running = delta + gamma * lam * live * running
+        adv[:, i], next_value = running, values[:, i]
+    return adv, adv + values
+
+
+@torch.no_grad()
+def collect(
+    policy: AgentPolicy,
+    envs: GridEnvs,
+    steps: int,
+    *,
+    seed: int,
+    cfg: PPOConfig,
+    greedy: bool = False,
+) -> Rollout:
+    """Run ``policy`` for ``steps`` steps in ``envs`` started afresh from ``seed``; actions
+    sampled by a generator seeded with ``seed`` (or the most likely one, ``greedy``)."""
+    gen = torch.Generator().manual_seed(seed)
+    obs, state = envs.reset(seed), policy.initial_state(envs.n)
+    starts = envs.starts.clone()
+    cols: dict[str, list[Tensor]] = {k: [] for k in ("obs", "starts", "act", "logp", "v", "r", "d")}
+    for _ in range(steps):
+        logits, value, state = policy.step(obs, starts, state)
+        logp_all = torch.log_softmax(logits, -1)  # (B, A)
+        act = (
+            logits.argmax(-1)
+            if greedy
+            else torch.multinomial(logp_all.exp(), 1, generator=gen)[:, 0]
+        )
+        for k, x in zip(
+            cols, (obs, starts, act, logp_all.gather(1, act[:, None])[:, 0], value), strict=False
+        ):
+            cols[k].append(x)
+        obs, reward, done = envs.step(act)
+        cols["r"].append(reward)
+        cols["d"].append(done)
+        starts = done
+    last_value = policy.step(obs, starts, state)[1]
+    obs_t, starts_t, act_t, logp_t, v_t, r_t, d_t = (torch.stack(cols[k], 1) for k in cols)
+    adv, ret = gae(r_t, v_t, d_t, last_value, gamma=cfg.gamma, lam=cfg.lam)
+    return Rollout(obs_t, starts_t, act_t, logp_t, v_t, r_t, d_t, adv, ret)
+
+
+def ppo_loss(
+    policy: AgentPolicy, batch: Rollout, cfg: PPOConfig
+) -> tuple[Tensor, dict[str, float]]:
+    """The clipped PPO loss of ``batch`` (advantages normalized over the batch):
+    ``-E[min(rho A, clip(rho, 1-eps, 1+eps) A)] + c_v E[(V - R)^2] / 2 - c_e E[H(pi)]``,
+    ``rho = exp(log pi(a) - log pi_old(a))``; and its parts as floats."""
+    logits, values = policy(batch.obs, batch.starts)  # (B, T, A), (B, T)
+    logp_all = torch.log_softmax(logits, -1)
+    logp = logp_all.gather(-1, batch.actions[..., None])[..., 0]  # (B, T)
+    adv = batch.advantages
+    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+    ratio = torch.exp(logp - batch.logp)
+    surrogate = torch.min(ratio * adv, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * adv)
+    policy_loss = -surrogate.mean()
+    value_loss = 0.5 * (values - batch.returns).pow(2).mean()
+    entropy = -(logp_all.exp() * logp_all).sum(-1).mean()
+    loss = policy_loss + cfg.value_coef * value_loss - cfg.entropy_coef * entropy
+    parts = {
+        k: float(x.detach())
+        for k, x in (("policy", policy_loss), ("value", value_loss), ("entropy", entropy))
+    }
+    return loss, parts

@@ -1,0 +1,74 @@
+"""The agent tasks of ``attnlab train``: each environment with each policy.
+
+``memory-agent`` is the attention policy on ``MiniGrid-MemoryS11-v0`` (it must remember
+the object it saw in the start room); ``doorkey-agent`` the same on
+``MiniGrid-DoorKey-5x5-v0`` (everything it needs is in view). ``-lstm`` and ``-mlp`` name
+the baselines, trained with the same budget.
+
+Example:
+    >>> sorted(AGENT_TASKS)[:2]
+    ['doorkey-agent', 'doorkey-agent-lstm']
+    >>> MEMORY_AGENT.defaults["eval_every"] % 16
+    0
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from attnlab.rl.report import finish
+from attnlab.rl.task import (
+    DOORKEY_ENV,
+    MEMORY_ENV,
+    MINIBATCHES,
+    N_ENVS,
+    PPO_EPOCHS,
+    ROLLOUT_STEPS,
+    AgentTask,
+)
+from attnlab.tasks.registry import TaskSpec
+from attnlab.train.loop import Task
+
+__all__ = ["AGENT_TASKS", "agent_spec"]
+
+FRAMES = {MEMORY_ENV: 600_000, DOORKEY_ENV: 300_000}  # the default budget, in env steps
+
+
+def agent_spec(name: str, env_id: str, policy: str) -> TaskSpec:
+    """The :class:`TaskSpec` of a PPO agent: ``--train-size`` sets the number of parallel
+    environments; ``--steps`` counts optimizer steps (16 per rollout of 16 x 128 steps)."""
+    per_iteration = PPO_EPOCHS * MINIBATCHES
+    iterations = FRAMES[env_id] // (N_ENVS * ROLLOUT_STEPS)
+    defaults: dict[str, Any] = {
+        "steps": iterations * per_iteration,
+        "batch_size": N_ENVS // MINIBATCHES,
+        "lr": 1e-3,
+        "warmup": 0,
+        "clip": 0.5,
+        "weight_decay": 0.0,
+        "eval_every": 25 * per_iteration,
+        "threads": 1,
+    }
+
+    def build(n: int | None) -> Task:
+        if n is not None and n % MINIBATCHES:
+            raise ValueError(
+                f"train size (parallel environments) must be a multiple of {MINIBATCHES}, got {n}"
+            )
+        return AgentTask(env_id=env_id, policy=policy, name=name, n_envs=n or N_ENVS)
+
+    summary = f"PPO agent, {policy} policy, on {env_id} ({FRAMES[env_id] // 1000}k frames)"
+    return TaskSpec(summary=summary, build=build, defaults=defaults, finish=finish)
+
+
+AGENT_TASKS: dict[str, TaskSpec] = {
+    f"{prefix}{suffix}": agent_spec(f"{prefix}{suffix}", env, policy)
+    for prefix, env in (("memory-agent", MEMORY_ENV), ("doorkey-agent", DOORKEY_ENV))
+    for suffix, policy in (("", "attention"), ("-lstm", "lstm"), ("-mlp", "mlp"))
+}
+MEMORY_AGENT = AGENT_TASKS["memory-agent"]
+MEMORY_AGENT_LSTM = AGENT_TASKS["memory-agent-lstm"]
+MEMORY_AGENT_MLP = AGENT_TASKS["memory-agent-mlp"]
+DOORKEY_AGENT = AGENT_TASKS["doorkey-agent"]
+DOORKEY_AGENT_LSTM = AGENT_TASKS["doorkey-agent-lstm"]
+DOORKEY_AGENT_MLP = AGENT_TASKS["doorkey-agent-mlp"]

@@ -1,0 +1,220 @@
+"""Agents as tasks of ``attnlab train``: PPO through the same trainer as every other task
+(checkpoints, ``--resume``, Ctrl-C, time limits, progress).
+
+One PPO *iteration* collects a rollout (``n_envs`` environments, ``rollout_steps`` steps
+each), then makes ``ppo_epochs * minibatches`` optimizer steps over it, each on the
+segments of ``n_envs / minibatches`` environments. The trainer counts optimizer steps;
+:meth:`AgentTask.begin_step` collects the next rollout whenever a new iteration begins.
+Every rollout is a pure function of ``(seed, iteration, weights)``: its environments are
+restarted from a seed made of both. A run resumed from a checkpoint taken at an
+evaluation (``eval_every`` a multiple of the steps per iteration, as in the defaults)
+takes exactly the steps of one that never stopped.
+
+Example:
+    >>> task = AgentTask(n_envs=2, rollout_steps=4, minibatches=2, ppo_epochs=1,
+    ...                  eval_episodes=2, d_model=16)
+    >>> model = task.build_model()
+    >>> task.begin_step(model, 0)
+    >>> batch = task.batch(torch.arange(2))
+    >>> tuple(batch.obs.shape)
+    (1, 4, 984)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from attnlab._validate import nonnegative_int, positive_int
+from attnlab.rl.env import OBS_DIM, GridEnvs
+from attnlab.rl.policy import POLICIES, AgentPolicy, build_policy
+from attnlab.rl.ppo import PPOConfig, Rollout, collect, ppo_loss
+
+__all__ = ["AgentTask", "EvalResult", "run_episodes"]
+
+MEMORY_ENV, DOORKEY_ENV = "MiniGrid-MemoryS11-v0", "MiniGrid-DoorKey-5x5-v0"
+EVAL_SEED = 1_000_000  # evaluation episodes never share a seed with training ones
+# the defaults: 16 environments x 128 steps per rollout, 4 epochs of 4 minibatches
+N_ENVS, ROLLOUT_STEPS, PPO_EPOCHS, MINIBATCHES = 16, 128, 4, 4
+
+
+@dataclass
+class EvalResult:
+    """One episode per environment: return, success (reward > 0) and length of each."""
+
+    returns: list[float]
+    success: list[bool]
+    lengths: list[int]
+
+    def summary(self) -> dict[str, float]:
+        n = max(1, len(self.returns))
+        return {
+            "success": round(100 * sum(self.success) / n, 2),
+            "return": round(sum(self.returns) / n, 4),
+            "length": round(sum(self.lengths) / n, 1),
+        }
+
+
+@torch.no_grad()
+def run_episodes(
+    policy: AgentPolicy,
+    env_id: str,
+    episodes: int,
+    *,
+    seed: int = EVAL_SEED,
+    greedy: bool = False,
+) -> EvalResult:
+    """Run ``episodes`` episodes in parallel, one per environment, each to its end;
+    actions sampled from the policy (by a generator seeded with ``seed``) or greedy.
+
+    Example:
+        >>> pol = build_policy("mlp", OBS_DIM, 3, d_model=8)
+        >>> len(run_episodes(pol, MEMORY_ENV, 2).returns)
+        2
+    """
+    envs = GridEnvs(env_id, positive_int("episodes", episodes), seed=seed)
+    obs, state, gen = (
+        envs.reset(),
+        policy.initial_state(envs.n),
+        torch.Generator().manual_seed(seed),
+    )
+    starts, live = envs.starts.clone(), torch.ones(envs.n, dtype=torch.bool)
+    ret, length = torch.zeros(envs.n), torch.zeros(envs.n, dtype=torch.long)
+    success = torch.zeros(envs.n, dtype=torch.bool)
+    while bool(live.any()):
+        logits, _, state = policy.step(obs, starts, state)
+        probs = torch.softmax(logits, -1)
+        act = logits.argmax(-1) if greedy else torch.multinomial(probs, 1, generator=gen)[:, 0]
+        obs, reward, done = envs.step(act)
+        ret += reward * live
+        length += live.long()
+        success |= live & done & (reward > 0)
+        live &= ~done
+        starts = done
+    return EvalResult(ret.tolist(), success.tolist(), length.tolist())
+
+
+@dataclass
+class AgentTask:
+    """A PPO agent of one policy kind in one MiniGrid environment (see the module doc).
+
+    Attributes:
+        env_id: a MiniGrid Memory or DoorKey environment.
+        policy: ``"attention"``, ``"lstm"`` or ``"mlp"``.
+        context: steps the attention policy sees (itself included).
+        eval_episodes: episodes per evaluation during training (the final report: 100).
+    """
+
+    env_id: str = MEMORY_ENV
+    policy: str = "attention"
+    n_envs: int = N_ENVS
+    rollout_steps: int = ROLLOUT_STEPS
+    ppo_epochs: int = PPO_EPOCHS
+    minibatches: int = MINIBATCHES
+    d_model: int = 64
+    context: int = 32
+    eval_episodes: int = 32
+    seed: int = 0
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    name: str = "memory-agent"
+
+    def __post_init__(self) -> None:
+        for k in (
+            "n_envs",
+            "rollout_steps",
+            "ppo_epochs",
+            "minibatches",
+            "d_model",
+            "context",
+            "eval_episodes",
+        ):
+            positive_int(k, getattr(self, k))
+        nonnegative_int("seed", self.seed)
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
+        if self.n_envs % self.minibatches:
+            raise ValueError(
+                f"n_envs ({self.n_envs}) must be a multiple of minibatches ({self.minibatches})"
+            )
+        self.envs = GridEnvs(self.env_id, self.n_envs, seed=self.seed)
+        self._rollout: tuple[int, Rollout] | None = None
+        self._step = 0
+        self.train_log: dict[str, float] = {}
+
+    @property
+    def steps_per_iteration(self) -> int:
+        return self.ppo_epochs * self.minibatches
+
+    def build_model(self) -> AgentPolicy:
+        opts: dict[str, Any] = {"d_model": self.d_model}
+        if self.policy == "attention":
+            opts["context"] = self.context
+        return build_policy(self.policy, OBS_DIM, self.envs.num_actions, **opts)
+
+    def config(self) -> dict[str, Any]:
+        keys = (
+            "env_id",
+            "policy",
+            "n_envs",
+            "rollout_steps",
+            "ppo_epochs",
+            "minibatches",
+            "d_model",
+            "context",
+            "eval_episodes",
+            "seed",
+        )
+        return {"task": self.name, **{k: getattr(self, k) for k in keys}, "ppo": asdict(self.ppo)}
+
+    def num_train(self) -> int:
+        return self.n_envs
+
+    def begin_step(self, model: nn.Module, step: int) -> None:
+        """Collect the rollout of ``step``'s iteration if it is not the one held."""
+        self._step = step
+        it = step // self.steps_per_iteration
+        if self._rollout is None or self._rollout[0] != it:
+            seed = self.seed * 1_000_003 + it
+            model.eval()
+            ro = collect(_policy(model), self.envs, self.rollout_steps, seed=seed, cfg=self.ppo)
+            model.train()
+            self._rollout = (it, ro)
+            self.train_log = _rollout_summary(self.envs)
+
+    def batch(self, indices: Tensor) -> Rollout:
+        """The minibatch of the current step (the trainer's ``indices`` are not used:
+        minibatches are whole environment segments, shuffled per PPO epoch)."""
+        if self._rollout is None:
+            raise RuntimeError("AgentTask.batch needs begin_step first (the trainer calls it)")
+        it, ro = self._rollout
+        k = self._step % self.steps_per_iteration
+        epoch, j = divmod(k, self.minibatches)
+        g = torch.Generator().manual_seed(self.seed * 7919 + it * 31 + epoch)
+        perm, size = torch.randperm(self.n_envs, generator=g), self.n_envs // self.minibatches
+        return ro.select(perm[j * size : (j + 1) * size])
+
+    def loss(self, model: nn.Module, batch: Rollout) -> Tensor:
+        return ppo_loss(_policy(model), batch, self.ppo)[0]
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        res = run_episodes(_policy(model), self.env_id, self.eval_episodes).summary()
+        return {"score": res["success"], **res, **self.train_log}
+
+
+def _policy(model: nn.Module) -> AgentPolicy:
+    if not isinstance(model, AgentPolicy):
+        raise TypeError(f"model must be an attnlab.rl policy, got {type(model).__name__}")
+    return model
+
+
+def _rollout_summary(envs: GridEnvs) -> dict[str, float]:
+    """Mean return and success of the episodes the last rollout finished."""
+    r = envs.log.returns
+    n = max(1, len(r))
+    return {
+        "train_return": round(sum(r) / n, 4),
+        "train_success": round(100 * sum(envs.log.success) / n, 2),
+    }

@@ -1,0 +1,303 @@
+"""attnlab.rl: the environment wrapper against gymnasium, GAE and the clipped loss against
+formulas written out, the cached policy step against the whole-segment pass, the pictured
+attention against an fp64 recomputation, training through the Trainer (resume, a loss
+that goes down), and bad settings."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("minigrid")
+
+import gymnasium as gym
+
+from attnlab.rl import (
+    AgentTask,
+    AttentionPolicy,
+    GridEnvs,
+    LSTMPolicy,
+    MLPPolicy,
+    PPOConfig,
+    TrainConfig,
+    Trainer,
+    collect,
+    encode,
+    gae,
+    ppo_loss,
+)
+from attnlab.rl.report import decision_attention, plot_decision, trace_episode
+
+S7 = "MiniGrid-MemoryS7-v0"
+
+
+def one_hot_reference(image: np.ndarray, direction: int) -> torch.Tensor:
+    """The 984 features written cell by cell with torch's one_hot."""
+    f = torch.nn.functional.one_hot
+    cells = []
+    for x in range(7):
+        for y in range(7):
+            o, c, s = (int(v) for v in image[x, y])
+            cells += [f(torch.tensor(o), 11), f(torch.tensor(c), 6), f(torch.tensor(s), 3)]
+    return torch.cat([*cells, f(torch.tensor(direction), 4)]).float()
+
+
+@pytest.mark.parametrize(
+    ("env_id", "minigrid_actions"),
+    [(S7, [0, 1, 2]), ("MiniGrid-DoorKey-5x5-v0", [0, 1, 2, 3, 5])],
+)
+def test_env_wrapper_matches_gymnasium(env_id: str, minigrid_actions: list[int]) -> None:
+    envs = GridEnvs(env_id, 1, seed=5)
+    raw = gym.make(env_id)
+    rng = np.random.default_rng(5)  # the wrapper seeds each episode from this generator
+    obs = envs.reset()
+    o, _ = raw.reset(seed=int(rng.integers(2**31)))
+    actions = torch.randint(0, envs.num_actions, (60,), generator=torch.Generator().manual_seed(0))
+    for a in actions.tolist():
+        assert torch.equal(obs[0], one_hot_reference(o["image"], o["direction"]))
+        obs, reward, done = envs.step(torch.tensor([a]))
+        o, r, term, trunc, _ = raw.step(minigrid_actions[a])
+        assert float(reward[0]) == pytest.approx(r) and bool(done[0]) == (term or trunc)
+        if term or trunc:
+            o, _ = raw.reset(seed=int(rng.integers(2**31)))
+
+
+def test_encode_batches_and_rejects_bad_views() -> None:
+    img = np.random.default_rng(0).integers(0, 3, (2, 3, 7, 7, 3))
+    dirs = np.array([[0, 1, 2], [3, 0, 1]])
+    x = encode(img, dirs)
+    assert x.shape == (2, 3, 984)
+    assert torch.equal(x[1, 2], one_hot_reference(img[1, 2], 1))
+    with pytest.raises(ValueError, match=r"image must be \(\.\.\., 7, 7, 3\)"):
+        encode(np.zeros((5, 5, 3)), 0)
+
+
+def gae_reference(r, v, d, last, gamma, lam):  # type: ignore[no-untyped-def]
+    """A_t = sum_l (gamma lam)^l delta_{t+l}, summed until the episode ends, in fp64."""
+    b, t = r.shape
+    out = torch.zeros(b, t, dtype=torch.float64)
+    for i in range(b):
+        vals = [*v[i].tolist(), float(last[i])]
+        for s in range(t):
+            total, scale = 0.0, 1.0
+            for u in range(s, t):
+                live = 0.0 if d[i, u] else 1.0
+                delta = float(r[i, u]) + gamma * vals[u + 1] * live - vals[u]
+                total += scale * delta
+                if not live:
+                    break
+                scale *= gamma * lam
+            out[i, s] = total
+    return out
+
+
+def test_gae_matches_the_sum_of_discounted_residuals() -> None:
+    g = torch.Generator().manual_seed(1)
+    r, v = torch.rand(3, 9, generator=g), torch.rand(3, 9, generator=g)
+    d = torch.rand(3, 9, generator=g) < 0.25
+    last = torch.rand(3, generator=g)
+    adv, ret = gae(r, v, d, last, gamma=0.9, lam=0.8)
+    ref = gae_reference(r, v, d, last, 0.9, 0.8)
+    torch.testing.assert_close(adv.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ret, adv + v)
+
+
+def test_ppo_loss_matches_the_written_formula() -> None:
+    torch.manual_seed(0)
+    pol = MLPPolicy(984, 3, d_model=8).double()
+    task = AgentTask(env_id=S7, policy="mlp", n_envs=2, minibatches=1, rollout_steps=6, d_model=8)
+    ro = collect(pol.float(), task.envs, 6, seed=3, cfg=PPOConfig())
+    pol.double()
+    ro.obs = ro.obs.double()
+    ro.logp = ro.logp.double() + 0.3 * torch.randn_like(ro.logp.double())  # ratios far from 1
+    cfg = PPOConfig(clip=0.1, value_coef=0.7, entropy_coef=0.05)
+    loss, parts = ppo_loss(pol, ro, cfg)
+    logits, values = pol(ro.obs, ro.starts)
+    p = torch.softmax(logits, -1).detach().numpy()
+    a, old = ro.actions.numpy(), ro.logp.numpy()
+    adv = ro.advantages.double().numpy()
+    adv = (adv - adv.mean()) / (adv.std(ddof=1) + 1e-8)
+    total_pi, total_ent = 0.0, 0.0
+    for i, j in np.ndindex(a.shape):
+        ratio = math.exp(math.log(p[i, j, a[i, j]]) - old[i, j])
+        clipped = min(max(ratio, 0.9), 1.1)
+        total_pi += min(ratio * adv[i, j], clipped * adv[i, j])
+        total_ent += -sum(q * math.log(q) for q in p[i, j])
+    n = a.size
+    value = 0.5 * ((values.detach().numpy() - ro.returns.double().numpy()) ** 2).mean()
+    expected = -total_pi / n + 0.7 * value - 0.05 * total_ent / n
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    assert parts["entropy"] == pytest.approx(total_ent / n, rel=1e-6)
+
+
+def segments(b: int, t: int, starts_at: dict[int, list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    obs = torch.randn(b, t, 984, dtype=torch.float64)
+    starts = torch.zeros(b, t, dtype=torch.bool)
+    starts[:, 0] = True
+    for i, ts in starts_at.items():
+        starts[i, ts] = True
+    return obs, starts
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        lambda: AttentionPolicy(984, 3, context=4, d_model=16, num_heads=2, num_layers=2),
+        lambda: LSTMPolicy(984, 3, d_model=16),
+        lambda: MLPPolicy(984, 3, d_model=16),
+    ],
+    ids=["attention", "lstm", "mlp"],
+)
+def test_cached_step_equals_the_whole_segment_pass(policy) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    pol = policy().double()
+    obs, starts = segments(3, 13, {0: [6], 1: [3, 4]})  # episodes longer than the context
+    logits, values = pol(obs, starts)
+    state, step_logits, step_values = pol.initial_state(3), [], []
+    for t in range(13):
+        lo, va, state = pol.step(obs[:, t], starts[:, t], state)
+        step_logits.append(lo)
+        step_values.append(va)
+    torch.testing.assert_close(torch.stack(step_logits, 1), logits, rtol=0, atol=1e-12)
+    torch.testing.assert_close(torch.stack(step_values, 1), values, rtol=0, atol=1e-12)
+
+
+def test_attention_weights_match_an_fp64_recomputation() -> None:
+    torch.manual_seed(0)
+    pol = AttentionPolicy(984, 3, context=5, d_model=16, num_heads=2).double()
+    obs, starts = segments(2, 12, {1: [7]})
+    _, _, weights = pol(obs, starts, return_weights=True)
+    blk = pol.blocks[0]
+    x = pol.encoder(obs) + pol.pos[torch.tensor([list(range(12)), [*range(7), *range(5)]])]
+    q, k, _ = blk.qkv(blk.norm1(x)).chunk(3, -1)
+    q, k = (z.view(2, 12, 2, 8).transpose(1, 2) for z in (q, k))
+    scores = q @ k.transpose(-1, -2) / math.sqrt(8)  # (B, H, T, T)
+    i, j = torch.arange(12)[:, None], torch.arange(12)[None]
+    episode = starts.long().cumsum(1)
+    allowed = (j <= i) & (j > i - 5) & (episode[:, None, :, None] == episode[:, None, None, :])
+    ref = torch.softmax(scores.masked_fill(~allowed, -math.inf), -1)
+    torch.testing.assert_close(weights[0], ref, rtol=0, atol=1e-12)
+
+
+def test_decision_picture_shows_the_last_layers_weights(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    pol = AttentionPolicy(984, 3, context=64, d_model=16, num_heads=2)
+    walk = [2] * 6 + [0, 2]  # forward to the split (and into the wall), left, forward
+    trace = trace_episode(pol, S7, seed=1, frames=True, actions=walk)
+    assert len(trace.frames) == len(trace.cue_seen) == trace.obs.shape[0]
+    row = decision_attention(pol, trace)
+    assert row is not None and trace.decision is not None
+    t = trace.decision
+    w = pol(trace.obs[None], trace.starts[None], return_weights=True)[2][-1]  # (1, H, T, T)
+    torch.testing.assert_close(row, w[0, :, t, : t + 1].mean(0))
+    assert float(row.sum()) == pytest.approx(1.0, abs=1e-5)
+    assert trace.positions[t] == (5, 3)  # the split of MemoryS7
+    path = plot_decision(trace, row, tmp_path / "d.png", "t")
+    assert path.stat().st_size > 1000
+
+
+def tiny_task(**kw):  # type: ignore[no-untyped-def]
+    return AgentTask(
+        env_id=S7,
+        n_envs=4,
+        rollout_steps=8,
+        minibatches=2,
+        ppo_epochs=2,
+        eval_episodes=2,
+        d_model=16,
+        context=8,
+        **kw,
+    )
+
+
+def test_ppo_steps_lower_the_loss_on_a_fixed_rollout() -> None:
+    torch.manual_seed(0)
+    task = tiny_task()
+    model = task.build_model()
+    task.begin_step(model, 0)
+    batch = task.batch(torch.arange(4))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss = task.loss(model, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0] - 0.05
+
+
+def test_resume_takes_the_same_steps(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    def run(steps: int, out: str, resume: bool = False) -> dict[str, torch.Tensor]:
+        cfg = TrainConfig(
+            steps=8,
+            eval_every=4,
+            warmup=0,
+            progress=False,
+            out_dir=out,
+            resume=resume,
+            target=-1.0 if steps == 4 else None,  # stop at the first evaluation (a checkpoint)
+        )
+        tr = Trainer(tiny_task(), cfg)
+        tr.fit()
+        return {k: v.clone() for k, v in tr.model.state_dict().items()}
+
+    straight = run(8, str(tmp_path / "a"))
+    run(4, str(tmp_path / "b"))
+    resumed = run(8, str(tmp_path / "b"), resume=True)
+    for k in straight:
+        torch.testing.assert_close(resumed[k], straight[k], rtol=0, atol=0)
+
+
+def test_bad_settings_name_the_argument() -> None:
+    with pytest.raises(ValueError, match="policy must be one of"):
+        tiny_task(policy="gru")
+    with pytest.raises(ValueError, match="env_id must be a MiniGrid Memory or DoorKey"):
+        AgentTask(env_id="CartPole-v1")
+    with pytest.raises(ValueError, match=r"n_envs \(6\) must be a multiple of minibatches"):
+        AgentTask(env_id=S7, n_envs=6)
+    with pytest.raises(ValueError, match="actions must be 2 ints in"):
+        GridEnvs(S7, 2).step(torch.tensor([0, 7]))
+    with pytest.raises(ValueError, match="gamma must be in"):
+        PPOConfig(gamma=1.5)
+    ok = tiny_task()  # the positive control
+    assert ok.steps_per_iteration == 4
+
+
+def test_cli_trains_an_agent_and_rejects_a_bad_size(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cmd = [str(Path(sys.executable).parent / "attnlab"), "train", "doorkey-agent-mlp"]
+    bad = subprocess.run(
+        [*cmd, "--train-size", "6", "--out", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "--train-size" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    out = tmp_path / "run"
+    ok = subprocess.run(
+        [
+            *cmd,
+            "--train-size",
+            "4",
+            "--steps",
+            "16",
+            "--eval-every",
+            "16",
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "100 evaluation episodes" in ok.stdout
+    assert (out / "last.safetensors").is_file() and (out / "report" / "index.html").is_file()
