@@ -64,7 +64,7 @@ def run(
     trainer = Trainer(task, cfg)
     trainer.fit()
     train_s = time.perf_counter() - t0
-    iterations = -(-trainer.step // task.steps_per_iteration)  # rollouts collected
+    iterations = -(-trainer.step // task.steps_per_iteration(cfg.batch_size))  # rollouts
     frames = iterations * task.n_envs * task.rollout_steps
     res = run_episodes(trainer.model.eval(), env_id, episodes).summary()
     return {

@@ -68,6 +68,14 @@ def test_env_wrapper_matches_gymnasium(env_id: str, minigrid_actions: list[int])
             o, _ = raw.reset(seed=int(rng.integers(2**31)))
 
 
+def test_inactive_environments_stand_still() -> None:
+    envs = GridEnvs(S7, 2, seed=0)
+    first = envs.reset()
+    obs, reward, done = envs.step(torch.tensor([2, 2]), active=torch.tensor([True, False]))
+    assert torch.equal(obs[1], first[1]) and float(reward[1]) == 0.0 and not bool(done[1])
+    assert envs.envs[1].unwrapped.step_count == 0 and envs.envs[0].unwrapped.step_count == 1
+
+
 def test_encode_batches_and_rejects_bad_views() -> None:
     img = np.random.default_rng(0).integers(0, 3, (2, 3, 7, 7, 3))
     dirs = np.array([[0, 1, 2], [3, 0, 1]])
@@ -111,7 +119,7 @@ def test_gae_matches_the_sum_of_discounted_residuals() -> None:
 def test_ppo_loss_matches_the_written_formula() -> None:
     torch.manual_seed(0)
     pol = MLPPolicy(984, 3, d_model=8).double()
-    task = AgentTask(env_id=S7, policy="mlp", n_envs=2, minibatches=1, rollout_steps=6, d_model=8)
+    task = AgentTask(env_id=S7, policy="mlp", n_envs=2, rollout_steps=6, d_model=8)
     ro = collect(pol.float(), task.envs, 6, seed=3, cfg=PPOConfig())
     pol.double()
     ro.obs = ro.obs.double()
@@ -132,7 +140,7 @@ def test_ppo_loss_matches_the_written_formula() -> None:
     n = a.size
     value = 0.5 * ((values.detach().numpy() - ro.returns.double().numpy()) ** 2).mean()
     expected = -total_pi / n + 0.7 * value - 0.05 * total_ent / n
-    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-6)
     assert parts["entropy"] == pytest.approx(total_ent / n, rel=1e-6)
 
 
@@ -207,7 +215,6 @@ def tiny_task(**kw):  # type: ignore[no-untyped-def]
         env_id=S7,
         n_envs=4,
         rollout_steps=8,
-        minibatches=2,
         ppo_epochs=2,
         eval_episodes=2,
         d_model=16,
@@ -229,7 +236,7 @@ def test_ppo_steps_lower_the_loss_on_a_fixed_rollout() -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < losses[0] - 0.05
 
 
@@ -237,6 +244,7 @@ def test_resume_takes_the_same_steps(tmp_path) -> None:  # type: ignore[no-untyp
     def run(steps: int, out: str, resume: bool = False) -> dict[str, torch.Tensor]:
         cfg = TrainConfig(
             steps=8,
+            batch_size=2,  # 2 passes x 2 minibatches of 2 environments: 4 steps per rollout
             eval_every=4,
             warmup=0,
             progress=False,
@@ -260,20 +268,25 @@ def test_bad_settings_name_the_argument() -> None:
         tiny_task(policy="gru")
     with pytest.raises(ValueError, match="env_id must be a MiniGrid Memory or DoorKey"):
         AgentTask(env_id="CartPole-v1")
-    with pytest.raises(ValueError, match=r"n_envs \(6\) must be a multiple of minibatches"):
-        AgentTask(env_id=S7, n_envs=6)
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        tiny_task().steps_per_iteration(0)
     with pytest.raises(ValueError, match="actions must be 2 ints in"):
         GridEnvs(S7, 2).step(torch.tensor([0, 7]))
     with pytest.raises(ValueError, match="gamma must be in"):
         PPOConfig(gamma=1.5)
+    pol = MLPPolicy(984, 3, d_model=8)
+    with pytest.raises(ValueError, match=r"obs must be \(B, D\) with D=984, got \(2, 3, 984\)"):
+        pol.step(torch.zeros(2, 3, 984), torch.zeros(2, 3, dtype=torch.bool), None)
+    with pytest.raises(ValueError, match="starts must be bool"):
+        pol(torch.zeros(2, 3, 984), torch.zeros(2, 3))
     ok = tiny_task()  # the positive control
-    assert ok.steps_per_iteration == 4
+    assert ok.steps_per_iteration(2) == 4 and ok.steps_per_iteration(64) == 2
 
 
 def test_cli_trains_an_agent_and_rejects_a_bad_size(tmp_path) -> None:  # type: ignore[no-untyped-def]
     cmd = [str(Path(sys.executable).parent / "attnlab"), "train", "doorkey-agent-mlp"]
     bad = subprocess.run(
-        [*cmd, "--train-size", "6", "--out", str(tmp_path / "x")],
+        [*cmd, "--train-size", "0", "--out", str(tmp_path / "x")],
         capture_output=True,
         text=True,
         timeout=120,
@@ -287,9 +300,9 @@ def test_cli_trains_an_agent_and_rejects_a_bad_size(tmp_path) -> None:  # type: 
             "--train-size",
             "4",
             "--steps",
-            "16",
+            "4",
             "--eval-every",
-            "16",
+            "4",
             "--out",
             str(out),
             "--no-progress",

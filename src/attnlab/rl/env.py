@@ -128,6 +128,7 @@ class GridEnvs:
         self._len = np.zeros(self.n, dtype=np.int64)
         self.starts = torch.ones(self.n, dtype=torch.bool)
         self.log = EpisodeLog()
+        self._last: list[dict[str, Any]] = []  # the latest raw observations
 
     @property
     def num_actions(self) -> int:
@@ -145,12 +146,15 @@ class GridEnvs:
             self._rng = np.random.default_rng(nonnegative_int("seed", seed))
         self.log = EpisodeLog()
         self.starts = torch.ones(self.n, dtype=torch.bool)
-        return _encode_all([self._reset_one(i) for i in range(self.n)])
+        self._last = [self._reset_one(i) for i in range(self.n)]
+        return _encode_all(self._last)
 
-    def step(self, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def step(self, actions: Tensor, active: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Act; returns ``(next observations (n, 984), rewards (n,), done (n,))``.
 
-        A done environment's next observation is the first of its new episode.
+        A done environment's next observation is the first of its new episode. With
+        ``active`` (bool ``(n,)``), the others stand still: their observation is repeated,
+        with reward 0 and not done.
         """
         acts = torch.as_tensor(actions).flatten()
         if acts.numel() != self.n or bool(((acts < 0) | (acts >= self.num_actions)).any()):
@@ -158,7 +162,11 @@ class GridEnvs:
                 f"actions must be {self.n} ints in [0, {self.num_actions}), got {acts.tolist()}"
             )
         obs, rewards, dones = [], np.zeros(self.n, dtype=np.float32), np.zeros(self.n, bool)
+        skip = [False] * self.n if active is None else (~active).tolist()
         for i, (env, a) in enumerate(zip(self.envs, acts.tolist(), strict=True)):
+            if skip[i]:
+                obs.append(self._last[i])
+                continue
             o, r, term, trunc, _ = env.step(self.actions[a])
             self._ret[i] += r
             self._len[i] += 1
@@ -169,7 +177,7 @@ class GridEnvs:
                 obs.append(self._reset_one(i))
             else:
                 obs.append(o)
-        self.starts = torch.from_numpy(dones.copy())
+        self.starts, self._last = torch.from_numpy(dones.copy()), obs
         return _encode_all(obs), torch.from_numpy(rewards), self.starts.clone()
 
 

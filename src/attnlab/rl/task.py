@@ -2,28 +2,29 @@
 (checkpoints, ``--resume``, Ctrl-C, time limits, progress).
 
 One PPO *iteration* collects a rollout (``n_envs`` environments, ``rollout_steps`` steps
-each), then makes ``ppo_epochs * minibatches`` optimizer steps over it, each on the
-segments of ``n_envs / minibatches`` environments. The trainer counts optimizer steps;
-:meth:`AgentTask.begin_step` collects the next rollout whenever a new iteration begins.
-Every rollout is a pure function of ``(seed, iteration, weights)``: its environments are
-restarted from a seed made of both. A run resumed from a checkpoint taken at an
-evaluation (``eval_every`` a multiple of the steps per iteration, as in the defaults)
-takes exactly the steps of one that never stopped.
+each), then makes ``ppo_epochs`` passes over it in minibatches of whole environment
+segments: the trainer's ``batch_size`` is the number of environments per minibatch and
+its batch indices (a seeded shuffle per pass) pick them, so one iteration is
+``ppo_epochs * (n_envs // batch_size)`` optimizer steps. The trainer tells the task each
+step's number (:meth:`AgentTask.begin_step`); :meth:`AgentTask.batch` collects the next
+rollout when a new iteration begins. Every rollout is a pure function of
+``(seed, iteration, weights)``: its environments are restarted from a seed made of both.
+So a run resumed from a checkpoint taken at an evaluation (``eval_every`` a multiple of the
+steps per iteration, as in the defaults) takes exactly the steps of one that never stopped.
 
 Example:
-    >>> task = AgentTask(n_envs=2, rollout_steps=4, minibatches=2, ppo_epochs=1,
-    ...                  eval_episodes=2, d_model=16)
+    >>> task = AgentTask(n_envs=2, rollout_steps=4, ppo_epochs=1, eval_episodes=2, d_model=16)
     >>> model = task.build_model()
     >>> task.begin_step(model, 0)
-    >>> batch = task.batch(torch.arange(2))
-    >>> tuple(batch.obs.shape)
-    (1, 4, 984)
+    >>> batch = task.batch(torch.tensor([1]))  # one environment per minibatch
+    >>> tuple(batch.obs.shape), task.steps_per_iteration(1)
+    ((1, 4, 984), 2)
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -35,10 +36,10 @@ from attnlab.rl.ppo import PPOConfig, Rollout, collect, ppo_loss
 
 __all__ = ["AgentTask", "EvalResult", "run_episodes"]
 
-MEMORY_ENV, DOORKEY_ENV = "MiniGrid-MemoryS11-v0", "MiniGrid-DoorKey-5x5-v0"
+MEMORY_ENV, DOORKEY_ENV = "MiniGrid-MemoryS7-v0", "MiniGrid-DoorKey-5x5-v0"
 EVAL_SEED = 1_000_000  # evaluation episodes never share a seed with training ones
-# the defaults: 16 environments x 128 steps per rollout, 4 epochs of 4 minibatches
-N_ENVS, ROLLOUT_STEPS, PPO_EPOCHS, MINIBATCHES = 16, 128, 4, 4
+# the defaults: 16 environments x 128 steps per rollout, 4 passes in minibatches of 4
+N_ENVS, ROLLOUT_STEPS, PPO_EPOCHS, MINIBATCH_ENVS = 16, 128, 4, 4
 
 
 @dataclass
@@ -88,7 +89,7 @@ def run_episodes(
         logits, _, state = policy.step(obs, starts, state)
         probs = torch.softmax(logits, -1)
         act = logits.argmax(-1) if greedy else torch.multinomial(probs, 1, generator=gen)[:, 0]
-        obs, reward, done = envs.step(act)
+        obs, reward, done = envs.step(act, active=live)
         ret += reward * live
         length += live.long()
         success |= live & done & (reward > 0)
@@ -113,7 +114,6 @@ class AgentTask:
     n_envs: int = N_ENVS
     rollout_steps: int = ROLLOUT_STEPS
     ppo_epochs: int = PPO_EPOCHS
-    minibatches: int = MINIBATCHES
     d_model: int = 64
     context: int = 32
     eval_episodes: int = 32
@@ -126,7 +126,6 @@ class AgentTask:
             "n_envs",
             "rollout_steps",
             "ppo_epochs",
-            "minibatches",
             "d_model",
             "context",
             "eval_episodes",
@@ -135,18 +134,14 @@ class AgentTask:
         nonnegative_int("seed", self.seed)
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
-        if self.n_envs % self.minibatches:
-            raise ValueError(
-                f"n_envs ({self.n_envs}) must be a multiple of minibatches ({self.minibatches})"
-            )
         self.envs = GridEnvs(self.env_id, self.n_envs, seed=self.seed)
         self._rollout: tuple[int, Rollout] | None = None
-        self._step = 0
+        self._step, self._model = 0, cast(AgentPolicy | None, None)
         self.train_log: dict[str, float] = {}
 
-    @property
-    def steps_per_iteration(self) -> int:
-        return self.ppo_epochs * self.minibatches
+    def steps_per_iteration(self, batch_size: int) -> int:
+        """Optimizer steps per rollout when minibatches hold ``batch_size`` environments."""
+        return self.ppo_epochs * max(1, self.n_envs // positive_int("batch_size", batch_size))
 
     def build_model(self) -> AgentPolicy:
         opts: dict[str, Any] = {"d_model": self.d_model}
@@ -161,7 +156,6 @@ class AgentTask:
             "n_envs",
             "rollout_steps",
             "ppo_epochs",
-            "minibatches",
             "d_model",
             "context",
             "eval_episodes",
@@ -173,28 +167,23 @@ class AgentTask:
         return self.n_envs
 
     def begin_step(self, model: nn.Module, step: int) -> None:
-        """Collect the rollout of ``step``'s iteration if it is not the one held."""
-        self._step = step
-        it = step // self.steps_per_iteration
-        if self._rollout is None or self._rollout[0] != it:
-            seed = self.seed * 1_000_003 + it
-            model.eval()
-            ro = collect(_policy(model), self.envs, self.rollout_steps, seed=seed, cfg=self.ppo)
-            model.train()
-            self._rollout = (it, ro)
-            self.train_log = _rollout_summary(self.envs)
+        """Remember the model and the number of the step about to be taken."""
+        self._model, self._step = _policy(model), step
 
     def batch(self, indices: Tensor) -> Rollout:
-        """The minibatch of the current step (the trainer's ``indices`` are not used:
-        minibatches are whole environment segments, shuffled per PPO epoch)."""
-        if self._rollout is None:
+        """The segments of environments ``indices`` (the trainer's shuffled minibatch) from
+        the rollout of the current iteration, collected first if it is a new one."""
+        if self._model is None:
             raise RuntimeError("AgentTask.batch needs begin_step first (the trainer calls it)")
-        it, ro = self._rollout
-        k = self._step % self.steps_per_iteration
-        epoch, j = divmod(k, self.minibatches)
-        g = torch.Generator().manual_seed(self.seed * 7919 + it * 31 + epoch)
-        perm, size = torch.randperm(self.n_envs, generator=g), self.n_envs // self.minibatches
-        return ro.select(perm[j * size : (j + 1) * size])
+        it = self._step // self.steps_per_iteration(len(indices))
+        if self._rollout is None or self._rollout[0] != it:
+            self._model.eval()
+            seed = self.seed * 1_000_003 + it
+            ro = collect(self._model, self.envs, self.rollout_steps, seed=seed, cfg=self.ppo)
+            self._model.train()
+            self._rollout = (it, ro)
+            self.train_log = _rollout_summary(self.envs)
+        return self._rollout[1].select(indices)
 
     def loss(self, model: nn.Module, batch: Rollout) -> Tensor:
         return ppo_loss(_policy(model), batch, self.ppo)[0]
