@@ -19,35 +19,42 @@ Scores (:class:`DigitsScorer`):
   the 10 classes that receive at least ``5%`` of the samples (so 1.0 = every digit
   is generated at least half as often as a uniform generator would; a generator that
   collapses to few digits scores low).
+
+The scoring ViT is the vision task's model trained by :func:`train_feature_vit`
+(:data:`FEATURE_VIT_STEPS` Adam steps, seed 0, one thread); :func:`feature_vit` trains it
+once and caches it in memory and in :func:`cache_dir` (safetensors). The training tasks
+(``attnlab train gan | vae``) are in :mod:`attnlab.tasks.generative_task`.
 """
 
 from __future__ import annotations
 
-import time
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from numpy.typing import NDArray
 from torch import Tensor
 
-from attnlab._validate import positive_int
-from attnlab.models.gan import GAN, GANConfig, d_hinge_loss, g_hinge_loss
-from attnlab.models.vae import VAE, VAEConfig, vae_loss
+from attnlab._io import atomic_write
+from attnlab._validate import nonnegative_int, positive_int
 from attnlab.models.vit import ViT, check_images
 from attnlab.tasks.vision import DigitsTask, load_split
+from attnlab.train.loop import num_threads
 
 __all__ = [
     "DigitsScorer",
-    "TrainResult",
+    "cache_dir",
     "class_coverage",
     "digits",
+    "feature_vit",
     "frechet_distance",
     "train_feature_vit",
-    "train_gan",
-    "train_vae",
     "vit_features",
 ]
+
+FEATURE_VIT_STEPS = 600  # Adam steps of the scoring ViT (94.4% test accuracy)
 
 
 def digits(n: int | None = None, *, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -120,18 +127,74 @@ def train_feature_vit(steps: int = 400, *, seed: int = 0, batch_size: int = 128)
         >>> vit.training
         False
     """
-    torch.manual_seed(seed)
-    task = DigitsTask(seed=seed)
-    model = task.build_model()
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    for _ in range(positive_int("steps", steps)):
-        idx = torch.randint(0, task.num_train(), (positive_int("batch_size", batch_size),))
-        loss = task.loss(model, task.batch(idx))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    steps, batch_size = positive_int("steps", steps), positive_int("batch_size", batch_size)
+    # the caller's RNG untouched; gradients on even inside an evaluation's no_grad
+    with torch.random.fork_rng(devices=[]), num_threads(1), torch.enable_grad():
+        torch.manual_seed(nonnegative_int("seed", seed))
+        task = DigitsTask(seed=seed)
+        model = task.build_model()
+        opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+        for _ in range(steps):
+            idx = torch.randint(0, task.num_train(), (batch_size,))
+            loss = task.loss(model, task.batch(idx))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     assert isinstance(model, ViT)
     return model.eval()
+
+
+def cache_dir() -> Path:
+    """Where derived models are cached: ``$ATTNLAB_CACHE``, else
+    ``$XDG_CACHE_HOME/attnlab``, else ``~/.cache/attnlab``.
+
+    Example:
+        >>> isinstance(cache_dir(), Path)
+        True
+    """
+    if os.environ.get("ATTNLAB_CACHE"):
+        return Path(os.environ["ATTNLAB_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "attnlab"
+
+
+_FEATURE_VITS: dict[tuple[int, int], ViT] = {}
+
+
+def feature_vit(steps: int | None = None, *, seed: int = 0) -> ViT:
+    """The scoring ViT (:func:`train_feature_vit`, ``steps`` default
+    :data:`FEATURE_VIT_STEPS`), trained once per ``(steps, seed)`` and torch version:
+    kept in memory and in ``cache_dir()/feature_vit-...safetensors`` (written atomically).
+    Training runs on one thread with its own seed, so the cached model is the one a fresh
+    run would train.
+
+    Example:
+        >>> import tempfile, unittest.mock
+        >>> with unittest.mock.patch.dict(os.environ, {"ATTNLAB_CACHE": tempfile.mkdtemp()}):
+        ...     vit = feature_vit(2)
+        >>> vit.training, vit is feature_vit(2)
+        (False, True)
+    """
+    steps = positive_int("steps", FEATURE_VIT_STEPS if steps is None else steps)
+    key = (steps, nonnegative_int("seed", seed))
+    if key in _FEATURE_VITS:
+        return _FEATURE_VITS[key]
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+
+    path = cache_dir() / f"feature_vit-s{steps}-seed{seed}-torch{torch.__version__}.safetensors"
+    with torch.random.fork_rng(devices=[]):  # building it draws on torch's RNG: not the caller's
+        model = DigitsTask(seed=seed).build_model()
+    assert isinstance(model, ViT)
+    try:
+        model.load_state_dict(load_file(path))
+        model.eval()
+    except (OSError, RuntimeError, SafetensorError):  # missing, corrupt, stale: retrain
+        model = train_feature_vit(steps, seed=seed)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        atomic_write(path, lambda tmp: save_file(state, tmp))
+    _FEATURE_VITS[key] = model
+    return model
 
 
 @torch.no_grad()
@@ -167,94 +230,3 @@ class DigitsScorer:
         feats, pred = vit_features(self.vit, images)
         fd = frechet_distance(self.real_features, feats)
         return {"frechet": round(fd, 4), "coverage": class_coverage(pred)}
-
-
-@dataclass
-class TrainResult:
-    """A trained model, its per-step losses and the training time in seconds."""
-
-    model: GAN | VAE
-    losses: list[float]  # the discriminator's (GAN) or the negative ELBO (VAE), per step
-    seconds: float
-
-
-def _batches(n: int, steps: int, batch_size: int) -> list[Tensor]:
-    """``steps`` random index batches ``(batch_size,)`` over ``n`` items (torch's RNG)."""
-    return [torch.randint(0, n, (batch_size,)) for _ in range(steps)]
-
-
-def _check_images_and_budget(images: Tensor, steps: int, batch_size: int) -> None:
-    check_images(images, 1, 8)
-    positive_int("steps", steps)
-    positive_int("batch_size", batch_size)
-
-
-def train_gan(
-    cfg: GANConfig,
-    images: Tensor,
-    *,
-    steps: int,
-    batch_size: int = 64,
-    lr_g: float = 1e-4,
-    lr_d: float = 4e-4,
-    seed: int = 0,
-) -> TrainResult:
-    """Hinge-loss GAN training on ``images (N, 1, 8, 8)`` in [-1, 1]: per step one
-    discriminator and one generator update, Adam with ``betas=(0, 0.9)`` and SAGAN's two
-    learning rates (TTUR). ``losses`` are the discriminator's.
-
-    Example:
-        >>> r = train_gan(GANConfig(latent_dim=4, channels=8), digits(64)[0], steps=2)
-        >>> len(r.losses)
-        2
-    """
-    _check_images_and_budget(images, steps, batch_size)
-    torch.manual_seed(seed)
-    gan, t0 = GAN(cfg), time.perf_counter()
-    opt_g = torch.optim.Adam(gan.generator.parameters(), lr=lr_g, betas=(0.0, 0.9))
-    opt_d = torch.optim.Adam(gan.discriminator.parameters(), lr=lr_d, betas=(0.0, 0.9))
-    losses = []
-    for idx in _batches(len(images), steps, batch_size):
-        z = torch.randn(batch_size, cfg.latent_dim)
-        fake = gan.generator(z)  # (B, 1, 8, 8)
-        d_loss = d_hinge_loss(gan.discriminator(images[idx]), gan.discriminator(fake.detach()))
-        opt_d.zero_grad()
-        d_loss.backward()
-        opt_d.step()
-        g_loss = g_hinge_loss(gan.discriminator(fake))
-        opt_g.zero_grad()
-        g_loss.backward()
-        opt_g.step()
-        losses.append(d_loss.item())
-    return TrainResult(gan.eval(), losses, time.perf_counter() - t0)
-
-
-def train_vae(
-    cfg: VAEConfig,
-    images: Tensor,
-    *,
-    steps: int,
-    batch_size: int = 64,
-    lr: float = 2e-3,
-    seed: int = 0,
-) -> TrainResult:
-    """Negative-ELBO training (:func:`~attnlab.models.vae.vae_loss`) with Adam on
-    ``images (N, 1, 8, 8)`` in [-1, 1].
-
-    Example:
-        >>> r = train_vae(VAEConfig(latent_dim=4, channels=8), digits(64)[0], steps=2)
-        >>> len(r.losses)
-        2
-    """
-    _check_images_and_budget(images, steps, batch_size)
-    torch.manual_seed(seed)
-    vae, t0 = VAE(cfg), time.perf_counter()
-    opt = torch.optim.Adam(vae.parameters(), lr=lr)
-    losses = []
-    for idx in _batches(len(images), steps, batch_size):
-        loss = vae_loss(vae(images[idx]), images[idx], cfg.sigma)[0]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return TrainResult(vae.eval(), losses, time.perf_counter() - t0)

@@ -33,6 +33,11 @@ TASKS: dict[str, str] = {
     "vision": "attnlab.tasks.vision",
     "captioning": "attnlab.tasks.captioning",
     "classification": "attnlab.tasks.classification",
+    # generative attention and the same models without it: "module:ATTR" names the spec
+    "gan": "attnlab.tasks.generative_task:GAN_SPEC",
+    "gan-plain": "attnlab.tasks.generative_task:GAN_PLAIN_SPEC",
+    "vae": "attnlab.tasks.generative_task:VAE_SPEC",
+    "vae-plain": "attnlab.tasks.generative_task:VAE_PLAIN_SPEC",
     # PPO agents (attnlab.rl): attention over the recent past, and LSTM / MLP baselines
     "memory-agent": "attnlab.rl.specs:MEMORY_AGENT",
     "memory-agent-lstm": "attnlab.rl.specs:MEMORY_AGENT_LSTM",

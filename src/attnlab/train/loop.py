@@ -204,7 +204,8 @@ class Trainer:
         if cfg.threads is not None:
             positive_int("threads", cfg.threads)
         torch.manual_seed(cfg.seed)
-        self.model = task.build_model()
+        with num_threads(cfg.threads):  # init may compute (spectral norm): same bits as fit's
+            self.model = task.build_model()
         groups = getattr(task, "param_groups", None)  # optional: per-group lr_scale, betas
         params = groups(self.model) if groups is not None else self.model.parameters()
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
