@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
@@ -42,6 +43,12 @@ def parse() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (task default)")
     p.add_argument("--episodes", type=int, default=100)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        help="also evaluate (32 episodes) every N steps during training, printed to stderr",
+    )
     return p.parse_args()
 
 
@@ -51,7 +58,13 @@ def task_name(env_id: str, policy: str) -> str:
 
 
 def run(
-    env_id: str, policy: str, seed: int, steps: int | None, episodes: int, smoke: bool
+    env_id: str,
+    policy: str,
+    seed: int,
+    steps: int | None,
+    episodes: int,
+    smoke: bool,
+    eval_every: int | None = None,
 ) -> dict[str, Any]:
     """Train one agent as ``attnlab train`` would and evaluate it."""
     torch.set_num_threads(1)
@@ -59,9 +72,10 @@ def run(
     size = {"n_envs": 4, "rollout_steps": 16, "eval_episodes": 2, "d_model": 16} if smoke else {}
     task = AgentTask(env_id=env_id, policy=policy, seed=seed, name=name, **size)
     cfg = train_config(spec(name), steps=steps, seed=seed, progress=False)
-    cfg.eval_every = cfg.steps  # one evaluation, at the end
+    cfg.eval_every = eval_every or cfg.steps  # by default one evaluation, at the end
     t0 = time.perf_counter()
-    trainer = Trainer(task, cfg)
+    tag = {"env": env_id, "policy": policy, "seed": seed}
+    trainer = Trainer(task, cfg, on_eval=lambda r: print(json.dumps(tag | r), file=sys.stderr))
     trainer.fit()
     train_s = time.perf_counter() - t0
     iterations = -(-trainer.step // task.steps_per_iteration(cfg.batch_size))  # rollouts
@@ -114,7 +128,10 @@ def main() -> None:
         jobs = [(e, p, 0) for e in args.envs[-1:] for p in args.policies]
     rows = []
     with ProcessPoolExecutor(max(1, args.workers)) as pool:
-        futures = [pool.submit(run, e, p, s, steps, episodes, args.smoke) for e, p, s in jobs]
+        futures = [
+            pool.submit(run, e, p, s, steps, episodes, args.smoke, args.eval_every)
+            for e, p, s in jobs
+        ]
         for f in futures:
             rows.append(f.result())
             print(json.dumps(rows[-1]), flush=True)

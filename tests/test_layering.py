@@ -39,8 +39,8 @@ RANKS = {
     "integrations": 11,  # attnlab under other libraries (transformers); cli imports it
     "tasks": 11,
     "apps": 11,  # what users run on real text (ask, summarize): over models and interpret
-    "robust": 11,
-    "rl": 11,  # agents: policies over functional and masks, PPO through train, tasks of the registry  # adversarial training, regularizers, faithfulness; its studies build tasks
+    "robust": 11,  # adversarial training, regularizers, faithfulness; its studies build tasks
+    "rl": 11,  # agents: policies over functional and masks, PPO through the trainer; tasks
     "bench": 11,
     "serve": 12,  # the local explorer: over interpret, models and tasks; cli starts it
     "cli": 13,

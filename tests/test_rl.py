@@ -314,3 +314,23 @@ def test_cli_trains_an_agent_and_rejects_a_bad_size(tmp_path) -> None:  # type: 
     assert ok.returncode == 0, ok.stderr
     assert "100 evaluation episodes" in ok.stdout
     assert (out / "last.safetensors").is_file() and (out / "report" / "index.html").is_file()
+
+
+@pytest.mark.parametrize(
+    ("env_id", "split", "cue_in_view"),
+    [
+        (S7, (5, 3), True),
+        ("MiniGrid-MemoryS11-v0", (9, 5), False),
+    ],
+)
+def test_only_s11_hides_the_cue_from_the_split(
+    env_id: str, split: tuple[int, int], cue_in_view: bool
+) -> None:
+    """Why the memory task is S11: looking back from the split, S7's agent sees the
+    start-room object and both end objects at once (no memory needed); S11's does not."""
+    env = gym.make(env_id).unwrapped
+    env.reset(seed=0)
+    env.agent_pos, env.agent_dir = np.array(split), 2  # at the split, facing west
+    h = env.height
+    assert env.agent_sees(split[0], h // 2 - 2) and env.agent_sees(split[0], h // 2 + 2)
+    assert env.agent_sees(1, h // 2 - 1) == cue_in_view

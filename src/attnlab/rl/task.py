@@ -36,7 +36,7 @@ from attnlab.rl.ppo import PPOConfig, Rollout, collect, ppo_loss
 
 __all__ = ["AgentTask", "EvalResult", "run_episodes"]
 
-MEMORY_ENV, DOORKEY_ENV = "MiniGrid-MemoryS7-v0", "MiniGrid-DoorKey-5x5-v0"
+MEMORY_ENV, DOORKEY_ENV = "MiniGrid-MemoryS11-v0", "MiniGrid-DoorKey-5x5-v0"
 EVAL_SEED = 1_000_000  # evaluation episodes never share a seed with training ones
 # the defaults: 16 environments x 128 steps per rollout, 4 passes in minibatches of 4
 N_ENVS, ROLLOUT_STEPS, PPO_EPOCHS, MINIBATCH_ENVS = 16, 128, 4, 4
@@ -115,7 +115,7 @@ class AgentTask:
     rollout_steps: int = ROLLOUT_STEPS
     ppo_epochs: int = PPO_EPOCHS
     d_model: int = 64
-    context: int = 32
+    context: int = 64
     eval_episodes: int = 32
     seed: int = 0
     ppo: PPOConfig = field(default_factory=PPOConfig)
