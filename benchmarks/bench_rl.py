@@ -70,7 +70,7 @@ def run(
     torch.set_num_threads(1)
     name = task_name(env_id, policy)
     size = {"n_envs": 4, "rollout_steps": 16, "eval_episodes": 2, "d_model": 16} if smoke else {}
-    task = AgentTask(env_id=env_id, policy=policy, seed=seed, name=name, **size)
+    task = AgentTask(env_id=env_id, policy=policy, name=name, **size)  # seeded by cfg.seed
     cfg = train_config(spec(name), steps=steps, seed=seed, progress=False)
     cfg.eval_every = eval_every or cfg.steps  # by default one evaluation, at the end
     t0 = time.perf_counter()

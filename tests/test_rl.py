@@ -263,6 +263,16 @@ def test_resume_takes_the_same_steps(tmp_path) -> None:  # type: ignore[no-untyp
         torch.testing.assert_close(resumed[k], straight[k], rtol=0, atol=0)
 
 
+def test_the_trainer_seed_seeds_the_rollouts() -> None:
+    seeds = []
+    for s in (3, 3, 4):
+        task = tiny_task()
+        Trainer(task, TrainConfig(steps=1, seed=s, progress=False))
+        seeds.append(task.seed)
+    assert seeds[0] == seeds[1] != seeds[2]
+    assert tiny_task(seed=7).config()["seed"] == 7
+
+
 def test_bad_settings_name_the_argument() -> None:
     with pytest.raises(ValueError, match="policy must be one of"):
         tiny_task(policy="gru")

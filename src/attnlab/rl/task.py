@@ -107,6 +107,9 @@ class AgentTask:
         policy: ``"attention"``, ``"lstm"`` or ``"mlp"``.
         context: steps the attention policy sees (itself included).
         eval_episodes: episodes per evaluation during training (the final report: 100).
+        seed: seeds the rollouts' environments and actions; None draws it from torch's
+            generator when the model is built, which the trainer has just seeded with
+            ``TrainConfig.seed`` (so ``attnlab train --seed`` sets it).
     """
 
     env_id: str = MEMORY_ENV
@@ -117,7 +120,7 @@ class AgentTask:
     d_model: int = 64
     context: int = 64
     eval_episodes: int = 32
-    seed: int = 0
+    seed: int | None = None
     ppo: PPOConfig = field(default_factory=PPOConfig)
     name: str = "memory-agent"
 
@@ -131,10 +134,11 @@ class AgentTask:
             "eval_episodes",
         ):
             positive_int(k, getattr(self, k))
-        nonnegative_int("seed", self.seed)
+        if self.seed is not None:
+            nonnegative_int("seed", self.seed)
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
-        self.envs = GridEnvs(self.env_id, self.n_envs, seed=self.seed)
+        self.envs = GridEnvs(self.env_id, self.n_envs, seed=self.seed or 0)
         self._rollout: tuple[int, Rollout] | None = None
         self._step, self._model = 0, cast(AgentPolicy | None, None)
         self.train_log: dict[str, float] = {}
@@ -144,6 +148,8 @@ class AgentTask:
         return self.ppo_epochs * max(1, self.n_envs // positive_int("batch_size", batch_size))
 
     def build_model(self) -> AgentPolicy:
+        if self.seed is None:  # from the trainer's seed: one stream for weights and rollouts
+            self.seed = int(torch.randint(0, 2**31 - 1, ()))
         opts: dict[str, Any] = {"d_model": self.d_model}
         if self.policy == "attention":
             opts["context"] = self.context
@@ -178,7 +184,7 @@ class AgentTask:
         it = self._step // self.steps_per_iteration(len(indices))
         if self._rollout is None or self._rollout[0] != it:
             self._model.eval()
-            seed = self.seed * 1_000_003 + it
+            seed = (self.seed or 0) * 1_000_003 + it
             ro = collect(self._model, self.envs, self.rollout_steps, seed=seed, cfg=self.ppo)
             self._model.train()
             self._rollout = (it, ro)
