@@ -4,8 +4,6 @@ down, and clear errors for bad settings."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
@@ -25,15 +23,6 @@ from attnlab.tasks.generative import class_coverage, digits, frechet_distance
 from attnlab.tasks.generative_task import gan_losses, train_gan, train_vae
 
 from .conftest import check_and_control
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models run far faster on one thread (and do not fight the other worker)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_hinge_losses_match_formulas() -> None:

@@ -6,7 +6,6 @@ against an fp64 recomputation from the layer's own projections."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,14 +31,6 @@ from attnlab.train import TrainConfig, Trainer
 from .conftest import check_and_control
 
 TINY_GAN = GANConfig(latent_dim=4, channels=16, heads=2)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -323,7 +323,7 @@ def test_cli_trains_an_agent_and_rejects_a_bad_size(tmp_path) -> None:  # type: 
     )
     assert ok.returncode == 0, ok.stderr
     assert "100 evaluation episodes" in ok.stdout
-    assert (out / "last.safetensors").is_file() and (out / "report" / "index.html").is_file()
+    assert (out / "last.safetensors").is_file() and (out / "report" / "report.html").is_file()
 
 
 @pytest.mark.parametrize(

@@ -149,7 +149,7 @@ def finish(task: Any, model: nn.Module, folder: Path) -> dict[str, float]:
         pic = _decision_picture(task, model, folder)
         if pic is not None:
             sections.append(Section("Where the agent looks back at the split", "", [pic]))
-    write_html(folder / "index.html", f"{task.name}: {task.policy} policy", scores, sections)
+    write_html(folder / "report.html", f"{task.name}: {task.policy} policy", scores, sections)
     return scores
 
 

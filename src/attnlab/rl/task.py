@@ -98,6 +98,9 @@ def run_episodes(
     return EvalResult(ret.tolist(), success.tolist(), length.tolist())
 
 
+_SIZES = ("n_envs", "rollout_steps", "ppo_epochs", "d_model", "context", "eval_episodes")
+
+
 @dataclass
 class AgentTask:
     """A PPO agent of one policy kind in one MiniGrid environment (see the module doc).
@@ -125,14 +128,7 @@ class AgentTask:
     name: str = "memory-agent"
 
     def __post_init__(self) -> None:
-        for k in (
-            "n_envs",
-            "rollout_steps",
-            "ppo_epochs",
-            "d_model",
-            "context",
-            "eval_episodes",
-        ):
+        for k in _SIZES:
             positive_int(k, getattr(self, k))
         if self.seed is not None:
             nonnegative_int("seed", self.seed)
@@ -156,17 +152,7 @@ class AgentTask:
         return build_policy(self.policy, OBS_DIM, self.envs.num_actions, **opts)
 
     def config(self) -> dict[str, Any]:
-        keys = (
-            "env_id",
-            "policy",
-            "n_envs",
-            "rollout_steps",
-            "ppo_epochs",
-            "d_model",
-            "context",
-            "eval_episodes",
-            "seed",
-        )
+        keys = ("env_id", "policy", *_SIZES, "seed")
         return {"task": self.name, **{k: getattr(self, k) for k in keys}, "ppo": asdict(self.ppo)}
 
     def num_train(self) -> int:
