@@ -5,7 +5,7 @@ In the memory task that moment is the split at the end of the hallway: the agent
 turn towards the object that matches the one it saw in the start room, which is out of
 sight by then. :func:`trace_episode` replays one episode step by step and
 :func:`decision_attention` returns, for the step at the split, the attention of the
-last layer (averaged over heads) over the episode's earlier steps, with the steps at
+last layer, per head, over the episode's earlier steps, with the steps at
 which the start-room object was in view.
 
 Example:
@@ -92,41 +92,45 @@ def trace_episode(
 
 @torch.no_grad()
 def decision_attention(policy: AttentionPolicy, trace: Trace) -> Tensor | None:
-    """The last layer's weights (mean over heads) of the split step over steps ``0..t``
-    ``(t + 1,)``, from the full pass; None if the episode never reached the split."""
+    """The last layer's weights of the split step over steps ``0..t``, per head
+    ``(H, t + 1)``, from the full pass; None if the episode never reached the split."""
     if trace.decision is None:
         return None
     t = trace.decision
     _, _, weights = policy(trace.obs[None], trace.starts[None], return_weights=True)
-    row = weights[-1][0, :, t, : t + 1].mean(0)  # (t + 1,)
-    return row
+    return weights[-1][0, :, t, : t + 1]  # (H, t + 1)
 
 
-def plot_decision(trace: Trace, row: Tensor, path: Path, title: str) -> Path:
-    """Bars of the split step's attention over the past steps (steps with the start-room
-    object in view in orange), above the frames of the three most attended steps and of
-    the split."""
+def plot_decision(trace: Trace, rows: Tensor, path: Path, title: str) -> Path:
+    """The split step's attention over the past steps, one row per head (steps with the
+    start-room object in view marked in orange), above the frames of the three steps most
+    attended by the head that looks at that object most, and of the split."""
     from attnlab.interpret.plot import pyplot, save_figure
 
     plt = pyplot()
-    t = len(row) - 1
-    top = [int(i) for i in row.topk(min(3, len(row))).indices.sort().values if int(i) != t][:3]
+    h, t = rows.shape[0], rows.shape[1] - 1
+    cue = [i for i in range(t + 1) if trace.cue_seen[i]]
+    focus = rows[:, cue].sum(1) if cue else rows.amax(1)  # (H,)
+    head = int(focus.argmax())  # the head that looks at the object most (or most focused)
+    row = rows[head]
+    order = [int(i) for i in row.argsort(descending=True) if int(i) != t and row[i] > 0.01]
+    top = sorted(order[:3])
     picks = [*top, t]
-    fig = plt.figure(figsize=(max(6.0, 0.25 * (t + 1) + 2), 5.2))
+    fig = plt.figure(figsize=(max(6.0, 0.3 * (t + 1) + 2), 5.6))
     grid = fig.add_gridspec(2, len(picks), height_ratios=[1.0, 1.3])
     ax = fig.add_subplot(grid[0, :])
-    colours = ["tab:orange" if trace.cue_seen[i] else "tab:blue" for i in range(t + 1)]
-    ax.bar(range(t + 1), row.numpy(), color=colours)
+    im = ax.imshow(rows.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    ax.scatter(cue, [h - 0.5] * len(cue), marker="^", color="tab:orange", s=60, clip_on=False)
+    ax.set_yticks(range(h), [f"head {i}" for i in range(h)])
     ax.set_xlabel("step of the episode (orange: start-room object in view)")
-    ax.set_ylabel("attention")
     ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.03)
     for j, i in enumerate(picks):
         sub = fig.add_subplot(grid[1, j])
         if trace.frames:
             sub.imshow(trace.frames[i])
-        sub.set_title(
-            f"step {i}" + (" (split)" if i == t else f": {float(row[i]):.2f}"), fontsize=8
-        )
+        label = " (split)" if i == t else f": head {head} {float(row[i]):.2f}"
+        sub.set_title(f"step {i}{label}", fontsize=8)
         sub.axis("off")
     return save_figure(fig, path)
 
