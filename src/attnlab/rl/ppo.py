@@ -113,14 +113,11 @@ def collect(
             if greedy
             else torch.multinomial(logp_all.exp(), 1, generator=gen)[:, 0]
         )
-        for k, x in zip(
-            cols, (obs, starts, act, logp_all.gather(1, act[:, None])[:, 0], value), strict=False
-        ):
+        logp = logp_all.gather(1, act[:, None])[:, 0]  # (B,)
+        next_obs, reward, done = envs.step(act)
+        for k, x in zip(cols, (obs, starts, act, logp, value, reward, done), strict=True):
             cols[k].append(x)
-        obs, reward, done = envs.step(act)
-        cols["r"].append(reward)
-        cols["d"].append(done)
-        starts = done
+        obs, starts = next_obs, done
     last_value = policy.step(obs, starts, state)[1]
     obs_t, starts_t, act_t, logp_t, v_t, r_t, d_t = (torch.stack(cols[k], 1) for k in cols)
     adv, ret = gae(r_t, v_t, d_t, last_value, gamma=cfg.gamma, lam=cfg.lam)
