@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Callable
 
 import pytest
@@ -276,6 +277,26 @@ def test_nan_input_stays_nan(engine: str) -> None:
     out = attnlab.attention(q, k, v, engine=engine)
     assert isinstance(out, Tensor)
     assert torch.isnan(out[0, 0, 2]).all() and not torch.isnan(out[0, 1]).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lq,lk", [(1, 16), (1, 2049), (3, 40), (40, 40)])
+def test_sdpa_keeps_nan_from_16_keys(lq: int, lk: int, dtype: torch.dtype) -> None:
+    """The sdpa engine skips its NaN screen from 16 keys on (the decoding step's cost):
+    this pins that torch's kernels then pass every NaN on to the rows that read it, as
+    an fp64 computation does; below 16 keys it still declines NaN input."""
+    masks = [None, M.causal(), M.padding([lk - 3, lk])] if lq > 1 else [None]
+    for mask, which, pos in itertools.product(masks, range(3), (0, lk // 2, lk - 1)):
+        qkv = list(_qkv(2, 4, 2, lq, lk, 64, dtype))
+        qkv[which][1, 1, min(pos, qkv[which].shape[2] - 1), 5] = float("nan")
+        out = attnlab.attention(*qkv, mask=mask, engine="sdpa")
+        want = attnlab.attention(*(t.double() for t in qkv), mask=mask, engine="reference")
+        assert isinstance(out, Tensor) and isinstance(want, Tensor)
+        assert want.isnan().any() and not (want.isnan() & ~out.isnan()).any()
+    q, k, v = _qkv(1, 2, 2, 4, 15, 8, dtype)
+    k[0, 0, 3, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        attnlab.attention(q, k, v, engine="sdpa")
 
 
 @pytest.mark.parametrize("b,lq,lk", [(0, 4, 4), (2, 0, 4), (2, 4, 0)])
