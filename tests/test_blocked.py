@@ -15,6 +15,7 @@ from attnlab import bias as B
 from attnlab import masks as M
 from attnlab.engines import blocked_autograd as blocked_mod
 from attnlab.engines import get_engine, select_engine
+from attnlab.engines.blocked import lazy_zeros
 from attnlab.engines.blocked_plan import make_plan
 from attnlab.functional import _request
 from tests.conftest import max_err, naive_attention
@@ -134,6 +135,34 @@ def test_weights_and_lse_from_the_blocked_engine() -> None:
     assert isinstance(ref, attnlab.AttentionOutput) and isinstance(got, attnlab.AttentionOutput)
     for a, b in zip(got, ref, strict=True):
         assert a is not None and b is not None and max_err(a, b) < 1e-12
+
+
+def test_float32_weights_keep_the_2x_rule() -> None:
+    """Weights returned beside the kernel's output (written into a lazily zeroed result,
+    normalized per row) against fp64, with no error floor: at most 2x plain fp32's error."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, 1500, 32)
+    k, v = torch.randn(1, 2, 1500, 32), torch.randn(1, 2, 1500, 32)
+    mask = M.causal() & M.window(300)
+    got = attnlab.attention(q, k, v, mask=mask, return_weights=True, engine="blocked")
+    plain = attnlab.attention(q, k, v, mask=mask, return_weights=True, engine="reference")
+    ref = attnlab.attention(
+        q.double(), k.double(), v.double(), mask=mask, return_weights=True, engine="reference"
+    )
+    assert all(isinstance(r, attnlab.AttentionOutput) for r in (got, plain, ref))
+    assert got.weights is not None and plain.weights is not None and ref.weights is not None
+    assert got.weights.numel() * 4 >= 1 << 24  # large enough for the lazily zeroed result
+    assert max_err(got.weights, ref.weights) <= 2 * max_err(plain.weights, ref.weights)
+    assert torch.equal(got.weights[0, 0, 1000, :600], torch.zeros(600))  # outside the window
+
+
+def test_lazy_zeros_are_zeros_of_the_asked_dtype() -> None:
+    for shape, dtype in (((3, 5), torch.float32), ((2, 1024, 4096), torch.bfloat16)):
+        z = lazy_zeros(shape, torch.ones(1, dtype=dtype))
+        assert z.shape == shape and z.dtype == dtype and z.is_contiguous()
+        assert torch.equal(z, torch.zeros(shape, dtype=dtype))
+        z[-1, -1] = 2  # writable
+        assert float(z.float().sum()) == 2 * (shape[-1] if len(shape) == 3 else 1)
 
 
 def test_weights_of_some_heads_and_rows() -> None:

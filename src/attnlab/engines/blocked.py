@@ -24,6 +24,8 @@ its three implementations: compiled kernel, torch's per-block kernel, eager).
 from __future__ import annotations
 
 import dataclasses
+import math
+import mmap
 import weakref
 
 import torch
@@ -45,7 +47,7 @@ from attnlab.engines.blocked_autograd import (
     take,
     with_sinks,
 )
-from attnlab.engines.blocked_plan import Plan, kernel_plan, make_plan
+from attnlab.engines.blocked_plan import Block, Plan, kernel_plan, make_plan
 from attnlab.scores import grouped_matmul
 
 __all__ = ["BlockedEngine", "kernel", "kernel_error", "kernel_status"]
@@ -94,7 +96,7 @@ class BlockedEngine(Engine):
         kplan = kernel_plan(req, plan, self.block) if kernel_ok(req, leaves) else None
         args = (req.q, req.k, req.v, req.sinks, req, plan, kplan, *leaves)
         out, lse = BlockedAttention.apply(*args)
-        weights = _weights(req, plan) if req.return_weights else None
+        weights = _all_weights(req, plan, lse) if req.return_weights else None
         return out, weights, (lse.to(req.q.dtype) if req.return_lse else None)
 
     def weights(
@@ -143,23 +145,78 @@ def _weights(
     acc = acc_dtype(req.q.dtype)
     with torch.no_grad():
         q, k = req.q.to(acc), req.k.to(acc)
-        w = req.q.new_zeros((req.batch, len(hs), r_hi - r_lo, req.lk))
+        w = lazy_zeros((req.batch, len(hs), r_hi - r_lo, req.lk), req.q)
         for blk in plan.blocks:
             a, b = max(blk.rows[0], r_lo), min(blk.rows[1], r_hi)
             if a >= b:
                 continue
-            keys = blk.key_index(q.device)
-            tile, _ = block_tile(req, blk, keys, acc)
-            s = grouped_matmul(
-                q[:, :, blk.rows[0] : blk.rows[1]] * req.scale, take(k, blk.keys).transpose(-1, -2)
-            )  # (B, Hq, T, Ks)
-            s = cap_scores(s, req.softcap)
-            s = s if tile is None else s + tile
-            p, lse = softmax_lse(s[:, hs, a - blk.rows[0] : b - blk.rows[0]])
+            s = _block_scores(req, blk, q, k)[:, hs, a - blk.rows[0] : b - blk.rows[0]]
+            p, lse = softmax_lse(s)  # (B, len(hs), b - a, Ks)
             if req.sinks is not None:  # the sinks take their share: scale by exp(lse - lse')
                 p, _ = with_sinks(p, lse, req.sinks.to(acc)[hs])
-            w[:, :, a - r_lo : b - r_lo].index_copy_(-1, blk.key_index(w.device), p.to(w.dtype))
+            _put(w[:, :, a - r_lo : b - r_lo], blk, p)
     return w
+
+
+def _all_weights(req: AttentionRequest, plan: Plan, lse: Tensor) -> Tensor:
+    """Every weight ``(B, Hq, Lq, Lk)``, written block by block into the result.
+
+    The forward's logsumexp ``lse (B, Hq, Lq)`` (sinks included) bounds each row's scores,
+    so ``exp(s - lse)`` needs no max pass; each row is then normalized by its own sum
+    (plus the sink's share), which keeps the weights as exact as a softmax.
+    """
+    acc = acc_dtype(req.q.dtype)
+    with torch.no_grad():
+        q, k = req.q.to(acc), req.k.to(acc)
+        w = lazy_zeros((req.batch, req.heads, req.lq, req.lk), req.q)
+        # fully masked rows: every score is -inf, and exp(-inf - 0) = 0
+        safe = lse.to(acc).masked_fill(lse == float("-inf"), 0.0).unsqueeze(-1)  # (B, Hq, Lq, 1)
+        sinks = None if req.sinks is None else req.sinks.to(acc).view(1, -1, 1, 1)
+        for blk in plan.blocks:
+            r0, r1 = blk.rows
+            p = _block_scores(req, blk, q, k).sub_(safe[:, :, r0:r1]).exp_()  # (B, Hq, T, Ks)
+            total = p.sum(-1, keepdim=True)  # (B, Hq, T, 1)
+            if sinks is not None:
+                total += torch.exp(sinks - safe[:, :, r0:r1])
+            _put(w[:, :, r0:r1], blk, p.div_(total.clamp_(min=torch.finfo(acc).tiny)))
+    return w
+
+
+def _block_scores(req: AttentionRequest, blk: Block, q: Tensor, k: Tensor) -> Tensor:
+    """Scaled, soft-capped, biased and masked scores ``(B, Hq, T, Ks)`` of one block."""
+    r0, r1 = blk.rows
+    s = grouped_matmul(q[:, :, r0:r1] * req.scale, take(k, blk.keys).transpose(-1, -2))
+    s = cap_scores(s, req.softcap)
+    tile, _ = block_tile(req, blk, blk.key_index(q.device), q.dtype)
+    return s if tile is None else s.add_(tile)
+
+
+def _put(dst: Tensor, blk: Block, p: Tensor) -> None:
+    """Write a block's probabilities ``p (B, H, T, Ks)`` into its key columns of
+    ``dst (B, H, T, Lk)``."""
+    if isinstance(blk.keys, slice):
+        dst[..., blk.keys].copy_(p)
+    else:
+        dst.index_copy_(-1, blk.keys.to(dst.device), p.to(dst.dtype))
+
+
+def lazy_zeros(shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """Zeros of ``shape`` with ``like``'s dtype and device. A large CPU result is an
+    anonymous memory map: the OS backs a page only when it is first written, so weights of
+    a window, whose rows are mostly zero, cost their band rather than an ``Lq x Lk`` zero
+    fill (reading the rest later reads zeros). A plain map, not ``calloc``: numpy's asks
+    for huge pages, whose compaction can cost more than the fill it saves.
+
+    Example:
+        >>> lazy_zeros((2, 3), torch.ones(1, dtype=torch.bfloat16))
+        tensor([[0., 0., 0.],
+                [0., 0., 0.]], dtype=torch.bfloat16)
+    """
+    nbytes = math.prod(shape) * like.element_size()
+    if like.device.type != "cpu" or nbytes < 1 << 24:
+        return like.new_zeros(shape)
+    raw = torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)  # kept alive by raw
+    return raw.view(like.dtype).view(shape)
 
 
 def kernel_status() -> dict[str, object]:
