@@ -116,6 +116,7 @@ def test_info_reports_what_torch_reports(capsys: pytest.CaptureFixture[str]) -> 
     assert got["threads"] == torch.get_num_threads()
     assert got["kernel"]["isa"] in (got["capability"], "DEFAULT")
     assert set(got["engines"]) >= {"reference", "sdpa", "blocked"}
+    assert got["gelu_fused"] == (got["capability"] == "AVX512")
     assert main(["info"]) == 0
     assert f"torch instruction set {got['capability']}" in capsys.readouterr().out
 
@@ -136,5 +137,6 @@ def test_info_under_a_forced_instruction_set() -> None:
         "AVX2",
         "float32",
     )
+    assert got["gelu_fused"] is False and got["gelu_why"].startswith("AVX2")
     assert "-mavx2" in got["kernel"]["flags"] and "-mavx512f" not in got["kernel"]["flags"]
     assert got["kernel"]["loaded"] is False and "ATTNLAB_NO_KERNEL" in got["kernel"]["why_not"]

@@ -13,9 +13,13 @@ from attnlab.nn import _fused
 from attnlab.nn._fused import linear
 
 
+@pytest.mark.parametrize("fold", [True, False])  # the AVX-512 and the AVX2 choice
 @pytest.mark.parametrize("activation", [None, "relu", "gelu", "gelu_tanh"])
 @pytest.mark.parametrize("rows", [1, 37, 640])
-def test_fused_linear_equals_torch(activation: str | None, rows: int) -> None:
+def test_fused_linear_equals_torch(
+    activation: str | None, rows: int, fold: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_fused, "fuse_activation", lambda: (fold, "test"))
     x, w, b = torch.randn(rows, 48), torch.randn(24, 48), torch.randn(24)
     want = F.linear(x.double(), w.double(), b.double())
     if activation == "relu":

@@ -1,7 +1,8 @@
 """``attnlab info``: this machine as attnlab sees it, and the modes it chose from that.
 
 Prints the CPU and torch's instruction set, the thread count, whether bfloat16 matrix
-products are native or emulated (and so what ``precision="auto"`` runs), the blocked
+products are native or emulated (and so what ``precision="auto"`` runs), whether linears
+fold their GELU into oneDNN's product (per instruction set), the blocked
 engine's compiled kernel (built for which instruction set, or why it is unavailable) and
 the registered engines. ``--json`` prints the same as one JSON object.
 """
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 
 import attnlab
-from attnlab._cpu import cpu_info, resolve_precision
+from attnlab._cpu import cpu_info, fuse_activation, resolve_precision
 from attnlab.engines import available_engines, kernel_status
 
 __all__ = ["add_parsers", "facts", "run"]
@@ -33,6 +34,7 @@ def facts() -> dict[str, Any]:
     """What ``attnlab info`` reports, as a dict (builds the kernel if it is not built)."""
     cpu, engines = cpu_info(), available_engines()
     precision, why = resolve_precision("auto", cpu)
+    fused, fused_why = fuse_activation(cpu)
     return {
         "attnlab": attnlab.__version__,
         "torch": torch.__version__,
@@ -43,6 +45,8 @@ def facts() -> dict[str, Any]:
         "bf16_native": cpu.native_bf16,
         "precision_auto": precision,
         "precision_why": why,
+        "gelu_fused": fused,
+        "gelu_why": fused_why,
         "kernel": kernel_status(),
         "engines": {n: "exact" if e.exact else "approximate" for n, e in engines.items()},
     }
@@ -61,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
           f"{f['threads']} threads")  # fmt: skip
     print(f"bfloat16 matrix products: {bf16}")
     print(f"precision='auto' runs {f['precision_auto']}: {f['precision_why']}")
+    gelu = "folded into oneDNN's product" if f["gelu_fused"] else "its own pass"
+    print(f"float32 linear + GELU at inference: {gelu} ({f['gelu_why']})")
     if k["loaded"]:
         print(f"blocked kernel: built for {k['isa']} ({' '.join(k['flags'])}); "
               f"{k['rows_forward']} query rows per forward task, {k['rows_backward']} "

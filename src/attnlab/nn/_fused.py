@@ -6,7 +6,9 @@ On CPU, in float32, when no gradient is needed, ``linear(x, w, b, "gelu")`` runs
 pattern); everywhere else it is ``F.linear`` and the activation. Both compute the same
 function; the fused kernel saves the bias copy and the activation's extra pass over the
 output, and its matmul is faster than MKL's on small inner dimensions. Weights are packed
-into oneDNN's blocked layout once (and again only when they change).
+into oneDNN's blocked layout once (and again only when they change). On CPUs without
+AVX-512 the activation runs as torch's own pass after the product
+(:func:`attnlab._cpu.fuse_activation` says why).
 
 Example:
     >>> import torch
@@ -26,6 +28,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from attnlab._cpu import fuse_activation
 
 __all__ = ["linear", "module_linear"]
 
@@ -58,10 +62,12 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | Non
     ``activation`` is None, ``"relu"``, ``"gelu"`` or ``"gelu_tanh"``.
     """
     if _fusable(x, weight, bias):
-        op, algorithm = _POST_OPS[activation]
+        fold = activation is None or fuse_activation()[0]  # per instruction set
+        op, algorithm = _POST_OPS[activation if fold else None]
         flat = x.reshape(-1, x.shape[-1])  # (M, K)
         out = _POINTWISE(flat, _packed(weight, flat.shape[0]), bias, op, [], algorithm)  # (M, N)
-        return out.view(*x.shape[:-1], weight.shape[0])
+        out = out.view(*x.shape[:-1], weight.shape[0])
+        return out if fold else _activate(out, activation)
     return _activate(F.linear(x, weight, bias), activation)
 
 
