@@ -11,7 +11,8 @@ and ``ratio = anchor / attnlab`` (> 1: attnlab is faster):
 * ``memory``: peak resident memory of that forward, each implementation in a fresh
   process (target: attnlab at most a quarter of sdpa's), and of the same model whose
   attention does nothing (its MLPs, norms and projections), so that ``attention_fraction``
-  compares what the two attentions add;
+  compares what the two attentions add; with glibc's default allocator and with its mmap
+  threshold fixed (``allocator``), which removes the heap's fragmentation from the peak;
 * ``dense``: a Llama-style model at 2048 tokens, prefill and greedy decoding of 128
   tokens, against ``sdpa`` (targets: within 5% and 10%);
 * ``weights``: ``output_attentions=True`` on the window model at 4096 tokens, against
@@ -132,50 +133,61 @@ def window_case(args: argparse.Namespace) -> list[dict]:
 def memory_case(args: argparse.Namespace) -> list[dict]:
     """Peak resident memory of one forward of the window model above the resident memory
     just before it (Linux ``VmHWM`` reset through ``/proc/self/clear_refs``), each
-    implementation in a fresh process."""
-    code = (
-        "import sys, torch; sys.path.insert(0, {here!r}); import bench_hf as b\n"
-        "torch.set_num_threads({threads})\n"
-        "m = b.build('window', {layers}, {window}, {impl!r})\n"
-        "ids = torch.randint(0, b.VOCAB, (1, {n}))\n"
-        "def kib(key):\n"
-        "    line = next(x for x in open('/proc/self/status') if x.startswith(key))\n"
-        "    return int(line.split()[1])\n"
-        "open('/proc/self/clear_refs', 'w').write('5')  # VmHWM := VmRSS (ru_maxrss is\n"
-        "base = kib('VmRSS')  # inherited from the parent process through fork)\n"
-        "with torch.no_grad(): m(input_ids=ids, use_cache=False)\n"
-        "print((kib('VmHWM') - base) / 1024)\n"
-    )
+    implementation in a fresh process: once with glibc's defaults, and once with its mmap
+    threshold fixed at 128 KiB (``MALLOC_MMAP_THRESHOLD_``), so that freed activations go
+    back to the OS at once and the peak shows what is alive rather than the heap's
+    fragmentation."""
+    return [_memory_row(args, allocator) for allocator in ("default", "mmap_128k")]
+
+
+_MEMORY_CODE = (
+    "import sys, torch; sys.path.insert(0, {here!r}); import bench_hf as b\n"
+    "torch.set_num_threads({threads})\n"
+    "m = b.build('window', {layers}, {window}, {impl!r})\n"
+    "ids = torch.randint(0, b.VOCAB, (1, {n}))\n"
+    "def kib(key):\n"
+    "    line = next(x for x in open('/proc/self/status') if x.startswith(key))\n"
+    "    return int(line.split()[1])\n"
+    "open('/proc/self/clear_refs', 'w').write('5')  # VmHWM := VmRSS (ru_maxrss is\n"
+    "base = kib('VmRSS')  # inherited from the parent process through fork)\n"
+    "with torch.no_grad(): m(input_ids=ids, use_cache=False)\n"
+    "print((kib('VmHWM') - base) / 1024)\n"
+)
+
+
+def _memory_row(args: argparse.Namespace, allocator: str) -> dict:
+    """The memory row of one allocator setting: sdpa, attnlab and no attention at all."""
     here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ)
+    if allocator == "mmap_128k":
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     mib = {}
     for impl in ("sdpa", "attnlab", "none"):
-        threads = torch.get_num_threads()
-        src = code.format(
-            here=here, layers=args.layers, window=args.window, impl=impl, n=args.n, threads=threads
-        )
-        res = subprocess.run([sys.executable, "-c", src], capture_output=True, text=True)
+        sizes = {"layers": args.layers, "window": args.window, "n": args.n}
+        src = _MEMORY_CODE.format(here=here, impl=impl, threads=torch.get_num_threads(), **sizes)
+        cmd = [sys.executable, "-c", src]
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if res.returncode:
             raise RuntimeError(res.stderr[-2000:])
         mib[impl] = float(res.stdout.strip().splitlines()[-1])
-    return [
-        {
-            "bench": "hf",
-            "case": "memory",
-            "mode": "fwd",
-            "n": args.n,
-            "window": args.window,
-            "layers": args.layers,
-            "anchor": "sdpa",
-            "anchor_peak_mib": round(mib["sdpa"], 1),
-            "attnlab_peak_mib": round(mib["attnlab"], 1),
-            "fraction": round(mib["attnlab"] / max(mib["sdpa"], 1e-3), 3),
-            "no_attention_peak_mib": round(mib["none"], 1),  # MLP, norms, projections
-            "attention_fraction": round(
-                (mib["attnlab"] - mib["none"]) / max(mib["sdpa"] - mib["none"], 1e-3), 3
-            ),
-            "cpu": torch.backends.cpu.get_cpu_capability(),
-        }
-    ]
+    return {
+        "bench": "hf",
+        "case": "memory",
+        "mode": "fwd",
+        "allocator": allocator,
+        "n": args.n,
+        "window": args.window,
+        "layers": args.layers,
+        "anchor": "sdpa",
+        "anchor_peak_mib": round(mib["sdpa"], 1),
+        "attnlab_peak_mib": round(mib["attnlab"], 1),
+        "fraction": round(mib["attnlab"] / max(mib["sdpa"], 1e-3), 3),
+        "no_attention_peak_mib": round(mib["none"], 1),  # MLP, norms, projections
+        "attention_fraction": round(
+            (mib["attnlab"] - mib["none"]) / max(mib["sdpa"] - mib["none"], 1e-3), 3
+        ),
+        "cpu": torch.backends.cpu.get_cpu_capability(),
+    }
 
 
 def dense_case(args: argparse.Namespace) -> list[dict]:
