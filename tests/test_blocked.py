@@ -137,13 +137,27 @@ def test_weights_and_lse_from_the_blocked_engine() -> None:
         assert a is not None and b is not None and max_err(a, b) < 1e-12
 
 
-def test_float32_weights_keep_the_2x_rule() -> None:
-    """Weights returned beside the kernel's output (written into a lazily zeroed result,
-    normalized per row) against fp64, with no error floor: at most 2x plain fp32's error."""
+@pytest.mark.parametrize("kernel", [True, False])
+@pytest.mark.parametrize("case", ["causal window, GQA", "padding (one batch empty) & window"])
+def test_float32_weights_keep_the_2x_rule(
+    case: str, kernel: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Weights returned beside the output (written into a lazily zeroed result by the
+    compiled kernel's ``interval_weights`` or block by block in torch, each row normalized)
+    against fp64, with no error floor: at most 2x plain fp32's error; rows without a key
+    are 0."""
+    monkeypatch.setattr(blocked_mod, "USE_KERNEL", kernel)
     torch.manual_seed(0)
-    q = torch.randn(1, 4, 1500, 32)
-    k, v = torch.randn(1, 2, 1500, 32), torch.randn(1, 2, 1500, 32)
-    mask = M.causal() & M.window(300)
+    b, mask = (
+        (1, M.causal() & M.window(300))
+        if case.startswith("causal")
+        else (
+            2,
+            M.padding([1100, 0]) & M.window(40, 10),
+        )
+    )
+    q = torch.randn(b, 4, 1500, 32)
+    k, v = torch.randn(b, 2, 1500, 32), torch.randn(b, 2, 1500, 32)
     got = attnlab.attention(q, k, v, mask=mask, return_weights=True, engine="blocked")
     plain = attnlab.attention(q, k, v, mask=mask, return_weights=True, engine="reference")
     ref = attnlab.attention(
@@ -154,6 +168,8 @@ def test_float32_weights_keep_the_2x_rule() -> None:
     assert got.weights.numel() * 4 >= 1 << 24  # large enough for the lazily zeroed result
     assert max_err(got.weights, ref.weights) <= 2 * max_err(plain.weights, ref.weights)
     assert torch.equal(got.weights[0, 0, 1000, :600], torch.zeros(600))  # outside the window
+    if b == 2:
+        assert torch.equal(got.weights[1], torch.zeros_like(got.weights[1]))  # no key at all
 
 
 def test_lazy_zeros_are_zeros_of_the_asked_dtype() -> None:

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from attnlab.engines import blocked_autograd
-from attnlab.engines._native import build_settings
+from attnlab.engines._native import build_settings, ops
 from attnlab.engines.base import AttentionRequest, Engine, EngineResult
 from attnlab.engines.blocked_autograd import (
     BlockedAttention,
@@ -47,7 +47,7 @@ from attnlab.engines.blocked_autograd import (
     take,
     with_sinks,
 )
-from attnlab.engines.blocked_plan import Block, Plan, kernel_plan, make_plan
+from attnlab.engines.blocked_plan import Block, KernelPlan, Plan, kernel_plan, make_plan
 from attnlab.scores import grouped_matmul
 
 __all__ = ["BlockedEngine", "kernel", "kernel_error", "kernel_status"]
@@ -96,7 +96,7 @@ class BlockedEngine(Engine):
         kplan = kernel_plan(req, plan, self.block) if kernel_ok(req, leaves) else None
         args = (req.q, req.k, req.v, req.sinks, req, plan, kplan, *leaves)
         out, lse = BlockedAttention.apply(*args)
-        weights = _all_weights(req, plan, lse) if req.return_weights else None
+        weights = _all_weights(req, plan, lse, kplan) if req.return_weights else None
         return out, weights, (lse.to(req.q.dtype) if req.return_lse else None)
 
     def weights(
@@ -158,17 +158,22 @@ def _weights(
     return w
 
 
-def _all_weights(req: AttentionRequest, plan: Plan, lse: Tensor) -> Tensor:
-    """Every weight ``(B, Hq, Lq, Lk)``, written block by block into the result.
+def _all_weights(
+    req: AttentionRequest, plan: Plan, lse: Tensor, kplan: KernelPlan | None
+) -> Tensor:
+    """Every weight ``(B, Hq, Lq, Lk)``, written block by block into a lazily zeroed result.
 
     The forward's logsumexp ``lse (B, Hq, Lq)`` (sinks included) bounds each row's scores,
     so ``exp(s - lse)`` needs no max pass; each row is then normalized by its own sum
-    (plus the sink's share), which keeps the weights as exact as a softmax.
+    (plus the sink's share), which keeps the weights as exact as a softmax. A float32
+    interval mask on the compiled kernel's plan takes the kernel's weights op instead.
     """
-    acc = acc_dtype(req.q.dtype)
+    w = lazy_zeros((req.batch, req.heads, req.lq, req.lk), req.q)
     with torch.no_grad():
+        if _kernel_weights(req, kplan, lse, w):
+            return w
+        acc = acc_dtype(req.q.dtype)
         q, k = req.q.to(acc), req.k.to(acc)
-        w = lazy_zeros((req.batch, req.heads, req.lq, req.lk), req.q)
         # fully masked rows: every score is -inf, and exp(-inf - 0) = 0
         safe = lse.to(acc).masked_fill(lse == float("-inf"), 0.0).unsqueeze(-1)  # (B, Hq, Lq, 1)
         sinks = None if req.sinks is None else req.sinks.to(acc).view(1, -1, 1, 1)
@@ -180,6 +185,24 @@ def _all_weights(req: AttentionRequest, plan: Plan, lse: Tensor) -> Tensor:
                 total += torch.exp(sinks - safe[:, :, r0:r1])
             _put(w[:, :, r0:r1], blk, p.div_(total.clamp_(min=torch.finfo(acc).tiny)))
     return w
+
+
+def _kernel_weights(
+    req: AttentionRequest, kplan: KernelPlan | None, lse: Tensor, w: Tensor
+) -> bool:
+    """Write the weights into ``w`` with the compiled kernel's ``interval_weights`` (each
+    row's softmax over its own key span, in parallel tasks) where it applies: float32, an
+    interval mask, no bias. Returns whether it did."""
+    if kplan is None or not kplan.interval or req.bias is not None:
+        return False
+    if req.q.dtype != torch.float32 or req.k.dtype != torch.float32:
+        return False
+    op = getattr(ops(), "interval_weights", None)
+    if op is None:  # pragma: no cover - a kernel built without weights.cpp
+        return False
+    q, k = req.q.contiguous(), req.k.contiguous()
+    op(q, k, lse.float().contiguous(), kplan.spans.contiguous(), float(req.scale), w)
+    return True
 
 
 def _block_scores(req: AttentionRequest, blk: Block, q: Tensor, k: Tensor) -> Tensor:
