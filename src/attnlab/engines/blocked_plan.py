@@ -66,21 +66,27 @@ def make_plan(mask: Mask | None, req: AttentionRequest, block: int) -> Plan:
     states = layout.states.flatten(0, 1)  # (Bm*Hm, nQ, nK)
     needed = (states != TileState.EMPTY).any(0)  # (nQ, nK)
     full = (states == TileState.FULL).all(0)  # (nQ, nK)
+    # the needed tiles in row-major order, each with its fullness: two calls, not one per row
+    tiles = needed.nonzero().tolist()  # [[qb, kb], ...]
+    fulls = full[needed].tolist()
     blocks: list[Block] = []
-    for qb in range(needed.shape[0]):
-        kbs = needed[qb].nonzero().flatten().tolist()
-        if kbs:
+    start = 0
+    for end in range(1, len(tiles) + 1):
+        if end == len(tiles) or tiles[end][0] != tiles[start][0]:
+            qb = tiles[start][0]
             rows = (qb * block, min((qb + 1) * block, lq))
-            blocks.append(_make_block(rows, kbs, full[qb], block, lk))
+            kbs = [kb for _, kb in tiles[start:end]]
+            blocks.append(_make_block(rows, kbs, fulls[start:end], block, lk))
+            start = end
     frac = float(needed.float().mean()) if needed.numel() else 0.0
     return Plan(tuple(blocks), frac)
 
 
 def _make_block(
-    rows: tuple[int, int], kbs: list[int], full_row: Tensor, block: int, lk: int
+    rows: tuple[int, int], kbs: list[int], full: list[bool], block: int, lk: int
 ) -> Block:
-    """The keys of one query block (slice if contiguous) and its partial column ranges."""
-    full = full_row.tolist()
+    """The keys of one query block (slice if contiguous) and its partial column ranges;
+    ``full[i]``: whether key tile ``kbs[i]`` is full."""
     spans = [(kb * block, min((kb + 1) * block, lk)) for kb in kbs]
     if kbs[-1] - kbs[0] + 1 == len(kbs):
         keys: slice | Tensor = slice(spans[0][0], spans[-1][1])
@@ -88,14 +94,14 @@ def _make_block(
         keys = torch.cat([torch.arange(a, b) for a, b in spans])
     masked: list[tuple[int, int]] = []
     col = 0
-    for kb, (a, b) in zip(kbs, spans, strict=True):
-        if not full[kb]:
+    for is_full, (a, b) in zip(full, spans, strict=True):
+        if not is_full:
             if masked and masked[-1][1] == col:
                 masked[-1] = (masked[-1][0], col + b - a)  # merge adjacent partial tiles
             else:
                 masked.append((col, col + b - a))
         col += b - a
-    return Block(rows, keys, tuple(masked), has_full=any(full[kb] for kb in kbs))
+    return Block(rows, keys, tuple(masked), has_full=any(full))
 
 
 @dataclass(frozen=True)

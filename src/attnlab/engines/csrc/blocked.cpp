@@ -8,8 +8,10 @@
 // memory stays O(bs x (bs + E)) per thread.
 //
 // Layout (B, H, L, E), contiguous. Scores S = scale * Q K^T (+ ALiBi), masked pairs -inf.
-// Forward  (one task per batch, query head, query block): online softmax over the tiles,
-//          out = softmax(S) V and lse = logsumexp(S) per row (-inf, out 0 if no key).
+// Forward  (one task per batch, query head and `group` rows of a query block, in row tiles
+//          of 32): register tiles of S^T with the rows in the vector lanes, an online
+//          softmax over chunks of keys, out = softmax(S) V and lse = logsumexp(S) per row
+//          (-inf, out 0 if no key); see "The forward's register tiles" below.
 // Backward (one task per batch and key/value head, looping over the query heads that share
 //          it, so dK and dV have a single writer): P = exp(S - lse), dV += P^T dO,
 //          dS = P * (dO V^T - delta), dQ += scale dS K, dK += scale dS^T Q.
@@ -23,7 +25,12 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
                        const int* k, const float* alpha, const float* a, const int* lda,
@@ -161,8 +168,6 @@ struct Problem {
   }
 };
 
-void scale_row(float* x, int64_t n, float a);
-
 // The key span [lo, hi) of rows [a, z): the union of the rows' spans (hi <= lo: no key).
 std::pair<int64_t, int64_t> group_span(const Problem& P, int64_t b, int64_t h, int64_t a,
                                        int64_t z) {
@@ -222,18 +227,6 @@ void scores(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_t a, int6
   }
 }
 
-float row_max(const float* s, int64_t n) {
-  int64_t j = 0;
-  Vec vm(kNegInf);
-  for (; j + Vec::size() <= n; j += Vec::size()) vm = at::vec::maximum(vm, Vec::loadu(s + j));
-  float m = kNegInf;
-  float tmp[Vec::size()];
-  vm.store(tmp);
-  for (int64_t u = 0; u < Vec::size(); ++u) m = std::max(m, tmp[u]);
-  for (; j < n; ++j) m = std::max(m, s[j]);
-  return m;
-}
-
 // s[j] = exp(s[j] - shift) in place; returns the sum.
 float exp_sum(float* s, int64_t n, float shift) {
   int64_t j = 0;
@@ -255,13 +248,6 @@ float exp_sum(float* s, int64_t n, float shift) {
   return total;
 }
 
-void scale_row(float* x, int64_t n, float a) {
-  int64_t j = 0;
-  const Vec va(a);
-  for (; j + Vec::size() <= n; j += Vec::size()) (Vec::loadu(x + j) * va).store(x + j);
-  for (; j < n; ++j) x[j] *= a;
-}
-
 // Per-thread scratch: a score chunk, its gradient, the accumulator and row statistics.
 struct Scratch {
   std::vector<float> S, dP, X, Q, acc, m, l;
@@ -270,40 +256,434 @@ struct Scratch {
         m(rows), l(rows) {}
 };
 
-// One forward task: rows [a, a + T) of block `blk` for batch b, query head h.
-// Returns the number of scores it computed.
-int64_t forward_rows(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_t a, int64_t T,
-                     float* out, float* lse, Scratch& w) {
-  const auto [lo, hi] = group_span(P, b, h, a, a + T);
-  if (lo >= hi) return 0;  // no key for any row: out stays 0, lse -inf
-  float *S = w.S.data(), *acc = w.acc.data(), *m = w.m.data(), *l = w.l.data();
-  std::fill(m, m + T, kNegInf);
-  std::fill(l, l + T, 0.f);
-  std::fill(acc, acc + T * P.Ev, 0.f);
-  for (int64_t c0 = lo; c0 < hi; c0 += P.chunk) {
-    const int64_t n = std::min(P.chunk, hi - c0);
-    scores(P, b, h, blk, a, T, c0, n, S, w.Q.data());
-    for (int64_t i = 0; i < T; ++i) {
-      float* s = S + i * n;
-      const float nm = std::max(m[i], row_max(s, n));
-      if (nm == kNegInf) {  // no allowed key yet: this chunk adds nothing to the row
-        std::fill(s, s + n, 0.f);
-        continue;
-      }
-      const float alpha = std::exp(m[i] - nm);
-      l[i] = l[i] * alpha + exp_sum(s, n, nm);
-      if (alpha != 1.f) scale_row(acc + i * P.Ev, P.Ev, alpha);
-      m[i] = nm;
-    }
-    mm(T, P.Ev, n, S, n, P.vrow(b, h, c0), P.Ev, acc, P.Ev, true);
+// ---- The forward's register tiles -------------------------------------------------------
+// A row tile is kRT query rows. Its scores are held transposed, St[key][row], with the rows
+// in the vector lanes: each key's K and V elements are broadcast against vectors of rows, so
+// K and V are read in place (no transposed copy), any E and Ev work, and the online softmax
+// is lane by lane (no horizontal reductions). Scores are kept in log2 units (Q is scaled by
+// scale * log2(e)), so the exponential is a power of two. Where only some of the tile's row
+// vectors have keys (the ends of a band), only those vectors are computed.
+constexpr int64_t kW = Vec::size();              // floats per vector
+constexpr int64_t kRT = 32;                      // query rows per row tile
+constexpr int kNV = static_cast<int>(kRT / kW);  // row vectors per row tile
+constexpr int64_t kChunkKeys = 256;              // keys per score chunk: St stays in L1
+constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+
+// Keys per score tile and value columns per output tile when J row vectors are computed:
+// as many accumulators as the registers hold beside the J row vectors and one broadcast.
+constexpr int keys_per_tile(int J) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return J == 1 ? 16 : 12;  // 32 registers
+#elif defined(CPU_CAPABILITY_AVX2)
+  return J == 1 ? 8 : J == 2 ? 6 : J == 3 ? 3 : 2;  // 16 registers
+#else
+  return 4;
+#endif
+}
+constexpr int cols_per_tile(int J) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return J == 1 ? 16 : 12;
+#elif defined(CPU_CAPABILITY_AVX2)
+  return J == 1 ? 8 : J == 2 ? 4 : J == 3 ? 3 : 2;
+#else
+  return 4;
+#endif
+}
+
+// 2^x per lane; lanes below -100 (and -inf) give 0: relative to the row's maximum, which
+// gives 1, such terms are below float resolution. A degree-6 polynomial on the fraction in
+// [-1/2, 1/2] (1.6 ulp, and exactly 1 at 0: a degree-5 fit's bias showed in sums over
+// thousands of keys), no denormal in sight.
+inline Vec exp2_lanes(const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 v = _mm512_max_ps(x, _mm512_set1_ps(-100.f));
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-100.f), _CMP_GE_OQ);
+  const __m512 n = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(v, n);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.534581243e-4f), f, _mm512_set1_ps(1.339993090e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618489072e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550328642e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264625e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471825e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_scalef_ps(live, p, n);
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256 v = _mm256_max_ps(x, _mm256_set1_ps(-100.f));
+  const __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(-100.f), _CMP_GE_OQ);
+  const __m256 n = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(v, n);
+  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(1.534581243e-4f), f, _mm256_set1_ps(1.339993090e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618489072e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550328642e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264625e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931471825e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), live);
+#else
+  float tmp[kW];
+  x.store(tmp);
+  for (int64_t u = 0; u < kW; ++u) tmp[u] = tmp[u] >= -100.f ? std::exp2(tmp[u]) : 0.f;
+  return Vec::loadu(tmp);
+#endif
+}
+
+// f(std::integral_constant<int, n>) for a run-time n in [1, N]: tile shapes and tails.
+template <int N, typename F>
+void with_count(int64_t n, const F& f) {
+  if constexpr (N > 0) {
+    if (n == N) f(std::integral_constant<int, N>{});
+    else with_count<N - 1>(n, f);
   }
+}
+
+// What a score tile applies while its scores are in registers (positions are relative to
+// the chunk's first key): ALiBi's -slope |pos - key| and the rows' key spans [lo, hi).
+struct TileTerms {
+  bool spans = false, alibi = false;
+  int64_t inner_lo = 0, inner_hi = 0;  // keys inside every row's span: no mask needed
+  Vec lo[kNV], hi[kNV], pos[kNV];
+  Vec slope{0.f};
+};
+
+// St[c + i][vectors j0 .. j0 + J) for keys c .. c + RK of the chunk (rows of `k`, E apart),
+// from the transposed scaled queries qt (E x kRT); raises the running maximum mx.
+template <int RK, int J>
+void score_tile(const float* qt, const float* k, int64_t E, int64_t c, int j0, float* st,
+                const TileTerms& tt, Vec* mx) {
+  Vec acc[RK][J];
+#pragma GCC unroll 16
+  for (int i = 0; i < RK; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < J; ++j) acc[i][j] = Vec(0.f);
+  const float* q = qt + j0 * kW;
+  for (int64_t e = 0; e < E; ++e) {
+    Vec qv[J];
+#pragma GCC unroll 4
+    for (int j = 0; j < J; ++j) qv[j] = Vec::loadu(q + e * kRT + j * kW);
+#pragma GCC unroll 16
+    for (int i = 0; i < RK; ++i) {
+      const Vec b(k[i * E + e]);
+#pragma GCC unroll 4
+      for (int j = 0; j < J; ++j) acc[i][j] = at::vec::fmadd(qv[j], b, acc[i][j]);
+    }
+  }
+  const bool masked = tt.spans && (c < tt.inner_lo || c + RK > tt.inner_hi);
+#pragma GCC unroll 16
+  for (int i = 0; i < RK; ++i) {
+    const Vec key(static_cast<float>(c + i));
+#pragma GCC unroll 4
+    for (int j = 0; j < J; ++j) {
+      Vec s = acc[i][j];
+      if (tt.alibi) s = at::vec::fmadd(tt.slope, (tt.pos[j0 + j] - key).abs(), s);
+      if (masked)
+        s = Vec::blendv(Vec(kNegInf), s, (key >= tt.lo[j0 + j]) & (key < tt.hi[j0 + j]));
+      mx[j0 + j] = at::vec::clamp_min(s, mx[j0 + j]);  // a NaN score reaches p all the same
+      s.store(st + (c + i) * kRT + (j0 + j) * kW);
+    }
+  }
+}
+
+// acc[ev][vectors j0 .. j0 + J) += P^T V over n keys, for EB value columns: P^T = st (n rows
+// of kRT), V = v (n rows, ldv apart). The sum starts from 0 and is added last, so no sum
+// runs serially over more than a chunk's keys.
+template <int EB, int J>
+void value_tile(const float* st, int64_t n, const float* v, int64_t ldv, int j0, float* acc) {
+  Vec o[EB][J];
+#pragma GCC unroll 16
+  for (int i = 0; i < EB; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < J; ++j) o[i][j] = Vec(0.f);
+  const float* p = st + j0 * kW;
+  for (int64_t c = 0; c < n; ++c) {
+    Vec pv[J];
+#pragma GCC unroll 4
+    for (int j = 0; j < J; ++j) pv[j] = Vec::loadu(p + c * kRT + j * kW);
+#pragma GCC unroll 16
+    for (int i = 0; i < EB; ++i) {
+      const Vec b(v[c * ldv + i]);
+#pragma GCC unroll 4
+      for (int j = 0; j < J; ++j) o[i][j] = at::vec::fmadd(pv[j], b, o[i][j]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < EB; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < J; ++j) {
+      float* a = acc + i * kRT + (j0 + j) * kW;
+      (Vec::loadu(a) + o[i][j]).store(a);
+    }
+}
+
+// dst (n x m, leading dim ldd) = src (m x n, leading dim lds) transposed, by vector blocks.
+void transpose_block(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t m,
+                     int64_t n) {
+  int64_t i = 0;
+  for (; i + kW <= m; i += kW) {
+    int64_t j = 0;
+    for (; j + kW <= n; j += kW)
+      at::vec::transpose_mxn<float, kW, kW>(src + i * lds + j, lds, dst + j * ldd + i, ldd);
+    for (; j < n; ++j)
+      for (int64_t u = i; u < i + kW; ++u) dst[j * ldd + u] = src[u * lds + j];
+  }
+  for (; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) dst[j * ldd + i] = src[i * lds + j];
+}
+
+// Cache lines wanted soon (the next row tile's queries and new keys and values, this tile's
+// output rows before they are written), fetched a few per step between register tiles: the
+// fetches overlap the arithmetic instead of stalling it at the next tile's start.
+struct Ahead {
+  struct Range {
+    const char* p;
+    int64_t lines;
+    bool write;
+  };
+  Range r[4];
+  int n = 0, i = 0;
+  int64_t done = 0;
+  void add(const void* p, int64_t bytes, bool write) {
+    if (bytes > 0 && n < 4) r[n++] = {static_cast<const char*>(p), (bytes + 63) / 64, write};
+  }
+  void step() {  // two lines: fewer than the core's line fill buffers
+    for (int s = 0; s < 2 && i < n; ++s) {
+      const char* line = r[i].p + 64 * done;
+      if (r[i].write) __builtin_prefetch(line, 1, 3);
+      else __builtin_prefetch(line, 0, 2);
+      if (++done == r[i].lines) ++i, done = 0;
+    }
+  }
+};
+
+// Per-thread scratch of the forward, 64-byte aligned: transposed queries, a score chunk,
+// the transposed output accumulator.
+struct TileScratch {
+  std::vector<float> buf;
+  float *qt, *st, *acc;
+  TileScratch(int64_t e, int64_t ev) : buf((e + kChunkKeys + ev) * kRT + 16) {
+    float* p = buf.data();
+    p += (64 - reinterpret_cast<uintptr_t>(p) % 64) % 64 / sizeof(float);
+    qt = p;
+    st = qt + e * kRT;
+    acc = st + kChunkKeys * kRT;
+  }
+};
+
+// The partial tiles' mask on St (keys [c0, c0 + n), rows [a, a + T) of block blk).
+void mask_tiles(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_t a, int64_t T,
+                int64_t c0, int64_t n, float* st) {
+  const int64_t* bl = P.blocks + 4 * blk;
+  const int64_t r0 = bl[0], k0 = bl[2];
+  const int64_t mb = P.mB == 1 ? 0 : b, mh = P.mH == 1 ? 0 : h;
+  const int64_t j_end = std::min(P.ntile, (c0 + n - k0 + P.bs - 1) / P.bs);
+  for (int64_t j = (c0 - k0) / P.bs; j < j_end; ++j) {
+    const int64_t t = P.tiles[blk * P.ntile + j];
+    if (t < 0) continue;
+    const int64_t lo = std::max(c0, k0 + j * P.bs), hi = std::min(c0 + n, k0 + (j + 1) * P.bs);
+    const bool* tile = P.allowed + ((mb * P.mH + mh) * P.nP + t) * P.bs * P.bs;
+    for (int64_t u = lo; u < hi; ++u) {
+      const bool* ok = tile + (a - r0) * P.bs + (u - k0 - j * P.bs);
+      float* s = st + (u - c0) * kRT;
+      for (int64_t i = 0; i < T; ++i) s[i] = ok[i * P.bs] ? s[i] : kNegInf;
+    }
+  }
+}
+
+// A run of a chunk's keys [c0, c1) over which the row vectors j0 .. j0 + nv hold every key
+// any row of the tile may see.
+struct Segment {
+  int64_t c0, c1;
+  int j0, nv;
+};
+
+// The chunk's keys [0, n) cut where the set of row vectors with keys changes, from each
+// vector's key range [vlo, vhi) (rows' spans, relative to the chunk); returns the count.
+int segments(const int64_t* vlo, const int64_t* vhi, int64_t n, Segment* out) {
+  int64_t cut[2 * kNV + 2];
+  int nc = 0;
+  cut[nc++] = 0;
+  cut[nc++] = n;
+  for (int j = 0; j < kNV; ++j)
+    if (vlo[j] < vhi[j]) cut[nc++] = vlo[j], cut[nc++] = vhi[j];
+  std::sort(cut, cut + nc);
+  int count = 0;
+  for (int u = 0; u + 1 < nc; ++u) {
+    const int64_t c0 = cut[u], c1 = cut[u + 1];
+    if (c0 == c1) continue;
+    int j0 = kNV, j1 = -1;
+    for (int j = 0; j < kNV; ++j)
+      if (vlo[j] <= c0 && c1 <= vhi[j]) j0 = std::min(j0, j), j1 = j;
+    if (j1 < 0) continue;  // no row of the tile sees these keys
+    if (count > 0 && out[count - 1].c1 == c0 && out[count - 1].j0 == j0 &&
+        out[count - 1].nv == j1 - j0 + 1)
+      out[count - 1].c1 = c1;
+    else
+      out[count++] = {c0, c1, j0, j1 - j0 + 1};
+  }
+  return count;
+}
+
+// St for the keys of one segment: score tiles of its vectors, then the tail.
+template <int J>
+void score_segment(const float* qt, const float* kc, int64_t E, const Segment& s, float* st,
+                   const TileTerms& tt, Vec* mx, Ahead& ahead) {
+  constexpr int RK = keys_per_tile(J);
+  int64_t c = s.c0;
+  for (; c + RK <= s.c1; c += RK) {
+    score_tile<RK, J>(qt, kc + c * E, E, c, s.j0, st, tt, mx);
+    ahead.step();
+  }
+  with_count<RK - 1>(s.c1 - c, [&](auto rk) {
+    score_tile<decltype(rk)::value, J>(qt, kc + c * E, E, c, s.j0, st, tt, mx);
+  });
+}
+
+// acc += P^T V for the keys of one segment, all value columns.
+template <int J>
+void value_segment(const float* st, const float* vc, int64_t Ev, const Segment& s, float* acc) {
+  constexpr int EB = cols_per_tile(J);
+  const float* p = st + s.c0 * kRT;
+  const float* v = vc + s.c0 * Ev;
+  const int64_t n = s.c1 - s.c0;
+  int64_t ev = 0;
+  for (; ev + EB <= Ev; ev += EB) value_tile<EB, J>(p, n, v + ev, Ev, s.j0, acc + ev * kRT);
+  with_count<EB - 1>(Ev - ev, [&](auto eb) {
+    value_tile<decltype(eb)::value, J>(p, n, v + ev, Ev, s.j0, acc + ev * kRT);
+  });
+}
+
+// One row tile: rows [a, a + T) (T <= kRT) of block blk, batch b, query head h. Writes
+// their output and logsumexp (0 and -inf for rows without a key); returns the number of
+// scores it computed.
+int64_t forward_tile(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_t a, int64_t T,
+                     float* out, float* lse, TileScratch& w) {
   float* o = out + ((b * P.Hq + h) * P.Lq + a) * P.Ev;
   float* ls = lse + (b * P.Hq + h) * P.Lq + a;
-  for (int64_t i = 0; i < T; ++i) {
-    const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
-    for (int64_t e = 0; e < P.Ev; ++e) o[i * P.Ev + e] = acc[i * P.Ev + e] * inv;
-    ls[i] = l[i] > 0.f ? m[i] + std::log(l[i]) : kNegInf;
+  const auto [lo, hi] = group_span(P, b, h, a, a + T);
+  if (lo >= hi) {  // no key for any row
+    std::fill(o, o + T * P.Ev, 0.f);
+    std::fill(ls, ls + T, kNegInf);
+    return 0;
   }
+  const int64_t E = P.E, Ev = P.Ev;
+  Ahead ahead;  // the next row tile (of this head): its queries, its keys and values past hi
+  const int64_t na = std::min(P.Lq, a + T), nz = std::min(P.Lq, a + T + kRT);
+  const int64_t kz = std::min(P.Lk, hi + kRT);
+  ahead.add(P.qrow(b, h, na), (nz - na) * E * 4, false);
+  ahead.add(P.krow(b, h, std::min(hi, kz)), (kz - hi) * E * 4, false);
+  ahead.add(P.vrow(b, h, std::min(hi, kz)), (kz - hi) * Ev * 4, false);
+
+  if (T < kRT) std::fill(w.qt, w.qt + E * kRT, 0.f);  // lanes past T: finite, never read
+  transpose_block(P.qrow(b, h, a), E, w.qt, kRT, T, E);
+  const Vec qscale(P.scale * kLog2e);
+  for (int64_t u = 0; u < E * kRT; u += kW) (Vec::loadu(w.qt + u) * qscale).store(w.qt + u);
+  std::fill(w.acc, w.acc + Ev * kRT, 0.f);
+
+  const int64_t mb = P.mB == 1 ? 0 : b, mh = P.mH == 1 ? 0 : h;
+  const int64_t* rs = P.spans + 2 * ((mb * P.mH + mh) * P.Lq + a);
+  TileTerms tt;
+  tt.spans = P.interval;
+  tt.alibi = P.slopes != nullptr;
+  if (tt.alibi) tt.slope = Vec(-P.slopes[h] * kLog2e);
+  Vec vm[kNV], vl[kNV];  // per row: running maximum (log2 units) and sum
+  for (int j = 0; j < kNV; ++j) vm[j] = Vec(kNegInf), vl[j] = Vec(0.f);
+  const int64_t nchunk = (hi - lo + kChunkKeys - 1) / kChunkKeys;
+  const int64_t chunk = (hi - lo + nchunk - 1) / nchunk;
+  for (int64_t c0 = lo; c0 < hi; c0 += chunk) {
+    const int64_t n = std::min(chunk, hi - c0);
+    if (c0 + n >= hi) ahead.add(o, T * Ev * 4, true);  // written after this chunk
+    // lane terms relative to the chunk's first key; lanes past T allow every key
+    float lo_r[kRT], hi_r[kRT], pos[kRT];
+    int64_t vlo[kNV], vhi[kNV];
+    std::fill(vlo, vlo + kNV, n);
+    std::fill(vhi, vhi + kNV, 0);
+    tt.inner_lo = 0;
+    tt.inner_hi = n;
+    for (int64_t r = 0; r < kRT; ++r) {
+      const bool row = r < T;
+      const int64_t rl = row ? std::clamp<int64_t>(rs[2 * r] - c0, -1, n + 1) : -1;
+      const int64_t rh = row ? std::clamp<int64_t>(rs[2 * r + 1] - c0, -1, n + 1) : n + 1;
+      lo_r[r] = static_cast<float>(rl);
+      hi_r[r] = static_cast<float>(rh);
+      pos[r] = static_cast<float>(a + r + P.Lk - P.Lq - c0);
+      if (!row) continue;
+      tt.inner_lo = std::max(tt.inner_lo, rl);
+      tt.inner_hi = std::min(tt.inner_hi, rh);
+      const int64_t l0 = std::max<int64_t>(rl, 0), h0 = std::min(rh, n);
+      if (l0 < h0) {
+        vlo[r / kW] = std::min(vlo[r / kW], l0);
+        vhi[r / kW] = std::max(vhi[r / kW], h0);
+      }
+    }
+    for (int j = 0; j < kNV; ++j) {
+      tt.lo[j] = Vec::loadu(lo_r + j * kW);
+      tt.hi[j] = Vec::loadu(hi_r + j * kW);
+      tt.pos[j] = Vec::loadu(pos + j * kW);
+    }
+    Segment seg[2 * kNV + 1];
+    const int ns = segments(vlo, vhi, n, seg);
+
+    Vec mx[kNV];
+    for (int j = 0; j < kNV; ++j) mx[j] = Vec(kNegInf);
+    const float* kc = P.krow(b, h, c0);
+    for (int u = 0; u < ns; ++u)
+      with_count<kNV>(seg[u].nv, [&](auto nv) {
+        score_segment<decltype(nv)::value>(w.qt, kc, E, seg[u], w.st, tt, mx, ahead);
+      });
+    if (!P.interval) {  // the partial tiles' mask, then the maximum again
+      mask_tiles(P, b, h, blk, a, T, c0, n, w.st);
+      for (int j = 0; j < kNV; ++j) mx[j] = Vec(kNegInf);
+      for (int u = 0; u < ns; ++u)
+        for (int64_t c = seg[u].c0; c < seg[u].c1; ++c)
+          for (int j = seg[u].j0; j < seg[u].j0 + seg[u].nv; ++j)
+            mx[j] = at::vec::maximum(mx[j], Vec::loadu(w.st + c * kRT + j * kW));
+    }
+
+    Vec alpha[kNV], shift[kNV], sum[2][kNV];
+    for (int j = 0; j < kNV; ++j) {  // online softmax, lane by lane
+      const Vec nm = at::vec::maximum(vm[j], mx[j]);
+      shift[j] = Vec::blendv(nm, Vec(0.f), nm == Vec(kNegInf));  // no key yet: p = 0
+      alpha[j] = exp2_lanes(vm[j] - shift[j]);
+      vm[j] = nm;
+      sum[0][j] = sum[1][j] = Vec(0.f);
+    }
+    for (int u = 0; u < ns; ++u) {  // p = 2^(s - max), summed over alternate keys
+      for (int64_t c = seg[u].c0; c < seg[u].c1; ++c) {
+        ahead.step();
+        for (int j = seg[u].j0; j < seg[u].j0 + seg[u].nv; ++j) {
+          float* s = w.st + c * kRT + j * kW;
+          const Vec p = exp2_lanes(Vec::loadu(s) - shift[j]);
+          sum[c & 1][j] = sum[c & 1][j] + p;
+          p.store(s);
+        }
+      }
+    }
+    for (int j = 0; j < kNV; ++j) vl[j] = vl[j] * alpha[j] + (sum[0][j] + sum[1][j]);
+    if (c0 > lo)  // earlier chunks' sums, rescaled to this chunk's maximum
+      for (int64_t e = 0; e < Ev; ++e)
+        for (int j = 0; j < kNV; ++j)
+          (Vec::loadu(w.acc + e * kRT + j * kW) * alpha[j]).store(w.acc + e * kRT + j * kW);
+    const float* vc = P.vrow(b, h, c0);
+    for (int u = 0; u < ns; ++u)
+      with_count<kNV>(seg[u].nv, [&](auto nv) {
+        value_segment<decltype(nv)::value>(w.st, vc, Ev, seg[u], w.acc);
+      });
+  }
+
+  float m[kRT], l[kRT];
+  Vec inv[kNV];
+  for (int j = 0; j < kNV; ++j) {  // rows without a key: l = 0, out 0
+    vm[j].store(m + j * kW);
+    vl[j].store(l + j * kW);
+    inv[j] = Vec::blendv(Vec(1.f) / vl[j], Vec(0.f), vl[j] == Vec(0.f));
+  }
+  for (int64_t e = 0; e < Ev; ++e)
+    for (int j = 0; j < kNV; ++j)
+      (Vec::loadu(w.acc + e * kRT + j * kW) * inv[j]).store(w.acc + e * kRT + j * kW);
+  transpose_block(w.acc, kRT, o, Ev, Ev, T);
+  for (int64_t r = 0; r < T; ++r)
+    ls[r] = l[r] > 0.f ? (m[r] + std::log2(l[r])) * kLn2 : kNegInf;
   return T * (hi - lo);
 }
 
@@ -373,6 +753,18 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 // Rows of `rows` per task: at most `group`, at least one task per block.
 int64_t groups_of(const Problem& P, int64_t group) { return (P.bs + group - 1) / group; }
 
+// Map the pages of [p, p + bytes) in one call, instead of one page fault per 4 KiB on first
+// touch (Linux 5.14+; elsewhere the pages fault in as usual). The worker that will write
+// them calls it: the kernel zeroes them into that core's cache.
+void populate(void* p, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_POPULATE_WRITE)
+  constexpr uintptr_t kPage = 4096;
+  const auto begin = reinterpret_cast<uintptr_t>(p);
+  const uintptr_t a = (begin + kPage - 1) & ~(kPage - 1), z = (begin + bytes) & ~(kPage - 1);
+  if (z > a) madvise(reinterpret_cast<void*>(a), z - a, MADV_POPULATE_WRITE);
+#endif
+}
+
 // (out, lse, number of scores computed)
 std::tuple<at::Tensor, at::Tensor, int64_t> blocked_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& blocks,
@@ -380,23 +772,43 @@ std::tuple<at::Tensor, at::Tensor, int64_t> blocked_forward(
     const c10::optional<at::Tensor>& slopes, int64_t bs, bool interval, double scale,
     int64_t group) {
   Problem P = make_problem(q, k, v, blocks, tiles, allowed, spans, slopes, bs, scale, interval);
-  const at::Tensor kt = transposed(k);
-  P.kt = kt.data_ptr<float>();
-  P.ldt = kt.size(3);
-  at::Tensor out = at::zeros({P.B, P.Hq, P.Lq, P.Ev}, q.options());
-  at::Tensor lse = at::full({P.B, P.Hq, P.Lq}, kNegInf, q.options());
+  // every row is written once by its task (rows of no block here), so no zeroing pass; the
+  // tasks first-touch the output's pages in parallel
+  at::Tensor out = at::empty({P.B, P.Hq, P.Lq, P.Ev}, q.options());
+  at::Tensor lse = at::empty({P.B, P.Hq, P.Lq}, q.options());
   float* o = out.data_ptr<float>();
   float* ls = lse.data_ptr<float>();
+  std::vector<char> covered(P.Lq, 0);
+  for (int64_t blk = 0; blk < P.nblk; ++blk)
+    std::fill(covered.begin() + P.blocks[4 * blk], covered.begin() + P.blocks[4 * blk + 1], 1);
+  for (int64_t r = 0; r < P.Lq; ++r) {
+    if (covered[r]) continue;
+    for (int64_t bh = 0; bh < P.B * P.Hq; ++bh) {
+      std::fill(o + (bh * P.Lq + r) * P.Ev, o + (bh * P.Lq + r + 1) * P.Ev, 0.f);
+      ls[bh * P.Lq + r] = kNegInf;
+    }
+  }
   const int64_t ng = groups_of(P, group);
   std::atomic<int64_t> work{0};
   dynamic_for(P.B * P.Hq * P.nblk * ng, 16, [&](int64_t, int64_t begin, int64_t end) {
-    Scratch w(group, P.chunk, P.E, P.Ev);
+    TileScratch w(P.E, P.Ev);
     int64_t done = 0;
+    {  // the output rows of these tasks (consecutive tasks: consecutive rows)
+      auto row = [&](int64_t t, bool last) {
+        const int64_t g = t % ng, blk = (t / ng) % P.nblk, bh = t / ng / P.nblk;
+        const int64_t* bl = P.blocks + 4 * blk;
+        const int64_t a = std::min(bl[0] + g * group, bl[1]);
+        return bh * P.Lq + (last ? std::min(a + group, bl[1]) : a);
+      };
+      const int64_t r0 = row(begin, false), r1 = row(end - 1, true);
+      if (r1 > r0) populate(o + r0 * P.Ev, (r1 - r0) * P.Ev * 4);
+    }
     for (int64_t t = begin; t < end; ++t) {
       const int64_t g = t % ng, blk = (t / ng) % P.nblk, bh = t / ng / P.nblk;
       const int64_t* bl = P.blocks + 4 * blk;
       const int64_t a = bl[0] + g * group, z = std::min(a + group, bl[1]);
-      if (a < z) done += forward_rows(P, bh / P.Hq, bh % P.Hq, blk, a, z - a, o, ls, w);
+      for (int64_t r = a; r < z; r += kRT)
+        done += forward_tile(P, bh / P.Hq, bh % P.Hq, blk, r, std::min(kRT, z - r), o, ls, w);
     }
     work += done;
   });
