@@ -27,7 +27,6 @@ import torch
 __all__ = ["build_settings", "kernel", "kernel_error", "ops"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "blocked.cpp"
-_WEIGHTS = _SOURCE.with_name("weights.cpp")  # the weights of interval masks, same library
 _VERSION = 1  # bump when the kernel's interface changes
 _FLAGS = {  # vector width of torch's at::vec, matched to what this CPU runs
     "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mfma", "-mavx2"],
@@ -74,7 +73,7 @@ def _build() -> Any:
         )
     load(
         name=name,
-        sources=[str(_SOURCE), str(_WEIGHTS)],
+        sources=[str(_SOURCE)],
         extra_cflags=flags,
         extra_ldflags=["-fopenmp"],
         is_python_module=False,

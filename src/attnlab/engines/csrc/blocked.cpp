@@ -239,13 +239,13 @@ float exp_sum(float* s, int64_t n, float shift) {
   }
   float tmp[Vec::size()];
   acc.store(tmp);
-  float total = 0.f;
+  double total = 0.0;  // the lanes' partial sums and the tail, added in double
   for (int64_t u = 0; u < Vec::size(); ++u) total += tmp[u];
   for (; j < n; ++j) {
     s[j] = std::exp(s[j] - shift);
     total += s[j];
   }
-  return total;
+  return static_cast<float>(total);
 }
 
 // Per-thread scratch: a score chunk, its gradient, the accumulator and row statistics.
@@ -927,6 +927,62 @@ at::Tensor row_spans(const at::Tensor& blocks, const at::Tensor& tiles, const at
   return spans;
 }
 
+// ---- Weights of interval masks ----------------------------------------------------------
+// w (B, Hq, Lq, Lk), made zero by the caller (lazily: only the pages written here are ever
+// backed), gets each row's softmax over its own key span [lo, hi) from spans (Bm, Hm, Lq,
+// 2), Bm in {1, B}, Hm in {1, Hq}. One task per batch, query head and 32 rows: S = scale Q
+// K^T over the union of the rows' spans in one product, then per row exp(S - lse) from the
+// forward's lse, normalized by its own sum (exact as a softmax even where lse is off by a
+// rounding) and stored into the row's span. Rows without a key stay 0.
+void interval_weights(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse,
+                      const at::Tensor& spans, double scale, at::Tensor w) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k, &lse, &w})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(),
+                "attnlab interval_weights: contiguous float32 tensors only");
+  TORCH_CHECK(spans.is_contiguous(), "attnlab interval_weights: contiguous spans only");
+  const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), E = q.size(3);
+  const int64_t Hkv = k.size(1), Lk = k.size(2), mB = spans.size(0), mH = spans.size(1);
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>();
+  const float* lp = lse.data_ptr<float>();
+  const int64_t* sp = spans.data_ptr<int64_t>();
+  float* wp = w.data_ptr<float>();
+  constexpr int64_t R = 32;
+  const int64_t nblk = (Lq + R - 1) / R;
+  at::parallel_for(0, B * Hq * nblk, 1, [&](int64_t begin, int64_t end) {
+    SerialBlas serial;
+    std::vector<float> s;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / (Hq * nblk), h = (t / nblk) % Hq, r0 = (t % nblk) * R;
+      const int64_t T = std::min(Lq, r0 + R) - r0, row0 = (b * Hq + h) * Lq + r0;
+      const int64_t* rs = sp + 2 * (((mB == 1 ? 0 : b) * mH + (mH == 1 ? 0 : h)) * Lq + r0);
+      int64_t lo = Lk, hi = 0;
+      for (int64_t i = 0; i < T; ++i) {
+        if (rs[2 * i] < rs[2 * i + 1]) {
+          lo = std::min(lo, rs[2 * i]);
+          hi = std::max(hi, rs[2 * i + 1]);
+        }
+      }
+      if (hi <= lo) continue;  // no row of the block sees a key: its weights stay 0
+      const int64_t n = hi - lo;
+      s.resize(static_cast<size_t>(T * n));
+      const float* krow = kp + ((b * Hkv + h / (Hq / Hkv)) * Lk + lo) * E;
+      gemm(false, true, T, n, E, static_cast<float>(scale), qp + row0 * E, E, krow, E, 0.f,
+           s.data(), n);
+      for (int64_t i = 0; i < T; ++i) {
+        const int64_t a = rs[2 * i], z = rs[2 * i + 1];
+        if (z <= a || !std::isfinite(lp[row0 + i])) continue;
+        float* row = s.data() + i * n + (a - lo);
+        const float inv = 1.f / exp_sum(row, z - a, lp[row0 + i]);
+        float* dst = wp + (row0 + i) * Lk + a;
+        int64_t j = 0;
+        for (; j + Vec::size() <= z - a; j += Vec::size())
+          (Vec::loadu(row + j) * Vec(inv)).store(dst + j);
+        for (; j < z - a; ++j) dst[j] = row[j] * inv;
+      }
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(attnlab_blocked, m) {
@@ -939,10 +995,14 @@ TORCH_LIBRARY(attnlab_blocked, m) {
       "backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor delta, "
       "Tensor blocks, Tensor tiles, Tensor allowed, Tensor spans, Tensor? slopes, int bs, "
       "bool interval, float scale, int group) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "interval_weights(Tensor q, Tensor k, Tensor lse, Tensor spans, float scale, "
+      "Tensor(a!) w) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(attnlab_blocked, CPU, m) {
   m.impl("row_spans", &row_spans);
   m.impl("forward", &blocked_forward);
   m.impl("backward", &blocked_backward);
+  m.impl("interval_weights", &interval_weights);
 }
