@@ -970,7 +970,7 @@ void interval_weights(const at::Tensor& q, const at::Tensor& k, const at::Tensor
            s.data(), n);
       for (int64_t i = 0; i < T; ++i) {
         const int64_t a = rs[2 * i], z = rs[2 * i + 1];
-        if (z <= a || !std::isfinite(lp[row0 + i])) continue;
+        if (z <= a || lp[row0 + i] == kNegInf) continue;  // NaN goes on: a NaN row
         float* row = s.data() + i * n + (a - lo);
         const float inv = 1.f / exp_sum(row, z - a, lp[row0 + i]);
         float* dst = wp + (row0 + i) * Lk + a;
