@@ -197,11 +197,8 @@ def _kernel_weights(
         return False
     if req.q.dtype != torch.float32 or req.k.dtype != torch.float32:
         return False
-    op = getattr(ops(), "interval_weights", None)
-    if op is None:  # pragma: no cover - a kernel built without weights.cpp
-        return False
-    q, k = req.q.contiguous(), req.k.contiguous()
-    op(q, k, lse.float().contiguous(), kplan.spans.contiguous(), float(req.scale), w)
+    q, k, spans = req.q.contiguous(), req.k.contiguous(), kplan.spans.contiguous()
+    ops().interval_weights(q, k, lse.float().contiguous(), spans, float(req.scale), w)
     return True
 
 

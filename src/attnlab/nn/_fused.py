@@ -62,7 +62,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | Non
     ``activation`` is None, ``"relu"``, ``"gelu"`` or ``"gelu_tanh"``.
     """
     if _fusable(x, weight, bias):
-        fold = activation is None or fuse_activation()[0]  # per instruction set
+        fold = activation in (None, "relu") or fuse_activation()[0]  # GELU: per ISA
         op, algorithm = _POST_OPS[activation if fold else None]
         flat = x.reshape(-1, x.shape[-1])  # (M, K)
         out = _POINTWISE(flat, _packed(weight, flat.shape[0]), bias, op, [], algorithm)  # (M, N)
