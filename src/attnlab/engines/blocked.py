@@ -161,45 +161,16 @@ def _weights(
 def _all_weights(
     req: AttentionRequest, plan: Plan, lse: Tensor, kplan: KernelPlan | None
 ) -> Tensor:
-    """Every weight ``(B, Hq, Lq, Lk)``, written block by block into a lazily zeroed result.
-
-    The forward's logsumexp ``lse (B, Hq, Lq)`` (sinks included) bounds each row's scores,
-    so ``exp(s - lse)`` needs no max pass; each row is then normalized by its own sum
-    (plus the sink's share), which keeps the weights as exact as a softmax. A float32
-    interval mask on the compiled kernel's plan takes the kernel's weights op instead.
-    """
+    """Every weight ``(B, Hq, Lq, Lk)``: the compiled kernel's ``interval_weights`` from the
+    forward's logsumexp ``lse (B, Hq, Lq)`` where it applies, else :func:`_weights`."""
+    f32 = req.q.dtype == req.k.dtype == torch.float32
+    if kplan is None or not kplan.interval or req.bias is not None or not f32:
+        return _weights(req, plan)
     w = lazy_zeros((req.batch, req.heads, req.lq, req.lk), req.q)
-    with torch.no_grad():
-        if _kernel_weights(req, kplan, lse, w):
-            return w
-        acc = acc_dtype(req.q.dtype)
-        q, k = req.q.to(acc), req.k.to(acc)
-        # fully masked rows: every score is -inf, and exp(-inf - 0) = 0
-        safe = lse.to(acc).masked_fill(lse == float("-inf"), 0.0).unsqueeze(-1)  # (B, Hq, Lq, 1)
-        sinks = None if req.sinks is None else req.sinks.to(acc).view(1, -1, 1, 1)
-        for blk in plan.blocks:
-            r0, r1 = blk.rows
-            p = _block_scores(req, blk, q, k).sub_(safe[:, :, r0:r1]).exp_()  # (B, Hq, T, Ks)
-            total = p.sum(-1, keepdim=True)  # (B, Hq, T, 1)
-            if sinks is not None:
-                total += torch.exp(sinks - safe[:, :, r0:r1])
-            _put(w[:, :, r0:r1], blk, p.div_(total.clamp_(min=torch.finfo(acc).tiny)))
-    return w
-
-
-def _kernel_weights(
-    req: AttentionRequest, kplan: KernelPlan | None, lse: Tensor, w: Tensor
-) -> bool:
-    """Write the weights into ``w`` with the compiled kernel's ``interval_weights`` (each
-    row's softmax over its own key span, in parallel tasks) where it applies: float32, an
-    interval mask, no bias. Returns whether it did."""
-    if kplan is None or not kplan.interval or req.bias is not None:
-        return False
-    if req.q.dtype != torch.float32 or req.k.dtype != torch.float32:
-        return False
     q, k, spans = req.q.contiguous(), req.k.contiguous(), kplan.spans.contiguous()
-    ops().interval_weights(q, k, lse.float().contiguous(), spans, float(req.scale), w)
-    return True
+    with torch.no_grad():
+        ops().interval_weights(q, k, lse.float().contiguous(), spans, float(req.scale), w)
+    return w
 
 
 def _block_scores(req: AttentionRequest, blk: Block, q: Tensor, k: Tensor) -> Tensor:
