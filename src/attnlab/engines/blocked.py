@@ -24,8 +24,6 @@ its three implementations: compiled kernel, torch's per-block kernel, eager).
 from __future__ import annotations
 
 import dataclasses
-import math
-import mmap
 import weakref
 
 import torch
@@ -33,6 +31,7 @@ from torch import Tensor
 
 from attnlab.engines import blocked_autograd
 from attnlab.engines._native import build_settings, ops
+from attnlab.engines._zeros import lazy_zeros
 from attnlab.engines.base import AttentionRequest, Engine, EngineResult
 from attnlab.engines.blocked_autograd import (
     BlockedAttention,
@@ -189,25 +188,6 @@ def _put(dst: Tensor, blk: Block, p: Tensor) -> None:
         dst[..., blk.keys].copy_(p)
     else:
         dst.index_copy_(-1, blk.keys.to(dst.device), p.to(dst.dtype))
-
-
-def lazy_zeros(shape: tuple[int, ...], like: Tensor) -> Tensor:
-    """Zeros of ``shape`` with ``like``'s dtype and device. A large CPU result is an
-    anonymous memory map: the OS backs a page only when it is first written, so weights of
-    a window, whose rows are mostly zero, cost their band rather than an ``Lq x Lk`` zero
-    fill (reading the rest later reads zeros). A plain map, not ``calloc``: numpy's asks
-    for huge pages, whose compaction can cost more than the fill it saves.
-
-    Example:
-        >>> lazy_zeros((2, 3), torch.ones(1, dtype=torch.bfloat16))
-        tensor([[0., 0., 0.],
-                [0., 0., 0.]], dtype=torch.bfloat16)
-    """
-    nbytes = math.prod(shape) * like.element_size()
-    if like.device.type != "cpu" or nbytes < 1 << 24:
-        return like.new_zeros(shape)
-    raw = torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)  # kept alive by raw
-    return raw.view(like.dtype).view(shape)
 
 
 def kernel_status() -> dict[str, object]:

@@ -1,0 +1,155 @@
+"""Large zeroed CPU results that cost only the pages written, and a cache that reuses them.
+
+Attention weights of a window or document mask are mostly zeros: ``(B, H, L, L)`` floats
+whose band is all that is ever written. :func:`lazy_zeros` hands out such a result as an
+anonymous memory map, so the OS backs (and zeroes) a page only when it is first written.
+Each first write is a page fault, and unmapping the result costs again, which at 4096
+tokens is a third of a weights call. So a map whose tensor has died goes back to a small
+cache instead of to the OS, and the next request of the same size takes it after zeroing
+just the pages that were written (``/proc/self/pagemap`` names them, whoever wrote them).
+
+* ``ATTNLAB_ZEROS_CACHE_MB`` bounds the written memory the cache may keep (default 1024;
+  ``0`` turns the cache off); :func:`empty_cache` gives it all back.
+* A map of which more than half was written (or read: reading maps zero pages, which
+  look alike) is unmapped rather than kept: zeroing it would cost more than a new one.
+* Without a readable ``pagemap`` nothing is cached.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import threading
+import weakref
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["cache_info", "empty_cache", "lazy_zeros"]
+
+MIN_BYTES = 1 << 24  # smaller results are plain torch.zeros
+_PAGE = mmap.PAGESIZE
+_ENV = "ATTNLAB_ZEROS_CACHE_MB"
+
+
+class _Cache:
+    """Maps whose tensors died, by size, each with the indices of its written pages."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.free: dict[int, list[tuple[mmap.mmap, np.ndarray]]] = {}
+        self.held = 0  # bytes of written pages in ``free``
+        self.hits = 0
+        self.misses = 0
+
+    def limit(self) -> int:
+        try:
+            return max(0, int(os.environ.get(_ENV, "1024"))) << 20
+        except ValueError:
+            return 1 << 30
+
+    def take(self, nbytes: int) -> tuple[mmap.mmap, np.ndarray] | None:
+        with self.lock:
+            maps = self.free.get(nbytes)
+            if not maps:
+                self.misses += 1
+                return None
+            mm, dirty = maps.pop()
+            self.held -= dirty.size * _PAGE
+            self.hits += 1
+            return mm, dirty
+
+    def give(self, mm: mmap.mmap, addr: int) -> None:
+        """Called when the last tensor on ``mm`` dies: keep it, or unmap it."""
+        dirty = _written_pages(addr, len(mm) // _PAGE)
+        cost = len(mm) if dirty is None else dirty.size * _PAGE
+        if dirty is not None and 2 * cost <= len(mm):
+            with self.lock:
+                if self.held + cost <= self.limit():
+                    self.free.setdefault(len(mm), []).append((mm, dirty))
+                    self.held += cost
+                    return
+        mm.close()
+
+    def clear(self) -> None:
+        with self.lock:
+            maps = [mm for lst in self.free.values() for mm, _ in lst]
+            self.free.clear()
+            self.held = 0
+        for mm in maps:
+            mm.close()
+
+
+_CACHE = _Cache()
+
+
+def _written_pages(addr: int, npages: int) -> np.ndarray | None:
+    """Indices of the pages of ``[addr, addr + npages * PAGE)`` that are backed (present or
+    swapped out), or None when ``/proc/self/pagemap`` cannot be read."""
+    try:
+        with open("/proc/self/pagemap", "rb") as fh:
+            fh.seek(addr // _PAGE * 8)
+            raw = fh.read(npages * 8)
+    except OSError:
+        return None
+    if len(raw) != npages * 8:
+        return None
+    entries = np.frombuffer(raw, dtype=np.uint64)  # bit 63: present, bit 62: swapped
+    return np.flatnonzero(entries >> np.uint64(62))
+
+
+def lazy_zeros(shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """Zeros of ``shape`` with ``like``'s dtype and device. A CPU result of 16 MiB or more
+    is an anonymous memory map (a page is backed only when written; reading the rest
+    reads zeros), taken from the cache of dead ones when one of its size is there.
+
+    Example:
+        >>> lazy_zeros((2, 3), torch.ones(1, dtype=torch.bfloat16))
+        tensor([[0., 0., 0.],
+                [0., 0., 0.]], dtype=torch.bfloat16)
+    """
+    nbytes = math.prod(shape) * like.element_size()
+    if like.device.type != "cpu" or nbytes < MIN_BYTES:
+        return like.new_zeros(shape)
+    size = -(-nbytes // _PAGE) * _PAGE  # whole pages
+    cached = _CACHE.take(size) if _CACHE.limit() else None
+    mm = cached[0] if cached is not None else mmap.mmap(-1, size)
+    view = memoryview(mm)
+    raw = torch.frombuffer(view, dtype=torch.uint8)  # holds ``view`` until its storage dies
+    if cached is not None and cached[1].size:  # (pages, PAGE / 4): whole pages back to 0
+        pages = raw.view(torch.float32).view(-1, _PAGE // 4)
+        pages.index_fill_(0, torch.from_numpy(cached[1]), 0.0)
+    if _CACHE.limit():
+        done = weakref.finalize(view, _CACHE.give, mm, raw.data_ptr())
+        done.atexit = False
+    return raw[:nbytes].view(like.dtype).view(shape)
+
+
+def empty_cache() -> None:
+    """Unmap every cached result (see :data:`ATTNLAB_ZEROS_CACHE_MB`).
+
+    Example:
+        >>> empty_cache(); cache_info()["held_mib"]
+        0.0
+    """
+    _CACHE.clear()
+
+
+def cache_info() -> dict[str, float | int]:
+    """The cache's state: maps kept, written MiB they hold, hits and misses so far.
+
+    Example:
+        >>> sorted(cache_info())
+        ['held_mib', 'hits', 'kept', 'limit_mib', 'misses']
+    """
+    with _CACHE.lock:
+        kept = sum(len(v) for v in _CACHE.free.values())
+        return {
+            "kept": kept,
+            "held_mib": _CACHE.held / 2**20,
+            "limit_mib": _CACHE.limit() >> 20,
+            "hits": _CACHE.hits,
+            "misses": _CACHE.misses,
+        }

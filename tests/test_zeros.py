@@ -1,0 +1,84 @@
+"""The cache behind large zeroed results (attnlab.engines._zeros): a reused map is all
+zeros again whoever wrote where, and the cache keeps only what its rules allow."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnlab.engines import _zeros
+from attnlab.engines._zeros import cache_info, empty_cache, lazy_zeros
+
+pytestmark = pytest.mark.skipif(
+    _zeros._written_pages(0, 1) is None, reason="no readable /proc/self/pagemap"
+)
+
+SHAPE = (1, 1024, 4096)  # 16 MiB of float32, the smallest mapped result; 4 pages a row
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ATTNLAB_ZEROS_CACHE_MB", raising=False)
+    empty_cache()
+
+
+def _scribble(z: torch.Tensor, seed: int) -> None:
+    """Writes a band, a few scattered cells and the last cell, as weights and users do."""
+    g = torch.Generator().manual_seed(seed)
+    for h in range(z.shape[0]):
+        z[h].diagonal().fill_(1.0)
+        z[h].diagonal(-300).fill_(-2.0)
+    flat = z.view(-1)
+    flat[torch.randint(0, flat.numel(), (500,), generator=g)] = float("nan")
+    flat[-1] = 7.0
+
+
+def test_a_reused_map_is_zeros_again() -> None:
+    like = torch.ones(1)
+    for seed in range(3):
+        z = lazy_zeros(SHAPE, like)
+        ptr = z.data_ptr()
+        assert torch.equal(z[:, ::97, ::89], torch.zeros(1, 11, 47))  # reads map few pages
+        _scribble(z, seed)
+        del z  # the map goes back to the cache
+        assert cache_info()["kept"] == 1
+        z = lazy_zeros(SHAPE, like)
+        assert z.data_ptr() == ptr and cache_info()["kept"] == 0  # the same map, reused
+        nonzero = torch.count_nonzero(z)  # reads every page: this map is not kept
+        assert int(nonzero) == 0
+        del z
+        assert cache_info()["kept"] == 0
+
+
+def test_other_dtypes_and_sizes_that_are_not_whole_pages() -> None:
+    shape = (3, 1001, 2999)  # bfloat16, 18 MB: not a multiple of the page size
+    z = lazy_zeros(shape, torch.ones(1, dtype=torch.bfloat16))
+    z[:, ::50, :7] = 3
+    z[-1, -1, -1] = 5  # the last bytes, in the last (partly used) page
+    del z
+    hits = cache_info()["hits"]
+    z = lazy_zeros(shape, torch.ones(1, dtype=torch.bfloat16))
+    assert cache_info()["hits"] == hits + 1 and z.shape == shape and z.dtype == torch.bfloat16
+    assert torch.equal(z, torch.zeros(shape, dtype=torch.bfloat16))
+
+
+def test_the_cache_keeps_what_its_rules_allow(monkeypatch: pytest.MonkeyPatch) -> None:
+    like = torch.ones(1)
+    z = lazy_zeros(SHAPE, like)
+    z.fill_(1.0)  # every page written: zeroing it would cost more than a new map
+    del z
+    assert cache_info()["kept"] == 0
+    a, b = lazy_zeros(SHAPE, like), lazy_zeros(SHAPE, like)
+    a[0, :, 0] = 1  # a page in each row: 4 MiB written
+    b[0, :40] = 1  # 160 pages
+    monkeypatch.setenv("ATTNLAB_ZEROS_CACHE_MB", "0")  # off: nothing is kept
+    del b
+    assert cache_info()["kept"] == 0
+    monkeypatch.setenv("ATTNLAB_ZEROS_CACHE_MB", "1")  # 1 MiB: 160 pages fit, 1024 do not
+    b = lazy_zeros(SHAPE, like)
+    b[0, :40] = 1
+    del a, b
+    info = cache_info()
+    assert info["kept"] == 1 and 0 < info["held_mib"] <= 1
+    empty_cache()
+    assert cache_info()["kept"] == 0 and cache_info()["held_mib"] == 0
