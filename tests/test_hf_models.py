@@ -125,6 +125,38 @@ def test_padded_batches_and_weights_equal_eager(family: str, side: str) -> None:
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_packed_rows_are_found_beside_an_all_ones_mask_and_a_fresh_cache(family: str) -> None:
+    """transformers itself looks for packed rows only without a 2-D mask and a cache
+    (transformers PR #46634); the backend finds them in both cases, row by row."""
+    ids = _ids(2, 16)
+    pos = torch.tensor([list(range(6)) + list(range(10)), list(range(9)) + list(range(7))])
+    model = tiny(family)
+    parts = [ids[:1, :6], ids[:1, 6:], ids[1:, :9], ids[1:, 9:]]  # each sequence alone
+    alone = [model(input_ids=p).logits for p in parts]  # eager
+    want = torch.cat([torch.cat(alone[:2], 1), torch.cat(alone[2:], 1)])
+    model.set_attn_implementation("attnlab")
+    ones = torch.ones_like(ids)
+    for kw in ({"attention_mask": ones, "use_cache": False}, {"use_cache": True}):
+        got = model(input_ids=ids, position_ids=pos, **kw).logits
+        assert max_err(got, want) < 1e-5
+    model.set_attn_implementation("eager")  # eager mixes the packed rows there
+    mixed = model(input_ids=ids, position_ids=pos, attention_mask=ones, use_cache=False).logits
+    assert max_err(mixed, want) > 1e-3
+
+
+def test_position_ids_beside_padding_are_not_read_as_packing() -> None:
+    """A padded row's positions do not rise by one at the padding: the mask decides."""
+    ids = _ids(1, 12)
+    mask = torch.tensor([[0, 0, 0] + [1] * 9])
+    pos = torch.tensor([[1, 1, 1, *range(9)]])  # as generate() makes them
+    model = tiny("llama")
+    want = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+    model.set_attn_implementation("attnlab")
+    got = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+    assert max_err(got[:, 3:], want[:, 3:]) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
 def test_packed_rows_from_position_ids_equal_separate_sequences(family: str) -> None:
     ids = _ids(1, 16)
     pos = torch.tensor([list(range(6)) + list(range(10))])  # two sequences, 6 and 10

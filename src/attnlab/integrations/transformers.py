@@ -9,6 +9,9 @@ call through :func:`attnlab.attention`:
   ``S x S`` tensor: causal, bidirectional, padding (left or right), sliding windows,
   packed sequences from ``position_ids``, the KV-cache offset (see
   :mod:`attnlab.integrations.hf_masks`);
+* packed sequences are found from ``position_ids`` restarts also where transformers does
+  not look (:func:`with_packing`): beside a 2-D ``attention_mask`` without padding, and
+  with a fresh KV cache, so an all-ones mask no longer lets packed rows see each other;
 * the attention function (:func:`attention_forward`) calls the fastest exact engine for
   the mask, with the model's scale, dropout, logit soft-capping and attention sinks;
 * ``output_attentions=True`` returns exact weights while the output still comes from the
@@ -26,10 +29,13 @@ import torch
 from torch import Tensor, nn
 
 from attnlab.functional import AttentionOutput, attention, attention_weights
-from attnlab.integrations.hf_masks import MaskCall, translate
-from attnlab.masks import Mask
+from attnlab.integrations.hf_masks import KeyValid, MaskCall, translate
+from attnlab.masks import Mask, documents
+from attnlab.masks.base import _Combination
+from attnlab.masks.documents import Documents
+from attnlab.masks.padding import Padding
 
-__all__ = ["NAME", "attention_forward", "build_mask", "register"]
+__all__ = ["NAME", "attention_forward", "build_mask", "register", "with_packing"]
 
 NAME = "attnlab"
 # keyword arguments that change the attention and that attnlab does not compute
@@ -123,7 +129,8 @@ def attention_forward(
         softcap: logit soft-capping ``cap * tanh(s / cap)`` (Gemma 2), or None.
         engine: the attnlab engine (``"auto"``: the fastest exact one).
         kwargs: ``output_attentions=True`` asks for the weights; ``s_aux`` are attention
-            sinks ``(Hq,)`` (gpt-oss); ``sliding_window`` is already in the mask; options
+            sinks ``(Hq,)`` (gpt-oss); ``position_ids`` mark packed sequences (see
+            :func:`with_packing`); ``sliding_window`` is already in the mask; options
             attnlab does not compute (``position_bias``, a head mask) raise ``ValueError``.
 
     Returns:
@@ -143,6 +150,8 @@ def attention_forward(
             f"attnlab's attention); load this model with attn_implementation='eager'"
         )
     mask, bias = _mask_and_bias(attention_mask, key.shape[-2])
+    if bias is None and not isinstance(mask, Tensor):
+        mask = with_packing(mask, kwargs.get("position_ids"), query.shape[-2], key.shape[-2])
     want = bool(kwargs.get("output_attentions", False)) or _collecting_attentions()
     graph = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     sinks = kwargs.get("s_aux")  # gpt-oss: one learned logit per head in the denominator
@@ -160,6 +169,44 @@ def attention_forward(
     if want and graph:  # the output keeps the engine's autograd; weights come without
         weights = attention_weights(query.detach(), key.detach(), value.detach(), **args)  # type: ignore[arg-type]
     return out.transpose(1, 2).contiguous(), weights  # (B, Lq, Hq, Ev)
+
+
+def with_packing(mask: Mask | None, position_ids: object, lq: int, lk: int) -> Mask | None:
+    """``mask`` AND the packed sequences that ``position_ids (B or 1, L)`` mark by restarting.
+
+    transformers looks for packed sequences only when no 2-D ``attention_mask`` and no KV
+    cache is given, so an all-ones mask (or ``use_cache=True``) lets packed rows attend to
+    each other. Here the same rule (transformers' ``find_packed_sequence_indices``: a new
+    sequence wherever the position does not rise by one) applies whenever every query
+    meets every key for the first time (``Lq == Lk == L``) and the mask has no padding (a
+    padded row's positions do not rise by one) and no documents yet. Anything else, and
+    3-D position ids (multimodal RoPE), leaves ``mask`` as it is.
+
+    Example:
+        >>> from attnlab.masks import causal
+        >>> with_packing(causal(), torch.tensor([[0, 1, 2, 0, 1]]), 5, 5).spec()
+        '(documents(2 documents, length 5) & causal())'
+    """
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    pos = position_ids
+    if not isinstance(pos, Tensor) or pos.dim() not in (1, 2) or not lq == lk == pos.shape[-1]:
+        return mask
+    leaves = _leaves(mask) if mask is not None else []
+    if any(isinstance(m, (Padding, KeyValid, Documents)) for m in leaves):
+        return mask
+    packed = find_packed_sequence_indices(pos.reshape(-1, lq))
+    if packed is None:
+        return mask
+    docs = documents(packed)
+    return docs if mask is None else docs & mask
+
+
+def _leaves(mask: Mask) -> list[Mask]:
+    """The masks an ``&`` / ``|`` combination is made of (the mask itself otherwise)."""
+    if isinstance(mask, _Combination):
+        return [leaf for part in mask.parts for leaf in _leaves(part)]
+    return [mask]
 
 
 def _collecting_attentions() -> bool:
