@@ -1,4 +1,4 @@
-"""The cache behind large zeroed results (attnlab.engines._zeros): a reused map is all
+"""The cache behind large zeroed results (attnlab.engines.zeros): a reused map is all
 zeros again whoever wrote where, and the cache keeps only what its rules allow."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnlab.engines import _zeros
-from attnlab.engines._zeros import cache_info, empty_cache, lazy_zeros
+from attnlab.engines import zeros as _zeros
+from attnlab.engines.zeros import cache_info, empty_cache, lazy_zeros
 
 pytestmark = pytest.mark.skipif(
     _zeros._written_pages(0, 1) is None, reason="no readable /proc/self/pagemap"

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from attnlab.engines import blocked_autograd
 from attnlab.engines._native import build_settings, ops
-from attnlab.engines._zeros import lazy_zeros
+from attnlab.engines.zeros import lazy_zeros
 from attnlab.engines.base import AttentionRequest, Engine, EngineResult
 from attnlab.engines.blocked_autograd import (
     BlockedAttention,
