@@ -15,8 +15,8 @@ from attnlab import bias as B
 from attnlab import masks as M
 from attnlab.engines import blocked_autograd as blocked_mod
 from attnlab.engines import get_engine, select_engine
-from attnlab.engines.zeros import lazy_zeros
 from attnlab.engines.blocked_plan import make_plan
+from attnlab.engines.zeros import lazy_zeros
 from attnlab.functional import _request
 from tests.conftest import max_err, naive_attention
 

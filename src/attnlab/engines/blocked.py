@@ -31,7 +31,6 @@ from torch import Tensor
 
 from attnlab.engines import blocked_autograd
 from attnlab.engines._native import build_settings, ops
-from attnlab.engines.zeros import lazy_zeros
 from attnlab.engines.base import AttentionRequest, Engine, EngineResult
 from attnlab.engines.blocked_autograd import (
     BlockedAttention,
@@ -47,6 +46,7 @@ from attnlab.engines.blocked_autograd import (
     with_sinks,
 )
 from attnlab.engines.blocked_plan import Block, KernelPlan, Plan, kernel_plan, make_plan
+from attnlab.engines.zeros import lazy_zeros
 from attnlab.scores import grouped_matmul
 
 __all__ = ["BlockedEngine", "kernel", "kernel_error", "kernel_status"]

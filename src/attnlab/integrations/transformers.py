@@ -31,9 +31,6 @@ from torch import Tensor, nn
 from attnlab.functional import AttentionOutput, attention, attention_weights
 from attnlab.integrations.hf_masks import KeyValid, MaskCall, translate
 from attnlab.masks import Mask, documents
-from attnlab.masks.base import _Combination
-from attnlab.masks.documents import Documents
-from attnlab.masks.padding import Padding
 
 __all__ = ["NAME", "attention_forward", "build_mask", "register", "with_packing"]
 
@@ -179,8 +176,9 @@ def with_packing(mask: Mask | None, position_ids: object, lq: int, lk: int) -> M
     each other. Here the same rule (transformers' ``find_packed_sequence_indices``: a new
     sequence wherever the position does not rise by one) applies whenever every query
     meets every key for the first time (``Lq == Lk == L``) and the mask has no padding (a
-    padded row's positions do not rise by one) and no documents yet. Anything else, and
-    3-D position ids (multimodal RoPE), leaves ``mask`` as it is.
+    padded row's positions do not rise by one). Anything else, and 3-D position ids
+    (multimodal RoPE), leaves ``mask`` as it is; packed rows transformers found already
+    are found again, to the same documents.
 
     Example:
         >>> from attnlab.masks import causal
@@ -192,21 +190,14 @@ def with_packing(mask: Mask | None, position_ids: object, lq: int, lk: int) -> M
     pos = position_ids
     if not isinstance(pos, Tensor) or pos.dim() not in (1, 2) or not lq == lk == pos.shape[-1]:
         return mask
-    leaves = _leaves(mask) if mask is not None else []
-    if any(isinstance(m, (Padding, KeyValid, Documents)) for m in leaves):
-        return mask
+    parts = mask.conjuncts if mask is not None else ()
+    if any(m.lengths() is not None or isinstance(m, KeyValid) for m in parts):
+        return mask  # padding: its rows' positions do not rise by one
     packed = find_packed_sequence_indices(pos.reshape(-1, lq))
     if packed is None:
         return mask
     docs = documents(packed)
     return docs if mask is None else docs & mask
-
-
-def _leaves(mask: Mask) -> list[Mask]:
-    """The masks an ``&`` / ``|`` combination is made of (the mask itself otherwise)."""
-    if isinstance(mask, _Combination):
-        return [leaf for part in mask.parts for leaf in _leaves(part)]
-    return [mask]
 
 
 def _collecting_attentions() -> bool:
