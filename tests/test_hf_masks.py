@@ -63,10 +63,17 @@ CASES = {
     "static-cache": (mu.causal_mask_function, 3, 20, 5, 0, True),  # Lk past the tokens
     "chunked": (mu.chunked_causal_mask_function(4, torch.zeros(B, dtype=torch.long)),
                 12, 12, 0, 0, True),
+    "chunked-left-padded": (mu.chunked_causal_mask_function(4, torch.tensor([0, 3])),
+                            12, 12, 0, 0, True),
+    "chunked-decode": (mu.chunked_causal_mask_function(4, torch.tensor([0, 3])),
+                       1, 14, 13, 0, True),
+    "chunked-prefill-after-cache": (mu.chunked_causal_mask_function(5, torch.tensor([2, 0])),
+                                    4, 16, 12, 0, True),
     "or-overlay": (mu.or_masks(mu.causal_mask_function, lambda b, h, q, k: k == 0),
                    12, 12, 0, 0, True),
 }  # fmt: skip
 INTERVALS = {"causal", "sliding", "sliding-bidirectional", "decode", "prefill-after-cache"}
+INTERVALS |= {"chunked", "chunked-left-padded", "chunked-decode", "chunked-prefill-after-cache"}
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -80,7 +87,7 @@ def test_translated_masks_equal_transformers_dense_masks(name: str) -> None:
     structural = mask is None or not isinstance(mask, Custom)
     if name in {*INTERVALS, "packed"}:  # no evaluation of a function: exact intervals
         assert structural and (mask is None or mask.row_bounds(lq, lk, B) is not None), name
-    if name in {"static-cache", "chunked", "or-overlay"}:  # evaluated, never dropped
+    if name in {"static-cache", "or-overlay"}:  # evaluated, never dropped
         assert isinstance(mask, Custom), name
 
 

@@ -32,6 +32,13 @@ def _configs() -> dict[str, Callable[[], object]]:
         "gpt_oss": lambda: t.GptOssConfig(
             **GQA, head_dim=16, num_local_experts=2, num_experts_per_tok=1, sliding_window=5
         ),  # attention sinks
+        "llama4": lambda: t.Llama4TextConfig(  # chunked attention in 3 of 4 layers
+            **{**GQA, "num_hidden_layers": 4},
+            head_dim=16,
+            intermediate_size_mlp=64,
+            attention_chunk_size=5,
+            num_local_experts=2,
+        ),
         "gpt2": lambda: t.GPT2Config(
             vocab_size=V, n_embd=64, n_head=4, n_layer=2, bos_token_id=0, eos_token_id=0
         ),
@@ -47,7 +54,7 @@ def _configs() -> dict[str, Callable[[], object]]:
     }
 
 
-DECODERS = ["llama", "mistral", "qwen2", "gemma2", "gpt_oss", "gpt2"]
+DECODERS = ["llama", "mistral", "qwen2", "gemma2", "gpt_oss", "llama4", "gpt2"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -105,7 +112,7 @@ def test_logits_and_gradients_follow_eager_by_the_2x_rule(family: str, impl: str
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "gpt_oss", "bert"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "gpt_oss", "llama4", "bert"])
 def test_padded_batches_and_weights_equal_eager(family: str, side: str) -> None:
     ids, am = _ids(), torch.ones(2, 16, dtype=torch.long)
     am[0, :4] = 0 if side == "left" else 1
@@ -118,7 +125,7 @@ def test_padded_batches_and_weights_equal_eager(family: str, side: str) -> None:
     a = ref.logits if hasattr(ref, "logits") else ref.last_hidden_state
     b = got.logits if hasattr(got, "logits") else got.last_hidden_state
     assert max_err(a[valid], b[valid]) < 1e-5
-    assert len(got.attentions) == len(ref.attentions) == 2
+    assert len(got.attentions) == len(ref.attentions) == model.config.num_hidden_layers
     for w_ref, w in zip(ref.attentions, got.attentions, strict=True):  # every layer
         assert w.shape == w_ref.shape
         assert max_err(w_ref.transpose(1, 2)[valid], w.transpose(1, 2)[valid]) < 1e-6
@@ -170,7 +177,7 @@ def test_packed_rows_from_position_ids_equal_separate_sequences(family: str) -> 
     assert max_err(packed, model(input_ids=ids, position_ids=pos, use_cache=False).logits) < 1e-5
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "gpt_oss", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "gpt_oss", "llama4", "gpt2"])
 def test_generate_with_the_cache_gives_eagers_greedy_tokens(family: str, tmp_path: Path) -> None:
     tiny(family).save_pretrained(tmp_path)  # the two-line use, from a folder
     auto = transformers.AutoModelForCausalLM

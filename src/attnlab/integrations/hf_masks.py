@@ -6,9 +6,10 @@ transformers describes each attention mask as a composed index function
 recognizes the pieces transformers builds its masks from (causal, bidirectional,
 sliding windows, packed sequences, padding, ``and``/``or``) and turns them into attnlab
 masks with exact key intervals, so the blocked engine skips masked-out work and no
-``Lq x Lk`` tensor is made. A piece it does not recognize (a model's own overlay, chunked
-attention) is not dropped: the whole function is then evaluated tile by tile as an
-attnlab :func:`~attnlab.masks.custom` mask, which is exact but slower.
+``Lq x Lk`` tensor is made; chunked attention (Llama 4) becomes :func:`documents` of the
+chunks. A piece it does not recognize (a model's own overlay) is not dropped: the whole
+function is then evaluated tile by tile as an attnlab :func:`~attnlab.masks.custom` mask,
+which is exact but slower.
 
 Positions: transformers' query ``i`` is at ``q_offset + i`` and key ``j`` at
 ``kv_offset + j``; attnlab aligns queries bottom-right (row ``i`` at ``i + Lk - Lq``).
@@ -203,6 +204,8 @@ def _structure(fn: HFMaskFn, call: MaskCall) -> Piece:
         pad = cells["padding_mask"]
         if isinstance(pad, Tensor):
             return padding_mask(pad[:, call.kv_offset : call.kv_offset + call.kv_length].bool())
+    if kind == "chunked_overlay":  # Llama 4: (k - pad) // C == (q - pad) // C
+        return documents(_chunk_ids(cells, call))
     if kind == "packed_sequence_mask_function" and call.q_length == call.kv_length:
         return documents(cells["packed_sequence_mask"])  # type: ignore[arg-type]
     if kind == "remap_positions_for_packed_sequence":
@@ -212,6 +215,17 @@ def _structure(fn: HFMaskFn, call: MaskCall) -> Piece:
     if kind in ("and_masks", "or_masks"):
         return _combine(kind == "and_masks", cells["mask_functions"], call)  # type: ignore[arg-type]
     return _UNKNOWN
+
+
+def _chunk_ids(cells: dict[str, object], call: MaskCall) -> Tensor:
+    """The chunk of every key ``(B, Lk)``: ``(kv_offset + j - left_padding[b]) // C``. Aligned
+    queries (``kv_offset + Lk == q_offset + Lq``) sit on their keys' positions, so the
+    chunk of a query is that of the key at its position, as :func:`documents` reads it."""
+    size, pad = int(cells["chunk_size"]), cells["left_padding"]  # type: ignore[call-overload]
+    pad = torch.as_tensor(pad).reshape(-1, 1)  # (B or 1, 1)
+    keys = torch.arange(call.kv_length, device=pad.device) + call.kv_offset
+    ids = torch.div(keys - pad, size, rounding_mode="floor")  # (B or 1, Lk)
+    return ids.expand(call.batch_size, -1) if ids.shape[0] == 1 else ids
 
 
 def _combine(conjunction: bool, fns: tuple[HFMaskFn, ...], call: MaskCall) -> Piece:
