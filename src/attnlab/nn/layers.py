@@ -28,7 +28,7 @@ from attnlab import masks as M
 from attnlab.bias import Bias
 from attnlab.masks import Mask
 from attnlab.nn._from_torch import load_torch, torch_config
-from attnlab.nn._fused import module_linear
+from attnlab.nn._fused import feed_forward, module_linear
 from attnlab.nn.attention import MultiHeadAttention
 from attnlab.nn.cache import KVCache
 from attnlab.nn.config import ACTIVATIONS, LayerConfig, check_choice
@@ -76,14 +76,18 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``x (B, L, D) -> (B, L, D)``."""
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """``x (B, L, D) -> (B, L, D)``; plus ``residual (B, L, D)`` where given (the
+        sum a residual layer makes, fused into the last product at CPU inference)."""
         if self.activation == "swiglu":
             gate, value = self.linear1(x).chunk(2, dim=-1)  # (B, L, F) each
             h = F.silu(gate) * value
+        elif residual is not None and not (self.dropout.training and self.dropout.p):
+            # fused products, a block of rows at a time (attnlab.nn._fused.feed_forward)
+            return feed_forward(x, self.linear1, self.linear2, self.activation, residual)
         else:  # one fused matmul + bias + activation at CPU inference
             h = module_linear(self.linear1, x, self.activation)  # (B, L, F)
-        return module_linear(self.linear2, self.dropout(h))
+        return module_linear(self.linear2, self.dropout(h), residual=residual)
 
 
 def _attention(c: LayerConfig, *, rope: bool) -> MultiHeadAttention:
@@ -136,6 +140,17 @@ class EncoderLayer(nn.Module):
         ``norm(x + drop(h))``."""
         return x + drop(h) if self.norm_first else norm(x + drop(h))
 
+    def _fold_residual(self) -> bool:
+        """Whether the feed-forward may add the residual itself: no dropout between, and
+        a plain :class:`FeedForward` without hooks (one that captures its output sees
+        ``ff(x)`` alone)."""
+        ff = self.ff
+        return (
+            not (self.dropout2.training and self.dropout2.p)
+            and type(ff) is FeedForward
+            and not (ff._forward_hooks or ff._forward_pre_hooks)
+        )
+
     def forward(
         self,
         x: Tensor,
@@ -158,7 +173,11 @@ class EncoderLayer(nn.Module):
         )
         h, weights = out if need_weights else (out, None)
         x = self._out(x, h, self.norm1, self.dropout1)
-        x = self._out(x, self.ff(self._in(x, self.norm2)), self.norm2, self.dropout2)
+        if not self._fold_residual():
+            x = self._out(x, self.ff(self._in(x, self.norm2)), self.norm2, self.dropout2)
+        else:  # x + ff(...) in one pass (the residual fused into ff's last product)
+            x = self.ff(self._in(x, self.norm2), residual=x)
+            x = x if self.norm_first else self.norm2(x)
         return x if weights is None else (x, weights)
 
     @classmethod
