@@ -90,6 +90,17 @@ class FeedForward(nn.Module):
         return module_linear(self.linear2, self.dropout(h), residual=residual)
 
 
+def _foldable(sub: nn.Module, kind: type, drop: nn.Module) -> bool:
+    """Whether sub-layer ``sub`` may add the residual itself: no dropout after it, and a
+    plain ``kind`` without hooks (one that captures its output sees the sub-layer's own
+    output, without the residual)."""
+    return (
+        not (drop.training and getattr(drop, "p", 0.0))
+        and type(sub) is kind
+        and not (sub._forward_hooks or sub._forward_pre_hooks)
+    )
+
+
 def _attention(c: LayerConfig, *, rope: bool) -> MultiHeadAttention:
     """The layer's self-attention (with the config's RoPE) or cross-attention (without)."""
     return MultiHeadAttention(
@@ -140,17 +151,6 @@ class EncoderLayer(nn.Module):
         ``norm(x + drop(h))``."""
         return x + drop(h) if self.norm_first else norm(x + drop(h))
 
-    def _fold_residual(self) -> bool:
-        """Whether the feed-forward may add the residual itself: no dropout between, and
-        a plain :class:`FeedForward` without hooks (one that captures its output sees
-        ``ff(x)`` alone)."""
-        ff = self.ff
-        return (
-            not (self.dropout2.training and self.dropout2.p)
-            and type(ff) is FeedForward
-            and not (ff._forward_hooks or ff._forward_pre_hooks)
-        )
-
     def forward(
         self,
         x: Tensor,
@@ -164,16 +164,21 @@ class EncoderLayer(nn.Module):
 
         With ``need_weights``, a pair with the self-attention weights ``(B, H, L, L)``.
         """
+        fold = _foldable(self.self_attn, MultiHeadAttention, self.dropout1)
         out = self.self_attn(
             self._in(x, self.norm1),
             mask=mask,
             bias=bias,
             positions=positions,
             need_weights=need_weights,
+            **({"residual": x} if fold else {}),
         )
         h, weights = out if need_weights else (out, None)
-        x = self._out(x, h, self.norm1, self.dropout1)
-        if not self._fold_residual():
+        if fold:  # h is x + attention(...) already (added in the output projection)
+            x = h if self.norm_first else self.norm1(h)
+        else:
+            x = self._out(x, h, self.norm1, self.dropout1)
+        if not _foldable(self.ff, FeedForward, self.dropout2):
             x = self._out(x, self.ff(self._in(x, self.norm2)), self.norm2, self.dropout2)
         else:  # x + ff(...) in one pass (the residual fused into ff's last product)
             x = self.ff(self._in(x, self.norm2), residual=x)
