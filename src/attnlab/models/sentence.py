@@ -259,7 +259,7 @@ class SentenceEncoder(nn.Module):
         """
         if self.strategy != "bucket" or not sel:
             return [sel]
-        parts = -(-len(ids[sel[0]]) * len(sel) // TOKENS_PER_PASS)
+        parts = max(1, -(-len(ids[sel[0]]) * len(sel) // TOKENS_PER_PASS))  # 0 tokens: 1
         step = -(-len(sel) // parts)
         return [sel[i : i + step] for i in range(0, len(sel), step)]
 
