@@ -50,7 +50,9 @@ def test_packed_weight_follows_in_place_updates_and_is_freed() -> None:
 
 @pytest.mark.parametrize("fold", [True, False])
 @pytest.mark.parametrize("rows", [1, 37, 640])
-def test_residual_is_added_as_torch_adds_it(rows: int, fold: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_residual_is_added_as_torch_adds_it(
+    rows: int, fold: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(_fused, "fuse_activation", lambda: (fold, "test"))
     x, w, b, r = torch.randn(rows, 48), torch.randn(24, 48), torch.randn(24), torch.randn(rows, 24)
     with torch.no_grad():

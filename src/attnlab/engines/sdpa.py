@@ -115,7 +115,6 @@ def _unbroadcast(t: Tensor) -> Tensor:
     SDPA, which broadcasts it, without SDPA materializing (and reading) every copy. A key
     padding mask ``(B, 1, 1, Lk)`` stays that size instead of ``(B, 1, Lq, Lk)``."""
     index = tuple(
-        slice(0, 1) if t.stride(d) == 0 and t.shape[d] > 1 else slice(None)
-        for d in range(t.dim())
+        slice(0, 1) if t.stride(d) == 0 and t.shape[d] > 1 else slice(None) for d in range(t.dim())
     )
     return t[index]

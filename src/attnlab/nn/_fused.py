@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import weakref
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -168,7 +168,8 @@ def module_linear(
     return out if residual is None else residual + out
 
 
-def _plain(module: nn.Module) -> bool:
+def _plain(module: nn.Module) -> TypeGuard[nn.Linear]:
+    """An ``nn.Linear`` itself (not a subclass or a swapped module), without hooks."""
     return type(module) is nn.Linear and not (module._forward_hooks or module._forward_pre_hooks)
 
 
@@ -178,8 +179,8 @@ FF_ROWS = 2048
 
 def feed_forward(
     x: Tensor,
-    linear1: nn.Module,
-    linear2: nn.Module,
+    linear1: nn.Linear,
+    linear2: nn.Linear,
     activation: str,
     residual: Tensor,
     rows: int | None = None,

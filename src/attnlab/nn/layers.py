@@ -95,7 +95,7 @@ def _foldable(sub: nn.Module, kind: type, drop: nn.Module) -> bool:
     plain ``kind`` without hooks (one that captures its output sees the sub-layer's own
     output, without the residual)."""
     return (
-        not (drop.training and getattr(drop, "p", 0.0))
+        not (drop.training and float(getattr(drop, "p", 0.0)) > 0.0)
         and type(sub) is kind
         and not (sub._forward_hooks or sub._forward_pre_hooks)
     )
