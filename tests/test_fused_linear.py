@@ -46,3 +46,60 @@ def test_packed_weight_follows_in_place_updates_and_is_freed() -> None:
         del w
         gc.collect()
         assert len(_fused._PACKED) == before - 1  # the packed copy goes with its weight
+
+
+@pytest.mark.parametrize("fold", [True, False])
+@pytest.mark.parametrize("rows", [1, 37, 640])
+def test_residual_is_added_as_torch_adds_it(
+    rows: int, fold: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_fused, "fuse_activation", lambda: (fold, "test"))
+    x, w, b, r = torch.randn(rows, 48), torch.randn(24, 48), torch.randn(24), torch.randn(rows, 24)
+    with torch.no_grad():
+        got = linear(x, w, b, residual=r)
+        strided = linear(x, w, b, residual=torch.randn(24, rows).T)  # not oneDNN's: unfused
+    want = F.linear(x, w, b) + r
+    assert torch.allclose(got, want, atol=1e-5)
+    assert strided.shape == want.shape
+    with pytest.raises(ValueError, match="residual only without an activation"):
+        linear(x, w, b, "gelu", residual=r)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh"])
+def test_feed_forward_in_row_blocks_equals_one_pass(activation: str) -> None:
+    lin1, lin2 = torch.nn.Linear(16, 64), torch.nn.Linear(64, 16)
+    x, res = torch.randn(3, 37, 16), torch.randn(3, 37, 16)
+    want = res + lin2(_fused._activate(lin1(x), activation))
+    with torch.no_grad():
+        whole = _fused.feed_forward(x, lin1, lin2, activation, res, rows=1000)
+        blocks = _fused.feed_forward(x, lin1, lin2, activation, res, rows=25)  # 5 of 23 rows
+    assert blocks.shape == want.shape
+    assert torch.allclose(whole, want, atol=1e-5)
+    assert torch.allclose(blocks, want, atol=1e-5)
+    # with autograd the plain path runs, and gradients reach the weights
+    out = _fused.feed_forward(x, lin1, lin2, activation, res, rows=25)
+    out.sum().backward()
+    assert lin1.weight.grad is not None and torch.allclose(out, want, atol=1e-5)
+
+
+def test_encoder_layer_folds_residuals_only_without_hooks() -> None:
+    from attnlab.nn import EncoderLayer, LayerConfig
+
+    torch.manual_seed(0)
+    layer = EncoderLayer(LayerConfig(32, 4, 64, dropout=0.1, activation="gelu")).eval()
+    x = torch.randn(2, 9, 32)
+    with torch.no_grad():
+        fused = layer(x)
+        seen: list[torch.Tensor] = []
+        hooks = [
+            layer.ff.register_forward_hook(lambda m, i, o: seen.append(o)),
+            layer.self_attn.register_forward_hook(lambda m, i, o: seen.append(o)),
+        ]
+        plain = layer(x)
+        for h in hooks:
+            h.remove()
+    assert torch.allclose(fused, plain, atol=1e-6)
+    # hooked sub-layers report their own outputs, without the residual
+    a = layer.self_attn(x)
+    assert torch.allclose(seen[0], a, atol=1e-6)
+    assert torch.allclose(seen[1], layer.ff(layer.norm1(x + a)), atol=1e-6)

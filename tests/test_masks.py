@@ -1013,3 +1013,18 @@ def test_property_layout_consistent(
     np.testing.assert_array_equal(_bh(dense), e.ref, err_msg=e.text)
     layout = e.mask.block_layout(lq, lk, bq, bk, batch=B, heads=H)
     check_layout(layout, dense, bq, bk, exact=e.primitive)
+
+
+def test_tensor_mask_dense_is_a_broadcast_view_equal_to_the_gather() -> None:
+    from attnlab._grid import Grid
+    from attnlab.masks.tensor import TensorMask
+
+    t = torch.rand(3, 1, 1, 7) > 0.3  # key padding
+    m = TensorMask(t)
+    dense = m.dense(5, 7, batch=3, heads=4)
+    gathered = torch.broadcast_to(m.evaluate(Grid.full(5, 7, batch=3, heads=1)), (3, 1, 5, 7))
+    assert dense.shape == (3, 1, 5, 7) and torch.equal(dense, gathered)
+    assert dense.stride(2) == 0  # a view: nothing was copied
+    from attnlab.engines.sdpa import _unbroadcast
+
+    assert _unbroadcast(dense).shape == (3, 1, 1, 7)

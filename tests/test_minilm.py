@@ -299,3 +299,16 @@ def test_sentence_config_from_folder(tmp_path: Path) -> None:
         ValueError, match=r"exactly one of .* must be true \(got \['mean', 'cls'\]\)"
     ):
         SentenceConfig.from_folder(tmp_path, 512)
+
+
+def test_bucket_passes_split_long_batches_evenly_and_keep_every_text() -> None:
+    from attnlab.models import sentence
+
+    enc = object.__new__(sentence.SentenceEncoder)
+    enc.strategy = "bucket"
+    long_, short = [[1] * 140] * 32, [[1] * 8] * 32
+    assert [len(p) for p in enc._passes(list(range(32)), long_)] == [11, 11, 10]
+    assert enc._passes(list(range(32)), short) == [list(range(32))]  # 256 tokens: one pass
+    assert enc._passes([0], [[]]) == [[0]]  # no tokens at all: still one pass
+    enc.strategy = "pack"
+    assert enc._passes(list(range(32)), long_) == [list(range(32))]

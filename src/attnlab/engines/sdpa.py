@@ -94,9 +94,9 @@ def _dense_mask(req: AttentionRequest) -> tuple[Tensor | None, Tensor | None]:
     """
     allowed = empty = None
     if req.mask is not None:
-        allowed = req.mask.dense(
-            req.lq, req.lk, batch=req.batch, heads=req.heads, device=req.q.device
-        )  # (Bm, Hm, Lq, Lk)
+        allowed = _unbroadcast(
+            req.mask.dense(req.lq, req.lk, batch=req.batch, heads=req.heads, device=req.q.device)
+        )  # (Bm, Hm, Lq or 1, Lk or 1): SDPA broadcasts it
         rows = ~allowed.any(dim=-1, keepdim=True)  # (Bm, Hm, Lq, 1)
         if bool(rows.any()):
             allowed, empty = allowed | rows, rows
@@ -108,3 +108,13 @@ def _dense_mask(req: AttentionRequest) -> tuple[Tensor | None, Tensor | None]:
     if allowed is not None:
         bias = bias.masked_fill(~allowed, float("-inf"))
     return bias, empty
+
+
+def _unbroadcast(t: Tensor) -> Tensor:
+    """``t`` with each broadcast (stride 0) dim narrowed to size 1: the same mask for
+    SDPA, which broadcasts it, without SDPA materializing (and reading) every copy. A key
+    padding mask ``(B, 1, 1, Lk)`` stays that size instead of ``(B, 1, Lq, Lk)``."""
+    index = tuple(
+        slice(0, 1) if t.stride(d) == 0 and t.shape[d] > 1 else slice(None) for d in range(t.dim())
+    )
+    return t[index]

@@ -47,6 +47,22 @@ class TensorMask(Mask):
     def evaluate(self, grid: Grid) -> Tensor:
         return grid.gather(self.t.to(grid.k.device))
 
+    def dense(
+        self,
+        lq: int,
+        lk: int,
+        *,
+        batch: int | None = None,
+        heads: int = 1,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
+        """The tensor itself broadcast to ``(Bm, Hm, lq, lk)``: on the whole grid the
+        gather of :meth:`evaluate` is the identity, so this is a view (size-1 dims keep
+        stride 0), not a copy."""
+        self._check_sizes(batch, heads, lq, lk)
+        bm, hm = self._sizes(batch, heads)
+        return torch.broadcast_to(self.t.to(device), (bm, hm, lq, lk))
+
     def spec(self) -> str:
         return f"tensor(shape={tuple(self.t.shape)})"
 

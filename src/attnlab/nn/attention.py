@@ -136,6 +136,7 @@ class MultiHeadAttention(nn.Module):
         need_weights: bool = False,
         average_weights: bool = False,
         positions: Tensor | None = None,
+        residual: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Attend from ``query`` over ``key``/``value`` (self-attention when key is None).
 
@@ -157,6 +158,8 @@ class MultiHeadAttention(nn.Module):
             average_weights: average the weights over heads, as torch's layer does.
             positions: RoPE positions ``(L,)`` or ``(B, L)`` of this call's queries and new
                 keys (default: the cache length onward).
+            residual: ``(B, Lq, D)`` added to the output (a residual layer's sum, done in
+                the output projection's epilogue at CPU inference).
 
         Returns:
             ``(B, Lq, D)``, or with ``need_weights`` a pair with the weights
@@ -168,7 +171,8 @@ class MultiHeadAttention(nn.Module):
         res = self._attend(q, k, v, mask, bias, need_weights)
         out = res.out if isinstance(res, AttentionOutput) else res  # (B, H, Lq, E)
         b, h, lq, e = out.shape
-        out = module_linear(self.out_proj, out.transpose(1, 2).reshape(b, lq, h * e))  # (B, Lq, D)
+        out = out.transpose(1, 2).reshape(b, lq, h * e)  # (B, Lq, H E)
+        out = module_linear(self.out_proj, out, residual=residual)  # (B, Lq, D)
         if not need_weights:
             return out
         w = cast(AttentionOutput, res).weights

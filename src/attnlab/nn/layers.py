@@ -28,7 +28,7 @@ from attnlab import masks as M
 from attnlab.bias import Bias
 from attnlab.masks import Mask
 from attnlab.nn._from_torch import load_torch, torch_config
-from attnlab.nn._fused import module_linear
+from attnlab.nn._fused import feed_forward, module_linear
 from attnlab.nn.attention import MultiHeadAttention
 from attnlab.nn.cache import KVCache
 from attnlab.nn.config import ACTIVATIONS, LayerConfig, check_choice
@@ -76,14 +76,29 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``x (B, L, D) -> (B, L, D)``."""
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """``x (B, L, D) -> (B, L, D)``; plus ``residual (B, L, D)`` where given (the
+        sum a residual layer makes, fused into the last product at CPU inference)."""
         if self.activation == "swiglu":
             gate, value = self.linear1(x).chunk(2, dim=-1)  # (B, L, F) each
             h = F.silu(gate) * value
+        elif residual is not None and not (self.dropout.training and self.dropout.p):
+            # fused products, a block of rows at a time (attnlab.nn._fused.feed_forward)
+            return feed_forward(x, self.linear1, self.linear2, self.activation, residual)
         else:  # one fused matmul + bias + activation at CPU inference
             h = module_linear(self.linear1, x, self.activation)  # (B, L, F)
-        return module_linear(self.linear2, self.dropout(h))
+        return module_linear(self.linear2, self.dropout(h), residual=residual)
+
+
+def _foldable(sub: nn.Module, kind: type, drop: nn.Module) -> bool:
+    """Whether sub-layer ``sub`` may add the residual itself: no dropout after it, and a
+    plain ``kind`` without hooks (one that captures its output sees the sub-layer's own
+    output, without the residual)."""
+    return (
+        not (drop.training and float(getattr(drop, "p", 0.0)) > 0.0)
+        and type(sub) is kind
+        and not (sub._forward_hooks or sub._forward_pre_hooks)
+    )
 
 
 def _attention(c: LayerConfig, *, rope: bool) -> MultiHeadAttention:
@@ -149,16 +164,25 @@ class EncoderLayer(nn.Module):
 
         With ``need_weights``, a pair with the self-attention weights ``(B, H, L, L)``.
         """
+        fold = _foldable(self.self_attn, MultiHeadAttention, self.dropout1)
         out = self.self_attn(
             self._in(x, self.norm1),
             mask=mask,
             bias=bias,
             positions=positions,
             need_weights=need_weights,
+            **({"residual": x} if fold else {}),
         )
         h, weights = out if need_weights else (out, None)
-        x = self._out(x, h, self.norm1, self.dropout1)
-        x = self._out(x, self.ff(self._in(x, self.norm2)), self.norm2, self.dropout2)
+        if fold:  # h is x + attention(...) already (added in the output projection)
+            x = h if self.norm_first else self.norm1(h)
+        else:
+            x = self._out(x, h, self.norm1, self.dropout1)
+        if not _foldable(self.ff, FeedForward, self.dropout2):
+            x = self._out(x, self.ff(self._in(x, self.norm2)), self.norm2, self.dropout2)
+        else:  # x + ff(...) in one pass (the residual fused into ff's last product)
+            x = self.ff(self._in(x, self.norm2), residual=x)
+            x = x if self.norm_first else self.norm2(x)
         return x if weights is None else (x, weights)
 
     @classmethod
