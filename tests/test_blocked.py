@@ -389,3 +389,26 @@ def test_kernel_passes_nan_on_like_fp64(name: str) -> None:
         empty = ~allowed.any(-1)  # rows that see no key: 0 and -inf, never NaN
         assert not got.out[empty].isnan().any() and (got.out[empty] == 0).all(), where
         assert got.lse[empty].isneginf().all(), where
+
+
+def test_kernel_large_outputs_come_from_a_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outputs of 4 MiB and more reuse freed ones (no fresh pages per call): a live output
+    keeps its buffer, a freed one is handed to the next call, and values stay exact."""
+    if blocked_mod.kernel() is None:
+        pytest.skip(f"attnlab's CPU kernel could not be built: {blocked_mod.kernel_error()}")
+    q, k, v = (torch.randn(1, 4, 4096, 64) for _ in range(3))  # out: 4 MiB
+    mask = M.causal() & M.window(64)
+
+    def run() -> Tensor:
+        out = attnlab.attention(q, k, v, mask=mask, engine="blocked")
+        assert isinstance(out, Tensor)
+        return out
+
+    first, second = run(), run()
+    assert first.data_ptr() != second.data_ptr()
+    freed = second.data_ptr()
+    del second
+    third = run()
+    assert third.data_ptr() == freed and torch.equal(first, third)
+    monkeypatch.setattr(blocked_mod, "USE_KERNEL", False)
+    assert max_err(first, run()) < 1e-5

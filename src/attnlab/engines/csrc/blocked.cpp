@@ -24,7 +24,9 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -828,6 +830,62 @@ void populate(void* p, int64_t bytes) {
 #endif
 }
 
+// The forward's large outputs come from a small pool of freed ones: a fresh buffer of tens
+// of MiB is mapped by the allocator on each call (every page faulted in and zeroed by the
+// system) and unmapped when freed, and those two cost about a tenth of a window forward at
+// 16k rows. A freed output of at least kPoolMin bytes goes back to the pool, which keeps
+// at most kPoolBuffers of them and kPoolBytes in all (else it is freed); a request takes
+// one of exactly its size, or allocates. Outputs so made are not resizable.
+constexpr size_t kPoolMin = size_t{4} << 20, kPoolBytes = size_t{256} << 20;
+constexpr size_t kPoolBuffers = 2;
+
+struct OutputPool {
+  std::mutex mu;
+  std::vector<std::pair<size_t, void*>> free;
+  size_t held = 0;
+
+  void* take(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mu);
+    for (size_t i = 0; i < free.size(); ++i)
+      if (free[i].first == bytes) {
+        void* p = free[i].second;
+        free.erase(free.begin() + static_cast<std::ptrdiff_t>(i));
+        held -= bytes;
+        return p;
+      }
+    return nullptr;
+  }
+  void give(void* p, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (free.size() < kPoolBuffers && held + bytes <= kPoolBytes) {
+        free.emplace_back(bytes, p);
+        held += bytes;
+        return;
+      }
+    }
+    std::free(p);
+  }
+};
+
+OutputPool& output_pool() {
+  static OutputPool* pool = new OutputPool;  // never destroyed: outputs may outlive statics
+  return *pool;
+}
+
+// at::empty(sizes) of float32 on the CPU, from the pool when large.
+at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  int64_t numel = 1;
+  for (int64_t d : sizes) numel *= d;
+  const size_t bytes = (static_cast<size_t>(numel) * sizeof(float) + 63) / 64 * 64;
+  if (bytes < kPoolMin) return at::empty(sizes, options);
+  void* p = output_pool().take(bytes);
+  if (p == nullptr) p = std::aligned_alloc(64, bytes);
+  if (p == nullptr) return at::empty(sizes, options);
+  return at::from_blob(
+      p, sizes, [bytes](void* q) { output_pool().give(q, bytes); }, options);
+}
+
 // (out, lse, number of scores computed)
 std::tuple<at::Tensor, at::Tensor, int64_t> blocked_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& blocks,
@@ -837,7 +895,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t> blocked_forward(
   Problem P = make_problem(q, k, v, blocks, tiles, allowed, spans, slopes, bs, scale, interval);
   // every row is written once by its task (rows of no block here), so no zeroing pass; the
   // tasks first-touch the output's pages in parallel
-  at::Tensor out = at::empty({P.B, P.Hq, P.Lq, P.Ev}, q.options());
+  at::Tensor out = pooled_empty({P.B, P.Hq, P.Lq, P.Ev}, q.options());
   at::Tensor lse = at::empty({P.B, P.Hq, P.Lq}, q.options());
   float* o = out.data_ptr<float>();
   float* ls = lse.data_ptr<float>();
