@@ -322,3 +322,93 @@ def test_kernel_forward_within_2x_of_plain_pytorch(case: str) -> None:
     )
     plain, _ = naive_attention(q, k, v, allowed=allowed, bias=dense)
     assert isinstance(got, Tensor) and max_err(got, want) <= 2 * max_err(plain, want)
+
+
+# A NaN in q, k or v reaches exactly the rows that read it, as in fp64: the kernel runs
+# without a NaN screen. Masks on the kernel's interval path (causal, window with ALiBi,
+# padding with rows that see nothing) and on its partial-tile path (~window).
+NAN_MASKS = {
+    "causal": (M.causal(), None),
+    "window_alibi": (M.causal() & M.window(40), B.alibi(4)),
+    "padding": (M.padding([250, 300], [270, 300]), None),
+    "partial_tiles": (~M.window(3, 3), None),
+}
+
+
+@pytest.mark.parametrize("name", list(NAN_MASKS))
+def test_kernel_passes_nan_on_like_fp64(name: str) -> None:
+    if blocked_mod.kernel() is None:
+        pytest.skip(f"attnlab's CPU kernel could not be built: {blocked_mod.kernel_error()}")
+    mask, bias = NAN_MASKS[name]
+    b, hq, hkv, n, e = 2, 4, 2, 300, 32  # GQA: query heads 2 and 3 read key/value head 1
+    allowed = mask.dense(n, n, batch=b, heads=hq).expand(b, hq, n, n)
+    for which, pos in [(w, p) for w in range(3) for p in (0, n // 2, n - 1)]:
+        gen = torch.Generator().manual_seed(10 * which + pos)
+        q = torch.randn(b, hq, n, e, generator=gen)
+        k, v = (torch.randn(b, hkv, n, e, generator=gen) for _ in range(2))
+        (q, k, v)[which][0, 1, pos, 5] = float("nan")
+        blocked_mod.STATS.clear()
+        got = attnlab.attention(q, k, v, mask=mask, bias=bias, engine="blocked", return_lse=True)
+        assert blocked_mod.STATS.get("scores", 0) > 0  # the kernel ran
+        runs = {}
+        for dtype in (torch.float64, torch.float32):
+            # fp64's p @ v multiplies the zero weights of keys a row does not see by v too,
+            # so a NaN value would reach every row: the reference gets it as 0, and NaN goes
+            # where a row sees the value's key (column 5 only)
+            qkv = [t.to(dtype) for t in (q, k, v.nan_to_num(0.0))]
+            r = attnlab.attention(*qkv, mask=mask, bias=bias, engine="reference", return_lse=True)
+            assert isinstance(r, attnlab.AttentionOutput) and r.lse is not None
+            out = r.out.clone()
+            if which == 2:
+                reads = allowed[0, 2:4, :, pos]  # (2, n): query heads 2, 3 of batch 0
+                out[0, 2:4, :, 5] = torch.where(reads, float("nan"), out[0, 2:4, :, 5])
+            runs[dtype] = (out, r.lse)
+        (want, want_lse), (plain, plain_lse) = runs[torch.float64], runs[torch.float32]
+        assert isinstance(got, attnlab.AttentionOutput) and got.lse is not None
+        where = f"{name}: NaN in {'qkv'[which]} at {pos}"
+        hidden = name == "padding" and pos == n - 1  # batch 0's padding: nobody reads it
+        assert bool(want.isnan().any()) != hidden, where
+        assert torch.equal(got.out.isnan(), want.isnan()), where
+        assert torch.equal(got.lse.isnan(), want_lse.isnan()), where
+        assert torch.equal(got.lse.isneginf(), want_lse.isneginf()), where
+        fin = ~want.isnan()
+        err, ref_err = max_err(got.out[fin], want[fin]), max_err(plain[fin], want[fin])
+        assert err <= 2 * ref_err + 1e-6, where
+        fin = want_lse.isfinite()
+        err = max_err(got.lse[fin], want_lse[fin])
+        assert err <= 2 * max_err(plain_lse[fin], want_lse[fin]) + 1e-6, where
+        if which < 2 and bias is None and name != "partial_tiles":  # the kernel's weights
+            ws = [
+                attnlab.attention(
+                    *(t.to(d) for t in (q, k, v)), mask=mask, engine=eng, return_weights=True
+                ).weights
+                for eng, d in (("blocked", torch.float32), ("reference", torch.float64))
+            ]
+            assert ws[0] is not None and ws[1] is not None
+            assert torch.equal(ws[0].isnan(), ws[1].isnan()), where
+        empty = ~allowed.any(-1)  # rows that see no key: 0 and -inf, never NaN
+        assert not got.out[empty].isnan().any() and (got.out[empty] == 0).all(), where
+        assert got.lse[empty].isneginf().all(), where
+
+
+def test_kernel_large_outputs_come_from_a_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outputs of 4 MiB and more reuse freed ones (no fresh pages per call): a live output
+    keeps its buffer, a freed one is handed to the next call, and values stay exact."""
+    if blocked_mod.kernel() is None:
+        pytest.skip(f"attnlab's CPU kernel could not be built: {blocked_mod.kernel_error()}")
+    q, k, v = (torch.randn(1, 4, 4096, 64) for _ in range(3))  # out: 4 MiB
+    mask = M.causal() & M.window(64)
+
+    def run() -> Tensor:
+        out = attnlab.attention(q, k, v, mask=mask, engine="blocked")
+        assert isinstance(out, Tensor)
+        return out
+
+    first, second = run(), run()
+    assert first.data_ptr() != second.data_ptr()
+    freed = second.data_ptr()
+    del second
+    third = run()
+    assert third.data_ptr() == freed and torch.equal(first, third)
+    monkeypatch.setattr(blocked_mod, "USE_KERNEL", False)
+    assert max_err(first, run()) < 1e-5

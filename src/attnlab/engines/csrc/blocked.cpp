@@ -24,7 +24,9 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -227,13 +229,15 @@ void scores(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_t a, int6
   }
 }
 
-// s[j] = exp(s[j] - shift) in place; returns the sum.
+// s[j] = exp(s[j] - shift) in place; returns the sum. NaN (in s or shift) gives NaN, as
+// std::exp does: exp_u20 alone clamps it to a finite value.
 float exp_sum(float* s, int64_t n, float shift) {
   int64_t j = 0;
   const Vec vs(shift);
   Vec acc(0.f);
   for (; j + Vec::size() <= n; j += Vec::size()) {
-    Vec e = (Vec::loadu(s + j) - vs).exp_u20();
+    const Vec d = Vec::loadu(s + j) - vs;
+    const Vec e = Vec::blendv(d.exp_u20(), d, d != d);
     e.store(s + j);
     acc = acc + e;
   }
@@ -291,13 +295,14 @@ constexpr int cols_per_tile(int J) {
 }
 
 // 2^x per lane; lanes below -100 (and -inf) give 0: relative to the row's maximum, which
-// gives 1, such terms are below float resolution. A degree-6 polynomial on the fraction in
+// gives 1, such terms are below float resolution. NaN gives NaN (max(-100, x) returns its
+// second operand x for NaN, and the unordered compare keeps the lane live). A degree-6 polynomial on the fraction in
 // [-1/2, 1/2] (1.6 ulp, and exactly 1 at 0: a degree-5 fit's bias showed in sums over
 // thousands of keys), no denormal in sight.
 inline Vec exp2_lanes(const Vec& x) {
 #if defined(CPU_CAPABILITY_AVX512)
-  const __m512 v = _mm512_max_ps(x, _mm512_set1_ps(-100.f));
-  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-100.f), _CMP_GE_OQ);
+  const __m512 v = _mm512_max_ps(_mm512_set1_ps(-100.f), x);
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-100.f), _CMP_NLT_UQ);
   const __m512 n = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(v, n);
   __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.534581243e-4f), f, _mm512_set1_ps(1.339993090e-3f));
@@ -308,8 +313,8 @@ inline Vec exp2_lanes(const Vec& x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
   return _mm512_maskz_scalef_ps(live, p, n);
 #elif defined(CPU_CAPABILITY_AVX2)
-  const __m256 v = _mm256_max_ps(x, _mm256_set1_ps(-100.f));
-  const __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(-100.f), _CMP_GE_OQ);
+  const __m256 v = _mm256_max_ps(_mm256_set1_ps(-100.f), x);
+  const __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(-100.f), _CMP_NLT_UQ);
   const __m256 n = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 f = _mm256_sub_ps(v, n);
   __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(1.534581243e-4f), f, _mm256_set1_ps(1.339993090e-3f));
@@ -324,7 +329,7 @@ inline Vec exp2_lanes(const Vec& x) {
 #else
   float tmp[kW];
   x.store(tmp);
-  for (int64_t u = 0; u < kW; ++u) tmp[u] = tmp[u] >= -100.f ? std::exp2(tmp[u]) : 0.f;
+  for (int64_t u = 0; u < kW; ++u) tmp[u] = tmp[u] < -100.f ? 0.f : std::exp2(tmp[u]);
   return Vec::loadu(tmp);
 #endif
 }
@@ -553,6 +558,55 @@ void value_segment(const float* st, const float* vc, int64_t Ev, const Segment& 
   });
 }
 
+// Whether row r (of block blk) sees key c.
+bool sees(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_t r, int64_t c) {
+  const int64_t mb = P.mB == 1 ? 0 : b, mh = P.mH == 1 ? 0 : h;
+  const int64_t* rs = P.spans + 2 * ((mb * P.mH + mh) * P.Lq + r);
+  if (c < rs[0] || c >= rs[1]) return false;
+  if (P.interval) return true;
+  const int64_t* bl = P.blocks + 4 * blk;
+  if (c < bl[2] || c >= bl[3]) return false;
+  const int64_t j = (c - bl[2]) / P.bs, t = P.tiles[blk * P.ntile + j];
+  if (t < 0) return true;
+  return P.allowed[(((mb * P.mH + mh) * P.nP + t) * P.bs + (r - bl[0])) * P.bs +
+                   (c - bl[2] - j * P.bs)];
+}
+
+// Row r's output (Ev floats) in double from the keys it sees, NaN only from the values it
+// reads: the forward's path for rows a NaN in V reached (rare; not fast).
+void exact_row(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_t r, float* out) {
+  const int64_t mb = P.mB == 1 ? 0 : b, mh = P.mH == 1 ? 0 : h;
+  const int64_t* rs = P.spans + 2 * ((mb * P.mH + mh) * P.Lq + r);
+  const int64_t lo = rs[0], hi = std::max(rs[0], rs[1]);
+  std::vector<double> s(static_cast<size_t>(hi - lo)), o(static_cast<size_t>(P.Ev), 0.0);
+  const float* q = P.qrow(b, h, r);
+  double mx = -std::numeric_limits<double>::infinity();
+  for (int64_t c = lo; c < hi; ++c) {
+    double x = -std::numeric_limits<double>::infinity();
+    if (sees(P, b, h, blk, r, c)) {
+      const float* k = P.krow(b, h, c);
+      x = 0.0;
+      for (int64_t e = 0; e < P.E; ++e) x += static_cast<double>(q[e]) * k[e];
+      x *= P.scale;
+      if (P.slopes != nullptr)
+        x -= static_cast<double>(P.slopes[h]) * std::fabs(static_cast<double>(r + P.Lk - P.Lq - c));
+    }
+    s[c - lo] = x;
+    mx = std::max(mx, x);
+  }
+  double total = 0.0;
+  if (mx != -std::numeric_limits<double>::infinity()) {
+    for (int64_t c = lo; c < hi; ++c) {
+      if (s[c - lo] == -std::numeric_limits<double>::infinity()) continue;  // unseen: skipped
+      const double p = std::exp(s[c - lo] - mx);
+      total += p;
+      const float* v = P.vrow(b, h, c);
+      for (int64_t e = 0; e < P.Ev; ++e) o[e] += p * v[e];
+    }
+  }
+  for (int64_t e = 0; e < P.Ev; ++e) out[e] = total > 0.0 ? static_cast<float>(o[e] / total) : 0.f;
+}
+
 // One row tile: rows [a, a + T) (T <= kRT) of block blk, batch b, query head h. Writes
 // their output and logsumexp (0 and -inf for rows without a key); returns the number of
 // scores it computed.
@@ -672,18 +726,29 @@ int64_t forward_tile(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_
   }
 
   float m[kRT], l[kRT];
-  Vec inv[kNV];
+  Vec inv[kNV], nan[kNV];
   for (int j = 0; j < kNV; ++j) {  // rows without a key: l = 0, out 0
     vm[j].store(m + j * kW);
     vl[j].store(l + j * kW);
     inv[j] = Vec::blendv(Vec(1.f) / vl[j], Vec(0.f), vl[j] == Vec(0.f));
+    nan[j] = Vec(0.f);
   }
   for (int64_t e = 0; e < Ev; ++e)
-    for (int j = 0; j < kNV; ++j)
-      (Vec::loadu(w.acc + e * kRT + j * kW) * inv[j]).store(w.acc + e * kRT + j * kW);
+    for (int j = 0; j < kNV; ++j) {
+      const Vec x = Vec::loadu(w.acc + e * kRT + j * kW) * inv[j];
+      nan[j] = nan[j] | (x != x);
+      x.store(w.acc + e * kRT + j * kW);
+    }
   transpose_block(w.acc, kRT, o, Ev, Ev, T);
+  for (int64_t r = 0; r < T; ++r)  // NaN scores (from Q or K) give l = NaN: lse NaN
+    ls[r] = l[r] == 0.f ? kNegInf : (m[r] + std::log2(l[r])) * kLn2;
+  // A NaN output beside a finite sum came from V, and V is read by whole row vectors: a NaN
+  // value reaches the rows that do not see its key too (0 * NaN), and rows without keys.
+  // Those rows are computed again one by one, from the keys each row sees.
+  float bad[kRT];
+  for (int j = 0; j < kNV; ++j) (nan[j] & (vl[j] == vl[j])).store(bad + j * kW);
   for (int64_t r = 0; r < T; ++r)
-    ls[r] = l[r] > 0.f ? (m[r] + std::log2(l[r])) * kLn2 : kNegInf;
+    if (bad[r] != 0.f) exact_row(P, b, h, blk, a + r, o + r * Ev);
   return T * (hi - lo);
 }
 
@@ -765,6 +830,62 @@ void populate(void* p, int64_t bytes) {
 #endif
 }
 
+// The forward's large outputs come from a small pool of freed ones: a fresh buffer of tens
+// of MiB is mapped by the allocator on each call (every page faulted in and zeroed by the
+// system) and unmapped when freed, and those two cost about a tenth of a window forward at
+// 16k rows. A freed output of at least kPoolMin bytes goes back to the pool, which keeps
+// at most kPoolBuffers of them and kPoolBytes in all (else it is freed); a request takes
+// one of exactly its size, or allocates. Outputs so made are not resizable.
+constexpr size_t kPoolMin = size_t{4} << 20, kPoolBytes = size_t{256} << 20;
+constexpr size_t kPoolBuffers = 2;
+
+struct OutputPool {
+  std::mutex mu;
+  std::vector<std::pair<size_t, void*>> free;
+  size_t held = 0;
+
+  void* take(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mu);
+    for (size_t i = 0; i < free.size(); ++i)
+      if (free[i].first == bytes) {
+        void* p = free[i].second;
+        free.erase(free.begin() + static_cast<std::ptrdiff_t>(i));
+        held -= bytes;
+        return p;
+      }
+    return nullptr;
+  }
+  void give(void* p, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (free.size() < kPoolBuffers && held + bytes <= kPoolBytes) {
+        free.emplace_back(bytes, p);
+        held += bytes;
+        return;
+      }
+    }
+    std::free(p);
+  }
+};
+
+OutputPool& output_pool() {
+  static OutputPool* pool = new OutputPool;  // never destroyed: outputs may outlive statics
+  return *pool;
+}
+
+// at::empty(sizes) of float32 on the CPU, from the pool when large.
+at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  int64_t numel = 1;
+  for (int64_t d : sizes) numel *= d;
+  const size_t bytes = (static_cast<size_t>(numel) * sizeof(float) + 63) / 64 * 64;
+  if (bytes < kPoolMin) return at::empty(sizes, options);
+  void* p = output_pool().take(bytes);
+  if (p == nullptr) p = std::aligned_alloc(64, bytes);
+  if (p == nullptr) return at::empty(sizes, options);
+  return at::from_blob(
+      p, sizes, [bytes](void* q) { output_pool().give(q, bytes); }, options);
+}
+
 // (out, lse, number of scores computed)
 std::tuple<at::Tensor, at::Tensor, int64_t> blocked_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& blocks,
@@ -774,7 +895,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t> blocked_forward(
   Problem P = make_problem(q, k, v, blocks, tiles, allowed, spans, slopes, bs, scale, interval);
   // every row is written once by its task (rows of no block here), so no zeroing pass; the
   // tasks first-touch the output's pages in parallel
-  at::Tensor out = at::empty({P.B, P.Hq, P.Lq, P.Ev}, q.options());
+  at::Tensor out = pooled_empty({P.B, P.Hq, P.Lq, P.Ev}, q.options());
   at::Tensor lse = at::empty({P.B, P.Hq, P.Lq}, q.options());
   float* o = out.data_ptr<float>();
   float* ls = lse.data_ptr<float>();
@@ -933,7 +1054,8 @@ at::Tensor row_spans(const at::Tensor& blocks, const at::Tensor& tiles, const at
 // 2), Bm in {1, B}, Hm in {1, Hq}. One task per batch, query head and 32 rows: S = scale Q
 // K^T over the union of the rows' spans in one product, then per row exp(S - lse) from the
 // forward's lse, normalized by its own sum (exact as a softmax even where lse is off by a
-// rounding) and stored into the row's span. Rows without a key stay 0.
+// rounding) and stored into the row's span. Rows without a key stay 0; rows whose lse is NaN
+// (a NaN in Q or in a key they see) are NaN throughout, as fp64's softmax gives.
 void interval_weights(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse,
                       const at::Tensor& spans, double scale, at::Tensor w) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k, &lse, &w})
@@ -970,7 +1092,12 @@ void interval_weights(const at::Tensor& q, const at::Tensor& k, const at::Tensor
            s.data(), n);
       for (int64_t i = 0; i < T; ++i) {
         const int64_t a = rs[2 * i], z = rs[2 * i + 1];
-        if (z <= a || lp[row0 + i] == kNegInf) continue;  // NaN goes on: a NaN row
+        if (std::isnan(lp[row0 + i])) {  // a NaN score: every weight of the row, as in fp64
+          std::fill(wp + (row0 + i) * Lk, wp + (row0 + i + 1) * Lk,
+                    std::numeric_limits<float>::quiet_NaN());
+          continue;
+        }
+        if (z <= a || lp[row0 + i] == kNegInf) continue;
         float* row = s.data() + i * n + (a - lo);
         const float inv = 1.f / exp_sum(row, z - a, lp[row0 + i]);
         float* dst = wp + (row0 + i) * Lk + a;
