@@ -3,6 +3,10 @@ zeros again whoever wrote where, and the cache keeps only what its rules allow."
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import pytest
 import torch
 
@@ -82,3 +86,41 @@ def test_the_cache_keeps_what_its_rules_allow(monkeypatch: pytest.MonkeyPatch) -
     assert info["kept"] == 1 and 0 < info["held_mib"] <= 1
     empty_cache()
     assert cache_info()["kept"] == 0 and cache_info()["held_mib"] == 0
+
+
+def test_a_bad_cache_limit_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ATTNLAB_ZEROS_CACHE_MB", "lots")
+    with pytest.raises(ValueError, match=r"ATTNLAB_ZEROS_CACHE_MB must be .* got 'lots'"):
+        lazy_zeros(SHAPE, torch.ones(1))
+    monkeypatch.setenv("ATTNLAB_ZEROS_CACHE_MB", "64")
+    assert lazy_zeros(SHAPE, torch.ones(1)).shape == SHAPE
+
+
+def test_a_forked_child_keeps_its_own_copy() -> None:
+    """Private maps: after a fork, the parent's reuse of a map never shows in the child."""
+    z = lazy_zeros(SHAPE, torch.ones(1))
+    z[0, :8] = 1.0
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child waits for the parent's write, then reports what it sees
+        os.close(write)
+        os.read(read, 1)
+        os._exit(0 if z[0, :8, ::512].flatten().tolist() == [1.0] * 64 else 1)
+    os.close(read)
+    ptr = z.data_ptr()
+    del z
+    again = lazy_zeros(SHAPE, torch.ones(1))  # the same map, zeroed, written anew
+    assert again.data_ptr() == ptr
+    again[0, :8] = 5.0
+    os.write(write, b"x")
+    os.close(write)
+    for _ in range(600):  # 30 s at most: a hang fails instead of blocking the suite
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child did not finish in 30 s")
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

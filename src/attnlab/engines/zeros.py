@@ -45,10 +45,10 @@ class _Cache:
         self.misses = 0
 
     def limit(self) -> int:
-        try:
-            return max(0, int(os.environ.get(_ENV, "1024"))) << 20
-        except ValueError:
-            return 1 << 30
+        seen = os.environ.get(_ENV, "1024")
+        if not seen.strip().isdigit():
+            raise ValueError(f"{_ENV} must be a whole number of MiB >= 0 (0: off), got {seen!r}")
+        return int(seen) << 20
 
     def take(self, nbytes: int) -> tuple[mmap.mmap, np.ndarray] | None:
         with self.lock:
@@ -102,7 +102,7 @@ def _written_pages(addr: int, npages: int) -> np.ndarray | None:
 
 def lazy_zeros(shape: tuple[int, ...], like: Tensor) -> Tensor:
     """Zeros of ``shape`` with ``like``'s dtype and device. A CPU result of 16 MiB or more
-    is an anonymous memory map (a page is backed only when written; reading the rest
+    is a private anonymous memory map (a page is backed only when written; reading the rest
     reads zeros), taken from the cache of dead ones when one of its size is there.
 
     Example:
@@ -115,7 +115,7 @@ def lazy_zeros(shape: tuple[int, ...], like: Tensor) -> Tensor:
         return like.new_zeros(shape)
     size = -(-nbytes // _PAGE) * _PAGE  # whole pages
     cached = _CACHE.take(size) if _CACHE.limit() else None
-    mm = cached[0] if cached is not None else mmap.mmap(-1, size)
+    mm = cached[0] if cached is not None else mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
     view = memoryview(mm)
     raw = torch.frombuffer(view, dtype=torch.uint8)  # holds ``view`` until its storage dies
     if cached is not None and cached[1].size:  # (pages, PAGE / 4): whole pages back to 0
