@@ -352,28 +352,37 @@ struct TileTerms {
   Vec slope{0.f};
 };
 
+// The broadcast products both tiles are made of, with the query rows in the vector lanes:
+// acc[i][j] = sum over t < n of a[t * kRT + j * kW ..][lanes] * b[i * bi + t * bt], for J
+// row vectors of the panel a (kRT floats per step t) and I broadcast columns of b.
+template <int I, int J>
+inline __attribute__((always_inline)) void lane_products(const float* a, int64_t n,
+                                                         const float* b, int64_t bi,
+                                                         int64_t bt, Vec (&acc)[I][J]) {
+#pragma GCC unroll 16
+  for (int i = 0; i < I; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < J; ++j) acc[i][j] = Vec(0.f);
+  for (int64_t t = 0; t < n; ++t) {
+    Vec av[J];
+#pragma GCC unroll 4
+    for (int j = 0; j < J; ++j) av[j] = Vec::loadu(a + t * kRT + j * kW);
+#pragma GCC unroll 16
+    for (int i = 0; i < I; ++i) {
+      const Vec bv(b[i * bi + t * bt]);
+#pragma GCC unroll 4
+      for (int j = 0; j < J; ++j) acc[i][j] = at::vec::fmadd(av[j], bv, acc[i][j]);
+    }
+  }
+}
+
 // St[c + i][vectors j0 .. j0 + J) for keys c .. c + RK of the chunk (rows of `k`, E apart),
 // from the transposed scaled queries qt (E x kRT); raises the running maximum mx.
 template <int RK, int J>
 void score_tile(const float* qt, const float* k, int64_t E, int64_t c, int j0, float* st,
                 const TileTerms& tt, Vec* mx) {
   Vec acc[RK][J];
-#pragma GCC unroll 16
-  for (int i = 0; i < RK; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < J; ++j) acc[i][j] = Vec(0.f);
-  const float* q = qt + j0 * kW;
-  for (int64_t e = 0; e < E; ++e) {
-    Vec qv[J];
-#pragma GCC unroll 4
-    for (int j = 0; j < J; ++j) qv[j] = Vec::loadu(q + e * kRT + j * kW);
-#pragma GCC unroll 16
-    for (int i = 0; i < RK; ++i) {
-      const Vec b(k[i * E + e]);
-#pragma GCC unroll 4
-      for (int j = 0; j < J; ++j) acc[i][j] = at::vec::fmadd(qv[j], b, acc[i][j]);
-    }
-  }
+  lane_products<RK, J>(qt + j0 * kW, E, k, E, 1, acc);  // acc[i] = Q k_i, rows in lanes
   const bool masked = tt.spans && (c < tt.inner_lo || c + RK > tt.inner_hi);
 #pragma GCC unroll 16
   for (int i = 0; i < RK; ++i) {
@@ -396,22 +405,7 @@ void score_tile(const float* qt, const float* k, int64_t E, int64_t c, int j0, f
 template <int EB, int J>
 void value_tile(const float* st, int64_t n, const float* v, int64_t ldv, int j0, float* acc) {
   Vec o[EB][J];
-#pragma GCC unroll 16
-  for (int i = 0; i < EB; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < J; ++j) o[i][j] = Vec(0.f);
-  const float* p = st + j0 * kW;
-  for (int64_t c = 0; c < n; ++c) {
-    Vec pv[J];
-#pragma GCC unroll 4
-    for (int j = 0; j < J; ++j) pv[j] = Vec::loadu(p + c * kRT + j * kW);
-#pragma GCC unroll 16
-    for (int i = 0; i < EB; ++i) {
-      const Vec b(v[c * ldv + i]);
-#pragma GCC unroll 4
-      for (int j = 0; j < J; ++j) o[i][j] = at::vec::fmadd(pv[j], b, o[i][j]);
-    }
-  }
+  lane_products<EB, J>(st + j0 * kW, n, v, 1, ldv, o);  // o[i] = P^T v[:, i], rows in lanes
 #pragma GCC unroll 16
   for (int i = 0; i < EB; ++i)
 #pragma GCC unroll 4
