@@ -114,14 +114,15 @@ def lazy_zeros(shape: tuple[int, ...], like: Tensor) -> Tensor:
     if like.device.type != "cpu" or nbytes < MIN_BYTES:
         return like.new_zeros(shape)
     size = -(-nbytes // _PAGE) * _PAGE  # whole pages
-    cached = _CACHE.take(size) if _CACHE.limit() else None
+    caching = _CACHE.limit() > 0  # (reads the environment: once per call)
+    cached = _CACHE.take(size) if caching else None
     mm = cached[0] if cached is not None else mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
     view = memoryview(mm)
     raw = torch.frombuffer(view, dtype=torch.uint8)  # holds ``view`` until its storage dies
     if cached is not None and cached[1].size:  # (pages, PAGE / 4): whole pages back to 0
         pages = raw.view(torch.float32).view(-1, _PAGE // 4)
         pages.index_fill_(0, torch.from_numpy(cached[1]), 0.0)
-    if _CACHE.limit():
+    if caching:
         done = weakref.finalize(view, _CACHE.give, mm, raw.data_ptr())
         done.atexit = False
     return raw[:nbytes].view(like.dtype).view(shape)

@@ -170,7 +170,14 @@ def module_linear(
 
 def _plain(module: nn.Module) -> TypeGuard[nn.Linear]:
     """An ``nn.Linear`` itself (not a subclass or a swapped module), without hooks."""
-    return type(module) is nn.Linear and not (module._forward_hooks or module._forward_pre_hooks)
+    return plain(module, nn.Linear)
+
+
+def plain(module: nn.Module, kind: type) -> bool:
+    """``module`` is a ``kind`` itself (not a subclass or a swapped module) and carries no
+    forward hooks: code may then compute what it computes another way (fused, or with a
+    residual folded in) without any hook missing its call."""
+    return type(module) is kind and not (module._forward_hooks or module._forward_pre_hooks)
 
 
 # rows of a feed-forward's input per pass at inference (see feed_forward)

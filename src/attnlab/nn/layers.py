@@ -28,7 +28,7 @@ from attnlab import masks as M
 from attnlab.bias import Bias
 from attnlab.masks import Mask
 from attnlab.nn._from_torch import load_torch, torch_config
-from attnlab.nn._fused import feed_forward, module_linear
+from attnlab.nn._fused import feed_forward, module_linear, plain
 from attnlab.nn.attention import MultiHeadAttention
 from attnlab.nn.cache import KVCache
 from attnlab.nn.config import ACTIVATIONS, LayerConfig, check_choice
@@ -94,11 +94,7 @@ def _foldable(sub: nn.Module, kind: type, drop: nn.Module) -> bool:
     """Whether sub-layer ``sub`` may add the residual itself: no dropout after it, and a
     plain ``kind`` without hooks (one that captures its output sees the sub-layer's own
     output, without the residual)."""
-    return (
-        not (drop.training and float(getattr(drop, "p", 0.0)) > 0.0)
-        and type(sub) is kind
-        and not (sub._forward_hooks or sub._forward_pre_hooks)
-    )
+    return not (drop.training and float(getattr(drop, "p", 0.0)) > 0.0) and plain(sub, kind)
 
 
 def _attention(c: LayerConfig, *, rope: bool) -> MultiHeadAttention:
