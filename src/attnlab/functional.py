@@ -208,12 +208,12 @@ def _request(
     """Validate every argument and build the engine request."""
     score_ = V.validate_score(score)
     q, k, v = V.validate_qkv(q, k, v, same_dim=isinstance(score_, str))
-    sizes = {"batch": q.shape[0], "heads": q.shape[1], "lq": q.shape[2], "lk": k.shape[2]}
     mask_, bias_ = as_mask(mask), as_bias(bias)
-    if mask_ is not None:
-        mask_.check(**sizes)
-    if bias_ is not None:
-        bias_.check(**sizes)
+    if mask_ is not None or bias_ is not None:
+        sizes = {"batch": q.shape[0], "heads": q.shape[1], "lq": q.shape[2], "lk": k.shape[2]}
+        for checked in (mask_, bias_):
+            if checked is not None:
+                checked.check(**sizes)
     want_lse = V.validate_flag("return_lse", return_lse)
     scale_ = V.validate_scale(scale)
     normalize_ = V.validate_normalize(normalize, want_lse)

@@ -37,6 +37,9 @@ __all__ = ["NAME", "attention_forward", "build_mask", "register", "with_packing"
 NAME = "attnlab"
 # keyword arguments that change the attention and that attnlab does not compute
 _REFUSED = ("position_bias", "head_mask", "layer_head_mask")
+# transformers' ContextVar of the outputs being recorded (None: not looked up yet; False:
+# this transformers has none)
+_COLLECTOR: Any = None
 
 
 def register(name: str = NAME, engine: str = "auto") -> str:
@@ -140,17 +143,17 @@ def attention_forward(
         >>> out.shape, w.shape
         (torch.Size([1, 5, 2, 8]), torch.Size([1, 2, 5, 5]))
     """
-    refused = [n for n in _REFUSED if kwargs.get(n) is not None]
-    if refused:
-        raise ValueError(
-            f"the attnlab backend cannot compute {refused[0]!r} (a model option outside "
-            f"attnlab's attention); load this model with attn_implementation='eager'"
-        )
+    for name in _REFUSED:
+        if kwargs.get(name) is not None:
+            raise ValueError(
+                f"the attnlab backend cannot compute {name!r} (a model option outside "
+                f"attnlab's attention); load this model with attn_implementation='eager'"
+            )
     mask, bias = _mask_and_bias(attention_mask, key.shape[-2])
     if bias is None and not isinstance(mask, Tensor):
         mask = with_packing(mask, kwargs.get("position_ids"), query.shape[-2], key.shape[-2])
     want = bool(kwargs.get("output_attentions", False)) or _collecting_attentions()
-    graph = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    graph = want and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     sinks = kwargs.get("s_aux")  # gpt-oss: one learned logit per head in the denominator
     args = {"mask": mask, "bias": bias, "scale": scaling, "softcap": softcap, "sinks": sinks}
     r = attention(
@@ -185,11 +188,11 @@ def with_packing(mask: Mask | None, position_ids: object, lq: int, lk: int) -> M
         >>> with_packing(causal(), torch.tensor([[0, 1, 2, 0, 1]]), 5, 5).spec()
         '(documents(2 documents, length 5) & causal())'
     """
+    pos = position_ids
+    if lq != lk or not isinstance(pos, Tensor) or pos.dim() not in (1, 2) or pos.shape[-1] != lq:
+        return mask  # a decoding step (lq < lk) returns here, before any import
     from transformers.masking_utils import find_packed_sequence_indices
 
-    pos = position_ids
-    if not isinstance(pos, Tensor) or pos.dim() not in (1, 2) or not lq == lk == pos.shape[-1]:
-        return mask
     parts = mask.conjuncts if mask is not None else ()
     if any(m.lengths() is not None or isinstance(m, KeyValid) for m in parts):
         return mask  # padding: its rows' positions do not rise by one
@@ -203,11 +206,17 @@ def with_packing(mask: Mask | None, position_ids: object, lq: int, lk: int) -> M
 def _collecting_attentions() -> bool:
     """Whether transformers is recording attention weights now (``output_attentions=True``
     on a model that does not pass the flag down to its attention calls, like GPT-2)."""
-    try:
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:  # an older transformers passes output_attentions down
+    global _COLLECTOR
+    if _COLLECTOR is None:  # looked up once: this runs on every attention call
+        try:
+            from transformers.utils.output_capturing import _active_collector
+        except ImportError:  # an older transformers passes output_attentions down
+            _COLLECTOR = False
+        else:
+            _COLLECTOR = _active_collector
+    if _COLLECTOR is False:
         return False
-    collected = _active_collector.get()
+    collected = _COLLECTOR.get()
     return bool(collected) and any("attentions" in key for key in collected)
 
 
