@@ -121,6 +121,28 @@ def test_info_reports_what_torch_reports(capsys: pytest.CaptureFixture[str]) -> 
     assert f"torch instruction set {got['capability']}" in capsys.readouterr().out
 
 
+def test_info_reports_the_zeros_cache(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The limit read from ATTNLAB_ZEROS_CACHE_MB, 0 as off, a bad value as one line."""
+    from attnlab.cli import main
+
+    monkeypatch.setenv("ATTNLAB_ZEROS_CACHE_MB", "300")
+    assert main(["info", "--json"]) == 0
+    zeros = json.loads(capsys.readouterr().out)["zeros_cache"]
+    readable = os.access("/proc/self/pagemap", os.R_OK)
+    assert (zeros["limit_mib"], zeros["pagemap"]) == (300, readable)
+    assert main(["info"]) == 0
+    assert ("up to 300 MiB" if readable else "pagemap") in capsys.readouterr().out
+    monkeypatch.setenv("ATTNLAB_ZEROS_CACHE_MB", "0")
+    assert main(["info"]) == 0
+    assert "zero-cache: off" in capsys.readouterr().out
+    monkeypatch.setenv("ATTNLAB_ZEROS_CACHE_MB", "lots")
+    assert main(["info"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "ATTNLAB_ZEROS_CACHE_MB" in err and "'lots'" in err and "\n" not in err
+
+
 def test_info_under_a_forced_instruction_set() -> None:
     """A forced AVX2 process builds (here: would build) the AVX2 kernel and runs float32."""
     out = subprocess.run(

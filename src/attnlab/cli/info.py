@@ -3,8 +3,9 @@
 Prints the CPU and torch's instruction set, the thread count, whether bfloat16 matrix
 products are native or emulated (and so what ``precision="auto"`` runs), whether linears
 fold their GELU into oneDNN's product (per instruction set), the blocked
-engine's compiled kernel (built for which instruction set, or why it is unavailable) and
-the registered engines. ``--json`` prints the same as one JSON object.
+engine's compiled kernel (built for which instruction set, or why it is unavailable), the
+cache behind large zeroed weights (:mod:`attnlab.engines.zeros`) and the registered
+engines. ``--json`` prints the same as one JSON object.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import attnlab
 from attnlab._cpu import cpu_info, fuse_activation, resolve_precision
 from attnlab.engines import available_engines, kernel_status
+from attnlab.engines.zeros import cache_info
 
 __all__ = ["add_parsers", "facts", "run"]
 
@@ -32,6 +34,7 @@ def add_parsers(sub: Any) -> None:
 
 def facts() -> dict[str, Any]:
     """What ``attnlab info`` reports, as a dict (builds the kernel if it is not built)."""
+    zeros = cache_info()  # first: a bad ATTNLAB_ZEROS_CACHE_MB fails before any build
     cpu, engines = cpu_info(), available_engines()
     precision, why = resolve_precision("auto", cpu)
     fused, fused_why = fuse_activation(cpu)
@@ -48,6 +51,7 @@ def facts() -> dict[str, Any]:
         "gelu_fused": fused,
         "gelu_why": fused_why,
         "kernel": kernel_status(),
+        "zeros_cache": zeros,
         "engines": {n: "exact" if e.exact else "approximate" for n, e in engines.items()},
     }
 
@@ -74,5 +78,18 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"blocked kernel: unavailable ({k['why_not']}); the blocked engine runs "
               f"torch's per-block kernel instead")  # fmt: skip
+    print(f"weights zero-cache: {_zeros_line(f['zeros_cache'])}")
     print("engines: " + ", ".join(f"{n} ({kind})" for n, kind in f["engines"].items()))
     return 0
+
+
+def _zeros_line(z: dict[str, Any]) -> str:
+    """The zeros cache in words: its limit, or why it is off."""
+    if not z["pagemap"]:
+        return "off (/proc/self/pagemap is not readable here; each result is a fresh map)"
+    if not z["limit_mib"]:
+        return "off (ATTNLAB_ZEROS_CACHE_MB=0)"
+    return (
+        f"keeps up to {z['limit_mib']} MiB of written pages of dead results "
+        f"(ATTNLAB_ZEROS_CACHE_MB)"
+    )

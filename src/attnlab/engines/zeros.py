@@ -138,19 +138,24 @@ def empty_cache() -> None:
     _CACHE.clear()
 
 
-def cache_info() -> dict[str, float | int]:
-    """The cache's state: maps kept, written MiB they hold, hits and misses so far.
+def cache_info() -> dict[str, float | int | bool]:
+    """The cache's state: maps kept, written MiB they hold, hits and misses so far, its
+    limit, and whether it can work here at all (``pagemap``: ``/proc/self/pagemap`` is
+    readable, without which nothing is cached).
 
     Example:
         >>> sorted(cache_info())
-        ['held_mib', 'hits', 'kept', 'limit_mib', 'misses']
+        ['held_mib', 'hits', 'kept', 'limit_mib', 'misses', 'pagemap']
     """
     with _CACHE.lock:
         kept = sum(len(v) for v in _CACHE.free.values())
-        return {
+        info: dict[str, float | int | bool] = {
             "kept": kept,
             "held_mib": _CACHE.held / 2**20,
             "limit_mib": _CACHE.limit() >> 20,
             "hits": _CACHE.hits,
             "misses": _CACHE.misses,
         }
+    probe = np.zeros(1)  # any mapped address
+    info["pagemap"] = _written_pages(probe.ctypes.data // _PAGE * _PAGE, 1) is not None
+    return info
