@@ -21,10 +21,18 @@ import torch
 from torch import Tensor
 
 from attnlab import _validate as V
-from attnlab._observe import OBSERVERS, AttentionEvent, live_weights, notify, rewriter
+from attnlab._observe import (
+    LIVE_WEIGHTS,
+    OBSERVERS,
+    REWRITERS,
+    AttentionEvent,
+    live_weights,
+    notify,
+    rewriter,
+)
 from attnlab.bias import Bias, as_bias
 from attnlab.engines import AttentionRequest, get_engine, select_engine, validate_options
-from attnlab.engines.base import slice_weights
+from attnlab.engines.base import plain_attention, slice_weights
 from attnlab.engines.reference import mix
 from attnlab.masks import Mask, as_mask
 from attnlab.scores import ScoreFn, default_scale, expand_kv
@@ -124,6 +132,13 @@ def attention(
         >>> attnlab.attention(q, k, v, engine="performer", engine_options=opts).shape
         torch.Size([2, 4, 16, 8])
     """
+    plain = mask is None and bias is None and softcap is None and sinks is None
+    if plain and engine == "auto" and engine_options is None:  # a decoding step, say
+        flags_off = return_weights is False and return_lse is False and approximate is False
+        defaults = flags_off and _defaults(score, normalize, dropout_p)
+        out = _plain(q, k, v, scale) if defaults else None
+        if out is not None:
+            return out
     req = _request(
         q,
         k,
@@ -156,6 +171,30 @@ def attention(
     if return_weights or return_lse:
         return AttentionOutput(out, weights if return_weights else None, lse)
     return out
+
+
+def _defaults(score: object, normalize: object, dropout_p: object) -> bool:
+    """Whether these :func:`attention` arguments are their defaults (a value the full path
+    would reject, like ``dropout_p=False``, is not: it goes there and fails)."""
+    if type(score) is not str or type(normalize) is not str:
+        return False
+    no_dropout = type(dropout_p) in (int, float) and dropout_p == 0
+    return score == "dot" and normalize == "softmax" and no_dropout
+
+
+def _plain(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor | None:
+    """The output of a plain :func:`attention` call without a request, or None.
+
+    A call with nothing but q, k, v and a scale is the whole of a decoding step, where
+    building and routing a request cost as much as the kernel. The engine ``auto`` would
+    pick answers it directly (:func:`attnlab.engines.base.plain_attention`) when no
+    capture block, weight rewriter or live-weights block is open anywhere; inputs are
+    validated as on the full path.
+    """
+    if OBSERVERS or REWRITERS or LIVE_WEIGHTS:
+        return None
+    q, k, v = V.validate_qkv(q, k, v, same_dim=True)
+    return plain_attention(q, k, v, V.validate_scale(scale))
 
 
 def unsupported_by(

@@ -29,6 +29,7 @@ __all__ = [
     "available_engines",
     "get_engine",
     "may_hold_nan",
+    "plain_attention",
     "register_engine",
     "select_engine",
     "slice_weights",
@@ -138,9 +139,25 @@ class Engine:
         """Compute ``(out (B, Hq, Lq, Ev), weights | None, lse | None)``."""
         raise NotImplementedError
 
+    #: True when :meth:`prefers` is False for every plain call (see :meth:`plain`), so
+    #: ``auto`` passes this engine by for them without building a request.
+    passes_plain: bool = False
+
     def prefers(self, req: AttentionRequest) -> bool:
         """Whether ``auto`` should pick this engine for ``req`` (given it is supported)."""
         return True
+
+    def plain(self, q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor | None:
+        """``out (B, Hq, Lq, Ev)`` of a plain call, or None to have a request built.
+
+        A plain call asks for dot-product softmax attention and nothing else: no mask,
+        bias, dropout, weights, logsumexp, soft-capping, sinks or engine options (a
+        decoding step). ``q, k, v`` are validated and share a batch. An engine returns a
+        result only where its :meth:`unsupported` and :meth:`prefers` would let ``auto``
+        pick it for the same call; ``auto`` asks the first engine of its order that does
+        not pass plain calls by. This default always asks for the request.
+        """
+        return None
 
     def weights(
         self,
@@ -208,6 +225,7 @@ def validate_options(options: object) -> Mapping[str, object]:
 _REGISTRY: dict[str, Engine] = {}
 _AUTO_ORDER: list[str] = []
 _APPROX_ORDER: list[str] = []
+_PLAIN: list[Engine] = []  # the engine ``auto`` asks first for a plain call, if any
 
 
 def register_engine(engine: Engine, *, auto_rank: int | None = None) -> Engine:
@@ -227,7 +245,22 @@ def register_engine(engine: Engine, *, auto_rank: int | None = None) -> Engine:
             order.remove(engine.name)
     if auto_rank is not None:
         (_AUTO_ORDER if engine.exact else _APPROX_ORDER).insert(auto_rank, engine.name)
+    _PLAIN[:] = [_REGISTRY[n] for n in _AUTO_ORDER if not _REGISTRY[n].passes_plain][:1]
     return engine
+
+
+def plain_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor | None:
+    """What ``engine="auto"`` computes for a plain call (see :meth:`Engine.plain`) when
+    the engine it would pick can say so without a request, else None.
+
+    Example:
+        >>> q, k = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 32, 8)
+        >>> plain_attention(q, k, k, None).shape  # SDPA on the CPU from 16 keys on
+        torch.Size([1, 4, 1, 8])
+        >>> plain_attention(q, k[:, :, :8], k[:, :, :8], None) is None  # 8 keys: a request
+        True
+    """
+    return _PLAIN[0].plain(q, k, v, scale) if _PLAIN else None
 
 
 def available_engines() -> dict[str, Engine]:

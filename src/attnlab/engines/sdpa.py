@@ -42,9 +42,15 @@ class SdpaEngine(Engine):
             return "torch SDPA does not return the logsumexp (return_lse=True)"
         if req.batch == 0 or req.lq == 0 or req.lk == 0:
             return "torch SDPA does not accept empty batches or sequences"
-        if not _keeps_nan(req) and may_hold_nan(req.q, req.k, req.v):
+        if not _keeps_nan(req.q, req.lk, req.dropout_p) and may_hold_nan(req.q, req.k, req.v):
             return "the inputs hold NaN, which torch SDPA's fused kernels turn into 0"
         return None
+
+    def plain(self, q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor | None:
+        if 0 in q.shape[:3] or not _keeps_nan(q, k.shape[2], 0.0):
+            return None  # empty, or a NaN screen to run: the request decides
+        gqa = q.shape[1] != k.shape[1]
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
 
     def forward(self, req: AttentionRequest) -> EngineResult:
         gqa = req.heads != req.k.shape[1]
@@ -74,7 +80,7 @@ class SdpaEngine(Engine):
         return out, None, None
 
 
-def _keeps_nan(req: AttentionRequest) -> bool:
+def _keeps_nan(q: Tensor, lk: int, dropout_p: float) -> bool:
     """Whether torch's CPU SDPA passes NaN inputs on to the rows that read them, so the
     NaN screen (a pass over the whole KV cache at every decoding step) can be skipped.
 
@@ -83,7 +89,7 @@ def _keeps_nan(req: AttentionRequest) -> bool:
     its rows; with fewer and no mask, NaN queries and keys can come out as 0.
     ``tests/test_attention.py`` pins this, so a torch that changes it fails the suite.
     """
-    return req.q.device.type == "cpu" and req.lk >= 16 and req.dropout_p == 0.0
+    return q.device.type == "cpu" and lk >= 16 and dropout_p == 0.0
 
 
 def _dense_mask(req: AttentionRequest) -> tuple[Tensor | None, Tensor | None]:

@@ -1,0 +1,135 @@
+"""The plain-call path of :func:`attnlab.attention`: a call with nothing but q, k, v (a
+decoding step) goes to the engine ``auto`` would pick without building a request, and
+gives what the full path gives, validation included."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import Tensor
+
+import attnlab
+from attnlab import functional
+from attnlab import masks as M
+from attnlab.engines import base
+from attnlab.engines.reference import ReferenceEngine
+from attnlab.interpret import capture
+from tests.conftest import assert_2x_rule, naive_attention
+
+
+def _qkv(lk: int, dtype: torch.dtype = torch.float32, b: int = 2) -> tuple[Tensor, ...]:
+    g = torch.Generator().manual_seed(lk)
+    q = torch.randn(b, 8, 1, 32, generator=g, dtype=dtype)
+    k, v = (torch.randn(b, 2, lk, 32, generator=g, dtype=dtype) for _ in range(2))
+    return q, k, v
+
+
+@pytest.fixture
+def no_requests(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Counts the requests attention() builds (a plain call builds none)."""
+    built: list[int] = []
+    full = functional._request
+
+    def counting(*args: object, **kwargs: object) -> base.AttentionRequest:
+        built.append(1)
+        return full(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(functional, "_request", counting)
+    yield built
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_plain_call_skips_the_request_and_equals_the_full_path(
+    dtype: torch.dtype, no_requests: list[int]
+) -> None:
+    q, k, v = _qkv(300, dtype)
+    fast = attnlab.attention(q, k, v, scale=0.2)
+    assert not no_requests  # the plain path answered
+    full = attnlab.attention(q, k, v, scale=0.2, engine="sdpa")
+    assert no_requests and isinstance(fast, Tensor) and torch.equal(fast, full)
+    ref64, _ = naive_attention(*(t.double() for t in (q, k, v)), scale=0.2)
+    plain, _ = naive_attention(q, k, v, scale=0.2)  # plain PyTorch in the same dtype
+    assert_2x_rule(fast, plain, ref64)
+
+
+def test_a_batch_of_one_broadcasts_on_the_plain_path(no_requests: list[int]) -> None:
+    q, k, v = _qkv(40, b=3)
+    out = attnlab.attention(q[:1], k, v)
+    assert not no_requests and isinstance(out, Tensor) and out.shape == (3, 8, 1, 32)
+    want = attnlab.attention(q[:1].expand(3, -1, -1, -1), k, v, engine="reference")
+    torch.testing.assert_close(out, want)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"mask": M.causal()},
+        {"return_weights": True},
+        {"dropout_p": 0.1},
+        {"engine": "sdpa"},
+        {"softcap": 30.0},
+        {"normalize": "sparsemax"},
+    ],
+    ids=lambda e: next(iter(e)),
+)
+def test_anything_more_than_q_k_v_builds_a_request(extra: dict, no_requests: list[int]) -> None:
+    attnlab.attention(*_qkv(40), **extra)
+    assert no_requests
+
+
+def test_few_keys_and_open_capture_blocks_build_a_request(no_requests: list[int]) -> None:
+    attnlab.attention(*_qkv(15))  # below 16 keys SDPA needs its NaN screen
+    assert len(no_requests) == 1
+    model = _Attends()
+    with capture(model) as got:
+        model(*_qkv(40))
+    assert len(no_requests) == 2 and len(got.records) == 1  # the observer saw the call
+
+
+class _Attends(torch.nn.Module):
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        out = attnlab.attention(q, k, v)
+        assert isinstance(out, Tensor)
+        return out
+
+
+def test_bad_input_fails_as_on_the_full_path() -> None:
+    q, k, v = _qkv(40)
+    with pytest.raises(TypeError, match="q, k and v must share one dtype"):
+        attnlab.attention(q, k.double(), v)
+    with pytest.raises(ValueError, match=r"q must have shape \(B, H, L, E\)"):
+        attnlab.attention(q[0], k, v)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        attnlab.attention(q[:, :3], k, v)
+    with pytest.raises(ValueError, match="scale must be finite"):
+        attnlab.attention(q, k, v, scale=float("inf"))
+    with pytest.raises(TypeError, match="dropout_p"):
+        attnlab.attention(q, k, v, dropout_p=False)
+    with pytest.raises(TypeError, match="return_weights must be a bool"):
+        attnlab.attention(q, k, v, return_weights=0)  # type: ignore[arg-type]
+
+
+def test_an_engine_registered_first_gets_plain_calls(no_requests: list[int]) -> None:
+    """A user's engine ahead of SDPA in auto's order turns the plain path off."""
+
+    class Mine(ReferenceEngine):
+        name = "mine"
+
+    saved = (dict(base._REGISTRY), list(base._AUTO_ORDER), list(base._PLAIN))
+    try:
+        base.register_engine(Mine(), auto_rank=0)
+        q, k, v = _qkv(40)
+        got = attnlab.attention(q, k, v, return_lse=False)
+        assert no_requests and base.select_engine("auto", _request(q, k, v)).name == "mine"
+        torch.testing.assert_close(got, attnlab.attention(q, k, v, engine="sdpa"))
+    finally:
+        base._REGISTRY.clear()
+        base._REGISTRY.update(saved[0])
+        base._AUTO_ORDER[:] = saved[1]
+        base._PLAIN[:] = saved[2]
+
+
+def _request(q: Tensor, k: Tensor, v: Tensor) -> base.AttentionRequest:
+    return functional._request(q, k, v, None, None, None, "dot", "softmax", 0.0, False, False)
