@@ -1112,8 +1112,7 @@ __attribute__((flatten)) void weight_tile(const WeightTask& W, int64_t i0, int64
     for (int j = 0; j < KV; ++j) {
       const Vec key = Vec::arange(static_cast<float>((v + j) * kW), 1.f);
       const Vec d = acc[r][j] * scale - shift;
-      // NaN (in S or lse) gives NaN, as std::exp does: exp_u20 alone clamps it
-      Vec x = Vec::blendv(d.exp_u20(), d, d != d);
+      Vec x = exp2_lanes(d * Vec(kLog2e));  // NaN (in S or lse) gives NaN, as std::exp does
       x = Vec::blendv(Vec(0.f), x, (key >= a) & (key < z));
       sum = sum + x;
       x.store(W.e + i * W.lde + (v + j) * kW);
