@@ -1063,7 +1063,7 @@ at::Tensor row_spans(const at::Tensor& blocks, const at::Tensor& tiles, const at
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int kWR = 8, kWK = 3;  // 24 accumulators of 32 registers
 #elif defined(CPU_CAPABILITY_AVX2)
-constexpr int kWR = 6, kWK = 2;  // 12 accumulators of 16 registers
+constexpr int kWR = 4, kWK = 3;  // 12 accumulators of 16 registers
 #else
 constexpr int kWR = 4, kWK = 2;
 #endif
