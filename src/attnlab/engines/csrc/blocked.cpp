@@ -1051,15 +1051,16 @@ at::Tensor row_spans(const at::Tensor& blocks, const at::Tensor& tiles, const at
 // ---- Weights of interval masks ----------------------------------------------------------
 // w (B, Hq, Lq, Lk), made zero by the caller (lazily: only the pages written here are ever
 // backed), gets each row's softmax over its own key span [lo, hi) from spans (Bm, Hm, Lq,
-// 2), Bm in {1, B}, Hm in {1, Hq}. One task per batch, query head and 32 rows, over the
-// union [lo, hi) of the rows' spans, whose keys are first transposed (K^T, E x n). Register
-// tiles of kWR rows x kWK key vectors (the keys in the vector lanes, so each row's weights
-// come out in w's own layout) compute S = scale Q K^T over just the keys their rows see, and
-// while S is in registers, exp(S - lse) from the forward's lse (0 outside the row's span)
-// and the row's running sum, lane by lane. A second pass stores each row's span normalized
-// by its own sum (exact as a softmax even where lse is off by a rounding). Rows without a
-// key stay 0; rows whose lse is NaN (a NaN in Q or in a key they see) are NaN throughout,
-// as fp64's softmax gives.
+// 2), Bm in {1, B}, Hm in {1, Hq}. K is first transposed once per batch and key/value
+// head (K^T, E x Lk). One task per batch, query head and 32 rows, over the union [lo, hi) of
+// the rows' spans: register tiles of kWR rows x kWK key vectors (the keys in the vector
+// lanes, so each row's weights come out in w's own layout) compute S = scale Q K^T over just
+// the keys their rows see, and while S is in registers, exp(S - lse) from the forward's lse
+// (0 outside the row's span; exp2_lanes of (S - lse) log2(e)) and the row's running sum,
+// lane by lane. A second pass stores each row's span normalized by its own sum (exact as a
+// softmax even where lse is off by a rounding) with streaming stores. Rows without a key
+// stay 0; rows whose lse is NaN (a NaN in Q or in a key they see) are NaN throughout, as
+// fp64's softmax gives.
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int kWR = 8, kWK = 3;  // 24 accumulators of 32 registers
 #elif defined(CPU_CAPABILITY_AVX2)
