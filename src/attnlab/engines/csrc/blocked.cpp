@@ -1045,11 +1045,139 @@ at::Tensor row_spans(const at::Tensor& blocks, const at::Tensor& tiles, const at
 // ---- Weights of interval masks ----------------------------------------------------------
 // w (B, Hq, Lq, Lk), made zero by the caller (lazily: only the pages written here are ever
 // backed), gets each row's softmax over its own key span [lo, hi) from spans (Bm, Hm, Lq,
-// 2), Bm in {1, B}, Hm in {1, Hq}. One task per batch, query head and 32 rows: S = scale Q
-// K^T over the union of the rows' spans in one product, then per row exp(S - lse) from the
-// forward's lse, normalized by its own sum (exact as a softmax even where lse is off by a
-// rounding) and stored into the row's span. Rows without a key stay 0; rows whose lse is NaN
-// (a NaN in Q or in a key they see) are NaN throughout, as fp64's softmax gives.
+// 2), Bm in {1, B}, Hm in {1, Hq}. K is first transposed once per batch and key/value
+// head (K^T, E x Lk). One task per batch, query head and 32 rows, over the union [lo, hi) of
+// the rows' spans: register tiles of kWR rows x kWK key vectors (the keys in the vector
+// lanes, so each row's weights come out in w's own layout) compute S = scale Q K^T over just
+// the keys their rows see, and while S is in registers, exp(S - lse) from the forward's lse
+// (0 outside the row's span; exp2_lanes of (S - lse) log2(e)) and the row's running sum,
+// lane by lane. A second pass stores each row's span normalized by its own sum (exact as a
+// softmax even where lse is off by a rounding) with streaming stores. Rows without a key
+// stay 0; rows whose lse is NaN (a NaN in Q or in a key they see) are NaN throughout, as
+// fp64's softmax gives.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kWR = 8, kWK = 3;  // 24 accumulators of 32 registers
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr int kWR = 4, kWK = 3;  // 12 accumulators of 16 registers
+#else
+constexpr int kWR = 4, kWK = 2;
+#endif
+
+// One task's rows: queries q (rows E apart), K^T kt (E rows of ldk, key 0 = the task's lo),
+// exp(S - lse) into e (rows of lde), the rows' partial sums (kW lanes a row), their lse and
+// spans (relative to lo).
+struct WeightTask {
+  const float* q;
+  int64_t E, ldk, lde;
+  const float* kt;
+  float *e, *sums;
+  const float* lse;
+  const int64_t *a, *z;  // the rows' spans [a, z), relative to the task's first key
+  float scale;
+};
+
+// Rows i0 .. i0 + RR, key vectors v .. v + KV.
+template <int RR, int KV>
+__attribute__((flatten)) void weight_tile(const WeightTask& W, int64_t i0, int64_t v) {
+  Vec acc[RR][KV];
+#pragma GCC unroll 8
+  for (int r = 0; r < RR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < KV; ++j) acc[r][j] = Vec(0.f);
+  const float* q = W.q + i0 * W.E;
+  const float* kt = W.kt + v * kW;
+  for (int64_t e = 0; e < W.E; ++e) {
+    Vec kv[KV];
+#pragma GCC unroll 4
+    for (int j = 0; j < KV; ++j) kv[j] = Vec::loadu(kt + e * W.ldk + j * kW);
+#pragma GCC unroll 8
+    for (int r = 0; r < RR; ++r) {
+      const Vec b(q[r * W.E + e]);
+#pragma GCC unroll 4
+      for (int j = 0; j < KV; ++j) acc[r][j] = at::vec::fmadd(b, kv[j], acc[r][j]);
+    }
+  }
+  const Vec scale(W.scale);
+#pragma GCC unroll 8
+  for (int r = 0; r < RR; ++r) {
+    const int64_t i = i0 + r;
+    const Vec shift(W.lse[i]), a(static_cast<float>(W.a[i])), z(static_cast<float>(W.z[i]));
+    Vec sum = Vec::loadu(W.sums + i * kW);
+#pragma GCC unroll 4
+    for (int j = 0; j < KV; ++j) {
+      const Vec key = Vec::arange(static_cast<float>((v + j) * kW), 1.f);
+      const Vec d = acc[r][j] * scale - shift;
+      Vec x = exp2_lanes(d * Vec(kLog2e));  // NaN (in S or lse) gives NaN, as std::exp does
+      x = Vec::blendv(Vec(0.f), x, (key >= a) & (key < z));
+      sum = sum + x;
+      x.store(W.e + i * W.lde + (v + j) * kW);
+    }
+    sum.store(W.sums + i * kW);
+  }
+}
+
+// The key range [v0, v1) (in vectors) that rows i0 .. i0 + RR see; empty if none.
+void rows_keys(const WeightTask& W, int64_t i0, int64_t RR, int64_t& v0, int64_t& v1) {
+  int64_t lo = std::numeric_limits<int64_t>::max(), hi = 0;
+  for (int64_t r = 0; r < RR; ++r)
+    if (W.a[i0 + r] < W.z[i0 + r]) lo = std::min(lo, W.a[i0 + r]), hi = std::max(hi, W.z[i0 + r]);
+  v0 = hi <= lo ? 0 : lo / kW;
+  v1 = hi <= lo ? 0 : (hi + kW - 1) / kW;
+}
+
+// Rows i0 .. i0 + RR, the key vectors [v, v + kWK) clipped to [v0, v1).
+template <int RR>
+void weight_rows(const WeightTask& W, int64_t i0, int64_t v, int64_t v0, int64_t v1) {
+  const int64_t s = std::max(v, v0), e = std::min(v + kWK, v1);
+  if (e - s == kWK) weight_tile<RR, kWK>(W, i0, s);
+  else if (e > s)
+    with_count<kWK - 1>(e - s, [&](auto kv) { weight_tile<RR, decltype(kv)::value>(W, i0, s); });
+}
+
+// dst[0, m) = row[0, m) * inv by streaming stores: w is far larger than the caches and is
+// not read here, so its lines need not be fetched before they are written. The first and
+// last vectors are widened to whole aligned vectors with zeros (what w holds outside the
+// span) where they stay inside the row [first, last), which no other task writes.
+void store_scaled(const float* row, float* dst, int64_t m, const Vec& inv, const float* first,
+                  const float* last) {
+  int64_t j = 0;
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  const auto stream = [](float* p, const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+    _mm512_stream_ps(p, x);
+#else
+    _mm256_stream_ps(p, x);
+#endif
+  };
+  alignas(64) float tmp[2 * kW];
+  const int64_t mis = static_cast<int64_t>(reinterpret_cast<uintptr_t>(dst) % (kW * 4) / 4);
+  if (mis > 0) {
+    const int64_t c = std::min(kW - mis, m);
+    if (dst - mis >= first && dst - mis + kW <= last) {
+      Vec(0.f).store(tmp);
+      Vec(0.f).store(tmp + kW);
+      (Vec::loadu(row, static_cast<int>(c)) * inv).store(tmp + mis, static_cast<int>(c));
+      stream(dst - mis, Vec::loadu(tmp));
+    } else {
+      (Vec::loadu(row, static_cast<int>(c)) * inv).store(dst, static_cast<int>(c));
+    }
+    j = c;
+  }
+  for (; j + kW <= m; j += kW) stream(dst + j, Vec::loadu(row + j) * inv);
+  if (j < m && dst + j + kW <= last) {
+    Vec(0.f).store(tmp);
+    (Vec::loadu(row + j, static_cast<int>(m - j)) * inv).store(tmp, static_cast<int>(m - j));
+    stream(dst + j, Vec::loadu(tmp));
+    return;
+  }
+#else
+  (void)first, (void)last;
+  for (; j + kW <= m; j += kW) (Vec::loadu(row + j) * inv).store(dst + j);
+#endif
+  if (j < m)
+    (Vec::loadu(row + j, static_cast<int>(m - j)) * inv).store(dst + j, static_cast<int>(m - j));
+}
+
 void interval_weights(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse,
                       const at::Tensor& spans, double scale, at::Tensor w) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k, &lse, &w})
@@ -1064,9 +1192,26 @@ void interval_weights(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   float* wp = w.data_ptr<float>();
   constexpr int64_t R = 32;
   const int64_t nblk = (Lq + R - 1) / R;
+  // K^T once per batch and key/value head (E rows of ldk keys, zero past Lk: the last key
+  // vectors of a span may read up to kW - 1 keys beyond it), shared by its query heads' tasks
+  int64_t ldk = (Lk + kW - 1) / kW * kW + kW;
+  if (ldk % 256 == 0) ldk += kW;  // rows of K^T 1 KiB apart would share cache sets
+  std::vector<float> ktv(static_cast<size_t>(B * Hkv * E * ldk));
+  float* ktp = ktv.data();
+  constexpr int64_t KB = 256;  // keys per transposition task
+  const int64_t nkb = (Lk + KB - 1) / KB;
+  at::parallel_for(0, B * Hkv * nkb, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / nkb, c0 = (t % nkb) * KB, n = std::min(Lk, c0 + KB) - c0;
+      float* dst = ktp + bh * E * ldk;
+      transpose_block(kp + (bh * Lk + c0) * E, E, dst + c0, ldk, n, E);
+      if (c0 + n == Lk)
+        for (int64_t e = 0; e < E; ++e) std::fill(dst + e * ldk + Lk, dst + (e + 1) * ldk, 0.f);
+    }
+  });
   at::parallel_for(0, B * Hq * nblk, 1, [&](int64_t begin, int64_t end) {
-    SerialBlas serial;
-    std::vector<float> s;
+    std::vector<float> ex, sums(R * kW);
+    int64_t ra[R], rz[R];
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / (Hq * nblk), h = (t / nblk) % Hq, r0 = (t % nblk) * R;
       const int64_t T = std::min(Lq, r0 + R) - r0, row0 = (b * Hq + h) * Lq + r0;
@@ -1080,27 +1225,56 @@ void interval_weights(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       }
       if (hi <= lo) continue;  // no row of the block sees a key: its weights stay 0
       const int64_t n = hi - lo;
-      s.resize(static_cast<size_t>(T * n));
-      const float* krow = kp + ((b * Hkv + h / (Hq / Hkv)) * Lk + lo) * E;
-      gemm(false, true, T, n, E, static_cast<float>(scale), qp + row0 * E, E, krow, E, 0.f,
-           s.data(), n);
+      int64_t lde = (n + kW - 1) / kW * kW;
+      if (lde % 256 == 0) lde += kW;
+      ex.resize(static_cast<size_t>(T * lde));
+      const float* kt = ktp + (b * Hkv + h / (Hq / Hkv)) * E * ldk + lo;
+      for (int64_t i = 0; i < T; ++i) {  // rows without a key, or with lse NaN or -inf: none
+        const float l = lp[row0 + i];
+        const bool live = rs[2 * i] < rs[2 * i + 1] && !std::isnan(l) && l != kNegInf;
+        ra[i] = live ? rs[2 * i] - lo : 0;
+        rz[i] = live ? rs[2 * i + 1] - lo : 0;
+      }
+      std::fill(sums.begin(), sums.end(), 0.f);
+      const WeightTask W{qp + row0 * E, E, ldk, lde, kt, ex.data(), sums.data(),
+                         lp + row0, ra, rz, static_cast<float>(scale)};
+      // key blocks outermost: a block of K^T stays in L1 while every row group uses it
+      constexpr int64_t G = (R + kWR - 1) / kWR;
+      int64_t gv0[G], gv1[G], va = std::numeric_limits<int64_t>::max(), vb = 0;
+      for (int64_t g = 0; g < G; ++g) {
+        rows_keys(W, g * kWR, std::min<int64_t>(kWR, std::max<int64_t>(0, T - g * kWR)), gv0[g],
+                  gv1[g]);
+        if (gv0[g] < gv1[g]) va = std::min(va, gv0[g]), vb = std::max(vb, gv1[g]);
+      }
+      for (int64_t v = va; v < vb; v += kWK)
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t i0 = g * kWR, rows = std::min<int64_t>(kWR, T - i0);
+          if (rows <= 0 || gv0[g] >= gv1[g] || v + kWK <= gv0[g] || v >= gv1[g]) continue;
+          if (rows == kWR) weight_rows<kWR>(W, i0, v, gv0[g], gv1[g]);
+          else
+            with_count<kWR - 1>(rows, [&](auto rr) {
+              weight_rows<decltype(rr)::value>(W, i0, v, gv0[g], gv1[g]);
+            });
+        }
       for (int64_t i = 0; i < T; ++i) {
-        const int64_t a = rs[2 * i], z = rs[2 * i + 1];
         if (std::isnan(lp[row0 + i])) {  // a NaN score: every weight of the row, as in fp64
           std::fill(wp + (row0 + i) * Lk, wp + (row0 + i + 1) * Lk,
                     std::numeric_limits<float>::quiet_NaN());
           continue;
         }
-        if (z <= a || lp[row0 + i] == kNegInf) continue;
-        float* row = s.data() + i * n + (a - lo);
-        const float inv = 1.f / exp_sum(row, z - a, lp[row0 + i]);
-        float* dst = wp + (row0 + i) * Lk + a;
-        int64_t j = 0;
-        for (; j + Vec::size() <= z - a; j += Vec::size())
-          (Vec::loadu(row + j) * Vec(inv)).store(dst + j);
-        for (; j < z - a; ++j) dst[j] = row[j] * inv;
+        if (rz[i] <= ra[i]) continue;
+        double total = 0.0;  // the lanes' partial sums, added in double
+        for (int64_t u = 0; u < kW; ++u) total += sums[i * kW + u];
+        const Vec inv(1.f / static_cast<float>(total));
+        const float* row = ex.data() + i * lde + ra[i];
+        float* dst = wp + (row0 + i) * Lk + lo + ra[i];
+        const int64_t m = rz[i] - ra[i];
+        store_scaled(row, dst, m, inv, wp + (row0 + i) * Lk, wp + (row0 + i + 1) * Lk);
       }
     }
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    _mm_sfence();  // the streaming stores are visible before the task ends
+#endif
   });
 }
 
