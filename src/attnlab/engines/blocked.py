@@ -46,7 +46,7 @@ from attnlab.engines.blocked_autograd import (
     with_sinks,
 )
 from attnlab.engines.blocked_plan import Block, KernelPlan, Plan, kernel_plan, make_plan
-from attnlab.engines.zeros import lazy_zeros
+from attnlab.engines.zeros import PAGE, lazy_zeros, lazy_zeros_unzeroed
 from attnlab.scores import grouped_matmul
 
 __all__ = ["BlockedEngine", "kernel", "kernel_error", "kernel_status"]
@@ -165,10 +165,12 @@ def _all_weights(
     f32 = req.q.dtype == req.k.dtype == torch.float32
     if kplan is None or not kplan.interval or req.bias is not None or not f32:
         return _weights(req, plan)
-    w = lazy_zeros((req.batch, req.heads, req.lq, req.lk), req.q)
+    # the reused pages a cached result had written are zeroed by the kernel's own tasks
+    w, dirty = lazy_zeros_unzeroed((req.batch, req.heads, req.lq, req.lk), req.q)
     q, k, spans = req.q.contiguous(), req.k.contiguous(), kplan.spans.contiguous()
     with torch.no_grad():
-        ops().interval_weights(q, k, lse.float().contiguous(), spans, float(req.scale), w)
+        lse = lse.float().contiguous()
+        ops().interval_weights(q, k, lse, spans, float(req.scale), w, dirty, PAGE // 4)
     return w
 
 
