@@ -145,7 +145,7 @@ def test_float32_weights_keep_the_2x_rule(
     case: str, kernel: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Weights returned beside the output (written into a lazily zeroed result by the
-    compiled kernel's ``interval_weights`` or block by block in torch, each row normalized)
+    compiled forward's ``forward_weights`` or block by block in torch, each row normalized)
     against fp64, with no error floor: at most 2x plain fp32's error; rows without a key
     are 0."""
     monkeypatch.setattr(blocked_mod, "USE_KERNEL", kernel)
@@ -172,6 +172,32 @@ def test_float32_weights_keep_the_2x_rule(
     assert torch.equal(got.weights[0, 0, 1000, :600], torch.zeros(600))  # outside the window
     if b == 2:
         assert torch.equal(got.weights[1], torch.zeros_like(got.weights[1]))  # no key at all
+
+
+def test_forward_weights_keep_the_output_and_lse() -> None:
+    """The forward that also writes the weights (``forward_weights``, interval masks) gives
+    the output and lse of the forward without weights bit for bit, and weights that sum to
+    1 over the keys each row sees (0 elsewhere and for the empty batch)."""
+    if blocked_mod.kernel() is None:
+        pytest.skip(f"attnlab's CPU kernel could not be built: {blocked_mod.kernel_error()}")
+    torch.manual_seed(1)
+    q, k, v = torch.randn(2, 4, 700, 32), torch.randn(2, 2, 700, 32), torch.randn(2, 2, 700, 32)
+    mask = M.padding([650, 0]) & M.causal() & M.window(100)
+    allowed = mask.dense(700, 700, batch=2, heads=4).expand(2, 4, 700, 700)
+    plain = attnlab.attention(q, k, v, mask=mask, engine="blocked", return_lse=True)
+    blocked_mod.STATS.clear()
+    got = attnlab.attention(
+        q, k, v, mask=mask, engine="blocked", return_lse=True, return_weights=True
+    )
+    assert blocked_mod.STATS.get("scores", 0) > 0  # the kernel ran
+    assert isinstance(plain, attnlab.AttentionOutput) and isinstance(got, attnlab.AttentionOutput)
+    assert torch.equal(got.out, plain.out)
+    assert plain.lse is not None and got.lse is not None and torch.equal(got.lse, plain.lse)
+    assert got.weights is not None
+    assert torch.equal(got.weights[~allowed], torch.zeros(int((~allowed).sum())))
+    sees = allowed.any(-1)
+    assert max_err(got.weights.sum(-1)[sees], torch.ones(int(sees.sum()))) < 1e-5
+    assert torch.equal(got.weights[1], torch.zeros_like(got.weights[1]))
 
 
 def test_kernel_weights_in_a_reused_scribbled_result_are_exact() -> None:

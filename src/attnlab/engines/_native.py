@@ -82,7 +82,7 @@ def _build() -> Any:
 
 
 def kernel() -> Any | None:
-    """The compiled kernel's ops (``forward``, ``backward``, ``interval_weights``, ...), or
+    """The compiled kernel's ops (``forward``, ``forward_weights``, ``backward``, ...), or
     ``None`` if unavailable."""
     if os.environ.get("ATTNLAB_NO_KERNEL", "") not in ("", "0"):
         return None
