@@ -774,7 +774,10 @@ int64_t forward_tile(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_
     if (wo != nullptr) clear_weight_rows(*wo, P.Lk, (b * P.Hq + h) * P.Lq + a, T);
     return 0;
   }
-  const int64_t ldw = (hi - lo + kW - 1) / kW * kW + (wo != nullptr ? kW : 0);
+  // the rows' scores for the weights: rows of ldw floats (not a multiple of 256: such rows
+  // would share cache sets)
+  int64_t ldw = (hi - lo + kW - 1) / kW * kW;
+  if (ldw % 256 == 0) ldw += kW;
   if (wo != nullptr) w.sw.resize(static_cast<size_t>(kRT * ldw));
   const int64_t E = P.E, Ev = P.Ev;
   Ahead ahead;  // the next row tile (of this head): its queries, its keys and values past hi
