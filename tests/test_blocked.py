@@ -216,6 +216,8 @@ def test_kernel_weights_in_a_reused_scribbled_result_are_exact() -> None:
     w = first.weights
     w[0, 0, :400, 700:1100].diagonal().fill_(3.0)
     w[0, 1, 2000:2400, 1000:1400].diagonal().fill_(-0.0)  # (a sign bit; rows past 2240 too)
+    w[0, 0].diagonal(11).fill_(5.0)  # just past the next mask's span of each row
+    w[0, 1].diagonal(12).fill_(5.0)
     flat = w.view(-1)
     flat[torch.randint(0, flat.numel(), (100,))] = float("nan")
     flat[-1] = 7.0
