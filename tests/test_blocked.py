@@ -6,6 +6,8 @@ test_attention.py, where "blocked" and "blocked-eager" are among the engines.
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from torch import Tensor
@@ -16,7 +18,7 @@ from attnlab import masks as M
 from attnlab.engines import blocked_autograd as blocked_mod
 from attnlab.engines import get_engine, select_engine
 from attnlab.engines.blocked_plan import make_plan
-from attnlab.engines.zeros import lazy_zeros
+from attnlab.engines.zeros import cache_info, empty_cache, lazy_zeros
 from attnlab.functional import _request
 from tests.conftest import max_err, naive_attention
 
@@ -143,7 +145,7 @@ def test_float32_weights_keep_the_2x_rule(
     case: str, kernel: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Weights returned beside the output (written into a lazily zeroed result by the
-    compiled kernel's ``interval_weights`` or block by block in torch, each row normalized)
+    compiled forward's ``forward_weights`` or block by block in torch, each row normalized)
     against fp64, with no error floor: at most 2x plain fp32's error; rows without a key
     are 0."""
     monkeypatch.setattr(blocked_mod, "USE_KERNEL", kernel)
@@ -170,6 +172,72 @@ def test_float32_weights_keep_the_2x_rule(
     assert torch.equal(got.weights[0, 0, 1000, :600], torch.zeros(600))  # outside the window
     if b == 2:
         assert torch.equal(got.weights[1], torch.zeros_like(got.weights[1]))  # no key at all
+
+
+def test_forward_weights_keep_the_output_and_lse() -> None:
+    """The forward that also writes the weights (``forward_weights``, interval masks) gives
+    the output and lse of the forward without weights bit for bit, and weights that sum to
+    1 over the keys each row sees (0 elsewhere and for the empty batch)."""
+    if blocked_mod.kernel() is None:
+        pytest.skip(f"attnlab's CPU kernel could not be built: {blocked_mod.kernel_error()}")
+    torch.manual_seed(1)
+    q, k, v = torch.randn(2, 4, 700, 32), torch.randn(2, 2, 700, 32), torch.randn(2, 2, 700, 32)
+    mask = M.padding([650, 0]) & M.causal() & M.window(100)
+    allowed = mask.dense(700, 700, batch=2, heads=4).expand(2, 4, 700, 700)
+    plain = attnlab.attention(q, k, v, mask=mask, engine="blocked", return_lse=True)
+    blocked_mod.STATS.clear()
+    got = attnlab.attention(
+        q, k, v, mask=mask, engine="blocked", return_lse=True, return_weights=True
+    )
+    assert blocked_mod.STATS.get("scores", 0) > 0  # the kernel ran
+    assert isinstance(plain, attnlab.AttentionOutput) and isinstance(got, attnlab.AttentionOutput)
+    assert torch.equal(got.out, plain.out)
+    assert plain.lse is not None and got.lse is not None and torch.equal(got.lse, plain.lse)
+    assert got.weights is not None
+    assert torch.equal(got.weights[~allowed], torch.zeros(int((~allowed).sum())))
+    sees = allowed.any(-1)
+    assert max_err(got.weights.sum(-1)[sees], torch.ones(int(sees.sum()))) < 1e-5
+    assert torch.equal(got.weights[1], torch.zeros_like(got.weights[1]))
+
+
+def test_kernel_weights_in_a_reused_scribbled_result_are_exact() -> None:
+    """The kernel zeroes a reused result's written pages itself (where it writes no weight):
+    a result scribbled over (a band, scattered NaNs, its last cell) comes back from the
+    cache for a different mask, with rows and whole row blocks that see no key, and holds
+    exactly that mask's weights and zeros."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 3000, 32), torch.randn(1, 1, 3000, 32), torch.randn(1, 1, 3000, 32)
+    empty_cache()  # rows of 12000 bytes: pages straddle rows; a band of 100 keys writes
+    # a third of the pages (a map more than half written is not kept)
+    first = attnlab.attention(
+        q, k, v, mask=M.causal() & M.window(100), return_weights=True, engine="blocked"
+    )
+    assert isinstance(first, attnlab.AttentionOutput) and first.weights is not None
+    w = first.weights
+    w[0, 0, :400, 700:1100].diagonal().fill_(3.0)
+    w[0, 1, 2000:2400, 1000:1400].diagonal().fill_(-0.0)  # (a sign bit; rows past 2240 too)
+    w[0, 0].diagonal(11).fill_(5.0)  # just past the next mask's span of each row
+    w[0, 1].diagonal(12).fill_(5.0)
+    flat = w.view(-1)
+    flat[torch.randint(0, flat.numel(), (100,))] = float("nan")
+    flat[-1] = 7.0
+    del first, w, flat
+    gc.collect()  # the map goes back to the cache
+    assert cache_info()["kept"] == 1
+    mask = M.padding([2200]) & M.window(40, 10)  # rows past 2240 see no key
+    got = attnlab.attention(q, k, v, mask=mask, return_weights=True, engine="blocked")
+    assert cache_info()["kept"] == 0  # the scribbled map was reused
+    plain = attnlab.attention(q, k, v, mask=mask, return_weights=True, engine="reference")
+    ref = attnlab.attention(
+        q.double(), k.double(), v.double(), mask=mask, return_weights=True, engine="reference"
+    )
+    assert all(isinstance(r, attnlab.AttentionOutput) for r in (got, plain, ref))
+    assert got.weights is not None and plain.weights is not None and ref.weights is not None
+    assert max_err(got.weights, ref.weights) <= 2 * max_err(plain.weights, ref.weights)
+    outside = ref.weights == 0
+    assert torch.equal(
+        got.weights[outside].view(torch.int32), torch.zeros(int(outside.sum()), dtype=torch.int32)
+    )
 
 
 def test_lazy_zeros_are_zeros_of_the_asked_dtype() -> None:

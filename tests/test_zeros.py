@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from attnlab.engines import zeros as _zeros
-from attnlab.engines.zeros import cache_info, empty_cache, lazy_zeros
+from attnlab.engines.zeros import PAGE, cache_info, empty_cache, lazy_zeros, lazy_zeros_unzeroed
 
 pytestmark = pytest.mark.skipif(
     _zeros._written_pages(0, 1) is None, reason="no readable /proc/self/pagemap"
@@ -52,6 +52,27 @@ def test_a_reused_map_is_zeros_again() -> None:
         assert int(nonzero) == 0
         del z
         assert cache_info()["kept"] == 0
+
+
+def test_unzeroed_names_the_written_pages_and_zeroes_nothing_else() -> None:
+    """lazy_zeros_unzeroed hands a reused map back as it is, with the pages written; the
+    caller zeroes them. A fresh map has none; small results are plain zeros."""
+    like = torch.ones(1)
+    z, dirty = lazy_zeros_unzeroed(SHAPE, like)
+    assert dirty.numel() == 0
+    _scribble(z, 0)  # (no read: reading maps pages, and a map mostly mapped is not kept)
+    seen = torch.zeros(SHAPE)
+    _scribble(seen, 0)
+    by_page = seen.view(-1, PAGE // 4).view(torch.int32)
+    pages = by_page.any(1).nonzero().flatten()
+    del z
+    z, dirty = lazy_zeros_unzeroed(SHAPE, like)
+    assert dirty.dtype == torch.long and dirty.tolist() == pages.tolist()
+    assert torch.equal(z.view(-1, PAGE // 4)[dirty].view(torch.int32), by_page[dirty])  # as left
+    z.view(-1, PAGE // 4)[dirty] = 0.0  # the caller's part: then all zeros
+    assert int(torch.count_nonzero(z)) == 0
+    small, none = lazy_zeros_unzeroed((3, 5), like)
+    assert torch.equal(small, torch.zeros(3, 5)) and none.numel() == 0
 
 
 def test_other_dtypes_and_sizes_that_are_not_whole_pages() -> None:

@@ -27,7 +27,7 @@ import torch
 __all__ = ["build_settings", "kernel", "kernel_error", "ops"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "blocked.cpp"
-_VERSION = 1  # bump when the kernel's interface changes
+_VERSION = 2  # bump when the kernel's interface changes
 _FLAGS = {  # vector width of torch's at::vec, matched to what this CPU runs
     "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mfma", "-mavx2"],
     "AVX2": ["-mavx2", "-mfma"],
@@ -82,7 +82,7 @@ def _build() -> Any:
 
 
 def kernel() -> Any | None:
-    """The compiled kernel's ops (``forward``, ``backward``, ``interval_weights``, ...), or
+    """The compiled kernel's ops (``forward``, ``forward_weights``, ``backward``, ...), or
     ``None`` if unavailable."""
     if os.environ.get("ATTNLAB_NO_KERNEL", "") not in ("", "0"):
         return None

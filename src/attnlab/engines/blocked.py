@@ -12,7 +12,8 @@ to be merged across tiles and no ``Lq x Lk`` tensor exists: memory is
 * Biases are evaluated per block from their function (never as ``Lq x Lk``).
 * Forward saves the per-row logsumexp; backward recomputes each block's probabilities from
   it and gives ``dq``, ``dk``, ``dv`` and the gradients of learnable biases.
-* ``return_weights`` recomputes the normalized weights block by block from the logsumexp;
+* ``return_weights``: the compiled forward writes every weight of an interval mask from
+  the scores it computes anyway; otherwise they are recomputed block by block;
   :meth:`BlockedEngine.weights` returns only some heads and query rows.
 
 The engine is three files: this one (the engine: what it supports, when ``auto`` picks
@@ -46,7 +47,7 @@ from attnlab.engines.blocked_autograd import (
     with_sinks,
 )
 from attnlab.engines.blocked_plan import Block, KernelPlan, Plan, kernel_plan, make_plan
-from attnlab.engines.zeros import lazy_zeros
+from attnlab.engines.zeros import PAGE, lazy_zeros, lazy_zeros_unzeroed
 from attnlab.scores import grouped_matmul
 
 __all__ = ["BlockedEngine", "kernel", "kernel_error", "kernel_status"]
@@ -94,9 +95,13 @@ class BlockedEngine(Engine):
         plan = self.plan(req)
         leaves = bias_leaves(req.bias)
         kplan = kernel_plan(req, plan, self.block) if kernel_ok(req, leaves) else None
-        args = (req.q, req.k, req.v, req.sinks, req, plan, kplan, *leaves)
-        out, lse = BlockedAttention.apply(*args)
-        weights = _all_weights(req, plan, lse, kplan) if req.return_weights else None
+        weights: Tensor | None = None
+        if req.return_weights and kplan is not None and _fused_weights_ok(req, kplan):
+            out, weights, lse = _forward_with_weights(req, kplan)
+        else:
+            args = (req.q, req.k, req.v, req.sinks, req, plan, kplan, *leaves)
+            out, lse = BlockedAttention.apply(*args)
+            weights = _weights(req, plan) if req.return_weights else None
         return out, weights, (lse.to(req.q.dtype) if req.return_lse else None)
 
     def weights(
@@ -158,19 +163,28 @@ def _weights(
     return w
 
 
-def _all_weights(
-    req: AttentionRequest, plan: Plan, lse: Tensor, kplan: KernelPlan | None
-) -> Tensor:
-    """Every weight ``(B, Hq, Lq, Lk)``: the compiled kernel's ``interval_weights`` from the
-    forward's logsumexp ``lse (B, Hq, Lq)`` where it applies, else :func:`_weights`."""
-    f32 = req.q.dtype == req.k.dtype == torch.float32
-    if kplan is None or not kplan.interval or req.bias is not None or not f32:
-        return _weights(req, plan)
-    w = lazy_zeros((req.batch, req.heads, req.lq, req.lk), req.q)
-    q, k, spans = req.q.contiguous(), req.k.contiguous(), kplan.spans.contiguous()
+def _fused_weights_ok(req: AttentionRequest, kplan: KernelPlan) -> bool:
+    """Whether the compiled forward can write every weight beside the output: an interval
+    mask, no bias, float32 (and no gradient: the engine refuses weights with one)."""
+    f32 = req.q.dtype == torch.float32  # (q, k and v share one dtype)
+    return kplan.interval and req.bias is None and f32
+
+
+def _forward_with_weights(
+    req: AttentionRequest, kplan: KernelPlan
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Output, weights ``(B, Hq, Lq, Lk)`` and logsumexp from one pass of the compiled
+    forward (``forward_weights``): each row tile's weights come from the scores its softmax
+    computed, so ``Q K^T`` is not computed again. The reused pages a cached result had
+    written are zeroed by the kernel's own tasks, where no weight goes."""
+    w, dirty = lazy_zeros_unzeroed((req.batch, req.heads, req.lq, req.lk), req.q)
+    q, k, v = req.q.contiguous(), req.k.contiguous(), req.v.contiguous()
     with torch.no_grad():
-        ops().interval_weights(q, k, lse.float().contiguous(), spans, float(req.scale), w)
-    return w
+        out, lse, work = ops().forward_weights(
+            q, k, v, *kplan.args(), req.scale, blocked_autograd.ROWS[0], w, dirty, PAGE // 4
+        )
+    blocked_autograd.STATS["scores"] = work
+    return out, w, lse
 
 
 def _block_scores(req: AttentionRequest, blk: Block, q: Tensor, k: Tensor) -> Tensor:

@@ -13,6 +13,8 @@ just the pages that were written (``/proc/self/pagemap`` names them, whoever wro
 * A map of which more than half was written (or read: reading maps zero pages, which
   look alike) is unmapped rather than kept: zeroing it would cost more than a new one.
 * Without a readable ``pagemap`` nothing is cached.
+* :func:`lazy_zeros_unzeroed` leaves the zeroing of a reused map's written pages to the
+  caller, who may fold it into its own pass over the result (the weights kernel does).
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["cache_info", "empty_cache", "lazy_zeros"]
+__all__ = ["PAGE", "cache_info", "empty_cache", "lazy_zeros", "lazy_zeros_unzeroed"]
 
 MIN_BYTES = 1 << 24  # smaller results are plain torch.zeros
-_PAGE = mmap.PAGESIZE
+PAGE = mmap.PAGESIZE  # bytes per page: the unit of lazy_zeros_unzeroed's dirty pages
+_PAGE = PAGE
 _ENV = "ATTNLAB_ZEROS_CACHE_MB"
 
 
@@ -110,22 +113,48 @@ def lazy_zeros(shape: tuple[int, ...], like: Tensor) -> Tensor:
         tensor([[0., 0., 0.],
                 [0., 0., 0.]], dtype=torch.bfloat16)
     """
+    out, dirty, raw = _lazy(shape, like)
+    if dirty.numel():  # (pages, PAGE / 4): whole pages back to 0
+        raw.view(torch.float32).view(-1, _PAGE // 4).index_fill_(0, dirty, 0.0)
+    return out
+
+
+def lazy_zeros_unzeroed(shape: tuple[int, ...], like: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`lazy_zeros` without its zeroing pass: ``(result, dirty)``, where ``dirty``
+    (int64, ascending) indexes the :data:`PAGE`-byte pages, counted from the result's first
+    byte, that a cached map had written and that may hold anything. The caller must set to
+    0 whatever it does not overwrite of them before anyone reads the result (attnlab's
+    weights kernel does it while it writes the weights, in its own threads). Every other
+    byte reads 0.
+
+    Example:
+        >>> out, dirty = lazy_zeros_unzeroed((2, 3), torch.ones(1))
+        >>> out.tolist(), dirty.tolist()
+        ([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]], [])
+    """
+    out, dirty, _ = _lazy(shape, like)
+    return out, dirty
+
+
+def _lazy(shape: tuple[int, ...], like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The result of ``shape`` (a cached map, a new map or plain zeros), the indices of its
+    pages that a cached map had written (not zeroed here) and the whole map's bytes."""
+    none = torch.zeros(0, dtype=torch.long)
     nbytes = math.prod(shape) * like.element_size()
     if like.device.type != "cpu" or nbytes < MIN_BYTES:
-        return like.new_zeros(shape)
+        out = like.new_zeros(shape)
+        return out, none, out
     size = -(-nbytes // _PAGE) * _PAGE  # whole pages
     caching = _CACHE.limit() > 0  # (reads the environment: once per call)
     cached = _CACHE.take(size) if caching else None
     mm = cached[0] if cached is not None else mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
     view = memoryview(mm)
     raw = torch.frombuffer(view, dtype=torch.uint8)  # holds ``view`` until its storage dies
-    if cached is not None and cached[1].size:  # (pages, PAGE / 4): whole pages back to 0
-        pages = raw.view(torch.float32).view(-1, _PAGE // 4)
-        pages.index_fill_(0, torch.from_numpy(cached[1]), 0.0)
     if caching:
         done = weakref.finalize(view, _CACHE.give, mm, raw.data_ptr())
         done.atexit = False
-    return raw[:nbytes].view(like.dtype).view(shape)
+    dirty = torch.from_numpy(cached[1]).long() if cached is not None else none
+    return raw[:nbytes].view(like.dtype).view(shape), dirty, raw
 
 
 def empty_cache() -> None:

@@ -12,6 +12,10 @@
 //          of 32): register tiles of S^T with the rows in the vector lanes, an online
 //          softmax over chunks of keys, out = softmax(S) V and lse = logsumexp(S) per row
 //          (-inf, out 0 if no key); see "The forward's register tiles" below.
+// Weights  (forward_weights, interval masks only): the same forward also copies each score
+//          chunk, transposed, to a row tile buffer, and once the tile's rows have their
+//          maximum and sum, writes w = 2^(s - lse) normalized by its own sum, so Q K^T is
+//          computed once (see store_weights).
 // Backward (one task per batch and key/value head, looping over the query heads that share
 //          it, so dK and dV have a single writer): P = exp(S - lse), dV += P^T dO,
 //          dS = P * (dO V^T - delta), dQ += scale dS K, dK += scale dS^T Q.
@@ -458,7 +462,7 @@ struct Ahead {
 // Per-thread scratch of the forward, 64-byte aligned: transposed queries, a score chunk,
 // the transposed output accumulator.
 struct TileScratch {
-  std::vector<float> buf;
+  std::vector<float> buf, sw;  // sw: the row tile's scores (rows of keys), for weights
   float *qt, *st, *acc;
   TileScratch(int64_t e, int64_t ev) : buf((e + kChunkKeys + ev) * kRT + 16) {
     float* p = buf.data();
@@ -601,19 +605,205 @@ void exact_row(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_t r, f
   for (int64_t e = 0; e < P.Ev; ++e) out[e] = total > 0.0 ? static_cast<float>(o[e] / total) : 0.f;
 }
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// A streaming store of one vector to p (aligned to a whole vector).
+inline void stream(float* p, const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  _mm512_stream_ps(p, x);
+#else
+  _mm256_stream_ps(p, x);
+#endif
+}
+#endif
+
+// p[0, n) = 0 (nothing for n <= 0), by streaming stores where whole aligned vectors fit:
+// no line is read first. (Reading each vector and writing only those that hold any bit was
+// slower: 28.3 against 26.0 ms for a layer's weights at 4096 tokens, AVX2 forced.)
+void stream_zero(float* p, int64_t n) {
+  int64_t j = 0;
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  const int64_t head = (kW - static_cast<int64_t>(reinterpret_cast<uintptr_t>(p) / 4 % kW)) % kW;
+  for (; j < std::min(head, n); ++j) p[j] = 0.f;
+  for (; j + kW <= n; j += kW) stream(p + j, Vec(0.f));
+#endif
+  for (; j < n; ++j) p[j] = 0.f;
+}
+
+// The pages of a reused (lazily zeroed) result that an earlier user wrote: ascending page
+// indices, `page` floats each, counted from the result's first float. The forward that
+// writes weights sets them to 0 where it writes no weight, row by row in its own tasks,
+// instead of a separate pass over all of them first (13.7 ms a layer at 4096 tokens, AVX2
+// forced; in the tasks they cost 9 more than the weights alone. Zeroing a few lines between
+// register tiles instead, so that the stores would overlap the arithmetic, was slower).
+struct DirtyPages {
+  const int64_t* pages = nullptr;
+  int64_t n = 0, page = 1;
+
+  // w[s, e) = 0 where it lies in a dirty page, except w[keep0, keep1), which the caller
+  // writes (empty when keep1 <= keep0).
+  void clear(float* w, int64_t s, int64_t e, int64_t keep0, int64_t keep1) const {
+    if (keep1 <= keep0) keep0 = keep1 = s;
+    for (const int64_t* p = std::lower_bound(pages, pages + n, s / page);
+         p != pages + n && *p * page < e; ++p) {
+      const int64_t c0 = std::max(s, *p * page), c1 = std::min(e, (*p + 1) * page);
+      stream_zero(w + c0, std::min(c1, keep0) - c0);
+      stream_zero(w + std::max(c0, keep1), c1 - std::max(c0, keep1));
+    }
+  }
+};
+
+// The DirtyPages of an op's optional `dirty` argument (none: nothing to zero).
+DirtyPages dirty_pages(const c10::optional<at::Tensor>& dirty, int64_t page) {
+  if (!dirty.has_value() || dirty->numel() == 0) return {};
+  TORCH_CHECK(dirty->scalar_type() == at::kLong && dirty->is_contiguous() && page > 0,
+              "attnlab: dirty pages are contiguous int64, page > 0");
+  return {dirty->data_ptr<int64_t>(), dirty->numel(), page};
+}
+
+// dst[0, m) = row[0, m) * inv by streaming stores: w is far larger than the caches and is
+// not read here, so its lines need not be fetched before they are written. The first and
+// last vectors are widened to whole aligned vectors with zeros (what w holds outside the
+// span) where they stay inside the row [first, last), which no other task writes.
+void store_scaled(const float* row, float* dst, int64_t m, const Vec& inv, const float* first,
+                  const float* last) {
+  int64_t j = 0;
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  alignas(64) float tmp[2 * kW];
+  const int64_t mis = static_cast<int64_t>(reinterpret_cast<uintptr_t>(dst) % (kW * 4) / 4);
+  if (mis > 0) {
+    const int64_t c = std::min(kW - mis, m);
+    if (dst - mis >= first && dst - mis + kW <= last) {
+      Vec(0.f).store(tmp);
+      Vec(0.f).store(tmp + kW);
+      (Vec::loadu(row, static_cast<int>(c)) * inv).store(tmp + mis, static_cast<int>(c));
+      stream(dst - mis, Vec::loadu(tmp));
+    } else {
+      (Vec::loadu(row, static_cast<int>(c)) * inv).store(dst, static_cast<int>(c));
+    }
+    j = c;
+  }
+  for (; j + kW <= m; j += kW) stream(dst + j, Vec::loadu(row + j) * inv);
+  if (j < m && dst + j + kW <= last) {
+    Vec(0.f).store(tmp);
+    (Vec::loadu(row + j, static_cast<int>(m - j)) * inv).store(tmp, static_cast<int>(m - j));
+    stream(dst + j, Vec::loadu(tmp));
+    return;
+  }
+#else
+  (void)first, (void)last;
+  for (; j + kW <= m; j += kW) (Vec::loadu(row + j) * inv).store(dst + j);
+#endif
+  if (j < m)
+    (Vec::loadu(row + j, static_cast<int>(m - j)) * inv).store(dst + j, static_cast<int>(m - j));
+}
+
+// The floats store_scaled(row, dst, m, inv, first, last) writes: [dst, dst + m), and the
+// zeros of the aligned vectors it widens its first and last ones to.
+std::pair<int64_t, int64_t> scaled_extent(const float* dst, int64_t m, const float* first,
+                                          const float* last) {
+  int64_t p0 = 0, p1 = m;  // relative to dst
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  const int64_t mis = static_cast<int64_t>(reinterpret_cast<uintptr_t>(dst) % (kW * 4) / 4);
+  int64_t j = 0;
+  if (mis > 0) {
+    j = std::min(kW - mis, m);
+    if (dst - mis >= first && dst - mis + kW <= last) p0 = -mis, p1 = std::max(p1, kW - mis);
+  }
+  j += (m - j) / kW * kW;
+  if (j < m && dst + j + kW <= last) p1 = j + kW;
+#else
+  (void)first, (void)last;
+#endif
+  return {p0, p1};
+}
+
+// s[0, n) = 2^(s - shift) in place (NaN stays NaN); returns their sum, the lanes' partial
+// sums added in double.
+float exp2_sum(float* s, int64_t n, float shift) {
+  const Vec vs(shift);
+  Vec acc(0.f);
+  int64_t j = 0;
+  for (; j + kW <= n; j += kW) {
+    const Vec e = exp2_lanes(Vec::loadu(s + j) - vs);
+    e.store(s + j);
+    acc = acc + e;
+  }
+  if (j < n) {
+    const int c = static_cast<int>(n - j);
+    const Vec e = exp2_lanes(Vec::loadu(s + j, c) - vs);
+    e.store(s + j, c);
+    acc = acc + Vec::set(Vec(0.f), e, c);
+  }
+  float tmp[kW];
+  acc.store(tmp);
+  double total = 0.0;
+  for (int64_t u = 0; u < kW; ++u) total += tmp[u];
+  return static_cast<float>(total);
+}
+
+// Where the forward also writes the weights (B, Hq, Lq, Lk) of an interval mask: w is zero
+// but for the dirty pages of a reused result (see DirtyPages).
+struct WeightsOut {
+  float* w;
+  DirtyPages dirty;
+};
+
+// Rows of w that see no key (rows of no block, or all rows of a row tile without keys): 0.
+void clear_weight_rows(const WeightsOut& wo, int64_t Lk, int64_t row0, int64_t rows) {
+  wo.dirty.clear(wo.w, row0 * Lk, (row0 + rows) * Lk, 0, 0);
+}
+
+// The weights of the row tile's rows [a, a + T) (head h), from their scores sw (rows of ldw
+// floats, key lo first, log2 units as in St) and maxima m and sums l (log2 units): each
+// row's span gets 2^(s - m - log2 l), normalized by its own sum (a softmax exact to its
+// rounding); rows without a key stay 0, rows with a NaN score (lse NaN) are NaN throughout,
+// as fp64's softmax gives.
+void store_weights(const Problem& P, const WeightsOut& wo, int64_t b, int64_t h, int64_t a,
+                   int64_t T, int64_t lo, float* sw, int64_t ldw, const float* m, const float* l,
+                   const float* ls) {
+  const int64_t mb = P.mB == 1 ? 0 : b, mh = P.mH == 1 ? 0 : h;
+  const int64_t* rs = P.spans + 2 * ((mb * P.mH + mh) * P.Lq + a);
+  for (int64_t r = 0; r < T; ++r) {
+    const int64_t row = ((b * P.Hq + h) * P.Lq + a + r) * P.Lk;
+    float* wr = wo.w + row;
+    if (std::isnan(ls[r])) {
+      std::fill(wr, wr + P.Lk, std::numeric_limits<float>::quiet_NaN());
+      continue;
+    }
+    const int64_t sa = rs[2 * r], sz = rs[2 * r + 1];
+    if (sa >= sz || ls[r] == kNegInf) {
+      wo.dirty.clear(wo.w, row, row + P.Lk, 0, 0);
+      continue;
+    }
+    // the dirty pages' zeros end where the stores begin, on a whole vector: a partial one
+    // there (scalar stores into a line also streamed) cost 5 of 48 ms a layer, AVX2 forced
+    const auto [p0, p1] = scaled_extent(wr + sa, sz - sa, wr, wr + P.Lk);
+    wo.dirty.clear(wo.w, row, row + P.Lk, row + sa + p0, row + sa + p1);
+    float* s = sw + r * ldw + (sa - lo);
+    const float total = exp2_sum(s, sz - sa, m[r] + std::log2(l[r]));
+    store_scaled(s, wr + sa, sz - sa, Vec(1.f / total), wr, wr + P.Lk);
+  }
+}
+
 // One row tile: rows [a, a + T) (T <= kRT) of block blk, batch b, query head h. Writes
 // their output and logsumexp (0 and -inf for rows without a key); returns the number of
 // scores it computed.
 int64_t forward_tile(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_t a, int64_t T,
-                     float* out, float* lse, TileScratch& w) {
+                     float* out, float* lse, TileScratch& w, const WeightsOut* wo) {
   float* o = out + ((b * P.Hq + h) * P.Lq + a) * P.Ev;
   float* ls = lse + (b * P.Hq + h) * P.Lq + a;
   const auto [lo, hi] = group_span(P, b, h, a, a + T);
   if (lo >= hi) {  // no key for any row
     std::fill(o, o + T * P.Ev, 0.f);
     std::fill(ls, ls + T, kNegInf);
+    if (wo != nullptr) clear_weight_rows(*wo, P.Lk, (b * P.Hq + h) * P.Lq + a, T);
     return 0;
   }
+  // the rows' scores for the weights: rows of ldw floats (not a multiple of 256: such rows
+  // would share cache sets)
+  int64_t ldw = (hi - lo + kW - 1) / kW * kW;
+  if (ldw % 256 == 0) ldw += kW;
+  if (wo != nullptr) w.sw.resize(static_cast<size_t>(kRT * ldw));
   const int64_t E = P.E, Ev = P.Ev;
   Ahead ahead;  // the next row tile (of this head): its queries, its keys and values past hi
   const int64_t na = std::min(P.Lq, a + T), nz = std::min(P.Lq, a + T + kRT);
@@ -679,6 +869,8 @@ int64_t forward_tile(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_
       with_count<kNV>(seg[u].nv, [&](auto nv) {
         score_segment<decltype(nv)::value>(w.qt, kc, E, seg[u], w.st, tt, mx, ahead);
       });
+    if (wo != nullptr)  // the rows' scores, for the weights (each row reads its span only)
+      transpose_block(w.st, kRT, w.sw.data() + (c0 - lo), ldw, n, T);
     if (!P.interval) {  // the partial tiles' mask, then the maximum again
       mask_tiles(P, b, h, blk, a, T, c0, n, w.st);
       for (int j = 0; j < kNV; ++j) mx[j] = Vec(kNegInf);
@@ -743,6 +935,7 @@ int64_t forward_tile(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_
   for (int j = 0; j < kNV; ++j) (nan[j] & (vl[j] == vl[j])).store(bad + j * kW);
   for (int64_t r = 0; r < T; ++r)
     if (bad[r] != 0.f) exact_row(P, b, h, blk, a + r, o + r * Ev);
+  if (wo != nullptr) store_weights(P, *wo, b, h, a, T, lo, w.sw.data(), ldw, m, l, ls);
   return T * (hi - lo);
 }
 
@@ -880,13 +1073,9 @@ at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options)
       p, sizes, [bytes](void* q) { output_pool().give(q, bytes); }, options);
 }
 
-// (out, lse, number of scores computed)
-std::tuple<at::Tensor, at::Tensor, int64_t> blocked_forward(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& blocks,
-    const at::Tensor& tiles, const at::Tensor& allowed, const at::Tensor& spans,
-    const c10::optional<at::Tensor>& slopes, int64_t bs, bool interval, double scale,
-    int64_t group) {
-  Problem P = make_problem(q, k, v, blocks, tiles, allowed, spans, slopes, bs, scale, interval);
+// (out, lse, number of scores computed); also the weights where wo is given.
+std::tuple<at::Tensor, at::Tensor, int64_t> run_forward(const Problem& P, const at::Tensor& q,
+                                                        int64_t group, const WeightsOut* wo) {
   // every row is written once by its task (rows of no block here), so no zeroing pass; the
   // tasks first-touch the output's pages in parallel
   at::Tensor out = pooled_empty({P.B, P.Hq, P.Lq, P.Ev}, q.options());
@@ -901,6 +1090,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t> blocked_forward(
     for (int64_t bh = 0; bh < P.B * P.Hq; ++bh) {
       std::fill(o + (bh * P.Lq + r) * P.Ev, o + (bh * P.Lq + r + 1) * P.Ev, 0.f);
       ls[bh * P.Lq + r] = kNegInf;
+      if (wo != nullptr) clear_weight_rows(*wo, P.Lk, bh * P.Lq + r, 1);
     }
   }
   const int64_t ng = groups_of(P, group);
@@ -923,11 +1113,40 @@ std::tuple<at::Tensor, at::Tensor, int64_t> blocked_forward(
       const int64_t* bl = P.blocks + 4 * blk;
       const int64_t a = bl[0] + g * group, z = std::min(a + group, bl[1]);
       for (int64_t r = a; r < z; r += kRT)
-        done += forward_tile(P, bh / P.Hq, bh % P.Hq, blk, r, std::min(kRT, z - r), o, ls, w);
+        done += forward_tile(P, bh / P.Hq, bh % P.Hq, blk, r, std::min(kRT, z - r), o, ls, w, wo);
     }
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    if (wo != nullptr) _mm_sfence();  // the weights' streaming stores are visible
+#endif
     work += done;
   });
   return {out, lse, work.load()};
+}
+
+std::tuple<at::Tensor, at::Tensor, int64_t> blocked_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& blocks,
+    const at::Tensor& tiles, const at::Tensor& allowed, const at::Tensor& spans,
+    const c10::optional<at::Tensor>& slopes, int64_t bs, bool interval, double scale,
+    int64_t group) {
+  Problem P = make_problem(q, k, v, blocks, tiles, allowed, spans, slopes, bs, scale, interval);
+  return run_forward(P, q, group, nullptr);
+}
+
+// The forward of an interval mask that also writes every weight into w (B, Hq, Lq, Lk),
+// zero but for the `dirty` pages (of `page` floats) of a reused result: from the scores the
+// forward computes anyway, so no second pass over Q K^T.
+std::tuple<at::Tensor, at::Tensor, int64_t> forward_weights(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& blocks,
+    const at::Tensor& tiles, const at::Tensor& allowed, const at::Tensor& spans,
+    const c10::optional<at::Tensor>& slopes, int64_t bs, bool interval, double scale,
+    int64_t group, at::Tensor w, const c10::optional<at::Tensor>& dirty, int64_t page) {
+  TORCH_CHECK(interval, "attnlab forward_weights: interval masks only");
+  Problem P = make_problem(q, k, v, blocks, tiles, allowed, spans, slopes, bs, scale, interval);
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() &&
+                  w.sizes() == at::IntArrayRef({P.B, P.Hq, P.Lq, P.Lk}),
+              "attnlab forward_weights: w must be contiguous float32 (B, Hq, Lq, Lk)");
+  WeightsOut wo{w.data_ptr<float>(), dirty_pages(dirty, page)};
+  return run_forward(P, q, group, &wo);
 }
 
 // One backward step: rows [a, a + T) of block `blk`, head h, against keys [c0, c0 + n).
@@ -1042,68 +1261,6 @@ at::Tensor row_spans(const at::Tensor& blocks, const at::Tensor& tiles, const at
   return spans;
 }
 
-// ---- Weights of interval masks ----------------------------------------------------------
-// w (B, Hq, Lq, Lk), made zero by the caller (lazily: only the pages written here are ever
-// backed), gets each row's softmax over its own key span [lo, hi) from spans (Bm, Hm, Lq,
-// 2), Bm in {1, B}, Hm in {1, Hq}. One task per batch, query head and 32 rows: S = scale Q
-// K^T over the union of the rows' spans in one product, then per row exp(S - lse) from the
-// forward's lse, normalized by its own sum (exact as a softmax even where lse is off by a
-// rounding) and stored into the row's span. Rows without a key stay 0; rows whose lse is NaN
-// (a NaN in Q or in a key they see) are NaN throughout, as fp64's softmax gives.
-void interval_weights(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse,
-                      const at::Tensor& spans, double scale, at::Tensor w) {
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k, &lse, &w})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(),
-                "attnlab interval_weights: contiguous float32 tensors only");
-  TORCH_CHECK(spans.is_contiguous(), "attnlab interval_weights: contiguous spans only");
-  const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), E = q.size(3);
-  const int64_t Hkv = k.size(1), Lk = k.size(2), mB = spans.size(0), mH = spans.size(1);
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>();
-  const float* lp = lse.data_ptr<float>();
-  const int64_t* sp = spans.data_ptr<int64_t>();
-  float* wp = w.data_ptr<float>();
-  constexpr int64_t R = 32;
-  const int64_t nblk = (Lq + R - 1) / R;
-  at::parallel_for(0, B * Hq * nblk, 1, [&](int64_t begin, int64_t end) {
-    SerialBlas serial;
-    std::vector<float> s;
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / (Hq * nblk), h = (t / nblk) % Hq, r0 = (t % nblk) * R;
-      const int64_t T = std::min(Lq, r0 + R) - r0, row0 = (b * Hq + h) * Lq + r0;
-      const int64_t* rs = sp + 2 * (((mB == 1 ? 0 : b) * mH + (mH == 1 ? 0 : h)) * Lq + r0);
-      int64_t lo = Lk, hi = 0;
-      for (int64_t i = 0; i < T; ++i) {
-        if (rs[2 * i] < rs[2 * i + 1]) {
-          lo = std::min(lo, rs[2 * i]);
-          hi = std::max(hi, rs[2 * i + 1]);
-        }
-      }
-      if (hi <= lo) continue;  // no row of the block sees a key: its weights stay 0
-      const int64_t n = hi - lo;
-      s.resize(static_cast<size_t>(T * n));
-      const float* krow = kp + ((b * Hkv + h / (Hq / Hkv)) * Lk + lo) * E;
-      gemm(false, true, T, n, E, static_cast<float>(scale), qp + row0 * E, E, krow, E, 0.f,
-           s.data(), n);
-      for (int64_t i = 0; i < T; ++i) {
-        const int64_t a = rs[2 * i], z = rs[2 * i + 1];
-        if (std::isnan(lp[row0 + i])) {  // a NaN score: every weight of the row, as in fp64
-          std::fill(wp + (row0 + i) * Lk, wp + (row0 + i + 1) * Lk,
-                    std::numeric_limits<float>::quiet_NaN());
-          continue;
-        }
-        if (z <= a || lp[row0 + i] == kNegInf) continue;
-        float* row = s.data() + i * n + (a - lo);
-        const float inv = 1.f / exp_sum(row, z - a, lp[row0 + i]);
-        float* dst = wp + (row0 + i) * Lk + a;
-        int64_t j = 0;
-        for (; j + Vec::size() <= z - a; j += Vec::size())
-          (Vec::loadu(row + j) * Vec(inv)).store(dst + j);
-        for (; j < z - a; ++j) dst[j] = row[j] * inv;
-      }
-    }
-  });
-}
-
 }  // namespace
 
 TORCH_LIBRARY(attnlab_blocked, m) {
@@ -1117,13 +1274,14 @@ TORCH_LIBRARY(attnlab_blocked, m) {
       "Tensor blocks, Tensor tiles, Tensor allowed, Tensor spans, Tensor? slopes, int bs, "
       "bool interval, float scale, int group) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "interval_weights(Tensor q, Tensor k, Tensor lse, Tensor spans, float scale, "
-      "Tensor(a!) w) -> ()");
+      "forward_weights(Tensor q, Tensor k, Tensor v, Tensor blocks, Tensor tiles, "
+      "Tensor allowed, Tensor spans, Tensor? slopes, int bs, bool interval, float scale, "
+      "int group, Tensor(a!) w, Tensor? dirty, int page) -> (Tensor, Tensor, int)");
 }
 
 TORCH_LIBRARY_IMPL(attnlab_blocked, CPU, m) {
   m.impl("row_spans", &row_spans);
   m.impl("forward", &blocked_forward);
+  m.impl("forward_weights", &forward_weights);
   m.impl("backward", &blocked_backward);
-  m.impl("interval_weights", &interval_weights);
 }
