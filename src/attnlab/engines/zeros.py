@@ -33,7 +33,6 @@ __all__ = ["PAGE", "cache_info", "empty_cache", "lazy_zeros", "lazy_zeros_unzero
 
 MIN_BYTES = 1 << 24  # smaller results are plain torch.zeros
 PAGE = mmap.PAGESIZE  # bytes per page: the unit of lazy_zeros_unzeroed's dirty pages
-_PAGE = PAGE
 _ENV = "ATTNLAB_ZEROS_CACHE_MB"
 
 
@@ -60,14 +59,14 @@ class _Cache:
                 self.misses += 1
                 return None
             mm, dirty = maps.pop()
-            self.held -= dirty.size * _PAGE
+            self.held -= dirty.size * PAGE
             self.hits += 1
             return mm, dirty
 
     def give(self, mm: mmap.mmap, addr: int) -> None:
         """Called when the last tensor on ``mm`` dies: keep it, or unmap it."""
-        dirty = _written_pages(addr, len(mm) // _PAGE)
-        cost = len(mm) if dirty is None else dirty.size * _PAGE
+        dirty = _written_pages(addr, len(mm) // PAGE)
+        cost = len(mm) if dirty is None else dirty.size * PAGE
         if dirty is not None and 2 * cost <= len(mm):
             with self.lock:
                 if self.held + cost <= self.limit():
@@ -93,7 +92,7 @@ def _written_pages(addr: int, npages: int) -> np.ndarray | None:
     swapped out), or None when ``/proc/self/pagemap`` cannot be read."""
     try:
         with open("/proc/self/pagemap", "rb") as fh:
-            fh.seek(addr // _PAGE * 8)
+            fh.seek(addr // PAGE * 8)
             raw = fh.read(npages * 8)
     except OSError:
         return None
@@ -115,7 +114,7 @@ def lazy_zeros(shape: tuple[int, ...], like: Tensor) -> Tensor:
     """
     out, dirty, raw = _lazy(shape, like)
     if dirty.numel():  # (pages, PAGE / 4): whole pages back to 0
-        raw.view(torch.float32).view(-1, _PAGE // 4).index_fill_(0, dirty, 0.0)
+        raw.view(torch.float32).view(-1, PAGE // 4).index_fill_(0, dirty, 0.0)
     return out
 
 
@@ -144,7 +143,7 @@ def _lazy(shape: tuple[int, ...], like: Tensor) -> tuple[Tensor, Tensor, Tensor]
     if like.device.type != "cpu" or nbytes < MIN_BYTES:
         out = like.new_zeros(shape)
         return out, none, out
-    size = -(-nbytes // _PAGE) * _PAGE  # whole pages
+    size = -(-nbytes // PAGE) * PAGE  # whole pages
     caching = _CACHE.limit() > 0  # (reads the environment: once per call)
     cached = _CACHE.take(size) if caching else None
     mm = cached[0] if cached is not None else mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
@@ -186,5 +185,5 @@ def cache_info() -> dict[str, float | int | bool]:
             "misses": _CACHE.misses,
         }
     probe = np.zeros(1)  # any mapped address
-    info["pagemap"] = _written_pages(probe.ctypes.data // _PAGE * _PAGE, 1) is not None
+    info["pagemap"] = _written_pages(probe.ctypes.data // PAGE * PAGE, 1) is not None
     return info
