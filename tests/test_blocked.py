@@ -7,6 +7,9 @@ test_attention.py, where "blocked" and "blocked-eager" are among the engines.
 from __future__ import annotations
 
 import gc
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,8 +18,8 @@ from torch import Tensor
 import attnlab
 from attnlab import bias as B
 from attnlab import masks as M
+from attnlab.engines import _native, get_engine, select_engine
 from attnlab.engines import blocked_autograd as blocked_mod
-from attnlab.engines import get_engine, select_engine
 from attnlab.engines.blocked_plan import make_plan
 from attnlab.engines.zeros import cache_info, empty_cache, lazy_zeros
 from attnlab.functional import _request
@@ -480,3 +483,35 @@ def test_kernel_large_outputs_come_from_a_pool(monkeypatch: pytest.MonkeyPatch) 
     assert third.data_ptr() == freed and torch.equal(first, third)
     monkeypatch.setattr(blocked_mod, "USE_KERNEL", False)
     assert max_err(first, run()) < 1e-5
+
+
+def test_the_output_pool_keeps_within_its_limit() -> None:
+    """A freed 4 MiB output stays in the pool; limit 0 frees it and keeps nothing after;
+    ATTNLAB_KERNEL_POOL_MB sets the limit when the kernel loads, and a bad one is named."""
+    ops = blocked_mod.kernel()
+    if ops is None:
+        pytest.skip(f"attnlab's CPU kernel could not be built: {blocked_mod.kernel_error()}")
+    q, k, v = (torch.randn(1, 4, 4096, 64) for _ in range(3))  # out: 4 MiB
+    limit = _native.pool_limit_mib() << 20
+    try:
+        ops.output_pool(0)  # empty, whatever earlier tests left
+        ops.output_pool(limit)
+        out = attnlab.attention(q, k, v, mask=M.causal(), engine="blocked")
+        del out
+        assert ops.output_pool(-1) == 4 << 20
+        assert ops.output_pool(0) == 0
+        out = attnlab.attention(q, k, v, mask=M.causal(), engine="blocked")
+        del out
+        assert ops.output_pool(-1) == 0
+    finally:
+        ops.output_pool(limit)
+    code = "from attnlab.engines.blocked import kernel_status; print(kernel_status()['pool_mib'])"
+    for env, want in (("0", "0"), ("64", "64"), ("lots", "ATTNLAB_KERNEL_POOL_MB must be")):
+        got = subprocess.run(
+            [sys.executable, "-c", code],
+            env=os.environ | {"ATTNLAB_KERNEL_POOL_MB": env},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert want in (got.stdout if env != "lots" else got.stderr)

@@ -75,6 +75,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"blocked kernel: built for {k['isa']} ({' '.join(k['flags'])}); "
               f"{k['rows_forward']} query rows per forward task, {k['rows_backward']} "
               f"per backward task")  # fmt: skip
+        pool = f"up to {k['pool_mib']} MiB" if k["pool_mib"] else "off"
+        print(f"kernel output pool (freed outputs kept for the next call): {pool} "
+              f"(ATTNLAB_KERNEL_POOL_MB)")  # fmt: skip
     else:
         print(f"blocked kernel: unavailable ({k['why_not']}); the blocked engine runs "
               f"torch's per-block kernel instead")  # fmt: skip

@@ -7,6 +7,11 @@ in well under a second). It returns ``None`` when the kernel cannot be had: no C
 compiler, a failed build, or ``ATTNLAB_NO_KERNEL=1`` in the environment. The blocked engine
 then runs torch's own fused kernel per block instead (exact as well, but slower).
 
+The kernel keeps up to two freed large forward outputs (4 MiB and more) for the next call
+of their size, at most ``ATTNLAB_KERNEL_POOL_MB`` (default 256; ``0`` turns the pool off),
+read when the kernel loads. They stay resident between calls, so a memory-bound model may
+turn the pool off; a bad value is a ``ValueError`` naming the variable.
+
 Example:
     >>> ops = kernel()                    # None where nothing can be compiled
     >>> ops is None or hasattr(ops, "forward")
@@ -24,10 +29,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["build_settings", "kernel", "kernel_error", "ops"]
+__all__ = ["build_settings", "kernel", "kernel_error", "ops", "pool_limit_mib"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "blocked.cpp"
-_VERSION = 2  # bump when the kernel's interface changes
+_VERSION = 3  # bump when the kernel's interface changes
+_POOL_ENV = "ATTNLAB_KERNEL_POOL_MB"
 _FLAGS = {  # vector width of torch's at::vec, matched to what this CPU runs
     "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mfma", "-mavx2"],
     "AVX2": ["-mavx2", "-mfma"],
@@ -88,8 +94,11 @@ def kernel() -> Any | None:
         return None
     with _lock:
         if "ops" not in _state:
+            pool = pool_limit_mib()  # a bad value fails here, before any build
             try:
                 _state["ops"] = _build()
+                _state["ops"].output_pool(pool << 20)
+                _state["pool_mib"] = pool
             except Exception as exc:  # no compiler, failed build: fall back, say why once
                 _state["ops"], _state["error"] = None, f"{type(exc).__name__}: {exc}"
                 warnings.warn(
@@ -113,3 +122,19 @@ def ops() -> Any:
     if built is None:  # pragma: no cover - callers check kernel() first
         raise RuntimeError(f"attnlab's CPU kernel is unavailable: {kernel_error()}")
     return built
+
+
+def pool_limit_mib() -> int:
+    """The output pool's limit in MiB: the one in force once the kernel has loaded, else
+    what ``ATTNLAB_KERNEL_POOL_MB`` asks (default 256; 0: off).
+
+    Example:
+        >>> pool_limit_mib() >= 0
+        True
+    """
+    if "pool_mib" in _state:
+        return int(_state["pool_mib"])
+    seen = os.environ.get(_POOL_ENV, "256")
+    if not seen.strip().isdigit():
+        raise ValueError(f"{_POOL_ENV} must be a whole number of MiB >= 0 (0: off), got {seen!r}")
+    return int(seen)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from attnlab.engines import blocked_autograd
-from attnlab.engines._native import build_settings, ops
+from attnlab.engines._native import build_settings, ops, pool_limit_mib
 from attnlab.engines.base import AttentionRequest, Engine, EngineResult
 from attnlab.engines.blocked_autograd import (
     BlockedAttention,
@@ -207,13 +207,14 @@ def _put(dst: Tensor, blk: Block, p: Tensor) -> None:
 
 def kernel_status() -> dict[str, object]:
     """The blocked engine's compiled CPU kernel: the instruction set it is built for, its
-    compiler flags, whether it loaded (building it on first use, about 20 s), why not, and
-    the query rows per task of its forward and backward.
+    compiler flags, whether it loaded (building it on first use, about 20 s), why not, the
+    query rows per task of its forward and backward, and its output pool's limit in MiB.
 
     Example:
         >>> status = kernel_status()
-        >>> sorted(status)
-        ['build', 'flags', 'isa', 'loaded', 'rows_backward', 'rows_forward', 'why_not']
+        >>> sorted(status)  # doctest: +NORMALIZE_WHITESPACE
+        ['build', 'flags', 'isa', 'loaded', 'pool_mib', 'rows_backward', 'rows_forward',
+         'why_not']
     """
     name, flags = build_settings()
     loaded = kernel() is not None
@@ -225,4 +226,5 @@ def kernel_status() -> dict[str, object]:
         "why_not": None if loaded else (kernel_error() or "switched off (ATTNLAB_NO_KERNEL)"),
         "rows_forward": blocked_autograd.ROWS[0],
         "rows_backward": blocked_autograd.ROWS[1],
+        "pool_mib": pool_limit_mib() if loaded else 0,
     }

@@ -1021,15 +1021,17 @@ void populate(void* p, int64_t bytes) {
 // of MiB is mapped by the allocator on each call (every page faulted in and zeroed by the
 // system) and unmapped when freed, and those two cost about a tenth of a window forward at
 // 16k rows. A freed output of at least kPoolMin bytes goes back to the pool, which keeps
-// at most kPoolBuffers of them and kPoolBytes in all (else it is freed); a request takes
-// one of exactly its size, or allocates. Outputs so made are not resizable.
+// at most kPoolBuffers of them and `limit` bytes in all (else it is freed; the limit is
+// set from ATTNLAB_KERNEL_POOL_MB when the kernel loads, 0: no pool); a request takes one
+// of exactly its size, or allocates. Outputs so made are not resizable. The pool's buffers
+// stay resident between calls: in a model, through the layers' other work.
 constexpr size_t kPoolMin = size_t{4} << 20, kPoolBytes = size_t{256} << 20;
 constexpr size_t kPoolBuffers = 2;
 
 struct OutputPool {
   std::mutex mu;
   std::vector<std::pair<size_t, void*>> free;
-  size_t held = 0;
+  size_t held = 0, limit = kPoolBytes;
 
   void* take(size_t bytes) {
     std::lock_guard<std::mutex> lock(mu);
@@ -1045,7 +1047,7 @@ struct OutputPool {
   void give(void* p, size_t bytes) {
     {
       std::lock_guard<std::mutex> lock(mu);
-      if (free.size() < kPoolBuffers && held + bytes <= kPoolBytes) {
+      if (free.size() < kPoolBuffers && held + bytes <= limit) {
         free.emplace_back(bytes, p);
         held += bytes;
         return;
@@ -1058,6 +1060,26 @@ struct OutputPool {
 OutputPool& output_pool() {
   static OutputPool* pool = new OutputPool;  // never destroyed: outputs may outlive statics
   return *pool;
+}
+
+// The op output_pool(limit): sets the pool's limit in bytes (0: no pool; < 0: unchanged),
+// frees the buffers it no longer allows, and returns the bytes the pool holds.
+int64_t output_pool_op(int64_t limit) {
+  OutputPool& pool = output_pool();
+  std::vector<void*> drop;
+  int64_t held = 0;
+  {
+    std::lock_guard<std::mutex> lock(pool.mu);
+    if (limit >= 0) pool.limit = static_cast<size_t>(limit);
+    while (pool.held > pool.limit && !pool.free.empty()) {
+      drop.push_back(pool.free.back().second);
+      pool.held -= pool.free.back().first;
+      pool.free.pop_back();
+    }
+    held = static_cast<int64_t>(pool.held);
+  }
+  for (void* p : drop) std::free(p);
+  return held;
 }
 
 // at::empty(sizes) of float32 on the CPU, from the pool when large.
@@ -1277,6 +1299,7 @@ TORCH_LIBRARY(attnlab_blocked, m) {
       "forward_weights(Tensor q, Tensor k, Tensor v, Tensor blocks, Tensor tiles, "
       "Tensor allowed, Tensor spans, Tensor? slopes, int bs, bool interval, float scale, "
       "int group, Tensor(a!) w, Tensor? dirty, int page) -> (Tensor, Tensor, int)");
+  m.def("output_pool(int limit) -> int", &output_pool_op);  // no tensor: every backend
 }
 
 TORCH_LIBRARY_IMPL(attnlab_blocked, CPU, m) {
