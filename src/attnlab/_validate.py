@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Callable
 
 from torch import Tensor
@@ -25,6 +26,20 @@ def positive_int(name: str, value: object) -> int:
     if value < 1:
         raise ValueError(f"{name} must be a positive int, got {value}")
     return int(value)
+
+
+def env_mib(name: str, default: int) -> int:
+    """The environment variable ``name`` as a whole number of MiB >= 0 (0: off), or
+    ``default`` when unset; a ValueError naming it otherwise.
+
+    Example:
+        >>> env_mib("ATTNLAB_NO_SUCH_LIMIT_MB", 64)
+        64
+    """
+    seen = os.environ.get(name, str(default))
+    if not seen.strip().isdigit():
+        raise ValueError(f"{name} must be a whole number of MiB >= 0 (0: off), got {seen!r}")
+    return int(seen)
 
 
 def nonnegative_int(name: str, value: object) -> int:

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from attnlab._validate import env_mib
+
 __all__ = ["build_settings", "kernel", "kernel_error", "ops", "pool_limit_mib"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "blocked.cpp"
@@ -134,7 +136,4 @@ def pool_limit_mib() -> int:
     """
     if "pool_mib" in _state:
         return int(_state["pool_mib"])
-    seen = os.environ.get(_POOL_ENV, "256")
-    if not seen.strip().isdigit():
-        raise ValueError(f"{_POOL_ENV} must be a whole number of MiB >= 0 (0: off), got {seen!r}")
-    return int(seen)
+    return env_mib(_POOL_ENV, 256)

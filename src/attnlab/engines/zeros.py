@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import math
 import mmap
-import os
 import threading
 import weakref
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from attnlab._validate import env_mib
 
 __all__ = ["PAGE", "cache_info", "empty_cache", "lazy_zeros", "lazy_zeros_unzeroed"]
 
@@ -47,10 +48,7 @@ class _Cache:
         self.misses = 0
 
     def limit(self) -> int:
-        seen = os.environ.get(_ENV, "1024")
-        if not seen.strip().isdigit():
-            raise ValueError(f"{_ENV} must be a whole number of MiB >= 0 (0: off), got {seen!r}")
-        return int(seen) << 20
+        return env_mib(_ENV, 1024) << 20
 
     def take(self, nbytes: int) -> tuple[mmap.mmap, np.ndarray] | None:
         with self.lock:
