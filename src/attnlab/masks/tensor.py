@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from attnlab._grid import Grid
+from attnlab.masks._args import Device
 from attnlab.masks.base import Mask
 
 __all__ = ["TensorMask", "as_mask", "tensor"]
@@ -54,7 +55,7 @@ class TensorMask(Mask):
         *,
         batch: int | None = None,
         heads: int = 1,
-        device: torch.device | str | None = None,
+        device: Device = None,
     ) -> Tensor:
         """The tensor itself broadcast to ``(Bm, Hm, lq, lk)``: on the whole grid the
         gather of :meth:`evaluate` is the identity, so this is a view (size-1 dims keep
