@@ -660,48 +660,14 @@ DirtyPages dirty_pages(const c10::optional<at::Tensor>& dirty, int64_t page) {
   return {dirty->data_ptr<int64_t>(), dirty->numel(), page};
 }
 
-// dst[0, m) = row[0, m) * inv by streaming stores: w is far larger than the caches and is
-// not read here, so its lines need not be fetched before they are written. The first and
-// last vectors are widened to whole aligned vectors with zeros (what w holds outside the
-// span) where they stay inside the row [first, last), which no other task writes.
-void store_scaled(const float* row, float* dst, int64_t m, const Vec& inv, const float* first,
-                  const float* last) {
-  int64_t j = 0;
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  alignas(64) float tmp[2 * kW];
-  const int64_t mis = static_cast<int64_t>(reinterpret_cast<uintptr_t>(dst) % (kW * 4) / 4);
-  if (mis > 0) {
-    const int64_t c = std::min(kW - mis, m);
-    if (dst - mis >= first && dst - mis + kW <= last) {
-      Vec(0.f).store(tmp);
-      Vec(0.f).store(tmp + kW);
-      (Vec::loadu(row, static_cast<int>(c)) * inv).store(tmp + mis, static_cast<int>(c));
-      stream(dst - mis, Vec::loadu(tmp));
-    } else {
-      (Vec::loadu(row, static_cast<int>(c)) * inv).store(dst, static_cast<int>(c));
-    }
-    j = c;
-  }
-  for (; j + kW <= m; j += kW) stream(dst + j, Vec::loadu(row + j) * inv);
-  if (j < m && dst + j + kW <= last) {
-    Vec(0.f).store(tmp);
-    (Vec::loadu(row + j, static_cast<int>(m - j)) * inv).store(tmp, static_cast<int>(m - j));
-    stream(dst + j, Vec::loadu(tmp));
-    return;
-  }
-#else
-  (void)first, (void)last;
-  for (; j + kW <= m; j += kW) (Vec::loadu(row + j) * inv).store(dst + j);
-#endif
-  if (j < m)
-    (Vec::loadu(row + j, static_cast<int>(m - j)) * inv).store(dst + j, static_cast<int>(m - j));
-}
-
-// The floats store_scaled(row, dst, m, inv, first, last) writes: [dst, dst + m), and the
-// zeros of the aligned vectors it widens its first and last ones to.
+// The floats store_scaled writes for dst[0, m) inside the row [first, last), relative to
+// dst: [0, m), widened to whole aligned vectors (with zeros, what w holds outside the span)
+// at the first and last vector where those stay inside the row, which no other task
+// writes. p0 < 0: the first vector is widened; p1 > m: the last one (or the first, when it
+// holds the whole span).
 std::pair<int64_t, int64_t> scaled_extent(const float* dst, int64_t m, const float* first,
                                           const float* last) {
-  int64_t p0 = 0, p1 = m;  // relative to dst
+  int64_t p0 = 0, p1 = m;
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   const int64_t mis = static_cast<int64_t>(reinterpret_cast<uintptr_t>(dst) % (kW * 4) / 4);
   int64_t j = 0;
@@ -715,6 +681,42 @@ std::pair<int64_t, int64_t> scaled_extent(const float* dst, int64_t m, const flo
   (void)first, (void)last;
 #endif
   return {p0, p1};
+}
+
+// dst[0, m) = row[0, m) * inv by streaming stores: w is far larger than the caches and is
+// not read here, so its lines need not be fetched before they are written. `ext` is
+// scaled_extent(dst, m, ...): which of the first and last vectors are widened.
+void store_scaled(const float* row, float* dst, int64_t m, const Vec& inv,
+                  std::pair<int64_t, int64_t> ext) {
+  int64_t j = 0;
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  alignas(64) float tmp[2 * kW];
+  const int64_t mis = static_cast<int64_t>(reinterpret_cast<uintptr_t>(dst) % (kW * 4) / 4);
+  if (mis > 0) {
+    const int64_t c = std::min(kW - mis, m);
+    if (ext.first < 0) {
+      Vec(0.f).store(tmp);
+      Vec(0.f).store(tmp + kW);
+      (Vec::loadu(row, static_cast<int>(c)) * inv).store(tmp + mis, static_cast<int>(c));
+      stream(dst - mis, Vec::loadu(tmp));
+    } else {
+      (Vec::loadu(row, static_cast<int>(c)) * inv).store(dst, static_cast<int>(c));
+    }
+    j = c;
+  }
+  for (; j + kW <= m; j += kW) stream(dst + j, Vec::loadu(row + j) * inv);
+  if (j < m && ext.second > m) {  // (j < m: the first vector did not hold the whole span)
+    Vec(0.f).store(tmp);
+    (Vec::loadu(row + j, static_cast<int>(m - j)) * inv).store(tmp, static_cast<int>(m - j));
+    stream(dst + j, Vec::loadu(tmp));
+    return;
+  }
+#else
+  (void)ext;
+  for (; j + kW <= m; j += kW) (Vec::loadu(row + j) * inv).store(dst + j);
+#endif
+  if (j < m)
+    (Vec::loadu(row + j, static_cast<int>(m - j)) * inv).store(dst + j, static_cast<int>(m - j));
 }
 
 // s[0, n) = 2^(s - shift) in place (NaN stays NaN); returns their sum, the lanes' partial
@@ -777,11 +779,11 @@ void store_weights(const Problem& P, const WeightsOut& wo, int64_t b, int64_t h,
     }
     // the dirty pages' zeros end where the stores begin, on a whole vector: a partial one
     // there (scalar stores into a line also streamed) cost 5 of 48 ms a layer, AVX2 forced
-    const auto [p0, p1] = scaled_extent(wr + sa, sz - sa, wr, wr + P.Lk);
-    wo.dirty.clear(wo.w, row, row + P.Lk, row + sa + p0, row + sa + p1);
+    const auto ext = scaled_extent(wr + sa, sz - sa, wr, wr + P.Lk);
+    wo.dirty.clear(wo.w, row, row + P.Lk, row + sa + ext.first, row + sa + ext.second);
     float* s = sw + r * ldw + (sa - lo);
     const float total = exp2_sum(s, sz - sa, m[r] + std::log2(l[r]));
-    store_scaled(s, wr + sa, sz - sa, Vec(1.f / total), wr, wr + P.Lk);
+    store_scaled(s, wr + sa, sz - sa, Vec(1.f / total), ext);
   }
 }
 
