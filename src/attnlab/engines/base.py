@@ -139,8 +139,9 @@ class Engine:
         """Compute ``(out (B, Hq, Lq, Ev), weights | None, lse | None)``."""
         raise NotImplementedError
 
-    #: True when :meth:`prefers` is False for every plain call (see :meth:`plain`), so
-    #: ``auto`` passes this engine by for them without building a request.
+    #: True when :meth:`prefers` is False for every plain call (see :meth:`plain`) that
+    #: this engine's :meth:`plain` does not answer itself, so ``auto`` moves on to the next
+    #: engine for them without building a request.
     passes_plain: bool = False
 
     def prefers(self, req: AttentionRequest) -> bool:
@@ -154,8 +155,9 @@ class Engine:
         bias, dropout, weights, logsumexp, soft-capping, sinks or engine options (a
         decoding step). ``q, k, v`` are validated and share a batch. An engine returns a
         result only where its :meth:`unsupported` and :meth:`prefers` would let ``auto``
-        pick it for the same call; ``auto`` asks the first engine of its order that does
-        not pass plain calls by. This default always asks for the request.
+        pick it for the same call; ``auto`` asks the engines of its order up to the first
+        that does not pass plain calls by, and an engine that does (:attr:`passes_plain`)
+        answers None to pass the call on. This default always asks for the request.
         """
         return None
 
@@ -225,7 +227,7 @@ def validate_options(options: object) -> Mapping[str, object]:
 _REGISTRY: dict[str, Engine] = {}
 _AUTO_ORDER: list[str] = []
 _APPROX_ORDER: list[str] = []
-_PLAIN: list[Engine] = []  # the engine ``auto`` asks first for a plain call, if any
+_PLAIN: list[Engine] = []  # the engines ``auto`` asks for a plain call, in its order
 
 
 def register_engine(engine: Engine, *, auto_rank: int | None = None) -> Engine:
@@ -245,7 +247,11 @@ def register_engine(engine: Engine, *, auto_rank: int | None = None) -> Engine:
             order.remove(engine.name)
     if auto_rank is not None:
         (_AUTO_ORDER if engine.exact else _APPROX_ORDER).insert(auto_rank, engine.name)
-    _PLAIN[:] = [_REGISTRY[n] for n in _AUTO_ORDER if not _REGISTRY[n].passes_plain][:1]
+    _PLAIN.clear()
+    for n in _AUTO_ORDER:  # up to the first engine that answers every plain call it gets
+        _PLAIN.append(_REGISTRY[n])
+        if not _REGISTRY[n].passes_plain:
+            break
     return engine
 
 
@@ -255,12 +261,16 @@ def plain_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Ten
 
     Example:
         >>> q, k = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 32, 8)
-        >>> plain_attention(q, k, k, None).shape  # SDPA on the CPU from 16 keys on
+        >>> plain_attention(q, k, k, None).shape  # on the CPU from 16 keys on
         torch.Size([1, 4, 1, 8])
         >>> plain_attention(q, k[:, :, :8], k[:, :, :8], None) is None  # 8 keys: a request
         True
     """
-    return _PLAIN[0].plain(q, k, v, scale) if _PLAIN else None
+    for engine in _PLAIN:
+        out = engine.plain(q, k, v, scale)
+        if out is not None or not engine.passes_plain:
+            return out
+    return None  # every engine passed the call on: the request decides
 
 
 def available_engines() -> dict[str, Engine]:

@@ -15,6 +15,11 @@ to be merged across tiles and no ``Lq x Lk`` tensor exists: memory is
 * ``return_weights``: the compiled forward writes every weight of an interval mask from
   the scores it computes anyway; otherwise they are recomputed block by block;
   :meth:`BlockedEngine.weights` returns only some heads and query rows.
+* Decoding (a few query rows per key/value head, float32, no autograd): the compiled
+  kernel's ``decode`` reads each key and value once for all the query heads that share
+  them, and under an interval mask (a sliding window, padding) only the keys of the rows'
+  intervals. ``auto`` picks it for such calls with a mask, and without one where query
+  heads are grouped (torch's SDPA reads the cache once per query head).
 
 The engine is three files: this one (the engine: what it supports, when ``auto`` picks
 it, weights), :mod:`~attnlab.engines.blocked_plan` (the schedule of blocks, key spans and
@@ -46,11 +51,21 @@ from attnlab.engines.blocked_autograd import (
     take,
     with_sinks,
 )
-from attnlab.engines.blocked_plan import Block, KernelPlan, Plan, kernel_plan, make_plan
+from attnlab.engines.blocked_plan import (
+    Block,
+    KernelPlan,
+    Plan,
+    interval_spans,
+    kernel_plan,
+    make_plan,
+)
 from attnlab.engines.zeros import PAGE, lazy_zeros, lazy_zeros_unzeroed
 from attnlab.scores import grouped_matmul
 
-__all__ = ["BlockedEngine", "kernel", "kernel_error", "kernel_status"]
+__all__ = ["DECODE_ROWS", "BlockedEngine", "decodes", "kernel", "kernel_error", "kernel_status"]
+
+#: the most query rows per key/value head (``Hq / Hkv * Lq``) of a decoding call
+DECODE_ROWS = 8
 
 
 class BlockedEngine(Engine):
@@ -69,6 +84,8 @@ class BlockedEngine(Engine):
         self.block = block
         # the last request's plan; a weak reference, so its tensors are not kept alive
         self._cache: tuple[weakref.ref[AttentionRequest], Plan] | None = None
+        # the last request asked about decoding: whether it decodes, and its key spans
+        self._decode: tuple[weakref.ref[AttentionRequest], bool, Tensor | None] | None = None
 
     def plan(self, req: AttentionRequest) -> Plan:
         """The block schedule of ``req`` (memoized for the last request)."""
@@ -89,7 +106,29 @@ class BlockedEngine(Engine):
             return "the blocked engine does not accept empty batches or sequences"
         return None
 
+    def plain(self, q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor | None:
+        if not decodes(q, k, v, masked=False):
+            return None  # passed on to SDPA
+        return ops().decode(q, k, v, None, q.shape[-1] ** -0.5 if scale is None else scale)
+
+    def decoding(self, req: AttentionRequest) -> tuple[bool, Tensor | None]:
+        """Whether ``req`` is a decoding call for the compiled kernel (:func:`decodes`, and
+        dot-product softmax with no bias, dropout, weights, logsumexp, soft-capping or
+        sinks), and its mask's key interval per row ``(Bm, 1, Lq, 2)``, if it has a mask;
+        a mask must be one interval per row, the same for every head. Memoized for the
+        last request."""
+        if self._decode is None or self._decode[0]() is not req:
+            ok, spans = _plain_request(req), None
+            if ok and req.mask is not None:
+                spans = interval_spans(req)
+                ok = spans is not None
+            self._decode = (weakref.ref(req), ok, spans)
+        return self._decode[1], self._decode[2]
+
     def forward(self, req: AttentionRequest) -> EngineResult:
+        decode, spans = self.decoding(req)
+        if decode:
+            return ops().decode(req.q, req.k, req.v, spans, req.scale), None, None
         if req.score == "cosine":
             req = _normalized(req)
         plan = self.plan(req)
@@ -120,11 +159,47 @@ class BlockedEngine(Engine):
 
     def prefers(self, req: AttentionRequest) -> bool:
         """Whether ``auto`` should pick this engine over SDPA for ``req``."""
+        if self.decoding(req)[0]:
+            return True
         if req.mask is None or (req.mask.is_causal and req.bias is None):
             return False  # SDPA's flash kernel is at the roofline for dense and causal
         if req.lq * req.lk < 1 << 18:
             return False
         return self.plan(req).computed_fraction < 0.6
+
+
+def decodes(q: Tensor, k: Tensor, v: Tensor, *, masked: bool) -> bool:
+    """Whether the compiled decoding kernel serves ``q, k, v``: float32 on the CPU without
+    autograd, at most :data:`DECODE_ROWS` query rows per key/value head, 16 keys or more,
+    the last dimensions contiguous; without a mask only where query heads share key/value
+    heads (one query head per key/value head: SDPA is as fast).
+
+    Example:
+        >>> q, k = torch.randn(1, 8, 1, 64), torch.randn(1, 2, 100, 64)
+        >>> decodes(q, k, k, masked=False), decodes(q[:, :2], k, k, masked=False)
+        (True, False)
+    """
+    group, lk = q.shape[1] // k.shape[1], k.shape[2]
+    if lk < 16 or group * q.shape[2] > DECODE_ROWS or (group == 1 and not masked):
+        return False
+    if q.dtype != torch.float32 or k.dtype != q.dtype or v.dtype != q.dtype:
+        return False
+    if q.device.type != "cpu" or k.stride(-1) != 1 or v.stride(-1) != 1:
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    return blocked_autograd.USE_KERNEL and kernel() is not None
+
+
+def _plain_request(req: AttentionRequest) -> bool:
+    """Whether ``req`` asks the decoding kernel's computation of its q, k, v (mask aside)."""
+    if req.score != "dot" or req.normalize != "softmax" or req.bias is not None:
+        return False
+    if req.dropout_p or req.return_weights or req.return_lse:
+        return False
+    if req.softcap is not None or req.sinks is not None:
+        return False
+    return decodes(req.q, req.k, req.v, masked=req.mask is not None)
 
 
 def _normalized(req: AttentionRequest) -> AttentionRequest:

@@ -21,7 +21,7 @@ from attnlab.engines._native import ops
 from attnlab.engines.base import AttentionRequest
 from attnlab.masks import Mask, TileState
 
-__all__ = ["Block", "KernelPlan", "Plan", "kernel_plan", "make_plan"]
+__all__ = ["Block", "KernelPlan", "Plan", "interval_spans", "kernel_plan", "make_plan"]
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,7 @@ def kernel_plan(req: AttentionRequest, plan: Plan, bs: int) -> KernelPlan | None
     )
     if slopes is not None:
         slopes = slopes.detach().to(device="cpu", dtype=torch.float32).contiguous()
-    spans = _interval_spans(req)
+    spans = interval_spans(req)
     if spans is not None:  # no tile to evaluate: the spans are the mask
         tiles = torch.full((len(plan.blocks), 1), -1, dtype=torch.long)
         allowed = torch.ones(spans.shape[0], 1, 0, bs, bs, dtype=torch.bool)
@@ -179,7 +179,7 @@ def kernel_plan(req: AttentionRequest, plan: Plan, bs: int) -> KernelPlan | None
     return KernelPlan(blocks, tiles, allowed, spans, slopes, bs, False)
 
 
-def _interval_spans(req: AttentionRequest) -> Tensor | None:
+def interval_spans(req: AttentionRequest) -> Tensor | None:
     """``(Bm, 1, Lq, 2)`` spans ``[lo, hi)`` if the mask allows exactly one key interval
     per row (the same for every head), else None."""
     m = req.mask

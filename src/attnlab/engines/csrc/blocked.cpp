@@ -16,6 +16,10 @@
 //          chunk, transposed, to a row tile buffer, and once the tile's rows have their
 //          maximum and sum, writes w = 2^(s - lse) normalized by its own sum, so Q K^T is
 //          computed once (see store_weights).
+// Decode   (decode: a few query rows per key/value head, no autograd): the query heads that
+//          share a key/value head are the rows of one product, so each key and value is read
+//          once; keys split into parts run in parallel and merged; an interval mask reads
+//          only each row's interval (see "Decoding" below).
 // Backward (one task per batch and key/value head, looping over the query heads that share
 //          it, so dK and dV have a single writer): P = exp(S - lse), dV += P^T dO,
 //          dS = P * (dO V^T - delta), dQ += scale dS K, dK += scale dS^T Q.
@@ -1173,6 +1177,232 @@ std::tuple<at::Tensor, at::Tensor, int64_t> forward_weights(
   return run_forward(P, q, group, &wo);
 }
 
+// ---- Decoding: a few query rows against a long key/value cache ---------------------------
+// The G = Hq / Hk query heads of a key/value head, times their Lq rows, are the R rows of
+// one product, so each key and value is read once for all of them (torch's SDPA reads them
+// once per query head). The keys are cut into parts run in parallel, each with its own
+// online softmax over chunks of kDecodeChunk keys; the parts' partial results are merged at
+// the end. A mask, if any, is one key interval per batch and query row (`spans`, as the
+// forward's interval masks): only the keys of the rows' intervals are read, so a sliding
+// window costs its width, not the cache's length. Scores are in log2 units, as in the
+// forward. A row without keys gives 0.
+constexpr int64_t kDecodeChunk = 256;  // keys per score chunk
+constexpr int64_t kDecodePart = 512;   // fewest keys per part, where there are more keys
+
+// Row r of one key/value head's rows is query head hk * G + r / Lq, query row r % Lq.
+struct DecodeShape {
+  int64_t B, Hk, G, Lq, Lk, E, Ev, R, parts;
+  const int64_t* rows;  // (Bm, 1, Lq, 2) key intervals [lo, hi) of the query rows, or null
+  int64_t Bm;
+  // [lo, hi) of row r of batch b (every key without a mask; hi <= lo: none)
+  std::pair<int64_t, int64_t> interval(int64_t b, int64_t r) const {
+    if (rows == nullptr) return {0, Lk};
+    const int64_t* x = rows + 2 * ((Bm == 1 ? 0 : b) * Lq + r % Lq);
+    return {std::max<int64_t>(0, x[0]), std::min(Lk, x[1])};
+  }
+};
+
+// Lane u of the result = the sum of the lanes of v[u], u < kW.
+inline Vec lane_sums(const Vec* v) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  auto tree8 = [](const __m256* w) {  // 8 vectors of 8 lanes -> their 8 sums
+    const __m256 t0 = _mm256_hadd_ps(w[0], w[1]), t1 = _mm256_hadd_ps(w[2], w[3]);
+    const __m256 t2 = _mm256_hadd_ps(w[4], w[5]), t3 = _mm256_hadd_ps(w[6], w[7]);
+    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                         _mm256_permute2f128_ps(u0, u1, 0x31));
+  };
+#endif
+#if defined(CPU_CAPABILITY_AVX512)
+  __m256 w[16];
+  for (int u = 0; u < 16; ++u) {
+    const __m512 x = v[u];
+    w[u] = _mm256_add_ps(_mm512_castps512_ps256(x), _mm512_extractf32x8_ps(x, 1));
+  }
+  return _mm512_insertf32x8(_mm512_castps256_ps512(tree8(w)), tree8(w + 8), 1);
+#elif defined(CPU_CAPABILITY_AVX2)
+  __m256 w[8];
+  for (int u = 0; u < 8; ++u) w[u] = v[u];
+  return tree8(w);
+#else
+  float out[kW], tmp[kW];
+  for (int64_t u = 0; u < kW; ++u) {
+    v[u].store(tmp);
+    out[u] = 0.f;
+    for (int64_t e = 0; e < kW; ++e) out[u] += tmp[e];
+  }
+  return Vec::loadu(out);
+#endif
+}
+
+// Scores of one row q against the kW keys at kp (leading dim ldk): per key one vector of
+// products (E in the lanes), then the kW vectors' lane sums at once. `keys` < kW: a tail.
+template <bool Full>
+inline Vec row_key_scores(const float* q, int64_t E, const float* kp, int64_t ldk,
+                          int64_t keys) {
+  Vec acc[kW];
+  for (int64_t u = 0; u < kW; ++u) acc[u] = Vec(0.f);
+  int64_t e = 0;
+  for (; e + kW <= E; e += kW) {
+    const Vec qv = Vec::loadu(q + e);
+    for (int64_t u = 0; u < (Full ? kW : keys); ++u)
+      acc[u] = at::vec::fmadd(qv, Vec::loadu(kp + u * ldk + e), acc[u]);
+  }
+  if (e < E) {
+    const int c = static_cast<int>(E - e);
+    const Vec qv = Vec::loadu(q + e, c);
+    for (int64_t u = 0; u < (Full ? kW : keys); ++u)
+      acc[u] = at::vec::fmadd(qv, Vec::loadu(kp + u * ldk + e, c), acc[u]);
+  }
+  return lane_sums(acc);
+}
+
+// p (R x n, leading dim kDecodeChunk) = Q K^T for the rows qr (R x E) and keys kp (n x E,
+// leading dim ldk), read in place.
+void decode_scores(const float* qr, int64_t R, int64_t E, const float* kp, int64_t ldk,
+                   int64_t n, float* p) {
+  for (int64_t r = 0; r < R; ++r) {
+    const float* q = qr + r * E;
+    int64_t j = 0;
+    for (; j + kW <= n; j += kW)
+      row_key_scores<true>(q, E, kp + j * ldk, ldk, kW).store(p + r * kDecodeChunk + j);
+    if (j < n)
+      row_key_scores<false>(q, E, kp + j * ldk, ldk, n - j)
+          .store(p + r * kDecodeChunk + j, static_cast<int>(n - j));
+  }
+}
+
+// The rows' partial softmax over keys [k0, k1) of batch b, head hk: running maximum m and
+// sum l per row, and acc (R x Ev) = sum over keys of 2^(s - m) v.
+void decode_span(const DecodeShape& D, const at::Tensor& k, const at::Tensor& v,
+                 const float* qr, int64_t b, int64_t hk, int64_t k0, int64_t k1, float* m,
+                 float* l, float* acc, float* p) {
+  const int64_t R = D.R, ldk = k.stride(2), ldv = v.stride(2);
+  const float* kp = k.data_ptr<float>() + b * k.stride(0) + hk * k.stride(1);
+  const float* vp = v.data_ptr<float>() + b * v.stride(0) + hk * v.stride(1);
+  std::fill(m, m + R, kNegInf);
+  std::fill(l, l + R, 0.f);
+  std::fill(acc, acc + R * D.Ev, 0.f);
+  for (int64_t c0 = k0; c0 < k1; c0 += kDecodeChunk) {
+    const int64_t n = std::min(kDecodeChunk, k1 - c0);
+    decode_scores(qr, R, D.E, kp + c0 * ldk, ldk, n, p);
+    for (int64_t r = 0; r < R; ++r) {
+      float* pr = p + r * kDecodeChunk;
+      const auto [lo, hi] = D.interval(b, r);  // keys outside: -inf
+      std::fill(pr, pr + std::clamp<int64_t>(lo - c0, 0, n), kNegInf);
+      std::fill(pr + std::clamp<int64_t>(hi - c0, 0, n), pr + n, kNegInf);
+      float mx = m[r];  // NaN scores are skipped here and come out of exp2 as NaN
+      for (int64_t j = 0; j < n; ++j) mx = pr[j] > mx ? pr[j] : mx;
+      if (mx == kNegInf) {  // no key yet: weights 0, NaN stays NaN
+        float sum = 0.f;
+        for (int64_t j = 0; j < n; ++j) sum += pr[j] = pr[j] == kNegInf ? 0.f : pr[j];
+        l[r] += sum;
+        continue;
+      }
+      const float alpha = m[r] == kNegInf ? 0.f : std::exp2(m[r] - mx);
+      l[r] = l[r] * alpha + exp2_sum(pr, n, mx);
+      m[r] = mx;
+      if (alpha != 1.f)
+        for (int64_t e = 0; e < D.Ev; ++e) acc[r * D.Ev + e] *= alpha;
+    }
+    mm(R, D.Ev, n, p, kDecodeChunk, vp + c0 * ldv, ldv, acc, D.Ev, true);  // acc += P V
+  }
+}
+
+// out (B, Hq, Lq, Ev) = softmax(scale Q K^T) V, for R = Hq / Hk * Lq rows per key/value
+// head of at most 64 (float32; the last dimension of each input contiguous); `spans`
+// (Bm, 1, Lq, 2), int64: each query row's key interval [lo, hi), or None: every key.
+at::Tensor decode_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const c10::optional<at::Tensor>& spans, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attnlab decode: 4-D inputs");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
+                  v.scalar_type() == at::kFloat,
+              "attnlab decode: float32 inputs");
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "attnlab decode: k, v last dim contiguous");
+  DecodeShape D{q.size(0), k.size(1), 0, q.size(2), k.size(2), q.size(3), v.size(3), 0, 0,
+                nullptr, 1};
+  TORCH_CHECK(D.Hk > 0 && q.size(1) % D.Hk == 0 && k.size(0) == D.B && v.size(0) == D.B &&
+                  k.size(3) == D.E && v.size(1) == D.Hk && v.size(2) == D.Lk,
+              "attnlab decode: shapes do not match");
+  D.G = q.size(1) / D.Hk;
+  D.R = D.G * D.Lq;
+  TORCH_CHECK(D.R >= 1 && D.R <= 64, "attnlab decode: at most 64 rows per key/value head");
+  if (spans.has_value()) {
+    const at::Tensor& s = *spans;
+    TORCH_CHECK(s.scalar_type() == at::kLong && s.is_contiguous() && s.dim() == 4 &&
+                    (s.size(0) == 1 || s.size(0) == D.B) && s.size(1) == 1 &&
+                    s.size(2) == D.Lq && s.size(3) == 2,
+                "attnlab decode: spans must be contiguous int64 (Bm, 1, Lq, 2)");
+    D.rows = s.data_ptr<int64_t>();
+    D.Bm = s.size(0);
+  }
+  // each batch's key range: the union of its rows' intervals
+  std::vector<std::pair<int64_t, int64_t>> range(D.B);
+  int64_t widest = 0;
+  for (int64_t b = 0; b < D.B; ++b) {
+    int64_t lo = D.Lk, hi = 0;
+    for (int64_t r = 0; r < D.Lq; ++r) {
+      const auto [a, z] = D.interval(b, r);
+      if (a < z) lo = std::min(lo, a), hi = std::max(hi, z);
+    }
+    range[b] = {lo, std::max(lo, hi)};
+    widest = std::max(widest, range[b].second - lo);
+  }
+  const int64_t heads = D.B * D.Hk, threads = at::get_num_threads();
+  // parts of at least kDecodePart keys of the widest range, for 4 tasks per thread
+  const int64_t most = std::max<int64_t>(1, widest / kDecodePart);
+  D.parts = std::min(most, std::max<int64_t>(1, (4 * threads + heads - 1) / heads));
+  // the rows (R x E) per head, scaled to log2 units
+  std::vector<float> qr(heads * D.R * D.E);
+  const at::Tensor qc = q.contiguous();
+  const float* qp = qc.data_ptr<float>();
+  const float s2 = static_cast<float>(scale) * kLog2e;
+  for (int64_t bh = 0; bh < heads; ++bh)
+    for (int64_t r = 0; r < D.R; ++r) {
+      const float* row = qp + ((bh * D.G + r / D.Lq) * D.Lq + r % D.Lq) * D.E;
+      for (int64_t e = 0; e < D.E; ++e) qr[(bh * D.R + r) * D.E + e] = row[e] * s2;
+    }
+  const int64_t tasks = heads * D.parts;
+  std::vector<float> M(tasks * D.R), L(tasks * D.R), A(tasks * D.R * D.Ev);
+  dynamic_for(tasks, 1, [&](int64_t, int64_t begin, int64_t end) {
+    std::vector<float> p(kDecodeChunk * D.R);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / D.parts, b = bh / D.Hk;
+      const auto [lo, hi] = range[b];
+      const int64_t width = (hi - lo + D.parts - 1) / D.parts, k0 = lo + t % D.parts * width;
+      decode_span(D, k, v, qr.data() + bh * D.R * D.E, b, bh % D.Hk, k0,
+                  std::min(hi, k0 + width), M.data() + t * D.R, L.data() + t * D.R,
+                  A.data() + t * D.R * D.Ev, p.data());
+    }
+  });
+  at::Tensor out = at::empty({D.B, D.Hk * D.G, D.Lq, D.Ev}, q.options());
+  float* o = out.data_ptr<float>();
+  for (int64_t bh = 0; bh < heads; ++bh)
+    for (int64_t r = 0; r < D.R; ++r) {  // merge the parts: the same rescaling
+      const int64_t t0 = bh * D.parts;
+      float mx = kNegInf;
+      double total = 0.0;
+      for (int64_t s = 0; s < D.parts; ++s) mx = std::max(mx, M[(t0 + s) * D.R + r]);
+      float* dst = o + ((bh * D.G + r / D.Lq) * D.Lq + r % D.Lq) * D.Ev;
+      std::fill(dst, dst + D.Ev, 0.f);
+      if (mx == kNegInf) {  // no key: 0, or NaN where a score was NaN
+        for (int64_t s = 0; s < D.parts; ++s) total += L[(t0 + s) * D.R + r];
+        if (total != total) std::fill(dst, dst + D.Ev, std::numeric_limits<float>::quiet_NaN());
+        continue;
+      }
+      for (int64_t s = 0; s < D.parts; ++s) {
+        const int64_t i = (t0 + s) * D.R + r;
+        const float w = M[i] == kNegInf ? 0.f : std::exp2(M[i] - mx);
+        total += static_cast<double>(w) * L[i];  // 0 * NaN: NaN
+        const float* a = A.data() + i * D.Ev;
+        for (int64_t e = 0; e < D.Ev; ++e) dst[e] += w * a[e];
+      }
+      const float inv = static_cast<float>(1.0 / total);
+      for (int64_t e = 0; e < D.Ev; ++e) dst[e] *= inv;
+    }
+  return out;
+}
+
 // One backward step: rows [a, a + T) of block `blk`, head h, against keys [c0, c0 + n).
 void backward_chunk(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_t a, int64_t T,
                     int64_t c0, int64_t n, const float* dout, const float* lse,
@@ -1301,6 +1531,7 @@ TORCH_LIBRARY(attnlab_blocked, m) {
       "forward_weights(Tensor q, Tensor k, Tensor v, Tensor blocks, Tensor tiles, "
       "Tensor allowed, Tensor spans, Tensor? slopes, int bs, bool interval, float scale, "
       "int group, Tensor(a!) w, Tensor? dirty, int page) -> (Tensor, Tensor, int)");
+  m.def("decode(Tensor q, Tensor k, Tensor v, Tensor? spans, float scale) -> Tensor");
   m.def("output_pool(int limit) -> int", &output_pool_op);  // no tensor: every backend
 }
 
@@ -1309,4 +1540,5 @@ TORCH_LIBRARY_IMPL(attnlab_blocked, CPU, m) {
   m.impl("forward", &blocked_forward);
   m.impl("forward_weights", &forward_weights);
   m.impl("backward", &blocked_backward);
+  m.impl("decode", &decode_forward);
 }

@@ -1,0 +1,190 @@
+"""The compiled decoding kernel (``blocked`` engine, ``decode`` op): a few query rows per
+key/value head against a long cache, with no mask or one key interval per row. Checked
+against fp64 under the 2x rule, NaN and empty rows included, and where ``auto`` sends it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+import attnlab
+from attnlab import functional
+from attnlab import masks as M
+from attnlab.engines import base
+from attnlab.engines import blocked as blocked_engine
+from tests.conftest import assert_2x_rule, naive_attention
+
+
+@pytest.fixture
+def decodes() -> Iterator[list[int]]:
+    """Counts the decoding kernel's calls; skips where the kernel cannot be built."""
+    if blocked_engine.kernel() is None:
+        pytest.skip(f"attnlab's CPU kernel could not be built: {blocked_engine.kernel_error()}")
+    calls: list[int] = []
+    real = blocked_engine.ops
+
+    class Counting:
+        def __getattr__(self, name: str) -> Any:
+            op = getattr(real(), name)
+            if name != "decode":
+                return op
+
+            def counted(*args: object) -> Tensor:
+                calls.append(1)
+                return op(*args)
+
+            return counted
+
+    saved, blocked_engine.ops = blocked_engine.ops, lambda: Counting()  # type: ignore[assignment]
+    try:
+        yield calls
+    finally:
+        blocked_engine.ops = saved  # type: ignore[assignment]
+
+
+def _qkv(hq: int, hk: int, lq: int, lk: int, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, hq, lq, 64, generator=g)
+    k = torch.randn(2, hk, lk, 64, generator=g)
+    v = torch.randn(2, hk, lk, 48, generator=g)
+    return q, k, v
+
+
+def _allowed(mask: M.Mask | None, q: Tensor, k: Tensor) -> Tensor | None:
+    if mask is None:
+        return None
+    return mask.dense(q.shape[2], k.shape[2], batch=q.shape[0], heads=q.shape[1])
+
+
+MASKS = {
+    "none": lambda lk: None,
+    "window": lambda lk: M.window(100),
+    "causal": lambda lk: M.causal(),
+    "padding": lambda lk: M.padding([lk, lk // 3]),
+    "window&padding": lambda lk: M.window(50) & M.padding([lk, lk // 2]),
+    "documents": lambda lk: M.documents([0] * (lk // 2) + [1] * (lk - lk // 2)),
+}
+
+
+@pytest.mark.parametrize("mask", list(MASKS))
+@pytest.mark.parametrize("heads", [(8, 2, 1), (4, 1, 2), (6, 3, 1), (8, 1, 1), (2, 2, 1)], ids=str)
+@pytest.mark.parametrize("lk", [16, 300, 2600])
+def test_decoding_meets_the_2x_rule(
+    mask: str, heads: tuple[int, int, int], lk: int, decodes: list[int]
+) -> None:
+    hq, hk, lq = heads
+    q, k, v = _qkv(hq, hk, lq, lk, seed=lk + hq)
+    m = MASKS[mask](lk)
+    with torch.no_grad():
+        out = attnlab.attention(q, k, v, mask=m)
+    assert isinstance(out, Tensor)
+    # grouped heads always decode; one query head per key/value head only under a mask
+    assert len(decodes) == (1 if hq > hk or m is not None else 0)
+    allowed = _allowed(m, q, k)
+    ref64, _ = naive_attention(q.double(), k.double(), v.double(), allowed=allowed)
+    plain, _ = naive_attention(q, k, v, allowed=allowed)
+    assert_2x_rule(out, plain, ref64, f"{mask} {heads} lk={lk}")
+
+
+def test_only_the_rows_intervals_are_read(decodes: list[int]) -> None:
+    """NaN outside a row's window stays out of it; NaN inside reaches it, as in fp64; a row
+    with no key gives 0."""
+    q, k, v = _qkv(8, 2, 1, 1000)
+    k[0, 0, 10] = float("nan")  # outside the window of the last 100 keys
+    v[1, 1, 950] = float("nan")  # inside it, key/value head 1 of batch 1
+    mask = M.window(99) & M.padding([1000, 0])  # batch 1 row: ... and no key at all
+    mask_b = M.window(99) & M.padding([1000, 1000])
+    with torch.no_grad():
+        out = attnlab.attention(q, k, v, mask=mask)
+        out_b = attnlab.attention(q, k, v, mask=mask_b)
+    assert isinstance(out, Tensor) and isinstance(out_b, Tensor) and len(decodes) == 2
+    assert not out[0].isnan().any()
+    assert torch.equal(out[1], torch.zeros_like(out[1]))  # the empty rows: 0, never NaN
+    ref64, _ = naive_attention(q.double(), k.double(), v.double(), allowed=_allowed(mask_b, q, k))
+    assert torch.equal(out_b.isnan(), ref64.isnan())
+    assert out_b[1, 4:].isnan().all() and not out_b[1, :4].isnan().any()
+    finite = ~ref64.isnan()
+    torch.testing.assert_close(out_b[finite].double(), ref64[finite], atol=1e-5, rtol=0)
+
+
+def test_nan_queries_reach_their_rows_only(decodes: list[int]) -> None:
+    q, k, v = _qkv(8, 2, 1, 700)
+    q[0, 3, 0, 5] = float("nan")
+    with torch.no_grad():
+        out = attnlab.attention(q, k, v)
+    assert isinstance(out, Tensor) and decodes
+    ref64, _ = naive_attention(q.double(), k.double(), v.double())
+    assert torch.equal(out.isnan(), ref64.isnan()) and out[0, 3].isnan().all()
+
+
+def test_a_slice_of_a_larger_cache_and_one_thread_give_the_same(decodes: list[int]) -> None:
+    """Keys and values read in place from a view of a preallocated cache (row stride past
+    the head size), and the split of the keys over threads does not change the result."""
+    q, k, v = _qkv(8, 2, 1, 5000)
+    cache_k = torch.zeros(2, 2, 6000, 64)
+    cache_k[:, :, :5000] = k
+    with torch.no_grad():
+        out = attnlab.attention(q, cache_k[:, :, :5000], v)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            one = attnlab.attention(q, k, v)
+        finally:
+            torch.set_num_threads(threads)
+    assert isinstance(out, Tensor) and isinstance(one, Tensor) and len(decodes) == 2
+    ref64, _ = naive_attention(q.double(), k.double(), v.double())
+    plain, _ = naive_attention(q, k, v)
+    assert_2x_rule(out, plain, ref64)
+    assert_2x_rule(one, plain, ref64)
+
+
+def _request(q: Tensor, k: Tensor, v: Tensor, mask: M.Mask | None) -> base.AttentionRequest:
+    return functional._request(q, k, v, mask, None, None, "dot", "softmax", 0.0, False, False)
+
+
+def test_auto_decodes_only_what_the_kernel_serves(decodes: list[int]) -> None:
+    q, k, v = _qkv(8, 2, 1, 300)
+    with torch.no_grad():
+        assert base.select_engine("auto", _request(q, k, v, None)).name == "blocked"
+        assert base.select_engine("auto", _request(q, k, v, M.window(10))).name == "blocked"
+        dense = _request(q[:, :2], k, v, None)  # one query head per key/value head
+        assert base.select_engine("auto", dense).name == "sdpa"
+        many = _request(torch.randn(2, 8, 5, 64), k, v, M.causal())  # 20 rows per head
+        assert base.select_engine("auto", many).name != "blocked"
+        half = _request(q.bfloat16(), k.bfloat16(), v.bfloat16(), None)
+        assert base.select_engine("auto", half).name == "sdpa"
+    q.requires_grad_(True)  # no backward in the kernel: autograd goes elsewhere
+    assert base.select_engine("auto", _request(q, k, v, None)).name == "sdpa"
+    out = attnlab.attention(q, k, v)
+    assert isinstance(out, Tensor) and out.requires_grad and not decodes
+
+
+def test_a_plain_decoding_call_builds_no_request(
+    decodes: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built: list[int] = []
+    full = functional._request
+    monkeypatch.setattr(functional, "_request", lambda *a, **kw: built.append(1) or full(*a, **kw))
+    q, k, v = _qkv(8, 2, 1, 300)
+    with torch.no_grad():
+        fast = attnlab.attention(q, k, v, scale=0.2)
+        assert not built and len(decodes) == 1
+        full_path = attnlab.attention(q, k, v, scale=0.2, engine="blocked")
+    assert built and isinstance(fast, Tensor) and torch.equal(fast, full_path)
+
+
+def test_the_op_checks_its_inputs() -> None:
+    if blocked_engine.kernel() is None:
+        pytest.skip(f"attnlab's CPU kernel could not be built: {blocked_engine.kernel_error()}")
+    q, k, v = _qkv(8, 2, 1, 64)
+    op = blocked_engine.ops().decode
+    with pytest.raises(RuntimeError, match="float32"):
+        op(q.double(), k.double(), v.double(), None, 0.1)
+    with pytest.raises(RuntimeError, match="at most 64 rows"):
+        op(torch.randn(2, 8, 20, 64), k, v, None, 0.1)
+    with pytest.raises(RuntimeError, match="spans must be"):
+        op(q, k, v, torch.zeros(2, 1, 1, 2, dtype=torch.int32), 0.1)
