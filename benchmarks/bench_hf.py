@@ -17,7 +17,11 @@ and ``ratio = anchor / attnlab`` (> 1: attnlab is faster):
   tokens (``generate()`` of 129 tokens minus ``generate()`` of 1), against ``sdpa``
   (targets: within 5% and 10%), best of 7 rounds: these runs are short and noisy;
 * ``weights``: ``output_attentions=True`` on the window model at 4096 tokens, against
-  ``eager``, the only other implementation that returns weights (target: ratio >= 5).
+  ``eager``, the only other implementation that returns weights (target: ratio >= 5);
+* ``padded``: greedy decoding of 64 tokens by the Llama-style model for a batch of 4
+  left-padded prompts of 1024 tokens (0, 10%, 30% and 70% of them padding), against
+  ``sdpa``, which attends through a dense mask (no target of the issue; ``same_tokens``
+  says whether both decoded the same tokens), best of 7 rounds.
 
 python benchmarks/bench_hf.py                   # every case at the target sizes
 python benchmarks/bench_hf.py --cases window    # one case
@@ -41,7 +45,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch
 
 VOCAB = 512
-CASES = ("window", "memory", "dense", "weights")
+CASES = ("window", "memory", "dense", "weights", "padded")
 
 
 def build(kind: str, layers: int, window: int, impl: str) -> torch.nn.Module:
@@ -219,6 +223,27 @@ def dense_case(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def padded_case(args: argparse.Namespace) -> list[dict]:
+    """Greedy decoding of a left-padded batch by the Llama-style model against sdpa."""
+    n = args.padded_n
+    ids = torch.randint(0, VOCAB, (4, n))
+    attention_mask = torch.ones_like(ids)
+    for row, pad in enumerate((0, n // 10, 3 * n // 10, 7 * n // 10)):
+        attention_mask[row, :pad] = 0  # left padding, as generate() expects
+    models = {i: build("dense", args.layers, 0, i) for i in ("sdpa", "attnlab")}
+
+    def generate(m: torch.nn.Module, new: int) -> Callable[[], torch.Tensor]:
+        kw = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False}
+        return lambda: m.generate(ids, attention_mask=attention_mask, pad_token_id=0, **kw)
+
+    tokens = [generate(m, args.padded_new)() for m in models.values()]
+    gens = {f"{k} {t}": generate(m, t) for k, m in models.items() for t in (1, args.padded_new + 1)}
+    gen = best_times(gens, args.dense_repeat)  # type: ignore[arg-type]
+    decode_only = {k: gen[f"{k} {args.padded_new + 1}"] - gen[f"{k} 1"] for k in models}
+    size = {"n": n, "batch": 4, "layers": args.layers, "same_tokens": torch.equal(*tokens)}
+    return [_row("padded", f"decode {args.padded_new}", "sdpa", decode_only, **size)]
+
+
 def weights_case(args: argparse.Namespace) -> list[dict]:
     """``output_attentions=True`` on the window model against eager."""
     ids = torch.randint(0, VOCAB, (1, args.weights_n))
@@ -249,6 +274,8 @@ def main() -> None:
     parser.add_argument("--dense-n", type=int, default=2048, help="tokens of the dense case")
     parser.add_argument("--new", type=int, default=128, help="greedy tokens to decode")
     parser.add_argument("--weights-n", type=int, default=4096, help="tokens, weights case")
+    parser.add_argument("--padded-n", type=int, default=1024, help="tokens, padded case")
+    parser.add_argument("--padded-new", type=int, default=64, help="tokens, padded case")
     parser.add_argument("--repeat", type=int, default=3, help="alternating rounds")
     parser.add_argument(
         "--dense-repeat", type=int, default=7, help="rounds of the dense case (short runs)"
@@ -260,11 +287,12 @@ def main() -> None:
     if args.smoke:
         args.n, args.window, args.layers, args.repeat, args.dense_repeat = 512, 64, 1, 1, 1
         args.dense_n, args.new, args.weights_n = 128, 4, 256
+        args.padded_n, args.padded_new = 64, 4
     if importlib.util.find_spec("transformers") is None:  # `make bench-smoke` alone
         print(json.dumps({"bench": "hf", "skipped": "not installed: transformers (attnlab[hf])"}))
         return
     run = {"window": window_case, "memory": memory_case, "dense": dense_case}
-    run["weights"] = weights_case
+    run["weights"], run["padded"] = weights_case, padded_case
     for case in args.cases:
         for row in run[case](args):
             print(json.dumps(row), flush=True)

@@ -4,9 +4,6 @@ against fp64 under the 2x rule, NaN and empty rows included, and where ``auto`` 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
-
 import pytest
 import torch
 from torch import Tensor
@@ -20,30 +17,19 @@ from tests.conftest import assert_2x_rule, naive_attention
 
 
 @pytest.fixture
-def decodes() -> Iterator[list[int]]:
+def decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the decoding kernel's calls; skips where the kernel cannot be built."""
     if blocked_engine.kernel() is None:
         pytest.skip(f"attnlab's CPU kernel could not be built: {blocked_engine.kernel_error()}")
     calls: list[int] = []
-    real = blocked_engine.ops
+    op = blocked_engine._decode_op()
 
-    class Counting:
-        def __getattr__(self, name: str) -> Any:
-            op = getattr(real(), name)
-            if name != "decode":
-                return op
+    def counted(*args: object) -> Tensor:
+        calls.append(1)
+        return op(*args)
 
-            def counted(*args: object) -> Tensor:
-                calls.append(1)
-                return op(*args)
-
-            return counted
-
-    saved, blocked_engine.ops = blocked_engine.ops, lambda: Counting()  # type: ignore[assignment]
-    try:
-        yield calls
-    finally:
-        blocked_engine.ops = saved  # type: ignore[assignment]
+    monkeypatch.setattr(blocked_engine, "_decode_op", lambda: counted)
+    return calls
 
 
 def _qkv(hq: int, hk: int, lq: int, lk: int, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:

@@ -94,6 +94,8 @@ def kernel() -> Any | None:
     ``None`` if unavailable."""
     if os.environ.get("ATTNLAB_NO_KERNEL", "") not in ("", "0"):
         return None
+    if "ops" in _state:  # loaded (or failed) already: no lock
+        return _state["ops"]
     with _lock:
         if "ops" not in _state:
             pool = pool_limit_mib()  # a bad value fails here, before any build

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -109,7 +110,7 @@ class BlockedEngine(Engine):
     def plain(self, q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor | None:
         if not decodes(q, k, v, masked=False):
             return None  # passed on to SDPA
-        return ops().decode(q, k, v, None, q.shape[-1] ** -0.5 if scale is None else scale)
+        return _decode_op()(q, k, v, None, q.shape[-1] ** -0.5 if scale is None else scale)
 
     def decoding(self, req: AttentionRequest) -> tuple[bool, Tensor | None]:
         """Whether ``req`` is a decoding call for the compiled kernel (:func:`decodes`, and
@@ -128,7 +129,7 @@ class BlockedEngine(Engine):
     def forward(self, req: AttentionRequest) -> EngineResult:
         decode, spans = self.decoding(req)
         if decode:
-            return ops().decode(req.q, req.k, req.v, spans, req.scale), None, None
+            return _decode_op()(req.q, req.k, req.v, spans, req.scale), None, None
         if req.score == "cosine":
             req = _normalized(req)
         plan = self.plan(req)
@@ -189,6 +190,16 @@ def decodes(q: Tensor, k: Tensor, v: Tensor, *, masked: bool) -> bool:
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return False
     return blocked_autograd.USE_KERNEL and kernel() is not None
+
+
+def _decode_op() -> Any:
+    """The kernel's ``decode`` overload, looked up once (callers have checked the kernel)."""
+    if not _DECODE:
+        _DECODE.append(ops().decode.default)
+    return _DECODE[0]
+
+
+_DECODE: list[Any] = []
 
 
 def _plain_request(req: AttentionRequest) -> bool:

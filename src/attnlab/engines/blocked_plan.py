@@ -189,9 +189,8 @@ def interval_spans(req: AttentionRequest) -> Tensor | None:
     bounds = m.row_bounds(req.lq, req.lk, bm, "cpu")
     if bounds is None or not bounds.exact:
         return None
-    lo = bounds.lo.clamp(0, req.lk)
-    hi = (bounds.hi + 1).clamp(0, req.lk)
-    return torch.stack([lo, hi], -1).expand(bm, req.lq, 2).reshape(bm, 1, req.lq, 2).contiguous()
+    spans = torch.stack([bounds.lo, bounds.hi + 1], -1).clamp_(0, req.lk)  # (1 or Bm, Lq, 2)
+    return spans.expand(bm, req.lq, 2).reshape(bm, 1, req.lq, 2).contiguous()
 
 
 def _allowed_tiles(req: AttentionRequest, starts: list[tuple[int, int]], bs: int) -> Tensor:

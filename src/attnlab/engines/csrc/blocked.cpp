@@ -1261,15 +1261,57 @@ inline Vec row_key_scores(const float* q, int64_t E, const float* kp, int64_t ld
 // leading dim ldk), read in place.
 void decode_scores(const float* qr, int64_t R, int64_t E, const float* kp, int64_t ldk,
                    int64_t n, float* p) {
-  for (int64_t r = 0; r < R; ++r) {
-    const float* q = qr + r * E;
-    int64_t j = 0;
-    for (; j + kW <= n; j += kW)
-      row_key_scores<true>(q, E, kp + j * ldk, ldk, kW).store(p + r * kDecodeChunk + j);
-    if (j < n)
-      row_key_scores<false>(q, E, kp + j * ldk, ldk, n - j)
+  int64_t j = 0;
+  for (; j + kW <= n; j += kW)  // the kW keys stay in L1 for all the rows
+    for (int64_t r = 0; r < R; ++r)
+      row_key_scores<true>(qr + r * E, E, kp + j * ldk, ldk, kW).store(p + r * kDecodeChunk + j);
+  if (j < n)
+    for (int64_t r = 0; r < R; ++r)
+      row_key_scores<false>(qr + r * E, E, kp + j * ldk, ldk, n - j)
           .store(p + r * kDecodeChunk + j, static_cast<int>(n - j));
+}
+
+// acc (R x Ev) += P (R x n, leading dim kDecodeChunk) V (n x Ev, leading dim ldv) for rows
+// [r0, r0 + RN) and the CV value vectors from column c0 (`cols` < kW: one partial vector):
+// the accumulators stay in registers over the n keys, each V vector used by RN rows.
+template <int RN, int CV>
+void pv_tile(const float* p, int64_t r0, int64_t n, const float* v, int64_t ldv, int64_t c0,
+             int cols, float* acc, int64_t Ev) {
+  Vec a[RN][CV];  // this chunk's sums, added to acc at the end: shorter rounding chains
+  for (int i = 0; i < RN; ++i)
+    for (int c = 0; c < CV; ++c) a[i][c] = Vec(0.f);
+  for (int64_t j = 0; j < n; ++j) {
+    Vec vv[CV];
+    for (int c = 0; c < CV; ++c) vv[c] = Vec::loadu(v + j * ldv + c0 + c * kW, cols);
+    for (int i = 0; i < RN; ++i) {
+      const Vec pb(p[(r0 + i) * kDecodeChunk + j]);
+      for (int c = 0; c < CV; ++c) a[i][c] = at::vec::fmadd(pb, vv[c], a[i][c]);
+    }
   }
+  for (int i = 0; i < RN; ++i)
+    for (int c = 0; c < CV; ++c) {
+      float* dst = acc + (r0 + i) * Ev + c0 + c * kW;
+      (a[i][c] + Vec::loadu(dst, cols)).store(dst, cols);
+    }
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kPvCols = 4;  // value vectors per tile: 4 rows x 4 accumulators, 32 registers
+#else
+constexpr int kPvCols = 2;  // 16 registers
+#endif
+
+void decode_pv(const float* p, int64_t R, int64_t n, const float* v, int64_t ldv, float* acc,
+               int64_t Ev) {
+  for (int64_t r0 = 0; r0 < R; r0 += 4)
+    with_count<4>(std::min<int64_t>(4, R - r0), [&](auto rn) {
+      constexpr int RN = decltype(rn)::value;
+      int64_t c0 = 0;
+      for (; c0 + kPvCols * kW <= Ev; c0 += kPvCols * kW)
+        pv_tile<RN, kPvCols>(p, r0, n, v, ldv, c0, kW, acc, Ev);
+      for (; c0 < Ev; c0 += kW)
+        pv_tile<RN, 1>(p, r0, n, v, ldv, c0, static_cast<int>(std::min(kW, Ev - c0)), acc, Ev);
+    });
 }
 
 // The rows' partial softmax over keys [k0, k1) of batch b, head hk: running maximum m and
@@ -1305,7 +1347,7 @@ void decode_span(const DecodeShape& D, const at::Tensor& k, const at::Tensor& v,
       if (alpha != 1.f)
         for (int64_t e = 0; e < D.Ev; ++e) acc[r * D.Ev + e] *= alpha;
     }
-    mm(R, D.Ev, n, p, kDecodeChunk, vp + c0 * ldv, ldv, acc, D.Ev, true);  // acc += P V
+    decode_pv(p, R, n, vp + c0 * ldv, ldv, acc, D.Ev);  // acc += P V
   }
 }
 
