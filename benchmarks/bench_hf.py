@@ -10,8 +10,9 @@ and ``ratio = anchor / attnlab`` (> 1: attnlab is faster):
   (targets: ratio >= 3 for both);
 * ``memory``: peak resident memory of that forward, each implementation in a fresh
   process (target: attnlab at most a quarter of sdpa's), and of the same model whose
-  attention does nothing (its MLPs, norms and projections), so that ``attention_fraction``
-  compares what the two attentions add; with glibc's default allocator and with its mmap
+  attention does nothing (its MLPs, norms and projections): ``no_attention_fraction`` is
+  the least ``fraction`` any attention could reach, and ``attention_fraction`` compares
+  what the two attentions add; with glibc's default allocator and with its mmap
   threshold fixed (``allocator``), which removes the heap's fragmentation from the peak;
 * ``dense``: a Llama-style model at 2048 tokens, prefill and greedy decoding of 128
   tokens (``generate()`` of 129 tokens minus ``generate()`` of 1), against ``sdpa``
@@ -188,6 +189,8 @@ def _memory_row(args: argparse.Namespace, allocator: str) -> dict:
         "attnlab_peak_mib": round(mib["attnlab"], 1),
         "fraction": round(mib["attnlab"] / max(mib["sdpa"], 1e-3), 3),
         "no_attention_peak_mib": round(mib["none"], 1),  # MLP, norms, projections
+        # the least `fraction` any attention could reach: the model without one
+        "no_attention_fraction": round(mib["none"] / max(mib["sdpa"], 1e-3), 3),
         "attention_fraction": round(
             (mib["attnlab"] - mib["none"]) / max(mib["sdpa"] - mib["none"], 1e-3), 3
         ),

@@ -76,6 +76,22 @@ def test_decoding_meets_the_2x_rule(
     assert_2x_rule(out, plain, ref64, f"{mask} {heads} lk={lk}")
 
 
+@pytest.mark.parametrize("dims", [(40, 20), (80, 72), (8, 3)], ids=str)
+def test_head_sizes_that_are_not_whole_vectors(dims: tuple[int, int], decodes: list[int]) -> None:
+    e, ev = dims
+    g = torch.Generator().manual_seed(e)
+    q = torch.randn(2, 8, 1, e, generator=g)
+    k = torch.randn(2, 2, 777, e, generator=g)
+    v = torch.randn(2, 2, 777, ev, generator=g)
+    with torch.no_grad():
+        out = attnlab.attention(q, k, v, mask=M.padding([777, 300]))
+    assert isinstance(out, Tensor) and len(decodes) == 1
+    allowed = _allowed(M.padding([777, 300]), q, k)
+    ref64, _ = naive_attention(q.double(), k.double(), v.double(), allowed=allowed)
+    plain, _ = naive_attention(q, k, v, allowed=allowed)
+    assert_2x_rule(out, plain, ref64, f"E={e} Ev={ev}")
+
+
 def test_only_the_rows_intervals_are_read(decodes: list[int]) -> None:
     """NaN outside a row's window stays out of it; NaN inside reaches it, as in fp64; a row
     with no key gives 0."""
@@ -169,8 +185,8 @@ def test_the_op_checks_its_inputs() -> None:
     q, k, v = _qkv(8, 2, 1, 64)
     op = blocked_engine.ops().decode
     with pytest.raises(RuntimeError, match="float32"):
-        op(q.double(), k.double(), v.double(), None, 0.1)
+        op(q.double(), k.double(), v.double(), None, None, 0.1)
     with pytest.raises(RuntimeError, match="at most 64 rows"):
-        op(torch.randn(2, 8, 20, 64), k, v, None, 0.1)
-    with pytest.raises(RuntimeError, match="spans must be"):
-        op(q, k, v, torch.zeros(2, 1, 1, 2, dtype=torch.int32), 0.1)
+        op(torch.randn(2, 8, 20, 64), k, v, None, None, 0.1)
+    with pytest.raises(RuntimeError, match="lo must be int64"):
+        op(q, k, v, torch.zeros(2, 1, dtype=torch.int32), torch.zeros(2, 1, dtype=torch.long), 0.1)

@@ -52,15 +52,9 @@ from attnlab.engines.blocked_autograd import (
     take,
     with_sinks,
 )
-from attnlab.engines.blocked_plan import (
-    Block,
-    KernelPlan,
-    Plan,
-    interval_spans,
-    kernel_plan,
-    make_plan,
-)
+from attnlab.engines.blocked_plan import Block, KernelPlan, Plan, kernel_plan, make_plan
 from attnlab.engines.zeros import PAGE, lazy_zeros, lazy_zeros_unzeroed
+from attnlab.masks import Mask, RowBounds
 from attnlab.scores import grouped_matmul
 
 __all__ = ["DECODE_ROWS", "BlockedEngine", "decodes", "kernel", "kernel_error", "kernel_status"]
@@ -85,8 +79,8 @@ class BlockedEngine(Engine):
         self.block = block
         # the last request's plan; a weak reference, so its tensors are not kept alive
         self._cache: tuple[weakref.ref[AttentionRequest], Plan] | None = None
-        # the last request asked about decoding: whether it decodes, and its key spans
-        self._decode: tuple[weakref.ref[AttentionRequest], bool, Tensor | None] | None = None
+        # the last request asked about decoding: whether it decodes, and its row bounds
+        self._decode: tuple[weakref.ref[AttentionRequest], bool, RowBounds | None] | None = None
 
     def plan(self, req: AttentionRequest) -> Plan:
         """The block schedule of ``req`` (memoized for the last request)."""
@@ -110,26 +104,27 @@ class BlockedEngine(Engine):
     def plain(self, q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor | None:
         if not decodes(q, k, v, masked=False):
             return None  # passed on to SDPA
-        return _decode_op()(q, k, v, None, q.shape[-1] ** -0.5 if scale is None else scale)
+        return _decode_op()(q, k, v, None, None, q.shape[-1] ** -0.5 if scale is None else scale)
 
-    def decoding(self, req: AttentionRequest) -> tuple[bool, Tensor | None]:
+    def decoding(self, req: AttentionRequest) -> tuple[bool, RowBounds | None]:
         """Whether ``req`` is a decoding call for the compiled kernel (:func:`decodes`, and
         dot-product softmax with no bias, dropout, weights, logsumexp, soft-capping or
-        sinks), and its mask's key interval per row ``(Bm, 1, Lq, 2)``, if it has a mask;
-        a mask must be one interval per row, the same for every head. Memoized for the
+        sinks), and its mask's row bounds ``(1 or B, Lq)``, if it has a mask; a mask must
+        allow exactly one key interval per row, the same for every head. Memoized for the
         last request."""
         if self._decode is None or self._decode[0]() is not req:
-            ok, spans = _plain_request(req), None
+            ok, bounds = _plain_request(req), None
             if ok and req.mask is not None:
-                spans = interval_spans(req)
-                ok = spans is not None
-            self._decode = (weakref.ref(req), ok, spans)
+                bounds = _exact_bounds(req.mask, req)
+                ok = bounds is not None
+            self._decode = (weakref.ref(req), ok, bounds)
         return self._decode[1], self._decode[2]
 
     def forward(self, req: AttentionRequest) -> EngineResult:
-        decode, spans = self.decoding(req)
+        decode, bounds = self.decoding(req)
         if decode:
-            return _decode_op()(req.q, req.k, req.v, spans, req.scale), None, None
+            lo, hi = (None, None) if bounds is None else (bounds.lo, bounds.hi)
+            return _decode_op()(req.q, req.k, req.v, lo, hi, req.scale), None, None
         if req.score == "cosine":
             req = _normalized(req)
         plan = self.plan(req)
@@ -200,6 +195,19 @@ def _decode_op() -> Any:
 
 
 _DECODE: list[Any] = []
+
+
+def _exact_bounds(mask: Mask, req: AttentionRequest) -> RowBounds | None:
+    """``mask``'s row bounds ``(1 or B, Lq)`` as int64 where it allows exactly one key
+    interval per row, the same for every head; else None."""
+    if mask.per_head:
+        return None
+    bounds = mask.row_bounds(req.lq, req.lk, req.batch if mask.per_batch else 1, "cpu")
+    if bounds is None or not bounds.exact:
+        return None
+    if bounds.lo.dtype != torch.long or bounds.hi.dtype != torch.long:
+        bounds = RowBounds(bounds.lo.long(), bounds.hi.long(), exact=True)
+    return bounds
 
 
 def _plain_request(req: AttentionRequest) -> bool:

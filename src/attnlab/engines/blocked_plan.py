@@ -21,7 +21,7 @@ from attnlab.engines._native import ops
 from attnlab.engines.base import AttentionRequest
 from attnlab.masks import Mask, TileState
 
-__all__ = ["Block", "KernelPlan", "Plan", "interval_spans", "kernel_plan", "make_plan"]
+__all__ = ["Block", "KernelPlan", "Plan", "kernel_plan", "make_plan"]
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,7 @@ def kernel_plan(req: AttentionRequest, plan: Plan, bs: int) -> KernelPlan | None
     )
     if slopes is not None:
         slopes = slopes.detach().to(device="cpu", dtype=torch.float32).contiguous()
-    spans = interval_spans(req)
+    spans = _interval_spans(req)
     if spans is not None:  # no tile to evaluate: the spans are the mask
         tiles = torch.full((len(plan.blocks), 1), -1, dtype=torch.long)
         allowed = torch.ones(spans.shape[0], 1, 0, bs, bs, dtype=torch.bool)
@@ -179,7 +179,7 @@ def kernel_plan(req: AttentionRequest, plan: Plan, bs: int) -> KernelPlan | None
     return KernelPlan(blocks, tiles, allowed, spans, slopes, bs, False)
 
 
-def interval_spans(req: AttentionRequest) -> Tensor | None:
+def _interval_spans(req: AttentionRequest) -> Tensor | None:
     """``(Bm, 1, Lq, 2)`` spans ``[lo, hi)`` if the mask allows exactly one key interval
     per row (the same for every head), else None."""
     m = req.mask
@@ -189,8 +189,9 @@ def interval_spans(req: AttentionRequest) -> Tensor | None:
     bounds = m.row_bounds(req.lq, req.lk, bm, "cpu")
     if bounds is None or not bounds.exact:
         return None
-    spans = torch.stack([bounds.lo, bounds.hi + 1], -1).clamp_(0, req.lk)  # (1 or Bm, Lq, 2)
-    return spans.expand(bm, req.lq, 2).reshape(bm, 1, req.lq, 2).contiguous()
+    lo = bounds.lo.clamp(0, req.lk)
+    hi = (bounds.hi + 1).clamp(0, req.lk)
+    return torch.stack([lo, hi], -1).expand(bm, req.lq, 2).reshape(bm, 1, req.lq, 2).contiguous()
 
 
 def _allowed_tiles(req: AttentionRequest, starts: list[tuple[int, int]], bs: int) -> Tensor:

@@ -1182,23 +1182,38 @@ std::tuple<at::Tensor, at::Tensor, int64_t> forward_weights(
 // one product, so each key and value is read once for all of them (torch's SDPA reads them
 // once per query head). The keys are cut into parts run in parallel, each with its own
 // online softmax over chunks of kDecodeChunk keys; the parts' partial results are merged at
-// the end. A mask, if any, is one key interval per batch and query row (`spans`, as the
-// forward's interval masks): only the keys of the rows' intervals are read, so a sliding
+// the end. A mask, if any, is one key interval per batch and query row (its row bounds,
+// `lo` and `hi`): only the keys of the rows' intervals are read, so a sliding
 // window costs its width, not the cache's length. Scores are in log2 units, as in the
 // forward. A row without keys gives 0.
 constexpr int64_t kDecodeChunk = 256;  // keys per score chunk
 constexpr int64_t kDecodePart = 512;   // fewest keys per part, where there are more keys
 
 // Row r of one key/value head's rows is query head hk * G + r / Lq, query row r % Lq.
+// The first or last key of each query row: (1 or B, Lq) int64, any strides.
+struct RowKeys {
+  const int64_t* p = nullptr;
+  int64_t sb = 0, sr = 0;
+  RowKeys() = default;
+  RowKeys(const at::Tensor& t, int64_t B, int64_t Lq, const char* name) {
+    TORCH_CHECK(t.scalar_type() == at::kLong && t.dim() == 2 && t.size(1) == Lq &&
+                    (t.size(0) == 1 || t.size(0) == B),
+                "attnlab decode: ", name, " must be int64 (1 or B, Lq)");
+    p = t.data_ptr<int64_t>();
+    sb = t.size(0) == 1 ? 0 : t.stride(0);
+    sr = t.stride(1);
+  }
+  int64_t at(int64_t b, int64_t i) const { return p[b * sb + i * sr]; }
+};
+
 struct DecodeShape {
   int64_t B, Hk, G, Lq, Lk, E, Ev, R, parts;
-  const int64_t* rows;  // (Bm, 1, Lq, 2) key intervals [lo, hi) of the query rows, or null
-  int64_t Bm;
-  // [lo, hi) of row r of batch b (every key without a mask; hi <= lo: none)
+  RowKeys lo, hi;  // each query row's first and last key (inclusive), or none: every key
+  // [lo, hi + 1) of row r of batch b, clamped to the keys (empty when hi < lo)
   std::pair<int64_t, int64_t> interval(int64_t b, int64_t r) const {
-    if (rows == nullptr) return {0, Lk};
-    const int64_t* x = rows + 2 * ((Bm == 1 ? 0 : b) * Lq + r % Lq);
-    return {std::max<int64_t>(0, x[0]), std::min(Lk, x[1])};
+    if (lo.p == nullptr) return {0, Lk};
+    const int64_t i = r % Lq;
+    return {std::max<int64_t>(0, lo.at(b, i)), std::min(Lk, hi.at(b, i) + 1)};
   }
 };
 
@@ -1352,31 +1367,29 @@ void decode_span(const DecodeShape& D, const at::Tensor& k, const at::Tensor& v,
 }
 
 // out (B, Hq, Lq, Ev) = softmax(scale Q K^T) V, for R = Hq / Hk * Lq rows per key/value
-// head of at most 64 (float32; the last dimension of each input contiguous); `spans`
-// (Bm, 1, Lq, 2), int64: each query row's key interval [lo, hi), or None: every key.
+// head of at most 64 (float32; the last dimension of each input contiguous); `lo`, `hi`
+// (1 or B, Lq), int64: each query row's first and last key (a mask's row bounds), or
+// None: every key.
 at::Tensor decode_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                          const c10::optional<at::Tensor>& spans, double scale) {
+                          const c10::optional<at::Tensor>& lo,
+                          const c10::optional<at::Tensor>& hi, double scale) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attnlab decode: 4-D inputs");
   TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
                   v.scalar_type() == at::kFloat,
               "attnlab decode: float32 inputs");
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "attnlab decode: k, v last dim contiguous");
   DecodeShape D{q.size(0), k.size(1), 0, q.size(2), k.size(2), q.size(3), v.size(3), 0, 0,
-                nullptr, 1};
+                {}, {}};
   TORCH_CHECK(D.Hk > 0 && q.size(1) % D.Hk == 0 && k.size(0) == D.B && v.size(0) == D.B &&
                   k.size(3) == D.E && v.size(1) == D.Hk && v.size(2) == D.Lk,
               "attnlab decode: shapes do not match");
   D.G = q.size(1) / D.Hk;
   D.R = D.G * D.Lq;
   TORCH_CHECK(D.R >= 1 && D.R <= 64, "attnlab decode: at most 64 rows per key/value head");
-  if (spans.has_value()) {
-    const at::Tensor& s = *spans;
-    TORCH_CHECK(s.scalar_type() == at::kLong && s.is_contiguous() && s.dim() == 4 &&
-                    (s.size(0) == 1 || s.size(0) == D.B) && s.size(1) == 1 &&
-                    s.size(2) == D.Lq && s.size(3) == 2,
-                "attnlab decode: spans must be contiguous int64 (Bm, 1, Lq, 2)");
-    D.rows = s.data_ptr<int64_t>();
-    D.Bm = s.size(0);
+  TORCH_CHECK(lo.has_value() == hi.has_value(), "attnlab decode: lo and hi go together");
+  if (lo.has_value()) {
+    D.lo = RowKeys(*lo, D.B, D.Lq, "lo");
+    D.hi = RowKeys(*hi, D.B, D.Lq, "hi");
   }
   // each batch's key range: the union of its rows' intervals
   std::vector<std::pair<int64_t, int64_t>> range(D.B);
@@ -1573,7 +1586,7 @@ TORCH_LIBRARY(attnlab_blocked, m) {
       "forward_weights(Tensor q, Tensor k, Tensor v, Tensor blocks, Tensor tiles, "
       "Tensor allowed, Tensor spans, Tensor? slopes, int bs, bool interval, float scale, "
       "int group, Tensor(a!) w, Tensor? dirty, int page) -> (Tensor, Tensor, int)");
-  m.def("decode(Tensor q, Tensor k, Tensor v, Tensor? spans, float scale) -> Tensor");
+  m.def("decode(Tensor q, Tensor k, Tensor v, Tensor? lo, Tensor? hi, float scale) -> Tensor");
   m.def("output_pool(int limit) -> int", &output_pool_op);  // no tensor: every backend
 }
 
