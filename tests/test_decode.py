@@ -113,6 +113,23 @@ def test_only_the_rows_intervals_are_read(decodes: list[int]) -> None:
     torch.testing.assert_close(out_b[finite].double(), ref64[finite], atol=1e-5, rtol=0)
 
 
+def test_a_mask_changed_in_place_is_read_again(decodes: list[int]) -> None:
+    """The row bounds are kept for the next call with the same mask object and sizes (a
+    model's layers share one mask per step), but not across an in-place change."""
+    q, k, v = _qkv(8, 2, 1, 500)
+    lengths = torch.tensor([500, 400])
+    mask = M.causal() & M.padding(lengths)
+    with torch.no_grad():
+        first = attnlab.attention(q, k, v, mask=mask)
+        again = attnlab.attention(q, k, v, mask=mask)
+        lengths[1] = 100
+        changed = attnlab.attention(q, k, v, mask=mask)
+        fresh = attnlab.attention(q, k, v, mask=M.causal() & M.padding([500, 100]))
+    assert len(decodes) == 4
+    assert torch.equal(first, again) and torch.equal(changed, fresh)
+    assert not torch.equal(first[1], changed[1]) and torch.equal(first[0], changed[0])
+
+
 def test_nan_queries_reach_their_rows_only(decodes: list[int]) -> None:
     q, k, v = _qkv(8, 2, 1, 700)
     q[0, 3, 0, 5] = float("nan")

@@ -81,6 +81,8 @@ class BlockedEngine(Engine):
         self._cache: tuple[weakref.ref[AttentionRequest], Plan] | None = None
         # the last request asked about decoding: whether it decodes, and its row bounds
         self._decode: tuple[weakref.ref[AttentionRequest], bool, RowBounds | None] | None = None
+        # the last mask's row bounds, by its sizes and tensors' versions
+        self._last_bounds: tuple[weakref.ref[Mask], tuple, RowBounds | None] | None = None
 
     def plan(self, req: AttentionRequest) -> Plan:
         """The block schedule of ``req`` (memoized for the last request)."""
@@ -115,10 +117,22 @@ class BlockedEngine(Engine):
         if self._decode is None or self._decode[0]() is not req:
             ok, bounds = _plain_request(req), None
             if ok and req.mask is not None:
-                bounds = _exact_bounds(req.mask, req)
+                bounds = self._bounds(req)
                 ok = bounds is not None
             self._decode = (weakref.ref(req), ok, bounds)
         return self._decode[1], self._decode[2]
+
+    def _bounds(self, req: AttentionRequest) -> RowBounds | None:
+        """:func:`_exact_bounds` of ``req``'s mask, memoized for the last mask, sizes and
+        versions of the tensors it holds (an in-place change of one recomputes them): a
+        model's layers share one mask object per decoding step."""
+        mask = req.mask
+        assert mask is not None
+        key = (req.lq, req.lk, req.batch, _versions(mask))
+        last = self._last_bounds
+        if last is None or last[0]() is not mask or last[1] != key:
+            self._last_bounds = last = (weakref.ref(mask), key, _exact_bounds(mask, req))
+        return last[2]
 
     def forward(self, req: AttentionRequest) -> EngineResult:
         decode, bounds = self.decoding(req)
@@ -195,6 +209,33 @@ def _decode_op() -> Any:
 
 
 _DECODE: list[Any] = []
+
+
+def _versions(obj: object, depth: int = 0) -> tuple:
+    """The tensors held by a mask (through its attributes, nested masks and sequences) as
+    ``(data pointer, version)`` pairs: they change when a tensor is replaced or changed in
+    place.
+
+    Example:
+        >>> from attnlab import masks
+        >>> lengths = torch.tensor([3, 2])
+        >>> m = masks.causal() & masks.padding(lengths)
+        >>> before = _versions(m)
+        >>> _ = lengths.add_(0)
+        >>> _versions(m) != before
+        True
+    """
+    if isinstance(obj, Tensor):
+        return ((obj.data_ptr(), obj._version),)
+    if depth > 4:
+        return ()
+    items = obj if isinstance(obj, (tuple, list)) else getattr(obj, "__dict__", {}).values()
+    return tuple(
+        v
+        for x in items
+        if isinstance(x, (Tensor, Mask, tuple, list))
+        for v in _versions(x, depth + 1)
+    )
 
 
 def _exact_bounds(mask: Mask, req: AttentionRequest) -> RowBounds | None:
