@@ -117,12 +117,12 @@ class BlockedEngine(Engine):
         if self._decode is None or self._decode[0]() is not req:
             ok, bounds = _plain_request(req), None
             if ok and req.mask is not None:
-                bounds = self._bounds(req)
+                bounds = self._decode_bounds(req)
                 ok = bounds is not None
             self._decode = (weakref.ref(req), ok, bounds)
         return self._decode[1], self._decode[2]
 
-    def _bounds(self, req: AttentionRequest) -> RowBounds | None:
+    def _decode_bounds(self, req: AttentionRequest) -> RowBounds | None:
         """:func:`_exact_bounds` of ``req``'s mask, memoized for the last mask, sizes and
         versions of the tensors it holds (an in-place change of one recomputes them): a
         model's layers share one mask object per decoding step."""
