@@ -207,3 +207,24 @@ def test_the_op_checks_its_inputs() -> None:
         op(torch.randn(2, 8, 20, 64), k, v, None, None, 0.1)
     with pytest.raises(RuntimeError, match="lo must be int64"):
         op(q, k, v, torch.zeros(2, 1, dtype=torch.int32), torch.zeros(2, 1, dtype=torch.long), 0.1)
+
+
+def test_the_transformers_backend_decodes_without_a_request(
+    decodes: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A maskless decoding step through transformers' attention contract takes the plain
+    path (no request); asking for weights does not."""
+    pytest.importorskip("transformers")
+    from attnlab.integrations.transformers import attention_forward
+
+    built: list[int] = []
+    full = functional._request
+    monkeypatch.setattr(functional, "_request", lambda *a, **kw: built.append(1) or full(*a, **kw))
+    q, k, v = _qkv(8, 2, 1, 300)
+    with torch.no_grad():
+        out, weights = attention_forward(None, q, k, v, None, scaling=0.2)
+        assert not built and weights is None and len(decodes) == 1
+        want = attnlab.attention(q, k, v, scale=0.2)
+        assert isinstance(want, Tensor) and torch.equal(out, want.transpose(1, 2))
+        _, weights = attention_forward(None, q, k, v, None, output_attentions=True)
+        assert built and weights is not None and weights.shape == (2, 8, 1, 300)

@@ -41,6 +41,7 @@ __all__ = [
     "AttentionOutput",
     "attend",
     "attention",
+    "attention_plain",
     "attention_weights",
     "observed_weights",
     "request_weights",
@@ -180,6 +181,21 @@ def _defaults(score: object, normalize: object, dropout_p: object) -> bool:
         return False
     no_dropout = type(dropout_p) in (int, float) and dropout_p == 0
     return score == "dot" and normalize == "softmax" and no_dropout
+
+
+def attention_plain(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor | None:
+    """``attention(q, k, v, scale=scale)`` where ``engine="auto"`` answers it without
+    building a request (a decoding step: see :meth:`attnlab.engines.Engine.plain`), else
+    None: then call :func:`attention`. For callers on a decoding loop's hot path, like the
+    transformers backend; the inputs are validated as by :func:`attention`.
+
+    Example:
+        >>> q, k = torch.randn(1, 8, 1, 16), torch.randn(1, 2, 40, 16)
+        >>> out = attention_plain(q, k, k)
+        >>> out is None or torch.allclose(out, attention(q, k, k), atol=1e-6)
+        True
+    """
+    return _plain(q, k, v, scale)
 
 
 def _plain(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor | None:

@@ -189,16 +189,21 @@ def decodes(q: Tensor, k: Tensor, v: Tensor, *, masked: bool) -> bool:
         >>> decodes(q, k, k, masked=False), decodes(q[:, :2], k, k, masked=False)
         (True, False)
     """
-    group, lk = q.shape[1] // k.shape[1], k.shape[2]
-    if lk < 16 or group * q.shape[2] > DECODE_ROWS or (group == 1 and not masked):
+    # the cheapest checks first: this runs on every decoding step, mostly out of cache
+    qs, ks = q.shape, k.shape
+    group = qs[1] // ks[1]
+    if ks[2] < 16 or group * qs[2] > DECODE_ROWS or (group == 1 and not masked):
         return False
-    if q.dtype != torch.float32 or k.dtype != q.dtype or v.dtype != q.dtype:
+    if q.dtype is not _F32 or k.dtype is not _F32 or v.dtype is not _F32 or not q.is_cpu:
         return False
-    if q.device.type != "cpu" or k.stride(-1) != 1 or v.stride(-1) != 1:
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
         return False
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    if (q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled():
         return False
-    return blocked_autograd.USE_KERNEL and kernel() is not None
+    return blocked_autograd.USE_KERNEL and (bool(_DECODE) or kernel() is not None)
+
+
+_F32 = torch.float32
 
 
 def _decode_op() -> Any:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnlab.functional import AttentionOutput, attention, attention_weights
+from attnlab.functional import AttentionOutput, attention, attention_plain, attention_weights
 from attnlab.integrations.hf_masks import KeyValid, MaskCall, translate
 from attnlab.masks import Mask, documents
 
@@ -149,6 +149,10 @@ def attention_forward(
                 f"the attnlab backend cannot compute {name!r} (a model option outside "
                 f"attnlab's attention); load this model with attn_implementation='eager'"
             )
+    if attention_mask is None and _decoding_step(query, key, dropout, softcap, engine, kwargs):
+        out = attention_plain(query, key, value, scaling)  # no request: see attnlab.attention
+        if out is not None:
+            return out.transpose(1, 2).contiguous(), None  # (B, Lq, Hq, Ev)
     mask, bias = _mask_and_bias(attention_mask, key.shape[-2])
     if bias is None and not isinstance(mask, Tensor):
         mask = with_packing(mask, kwargs.get("position_ids"), query.shape[-2], key.shape[-2])
@@ -201,6 +205,19 @@ def with_packing(mask: Mask | None, position_ids: object, lq: int, lk: int) -> M
         return mask
     docs = documents(packed)
     return docs if mask is None else docs & mask
+
+
+def _decoding_step(
+    query: Tensor, key: Tensor, dropout: float, softcap: float | None, engine: str, kw: dict
+) -> bool:
+    """Whether a maskless call asks nothing but the attention output of queries that do not
+    meet their keys for the first time (``Lq < Lk``: no packed rows to find), as a decoding
+    step does: the backend then takes attnlab's plain-call path."""
+    if query.shape[-2] >= key.shape[-2] or dropout or softcap is not None or engine != "auto":
+        return False
+    if kw.get("s_aux") is not None or kw.get("output_attentions"):
+        return False
+    return not _collecting_attentions()
 
 
 def _collecting_attentions() -> bool:
