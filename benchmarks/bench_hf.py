@@ -22,7 +22,10 @@ and ``ratio = anchor / attnlab`` (> 1: attnlab is faster):
 * ``padded``: greedy decoding of 64 tokens by the Llama-style model for a batch of 4
   left-padded prompts of 1024 tokens (0, 10%, 30% and 70% of them padding), against
   ``sdpa``, which attends through a dense mask (no target of the issue; ``same_tokens``
-  says whether both decoded the same tokens), best of 7 rounds.
+  says whether both decoded the same tokens), best of 7 rounds;
+* ``static``: the same decoding of 64 tokens after one 1024-token prompt into a static
+  cache of 8192 slots (``transformers.StaticCache``), against ``sdpa``, which reads every
+  slot through a mask (no target of the issue), best of 7 rounds.
 
 python benchmarks/bench_hf.py                   # every case at the target sizes
 python benchmarks/bench_hf.py --cases window    # one case
@@ -46,7 +49,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch
 
 VOCAB = 512
-CASES = ("window", "memory", "dense", "weights", "padded")
+CASES = ("window", "memory", "dense", "weights", "padded", "static")
 
 
 def build(kind: str, layers: int, window: int, impl: str) -> torch.nn.Module:
@@ -247,6 +250,31 @@ def padded_case(args: argparse.Namespace) -> list[dict]:
     return [_row("padded", f"decode {args.padded_new}", "sdpa", decode_only, **size)]
 
 
+def static_case(args: argparse.Namespace) -> list[dict]:
+    """Greedy decoding into a static cache by the Llama-style model against sdpa."""
+    import transformers as t
+
+    ids = torch.randint(0, VOCAB, (1, args.padded_n))
+    models = {i: build("dense", args.layers, 0, i) for i in ("sdpa", "attnlab")}
+
+    def generate(m: torch.nn.Module, new: int) -> Callable[[], torch.Tensor]:
+        kw = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False}
+        return lambda: m.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            cache=t.StaticCache(m.config, max_cache_len=args.static_slots),
+            **kw,
+        )
+
+    tokens = [generate(m, args.padded_new)() for m in models.values()]
+    gens = {f"{k} {n}": generate(m, n) for k, m in models.items() for n in (1, args.padded_new + 1)}
+    gen = best_times(gens, args.dense_repeat)  # type: ignore[arg-type]
+    decode_only = {k: gen[f"{k} {args.padded_new + 1}"] - gen[f"{k} 1"] for k in models}
+    size = {"n": ids.shape[1], "slots": args.static_slots, "layers": args.layers}
+    size["same_tokens"] = torch.equal(*tokens)
+    return [_row("static", f"decode {args.padded_new}", "sdpa", decode_only, **size)]
+
+
 def weights_case(args: argparse.Namespace) -> list[dict]:
     """``output_attentions=True`` on the window model against eager."""
     ids = torch.randint(0, VOCAB, (1, args.weights_n))
@@ -279,6 +307,7 @@ def main() -> None:
     parser.add_argument("--weights-n", type=int, default=4096, help="tokens, weights case")
     parser.add_argument("--padded-n", type=int, default=1024, help="tokens, padded case")
     parser.add_argument("--padded-new", type=int, default=64, help="tokens, padded case")
+    parser.add_argument("--static-slots", type=int, default=8192, help="static cache size")
     parser.add_argument("--repeat", type=int, default=3, help="alternating rounds")
     parser.add_argument(
         "--dense-repeat", type=int, default=7, help="rounds of the dense case (short runs)"
@@ -290,12 +319,12 @@ def main() -> None:
     if args.smoke:
         args.n, args.window, args.layers, args.repeat, args.dense_repeat = 512, 64, 1, 1, 1
         args.dense_n, args.new, args.weights_n = 128, 4, 256
-        args.padded_n, args.padded_new = 64, 4
+        args.padded_n, args.padded_new, args.static_slots = 64, 4, 128
     if importlib.util.find_spec("transformers") is None:  # `make bench-smoke` alone
         print(json.dumps({"bench": "hf", "skipped": "not installed: transformers (attnlab[hf])"}))
         return
     run = {"window": window_case, "memory": memory_case, "dense": dense_case}
-    run["weights"], run["padded"] = weights_case, padded_case
+    run["weights"], run["padded"], run["static"] = weights_case, padded_case, static_case
     for case in args.cases:
         for row in run[case](args):
             print(json.dumps(row), flush=True)

@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 mu = pytest.importorskip("transformers.masking_utils")
 
 import attnlab  # noqa: E402
-from attnlab.integrations.hf_masks import KeyValid, MaskCall, translate  # noqa: E402
+from attnlab.integrations.hf_masks import FilledKeys, KeyValid, MaskCall, translate  # noqa: E402
 from attnlab.integrations.transformers import attention_forward, build_mask  # noqa: E402
 from attnlab.masks import Custom  # noqa: E402
 from tests.conftest import check_and_control  # noqa: E402
@@ -61,6 +61,10 @@ CASES = {
         12, 12, 0, 0, False,
     ),
     "static-cache": (mu.causal_mask_function, 3, 20, 5, 0, True),  # Lk past the tokens
+    "static-decode": (mu.causal_mask_function, 1, 20, 12, 0, True),
+    "static-sliding": (mu.sliding_window_causal_mask_function(4), 3, 20, 5, 0, True),
+    "static-chunked": (mu.chunked_causal_mask_function(4, torch.tensor([0, 3])),
+                       3, 20, 9, 0, True),
     "chunked": (mu.chunked_causal_mask_function(4, torch.zeros(B, dtype=torch.long)),
                 12, 12, 0, 0, True),
     "chunked-left-padded": (mu.chunked_causal_mask_function(4, torch.tensor([0, 3])),
@@ -87,8 +91,15 @@ def test_translated_masks_equal_transformers_dense_masks(name: str) -> None:
     structural = mask is None or not isinstance(mask, Custom)
     if name in {*INTERVALS, "packed"}:  # no evaluation of a function: exact intervals
         assert structural and (mask is None or mask.row_bounds(lq, lk, B) is not None), name
-    if name in {"static-cache", "or-overlay"}:  # evaluated, never dropped
+    if name == "or-overlay":  # evaluated, never dropped
         assert isinstance(mask, Custom), name
+    if name.startswith("static"):  # the empty slots after the tokens: never read
+        assert isinstance(mask, FilledKeys) and mask.keys == q_off + lq, name
+        bounds = mask.row_bounds(lq, lk, B)
+        assert bounds is not None and bounds.exact, name
+        keys = torch.arange(lk)
+        from_bounds = (keys >= bounds.lo[..., None]) & (keys <= bounds.hi[..., None])
+        assert torch.equal(torch.broadcast_to(from_bounds[:, None], want.shape), want), name
 
 
 def test_left_padding_is_an_exact_interval_per_row() -> None:

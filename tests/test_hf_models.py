@@ -14,6 +14,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from attnlab.integrations import transformers as attnlab_transformers  # noqa: E402
 from attnlab.integrations.transformers import register  # noqa: E402
 from tests.conftest import assert_2x_rule, max_err  # noqa: E402
 
@@ -190,6 +191,35 @@ def test_generate_with_the_cache_gives_eagers_greedy_tokens(family: str, tmp_pat
     got = ours.generate(ids, **kw)
     assert want.shape == (2, 72)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2"])
+def test_generate_with_a_static_cache_gives_eagers_greedy_tokens(family: str) -> None:
+    """A static cache: ``generate()`` builds each step's mask before the forward (the
+    backend's mask passes back through transformers' mask functions) and the cache's
+    trailing slots hold no key yet (a :class:`FilledKeys` mask: never read)."""
+    from attnlab.integrations.hf_masks import FilledKeys
+
+    model = tiny(family)
+    ids, am = _ids(2, 8), torch.ones(2, 8, dtype=torch.long)
+    am[0, :3] = 0  # left padding
+    kw = {"attention_mask": am, "max_new_tokens": 64, "min_new_tokens": 64, "do_sample": False}
+    tokens, masks = {}, []
+    spy = attnlab_transformers.attention_forward
+
+    def seen(*args: object, **kwargs: object) -> object:
+        masks.append(args[4])
+        return spy(*args, **kwargs)  # type: ignore[arg-type]
+
+    for impl in ("eager", "attnlab"):
+        model.set_attn_implementation(impl)
+        cache = transformers.StaticCache(model.config, max_cache_len=100)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(attnlab_transformers, "attention_forward", seen)
+            tokens[impl] = model.generate(ids, cache=cache, **kw)
+    assert tokens["eager"].shape == (2, 72) and torch.equal(tokens["attnlab"], tokens["eager"])
+    # 100 slots, at most 72 filled; Mistral's sliding-window layers keep a window-sized cache
+    assert any(isinstance(m, FilledKeys) for m in masks) == (family != "mistral")
 
 
 def test_all_minilm_l6_v2_through_the_backend_equals_eager() -> None:

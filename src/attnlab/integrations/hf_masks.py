@@ -19,6 +19,7 @@ The two agree up to a shift that causal and window masks do not see when
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import operator
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from torch import Tensor
 from attnlab._grid import Grid
 from attnlab.masks import Mask, RowBounds, causal, custom, documents, padding, window
 
-__all__ = ["KeyValid", "MaskCall", "translate"]
+__all__ = ["FilledKeys", "KeyValid", "MaskCall", "translate"]
 
 HFMaskFn = Callable[..., Tensor]
 
@@ -109,6 +110,61 @@ class KeyValid(Mask):
         return f"key_valid({int(self.valid.sum())} of {self.valid.numel()} keys)"
 
 
+class FilledKeys(Mask):
+    """``inner`` over the first ``keys`` of ``slots`` keys, nothing after them: a static
+    cache's call, whose trailing slots hold no key yet.
+
+    ``inner`` is built for the call that ends at the last filled key (its queries aligned
+    bottom-right on ``keys``), so this mask shifts the query positions by the unfilled
+    slots. Its row bounds are ``inner``'s, so the blocked engine and the decoding kernel
+    never read an unfilled slot. ``inner=None``: every filled key.
+
+    Example:
+        >>> from attnlab.masks import causal
+        >>> FilledKeys(causal(), keys=3, slots=5).dense(2, 5)[0, 0].int().tolist()
+        [[1, 1, 0, 0, 0], [1, 1, 1, 0, 0]]
+    """
+
+    def __init__(self, inner: Mask | None, keys: int, slots: int) -> None:
+        self.inner, self.keys, self.slots = inner, keys, slots
+        self.per_head = inner is not None and inner.per_head
+
+    @property
+    def batch_size(self) -> int | None:
+        return None if self.inner is None else self.inner.batch_size
+
+    def check(self, *, batch: int, heads: int, lq: int, lk: int) -> None:
+        if lk != self.slots:
+            raise ValueError(f"FilledKeys mask is built for {self.slots} keys, the call has {lk}")
+        if self.inner is not None:
+            self.inner.check(batch=batch, heads=heads, lq=lq, lk=self.keys)
+
+    def evaluate(self, grid: Grid) -> Tensor:
+        filled = grid.k < self.keys
+        if self.inner is None:
+            return filled
+        shift = grid.lk - self.keys  # positions in the inner call: the filled keys only
+        inner = Grid(
+            grid.b, grid.h, grid.q - shift, grid.k.clamp(max=self.keys - 1), grid.lq, self.keys
+        )
+        return filled & self.inner(inner)
+
+    def row_bounds(
+        self, lq: int, lk: int, batch: int = 1, device: torch.device | str | None = None
+    ) -> RowBounds | None:
+        if self.inner is None:
+            lo = torch.zeros(1, lq, dtype=torch.long, device=device)
+            return RowBounds(lo, lo + self.keys - 1, exact=True)
+        bounds = self.inner.row_bounds(lq, self.keys, batch, device)
+        if bounds is None:
+            return None
+        return RowBounds(bounds.lo, bounds.hi.clamp(max=self.keys - 1), bounds.exact)
+
+    def spec(self) -> str:
+        inner = "all" if self.inner is None else self.inner.spec()
+        return f"filled_keys({self.keys} of {self.slots}, {inner})"
+
+
 def _contiguous_run(valid: Tensor) -> tuple[Tensor, Tensor] | None:
     """``(first, last)`` valid key per row ``(B,)`` when each row's valid keys are one run."""
     idx = torch.arange(valid.shape[1], device=valid.device).expand_as(valid)
@@ -147,6 +203,11 @@ def translate(call: MaskCall) -> Mask | None:
         >>> translate(call).dense(4, 4)[0, 0].int().tolist()
         [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]
     """
+    filled = call.q_offset + call.q_length - call.kv_offset  # keys up to the last query
+    if 0 < filled < call.kv_length and _no_future(call.mask_function, call):
+        # a static cache: the slots after the last query hold no key yet
+        inner = translate(dataclasses.replace(call, kv_length=filled))
+        return FilledKeys(inner, filled, call.kv_length)
     aligned = call.kv_offset + call.kv_length == call.q_offset + call.q_length
     structured = _structure(call.mask_function, call) if aligned else _UNKNOWN
     if structured is _UNKNOWN:
@@ -163,6 +224,13 @@ def translate(call: MaskCall) -> Mask | None:
     if not parts:
         return None
     return parts[0] if len(parts) == 1 else parts[0] & parts[1]
+
+
+def _no_future(fn: HFMaskFn, call: MaskCall) -> bool:
+    """Whether ``fn`` lets no query see a key after its own position: a causal piece in a
+    conjunction (recognized; anything else is not assumed)."""
+    piece = _structure(fn, call)
+    return isinstance(piece, Mask) and any(m.is_causal for m in piece.conjuncts)
 
 
 class _Unknown:

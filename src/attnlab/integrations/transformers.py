@@ -70,7 +70,33 @@ def register(name: str = NAME, engine: str = "auto") -> str:
 
     AttentionInterface.register(name, forward)
     AttentionMaskInterface.register(name, build_mask)
+    _pass_built_masks()
     return name
+
+
+def _pass_built_masks() -> None:
+    """Let transformers' mask functions hand back an attnlab mask they are given.
+
+    With a compileable cache (``cache_implementation="static"``), ``generate()`` builds
+    each step's mask before the forward (through :func:`build_mask`) and the model hands it
+    to its mask function again, which passes a prepared 4-D tensor or ``BlockMask`` through
+    unchanged but reads anything else as a 2-D padding mask. An attnlab mask is prepared
+    too, so it passes through the same way; every other argument goes on to transformers'
+    own preprocessing. Installed once.
+    """
+    import transformers.masking_utils as mu
+
+    own = getattr(mu, "_preprocess_mask_arguments", None)
+    if own is None or getattr(own, "passes_attnlab_masks", False):
+        return
+
+    def preprocess(config: Any, inputs_embeds: Any, attention_mask: Any, *a: Any, **kw: Any) -> Any:
+        if isinstance(attention_mask, Mask):  # built already, as a 4-D mask would be
+            return True, attention_mask, None, None, None, None, None
+        return own(config, inputs_embeds, attention_mask, *a, **kw)
+
+    preprocess.passes_attnlab_masks = True  # type: ignore[attr-defined]
+    mu._preprocess_mask_arguments = preprocess
 
 
 def build_mask(
