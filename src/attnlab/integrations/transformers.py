@@ -91,9 +91,11 @@ def _pass_built_masks() -> None:
         return
 
     def preprocess(config: Any, inputs_embeds: Any, attention_mask: Any, *a: Any, **kw: Any) -> Any:
-        if isinstance(attention_mask, Mask):  # built already, as a 4-D mask would be
-            return True, attention_mask, None, None, None, None, None
-        return own(config, inputs_embeds, attention_mask, *a, **kw)
+        if not isinstance(attention_mask, Mask):
+            return own(config, inputs_embeds, attention_mask, *a, **kw)
+        # built already: answered as a prepared 4-D mask is, in this version's own form
+        early = own(config, inputs_embeds, torch.empty(0, 0, 0, 0), *a, **kw)
+        return (early[0], attention_mask, *early[2:])
 
     preprocess.passes_attnlab_masks = True  # type: ignore[attr-defined]
     mu._preprocess_mask_arguments = preprocess
