@@ -360,13 +360,16 @@ struct TileTerms {
   Vec slope{0.f};
 };
 
-// The broadcast products both tiles are made of, with the query rows in the vector lanes:
-// acc[i][j] = sum over t < n of a[t * kRT + j * kW ..][lanes] * b[i * bi + t * bt], for J
-// row vectors of the panel a (kRT floats per step t) and I broadcast columns of b.
+// The broadcast products the forward's tiles (query rows in the vector lanes) and the
+// decoding kernel's P V (value columns in the lanes) are made of:
+// acc[i][j] = sum over t < n of a[t * step + j * kW ..][lanes] * b[i * bi + t * bt], for J
+// vectors of the panel a (`step` floats per step t; `lanes` < kW: one partial vector, the
+// rest 0) and I broadcast columns of b.
 template <int I, int J>
 inline __attribute__((always_inline)) void lane_products(const float* a, int64_t n,
                                                          const float* b, int64_t bi,
-                                                         int64_t bt, Vec (&acc)[I][J]) {
+                                                         int64_t bt, Vec (&acc)[I][J],
+                                                         int64_t step = kRT, int lanes = kW) {
 #pragma GCC unroll 16
   for (int i = 0; i < I; ++i)
 #pragma GCC unroll 4
@@ -374,7 +377,7 @@ inline __attribute__((always_inline)) void lane_products(const float* a, int64_t
   for (int64_t t = 0; t < n; ++t) {
     Vec av[J];
 #pragma GCC unroll 4
-    for (int j = 0; j < J; ++j) av[j] = Vec::loadu(a + t * kRT + j * kW);
+    for (int j = 0; j < J; ++j) av[j] = Vec::loadu(a + t * step + j * kW, lanes);
 #pragma GCC unroll 16
     for (int i = 0; i < I; ++i) {
       const Vec bv(b[i * bi + t * bt]);
@@ -1293,16 +1296,7 @@ template <int RN, int CV>
 void pv_tile(const float* p, int64_t r0, int64_t n, const float* v, int64_t ldv, int64_t c0,
              int cols, float* acc, int64_t Ev) {
   Vec a[RN][CV];  // this chunk's sums, added to acc at the end: shorter rounding chains
-  for (int i = 0; i < RN; ++i)
-    for (int c = 0; c < CV; ++c) a[i][c] = Vec(0.f);
-  for (int64_t j = 0; j < n; ++j) {
-    Vec vv[CV];
-    for (int c = 0; c < CV; ++c) vv[c] = Vec::loadu(v + j * ldv + c0 + c * kW, cols);
-    for (int i = 0; i < RN; ++i) {
-      const Vec pb(p[(r0 + i) * kDecodeChunk + j]);
-      for (int c = 0; c < CV; ++c) a[i][c] = at::vec::fmadd(pb, vv[c], a[i][c]);
-    }
-  }
+  lane_products<RN, CV>(v + c0, n, p + r0 * kDecodeChunk, kDecodeChunk, 1, a, ldv, cols);
   for (int i = 0; i < RN; ++i)
     for (int c = 0; c < CV; ++c) {
       float* dst = acc + (r0 + i) * Ev + c0 + c * kW;
