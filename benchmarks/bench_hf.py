@@ -201,6 +201,27 @@ def _memory_row(args: argparse.Namespace, allocator: str) -> dict:
     }
 
 
+def decode_seconds(
+    models: dict[str, torch.nn.Module], ids: torch.Tensor, new: int, repeat: int, **kw: object
+) -> tuple[dict[str, float], bool]:
+    """Seconds of ``new`` greedy decoding steps by each model, and whether they decoded the
+    same tokens: ``generate()`` of ``new + 1`` tokens minus ``generate()`` of 1 (its prefill
+    and first token), both through the same path, best of ``repeat`` rounds. ``kw``: the
+    other ``generate()`` arguments; a callable one is called with the model on each call
+    (a fresh cache)."""
+
+    def generate(m: torch.nn.Module, n: int) -> Callable[[], torch.Tensor]:
+        steps = {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False}
+        return lambda: m.generate(
+            ids, **steps, **{k: v(m) if callable(v) else v for k, v in kw.items()}
+        )
+
+    tokens = [generate(m, new)() for m in models.values()]
+    gens = {f"{k} {n}": generate(m, n) for k, m in models.items() for n in (1, new + 1)}
+    gen = best_times(gens, repeat)  # type: ignore[arg-type]
+    return {k: gen[f"{k} {new + 1}"] - gen[f"{k} 1"] for k in models}, torch.equal(*tokens)
+
+
 def dense_case(args: argparse.Namespace) -> list[dict]:
     """Prefill and greedy decoding of the Llama-style model against sdpa."""
     ids = torch.randint(0, VOCAB, (1, args.dense_n))
@@ -213,19 +234,12 @@ def dense_case(args: argparse.Namespace) -> list[dict]:
 
         return run
 
-    def generate(m: torch.nn.Module, new: int) -> Callable[[], object]:
-        kw = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False}
-        return lambda: m.generate(ids, attention_mask=torch.ones_like(ids), **kw)
-
     size = {"n": args.dense_n, "layers": args.layers}
     secs = best_times({k: prefill(m) for k, m in models.items()}, args.dense_repeat)
     rows = [_row("dense", "prefill", "sdpa", secs, **size)]
-    # generate() of new + 1 tokens minus generate() of 1 (its prefill and first token):
-    # both through the same generate() path, so what remains is `new` decoding steps
-    gens = {f"{k} {n}": generate(m, n) for k, m in models.items() for n in (1, args.new + 1)}
-    gen = best_times(gens, args.dense_repeat)
-    decode_only = {k: gen[f"{k} {args.new + 1}"] - gen[f"{k} 1"] for k in models}
-    rows.append(_row("dense", f"decode {args.new}", "sdpa", decode_only, **size))
+    ones = torch.ones_like(ids)
+    decode, same = decode_seconds(models, ids, args.new, args.dense_repeat, attention_mask=ones)
+    rows.append(_row("dense", f"decode {args.new}", "sdpa", decode, **size, same_tokens=same))
     return rows
 
 
@@ -237,17 +251,12 @@ def padded_case(args: argparse.Namespace) -> list[dict]:
     for row, pad in enumerate((0, n // 10, 3 * n // 10, 7 * n // 10)):
         attention_mask[row, :pad] = 0  # left padding, as generate() expects
     models = {i: build("dense", args.layers, 0, i) for i in ("sdpa", "attnlab")}
-
-    def generate(m: torch.nn.Module, new: int) -> Callable[[], torch.Tensor]:
-        kw = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False}
-        return lambda: m.generate(ids, attention_mask=attention_mask, pad_token_id=0, **kw)
-
-    tokens = [generate(m, args.padded_new)() for m in models.values()]
-    gens = {f"{k} {t}": generate(m, t) for k, m in models.items() for t in (1, args.padded_new + 1)}
-    gen = best_times(gens, args.dense_repeat)  # type: ignore[arg-type]
-    decode_only = {k: gen[f"{k} {args.padded_new + 1}"] - gen[f"{k} 1"] for k in models}
-    size = {"n": n, "batch": 4, "layers": args.layers, "same_tokens": torch.equal(*tokens)}
-    return [_row("padded", f"decode {args.padded_new}", "sdpa", decode_only, **size)]
+    decode, same = decode_seconds(
+        models, ids, args.padded_new, args.dense_repeat, attention_mask=attention_mask,
+        pad_token_id=0,
+    )  # fmt: skip
+    size = {"n": n, "batch": 4, "layers": args.layers, "same_tokens": same}
+    return [_row("padded", f"decode {args.padded_new}", "sdpa", decode, **size)]
 
 
 def static_case(args: argparse.Namespace) -> list[dict]:
@@ -256,23 +265,12 @@ def static_case(args: argparse.Namespace) -> list[dict]:
 
     ids = torch.randint(0, VOCAB, (1, args.padded_n))
     models = {i: build("dense", args.layers, 0, i) for i in ("sdpa", "attnlab")}
-
-    def generate(m: torch.nn.Module, new: int) -> Callable[[], torch.Tensor]:
-        kw = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False}
-        return lambda: m.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            cache=t.StaticCache(m.config, max_cache_len=args.static_slots),
-            **kw,
-        )
-
-    tokens = [generate(m, args.padded_new)() for m in models.values()]
-    gens = {f"{k} {n}": generate(m, n) for k, m in models.items() for n in (1, args.padded_new + 1)}
-    gen = best_times(gens, args.dense_repeat)  # type: ignore[arg-type]
-    decode_only = {k: gen[f"{k} {args.padded_new + 1}"] - gen[f"{k} 1"] for k in models}
+    decode, same = decode_seconds(
+        models, ids, args.padded_new, args.dense_repeat, attention_mask=torch.ones_like(ids),
+        cache=lambda m: t.StaticCache(m.config, max_cache_len=args.static_slots),
+    )  # fmt: skip
     size = {"n": ids.shape[1], "slots": args.static_slots, "layers": args.layers}
-    size["same_tokens"] = torch.equal(*tokens)
-    return [_row("static", f"decode {args.padded_new}", "sdpa", decode_only, **size)]
+    return [_row("static", f"decode {args.padded_new}", "sdpa", decode, **size, same_tokens=same)]
 
 
 def weights_case(args: argparse.Namespace) -> list[dict]:
