@@ -121,10 +121,22 @@ def test_build_mask_takes_transformers_keywords() -> None:
 def test_what_the_backend_cannot_compute_is_named() -> None:
     q = k = v = torch.randn(1, 2, 4, 8)
     check_and_control(
-        lambda: attention_forward(None, q, k, v, None, position_bias=torch.zeros(1, 2, 4, 4)),
-        lambda: attention_forward(None, q, k, v, None, position_bias=None),
+        lambda: attention_forward(None, q, k, v, None, head_mask=torch.ones(2)),
+        lambda: attention_forward(None, q, k, v, None, head_mask=None),
         ValueError,
-        "cannot compute 'position_bias'",
+        "cannot compute 'head_mask'",
+    )
+    check_and_control(
+        lambda: attention_forward(None, q, k, v, None, position_bias=[[0.0]]),
+        lambda: attention_forward(None, q, k, v, None, position_bias=torch.zeros(1, 2, 4, 4)),
+        TypeError,
+        r"position_bias: .*additive float tensor \(B or 1, H, Lq, Lk\), got list",
+    )
+    check_and_control(
+        lambda: attention_forward(None, q, k, v, None, s_aux=torch.zeros(2), sinks=torch.zeros(2)),
+        lambda: attention_forward(None, q, k, v, None, s_aux=torch.zeros(2)),
+        ValueError,
+        "sinks as s_aux or sinks, not both",
     )
     check_and_control(
         lambda: attention_forward(None, q, k, v, "causal"),  # type: ignore[arg-type]

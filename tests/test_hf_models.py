@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from attnlab.integrations import transformers as attnlab_transformers  # noqa: E402
 from attnlab.integrations.transformers import register  # noqa: E402
-from tests.conftest import assert_2x_rule, max_err  # noqa: E402
+from tests.conftest import assert_2x_rule, check_and_control, max_err  # noqa: E402
 
 V = 64
 SMALL = {"vocab_size": V, "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2}
@@ -39,6 +39,22 @@ def _configs() -> dict[str, Callable[[], object]]:
             intermediate_size_mlp=64,
             attention_chunk_size=5,
             num_local_experts=2,
+        ),
+        "inkling2": lambda: t.Inkling2TextConfig(  # per-row sinks, relative position bias
+            **GQA,
+            head_dim=16,
+            swa_num_attention_heads=4,
+            swa_num_key_value_heads=2,
+            swa_head_dim=16,
+            sliding_window_size=5,
+            d_rel=8,
+            rel_extent=6,
+            layer_types=["hybrid_sliding", "hybrid"],
+            moe_intermediate_size=32,
+            n_routed_experts=2,
+            num_experts_per_tok=1,
+            eos_token_id=1,
+            unpadded_vocab_size=V,
         ),
         "gpt2": lambda: t.GPT2Config(
             vocab_size=V, n_embd=64, n_head=4, n_layer=2, bos_token_id=0, eos_token_id=0
@@ -69,7 +85,8 @@ def tiny(family: str, impl: str = "eager") -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = _configs()[family]()
     auto = transformers.AutoModel if family == "bert" else transformers.AutoModelForCausalLM
-    kw = {"experts_implementation": "eager"} if family == "gpt_oss" else {}  # fp64 experts
+    moe = family in ("gpt_oss", "inkling2")
+    kw = {"experts_implementation": "eager"} if moe else {}  # fp64 experts
     model = auto.from_config(cfg, attn_implementation=impl, **kw).eval()
     with torch.no_grad():  # gpt-oss initializes its sinks to 0 or leaves them empty
         for name, p in model.named_parameters():
@@ -110,6 +127,39 @@ def test_logits_and_gradients_follow_eager_by_the_2x_rule(family: str, impl: str
             assert p.grad is None and pg is None, name
             continue
         assert_2x_rule(p.grad, pg, p64.grad, f"{family} {impl} grad {name}")
+
+
+@pytest.mark.parametrize("impl", ["attnlab", "attnlab_blocked"])
+def test_inkling2_sinks_per_row_and_position_bias_follow_eager(impl: str) -> None:
+    """Inkling 2 passes a sink logit per query row (computed from each token) and a
+    relative position bias; its router runs in float32 whatever the model's dtype, so
+    this compares with eager in float32 (the core's 2x rule for per-row sinks is in
+    tests/test_hf_sinks.py)."""
+    ids, am = _ids(), torch.ones(2, 16, dtype=torch.long)
+    am[1, :3] = 0  # left padding
+    model = tiny("inkling2")
+    ref = model(input_ids=ids, attention_mask=am, output_attentions=True)
+    ref.logits.square().mean().backward()
+    ref_g = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.set_attn_implementation(impl)
+    got = model(input_ids=ids, attention_mask=am, output_attentions=True)
+    got.logits.square().mean().backward()
+    valid = am.bool()
+    assert max_err(got.logits[valid], ref.logits[valid]) < 1e-5 * float(ref.logits.abs().max())
+    for w_ref, w in zip(ref.attentions, got.attentions, strict=True):
+        assert max_err(w_ref.transpose(1, 2)[valid], w.transpose(1, 2)[valid]) < 1e-6
+    for name in ("sink_proj", "relative_position_bias"):  # what feeds the sinks, the bias
+        grads = [(n, g) for n, g in ref_g.items() if name in n]
+        assert grads, name
+        for n, g in grads:
+            p = dict(model.named_parameters())[n]
+            assert max_err(p.grad, g) < 1e-5 * float(g.abs().max()) + 1e-9, n
+    model.set_attn_implementation("attnlab")
+    kw = {"attention_mask": am, "max_new_tokens": 16, "min_new_tokens": 16, "do_sample": False}
+    got_tokens = model.generate(ids, **kw)
+    model.set_attn_implementation("eager")
+    assert torch.equal(got_tokens, model.generate(ids, **kw))
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -220,6 +270,101 @@ def test_generate_with_a_static_cache_gives_eagers_greedy_tokens(family: str) ->
     assert tokens["eager"].shape == (2, 72) and torch.equal(tokens["attnlab"], tokens["eager"])
     # 100 slots, at most 72 filled; Mistral's sliding-window layers keep a window-sized cache
     assert any(isinstance(m, FilledKeys) for m in masks) == (family != "mistral")
+
+
+def _t5(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A tiny random T5 (seeded): relative position buckets added to the scores of every
+    attention, bidirectional encoder, causal decoder, cross-attention."""
+    cfg = transformers.T5Config(
+        vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16,
+        dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    auto = transformers.AutoModelForSeq2SeqLM
+    return auto.from_config(cfg, attn_implementation="eager").eval().to(dtype)
+
+
+def _t5_inputs() -> dict[str, torch.Tensor]:
+    am = torch.ones(2, 11, dtype=torch.long)
+    am[1, 7:] = 0  # a padded source
+    return {"input_ids": _ids(2, 11), "attention_mask": am, "decoder_input_ids": _ids(2, 6)}
+
+
+@pytest.mark.parametrize("impl", ["attnlab", "attnlab_blocked"])
+def test_t5_position_bias_follows_eager_by_the_2x_rule(impl: str) -> None:
+    """T5 hands its relative position bias to the attention function as ``position_bias``:
+    logits and every gradient (the bias tables' too) under the 2x rule."""
+
+    def run(model: torch.nn.Module) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        out = model(**_t5_inputs()).logits
+        out.square().mean().backward()
+        return out, [p.grad for p in model.parameters()]
+
+    ref64, g64 = run(_t5(torch.float64))
+    plain, gp = run(_t5())
+    model = _t5()
+    model.set_attn_implementation(impl)
+    ours, go = run(model)
+    assert_2x_rule(ours, plain, ref64, f"t5 {impl} logits")
+    names = [n for n, _ in model.named_parameters()]
+    assert any("relative_attention_bias" in n for n in names)
+    for name, o, p, r in zip(names, go, gp, g64, strict=True):
+        assert o is not None and p is not None and r is not None, name
+        assert_2x_rule(o, p, r, f"t5 {impl} grad {name}")
+
+
+def test_t5_weights_and_generate_equal_eager() -> None:
+    model, kw = _t5(), _t5_inputs()
+    ref = model(**kw, output_attentions=True)
+    want = model.generate(kw["input_ids"], attention_mask=kw["attention_mask"],
+                          max_new_tokens=32, min_new_tokens=32, do_sample=False)  # fmt: skip
+    model.set_attn_implementation("attnlab")
+    got = model(**kw, output_attentions=True)
+    assert max_err(got.logits, ref.logits) < 1e-5
+    for ws_ref, ws in ((ref.encoder_attentions, got.encoder_attentions),
+                       (ref.decoder_attentions, got.decoder_attentions),
+                       (ref.cross_attentions, got.cross_attentions)):  # fmt: skip
+        assert len(ws) == len(ws_ref) == 2
+        for w_ref, w in zip(ws_ref, ws, strict=True):
+            assert w.shape == w_ref.shape  # only the padding mask: no row is empty
+            assert max_err(w, w_ref) < 1e-6
+    tokens = model.generate(kw["input_ids"], attention_mask=kw["attention_mask"],
+                            max_new_tokens=32, min_new_tokens=32, do_sample=False)  # fmt: skip
+    assert torch.equal(tokens, want)
+
+
+@pytest.mark.parametrize(
+    ("config", "name"),
+    [
+        (lambda t: t.BloomConfig(vocab_size=V, hidden_size=32, n_layer=1, n_head=4), "Bloom"),
+        (
+            lambda t: t.GPTNeoConfig(
+                vocab_size=V,
+                hidden_size=32,
+                num_layers=1,
+                num_heads=4,
+                attention_types=[[["global"], 1]],
+            ),
+            "GPTNeo",
+        ),
+        (
+            lambda t: t.XLNetConfig(vocab_size=V, d_model=32, n_layer=1, n_head=4, d_inner=32),
+            "XLNet",
+        ),
+    ],
+)
+def test_models_with_their_own_attention_are_refused_by_name(config: Callable, name: str) -> None:
+    """transformers accepts any registered name for any model; one whose attention layers
+    do not call the attention interface would run its own attention silently or fail far
+    from the cause (adding attnlab's mask to a tensor, a KeyError)."""
+    auto = transformers.AutoModelForCausalLM
+    check_and_control(
+        lambda: auto.from_config(config(transformers), attn_implementation="attnlab"),
+        lambda: auto.from_config(config(transformers), attn_implementation="eager"),
+        ValueError,
+        f"attn_implementation='attnlab': {name}\\w* computes attention in its own code",
+    )
 
 
 def test_all_minilm_l6_v2_through_the_backend_equals_eager() -> None:

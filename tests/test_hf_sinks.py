@@ -1,7 +1,7 @@
-"""Attention sinks (gpt-oss: a learned logit per head in the softmax denominator) in the
-core: the reference and blocked engines against plain PyTorch written from the
-definition, forward and backward (the sinks' gradient too); engines without a softmax
-denominator decline; bad sinks are named."""
+"""Attention sinks (gpt-oss: a learned logit per head in the softmax denominator; Inkling
+2: one per query row) in the core: the reference and blocked engines against plain
+PyTorch written from the definition, forward and backward (the sinks' gradient too);
+engines without a softmax denominator decline; bad sinks are named."""
 
 from __future__ import annotations
 
@@ -15,21 +15,26 @@ from tests.conftest import assert_2x_rule, check_and_control, max_err
 
 
 def naive_sinks(q, k, v, allowed, sinks, scale):  # type: ignore[no-untyped-def]
-    """The definition: a softmax over the keys and one extra logit per head, whose share
-    is dropped (fully masked rows give 0)."""
+    """The definition: a softmax over the keys and one extra logit per head (``(H,)``) or
+    per row (``(B or 1, H, L)``), whose share is dropped (fully masked rows give 0)."""
     g = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
     s = torch.einsum("bhqe,bhke->bhqk", q, k) * scale
     s = s.masked_fill(~allowed, float("-inf"))
-    sink = sinks.view(1, -1, 1, 1).expand(*s.shape[:-1], 1)
+    rows = sinks.view(1, -1, 1) if sinks.dim() == 1 else sinks
+    sink = rows[..., None].expand(*s.shape[:-1], 1)
     w = torch.softmax(torch.cat([s, sink], -1), -1)[..., :-1]
     return torch.einsum("bhqk,bhke->bhqe", w, v), w
 
 
-def _inputs(dtype: torch.dtype, n: int = 97, e: int = 40) -> list[torch.Tensor]:
+# one logit per head (gpt-oss); per row of every batch, or shared by the batch (Inkling 2)
+SINKS = {"head": lambda n: (4,), "row": lambda n: (2, 4, n), "row-shared": lambda n: (1, 4, n)}
+
+
+def _inputs(dtype: torch.dtype, n: int = 97, e: int = 40, kind: str = "head") -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, h, n, e, generator=g) for h in (4, 2, 2))
-    sinks = torch.randn(4, generator=g) * 2
+    sinks = torch.randn(SINKS[kind](n), generator=g) * 2
     return [t.to(dtype).requires_grad_() for t in (q, k, v, sinks)]
 
 
@@ -39,9 +44,10 @@ def _allowed(n: int) -> torch.Tensor:
     return m
 
 
+@pytest.mark.parametrize("kind", list(SINKS))
 @pytest.mark.parametrize("engine", ["reference", "blocked", "blocked-eager"])
 def test_sinks_follow_the_definition_by_the_2x_rule(
-    engine: str, monkeypatch: pytest.MonkeyPatch
+    engine: str, kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     n, allowed = 97, _allowed(97)
     if engine == "blocked-eager":  # the per-block eager path, not torch's fused kernel
@@ -49,7 +55,7 @@ def test_sinks_follow_the_definition_by_the_2x_rule(
         engine = "blocked"
 
     def run(fn, dtype):  # type: ignore[no-untyped-def]
-        ts = _inputs(dtype, n)
+        ts = _inputs(dtype, n, kind=kind)
         out = fn(*ts)
         out.square().sum().backward()
         return [out.detach(), *(t.grad for t in ts)]
@@ -64,12 +70,14 @@ def test_sinks_follow_the_definition_by_the_2x_rule(
         assert_2x_rule(o, p, r, f"{engine} {what}")
     assert float(ours[0][:, :, 7].abs().max()) == 0.0  # the fully masked row gives 0
     plain_out = attnlab.attention(*_inputs(torch.float32, n)[:3], mask=allowed, engine=engine)
+    assert ours[4].shape == SINKS[kind](n)  # the sinks' gradient has their shape
     assert max_err(plain_out, ours[0]) > 1e-2  # positive control: the sinks matter
 
 
+@pytest.mark.parametrize("kind", list(SINKS))
 @pytest.mark.parametrize("engine", ["reference", "blocked"])
-def test_sink_weights_and_lse_are_exact(engine: str) -> None:
-    q, k, v, s = (t.detach() for t in _inputs(torch.float64, 64, 16))
+def test_sink_weights_and_lse_are_exact(engine: str, kind: str) -> None:
+    q, k, v, s = (t.detach() for t in _inputs(torch.float64, 64, 16, kind))
     allowed = _allowed(64)
     r = attnlab.attention(
         q, k, v, mask=allowed, sinks=s, engine=engine, return_weights=True, return_lse=True
@@ -79,7 +87,8 @@ def test_sink_weights_and_lse_are_exact(engine: str) -> None:
     assert bool((w.sum(-1) < 1).all())  # the sinks take a share of every row
     scores = torch.einsum("bhqe,bhke->bhqk", q, k.repeat_interleave(2, 1)) * 16**-0.5
     scores = scores.masked_fill(~allowed, float("-inf"))
-    lse = torch.logaddexp(scores.logsumexp(-1), s.view(1, -1, 1))  # keys and the sink
+    rows = s.view(1, -1, 1) if s.dim() == 1 else s
+    lse = torch.logaddexp(scores.logsumexp(-1), rows)  # keys and the sink
     assert max_err(r.lse, lse) < 1e-12  # type: ignore[union-attr]
     w2 = attnlab.attention_weights(q, k, v, mask=allowed, sinks=s, heads=[3], rows=(5, 9))
     assert max_err(w2, w[:, [3], 5:9]) < 1e-12
@@ -100,6 +109,13 @@ def test_engines_without_a_softmax_denominator_decline_sinks(engine: str) -> Non
     ("sinks", "kw", "exc", "match"),
     [
         (torch.zeros(3), {}, ValueError, r"sinks must have shape \(Hq,\) = \(2,\).*got \(3,\)"),
+        (
+            torch.zeros(1, 2, 5),
+            {},
+            ValueError,
+            r"\(B or 1, Hq, Lq\) = \(1 or 1, 2, 4\).*got \(1, 2, 5\)",
+        ),
+        (torch.zeros(3, 2, 4), {}, ValueError, r"one per query row; got \(3, 2, 4\)"),
         (torch.zeros(2, dtype=torch.long), {}, TypeError, "sinks must be a float tensor"),
         ([0.0, 0.0], {}, TypeError, "sinks must be a float tensor .* got list"),
         (torch.zeros(2), {"normalize": "sparsemax"}, ValueError, "normalize='sparsemax'"),

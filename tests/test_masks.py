@@ -1028,3 +1028,18 @@ def test_tensor_mask_dense_is_a_broadcast_view_equal_to_the_gather() -> None:
     from attnlab.engines.sdpa import _unbroadcast
 
     assert _unbroadcast(dense).shape == (3, 1, 1, 7)
+
+
+def test_a_mask_read_as_a_tensor_says_what_to_do() -> None:
+    """Code that takes an attnlab mask for a tensor (adds it to scores, reads its dtype:
+    a transformers model that uses its mask outside the attention function) fails with
+    the way out, not a bare ``unsupported operand`` or missing attribute."""
+    m = masks.causal() & masks.window(3)
+    scores = torch.zeros(1, 1, 4, 4)
+    check_and_control(
+        lambda: scores + m, lambda: scores + m.dense(4, 4), TypeError, r"And: .*mask\.dense"
+    )
+    check_and_control(lambda: m.dtype, lambda: m.dense(4, 4).dtype, AttributeError, "no 'dtype'")
+    with pytest.raises(AttributeError, match=r"'And' object has no attribute 'nothing'$"):
+        _ = m.nothing  # type: ignore[attr-defined]
+    assert not hasattr(m, "size") and hasattr(m, "dense")

@@ -134,15 +134,20 @@ def validate_softcap(softcap: object) -> float | None:
 
 
 def validate_sinks(sinks: object, q: Tensor, normalize: str) -> Tensor | None:
-    """``None`` or a float tensor ``(Hq,)`` on q's device (attention sinks, softmax only)."""
+    """``None`` or a float tensor on q's device (attention sinks, softmax only): ``(Hq,)``,
+    one logit per query head, or ``(B or 1, Hq, Lq)``, one per query row."""
     if sinks is None:
         return None
     if not isinstance(sinks, Tensor) or not sinks.is_floating_point():
         seen = getattr(sinks, "dtype", type(sinks).__name__)
-        raise TypeError(f"sinks must be a float tensor (Hq,) or None, got {seen}")
-    if tuple(sinks.shape) != (q.shape[1],):
+        raise TypeError(f"sinks must be a float tensor (Hq,) or (B, Hq, Lq), or None, got {seen}")
+    b, h, lq = q.shape[0], q.shape[1], q.shape[2]
+    if tuple(sinks.shape) != (h,) and not (
+        sinks.dim() == 3 and sinks.shape[0] in (1, b) and tuple(sinks.shape[1:]) == (h, lq)
+    ):
         raise ValueError(
-            f"sinks must have shape (Hq,) = ({q.shape[1]},), one logit per query head; "
+            f"sinks must have shape (Hq,) = ({h},), one logit per query head, or "
+            f"(B or 1, Hq, Lq) = ({b} or 1, {h}, {lq}), one per query row; "
             f"got {tuple(sinks.shape)}"
         )
     if sinks.device != q.device:

@@ -114,7 +114,9 @@ def attention(
             ``softcap * tanh(s / softcap)`` before the bias and the mask. None: off.
         sinks: attention sinks ``(Hq,)`` (gpt-oss): one learned logit per query head in
             the softmax denominator, ``w_j = exp(s_j) / (exp(sink) + sum_k exp(s_k))``; the
-            weights then sum to less than 1 and the logsumexp includes the sink.
+            weights then sum to less than 1 and the logsumexp includes the sink. Or
+            ``(B or 1, Hq, Lq)``: one logit per query row (Inkling 2 computes them from
+            each token).
 
     Returns:
         ``out (B, Hq, Lq, Ev)``, or an :class:`AttentionOutput` when ``return_weights`` or

@@ -61,7 +61,8 @@ class AttentionRequest:
         softcap: logit soft-capping: the scaled scores become ``softcap * tanh(s / softcap)``
             before the bias and mask (Gemma 2, Grok), or None.
         sinks: attention sinks ``(Hq,)``: a learned logit per query head that joins the
-            softmax denominator (gpt-oss) and takes weight from the keys, or None.
+            softmax denominator (gpt-oss) and takes weight from the keys, or ``(B or 1, Hq,
+            Lq)``, one per query row (Inkling 2's sinks computed from each token), or None.
     """
 
     q: Tensor

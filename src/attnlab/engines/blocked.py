@@ -48,6 +48,7 @@ from attnlab.engines.blocked_autograd import (
     kernel,
     kernel_error,
     kernel_ok,
+    sink_rows,
     softmax_lse,
     take,
     with_sinks,
@@ -288,6 +289,8 @@ def _weights(
     r_lo, r_hi = rows if rows is not None else (0, req.lq)
     hs = list(range(req.heads)) if heads is None else heads
     acc = acc_dtype(req.q.dtype)
+    sinks = None if req.sinks is None else sink_rows(req.sinks).to(acc)[:, hs]  # (., H', .)
+    per_row = req.sinks is not None and req.sinks.dim() == 3  # (B or 1, H', Lq)
     with torch.no_grad():
         q, k = req.q.to(acc), req.k.to(acc)
         w = lazy_zeros((req.batch, len(hs), r_hi - r_lo, req.lk), req.q)
@@ -297,8 +300,8 @@ def _weights(
                 continue
             s = _block_scores(req, blk, q, k)[:, hs, a - blk.rows[0] : b - blk.rows[0]]
             p, lse = softmax_lse(s)  # (B, len(hs), b - a, Ks)
-            if req.sinks is not None:  # the sinks take their share: scale by exp(lse - lse')
-                p, _ = with_sinks(p, lse, req.sinks.to(acc)[hs])
+            if sinks is not None:  # the sinks take their share: scale by exp(lse - lse')
+                p, _ = with_sinks(p, lse, sinks[..., a:b] if per_row else sinks)
             _put(w[:, :, a - r_lo : b - r_lo], blk, p)
     return w
 

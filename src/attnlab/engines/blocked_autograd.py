@@ -39,6 +39,7 @@ __all__ = [
     "kernel",
     "kernel_error",
     "kernel_ok",
+    "sink_rows",
     "softmax_lse",
     "take",
     "with_sinks",
@@ -100,9 +101,21 @@ def cap_scores(s: Tensor, softcap: float | None) -> Tensor:
     return s if softcap is None else torch.tanh(s / softcap) * softcap
 
 
+def sink_rows(sinks: Tensor) -> Tensor:
+    """Attention sinks as one logit per row: ``(H,)`` -> ``(1, H, 1)``; ``(B or 1, H, L)``
+    stays. Either broadcasts against a logsumexp ``(B, H, L)``.
+
+    Example:
+        >>> sink_rows(torch.zeros(4)).shape, sink_rows(torch.zeros(1, 4, 3)).shape
+        (torch.Size([1, 4, 1]), torch.Size([1, 4, 3]))
+    """
+    return sinks.view(1, -1, 1) if sinks.dim() == 1 else sinks
+
+
 def with_sinks(out: Tensor, lse: Tensor, sinks: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Attention sinks ``(H,)`` joined to a finished softmax: ``out (B, H, L, Ev)`` scaled by
-    ``exp(lse - lse')`` and ``lse (B, H, L)`` raised to ``lse' = logaddexp(lse, sink)``.
+    """Attention sinks (``(H,)`` or per row ``(B or 1, H, L)``) joined to a finished softmax:
+    ``out (B, H, L, Ev)`` scaled by ``exp(lse - lse')`` and ``lse (B, H, L)`` raised to
+    ``lse' = logaddexp(lse, sink)``.
 
     Exact whatever computed ``out`` and ``lse``; fully masked rows (``lse = -inf``) stay 0.
 
@@ -113,7 +126,7 @@ def with_sinks(out: Tensor, lse: Tensor, sinks: Tensor | None) -> tuple[Tensor, 
     """
     if sinks is None:
         return out, lse
-    total = torch.logaddexp(lse, sinks.to(lse.dtype).view(1, -1, 1))  # (B, H, L)
+    total = torch.logaddexp(lse, sink_rows(sinks).to(lse.dtype))  # (B, H, L)
     return out * torch.exp(lse - total).unsqueeze(-1).to(out.dtype), total
 
 
@@ -287,8 +300,10 @@ class BlockedAttention(torch.autograd.Function):
         dq, dk, dv = (g.to(t) for g, t in zip(grads.qkv, ctx.dtypes, strict=True))
         dsinks = None
         if ctx.sink_dtype is not None:  # d lse' / d sink = p_sink; d out / d sink = -p_sink out
-            sinks = ctx.req.sinks.to(lse.dtype).view(1, -1, 1)
-            dsinks = -(torch.exp(sinks - lse) * delta).sum((0, 2)).to(ctx.sink_dtype)
+            sinks = ctx.req.sinks
+            rows = sink_rows(sinks).to(lse.dtype)  # (1, H, 1) or (B or 1, H, L)
+            d = -(torch.exp(rows - lse) * delta).sum_to_size(rows.shape)
+            dsinks = d.reshape(sinks.shape).to(ctx.sink_dtype)
         return (dq, dk, dv, dsinks, None, None, None, *grads.leaves)
 
 

@@ -59,7 +59,8 @@ def mix(
         normalize: normalizer name.
         dropout_p: dropout on the weights (the returned weights are before dropout).
         want_lse: also return the logsumexp ``(B, Hq, Lq)`` (softmax only).
-        sinks: ``(Hq,)`` logits that join the softmax denominator (softmax only), or None.
+        sinks: ``(Hq,)`` or ``(B or 1, Hq, Lq)`` logits that join the softmax denominator
+            (softmax only), or None.
 
     Returns:
         ``(out (B, Hq, Lq, Ev), weights (B, Hq, Lq, Lk), lse | None)``.
@@ -67,7 +68,8 @@ def mix(
     s = scores if allowed is None else scores.masked_fill(~allowed, float("-inf"))
     lse = None
     if normalize == "softmax" and sinks is not None:
-        sink = sinks.to(s.dtype).view(1, -1, 1, 1).expand(*s.shape[:-1], 1)  # (B, Hq, Lq, 1)
+        rows = sinks.view(1, -1, 1) if sinks.dim() == 1 else sinks  # (1 or B, Hq, 1 or Lq)
+        sink = rows.to(s.dtype).unsqueeze(-1).expand(*s.shape[:-1], 1)  # (B, Hq, Lq, 1)
         w, lse = softmax_with_lse(torch.cat([s, sink], -1))
         w = w[..., :-1]  # the sink's share is dropped: the weights sum to less than 1
     elif normalize == "softmax":

@@ -17,8 +17,11 @@ call through :func:`attnlab.attention`:
 * ``output_attentions=True`` returns exact weights while the output still comes from the
   fast engine (the blocked engine recomputes the weights from its logsumexp).
 
-What the backend cannot serve exactly (T5's position bias, a head mask, an unknown mask
-type) raises a ``ValueError`` naming it; nothing is silently ignored.
+* a model's own additive ``position_bias`` (T5's relative buckets, Inkling's learned
+  relative logits) is added to the scaled scores as an attnlab bias, with its gradient.
+
+What the backend cannot serve exactly (a head mask, an unknown mask type) raises a
+``ValueError`` naming it; nothing is silently ignored.
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ from attnlab.masks import Mask, documents
 __all__ = ["NAME", "attention_forward", "build_mask", "register", "with_packing"]
 
 NAME = "attnlab"
+_NAMES: set[str] = set()  # every name register() gave attnlab
 # keyword arguments that change the attention and that attnlab does not compute
-_REFUSED = ("position_bias", "head_mask", "layer_head_mask")
+_REFUSED = ("head_mask", "layer_head_mask")
 # transformers' ContextVar of the outputs being recorded (None: not looked up yet; False:
 # this transformers has none)
 _COLLECTOR: Any = None
@@ -70,8 +74,43 @@ def register(name: str = NAME, engine: str = "auto") -> str:
 
     AttentionInterface.register(name, forward)
     AttentionMaskInterface.register(name, build_mask)
+    _NAMES.add(name)
     _pass_built_masks()
+    _refuse_own_attention()
     return name
+
+
+def _refuse_own_attention() -> None:
+    """Make a model that computes attention in its own code refuse an attnlab name.
+
+    transformers accepts any registered ``attn_implementation`` for every model, but a
+    model whose attention layers do not call ``ALL_ATTENTION_FUNCTIONS`` (BLOOM, GPT-Neo,
+    XLNet, ...) never reaches attnlab: it runs its own attention silently, adds
+    attnlab's mask to a tensor, or looks the name up in its own table, and fails far
+    from the cause. transformers checks the implementation at the start of each model's
+    construction (also under ``from_pretrained``); that check now raises a
+    ``ValueError`` naming the model, by transformers' own test of whether a model
+    follows its attention interface (``_can_set_attn_implementation``). Installed once.
+    """
+    from transformers import PreTrainedModel
+
+    own = PreTrainedModel._check_and_adjust_attn_implementation
+    if getattr(own, "refuses_own_attention", False):
+        return
+
+    def check(self: Any, *args: Any, **kwargs: Any) -> Any:
+        name = own(self, *args, **kwargs)
+        if name in _NAMES and not type(self)._can_set_attn_implementation():
+            raise ValueError(
+                f"attn_implementation={name!r}: {type(self).__name__} computes attention in "
+                f"its own code, not through transformers' AttentionInterface, so attnlab "
+                f"cannot serve it; load it with attn_implementation='eager' (a composite "
+                f"model takes a dict, one implementation per sub-config)"
+            )
+        return name
+
+    check.refuses_own_attention = True  # type: ignore[attr-defined]
+    PreTrainedModel._check_and_adjust_attn_implementation = check  # type: ignore[method-assign]
 
 
 def _pass_built_masks() -> None:
@@ -157,9 +196,11 @@ def attention_forward(
         softcap: logit soft-capping ``cap * tanh(s / cap)`` (Gemma 2), or None.
         engine: the attnlab engine (``"auto"``: the fastest exact one).
         kwargs: ``output_attentions=True`` asks for the weights; ``s_aux`` are attention
-            sinks ``(Hq,)`` (gpt-oss); ``position_ids`` mark packed sequences (see
-            :func:`with_packing`); ``sliding_window`` is already in the mask; options
-            attnlab does not compute (``position_bias``, a head mask) raise ``ValueError``.
+            sinks ``(Hq,)`` (gpt-oss), ``sinks`` one per query row ``(B, Hq, Lq, 1)``
+            (Inkling 2); ``position_ids`` mark packed sequences (see
+            :func:`with_packing`); ``position_bias`` is the model's additive score bias
+            ``(B or 1, Hq, Lq, Lk)`` (T5, Inkling); ``sliding_window`` is already in the
+            mask; options attnlab does not compute (a head mask) raise ``ValueError``.
 
     Returns:
         ``(out (B, Lq, Hq, Ev), weights (B, Hq, Lq, Lk) or None)``, as transformers'
@@ -184,9 +225,10 @@ def attention_forward(
     mask, bias = _mask_and_bias(attention_mask, key.shape[-2])
     if bias is None and not isinstance(mask, Tensor):
         mask = with_packing(mask, kwargs.get("position_ids"), query.shape[-2], key.shape[-2])
+    bias = _with_position_bias(bias, kwargs.get("position_bias"))
     want = bool(kwargs.get("output_attentions", False)) or _collecting_attentions()
     graph = want and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-    sinks = kwargs.get("s_aux")  # gpt-oss: one learned logit per head in the denominator
+    sinks = _sinks(kwargs.get("s_aux"), kwargs.get("sinks"))
     args = {"mask": mask, "bias": bias, "scale": scaling, "softcap": softcap, "sinks": sinks}
     r = attention(
         query,
@@ -243,7 +285,9 @@ def _decoding_step(
     step does: the backend then takes attnlab's plain-call path."""
     if query.shape[-2] >= key.shape[-2] or dropout or softcap is not None or engine != "auto":
         return False
-    if kw.get("s_aux") is not None or kw.get("output_attentions"):
+    if any(kw.get(k) is not None for k in ("s_aux", "sinks", "position_bias")):
+        return False
+    if kw.get("output_attentions"):
         return False
     return not _collecting_attentions()
 
@@ -263,6 +307,38 @@ def _collecting_attentions() -> bool:
         return False
     collected = _COLLECTOR.get()
     return bool(collected) and any("attentions" in key for key in collected)
+
+
+def _sinks(s_aux: object, sinks: object) -> Tensor | None:
+    """The call's attention sinks for :func:`attnlab.attention`: gpt-oss's ``s_aux (Hq,)``
+    or Inkling 2's per-row ``sinks (B, Hq, Lq, 1)`` as ``(B, Hq, Lq)``.
+
+    Example:
+        >>> _sinks(None, torch.zeros(2, 4, 3, 1)).shape
+        torch.Size([2, 4, 3])
+    """
+    if s_aux is not None and sinks is not None:
+        raise ValueError("the attnlab backend takes attention sinks as s_aux or sinks, not both")
+    if isinstance(sinks, Tensor) and sinks.dim() == 4 and sinks.shape[-1] == 1:
+        return sinks.squeeze(-1)  # (B, Hq, Lq): attnlab.attention checks the rest
+    return sinks if sinks is not None else s_aux  # type: ignore[return-value]
+
+
+def _with_position_bias(bias: Tensor | None, position_bias: object) -> Tensor | None:
+    """The additive bias of the call: the model's float mask plus its ``position_bias``.
+
+    Example:
+        >>> _with_position_bias(None, torch.ones(1, 2, 3, 3)).shape
+        torch.Size([1, 2, 3, 3])
+    """
+    if position_bias is None:
+        return bias
+    if not isinstance(position_bias, Tensor):
+        raise TypeError(
+            f"position_bias: the attnlab backend takes an additive float tensor "
+            f"(B or 1, H, Lq, Lk), got {type(position_bias).__name__}"
+        )
+    return position_bias if bias is None else bias + position_bias
 
 
 def _mask_and_bias(m: Mask | Tensor | None, lk: int) -> tuple[Mask | Tensor | None, Tensor | None]:

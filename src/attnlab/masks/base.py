@@ -44,6 +44,17 @@ from attnlab.masks.layout import (
 __all__ = ["And", "Mask", "Not", "Or", "Wrapped"]
 
 
+_NOT_A_TENSOR = (
+    "an attnlab mask is not a tensor; mask.dense(Lq, Lk) gives its bool tensor (code that "
+    "reads an attention mask as a tensor, like a transformers model that uses its mask "
+    "outside the attention function, needs one)"
+)
+# what code that takes a mask for a tensor reads first
+_TENSOR_ATTRIBUTES = frozenset(
+    ("dtype", "shape", "size", "dim", "ndim", "device", "to", "float", "bool", "masked_fill")
+)
+
+
 class Mask:
     """Base class of all masks. Subclasses implement :meth:`evaluate` and :meth:`spec`.
 
@@ -192,6 +203,17 @@ class Mask:
 
     def __invert__(self) -> Mask:
         return Not(self)
+
+    # -- not a tensor: code that takes a mask for one fails with what to do ----------------
+    def __add__(self, other: object) -> Mask:
+        raise TypeError(f"{type(self).__name__}: {_NOT_A_TENSOR}")
+
+    __radd__ = __add__
+
+    def __getattr__(self, name: str) -> object:
+        if name in _TENSOR_ATTRIBUTES:
+            raise AttributeError(f"{type(self).__name__} has no {name!r}: {_NOT_A_TENSOR}")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def visible_fraction(self, lq: int, lk: int, *, batch: int | None = None) -> float:
         """Fraction of (query, key) pairs the mask allows, counted in row chunks."""
