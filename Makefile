@@ -61,6 +61,7 @@ bench-smoke: $(VENV)/.base
 	$(PY) benchmarks/bench_rl.py --smoke
 	$(PY) benchmarks/load_serve.py --smoke
 	$(PY) benchmarks/bench_hf.py --smoke
+	$(PY) benchmarks/sweep_hf.py --smoke
 	$(PY) benchmarks/bench_decode.py --smoke
 	$(PY) benchmarks/bench_ask.py --smoke
 	$(PY) benchmarks/bench_robust.py --smoke

@@ -15,13 +15,14 @@ call through :func:`attnlab.attention`:
 * the attention function (:func:`attention_forward`) calls the fastest exact engine for
   the mask, with the model's scale, dropout, logit soft-capping and attention sinks;
 * ``output_attentions=True`` returns exact weights while the output still comes from the
-  fast engine (the blocked engine recomputes the weights from its logsumexp).
-
+  fast engine (the blocked engine recomputes the weights from its logsumexp);
 * a model's own additive ``position_bias`` (T5's relative buckets, Inkling's learned
   relative logits) is added to the scaled scores as an attnlab bias, with its gradient.
 
 What the backend cannot serve exactly (a head mask, an unknown mask type) raises a
-``ValueError`` naming it; nothing is silently ignored.
+``ValueError`` naming it; nothing is silently ignored. A model whose attention layers do
+not call transformers' attention interface (BLOOM, XLNet, ...) is refused by name when it
+is built (:func:`register` installs that check).
 """
 
 from __future__ import annotations

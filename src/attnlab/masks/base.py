@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -210,10 +211,12 @@ class Mask:
 
     __radd__ = __add__
 
-    def __getattr__(self, name: str) -> object:
-        if name in _TENSOR_ATTRIBUTES:
-            raise AttributeError(f"{type(self).__name__} has no {name!r}: {_NOT_A_TENSOR}")
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+    if not TYPE_CHECKING:  # for the type checker, a mask's attributes stay what they are
+
+        def __getattr__(self, name: str) -> object:
+            if name in _TENSOR_ATTRIBUTES:
+                raise AttributeError(f"{type(self).__name__} has no {name!r}: {_NOT_A_TENSOR}")
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def visible_fraction(self, lq: int, lk: int, *, batch: int | None = None) -> float:
         """Fraction of (query, key) pairs the mask allows, counted in row chunks."""

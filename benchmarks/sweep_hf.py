@@ -1,0 +1,193 @@
+"""Every transformers family through the attnlab backend: runs, equals eager, reaches attnlab?
+
+For each model type of transformers' auto mappings (``--mapping causal``: the causal-LM
+classes; ``base``: the base models), a tiny random model of the family's own config
+class (every size it has shrunk, seeded) runs a right-padded batch of token ids with
+``attn_implementation="eager"`` and with ``"attnlab"``. One JSON line per family:
+
+* ``status``: ``ok`` (equal to eager within ``--tol`` of its largest value, and attnlab's
+  function ran), ``unreached`` (equal, but attnlab's function never ran: a model without
+  attention, like FNet), ``mismatch`` (not equal), ``refused`` (the backend named why it
+  cannot serve the model), ``error`` (the attnlab run failed otherwise), ``skipped``
+  (eager itself failed on the shrunk config or the inputs: not attnlab's to judge);
+* ``err``: the largest difference from eager over the unpadded tokens; ``calls``: how
+  many times attnlab's attention function ran; ``why``: the first line of an error.
+
+A family outside the causal-LM mapping (T5) runs as its base model. A last line counts
+each status. Nothing is downloaded; only ``transformers`` is needed.
+
+python benchmarks/sweep_hf.py                        # every causal-LM family
+python benchmarks/sweep_hf.py --mapping base         # every base model
+python benchmarks/sweep_hf.py --families llama t5    # some families
+python benchmarks/sweep_hf.py --smoke                # three families, for CI
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import importlib.util
+import json
+import os
+import signal
+import time
+import warnings
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a hub
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch
+
+V = 64
+SIZES = {
+    "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2, "vocab_size": V,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "n_embd": 64,
+    "n_head": 4, "n_layer": 2, "d_model": 64, "encoder_layers": 2, "decoder_layers": 2,
+    "encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 64,
+    "decoder_ffn_dim": 64, "moe_intermediate_size": 32, "n_routed_experts": 4,
+    "num_experts": 4, "num_local_experts": 4, "num_experts_per_tok": 2, "n_positions": 256,
+    "max_position_embeddings": 256, "sliding_window": 5, "kv_lora_rank": 16,
+    "q_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
+    "first_k_dense_replace": 1, "n_shared_experts": 1, "n_group": 1, "topk_group": 1,
+    "num_layers": 2, "num_decoder_layers": 2, "num_heads": 4, "d_kv": 16, "d_ff": 64,
+    "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "attention_dropout": 0.0,
+    "dropout": 0.0, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+}  # fmt: skip
+SMOKE = ("llama", "t5", "bloom")  # one served, one with a position bias, one refused
+
+
+class _Timeout(Exception):
+    pass
+
+
+def shrink(cfg: Any) -> Any:
+    """``cfg`` with every size of :data:`SIZES` it has (and its text config's) set."""
+    for key, value in SIZES.items():
+        if getattr(cfg, key, None) is not None:
+            with contextlib.suppress(Exception):  # a derived, read-only property
+                setattr(cfg, key, value)
+    text = getattr(cfg, "text_config", None)
+    if text is not None and text is not cfg:
+        shrink(text)
+    types = getattr(cfg, "layer_types", None)
+    if types:  # as many layer types as layers, in the family's own pattern
+        n = cfg.num_hidden_layers
+        with contextlib.suppress(Exception):
+            cfg.layer_types = (list(types) * n)[:n]
+    return cfg
+
+
+def _run(t: Any, auto: Any, family: str, impl: str, kw: dict) -> torch.Tensor:
+    torch.manual_seed(0)
+    model = auto.from_config(shrink(t.AutoConfig.for_model(family)), attn_implementation=impl)
+    model.eval()
+    if model.config.is_encoder_decoder:
+        kw = {**kw, "decoder_input_ids": kw["input_ids"][:, :5]}
+    with torch.no_grad():
+        out = model(**kw)
+    for name in ("logits", "last_hidden_state"):
+        if getattr(out, name, None) is not None:
+            return getattr(out, name)
+    return out[0]
+
+
+def check(t: Any, auto: Any, family: str, calls: list[int], tol: float) -> dict:
+    """The JSON row of one family."""
+    ids = torch.randint(3, V, (2, 12), generator=torch.Generator().manual_seed(1))
+    am = torch.ones(2, 12, dtype=torch.long)
+    am[1, -4:] = 0
+    kw = {"input_ids": ids, "attention_mask": am}
+    row: dict[str, Any] = {"bench": "sweep_hf", "family": family}
+    try:
+        want = _run(t, auto, family, "eager", kw)
+    except BaseException as exc:  # _Timeout, the model's own failures
+        return {**row, "status": "skipped", "why": _why(exc)}
+    calls[0] = 0
+    try:
+        got = _run(t, auto, family, "attnlab", kw)
+    except BaseException as exc:
+        refused = isinstance(exc, ValueError) and "attnlab" in str(exc)
+        return {**row, "status": "refused" if refused else "error", "why": _why(exc)}
+    if got.shape != want.shape:
+        return {**row, "status": "mismatch", "why": f"shape {tuple(got.shape)}", "calls": calls[0]}
+    keep = am.bool() if got.shape[:2] == am.shape else ...  # the unpadded tokens
+    err = float((got[keep] - want[keep]).abs().max())
+    same = err <= tol * max(float(want[keep].abs().max()), 1.0)
+    status = ("ok" if calls[0] else "unreached") if same else "mismatch"
+    return {**row, "status": status, "err": err, "calls": calls[0]}
+
+
+def _why(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
+
+
+def _alarm(*_: object) -> None:
+    raise _Timeout("the family took longer than --timeout")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mapping", choices=("causal", "base"), default="causal")
+    p.add_argument("--families", nargs="+", help="model types (default: the whole mapping)")
+    p.add_argument("--smoke", action="store_true", help=f"only {', '.join(SMOKE)}")
+    p.add_argument("--tol", type=float, default=1e-5, help="relative to eager's largest value")
+    p.add_argument("--timeout", type=int, default=60, help="seconds per family")
+    args = p.parse_args()
+    if args.timeout < 1 or not args.tol > 0:
+        p.error(f"--timeout must be >= 1 and --tol > 0, got {args.timeout} and {args.tol}")
+    if importlib.util.find_spec("transformers") is None:  # `make bench-smoke` alone
+        print(
+            json.dumps(
+                {"bench": "sweep_hf", "skipped": "not installed: transformers (attnlab[hf])"}
+            )
+        )
+        return
+    import transformers as t
+    from transformers.models.auto import modeling_auto as ma
+
+    from attnlab.integrations.transformers import register
+
+    names = (
+        ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if args.mapping == "causal" else ma.MODEL_MAPPING_NAMES
+    )
+    families = list(SMOKE) if args.smoke else (args.families or sorted(names))
+    unknown = [f for f in families if f not in t.models.auto.configuration_auto.CONFIG_MAPPING]
+    if unknown:
+        p.error(f"--families: unknown model types {unknown}")
+    register()
+    calls = [0]
+    own = t.AttentionInterface._global_mapping["attnlab"]
+
+    def counted(*a: Any, **k: Any) -> Any:
+        calls[0] += 1
+        return own(*a, **k)
+
+    t.AttentionInterface._global_mapping["attnlab"] = counted
+    t.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore")
+    causal = ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    signal.signal(signal.SIGALRM, _alarm)
+    counts: collections.Counter[str] = collections.Counter()
+    for family in families:
+        t0 = time.perf_counter()
+        signal.alarm(args.timeout)
+        try:
+            auto = (
+                t.AutoModelForCausalLM
+                if family in causal and args.mapping == "causal"
+                else t.AutoModel
+            )
+            row = check(t, auto, family, calls, args.tol)
+        finally:
+            signal.alarm(0)
+        counts[row["status"]] += 1
+        print(json.dumps({**row, "seconds": round(time.perf_counter() - t0, 2)}), flush=True)
+    print(json.dumps({"bench": "sweep_hf", "mapping": args.mapping, "families": len(families),
+                      **dict(sorted(counts.items())), "transformers": t.__version__}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
