@@ -2,8 +2,10 @@
 
 For each model type of transformers' auto mappings (``--mapping causal``: the causal-LM
 classes; ``base``: the base models), a tiny random model of the family's own config
-class (every size it has shrunk, seeded) runs a right-padded batch of token ids with
-``attn_implementation="eager"`` and with ``"attnlab"``. One JSON line per family:
+class (every size it has shrunk, seeded) runs its main input (a right-padded batch of
+token ids, with images where the model takes both; random images; raw audio; log-mel
+frames) with ``attn_implementation="eager"`` and with
+``"attnlab"``. One JSON line per family:
 
 * ``status``: ``ok`` (equal to eager within ``--tol`` of its largest value, and attnlab's
   function ran), ``unreached`` (equal, but attnlab's function never ran: a model without
@@ -28,6 +30,7 @@ import argparse
 import collections
 import contextlib
 import importlib.util
+import inspect
 import json
 import os
 import signal
@@ -54,6 +57,7 @@ SIZES = {
     "num_layers": 2, "num_decoder_layers": 2, "num_heads": 4, "d_kv": 16, "d_ff": 64,
     "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "attention_dropout": 0.0,
     "dropout": 0.0, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+    "image_size": 32, "patch_size": 8, "max_source_positions": 32,
 }  # fmt: skip
 SMOKE = ("llama", "t5", "bloom")  # one served, one with a position bias, one refused
 
@@ -68,9 +72,10 @@ def shrink(cfg: Any) -> Any:
         if getattr(cfg, key, None) is not None:
             with contextlib.suppress(Exception):  # a derived, read-only property
                 setattr(cfg, key, value)
-    text = getattr(cfg, "text_config", None)
-    if text is not None and text is not cfg:
-        shrink(text)
+    for part in ("text_config", "vision_config", "audio_config"):
+        sub = getattr(cfg, part, None)
+        if sub is not None and sub is not cfg and hasattr(sub, "to_dict"):
+            shrink(sub)
     types = getattr(cfg, "layer_types", None)
     if types:  # as many layer types as layers, in the family's own pattern
         n = cfg.num_hidden_layers
@@ -79,40 +84,71 @@ def shrink(cfg: Any) -> Any:
     return cfg
 
 
-def _run(t: Any, auto: Any, family: str, impl: str, kw: dict) -> torch.Tensor:
+def _inputs(model: Any) -> tuple[dict[str, torch.Tensor], Any]:
+    """The model's inputs by its main input (token ids, right-padded; images; audio), and
+    the index of the outputs to compare (the unpadded tokens, or everything)."""
+    g = torch.Generator().manual_seed(1)
+    cfg, main = model.config, model.main_input_name
+    keep: Any = ...
+    if main == "pixel_values":
+        kw = {main: _images(cfg, g)}
+    elif main == "input_values":  # raw audio
+        kw = {main: torch.randn(2, 1600, generator=g)}
+    elif main == "input_features":  # log-mel frames (Whisper)
+        frames = 2 * getattr(cfg, "max_source_positions", 32)
+        kw = {main: torch.randn(2, getattr(cfg, "num_mel_bins", 80), frames, generator=g)}
+    elif main == "input_ids":
+        am = torch.ones(2, 12, dtype=torch.long)
+        am[1, -4:] = 0
+        kw = {"input_ids": torch.randint(3, V, (2, 12), generator=g), "attention_mask": am}
+        keep = am.bool()
+        if "pixel_values" in inspect.signature(model.forward).parameters:  # CLIP
+            kw["pixel_values"] = _images(getattr(cfg, "vision_config", None) or cfg, g)
+    else:
+        raise ValueError(f"main input {main!r}: not generated here")
+    if cfg.is_encoder_decoder:  # the decoder's outputs are compared, whole
+        kw["decoder_input_ids"] = torch.randint(3, V, (2, 5), generator=g)
+        keep = ...
+    return kw, keep
+
+
+def _images(cfg: Any, g: torch.Generator) -> torch.Tensor:
+    """``(2, C, H, W)`` random images of the config's size."""
+    side = getattr(cfg, "image_size", 32)
+    side = tuple(side) if isinstance(side, (list, tuple)) else (side, side)
+    return torch.randn(2, getattr(cfg, "num_channels", 3), *side, generator=g)
+
+
+def _run(t: Any, auto: Any, family: str, impl: str) -> tuple[torch.Tensor, Any]:
+    """The model's output (logits or last hidden state) and the index to compare."""
     torch.manual_seed(0)
     model = auto.from_config(shrink(t.AutoConfig.for_model(family)), attn_implementation=impl)
-    model.eval()
-    if model.config.is_encoder_decoder:
-        kw = {**kw, "decoder_input_ids": kw["input_ids"][:, :5]}
+    kw, keep = _inputs(model.eval())
     with torch.no_grad():
         out = model(**kw)
     for name in ("logits", "last_hidden_state"):
         if getattr(out, name, None) is not None:
-            return getattr(out, name)
-    return out[0]
+            return getattr(out, name), keep
+    return out[0], keep
 
 
 def check(t: Any, auto: Any, family: str, calls: list[int], tol: float) -> dict:
     """The JSON row of one family."""
-    ids = torch.randint(3, V, (2, 12), generator=torch.Generator().manual_seed(1))
-    am = torch.ones(2, 12, dtype=torch.long)
-    am[1, -4:] = 0
-    kw = {"input_ids": ids, "attention_mask": am}
     row: dict[str, Any] = {"bench": "sweep_hf", "family": family}
     try:
-        want = _run(t, auto, family, "eager", kw)
+        want, keep = _run(t, auto, family, "eager")
     except BaseException as exc:  # _Timeout, the model's own failures
         return {**row, "status": "skipped", "why": _why(exc)}
     calls[0] = 0
     try:
-        got = _run(t, auto, family, "attnlab", kw)
+        got, _ = _run(t, auto, family, "attnlab")
     except BaseException as exc:
         refused = isinstance(exc, ValueError) and "attnlab" in str(exc)
         return {**row, "status": "refused" if refused else "error", "why": _why(exc)}
     if got.shape != want.shape:
         return {**row, "status": "mismatch", "why": f"shape {tuple(got.shape)}", "calls": calls[0]}
-    keep = am.bool() if got.shape[:2] == am.shape else ...  # the unpadded tokens
+    if not isinstance(keep, torch.Tensor) or got.shape[:2] != keep.shape:
+        keep = ...  # everything (images, audio, a decoder's tokens)
     err = float((got[keep] - want[keep]).abs().max())
     same = err <= tol * max(float(want[keep].abs().max()), 1.0)
     status = ("ok" if calls[0] else "unreached") if same else "mismatch"
