@@ -6,6 +6,8 @@ all-MiniLM-L6-v2.
 
 from __future__ import annotations
 
+import copy
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -365,6 +367,26 @@ def test_models_with_their_own_attention_are_refused_by_name(config: Callable, n
         ValueError,
         f"attn_implementation='attnlab': {name}\\w* computes attention in its own code",
     )
+
+
+def test_a_model_class_whose_source_cannot_be_read_is_trusted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A model class defined in a notebook or a REPL has no readable source, where
+    transformers' own test says it cannot set its attention; the backend serves it."""
+    import types
+
+    monkeypatch.setitem(sys.modules, "notebook_cell", types.ModuleType("notebook_cell"))
+    llama = transformers.LlamaForCausalLM
+    cls = type("NotebookLlama", (llama,), {"__module__": "notebook_cell"})
+    torch.manual_seed(0)
+    model = cls._from_config(tiny("llama").config, attn_implementation="attnlab").eval()
+    assert model.config._attn_implementation == "attnlab"
+    ids = _ids()
+    want = llama._from_config(copy.deepcopy(model.config), attn_implementation="eager").eval()
+    want.load_state_dict(model.state_dict())
+    assert model.config._attn_implementation == "attnlab"  # the configs are not shared
+    assert max_err(model(input_ids=ids).logits, want(input_ids=ids).logits) < 1e-5
 
 
 def test_all_minilm_l6_v2_through_the_backend_equals_eager() -> None:

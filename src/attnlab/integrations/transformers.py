@@ -101,7 +101,7 @@ def _refuse_own_attention() -> None:
 
     def check(self: Any, *args: Any, **kwargs: Any) -> Any:
         name = own(self, *args, **kwargs)
-        if name in _NAMES and not type(self)._can_set_attn_implementation():
+        if name in _NAMES and _computes_own_attention(type(self)):
             raise ValueError(
                 f"attn_implementation={name!r}: {type(self).__name__} computes attention in "
                 f"its own code, not through transformers' AttentionInterface, so attnlab "
@@ -112,6 +112,20 @@ def _refuse_own_attention() -> None:
 
     check.refuses_own_attention = True  # type: ignore[attr-defined]
     PreTrainedModel._check_and_adjust_attn_implementation = check  # type: ignore[method-assign]
+
+
+def _computes_own_attention(cls: Any) -> bool:
+    """Whether transformers' source test says ``cls``'s attention layers do not call its
+    attention interface. A class whose source cannot be read (defined in a REPL or a
+    notebook, where transformers' test says no) is trusted."""
+    import inspect
+    import sys
+
+    try:
+        inspect.getsource(sys.modules[cls.__module__])
+    except (KeyError, OSError, TypeError):
+        return False
+    return not cls._can_set_attn_implementation()
 
 
 def _pass_built_masks() -> None:
