@@ -300,9 +300,10 @@ def _decoding_step(
     step does: the backend then takes attnlab's plain-call path."""
     if query.shape[-2] >= key.shape[-2] or dropout or softcap is not None or engine != "auto":
         return False
-    if any(kw.get(k) is not None for k in ("s_aux", "sinks", "position_bias")):
+    get = kw.get  # every decoding step comes here: plain lookups, no generator
+    if get("s_aux") is not None or get("sinks") is not None or get("position_bias") is not None:
         return False
-    if kw.get("output_attentions"):
+    if get("output_attentions"):
         return False
     return not _collecting_attentions()
 
