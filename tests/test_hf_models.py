@@ -424,3 +424,20 @@ def test_the_readme_example_runs() -> None:
     exec(compile(block, "README.md", "exec"), namespace)
     model = namespace["model"]
     assert model.config._attn_implementation == "attnlab"  # type: ignore[attr-defined]
+
+
+def test_the_hf_backend_example_equals_eager(capsys: pytest.CaptureFixture[str]) -> None:
+    """examples/hf_backend.py: the real MiniLM on the backend against eager, explained."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "hf_backend.py"
+    spec = importlib.util.spec_from_file_location("hf_backend_example", path)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    diffs = example.main(["--text", "Cats purr.", "A dog barks at the mailman."])
+    assert diffs["hidden"] < 1e-5 and diffs["weights"] < 1e-5
+    printed = capsys.readouterr().out
+    assert "6 layers of weights (2, 12, " in printed
+    assert "what [CLS] draws on in 'Cats purr.'" in printed
+    assert "cats" in printed  # one of its words, ranked
