@@ -33,6 +33,7 @@ import importlib.util
 import inspect
 import json
 import os
+import resource
 import signal
 import time
 import warnings
@@ -171,9 +172,16 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help=f"only {', '.join(SMOKE)}")
     p.add_argument("--tol", type=float, default=1e-5, help="relative to eager's largest value")
     p.add_argument("--timeout", type=int, default=60, help="seconds per family")
+    p.add_argument("--max-gib", type=float, default=8.0, help="memory the sweep may take")
     args = p.parse_args()
-    if args.timeout < 1 or not args.tol > 0:
-        p.error(f"--timeout must be >= 1 and --tol > 0, got {args.timeout} and {args.tol}")
+    if args.timeout < 1 or not args.tol > 0 or not args.max_gib > 0:
+        p.error(
+            f"--timeout must be >= 1, --tol and --max-gib > 0, "
+            f"got {args.timeout}, {args.tol} and {args.max_gib}"
+        )
+    # a config whose shrunk sizes still ask for tens of GiB fails its family, not the sweep
+    limit = int(args.max_gib * 2**30)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, resource.getrlimit(resource.RLIMIT_DATA)[1]))
     if importlib.util.find_spec("transformers") is None:  # `make bench-smoke` alone
         print(
             json.dumps(
