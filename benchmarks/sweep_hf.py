@@ -130,7 +130,18 @@ def _run(t: Any, auto: Any, family: str, impl: str) -> tuple[torch.Tensor, Any]:
     for name in ("logits", "last_hidden_state"):
         if getattr(out, name, None) is not None:
             return getattr(out, name), keep
-    return out[0], keep
+    return _first_tensor(out), keep
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    """The first tensor in a model's output (nested tuples, lists, model outputs)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    items = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else ()
+    for item in items:
+        with contextlib.suppress(ValueError):
+            return _first_tensor(item)
+    raise ValueError(f"no tensor in the output ({type(out).__name__})")
 
 
 def check(t: Any, auto: Any, family: str, calls: list[int], tol: float) -> dict:
@@ -225,6 +236,8 @@ def main() -> None:
                 else t.AutoModel
             )
             row = check(t, auto, family, calls, args.tol)
+        except Exception as exc:  # the sweep's own failure on this family: said, not fatal
+            row = {"bench": "sweep_hf", "family": family, "status": "skipped", "why": _why(exc)}
         finally:
             signal.alarm(0)
         counts[row["status"]] += 1
