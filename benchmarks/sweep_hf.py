@@ -12,11 +12,13 @@ frames) with ``attn_implementation="eager"`` and with
   attention, like FNet), ``mismatch`` (not equal), ``refused`` (the backend named why it
   cannot serve the model), ``error`` (the attnlab run failed otherwise), ``skipped``
   (eager itself failed on the shrunk config or the inputs: not attnlab's to judge);
-* ``err``: the largest difference from eager over the unpadded tokens; ``calls``: how
-  many times attnlab's attention function ran; ``why``: the first line of an error.
+* ``err``: the largest difference from eager over the unpadded tokens (where eager's
+  output is NaN, attnlab's must be too: ``nan``); ``calls``: how many times attnlab's
+  attention function ran; ``why``: the first line of an error.
 
 A family outside the causal-LM mapping (T5) runs as its base model. A last line counts
-each status. Nothing is downloaded; only ``transformers`` is needed.
+each status; any ``mismatch`` makes the run exit with status 1. Nothing is downloaded;
+only ``transformers`` is needed.
 
 python benchmarks/sweep_hf.py                        # every causal-LM family
 python benchmarks/sweep_hf.py --mapping base         # every base model
@@ -60,7 +62,8 @@ SIZES = {
     "dropout": 0.0, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
     "image_size": 32, "patch_size": 8, "max_source_positions": 32,
 }  # fmt: skip
-SMOKE = ("llama", "t5", "bloom")  # one served, one with a position bias, one refused
+# one served, one with a position bias, one refused, one whose mask is built for one query
+SMOKE = ("llama", "t5", "bloom", "bridgetower")
 
 
 class _Timeout(Exception):
@@ -161,10 +164,14 @@ def check(t: Any, auto: Any, family: str, calls: list[int], tol: float) -> dict:
         return {**row, "status": "mismatch", "why": f"shape {tuple(got.shape)}", "calls": calls[0]}
     if not isinstance(keep, torch.Tensor) or got.shape[:2] != keep.shape:
         keep = ...  # everything (images, audio, a decoder's tokens)
-    err = float((got[keep] - want[keep]).abs().max())
-    same = err <= tol * max(float(want[keep].abs().max()), 1.0)
+    got, want = got[keep], want[keep]
+    nan = want.isnan()  # eager's own NaN (a shrunk config's overflow) must come out the same
+    finite = ~nan
+    err = float((got[finite] - want[finite]).abs().max()) if bool(finite.any()) else 0.0
+    scale = float(want[finite].abs().max()) if bool(finite.any()) else 1.0
+    same = err <= tol * max(scale, 1.0) and torch.equal(got.isnan(), nan)
     status = ("ok" if calls[0] else "unreached") if same else "mismatch"
-    return {**row, "status": status, "err": err, "calls": calls[0]}
+    return {**row, "status": status, "err": err, "calls": calls[0], "nan": bool(nan.any())}
 
 
 def _why(exc: BaseException) -> str:
@@ -244,6 +251,8 @@ def main() -> None:
         print(json.dumps({**row, "seconds": round(time.perf_counter() - t0, 2)}), flush=True)
     print(json.dumps({"bench": "sweep_hf", "mapping": args.mapping, "families": len(families),
                       **dict(sorted(counts.items())), "transformers": t.__version__}))  # fmt: skip
+    if counts["mismatch"]:  # a wrong answer fails the run (and make test's smoke)
+        raise SystemExit(f"{counts['mismatch']} families differ from eager")
 
 
 if __name__ == "__main__":

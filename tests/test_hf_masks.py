@@ -75,8 +75,11 @@ CASES = {
                                     4, 16, 12, 0, True),
     "or-overlay": (mu.or_masks(mu.causal_mask_function, lambda b, h, q, k: k == 0),
                    12, 12, 0, 0, True),
+    "cross-attention": (mu.bidirectional_mask_function, 7, 12, 0, 0, True),  # Lq != Lk
+    "one-query-for-all": (mu.bidirectional_mask_function, 1, 12, 0, 0, True),  # BridgeTower
 }  # fmt: skip
 INTERVALS = {"causal", "sliding", "sliding-bidirectional", "decode", "prefill-after-cache"}
+INTERVALS |= {"cross-attention", "one-query-for-all"}
 INTERVALS |= {"chunked", "chunked-left-padded", "chunked-decode", "chunked-prefill-after-cache"}
 
 
@@ -100,6 +103,19 @@ def test_translated_masks_equal_transformers_dense_masks(name: str) -> None:
         keys = torch.arange(lk)
         from_bounds = (keys >= bounds.lo[..., None]) & (keys <= bounds.hi[..., None])
         assert torch.equal(torch.broadcast_to(from_bounds[:, None], want.shape), want), name
+
+
+def test_a_mask_of_keys_alone_holds_for_every_query_length() -> None:
+    """BridgeTower builds its text padding mask for one query and hands it to attentions of
+    12 and of 17 queries (eager broadcasts the ``(B, 1, 1, Lk)`` tensor): the translation
+    must not depend on the query length it was built for."""
+    call = MaskCall(B, 1, 12, 0, 0, mu.bidirectional_mask_function, _padding(12))
+    mask = translate(call)
+    want = _hf_dense(call)  # (B, 1, 1, 12)
+    assert mask is not None and not isinstance(mask, Custom)
+    for lq in (1, 12, 17):
+        got = mask.dense(lq, 12, batch=B)
+        assert torch.equal(torch.broadcast_to(got, (B, 1, lq, 12)), want.expand(B, 1, lq, 12))
 
 
 def test_left_padding_is_an_exact_interval_per_row() -> None:

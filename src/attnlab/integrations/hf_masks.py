@@ -30,6 +30,7 @@ from torch import Tensor
 
 from attnlab._grid import Grid
 from attnlab.masks import Mask, RowBounds, causal, custom, documents, padding, window
+from attnlab.masks.padding import Padding
 
 __all__ = ["FilledKeys", "KeyValid", "MaskCall", "translate"]
 
@@ -209,8 +210,8 @@ def translate(call: MaskCall) -> Mask | None:
         inner = translate(dataclasses.replace(call, kv_length=filled))
         return FilledKeys(inner, filled, call.kv_length)
     aligned = call.kv_offset + call.kv_length == call.q_offset + call.q_length
-    structured = _structure(call.mask_function, call) if aligned else _UNKNOWN
-    if structured is _UNKNOWN:
+    structured = _structure(call.mask_function, call)
+    if structured is _UNKNOWN or not (aligned or _query_free(structured)):
         return _evaluated(call)
     pad = None
     if call.attention_mask is not None:
@@ -224,6 +225,20 @@ def translate(call: MaskCall) -> Mask | None:
     if not parts:
         return None
     return parts[0] if len(parts) == 1 else parts[0] & parts[1]
+
+
+def _query_free(piece: Piece) -> bool:
+    """Whether a translated piece ignores the queries (every pair; keys alone, as padding
+    hides them), so it holds for any query length and positions: a cross-attention's
+    padding, or a mask built for one query and broadcast over all (BridgeTower)."""
+    if piece is _ALL:
+        return True
+    if not isinstance(piece, Mask):
+        return False
+    return all(
+        isinstance(m, KeyValid) or (isinstance(m, Padding) and m.lengths()[1] is None)
+        for m in piece.conjuncts
+    )
 
 
 def _no_future(fn: HFMaskFn, call: MaskCall) -> bool:
