@@ -101,7 +101,7 @@ def _refuse_own_attention() -> None:
 
     def check(self: Any, *args: Any, **kwargs: Any) -> Any:
         name = own(self, *args, **kwargs)
-        if name in _NAMES and _computes_own_attention(type(self)):
+        if isinstance(name, str) and name in _NAMES and _computes_own_attention(type(self)):
             raise ValueError(
                 f"attn_implementation={name!r}: {type(self).__name__} computes attention in "
                 f"its own code, not through transformers' AttentionInterface, so attnlab "
