@@ -1040,6 +1040,9 @@ def test_a_mask_read_as_a_tensor_says_what_to_do() -> None:
         lambda: scores + m, lambda: scores + m.dense(4, 4), TypeError, r"And: .*mask\.dense"
     )
     check_and_control(lambda: m.dtype, lambda: m.dense(4, 4).dtype, AttributeError, "no 'dtype'")
+    check_and_control(
+        lambda: m[:, 0], lambda: m.dense(4, 4)[:, 0], TypeError, "cannot be indexed: .*mask.dense"
+    )
     with pytest.raises(AttributeError, match=r"'And' object has no attribute 'nothing'$"):
         _ = m.nothing  # type: ignore[attr-defined]
     assert not hasattr(m, "size") and hasattr(m, "dense")

@@ -211,6 +211,9 @@ class Mask:
 
     __radd__ = __add__
 
+    def __getitem__(self, index: object) -> Mask:
+        raise TypeError(f"{type(self).__name__} cannot be indexed: {_NOT_A_TENSOR}")
+
     if not TYPE_CHECKING:  # for the type checker, a mask's attributes stay what they are
 
         def __getattr__(self, name: str) -> object:
