@@ -32,6 +32,7 @@ __all__ = [
     "plain_attention",
     "register_engine",
     "select_engine",
+    "sink_rows",
     "slice_weights",
     "validate_options",
 ]
@@ -192,6 +193,17 @@ def slice_weights(w: Tensor, heads: list[int] | None, rows: tuple[int, int] | No
     """
     w = w if heads is None else w[:, heads]
     return w if rows is None else w[:, :, rows[0] : rows[1]]
+
+
+def sink_rows(sinks: Tensor) -> Tensor:
+    """Attention sinks as one logit per row: ``(H,)`` -> ``(1, H, 1)``; ``(B or 1, H, L)``
+    stays. Either broadcasts against a logsumexp ``(B, H, L)``.
+
+    Example:
+        >>> sink_rows(torch.zeros(4)).shape, sink_rows(torch.zeros(1, 4, 3)).shape
+        (torch.Size([1, 4, 1]), torch.Size([1, 4, 3]))
+    """
+    return sinks.view(1, -1, 1) if sinks.dim() == 1 else sinks
 
 
 def may_hold_nan(*ts: Tensor) -> bool:

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from attnlab.engines import blocked_autograd
 from attnlab.engines._native import build_settings, ops, pool_limit_mib
-from attnlab.engines.base import AttentionRequest, Engine, EngineResult
+from attnlab.engines.base import AttentionRequest, Engine, EngineResult, sink_rows
 from attnlab.engines.blocked_autograd import (
     BlockedAttention,
     acc_dtype,
@@ -48,7 +48,6 @@ from attnlab.engines.blocked_autograd import (
     kernel,
     kernel_error,
     kernel_ok,
-    sink_rows,
     softmax_lse,
     take,
     with_sinks,

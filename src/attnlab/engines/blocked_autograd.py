@@ -22,7 +22,7 @@ from torch import Tensor
 from attnlab._grid import Grid
 from attnlab.bias import Bias
 from attnlab.engines._native import kernel, kernel_error
-from attnlab.engines.base import AttentionRequest, may_hold_nan
+from attnlab.engines.base import AttentionRequest, may_hold_nan, sink_rows
 from attnlab.engines.blocked_plan import Block, KernelPlan, Plan
 from attnlab.scores import grouped_matmul
 
@@ -39,7 +39,6 @@ __all__ = [
     "kernel",
     "kernel_error",
     "kernel_ok",
-    "sink_rows",
     "softmax_lse",
     "take",
     "with_sinks",
@@ -99,17 +98,6 @@ def cap_scores(s: Tensor, softcap: float | None) -> Tensor:
         [0.0, 5.0]
     """
     return s if softcap is None else torch.tanh(s / softcap) * softcap
-
-
-def sink_rows(sinks: Tensor) -> Tensor:
-    """Attention sinks as one logit per row: ``(H,)`` -> ``(1, H, 1)``; ``(B or 1, H, L)``
-    stays. Either broadcasts against a logsumexp ``(B, H, L)``.
-
-    Example:
-        >>> sink_rows(torch.zeros(4)).shape, sink_rows(torch.zeros(1, 4, 3)).shape
-        (torch.Size([1, 4, 1]), torch.Size([1, 4, 3]))
-    """
-    return sinks.view(1, -1, 1) if sinks.dim() == 1 else sinks
 
 
 def with_sinks(out: Tensor, lse: Tensor, sinks: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlab.engines.base import AttentionRequest, Engine, EngineResult
+from attnlab.engines.base import AttentionRequest, Engine, EngineResult, sink_rows
 from attnlab.normalize import get_normalizer, softmax_with_lse
 from attnlab.scores import SCORES, expand_kv, grouped_matmul
 
@@ -68,8 +68,8 @@ def mix(
     s = scores if allowed is None else scores.masked_fill(~allowed, float("-inf"))
     lse = None
     if normalize == "softmax" and sinks is not None:
-        rows = sinks.view(1, -1, 1) if sinks.dim() == 1 else sinks  # (1 or B, Hq, 1 or Lq)
-        sink = rows.to(s.dtype).unsqueeze(-1).expand(*s.shape[:-1], 1)  # (B, Hq, Lq, 1)
+        rows = sink_rows(sinks).to(s.dtype)  # (1 or B, Hq, 1 or Lq)
+        sink = rows.unsqueeze(-1).expand(*s.shape[:-1], 1)  # (B, Hq, Lq, 1)
         w, lse = softmax_with_lse(torch.cat([s, sink], -1))
         w = w[..., :-1]  # the sink's share is dropped: the weights sum to less than 1
     elif normalize == "softmax":

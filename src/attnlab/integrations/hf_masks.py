@@ -204,13 +204,13 @@ def translate(call: MaskCall) -> Mask | None:
         >>> translate(call).dense(4, 4)[0, 0].int().tolist()
         [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]
     """
+    structured = _structure(call.mask_function, call)
     filled = call.q_offset + call.q_length - call.kv_offset  # keys up to the last query
-    if 0 < filled < call.kv_length and _no_future(call.mask_function, call):
+    if 0 < filled < call.kv_length and _no_future(structured):
         # a static cache: the slots after the last query hold no key yet
         inner = translate(dataclasses.replace(call, kv_length=filled))
         return FilledKeys(inner, filled, call.kv_length)
     aligned = call.kv_offset + call.kv_length == call.q_offset + call.q_length
-    structured = _structure(call.mask_function, call)
     if structured is _UNKNOWN or not (aligned or _query_free(structured)):
         return _evaluated(call)
     pad = None
@@ -241,10 +241,9 @@ def _query_free(piece: Piece) -> bool:
     )
 
 
-def _no_future(fn: HFMaskFn, call: MaskCall) -> bool:
-    """Whether ``fn`` lets no query see a key after its own position: a causal piece in a
-    conjunction (recognized; anything else is not assumed)."""
-    piece = _structure(fn, call)
+def _no_future(piece: Piece) -> bool:
+    """Whether a translated piece lets no query see a key after its own position: a causal
+    piece in a conjunction (recognized; anything else is not assumed)."""
     return isinstance(piece, Mask) and any(m.is_causal for m in piece.conjuncts)
 
 
