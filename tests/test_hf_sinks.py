@@ -129,3 +129,55 @@ def test_bad_sinks_are_named(sinks: object, kw: dict, exc: type[Exception], matc
         exc,
         match,
     )
+
+
+@pytest.mark.parametrize("kind", list(SINKS))
+def test_kernel_serves_sinks_by_the_2x_rule(kind: str) -> None:
+    """The compiled kernel runs a call with sinks (its output and lse, then the sinks' share):
+    forward and backward, the sinks' gradient too, under the 2x rule against fp64, with a
+    padded batch whose second item's last rows see no key."""
+    from attnlab.engines import blocked as blocked_mod
+
+    if blocked_mod.kernel() is None:
+        pytest.skip(f"attnlab's CPU kernel could not be built: {blocked_mod.kernel_error()}")
+    n = 300
+    mask = masks.causal() & masks.window(70) & masks.padding([300, 250], [300, 250])
+    allowed = mask.dense(n, n, batch=2, heads=4).expand(2, 4, n, n)
+
+    def run(fn, dtype):  # type: ignore[no-untyped-def]
+        ts = _inputs(dtype, n, kind=kind)
+        out = fn(*ts)
+        out.square().sum().backward()
+        return [out.detach(), *(t.grad for t in ts)]
+
+    ref64 = run(lambda q, k, v, s: naive_sinks(q, k, v, allowed, s, 40**-0.5)[0], torch.float64)
+    plain = run(lambda q, k, v, s: naive_sinks(q, k, v, allowed, s, 40**-0.5)[0], torch.float32)
+    blocked_autograd.STATS.clear()
+    ours = run(
+        lambda q, k, v, s: attnlab.attention(q, k, v, mask=mask, sinks=s, engine="blocked"),
+        torch.float32,
+    )
+    assert blocked_autograd.STATS.get("scores", 0) > 0  # the kernel ran
+    for what, o, p, r in zip(["out", "dq", "dk", "dv", "dsinks"], ours, plain, ref64, strict=True):
+        assert_2x_rule(o, p, r, f"kernel {what}")
+    assert float(ours[0][1, :, 250:].abs().max()) == 0.0  # rows with no key give 0
+
+
+@pytest.mark.parametrize("option", ["sinks", "softcap", "return_lse"])
+def test_auto_takes_the_blocked_engine_where_sdpa_cannot(option: str) -> None:
+    """A long causal or maskless call with what SDPA lacks goes to the blocked engine, not
+    to the reference engine's dense scores (Lq x Lk per head); a short one may."""
+    from attnlab.engines import select_engine
+    from attnlab.functional import _request
+
+    def chosen(n: int, mask: masks.Mask | None, lse: bool = False, **kw: object) -> str:
+        q, k = torch.randn(1, 4, n, 16), torch.randn(1, 2, n, 16)
+        args = (q, k, k, mask, None, None, "dot", "softmax", 0.0, False, lse)
+        return select_engine("auto", _request(*args, **kw)).name  # type: ignore[arg-type]
+
+    extra = {"sinks": {"sinks": torch.zeros(4)}, "softcap": {"softcap": 30.0}}
+    kw = extra.get(option, {"lse": True})
+    for mask in (None, masks.causal()):
+        assert chosen(1024, mask, **kw) == "blocked", (option, mask)
+        assert chosen(64, mask, **kw) == "reference"  # short: dense scores are cheap
+    assert chosen(1024, masks.causal()) == "sdpa"  # control: SDPA serves plain causal

@@ -171,10 +171,12 @@ class BlockedEngine(Engine):
         """Whether ``auto`` should pick this engine over SDPA for ``req``."""
         if self.decoding(req)[0]:
             return True
-        if req.mask is None or (req.mask.is_causal and req.bias is None):
-            return False  # SDPA's flash kernel is at the roofline for dense and causal
         if req.lq * req.lk < 1 << 18:
             return False
+        if req.softcap is not None or req.sinks is not None or req.return_lse:
+            return True  # SDPA cannot: the reference engine's dense scores are the rest
+        if req.mask is None or (req.mask.is_causal and req.bias is None):
+            return False  # SDPA's flash kernel is at the roofline for dense and causal
         return self.plan(req).computed_fraction < 0.6
 
 

@@ -186,13 +186,14 @@ def _fused_ok(q: Tensor, k: Tensor, v: Tensor, leaves: tuple[Tensor, ...]) -> bo
 
 def kernel_ok(req: AttentionRequest, leaves: list[Tensor]) -> bool:
     """Whether attnlab's compiled kernel can run this call (float32 or half on the CPU, no
-    bias gradients, no soft-capping or sinks) and could be built.
+    bias gradients, no soft-capping) and could be built; sinks join its output and lse
+    afterwards (:func:`with_sinks`), and its backward reads the lse they raised.
 
     NaN input needs no screen here: the kernel passes a NaN in ``q``, ``k`` or ``v`` on to
     the rows that read it (and their lse), as an fp64 computation does."""
     q = req.q
-    if req.softcap is not None or req.sinks is not None:
-        return False  # the kernel neither soft-caps nor has sinks; the per-block paths do
+    if req.softcap is not None:
+        return False  # the kernel does not soft-cap; the per-block paths do
     if not (USE_KERNEL and acc_dtype(q.dtype) == torch.float32 and q.device.type == "cpu"):
         return False
     return not leaves and kernel() is not None
