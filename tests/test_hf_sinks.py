@@ -161,6 +161,16 @@ def test_kernel_serves_sinks_by_the_2x_rule(kind: str) -> None:
     for what, o, p, r in zip(["out", "dq", "dk", "dv", "dsinks"], ours, plain, ref64, strict=True):
         assert_2x_rule(o, p, r, f"kernel {what}")
     assert float(ours[0][1, :, 250:].abs().max()) == 0.0  # rows with no key give 0
+    q, k, v, s = (t.detach() for t in _inputs(torch.float32, n, kind=kind))
+    blocked_autograd.STATS.clear()
+    r = attnlab.attention(
+        q, k, v, mask=mask, sinks=s, engine="blocked", return_weights=True, return_lse=True
+    )
+    assert blocked_autograd.STATS.get("scores", 0) > 0  # the kernel wrote the weights
+    out64, w64 = naive_sinks(*(t.double() for t in (q, k, v)), allowed, s.double(), 40**-0.5)
+    out32, w32 = naive_sinks(q, k, v, allowed, s, 40**-0.5)
+    assert_2x_rule(r.weights, w32, w64, "kernel weights")  # type: ignore[union-attr]
+    assert_2x_rule(r.out, out32, out64, "kernel out with weights")  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("option", ["sinks", "softcap", "return_lse"])

@@ -328,6 +328,10 @@ def _forward_with_weights(
             q, k, v, *kplan.args(), req.scale, blocked_autograd.ROWS[0], w, dirty, PAGE // 4
         )
     blocked_autograd.STATS["scores"] = work
+    if req.sinks is not None:  # the sinks take their share of every row, weights too
+        out, total = with_sinks(out, lse, req.sinks)
+        w.mul_(torch.exp(lse - total).unsqueeze(-1))
+        lse = total
     return out, w, lse
 
 
