@@ -83,12 +83,59 @@ def test_softcap_weights_are_exact(engine: str) -> None:
     assert max_err(w2, w[:, [1]]) < 1e-12
 
 
-def test_the_compiled_kernel_and_fused_path_decline_softcap() -> None:
-    q, k, v, _ = (t.detach() for t in _inputs(torch.float32, 64, 16))
-    req = attnlab.functional._request(
-        q, k, v, masks.causal(), None, None, "dot", "softmax", 0.0, False, False, softcap=CAP
+# an interval mask with rows that see no key (the spans alone mask it), and a mask of
+# partial tiles with ALiBi (the tiles' mask, the slopes evaluated in the kernel)
+KERNEL_CASES = {
+    "interval": lambda: (
+        masks.causal() & masks.window(70) & masks.padding([300, 250], [300, 250]),
+        None,
+    ),
+    "tiles+alibi": lambda: (masks.causal() & masks.dilated(120, 2), attnlab.bias.alibi(4)),
+}
+
+
+@pytest.mark.parametrize("case", list(KERNEL_CASES))
+def test_kernel_softcaps_by_the_2x_rule(case: str) -> None:
+    """The compiled kernel caps the scores itself (before ALiBi and the mask), forward and
+    backward, under the 2x rule against fp64; with weights written in the same pass."""
+    from attnlab.engines import blocked as blocked_mod
+
+    if blocked_mod.kernel() is None:
+        pytest.skip(f"attnlab's CPU kernel could not be built: {blocked_mod.kernel_error()}")
+    n, scale = 300, 40**-0.5
+    mask, bias = KERNEL_CASES[case]()
+    allowed = mask.dense(n, n, batch=2, heads=4).expand(2, 4, n, n)
+    dense_bias = torch.zeros(1) if bias is None else bias.dense(n, n, batch=1, heads=4)
+
+    def run(fn, dtype):  # type: ignore[no-untyped-def]
+        ts = _inputs(dtype, n)[:3]
+        out = fn(*ts)
+        out.square().sum().backward()
+        return [out.detach(), *(t.grad for t in ts)]
+
+    def naive(q, k, v):  # type: ignore[no-untyped-def]
+        return naive_capped(q, k, v, allowed, dense_bias.to(q.dtype), scale, CAP)[0]
+
+    ref64, plain = run(naive, torch.float64), run(naive, torch.float32)
+    blocked_autograd.STATS.clear()
+    ours = run(
+        lambda q, k, v: attnlab.attention(
+            q, k, v, mask=mask, bias=bias, softcap=CAP, engine="blocked"
+        ),
+        torch.float32,
     )
-    assert not blocked_autograd.kernel_ok(req, [])
+    assert blocked_autograd.STATS.get("scores", 0) > 0  # the kernel ran
+    for what, o, p, r in zip(["out", "dq", "dk", "dv"], ours, plain, ref64, strict=True):
+        assert_2x_rule(o, p, r, f"kernel {case} {what}")
+    q, k, v = (t.detach() for t in _inputs(torch.float32, n)[:3])
+    r = attnlab.attention(
+        q, k, v, mask=mask, bias=bias, softcap=CAP, engine="blocked", return_weights=True
+    )
+    w64 = naive_capped(*(t.double() for t in (q, k, v)), allowed, dense_bias.double(), scale, CAP)[
+        1
+    ]
+    w32 = naive_capped(q, k, v, allowed, dense_bias, scale, CAP)[1]
+    assert_2x_rule(r.weights, w32, w64, f"kernel {case} weights")  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("engine", ["sdpa", "performer", "nystrom", "linear"])

@@ -186,14 +186,13 @@ def _fused_ok(q: Tensor, k: Tensor, v: Tensor, leaves: tuple[Tensor, ...]) -> bo
 
 def kernel_ok(req: AttentionRequest, leaves: list[Tensor]) -> bool:
     """Whether attnlab's compiled kernel can run this call (float32 or half on the CPU, no
-    bias gradients, no soft-capping) and could be built; sinks join its output and lse
-    afterwards (:func:`with_sinks`), and its backward reads the lse they raised.
+    bias gradients) and could be built. It soft-caps the scores itself; sinks join its
+    output and lse afterwards (:func:`with_sinks`), and its backward reads the lse they
+    raised.
 
     NaN input needs no screen here: the kernel passes a NaN in ``q``, ``k`` or ``v`` on to
     the rows that read it (and their lse), as an fp64 computation does."""
     q = req.q
-    if req.softcap is not None:
-        return False  # the kernel does not soft-cap; the per-block paths do
     if not (USE_KERNEL and acc_dtype(q.dtype) == torch.float32 and q.device.type == "cpu"):
         return False
     return not leaves and kernel() is not None
@@ -290,8 +289,11 @@ class BlockedAttention(torch.autograd.Function):
         dsinks = None
         if ctx.sink_dtype is not None:  # d lse' / d sink = p_sink; d out / d sink = -p_sink out
             sinks = ctx.req.sinks
-            rows = sink_rows(sinks).to(lse.dtype)  # (1, H, 1) or (B or 1, H, L)
-            d = -(torch.exp(rows - lse) * delta).sum_to_size(rows.shape)
+            # in float64: a per-head sink's gradient sums B * L terms of one sign
+            wide = torch.promote_types(lse.dtype, torch.float64)
+            rows = sink_rows(sinks).to(wide)  # (1, H, 1) or (B or 1, H, L)
+            d_out = (dout.to(wide) * out.to(wide)).sum(-1)  # delta, (B, Hq, Lq)
+            d = -(torch.exp(rows - lse.to(wide)) * d_out).sum_to_size(rows.shape)
             dsinks = d.reshape(sinks.shape).to(ctx.sink_dtype)
         return (dq, dk, dv, dsinks, None, None, None, *grads.leaves)
 

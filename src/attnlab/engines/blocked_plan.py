@@ -121,6 +121,8 @@ class KernelPlan:
         interval: the mask allows exactly each row's span (causal, windows, documents,
             prefixes, padding and their ``&``): the kernel masks by the spans alone and
             no tile is evaluated.
+        softcap: the scores' soft-cap ``c`` (``c * tanh(s / c)`` before the bias and the
+            mask), or 0.0 for none.
     """
 
     blocks: Tensor
@@ -130,8 +132,9 @@ class KernelPlan:
     slopes: Tensor | None
     bs: int
     interval: bool
+    softcap: float = 0.0
 
-    def args(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, int, bool]:
+    def args(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, int, bool, float]:
         return (
             self.blocks,
             self.tiles,
@@ -140,6 +143,7 @@ class KernelPlan:
             self.slopes,
             self.bs,
             self.interval,
+            self.softcap,
         )
 
 
@@ -161,7 +165,7 @@ def kernel_plan(req: AttentionRequest, plan: Plan, bs: int) -> KernelPlan | None
     if spans is not None:  # no tile to evaluate: the spans are the mask
         tiles = torch.full((len(plan.blocks), 1), -1, dtype=torch.long)
         allowed = torch.ones(spans.shape[0], 1, 0, bs, bs, dtype=torch.bool)
-        return KernelPlan(blocks, tiles, allowed, spans, slopes, bs, True)
+        return KernelPlan(blocks, tiles, allowed, spans, slopes, bs, True, _cap(req))
     starts: list[tuple[int, int]] = []  # (first row, first key) of each partial tile
     table: list[list[int]] = []
     for blk in plan.blocks:
@@ -176,7 +180,12 @@ def kernel_plan(req: AttentionRequest, plan: Plan, bs: int) -> KernelPlan | None
     tiles = torch.tensor([t + [-1] * (width - len(t)) for t in table], dtype=torch.long)
     allowed = _allowed_tiles(req, starts, bs)
     spans = ops().row_spans(blocks, tiles, allowed, bs, req.lq)
-    return KernelPlan(blocks, tiles, allowed, spans, slopes, bs, False)
+    return KernelPlan(blocks, tiles, allowed, spans, slopes, bs, False, _cap(req))
+
+
+def _cap(req: AttentionRequest) -> float:
+    """The request's soft-cap in the kernel's terms: 0.0 for none."""
+    return 0.0 if req.softcap is None else float(req.softcap)
 
 
 def _interval_spans(req: AttentionRequest) -> Tensor | None:

@@ -151,6 +151,7 @@ struct Problem {
   int64_t ldt;           // their row length (Lk padded)
   int64_t B, Hq, Hkv, Lq, Lk, E, Ev, bs;
   float scale;
+  float softcap;          // scores become softcap * tanh(s / softcap) (0: not capped)
   const int64_t* blocks;  // (nblk, 4): r0, r1, k0, k1
   int64_t nblk;
   const int64_t* tiles;   // (nblk, ntile): index of the block's j-th tile in `allowed`, or -1
@@ -193,16 +194,34 @@ std::pair<int64_t, int64_t> group_span(const Problem& P, int64_t b, int64_t h, i
   return {lo, hi};
 }
 
+// s[0, n) = cap * tanh(s / cap) in place, and dcap[0, n) = its derivative 1 - tanh^2.
+void cap_scores(float* s, int64_t n, float cap, float* dcap) {
+  const Vec c(cap), inv(1.f / cap), one(1.f);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    const Vec t = (Vec::loadu(s + j) * inv).tanh();
+    (t * c).store(s + j);
+    (one - t * t).store(dcap + j);
+  }
+  for (; j < n; ++j) {
+    const float t = std::tanh(s[j] / cap);
+    s[j] = cap * t;
+    dcap[j] = 1.f - t * t;
+  }
+}
+
 // S (T x n, leading dim n) = scores of rows [a, a + T) (in block `blk`) against keys
-// [c0, c0 + n), with the partial tiles' mask and ALiBi applied.
+// [c0, c0 + n), soft-capped (their derivative in dcap, T x n), then the partial tiles' mask
+// and ALiBi applied.
 void scores(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_t a, int64_t T,
-            int64_t c0, int64_t n, float* S, float* qscaled) {
+            int64_t c0, int64_t n, float* S, float* qscaled, float* dcap) {
   const int64_t* bl = P.blocks + 4 * blk;
   const int64_t r0 = bl[0], k0 = bl[2];
   float* qs = qscaled;  // scale * Q of the rows (T x E), so S needs no pass of its own
   const float* qp = P.qrow(b, h, a);
   for (int64_t i = 0; i < T * P.E; ++i) qs[i] = qp[i] * P.scale;
   mm(T, n, P.E, qs, P.E, P.ktcol(b, h, c0), P.ldt, S, n, false);
+  if (P.softcap > 0.f) cap_scores(S, T * n, P.softcap, dcap);
   const int64_t mb = P.mB == 1 ? 0 : b, mh = P.mH == 1 ? 0 : h;
   const int64_t j_end = P.interval ? 0 : std::min(P.ntile, (c0 + n - k0 + P.bs - 1) / P.bs);
   for (int64_t j = (c0 - k0) / P.bs; j < j_end; ++j) {  // partial tiles: their mask
@@ -262,10 +281,10 @@ float exp_sum(float* s, int64_t n, float shift) {
 
 // Per-thread scratch: a score chunk, its gradient, the accumulator and row statistics.
 struct Scratch {
-  std::vector<float> S, dP, X, Q, acc, m, l;
-  Scratch(int64_t rows, int64_t chunk, int64_t e, int64_t ev)
-      : S(rows * chunk), dP(rows * chunk), X(rows * chunk), Q(rows * e), acc(rows * ev),
-        m(rows), l(rows) {}
+  std::vector<float> S, dP, X, C, Q, acc, m, l;  // C: the soft-cap's derivative, if capped
+  Scratch(int64_t rows, int64_t chunk, int64_t e, int64_t ev, bool capped)
+      : S(rows * chunk), dP(rows * chunk), X(rows * chunk), C(capped ? rows * chunk : 0),
+        Q(rows * e), acc(rows * ev), m(rows), l(rows) {}
 };
 
 // ---- The forward's register tiles -------------------------------------------------------
@@ -354,7 +373,8 @@ void with_count(int64_t n, const F& f) {
 // What a score tile applies while its scores are in registers (positions are relative to
 // the chunk's first key): ALiBi's -slope |pos - key| and the rows' key spans [lo, hi).
 struct TileTerms {
-  bool spans = false, alibi = false;
+  bool spans = false, alibi = false, cap = false;
+  Vec cap_by{0.f}, cap_over{0.f};  // the soft-cap in log2 units, and its inverse
   int64_t inner_lo = 0, inner_hi = 0;  // keys inside every row's span: no mask needed
   Vec lo[kNV], hi[kNV], pos[kNV];
   Vec slope{0.f};
@@ -401,6 +421,7 @@ void score_tile(const float* qt, const float* k, int64_t E, int64_t c, int j0, f
 #pragma GCC unroll 4
     for (int j = 0; j < J; ++j) {
       Vec s = acc[i][j];
+      if (tt.cap) s = (s * tt.cap_over).tanh() * tt.cap_by;  // log2 units: cap * log2(e)
       if (tt.alibi) s = at::vec::fmadd(tt.slope, (tt.pos[j0 + j] - key).abs(), s);
       if (masked)
         s = Vec::blendv(Vec(kNegInf), s, (key >= tt.lo[j0 + j]) & (key < tt.hi[j0 + j]));
@@ -593,6 +614,7 @@ void exact_row(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_t r, f
       x = 0.0;
       for (int64_t e = 0; e < P.E; ++e) x += static_cast<double>(q[e]) * k[e];
       x *= P.scale;
+      if (P.softcap > 0.f) x = P.softcap * std::tanh(x / P.softcap);
       if (P.slopes != nullptr)
         x -= static_cast<double>(P.slopes[h]) * std::fabs(static_cast<double>(r + P.Lk - P.Lq - c));
     }
@@ -833,6 +855,8 @@ int64_t forward_tile(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_
   tt.spans = P.interval;
   tt.alibi = P.slopes != nullptr;
   if (tt.alibi) tt.slope = Vec(-P.slopes[h] * kLog2e);
+  tt.cap = P.softcap > 0.f;
+  if (tt.cap) tt.cap_by = Vec(P.softcap * kLog2e), tt.cap_over = Vec(1.f / (P.softcap * kLog2e));
   Vec vm[kNV], vl[kNV];  // per row: running maximum (log2 units) and sum
   for (int j = 0; j < kNV; ++j) vm[j] = Vec(kNegInf), vl[j] = Vec(0.f);
   const int64_t nchunk = (hi - lo + kChunkKeys - 1) / kChunkKeys;
@@ -977,7 +1001,7 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                      const at::Tensor& blocks, const at::Tensor& tiles,
                      const at::Tensor& allowed, const at::Tensor& spans,
                      const c10::optional<at::Tensor>& slopes, int64_t bs, double scale,
-                     bool interval) {
+                     bool interval, double softcap) {
   for (const at::Tensor* t : {&q, &k, &v})
     TORCH_CHECK(t->dim() == 4 && t->scalar_type() == at::kFloat && t->is_contiguous() &&
                     t->device().is_cpu(),
@@ -998,6 +1022,8 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   P.E = q.size(3);
   P.Ev = v.size(3);
   P.scale = static_cast<float>(scale);
+  TORCH_CHECK(softcap >= 0.0, "softcap must be positive (0: none)");
+  P.softcap = static_cast<float>(softcap);
   P.spans = spans.data_ptr<int64_t>();
   P.chunk = 4 * bs;
   P.interval = interval;
@@ -1157,9 +1183,10 @@ std::tuple<at::Tensor, at::Tensor, int64_t> run_forward(const Problem& P, const 
 std::tuple<at::Tensor, at::Tensor, int64_t> blocked_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& blocks,
     const at::Tensor& tiles, const at::Tensor& allowed, const at::Tensor& spans,
-    const c10::optional<at::Tensor>& slopes, int64_t bs, bool interval, double scale,
-    int64_t group) {
-  Problem P = make_problem(q, k, v, blocks, tiles, allowed, spans, slopes, bs, scale, interval);
+    const c10::optional<at::Tensor>& slopes, int64_t bs, bool interval, double softcap,
+    double scale, int64_t group) {
+  Problem P =
+      make_problem(q, k, v, blocks, tiles, allowed, spans, slopes, bs, scale, interval, softcap);
   return run_forward(P, q, group, nullptr);
 }
 
@@ -1169,10 +1196,12 @@ std::tuple<at::Tensor, at::Tensor, int64_t> blocked_forward(
 std::tuple<at::Tensor, at::Tensor, int64_t> forward_weights(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& blocks,
     const at::Tensor& tiles, const at::Tensor& allowed, const at::Tensor& spans,
-    const c10::optional<at::Tensor>& slopes, int64_t bs, bool interval, double scale,
-    int64_t group, at::Tensor w, const c10::optional<at::Tensor>& dirty, int64_t page) {
+    const c10::optional<at::Tensor>& slopes, int64_t bs, bool interval, double softcap,
+    double scale, int64_t group, at::Tensor w, const c10::optional<at::Tensor>& dirty,
+    int64_t page) {
   TORCH_CHECK(interval, "attnlab forward_weights: interval masks only");
-  Problem P = make_problem(q, k, v, blocks, tiles, allowed, spans, slopes, bs, scale, interval);
+  Problem P =
+      make_problem(q, k, v, blocks, tiles, allowed, spans, slopes, bs, scale, interval, softcap);
   TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() &&
                   w.sizes() == at::IntArrayRef({P.B, P.Hq, P.Lq, P.Lk}),
               "attnlab forward_weights: w must be contiguous float32 (B, Hq, Lq, Lk)");
@@ -1458,7 +1487,8 @@ void backward_chunk(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_t
                     const float* delta, float* dq, float* dk, float* dv, Scratch& w) {
   float* S = w.S.data();
   float* dP = w.dP.data();
-  scores(P, b, h, blk, a, T, c0, n, S, w.Q.data());
+  float* C = w.C.data();  // the soft-cap's derivative (T x n), if capped
+  scores(P, b, h, blk, a, T, c0, n, S, w.Q.data(), C);
   const int64_t row = (b * P.Hq + h) * P.Lq + a;
   for (int64_t i = 0; i < T; ++i) {  // P = exp(S - lse); rows without keys give 0
     const float shift = lse[row + i];
@@ -1472,7 +1502,7 @@ void backward_chunk(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_t
   transpose(S, T, n, X);
   mm(n, P.Ev, T, X, T, dO, P.Ev, dv + kv * P.Ev, P.Ev, true);   // dV += P^T dO
   mm(T, n, P.Ev, dO, P.Ev, P.vtcol(b, h, c0), P.ldt, dP, n, false);  // dP = dO V^T
-  for (int64_t i = 0; i < T; ++i) {  // dS = scale * P * (dP - delta)
+  for (int64_t i = 0; i < T; ++i) {  // dS = scale * P * (dP - delta) (* the cap's derivative)
     const Vec d(delta[row + i]), sc(P.scale);
     float* s = S + i * n;
     const float* g = dP + i * n;
@@ -1480,6 +1510,8 @@ void backward_chunk(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_t
     for (; j + Vec::size() <= n; j += Vec::size())
       (Vec::loadu(s + j) * (Vec::loadu(g + j) - d) * sc).store(s + j);
     for (; j < n; ++j) s[j] = s[j] * (g[j] - delta[row + i]) * P.scale;
+    if (P.softcap > 0.f)
+      for (int64_t u = 0; u < n; ++u) s[u] *= C[i * n + u];
   }
   mm(T, P.E, n, S, n, P.krow(b, h, c0), P.E, dq + row * P.E, P.E, true);  // dQ += dS K
   transpose(S, T, n, X);
@@ -1490,9 +1522,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blocked_backward(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& lse, const at::Tensor& delta, const at::Tensor& blocks,
     const at::Tensor& tiles, const at::Tensor& allowed, const at::Tensor& spans,
-    const c10::optional<at::Tensor>& slopes, int64_t bs, bool interval, double scale,
-    int64_t group) {
-  Problem P = make_problem(q, k, v, blocks, tiles, allowed, spans, slopes, bs, scale, interval);
+    const c10::optional<at::Tensor>& slopes, int64_t bs, bool interval, double softcap,
+    double scale, int64_t group) {
+  Problem P =
+      make_problem(q, k, v, blocks, tiles, allowed, spans, slopes, bs, scale, interval, softcap);
   const at::Tensor kt = transposed(k), vt = transposed(v);
   P.kt = kt.data_ptr<float>();
   P.vt = vt.data_ptr<float>();
@@ -1511,7 +1544,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blocked_backward(
   float *pq = dq.data_ptr<float>(), *pk = dk.data_ptr<float>(), *pv = dv.data_ptr<float>();
   const int64_t kv_size = P.B * P.Hkv * P.Lk;
   std::vector<Scratch> scratch;
-  for (int64_t w = 0; w < nw; ++w) scratch.emplace_back(group, P.chunk, P.E, P.Ev);
+  for (int64_t w = 0; w < nw; ++w) scratch.emplace_back(group, P.chunk, P.E, P.Ev, P.softcap > 0.f);
   dynamic_for(tasks, 4, [&](int64_t w, int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t blk = t % P.nblk, bh = t / P.nblk, b = bh / P.Hq, h = bh % P.Hq;
@@ -1570,16 +1603,16 @@ TORCH_LIBRARY(attnlab_blocked, m) {
   m.def("row_spans(Tensor blocks, Tensor tiles, Tensor allowed, int bs, int lq) -> Tensor");
   m.def(
       "forward(Tensor q, Tensor k, Tensor v, Tensor blocks, Tensor tiles, Tensor allowed, "
-      "Tensor spans, Tensor? slopes, int bs, bool interval, float scale, int group) "
-      "-> (Tensor, Tensor, int)");
+      "Tensor spans, Tensor? slopes, int bs, bool interval, float softcap, float scale, "
+      "int group) -> (Tensor, Tensor, int)");
   m.def(
       "backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor delta, "
       "Tensor blocks, Tensor tiles, Tensor allowed, Tensor spans, Tensor? slopes, int bs, "
-      "bool interval, float scale, int group) -> (Tensor, Tensor, Tensor)");
+      "bool interval, float softcap, float scale, int group) -> (Tensor, Tensor, Tensor)");
   m.def(
       "forward_weights(Tensor q, Tensor k, Tensor v, Tensor blocks, Tensor tiles, "
-      "Tensor allowed, Tensor spans, Tensor? slopes, int bs, bool interval, float scale, "
-      "int group, Tensor(a!) w, Tensor? dirty, int page) -> (Tensor, Tensor, int)");
+      "Tensor allowed, Tensor spans, Tensor? slopes, int bs, bool interval, float softcap, "
+      "float scale, int group, Tensor(a!) w, Tensor? dirty, int page) -> (Tensor, Tensor, int)");
   m.def("decode(Tensor q, Tensor k, Tensor v, Tensor? lo, Tensor? hi, float scale) -> Tensor");
   m.def("output_pool(int limit) -> int", &output_pool_op);  // no tensor: every backend
 }
