@@ -25,7 +25,15 @@ and ``ratio = anchor / attnlab`` (> 1: attnlab is faster):
   says whether both decoded the same tokens), best of 7 rounds;
 * ``static``: the same decoding of 64 tokens after one 1024-token prompt into a static
   cache of 8192 slots (``transformers.StaticCache``), against ``sdpa``, which reads every
-  slot through a mask (no target of the issue), best of 7 rounds.
+  slot through a mask (no target of the issue), best of 7 rounds;
+* ``softcap``: a Gemma-2-style model (logits soft-capped at 50, local layers of window 512
+  between global ones) at 4096 tokens, forward and forward+backward, against ``eager``
+  (transformers refuses ``sdpa`` for it) and, forward only with ``--flex``, against
+  ``flex_attention`` (compiled; it has no backward on the CPU); no target of the issue;
+* ``sinks``: a gpt-oss-style model (a sink logit per head, local layers of window 128
+  between global ones, 4 experts) at 4096 tokens, forward and forward+backward, against
+  ``eager``, the only other implementation transformers runs it with on the CPU (its
+  ``flex_attention`` refuses sinks there); no target of the issue.
 
 python benchmarks/bench_hf.py                   # every case at the target sizes
 python benchmarks/bench_hf.py --cases window    # one case
@@ -49,11 +57,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch
 
 VOCAB = 512
-CASES = ("window", "memory", "dense", "weights", "padded", "static")
+CASES = ("window", "memory", "dense", "weights", "padded", "static", "softcap", "sinks")
 
 
 def build(kind: str, layers: int, window: int, impl: str) -> torch.nn.Module:
-    """The seeded random model of ``kind`` ("window": Mistral-style, "dense": Llama-style)."""
+    """The seeded random model of ``kind`` ("window": Mistral-style, "dense": Llama-style,
+    "softcap": Gemma-2-style, "sinks": gpt-oss-style)."""
     import transformers as t
 
     from attnlab.integrations.transformers import register
@@ -77,8 +86,24 @@ def build(kind: str, layers: int, window: int, impl: str) -> torch.nn.Module:
     if kind == "window":
         cfg = t.MistralConfig(**common, sliding_window=window)
         return t.AutoModel.from_config(cfg, attn_implementation=impl).eval()
+    if kind in ("softcap", "sinks"):
+        return _alternating(kind, common, window, impl)
     cfg = t.LlamaConfig(**common)
     return t.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl).eval()
+
+
+def _alternating(kind: str, common: dict, window: int, impl: str) -> torch.nn.Module:
+    """The Gemma-2-style ("softcap") or gpt-oss-style ("sinks") base model: local layers
+    of ``window`` between global ones, head size 64."""
+    import transformers as t
+
+    common = {**common, "head_dim": 64, "sliding_window": window}
+    if kind == "softcap":
+        cfg = t.Gemma2Config(**common, attn_logit_softcapping=50.0)
+    else:  # its YaRN factor 32 over 4096 positions: no warning about the context length
+        common["max_position_embeddings"] = 32 * 4096
+        cfg = t.GptOssConfig(**common, num_local_experts=4, num_experts_per_tok=2)
+    return t.AutoModel.from_config(cfg, attn_implementation=impl).eval()
 
 
 def best_times(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
@@ -293,6 +318,39 @@ def weights_case(args: argparse.Namespace) -> list[dict]:
     return [_row("weights", "fwd output_attentions", "eager", secs, **size, max_abs_diff=diff)]
 
 
+def family_case(args: argparse.Namespace, kind: str) -> list[dict]:
+    """Forward and forward+backward of the soft-capped or the sinks model against eager
+    (and, forward only, ``flex_attention`` with ``--flex``), outputs compared."""
+    window = args.window if kind == "softcap" else args.sinks_window
+    anchors = ["eager", *(["flex_attention"] if args.flex and kind == "softcap" else [])]
+    models = {i: build(kind, args.layers, window, i) for i in (*anchors, "attnlab")}
+    ids = torch.randint(0, VOCAB, (1, args.family_n))
+
+    def fwd(m: torch.nn.Module) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            with torch.no_grad():
+                return m(input_ids=ids, use_cache=False).last_hidden_state
+
+        return run
+
+    def fwd_bwd(m: torch.nn.Module) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            m.zero_grad(set_to_none=True)
+            out = m(input_ids=ids, use_cache=False).last_hidden_state
+            out.square().mean().backward()
+            return out
+
+        return run
+
+    outs = {k: fwd(m)() for k, m in models.items()}
+    diff = max(float((outs[a] - outs["attnlab"]).abs().max()) for a in anchors)
+    size = {"n": args.family_n, "window": window, "layers": args.layers, "max_abs_diff": diff}
+    secs = best_times({k: fwd(m) for k, m in models.items()}, args.repeat)
+    rows = [_row(kind, "fwd", a, secs, **size) for a in anchors]
+    train = {k: fwd_bwd(m) for k, m in models.items() if k != "flex_attention"}
+    return [*rows, _row(kind, "fwd+bwd", "eager", best_times(train, args.repeat), **size)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="small sizes, one run each")
@@ -306,6 +364,11 @@ def main() -> None:
     parser.add_argument("--padded-n", type=int, default=1024, help="tokens, padded case")
     parser.add_argument("--padded-new", type=int, default=64, help="tokens, padded case")
     parser.add_argument("--static-slots", type=int, default=8192, help="static cache size")
+    parser.add_argument("--family-n", type=int, default=4096, help="tokens, softcap and sinks")
+    parser.add_argument("--sinks-window", type=int, default=128, help="window, sinks case")
+    parser.add_argument(
+        "--flex", action="store_true", help="softcap case: also flex_attention (compiles)"
+    )
     parser.add_argument("--repeat", type=int, default=3, help="alternating rounds")
     parser.add_argument(
         "--dense-repeat", type=int, default=7, help="rounds of the dense case (short runs)"
@@ -318,11 +381,14 @@ def main() -> None:
         args.n, args.window, args.layers, args.repeat, args.dense_repeat = 512, 64, 1, 1, 1
         args.dense_n, args.new, args.weights_n = 128, 4, 256
         args.padded_n, args.padded_new, args.static_slots = 64, 4, 128
+        args.family_n, args.sinks_window = 256, 32
     if importlib.util.find_spec("transformers") is None:  # `make bench-smoke` alone
         print(json.dumps({"bench": "hf", "skipped": "not installed: transformers (attnlab[hf])"}))
         return
     run = {"window": window_case, "memory": memory_case, "dense": dense_case}
     run["weights"], run["padded"], run["static"] = weights_case, padded_case, static_case
+    run["softcap"] = lambda a: family_case(a, "softcap")
+    run["sinks"] = lambda a: family_case(a, "sinks")
     for case in args.cases:
         for row in run[case](args):
             print(json.dumps(row), flush=True)

@@ -369,6 +369,43 @@ def test_models_with_their_own_attention_are_refused_by_name(config: Callable, n
     )
 
 
+def _git_text(attn: str) -> torch.nn.Module:
+    cfg = transformers.GitConfig(
+        vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        intermediate_size=32, vision_config={"hidden_size": 32, "num_hidden_layers": 1,
+        "num_attention_heads": 4, "intermediate_size": 32, "image_size": 32, "patch_size": 16},
+    )  # fmt: skip
+    return transformers.GitForCausalLM._from_config(cfg, attn_implementation=attn)
+
+
+def test_layers_from_a_models_own_class_table_are_refused_by_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """GIT's text layers come from its own table of classes by implementation
+    (``GIT_SELF_ATTENTION_CLASSES``, eager only), though its vision tower calls the
+    interface: building the model, or switching a built one, names the table instead of
+    a ``KeyError: 'attnlab'`` or eager layers run silently; the vision tower alone, whose
+    layers call the interface, is served and equals eager."""
+    match = "attn_implementation='attnlab': .*modeling_git .*GIT_SELF_ATTENTION_CLASSES \\(eager"
+    check_and_control(lambda: _git_text("attnlab"), lambda: _git_text("eager"), ValueError, match)
+    built = _git_text("eager")
+    with pytest.raises(ValueError, match=match):
+        built.set_attn_implementation("attnlab")
+    vision_cfg = built.config.vision_config
+    torch.manual_seed(0)
+    vision = transformers.GitVisionModel
+    tower = vision._from_config(copy.deepcopy(vision_cfg), attn_implementation="attnlab")
+    eager = vision._from_config(copy.deepcopy(vision_cfg), attn_implementation="eager")
+    eager.load_state_dict(tower.state_dict())
+    pixels = torch.randn(2, 3, 32, 32)
+    calls: list[int] = []
+    interface = transformers.AttentionInterface._global_mapping
+    own = interface["attnlab"]
+    monkeypatch.setitem(interface, "attnlab", lambda *a, **k: calls.append(1) or own(*a, **k))
+    assert max_err(tower(pixels).last_hidden_state, eager(pixels).last_hidden_state) < 1e-5
+    assert len(calls) == 1  # attnlab ran the tower's one attention layer
+
+
 def test_a_model_class_whose_source_cannot_be_read_is_trusted(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -101,17 +101,70 @@ def _refuse_own_attention() -> None:
 
     def check(self: Any, *args: Any, **kwargs: Any) -> Any:
         name = own(self, *args, **kwargs)
-        if isinstance(name, str) and name in _NAMES and _computes_own_attention(type(self)):
-            raise ValueError(
-                f"attn_implementation={name!r}: {type(self).__name__} computes attention in "
-                f"its own code, not through transformers' AttentionInterface, so attnlab "
-                f"cannot serve it; load it with attn_implementation='eager' (a composite "
-                f"model takes a dict, one implementation per sub-config)"
-            )
+        if isinstance(name, str) and name in _NAMES:
+            if _computes_own_attention(type(self)):
+                raise ValueError(
+                    f"attn_implementation={name!r}: {type(self).__name__} computes attention "
+                    f"in its own code, not through transformers' AttentionInterface, so "
+                    f"attnlab cannot serve it; load it with attn_implementation='eager' "
+                    f"{_COMPOSITE}"
+                )
+            _refuse_in_class_tables(self, name)
         return name
 
     check.refuses_own_attention = True  # type: ignore[attr-defined]
     PreTrainedModel._check_and_adjust_attn_implementation = check  # type: ignore[method-assign]
+
+
+_COMPOSITE = "(a composite model takes a dict, one implementation per sub-config)"
+
+
+def _refuse_in_class_tables(model: nn.Module, name: str) -> None:
+    """Refuse ``name`` for attention layers that ``model``'s module picks by name from a
+    table of classes (GIT's ``GIT_SELF_ATTENTION_CLASSES``, SAM's vision tables), which
+    compute attention in their own code: such layers, built under ``name``, would fail
+    with ``KeyError: 'attnlab'``, and ones already built would go on without attnlab.
+
+    A model that holds such layers already (``set_attn_implementation``) raises a
+    ``ValueError`` now; for one being built, the table gets an entry under ``name`` that
+    raises it when such a layer is built. Sub-models given another implementation (a
+    dict), and the module's models whose layers call the interface, are built as before.
+    """
+    import sys
+
+    cls = type(model)
+    module = sys.modules.get(cls.__module__)
+    for table_name, table in list(vars(module).items()) if module is not None else []:
+        if not _is_class_table(table):
+            continue
+        offered = [k for k, c in table.items() if getattr(c, "serves", True)]
+        if name in offered:
+            continue
+        why = (
+            f"attn_implementation={name!r}: {cls.__module__} builds attention layers from "
+            f"its own table {table_name} ({', '.join(offered)}), whose classes compute "
+            f"attention in their own code, so attnlab cannot serve them; use one of those "
+            f"{_COMPOSITE}"
+        )
+        classes = tuple(c for c in table.values() if isinstance(c, type))
+        built = model.modules() if "_modules" in vars(model) else ()  # () while being built
+        if any(isinstance(m, classes) for m in built):
+            raise ValueError(why)
+
+        if name not in table:
+
+            def refuse(*_: Any, _why: str = why, **__: Any) -> Any:
+                raise ValueError(_why)
+
+            refuse.serves = False  # type: ignore[attr-defined]
+            table[name] = refuse
+
+
+def _is_class_table(table: object) -> bool:
+    """Whether ``table`` maps implementation names (``"eager"`` at least) to layer classes."""
+    if not isinstance(table, dict) or not isinstance(table.get("eager"), type):
+        return False
+    return issubclass(table["eager"], nn.Module)
 
 
 def _computes_own_attention(cls: Any) -> bool:
