@@ -44,8 +44,10 @@ def grouped_matmul(a: Tensor, b: Tensor) -> Tensor:
     hkv = b.shape[1]
     if hq == hkv:
         return a @ b
-    ag = a.reshape(bsz, hkv, hq // hkv, m, a.shape[-1])  # (B, Hkv, G, M, K)
-    return (ag @ b.unsqueeze(2)).reshape(bsz, hq, m, b.shape[-1])  # (B, Hq, M, N)
+    # query head h reads key/value head h // G: a group's rows stacked are one product with
+    # b (one GEMM per key/value head; broadcasting b over a group dimension copies it)
+    ag = a.reshape(bsz, hkv, hq // hkv * m, a.shape[-1])  # (B, Hkv, G * M, K)
+    return (ag @ b).reshape(bsz, hq, m, b.shape[-1])  # (B, Hq, M, N)
 
 
 def dot(q: Tensor, k: Tensor) -> Tensor:
