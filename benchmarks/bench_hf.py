@@ -29,11 +29,12 @@ and ``ratio = anchor / attnlab`` (> 1: attnlab is faster):
 * ``softcap``: a Gemma-2-style model (logits soft-capped at 50, local layers of window 512
   between global ones) at 4096 tokens, forward and forward+backward, against ``eager``
   (transformers refuses ``sdpa`` for it) and, forward only with ``--flex``, against
-  ``flex_attention`` (compiled; it has no backward on the CPU); no target of the issue;
-* ``sinks``: a gpt-oss-style model (a sink logit per head, local layers of window 128
-  between global ones, 4 experts) at 4096 tokens, forward and forward+backward, against
-  ``eager``, the only other implementation transformers runs it with on the CPU (its
-  ``flex_attention`` refuses sinks there); no target of the issue.
+  ``flex_attention`` (compiled; it has no backward on the CPU), and greedy decoding of 64
+  tokens after 1024 against ``eager`` (best of 7 rounds); no target of the issue;
+* ``sinks``: the same for a gpt-oss-style model (a sink logit per head, local layers of
+  window 128 between global ones, 4 experts) against ``eager``, the only other
+  implementation transformers runs it with on the CPU (its ``flex_attention`` refuses
+  sinks there); no target of the issue.
 
 python benchmarks/bench_hf.py                   # every case at the target sizes
 python benchmarks/bench_hf.py --cases window    # one case
@@ -103,7 +104,7 @@ def _alternating(kind: str, common: dict, window: int, impl: str) -> torch.nn.Mo
     else:  # its YaRN factor 32 over 4096 positions: no warning about the context length
         common["max_position_embeddings"] = 32 * 4096
         cfg = t.GptOssConfig(**common, num_local_experts=4, num_experts_per_tok=2)
-    return t.AutoModel.from_config(cfg, attn_implementation=impl).eval()
+    return t.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl).eval()
 
 
 def best_times(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
@@ -320,7 +321,8 @@ def weights_case(args: argparse.Namespace) -> list[dict]:
 
 def family_case(args: argparse.Namespace, kind: str) -> list[dict]:
     """Forward and forward+backward of the soft-capped or the sinks model against eager
-    (and, forward only, ``flex_attention`` with ``--flex``), outputs compared."""
+    (and, forward only, ``flex_attention`` with ``--flex``), outputs compared; greedy
+    decoding after a prompt of ``--padded-n`` tokens against eager."""
     window = args.window if kind == "softcap" else args.sinks_window
     anchors = ["eager", *(["flex_attention"] if args.flex and kind == "softcap" else [])]
     models = {i: build(kind, args.layers, window, i) for i in (*anchors, "attnlab")}
@@ -329,14 +331,14 @@ def family_case(args: argparse.Namespace, kind: str) -> list[dict]:
     def fwd(m: torch.nn.Module) -> Callable[[], torch.Tensor]:
         def run() -> torch.Tensor:
             with torch.no_grad():
-                return m(input_ids=ids, use_cache=False).last_hidden_state
+                return m.model(input_ids=ids, use_cache=False).last_hidden_state
 
         return run
 
     def fwd_bwd(m: torch.nn.Module) -> Callable[[], torch.Tensor]:
         def run() -> torch.Tensor:
             m.zero_grad(set_to_none=True)
-            out = m(input_ids=ids, use_cache=False).last_hidden_state
+            out = m.model(input_ids=ids, use_cache=False).last_hidden_state
             out.square().mean().backward()
             return out
 
@@ -348,7 +350,14 @@ def family_case(args: argparse.Namespace, kind: str) -> list[dict]:
     secs = best_times({k: fwd(m) for k, m in models.items()}, args.repeat)
     rows = [_row(kind, "fwd", a, secs, **size) for a in anchors]
     train = {k: fwd_bwd(m) for k, m in models.items() if k != "flex_attention"}
-    return [*rows, _row(kind, "fwd+bwd", "eager", best_times(train, args.repeat), **size)]
+    rows.append(_row(kind, "fwd+bwd", "eager", best_times(train, args.repeat), **size))
+    prompt = ids[:, : args.padded_n]
+    pair = {k: models[k] for k in ("eager", "attnlab")}
+    decode, same = decode_seconds(
+        pair, prompt, args.padded_new, args.dense_repeat, attention_mask=torch.ones_like(prompt)
+    )
+    size = {"n": prompt.shape[1], "window": window, "layers": args.layers, "same_tokens": same}
+    return [*rows, _row(kind, f"decode {args.padded_new}", "eager", decode, **size)]
 
 
 def main() -> None:
