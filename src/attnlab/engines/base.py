@@ -35,6 +35,7 @@ __all__ = [
     "sink_rows",
     "slice_weights",
     "validate_options",
+    "with_sinks",
 ]
 
 EngineResult = tuple[Tensor, Tensor | None, Tensor | None]
@@ -204,6 +205,24 @@ def sink_rows(sinks: Tensor) -> Tensor:
         (torch.Size([1, 4, 1]), torch.Size([1, 4, 3]))
     """
     return sinks.view(1, -1, 1) if sinks.dim() == 1 else sinks
+
+
+def with_sinks(out: Tensor, lse: Tensor, sinks: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Attention sinks (``(H,)`` or per row ``(B or 1, H, L)``) joined to a finished softmax:
+    ``out (B, H, L, Ev)`` (or its weights ``(B, H, L, Lk)``) scaled by ``exp(lse - lse')``
+    and ``lse (B, H, L)`` raised to ``lse' = logaddexp(lse, sink)``.
+
+    Exact whatever computed ``out`` and ``lse``; fully masked rows (``lse = -inf``) stay 0.
+
+    Example:
+        >>> out, lse = with_sinks(torch.ones(1, 1, 1, 1), torch.zeros(1, 1, 1), torch.zeros(1))
+        >>> out.item(), round(lse.item(), 4)
+        (0.5, 0.6931)
+    """
+    if sinks is None:
+        return out, lse
+    total = torch.logaddexp(lse, sink_rows(sinks).to(lse.dtype))  # (B, H, L)
+    return out * torch.exp(lse - total).unsqueeze(-1).to(out.dtype), total
 
 
 def may_hold_nan(*ts: Tensor) -> bool:

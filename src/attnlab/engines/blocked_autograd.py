@@ -22,7 +22,7 @@ from torch import Tensor
 from attnlab._grid import Grid
 from attnlab.bias import Bias
 from attnlab.engines._native import kernel, kernel_error
-from attnlab.engines.base import AttentionRequest, may_hold_nan, sink_rows
+from attnlab.engines.base import AttentionRequest, may_hold_nan, sink_rows, with_sinks
 from attnlab.engines.blocked_plan import Block, KernelPlan, Plan
 from attnlab.scores import grouped_matmul
 
@@ -98,24 +98,6 @@ def cap_scores(s: Tensor, softcap: float | None) -> Tensor:
         [0.0, 5.0]
     """
     return s if softcap is None else torch.tanh(s / softcap) * softcap
-
-
-def with_sinks(out: Tensor, lse: Tensor, sinks: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Attention sinks (``(H,)`` or per row ``(B or 1, H, L)``) joined to a finished softmax:
-    ``out (B, H, L, Ev)`` scaled by ``exp(lse - lse')`` and ``lse (B, H, L)`` raised to
-    ``lse' = logaddexp(lse, sink)``.
-
-    Exact whatever computed ``out`` and ``lse``; fully masked rows (``lse = -inf``) stay 0.
-
-    Example:
-        >>> out, lse = with_sinks(torch.ones(1, 1, 1, 1), torch.zeros(1, 1, 1), torch.zeros(1))
-        >>> out.item(), round(lse.item(), 4)
-        (0.5, 0.6931)
-    """
-    if sinks is None:
-        return out, lse
-    total = torch.logaddexp(lse, sink_rows(sinks).to(lse.dtype))  # (B, H, L)
-    return out * torch.exp(lse - total).unsqueeze(-1).to(out.dtype), total
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlab.engines.base import AttentionRequest, Engine, EngineResult, sink_rows
+from attnlab.engines.base import AttentionRequest, Engine, EngineResult, with_sinks
 from attnlab.normalize import get_normalizer, softmax_with_lse
 from attnlab.scores import SCORES, expand_kv, grouped_matmul
 
@@ -67,13 +67,10 @@ def mix(
     """
     s = scores if allowed is None else scores.masked_fill(~allowed, float("-inf"))
     lse = None
-    if normalize == "softmax" and sinks is not None:
-        rows = sink_rows(sinks).to(s.dtype)  # (1 or B, Hq, 1 or Lq)
-        sink = rows.unsqueeze(-1).expand(*s.shape[:-1], 1)  # (B, Hq, Lq, 1)
-        w, lse = softmax_with_lse(torch.cat([s, sink], -1))
-        w = w[..., :-1]  # the sink's share is dropped: the weights sum to less than 1
-    elif normalize == "softmax":
+    if normalize == "softmax":
         w, lse = softmax_with_lse(s)
+        if sinks is not None:  # the sinks take their share: the weights sum to less than 1
+            w, lse = with_sinks(w, lse, sinks.to(s.dtype))
     else:
         w = get_normalizer(normalize)(s)
     wd = F.dropout(w, p=dropout_p, training=True) if dropout_p > 0 else w
