@@ -5,6 +5,8 @@ engines without a softmax denominator decline; bad sinks are named."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -44,6 +46,26 @@ def _allowed(n: int) -> torch.Tensor:
     return m
 
 
+def _by_the_2x_rule(n: int, kind: str, allowed: torch.Tensor, attend: Callable, what: str) -> list:
+    """Output and gradients (q, k, v, sinks) of a squared-sum loss through ``attend``,
+    each held to the 2x rule against the definition in fp64 and plain fp32; returns ours."""
+
+    def run(fn: Callable, dtype: torch.dtype) -> list:
+        ts = _inputs(dtype, n, kind=kind)
+        out = fn(*ts)
+        out.square().sum().backward()
+        return [out.detach(), *(t.grad for t in ts)]
+
+    def naive(q, k, v, s):  # type: ignore[no-untyped-def]
+        return naive_sinks(q, k, v, allowed, s, 40**-0.5)[0]
+
+    ref64, plain = run(naive, torch.float64), run(naive, torch.float32)
+    ours = run(attend, torch.float32)
+    for name, o, p, r in zip(["out", "dq", "dk", "dv", "dsinks"], ours, plain, ref64, strict=True):
+        assert_2x_rule(o, p, r, f"{what} {name}")
+    return ours
+
+
 @pytest.mark.parametrize("kind", list(SINKS))
 @pytest.mark.parametrize("engine", ["reference", "blocked", "blocked-eager"])
 def test_sinks_follow_the_definition_by_the_2x_rule(
@@ -54,20 +76,11 @@ def test_sinks_follow_the_definition_by_the_2x_rule(
         monkeypatch.setattr(blocked_autograd, "USE_FUSED", False)
         engine = "blocked"
 
-    def run(fn, dtype):  # type: ignore[no-untyped-def]
-        ts = _inputs(dtype, n, kind=kind)
-        out = fn(*ts)
-        out.square().sum().backward()
-        return [out.detach(), *(t.grad for t in ts)]
-
-    ref64 = run(lambda q, k, v, s: naive_sinks(q, k, v, allowed, s, 40**-0.5)[0], torch.float64)
-    plain = run(lambda q, k, v, s: naive_sinks(q, k, v, allowed, s, 40**-0.5)[0], torch.float32)
-    ours = run(
-        lambda q, k, v, s: attnlab.attention(q, k, v, mask=allowed, sinks=s, engine=engine),
-        torch.float32,
-    )
-    for what, o, p, r in zip(["out", "dq", "dk", "dv", "dsinks"], ours, plain, ref64, strict=True):
-        assert_2x_rule(o, p, r, f"{engine} {what}")
+    ours = _by_the_2x_rule(
+        n, kind, allowed, lambda q, k, v, s: attnlab.attention(
+            q, k, v, mask=allowed, sinks=s, engine=engine
+        ), engine,
+    )  # fmt: skip
     assert float(ours[0][:, :, 7].abs().max()) == 0.0  # the fully masked row gives 0
     plain_out = attnlab.attention(*_inputs(torch.float32, n)[:3], mask=allowed, engine=engine)
     assert ours[4].shape == SINKS[kind](n)  # the sinks' gradient has their shape
@@ -144,22 +157,13 @@ def test_kernel_serves_sinks_by_the_2x_rule(kind: str) -> None:
     mask = masks.causal() & masks.window(70) & masks.padding([300, 250], [300, 250])
     allowed = mask.dense(n, n, batch=2, heads=4).expand(2, 4, n, n)
 
-    def run(fn, dtype):  # type: ignore[no-untyped-def]
-        ts = _inputs(dtype, n, kind=kind)
-        out = fn(*ts)
-        out.square().sum().backward()
-        return [out.detach(), *(t.grad for t in ts)]
-
-    ref64 = run(lambda q, k, v, s: naive_sinks(q, k, v, allowed, s, 40**-0.5)[0], torch.float64)
-    plain = run(lambda q, k, v, s: naive_sinks(q, k, v, allowed, s, 40**-0.5)[0], torch.float32)
     blocked_autograd.STATS.clear()
-    ours = run(
-        lambda q, k, v, s: attnlab.attention(q, k, v, mask=mask, sinks=s, engine="blocked"),
-        torch.float32,
-    )
+    ours = _by_the_2x_rule(
+        n, kind, allowed, lambda q, k, v, s: attnlab.attention(
+            q, k, v, mask=mask, sinks=s, engine="blocked"
+        ), "kernel",
+    )  # fmt: skip
     assert blocked_autograd.STATS.get("scores", 0) > 0  # the kernel ran
-    for what, o, p, r in zip(["out", "dq", "dk", "dv", "dsinks"], ours, plain, ref64, strict=True):
-        assert_2x_rule(o, p, r, f"kernel {what}")
     assert float(ours[0][1, :, 250:].abs().max()) == 0.0  # rows with no key give 0
     q, k, v, s = (t.detach() for t in _inputs(torch.float32, n, kind=kind))
     blocked_autograd.STATS.clear()
