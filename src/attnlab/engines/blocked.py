@@ -110,10 +110,10 @@ class BlockedEngine(Engine):
 
     def decoding(self, req: AttentionRequest) -> tuple[bool, RowBounds | None]:
         """Whether ``req`` is a decoding call for the compiled kernel (:func:`decodes`, and
-        dot-product softmax with no bias, dropout, weights, logsumexp, soft-capping or
-        sinks), and its mask's row bounds ``(1 or B, Lq)``, if it has a mask; a mask must
-        allow exactly one key interval per row, the same for every head. Memoized for the
-        last request."""
+        dot-product softmax with no bias, dropout, weights or logsumexp; the kernel applies
+        soft-capping and sinks), and its mask's row bounds ``(1 or B, Lq)``, if it has a
+        mask; a mask must allow exactly one key interval per row, the same for every head.
+        Memoized for the last request."""
         if self._decode is None or self._decode[0]() is not req:
             ok, bounds = _plain_request(req), None
             if ok and req.mask is not None:
@@ -138,7 +138,11 @@ class BlockedEngine(Engine):
         decode, bounds = self.decoding(req)
         if decode:
             lo, hi = (None, None) if bounds is None else (bounds.lo, bounds.hi)
-            return _decode_op()(req.q, req.k, req.v, lo, hi, req.scale), None, None
+            cap = 0.0 if req.softcap is None else float(req.softcap)
+            sinks = None if req.sinks is None else sink_rows(req.sinks.detach()).float()
+            sinks = None if sinks is None else sinks.contiguous()  # (1 or B, Hq, 1 or Lq)
+            out = _decode_op()(req.q, req.k, req.v, lo, hi, req.scale, cap, sinks)
+            return out, None, None
         if req.score == "cosine":
             req = _normalized(req)
         plan = self.plan(req)
@@ -259,14 +263,16 @@ def _exact_bounds(mask: Mask, req: AttentionRequest) -> RowBounds | None:
 
 
 def _plain_request(req: AttentionRequest) -> bool:
-    """Whether ``req`` asks the decoding kernel's computation of its q, k, v (mask aside)."""
+    """Whether ``req`` asks the decoding kernel's computation of its q, k, v (mask aside;
+    soft-capping and sinks without a gradient included)."""
     if req.score != "dot" or req.normalize != "softmax" or req.bias is not None:
         return False
     if req.dropout_p or req.return_weights or req.return_lse:
         return False
-    if req.softcap is not None or req.sinks is not None:
+    extra = req.softcap is not None or req.sinks is not None  # SDPA has neither
+    if extra and req.sinks is not None and req.sinks.requires_grad and torch.is_grad_enabled():
         return False
-    return decodes(req.q, req.k, req.v, masked=req.mask is not None)
+    return decodes(req.q, req.k, req.v, masked=req.mask is not None or extra)
 
 
 def _normalized(req: AttentionRequest) -> AttentionRequest:

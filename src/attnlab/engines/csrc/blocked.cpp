@@ -1240,6 +1240,7 @@ struct RowKeys {
 
 struct DecodeShape {
   int64_t B, Hk, G, Lq, Lk, E, Ev, R, parts;
+  float cap2 = 0.f;  // the soft-cap in log2 units (0: none)
   RowKeys lo, hi;  // each query row's first and last key (inclusive), or none: every key
   // [lo, hi + 1) of row r of batch b, clamped to the keys (empty when hi < lo)
   std::pair<int64_t, int64_t> interval(int64_t b, int64_t r) const {
@@ -1354,6 +1355,14 @@ void decode_pv(const float* p, int64_t R, int64_t n, const float* v, int64_t ldv
 
 // The rows' partial softmax over keys [k0, k1) of batch b, head hk: running maximum m and
 // sum l per row, and acc (R x Ev) = sum over keys of 2^(s - m) v.
+// s[0, n) = cap * tanh(s / cap) in place.
+void soft_cap(float* s, int64_t n, float cap) {
+  const Vec c(cap), inv(1.f / cap);
+  int64_t j = 0;
+  for (; j + kW <= n; j += kW) ((Vec::loadu(s + j) * inv).tanh() * c).store(s + j);
+  for (; j < n; ++j) s[j] = cap * std::tanh(s[j] / cap);
+}
+
 void decode_span(const DecodeShape& D, const at::Tensor& k, const at::Tensor& v,
                  const float* qr, int64_t b, int64_t hk, int64_t k0, int64_t k1, float* m,
                  float* l, float* acc, float* p) {
@@ -1368,6 +1377,7 @@ void decode_span(const DecodeShape& D, const at::Tensor& k, const at::Tensor& v,
     decode_scores(qr, R, D.E, kp + c0 * ldk, ldk, n, p);
     for (int64_t r = 0; r < R; ++r) {
       float* pr = p + r * kDecodeChunk;
+      if (D.cap2 > 0.f) soft_cap(pr, n, D.cap2);
       const auto [lo, hi] = D.interval(b, r);  // keys outside: -inf
       std::fill(pr, pr + std::clamp<int64_t>(lo - c0, 0, n), kNegInf);
       std::fill(pr + std::clamp<int64_t>(hi - c0, 0, n), pr + n, kNegInf);
@@ -1392,10 +1402,12 @@ void decode_span(const DecodeShape& D, const at::Tensor& k, const at::Tensor& v,
 // out (B, Hq, Lq, Ev) = softmax(scale Q K^T) V, for R = Hq / Hk * Lq rows per key/value
 // head of at most 64 (float32; the last dimension of each input contiguous); `lo`, `hi`
 // (1 or B, Lq), int64: each query row's first and last key (a mask's row bounds), or
-// None: every key.
+// None: every key. `softcap` > 0 caps the scaled scores (softcap * tanh(s / softcap));
+// `sinks` (1 or B, Hq, 1 or Lq), float32: a logit per row in the softmax's denominator.
 at::Tensor decode_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           const c10::optional<at::Tensor>& lo,
-                          const c10::optional<at::Tensor>& hi, double scale) {
+                          const c10::optional<at::Tensor>& hi, double scale, double softcap,
+                          const c10::optional<at::Tensor>& sinks) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attnlab decode: 4-D inputs");
   TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
                   v.scalar_type() == at::kFloat,
@@ -1409,6 +1421,20 @@ at::Tensor decode_forward(const at::Tensor& q, const at::Tensor& k, const at::Te
   D.G = q.size(1) / D.Hk;
   D.R = D.G * D.Lq;
   TORCH_CHECK(D.R >= 1 && D.R <= 64, "attnlab decode: at most 64 rows per key/value head");
+  TORCH_CHECK(softcap >= 0.0, "attnlab decode: softcap must be positive (0: none)");
+  D.cap2 = static_cast<float>(softcap) * kLog2e;
+  const float* sk = nullptr;  // the sinks, (sB, Hq, sL)
+  int64_t sB = 0, sL = 0;
+  if (sinks.has_value()) {
+    const at::Tensor& t = *sinks;
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 3 &&
+                    (t.size(0) == 1 || t.size(0) == D.B) && t.size(1) == q.size(1) &&
+                    (t.size(2) == 1 || t.size(2) == D.Lq),
+                "attnlab decode: sinks must be contiguous float32 (1 or B, Hq, 1 or Lq)");
+    sk = t.data_ptr<float>();
+    sB = t.size(0);
+    sL = t.size(2);
+  }
   TORCH_CHECK(lo.has_value() == hi.has_value(), "attnlab decode: lo and hi go together");
   if (lo.has_value()) {
     D.lo = RowKeys(*lo, D.B, D.Lq, "lo");
@@ -1461,12 +1487,19 @@ at::Tensor decode_forward(const at::Tensor& q, const at::Tensor& k, const at::Te
       float mx = kNegInf;
       double total = 0.0;
       for (int64_t s = 0; s < D.parts; ++s) mx = std::max(mx, M[(t0 + s) * D.R + r]);
-      float* dst = o + ((bh * D.G + r / D.Lq) * D.Lq + r % D.Lq) * D.Ev;
+      const int64_t b = bh / D.Hk, h = bh % D.Hk * D.G + r / D.Lq, i = r % D.Lq;
+      float* dst = o + ((bh * D.G + r / D.Lq) * D.Lq + i) * D.Ev;
       std::fill(dst, dst + D.Ev, 0.f);
-      if (mx == kNegInf) {  // no key: 0, or NaN where a score was NaN
+      if (mx == kNegInf) {  // no key: 0 (a sink or not), or NaN where a score was NaN
         for (int64_t s = 0; s < D.parts; ++s) total += L[(t0 + s) * D.R + r];
         if (total != total) std::fill(dst, dst + D.Ev, std::numeric_limits<float>::quiet_NaN());
         continue;
+      }
+      if (sk != nullptr) {  // the row's sink joins the denominator (its value is 0)
+        const float sink = sk[((sB == 1 ? 0 : b) * q.size(1) + h) * sL + (sL == 1 ? 0 : i)];
+        const float s2 = sink * kLog2e;
+        mx = std::max(mx, s2);
+        total += std::exp2(s2 - mx);
       }
       for (int64_t s = 0; s < D.parts; ++s) {
         const int64_t i = (t0 + s) * D.R + r;
@@ -1613,7 +1646,9 @@ TORCH_LIBRARY(attnlab_blocked, m) {
       "forward_weights(Tensor q, Tensor k, Tensor v, Tensor blocks, Tensor tiles, "
       "Tensor allowed, Tensor spans, Tensor? slopes, int bs, bool interval, float softcap, "
       "float scale, int group, Tensor(a!) w, Tensor? dirty, int page) -> (Tensor, Tensor, int)");
-  m.def("decode(Tensor q, Tensor k, Tensor v, Tensor? lo, Tensor? hi, float scale) -> Tensor");
+  m.def(
+      "decode(Tensor q, Tensor k, Tensor v, Tensor? lo, Tensor? hi, float scale, "
+      "float softcap=0.0, Tensor? sinks=None) -> Tensor");
   m.def("output_pool(int limit) -> int", &output_pool_op);  // no tensor: every backend
 }
 
