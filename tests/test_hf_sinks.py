@@ -195,6 +195,9 @@ def test_auto_takes_the_blocked_engine_where_sdpa_cannot(option: str) -> None:
         assert chosen(1024, mask, **kw) == "blocked", (option, mask)
         assert chosen(64, mask, **kw) == "reference"  # short: dense scores are cheap
     assert chosen(1024, masks.causal()) == "sdpa"  # control: SDPA serves plain causal
+    q, k = torch.randn(1, 4, 1024, 16, requires_grad=True), torch.randn(1, 2, 1024, 16)
+    r = attnlab.attention(q, k, k, mask=masks.causal(), return_lse=True)
+    assert r.lse.requires_grad  # type: ignore[union-attr]  # a differentiable lse: reference
 
 
 @pytest.mark.parametrize("kind", list(SINKS))
