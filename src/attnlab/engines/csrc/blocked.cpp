@@ -194,19 +194,20 @@ std::pair<int64_t, int64_t> group_span(const Problem& P, int64_t b, int64_t h, i
   return {lo, hi};
 }
 
-// s[0, n) = cap * tanh(s / cap) in place, and dcap[0, n) = its derivative 1 - tanh^2.
+// s[0, n) = cap * tanh(s / cap) in place, and, unless dcap is null, dcap[0, n) = its
+// derivative 1 - tanh^2.
 void cap_scores(float* s, int64_t n, float cap, float* dcap) {
   const Vec c(cap), inv(1.f / cap), one(1.f);
   int64_t j = 0;
   for (; j + Vec::size() <= n; j += Vec::size()) {
     const Vec t = (Vec::loadu(s + j) * inv).tanh();
     (t * c).store(s + j);
-    (one - t * t).store(dcap + j);
+    if (dcap != nullptr) (one - t * t).store(dcap + j);
   }
   for (; j < n; ++j) {
     const float t = std::tanh(s[j] / cap);
     s[j] = cap * t;
-    dcap[j] = 1.f - t * t;
+    if (dcap != nullptr) dcap[j] = 1.f - t * t;
   }
 }
 
@@ -1355,14 +1356,6 @@ void decode_pv(const float* p, int64_t R, int64_t n, const float* v, int64_t ldv
 
 // The rows' partial softmax over keys [k0, k1) of batch b, head hk: running maximum m and
 // sum l per row, and acc (R x Ev) = sum over keys of 2^(s - m) v.
-// s[0, n) = cap * tanh(s / cap) in place.
-void soft_cap(float* s, int64_t n, float cap) {
-  const Vec c(cap), inv(1.f / cap);
-  int64_t j = 0;
-  for (; j + kW <= n; j += kW) ((Vec::loadu(s + j) * inv).tanh() * c).store(s + j);
-  for (; j < n; ++j) s[j] = cap * std::tanh(s[j] / cap);
-}
-
 void decode_span(const DecodeShape& D, const at::Tensor& k, const at::Tensor& v,
                  const float* qr, int64_t b, int64_t hk, int64_t k0, int64_t k1, float* m,
                  float* l, float* acc, float* p) {
@@ -1377,7 +1370,7 @@ void decode_span(const DecodeShape& D, const at::Tensor& k, const at::Tensor& v,
     decode_scores(qr, R, D.E, kp + c0 * ldk, ldk, n, p);
     for (int64_t r = 0; r < R; ++r) {
       float* pr = p + r * kDecodeChunk;
-      if (D.cap2 > 0.f) soft_cap(pr, n, D.cap2);
+      if (D.cap2 > 0.f) cap_scores(pr, n, D.cap2, nullptr);
       const auto [lo, hi] = D.interval(b, r);  // keys outside: -inf
       std::fill(pr, pr + std::clamp<int64_t>(lo - c0, 0, n), kNegInf);
       std::fill(pr + std::clamp<int64_t>(hi - c0, 0, n), pr + n, kNegInf);
