@@ -1480,8 +1480,8 @@ at::Tensor decode_forward(const at::Tensor& q, const at::Tensor& k, const at::Te
       float mx = kNegInf;
       double total = 0.0;
       for (int64_t s = 0; s < D.parts; ++s) mx = std::max(mx, M[(t0 + s) * D.R + r]);
-      const int64_t b = bh / D.Hk, h = bh % D.Hk * D.G + r / D.Lq, i = r % D.Lq;
-      float* dst = o + ((bh * D.G + r / D.Lq) * D.Lq + i) * D.Ev;
+      const int64_t b = bh / D.Hk, h = bh % D.Hk * D.G + r / D.Lq, qi = r % D.Lq;
+      float* dst = o + ((bh * D.G + r / D.Lq) * D.Lq + qi) * D.Ev;
       std::fill(dst, dst + D.Ev, 0.f);
       if (mx == kNegInf) {  // no key: 0 (a sink or not), or NaN where a score was NaN
         for (int64_t s = 0; s < D.parts; ++s) total += L[(t0 + s) * D.R + r];
@@ -1489,7 +1489,7 @@ at::Tensor decode_forward(const at::Tensor& q, const at::Tensor& k, const at::Te
         continue;
       }
       if (sk != nullptr) {  // the row's sink joins the denominator (its value is 0)
-        const float sink = sk[((sB == 1 ? 0 : b) * q.size(1) + h) * sL + (sL == 1 ? 0 : i)];
+        const float sink = sk[((sB == 1 ? 0 : b) * q.size(1) + h) * sL + (sL == 1 ? 0 : qi)];
         const float s2 = sink * kLog2e;
         mx = std::max(mx, s2);
         total += std::exp2(s2 - mx);
