@@ -406,6 +406,36 @@ def test_layers_from_a_models_own_class_table_are_refused_by_name(
     assert len(calls) == 1  # attnlab ran the tower's one attention layer
 
 
+def _sam(attn: str | dict) -> torch.nn.Module:
+    cfg = transformers.SamConfig(
+        vision_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "output_channels": 16, "image_size": 64, "patch_size": 16,
+                       "mlp_dim": 32, "global_attn_indexes": [0]},
+        prompt_encoder_config={"hidden_size": 16, "image_size": 64, "patch_size": 16},
+        mask_decoder_config={"hidden_size": 16, "num_hidden_layers": 1,
+                             "num_attention_heads": 2, "mlp_dim": 32, "iou_head_hidden_dim": 16},
+    )  # fmt: skip
+    return transformers.SamModel._from_config(cfg, attn_implementation=attn)
+
+
+def test_a_composite_is_refused_only_where_its_table_builds_the_layers() -> None:
+    """SAM's vision encoder takes its layers from SAM_VISION_ATTENTION_CLASSES, its other
+    parts call the interface: attnlab for the whole model is refused by the table's name,
+    when built or switched; a dict that keeps the vision encoder on its own classes is
+    accepted, built or switched."""
+    match = "attn_implementation='attnlab': .*modeling_sam .*SAM_VISION_ATTENTION_CLASSES"
+    check_and_control(lambda: _sam("attnlab"), lambda: _sam("eager"), ValueError, match)
+    with pytest.raises(ValueError, match=match):
+        _sam("eager").set_attn_implementation("attnlab")
+    built = _sam({"vision_config": "sdpa", "": "attnlab"})
+    assert (built.config._attn_implementation, built.config.vision_config._attn_implementation) == (
+        "attnlab", "sdpa")  # fmt: skip
+    switched = _sam("eager")
+    switched.set_attn_implementation({"vision_config": "eager", "": "attnlab"})
+    assert switched.config._attn_implementation == "attnlab"
+    assert switched.config.vision_config._attn_implementation == "eager"
+
+
 def test_a_model_class_whose_source_cannot_be_read_is_trusted(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

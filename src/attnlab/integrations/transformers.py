@@ -27,6 +27,7 @@ is built (:func:`register` installs that check).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -101,19 +102,27 @@ def _refuse_own_attention() -> None:
 
     def check(self: Any, *args: Any, **kwargs: Any) -> Any:
         name = own(self, *args, **kwargs)
+        if isinstance(name, str) and name in _NAMES and _computes_own_attention(type(self)):
+            raise ValueError(
+                f"attn_implementation={name!r}: {type(self).__name__} computes attention in "
+                f"its own code, not through transformers' AttentionInterface, so attnlab "
+                f"cannot serve it; load it with attn_implementation='eager' {_COMPOSITE}"
+            )
+        return name
+
+    # every model's implementation passes here: at construction, and for each sub-model
+    # when a built model is switched (set_attn_implementation)
+    correct = PreTrainedModel.get_correct_attn_implementation
+
+    def correct_and_check(self: Any, *args: Any, **kwargs: Any) -> Any:
+        name = correct(self, *args, **kwargs)
         if isinstance(name, str) and name in _NAMES:
-            if _computes_own_attention(type(self)):
-                raise ValueError(
-                    f"attn_implementation={name!r}: {type(self).__name__} computes attention "
-                    f"in its own code, not through transformers' AttentionInterface, so "
-                    f"attnlab cannot serve it; load it with attn_implementation='eager' "
-                    f"{_COMPOSITE}"
-                )
             _refuse_in_class_tables(self, name)
         return name
 
     check.refuses_own_attention = True  # type: ignore[attr-defined]
     PreTrainedModel._check_and_adjust_attn_implementation = check  # type: ignore[method-assign]
+    PreTrainedModel.get_correct_attn_implementation = correct_and_check  # type: ignore[method-assign]
 
 
 _COMPOSITE = "(a composite model takes a dict, one implementation per sub-config)"
@@ -147,8 +156,7 @@ def _refuse_in_class_tables(model: nn.Module, name: str) -> None:
             f"{_COMPOSITE}"
         )
         classes = tuple(c for c in table.values() if isinstance(c, type))
-        built = model.modules() if "_modules" in vars(model) else ()  # () while being built
-        if any(isinstance(m, classes) for m in built):
+        if any(isinstance(m, classes) for m in _own_modules(model)):
             raise ValueError(why)
 
         if name not in table:
@@ -158,6 +166,20 @@ def _refuse_in_class_tables(model: nn.Module, name: str) -> None:
 
             refuse.serves = False  # type: ignore[attr-defined]
             table[name] = refuse
+
+
+def _own_modules(model: nn.Module) -> Iterator[nn.Module]:
+    """``model``'s modules that follow its own config: not those of a sub-model with a
+    config of its own (a composite's vision tower), which transformers checks apart.
+    None while ``model`` is being built."""
+    from transformers import PreTrainedModel
+
+    stack = list(model.children()) if "_modules" in vars(model) else []
+    while stack:
+        m = stack.pop()
+        yield m
+        if not isinstance(m, PreTrainedModel) or m.config is model.config:
+            stack.extend(m.children())
 
 
 def _is_class_table(table: object) -> bool:
