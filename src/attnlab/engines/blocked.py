@@ -52,7 +52,14 @@ from attnlab.engines.blocked_autograd import (
     take,
     with_sinks,
 )
-from attnlab.engines.blocked_plan import Block, KernelPlan, Plan, kernel_plan, make_plan
+from attnlab.engines.blocked_plan import (
+    Block,
+    KernelPlan,
+    Plan,
+    kernel_plan,
+    kernel_softcap,
+    make_plan,
+)
 from attnlab.engines.zeros import PAGE, lazy_zeros, lazy_zeros_unzeroed
 from attnlab.masks import Mask, RowBounds
 from attnlab.scores import grouped_matmul
@@ -138,11 +145,11 @@ class BlockedEngine(Engine):
         decode, bounds = self.decoding(req)
         if decode:
             lo, hi = (None, None) if bounds is None else (bounds.lo, bounds.hi)
-            cap = 0.0 if req.softcap is None else float(req.softcap)
-            sinks = None if req.sinks is None else sink_rows(req.sinks.detach()).float()
-            sinks = None if sinks is None else sinks.contiguous()  # (1 or B, Hq, 1 or Lq)
-            out = _decode_op()(req.q, req.k, req.v, lo, hi, req.scale, cap, sinks)
-            return out, None, None
+            sinks = req.sinks
+            if sinks is not None:
+                sinks = sink_rows(sinks.detach()).float().contiguous()  # (1 or B, Hq, 1 or Lq)
+            cap = kernel_softcap(req)
+            return _decode_op()(req.q, req.k, req.v, lo, hi, req.scale, cap, sinks), None, None
         if req.score == "cosine":
             req = _normalized(req)
         plan = self.plan(req)
@@ -270,9 +277,9 @@ def _plain_request(req: AttentionRequest) -> bool:
         return False
     if req.dropout_p or req.return_weights or req.return_lse:
         return False
-    extra = req.softcap is not None or req.sinks is not None  # SDPA has neither
-    if extra and req.sinks is not None and req.sinks.requires_grad and torch.is_grad_enabled():
+    if req.sinks is not None and req.sinks.requires_grad and torch.is_grad_enabled():
         return False
+    extra = req.softcap is not None or req.sinks is not None  # SDPA has neither
     return decodes(req.q, req.k, req.v, masked=req.mask is not None or extra)
 
 

@@ -165,7 +165,7 @@ def kernel_plan(req: AttentionRequest, plan: Plan, bs: int) -> KernelPlan | None
     if spans is not None:  # no tile to evaluate: the spans are the mask
         tiles = torch.full((len(plan.blocks), 1), -1, dtype=torch.long)
         allowed = torch.ones(spans.shape[0], 1, 0, bs, bs, dtype=torch.bool)
-        return KernelPlan(blocks, tiles, allowed, spans, slopes, bs, True, _cap(req))
+        return KernelPlan(blocks, tiles, allowed, spans, slopes, bs, True, kernel_softcap(req))
     starts: list[tuple[int, int]] = []  # (first row, first key) of each partial tile
     table: list[list[int]] = []
     for blk in plan.blocks:
@@ -180,11 +180,11 @@ def kernel_plan(req: AttentionRequest, plan: Plan, bs: int) -> KernelPlan | None
     tiles = torch.tensor([t + [-1] * (width - len(t)) for t in table], dtype=torch.long)
     allowed = _allowed_tiles(req, starts, bs)
     spans = ops().row_spans(blocks, tiles, allowed, bs, req.lq)
-    return KernelPlan(blocks, tiles, allowed, spans, slopes, bs, False, _cap(req))
+    return KernelPlan(blocks, tiles, allowed, spans, slopes, bs, False, kernel_softcap(req))
 
 
-def _cap(req: AttentionRequest) -> float:
-    """The request's soft-cap in the kernel's terms: 0.0 for none."""
+def kernel_softcap(req: AttentionRequest) -> float:
+    """The request's soft-cap in the kernel's terms (its ops' ``softcap``): 0.0 for none."""
     return 0.0 if req.softcap is None else float(req.softcap)
 
 
