@@ -344,7 +344,9 @@ def _forward_with_weights(
     blocked_autograd.STATS["scores"] = work
     if req.sinks is not None:  # the sinks take their share of every row, weights too
         out, total = with_sinks(out, lse, req.sinks)
-        w.mul_(torch.exp(lse - total).unsqueeze(-1))
+        share = torch.exp(lse - total).unsqueeze(-1)  # (B, Hq, Lq, 1)
+        for r0, r1, k0, k1 in kplan.blocks.tolist():  # only the blocks' keys hold weights:
+            w[:, :, r0:r1, k0:k1].mul_(share[:, :, r0:r1])  # the other pages stay unbacked
         lse = total
     return out, w, lse
 
