@@ -92,11 +92,9 @@ def _refuse_own_attention() -> None:
     from the cause. transformers checks the implementation at the start of each model's
     construction (also under ``from_pretrained``); that check now raises a
     ``ValueError`` naming the model, by transformers' own test of whether a model
-    follows its attention interface (``_can_set_attn_implementation``). Where transformers
-    resolves each model's and sub-model's implementation (``get_correct_attn_implementation``,
-    at construction and when a built model is switched), layers a model takes from its
-    own table of classes are refused by that table's name (:func:`_refuse_in_class_tables`).
-    Installed once.
+    follows its attention interface (``_can_set_attn_implementation``). Each (sub-)model's
+    resolved implementation also refuses layers from its own table of classes
+    (:func:`_refuse_in_class_tables`). Installed once.
     """
     from transformers import PreTrainedModel
 
