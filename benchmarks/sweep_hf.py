@@ -63,10 +63,26 @@ SIZES = {
     "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "attention_dropout": 0.0,
     "dropout": 0.0, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
     "image_size": 32, "patch_size": 8, "max_source_positions": 32,
+    "index_topk": 4, "index_n_heads": 2, "index_head_dim": 16,  # DSA keeps 4 of 12 keys
 }  # fmt: skip
 # the second try for a config the sizes above break: multi-head latent attention's rope
 # dimension as the head dimension, one key/value head per query head (DeepSeek-V3)
 RETRY = {"head_dim": 8, "num_key_value_heads": 4}
+# hybrids whose default config places its attention layers by index or period (or has
+# none): one recurrent layer, then one attention layer
+MAMBA = {"mamba_n_heads": 8, "mamba_d_head": 16, "mamba_d_state": 16, "mamba_chunk_size": 16}
+HYBRID: dict[str, dict[str, Any]] = {
+    "bamba": {"attn_layer_indices": [1], **MAMBA},
+    "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"], **MAMBA},
+    "qwen4_exp_text": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16,
+                       "indexer_budget": 4, "indexer_compress_ratio": 2},
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2,
+              "expert_layer_offset": 1},
+    "zamba": {"attn_layer_period": 2, "attn_layer_offset": 1},
+    "zamba2": {"hybrid_layer_ids": [1], "n_mamba_heads": 8, "mamba_headdim": 16,
+               "mamba_d_state": 16, "chunk_size": 16},
+    "recurrent_gemma": {"block_types": ["recurrent", "attention"]},
+}  # fmt: skip
 # one served, one with a position bias, one refused, one whose mask is built for one query
 SMOKE = ("llama", "t5", "bloom", "bridgetower")
 
@@ -85,11 +101,19 @@ def shrink(cfg: Any, sizes: dict[str, Any] = SIZES) -> Any:
         sub = getattr(cfg, part, None)
         if sub is not None and sub is not cfg and hasattr(sub, "to_dict"):
             shrink(sub, sizes)
+    for key, value in HYBRID.get(getattr(cfg, "model_type", ""), {}).items():
+        setattr(cfg, key, value)
     types = getattr(cfg, "layer_types", None)
-    if types:  # as many layer types as layers, in the family's own pattern
-        n = cfg.num_hidden_layers
+    if types:  # each layer type once, in the family's own order (a hybrid's attention
+        kinds = list(dict.fromkeys(types))  # layer may come after its first few layers)
+        n = max(cfg.num_hidden_layers, len(kinds))
         with contextlib.suppress(Exception):
-            cfg.layer_types = (list(types) * n)[:n]
+            cfg.num_hidden_layers = n
+            cfg.layer_types = (kinds * n)[:n]
+        mlp = getattr(cfg, "mlp_layer_types", None)
+        if mlp:
+            with contextlib.suppress(Exception):
+                cfg.mlp_layer_types = (list(mlp) * n)[:n]
     return cfg
 
 

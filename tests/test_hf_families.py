@@ -32,7 +32,12 @@ FAMILIES = {
     "granite": {"attention_multiplier": 0.3},  # its own score scale
     "deepseek_v3": {"v_head_dim": 8, "head_dim": 8, "num_key_value_heads": 4},  # MLA: Ev < E
     "bart": {},  # encoder-decoder: bidirectional, causal and cross-attention
+    # a hybrid: gated delta-net layers beside full attention (see tests/test_hf_sparse.py
+    # for the models that read their mask as a tensor)
+    "qwen3_next": {"layer_types": ["linear_attention", "full_attention"]},
 }
+# the layer types that do not call an attention function
+RECURRENT = ("linear_attention", "conv", "mamba")
 SIZES = {
     "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2, "vocab_size": V,
     "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
@@ -57,7 +62,9 @@ def _config(family: str) -> Any:
 
 def _model(family: str, dtype: torch.dtype) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = transformers.AutoModel.from_config(_config(family), attn_implementation="eager")
+    model = transformers.AutoModel.from_config(
+        _config(family), attn_implementation="eager", experts_implementation="eager"
+    )  # eager experts: fp64 (a grouped matmul takes no float64)
     return model.eval().to(dtype)
 
 
@@ -94,7 +101,8 @@ def test_family_follows_eager_by_the_2x_rule_through_attnlab(
     model.set_attn_implementation("attnlab")
     got = model(**kw).last_hidden_state[keep]
     assert_2x_rule(got, want, ref64, f"{family} hidden states")
-    layers = model.config.num_hidden_layers
+    kinds = getattr(model.config, "layer_types", None) or ()
+    layers = model.config.num_hidden_layers - sum(k in RECURRENT for k in kinds)
     if model.config.is_encoder_decoder:  # encoder self, decoder self and cross
         layers = model.config.encoder_layers + 2 * model.config.decoder_layers
     assert len(calls) == layers, f"{family}: attnlab ran {len(calls)} of {layers} attentions"

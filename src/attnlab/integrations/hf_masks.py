@@ -227,6 +227,39 @@ def translate(call: MaskCall) -> Mask | None:
     return parts[0] if len(parts) == 1 else parts[0] & parts[1]
 
 
+# model types whose own code reads the attention mask as a tensor, not only through the
+# attention function: the indexers of sparse attention that pick each query's keys from
+# masked scores (DeepSeek-V3.2's DSA and the models built on it, Qwen4-Exp's QSA) and
+# Doge's dynamic mask
+TENSOR_MASK_MODELS = frozenset((
+    "axk2", "deepseek_v32", "doge", "dots3_note_text", "glm_moe_dsa", "hy_v4", "hy_v4_vl_text",
+    "mistral_large4_text", "qwen4_exp_text",
+))  # fmt: skip
+
+
+def for_model(
+    mask: Mask | None, call: MaskCall, config: object, device: torch.device | str | None = None
+) -> Mask | Tensor | None:
+    """``mask`` for the model of ``config``: itself, or for a model of
+    :data:`TENSOR_MASK_MODELS` its dense bool tensor ``(B, 1, Lq, Lk)`` (True: attend),
+    which such a model reads and narrows before its attention runs on attnlab.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> from transformers.masking_utils import causal_mask_function as fn
+        >>> call = MaskCall(2, 3, 3, 0, 0, fn, None)
+        >>> for_model(causal(), call, SimpleNamespace(model_type="deepseek_v32")).shape
+        torch.Size([2, 1, 3, 3])
+    """
+    if getattr(config, "model_type", None) not in TENSOR_MASK_MODELS:
+        return mask
+    b, lq, lk = call.batch_size, call.q_length, call.kv_length
+    if mask is None:
+        return torch.ones(b, 1, lq, lk, dtype=torch.bool, device=device)
+    dense = mask.dense(lq, lk, batch=b, device=device)
+    return dense.expand(b, 1, lq, lk).contiguous()
+
+
 def _query_free(piece: Piece) -> bool:
     """Whether a translated piece ignores the queries (every pair; keys alone, as padding
     hides them), so it holds for any query length and positions: a cross-attention's

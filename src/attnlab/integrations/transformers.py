@@ -17,7 +17,10 @@ call through :func:`attnlab.attention`:
 * ``output_attentions=True`` returns exact weights while the output still comes from the
   fast engine (the blocked engine recomputes the weights from its logsumexp);
 * a model's own additive ``position_bias`` (T5's relative buckets, Inkling's learned
-  relative logits) is added to the scaled scores as an attnlab bias, with its gradient.
+  relative logits) is added to the scaled scores as an attnlab bias, with its gradient;
+* the keys a sparse-attention indexer keeps for each query (DeepSeek-V3.2's DSA, GLM-5,
+  Mistral Large 4, ...: ``indices``) narrow the mask, and a model whose own code reads its
+  mask as a tensor gets a dense bool mask (:data:`hf_masks.TENSOR_MASK_MODELS`).
 
 What the backend cannot serve exactly (a head mask, an unknown mask type) raises a
 ``ValueError`` naming it; nothing is silently ignored. A model whose attention layers do
@@ -34,7 +37,8 @@ import torch
 from torch import Tensor, nn
 
 from attnlab.functional import AttentionOutput, attention, attention_plain, attention_weights
-from attnlab.integrations.hf_masks import KeyValid, MaskCall, translate
+from attnlab.integrations.hf_args import mask_and_bias, sinks_of, with_indices, with_position_bias
+from attnlab.integrations.hf_masks import KeyValid, MaskCall, for_model, translate
 from attnlab.masks import Mask, documents
 
 __all__ = ["NAME", "attention_forward", "build_mask", "register", "with_packing"]
@@ -241,12 +245,12 @@ def build_mask(
     mask_function: Any = None,
     attention_mask: Tensor | None = None,
     **kwargs: Any,
-) -> Mask | None:
-    """transformers' mask request as an attnlab mask (None: every pair attends).
+) -> Mask | Tensor | None:
+    """transformers' mask request as an attnlab mask (None: every pair attends), or as a
+    bool tensor for a model that reads it as one (``hf_masks.TENSOR_MASK_MODELS``).
 
     Registered as the ``"attnlab"`` mask builder; the model hands its result to
-    :func:`attention_forward` as ``attention_mask``. ``attention_mask`` is the 2-D padding
-    mask ``(B, >= kv_offset + kv_length)``.
+    :func:`attention_forward`. ``attention_mask`` is the 2-D padding ``(B, >= kv_offset + Lk)``.
 
     Example:
         >>> from transformers.masking_utils import causal_mask_function
@@ -259,7 +263,7 @@ def build_mask(
     call = MaskCall(
         batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask
     )
-    return translate(call)
+    return for_model(translate(call), call, kwargs.get("config"), kwargs.get("device"))
 
 
 def attention_forward(
@@ -291,8 +295,10 @@ def attention_forward(
             sinks ``(Hq,)`` (gpt-oss), ``sinks`` one per query row ``(B, Hq, Lq, 1)``
             (Inkling 2); ``position_ids`` mark packed sequences (see
             :func:`with_packing`); ``position_bias`` is the model's additive score bias
-            ``(B or 1, Hq, Lq, Lk)`` (T5, Inkling); ``sliding_window`` is already in the
-            mask; options attnlab does not compute (a head mask) raise ``ValueError``.
+            ``(B or 1, Hq, Lq, Lk)`` (T5, Inkling); ``indices (B, Lq, topk)`` are the keys
+            a sparse-attention indexer kept for each query (DeepSeek-V3.2's DSA);
+            ``sliding_window`` is already in the mask; options attnlab does not compute
+            (a head mask) raise ``ValueError``.
 
     Returns:
         ``(out (B, Lq, Hq, Ev), weights (B, Hq, Lq, Lk) or None)``, as transformers'
@@ -314,13 +320,14 @@ def attention_forward(
         out = attention_plain(query, key, value, scaling)  # no request: see attnlab.attention
         if out is not None:
             return out.transpose(1, 2).contiguous(), None  # (B, Lq, Hq, Ev)
-    mask, bias = _mask_and_bias(attention_mask, key.shape[-2])
+    mask, bias = mask_and_bias(attention_mask, key.shape[-2])
     if bias is None and not isinstance(mask, Tensor):
         mask = with_packing(mask, kwargs.get("position_ids"), query.shape[-2], key.shape[-2])
-    bias = _with_position_bias(bias, kwargs.get("position_bias"))
+    mask = with_indices(mask, kwargs.get("indices"), key.shape[-2])
+    bias = with_position_bias(bias, kwargs.get("position_bias"))
     want = bool(kwargs.get("output_attentions", False)) or _collecting_attentions()
     graph = want and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-    sinks = _sinks(kwargs.get("s_aux"), kwargs.get("sinks"))
+    sinks = sinks_of(kwargs.get("s_aux"), kwargs.get("sinks"))
     args = {"mask": mask, "bias": bias, "scale": scaling, "softcap": softcap, "sinks": sinks}
     r = attention(
         query,
@@ -380,6 +387,8 @@ def _decoding_step(
     get = kw.get  # every decoding step comes here: plain lookups, no generator
     if get("s_aux") is not None or get("sinks") is not None or get("position_bias") is not None:
         return False
+    if get("indices") is not None:
+        return False
     if get("output_attentions"):
         return False
     return not _collecting_attentions()
@@ -400,50 +409,3 @@ def _collecting_attentions() -> bool:
         return False
     collected = _COLLECTOR.get()
     return bool(collected) and any("attentions" in key for key in collected)
-
-
-def _sinks(s_aux: object, sinks: object) -> Tensor | None:
-    """The call's attention sinks for :func:`attnlab.attention`: gpt-oss's ``s_aux (Hq,)``
-    or Inkling 2's per-row ``sinks (B, Hq, Lq, 1)`` as ``(B, Hq, Lq)``.
-
-    Example:
-        >>> _sinks(None, torch.zeros(2, 4, 3, 1)).shape
-        torch.Size([2, 4, 3])
-    """
-    if s_aux is not None and sinks is not None:
-        raise ValueError("the attnlab backend takes attention sinks as s_aux or sinks, not both")
-    if isinstance(sinks, Tensor) and sinks.dim() == 4 and sinks.shape[-1] == 1:
-        return sinks.squeeze(-1)  # (B, Hq, Lq): attnlab.attention checks the rest
-    return sinks if sinks is not None else s_aux  # type: ignore[return-value]
-
-
-def _with_position_bias(bias: Tensor | None, position_bias: object) -> Tensor | None:
-    """The additive bias of the call: the model's float mask plus its ``position_bias``.
-
-    Example:
-        >>> _with_position_bias(None, torch.ones(1, 2, 3, 3)).shape
-        torch.Size([1, 2, 3, 3])
-    """
-    if position_bias is None:
-        return bias
-    if not isinstance(position_bias, Tensor):
-        raise TypeError(
-            f"position_bias: the attnlab backend takes an additive float tensor "
-            f"(B or 1, H, Lq, Lk), got {type(position_bias).__name__}"
-        )
-    return position_bias if bias is None else bias + position_bias
-
-
-def _mask_and_bias(m: Mask | Tensor | None, lk: int) -> tuple[Mask | Tensor | None, Tensor | None]:
-    """The model's ``attention_mask`` as an attnlab mask or an additive bias."""
-    if m is None or isinstance(m, Mask):
-        return m, None
-    if not isinstance(m, Tensor):
-        raise TypeError(
-            f"attention_mask: the attnlab backend takes an attnlab mask, a bool tensor or "
-            f"an additive float tensor, got {type(m).__name__}"
-        )
-    m = m[..., :lk]  # static caches hand a longer mask, as to eager
-    if m.dtype == torch.bool:
-        return m, None
-    return None, m

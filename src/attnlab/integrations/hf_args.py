@@ -1,0 +1,88 @@
+"""What a transformers model's attention call carries, as :func:`attnlab.attention`'s
+arguments: its mask (an attnlab mask, a bool or an additive float tensor), the keys a
+sparse-attention indexer picked for each query, its position bias and its sinks."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from attnlab.masks import Mask, tensor
+
+__all__ = ["mask_and_bias", "sinks_of", "with_indices", "with_position_bias"]
+
+
+def sinks_of(s_aux: object, sinks: object) -> Tensor | None:
+    """The call's attention sinks for :func:`attnlab.attention`: gpt-oss's ``s_aux (Hq,)``
+    or Inkling 2's per-row ``sinks (B, Hq, Lq, 1)`` as ``(B, Hq, Lq)``.
+
+    Example:
+        >>> sinks_of(None, torch.zeros(2, 4, 3, 1)).shape
+        torch.Size([2, 4, 3])
+    """
+    if s_aux is not None and sinks is not None:
+        raise ValueError("the attnlab backend takes attention sinks as s_aux or sinks, not both")
+    if isinstance(sinks, Tensor) and sinks.dim() == 4 and sinks.shape[-1] == 1:
+        return sinks.squeeze(-1)  # (B, Hq, Lq): attnlab.attention checks the rest
+    return sinks if sinks is not None else s_aux  # type: ignore[return-value]
+
+
+def with_position_bias(bias: Tensor | None, position_bias: object) -> Tensor | None:
+    """The additive bias of the call: the model's float mask plus its ``position_bias``.
+
+    Example:
+        >>> with_position_bias(None, torch.ones(1, 2, 3, 3)).shape
+        torch.Size([1, 2, 3, 3])
+    """
+    if position_bias is None:
+        return bias
+    if not isinstance(position_bias, Tensor):
+        raise TypeError(
+            f"position_bias: the attnlab backend takes an additive float tensor "
+            f"(B or 1, H, Lq, Lk), got {type(position_bias).__name__}"
+        )
+    return position_bias if bias is None else bias + position_bias
+
+
+def mask_and_bias(m: Mask | Tensor | None, lk: int) -> tuple[Mask | Tensor | None, Tensor | None]:
+    """The model's ``attention_mask`` as an attnlab mask or an additive bias."""
+    if m is None or isinstance(m, Mask):
+        return m, None
+    if not isinstance(m, Tensor):
+        raise TypeError(
+            f"attention_mask: the attnlab backend takes an attnlab mask, a bool tensor or "
+            f"an additive float tensor, got {type(m).__name__}"
+        )
+    m = m[..., :lk]  # static caches hand a longer mask, as to eager
+    if m.dtype == torch.bool:
+        return m, None
+    return None, m
+
+
+def with_indices(mask: Mask | Tensor | None, indices: object, lk: int) -> Mask | Tensor | None:
+    """``mask`` AND the keys a sparse-attention indexer kept for each query.
+
+    DeepSeek-V3.2's DSA and the models built on it (GLM-5, Mistral Large 4, ...) narrow
+    the mask themselves only under ``eager`` and ``sdpa``; under any other implementation
+    they pass the kept key positions as ``indices (B, Lq, topk)`` for the attention to
+    apply. A query attends to a key only where both allow it.
+
+    Example:
+        >>> from attnlab.masks import causal
+        >>> m = with_indices(causal(), torch.tensor([[[0, 0], [0, 1], [0, 2]]]), 3)
+        >>> m.dense(3, 3)[0, 0].int().tolist()
+        [[1, 0, 0], [1, 1, 0], [1, 0, 1]]
+    """
+    if indices is None:
+        return mask
+    if not isinstance(indices, Tensor) or indices.dim() != 3 or indices.is_floating_point():
+        got = tuple(indices.shape) if isinstance(indices, Tensor) else type(indices).__name__
+        raise TypeError(f"indices: the attnlab backend takes kept key positions as an "
+                        f"integer tensor (B, Lq, topk), got {got}")  # fmt: skip
+    b, lq, _ = indices.shape
+    kept = torch.zeros(b, lq, lk, dtype=torch.bool, device=indices.device)
+    kept.scatter_(-1, indices.long(), True)
+    kept = kept.unsqueeze(1)  # (B, 1, Lq, Lk)
+    if mask is None:
+        return tensor(kept)
+    return mask & kept if isinstance(mask, Tensor) else mask & tensor(kept)
