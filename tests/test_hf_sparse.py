@@ -1,8 +1,9 @@
 """transformers models whose sparse attention picks each query's keys, on the attnlab
 backend: DeepSeek-V3.2's DSA and the models built on it, Qwen4-Exp's QSA, Doge's dynamic
-mask. Under any implementation but eager and sdpa, the DSA models pass the kept keys as
-``indices`` for the attention function to apply, and they all read their mask as a tensor
-before their attention runs. Each model keeps 4 of 12 keys a query, so a backend that
+mask, MiniMax M3's key blocks. Under any implementation but eager and sdpa, the DSA models
+pass the kept keys as ``indices`` (MiniMax M3 as ``block_indices``) for the attention
+function to apply, and all but MiniMax M3 read their mask as a tensor before their
+attention runs. Each model keeps 4 of 12 keys a query, so a backend that
 ignored the selection would fail; the logits follow an fp64 eager run by the 2x rule.
 """
 
@@ -34,9 +35,13 @@ MODELS = {
     "axk2": DSA,
     "qwen4_exp_text": {"layer_types": ["linear_attention", "indexed_attention"], **QSA},
     "doge": {"keep_window_size": 4},
-}
+    # blocks of 2 keys: the 2 best and the one before the query's own (per indexer head)
+    "minimax_m3_vl_text": {"layer_types": ["full_attention", "minimax_m3_sparse"],
+                           "index_n_heads": 2, "index_head_dim": 16, "index_block_size": 2,
+                           "index_topk_blocks": 2, "index_local_blocks": 1},
+}  # fmt: skip
 # the option that makes each model keep every key (the control)
-KEEP_ALL = {"index_topk": 64, "indexer_budget": 64, "keep_window_size": 64}
+KEEP_ALL = {"index_topk": 64, "indexer_budget": 64, "keep_window_size": 64, "index_topk_blocks": 64}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -84,18 +89,20 @@ def test_a_sparse_attention_model_follows_eager_by_the_2x_rule(
         got = _model(family, "attnlab")(input_ids=ids).last_hidden_state
         every = _model(family, "eager", **KEEP_ALL)(input_ids=ids).last_hidden_state
     assert calls, f"{family}: attnlab never ran"
-    assert all(isinstance(m, torch.Tensor) for m in calls), "the model reads a tensor mask"
+    if family in hf_masks.TENSOR_MASK_MODELS:
+        assert all(isinstance(m, torch.Tensor) for m in calls), "the model reads a tensor mask"
     assert_2x_rule(got, plain, ref64, f"{family} hidden states")
     # the control: keeping every key changes the model, so the selection was applied
     assert max_err(every, plain) > 1e-3, f"{family}: its selection made no difference"
 
 
-def test_generate_with_dsa_gives_eagers_greedy_tokens() -> None:
-    """Decoding steps: one query, the keys it keeps among the cached ones."""
+@pytest.mark.parametrize("family", ["deepseek_v32", "minimax_m3_vl_text"])
+def test_generate_with_sparse_attention_gives_eagers_greedy_tokens(family: str) -> None:
+    """Decoding steps: one query, the keys (or key blocks) it keeps among the cached ones."""
     ids = _ids()[:, :8]
     kw = {"max_new_tokens": 24, "min_new_tokens": 24, "do_sample": False}
     torch.manual_seed(0)
-    cfg = _config("deepseek_v32")
+    cfg = _config(family)
     lm = transformers.AutoModelForCausalLM
     want = lm.from_config(cfg, attn_implementation="eager").eval().generate(ids, **kw)
     torch.manual_seed(0)

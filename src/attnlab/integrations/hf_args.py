@@ -9,7 +9,13 @@ from torch import Tensor
 
 from attnlab.masks import Mask, tensor
 
-__all__ = ["mask_and_bias", "sinks_of", "with_indices", "with_position_bias"]
+__all__ = [
+    "mask_and_bias",
+    "sinks_of",
+    "with_block_indices",
+    "with_indices",
+    "with_position_bias",
+]
 
 
 def sinks_of(s_aux: object, sinks: object) -> Tensor | None:
@@ -82,7 +88,41 @@ def with_indices(mask: Mask | Tensor | None, indices: object, lk: int) -> Mask |
     b, lq, _ = indices.shape
     kept = torch.zeros(b, lq, lk, dtype=torch.bool, device=indices.device)
     kept.scatter_(-1, indices.long(), True)
-    kept = kept.unsqueeze(1)  # (B, 1, Lq, Lk)
+    return _narrowed(mask, kept.unsqueeze(1))  # (B, 1, Lq, Lk)
+
+
+def with_block_indices(
+    mask: Mask | Tensor | None, block_indices: object, block_size: object, hq: int, lk: int
+) -> Mask | Tensor | None:
+    """``mask`` AND the key blocks a block-sparse indexer kept (MiniMax M3).
+
+    ``block_indices (B, Hi, Lq, topk)`` are the kept blocks of ``block_size`` keys for each
+    query, per indexer head (``-1``: none); each of the ``Hi`` heads serves ``hq // Hi``
+    consecutive query heads, as in the model's own mask.
+
+    Example:
+        >>> m = with_block_indices(None, torch.tensor([[[[0], [1]]]]), 2, 2, 4)
+        >>> m.dense(2, 4, batch=1, heads=2)[0, 1].int().tolist()
+        [[1, 1, 0, 0], [0, 0, 1, 1]]
+    """
+    if block_indices is None:
+        return mask
+    ok = isinstance(block_indices, Tensor) and block_indices.dim() == 4
+    if not ok or block_indices.is_floating_point() or not isinstance(block_size, int):
+        got = tuple(block_indices.shape) if isinstance(block_indices, Tensor) else block_indices
+        raise TypeError(f"block_indices: the attnlab backend takes kept key blocks as an integer "
+                        f"tensor (B, Hi, Lq, topk) from a module with an indexer's block_size, "
+                        f"got {got} and block_size {block_size!r}")  # fmt: skip
+    b, hi, lq, _ = block_indices.shape
+    blocks = -(-lk // block_size)
+    safe = block_indices.long().masked_fill(block_indices < 0, blocks)  # -1: a spare column
+    kept = torch.zeros(b, hi, lq, blocks + 1, dtype=torch.bool, device=block_indices.device)
+    kept = kept.scatter_(-1, safe, True)[..., :blocks].repeat_interleave(block_size, dim=-1)
+    return _narrowed(mask, kept[..., :lk].repeat_interleave(hq // hi, dim=1))  # (B, Hq, Lq, Lk)
+
+
+def _narrowed(mask: Mask | Tensor | None, kept: Tensor) -> Mask | Tensor:
+    """``mask`` AND the bool tensor ``kept (B, 1 or H, Lq, Lk)``."""
     if mask is None:
         return tensor(kept)
     return mask & kept if isinstance(mask, Tensor) else mask & tensor(kept)

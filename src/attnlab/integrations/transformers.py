@@ -37,7 +37,13 @@ import torch
 from torch import Tensor, nn
 
 from attnlab.functional import AttentionOutput, attention, attention_plain, attention_weights
-from attnlab.integrations.hf_args import mask_and_bias, sinks_of, with_indices, with_position_bias
+from attnlab.integrations.hf_args import (
+    mask_and_bias,
+    sinks_of,
+    with_block_indices,
+    with_indices,
+    with_position_bias,
+)
 from attnlab.integrations.hf_masks import KeyValid, MaskCall, for_model, translate
 from attnlab.masks import Mask, documents
 
@@ -296,7 +302,8 @@ def attention_forward(
             (Inkling 2); ``position_ids`` mark packed sequences (see
             :func:`with_packing`); ``position_bias`` is the model's additive score bias
             ``(B or 1, Hq, Lq, Lk)`` (T5, Inkling); ``indices (B, Lq, topk)`` are the keys
-            a sparse-attention indexer kept for each query (DeepSeek-V3.2's DSA);
+            a sparse-attention indexer kept for each query (DeepSeek-V3.2's DSA), and
+            ``block_indices`` the key blocks (MiniMax M3, with ``module.indexer.block_size``);
             ``sliding_window`` is already in the mask; options attnlab does not compute
             (a head mask) raise ``ValueError``.
 
@@ -324,6 +331,10 @@ def attention_forward(
     if bias is None and not isinstance(mask, Tensor):
         mask = with_packing(mask, kwargs.get("position_ids"), query.shape[-2], key.shape[-2])
     mask = with_indices(mask, kwargs.get("indices"), key.shape[-2])
+    size = getattr(getattr(module, "indexer", None), "block_size", None)
+    mask = with_block_indices(
+        mask, kwargs.get("block_indices"), size, query.shape[1], key.shape[-2]
+    )
     bias = with_position_bias(bias, kwargs.get("position_bias"))
     want = bool(kwargs.get("output_attentions", False)) or _collecting_attentions()
     graph = want and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
@@ -387,7 +398,7 @@ def _decoding_step(
     get = kw.get  # every decoding step comes here: plain lookups, no generator
     if get("s_aux") is not None or get("sinks") is not None or get("position_bias") is not None:
         return False
-    if get("indices") is not None:
+    if get("indices") is not None or get("block_indices") is not None:
         return False
     if get("output_attentions"):
         return False
