@@ -17,7 +17,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from attnlab.integrations import hf_masks  # noqa: E402
-from attnlab.integrations.hf_args import with_indices  # noqa: E402
+from attnlab.integrations.hf_args import with_block_indices, with_indices  # noqa: E402
 from attnlab.integrations.transformers import build_mask, register  # noqa: E402
 from attnlab.masks import Mask, causal  # noqa: E402
 from tests.conftest import assert_2x_rule, max_err  # noqa: E402
@@ -138,3 +138,11 @@ def test_indices_narrow_every_kind_of_mask() -> None:
     assert with_indices(causal(), None, 3).spec() == "causal()"
     with pytest.raises(TypeError, match=r"indices: .* integer tensor"):
         with_indices(None, torch.zeros(2, 3, 2), 3)
+    # key blocks of 2, per indexer head; -1 keeps nothing
+    blocks = torch.tensor([[[[0], [1]], [[-1], [0]]]])  # (B=1, Hi=2, Lq=2, 1)
+    got = with_block_indices(None, blocks, 2, 4, 4).dense(2, 4, batch=1, heads=4)
+    rows = {0: [[1, 1, 0, 0], [0, 0, 1, 1]], 1: [[0, 0, 0, 0], [1, 1, 0, 0]]}
+    for h in range(4):  # query heads 0, 1 follow indexer head 0; 2, 3 head 1
+        assert got[0, h].int().tolist() == rows[h // 2], h
+    with pytest.raises(TypeError, match=r"block_indices: .* block_size None"):
+        with_block_indices(None, blocks, None, 4, 4)

@@ -107,16 +107,16 @@ def with_block_indices(
     """
     if block_indices is None:
         return mask
-    ok = isinstance(block_indices, Tensor) and block_indices.dim() == 4
-    if not ok or block_indices.is_floating_point() or not isinstance(block_size, int):
-        got = tuple(block_indices.shape) if isinstance(block_indices, Tensor) else block_indices
+    idx = block_indices if isinstance(block_indices, Tensor) else None
+    if idx is None or idx.dim() != 4 or idx.is_floating_point() or not isinstance(block_size, int):
+        got = tuple(idx.shape) if idx is not None else type(block_indices).__name__
         raise TypeError(f"block_indices: the attnlab backend takes kept key blocks as an integer "
                         f"tensor (B, Hi, Lq, topk) from a module with an indexer's block_size, "
                         f"got {got} and block_size {block_size!r}")  # fmt: skip
-    b, hi, lq, _ = block_indices.shape
+    b, hi, lq, _ = idx.shape
     blocks = -(-lk // block_size)
-    safe = block_indices.long().masked_fill(block_indices < 0, blocks)  # -1: a spare column
-    kept = torch.zeros(b, hi, lq, blocks + 1, dtype=torch.bool, device=block_indices.device)
+    safe = idx.long().masked_fill(idx < 0, blocks)  # -1: a spare column
+    kept = torch.zeros(b, hi, lq, blocks + 1, dtype=torch.bool, device=idx.device)
     kept = kept.scatter_(-1, safe, True)[..., :blocks].repeat_interleave(block_size, dim=-1)
     return _narrowed(mask, kept[..., :lk].repeat_interleave(hq // hi, dim=1))  # (B, Hq, Lq, Lk)
 
