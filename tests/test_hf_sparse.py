@@ -35,6 +35,12 @@ MODELS = {
     "axk2": DSA,
     "qwen4_exp_text": {"layer_types": ["linear_attention", "indexed_attention"], **QSA},
     "doge": {"keep_window_size": 4},
+    # compressed keys appended after the mask was built, with their own additive bias
+    "deepseek_v4": {"layer_types": ["compressed_sparse_attention", "heavily_compressed_attention"],
+                    "compress_rates": {"compressed_sparse_attention": 2,
+                                       "heavily_compressed_attention": 4},
+                    "sliding_window": 4, "index_topk": 2, "index_n_heads": 2,
+                    "index_head_dim": 16},
     # blocks of 2 keys: the 2 best and the one before the query's own (per indexer head)
     "minimax_m3_vl_text": {"layer_types": ["full_attention", "minimax_m3_sparse"],
                            "index_n_heads": 2, "index_head_dim": 16, "index_block_size": 2,
@@ -146,3 +152,13 @@ def test_indices_narrow_every_kind_of_mask() -> None:
         assert got[0, h].int().tolist() == rows[h // 2], h
     with pytest.raises(TypeError, match=r"block_indices: .* block_size None"):
         with_block_indices(None, blocks, None, 4, 4)
+
+
+def test_keys_added_after_the_mask_was_built_are_refused_by_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """DeepSeek-V4 appends compressed keys (and their bias) to a tensor mask; given an
+    attnlab mask instead, the keys outgrow it: an error, not a shifted mask."""
+    monkeypatch.delitem(hf_masks.TENSOR_MASK_MODELS, "deepseek_v4")
+    with pytest.raises(ValueError, match=r"attention_mask: built for 12 keys, but Deepseek"):
+        _model("deepseek_v4", "attnlab")(input_ids=_ids())

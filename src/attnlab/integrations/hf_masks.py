@@ -230,19 +230,26 @@ def translate(call: MaskCall) -> Mask | None:
 # model types whose own code reads the attention mask as a tensor, not only through the
 # attention function: the indexers of sparse attention that pick each query's keys from
 # masked scores (DeepSeek-V3.2's DSA and the models built on it, Qwen4-Exp's QSA) and
-# Doge's dynamic mask
-TENSOR_MASK_MODELS = frozenset((
-    "axk2", "deepseek_v32", "doge", "dots3_note_text", "glm_moe_dsa", "hy_v4", "hy_v4_vl_text",
-    "mistral_large4_text", "qwen4_exp_text",
-))  # fmt: skip
+# Doge's dynamic mask take it as a bool tensor; DeepSeek-V4, which runs on eager alone,
+# appends its compressed keys' additive bias to it, so it takes eager's float form
+TENSOR_MASK_MODELS = {
+    **dict.fromkeys(("axk2", "deepseek_v32", "doge", "dots3_note_text", "glm_moe_dsa", "hy_v4",
+                     "hy_v4_vl_text", "mistral_large4_text", "qwen4_exp_text"), "bool"),
+    "deepseek_v4": "additive",
+}  # fmt: skip
 
 
 def for_model(
-    mask: Mask | None, call: MaskCall, config: object, device: torch.device | str | None = None
+    mask: Mask | None,
+    call: MaskCall,
+    config: object,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Mask | Tensor | None:
     """``mask`` for the model of ``config``: itself, or for a model of
-    :data:`TENSOR_MASK_MODELS` its dense bool tensor ``(B, 1, Lq, Lk)`` (True: attend),
-    which such a model reads and narrows before its attention runs on attnlab.
+    :data:`TENSOR_MASK_MODELS` its dense tensor ``(B, 1, Lq, Lk)``, which such a model reads
+    before its attention runs on attnlab: bool (True: attend) or additive (0, or the
+    lowest value of ``dtype`` (float32 if None), as transformers' eager builder makes it).
 
     Example:
         >>> from types import SimpleNamespace
@@ -250,14 +257,22 @@ def for_model(
         >>> call = MaskCall(2, 3, 3, 0, 0, fn, None)
         >>> for_model(causal(), call, SimpleNamespace(model_type="deepseek_v32")).shape
         torch.Size([2, 1, 3, 3])
+        >>> for_model(causal(), call, SimpleNamespace(model_type="deepseek_v4"))[0, 0, 0, 1]
+        tensor(-3.4028e+38)
     """
-    if getattr(config, "model_type", None) not in TENSOR_MASK_MODELS:
+    form = TENSOR_MASK_MODELS.get(str(getattr(config, "model_type", "")))
+    if form is None:
         return mask
     b, lq, lk = call.batch_size, call.q_length, call.kv_length
     if mask is None:
-        return torch.ones(b, 1, lq, lk, dtype=torch.bool, device=device)
-    dense = mask.dense(lq, lk, batch=b, device=device)
-    return dense.expand(b, 1, lq, lk).contiguous()
+        allowed = torch.ones(b, 1, lq, lk, dtype=torch.bool, device=device)
+    else:
+        allowed = mask.dense(lq, lk, batch=b, device=device).expand(b, 1, lq, lk).contiguous()
+    if form == "bool":
+        return allowed
+    dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
+    zeros = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return zeros.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def _query_free(piece: Piece) -> bool:

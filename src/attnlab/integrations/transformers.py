@@ -30,6 +30,7 @@ is built (:func:`register` installs that check).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -56,6 +57,8 @@ _REFUSED = ("head_mask", "layer_head_mask")
 # transformers' ContextVar of the outputs being recorded (None: not looked up yet; False:
 # this transformers has none)
 _COLLECTOR: Any = None
+# the number of keys each mask from build_mask was made for (checked by attention_forward)
+_BUILT_FOR: weakref.WeakKeyDictionary[Mask, int] = weakref.WeakKeyDictionary()
 
 
 def register(name: str = NAME, engine: str = "auto") -> str:
@@ -269,7 +272,11 @@ def build_mask(
     call = MaskCall(
         batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask
     )
-    return for_model(translate(call), call, kwargs.get("config"), kwargs.get("device"))
+    got = kwargs.get
+    mask = for_model(translate(call), call, got("config"), got("device"), got("dtype"))
+    if isinstance(mask, Mask):
+        _BUILT_FOR[mask] = kv_length
+    return mask
 
 
 def attention_forward(
@@ -323,6 +330,13 @@ def attention_forward(
                 f"the attnlab backend cannot compute {name!r} (a model option outside "
                 f"attnlab's attention); load this model with attn_implementation='eager'"
             )
+    built = _BUILT_FOR.get(attention_mask) if isinstance(attention_mask, Mask) else None
+    if built is not None and built != key.shape[-2]:  # the model added keys the mask misses
+        raise ValueError(
+            f"attention_mask: built for {built} keys, but {type(module).__name__} attends to "
+            f"{key.shape[-2]}: the model changed its keys after its mask was made, which an "
+            f"attnlab mask cannot follow; load this model with attn_implementation='eager'"
+        )
     if attention_mask is None and _decoding_step(query, key, dropout, softcap, engine, kwargs):
         out = attention_plain(query, key, value, scaling)  # no request: see attnlab.attention
         if out is not None:
