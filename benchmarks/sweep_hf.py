@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import functools
 import importlib.util
 import inspect
 import json
@@ -64,14 +65,20 @@ SIZES = {
     "dropout": 0.0, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
     "image_size": 32, "patch_size": 8, "max_source_positions": 32,
     "index_topk": 4, "index_n_heads": 2, "index_head_dim": 16,  # DSA keeps 4 of 12 keys
+    "rotary_dim": 8, "qk_head_dim": 16, "vocab_size_per_layer_input": 64,
+    "hidden_size_per_layer_input": 16,
 }  # fmt: skip
+# sizes a config may leave None although its model needs them (set from SIZES)
+UNSET = ("head_dim", "num_key_value_heads", "num_experts_per_tok", "n_routed_experts",
+         "n_shared_experts")  # fmt: skip
 # the second try for a config the sizes above break: multi-head latent attention's rope
 # dimension as the head dimension, one key/value head per query head (DeepSeek-V3)
 RETRY = {"head_dim": 8, "num_key_value_heads": 4}
-# hybrids whose default config places its attention layers by index or period (or has
-# none): one recurrent layer, then one attention layer
+# each family's own overrides (a dotted key sets a sub-config's): hybrids whose default
+# config places its attention layers by index or period (or has none) get one recurrent
+# layer, then one attention layer; the others are what their models need beyond SIZES
 MAMBA = {"mamba_n_heads": 8, "mamba_d_head": 16, "mamba_d_state": 16, "mamba_chunk_size": 16}
-HYBRID: dict[str, dict[str, Any]] = {
+FAMILY: dict[str, dict[str, Any]] = {
     "bamba": {"attn_layer_indices": [1], **MAMBA},
     "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"], **MAMBA},
     "qwen4_exp_text": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16,
@@ -82,6 +89,12 @@ HYBRID: dict[str, dict[str, Any]] = {
     "zamba2": {"hybrid_layer_ids": [1], "n_mamba_heads": 8, "mamba_headdim": 16,
                "mamba_d_state": 16, "chunk_size": 16},
     "recurrent_gemma": {"block_types": ["recurrent", "attention"]},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},
+    "dbrx": {"attn_config.rope_theta": 10000.0, "attn_config.clip_qkv": 8.0,
+             "ffn_config.hidden_size": 64},
+    "gemma3n_text": {"num_kv_shared_layers": 0, "intermediate_size": [64, 64]},
+    "hrm_text": {"num_layers_per_stack": 1, "num_hidden_layers": 8},
+    "gemma3": {"mm_tokens_per_image": 4},  # 2 x 2 pooled patches of its 32 x 32 images
 }  # fmt: skip
 # one served, one with a position bias, one refused, one whose mask is built for one query
 SMOKE = ("llama", "t5", "bloom", "bridgetower")
@@ -92,7 +105,14 @@ class _Timeout(Exception):
 
 
 def shrink(cfg: Any, sizes: dict[str, Any] = SIZES) -> Any:
-    """``cfg`` with every size of ``sizes`` it has (and its sub-configs') set."""
+    """``cfg`` with every size of ``sizes`` it has (and its sub-configs') set, its family's
+    overrides (:data:`FAMILY`), and each of its layer types once."""
+    spec = cfg.__dict__.get("_heterogeneity_spec")  # per-layer values (Gemma 4, dots3)
+    per_layer = _per_layer_off(cfg) if spec is not None else None
+    for key in UNSET:
+        if key in sizes and key in cfg.__dict__ and cfg.__dict__[key] is None:
+            with contextlib.suppress(Exception):
+                setattr(cfg, key, sizes[key])
     for key, value in sizes.items():
         if getattr(cfg, key, None) is not None:
             with contextlib.suppress(Exception):  # a derived, read-only property
@@ -101,20 +121,57 @@ def shrink(cfg: Any, sizes: dict[str, Any] = SIZES) -> Any:
         sub = getattr(cfg, part, None)
         if sub is not None and sub is not cfg and hasattr(sub, "to_dict"):
             shrink(sub, sizes)
-    for key, value in HYBRID.get(getattr(cfg, "model_type", ""), {}).items():
-        setattr(cfg, key, value)
-    types = getattr(cfg, "layer_types", None)
-    if types:  # each layer type once, in the family's own order (a hybrid's attention
-        kinds = list(dict.fromkeys(types))  # layer may come after its first few layers)
-        n = max(cfg.num_hidden_layers, len(kinds))
-        with contextlib.suppress(Exception):
-            cfg.num_hidden_layers = n
-            cfg.layer_types = (kinds * n)[:n]
-        mlp = getattr(cfg, "mlp_layer_types", None)
-        if mlp:
-            with contextlib.suppress(Exception):
-                cfg.mlp_layer_types = (list(mlp) * n)[:n]
+    for key, value in FAMILY.get(getattr(cfg, "model_type", ""), {}).items():
+        *path, last = key.split(".")
+        setattr(functools.reduce(getattr, path, cfg), last, value)
+    _each_layer_type_once(cfg)
+    if per_layer is not None:
+        _per_layer_on(cfg, *per_layer)
     return cfg
+
+
+def _each_layer_type_once(cfg: Any) -> None:
+    """Each layer type once, in the family's own order (a hybrid's attention layer may come
+    after its first few layers), and as many MLP types as layers."""
+    types = getattr(cfg, "layer_types", None)
+    if not types:
+        return
+    kinds = list(dict.fromkeys(types))
+    n = max(cfg.num_hidden_layers, len(kinds))
+    with contextlib.suppress(Exception):
+        cfg.num_hidden_layers = n
+        cfg.layer_types = (kinds * n)[:n]
+    mlp = getattr(cfg, "mlp_layer_types", None)
+    if mlp:
+        with contextlib.suppress(Exception):
+            cfg.mlp_layer_types = (list(mlp) * n)[:n]
+
+
+def _per_layer_off(cfg: Any) -> tuple[dict, dict, list]:
+    """A heterogeneous config's per-layer overrides, its global values and layer types,
+    with the overrides taken off (reading a per-layer size raises while they are on)."""
+    spec = cfg.__dict__["_heterogeneity_spec"]
+    per_layer = {i: dict(o) for i, o in spec.per_layer_overrides.items()}
+    read = cfg._getattr_without_heterogeneous_validation
+    old = {k: read(k) for k in spec.per_layer_attributes}
+    types = list(getattr(cfg, "layer_types", None) or [])
+    cfg.per_layer_config = None
+    return per_layer, old, types
+
+
+def _per_layer_on(cfg: Any, per_layer: dict, old: dict, old_types: list) -> None:
+    """The per-layer overrides back on the shrunk layers, each scaled as its global value
+    was (Gemma 4's full-attention layers keep twice the head size)."""
+    read, new = cfg._getattr_without_heterogeneous_validation, {}
+    for i, kind in enumerate(getattr(cfg, "layer_types", None) or []):
+        src = next((j for j, k in enumerate(old_types) if k == kind and j in per_layer), None)
+        if src is None:
+            continue
+        new[i] = {
+            k: max(1, v * read(k) // old[k]) if isinstance(v, int) and old.get(k) else v
+            for k, v in per_layer[src].items()
+        }
+    cfg.per_layer_config = new
 
 
 def _inputs(model: Any) -> tuple[dict[str, torch.Tensor], Any]:
@@ -135,14 +192,28 @@ def _inputs(model: Any) -> tuple[dict[str, torch.Tensor], Any]:
         am[1, -4:] = 0
         kw = {"input_ids": torch.randint(3, V, (2, 12), generator=g), "attention_mask": am}
         keep = am.bool()
-        if "pixel_values" in inspect.signature(model.forward).parameters:  # CLIP
-            kw["pixel_values"] = _images(getattr(cfg, "vision_config", None) or cfg, g)
+        vision = getattr(cfg, "vision_config", cfg)  # None: a text-only build (Gemma 4)
+        if "pixel_values" in inspect.signature(model.forward).parameters and vision is not None:
+            kw["pixel_values"] = _images(vision, g)  # CLIP
+            _image_tokens(model, kw)
     else:
         raise ValueError(f"main input {main!r}: not generated here")
     if cfg.is_encoder_decoder:  # the decoder's outputs are compared, whole
         kw["decoder_input_ids"] = torch.randint(3, V, (2, 5), generator=g)
         keep = ...
     return kw, keep
+
+
+def _image_tokens(model: Any, kw: dict[str, torch.Tensor]) -> None:
+    """A model that places its image features at image tokens (Gemma 3) gets as many in each
+    row, after the first token, marked as one image block (``token_type_ids``)."""
+    cfg = model.config
+    image, n = getattr(cfg, "image_token_id", None), getattr(cfg, "mm_tokens_per_image", None)
+    if image is None or not n:
+        return
+    kw["input_ids"][:, 1 : 1 + n] = image
+    if "token_type_ids" in inspect.signature(model.forward).parameters:
+        kw["token_type_ids"] = (kw["input_ids"] == image).long()
 
 
 def _images(cfg: Any, g: torch.Generator) -> torch.Tensor:
