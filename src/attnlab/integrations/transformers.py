@@ -19,8 +19,10 @@ call through :func:`attnlab.attention`:
 * a model's own additive ``position_bias`` (T5's relative buckets, Inkling's learned
   relative logits) is added to the scaled scores as an attnlab bias, with its gradient;
 * the keys a sparse-attention indexer keeps for each query (DeepSeek-V3.2's DSA, GLM-5,
-  Mistral Large 4, ...: ``indices``) narrow the mask, and a model whose own code reads its
-  mask as a tensor gets a dense bool mask (:data:`hf_masks.TENSOR_MASK_MODELS`).
+  Mistral Large 4, ...: ``indices``; MiniMax M3's ``block_indices``) narrow the mask, and
+  a model whose own code reads its mask as a tensor gets a dense one, bool or additive
+  (:data:`hf_masks.TENSOR_MASK_MODELS`); a mask from the builder refuses an attention
+  call with another number of keys than it was made for.
 
 What the backend cannot serve exactly (a head mask, an unknown mask type) raises a
 ``ValueError`` naming it; nothing is silently ignored. A model whose attention layers do
@@ -256,7 +258,7 @@ def build_mask(
     **kwargs: Any,
 ) -> Mask | Tensor | None:
     """transformers' mask request as an attnlab mask (None: every pair attends), or as a
-    bool tensor for a model that reads it as one (``hf_masks.TENSOR_MASK_MODELS``).
+    dense tensor for a model that reads it as one (``hf_masks.TENSOR_MASK_MODELS``).
 
     Registered as the ``"attnlab"`` mask builder; the model hands its result to
     :func:`attention_forward`. ``attention_mask`` is the 2-D padding ``(B, >= kv_offset + Lk)``.
