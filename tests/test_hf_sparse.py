@@ -162,3 +162,33 @@ def test_keys_added_after_the_mask_was_built_are_refused_by_name(
     monkeypatch.delitem(hf_masks.TENSOR_MASK_MODELS, "deepseek_v4")
     with pytest.raises(ValueError, match=r"attention_mask: built for 12 keys, but Deepseek"):
         _model("deepseek_v4", "attnlab")(input_ids=_ids())
+
+
+def test_bigbird_pegasus_encoder_gets_eagers_float_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    """BigBird-Pegasus's encoder adds its mask to the scores of its own attention (as it
+    does under sdpa); given eager's float mask it runs, and its decoder's self- and
+    cross-attention go through attnlab."""
+    cfg = transformers.AutoConfig.for_model("bigbird_pegasus")
+    for key, value in SIZES.items():
+        if hasattr(cfg, key):
+            setattr(cfg, key, value)
+    ids, am = _ids(), torch.ones(2, 12, dtype=torch.long)
+    am[1, -4:] = 0
+    kw = {"input_ids": ids, "attention_mask": am, "decoder_input_ids": ids[:, :5]}
+    calls: list[int] = []
+    interface = transformers.AttentionInterface._global_mapping
+    own = interface["attnlab"]
+    monkeypatch.setitem(interface, "attnlab", lambda *a, **k: calls.append(1) or own(*a, **k))
+    out = {}
+    for impl, dtype in (("eager", torch.float64), ("eager", torch.float32), ("attnlab", None)):
+        torch.manual_seed(0)
+        model = transformers.AutoModel.from_config(cfg, attn_implementation=impl).eval()
+        with torch.no_grad():
+            out[impl, dtype] = model.to(dtype or torch.float32)(**kw).last_hidden_state
+    got, plain, ref64 = (
+        out["attnlab", None],
+        out["eager", torch.float32],
+        out["eager", torch.float64],
+    )
+    assert_2x_rule(got, plain, ref64, "bigbird_pegasus decoder states")
+    assert len(calls) == 2 * cfg.decoder_layers  # the decoder's self- and cross-attention

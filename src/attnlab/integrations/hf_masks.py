@@ -231,11 +231,13 @@ def translate(call: MaskCall) -> Mask | None:
 # attention function: the indexers of sparse attention that pick each query's keys from
 # masked scores (DeepSeek-V3.2's DSA and the models built on it, Qwen4-Exp's QSA) and
 # Doge's dynamic mask take it as a bool tensor; DeepSeek-V4, which runs on eager alone,
-# appends its compressed keys' additive bias to it, so it takes eager's float form
+# appends its compressed keys' additive bias to it, and BigBird-Pegasus's encoder adds it
+# to the scores of its own attention (its decoder calls attnlab), so they take eager's
+# float form
 TENSOR_MASK_MODELS = {
     **dict.fromkeys(("axk2", "deepseek_v32", "doge", "dots3_note_text", "glm_moe_dsa", "hy_v4",
                      "hy_v4_vl_text", "mistral_large4_text", "qwen4_exp_text"), "bool"),
-    "deepseek_v4": "additive",
+    **dict.fromkeys(("bigbird_pegasus", "deepseek_v4"), "additive"),
 }  # fmt: skip
 
 
