@@ -197,7 +197,7 @@ def test_auto_takes_the_blocked_engine_where_sdpa_cannot(option: str) -> None:
     assert chosen(1024, masks.causal()) == "sdpa"  # control: SDPA serves plain causal
     q, k = torch.randn(1, 4, 1024, 16, requires_grad=True), torch.randn(1, 2, 1024, 16)
     r = attnlab.attention(q, k, k, mask=masks.causal(), return_lse=True)
-    assert r.lse.requires_grad  # type: ignore[union-attr]  # a differentiable lse: reference
+    assert r.lse.requires_grad  # type: ignore[union-attr]  # the blocked engine's has a grad
 
 
 @pytest.mark.parametrize("kind", list(SINKS))

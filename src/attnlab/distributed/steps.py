@@ -4,8 +4,8 @@ logsumexp merge of partial results.
 Forward runs :func:`attnlab.functional.attention` with the global mask and bias restricted
 to the pair (:class:`~attnlab.distributed.shifted.ShiftedMask`), so the local engine skips
 what the mask leaves empty. Backward needs each pair's probabilities normalized by the
-*global* logsumexp, which attnlab's engines do not take as an input (their ``lse`` output
-carries no gradient). :func:`backward_pair` gets it two ways: torch's fused CPU flash
+*global* logsumexp, which attnlab's engines do not take as an input (their ``lse`` is an
+output only). :func:`backward_pair` gets it two ways: torch's fused CPU flash
 backward takes the global output and logsumexp as inputs (:func:`_flash_step`); and the
 blocked engine computes it given one extra "sink" key and one extra value column
 (:func:`_engine_step`), which also carries gradients of learnable biases.

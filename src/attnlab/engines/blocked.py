@@ -184,8 +184,7 @@ class BlockedEngine(Engine):
             return True
         if req.lq * req.lk < 1 << 18:
             return False
-        lse_only = req.return_lse and not req.needs_grad  # the blocked engine's lse has no grad
-        if req.softcap is not None or req.sinks is not None or lse_only:
+        if req.softcap is not None or req.sinks is not None or req.return_lse:
             return True  # SDPA cannot: the reference engine's dense scores are the rest
         if req.mask is None or (req.mask.is_causal and req.bias is None):
             return False  # SDPA's flash kernel is at the roofline for dense and causal

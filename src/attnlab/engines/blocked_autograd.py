@@ -209,7 +209,8 @@ def _block_forward(
 
 
 class BlockedAttention(torch.autograd.Function):
-    """Blocked attention with a logsumexp-recompute backward.
+    """Blocked attention with a logsumexp-recompute backward; the logsumexp it returns has
+    a gradient too (``d lse_i / d s_ij = p_ij``: it joins ``delta``).
 
     Three implementations of the same plan, tried in order: attnlab's compiled tile kernel
     (``kplan``), torch's fused CPU flash kernel per block, eager PyTorch per block.
@@ -247,14 +248,16 @@ class BlockedAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out, lse, *leaves)
         ctx.req, ctx.plan, ctx.fused = req, plan, fused
         ctx.kernel = (ops, kplan) if ops is not None else None
-        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # an unused lse (or output) has no gradient: None
         return out.to(ctx.dtypes[2]), lse
 
     @staticmethod
-    def backward(ctx: Any, dout: Tensor, _dlse: Tensor | None) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, dout: Tensor | None, dlse: Tensor | None) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse, *leaves = ctx.saved_tensors
-        dout = dout.to(q.dtype)
+        dout = torch.zeros_like(out) if dout is None else dout.to(q.dtype)
         delta = (dout * out).sum(-1)  # (B, Hq, Lq)
+        if dlse is not None:  # d lse_i / d s_ij = p_ij: dS = p * (dP - (delta - dlse))
+            delta = delta - dlse.to(delta.dtype)
         if ctx.kernel is not None:
             ops, kplan = ctx.kernel
             dq, dk, dv = ops.backward(
@@ -264,7 +267,8 @@ class BlockedAttention(torch.autograd.Function):
         else:
             sv = _Saved(ctx.req, q, k, v, out, lse, dout, delta, leaves)
             grads = _Grads.zeros(q, k, v, leaves)
-            step = _fused_block_backward if ctx.fused else _eager_block_backward
+            fused = ctx.fused and dlse is None  # torch's fused backward makes its own delta
+            step = _fused_block_backward if fused else _eager_block_backward
             for blk in ctx.plan.blocks:
                 step(sv, blk, grads)
         dq, dk, dv = (g.to(t) for g, t in zip(grads.qkv, ctx.dtypes, strict=True))
@@ -275,6 +279,7 @@ class BlockedAttention(torch.autograd.Function):
             wide = torch.promote_types(lse.dtype, torch.float64)
             rows = sink_rows(sinks).to(wide)  # (1, H, 1) or (B or 1, H, L)
             d_out = (dout.to(wide) * out.to(wide)).sum(-1)  # delta, (B, Hq, Lq)
+            d_out = d_out if dlse is None else d_out - dlse.to(wide)
             d = -(torch.exp(rows - lse.to(wide)) * d_out).sum_to_size(rows.shape)
             dsinks = d.reshape(sinks.shape).to(ctx.sink_dtype)
         return (dq, dk, dv, dsinks, None, None, None, *grads.leaves)
