@@ -62,12 +62,18 @@ def max_err(a: Tensor, b: Tensor) -> float:
 def assert_2x_rule(ours: Tensor, plain: Tensor, ref64: Tensor, what: str = "") -> None:
     """flash-attn's rule: our error vs fp64 is at most 2x plain PyTorch's in the same dtype.
 
-    The 1e-5 floor covers degenerate cases where plain PyTorch is exact by luck (Lk = 1:
-    dq is 0 in exact arithmetic and any fused kernel leaves rounding noise).
+    The floor covers degenerate cases where plain PyTorch is exact by luck: 1e-5 (Lk = 1:
+    dq is 0 in exact arithmetic and any fused kernel leaves rounding noise), or one unit in
+    the last place of the largest reference value in ``ours``' dtype, where plain PyTorch
+    happens to round a large result (a gradient summed over many rows) to the nearest
+    representable value and any other order of summation may land on its neighbour.
     """
     ours_err, plain_err = max_err(ours, ref64), max_err(plain, ref64)
-    assert ours_err <= 2 * plain_err + 1e-5, (
-        f"{what}: error {ours_err:.3e} > 2 x plain PyTorch's {plain_err:.3e}"
+    finite = ref64[torch.isfinite(ref64)]
+    top = float(finite.abs().max()) if finite.numel() else 0.0
+    floor = max(1e-5, torch.finfo(ours.dtype).eps * top) if ours.is_floating_point() else 1e-5
+    assert ours_err <= 2 * plain_err + floor, (
+        f"{what}: error {ours_err:.3e} > 2 x plain PyTorch's {plain_err:.3e} (+ {floor:.1e})"
     )
 
 
