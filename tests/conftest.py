@@ -1,5 +1,6 @@
-"""Shared test helpers: an independent eager reference, flash-attn's 2x error rule, and
-the headless chromium that the browser tests drive."""
+"""Shared test helpers: an independent eager reference, flash-attn's 2x error rule, a
+counter of the attnlab backend's calls, and the headless chromium that the browser tests
+drive."""
 
 from __future__ import annotations
 
@@ -84,6 +85,22 @@ def check_and_control(
     with pytest.raises(exc, match=match):
         fn()
     ok()
+
+
+def attnlab_calls(monkeypatch: pytest.MonkeyPatch, name: str = "attnlab") -> list[Any]:
+    """Every call of transformers' registered attention function ``name`` from now on, as
+    the attention mask it was handed: how many times attnlab ran, and with what."""
+    import transformers
+
+    interface = transformers.AttentionInterface._global_mapping
+    own, calls = interface[name], []
+
+    def counted(*a: Any, **k: Any) -> Any:
+        calls.append(a[4] if len(a) > 4 else k.get("attention_mask"))
+        return own(*a, **k)
+
+    monkeypatch.setitem(interface, name, counted)
+    return calls
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from attnlab.integrations.transformers import register  # noqa: E402
-from tests.conftest import assert_2x_rule  # noqa: E402
+from tests.conftest import assert_2x_rule, attnlab_calls  # noqa: E402
 
 V = 64
 # the family, and what its attention call carries that the core families do not
@@ -94,10 +94,7 @@ def test_family_follows_eager_by_the_2x_rule_through_attnlab(
     keep = kw["attention_mask"].bool() if not model.config.is_encoder_decoder else slice(None)
     ref64 = model64(**kw).last_hidden_state[keep]
     want = plain(**kw).last_hidden_state[keep]
-    calls = []
-    interface = transformers.AttentionInterface._global_mapping
-    own = interface["attnlab"]
-    monkeypatch.setitem(interface, "attnlab", lambda *a, **k: calls.append(1) or own(*a, **k))
+    calls = attnlab_calls(monkeypatch)
     model.set_attn_implementation("attnlab")
     got = model(**kw).last_hidden_state[keep]
     assert_2x_rule(got, want, ref64, f"{family} hidden states")

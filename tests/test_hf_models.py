@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 from attnlab.integrations import transformers as attnlab_transformers  # noqa: E402
 from attnlab.integrations.transformers import register  # noqa: E402
-from tests.conftest import assert_2x_rule, check_and_control, max_err  # noqa: E402
+from tests.conftest import assert_2x_rule, attnlab_calls, check_and_control, max_err  # noqa: E402
 
 V = 64
 SMALL = {"vocab_size": V, "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2}
@@ -398,10 +398,7 @@ def test_layers_from_a_models_own_class_table_are_refused_by_name(
     eager = vision._from_config(copy.deepcopy(vision_cfg), attn_implementation="eager")
     eager.load_state_dict(tower.state_dict())
     pixels = torch.randn(2, 3, 32, 32)
-    calls: list[int] = []
-    interface = transformers.AttentionInterface._global_mapping
-    own = interface["attnlab"]
-    monkeypatch.setitem(interface, "attnlab", lambda *a, **k: calls.append(1) or own(*a, **k))
+    calls = attnlab_calls(monkeypatch)
     assert max_err(tower(pixels).last_hidden_state, eager(pixels).last_hidden_state) < 1e-5
     assert len(calls) == 1  # attnlab ran the tower's one attention layer
 

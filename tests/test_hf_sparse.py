@@ -20,7 +20,7 @@ from attnlab.integrations import hf_masks  # noqa: E402
 from attnlab.integrations.hf_args import with_block_indices, with_indices  # noqa: E402
 from attnlab.integrations.transformers import build_mask, register  # noqa: E402
 from attnlab.masks import Mask, causal  # noqa: E402
-from tests.conftest import assert_2x_rule, max_err  # noqa: E402
+from tests.conftest import assert_2x_rule, attnlab_calls, max_err  # noqa: E402
 from tests.test_hf_families import SIZES, V  # noqa: E402
 
 MLA = {"v_head_dim": 8, "head_dim": 8, "num_key_value_heads": 4}
@@ -83,15 +83,7 @@ def test_a_sparse_attention_model_follows_eager_by_the_2x_rule(
     with torch.no_grad():
         ref64 = _model(family, "eager", torch.float64)(input_ids=ids).last_hidden_state
         plain = _model(family, "eager")(input_ids=ids).last_hidden_state
-        calls: list[Any] = []
-        interface = transformers.AttentionInterface._global_mapping
-        own = interface["attnlab"]
-
-        def counted(*a: Any, **k: Any) -> Any:
-            calls.append(a[4] if len(a) > 4 else k["attention_mask"])
-            return own(*a, **k)
-
-        monkeypatch.setitem(interface, "attnlab", counted)
+        calls = attnlab_calls(monkeypatch)  # the mask of each call
         got = _model(family, "attnlab")(input_ids=ids).last_hidden_state
         every = _model(family, "eager", **KEEP_ALL)(input_ids=ids).last_hidden_state
     assert calls, f"{family}: attnlab never ran"
@@ -175,10 +167,7 @@ def test_bigbird_pegasus_encoder_gets_eagers_float_mask(monkeypatch: pytest.Monk
     ids, am = _ids(), torch.ones(2, 12, dtype=torch.long)
     am[1, -4:] = 0
     kw = {"input_ids": ids, "attention_mask": am, "decoder_input_ids": ids[:, :5]}
-    calls: list[int] = []
-    interface = transformers.AttentionInterface._global_mapping
-    own = interface["attnlab"]
-    monkeypatch.setitem(interface, "attnlab", lambda *a, **k: calls.append(1) or own(*a, **k))
+    calls = attnlab_calls(monkeypatch)
     out = {}
     for impl, dtype in (("eager", torch.float64), ("eager", torch.float32), ("attnlab", None)):
         torch.manual_seed(0)
