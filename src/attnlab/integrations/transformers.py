@@ -347,10 +347,11 @@ def attention_forward(
     if bias is None and not isinstance(mask, Tensor):
         mask = with_packing(mask, kwargs.get("position_ids"), query.shape[-2], key.shape[-2])
     mask = with_indices(mask, kwargs.get("indices"), key.shape[-2])
-    size = getattr(getattr(module, "indexer", None), "block_size", None)
-    mask = with_block_indices(
-        mask, kwargs.get("block_indices"), size, query.shape[1], key.shape[-2]
-    )
+    if kwargs.get("block_indices") is not None:  # the block size only then: a hot path
+        size = getattr(getattr(module, "indexer", None), "block_size", None)
+        mask = with_block_indices(
+            mask, kwargs["block_indices"], size, query.shape[1], key.shape[-2]
+        )
     bias = with_position_bias(bias, kwargs.get("position_bias"))
     want = bool(kwargs.get("output_attentions", False)) or _collecting_attentions()
     graph = want and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
