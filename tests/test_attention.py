@@ -17,7 +17,9 @@ from attnlab.engines import available_engines
 from attnlab.engines import blocked_autograd as blocked_mod
 from tests.conftest import assert_2x_rule, max_err, naive_attention
 
-EXACT = [name for name, eng in available_engines().items() if eng.exact]
+# flex: FlexAttention has no CPU backward, and these tests take gradients (forward on the
+# CPU: tests/test_flex.py; forward and backward on CUDA: tests/test_gpu.py).
+EXACT = [name for name, eng in available_engines().items() if eng.exact and name != "flex"]
 # approximations: tests/test_approximate.py
 ENGINES = ["auto", *EXACT, "blocked-torch", "blocked-eager"]
 

@@ -109,11 +109,12 @@ class Grid:
 
         Returns a tensor of shape ``(Bg or 1, Hg or 1, Tq, Tk)``; gradients flow into ``t``.
         """
-        zero = self.b.new_zeros(())
-        b = self.b if t.shape[0] > 1 else zero
-        h = self.h if t.shape[1] > 1 else zero
-        q = self.rows if t.shape[2] > 1 else zero
-        k = self.k if t.shape[3] > 1 else zero
+        # a Python 0 for a broadcast dim, not a tensor: under FlexAttention's nested vmap a
+        # tensor index made from one coordinate would be batched over that coordinate
+        b = self.b if t.shape[0] > 1 else 0
+        h = self.h if t.shape[1] > 1 else 0
+        q = self.rows if t.shape[2] > 1 else 0
+        k = self.k if t.shape[3] > 1 else 0
         return t[b, h, q, k]
 
     @property

@@ -11,6 +11,10 @@ a script gets the same records from :func:`records`.
     attnlab bench --smoke                           # tiny sizes, for CI
     attnlab bench --cases window --n 16384 --flex   # one case, with FlexAttention
     attnlab bench --memory --n 65536 --heads 1 --window 512
+    attnlab bench --device cuda --dtype bfloat16 --flex --repeat 20   # on a GPU
+
+On a GPU each timed call ends with ``torch.cuda.synchronize()``, FlexAttention is timed
+forward and backward, and the memory probe reads ``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ __all__ = [
 
 CASES = ("window", "documents", "alibi", "dense", "causal")
 MODES = ("fwd", "fwd+bwd")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,10 @@ class BenchConfig:
         engine: attnlab's engine (``"auto"``: what users get).
         modes: ``"fwd"`` and/or ``"fwd+bwd"``.
         repeat: timed calls per figure (the median is reported).
-        flex: also time FlexAttention (compiled, forward only).
+        flex: also time FlexAttention (compiled; forward only on the CPU, which has no
+            FlexAttention backward).
+        device: ``"cpu"`` or ``"cuda"`` (or ``"cuda:N"``).
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` of q, k and v.
     """
 
     n: int = 4096
@@ -73,6 +81,8 @@ class BenchConfig:
     modes: tuple[str, ...] = ("fwd", "fwd+bwd")
     repeat: int = 3
     flex: bool = False
+    device: str = "cpu"
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         for name in ("n", "heads", "dim", "window", "repeat"):
@@ -85,10 +95,33 @@ class BenchConfig:
         if self.engine != "auto" and self.engine not in attnlab.engines.available_engines():
             known = ("auto", *attnlab.engines.available_engines())
             raise ValueError(f"engine={self.engine!r} is not an engine; expected one of {known}")
+        if self.dtype not in DTYPES:
+            raise ValueError(
+                f"dtype={self.dtype!r} is not a dtype; expected one of {tuple(DTYPES)}"
+            )
+        _check_device(self.device)
 
     def smoke(self) -> BenchConfig:
         """These settings at tiny sizes with one repeat (``--smoke``, for CI)."""
         return dataclasses.replace(self, n=256, heads=2, repeat=1, window=64)
+
+
+def _check_device(device: str) -> None:
+    """``device`` names the CPU or a CUDA device this machine has (``ValueError`` if not)."""
+    if not isinstance(device, str):
+        raise TypeError(f"device must be a str such as 'cpu' or 'cuda', got {device!r}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        msg = f"device={device!r} is not a device; expected 'cpu' or 'cuda[:N]'"
+        raise ValueError(msg) from None
+    if dev.type == "cpu":
+        return
+    if dev.type != "cuda":
+        raise ValueError(f"device={device!r}: attnlab bench runs on 'cpu' or 'cuda[:N]'")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if (dev.index or 0) >= count:
+        raise ValueError(f"device={device!r}: this machine has {count} CUDA device(s)")
 
 
 def doc_ids(n: int, docs: int = 16, seed: int = 0) -> Tensor:
@@ -139,23 +172,39 @@ def interleaved_ms(fns: dict[str, Callable[[], object]], repeat: int) -> dict[st
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def _sdpa_anchor(case: tuple[M.Mask | None, B.Bias | None], n: int, heads: int) -> Any:
+def synced(fn: Callable[[], Any], device: str) -> Callable[[], Any]:
+    """``fn`` followed by ``torch.cuda.synchronize()`` on a CUDA ``device`` (so a timer
+    around it sees the kernels' time, not their launch), else ``fn`` itself."""
+    if torch.device(device).type != "cuda":
+        return fn
+
+    def call() -> Any:
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+
+    return call
+
+
+def _sdpa_anchor(case: tuple[M.Mask | None, B.Bias | None], cfg: BenchConfig) -> Any:
     """torch SDPA's arguments for the case: a dense bool or float mask, or is_causal."""
     mask, bias = case
+    n, dev = cfg.n, torch.device(cfg.device)
     if mask is not None and mask.is_causal and bias is None:
         return {"is_causal": True}
-    attn = None if mask is None else mask.dense(n, n)
+    attn = None if mask is None else mask.dense(n, n, device=dev)
     if bias is not None:
-        b = bias.dense(n, n, heads=heads)
+        b = bias.dense(n, n, heads=cfg.heads, device=dev, dtype=DTYPES[cfg.dtype])
         attn = b if attn is None else b.masked_fill(~attn, float("-inf"))
     return {"attn_mask": attn}
 
 
-def _flex_anchor(name: str, n: int, heads: int, window: int) -> Callable[..., Tensor]:
+def _flex_anchor(name: str, cfg: BenchConfig) -> Callable[..., Tensor]:
     """FlexAttention compiled for the case (block mask built once, outside the timing)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    ids, slopes = doc_ids(n), B.alibi_slopes(heads)
+    n, window = cfg.n, cfg.window
+    ids, slopes = doc_ids(n).to(cfg.device), B.alibi_slopes(cfg.heads).to(cfg.device)
 
     def mask_mod(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         if name == "window":
@@ -168,7 +217,9 @@ def _flex_anchor(name: str, n: int, heads: int, window: int) -> Callable[..., Te
         return s - slopes[h] * (q - k).abs()
 
     block_mask = (
-        None if name == "dense" else create_block_mask(mask_mod, None, None, n, n, device="cpu")
+        None
+        if name == "dense"
+        else create_block_mask(mask_mod, None, None, n, n, device=cfg.device)
     )
     compiled = torch.compile(flex_attention)
     mod = score_mod if name == "alibi" else None
@@ -200,8 +251,8 @@ def records(
 def run_case(name: str, cfg: BenchConfig) -> list[dict[str, Any]]:
     """Time one case forward and/or forward+backward; returns the JSON records."""
     case = make_case(name, cfg.n, cfg.heads, cfg.window)
-    anchor_kw = _sdpa_anchor(case, cfg.n, cfg.heads)
-    flex = _flex_anchor(name, cfg.n, cfg.heads, cfg.window) if cfg.flex else None
+    anchor_kw = _sdpa_anchor(case, cfg)
+    flex = _flex_anchor(name, cfg) if cfg.flex else None
     return [_measure(name, mode, case, anchor_kw, flex, cfg) for mode in cfg.modes]
 
 
@@ -215,14 +266,18 @@ def _measure(
 ) -> dict[str, Any]:
     """One JSON record: attnlab and its anchors on the same inputs, in the same run."""
     n, h, e, grad = cfg.n, cfg.heads, cfg.dim, mode == "fwd+bwd"
-    q, k, v = (torch.randn(1, h, n, e, requires_grad=grad) for _ in range(3))
+    dtype = DTYPES[cfg.dtype]
+    q, k, v = (
+        torch.randn(1, h, n, e, device=cfg.device, dtype=dtype, requires_grad=grad)
+        for _ in range(3)
+    )
     fns: dict[str, Callable[[], Any]] = {
         "ours_ms": lambda: attnlab.attention(
             q, k, v, mask=case[0], bias=case[1], engine=cfg.engine
         ),
         "sdpa_ms": lambda: F.scaled_dot_product_attention(q, k, v, **anchor_kw),
     }
-    if flex is not None and not grad:
+    if flex is not None and (not grad or q.is_cuda):
         fns["flex_ms"] = lambda: flex(q, k, v)
     rec: dict[str, Any] = {
         "case": name,
@@ -231,16 +286,19 @@ def _measure(
         "n": n,
         "heads": h,
         "dim": e,
+        "device": cfg.device,
+        "dtype": cfg.dtype,
     }
     with torch.set_grad_enabled(grad):
         for key, fn in fns.items():
-            rec[key] = round(timeit(_with_backward(fn) if grad else fn, cfg.repeat), 2)
+            step = synced(_with_backward(fn) if grad else fn, cfg.device)
+            rec[key] = round(timeit(step, cfg.repeat), 3)
     for key in ("sdpa_ms", "flex_ms"):
         if key in rec:
             rec[f"speedup_vs_{key[:-3]}"] = round(rec[key] / rec["ours_ms"], 3)
     if name == "window" and not grad:
         rec["useful_gflops"] = round(4 * n * cfg.window * e * h / rec["ours_ms"] / 1e6, 1)
-        rec["matmul_gflops"] = round(matmul_gflops(), 1)
+        rec["matmul_gflops"] = round(matmul_gflops(device=cfg.device, dtype=dtype), 1)
         rec["efficiency"] = round(rec["useful_gflops"] / rec["matmul_gflops"], 3)
     return rec
 
@@ -253,23 +311,33 @@ def _with_backward(fn: Callable[[], Tensor]) -> Callable[[], None]:
     return step
 
 
-def matmul_gflops(size: int = 2048) -> float:
-    """fp32 matmul throughput of this machine now (the roofline of the efficiency figure)."""
-    a = torch.randn(size, size)
-    return 2 * size**3 / timeit(lambda: a @ a, 3) / 1e6
+def matmul_gflops(
+    size: int = 2048, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> float:
+    """Matmul throughput of this device now, in ``dtype`` (the roofline of the efficiency
+    figure)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    return 2 * size**3 / timeit(synced(lambda: a @ a, device), 3) / 1e6
 
 
 def memory_probe(cfg: BenchConfig) -> dict[str, Any]:
-    """Peak resident memory of one forward+backward, measured in a fresh process."""
+    """Peak memory of one forward+backward above its inputs, measured in a fresh process:
+    resident memory on the CPU, ``torch.cuda.max_memory_allocated`` on a GPU."""
+    cuda = torch.device(cfg.device).type == "cuda"
+    peak = (
+        "torch.cuda.max_memory_allocated()"
+        if cuda
+        else "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024"
+    )
     code = (
         "import resource, torch, attnlab; from attnlab import masks as M\n"
-        f"q, k, v = (torch.randn(1, {cfg.heads}, {cfg.n}, {cfg.dim}, requires_grad=True)"
-        " for _ in range(3))\n"
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        f"q, k, v = (torch.randn(1, {cfg.heads}, {cfg.n}, {cfg.dim}, device={cfg.device!r}, "
+        f"dtype=torch.{cfg.dtype}, requires_grad=True) for _ in range(3))\n"
+        f"base = {peak}\n"
         f"out = attnlab.attention(q, k, v, mask=M.causal() & M.window({cfg.window}), "
         f"engine={cfg.engine!r})\n"
         "out.backward(torch.ones_like(out))\n"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 2**20)\n"
+        f"print(({peak} - base) / 2**30)\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     gib = float(res.stdout.strip().splitlines()[-1])
@@ -281,5 +349,7 @@ def memory_probe(cfg: BenchConfig) -> dict[str, Any]:
         "heads": cfg.heads,
         "dim": cfg.dim,
         "window": cfg.window,
+        "device": cfg.device,
+        "dtype": cfg.dtype,
         "peak_extra_gib": round(gib, 3),
     }

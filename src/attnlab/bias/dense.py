@@ -80,12 +80,8 @@ class TensorBias(Bias):
                 )
 
     def forward(self, grid: Grid) -> Tensor:
-        t = self._as4d()
-        index = (grid.b, grid.h, grid.rows, grid.k)
-        for dim, idx in enumerate(index):
-            if t.shape[dim] != 1:  # size-1 dims broadcast; others gather the grid's slice
-                t = t.index_select(dim, idx.flatten().to(t.device))
-        return t  # (Bg or 1, Hg or 1, Tq or 1, Tk or 1)
+        # size-1 dims broadcast; the others gather the grid's slice, on the grid's device
+        return grid.gather(self._as4d().to(grid.k.device))  # (Bg or 1, Hg or 1, Tq, Tk)
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.values.shape)}"

@@ -70,9 +70,9 @@ class ALiBi(Bias):
 
     def forward(self, grid: Grid) -> Tensor:
         dtype = torch.promote_types(self.slopes.dtype, torch.float32)
-        device = self.slopes.device
-        slope = self.slopes[grid.h.to(device)].to(dtype)  # (1, Hg, 1, 1)
-        distance = (grid.q - grid.k).abs().to(device=device, dtype=dtype)  # (1, 1, Tq, Tk)
+        # on the grid's device: the slopes are constants, whichever device the module is on
+        slope = self.slopes.to(grid.h.device, dtype)[grid.h]  # (1, Hg, 1, 1)
+        distance = (grid.q - grid.k).abs().to(dtype)  # (1, 1, Tq, Tk)
         return -slope * distance  # (1, Hg, Tq, Tk)
 
     def extra_repr(self) -> str:

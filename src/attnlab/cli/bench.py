@@ -35,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", type=names_in(bench.MODES), default=",".join(defaults.modes))
     p.add_argument("--repeat", type=positive, default=defaults.repeat)
     p.add_argument("--flex", action="store_true", help="also time FlexAttention (compiles)")
+    p.add_argument("--device", default=defaults.device, help="cpu (default) or cuda[:N]")
+    p.add_argument("--dtype", default=defaults.dtype, choices=list(bench.DTYPES))
     p.add_argument("--memory", action="store_true", help="peak memory of window fwd+bwd")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (for CI)")
 
@@ -73,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
         modes=tuple(args.modes),
         repeat=args.repeat,
         flex=args.flex,
+        device=args.device,
+        dtype=args.dtype,
     )
     if args.smoke:
         cfg = cfg.smoke()

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from attnlab._grid import Grid
 from attnlab.masks import Mask, RowBounds, causal, custom, documents, padding, window
+from attnlab.masks.layout import on
 from attnlab.masks.padding import Padding
 
 __all__ = ["FilledKeys", "KeyValid", "MaskCall", "translate"]
@@ -104,7 +105,7 @@ class KeyValid(Mask):
     ) -> RowBounds | None:
         if self._run is None:
             return None
-        lo, hi = (t.to(device).view(-1, 1).expand(-1, lq) for t in self._run)
+        lo, hi = (t.to(on(device)).view(-1, 1).expand(-1, lq) for t in self._run)
         return RowBounds(lo, hi, exact=True)
 
     def spec(self) -> str:

@@ -10,7 +10,7 @@ from torch import Tensor
 from attnlab._grid import Grid
 from attnlab.masks._args import int_tensor
 from attnlab.masks.base import Mask
-from attnlab.masks.layout import Device, RowBounds
+from attnlab.masks.layout import Device, RowBounds, on
 
 __all__ = ["Documents", "documents"]
 
@@ -58,7 +58,7 @@ class Documents(Mask):
     ) -> RowBounds | None:
         if self._bounds is None:
             return None
-        lo, hi = (t.to(device)[:, lk - lq :] for t in self._bounds)
+        lo, hi = (t.to(on(device))[:, lk - lq :] for t in self._bounds)
         return RowBounds(lo, hi, exact=True)
 
     def spec(self) -> str:
@@ -75,7 +75,7 @@ def _run_bounds(ids: Tensor) -> tuple[Tensor, Tensor] | None:
     for row, r in zip(ids, run, strict=True):
         if int(r[-1]) + 1 != row.unique().numel():
             return None
-    pos = torch.arange(ids.shape[1]).expand_as(ids)
+    pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
     start = torch.zeros_like(ids).scatter_reduce(1, run, pos, "amin", include_self=False)
     end = torch.zeros_like(ids).scatter_reduce(1, run, pos, "amax", include_self=False)
     return start.gather(1, run), end.gather(1, run)

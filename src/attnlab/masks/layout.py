@@ -18,9 +18,28 @@ from torch import Tensor
 
 from attnlab._grid import Grid
 
-__all__ = ["BlockLayout", "RowBounds", "TileState", "layout_by_evaluation", "layout_from_bounds"]
+__all__ = [
+    "BlockLayout",
+    "RowBounds",
+    "TileState",
+    "layout_by_evaluation",
+    "layout_from_bounds",
+    "on",
+]
 
 Device = torch.device | str | None
+
+
+def on(device: Device) -> torch.device:
+    """Where row bounds asked for on ``device`` go: torch's default device for None (as
+    positions built with ``torch.arange`` land), whatever device a mask's own tensors are
+    on, so that the bounds of an ``&`` of masks meet on one device.
+
+    Example:
+        >>> on(None).type, on("cpu").type
+        ('cpu', 'cpu')
+    """
+    return torch.get_default_device() if device is None else torch.device(device)
 
 
 class TileState(IntEnum):

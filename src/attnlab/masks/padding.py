@@ -11,7 +11,7 @@ from torch import Tensor
 from attnlab._grid import Grid
 from attnlab.masks._args import int_tensor
 from attnlab.masks.base import Mask
-from attnlab.masks.layout import Device, RowBounds
+from attnlab.masks.layout import Device, RowBounds, on
 
 __all__ = ["Padding", "padding"]
 
@@ -63,6 +63,7 @@ class Padding(Mask):
         return ok
 
     def row_bounds(self, lq: int, lk: int, batch: int = 1, device: Device = None) -> RowBounds:
+        device = on(device)  # not the lengths' own device: an & meets the others there
         hi = (self.kl.to(device) - 1).view(-1, 1).expand(-1, lq)
         if self.ql is not None:
             rows = torch.arange(lq, device=device).view(1, -1)

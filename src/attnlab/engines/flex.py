@@ -1,0 +1,345 @@
+"""The Flex engine: torch's FlexAttention, compiled, for masked attention on a GPU.
+
+attnlab's masks and biases are already functions of ``(batch, head, query, key)``
+coordinates, which is FlexAttention's ``mask_mod`` / ``score_mod`` contract, so this
+engine hands them over as they are: the mask as ``mask_mod`` (query positions aligned
+bottom-right, as everywhere in attnlab), soft-capping and a constant bias (ALiBi, a
+tensor bias) as ``score_mod``. The block mask, the list of 128 x 128 tiles to compute,
+comes from the mask's own :meth:`~attnlab.masks.Mask.block_layout` (interval masks in
+``O(L + tiles)``, without evaluating a single pair), so FlexAttention skips every empty
+tile, forward and backward, and evaluates the mask only on partial tiles.
+
+On the CPU, FlexAttention has no backward: this engine serves CPU calls that need no
+gradient when named, and ``auto`` never picks it there (the blocked engine's kernel does
+that work). On a CUDA device ``auto`` picks it where the blocked engine would be picked
+on the CPU: calls of at least 512 x 512 whose mask leaves at most 60% of the tiles, and
+soft-capped calls, which torch SDPA cannot do.
+
+Example:
+    >>> import torch, attnlab
+    >>> from attnlab import masks
+    >>> q = k = v = torch.randn(1, 2, 256, 64)
+    >>> out = attnlab.attention(q, k, v, mask=masks.causal() & masks.window(32),
+    ...                         engine="flex", engine_options={"compile": False})
+    >>> ref = attnlab.attention(q, k, v, mask=masks.causal() & masks.window(32),
+    ...                         engine="reference")
+    >>> bool((out - ref).abs().max() < 1e-5)
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import itertools
+import weakref
+from collections.abc import Callable, Mapping
+from typing import Any, cast
+
+import torch
+from torch import Tensor
+
+from attnlab._grid import Grid
+from attnlab.bias.base import Bias
+from attnlab.bias.function import CustomBias
+from attnlab.engines.base import AttentionRequest, Engine, EngineResult
+from attnlab.engines.blocked import _normalized, _versions
+from attnlab.masks.base import And, Mask, Or, Wrapped
+from attnlab.masks.custom import Custom
+from attnlab.masks.layout import TileState
+from attnlab.masks.sparse import BlockRandom, GlobalTokens
+
+__all__ = ["FlexEngine", "flex_available"]
+
+BLOCK = 128  # FlexAttention's default sparse block size
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def flex_available() -> bool:
+    """Whether this torch has FlexAttention (``torch.nn.attention.flex_attention``)."""
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class FlexEngine(Engine):
+    """torch FlexAttention (compiled) with attnlab's masks as its block mask and
+    ``mask_mod``; on CUDA forward and backward, on the CPU forward only."""
+
+    name = "flex"
+    exact = True
+    summary = (
+        "dot/cosine score, softmax, any mask, soft-capping, constant biases (ALiBi), GQA, "
+        "lse without grad; skips empty 128x128 tiles fwd+bwd via torch FlexAttention "
+        "(compiled); CUDA, or CPU without autograd; no weights, sinks, dropout"
+    )
+    options = ("compile",)
+    passes_plain = True  # prefers() is False without a mask or soft-capping
+
+    def __init__(self) -> None:
+        self._last: tuple[Any, tuple, Any] | None = None  # (weakref(mask), key, block mask)
+
+    def check_option_values(self, options: Mapping[str, object]) -> None:
+        if "compile" in options and not isinstance(options["compile"], bool):
+            got = options["compile"]
+            raise TypeError(f"engine_options['compile'] must be a bool, got {got!r}")
+
+    def unsupported(self, req: AttentionRequest) -> str | None:
+        if not flex_available():
+            return "this torch has no FlexAttention (torch.nn.attention.flex_attention)"
+        if req.score not in ("dot", "cosine"):
+            return f"FlexAttention here computes dot and cosine scores, not {req.score!r}"
+        if req.normalize != "softmax":
+            return f"FlexAttention normalizes with softmax only, not {req.normalize!r}"
+        if req.dropout_p:
+            return "FlexAttention has no dropout (dropout_p > 0)"
+        if req.return_weights:
+            return "FlexAttention does not return attention weights (return_weights=True)"
+        if req.sinks is not None:
+            return "the flex engine has no attention sinks (sinks)"
+        if _learnable(req.bias):
+            return "the flex engine has no gradient for a learnable bias (one requires grad)"
+        return self._unsupported_inputs(req)
+
+    def _unsupported_inputs(self, req: AttentionRequest) -> str | None:
+        q, v = req.q, req.v
+        if q.device.type != "cuda" and req.needs_grad:
+            return f"FlexAttention has no backward on {q.device.type}; it has one on CUDA"
+        if req.return_lse and req.needs_grad:
+            return "the flex engine's logsumexp has no gradient (return_lse with autograd)"
+        if q.device.type == "cpu" and req.options.get("compile", True):
+            if req.return_lse:
+                return "FlexAttention compiled for the CPU does not return the logsumexp"
+            if _holds(req.mask, GlobalTokens):
+                return (
+                    "torch's CPU compiler fails on a global-token mask in FlexAttention "
+                    "(torch.isin); engine_options={'compile': False} runs it uncompiled"
+                )
+        if q.dtype not in _DTYPES:
+            return f"FlexAttention here runs float32, bfloat16 and float16, not {q.dtype}"
+        e = q.shape[-1]
+        if e < 16 or e & (e - 1) or v.shape[-1] != e:
+            return (
+                f"FlexAttention here needs one power-of-two head size >= 16, got {e}/{v.shape[-1]}"
+            )
+        if 0 in (req.batch, req.lq, req.lk):
+            return "FlexAttention does not accept empty batches or sequences"
+        return None
+
+    def prefers(self, req: AttentionRequest) -> bool:
+        """On CUDA: soft-capping, or a mask that leaves at most 60% of the tiles of a call
+        of at least 512 x 512 (below that, or for dense and causal, SDPA is as fast)."""
+        if req.q.device.type != "cuda" or req.lq * req.lk < 1 << 18 or _unproven(req):
+            return False
+        if req.softcap is not None:
+            return True
+        if req.mask is None or (req.mask.is_causal and req.bias is None):
+            return False
+        return self._block_mask(req)[1] < 0.6
+
+    def forward(self, req: AttentionRequest) -> EngineResult:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        if req.score == "cosine":
+            req = _normalized(req)
+        compiled = req.options.get("compile", True)
+        fn = _compiled() if compiled else cast(Callable[..., Any], flex_attention)
+        block_mask = None if req.mask is None else self._block_mask(req)[0]
+        with _room_to_compile() if compiled else contextlib.nullcontext():
+            res = fn(
+                req.q,
+                req.k,
+                req.v,
+                score_mod=_score_mod(req),
+                block_mask=block_mask,
+                scale=req.scale,
+                enable_gqa=req.heads != req.k.shape[1],
+                **_lse_request(req.return_lse),
+            )
+        if not req.return_lse:
+            return res, None, None
+        out, aux = res
+        lse = aux if isinstance(aux, Tensor) else aux.lse  # (B, Hq, Lq), natural log
+        return out, None, lse.to(req.q.dtype)
+
+    def _block_mask(self, req: AttentionRequest) -> tuple[Any, float]:
+        """The request's FlexAttention block mask and the fraction of tiles it computes,
+        memoized for the last mask, sizes and versions of the tensors it holds (a model's
+        layers share one mask per forward)."""
+        mask = req.mask
+        assert mask is not None
+        key = (req.lq, req.lk, req.batch, req.heads, req.q.device, _versions(mask))
+        last = self._last
+        if last is None or last[0]() is not mask or last[1] != key:
+            self._last = last = (weakref.ref(mask), key, block_mask(mask, req))
+        return last[2]
+
+
+def block_mask(mask: Mask, req: AttentionRequest) -> tuple[Any, float]:
+    """FlexAttention's ``BlockMask`` for ``mask`` on ``req``'s sizes, built from the
+    mask's 128 x 128 tile layout, and the fraction of tiles it computes."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    layout = mask.block_layout(
+        req.lq, req.lk, BLOCK, BLOCK, batch=req.batch, heads=req.heads, device="cpu"
+    )
+    states = layout.states.to(req.q.device)  # (Bm, Hm, nQ, nK)
+    partial, full = (_ordered(states == int(s)) for s in (TileState.PARTIAL, TileState.FULL))
+    bm = BlockMask.from_kv_blocks(
+        *partial,
+        *full,
+        BLOCK_SIZE=BLOCK,
+        mask_mod=_mask_mod(moved(mask, req.q.device), req.lq, req.lk),
+        seq_lengths=(req.lq, req.lk),
+    )
+    return bm, layout.computed_fraction
+
+
+def _ordered(sel: Tensor) -> tuple[Tensor, Tensor]:
+    """Per query block, how many key blocks ``sel`` (``(..., nQ, nK)`` bool) selects, and
+    their indices first in ascending order: FlexAttention's ``(num_blocks, indices)``."""
+    counts = sel.sum(-1, dtype=torch.int32)  # (..., nQ)
+    order = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True)  # selected first
+    return counts, order.to(torch.int32).contiguous()
+
+
+def _mask_mod(mask: Mask, lq: int, lk: int) -> Callable[..., Tensor]:
+    """``mask`` as a FlexAttention ``mask_mod``: query row ``i`` is position
+    ``i + lk - lq`` (attnlab's bottom-right alignment)."""
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return mask(Grid(b, h, q_idx + (lk - lq), kv_idx, lq, lk))
+
+    return mask_mod
+
+
+def _score_mod(req: AttentionRequest) -> Callable[..., Tensor] | None:
+    """Soft-capping, then the bias, as a FlexAttention ``score_mod`` (or None)."""
+    cap, lq, lk = req.softcap, req.lq, req.lk
+    bias = None if req.bias is None else _bias_on(req.bias, req.q.device)
+    if cap is None and bias is None:
+        return None
+
+    def score_mod(s: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        if cap is not None:
+            s = cap * torch.tanh(s / cap)
+        if bias is not None:
+            s = s + bias(Grid(b, h, q_idx + (lk - lq), kv_idx, lq, lk)).to(s.dtype)
+        return s
+
+    return score_mod
+
+
+def _lse_request(wanted: bool) -> dict[str, Any]:
+    """The keyword that asks FlexAttention for the logsumexp: ``return_aux`` where this
+    torch has it (``return_lse`` is deprecated there), else ``return_lse``."""
+    if not wanted:
+        return {}
+    from torch.nn.attention import flex_attention as fa
+
+    aux = getattr(fa, "AuxRequest", None)
+    return {"return_lse": True} if aux is None else {"return_aux": aux(lse=True)}
+
+
+def moved(obj: Any, device: torch.device, depth: int = 0) -> Any:
+    """``obj`` (a mask, or a tuple or list in one) with every tensor it holds on
+    ``device``: itself where they all are there, else a shallow copy holding moved ones.
+    A compiled ``mask_mod`` cannot move a tensor between devices (masks keep theirs on
+    the CPU and move them to each grid's device as they evaluate).
+
+    Example:
+        >>> from attnlab import masks
+        >>> m = masks.causal() & masks.padding([3, 2])
+        >>> moved(m, torch.device("cpu")) is m, moved(m, torch.device("meta")).parts[1].kl.device
+        (True, device(type='meta'))
+    """
+    if isinstance(obj, Tensor):
+        return obj if obj.device == device else obj.to(device)
+    if depth > 4:
+        return obj
+    if type(obj) in (tuple, list):
+        items = [moved(x, device, depth + 1) for x in obj]
+        return obj if all(a is b for a, b in zip(items, obj, strict=True)) else type(obj)(items)
+    if type(obj) is dict:  # a cache of tables by length (random blocks)
+        new_items = {k: moved(v, device, depth + 1) for k, v in obj.items()}
+        return obj if all(new_items[k] is v for k, v in obj.items()) else new_items
+    if not isinstance(obj, Mask):
+        return obj
+    own = vars(obj)
+    changed = {k: moved(v, device, depth + 1) for k, v in own.items()}
+    changed = {k: v for k, v in changed.items() if v is not own[k]}
+    if not changed:
+        return obj
+    new = copy.copy(obj)
+    new.__dict__.update(changed)
+    return new
+
+
+def _learnable(bias: Bias | None) -> bool:
+    """Whether autograd would need a gradient for one of ``bias``'s tensors."""
+    if bias is None or not torch.is_grad_enabled():
+        return False
+    return any(t.requires_grad for t in itertools.chain(bias.parameters(), bias.buffers()))
+
+
+def _bias_on(bias: Bias, device: torch.device) -> Bias:
+    """``bias`` with its tables and buffers on ``device``: itself where they are there,
+    else a copy (the caller's module stays where it is)."""
+    tensors = itertools.chain(bias.parameters(), bias.buffers())
+    if all(t.device == device for t in tensors):
+        return bias
+    return copy.deepcopy(bias).to(device)
+
+
+def _unproven(req: AttentionRequest) -> bool:
+    """Whether the request holds a mask ``auto`` does not hand to FlexAttention (naming
+    ``engine="flex"`` does): a user's mask or bias function, which may not trace under
+    torch.compile, or random blocks, whose moved table has not yet run on a GPU."""
+    return _holds(req.mask, (Custom, BlockRandom)) or isinstance(req.bias, CustomBias)
+
+
+def _holds(mask: Mask | None, kinds: type | tuple[type, ...]) -> bool:
+    """Whether ``mask`` is, or combines, a mask of one of ``kinds``."""
+    stack: list[Mask] = [] if mask is None else [mask]
+    while stack:
+        m = stack.pop()
+        if isinstance(m, kinds):
+            return True
+        if isinstance(m, (And, Or)):
+            stack.extend(m.parts)
+        elif isinstance(m, Wrapped):
+            stack.append(m.inner)
+    return False
+
+
+#: compilations of FlexAttention per process that this engine allows (torch.compile's
+#: default is 8 per function, shared with every other caller of flex_attention): one per
+#: mask kind, bias, soft-cap, dtype, grad mode and shape kind. Past it, torch runs the
+#: uncompiled FlexAttention, which materializes the scores: seen on an H200 as a 30x
+#: slowdown in a benchmark process that had compiled 8 cases.
+RECOMPILE_LIMIT = 64
+
+
+def _room_to_compile() -> contextlib.AbstractContextManager:
+    """torch.compile's recompile limit raised to :data:`RECOMPILE_LIMIT` for one call."""
+    import torch._dynamo.config as dynamo
+
+    name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+    limit = max(getattr(dynamo, name), RECOMPILE_LIMIT)
+    return dynamo.patch(**{name: limit})
+
+
+_COMPILED: list[Callable[..., Any]] = []
+
+
+def _compiled() -> Callable[..., Any]:
+    """``torch.compile(flex_attention)``, made once per process."""
+    if not _COMPILED:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _COMPILED.append(torch.compile(flex_attention, dynamic=False))
+    return _COMPILED[0]

@@ -1,0 +1,219 @@
+"""The flex engine on the CPU (FlexAttention has no CPU backward: forward only): attnlab's
+masks as FlexAttention block masks and ``mask_mod``, soft-capping and biases as
+``score_mod``, against an fp64 run; what it declines and why; ``auto`` never picks it on
+the CPU. tests/test_gpu.py runs it forward and backward on CUDA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnlab
+from attnlab import bias as B
+from attnlab import masks as M
+from attnlab.engines import AttentionRequest, select_engine
+from attnlab.engines import flex as flex_mod
+from attnlab.engines.flex import block_mask, flex_available, moved
+from tests.conftest import assert_2x_rule, max_err, naive_attention
+
+pytestmark = pytest.mark.skipif(not flex_available(), reason="this torch has no FlexAttention")
+
+BATCH, HQ, HKV, L, E = 2, 4, 2, 300, 32
+EAGER = {"compile": False}  # FlexAttention's own eager path: no compiler needed
+MASKS = {
+    "causal": M.causal,
+    "window": lambda: M.causal() & M.window(40),
+    "documents": lambda: M.documents(torch.arange(L) * 5 // L),
+    "query padding": lambda: M.padding([L, 170], [L, 200]),  # rows >= 200: no key
+    "prefix": lambda: M.prefix(50),
+    "global": lambda: M.global_tokens([0, 7]) | (M.causal() & M.window(16)),
+    "dilated": lambda: M.causal() & M.dilated(64, 2),
+    "random blocks": lambda: M.block_random(32, 2),
+    "not": lambda: ~M.window(8, 8),
+}
+
+
+def _qkv(lq: int = L, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(BATCH, HQ, lq, E), (BATCH, HKV, L, E), (BATCH, HKV, L, E)]
+    return [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+
+
+@pytest.mark.parametrize("lq", [L, 1, 37])  # square, a decoding step, a suffix
+@pytest.mark.parametrize("name", list(MASKS))
+def test_masks_follow_fp64_by_the_2x_rule(name: str, lq: int) -> None:
+    q, k, v = _qkv(lq)
+    mask = MASKS[name]()
+    allowed = mask.dense(lq, L, batch=BATCH, heads=HQ)
+    ref = naive_attention(q, k, v, allowed=allowed)[0]
+    plain = naive_attention(q.float(), k.float(), v.float(), allowed=allowed)[0]
+    ours = attnlab.attention(
+        q.float(), k.float(), v.float(), mask=mask, engine="flex", engine_options=EAGER
+    )
+    assert_2x_rule(ours, plain, ref, name)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", list(MASKS))
+def test_the_block_mask_lists_every_tile_with_an_allowed_pair(name: str) -> None:
+    """FlexAttention's eager path ignores the block mask, so this checks it directly:
+    every 128 x 128 tile holding an allowed pair is listed, and every tile listed as full
+    holds only allowed pairs."""
+    mask, q = MASKS[name](), _qkv()[0].float()
+    req = AttentionRequest(q, q[:, :HKV], q[:, :HKV], mask, None, 1.0, "dot", "softmax", 0.0,
+                           False, False)  # fmt: skip
+    bm, fraction = block_mask(mask, req)
+    allowed = mask.dense(L, L, batch=BATCH, heads=HQ).expand(BATCH, HQ, L, L).float()
+    pad = (0, 384 - L, 0, 384 - L)
+    any_ = F.max_pool2d(F.pad(allowed, pad), 128).bool()  # (B, H, 3, 3)
+    all_ = -F.max_pool2d(-F.pad(allowed, pad, value=1.0), 128) > 0
+    listed = bm.to_dense().bool().expand_as(any_)
+    assert not (any_ & ~listed).any(), f"{name}: a tile with allowed pairs is skipped"
+    full = torch.zeros_like(listed)
+    for b in range(full.shape[0]):
+        for h in range(full.shape[1]):
+            for i in range(3):
+                n = int(
+                    bm.full_kv_num_blocks[
+                        min(b, bm.full_kv_num_blocks.shape[0] - 1),
+                        min(h, bm.full_kv_num_blocks.shape[1] - 1),
+                        i,
+                    ]
+                )
+                idx = bm.full_kv_indices[
+                    min(b, bm.full_kv_indices.shape[0] - 1),
+                    min(h, bm.full_kv_indices.shape[1] - 1),
+                    i,
+                    :n,
+                ]
+                full[b, h, i, idx.long()] = True  # fmt: skip
+    assert not (full & ~all_).any(), f"{name}: a tile listed as full has masked pairs"
+    assert 0.0 < fraction <= 1.0
+
+
+def test_soft_capping_alibi_and_the_logsumexp_follow_fp64() -> None:
+    q, k, v = _qkv()
+    mask, alibi, cap = M.causal() & M.window(64), B.alibi(HQ), 5.0
+    kw = {"mask": mask, "bias": alibi, "softcap": cap, "return_lse": True}
+    ref = attnlab.attention(q, k, v, engine="reference", **kw)
+    plain = attnlab.attention(q.float(), k.float(), v.float(), engine="reference", **kw)
+    ours = attnlab.attention(
+        q.float(), k.float(), v.float(), engine="flex", engine_options=EAGER, **kw
+    )
+    assert_2x_rule(ours.out, plain.out, ref.out, "out")
+    assert_2x_rule(ours.lse, plain.lse, ref.lse, "lse")
+
+
+def test_cosine_scores_and_a_tensor_bias_follow_fp64() -> None:
+    q, k, v = _qkv()
+    bias = torch.randn(1, HQ, L, L, dtype=torch.float64)
+    kw = {"mask": M.causal() & M.window(100), "score": "cosine", "scale": 8.0}
+    ref = attnlab.attention(q, k, v, bias=bias, engine="reference", **kw)
+    plain = attnlab.attention(q.float(), k.float(), v.float(), bias=bias.float(),
+                              engine="reference", **kw)  # fmt: skip
+    ours = attnlab.attention(q.float(), k.float(), v.float(), bias=bias.float(),
+                             engine="flex", engine_options=EAGER, **kw)  # fmt: skip
+    assert_2x_rule(ours, plain, ref, "cosine + tensor bias")  # type: ignore[arg-type]
+
+
+def test_t5_buckets_follow_fp64_without_autograd() -> None:
+    """A learnable bias is served where no gradient is wanted (on CUDA with one, the
+    engine declines it: FlexAttention's captured-tensor gradients are not used here)."""
+    q, k, v = _qkv()
+    t5 = B.relative_buckets(HQ, bidirectional=False)
+    torch.nn.init.normal_(t5.table)
+    kw = {"mask": M.causal(), "bias": t5}
+    with torch.no_grad():
+        ref = attnlab.attention(q, k, v, engine="reference", **kw)
+        t5.float()
+        plain = attnlab.attention(q.float(), k.float(), v.float(), engine="reference", **kw)
+        ours = attnlab.attention(q.float(), k.float(), v.float(), engine="flex",
+                                 engine_options=EAGER, **kw)  # fmt: skip
+    assert_2x_rule(ours, plain, ref, "T5 buckets")  # type: ignore[arg-type]
+
+
+def test_compiled_flexattention_skips_tiles_and_stays_exact() -> None:
+    """The compiled CPU kernel reads the block mask (the eager path does not): a window
+    and packed documents with padding, against fp64."""
+    q, k, v = _qkv()
+    docs = M.documents(torch.arange(L).repeat(BATCH, 1) * 3 // L) & M.padding([L, 250])
+    for mask in (M.causal() & M.window(40), docs):
+        allowed = mask.dense(L, L, batch=BATCH, heads=HQ)
+        ref = naive_attention(q, k, v, allowed=allowed)[0]
+        plain = naive_attention(q.float(), k.float(), v.float(), allowed=allowed)[0]
+        ours = attnlab.attention(q.float(), k.float(), v.float(), mask=mask, engine="flex")
+        assert_2x_rule(ours, plain, ref, mask.spec())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"return_weights": True}, "does not return attention weights"),
+        ({"sinks": torch.zeros(HQ)}, "no attention sinks"),
+        ({"dropout_p": 0.1}, "no dropout"),
+        ({"normalize": "sparsemax"}, "softmax only"),
+        ({"grad": True}, "no backward on cpu"),
+        ({"bias": B.tensor(torch.zeros(L, L, requires_grad=True))}, "learnable bias"),
+    ],
+)
+def test_what_it_cannot_do_is_declined_by_name(kw: dict, match: str) -> None:
+    q, k, v = (t.float().requires_grad_(kw.pop("grad", False)) for t in _qkv())
+    with pytest.raises(ValueError, match=match):
+        attnlab.attention(q, k, v, mask=M.causal(), engine="flex", **kw)
+    with pytest.raises(TypeError, match=r"engine_options\['compile'\] must be a bool"):
+        attnlab.attention(q, k, v, engine="flex", engine_options={"compile": "no"})
+
+
+def test_auto_never_picks_it_on_the_cpu() -> None:
+    q = torch.randn(1, 2, 1024, 64)
+    req = AttentionRequest(q, q, q, M.causal() & M.window(64), None, 0.125, "dot",
+                           "softmax", 0.0, False, False)  # fmt: skip
+    assert select_engine("auto", req).name == "blocked"
+    assert max_err(attnlab.attention(q, q, q, mask=req.mask, engine="flex"),
+                   attnlab.attention(q, q, q, mask=req.mask)) < 1e-5  # fmt: skip
+
+
+def test_the_recompile_limit_is_raised_for_the_engines_calls_only() -> None:
+    """torch.compile allows 8 compilations of flex_attention per process by default,
+    shared with every caller; past them torch runs it uncompiled (dense scores). The
+    engine raises the limit around its own calls and leaves the global setting alone."""
+    import torch._dynamo.config as dynamo
+
+    before = dynamo.recompile_limit
+    with flex_mod._room_to_compile():
+        assert dynamo.recompile_limit >= flex_mod.RECOMPILE_LIMIT
+    assert dynamo.recompile_limit == before
+
+
+def test_a_masks_tensors_and_cached_tables_move_to_the_device_in_a_copy() -> None:
+    """A compiled mask_mod cannot move tensors between devices: the engine hands it a
+    copy of the mask whose tensors (and random blocks' tables, built by the layout) are
+    on the inputs' device; the caller's mask is left as it was."""
+    rb = M.block_random(32, 2)
+    mask = (M.documents(torch.arange(L) // 50) & M.padding([L, 200])) | rb
+    rb.table(L)  # the block layout builds it before the mask_mod is made
+    on_meta = moved(mask, torch.device("meta"))
+    docs, pad = on_meta.parts[0].parts
+    assert docs.ids.is_meta and pad.kl.is_meta and on_meta.parts[1].table(L).is_meta
+    assert not rb.table(L).is_meta and mask.parts[0].parts[1].kl.device.type == "cpu"
+    assert moved(mask, torch.device("cpu")) is mask
+
+
+def test_auto_keeps_user_functions_and_random_blocks_from_flexattention() -> None:
+    q = torch.randn(1, 2, 8, 16)
+    req = AttentionRequest(q, q, q, M.causal() & M.block_random(4, 1), None, 1.0, "dot",
+                           "softmax", 0.0, False, False)  # fmt: skip
+    assert flex_mod._unproven(req)
+    custom = M.custom(lambda b, h, qq, k: k <= qq)
+    assert flex_mod._unproven(dataclasses.replace(req, mask=~custom))
+    assert not flex_mod._unproven(dataclasses.replace(req, mask=M.causal() & M.window(3)))
+
+
+def test_global_tokens_compiled_on_the_cpu_are_declined_with_the_way_around() -> None:
+    q, k, v = (t.float() for t in _qkv())
+    mask = M.global_tokens([0, 7]) | M.window(4)
+    with pytest.raises(ValueError, match=r"global-token mask.*'compile': False"):
+        attnlab.attention(q, k, v, mask=mask, engine="flex")
