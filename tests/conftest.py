@@ -26,23 +26,35 @@ def naive_attention(
     bias: Tensor | None = None,
     scale: float | None = None,
     normalizer: str = "softmax",
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Plain PyTorch attention written from the definition, independent of attnlab.
 
     q (B, Hq, Lq, E), k/v (B, Hkv, Lk, .); returns (out, weights). Fully masked rows -> 0.
-    Sparse normalizers use the `entmax` package.
+    Sparse normalizers use the `entmax` package. ``softcap`` caps the scaled scores
+    (``c * tanh(s / c)``) before the bias; ``sinks`` (softmax only), one logit per head
+    ``(Hq,)`` or per row ``(B or 1, Hq, Lq)``, joins each row's softmax and its share is
+    dropped.
     """
     g = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     s = torch.einsum("bhqe,bhke->bhqk", q, k) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
     if bias is not None:
         s = s + bias
     if allowed is None:
         allowed = torch.ones_like(s, dtype=torch.bool)
     allowed = torch.broadcast_to(allowed, s.shape)
     if normalizer == "softmax":
-        w = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
+        s = s.masked_fill(~allowed, float("-inf"))
+        if sinks is not None:  # one more logit per row, whose weight is dropped
+            rows = sinks.view(1, -1, 1) if sinks.dim() == 1 else sinks  # (., Hq, Lq or 1)
+            sink = rows[..., None].expand(*s.shape[:-1], 1).to(s.dtype)
+            s = torch.cat([s, sink], dim=-1)
+        w = torch.softmax(s, dim=-1)[..., : allowed.shape[-1]]
     else:
         import entmax
 

@@ -13,20 +13,13 @@ import torch
 import attnlab
 from attnlab import masks
 from attnlab.engines import blocked_autograd
-from tests.conftest import assert_2x_rule, check_and_control, max_err
+from tests.conftest import assert_2x_rule, check_and_control, max_err, naive_attention
 
 
 def naive_sinks(q, k, v, allowed, sinks, scale):  # type: ignore[no-untyped-def]
     """The definition: a softmax over the keys and one extra logit per head (``(H,)``) or
     per row (``(B or 1, H, L)``), whose share is dropped (fully masked rows give 0)."""
-    g = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-    s = torch.einsum("bhqe,bhke->bhqk", q, k) * scale
-    s = s.masked_fill(~allowed, float("-inf"))
-    rows = sinks.view(1, -1, 1) if sinks.dim() == 1 else sinks
-    sink = rows[..., None].expand(*s.shape[:-1], 1)
-    w = torch.softmax(torch.cat([s, sink], -1), -1)[..., :-1]
-    return torch.einsum("bhqk,bhke->bhqe", w, v), w
+    return naive_attention(q, k, v, allowed=allowed, scale=scale, sinks=sinks)
 
 
 # one logit per head (gpt-oss); per row of every batch, or shared by the batch (Inkling 2)

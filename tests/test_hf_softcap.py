@@ -10,21 +10,14 @@ import torch
 import attnlab
 from attnlab import masks
 from attnlab.engines import blocked_autograd
-from tests.conftest import assert_2x_rule, check_and_control, max_err
+from tests.conftest import assert_2x_rule, check_and_control, max_err, naive_attention
 
 CAP = 4.0
 
 
 def naive_capped(q, k, v, allowed, bias, scale, cap):  # type: ignore[no-untyped-def]
     """Soft-capped attention from the definition (fully masked rows give 0)."""
-    g = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-    s = torch.einsum("bhqe,bhke->bhqk", q, k) * scale
-    s = cap * torch.tanh(s / cap) + bias
-    s = s.masked_fill(~allowed, float("-inf"))
-    w = torch.softmax(s, -1)
-    w = torch.where(allowed.any(-1, keepdim=True), w, torch.zeros_like(w))
-    return torch.einsum("bhqk,bhke->bhqe", w, v), w
+    return naive_attention(q, k, v, allowed=allowed, bias=bias, scale=scale, softcap=cap)
 
 
 def _inputs(dtype: torch.dtype, lq: int = 97, e: int = 40) -> list[torch.Tensor]:

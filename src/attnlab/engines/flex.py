@@ -106,10 +106,10 @@ class FlexEngine(Engine):
         return self._unsupported_inputs(req)
 
     def _unsupported_inputs(self, req: AttentionRequest) -> str | None:
-        q, v = req.q, req.v
-        if q.device.type != "cuda" and req.needs_grad:
+        q, v, grad = req.q, req.v, req.needs_grad
+        if q.device.type != "cuda" and grad:
             return f"FlexAttention has no backward on {q.device.type}; it has one on CUDA"
-        if req.return_lse and req.needs_grad:
+        if req.return_lse and grad:
             return "the flex engine's logsumexp has no gradient (return_lse with autograd)"
         if q.device.type == "cpu" and req.options.get("compile", True):
             if req.return_lse:
