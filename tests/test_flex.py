@@ -94,6 +94,27 @@ def test_soft_capping_alibi_and_the_logsumexp_follow_fp64() -> None:
     assert_2x_rule(ours.lse, plain.lse, ref.lse, "lse")
 
 
+@pytest.mark.parametrize("per_row", [False, True])
+def test_sinks_join_through_the_logsumexp_and_follow_fp64(per_row: bool) -> None:
+    """Sinks (one logit per head, or per row) join the softmax after FlexAttention through
+    its logsumexp; with soft-capping, the logsumexp returned includes them, and rows
+    without a key still give 0."""
+    q, k, v = _qkv()
+    g = torch.Generator().manual_seed(5)
+    sinks = torch.randn(*((1, HQ, L) if per_row else (HQ,)), generator=g, dtype=torch.float64)
+    mask = M.causal() & M.window(64) & M.padding([L, L], [L, 200])  # rows >= 200: no key
+    kw = {"mask": mask, "softcap": 5.0, "return_lse": True}
+    ref = attnlab.attention(q, k, v, sinks=sinks, engine="reference", **kw)
+    f32 = [t.float() for t in (q, k, v, sinks)]
+    plain = attnlab.attention(*f32[:3], sinks=f32[3], engine="reference", **kw)
+    ours = attnlab.attention(*f32[:3], sinks=f32[3], engine="flex", engine_options=EAGER, **kw)
+    assert_2x_rule(ours.out, plain.out, ref.out, "out")
+    assert_2x_rule(ours.lse, plain.lse, ref.lse, "lse")
+    assert float(ours.out[1, :, 200:].abs().max()) == 0.0
+    no_sinks = attnlab.attention(*f32[:3], engine="flex", engine_options=EAGER, **kw)
+    assert max_err(no_sinks.out, ours.out) > 1e-2  # positive control: the sinks count
+
+
 def test_cosine_scores_and_a_tensor_bias_follow_fp64() -> None:
     q, k, v = _qkv()
     bias = torch.randn(1, HQ, L, L, dtype=torch.float64)
@@ -139,7 +160,7 @@ def test_compiled_flexattention_skips_tiles_and_stays_exact() -> None:
     ("kw", "match"),
     [
         ({"return_weights": True}, "does not return attention weights"),
-        ({"sinks": torch.zeros(HQ)}, "no attention sinks"),
+        ({"sinks": torch.zeros(HQ)}, "compiled for the CPU .*sinks"),
         ({"dropout_p": 0.1}, "no dropout"),
         ({"normalize": "sparsemax"}, "softmax only"),
         ({"grad": True}, "no backward on cpu"),

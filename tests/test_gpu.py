@@ -91,7 +91,14 @@ def test_engines_follow_fp64_by_the_2x_rule(
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
     ("engine", "with_sinks"),
-    [("auto", True), ("blocked", True), ("reference", True), ("auto", False), ("flex", False)],
+    [
+        ("auto", True),
+        ("blocked", True),
+        ("reference", True),
+        ("flex", True),
+        ("auto", False),
+        ("flex", False),
+    ],
 )
 def test_softcap_alibi_and_sinks_follow_fp64(
     engine: str, with_sinks: bool, dtype: torch.dtype
@@ -142,6 +149,32 @@ def test_weights_and_logsumexp_on_the_device_equal_fp64(engine: str) -> None:
     assert max_err(res.out, out64) < 1e-5 and max_err(res.lse, lse64) < 1e-5
     if engine != "flex":
         assert res.weights is not None and max_err(res.weights, w64) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("engine", ["blocked", "reference", "flex"])
+def test_the_logsumexp_has_a_gradient_on_the_device(engine: str, dtype: torch.dtype) -> None:
+    """A loss on the returned logsumexp reaches q and k (flex: FlexAttention's own lse
+    gradient), against fp64, with a row that sees no key."""
+    if engine == "flex" and DEV.type != "cuda":
+        pytest.skip("FlexAttention has no CPU backward")
+    ts, mask = _inputs(dtype), M.causal() & M.window(40) & M.padding([L, L], [L, 250])
+    allowed = mask.dense(L, L, batch=BATCH, heads=HQ, device=DEV)
+    dl = torch.randn(BATCH, HQ, L, generator=torch.Generator().manual_seed(6)).to(DEV)
+
+    def naive(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        s = torch.einsum("bhqe,bhke->bhqk", q, k.repeat_interleave(HQ // HKV, dim=1)) * E**-0.5
+        lse = s.masked_fill(~allowed, float("-inf")).logsumexp(-1)
+        lse = lse.masked_fill(~allowed.any(-1), 0.0)  # no key: no gradient
+        return naive_attention(q, k, v, allowed=allowed)[0] + (lse * dl.to(q.dtype))[..., None]
+
+    def ours(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        r = attnlab.attention(q, k, v, mask=mask, engine=engine, return_lse=True)
+        lse = r.lse.masked_fill(~allowed.any(-1), 0.0)  # type: ignore[union-attr]
+        return r.out + (lse * dl.to(q.dtype))[..., None]
+
+    ref = _run(naive, ts, torch.float64)
+    _check(_run(ours, ts, dtype), _run(naive, ts, dtype), ref, f"{engine} lse")
 
 
 @pytest.mark.parametrize("engine", ["auto", "flex"])
@@ -306,4 +339,5 @@ def test_auto_picks_flex_for_sparse_masks_and_sdpa_for_dense_on_cuda() -> None:
     assert pick(M.documents(torch.arange(1024) // 64)) == "flex"
     assert pick(None) == "sdpa" and pick(M.causal()) == "sdpa"
     assert pick(M.causal(), softcap=30.0) == "flex"
-    assert pick(M.causal(), sinks=torch.zeros(4, device=DEV)) == "blocked"
+    assert pick(M.causal(), sinks=torch.zeros(4, device=DEV)) == "flex"
+    assert pick(None, return_lse=True) == "flex"

@@ -13,7 +13,9 @@ On the CPU, FlexAttention has no backward: this engine serves CPU calls that nee
 gradient when named, and ``auto`` never picks it there (the blocked engine's kernel does
 that work). On a CUDA device ``auto`` picks it where the blocked engine would be picked
 on the CPU: calls of at least 512 x 512 whose mask leaves at most 60% of the tiles, and
-soft-capped calls, which torch SDPA cannot do.
+calls with soft-capping, attention sinks or the logsumexp, which torch SDPA cannot do.
+Sinks join the softmax after FlexAttention, through its logsumexp (:func:`with_sinks`),
+which FlexAttention differentiates, so the inputs' gradients and the sinks' own are exact.
 
 Example:
     >>> import torch, attnlab
@@ -43,7 +45,7 @@ from torch import Tensor
 from attnlab._grid import Grid
 from attnlab.bias.base import Bias
 from attnlab.bias.function import CustomBias
-from attnlab.engines.base import AttentionRequest, Engine, EngineResult
+from attnlab.engines.base import AttentionRequest, Engine, EngineResult, with_sinks
 from attnlab.engines.blocked import _normalized, _versions
 from attnlab.masks.base import And, Mask, Or, Wrapped
 from attnlab.masks.custom import Custom
@@ -73,9 +75,9 @@ class FlexEngine(Engine):
     name = "flex"
     exact = True
     summary = (
-        "dot/cosine score, softmax, any mask, soft-capping, constant biases (ALiBi), GQA, "
-        "lse without grad; skips empty 128x128 tiles fwd+bwd via torch FlexAttention "
-        "(compiled); CUDA, or CPU without autograd; no weights, sinks, dropout"
+        "dot/cosine score, softmax, any mask, soft-capping, constant biases (ALiBi), sinks, "
+        "GQA, lse; skips empty 128x128 tiles fwd+bwd via torch FlexAttention (compiled); "
+        "CUDA, or CPU without autograd; no weights, dropout"
     )
     options = ("compile",)
     passes_plain = True  # prefers() is False without a mask or soft-capping
@@ -99,8 +101,6 @@ class FlexEngine(Engine):
             return "FlexAttention has no dropout (dropout_p > 0)"
         if req.return_weights:
             return "FlexAttention does not return attention weights (return_weights=True)"
-        if req.sinks is not None:
-            return "the flex engine has no attention sinks (sinks)"
         if _learnable(req.bias):
             return "the flex engine has no gradient for a learnable bias (one requires grad)"
         return self._unsupported_inputs(req)
@@ -109,11 +109,13 @@ class FlexEngine(Engine):
         q, v, grad = req.q, req.v, req.needs_grad
         if q.device.type != "cuda" and grad:
             return f"FlexAttention has no backward on {q.device.type}; it has one on CUDA"
-        if req.return_lse and grad:
-            return "the flex engine's logsumexp has no gradient (return_lse with autograd)"
         if q.device.type == "cpu" and req.options.get("compile", True):
-            if req.return_lse:
-                return "FlexAttention compiled for the CPU does not return the logsumexp"
+            if req.return_lse or req.sinks is not None:
+                return (
+                    "FlexAttention compiled for the CPU does not return the logsumexp "
+                    "(return_lse, or sinks, which are joined through it); "
+                    "engine_options={'compile': False} runs it uncompiled"
+                )
             if _holds(req.mask, GlobalTokens):
                 return (
                     "torch's CPU compiler fails on a global-token mask in FlexAttention "
@@ -131,12 +133,13 @@ class FlexEngine(Engine):
         return None
 
     def prefers(self, req: AttentionRequest) -> bool:
-        """On CUDA: soft-capping, or a mask that leaves at most 60% of the tiles of a call
-        of at least 512 x 512 (below that, or for dense and causal, SDPA is as fast)."""
+        """On CUDA, calls of at least 512 x 512 with soft-capping, sinks or the logsumexp,
+        or with a mask that leaves at most 60% of the tiles (below that, or for dense and
+        causal, SDPA is as fast)."""
         if req.q.device.type != "cuda" or req.lq * req.lk < 1 << 18 or _unproven(req):
             return False
-        if req.softcap is not None:
-            return True
+        if req.softcap is not None or req.sinks is not None or req.return_lse:
+            return True  # SDPA cannot; the blocked engine's blocks run in eager torch here
         if req.mask is None or (req.mask.is_causal and req.bias is None):
             return False
         return self._block_mask(req)[1] < 0.6
@@ -158,13 +161,14 @@ class FlexEngine(Engine):
                 block_mask=block_mask,
                 scale=req.scale,
                 enable_gqa=req.heads != req.k.shape[1],
-                **_lse_request(req.return_lse),
+                **_lse_request(req.return_lse or req.sinks is not None),
             )
-        if not req.return_lse:
+        if not (req.return_lse or req.sinks is not None):
             return res, None, None
         out, aux = res
-        lse = aux if isinstance(aux, Tensor) else aux.lse  # (B, Hq, Lq), natural log
-        return out, None, lse.to(req.q.dtype)
+        lse = aux if isinstance(aux, Tensor) else aux.lse  # (B, Hq, Lq), natural log, fp32
+        out, lse = with_sinks(out, lse, req.sinks)  # FlexAttention differentiates its lse
+        return out, None, lse.to(req.q.dtype) if req.return_lse else None
 
     def _block_mask(self, req: AttentionRequest) -> tuple[Any, float]:
         """The request's FlexAttention block mask and the fraction of tiles it computes,
