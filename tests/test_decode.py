@@ -130,6 +130,23 @@ def test_a_mask_changed_in_place_is_read_again(decodes: list[int]) -> None:
     assert not torch.equal(first[1], changed[1]) and torch.equal(first[0], changed[0])
 
 
+def test_a_mask_made_under_inference_mode_is_read_again(decodes: list[int]) -> None:
+    """Tensors made under ``torch.inference_mode`` have no version counter: the kept row
+    bounds follow their contents instead, and still see an in-place change."""
+    q, k, v = _qkv(8, 2, 1, 500)
+    with torch.inference_mode():
+        lengths = torch.tensor([500, 400])
+        mask = M.causal() & M.padding(lengths)
+        first = attnlab.attention(q, k, v, mask=mask)
+        again = attnlab.attention(q, k, v, mask=mask)
+        lengths[1] = 100
+        changed = attnlab.attention(q, k, v, mask=mask)
+        fresh = attnlab.attention(q, k, v, mask=M.causal() & M.padding([500, 100]))
+    assert len(decodes) == 4 and lengths.is_inference()
+    assert torch.equal(first, again) and torch.equal(changed, fresh)
+    assert not torch.equal(first[1], changed[1])
+
+
 def test_nan_queries_reach_their_rows_only(decodes: list[int]) -> None:
     q, k, v = _qkv(8, 2, 1, 700)
     q[0, 3, 0, 5] = float("nan")

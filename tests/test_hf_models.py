@@ -245,11 +245,28 @@ def test_generate_with_the_cache_gives_eagers_greedy_tokens(family: str, tmp_pat
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_generate_under_inference_mode_gives_the_same_tokens(family: str) -> None:
+    """Under ``torch.inference_mode`` the masks' tensors have no version counter (the
+    engines' memo of row bounds follows their contents), padded batch and static cache."""
+    model = tiny(family, "attnlab")
+    ids, am = _ids(2, 8), torch.ones(2, 8, dtype=torch.long)
+    am[0, :3] = 0  # left padding
+    kw = {"attention_mask": am, "max_new_tokens": 24, "min_new_tokens": 24, "do_sample": False}
+    for extra in ({}, {"cache_implementation": "static"}):
+        with torch.no_grad():
+            want = model.generate(ids, **kw, **extra)
+        with torch.inference_mode():
+            got = model.generate(ids, **kw, **extra)
+        assert want.shape == (2, 32) and torch.equal(got, want), extra
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "gpt2"])
 def test_generate_with_a_static_cache_gives_eagers_greedy_tokens(family: str) -> None:
     """A static cache: ``generate()`` builds each step's mask before the forward (the
-    backend's mask passes back through transformers' mask functions) and the cache's
-    trailing slots hold no key yet (a :class:`FilledKeys` mask: never read)."""
+    backend's mask passes back through transformers' mask functions, and GPT-2 reads its
+    rank) and the cache's trailing slots hold no key yet (a :class:`FilledKeys` mask: never
+    read)."""
     from attnlab.integrations.hf_masks import FilledKeys
 
     model = tiny(family)

@@ -231,6 +231,21 @@ def _decode_op() -> Any:
 _DECODE: list[Any] = []
 
 
+def _version_of(t: Tensor) -> object:
+    """``t``'s version counter; an inference tensor (made under ``torch.inference_mode``)
+    has none, so its contents stand for it where that is cheap (small, on the CPU), and
+    otherwise a new object, which matches nothing: the caller recomputes."""
+    if not t.is_inference():
+        return t._version
+    if t.device.type == "cpu" and t.numel() <= 1 << 16:
+        return (
+            t.dtype,
+            tuple(t.shape),
+            t.contiguous().view(-1).view(torch.uint8).numpy().tobytes(),
+        )
+    return object()
+
+
 def _versions(obj: object, depth: int = 0) -> tuple:
     """The tensors held by a mask (through its attributes, nested masks and sequences) as
     ``(data pointer, version)`` pairs: they change when a tensor is replaced or changed in
@@ -246,7 +261,7 @@ def _versions(obj: object, depth: int = 0) -> tuple:
         True
     """
     if isinstance(obj, Tensor):
-        return ((obj.data_ptr(), obj._version),)
+        return ((obj.data_ptr(), _version_of(obj)),)
     if depth > 4:
         return ()
     items = obj if isinstance(obj, (tuple, list)) else getattr(obj, "__dict__", {}).values()

@@ -278,6 +278,9 @@ def build_mask(
     mask = for_model(translate(call), call, got("config"), got("device"), got("dtype"))
     if isinstance(mask, Mask):
         _BUILT_FOR[mask] = kv_length
+        # it stands for a prepared (B, H, Lq, Lk) mask: models that branch on the rank of
+        # the mask they are handed (GPT-2, given generate()'s mask for a static cache) read 4
+        setattr(mask, "ndim", 4)  # noqa: B010
     return mask
 
 
