@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 import attnlab
@@ -169,6 +170,27 @@ def test_awkward_sizes(engine: str, lq: int, lk: int, dtype: torch.dtype, causal
     e = {1: 40, 97: 59, 127: 111, 1023: 64, 1025: 64}[lq]
     q, k, v = _qkv(1, 2, 1, lq, lk, e, dtype)
     _check_engine(engine, q, k, v, mask=M.causal() if causal else None, grads=lq * lk < 2e5)
+
+
+def test_autocast_runs_in_its_dtype_as_torch_sdpa_does(engine: str) -> None:
+    """Under ``torch.autocast`` q, k and v of mixed float32 / bfloat16 (RoPE'd q and k, a
+    projected v) run in bfloat16, as torch SDPA takes them: same dtype out, and the 2x
+    rule against fp64 next to plain PyTorch in bfloat16, gradients back in float32."""
+    q64, k64, v64 = _qkv(2, 4, 2, 200, 200, 32, torch.float64)
+    mask = M.causal() & M.window(50)
+    ref, _ = naive_attention(q64, k64, v64, allowed=mask.dense(200, 200))
+    bf = [t.bfloat16() for t in (q64, k64, v64)]
+    plain, _ = naive_attention(*bf, allowed=mask.dense(200, 200))
+    q, k = (t.float().requires_grad_() for t in (q64, k64))
+    v = v64.bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attnlab.attention(q, k, v, mask=mask, engine=engine)
+        kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+        want = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask.dense(200, 200))
+    assert isinstance(out, Tensor) and out.dtype == want.dtype == torch.bfloat16
+    assert_2x_rule(out, plain, ref, f"{engine} under autocast")
+    out.float().sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.float32 and torch.isfinite(q.grad).all()
 
 
 @pytest.mark.parametrize("normalize", ["sparsemax", "entmax15"])

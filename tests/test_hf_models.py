@@ -131,6 +131,23 @@ def test_logits_and_gradients_follow_eager_by_the_2x_rule(family: str, impl: str
         assert_2x_rule(p.grad, pg, p64.grad, f"{family} {impl} grad {name}")
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2", "bert"])
+def test_autocast_follows_sdpa_by_the_2x_rule(family: str) -> None:
+    """Under CPU autocast (bfloat16) RoPE leaves q and k in float32 beside a bfloat16 v:
+    the backend runs them in bfloat16 as torch SDPA does (eager for Gemma 2, which refuses
+    SDPA), logits against the float64 model."""
+    ids = _ids()
+    ref64 = _out(tiny(family).double(), input_ids=ids)
+    model = tiny(family, "eager" if family == "gemma2" else "sdpa")
+    outs = {}
+    for impl in ("anchor", "attnlab"):
+        if impl == "attnlab":
+            model.set_attn_implementation("attnlab")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs[impl] = _out(model, input_ids=ids).float()
+    assert_2x_rule(outs["attnlab"], outs["anchor"], ref64, f"{family} under autocast")
+
+
 @pytest.mark.parametrize("impl", ["attnlab", "attnlab_blocked"])
 def test_inkling2_sinks_per_row_and_position_bias_follow_eager(impl: str) -> None:
     """Inkling 2 passes a sink logit per query row (computed from each token) and a

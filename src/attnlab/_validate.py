@@ -11,6 +11,7 @@ import numbers
 import os
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 
 from attnlab.normalize import NORMALIZERS
@@ -58,7 +59,7 @@ def validate_qkv(q: object, k: object, v: object, *, same_dim: bool) -> tuple[Te
     Each tensor's shape, dtype and device are read once: this runs on every attention
     call, and a decoding step is only tens of microseconds.
     """
-    ts = (_rank4("q", q), _rank4("k", k), _rank4("v", v))
+    ts = _autocast((_rank4("q", q), _rank4("k", k), _rank4("v", v)))
     _same_dtype_device(ts)
     qs, ks, vs = (t.shape for t in ts)
     if ks[1] != vs[1] or ks[2] != vs[2]:
@@ -79,6 +80,20 @@ def validate_qkv(q: object, k: object, v: object, *, same_dim: bool) -> tuple[Te
     if qs[0] == ks[0] == vs[0]:
         return ts
     return _broadcast_batch(*ts)
+
+
+_AUTOCAST_DEVICES = frozenset(("cpu", "cuda", "xpu", "mps", "hpu"))
+
+
+def _autocast(ts: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """Under ``torch.autocast`` for the inputs' device, q, k and v in its dtype, as torch
+    SDPA and eager attention's matmuls take them (float64 stays: autocast leaves it).
+    RoPE in a transformers model, say, leaves q and k in float32 beside a bfloat16 v."""
+    kind = ts[0].device.type
+    if kind not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(kind):
+        return ts
+    low = torch.get_autocast_dtype(kind)
+    return tuple(t if t.dtype in (low, torch.float64) else t.to(low) for t in ts)
 
 
 def _rank4(name: str, x: object) -> Tensor:
