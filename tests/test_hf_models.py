@@ -188,9 +188,10 @@ def test_padded_batches_and_weights_equal_eager(family: str, side: str) -> None:
     am[0, :4] = 0 if side == "left" else 1
     am[1, -3:] = 0 if side == "right" else 1
     model = tiny(family)
-    ref = model(input_ids=ids, attention_mask=am, output_attentions=True)
-    model.set_attn_implementation("attnlab_blocked")
-    got = model(input_ids=ids, attention_mask=am, output_attentions=True)
+    with torch.no_grad():  # the fast engine's weights (under autograd: the next test)
+        ref = model(input_ids=ids, attention_mask=am, output_attentions=True)
+        model.set_attn_implementation("attnlab_blocked")
+        got = model(input_ids=ids, attention_mask=am, output_attentions=True)
     valid = am.bool()
     a = ref.logits if hasattr(ref, "logits") else ref.last_hidden_state
     b = got.logits if hasattr(got, "logits") else got.last_hidden_state
@@ -199,6 +200,27 @@ def test_padded_batches_and_weights_equal_eager(family: str, side: str) -> None:
     for w_ref, w in zip(ref.attentions, got.attentions, strict=True):  # every layer
         assert w.shape == w_ref.shape
         assert max_err(w_ref.transpose(1, 2)[valid], w.transpose(1, 2)[valid]) < 1e-6
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "bert"])
+def test_a_loss_on_the_weights_reaches_the_parameters_as_under_eager(family: str) -> None:
+    """Under autograd the returned weights are in the graph, as eager's are: a loss that
+    reads them (an attention regularizer) gives eager's parameter gradients, by the 2x rule
+    against the float64 model."""
+    ids, am = _ids(), torch.ones(2, 16, dtype=torch.long)  # padded rows: eager differs
+
+    def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        o = model(input_ids=ids, attention_mask=am, output_attentions=True)
+        out = o.logits if hasattr(o, "logits") else o.last_hidden_state
+        reg = sum(a.square().sum() for a in o.attentions)
+        (out[am.bool()].square().mean() + reg).backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    ref64, plain = grads(tiny(family).double()), grads(tiny(family))
+    ours = grads(tiny(family, "attnlab"))
+    assert ours.keys() == plain.keys()
+    for name, g in ours.items():
+        assert_2x_rule(g, plain[name], ref64[name], f"{family} grad {name}")
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral"])

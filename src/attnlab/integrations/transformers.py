@@ -15,7 +15,8 @@ call through :func:`attnlab.attention`:
 * the attention function (:func:`attention_forward`) calls the fastest exact engine for
   the mask, with the model's scale, dropout, logit soft-capping and attention sinks;
 * ``output_attentions=True`` returns exact weights while the output still comes from the
-  fast engine (the blocked engine recomputes the weights from its logsumexp);
+  fast engine (the blocked engine recomputes the weights from its logsumexp); under
+  autograd both come from the reference engine, the weights in the graph as eager's are;
 * a model's own additive ``position_bias`` (T5's relative buckets, Inkling's learned
   relative logits) is added to the scaled scores as an attnlab bias, with its gradient;
 * the keys a sparse-attention indexer keeps for each query (DeepSeek-V3.2's DSA, GLM-5,
@@ -39,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnlab.functional import AttentionOutput, attention, attention_plain, attention_weights
+from attnlab.functional import AttentionOutput, attention, attention_plain
 from attnlab.integrations.hf_args import (
     mask_and_bias,
     sinks_of,
@@ -366,12 +367,10 @@ def attention_forward(
         value,
         **args,  # type: ignore[arg-type]
         dropout_p=float(dropout),
-        engine=engine,
-        return_weights=want and not graph,
+        engine="reference" if graph else engine,  # weights in the graph, as eager's are
+        return_weights=want,
     )
     out, weights = (r.out, r.weights) if isinstance(r, AttentionOutput) else (r, None)
-    if want and graph:  # the output keeps the engine's autograd; weights come without
-        weights = attention_weights(query.detach(), key.detach(), value.detach(), **args)  # type: ignore[arg-type]
     return out.transpose(1, 2).contiguous(), weights  # (B, Lq, Hq, Ev)
 
 
