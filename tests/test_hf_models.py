@@ -243,6 +243,27 @@ def test_packed_rows_are_found_beside_an_all_ones_mask_and_a_fresh_cache(family:
     assert max_err(mixed, want) > 1e-3
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_packed_rows_from_flash_attention_offsets_equal_separate_sequences(family: str) -> None:
+    """A padding-free collator that passes flash-attention's ``cu_seq_lens_q/k`` and no
+    position ids: the offsets mark the sequences (eager ignores them and mixes them)."""
+    ids = _ids(1, 16)[0].tolist()
+    features = [{"input_ids": ids[:6]}, {"input_ids": ids[6:]}]
+    collate = transformers.DataCollatorWithFlattening(
+        return_flash_attn_kwargs=True, return_position_ids=False
+    )
+    batch = {k: v for k, v in collate(features).items() if k != "labels"}
+    assert "cu_seq_lens_q" in batch and "position_ids" not in batch
+    model = tiny(family)
+    want = torch.cat([model(input_ids=torch.tensor([f["input_ids"]])).logits for f in features], 1)
+    mixed = model(**batch).logits
+    model.set_attn_implementation("attnlab")
+    assert max_err(model(**batch).logits, want) < 1e-5 and max_err(mixed, want) > 1e-3
+    bad = {**batch, "cu_seq_lens_k": torch.tensor([0, 6, 15], dtype=torch.int32)}
+    with pytest.raises(ValueError, match=r"cu_seq_lens_q, cu_seq_lens_k: .* from 0 to its 16"):
+        model(**bad)
+
+
 def test_position_ids_beside_padding_are_not_read_as_packing() -> None:
     """A padded row's positions do not rise by one at the padding: the mask decides."""
     ids = _ids(1, 12)

@@ -7,12 +7,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnlab.masks import Mask, tensor
+from attnlab.masks import Mask, documents, tensor
 
 __all__ = [
     "mask_and_bias",
     "sinks_of",
     "with_block_indices",
+    "with_cu_seq_lens",
     "with_indices",
     "with_position_bias",
 ]
@@ -119,6 +120,49 @@ def with_block_indices(
     kept = torch.zeros(b, hi, lq, blocks + 1, dtype=torch.bool, device=idx.device)
     kept = kept.scatter_(-1, safe, True)[..., :blocks].repeat_interleave(block_size, dim=-1)
     return _narrowed(mask, kept[..., :lk].repeat_interleave(hq // hi, dim=1))  # (B, Hq, Lq, Lk)
+
+
+def with_cu_seq_lens(
+    mask: Mask | Tensor | None, cu_q: object, cu_k: object, lq: int, lk: int
+) -> Mask | Tensor | None:
+    """``mask`` AND the packed sequences that flash-attention's ``cu_seq_lens_q`` and
+    ``cu_seq_lens_k`` mark (the sequences' start offsets in one packed row, then its
+    length): what ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)`` passes.
+
+    Example:
+        >>> from attnlab.masks import causal
+        >>> cu = torch.tensor([0, 2, 3])
+        >>> with_cu_seq_lens(causal(), cu, cu, 3, 3).dense(3, 3)[0, 0].int().tolist()
+        [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
+    """
+    if cu_q is None and cu_k is None:
+        return mask
+    cu = cu_k if isinstance(cu_k, Tensor) else None
+    if (
+        cu is None
+        or cu.dim() != 1
+        or cu.is_floating_point()
+        or len(cu) < 2
+        or not isinstance(cu_q, Tensor)
+        or lq != lk
+        or not torch.equal(cu_q, cu)
+        or int(cu[0]) != 0
+        or int(cu[-1]) != lk
+        or bool((cu.diff() < 0).any())
+    ):
+        got = [tuple(c.tolist()) if isinstance(c, Tensor) else c for c in (cu_q, cu_k)]
+        raise ValueError(
+            f"cu_seq_lens_q, cu_seq_lens_k: the attnlab backend takes one packed row's "
+            f"rising sequence offsets from 0 to its {lk} tokens, the same for queries "
+            f"({lq}) and keys, as 1-D integer tensors; got {got}"
+        )
+    ids = torch.repeat_interleave(torch.arange(len(cu) - 1, device=cu.device), cu.diff())
+    docs = documents(ids)  # (L,): every row of the batch
+    if mask is None:
+        return docs
+    if isinstance(mask, Tensor):
+        return _narrowed(mask, docs.dense(lq, lk, device=mask.device))
+    return docs & mask
 
 
 def _narrowed(mask: Mask | Tensor | None, kept: Tensor) -> Mask | Tensor:

@@ -11,7 +11,9 @@ call through :func:`attnlab.attention`:
   :mod:`attnlab.integrations.hf_masks`);
 * packed sequences are found from ``position_ids`` restarts also where transformers does
   not look (:func:`with_packing`): beside a 2-D ``attention_mask`` without padding, and
-  with a fresh KV cache, so an all-ones mask no longer lets packed rows see each other;
+  with a fresh KV cache, so an all-ones mask no longer lets packed rows see each other,
+  and from flash-attention's ``cu_seq_lens_q`` / ``cu_seq_lens_k`` where a collator
+  passes them (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``);
 * the attention function (:func:`attention_forward`) calls the fastest exact engine for
   the mask, with the model's scale, dropout, logit soft-capping and attention sinks;
 * ``output_attentions=True`` returns exact weights while the output still comes from the
@@ -45,6 +47,7 @@ from attnlab.integrations.hf_args import (
     mask_and_bias,
     sinks_of,
     with_block_indices,
+    with_cu_seq_lens,
     with_indices,
     with_position_bias,
 )
@@ -350,6 +353,8 @@ def attention_forward(
     mask, bias = mask_and_bias(attention_mask, key.shape[-2])
     if bias is None and not isinstance(mask, Tensor):
         mask = with_packing(mask, kwargs.get("position_ids"), query.shape[-2], key.shape[-2])
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    mask = with_cu_seq_lens(mask, cu_q, cu_k, query.shape[-2], key.shape[-2])
     mask = with_indices(mask, kwargs.get("indices"), key.shape[-2])
     if kwargs.get("block_indices") is not None:  # the block size only then: a hot path
         size = getattr(getattr(module, "indexer", None), "block_size", None)
