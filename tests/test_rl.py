@@ -263,6 +263,24 @@ def test_resume_takes_the_same_steps(tmp_path) -> None:  # type: ignore[no-untyp
         torch.testing.assert_close(resumed[k], straight[k], rtol=0, atol=0)
 
 
+def test_train_success_counts_the_episodes_a_rollout_cut_off() -> None:
+    """DoorKey's episodes time out after 250 steps, longer than a rollout: the episodes a
+    rollout finishes are all successes, so the rate counts the ones it cut off too."""
+    from types import SimpleNamespace
+
+    from attnlab.rl.env import EpisodeLog
+    from attnlab.rl.task import _rollout_summary
+
+    envs = GridEnvs("MiniGrid-DoorKey-5x5-v0", 4, seed=0)
+    envs.reset()
+    assert envs.running() == 0
+    envs.step(torch.tensor([2, 2, 2, 2]), active=torch.tensor([True, True, True, False]))
+    assert envs.running() == 3  # the fourth stood still: no episode begun
+    fake = SimpleNamespace(log=EpisodeLog(returns=[0.9]), running=lambda: 3)
+    row = _rollout_summary(fake)  # type: ignore[arg-type]
+    assert row == {"train_return": 0.225, "train_success": 25.0, "train_episodes": 4}
+
+
 def test_the_trainer_seed_seeds_the_rollouts() -> None:
     seeds = []
     for s in (3, 3, 4):

@@ -134,6 +134,10 @@ class GridEnvs:
     def num_actions(self) -> int:
         return len(self.actions)
 
+    def running(self) -> int:
+        """How many environments are inside an episode (one step or more, not finished)."""
+        return int((self._len > 0).sum())
+
     def _reset_one(self, i: int) -> dict[str, Any]:
         obs, _ = self.envs[i].reset(seed=int(self._rng.integers(2**31)))
         self._ret[i], self._len[i] = 0.0, 0
