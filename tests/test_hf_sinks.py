@@ -80,6 +80,30 @@ def test_sinks_follow_the_definition_by_the_2x_rule(
     assert max_err(plain_out, ours[0]) > 1e-2  # positive control: the sinks matter
 
 
+@pytest.mark.parametrize("engine", ["reference", "blocked", "blocked-eager"])
+def test_a_sink_of_minus_inf_on_a_row_without_keys_gives_0(
+    engine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sink of -inf means no sink for that head: a row with no key then has nothing in
+    its softmax at all, and gives 0, its logsumexp -inf, and finite gradients (sinks'
+    too); the other rows follow the definition in fp64."""
+    if engine == "blocked-eager":
+        monkeypatch.setattr(blocked_autograd, "USE_FUSED", False)
+        engine = "blocked"
+    q, k, v, _ = _inputs(torch.float64, 97, kind="head")
+    sinks = torch.tensor([float("-inf"), 0.5, float("-inf"), 1.0], dtype=torch.float64)
+    sinks.requires_grad_()
+    allowed = _allowed(97)
+    r = attnlab.attention(q, k, v, mask=allowed, sinks=sinks, engine=engine, return_lse=True)
+    r.out.square().sum().backward()
+    assert float(r.out[:, :, 7].abs().max()) == 0.0 and bool(r.lse[:, [0, 2], 7].isneginf().all())
+    grads = [t.grad for t in (q, k, v, sinks)]
+    assert all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
+    want, _ = naive_sinks(q.detach(), k.detach(), v.detach(), allowed, sinks.detach(), 40**-0.5)
+    rows = torch.arange(97) != 7
+    assert max_err(r.out[:, :, rows], want[:, :, rows]) < 1e-12
+
+
 @pytest.mark.parametrize("kind", list(SINKS))
 @pytest.mark.parametrize("engine", ["reference", "blocked"])
 def test_sink_weights_and_lse_are_exact(engine: str, kind: str) -> None:

@@ -221,8 +221,13 @@ def with_sinks(out: Tensor, lse: Tensor, sinks: Tensor | None) -> tuple[Tensor, 
     """
     if sinks is None:
         return out, lse
-    total = torch.logaddexp(lse, sink_rows(sinks).to(lse.dtype))  # (B, H, L)
-    return out * torch.exp(lse - total).unsqueeze(-1).to(out.dtype), total
+    sink = sink_rows(sinks).to(lse.dtype)
+    # a row with no key and a sink of -inf (none) has nothing at all: 0, with gradient 0
+    dead = torch.isneginf(lse) & torch.isneginf(sink)  # (B, H, L)
+    lse_, sink_ = lse.masked_fill(dead, 0.0), sink.masked_fill(dead, 0.0)
+    total = torch.logaddexp(lse_, sink_)  # (B, H, L), finite where dead
+    share = torch.exp(lse_ - total).masked_fill(dead, 0.0)
+    return out * share.unsqueeze(-1).to(out.dtype), total.masked_fill(dead, float("-inf"))
 
 
 def may_hold_nan(*ts: Tensor) -> bool:

@@ -280,7 +280,9 @@ class BlockedAttention(torch.autograd.Function):
             rows = sink_rows(sinks).to(wide)  # (1, H, 1) or (B or 1, H, L)
             d_out = (dout.to(wide) * out.to(wide)).sum(-1)  # delta, (B, Hq, Lq)
             d_out = d_out if dlse is None else d_out - dlse.to(wide)
-            d = -(torch.exp(rows - lse.to(wide)) * d_out).sum_to_size(rows.shape)
+            total = lse.to(wide)  # -inf: no key and no sink (-inf), where p_sink is 0
+            p_sink = torch.exp(rows - total).masked_fill(torch.isneginf(total), 0.0)
+            d = -(p_sink * d_out).sum_to_size(rows.shape)
             dsinks = d.reshape(sinks.shape).to(ctx.sink_dtype)
         return (dq, dk, dv, dsinks, None, None, None, *grads.leaves)
 
