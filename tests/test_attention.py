@@ -281,6 +281,18 @@ def test_fully_masked_rows_give_zero_and_finite_grads(engine: str, normalize: st
     assert torch.equal(q.grad[1, :, 3:], torch.zeros_like(q.grad[1, :, 3:]))
 
 
+@pytest.mark.parametrize("scale", [0.0, -0.5])
+def test_a_scale_of_zero_or_below_follows_fp64(engine: str, scale: float) -> None:
+    """Scale 0 (uniform weights over the allowed keys) and a negative scale, square causal
+    included, where torch SDPA's ``is_causal`` kernel gives NaN rows."""
+    q, k, v = _qkv(1, 2, 2, 40, 40, 8, torch.float64)
+    for mask in (M.causal(), M.causal() & M.window(8)):
+        ref, _ = naive_attention(q, k, v, allowed=mask.dense(40, 40), scale=scale)
+        out = attnlab.attention(q.float(), k.float(), v.float(), mask=mask, scale=scale,
+                                engine=engine)  # fmt: skip
+        assert max_err(out, ref) < 1e-5, mask.spec()
+
+
 def test_fully_masked_rows_weights_and_lse() -> None:
     q, k, v = _qkv(1, 1, 1, 4, 3, 8, torch.float32)  # Lq > Lk: the first row sees nothing
     r = attnlab.attention(q, k, v, mask=M.causal(), return_weights=True, return_lse=True)

@@ -54,7 +54,8 @@ class SdpaEngine(Engine):
 
     def forward(self, req: AttentionRequest) -> EngineResult:
         gqa = req.heads != req.k.shape[1]
-        if req.mask is not None and req.mask.is_causal and req.bias is None and req.lq == req.lk:
+        causal = req.mask is not None and req.mask.is_causal and req.bias is None
+        if causal and req.lq == req.lk and req.scale > 0:  # is_causal: NaN rows at scale <= 0
             out = F.scaled_dot_product_attention(
                 req.q,
                 req.k,
