@@ -315,6 +315,30 @@ def test_nan_input_stays_nan(engine: str) -> None:
     assert torch.isnan(out[0, 0, 2]).all() and not torch.isnan(out[0, 1]).any()
 
 
+@pytest.mark.parametrize("which", ["k", "v"])
+def test_nan_in_a_hidden_key_or_value_reaches_only_the_rows_that_see_it(
+    engine: str, which: str
+) -> None:
+    """NaN in a key/value the mask hides (an uninitialized cache slot, say) stays out of
+    the rows that do not see it and out of fully masked rows; the rows that see it get
+    NaN, as an fp64 computation without a mask gives them."""
+    q, k, v = (t.double() for t in _qkv(1, 2, 1, 6, 40, 8, torch.float32))
+    {"k": k, "v": v}[which][0, 0, 30, 3] = float("nan")
+    allowed = torch.zeros(1, 1, 6, 40, dtype=torch.bool)
+    allowed[..., :4, :25] = True  # rows 4 and 5: no key
+    allowed[..., :2, 30] = True  # rows 0 and 1 see key 30
+    mask = M.tensor(allowed)
+    if engine == "sdpa":  # it spreads a hidden key's NaN: it declines
+        with pytest.raises(ValueError, match="spreads to rows the mask hides it from"):
+            attnlab.attention(q.float(), k.float(), v.float(), mask=mask, engine=engine)
+        return
+    ref, _ = naive_attention(q, k.nan_to_num(0.0), v.nan_to_num(0.0), allowed=allowed)
+    out = attnlab.attention(q.float(), k.float(), v.float(), mask=mask, engine=engine)
+    sees = allowed[0, 0, :, 30]  # (Lq,): the rows that read key 30
+    assert isinstance(out, Tensor) and bool(out[:, :, sees].isnan().any(-1).all())
+    assert max_err(out[:, :, ~sees], ref[:, :, ~sees]) < 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("lq,lk", [(1, 16), (1, 2049), (3, 40), (40, 40)])
 def test_sdpa_keeps_nan_from_16_keys(lq: int, lk: int, dtype: torch.dtype) -> None:
@@ -325,6 +349,10 @@ def test_sdpa_keeps_nan_from_16_keys(lq: int, lk: int, dtype: torch.dtype) -> No
     for mask, which, pos in itertools.product(masks, range(3), (0, lk // 2, lk - 1)):
         qkv = list(_qkv(2, 4, 2, lq, lk, 64, dtype))
         qkv[which][1, 1, min(pos, qkv[which].shape[2] - 1), 5] = float("nan")
+        if mask is not None and which > 0:  # a hidden key's NaN would spread: declined
+            with pytest.raises(ValueError, match="spreads to rows the mask hides it from"):
+                attnlab.attention(*qkv, mask=mask, engine="sdpa")
+            continue
         out = attnlab.attention(*qkv, mask=mask, engine="sdpa")
         want = attnlab.attention(*(t.double() for t in qkv), mask=mask, engine="reference")
         assert isinstance(out, Tensor) and isinstance(want, Tensor)

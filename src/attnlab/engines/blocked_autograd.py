@@ -22,7 +22,13 @@ from torch import Tensor
 from attnlab._grid import Grid
 from attnlab.bias import Bias
 from attnlab.engines._native import kernel, kernel_error
-from attnlab.engines.base import AttentionRequest, may_hold_nan, sink_rows, with_sinks
+from attnlab.engines.base import (
+    AttentionRequest,
+    may_hold_nan,
+    sink_rows,
+    weighted_values,
+    with_sinks,
+)
 from attnlab.engines.blocked_plan import Block, KernelPlan, Plan
 from attnlab.scores import grouped_matmul
 
@@ -203,9 +209,15 @@ def _block_forward(
         empty = None if blk.has_full else _empty_rows(tile)
         return out, (lse if empty is None else lse.masked_fill(empty, float("-inf")))
     s = grouped_matmul(q[:, :, r0:r1] * req.scale, k_sel.transpose(-1, -2))  # (B, Hq, T, Ks)
-    s = cap_scores(s, req.softcap)
-    p, lse = softmax_lse(s if tile is None else s + tile)
-    return grouped_matmul(p, v_sel), lse
+    p, lse = softmax_lse(_masked(cap_scores(s, req.softcap), tile))
+    allowed = None if tile is None else ~torch.isneginf(tile)
+    return weighted_values(p, v_sel, allowed), lse
+
+
+def _masked(s: Tensor, tile: Tensor | None) -> Tensor:
+    """Scores plus the additive tile, -inf wherever the tile masks a pair even where ``s``
+    is NaN (a hidden key's NaN stays out of the rows it is hidden from)."""
+    return s if tile is None else (s + tile).masked_fill(torch.isneginf(tile), float("-inf"))
 
 
 class BlockedAttention(torch.autograd.Function):
@@ -354,7 +366,7 @@ def _eager_block_backward(sv: _Saved, blk: Block, grads: _Grads) -> None:
     tile, bias_tile = block_tile(req, blk, blk.key_index(q.device), q.dtype, bias_grad=bool(leaves))
     qs, k_sel, v_sel = q[:, :, r0:r1] * req.scale, take(k, blk.keys), take(v, blk.keys)
     s = cap_scores(grouped_matmul(qs, k_sel.transpose(-1, -2)), req.softcap)  # (B, Hq, T, Ks)
-    p = _probs(s if tile is None else s + tile, lse[:, :, r0:r1])
+    p = _probs(_masked(s, tile), lse[:, :, r0:r1])
     do = dout[:, :, r0:r1]  # (B, Hq, T, Ev)
     dp = grouped_matmul(do, v_sel.transpose(-1, -2))  # (B, Hq, T, Ks)
     ds = p * (dp - sv.delta[:, :, r0:r1].unsqueeze(-1))  # (B, Hq, T, Ks)

@@ -15,9 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlab.engines.base import AttentionRequest, Engine, EngineResult, with_sinks
+from attnlab.engines.base import (
+    AttentionRequest,
+    Engine,
+    EngineResult,
+    weighted_values,
+    with_sinks,
+)
 from attnlab.normalize import get_normalizer, softmax_with_lse
-from attnlab.scores import SCORES, expand_kv, grouped_matmul
+from attnlab.scores import SCORES, expand_kv
 
 __all__ = ["ReferenceEngine", "mix", "request_scores"]
 
@@ -74,7 +80,7 @@ def mix(
     else:
         w = get_normalizer(normalize)(s)
     wd = F.dropout(w, p=dropout_p, training=True) if dropout_p > 0 else w
-    out = grouped_matmul(wd, v)  # (B, Hq, Lq, Ev)
+    out = weighted_values(wd, v, allowed)  # (B, Hq, Lq, Ev)
     return out, w, (lse if want_lse else None)
 
 

@@ -44,6 +44,8 @@ class SdpaEngine(Engine):
             return "torch SDPA does not accept empty batches or sequences"
         if not _keeps_nan(req.q, req.lk, req.dropout_p) and may_hold_nan(req.q, req.k, req.v):
             return "the inputs hold NaN, which torch SDPA's fused kernels turn into 0"
+        if (req.mask is not None or req.bias is not None) and may_hold_nan(req.k, req.v):
+            return "k or v hold NaN, which torch SDPA spreads to rows the mask hides it from"
         return None
 
     def plain(self, q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor | None:
