@@ -293,6 +293,32 @@ def test_a_scale_of_zero_or_below_follows_fp64(engine: str, scale: float) -> Non
         assert max_err(out, ref) < 1e-5, mask.spec()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_the_reference_engine_in_half_precision_keeps_torch_sdpas_error(
+    dtype: torch.dtype,
+) -> None:
+    """Half-precision inputs are computed in float32 (``auto`` sends weights requests
+    there): the error stays within 2x of torch SDPA's in the same dtype at peaky scores
+    (std 16), where bfloat16 scores were 19x, and float16's unscaled q k^T (> 65504)
+    no longer overflows."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 4, 64, 64, generator=g, dtype=torch.float64) for _ in "qkv")
+    q, k = q * 4, k * 4  # scaled scores of std 16
+    ref, _ = naive_attention(q, k, v)
+    low = [t.to(dtype) for t in (q, k, v)]
+    anchor = F.scaled_dot_product_attention(*low)
+    r = attnlab.attention(*low, engine="reference", return_weights=True)
+    assert r.out.dtype == r.weights.dtype == dtype  # type: ignore[union-attr]
+    assert_2x_rule(r.out, anchor, ref, f"reference {dtype}")
+    _, w_rounded = naive_attention(*(t.double() for t in low))  # the same inputs in fp64
+    assert max_err(r.weights, w_rounded) <= torch.finfo(dtype).eps  # type: ignore[arg-type]
+    big = torch.randn(1, 1, 4, 128, generator=g, dtype=torch.float64) * 24
+    out = attnlab.attention(big.half(), big.half(), v[:, :1, :4, :].half().repeat(1, 1, 1, 2),
+                            engine="reference")  # fmt: skip
+    want, _ = naive_attention(big, big, v[:, :1, :4, :].repeat(1, 1, 1, 2))
+    assert isinstance(out, Tensor) and max_err(out, want) < 1e-2
+
+
 def test_fully_masked_rows_weights_and_lse() -> None:
     q, k, v = _qkv(1, 1, 1, 4, 3, 8, torch.float32)  # Lq > Lk: the first row sees nothing
     r = attnlab.attention(q, k, v, mask=M.causal(), return_weights=True, return_lse=True)
@@ -402,6 +428,12 @@ def test_cosine_and_callable_scores() -> None:
     got = attnlab.attention(q, k, v, score=general, mask=M.causal())
     want, _ = naive_attention(q @ w, k, v, scale=1.0, allowed=M.causal().dense(5, 7))
     assert isinstance(got, Tensor) and max_err(got, want) < 1e-12
+    with pytest.raises(
+        ValueError, match=r"score: .* shape \(B, Hq, Lq, Lk\) = \(1, 2, 5, 7\), got \(1, 2, 1, 7\)"
+    ):
+        attnlab.attention(q, k, v, score=lambda a, b: general(a, b)[:, :, :1])
+    with pytest.raises(TypeError, match="score: the callable must return a tensor"):
+        attnlab.attention(q, k, v, score=lambda a, b: None)
 
 
 def test_attend_precomputed_scores() -> None:

@@ -11,6 +11,8 @@ four steps are the library's definition of attention::
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -27,14 +29,16 @@ from attnlab.scores import SCORES, expand_kv
 
 __all__ = ["ReferenceEngine", "mix", "request_scores"]
 
+#: half-precision inputs are computed in float32: scores rounded to bfloat16 lose 8 bits
+#: before the exponential (19x torch SDPA's error at scores of std 16), and float16's
+#: unscaled q k^T overflows where the scaled scores fit
+_HALF = (torch.float16, torch.bfloat16)
+
 
 def request_scores(req: AttentionRequest) -> Tensor:
     """Scaled, soft-capped and biased scores ``(B, Hq, Lq, Lk)`` of a request, before
     masking."""
-    if isinstance(req.score, str):
-        s = SCORES[req.score](req.q, req.k)
-    else:
-        s = req.score(req.q, expand_kv(req.k, req.heads))
+    s = SCORES[req.score](req.q, req.k) if isinstance(req.score, str) else _called_scores(req)
     s = s * req.scale if req.scale != 1.0 else s
     if req.softcap is not None:
         s = torch.tanh(s / req.softcap) * req.softcap
@@ -43,6 +47,21 @@ def request_scores(req: AttentionRequest) -> Tensor:
             req.lq, req.lk, batch=req.batch, heads=req.heads, device=s.device, dtype=s.dtype
         )  # (Bb, Hb, Lq, Lk)
         s = s + b
+    return s
+
+
+def _called_scores(req: AttentionRequest) -> Tensor:
+    """A score callable's scores ``(B, Hq, Lq, Lk)``, checked: a wrong result is named."""
+    assert callable(req.score)
+    s = req.score(req.q, expand_kv(req.k, req.heads))
+    want = (req.batch, req.heads, req.lq, req.lk)
+    if not isinstance(s, Tensor):
+        raise TypeError(f"score: the callable must return a tensor {want}, got {type(s).__name__}")
+    if tuple(s.shape) != want:
+        raise ValueError(
+            f"score: the callable must return scores of shape (B, Hq, Lq, Lk) = {want}, "
+            f"got {tuple(s.shape)}"
+        )
     return s
 
 
@@ -100,6 +119,15 @@ class ReferenceEngine(Engine):
         return None
 
     def forward(self, req: AttentionRequest) -> EngineResult:
+        if req.q.dtype in _HALF:  # scores, softmax and sum in float32, as torch SDPA's are
+            wide = [t.float() for t in (req.q, req.k, req.v)]
+            out, w, lse = self.forward(dataclasses.replace(req, q=wide[0], k=wide[1], v=wide[2]))
+            low = req.q.dtype
+            return (
+                out.to(low),
+                None if w is None else w.to(low),
+                None if lse is None else lse.to(low),
+            )
         s = request_scores(req)  # (B, Hq, Lq, Lk)
         allowed = None
         if req.mask is not None:
