@@ -151,6 +151,24 @@ def test_beam_reorder_and_crop() -> None:
     assert max_err(again, full[:, 6:8]) < 1e-12 and cache.length == 8
 
 
+def test_a_cache_emptied_by_crop_takes_a_new_batch_and_refuses_a_new_head_size() -> None:
+    """After ``crop(0)`` the next prompt may have another batch (it was broadcast over the
+    old buffers); a step whose head size differs from the cached keys is named."""
+    mha = _layer(2, True, False).double()
+    x = torch.randn(3, 8, 64).double()
+    cache = KVCache()
+    mha(x[:2, :5], mask=masks.causal(), cache=cache)
+    for batch in (x[:1], x):  # smaller, then larger than the cached batch of 2
+        cache.crop(0)
+        step = mha(batch[:, :4], mask=masks.causal(), cache=cache)
+        assert step.shape == (len(batch), 4, 64) and cache.batch_size == len(batch)
+        assert max_err(step, mha(batch[:, :4], mask=masks.causal())) < 1e-12
+    k, v = cache.keys, cache.values
+    assert k is not None and v is not None
+    with pytest.raises(ValueError, match=r"keys of size E=\d+ .* new step has E=3"):
+        cache.append(k[..., :3], v)
+
+
 def test_rope_positions_argument_equals_cache_offset() -> None:
     mha = _layer(4, True, False).double()
     x = torch.randn(1, 6, 64).double()

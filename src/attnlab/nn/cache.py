@@ -63,6 +63,8 @@ class KVCache:
         """Add ``k (B, Hkv, T, E)`` and ``v (B, Hkv, T, Ev)``; return all cached keys/values."""
         _check_step(self, k, v)
         need = self._len + k.shape[2]
+        if self._len == 0 and not (_fits(self._k, k) and _fits(self._v, v)):
+            self._k = self._v = None  # emptied (crop(0)): the next step may change its sizes
         if self._k is None or self._v is None or need > self._k.shape[2]:
             self._grow(k, v, need)
         assert self._k is not None and self._v is not None
@@ -116,12 +118,27 @@ def _check_step(cache: KVCache, k: Tensor, v: Tensor) -> None:
             f"k and v must be (B, Hkv, T, E) with equal B, Hkv, T; got {tuple(k.shape)} "
             f"and {tuple(v.shape)}"
         )
-    old = cache.keys
-    if old is not None and cache.length and (old.shape[:2] != k.shape[:2]):
+    old, old_v = cache.keys, cache.values
+    if old is None or old_v is None or not cache.length:
+        return
+    if old.shape[:2] != k.shape[:2]:
         raise ValueError(
             f"cache holds (B, Hkv)={tuple(old.shape[:2])} but the new step has "
             f"{tuple(k.shape[:2])}; reorder the cache before changing the batch"
         )
+    if (old.shape[3], old_v.shape[3]) != (k.shape[3], v.shape[3]) or old.dtype != k.dtype:
+        raise ValueError(
+            f"cache holds keys of size E={old.shape[3]} and values of Ev={old_v.shape[3]} in "
+            f"{old.dtype}, but the new step has E={k.shape[3]}, Ev={v.shape[3]} in {k.dtype}"
+        )
+
+
+def _fits(buf: Tensor | None, x: Tensor) -> bool:
+    """Whether storage ``buf (B, Hkv, capacity, E)`` can take steps like ``x``."""
+    if buf is None:
+        return True
+    same = buf.shape[:2] == x.shape[:2] and buf.shape[3] == x.shape[3]
+    return same and buf.dtype == x.dtype and buf.device == x.device
 
 
 class DecoderCache:
