@@ -352,6 +352,23 @@ def test_plan_refuses_ulysses_with_indivisible_heads() -> None:
     assert D.plan(64, 4, heads=4, kv_heads=4, strategy="ulysses").strategy == "ulysses"
 
 
+def _big(rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tensors of a few MiB: they travel as shared memory unless pickled by value."""
+    x = torch.full((1, 4, 500, 32), float(rank), requires_grad=True)
+    (x * 2).sum().backward()
+    return (x * world).detach(), x.grad  # type: ignore[return-value]
+
+
+def test_run_local_returns_tensors_after_the_ranks_exit() -> None:
+    """A rank's tensors outlive it: a tensor put on the queue as it is was read from
+    shared memory the exited child had freed (FileNotFoundError, now and then)."""
+    for _ in range(2):
+        results = run_local(_big, 2, timeout=120)
+        for rank, (y, g) in enumerate(results):
+            assert torch.equal(y, torch.full((1, 4, 500, 32), 2.0 * rank))
+            assert torch.equal(g, torch.full_like(g, 2.0))
+
+
 def test_run_local_checks_its_backend() -> None:
     with pytest.raises(ValueError, match="backend must be 'gloo' or 'nccl', got 'mpi'"):
         run_local(_errors, 2, backend="mpi")

@@ -5,6 +5,7 @@ and trying things out without ``torchrun``.
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import socket
 import traceback
@@ -45,7 +46,9 @@ def _child(
         dist.init_process_group(
             backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout)
         )
-        out.put((rank, True, fn(rank, world, *args)))
+        # pickled here, by value: a tensor put on the queue as it is travels as shared
+        # memory that vanishes when this process exits, before the parent may read it
+        out.put((rank, True, pickle.dumps(fn(rank, world, *args))))
     except BaseException as e:  # reported to the parent, which raises
         out.put((rank, False, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
     finally:
@@ -108,7 +111,7 @@ def run_local(
     errors = {r: v for r, (ok, v) in results.items() if not ok}
     if errors:
         raise RuntimeError("\n".join(f"rank {r}: {v}" for r, v in sorted(errors.items())))
-    return [results[r][1] for r in range(world)]
+    return [pickle.loads(results[r][1]) for r in range(world)]  # our own ranks pickled these
 
 
 def _rank_times_two(rank: int, world: int) -> int:
