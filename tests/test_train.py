@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -56,6 +57,23 @@ def test_resume_takes_the_same_next_step(task: TranslationTask, tmp_path: Path) 
     resumed = Trainer(task, _cfg(tmp_path, resume=True))
     assert resumed.step == 4
     assert [resumed.train_step(), resumed.train_step()] == pytest.approx(losses[4:], abs=1e-6)
+    assert first.stop_reason is not None and "reached the target -1" in first.stop_reason
+    assert resumed.first_step == 4 and resumed.stop_reason is None
+
+
+def test_run_task_says_why_it_stopped_and_where_it_resumed(
+    task: TranslationTask, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from attnlab.tasks.registry import spec
+    from attnlab.tasks.run import run_task
+
+    s = dataclasses.replace(spec("translation"), finish=None)
+    run_task(s, task, _cfg(tmp_path, target=-1.0), tmp_path)
+    out = capsys.readouterr().out
+    assert "trained 4 steps in" in out and "stopped early at step 4: score" in out
+    run_task(s, task, _cfg(tmp_path, resume=True), tmp_path)  # on to step 8
+    out = capsys.readouterr().out
+    assert "trained 4 steps (resumed at step 4, now at 8) in" in out and "stopped" not in out
 
 
 def test_same_seed_same_run(task: TranslationTask) -> None:

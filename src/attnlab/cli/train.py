@@ -39,6 +39,12 @@ _OVERRIDES = (
 )
 
 
+TARGET_HELP = (
+    "stop once an eval line's score reaches this: accuracies and success rates are "
+    "fractions (0.9), generation's is 1/perplexity, the generative tasks' -Frechet"
+)
+
+
 def add_parsers(sub: Any) -> None:
     """Add the ``train`` and ``demo`` subcommands to an argparse subparsers object."""
     positive, above0 = int_in(1), float_in(0.0, open_low=True)
@@ -52,7 +58,7 @@ def add_parsers(sub: Any) -> None:
     t.add_argument("--train-size", type=positive, default=None, help="training examples")
     t.add_argument("--seed", type=int_in(0), default=None)
     t.add_argument("--time-limit", type=above0, default=None, help="seconds of training")
-    t.add_argument("--target", type=float_in(), default=None, help="stop at this eval score")
+    t.add_argument("--target", type=float_in(), default=None, help=TARGET_HELP)
     t.add_argument("--threads", type=positive, default=None, help="torch threads (task default)")
     t.add_argument("--out", default=None, help="checkpoints and report (runs/TASK)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")

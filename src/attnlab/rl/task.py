@@ -182,7 +182,7 @@ class AgentTask:
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         res = run_episodes(_policy(model), self.env_id, self.eval_episodes).summary()
-        return {"score": res["success"], **res, **self.train_log}
+        return {"score": res["success"] / 100, **res, **self.train_log}  # a fraction
 
 
 def _policy(model: nn.Module) -> AgentPolicy:

@@ -99,7 +99,11 @@ def run_task(s: TaskSpec, task: Task, cfg: TrainConfig, report: Path) -> dict[st
     trainer = Trainer(task, cfg, on_eval=lambda r: print(json.dumps(r), flush=True))
     t0 = time.perf_counter()
     trainer.fit()
-    print(f"trained {trainer.step} steps in {time.perf_counter() - t0:.0f} s")
+    done, first = trainer.step - trainer.first_step, trainer.first_step
+    resumed = f" (resumed at step {first}, now at {trainer.step})" if first else ""
+    print(f"trained {done} steps{resumed} in {time.perf_counter() - t0:.0f} s")
+    if trainer.stop_reason is not None:
+        print(f"stopped early at step {trainer.step}: {trainer.stop_reason}")
     model = trainer.model.eval()
     if s.finish is None:
         return trainer.history[-1] if trainer.history else {}

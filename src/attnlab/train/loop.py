@@ -214,6 +214,8 @@ class Trainer:
         self._perm: tuple[int, Tensor] | None = None
         if cfg.resume and cfg.out_dir and (Path(cfg.out_dir) / "last.safetensors").exists():
             self._resume(Path(cfg.out_dir) / "last.safetensors")
+        self.first_step = self.step  # where this run began (a resumed run: past 0)
+        self.stop_reason: str | None = None  # why fit() stopped before ``steps``, if it did
 
     def _indices(self, step: int) -> Tensor:
         """The example indices of ``step``: a seeded permutation per epoch."""
@@ -289,11 +291,13 @@ class Trainer:
         if improved:
             self._save("best.safetensors")
         cfg = self.cfg
-        return bool(
-            (cfg.target is not None and score >= cfg.target)
-            or (cfg.patience is not None and self.bad_evals >= cfg.patience)
-            or (cfg.time_limit is not None and elapsed >= cfg.time_limit)
-        )
+        if cfg.target is not None and score >= cfg.target:
+            self.stop_reason = f"score {score:.4g} reached the target {cfg.target:g}"
+        elif cfg.patience is not None and self.bad_evals >= cfg.patience:
+            self.stop_reason = f"{self.bad_evals} evaluations without a better score (patience)"
+        elif cfg.time_limit is not None and elapsed >= cfg.time_limit:
+            self.stop_reason = f"the time limit of {cfg.time_limit:g} s"
+        return self.stop_reason is not None
 
     def _save(self, name: str) -> None:
         if not self.cfg.out_dir:
