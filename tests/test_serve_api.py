@@ -32,7 +32,9 @@ from attnlab.interpret import (
 from attnlab.models import SentenceEncoder
 from attnlab.models.pretrained import minilm_path
 from attnlab.serve import Limits, create_app
+from attnlab.tasks import inspect_image, inspect_text
 from attnlab.tasks.encoder import text_model
+from attnlab.tasks.registry import TASKS
 
 TEXT = "The cat sat on the mat because it was warm."
 
@@ -148,7 +150,9 @@ def test_rollout_equals_fp64_formula(
 def test_integrated_gradients_complete_and_equal_to_the_api(
     client: TestClient, enc: SentenceEncoder
 ) -> None:
-    res = _job(client, {"method": "integrated", "steps": 32})["result"]
+    job = _job(client, {"method": "integrated", "steps": 32})
+    assert job["message"] == "integrated gradients: 32 of 32 steps"  # not captum's 36 calls
+    res = job["result"]
     assert abs(res["attribution_sum"] - res["score_gap"]) < 0.05 * abs(res["score_gap"])
     assert abs(sum(res["saliency"]) - res["attribution_sum"]) < 1e-3
     from attnlab.interpret import integrated_gradients
@@ -166,6 +170,21 @@ def test_integrated_gradients_complete_and_equal_to_the_api(
         internal_batch_size=8,
     )
     assert np.allclose(res["saliency"], ig.per_token()[0].numpy(), atol=1e-4)
+
+
+def test_integrated_gradients_progress_counts_the_path_steps(enc: SentenceEncoder) -> None:
+    """Every report of a 20-step job (chunks of 8, 8, 4) counts 0..20 path points, never
+    captum's extra scorings of the input and the baseline."""
+    from attnlab.serve.encoder import EncoderModel
+
+    seen: list[tuple[float, str]] = []
+    EncoderModel(encoder=enc).explain(
+        TEXT, "integrated", steps=20, top_k=3, report=lambda p, m="": seen.append((p, m))
+    )
+    counts = [int(m.split(": ")[1].split(" of ")[0]) for _, m in seen[1:]]
+    assert all(m.endswith(" of 20 steps") for _, m in seen[1:])
+    assert counts == sorted(counts) and counts[-1] == 20 and {0, 8, 16} <= set(counts)
+    assert [p for p, _ in seen] == sorted(p for p, _ in seen) and seen[-1][0] < 1
 
 
 def test_gradient_and_flow_equal_the_api(client: TestClient, enc: SentenceEncoder) -> None:
@@ -311,15 +330,24 @@ def test_too_many_jobs(small: TestClient) -> None:
     small.delete(f"/api/jobs/{first.json()['job']}")
 
 
+#: tasks that `attnlab train` knows and `attnlab.tasks.inspect` cannot rebuild
+UNOPENABLE = sorted(set(TASKS) - set(inspect_text.RUNNERS) - set(inspect_image.RUNNERS))
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from tests.task_runs import make_tiny_run
+    from attnlab.train import Checkpoint, save_checkpoint
+    from tests.task_runs import make_tiny_run, tiny_task
 
     root = tmp_path_factory.mktemp("runs")
-    for task in ("translation", "vision", "captioning", "classification"):
+    for task in ("translation", "vision", "captioning", "classification", "dates"):
         make_tiny_run(task, root / "exp" / task if task == "vision" else root / task)
     (root / "junk").mkdir()
     (root / "junk" / "best.safetensors").write_bytes(b"not a checkpoint")
+    for task in UNOPENABLE:  # what `attnlab train gan` etc. write: a task name, its weights
+        save_checkpoint(root / "other" / task / "best.safetensors", Checkpoint({}, {"task": task}))
+    broken = Checkpoint({}, tiny_task("dates").config())  # a dates config, no weights
+    save_checkpoint(root / "broken" / "best.safetensors", broken)
     outside = tmp_path_factory.mktemp("outside")
     make_tiny_run("generation", outside / "secret")
     (root / "linked").symlink_to(outside, target_is_directory=True)
@@ -332,11 +360,25 @@ def with_runs(enc: SentenceEncoder, runs: Any) -> Iterator[TestClient]:
         yield c
 
 
-def test_runs_are_listed_by_folder_and_nothing_outside(with_runs: TestClient) -> None:
+def test_runs_are_listed_by_folder_and_nothing_outside(with_runs: TestClient, runs: Any) -> None:
+    from attnlab.tasks.inspect import load_run
+
     models = {m["name"]: m for m in with_runs.get("/api/models").json()["models"]}
-    assert set(models) == {"minilm", "translation", "exp/vision", "captioning", "classification"}
+    assert set(models) == {
+        "minilm",
+        "translation",
+        "exp/vision",
+        "captioning",
+        "classification",
+        "dates",
+        "broken",
+    }
     assert models["exp/vision"]["input"] == "image" and models["translation"]["kind"] == "seq2seq"
     assert not any(m["loaded"] for n, m in models.items() if n != "minilm")
+    for name in ("translation", "classification", "dates"):  # known before loading
+        assert models[name]["example"] == load_run(runs / name / "best.safetensors").example
+    assert models["dates"]["example"] == "[en_US] 11/21/2026"
+    assert models["captioning"]["example"] == "" and models["broken"]["example"]
     assert [models[n]["methods"] for n in ("translation", "exp/vision", "classification")] == [
         ["attention", "rollout"],
         ["attention"],
@@ -401,3 +443,48 @@ def test_image_runs_take_an_uploaded_picture(with_runs: TestClient, runs: Any) -
     with TestClient(create_app(runs=runs, limits=Limits(max_image_side=300))) as c:
         r = c.post("/api/attend", json={"model": "exp/vision", "image": bomb})
     assert r.status_code == 413 and "max_image_side=300" in r.json()["detail"]
+
+
+def test_a_text_the_model_refuses_is_a_422_naming_the_format(with_runs: TestClient) -> None:
+    """The dates model reads ``[locale] date``; its ValueError is the one-line detail, on
+    every path that runs a model on a text, and the model's own example is read."""
+    bad = {"model": "dates", "text": "September 24, 1964"}
+    for path, body in [
+        ("attend", bad),
+        ("compare", {"a": bad, "b": {"text": TEXT}}),
+        ("compare", {"a": {"text": TEXT}, "b": bad}),
+    ]:
+        r = with_runs.post(f"/api/{path}", json=body)
+        assert r.status_code == 422, r.text
+        detail = r.json()["detail"]
+        assert "\n" not in detail and detail.startswith("text must be a locale tag then a date")
+        assert "'[en_US] 11/21/2026'" in detail and "no [locale] tag" in detail
+    r = with_runs.post("/api/explain", json={**bad, "method": "rollout"})
+    assert r.status_code == 422 and "offers no explanation" in r.json()["detail"]
+    example = with_runs.get("/api/models/dates").json()["example"]
+    r = with_runs.post("/api/attend", json={"model": "dates", "text": example})
+    assert r.status_code == 200 and r.json()["stacks"][0]["name"] == "attention"
+
+
+def test_checkpoints_the_explorer_cannot_open_are_refused(with_runs: TestClient) -> None:
+    """GAN, VAE and agent runs are not listed; asked for by name, they are a 404 that says
+    why. A listed run whose weights do not fit its config is a 422, never a 500."""
+    assert {"gan", "vae-plain", "doorkey-agent"} <= set(UNOPENABLE)
+    listed = {m["name"] for m in with_runs.get("/api/models").json()["models"]}
+    assert not any(n.startswith("other") for n in listed) and "dates" in listed
+    for task in UNOPENABLE:
+        for r in (
+            with_runs.get(f"/api/models/other/{task}"),
+            with_runs.post("/api/attend", json={"model": f"other/{task}", "text": "un"}),
+        ):
+            assert r.status_code == 404, r.text
+            detail = r.json()["detail"]
+            assert f"is a {task!r} checkpoint, which the explorer cannot open" in detail
+            assert "\n" not in detail and "choose one of" in detail
+    for r in (
+        with_runs.get("/api/models/broken"),
+        with_runs.post("/api/attend", json={"model": "broken", "text": "[en_US] 1/2/2020"}),
+    ):
+        assert r.status_code == 422, r.text
+        assert "does not fit this model" in r.json()["detail"] and "\n" not in r.json()["detail"]
+    assert with_runs.post("/api/attend", json={"text": TEXT}).status_code == 200

@@ -32,7 +32,14 @@ from fastapi.staticfiles import StaticFiles
 import attnlab
 from attnlab.serve import payload
 from attnlab.serve.jobs import Worker
-from attnlab.serve.limits import ApiError, Limits, check_range, check_text, decode_image
+from attnlab.serve.limits import (
+    ApiError,
+    Limits,
+    check_range,
+    check_text,
+    decode_image,
+    refused_input,
+)
 from attnlab.serve.payload import AttendIn, CompareIn, ExplainIn, Side
 from attnlab.serve.registry import Registry
 
@@ -72,10 +79,8 @@ class Explorer:
                 return m, self.cache[cache_key]
         if text is not None:
             self.count_tokens(m, text)
-        try:
+        with refused_input():
             ins = m.inspect(text=text, image=image)
-        except (ValueError, TypeError) as e:
-            raise ApiError(422, str(e)) from e
         with self.lock:
             self.cache[cache_key] = ins
             while len(self.cache) > CACHE:
@@ -83,8 +88,10 @@ class Explorer:
         return m, ins
 
     def count_tokens(self, m: Any, text: str) -> int:
-        """``text``'s tokens for model ``m``; ApiError 413 past ``max_tokens``."""
-        n = int(m.count_tokens(text))
+        """``text``'s tokens for model ``m``; ApiError 413 past ``max_tokens``, 422 for a
+        text the model cannot read."""
+        with refused_input():
+            n = int(m.count_tokens(text))
         if n > self.limits.max_tokens:
             cap = self.limits.max_tokens
             raise ApiError(413, f"text has {n} tokens; the limit is max_tokens={cap}")
@@ -173,7 +180,7 @@ def _routes(app: FastAPI, ex: Explorer) -> None:
     async def model_info(name: str) -> dict[str, Any]:
         """One model, loaded now if it was not (so its ``example`` is known)."""
         m = ex.model(name)
-        await ex.run(m.load)
+        await ex.run(lambda: _load(m))
         return next(i for i in ex.registry.info() if i["name"] == name)
 
     @app.post("/api/attend")
@@ -209,11 +216,7 @@ def _routes(app: FastAPI, ex: Explorer) -> None:
         _check_view(ex.limits, body.top_k)
         check_range("steps", body.steps, 2, ex.limits.max_steps, "max_steps")
         m = ex.model(body.model)
-        if body.method not in m.methods or body.method == "attention":
-            allowed = [x for x in m.methods if x != "attention"]
-            raise ApiError(
-                422, f"method must be one of {allowed} for this model, got {body.method!r}"
-            )
+        _check_method(m, body)
         if ex.worker.active() >= ex.limits.max_jobs:
             raise ApiError(
                 429,
@@ -248,6 +251,26 @@ def _routes(app: FastAPI, ex: Explorer) -> None:
 
 def _check_view(limits: Limits, top_k: int) -> None:
     check_range("top_k", top_k, 1, limits.max_top_k, "max_top_k")
+
+
+def _load(m: Any) -> Any:
+    """Model ``m`` loaded (worker thread); ApiError 422 if its checkpoint cannot be."""
+    with refused_input():
+        return m.load()
+
+
+def _check_method(m: Any, body: ExplainIn) -> None:
+    """ApiError 422 unless ``body.method`` is one of the model's explanations."""
+    allowed = [x for x in m.methods if x != "attention"]
+    if body.method in allowed:
+        return
+    if not allowed:
+        raise ApiError(
+            422,
+            f"method: model {body.model!r} offers no explanation besides its raw attention "
+            f"(POST /api/attend), got {body.method!r}",
+        )
+    raise ApiError(422, f"method must be one of {allowed} for this model, got {body.method!r}")
 
 
 def _check_tokens(ex: Explorer, body: ExplainIn, method: str) -> int:

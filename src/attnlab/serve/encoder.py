@@ -171,13 +171,16 @@ def _integrated(
     self: EncoderModel, model: TextModel, ids: Tensor, steps: int, rep: Report
 ) -> Result:
     """Integrated gradients from a padding baseline (as ``attnlab explain``); progress
-    is reported, and a cancel takes effect, at each chunk of the path."""
+    is reported, and a cancel takes effect, before each chunk of the path and each of
+    captum's other calls. Only the path's points count as steps: the chunks that run with
+    gradients (captum also scores the input and the baseline, without)."""
     score = explained_score(model, ids)
-    seen = [0]
+    done = [0]  # path points scored so far
 
     def counted(t: Tensor) -> Tensor:
-        rep(min(0.99, seen[0] / (steps + 2)), f"integrated gradients: {seen[0]} of {steps} steps")
-        seen[0] += t.shape[0]
+        rep(0.99 * done[0] / steps, f"integrated gradients: {done[0]} of {steps} steps")
+        if torch.is_grad_enabled():
+            done[0] = min(steps, done[0] + t.shape[0])
         return score(t)
 
     base = ids.clone()

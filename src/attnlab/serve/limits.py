@@ -1,9 +1,9 @@
 """The explorer's input limits, the error it answers past them, and image decoding.
 
 Past a size limit (characters, tokens, upload bytes, image side or pixels) the API
-answers 413; a value out of range or of the wrong kind gets 422. Either way the body is
-``{"detail": one line}`` naming the field, what was seen and the limit, and the server
-keeps serving.
+answers 413; a value out of range or of the wrong kind gets 422, and so does an input the
+model itself refuses (:func:`refused_input`). Either way the body is ``{"detail": one
+line}`` naming the field, what was seen and the limit, and the server keeps serving.
 
 Example:
     >>> Limits().max_tokens
@@ -21,10 +21,12 @@ import base64
 import binascii
 import io
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["ApiError", "Limits", "check_range", "check_text", "decode_image"]
+__all__ = ["ApiError", "Limits", "check_range", "check_text", "decode_image", "refused_input"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,25 @@ def check_range(field: str, value: int, low: int, high: int, limit: str = "") ->
         where = f" ({limit})" if limit else ""
         raise ApiError(422, f"{field} must be in {low}..{high}{where}, got {value}")
     return value
+
+
+@contextmanager
+def refused_input() -> Iterator[None]:
+    """A model's ``ValueError``/``TypeError`` about its input (a ``CheckpointError`` of a
+    checkpoint that cannot be loaded is one too) as ApiError 422 with a one-line detail.
+
+    Example:
+        >>> try:
+        ...     with refused_input():
+        ...         raise ValueError("text must hold a date,\\n  e.g. '[en_US] 11/21/2026'")
+        ... except ApiError as e:
+        ...     print(e.status, e.detail)
+        422 text must hold a date, e.g. '[en_US] 11/21/2026'
+    """
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        raise ApiError(422, " ".join(str(e).split()) or type(e).__name__) from e
 
 
 _DATA_URL = re.compile(r"^data:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)

@@ -3,25 +3,34 @@ checkpoints found under ``--runs``, each loaded once, on first use.
 
 A request names a model; the name is looked up in :class:`Registry`'s table, built when
 the server starts. No path is ever made from a request, so nothing outside ``--runs``
-can be read.
+can be read. Checkpoints of tasks that :mod:`attnlab.tasks.inspect` cannot rebuild (the
+GAN, VAE and agent tasks) are left out of the table; asked for by name, they are refused
+with the reason.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors import SafetensorError, safe_open
+
 from attnlab.interpret import rollout
 from attnlab.serve.encoder import EncoderModel
 from attnlab.serve.views import matrix_view, rounded
+from attnlab.tasks import inspect_image, inspect_text
 from attnlab.tasks.inspect import Inspection, RunModel, load_run, run_task_name
 from attnlab.train import CheckpointError
 
-__all__ = ["CHECKPOINTS", "Registry", "RunEntry", "find_runs"]
+__all__ = ["CHECKPOINTS", "RUNNERS", "Registry", "RunEntry", "find_runs"]
 
 CHECKPOINTS = ("best.safetensors", "last.safetensors")  # preferred first
 MAX_DEPTH = 3  # folders below --runs that are searched
+#: task name -> its runner: the tasks whose checkpoints the explorer can open
+RUNNERS: dict[str, type[RunModel]] = {**inspect_text.RUNNERS, **inspect_image.RUNNERS}
 
 
 class RunEntry:
@@ -30,6 +39,7 @@ class RunEntry:
     def __init__(self, name: str, path: Path, task: str) -> None:
         self.name, self.path, self.task = name, path, task
         self._run: RunModel | None = None
+        self._example: str | None = None
         self._lock = threading.RLock()  # both worker threads may run it
 
     @property
@@ -44,11 +54,11 @@ class RunEntry:
 
     @property
     def kind(self) -> str:
-        return _KINDS.get(self.task, "seq2seq")
+        return RUNNERS[self.task].kind
 
     @property
     def input(self) -> str:
-        return "image" if self.kind in ("image", "caption") else "text"
+        return RUNNERS[self.task].input
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -59,7 +69,13 @@ class RunEntry:
 
     @property
     def example(self) -> str:
-        return self.load().example if self.input == "text" else ""
+        """An input text the model reads (``""`` for image models), known without loading
+        the weights: the example depends on the checkpoint's config only."""
+        if self._run is not None:  # (no lock: a listing never waits for a running model)
+            return self._run.example
+        if self._example is None:
+            self._example = _config_example(self.path)
+        return self._example
 
     def count_tokens(self, text: str) -> int:
         with self._lock:
@@ -86,19 +102,26 @@ class RunEntry:
 
 
 _ROLLOUT = ("translation", "generation")
-_KINDS = {
-    "translation": "seq2seq",
-    "dates": "seq2seq",
-    "generation": "lm",
-    "classification": "classifier",
-    "vision": "image",
-    "captioning": "caption",
-}
+
+
+def _config_example(path: Path) -> str:
+    """The ``example`` of the runner that ``path``'s config builds, its model made on the
+    meta device (no weights read, no memory taken); ``""`` if the config cannot build one
+    (loading it then says why)."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            config = json.loads((f.metadata() or {})["config"])
+        with torch.device("meta"):
+            return RUNNERS[config["task"]].build(config).example
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError, RuntimeError):
+        return ""
 
 
 def find_runs(runs: Path) -> dict[str, RunEntry]:
     """Checkpoints under ``runs`` (up to :data:`MAX_DEPTH` folders down), named by their
-    folder relative to ``runs``; files that are not attnlab checkpoints are skipped.
+    folder relative to ``runs``; files that are not attnlab task checkpoints are skipped.
+    (Checkpoints of tasks without a runner in :data:`RUNNERS` are found too: the
+    :class:`Registry` leaves them out.)
 
     Example:
         >>> import tempfile
@@ -131,7 +154,8 @@ def _folders(root: Path, depth: int) -> list[Path]:
 
 
 class Registry:
-    """Name -> model: ``"minilm"`` (or the ``--model`` folder's name) and every run.
+    """Name -> model: ``"minilm"`` (or the ``--model`` folder's name) and every run of a
+    task in :data:`RUNNERS`; ``refused`` holds, by name, why each other run is not offered.
 
     Example:
         >>> r = Registry()
@@ -144,17 +168,27 @@ class Registry:
     ) -> None:
         self.default = "minilm" if model is None else Path(model).name
         self.models: dict[str, Any] = {self.default: EncoderModel(model, encoder)}
+        self.refused: dict[str, str] = {}
         for name, entry in ({} if runs is None else find_runs(Path(runs))).items():
-            self.models[name if name not in self.models else f"runs/{name}"] = entry
+            name = name if name not in self.models else f"runs/{name}"
+            if entry.task in RUNNERS:
+                self.models[name] = entry
+            else:
+                self.refused[name] = (
+                    f"model {name!r} is a {entry.task!r} checkpoint, which the explorer cannot "
+                    f"open (it opens {sorted(RUNNERS)})"
+                )
 
     def get(self, name: str) -> Any:
-        """The model called ``name``; KeyError (with the choices) for any other name."""
+        """The model called ``name``; KeyError (with the reason and the choices) for any
+        other name."""
         if name not in self.models:
-            raise KeyError(f"unknown model {name!r}; choose one of {sorted(self.models)}")
+            why = self.refused.get(name, f"unknown model {name!r}")
+            raise KeyError(f"{why}; choose one of {sorted(self.models)}")
         return self.models[name]
 
     def info(self) -> list[dict[str, Any]]:
-        """What ``GET /api/models`` lists (examples only of models already loaded)."""
+        """What ``GET /api/models`` lists (every text model with its example)."""
         return [
             {
                 "name": name,
@@ -163,7 +197,7 @@ class Registry:
                 "input": m.input,
                 "methods": list(m.methods),
                 "loaded": m.loaded,
-                "example": m.example if m.loaded or m.kind == "encoder" else "",
+                "example": m.example,
             }
             for name, m in self.models.items()
         ]
