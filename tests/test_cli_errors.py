@@ -75,6 +75,8 @@ BAD: list[tuple[str, int, str]] = [
     ("bench --cases windw", 2, "argument --cases: 'windw' is not one of window, documents"),
     ("bench --cases window,,dense", 2, "argument --cases: '' is not one of window"),
     ("bench --modes bwd", 2, "argument --modes: 'bwd' is not one of fwd, fwd+bwd"),
+    ("bench --device cuda:99", 2, "argument --device: device='cuda:99': this machine has"),
+    ("bench --device tpu", 2, "argument --device: device='tpu' is not a device"),
     ("bench --engine nope", 2, "argument --engine: invalid choice: 'nope'"),
     # embed and attend
     ("embed hi --batch-size 0", 2, "argument --batch-size: must be an int >= 1, got '0'"),

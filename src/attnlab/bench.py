@@ -42,6 +42,7 @@ __all__ = [
     "CASES",
     "MODES",
     "BenchConfig",
+    "check_device",
     "doc_ids",
     "interleaved_ms",
     "make_case",
@@ -99,14 +100,14 @@ class BenchConfig:
             raise ValueError(
                 f"dtype={self.dtype!r} is not a dtype; expected one of {tuple(DTYPES)}"
             )
-        _check_device(self.device)
+        check_device(self.device)
 
     def smoke(self) -> BenchConfig:
         """These settings at tiny sizes with one repeat (``--smoke``, for CI)."""
         return dataclasses.replace(self, n=256, heads=2, repeat=1, window=64)
 
 
-def _check_device(device: str) -> None:
+def check_device(device: str) -> None:
     """``device`` names the CPU or a CUDA device this machine has (``ValueError`` if not)."""
     if not isinstance(device, str):
         raise TypeError(f"device must be a str such as 'cpu' or 'cuda', got {device!r}")

@@ -35,10 +35,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", type=names_in(bench.MODES), default=",".join(defaults.modes))
     p.add_argument("--repeat", type=positive, default=defaults.repeat)
     p.add_argument("--flex", action="store_true", help="also time FlexAttention (compiles)")
-    p.add_argument("--device", default=defaults.device, help="cpu (default) or cuda[:N]")
+    p.add_argument("--device", type=_device, default=defaults.device, help="cpu or cuda[:N]")
     p.add_argument("--dtype", default=defaults.dtype, choices=list(bench.DTYPES))
     p.add_argument("--memory", action="store_true", help="peak memory of window fwd+bwd")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (for CI)")
+
+
+def _device(text: str) -> str:
+    """An argparse type: a device this machine has (checked before any work)."""
+    try:
+        bench.check_device(text)
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def add_parsers(sub: Any) -> None:

@@ -17,10 +17,12 @@ def add_parsers(sub: Any) -> None:
 
 
 def print_engines() -> None:
-    """One line per engine: name, exact or approximate, summary."""
+    """One line per engine: name, exact or approximate, summary, and the
+    ``engine_options`` it takes (from the engine itself)."""
     for name, eng in available_engines().items():
         kind = "exact" if eng.exact else "approximate"
-        print(f"{name:<10} {kind:<11} {eng.summary}")
+        opts = f"; engine_options: {', '.join(eng.options)}" if eng.options else ""
+        print(f"{name:<10} {kind:<11} {eng.summary}{opts}")
 
 
 def run(args: argparse.Namespace) -> int:

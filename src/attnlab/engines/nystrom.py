@@ -112,7 +112,7 @@ class NystromEngine(ApproximateEngine):
     name = "nystrom"
     summary = (
         "Nystromformer, segment-mean landmarks and an iterative "
-        "pseudo-inverse; non-causal; padding, GQA; options num_landmarks, pinv_iterations"
+        "pseudo-inverse; non-causal; padding, GQA"
     )
     options = ("num_landmarks", "pinv_iterations")
     settings_type = NystromOptions

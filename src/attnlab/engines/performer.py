@@ -127,7 +127,7 @@ class PerformerEngine(ApproximateEngine):
     name = "performer"
     summary = (
         "FAVOR+ positive orthogonal random features, a random-feature estimate of "
-        "softmax; causal, padding, GQA; options num_features, seed, redraw; O(L F E)"
+        "softmax; causal, padding, GQA; O(L F E)"
     )
     options = ("num_features", "seed", "redraw", "chunk_size")
     settings_type = PerformerOptions
