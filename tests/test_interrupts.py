@@ -69,12 +69,16 @@ def _cfg(out: Path, **kw: Any) -> TrainConfig:
 
 
 @MAIN_THREAD
-def test_sigterm_saves_a_checkpoint_and_resume_is_exact(tmp_path: Path) -> None:
+def test_sigterm_saves_a_checkpoint_and_resume_is_exact(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     straight = Trainer(Toy(), _cfg(tmp_path / "a"))
     straight.fit()
     stopped = Trainer(Toy(at=6, signals=(signal.SIGTERM,)), _cfg(tmp_path / "b"))
     with pytest.raises(TrainingInterrupted) as info:
         stopped.fit()
+    said = capsys.readouterr().err  # a process manager's SIGTERM: no talk of Ctrl-C first
+    assert "SIGTERM: stopping after this step" in said and "(a second signal or Ctrl-C" in said
     assert info.value.step == 7 and info.value.signum == signal.SIGTERM
     assert info.value.checkpoint == tmp_path / "b" / "last.safetensors"
     assert load_checkpoint(info.value.checkpoint).state["step"] == 7  # not an eval step

@@ -61,7 +61,8 @@ def stop_requests() -> Iterator[Callable[[], int | None]]:
             raise KeyboardInterrupt
         got.append(signum)
         _say(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint")
-        _say(" (press Ctrl-C again to stop at once)\n")
+        again = "press Ctrl-C again" if signum == signal.SIGINT else "a second signal or Ctrl-C"
+        _say(f" ({again} to stop at once)\n")
 
     old = {s: signal.signal(s, handler) for s in _SIGNALS}
     try:
