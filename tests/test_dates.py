@@ -218,7 +218,9 @@ def test_generate_agrees_with_teacher_forcing() -> None:
 # ---------------------------------------------------------------------------- training
 
 
-def test_loss_goes_down_and_evaluate_scores(tmp_path: Path) -> None:
+def test_loss_goes_down_and_evaluate_scores(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     task = _task(train_size=256, eval_size=20)
     cfg = TrainConfig(steps=25, batch_size=32, lr=1e-2, warmup=1, eval_every=25, progress=False)
     trainer = Trainer(task, cfg)
@@ -234,7 +236,10 @@ def test_loss_goes_down_and_evaluate_scores(tmp_path: Path) -> None:
     hyps = task.convert(model, task.test[:20])
     exact = 100 * sum(h == e.target for h, e in zip(hyps, task.test, strict=False)) / 20
     assert hist[-1]["exact"] == round(exact, 2) and hist[-1]["score"] == pytest.approx(exact / 100)
+    capsys.readouterr()
     scores = finish(task, model, tmp_path)
+    samples = [ln for ln in capsys.readouterr().out.splitlines() if ln[:6] in ("  ok [", "  BAD ")]
+    assert len(samples) > 4 and len(set(samples)) == len(samples)  # each example once
     hyps = task.convert(model, task.test)
     exact = 100 * sum(h == e.target for h, e in zip(hyps, task.test, strict=True)) / 40
     assert scores["exact"] == round(exact, 2)

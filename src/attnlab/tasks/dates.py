@@ -339,7 +339,8 @@ def finish(task: DatesTask, model: nn.Module, folder: Path) -> dict[str, float]:
     print(f"held-out dates ({len(task.test)}, never in training):", json.dumps(scores))
     wrong = [(e, h) for e, h, r in zip(task.test, hyps, right, strict=True) if not r]
     shown = [(e, task.convert(model, [e])[0]) for e in _showcase(task, 6)]
-    for ex, hyp in shown + wrong[:4]:
+    seen = {id(e) for e, _ in shown}  # a showcased example that is wrong: shown once
+    for ex, hyp in shown + [(e, h) for e, h in wrong if id(e) not in seen][:4]:
         mark = "ok " if hyp == ex.target else "BAD"
         print(
             f"  {mark} [{ex.locale}] {ex.text!r} -> {hyp}"
