@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,7 @@ def test_run_task_says_why_it_stopped_and_where_it_resumed(
     run_task(s, task, _cfg(tmp_path, target=-1.0), tmp_path)
     out = capsys.readouterr().out
     assert "trained 4 steps in" in out and "stopped early at step 4: score" in out
+    assert re.search(r"in \d+ s \(\d+ s of it evaluating\)", out), out
     run_task(s, task, _cfg(tmp_path, resume=True), tmp_path)  # on to step 8
     out = capsys.readouterr().out
     assert "trained 4 steps (resumed at step 4, now at 8) in" in out and "stopped" not in out

@@ -101,7 +101,8 @@ def run_task(s: TaskSpec, task: Task, cfg: TrainConfig, report: Path) -> dict[st
     trainer.fit()
     done, first = trainer.step - trainer.first_step, trainer.first_step
     resumed = f" (resumed at step {first}, now at {trainer.step})" if first else ""
-    print(f"trained {done} steps{resumed} in {time.perf_counter() - t0:.0f} s")
+    took = f"{time.perf_counter() - t0:.0f} s ({trainer.eval_seconds:.0f} s of it evaluating)"
+    print(f"trained {done} steps{resumed} in {took}")
     if trainer.stop_reason is not None:
         print(f"stopped early at step {trainer.step}: {trainer.stop_reason}")
     model = trainer.model.eval()

@@ -216,6 +216,7 @@ class Trainer:
             self._resume(Path(cfg.out_dir) / "last.safetensors")
         self.first_step = self.step  # where this run began (a resumed run: past 0)
         self.stop_reason: str | None = None  # why fit() stopped before ``steps``, if it did
+        self.eval_seconds = 0.0  # spent in the task's evaluate (a scorer's first training too)
 
     def _indices(self, step: int) -> Tensor:
         """The example indices of ``step``: a seeded permutation per epoch."""
@@ -278,8 +279,10 @@ class Trainer:
     def _evaluate(self, loss: float, elapsed: float) -> bool:
         """Evaluate, checkpoint, and say whether to stop."""
         self.model.eval()
+        t0 = time.perf_counter()
         with torch.no_grad():
             metrics = self.task.evaluate(self.model)
+        self.eval_seconds += time.perf_counter() - t0
         record = {"step": self.step, "loss": loss, "seconds": round(elapsed, 1), **metrics}
         self.history.append(record)
         if self.on_eval is not None:
