@@ -237,6 +237,47 @@ def test_gradients_match_finite_differences(engine: str) -> None:
     assert torch.autograd.gradcheck(fn, (q, k, v))
 
 
+def _features(engine: str, x: Tensor, w: Tensor) -> Tensor:
+    """The kernel's feature map from its definition (Performer's without a stabilizer)."""
+    if engine == "linear":
+        return F.elu(x) + 1
+    x = x * x.shape[-1] ** -0.25  # sqrt(scale) on each side
+    return torch.exp(x @ w.T - x.square().sum(-1, keepdim=True) / 2)
+
+
+@pytest.mark.parametrize("engine", ["linear", "performer"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("weights", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_an_item_without_keys_gets_zero_output_and_finite_zero_gradients(
+    engine: str, causal: bool, weights: bool, dtype: torch.dtype
+) -> None:
+    """padding([0, 6]): item 0 has no key. Its output and gradients are 0 (not NaN),
+    item 1's equal the fp64 quadratic form's, differentiated by autograd."""
+    q, k, v = _qkv(2, 2, 1, 5, 6, e=4, ev=3)
+    opts = {"num_features": 8, "seed": 0, "chunk_size": 2} if engine == "performer" else {}
+    w = orthogonal_features(8, 4, generator=torch.Generator().manual_seed(0))
+    mask = M.padding([0, 6])
+    mask = M.causal() & mask if causal else mask
+    ins = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    r = attnlab.attention(
+        *ins, mask=mask, engine=engine, engine_options=opts, return_weights=weights
+    )
+    assert isinstance(r, attnlab.AttentionOutput) or not weights
+    out = r.out if isinstance(r, attnlab.AttentionOutput) else r
+    cot = torch.randn(out.shape, dtype=torch.float64)  # nonzero on item 0's rows too
+    grads = torch.autograd.grad((out * cot.to(dtype)).sum(), ins)
+    refs = [t[1:].clone().requires_grad_() for t in (q, k, v)]
+    phi_q, phi_k = (_features(engine, t, w) for t in refs[:2])
+    ref = _kernel_quadratic(phi_q, phi_k, refs[2], causal)
+    ref_grads = torch.autograd.grad((ref * cot[1:]).sum(), refs)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    assert out[0].abs().max() == 0 and max_err(out[1:].double(), ref) < tol
+    for g, ref_g in zip(grads, ref_grads, strict=True):
+        assert torch.isfinite(g).all() and g[0].abs().max() == 0
+        assert max_err(g[1:].double(), ref_g) < tol * 10
+
+
 @pytest.mark.parametrize("engine", APPROX)
 def test_blocks_of_heads_give_the_same_result(engine: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Long calls run over blocks of key/value heads (CPU cache); same output and grads."""

@@ -17,6 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
+import attnlab
+from attnlab import masks
 from attnlab._grid import Grid
 from attnlab.bias import (
     ALiBi,
@@ -35,7 +37,7 @@ from attnlab.bias import (
     t5_bucket,
     tensor,
 )
-from tests.conftest import check_and_control
+from tests.conftest import check_and_control, naive_attention
 
 # --------------------------------------------------------------------------- references
 
@@ -170,11 +172,59 @@ def test_dense_dtype_and_size_arguments() -> None:
         "lq must be an int >= 0, got -1",
     )
     check_and_control(
-        lambda: b.dense(2, 3, batch=0, heads=2),
+        lambda: b.dense(2, 3, batch=-1, heads=2),
+        lambda: b.dense(2, 3, batch=0, heads=2),  # an empty batch: its bias broadcasts
+        ValueError,
+        "batch must be an int >= 0, got -1",
+    )
+    check_and_control(
+        lambda: b.dense(2, 3, batch=1, heads=0),
         lambda: b.dense(2, 3, batch=1, heads=2),
         ValueError,
-        "batch must be a positive int, got 0",
+        "heads must be a positive int, got 0",
     )
+    assert tensor(torch.zeros(0, 1, 2, 3)).dense(2, 3, batch=0).shape == (0, 1, 2, 3)
+
+
+def _empty_batch_biases() -> dict[str, Bias | Tensor]:
+    return {
+        "alibi": alibi(4),
+        "t5": relative_buckets(4, num_buckets=8, max_distance=16),
+        "learned": learned_relative(4, max_distance=8),
+        "custom": custom(lambda h, q, k: (q - k).float()),
+        "custom_shared": custom(lambda h, q, k: 0.5, per_head=False),
+        "tensor": torch.randn(5, 6),
+        "tensor_of_no_items": torch.randn(0, 4, 5, 6),
+        "sum": alibi(4) + tensor(torch.randn(1, 4, 5, 6)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_empty_batch_biases()))
+@pytest.mark.parametrize("engine", ["auto", "reference"])
+def test_an_empty_batch_takes_any_bias(name: str, engine: str) -> None:
+    """B = 0 gives the empty output with a bias as without one, or with a mask (it said
+    'batch must be a positive int, got 0'); its gradients are empty too."""
+    b = _empty_batch_biases()[name]
+    q = torch.randn(0, 4, 5, 8, requires_grad=True)
+    k, v = torch.randn(0, 2, 6, 8), torch.randn(0, 2, 6, 3)
+    assert attnlab.attention(q, k, v, bias=b, engine=engine).shape == (0, 4, 5, 3)
+    r = attnlab.attention(
+        q, k, v, bias=b, mask=masks.causal(), engine=engine, return_weights=True, return_lse=True
+    )
+    assert isinstance(r, attnlab.AttentionOutput) and r.weights is not None and r.lse is not None
+    assert (r.out.shape, r.weights.shape, r.lse.shape) == ((0, 4, 5, 3), (0, 4, 5, 6), (0, 4, 5))
+    r.out.sum().backward()
+    assert q.grad is not None and q.grad.shape == q.shape
+
+
+@pytest.mark.parametrize(("lq", "lk"), [(0, 6), (5, 0)])
+def test_an_empty_sequence_takes_a_tensor_bias(lq: int, lk: int) -> None:
+    """A tensor bias of a call with no queries or no keys is empty too (its gather read
+    index 0 of an empty axis); the output is that of no bias: empty, or 0 without keys."""
+    q, k, v = torch.randn(2, 4, lq, 8), torch.randn(2, 2, lk, 8), torch.randn(2, 2, lk, 3)
+    for b in (torch.randn(lq, lk), torch.randn(2, 4, lq, lk), torch.randn(1, 4, lq, 1)):
+        out = attnlab.attention(q, k, v, bias=b)
+        assert isinstance(out, Tensor) and torch.equal(out, torch.zeros(2, 4, lq, 3))
 
 
 # --------------------------------------------------------------------------- T5 buckets
@@ -556,12 +606,45 @@ def test_custom_bias_errors() -> None:
         ValueError,
         r"fn returned shape \(3, 2, 2\), expected a shape broadcastable to \(1, 1, 2, 2\)",
     )
+    for wrong, seen in ((None, "NoneType"), ("0.5", "str"), ([0.5], "list")):
+        check_and_control(
+            lambda wrong=wrong: custom(lambda h, q, k: wrong).dense(2, 2),
+            lambda: custom(lambda h, q, k: 0.5).dense(2, 2),
+            TypeError,
+            rf"bias=custom\(fn=.*, per_head=True\): fn returned {seen}, expected a float "
+            rf"tensor or a Python number",
+        )
     check_and_control(
         lambda: custom(lambda h, q, k: torch.zeros(1, 1, 1, 2, 2)).dense(2, 2),
         lambda: custom(lambda h, q, k: torch.zeros(1, 1, 2, 2)).dense(2, 2),
         ValueError,
         r"fn returned shape \(1, 1, 1, 2, 2\)",
     )
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_custom_bias_and_mask_run_under_flexattention() -> None:
+    """FlexAttention calls the functions on 0-dim coordinates (under vmap): the check of
+    their result's shape reads the coordinates' shape, not a grid's (the bias raised
+    IndexError). Against fp64 attention with the bias and mask written out."""
+    from attnlab.engines.flex import flex_available
+
+    if not flex_available():
+        pytest.skip("this torch has no FlexAttention")
+    q, k, v = (torch.randn(1, 2, 32, 16, dtype=torch.float64) for _ in range(3))
+    pos = torch.arange(32, dtype=torch.float64)
+    dist = (pos[:, None] - pos[None, :]).abs()  # Lq = Lk: position = row
+    table = torch.stack([-0.1 * dist - h for h in range(2)])[None]  # (1, H, L, L)
+    allowed = pos[None, :] <= pos[:, None]
+    ref = naive_attention(q, k, v, allowed=allowed, bias=table)[0]
+    ours = attnlab.attention(
+        *(t.float() for t in (q, k, v)),
+        bias=custom(lambda h, qq, kk: -0.1 * (qq - kk).abs() - h),
+        mask=masks.custom(lambda b, h, qq, kk: kk <= qq),
+        engine="flex",
+        engine_options={"compile": False},
+    )
+    assert isinstance(ours, Tensor) and (ours.double() - ref).abs().max() < 1e-5
 
 
 # --------------------------------------------------------------------------- sums

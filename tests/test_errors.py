@@ -197,6 +197,58 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any], type[Exception], str]] = 
         r"boolean tensors are masks",
     ),
     (
+        "zero_heads",
+        {"q": torch.randn(2, 0, 5, 8), "k": torch.randn(2, 0, 6, 8), "v": torch.randn(2, 0, 6, 3)},
+        {},
+        ValueError,
+        r"q and k/v must have at least 1 head each \(only the batch and the lengths may be "
+        r"0, for an empty output\); got q heads 0 and k/v heads 0",
+    ),
+    (
+        "zero_query_heads",
+        {"q": torch.randn(2, 0, 5, 8)},
+        {},
+        ValueError,
+        r"q and k/v must have at least 1 head each .* got q heads 0 and k/v heads 2",
+    ),
+    (
+        "zero_kv_heads",
+        {"k": torch.randn(2, 0, 6, 8), "v": torch.randn(2, 0, 6, 3)},
+        {},
+        ValueError,
+        r"q and k/v must have at least 1 head each .* got q heads 4 and k/v heads 0",
+    ),
+    (
+        "custom_mask_shape",
+        {"mask": M.custom(lambda b, h, q, k: torch.ones(3, dtype=torch.bool))},
+        {"mask": M.custom(lambda b, h, q, k: torch.ones(6, dtype=torch.bool))},
+        ValueError,
+        r"mask=custom\(<lambda>\): fn returned shape \(3,\), expected a bool tensor "
+        r"broadcastable to \(2, 4, 5, 6\) \(batch, heads, queries, keys\)",
+    ),
+    (
+        "custom_mask_none",
+        {"mask": M.custom(lambda b, h, q, k: None)},  # type: ignore[arg-type,return-value]
+        {"mask": M.custom(lambda b, h, q, k: k <= q)},
+        TypeError,
+        r"mask=custom\(<lambda>\): custom mask fn must return a bool tensor, got NoneType",
+    ),
+    (
+        "custom_bias_none",
+        {"bias": B.custom(lambda h, q, k: None)},  # type: ignore[arg-type,return-value]
+        {"bias": B.custom(lambda h, q, k: 0.5)},
+        TypeError,
+        r"bias=custom\(fn=.*\): fn returned NoneType, expected a float tensor or a Python number",
+    ),
+    (
+        "custom_bias_shape",
+        {"bias": B.custom(lambda h, q, k: torch.zeros(3))},
+        {"bias": B.custom(lambda h, q, k: torch.zeros(6))},
+        ValueError,
+        r"bias=custom\(fn=.*\): fn returned shape \(3,\), expected a shape broadcastable to "
+        r"\(1, 4, 5, 6\)",
+    ),
+    (
         "bias_shape",
         {"bias": torch.ones(5, 7)},
         {"bias": torch.ones(5, 6)},
@@ -247,3 +299,19 @@ def test_sdpa_named_for_unsupported_request_says_who_can() -> None:
         attnlab.attention(args["q"], args["k"], args["v"], normalize="sparsemax", engine="sdpa")
     out = attnlab.attention(args["q"], args["k"], args["v"], engine="sdpa")
     assert isinstance(out, torch.Tensor) and out.shape == (2, 4, 5, 3)
+
+
+def test_attend_with_zero_heads_is_named() -> None:
+    """attend() answers zero heads as attention() does (it returned an empty output for
+    0 score heads and 2 value heads)."""
+    scores, v = torch.randn(2, 0, 5, 6), torch.randn(2, 2, 6, 3)
+    with pytest.raises(
+        ValueError,
+        match=r"scores and v must have at least 1 head each .* got scores heads 0 and v heads 2",
+    ):
+        attnlab.attend(scores, v)
+    out = attnlab.attend(torch.zeros(2, 4, 5, 6), v)  # positive control: 4 heads, uniform
+    assert isinstance(out, torch.Tensor)
+    torch.testing.assert_close(
+        out, v.mean(2, keepdim=True).repeat_interleave(2, 1).expand(2, 4, 5, 3)
+    )

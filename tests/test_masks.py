@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
+import attnlab
 from attnlab import masks
 from attnlab.masks import BlockLayout, Mask, TileState
 from tests.conftest import check_and_control
@@ -865,6 +866,28 @@ def test_custom_errors() -> None:
         TypeError,
         "custom mask fn must return a bool tensor, got torch.float32",
     )
+    check_and_control(
+        lambda: masks.custom(lambda b, h, q, k: None).dense(2, 2),  # type: ignore[arg-type,return-value]
+        lambda: masks.custom(lambda b, h, q, k: q >= k).dense(2, 2),
+        TypeError,
+        r"mask=custom\(<lambda>\): custom mask fn must return a bool tensor, got NoneType",
+    )
+    # a result that does not broadcast to the grid: (3,) for 5 keys, or an extra batch
+    for wrong in (torch.ones(3, dtype=torch.bool), torch.ones(2, 1, 1, 1, 1, dtype=torch.bool)):
+        check_and_control(
+            lambda wrong=wrong: masks.custom(lambda b, h, q, k: wrong).dense(4, 5, heads=2),
+            lambda: masks.custom(lambda b, h, q, k: torch.ones(5, dtype=torch.bool)).dense(4, 5),
+            ValueError,
+            rf"mask=custom\(<lambda>\): fn returned shape {re.escape(str(tuple(wrong.shape)))}, "
+            r"expected a bool tensor broadcastable to \(1, 2, 4, 5\) "
+            r"\(batch, heads, queries, keys\)",
+        )
+    # in every engine that evaluates it: by tiles (blocked) and dense (reference)
+    q = torch.randn(1, 1, 4, 8)
+    bad = masks.custom(lambda b, h, qq, k: torch.ones(3, dtype=torch.bool))
+    for engine in ("reference", "blocked", "sdpa"):
+        with pytest.raises(ValueError, match=r"fn returned shape \(3,\)"):
+            attnlab.attention(q, q, q, mask=bad, engine=engine)
 
 
 def test_global_tokens_negative() -> None:

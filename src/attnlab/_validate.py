@@ -72,7 +72,9 @@ def validate_qkv(q: object, k: object, v: object, *, same_dim: bool) -> tuple[Te
             f"q and k must have the same head dim E; got q {tuple(qs)} and k {tuple(ks)}"
         )
     hq, hkv = qs[1], ks[1]
-    if hkv == 0 or hq % hkv != 0:
+    if hq == 0 or hkv == 0:
+        raise _no_heads("q", hq, "k/v", hkv)
+    if hq % hkv != 0:
         raise ValueError(
             f"query heads must be a multiple of key/value heads (GQA); got "
             f"q heads {hq} and k/v heads {hkv}"
@@ -80,6 +82,16 @@ def validate_qkv(q: object, k: object, v: object, *, same_dim: bool) -> tuple[Te
     if qs[0] == ks[0] == vs[0]:
         return ts
     return _broadcast_batch(*ts)
+
+
+def _no_heads(a: str, ha: int, b: str, hb: int) -> ValueError:
+    """A batch or a length of 0 is data (an empty batch, an empty prompt): the output is
+    empty. Heads are the model's structure, and the GQA group ``Hq / Hkv`` needs
+    ``Hkv >= 1``: 0 heads is an error."""
+    return ValueError(
+        f"{a} and {b} must have at least 1 head each (only the batch and the lengths may be "
+        f"0, for an empty output); got {a} heads {ha} and {b} heads {hb}"
+    )
 
 
 _AUTOCAST_DEVICES = frozenset(("cpu", "cuda", "xpu", "mps", "hpu"))
@@ -124,6 +136,34 @@ def _broadcast_batch(*ts: Tensor) -> tuple[Tensor, ...]:
         raise ValueError(f"batch sizes of q, k, v must match or be 1; got {sizes}")
     b = big.pop() if big else 1
     return tuple(t.expand(b, *t.shape[1:]) if t.shape[0] != b else t for t in ts)
+
+
+def check_broadcast(what: str, out: Tensor, coords: tuple[Tensor, ...], kind: str) -> None:
+    """Raise a ValueError naming ``what`` unless ``out``, the result of a user's function
+    of the index tensors ``coords`` (b, h, q_pos, k), broadcasts to their shape.
+
+    The shape is the coordinates' own, not a grid's: under FlexAttention's vmap they are
+    0-dim and so is a right result.
+
+    Example:
+        >>> b, h = torch.zeros(1, 1, 1, 1), torch.zeros(1, 2, 1, 1)
+        >>> q, k = torch.zeros(1, 1, 3, 1), torch.zeros(1, 1, 1, 4)
+        >>> check_broadcast("mask=m", torch.zeros(3, 1), (b, h, q, k), "a bool tensor")
+        >>> check_broadcast("mask=m", torch.zeros(3), (b, h, q, k), "a bool tensor")
+        ... # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ValueError: mask=m: fn returned shape (3,), expected a bool tensor broadcastable to ...
+    """
+    want = torch.broadcast_shapes(*(c.shape for c in coords))
+    try:
+        seen = torch.broadcast_shapes(out.shape, want)
+    except RuntimeError:
+        seen = None
+    if seen != want:
+        raise ValueError(
+            f"{what}: fn returned shape {tuple(out.shape)}, expected {kind} broadcastable "
+            f"to {tuple(want)} (batch, heads, queries, keys)"
+        )
 
 
 def validate_scale(scale: object) -> float | None:
@@ -229,7 +269,9 @@ def validate_scores(scores: object, v: Tensor) -> Tensor:
             f"scores and v must share dtype and device; got {s.dtype}/{s.device} "
             f"and {v.dtype}/{v.device}"
         )
-    if s.shape[3] != v.shape[2] or v.shape[1] == 0 or s.shape[1] % v.shape[1]:
+    if s.shape[1] == 0 or v.shape[1] == 0:
+        raise _no_heads("scores", s.shape[1], "v", v.shape[1])
+    if s.shape[3] != v.shape[2] or s.shape[1] % v.shape[1]:
         raise ValueError(
             f"scores (B, Hq, Lq, Lk) {tuple(s.shape)} do not fit v (B, Hkv, Lk, "
             f"Ev) {tuple(v.shape)}: need equal Lk and Hq % Hkv == 0"

@@ -121,7 +121,8 @@ class Bias(nn.Module, abc.ABC):
         Args:
             lq: query length.
             lk: key length.
-            batch: batch size of the scores.
+            batch: batch size of the scores (0, an empty batch, gives an empty bias
+                when :attr:`per_batch`).
             heads: number of query heads of the scores.
             device: where to build it; defaults to the device of this bias's tensors (CPU if
                 it has none).
@@ -134,7 +135,7 @@ class Bias(nn.Module, abc.ABC):
                     [-0.1250, -0.0625, -0.0000]])
         """
         lq, lk = nonnegative_int("lq", lq), nonnegative_int("lk", lk)
-        batch, heads = positive_int("batch", batch), positive_int("heads", heads)
+        batch, heads = nonnegative_int("batch", batch), positive_int("heads", heads)
         self.check(batch=batch, heads=heads, lq=lq, lk=lk)
         if device is None:
             device = self._own_device()

@@ -64,11 +64,11 @@ class TensorBias(Bias):
 
     @property
     def per_batch(self) -> bool:
-        return self.full_shape[0] > 1
+        return self.full_shape[0] != 1  # 0: the bias of an empty batch
 
     @property
     def per_head(self) -> bool:
-        return self.full_shape[1] > 1
+        return self.full_shape[1] != 1
 
     def check(self, *, batch: int, heads: int, lq: int, lk: int) -> None:
         want = (batch, heads, lq, lk)
@@ -80,8 +80,11 @@ class TensorBias(Bias):
                 )
 
     def forward(self, grid: Grid) -> Tensor:
+        t = self._as4d().to(grid.k.device)
+        if not t.numel():  # an empty batch or sequence's bias: its 0s match the grid's
+            return t
         # size-1 dims broadcast; the others gather the grid's slice, on the grid's device
-        return grid.gather(self._as4d().to(grid.k.device))  # (Bg or 1, Hg or 1, Tq, Tk)
+        return grid.gather(t)  # (Bg or 1, Hg or 1, Tq, Tk)
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.values.shape)}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -9,6 +10,7 @@ import torch
 from torch import Tensor
 
 from attnlab._grid import Grid
+from attnlab._validate import check_broadcast
 from attnlab.bias.base import Bias, _check_bool
 
 __all__ = ["CustomBias", "ScoreBiasFn", "custom"]
@@ -54,6 +56,11 @@ class CustomBias(Bias):
 
     def forward(self, grid: Grid) -> Tensor:
         raw: Any = self.fn(grid.h, grid.q, grid.k)
+        if not isinstance(raw, Tensor | numbers.Number):
+            raise TypeError(
+                f"bias={self!r}: fn returned {type(raw).__name__}, expected a float tensor "
+                f"or a Python number"
+            )
         out = torch.as_tensor(raw, device=grid.q.device)
         if out.dtype == torch.bool:
             raise TypeError(
@@ -64,15 +71,7 @@ class CustomBias(Bias):
             raise TypeError(f"bias={self!r}: fn returned dtype {out.dtype}, expected a float dtype")
         if not out.is_floating_point():
             out = out.to(torch.get_default_dtype())
-        try:
-            shape = torch.broadcast_shapes(out.shape, grid.shape)
-        except RuntimeError:
-            shape = None
-        if shape != torch.Size(grid.shape):
-            raise ValueError(
-                f"bias={self!r}: fn returned shape {tuple(out.shape)}, expected a shape "
-                f"broadcastable to {grid.shape} (batch, heads, queries, keys)"
-            )
+        check_broadcast(f"bias={self!r}", out, (grid.b, grid.h, grid.q, grid.k), "a shape")
         return out
 
     def extra_repr(self) -> str:

@@ -50,7 +50,16 @@ def kernel_attention(
     else:
         num = grouped_matmul(qf, kf.transpose(-1, -2) @ v)  # (B, Hq, Lq, Ev)
         den = grouped_matmul(qf, kf.sum(-2).unsqueeze(-1))  # (B, Hq, Lq, 1)
-    return num / den.clamp_min(torch.finfo(den.dtype).tiny)
+    return _safe_ratio(num, den)
+
+
+def _safe_ratio(num: Tensor, den: Tensor) -> Tensor:
+    """``num / den`` where ``den`` is a normal float, 0 elsewhere (a row with no key, or
+    whose features all vanish), with 0 gradient there: dividing by a clamped ``den``
+    instead gives such rows gradients ``1 / tiny`` that overflow, and their ``0 * inf``
+    (through the zeroed features of padded keys) NaN."""
+    ok = den >= torch.finfo(den.dtype).tiny  # den >= 0: nonnegative features
+    return torch.where(ok, num / torch.where(ok, den, 1), 0)
 
 
 def _causal_sums(qf: Tensor, kf: Tensor, v1: Tensor, chunk: int) -> Tensor:
@@ -98,7 +107,7 @@ def kernel_weights(qf: Tensor, kf: Tensor, causal: bool) -> Tensor:
     if causal:
         lq, lk = a.shape[-2:]
         a = a.tril(lk - lq)  # key j <= i + Lk - Lq
-    return a / a.sum(-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
+    return _safe_ratio(a, a.sum(-1, keepdim=True))
 
 
 def kernel_result(

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from attnlab._grid import Grid
+from attnlab._validate import check_broadcast
 from attnlab.masks.base import Mask
 
 __all__ = ["Custom", "MaskFn", "custom"]
@@ -36,12 +37,14 @@ class Custom(Mask):
         return self._per_batch
 
     def evaluate(self, grid: Grid) -> Tensor:
-        out = self.fn(grid.b, grid.h, grid.q, grid.k)
+        coords = (grid.b, grid.h, grid.q, grid.k)
+        out = self.fn(*coords)
         if not isinstance(out, Tensor) or out.dtype != torch.bool:
             raise TypeError(
-                f"custom mask fn must return a bool tensor, got "
+                f"mask={self.spec()}: custom mask fn must return a bool tensor, got "
                 f"{getattr(out, 'dtype', type(out).__name__)}"
             )
+        check_broadcast(f"mask={self.spec()}", out, coords, "a bool tensor")
         return out
 
     def spec(self) -> str:
