@@ -86,6 +86,137 @@ def test_code_lists_and_headings_are_not_sentences() -> None:
     ]
 
 
+MANUAL_MD = """# Manual
+
+The manual explains the tool. It has two parts.
+
+## Install ##
+
+Install it with pip:
+
+```bash
+pip install foo
+
+pip install bar
+```
+Then import it in Python.
+
+~~~
+import foo
+~~~
+
+Setext Heading
+--------------
+
+- A list item explains one thing.
+- Another item explains more.
+
+    A continued list item is prose.
+
+Call it like this:
+
+    foo.run()
+    # not a heading
+
+| option | meaning |
+|--------|---------|
+| -v     | verbose |
+
+<!-- a comment
+over two lines -->
+
+---
+
+Prose at the end stays, wrapped in
+2) with a number.
+"""
+
+GUIDE_RST = """=====
+Guide
+=====
+
+The guide covers setup.
+
+.. code-block:: bash
+
+   pip install foo
+
+   pip install bar
+
+Run the command above. An example follows::
+
+   import foo
+   foo.run()
+
+Prose after the literal block stays.
+
+..
+
+.. _target:
+
+.. This is a comment.
+   It spans two lines.
+
+.. note:: Notes are prose.
+
+   The note body is prose too.
+
+.. versionadded:: 3.8
+
+Options
+~~~~~~~
+
+* A list item stays.
+* So does the second.
+"""
+
+
+def test_markdown_headings_code_and_comments_are_not_sentences(tmp_path: Path) -> None:
+    (tmp_path / "manual.md").write_text(MANUAL_MD, encoding="utf-8")
+    got = [(s.text, s.section) for s in split_document(load_documents(tmp_path)[0])]
+    assert got == [
+        ("The manual explains the tool.", "Manual"),
+        ("It has two parts.", "Manual"),
+        ("Install it with pip:", "Install"),
+        ("Then import it in Python.", "Install"),  # right after a fence
+        ("A list item explains one thing.", "Setext Heading"),
+        ("Another item explains more.", "Setext Heading"),
+        ("A continued list item is prose.", "Setext Heading"),  # indented, in the list
+        ("Call it like this:", "Setext Heading"),
+        ("Prose at the end stays, wrapped in 2) with a number.", "Setext Heading"),
+    ]
+    text = "Run it\n\n    foo.run()\n"  # Markdown's indented code, read only in .md files
+    assert [s.text for s in split_document(Document("a.md", text))] == ["Run it"]
+    assert [s.text for s in split_document(Document("a.txt", text))] == ["Run it", "foo.run()"]
+
+
+def test_rst_directives_literal_blocks_and_comments_are_not_sentences(tmp_path: Path) -> None:
+    (tmp_path / "guide.rst").write_text(GUIDE_RST, encoding="utf-8")
+    got = [(s.text, s.section) for s in split_document(load_documents(tmp_path)[0])]
+    assert got == [
+        ("The guide covers setup.", "Guide"),
+        ("Run the command above.", "Guide"),
+        ("An example follows:", "Guide"),
+        ("Prose after the literal block stays.", "Guide"),
+        ("Notes are prose.", "Guide"),  # an admonition's text and body are prose
+        ("The note body is prose too.", "Guide"),
+        ("A list item stays.", "Options"),  # "~~~~~~~" under a title is no code fence
+        ("So does the second.", "Options"),
+    ]
+
+
+def test_ask_answers_with_prose_not_headings_or_code(tmp_path: Path, enc) -> None:
+    (tmp_path / "manual.md").write_text(MANUAL_MD, encoding="utf-8")
+    (tmp_path / "guide.rst").write_text(GUIDE_RST, encoding="utf-8")
+    answers = ask("manual", tmp_path, top=20, encoder=enc, cache=tmp_path / "ix",
+                  explain=False)  # fmt: skip
+    texts = [a.sentence.text for a in answers]
+    assert texts[0] == "The manual explains the tool."
+    assert len(texts) == 17 and "Run the command above." in texts  # every prose sentence
+    junk = ("#", "```", "~~~", "..", "pip install", "import foo", "|", "<!--", "::")
+    assert not [t for t in texts if any(j in t for j in junk)]
+
+
 def test_index_search_equals_brute_force(folder: Path, tmp_path: Path, enc) -> None:
     index = build_index(load_documents(folder), enc, tmp_path / "ix")
     texts = [s.text for s in index.sentences]

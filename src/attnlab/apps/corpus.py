@@ -1,10 +1,15 @@
 """Documents and their sentences: text files, folders of them, or Python's reference.
 
-A document is split into paragraphs at blank lines; headings (a line underlined with
-``*``, ``=``, ``-`` or ``~``), grammar rules (``::=``), interactive examples (``>>>``),
-tables and code blocks (an indented paragraph after one that ends with ``:``) are kept out of
-the sentences. Each prose paragraph has its lines joined and is split into sentences by
-pysbd (a rule-based splitter that knows abbreviations, decimals and dotted names).
+A document is split into paragraphs at blank lines, and what is not prose is kept out of
+the sentences: headings (a line underlined, or over- and underlined, with ``*``, ``=``,
+``-``, ``~``, ``^`` or ``#``, and Markdown's ``# Title``), grammar rules (``::=``),
+interactive examples (``>>>``), tables (reST grids and Markdown pipes), code blocks
+(fenced by three backticks or ``~~~``; an indented paragraph after one that ends with
+``:`` or ``::``; in ``.md`` files, one indented 4 columns past the prose above it), reST
+explicit markup (``.. name::`` directives and ``..`` comments, with their indented bodies;
+an admonition's body, as under ``.. note::``, is prose) and HTML comments. Each prose
+paragraph has its lines joined (list bullets dropped) and is split into sentences by pysbd
+(a rule-based splitter that knows abbreviations, decimals and dotted names).
 
 ``load_documents("pydoc")`` reads the language reference that the standard library
 ships (``pydoc_data.topics.topics``, one document per topic); paths read ``.txt``,
@@ -40,6 +45,19 @@ SUFFIXES = (".txt", ".md", ".rst")
 _UNDERLINE = re.compile(r"^\s*([*=\-~^#])\1{2,}\s*$")
 _BULLET = re.compile(r"^(?:[*\-+•]|\d{1,2}[.)])\s+")
 _NOT_CODE_LEAD = ("note:", "see also:", "warning:")
+_ATX = re.compile(r"^#{1,6}[ \t]+(\S.*?)(?:[ \t]+#+)?[ \t]*$")  # "## Title ##"
+_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})(.*)$")
+_HTML_COMMENT = re.compile(r"<!--.*?-->", re.S)
+_MD_TABLE_RULE = re.compile(
+    r"^[ \t]*\|?[ \t]*:?-+:?[ \t]*(?:\|[ \t]*:?-+:?[ \t]*)+\|?[ \t]*$", re.M
+)
+_EXPLICIT = re.compile(r"^[ \t]*\.\.(?:[ \t]|$)")  # reST: ".. name:: arg", ".. comment"
+_DIRECTIVE = re.compile(r"^[ \t]*\.\.[ \t]+([\w-]+)::(.*)$")
+_PROSE_DIRECTIVES = (  # reST directives whose body is prose, not code
+    "note", "warning", "tip", "hint", "important", "caution", "attention", "danger", "error",
+    "admonition", "seealso", "versionadded", "versionchanged", "deprecated",
+)  # fmt: skip
+_NO_MARKUP = -1
 
 
 @dataclass(frozen=True)
@@ -91,42 +109,114 @@ def _indent(block: str) -> int:
     return min(len(ln) - len(ln.lstrip()) for ln in lines)
 
 
-def _is_code(block: str, previous: str, prev_indent: int) -> bool:
-    """A grammar rule, an interactive example, or an indented block after a ``:``."""
+def _is_code(block: str, previous: str, prev_indent: int, markdown: bool) -> bool:
+    """A grammar rule, an interactive example, a table, or an indented block after a ``:``
+    (in Markdown: a block indented 4 columns past ``prev_indent``)."""
     first = block.strip()
     if "::=" in block or first.startswith((">>>", "+-")) or re.match(r"=+ +=", first):
         return True
+    if _MD_TABLE_RULE.search(block):  # a Markdown table's "|---|---|" row
+        return True
+    if markdown:
+        return _indent(block) >= prev_indent + 4
     lead = previous.strip().lower()
     ends_colon = lead.endswith(":") and not lead.startswith(_NOT_CODE_LEAD)
     return ends_colon and _indent(block) > prev_indent
 
 
-def _paragraphs(text: str) -> list[tuple[str, str]]:
+def _is_fence(line: str, above: str) -> re.Match[str] | None:
+    """A line that opens a code fence (a bare ``~~~`` run under a line no longer than it
+    is that line's reST underline)."""
+    m = _FENCE.match(line)
+    if m and m.group(1)[0] == "~" and not m.group(2).strip():
+        return None if 0 < len(above.strip()) <= len(m.group(1)) else m
+    return m
+
+
+def _unfenced(text: str) -> str:
+    """``text`` with fenced code blocks and HTML comments blanked out, and every Markdown
+    ``# heading`` a paragraph of its own."""
+    out: list[str] = []
+    fence = ""
+    for line in _HTML_COMMENT.sub("\n", text.replace("\r\n", "\n")).split("\n"):
+        if fence:  # code, until a bare run of the fence's character at least as long
+            m = _FENCE.match(line)
+            if m and m.group(1)[0] == fence[0] and len(m.group(1)) >= len(fence):
+                fence = "" if not m.group(2).strip() else fence
+            line = ""
+        elif m := _is_fence(line, out[-1] if out else ""):
+            fence, line = m.group(1), ""
+        elif _ATX.match(line):
+            line = f"\n{line}\n"
+        out.append(line)
+    return "\n".join(out)
+
+
+def _heading(lines: list[str]) -> tuple[str, list[str]] | None:
+    """The section title that opens a paragraph's ``lines``, and the lines after it."""
+    if m := _ATX.match(lines[0]):
+        return m.group(1).strip(), lines[1:]
+    if len(lines) >= 3 and _UNDERLINE.match(lines[0]) and _UNDERLINE.match(lines[2]):
+        return lines[1].strip(), lines[3:]  # over- and underlined
+    if len(lines) >= 2 and _UNDERLINE.match(lines[1]):
+        return lines[0].strip(), lines[2:]
+    return None
+
+
+def _prose(block: str) -> str:
+    """A prose paragraph's text: a list's bullets dropped (those of the kind that opens
+    it, so a wrapped ``2) ...`` stays), a reST ``text::`` read as ``text:``."""
+    lines = [ln.strip() for ln in block.splitlines()]
+    if b := _BULLET.match(lines[0]):
+        kind = re.sub(r"\d+", "1", b.group(0).strip())
+        for i, ln in enumerate(lines):
+            if (m := _BULLET.match(ln)) and re.sub(r"\d+", "1", m.group(0).strip()) == kind:
+                lines[i] = ln[m.end() :]
+    text = "\n".join(lines)
+    return re.sub(r"\s+::$", "", re.sub(r"(\S)::$", r"\1:", text))
+
+
+def _paragraphs(text: str, markdown: bool = False) -> list[tuple[str, str]]:
     """``(section, prose paragraph)`` pairs of a document, headings and code left out."""
     out: list[tuple[str, str]] = []
-    section, previous, prev_indent = "", "", 0
-    for block in re.split(r"\n[ \t]*\n", text.replace("\r\n", "\n")):
+    section, previous, prev_indent, markup = "", "", 0, _NO_MARKUP
+    for block in re.split(r"\n[ \t]*\n", _unfenced(text)):
         lines = [ln for ln in block.splitlines() if ln.strip()]
-        if not lines:
-            continue
-        if len(lines) >= 2 and _UNDERLINE.match(lines[1]):  # a heading, maybe with prose
-            section, lines = lines[0].strip(), lines[2:]
+        if not lines or (markup != _NO_MARKUP and _indent(block) > markup):
+            continue  # blank, or the indented body of a directive or comment
+        markup = _NO_MARKUP
+        if heading := _heading(lines):  # a heading, maybe with prose
+            section, lines = heading
             if not lines:
                 continue
-            block = "\n".join(lines)
-        if _is_code(block, previous, prev_indent):
+        if _EXPLICIT.match(lines[0]):  # reST directive or comment, its body indented
+            d = _DIRECTIVE.match(lines[0])
+            if not d or d.group(1).lower() not in _PROSE_DIRECTIVES:
+                markup = _indent(lines[0])
+                continue
+            arg = d.group(2).strip()  # an admonition's text, or a version number
+            previous, prev_indent = "", _indent(lines[0])  # its indented body is prose
+            lines = [arg] * bool(re.search(r"[^\W\d_]", arg)) + lines[1:]
+            if not lines:
+                continue
+        block = "\n".join(lines)
+        if _is_code(block, previous, prev_indent, markdown):
             continue
         previous, prev_indent = lines[-1], _indent(block)
-        if block.strip().lower() not in _NOT_CODE_LEAD:  # a bare "Note:" is no sentence
-            out.append((section, _BULLET.sub("", block.strip())))
+        if markdown and (b := _BULLET.match(lines[0].lstrip())):
+            prev_indent += len(b.group(0))  # a list item's own indented paragraphs are prose
+        para = _prose(block)
+        if re.search(r"\w", para) and para.lower() not in _NOT_CODE_LEAD:
+            out.append((section, para))  # not a bare "Note:", "::" or "---"
     return out
 
 
 def split_document(doc: Document) -> list[Sentence]:
     """Every prose sentence of ``doc``, in order (see the module docstring)."""
+    markdown = doc.name.lower().endswith((".md", ".markdown"))
     return [
         Sentence(s, doc.name, section, i)
-        for i, (section, para) in enumerate(_paragraphs(doc.text))
+        for i, (section, para) in enumerate(_paragraphs(doc.text, markdown))
         for s in split_sentences(para)
     ]
 

@@ -8,7 +8,7 @@ unchanged and embeds only the new or changed ones, so editing one document re-em
 that document alone; a different model or splitter version rebuilds everything. Both
 files are written atomically (a crash leaves the previous index). Nothing is pickled.
 
-Search is brute force (``vectors @ q``, exact): at the Python reference's size (3,603
+Search is brute force (``vectors @ q``, exact): at the Python reference's size (3,602
 sentences x 384) one query is a 1.4 MFLOP matrix-vector product. ``benchmarks/bench_ask.py``
 times it beside faiss: faiss' exact flat index and its HNSW graph answer a query faster
 (fractions of a millisecond; HNSW misses about 5% of the exact top 5), but every search
@@ -46,7 +46,7 @@ from attnlab.models import SentenceEncoder
 
 __all__ = ["FORMAT", "Index", "build_index", "default_cache", "load_index"]
 
-FORMAT = 2  # bump when the splitter or the file layout changes: every index rebuilds
+FORMAT = 3  # bump when the splitter or the file layout changes: every index rebuilds
 Progress = Callable[[int, int], None]
 
 
