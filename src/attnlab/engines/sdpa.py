@@ -44,7 +44,7 @@ class SdpaEngine(Engine):
             return "torch SDPA does not accept empty batches or sequences"
         if not _keeps_nan(req.q, req.lk, req.dropout_p) and may_hold_nan(req.q, req.k, req.v):
             return "the inputs hold NaN, which torch SDPA's fused kernels turn into 0"
-        if (req.mask is not None or req.bias is not None) and may_hold_nan(req.k, req.v):
+        if _screens_hidden_nan(req) and may_hold_nan(req.k, req.v):
             return "k or v hold NaN, which torch SDPA spreads to rows the mask hides it from"
         return None
 
@@ -93,6 +93,15 @@ def _keeps_nan(q: Tensor, lk: int, dropout_p: float) -> bool:
     ``tests/test_attention.py`` pins this, so a torch that changes it fails the suite.
     """
     return q.device.type == "cpu" and lk >= 16 and dropout_p == 0.0
+
+
+def _screens_hidden_nan(req: AttentionRequest) -> bool:
+    """Whether a masked call is screened for NaN in k and v, which torch SDPA spreads to
+    rows the mask hides it from: on the CPU from 16 query rows on, where the pass over k
+    and v is small beside the attention. A decoding step (a pass over the whole cache per
+    step) and a GPU call (a device sync) are not screened."""
+    masked = req.mask is not None or req.bias is not None
+    return masked and req.q.device.type == "cpu" and req.lq >= 16
 
 
 def _dense_mask(req: AttentionRequest) -> tuple[Tensor | None, Tensor | None]:
