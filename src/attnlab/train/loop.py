@@ -293,14 +293,20 @@ class Trainer:
         self._save("last.safetensors")
         if improved:
             self._save("best.safetensors")
+        self.stop_reason = self._stop_reason(score, elapsed)
+        return self.stop_reason is not None
+
+    def _stop_reason(self, score: float, elapsed: float) -> str | None:
+        """Why training should stop after this evaluation (target, patience, time limit),
+        or None: decided afresh at each evaluation."""
         cfg = self.cfg
         if cfg.target is not None and score >= cfg.target:
-            self.stop_reason = f"score {score:.4g} reached the target {cfg.target:g}"
-        elif cfg.patience is not None and self.bad_evals >= cfg.patience:
-            self.stop_reason = f"{self.bad_evals} evaluations without a better score (patience)"
-        elif cfg.time_limit is not None and elapsed >= cfg.time_limit:
-            self.stop_reason = f"the time limit of {cfg.time_limit:g} s"
-        return self.stop_reason is not None
+            return f"score {score:.4g} reached the target {cfg.target:g}"
+        if cfg.patience is not None and self.bad_evals >= cfg.patience:
+            return f"{self.bad_evals} evaluations without a better score (patience)"
+        if cfg.time_limit is not None and elapsed >= cfg.time_limit:
+            return f"the time limit of {cfg.time_limit:g} s"
+        return None
 
     def _save(self, name: str) -> None:
         if not self.cfg.out_dir:
