@@ -209,15 +209,18 @@ def _block_forward(
         empty = None if blk.has_full else _empty_rows(tile)
         return out, (lse if empty is None else lse.masked_fill(empty, float("-inf")))
     s = grouped_matmul(q[:, :, r0:r1] * req.scale, k_sel.transpose(-1, -2))  # (B, Hq, T, Ks)
-    p, lse = softmax_lse(_masked(cap_scores(s, req.softcap), tile))
-    allowed = None if tile is None else ~torch.isneginf(tile)
-    return weighted_values(p, v_sel, allowed), lse
+    hidden = None if tile is None else torch.isneginf(tile)  # the pairs the tile masks
+    p, lse = softmax_lse(_masked(cap_scores(s, req.softcap), tile, hidden))
+    return weighted_values(p, v_sel, None if hidden is None else ~hidden), lse
 
 
-def _masked(s: Tensor, tile: Tensor | None) -> Tensor:
-    """Scores plus the additive tile, -inf wherever the tile masks a pair even where ``s``
-    is NaN (a hidden key's NaN stays out of the rows it is hidden from)."""
-    return s if tile is None else (s + tile).masked_fill(torch.isneginf(tile), float("-inf"))
+def _masked(s: Tensor, tile: Tensor | None, hidden: Tensor | None = None) -> Tensor:
+    """Scores plus the additive tile, -inf wherever the tile masks a pair (``hidden``, if
+    known) even where ``s`` is NaN (a hidden key's NaN stays out of the rows it is hidden
+    from)."""
+    if tile is None:
+        return s
+    return (s + tile).masked_fill(torch.isneginf(tile) if hidden is None else hidden, float("-inf"))
 
 
 class BlockedAttention(torch.autograd.Function):

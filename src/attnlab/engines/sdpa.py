@@ -42,9 +42,10 @@ class SdpaEngine(Engine):
             return "torch SDPA does not return the logsumexp (return_lse=True)"
         if req.batch == 0 or req.lq == 0 or req.lk == 0:
             return "torch SDPA does not accept empty batches or sequences"
-        if not _keeps_nan(req.q, req.lk, req.dropout_p) and may_hold_nan(req.q, req.k, req.v):
-            return "the inputs hold NaN, which torch SDPA's fused kernels turn into 0"
-        if _screens_hidden_nan(req) and may_hold_nan(req.k, req.v):
+        if not _keeps_nan(req.q, req.lk, req.dropout_p):  # one screen, whichever applies
+            if may_hold_nan(req.q, req.k, req.v):
+                return "the inputs hold NaN, which torch SDPA's fused kernels turn into 0"
+        elif _screens_hidden_nan(req) and may_hold_nan(req.k, req.v):
             return "k or v hold NaN, which torch SDPA spreads to rows the mask hides it from"
         return None
 

@@ -63,7 +63,7 @@ class KVCache:
         """Add ``k (B, Hkv, T, E)`` and ``v (B, Hkv, T, Ev)``; return all cached keys/values."""
         _check_step(self, k, v)
         need = self._len + k.shape[2]
-        if self._len == 0 and not (_fits(self._k, k) and _fits(self._v, v)):
+        if self._len == 0 and not self.takes(k, v):
             self._k = self._v = None  # emptied (crop(0)): the next step may change its sizes
         if self._k is None or self._v is None or need > self._k.shape[2]:
             self._grow(k, v, need)
@@ -72,6 +72,11 @@ class KVCache:
         self._v[:, :, self._len : need] = v
         self._len = need
         return self._k[:, :, :need], self._v[:, :, :need]
+
+    def takes(self, k: Tensor, v: Tensor) -> bool:
+        """Whether the storage can take steps like ``k`` and ``v`` (same batch, heads,
+        head sizes, dtype and device; an empty cache takes any)."""
+        return _fits(self._k, k) and _fits(self._v, v)
 
     def set(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Replace the contents by ``k`` and ``v`` (cross-attention's encoder keys)."""
@@ -119,18 +124,18 @@ def _check_step(cache: KVCache, k: Tensor, v: Tensor) -> None:
             f"and {tuple(v.shape)}"
         )
     old, old_v = cache.keys, cache.values
-    if old is None or old_v is None or not cache.length:
+    if old is None or old_v is None or not cache.length or cache.takes(k, v):
         return
     if old.shape[:2] != k.shape[:2]:
         raise ValueError(
             f"cache holds (B, Hkv)={tuple(old.shape[:2])} but the new step has "
             f"{tuple(k.shape[:2])}; reorder the cache before changing the batch"
         )
-    if (old.shape[3], old_v.shape[3]) != (k.shape[3], v.shape[3]) or old.dtype != k.dtype:
-        raise ValueError(
-            f"cache holds keys of size E={old.shape[3]} and values of Ev={old_v.shape[3]} in "
-            f"{old.dtype}, but the new step has E={k.shape[3]}, Ev={v.shape[3]} in {k.dtype}"
-        )
+    raise ValueError(
+        f"cache holds keys of size E={old.shape[3]} and values of Ev={old_v.shape[3]} in "
+        f"{old.dtype} on {old.device}, but the new step has E={k.shape[3]}, Ev={v.shape[3]} "
+        f"in {k.dtype} on {k.device}"
+    )
 
 
 def _fits(buf: Tensor | None, x: Tensor) -> bool:

@@ -197,9 +197,10 @@ def _rollout_summary(envs: GridEnvs) -> dict[str, float]:
     would count successes only where the time limit is longer than a rollout (DoorKey:
     250 steps, rollouts of 128), which read 100% whatever the policy."""
     r = envs.log.returns
-    n = max(1, len(r) + envs.running())
+    episodes = len(r) + envs.running()
+    n = max(1, episodes)
     return {
         "train_return": round(sum(r) / n, 4),
         "train_success": round(100 * sum(envs.log.success) / n, 2),
-        "train_episodes": len(r) + envs.running(),
+        "train_episodes": episodes,
     }
