@@ -437,6 +437,23 @@ def test_cosine_and_callable_scores() -> None:
         attnlab.attention(q, k, v, score=lambda a, b: None)
 
 
+@pytest.mark.parametrize("name", ["dot", "cosine"])
+@pytest.mark.parametrize(("bq", "bk"), [(1, 2), (2, 1)])
+def test_public_scores_broadcast_a_batch_of_one_under_gqa(name: str, bq: int, bk: int) -> None:
+    """``attnlab.scores.dot`` / ``cosine`` with 4 query heads over 2 key heads and a batch
+    of 1 on one side, against the keys repeated per group (fp64)."""
+    from attnlab import scores
+
+    q = torch.randn(bq, 4, 5, 8, dtype=torch.float64)
+    k = torch.randn(bk, 2, 7, 8, dtype=torch.float64)
+    qq, kk = q, k.repeat_interleave(2, dim=1)
+    if name == "cosine":
+        qq, kk = F.normalize(qq, dim=-1), F.normalize(kk, dim=-1)
+    got = scores.SCORES[name](q, k)
+    assert got.shape == (2, 4, 5, 7)
+    assert max_err(got, qq @ kk.transpose(-1, -2)) < 1e-12
+
+
 def test_attend_precomputed_scores() -> None:
     q, k, v = _qkv(2, 4, 2, 6, 9, 8, torch.float64)
     scores = torch.einsum("bhqe,bhke->bhqk", q, k.repeat_interleave(2, 1)) * 0.3

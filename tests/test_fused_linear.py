@@ -48,6 +48,30 @@ def test_packed_weight_follows_in_place_updates_and_is_freed() -> None:
         assert len(_fused._PACKED) == before - 1  # the packed copy goes with its weight
 
 
+def test_a_new_storage_is_seen_and_data_writes_are_dropped_on_request() -> None:
+    """``vector_to_parameters`` (``param.data = t``: a new storage, the same version) is
+    seen; a write in place through ``.data`` is seen after :func:`forget_packed`."""
+    from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+    from attnlab.nn import MultiHeadAttention, forget_packed
+
+    torch.manual_seed(0)
+    m, x = MultiHeadAttention(64, 4).eval(), torch.randn(2, 50, 64)
+
+    def unfused() -> torch.Tensor:  # autograd on: F.linear, never a packed weight
+        with torch.enable_grad():
+            return m(x.clone().requires_grad_()).detach()
+
+    with torch.no_grad():
+        before = m(x)
+        vector_to_parameters(parameters_to_vector(m.parameters()) * 1.5, m.parameters())
+        assert (m(x) - unfused()).abs().max() < 1e-5
+        assert (m(x) - before).abs().max() > 0.1  # positive control: the weights changed
+        m.out_proj.weight.data.mul_(2.0)
+        forget_packed()
+        assert (m(x) - unfused()).abs().max() < 1e-5
+
+
 @pytest.mark.parametrize("fold", [True, False])
 @pytest.mark.parametrize("rows", [1, 37, 640])
 def test_residual_is_added_as_torch_adds_it(

@@ -230,3 +230,84 @@ def test_errors_name_the_argument() -> None:
     )
     with pytest.raises(TypeError, match=r"torch\.nn\.MultiheadAttention"):
         MultiHeadAttention.from_torch(nn.Linear(2, 2))  # type: ignore[arg-type]
+
+
+def test_key_is_query_with_another_value_attends_over_that_value() -> None:
+    """``mha(x, x, y)`` takes its values from ``y``, as torch's layer does (it used to
+    take the self-attention path and project values from ``x``)."""
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(16, 4, batch_first=True).double().eval()
+    ours = MultiHeadAttention.from_torch(ref).eval()
+    x, y = torch.randn(2, 5, 16, dtype=torch.float64), torch.randn(2, 5, 16, dtype=torch.float64)
+    assert max_err(ours(x, x, y), ref(x, x, y)[0]) < 1e-12
+    assert max_err(ours(x, x, x), ref(x, x, x)[0]) < 1e-12
+    narrow, xf, yf = MultiHeadAttention(16, 4, vdim=8), x.float(), y.float()
+    check_and_control(
+        lambda: narrow(xf, xf, torch.randn(2, 5, 16)),
+        lambda: narrow(xf, xf, torch.randn(2, 5, 8)),
+        ValueError,
+        r"value must be \(B, L, 8\), got \(2, 5, 16\)",
+    )
+    roped = MultiHeadAttention(16, 4, rope=RotaryEmbedding(4))
+    check_and_control(
+        lambda: roped(xf, xf, yf),
+        lambda: roped(xf, xf, xf),
+        ValueError,
+        "value: with key=query and RoPE or a cache",
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"head_dim": -4}, ValueError, "head_dim must be a positive int, got -4"),
+        ({"head_dim": 0}, ValueError, "head_dim must be a positive int, got 0"),
+        ({"head_dim": 3.5}, TypeError, r"head_dim must be a positive int, got 3\.5"),
+        ({"kdim": 0}, ValueError, "kdim must be a positive int, got 0"),
+        ({"vdim": -1}, ValueError, "vdim must be a positive int, got -1"),
+        ({"dropout": 1.5}, ValueError, r"dropout must be in \[0, 1\), got 1\.5"),
+        ({"normalize": "max"}, ValueError, "normalize='max' is not a known normalizer"),
+        ({"engine": "fast"}, ValueError, "engine='fast' is not a known engine"),
+        ({"score": "dots"}, ValueError, "score='dots' is not a known score"),
+    ],
+)
+def test_constructor_arguments_are_named_when_built(
+    kwargs: dict[str, object], exc: type[Exception], match: str
+) -> None:
+    check_and_control(
+        lambda: MultiHeadAttention(8, 2, **kwargs),  # type: ignore[arg-type]
+        lambda: MultiHeadAttention(8, 2),
+        exc,
+        match,
+    )
+
+
+def test_bool_heads_and_a_wrong_cache_are_named() -> None:
+    with pytest.raises(TypeError, match=r"num_heads must be a positive int, got True \(bool\)"):
+        MultiHeadAttention(8, True)
+    mha, x = MultiHeadAttention(8, 2), torch.randn(1, 3, 8)
+    check_and_control(
+        lambda: mha(x, cache={}),  # type: ignore[arg-type]
+        lambda: mha(x, cache=KVCache()),
+        TypeError,
+        "cache must be an attnlab.nn.KVCache, got dict",
+    )
+
+
+def test_gradients_flow_through_cached_steps_as_through_torchs_causal_pass() -> None:
+    """Training through a cache (three steps) gives torch's gradients of one causal pass;
+    appending used to write into storage earlier steps had saved for their backward."""
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(32, 4, batch_first=True).double()
+    ours, cache = MultiHeadAttention.from_torch(ref), KVCache()
+    x = torch.randn(2, 6, 32, dtype=torch.float64, requires_grad=True)
+    steps = [ours(x[:, a:b], mask=masks.causal(), cache=cache) for a, b in ((0, 3), (3, 4), (4, 6))]
+    g = torch.randn(2, 6, 32, dtype=torch.float64)
+    (torch.cat(steps, 1) * g).sum().backward()
+    got, x.grad = x.grad, None
+    causal = torch.ones(6, 6, dtype=torch.bool).triu(1)  # torch: True = may not attend
+    (ref(x, x, x, attn_mask=causal, need_weights=False)[0] * g).sum().backward()
+    assert max_err(got, x.grad) < 1e-12
+    with torch.no_grad():  # decoding after training steps goes on in the storage
+        nxt = ours(torch.randn(2, 1, 32, dtype=torch.float64), mask=masks.causal(), cache=cache)
+    assert cache.length == 7 and nxt.shape == (2, 1, 32)

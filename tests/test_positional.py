@@ -241,6 +241,18 @@ def test_rope_cache_grows_and_follows_dtype() -> None:
     assert rope._cos.dtype == F64
 
 
+def test_rope_tables_cast_by_double_are_computed_again() -> None:
+    """``module.double()`` casts a float32 table; float64 work recomputes it (the offset
+    path and the explicit-positions path then agree with the float64 definition)."""
+    rope = RotaryEmbedding(64)
+    rope(torch.randn(1, 2, 100, 64))  # float32 tables
+    rope.double()
+    x = torch.randn(1, 2, 100, 64, dtype=F64)
+    want = complex_rope(x, torch.arange(100))
+    assert max_err(rope(x), want) < 1e-12
+    assert max_err(rope(x, torch.arange(100)), want) < 1e-12
+
+
 def test_rope_cache_built_in_inference_mode_serves_autograd() -> None:
     rope = RotaryEmbedding(8)
     with torch.inference_mode():

@@ -224,3 +224,25 @@ def test_layer_config_errors() -> None:
         ValueError,
         r"activation='tanh' is not one of \('relu', 'gelu', 'gelu_tanh', 'swiglu'\)",
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "match"),
+    [
+        ((30, 4), {}, "d_model=30 must be divisible by num_heads=4"),
+        ((32, 4), {"num_kv_heads": 3}, "num_kv_heads=3 must be a positive int dividing"),
+        ((32, 4), {"dropout": -0.1}, r"dropout must be in \[0, 1\), got -0\.1"),
+        ((32, 4), {"engine": "nope"}, "engine='nope' is not a known engine"),
+        ((32, 4), {"normalize": "hard"}, "normalize='hard' is not a known normalizer"),
+    ],
+)
+def test_layer_config_names_a_bad_argument_when_made(
+    args: tuple[int, int], kwargs: dict[str, object], match: str
+) -> None:
+    """A config is checked when it is made, not when its first layer is built."""
+    check_and_control(
+        lambda: LayerConfig(*args, **kwargs),  # type: ignore[arg-type]
+        lambda: LayerConfig(32, 4, num_kv_heads=2, dropout=0.0),
+        ValueError,
+        match,
+    )

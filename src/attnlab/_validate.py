@@ -244,12 +244,12 @@ def validate_normalize(normalize: object, return_lse: bool) -> str:
     return normalize
 
 
-def validate_dropout(p: object) -> float:
-    """A probability in ``[0, 1)``."""
+def validate_dropout(p: object, name: str = "dropout_p") -> float:
+    """A probability in ``[0, 1)``, or an error naming ``name``."""
     if isinstance(p, bool) or not isinstance(p, int | float):
-        raise TypeError(f"dropout_p must be a float in [0, 1), got {type(p).__name__}")
+        raise TypeError(f"{name} must be a float in [0, 1), got {type(p).__name__}")
     if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {p}")
+        raise ValueError(f"{name} must be in [0, 1), got {p}")
     return float(p)
 
 

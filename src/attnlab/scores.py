@@ -39,15 +39,17 @@ def expand_kv(x: Tensor, heads: int) -> Tensor:
 
 
 def grouped_matmul(a: Tensor, b: Tensor) -> Tensor:
-    """``a (B, Hq, M, K) @ b (B, Hkv, K, N)`` without copying ``b`` across query groups."""
-    bsz, hq, m, _ = a.shape
+    """``a (B, Hq, M, K) @ b (B, Hkv, K, N)`` without copying ``b`` across query groups (a
+    batch of 1 on either side broadcasts)."""
+    _, hq, m, _ = a.shape
     hkv = b.shape[1]
     if hq == hkv:
         return a @ b
     # query head h reads key/value head h // G: a group's rows stacked are one product with
     # b (one GEMM per key/value head; broadcasting b over a group dimension copies it)
-    ag = a.reshape(bsz, hkv, hq // hkv * m, a.shape[-1])  # (B, Hkv, G * M, K)
-    return (ag @ b).reshape(bsz, hq, m, b.shape[-1])  # (B, Hq, M, N)
+    ag = a.reshape(a.shape[0], hkv, hq // hkv * m, a.shape[-1])  # (B, Hkv, G * M, K)
+    out = ag @ b  # (B, Hkv, G * M, N), the batch broadcast
+    return out.reshape(out.shape[0], hq, m, b.shape[-1])  # (B, Hq, M, N)
 
 
 def dot(q: Tensor, k: Tensor) -> Tensor:

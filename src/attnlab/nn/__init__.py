@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+from attnlab.nn._fused import forget_packed
 from attnlab.nn.attention import MultiHeadAttention
 from attnlab.nn.cache import DecoderCache, KVCache
 from attnlab.nn.classic import AttentionPooling, BahdanauAttention, LuongAttention
@@ -36,4 +37,5 @@ __all__ = [
     "LuongAttention",
     "MultiHeadAttention",
     "Transformer",
+    "forget_packed",
 ]

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from attnlab._cpu import fuse_activation
 
-__all__ = ["linear", "module_linear"]
+__all__ = ["forget_packed", "linear", "module_linear"]
 
 _POINTWISE: Any = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 _BINARY: Any = getattr(_POINTWISE, "binary", None)  # the product plus a tensor, fused
@@ -102,29 +102,45 @@ def _addable(residual: Tensor, shape: tuple[int, ...]) -> bool:
     )
 
 
-# id(weight) -> (a weak reference to it, its version when packed, oneDNN's blocked copy);
-# an entry goes when its weight is freed
-_PACKED: dict[int, tuple[weakref.ref[Tensor], int, Tensor]] = {}
+# id(weight) -> (a weak reference to it, its (version, address) when packed, oneDNN's
+# blocked copy); an entry goes when its weight is freed
+_PACKED: dict[int, tuple[weakref.ref[Tensor], tuple[int, int], Tensor]] = {}
 
 
 def _packed(weight: Tensor, rows: int) -> Tensor:
     """``weight (N, K)`` in oneDNN's own blocked layout, packed once and reused while the
-    weight is unchanged (its version counter): each call then skips the reorder oneDNN
-    would otherwise make of a plain weight (7-10% of a MiniLM-sized linear). The result is
-    the same; a weight that cannot be packed is used as it is."""
+    weight is unchanged: each call then skips the reorder oneDNN would otherwise make of
+    a plain weight (7-10% of a MiniLM-sized linear). The result is the same; a weight that
+    cannot be packed is used as it is.
+
+    "Unchanged" is the weight's version counter (every in-place op on it, optimizer steps
+    and ``load_state_dict`` included) and its storage's address (``param.data = t``,
+    ``vector_to_parameters``). A write through ``param.data`` in place bypasses both:
+    :func:`forget_packed` drops the copies after one."""
     if _REORDER is None or weight.dim() != 2 or not weight.is_contiguous():
         return weight
-    key = id(weight)
+    key, state = id(weight), (weight._version, weight.data_ptr())
     cached = _PACKED.get(key)
-    if cached is not None and cached[0]() is weight and cached[1] == weight._version:
+    if cached is not None and cached[0]() is weight and cached[1] == state:
         return cached[2]
     try:
         packed = _REORDER(weight.detach(), rows)
     except RuntimeError:
         return weight
     ref = weakref.ref(weight, functools.partial(_forget, key))
-    _PACKED[key] = (ref, weight._version, packed)
+    _PACKED[key] = (ref, state, packed)
     return packed
+
+
+def forget_packed() -> None:
+    """Drop every packed copy of a weight, so the next inference call packs the weights
+    as they are now: needed only after writing a weight in place through ``.data``
+    (``w.data.mul_(2)``), which no version counter sees.
+
+    Example:
+        >>> forget_packed()
+    """
+    _PACKED.clear()
 
 
 def _forget(key: int, _ref: object) -> None:

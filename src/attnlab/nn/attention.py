@@ -14,11 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnlab._validate import positive_int, validate_score
 from attnlab.bias import Bias
 from attnlab.functional import AttentionOutput, attention, unsupported_by
 from attnlab.masks import Mask
 from attnlab.nn._fused import linear, module_linear
 from attnlab.nn.cache import KVCache
+from attnlab.nn.config import check_attention_options, check_heads
 from attnlab.scores import ScoreFn
 
 if TYPE_CHECKING:
@@ -75,10 +77,13 @@ class MultiHeadAttention(nn.Module):
         engine: str = "auto",
     ) -> None:
         super().__init__()
-        hkv = _check_heads(embed_dim, num_heads, num_kv_heads, head_dim)
+        hkv = check_heads(embed_dim, num_heads, num_kv_heads, head_dim)
+        check_attention_options(dropout, normalize, engine)
+        validate_score(score)
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, hkv
-        self.head_dim = head_dim or embed_dim // num_heads
-        self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
+        self.head_dim = embed_dim // num_heads if head_dim is None else head_dim
+        self.kdim = embed_dim if kdim is None else positive_int("kdim", kdim)
+        self.vdim = embed_dim if vdim is None else positive_int("vdim", vdim)
         self.dropout, self.scale, self.score = float(dropout), scale, score
         self.normalize, self.engine, self.rope = normalize, engine, rope
         self._init_projections(bias)
@@ -143,8 +148,9 @@ class MultiHeadAttention(nn.Module):
         Args:
             query: ``(B, Lq, D)``.
             key, value: ``(B, Lk, kdim)`` and ``(B, Lk, vdim)`` for cross-attention;
-                ``value`` defaults to ``key``. Leave both None (or pass ``query``) for
-                self-attention.
+                ``value`` defaults to ``key``. Leave both None (or pass ``query`` as both)
+                for self-attention; ``key=query`` with another ``value`` attends over
+                that value, as torch's layer does.
             mask: a mask or bool tensor broadcastable to ``(B, H, Lq, Lk)`` (True = may
                 attend); query rows are aligned bottom-right, so ``masks.causal()`` also
                 holds for a cached decoding step.
@@ -166,7 +172,9 @@ class MultiHeadAttention(nn.Module):
             ``(B, H, Lq, Lk)`` (``(B, Lq, Lk)`` when averaged).
         """
         _check_input("query", query, self.embed_dim)
-        is_self = key is None or key is query
+        if cache is not None and not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be an attnlab.nn.KVCache, got {type(cache).__name__}")
+        is_self = _is_self(query, key, value, self.rope, cache)
         q, k, v = self._heads(query, None if is_self else key, value, cache, positions)
         res = self._attend(q, k, v, mask, bias, need_weights)
         out = res.out if isinstance(res, AttentionOutput) else res  # (B, H, Lq, E)
@@ -308,20 +316,26 @@ class _Call(TypedDict):
     normalize: str
 
 
-def _check_heads(d: int, h: int, hkv: int | None, e: int | None) -> int:
-    for name, val in (("embed_dim", d), ("num_heads", h)):
-        if not isinstance(val, int) or val <= 0:
-            raise ValueError(f"{name} must be a positive int, got {val!r}")
-    hkv = h if hkv is None else hkv
-    if not isinstance(hkv, int) or hkv <= 0 or h % hkv:
-        raise ValueError(f"num_kv_heads={hkv!r} must be a positive int dividing num_heads={h}")
-    if e is None and d % h:
-        raise ValueError(f"embed_dim={d} is not divisible by num_heads={h}; pass head_dim")
-    return hkv
-
-
 def _check_input(name: str, x: object, dim: int) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a Tensor (B, L, D), got {type(x).__name__}")
     if x.dim() != 3 or x.shape[-1] != dim:
         raise ValueError(f"{name} must be (B, L, {dim}), got {tuple(x.shape)}")
+
+
+def _is_self(
+    query: Tensor, key: Tensor | None, value: Tensor | None, rope: object, cache: object
+) -> bool:
+    """Self-attention: ``key`` None or ``query`` itself, with ``value`` None or ``query``
+    too. ``key=query`` beside another ``value`` attends over that value (torch's layer
+    does), which has no meaning with RoPE or a cache, whose self-attention reads values
+    from the queries' own tokens."""
+    if key is None or (key is query and (value is None or value is query)):
+        return True
+    if key is query and (rope is not None or cache is not None):
+        raise ValueError(
+            "value: with key=query and RoPE or a cache, self-attention takes its values "
+            "from query; got another value tensor (pass value=None, or a separate key "
+            "for cross-attention)"
+        )
+    return False

@@ -65,6 +65,8 @@ class KVCache:
         need = self._len + k.shape[2]
         if self._len == 0 and not self.takes(k, v):
             self._k = self._v = None  # emptied (crop(0)): the next step may change its sizes
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            return self._concat(k, v, need)
         if self._k is None or self._v is None or need > self._k.shape[2]:
             self._grow(k, v, need)
         assert self._k is not None and self._v is not None
@@ -102,6 +104,17 @@ class KVCache:
         self._k = self._k.index_select(0, idx)
         self._v = self._v.index_select(0, idx)
         return self
+
+    def _concat(self, k: Tensor, v: Tensor, need: int) -> tuple[Tensor, Tensor]:
+        """Append under autograd: new tensors each step, since writing into the storage
+        would change the keys and values earlier steps saved for their backward."""
+        old_k, old_v = self.keys, self.values
+        if self._len == 0 or old_k is None or old_v is None:
+            self._k, self._v = k.clone(), v.clone()
+        else:
+            self._k, self._v = torch.cat((old_k, k), 2), torch.cat((old_v, v), 2)
+        self._len = need
+        return self._k, self._v
 
     def _grow(self, k: Tensor, v: Tensor, need: int) -> None:
         cap = max(need, 2 * (0 if self._k is None else self._k.shape[2]), 16)

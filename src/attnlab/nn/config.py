@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from attnlab._validate import positive_int
+from attnlab._validate import positive_int, validate_dropout, validate_normalize
+from attnlab.engines import get_engine
 
 if TYPE_CHECKING:
     from attnlab.positional import RotaryEmbedding
@@ -21,6 +22,30 @@ __all__ = ["LayerConfig"]
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "swiglu")
 NORMS = ("layer", "rms")
+
+
+def check_heads(d: int, h: int, hkv: int | None, e: int | None) -> int:
+    """Check a layer's width ``d``, heads ``h``, key/value heads ``hkv`` (default ``h``)
+    and head size ``e`` (default ``d // h``); returns ``hkv``."""
+    positive_int("embed_dim", d)
+    positive_int("num_heads", h)
+    hkv = h if hkv is None else hkv
+    if isinstance(hkv, bool) or not isinstance(hkv, int) or hkv <= 0 or h % hkv:
+        raise ValueError(f"num_kv_heads={hkv!r} must be a positive int dividing num_heads={h}")
+    if e is not None:
+        positive_int("head_dim", e)
+    elif d % h:
+        raise ValueError(f"embed_dim={d} is not divisible by num_heads={h}; pass head_dim")
+    return hkv
+
+
+def check_attention_options(dropout: object, normalize: object, engine: object) -> None:
+    """The attention options a module keeps for its calls, checked when it is built
+    rather than at its first forward."""
+    validate_dropout(dropout, "dropout")
+    validate_normalize(normalize, False)
+    if engine != "auto":
+        get_engine(engine)  # type: ignore[arg-type]  # a TypeError/ValueError naming it
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
@@ -56,8 +81,10 @@ class LayerConfig:
         engine: the attention engine (``"auto"`` picks per call).
 
     Raises:
-        TypeError, ValueError: a size that is not a positive int, an unknown
-            ``activation`` or ``norm``.
+        TypeError, ValueError: a size that is not a positive int, ``d_model`` not
+            divisible by ``num_heads``, ``num_kv_heads`` not dividing it, a dropout
+            outside ``[0, 1)``, an unknown ``activation``, ``norm``, ``normalize`` or
+            ``engine``.
 
     Example:
         >>> config = LayerConfig(32, 4, 64, dropout=0.0, norm_first=True)
@@ -88,6 +115,12 @@ class LayerConfig:
     def __post_init__(self) -> None:
         for name in ("d_model", "num_heads", "dim_feedforward"):
             positive_int(name, getattr(self, name))
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"d_model={self.d_model} must be divisible by num_heads={self.num_heads}"
+            )
+        check_heads(self.d_model, self.num_heads, self.num_kv_heads, None)
+        check_attention_options(self.dropout, self.normalize, self.engine)
         check_choice("activation", self.activation, ACTIVATIONS)
         check_choice("norm", self.norm, NORMS)
 

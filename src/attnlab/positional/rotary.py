@@ -106,6 +106,7 @@ class RotaryEmbedding(nn.Module):
         empty = torch.empty(0, self.rotary_dim // 2)
         self.register_buffer("_cos", empty, persistent=False)  # (N, R/2)
         self.register_buffer("_sin", empty.clone(), persistent=False)  # (N, R/2)
+        self._built: torch.dtype | None = None  # the dtype the tables were computed in
 
     @property
     def effective_base(self) -> float:
@@ -184,13 +185,16 @@ class RotaryEmbedding(nn.Module):
 
     def _table(self, end: int, device: torch.device, work: torch.dtype) -> tuple[Tensor, Tensor]:
         """The cached cos/sin tables, rebuilt to cover positions ``0 .. end - 1`` if needed."""
-        stale = self._cos.device != device or self._cos.dtype != work
+        # ``module.double()`` casts the buffers, not the angles: a table computed in
+        # float32 and cast is rebuilt for float64 work
+        stale = self._cos.device != device or self._cos.dtype != work or self._built != work
         if stale or self._cos.shape[0] < end:
             n = max(16, 1 << (end - 1).bit_length())  # the next power of two >= end
             # Built outside inference mode so the cache can serve autograd later on.
             with torch.inference_mode(False), torch.no_grad():
                 angle = self._angles(torch.arange(n, device=device), work)  # (N, R/2)
                 self._cos, self._sin = angle.cos(), angle.sin()
+                self._built = work
         return self._cos, self._sin
 
     def _rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
