@@ -103,3 +103,41 @@ def test_a_capture_sees_only_its_own_threads_calls() -> None:
     assert [name for name, _ in got[0]] == ["layers.0.self_attn", "layers.1.self_attn"]
     assert [name for name, _ in got[1]] == [f"layers.{i}.self_attn" for i in range(3)]
     assert {e for _, e in got[1]} == {"reference"} and "reference" not in {e for _, e in got[0]}
+
+
+@pytest.mark.parametrize("engine", ["blocked", "sdpa", "reference"])
+def test_rows_past_the_queries_are_clipped_as_a_slice(engine: str) -> None:
+    """rows=(0, 10) over 7 queries keeps the 7 rows, as slicing the full weights would
+    (the recomputing engines used to pad 3 made-up rows of zeros)."""
+    enc = _encoder(engine)
+    x = torch.randn(1, 7, 32)
+    with capture(enc, rows=(4, 10), heads=[2]) as cap:
+        enc(x)
+    with capture(enc) as whole:
+        enc(x)
+    for got, want in zip(cap, whole, strict=True):
+        assert got.weights.shape == (1, 1, 3, 7)
+        assert max_err(got.weights, want.weights[:, [2], 4:]) < 1e-6
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"layers": "layers.0.self_attn"}, TypeError, "layers must be a list of module names"),
+        ({"heads": [-1]}, ValueError, "heads must be a list of query head indices >= 0"),
+        ({"rows": (5, 2)}, ValueError, r"rows=\(5, 2\) must satisfy 0 <= r0 <= r1"),
+        ({"rows": 3}, ValueError, "rows must be a pair of ints"),
+    ],
+)
+def test_bad_capture_arguments_are_named(
+    kwargs: dict[str, object], exc: type[Exception], match: str
+) -> None:
+    enc = _encoder("blocked")
+    with pytest.raises(exc, match=match):
+        capture(enc, **kwargs)  # type: ignore[arg-type]
+    with capture(enc, layers=["layers.0.self_attn"], heads=[3], rows=(2, 5)) as cap:
+        enc(torch.randn(1, 6, 32))  # the control: names, heads and rows that exist
+    assert len(cap.records) == 1 and cap.records[0].weights.shape == (1, 1, 3, 6)
+    wrong = r"heads=\[4\] must be query head indices in \[0, 4\)"
+    with pytest.raises(ValueError, match=wrong), capture(enc, heads=[4]):
+        enc(torch.randn(1, 6, 32))

@@ -176,6 +176,22 @@ def test_integrated_gradients_complete_and_equal_a_riemann_sum() -> None:
     torch.testing.assert_close(fine, want, rtol=0, atol=3e-3 * want.abs().max().item())
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"method": "bogus"}, "method='bogus' is not one of"),
+        ({"internal_batch_size": 0}, "internal_batch_size must be an int >= 1, got 0"),
+    ],
+)
+def test_integrated_gradients_names_a_bad_path_rule(kwargs: dict[str, object], match: str) -> None:
+    """Named here, not by captum's AssertionError (method) or its warning (batch size)."""
+    x = torch.tensor([[1.0, 2.0, 3.0]])
+    with pytest.raises(ValueError, match=match):
+        integrated_gradients(lambda t: (t**2).sum(-1), x, **kwargs)  # type: ignore[arg-type]
+    ok = integrated_gradients(lambda t: (t**2).sum(-1), x, method="riemann_middle")
+    assert torch.allclose(ok.attributions, x**2, atol=1e-4)  # the control: x_i^2 each
+
+
 def test_layer_integrated_gradients_on_token_ids() -> None:
     torch.manual_seed(0)
     cfg = BertConfig(

@@ -95,6 +95,9 @@ def test_report_stays_usable_at_512_tokens(browser: Any, tmp_path: Path) -> None
     assert hover < 1000  # generous: a redraw of one token's lines, not a benchmark
 
 
+NAN = float("nan")
+
+
 def test_report_rejects_bad_input(tmp_path: Path) -> None:
     a = [torch.rand(2, 3, 3).softmax(-1)]
     ok = lambda: report(tmp_path / "ok.html", ["a", "b", "c"], a)  # noqa: E731
@@ -114,9 +117,22 @@ def test_report_rejects_bad_input(tmp_path: Path) -> None:
     check_and_control(
         lambda: report(tmp_path / "x.html", ["a", "b", "c"], a, top_k=0), ok, ValueError, "top_k"
     )
-    page = report(tmp_path / "esc.html", ["</script>", "b", "c"], a, title="<b>").read_text()
-    assert (
-        "<\\/script>" in page
-        and "&lt;b&gt;" in page
-        and "</script><" not in page.split('id="data">')[1].split("</script>")[0]
+    check_and_control(
+        lambda: report(tmp_path / "x.html", ["a", "b", "c"], a, saliency={"s": [1.0, NAN, 2]}),
+        ok,
+        ValueError,
+        r"saliency\['s'\] has nan at token 1, expected finite scores",
     )
+    page = report(tmp_path / "esc.html", ["</script>", "b", "c"], a, title="<b>").read_text()
+    blob = page.split('id="data">')[1].split("</script>")[0]
+    assert "\\u003c/script>" in blob and "<" not in blob and "&lt;b&gt;" in page
+
+
+def test_tokens_that_look_like_markup_are_shown_as_text(browser: Any, tmp_path: Path) -> None:
+    """ "<!--" then "<script>" in the tokens put the HTML parser in a state that skipped
+    the data's real end tag (only "</" was escaped): the page drew nothing."""
+    tokens = ["<!--", "<script>", "x</script>", "y"]
+    path = report(tmp_path / "m.html", tokens, _attentions(4, 1, 2), saliency={"s": [1, 2, 3, 4]})
+    page, _ = _open(browser, path)
+    assert page.inner_text("#left .tok >> nth=0") == "<!--"
+    assert page.inner_text("#left .tok >> nth=2") == "x</script>"

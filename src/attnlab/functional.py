@@ -427,9 +427,18 @@ def observed_weights(
     event: AttentionEvent, heads: list[int] | None = None, rows: tuple[int, int] | None = None
 ) -> Tensor:
     """``(B, h, r, Lk)`` weights of an observed call: sliced from the weights the engine
-    returned, else recomputed by :func:`request_weights`."""
+    returned, else recomputed by :func:`request_weights`. ``rows`` are clipped to the
+    call's queries, as a slice is (a decoding step has one); ``heads`` must exist."""
+    if event.weights is None and event.request is None:
+        raise ValueError("attend() hands its weights to observers; this event has none")
+    n_heads, lq = (
+        event.weights.shape[1:3]
+        if event.weights is not None
+        else (event.request.heads, event.request.lq)  # type: ignore[union-attr]
+    )
+    if heads is not None and any(not 0 <= h < n_heads for h in heads):
+        raise ValueError(f"heads={heads} must be query head indices in [0, {n_heads})")
+    rows = None if rows is None else (min(rows[0], lq), min(rows[1], lq))
     if event.weights is not None:
         return slice_weights(event.weights, heads, rows)
-    if event.request is None:
-        raise ValueError("attend() hands its weights to observers; this event has none")
-    return request_weights(event.request, heads, rows)
+    return request_weights(event.request, heads, rows)  # type: ignore[arg-type]

@@ -52,7 +52,8 @@ class capture:
         model: the model whose module names label the calls (None: calls are unnamed).
         layers: module names or glob patterns to keep (``"*.self_attn"``); default all.
         heads: query heads to keep; default all.
-        rows: ``(r0, r1)`` query rows to keep; default all.
+        rows: ``(r0, r1)`` query rows to keep, clipped to each call's queries (as a
+            slice is); default all.
         grad: keep the weights that computed the output, still in the autograd graph, so
             ``torch.autograd.grad(score, [c.weights for c in cap])`` gives d score / d
             weights (gradient relevance). Every call then runs on the ``reference`` engine;
@@ -83,8 +84,8 @@ class capture:
                 f"and rows={rows}, expected both None (slice the records afterwards)"
             )
         self.grad = grad
-        self.model, self.layers = model, None if layers is None else list(layers)
-        self.heads, self.rows = None if heads is None else list(heads), rows
+        self.model, self.layers = model, _names("layers", layers)
+        self.heads, self.rows = _heads(heads), _rows(rows)
         self.records: list[Captured] = []
         self._stack: list[str] = []
         self._handles: list[RemovableHandle] = []
@@ -145,3 +146,35 @@ class capture:
 
     def __iter__(self) -> Iterator[Captured]:
         return iter(self.records)
+
+
+def _names(name: str, value: Sequence[str] | None) -> list[str] | None:
+    """A list of module names or patterns; a bare str is refused, not split into letters."""
+    if value is None:
+        return None
+    if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"{name} must be a list of module names or patterns, got {value!r}")
+    return list(value)
+
+
+def _heads(heads: Sequence[int] | None) -> list[int] | None:
+    """Query head indices >= 0 (each call checks them against its own head count)."""
+    if heads is None:
+        return None
+    if isinstance(heads, str | bytes) or not all(
+        isinstance(h, int) and not isinstance(h, bool) and h >= 0 for h in heads
+    ):
+        raise ValueError(f"heads must be a list of query head indices >= 0, got {heads!r}")
+    return list(heads)
+
+
+def _rows(rows: tuple[int, int] | None) -> tuple[int, int] | None:
+    """Query rows ``(r0, r1)`` with ``0 <= r0 <= r1`` (clipped to each call's queries)."""
+    if rows is None:
+        return None
+    ok = isinstance(rows, tuple | list) and len(rows) == 2
+    if not ok or not all(isinstance(r, int) and not isinstance(r, bool) for r in rows):
+        raise ValueError(f"rows must be a pair of ints (r0, r1), got {rows!r}")
+    if not 0 <= rows[0] <= rows[1]:
+        raise ValueError(f"rows={tuple(rows)} must satisfy 0 <= r0 <= r1")
+    return (rows[0], rows[1])

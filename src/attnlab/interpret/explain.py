@@ -146,7 +146,7 @@ def relevance(attentions: Sequence[Tensor], gradients: Sequence[Tensor]) -> Tens
         raise ValueError(
             f"gradients has {len(gradients)} layers but attentions has {len(attentions)}"
         )
-    r = torch.eye(n, dtype=attentions[0].dtype).expand(b, n, n)
+    r = torch.eye(n, dtype=attentions[0].dtype, device=attentions[0].device).expand(b, n, n)
     for a, g in zip(attentions, gradients, strict=True):
         if g.shape != a.shape:
             raise ValueError(f"a gradient has shape {tuple(g.shape)}, its weights {tuple(a.shape)}")
@@ -249,6 +249,7 @@ def integrated_gradients(
         raise TypeError(f"inputs must be a Tensor, got {type(inputs).__name__}")
     if not isinstance(steps, int) or steps < 2:
         raise ValueError(f"steps must be an int >= 2, got {steps!r}")
+    _check_path(method, internal_batch_size)
     attr = _captum()
     algo = (
         attr.IntegratedGradients(forward)
@@ -265,3 +266,17 @@ def integrated_gradients(
             return_convergence_delta=True,
         )
     return Attribution(a.detach(), delta.detach())
+
+
+# captum's rules of the path integral (``captum.attr._utils.approximation_methods``)
+IG_METHODS = ("riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid")
+IG_METHODS += ("gausslegendre",)
+
+
+def _check_path(method: object, internal_batch_size: object) -> None:
+    """The path integral's rule and chunk size, named here rather than by captum's assert."""
+    if method not in IG_METHODS:
+        raise ValueError(f"method={method!r} is not one of {IG_METHODS}")
+    n = internal_batch_size
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"internal_batch_size must be an int >= 1, got {n!r}")

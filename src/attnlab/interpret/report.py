@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -118,11 +119,18 @@ def _scores(name: str, scores: Sequence[float] | Tensor, n: int) -> list[float]:
     vals = [float(v) for v in scores]
     if len(vals) != n:
         raise ValueError(f"saliency[{name!r}] has {len(vals)} scores, expected one per token ({n})")
+    bad = next((i for i, v in enumerate(vals) if not math.isfinite(v)), None)
+    if bad is not None:  # JSON has no NaN or infinity: the page could not read its data
+        raise ValueError(
+            f"saliency[{name!r}] has {vals[bad]} at token {bad}, expected finite scores"
+        )
     return [round(v, 6) for v in vals]
 
 
 def _page(title: str, text: str, data: dict[str, object], pictures: list[Path]) -> str:
-    blob = json.dumps(data).replace("</", "<\\/")
+    # every "<" escaped: "</script>", and "<!--" before "<script" (which would make the
+    # HTML parser skip the real end tag), cannot occur inside the script element
+    blob = json.dumps(data, allow_nan=False).replace("<", "\\u003c")
     imgs = "<h2>Pictures</h2>" * bool(pictures) + "".join(
         f"<figure><img alt='{html.escape(p.stem)}' src='{png_data_uri(p)}'>"
         f"<figcaption>{html.escape(p.stem)}</figcaption></figure>"
