@@ -210,6 +210,12 @@ def _errors(rank: int, world: int) -> dict[str, str]:
         "mask size": lambda: D.attention(q, q, q, mask=masks.documents(torch.zeros(20).long())),
         "not in group": lambda: D.attention(q, q, q, group=dist.new_group([0])),
         "ulysses heads": lambda: D.attention(odd, odd[:, :1], odd[:, :1], strategy="ulysses"),
+        "scale": lambda: D.attention(q, q, q, scale=float("nan")),
+        "scale type": lambda: D.attention(q, q, q, scale="x"),  # type: ignore[arg-type]
+        "engine": lambda: D.attention(q, q, q, engine="bogus"),
+        "engine without lse": lambda: D.attention(q, q, q, engine="performer"),
+        "batch": lambda: D.attention(q.expand(2, -1, -1, -1), q.expand(3, -1, -1, -1), q),
+        "str mask": lambda: D.attention(q, q, q, mask="causal"),  # type: ignore[arg-type]
     }
     for name, call in calls.items():
         try:
@@ -233,6 +239,13 @@ def test_bad_input_fails_on_every_rank_without_hanging() -> None:
         "tensor mask": "dense tensor mask",
         "mask size": "20",
         "ulysses heads": "^ValueError: strategy='ulysses' .* divide by 2; got Hq=3, Hkv=1",
+        # these used to fail only inside the first step, with its messages posted: a hang
+        "scale": "^ValueError: scale must be finite, got nan",
+        "scale type": "^TypeError: scale must be a finite float or None, got str",
+        "engine": "^ValueError: engine='bogus' cannot run a context-parallel step",
+        "engine without lse": "^ValueError: engine='performer' cannot run a context-parallel",
+        "batch": "^ValueError: batch sizes of q, k, v must match or be 1; got \\[2, 3, 1\\]",
+        "str mask": "^TypeError: mask must be an attnlab.masks mask .* got str",
     }
     for rank, seen in enumerate(results):
         for name, pattern in want.items():
@@ -375,3 +388,32 @@ def test_run_local_checks_its_backend() -> None:
     if torch.cuda.device_count() < 2:
         with pytest.raises(ValueError, match="needs one GPU per rank"):
             run_local(_errors, 2, backend="nccl")
+
+
+def _broadcast(rank: int, world: int) -> dict[str, float]:
+    """A batch of 1 on one side, as attnlab.attention broadcasts it: forward and every
+    gradient against one process in fp64 (the ring used to size its messages from q)."""
+    errs = {}
+    for qb, kb in ((2, 1), (1, 2)):
+        for strategy in ("ring", "all-gather", "ulysses"):
+            torch.manual_seed(0)
+            q = torch.randn(qb, 4, 10, 8, dtype=torch.float64, requires_grad=True)
+            k = torch.randn(kb, 2, 10, 8, dtype=torch.float64, requires_grad=True)
+            v = torch.randn(kb, 2, 10, 8, dtype=torch.float64, requires_grad=True)
+            mask = masks.causal() & masks.window(4)
+            ref = attnlab.attention(q, k, v, mask=mask, engine="reference")
+            g = torch.randn_like(ref)
+            want = torch.autograd.grad(ref, (q, k, v), g)
+            parts = [D.shard(t.detach(), rank, world).requires_grad_() for t in (q, k, v)]
+            out = D.attention(*parts, mask=mask, strategy=strategy)
+            got = torch.autograd.grad(out, parts, D.shard(g, rank, world))
+            err = (out - D.shard(ref.detach(), rank, world)).abs().max().item()
+            for gg, w in zip(got, want, strict=True):  # each rank's shard of each gradient
+                err = max(err, (gg - D.shard(w, rank, world)).abs().max().item())
+            errs[f"q batch {qb}, k batch {kb}, {strategy}"] = err
+    return errs
+
+
+def test_a_batch_of_one_broadcasts_as_in_one_process() -> None:
+    for errs in run_local(_broadcast, 2, timeout=120):
+        assert all(e < 1e-12 for e in errs.values()), errs

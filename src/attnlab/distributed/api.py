@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from attnlab._validate import _broadcast_batch, validate_scale
 from attnlab.bias import Bias, TensorBias, as_bias
 from attnlab.distributed.comm import Group, gather_meta
 from attnlab.distributed.layout import LAYOUTS, shard_lengths, validate_layout
@@ -94,6 +95,7 @@ def attention(
         strategy=strategy,
         engine=engine,
     )
+    q, k, v = (t.contiguous() for t in _broadcast_batch(q, k, v))  # a batch of 1 broadcasts
     if s.strategy == "ulysses":
         return ulysses(s, q, k, v)
     leaves = [] if s.bias is None else _leaves(s.bias)
@@ -119,6 +121,7 @@ def prepare(
     try:
         mask_, bias_ = _structured(mask, bias)
         _local_checks(q, k, v, layout, strategy)
+        _option_checks(scale, engine)
         _ulysses_checks(q, k, strategy, g.world)
         local_error: Exception | None = None
     except (TypeError, ValueError) as e:
@@ -133,7 +136,8 @@ def prepare(
         raise local_error
     n = _check_table(meta, g, layout)
     dim = q.shape[-1]
-    sizes = (q.shape[0], q.shape[1], k.shape[1], dim, v.shape[-1])
+    batch = max(q.shape[0], k.shape[0], v.shape[0])  # a batch of 1 broadcasts
+    sizes = (batch, q.shape[1], k.shape[1], dim, v.shape[-1])
     scale_ = dim**-0.5 if scale is None else float(scale)
     s = make_setup(g, n, layout, strategy, mask_, bias_, scale_, engine, sizes)
     picked = choose(s) if strategy == "auto" else strategy
@@ -152,6 +156,11 @@ def _structured(mask: object, bias: object) -> tuple[Mask | None, Bias | None]:
         raise ValueError(
             "bias must be an attnlab.bias bias evaluated at global positions, got a dense "
             "tensor bias: it needs the whole N x N on one rank; use bias.custom(fn)"
+        )
+    if mask is not None and not isinstance(mask, Mask):
+        raise TypeError(
+            f"mask must be an attnlab.masks mask (at global positions) or None, got "
+            f"{type(mask).__name__}"
         )
     return as_mask(mask), as_bias(bias)  # type: ignore[arg-type]
 
@@ -173,8 +182,26 @@ def _local_checks(q: Tensor, k: Tensor, v: Tensor, layout: str, strategy: str) -
             f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit: "
             "need Hq % Hkv == 0, k and v with the same heads, q and k with the same E"
         )
+    _broadcast_batch(q, k, v)  # a ValueError unless the batches match or are 1
     if q.dtype != k.dtype or k.dtype != v.dtype or not q.is_floating_point():
         raise TypeError(f"q, k, v must share one float dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+# the engines that return the logsumexp each step is merged by
+STEP_ENGINES = ("auto", "blocked", "reference", "flex")
+
+
+def _option_checks(scale: object, engine: object) -> None:
+    """The scale and the local engine, checked before any data moves (a step that
+    failed on them would leave the other ranks' messages posted)."""
+    validate_scale(scale)
+    if not isinstance(engine, str):
+        raise TypeError(f"engine must be a str, got {type(engine).__name__}")
+    if engine not in STEP_ENGINES:
+        raise ValueError(
+            f"engine={engine!r} cannot run a context-parallel step, which merges each "
+            f"step's logsumexp; expected one of {STEP_ENGINES}"
+        )
 
 
 def _ulysses_checks(q: Tensor, k: Tensor, strategy: str, world: int) -> None:
