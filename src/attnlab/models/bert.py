@@ -245,7 +245,7 @@ class BertEncoder(nn.Module):
         Returns:
             a :class:`BertOutput` ``(hidden (B, L, D), attentions or None)``.
         """
-        self._check_ids(input_ids, positions)
+        self._check_ids(input_ids, token_type_ids, positions)
         x = self.embeddings(input_ids, token_type_ids, positions)  # (B, L, D)
         weights: list[Tensor] = []
         for layer in self.layers:
@@ -256,8 +256,8 @@ class BertEncoder(nn.Module):
                 x = layer(x, mask=mask)
         return BertOutput(x, tuple(weights) if need_weights else None)
 
-    def _check_ids(self, input_ids: object, positions: Tensor | None) -> None:
-        """Validate ``input_ids (B, L)`` and the positions they get (ids and positions
+    def _check_ids(self, input_ids: object, token_type_ids: object, positions: object) -> None:
+        """Validate ``input_ids (B, L)``, their token types and the positions they get (ids
         outside the embedding tables would otherwise fail deep inside ``nn.Embedding``)."""
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
             seen = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids)
@@ -265,14 +265,14 @@ class BertEncoder(nn.Module):
         if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
             raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
         c = self.config
-        lo, hi = (int(v) for v in torch.aminmax(input_ids)) if input_ids.numel() else (0, 0)
-        if lo < 0 or hi >= c.vocab_size:
-            raise ValueError(
-                f"input_ids must lie in [0, vocab_size={c.vocab_size}), got values in [{lo}, {hi}]"
-            )
+        _check_rows("input_ids", input_ids, "vocab_size", c)
+        if token_type_ids is not None:
+            _check_rows("token_type_ids", token_type_ids, "type_vocab_size", c)
         top = input_ids.shape[1] - 1
-        if positions is not None and positions.numel():
-            top = int(positions.max())
+        if positions is not None:
+            lo, top = _id_range("positions", positions)
+            if lo < 0:
+                raise _out_of_table("positions", lo, top, "max_position_embeddings", c)
         if top >= c.max_position_embeddings:
             raise ValueError(
                 f"position {top} >= max_position_embeddings={c.max_position_embeddings}; "
@@ -308,6 +308,32 @@ class BertEncoder(nn.Module):
         model = cls(config, engine=engine)
         model.load_state_dict(state)
         return model.eval()
+
+
+def _id_range(name: str, ids: object) -> tuple[int, int]:
+    """``(min, max)`` of the integer tensor ``ids`` (``(0, -1)`` when empty)."""
+    if not isinstance(ids, Tensor):
+        raise TypeError(f"{name} must be an integer Tensor or None, got {type(ids).__name__}")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer ids, got dtype {ids.dtype}")
+    if not ids.numel():
+        return 0, -1
+    lo, hi = torch.aminmax(ids)
+    return int(lo), int(hi)
+
+
+def _check_rows(name: str, ids: object, table: str, c: BertConfig) -> None:
+    """``ids`` must be integer rows of the embedding table of size ``c.<table>``."""
+    lo, hi = _id_range(name, ids)
+    if lo < 0 or hi >= getattr(c, table):
+        raise _out_of_table(name, lo, hi, table, c)
+
+
+def _out_of_table(name: str, lo: int, hi: int, table: str, c: BertConfig) -> ValueError:
+    """The error for ids in ``[lo, hi]`` outside ``[0, c.<table>)``."""
+    return ValueError(
+        f"{name} must lie in [0, {table}={getattr(c, table)}), got values in [{lo}, {hi}]"
+    )
 
 
 def _hf_shapes(c: BertConfig) -> dict[str, tuple[int, ...]]:

@@ -54,6 +54,31 @@ def sn(module: nn.Module, enabled: bool = True) -> nn.Module:
     return spectral_norm(module) if enabled else module
 
 
+def draw_latents(
+    n: int, latent_dim: int, like: nn.Module, generator: torch.Generator | None = None
+) -> Tensor:
+    """``z ~ N(0, I)`` of shape ``(n, latent_dim)`` on the device and dtype of ``like``'s
+    parameters.
+
+    The draw runs on ``generator``'s device (on ``like``'s without one) and then moves, so
+    a seeded CPU generator gives the same latents wherever the model lives.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> tuple(draw_latents(2, 4, nn.Linear(4, 1).to("meta"), g).shape)
+        (2, 4)
+    """
+    n = positive_int("n", n)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+        )
+    p = next(like.parameters())
+    where = p.device if generator is None else generator.device
+    z = torch.randn(n, latent_dim, generator=generator, device=where)  # (n, latent_dim)
+    return z.to(p.device, p.dtype)
+
+
 def d_hinge_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
     """Discriminator hinge loss ``mean(relu(1 - D(x))) + mean(relu(1 + D(G(z))))``.
 
@@ -246,11 +271,11 @@ class GAN(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """``n`` images ``(n, 1, 8, 8)`` in [-1, 1], the generator in eval mode."""
-        n = positive_int("n", n)
+        """``n`` images ``(n, 1, 8, 8)`` in [-1, 1], the generator in eval mode, on the
+        model's device (latents from :func:`draw_latents`)."""
+        z = draw_latents(n, self.cfg.latent_dim, self.generator, generator)  # (n, latent)
         was = self.generator.training
         self.generator.eval()
-        z = torch.randn(n, self.cfg.latent_dim, generator=generator)
         out = self.generator(z)
         self.generator.train(was)
         return out

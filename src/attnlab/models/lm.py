@@ -133,8 +133,8 @@ class LanguageModel(nn.Module):
             prompt_ids: ``(B, P)`` (or ``(P,)``) token ids, ``P >= 1``.
             max_new_tokens: tokens to add at most.
             temperature, top_k, top_p, generator: see :func:`sample_logits`.
-            eos_id: once a row produces it, the row repeats it; generation stops when
-                every row has. None: always ``max_new_tokens``.
+            eos_id: a token id in ``[0, V)``; once a row produces it, the row repeats it;
+                generation stops when every row has. None: always ``max_new_tokens``.
 
         Returns:
             ``(B, P + T)`` (or ``(P + T,)``): the prompt followed by the ``T`` new tokens.
@@ -146,6 +146,7 @@ class LanguageModel(nn.Module):
             raise ValueError("prompt_ids must hold at least one token (e.g. <bos>), got P=0")
         n = nonnegative_int("max_new_tokens", max_new_tokens)
         _check_sampling(temperature, top_k, top_p, generator)
+        eos_id = _check_eos(eos_id, self.cfg.vocab_size)
         cache, out = self.new_cache(), [ids]
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)  # (B,)
         step_in = ids  # the prefill, then one token per step
@@ -178,6 +179,21 @@ def _check_ids(ids: object, vocab_size: int, name: str = "ids") -> None:
             f"{name} must lie in [0, vocab_size={vocab_size}), got values in "
             f"[{int(ids.min())}, {int(ids.max())}]"
         )
+
+
+def _check_eos(eos_id: object, vocab_size: int) -> int | None:
+    """``eos_id`` as an int in ``[0, vocab_size)``, or None."""
+    if eos_id is None:
+        return None
+    if isinstance(eos_id, bool) or not isinstance(eos_id, numbers.Integral):
+        raise TypeError(
+            f"eos_id must be an int in [0, {vocab_size}) or None, got {eos_id!r} "
+            f"({type(eos_id).__name__})"
+        )
+    eos = int(eos_id)
+    if not 0 <= eos < vocab_size:
+        raise ValueError(f"eos_id must be an int in [0, {vocab_size}), got {eos}")
+    return eos
 
 
 def _check_sampling(temperature: object, top_k: object, top_p: object, generator: object) -> None:

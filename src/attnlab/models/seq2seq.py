@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from attnlab import masks
+from attnlab._validate import positive_int
+from attnlab.models.rnn import _check_ids, _check_source
 from attnlab.nn import DecoderCache, LayerConfig, Transformer
 from attnlab.positional import SinusoidalPositional
 
@@ -74,13 +76,17 @@ class Seq2Seq(nn.Module):
         return self.pos(x, offset)
 
     def encode(self, src: Tensor, lengths: Tensor) -> Tensor:
-        """``src (B, Ls)`` -> memory ``(B, Ls, D)``."""
+        """``src (B, Ls)`` -> memory ``(B, Ls, D)``; ``lengths (B,)`` in ``[1, Ls]``."""
+        _check_source(src, lengths)
+        _check_vocab("src", src, "src_vocab", self.cfg.src_vocab)
         return self.transformer.encode(
             self._embed(self.src_embed, src), mask=masks.padding(lengths)
         )
 
     def forward(self, src: Tensor, lengths: Tensor, tgt_in: Tensor) -> Tensor:
         """Teacher-forced logits ``(B, Lt, V)`` for decoder inputs ``tgt_in (B, Lt)``."""
+        _check_ids("tgt_in", tgt_in, src.shape[0] if isinstance(src, Tensor) else None)
+        _check_vocab("tgt_in", tgt_in, "tgt_vocab", self.cfg.tgt_vocab)
         memory = self.encode(src, lengths)
         pad = masks.padding(lengths)
         h = self.transformer.decode(self._embed(self.tgt_embed, tgt_in), memory, memory_mask=pad)
@@ -98,9 +104,11 @@ class Seq2Seq(nn.Module):
     def generate(
         self, src: Tensor, lengths: Tensor, *, max_len: int = 32, beam: int = 1
     ) -> list[list[int]]:
-        """Decode each source row: greedy (``beam=1``) or beam search; ids without BOS/EOS."""
-        if not isinstance(beam, int) or beam < 1:
-            raise ValueError(f"beam must be a positive int, got {beam!r}")
+        """Decode each source row: greedy (``beam=1``) or beam search; ids without BOS/EOS.
+
+        ``lengths (B,)`` must lie in ``[1, Ls]``; ``max_len`` and ``beam`` are positive ints.
+        """
+        max_len, beam = positive_int("max_len", max_len), positive_int("beam", beam)
         b = src.shape[0]
         memory = self.encode(src, lengths).repeat_interleave(beam, 0)  # (B*k, Ls, D)
         pad = masks.padding(lengths.repeat_interleave(beam, 0))
@@ -137,6 +145,13 @@ def _top_beams(scores: Tensor, logp: Tensor, b: int, k: int) -> tuple[Tensor, Te
     src_beam = flat // v
     index = (torch.arange(b, device=logp.device)[:, None] * k + src_beam).view(-1)
     return index, (flat % v).view(-1), top
+
+
+def _check_vocab(name: str, ids: Tensor, field: str, vocab: int) -> None:
+    """Integer token ids ``ids`` must lie in ``[0, vocab)``, ``field`` naming ``vocab``."""
+    lo, hi = (int(v) for v in torch.aminmax(ids)) if ids.numel() else (0, 0)
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"{name} must lie in [0, {field}={vocab}), got values in [{lo}, {hi}]")
 
 
 def _strip(ids: list[int], eos: int) -> list[int]:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from attnlab._validate import positive_int
-from attnlab.models.gan import IMAGE_SIZE, SelfAttention2d
+from attnlab.models.gan import IMAGE_SIZE, SelfAttention2d, draw_latents
 from attnlab.models.vit import check_images
 
 __all__ = ["VAE", "VAEConfig", "VAEOutput", "vae_loss"]
@@ -133,6 +133,7 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """``n`` images ``(n, 1, 8, 8)`` decoded from ``z ~ N(0, I)``."""
-        z = torch.randn(positive_int("n", n), self.cfg.latent_dim, generator=generator)
+        """``n`` images ``(n, 1, 8, 8)`` decoded from ``z ~ N(0, I)`` on the model's device
+        (latents from :func:`~attnlab.models.gan.draw_latents`)."""
+        z = draw_latents(n, self.cfg.latent_dim, self, generator)  # (n, latent_dim)
         return self.decode(z)

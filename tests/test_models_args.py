@@ -1,0 +1,219 @@
+"""Argument checks of the models: bad ids, lengths and settings get a ValueError or
+TypeError naming the argument (never an IndexError from deep inside ``nn.Embedding``),
+and sampling follows the model's device and dtype. Every error test has a positive
+control."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from attnlab.models.bert import BertConfig, BertEncoder
+from attnlab.models.gan import GAN, GANConfig, draw_latents
+from attnlab.models.lm import LanguageModel, LMConfig
+from attnlab.models.seq2seq import Seq2Seq, Seq2SeqConfig
+from attnlab.models.vae import VAE, VAEConfig
+from tests.conftest import check_and_control
+
+
+def _bert() -> BertEncoder:
+    cfg = BertConfig(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=64,
+    )
+    return BertEncoder(cfg).eval()
+
+
+@pytest.mark.parametrize(
+    ("kw", "exc", "match"),
+    [
+        (
+            {"token_type_ids": torch.full((2, 7), 5)},
+            ValueError,
+            r"token_type_ids must lie in \[0, type_vocab_size=2\), got values in \[5, 5\]",
+        ),
+        (
+            {"token_type_ids": torch.full((2, 7), -1)},
+            ValueError,
+            r"token_type_ids must lie in \[0, type_vocab_size=2\), got values in \[-1, -1\]",
+        ),
+        (
+            {"token_type_ids": torch.ones(2, 7)},
+            TypeError,
+            r"token_type_ids must hold integer ids, got dtype torch\.float32",
+        ),
+        (
+            {"positions": torch.tensor([-1, 0, 1, 2, 3, 4, 5])},
+            ValueError,
+            r"positions must lie in \[0, max_position_embeddings=512\), got values in \[-1, 5\]",
+        ),
+        (
+            {"positions": torch.arange(7.0)},
+            TypeError,
+            r"positions must hold integer ids, got dtype torch\.float32",
+        ),
+    ],
+)
+def test_bert_rejects_token_types_and_positions_outside_the_tables(
+    kw: dict[str, torch.Tensor], exc: type[Exception], match: str
+) -> None:
+    bert, ids = _bert(), torch.randint(1, 50, (2, 7))
+    ok = {"token_type_ids": torch.ones(2, 7, dtype=torch.long), "positions": torch.arange(7)}
+    check_and_control(lambda: bert(ids, **kw), lambda: bert(ids, **ok), exc, match)
+
+
+def test_bert_valid_token_types_and_positions_match_the_embedding_tables() -> None:
+    bert, ids = _bert(), torch.randint(1, 50, (2, 7))
+    types, pos = torch.ones(2, 7, dtype=torch.long), torch.tensor([6, 5, 4, 3, 2, 1, 0])
+    emb = bert.embeddings
+    want = emb.norm(
+        emb.word_embeddings(ids) + emb.position_embeddings(pos) + emb.token_type_embeddings(types)
+    )
+    got = bert.layers[0](want)
+    torch.testing.assert_close(bert(ids, types, positions=pos).hidden, got)
+
+
+def _seq2seq() -> Seq2Seq:
+    return Seq2Seq(Seq2SeqConfig(src_vocab=10, tgt_vocab=12, d_model=16, num_heads=2)).eval()
+
+
+SRC = torch.tensor([[4, 5, 6]])
+TGT = torch.tensor([[1, 7, 11]])
+L3 = torch.tensor([3])
+
+
+@pytest.mark.parametrize(
+    ("call", "exc", "match"),
+    [
+        (
+            lambda m: m.generate(SRC, torch.tensor([5])),
+            ValueError,
+            r"lengths must lie in \[1, Ls=3\]",
+        ),
+        (lambda m: m.generate(SRC, torch.tensor([0])), ValueError, r"got \[0\]"),
+        (lambda m: m.generate(SRC, torch.tensor([3, 3])), ValueError, r"shape \(B,\) = \(1,\)"),
+        (lambda m: m.generate(SRC, L3, max_len=-1), ValueError, r"max_len must be a positive int"),
+        (lambda m: m.generate(SRC, L3, max_len=0), ValueError, r"max_len must be a positive int"),
+        (lambda m: m.generate(SRC, L3, beam=True), TypeError, r"beam must be a positive int"),
+        (lambda m: m.generate(SRC, L3, beam=0), ValueError, r"beam must be a positive int, got 0"),
+        (
+            lambda m: m.generate(torch.tensor([[4, 40, 6]]), L3),
+            ValueError,
+            r"src must lie in \[0, src_vocab=10\), got values in \[4, 40\]",
+        ),
+        (
+            lambda m: m.generate(SRC.float(), L3),
+            ValueError,
+            r"src must be an integer tensor of token ids \(B, L\) .* dtype torch\.float32",
+        ),
+        (lambda m: m(SRC, torch.tensor([5]), TGT), ValueError, r"lengths must lie in \[1, Ls=3\]"),
+        (
+            lambda m: m(SRC, L3, torch.tensor([[1, 12]])),
+            ValueError,
+            r"tgt_in must lie in \[0, tgt_vocab=12\), got values in \[1, 12\]",
+        ),
+        (lambda m: m(SRC, L3, TGT[0]), ValueError, r"tgt_in must be an integer tensor"),
+    ],
+)
+def test_seq2seq_checks_arguments_as_rnn_seq2seq_does(
+    call: Callable[[Seq2Seq], object], exc: type[Exception], match: str
+) -> None:
+    m = _seq2seq()
+
+    def ok() -> None:
+        assert tuple(m(SRC, L3, TGT).shape) == (1, 3, 12)
+        out = m.generate(torch.tensor([[4, 5, 6], [7, 0, 0]]), torch.tensor([3, 1]), beam=2)
+        assert len(out) == 2 and all(len(o) <= 32 for o in out)
+
+    check_and_control(lambda: call(m), ok, exc, match)
+
+
+def _lm() -> LanguageModel:
+    return LanguageModel(LMConfig(vocab_size=13, d_model=16, num_heads=2)).eval()
+
+
+@pytest.mark.parametrize(
+    ("eos_id", "exc", "match"),
+    [
+        (20, ValueError, r"eos_id must be an int in \[0, 13\), got 20"),
+        (13, ValueError, r"eos_id must be an int in \[0, 13\), got 13"),
+        (-1, ValueError, r"eos_id must be an int in \[0, 13\), got -1"),
+        (1.5, TypeError, r"eos_id must be an int in \[0, 13\) or None, got 1\.5 \(float\)"),
+        ("x", TypeError, r"eos_id must be an int in \[0, 13\) or None, got 'x' \(str\)"),
+        (True, TypeError, r"eos_id must be an int in \[0, 13\) or None, got True \(bool\)"),
+    ],
+)
+def test_lm_generate_checks_eos_id(eos_id: object, exc: type[Exception], match: str) -> None:
+    lm, prompt = _lm(), torch.tensor([[1, 2]])
+    greedy = lm.generate(prompt, 4, temperature=0.0)
+    eos = int(greedy[0, 2])  # the first generated token: generation stops right after it
+
+    def ok() -> None:
+        for good in (eos, np.int64(eos)):
+            out = lm.generate(prompt, 4, temperature=0.0, eos_id=good)  # type: ignore[arg-type]
+            assert out.tolist() == [[1, 2, eos]]
+        assert torch.equal(lm.generate(prompt, 4, temperature=0.0, eos_id=None), greedy)
+
+    check_and_control(
+        lambda: lm.generate(prompt, 4, temperature=0.0, eos_id=eos_id),  # type: ignore[arg-type]
+        ok,
+        exc,
+        match,
+    )
+
+
+def _generative(kind: str) -> VAE | GAN:
+    if kind == "vae":
+        return VAE(VAEConfig(latent_dim=4, channels=8, attention=False))
+    return GAN(GANConfig(latent_dim=4, channels=8, attention=False))
+
+
+@pytest.mark.parametrize("kind", ["vae", "gan"])
+@pytest.mark.parametrize("seeded", [False, True])
+def test_sample_follows_the_model_device(kind: str, seeded: bool) -> None:
+    # meta: a device other than the CPU that every machine has (the attention engines
+    # read values, so the attention-free configs run there)
+    model = _generative(kind).to("meta")
+    gen = torch.Generator().manual_seed(0) if seeded else None
+    out = model.sample(3, gen)
+    assert out.device.type == "meta" and tuple(out.shape) == (3, 1, 8, 8)
+
+
+@pytest.mark.parametrize("kind", ["vae", "gan"])
+def test_sample_follows_the_model_dtype(kind: str) -> None:
+    model = _generative(kind).double()
+    out = model.sample(3, torch.Generator().manual_seed(0))
+    assert out.dtype == torch.float64 and tuple(out.shape) == (3, 1, 8, 8)
+
+
+@pytest.mark.parametrize("kind", ["vae", "gan"])
+def test_seeded_cpu_samples_decode_the_generators_latents(kind: str) -> None:
+    model = _generative(kind).eval()
+    z = torch.randn(5, 4, generator=torch.Generator().manual_seed(7))  # the old draw
+    decode = model.decode if isinstance(model, VAE) else model.generator
+    want = decode(z)
+    got = model.sample(5, torch.Generator().manual_seed(7))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_draw_latents_checks_its_arguments() -> None:
+    lin = nn.Linear(4, 1)
+    check_and_control(
+        lambda: draw_latents(2, 4, lin, 0),  # type: ignore[arg-type]
+        lambda: draw_latents(2, 4, lin, torch.Generator()),
+        TypeError,
+        r"generator must be a torch\.Generator or None, got int",
+    )
+    check_and_control(
+        lambda: draw_latents(0, 4, lin),
+        lambda: draw_latents(1, 4, lin),
+        ValueError,
+        r"n must be a positive int, got 0",
+    )
