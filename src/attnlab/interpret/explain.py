@@ -269,8 +269,8 @@ def integrated_gradients(
 
 
 # captum's rules of the path integral (``captum.attr._utils.approximation_methods``)
-IG_METHODS = ("riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid")
-IG_METHODS += ("gausslegendre",)
+IG_METHODS: tuple[str, ...] = ("riemann_right", "riemann_left", "riemann_middle")
+IG_METHODS += ("riemann_trapezoid", "gausslegendre")
 
 
 def _check_path(method: object, internal_batch_size: object) -> None:

@@ -26,12 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlab._validate import positive_int
+from attnlab._validate import positive_int, validate_flag
 from attnlab.robust.perturb import (
     Perturbation,
     ascent_direction,
     check_norm,
     check_positive,
+    check_site,
     find_embedding,
     project,
     random_start,
@@ -56,9 +57,8 @@ class _Adversary:
     ) -> None:
         self.epsilon = check_positive("epsilon", epsilon)
         self.norm = check_norm(norm)
-        self.embedding, self.site, self.bounds = embedding, site, bounds
-        if site not in ("output", "input"):
-            raise ValueError(f"site must be 'output' or 'input', got {site!r}")
+        self.embedding = embedding
+        self.site, self.bounds = check_site(site, bounds)
         self._cache: tuple[nn.Module, Perturbation] | None = None
 
     def perturbation(self, model: nn.Module) -> Perturbation:
@@ -153,7 +153,8 @@ class PGD(_Adversary):
         self.steps = positive_int("steps", steps)
         self.alpha = 2.5 * self.epsilon / self.steps if alpha is None else alpha
         check_positive("alpha", self.alpha)
-        self.random_start, self.clean = random_start, clean
+        self.random_start = validate_flag("random_start", random_start)
+        self.clean = validate_flag("clean", clean)
 
     def attack(self, model: nn.Module, batch: Any, loss_fn: LossFn) -> Perturbation:
         """The perturbation after ``steps`` projected ascent steps (parameters untouched)."""

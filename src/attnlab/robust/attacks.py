@@ -24,6 +24,7 @@ from attnlab.robust.adversarial import PGD
 from attnlab.robust.perturb import (
     Perturbation,
     ascent_direction,
+    check_bounds,
     check_norm,
     check_positive,
     project,
@@ -52,7 +53,8 @@ def pgd_pixels(
         model: ``images (B, C, H, W) -> logits (B, K)`` (put it in eval mode first).
         images: ``(B, C, H, W)`` inside ``bounds``. labels: ``(B,)``.
         epsilon: radius (> 0). steps: >= 1. alpha: step (default ``2.5 eps / steps``).
-        norm: ``"linf"`` or ``"l2"``. bounds: the valid pixel range.
+        norm: ``"linf"`` or ``"l2"``. bounds: the valid pixel range ``(low, high)``,
+            ``low < high``.
         seed: of the random start.
 
     Returns:
@@ -68,6 +70,7 @@ def pgd_pixels(
     eps, norm = check_positive("epsilon", epsilon), check_norm(norm)
     steps = positive_int("steps", steps)
     alpha = check_positive("alpha", 2.5 * eps / steps if alpha is None else alpha)
+    bounds = check_bounds(bounds)
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(int(torch.randint(2**31, (1,), generator=g)))

@@ -225,10 +225,11 @@ def adversarial_attention(
     base, w0 = _recorded(model, module, run)  # (B, ..., C), (B, T, Lk)
     real = w0 > 0
     g = torch.Generator().manual_seed(seed)
-    z0 = w0.clamp_min(1e-12).log() + torch.randn(w0.shape, generator=g)
+    z0 = w0.clamp_min(1e-12).log() + torch.randn(w0.shape, generator=g).to(w0.device)
     z = z0.masked_fill(~real, 0.0).requires_grad_(True)
     opt = torch.optim.Adam([z], lr=lr)
-    best = AttentionSearch(torch.zeros(len(w0)), torch.zeros(len(w0)), w0.clone(), w0)
+    zeros = w0.new_zeros(len(w0))  # (B,)
+    best = AttentionSearch(zeros, zeros.clone(), w0.clone(), w0)
     for _ in range(steps):
         w = torch.softmax(z.masked_fill(~real, -torch.inf), -1).nan_to_num(0.0)  # (B, T, Lk)
         with override_attention(module, _rows_of(w)):
@@ -255,8 +256,9 @@ def _permute_rows(w: Tensor, g: torch.Generator) -> Tensor:
     """Each row of ``w (..., Lk)`` shuffled among its nonzero positions."""
     real = w > 0
     far = torch.full_like(w, torch.inf)
-    src = torch.where(real, torch.rand(w.shape, generator=g), far).argsort(-1)
-    dst = torch.where(real, torch.arange(w.shape[-1], dtype=w.dtype).expand_as(w), far).argsort(-1)
+    src = torch.where(real, torch.rand(w.shape, generator=g).to(w.device), far).argsort(-1)
+    pos = torch.arange(w.shape[-1], dtype=w.dtype, device=w.device).expand_as(w)  # (..., Lk)
+    dst = torch.where(real, pos, far).argsort(-1)
     return torch.zeros_like(w).scatter(-1, dst, w.gather(-1, src))
 
 

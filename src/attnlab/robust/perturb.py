@@ -12,7 +12,8 @@ Norms are per example: every dimension but the first (batch) counts.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import numbers
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -23,10 +24,13 @@ from attnlab.models.vit import PatchEmbedding
 
 __all__ = [
     "NORMS",
+    "SITES",
     "Perturbation",
     "ascent_direction",
+    "check_bounds",
     "check_norm",
     "check_positive",
+    "check_site",
     "find_embedding",
     "per_example_norm",
     "project",
@@ -34,6 +38,7 @@ __all__ = [
 ]
 
 NORMS = ("l2", "linf")
+SITES = ("output", "input")
 _EMBEDDINGS = (nn.Embedding, PatchEmbedding)
 
 
@@ -58,6 +63,46 @@ def check_norm(norm: object) -> str:
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     return str(norm)
+
+
+def check_bounds(bounds: object) -> tuple[float, float]:
+    """``bounds`` as a ``(low, high)`` pair of floats with ``low < high``, or an error.
+
+    Example:
+        >>> check_bounds((0, 1))
+        (0.0, 1.0)
+    """
+    if (
+        isinstance(bounds, str | bytes | Tensor)
+        or not isinstance(bounds, Sequence)
+        or len(bounds) != 2
+    ):
+        raise TypeError(f"bounds must be a (low, high) pair of numbers, got {bounds!r}")
+    if any(isinstance(b, bool) or not isinstance(b, numbers.Real) for b in bounds):
+        raise TypeError(f"bounds must be a (low, high) pair of numbers, got {bounds!r}")
+    low, high = float(bounds[0]), float(bounds[1])
+    if not low < high:
+        raise ValueError(f"bounds must be (low, high) with low < high, got {bounds!r}")
+    return low, high
+
+
+def check_site(site: object, bounds: object) -> tuple[str, tuple[float, float] | None]:
+    """``site`` as one of :data:`SITES` and ``bounds`` checked (None, or ``site="input"``).
+
+    Example:
+        >>> check_site("input", (0, 1))
+        ('input', (0.0, 1.0))
+    """
+    if site not in SITES:
+        raise ValueError(f"site must be 'output' or 'input', got {site!r}")
+    if bounds is None:
+        return str(site), None
+    if site != "input":
+        raise ValueError(
+            f"bounds clamp the perturbed input; got bounds={bounds!r} with site={site!r}, "
+            f"expected site='input' (or bounds=None)"
+        )
+    return str(site), check_bounds(bounds)
 
 
 def find_embedding(model: nn.Module, name: str | None = None) -> nn.Module:
@@ -129,7 +174,8 @@ def random_start(like: Tensor, epsilon: float, norm: str) -> Tensor:
     if norm == "linf":
         return torch.empty_like(like).uniform_(-epsilon, epsilon)
     g = torch.randn_like(like)
-    radius = epsilon * torch.rand(like.shape[0], *([1] * (like.dim() - 1)), dtype=like.dtype)
+    shape = (like.shape[0], *([1] * (like.dim() - 1)))  # (B, 1, ..., 1)
+    radius = epsilon * torch.rand(shape, dtype=like.dtype, device=like.device)
     return g / per_example_norm(g, "l2").clamp_min(1e-12) * radius
 
 
@@ -158,11 +204,8 @@ class Perturbation:
     def __init__(
         self, module: nn.Module, site: str = "output", bounds: tuple[float, float] | None = None
     ) -> None:
-        if site not in ("output", "input"):
-            raise ValueError(f"site must be 'output' or 'input', got {site!r}")
-        if bounds is not None and site != "input":
-            raise ValueError(f"bounds clamp the perturbed input; got bounds={bounds} with {site=}")
-        self.module, self.site, self.bounds = module, site, bounds
+        self.module = module
+        self.site, self.bounds = check_site(site, bounds)
         self.delta: Tensor | None = None
         self._track = False
         self._init: Callable[[Tensor], Tensor] | None = None

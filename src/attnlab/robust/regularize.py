@@ -110,7 +110,8 @@ class EntropyRegularizer:
     Args:
         weight: the term's weight (> 0).
         target: see :func:`entropy_term`.
-        layers: module names or patterns whose attention counts (default all).
+        layers: a sequence of module names or patterns whose attention counts (default
+            all); a bare str is refused (write ``["layers.0.self_attn"]``).
 
     Example:
         >>> EntropyRegularizer(0.1, layers=["han.word_attention"]).layers
@@ -127,12 +128,24 @@ class EntropyRegularizer:
         self.weight = check_positive("weight", weight)
         if target is not None and not isinstance(target, Tensor):
             check_positive("target", target, zero=True)
-        self.target, self.layers = target, None if layers is None else list(layers)
+        self.target, self.layers = target, _layer_names(layers)
 
     def step(self, model: nn.Module, batch: Any, loss_fn: LossFn) -> Tensor:
         with capture(model, layers=self.layers, grad=True) as cap:
             loss = loss_fn(model, batch)
         return loss + self.weight * entropy_term([c.weights for c in cap], self.target)
+
+
+def _layer_names(layers: object) -> list[str] | None:
+    """``layers`` as a list of module names or patterns; a bare str is refused, not split
+    into its characters."""
+    if layers is None:
+        return None
+    if isinstance(layers, str | Tensor) or not isinstance(layers, Sequence):
+        raise TypeError(f"layers must be a sequence of module names, got {layers!r}")
+    if not all(isinstance(name, str) for name in layers):
+        raise TypeError(f"layers must be a sequence of module names (str), got {layers!r}")
+    return list(layers)
 
 
 class SupervisedAttention:

@@ -1,0 +1,229 @@
+"""attnlab.robust's arguments: random starts on the model's device and dtype (the meta
+device stands in for a GPU), bounds and flags checked when they are given, and a bare str
+refused where a list of layer names is expected. Every refusal has a positive control."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnlab.nn import MultiHeadAttention
+from attnlab.robust import (
+    FGM,
+    PGD,
+    SMART,
+    EntropyRegularizer,
+    FreeLB,
+    Perturbation,
+    pgd_embeddings,
+    pgd_pixels,
+)
+from attnlab.robust.perturb import random_start
+from tests.conftest import check_and_control
+
+NORMS = ["l2", "linf"]
+
+
+def _text_model(device: str) -> tuple[nn.Module, Tensor, Tensor]:
+    """Embedding -> flatten -> linear on ``device``, with a batch of ids and labels."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(5, 3), nn.Flatten(), nn.Linear(6, 2)).to(device)
+    ids = torch.tensor([[1, 2], [3, 4]], device=device)
+    return model, ids, torch.tensor([0, 1], device=device)
+
+
+def _image_model(device: str) -> tuple[nn.Module, Tensor, Tensor]:
+    """Flatten -> linear on 2x2 one-channel images in [0, 1] on ``device``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2)).to(device)
+    x = torch.rand(3, 1, 2, 2).to(device)
+    return model, x, torch.tensor([0, 1, 0], device=device)
+
+
+# ---------------------------------------------------------------------------------------
+# random starts follow the input's device and dtype
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_random_start_follows_device_and_dtype(norm: str, dtype: torch.dtype) -> None:
+    like = torch.zeros(4, 3, 5, dtype=dtype, device="meta")
+    out = random_start(like, 0.5, norm)
+    assert (out.device.type, out.dtype, out.shape) == ("meta", dtype, like.shape)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_random_start_on_cpu_keeps_its_draw_and_ball(norm: str) -> None:
+    like = torch.zeros(4, 3, 5, dtype=torch.float64)
+    torch.manual_seed(7)
+    out = random_start(like, 0.5, norm)
+    torch.manual_seed(7)  # the same draws, written out
+    if norm == "linf":
+        want = torch.empty_like(like).uniform_(-0.5, 0.5)
+    else:
+        g = torch.randn_like(like)
+        radius = 0.5 * torch.rand(4, 1, 1, dtype=torch.float64)
+        want = g / g.flatten(1).norm(dim=1).view(-1, 1, 1) * radius
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=0.0)
+    size = out.flatten(1).norm(dim=1) if norm == "l2" else out.flatten(1).abs().amax(1)
+    assert bool((size <= 0.5).all()) and bool((size > 0).all())
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("norm", NORMS)
+def test_pgd_embeddings_runs_on_the_models_device(device: str, norm: str) -> None:
+    model, ids, y = _text_model(device)
+    p = pgd_embeddings(model, ids, lambda m, b: F.cross_entropy(m(b), y), epsilon=0.5, norm=norm)
+    assert p.delta is not None and p.delta.device.type == device
+    assert p.delta.shape == (2, 2, 3)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("norm", NORMS)
+def test_pgd_pixels_runs_on_the_images_device(device: str, norm: str) -> None:
+    model, x, y = _image_model(device)
+    adv = pgd_pixels(model, x, y, epsilon=0.1, steps=2, norm=norm)
+    assert (adv.device.type, adv.dtype, adv.shape) == (device, x.dtype, x.shape)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("norm", NORMS)
+def test_pgd_and_freelb_plugins_start_on_the_models_device(device: str, norm: str) -> None:
+    model, ids, y = _text_model(device)
+
+    def loss(m: nn.Module, b: Tensor) -> Tensor:
+        return F.cross_entropy(m(b), y)
+
+    pert = PGD(0.5, steps=2, norm=norm).attack(model, ids, loss)
+    assert pert.delta is not None and pert.delta.device.type == device
+    out = FreeLB(0.5, steps=1, norm=norm).step(model, ids, loss)  # random start by default
+    assert out.device.type == device
+
+
+# ---------------------------------------------------------------------------------------
+# bounds: a (low, high) pair with low < high, and only with site="input"
+
+
+@pytest.mark.parametrize("bounds", [(1, 0), (0.5, 0.5), (0.0, float("nan"))])
+def test_pgd_pixels_refuses_bounds_not_low_below_high(bounds: tuple[float, float]) -> None:
+    model, x, y = _image_model("cpu")
+    check_and_control(
+        lambda: pgd_pixels(model, x, y, epsilon=0.1, bounds=bounds),
+        lambda: pgd_pixels(model, x, y, epsilon=0.1, bounds=(0, 1)),
+        ValueError,
+        r"bounds must be \(low, high\) with low < high, got \(",
+    )
+    adv = pgd_pixels(model, x, y, epsilon=0.1, bounds=(0.2, 0.8))
+    assert bool((adv >= 0.2).all()) and bool((adv <= 0.8).all())  # compared in float32
+
+
+@pytest.mark.parametrize("bounds", ["01", b"01", (0,), (0, 1, 2), (0, "1"), (False, True), 1.0])
+def test_bounds_must_be_a_pair_of_numbers(bounds: object) -> None:
+    model, x, y = _image_model("cpu")
+    check_and_control(
+        lambda: pgd_pixels(model, x, y, epsilon=0.1, bounds=bounds),  # type: ignore[arg-type]
+        lambda: pgd_pixels(model, x, y, epsilon=0.1, bounds=[-1, 2]),  # type: ignore[arg-type]
+        TypeError,
+        r"bounds must be a \(low, high\) pair of numbers, got ",
+    )
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda **k: FGM(0.1, **k),
+        lambda **k: PGD(0.1, **k),
+        lambda **k: FreeLB(0.1, **k),
+        lambda **k: SMART(lambda m, b: m(b), **k),
+    ],
+    ids=["FGM", "PGD", "FreeLB", "SMART"],
+)
+def test_adversary_checks_bounds_when_built(make: object) -> None:
+    assert callable(make)
+    check_and_control(
+        lambda: make(bounds=(0, 1)),  # site="output" (the default): bounds clamp nothing
+        lambda: make(site="input", bounds=(0, 1)),
+        ValueError,
+        r"bounds clamp the perturbed input; got bounds=\(0, 1\) with site='output', "
+        r"expected site='input'",
+    )
+    check_and_control(
+        lambda: make(site="input", bounds=(1, 0)),
+        lambda: make(site="input"),
+        ValueError,
+        r"bounds must be \(low, high\) with low < high, got \(1, 0\)",
+    )
+    assert make(site="input", bounds=(0, 1)).bounds == (0.0, 1.0)
+
+
+def test_perturbation_checks_bounds() -> None:
+    emb = nn.Embedding(4, 2)
+    check_and_control(
+        lambda: Perturbation(emb, "input", bounds=(1, 0)),
+        lambda: Perturbation(emb, "input", bounds=(0, 1)),
+        ValueError,
+        r"bounds must be \(low, high\) with low < high",
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# flags are bools
+
+
+@pytest.mark.parametrize("flag", ["random_start", "clean"])
+@pytest.mark.parametrize("value", ["no", 0, None])
+def test_pgd_flags_must_be_bool(flag: str, value: object) -> None:
+    check_and_control(
+        lambda: PGD(0.1, **{flag: value}),  # type: ignore[arg-type]
+        lambda: PGD(0.1, **{flag: False}),  # type: ignore[arg-type]
+        TypeError,
+        rf"{flag} must be a bool, got {type(value).__name__}",
+    )
+    assert getattr(PGD(0.1, **{flag: False}), flag) is False  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------
+# layers: a sequence of module names, not a str
+
+
+class _Attending(nn.Module):
+    """Embedding -> self-attention (named ``mha``) -> mean -> linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.mha, self.head = (
+            nn.Embedding(6, 8),
+            MultiHeadAttention(8, 2),
+            nn.Linear(8, 2),
+        )
+
+    def forward(self, ids: Tensor) -> Tensor:
+        x = self.embed(ids)  # (B, L, D)
+        return self.head((x + self.mha(x)).mean(1))  # (B, 2)
+
+
+def test_entropy_regularizer_refuses_a_bare_str_of_layers() -> None:
+    check_and_control(
+        lambda: EntropyRegularizer(0.1, layers="layers.0.self_attn"),  # type: ignore[arg-type]
+        lambda: EntropyRegularizer(0.1, layers=["layers.0.self_attn"]),
+        TypeError,
+        r"layers must be a sequence of module names, got 'layers.0.self_attn'",
+    )
+    with pytest.raises(TypeError, match=r"layers must be a sequence of module names \(str\)"):
+        EntropyRegularizer(0.1, layers=["mha", 0])  # type: ignore[list-item]
+    assert EntropyRegularizer(0.1, layers=("mha",)).layers == ["mha"]
+
+
+def test_entropy_regularizer_with_named_layers_steps() -> None:
+    torch.manual_seed(0)
+    model, ids, y = _Attending(), torch.tensor([[1, 2, 3], [4, 5, 1]]), torch.tensor([0, 1])
+
+    def loss(m: nn.Module, b: Tensor) -> Tensor:
+        return F.cross_entropy(m(b), y)
+
+    out = EntropyRegularizer(0.1, layers=["mha"]).step(model, ids, loss)
+    assert float(out.detach()) < float(
+        loss(model, ids).detach()
+    )  # minus 0.1 * a positive mean entropy
