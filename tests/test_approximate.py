@@ -548,6 +548,21 @@ def test_linformer_errors() -> None:
         ValueError,
         r"sharing='layer' is not one of \('none', 'headwise', 'kv'\)",
     )
+    x = torch.randn(2, 6, 8)
+    check_and_control(  # a bool tensor mask: an AttributeError on .lengths() before
+        lambda: attn(x, mask=torch.ones(6, 6, dtype=torch.bool)),  # type: ignore[arg-type]
+        lambda: attn(x, mask=M.padding([4, 6])),
+        TypeError,
+        r"Linformer takes mask=None or masks.padding\(...\) only, got Tensor",
+    )
+    check_and_control(  # one length for a batch of 2 was applied to both rows
+        lambda: attn(x, mask=M.padding([4])),
+        lambda: attn(x[:1], mask=M.padding([4])),
+        ValueError,
+        "mask=padding\\(...\\) holds 1 lengths but the batch size is 2",
+    )
+    with pytest.raises(TypeError, match="max_len must be a positive int, got True"):
+        LinformerAttention(8, 2, max_len=True)  # type: ignore[arg-type]
 
 
 # -- the ListOps generator of the accuracy benchmark ----------------------------------

@@ -26,6 +26,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from attnlab._validate import positive_int
 from attnlab.engines.approximate import padding_validity
 from attnlab.functional import AttentionOutput, attention
 from attnlab.masks import Mask
@@ -69,7 +70,8 @@ def linformer_attention(
         >>> torch.allclose(linformer_attention(q, k, v, eye, eye), attnlab.attention(q, k, v))
         True
     """
-    key_valid, query_valid = _padding(mask, k.shape[2], q.shape[2], q.device)
+    batch = max(q.shape[0], k.shape[0])  # a batch of 1 broadcasts
+    key_valid, query_valid = _padding(mask, batch, k.shape[2], q.shape[2], q.device)
     kp = _project(k, proj_k, key_valid, "proj_k")  # (B, Hkv, P, E)
     vp = _project(v, proj_v, key_valid, "proj_v")  # (B, Hkv, P, Ev)
     res = attention(q, kp, vp, dropout_p=dropout_p, engine=engine, return_weights=return_weights)
@@ -96,16 +98,21 @@ def _project(x: Tensor, proj: Tensor, valid: Tensor | None, name: str) -> Tensor
 
 
 def _padding(
-    mask: Mask | None, lk: int, lq: int, device: torch.device
+    mask: Mask | None, batch: int, lk: int, lq: int, device: torch.device
 ) -> tuple[Tensor | None, Tensor | None]:
     """Key and query validity ``(B, 1, L, 1)`` of a padding mask (None: no mask)."""
     if mask is None:
         return None, None
+    if not isinstance(mask, Mask):
+        raise TypeError(
+            f"Linformer takes mask=None or masks.padding(...) only, got {type(mask).__name__}"
+        )
     if mask.lengths() is None:
         raise ValueError(
             f"Linformer takes mask=None or masks.padding(...) only, got {mask!r}: its keys "
             f"are projected to mixtures of positions, so a per-pair mask has no meaning"
         )
+    mask.check(batch=batch, heads=1, lq=lq, lk=lk)  # one length per batch item
     return padding_validity(mask, lq, lk, device)
 
 
@@ -227,11 +234,9 @@ def _length_projection(shape: tuple[int, ...]) -> nn.Parameter:
 
 def _check_args(d: int, h: int, max_len: int, proj_dim: int, sharing: str) -> None:
     for name, val in (("embed_dim", d), ("num_heads", h), ("max_len", max_len)):
-        if not isinstance(val, int) or val <= 0:
-            raise ValueError(f"{name} must be a positive int, got {val!r}")
+        positive_int(name, val)
     if d % h:
         raise ValueError(f"embed_dim={d} is not divisible by num_heads={h}")
-    if not isinstance(proj_dim, int) or proj_dim <= 0:
-        raise ValueError(f"proj_dim must be a positive int, got {proj_dim!r}")
+    positive_int("proj_dim", proj_dim)
     if sharing not in SHARING:
         raise ValueError(f"sharing={sharing!r} is not one of {SHARING}")
