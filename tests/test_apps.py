@@ -244,6 +244,26 @@ def test_vectors_from_another_build_are_not_trusted(folder: Path, tmp_path: Path
     torch.testing.assert_close(again.vectors, index.vectors, atol=1e-6, rtol=0)
 
 
+def test_an_index_from_other_weights_of_the_same_shape_is_rebuilt(
+    folder: Path, tmp_path: Path, enc
+) -> None:
+    """A fine-tuned copy of the model (same sizes, other weights) re-embeds everything;
+    its name used to hold only the sizes, so the other model's vectors were reused."""
+    import copy
+
+    docs = load_documents(folder)
+    first = build_index(docs, enc, tmp_path / "ix")
+    tuned = copy.deepcopy(enc)
+    with torch.no_grad():
+        tuned.bert.layers[0].ff.linear1.weight.mul_(1.5)
+    again = build_index(docs, tuned, tmp_path / "ix")
+    assert again.embedded == len(first.sentences)  # rebuilt, not reused
+    fresh = build_index(docs, tuned, None)
+    torch.testing.assert_close(again.vectors, fresh.vectors, atol=1e-6, rtol=0)
+    assert (again.vectors - first.vectors).abs().max() > 1e-3  # the control: they differ
+    assert build_index(docs, tuned, tmp_path / "ix").embedded == 0  # then reused
+
+
 def test_incremental_rebuild_equals_full_build(folder: Path, tmp_path: Path, enc) -> None:
     cache = tmp_path / "ix"
     first = build_index(load_documents(folder), enc, cache)
@@ -391,3 +411,14 @@ def test_html_report_escapes_text_and_shades_every_word(tmp_path: Path, enc) -> 
     assert "<b>finally" not in page and "&lt;b&gt;finally" in page and "doc&lt;1&gt;" in page
     words = [w for w in a.matches.question + a.matches.passage if w not in ("[CLS]", "[SEP]")]
     assert page.count('class="w"') == len(words)  # one shaded span per word
+
+
+def test_a_byte_order_mark_does_not_hide_a_heading(tmp_path: Path) -> None:
+    """A UTF-8 file that starts with a BOM reads as the same text without it (the BOM
+    turned "# Title" into a sentence and lost the section)."""
+    (tmp_path / "bom.md").write_bytes(b"\xef\xbb\xbf# Title\n\nSome prose here. More prose.\n")
+    (tmp_path / "plain.md").write_bytes(b"# Title\n\nSome prose here. More prose.\n")
+    bom, plain = load_documents([tmp_path / "bom.md", tmp_path / "plain.md"])
+    assert bom.text == plain.text
+    got = [(s.text, s.section) for s in split_document(bom)]
+    assert got == [("Some prose here.", "Title"), ("More prose.", "Title")]

@@ -48,7 +48,9 @@ BAD: list[tuple[str, int, str]] = [
     ("train dates --seed -3", 2, "argument --seed: must be an int >= 0, got '-3'"),
     ("train dates --time-limit 0", 2, "argument --time-limit: must be a number > 0"),
     ("train dates --target inf", 2, "argument --target: must be a finite number, got 'inf'"),
-    ("train dates --threads 0", 2, "argument --threads: must be an int >= 1, got '0'"),
+    # 5000 threads crashed torch (a segfault, no message)
+    ("train dates --threads 5000", 2, "argument --threads: must be an int in [1, 256], got '5000'"),
+    ("train dates --threads 0", 2, "argument --threads: must be an int in [1, 256], got '0'"),
     ("train nosuchtask", 2, "argument task: invalid choice: 'nosuchtask'"),
     ("train dates --out {file}/sub", 2, "argument --out: cannot create '{file}/sub'"),
     ("train dates --out {file}", 2, "argument --out: '{file}' is a file, not a folder"),
@@ -99,6 +101,10 @@ BAD: list[tuple[str, int, str]] = [
     ("ask why --top 0", 2, "argument --top: must be an int in [1, 50], got '0'"),
     ("ask why --docs {empty}", 2, "argument --docs: the folder '{empty}' holds no text files"),
     ("ask why --docs {tmp}/nowhere", 2, "argument --docs: '{tmp}/nowhere' does not exist"),
+    # a file and its folder: a ValueError after the model had loaded
+    ("ask why --docs {docs} {docs}/a.txt", 2, "argument --docs: names '{docs}/a.txt' more than"),
+    # only code: a RuntimeError from an empty index
+    ("ask why --docs {code}", 2, "argument --docs: the documents hold no prose sentences"),
     ("ask why --out {empty}", 2, "argument --out: '{empty}' is a folder; give a file"),
     ("summarize {empty}", 2, "argument FILE: '{empty}' is a folder; give one text file"),
     ("summarize {tmp}/nowhere", 2, "argument FILE: '{tmp}/nowhere' does not exist"),
@@ -133,7 +139,11 @@ def places(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
         Checkpoint(torch.nn.Linear(2, 2).state_dict(), {"task": "vision"}),
     )
     (tmp_path / "corrupt" / "last.safetensors").write_bytes(good.read_bytes()[:40])
-    names = ("file", "empty", "corrupt", "other")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("Cats purr. Dogs bark.\n")
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "only.md").write_text("```\nx = 1\n```\n")
+    names = ("file", "empty", "corrupt", "other", "docs", "code")
     return {"tmp": str(tmp_path)} | {n: str(tmp_path / n) for n in names}
 
 

@@ -262,6 +262,19 @@ def test_cli_embed_prints_the_cosine_matrix(
     torch.testing.assert_close(torch.tensor(values), reference[i], rtol=0, atol=1e-4)
 
 
+def test_cli_embed_prints_a_width_that_is_not_a_multiple_of_8(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Eight values a line, the last line shorter (36 dims crashed on ``view(-1, 8)``)."""
+    want = torch.linspace(-1, 1, 36)
+    monkeypatch.setattr(SentenceEncoder, "encode", lambda self, texts, **kw: want[None])
+    assert main(["embed", "hi"]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert [len(line.split()) for line in lines] == [8, 8, 8, 8, 4]
+    got = torch.tensor([float(x) for line in lines for x in line.split()])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
 def test_cli_attend_names_the_most_attended_tokens(capsys: pytest.CaptureFixture[str]) -> None:
     text = "The cat sat on the mat."
     assert main(["attend", text, "--layer", "2", "--head", "5"]) == 0

@@ -211,6 +211,8 @@ def ask(
     enc = encoder or SentenceEncoder.from_pretrained()
     folder = default_cache(docs) if cache is None else cache
     index = build_index(documents, enc, folder, progress=progress)
+    if not index.sentences:
+        raise ValueError("docs: the documents hold no prose sentences (empty, or only code)")
     answers = Asker(index, enc).rank(question, top)
     if explain:
         for a in answers:

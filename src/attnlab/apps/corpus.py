@@ -239,7 +239,7 @@ def _read_text(path: Path) -> str:
     if b"\x00" in raw[:8192]:
         raise ValueError(f"docs: {str(path)!r} is a binary file; give text files")
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")  # a byte-order mark is not text (it hid a heading)
     except UnicodeDecodeError as e:
         raise ValueError(f"docs: {str(path)!r} is not UTF-8 text ({e.reason} at {e.start})") from e
 

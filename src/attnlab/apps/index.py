@@ -89,8 +89,15 @@ def default_cache(docs: str | Path | Sequence[str | Path]) -> Path:
 
 
 def _model_name(enc: SentenceEncoder) -> str:
+    """The encoder's shape and a digest of its weights: a fine-tuned copy of the same
+    shape is another model, whose vectors the index must not reuse."""
     c = enc.bert.config
-    return f"{enc.config.pooling}-{c.hidden_size}x{c.num_hidden_layers}-{c.vocab_size}"
+    h = hashlib.sha256()
+    for name, t in sorted(enc.bert.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    shape = f"{enc.config.pooling}-{c.hidden_size}x{c.num_hidden_layers}-{c.vocab_size}"
+    return f"{shape}-{h.hexdigest()[:16]}"
 
 
 def load_index(folder: str | Path) -> Index | None:
@@ -193,7 +200,7 @@ def build_index(
         parts.append(v)
     index = Index(sentences, torch.cat(parts), {d.name: d.digest for d in docs}, model, len(texts))
     changed = old is None or fresh or set(old.digests) != set(index.digests)
-    if folder is not None and changed:
+    if folder is not None and changed and sentences:  # nothing to keep from no prose
         _save(index, Path(folder))
     return index
 

@@ -51,10 +51,16 @@ def _progress(done: int, total: int) -> None:
 
 
 def _documents(docs: list[str]) -> list[Document]:
+    """The documents, checked before the model loads: readable and each named once."""
     try:
-        return load_documents(docs)
+        found = load_documents(docs)
     except ValueError as e:
         raise UsageError("--docs", str(e).removeprefix("docs: ")) from None
+    names = [d.name for d in found]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UsageError("--docs", f"names {twice[0]!r} more than once (a file and its folder?)")
+    return found
 
 
 def _print_answer(rank: int, a: Answer) -> None:
@@ -90,15 +96,20 @@ def run_ask(args: argparse.Namespace) -> int:
     enc, _ = load_encoder(args.model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        answers = ask(
-            question,
-            args.docs,
-            top=args.top,
-            encoder=enc,
-            cache=cache,
-            explain=not args.no_explain,
-            progress=_progress,
-        )
+        try:
+            answers = ask(
+                question,
+                args.docs,
+                top=args.top,
+                encoder=enc,
+                cache=cache,
+                explain=not args.no_explain,
+                progress=_progress,
+            )
+        except ValueError as e:  # the documents' own problem (no prose): a usage error
+            if not str(e).startswith("docs: "):
+                raise
+            raise UsageError("--docs", str(e).removeprefix("docs: ")) from None
     for message in dict.fromkeys(str(w.message) for w in caught):
         warn(args, message)
     for i, a in enumerate(answers):

@@ -61,8 +61,9 @@ def run_embed(args: argparse.Namespace) -> int:
         print(json.dumps([[round(x, 7) for x in row] for row in emb.tolist()]))
     elif len(args.texts) == 1:
         print(f"embedding of 1 text ({name}, {emb.shape[1]} dims):")
-        for row in emb[0].view(-1, 8).tolist():
-            print(" ".join(f"{x:8.4f}" for x in row))
+        values = emb[0].tolist()
+        for i in range(0, len(values), 8):  # eight a line; the last may hold fewer
+            print(" ".join(f"{x:8.4f}" for x in values[i : i + 8]))
     else:
         _print_similarity(args.texts, emb, name)
     return 0

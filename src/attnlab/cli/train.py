@@ -39,6 +39,7 @@ _OVERRIDES = (
 )
 
 
+MAX_THREADS = 256  # --threads at most
 TARGET_HELP = (
     "stop once an eval line's score reaches this: accuracies and success rates are "
     "fractions (0.9), generation's is 1/perplexity, the generative tasks' -Frechet"
@@ -59,7 +60,9 @@ def add_parsers(sub: Any) -> None:
     t.add_argument("--seed", type=int_in(0), default=None)
     t.add_argument("--time-limit", type=above0, default=None, help="seconds of training")
     t.add_argument("--target", type=float_in(), default=None, help=TARGET_HELP)
-    t.add_argument("--threads", type=positive, default=None, help="torch threads (task default)")
+    t.add_argument(  # far more threads than cores only thrashes; thousands crash torch
+        "--threads", type=int_in(1, MAX_THREADS), default=None, help="torch threads (task default)"
+    )
     t.add_argument("--out", default=None, help="checkpoints and report (runs/TASK)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
     t.add_argument("--no-progress", action="store_true")
