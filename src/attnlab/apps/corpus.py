@@ -268,7 +268,8 @@ def load_documents(docs: str | Path | Sequence[str | Path]) -> list[Document]:
 
     Raises:
         ValueError: a path that does not exist or cannot be read, a binary or non-UTF-8
-            file, a folder without text files, or no documents at all.
+            file, a folder without text files, a document named twice (a file and its
+            folder), or no documents at all.
 
     Example:
         >>> len(load_documents("pydoc")) > 70
@@ -286,4 +287,9 @@ def load_documents(docs: str | Path | Sequence[str | Path]) -> list[Document]:
         out += [Document(str(p), _read_text(p)) for p in _files(Path(item))]
     if not any(d.text.strip() for d in out):
         raise ValueError(f"docs: every document is empty ({len(out)} files)")
+    seen: set[str] = set()
+    for d in out:  # names key the index: each document once
+        if d.name in seen:
+            raise ValueError(f"docs: names {d.name!r} more than once (a file and its folder?)")
+        seen.add(d.name)
     return out

@@ -51,16 +51,10 @@ def _progress(done: int, total: int) -> None:
 
 
 def _documents(docs: list[str]) -> list[Document]:
-    """The documents, checked before the model loads: readable and each named once."""
     try:
-        found = load_documents(docs)
+        return load_documents(docs)
     except ValueError as e:
         raise UsageError("--docs", str(e).removeprefix("docs: ")) from None
-    names = [d.name for d in found]
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise UsageError("--docs", f"names {twice[0]!r} more than once (a file and its folder?)")
-    return found
 
 
 def _print_answer(rank: int, a: Answer) -> None:
