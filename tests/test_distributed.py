@@ -9,6 +9,7 @@ fp64), so one spawn covers the whole matrix of masks, biases and layouts.
 from __future__ import annotations
 
 import itertools
+import os
 import re
 from collections.abc import Callable
 
@@ -417,3 +418,18 @@ def _broadcast(rank: int, world: int) -> dict[str, float]:
 def test_a_batch_of_one_broadcasts_as_in_one_process() -> None:
     for errs in run_local(_broadcast, 2, timeout=120):
         assert all(e < 1e-12 for e in errs.values()), errs
+
+
+def _mark(rank: int, world: int) -> str | None:
+    return os.environ.get("ATTNLAB_TEST_MARK")
+
+
+def test_ranks_see_the_callers_environment_as_it_is_at_the_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The ranks fork from a server started at the first call; the environment they run
+    under is still the caller's at each call."""
+    monkeypatch.delenv("ATTNLAB_TEST_MARK", raising=False)
+    assert run_local(_mark, 2, timeout=60) == [None, None]
+    monkeypatch.setenv("ATTNLAB_TEST_MARK", "set later")
+    assert run_local(_mark, 2, timeout=60) == ["set later", "set later"]

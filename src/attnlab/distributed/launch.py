@@ -34,11 +34,13 @@ def _child(
     threads: int,
     timeout: float,
     backend: str,
+    env: dict[str, str],
     fn: Callable[..., Any],
     args: tuple[Any, ...],
     out: Any,
 ) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.clear()  # the caller's environment now, not the forkserver's at its start
+    os.environ.update(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
     try:
         if backend == "nccl":  # one GPU per rank
@@ -73,6 +75,12 @@ def run_local(
     seconds is killed and raises ``TimeoutError`` (collectives time out too, so no rank
     waits forever).
 
+    Ranks start from a forkserver that imports torch and ``attnlab.distributed`` once per
+    calling process (where the platform has one; else they are spawned), so a call after
+    the first starts its ranks in well under a second. Each rank gets the caller's
+    environment as it is at the call, but what torch reads as it is imported (such as
+    ``ATEN_CPU_CAPABILITY``) is as it was at the first call.
+
     Example:
         >>> run_local(_rank_times_two, 2, timeout=60)
         [0, 2]
@@ -84,10 +92,10 @@ def run_local(
             f"backend='nccl' needs one GPU per rank: world={world}, "
             f"{torch.cuda.device_count()} GPU(s) visible"
         )
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     out = ctx.Queue()
     port = free_port()
-    conf = (port, threads, timeout, backend)
+    conf = (port, threads, timeout, backend, dict(os.environ))
     procs = [
         ctx.Process(target=_child, args=(r, world, *conf, fn, args, out)) for r in range(world)
     ]
@@ -112,6 +120,17 @@ def run_local(
     if errors:
         raise RuntimeError("\n".join(f"rank {r}: {v}" for r, v in sorted(errors.items())))
     return [pickle.loads(results[r][1]) for r in range(world)]  # our own ranks pickled these
+
+
+def _context() -> Any:
+    """A forkserver that has imported torch and attnlab once (each rank then starts in
+    well under a second, where a spawned one imports torch again); spawn where there is
+    no forkserver (Windows)."""
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "attnlab.distributed"])
+    return ctx
 
 
 def _rank_times_two(rank: int, world: int) -> int:
