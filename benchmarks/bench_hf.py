@@ -171,8 +171,9 @@ def memory_case(args: argparse.Namespace) -> list[dict]:
     implementation in a fresh process: once with glibc's defaults, and once with its mmap
     threshold fixed at 128 KiB (``MALLOC_MMAP_THRESHOLD_``), so that freed activations go
     back to the OS at once and the peak shows what is alive rather than the heap's
-    fragmentation."""
-    return [_memory_row(args, allocator) for allocator in ("default", "mmap_128k")]
+    fragmentation. ``--smoke`` measures the second setting only."""
+    allocators = ("mmap_128k",) if args.smoke else ("default", "mmap_128k")  # 3 processes each
+    return [_memory_row(args, allocator) for allocator in allocators]
 
 
 _MEMORY_CODE = (
