@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnlab._io import decode_text
 from attnlab.apps.corpus import Sentence, load_documents
 from attnlab.apps.index import Index, Progress, build_index, default_cache
 from attnlab.apps.lexical import BM25, words
@@ -121,7 +122,8 @@ class Asker:
         self.index, self.enc, self.weights = index, enc, weights or Weights()
         self.bm25 = BM25([words(s.text) for s in index.sentences])
         self.context = _context_vectors(index)  # (N, D)
-        heads = [f"{s.doc}: {s.section}" for s in index.sentences]
+        # a name from a file name that is not UTF-8 holds surrogates: read them as U+FFFD
+        heads = [decode_text(f"{s.doc}: {s.section}")[0] for s in index.sentences]
         unique = sorted(set(heads))
         vecs = enc.encode(unique) if unique else torch.empty(0, enc.dim)  # (T, D)
         where = {h: i for i, h in enumerate(unique)}

@@ -36,6 +36,7 @@ __all__ = [
     "SUFFIXES",
     "Document",
     "Sentence",
+    "document_files",
     "load_documents",
     "split_document",
     "split_sentences",
@@ -250,6 +251,11 @@ def _files(path: Path) -> list[Path]:
         raise ValueError(f"docs: {str(path)!r} does not exist")
     if path.is_file():
         return [path]
+    if not path.is_dir():  # os.access would call a FIFO "permission denied"
+        raise ValueError(
+            f"docs: {str(path)!r} is not a regular file or folder (a pipe, device or "
+            "socket); save the text to a file and give that"
+        )
     if not os.access(path, os.R_OK | os.X_OK):
         raise ValueError(f"docs: {str(path)!r} cannot be read (permission denied)")
     found = sorted(p for p in path.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file())
@@ -263,11 +269,31 @@ def _files(path: Path) -> list[Path]:
     return found
 
 
+def _path(item: str | Path) -> Path:
+    """``item`` as a path; the empty string (which ``Path`` reads as ".") is a ValueError."""
+    if isinstance(item, str) and not item:
+        raise ValueError("docs: an empty path was given; give files, folders or 'pydoc'")
+    return Path(item)
+
+
+def document_files(docs: str | Path | Sequence[str | Path]) -> list[Path]:
+    """The files that :func:`load_documents` reads for ``docs`` (``"pydoc"`` names none),
+    e.g. to refuse an output that would overwrite one of them.
+
+    Example:
+        >>> document_files("pydoc")
+        []
+    """
+    items = [docs] if isinstance(docs, str | Path) else list(docs)
+    return [p for item in items if str(item) != "pydoc" for p in _files(_path(item))]
+
+
 def load_documents(docs: str | Path | Sequence[str | Path]) -> list[Document]:
     """The documents that ``docs`` names: ``"pydoc"``, or paths to files and folders.
 
     Raises:
-        ValueError: a path that does not exist or cannot be read, a binary or non-UTF-8
+        ValueError: a path that is empty, does not exist, cannot be read or is not a
+            regular file or folder (a pipe, such as ``/dev/stdin``), a binary or non-UTF-8
             file, a folder without text files, a document named twice (a file and its
             folder), or no documents at all.
 
@@ -284,7 +310,7 @@ def load_documents(docs: str | Path | Sequence[str | Path]) -> list[Document]:
         if str(item) == "pydoc":
             out += pydoc_documents()
             continue
-        out += [Document(str(p), _read_text(p)) for p in _files(Path(item))]
+        out += [Document(str(p), _read_text(p)) for p in _files(_path(item))]
     if not any(d.text.strip() for d in out):
         raise ValueError(f"docs: every document is empty ({len(out)} files)")
     seen: set[str] = set()

@@ -44,7 +44,7 @@ from attnlab._io import atomic_write, atomic_write_text
 from attnlab.apps.corpus import Document, Sentence, split_document
 from attnlab.models import SentenceEncoder
 
-__all__ = ["FORMAT", "Index", "build_index", "default_cache", "load_index"]
+__all__ = ["FORMAT", "Index", "build_index", "default_cache", "embed", "load_index"]
 
 FORMAT = 3  # bump when the splitter or the file layout changes: every index rebuilds
 Progress = Callable[[int, int], None]
@@ -131,18 +131,22 @@ def _save(index: Index, folder: Path) -> None:
     raw = save({"vectors": index.vectors.contiguous()})
     meta = {"format": FORMAT, "model": index.model, "vectors_sha256": _sha(raw), "docs": docs}
     atomic_write(folder / "index.safetensors", lambda t: Path(t).write_bytes(raw), mode=0o644)
-    atomic_write_text(folder / "index.json", json.dumps(meta, ensure_ascii=False))
+    # ASCII: a document name from a file name that is not UTF-8 holds lone surrogates,
+    # which UTF-8 cannot write but JSON's \uXXXX escapes carry there and back exactly
+    atomic_write_text(folder / "index.json", json.dumps(meta, ensure_ascii=True))
 
 
 def _sha(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
-def _embed(
-    enc: SentenceEncoder, texts: list[str], progress: Progress | None, batch: int = 256
+def embed(
+    enc: SentenceEncoder, texts: list[str], progress: Progress | None = None, batch: int = 256
 ) -> Tensor:
-    """``(len(texts), D)`` unit vectors, reporting ``progress(done, total)``; one warning
-    names how many texts were longer than the encoder reads (their first tokens count)."""
+    """``(len(texts), D)`` unit vectors, reporting ``progress(done, total)`` after each
+    batch; one warning names how many texts were longer than the encoder reads (their
+    first tokens count). The index and :func:`attnlab.apps.summarize.summarize` embed
+    with it."""
     parts = [torch.empty(0, enc.dim)]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*exceed max_seq_length")
@@ -187,7 +191,7 @@ def build_index(
     fresh = [d for d in docs if old is None or old.digests.get(d.name) != d.digest]
     new_sents = {d.name: split_document(d) for d in fresh}
     texts = [s.text for d in fresh for s in new_sents[d.name]]
-    vecs = _embed(enc, texts, progress) if texts else torch.empty(0, enc.dim)
+    vecs = embed(enc, texts, progress) if texts else torch.empty(0, enc.dim)
     new_rows, start = {}, 0
     for d in fresh:
         n = len(new_sents[d.name])

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from html import escape
 from pathlib import Path
 
-from attnlab._io import atomic_write_text
+from attnlab._io import atomic_write_text, decode_text
 from attnlab.apps.ask import Answer
 from attnlab.apps.summarize import Summary
 
@@ -78,7 +78,7 @@ def answers_html(question: str, answers: Sequence[Answer], out: str | Path) -> P
         f"<!doctype html><meta charset=utf-8><title>attnlab ask</title><style>{_STYLE}</style>"
         f"<h1>{escape(question)}</h1>{body}"
     )
-    return atomic_write_text(out, page)
+    return _write(out, page)
 
 
 def summary_html(summary: Summary, out: str | Path, title: str = "attnlab summarize") -> Path:
@@ -96,4 +96,10 @@ def summary_html(summary: Summary, out: str | Path, title: str = "attnlab summar
         f"<!doctype html><meta charset=utf-8><title>{escape(title)}</title><style>{_STYLE}</style>"
         f"<h1>{escape(title)}</h1><p>{' '.join(parts)}</p>"
     )
-    return atomic_write_text(out, page)
+    return _write(out, page)
+
+
+def _write(out: str | Path, page: str) -> Path:
+    """Write ``page`` atomically, a name from a file name that is not UTF-8 (lone
+    surrogates, which UTF-8 cannot write) shown with U+FFFD."""
+    return atomic_write_text(out, decode_text(page)[0])

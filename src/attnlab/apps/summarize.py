@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from attnlab.apps.corpus import Document, split_document
+from attnlab.apps.index import Progress, embed
 from attnlab.models import SentenceEncoder
 
 __all__ = ["Summary", "centrality", "summarize"]
@@ -86,6 +87,7 @@ def summarize(
     damping: float = 0.85,
     position: float = 1.0,
     redundancy: float = 0.9,
+    progress: Progress | None = None,
 ) -> Summary:
     """The ``sentences`` most central sentences of ``text`` (see the module docstring).
 
@@ -96,6 +98,7 @@ def summarize(
         damping: PageRank's damping factor, in ``(0, 1)``.
         position: how strongly restarts favour early sentences (0: not at all).
         redundancy: the largest cosine allowed between two chosen sentences.
+        progress: ``progress(done, total)`` while sentences are embedded.
     """
     if isinstance(sentences, bool) or not isinstance(sentences, int) or sentences < 1:
         raise ValueError(f"sentences must be a positive int, got {sentences!r}")
@@ -110,6 +113,6 @@ def summarize(
     if not sents:
         raise ValueError("text has no prose sentences to summarize (empty, or only code)")
     enc = encoder or SentenceEncoder.from_pretrained()
-    vecs = enc.encode(sents)  # (n, D)
+    vecs = embed(enc, sents, progress)  # (n, D)
     sal = centrality(vecs, damping, position)
     return Summary(sents, sal.tolist(), _pick(vecs, sal, sentences, redundancy))

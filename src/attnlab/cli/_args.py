@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from attnlab._io import decode_text
@@ -26,12 +26,15 @@ from attnlab.cli._errors import UsageError, warn
 
 __all__ = [
     "check_in_folder",
+    "check_not_empty",
+    "check_not_input",
     "check_out_file",
     "check_out_folder",
     "clean_text",
     "float_in",
     "int_in",
     "names_in",
+    "shown",
 ]
 
 
@@ -101,6 +104,31 @@ def clean_text(args: argparse.Namespace, name: str, text: str) -> str:
     if replaced:
         warn(args, f"{name} is not valid UTF-8; the undecodable bytes were replaced by U+FFFD")
     return fixed
+
+
+def shown(text: object) -> str:
+    """``str(text)`` as it can be printed: a path from a file name that is not UTF-8
+    holds lone surrogates, which a UTF-8 stdout refuses; they show as U+FFFD."""
+    return decode_text(str(text))[0]
+
+
+def check_not_empty(argument: str, text: str) -> str:
+    """``text`` unless it is empty (``Path("")`` would quietly mean the current folder)."""
+    if not text:
+        raise UsageError(argument, "is an empty string; give a path")
+    return text
+
+
+def check_not_input(argument: str, out: Path, inputs: Iterable[Path]) -> None:
+    """Refuse an output file ``out`` that is one of the ``inputs`` (the same file, by
+    any path or link): writing it would replace what the command reads."""
+    if not out.exists():
+        return
+    for p in inputs:
+        if os.path.samefile(out, p):
+            same = "" if str(p) == str(out) else f" (the same file as {str(p)!r})"
+            msg = f"{str(out)!r} is an input{same}; writing it would replace it: give another file"
+            raise UsageError(argument, msg)
 
 
 def check_out_folder(argument: str, path: str | Path) -> Path:

@@ -26,6 +26,7 @@ import signal
 import sys
 import threading
 import traceback
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -34,7 +35,7 @@ from typing import Any, NoReturn
 from attnlab._io import LockedError, WriteError
 from attnlab.train import CheckpointError
 
-__all__ = ["Parser", "UsageError", "debug_wanted", "run_command", "warn"]
+__all__ = ["Parser", "UsageError", "debug_wanted", "run_command", "warn", "warnings_as_lines"]
 
 USAGE, FAILURE = 2, 1
 
@@ -73,6 +74,18 @@ def debug_wanted(args: argparse.Namespace) -> bool:
 def warn(args: argparse.Namespace, message: str) -> None:
     """One warning line on stderr, prefixed with the command."""
     print(f"attnlab {getattr(args, 'command', '')}: warning: {message}", file=sys.stderr)
+
+
+@contextmanager
+def warnings_as_lines(args: argparse.Namespace) -> Iterator[None]:
+    """Record the Python warnings raised in the block (a text cut to the model's length,
+    ...) and print each distinct message once after it, as a :func:`warn` line, not in
+    Python's two-line ``file:line: UserWarning`` format."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for message in dict.fromkeys(str(w.message) for w in caught):
+        warn(args, message)
 
 
 def run_command(args: argparse.Namespace) -> int:

