@@ -37,11 +37,13 @@ import attnlab.engines
 from attnlab import bias as B
 from attnlab import masks as M
 from attnlab._validate import positive_int
+from attnlab.functional import unsupported_by
 
 __all__ = [
     "CASES",
     "MODES",
     "BenchConfig",
+    "check_cases",
     "check_device",
     "doc_ids",
     "interleaved_ms",
@@ -238,15 +240,58 @@ def records(
         >>> [(r["case"], r["n"]) for r in records(cfg, ["causal"])]
         [('causal', 256)]
     """
-    bad = [c for c in cases if c not in CASES]
-    if isinstance(cases, str) or bad:
-        raise ValueError(f"cases must be a list of names from {CASES}, got {cases!r}")
+    check_cases(cfg, cases, memory=memory)
     torch.manual_seed(0)
     if memory:
         yield memory_probe(cfg)
         return
     for name in cases:
         yield from run_case(name, cfg)
+
+
+def check_cases(cfg: BenchConfig, cases: Sequence[str] = CASES, *, memory: bool = False) -> None:
+    """``ValueError`` before any work if a case is unknown or ``cfg.engine`` cannot compute
+    a case and mode that the run would time (with ``memory``: the probe's window case,
+    forward+backward). Asked of the engine on tiny inputs of the run's device and dtype.
+
+    Example:
+        >>> check_cases(BenchConfig(engine="linear"), ["causal"])  # linear does causal
+        >>> check_cases(BenchConfig(engine="linear"), ["window"])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ValueError: engine 'linear' cannot time case 'window' (fwd): linear supports ...
+    """
+    bad = [c for c in cases if c not in CASES]
+    if isinstance(cases, str) or bad:
+        raise ValueError(f"cases must be a list of names from {CASES}, got {cases!r}")
+    if cfg.engine == "auto":  # auto falls back to the reference engine
+        return
+    wanted = [("window", "fwd+bwd")] if memory else [(c, m) for c in cases for m in cfg.modes]
+    for name, mode in wanted:
+        why = _unsupported(cfg.engine, name, mode, cfg)
+        if why is not None:
+            what = (
+                "the memory probe (case 'window', fwd+bwd)" if memory else f"case {name!r} ({mode})"
+            )
+            raise ValueError(
+                f"engine {cfg.engine!r} cannot time {what}: {why}; "
+                f"engines that can: {', '.join(['auto', *_able(name, mode, cfg)])}"
+            )
+
+
+def _able(name: str, mode: str, cfg: BenchConfig) -> list[str]:
+    """The engines that can compute case ``name`` in ``mode``."""
+    engines = attnlab.engines.available_engines()
+    return [e for e in engines if _unsupported(e, name, mode, cfg) is None]
+
+
+def _unsupported(engine: str, name: str, mode: str, cfg: BenchConfig) -> str | None:
+    """Why ``engine`` cannot compute case ``name`` in ``mode`` (tiny inputs), or None."""
+    n = min(cfg.n, 64)
+    mask, bias = make_case(name, n, cfg.heads, cfg.window)
+    shape, grad = (1, cfg.heads, n, cfg.dim), mode == "fwd+bwd"
+    q = torch.zeros(shape, device=cfg.device, dtype=DTYPES[cfg.dtype], requires_grad=grad)
+    with torch.enable_grad():
+        return unsupported_by(engine, q, q, q, mask=mask, bias=bias)
 
 
 def run_case(name: str, cfg: BenchConfig) -> list[dict[str, Any]]:
@@ -313,12 +358,35 @@ def _with_backward(fn: Callable[[], Tensor]) -> Callable[[], None]:
 
 
 def matmul_gflops(
-    size: int = 2048, device: str = "cpu", dtype: torch.dtype = torch.float32
+    size: int = 2048,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    *,
+    budget_s: float = 2.0,
 ) -> float:
     """Matmul throughput of this device now, in ``dtype`` (the roofline of the efficiency
-    figure)."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    return 2 * size**3 / timeit(synced(lambda: a @ a, device), 3) / 1e6
+    figure), measured on square matrices of at most ``size``.
+
+    The size doubles from 128 while the timing at the next size fits in ``budget_s``
+    seconds, so a dtype this device runs slowly (bfloat16 on many CPUs: a 2048 matmul
+    takes over 10 s) is measured on smaller matrices in seconds, not minutes.
+
+    Example:
+        >>> matmul_gflops(256, budget_s=0.1) > 0
+        True
+    """
+    n = min(size, 128)
+    ms = _matmul_ms(n, device, dtype)
+    while 2 * n <= size and 4 * 8 * ms / 1e3 <= budget_s:  # 4 calls at 2n, each ~8x longer
+        n *= 2
+        ms = _matmul_ms(n, device, dtype)
+    return 2 * n**3 / ms / 1e6
+
+
+def _matmul_ms(n: int, device: str, dtype: torch.dtype) -> float:
+    """Median ms of an ``(n, n) @ (n, n)`` matmul (three calls after a warm-up)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    return timeit(synced(lambda: a @ a, device), 3)
 
 
 def memory_probe(cfg: BenchConfig) -> dict[str, Any]:

