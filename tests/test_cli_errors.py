@@ -340,3 +340,24 @@ def test_a_read_only_out_folder_is_named_before_any_work(
             f"argument --out: cannot write in '{ro}' (permission denied or read-only)"
         )
     assert list(Path(ro).iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["serve", "--runs", ""],
+        ["serve", "--model", ""],
+        ["explain", "hello", "--out", ""],
+        ["embed", "hello", "--model", ""],
+    ],
+    ids=lambda a: " ".join(a[:1] + a[2:3] if a[1] == "hello" else a[:2]),
+)
+def test_an_empty_path_is_named_not_read_as_the_current_folder(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``Path("")`` is ".": an empty input or output path quietly meant the current folder."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert f"argument {argv[-2]}: is an empty string; give a path" in lines[0], lines

@@ -133,7 +133,7 @@ def check_not_input(argument: str, out: Path, inputs: Iterable[Path]) -> None:
 
 def check_out_folder(argument: str, path: str | Path) -> Path:
     """``path`` as an output folder: it exists as a writable folder, or can be created."""
-    p = Path(path)
+    p = Path(check_not_empty(argument, path) if isinstance(path, str) else path)
     if p.exists() and not p.is_dir():
         raise UsageError(argument, f"{str(p)!r} is a file, not a folder")
     _check_creatable(argument, p)
@@ -142,7 +142,7 @@ def check_out_folder(argument: str, path: str | Path) -> Path:
 
 def check_out_file(argument: str, path: str | Path) -> Path:
     """``path`` as an output file: not a folder, and its folder writable or creatable."""
-    p = Path(path)
+    p = Path(check_not_empty(argument, path) if isinstance(path, str) else path)
     if p.is_dir():
         raise UsageError(argument, f"{str(p)!r} is a folder; give a file, e.g. {p / 'report.html'}")
     _check_creatable(argument, p.parent if str(p.parent) else Path("."))
@@ -151,7 +151,7 @@ def check_out_file(argument: str, path: str | Path) -> Path:
 
 def check_in_folder(argument: str, path: str | Path) -> Path:
     """``path`` as an input folder: it exists, is a folder and can be read."""
-    p = Path(path)
+    p = Path(check_not_empty(argument, path) if isinstance(path, str) else path)
     if not p.exists():
         raise UsageError(argument, f"{str(p)!r} does not exist")
     if not p.is_dir():

@@ -89,14 +89,9 @@ def _out_file(out: str | None, inputs: Sequence[Path]) -> Path | None:
     """``--out`` checked: a writable file that is none of the ``inputs``."""
     if out is None:
         return None
-    path = check_out_file("--out", check_not_empty("--out", out))
+    path = check_out_file("--out", out)
     check_not_input("--out", path, inputs)
     return path
-
-
-def _cache_folder(cache: str) -> Path:
-    """``--cache`` checked: a folder that exists writable or can be created."""
-    return check_out_folder("--cache", check_not_empty("--cache", cache))
 
 
 def _print_answer(rank: int, a: Answer) -> None:
@@ -127,7 +122,7 @@ def run_ask(args: argparse.Namespace) -> int:
         raise UsageError("QUESTION", str(e).removeprefix("question ")) from None
     _, inputs = _documents(args.docs)  # read and checked before the model loads
     out = _out_file(args.out, inputs)
-    cache = None if args.cache is None else _cache_folder(args.cache)
+    cache = None if args.cache is None else check_out_folder("--cache", args.cache)
     enc, _ = load_encoder(args.model)
     with warnings_as_lines(args), _progress_line("indexing") as progress:
         try:
