@@ -349,6 +349,8 @@ def test_a_read_only_out_folder_is_named_before_any_work(
         ["serve", "--model", ""],
         ["explain", "hello", "--out", ""],
         ["embed", "hello", "--model", ""],
+        ["train", "dates", "--out", ""],  # it meant the default folder, runs/dates
+        ["robust", "dates", "--out", ""],
     ],
     ids=lambda a: " ".join(a[:1] + a[2:3] if a[1] == "hello" else a[:2]),
 )

@@ -66,7 +66,7 @@ def run_robust(args: argparse.Namespace) -> int:
     methods = _methods(args.task, args.method)
     if args.task == "faithfulness" and args.steps is not None:
         raise UsageError("--steps", "faithfulness trains each model with its task's steps")
-    out = check_out_folder("--out", args.out or f"runs/robust-{args.task}")
+    out = check_out_folder("--out", f"runs/robust-{args.task}" if args.out is None else args.out)
     command = "attnlab " + shlex.join(getattr(args, "argv", None) or ["robust", args.task])
     steps = {} if args.steps is None else {"steps": args.steps}
     with OutputLock(out, command=command):

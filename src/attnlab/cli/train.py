@@ -93,7 +93,7 @@ def _batch_size(text: str) -> int:
 def run_train(args: argparse.Namespace) -> int:
     """``attnlab train``: the task's settings with the command line's on top."""
     s = spec(args.task)
-    out = check_out_folder("--out", args.out or f"runs/{args.task}")
+    out = check_out_folder("--out", f"runs/{args.task}" if args.out is None else args.out)
     _check_resume(args.task, out / "last.safetensors", args)
     over = {k: getattr(args, k) for k in _OVERRIDES}
     cfg = train_config(
