@@ -354,9 +354,10 @@ def _forward_with_weights(
     w, dirty = lazy_zeros_unzeroed((req.batch, req.heads, req.lq, req.lk), req.q)
     q, k, v = req.q.contiguous(), req.k.contiguous(), req.v.contiguous()
     with torch.no_grad():
-        out, lse, work = ops().forward_weights(
+        out, lse2, work = ops().forward_weights(
             q, k, v, *kplan.args(), req.scale, blocked_autograd.ROWS[0], w, dirty, PAGE // 4
         )
+    lse = lse2 * blocked_autograd.LN2  # the kernel's logsumexp is in log2 units
     blocked_autograd.STATS["scores"] = work
     if req.sinks is not None:  # the sinks take their share of every row, weights too
         out, total = with_sinks(out, lse, req.sinks)

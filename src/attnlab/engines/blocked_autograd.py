@@ -13,6 +13,7 @@ read the kernel's work counter in :data:`STATS`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,6 +156,7 @@ _FLASH_BWD: Any = getattr(
 USE_FUSED = True  # tests switch this off to check the eager fallback
 USE_KERNEL = True  # tests switch this off to check torch's per-block kernel
 ROWS = [32, 64]  # query rows per task of the kernel's forward and backward
+LN2, LOG2E = math.log(2.0), 1.0 / math.log(2.0)  # the kernel's logsumexp is in log2 units
 STATS: dict[str, int] = {}  # scores the kernel's last forward computed (for tests, benchmarks)
 
 
@@ -250,7 +252,8 @@ class BlockedAttention(torch.autograd.Function):
         fused = ops is None and req.softcap is None and _fused_ok(q, k, v, leaves)
         if ops is not None:
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-            out, lse, work = ops.forward(q, k, v, *kplan.args(), req.scale, ROWS[0])  # type: ignore[union-attr]
+            out, lse2, work = ops.forward(q, k, v, *kplan.args(), req.scale, ROWS[0])  # type: ignore[union-attr]
+            lse = lse2 * LN2  # the kernel's logsumexp is in log2 units
             STATS["scores"] = work
         else:
             out = q.new_zeros((*q.shape[:3], v.shape[-1]))  # (B, Hq, Lq, Ev)
@@ -263,6 +266,9 @@ class BlockedAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out, lse, *leaves)
         ctx.req, ctx.plan, ctx.fused = req, plan, fused
         ctx.kernel = (ops, kplan) if ops is not None else None
+        # the kernel's backward recomputes P = 2^(s - lse2) against its own forward's lse2
+        # (see blocked.cpp); with sinks, the raised lse in log2 units
+        ctx.lse2 = lse2 if ops is not None and sinks is None else None
         ctx.set_materialize_grads(False)  # an unused lse (or output) has no gradient: None
         return out.to(ctx.dtypes[2]), lse
 
@@ -275,8 +281,9 @@ class BlockedAttention(torch.autograd.Function):
             delta = delta - dlse.to(delta.dtype)
         if ctx.kernel is not None:
             ops, kplan = ctx.kernel
+            lse2 = ctx.lse2 if ctx.lse2 is not None else lse * LOG2E
             dq, dk, dv = ops.backward(
-                dout.contiguous(), q, k, v, lse, delta, *kplan.args(), ctx.req.scale, ROWS[1]
+                dout.contiguous(), q, k, v, lse2, delta, *kplan.args(), ctx.req.scale, ROWS[1]
             )
             grads = _Grads((dq, dk, dv), [])
         else:

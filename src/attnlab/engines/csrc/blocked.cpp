@@ -10,8 +10,8 @@
 // Layout (B, H, L, E), contiguous. Scores S = scale * Q K^T (+ ALiBi), masked pairs -inf.
 // Forward  (one task per batch, query head and `group` rows of a query block, in row tiles
 //          of 32): register tiles of S^T with the rows in the vector lanes, an online
-//          softmax over chunks of keys, out = softmax(S) V and lse = logsumexp(S) per row
-//          (-inf, out 0 if no key); see "The forward's register tiles" below.
+//          softmax over chunks of keys, out = softmax(S) V and lse = logsumexp(S) per row,
+//          in log2 units (-inf, out 0 if no key); see "The forward's register tiles" below.
 // Weights  (forward_weights, interval masks only): the same forward also copies each score
 //          chunk, transposed, to a row tile buffer, and once the tile's rows have their
 //          maximum and sum, writes w = 2^(s - lse) normalized by its own sum, so Q K^T is
@@ -20,9 +20,10 @@
 //          share a key/value head are the rows of one product, so each key and value is read
 //          once; keys split into parts run in parallel and merged; an interval mask reads
 //          only each row's interval (see "Decoding" below).
-// Backward (one task per batch and key/value head, looping over the query heads that share
-//          it, so dK and dV have a single writer): P = exp(S - lse), dV += P^T dO,
-//          dS = P * (dO V^T - delta), dQ += scale dS K, dK += scale dS^T Q.
+// Backward (one task per batch, query head and query block; dK and dV summed from one buffer
+//          per worker): S made bit for bit as the forward made it, P = 2^(S - lse) (log2
+//          units), dV += P^T dO, dS = P * (dO V^T - delta), dQ += scale dS K,
+//          dK += scale dS^T Q; see "The backward's scores" below.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -211,75 +212,6 @@ void cap_scores(float* s, int64_t n, float cap, float* dcap) {
   }
 }
 
-// S (T x n, leading dim n) = scores of rows [a, a + T) (in block `blk`) against keys
-// [c0, c0 + n), soft-capped (their derivative in dcap, T x n), then the partial tiles' mask
-// and ALiBi applied.
-void scores(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_t a, int64_t T,
-            int64_t c0, int64_t n, float* S, float* qscaled, float* dcap) {
-  const int64_t* bl = P.blocks + 4 * blk;
-  const int64_t r0 = bl[0], k0 = bl[2];
-  float* qs = qscaled;  // scale * Q of the rows (T x E), so S needs no pass of its own
-  const float* qp = P.qrow(b, h, a);
-  for (int64_t i = 0; i < T * P.E; ++i) qs[i] = qp[i] * P.scale;
-  mm(T, n, P.E, qs, P.E, P.ktcol(b, h, c0), P.ldt, S, n, false);
-  if (P.softcap > 0.f) cap_scores(S, T * n, P.softcap, dcap);
-  const int64_t mb = P.mB == 1 ? 0 : b, mh = P.mH == 1 ? 0 : h;
-  const int64_t j_end = P.interval ? 0 : std::min(P.ntile, (c0 + n - k0 + P.bs - 1) / P.bs);
-  for (int64_t j = (c0 - k0) / P.bs; j < j_end; ++j) {  // partial tiles: their mask
-    const int64_t t = P.tiles[blk * P.ntile + j];
-    if (t < 0) continue;
-    const int64_t lo = std::max(c0, k0 + j * P.bs), hi = std::min(c0 + n, k0 + (j + 1) * P.bs);
-    const bool* tile = P.allowed + ((mb * P.mH + mh) * P.nP + t) * P.bs * P.bs;
-    for (int64_t i = 0; i < T; ++i) {
-      const bool* ok = tile + (a - r0 + i) * P.bs + (lo - k0 - j * P.bs);
-      float* s = S + i * n + (lo - c0);
-      for (int64_t u = 0; u < hi - lo; ++u) s[u] = ok[u] ? s[u] : kNegInf;
-    }
-  }
-  if (P.interval) {  // keys outside the row's span are masked; nothing else is
-    const int64_t* rs = P.spans + 2 * ((mb * P.mH + mh) * P.Lq + a);
-    for (int64_t i = 0; i < T; ++i) {
-      float* s = S + i * n;
-      const int64_t lo = std::clamp<int64_t>(rs[2 * i] - c0, 0, n);
-      const int64_t hi = std::clamp<int64_t>(rs[2 * i + 1] - c0, lo, n);
-      std::fill(s, s + lo, kNegInf);
-      std::fill(s + hi, s + n, kNegInf);
-    }
-  }
-  if (P.slopes != nullptr) {
-    const float m = P.slopes[h];
-    const float pos0 = static_cast<float>(a + P.Lk - P.Lq - c0);  // position - first key
-    for (int64_t i = 0; i < T; ++i) {
-      float* s = S + i * n;
-      const float d0 = pos0 + static_cast<float>(i);
-      for (int64_t u = 0; u < n; ++u) s[u] += -m * std::fabs(d0 - static_cast<float>(u));
-    }
-  }
-}
-
-// s[j] = exp(s[j] - shift) in place; returns the sum. NaN (in s or shift) gives NaN, as
-// std::exp does: exp_u20 alone clamps it to a finite value.
-float exp_sum(float* s, int64_t n, float shift) {
-  int64_t j = 0;
-  const Vec vs(shift);
-  Vec acc(0.f);
-  for (; j + Vec::size() <= n; j += Vec::size()) {
-    const Vec d = Vec::loadu(s + j) - vs;
-    const Vec e = Vec::blendv(d.exp_u20(), d, d != d);
-    e.store(s + j);
-    acc = acc + e;
-  }
-  float tmp[Vec::size()];
-  acc.store(tmp);
-  double total = 0.0;  // the lanes' partial sums and the tail, added in double
-  for (int64_t u = 0; u < Vec::size(); ++u) total += tmp[u];
-  for (; j < n; ++j) {
-    s[j] = std::exp(s[j] - shift);
-    total += s[j];
-  }
-  return static_cast<float>(total);
-}
-
 // Per-thread scratch: a score chunk, its gradient, the accumulator and row statistics.
 struct Scratch {
   std::vector<float> S, dP, X, C, Q, acc, m, l;  // C: the soft-cap's derivative, if capped
@@ -299,7 +231,7 @@ constexpr int64_t kW = Vec::size();              // floats per vector
 constexpr int64_t kRT = 32;                      // query rows per row tile
 constexpr int kNV = static_cast<int>(kRT / kW);  // row vectors per row tile
 constexpr int64_t kChunkKeys = 256;              // keys per score chunk: St stays in L1
-constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+constexpr float kLog2e = 1.4426950408889634f;
 
 // Keys per score tile and value columns per output tile when J row vectors are computed:
 // as many accumulators as the registers hold beside the J row vectors and one broadcast.
@@ -961,7 +893,7 @@ int64_t forward_tile(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_
     }
   transpose_block(w.acc, kRT, o, Ev, Ev, T);
   for (int64_t r = 0; r < T; ++r)  // NaN scores (from Q or K) give l = NaN: lse NaN
-    ls[r] = l[r] == 0.f ? kNegInf : (m[r] + std::log2(l[r])) * kLn2;
+    ls[r] = l[r] == 0.f ? kNegInf : m[r] + std::log2(l[r]);  // log2 units
   // A NaN output beside a finite sum came from V, and V is read by whole row vectors: a NaN
   // value reaches the rows that do not see its key too (0 * NaN), and rows without keys.
   // Those rows are computed again one by one, from the keys each row sees.
@@ -1507,6 +1439,126 @@ at::Tensor decode_forward(const at::Tensor& q, const at::Tensor& k, const at::Te
   return out;
 }
 
+// ---- The backward's scores ------------------------------------------------------------
+// The backward recomputes P = 2^(S - lse) from scores made bit for bit as the forward's
+// register tiles made them: the same scaled queries (scale * log2(e) * Q), the same fused
+// multiply-adds over E in the same order from 0, the same soft-cap, ALiBi and mask, in log2
+// units, against the forward's logsumexp in log2 units. Recomputed any other way (natural
+// units, or another summation order, as a BLAS product has), each score differs from the
+// forward's by rounding, P no longer sums to what the forward's lse says, and dV, dQ and dK
+// carried two to six times plain PyTorch's float32 error (the 2x rule's test, random
+// scores of about 1).
+
+// Rows of S per register tile of the backward's scores, and key vectors per row.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kSR = 8, kSV = 2;  // 16 accumulators of 32 registers
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr int kSR = 4, kSV = 2;  // 8 of 16
+#else
+constexpr int kSR = 4, kSV = 1;
+#endif
+
+// S[i][0, J kW) (rows ldS apart; `lanes` of a single partial vector) = sum over e of
+// qs[i][e] * kt[e][...] for I rows: lane_products with the keys in the lanes, which gives
+// each (row, key) the forward's fused sum (a * b + c is the same for b * a + c).
+template <int I, int J>
+void key_scores(const float* qs, int64_t E, const float* kt, int64_t ldt, float* S,
+                int64_t ldS, int lanes) {
+  Vec acc[I][J];
+  lane_products<I, J>(kt, E, qs, E, 1, acc, ldt, lanes);
+#pragma GCC unroll 8
+  for (int i = 0; i < I; ++i)
+#pragma GCC unroll 2
+    for (int j = 0; j < J; ++j) acc[i][j].store(S + i * ldS + j * kW, lanes);
+}
+
+// S (T x n) = Q K^T of rows [a, a + T) against keys [c0, c0 + n), in log2 units, as the
+// forward computes them (see above); qs (T x E) receives the scaled queries.
+void key_products(const Problem& P, int64_t b, int64_t h, int64_t a, int64_t T, int64_t c0,
+                  int64_t n, float* S, float* qs) {
+  const float* qp = P.qrow(b, h, a);
+  const Vec qscale(P.scale * kLog2e);
+  int64_t u = 0;
+  for (; u + kW <= T * P.E; u += kW) (Vec::loadu(qp + u) * qscale).store(qs + u);
+  if (u < T * P.E) {
+    const int c = static_cast<int>(T * P.E - u);
+    (Vec::loadu(qp + u, c) * qscale).store(qs + u, c);
+  }
+  const float* kt = P.ktcol(b, h, c0);
+  for (int64_t i = 0; i < T; i += kSR)
+    with_count<kSR>(std::min<int64_t>(kSR, T - i), [&](auto rows) {
+      constexpr int R = decltype(rows)::value;
+      const float* q = qs + i * P.E;
+      float* s = S + i * n;
+      int64_t c = 0;
+      for (; c + kSV * kW <= n; c += kSV * kW) key_scores<R, kSV>(q, P.E, kt + c, P.ldt, s + c, n, kW);
+      for (; c + kW <= n; c += kW) key_scores<R, 1>(q, P.E, kt + c, P.ldt, s + c, n, kW);
+      if (c < n) key_scores<R, 1>(q, P.E, kt + c, P.ldt, s + c, n, static_cast<int>(n - c));
+    });
+}
+
+// f(x, j, lanes) -> the new s[j, j + lanes) for the vectors of s[0, n), the last one partial.
+template <typename F>
+void each_vector(float* s, int64_t n, const F& f) {
+  int64_t j = 0;
+  for (; j + kW <= n; j += kW) f(Vec::loadu(s + j), j, static_cast<int>(kW)).store(s + j);
+  if (j < n) {
+    const int c = static_cast<int>(n - j);
+    f(Vec::loadu(s + j, c), j, c).store(s + j, c);
+  }
+}
+
+// S (T x n, leading dim n) = the forward's scores (log2 units) of rows [a, a + T) (in block
+// `blk`) against keys [c0, c0 + n): soft-capped (the cap's derivative in dcap, T x n), ALiBi
+// added, masked, each by the forward's vector operations.
+void scores(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_t a, int64_t T,
+            int64_t c0, int64_t n, float* S, float* qscaled, float* dcap) {
+  key_products(P, b, h, a, T, c0, n, S, qscaled);
+  if (P.softcap > 0.f) {
+    const Vec by(P.softcap * kLog2e), over(1.f / (P.softcap * kLog2e)), one(1.f);
+    for (int64_t i = 0; i < T * n; i += n)
+      each_vector(S + i, n, [&](const Vec& x, int64_t j, int c) {
+        const Vec t = (x * over).tanh();
+        ((one - t) * (one + t)).store(dcap + i + j, c);  // exact near |t| = 1
+        return t * by;
+      });
+  }
+  if (P.slopes != nullptr) {  // -slope |position - key|, fused as the forward's
+    const Vec slope(-P.slopes[h] * kLog2e);
+    for (int64_t i = 0; i < T; ++i) {
+      const Vec pos(static_cast<float>(a + i + P.Lk - P.Lq - c0));  // position - first key
+      each_vector(S + i * n, n, [&](const Vec& x, int64_t j, int) {
+        return at::vec::fmadd(slope, (pos - Vec::arange(static_cast<float>(j), 1.f)).abs(), x);
+      });
+    }
+  }
+  const int64_t* bl = P.blocks + 4 * blk;
+  const int64_t r0 = bl[0], k0 = bl[2];
+  const int64_t mb = P.mB == 1 ? 0 : b, mh = P.mH == 1 ? 0 : h;
+  const int64_t j_end = P.interval ? 0 : std::min(P.ntile, (c0 + n - k0 + P.bs - 1) / P.bs);
+  for (int64_t j = (c0 - k0) / P.bs; j < j_end; ++j) {  // partial tiles: their mask
+    const int64_t t = P.tiles[blk * P.ntile + j];
+    if (t < 0) continue;
+    const int64_t lo = std::max(c0, k0 + j * P.bs), hi = std::min(c0 + n, k0 + (j + 1) * P.bs);
+    const bool* tile = P.allowed + ((mb * P.mH + mh) * P.nP + t) * P.bs * P.bs;
+    for (int64_t i = 0; i < T; ++i) {
+      const bool* ok = tile + (a - r0 + i) * P.bs + (lo - k0 - j * P.bs);
+      float* s = S + i * n + (lo - c0);
+      for (int64_t u = 0; u < hi - lo; ++u) s[u] = ok[u] ? s[u] : kNegInf;
+    }
+  }
+  if (P.interval) {  // keys outside the row's span are masked; nothing else is
+    const int64_t* rs = P.spans + 2 * ((mb * P.mH + mh) * P.Lq + a);
+    for (int64_t i = 0; i < T; ++i) {
+      float* s = S + i * n;
+      const int64_t lo = std::clamp<int64_t>(rs[2 * i] - c0, 0, n);
+      const int64_t hi = std::clamp<int64_t>(rs[2 * i + 1] - c0, lo, n);
+      std::fill(s, s + lo, kNegInf);
+      std::fill(s + hi, s + n, kNegInf);
+    }
+  }
+}
+
 // One backward step: rows [a, a + T) of block `blk`, head h, against keys [c0, c0 + n).
 void backward_chunk(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_t a, int64_t T,
                     int64_t c0, int64_t n, const float* dout, const float* lse,
@@ -1516,11 +1568,11 @@ void backward_chunk(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_t
   float* C = w.C.data();  // the soft-cap's derivative (T x n), if capped
   scores(P, b, h, blk, a, T, c0, n, S, w.Q.data(), C);
   const int64_t row = (b * P.Hq + h) * P.Lq + a;
-  for (int64_t i = 0; i < T; ++i) {  // P = exp(S - lse); rows without keys give 0
+  for (int64_t i = 0; i < T; ++i) {  // P = 2^(S - lse), log2 units; rows without keys: 0
     const float shift = lse[row + i];
     float* s = S + i * n;
     if (shift == kNegInf) std::fill(s, s + n, 0.f);
-    else exp_sum(s, n, shift);
+    else each_vector(s, n, [&](const Vec& x, int64_t, int) { return exp2_lanes(x - Vec(shift)); });
   }
   const float* dO = dout + row * P.Ev;
   const int64_t kv = (b * P.Hkv + h / P.group()) * P.Lk + c0;
