@@ -66,7 +66,13 @@ class Partial:
 def forward_pair(
     s: Setup, q: Tensor, qp: Piece, k: Tensor, v: Tensor, kp: Piece
 ) -> tuple[Tensor, Tensor]:
-    """``(out (B, Hq, Tq, Ev), lse (B, Hq, Tq))`` of queries ``qp`` over keys ``kp``."""
+    """``(out (B, Hq, Tq, Ev), lse (B, Hq, Tq))`` of queries ``qp`` over keys ``kp``.
+
+    On the CPU, half precision runs in float32 here (the engines compute in it anyway), so
+    each pair's output reaches the merge unrounded: rounded to bfloat16 pair by pair, the
+    merged output and the gradients from it carried up to 3x one process's error."""
+    if s.cpu and q.dtype in (torch.bfloat16, torch.float16):
+        q, k, v = (t.float() for t in (q, k, v))
     mask, bias = restricted(s, qp, kp)
     engine = _engine(s, q, k, v, mask, bias)
     r = attention(q, k, v, mask=mask, bias=bias, scale=s.scale, engine=engine, return_lse=True)
