@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -189,3 +190,30 @@ def test_summarize_shows_progress_and_warns_of_truncation_in_one_line(
     (tmp_path / "short.txt").write_text(PROSE)  # control: nothing cut, no warning
     assert main(["summarize", str(tmp_path / "short.txt")]) == 0
     assert capsys.readouterr().err == "\rsummarizing: 3/3 sentences embedded\n"
+
+
+@NEED_MODEL
+def test_the_index_of_dev_stdin_fed_from_a_file_goes_beside_that_file(
+    tmp_path: Path, with_model: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--docs /dev/stdin < doc.md``: /dev/stdin is a link to the file, whose folder gets
+    the index (it went into /dev, beside the link)."""
+    doc = tmp_path / "doc.md"
+    doc.write_text(PROSE)
+    stray = Path("/dev/.attnlab-index")
+    had_stray = stray.exists()
+    saved = os.dup(0)
+    try:
+        with open(doc) as fh:
+            os.dup2(fh.fileno(), 0)
+        status = main(["ask", "What always runs?", "--docs", "/dev/stdin"])
+    finally:
+        os.dup2(saved, 0)
+        os.close(saved)
+        if stray.exists() and not had_stray:  # the old behaviour's index: not left behind
+            shutil.rmtree(stray)
+            pytest.fail("the index went into /dev")
+    out = capsys.readouterr()
+    assert status == 0, out.err
+    assert "finally" in out.out  # it answered from the document
+    assert (tmp_path / ".attnlab-index").is_dir()

@@ -78,14 +78,15 @@ class Index:
 def default_cache(docs: str | Path | Sequence[str | Path]) -> Path:
     """Where the index of ``docs`` lives: for ``"pydoc"`` under ``$XDG_CACHE_HOME/attnlab``
     (or ``~/.cache/attnlab``), else ``.attnlab-index`` in the (first) folder given or
-    beside the (first) file."""
+    beside the (first) file, where links lead (``/dev/stdin`` fed from a file: beside that
+    file, not in ``/dev``)."""
     first = Path(docs if isinstance(docs, str | Path) else docs[0])
     if str(first) == "pydoc":
         import sys
 
         base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "attnlab"
         return base / f"pydoc-{sys.version_info.major}.{sys.version_info.minor}"
-    return (first if first.is_dir() else first.parent) / ".attnlab-index"
+    return (first if first.is_dir() else first.resolve().parent) / ".attnlab-index"
 
 
 def _model_name(enc: SentenceEncoder) -> str:
