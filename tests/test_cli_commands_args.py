@@ -77,6 +77,25 @@ def test_bench_roofline_of_a_slow_dtype_takes_seconds_not_minutes(
     assert max(fast["sizes"]) == 2048 and fast["now"] <= 3.0
 
 
+@pytest.mark.parametrize(("dtype", "roof"), [("bfloat16", "float32"), ("float32", "float32")])
+def test_bench_efficiency_divides_by_a_matmul_in_the_dtype_attention_runs_in(
+    dtype: str, roof: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the CPU half precision runs in float32 inside the engines; a bfloat16 matmul
+    (emulated on many CPUs, about 1 GFLOP/s) as the roofline gave efficiencies of 22.9."""
+    asked: list[torch.dtype] = []
+
+    def fake(device: str = "cpu", dtype: torch.dtype = torch.float32, **kw: Any) -> float:
+        asked.append(dtype)
+        return 100.0
+
+    monkeypatch.setattr(bench_mod, "matmul_gflops", fake)
+    cfg = BenchConfig(n=256, heads=1, dim=16, window=32, repeat=1, modes=("fwd",), dtype=dtype)
+    (rec,) = records(cfg, ["window"])
+    assert asked == [getattr(torch, roof)] and rec["matmul_dtype"] == roof
+    assert rec["efficiency"] == pytest.approx(rec["useful_gflops"] / 100.0, abs=1e-3)
+
+
 @pytest.mark.parametrize(
     ("argv", "named"),
     [

@@ -51,6 +51,7 @@ __all__ = [
     "matmul_gflops",
     "memory_probe",
     "records",
+    "roofline_dtype",
     "run_case",
     "timeit",
 ]
@@ -343,10 +344,24 @@ def _measure(
         if key in rec:
             rec[f"speedup_vs_{key[:-3]}"] = round(rec[key] / rec["ours_ms"], 3)
     if name == "window" and not grad:
+        roof = roofline_dtype(cfg.device, dtype)
         rec["useful_gflops"] = round(4 * n * cfg.window * e * h / rec["ours_ms"] / 1e6, 1)
-        rec["matmul_gflops"] = round(matmul_gflops(device=cfg.device, dtype=dtype), 1)
+        rec["matmul_gflops"] = round(matmul_gflops(device=cfg.device, dtype=roof), 1)
+        rec["matmul_dtype"] = str(roof).removeprefix("torch.")
         rec["efficiency"] = round(rec["useful_gflops"] / rec["matmul_gflops"], 3)
     return rec
+
+
+def roofline_dtype(device: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the efficiency figure's matmul: the one attention computes in. On the
+    CPU, half precision runs in float32 inside attnlab's engines, and torch's bfloat16
+    matmul there is often emulated (about 1 GFLOP/s), which gave efficiencies above 1.
+
+    Example:
+        >>> roofline_dtype("cpu", torch.bfloat16), roofline_dtype("cuda", torch.bfloat16)
+        (torch.float32, torch.bfloat16)
+    """
+    return torch.float32 if torch.device(device).type == "cpu" else dtype
 
 
 def _with_backward(fn: Callable[[], Tensor]) -> Callable[[], None]:
