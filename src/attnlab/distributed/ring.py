@@ -154,7 +154,9 @@ def ring_forward(
     parts = [
         Partial(
             q.new_zeros((b, hq, hi - lo, ev), dtype=acc),
-            q.new_full((b, hq, hi - lo), float("-inf"), dtype=acc),
+            # the logsumexp in float64: rounded once per merge at |lse|, float32's would
+            # put several ulps of it into every probability the backward recomputes
+            q.new_full((b, hq, hi - lo), float("-inf"), dtype=torch.float64),
         )
         for lo, hi in s.pieces[r]
     ]

@@ -5,10 +5,12 @@ Forward runs :func:`attnlab.functional.attention` with the global mask and bias 
 to the pair (:class:`~attnlab.distributed.shifted.ShiftedMask`), so the local engine skips
 what the mask leaves empty. Backward needs each pair's probabilities normalized by the
 *global* logsumexp, which attnlab's engines do not take as an input (their ``lse`` is an
-output only). :func:`backward_pair` gets it two ways: torch's fused CPU flash
-backward takes the global output and logsumexp as inputs (:func:`_flash_step`); and the
-blocked engine computes it given one extra "sink" key and one extra value column
-(:func:`_engine_step`), which also carries gradients of learnable biases.
+output only). :func:`backward_pair` gets it three ways: the blocked engine's compiled
+kernel takes the global logsumexp and output as inputs and recomputes the pair's scores
+as its forward made them (:func:`_kernel_step`, float32 and half on the CPU); torch's
+fused CPU flash backward takes them too (:func:`_flash_step`); and the blocked engine
+computes it given one extra "sink" key and one extra value column (:func:`_engine_step`),
+which also carries gradients of learnable biases.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from attnlab.bias import Bias
 from attnlab.distributed.layout import Piece
 from attnlab.distributed.setup import Setup
 from attnlab.distributed.shifted import ShiftedBias, ShiftedMask
-from attnlab.functional import AttentionOutput, attention, unsupported_by
+from attnlab.engines import get_engine
+from attnlab.engines.blocked import BlockedEngine
+from attnlab.functional import AttentionOutput, _request, attention, unsupported_by
 from attnlab.masks import Mask
 
 __all__ = ["Keys", "Partial", "Rows", "backward_pair", "forward_pair"]
@@ -54,8 +58,8 @@ class Partial:
         old_out, old_lse = self.out[:, :, a:b], self.lse[:, :, a:b]
         new = torch.logaddexp(old_lse, lse)  # (B, Hq, b - a)
         safe = torch.where(torch.isfinite(new), new, torch.zeros_like(new))
-        wa, wb = torch.exp(old_lse - safe), torch.exp(lse - safe)
-        merged = old_out * wa.unsqueeze(-1) + out.to(self.out.dtype) * wb.unsqueeze(-1)
+        wa, wb = (torch.exp(x - safe).to(old_out.dtype).unsqueeze(-1) for x in (old_lse, lse))
+        merged = old_out * wa + out.to(self.out.dtype) * wb
         if (a, b) == (0, self.out.shape[2]):
             self.out, self.lse = merged, new
         else:  # in place: only these rows change (self.out is this merge's own tensor)
@@ -73,6 +77,12 @@ def forward_pair(
     merged output and the gradients from it carried up to 3x one process's error."""
     if s.cpu and q.dtype in (torch.bfloat16, torch.float16):
         q, k, v = (t.float() for t in (q, k, v))
+    causal = _torch_pair(s, qp, kp, q, v)
+    if causal is not None:  # torch's flash kernel, forward here and backward in backward_pair
+        hq, hkv = q.shape[1], k.shape[1]
+        k, v = (t.repeat_interleave(hq // hkv, 1) if hq != hkv else t for t in (k, v))
+        out, lse = _FLASH_FWD(q, k, v, 0.0, causal, scale=s.scale)
+        return out, lse
     mask, bias = restricted(s, qp, kp)
     engine = _engine(s, q, k, v, mask, bias)
     r = attention(q, k, v, mask=mask, bias=bias, scale=s.scale, engine=engine, return_lse=True)
@@ -108,8 +118,10 @@ def backward_pair(
 ) -> None:
     """Add the rows' share of dq, dk, dv (and of bias gradients) over the keys.
 
-    ``lse (B, Hq, T)`` is the pair's own logsumexp from the forward pass. On the CPU
-    without learnable biases: torch's flash backward, given the global output and
+    ``lse (B, Hq, T)`` is the pair's own logsumexp from the forward pass. Where the blocked
+    kernel can run the pair (float32 or half on the CPU, a mask it plans, no learnable
+    bias): its backward, given the global output and logsumexp (:func:`_kernel_step`).
+    Else on the CPU without learnable biases: torch's flash backward, given the global output and
     logsumexp (whole pairs where they are full or causal-diagonal, else chunks of rows
     over their key span with the mask and bias as a tile). Otherwise the engine with a
     sink key (:func:`_engine_step`): one call when the mask stays an exact interval, else
@@ -117,6 +129,12 @@ def backward_pair(
     """
     lq, lk = rw.q.shape[2], kw.k.shape[2]
     whole = ((rw.first, rw.first + lq), (kw.first, kw.first + lk))
+    causal = None if leaves else _torch_pair(s, *whole, rw.q, kw.v)
+    if causal is not None:  # its forward ran torch's flash kernel too
+        _flash_step(s, rw, kw, (0, lq), (0, lk), causal=causal)
+        return
+    if not leaves and _kernel_step(s, rw, kw, (0, lq), (0, lk)):
+        return  # the whole pair in one call: the kernel skips what the mask leaves empty
     flash = _FLASH_BWD is not None and s.cpu and s.sizes[3] == s.sizes[4] and not leaves
     if flash and s.bias is None and (s.full(*whole) or _diagonal(s, *whole)):
         _flash_step(s, rw, kw, (0, lq), (0, lk), causal=not s.full(*whole))
@@ -141,6 +159,34 @@ _FLASH_BWD: Any = getattr(
 )
 
 
+_FLASH_FWD: Any = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+# head sizes where torch's CPU flash backward recomputes the scores as its forward made
+# them (torch 2.13, measured: float32 gradients within 1.5x plain PyTorch's error with large
+# scores); at 32, 40, 48, 80, 96 and 128 it missed by rounding, 4-9x in dV
+TORCH_PAIR_HEAD_SIZES = (16, 64)
+
+
+def _torch_pair(s: Setup, rows: Piece, keys: Piece, q: Tensor, v: Tensor) -> bool | None:
+    """Whether a pair runs on torch's flash kernel, forward and backward: a full pair
+    (False) or a causal one on the diagonal (True) of float32 on the CPU without a bias,
+    at a head size of :data:`TORCH_PAIR_HEAD_SIZES`, where that kernel is at the roofline;
+    None: the blocked engine. Both passes must be one kernel's: each recomputes the scores
+    its own way, and the other's probabilities then miss the global logsumexp by rounding
+    (3-8.5x plain PyTorch's float32 error in dQ, dK and dV with large scores)."""
+    if _FLASH_FWD is None or _FLASH_BWD is None or not s.cpu or s.bias is not None:
+        return None
+    e = q.shape[-1]
+    if q.dtype != torch.float32 or e != v.shape[-1] or e not in TORCH_PAIR_HEAD_SIZES:
+        return None
+    if not q.shape[2]:
+        return None
+    if s.full(rows, keys):
+        return False
+    return True if _diagonal(s, rows, keys) else None
+
+
 def _diagonal(s: Setup, rows: Piece, keys: Piece) -> bool:
     """Whether the pair is a square block on the diagonal of a causal mask."""
     return rows == keys and s.mask is not None and s.mask.is_causal
@@ -163,7 +209,7 @@ def _flash_step(s: Setup, rw: Rows, kw: Keys, rr: Piece, kk: Piece, causal: bool
         k,
         v,
         rw.out[:, :, r0:r1].contiguous(),
-        torch.where(torch.isfinite(lse), lse, 0.0).contiguous(),  # masked rows: P = 0
+        torch.where(torch.isfinite(lse), lse, 0.0).to(rw.q.dtype).contiguous(),  # masked: P = 0
         0.0,
         causal,
         attn_mask=tile,
@@ -174,6 +220,28 @@ def _flash_step(s: Setup, rw: Rows, kw: Keys, rr: Piece, kk: Piece, causal: bool
         dk, dv = (t.view(bsz, hkv, hq // hkv, *t.shape[2:]).sum(2) for t in (dk, dv))
     kw.dk[:, :, a:b] += dk
     kw.dv[:, :, a:b] += dv
+
+
+def _kernel_step(s: Setup, rw: Rows, kw: Keys, rr: Piece, kk: Piece) -> bool:
+    """Rows ``rr`` over keys ``kk`` through the blocked kernel's backward, given the global
+    output and logsumexp; False where the kernel cannot run the pair. The kernel made the
+    pair's scores in the forward and makes them again bit for bit; torch's flash backward
+    makes them its own way, and its probabilities then miss the global logsumexp by
+    rounding: fp32 dQ, dK and dV came out 3-8.5x plain PyTorch's error with large scores."""
+    (r0, r1), (a, b) = rr, kk
+    mask, bias = restricted(s, (rw.first + r0, rw.first + r1), (kw.first + a, kw.first + b))
+    q, k, v = rw.q[:, :, r0:r1], kw.k[:, :, a:b], kw.v[:, :, a:b]
+    req = _request(q, k, v, mask, bias, s.scale, "dot", "softmax", 0.0, False, False)
+    engine = get_engine("blocked")
+    assert isinstance(engine, BlockedEngine)
+    lse = rw.lse[:, :, r0:r1]
+    grads = engine.backward_given(req, rw.dout[:, :, r0:r1], rw.out[:, :, r0:r1], lse)
+    if grads is None:
+        return False
+    rw.dq[:, :, r0:r1] += grads[0]
+    kw.dk[:, :, a:b] += grads[1]
+    kw.dv[:, :, a:b] += grads[2]
+    return True
 
 
 def _tile(s: Setup, rows: Piece, keys: Piece, dtype: torch.dtype) -> Tensor | None:
@@ -236,7 +304,8 @@ def _engine_step(
     this step's share of the global ones.
     """
     (r0, r1), (a, b) = rr, kk
-    q, lse, pl = rw.q[:, :, r0:r1], rw.lse[:, :, r0:r1], pair_lse[:, :, r0:r1]
+    q, pl = rw.q[:, :, r0:r1], pair_lse[:, :, r0:r1]
+    lse = rw.lse[:, :, r0:r1].to(pl.dtype)
     w = torch.where(torch.isfinite(pl) & torch.isfinite(lse), torch.exp(pl - lse), 0.0)
     beta = torch.where(torch.isfinite(lse), lse + torch.log1p(-w.clamp(max=1.0)), 0.0)
     beta = torch.where(torch.isfinite(beta), beta, lse - 1e4)  # this step holds all mass

@@ -164,6 +164,28 @@ class BlockedEngine(Engine):
             weights = _weights(req, plan) if req.return_weights else None
         return out, weights, (lse.to(req.q.dtype) if req.return_lse else None)
 
+    def backward_given(
+        self, req: AttentionRequest, dout: Tensor, out: Tensor, lse: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``dq, dk, dv`` of ``req`` as one part of a larger softmax over more keys, whose
+        output ``out (B, Hq, Lq, Ev)`` and logsumexp ``lse (B, Hq, Lq)`` are given (context
+        parallelism's pairs), from the compiled kernel's backward: it recomputes the
+        scores bit for bit as its forward made them. None where the kernel cannot run
+        ``req`` (its forward did not make those scores either)."""
+        leaves = bias_leaves(req.bias)
+        if req.score != "dot" or req.softcap is not None or not kernel_ok(req, leaves):
+            return None
+        kplan = kernel_plan(req, self.plan(req), self.block)
+        if kplan is None:
+            return None
+        delta = (dout * out).sum(-1)  # (B, Hq, Lq)
+        q, k, v = (t.float().contiguous() for t in (req.q, req.k, req.v))
+        grads = ops().backward(
+            dout.float().contiguous(), q, k, v, (lse * blocked_autograd.LOG2E).float().contiguous(),
+            delta.float().contiguous(), *kplan.args(), req.scale, blocked_autograd.ROWS[1],
+        )  # fmt: skip
+        return grads[0], grads[1], grads[2]
+
     def weights(
         self,
         req: AttentionRequest,
