@@ -118,14 +118,15 @@ def backward_pair(
 ) -> None:
     """Add the rows' share of dq, dk, dv (and of bias gradients) over the keys.
 
-    ``lse (B, Hq, T)`` is the pair's own logsumexp from the forward pass. Where the blocked
-    kernel can run the pair (float32 or half on the CPU, a mask it plans, no learnable
-    bias): its backward, given the global output and logsumexp (:func:`_kernel_step`).
-    Else on the CPU without learnable biases: torch's flash backward, given the global output and
-    logsumexp (whole pairs where they are full or causal-diagonal, else chunks of rows
-    over their key span with the mask and bias as a tile). Otherwise the engine with a
-    sink key (:func:`_engine_step`): one call when the mask stays an exact interval, else
-    one per chunk of rows.
+    ``lse (B, Hq, T)`` is the pair's own logsumexp from the forward pass. A pair whose
+    forward ran torch's flash kernel (:func:`_torch_pair`) runs its backward. Where the
+    blocked kernel can run the pair (float32 or half on the CPU, a mask it plans, no
+    learnable bias): its backward, given the global output and logsumexp
+    (:func:`_kernel_step`). Else on the CPU without learnable biases: torch's flash
+    backward, given the global output and logsumexp (whole pairs where they are full or
+    causal-diagonal, else chunks of rows over their key span with the mask and bias as a
+    tile). Otherwise the engine with a sink key (:func:`_engine_step`): one call when the
+    mask stays an exact interval, else one per chunk of rows.
     """
     lq, lk = rw.q.shape[2], kw.k.shape[2]
     whole = ((rw.first, rw.first + lq), (kw.first, kw.first + lk))
@@ -175,7 +176,9 @@ def _torch_pair(s: Setup, rows: Piece, keys: Piece, q: Tensor, v: Tensor) -> boo
     None: the blocked engine. Both passes must be one kernel's: each recomputes the scores
     its own way, and the other's probabilities then miss the global logsumexp by rounding
     (3-8.5x plain PyTorch's float32 error in dQ, dK and dV with large scores)."""
-    if _FLASH_FWD is None or _FLASH_BWD is None or not s.cpu or s.bias is not None:
+    if s.engine != "auto" or _FLASH_FWD is None or _FLASH_BWD is None or not s.cpu:
+        return None  # a named step engine runs every pair's forward
+    if s.bias is not None:
         return None
     e = q.shape[-1]
     if q.dtype != torch.float32 or e != v.shape[-1] or e not in TORCH_PAIR_HEAD_SIZES:
@@ -228,6 +231,8 @@ def _kernel_step(s: Setup, rw: Rows, kw: Keys, rr: Piece, kk: Piece) -> bool:
     pair's scores in the forward and makes them again bit for bit; torch's flash backward
     makes them its own way, and its probabilities then miss the global logsumexp by
     rounding: fp32 dQ, dK and dV came out 3-8.5x plain PyTorch's error with large scores."""
+    if s.engine not in ("auto", "blocked"):
+        return False  # the pair's forward ran another engine
     (r0, r1), (a, b) = rr, kk
     mask, bias = restricted(s, (rw.first + r0, rw.first + r1), (kw.first + a, kw.first + b))
     q, k, v = rw.q[:, :, r0:r1], kw.k[:, :, a:b], kw.v[:, :, a:b]
