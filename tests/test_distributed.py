@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import itertools
 import os
+import pathlib
 import re
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 
 import pytest
@@ -480,3 +484,42 @@ def test_ranks_see_the_callers_environment_as_it_is_at_the_call(
     assert run_local(_mark, 2, timeout=60) == [None, None]
     monkeypatch.setenv("ATTNLAB_TEST_MARK", "set later")
     assert run_local(_mark, 2, timeout=60) == ["set later", "set later"]
+
+
+def _one_rank_fails(rank: int, world: int, how: str) -> None:
+    """Rank 1 fails (raises, or dies without a word) while rank 0 is busy for long."""
+    if rank == 1 and how == "dies":
+        os._exit(3)
+    if rank == 1:
+        raise ValueError("rank 1 gave up")
+    time.sleep(1000)
+
+
+@pytest.mark.parametrize("how", ["raises", "dies"])
+def test_run_local_fails_fast_when_a_rank_fails(how: str) -> None:
+    """One failed rank ends the run within seconds, naming it, and the busy rank is
+    stopped. Before, the call waited out its whole timeout."""
+    start = time.monotonic()
+    with pytest.raises(RuntimeError) as info:
+        run_local(_one_rank_fails, 2, how, timeout=100)
+    assert time.monotonic() - start < 50
+    text = str(info.value)
+    want = "ValueError: rank 1 gave up" if how == "raises" else "exited with code 3"
+    assert f"rank 1: {want}" in text
+    assert "rank 0: stopped: no result 3.0 s after rank 1 failed" in text
+
+
+def test_a_script_without_a_main_guard_fails_fast(tmp_path: pathlib.Path) -> None:
+    """A script that calls run_local without ``if __name__ == "__main__":`` makes each
+    rank run it again as it starts, and fail there: the caller learns of it at once."""
+    script = tmp_path / "no_guard.py"
+    script.write_text(
+        "from attnlab.distributed.launch import run_local\n"
+        "def f(rank, world):\n    return rank\n"
+        "print(run_local(f, 2, timeout=100))\n"
+    )
+    start = time.monotonic()
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=150)
+    assert time.monotonic() - start < 60
+    assert res.returncode == 1
+    assert "rank 0: exited with code 1 before giving a result" in res.stderr

@@ -8,6 +8,7 @@ import os
 import pickle
 import queue
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -70,10 +71,11 @@ def run_local(
     ``backend``: ``"gloo"`` (CPU) or ``"nccl"`` (rank ``r`` on GPU ``r``).
 
     ``fn`` must be importable (a module-level function) and return something picklable.
-    Returns the per-rank results in rank order. A rank that raises makes this raise
-    ``RuntimeError`` with every rank's error; a run that takes longer than ``timeout``
-    seconds is killed and raises ``TimeoutError`` (collectives time out too, so no rank
-    waits forever).
+    Returns the per-rank results in rank order. A rank that raises, or dies without a
+    result, makes this raise ``RuntimeError`` with every rank's error within seconds
+    (ranks still running 3 s later are stopped); a run that takes longer than
+    ``timeout`` seconds in all is killed and raises ``TimeoutError`` (collectives time
+    out too, so no rank waits forever).
 
     Ranks start from a forkserver that imports torch and ``attnlab.distributed`` once per
     calling process (where the platform has one; else they are spawned), so a call after
@@ -103,23 +105,74 @@ def run_local(
         p.start()
     results: dict[int, tuple[bool, Any]] = {}
     try:
-        while len(results) < world:
-            rank, ok, value = out.get(timeout=timeout)
-            results[rank] = (ok, value)
-    except queue.Empty:
-        raise TimeoutError(
-            f"run_local: ranks {sorted(set(range(world)) - set(results))} gave no result "
-            f"within {timeout} s"
-        ) from None
-    finally:
+        results = _collect(procs, out, timeout)
+    finally:  # ranks that gave a result get 5 s in all to exit; the others none
+        ok = all(r in results and results[r][0] for r in range(world))
+        end = time.monotonic() + (5.0 if ok else 0.0)
         for p in procs:
-            p.join(timeout=5)
+            p.join(timeout=max(0.0, end - time.monotonic()))
             if p.is_alive():
                 p.kill()
+                p.join()
     errors = {r: v for r, (ok, v) in results.items() if not ok}
     if errors:
         raise RuntimeError("\n".join(f"rank {r}: {v}" for r, v in sorted(errors.items())))
     return [pickle.loads(results[r][1]) for r in range(world)]  # our own ranks pickled these
+
+
+_POLL = 0.2  # seconds between looks at the ranks' exit codes
+_GRACE = 3.0  # seconds the other ranks get to report once one has failed
+
+
+def _collect(procs: list[Any], out: Any, timeout: float) -> dict[int, tuple[bool, Any]]:
+    """Every rank's ``(ok, value)``, gathered within ``timeout`` seconds in all. A rank
+    that dies without a result (a crash, or a failed start such as a script without an
+    ``if __name__ == "__main__":`` guard) counts as failed at once; once one rank has
+    failed, the others get ``_GRACE`` seconds (they may be waiting for it in a
+    collective) before they count as stopped."""
+    world, deadline = len(procs), time.monotonic() + timeout
+    results: dict[int, tuple[bool, Any]] = {}
+    failed_at: float | None = None
+    while len(results) < world:
+        now = time.monotonic()
+        if failed_at is not None and now - failed_at > _GRACE:
+            break
+        if now >= deadline:
+            missing = sorted(set(range(world)) - set(results))
+            raise TimeoutError(f"run_local: ranks {missing} gave no result within {timeout} s")
+        try:
+            rank, ok, value = out.get(timeout=min(_POLL, deadline - now))
+            results[rank] = (ok, value)
+        except queue.Empty:
+            _note_the_dead(procs, out, results)
+        if failed_at is None and any(not ok for ok, _ in results.values()):
+            failed_at = time.monotonic()
+    first = min((r for r, (ok, _) in results.items() if not ok), default=None)
+    for r in set(range(world)) - set(results):
+        results[r] = (False, f"stopped: no result {_GRACE} s after rank {first} failed")
+    return results
+
+
+def _note_the_dead(procs: list[Any], out: Any, results: dict[int, tuple[bool, Any]]) -> None:
+    """Record as failed each rank that has exited without a result, after reading what
+    the dead ranks may still have left in the queue."""
+    dead = [r for r, p in enumerate(procs) if r not in results and p.exitcode is not None]
+    if not dead:
+        return
+    try:  # a rank that exits has flushed its result into the queue's pipe
+        while True:
+            rank, ok, value = out.get(timeout=1.0)
+            results[rank] = (ok, value)
+    except queue.Empty:
+        pass
+    for r in dead:
+        if r not in results:
+            code = procs[r].exitcode
+            results[r] = (
+                False,
+                f"exited with code {code} before giving a result "
+                "(its own error, if any, is on stderr)",
+            )
 
 
 def _context() -> Any:
