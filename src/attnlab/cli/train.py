@@ -57,7 +57,7 @@ def add_parsers(sub: Any) -> None:
     t.add_argument("--steps", type=positive, default=None, help="optimizer steps (task default)")
     t.add_argument(
         "--batch-size",
-        type=_batch_size,
+        type=int_in(1, MAX_BATCH_SIZE),
         default=None,
         help=f"examples per step, at most {MAX_BATCH_SIZE} (task default)",
     )
@@ -80,14 +80,6 @@ def add_parsers(sub: Any) -> None:
     d.add_argument("--seconds", type=above0, default=None, help="optional training time limit")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(run=run_demo)
-
-
-def _batch_size(text: str) -> int:
-    """An argparse type: ``--batch-size``, an int in ``[1, MAX_BATCH_SIZE]``."""
-    value = int_in(1)(text)
-    if value > MAX_BATCH_SIZE:
-        raise argparse.ArgumentTypeError(f"must be an int <= {MAX_BATCH_SIZE}, got {text!r}")
-    return value
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -137,8 +137,8 @@ def backward_pair(
     if not leaves and _kernel_step(s, rw, kw, (0, lq), (0, lk)):
         return  # the whole pair in one call: the kernel skips what the mask leaves empty
     flash = _FLASH_BWD is not None and s.cpu and s.sizes[3] == s.sizes[4] and not leaves
-    if flash and s.bias is None and (s.full(*whole) or _diagonal(s, *whole)):
-        _flash_step(s, rw, kw, (0, lq), (0, lk), causal=not s.full(*whole))
+    if flash and s.bias is None and ((full := s.full(*whole)) or _diagonal(s, *whole)):
+        _flash_step(s, rw, kw, (0, lq), (0, lk), causal=not full)
         return
     if not flash and (_sink_mask(s, *whole) is None or _sink_exact(s, *whole)):
         _engine_step(s, rw, kw, (0, lq), (0, lk), lse, leaves, dleaves)

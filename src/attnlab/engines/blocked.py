@@ -179,12 +179,9 @@ class BlockedEngine(Engine):
         if kplan is None:
             return None
         delta = (dout * out).sum(-1)  # (B, Hq, Lq)
-        q, k, v = (t.float().contiguous() for t in (req.q, req.k, req.v))
-        grads = ops().backward(
-            dout.float().contiguous(), q, k, v, (lse * blocked_autograd.LOG2E).float().contiguous(),
-            delta.float().contiguous(), *kplan.args(), req.scale, blocked_autograd.ROWS[1],
-        )  # fmt: skip
-        return grads[0], grads[1], grads[2]
+        lse2 = lse * blocked_autograd.LOG2E
+        saved = (req.q, req.k, req.v, lse2, delta)
+        return blocked_autograd.kernel_backward(ops(), kplan, req.scale, dout, *saved)
 
     def weights(
         self,

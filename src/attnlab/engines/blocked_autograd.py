@@ -44,6 +44,7 @@ __all__ = [
     "block_tile",
     "cap_scores",
     "kernel",
+    "kernel_backward",
     "kernel_error",
     "kernel_ok",
     "softmax_lse",
@@ -188,6 +189,17 @@ def kernel_ok(req: AttentionRequest, leaves: list[Tensor]) -> bool:
     return not leaves and kernel() is not None
 
 
+def kernel_backward(
+    ops: Any, kplan: KernelPlan, scale: float, dout: Tensor, *saved: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``dq, dk, dv`` from the compiled kernel's backward, given ``saved`` = ``q, k, v``,
+    the logsumexp in log2 units ``(B, Hq, Lq)`` (the kernel recomputes ``P = 2^(s - lse2)``)
+    and ``delta`` ``(B, Hq, Lq)``; each is taken as contiguous float32."""
+    args = (t.float().contiguous() for t in (dout, *saved))
+    dq, dk, dv = ops.backward(*args, *kplan.args(), scale, ROWS[1])
+    return dq, dk, dv
+
+
 def _empty_rows(tile: Tensor | None) -> Tensor | None:
     """Rows ``(Bt, Ht, T)`` of an additive tile that allow no key, or None if none do."""
     if tile is None:
@@ -280,12 +292,9 @@ class BlockedAttention(torch.autograd.Function):
         if dlse is not None:  # d lse_i / d s_ij = p_ij: dS = p * (dP - (delta - dlse))
             delta = delta - dlse.to(delta.dtype)
         if ctx.kernel is not None:
-            ops, kplan = ctx.kernel
             lse2 = ctx.lse2 if ctx.lse2 is not None else lse * LOG2E
-            dq, dk, dv = ops.backward(
-                dout.contiguous(), q, k, v, lse2, delta, *kplan.args(), ctx.req.scale, ROWS[1]
-            )
-            grads = _Grads((dq, dk, dv), [])
+            qkv = kernel_backward(*ctx.kernel, ctx.req.scale, dout, q, k, v, lse2, delta)
+            grads = _Grads(qkv, [])
         else:
             sv = _Saved(ctx.req, q, k, v, out, lse, dout, delta, leaves)
             grads = _Grads.zeros(q, k, v, leaves)
