@@ -269,9 +269,8 @@ def test_train_batch_size_has_an_upper_bound(
     monkeypatch.setattr(train_mod, "run_train", _stop)
     for value in ("100000000", "4097"):
         assert main(["train", "dates", "--batch-size", value]) == 2
-        assert _usage_line(capsys).startswith(
-            f"attnlab train: error: argument --batch-size: must be an int in [1, 4096], got '{value}'"
-        )
+        want = f"argument --batch-size: must be an int in [1, 4096], got '{value}'"
+        assert _usage_line(capsys).startswith(f"attnlab train: error: {want}")
     assert main(["train", "dates", "--batch-size", "0"]) == 2
     assert "argument --batch-size: must be an int in [1, 4096], got '0'" in _usage_line(capsys)
     _reached(main(["train", "dates", "--batch-size", "4096"]), capsys)  # positive control

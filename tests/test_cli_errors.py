@@ -38,7 +38,11 @@ BAD: list[tuple[str, int, str]] = [
     ("train dates --steps -5", 2, "argument --steps: must be an int >= 1, got '-5'"),
     ("train dates --steps 0", 2, "argument --steps: must be an int >= 1, got '0'"),
     ("train dates --steps ten", 2, "argument --steps: must be an int >= 1, got 'ten'"),
-    ("train dates --batch-size 0", 2, "argument --batch-size: must be an int >= 1"),
+    (
+        "train dates --batch-size 0",
+        2,
+        "argument --batch-size: must be an int in [1, 4096], got '0'",
+    ),
     ("train dates --lr 0", 2, "argument --lr: must be a number > 0, got '0'"),
     ("train dates --lr -1e-3", 2, "argument --lr: must be a number > 0, got '-1e-3'"),
     ("train dates --lr nan", 2, "argument --lr: must be a number > 0, got 'nan'"),

@@ -190,13 +190,27 @@ def kernel_ok(req: AttentionRequest, leaves: list[Tensor]) -> bool:
 
 
 def kernel_backward(
-    ops: Any, kplan: KernelPlan, scale: float, dout: Tensor, *saved: Tensor
+    ops: Any,
+    kplan: KernelPlan,
+    scale: float,
+    dout: Tensor,
+    *saved: Tensor,
+    shift: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``dq, dk, dv`` from the compiled kernel's backward, given ``saved`` = ``q, k, v``,
     the logsumexp in log2 units ``(B, Hq, Lq)`` (the kernel recomputes ``P = 2^(s - lse2)``)
-    and ``delta`` ``(B, Hq, Lq)``; each is taken as contiguous float32."""
-    args = (t.float().contiguous() for t in (dout, *saved))
-    dq, dk, dv = ops.backward(*args, *kplan.args(), scale, ROWS[1])
+    and ``delta`` ``(B, Hq, Lq)``; each is taken as contiguous float32.
+
+    With ``shift (B, Hq, Lq)`` (the call saw every key of its rows, and no sink), each
+    row's delta is ``sum_j P_ij dP_ij / sum_j P_ij + shift_i`` of the kernel's own ``P``
+    and ``dP``, wherever its rows' key span fits the kernel's keep (else the ``delta``
+    given): a delta made from the forward's output differs from it by rounding, and every
+    key's ``dS`` carries that difference (dQ up to 4x plain PyTorch's error at head size
+    80, scale 0.7, causal); the division cancels a rounding of lse, which scales a whole
+    row of ``P`` alike."""
+    args = [t.float().contiguous() for t in (dout, *saved)]
+    extra = None if shift is None else shift.float().contiguous()
+    dq, dk, dv = ops.backward(*args, *kplan.args(), scale, ROWS[1], extra)
     return dq, dk, dv
 
 
@@ -293,7 +307,11 @@ class BlockedAttention(torch.autograd.Function):
             delta = delta - dlse.to(delta.dtype)
         if ctx.kernel is not None:
             lse2 = ctx.lse2 if ctx.lse2 is not None else lse * LOG2E
-            qkv = kernel_backward(*ctx.kernel, ctx.req.scale, dout, q, k, v, lse2, delta)
+            shift = None  # with sinks, P sums to 1 - p_sink: the delta from the output
+            if ctx.sink_dtype is None:
+                shift = torch.zeros_like(delta) if dlse is None else -dlse.to(delta.dtype)
+            saved = (q, k, v, lse2, delta)
+            qkv = kernel_backward(*ctx.kernel, ctx.req.scale, dout, *saved, shift=shift)
             grads = _Grads(qkv, [])
         else:
             sv = _Saved(ctx.req, q, k, v, out, lse, dout, delta, leaves)

@@ -23,7 +23,10 @@
 // Backward (one task per batch, query head and query block; dK and dV summed from one buffer
 //          per worker): S made bit for bit as the forward made it, P = 2^(S - lse) (log2
 //          units), dV += P^T dO, dS = P * (dO V^T - delta), dQ += scale dS K,
-//          dK += scale dS^T Q; see "The backward's scores" below.
+//          dK += scale dS^T Q; see "The backward's scores" below. Given a `shift`, P is
+//          normalized by its row's sum and each row's delta is sum_j P_ij dP_ij + shift_i
+//          of the very P and dP its dS is made of (kept over the rows' key span between
+//          two passes; see backward_rows), so each row of dS sums to 0 as plain PyTorch's.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -215,6 +218,7 @@ void cap_scores(float* s, int64_t n, float cap, float* dcap) {
 // Per-thread scratch: a score chunk, its gradient, the accumulator and row statistics.
 struct Scratch {
   std::vector<float> S, dP, X, C, Q, acc, m, l;  // C: the soft-cap's derivative, if capped
+  std::vector<float> kept;  // the backward's P, dP (and C) over a row group's key span
   Scratch(int64_t rows, int64_t chunk, int64_t e, int64_t ev, bool capped)
       : S(rows * chunk), dP(rows * chunk), X(rows * chunk), C(capped ? rows * chunk : 0),
         Q(rows * e), acc(rows * ev), m(rows), l(rows) {}
@@ -1559,41 +1563,140 @@ void scores(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_t a, int6
   }
 }
 
-// One backward step: rows [a, a + T) of block `blk`, head h, against keys [c0, c0 + n).
-void backward_chunk(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_t a, int64_t T,
-                    int64_t c0, int64_t n, const float* dout, const float* lse,
-                    const float* delta, float* dq, float* dk, float* dv, Scratch& w) {
-  float* S = w.S.data();
-  float* dP = w.dP.data();
-  float* C = w.C.data();  // the soft-cap's derivative (T x n), if capped
+// dV += P^T dO for rows [a, a + T) of head h against keys [c0, c0 + n) (S holds P, T x n).
+void add_dv(const Problem& P, int64_t b, int64_t h, int64_t a, int64_t T, int64_t c0, int64_t n,
+            const float* dout, const float* S, float* dv, Scratch& w) {
+  const int64_t row = (b * P.Hq + h) * P.Lq + a;
+  const int64_t kv = (b * P.Hkv + h / P.group()) * P.Lk + c0;
+  float* X = w.X.data();  // n x T: P^T
+  transpose(S, T, n, X);
+  mm(n, P.Ev, T, X, T, dout + row * P.Ev, P.Ev, dv + kv * P.Ev, P.Ev, true);
+}
+
+// The first half of a backward step: rows [a, a + T) of block `blk`, head h, against keys
+// [c0, c0 + n). Makes P = 2^(S - lse) (T x n) in S (log2 units; rows without keys: 0), adds
+// P^T dO to dV (unless dv is null) and makes dP = dO V^T (T x n); C gets the soft-cap's
+// derivative, if capped.
+void chunk_probs(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_t a, int64_t T,
+                 int64_t c0, int64_t n, const float* dout, const float* lse, float* dv,
+                 float* S, float* dP, float* C, Scratch& w) {
   scores(P, b, h, blk, a, T, c0, n, S, w.Q.data(), C);
   const int64_t row = (b * P.Hq + h) * P.Lq + a;
-  for (int64_t i = 0; i < T; ++i) {  // P = 2^(S - lse), log2 units; rows without keys: 0
+  for (int64_t i = 0; i < T; ++i) {
     const float shift = lse[row + i];
     float* s = S + i * n;
     if (shift == kNegInf) std::fill(s, s + n, 0.f);
     else each_vector(s, n, [&](const Vec& x, int64_t, int) { return exp2_lanes(x - Vec(shift)); });
   }
+  if (dv != nullptr) add_dv(P, b, h, a, T, c0, n, dout, S, dv, w);
   const float* dO = dout + row * P.Ev;
-  const int64_t kv = (b * P.Hkv + h / P.group()) * P.Lk + c0;
-  float* X = w.X.data();  // n x T: P^T, then dS^T
-  transpose(S, T, n, X);
-  mm(n, P.Ev, T, X, T, dO, P.Ev, dv + kv * P.Ev, P.Ev, true);   // dV += P^T dO
   mm(T, n, P.Ev, dO, P.Ev, P.vtcol(b, h, c0), P.ldt, dP, n, false);  // dP = dO V^T
-  for (int64_t i = 0; i < T; ++i) {  // dS = scale * P * (dP - delta) (* the cap's derivative)
-    const Vec d(delta[row + i]), sc(P.scale);
+}
+
+// The second half: dS = scale * P * (dP - delta) (* the cap's derivative) in S, then
+// dQ += dS K and dK += dS^T Q. `delta` holds the T rows' deltas.
+void chunk_grads(const Problem& P, int64_t b, int64_t h, int64_t a, int64_t T, int64_t c0,
+                 int64_t n, const float* delta, float* S, const float* dP, const float* C,
+                 float* dq, float* dk, Scratch& w) {
+  for (int64_t i = 0; i < T; ++i) {
+    const Vec d(delta[i]), sc(P.scale);
     float* s = S + i * n;
     const float* g = dP + i * n;
     int64_t j = 0;
     for (; j + Vec::size() <= n; j += Vec::size())
       (Vec::loadu(s + j) * (Vec::loadu(g + j) - d) * sc).store(s + j);
-    for (; j < n; ++j) s[j] = s[j] * (g[j] - delta[row + i]) * P.scale;
+    for (; j < n; ++j) s[j] = s[j] * (g[j] - delta[i]) * P.scale;
     if (P.softcap > 0.f)
       for (int64_t u = 0; u < n; ++u) s[u] *= C[i * n + u];
   }
+  const int64_t row = (b * P.Hq + h) * P.Lq + a;
+  const int64_t kv = (b * P.Hkv + h / P.group()) * P.Lk + c0;
   mm(T, P.E, n, S, n, P.krow(b, h, c0), P.E, dq + row * P.E, P.E, true);  // dQ += dS K
+  float* X = w.X.data();  // n x T: dS^T
   transpose(S, T, n, X);
   mm(n, P.E, T, X, T, P.qrow(b, h, a), P.E, dk + kv * P.E, P.E, true);  // dK += dS^T Q
+}
+
+// Adds sum_j P_ij dP_ij to acc[2i] and sum_j P_ij to acc[2i + 1] (P, dP: T x n), in double.
+void add_row_sums(int64_t T, int64_t n, const float* S, const float* dP, double* acc) {
+  for (int64_t i = 0; i < T; ++i) {
+    const float *p = S + i * n, *g = dP + i * n;
+    Vec pg(0.f), pp(0.f);
+    int64_t j = 0;
+    for (; j + Vec::size() <= n; j += Vec::size()) {
+      const Vec x = Vec::loadu(p + j);
+      pg = at::vec::fmadd(x, Vec::loadu(g + j), pg);
+      pp = pp + x;
+    }
+    float a[Vec::size()], b[Vec::size()];
+    pg.store(a);
+    pp.store(b);
+    double sum = 0.0, total = 0.0;
+    for (int64_t u = 0; u < Vec::size(); ++u) {
+      sum += a[u];
+      total += b[u];
+    }
+    for (; j < n; ++j) {
+      sum += static_cast<double>(p[j]) * g[j];
+      total += p[j];
+    }
+    acc[2 * i] += sum;
+    acc[2 * i + 1] += total;
+  }
+}
+
+// Floats a worker may keep of one row group's P, dP (and the cap's derivative) over its
+// whole key span, so that its delta is sum_j P_ij dP_ij of these very P and dP (16 MiB).
+constexpr int64_t kOwnDeltaFloats = int64_t{1} << 22;
+
+// Rows [a, a + T) of block `blk`, head h, over their key span [lo, hi). With `shift` (the
+// call holds every key of its rows and no sink), and where the span's P and dP fit
+// kOwnDeltaFloats, a first pass keeps them and sums each row, and the second makes the
+// gradients of each row's P normalized by its sum (a rounding of lse scales a whole row
+// alike) with delta_i = sum_j P_ij dP_ij + shift_i of these very P and dP, so that each
+// row of dS sums to 0 as plain PyTorch's does. Else delta as given, chunk by chunk.
+void backward_rows(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_t a, int64_t T,
+                   int64_t lo, int64_t hi, const float* dout, const float* lse,
+                   const float* delta, const float* shift, float* dq, float* dk, float* dv,
+                   Scratch& w) {
+  if (hi <= lo) return;  // no key: the rows' gradients stay 0
+  const int64_t row = (b * P.Hq + h) * P.Lq + a, span = hi - lo;
+  const int64_t per = P.softcap > 0.f ? 3 : 2;  // floats kept per pair
+  if (shift == nullptr || span * T * per > kOwnDeltaFloats) {
+    for (int64_t c0 = lo; c0 < hi; c0 += P.chunk) {
+      const int64_t n = std::min(P.chunk, hi - c0);
+      chunk_probs(P, b, h, blk, a, T, c0, n, dout, lse, dv, w.S.data(), w.dP.data(),
+                  w.C.data(), w);
+      chunk_grads(P, b, h, a, T, c0, n, delta + row, w.S.data(), w.dP.data(), w.C.data(), dq,
+                  dk, w);
+    }
+    return;
+  }
+  if (static_cast<int64_t>(w.kept.size()) < span * T * per) w.kept.resize(span * T * per);
+  float *Pk = w.kept.data(), *dPk = Pk + span * T, *Ck = per == 3 ? dPk + span * T : nullptr;
+  std::vector<double> sums(2 * T, 0.0);
+  for (int64_t c0 = lo; c0 < hi; c0 += P.chunk) {  // chunk c's T x n block at T * (c0 - lo)
+    const int64_t n = std::min(P.chunk, hi - c0), at = T * (c0 - lo);
+    chunk_probs(P, b, h, blk, a, T, c0, n, dout, lse, nullptr, Pk + at, dPk + at,
+                Ck == nullptr ? nullptr : Ck + at, w);
+    add_row_sums(T, n, Pk + at, dPk + at, sums.data());
+  }
+  std::vector<float> d(T), inv(T);
+  for (int64_t i = 0; i < T; ++i) {  // no key (P all 0): its gradients are 0 whatever these are
+    const double total = sums[2 * i + 1];
+    inv[i] = total > 0.0 ? static_cast<float>(1.0 / total) : 1.f;
+    d[i] = static_cast<float>((total > 0.0 ? sums[2 * i] / total : 0.0) + shift[row + i]);
+  }
+  for (int64_t c0 = lo; c0 < hi; c0 += P.chunk) {
+    const int64_t n = std::min(P.chunk, hi - c0), at = T * (c0 - lo);
+    for (int64_t i = 0; i < T; ++i) {
+      const Vec r(inv[i]);
+      each_vector(Pk + at + i * n, n, [&](const Vec& x, int64_t, int) { return x * r; });
+    }
+    add_dv(P, b, h, a, T, c0, n, dout, Pk + at, dv, w);
+    chunk_grads(P, b, h, a, T, c0, n, d.data(), Pk + at, dPk + at,
+                Ck == nullptr ? nullptr : Ck + at, dq, dk, w);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> blocked_backward(
@@ -1601,7 +1704,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blocked_backward(
     const at::Tensor& lse, const at::Tensor& delta, const at::Tensor& blocks,
     const at::Tensor& tiles, const at::Tensor& allowed, const at::Tensor& spans,
     const c10::optional<at::Tensor>& slopes, int64_t bs, bool interval, double softcap,
-    double scale, int64_t group) {
+    double scale, int64_t group, const c10::optional<at::Tensor>& shift) {
   Problem P =
       make_problem(q, k, v, blocks, tiles, allowed, spans, slopes, bs, scale, interval, softcap);
   const at::Tensor kt = transposed(k), vt = transposed(v);
@@ -1611,6 +1714,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blocked_backward(
   for (const at::Tensor* t : {&dout, &lse, &delta})
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(),
                 "dout, lse and delta must be contiguous float32");
+  TORCH_CHECK(!shift || (shift->scalar_type() == at::kFloat && shift->is_contiguous() &&
+                         shift->numel() == delta.numel()),
+              "shift must be contiguous float32 shaped as delta");
   const int64_t tasks = P.B * P.Hq * P.nblk;
   const int64_t nw = workers(tasks, 4);
   // dQ rows have one writer (their task); dK and dV get one buffer per worker, summed after
@@ -1618,7 +1724,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blocked_backward(
   at::Tensor dk = at::zeros({nw, P.B, P.Hkv, P.Lk, P.E}, k.options());
   at::Tensor dv = at::zeros({nw, P.B, P.Hkv, P.Lk, P.Ev}, v.options());
   const float *g = dout.data_ptr<float>(), *ls = lse.data_ptr<float>(),
-              *dl = delta.data_ptr<float>();
+              *dl = delta.data_ptr<float>(), *sh = shift ? shift->data_ptr<float>() : nullptr;
   float *pq = dq.data_ptr<float>(), *pk = dk.data_ptr<float>(), *pv = dv.data_ptr<float>();
   const int64_t kv_size = P.B * P.Hkv * P.Lk;
   std::vector<Scratch> scratch;
@@ -1630,9 +1736,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blocked_backward(
       for (int64_t a = bl[0]; a < bl[1]; a += group) {
         const int64_t z = std::min(a + group, bl[1]);
         const auto [lo, hi] = group_span(P, b, h, a, z);
-        for (int64_t c0 = lo; c0 < hi; c0 += P.chunk)
-          backward_chunk(P, b, h, blk, a, z - a, c0, std::min(P.chunk, hi - c0), g, ls, dl, pq,
-                         pk + w * kv_size * P.E, pv + w * kv_size * P.Ev, scratch[w]);
+        backward_rows(P, b, h, blk, a, z - a, lo, hi, g, ls, dl, sh, pq, pk + w * kv_size * P.E,
+                      pv + w * kv_size * P.Ev, scratch[w]);
       }
     }
   });
@@ -1686,7 +1791,8 @@ TORCH_LIBRARY(attnlab_blocked, m) {
   m.def(
       "backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor delta, "
       "Tensor blocks, Tensor tiles, Tensor allowed, Tensor spans, Tensor? slopes, int bs, "
-      "bool interval, float softcap, float scale, int group) -> (Tensor, Tensor, Tensor)");
+      "bool interval, float softcap, float scale, int group, Tensor? shift=None) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def(
       "forward_weights(Tensor q, Tensor k, Tensor v, Tensor blocks, Tensor tiles, "
       "Tensor allowed, Tensor spans, Tensor? slopes, int bs, bool interval, float softcap, "
