@@ -219,6 +219,7 @@ void cap_scores(float* s, int64_t n, float cap, float* dcap) {
 struct Scratch {
   std::vector<float> S, dP, X, C, Q, acc, m, l;  // C: the soft-cap's derivative, if capped
   std::vector<float> kept;  // the backward's P, dP (and C) over a row group's key span
+  std::vector<float> dO;    // a row group's dO, each row divided by its P's sum
   Scratch(int64_t rows, int64_t chunk, int64_t e, int64_t ev, bool capped)
       : S(rows * chunk), dP(rows * chunk), X(rows * chunk), C(capped ? rows * chunk : 0),
         Q(rows * e), acc(rows * ev), m(rows), l(rows) {}
@@ -1563,14 +1564,14 @@ void scores(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_t a, int6
   }
 }
 
-// dV += P^T dO for rows [a, a + T) of head h against keys [c0, c0 + n) (S holds P, T x n).
-void add_dv(const Problem& P, int64_t b, int64_t h, int64_t a, int64_t T, int64_t c0, int64_t n,
-            const float* dout, const float* S, float* dv, Scratch& w) {
-  const int64_t row = (b * P.Hq + h) * P.Lq + a;
+// dV += P^T dO for T rows of head h against keys [c0, c0 + n) (S holds P, T x n; dO: the
+// rows' T x Ev upstream gradient).
+void add_dv(const Problem& P, int64_t b, int64_t h, int64_t T, int64_t c0, int64_t n,
+            const float* dO, const float* S, float* dv, Scratch& w) {
   const int64_t kv = (b * P.Hkv + h / P.group()) * P.Lk + c0;
   float* X = w.X.data();  // n x T: P^T
   transpose(S, T, n, X);
-  mm(n, P.Ev, T, X, T, dout + row * P.Ev, P.Ev, dv + kv * P.Ev, P.Ev, true);
+  mm(n, P.Ev, T, X, T, dO, P.Ev, dv + kv * P.Ev, P.Ev, true);
 }
 
 // The first half of a backward step: rows [a, a + T) of block `blk`, head h, against keys
@@ -1588,24 +1589,26 @@ void chunk_probs(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_t a,
     if (shift == kNegInf) std::fill(s, s + n, 0.f);
     else each_vector(s, n, [&](const Vec& x, int64_t, int) { return exp2_lanes(x - Vec(shift)); });
   }
-  if (dv != nullptr) add_dv(P, b, h, a, T, c0, n, dout, S, dv, w);
   const float* dO = dout + row * P.Ev;
+  if (dv != nullptr) add_dv(P, b, h, T, c0, n, dO, S, dv, w);
   mm(T, n, P.Ev, dO, P.Ev, P.vtcol(b, h, c0), P.ldt, dP, n, false);  // dP = dO V^T
 }
 
-// The second half: dS = scale * P * (dP - delta) (* the cap's derivative) in S, then
-// dQ += dS K and dK += dS^T Q. `delta` holds the T rows' deltas.
+// The second half: dS = scale_i * P * (dP - delta) (* the cap's derivative) in S, then
+// dQ += dS K and dK += dS^T Q. `delta` holds the T rows' deltas, `scales` their scales
+// (null: the call's scale).
 void chunk_grads(const Problem& P, int64_t b, int64_t h, int64_t a, int64_t T, int64_t c0,
-                 int64_t n, const float* delta, float* S, const float* dP, const float* C,
-                 float* dq, float* dk, Scratch& w) {
+                 int64_t n, const float* delta, const float* scales, float* S, const float* dP,
+                 const float* C, float* dq, float* dk, Scratch& w) {
   for (int64_t i = 0; i < T; ++i) {
-    const Vec d(delta[i]), sc(P.scale);
+    const float scale = scales == nullptr ? P.scale : scales[i];
+    const Vec d(delta[i]), sc(scale);
     float* s = S + i * n;
     const float* g = dP + i * n;
     int64_t j = 0;
     for (; j + Vec::size() <= n; j += Vec::size())
       (Vec::loadu(s + j) * (Vec::loadu(g + j) - d) * sc).store(s + j);
-    for (; j < n; ++j) s[j] = s[j] * (g[j] - delta[i]) * P.scale;
+    for (; j < n; ++j) s[j] = s[j] * (g[j] - delta[i]) * scale;
     if (P.softcap > 0.f)
       for (int64_t u = 0; u < n; ++u) s[u] *= C[i * n + u];
   }
@@ -1667,8 +1670,8 @@ void backward_rows(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_t 
       const int64_t n = std::min(P.chunk, hi - c0);
       chunk_probs(P, b, h, blk, a, T, c0, n, dout, lse, dv, w.S.data(), w.dP.data(),
                   w.C.data(), w);
-      chunk_grads(P, b, h, a, T, c0, n, delta + row, w.S.data(), w.dP.data(), w.C.data(), dq,
-                  dk, w);
+      chunk_grads(P, b, h, a, T, c0, n, delta + row, nullptr, w.S.data(), w.dP.data(),
+                  w.C.data(), dq, dk, w);
     }
     return;
   }
@@ -1681,20 +1684,22 @@ void backward_rows(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_t 
                 Ck == nullptr ? nullptr : Ck + at, w);
     add_row_sums(T, n, Pk + at, dPk + at, sums.data());
   }
-  std::vector<float> d(T), inv(T);
+  // P normalized by its row's sum: dS takes 1 / sum in its row's scale, dV takes it in
+  // the row of dO (P^T diag(1 / sum) dO), so P itself is not rewritten
+  std::vector<float> d(T), scales(T);
+  if (static_cast<int64_t>(w.dO.size()) < T * P.Ev) w.dO.resize(T * P.Ev);
   for (int64_t i = 0; i < T; ++i) {  // no key (P all 0): its gradients are 0 whatever these are
     const double total = sums[2 * i + 1];
-    inv[i] = total > 0.0 ? static_cast<float>(1.0 / total) : 1.f;
-    d[i] = static_cast<float>((total > 0.0 ? sums[2 * i] / total : 0.0) + shift[row + i]);
+    const double inv = total > 0.0 ? 1.0 / total : 1.0;
+    d[i] = static_cast<float>(sums[2 * i] * inv + shift[row + i]);
+    scales[i] = static_cast<float>(P.scale * inv);
+    const float* g = dout + (row + i) * P.Ev;
+    for (int64_t e = 0; e < P.Ev; ++e) w.dO[i * P.Ev + e] = static_cast<float>(g[e] * inv);
   }
   for (int64_t c0 = lo; c0 < hi; c0 += P.chunk) {
     const int64_t n = std::min(P.chunk, hi - c0), at = T * (c0 - lo);
-    for (int64_t i = 0; i < T; ++i) {
-      const Vec r(inv[i]);
-      each_vector(Pk + at + i * n, n, [&](const Vec& x, int64_t, int) { return x * r; });
-    }
-    add_dv(P, b, h, a, T, c0, n, dout, Pk + at, dv, w);
-    chunk_grads(P, b, h, a, T, c0, n, d.data(), Pk + at, dPk + at,
+    add_dv(P, b, h, T, c0, n, w.dO.data(), Pk + at, dv, w);
+    chunk_grads(P, b, h, a, T, c0, n, d.data(), scales.data(), Pk + at, dPk + at,
                 Ck == nullptr ? nullptr : Ck + at, dq, dk, w);
   }
 }
