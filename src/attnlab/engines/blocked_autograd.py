@@ -305,16 +305,16 @@ class BlockedAttention(torch.autograd.Function):
         delta = (dout * out).sum(-1)  # (B, Hq, Lq)
         if dlse is not None:  # d lse_i / d s_ij = p_ij: dS = p * (dP - (delta - dlse))
             delta = delta - dlse.to(delta.dtype)
+        shift = None  # with sinks, P sums to 1 - p_sink: the delta from the output
+        if ctx.sink_dtype is None:  # delta from P and dP themselves: see kernel_backward
+            shift = torch.zeros_like(delta) if dlse is None else -dlse.to(delta.dtype)
         if ctx.kernel is not None:
             lse2 = ctx.lse2 if ctx.lse2 is not None else lse * LOG2E
-            shift = None  # with sinks, P sums to 1 - p_sink: the delta from the output
-            if ctx.sink_dtype is None:
-                shift = torch.zeros_like(delta) if dlse is None else -dlse.to(delta.dtype)
             saved = (q, k, v, lse2, delta)
             qkv = kernel_backward(*ctx.kernel, ctx.req.scale, dout, *saved, shift=shift)
             grads = _Grads(qkv, [])
         else:
-            sv = _Saved(ctx.req, q, k, v, out, lse, dout, delta, leaves)
+            sv = _Saved(ctx.req, q, k, v, out, lse, dout, delta, shift, leaves)
             grads = _Grads.zeros(q, k, v, leaves)
             fused = ctx.fused and dlse is None  # torch's fused backward makes its own delta
             step = _fused_block_backward if fused else _eager_block_backward
@@ -340,8 +340,10 @@ class BlockedAttention(torch.autograd.Function):
 class _Saved:
     """What one backward pass reads: the forward's tensors and the upstream gradient.
 
-    ``delta`` is ``rowsum(dout * out)`` ``(B, Hq, Lq)``; ``leaves`` are the bias tensors
-    that need gradients.
+    ``delta`` is ``rowsum(dout * out)`` ``(B, Hq, Lq)``, less the lse's upstream gradient;
+    ``shift`` ``(B, Hq, Lq)``, where not None, is that gradient negated, for a delta made of
+    each block's own probabilities (see :func:`kernel_backward`); ``leaves`` are the bias
+    tensors that need gradients.
     """
 
     req: AttentionRequest
@@ -352,6 +354,7 @@ class _Saved:
     lse: Tensor
     dout: Tensor
     delta: Tensor
+    shift: Tensor | None
     leaves: list[Tensor]
 
 
@@ -406,7 +409,13 @@ def _eager_block_backward(sv: _Saved, blk: Block, grads: _Grads) -> None:
     p = _probs(_masked(s, tile), lse[:, :, r0:r1])
     do = dout[:, :, r0:r1]  # (B, Hq, T, Ev)
     dp = grouped_matmul(do, v_sel.transpose(-1, -2))  # (B, Hq, T, Ks)
-    ds = p * (dp - sv.delta[:, :, r0:r1].unsqueeze(-1))  # (B, Hq, T, Ks)
+    if sv.shift is None:
+        delta = sv.delta[:, :, r0:r1].unsqueeze(-1)  # (B, Hq, T, 1)
+    else:  # the block holds every key of its rows: p normalized, delta of this p and dp
+        total = p.sum(-1, keepdim=True)  # (B, Hq, T, 1); 0 for rows without keys
+        p = torch.where(total > 0, p / total, p)
+        delta = (p * dp).sum(-1, keepdim=True) + sv.shift[:, :, r0:r1].unsqueeze(-1)
+    ds = p * (dp - delta)  # (B, Hq, T, Ks)
     bias_ds = ds  # the bias is added after the cap
     if req.softcap is not None:  # d(c tanh(x / c)) / dx = 1 - (s / c)^2
         ds = ds * (1 - (s / req.softcap) ** 2)
