@@ -206,8 +206,8 @@ def kernel_backward(
     and ``dP``, wherever its rows' key span fits the kernel's keep (else the ``delta``
     given): a delta made from the forward's output differs from it by rounding, and every
     key's ``dS`` carries that difference (dQ up to 4x plain PyTorch's error at head size
-    80, scale 0.7, causal); the division cancels a rounding of lse, which scales a whole
-    row of ``P`` alike."""
+    80, scale 0.7, causal). The gradients then take ``P`` divided by its row's sum too,
+    which cancels a rounding of lse (it scales a whole row of ``P`` alike)."""
     args = [t.float().contiguous() for t in (dout, *saved)]
     extra = None if shift is None else shift.float().contiguous()
     dq, dk, dv = ops.backward(*args, *kplan.args(), scale, ROWS[1], extra)
