@@ -220,6 +220,8 @@ struct Scratch {
   std::vector<float> S, dP, X, C, Q, acc, m, l;  // C: the soft-cap's derivative, if capped
   std::vector<float> kept;  // the backward's P, dP (and C) over a row group's key span
   std::vector<float> dO;    // a row group's dO, each row divided by its P's sum
+  std::vector<float> delta, scales;  // a row group's deltas and dS scales
+  std::vector<double> sums;          // a row group's sum_j P dP and sum_j P, interleaved
   Scratch(int64_t rows, int64_t chunk, int64_t e, int64_t ev, bool capped)
       : S(rows * chunk), dP(rows * chunk), X(rows * chunk), C(capped ? rows * chunk : 0),
         Q(rows * e), acc(rows * ev), m(rows), l(rows) {}
@@ -1584,10 +1586,10 @@ void chunk_probs(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_t a,
   scores(P, b, h, blk, a, T, c0, n, S, w.Q.data(), C);
   const int64_t row = (b * P.Hq + h) * P.Lq + a;
   for (int64_t i = 0; i < T; ++i) {
-    const float shift = lse[row + i];
+    const float top = lse[row + i];
     float* s = S + i * n;
-    if (shift == kNegInf) std::fill(s, s + n, 0.f);
-    else each_vector(s, n, [&](const Vec& x, int64_t, int) { return exp2_lanes(x - Vec(shift)); });
+    if (top == kNegInf) std::fill(s, s + n, 0.f);
+    else each_vector(s, n, [&](const Vec& x, int64_t, int) { return exp2_lanes(x - Vec(top)); });
   }
   const float* dO = dout + row * P.Ev;
   if (dv != nullptr) add_dv(P, b, h, T, c0, n, dO, S, dv, w);
@@ -1677,29 +1679,31 @@ void backward_rows(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_t 
   }
   if (static_cast<int64_t>(w.kept.size()) < span * T * per) w.kept.resize(span * T * per);
   float *Pk = w.kept.data(), *dPk = Pk + span * T, *Ck = per == 3 ? dPk + span * T : nullptr;
-  std::vector<double> sums(2 * T, 0.0);
+  w.sums.assign(2 * T, 0.0);
+  double* sums = w.sums.data();
   for (int64_t c0 = lo; c0 < hi; c0 += P.chunk) {  // chunk c's T x n block at T * (c0 - lo)
     const int64_t n = std::min(P.chunk, hi - c0), at = T * (c0 - lo);
     chunk_probs(P, b, h, blk, a, T, c0, n, dout, lse, nullptr, Pk + at, dPk + at,
                 Ck == nullptr ? nullptr : Ck + at, w);
-    add_row_sums(T, n, Pk + at, dPk + at, sums.data());
+    add_row_sums(T, n, Pk + at, dPk + at, sums);
   }
   // P normalized by its row's sum: dS takes 1 / sum in its row's scale, dV takes it in
   // the row of dO (P^T diag(1 / sum) dO), so P itself is not rewritten
-  std::vector<float> d(T), scales(T);
+  w.delta.resize(T);
+  w.scales.resize(T);
   if (static_cast<int64_t>(w.dO.size()) < T * P.Ev) w.dO.resize(T * P.Ev);
   for (int64_t i = 0; i < T; ++i) {  // no key (P all 0): its gradients are 0 whatever these are
     const double total = sums[2 * i + 1];
     const double inv = total > 0.0 ? 1.0 / total : 1.0;
-    d[i] = static_cast<float>(sums[2 * i] * inv + shift[row + i]);
-    scales[i] = static_cast<float>(P.scale * inv);
+    w.delta[i] = static_cast<float>(sums[2 * i] * inv + shift[row + i]);
+    w.scales[i] = static_cast<float>(P.scale * inv);
     const float* g = dout + (row + i) * P.Ev;
     for (int64_t e = 0; e < P.Ev; ++e) w.dO[i * P.Ev + e] = static_cast<float>(g[e] * inv);
   }
   for (int64_t c0 = lo; c0 < hi; c0 += P.chunk) {
     const int64_t n = std::min(P.chunk, hi - c0), at = T * (c0 - lo);
     add_dv(P, b, h, T, c0, n, w.dO.data(), Pk + at, dv, w);
-    chunk_grads(P, b, h, a, T, c0, n, d.data(), scales.data(), Pk + at, dPk + at,
+    chunk_grads(P, b, h, a, T, c0, n, w.delta.data(), w.scales.data(), Pk + at, dPk + at,
                 Ck == nullptr ? nullptr : Ck + at, dq, dk, w);
   }
 }
