@@ -23,13 +23,7 @@ from torch import Tensor
 from attnlab._grid import Grid
 from attnlab.bias import Bias
 from attnlab.engines._native import kernel, kernel_error
-from attnlab.engines.base import (
-    AttentionRequest,
-    may_hold_nan,
-    sink_rows,
-    weighted_values,
-    with_sinks,
-)
+from attnlab.engines.base import AttentionRequest, may_hold_nan, weighted_values
 from attnlab.engines.blocked_plan import Block, KernelPlan, Plan
 from attnlab.scores import grouped_matmul
 
@@ -49,7 +43,6 @@ __all__ = [
     "kernel_ok",
     "softmax_lse",
     "take",
-    "with_sinks",
 ]
 
 
@@ -178,8 +171,7 @@ def _fused_ok(q: Tensor, k: Tensor, v: Tensor, leaves: tuple[Tensor, ...]) -> bo
 def kernel_ok(req: AttentionRequest, leaves: list[Tensor]) -> bool:
     """Whether attnlab's compiled kernel can run this call (float32 or half on the CPU, no
     bias gradients) and could be built. It soft-caps the scores itself; sinks join its
-    output and lse afterwards (:func:`with_sinks`), and its backward reads the lse they
-    raised.
+    output and lse afterwards (the engine's :func:`~attnlab.engines.base.with_sinks`).
 
     NaN input needs no screen here: the kernel passes a NaN in ``q``, ``k`` or ``v`` on to
     the rows that read it (and their lse), as an fp64 computation does."""
@@ -201,7 +193,7 @@ def kernel_backward(
     the logsumexp in log2 units ``(B, Hq, Lq)`` (the kernel recomputes ``P = 2^(s - lse2)``)
     and ``delta`` ``(B, Hq, Lq)``; each is taken as contiguous float32.
 
-    With ``shift (B, Hq, Lq)`` (the call saw every key of its rows, and no sink), each
+    With ``shift (B, Hq, Lq)`` (the call saw every key of its rows), each
     row's delta is ``sum_j P_ij dP_ij / sum_j P_ij + shift_i`` of the kernel's own ``P``
     and ``dP``, wherever its rows' key span fits the kernel's keep (else the ``delta``
     given): a delta made from the forward's output differs from it by rounding, and every
@@ -265,7 +257,6 @@ class BlockedAttention(torch.autograd.Function):
         q: Tensor,
         k: Tensor,
         v: Tensor,
-        sinks: Tensor | None,
         req: AttentionRequest,
         plan: Plan,
         kplan: KernelPlan | None,
@@ -287,63 +278,44 @@ class BlockedAttention(torch.autograd.Function):
             for blk in plan.blocks:
                 r0, r1 = blk.rows
                 out[:, :, r0:r1], lse[:, :, r0:r1] = _block_forward(req, q, k, v, blk, fused)
-        out, lse = with_sinks(out, lse, sinks)  # backward then sees the sinks' lse
-        ctx.sink_dtype = None if sinks is None else sinks.dtype
         ctx.save_for_backward(q, k, v, out, lse, *leaves)
         ctx.req, ctx.plan, ctx.fused = req, plan, fused
         ctx.kernel = (ops, kplan) if ops is not None else None
         # the kernel's backward recomputes P = 2^(s - lse2) against its own forward's lse2
-        # (see blocked.cpp); with sinks, the raised lse in log2 units
-        ctx.lse2 = lse2 if ops is not None and sinks is None else None
+        ctx.lse2 = lse2 if ops is not None else None
         ctx.set_materialize_grads(False)  # an unused lse (or output) has no gradient: None
-        return out.to(ctx.dtypes[2]), lse
+        return out, lse  # in the accumulation dtype: sinks may still scale them
 
     @staticmethod
     def backward(ctx: Any, dout: Tensor | None, dlse: Tensor | None) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse, *leaves = ctx.saved_tensors
         dout = torch.zeros_like(out) if dout is None else dout.to(q.dtype)
-        delta = (dout * out).sum(-1)  # (B, Hq, Lq)
-        if dlse is not None:  # d lse_i / d s_ij = p_ij: dS = p * (dP - (delta - dlse))
-            delta = delta - dlse.to(delta.dtype)
-        shift = None  # with sinks, P sums to 1 - p_sink: the delta from the output
-        if ctx.sink_dtype is None:  # delta from P and dP themselves: see kernel_backward
-            shift = torch.zeros_like(delta) if dlse is None else -dlse.to(delta.dtype)
-        if ctx.kernel is not None:
-            lse2 = ctx.lse2 if ctx.lse2 is not None else lse * LOG2E
-            saved = (q, k, v, lse2, delta)
+        # d lse_i / d s_ij = p_ij: dS = p * (dP - (delta - dlse)); each row's delta comes
+        # from its own P and dP (see kernel_backward), shifted by -dlse
+        shift = lse.new_zeros(lse.shape) if dlse is None else -dlse.to(lse.dtype)  # (B, Hq, Lq)
+        if ctx.kernel is not None:  # the kernel's fallback, where a row's span is too long:
+            delta = (dout * out).sum(-1) + shift  # the delta of the forward's output
+            saved = (q, k, v, ctx.lse2, delta)
             qkv = kernel_backward(*ctx.kernel, ctx.req.scale, dout, *saved, shift=shift)
             grads = _Grads(qkv, [])
         else:
-            sv = _Saved(ctx.req, q, k, v, out, lse, dout, delta, shift, leaves)
+            sv = _Saved(ctx.req, q, k, v, out, lse, dout, shift, leaves)
             grads = _Grads.zeros(q, k, v, leaves)
             fused = ctx.fused and dlse is None  # torch's fused backward makes its own delta
             step = _fused_block_backward if fused else _eager_block_backward
             for blk in ctx.plan.blocks:
                 step(sv, blk, grads)
         dq, dk, dv = (g.to(t) for g, t in zip(grads.qkv, ctx.dtypes, strict=True))
-        dsinks = None
-        if ctx.sink_dtype is not None:  # d lse' / d sink = p_sink; d out / d sink = -p_sink out
-            sinks = ctx.req.sinks
-            # in float64: a per-head sink's gradient sums B * L terms of one sign
-            wide = torch.promote_types(lse.dtype, torch.float64)
-            rows = sink_rows(sinks).to(wide)  # (1, H, 1) or (B or 1, H, L)
-            d_out = (dout.to(wide) * out.to(wide)).sum(-1)  # delta, (B, Hq, Lq)
-            d_out = d_out if dlse is None else d_out - dlse.to(wide)
-            total = lse.to(wide)  # -inf: no key and no sink (-inf), where p_sink is 0
-            p_sink = torch.exp(rows - total).masked_fill(torch.isneginf(total), 0.0)
-            d = -(p_sink * d_out).sum_to_size(rows.shape)
-            dsinks = d.reshape(sinks.shape).to(ctx.sink_dtype)
-        return (dq, dk, dv, dsinks, None, None, None, *grads.leaves)
+        return (dq, dk, dv, None, None, None, *grads.leaves)
 
 
 @dataclass(frozen=True)
 class _Saved:
     """What one backward pass reads: the forward's tensors and the upstream gradient.
 
-    ``delta`` is ``rowsum(dout * out)`` ``(B, Hq, Lq)``, less the lse's upstream gradient;
-    ``shift`` ``(B, Hq, Lq)``, where not None, is that gradient negated, for a delta made of
-    each block's own probabilities (see :func:`kernel_backward`); ``leaves`` are the bias
-    tensors that need gradients.
+    ``shift`` ``(B, Hq, Lq)`` is the lse's upstream gradient negated, added to each row's
+    delta, which each block makes of its own probabilities (see :func:`kernel_backward`);
+    ``leaves`` are the bias tensors that need gradients.
     """
 
     req: AttentionRequest
@@ -353,8 +325,7 @@ class _Saved:
     out: Tensor
     lse: Tensor
     dout: Tensor
-    delta: Tensor
-    shift: Tensor | None
+    shift: Tensor
     leaves: list[Tensor]
 
 
@@ -409,12 +380,10 @@ def _eager_block_backward(sv: _Saved, blk: Block, grads: _Grads) -> None:
     p = _probs(_masked(s, tile), lse[:, :, r0:r1])
     do = dout[:, :, r0:r1]  # (B, Hq, T, Ev)
     dp = grouped_matmul(do, v_sel.transpose(-1, -2))  # (B, Hq, T, Ks)
-    if sv.shift is None:
-        delta = sv.delta[:, :, r0:r1].unsqueeze(-1)  # (B, Hq, T, 1)
-    else:  # the block holds every key of its rows: p normalized, delta of this p and dp
-        total = p.sum(-1, keepdim=True)  # (B, Hq, T, 1); 0 for rows without keys
-        p = torch.where(total > 0, p / total, p)
-        delta = (p * dp).sum(-1, keepdim=True) + sv.shift[:, :, r0:r1].unsqueeze(-1)
+    # the block holds every key of its rows: p normalized, delta of this p and dp
+    total = p.sum(-1, keepdim=True)  # (B, Hq, T, 1); 0 for rows without keys
+    p = torch.where(total > 0, p / total, p)
+    delta = (p * dp).sum(-1, keepdim=True) + sv.shift[:, :, r0:r1].unsqueeze(-1)
     ds = p * (dp - delta)  # (B, Hq, T, Ks)
     bias_ds = ds  # the bias is added after the cap
     if req.softcap is not None:  # d(c tanh(x / c)) / dx = 1 - (s / c)^2
