@@ -7,6 +7,10 @@ the CPU. tests/test_gpu.py runs it forward and backward on CUDA.
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,9 +19,10 @@ import torch.nn.functional as F
 import attnlab
 from attnlab import bias as B
 from attnlab import masks as M
+from attnlab.bench import BenchConfig
 from attnlab.engines import AttentionRequest, select_engine
 from attnlab.engines import flex as flex_mod
-from attnlab.engines.flex import block_mask, flex_available, moved
+from attnlab.engines.flex import block_mask, cpu_compile_problem, flex_available, moved
 from tests.conftest import assert_2x_rule, max_err, naive_attention
 
 pytestmark = pytest.mark.skipif(not flex_available(), reason="this torch has no FlexAttention")
@@ -25,6 +30,8 @@ BlockMask = pytest.importorskip("torch.nn.attention.flex_attention").BlockMask
 
 BATCH, HQ, HKV, L, E = 2, 4, 2, 300, 32
 EAGER = {"compile": False}  # FlexAttention's own eager path: no compiler needed
+# torch compiles FlexAttention for the CPU only with AVX2 or AVX-512 in use
+COMPILES = pytest.mark.skipif(cpu_compile_problem() is not None, reason=f"{cpu_compile_problem()}")
 MASKS = {
     "causal": M.causal,
     "window": lambda: M.causal() & M.window(40),
@@ -143,6 +150,7 @@ def test_t5_buckets_follow_fp64_without_autograd() -> None:
     assert_2x_rule(ours, plain, ref, "T5 buckets")  # type: ignore[arg-type]
 
 
+@COMPILES
 def test_compiled_flexattention_skips_tiles_and_stays_exact() -> None:
     """The compiled CPU kernel reads the block mask (the eager path does not): a window
     and packed documents with padding, against fp64."""
@@ -180,8 +188,35 @@ def test_auto_never_picks_it_on_the_cpu() -> None:
     req = AttentionRequest(q, q, q, M.causal() & M.window(64), None, 0.125, "dot",
                            "softmax", 0.0, False, False)  # fmt: skip
     assert select_engine("auto", req).name == "blocked"
-    assert max_err(attnlab.attention(q, q, q, mask=req.mask, engine="flex"),
+    opts = None if cpu_compile_problem() is None else EAGER
+    assert max_err(attnlab.attention(q, q, q, mask=req.mask, engine="flex", engine_options=opts),
                    attnlab.attention(q, q, q, mask=req.mask)) < 1e-5  # fmt: skip
+
+
+def test_a_cpu_torch_cannot_compile_it_for_is_declined_by_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """torch's CPU FlexAttention template needs AVX2 or AVX-512 in use: without them (an
+    old or ARM CPU, ``ATEN_CPU_CAPABILITY=default``) compiling failed deep in inductor.
+    The engine declines compiling there by name, uncompiled still runs (the control),
+    and ``attnlab bench --flex`` says so in one line before any work."""
+    q, k, v = (t.float() for t in _qkv())
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    with pytest.raises(ValueError, match=r"only where it runs AVX2 or AVX-512.*runs DEFAULT"):
+        attnlab.attention(q, k, v, mask=M.causal(), engine="flex")
+    ours = attnlab.attention(q, k, v, mask=M.causal(), engine="flex", engine_options=EAGER)
+    assert max_err(ours, attnlab.attention(q, k, v, mask=M.causal(), engine="reference")) < 1e-5
+    with pytest.raises(ValueError, match="flex=True: torch compiles FlexAttention"):
+        BenchConfig(flex=True)
+    assert BenchConfig(flex=False).flex is False  # the control
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    cmd = [str(Path(sys.executable).parent / "attnlab"), "bench", "--flex", "--smoke"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert (res.returncode, res.stdout) == (2, ""), res.stderr
+    assert res.stderr.strip().splitlines() == [
+        "attnlab bench: error: argument --flex: torch compiles FlexAttention for the CPU only "
+        "where it runs AVX2 or AVX-512, and this process runs DEFAULT; leave --flex out"
+    ]
 
 
 def test_the_recompile_limit_is_raised_for_the_engines_calls_only() -> None:

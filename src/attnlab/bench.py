@@ -37,6 +37,7 @@ import attnlab.engines
 from attnlab import bias as B
 from attnlab import masks as M
 from attnlab._validate import positive_int
+from attnlab.engines.flex import cpu_compile_problem, flex_available
 from attnlab.functional import unsupported_by
 
 __all__ = [
@@ -104,10 +105,19 @@ class BenchConfig:
                 f"dtype={self.dtype!r} is not a dtype; expected one of {tuple(DTYPES)}"
             )
         check_device(self.device)
+        if self.flex and (why := flex_problem(self.device)) is not None:
+            raise ValueError(f"flex=True: {why}; expected flex=False here")
 
     def smoke(self) -> BenchConfig:
         """These settings at tiny sizes with one repeat (``--smoke``, for CI)."""
         return dataclasses.replace(self, n=256, heads=2, repeat=1, window=64)
+
+
+def flex_problem(device: str) -> str | None:
+    """Why FlexAttention cannot be timed, compiled, on ``device`` here, or None."""
+    if not flex_available():
+        return "this torch has no FlexAttention (torch.nn.attention.flex_attention)"
+    return cpu_compile_problem() if torch.device(device).type == "cpu" else None
 
 
 def check_device(device: str) -> None:

@@ -75,6 +75,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> int:
     """``attnlab bench``: one JSON line per record, flushed as each is measured."""
+    if args.flex and (why := bench.flex_problem(args.device)) is not None:
+        raise UsageError("--flex", f"{why}; leave --flex out")
     cfg = bench.BenchConfig(
         n=args.n,
         heads=args.heads,

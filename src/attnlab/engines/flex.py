@@ -35,6 +35,7 @@ import contextlib
 import copy
 import functools
 import itertools
+import sys
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, cast
@@ -52,7 +53,7 @@ from attnlab.masks.custom import Custom
 from attnlab.masks.layout import TileState
 from attnlab.masks.sparse import BlockRandom, GlobalTokens
 
-__all__ = ["FlexEngine", "flex_available"]
+__all__ = ["FlexEngine", "cpu_compile_problem", "flex_available"]
 
 BLOCK = 128  # FlexAttention's default sparse block size
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -66,6 +67,30 @@ def flex_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def cpu_compile_problem() -> str | None:
+    """Why torch cannot compile FlexAttention for this process's CPU, or None if it can:
+    its CPU template needs AVX2 or AVX-512 in use (not ``ATEN_CPU_CAPABILITY=default``, nor
+    an ARM CPU), and neither macOS nor an Intel GPU (XPU) in the process; otherwise
+    compiling fails deep inside inductor ("torch.compile on current platform is not
+    supported for CPU").
+
+    Example:
+        >>> problem = cpu_compile_problem()
+        >>> problem is None or problem.startswith("torch compiles FlexAttention")
+        True
+    """
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap not in ("AVX2", "AVX512"):
+        return (
+            "torch compiles FlexAttention for the CPU only where it runs AVX2 or AVX-512, "
+            f"and this process runs {cap}"
+        )
+    if sys.platform == "darwin" or torch.xpu.is_available():
+        where = "macOS" if sys.platform == "darwin" else "a process with an Intel GPU (XPU)"
+        return f"torch compiles FlexAttention for the CPU, but not on {where}"
+    return None
 
 
 class FlexEngine(Engine):
@@ -121,6 +146,9 @@ class FlexEngine(Engine):
                     "torch's CPU compiler fails on a global-token mask in FlexAttention "
                     "(torch.isin); engine_options={'compile': False} runs it uncompiled"
                 )
+            problem = cpu_compile_problem()
+            if problem is not None:
+                return f"{problem}; engine_options={{'compile': False}} runs it uncompiled"
         if q.dtype not in _DTYPES:
             return f"FlexAttention here runs float32, bfloat16 and float16, not {q.dtype}"
         e = q.shape[-1]
