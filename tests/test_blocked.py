@@ -534,6 +534,40 @@ def test_eager_backward_delta_comes_from_its_own_probabilities(case: str) -> Non
         assert max_err(o, w) <= 2 * max_err(p, w) + ulp, (name, max_err(o, w), max_err(p, w))
 
 
+@pytest.mark.parametrize(
+    ("lk", "softcap"),
+    [(blocked_mod.KEEP_KEYS, 30.0), ((1 << 22) // (2 * blocked_mod.ROWS[1]) + 1, None)],
+    ids=["longest span kept, capped", "span past the keep"],
+)
+def test_kernel_backward_around_its_keep(lk: int, softcap: float | None) -> None:
+    """The kernel keeps a row group's P and dP (and a cap's derivative) for a delta of its
+    own up to 2^22 floats; past them it reads the delta given, which Python makes only for
+    calls with more than ``KEEP_KEYS`` keys. One row group whose every row sees all keys:
+    at ``KEEP_KEYS`` capped (the delta given is not made, and must not be read), and just
+    past the keep uncapped (the delta given is read), against fp64 by the 2x rule."""
+    if blocked_mod.kernel() is None:
+        pytest.skip(f"attnlab's CPU kernel could not be built: {blocked_mod.kernel_error()}")
+    g = torch.Generator().manual_seed(0)
+    n = blocked_mod.ROWS[1]
+    x = [torch.randn(1, 1, m, 16, generator=g, dtype=torch.float64) for m in (n, lk, lk)]
+    dout = torch.randn(1, 1, n, 16, generator=g, dtype=torch.float64)
+
+    def grads(ours: bool, dtype: torch.dtype) -> list[Tensor]:
+        q, k, v = (t.to(dtype).requires_grad_() for t in x)
+        if ours:
+            out = attnlab.attention(q, k, v, engine="blocked", softcap=softcap)
+        else:
+            out = naive_attention(q, k, v, softcap=softcap)[0]
+        return list(torch.autograd.grad((out * dout.to(dtype)).sum(), (q, k, v)))
+
+    want, plain = grads(False, torch.float64), grads(False, torch.float32)
+    blocked_mod.STATS.clear()
+    got = grads(True, torch.float32)
+    assert blocked_mod.STATS.get("scores", 0) > 0  # the kernel ran
+    for name, o, p, w in zip(["dq", "dk", "dv"], got, plain, want, strict=True):
+        assert_2x_rule(o, p, w, name)
+
+
 # A NaN in q, k or v reaches exactly the rows that read it, as in fp64: the kernel runs
 # without a NaN screen. Masks on the kernel's interval path (causal, window with ALiBi,
 # padding with rows that see nothing) and on its partial-tile path (~window).

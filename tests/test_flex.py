@@ -188,9 +188,9 @@ def test_auto_never_picks_it_on_the_cpu() -> None:
     req = AttentionRequest(q, q, q, M.causal() & M.window(64), None, 0.125, "dot",
                            "softmax", 0.0, False, False)  # fmt: skip
     assert select_engine("auto", req).name == "blocked"
-    opts = None if cpu_compile_problem() is None else EAGER
-    assert max_err(attnlab.attention(q, q, q, mask=req.mask, engine="flex", engine_options=opts),
-                   attnlab.attention(q, q, q, mask=req.mask)) < 1e-5  # fmt: skip
+    if cpu_compile_problem() is None:  # (uncompiled, the 2x-rule tests above cover it)
+        assert max_err(attnlab.attention(q, q, q, mask=req.mask, engine="flex"),
+                       attnlab.attention(q, q, q, mask=req.mask)) < 1e-5  # fmt: skip
 
 
 def test_a_cpu_torch_cannot_compile_it_for_is_declined_by_name(
