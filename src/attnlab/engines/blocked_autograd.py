@@ -150,10 +150,10 @@ _FLASH_BWD: Any = getattr(
 USE_FUSED = True  # tests switch this off to check the eager fallback
 USE_KERNEL = True  # tests switch this off to check torch's per-block kernel
 # query rows per task of the kernel's forward, and per row group of its backward: a group
-# computes its rows' whole key span (a window's rows: window + group keys), and keeps its
-# P and dP over that span between two passes (24: 18-24% faster than 64 forward+backward,
-# AVX512 and AVX2, 2026-12-01; 16 was faster still under windows, slower under causal)
-ROWS = [32, 24]
+# computes its rows' whole key span (a window's rows: window + group keys), keeps its P and
+# dP over that span between two passes, and transposes them in vector blocks (32: 18-28%
+# faster forward+backward than 64 on AVX512 and AVX2, 2026-12-01; see the README)
+ROWS = [32, 32]
 LN2, LOG2E = math.log(2.0), 1.0 / math.log(2.0)  # the kernel's logsumexp is in log2 units
 # keys a row group of the kernel's backward keeps P, dP and a cap's derivative of, for a
 # delta of its own (blocked.cpp's kOwnDeltaFloats = 2^22 floats over ROWS[1] rows x 3)

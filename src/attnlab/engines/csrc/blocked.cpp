@@ -142,12 +142,6 @@ at::Tensor transposed(const at::Tensor& x) {
   return out;
 }
 
-// dst (n x m) = src (m x n)^T, leading dims n and m.
-void transpose(const float* src, int64_t m, int64_t n, float* dst) {
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t j = 0; j < n; ++j) dst[j * m + i] = src[i * n + j];
-}
-
 // The planned problem: tensors, sizes, the block schedule and the partial tiles.
 struct Problem {
   const float *q, *k, *v;
@@ -387,7 +381,8 @@ void value_tile(const float* st, int64_t n, const float* v, int64_t ldv, int j0,
     }
 }
 
-// dst (n x m, leading dim ldd) = src (m x n, leading dim lds) transposed, by vector blocks.
+// dst (n x m, leading dim ldd) = src (m x n, leading dim lds) transposed, by vector blocks
+// (the last rows, fewer than a vector, by AVX-512's masked blocks where it has them).
 void transpose_block(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t m,
                      int64_t n) {
   int64_t i = 0;
@@ -398,8 +393,14 @@ void transpose_block(const float* src, int64_t lds, float* dst, int64_t ldd, int
     for (; j < n; ++j)
       for (int64_t u = i; u < i + kW; ++u) dst[j * ldd + u] = src[u * lds + j];
   }
+  if (i == m) return;
+#if defined(CPU_CAPABILITY_AVX512)
+  at::vec::transpose_mxn<float>(src + i * lds, lds, dst + i, ldd, static_cast<int>(m - i),
+                                static_cast<int>(n));
+#else
   for (; i < m; ++i)
     for (int64_t j = 0; j < n; ++j) dst[j * ldd + i] = src[i * lds + j];
+#endif
 }
 
 // Cache lines wanted soon (the next row tile's queries and new keys and values, this tile's
@@ -1572,7 +1573,7 @@ void add_dv(const Problem& P, int64_t b, int64_t h, int64_t T, int64_t c0, int64
             const float* dO, const float* S, float* dv, Scratch& w) {
   const int64_t kv = (b * P.Hkv + h / P.group()) * P.Lk + c0;
   float* X = w.X.data();  // n x T: P^T
-  transpose(S, T, n, X);
+  transpose_block(S, n, X, T, T, n);
   mm(n, P.Ev, T, X, T, dO, P.Ev, dv + kv * P.Ev, P.Ev, true);
 }
 
@@ -1618,7 +1619,7 @@ void chunk_grads(const Problem& P, int64_t b, int64_t h, int64_t a, int64_t T, i
   const int64_t kv = (b * P.Hkv + h / P.group()) * P.Lk + c0;
   mm(T, P.E, n, S, n, P.krow(b, h, c0), P.E, dq + row * P.E, P.E, true);  // dQ += dS K
   float* X = w.X.data();  // n x T: dS^T
-  transpose(S, T, n, X);
+  transpose_block(S, n, X, T, T, n);
   mm(n, P.E, T, X, T, P.qrow(b, h, a), P.E, dk + kv * P.E, P.E, true);  // dK += dS^T Q
 }
 
