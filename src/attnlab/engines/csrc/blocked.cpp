@@ -134,9 +134,14 @@ at::Tensor transposed(const at::Tensor& x) {
       const int64_t m = t / nl, l0 = (t % nl) * 16, l1 = std::min(l0 + 16, L);
       const float* s = src + m * L * E;
       float* d = dst + m * E * ld;
-      for (int64_t e0 = 0; e0 < E; e0 += 16)
+      for (int64_t e0 = 0; e0 < E; e0 += 16) {
+        if (l1 - l0 == 16 && e0 + 16 <= E) {  // a whole 16 x 16 tile, in vector registers
+          at::vec::transpose_mxn<float, 16, 16>(s + l0 * E + e0, E, d + e0 * ld + l0, ld);
+          continue;
+        }
         for (int64_t l = l0; l < l1; ++l)
           for (int64_t e = e0; e < std::min(e0 + 16, E); ++e) d[e * ld + l] = s[l * E + e];
+      }
     }
   });
   return out;
