@@ -536,15 +536,19 @@ def test_eager_backward_delta_comes_from_its_own_probabilities(case: str) -> Non
 
 @pytest.mark.parametrize(
     ("lk", "softcap"),
-    [(blocked_mod.KEEP_KEYS, 30.0), ((1 << 22) // (2 * blocked_mod.ROWS[1]) + 1, None)],
+    [
+        (blocked_mod.KEEP_FLOATS // (3 * blocked_mod.ROWS[1]), 30.0),
+        (blocked_mod.KEEP_FLOATS // (2 * blocked_mod.ROWS[1]) + 1, None),
+    ],
     ids=["longest span kept, capped", "span past the keep"],
 )
 def test_kernel_backward_around_its_keep(lk: int, softcap: float | None) -> None:
     """The kernel keeps a row group's P and dP (and a cap's derivative) for a delta of its
-    own up to 2^22 floats; past them it reads the delta given, which Python makes only for
-    calls with more than ``KEEP_KEYS`` keys. One row group whose every row sees all keys:
-    at ``KEEP_KEYS`` capped (the delta given is not made, and must not be read), and just
-    past the keep uncapped (the delta given is read), against fp64 by the 2x rule."""
+    own up to ``KEEP_FLOATS`` floats; past them it reads the delta given, which Python
+    makes only for calls whose every span could not be kept. One row group whose every row
+    sees all keys: the longest span kept capped (the delta given is not made, and must not
+    be read), and just past the keep uncapped (the delta given is read), against fp64 by
+    the 2x rule."""
     if blocked_mod.kernel() is None:
         pytest.skip(f"attnlab's CPU kernel could not be built: {blocked_mod.kernel_error()}")
     g = torch.Generator().manual_seed(0)

@@ -155,9 +155,9 @@ USE_KERNEL = True  # tests switch this off to check torch's per-block kernel
 # faster forward+backward than 64 on AVX512 and AVX2, 2026-12-01; see the README)
 ROWS = [32, 32]
 LN2, LOG2E = math.log(2.0), 1.0 / math.log(2.0)  # the kernel's logsumexp is in log2 units
-# keys a row group of the kernel's backward keeps P, dP and a cap's derivative of, for a
-# delta of its own (blocked.cpp's kOwnDeltaFloats = 2^22 floats over ROWS[1] rows x 3)
-KEEP_KEYS = (1 << 22) // (ROWS[1] * 3)
+# floats a row group of the kernel's backward may keep of its P, dP (and a cap's
+# derivative) over its key span, for a delta of its own (blocked.cpp's kOwnDeltaFloats)
+KEEP_FLOATS = 1 << 22
 STATS: dict[str, int] = {}  # scores the kernel's last forward computed (for tests, benchmarks)
 
 
@@ -302,7 +302,8 @@ class BlockedAttention(torch.autograd.Function):
         shift = lse.new_zeros(lse.shape) if dlse is None else -dlse.to(lse.dtype)  # (B, Hq, Lq)
         if ctx.kernel is not None:  # the kernel's fallback, where a row's span is too long:
             # the delta of the forward's output (not read, and not made, if none can be)
-            delta = shift if k.shape[2] <= KEEP_KEYS else (dout * out).sum(-1) + shift
+            kept = k.shape[2] * ROWS[1] * 3 <= KEEP_FLOATS  # every span, capped or not
+            delta = shift if kept else (dout * out).sum(-1) + shift
             saved = (q, k, v, ctx.lse2, delta)
             qkv = kernel_backward(*ctx.kernel, ctx.req.scale, dout, *saved, shift=shift)
             grads = _Grads(qkv, [])
