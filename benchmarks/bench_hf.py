@@ -386,9 +386,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args()
     if args.flex:  # transformers' flex_attention, compiled for the CPU
-        from attnlab.engines.flex import cpu_compile_problem
+        from attnlab.bench import flex_problem
 
-        if (why := cpu_compile_problem()) is not None:
+        if (why := flex_problem("cpu")) is not None:
             parser.error(f"--flex: {why}")
     if args.threads:  # one thread keeps a shared machine's other jobs from stalling the pool
         torch.set_num_threads(args.threads)
