@@ -219,6 +219,47 @@ def test_a_cpu_torch_cannot_compile_it_for_is_declined_by_name(
     ]
 
 
+_ONE_WINDOW = """
+import torch, attnlab
+from attnlab import masks as M
+g = torch.Generator().manual_seed(0)
+q, k, v = (torch.randn(1, 2, 256, 32, generator=g) for _ in range(3))
+mask = M.causal() & M.window(40)
+ours = attnlab.attention(q, k, v, mask=mask, engine="flex").double()
+ref = attnlab.attention(q.double(), k.double(), v.double(), mask=mask, engine="reference")
+print((ours - ref).abs().max().item())
+"""
+
+
+def _vector_widths() -> set[int]:
+    from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+
+    return {isa.bit_width() for isa in valid_vec_isa_list()}
+
+
+@COMPILES
+@pytest.mark.skipif(
+    not {256, 512} <= _vector_widths(), reason="needs a CPU with both AVX2 and AVX-512"
+)
+def test_a_compile_cache_shared_by_two_instruction_sets_stays_exact(tmp_path: Path) -> None:
+    """Inductor's cache key leaves out the instruction set it compiles for: a graph cached
+    under AVX-512 and loaded under ``ATEN_CPU_CAPABILITY=avx2`` (and the other way) gave
+    errors of 3.3. The engine names its vector width in the compile options, so each
+    of the two processes here, sharing one fresh cache, matches fp64 (the first one, which
+    fills the cache, is the control; the second failed with an error of 2.7 before)."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+    errors = {}
+    for cap in ("avx512", "avx2"):
+        cmd = [sys.executable, "-c", _ONE_WINDOW]
+        res = subprocess.run(
+            cmd, capture_output=True, text=True, env={**env, "ATEN_CPU_CAPABILITY": cap},
+            timeout=600,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr[-2000:]
+        errors[cap] = float(res.stdout.split()[-1])
+    assert max(errors.values()) < 1e-5, errors
+
+
 def test_the_recompile_limit_is_raised_for_the_engines_calls_only() -> None:
     """torch.compile allows 8 compilations of flex_attention per process by default,
     shared with every caller; past them torch runs it uncompiled (dense scores). The

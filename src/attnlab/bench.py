@@ -37,7 +37,7 @@ import attnlab.engines
 from attnlab import bias as B
 from attnlab import masks as M
 from attnlab._validate import positive_int
-from attnlab.engines.flex import cpu_compile_problem, flex_available
+from attnlab.engines.flex import compile_options, cpu_compile_problem, flex_available
 from attnlab.functional import unsupported_by
 
 __all__ = [
@@ -235,7 +235,7 @@ def _flex_anchor(name: str, cfg: BenchConfig) -> Callable[..., Tensor]:
         if name == "dense"
         else create_block_mask(mask_mod, None, None, n, n, device=cfg.device)
     )
-    compiled = torch.compile(flex_attention)
+    compiled = torch.compile(flex_attention, options=compile_options())
     mod = score_mod if name == "alibi" else None
     return lambda q, k, v: compiled(q, k, v, score_mod=mod, block_mask=block_mask)
 

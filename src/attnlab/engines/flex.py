@@ -53,7 +53,7 @@ from attnlab.masks.custom import Custom
 from attnlab.masks.layout import TileState
 from attnlab.masks.sparse import BlockRandom, GlobalTokens
 
-__all__ = ["FlexEngine", "cpu_compile_problem", "flex_available"]
+__all__ = ["FlexEngine", "compile_options", "cpu_compile_problem", "flex_available"]
 
 BLOCK = 128  # FlexAttention's default sparse block size
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -368,10 +368,36 @@ def _room_to_compile() -> contextlib.AbstractContextManager:
 _COMPILED: list[Callable[..., Any]] = []
 
 
+def compile_options() -> dict[str, Any]:
+    """``torch.compile`` options that pin inductor's CPU vector width to the one this
+    process picks, so that it is part of inductor's cache key.
+
+    Inductor picks its CPU instruction set from ``ATEN_CPU_CAPABILITY`` (and the CPU), but
+    its FX graph cache key leaves the choice out: a graph cached under AVX-512 and loaded
+    under ``ATEN_CPU_CAPABILITY=avx2`` (or the other way, or on another machine sharing the
+    cache) compiled 16-lane code with 8-lane vectors and returned wrong attention (error
+    3.3 where plain PyTorch's was 8e-7). With the width named in the options the two get
+    different keys. Empty where inductor vectorizes nothing or the width is already set.
+
+    Example:
+        >>> opts = compile_options()
+        >>> opts == {} or opts["cpp.simdlen"] in (128, 256, 512)
+        True
+    """
+    from torch._inductor import config
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    if config.cpp.simdlen is not None:
+        return {}
+    isa = pick_vec_isa()
+    return {"cpp.simdlen": isa.bit_width()} if isa else {}
+
+
 def _compiled() -> Callable[..., Any]:
     """``torch.compile(flex_attention)``, made once per process."""
     if not _COMPILED:
         from torch.nn.attention.flex_attention import flex_attention
 
-        _COMPILED.append(torch.compile(flex_attention, dynamic=False))
+        compiled = torch.compile(flex_attention, dynamic=False, options=compile_options())
+        _COMPILED.append(compiled)
     return _COMPILED[0]
