@@ -290,6 +290,29 @@ def test_packed_rows_from_position_ids_equal_separate_sequences(family: str) -> 
     assert max_err(packed, model(input_ids=ids, position_ids=pos, use_cache=False).logits) < 1e-5
 
 
+def test_under_torch_compile_the_backend_runs_as_written_and_equals_eager() -> None:
+    """``torch.compile(model)`` leaves the backend's calls to run as written (traced, its
+    planning broke the graph at each read of the mask's values, 14 breaks with warnings
+    for this model): every graph break is the disabled call, and the compiled model, with
+    packed rows, equals eager."""
+    import torch._dynamo as dynamo
+
+    model = tiny("mistral", "attnlab")
+    pos = torch.tensor([list(range(6)) + list(range(10))])  # two packed sequences
+    kw = {"input_ids": _ids(1, 16), "position_ids": pos, "use_cache": False}
+    dynamo.reset()
+    try:
+        with torch.no_grad():
+            reasons = [r.reason for r in dynamo.explain(model)(**kw).break_reasons]
+            got = torch.compile(model)(**kw).logits
+            model.set_attn_implementation("eager")
+            want = model(**kw).logits
+    finally:
+        dynamo.reset()
+    assert reasons and all("torch.compiler.disable" in r for r in reasons), reasons
+    assert max_err(got, want) < 1e-5
+
+
 @pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "gpt_oss", "llama4", "gpt2"])
 def test_generate_with_the_cache_gives_eagers_greedy_tokens(family: str, tmp_path: Path) -> None:
     tiny(family).save_pretrained(tmp_path)  # the two-line use, from a folder

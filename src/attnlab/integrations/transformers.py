@@ -89,6 +89,9 @@ def register(name: str = NAME, engine: str = "auto") -> str:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
+    # Under torch.compile(model) each call runs as written, between the compiled pieces:
+    # traced, its planning (which reads the mask's values) broke the graph where it did
+    @torch.compiler.disable(reason="attnlab plans its tiles from the mask's values")
     def forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                 attention_mask: Any, **kwargs: Any) -> tuple[Tensor, Tensor | None]:  # fmt: skip
         return attention_forward(module, query, key, value, attention_mask, engine=engine, **kwargs)

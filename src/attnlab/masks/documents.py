@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -25,7 +26,13 @@ class Documents(Mask):
     def __init__(self, doc_ids: object) -> None:
         ids = int_tensor("doc_ids", doc_ids, (1, 2))
         self.ids = ids if ids.dim() == 2 else ids.unsqueeze(0)  # (Bd, L)
-        self._bounds = _run_bounds(self.ids)
+
+    @cached_property
+    def _bounds(self) -> tuple[Tensor, Tensor] | None:
+        """Each position's document run, found at the first call that asks: reading the
+        ids' values there, not when the mask is made, lets torch.compile trace a model
+        that makes this mask without a graph break."""
+        return _run_bounds(self.ids)
 
     @property
     def batch_size(self) -> int | None:
