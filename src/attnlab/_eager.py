@@ -1,0 +1,37 @@
+"""Functions that ``torch.compile`` leaves to run as written, between compiled pieces.
+
+attnlab plans each attention call in Python from the values of its mask (row spans, the
+tiles to skip, plans cached by the mask object). Traced by dynamo, that planning broke
+the graph at each read and, on the blocked engine, failed in inductor or indexed out of
+bounds; run as written, the call is one graph break and exactly the uncompiled call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar, cast
+
+import torch
+
+__all__ = ["as_written"]
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def as_written(reason: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
+    """A decorator: ``torch.compiler.disable`` with ``reason``, keeping the signature's
+    types (torch's own decorator is untyped).
+
+    Example:
+        >>> @as_written("reads its argument's values")
+        ... def first(x: torch.Tensor) -> int:
+        ...     return int(x[0])
+        >>> torch.compile(lambda x: first(x) + 1)(torch.tensor([41]))
+        42
+    """
+
+    def decorate(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+        return cast(Callable[_P, _R], torch.compiler.disable(fn, reason=reason))
+
+    return decorate

@@ -1,0 +1,62 @@
+"""attnlab under ``torch.compile``: each attention call runs as written between the
+compiled pieces (``torch.compiler.disable`` on :func:`attnlab.attention`), so a compiled
+function or layer gives the uncompiled result. Traced, the planning broke the graph at
+each read of a mask's values and, on the blocked engine, failed in inductor (a window)
+or indexed out of bounds (documents, padding). tests/test_hf_models.py covers a compiled
+transformers model.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnlab
+from attnlab import masks as M
+from attnlab.nn.attention import MultiHeadAttention
+from tests.conftest import max_err
+
+dynamo = pytest.importorskip("torch._dynamo")
+MASKS = {
+    "window": lambda: M.causal() & M.window(40),
+    "documents": lambda: M.documents(torch.arange(300) * 3 // 300),
+    "padding": lambda: M.padding([300, 250]),
+}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo() -> object:
+    dynamo.reset()
+    yield
+    dynamo.reset()
+
+
+@pytest.mark.parametrize("name", list(MASKS))
+def test_a_compiled_call_equals_the_call_and_breaks_only_there(name: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 300, 32, generator=g) for _ in range(3))
+    mask = MASKS[name]()
+
+    def f(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return attnlab.attention(q, k, v, mask=mask, engine="blocked") * 2
+
+    reasons = [r.reason for r in dynamo.explain(f)(q, k, v).break_reasons]
+    assert all("torch.compiler.disable" in r for r in reasons), reasons
+    want = f(q, k, v)
+    assert max_err(torch.compile(f)(q, k, v), want) == 0.0  # the same kernel, as written
+    assert max_err(want, attnlab.attention(q, k, v, mask=mask, engine="reference") * 2) < 1e-5
+
+
+def test_a_compiled_layer_trains_as_the_layer() -> None:
+    """MultiHeadAttention on the blocked engine, forward and the input's gradient."""
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(64, 8, num_kv_heads=2, engine="blocked")
+    x = torch.randn(2, 200, 64, requires_grad=True)
+    mask = M.causal() & M.window(30)
+    outs, grads = [], []
+    for layer in (mha, torch.compile(mha)):
+        out, _ = layer(x, mask=mask)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.square().sum(), x)[0])
+    assert max_err(outs[1], outs[0]) < 1e-5
+    assert max_err(grads[1], grads[0]) < 1e-4 * grads[0].abs().max().item()
