@@ -1,6 +1,7 @@
 """attnlab under ``torch.compile``: each attention call runs as written between the
-compiled pieces (``torch.compiler.disable`` on :func:`attnlab.attention`), so a compiled
-function or layer gives the uncompiled result. Traced, the planning broke the graph at
+compiled pieces (``torch.compiler.disable`` on :func:`attnlab.attention`), and the layers
+leave the fusing of their linears to inductor, so a compiled function, layer or decoder
+gives the uncompiled result. Traced, the planning broke the graph at
 each read of a mask's values and, on the blocked engine, failed in inductor (a window)
 or indexed out of bounds (documents, padding). tests/test_hf_models.py covers a compiled
 transformers model.
@@ -13,7 +14,9 @@ import torch
 
 import attnlab
 from attnlab import masks as M
+from attnlab.nn import DecoderOnly, LayerConfig
 from attnlab.nn.attention import MultiHeadAttention
+from attnlab.positional import RotaryEmbedding
 from tests.conftest import max_err
 
 dynamo = pytest.importorskip("torch._dynamo")
@@ -60,3 +63,21 @@ def test_a_compiled_layer_trains_as_the_layer() -> None:
         grads.append(torch.autograd.grad(out.square().sum(), x)[0])
     assert max_err(outs[1], outs[0]) < 1e-5
     assert max_err(grads[1], grads[0]) < 1e-4 * grads[0].abs().max().item()
+
+
+def test_a_compiled_decoder_at_inference_equals_it_with_and_without_its_cache() -> None:
+    """At inference the layers' linears take oneDNN's fused kernel on a packed weight,
+    which inductor failed to lower; compiled, they leave the fusing to inductor."""
+    torch.manual_seed(0)
+    config = LayerConfig(32, 4, 128, num_kv_heads=2, dropout=0.0, activation="gelu",
+                         norm_first=True, rope=RotaryEmbedding(8))  # fmt: skip
+    lm = DecoderOnly(config, 2).eval()
+    compiled = torch.compile(lm)
+    x = torch.randn(1, 12, 32)
+    with torch.no_grad():
+        want = lm(x)
+        assert max_err(compiled(x), want) < 1e-5
+        cache = lm.new_cache()
+        steps = [compiled(x[:, :8], cache=cache)]
+        steps += [compiled(x[:, i : i + 1], cache=cache) for i in range(8, 12)]
+    assert max_err(torch.cat(steps, 1), want) < 1e-5

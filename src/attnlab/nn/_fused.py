@@ -42,9 +42,12 @@ _POST_OPS["gelu_tanh"] = ("gelu", "tanh")
 
 
 def _fusable(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    """CPU float32 without autograd or autocast, and the op is available."""
+    """CPU float32 without autograd or autocast, and the op is available; not while
+    torch.compile traces (inductor fuses linears itself, and failed to lower this op on
+    the packed weight)."""
     return (
         _POINTWISE is not None
+        and not torch.compiler.is_compiling()
         and x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
         and x.dim() >= 2
