@@ -48,6 +48,19 @@ def test_packed_weight_follows_in_place_updates_and_is_freed() -> None:
         assert len(_fused._PACKED) == before - 1  # the packed copy goes with its weight
 
 
+def test_a_weight_made_under_inference_mode_is_used_as_it_is_and_follows_changes() -> None:
+    """An inference tensor has no version counter (reading it raised), so its changes
+    in place (allowed under inference_mode) could not be seen in a packed copy."""
+    with torch.inference_mode():
+        x, w, b = torch.randn(16, 32), torch.randn(8, 32), torch.randn(8)
+        first = linear(x, w, b)
+        w.mul_(-2.0)
+        second = linear(x, w, b)
+        want = F.linear(x, w, b)
+    assert torch.allclose(second, want, atol=1e-5)
+    assert not torch.allclose(first, second)  # positive control: the change was seen
+
+
 def test_a_new_storage_is_seen_and_data_writes_are_dropped_on_request() -> None:
     """``vector_to_parameters`` (``param.data = t``: a new storage, the same version) is
     seen; a write in place through ``.data`` is seen after :func:`forget_packed`."""

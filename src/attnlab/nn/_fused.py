@@ -119,8 +119,11 @@ def _packed(weight: Tensor, rows: int) -> Tensor:
     "Unchanged" is the weight's version counter (every in-place op on it, optimizer steps
     and ``load_state_dict`` included) and its storage's address (``param.data = t``,
     ``vector_to_parameters``). A write through ``param.data`` in place bypasses both:
-    :func:`forget_packed` drops the copies after one."""
+    :func:`forget_packed` drops the copies after one. A weight made under
+    ``torch.inference_mode`` has no version counter, so it is used as it is."""
     if _REORDER is None or weight.dim() != 2 or not weight.is_contiguous():
+        return weight
+    if weight.is_inference():  # no version to tell a change by
         return weight
     key, state = id(weight), (weight._version, weight.data_ptr())
     cached = _PACKED.get(key)
