@@ -274,6 +274,28 @@ def test_documents_tensor_ids_and_one_row_batch() -> None:
     np.testing.assert_array_equal(to_np(got), build(ref_documents([0, 0, 1, 1, 1]), 3, 5))
 
 
+@pytest.mark.parametrize("inference", [False, True])
+@pytest.mark.parametrize("lq", [300, 1])  # a whole call, a decoding step
+def test_documents_whose_ids_change_in_place_are_read_again(lq: int, inference: bool) -> None:
+    """The runs of each document (the exact row bounds the blocked engine skips by) are
+    found again after the ids change in place, as the engine's plan is: kept from the
+    mask's making, they went stale (off by 0.91). Under ``torch.inference_mode`` the ids
+    have no version counter, and the runs are found at every call."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, lq, 16, generator=g), torch.randn(2, 4, 300, 16, generator=g)
+    with torch.inference_mode(inference):
+        ids = torch.arange(300) // 100
+        mask = masks.documents(ids)
+        first = attnlab.attention(q, k, k, mask=mask, engine="blocked")
+        ids[:] = torch.arange(300) // 7
+        changed = attnlab.attention(q, k, k, mask=mask, engine="blocked")
+        fresh = masks.documents(torch.arange(300) // 7)
+        want = attnlab.attention(q.double(), k.double(), k.double(), mask=fresh,
+                                 engine="reference")  # fmt: skip
+    assert (changed.double() - want).abs().max() < 1e-5
+    assert (first.double() - want).abs().max() > 0.1  # positive control: a real change
+
+
 @pytest.mark.parametrize(("lq", "lk"), SIZES)
 @pytest.mark.parametrize("indices", [[0], [3], [0, 6, 32], [], [100]])
 def test_global_tokens(lq: int, lk: int, indices: list[int]) -> None:

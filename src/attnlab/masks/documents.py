@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -26,13 +25,18 @@ class Documents(Mask):
     def __init__(self, doc_ids: object) -> None:
         ids = int_tensor("doc_ids", doc_ids, (1, 2))
         self.ids = ids if ids.dim() == 2 else ids.unsqueeze(0)  # (Bd, L)
+        self._runs: tuple[object, tuple[Tensor, Tensor] | None] = (None, None)
 
-    @cached_property
     def _bounds(self) -> tuple[Tensor, Tensor] | None:
-        """Each position's document run, found at the first call that asks: reading the
-        ids' values there, not when the mask is made, lets torch.compile trace a model
-        that makes this mask without a graph break."""
-        return _run_bounds(self.ids)
+        """Each position's document run, found when a call asks (reading the ids' values
+        then, not when the mask is made, lets torch.compile trace a model that makes this
+        mask), and found again when the ids changed in place (an engine replans then; kept
+        from the mask's making, the runs went stale: off by 0.91)."""
+        ids = self.ids
+        key = None if ids.is_inference() else (ids.data_ptr(), ids._version)
+        if key is None or self._runs[0] != key:
+            self._runs = (key, _run_bounds(ids))
+        return self._runs[1]
 
     @property
     def batch_size(self) -> int | None:
@@ -63,9 +67,10 @@ class Documents(Mask):
     def row_bounds(
         self, lq: int, lk: int, batch: int = 1, device: Device = None
     ) -> RowBounds | None:
-        if self._bounds is None:
+        runs = self._bounds()
+        if runs is None:
             return None
-        lo, hi = (t.to(on(device))[:, lk - lq :] for t in self._bounds)
+        lo, hi = (t.to(on(device))[:, lk - lq :] for t in runs)
         return RowBounds(lo, hi, exact=True)
 
     def spec(self) -> str:
