@@ -183,13 +183,17 @@ class _SparseMap(torch.autograd.Function):
     gradient: Callable[[Tensor, Tensor], Tensor]
 
     @classmethod
-    def forward(cls, ctx: Any, scores: Tensor) -> Tensor:
-        """Compute in (at least) float32 and save the weights for backward."""
+    def forward(cls, scores: Tensor) -> Tensor:
+        """The weights, computed in (at least) float32 (no ``ctx``: ``torch.func.grad``
+        can differentiate it)."""
         x = scores.to(_compute_dtype(scores.dtype))  # (..., L)
-        p = _finish(cls.project(x - _safe_row_max(x)), x)  # (..., L)
-        ctx.save_for_backward(p)
-        ctx.in_dtype = scores.dtype
-        return p.to(scores.dtype)
+        return _finish(cls.project(x - _safe_row_max(x)), x)  # (..., L)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
+        """Save the weights (in the compute dtype) for backward."""
+        ctx.save_for_backward(output)
+        ctx.in_dtype = inputs[0].dtype
 
     @classmethod
     @once_differentiable
@@ -223,7 +227,7 @@ def sparsemax(scores: Tensor) -> Tensor:
     if scores.shape[-1] == 0:
         return _empty_like_result(scores)
     out: Tensor = _Sparsemax.apply(scores)
-    return out
+    return out.to(scores.dtype)
 
 
 # --------------------------------------------------------------------------- entmax15
@@ -295,7 +299,7 @@ def entmax15(scores: Tensor) -> Tensor:
     if scores.shape[-1] == 0:
         return _empty_like_result(scores)
     out: Tensor = _Entmax15.apply(scores)
-    return out
+    return out.to(scores.dtype)
 
 
 # --------------------------------------------------------------------------- softmax

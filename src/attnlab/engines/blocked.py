@@ -40,10 +40,10 @@ from attnlab.engines import blocked_autograd
 from attnlab.engines._native import build_settings, ops, pool_limit_mib
 from attnlab.engines.base import AttentionRequest, Engine, EngineResult, sink_rows, with_sinks
 from attnlab.engines.blocked_autograd import (
-    BlockedAttention,
     acc_dtype,
     bias_leaves,
     block_tile,
+    blocked_attention,
     cap_scores,
     kernel,
     kernel_error,
@@ -158,7 +158,7 @@ class BlockedEngine(Engine):
         if req.return_weights and kplan is not None and _fused_weights_ok(req, kplan):
             out, weights, lse = _forward_with_weights(req, kplan)
         else:
-            out, lse = BlockedAttention.apply(req.q, req.k, req.v, req, plan, kplan, *leaves)
+            out, lse = blocked_attention(req, plan, kplan, leaves)
             out, lse = _join_sinks(out, lse, req.sinks)
             out = out.to(req.v.dtype)
             weights = _weights(req, plan) if req.return_weights else None
@@ -366,7 +366,7 @@ def _fused_weights_ok(req: AttentionRequest, kplan: KernelPlan) -> bool:
 def _join_sinks(out: Tensor, lse: Tensor, sinks: Tensor | None) -> tuple[Tensor, Tensor]:
     """The sinks joined to the finished softmax of ``out (B, Hq, Lq, Ev)`` and ``lse (B,
     Hq, Lq)`` (:func:`~attnlab.engines.base.with_sinks`) as differentiable ops outside
-    :class:`BlockedAttention`: its backward then sees a softmax over keys alone, whose
+    :func:`blocked_attention`: its backward then sees a softmax over keys alone, whose
     rows' deltas it makes of their own probabilities (with the delta of the output, dQ was
     up to 2.6x plain PyTorch's float32 error). The sinks' terms run in float64: a per-head
     sink's gradient sums ``B * Lq`` terms of one sign.

@@ -36,6 +36,7 @@ __all__ = [
     "acc_dtype",
     "bias_leaves",
     "block_tile",
+    "blocked_attention",
     "cap_scores",
     "kernel",
     "kernel_backward",
@@ -255,12 +256,17 @@ class BlockedAttention(torch.autograd.Function):
     a gradient too (``d lse_i / d s_ij = p_ij``: it joins ``delta``).
 
     Three implementations of the same plan, tried in order: attnlab's compiled tile kernel
-    (``kplan``), torch's fused CPU flash kernel per block, eager PyTorch per block.
+    (``kplan``), torch's fused CPU flash kernel per block, eager PyTorch per block. q, k
+    and v come as :func:`blocked_attention` makes them (autograd converts their gradients
+    back to the callers' dtypes and layouts). The
+    forward takes no ``ctx`` (``setup_context`` saves what the backward reads), so
+    ``torch.func.grad`` can differentiate it. Returns ``out``, ``lse`` and, without a
+    gradient, the kernel's logsumexp in log2 units (or, without the kernel, whether torch's
+    fused kernel ran the blocks, as a bool tensor): what the backward needs of the forward.
     """
 
     @staticmethod
     def forward(
-        ctx: Any,
         q: Tensor,
         k: Tensor,
         v: Tensor,
@@ -268,33 +274,37 @@ class BlockedAttention(torch.autograd.Function):
         plan: Plan,
         kplan: KernelPlan | None,
         *leaves: Tensor,
-    ) -> tuple[Tensor, Tensor]:
-        ctx.dtypes = (q.dtype, k.dtype, v.dtype)
-        acc = acc_dtype(q.dtype)  # half precision runs in float32 throughout
-        q, k, v = q.to(acc), k.to(acc), v.to(acc)
+    ) -> tuple[Tensor, Tensor, Tensor]:
         ops = kernel() if kplan is not None else None
-        fused = ops is None and req.softcap is None and _fused_ok(q, k, v, leaves)
         if ops is not None:
-            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
             out, lse2, work = ops.forward(q, k, v, *kplan.args(), req.scale, ROWS[0])  # type: ignore[union-attr]
-            lse = lse2 * LN2  # the kernel's logsumexp is in log2 units
             STATS["scores"] = work
-        else:
-            out = q.new_zeros((*q.shape[:3], v.shape[-1]))  # (B, Hq, Lq, Ev)
-            lse = torch.full(q.shape[:3], float("-inf"), device=q.device, dtype=acc)
-            for blk in plan.blocks:
-                r0, r1 = blk.rows
-                out[:, :, r0:r1], lse[:, :, r0:r1] = _block_forward(req, q, k, v, blk, fused)
-        ctx.save_for_backward(q, k, v, out, lse, *leaves)
-        ctx.req, ctx.plan, ctx.fused = req, plan, fused
-        ctx.kernel = (ops, kplan) if ops is not None else None
-        # the kernel's backward recomputes P = 2^(s - lse2) against its own forward's lse2
-        ctx.lse2 = lse2 if ops is not None else None
-        ctx.set_materialize_grads(False)  # an unused lse (or output) has no gradient: None
-        return out, lse  # in the accumulation dtype: sinks may still scale them
+            return out, lse2 * LN2, lse2  # the kernel's logsumexp is in log2 units
+        fused = req.softcap is None and _fused_ok(q, k, v, leaves)
+        out = q.new_zeros((*q.shape[:3], v.shape[-1]))  # (B, Hq, Lq, Ev)
+        lse = torch.full(q.shape[:3], float("-inf"), device=q.device, dtype=q.dtype)
+        for blk in plan.blocks:
+            r0, r1 = blk.rows
+            out[:, :, r0:r1], lse[:, :, r0:r1] = _block_forward(req, q, k, v, blk, fused)
+        return out, lse, torch.tensor(fused)  # in the accumulation dtype: sinks may scale
 
     @staticmethod
-    def backward(ctx: Any, dout: Tensor | None, dlse: Tensor | None) -> tuple[Tensor | None, ...]:
+    def setup_context(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor, Tensor]) -> None:
+        q, k, v, req, plan, kplan, *leaves = inputs
+        out, lse, aux = output
+        ctx.save_for_backward(q, k, v, out, lse, *leaves)
+        ops = kernel() if kplan is not None else None
+        ctx.req, ctx.plan, ctx.fused = req, plan, ops is None and bool(aux)
+        ctx.kernel = (ops, kplan) if ops is not None else None
+        # the kernel's backward recomputes P = 2^(s - lse2) against its own forward's lse2
+        ctx.lse2 = aux if ops is not None else None
+        ctx.mark_non_differentiable(aux)
+        ctx.set_materialize_grads(False)  # an unused lse (or output) has no gradient: None
+
+    @staticmethod
+    def backward(
+        ctx: Any, dout: Tensor | None, dlse: Tensor | None, _dlse2: None
+    ) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse, *leaves = ctx.saved_tensors
         dout = torch.zeros_like(out) if dout is None else dout.to(q.dtype)
         # d lse_i / d s_ij = p_ij: dS = p * (dP - (delta - dlse)); each row's delta comes
@@ -314,8 +324,22 @@ class BlockedAttention(torch.autograd.Function):
             step = _fused_block_backward if fused else _eager_block_backward
             for blk in ctx.plan.blocks:
                 step(sv, blk, grads)
-        dq, dk, dv = (g.to(t) for g, t in zip(grads.qkv, ctx.dtypes, strict=True))
-        return (dq, dk, dv, None, None, None, *grads.leaves)
+        return (*grads.qkv, None, None, None, *grads.leaves)
+
+
+def blocked_attention(
+    req: AttentionRequest, plan: Plan, kplan: KernelPlan | None, leaves: list[Tensor]
+) -> tuple[Tensor, Tensor]:
+    """``out, lse`` of ``req`` by :class:`BlockedAttention`, both in the accumulation
+    dtype; its q, k and v converted to that dtype (half precision runs in float32
+    throughout) and made contiguous for the kernel here, where autograd sees it (each is
+    the input itself where it already is)."""
+    acc = acc_dtype(req.q.dtype)
+    qkv = [req.q.to(acc), req.k.to(acc), req.v.to(acc)]
+    if kplan is not None and kernel() is not None:
+        qkv = [t.contiguous() for t in qkv]
+    out, lse, _ = BlockedAttention.apply(*qkv, req, plan, kplan, *leaves)
+    return out, lse
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,20 @@
-"""attnlab under ``torch.compile``: each attention call runs as written between the
-compiled pieces (``torch.compiler.disable`` on :func:`attnlab.attention`), and the layers
-leave the fusing of their linears to inductor, so a compiled function, layer or decoder
-gives the uncompiled result. Traced, the planning broke the graph at
-each read of a mask's values and, on the blocked engine, failed in inductor (a window)
-or indexed out of bounds (documents, padding). tests/test_hf_models.py covers a compiled
-transformers model.
+"""attnlab under torch's transforms.
+
+``torch.compile``: each attention call runs as written between the compiled pieces
+(``torch.compiler.disable`` on :func:`attnlab.attention`), and the layers leave the
+fusing of their linears to inductor, so a compiled function, layer or decoder gives the
+uncompiled result. Traced, the planning broke the graph at each read of a mask's values
+and, on the blocked engine, failed in inductor (a window) or indexed out of bounds
+(documents, padding). tests/test_hf_models.py covers a compiled transformers model.
+
+``torch.func.grad``: the engines' and normalizers' autograd Functions take no ``ctx`` in
+their forward, so it differentiates them as autograd does. (``vmap`` is not supported:
+the planning reads the mask's values.)
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -81,3 +88,42 @@ def test_a_compiled_decoder_at_inference_equals_it_with_and_without_its_cache() 
         steps = [compiled(x[:, :8], cache=cache)]
         steps += [compiled(x[:, i : i + 1], cache=cache) for i in range(8, 12)]
     assert max_err(torch.cat(steps, 1), want) < 1e-5
+
+
+def _func_and_autograd(loss: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> float:
+    """How far ``torch.func.grad(loss)(x)`` is from autograd's gradient."""
+    from torch.func import grad
+
+    leaf = x.clone().requires_grad_()
+    return max_err(grad(loss)(x), torch.autograd.grad(loss(leaf), leaf)[0])
+
+
+@pytest.mark.parametrize("path", ["kernel", "fused", "eager"])
+def test_torch_func_grad_equals_autograd_on_the_blocked_engine(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``torch.func.grad`` (MAML-style training, per-call gradients) needs autograd
+    Functions whose forward takes no ``ctx``: on each of its three paths the blocked
+    engine raised "it must override the setup_context staticmethod"."""
+    from attnlab.engines import blocked_autograd as ba
+
+    monkeypatch.setattr(ba, "USE_KERNEL", path == "kernel")
+    monkeypatch.setattr(ba, "USE_FUSED", path == "fused")
+    x = torch.randn(1, 2, 300, 16, generator=torch.Generator().manual_seed(0))
+    mask = M.causal() & M.window(40)
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(attnlab.attention(x, 0.5 * x, x, mask=mask, engine="blocked"))
+
+    assert _func_and_autograd(lambda x: loss(x).square().sum(), x) < 1e-6
+
+
+@pytest.mark.parametrize("normalize", ["sparsemax", "entmax15"])
+def test_torch_func_grad_equals_autograd_for_the_sparse_normalizers(normalize: str) -> None:
+    x = torch.randn(1, 2, 60, 16, generator=torch.Generator().manual_seed(0))
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        out = attnlab.attention(x, 0.5 * x, x, mask=M.causal(), normalize=normalize)
+        return torch.as_tensor(out).square().sum()
+
+    assert _func_and_autograd(loss, x) < 1e-6
