@@ -258,11 +258,11 @@ class BlockedAttention(torch.autograd.Function):
     Three implementations of the same plan, tried in order: attnlab's compiled tile kernel
     (``kplan``), torch's fused CPU flash kernel per block, eager PyTorch per block. q, k
     and v come as :func:`blocked_attention` makes them (autograd converts their gradients
-    back to the callers' dtypes and layouts). The
-    forward takes no ``ctx`` (``setup_context`` saves what the backward reads), so
-    ``torch.func.grad`` can differentiate it. Returns ``out``, ``lse`` and, without a
-    gradient, the kernel's logsumexp in log2 units (or, without the kernel, whether torch's
-    fused kernel ran the blocks, as a bool tensor): what the backward needs of the forward.
+    back to the callers' dtypes and layouts). The forward takes no ``ctx``
+    (``setup_context`` saves what the backward reads), so ``torch.func.grad`` can
+    differentiate it. Returns ``out``, ``lse`` and, without a gradient, what the backward
+    needs of the forward: the kernel's logsumexp in log2 units, or without the kernel
+    whether torch's fused kernel ran the blocks (a bool tensor).
     """
 
     @staticmethod
