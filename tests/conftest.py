@@ -5,6 +5,7 @@ drive."""
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,15 @@ from torch import Tensor
 
 # Keep the suite deterministic and friendly to two cores with pytest-xdist.
 torch.set_num_threads(max(1, int(os.environ.get("ATTNLAB_TEST_THREADS", "1"))))
+# Inductor's cache key leaves out the instruction set it compiled for: a graph cached under
+# AVX-512 and loaded under ATEN_CPU_CAPABILITY=avx2 returned values of 1e37. The tests that
+# compile keep one cache per capability unless one is given.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _cap = torch.backends.cpu.get_cpu_capability().lower()
+    _uid = getattr(os, "getuid", lambda: 0)()
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(
+        Path(tempfile.gettempdir()) / f"torchinductor_attnlab_tests_{_uid}_{_cap}"
+    )
 
 
 def naive_attention(
