@@ -9,7 +9,7 @@ and, on the blocked engine, failed in inductor (a window) or indexed out of boun
 
 ``torch.func.grad``: the engines' and normalizers' autograd Functions take no ``ctx`` in
 their forward, so it differentiates them as autograd does. (``vmap`` is not supported:
-the planning reads the mask's values.)
+the planning reads the mask's values.) ``torch.export``: plain and causal layers.
 """
 
 from __future__ import annotations
@@ -127,3 +127,21 @@ def test_torch_func_grad_equals_autograd_for_the_sparse_normalizers(normalize: s
         return torch.as_tensor(out).square().sum()
 
     assert _func_and_autograd(loss, x) < 1e-6
+
+
+@pytest.mark.parametrize("mask", [None, M.causal()], ids=["plain", "causal"])
+def test_torch_export_holds_a_plain_or_causal_layer(mask: M.Mask | None) -> None:
+    """``torch.export`` traces the call with no values to read: the NaN screen (which read
+    one) steps aside, so a plain or causal layer exports and its program equals the layer.
+    Other masks plan from their values and do not export."""
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(32, 4, num_kv_heads=2).eval()
+
+    class Layer(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return mha(x, mask=mask)[0]
+
+    x = torch.randn(2, 300, 32)
+    program = torch.export.export(Layer(), (x,))
+    with torch.no_grad():
+        assert max_err(program.module()(x), Layer()(x)) == 0.0
