@@ -9,7 +9,7 @@ and, on the blocked engine, failed in inductor (a window) or indexed out of boun
 
 ``torch.func.grad``: the engines' and normalizers' autograd Functions take no ``ctx`` in
 their forward, so it differentiates them as autograd does. (``vmap`` is not supported:
-the planning reads the mask's values.) ``torch.export``: plain and causal layers.
+the planning reads the mask's values.) ``torch.export``: layers whose calls go to SDPA.
 """
 
 from __future__ import annotations
@@ -129,11 +129,16 @@ def test_torch_func_grad_equals_autograd_for_the_sparse_normalizers(normalize: s
     assert _func_and_autograd(loss, x) < 1e-6
 
 
-@pytest.mark.parametrize("mask", [None, M.causal()], ids=["plain", "causal"])
-def test_torch_export_holds_a_plain_or_causal_layer(mask: M.Mask | None) -> None:
-    """``torch.export`` traces the call with no values to read: the NaN screen (which read
-    one) steps aside, so a plain or causal layer exports and its program equals the layer.
-    Other masks plan from their values and do not export."""
+EXPORTS = {"plain": None, "causal": M.causal(), "padding": M.padding([300, 250], [300, 200])}
+
+
+@pytest.mark.parametrize("name", list(EXPORTS))
+def test_torch_export_holds_what_auto_gives_to_sdpa(name: str) -> None:
+    """``torch.export`` traces the call with no values to read: the NaN screen and the
+    check for rows without a key (which read one) step aside, so a layer whose calls go
+    to torch SDPA exports and its program equals the layer, rows without a key (query
+    padding) 0 included. The blocked engine plans from the mask's values: no export."""
+    mask = EXPORTS[name]
     torch.manual_seed(0)
     mha = MultiHeadAttention(32, 4, num_kv_heads=2).eval()
 

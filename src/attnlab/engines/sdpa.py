@@ -8,6 +8,7 @@ logsumexp; ``auto`` routes those requests elsewhere.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -117,7 +118,7 @@ def _dense_mask(req: AttentionRequest) -> tuple[Tensor | None, Tensor | None]:
             req.mask.dense(req.lq, req.lk, batch=req.batch, heads=req.heads, device=req.q.device)
         )  # (Bm, Hm, Lq or 1, Lk or 1): SDPA broadcasts it
         rows = ~allowed.any(dim=-1, keepdim=True)  # (Bm, Hm, Lq, 1)
-        if bool(rows.any()):
+        if torch.compiler.is_exporting() or bool(rows.any()):  # exporting: no value to read
             allowed, empty = allowed | rows, rows
     if req.bias is None:
         return allowed, empty
