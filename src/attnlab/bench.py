@@ -235,7 +235,8 @@ def _flex_anchor(name: str, cfg: BenchConfig) -> Callable[..., Tensor]:
         if name == "dense"
         else create_block_mask(mask_mod, None, None, n, n, device=cfg.device)
     )
-    compiled = torch.compile(flex_attention, options=compile_options())
+    options = compile_options() if cfg.device == "cpu" else {}
+    compiled = torch.compile(flex_attention, options=options)
     mod = score_mod if name == "alibi" else None
     return lambda q, k, v: compiled(q, k, v, score_mod=mod, block_mask=block_mask)
 

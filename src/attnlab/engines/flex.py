@@ -178,7 +178,7 @@ class FlexEngine(Engine):
         if req.score == "cosine":
             req = _normalized(req)
         compiled = req.options.get("compile", True)
-        fn = _compiled() if compiled else cast(Callable[..., Any], flex_attention)
+        fn = _compiled(req.q.is_cpu) if compiled else cast(Callable[..., Any], flex_attention)
         block_mask = None if req.mask is None else self._block_mask(req)[0]
         with _room_to_compile() if compiled else contextlib.nullcontext():
             res = fn(
@@ -365,7 +365,7 @@ def _room_to_compile() -> contextlib.AbstractContextManager:
     return dynamo.patch(**{name: limit})
 
 
-_COMPILED: list[Callable[..., Any]] = []
+_COMPILED: dict[bool, Callable[..., Any]] = {}  # on the CPU or not -> compiled
 
 
 def compile_options() -> dict[str, Any]:
@@ -374,10 +374,11 @@ def compile_options() -> dict[str, Any]:
 
     Inductor picks its CPU instruction set from ``ATEN_CPU_CAPABILITY`` (and the CPU), but
     its FX graph cache key leaves the choice out: a graph cached under AVX-512 and loaded
-    under ``ATEN_CPU_CAPABILITY=avx2`` (or the other way, or on another machine sharing the
-    cache) compiled 16-lane code with 8-lane vectors and returned wrong attention (error
-    3.3 where plain PyTorch's was 8e-7). With the width named in the options the two get
-    different keys. Empty where inductor vectorizes nothing or the width is already set.
+    under ``ATEN_CPU_CAPABILITY=avx2`` (or the other way) returned wrong attention (errors
+    of 2.7-3.3 where plain PyTorch's was 8e-7). With the width named in the options the
+    two get different keys. Empty where inductor vectorizes nothing or the width is
+    already set. (Finding the width takes inductor's CPU probe: about 1 s, 7 s the first
+    time on a machine, so only compiles for the CPU ask.)
 
     Example:
         >>> opts = compile_options()
@@ -393,11 +394,12 @@ def compile_options() -> dict[str, Any]:
     return {"cpp.simdlen": isa.bit_width()} if isa else {}
 
 
-def _compiled() -> Callable[..., Any]:
-    """``torch.compile(flex_attention)``, made once per process."""
-    if not _COMPILED:
+def _compiled(cpu: bool) -> Callable[..., Any]:
+    """``torch.compile(flex_attention)`` for the CPU (with :func:`compile_options`) or for
+    the GPU, each made once per process."""
+    if cpu not in _COMPILED:
         from torch.nn.attention.flex_attention import flex_attention
 
-        compiled = torch.compile(flex_attention, dynamic=False, options=compile_options())
-        _COMPILED.append(compiled)
-    return _COMPILED[0]
+        options = compile_options() if cpu else {}
+        _COMPILED[cpu] = torch.compile(flex_attention, dynamic=False, options=options)
+    return _COMPILED[cpu]
