@@ -150,3 +150,26 @@ def test_torch_export_holds_what_auto_gives_to_sdpa(name: str) -> None:
     program = torch.export.export(Layer(), (x,))
     with torch.no_grad():
         assert max_err(program.module()(x), Layer()(x)) == 0.0
+
+
+def test_capture_on_a_compiled_model_records_the_weights_without_a_dynamo_warning() -> None:
+    """``interpret.capture`` names calls from module hooks that read the thread id, which
+    dynamo cannot trace (it warned at each hook); they run as written."""
+    import warnings
+
+    from attnlab.interpret import capture
+    from attnlab.nn import Encoder, EncoderLayer
+
+    torch.manual_seed(0)
+    enc = Encoder(EncoderLayer(LayerConfig(32, 4, 64, dropout=0.0)), 2).eval()
+    x = torch.randn(1, 20, 32)
+    with torch.no_grad(), capture(enc) as plain:
+        enc(x)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as seen, capture(enc) as compiled:
+        warnings.simplefilter("always")
+        torch.compile(enc)(x)
+    assert [r.name for r in compiled.records] == [r.name for r in plain.records]
+    assert len(plain.records) == 2
+    for a, b in zip(compiled.records, plain.records, strict=True):
+        assert max_err(a.weights, b.weights) < 1e-6
+    assert not [w for w in seen if "Dynamo does not know" in str(w.message)]

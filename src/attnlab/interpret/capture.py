@@ -22,6 +22,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from attnlab._eager import as_written
 from attnlab._observe import LIVE_WEIGHTS, OBSERVERS, AttentionEvent
 from attnlab.functional import observed_weights
 
@@ -111,12 +112,14 @@ class capture:
         self._handles.clear()
 
     def _push(self, name: str) -> Callable[..., None]:
+        @as_written("reads the thread id")  # under torch.compile (dynamo warned of it)
         def hook(module: nn.Module, args: Any) -> None:
             if threading.get_ident() == self._thread:
                 self._stack.append(name)
 
         return hook
 
+    @as_written("reads the thread id")
     def _pop(self, module: nn.Module, args: Any, out: Any) -> None:
         if self._stack and threading.get_ident() == self._thread:
             self._stack.pop()
