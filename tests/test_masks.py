@@ -296,6 +296,22 @@ def test_documents_whose_ids_change_in_place_are_read_again(lq: int, inference: 
     assert (first.double() - want).abs().max() > 0.1  # positive control: a real change
 
 
+def test_documents_runs_found_at_a_call_leave_the_engines_cache_keys_alone() -> None:
+    """The engines key their caches (decoding bounds, Flex block masks) on the tensors a
+    mask holds; the runs found at the first call are derived, so the key stays the same
+    and the second call reuses what the first made. The in-place change is the control."""
+    from attnlab.engines.blocked import _versions
+
+    ids = torch.arange(300) // 70
+    mask = masks.documents(ids)
+    before = _versions(mask)
+    q = torch.randn(1, 2, 300, 16)
+    attnlab.attention(q, q, q, mask=mask, engine="blocked")
+    assert mask.row_bounds(300, 300) is not None and _versions(mask) == before
+    ids.add_(1)
+    assert _versions(mask) != before
+
+
 @pytest.mark.parametrize(("lq", "lk"), SIZES)
 @pytest.mark.parametrize("indices", [[0], [3], [0, 6, 32], [], [100]])
 def test_global_tokens(lq: int, lk: int, indices: list[int]) -> None:

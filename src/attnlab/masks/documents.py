@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -25,7 +26,7 @@ class Documents(Mask):
     def __init__(self, doc_ids: object) -> None:
         ids = int_tensor("doc_ids", doc_ids, (1, 2))
         self.ids = ids if ids.dim() == 2 else ids.unsqueeze(0)  # (Bd, L)
-        self._runs: tuple[object, tuple[Tensor, Tensor] | None] = (None, None)
+        self._runs = _Runs(None, None)
 
     def _bounds(self) -> tuple[Tensor, Tensor] | None:
         """Each position's document run, found when a call asks (reading the ids' values
@@ -34,9 +35,9 @@ class Documents(Mask):
         from the mask's making, the runs went stale: off by 0.91)."""
         ids = self.ids
         key = None if ids.is_inference() else (ids.data_ptr(), ids._version)
-        if key is None or self._runs[0] != key:
-            self._runs = (key, _run_bounds(ids))
-        return self._runs[1]
+        if key is None or self._runs.key != key:
+            self._runs = _Runs(key, _run_bounds(ids))
+        return self._runs.bounds
 
     @property
     def batch_size(self) -> int | None:
@@ -76,6 +77,16 @@ class Documents(Mask):
     def spec(self) -> str:
         n_docs = int(self.ids[0].unique().numel()) if self.ids.numel() else 0
         return f"documents({n_docs} documents, length {self.ids.shape[1]})"
+
+
+@dataclass(frozen=True)
+class _Runs:
+    """The runs found for the ids at ``key`` (their storage and version): derived from
+    the ids, so kept out of what engines key their caches on (a mask's tensors, its
+    tuples and lists), which would otherwise change once at the first call."""
+
+    key: object
+    bounds: tuple[Tensor, Tensor] | None
 
 
 def _run_bounds(ids: Tensor) -> tuple[Tensor, Tensor] | None:
