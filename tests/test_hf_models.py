@@ -292,9 +292,9 @@ def test_packed_rows_from_position_ids_equal_separate_sequences(family: str) -> 
 
 def test_under_torch_compile_the_backend_runs_as_written_and_equals_eager() -> None:
     """``torch.compile(model)`` leaves the backend's calls to run as written (traced, its
-    planning broke the graph at each read of the mask's values, 14 breaks with warnings
-    for this model): every graph break is the disabled call, and the compiled model, with
-    packed rows, equals eager."""
+    planning broke the graph at each read of the mask's values: 13 breaks with warnings
+    for this model, 8 now): every graph break is the disabled call, and the compiled
+    model, with packed rows, equals eager."""
     import torch._dynamo as dynamo
 
     model = tiny("mistral", "attnlab")

@@ -154,7 +154,7 @@ def test_torch_export_holds_what_auto_gives_to_sdpa(name: str) -> None:
 
 def test_capture_on_a_compiled_model_records_the_weights_without_a_dynamo_warning() -> None:
     """``interpret.capture`` names calls from module hooks that read the thread id, which
-    dynamo cannot trace (it warned at each hook); they run as written."""
+    dynamo cannot trace (it warned so); they run as written."""
     import warnings
 
     from attnlab.interpret import capture

@@ -374,9 +374,9 @@ def compile_options() -> dict[str, Any]:
 
     Inductor picks its CPU instruction set from ``ATEN_CPU_CAPABILITY`` (and the CPU), but
     its FX graph cache key leaves the choice out: a graph cached under AVX-512 and loaded
-    under ``ATEN_CPU_CAPABILITY=avx2`` (or the other way) returned wrong attention (errors
-    of 2.7-3.3 where plain PyTorch's was 8e-7). With the width named in the options the
-    two get different keys. Empty where inductor vectorizes nothing or the width is
+    under ``ATEN_CPU_CAPABILITY=avx2`` (or the other way) returned wrong attention (off by
+    2.7-4.4; plain PyTorch's float32 error was 8e-7). With the width named in the options
+    the two get different keys. Empty where inductor vectorizes nothing or the width is
     already set. (Finding the width takes inductor's CPU probe: about 1 s, 7 s the first
     time on a machine, so only compiles for the CPU ask.)
 

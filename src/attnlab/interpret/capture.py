@@ -112,7 +112,7 @@ class capture:
         self._handles.clear()
 
     def _push(self, name: str) -> Callable[..., None]:
-        @as_written("reads the thread id")  # under torch.compile (dynamo warned of it)
+        @as_written("reads the thread id")  # which dynamo cannot trace (it warned so)
         def hook(module: nn.Module, args: Any) -> None:
             if threading.get_ident() == self._thread:
                 self._stack.append(name)
