@@ -13,7 +13,10 @@ from typing import ParamSpec, TypeVar, cast
 
 import torch
 
-__all__ = ["as_written"]
+__all__ = ["PLANS", "as_written"]
+
+#: why attnlab's attention calls run as written
+PLANS = "attnlab plans each call from its mask's values in Python"
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")

@@ -235,8 +235,7 @@ def _flex_anchor(name: str, cfg: BenchConfig) -> Callable[..., Tensor]:
         if name == "dense"
         else create_block_mask(mask_mod, None, None, n, n, device=cfg.device)
     )
-    options = compile_options() if cfg.device == "cpu" else {}
-    compiled = torch.compile(flex_attention, options=options)
+    compiled = torch.compile(flex_attention, options=compile_options(cfg.device))
     mod = score_mod if name == "alibi" else None
     return lambda q, k, v: compiled(q, k, v, score_mod=mod, block_mask=block_mask)
 

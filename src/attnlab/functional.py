@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from attnlab import _validate as V
-from attnlab._eager import as_written
+from attnlab._eager import PLANS, as_written
 from attnlab._observe import (
     LIVE_WEIGHTS,
     OBSERVERS,
@@ -65,7 +65,7 @@ class AttentionOutput(NamedTuple):
     lse: Tensor | None
 
 
-@as_written("attnlab plans each call from its mask's values in Python")  # see attnlab._eager
+@as_written(PLANS)
 def attention(
     q: Tensor,
     k: Tensor,

@@ -332,11 +332,12 @@ def blocked_attention(
 ) -> tuple[Tensor, Tensor]:
     """``out, lse`` of ``req`` by :class:`BlockedAttention`, both in the accumulation
     dtype; its q, k and v converted to that dtype (half precision runs in float32
-    throughout) and made contiguous for the kernel here, where autograd sees it (each is
-    the input itself where it already is)."""
+    throughout) and made contiguous for the kernel (a ``kplan`` is made only where
+    :func:`kernel_ok`) here, where autograd sees it (each is the input itself where it
+    already is)."""
     acc = acc_dtype(req.q.dtype)
     qkv = [req.q.to(acc), req.k.to(acc), req.v.to(acc)]
-    if kplan is not None and kernel() is not None:
+    if kplan is not None:
         qkv = [t.contiguous() for t in qkv]
     out, lse, _ = BlockedAttention.apply(*qkv, req, plan, kplan, *leaves)
     return out, lse

@@ -178,7 +178,7 @@ class FlexEngine(Engine):
         if req.score == "cosine":
             req = _normalized(req)
         compiled = req.options.get("compile", True)
-        fn = _compiled(req.q.is_cpu) if compiled else cast(Callable[..., Any], flex_attention)
+        fn = _compiled(req.q.device) if compiled else cast(Callable[..., Any], flex_attention)
         block_mask = None if req.mask is None else self._block_mask(req)[0]
         with _room_to_compile() if compiled else contextlib.nullcontext():
             res = fn(
@@ -365,41 +365,43 @@ def _room_to_compile() -> contextlib.AbstractContextManager:
     return dynamo.patch(**{name: limit})
 
 
-_COMPILED: dict[bool, Callable[..., Any]] = {}  # on the CPU or not -> compiled
+_COMPILED: dict[str, Callable[..., Any]] = {}  # device type -> compiled
 
 
-def compile_options() -> dict[str, Any]:
-    """``torch.compile`` options that pin inductor's CPU vector width to the one this
-    process picks, so that it is part of inductor's cache key.
+def compile_options(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """``torch.compile`` options for ``device`` that pin inductor's CPU vector width to the
+    one this process picks, so that it is part of inductor's cache key.
 
     Inductor picks its CPU instruction set from ``ATEN_CPU_CAPABILITY`` (and the CPU), but
     its FX graph cache key leaves the choice out: a graph cached under AVX-512 and loaded
     under ``ATEN_CPU_CAPABILITY=avx2`` (or the other way) returned wrong attention (off by
     2.7-4.4; plain PyTorch's float32 error was 8e-7). With the width named in the options
-    the two get different keys. Empty where inductor vectorizes nothing or the width is
-    already set. (Finding the width takes inductor's CPU probe: about 1 s, 7 s the first
-    time on a machine, so only compiles for the CPU ask.)
+    the two get different keys. Empty for a GPU (finding the width runs inductor's CPU
+    probe: about 1 s, 7 s the first time on a machine), where inductor vectorizes nothing,
+    or where the width is already set.
 
     Example:
         >>> opts = compile_options()
         >>> opts == {} or opts["cpp.simdlen"] in (128, 256, 512)
         True
+        >>> compile_options("cuda")
+        {}
     """
     from torch._inductor import config
     from torch._inductor.cpu_vec_isa import pick_vec_isa
 
-    if config.cpp.simdlen is not None:
+    if torch.device(device).type != "cpu" or config.cpp.simdlen is not None:
         return {}
     isa = pick_vec_isa()
     return {"cpp.simdlen": isa.bit_width()} if isa else {}
 
 
-def _compiled(cpu: bool) -> Callable[..., Any]:
-    """``torch.compile(flex_attention)`` for the CPU (with :func:`compile_options`) or for
-    the GPU, each made once per process."""
-    if cpu not in _COMPILED:
+def _compiled(device: torch.device) -> Callable[..., Any]:
+    """``torch.compile(flex_attention)`` with :func:`compile_options` for ``device``, made
+    once per process and device type."""
+    if device.type not in _COMPILED:
         from torch.nn.attention.flex_attention import flex_attention
 
-        options = compile_options() if cpu else {}
-        _COMPILED[cpu] = torch.compile(flex_attention, dynamic=False, options=options)
-    return _COMPILED[cpu]
+        options = compile_options(device)
+        _COMPILED[device.type] = torch.compile(flex_attention, dynamic=False, options=options)
+    return _COMPILED[device.type]

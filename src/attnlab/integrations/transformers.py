@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnlab._eager import as_written
+from attnlab._eager import PLANS, as_written
 from attnlab.functional import AttentionOutput, attention, attention_plain
 from attnlab.integrations.hf_args import (
     mask_and_bias,
@@ -90,7 +90,7 @@ def register(name: str = NAME, engine: str = "auto") -> str:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    @as_written("attnlab plans each call from its mask's values in Python")  # attnlab._eager
+    @as_written(PLANS)
     def forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                 attention_mask: Any, **kwargs: Any) -> tuple[Tensor, Tensor | None]:  # fmt: skip
         return attention_forward(module, query, key, value, attention_mask, engine=engine, **kwargs)
