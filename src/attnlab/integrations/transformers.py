@@ -96,7 +96,7 @@ def register(name: str = NAME, engine: str = "auto") -> str:
         return attention_forward(module, query, key, value, attention_mask, engine=engine, **kwargs)
 
     AttentionInterface.register(name, forward)
-    AttentionMaskInterface.register(name, build_mask)
+    AttentionMaskInterface.register(name, as_written(PLANS)(build_mask))
     _NAMES.add(name)
     _pass_built_masks()
     _refuse_own_attention()
