@@ -8,8 +8,8 @@ and, on the blocked engine, failed in inductor (a window) or indexed out of boun
 (documents, padding). tests/test_hf_models.py covers a compiled transformers model.
 
 ``torch.func.grad``: the engines' and normalizers' autograd Functions take no ``ctx`` in
-their forward, so it differentiates them as autograd does. (``vmap`` is not supported:
-the planning reads the mask's values.) ``torch.export``: layers whose calls go to SDPA.
+their forward, so it differentiates them as autograd does (``vmap``:
+tests/test_vmap.py). ``torch.export``: layers whose calls go to SDPA.
 """
 
 from __future__ import annotations

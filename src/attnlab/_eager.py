@@ -1,9 +1,12 @@
-"""Functions that ``torch.compile`` leaves to run as written, between compiled pieces.
+"""attnlab under torch's transforms: what ``torch.compile`` leaves to run as written, and
+whether ``torch.func.vmap`` is running the caller.
 
 attnlab plans each attention call in Python from the values of its mask (row spans, the
 tiles to skip, plans cached by the mask object). Traced by dynamo, that planning broke
 the graph at each read and, on the blocked engine, failed in inductor or indexed out of
 bounds; run as written, the call is one graph break and exactly the uncompiled call.
+Under vmap a tensor has one value per vmapped item and none can be read (``bool()``
+raises), so the engines read none there (:func:`vmapping`).
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ from collections.abc import Callable
 from typing import ParamSpec, TypeVar, cast
 
 import torch
+from torch._C._functorch import TransformType, get_interpreter_stack
 
-__all__ = ["PLANS", "as_written"]
+__all__ = ["PLANS", "as_written", "vmapping"]
 
 #: why attnlab's attention calls run as written
 PLANS = "attnlab plans each call from its mask's values in Python"
@@ -38,3 +42,16 @@ def as_written(reason: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
         return cast(Callable[_P, _R], torch.compiler.disable(fn, reason=reason))
 
     return decorate
+
+
+def vmapping() -> bool:
+    """Whether ``torch.func.vmap`` (also inside ``jacrev``, ``hessian``) runs the caller:
+    then no tensor value can be read, and whatever an engine would decide from one it
+    must decide without it.
+
+    Example:
+        >>> vmapping(), bool(torch.func.vmap(lambda x: torch.tensor(vmapping()))(torch.ones(2))[0])
+        (False, True)
+    """
+    stack = get_interpreter_stack()
+    return bool(stack) and any(i.key() == TransformType.Vmap for i in stack)

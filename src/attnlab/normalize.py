@@ -181,6 +181,8 @@ class _SparseMap(torch.autograd.Function):
 
     project: Callable[[Tensor], Tensor]
     gradient: Callable[[Tensor, Tensor], Tensor]
+    # forward and backward are torch ops row by row, so torch.func.vmap may batch them
+    generate_vmap_rule = True
 
     @classmethod
     def forward(cls, scores: Tensor) -> Tensor:

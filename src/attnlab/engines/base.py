@@ -18,6 +18,7 @@ from types import MappingProxyType
 import torch
 from torch import Tensor
 
+from attnlab._eager import vmapping
 from attnlab.bias import Bias
 from attnlab.masks import Mask
 from attnlab.scores import ScoreFn, expand_kv, grouped_matmul
@@ -264,6 +265,8 @@ def may_hold_nan(*ts: Tensor) -> bool:
     """
     if torch.compiler.is_exporting():  # no value to read: the program takes them as given
         return False
+    if vmapping():  # no value to read: each item may hold one
+        return True
     return any(bool(torch.isnan(t.amax())) for t in ts if t.numel())
 
 

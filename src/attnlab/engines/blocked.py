@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from attnlab._eager import vmapping
 from attnlab.engines import blocked_autograd
 from attnlab.engines._native import build_settings, ops, pool_limit_mib
 from attnlab.engines.base import AttentionRequest, Engine, EngineResult, sink_rows, with_sinks
@@ -107,6 +108,8 @@ class BlockedEngine(Engine):
             return "the blocked engine returns weights without autograd; use 'reference'"
         if req.batch == 0 or req.lq == 0 or req.lk == 0:
             return "the blocked engine does not accept empty batches or sequences"
+        if vmapping():
+            return "the blocked engine plans from values, which torch.func.vmap hides"
         return None
 
     def plain(self, q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor | None:
@@ -179,8 +182,7 @@ class BlockedEngine(Engine):
         if kplan is None:
             return None
         delta = (dout * out).sum(-1)  # (B, Hq, Lq)
-        lse2 = lse * blocked_autograd.LOG2E
-        saved = (req.q, req.k, req.v, lse2, delta)
+        saved = (req.q, req.k, req.v, lse * blocked_autograd.LOG2E, delta)
         return blocked_autograd.kernel_backward(ops(), kplan, req.scale, dout, *saved)
 
     def weights(
@@ -189,10 +191,8 @@ class BlockedEngine(Engine):
         heads: list[int] | None = None,
         rows: tuple[int, int] | None = None,
     ) -> Tensor:
-        """Weights ``(B, len(heads), r1 - r0, Lk)`` of some heads and query rows.
-
-        Only the query blocks that overlap ``rows`` are computed.
-        """
+        """Weights ``(B, len(heads), r1 - r0, Lk)`` of some heads and query rows; only the
+        query blocks that overlap ``rows`` are computed."""
         if req.score == "cosine":
             req = _normalized(req)
         return _weights(req, self.plan(req), heads, rows)
@@ -232,7 +232,8 @@ def decodes(q: Tensor, k: Tensor, v: Tensor, *, masked: bool) -> bool:
         return False
     if k.stride(-1) != 1 or v.stride(-1) != 1:
         return False
-    if (q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled():
+    grads = (q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled()
+    if grads or vmapping():  # vmap: no batching rule for the kernel (torch warned, looped)
         return False
     return blocked_autograd.USE_KERNEL and (bool(_DECODE) or kernel() is not None)
 
@@ -331,11 +332,9 @@ def _weights(
     heads: list[int] | None = None,
     rows: tuple[int, int] | None = None,
 ) -> Tensor:
-    """Normalized weights ``(B, len(heads), r1 - r0, Lk)`` recomputed block by block.
-
-    Each query block holds all keys its rows may see, so its softmax is complete on its
-    own: only the blocks that overlap ``rows`` are computed.
-    """
+    """Normalized weights ``(B, len(heads), r1 - r0, Lk)`` recomputed block by block: each
+    query block holds all keys its rows may see, so its softmax is complete on its own;
+    only the blocks that overlap ``rows`` are computed."""
     r_lo, r_hi = rows if rows is not None else (0, req.lq)
     hs = list(range(req.heads)) if heads is None else heads
     acc = acc_dtype(req.q.dtype)

@@ -43,6 +43,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
+from attnlab._eager import vmapping
 from attnlab._grid import Grid
 from attnlab.bias.base import Bias
 from attnlab.bias.function import CustomBias
@@ -128,6 +129,8 @@ class FlexEngine(Engine):
             return "FlexAttention does not return attention weights (return_weights=True)"
         if _learnable(req.bias):
             return "the flex engine has no gradient for a learnable bias (one requires grad)"
+        if vmapping():  # compiled or not, torch failed "when making fake tensor call"
+            return "FlexAttention does not run under torch.func.vmap"
         return self._unsupported_inputs(req)
 
     def _unsupported_inputs(self, req: AttentionRequest) -> str | None:

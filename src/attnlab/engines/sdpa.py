@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnlab._eager import vmapping
 from attnlab.engines.base import AttentionRequest, Engine, EngineResult, may_hold_nan
 
 __all__ = ["SdpaEngine"]
@@ -43,16 +44,19 @@ class SdpaEngine(Engine):
             return "torch SDPA does not return the logsumexp (return_lse=True)"
         if req.batch == 0 or req.lq == 0 or req.lk == 0:
             return "torch SDPA does not accept empty batches or sequences"
+        if _unbatched(req.q):
+            return "torch has no vmap batching rule for SDPA's CPU kernels (it warns and loops)"
+        hold = "may hold (vmapped, they cannot be screened)" if vmapping() else "hold"
         if not _keeps_nan(req.q, req.lk, req.dropout_p):  # one screen, whichever applies
             if may_hold_nan(req.q, req.k, req.v):
-                return "the inputs hold NaN, which torch SDPA's fused kernels turn into 0"
+                return f"the inputs {hold} NaN, which torch SDPA's fused kernels turn into 0"
         elif _screens_hidden_nan(req) and may_hold_nan(req.k, req.v):
-            return "k or v hold NaN, which torch SDPA spreads to rows the mask hides it from"
+            return f"k or v {hold} NaN, which torch SDPA spreads to rows the mask hides it from"
         return None
 
     def plain(self, q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor | None:
-        if 0 in q.shape[:3] or not _keeps_nan(q, k.shape[2], 0.0):
-            return None  # empty, or a NaN screen to run: the request decides
+        if 0 in q.shape[:3] or not _keeps_nan(q, k.shape[2], 0.0) or _unbatched(q):
+            return None  # empty, a NaN screen to run, or vmapped: the request decides
         gqa = q.shape[1] != k.shape[1]
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
 
@@ -118,7 +122,7 @@ def _dense_mask(req: AttentionRequest) -> tuple[Tensor | None, Tensor | None]:
             req.mask.dense(req.lq, req.lk, batch=req.batch, heads=req.heads, device=req.q.device)
         )  # (Bm, Hm, Lq or 1, Lk or 1): SDPA broadcasts it
         rows = ~allowed.any(dim=-1, keepdim=True)  # (Bm, Hm, Lq, 1)
-        if torch.compiler.is_exporting() or bool(rows.any()):  # exporting: no value to read
+        if torch.compiler.is_exporting() or vmapping() or bool(rows.any()):  # else no value
             allowed, empty = allowed | rows, rows
     if req.bias is None:
         return allowed, empty
@@ -138,3 +142,10 @@ def _unbroadcast(t: Tensor) -> Tensor:
         slice(0, 1) if t.stride(d) == 0 and t.shape[d] > 1 else slice(None) for d in range(t.dim())
     )
     return t[index]
+
+
+def _unbatched(q: Tensor) -> bool:
+    """Whether torch.func.vmap runs a call to the CPU, where torch has no batching rule
+    for SDPA's kernels (forward and backward): it warned "there is a performance drop"
+    and looped over the items."""
+    return q.device.type == "cpu" and vmapping()

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlab._cpu import fuse_activation
+from attnlab._eager import vmapping
 
 __all__ = ["forget_packed", "linear", "module_linear"]
 
@@ -44,10 +45,12 @@ _POST_OPS["gelu_tanh"] = ("gelu", "tanh")
 def _fusable(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     """CPU float32 without autograd or autocast, and the op is available; not while
     torch.compile traces (inductor fuses linears itself, and failed to lower this op on
-    the packed weight)."""
+    the packed weight), nor under torch.func.vmap (no batching rule: torch warned at
+    each call and looped over the items)."""
     return (
         _POINTWISE is not None
         and not torch.compiler.is_compiling()
+        and not vmapping()
         and x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
         and x.dim() >= 2
