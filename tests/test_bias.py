@@ -879,6 +879,18 @@ def test_as_bias_rejects(value: object, match: str) -> None:
     )
 
 
+@pytest.mark.parametrize("shape", [(8,), (1, 2, 4, 8, 8)])
+def test_attention_names_bias_for_a_tensor_of_the_wrong_rank(shape: tuple[int, ...]) -> None:
+    """(It named ``t``, the argument of ``bias.tensor``, which the caller never wrote.)"""
+    q = torch.randn(2, 4, 8, 16)
+    check_and_control(
+        lambda: attnlab.attention(q, q, q, bias=torch.zeros(shape)),
+        lambda: attnlab.attention(q, q, q, bias=torch.zeros(1, 4, 8, 8)),
+        ValueError,
+        rf"bias= got a tensor of rank {len(shape)} with shape \({shape[0]},.*; expected rank 2",
+    )
+
+
 def test_reprs() -> None:
     assert repr(alibi(8)) == "alibi(num_heads=8)"
     assert repr(relative_buckets(2, 16, 64, bidirectional=False)) == (

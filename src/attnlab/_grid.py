@@ -107,7 +107,8 @@ class Grid:
     def gather(self, t: Tensor) -> Tensor:
         """Index a dense ``(Bt, Ht, lq, lk)`` tensor at this grid (size-1 dims broadcast).
 
-        Returns a tensor of shape ``(Bg or 1, Hg or 1, Tq, Tk)``; gradients flow into ``t``.
+        Returns a tensor of shape ``(Bg or 1, Hg or 1, Tq or 1, Tk or 1)``; gradients flow
+        into ``t``.
         """
         # a Python 0 for a broadcast dim, not a tensor: under FlexAttention's nested vmap a
         # tensor index made from one coordinate would be batched over that coordinate
@@ -115,7 +116,8 @@ class Grid:
         h = self.h if t.shape[1] > 1 else 0
         q = self.rows if t.shape[2] > 1 else 0
         k = self.k if t.shape[3] > 1 else 0
-        return t[b, h, q, k]
+        out = t[b, h, q, k]
+        return out.reshape(1, 1, 1, 1) if out.dim() == 0 else out  # every index an int
 
     @property
     def shape(self) -> tuple[int, int, int, int]:

@@ -124,6 +124,11 @@ def as_bias(x: Bias | Tensor | None) -> Bias | None:
             raise TypeError(
                 f"bias= got a tensor of dtype {x.dtype}; expected a float tensor, a Bias or None"
             )
+        if x.dim() not in (2, 3, 4):
+            raise ValueError(
+                f"bias= got a tensor of rank {x.dim()} with shape {tuple(x.shape)}; expected "
+                f"rank 2 (Lq, Lk), 3 (H, Lq, Lk) or 4 (B, H, Lq, Lk)"
+            )
         return tensor(x)
     raise TypeError(
         f"bias= got {type(x).__name__}; expected a Bias (e.g. alibi(num_heads)), "

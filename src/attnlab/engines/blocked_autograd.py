@@ -5,7 +5,9 @@ attnlab's compiled tile kernel when it can (``csrc/blocked.cpp``, float32 and ha
 CPU, ALiBi-like biases), else torch's fused CPU flash kernel per query block, else eager
 PyTorch per block (any bias, learnable ones included, float64). Forward saves the per-row
 logsumexp; backward recomputes each block's probabilities from it and gives ``dq``,
-``dk``, ``dv`` and the gradients of learnable biases.
+``dk``, ``dv`` and the gradients of learnable biases: the kernel's own backward, else
+eager PyTorch per block (torch's fused CPU flash backward in float32 carried 3-7x plain
+PyTorch's error in dV, and 2-4x in dQ and dK, past flash-attn's 2x rule).
 
 Tests switch paths with the module flags :data:`USE_KERNEL` and :data:`USE_FUSED`, and
 read the kernel's work counter in :data:`STATS`.
@@ -75,19 +77,21 @@ def block_tile(
     Also returns the bias tile with its autograd graph (with ``bias_grad``).
     """
     tile = bias_tile = None
+    t = blk.rows[1] - blk.rows[0]
     if req.bias is not None:
-        with torch.set_grad_enabled(bias_grad):
+        with torch.set_grad_enabled(bias_grad):  # (backward runs without grad mode)
             bias_tile = req.bias(_grid(req, blk, keys, req.bias.per_batch, req.bias.per_head))
-        tile = bias_tile.detach().to(dtype)
+            bias_tile = bias_tile.reshape((1,) * (4 - bias_tile.dim()) + bias_tile.shape)
+        tile = bias_tile.detach().to(dtype)  # a key or row bias broadcasts over the tile:
+        tile = tile.expand(*tile.shape[:2], t, len(keys))  # the mask writes every pair
     if req.mask is not None and blk.masked:
         m = req.mask
-        t = blk.rows[1] - blk.rows[0]
         if tile is None:
             tile = torch.zeros(1, 1, t, len(keys), dtype=dtype, device=keys.device)
         for c0, c1 in blk.masked:
             allowed = m(_grid(req, blk, keys[c0:c1], m.per_batch, m.per_head))
             shape = torch.broadcast_shapes(tile.shape, (*allowed.shape[:2], 1, 1))
-            tile = tile.expand(shape).clone() if tile.shape != shape else tile
+            tile = tile.expand(shape).contiguous()  # a copy where it was a broadcast
             tile[..., c0:c1].masked_fill_(~allowed, float("-inf"))
     return tile, bias_tile
 
@@ -145,9 +149,6 @@ def bias_leaves(bias: Bias | None) -> list[Tensor]:
 
 # torch's fused CPU flash kernel with its logsumexp (a private op: guarded, with a fallback)
 _FLASH_FWD: Any = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-_FLASH_BWD: Any = getattr(
-    torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None
-)
 USE_FUSED = True  # tests switch this off to check the eager fallback
 USE_KERNEL = True  # tests switch this off to check torch's per-block kernel
 # query rows per task of the kernel's forward, and per row group of its backward: a group
@@ -168,7 +169,6 @@ def _fused_ok(q: Tensor, k: Tensor, v: Tensor, leaves: tuple[Tensor, ...]) -> bo
     return (
         USE_FUSED
         and _FLASH_FWD is not None
-        and _FLASH_BWD is not None
         and q.device.type == "cpu"
         and q.shape[-1] == v.shape[-1]
         and not leaves
@@ -256,13 +256,13 @@ class BlockedAttention(torch.autograd.Function):
     a gradient too (``d lse_i / d s_ij = p_ij``: it joins ``delta``).
 
     Three implementations of the same plan, tried in order: attnlab's compiled tile kernel
-    (``kplan``), torch's fused CPU flash kernel per block, eager PyTorch per block. q, k
+    (``kplan``), torch's fused CPU flash kernel per block (forward only), eager PyTorch per
+    block. q, k
     and v come as :func:`blocked_attention` makes them (autograd converts their gradients
     back to the callers' dtypes and layouts). The forward takes no ``ctx``
     (``setup_context`` saves what the backward reads), so ``torch.func.grad`` can
     differentiate it. Returns ``out``, ``lse`` and, without a gradient, what the backward
-    needs of the forward: the kernel's logsumexp in log2 units, or without the kernel
-    whether torch's fused kernel ran the blocks (a bool tensor).
+    needs of the forward: the kernel's logsumexp in log2 units (empty without it).
     """
 
     @staticmethod
@@ -286,7 +286,7 @@ class BlockedAttention(torch.autograd.Function):
         for blk in plan.blocks:
             r0, r1 = blk.rows
             out[:, :, r0:r1], lse[:, :, r0:r1] = _block_forward(req, q, k, v, blk, fused)
-        return out, lse, torch.tensor(fused)  # in the accumulation dtype: sinks may scale
+        return out, lse, lse.new_empty(0)  # in the accumulation dtype: sinks may scale
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor, Tensor]) -> None:
@@ -294,7 +294,7 @@ class BlockedAttention(torch.autograd.Function):
         out, lse, aux = output
         ctx.save_for_backward(q, k, v, out, lse, *leaves)
         ops = kernel() if kplan is not None else None
-        ctx.req, ctx.plan, ctx.fused = req, plan, ops is None and bool(aux)
+        ctx.req, ctx.plan = req, plan
         ctx.kernel = (ops, kplan) if ops is not None else None
         # the kernel's backward recomputes P = 2^(s - lse2) against its own forward's lse2
         ctx.lse2 = aux if ops is not None else None
@@ -318,12 +318,10 @@ class BlockedAttention(torch.autograd.Function):
             qkv = kernel_backward(*ctx.kernel, ctx.req.scale, dout, *saved, shift=shift)
             grads = _Grads(qkv, [])
         else:
-            sv = _Saved(ctx.req, q, k, v, out, lse, dout, shift, leaves)
+            sv = _Saved(ctx.req, q, k, v, lse, dout, shift, leaves)
             grads = _Grads.zeros(q, k, v, leaves)
-            fused = ctx.fused and dlse is None  # torch's fused backward makes its own delta
-            step = _fused_block_backward if fused else _eager_block_backward
             for blk in ctx.plan.blocks:
-                step(sv, blk, grads)
+                _eager_block_backward(sv, blk, grads)
         return (*grads.qkv, None, None, None, *grads.leaves)
 
 
@@ -356,7 +354,6 @@ class _Saved:
     q: Tensor
     k: Tensor
     v: Tensor
-    out: Tensor
     lse: Tensor
     dout: Tensor
     shift: Tensor
@@ -376,31 +373,6 @@ class _Grads:
             (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)),
             [torch.zeros_like(t) for t in leaves],
         )
-
-
-def _fused_block_backward(sv: _Saved, blk: Block, grads: _Grads) -> None:
-    """One block's dq, dk, dv through torch's fused CPU flash backward."""
-    req, q, k, v, out, lse, dout = sv.req, sv.q, sv.k, sv.v, sv.out, sv.lse, sv.dout
-    r0, r1 = blk.rows
-    tile, _ = block_tile(req, blk, blk.key_index(q.device), q.dtype)
-    lse_b = lse[:, :, r0:r1]
-    lse_b = torch.where(torch.isfinite(lse_b), lse_b, torch.zeros_like(lse_b))
-    dq_b, dk_b, dv_b = _FLASH_BWD(
-        dout[:, :, r0:r1].contiguous(),
-        q[:, :, r0:r1],
-        take(k, blk.keys),
-        take(v, blk.keys),
-        out[:, :, r0:r1],
-        lse_b.contiguous(),
-        0.0,
-        False,
-        attn_mask=tile,
-        scale=req.scale,
-    )
-    dq, dk, dv = grads.qkv
-    dq[:, :, r0:r1] += dq_b
-    _scatter_add(dk, blk.keys, dk_b)
-    _scatter_add(dv, blk.keys, dv_b)
 
 
 def _eager_block_backward(sv: _Saved, blk: Block, grads: _Grads) -> None:

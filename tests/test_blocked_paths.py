@@ -1,0 +1,115 @@
+"""The blocked engine off its compiled kernel: biases other than ALiBi, gathered key sets
+(global tokens, random blocks) and learnable biases run each query block through torch's
+fused CPU flash forward and an eager backward, float64 and NaN inputs through eager
+PyTorch both ways.
+
+* Gradients keep flash-attn's 2x rule there: torch's fused CPU flash backward, which these
+  paths used, carried 3.6-7.0x plain PyTorch's float32 error in dV and up to 4.2x in dK
+  (a tensor bias), 3.0-3.7x in dQ (window | global tokens) here.
+* A bias that broadcasts over the query rows or keys (a transformers-style key bias
+  ``(B, 1, 1, Lk)``, a row bias, a scalar, a custom bias of the keys only or a number)
+  raised "output with shape [2, 1, 1, 128] doesn't match the broadcast shape" where a
+  partial tile's mask was written into it, and a learnable scalar raised in backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import Tensor
+
+import attnlab
+from attnlab import bias as B
+from attnlab import masks as M
+from attnlab.engines import blocked_autograd as blocked_mod
+from tests.conftest import assert_2x_rule, max_err, naive_attention
+
+L, E = 600, 32
+PATHS = {  # (mask, whether a dense (1, 2, L, L) bias is added): no path through the kernel
+    "tensor bias": (M.window(100), True),
+    "window | global tokens": (M.window(100) | M.global_tokens([0, 1]), False),
+}
+
+
+def _grads(fn: Callable[..., Tensor], x: list[Tensor], dout: Tensor, dtype: torch.dtype) -> list:
+    q, k, v = (t.to(dtype, copy=True).requires_grad_() for t in x)
+    fn(q, k, v).backward(dout.to(dtype))
+    return [q.grad, k.grad, v.grad]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("case", list(PATHS))
+def test_float32_gradients_off_the_kernel_keep_the_2x_rule(case: str, seed: int) -> None:
+    mask, with_bias = PATHS[case]
+    g = torch.Generator().manual_seed(seed)
+    x = [torch.randn(1, 2, L, E, generator=g) * 2 for _ in range(3)]  # large scores
+    dout = torch.randn(1, 2, L, E, generator=g)
+    dense = torch.randn(1, 2, L, L, generator=g) if with_bias else None
+    allowed = mask.dense(L, L)
+
+    def naive(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        bias = None if dense is None else dense.to(q.dtype)
+        return naive_attention(q, k, v, allowed=allowed, bias=bias)[0]
+
+    def ours(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return torch.as_tensor(attnlab.attention(q, k, v, mask=mask, bias=dense, engine="blocked"))
+
+    want, plain = _grads(naive, x, dout, torch.float64), _grads(naive, x, dout, torch.float32)
+    blocked_mod.STATS.clear()
+    got = _grads(ours, x, dout, torch.float32)
+    assert "scores" not in blocked_mod.STATS  # off the kernel
+    for name, o, p, w in zip(["dq", "dk", "dv"], got, plain, want, strict=True):
+        assert_2x_rule(o, p, w, f"{case} {name}")
+
+
+BROADCAST = {  # a bias broadcast over rows or keys: (bias, its dense (1 or 2, 1, L, L) form)
+    "(B, 1, 1, Lk) key bias": lambda t: (t[:, :, :1], t[:, :, :1]),
+    "(1, Lk) key bias": lambda t: (t[0, 0, :1], t[:1, :, :1]),
+    "(Lq, 1) row bias": lambda t: (t[0, 0, :, :1], t[:1, :, :, :1]),
+    "(1, 1) scalar": lambda t: (t[0, 0, :1, :1], t[:1, :, :1, :1]),
+}
+
+
+@pytest.mark.parametrize("learnable", [False, True], ids=["fused forward", "eager"])
+@pytest.mark.parametrize("case", list(BROADCAST))
+def test_a_broadcast_bias_under_a_partial_mask(case: str, learnable: bool) -> None:
+    """Forward and every gradient, the bias learnable (float64: the eager path) or not
+    (float32: torch's fused forward), against plain PyTorch in float64."""
+    g = torch.Generator().manual_seed(0)
+    full = torch.randn(2, 1, L, L, generator=g, dtype=torch.float64)
+    bias, dense = BROADCAST[case](full)
+    dtype = torch.float64 if learnable else torch.float32
+    x = [torch.randn(2, 2, L, 16, generator=g, dtype=torch.float64) for _ in range(3)]
+    mask = M.causal() & M.window(64)
+    leaf = bias.to(dtype).clone().requires_grad_(learnable)
+    q, k, v = (t.to(dtype, copy=True).requires_grad_() for t in x)
+    out = attnlab.attention(q, k, v, mask=mask, bias=leaf, engine="blocked")
+    qr, kr, vr, br = (t.detach().clone().requires_grad_() for t in (*x, dense))
+    want, _ = naive_attention(qr, kr, vr, allowed=mask.dense(L, L), bias=br)
+    tol = 1e-10 if learnable else 1e-5
+    assert max_err(out, want) < tol
+    dout = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    (out * dout.to(dtype)).sum().backward()
+    (want * dout).sum().backward()
+    for name, a, b in (("dq", q, qr), ("dk", k, kr), ("dv", v, vr)):
+        assert max_err(a.grad, b.grad) < tol, name
+    if learnable:
+        assert max_err(leaf.grad, br.grad.sum_to_size(dense.shape).view(bias.shape)) < 1e-9
+
+
+@pytest.mark.parametrize(
+    "fn", [lambda h, p, k: 0.01 * k.float(), lambda h, p, k: 0.5], ids=["keys only", "number"]
+)
+def test_a_custom_bias_of_fewer_dims_under_a_partial_mask(fn: Callable) -> None:
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, L, 16, generator=g) for _ in range(3))
+    bias = B.custom(fn, per_head=False)
+    got = attnlab.attention(q, k, v, mask=M.causal(), bias=bias, engine="blocked")
+    dense = bias.dense(L, L).double()
+    want, _ = naive_attention(
+        *(t.double() for t in (q, k, v)), allowed=M.causal().dense(L, L), bias=dense
+    )
+    plain, _ = naive_attention(q, k, v, allowed=M.causal().dense(L, L), bias=dense.float())
+    assert_2x_rule(torch.as_tensor(got), plain, want, "custom bias")
