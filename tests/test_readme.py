@@ -17,6 +17,23 @@ def _blocks(lang: str) -> list[str]:
     return re.findall(rf"```{lang}\n(.*?)```", README.read_text(), flags=re.S)
 
 
+def _block_with(lang: str, text: str) -> str:
+    return next(b for b in _blocks(lang) if text in b)
+
+
+def test_per_example_gradients_example_equals_a_loop_of_backward_calls() -> None:
+    namespace: dict[str, object] = {}
+    exec(compile(_block_with("py", "per_example"), "README.md", "exec"), namespace)
+    per, mha, loss = namespace["per_example"], namespace["mha"], namespace["loss"]
+    x, y = namespace["x"], namespace["y"]
+    for i in (0, 15):
+        mha.zero_grad()  # type: ignore[attr-defined]
+        params = dict(mha.named_parameters())  # type: ignore[attr-defined]
+        loss(params, x[i], y[i]).backward()  # type: ignore[index, operator]
+        for name, p in params.items():
+            assert torch.allclose(per[name][i], p.grad, atol=1e-6), name  # type: ignore[index]
+
+
 def test_python_example_runs() -> None:
     namespace: dict[str, object] = {}
     exec(compile(_blocks("python")[0], "README.md", "exec"), namespace)
@@ -73,7 +90,7 @@ def test_custom_mask_class_example_uses_the_protocol() -> None:
     from attnlab.functional import _request
 
     namespace: dict[str, object] = {}
-    exec(compile(_blocks("py")[0], "README.md", "exec"), namespace)
+    exec(compile(_block_with("py", "class Band"), "README.md", "exec"), namespace)
     band = namespace["Band"](40)  # type: ignore[operator]
     same = masks.causal() & masks.window(40)
     assert torch.equal(band.dense(300, 300), same.dense(300, 300))
