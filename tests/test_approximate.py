@@ -548,6 +548,13 @@ def test_linformer_errors() -> None:
         ValueError,
         r"sharing='layer' is not one of \('none', 'headwise', 'kv'\)",
     )
+    for bad, match in (({"dropout": 2.0}, "dropout must be in"), ({"engine": "x"}, "engine='x'")):
+        check_and_control(  # checked when built, as MultiHeadAttention's (at the first call)
+            lambda bad=bad: LinformerAttention(8, 2, max_len=6, **bad),  # type: ignore[arg-type]
+            lambda: LinformerAttention(8, 2, max_len=6, dropout=0.5, engine="reference"),
+            ValueError,
+            match,
+        )
     x = torch.randn(2, 6, 8)
     check_and_control(  # a bool tensor mask: an AttributeError on .lengths() before
         lambda: attn(x, mask=torch.ones(6, 6, dtype=torch.bool)),  # type: ignore[arg-type]

@@ -19,7 +19,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 RANKS = {
     "_grid": 0,
     "_cpu": 0,
-    "_eager": 0,  # torch.compile leaves what it decorates to run as written
+    "_eager": 0,  # what torch.compile runs as written; whether torch.func.vmap runs
     "normalize": 1,
     "scores": 1,
     "_validate": 2,

@@ -75,6 +75,39 @@ def test_kdim_vdim_and_no_bias_load_from_torch(bias: bool) -> None:
     assert max_err(ours(x, k, v), ref(x, k, v)[0]) < 1e-5
 
 
+def test_a_float64_torch_layer_is_copied_exactly_in_its_mode() -> None:
+    """Made in float32 and loaded before moving, float64 weights were rounded (1.2e-7
+    off), and an eval layer's copy trained (dropout on)."""
+    ref = nn.MultiheadAttention(16, 4, dropout=0.5, batch_first=True, dtype=torch.float64)
+    with torch.no_grad():
+        ref.in_proj_weight.normal_()  # float64 values that float32 cannot hold
+    ours = MultiHeadAttention.from_torch(ref.eval())
+    assert not ours.training and max_err(ours.in_proj_weight, ref.in_proj_weight) == 0
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    assert max_err(ours(x), ref(x, x, x)[0]) < 1e-12
+    assert MultiHeadAttention.from_torch(ref.train()).training
+
+
+def test_a_value_without_a_key_is_refused() -> None:
+    """It attended over the queries' own values, the value given unread."""
+    mha, x = MultiHeadAttention(8, 2), torch.randn(1, 3, 8)
+    check_and_control(
+        lambda: mha(x, value=torch.randn(1, 3, 8)),
+        lambda: mha(x, x, torch.randn(1, 3, 8)),
+        ValueError,
+        "value: given without key; pass key as well",
+    )
+
+
+def test_rope_that_is_not_a_rotary_embedding_is_named_when_built() -> None:
+    check_and_control(
+        lambda: MultiHeadAttention(16, 4, rope=4),  # type: ignore[arg-type]
+        lambda: MultiHeadAttention(16, 4, rope=RotaryEmbedding(4)),
+        TypeError,
+        "rope must be an attnlab.positional.RotaryEmbedding or None, got int",
+    )
+
+
 def test_need_weights_with_an_engine_that_returns_none() -> None:
     mha = MultiHeadAttention(32, 4, engine="sdpa").eval()
     x = torch.randn(2, 11, 32)
@@ -311,3 +344,21 @@ def test_gradients_flow_through_cached_steps_as_through_torchs_causal_pass() -> 
     with torch.no_grad():  # decoding after training steps goes on in the storage
         nxt = ours(torch.randn(2, 1, 32, dtype=torch.float64), mask=masks.causal(), cache=cache)
     assert cache.length == 7 and nxt.shape == (2, 1, 32)
+
+
+def test_a_step_after_crop_leaves_what_backward_saved() -> None:
+    """Steps under autograd, ``crop`` (a rejected draft), a step without grad: it wrote into
+    the keys the first steps had saved ("modified by an inplace operation" in backward)."""
+    torch.manual_seed(0)
+    mha, cache = MultiHeadAttention(8, 2).double(), KVCache()
+    x = torch.randn(1, 5, 8, dtype=torch.float64, requires_grad=True)
+    out = mha(x[:, :4], mask=masks.causal(), cache=cache)
+    cache.crop(2)
+    with torch.no_grad():
+        step = mha(x[:, 4:5], mask=masks.causal(), cache=cache)
+    out.sum().backward()
+    got, x.grad = x.grad, None
+    mha(x[:, :4], mask=masks.causal()).sum().backward()
+    assert max_err(got, x.grad) < 1e-12
+    want = mha(torch.cat([x[:, :2], x[:, 4:5]], 1), mask=masks.causal())[:, -1:]
+    assert max_err(step, want) < 1e-12  # the step saw the two kept positions

@@ -234,15 +234,52 @@ def test_layer_config_errors() -> None:
         ((32, 4), {"dropout": -0.1}, r"dropout must be in \[0, 1\), got -0\.1"),
         ((32, 4), {"engine": "nope"}, "engine='nope' is not a known engine"),
         ((32, 4), {"normalize": "hard"}, "normalize='hard' is not a known normalizer"),
+        ((32, 4), {"norm_eps": -1.0}, "norm_eps must be a positive float, got -1.0"),
+        ((32, 4), {"norm_eps": "a"}, "norm_eps must be a positive float, got str"),
+        ((32, 4), {"rope": "yes"}, "rope must be an attnlab.positional.RotaryEmbedding"),
     ],
 )
 def test_layer_config_names_a_bad_argument_when_made(
     args: tuple[int, int], kwargs: dict[str, object], match: str
 ) -> None:
-    """A config is checked when it is made, not when its first layer is built."""
+    """A config is checked when it is made, not when its first layer is built (a negative
+    ``norm_eps`` gave NaN outputs; a str one and a ``rope`` that is not one failed at the
+    first call, naming neither)."""
     check_and_control(
         lambda: LayerConfig(*args, **kwargs),  # type: ignore[arg-type]
         lambda: LayerConfig(32, 4, num_kv_heads=2, dropout=0.0),
-        ValueError,
+        (ValueError, TypeError),
         match,
     )
+
+
+def test_sizes_of_a_feed_forward_and_a_stack_are_named() -> None:
+    from attnlab.nn import Encoder
+
+    check_and_control(
+        lambda: FeedForward(16, 0), lambda: FeedForward(16, 8), ValueError,
+        "dim_feedforward must be a positive int, got 0",
+    )  # fmt: skip
+    layer = EncoderLayer(LayerConfig(16, 4, 32))
+    check_and_control(
+        lambda: Encoder(layer, True),  # type: ignore[arg-type]
+        lambda: Encoder(layer, 1),
+        ValueError,
+        "num_layers must be a positive int, got True",
+    )
+
+
+def test_copies_of_float64_torch_layers_are_exact_and_keep_eval_mode() -> None:
+    """Made in float32 and loaded before moving, float64 weights were rounded (4e-8 off);
+    an eval layer's copy trained, so torch's default dropout of 0.1 was on (0.55 off)."""
+    torch.manual_seed(0)
+    ref = nn.TransformerEncoderLayer(16, 4, 32, batch_first=True, dtype=torch.float64).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.3)  # float64 values that float32 cannot hold
+    ours = EncoderLayer.from_torch(ref)
+    assert not ours.training
+    assert max_err(ours.ff.linear1.weight, ref.linear1.weight) == 0
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        assert max_err(ours(x), ref(x)) < 1e-12

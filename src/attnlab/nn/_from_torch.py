@@ -32,11 +32,15 @@ def torch_config(layer: Any) -> LayerConfig:
 
 
 def load_torch(ours: _M, theirs: nn.Module, layer: Any) -> _M:
-    """Load ``theirs``' weights into ``ours`` and move it to the device and dtype of
-    ``layer`` (a torch layer of ``theirs``)."""
-    ours.load_state_dict({_rename(k): v for k, v in theirs.state_dict().items()})
+    """Load ``theirs``' weights into ``ours`` on the device and in the dtype of ``layer``
+    (a torch layer of ``theirs``), in its train or eval mode.
+
+    ``ours`` moves first: loaded into float32, float64 weights were rounded (copies of a
+    float64 layer were off by 4e-8)."""
     w = layer.linear1.weight
-    return ours.to(w.device, w.dtype)
+    ours.to(w.device, w.dtype).train(theirs.training)
+    ours.load_state_dict({_rename(k): v for k, v in theirs.state_dict().items()})
+    return ours
 
 
 def _rename(key: str) -> str:

@@ -20,7 +20,7 @@ from attnlab.functional import AttentionOutput, attention, unsupported_by
 from attnlab.masks import Mask
 from attnlab.nn._fused import linear, module_linear
 from attnlab.nn.cache import KVCache
-from attnlab.nn.config import check_attention_options, check_heads
+from attnlab.nn.config import check_attention_options, check_heads, check_rope
 from attnlab.scores import ScoreFn
 
 if TYPE_CHECKING:
@@ -79,6 +79,7 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         hkv = check_heads(embed_dim, num_heads, num_kv_heads, head_dim)
         check_attention_options(dropout, normalize, engine)
+        check_rope(rope)
         validate_score(score)
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, hkv
         self.head_dim = embed_dim // num_heads if head_dim is None else head_dim
@@ -278,7 +279,8 @@ class MultiHeadAttention(nn.Module):
 
     @classmethod
     def from_torch(cls, module: nn.MultiheadAttention) -> MultiHeadAttention:
-        """A copy of a ``torch.nn.MultiheadAttention`` (its weights, heads and dropout).
+        """A copy of a ``torch.nn.MultiheadAttention`` (its weights, heads and dropout, on
+        its device, in its dtype and its train or eval mode).
 
         The copy is batch-first whatever ``module.batch_first`` says.
 
@@ -302,8 +304,9 @@ class MultiHeadAttention(nn.Module):
             bias=module.in_proj_bias is not None,
             dropout=module.dropout,
         )
-        ours.load_state_dict(module.state_dict())
-        return ours.to(module.out_proj.weight.device, module.out_proj.weight.dtype)
+        w = module.out_proj.weight  # moved first: loaded into float32, float64 was rounded
+        ours.to(w.device, w.dtype).train(module.training).load_state_dict(module.state_dict())
+        return ours
 
 
 class _Call(TypedDict):
@@ -330,6 +333,11 @@ def _is_self(
     too. ``key=query`` beside another ``value`` attends over that value (torch's layer
     does), which has no meaning with RoPE or a cache, whose self-attention reads values
     from the queries' own tokens."""
+    if key is None and value is not None and value is not query:
+        raise ValueError(  # it attended over query's own values, the value unread
+            "value: given without key; pass key as well (key=query attends over this "
+            "value with the queries' own keys), or neither for self-attention"
+        )
     if key is None or (key is query and (value is None or value is query)):
         return True
     if key is query and (rope is not None or cache is not None):

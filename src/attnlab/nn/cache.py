@@ -38,6 +38,9 @@ class KVCache:
         self._k: Tensor | None = None  # (B, Hkv, capacity, E)
         self._v: Tensor | None = None  # (B, Hkv, capacity, Ev)
         self._len = 0
+        # whether the storage is the cache's own to write into: not after an append under
+        # autograd (earlier steps saved it for backward) or set() (the caller's tensors)
+        self._owned = False
 
     @property
     def length(self) -> int:
@@ -67,8 +70,8 @@ class KVCache:
             self._k = self._v = None  # emptied (crop(0)): the next step may change its sizes
         if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
             return self._concat(k, v, need)
-        if self._k is None or self._v is None or need > self._k.shape[2]:
-            self._grow(k, v, need)
+        if self._k is None or self._v is None or need > self._k.shape[2] or not self._owned:
+            self._grow(k, v, need)  # after crop(), a write would have reached those
         assert self._k is not None and self._v is not None
         self._k[:, :, self._len : need] = k
         self._v[:, :, self._len : need] = v
@@ -82,7 +85,7 @@ class KVCache:
 
     def set(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Replace the contents by ``k`` and ``v`` (cross-attention's encoder keys)."""
-        self._k, self._v, self._len = k, v, k.shape[2]
+        self._k, self._v, self._len, self._owned = k, v, k.shape[2], False
         return k, v
 
     def crop(self, length: int) -> KVCache:
@@ -103,6 +106,7 @@ class KVCache:
         idx = index.to(self._k.device)
         self._k = self._k.index_select(0, idx)
         self._v = self._v.index_select(0, idx)
+        self._owned = not (self._k.requires_grad or self._v.requires_grad)
         return self
 
     def _concat(self, k: Tensor, v: Tensor, need: int) -> tuple[Tensor, Tensor]:
@@ -113,7 +117,7 @@ class KVCache:
             self._k, self._v = k.clone(), v.clone()
         else:
             self._k, self._v = torch.cat((old_k, k), 2), torch.cat((old_v, v), 2)
-        self._len = need
+        self._len, self._owned = need, False
         return self._k, self._v
 
     def _grow(self, k: Tensor, v: Tensor, need: int) -> None:
@@ -123,7 +127,7 @@ class KVCache:
         if self._k is not None and self._v is not None and self._len:
             nk[:, :, : self._len] = self._k[:, :, : self._len]
             nv[:, :, : self._len] = self._v[:, :, : self._len]
-        self._k, self._v = nk, nv
+        self._k, self._v, self._owned = nk, nv, True
 
     def __repr__(self) -> str:
         shape = None if self._k is None else (*self._k.shape[:2], self._len, self._k.shape[3])

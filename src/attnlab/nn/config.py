@@ -39,6 +39,17 @@ def check_heads(d: int, h: int, hkv: int | None, e: int | None) -> int:
     return hkv
 
 
+def check_rope(rope: object) -> None:
+    """``rope`` is None or a :class:`~attnlab.positional.RotaryEmbedding` (another value
+    failed at the first call: "'int' object is not callable")."""
+    from attnlab.positional import RotaryEmbedding
+
+    if rope is not None and not isinstance(rope, RotaryEmbedding):
+        raise TypeError(
+            f"rope must be an attnlab.positional.RotaryEmbedding or None, got {type(rope).__name__}"
+        )
+
+
 def check_attention_options(dropout: object, normalize: object, engine: object) -> None:
     """The attention options a module keeps for its calls, checked when it is built
     rather than at its first forward."""
@@ -84,7 +95,8 @@ class LayerConfig:
         TypeError, ValueError: a size that is not a positive int, ``d_model`` not
             divisible by ``num_heads``, ``num_kv_heads`` not dividing it, a dropout
             outside ``[0, 1)``, an unknown ``activation``, ``norm``, ``normalize`` or
-            ``engine``.
+            ``engine``, a ``norm_eps`` that is not a positive float, a ``rope`` that is
+            not a :class:`~attnlab.positional.RotaryEmbedding`.
 
     Example:
         >>> config = LayerConfig(32, 4, 64, dropout=0.0, norm_first=True)
@@ -123,6 +135,12 @@ class LayerConfig:
         check_attention_options(self.dropout, self.normalize, self.engine)
         check_choice("activation", self.activation, ACTIVATIONS)
         check_choice("norm", self.norm, NORMS)
+        check_rope(self.rope)
+        eps = self.norm_eps  # a negative one gave NaN outputs, a str failed at the first call
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+            raise TypeError(f"norm_eps must be a positive float, got {type(eps).__name__}")
+        if not 0 < eps < float("inf"):
+            raise ValueError(f"norm_eps must be a positive float, got {eps!r}")
 
     def norm_layer(self) -> nn.Module:
         """A new norm of this config's kind, width ``d_model`` and epsilon."""

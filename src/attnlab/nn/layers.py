@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlab import masks as M
+from attnlab._validate import positive_int
 from attnlab.bias import Bias
 from attnlab.masks import Mask
 from attnlab.nn._from_torch import load_torch, torch_config
@@ -70,6 +71,8 @@ class FeedForward(nn.Module):
     ) -> None:
         super().__init__()
         check_choice("activation", activation, ACTIVATIONS)
+        for name, size in (("d_model", d_model), ("dim_feedforward", dim_feedforward)):
+            positive_int(name, size)
         width = 2 * dim_feedforward if activation == "swiglu" else dim_feedforward
         self.activation = activation
         self.linear1 = nn.Linear(d_model, width, bias=bias)

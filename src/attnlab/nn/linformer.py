@@ -30,6 +30,7 @@ from attnlab._validate import positive_int
 from attnlab.engines.approximate import padding_validity
 from attnlab.functional import AttentionOutput, attention
 from attnlab.masks import Mask
+from attnlab.nn.config import check_attention_options
 
 __all__ = ["SHARING", "LinformerAttention", "linformer_attention"]
 
@@ -155,6 +156,7 @@ class LinformerAttention(nn.Module):
     ) -> None:
         super().__init__()
         _check_args(embed_dim, num_heads, max_len, proj_dim, sharing)
+        check_attention_options(dropout, "softmax", engine)  # (they failed at the first call)
         self.embed_dim, self.num_heads, self.max_len = embed_dim, num_heads, max_len
         self.head_dim, self.proj_dim, self.sharing = embed_dim // num_heads, proj_dim, sharing
         self.dropout, self.engine = float(dropout), engine

@@ -23,7 +23,7 @@ __all__ = ["Decoder", "DecoderOnly", "Encoder", "Transformer"]
 
 
 def _clones(layer: nn.Module, n: int) -> nn.ModuleList:
-    if not isinstance(n, int) or n <= 0:
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise ValueError(f"num_layers must be a positive int, got {n!r}")
     return nn.ModuleList(copy.deepcopy(layer) for _ in range(n))
 
