@@ -33,6 +33,21 @@ def test_capture_on_fast_engines_equals_reference_weights(engine: str) -> None:
         assert max_err(got.weights, want.weights[:, [1, 3], 250:300]) < 1e-5
 
 
+@pytest.mark.parametrize("engine", ["sdpa", "blocked", "reference"])
+def test_a_layer_asked_for_weights_is_recorded_once(engine: str) -> None:
+    """A layer whose engine returns no weights recomputes them for ``need_weights``; the
+    capture recorded that second call too (12 records for 6 layers on SDPA, and rollout
+    over them off by 0.1)."""
+    enc, x, weights = _encoder(engine), torch.randn(1, 20, 32), []
+    with torch.no_grad(), capture(enc) as cap:
+        for layer in enc.layers:
+            x, w = layer(x, mask=masks.causal(), need_weights=True)
+            weights.append(w)
+    assert [c.name for c in cap] == ["layers.0.self_attn", "layers.1.self_attn"]
+    for got, want in zip(cap, weights, strict=True):
+        assert max_err(got.weights, want) < 1e-6
+
+
 def test_capture_with_gradients_enabled_and_training_dropout() -> None:
     enc = Encoder(EncoderLayer(LayerConfig(16, 2, 32, dropout=0.5)), 1)  # training mode, dropout on
     x = torch.randn(1, 7, 16, requires_grad=True)

@@ -71,6 +71,12 @@ def test_rollout_and_relevance_errors() -> None:
         lambda: relevance([a, a], [a]), lambda: relevance([a], [a]), ValueError, "gradients has 1"
     )
     check_and_control(lambda: rollout([a.numpy()]), ok, TypeError, "must be a Tensor")
+    check_and_control(  # "no" was taken as True
+        lambda: rollout([a], residual="no"),  # type: ignore[arg-type]
+        lambda: rollout([a], residual=False),
+        TypeError,
+        "residual must be a bool, got str",
+    )
 
 
 def _encoder(engine: str) -> Encoder:
@@ -190,6 +196,15 @@ def test_integrated_gradients_names_a_bad_path_rule(kwargs: dict[str, object], m
         integrated_gradients(lambda t: (t**2).sum(-1), x, **kwargs)  # type: ignore[arg-type]
     ok = integrated_gradients(lambda t: (t**2).sum(-1), x, method="riemann_middle")
     assert torch.allclose(ok.attributions, x**2, atol=1e-4)  # the control: x_i^2 each
+
+
+def test_integrated_gradients_names_a_forward_without_one_score_per_input() -> None:
+    """(captum raised a bare AssertionError.) ``(B, 1)`` is one score per input too."""
+    x = torch.tensor([[1.0, 2.0, 3.0]])
+    with pytest.raises(ValueError, match=r"forward must return one score per input, \(B,\); got"):
+        integrated_gradients(lambda t: t * 2, x)
+    col = integrated_gradients(lambda t: (t**2).sum(-1, keepdim=True), x)
+    assert torch.allclose(col.attributions, x**2, atol=1e-4)
 
 
 def test_layer_integrated_gradients_on_token_ids() -> None:

@@ -5,6 +5,7 @@ log-probability that transformers' eager model gives."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from attnlab.cli import main  # noqa: E402
 from attnlab.cli.explain import text_model  # noqa: E402
 from attnlab.integrations.hf_text import hf_text_model, load_hf  # noqa: E402
 from attnlab.interpret import captured_attentions, gradient_relevance  # noqa: E402
+from attnlab.interpret.text import explain_text  # noqa: E402
 from attnlab.models import SentenceEncoder, minilm_path  # noqa: E402
 from tests.conftest import max_err  # noqa: E402
 
@@ -86,6 +88,13 @@ def test_explain_hf_model_decoder_explains_eagers_log_probability(
     out = capsys.readouterr().out
     assert "most important tokens" in out and (tmp_path / "r.html").is_file()
     assert (tmp_path / "r_heads.png").is_file()
+    # completeness: the attributions sum to f(text) - f(baseline), the baseline keeping the
+    # scored tokens (it padded all but the last: with a continuation the sum was -0.163
+    # and the reported difference 0.774, a log-probability of padding)
+    ex = explain_text(tm, text, tmp_path / "c.html", steps=32, log=lambda s: None)
+    ig = sum(ex.saliency["integrated gradients"])
+    assert abs(ig - (ex.score - ex.baseline_score)) < 0.02 * max(1.0, abs(ig))
+    assert ex.saliency["integrated gradients"][n_text:] == [0.0] * m  # scored, kept
 
 
 def test_explain_hf_model_names_a_folder_that_is_not_a_model(
@@ -98,3 +107,30 @@ def test_explain_hf_model_names_a_folder_that_is_not_a_model(
     with pytest.raises(ValueError, match=r"--hf-model: .* holds no config.json"):
         load_hf(tmp_path)
     assert load_hf(_decoder_folder(tmp_path / "ok"))[0] is not None  # positive control
+
+
+def test_explain_hf_model_refuses_what_it_cannot_explain(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A folder without tokenizer files (transformers 5 made a tokenizer of the special
+    tokens alone: GPT-2 failed on an empty tensor, BERT explained [UNK]s), ``--against``
+    with a decoder (a log-probability has no similarity: every explanation was 0), and
+    ``--model`` beside ``--hf-model`` (it went unread): one line each, exit 2."""
+    folder = _decoder_folder(tmp_path / "gpt2")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((folder / name).read_bytes())
+    out = ["--out", str(tmp_path / "r.html")]
+    capsys.readouterr()  # what saving the folder printed
+    cases = [
+        (["--hf-model", str(bare)], "--hf-model: no tokenizer in .* holds no tokenizer files"),
+        (["--hf-model", str(folder), "--against", "a dog"], "--against: needs an encoder"),
+        (["--hf-model", str(folder), "--model", str(tmp_path)], "--model: and --hf-model"),
+    ]
+    for extra, match in cases:
+        assert main(["explain", "the cat sat", *extra, *out]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and re.search(match, err), err
+    assert not (tmp_path / "r.html").exists()
+    assert main(["explain", "the cat sat", "--hf-model", str(folder), *out, "--steps", "2"]) == 0

@@ -7,7 +7,8 @@ observer the hook costs one truthiness check per call.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -22,6 +23,7 @@ __all__ = [
     "live_weights",
     "notify",
     "rewriter",
+    "unobserved",
 ]
 
 
@@ -58,8 +60,30 @@ def live_weights() -> bool:
     return bool(LIVE_WEIGHTS) and threading.get_ident() in LIVE_WEIGHTS
 
 
+_QUIET = threading.local()
+
+
+@contextmanager
+def unobserved() -> Iterator[None]:
+    """Calls in this block (in this thread) are not handed to observers: a layer that
+    recomputes the weights of the call it just made, which a capture recorded twice.
+
+    Example:
+        >>> with unobserved():
+        ...     notify(AttentionEvent(None, None, None, "attend"))  # seen by no observer
+    """
+    before = getattr(_QUIET, "on", False)
+    _QUIET.on = True
+    try:
+        yield
+    finally:
+        _QUIET.on = before
+
+
 def notify(event: AttentionEvent) -> None:
-    """Hand ``event`` to every registered observer."""
+    """Hand ``event`` to every registered observer (none inside :func:`unobserved`)."""
+    if getattr(_QUIET, "on", False):
+        return
     for obs in list(OBSERVERS):
         obs(event)
 

@@ -55,10 +55,14 @@ def _hf_model(args: argparse.Namespace, text: str, continuation: str | None) -> 
 
     config = _hf_config(args.hf_model)
     seq2seq = getattr(config, "is_encoder_decoder", False)  # load_hf names it below
+    kind = getattr(config, "model_type", "unknown")
     if continuation is not None and not is_decoder(config) and not seq2seq:
-        kind = getattr(config, "model_type", "unknown")
         msg = f"needs a decoder --hf-model; {args.hf_model!r} is an encoder ({kind})"
         raise UsageError("--continuation", msg)
+    if args.against is not None and is_decoder(config):  # a log-probability has no
+        # similarity: every explanation was 0 (cosine of two numbers)
+        msg = f"needs an encoder --hf-model; {args.hf_model!r} is a decoder ({kind})"
+        raise UsageError("--against", f"{msg}: explain a continuation with --continuation")
     try:
         model, tokenizer = load_hf(args.hf_model)
     except (OSError, ValueError) as e:
@@ -107,6 +111,8 @@ def _check_args(args: argparse.Namespace) -> tuple[str, str | None, str | None, 
     if continuation is not None and args.hf_model is None:
         msg = "needs a decoder --hf-model (the sentence encoder has no continuation)"
         raise UsageError("--continuation", msg)
+    if args.model is not None and args.hf_model is not None:  # --model went unread
+        raise UsageError("--model", "and --hf-model name two models; give one of them")
     return text, against, continuation, check_out_file("--out", args.out)
 
 

@@ -61,6 +61,12 @@ def load_hf(folder: str | Path) -> tuple[nn.Module, Any]:
         tokenizer = t.AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise ValueError(f"--hf-model: no tokenizer in {str(path)!r}: {e}") from e
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):  # transformers 5 made one of
+        # the special tokens alone from the config, and every word became [UNK] or nothing
+        raise ValueError(
+            f"--hf-model: no tokenizer in {str(path)!r}: it holds no tokenizer files "
+            f"(only {len(tokenizer)} special tokens could be made)"
+        )
     auto = t.AutoModelForCausalLM if is_decoder(config) else t.AutoModel
     model = auto.from_pretrained(path, attn_implementation=register()).eval()
     return model, tokenizer
@@ -111,6 +117,7 @@ def hf_text_model(
         pooled=lambda ids: _log_prob(model, ids, len(follow)),
         embed=lambda ids: _log_prob(model, ids, len(follow)),
         pooling="mean",
+        keep_last=len(follow),
         **common,
     )
 

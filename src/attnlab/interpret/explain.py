@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from attnlab._validate import validate_flag
 from attnlab.interpret.capture import capture
 
 __all__ = [
@@ -115,6 +116,7 @@ def rollout(
         [[0.25, 0.75], [0.0, 1.0]]
     """
     _check_layers("attentions", attentions)
+    validate_flag("residual", residual)  # (a str such as "no" was taken as True)
     out: Tensor | None = None
     for a in attentions:
         layer = residual_attention(a, head_fusion, residual)  # (B, n, n)
@@ -251,10 +253,19 @@ def integrated_gradients(
         raise ValueError(f"steps must be an int >= 2, got {steps!r}")
     _check_path(method, internal_batch_size)
     attr = _captum()
+
+    def scores(x: Tensor) -> Tensor:  # captum asserted on other shapes, naming neither
+        out = forward(x)
+        ok = isinstance(out, Tensor) and (out.dim() == 1 or out.shape[1:] == (1,))
+        if not ok:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"forward must return one score per input, (B,); got {got}")
+        return out
+
     algo = (
-        attr.IntegratedGradients(forward)
+        attr.IntegratedGradients(scores)
         if layer is None
-        else attr.LayerIntegratedGradients(forward, layer)
+        else attr.LayerIntegratedGradients(scores, layer)
     )
     with torch.enable_grad():
         a, delta = algo.attribute(

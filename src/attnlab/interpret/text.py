@@ -55,7 +55,10 @@ class TextModel:
         pooled: ids ``(B, n)`` -> the raw pooled embedding ``(B, D)``, differentiable.
         embed: ids ``(B, n)`` -> the embedding ``(B, D)`` as the model gives it.
         input_embeddings: the module whose output integrated gradients interpolate.
-        pad_id: the baseline's token id (the first and last token are kept).
+        pad_id: the baseline's token id (the first token and the last ``keep_last`` are
+            kept).
+        keep_last: tokens at the end the baseline keeps: a decoder's scored continuation
+            (padded, its log-probability was of other tokens than the path's).
         pooling: ``"cls"`` (the first token's state) or another pooling (a mean of tokens).
     """
 
@@ -67,6 +70,7 @@ class TextModel:
     input_embeddings: nn.Module
     pad_id: int
     pooling: str = "mean"
+    keep_last: int = 1
 
 
 @dataclass
@@ -111,6 +115,11 @@ def explained_score(
         else:
             other = torch.tensor([list(model.tokenize(against))])  # (1, m)
             target = F.normalize(model.embed(other), dim=-1)
+            if target.shape[-1] == 1:  # every cosine was 1 and every explanation 0
+                raise ValueError(
+                    f"against={against!r}: the model's embedding is one number (a "
+                    f"decoder's log-probability), which has no similarity; use an encoder"
+                )
 
     def score(t: Tensor) -> Tensor:
         e = model.pooled(t)
@@ -123,10 +132,10 @@ def explained_score(
 def _integrated(
     model: TextModel, score: Callable[[Tensor], Tensor], ids: Tensor, steps: int
 ) -> tuple[Attribution, float, float]:
-    """Integrated gradients from a baseline of padding between the end tokens, and the
-    score at the text and at the baseline."""
+    """Integrated gradients from a baseline of padding between the first token and the
+    last ``keep_last``, and the score at the text and at the baseline."""
     base = ids.clone()
-    base[:, 1:-1] = model.pad_id  # keep [CLS] and [SEP]
+    base[:, 1 : ids.shape[1] - model.keep_last] = model.pad_id  # keep [CLS] and [SEP]
     ig = integrated_gradients(
         score, ids, base, layer=model.input_embeddings, steps=steps, internal_batch_size=8
     )

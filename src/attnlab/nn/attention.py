@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnlab._observe import unobserved
 from attnlab._validate import positive_int, validate_score
 from attnlab.bias import Bias
 from attnlab.functional import AttentionOutput, attention, unsupported_by
@@ -273,8 +274,8 @@ class MultiHeadAttention(nn.Module):
         res = run(self.engine, direct, p)
         if not need_weights or direct:
             return res
-        with torch.no_grad():  # the chosen engine gives no weights: recompute them
-            w = cast(AttentionOutput, run("auto", True, 0.0)).weights
+        with torch.no_grad(), unobserved():  # the engine gave none: recompute them (a
+            w = cast(AttentionOutput, run("auto", True, 0.0)).weights  # capture has the call)
         return AttentionOutput(cast(Tensor, res), w, None)
 
     @classmethod
