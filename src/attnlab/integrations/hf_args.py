@@ -10,6 +10,8 @@ from torch import Tensor
 from attnlab.masks import Mask, documents, tensor
 
 __all__ = [
+    "SINK_AFTER_WEIGHTS",
+    "eager_weights",
     "mask_and_bias",
     "sinks_of",
     "with_block_indices",
@@ -32,6 +34,27 @@ def sinks_of(s_aux: object, sinks: object) -> Tensor | None:
     if isinstance(sinks, Tensor) and sinks.dim() == 4 and sinks.shape[-1] == 1:
         return sinks.squeeze(-1)  # (B, Hq, Lq): attnlab.attention checks the rest
     return sinks if sinks is not None else s_aux  # type: ignore[return-value]
+
+
+# model types whose eager attention returns the softmax without its sink and scales the
+# output by the sink's complement afterwards (gpt-oss and the others drop the sink's share)
+SINK_AFTER_WEIGHTS = frozenset({"granite_swa", "granitemoe_swa"})
+
+
+def eager_weights(module: object, weights: Tensor | None, sinks: Tensor | None) -> Tensor | None:
+    """``weights`` (a sink's share dropped) as ``module``'s eager attention returns them:
+    renormalized rows where the model applies its sink after the weights (0.39-0.98 were
+    the sums of the rows there, eager's 1).
+
+    Example:
+        >>> eager_weights(None, torch.tensor([[0.2, 0.3]]), torch.zeros(1)).tolist()
+        [[0.2, 0.3]]
+    """
+    kind = getattr(getattr(module, "config", None), "model_type", None)
+    if weights is None or sinks is None or kind not in SINK_AFTER_WEIGHTS:
+        return weights
+    total = weights.sum(-1, keepdim=True)  # 0 on rows without a key: kept 0
+    return weights / torch.where(total > 0, total, torch.ones_like(total))
 
 
 def with_position_bias(bias: Tensor | None, position_bias: object) -> Tensor | None:

@@ -30,10 +30,11 @@ from torch import Tensor
 
 from attnlab._grid import Grid
 from attnlab.masks import Mask, RowBounds, causal, custom, documents, padding, window
+from attnlab.masks.documents import Documents
 from attnlab.masks.layout import on
 from attnlab.masks.padding import Padding
 
-__all__ = ["FilledKeys", "KeyValid", "MaskCall", "translate"]
+__all__ = ["Chunks", "FilledKeys", "KeyValid", "MaskCall", "translate"]
 
 HFMaskFn = Callable[..., Tensor]
 
@@ -322,8 +323,9 @@ def _cells(fn: Callable[..., object]) -> dict[str, object]:
     return {n: c.cell_contents for n, c in zip(code.co_freevars, fn.__closure__ or (), strict=True)}
 
 
-def _structure(fn: HFMaskFn, call: MaskCall) -> Piece:
-    """The mask of one piece of a transformers mask function, or ``_UNKNOWN``."""
+def _structure(fn: HFMaskFn, call: MaskCall, positions: Tensor | None = None) -> Piece:
+    """The mask of one piece of a transformers mask function, or ``_UNKNOWN``; inside a
+    packed sequence's remapping, ``positions (B, L)`` are each token's own position."""
     name, cells = getattr(fn, "__qualname__", ""), _cells(fn)
     kind = name.split(".")[0]
     if name in ("causal_mask_function", "bidirectional_mask_function"):
@@ -338,32 +340,46 @@ def _structure(fn: HFMaskFn, call: MaskCall) -> Piece:
         if isinstance(pad, Tensor):
             return padding_mask(pad[:, call.kv_offset : call.kv_offset + call.kv_length].bool())
     if kind == "chunked_overlay":  # Llama 4: (k - pad) // C == (q - pad) // C
-        return documents(_chunk_ids(cells, call))
+        keys = torch.arange(call.kv_length) + call.kv_offset if positions is None else positions
+        return Chunks(int(cells["chunk_size"]), cells["left_padding"], keys)  # type: ignore[call-overload]
     if kind == "packed_sequence_mask_function" and call.q_length == call.kv_length:
         return documents(cells["packed_sequence_mask"])  # type: ignore[arg-type]
     if kind == "remap_positions_for_packed_sequence":
         # inside one packed sequence positions rise by 1 per token, so causal and window
-        # masks on positions equal those masks on indices; the packed part is AND-ed
-        return _structure(cells["mask_function"], call)  # type: ignore[arg-type]
+        # masks on positions equal those masks on indices (not chunks: they follow the
+        # positions); the packed part is AND-ed
+        return _structure(cells["mask_function"], call, cells["position_ids"])  # type: ignore[arg-type]
     if kind in ("and_masks", "or_masks"):
-        return _combine(kind == "and_masks", cells["mask_functions"], call)  # type: ignore[arg-type]
+        return _combine(kind == "and_masks", cells["mask_functions"], call, positions)  # type: ignore[arg-type]
     return _UNKNOWN
 
 
-def _chunk_ids(cells: dict[str, object], call: MaskCall) -> Tensor:
-    """The chunk of every key ``(B, Lk)``: ``(kv_offset + j - left_padding[b]) // C``. Aligned
-    queries (``kv_offset + Lk == q_offset + Lq``) sit on their keys' positions, so the
-    chunk of a query is that of the key at its position, as :func:`documents` reads it."""
-    size, pad = int(cells["chunk_size"]), cells["left_padding"]  # type: ignore[call-overload]
-    pad = torch.as_tensor(pad).reshape(-1, 1)  # (B or 1, 1)
-    keys = torch.arange(call.kv_length, device=pad.device) + call.kv_offset
-    ids = torch.div(keys - pad, size, rounding_mode="floor")  # (B or 1, Lk)
-    return ids.expand(call.batch_size, -1) if ids.shape[0] == 1 else ids
+class Chunks(Documents):
+    """Llama 4's chunked attention: :func:`documents` of ``(position - left_padding) //
+    size`` per key, the positions kept so that packed sequences found later recompute the
+    chunks on their own positions (:meth:`at`). Aligned queries (``kv_offset + Lk ==
+    q_offset + Lq``) sit on their keys' positions, so a query's chunk is its key's.
+
+    Example:
+        >>> Chunks(2, torch.tensor([0]), torch.arange(5)).at(torch.tensor([[0, 1, 2, 0, 1]])).ids
+        tensor([[0, 0, 1, 0, 0]])
+    """
+
+    def __init__(self, size: int, left_padding: object, positions: Tensor) -> None:
+        pad = torch.as_tensor(left_padding).reshape(-1, 1)  # (B or 1, 1)
+        self.size, self.left_padding = size, pad
+        super().__init__(torch.div(positions.to(pad.device) - pad, size, rounding_mode="floor"))
+
+    def at(self, positions: Tensor) -> Chunks:
+        """The chunks of tokens at ``positions (B or 1, Lk)`` (a packed sequence's own)."""
+        return Chunks(self.size, self.left_padding, positions)
 
 
-def _combine(conjunction: bool, fns: tuple[HFMaskFn, ...], call: MaskCall) -> Piece:
+def _combine(
+    conjunction: bool, fns: tuple[HFMaskFn, ...], call: MaskCall, positions: Tensor | None
+) -> Piece:
     """``and``/``or`` of translated pieces; a window beside causal loses its future side."""
-    parts = [_structure(f, call) for f in fns]
+    parts = [_structure(f, call, positions) for f in fns]
     if any(isinstance(p, _Unknown) for p in parts):
         return _UNKNOWN
     if not conjunction and any(p is _ALL for p in parts):

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from attnlab._eager import PLANS, as_written
 from attnlab.functional import AttentionOutput, attention, attention_plain
 from attnlab.integrations.hf_args import (
+    eager_weights,
     mask_and_bias,
     sinks_of,
     with_block_indices,
@@ -52,7 +53,7 @@ from attnlab.integrations.hf_args import (
     with_indices,
     with_position_bias,
 )
-from attnlab.integrations.hf_masks import KeyValid, MaskCall, for_model, translate
+from attnlab.integrations.hf_masks import Chunks, KeyValid, MaskCall, for_model, translate
 from attnlab.masks import Mask, documents
 
 __all__ = ["NAME", "attention_forward", "build_mask", "register", "with_packing"]
@@ -378,7 +379,7 @@ def attention_forward(
         return_weights=want,
     )
     out, weights = (r.out, r.weights) if isinstance(r, AttentionOutput) else (r, None)
-    return out.transpose(1, 2).contiguous(), weights  # (B, Lq, Hq, Ev)
+    return out.transpose(1, 2).contiguous(), eager_weights(module, weights, sinks)
 
 
 def with_packing(mask: Mask | None, position_ids: object, lq: int, lk: int) -> Mask | None:
@@ -390,8 +391,7 @@ def with_packing(mask: Mask | None, position_ids: object, lq: int, lk: int) -> M
     sequence wherever the position does not rise by one) applies whenever every query
     meets every key for the first time (``Lq == Lk == L``) and the mask has no padding (a
     padded row's positions do not rise by one). Anything else, and 3-D position ids
-    (multimodal RoPE), leaves ``mask`` as it is; packed rows transformers found already
-    are found again, to the same documents.
+    (multimodal RoPE), leaves ``mask`` as it is (packed rows found again: the same).
 
     Example:
         >>> from attnlab.masks import causal
@@ -410,7 +410,9 @@ def with_packing(mask: Mask | None, position_ids: object, lq: int, lk: int) -> M
     if packed is None:
         return mask
     docs = documents(packed)
-    return docs if mask is None else docs & mask
+    for p in parts:  # Llama 4's chunks follow positions: each sequence's start at its own
+        docs = docs & (p.at(pos.reshape(-1, lq)) if isinstance(p, Chunks) else p)
+    return docs
 
 
 def _decoding_step(
