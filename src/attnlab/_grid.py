@@ -107,8 +107,9 @@ class Grid:
     def gather(self, t: Tensor) -> Tensor:
         """Index a dense ``(Bt, Ht, lq, lk)`` tensor at this grid (size-1 dims broadcast).
 
-        Returns a tensor of shape ``(Bg or 1, Hg or 1, Tq or 1, Tk or 1)``; gradients flow
-        into ``t``.
+        Returns a tensor of shape ``(Bg or 1, Hg or 1, Tq or 1, Tk or 1)``, 0-dim where every
+        dim of ``t`` broadcasts (as FlexAttention's ``score_mod`` takes it: made 4-D, its
+        vmapped output grew four dims); gradients flow into ``t``.
         """
         # a Python 0 for a broadcast dim, not a tensor: under FlexAttention's nested vmap a
         # tensor index made from one coordinate would be batched over that coordinate
@@ -116,8 +117,7 @@ class Grid:
         h = self.h if t.shape[1] > 1 else 0
         q = self.rows if t.shape[2] > 1 else 0
         k = self.k if t.shape[3] > 1 else 0
-        out = t[b, h, q, k]
-        return out.reshape(1, 1, 1, 1) if out.dim() == 0 else out  # every index an int
+        return t[b, h, q, k]
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
