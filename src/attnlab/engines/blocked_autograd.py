@@ -123,7 +123,7 @@ def softmax_lse(s: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _probs(s: Tensor, lse: Tensor) -> Tensor:
-    """Recompute probabilities ``exp(s - lse)`` (0 on fully masked rows)."""
+    """Recompute probabilities ``exp(s - lse)`` (0 on fully masked rows), a new tensor."""
     safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).unsqueeze(-1)
     return torch.exp(s - safe)
 
@@ -383,14 +383,14 @@ def _eager_block_backward(sv: _Saved, blk: Block, grads: _Grads) -> None:
     tile, bias_tile = block_tile(req, blk, blk.key_index(q.device), q.dtype, bias_grad=bool(leaves))
     qs, k_sel, v_sel = q[:, :, r0:r1] * req.scale, take(k, blk.keys), take(v, blk.keys)
     s = cap_scores(grouped_matmul(qs, k_sel.transpose(-1, -2)), req.softcap)  # (B, Hq, T, Ks)
-    p = _probs(_masked(s, tile), lse[:, :, r0:r1])
+    p = _probs(_masked(s, tile), lse[:, :, r0:r1])  # a new tensor: written in place below
     do = dout[:, :, r0:r1]  # (B, Hq, T, Ev)
     dp = grouped_matmul(do, v_sel.transpose(-1, -2))  # (B, Hq, T, Ks)
     # the block holds every key of its rows: p normalized, delta of this p and dp
     total = p.sum(-1, keepdim=True)  # (B, Hq, T, 1); 0 for rows without keys
-    p = torch.where(total > 0, p / total, p)
+    p.div_(torch.where(total > 0, total, torch.ones_like(total)))
     delta = (p * dp).sum(-1, keepdim=True) + sv.shift[:, :, r0:r1].unsqueeze(-1)
-    ds = p * (dp - delta)  # (B, Hq, T, Ks)
+    ds = dp.sub_(delta).mul_(p)  # (B, Hq, T, Ks): p * (dp - delta)
     bias_ds = ds  # the bias is added after the cap
     if req.softcap is not None:  # d(c tanh(x / c)) / dx = 1 - (s / c)^2
         ds = ds * (1 - (s / req.softcap) ** 2)
