@@ -43,12 +43,18 @@ BAD: list[tuple[str, int, str]] = [
         2,
         "argument --batch-size: must be an int in [1, 4096], got '0'",
     ),
-    ("train dates --lr 0", 2, "argument --lr: must be a number > 0, got '0'"),
-    ("train dates --lr -1e-3", 2, "argument --lr: must be a number > 0, got '-1e-3'"),
-    ("train dates --lr nan", 2, "argument --lr: must be a number > 0, got 'nan'"),
+    ("train dates --lr 0", 2, "argument --lr: must be a number in (0, 10], got '0'"),
+    ("train dates --lr -1e-3", 2, "argument --lr: must be a number in (0, 10], got '-1e-3'"),
+    ("train dates --lr nan", 2, "argument --lr: must be a number in (0, 10], got 'nan'"),
+    # 1e30 trained on to NaN scores and exit 0
+    ("train dates --lr 1e30", 2, "argument --lr: must be a number in (0, 10], got '1e30'"),
     ("train dates --warmup -1", 2, "argument --warmup: must be an int >= 0, got '-1'"),
     ("train dates --eval-every 0", 2, "argument --eval-every: must be an int >= 1"),
-    ("train dates --train-size 0", 2, "argument --train-size: must be an int >= 1"),
+    ("train dates --train-size 0", 2, "argument --train-size: must be an int in [1, 1000000]"),
+    # 10**9 generated data until the kernel killed the process
+    ("train dates --train-size 1000000000", 2, "argument --train-size: must be an int in [1, "),
+    # the checkpoint is at step 151: it trained 0 steps and said so on exit 0
+    ("train dates --out {dates} --resume --steps 10", 2, "argument --steps: is 10, but the "),
     ("train dates --seed -3", 2, "argument --seed: must be an int >= 0, got '-3'"),
     ("train dates --time-limit 0", 2, "argument --time-limit: must be a number > 0"),
     ("train dates --target inf", 2, "argument --target: must be a finite number, got 'inf'"),
@@ -84,6 +90,8 @@ BAD: list[tuple[str, int, str]] = [
     ("bench --device cuda:99", 2, "argument --device: device='cuda:99': this machine has"),
     ("bench --device tpu", 2, "argument --device: device='tpu' is not a device"),
     ("bench --engine nope", 2, "argument --engine: invalid choice: 'nope'"),
+    # --smoke set its own sizes: the n and heads given went unread
+    ("bench --smoke --n 512 --heads 4", 2, "argument --n: and --smoke both set it"),
     # embed and attend
     ("embed hi --batch-size 0", 2, "argument --batch-size: must be an int >= 1, got '0'"),
     ("embed hi --batch-size -2", 2, "argument --batch-size: must be an int >= 1, got '-2'"),
@@ -95,8 +103,10 @@ BAD: list[tuple[str, int, str]] = [
     ("attend hi --layer -1", 2, "argument --layer: must be an int >= 0, got '-1'"),
     ("attend hi --head x", 2, "argument --head: must be an int >= 0, got 'x'"),
     # explain
-    ("explain hi --steps 1", 2, "argument --steps: must be an int >= 2, got '1'"),
-    ("explain hi --steps 0", 2, "argument --steps: must be an int >= 2, got '0'"),
+    ("explain hi --steps 1", 2, "argument --steps: must be an int in [2, 1024], got '1'"),
+    ("explain hi --steps 0", 2, "argument --steps: must be an int in [2, 1024], got '0'"),
+    # 100000 asked for 74.5 GiB once the model had loaded
+    ("explain hi --steps 100000", 2, "argument --steps: must be an int in [2, 1024]"),
     ("explain hi --flow-tokens -1", 2, "argument --flow-tokens: must be an int >= 0"),
     ("explain hi --out {file}/r.html", 2, "argument --out: cannot create '{file}'"),
     ("explain hi --out {empty}", 2, "argument --out: '{empty}' is a folder; give a file"),
@@ -122,6 +132,9 @@ BAD: list[tuple[str, int, str]] = [
     ("robust nosuchtask", 2, "argument task: invalid choice: 'nosuchtask'"),
     ("robust vision --method plain,magic", 2, "argument --method: 'magic' is not one of plain"),
     ("robust dates --steps 0", 2, "argument --steps: must be an int >= 1, got '0'"),
+    # the row was trained twice, and --smoke's steps replaced --steps
+    ("robust vision --method plain,plain", 2, "argument --method: names 'plain' twice"),
+    ("robust vision --smoke --steps 1", 2, "argument --steps: and --smoke both set the steps"),
     ("robust shortcut --out {file}", 2, "argument --out: '{file}' is a file, not a folder"),
 ]
 NEED_MODEL_CASES: list[tuple[str, int, str]] = [
@@ -136,8 +149,12 @@ def places(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     ``report.html`` land there."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "file").write_text("not a folder")
-    for name in ("empty", "corrupt", "other"):
+    for name in ("empty", "corrupt", "other", "dates"):
         (tmp_path / name).mkdir()
+    save_checkpoint(  # a dates run at step 151
+        tmp_path / "dates" / "last.safetensors",
+        Checkpoint(torch.nn.Linear(2, 2).state_dict(), {"task": "dates"}, state={"step": 151}),
+    )
     good = save_checkpoint(
         tmp_path / "other" / "last.safetensors",
         Checkpoint(torch.nn.Linear(2, 2).state_dict(), {"task": "vision"}),
@@ -147,7 +164,7 @@ def places(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     (tmp_path / "docs" / "a.txt").write_text("Cats purr. Dogs bark.\n")
     (tmp_path / "code").mkdir()
     (tmp_path / "code" / "only.md").write_text("```\nx = 1\n```\n")
-    names = ("file", "empty", "corrupt", "other", "docs", "code")
+    names = ("file", "empty", "corrupt", "other", "docs", "code", "dates")
     return {"tmp": str(tmp_path)} | {n: str(tmp_path / n) for n in names}
 
 
@@ -367,3 +384,66 @@ def test_an_empty_path_is_named_not_read_as_the_current_folder(
     lines = [x for x in err.splitlines() if x.strip()]
     assert len(lines) == 1 and "Traceback" not in err, err
     assert f"argument {argv[-2]}: is an empty string; give a path" in lines[0], lines
+
+
+@pytest.mark.parametrize("argv", [["embed", ""], ["embed", "hi", " "], ["attend", "  "]])
+def test_an_empty_text_is_refused_before_the_model_loads(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """(An embedding, or the attention, of [CLS] [SEP] alone came out, on exit 0.)"""
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "argument TEXT" in lines[0] and "is empty" in lines[0], lines
+
+
+def _ran(run: object, capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:
+    import argparse
+
+    from attnlab.cli._errors import run_command
+
+    code = run_command(argparse.Namespace(command="x", run=run))
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_warnings_permission_errors_and_sigterm_are_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A Python warning was two lines (``file:line: UserWarning`` and the source line); a
+    path in a folder the user cannot enter raised a bare PermissionError; a trainer's
+    stop by SIGTERM (demo, robust) was reported as SIGINT, 130."""
+    import signal
+    import warnings
+
+    from attnlab.train import TrainingInterrupted
+
+    def warns(args: object) -> int:
+        warnings.warn("1 of 1 texts was\ntruncated", UserWarning, stacklevel=1)
+        return 0
+
+    assert _ran(warns, capsys) == (0, ["attnlab x: warning: 1 of 1 texts was truncated"])
+
+    def denied(args: object) -> int:
+        raise PermissionError(errno.EACCES, "Permission denied", "secret/x.html")
+
+    code, lines = _ran(denied, capsys)
+    assert code == 1 and len(lines) == 1
+    assert "cannot access 'secret/x.html': permission denied" in lines[0]
+
+    def stopped(args: object) -> int:
+        raise TrainingInterrupted(3, None, signal.SIGTERM)
+
+    code, lines = _ran(stopped, capsys)
+    assert code == 143 and len(lines) == 1 and "interrupted (SIGTERM)" in lines[0]
+
+
+def test_a_path_behind_a_closed_folder_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    from attnlab.cli._args import check_out_file
+    from attnlab.cli._errors import UsageError
+
+    def closed(self: Path, *a: object, **kw: object) -> bool:
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    assert check_out_file("--out", "r.html") == Path("r.html")  # the control
+    monkeypatch.setattr(Path, "exists", closed)
+    with pytest.raises(UsageError, match=r"'secret/x.html' cannot be reached \(permission"):
+        check_out_file("--out", "secret/x.html")

@@ -48,6 +48,18 @@ def test_loss_goes_down(task: TranslationTask) -> None:
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
 
 
+def test_a_diverged_loss_stops_training_with_the_model_as_before(task: TranslationTask) -> None:
+    """(With lr 1e30 training went on, and wrote NaN scores and "loss": NaN lines.)"""
+    tr = Trainer(task, _cfg(lr=1e30, warmup=0))
+    with pytest.raises(FloatingPointError, match=r"the loss is (nan|inf) at step \d+: training"):
+        for _ in range(8):
+            before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+            tr.train_step()
+    for n, p in tr.model.named_parameters():  # the diverged step changed nothing
+        assert torch.equal(p, before[n]), n
+    Trainer(task, _cfg()).train_step()  # the control: a finite loss
+
+
 def test_resume_takes_the_same_next_step(task: TranslationTask, tmp_path: Path) -> None:
     """Stop after 4 steps (checkpoint), resume, and the 5th step's loss is the same."""
     straight = Trainer(task, _cfg())

@@ -131,9 +131,21 @@ def check_not_input(argument: str, out: Path, inputs: Iterable[Path]) -> None:
             raise UsageError(argument, msg)
 
 
+def reachable(argument: str, path: str | Path) -> Path:
+    """``path`` as a Path (not empty), unless a folder on its way cannot be entered
+    (``exists()`` and ``is_dir()`` raised a bare PermissionError there): a usage error
+    naming ``argument``."""
+    p = Path(check_not_empty(argument, path) if isinstance(path, str) else path)
+    try:
+        p.exists()
+    except PermissionError:
+        raise UsageError(argument, f"{str(p)!r} cannot be reached (permission denied)") from None
+    return p
+
+
 def check_out_folder(argument: str, path: str | Path) -> Path:
     """``path`` as an output folder: it exists as a writable folder, or can be created."""
-    p = Path(check_not_empty(argument, path) if isinstance(path, str) else path)
+    p = reachable(argument, path)
     if p.exists() and not p.is_dir():
         raise UsageError(argument, f"{str(p)!r} is a file, not a folder")
     _check_creatable(argument, p)
@@ -142,7 +154,7 @@ def check_out_folder(argument: str, path: str | Path) -> Path:
 
 def check_out_file(argument: str, path: str | Path) -> Path:
     """``path`` as an output file: not a folder, and its folder writable or creatable."""
-    p = Path(check_not_empty(argument, path) if isinstance(path, str) else path)
+    p = reachable(argument, path)
     if p.is_dir():
         raise UsageError(argument, f"{str(p)!r} is a folder; give a file, e.g. {p / 'report.html'}")
     _check_creatable(argument, p.parent if str(p.parent) else Path("."))
@@ -151,7 +163,7 @@ def check_out_file(argument: str, path: str | Path) -> Path:
 
 def check_in_folder(argument: str, path: str | Path) -> Path:
     """``path`` as an input folder: it exists, is a folder and can be read."""
-    p = Path(check_not_empty(argument, path) if isinstance(path, str) else path)
+    p = reachable(argument, path)
     if not p.exists():
         raise UsageError(argument, f"{str(p)!r} does not exist")
     if not p.is_dir():

@@ -92,17 +92,20 @@ def run_command(args: argparse.Namespace) -> int:
     """Run ``args.run(args)``; any error becomes one line on stderr and an exit status."""
     prog = f"attnlab {getattr(args, 'command', '')}".strip()
     try:
-        with _sigterm_as_interrupt():
+        with _sigterm_as_interrupt(), _one_line_warnings(args):
             return int(args.run(args))
     except UsageError as e:
         return _fail(args, f"{prog}: error: {e}", USAGE)
-    except KeyboardInterrupt as e:
-        name = "SIGTERM" if isinstance(e, _Terminated) else "SIGINT"
-        code = 128 + (signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT)
-        why = f"{prog}: interrupted ({name}); files are written whole or not at all"
-        return _fail(args, why, int(code))
+    except KeyboardInterrupt as e:  # a trainer's stop carries its signal (demo, robust
+        # reported a SIGTERM as SIGINT, 130)
+        default = signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT
+        signum = signal.Signals(getattr(e, "signum", default))
+        why = f"{prog}: interrupted ({signum.name}); files are written whole or not at all"
+        return _fail(args, why, 128 + int(signum))
     except (WriteError, LockedError, CheckpointError) as e:
         return _fail(args, f"{prog}: error: {e}", FAILURE)
+    except PermissionError as e:  # a path the checks could not see into, or written later
+        return _fail(args, f"{prog}: error: cannot access {e.filename!r}: permission denied", 1)
     except ModuleNotFoundError as e:
         return _fail(args, f"{prog}: error: {e} (an optional dependency is missing)", FAILURE)
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly
@@ -128,6 +131,22 @@ def _silence_stdout() -> None:
         os.dup2(devnull, sys.stdout.fileno())
     except (OSError, ValueError, AttributeError):  # pragma: no cover - no real stdout
         pass
+
+
+@contextmanager
+def _one_line_warnings(args: argparse.Namespace) -> Iterator[None]:
+    """Python warnings as they come, each a :func:`warn` line (they were Python's two
+    lines, ``file:line: UserWarning: ...`` and the source line)."""
+    before = warnings.showwarning
+
+    def show(message: Warning | str, *rest: Any, **kw: Any) -> None:
+        warn(args, " ".join(str(message).split()))
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = before
 
 
 @contextmanager

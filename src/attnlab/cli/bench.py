@@ -75,6 +75,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> int:
     """``attnlab bench``: one JSON line per record, flushed as each is measured."""
+    if args.smoke:  # it set its own sizes, and the ones given went unread
+        given = [f"--{k}" for k in ("n", "heads", "dim", "window", "repeat") if _given(args, k)]
+        if given:
+            raise UsageError(given[0], "and --smoke both set it; give one of them")
     if args.flex and (why := bench.flex_problem(args.device)) is not None:
         raise UsageError("--flex", f"{why}; leave --flex out")
     cfg = bench.BenchConfig(
@@ -95,6 +99,11 @@ def run(args: argparse.Namespace) -> int:
     for rec in bench.records(cfg, args.cases, memory=args.memory):
         print(json.dumps(rec), flush=True)
     return 0
+
+
+def _given(args: argparse.Namespace, name: str) -> bool:
+    """Whether ``--name`` was given a value other than its default."""
+    return bool(getattr(args, name) != build_parser().get_default(name))
 
 
 def _check_engine(cfg: bench.BenchConfig, args: argparse.Namespace) -> None:

@@ -55,6 +55,9 @@ def add_parsers(sub: Any) -> None:
 def run_embed(args: argparse.Namespace) -> int:
     """``attnlab embed``."""
     args.texts = [clean_text(args, f"TEXT {i + 1}", t) for i, t in enumerate(args.texts)]
+    for i, t in enumerate(args.texts):  # (an embedding of [CLS] [SEP] alone came out)
+        if not t.strip():
+            raise UsageError(f"TEXT {i + 1}", "is empty; give a text to embed")
     enc, name = load_encoder(args.model)
     emb = enc.encode(args.texts, batch_size=args.batch_size)  # (N, D)
     if args.json:
@@ -83,6 +86,8 @@ def _print_similarity(texts: list[str], emb: torch.Tensor, name: str) -> None:
 def run_attend(args: argparse.Namespace) -> int:
     """``attnlab attend``."""
     text = clean_text(args, "TEXT", args.text)
+    if not text.strip():
+        raise UsageError("TEXT", "is empty; give a sentence")
     enc, name = load_encoder(args.model)
     _check_in_model("--layer", args.layer, enc.bert.config.num_hidden_layers, "layers", name)
     _check_in_model("--head", args.head, enc.bert.config.num_attention_heads, "heads", name)

@@ -54,6 +54,9 @@ def _methods(task: str, text: str | None) -> tuple[str, ...]:
         return allowed
     names = tuple(n.strip() for n in text.split(",") if n.strip())
     bad = [n for n in names if n not in allowed]
+    twice = [n for n in names if names.count(n) > 1]
+    if twice:  # (the row was trained twice and the table held it twice)
+        raise UsageError("--method", f"names {twice[0]!r} twice; give each row once")
     if bad or not names:
         raise UsageError(
             "--method", f"{bad[0] if bad else text!r} is not one of {', '.join(allowed)} for {task}"
@@ -66,6 +69,8 @@ def run_robust(args: argparse.Namespace) -> int:
     methods = _methods(args.task, args.method)
     if args.task == "faithfulness" and args.steps is not None:
         raise UsageError("--steps", "faithfulness trains each model with its task's steps")
+    if args.smoke and args.steps is not None:  # --smoke set its own steps, --steps unread
+        raise UsageError("--steps", "and --smoke both set the steps; give one of them")
     out = check_out_folder("--out", f"runs/robust-{args.task}" if args.out is None else args.out)
     command = "attnlab " + shlex.join(getattr(args, "argv", None) or ["robust", args.task])
     steps = {} if args.steps is None else {"steps": args.steps}

@@ -43,6 +43,9 @@ MAX_THREADS = 256  # --threads at most
 # --batch-size at most: 32x the largest task default; every step's batch is at most the
 # training set anyway, and 10**8 used to be accepted (then ran each step on all of it)
 MAX_BATCH_SIZE = 4096
+# --train-size at most: 10**9 was accepted and generated data until the kernel killed it
+MAX_TRAIN_SIZE = 1_000_000
+MAX_LR = 10.0  # --lr at most: 1e30 trained on to NaN scores
 TARGET_HELP = (
     "stop once an eval line's score reaches this: accuracies and success rates are "
     "fractions (0.9), generation's is 1/perplexity, the generative tasks' -Frechet"
@@ -61,10 +64,11 @@ def add_parsers(sub: Any) -> None:
         default=None,
         help=f"examples per step, at most {MAX_BATCH_SIZE} (task default)",
     )
-    t.add_argument("--lr", type=above0, default=None, help="peak learning rate (> 0)")
+    lr = float_in(0.0, MAX_LR, open_low=True)
+    t.add_argument("--lr", type=lr, default=None, help=f"peak learning rate in (0, {MAX_LR:g}]")
     t.add_argument("--warmup", type=int_in(0), default=None)
     t.add_argument("--eval-every", type=positive, default=None)
-    t.add_argument("--train-size", type=positive, default=None, help="training examples")
+    t.add_argument("--train-size", type=int_in(1, MAX_TRAIN_SIZE), help="training examples")
     t.add_argument("--seed", type=int_in(0), default=None)
     t.add_argument("--time-limit", type=above0, default=None, help="seconds of training")
     t.add_argument("--target", type=float_in(), default=None, help=TARGET_HELP)
@@ -86,11 +90,15 @@ def run_train(args: argparse.Namespace) -> int:
     """``attnlab train``: the task's settings with the command line's on top."""
     s = spec(args.task)
     out = check_out_folder("--out", f"runs/{args.task}" if args.out is None else args.out)
-    _check_resume(args.task, out / "last.safetensors", args)
+    at = _check_resume(args.task, out / "last.safetensors", args)
     over = {k: getattr(args, k) for k in _OVERRIDES}
     cfg = train_config(
         s, **over, out_dir=str(out), resume=args.resume, progress=not args.no_progress
     )
+    if at is not None and cfg.steps <= at:  # it trained 0 steps and said so on exit 0
+        given = f"is {cfg.steps}" if args.steps is not None else f"defaults to {cfg.steps}"
+        msg = f"{given}, but the checkpoint is at step {at}; give more steps to continue"
+        raise UsageError("--steps", msg)
     with OutputLock(out, command=_command(args)):
         if not args.resume and (out / "last.safetensors").exists():
             warn(args, f"{out / 'last.safetensors'} will be overwritten (--resume continues it)")
@@ -113,10 +121,10 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_resume(task: str, last: Path, args: argparse.Namespace) -> None:
-    """With ``--resume``, ``last`` must be a readable checkpoint of ``task``."""
+def _check_resume(task: str, last: Path, args: argparse.Namespace) -> int | None:
+    """With ``--resume``, ``last`` must be a readable checkpoint of ``task``; its step."""
     if not args.resume:
-        return
+        return None
     if not last.is_file():
         raise UsageError("--resume", f"no checkpoint at {last}; drop --resume to start fresh")
     try:
@@ -127,6 +135,7 @@ def _check_resume(task: str, last: Path, args: argparse.Namespace) -> None:
         raise UsageError(
             "--resume", f"{last} is a checkpoint of task {ckpt.config['task']!r}, not {task!r}"
         )
+    return int(ckpt.state.get("step", 0))
 
 
 def _build(s: TaskSpec, train_size: int | None) -> Task:

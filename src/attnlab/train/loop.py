@@ -239,12 +239,18 @@ class Trainer:
         batch = self.task.batch(self._indices(self.step))
         self.opt.zero_grad(set_to_none=True)  # before: plug-ins may accumulate gradients
         loss = self.loss_fn(self.model, batch)
+        value = float(loss.detach())
+        if not math.isfinite(value):  # (it went on, and wrote NaN scores and "loss": NaN)
+            raise FloatingPointError(
+                f"the loss is {value} at step {self.step + 1}: training diverged; the "
+                f"model is left as the step before it (try a lower lr than {self.cfg.lr:g})"
+            )
         loss.backward()
         if self.cfg.clip > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
         self.opt.step()
         self.step += 1
-        return float(loss.detach())
+        return value
 
     def fit(self) -> list[dict[str, float]]:
         """Train until ``steps``, the target, patience or the time limit ends it (on
