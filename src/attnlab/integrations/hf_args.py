@@ -47,8 +47,11 @@ def eager_weights(module: object, weights: Tensor | None, sinks: Tensor | None) 
     the sums of the rows there, eager's 1).
 
     Example:
-        >>> eager_weights(None, torch.tensor([[0.2, 0.3]]), torch.zeros(1)).tolist()
-        [[0.2, 0.3]]
+        >>> from types import SimpleNamespace
+        >>> granite = SimpleNamespace(config=SimpleNamespace(model_type="granite_swa"))
+        >>> w = torch.tensor([[0.25, 0.25]])  # the sink took half
+        >>> eager_weights(granite, w, torch.zeros(1)).tolist(), eager_weights(None, w, None) is w
+        ([[0.5, 0.5]], True)
     """
     kind = getattr(getattr(module, "config", None), "model_type", None)
     if weights is None or sinks is None or kind not in SINK_AFTER_WEIGHTS:
