@@ -8,7 +8,9 @@ JSON list of rows and a Markdown table; the report is a self-contained HTML page
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,8 +50,11 @@ def train_row(
     task: Task, cfg: TrainConfig, plugins: Sequence[Plugin] = ()
 ) -> tuple[nn.Module, float]:
     """Train ``task``'s model from scratch under ``cfg`` with ``plugins``; the model (in
-    eval mode) and the seconds it took."""
+    eval mode) and the seconds it took. On a terminal each row shows a progress bar (a
+    study's rows showed nothing for minutes)."""
     t0 = time.perf_counter()
+    if not cfg.progress and sys.stdout.isatty():
+        cfg = dataclasses.replace(cfg, progress=True)
     trainer = Trainer(task, cfg, plugins=plugins)
     trainer.fit()
     return trainer.model.eval(), time.perf_counter() - t0
