@@ -4,6 +4,9 @@ refused where a list of layer names is expected. Every refusal has a positive co
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -227,3 +230,23 @@ def test_entropy_regularizer_with_named_layers_steps() -> None:
     assert float(out.detach()) < float(
         loss(model, ids).detach()
     )  # minus 0.1 * a positive mean entropy
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a pseudo-terminal through pty")
+def test_a_study_shows_progress_on_a_terminal(tmp_path: Path) -> None:
+    """(A study printed nothing while each row trained: 37 s for vision's plain row.)"""
+    import os
+    import pty
+
+    seen: list[bytes] = []
+
+    def read(fd: int) -> bytes:
+        seen.append(os.read(fd, 4096))
+        return seen[-1]
+
+    script = str(Path(sys.executable).parent / "attnlab")
+    argv = [script, "robust", "vision", "--smoke", "--method", "plain", "--out", str(tmp_path)]
+    status = pty.spawn(argv, read)
+    text = b"".join(seen).decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    assert "step 20/20" in text and "ex/s" in text, text  # the trainer's bar
