@@ -90,6 +90,8 @@ BAD: list[tuple[str, int, str]] = [
     ("bench --device cuda:99", 2, "argument --device: device='cuda:99': this machine has"),
     ("bench --device tpu", 2, "argument --device: device='tpu' is not a device"),
     ("bench --engine nope", 2, "argument --engine: invalid choice: 'nope'"),
+    # torch failed asking for 9 TB
+    ("bench --cases documents --n 3000000 --heads 1", 2, "argument --n: 3000000 needs 8382 GiB"),
     # --smoke set its own sizes: the n and heads given went unread
     ("bench --smoke --n 512 --heads 4", 2, "argument --n: and --smoke both set it"),
     # embed and attend

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Sequence
 from typing import Any
+
+import torch
 
 from attnlab import bench
 from attnlab.cli._args import int_in, names_in
@@ -96,9 +99,22 @@ def run(args: argparse.Namespace) -> int:
     if args.smoke:
         cfg = cfg.smoke()
     _check_engine(cfg, args)
+    _check_memory(cfg, args.cases)
     for rec in bench.records(cfg, args.cases, memory=args.memory):
         print(json.dumps(rec), flush=True)
     return 0
+
+
+def _check_memory(cfg: bench.BenchConfig, cases: Sequence[str]) -> None:
+    """The anchor's dense ``n x n`` mask (and ALiBi's float bias per head) fit in this
+    machine's memory (``--n 3000000`` failed in torch asking for 9 TB), on the CPU."""
+    if torch.device(cfg.device).type != "cpu" or not hasattr(os, "sysconf"):
+        return
+    per_pair = 1 + (4 * cfg.heads if "alibi" in cases else 0)  # bytes: bool mask, bias
+    need, have = cfg.n * cfg.n * per_pair, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        msg = f"{cfg.n} needs {need / 2**30:.0f} GiB for the anchor's dense masks; "
+        raise UsageError("--n", msg + f"this machine has {have / 2**30:.0f} GiB")
 
 
 def _given(args: argparse.Namespace, name: str) -> bool:
