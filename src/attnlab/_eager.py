@@ -45,7 +45,7 @@ def as_written(reason: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
 
 
 def vmapping() -> bool:
-    """Whether ``torch.func.vmap`` (also inside ``jacrev``, ``hessian``) runs the caller:
+    """Whether ``torch.func.vmap`` (also inside ``jacrev``) runs the caller:
     then no tensor value can be read, and whatever an engine would decide from one it
     must decide without it.
 

@@ -105,7 +105,8 @@ def run_command(args: argparse.Namespace) -> int:
     except (WriteError, LockedError, CheckpointError) as e:
         return _fail(args, f"{prog}: error: {e}", FAILURE)
     except PermissionError as e:  # a path the checks could not see into, or written later
-        return _fail(args, f"{prog}: error: cannot access {e.filename!r}: permission denied", 1)
+        why = f"{prog}: error: cannot access {e.filename!r}: permission denied"
+        return _fail(args, why, FAILURE)
     except ModuleNotFoundError as e:
         return _fail(args, f"{prog}: error: {e} (an optional dependency is missing)", FAILURE)
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly

@@ -257,9 +257,8 @@ class BlockedAttention(torch.autograd.Function):
 
     Three implementations of the same plan, tried in order: attnlab's compiled tile kernel
     (``kplan``), torch's fused CPU flash kernel per block (forward only), eager PyTorch per
-    block. q, k
-    and v come as :func:`blocked_attention` makes them (autograd converts their gradients
-    back to the callers' dtypes and layouts). The forward takes no ``ctx``
+    block. q, k and v come as :func:`blocked_attention` makes them (autograd converts their
+    gradients back to the callers' dtypes and layouts). The forward takes no ``ctx``
     (``setup_context`` saves what the backward reads), so ``torch.func.grad`` can
     differentiate it. Returns ``out``, ``lse`` and, without a gradient, what the backward
     needs of the forward: the kernel's logsumexp in log2 units (empty without it).
