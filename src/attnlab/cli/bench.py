@@ -79,7 +79,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> int:
     """``attnlab bench``: one JSON line per record, flushed as each is measured."""
     if args.smoke:  # it set its own sizes, and the ones given went unread
-        given = [f"--{k}" for k in ("n", "heads", "dim", "window", "repeat") if _given(args, k)]
+        default = bench.BenchConfig()  # where the options' defaults come from
+        sizes = ("n", "heads", "dim", "window", "repeat")
+        given = [f"--{k}" for k in sizes if getattr(args, k) != getattr(default, k)]
         if given:
             raise UsageError(given[0], "and --smoke both set it; give one of them")
     if args.flex and (why := bench.flex_problem(args.device)) is not None:
@@ -115,11 +117,6 @@ def _check_memory(cfg: bench.BenchConfig, cases: Sequence[str]) -> None:
     if need > have:
         msg = f"{cfg.n} needs {need / 2**30:.0f} GiB for the anchor's dense masks; "
         raise UsageError("--n", msg + f"this machine has {have / 2**30:.0f} GiB")
-
-
-def _given(args: argparse.Namespace, name: str) -> bool:
-    """Whether ``--name`` was given a value other than its default."""
-    return bool(getattr(args, name) != build_parser().get_default(name))
 
 
 def _check_engine(cfg: bench.BenchConfig, args: argparse.Namespace) -> None:

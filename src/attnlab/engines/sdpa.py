@@ -46,12 +46,11 @@ class SdpaEngine(Engine):
             return "torch SDPA does not accept empty batches or sequences"
         if _unbatched(req.q):
             return "torch has no vmap batching rule for SDPA's CPU kernels (it warns and loops)"
-        hold = "may hold (vmapped, they cannot be screened)" if vmapping() else "hold"
         if not _keeps_nan(req.q, req.lk, req.dropout_p):  # one screen, whichever applies
             if may_hold_nan(req.q, req.k, req.v):
-                return f"the inputs {hold} NaN, which torch SDPA's fused kernels turn into 0"
+                return f"the inputs {_hold()} NaN, which torch SDPA's fused kernels turn into 0"
         elif _screens_hidden_nan(req) and may_hold_nan(req.k, req.v):
-            return f"k or v {hold} NaN, which torch SDPA spreads to rows the mask hides it from"
+            return f"k or v {_hold()} NaN, which torch SDPA spreads to rows the mask hides it from"
         return None
 
     def plain(self, q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor | None:
@@ -142,6 +141,11 @@ def _unbroadcast(t: Tensor) -> Tensor:
         slice(0, 1) if t.stride(d) == 0 and t.shape[d] > 1 else slice(None) for d in range(t.dim())
     )
     return t[index]
+
+
+def _hold() -> str:
+    """How a refusal for NaN words it: held, or (vmapped, unread) maybe held."""
+    return "may hold (vmapped, they cannot be screened)" if vmapping() else "hold"
 
 
 def _unbatched(q: Tensor) -> bool:

@@ -50,7 +50,6 @@ def _fusable(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     return (
         _POINTWISE is not None
         and not torch.compiler.is_compiling()
-        and not vmapping()
         and x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
         and x.dim() >= 2
@@ -60,6 +59,7 @@ def _fusable(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
             and any(t is not None and t.requires_grad for t in (x, weight, bias))
         )
         and torch.backends.mkldnn.is_available()
+        and not vmapping()  # last: the cheap checks decide most calls
     )
 
 
