@@ -371,6 +371,14 @@ def test_long_question_is_refused_and_a_limit_one_passes() -> None:
     assert check_question("w " * MAX_QUESTION_WORDS) == ("w " * MAX_QUESTION_WORDS).strip()
 
 
+def test_a_question_of_punctuation_alone_is_refused() -> None:
+    for text in ("?", " ?! ", "..."):
+        with pytest.raises(ValueError, match="question must hold a word, got only punctuation"):
+            check_question(text)
+    assert check_question(" why? ") == "why?"  # control
+    assert check_question("2+2?") == "2+2?"  # digits are words
+
+
 def test_cli_errors_are_one_line_before_any_work(folder: Path, tmp_path: Path, capsys) -> None:
     (tmp_path / "bin.txt").write_bytes(b"\x00\x00")
     cases = [

@@ -55,6 +55,9 @@ BAD: list[tuple[str, int, str]] = [
     ("train dates --train-size 1000000000", 2, "argument --train-size: must be an int in [1, "),
     # the checkpoint is at step 151: it trained 0 steps and said so on exit 0
     ("train dates --out {dates} --resume --steps 10", 2, "argument --steps: is 10, but the "),
+    # another training set gave another vocabulary: a bare state-dict size mismatch
+    ("train dates --out {dates} --resume --steps 200 --train-size 64", 2, "argument --train-size:"
+     " is 64, but the checkpoint trained on 7 examples; give --train-size 7"),  # fmt: skip
     ("train dates --seed -3", 2, "argument --seed: must be an int >= 0, got '-3'"),
     ("train dates --time-limit 0", 2, "argument --time-limit: must be a number > 0"),
     ("train dates --target inf", 2, "argument --target: must be a finite number, got 'inf'"),
@@ -155,7 +158,7 @@ def places(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
         (tmp_path / name).mkdir()
     save_checkpoint(  # a dates run at step 151
         tmp_path / "dates" / "last.safetensors",
-        Checkpoint(torch.nn.Linear(2, 2).state_dict(), {"task": "dates"}, state={"step": 151}),
+        Checkpoint(torch.nn.Linear(2, 2).state_dict(), {"task": "dates"}, state={"step": 151, "train_size": 7}),
     )
     good = save_checkpoint(
         tmp_path / "other" / "last.safetensors",

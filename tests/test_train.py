@@ -74,6 +74,16 @@ def test_resume_takes_the_same_next_step(task: TranslationTask, tmp_path: Path) 
     assert resumed.first_step == 4 and resumed.stop_reason is None
 
 
+def test_resume_on_another_training_set_is_refused(
+    task: TranslationTask, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    Trainer(task, _cfg(tmp_path, target=-1.0)).fit()
+    assert Trainer(task, _cfg(tmp_path, resume=True)).step == 4  # control: the same data
+    monkeypatch.setattr(task, "num_train", lambda: 255)
+    with pytest.raises(ValueError, match="was trained on 256 training examples, this task has 255"):
+        Trainer(task, _cfg(tmp_path, resume=True))
+
+
 def test_run_task_says_why_it_stopped_and_where_it_resumed(
     task: TranslationTask, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

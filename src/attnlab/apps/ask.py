@@ -101,6 +101,8 @@ def check_question(question: object) -> str:
     n = len(question.split())
     if n == 0:
         raise ValueError("question must be a non-empty str, got an empty or blank one")
+    if not any(c.isalnum() for c in question):  # "?" alone: nothing to match or explain
+        raise ValueError(f"question must hold a word, got only punctuation: {question.strip()!r}")
     if n > MAX_QUESTION_WORDS:
         raise ValueError(
             f"question has {n} words; at most {MAX_QUESTION_WORDS} are allowed (MiniLM reads "

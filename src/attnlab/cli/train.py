@@ -90,7 +90,8 @@ def run_train(args: argparse.Namespace) -> int:
     """``attnlab train``: the task's settings with the command line's on top."""
     s = spec(args.task)
     out = check_out_folder("--out", f"runs/{args.task}" if args.out is None else args.out)
-    at = _check_resume(args.task, out / "last.safetensors", args)
+    state = _check_resume(args.task, out / "last.safetensors", args)
+    at = None if state is None else int(state.get("step", 0))
     over = {k: getattr(args, k) for k in _OVERRIDES}
     cfg = train_config(
         s, **over, out_dir=str(out), resume=args.resume, progress=not args.no_progress
@@ -103,6 +104,7 @@ def run_train(args: argparse.Namespace) -> int:
         if not args.resume and (out / "last.safetensors").exists():
             warn(args, f"{out / 'last.safetensors'} will be overwritten (--resume continues it)")
         task = _build(s, args.train_size)
+        _check_size(state, task.num_train(), args)
         try:
             run_task(s, task, cfg, out / "report")
         except TrainingInterrupted as e:
@@ -121,8 +123,9 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_resume(task: str, last: Path, args: argparse.Namespace) -> int | None:
-    """With ``--resume``, ``last`` must be a readable checkpoint of ``task``; its step."""
+def _check_resume(task: str, last: Path, args: argparse.Namespace) -> dict | None:
+    """With ``--resume``, ``last`` must be a readable checkpoint of ``task``; its state
+    (``step``, ``train_size``, ...)."""
     if not args.resume:
         return None
     if not last.is_file():
@@ -135,7 +138,17 @@ def _check_resume(task: str, last: Path, args: argparse.Namespace) -> int | None
         raise UsageError(
             "--resume", f"{last} is a checkpoint of task {ckpt.config['task']!r}, not {task!r}"
         )
-    return int(ckpt.state.get("step", 0))
+    return ckpt.state
+
+
+def _check_size(state: dict | None, size: int, args: argparse.Namespace) -> None:
+    """A resumed run must build the checkpoint's training set (another size gave another
+    vocabulary here: a bare state-dict size mismatch, or other data)."""
+    was = None if state is None else state.get("train_size")
+    if was is not None and int(was) != size:
+        given = "is" if args.train_size is not None else "defaults to"
+        msg = f"{given} {size}, but the checkpoint trained on {int(was)} examples; "
+        raise UsageError("--train-size", msg + f"give --train-size {int(was)} to continue it")
 
 
 def _build(s: TaskSpec, train_size: int | None) -> Task:

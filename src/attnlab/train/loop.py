@@ -323,6 +323,7 @@ class Trainer:
             "bad_evals": self.bad_evals,
             "history": self.history,
             "train": asdict(self.cfg),
+            "train_size": self.task.num_train(),  # a resume on other data is refused
             "rng_torch": torch.get_rng_state(),
         }
         ckpt = Checkpoint(self.model.state_dict(), self.task.config(), self.opt.state_dict(), state)
@@ -330,6 +331,12 @@ class Trainer:
 
     def _resume(self, path: Path) -> None:
         ckpt = load_checkpoint(path)
+        size, now = ckpt.state.get("train_size"), self.task.num_train()
+        if size is not None and int(size) != now:  # its vocabulary or data would differ
+            raise ValueError(
+                f"resume: {path} was trained on {int(size)} training examples, this task has "
+                f"{now}; build the task with the checkpoint's size to continue it"
+            )
         load_model_state(self.model, ckpt, path)
         if ckpt.optimizer is not None:
             self.opt.load_state_dict(ckpt.optimizer)
