@@ -30,6 +30,7 @@ NEED_MODEL = pytest.mark.skipif(
 # (command line, exit status, what stderr must name); {file} is a plain file, {empty} an
 # empty folder, {corrupt} a folder with a truncated checkpoint, {other} a folder with a
 # checkpoint of another task, {tmp} the test's folder
+RESUME_SIZE = "argument --train-size: is 64, but the checkpoint trained on 7 examples; give"
 BAD: list[tuple[str, int, str]] = [
     ("nosuchcommand", 2, "argument command: invalid choice: 'nosuchcommand'"),
     ("engines --bogus", 2, "unrecognized arguments: --bogus"),
@@ -56,8 +57,7 @@ BAD: list[tuple[str, int, str]] = [
     # the checkpoint is at step 151: it trained 0 steps and said so on exit 0
     ("train dates --out {dates} --resume --steps 10", 2, "argument --steps: is 10, but the "),
     # another training set gave another vocabulary: a bare state-dict size mismatch
-    ("train dates --out {dates} --resume --steps 200 --train-size 64", 2, "argument --train-size:"
-     " is 64, but the checkpoint trained on 7 examples; give --train-size 7"),  # fmt: skip
+    ("train dates --out {dates} --resume --steps 200 --train-size 64", 2, RESUME_SIZE),
     ("train dates --seed -3", 2, "argument --seed: must be an int >= 0, got '-3'"),
     ("train dates --time-limit 0", 2, "argument --time-limit: must be a number > 0"),
     ("train dates --target inf", 2, "argument --target: must be a finite number, got 'inf'"),
@@ -158,7 +158,9 @@ def places(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
         (tmp_path / name).mkdir()
     save_checkpoint(  # a dates run at step 151
         tmp_path / "dates" / "last.safetensors",
-        Checkpoint(torch.nn.Linear(2, 2).state_dict(), {"task": "dates"}, state={"step": 151, "train_size": 7}),
+        Checkpoint(
+            torch.nn.Linear(2, 2).state_dict(), {"task": "dates"}, state={"step": 151, "train_size": 7}
+        ),
     )
     good = save_checkpoint(
         tmp_path / "other" / "last.safetensors",
