@@ -30,6 +30,7 @@ NEED_MODEL = pytest.mark.skipif(
 # (command line, exit status, what stderr must name); {file} is a plain file, {empty} an
 # empty folder, {corrupt} a folder with a truncated checkpoint, {other} a folder with a
 # checkpoint of another task, {tmp} the test's folder
+DATES_STATE = {"step": 151, "train_size": 7}  # the fixture's dates checkpoint
 RESUME_SIZE = "argument --train-size: is 64, but the checkpoint trained on 7 examples; give"
 BAD: list[tuple[str, int, str]] = [
     ("nosuchcommand", 2, "argument command: invalid choice: 'nosuchcommand'"),
@@ -158,9 +159,7 @@ def places(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
         (tmp_path / name).mkdir()
     save_checkpoint(  # a dates run at step 151
         tmp_path / "dates" / "last.safetensors",
-        Checkpoint(
-            torch.nn.Linear(2, 2).state_dict(), {"task": "dates"}, state={"step": 151, "train_size": 7}
-        ),
+        Checkpoint(torch.nn.Linear(2, 2).state_dict(), {"task": "dates"}, state=DATES_STATE),
     )
     good = save_checkpoint(
         tmp_path / "other" / "last.safetensors",
