@@ -401,6 +401,22 @@ def test_empty_inputs(b: int, lq: int, lk: int) -> None:
     assert q.grad is not None and torch.equal(q.grad, torch.zeros_like(q.grad))
 
 
+@pytest.mark.parametrize("engine", ["auto", "reference"])  # sdpa and blocked decline B = 0
+def test_an_empty_batch_with_a_bool_mask_tensor(engine: str) -> None:
+    """(A ``(0, 1, Lq, Lk)`` bool tensor was taken for a batch of 1 and broadcast to it:
+    "The expanded size of the tensor (1) must match the existing size (0)".)"""
+    q, k, v = _leaf(*_qkv(0, 2, 2, 3, 5, 8, torch.float32))
+    keep = torch.ones(0, 1, 3, 5, dtype=torch.bool)
+    out = attnlab.attention(q, k, v, mask=keep, engine=engine)
+    assert isinstance(out, Tensor) and out.shape == (0, 2, 3, 8)
+    out.sum().backward()
+    assert q.grad is not None and q.grad.shape == q.shape
+    scores = torch.randn(0, 1, 3, 5)
+    assert attnlab.attend(scores, torch.randn(0, 1, 5, 4), mask=keep).shape == (0, 1, 3, 4)
+    with pytest.raises(ValueError, match=r"does not broadcast to \(B, H, Lq, Lk\) = \(2, "):
+        attnlab.attention(*_qkv(2, 2, 2, 3, 5, 8, torch.float32), mask=keep)  # 0 is not 1
+
+
 def test_batch_of_one_broadcasts() -> None:
     q, k, v = _qkv(3, 2, 2, 5, 7, 8, torch.float64)
     out = attnlab.attention(q, k[:1], v[:1], mask=M.padding([7, 3, 1]))

@@ -246,3 +246,19 @@ def test_errors_name_the_argument(
     bad: Callable[[], object], ok: Callable[[], object], exc: type[Exception], match: str
 ) -> None:
     check_and_control(bad, ok, exc, match)
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4), (2, 0, 4), (2, 3, 0), (0, 0, 0)])
+def test_empty_batches_sentences_and_words_give_zeros(shape: tuple[int, int, int]) -> None:
+    """(B = 0 or S = 0 failed to reshape "a tensor of 0 elements"; W = 0 failed in the GRU
+    and, without a mask, gave documents of no word a nonzero vector.)"""
+    han = HierarchicalAttention(E, WH, SH)
+    words = torch.randn(*shape, E)
+    b, s, _ = shape
+    for keep in (None, torch.zeros(shape, dtype=torch.bool)):
+        out = han(words, keep)
+        assert out.document.shape == (b, han.document_dim)
+        assert out.word_weights.shape == shape and out.sentence_weights.shape == (b, s)
+        assert torch.equal(out.document, torch.zeros_like(out.document))
+    full = han(torch.randn(2, 3, 4, E))  # the control: real words give a nonzero document
+    assert full.document.abs().sum() > 0

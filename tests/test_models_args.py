@@ -217,3 +217,93 @@ def test_draw_latents_checks_its_arguments() -> None:
         ValueError,
         r"n must be a positive int, got 0",
     )
+
+
+def _small_models() -> dict[str, tuple[nn.Module, Callable[..., object], tuple]]:
+    """The models whose ids met a bare ``nn.Embedding`` (IndexError): each with a call and
+    its valid arguments."""
+    from attnlab.models import Captioner, CaptionerConfig, DocumentClassifier
+    from attnlab.models.rnn import RNNSeq2Seq, RNNSeq2SeqConfig
+
+    rnn = RNNSeq2Seq(RNNSeq2SeqConfig(5, 6, embed_dim=4, hidden=4, decoder_hidden=4, attn_dim=4))
+    cap = Captioner(CaptionerConfig(5, image_size=8, d_model=8, num_heads=2, embed_dim=4,
+                                    hidden_dim=4, attention_dim=4))  # fmt: skip
+    doc = DocumentClassifier(5, 3, embed_dim=4, word_hidden=2, sentence_hidden=2)
+    img, two = torch.rand(1, 3, 8, 8), torch.tensor([3, 2])
+    return {
+        "src": (rnn, lambda s: rnn(s, two, torch.ones(2, 2, dtype=torch.long)),
+                (torch.tensor([[4, 1, 2], [3, 1, 0]]),)),
+        "tgt_in": (rnn, lambda t: rnn(torch.tensor([[4, 1, 2], [3, 1, 0]]), two, t),
+                   (torch.tensor([[1, 5], [1, 2]]),)),
+        "words": (cap, lambda w: cap(img, w), (torch.tensor([[1, 4]]),)),
+        "ids": (doc, lambda i: doc(i), (torch.tensor([[[4, 1]]]),)),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "bad", "match"),
+    [
+        ("src", torch.tensor([[4, 7, 2], [3, 1, 0]]), r"src must lie in \[0, src_vocab=5\)"),
+        ("tgt_in", torch.tensor([[1, 6], [1, 2]]), r"tgt_in must lie in \[0, tgt_vocab=6\)"),
+        ("words", torch.tensor([[1, 9]]), r"words must lie in \[0, vocab_size=5\), got .*\[1, 9\]"),
+        ("ids", torch.tensor([[[7, 1]]]), r"ids must lie in \[0, vocab_size=5\), got .*\[1, 7\]"),
+        ("ids", torch.tensor([[[-1, 1]]]), r"ids must lie in \[0, vocab_size=5\), got .*\[-1, 1\]"),
+    ],
+)
+def test_ids_outside_the_vocabulary_are_named(name: str, bad: torch.Tensor, match: str) -> None:
+    model, call, good = _small_models()[name]
+    model.eval()
+    check_and_control(lambda: call(bad), lambda: call(*good), ValueError, match)
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: Seq2SeqConfig(10, 5, d_model=8, num_heads=2, eos=7), r"eos must be a token id "
+         r"in \[0, tgt_vocab=5\), got 7"),
+        (lambda: Seq2SeqConfig(0, 5, d_model=8, num_heads=2), "src_vocab must be a positive int"),
+        (lambda: _rnn_cfg(bos=9), r"bos must be a token id in \[0, tgt_vocab=5\), got 9"),
+        (lambda: _rnn_cfg(attn_dim=0), "attn_dim must be a positive int, got 0"),
+        (lambda: _cap_cfg(eos=-1), r"eos must be a token id in \[0, vocab_size=5\), got -1"),
+        (lambda: LMConfig(vocab_size=5, d_model=8, num_heads=2, dim_feedforward=0),
+         "dim_feedforward must be a positive int, got 0"),
+    ],
+)  # fmt: skip
+def test_configs_outside_their_ranges_are_refused_when_built(
+    make: Callable[[], object], match: str
+) -> None:
+    """(A BOS or EOS outside the vocabulary failed at decoding with an IndexError; an
+    ``attn_dim`` of 0 was named ``hidden_dim``; ``dim_feedforward=0`` became 4 * d_model.)"""
+    from attnlab.models import Captioner, CaptionerConfig
+    from attnlab.models.rnn import RNNSeq2Seq, RNNSeq2SeqConfig
+
+    kinds = {Seq2SeqConfig: Seq2Seq, RNNSeq2SeqConfig: RNNSeq2Seq, CaptionerConfig: Captioner,
+             LMConfig: LanguageModel}  # fmt: skip
+    cfg = make()
+    with pytest.raises(ValueError, match=match):
+        kinds[type(cfg)](cfg)  # type: ignore[index]
+    kinds[type(cfg)](_good(cfg))  # type: ignore[index]  # the control
+
+
+def _rnn_cfg(**kw: int) -> object:
+    from attnlab.models.rnn import RNNSeq2SeqConfig
+
+    base = {"embed_dim": 4, "hidden": 4, "decoder_hidden": 4, "attn_dim": 4}
+    return RNNSeq2SeqConfig(10, 5, **{**base, **kw})
+
+
+def _cap_cfg(**kw: int) -> object:
+    from attnlab.models import CaptionerConfig
+
+    base = {"image_size": 8, "d_model": 8, "num_heads": 2, "embed_dim": 4, "hidden_dim": 4}
+    return CaptionerConfig(5, **{**base, "attention_dim": 4, **kw})
+
+
+def _good(cfg: object) -> object:
+    """``cfg`` with its defaults where the bad value was."""
+    import dataclasses
+
+    names = ("bos", "eos", "attn_dim", "dim_feedforward")
+    over = {f.name: f.default for f in dataclasses.fields(cfg) if f.name in names}  # type: ignore[arg-type]
+    vocab = {"src_vocab": 10} if getattr(cfg, "src_vocab", 1) == 0 else {}
+    return dataclasses.replace(cfg, **over, **vocab)  # type: ignore[type-var]

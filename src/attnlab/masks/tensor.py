@@ -31,7 +31,7 @@ class TensorMask(Mask):
 
     @property
     def batch_size(self) -> int | None:
-        return self.t.shape[0] if self.t.shape[0] > 1 else None
+        return self.t.shape[0] if self.t.shape[0] != 1 else None  # 0: an empty batch
 
     @property
     def natural_length(self) -> int:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from attnlab._validate import positive_int
+from attnlab.models._ids import check_special_ids, check_vocab
 from attnlab.models.vit import PatchEmbedding
 from attnlab.nn import BahdanauAttention, Encoder, EncoderLayer, LayerConfig
 from attnlab.positional import LearnedPositional
@@ -81,6 +82,7 @@ class Captioner(nn.Module):
         self.encoder = Encoder(layer, positive_int("encoder_layers", cfg.encoder_layers))
         self.encoder_norm = nn.LayerNorm(d)
         self.embed = nn.Embedding(positive_int("vocab_size", cfg.vocab_size), emb, padding_idx=0)
+        check_special_ids(cfg, "vocab_size", "bos", "eos")
         self.init_h, self.init_c = nn.Linear(d, hid), nn.Linear(d, hid)
         self.attention = BahdanauAttention(hid, d, positive_int("attention_dim", cfg.attention_dim))
         self.gate = nn.Linear(hid, 1)
@@ -122,6 +124,7 @@ class Captioner(nn.Module):
                 f"words must have shape (B, Lt) with B = {images.shape[0]}, got "
                 f"{tuple(words.shape)}"
             )
+        check_vocab("words", words, "vocab_size", self.cfg.vocab_size)
         memory = self.encode(images)  # (B, N, D)
         keys, state = self.attention.project_keys(memory), self._start(memory)
         steps = []

@@ -10,6 +10,8 @@ from typing import NamedTuple
 
 from torch import Tensor, nn
 
+from attnlab._validate import positive_int
+from attnlab.models._ids import check_vocab
 from attnlab.nn import HierarchicalAttention
 from attnlab.nn.hierarchical import HierarchicalOutput
 
@@ -50,7 +52,8 @@ class DocumentClassifier(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=0)
+        positive_int("num_classes", num_classes)
+        self.embed = nn.Embedding(positive_int("vocab_size", vocab_size), embed_dim, padding_idx=0)
         self.han = HierarchicalAttention(embed_dim, word_hidden, sentence_hidden)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(self.han.document_dim, num_classes)
@@ -60,5 +63,6 @@ class DocumentClassifier(nn.Module):
         if not isinstance(ids, Tensor) or ids.dim() != 3 or ids.is_floating_point():
             seen = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, Tensor) else type(ids)
             raise TypeError(f"ids must be an integer tensor (B, S, W), got {seen}")
+        check_vocab("ids", ids, "vocab_size", self.embed.num_embeddings)
         han = self.han(self.embed(ids), ids != 0)  # document (B, Dd), weights ...
         return ClassifierOutput(self.head(self.dropout(han.document)), han)

@@ -80,7 +80,7 @@ class LanguageModel(nn.Module):
         layer = LayerConfig(  # pre-norm GELU layers with RoPE
             cfg.d_model,
             heads,
-            cfg.dim_feedforward or 4 * cfg.d_model,
+            4 * cfg.d_model if cfg.dim_feedforward is None else cfg.dim_feedforward,
             num_kv_heads=cfg.num_kv_heads,
             dropout=cfg.dropout,
             activation="gelu",

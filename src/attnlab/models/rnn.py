@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from attnlab._validate import positive_int
+from attnlab.models._ids import check_special_ids, check_vocab
 from attnlab.nn import BahdanauAttention
 
 __all__ = ["RNNSeq2Seq", "RNNSeq2SeqConfig"]
@@ -88,6 +89,8 @@ class RNNSeq2Seq(nn.Module):
         super().__init__()
         for name in ("src_vocab", "tgt_vocab", "embed_dim", "hidden", "decoder_hidden"):
             positive_int(name, getattr(cfg, name))
+        positive_int("attn_dim", cfg.attn_dim)  # else Bahdanau's own check named hidden_dim
+        check_special_ids(cfg, "tgt_vocab", "bos", "eos")
         self.cfg = cfg
         e, h, d = cfg.embed_dim, cfg.hidden, cfg.decoder_hidden
         self.src_embed = nn.Embedding(cfg.src_vocab, e, padding_idx=0)
@@ -106,6 +109,7 @@ class RNNSeq2Seq(nn.Module):
     def encode(self, src: Tensor, lengths: Tensor) -> tuple[_Memory, Tensor]:
         """``src (B, Ls)`` -> the decoder's memory and its first state ``(B, D)``."""
         _check_source(src, lengths)
+        check_vocab("src", src, "src_vocab", self.cfg.src_vocab)
         x = self.drop(self.src_embed(src))  # (B, Ls, E)
         packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
         out, last = self.encoder(packed)  # last (2, B, H): forward at the end, backward at 0
@@ -127,6 +131,7 @@ class RNNSeq2Seq(nn.Module):
         """Teacher-forced logits ``(B, Lt, V)`` for decoder inputs ``tgt_in (B, Lt)``
         (BOS followed by the target, shifted right)."""
         _check_ids("tgt_in", tgt_in, src.shape[0] if isinstance(src, Tensor) else None)
+        check_vocab("tgt_in", tgt_in, "tgt_vocab", self.cfg.tgt_vocab)
         memory, state = self.encode(src, lengths)
         logits = []
         for t in range(tgt_in.shape[1]):

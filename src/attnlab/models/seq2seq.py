@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from attnlab import masks
 from attnlab._validate import positive_int
+from attnlab.models._ids import check_special_ids, check_vocab
 from attnlab.models.rnn import _check_ids, _check_source
 from attnlab.nn import DecoderCache, LayerConfig, Transformer
 from attnlab.positional import SinusoidalPositional
@@ -56,6 +57,9 @@ class Seq2Seq(nn.Module):
 
     def __init__(self, cfg: Seq2SeqConfig) -> None:
         super().__init__()
+        positive_int("src_vocab", cfg.src_vocab)
+        positive_int("tgt_vocab", cfg.tgt_vocab)
+        check_special_ids(cfg, "tgt_vocab", "bos", "eos")
         self.cfg = cfg
         d = cfg.d_model
         self.src_embed = nn.Embedding(cfg.src_vocab, d, padding_idx=0)
@@ -78,7 +82,7 @@ class Seq2Seq(nn.Module):
     def encode(self, src: Tensor, lengths: Tensor) -> Tensor:
         """``src (B, Ls)`` -> memory ``(B, Ls, D)``; ``lengths (B,)`` in ``[1, Ls]``."""
         _check_source(src, lengths)
-        _check_vocab("src", src, "src_vocab", self.cfg.src_vocab)
+        check_vocab("src", src, "src_vocab", self.cfg.src_vocab)
         return self.transformer.encode(
             self._embed(self.src_embed, src), mask=masks.padding(lengths)
         )
@@ -86,7 +90,7 @@ class Seq2Seq(nn.Module):
     def forward(self, src: Tensor, lengths: Tensor, tgt_in: Tensor) -> Tensor:
         """Teacher-forced logits ``(B, Lt, V)`` for decoder inputs ``tgt_in (B, Lt)``."""
         _check_ids("tgt_in", tgt_in, src.shape[0] if isinstance(src, Tensor) else None)
-        _check_vocab("tgt_in", tgt_in, "tgt_vocab", self.cfg.tgt_vocab)
+        check_vocab("tgt_in", tgt_in, "tgt_vocab", self.cfg.tgt_vocab)
         memory = self.encode(src, lengths)
         pad = masks.padding(lengths)
         h = self.transformer.decode(self._embed(self.tgt_embed, tgt_in), memory, memory_mask=pad)
@@ -145,13 +149,6 @@ def _top_beams(scores: Tensor, logp: Tensor, b: int, k: int) -> tuple[Tensor, Te
     src_beam = flat // v
     index = (torch.arange(b, device=logp.device)[:, None] * k + src_beam).view(-1)
     return index, (flat % v).view(-1), top
-
-
-def _check_vocab(name: str, ids: Tensor, field: str, vocab: int) -> None:
-    """Integer token ids ``ids`` must lie in ``[0, vocab)``, ``field`` naming ``vocab``."""
-    lo, hi = (int(v) for v in torch.aminmax(ids)) if ids.numel() else (0, 0)
-    if lo < 0 or hi >= vocab:
-        raise ValueError(f"{name} must lie in [0, {field}={vocab}), got values in [{lo}, {hi}]")
 
 
 def _strip(ids: list[int], eos: int) -> list[int]:

@@ -66,14 +66,16 @@ def _encode_masked(rnn: nn.GRU, x: Tensor, keep: Tensor | None) -> Tensor:
         >>> torch.allclose(y[0, [0, 1, 3]], rnn(x[:1, [0, 1, 3]])[0][0]), y[0, 2].tolist()
         (True, [0.0, 0.0, 0.0, 0.0])
     """
+    n, length, _ = x.shape
+    out_dim = rnn.hidden_size * (2 if rnn.bidirectional else 1)
+    if not n or not length:  # torch's RNNs refuse length 0 (and B = 0 with a length)
+        return x.new_zeros(n, length, out_dim)
     if keep is None or bool(keep.all()):
         return rnn(x)[0]
-    n, length, _ = x.shape
     order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)  # (N, L) kept first
     front = x.gather(1, order[..., None].expand_as(x))  # (N, L, D)
     lengths = keep.sum(dim=1)  # (N,)
     rows = torch.nonzero(lengths > 0).squeeze(1)  # (N',)
-    out_dim = rnn.hidden_size * (2 if rnn.bidirectional else 1)
     out = x.new_zeros(n, length, out_dim)  # (N, L, Dout)
     if rows.numel():
         packed = pack_padded_sequence(
@@ -149,11 +151,13 @@ class HierarchicalAttention(nn.Module):
         """
         x, keep = _validate_words(words, word_mask, self.embed_dim)
         b, s, w, e = x.shape
+        if keep is None and not w:  # sentences without words: none is real
+            keep = torch.zeros(b, s, 0, dtype=torch.bool, device=x.device)
         flat_keep = None if keep is None else keep.reshape(b * s, w)  # (B*S, W)
         hw = self._encode(self.word_encoder, x.reshape(b * s, w, e), flat_keep)
         sent, word_w = self.word_attention(hw, flat_keep)  # (B*S, Ds), (B*S, W)
         sent_keep = None if keep is None else keep.any(dim=-1)  # (B, S)
-        sentences = sent.reshape(b, s, -1)  # (B, S, Ds)
+        sentences = sent.reshape(b, s, self.sentence_dim)  # (B, S, Ds); B or S may be 0
         hs = self._encode(self.sentence_encoder, sentences, sent_keep)  # (B, S, Dd)
         doc, sent_w = self.sentence_attention(hs, sent_keep)  # (B, Dd), (B, S)
         return HierarchicalOutput(doc, sentences, word_w.reshape(b, s, w), sent_w)
