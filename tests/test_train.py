@@ -82,6 +82,11 @@ def test_resume_on_another_training_set_is_refused(
     monkeypatch.setattr(task, "num_train", lambda: 255)
     with pytest.raises(ValueError, match="was trained on 256 training examples, this task has 255"):
         Trainer(task, _cfg(tmp_path, resume=True))
+    monkeypatch.undo()
+    other = task.config() | {"model": task.config()["model"] | {"num_heads": 2}}
+    monkeypatch.setattr(task, "config", lambda: other)  # the same shapes, other heads
+    with pytest.raises(ValueError, match=r"another configuration .*: model.num_heads: 4 -> 2;"):
+        Trainer(task, _cfg(tmp_path, resume=True))
 
 
 def test_run_task_says_why_it_stopped_and_where_it_resumed(
