@@ -406,6 +406,13 @@ OPTION_ERRORS: list[tuple[str, dict[str, Any], dict[str, Any], type[Exception], 
         ValueError,
         r"engine 'performer' option 'num_features' must be >= 1, got 0",
     ),
+    (  # torch raised "Overflow when unpacking long long", naming no option
+        "seed_range",
+        {"engine": "performer", "engine_options": {"seed": 2**64}},
+        {"engine": "performer", "engine_options": {"seed": 2**64 - 1}},
+        ValueError,
+        rf"engine 'performer' option 'seed' must be <= {2**64 - 1}, got {2**64}",
+    ),
     (
         "seed_and_redraw",
         {"engine": "performer", "engine_options": {"seed": 1, "redraw": True}},

@@ -46,7 +46,7 @@ HEAD_BLOCK_ELEMENTS = 1 << 20
 
 def parse_options(cls: type[_T], options: Mapping[str, object], engine: str) -> _T:
     """Build the options dataclass ``cls`` from ``engine_options``, checking each value's
-    type (that of the field's default) and its ``metadata["min"]``."""
+    type (that of the field's default) and its ``metadata["min"]`` and ``["max"]``."""
     values: dict[str, Any] = {}
     for f in fields(cls):  # type: ignore[arg-type]
         if f.name not in options:
@@ -57,18 +57,22 @@ def parse_options(cls: type[_T], options: Mapping[str, object], engine: str) -> 
                 f"engine_options: engine {engine!r} option {f.name!r} must be "
                 f"{kind.__name__}, got {val!r} ({type(val).__name__})"
             )
-        low = f.metadata.get("min")
-        if low is not None and val < low:
-            raise ValueError(
-                f"engine_options: engine {engine!r} option {f.name!r} must be >= {low}, got {val!r}"
-            )
+        for key, op, outside in (("min", ">=", val < f.metadata.get("min", val)),
+                                 ("max", "<=", val > f.metadata.get("max", val))):  # fmt: skip
+            if outside:
+                name = f"engine_options: engine {engine!r} option {f.name!r}"
+                raise ValueError(f"{name} must be {op} {f.metadata[key]}, got {val!r}")
         values[f.name] = val
     return cls(**values)
 
 
-def option_field(default: int | bool, *, minimum: int | None = None) -> Any:
-    """A field of an options dataclass: its default fixes the type, ``minimum`` the range."""
-    return field(default=default, metadata={} if minimum is None else {"min": minimum})
+def option_field(
+    default: int | bool, *, minimum: int | None = None, maximum: int | None = None
+) -> Any:
+    """A field of an options dataclass: its default fixes the type, ``minimum`` and
+    ``maximum`` the range."""
+    bounds = {"min": minimum, "max": maximum}
+    return field(default=default, metadata={k: v for k, v in bounds.items() if v is not None})
 
 
 # -- masks --------------------------------------------------------------------------------

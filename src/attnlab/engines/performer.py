@@ -40,7 +40,7 @@ class PerformerOptions:
     """
 
     num_features: int = option_field(256, minimum=1)
-    seed: int = option_field(0, minimum=0)
+    seed: int = option_field(0, minimum=0, maximum=2**64 - 1)  # torch's generator seeds
     redraw: bool = False
     chunk_size: int = option_field(128, minimum=1)
 
