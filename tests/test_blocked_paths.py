@@ -113,3 +113,35 @@ def test_a_custom_bias_of_fewer_dims_under_a_partial_mask(fn: Callable) -> None:
     )
     plain, _ = naive_attention(q, k, v, allowed=M.causal().dense(L, L), bias=dense.float())
     assert_2x_rule(torch.as_tensor(got), plain, want, "custom bias")
+
+
+@pytest.mark.parametrize(
+    ("dtype", "with_bias"), [(torch.float32, True), (torch.float64, False)], ids=["f32", "f64"]
+)
+def test_inputs_whose_last_dim_is_strided(dtype: torch.dtype, with_bias: bool) -> None:
+    """q, k and v as transposed views (stride of the last dim = L): torch's fused CPU
+    forward, which these paths run per query block, read them wrongly (off by 1.5-2 in
+    float64; 4.5e33 in float32 under ``auto``)."""
+    torch.manual_seed(0)
+    n, mask = 512, M.causal() & M.window(64)
+    dense = torch.randn(n, n) if with_bias else None
+    bias = None if dense is None else B.tensor(dense)
+    x = [torch.randn(1, 2, E, n, dtype=dtype).transpose(-1, -2) for _ in range(3)]
+    assert x[0].stride(-1) != 1
+    dout = torch.randn(1, 2, n, E, dtype=torch.float64)
+    allowed = mask.dense(n, n)
+    wide = None if dense is None else dense.double()
+
+    def naive(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return naive_attention(q, k, v, allowed=allowed, bias=wide)[0]
+
+    ref = _grads(naive, x, dout, torch.float64)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for engine in ("auto", "blocked"):
+        q, k, v = (t.detach().requires_grad_() for t in x)  # the strided views themselves
+        out = attnlab.attention(q, k, v, mask=mask, bias=bias, engine=engine)
+        assert isinstance(out, Tensor)
+        assert max_err(out, naive(*(t.double() for t in x))) < tol, engine
+        out.backward(dout.to(dtype))
+        for got, r in zip((q.grad, k.grad, v.grad), ref, strict=True):
+            assert got is not None and max_err(got, r) < 100 * tol, engine

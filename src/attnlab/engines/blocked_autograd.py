@@ -330,12 +330,13 @@ def blocked_attention(
     """``out, lse`` of ``req`` by :class:`BlockedAttention`, both in the accumulation
     dtype; its q, k and v converted to that dtype (half precision runs in float32
     throughout) and made contiguous for the kernel (a ``kplan`` is made only where
-    :func:`kernel_ok`) here, where autograd sees it (each is the input itself where it
-    already is)."""
+    :func:`kernel_ok`; elsewhere the last dim gets unit stride, for torch's fused op)
+    here, where autograd sees it (each is the input itself where it already is)."""
     acc = acc_dtype(req.q.dtype)
     qkv = [req.q.to(acc), req.k.to(acc), req.v.to(acc)]
-    if kplan is not None:
-        qkv = [t.contiguous() for t in qkv]
+    # torch's fused CPU op read a last dim of stride != 1 wrongly (off by 1.5-2, or
+    # values of 1e33 from outside the tensor, torch 2.13): every path gets unit stride
+    qkv = [t.contiguous() if kplan is not None or t.stride(-1) != 1 else t for t in qkv]
     out, lse, _ = BlockedAttention.apply(*qkv, req, plan, kplan, *leaves)
     return out, lse
 
