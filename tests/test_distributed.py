@@ -268,6 +268,10 @@ def _errors(rank: int, world: int) -> dict[str, str]:
         "engine without lse": lambda: D.attention(q, q, q, engine="performer"),
         "batch": lambda: D.attention(q.expand(2, -1, -1, -1), q.expand(3, -1, -1, -1), q),
         "str mask": lambda: D.attention(q, q, q, mask="causal"),  # type: ignore[arg-type]
+        # gloo aborted the process ("Received data size doesn't match"): other messages
+        "masks": lambda: D.attention(q, q, q, mask=masks.window(1 + 2 * rank)),
+        "bias": lambda: D.attention(q, q, q, bias=B.alibi(2) if rank else None),
+        "no heads": lambda: D.attention(q[:, :0], q[:, :0], q[:, :0]),  # ZeroDivisionError
     }
     for name, call in calls.items():
         try:
@@ -298,6 +302,9 @@ def test_bad_input_fails_on_every_rank_without_hanging() -> None:
         "engine without lse": "^ValueError: engine='performer' cannot run a context-parallel",
         "batch": "^ValueError: batch sizes of q, k, v must match or be 1; got \\[2, 3, 1\\]",
         "str mask": "^TypeError: mask must be an attnlab.masks mask .* got str",
+        "masks": "^ValueError: ranks disagree on the mask, bias, scale or engine",
+        "bias": "^ValueError: ranks disagree on the mask, bias, scale or engine",
+        "no heads": "^ValueError: q and k must have at least 1 head each",
     }
     for rank, seen in enumerate(results):
         for name, pattern in want.items():
@@ -469,6 +476,43 @@ def _broadcast(rank: int, world: int) -> dict[str, float]:
 def test_a_batch_of_one_broadcasts_as_in_one_process() -> None:
     for errs in run_local(_broadcast, 2, timeout=120):
         assert all(e < 1e-12 for e in errs.values()), errs
+
+
+def _empty(rank: int, world: int) -> dict[str, tuple]:
+    shapes = {}
+    for strategy in ("ring", "all-gather", "ulysses"):
+        x = torch.randn(0, 4, 6, 8, requires_grad=True)
+        out = D.attention(x, x, x, mask=masks.causal(), strategy=strategy)
+        out.sum().backward()
+        shapes[strategy] = (tuple(out.shape), tuple(x.grad.shape))  # type: ignore[union-attr]
+    return shapes
+
+
+def test_an_empty_batch_gives_an_empty_output_on_every_strategy() -> None:
+    """(The ring hung: a rank sent its empty keys, and its peer posted no receive.)"""
+    for shapes in run_local(_empty, 2, timeout=60):
+        assert set(shapes.values()) == {((0, 4, 6, 8), (0, 4, 6, 8))}, shapes
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: D.plan(64, 2, strategy="x"), "strategy must be one of"),
+        (lambda: D.plan(64, 0), "world must be a positive int, got 0"),
+        (lambda: D.plan(-5, 2), "n must be an int >= 0, got -5"),
+        (lambda: D.shard_lengths(8, 0), "world must be an int >= 1, got 0"),
+        (lambda: D.simulate(D.plan(64, 2), bandwidth=0, flops=1e9), "bandwidth must be a "),
+        (lambda: run_local(_mark, 0), "world must be a positive int, got 0"),
+        (lambda: run_local(_mark, 2, timeout=-5), "timeout must be a number of seconds > 0"),
+        (lambda: run_local(_mark, 2, threads=0), "threads must be a positive int, got 0"),
+    ],
+)
+def test_plans_and_launches_check_their_sizes(call: Callable[[], object], match: str) -> None:
+    """(A plan of 0 ranks or of strategy "x" was made; 0 ranks ran nothing; threads=0 killed
+    the ranks with "exited with code 1"; bandwidth=0 divided by zero.)"""
+    with pytest.raises(ValueError, match=match):
+        call()
+    assert D.plan(64, 2).strategy == "ring" and D.shard_lengths(10, 4) == [3, 3, 2, 2]
 
 
 def _mark(rank: int, world: int) -> str | None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from attnlab.interpret import attention_flow
+from attnlab.interpret import attention_flow, rollout
 
 pytest.importorskip("scipy")
 
@@ -151,3 +151,13 @@ def test_bad_options() -> None:
         attention_flow(_good(), outputs=[4])
     with pytest.raises(TypeError, match="sequence of token indices"):
         attention_flow(_good(), outputs=2)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("shape", [(0, 2, 4, 4), (1, 2, 0, 0), (0, 1, 0, 0)])
+def test_empty_batches_and_sequences_give_empty_flows(shape: tuple[int, ...]) -> None:
+    """(numpy raised "need at least one array to stack" for B = 0, and "zero-size array to
+    reduction operation maximum" for n = 0; rollout returned both.)"""
+    a = torch.rand(*shape)
+    flows = attention_flow([a, a])
+    assert flows.shape == rollout([a, a]).shape == (shape[0], shape[-1], shape[-1])
+    assert flows.dtype == a.dtype

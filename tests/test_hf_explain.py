@@ -132,5 +132,10 @@ def test_explain_hf_model_refuses_what_it_cannot_explain(
         assert main(["explain", "the cat sat", *extra, *out]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and re.search(match, err), err
+    # longer than GPT-2's 1024 positions: "The expanded size of the tensor", exit 1
+    assert main(["explain", "the cat sat " * 400, "--hf-model", str(folder), *out]) == 2
+    err = capsys.readouterr().err.strip()
+    want = "argument TEXT: has 1201 tokens with the 1 it scores after it; gpt2 reads at most 1024"
+    assert want in err, err
     assert not (tmp_path / "r.html").exists()
     assert main(["explain", "the cat sat", "--hf-model", str(folder), *out, "--steps", "2"]) == 0

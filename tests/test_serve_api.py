@@ -321,6 +321,18 @@ def test_bad_json_jobs_and_paths(small: TestClient) -> None:
         assert r.status_code == 404 and "root:" not in r.text
     big = {"text": "a", "image": "A" * 3_000_000}
     assert small.post("/api/attend", json=big).status_code == 413
+    r = small.get("/api/models/")  # an empty name: a 500 (StopIteration) in the log
+    assert r.status_code == 404 and "no model named ''" in r.json()["detail"]
+    assert small.get("/api/models").status_code == 200  # the control
+
+
+def test_no_page_needs_the_network(small: TestClient) -> None:
+    """FastAPI's /docs and /redoc load Swagger UI and ReDoc from a CDN (blank offline):
+    off; the schema they would show is served."""
+    assert small.get("/docs").status_code == 404 and small.get("/redoc").status_code == 404
+    schema = small.get("/openapi.json").json()
+    assert "/api/attend" in schema["paths"] and "/api/models/{name}" in schema["paths"]
+    assert "http" not in small.get("/").text.replace("http-equiv", "")
 
 
 def test_too_many_jobs(small: TestClient) -> None:

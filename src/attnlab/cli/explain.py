@@ -69,12 +69,33 @@ def _hf_model(args: argparse.Namespace, text: str, continuation: str | None) -> 
         model, tokenizer = load_hf(args.hf_model)
     except (OSError, ValueError) as e:
         raise UsageError("--hf-model", str(e).removeprefix("--hf-model: ")) from e
+    follow = 0  # the tokens a decoder scores after the text: the continuation, or 1
+    if is_decoder(config):
+        follow = len(tokenizer(continuation, add_special_tokens=False)["input_ids"]) if (
+            continuation is not None) else 1  # fmt: skip
+    for name, s in (("TEXT", text), ("--against", args.against)):
+        _check_fits(name, s, tokenizer, config, follow if name == "TEXT" else 0)
     try:
         return hf_text_model(model, tokenizer, text=text, continuation=continuation)
     except ValueError as e:
         if continuation is not None and "continuation" in str(e):
             raise UsageError("--continuation", str(e)) from e
         raise
+
+
+def _check_fits(name: str, text: str | None, tokenizer: Any, config: Any, follow: int) -> None:
+    """A text longer than the model's position table is a usage error of ``name``, counted
+    in tokens with the ``follow`` tokens a decoder scores after it: the model failed inside
+    ("The expanded size of the tensor (92) must match ... (64)", an IndexError)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if text is None or not isinstance(limit, int):
+        return
+    n = len(tokenizer(text)["input_ids"]) + follow
+    if n > limit:
+        kind = getattr(config, "model_type", "the model")
+        plus = f" with the {follow} it scores after it" if follow else ""
+        msg = f"has {n} tokens{plus}; {kind} reads at most {limit}: give a shorter text"
+        raise UsageError(name, msg)
 
 
 def _hf_config(folder: str) -> Any:

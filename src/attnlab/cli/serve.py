@@ -130,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(args.model, args.runs, encoder=encoder)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    print(f"attnlab serve: http://{shown}:{port}/  (API docs: /docs; Ctrl-C stops)", flush=True)
+    url = f"http://{shown}:{port}/"
+    print(f"attnlab serve: {url}  (API schema: /openapi.json; Ctrl-C stops)", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn shut down, then re-raised Ctrl-C
         server.run(sockets=[sock])

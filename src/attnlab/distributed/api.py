@@ -8,12 +8,13 @@ call raises on every rank (each with the message) instead of leaving some rank w
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from attnlab._validate import _broadcast_batch, validate_scale
+from attnlab._validate import _broadcast_batch, _no_heads, validate_scale
 from attnlab.bias import Bias, TensorBias, as_bias
 from attnlab.distributed.comm import Group, gather_meta
 from attnlab.distributed.layout import LAYOUTS, shard_lengths, validate_layout
@@ -98,6 +99,8 @@ def attention(
     q, k, v = (t.contiguous() for t in _broadcast_batch(q, k, v))  # a batch of 1 broadcasts
     if s.strategy == "ulysses":
         return ulysses(s, q, k, v)
+    if not s.sizes[0]:  # an empty batch on every rank (checked): nothing to exchange
+        return q.new_zeros((*q.shape[:3], v.shape[-1])) + 0 * (q.sum() + k.sum() + v.sum())
     leaves = [] if s.bias is None else _leaves(s.bias)
     out: Tensor = RingAttention.apply(q, k, v, s, *leaves)
     return out
@@ -130,6 +133,7 @@ def prepare(
         int(local_error is not None),
         LAYOUTS.index(layout) if layout in LAYOUTS else -1,
         STRATEGIES.index(strategy) if strategy in STRATEGIES else -1,
+        _fingerprint(mask_, bias_, scale, engine),
     )
     meta = gather_meta(g, *_shape_probe(q, k, v), flags).cpu()
     if local_error is not None:
@@ -177,6 +181,8 @@ def _local_checks(q: Tensor, k: Tensor, v: Tensor, layout: str, strategy: str) -
             f"q, k and v shards must have the same length (self-attention over one "
             f"sharded sequence), got {q.shape[2]}, {k.shape[2]}, {v.shape[2]}"
         )
+    if not q.shape[1] or not k.shape[1]:  # (Hq % 0 raised ZeroDivisionError)
+        raise _no_heads("q", q.shape[1], "k", k.shape[1])
     if q.shape[1] % k.shape[1] or k.shape[1] != v.shape[1] or q.shape[3] != k.shape[3]:
         raise ValueError(
             f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit: "
@@ -229,6 +235,14 @@ def _shape_probe(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tenso
     return z, z, z
 
 
+def _fingerprint(mask: Mask | None, bias: Bias | None, scale: object, engine: object) -> int:
+    """A checksum of what every rank must agree on beyond the shapes: ranks with other
+    masks planned other messages, and gloo aborted the process ("Received data size
+    doesn't match"); another bias or scale gave each rank another attention."""
+    text = f"{None if mask is None else mask.spec()}|{bias!r}|{scale!r}|{engine!r}"
+    return zlib.crc32(text.encode())
+
+
 def _check_table(meta: Tensor, g: Group, layout: str) -> int:
     """The global length, after checking every rank's row; the same error everywhere."""
     bad = meta[:, 7].nonzero().flatten().tolist()
@@ -245,6 +259,7 @@ def _check_table(meta: Tensor, g: Group, layout: str) -> int:
         None,
         "layout",
         "strategy",
+        "mask, bias, scale or engine (each rank must pass the same global ones)",
     )
     for col, name in enumerate(names):
         if name is not None and bool((meta[:, col] != meta[0, col]).any()):

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from attnlab._validate import positive_int
+
 __all__ = ["free_port", "run_local"]
 
 
@@ -89,6 +91,9 @@ def run_local(
     """
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+    world, threads = positive_int("world", world), positive_int("threads", threads)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+        raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
     if backend == "nccl" and torch.cuda.device_count() < world:
         raise ValueError(
             f"backend='nccl' needs one GPU per rank: world={world}, "

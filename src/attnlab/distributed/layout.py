@@ -28,6 +28,13 @@ def validate_layout(layout: object) -> str:
     return str(layout)
 
 
+def _check_sizes(n: object, world: object) -> None:
+    """``n`` an int >= 0 and ``world`` an int >= 1 (0 ranks gave no shards, no error)."""
+    for name, value, low in (("n", n, 0), ("world", world, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
 def _chunks(n: int, parts: int) -> list[Piece]:
     """``parts`` consecutive ranges covering ``[0, n)``, sizes as :func:`torch.tensor_split`."""
     base, extra = divmod(n, parts)
@@ -48,6 +55,7 @@ def pieces(n: int, rank: int, world: int, layout: str = "zigzag") -> list[Piece]
         >>> pieces(7, 1, 2, "contiguous")
         [(4, 7)]
     """
+    _check_sizes(n, world)
     if not 0 <= rank < world:
         raise ValueError(f"rank must be in [0, world={world}), got {rank}")
     if validate_layout(layout) == "contiguous":
@@ -63,6 +71,7 @@ def shard_lengths(n: int, world: int, layout: str = "zigzag") -> list[int]:
         >>> shard_lengths(10, 4)
         [3, 3, 2, 2]
     """
+    _check_sizes(n, world)
     return [sum(b - a for a, b in pieces(n, r, world, layout)) for r in range(world)]
 
 

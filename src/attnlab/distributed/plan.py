@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from attnlab._grid import Grid
+from attnlab._validate import nonnegative_int, positive_int
 from attnlab.distributed.comm import Group
 from attnlab.distributed.layout import validate_layout
 from attnlab.distributed.ring import segments
@@ -107,7 +108,15 @@ def plan(
         ([0, 2], 524288)
     """
     validate_layout(layout)
-    hkv = heads if kv_heads is None else kv_heads
+    nonnegative_int("n", n)
+    for name, value in (("world", world), ("batch", batch), ("heads", heads)):
+        positive_int(name, value)
+    for name, value in (("head_dim", head_dim), ("element_size", element_size)):
+        positive_int(name, value)
+    names = ("ring", "all-gather", "ulysses", "auto")  # api.STRATEGIES (api imports this)
+    if strategy not in names:
+        raise ValueError(f"strategy must be one of {names}, got {strategy!r}")
+    hkv = heads if kv_heads is None else positive_int("kv_heads", kv_heads)
     if strategy == "ulysses" and (heads % world or hkv % world):
         raise ValueError(
             f"strategy='ulysses' needs heads and kv_heads divisible by world={world}, "
@@ -267,6 +276,9 @@ def simulate(
         >>> 0.9 < e <= 1.0
         True
     """
+    for name, value in (("bandwidth", bandwidth), ("flops", flops)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise ValueError(f"{name} must be a number > 0, got {value!r}")
     factor = 1 + (BACKWARD_FLOPS if backward else 0)
     total = sum(c.flops for c in p.ranks) * factor
     ideal = total / (len(p.ranks) * flops)

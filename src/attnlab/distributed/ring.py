@@ -84,6 +84,8 @@ class _Exchange:
         self, s: Setup, dst: int, send: Tensor | None, src: int, size: int, like: Tensor, tag: int
     ) -> None:
         self.buf = like.new_empty(size) if size else None
+        # an empty message (B = 0) is not sent: its receiver posts no receive for it
+        send = send if send is not None and send.numel() else None
         self.send = send  # kept alive until the send completes
         self.works: list[Any] = post(
             s.group,

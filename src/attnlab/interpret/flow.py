@@ -85,7 +85,9 @@ def attention_flow(
     rows = _validate_outputs(outputs, n)
     caps = [residual_attention(a, head_fusion, residual) for a in layers]  # L x (B, n, n)
     caps_np = torch.stack(caps, 1).detach().to("cpu", torch.float64).numpy()  # (B, L, n, n)
-    flows = np.stack([_flows_one(c, rows) for c in caps_np])  # (B, n_out, n)
+    flows = np.zeros((caps_np.shape[0], len(rows), n))  # (B, n_out, n); B or n may be 0
+    for b, c in enumerate(caps_np):
+        flows[b] = _flows_one(c, rows)
     if normalize:
         total = flows.sum(-1, keepdims=True)
         flows = np.divide(flows, total, out=np.zeros_like(flows), where=total > 0)
@@ -97,7 +99,7 @@ def _flows_one(caps: np.ndarray, rows: list[int]) -> np.ndarray:
     maximum_flow = _scipy().csgraph.maximum_flow
     num_layers, n, _ = caps.shape
     out = np.zeros((len(rows), n))
-    largest = caps.sum(-1).max()
+    largest = caps.sum(-1).max() if caps.size else 0.0
     if largest <= 0:
         return out
     scale = 2.0 ** np.floor(np.log2(2.0**_CAPACITY_BITS / largest))

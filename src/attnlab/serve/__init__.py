@@ -2,7 +2,8 @@
 the sentence encoder and trained task checkpoints (``pip install attnlab[serve]``).
 
 :func:`create_app` builds the app; the page (``static/``) and scripts use its JSON API
-under ``/api`` (FastAPI's OpenAPI page is at ``/docs``).
+under ``/api`` (its OpenAPI schema is at ``/openapi.json``; no ``/docs`` page, which
+would load Swagger UI from a CDN).
 """
 
 from __future__ import annotations

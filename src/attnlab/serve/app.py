@@ -127,7 +127,15 @@ def create_app(
         yield
         ex.worker.close()
 
-    app = FastAPI(title="attnlab explorer", version=attnlab.__version__, lifespan=lifespan)
+    # no /docs or /redoc: FastAPI's pages load Swagger UI and ReDoc from a CDN, and were
+    # blank offline; the schema itself is served, at /openapi.json
+    app = FastAPI(
+        title="attnlab explorer",
+        version=attnlab.__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.explorer = ex
     _errors(app, ex.limits)
     _routes(app, ex)
@@ -162,7 +170,8 @@ def _routes(app: FastAPI, ex: Explorer) -> None:
         page = STATIC / "index.html"
         if page.is_file():
             return FileResponse(page)
-        return PlainTextResponse("attnlab explorer: the page is missing; the API is at /docs")
+        msg = "attnlab explorer: the page is missing; the API's schema is at /openapi.json"
+        return PlainTextResponse(msg)
 
     @app.get("/api/health")
     async def health() -> dict[str, Any]:
@@ -179,6 +188,8 @@ def _routes(app: FastAPI, ex: Explorer) -> None:
     @app.get("/api/models/{name:path}")
     async def model_info(name: str) -> dict[str, Any]:
         """One model, loaded now if it was not (so its ``example`` is known)."""
+        if not name:  # the default model's name is not "" (a 500: StopIteration below)
+            raise ApiError(404, "no model named ''; GET /api/models lists them")
         m = ex.model(name)
         await ex.run(lambda: _load(m))
         return next(i for i in ex.registry.info() if i["name"] == name)

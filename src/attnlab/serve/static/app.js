@@ -1,4 +1,4 @@
-// attnlab serve: the page's state and its calls to the JSON API (see /docs).
+// attnlab serve: the page's state and its calls to the JSON API (its schema: /openapi.json).
 // Test hooks on <body>: data-ready="1" once the first result is drawn; data-busy="1" while
 // any request or job is in flight; data-done counts the times the page became idle;
 // data-job is the last job's state. Drawing lives in views.js.
