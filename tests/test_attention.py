@@ -16,7 +16,7 @@ from attnlab import bias as B
 from attnlab import masks as M
 from attnlab.engines import available_engines
 from attnlab.engines import blocked_autograd as blocked_mod
-from tests.conftest import assert_2x_rule, max_err, naive_attention
+from tests.conftest import assert_2x_rule, check_and_control, max_err, naive_attention
 
 # flex: FlexAttention has no CPU backward, and these tests take gradients (forward on the
 # CPU: tests/test_flex.py; forward and backward on CUDA: tests/test_gpu.py).
@@ -534,3 +534,26 @@ def test_auto_picks_an_engine_that_can() -> None:
     assert select_engine("auto", req(normalize="entmax15")).name == "reference"
     with pytest.raises(ValueError, match=r"engine='sdpa' cannot compute.*weights.*'reference'"):
         select_engine("sdpa", req(return_weights=True))
+
+
+def test_attend_scores_callables_and_dense_masks_check_what_torch_failed_on() -> None:
+    """(torch's own errors: "The size of tensor a (3) must match ..." for a scores batch
+    that does not fit v's, "expected scalar type Float but found Double" for a score
+    callable of float64, an ``arange`` error for ``Mask.dense(-1, 4)``.)"""
+    q, k, v = _qkv(2, 4, 2, 5, 6, 8, torch.float32)
+    check_and_control(
+        lambda: attnlab.attend(torch.randn(3, 4, 5, 6), v),
+        lambda: attnlab.attend(torch.randn(1, 4, 5, 6), v),  # a batch of 1 broadcasts
+        ValueError,
+        r"scores \(B, Hq, Lq, Lk\) \(3, 4, 5, 6\) do not fit v .* batches that are equal or 1",
+    )
+    plain = attnlab.attention(q, k, v, score=lambda a, b: a @ b.mT, engine="reference")
+    wide = attnlab.attention(q, k, v, score=lambda a, b: (a @ b.mT).double(), engine="reference")
+    assert isinstance(wide, Tensor) and wide.dtype == torch.float32
+    assert torch.equal(wide, plain)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="score: the callable must return float scores"):
+        attnlab.attention(q, k, v, score=lambda a, b: (a @ b.mT).long())
+    for bad in ((-1, 4), (4, -1)):
+        with pytest.raises(ValueError, match=r"must be a nonnegative int|must be an int >= 0"):
+            M.causal().dense(*bad)
+    assert M.causal().dense(0, 4).shape == (1, 1, 0, 4)

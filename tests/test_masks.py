@@ -1107,3 +1107,46 @@ def test_a_mask_read_as_a_tensor_says_what_to_do() -> None:
     with pytest.raises(AttributeError, match=r"'And' object has no attribute 'nothing'$"):
         _ = m.nothing  # type: ignore[attr-defined]
     assert not hasattr(m, "size") and hasattr(m, "dense")
+
+
+def test_row_bounds_of_another_integer_dtype_become_int64() -> None:
+    """A custom mask whose row_bounds are int32 (the README's ``Band`` with int32
+    positions) made the blocked kernel fail: "spans must be contiguous int64"."""
+    from attnlab.masks import RowBounds
+
+    class Band32(Mask):
+        def evaluate(self, g):  # type: ignore[no-untyped-def]
+            return (g.k <= g.q) & (g.k >= g.q - 37)
+
+        def row_bounds(self, lq, lk, batch=1, device=None):  # type: ignore[no-untyped-def]
+            p = torch.arange(lq, device=device, dtype=torch.int32) + (lk - lq)
+            return RowBounds((p - 37)[None], p[None], exact=True)
+
+        def spec(self) -> str:
+            return "band32"
+
+    b = Band32().row_bounds(5, 5)
+    assert b.lo.dtype == b.hi.dtype == torch.int64
+    q, k, v = (torch.randn(1, 2, 600, 16, dtype=torch.float64) for _ in range(3))
+    want = attnlab.attention(q, k, v, mask=masks.causal() & masks.window(37), engine="reference")
+    for engine in ("auto", "blocked"):
+        got = attnlab.attention(q, k, v, mask=Band32(), engine=engine)
+        assert (got - want).abs().max() < 1e-12, engine  # type: ignore[operator]
+    for bad in (torch.zeros(1, 3), torch.zeros(1, 3, dtype=torch.bool)):
+        with pytest.raises(TypeError, match="RowBounds lo must be an integer tensor"):
+            RowBounds(bad, torch.zeros(1, 3, dtype=torch.long), exact=True)
+
+
+def test_block_random_keeps_a_bounded_number_of_tables() -> None:
+    """(One table per key length, forever: 4081 tables and 86 MiB after a decoding loop up
+    to 4096 keys.) Tables depend on the block count only and are made again alike."""
+    from attnlab.masks.sparse import TABLES
+
+    m = masks.block_random(16, 2, seed=3)
+    first = m.dense(100, 100)
+    for lk in range(16, 4096, 16):
+        m.table(lk)
+    assert len(m._tables) == TABLES
+    assert torch.equal(m.dense(100, 100), first)  # remade after it was dropped
+    assert torch.equal(masks.block_random(16, 2, seed=3).dense(100, 100), first)
+    assert m.table(97) is m.table(100)  # 7 blocks both

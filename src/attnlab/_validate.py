@@ -271,9 +271,11 @@ def validate_scores(scores: object, v: Tensor) -> Tensor:
         )
     if s.shape[1] == 0 or v.shape[1] == 0:
         raise _no_heads("scores", s.shape[1], "v", v.shape[1])
-    if s.shape[3] != v.shape[2] or s.shape[1] % v.shape[1]:
+    batch_fits = s.shape[0] == v.shape[0] or 1 in (s.shape[0], v.shape[0])
+    if s.shape[3] != v.shape[2] or s.shape[1] % v.shape[1] or not batch_fits:
         raise ValueError(
             f"scores (B, Hq, Lq, Lk) {tuple(s.shape)} do not fit v (B, Hkv, Lk, "
-            f"Ev) {tuple(v.shape)}: need equal Lk and Hq % Hkv == 0"
+            f"Ev) {tuple(v.shape)}: need equal Lk, Hq % Hkv == 0 and batches that are "
+            "equal or 1"
         )
     return s

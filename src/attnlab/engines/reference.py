@@ -62,7 +62,12 @@ def _called_scores(req: AttentionRequest) -> Tensor:
             f"score: the callable must return scores of shape (B, Hq, Lq, Lk) = {want}, "
             f"got {tuple(s.shape)}"
         )
-    return s
+    if not s.is_floating_point() or s.device != req.q.device:
+        raise TypeError(
+            f"score: the callable must return float scores on q's device ({req.q.device}), "
+            f"got {s.dtype} on {s.device}"
+        )
+    return s.to(req.q.dtype)  # another float dtype (float64 for float32 q) failed to mix
 
 
 def mix(

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from attnlab._grid import Grid
+from attnlab._validate import nonnegative_int, positive_int
 from attnlab.masks.layout import (
     BlockLayout,
     Device,
@@ -143,6 +144,9 @@ class Mask:
             >>> masks.causal().dense(2, 3)[0, 0].tolist()
             [[True, True, False], [True, True, True]]
         """
+        lq, lk = nonnegative_int("lq", lq), nonnegative_int("lk", lk)  # as Bias.dense
+        heads = positive_int("heads", heads)
+        batch = None if batch is None else nonnegative_int("batch", batch)
         self._check_sizes(batch, heads, lq, lk)
         bm, hm = self._sizes(batch, heads)
         grid = Grid.full(lq, lk, batch=bm, heads=hm, device=device)

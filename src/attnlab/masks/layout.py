@@ -112,6 +112,18 @@ class RowBounds:
     hi: Tensor
     exact: bool
 
+    def __post_init__(self) -> None:
+        """Integer bounds become int64, as the engines' kernels read them (a custom mask's
+        int32 bounds failed there: "spans must be contiguous int64")."""
+        for name in ("lo", "hi"):
+            t = getattr(self, name)
+            ok = isinstance(t, Tensor) and not (t.is_floating_point() or t.is_complex())
+            if not ok or t.dtype == torch.bool:
+                seen = t.dtype if isinstance(t, Tensor) else type(t).__name__
+                raise TypeError(f"RowBounds {name} must be an integer tensor (Bm, Lq), got {seen}")
+            if t.dtype != torch.int64:
+                object.__setattr__(self, name, t.long())
+
 
 def layout_from_bounds(bounds: RowBounds, lq: int, lk: int, bq: int, bk: int) -> Tensor:
     """Exact tile states from per-row intervals; returns ``(Bm, 1, nQ, nK)``.

@@ -3,7 +3,9 @@ blocks (BigBird)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -14,6 +16,8 @@ from attnlab.masks._args import int_tensor, nonneg_int, pos_int
 from attnlab.masks.base import Mask
 
 __all__ = ["BlockRandom", "GlobalTokens", "block_random", "global_tokens"]
+
+TABLES = 8  # block counts whose random table a BlockRandom mask keeps
 
 
 class GlobalTokens(Mask):
@@ -41,18 +45,26 @@ class BlockRandom(Mask):
         self.block_size = pos_int("block_size", block_size)
         self.num_blocks = nonneg_int("num_blocks", num_blocks)
         self.seed = nonneg_int("seed", seed)
-        self._tables: dict[int, Tensor] = {}
+        self._tables: OrderedDict[int, Tensor] = OrderedDict()
 
     def table(self, lk: int) -> Tensor:
-        """Bool ``(n_blocks, n_blocks)``: query block -> its random key blocks (seeded)."""
-        if lk not in self._tables:
-            n = max(1, math.ceil(lk / self.block_size))
-            gen = torch.Generator().manual_seed(self.seed)
-            tab = torch.zeros(n, n, dtype=torch.bool)
-            for row in range(n):
-                tab[row, torch.randperm(n, generator=gen)[: self.num_blocks]] = True
-            self._tables[lk] = tab
-        return self._tables[lk]
+        """Bool ``(n_blocks, n_blocks)``: query block -> its random key blocks (seeded).
+
+        Made again on demand: the last :data:`TABLES` block counts are kept (one table per
+        key length grew without bound while decoding, 86 MiB by 4096 tokens)."""
+        n = max(1, math.ceil(lk / self.block_size))
+        with contextlib.suppress(KeyError):  # (another thread may drop it meanwhile)
+            self._tables.move_to_end(n)
+            return self._tables[n]
+        gen = torch.Generator().manual_seed(self.seed)
+        tab = torch.zeros(n, n, dtype=torch.bool)
+        for row in range(n):
+            tab[row, torch.randperm(n, generator=gen)[: self.num_blocks]] = True
+        self._tables[n] = tab
+        while len(self._tables) > TABLES:
+            with contextlib.suppress(KeyError):
+                self._tables.popitem(last=False)
+        return tab
 
     def evaluate(self, grid: Grid) -> Tensor:
         tab = self.table(grid.lk).to(grid.k.device)
