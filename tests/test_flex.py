@@ -164,6 +164,28 @@ def test_compiled_flexattention_skips_tiles_and_stays_exact() -> None:
         assert_2x_rule(ours, plain, ref, mask.spec())  # type: ignore[arg-type]
 
 
+LIMITS = torch.tensor([L, L])  # a module-level tensor a custom mask reads
+
+
+@COMPILES
+def test_a_custom_mask_whose_tensors_change_in_place_is_read_again() -> None:
+    """The block mask was memoized per mask object and the tensors it holds, which did not
+    include those a custom mask's function reads: after ``lengths.fill_(100)`` the
+    compiled kernel skipped by the old layout (off by 1.34)."""
+    q, k, v = (t.float() for t in _qkv())
+    lengths = torch.tensor([L, L])
+    closed = M.custom(lambda b, h, qq, kk: kk < lengths[b], per_head=False)
+    module = M.custom(lambda b, h, qq, kk: kk < LIMITS[b], per_head=False)
+    for mask, t in ((closed, lengths), (module, LIMITS)):
+        with torch.no_grad():
+            attnlab.attention(q, k, v, mask=mask, engine="flex")
+            t.fill_(100)
+            out = attnlab.attention(q, k, v, mask=mask, engine="flex")
+            ref = attnlab.attention(q, k, v, mask=mask, engine="reference")
+        t.fill_(L)
+        assert max_err(out, ref) < 1e-5, mask  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     ("kw", "match"),
     [

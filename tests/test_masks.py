@@ -300,7 +300,7 @@ def test_documents_runs_found_at_a_call_leave_the_engines_cache_keys_alone() -> 
     """The engines key their caches (decoding bounds, Flex block masks) on the tensors a
     mask holds; the runs found at the first call are derived, so the key stays the same
     and the second call reuses what the first made. The in-place change is the control."""
-    from attnlab.engines.blocked import _versions
+    from attnlab.engines._versions import versions as _versions
 
     ids = torch.arange(300) // 70
     mask = masks.documents(ids)

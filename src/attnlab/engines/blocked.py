@@ -39,6 +39,7 @@ from torch import Tensor
 from attnlab._eager import vmapping
 from attnlab.engines import blocked_autograd
 from attnlab.engines._native import build_settings, ops, pool_limit_mib
+from attnlab.engines._versions import versions as _versions
 from attnlab.engines.base import AttentionRequest, Engine, EngineResult, sink_rows, with_sinks
 from attnlab.engines.blocked_autograd import (
     acc_dtype,
@@ -249,48 +250,6 @@ def _decode_op() -> Any:
 
 
 _DECODE: list[Any] = []
-
-
-def _version_of(t: Tensor) -> object:
-    """``t``'s version counter; an inference tensor (made under ``torch.inference_mode``)
-    has none, so its contents stand for it where that is cheap (small, on the CPU), and
-    otherwise a new object, which matches nothing: the caller recomputes."""
-    if not t.is_inference():
-        return t._version
-    if t.device.type == "cpu" and t.numel() <= 1 << 16:
-        return (
-            t.dtype,
-            tuple(t.shape),
-            t.contiguous().view(-1).view(torch.uint8).numpy().tobytes(),
-        )
-    return object()
-
-
-def _versions(obj: object, depth: int = 0) -> tuple:
-    """The tensors held by a mask (through its attributes, nested masks and sequences) as
-    ``(data pointer, version)`` pairs: they change when a tensor is replaced or changed in
-    place.
-
-    Example:
-        >>> from attnlab import masks
-        >>> lengths = torch.tensor([3, 2])
-        >>> m = masks.causal() & masks.padding(lengths)
-        >>> before = _versions(m)
-        >>> _ = lengths.add_(0)
-        >>> _versions(m) != before
-        True
-    """
-    if isinstance(obj, Tensor):
-        return ((obj.data_ptr(), _version_of(obj)),)
-    if depth > 4:
-        return ()
-    items = obj if isinstance(obj, (tuple, list)) else getattr(obj, "__dict__", {}).values()
-    return tuple(
-        v
-        for x in items
-        if isinstance(x, (Tensor, Mask, tuple, list))
-        for v in _versions(x, depth + 1)
-    )
 
 
 def _exact_bounds(mask: Mask, req: AttentionRequest) -> RowBounds | None:

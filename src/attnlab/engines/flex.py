@@ -47,8 +47,9 @@ from attnlab._eager import vmapping
 from attnlab._grid import Grid
 from attnlab.bias.base import Bias
 from attnlab.bias.function import CustomBias
+from attnlab.engines._versions import versions as _versions
 from attnlab.engines.base import AttentionRequest, Engine, EngineResult, with_sinks
-from attnlab.engines.blocked import _normalized, _versions
+from attnlab.engines.blocked import _normalized
 from attnlab.masks.base import And, Mask, Or, Wrapped
 from attnlab.masks.custom import Custom
 from attnlab.masks.layout import TileState

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -45,25 +44,26 @@ class BlockRandom(Mask):
         self.block_size = pos_int("block_size", block_size)
         self.num_blocks = nonneg_int("num_blocks", num_blocks)
         self.seed = nonneg_int("seed", seed)
-        self._tables: OrderedDict[int, Tensor] = OrderedDict()
+        self._tables: dict[int, Tensor] = {}
 
     def table(self, lk: int) -> Tensor:
         """Bool ``(n_blocks, n_blocks)``: query block -> its random key blocks (seeded).
 
-        Made again on demand: the last :data:`TABLES` block counts are kept (one table per
-        key length grew without bound while decoding, 86 MiB by 4096 tokens)."""
+        Made again on demand: the last :data:`TABLES` block counts made are kept (one
+        table per key length grew without bound while decoding, 86 MiB by 4096 tokens). A
+        hit changes nothing (FlexAttention's compiled mask function may not mutate)."""
         n = max(1, math.ceil(lk / self.block_size))
-        with contextlib.suppress(KeyError):  # (another thread may drop it meanwhile)
-            self._tables.move_to_end(n)
-            return self._tables[n]
+        tab = self._tables.get(n)
+        if tab is not None:
+            return tab
         gen = torch.Generator().manual_seed(self.seed)
         tab = torch.zeros(n, n, dtype=torch.bool)
         for row in range(n):
             tab[row, torch.randperm(n, generator=gen)[: self.num_blocks]] = True
         self._tables[n] = tab
-        while len(self._tables) > TABLES:
-            with contextlib.suppress(KeyError):
-                self._tables.popitem(last=False)
+        while len(self._tables) > TABLES:  # the oldest made first
+            with contextlib.suppress(KeyError, StopIteration, RuntimeError):  # other threads
+                del self._tables[next(iter(self._tables))]
         return tab
 
     def evaluate(self, grid: Grid) -> Tensor:
