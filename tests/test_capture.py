@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import attnlab
 from attnlab import bias, masks
 from attnlab.interpret import capture
 from attnlab.nn import DecoderOnly, Encoder, EncoderLayer, LayerConfig, LuongAttention, Transformer
@@ -156,3 +157,36 @@ def test_bad_capture_arguments_are_named(
     wrong = r"heads=\[4\] must be query head indices in \[0, 4\)"
     with pytest.raises(ValueError, match=wrong), capture(enc, heads=[4]):
         enc(torch.randn(1, 6, 32))
+
+
+@pytest.mark.parametrize(
+    ("engine", "options", "mask"),
+    [("linear", None, None), ("performer", {"num_features": 64, "seed": 1}, "causal"),
+     ("nystrom", {"num_landmarks": 4}, None)],
+)  # fmt: skip
+def test_approximate_engines_record_their_own_weights(
+    engine: str, options: dict | None, mask: str | None
+) -> None:
+    """(capture recorded exact softmax weights for a linear-attention call, 0.69 away from
+    the kernel's own, and ``grad=True`` swapped the model's engine for the reference one:
+    its output moved by 0.28.)"""
+    from attnlab.nn import MultiHeadAttention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 1, 2, 16, 8, dtype=torch.float64).unbind(0)
+    m = masks.causal() if mask else None
+    kw = {"mask": m, "engine": engine, "engine_options": options}
+    own = attnlab.attention(q, k, v, return_weights=True, **kw).weights  # type: ignore[union-attr]
+    soft = attnlab.attention(q, k, v, mask=m, engine="reference", return_weights=True).weights
+    with capture() as cap:
+        out = attnlab.attention(q, k, v, **kw)
+    assert isinstance(out, torch.Tensor) and cap.records[0].engine == engine
+    assert torch.allclose(cap.records[0].weights, own, atol=1e-12)
+    assert not torch.allclose(own, soft, atol=1e-2)  # the control: not softmax's
+    mha = MultiHeadAttention(8, 2, engine=engine).double().eval()  # its default options
+    x = torch.randn(1, 16, 8, dtype=torch.float64)
+    plain = mha(x, mask=m)
+    with capture(mha, grad=True) as live:
+        under = mha(x, mask=m)
+    assert live.records[0].engine == engine and live.records[0].weights.requires_grad
+    assert torch.allclose(under, plain, atol=1e-10)

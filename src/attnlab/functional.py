@@ -33,6 +33,7 @@ from attnlab._observe import (
 )
 from attnlab.bias import Bias, as_bias
 from attnlab.engines import AttentionRequest, get_engine, select_engine, validate_options
+from attnlab.engines.approximate import ApproximateEngine
 from attnlab.engines.base import plain_attention, slice_weights
 from attnlab.engines.reference import mix
 from attnlab.masks import Mask, as_mask
@@ -163,9 +164,14 @@ def attention(
     )
     chosen = select_engine(engine, req)
     rewrite = rewriter()
-    if live_weights() or rewrite:  # the weights must be the ones in the graph
+    # an approximate engine's weights are its kernel's, not softmax's: it returns them
+    # itself where they are watched (an exact engine in its place changed the model)
+    own = isinstance(chosen, ApproximateEngine)
+    if (live_weights() or rewrite) and not own:  # the weights must be the ones in the graph
         chosen = get_engine("reference")
         req = dataclasses.replace(req, return_weights=True, options={})
+    elif own and (OBSERVERS or live_weights() or rewrite):
+        req = dataclasses.replace(req, return_weights=True)
     out, weights, lse = chosen.forward(req)
     if rewrite is not None and weights is not None:  # an intervention on the weights
         weights = rewrite(req, weights)  # (B, Hq, Lq, Lk)
