@@ -128,6 +128,37 @@ def test_corrupt_and_truncated_checkpoints_give_clear_errors(tmp_path: Path) -> 
         )
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.safetensors")
+    from safetensors.torch import save_file  # metadata of bad JSON: a bare JSONDecodeError
+
+    meta = {"format": "attnlab-checkpoint-1", "config": "{bad", "optimizer": "null", "state": "{}"}
+    save_file({"model.w": torch.zeros(2)}, str(tmp_path / "meta.safetensors"), metadata=meta)
+    with pytest.raises(CheckpointError, match=r"has corrupt metadata \(JSONDecodeError"):
+        load_checkpoint(tmp_path / "meta.safetensors")
+
+
+def test_tied_weights_are_saved_and_loaded(tmp_path: Path) -> None:
+    """(safetensors refused the shared tensor: "Some tensors share memory".)"""
+
+    class Tied(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.out = torch.nn.Embedding(4, 3), torch.nn.Linear(3, 4, bias=False)
+            self.out.weight = self.emb.weight
+
+    a, b = Tied(), Tied()
+    p = save_checkpoint(tmp_path / "t.safetensors", Checkpoint(a.state_dict()))
+    ckmod.load_model_state(b, load_checkpoint(p))
+    assert torch.equal(b.emb.weight, a.emb.weight) and b.out.weight is b.emb.weight
+
+
+def test_a_checkpoint_without_training_state_is_named(
+    task: TranslationTask, tmp_path: Path
+) -> None:
+    """(A checkpoint of weights alone, resumed, raised a bare KeyError: 'step'.)"""
+    model = task.build_model()
+    save_checkpoint(tmp_path / "last.safetensors", Checkpoint(model.state_dict(), task.config()))
+    with pytest.raises(CheckpointError, match=r"holds no training state .*KeyError"):
+        Trainer(task, _cfg(tmp_path, resume=True))
 
 
 def test_a_crash_during_save_keeps_the_previous_checkpoint(

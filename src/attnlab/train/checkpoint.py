@@ -80,11 +80,19 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         ) from e
     if meta.get("format") != "attnlab-checkpoint-1":
         raise CheckpointError(f"{str(path)!r} is a safetensors file but not an attnlab checkpoint")
-    return _unflatten(tensors, meta)
+    try:  # the metadata's JSON (a changed byte there raised a bare JSONDecodeError)
+        return _unflatten(tensors, meta)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has corrupt metadata ({type(e).__name__}: {e}); "
+            "use an earlier checkpoint or train again"
+        ) from e
 
 
 def _flatten(ckpt: Checkpoint) -> tuple[dict[str, Tensor], dict[str, str]]:
-    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in ckpt.model.items()}
+    tensors = _unshared(
+        {f"model.{k}": v.detach().contiguous().cpu() for k, v in ckpt.model.items()}
+    )
     opt_meta: dict[str, Any] = {}
     if ckpt.optimizer is not None:
         opt_meta = {"param_groups": ckpt.optimizer["param_groups"], "state": {}}
@@ -109,6 +117,18 @@ def _split_state(d: dict[str, Any], prefix: str, tensors: dict[str, Tensor]) -> 
         else:
             rest[k] = v
     return rest
+
+
+def _unshared(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Tensors that share memory with an earlier one (tied weights: an output layer that
+    reuses the embedding) as copies: safetensors refuses to write shared memory."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in tensors.items():
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen and v.numel() else v
+        seen.add(ptr)
+    return out
 
 
 def _unflatten(tensors: dict[str, Tensor], meta: dict[str, str]) -> Checkpoint:

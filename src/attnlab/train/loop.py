@@ -25,7 +25,13 @@ import torch
 from torch import Tensor, nn
 
 from attnlab._validate import nonnegative_int, positive_int
-from attnlab.train.checkpoint import Checkpoint, load_checkpoint, load_model_state, save_checkpoint
+from attnlab.train.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    load_model_state,
+    save_checkpoint,
+)
 from attnlab.train.interrupt import TrainingInterrupted, stop_requests
 
 __all__ = ["LossFn", "Plugin", "Task", "TrainConfig", "Trainer", "lr_factor", "num_threads"]
@@ -337,7 +343,14 @@ class Trainer:
         if ckpt.optimizer is not None:
             self.opt.load_state_dict(ckpt.optimizer)
         st = ckpt.state
-        self.step, self.best, self.bad_evals = int(st["step"]), float(st["best"]), st["bad_evals"]
+        try:
+            self.step, self.best = int(st["step"]), float(st["best"])
+            self.bad_evals = int(st["bad_evals"])
+        except (KeyError, TypeError, ValueError) as e:  # (a bare KeyError: 'step')
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} holds no training state ({type(e).__name__}: {e}); "
+                "it was not written by a Trainer"
+            ) from e
         self.history = list(st.get("history", []))
         torch.set_rng_state(st["rng_torch"])
 
