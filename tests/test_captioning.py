@@ -189,3 +189,21 @@ def test_bad_input_errors() -> None:
         CaptioningTask(train_size=4, test_size=4, held_out=1.5)
     with pytest.raises(ValueError, match="max_len must be a positive int, got 0"):
         m.generate(images, max_len=0)
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"image_size": 24}, "image_size must be >= 29"),  # it drew positions forever
+        ({"held_out": 0.001}, r"held_out=0.001 leaves 0 of 264 captions"),  # ZeroDivisionError
+        ({"held_out": 0.999}, r"held_out=0.999 leaves 264 of 264 captions"),
+        ({"eval_size": 0}, "eval_size must be a positive int, got 0"),  # failed in evaluate
+        ({"eval_size": -1}, "eval_size must be a positive int, got -1"),  # scored [:-1]
+    ],
+)
+def test_captioning_task_sizes_are_checked(kw: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        CaptioningTask(8, 4, **kw)
+    with pytest.raises(ValueError, match="size must be >= 29"):
+        random_scene("a red circle above a blue square", random.Random(0), size=28)
+    assert random_scene("a red circle above a blue square", random.Random(0), size=29)

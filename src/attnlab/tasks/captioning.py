@@ -126,6 +126,9 @@ def _parse(caption: str) -> tuple[tuple[str, str], str, tuple[str, str]]:
     return (w[1], w[2]), rel, (w[-2], w[-1])
 
 
+MIN_SIZE = 29  # the smallest canvas where any two objects fit apart: 2 * 7 + 6 + 6 + 2 + 1
+
+
 def random_scene(caption: str, rng: random.Random, size: int = 32) -> Scene:
     """A random layout of ``caption``: sizes, positions and which side is which.
 
@@ -137,6 +140,9 @@ def random_scene(caption: str, rng: random.Random, size: int = 32) -> Scene:
         'a red circle above a blue square'
     """
     (c1, s1), rel, (c2, s2) = _parse(caption)
+    if size < MIN_SIZE:  # the positions were drawn again forever
+        raise ValueError(f"size must be >= {MIN_SIZE} (two objects of half-size up to 6 "
+                         f"apart along one axis), got {size}")  # fmt: skip
     ra, rb = rng.randint(4, 6), rng.randint(4, 6)
     lo, hi = max(ra, rb) + 1, size - max(ra, rb) - 2
     while True:
@@ -227,12 +233,19 @@ class CaptioningTask:
     ) -> None:
         if not 0.0 < held_out < 1.0:
             raise ValueError(f"held_out must be in (0, 1), got {held_out}")
+        if positive_int("image_size", image_size) < MIN_SIZE:
+            raise ValueError(f"image_size must be >= {MIN_SIZE} (two objects must fit apart), "
+                             f"got {image_size}")  # fmt: skip
+        self.eval_size = positive_int("eval_size", eval_size)
         rng = random.Random(seed)
         caps = all_captions()
         rng.shuffle(caps)
         k = round(held_out * len(caps))
+        if not 0 < k < len(caps):  # an empty pool divided by zero
+            raise ValueError(f"held_out={held_out} leaves {k} of {len(caps)} captions for "
+                             "testing; both sides need at least one")  # fmt: skip
         self.test_pool, self.train_pool = caps[:k], caps[k:]
-        self.image_size = positive_int("image_size", image_size)
+        self.image_size = image_size
         self.train_scenes = self._scenes(
             self.train_pool, positive_int("train_size", train_size), rng
         )
@@ -242,7 +255,6 @@ class CaptioningTask:
         self.vocab = Vocab.build(all_captions())
         self.train_images = _images(self.train_scenes, image_size)
         self.test_images = _images(self.test_scenes, image_size)
-        self.eval_size = eval_size
         self.model_cfg = CaptionerConfig(
             len(self.vocab),
             image_size=image_size,
