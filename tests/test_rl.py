@@ -144,6 +144,15 @@ def test_ppo_loss_matches_the_written_formula() -> None:
     assert parts["entropy"] == pytest.approx(total_ent / n, rel=1e-6)
 
 
+def test_ppo_trains_on_a_minibatch_of_one_step() -> None:
+    """(``adv.std()`` of one element is NaN: a valid one-environment, one-step rollout
+    stopped with "the loss is nan at step 1: training diverged".)"""
+    task = AgentTask(env_id=S7, n_envs=1, rollout_steps=1, ppo_epochs=1, eval_episodes=1,
+                     d_model=8, policy="mlp", seed=0)  # fmt: skip
+    tr = Trainer(task, TrainConfig(steps=1, batch_size=1, eval_every=1, progress=False))
+    assert math.isfinite(tr.train_step())
+
+
 def segments(b: int, t: int, starts_at: dict[int, list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     obs = torch.randn(b, t, 984, dtype=torch.float64)
     starts = torch.zeros(b, t, dtype=torch.bool)

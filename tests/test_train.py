@@ -268,3 +268,21 @@ def test_fit_leaves_threads_and_denormals_as_it_found_them(task: TranslationTask
     assert torch.get_num_threads() == threads
     tiny = torch.tensor(1e-310, dtype=torch.float64)  # a denormal
     assert float(tiny * 1.0) != 0.0  # flush-to-zero was switched off again
+
+
+@pytest.mark.parametrize(
+    ("kw", "exc", "match"),
+    [
+        ({"seed": 2**60}, ValueError, r"seed must be an int in \[0, 4294967295\], got"),
+        ({"resume": "no"}, TypeError, "resume must be a bool, got str"),  # "no" resumed
+        ({"progress": "no"}, TypeError, "progress must be a bool, got str"),
+        ({"flush_denormal": 2}, TypeError, "flush_denormal must be a bool, got int"),
+    ],
+)
+def test_train_config_checks_seeds_and_flags(kw: dict, exc: type, match: str) -> None:
+    """(A seed of 2**60 passed and failed in the first step: "Overflow when unpacking long
+    long"; the flags took any value.)"""
+    base = {"steps": 8, "batch_size": 32}
+    with pytest.raises(exc, match=match):
+        TrainConfig(**base, **kw)
+    assert TrainConfig(**base, seed=2**32 - 1, progress=False).seed == 2**32 - 1  # control

@@ -18,6 +18,7 @@ from typing import Any
 from attnlab._io import OutputLock
 from attnlab.cli._args import check_out_folder, int_in
 from attnlab.cli._errors import UsageError
+from attnlab.train.loop import MAX_SEED
 
 __all__ = ["METHODS", "add_parsers", "run_robust"]
 
@@ -41,7 +42,7 @@ def add_parsers(sub: Any) -> None:
         "faithfulness: classification,dates",
     )
     r.add_argument("--steps", type=int_in(1), default=None, help="training steps per row")
-    r.add_argument("--seed", type=int_in(0), default=0)
+    r.add_argument("--seed", type=int_in(0, MAX_SEED), default=0)
     r.add_argument("--out", default=None, help="table and report folder (runs/robust-TASK)")
     r.add_argument("--smoke", action="store_true", help="tiny data and models: checks only")
     r.set_defaults(run=run_robust)

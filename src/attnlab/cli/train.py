@@ -21,7 +21,7 @@ from attnlab.cli._args import check_out_folder, float_in, int_in
 from attnlab.cli._errors import UsageError, warn
 from attnlab.tasks import TASKS, TaskSpec, demo, run_task, spec, train_config
 from attnlab.train import CheckpointError, TrainingInterrupted, load_checkpoint
-from attnlab.train.loop import Task
+from attnlab.train.loop import MAX_SEED, Task
 
 __all__ = ["add_parsers", "run_demo", "run_train"]
 
@@ -69,7 +69,7 @@ def add_parsers(sub: Any) -> None:
     t.add_argument("--warmup", type=int_in(0), default=None)
     t.add_argument("--eval-every", type=positive, default=None)
     t.add_argument("--train-size", type=int_in(1, MAX_TRAIN_SIZE), help="training examples")
-    t.add_argument("--seed", type=int_in(0), default=None)
+    t.add_argument("--seed", type=int_in(0, MAX_SEED), default=None)
     t.add_argument("--time-limit", type=above0, default=None, help="seconds of training")
     t.add_argument("--target", type=float_in(), default=None, help=TARGET_HELP)
     t.add_argument(  # far more threads than cores only thrashes; thousands crash torch

@@ -134,7 +134,8 @@ def ppo_loss(
     logp_all = torch.log_softmax(logits, -1)
     logp = logp_all.gather(-1, batch.actions[..., None])[..., 0]  # (B, T)
     adv = batch.advantages
-    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+    spread = adv.std() if adv.numel() > 1 else adv.new_zeros(())  # (NaN of one element)
+    adv = (adv - adv.mean()) / (spread + 1e-8)
     ratio = torch.exp(logp - batch.logp)
     surrogate = torch.min(ratio * adv, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * adv)
     policy_loss = -surrogate.mean()

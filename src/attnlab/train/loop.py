@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from attnlab._validate import nonnegative_int, positive_int
+from attnlab._validate import nonnegative_int, positive_int, validate_flag
 from attnlab.train.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -75,6 +75,9 @@ class Plugin(Protocol):
     """
 
     def step(self, model: nn.Module, batch: Any, loss_fn: LossFn) -> Tensor: ...
+
+
+MAX_SEED = 2**32 - 1  # numpy's and the epochs' seeds stay in range
 
 
 @dataclass
@@ -130,6 +133,10 @@ class TrainConfig:
             positive_int(name, getattr(self, name))
         for name in ("warmup", "seed"):
             nonnegative_int(name, getattr(self, name))
+        if self.seed > MAX_SEED:  # the epoch seeds overflowed torch's generator at 1.8e14
+            raise ValueError(f"seed must be an int in [0, {MAX_SEED}], got {self.seed}")
+        for name in ("resume", "progress", "flush_denormal"):  # resume="no" resumed
+            validate_flag(name, getattr(self, name))
         for name in ("patience", "threads"):
             if getattr(self, name) is not None:
                 positive_int(name, getattr(self, name))
