@@ -121,6 +121,9 @@ def test_frechet_distance_against_eigenvalue_route() -> None:
     assert abs(frechet_distance(torch.tensor(a), torch.tensor(a))) < 1e-6
     # a pure shift of the mean by s costs exactly ||s||^2
     assert abs(frechet_distance(a, a + 2.0) - 4.0 * 6) < 1e-6
+    x, y = a[:, :1], b[:, :1]  # one feature (np.cov gave 0-d arrays: a matmul error)
+    want1 = (x.mean() - y.mean()) ** 2 + (x.std(ddof=1) - y.std(ddof=1)) ** 2
+    assert abs(frechet_distance(x, y) - want1) < 1e-9 * max(1.0, want1)
 
 
 def test_class_coverage_definition() -> None:

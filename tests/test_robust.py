@@ -254,6 +254,12 @@ def test_entropy_term_and_gradient_against_fp64_formulas() -> None:
         torch.testing.assert_close(g.double(), want_g, rtol=1e-4, atol=1e-6)
     zero, one = float(entropy_term([w], 0.0).detach()), float(entropy_term([w], 1.0).detach())
     assert zero != pytest.approx(one)
+    # a target as a 0-dim tensor is the number ("size of tensor a (4) must match ... (2)"
+    # with two layers), as an (H,) tensor per head; NaN is refused
+    for t in (torch.tensor(1.0), torch.tensor([1.0, 1.0])):
+        assert float(entropy_term([w, w], t)) == pytest.approx(float(entropy_term([w, w], 1.0)))
+    with pytest.raises(ValueError, match="target must be a finite number or"):
+        entropy_term([w], torch.tensor(float("nan")))
 
 
 def test_supervised_attention_term_against_formula() -> None:
@@ -332,6 +338,12 @@ def test_bad_settings_name_the_argument() -> None:
     check_and_control(lambda: FGM(-0.1), lambda: FGM(0.1), ValueError, "epsilon")
     check_and_control(lambda: PGD(0.1, steps=0), lambda: PGD(0.1, steps=1), ValueError, "steps")
     check_and_control(lambda: FreeLB(0.1, norm="l3"), lambda: FreeLB(0.1), ValueError, "norm")
+    check_and_control(  # its first loss was taken outside the epsilon ball
+        lambda: FreeLB(0.1, init_epsilon=1.0),
+        lambda: FreeLB(0.1, init_epsilon=0.1),
+        ValueError,
+        r"init_epsilon must be at most epsilon=0.1",
+    )
     lin = nn.Sequential(nn.Linear(3, 2))
     check_and_control(
         lambda: find_embedding(lin), lambda: find_embedding(Tiny()), TypeError, "embedding"

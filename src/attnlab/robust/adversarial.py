@@ -216,6 +216,11 @@ class FreeLB(_Adversary):
         self.alpha = check_positive("alpha", self.epsilon / self.steps if alpha is None else alpha)
         init = self.epsilon / 2 if init_epsilon is None else init_epsilon
         self.init_epsilon = check_positive("init_epsilon", init, zero=True)
+        if self.init_epsilon > self.epsilon:  # its first loss was outside the ball
+            raise ValueError(
+                f"init_epsilon must be at most epsilon={self.epsilon} (the ball the "
+                f"perturbation stays in), got {self.init_epsilon}"
+            )
 
     def _init(self, x: Tensor) -> Tensor:
         if self.init_epsilon == 0:

@@ -80,7 +80,10 @@ def entropy_term(weights: Sequence[Tensor], target: float | Tensor | None = None
     ent = torch.cat([head_entropies(w) for w in weights])  # (layers * H,)
     if target is None:
         return -ent.mean()
-    if isinstance(target, Tensor):
+    if isinstance(target, Tensor):  # (H,) per head, or one number (a 0-dim tensor)
+        if not torch.isfinite(target).all() or target.dim() > 1:
+            raise ValueError(f"target must be a finite number or (H,) tensor, got {target}")
+        target = target.expand(weights[0].shape[1]) if target.dim() == 0 else target
         target = target.repeat(len(weights))
     return ((ent - target) ** 2).mean()
 

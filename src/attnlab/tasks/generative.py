@@ -90,7 +90,7 @@ def frechet_distance(
     from scipy.linalg import sqrtm
 
     mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)  # (D, D)
+    s_a, s_b = (np.atleast_2d(np.cov(x, rowvar=False)) for x in (a, b))  # (D, D); D = 1 too
     root = np.real(sqrtm(s_a @ s_b))
     fd = float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * root))
     return max(fd, 0.0)
