@@ -7,10 +7,11 @@ what the mask leaves empty. Backward needs each pair's probabilities normalized 
 *global* logsumexp, which attnlab's engines do not take as an input (their ``lse`` is an
 output only). :func:`backward_pair` gets it three ways: the blocked engine's compiled
 kernel takes the global logsumexp and output as inputs and recomputes the pair's scores
-as its forward made them (:func:`_kernel_step`, float32 and half on the CPU); torch's
-fused CPU flash backward takes them too (:func:`_flash_step`); and the blocked engine
-computes it given one extra "sink" key and one extra value column (:func:`_engine_step`),
-which also carries gradients of learnable biases.
+as its forward made them (:func:`_kernel_step`, float32 and half on the CPU; its forward
+hands the merge its logsumexp unrounded); torch's fused CPU flash backward takes them too,
+for the pairs whose forward ran torch's flash kernel (:func:`_flash_step`); and the
+blocked engine computes it given one extra "sink" key and one extra value column
+(:func:`_engine_step`) everywhere else, which also carries gradients of learnable biases.
 """
 
 from __future__ import annotations
@@ -85,6 +86,11 @@ def forward_pair(
         return out, lse
     mask, bias = restricted(s, qp, kp)
     engine = _engine(s, q, k, v, mask, bias)
+    if engine == "blocked":  # the kernel's own logsumexp, unrounded (see forward_given)
+        req = _request(q, k, v, mask, bias, s.scale, "dot", "softmax", 0.0, False, True)
+        given = _blocked().forward_given(req)
+        if given is not None:
+            return given
     r = attention(q, k, v, mask=mask, bias=bias, scale=s.scale, engine=engine, return_lse=True)
     assert isinstance(r, AttentionOutput) and r.lse is not None
     return r.out, r.lse
@@ -122,11 +128,8 @@ def backward_pair(
     forward ran torch's flash kernel (:func:`_torch_pair`) runs its backward. Where the
     blocked kernel can run the pair (float32 or half on the CPU, a mask it plans, no
     learnable bias): its backward, given the global output and logsumexp
-    (:func:`_kernel_step`). Else on the CPU without learnable biases: torch's flash
-    backward, given the global output and logsumexp (whole pairs where they are full or
-    causal-diagonal, else chunks of rows over their key span with the mask and bias as a
-    tile). Otherwise the engine with a sink key (:func:`_engine_step`): one call when the
-    mask stays an exact interval, else one per chunk of rows.
+    (:func:`_kernel_step`). Otherwise the engine with a sink key (:func:`_engine_step`):
+    one call when the mask stays an exact interval, else one per chunk of rows.
     """
     lq, lk = rw.q.shape[2], kw.k.shape[2]
     whole = ((rw.first, rw.first + lq), (kw.first, kw.first + lk))
@@ -136,19 +139,15 @@ def backward_pair(
         return
     if not leaves and _kernel_step(s, rw, kw, (0, lq), (0, lk)):
         return  # the whole pair in one call: the kernel skips what the mask leaves empty
-    flash = _FLASH_BWD is not None and s.cpu and s.sizes[3] == s.sizes[4] and not leaves
-    if flash and s.bias is None and ((full := s.full(*whole)) or _diagonal(s, *whole)):
-        _flash_step(s, rw, kw, (0, lq), (0, lk), causal=not full)
-        return
-    if not flash and (_sink_mask(s, *whole) is None or _sink_exact(s, *whole)):
+    # else the engine with a sink key (torch's flash backward here, against the blocked
+    # engine's forward, put 3-7x plain PyTorch's float32 error into dV: an ALiBi pair)
+    if _sink_mask(s, *whole) is None or _sink_exact(s, *whole):
         _engine_step(s, rw, kw, (0, lq), (0, lk), lse, leaves, dleaves)
         return
     for r0 in range(0, lq, ROWS):
         r1 = min(r0 + ROWS, lq)
         span = s.span((rw.first + r0, rw.first + r1), whole[1])
-        if span is not None and flash:
-            _flash_step(s, rw, kw, (r0, r1), span, causal=False)
-        elif span is not None:
+        if span is not None:
             _engine_step(s, rw, kw, (r0, r1), span, lse, leaves, dleaves)
 
 
@@ -237,16 +236,20 @@ def _kernel_step(s: Setup, rw: Rows, kw: Keys, rr: Piece, kk: Piece) -> bool:
     mask, bias = restricted(s, (rw.first + r0, rw.first + r1), (kw.first + a, kw.first + b))
     q, k, v = rw.q[:, :, r0:r1], kw.k[:, :, a:b], kw.v[:, :, a:b]
     req = _request(q, k, v, mask, bias, s.scale, "dot", "softmax", 0.0, False, False)
-    engine = get_engine("blocked")
-    assert isinstance(engine, BlockedEngine)
     lse = rw.lse[:, :, r0:r1]
-    grads = engine.backward_given(req, rw.dout[:, :, r0:r1], rw.out[:, :, r0:r1], lse)
+    grads = _blocked().backward_given(req, rw.dout[:, :, r0:r1], rw.out[:, :, r0:r1], lse)
     if grads is None:
         return False
     rw.dq[:, :, r0:r1] += grads[0]
     kw.dk[:, :, a:b] += grads[1]
     kw.dv[:, :, a:b] += grads[2]
     return True
+
+
+def _blocked() -> BlockedEngine:
+    engine = get_engine("blocked")
+    assert isinstance(engine, BlockedEngine)
+    return engine
 
 
 def _tile(s: Setup, rows: Piece, keys: Piece, dtype: torch.dtype) -> Tensor | None:

@@ -168,6 +168,27 @@ class BlockedEngine(Engine):
             weights = _weights(req, plan) if req.return_weights else None
         return out, weights, (lse.to(req.q.dtype) if req.return_lse else None)
 
+    def _given_plan(self, req: AttentionRequest) -> KernelPlan | None:
+        """The kernel plan of a part of a larger softmax (:meth:`forward_given`), or None
+        where the compiled kernel cannot run ``req``."""
+        leaves = bias_leaves(req.bias)
+        if req.score != "dot" or req.softcap is not None or req.sinks is not None:
+            return None
+        return kernel_plan(req, self.plan(req), self.block) if kernel_ok(req, leaves) else None
+
+    def forward_given(self, req: AttentionRequest) -> tuple[Tensor, Tensor] | None:
+        """``out (B, Hq, Lq, Ev)`` float32 and the logsumexp ``(B, Hq, Lq)`` in float64 of
+        ``req`` as one part of a larger softmax (context parallelism's pairs), from the
+        compiled kernel without autograd; None where it cannot run ``req``. The kernel's
+        float32 log2 logsumexp, rounded again to float32 in natural-log units, put up to
+        7x plain PyTorch's error into dV where the parts' logsumexps merge."""
+        kplan = self._given_plan(req)
+        if kplan is None:
+            return None
+        q, k, v = (t.float().contiguous() for t in (req.q, req.k, req.v))
+        out, lse2, _ = ops().forward(q, k, v, *kplan.args(), req.scale, blocked_autograd.ROWS[0])
+        return out, lse2.double() * blocked_autograd.LN2
+
     def backward_given(
         self, req: AttentionRequest, dout: Tensor, out: Tensor, lse: Tensor
     ) -> tuple[Tensor, Tensor, Tensor] | None:
@@ -175,15 +196,21 @@ class BlockedEngine(Engine):
         output ``out (B, Hq, Lq, Ev)`` and logsumexp ``lse (B, Hq, Lq)`` are given (context
         parallelism's pairs), from the compiled kernel's backward: it recomputes the
         scores bit for bit as its forward made them. None where the kernel cannot run
-        ``req`` (its forward did not make those scores either)."""
-        leaves = bias_leaves(req.bias)
-        if req.score != "dot" or req.softcap is not None or not kernel_ok(req, leaves):
-            return None
-        kplan = kernel_plan(req, self.plan(req), self.block)
+        ``req`` (its forward did not make those scores either).
+
+        The kernel takes the logsumexp in float32 log2 units; the rows' ``P`` it then
+        makes are off from the given (float64) logsumexp's by a factor ``c`` per row,
+        which the upstream gradient and delta take instead (``dS = c P (dO V^T - delta)``
+        and ``dV = c P^T dO`` are linear in them)."""
+        kplan = self._given_plan(req)
         if kplan is None:
             return None
-        delta = (dout * out).sum(-1)  # (B, Hq, Lq)
-        saved = (req.q, req.k, req.v, lse * blocked_autograd.LOG2E, delta)
+        lse2 = lse.double() * blocked_autograd.LOG2E  # (B, Hq, Lq)
+        rounded = lse2.float()
+        c = torch.exp2(rounded.double() - lse2).nan_to_num(1.0)  # ~1; NaN on empty rows
+        dout = dout * c.to(dout.dtype).unsqueeze(-1)
+        delta = (dout * out).sum(-1)  # (B, Hq, Lq), of the scaled dout: c * delta
+        saved = (req.q, req.k, req.v, rounded, delta)
         return blocked_autograd.kernel_backward(ops(), kplan, req.scale, dout, *saved)
 
     def weights(
