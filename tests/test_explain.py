@@ -187,15 +187,21 @@ def test_integrated_gradients_complete_and_equal_a_riemann_sum() -> None:
     [
         ({"method": "bogus"}, "method='bogus' is not one of"),
         ({"internal_batch_size": 0}, "internal_batch_size must be an int >= 1, got 0"),
+        # captum's AssertionError (another batch) and IndexError (an empty one)
+        ({"baselines": torch.zeros(5, 3)}, r"baselines must have the inputs' shape \(1, 3\)"),
+        ({"baselines": "zero"}, "baselines must be a Tensor, a number or None, got str"),
     ],
 )
 def test_integrated_gradients_names_a_bad_path_rule(kwargs: dict[str, object], match: str) -> None:
     """Named here, not by captum's AssertionError (method) or its warning (batch size)."""
     x = torch.tensor([[1.0, 2.0, 3.0]])
-    with pytest.raises(ValueError, match=match):
+    exc = TypeError if isinstance(kwargs.get("baselines"), str) else ValueError
+    with pytest.raises(exc, match=match):
         integrated_gradients(lambda t: (t**2).sum(-1), x, **kwargs)  # type: ignore[arg-type]
     ok = integrated_gradients(lambda t: (t**2).sum(-1), x, method="riemann_middle")
     assert torch.allclose(ok.attributions, x**2, atol=1e-4)  # the control: x_i^2 each
+    with pytest.raises(ValueError, match=r"inputs must hold at least one input \(B >= 1\)"):
+        integrated_gradients(lambda t: (t**2).sum(-1), x[:0])
 
 
 def test_integrated_gradients_names_a_forward_without_one_score_per_input() -> None:

@@ -252,6 +252,7 @@ def integrated_gradients(
     if not isinstance(steps, int) or steps < 2:
         raise ValueError(f"steps must be an int >= 2, got {steps!r}")
     _check_path(method, internal_batch_size)
+    _check_baselines(inputs, baselines)
     attr = _captum()
 
     def scores(x: Tensor) -> Tensor:  # captum asserted on other shapes, naming neither
@@ -282,6 +283,27 @@ def integrated_gradients(
 # captum's rules of the path integral (``captum.attr._utils.approximation_methods``)
 IG_METHODS: tuple[str, ...] = ("riemann_right", "riemann_left", "riemann_middle")
 IG_METHODS += ("riemann_trapezoid", "gausslegendre")
+
+
+def _check_baselines(inputs: Tensor, baselines: object) -> None:
+    """A baseline tensor of the inputs' shape (or one of its rows, ``(1, ...)``) or a
+    number, and a batch with an input (captum's AssertionError or IndexError named
+    neither)."""
+    if inputs.dim() == 0 or inputs.shape[0] == 0:
+        raise ValueError(f"inputs must hold at least one input (B >= 1), got {tuple(inputs.shape)}")
+    number = isinstance(baselines, int | float) and not isinstance(baselines, bool)
+    if baselines is None or number:
+        return
+    if not isinstance(baselines, Tensor):
+        raise TypeError(
+            f"baselines must be a Tensor, a number or None, got {type(baselines).__name__}"
+        )
+    ok = baselines.shape == inputs.shape or baselines.shape == (1, *inputs.shape[1:])
+    if not ok:
+        raise ValueError(
+            f"baselines must have the inputs' shape {tuple(inputs.shape)} or "
+            f"{(1, *inputs.shape[1:])}, got {tuple(baselines.shape)}"
+        )
 
 
 def _check_path(method: object, internal_batch_size: object) -> None:
