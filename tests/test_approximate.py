@@ -624,3 +624,65 @@ def test_listops_labels_are_the_value_of_the_expression() -> None:
     for tokens, label in examples:
         assert len(tokens) <= 64 and tokens[0].startswith("[")
         assert _evaluate(tokens) == label
+
+
+def _favor_reference(q: Tensor, k: Tensor, v: Tensor, opts: dict, lq: int, lk: int) -> Tensor:
+    """Causal FAVOR+ in float64 from the definition, unstabilized: ``phi(x) = exp(W x -
+    |x|^2 / 2)`` of ``x = sqrt(scale) q`` (or ``k``), weights ``phi(q) . phi(k)``."""
+    g = torch.Generator().manual_seed(opts["seed"])
+    w = orthogonal_features(opts["num_features"], q.shape[-1], generator=g).double()
+    r = math.sqrt(q.shape[-1] ** -0.5)
+
+    def phi(x: Tensor) -> Tensor:
+        x = x.double() * r
+        return torch.exp(x @ w.T - x.square().sum(-1, keepdim=True) / 2)
+
+    grp = q.shape[1] // k.shape[1]
+    a = (phi(q) @ phi(k).repeat_interleave(grp, 1).transpose(-1, -2)).tril(lk - lq)
+    den = a.sum(-1, keepdim=True)
+    return torch.where(den > 0, a / den.clamp(min=1e-300), 0) @ v.double().repeat_interleave(grp, 1)
+
+
+@pytest.mark.parametrize(
+    ("lq", "lk", "chunk"), [(37, 37, 8), (5, 40, 16), (40, 30, 7), (1, 50, 128)]
+)
+@pytest.mark.parametrize("big", [False, True], ids=["narrow", "wide"])
+def test_causal_performer_equals_favor_in_fp64_on_both_paths(
+    lq: int, lk: int, chunk: int, big: bool
+) -> None:
+    """Keys whose scales spread past 60 (one key of large norm) take the per-key path
+    (each key its own scale, a row's running maximum); others one shared scale."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, lq, 8, dtype=torch.float64, requires_grad=True)
+    k0 = torch.randn(2, 2, lk, 8, dtype=torch.float64)
+    if big:
+        k0[:, :, lk // 3] *= 12
+    k = k0.requires_grad_()
+    v = torch.randn(2, 2, lk, 8, dtype=torch.float64, requires_grad=True)
+    opts = {"num_features": 32, "seed": 3, "chunk_size": chunk}
+    out = attnlab.attention(q, k, v, mask=M.causal(), engine="performer", engine_options=opts)
+    want = _favor_reference(q, k, v, opts, lq, lk)
+    assert isinstance(out, Tensor) and max_err(out, want) < 1e-12
+    g = torch.randn_like(want)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    ref = torch.autograd.grad(want, (q, k, v), g)
+    assert all(max_err(a, b) < 1e-10 for a, b in zip(got, ref, strict=True))
+    weights = attnlab.attention(q, k, v, mask=M.causal(), engine="performer",
+                                engine_options=opts, return_weights=True)  # fmt: skip
+    assert max_err(weights.out, want) < 1e-12  # type: ignore[union-attr]
+
+
+def test_causal_performer_rows_do_not_read_later_keys_in_fp32() -> None:
+    """The later keys set the single scale of every key, and an earlier key of large norm
+    (tiny features) underflowed: row 0, whose only key it is, gave 0 instead of its value
+    (float32)."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 1, 1, 300, 16).unbind(0)
+    k[:, :, 0] *= 8
+    opts = {"num_features": 64, "seed": 0, "chunk_size": 32}
+    whole = attnlab.attention(q, k, v, mask=M.causal(), engine="performer", engine_options=opts)
+    first = attnlab.attention(q[:, :, :200], k[:, :, :200], v[:, :, :200], mask=M.causal(),
+                              engine="performer", engine_options=opts)  # fmt: skip
+    assert isinstance(whole, Tensor) and isinstance(first, Tensor)
+    assert max_err(whole[:, :, :200], first) < 1e-5
+    assert max_err(whole[:, :, 0], v[:, :, 0]) < 1e-6  # a row with one key: its value

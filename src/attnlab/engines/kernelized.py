@@ -23,7 +23,13 @@ __all__ = ["kernel_attention", "kernel_result", "kernel_weights"]
 
 
 def kernel_attention(
-    qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool, chunk_size: int = 128
+    qf: Tensor,
+    kf: Tensor,
+    v: Tensor,
+    *,
+    causal: bool,
+    chunk_size: int = 128,
+    log_scale: Tensor | None = None,
 ) -> Tensor:
     """``out_i = sum_j (qf_i . kf_j) v_j / sum_j (qf_i . kf_j)`` in linear time.
 
@@ -33,6 +39,10 @@ def kernel_attention(
         v: values ``(B, Hkv, Lk, Ev)``; ``Hq % Hkv == 0``.
         causal: sum over keys ``j <= i + Lk - Lq`` only (bottom-right aligned).
         chunk_size: keys per chunk of the causal prefix sums.
+        log_scale: (causal) each key's feature scale ``a (B, Hkv, Lk)``, detached, ``-inf``
+            on padded keys: its features are ``kf_j exp(a_j)``, summed against each row's
+            running maximum of ``a`` (a row's result then depends on its own keys only;
+            one scale for all keys, the largest, let later keys underflow earlier rows').
 
     Returns:
         ``(B, Hq, Lq, Ev)``; 0 where a query has no key (or all features vanish).
@@ -45,7 +55,10 @@ def kernel_attention(
     """
     if causal:  # numerator and denominator together: v with a column of ones
         v1 = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)  # (B, Hkv, Lk, Ev + 1)
-        both = _causal_sums(qf, kf, v1, chunk_size)  # (B, Hq, Lq, Ev + 1)
+        if log_scale is not None:
+            both = _scaled_causal_sums(qf, kf, v1, chunk_size, log_scale)
+        else:
+            both = _causal_sums(qf, kf, v1, chunk_size)  # (B, Hq, Lq, Ev + 1)
         num, den = both[..., :-1], both[..., -1:]
     else:
         num = grouped_matmul(qf, kf.transpose(-1, -2) @ v)  # (B, Hq, Lq, Ev)
@@ -101,9 +114,109 @@ def _chunked_prefix(qg: Tensor, kf: Tensor, v1: Tensor, chunk: int, state: Tenso
     return out.reshape(b, hkv, g, m * c, -1)[:, :, :, :n]
 
 
-def kernel_weights(qf: Tensor, kf: Tensor, causal: bool) -> Tensor:
+def _scaled_causal_sums(
+    qf: Tensor, kf: Tensor, v1: Tensor, chunk: int, log_scale: Tensor
+) -> Tensor:
+    """Causal ``sum_{j <= p(i)} exp(a_j - M_i) (qf_i . kf_j) v1_j`` with ``M_i`` the
+    running maximum of ``a`` over row ``i``'s keys, by chunks as :func:`_causal_sums`:
+    each chunk's keys scaled to the running maximum at its end, the carried states
+    rescaled as that grows (a loop of elementwise steps over chunks), and the ``C x C``
+    products inside a chunk weighted by ``exp(a_j - M_i) <= 1``. ``(B, Hq, Lq, Ev1)``."""
+    b, hq, lq, f = qf.shape
+    hkv, lk = kf.shape[1], kf.shape[2]
+    qg = qf.reshape(b, hkv, hq // hkv, lq, f)  # (B, Hkv, G, Lq, F)
+    peak = torch.cummax(log_scale, -1).values if lk else log_scale  # (B, Hkv, Lk): M
+    shift, state, top = lk - lq, None, None
+    if shift > 0:  # keys every query sees: the first state, scaled to their maximum
+        top = _finite(peak[..., shift - 1 : shift])  # (B, Hkv, 1)
+        w = torch.exp(log_scale[..., :shift] - top).unsqueeze(-1)  # (B, Hkv, shift, 1)
+        state = (kf[:, :, :shift] * w).transpose(-1, -2) @ v1[:, :, :shift]  # (B,Hkv,F,Ev1)
+        kf, v1 = kf[:, :, shift:], v1[:, :, shift:]
+        log_scale, peak = log_scale[..., shift:], peak[..., shift:]
+    elif shift < 0:  # rows before the first key see nothing
+        qg = qg[:, :, :, -shift:]
+    out = _scaled_chunks(qg, kf, v1, chunk, log_scale, peak, state, top)
+    if shift < 0:
+        out = F.pad(out, (0, 0, -shift, 0))
+    return out.reshape(b, hq, lq, -1)
+
+
+def _scaled_chunks(
+    qg: Tensor,
+    kf: Tensor,
+    v1: Tensor,
+    chunk: int,
+    a: Tensor,
+    peak: Tensor,
+    state: Tensor | None,
+    top: Tensor | None,
+) -> Tensor:
+    """The square part of :func:`_scaled_causal_sums`: ``qg (B, Hkv, G, n, F)`` over
+    ``kf (B, Hkv, n, F)``, key scales ``a`` and their running maximum ``peak``
+    ``(B, Hkv, n)``, after a carried ``state (B, Hkv, F, Ev1)`` scaled to ``top``."""
+    b, hkv, g, n, f = qg.shape
+    c = max(1, min(chunk, n))
+    m = -(-n // c)
+    pad = m * c - n
+    if pad:  # padded keys weigh 0 (a = -inf); padded rows are cut off below
+        qg, kf, v1 = (F.pad(t, (0, 0, 0, pad)) for t in (qg, kf, v1))
+        a = F.pad(a, (0, pad), value=float("-inf"))
+        peak = F.pad(peak, (0, pad), mode="replicate") if n else F.pad(peak, (0, pad))
+    qc = qg.reshape(b, hkv, g, m, c, f)  # (B, Hkv, G, M, C, F)
+    kc = kf.reshape(b, hkv, 1, m, c, f)  # (B, Hkv, 1, M, C, F)
+    vc = v1.reshape(b, hkv, 1, m, c, -1)  # (B, Hkv, 1, M, C, Ev1)
+    ac = a.reshape(b, hkv, 1, m, c)  # (B, Hkv, 1, M, C)
+    rows = _finite(peak.reshape(b, hkv, 1, m, c))  # (B, Hkv, 1, M, C): each row's M_i
+    ends = rows[..., -1]  # (B, Hkv, 1, M): the running maximum at each chunk's end
+    own = (kc * torch.exp(ac - ends.unsqueeze(-1)).unsqueeze(-1)).transpose(-1, -2) @ vc
+    prev, tops = _carried(own, ends, state, top)  # (B, Hkv, 1, M, F, Ev1), (B, Hkv, 1, M)
+    inter = torch.exp(tops.unsqueeze(-1) - rows).clamp(max=1).unsqueeze(-1) * (qc @ prev)
+    seen = torch.ones(c, c, dtype=torch.bool, device=qg.device).tril()  # (C, C)
+    gap = torch.where(seen, ac.unsqueeze(-2) - rows.unsqueeze(-1), float("-inf"))
+    intra = ((qc @ kc.transpose(-1, -2)) * torch.exp(gap)) @ vc  # (B, Hkv, G, M, C, Ev1)
+    return (inter + intra).reshape(b, hkv, g, m * c, -1)[:, :, :, :n]
+
+
+def _carried(
+    own: Tensor, ends: Tensor, state: Tensor | None, top: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """The state before each chunk ``(B, Hkv, 1, M, F, Ev1)``, scaled to the running
+    maximum before it (returned, ``(B, Hkv, 1, M)``): ``sum_(c' < c) exp(t_c' - t_(c-1))
+    own_c'``, as one prefix sum in float64 against the last maximum (its factors
+    underflow only past a spread of 700 in the keys' scales; float32's did past 87)."""
+    t_prev = torch.cat([_start(ends, top), ends[..., :-1]], -1)  # (B, Hkv, 1, M)
+    acc = torch.float64
+    last = ends[..., -1:].to(acc)  # (B, Hkv, 1, 1)
+    weights = torch.exp(ends.to(acc) - last)[..., None, None]  # (B, Hkv, 1, M, 1, 1)
+    sums = (own.to(acc) * weights).cumsum(3)  # (B, Hkv, 1, M, F, Ev1)
+    first = torch.zeros_like(sums[:, :, :, :1])  # (B, Hkv, 1, 1, F, Ev1)
+    if state is not None and top is not None:  # the keys before the square part
+        factor = torch.exp(top.unsqueeze(2).to(acc) - last)[..., None, None]
+        first = first + state.to(acc)[:, :, None, None] * factor
+    prev = torch.cat([first, sums[:, :, :, :-1] + first], 3)  # exclusive
+    back = torch.exp(last - t_prev.to(acc))[..., None, None]  # (B, Hkv, 1, M, 1, 1)
+    return (prev * back).to(own.dtype), t_prev
+
+
+def _start(ends: Tensor, top: Tensor | None) -> Tensor:
+    """The maximum the first chunk's carried state is scaled to ``(B, Hkv, 1, 1)``."""
+    return ends[..., :1] if top is None else top.unsqueeze(2)
+
+
+def _finite(m: Tensor) -> Tensor:
+    """A running maximum with 0 where no key was seen (``-inf``: ``exp(-inf - -inf)``)."""
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
+def kernel_weights(qf: Tensor, kf: Tensor, causal: bool, log_scale: Tensor | None = None) -> Tensor:
     """The weights ``(B, Hq, Lq, Lk)`` that :func:`kernel_attention` applies, dense."""
     a = grouped_matmul(qf, kf.transpose(-1, -2))  # (B, Hq, Lq, Lk)
+    lq, lk = a.shape[-2:]
+    if causal and log_scale is not None and lk:  # exp(a_j - M_i), M_i: the row's running max
+        s = log_scale.repeat_interleave(qf.shape[1] // kf.shape[1], 1)  # (B, Hq, Lk)
+        last = (torch.arange(lq, device=a.device) + lk - lq).clamp(0, lk - 1)  # rows' p(i)
+        m = _finite(torch.cummax(s, -1).values[..., last])  # (B, Hq, Lq)
+        a = a * torch.exp((s.unsqueeze(-2) - m.unsqueeze(-1)).clamp(max=0))
     if causal:
         lq, lk = a.shape[-2:]
         a = a.tril(lk - lq)  # key j <= i + Lk - Lq
@@ -111,11 +224,18 @@ def kernel_weights(qf: Tensor, kf: Tensor, causal: bool) -> Tensor:
 
 
 def kernel_result(
-    req: AttentionRequest, qf: Tensor, kf: Tensor, causal: bool, chunk: int
+    req: AttentionRequest,
+    qf: Tensor,
+    kf: Tensor,
+    causal: bool,
+    chunk: int,
+    log_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """``(out, weights)`` of features ``qf``, ``kf``: the weights ``(B, Hq, Lq, Lk)``
-    materialized only when ``req.return_weights`` asks (else None, in linear time)."""
+    """``(out, weights)`` of features ``qf``, ``kf`` (and the keys' ``log_scale``, see
+    :func:`kernel_attention`): the weights ``(B, Hq, Lq, Lk)`` materialized only when
+    ``req.return_weights`` asks (else None, in linear time)."""
     if req.return_weights:
-        w = kernel_weights(qf, kf, causal)  # (B, Hq, Lq, Lk)
+        w = kernel_weights(qf, kf, causal, log_scale)  # (B, Hq, Lq, Lk)
         return grouped_matmul(w, req.v), w
-    return kernel_attention(qf, kf, req.v, causal=causal, chunk_size=chunk), None
+    out = kernel_attention(qf, kf, req.v, causal=causal, chunk_size=chunk, log_scale=log_scale)
+    return out, None

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from attnlab._eager import vmapping
 from attnlab.engines.approximate import ApproximateEngine, MaskPlan, option_field, parse_options
 from attnlab.engines.base import AttentionRequest
 from attnlab.engines.kernelized import kernel_result
@@ -110,6 +111,48 @@ def favor_features(x: Tensor, w: Tensor, *, is_query: bool, valid: Tensor | None
     return proj.sub_(torch.where(valid, shift, row_max)).exp_() * valid
 
 
+def causal_key_features(x: Tensor, w: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Keys' FAVOR+ features for causal attention, each key divided by its own largest
+    feature: ``(kf (B, H, L, F)`` in ``[0, 1]``, ``log_scale (B, H, L))``, detached, with
+    ``kf_j exp(log_scale_j) = exp(W x_j - |x_j|^2 / 2)``. One constant for all keys (the
+    largest, as :func:`favor_features` takes) let a later key of large norm underflow an
+    earlier row's only keys: its output became 0 instead of its value.
+
+    Example:
+        >>> x, w = torch.randn(1, 1, 3, 4), torch.randn(8, 4)
+        >>> kf, a = causal_key_features(x, w)
+        >>> want = torch.exp(x @ w.T - x.square().sum(-1, keepdim=True) / 2)
+        >>> torch.allclose(kf * a.exp().unsqueeze(-1), want)
+        True
+    """
+    proj = x @ w.T  # (B, H, L, F)
+    row_max = proj.detach().amax(-1, keepdim=True)  # (B, H, L, 1)
+    half_sq = x.square().sum(-1, keepdim=True) / 2  # (B, H, L, 1)
+    scale = (row_max - half_sq.detach()).squeeze(-1)  # (B, H, L)
+    kf = (proj - half_sq - scale.unsqueeze(-1)).exp()  # (B, H, L, F), max 1 per key
+    if valid is None:
+        return kf, scale
+    keep = valid.squeeze(-1)  # (B, 1, L)
+    return kf * valid, scale.masked_fill(~keep, float("-inf"))
+
+
+SPREAD = 60.0  # keys' log-scales this close share one scale without underflow in float32
+
+
+def _narrow(scale: Tensor, top: Tensor) -> bool:
+    """Whether the keys' scales ``(B, H, L)`` (``-inf`` on padded keys) lie within
+    :data:`SPREAD` of their maximum ``top`` in every row (then the features of one
+    shift by ``top`` stay normal in float32); False under vmap, which cannot read it."""
+    if vmapping() or not scale.numel():
+        return not scale.numel()
+    low = torch.where(torch.isfinite(scale), scale, top).amin(-1, keepdim=True)
+    return bool(((top - low).nan_to_num(0.0) <= SPREAD).all())
+
+
+def _finite(t: Tensor) -> Tensor:
+    return torch.where(torch.isfinite(t), t, torch.zeros_like(t))
+
+
 class PerformerEngine(ApproximateEngine):
     """Performer's FAVOR+ estimate of softmax attention (Choromanski et al. 2021).
 
@@ -151,6 +194,13 @@ class PerformerEngine(ApproximateEngine):
         w = self.features(opts, req.q.shape[-1], req.q.device, req.q.dtype)  # (F, E)
         root = math.sqrt(req.scale)
         qf = favor_features(req.q * root, w, is_query=True, valid=None)  # (B, Hq, Lq, F)
+        if plan.causal:  # each key its own scale: a row reads its own keys only
+            kf, scale = causal_key_features(req.k * root, w, plan.key_valid)
+            top = scale.amax(-1, keepdim=True)  # (B, Hkv, 1)
+            if _narrow(scale, top):  # one scale for all keys underflows none: the fast path
+                kf = kf * torch.exp(scale - _finite(top)).unsqueeze(-1)
+                return kernel_result(req, qf, kf, True, opts.chunk_size)
+            return kernel_result(req, qf, kf, True, opts.chunk_size, scale)
         kf = favor_features(req.k * root, w, is_query=False, valid=plan.key_valid)
         return kernel_result(req, qf, kf, plan.causal, opts.chunk_size)
 
