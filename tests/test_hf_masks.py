@@ -75,6 +75,9 @@ CASES = {
                                     4, 16, 12, 0, True),
     "or-overlay": (mu.or_masks(mu.causal_mask_function, lambda b, h, q, k: k == 0),
                    12, 12, 0, 0, True),
+    # a bare overlay (no transformers model asks for one) was dropped: every key attended
+    "bare-overlay": (mu.sliding_window_overlay(3), 12, 12, 0, 0, True),
+    "bare-overlay-unpadded": (mu.sliding_window_overlay(3), 12, 12, 0, 0, False),
     "cross-attention": (mu.bidirectional_mask_function, 7, 12, 0, 0, True),  # Lq != Lk
     "one-query-for-all": (mu.bidirectional_mask_function, 1, 12, 0, 0, True),  # BridgeTower
 }  # fmt: skip

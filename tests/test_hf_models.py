@@ -271,6 +271,39 @@ def test_packed_rows_from_flash_attention_offsets_equal_separate_sequences(famil
         model(**bad)
 
 
+def test_packing_is_decided_row_by_row_and_for_causal_masks_only() -> None:
+    """(A right-padded row left its packed neighbour's sequences mixed: 0.26 off; a BERT
+    given restarting position ids was split into sequences, which eager and sdpa never
+    do: 1.5e-2 off.)"""
+    ids = _ids(2, 12)
+    pos = torch.tensor([list(range(5)) + list(range(7)), list(range(12))])
+    padded = torch.ones_like(ids)
+    padded[1, -3:] = 0
+    model = tiny("llama")
+    apart = torch.cat([model(input_ids=ids[:1, :5]).logits, model(input_ids=ids[:1, 5:]).logits], 1)
+    model.set_attn_implementation("attnlab")
+    got = model(input_ids=ids, attention_mask=padded, position_ids=pos, use_cache=False).logits
+    assert max_err(got[0], apart[0]) < 1e-5
+    bert = tiny("bert")
+    restart = torch.tensor([list(range(6)) * 2, list(range(12))])
+    want = bert(input_ids=ids, position_ids=restart).last_hidden_state
+    bert.set_attn_implementation("attnlab")
+    assert max_err(bert(input_ids=ids, position_ids=restart).last_hidden_state, want) < 1e-5
+
+
+def test_packed_rows_into_a_static_cache_are_kept_apart_on_every_layer() -> None:
+    """Gemma 2's full layers read a static cache of more slots than the prompt: packing
+    was skipped there and found on its sliding layers (0.25 off either answer)."""
+    ids = _ids(1, 16)
+    pos = torch.tensor([list(range(7)) + list(range(9))])
+    model = tiny("gemma2")
+    model.set_attn_implementation("attnlab")
+    apart = torch.cat([model(input_ids=ids[:, :7]).logits, model(input_ids=ids[:, 7:]).logits], 1)
+    cache = transformers.StaticCache(config=model.config, max_cache_len=40)
+    got = model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True).logits
+    assert max_err(got, apart) < 1e-5
+
+
 def test_position_ids_beside_padding_are_not_read_as_packing() -> None:
     """A padded row's positions do not rise by one at the padding: the mask decides."""
     ids = _ids(1, 12)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from attnlab.integrations.hf_masks import Chunks, FilledKeys, KeyValid
 from attnlab.masks import Mask, documents, tensor
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "with_block_indices",
     "with_cu_seq_lens",
     "with_indices",
+    "with_packing",
     "with_position_bias",
 ]
 
@@ -196,3 +198,59 @@ def _narrowed(mask: Mask | Tensor | None, kept: Tensor) -> Mask | Tensor:
     if mask is None:
         return tensor(kept)
     return mask & kept if isinstance(mask, Tensor) else mask & tensor(kept)
+
+
+def with_packing(mask: Mask | None, position_ids: object, lq: int, lk: int) -> Mask | None:
+    """``mask`` AND the packed sequences that ``position_ids (B or 1, L)`` mark by restarting.
+
+    transformers looks for packed sequences in its causal masks only, and only when no
+    2-D ``attention_mask`` and no KV cache is given, so an all-ones mask (or
+    ``use_cache=True``) lets packed rows attend to each other. Here the same rule
+    (transformers' ``find_packed_sequence_indices``: a new sequence wherever the position
+    does not rise by one) applies to a causal mask whenever every query meets every key
+    for the first time (``Lq == Lk == L``, or a static cache's first ``L`` filled slots),
+    row by row: a row with padding is left to the padding mask (its positions do not
+    rise by one). Bidirectional masks (encoders, which transformers never packs), 3-D
+    position ids (multimodal RoPE) and decoding steps keep ``mask`` as it is.
+
+    Example:
+        >>> from attnlab.masks import causal
+        >>> with_packing(causal(), torch.tensor([[0, 1, 2, 0, 1]]), 5, 5).spec()
+        '(documents(2 documents, length 5) & causal())'
+    """
+    if isinstance(mask, FilledKeys) and mask.keys == lq < lk:  # a static cache's prefill
+        inner = with_packing(mask.inner, position_ids, lq, lq)
+        return mask if inner is mask.inner else FilledKeys(inner, mask.keys, mask.slots)
+    pos, parts = position_ids, mask.conjuncts if mask is not None else ()
+    if lq != lk or not isinstance(pos, Tensor) or pos.dim() not in (1, 2) or pos.shape[-1] != lq:
+        return mask  # a decoding step (lq < lk) returns here, before any import
+    if not any(m.is_causal for m in parts):
+        return mask  # transformers packs causal masks only: encoders attend across
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    packed = find_packed_sequence_indices(pos.reshape(-1, lq))  # (B or 1, L)
+    padded = _padded_rows(parts, lq)  # (B,) or None
+    if packed is None or (padded is not None and bool(padded.all())):
+        return mask
+    if padded is not None:  # those rows one sequence: the padding mask keeps them apart
+        packed = torch.where(padded.to(packed.device)[:, None], 0, packed)
+    docs = documents(packed)
+    for p in parts:  # Llama 4's chunks follow positions: each sequence's start at its own
+        docs = docs & (p.at(pos.reshape(-1, lq)) if isinstance(p, Chunks) else p)
+    return docs
+
+
+def _padded_rows(parts: tuple[Mask, ...], lq: int) -> Tensor | None:
+    """Which rows ``(B,)`` of the conjuncts' padding masks hide a key or a query (a
+    packing decision per row: one padded row left its neighbours' sequences mixed)."""
+    rows = None
+    for m in parts:
+        if isinstance(m, KeyValid):
+            found = ~m.valid.all(-1)
+        elif (lengths := m.lengths()) is not None:
+            kl, ql = lengths
+            found = (kl < lq) | (torch.zeros_like(kl, dtype=torch.bool) if ql is None else ql < lq)
+        else:
+            continue
+        rows = found if rows is None else rows | found
+    return rows

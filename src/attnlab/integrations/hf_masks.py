@@ -207,6 +207,8 @@ def translate(call: MaskCall) -> Mask | None:
         [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]
     """
     structured = _structure(call.mask_function, call)
+    if isinstance(structured, _Overlay):  # a bare overlay was dropped: every key attended
+        structured = _as_mask(structured, call, causal_too=False)
     filled = call.q_offset + call.q_length - call.kv_offset  # keys up to the last query
     if 0 < filled < call.kv_length and _no_future(structured):
         # a static cache: the slots after the last query hold no key yet

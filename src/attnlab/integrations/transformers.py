@@ -10,8 +10,9 @@ call through :func:`attnlab.attention`:
   packed sequences from ``position_ids``, the KV-cache offset (see
   :mod:`attnlab.integrations.hf_masks`);
 * packed sequences are found from ``position_ids`` restarts also where transformers does
-  not look (:func:`with_packing`): beside a 2-D ``attention_mask`` without padding, and
-  with a fresh KV cache, so an all-ones mask no longer lets packed rows see each other,
+  not look (:func:`with_packing`, causal masks only, row by row): beside a 2-D
+  ``attention_mask`` (rows without padding), and with a fresh KV cache, dynamic or
+  static, so an all-ones mask no longer lets packed rows see each other,
   and from flash-attention's ``cu_seq_lens_q`` / ``cu_seq_lens_k`` where a collator
   passes them (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``);
 * the attention function (:func:`attention_forward`) calls the fastest exact engine for
@@ -51,10 +52,11 @@ from attnlab.integrations.hf_args import (
     with_block_indices,
     with_cu_seq_lens,
     with_indices,
+    with_packing,
     with_position_bias,
 )
-from attnlab.integrations.hf_masks import Chunks, KeyValid, MaskCall, for_model, translate
-from attnlab.masks import Mask, documents
+from attnlab.integrations.hf_masks import MaskCall, for_model, translate
+from attnlab.masks import Mask
 
 __all__ = ["NAME", "attention_forward", "build_mask", "register", "with_packing"]
 
@@ -380,39 +382,6 @@ def attention_forward(
     )
     out, weights = (r.out, r.weights) if isinstance(r, AttentionOutput) else (r, None)
     return out.transpose(1, 2).contiguous(), eager_weights(module, weights, sinks)
-
-
-def with_packing(mask: Mask | None, position_ids: object, lq: int, lk: int) -> Mask | None:
-    """``mask`` AND the packed sequences that ``position_ids (B or 1, L)`` mark by restarting.
-
-    transformers looks for packed sequences only when no 2-D ``attention_mask`` and no KV
-    cache is given, so an all-ones mask (or ``use_cache=True``) lets packed rows attend to
-    each other. Here the same rule (transformers' ``find_packed_sequence_indices``: a new
-    sequence wherever the position does not rise by one) applies whenever every query
-    meets every key for the first time (``Lq == Lk == L``) and the mask has no padding (a
-    padded row's positions do not rise by one). Anything else, and 3-D position ids
-    (multimodal RoPE), leaves ``mask`` as it is (packed rows found again: the same).
-
-    Example:
-        >>> from attnlab.masks import causal
-        >>> with_packing(causal(), torch.tensor([[0, 1, 2, 0, 1]]), 5, 5).spec()
-        '(documents(2 documents, length 5) & causal())'
-    """
-    pos = position_ids
-    if lq != lk or not isinstance(pos, Tensor) or pos.dim() not in (1, 2) or pos.shape[-1] != lq:
-        return mask  # a decoding step (lq < lk) returns here, before any import
-    from transformers.masking_utils import find_packed_sequence_indices
-
-    parts = mask.conjuncts if mask is not None else ()
-    if any(m.lengths() is not None or isinstance(m, KeyValid) for m in parts):
-        return mask  # padding: its rows' positions do not rise by one
-    packed = find_packed_sequence_indices(pos.reshape(-1, lq))
-    if packed is None:
-        return mask
-    docs = documents(packed)
-    for p in parts:  # Llama 4's chunks follow positions: each sequence's start at its own
-        docs = docs & (p.at(pos.reshape(-1, lq)) if isinstance(p, Chunks) else p)
-    return docs
 
 
 def _decoding_step(
