@@ -323,6 +323,31 @@ def test_ask_ranks_the_answer_first(folder: Path, tmp_path: Path, enc) -> None:
     assert set(answers[0].signals) == {"cosine", "context", "title", "lexical", "tokens"}
 
 
+def test_ask_gives_top_distinct_answers_when_documents_repeat_sentences(
+    tmp_path: Path, enc
+) -> None:
+    """(Candidates were taken before repeated texts were dropped: two copies of 30
+    sentences gave 11 answers for top=20, and the language reference 27 for top=50.)"""
+    text = " ".join(f"Loop number {i} ends with a break statement." for i in range(30))
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / "docs").mkdir(exist_ok=True)
+        (tmp_path / "docs" / name).write_text(text)
+    answers = ask("How does a loop end?", tmp_path / "docs", top=25, encoder=enc,
+                  cache=tmp_path / "ix", explain=False)  # fmt: skip
+    texts = [a.sentence.text for a in answers]
+    assert len(texts) == 25 and len(set(texts)) == 25
+
+
+def test_words_keep_letters_of_every_script() -> None:
+    """(``[a-z0-9_]`` split "Müller" into "m", "ller" and dropped Cyrillic: BM25 was 0
+    for such questions.)"""
+    from attnlab.apps.lexical import words
+
+    assert words("Müller's café, naïve straße") == ["müller", "café", "naïve", "straße"]
+    assert words("Где сидит кошка?") == ["где", "сидит", "кошка"]
+    assert words("What does __enter__() return?") == ["__enter__", "return"]  # control
+
+
 def test_question_set_and_summaries_are_real_reference_text() -> None:
     data = files("attnlab.apps").joinpath("data")
     qs = [json.loads(x) for x in data.joinpath("questions.jsonl").read_text().splitlines()]

@@ -217,3 +217,28 @@ def test_the_index_of_dev_stdin_fed_from_a_file_goes_beside_that_file(
     assert status == 0, out.err
     assert "finally" in out.out  # it answered from the document
     assert (tmp_path / ".attnlab-index").is_dir()
+
+
+def test_an_unwritable_index_folder_builds_the_index_in_memory(
+    tmp_path: Path, with_model: None, capsys: pytest.CaptureFixture[str], monkeypatch: Any
+) -> None:
+    """Documents in a folder the user cannot write (root may write anywhere, so os.access
+    answers as for a read-only mount): every sentence was embedded, then the write
+    failed, exit 1 and no answer. Now one warning line, and the answers."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "doc.md").write_text(PROSE)
+    real = os.access
+
+    def access(p: Any, mode: int) -> bool:  # docs may be read, not written
+        return False if Path(p) == docs and mode & os.W_OK else real(p, mode)
+
+    monkeypatch.setattr(ask_cli.os, "access", access)
+    assert main(["ask", "What always runs?", "--docs", str(docs), "--no-explain"]) == 0
+    out = capsys.readouterr()
+    warning = [x for x in out.err.splitlines() if "warning" in x]
+    assert warning == [
+        f"attnlab ask: warning: cannot write the index to '{docs / '.attnlab-index'}'; it is "
+        "built in memory and not kept (give --cache DIR to keep it)"
+    ]
+    assert "finally" in out.out and not (docs / ".attnlab-index").exists()

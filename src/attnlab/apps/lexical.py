@@ -31,7 +31,7 @@ STOP_WORDS = frozenset(
     no yes into out up about over under again also just only very any all some each other
     such own same too s t get got use used using""".split()  # noqa: SIM905
 )
-_WORD = re.compile(r"[a-z0-9_]+")
+_WORD = re.compile(r"\w+")  # letters of any script, digits, "_" ([a-z0-9_] lost "é", Cyrillic)
 
 
 def words(text: str) -> list[str]:
@@ -40,6 +40,8 @@ def words(text: str) -> list[str]:
     Example:
         >>> words("What does __enter__() return, and why?")
         ['__enter__', 'return', 'and']
+        >>> words("Müller café, Где кошка?")
+        ['müller', 'café', 'где', 'кошка']
     """
     return [w for w in _WORD.findall(text.lower()) if w not in STOP_WORDS]
 

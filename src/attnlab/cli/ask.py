@@ -10,6 +10,7 @@ sentence cut to the model's length) as ``attnlab CMD: warning: ...`` lines.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ from typing import Any
 from attnlab.apps import Answer, Document, ask, load_documents, split_document, summarize
 from attnlab.apps.ask import check_question
 from attnlab.apps.corpus import document_files
+from attnlab.apps.index import default_cache
 from attnlab.apps.report import answers_html, summary_html
 from attnlab.cli._args import (
     check_not_empty,
@@ -29,7 +31,7 @@ from attnlab.cli._args import (
     int_in,
     shown,
 )
-from attnlab.cli._errors import UsageError, warnings_as_lines
+from attnlab.cli._errors import UsageError, warn, warnings_as_lines
 from attnlab.cli._sentence import add_model_option, load_encoder
 
 __all__ = ["add_parsers", "run_ask", "run_summarize"]
@@ -122,7 +124,7 @@ def run_ask(args: argparse.Namespace) -> int:
         raise UsageError("QUESTION", str(e).removeprefix("question ")) from None
     _, inputs = _documents(args.docs)  # read and checked before the model loads
     out = _out_file(args.out, inputs)
-    cache = None if args.cache is None else check_out_folder("--cache", args.cache)
+    cache = _cache(args) if args.cache is None else check_out_folder("--cache", args.cache)
     enc, _ = load_encoder(args.model)
     with warnings_as_lines(args), _progress_line("indexing") as progress:
         try:
@@ -144,6 +146,18 @@ def run_ask(args: argparse.Namespace) -> int:
     if out is not None:
         print(f"wrote {shown(answers_html(question, answers, out))}")
     return 0
+
+
+def _cache(args: argparse.Namespace) -> Path | bool:
+    """The default index folder if it can be written; else ``False`` (an index in
+    memory), said in one line: it failed after every sentence was embedded."""
+    folder = default_cache(args.docs)
+    near = next(p for p in (folder, *folder.parents) if p.exists())
+    if os.access(near, os.W_OK | os.X_OK) and (near == folder or near.is_dir()):
+        return folder
+    warn(args, f"cannot write the index to {str(folder)!r}; it is built in memory and not "
+               "kept (give --cache DIR to keep it)")  # fmt: skip
+    return False
 
 
 def _summary_doc(name: str) -> Document:
