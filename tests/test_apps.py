@@ -314,6 +314,27 @@ def test_summary_salience_is_a_distribution_and_picks_the_central_sentence(enc) 
     assert centrality(v, position=1.0)[0] > centrality(v, position=0.0)[0]  # control
 
 
+def test_centrality_equals_networkx_pagerank_with_a_sentence_of_no_neighbour() -> None:
+    """A sentence whose cosines to the others are all <= 0 restarts by the position prior,
+    as networkx does (it was spread uniformly: 0.525 / 0.475 against 0.667 / 0.333)."""
+    nx = pytest.importorskip("networkx")
+    g = torch.Generator().manual_seed(0)
+    v = torch.nn.functional.normalize(torch.rand(6, 4, generator=g), dim=1)
+    v[5] = -v[5]  # against all the others: no positive cosine
+    sim = (v @ v.T).clamp_min(0).double().fill_diagonal_(0)
+    graph = nx.DiGraph()
+    graph.add_nodes_from(range(6))
+    graph.add_weighted_edges_from(
+        (i, j, float(sim[i, j])) for i in range(6) for j in range(6) if sim[i, j] > 0
+    )
+    for position in (0.0, 1.0):
+        prior = {i: (i + 1) ** -position for i in range(6)}
+        want = nx.pagerank(graph, alpha=0.85, personalization=prior, tol=1e-12, max_iter=1000)
+        got = centrality(v, damping=0.85, position=position)
+        torch.testing.assert_close(got, torch.tensor([want[i] for i in range(6)]).float(),
+                                   atol=1e-6, rtol=0)  # fmt: skip
+
+
 def test_ask_ranks_the_answer_first(folder: Path, tmp_path: Path, enc) -> None:
     answers = ask("How do I leave a loop early?", folder, top=2, encoder=enc,
                   cache=tmp_path / "ix", explain=False)  # fmt: skip

@@ -242,3 +242,29 @@ def test_an_unwritable_index_folder_builds_the_index_in_memory(
         "built in memory and not kept (give --cache DIR to keep it)"
     ]
     assert "finally" in out.out and not (docs / ".attnlab-index").exists()
+
+
+def test_summarize_refuses_a_text_past_its_sentence_limit_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """(8,000 sentences took 2.8 GB and 16,000 ran out of memory, after every sentence was
+    embedded: the graph is n x n.)"""
+    from attnlab.apps import summarize
+    from attnlab.apps.summarize import MAX_SENTENCES
+
+    n = MAX_SENTENCES + 1  # in paragraphs of 10 (pysbd takes 9 s for one of 5,000)
+    text = "\n\n".join(
+        " ".join(f"Sentence number {i} says a thing." for i in range(j, min(j + 10, n)))
+        for j in range(0, n, 10)
+    )
+    big = tmp_path / "big.txt"
+    big.write_text(text)
+    assert main(["summarize", str(big)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"attnlab summarize: error: argument FILE: '{big}' has {MAX_SENTENCES + 1} prose "
+        f"sentences; summarize reads at most {MAX_SENTENCES} (its sentence graph is n x n): "
+        "summarize a part, e.g. a chapter"
+    )
+    with pytest.raises(ValueError, match=f"text has {MAX_SENTENCES + 1} prose sentences"):
+        summarize(text, encoder=object())  # type: ignore[arg-type]  # never reached

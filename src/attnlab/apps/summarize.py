@@ -47,7 +47,10 @@ class Summary:
 
 def centrality(vectors: Tensor, damping: float = 0.85, position: float = 0.0) -> Tensor:
     """PageRank ``(n,)`` (sums to 1) over the positive cosines of unit ``vectors (n, D)``,
-    restarting at sentence ``i`` with probability proportional to ``(i + 1) ** -position``.
+    restarting at sentence ``i`` with probability proportional to ``(i + 1) ** -position``;
+    a sentence with no positive cosine to another restarts the same way (networkx's
+    ``pagerank`` convention: it was spread uniformly, 0.525 / 0.475 where networkx
+    gives 0.667 / 0.333).
 
     Example:
         >>> v = torch.nn.functional.normalize(torch.tensor([[1.0, 0], [1, 0.1], [0, 1]]), dim=1)
@@ -58,9 +61,9 @@ def centrality(vectors: Tensor, damping: float = 0.85, position: float = 0.0) ->
     sim = (vectors @ vectors.T).clamp_min(0).double()  # (n, n)
     sim.fill_diagonal_(0)
     rows = sim.sum(1, keepdim=True)
-    walk = torch.where(rows > 0, sim / rows.clamp_min(1e-12), torch.full_like(sim, 1.0 / n))
     restart = torch.arange(1, n + 1, dtype=torch.float64) ** -position  # (n,)
     restart = restart / restart.sum()
+    walk = torch.where(rows > 0, sim / rows.clamp_min(1e-12), restart.expand(n, n))
     # r = (1 - d) restart + d P^T r  <=>  (I - d P^T) r = (1 - d) restart
     system = torch.eye(n, dtype=torch.float64) - damping * walk.T
     r = torch.linalg.solve(system, (1 - damping) * restart)
@@ -77,6 +80,19 @@ def _pick(vectors: Tensor, salience: Tensor, k: int, redundancy: float) -> list[
             continue
         taken.append(i)
     return sorted(taken)
+
+
+MAX_SENTENCES = 5000  # the sentence graph is n x n, solved densely: 1 GB at 5000
+
+
+def check_length(n: int) -> None:
+    """A ValueError for more than :data:`MAX_SENTENCES` sentences (8,000 took 2.8 GB and
+    16,000 ran out of memory, after every sentence was embedded)."""
+    if n > MAX_SENTENCES:
+        raise ValueError(
+            f"text has {n} prose sentences; summarize reads at most {MAX_SENTENCES} (its "
+            "sentence graph is n x n): summarize a part, e.g. a chapter"
+        )
 
 
 def summarize(
@@ -112,6 +128,7 @@ def summarize(
     sents = [s.text for s in split_document(doc)]
     if not sents:
         raise ValueError("text has no prose sentences to summarize (empty, or only code)")
+    check_length(len(sents))
     enc = encoder or SentenceEncoder.from_pretrained()
     vecs = embed(enc, sents, progress)  # (n, D)
     sal = centrality(vecs, damping, position)

@@ -22,6 +22,7 @@ from attnlab.apps.ask import check_question
 from attnlab.apps.corpus import document_files
 from attnlab.apps.index import default_cache
 from attnlab.apps.report import answers_html, summary_html
+from attnlab.apps.summarize import check_length
 from attnlab.cli._args import (
     check_not_empty,
     check_not_input,
@@ -180,8 +181,13 @@ def _summary_doc(name: str) -> Document:
 def run_summarize(args: argparse.Namespace) -> int:
     """``attnlab summarize``."""
     doc = _summary_doc(args.file)
-    if not split_document(doc):
+    n = len(split_document(doc))
+    if not n:
         raise UsageError("FILE", f"{doc.name!r} has no prose sentences (empty, or only code)")
+    try:
+        check_length(n)
+    except ValueError as e:
+        raise UsageError("FILE", f"{doc.name!r}: {e}".replace(": text has", " has")) from None
     inputs = [] if args.file.startswith("pydoc:") else [Path(args.file)]
     out = _out_file(args.out, inputs)
     enc, _ = load_encoder(args.model)
