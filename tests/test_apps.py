@@ -476,3 +476,24 @@ def test_a_byte_order_mark_does_not_hide_a_heading(tmp_path: Path) -> None:
     assert bom.text == plain.text
     got = [(s.text, s.section) for s in split_document(bom)]
     assert got == [("Some prose here.", "Title"), ("More prose.", "Title")]
+
+
+def test_a_subfolder_that_cannot_be_read_is_named(tmp_path: Path, monkeypatch) -> None:
+    """(rglob passed over it, and its documents were silently never searched.) Root may
+    read anything, so the listing fails as it does for another user."""
+    import attnlab.apps.corpus as corpus
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.txt").write_text("A break statement ends a loop.")
+    (tmp_path / "sub" / "b.txt").write_text("The nonlocal statement rebinds a name.")
+    assert [Path(d.name).name for d in load_documents(tmp_path)] == ["a.txt", "b.txt"]  # control
+    real = os.scandir
+
+    def scandir(p: object) -> object:
+        if Path(str(p)) == tmp_path / "sub":
+            raise PermissionError(13, "Permission denied", str(p))
+        return real(p)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(corpus.os, "scandir", scandir)
+    with pytest.raises(ValueError, match=r"docs: '.*/sub' cannot be read \(permission denied\)"):
+        load_documents(tmp_path)

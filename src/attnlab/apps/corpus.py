@@ -258,15 +258,30 @@ def _files(path: Path) -> list[Path]:
         )
     if not os.access(path, os.R_OK | os.X_OK):
         raise ValueError(f"docs: {str(path)!r} cannot be read (permission denied)")
-    found = sorted(p for p in path.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file())
-    found = [
-        p for p in found if not any(part.startswith(".") for part in p.relative_to(path).parts)
-    ]
+    found = _text_files(path)
     if not found:
         raise ValueError(
             f"docs: the folder {str(path)!r} holds no text files ({', '.join(SUFFIXES)})"
         )
     return found
+
+
+def _text_files(folder: Path) -> list[Path]:
+    """The text files under ``folder`` (hidden ones and those in hidden folders left
+    out), sorted; a subfolder that cannot be read is a ValueError (``rglob`` passed over
+    it, and its documents were silently never searched)."""
+
+    def fail(e: OSError) -> None:
+        raise ValueError(f"docs: {str(e.filename)!r} cannot be read (permission denied)")
+
+    found: list[Path] = []
+    for root, dirs, files in os.walk(folder, onerror=fail, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            p = Path(root) / name
+            if not name.startswith(".") and p.suffix.lower() in SUFFIXES and p.is_file():
+                found.append(p)
+    return sorted(found)
 
 
 def _path(item: str | Path) -> Path:
