@@ -16,7 +16,10 @@ from attnlab.models.bert import BertConfig, BertEncoder
 from attnlab.models.gan import GAN, GANConfig, draw_latents
 from attnlab.models.lm import LanguageModel, LMConfig
 from attnlab.models.seq2seq import Seq2Seq, Seq2SeqConfig
-from attnlab.models.vae import VAE, VAEConfig
+from attnlab.models.vae import VAE, VAEConfig, VAEOutput, vae_loss
+from attnlab.tasks.dates import DatesTask
+from attnlab.tasks.translation import TranslationTask
+from attnlab.tasks.vision import DigitsTask
 from tests.conftest import check_and_control
 
 
@@ -307,3 +310,49 @@ def _good(cfg: object) -> object:
     over = {f.name: f.default for f in dataclasses.fields(cfg) if f.name in names}  # type: ignore[arg-type]
     vocab = {"src_vocab": 10} if getattr(cfg, "src_vocab", 1) == 0 else {}
     return dataclasses.replace(cfg, **over, **vocab)  # type: ignore[type-var]
+
+
+def _vae_out() -> VAEOutput:
+    return VAEOutput(torch.zeros(1, 1, 8, 8), torch.zeros(1, 2), torch.zeros(1, 2))
+
+
+@pytest.mark.parametrize(
+    ("call", "exc", "match"),
+    [  # each was accepted (or failed later inside torch, naming nothing)
+        (lambda: GANConfig(attention="no"), TypeError, "attention must be a bool, got str"),
+        (lambda: VAEConfig(attention=1), TypeError, "attention must be a bool, got int"),
+        (lambda: VAEConfig(sigma=float("inf")), ValueError, "sigma must be a finite number > 0"),
+        (lambda: VAEConfig(sigma="1"), TypeError, "sigma must be a number, got str"),
+        (lambda: draw_latents(2, 0, nn.Linear(2, 1)), ValueError, "latent_dim must be a positive"),
+        (lambda: vae_loss(_vae_out(), torch.zeros(1, 1, 8, 8), 0.0), ValueError,
+         "sigma must be a finite"),
+    ],
+)  # fmt: skip
+def test_generative_configs_check_their_flags_and_scales(
+    call: Callable[[], object], exc: type[Exception], match: str
+) -> None:
+    with pytest.raises(exc, match=match):
+        call()
+    assert GANConfig(attention=False).attention is False  # the control
+    assert VAEConfig(sigma=0.25).sigma == 0.25
+
+
+@pytest.mark.parametrize(
+    ("make", "exc", "match"),
+    [
+        (lambda: DigitsTask(100, label_smoothing=2.0), ValueError,
+         r"label_smoothing must be a number in \[0, 1\)"),
+        (lambda: DigitsTask(100, label_smoothing=-0.1), ValueError,
+         "label_smoothing must be a number in"),
+        (lambda: DigitsTask(100, seed=-1), ValueError, "seed must be"),
+        (lambda: TranslationTask(150, 5, seed="a"), TypeError, "seed must be"),
+        (lambda: DatesTask(20, 5, seed=None, locales=("de_DE",)), TypeError, "seed must be"),
+    ],
+)  # fmt: skip
+def test_tasks_name_bad_seeds_and_label_smoothing(
+    make: Callable[[], object], exc: type[Exception], match: str
+) -> None:
+    """(label_smoothing=2.0 failed at the first step, -0.1 trained; a seed of None or "a"
+    failed inside torch's manual_seed.)"""
+    with pytest.raises(exc, match=match):
+        make()

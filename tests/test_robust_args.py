@@ -250,3 +250,20 @@ def test_a_study_shows_progress_on_a_terminal(tmp_path: Path) -> None:
     text = b"".join(seen).decode(errors="replace")
     assert os.waitstatus_to_exitcode(status) == 0, text
     assert "step 20/20" in text and "ex/s" in text, text  # the trainer's bar
+
+
+def test_pgd_seed_and_a_module_without_attention_are_named() -> None:
+    """(pgd_pixels' seed="a" failed inside manual_seed; a faithfulness test on a module
+    that makes no attention call raised "stack expects a non-empty TensorList".)"""
+    from attnlab.robust import permutation_test
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2)).eval()
+    x, y = torch.rand(3, 1, 2, 2), torch.tensor([0, 1, 0])
+    check_and_control(
+        lambda: pgd_pixels(model, x, y, epsilon=0.1, seed="a"),  # type: ignore[arg-type]
+        lambda: pgd_pixels(model, x, y, epsilon=0.1, seed=3),
+        TypeError,
+        "seed must be",
+    )
+    with pytest.raises(ValueError, match="module: Sequential made no attnlab attention call"):
+        permutation_test(model, model, lambda m: m(x))

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from attnlab._validate import positive_int
+from attnlab._validate import positive_int, validate_flag
 from attnlab.functional import attention
 from attnlab.models.vit import check_images
 
@@ -68,7 +68,7 @@ def draw_latents(
         >>> tuple(draw_latents(2, 4, nn.Linear(4, 1).to("meta"), g).shape)
         (2, 4)
     """
-    n = positive_int("n", n)
+    n, latent_dim = positive_int("n", n), positive_int("latent_dim", latent_dim)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(
             f"generator must be a torch.Generator or None, got {type(generator).__name__}"
@@ -169,6 +169,7 @@ class GANConfig:
         positive_int("latent_dim", self.latent_dim)
         positive_int("channels", self.channels)
         positive_int("heads", self.heads)
+        validate_flag("attention", self.attention)  # "no" is truthy: attention stayed on
         if self.channels % 2 or (self.channels // 2) % self.heads:
             raise ValueError(
                 f"channels={self.channels} must be even and channels // 2 a multiple of "

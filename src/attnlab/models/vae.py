@@ -12,12 +12,13 @@ per image.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
 
-from attnlab._validate import positive_int
+from attnlab._validate import positive_int, validate_flag
 from attnlab.models.gan import IMAGE_SIZE, SelfAttention2d, draw_latents
 from attnlab.models.vit import check_images
 
@@ -40,8 +41,11 @@ class VAEConfig:
         positive_int("heads", self.heads)
         if self.channels % self.heads:
             raise ValueError(f"channels={self.channels} must be a multiple of heads={self.heads}")
-        if not self.sigma > 0:
-            raise ValueError(f"sigma must be > 0, got {self.sigma}")
+        validate_flag("attention", self.attention)
+        if isinstance(self.sigma, bool) or not isinstance(self.sigma, int | float):
+            raise TypeError(f"sigma must be a number, got {type(self.sigma).__name__}")
+        if not 0 < self.sigma < math.inf:
+            raise ValueError(f"sigma must be a finite number > 0, got {self.sigma}")
 
 
 @dataclass
@@ -63,6 +67,8 @@ def vae_loss(out: VAEOutput, images: Tensor, sigma: float) -> tuple[Tensor, Tens
         [32.0, 32.0, 0.0]
     """
     b = len(images)
+    if not 0 < sigma < math.inf:  # (0 gave an infinite loss)
+        raise ValueError(f"sigma must be a finite number > 0, got {sigma}")
     rec = (images - out.recon).pow(2).sum() / (2 * sigma**2) / b
     kl = -0.5 * (1 + out.logvar - out.mu.pow(2) - out.logvar.exp()).sum() / b
     return rec + kl, rec, kl

@@ -71,7 +71,7 @@ def pgd_pixels(
     steps = positive_int("steps", steps)
     alpha = check_positive("alpha", 2.5 * eps / steps if alpha is None else alpha)
     bounds = check_bounds(bounds)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(nonnegative_int("seed", seed))  # (a torch error)
     with torch.random.fork_rng():
         torch.manual_seed(int(torch.randint(2**31, (1,), generator=g)))
         delta = random_start(images, eps, norm)

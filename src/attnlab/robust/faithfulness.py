@@ -171,6 +171,11 @@ def _recorded(model: nn.Module, module: nn.Module, run: Run) -> tuple[Tensor, Te
 
     with torch.no_grad(), override_attention(module, keep):
         probs = run(model).float().softmax(-1)
+    if not seen:  # (torch.stack: "expects a non-empty TensorList")
+        raise ValueError(
+            f"module: {type(module).__name__} made no attnlab attention call while run ran "
+            "the model; give the attention layer the model calls"
+        )
     return probs, torch.stack(seen, 1).float()
 
 

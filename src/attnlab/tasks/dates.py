@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlab._validate import positive_int
+from attnlab._validate import nonnegative_int, positive_int
 from attnlab.interpret import capture
 from attnlab.models.rnn import RNNSeq2Seq, RNNSeq2SeqConfig
 from attnlab.tasks.dates_data import (
@@ -140,6 +140,7 @@ class DatesTask:
         positive_int("train_size", train_size)
         self.eval_size = positive_int("eval_size", eval_size)
         self.styles = writing_styles(locales, formats)
+        seed = nonnegative_int("seed", seed)  # (None and "a" failed inside torch)
         train_days, test_days = split_dates(test_size, seed)
         g = torch.Generator().manual_seed(seed + 1)
         self.test = draw_examples(test_days, len(test_days), self.styles, g)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlab._validate import positive_int
+from attnlab._validate import nonnegative_int, positive_int
 from attnlab.interpret import capture
 from attnlab.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from attnlab.tasks.registry import TaskSpec
@@ -122,7 +122,7 @@ class TranslationTask:
         positive_int("train_size", train_size)
         positive_int("test_size", test_size)
         positive_int("eval_size", eval_size)
-        train, test = _split_numbers(train_size, test_size, seed)
+        train, test = _split_numbers(train_size, test_size, nonnegative_int("seed", seed))
         self.train_numbers, self.test_numbers = train, test
         self.train_pairs, self.test_pairs = number_pairs(train), number_pairs(test)
         self.src_vocab = Vocab.build(p[0] for p in self.train_pairs)

@@ -128,13 +128,16 @@ class DigitsTask:
         dim_feedforward: int = 128,
         dropout: float = 0.0,
     ) -> None:
-        tx, ty, self.test_x, self.test_y = load_split(test_fraction, seed)
+        tx, ty, self.test_x, self.test_y = load_split(test_fraction, nonnegative_int("seed", seed))
         n = len(ty) if train_size is None else positive_int("train_size", train_size)
         if n > len(ty):
             raise ValueError(f"train_size={n} is more than the {len(ty)} training images")
         self.train_x, self.train_y = tx[:n], ty[:n]
         self.max_shift = nonnegative_int("max_shift", max_shift)
-        self.label_smoothing = label_smoothing
+        ok = isinstance(label_smoothing, int | float) and not isinstance(label_smoothing, bool)
+        if not ok or not 0.0 <= label_smoothing < 1.0:  # (2.0 failed at the first step)
+            raise ValueError(f"label_smoothing must be a number in [0, 1), got {label_smoothing!r}")
+        self.label_smoothing = float(label_smoothing)
         self.model_cfg = ViTConfig(
             image_size=8,
             patch_size=patch_size,
