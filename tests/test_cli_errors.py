@@ -59,7 +59,7 @@ BAD: list[tuple[str, int, str]] = [
     ("train dates --out {dates} --resume --steps 10", 2, "argument --steps: is 10, but the "),
     # another training set gave another vocabulary: a bare state-dict size mismatch
     ("train dates --out {dates} --resume --steps 200 --train-size 64", 2, RESUME_SIZE),
-    ("train dates --seed -3", 2, "argument --seed: must be an int >= 0, got '-3'"),
+    ("train dates --seed -3", 2, "argument --seed: must be an int in [0, 4294967295], got '-3'"),
     ("train dates --time-limit 0", 2, "argument --time-limit: must be a number > 0"),
     ("train dates --target inf", 2, "argument --target: must be a finite number, got 'inf'"),
     # 5000 threads crashed torch (a segfault, no message)

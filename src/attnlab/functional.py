@@ -164,9 +164,7 @@ def attention(
     )
     chosen = select_engine(engine, req)
     rewrite = rewriter()
-    # an approximate engine's weights are its kernel's, not softmax's: it returns them
-    # itself where they are watched (an exact engine in its place changed the model)
-    own = isinstance(chosen, ApproximateEngine)
+    own = isinstance(chosen, ApproximateEngine)  # its weights are its kernel's: its own
     if (live_weights() or rewrite) and not own:  # the weights must be the ones in the graph
         chosen = get_engine("reference")
         req = dataclasses.replace(req, return_weights=True, options={})

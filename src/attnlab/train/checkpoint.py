@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from attnlab._io import atomic_write
 
-__all__ = ["Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint"]
+__all__ = ["Checkpoint", "CheckpointError", "check_same_run", "load_checkpoint", "save_checkpoint"]
 
 
 class CheckpointError(ValueError):
@@ -147,6 +147,44 @@ def _unflatten(tensors: dict[str, Tensor], meta: dict[str, str]) -> Checkpoint:
         optimizer=opt,
         state={**json.loads(meta["state"]), **under("state.")},
     )
+
+
+def check_same_run(ckpt: Checkpoint, config: dict, train_size: int, path: str | Path) -> None:
+    """A resume must continue the checkpoint's run: the same task config (a model of other
+    heads but the same shapes loaded without a word) and training set size (another
+    gave another vocabulary, or other data).
+
+    Example:
+        >>> try:
+        ...     check_same_run(Checkpoint({}, {"d": 4}), {"d": 8}, 10, "last.safetensors")
+        ... except ValueError as e:
+        ...     print(str(e).split(": ", 2)[2].split(";")[0])
+        d: 4 -> 8
+    """
+    size = ckpt.state.get("train_size")
+    if size is not None and int(size) != train_size:
+        raise ValueError(
+            f"resume: {path} was trained on {int(size)} training examples, this task has "
+            f"{train_size}; build the task with the checkpoint's size to continue it"
+        )
+    was, ours = _flat(ckpt.config), _flat(json.loads(json.dumps(config)))
+    if ckpt.config and was != ours:
+        keys = sorted(k for k in was.keys() | ours.keys() if was.get(k) != ours.get(k))
+        shown = ", ".join(f"{k}: {was.get(k)!r} -> {ours.get(k)!r}" for k in keys[:3])
+        more = f" (and {len(keys) - 3} more)" if len(keys) > 3 else ""
+        raise ValueError(
+            f"resume: {path} holds another configuration than this task's: {shown}{more}; "
+            "build the task as the checkpoint's was, or train afresh"
+        )
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, object]:
+    """``{"model": {"d": 4}}`` -> ``{"model.d": 4}`` (lists stay whole)."""
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flat(v, f"{key}.") if isinstance(v, dict) else {key: v})
+    return out
 
 
 def load_model_state(model: nn.Module, ckpt: Checkpoint, path: str | Path = "") -> None:

@@ -10,7 +10,6 @@ never stopped.
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import time
@@ -28,6 +27,7 @@ from attnlab._validate import nonnegative_int, positive_int, validate_flag
 from attnlab.train.checkpoint import (
     Checkpoint,
     CheckpointError,
+    check_same_run,
     load_checkpoint,
     load_model_state,
     save_checkpoint,
@@ -345,7 +345,7 @@ class Trainer:
 
     def _resume(self, path: Path) -> None:
         ckpt = load_checkpoint(path)
-        _check_same_task(ckpt, self.task, path)
+        check_same_run(ckpt, self.task.config(), self.task.num_train(), path)
         load_model_state(self.model, ckpt, path)
         if ckpt.optimizer is not None:
             self.opt.load_state_dict(ckpt.optimizer)
@@ -360,35 +360,6 @@ class Trainer:
             ) from e
         self.history = list(st.get("history", []))
         torch.set_rng_state(st["rng_torch"])
-
-
-def _check_same_task(ckpt: Checkpoint, task: Task, path: Path) -> None:
-    """A resume must continue the checkpoint's task: the same config (a model of other
-    heads but the same shapes loaded without a word) and training set size."""
-    size, now = ckpt.state.get("train_size"), task.num_train()
-    if size is not None and int(size) != now:  # its vocabulary or data would differ
-        raise ValueError(
-            f"resume: {path} was trained on {int(size)} training examples, this task has "
-            f"{now}; build the task with the checkpoint's size to continue it"
-        )
-    was, ours = _flat(ckpt.config), _flat(json.loads(json.dumps(task.config())))
-    if ckpt.config and was != ours:
-        keys = sorted(k for k in was.keys() | ours.keys() if was.get(k) != ours.get(k))
-        shown = ", ".join(f"{k}: {was.get(k)!r} -> {ours.get(k)!r}" for k in keys[:3])
-        more = f" (and {len(keys) - 3} more)" if len(keys) > 3 else ""
-        raise ValueError(
-            f"resume: {path} holds another configuration than this task's: {shown}{more}; "
-            "build the task as the checkpoint's was, or train afresh"
-        )
-
-
-def _flat(d: dict, prefix: str = "") -> dict[str, object]:
-    """``{"model": {"d": 4}}`` -> ``{"model.d": 4}`` (lists stay whole)."""
-    out: dict[str, object] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.update(_flat(v, f"{key}.") if isinstance(v, dict) else {key: v})
-    return out
 
 
 def _with_plugins(loss_fn: LossFn, plugins: Sequence[Plugin]) -> LossFn:
