@@ -145,3 +145,69 @@ def test_inputs_whose_last_dim_is_strided(dtype: torch.dtype, with_bias: bool) -
         out.backward(dout.to(dtype))
         for got, r in zip((q.grad, k.grad, v.grad), ref, strict=True):
             assert got is not None and max_err(got, r) < 100 * tol, engine
+
+
+@pytest.mark.parametrize("where", ["k", "v"])
+def test_a_hidden_nan_key_or_value_leaves_the_eager_backward_clean(where: str) -> None:
+    """(The eager backward made dp = dout v^T with the hidden NaN value, and 0 * NaN put
+    NaN into every row's dq and dk; a hidden NaN key did the same through dq = ds k.) The
+    gradients equal those of the same call with the hidden slot finite, the slot's own 0."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 300, 16, dtype=torch.float64) for _ in range(3))
+    mask = M.padding([290]) & M.window(64)
+    dout = torch.randn(1, 2, 300, 16, dtype=torch.float64)
+    clean = _grads(lambda a, b, c: attnlab.attention(a, b, c, mask=mask, engine="reference"),
+                   [q, k, v], dout, torch.float64)  # fmt: skip
+    poisoned = [q, k.clone(), v.clone()]
+    poisoned[1 if where == "k" else 2][:, :, 295] = float("nan")  # past every row's padding
+    for engine in ("blocked", "reference"):  # the reference engine's dq too, for a key
+        got = _grads(lambda a, b, c, e=engine: attnlab.attention(a, b, c, mask=mask, engine=e),
+                     poisoned, dout, torch.float64)  # fmt: skip
+        for g, want in zip(got, clean, strict=True):
+            assert not g.isnan().any() and max_err(g, want) < 1e-12, engine
+
+
+def test_a_row_a_bias_hides_whole_has_logsumexp_minus_infinity() -> None:
+    """(Without a mask every block is full, and torch's fused forward gave a row of -inf
+    bias a logsumexp of 0: with sinks, 0.97 instead of 0.5, and d lse / d sinks 0.62.)"""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 600, 16) for _ in range(3))
+    dense = torch.zeros(600, 600)
+    dense[5] = float("-inf")
+    sinks = torch.tensor([0.5, -1.0], requires_grad=True)
+    for engine in ("reference", "blocked", "auto"):
+        r = attnlab.attention(q, k, v, bias=B.tensor(dense), engine=engine, return_lse=True)
+        assert isinstance(r, attnlab.AttentionOutput) and r.lse is not None
+        assert torch.isneginf(r.lse[0, :, 5]).all(), engine
+        s = attnlab.attention(q, k, v, bias=B.tensor(dense), sinks=sinks, engine=engine,
+                              return_lse=True)  # fmt: skip
+        assert isinstance(s, attnlab.AttentionOutput) and s.lse is not None
+        assert torch.allclose(s.lse[0, :, 5], sinks.detach()), engine
+        (g,) = torch.autograd.grad(s.lse[0, :, 5].sum(), sinks)
+        assert torch.allclose(g, torch.ones(2)), engine
+
+
+def test_a_tensor_bias_that_wants_grad_keeps_the_weights_in_the_graph() -> None:
+    """(needs_grad read the bias's parameters only: a plain tensor bias is a buffer, and
+    the blocked engine returned its weights cut off from autograd: b.grad 0.29 off.)"""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 600, 16) for _ in range(3))
+    grads, base = [], torch.randn(600, 600)
+    for engine in ("reference", "auto"):
+        b = base.clone().requires_grad_()
+        r = attnlab.attention(q, k, v, mask=M.window(64), bias=B.tensor(b), engine=engine,
+                              return_weights=True)  # fmt: skip
+        assert isinstance(r, attnlab.AttentionOutput) and r.weights is not None
+        (r.out.sum() + r.weights.square().sum()).backward()
+        grads.append(b.grad)
+    assert grads[0] is not None and grads[1] is not None and max_err(grads[1], grads[0]) < 1e-4
+
+
+def test_an_empty_grouped_query_call_without_grad() -> None:
+    """(B = 0 reached the decoding kernel, which divided by 0 heads: SIGFPE; Lq = 0 raised
+    "at most 64 rows per key/value head".)"""
+    k = torch.randn(2, 2, 100, 64)
+    with torch.no_grad():
+        for q in (torch.randn(0, 8, 1, 64), torch.randn(2, 8, 0, 64)):
+            out = attnlab.attention(q, k[: q.shape[0]], k[: q.shape[0]])
+            assert isinstance(out, Tensor) and out.shape == q.shape

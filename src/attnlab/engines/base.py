@@ -105,7 +105,8 @@ class AttentionRequest:
     @property
     def needs_grad(self) -> bool:
         """Whether autograd will need gradients through this call."""
-        leaves = [self.q, self.k, self.v, *(self.bias.parameters() if self.bias else [])]
+        held = [*self.bias.parameters(), *self.bias.buffers()] if self.bias else []
+        leaves = [self.q, self.k, self.v, *held]  # a tensor bias is a buffer that may want grad
         leaves += [] if self.sinks is None else [self.sinks]
         return torch.is_grad_enabled() and any(t.requires_grad for t in leaves)
 

@@ -94,9 +94,10 @@ class BlockedEngine(Engine):
 
     def plan(self, req: AttentionRequest) -> Plan:
         """The block schedule of ``req`` (memoized for the last request)."""
-        if self._cache is None or self._cache[0]() is not req:
-            self._cache = (weakref.ref(req), make_plan(req.mask, req, self.block))
-        return self._cache[1]
+        cached = self._cache  # read once: another thread may replace it meanwhile
+        if cached is None or cached[0]() is not req:
+            self._cache = cached = (weakref.ref(req), make_plan(req.mask, req, self.block))
+        return cached[1]
 
     def unsupported(self, req: AttentionRequest) -> str | None:
         if req.score not in ("dot", "cosine"):
@@ -124,13 +125,14 @@ class BlockedEngine(Engine):
         soft-capping and sinks), and its mask's row bounds ``(1 or B, Lq)``, if it has a
         mask; a mask must allow exactly one key interval per row, the same for every head.
         Memoized for the last request."""
-        if self._decode is None or self._decode[0]() is not req:
+        cached = self._decode  # read once: two threads' calls got each other's bounds
+        if cached is None or cached[0]() is not req:
             ok, bounds = _plain_request(req), None
             if ok and req.mask is not None:
                 bounds = self._decode_bounds(req)
                 ok = bounds is not None
-            self._decode = (weakref.ref(req), ok, bounds)
-        return self._decode[1], self._decode[2]
+            self._decode = cached = (weakref.ref(req), ok, bounds)
+        return cached[1], cached[2]
 
     def _decode_bounds(self, req: AttentionRequest) -> RowBounds | None:
         """:func:`_exact_bounds` of ``req``'s mask, memoized for the last mask, sizes and
@@ -255,6 +257,8 @@ def decodes(q: Tensor, k: Tensor, v: Tensor, *, masked: bool) -> bool:
     qs, ks = q.shape, k.shape
     group = qs[1] // ks[1]
     if ks[2] < 16 or group * qs[2] > DECODE_ROWS or (group == 1 and not masked):
+        return False
+    if not qs[0] or not qs[2]:  # empty: the kernel divided by 0 heads (SIGFPE)
         return False
     if q.dtype is not _F32 or k.dtype is not _F32 or v.dtype is not _F32 or not q.is_cpu:
         return False

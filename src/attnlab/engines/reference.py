@@ -21,6 +21,7 @@ from attnlab.engines.base import (
     AttentionRequest,
     Engine,
     EngineResult,
+    may_hold_nan,
     weighted_values,
     with_sinks,
 )
@@ -38,7 +39,7 @@ _HALF = (torch.float16, torch.bfloat16)
 def request_scores(req: AttentionRequest) -> Tensor:
     """Scaled, soft-capped and biased scores ``(B, Hq, Lq, Lk)`` of a request, before
     masking."""
-    s = SCORES[req.score](req.q, req.k) if isinstance(req.score, str) else _called_scores(req)
+    s = _nan_safe_scores(req)
     s = s * req.scale if req.scale != 1.0 else s
     if req.softcap is not None:
         s = torch.tanh(s / req.softcap) * req.softcap
@@ -48,6 +49,20 @@ def request_scores(req: AttentionRequest) -> Tensor:
         )  # (Bb, Hb, Lq, Lk)
         s = s + b
     return s
+
+
+def _nan_safe_scores(req: AttentionRequest) -> Tensor:
+    """The raw scores ``(B, Hq, Lq, Lk)``; a NaN key's column NaN, made from a finite key
+    (with the NaN key in the product, a mask that hides it still left ``0 * NaN`` in every
+    row's dq: 600 of 600 rows NaN)."""
+    k = req.k
+    bad = torch.isnan(k).any(-1) if req.mask is not None and may_hold_nan(k) else None
+    if bad is not None:
+        req = dataclasses.replace(req, k=k.masked_fill(torch.isnan(k), 0.0))
+    s = SCORES[req.score](req.q, req.k) if isinstance(req.score, str) else _called_scores(req)
+    if bad is None:
+        return s
+    return s.masked_fill(expand_kv(bad.unsqueeze(2), s.shape[1]), float("nan"))  # (B,Hq,.,Lk)
 
 
 def _called_scores(req: AttentionRequest) -> Tensor:
