@@ -173,3 +173,46 @@ def test_capture_on_a_compiled_model_records_the_weights_without_a_dynamo_warnin
     for a, b in zip(compiled.records, plain.records, strict=True):
         assert max_err(a.weights, b.weights) < 1e-6
     assert not [w for w in seen if "Dynamo does not know" in str(w.message)]
+
+
+def test_a_second_order_gradient_through_the_blocked_engine_is_refused() -> None:
+    """Its backward (the compiled kernel, or in-place eager sums) is not differentiable:
+    torch.func took it for a constant and MAML's outer gradient came out 1539 off (the
+    reference's largest entry 1494), with one warning; autograd's create_graph gave a
+    gradient whose own gradient was wrong. Both now raise; the reference engine serves."""
+    x = torch.randn(1, 2, 300, 16, generator=torch.Generator().manual_seed(0))
+    w0 = 0.3 * torch.randn(16, 16, generator=torch.Generator().manual_seed(1))
+    mask = M.causal() & M.window(40)
+
+    def loss(w: torch.Tensor, engine: str) -> torch.Tensor:
+        out = attnlab.attention(x @ w, x, x, mask=mask, engine=engine)
+        return torch.as_tensor(out).square().sum()
+
+    def maml(engine: str) -> torch.Tensor:
+        inner = torch.func.grad(lambda u: loss(u, engine))
+        return torch.func.grad(lambda w: loss(w - 0.1 * inner(w), engine))(w0)
+
+    with pytest.raises(RuntimeError, match=r"second-order gradient .* engine='reference'"):
+        maml("blocked")
+    assert torch.isfinite(maml("reference")).all()  # the control
+    w = w0.clone().requires_grad_()
+    (g,) = torch.autograd.grad(loss(w, "blocked"), w, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.square().sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_jacrev_through_the_blocked_engine(dtype: torch.dtype) -> None:
+    """(The eager backward summed a batched upstream gradient into unbatched zeros in
+    place: "output with shape [1, 2, 128, 16] doesn't match the broadcast shape".)"""
+    x = torch.randn(1, 2, 300, 8, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    mask = M.global_tokens([0]) | M.window(32)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        out = attnlab.attention(x, 0.5 * x, x, mask=mask, engine="blocked")
+        return torch.as_tensor(out)[0, 0, :3, 0]  # (3,)
+
+    got = torch.func.jacrev(f)(x)  # (3, 1, 2, 300, 8)
+    want = torch.autograd.functional.jacobian(f, x)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert got.shape == want.shape and (got - want).abs().max() < tol

@@ -55,3 +55,16 @@ def vmapping() -> bool:
     """
     stack = get_interpreter_stack()
     return bool(stack) and any(i.key() == TransformType.Vmap for i in stack)
+
+
+def differentiating_twice() -> bool:
+    """Whether two ``torch.func`` differentiation levels run the caller (``grad`` of
+    ``grad``, a Hessian, MAML's outer step): a backward that is not differentiable itself
+    must refuse, since torch.func differentiates it silently as a constant.
+
+    Example:
+        >>> differentiating_twice()
+        False
+    """
+    stack = get_interpreter_stack() or []
+    return sum(i.key() in (TransformType.Grad, TransformType.Jvp) for i in stack) > 1

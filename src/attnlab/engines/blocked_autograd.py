@@ -21,7 +21,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
+from attnlab._eager import differentiating_twice
 from attnlab._grid import Grid
 from attnlab.bias import Bias
 from attnlab.engines._native import kernel, kernel_error
@@ -303,9 +305,16 @@ class BlockedAttention(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # an unused lse (or output) has no gradient: None
 
     @staticmethod
+    @once_differentiable  # a gradient of these gradients raises (it came out 1539 off)
     def backward(
         ctx: Any, dout: Tensor | None, dlse: Tensor | None, _dlse2: None
     ) -> tuple[Tensor | None, ...]:
+        if differentiating_twice():
+            raise RuntimeError(
+                "a second-order gradient (grad of grad, a Hessian, MAML's outer step) "
+                "through the blocked engine: its backward is not differentiable; give such "
+                "calls engine='reference'"
+            )
         q, k, v, out, lse, *leaves = ctx.saved_tensors
         dout = torch.zeros_like(out) if dout is None else dout.to(q.dtype)
         # d lse_i / d s_ij = p_ij: dS = p * (dP - (delta - dlse)); each row's delta comes
@@ -320,7 +329,7 @@ class BlockedAttention(torch.autograd.Function):
             grads = _Grads(qkv, [])
         else:
             sv = _Saved(ctx.req, q, k, v, lse, dout, shift, leaves)
-            grads = _Grads.zeros(q, k, v, leaves)
+            grads = _Grads.zeros(dout, (q, k, v, *leaves))  # batched as dout is (jacrev)
             for blk in ctx.plan.blocks:
                 _eager_block_backward(sv, blk, grads)
         return (*grads.qkv, None, None, None, *grads.leaves)
@@ -370,11 +379,12 @@ class _Grads:
     leaves: list[Tensor]
 
     @staticmethod
-    def zeros(q: Tensor, k: Tensor, v: Tensor, leaves: list[Tensor]) -> _Grads:
-        return _Grads(
-            (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)),
-            [torch.zeros_like(t) for t in leaves],
-        )
+    def zeros(like: Tensor, ts: tuple[Tensor, ...]) -> _Grads:
+        """Zeros of each of ``ts`` made by ``like.new_zeros``: batched where ``like`` is
+        (``jacrev`` and ``is_grads_batched`` vmap the backward over the upstream gradient,
+        and an in-place sum into an unbatched zero failed)."""
+        z = [like.new_zeros(t.shape, dtype=t.dtype) for t in ts]
+        return _Grads((z[0], z[1], z[2]), z[3:])
 
 
 def _eager_block_backward(sv: _Saved, blk: Block, grads: _Grads) -> None:
