@@ -216,3 +216,30 @@ def test_jacrev_through_the_blocked_engine(dtype: torch.dtype) -> None:
     want = torch.autograd.functional.jacobian(f, x)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     assert got.shape == want.shape and (got - want).abs().max() < tol
+
+
+def test_a_padding_mask_from_per_example_lengths_under_vmap() -> None:
+    """(Its check for negative lengths read their values: vmap refused the data-dependent
+    control flow, and export a GuardOnDataDependentSymNode.)"""
+    q = torch.randn(3, 4, 12, 8, dtype=torch.float64)
+    lens = torch.tensor([12, 5, 1])
+
+    def one(qi: torch.Tensor, li: torch.Tensor) -> torch.Tensor:
+        out = attnlab.attention(qi[None], qi[None], qi[None], mask=M.padding(li[None]))
+        return torch.as_tensor(out)[0]
+
+    got = torch.func.vmap(one)(q, lens)
+    want = attnlab.attention(q, q, q, mask=M.padding(lens), engine="reference")
+    assert max_err(got, torch.as_tensor(want)) < 1e-12
+
+
+def test_rope_built_on_the_meta_device_can_be_materialized() -> None:
+    """(Its inverse frequencies stayed on meta: "Cannot copy out of meta tensor".)"""
+    torch.manual_seed(0)
+    ref = MultiHeadAttention(32, 4, rope=RotaryEmbedding(8))
+    with torch.device("meta"):
+        lazy = MultiHeadAttention(32, 4, rope=RotaryEmbedding(8))
+    lazy = lazy.to_empty(device="cpu")
+    lazy.load_state_dict(ref.state_dict())
+    x = torch.randn(1, 5, 32)
+    assert max_err(torch.as_tensor(lazy(x)), torch.as_tensor(ref(x))) < 1e-6

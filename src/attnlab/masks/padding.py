@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from attnlab._eager import vmapping
 from attnlab._grid import Grid
 from attnlab.masks._args import int_tensor
 from attnlab.masks.base import Mask
@@ -34,6 +35,8 @@ class Padding(Mask):
                 f"has {tuple(self.kl.shape)}; give one length per batch item"
             )
         for name, t in (("key_lengths", self.kl), ("query_lengths", self.ql)):
+            if vmapping() or torch.compiler.is_exporting():
+                break  # no value to read (vmap and export raised on it): taken as given
             if t is not None and bool((t < 0).any()):
                 raise ValueError(f"{name} must be >= 0, got {t.tolist()}")
 

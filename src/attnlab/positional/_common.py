@@ -45,5 +45,8 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _inverse_frequencies(dim: int, base: float) -> Tensor:
-    """``base^(-2i/dim)`` for ``i = 0 .. ceil(dim/2) - 1``: float64 on the CPU."""
-    return torch.pow(base, -torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    """``base^(-2i/dim)`` for ``i = 0 .. ceil(dim/2) - 1``: float64 on the CPU, even under
+    ``with torch.device("meta")`` (a RoPE built there kept meta frequencies, which no
+    ``to_empty`` restores: "Cannot copy out of meta tensor")."""
+    steps = torch.arange(0, dim, 2, dtype=torch.float64, device="cpu")
+    return torch.pow(base, -steps / dim)
