@@ -195,6 +195,13 @@ def test_feature_vit_is_cached_deterministically(
     again = generative.feature_vit(3)
     assert again is not first and torch.equal(again.head.weight, first.head.weight)
     assert path.stat().st_size > 1000  # rewritten
+    monkeypatch.setattr(generative, "_FEATURE_VITS", {})
+    raw = bytearray(path.read_bytes())  # bytes of its weights damaged, the header intact:
+    raw[-2000:-1000] = b"\xff" * 1000  # they loaded as NaN weights (FD failed in sqrtm)
+    path.write_bytes(bytes(raw))
+    third = generative.feature_vit(3)
+    assert torch.equal(third.head.weight, first.head.weight)
+    assert all(torch.isfinite(p).all() for p in third.parameters())
 
 
 def _fp64_weights(att: SelfAttention2d, x: Tensor) -> Tensor:

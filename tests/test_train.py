@@ -134,6 +134,11 @@ def test_corrupt_and_truncated_checkpoints_give_clear_errors(tmp_path: Path) -> 
     save_file({"model.w": torch.zeros(2)}, str(tmp_path / "meta.safetensors"), metadata=meta)
     with pytest.raises(CheckpointError, match=r"has corrupt metadata \(JSONDecodeError"):
         load_checkpoint(tmp_path / "meta.safetensors")
+    raw = bytearray(good.read_bytes())  # the weights' bytes damaged, the header intact
+    raw[-20:-10] = b"\xff" * 10
+    (tmp_path / "bytes.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="is corrupt: its tensors' bytes do not match"):
+        load_checkpoint(tmp_path / "bytes.safetensors")
 
 
 def test_tied_weights_are_saved_and_loaded(tmp_path: Path) -> None:

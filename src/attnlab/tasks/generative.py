@@ -41,6 +41,7 @@ from attnlab._io import atomic_write
 from attnlab._validate import nonnegative_int, positive_int
 from attnlab.models.vit import ViT, check_images
 from attnlab.tasks.vision import DigitsTask, load_split
+from attnlab.train.checkpoint import digest
 from attnlab.train.loop import num_threads
 
 __all__ = [
@@ -180,21 +181,34 @@ def feature_vit(steps: int | None = None, *, seed: int = 0) -> ViT:
     if key in _FEATURE_VITS:
         return _FEATURE_VITS[key]
     from safetensors import SafetensorError
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     path = cache_dir() / f"feature_vit-s{steps}-seed{seed}-torch{torch.__version__}.safetensors"
     with torch.random.fork_rng(devices=[]):  # building it draws on torch's RNG: not the caller's
         model = DigitsTask(seed=seed).build_model()
     assert isinstance(model, ViT)
     try:
-        model.load_state_dict(load_file(path))
+        model.load_state_dict(_verified(path))
         model.eval()
     except (OSError, RuntimeError, SafetensorError):  # missing, corrupt, stale: retrain
         model = train_feature_vit(steps, seed=seed)
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        atomic_write(path, lambda tmp: save_file(state, tmp))
+        atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"digest": digest(state)}))
     _FEATURE_VITS[key] = model
     return model
+
+
+def _verified(path: Path) -> dict[str, Tensor]:
+    """The tensors of a cached model file whose digest matches them, else a RuntimeError
+    (damaged bytes loaded as NaN weights: FD then failed in sqrtm)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        saved = (f.metadata() or {}).get("digest")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    if saved is None or digest(tensors) != saved:
+        raise RuntimeError(f"{path}: no digest, or its tensors do not match it")
+    return tensors
 
 
 @torch.no_grad()

@@ -9,11 +9,13 @@ save leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -80,6 +82,11 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         ) from e
     if meta.get("format") != "attnlab-checkpoint-1":
         raise CheckpointError(f"{str(path)!r} is a safetensors file but not an attnlab checkpoint")
+    if "digest" in meta and digest(tensors) != meta["digest"]:  # (older files have none)
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is corrupt: its tensors' bytes do not match the "
+            "digest saved with them; use an earlier checkpoint or train again"
+        )
     try:  # the metadata's JSON (a changed byte there raised a bare JSONDecodeError)
         return _unflatten(tensors, meta)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -104,8 +111,26 @@ def _flatten(ckpt: Checkpoint) -> tuple[dict[str, Tensor], dict[str, str]]:
         "config": json.dumps(ckpt.config),
         "optimizer": json.dumps(opt_meta if ckpt.optimizer is not None else None),
         "state": json.dumps(state_meta),
+        "digest": digest(tensors),
     }
     return tensors, meta
+
+
+def digest(tensors: dict[str, Tensor]) -> str:
+    """SHA-256 of the tensors' names, dtypes, shapes and bytes (safetensors keeps no
+    checksum: damaged tensor bytes loaded as weights, 250 of them NaN).
+
+    Example:
+        >>> import torch
+        >>> digest({"w": torch.zeros(2)}) == digest({"w": torch.zeros(2)})
+        True
+    """
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def _split_state(d: dict[str, Any], prefix: str, tensors: dict[str, Tensor]) -> dict[str, Any]:
