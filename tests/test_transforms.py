@@ -243,3 +243,27 @@ def test_rope_built_on_the_meta_device_can_be_materialized() -> None:
     lazy.load_state_dict(ref.state_dict())
     x = torch.randn(1, 5, 32)
     assert max_err(torch.as_tensor(lazy(x)), torch.as_tensor(ref(x))) < 1e-6
+
+
+def test_alibi_built_on_the_meta_device_gets_its_slopes() -> None:
+    """(Its slopes, a non-persistent buffer, came out of to_empty uninitialized: 0 or
+    8.6e32, and the output moved by 0.135; no state dict holds them.)"""
+    from attnlab import bias as B
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mha, self.alibi = MultiHeadAttention(32, 4), B.alibi(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.as_tensor(self.mha(x, mask=M.causal(), bias=self.alibi))
+
+    torch.manual_seed(0)
+    ref = Net()
+    with torch.device("meta"):
+        lazy = Net()
+    lazy = lazy.to_empty(device="cpu")
+    lazy.load_state_dict(ref.state_dict())
+    assert torch.equal(lazy.alibi.slopes, B.alibi_slopes(4))
+    x = torch.randn(1, 5, 32)
+    assert max_err(lazy(x), ref(x)) < 1e-6

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -60,6 +62,15 @@ class ALiBi(Bias):
     @property
     def per_head(self) -> bool:
         return True
+
+    def _apply(self, fn: Any, recurse: bool = True) -> ALiBi:
+        """Move or cast as usual, then make the slopes again (they follow from
+        ``num_heads``): ``to_empty`` after a build under ``torch.device("meta")`` left
+        them uninitialized (0 or 8.6e32), and no state dict holds them."""
+        super()._apply(fn, recurse)
+        s = self.slopes
+        self.slopes = alibi_slopes(self.num_heads).to(device=s.device, dtype=s.dtype)
+        return self
 
     def check(self, *, batch: int, heads: int, lq: int, lk: int) -> None:
         _check_heads(self, self.num_heads, heads)
