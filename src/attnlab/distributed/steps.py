@@ -135,7 +135,7 @@ def backward_pair(
     whole = ((rw.first, rw.first + lq), (kw.first, kw.first + lk))
     causal = None if leaves else _torch_pair(s, *whole, rw.q, kw.v)
     if causal is not None:  # its forward ran torch's flash kernel too
-        _flash_step(s, rw, kw, (0, lq), (0, lk), causal=causal)
+        _flash_step(s, rw, kw, causal=causal)
         return
     if not leaves and _kernel_step(s, rw, kw, (0, lq), (0, lk)):
         return  # the whole pair in one call: the kernel skips what the mask leaves empty
@@ -194,34 +194,28 @@ def _diagonal(s: Setup, rows: Piece, keys: Piece) -> bool:
     return rows == keys and s.mask is not None and s.mask.is_causal
 
 
-def _flash_step(s: Setup, rw: Rows, kw: Keys, rr: Piece, kk: Piece, causal: bool) -> None:
-    """Rows ``rr`` over keys ``kk`` (local ranges) through torch's flash backward, given
-    the global output and logsumexp; the mask and bias as one additive tile (none for
-    full and causal-diagonal pairs)."""
-    (r0, r1), (a, b) = rr, kk
+def _flash_step(s: Setup, rw: Rows, kw: Keys, causal: bool) -> None:
+    """A whole pair through torch's flash backward, given the global output and
+    logsumexp: a full pair or a causal one on the diagonal, without a bias
+    (:func:`_torch_pair`), so no mask or bias tile."""
     bsz, hq, hkv = s.sizes[:3]
-    rows, keys = (rw.first + r0, rw.first + r1), (kw.first + a, kw.first + b)
-    tile = None if causal else _tile(s, rows, keys, rw.q.dtype)
-    k, v = (t[:, :, a:b] for t in (kw.k, kw.v))
-    k, v = (t.repeat_interleave(hq // hkv, 1) if hq != hkv else t for t in (k, v))
-    lse = rw.lse[:, :, r0:r1]
+    k, v = (t.repeat_interleave(hq // hkv, 1) if hq != hkv else t for t in (kw.k, kw.v))
     dq, dk, dv = _FLASH_BWD(
-        rw.dout[:, :, r0:r1].contiguous(),
-        rw.q[:, :, r0:r1],
+        rw.dout.contiguous(),
+        rw.q,
         k,
         v,
-        rw.out[:, :, r0:r1].contiguous(),
-        torch.where(torch.isfinite(lse), lse, 0.0).to(rw.q.dtype).contiguous(),  # masked: P = 0
+        rw.out.contiguous(),
+        torch.where(torch.isfinite(rw.lse), rw.lse, 0.0).to(rw.q.dtype).contiguous(),  # P = 0
         0.0,
         causal,
-        attn_mask=tile,
         scale=s.scale,
     )
-    rw.dq[:, :, r0:r1] += dq
+    rw.dq.add_(dq)  # in place: the accumulators' views (the dataclasses are frozen)
     if hq != hkv:  # sum over the query heads that share a key/value head
         dk, dv = (t.view(bsz, hkv, hq // hkv, *t.shape[2:]).sum(2) for t in (dk, dv))
-    kw.dk[:, :, a:b] += dk
-    kw.dv[:, :, a:b] += dv
+    kw.dk.add_(dk)
+    kw.dv.add_(dv)
 
 
 def _kernel_step(s: Setup, rw: Rows, kw: Keys, rr: Piece, kk: Piece) -> bool:
@@ -250,19 +244,6 @@ def _blocked() -> BlockedEngine:
     engine = get_engine("blocked")
     assert isinstance(engine, BlockedEngine)
     return engine
-
-
-def _tile(s: Setup, rows: Piece, keys: Piece, dtype: torch.dtype) -> Tensor | None:
-    """The additive bias-and-mask tile ``(Bt, Ht, T, K)`` of global rows x keys, or None."""
-    mask, bias = restricted(s, rows, keys)
-    t, k = rows[1] - rows[0], keys[1] - keys[0]
-    tile = None if bias is None else bias.dense(t, k, batch=s.sizes[0], heads=s.sizes[1])
-    tile = None if tile is None else tile.to(dtype)
-    if mask is not None:
-        allowed = mask.dense(t, k, batch=s.sizes[0], heads=s.sizes[1])  # (Bm, Hm, T, K)
-        base = torch.zeros((), dtype=dtype) if tile is None else tile
-        tile = base.masked_fill(~allowed, float("-inf"))
-    return tile
 
 
 def restricted(
