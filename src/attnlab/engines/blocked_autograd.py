@@ -398,9 +398,10 @@ def _eager_block_backward(sv: _Saved, blk: Block, grads: _Grads) -> None:
     p = _probs(_masked(s, tile), lse[:, :, r0:r1])  # a new tensor: written in place below
     do = dout[:, :, r0:r1]  # (B, Hq, T, Ev)
     dp = grouped_matmul(do, v_sel.transpose(-1, -2))  # (B, Hq, T, Ks)
-    hidden = None if tile is None else torch.isneginf(tile)  # (., ., T, Ks)
-    if hidden is not None and may_hold_nan(k_sel, v_sel):  # a hidden NaN key or value
-        dp = dp.masked_fill(hidden, 0.0)  # (its 0 * NaN made every row's gradient NaN)
+    # a NaN key or value the tile hides: its 0 * NaN made every row's gradient NaN
+    hidden = torch.isneginf(tile) if tile is not None and may_hold_nan(k_sel, v_sel) else None
+    if hidden is not None:  # (., ., T, Ks)
+        dp = dp.masked_fill(hidden, 0.0)
     # the block holds every key of its rows: p normalized, delta of this p and dp
     total = p.sum(-1, keepdim=True)  # (B, Hq, T, 1); 0 for rows without keys
     p.div_(torch.where(total > 0, total, torch.ones_like(total)))
@@ -410,7 +411,8 @@ def _eager_block_backward(sv: _Saved, blk: Block, grads: _Grads) -> None:
     if req.softcap is not None:  # d(c tanh(x / c)) / dx = 1 - (s / c)^2
         ds = ds * (1 - (s / req.softcap) ** 2)
     dq, dk, dv = grads.qkv
-    dq[:, :, r0:r1] += weighted_values(ds, k_sel, None if hidden is None else ~hidden) * req.scale
+    ds_k = grouped_matmul(ds, k_sel) if hidden is None else weighted_values(ds, k_sel, ~hidden)
+    dq[:, :, r0:r1] += ds_k * req.scale
     _scatter_add(dk, blk.keys, _group_sum(ds.transpose(-1, -2) @ qs, hkv))
     _scatter_add(dv, blk.keys, _group_sum(p.transpose(-1, -2) @ do, hkv))
     if bias_tile is not None and leaves:
