@@ -218,7 +218,6 @@ def kernel_weights(qf: Tensor, kf: Tensor, causal: bool, log_scale: Tensor | Non
         m = _finite(torch.cummax(s, -1).values[..., last])  # (B, Hq, Lq)
         a = a * torch.exp((s.unsqueeze(-2) - m.unsqueeze(-1)).clamp(max=0))
     if causal:
-        lq, lk = a.shape[-2:]
         a = a.tril(lk - lq)  # key j <= i + Lk - Lq
     return _safe_ratio(a, a.sum(-1, keepdim=True))
 

@@ -143,14 +143,12 @@ def _narrow(scale: Tensor, top: Tensor) -> bool:
     """Whether the keys' scales ``(B, H, L)`` (``-inf`` on padded keys) lie within
     :data:`SPREAD` of their maximum ``top`` in every row (then the features of one
     shift by ``top`` stay normal in float32); False under vmap, which cannot read it."""
-    if vmapping() or not scale.numel():
-        return not scale.numel()
+    if not scale.numel():
+        return True
+    if vmapping():
+        return False
     low = torch.where(torch.isfinite(scale), scale, top).amin(-1, keepdim=True)
     return bool(((top - low).nan_to_num(0.0) <= SPREAD).all())
-
-
-def _finite(t: Tensor) -> Tensor:
-    return torch.where(torch.isfinite(t), t, torch.zeros_like(t))
 
 
 class PerformerEngine(ApproximateEngine):
@@ -198,7 +196,7 @@ class PerformerEngine(ApproximateEngine):
             kf, scale = causal_key_features(req.k * root, w, plan.key_valid)
             top = scale.amax(-1, keepdim=True)  # (B, Hkv, 1)
             if _narrow(scale, top):  # one scale for all keys underflows none: the fast path
-                kf = kf * torch.exp(scale - _finite(top)).unsqueeze(-1)
+                kf = kf * torch.exp(scale - top.nan_to_num(neginf=0.0)).unsqueeze(-1)
                 return kernel_result(req, qf, kf, True, opts.chunk_size)
             return kernel_result(req, qf, kf, True, opts.chunk_size, scale)
         kf = favor_features(req.k * root, w, is_query=False, valid=plan.key_valid)

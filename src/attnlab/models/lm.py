@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlab._validate import nonnegative_int, positive_int
+from attnlab.models._ids import check_vocab
 from attnlab.nn import DecoderCache, DecoderOnly, LayerConfig
 from attnlab.positional import RotaryEmbedding
 
@@ -174,11 +175,7 @@ def _check_ids(ids: object, vocab_size: int, name: str = "ids") -> None:
         raise TypeError(f"{name} must hold int64 or int32 token ids, got dtype {ids.dtype}")
     if ids.dim() != 2:
         raise ValueError(f"{name} must have shape (B, L), got shape {tuple(ids.shape)}")
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        raise ValueError(
-            f"{name} must lie in [0, vocab_size={vocab_size}), got values in "
-            f"[{int(ids.min())}, {int(ids.max())}]"
-        )
+    check_vocab(name, ids, "vocab_size", vocab_size)
 
 
 def _check_eos(eos_id: object, vocab_size: int) -> int | None:
