@@ -173,10 +173,11 @@ class BlockedEngine(Engine):
     def _given_plan(self, req: AttentionRequest) -> KernelPlan | None:
         """The kernel plan of a part of a larger softmax (:meth:`forward_given`), or None
         where the compiled kernel cannot run ``req``."""
-        leaves = bias_leaves(req.bias)
         if req.score != "dot" or req.softcap is not None or req.sinks is not None:
             return None
-        return kernel_plan(req, self.plan(req), self.block) if kernel_ok(req, leaves) else None
+        if not kernel_ok(req, bias_leaves(req.bias)):
+            return None
+        return kernel_plan(req, self.plan(req), self.block)
 
     def forward_given(self, req: AttentionRequest) -> tuple[Tensor, Tensor] | None:
         """``out (B, Hq, Lq, Ev)`` float32 and the logsumexp ``(B, Hq, Lq)`` in float64 of
