@@ -109,8 +109,8 @@ def plan(
     """
     validate_layout(layout)
     nonnegative_int("n", n)
-    sizes = {"world": world, "batch": batch, "heads": heads, "head_dim": head_dim}
-    for name, value in {**sizes, "element_size": element_size}.items():
+    counts = {"world": world, "batch": batch, "heads": heads, "head_dim": head_dim}
+    for name, value in {**counts, "element_size": element_size}.items():
         positive_int(name, value)
     names = ("ring", "all-gather", "ulysses", "auto")  # api.STRATEGIES (api imports this)
     if strategy not in names:
