@@ -453,3 +453,25 @@ def test_a_path_behind_a_closed_folder_is_named(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(Path, "exists", closed)
     with pytest.raises(UsageError, match=r"'secret/x.html' cannot be reached \(permission"):
         check_out_file("--out", "secret/x.html")
+
+
+def test_ctrl_c_while_torch_imports_is_one_line() -> None:
+    """The console script's entry point is outside the package: a Ctrl-C while
+    ``import attnlab`` ran (seconds, for torch) ended in a traceback. The interrupt is
+    raised here by an import hook, at the moment ``attnlab`` is looked up."""
+    code = (
+        "import sys\n"
+        "class Interrupt:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'attnlab':\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, Interrupt())\n"
+        "import attnlab_launch\n"
+        "sys.exit(attnlab_launch.main())\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 130
+    assert res.stderr.splitlines() == [
+        "attnlab: interrupted (SIGINT) while starting; nothing was done"
+    ]
+    assert ATTNLAB.read_text().count("attnlab_launch") == 1  # the installed script uses it
