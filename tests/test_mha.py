@@ -362,3 +362,21 @@ def test_a_step_after_crop_leaves_what_backward_saved() -> None:
     assert max_err(got, x.grad) < 1e-12
     want = mha(torch.cat([x[:, :2], x[:, 4:5]], 1), mask=masks.causal())[:, -1:]
     assert max_err(step, want) < 1e-12  # the step saw the two kept positions
+
+
+@pytest.mark.parametrize("then", ["no_grad", "grad"])
+def test_a_prefill_under_inference_mode_continues_outside_it(then: str) -> None:
+    """A cache prefilled under ``torch.inference_mode`` holds inference tensors; the next
+    step under ``no_grad`` wrote into them ("Inplace update to inference tensor outside
+    InferenceMode"). It now copies them to storage of its own."""
+    torch.manual_seed(0)
+    mha, cache = _layer(2, True, False).double(), KVCache()
+    x = torch.randn(2, 11, 64, dtype=torch.float64)
+    with torch.inference_mode():
+        first = mha(x[:, :8], mask=masks.causal(), cache=cache)
+    with torch.enable_grad() if then == "grad" else torch.no_grad():
+        steps = [mha(x[:, i : i + 1], mask=masks.causal(), cache=cache) for i in (8, 9, 10)]
+    with torch.no_grad():
+        full = mha(x, mask=masks.causal())
+    assert cache.length == 11 and not cache.keys.is_inference()  # type: ignore[union-attr]
+    assert max_err(torch.cat([first.clone(), *steps], 1), full) < 1e-12

@@ -70,7 +70,7 @@ class KVCache:
             self._k = self._v = None  # emptied (crop(0)): the next step may change its sizes
         if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
             return self._concat(k, v, need)
-        if self._k is None or self._v is None or need > self._k.shape[2] or not self._owned:
+        if self._k is None or self._v is None or need > self._k.shape[2] or not self._writable():
             self._grow(k, v, need)  # after crop(), a write would have reached those
         assert self._k is not None and self._v is not None
         self._k[:, :, self._len : need] = k
@@ -108,6 +108,12 @@ class KVCache:
         self._v = self._v.index_select(0, idx)
         self._owned = not (self._k.requires_grad or self._v.requires_grad)
         return self
+
+    def _writable(self) -> bool:
+        """Whether appends may write into the storage: it is the cache's own, and not an
+        inference tensor (a prefill under ``torch.inference_mode``) written outside it."""
+        frozen = self._k is not None and self._k.is_inference()
+        return self._owned and not (frozen and not torch.is_inference_mode_enabled())
 
     def _concat(self, k: Tensor, v: Tensor, need: int) -> tuple[Tensor, Tensor]:
         """Append under autograd: new tensors each step, since writing into the storage
