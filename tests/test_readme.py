@@ -103,3 +103,20 @@ def test_custom_mask_class_example_uses_the_protocol() -> None:
     kplan = kernel_plan(req, make_plan(band, req, 128), 128)
     assert kplan is not None and kplan.interval  # masked by spans, no tile evaluated
     assert namespace["out"].shape == (1, 8, 8192, 64)  # type: ignore[attr-defined]
+
+
+def test_meta_device_example_draws_every_parameter() -> None:
+    namespace: dict[str, object] = {}
+    torch.manual_seed(0)
+    exec(compile(_block_with("python", 'torch.device("meta")'), "README.md", "exec"), namespace)
+    lm = namespace["lm"]
+    assert isinstance(lm, torch.nn.Module)
+    torch.manual_seed(0)
+    ref = type(lm)(lm.layers[0].config, len(lm.layers))  # type: ignore[call-arg, index, arg-type]
+    for (name, p), q in zip(lm.named_parameters(), ref.parameters(), strict=True):
+        assert torch.isfinite(p).all(), name
+        if q.std() > 0:
+            assert 0.8 < float(p.detach().std() / q.detach().std()) < 1.25, name
+    x = torch.randn(1, 7, 256)
+    ref.load_state_dict(lm.state_dict())
+    assert torch.equal(lm.eval()(x), ref.eval()(x))  # the buffers were made again too

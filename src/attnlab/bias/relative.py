@@ -143,6 +143,10 @@ class RelativeBuckets(Bias):
         self.max_distance = int(max_distance)
         self.bidirectional = bidirectional
         self.table = nn.Parameter(torch.empty(self.num_buckets, self.num_heads))  # (NB, H)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Draw the table again, ``N(0, 0.02**2)`` as when built."""
         nn.init.normal_(self.table, std=0.02)
 
     @property
@@ -225,6 +229,10 @@ class LearnedRelative(Bias):
         self.max_distance = positive_int("max_distance", max_distance)
         rows = 2 * self.max_distance + 1
         self.table = nn.Parameter(torch.empty(rows, self.num_heads))  # (2D + 1, H)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Draw the table again, ``N(0, 0.02**2)`` as when built."""
         nn.init.normal_(self.table, std=0.02)
 
     @property

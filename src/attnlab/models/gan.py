@@ -135,6 +135,10 @@ class SelfAttention2d(nn.Module):
         self.out = sn(nn.Conv2d(c, c, 1, bias=False), spectral)
         self.gamma = nn.Parameter(torch.zeros(()))
 
+    def reset_parameters(self) -> None:
+        """Set the residual gate ``gamma`` to 0 again, as when built (SAGAN)."""
+        nn.init.zeros_(self.gamma)
+
     def _heads(self, x: Tensor) -> Tensor:
         """``(B, H * E, h, w) -> (B, H, L, E)`` with ``L = h * w`` (row-major)."""
         b, he, h, w = x.shape

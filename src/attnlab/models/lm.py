@@ -49,6 +49,14 @@ class LMConfig:
     rope_base: float = 10000.0
 
 
+class _Embedding(nn.Embedding):
+    """Token embeddings drawn ``N(0, 0.02**2)`` (GPT-2's), when built and by
+    ``reset_parameters()`` (after a build on the meta device and ``to_empty``)."""
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=0.02)
+
+
 class LanguageModel(nn.Module):
     """Token embedding, a RoPE :class:`~attnlab.nn.DecoderOnly` stack and an output head.
 
@@ -76,8 +84,7 @@ class LanguageModel(nn.Module):
                 f"d_model={cfg.d_model} must be a multiple of num_heads={heads} (head dim)"
             )
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        nn.init.normal_(self.embed.weight, std=0.02)
+        self.embed = _Embedding(cfg.vocab_size, cfg.d_model)
         layer = LayerConfig(  # pre-norm GELU layers with RoPE
             cfg.d_model,
             heads,

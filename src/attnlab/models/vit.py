@@ -116,7 +116,7 @@ class ViT(nn.Module):
         self.patches = PatchEmbedding(cfg.image_size, cfg.patch_size, cfg.channels, d)
         self.num_tokens = 1 + self.patches.num_patches
         self.cls = nn.Parameter(torch.zeros(1, 1, d))
-        nn.init.normal_(self.cls, std=0.02)
+        self.reset_parameters()
         self.pos = LearnedPositional(self.num_tokens, d)
         self.dropout = nn.Dropout(cfg.dropout)
         layer = EncoderLayer(
@@ -132,6 +132,11 @@ class ViT(nn.Module):
         )
         self.encoder = Encoder(layer, positive_int("layers", cfg.layers), nn.LayerNorm(d))
         self.head = nn.Linear(d, positive_int("num_classes", cfg.num_classes))
+
+    def reset_parameters(self) -> None:
+        """Draw the class token again, ``N(0, 0.02**2)`` as when built (the submodules
+        have their own)."""
+        nn.init.normal_(self.cls, std=0.02)
 
     def config(self) -> dict[str, object]:
         """The JSON-able config that rebuilds this model."""

@@ -110,9 +110,16 @@ class MultiHeadAttention(nn.Module):
             self.v_proj_weight = nn.Parameter(torch.empty(hk, self.vdim))
         self.in_proj_bias = nn.Parameter(torch.zeros(hq + 2 * hk)) if bias else None
         self.out_proj = nn.Linear(hq, d, bias=bias)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialize the projections as when built (Xavier-uniform weights, zero biases),
+        e.g. after a build on the meta device and ``to_empty``, as torch's layers do."""
         for w in self._proj_weights():
             nn.init.xavier_uniform_(w)
-        if bias:
+        if self.in_proj_bias is not None:
+            nn.init.zeros_(self.in_proj_bias)
+        if self.out_proj.bias is not None:
             nn.init.zeros_(self.out_proj.bias)
 
     def _proj_weights(self) -> list[Tensor]:

@@ -400,7 +400,13 @@ class AttentionPooling(nn.Module):
         self.attn_dim = input_dim if attn_dim is None else positive_int("attn_dim", attn_dim)
         self.normalize = _normalizer_name(normalize)
         self.proj = nn.Linear(input_dim, self.attn_dim)
-        self.context = nn.Parameter(torch.randn(self.attn_dim) / math.sqrt(self.attn_dim))
+        self.context = nn.Parameter(torch.empty(self.attn_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Draw the context vector again, ``N(0, 1 / attn_dim)`` as when built (``proj``
+        is a torch ``Linear`` with its own)."""
+        nn.init.normal_(self.context, std=1 / math.sqrt(self.attn_dim))
 
     def forward(self, h: Tensor, mask: masks.Mask | Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Pool ``h`` over its length.

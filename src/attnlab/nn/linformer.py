@@ -164,8 +164,16 @@ class LinformerAttention(nn.Module):
             nn.Linear(embed_dim, embed_dim, bias=bias) for _ in range(4)
         )
         shape = (num_heads, proj_dim, max_len) if sharing == "none" else (proj_dim, max_len)
-        self.proj_k = _length_projection(shape)
-        self.proj_v = None if sharing == "kv" else _length_projection(shape)
+        self.proj_k = nn.Parameter(torch.empty(shape))
+        self.proj_v = None if sharing == "kv" else nn.Parameter(torch.empty(shape))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Draw the length projections again, entries ``N(0, 1/P)`` as when built
+        (Johnson-Lindenstrauss scale; the ``Linear`` layers have their own)."""
+        for p in (self.proj_k, self.proj_v):
+            if p is not None:
+                nn.init.normal_(p, std=1 / math.sqrt(p.shape[-2]))
 
     def forward(
         self,
@@ -227,11 +235,6 @@ class LinformerAttention(nn.Module):
             raise ValueError(f"inputs must be (B, L, {self.embed_dim}), got {seen}")
         b, n, _ = x.shape
         return proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-
-
-def _length_projection(shape: tuple[int, ...]) -> nn.Parameter:
-    """A learned length projection, entries ``N(0, 1/P)`` (Johnson-Lindenstrauss scale)."""
-    return nn.Parameter(torch.randn(shape) / math.sqrt(shape[-2]))
 
 
 def _check_args(d: int, h: int, max_len: int, proj_dim: int, sharing: str) -> None:

@@ -170,6 +170,10 @@ class LearnedPositional(nn.Module):
         self.max_len = positive_int("max_len", max_len)
         self.dim = positive_int("dim", dim)
         self.weight = nn.Parameter(torch.empty(self.max_len, self.dim))  # (max_len, D)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Draw the vectors again, ``N(0, 0.02**2)`` as when built."""
         nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, x: Tensor, offset: int = 0, *, positions: Tensor | None = None) -> Tensor:

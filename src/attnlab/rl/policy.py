@@ -237,6 +237,14 @@ class AttentionPolicy(AgentPolicy):
         self.register_buffer("pos", sinusoidal_table(max_steps, d_model), persistent=False)
         self.max_steps = max_steps
 
+    def _apply(self, fn: Any, recurse: bool = True) -> AttentionPolicy:
+        """Move or cast as usual, then make the position table again (no state dict holds
+        it): ``to_empty`` after a build on the meta device left it uninitialized."""
+        super()._apply(fn, recurse)
+        p = self.pos
+        self.pos = sinusoidal_table(*p.shape).to(device=p.device, dtype=p.dtype)
+        return self
+
     def config(self) -> dict[str, Any]:
         return super().config() | {
             "context": self.context,
