@@ -500,3 +500,112 @@ def test_checkpoints_the_explorer_cannot_open_are_refused(with_runs: TestClient)
         assert r.status_code == 422, r.text
         assert "does not fit this model" in r.json()["detail"] and "\n" not in r.json()["detail"]
     assert with_runs.post("/api/attend", json={"text": TEXT}).status_code == 200
+
+
+def _asgi_post(app: Any, path: str, body: bytes, host: str = "127.0.0.1") -> Any:
+    """One POST straight through the ASGI app (no client in between); a coroutine of
+    ``(status, json)``."""
+    import json
+
+    async def call() -> tuple[int, Any]:
+        scope = {
+            "type": "http", "method": "POST", "path": path, "raw_path": path.encode(),
+            "query_string": b"", "root_path": "", "scheme": "http", "http_version": "1.1",
+            "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 5000),
+            "headers": [(b"host", host.encode()), (b"content-type", b"application/json")],
+        }  # fmt: skip
+        chunks = [{"type": "http.request", "body": body, "more_body": False}]
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return chunks.pop(0) if chunks else {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await app(scope, receive, send)
+        data = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+        return sent[0]["status"], json.loads(data)
+
+    return call()
+
+
+def test_requests_at_once_cannot_pass_max_jobs(small: TestClient) -> None:
+    """The job count was checked before an await and the job submitted after it: 64
+    requests at once gave 64 jobs with max_jobs=32."""
+    import asyncio
+    import json
+
+    body = json.dumps({"text": "a b c d", "method": "integrated", "steps": 64}).encode()
+
+    async def burst() -> list[tuple[int, Any]]:
+        return await asyncio.gather(
+            *(_asgi_post(small.app, "/api/explain", body) for _ in range(6))
+        )
+
+    answers = asyncio.run(burst())
+    assert sorted(s for s, _ in answers) == [202, 429, 429, 429, 429, 429], answers
+    for status, out in answers:
+        if status == 202:
+            small.delete(f"/api/jobs/{out['job']}")
+        else:
+            assert "max_jobs=1" in out["detail"]
+
+
+def test_a_chunked_body_past_the_limit_is_refused(small: TestClient) -> None:
+    """Only ``Content-Length`` was checked: a chunked body was read whole (400 MiB took the
+    server from 0.3 to 1.7 GB) before the text's own limit answered."""
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"text": "'
+        for _ in range(4):
+            yield b"a" * 1_000_000
+        yield b'"}'
+
+    r = small.post("/api/attend", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "bytes; the limit is" in r.json()["detail"]
+    assert small.post("/api/attend", json={"text": "still serving"}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (b'{"text": "caf\\udce9"}', "text holds an unpaired surrogate 0xdce9 at character 3"),
+        (b'{"text": "caf\xe9"}', "body is not JSON that can be read"),  # Latin-1, not UTF-8
+        (b'{"text": ' + b"[" * 1000 + b"]" * 1000 + b"}", "body is not JSON that can be read"),
+        (b'{"text": "a", "layer": ' + b"9" * 5000 + b"}", "body is not JSON that can be read"),
+        (b'{"text": null}', "text is required: model 'minilm' reads text"),  # was: model None
+    ],
+)
+def test_bodies_that_cannot_be_read_are_a_422_naming_why(
+    small: TestClient, body: bytes, words: str
+) -> None:
+    r = small.post("/api/attend", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert words in detail and "\n" not in detail and len(detail) < 300, detail
+
+
+def test_thousands_of_unknown_keys_give_a_short_detail(small: TestClient) -> None:
+    body = {"text": "a", **{f"k{i}": 1 for i in range(2000)}}
+    r = small.post("/api/attend", json=body)
+    detail = r.json()["detail"]
+    assert r.status_code == 422 and "k0: " in detail and "and 1995 more" in detail, detail
+    assert len(detail) < 500
+
+
+def test_on_loopback_only_this_machines_names_are_answered(enc: SentenceEncoder) -> None:
+    """DNS rebinding: a page at ``http://rebind.test:PORT`` whose name resolves to
+    127.0.0.1 could queue jobs and read the answers; its ``Host`` now gets 403."""
+    import asyncio
+
+    from attnlab.serve.guard import LOOPBACK_HOSTS
+
+    app = create_app(encoder=enc, limits=LIMITED, hosts=LOOPBACK_HOSTS)
+    body = b'{"text": "Cats purr."}'
+    hosts = {"rebind.test:8000": 403, "127.0.0.1:8000": 200, "localhost": 200}
+    for host, status in {**hosts, "[::1]:8000": 200, "127.0.0.1.evil": 403}.items():
+        got, out = asyncio.run(_asgi_post(app, "/api/attend", body, host=host))
+        assert got == status, (host, out)
+        if status == 403:
+            assert f"Host {host!r} is not this server's name" in out["detail"]

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 
 import pytest
@@ -58,6 +59,16 @@ def test_serves_on_loopback_and_stops_on_ctrl_c() -> None:
         )
         with urllib.request.urlopen(req, timeout=120) as r:
             assert json.load(r)["stacks"][0]["queries"] == ["[CLS]", "hello", "there", ".", "[SEP]"]
+        port = url.rstrip("/").rsplit(":", 1)[1]
+        rebound = urllib.request.Request(
+            url + "api/health", headers={"Host": f"rebind.test:{port}"}
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:  # DNS rebinding
+            urllib.request.urlopen(rebound, timeout=60)
+        assert refused.value.code == 403
+        named = urllib.request.Request(url + "api/health", headers={"Host": f"localhost:{port}"})
+        with urllib.request.urlopen(named, timeout=60) as r:
+            assert json.load(r)["ok"] is True
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
     finally:

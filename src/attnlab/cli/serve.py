@@ -2,9 +2,11 @@
 
 Serves the page and its JSON API (FastAPI under uvicorn) on 127.0.0.1 by default; any
 other host needs ``--allow-remote`` and prints a warning, since the API runs models for
-whoever can reach it. The host and port are checked before anything loads, and a
-``--model`` folder is loaded before the server starts, so a bad host, a busy port or a
-folder without a model is one line and exit status 2.
+whoever can reach it. On loopback it answers only requests whose ``Host`` names this
+machine: a foreign page behind a name rebound to 127.0.0.1 gets 403. The host and port
+are checked before anything loads, and a ``--model`` folder is loaded before the server
+starts, so a bad host, a busy port or a folder without a model is one line and exit
+status 2.
 """
 
 from __future__ import annotations
@@ -121,13 +123,16 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn
 
         from attnlab.serve import create_app
+        from attnlab.serve.guard import LOOPBACK_HOSTS
     except ModuleNotFoundError as e:
         raise ModuleNotFoundError(f"{e}; pip install 'attnlab[serve]'") from e
     sock = _bind(args.host, args.port)
     encoder = _encoder(args, sock)
     if not _is_loopback(args.host):
         warn(args, f"serving on {args.host}: anyone who can reach it can run models here")
-    app = create_app(args.model, args.runs, encoder=encoder)
+    # on loopback, only requests that name this machine (not a rebound foreign name)
+    hosts = (*LOOPBACK_HOSTS, args.host) if _is_loopback(args.host) else None
+    app = create_app(args.model, args.runs, encoder=encoder, hosts=hosts)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{port}/"

@@ -19,18 +19,21 @@ import hashlib
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
 
 import attnlab
 from attnlab.serve import payload
+from attnlab.serve.guard import Guard
 from attnlab.serve.jobs import Worker
 from attnlab.serve.limits import (
     ApiError,
@@ -57,6 +60,22 @@ class Explorer:
         self.worker = Worker()
         self.cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self.lock = threading.Lock()  # the cache
+        self.admitted = 0  # explanations past the max_jobs check, not yet submitted
+
+    @contextmanager
+    def admitting(self) -> Iterator[None]:
+        """Hold one of ``max_jobs`` slots while a job is checked and submitted (event loop
+        only); ApiError 429 when queued, running and admitted jobs fill them."""
+        cap = self.limits.max_jobs
+        if self.worker.active() + self.admitted >= cap:
+            raise ApiError(
+                429, f"{cap} jobs are queued or running (max_jobs={cap}); wait or cancel one"
+            )
+        self.admitted += 1
+        try:
+            yield
+        finally:
+            self.admitted -= 1
 
     async def run(self, fn: Callable[[], Any]) -> Any:
         """``fn()`` on the worker thread, awaited without blocking the event loop."""
@@ -70,9 +89,9 @@ class Explorer:
 
     def inspect(self, name: str | None, side: Side | ExplainIn) -> tuple[Any, Any]:
         """(model, inspection) of one input; worker thread only."""
-        m = self.model(name)
-        text, image, key = self.read_input(m, side)
-        cache_key = (name or self.registry.default, key)
+        m, name = self.model(name), name or self.registry.default
+        text, image, key = self.read_input(m, side, name)
+        cache_key = (name, key)
         with self.lock:
             if cache_key in self.cache:
                 self.cache.move_to_end(cache_key)
@@ -97,15 +116,16 @@ class Explorer:
             raise ApiError(413, f"text has {n} tokens; the limit is max_tokens={cap}")
         return n
 
-    def read_input(self, m: Any, side: Side | ExplainIn) -> tuple[str | None, Any, str]:
-        """The text or decoded image a request gives, checked against the model's input."""
+    def read_input(self, m: Any, side: Side | ExplainIn, name: str) -> tuple[str | None, Any, str]:
+        """The text or decoded image a request gives, checked against model ``name``'s
+        input."""
         if m.input == "image":
             if side.image is None:
-                raise ApiError(422, f"image is required: model {side.model!r} reads images")
+                raise ApiError(422, f"image is required: model {name!r} reads images")
             digest = hashlib.sha256(side.image.encode()).hexdigest()
             return None, decode_image(self.limits, side.image), "image:" + digest
         if side.text is None:
-            raise ApiError(422, f"text is required: model {side.model!r} reads text")
+            raise ApiError(422, f"text is required: model {name!r} reads text")
         text = check_text(self.limits, side.text)
         return text, None, "text:" + text
 
@@ -116,9 +136,12 @@ def create_app(
     *,
     limits: Limits | None = None,
     encoder: Any = None,
+    hosts: Collection[str] | None = None,
 ) -> FastAPI:
     """The explorer app over the encoder ``model`` (default: all-MiniLM-L6-v2) and the
-    checkpoints under ``runs``; ``encoder`` hands in an already loaded SentenceEncoder."""
+    checkpoints under ``runs``; ``encoder`` hands in an already loaded SentenceEncoder;
+    ``hosts``: the names a request's ``Host`` may carry (None: any; ``attnlab serve`` on
+    loopback gives :data:`~attnlab.serve.guard.LOOPBACK_HOSTS` and its own address)."""
     ex = Explorer(Registry(model, runs, encoder), limits or Limits())
 
     @asynccontextmanager
@@ -137,15 +160,17 @@ def create_app(
         redoc_url=None,
     )
     app.state.explorer = ex
-    _errors(app, ex.limits)
+    _errors(app)
     _routes(app, ex)
+    # bodies past the upload limit (as base64, in JSON) refused as they arrive
+    app.add_middleware(Guard, max_body=ex.limits.max_upload_bytes * 4 // 3 + 65536, hosts=hosts)
     if STATIC.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
 
 
-def _errors(app: FastAPI, limits: Limits) -> None:
-    """One-line ``detail`` for every error; bodies past the upload limit refused early."""
+def _errors(app: FastAPI) -> None:
+    """One-line ``detail`` for every error; a body FastAPI cannot parse is a 422 too."""
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
@@ -155,13 +180,14 @@ def _errors(app: FastAPI, limits: Limits) -> None:
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         return JSONResponse({"detail": payload.one_line(e.errors())}, status_code=422)
 
-    @app.middleware("http")
-    async def body_limit(request: Request, call_next: Any) -> Any:
-        size = request.headers.get("content-length", "")
-        if size.isdigit() and int(size) > limits.max_upload_bytes * 4 // 3 + 65536:
-            detail = f"request body has {size} bytes; max_upload_bytes={limits.max_upload_bytes}"
-            return JSONResponse({"detail": detail}, status_code=413)
-        return await call_next(request)
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> Any:
+        cause = e.__cause__
+        if e.status_code != 400 or cause is None:
+            return await http_exception_handler(request, e)
+        # "There was an error parsing the body": not UTF-8, nested too deep, a huge number
+        why = " ".join(str(cause).split())[:120] or type(cause).__name__
+        return JSONResponse({"detail": f"body is not JSON that can be read ({why})"}, 422)
 
 
 def _routes(app: FastAPI, ex: Explorer) -> None:
@@ -227,21 +253,17 @@ def _routes(app: FastAPI, ex: Explorer) -> None:
         _check_view(ex.limits, body.top_k)
         check_range("steps", body.steps, 2, ex.limits.max_steps, "max_steps")
         m = ex.model(body.model)
-        _check_method(m, body)
-        if ex.worker.active() >= ex.limits.max_jobs:
-            raise ApiError(
-                429,
-                f"{ex.limits.max_jobs} jobs are queued or running "
-                f"(max_jobs={ex.limits.max_jobs}); wait or cancel one",
-            )
+        _check_method(m, body, body.model or ex.registry.default)
         text = check_text(ex.limits, body.text)
-        tokens = await ex.run(lambda: _check_tokens(ex, body, body.method))
+        with ex.admitting():  # a slot held from here: requests at once cannot pass max_jobs
+            tokens = await ex.run(lambda: _check_tokens(ex, body, body.method))
 
-        def work(report: Callable[..., None]) -> dict[str, Any]:
-            out = m.explain(text, body.method, steps=body.steps, top_k=body.top_k, report=report)
-            return out
+            def work(report: Callable[..., None]) -> dict[str, Any]:
+                return m.explain(
+                    text, body.method, steps=body.steps, top_k=body.top_k, report=report
+                )
 
-        job = ex.worker.submit(work)
+            job = ex.worker.submit(work)
         return {"job": job.id, "state": job.state, "tokens": tokens}
 
     @app.get("/api/jobs/{job_id}")
@@ -270,7 +292,7 @@ def _load(m: Any) -> Any:
         return m.load()
 
 
-def _check_method(m: Any, body: ExplainIn) -> None:
+def _check_method(m: Any, body: ExplainIn, name: str) -> None:
     """ApiError 422 unless ``body.method`` is one of the model's explanations."""
     allowed = [x for x in m.methods if x != "attention"]
     if body.method in allowed:
@@ -278,7 +300,7 @@ def _check_method(m: Any, body: ExplainIn) -> None:
     if not allowed:
         raise ApiError(
             422,
-            f"method: model {body.model!r} offers no explanation besides its raw attention "
+            f"method: model {name!r} offers no explanation besides its raw attention "
             f"(POST /api/attend), got {body.method!r}",
         )
     raise ApiError(422, f"method must be one of {allowed} for this model, got {body.method!r}")

@@ -60,11 +60,20 @@ def check_text(limits: Limits, text: object, field: str = "text") -> str:
         raise ApiError(422, f"{field} must be a string, got {type(text).__name__}")
     if not text.strip():
         raise ApiError(422, f"{field} is empty; give some text to look at")
+    bad = _SURROGATE.search(text)
+    if bad is not None:  # JSON's "\\udce9" escapes: no character, so not UTF-8 text
+        seen = f"{ord(bad.group()):#06x}"
+        raise ApiError(
+            422, f"{field} holds an unpaired surrogate {seen} at character {bad.start()}"
+        )
     if len(text) > limits.max_chars:
         raise ApiError(
             413, f"{field} has {len(text)} characters; the limit is max_chars={limits.max_chars}"
         )
     return text
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def check_range(field: str, value: int, low: int, high: int, limit: str = "") -> int:

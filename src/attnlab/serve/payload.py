@@ -64,7 +64,10 @@ class ExplainIn(_Body):
 def one_line(errors: Any) -> str:
     """FastAPI's validation errors as one line: ``field: message (got value)``."""
     parts = []
-    for err in errors:
+    for i, err in enumerate(errors):
+        if i == 5:  # a body with thousands of unknown keys: the detail stays one line
+            parts.append(f"and {len(errors) - 5} more")
+            break
         if err.get("type") == "json_invalid":
             why = err.get("ctx", {}).get("error", "")
             parts.append(f"body is not valid JSON ({why} at character {err['loc'][-1]})")

@@ -1,0 +1,108 @@
+"""The explorer's gate, in front of every route: the request body's size and the ``Host``.
+
+* A body past the limit is refused with 413 whether its size is declared
+  (``Content-Length``) or not (``Transfer-Encoding: chunked``): the chunks are counted as
+  they arrive, so a client cannot make the server hold more than the limit.
+* ``hosts`` names what the ``Host`` header may carry. ``attnlab serve`` on a loopback
+  address answers only ``127.0.0.1``, ``localhost``, ``::1`` and its own address: a web
+  page whose name was made to resolve to 127.0.0.1 (DNS rebinding) sends its own name and
+  gets 403, so it can neither queue work nor read the answers. ``None`` lets any host in
+  (``--allow-remote``; and an app built by :func:`~attnlab.serve.create_app` for use
+  inside other code).
+
+Example:
+    >>> host_name("[::1]:8000"), host_name("LocalHost:80"), host_name("127.0.0.1")
+    ('::1', 'localhost', '127.0.0.1')
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Collection, MutableMapping
+from typing import Any
+
+from starlette.exceptions import HTTPException
+
+__all__ = ["LOOPBACK_HOSTS", "Guard", "host_name"]
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class _TooLarge(HTTPException):
+    """A streamed body went past the limit: an HTTP error, so that FastAPI, which reads
+    the body, answers it as one (413) instead of "There was an error parsing the body"."""
+
+
+def host_name(header: str) -> str:
+    """The host of a ``Host`` header, lower case, without its port or IPv6 brackets."""
+    h = header.strip().lower()
+    if h.startswith("["):
+        return h[1 : h.find("]")] if "]" in h else h[1:]
+    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+
+
+class Guard:
+    """ASGI middleware: 413 past ``max_body`` bytes, 403 for a ``Host`` not in ``hosts``."""
+
+    def __init__(self, app: Any, max_body: int, hosts: Collection[str] | None = None) -> None:
+        self.app, self.max_body = app, max_body
+        self.hosts = None if hosts is None else {host_name(h) for h in hosts}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        refused = self._refused(headers)
+        if refused is not None:
+            return await _answer(send, *refused)
+        seen, started = 0, False
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_body:
+                raise _TooLarge(413, self._too_large(f"over {self.max_body}"))
+            return message
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, tracked)
+        except _TooLarge as e:
+            if started:
+                raise
+            await _answer(send, 413, str(e.detail))
+
+    def _refused(self, headers: dict[str, str]) -> tuple[int, str] | None:
+        """(status, detail) of a request refused on its headers alone, or None."""
+        host = headers.get("host", "")
+        if self.hosts is not None and host_name(host) not in self.hosts:
+            allowed = ", ".join(sorted(self.hosts))
+            return 403, (
+                f"Host {host!r} is not this server's name (it answers {allowed}); "
+                "a page that reaches 127.0.0.1 under another name is refused"
+            )
+        size = headers.get("content-length", "")
+        if size.isdigit() and int(size) > self.max_body:
+            return 413, self._too_large(size)
+        return None
+
+    def _too_large(self, size: str) -> str:
+        return f"request body has {size} bytes; the limit is {self.max_body} bytes"
+
+
+async def _answer(send: Send, status: int, detail: str) -> None:
+    """A JSON ``{"detail": ...}`` answer, the shape of every other error of the API."""
+    body = json.dumps({"detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
