@@ -136,3 +136,16 @@ def test_tokens_that_look_like_markup_are_shown_as_text(browser: Any, tmp_path: 
     page, _ = _open(browser, path)
     assert page.inner_text("#left .tok >> nth=0") == "<!--"
     assert page.inner_text("#left .tok >> nth=2") == "x</script>"
+
+
+def test_a_text_and_picture_name_that_were_not_utf8_are_written(tmp_path: Path) -> None:
+    """A text or picture name from bytes that were not UTF-8 (lone surrogates) made the
+    write fail with UnicodeEncodeError after all the work; they show U+FFFD now."""
+    from PIL import Image
+
+    pic = tmp_path / "heads_caf\udce9.png"
+    Image.new("L", (4, 4), 0).save(pic)
+    a = [torch.rand(2, 3, 3).softmax(-1)]
+    page = report(tmp_path / "r.html", ["a", "b", "c"], a, text="caf\udce9", pictures=[pic])
+    html = page.read_text(encoding="utf-8")
+    assert "caf\ufffd" in html and "heads_caf\ufffd" in html

@@ -469,6 +469,7 @@ def test_robust_command_writes_table_and_report(tmp_path: Path) -> None:
     assert "supervised" in html and "http" not in html.replace("http-equiv", "")
     assert "data:image/png;base64," in html  # the chart, inlined
     assert (out / "table.md").read_text().startswith("# A shortcut cue")
+    assert "<pre>| method |" in html and "&lt;pre&gt;" not in html  # the tag was escaped
 
 
 @pytest.mark.parametrize(

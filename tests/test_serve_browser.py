@@ -49,11 +49,21 @@ def _untrained_run(task_name: str, folder: Path) -> None:
     save_checkpoint(folder / "last.safetensors", Checkpoint(model.state_dict(), task.config()))
 
 
+def _broken_run(folder: Path) -> None:
+    """A checkpoint the explorer lists (its metadata reads) but cannot load (no weights)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    meta = {"format": "attnlab-checkpoint-1", "config": json.dumps({"task": "dates"})}
+    save_file({"w": torch.zeros(1)}, str(folder / "best.safetensors"), metadata=meta)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     runs = tmp_path_factory.mktemp("runs")
     for task in ("translation", "vision", "captioning"):
         _untrained_run(task, runs / task)
+    _broken_run(runs / "broken")
     log = runs.parent / "serve.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
@@ -328,6 +338,14 @@ def test_api_errors_are_one_line_on_the_page(page: Any, server: str) -> None:
     page.fill("#text", TEXT)
     _act(page, lambda: page.click("#run"))  # the server still serves, the line goes away
     assert page.is_hidden("#error") and len(page.query_selector_all("#headview .q")) == 12
+
+
+def test_a_model_that_fails_to_load_is_not_left_loading(page: Any, server: str) -> None:
+    """The note beside the model kept "(loading…)" after the load failed."""
+    _act(page, lambda: page.select_option("#model", "broken"), timeout=60_000)
+    assert page.inner_text("#error").startswith("422: ")
+    note = page.inner_text("#model-note")
+    assert "loading" not in note and "loads on first use" in note, note
 
 
 def test_512_tokens_stay_responsive(page: Any, server: str) -> None:

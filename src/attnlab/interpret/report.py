@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from attnlab._io import atomic_write_text, png_data_uri
+from attnlab._io import atomic_write_text, decode_text, png_data_uri
 
 __all__ = ["report"]
 
@@ -112,7 +112,9 @@ def report(
         "saliency": sal,
     }
     page = _page(title, text, data, [Path(p) for p in pictures])
-    return atomic_write_text(path, page)
+    # a text or picture name from bytes that were not UTF-8 (lone surrogates, which UTF-8
+    # cannot write: the page was lost after all the work) shown with U+FFFD
+    return atomic_write_text(path, decode_text(page)[0])
 
 
 def _scores(name: str, scores: Sequence[float] | Tensor, n: int) -> list[float]:

@@ -120,8 +120,8 @@ def write_outputs(
     atomic_write_text(folder / "table.json", json.dumps(data, indent=1) + "\n")
     table = markdown_table(rows, columns)
     atomic_write_text(folder / "table.md", f"# {title}\n\n{table}\n\n" + "\n".join(notes) + "\n")
-    html_table = "<pre>" + table + "</pre>"
-    sections = [Section("Table", html_table), Section("What the numbers mean", " ".join(notes))]
+    sections = [Section("Table", table, preformatted=True)]  # it was escaped: "<pre>" shown
+    sections.append(Section("What the numbers mean", " ".join(notes)))
     chart = bar_chart(rows, columns, folder / "table.png", title)
     sections.append(Section("Pictures", "", [chart, *pictures]))
     settings_line = {k: float(v) for k, v in meta.items() if isinstance(v, int | float)}

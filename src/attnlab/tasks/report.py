@@ -14,11 +14,13 @@ __all__ = ["Section", "write_html"]
 
 @dataclass(frozen=True)
 class Section:
-    """One heading with a line of text and optional PNG pictures (inlined as base64)."""
+    """One heading with a line of text (or, ``preformatted``, lines kept as they are: a
+    Markdown table) and optional PNG pictures (inlined as base64)."""
 
     heading: str
     text: str = ""
     pictures: Sequence[Path] = ()
+    preformatted: bool = False
 
 
 def write_html(
@@ -38,7 +40,8 @@ def write_html(
     parts.append(f"<h1>{html.escape(title)}</h1><p>Scores: ")
     parts.append(html.escape(", ".join(f"{k} {v}" for k, v in scores.items())) + "</p>")
     for sec in sections:
-        parts.append(f"<h3>{html.escape(sec.heading)}</h3><p>{html.escape(sec.text)}</p>")
+        tag = "pre" if sec.preformatted else "p"
+        parts.append(f"<h3>{html.escape(sec.heading)}</h3><{tag}>{html.escape(sec.text)}</{tag}>")
         for pic in sec.pictures:
             alt = html.escape(Path(pic).stem.replace("_", " "))
             parts.append(f"<img alt='{alt}' src='{png_data_uri(pic)}'>")

@@ -377,8 +377,11 @@ function onModel() {
 async function loadModel(m) {
   $("#model-note").textContent += " (loading\u2026)";
   const path = m.name.split("/").map(encodeURIComponent).join("/");
-  Object.assign(m, await api("GET", `/api/models/${path}`));
-  noteModel(m);
+  try {
+    Object.assign(m, await api("GET", `/api/models/${path}`));
+  } finally {
+    noteModel(m);  // not "(loading…)" after a model that fails to load
+  }
 }
 
 function noteModel(m) {
