@@ -268,3 +268,26 @@ def test_summarize_refuses_a_text_past_its_sentence_limit_before_any_work(
     )
     with pytest.raises(ValueError, match=f"text has {MAX_SENTENCES + 1} prose sentences"):
         summarize(text, encoder=object())  # type: ignore[arg-type]  # never reached
+
+
+@NEED_MODEL
+def test_ask_says_once_that_long_sentences_were_cut(
+    tmp_path: Path, with_model: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The index warned, then ranking and explaining re-read the same long sentences and
+    the encoder warned twice more, naming its internal ``texts[1]``."""
+    long = " ".join(f"word{i}" for i in range(400))
+    doc = tmp_path / "long.txt"
+    doc.write_text(f"Cats purr when they are content. {long}. Dogs bark at night.\n")
+    said = []
+    for _ in range(2):  # the index built, then read from its cache
+        assert main(["ask", "why do cats purr?", "--docs", str(doc), "--top", "3"]) == 0
+        said.append([x for x in capsys.readouterr().err.splitlines() if "warning" in x])
+    assert said[0] == [
+        "attnlab ask: warning: 1 of 3 sentences reach the encoder's 256-token limit; only "
+        "their first 256 tokens are embedded"
+    ], said
+    assert said[1] == [
+        "attnlab ask: warning: some candidate sentences are past the encoder's 256-token "
+        "limit; they are compared by their first 256 tokens"
+    ], said

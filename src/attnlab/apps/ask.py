@@ -38,7 +38,9 @@ With ``docs="pydoc"`` (the default) the index of the whole reference is built on
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
@@ -234,11 +236,36 @@ def ask(
         folder = default_cache(docs)
     elif cache is not False:
         folder = cache
-    index = build_index(documents, enc, folder, progress=progress)
-    if not index.sentences:
-        raise ValueError("docs: the documents hold no prose sentences (empty, or only code)")
-    answers = Asker(index, enc).rank(question, top)
-    if explain:
-        for a in answers:
-            a.matches = match_words(enc, question, a.sentence.text)
+    with _one_truncation_warning(enc.config.max_seq_length):
+        index = build_index(documents, enc, folder, progress=progress)
+        if not index.sentences:
+            raise ValueError("docs: the documents hold no prose sentences (empty, or only code)")
+        answers = Asker(index, enc).rank(question, top)
+        if explain:
+            for a in answers:
+                a.matches = match_words(enc, question, a.sentence.text)
     return answers
+
+
+@contextmanager
+def _one_truncation_warning(limit: int) -> Iterator[None]:
+    """Pass on the warnings inside, but at most one about texts past the encoder's
+    ``limit`` tokens: the index's (how many sentences), or one about the answers (an index
+    read from the cache). Ranking and explaining read the same long sentences again, which
+    made up to three such lines, two naming the encoder's internal ``texts[i]``."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    said = False
+    for w in caught:
+        message, text = w.message, str(w.message)
+        cut = "exceed max_seq_length" in text or "-token limit;" in text
+        if cut and said:
+            continue
+        if "exceed max_seq_length" in text:
+            message = UserWarning(
+                f"some candidate sentences are past the encoder's {limit}-token limit; "
+                f"they are compared by their first {limit} tokens"
+            )
+        said = said or cut
+        warnings.warn_explicit(message, w.category, w.filename, w.lineno)
