@@ -122,22 +122,38 @@ def train(
     return losses
 
 
+def _checked(p: argparse.ArgumentParser, args: argparse.Namespace, world: int) -> int:
+    """The context-parallel group size, once the options fit ``world`` ranks (else a
+    one-line usage error, exit status 2)."""
+    if world < 1:
+        p.error(f"argument --local: must be >= 1, got {world}")
+    cp = world if args.cp is None else args.cp
+    if cp < 1 or world % cp:
+        p.error(f"argument --cp: must divide the {world} ranks, got {cp}")
+    if args.steps < 1:
+        p.error(f"argument --steps: must be >= 1, got {args.steps}")
+    if args.seq < 16 * cp:  # each rank holds two chunks of at least 8 tokens
+        p.error(f"argument --seq: must be >= 16 x cp = {16 * cp}, got {args.seq}")
+    return cp
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seq", type=int, default=8192)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cp", type=int, default=None, help="context-parallel group size")
     p.add_argument("--local", type=int, default=None, help="spawn this many local processes")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
     args = p.parse_args()
     if args.local is not None:
-        cp = args.cp or args.local
+        cp = _checked(p, args, args.local)
         losses = run_local(train, args.local, cp, args.seq, args.steps, args.dtype, timeout=3600)[0]
     else:
         dist.init_process_group("gloo")
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         world = dist.get_world_size()
-        losses = train(dist.get_rank(), world, args.cp or world, args.seq, args.steps, args.dtype)
+        cp = _checked(p, args, world)
+        losses = train(dist.get_rank(), world, cp, args.seq, args.steps, args.dtype)
         if dist.get_rank() != 0:
             return
     print(json.dumps({"losses": losses, "perplexity": math.exp(losses[-1])}))

@@ -24,3 +24,24 @@ def test_twenty_losses_equal_one_process() -> None:
     assert one[-1] < 0.5 * one[0]  # it trains
     for step, (a, b) in enumerate(zip(one, two, strict=True)):
         assert abs(a - b) <= 1e-4 * abs(a), (step, a, b)
+
+
+def test_options_that_do_not_fit_are_one_line() -> None:
+    """``--cp`` that does not divide the ranks, ``--steps 0`` and a row too short for
+    the sentences ended in IndexError or RuntimeError tracebacks."""
+    cases = {
+        "--local 3 --cp 2": "argument --cp: must divide the 3 ranks, got 2",
+        "--local 2 --cp 4": "argument --cp: must divide the 2 ranks, got 4",
+        "--local 1 --steps 0": "argument --steps: must be >= 1, got 0",
+        "--local 2 --seq 3": "argument --seq: must be >= 16 x cp = 32, got 3",
+    }
+    for args, words in cases.items():
+        done = subprocess.run(
+            [sys.executable, str(EXAMPLE), *args.split()],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 2 and done.stdout == "", (args, done.stderr)
+        assert done.stderr.strip().splitlines()[-1].endswith(words), (args, done.stderr)
+        assert "Traceback" not in done.stderr
