@@ -196,9 +196,56 @@ def test_a_second_order_gradient_through_the_blocked_engine_is_refused() -> None
         maml("blocked")
     assert torch.isfinite(maml("reference")).all()  # the control
     w = w0.clone().requires_grad_()
-    (g,) = torch.autograd.grad(loss(w, "blocked"), w, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
-        g.square().sum().backward()
+    with pytest.raises(RuntimeError, match=r"second-order gradient .* engine='reference'"):
+        torch.autograd.grad(loss(w, "blocked"), w, create_graph=True)
+
+
+def test_second_order_gradients_that_once_differentiable_missed_are_refused() -> None:
+    """A loss linear in the output: ``create_graph=True`` gave a gradient whose own
+    gradient dropped the attention's part (1970 off, the reference's largest entry
+    1993); an inner ``torch.func.grad`` step under an outer ``.backward()`` (MAML) was
+    728 off. Both raise now; a first-order ``torch.func.grad`` still runs."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, 300, 16, dtype=torch.float64, generator=g)
+    y = torch.randn(x.shape, dtype=torch.float64, generator=g)
+    w0 = 0.3 * torch.randn(16, 16, dtype=torch.float64, generator=g)
+    mask = M.causal() & M.window(40)
+
+    def att(w: torch.Tensor, engine: str) -> torch.Tensor:
+        return torch.as_tensor(attnlab.attention(x @ w, x, x, mask=mask, engine=engine))
+
+    def hessian_row(engine: str) -> torch.Tensor:
+        w = w0.clone().requires_grad_()
+        (gw,) = torch.autograd.grad((att(w, engine) * y).sum() + (w**3).sum(), w, create_graph=True)
+        return torch.autograd.grad(gw.square().sum(), w)[0]
+
+    def maml_hybrid(engine: str) -> torch.Tensor:
+        w = w0.clone().requires_grad_()
+        fast = w - 0.1 * torch.func.grad(lambda u: att(u, engine).square().sum())(w)
+        att(fast, engine).square().sum().backward()
+        return w.grad  # type: ignore[return-value]
+
+    for second_order in (hessian_row, maml_hybrid):
+        with pytest.raises(RuntimeError, match=r"second-order gradient .* engine='reference'"):
+            second_order("blocked")
+        assert torch.isfinite(second_order("reference")).all()  # the control
+    first = torch.func.grad(lambda u: att(u, "blocked").square().sum())(w0)
+    want = torch.func.grad(lambda u: att(u, "reference").square().sum())(w0)
+    assert (first - want).abs().max() < 1e-9
+
+
+def test_a_second_derivative_through_entmax_is_refused() -> None:
+    """1.5-entmax's Jacobian depends on its weights, so its once-differentiable backward
+    cannot serve a second derivative (sparsemax's is constant on each support)."""
+    from attnlab.normalize import entmax15, sparsemax
+
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, 7, dtype=torch.float64)
+    w = torch.randn(6, 7, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"second-order gradient .* 1\.5-entmax"):
+        torch.autograd.grad((entmax15(x @ w) * y).sum() + w.sum() ** 3, w, create_graph=True)
+    (gw,) = torch.autograd.grad((sparsemax(x @ w) * y).sum() + w.sum() ** 3, w, create_graph=True)
+    assert gw.requires_grad  # the control: sparsemax's second-order term is 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])

@@ -11,13 +11,21 @@ raises), so the engines read none there (:func:`vmapping`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import ParamSpec, TypeVar, cast
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, ParamSpec, TypeVar, cast
 
 import torch
-from torch._C._functorch import TransformType, get_interpreter_stack
+from torch._C._functorch import (
+    CGradInterpreterPtr,
+    TransformType,
+    get_interpreter_stack,
+    get_unwrapped,
+    is_functorch_wrapped_tensor,
+)
+from torch.autograd.function import once_differentiable
 
-__all__ = ["PLANS", "as_written", "vmapping"]
+__all__ = ["PLANS", "as_written", "differentiated_again", "first_order_only", "vmapping"]
 
 #: why attnlab's attention calls run as written
 PLANS = "attnlab plans each call from its mask's values in Python"
@@ -57,14 +65,81 @@ def vmapping() -> bool:
     return bool(stack) and any(i.key() == TransformType.Vmap for i in stack)
 
 
-def differentiating_twice() -> bool:
-    """Whether two ``torch.func`` differentiation levels run the caller (``grad`` of
-    ``grad``, a Hessian, MAML's outer step): a backward that is not differentiable itself
-    must refuse, since torch.func differentiates it silently as a constant.
+def differentiated_again(saved: Sequence[torch.Tensor]) -> bool:
+    """Whether the gradients a backward is about to return will be differentiated again
+    (call it before ``once_differentiable`` turns grad mode off): autograd's
+    ``create_graph=True`` (grad mode on in a backward that no ``torch.func`` transform
+    runs), two ``torch.func`` differentiation levels (``grad`` of ``grad``, a Hessian), or
+    one ``torch.func.grad`` level whose caller records for plain autograd on ``saved``
+    tensors that want grad there (MAML: an inner ``grad`` step, an outer ``.backward()``).
 
     Example:
-        >>> differentiating_twice()
+        >>> with torch.no_grad():  # as in a plain backward
+        ...     differentiated_again([torch.ones(2, requires_grad=True)])
         False
     """
     stack = get_interpreter_stack() or []
-    return sum(i.key() in (TransformType.Grad, TransformType.Jvp) for i in stack) > 1
+    if not stack:
+        return torch.is_grad_enabled()
+    levels = [i for i in stack if i.key() in (TransformType.Grad, TransformType.Jvp)]
+    if len(levels) > 1:
+        return True
+    if not levels or levels[0].key() != TransformType.Grad:
+        return False
+    return bool(CGradInterpreterPtr(levels[0]).prevGradMode()) and any(
+        _unwrapped(t).requires_grad for t in saved
+    )
+
+
+def _unwrapped(t: torch.Tensor) -> torch.Tensor:
+    """The plain tensor under ``torch.func``'s wrappers."""
+    while is_functorch_wrapped_tensor(t):
+        t = get_unwrapped(t)
+    return t
+
+
+def first_order_only(what: str, instead: str) -> Callable[[Callable[..., _R]], Callable[..., _R]]:
+    """A decorator for an autograd Function's ``backward`` (static or class method) that
+    is ``once_differentiable`` and raises, naming ``what`` and ``instead``, when its
+    gradients would be differentiated again (:func:`differentiated_again`): neither
+    ``once_differentiable`` nor ``torch.func`` sees that the gradients depend on the
+    saved inputs, so a second-order gradient came out silently wrong (1970 off where the
+    reference's largest entry is 1993).
+
+    Example:
+        >>> class Cube(torch.autograd.Function):
+        ...     @staticmethod
+        ...     def forward(ctx, x):
+        ...         ctx.save_for_backward(x)
+        ...         return x**3
+        ...     @staticmethod
+        ...     @first_order_only("Cube", "x**3")
+        ...     def backward(ctx, g):
+        ...         return 3 * ctx.saved_tensors[0] ** 2 * g
+        >>> x = torch.tensor(2.0, requires_grad=True)
+        >>> torch.autograd.grad(Cube.apply(x), x)[0].item()
+        12.0
+        >>> try:
+        ...     torch.autograd.grad(Cube.apply(x), x, create_graph=True)
+        ... except RuntimeError as e:
+        ...     print(str(e).split(" (")[0])
+        a second-order gradient
+    """
+
+    def decorate(fn: Callable[..., _R]) -> Callable[..., _R]:
+        inner = once_differentiable(fn)
+
+        @functools.wraps(fn)
+        def backward(*args: Any) -> _R:
+            ctx = args[1] if isinstance(args[0], type) else args[0]  # (cls,) ctx, *grads
+            if differentiated_again(ctx.saved_tensors):
+                raise RuntimeError(
+                    "a second-order gradient (create_graph=True, grad of grad, a Hessian, "
+                    f"MAML's outer step) through {what}: its backward is not "
+                    f"differentiable; {instead}"
+                )
+            return inner(*args)
+
+        return backward
+
+    return decorate

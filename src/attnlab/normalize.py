@@ -33,6 +33,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from attnlab._eager import first_order_only
+
 __all__ = [
     "NORMALIZERS",
     "entmax15",
@@ -198,9 +200,13 @@ class _SparseMap(torch.autograd.Function):
         ctx.in_dtype = inputs[0].dtype
 
     @classmethod
-    @once_differentiable
+    @once_differentiable  # sparsemax's Jacobian is constant on each support: no 2nd order
     def backward(cls, ctx: Any, grad_out: Tensor) -> Tensor:
         """The closed-form gradient of ``gradient``."""
+        return cls.scores_grad(ctx, grad_out)
+
+    @classmethod
+    def scores_grad(cls, ctx: Any, grad_out: Tensor) -> Tensor:
         (p,) = ctx.saved_tensors
         return cls.gradient(p, grad_out.to(p.dtype)).to(ctx.in_dtype)
 
@@ -282,6 +288,12 @@ class _Entmax15(_SparseMap):
 
     project = staticmethod(_entmax15_forward)
     gradient = staticmethod(_entmax15_backward)
+
+    @classmethod
+    @first_order_only("1.5-entmax", "its Jacobian depends on the weights; use softmax there")
+    def backward(cls, ctx: Any, grad_out: Tensor) -> Tensor:
+        """The closed-form gradient; a second derivative through it raises."""
+        return cls.scores_grad(ctx, grad_out)
 
 
 def entmax15(scores: Tensor) -> Tensor:

@@ -21,9 +21,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from attnlab._eager import differentiating_twice
+from attnlab._eager import first_order_only
 from attnlab._grid import Grid
 from attnlab.bias import Bias
 from attnlab.engines._native import kernel, kernel_error
@@ -305,16 +304,10 @@ class BlockedAttention(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # an unused lse (or output) has no gradient: None
 
     @staticmethod
-    @once_differentiable  # a gradient of these gradients raises (it came out 1539 off)
+    @first_order_only("the blocked engine", "give such calls engine='reference'")
     def backward(
         ctx: Any, dout: Tensor | None, dlse: Tensor | None, _dlse2: None
     ) -> tuple[Tensor | None, ...]:
-        if differentiating_twice():
-            raise RuntimeError(
-                "a second-order gradient (grad of grad, a Hessian, MAML's outer step) "
-                "through the blocked engine: its backward is not differentiable; give such "
-                "calls engine='reference'"
-            )
         q, k, v, out, lse, *leaves = ctx.saved_tensors
         dout = torch.zeros_like(out) if dout is None else dout.to(q.dtype)
         # d lse_i / d s_ij = p_ij: dS = p * (dP - (delta - dlse)); each row's delta comes
