@@ -213,7 +213,14 @@ def _paragraphs(text: str, markdown: bool = False) -> list[tuple[str, str]]:
 
 
 def split_document(doc: Document) -> list[Sentence]:
-    """Every prose sentence of ``doc``, in order (see the module docstring)."""
+    """Every prose sentence of ``doc``, in order (see the module docstring).
+
+    Example:
+        >>> text = ("# Setup\\n\\nInstall it. Then run:\\n\\n```\\npip install x\\n```\\n\\n"
+        ...         "## Use\\n\\nCall f().\\n")  # the fenced code is no prose
+        >>> [(s.section, s.para, s.text) for s in split_document(Document("notes.md", text))]
+        [('Setup', 0, 'Install it.'), ('Setup', 0, 'Then run:'), ('Use', 1, 'Call f().')]
+    """
     markdown = doc.name.lower().endswith((".md", ".markdown"))
     return [
         Sentence(s, doc.name, section, i)

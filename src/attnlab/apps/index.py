@@ -79,7 +79,16 @@ def default_cache(docs: str | Path | Sequence[str | Path]) -> Path:
     """Where the index of ``docs`` lives: for ``"pydoc"`` under ``$XDG_CACHE_HOME/attnlab``
     (or ``~/.cache/attnlab``), else ``.attnlab-index`` in the (first) folder given or
     beside the (first) file, where links lead (``/dev/stdin`` fed from a file: beside that
-    file, not in ``/dev``)."""
+    file, not in ``/dev``).
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp()).resolve()
+        >>> default_cache(d) == default_cache([d / "a.md", d / "b.md"]) == d / ".attnlab-index"
+        True
+        >>> default_cache("pydoc").parent.name, default_cache("pydoc").name.startswith("pydoc-")
+        ('attnlab', True)
+    """
     first = Path(docs if isinstance(docs, str | Path) else docs[0])
     if str(first) == "pydoc":
         import sys

@@ -66,6 +66,17 @@ class AttentionRequest:
         sinks: attention sinks ``(Hq,)``: a learned logit per query head that joins the
             softmax denominator (gpt-oss) and takes weight from the keys, or ``(B or 1, Hq,
             Lq)``, one per query row (Inkling 2's sinks computed from each token), or None.
+
+    Example:
+        >>> from attnlab import masks
+        >>> q = torch.randn(1, 2, 4, 8)
+        >>> req = AttentionRequest(q, q, q, masks.causal(), None, 8**-0.5, "dot", "softmax",
+        ...                        0.0, return_weights=True, return_lse=False)
+        >>> req.batch, req.heads, req.lq, req.lk
+        (1, 2, 4, 4)
+        >>> out, w, lse = get_engine("reference").forward(req)  # an EngineResult
+        >>> tuple(out.shape), w[0, 0, 0].tolist(), lse is None
+        ((1, 2, 4, 8), [1.0, 0.0, 0.0, 0.0], True)
     """
 
     q: Tensor
@@ -341,12 +352,26 @@ def plain_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Ten
 
 
 def available_engines() -> dict[str, Engine]:
-    """All registered engines by name."""
+    """All registered engines by name (a copy: changing it registers nothing).
+
+    Example:
+        >>> sorted(name for name, e in available_engines().items() if not e.exact)
+        ['linear', 'nystrom', 'performer']
+    """
     return dict(_REGISTRY)
 
 
 def get_engine(name: str) -> Engine:
-    """The engine registered under ``name``; ``ValueError`` listing the known names."""
+    """The engine registered under ``name``; ``ValueError`` listing the known names.
+
+    Example:
+        >>> e = get_engine("performer")
+        >>> e, e.options[:2]
+        (<engine 'performer' (approximate)>, ('num_features', 'seed'))
+        >>> get_engine("fast")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ValueError: engine='fast' is not a known engine; expected one of 'auto', 'reference', ...
+    """
     if not isinstance(name, str):
         raise TypeError(f"engine must be a str, got {type(name).__name__}")
     if name not in _REGISTRY:
@@ -362,6 +387,21 @@ def select_engine(name: str, req: AttentionRequest) -> Engine:
     (each declines unless it :meth:`~Engine.prefers` the request), then the exact ones.
     Raises ``ValueError`` saying what is unsupported and which engines can do it, or
     naming a bad engine option.
+
+    Example:
+        >>> from dataclasses import replace
+        >>> from attnlab import masks
+        >>> q = torch.randn(1, 2, 4, 8)
+        >>> req = AttentionRequest(q, q, q, masks.causal(), None, 8**-0.5, "dot", "softmax",
+        ...                        0.0, return_weights=False, return_lse=False)
+        >>> weights = replace(req, return_weights=True)
+        >>> select_engine("auto", req).name, select_engine("auto", weights).name
+        ('sdpa', 'reference')
+        >>> try:
+        ...     select_engine("sdpa", weights)
+        ... except ValueError as e:
+        ...     print(str(e).split(". ")[-1])
+        Engines that can: 'reference', 'blocked'
     """
     if name == "auto":
         return _select_auto(req)

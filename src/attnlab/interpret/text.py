@@ -99,7 +99,23 @@ def _pool_rows(matrix: Tensor, pooling: str) -> Tensor:
 
 
 def captured_attentions(model: TextModel, ids: Tensor) -> list[Tensor]:
-    """Every layer's attention weights ``(H, n, n)`` on ids ``(1, n)``, in layer order."""
+    """Every layer's attention weights ``(H, n, n)`` on ids ``(1, n)``, in layer order.
+
+    Example:
+        >>> from attnlab.nn import MultiHeadAttention
+        >>> words = nn.Embedding(10, 8)
+        >>> net = nn.Sequential(words, MultiHeadAttention(8, 2), MultiHeadAttention(8, 2))
+        >>> toy = TextModel(net, tokenize=lambda s: [1, *(2 + len(w) for w in s.split()), 9],
+        ...                 token_name=str, pooled=lambda t: net(t).mean(1),
+        ...                 embed=lambda t: F.normalize(net(t).mean(1), dim=-1),
+        ...                 input_embeddings=words, pad_id=0)
+        >>> ids = torch.tensor([toy.tokenize("a toy text")])
+        >>> attns = captured_attentions(toy, ids)
+        >>> len(attns), tuple(attns[0].shape)  # 2 layers of 2 heads over 5 tokens
+        (2, (2, 5, 5))
+        >>> bool(torch.allclose(attns[1].sum(-1), torch.ones(2, 5)))  # rows sum to 1
+        True
+    """
     with torch.no_grad(), capture(model.network) as cap:
         model.network(ids)
     return [c.weights[0] for c in cap]
@@ -108,7 +124,24 @@ def captured_attentions(model: TextModel, ids: Tensor) -> list[Tensor]:
 def explained_score(
     model: TextModel, ids: Tensor, against: str | None = None
 ) -> Callable[[Tensor], Tensor]:
-    """``ids (B, n) -> (B,)``: the score that the explanations explain (see the module)."""
+    """``ids (B, n) -> (B,)``: the score that the explanations explain (see the module).
+
+    Example:
+        >>> from attnlab.nn import MultiHeadAttention
+        >>> words = nn.Embedding(10, 8)
+        >>> net = nn.Sequential(words, MultiHeadAttention(8, 2), MultiHeadAttention(8, 2))
+        >>> toy = TextModel(net, tokenize=lambda s: [1, *(2 + len(w) for w in s.split()), 9],
+        ...                 token_name=str, pooled=lambda t: net(t).mean(1),
+        ...                 embed=lambda t: F.normalize(net(t).mean(1), dim=-1),
+        ...                 input_embeddings=words, pad_id=0)
+        >>> ids = torch.tensor([toy.tokenize("a toy text")])
+        >>> score = explained_score(toy, ids)  # the pooled vector's length
+        >>> bool(torch.isclose(score(ids), net(ids).mean(1).norm(dim=-1)).all())
+        True
+        >>> cosine = explained_score(toy, ids, against="a toy text")  # to that text's embedding
+        >>> round(float(cosine(ids).detach()), 4)
+        1.0
+    """
     with torch.no_grad():
         if against is None:
             target = F.normalize(model.pooled(ids), dim=-1)  # (1, D)

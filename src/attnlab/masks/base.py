@@ -63,6 +63,16 @@ class Mask:
     They may also implement :meth:`row_bounds` (exact intervals give fast exact block
     layouts and interval masking in the blocked engine), :meth:`check` (size validation),
     :meth:`lengths`, and set :attr:`is_causal`, :attr:`elementwise`, :attr:`per_head`.
+
+    Example:
+        >>> from attnlab import masks
+        >>> far = masks.causal() & ~masks.window(1)  # keys at least two positions back
+        >>> far.spec()
+        '(causal() & ~window(left=1, right=0))'
+        >>> far.dense(4, 4)[0, 0].int().tolist()
+        [[0, 0, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 0, 0]]
+        >>> (far | masks.window(0)).dense(4, 4)[0, 0].int().tolist()  # and each query itself
+        [[1, 0, 0, 0], [0, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]]
     """
 
     per_head: bool = False

@@ -43,7 +43,16 @@ def on(device: Device) -> torch.device:
 
 
 class TileState(IntEnum):
-    """State of one ``(block_q x block_k)`` tile. ``&`` is ``min``, ``|`` is ``max``."""
+    """State of one ``(block_q x block_k)`` tile. ``&`` is ``min``, ``|`` is ``max``.
+
+    Example:
+        >>> from attnlab import masks
+        >>> states = masks.causal().block_layout(4, 4, 2, 2).states[0, 0]
+        >>> [[TileState(int(s)).name for s in row] for row in states]
+        [['PARTIAL', 'EMPTY'], ['FULL', 'PARTIAL']]
+        >>> min(TileState.FULL, TileState.PARTIAL).name  # a full tile & a partial one
+        'PARTIAL'
+    """
 
     EMPTY = 0
     PARTIAL = 1

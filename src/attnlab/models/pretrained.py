@@ -32,6 +32,11 @@ def minilm_path() -> Path:
         ModuleNotFoundError: the package is not installed (the message says what to
             install).
         FileNotFoundError: the package is installed but its model folder is incomplete.
+
+    Example:
+        >>> folder = minilm_path()  # needs attnlab[pretrained]
+        >>> folder.name, (folder / "model.safetensors").is_file()
+        ('model', True)
     """
     spec = importlib.util.find_spec(_MODULE)
     if spec is None or spec.origin is None:

@@ -121,7 +121,15 @@ def _pooling_mode(path: Path) -> str:
 
 def load_tokenizer(path: str | Path, max_length: int) -> Tokenizer:
     """A ``tokenizers.Tokenizer`` from ``tokenizer.json``: no padding, truncation at
-    ``max_length`` tokens (special tokens included)."""
+    ``max_length`` tokens (special tokens included).
+
+    Example:
+        >>> tok = load_tokenizer(minilm_path() / "tokenizer.json", 8)  # attnlab[pretrained]
+        >>> tok.encode("Attention is all you need").tokens
+        ['[CLS]', 'attention', 'is', 'all', 'you', 'need', '[SEP]']
+        >>> len(tok.encode("one two three four five six seven eight nine").ids)  # truncated
+        8
+    """
     try:
         from tokenizers import Tokenizer
     except ImportError as err:  # pragma: no cover - depends on the environment

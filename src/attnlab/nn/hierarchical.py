@@ -36,6 +36,16 @@ class HierarchicalOutput(NamedTuple):
             each sentence (0 on padding and on empty sentences).
         sentence_weights: ``(B, S)`` sentence attention, summing to 1 over the non-empty
             sentences of each document.
+
+    Example:
+        >>> import torch
+        >>> han = HierarchicalAttention(4, 2, 2, encoder=None)
+        >>> keep = torch.tensor([[[True, True, False], [True, False, False]]])  # (B, S, W)
+        >>> out = han(torch.randn(1, 2, 3, 4), keep)
+        >>> [tuple(x.shape) for x in out]  # document, sentences, word and sentence weights
+        [(1, 4), (1, 2, 4), (1, 2, 3), (1, 2)]
+        >>> out.word_weights[0, 1].tolist()  # sentence 1's only real word takes it all
+        [1.0, 0.0, 0.0]
     """
 
     document: Tensor

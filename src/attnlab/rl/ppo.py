@@ -77,6 +77,13 @@ def gae(
     ``delta_t = r_t + gamma * V_{t+1} * (1 - done_t) - V_t`` and
     ``A_t = delta_t + gamma * lam * (1 - done_t) * A_{t+1}``, with ``V_T = last_value``
     (the segment's cut is bootstrapped, an episode's end is not); returns ``A + V``.
+
+    Example:
+        >>> cut = torch.zeros(1, 3, dtype=torch.bool)  # no episode ends: V_3 = last_value
+        >>> adv, ret = gae(torch.zeros(1, 3), torch.ones(1, 3), cut, torch.ones(1),
+        ...                gamma=0.5, lam=1.0)
+        >>> adv.tolist(), ret.tolist()  # lam = 1: returns are the discounted last_value
+        ([[-0.875, -0.75, -0.5]], [[0.125, 0.25, 0.5]])
     """
     b, t = rewards.shape
     adv, running = torch.zeros(b, t), torch.zeros(b)
@@ -100,7 +107,19 @@ def collect(
     greedy: bool = False,
 ) -> Rollout:
     """Run ``policy`` for ``steps`` steps in ``envs`` started afresh from ``seed``; actions
-    sampled by a generator seeded with ``seed`` (or the most likely one, ``greedy``)."""
+    sampled by a generator seeded with ``seed`` (or the most likely one, ``greedy``).
+
+    Example:
+        >>> from attnlab.rl.env import OBS_DIM
+        >>> from attnlab.rl.policy import build_policy
+        >>> pol = build_policy("mlp", OBS_DIM, 3, d_model=8)
+        >>> envs = GridEnvs("MiniGrid-MemoryS11-v0", 2)
+        >>> r = collect(pol, envs, 4, seed=0, cfg=PPOConfig())
+        >>> tuple(r.obs.shape), tuple(r.actions.shape), tuple(r.advantages.shape)
+        ((2, 4, 984), (2, 4), (2, 4))
+        >>> torch.equal(r.actions, collect(pol, envs, 4, seed=0, cfg=PPOConfig()).actions)
+        True
+    """
     gen = torch.Generator().manual_seed(seed)
     obs, state = envs.reset(seed), policy.initial_state(envs.n)
     starts = envs.starts.clone()
@@ -129,7 +148,19 @@ def ppo_loss(
 ) -> tuple[Tensor, dict[str, float]]:
     """The clipped PPO loss of ``batch`` (advantages normalized over the batch):
     ``-E[min(rho A, clip(rho, 1-eps, 1+eps) A)] + c_v E[(V - R)^2] / 2 - c_e E[H(pi)]``,
-    ``rho = exp(log pi(a) - log pi_old(a))``; and its parts as floats."""
+    ``rho = exp(log pi(a) - log pi_old(a))``; and its parts as floats.
+
+    Example:
+        >>> from attnlab.rl.env import OBS_DIM
+        >>> from attnlab.rl.policy import build_policy
+        >>> pol = build_policy("mlp", OBS_DIM, 3, d_model=8)
+        >>> r = collect(pol, GridEnvs("MiniGrid-MemoryS11-v0", 2), 4, seed=0, cfg=PPOConfig())
+        >>> loss, parts = ppo_loss(pol, r, PPOConfig())
+        >>> sorted(parts), loss.requires_grad
+        (['entropy', 'policy', 'value'], True)
+        >>> abs(parts["policy"]) < 1e-6  # the policy that collected r: every ratio is 1
+        True
+    """
     logits, values = policy(batch.obs, batch.starts)  # (B, T, A), (B, T)
     logp_all = torch.log_softmax(logits, -1)
     logp = logp_all.gather(-1, batch.actions[..., None])[..., 0]  # (B, T)

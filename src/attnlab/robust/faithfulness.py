@@ -64,7 +64,13 @@ def jsd(p: Tensor, q: Tensor) -> Tensor:
 
 
 def tvd(p: Tensor, q: Tensor) -> Tensor:
-    """Total variation distance ``0.5 * sum |p - q|`` over the last dim."""
+    """Total variation distance ``0.5 * sum |p - q|`` over the last dim.
+
+    Example:
+        >>> p = torch.tensor([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
+        >>> tvd(p, torch.tensor([[0.0, 0.5, 0.5], [0.2, 0.3, 0.5]])).tolist()
+        [0.5, 0.0]
+    """
     return 0.5 * (p - q).abs().sum(-1)
 
 
@@ -192,6 +198,15 @@ class AttentionSearch:
         jsd: ``(B,)`` JSD between the found and the original attention (mean over rows).
         tvd: ``(B,)`` how far the output moved under the found attention (<= tolerance).
         weights: ``(B, calls, Lk)`` the found attention. original: the model's own.
+
+    Example:
+        >>> pool, head = AttentionPooling(3), nn.Linear(3, 2)
+        >>> h = torch.randn(4, 5, 3)
+        >>> r = adversarial_attention(pool, pool, lambda m: head(pool(h)[0]), steps=5)
+        >>> tuple(r.weights.shape), tuple(r.jsd.shape)  # one call over 5 keys per example
+        ((4, 1, 5), (4,))
+        >>> torch.allclose(r.original[:, 0], pool(h)[1]), bool((r.tvd <= 0.01).all())
+        (True, True)
     """
 
     jsd: Tensor

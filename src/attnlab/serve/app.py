@@ -141,7 +141,17 @@ def create_app(
     """The explorer app over the encoder ``model`` (default: all-MiniLM-L6-v2) and the
     checkpoints under ``runs``; ``encoder`` hands in an already loaded SentenceEncoder;
     ``hosts``: the names a request's ``Host`` may carry (None: any; ``attnlab serve`` on
-    loopback gives :data:`~attnlab.serve.guard.LOOPBACK_HOSTS` and its own address)."""
+    loopback gives :data:`~attnlab.serve.guard.LOOPBACK_HOSTS` and its own address).
+
+    Example:
+        >>> from fastapi.testclient import TestClient
+        >>> app = create_app(limits=Limits(max_top_k=8), hosts=["localhost"])
+        >>> with TestClient(app, base_url="http://localhost") as client:
+        ...     top_k = client.get("/api/limits").json()["max_top_k"]
+        ...     other = client.get("/api/health", headers={"host": "evil.example"})
+        >>> top_k, other.status_code  # a Host outside hosts is refused
+        (8, 403)
+    """
     ex = Explorer(Registry(model, runs, encoder), limits or Limits())
 
     @asynccontextmanager

@@ -38,6 +38,12 @@ class Checkpoint:
         config: JSON-able model/task configuration (enough to rebuild the model).
         optimizer: the optimizer's ``state_dict`` (or None).
         state: trainer counters and extra tensors (``step``, the RNG state, ...).
+
+    Example:
+        >>> m = torch.nn.Linear(2, 1)
+        >>> ck = Checkpoint(m.state_dict(), {"in": 2, "out": 1}, state={"step": 0})
+        >>> sorted(ck.model), ck.optimizer
+        (['bias', 'weight'], None)
     """
 
     model: dict[str, Tensor]
@@ -67,6 +73,23 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     Raises:
         CheckpointError: the file is missing, truncated or corrupt, or is not an attnlab
             checkpoint; the message names the file and the cause.
+
+    Example:
+        >>> import tempfile
+        >>> d, m = tempfile.mkdtemp(), torch.nn.Linear(2, 2)
+        >>> opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        >>> state = {"step": 7, "seen": torch.arange(3)}  # counters and tensors
+        >>> saved = Checkpoint(m.state_dict(), {"d": 2}, opt.state_dict(), state)
+        >>> ck = load_checkpoint(save_checkpoint(f"{d}/ck.safetensors", saved))
+        >>> ck.state["step"], ck.state["seen"].tolist(), ck.optimizer["param_groups"][0]["lr"]
+        (7, [0, 1, 2], 0.1)
+        >>> torch.equal(ck.model["weight"], m.weight)
+        True
+        >>> try:
+        ...     load_checkpoint(f"{d}/none.safetensors")
+        ... except CheckpointError as e:
+        ...     print(str(e).replace(d, "<d>"))
+        checkpoint '<d>/none.safetensors' does not exist
     """
     path = Path(path)
     if not path.is_file():
