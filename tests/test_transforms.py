@@ -24,7 +24,7 @@ from attnlab import masks as M
 from attnlab.nn import DecoderOnly, LayerConfig
 from attnlab.nn.attention import MultiHeadAttention
 from attnlab.positional import RotaryEmbedding
-from tests.conftest import max_err
+from tests.conftest import max_err, naive_attention
 
 dynamo = pytest.importorskip("torch._dynamo")
 MASKS = {
@@ -150,6 +150,24 @@ def test_torch_export_holds_what_auto_gives_to_sdpa(name: str) -> None:
     program = torch.export.export(Layer(), (x,))
     with torch.no_grad():
         assert max_err(program.module()(x), Layer()(x)) == 0.0
+
+
+def test_torch_export_with_a_dynamic_length() -> None:
+    """A mask's size check took the symbolic length (``SymInt``) of a dynamic dimension for
+    a wrong type: "lq must be an int >= 0, got s53 (SymInt)"."""
+
+    class Layer(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.as_tensor(attnlab.attention(x, x, x, mask=M.window(8), engine="reference"))
+
+    x = torch.randn(2, 2, 64, 16)
+    dims = {"x": {2: torch.export.Dim("L", min=2, max=512)}}
+    program = torch.export.export(Layer(), (x,), dynamic_shapes=dims)
+    for n in (100, 9):  # other lengths than the traced one
+        y = torch.randn(2, 2, n, 16)
+        back = torch.arange(n)[:, None] - torch.arange(n)  # the query's position - the key's
+        want = naive_attention(*[y.double()] * 3, allowed=(back >= 0) & (back <= 8))[0]
+        assert max_err(program.module()(y), want) < 1e-5
 
 
 def test_capture_on_a_compiled_model_records_the_weights_without_a_dynamo_warning() -> None:

@@ -10,6 +10,7 @@ import math
 import numbers
 import os
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -44,7 +45,10 @@ def env_mib(name: str, default: int) -> int:
 
 
 def nonnegative_int(name: str, value: object) -> int:
-    """``value`` as an int >= 0, or a TypeError/ValueError naming ``name``."""
+    """``value`` as an int >= 0, or a TypeError/ValueError naming ``name``; a symbolic
+    size (``torch.export`` with a dynamic dimension) passes as it is."""
+    if isinstance(value, torch.SymInt):
+        return cast(int, value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int >= 0, got {value!r} ({type(value).__name__})")
     if value < 0:
