@@ -147,22 +147,27 @@ def test_inputs_whose_last_dim_is_strided(dtype: torch.dtype, with_bias: bool) -
             assert got is not None and max_err(got, r) < 100 * tol, engine
 
 
-@pytest.mark.parametrize("where", ["k", "v"])
-def test_a_hidden_nan_key_or_value_leaves_the_eager_backward_clean(where: str) -> None:
+@pytest.mark.parametrize(("where", "softcap"), [("k", None), ("v", None), ("k", 20.0)])
+def test_a_hidden_nan_key_or_value_leaves_the_eager_backward_clean(
+    where: str, softcap: float | None
+) -> None:
     """(The eager backward made dp = dout v^T with the hidden NaN value, and 0 * NaN put
-    NaN into every row's dq and dk; a hidden NaN key did the same through dq = ds k.) The
-    gradients equal those of the same call with the hidden slot finite, the slot's own 0."""
+    NaN into every row's dq and dk; a hidden NaN key did the same through dq = ds k, and
+    with soft-capping through the cap's derivative 1 - (s / c)^2.) The gradients equal
+    those of the same call with the hidden slot finite, the slot's own 0."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 300, 16, dtype=torch.float64) for _ in range(3))
     mask = M.padding([290]) & M.window(64)
     dout = torch.randn(1, 2, 300, 16, dtype=torch.float64)
-    clean = _grads(lambda a, b, c: attnlab.attention(a, b, c, mask=mask, engine="reference"),
-                   [q, k, v], dout, torch.float64)  # fmt: skip
+
+    def att(a: Tensor, b: Tensor, c: Tensor, engine: str = "reference") -> Tensor:
+        return attnlab.attention(a, b, c, mask=mask, softcap=softcap, engine=engine)  # type: ignore[return-value]
+
+    clean = _grads(att, [q, k, v], dout, torch.float64)
     poisoned = [q, k.clone(), v.clone()]
     poisoned[1 if where == "k" else 2][:, :, 295] = float("nan")  # past every row's padding
     for engine in ("blocked", "reference"):  # the reference engine's dq too, for a key
-        got = _grads(lambda a, b, c, e=engine: attnlab.attention(a, b, c, mask=mask, engine=e),
-                     poisoned, dout, torch.float64)  # fmt: skip
+        got = _grads(lambda a, b, c, e=engine: att(a, b, c, e), poisoned, dout, torch.float64)
         for g, want in zip(got, clean, strict=True):
             assert not g.isnan().any() and max_err(g, want) < 1e-12, engine
 

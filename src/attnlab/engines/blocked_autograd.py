@@ -402,7 +402,8 @@ def _eager_block_backward(sv: _Saved, blk: Block, grads: _Grads) -> None:
     ds = dp.sub_(delta).mul_(p)  # (B, Hq, T, Ks): p * (dp - delta)
     bias_ds = ds  # the bias is added after the cap
     if req.softcap is not None:  # d(c tanh(x / c)) / dx = 1 - (s / c)^2
-        ds = ds * (1 - (s / req.softcap) ** 2)
+        capped = s if hidden is None else s.masked_fill(hidden, 0.0)  # a hidden NaN key's s
+        ds = ds * (1 - (capped / req.softcap) ** 2)
     dq, dk, dv = grads.qkv
     ds_k = grouped_matmul(ds, k_sel) if hidden is None else weighted_values(ds, k_sel, ~hidden)
     dq[:, :, r0:r1] += ds_k * req.scale
