@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import attnlab
+from attnlab import bias as B
 from attnlab import masks as M
 from attnlab.nn import DecoderOnly, LayerConfig
 from attnlab.nn.attention import MultiHeadAttention
@@ -264,6 +265,25 @@ def test_a_second_derivative_through_entmax_is_refused() -> None:
         torch.autograd.grad((entmax15(x @ w) * y).sum() + w.sum() ** 3, w, create_graph=True)
     (gw,) = torch.autograd.grad((sparsemax(x @ w) * y).sum() + w.sum() ** 3, w, create_graph=True)
     assert gw.requires_grad  # the control: sparsemax's second-order term is 0
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_is_grads_batched_through_the_blocked_engine(bias: bool) -> None:
+    """(A block holding every key summed its dk into ``dk[:, :, 0:L]``, an alias of the
+    whole tensor, which vmap cannot write into: "Batching rule not implemented for
+    aten::alias", in float64 or with a tensor bias.)"""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 150, 8, dtype=torch.float64, generator=g) for _ in range(3))
+    b = B.tensor(torch.randn(150, 150, dtype=torch.float64, generator=g)) if bias else None
+    mask = M.causal() & M.window(32)
+    gs = torch.randn(3, 1, 2, 150, 8, dtype=torch.float64, generator=g)
+    got, want = [], []
+    for engine, into in (("blocked", got), ("reference", want)):
+        qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
+        out = attnlab.attention(qq, kk, v, mask=mask, bias=b, engine=engine)
+        into += torch.autograd.grad(out, (qq, kk), gs, is_grads_batched=True)
+    for a, w in zip(got, want, strict=True):
+        assert a.shape == (3, 1, 2, 150, 8) and max_err(a, w) < 1e-12
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])

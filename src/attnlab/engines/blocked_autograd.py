@@ -423,7 +423,8 @@ def _eager_block_backward(sv: _Saved, blk: Block, grads: _Grads) -> None:
 
 def _scatter_add(dst: Tensor, keys: slice | Tensor, src: Tensor) -> None:
     """``dst[:, :, keys] += src`` for a slice or an index tensor (duplicates accumulate)."""
-    if isinstance(keys, slice):
-        dst[:, :, keys] += src
+    if isinstance(keys, slice):  # a slice of the whole length is an alias, which vmap
+        whole = src.shape[2] == dst.shape[2]  # (jacrev, is_grads_batched) cannot write into
+        (dst if whole else dst[:, :, keys]).add_(src)
     else:
         dst.index_add_(2, keys.to(dst.device), src)
