@@ -686,3 +686,59 @@ def test_causal_performer_rows_do_not_read_later_keys_in_fp32() -> None:
     assert isinstance(whole, Tensor) and isinstance(first, Tensor)
     assert max_err(whole[:, :, :200], first) < 1e-5
     assert max_err(whole[:, :, 0], v[:, :, 0]) < 1e-6  # a row with one key: its value
+
+
+def _favor_reference_log(q: Tensor, k: Tensor, v: Tensor, opts: dict) -> Tensor:
+    """Causal FAVOR+ in float64 in log space: ``log(phi(q) . phi(k))`` as a logsumexp
+    over the features, then each row's softmax over its keys; exact where the plain
+    features underflow (a key of huge norm has ``phi(k) = exp(-1400)``)."""
+    g = torch.Generator().manual_seed(opts["seed"])
+    w = orthogonal_features(opts["num_features"], q.shape[-1], generator=g).double()
+    r = math.sqrt(q.shape[-1] ** -0.5)
+
+    def log_phi(x: Tensor) -> Tensor:  # (B, H, L, F)
+        x = x.double() * r
+        return x @ w.T - x.square().sum(-1, keepdim=True) / 2
+
+    la = torch.logsumexp(log_phi(q)[:, :, :, None] + log_phi(k)[:, :, None], -1)  # (B,H,L,L)
+    n = q.shape[2]
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    return torch.softmax(la.masked_fill(~causal, -math.inf), -1) @ v.double()
+
+
+def test_causal_performer_keys_of_huge_norm_keep_every_row() -> None:
+    """Keys whose scales spread past about 700: the float64 prefix sum's factors
+    underflowed and 16 of 64 rows came out 0 (row 0, whose only key is of huge norm,
+    included); the states are now carried chunk by chunk."""
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(1, 1, 64, 16, dtype=torch.float64) for _ in range(3))
+    k[:, :, :8] *= 30  # the first chunk's keys: a spread of the key scales of 2812
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    opts = {"num_features": 64, "seed": 0, "chunk_size": 8}
+    out = attnlab.attention(q, k, v, mask=M.causal(), engine="performer", engine_options=opts)
+    want = _favor_reference_log(q, k, v, opts)
+    assert isinstance(out, Tensor) and max_err(out, want) < 1e-10
+    assert max_err(out[0, 0, 0], v[0, 0, 0]) < 1e-12  # row 0 reads one key: its value
+    g = torch.randn_like(want)
+    got = torch.autograd.grad(out, (q, v), g)
+    ref = torch.autograd.grad(want, (q, v), g)
+    assert all(max_err(a, b) < 1e-8 for a, b in zip(got, ref, strict=True))
+
+
+def test_causal_performer_in_float16_runs_in_float32() -> None:
+    """float16's exp reaches only e^-9.7 (normal): the one-scale path, sized for float32,
+    underflowed row 0's only key and gave 0 instead of its value."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 1, 1, 300, 16).unbind(0)
+    k[:, :, 0] *= 4
+    opts = {"num_features": 64, "seed": 0, "chunk_size": 32}
+    runs = {
+        dt: attnlab.attention(
+            q.to(dt), k.to(dt), v.to(dt), mask=M.causal(), engine="performer", engine_options=opts
+        )
+        for dt in (torch.float32, torch.float16)
+    }
+    half = runs[torch.float16]
+    assert isinstance(half, Tensor) and half.dtype == torch.float16
+    assert max_err(half[0, 0, 0], v[0, 0, 0]) < 2e-3  # its one key's value, to float16
+    assert max_err(half, runs[torch.float32]) < 2e-2

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnlab._eager import vmapping
 from attnlab.engines.base import AttentionRequest
 from attnlab.scores import grouped_matmul
 
@@ -183,9 +184,13 @@ def _carried(
     """The state before each chunk ``(B, Hkv, 1, M, F, Ev1)``, scaled to the running
     maximum before it (returned, ``(B, Hkv, 1, M)``): ``sum_(c' < c) exp(t_c' - t_(c-1))
     own_c'``, as one prefix sum in float64 against the last maximum (its factors
-    underflow only past a spread of 700 in the keys' scales; float32's did past 87)."""
+    underflow only past a spread of 700 in the keys' scales; float32's did past 87), or,
+    past a spread of :data:`SCAN_SPREAD`, chunk by chunk (:func:`_carried_scan`)."""
     t_prev = torch.cat([_start(ends, top), ends[..., :-1]], -1)  # (B, Hkv, 1, M)
     acc = torch.float64
+    spread = ends.amax() - torch.cat([t_prev, ends], -1).amin()
+    if vmapping() or not bool(spread <= SCAN_SPREAD):  # (under vmap no value is read)
+        return _carried_scan(own, ends, state, top), t_prev
     last = ends[..., -1:].to(acc)  # (B, Hkv, 1, 1)
     weights = torch.exp(ends.to(acc) - last)[..., None, None]  # (B, Hkv, 1, M, 1, 1)
     sums = (own.to(acc) * weights).cumsum(3)  # (B, Hkv, 1, M, F, Ev1)
@@ -196,6 +201,27 @@ def _carried(
     prev = torch.cat([first, sums[:, :, :, :-1] + first], 3)  # exclusive
     back = torch.exp(last - t_prev.to(acc))[..., None, None]  # (B, Hkv, 1, M, 1, 1)
     return (prev * back).to(own.dtype), t_prev
+
+
+SCAN_SPREAD = 600.0  # exp(-600) is normal in float64; past it the prefix sum's factors are 0
+
+
+def _carried_scan(own: Tensor, ends: Tensor, state: Tensor | None, top: Tensor | None) -> Tensor:
+    """:func:`_carried`'s states by the running-maximum recurrence, one chunk at a time:
+    each step rescales by ``exp(t_(c-1) - t_c) <= 1`` (the maximum never falls), so
+    nothing underflows whatever the spread (the prefix sum zeroed rows past about 700)."""
+    acc = torch.float64
+    run_top = _start(ends, top)[..., 0].to(acc)  # (B, Hkv, 1)
+    run = torch.zeros_like(own[:, :, :, 0], dtype=acc)  # (B, Hkv, 1, F, Ev1)
+    if state is not None and top is not None:  # the keys before, scaled to ``top``
+        run = run + state.to(acc)[:, :, None]
+    states = []
+    for c in range(own.shape[3]):
+        states.append(run)
+        new_top = ends[..., c].to(acc)  # (B, Hkv, 1)
+        run = run * torch.exp(run_top - new_top)[..., None, None] + own[:, :, :, c].to(acc)
+        run_top = new_top
+    return torch.stack(states, 3).to(own.dtype)  # (B, Hkv, 1, M, F, Ev1)
 
 
 def _start(ends: Tensor, top: Tensor | None) -> Tensor:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -189,6 +189,10 @@ class PerformerEngine(ApproximateEngine):
     def compute(
         self, req: AttentionRequest, plan: MaskPlan, opts: PerformerOptions
     ) -> tuple[Tensor, Tensor | None]:
+        if req.q.dtype == torch.float16:  # exp's range ends at e^-9.7 there (row 0 gave 0)
+            wide = replace(req, q=req.q.float(), k=req.k.float(), v=req.v.float())
+            out, w16 = self.compute(wide, plan, opts)
+            return out.half(), None if w16 is None else w16.half()
         w = self.features(opts, req.q.shape[-1], req.q.device, req.q.dtype)  # (F, E)
         root = math.sqrt(req.scale)
         qf = favor_features(req.q * root, w, is_query=True, valid=None)  # (B, Hq, Lq, F)
