@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -310,6 +310,60 @@ def test_documents_runs_found_at_a_call_leave_the_engines_cache_keys_alone() -> 
     assert mask.row_bounds(300, 300) is not None and _versions(mask) == before
     ids.add_(1)
     assert _versions(mask) != before
+
+
+class _Limits:
+    """A callable object holding the tensor its mask reads."""
+
+    def __init__(self) -> None:
+        self.lim = torch.tensor([300, 300])
+
+    def __call__(self, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        return k < self.lim[b]
+
+    def method(self, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        return k < self.lim[b]
+
+
+def _below(b: Tensor, h: Tensor, q: Tensor, k: Tensor, lim: Tensor) -> Tensor:
+    return k < lim[b]
+
+
+def _custom_masks() -> Iterator[tuple[str, masks.Mask, Tensor]]:
+    """A custom mask's function reading a tensor each way one can (and that tensor)."""
+    import functools
+    import sys
+    import types
+
+    t = torch.tensor([300, 300])
+    yield "closure", masks.custom(lambda b, h, q, k: k < t[b], per_head=False), t
+    t2 = torch.tensor([300, 300])
+    yield "partial", masks.custom(functools.partial(_below, lim=t2), per_head=False), t2
+    t3 = torch.tensor([300, 300])
+    yield "default", masks.custom(lambda b, h, q, k, lim=t3: k < lim[b], per_head=False), t3
+    obj = _Limits()
+    yield "callable object", masks.custom(obj, per_head=False), obj.lim
+    obj2 = _Limits()
+    yield "bound method", masks.custom(obj2.method, per_head=False), obj2.lim
+    mod = types.ModuleType("_attnlab_test_limits")
+    mod.lim = torch.tensor([300, 300])  # type: ignore[attr-defined]
+    sys.modules[mod.__name__] = mod
+    fn = eval("lambda b, h, q, k: k < mod.lim[b]", {"mod": mod})  # a module it names
+    yield "module attribute", masks.custom(fn, per_head=False), mod.lim  # type: ignore[attr-defined]
+
+
+def test_the_cache_key_follows_every_tensor_a_custom_mask_reads() -> None:
+    """The flex and blocked engines key a mask's plan on the tensors it reads; through a
+    ``functools.partial``, a default argument, a callable object, a bound method or a
+    module's attribute they were missed, and compiled flex kept a stale layout after an
+    in-place change (off by 1.34)."""
+    from attnlab.engines._versions import versions as _versions
+
+    for name, mask, t in _custom_masks():
+        before = _versions(mask)
+        assert _versions(mask) == before, name  # the same when nothing changed
+        t.fill_(100)
+        assert _versions(mask) != before, name
 
 
 @pytest.mark.parametrize(("lq", "lk"), SIZES)

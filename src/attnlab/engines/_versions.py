@@ -2,13 +2,16 @@
 
 The blocked and flex engines memoize a mask's plan for the last mask object; its key
 holds :func:`versions`, which changes when any of those tensors is replaced or changed in
-place (a custom mask's function counts the tensors it closes over and module-level
-tensors it names).
+place (a custom mask's function counts the tensors it closes over, its default
+arguments, module-level tensors it names, and, for a ``functools.partial``, a bound
+method or a callable object, the arguments or the object's attributes).
 """
 
 from __future__ import annotations
 
-from types import FunctionType
+import functools
+from collections.abc import Iterable
+from types import FunctionType, MethodType, ModuleType
 from typing import Any
 
 import torch
@@ -52,20 +55,48 @@ def versions(obj: object, depth: int = 0) -> tuple:
         return ((obj.data_ptr(), _version_of(obj)),)
     if depth > 4:
         return ()
+    return tuple(v for x in _parts(obj) if _followed(x) for v in versions(x, depth + 1))
+
+
+def _parts(obj: object) -> Iterable[Any]:
+    """What ``obj`` holds that a mask's values may come from."""
     if isinstance(obj, FunctionType):  # a custom mask's function: the tensors it reads
-        items: Any = [c.cell_contents for c in obj.__closure__ or () if _filled(c)]
-        named = (obj.__globals__.get(name) for name in obj.__code__.co_names)
-        items += [t for t in named if isinstance(t, Tensor)]  # module-level tensors only
-    elif isinstance(obj, (tuple, list)):
-        items = obj
-    else:
-        items = getattr(obj, "__dict__", {}).values()
-    return tuple(
-        v
-        for x in items
-        if isinstance(x, (Tensor, Mask, tuple, list, FunctionType))
-        for v in versions(x, depth + 1)
-    )
+        return _function_parts(obj)
+    if isinstance(obj, functools.partial):
+        return [obj.func, *obj.args, *obj.keywords.values()]
+    if isinstance(obj, MethodType):  # a bound method: its function and its object
+        return [obj.__func__, obj.__self__]
+    if isinstance(obj, (tuple, list)):
+        return obj
+    if isinstance(obj, dict):
+        return obj.values()
+    return getattr(obj, "__dict__", {}).values()  # a mask, or a callable object
+
+
+def _function_parts(fn: FunctionType) -> list[Any]:
+    """The values ``fn`` closes over, its default arguments, and the module-level tensors
+    it names, directly or as an attribute of a module it names (``mod.lengths``)."""
+    items: list[Any] = [c.cell_contents for c in fn.__closure__ or () if _filled(c)]
+    items += [*(fn.__defaults__ or ()), *(fn.__kwdefaults__ or {}).values()]
+    names = fn.__code__.co_names
+    for name in names:
+        found = fn.__globals__.get(name)
+        if isinstance(found, Tensor):
+            items.append(found)
+        elif isinstance(found, ModuleType):
+            attrs = (getattr(found, a, None) for a in names)
+            items += [t for t in attrs if isinstance(t, Tensor)]
+    return items
+
+
+def _followed(x: object) -> bool:
+    """Whether :func:`versions` looks inside ``x``: tensors, masks, containers, functions,
+    and callable objects (a custom mask's function may be one), but not classes."""
+    if isinstance(x, (Tensor, Mask, tuple, list, dict, FunctionType, MethodType)):
+        return True
+    if isinstance(x, functools.partial):
+        return True
+    return callable(x) and hasattr(x, "__dict__") and not isinstance(x, (type, ModuleType))
 
 
 def _filled(cell: Any) -> bool:
