@@ -286,6 +286,26 @@ def test_is_grads_batched_through_the_blocked_engine(bias: bool) -> None:
         assert a.shape == (3, 1, 2, 150, 8) and max_err(a, w) < 1e-12
 
 
+def test_jacrev_with_respect_to_a_bias() -> None:
+    """The blocked engine's backward takes a bias's gradient with torch.autograd, which a
+    torch.func transform of the bias hides ("element 0 of tensors does not require
+    grad"): it declines by name, and ``auto`` serves the call exactly."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 150, 8, dtype=torch.float64, generator=g) for _ in range(3))
+    bias = torch.randn(1, 2, 150, 150, dtype=torch.float64, generator=g)
+    mask = M.causal() & M.window(32)
+
+    def f(b: torch.Tensor, engine: str) -> torch.Tensor:
+        out = attnlab.attention(q, k, v, mask=mask, bias=b, engine=engine)
+        return torch.as_tensor(out)[0, 1, 60:63, 0]
+
+    got = torch.func.jacrev(lambda b: f(b, "auto"))(bias)
+    want = torch.autograd.functional.jacobian(lambda b: f(b, "reference"), bias)
+    assert got.shape == (3, 1, 2, 150, 150) and max_err(got, want) < 1e-12
+    with pytest.raises(ValueError, match=r"torch\.func transform of the bias; use 'reference'"):
+        torch.func.jacrev(lambda b: f(b, "blocked"))(bias)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 def test_jacrev_through_the_blocked_engine(dtype: torch.dtype) -> None:
     """(The eager backward summed a batched upstream gradient into unbatched zeros in

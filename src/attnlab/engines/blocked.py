@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch._C._functorch import is_functorch_wrapped_tensor
 
 from attnlab._eager import vmapping
 from attnlab.engines import blocked_autograd
@@ -112,6 +113,12 @@ class BlockedEngine(Engine):
             return "the blocked engine does not accept empty batches or sequences"
         if vmapping():
             return "the blocked engine plans from values, which torch.func.vmap hides"
+        if any(is_functorch_wrapped_tensor(t) for t in bias_leaves(req.bias)):
+            return (
+                "the blocked engine takes a bias's gradient with torch.autograd in its "
+                "backward, which cannot follow a torch.func transform of the bias; use "
+                "'reference'"
+            )
         return None
 
     def plain(self, q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor | None:
