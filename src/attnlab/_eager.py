@@ -12,20 +12,14 @@ raises), so the engines read none there (:func:`vmapping`).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar, cast
 
 import torch
-from torch._C._functorch import (
-    CGradInterpreterPtr,
-    TransformType,
-    get_interpreter_stack,
-    get_unwrapped,
-    is_functorch_wrapped_tensor,
-)
+from torch._C._functorch import TransformType, get_interpreter_stack
 from torch.autograd.function import once_differentiable
 
-__all__ = ["PLANS", "as_written", "differentiated_again", "first_order_only", "vmapping"]
+__all__ = ["PLANS", "as_written", "differentiating_twice", "first_order_only", "vmapping"]
 
 #: why attnlab's attention calls run as written
 PLANS = "attnlab plans each call from its mask's values in Python"
@@ -65,46 +59,27 @@ def vmapping() -> bool:
     return bool(stack) and any(i.key() == TransformType.Vmap for i in stack)
 
 
-def differentiated_again(saved: Sequence[torch.Tensor]) -> bool:
-    """Whether the gradients a backward is about to return will be differentiated again
-    (call it before ``once_differentiable`` turns grad mode off): autograd's
-    ``create_graph=True`` (grad mode on in a backward that no ``torch.func`` transform
-    runs), two ``torch.func`` differentiation levels (``grad`` of ``grad``, a Hessian), or
-    one ``torch.func.grad`` level whose caller records for plain autograd on ``saved``
-    tensors that want grad there (MAML: an inner ``grad`` step, an outer ``.backward()``).
+def differentiating_twice() -> bool:
+    """Whether two ``torch.func`` differentiation levels run the caller (``grad`` of
+    ``grad``, a Hessian, MAML's outer step): a backward that is not differentiable itself
+    must refuse, since torch.func differentiates it silently as a constant.
 
     Example:
-        >>> with torch.no_grad():  # as in a plain backward
-        ...     differentiated_again([torch.ones(2, requires_grad=True)])
+        >>> differentiating_twice()
         False
     """
     stack = get_interpreter_stack() or []
-    if not stack:
-        return torch.is_grad_enabled()
-    levels = [i for i in stack if i.key() in (TransformType.Grad, TransformType.Jvp)]
-    if len(levels) > 1:
-        return True
-    if not levels or levels[0].key() != TransformType.Grad:
-        return False
-    return bool(CGradInterpreterPtr(levels[0]).prevGradMode()) and any(
-        _unwrapped(t).requires_grad for t in saved
-    )
-
-
-def _unwrapped(t: torch.Tensor) -> torch.Tensor:
-    """The plain tensor under ``torch.func``'s wrappers."""
-    while is_functorch_wrapped_tensor(t):
-        t = get_unwrapped(t)
-    return t
+    return sum(i.key() in (TransformType.Grad, TransformType.Jvp) for i in stack) > 1
 
 
 def first_order_only(what: str, instead: str) -> Callable[[Callable[..., _R]], Callable[..., _R]]:
-    """A decorator for an autograd Function's ``backward`` (static or class method) that
-    is ``once_differentiable`` and raises, naming ``what`` and ``instead``, when its
-    gradients would be differentiated again (:func:`differentiated_again`): neither
-    ``once_differentiable`` nor ``torch.func`` sees that the gradients depend on the
-    saved inputs, so a second-order gradient came out silently wrong (1970 off where the
-    reference's largest entry is 1993).
+    """A decorator for an autograd Function's ``backward`` (static or class method): it
+    runs ``once_differentiable``, raises (naming ``what`` and ``instead``) under two
+    ``torch.func`` differentiation levels, and, under autograd's ``create_graph=True``,
+    marks the gradients it returns so that differentiating them raises. Plain
+    ``once_differentiable`` marks them only when the upstream gradient wants grad, so a
+    loss linear in the output got a second-order gradient that silently left out the
+    backward's own dependence on the inputs (1970 off where the largest entry is 1993).
 
     Example:
         >>> class Cube(torch.autograd.Function):
@@ -117,14 +92,19 @@ def first_order_only(what: str, instead: str) -> Callable[[Callable[..., _R]], C
         ...     def backward(ctx, g):
         ...         return 3 * ctx.saved_tensors[0] ** 2 * g
         >>> x = torch.tensor(2.0, requires_grad=True)
-        >>> torch.autograd.grad(Cube.apply(x), x)[0].item()
+        >>> (g,) = torch.autograd.grad(Cube.apply(x), x, create_graph=True)
+        >>> g.item()
         12.0
         >>> try:
-        ...     torch.autograd.grad(Cube.apply(x), x, create_graph=True)
+        ...     g.backward()
         ... except RuntimeError as e:
         ...     print(str(e).split(" (")[0])
         a second-order gradient
     """
+    msg = (
+        "a second-order gradient (create_graph=True, grad of grad, a Hessian, MAML's outer "
+        f"step) through {what}: its backward is not differentiable; {instead}"
+    )
 
     def decorate(fn: Callable[..., _R]) -> Callable[..., _R]:
         inner = once_differentiable(fn)
@@ -132,14 +112,55 @@ def first_order_only(what: str, instead: str) -> Callable[[Callable[..., _R]], C
         @functools.wraps(fn)
         def backward(*args: Any) -> _R:
             ctx = args[1] if isinstance(args[0], type) else args[0]  # (cls,) ctx, *grads
-            if differentiated_again(ctx.saved_tensors):
-                raise RuntimeError(
-                    "a second-order gradient (create_graph=True, grad of grad, a Hessian, "
-                    f"MAML's outer step) through {what}: its backward is not "
-                    f"differentiable; {instead}"
-                )
-            return inner(*args)
+            if differentiating_twice():
+                raise RuntimeError(msg)
+            create_graph = torch.is_grad_enabled() and not get_interpreter_stack()
+            if not create_graph or not any(ctx.needs_input_grad):
+                return inner(*args)
+            saved = ctx.saved_tensors  # unpacked once (non-reentrant checkpointing)
+            lead = 0 if args[0] is ctx else 1  # a classmethod's cls comes before ctx
+            with torch.no_grad():
+                outputs = fn(*args[:lead], _Unpacked(ctx, saved), *args[lead + 1 :])
+            return cast(_R, _refusing(outputs, saved, msg))
 
         return backward
 
     return decorate
+
+
+class _Unpacked:
+    """A backward's ``ctx`` whose saved tensors were already unpacked."""
+
+    def __init__(self, ctx: Any, saved: tuple[torch.Tensor, ...]) -> None:
+        self._ctx, self.saved_tensors = ctx, saved
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ctx, name)
+
+
+class _Refuse(torch.autograd.Function):
+    """The gradients a backward returned, tied to the inputs it read: differentiating
+    them raises (``once_differentiable``'s marker hangs off fresh leaves, which
+    ``torch.autograd.grad(..., inputs)`` never visits)."""
+
+    @staticmethod
+    def forward(ctx: Any, msg: str, n: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.msg = msg
+        return tuple(t.view_as(t) for t in tensors[:n])
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Any:
+        raise RuntimeError(ctx.msg)
+
+
+def _refusing(outputs: Any, saved: tuple[torch.Tensor, ...], msg: str) -> Any:
+    """``outputs`` (a tensor, or a tuple with ``None``s) tied through :class:`_Refuse` to
+    the ``saved`` tensors that want grad."""
+    outs = outputs if isinstance(outputs, tuple) else (outputs,)
+    idx = [i for i, t in enumerate(outs) if isinstance(t, torch.Tensor)]
+    wanting = [t for t in saved if t.requires_grad]
+    tied = _Refuse.apply(msg, len(idx), *(outs[i] for i in idx), *wanting)
+    result = list(outs)
+    for i, t in zip(idx, tied, strict=True):
+        result[i] = t
+    return tuple(result) if isinstance(outputs, tuple) else result[0]
