@@ -30,6 +30,16 @@ if TYPE_CHECKING:
 __all__ = ["MultiHeadAttention"]
 
 
+class _OutProj(nn.Linear):
+    """The output projection: torch's ``Linear`` with its bias 0 when built and by its own
+    ``reset_parameters`` (a meta-device build reaches it after the layer's)."""
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention with separate query and key/value head counts.
 
@@ -109,7 +119,7 @@ class MultiHeadAttention(nn.Module):
             self.k_proj_weight = nn.Parameter(torch.empty(hk, self.kdim))
             self.v_proj_weight = nn.Parameter(torch.empty(hk, self.vdim))
         self.in_proj_bias = nn.Parameter(torch.zeros(hq + 2 * hk)) if bias else None
-        self.out_proj = nn.Linear(hq, d, bias=bias)
+        self.out_proj = _OutProj(hq, d, bias=bias)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
