@@ -364,6 +364,9 @@ def test_the_cache_key_follows_every_tensor_a_custom_mask_reads() -> None:
         assert _versions(mask) == before, name  # the same when nothing changed
         t.fill_(100)
         assert _versions(mask) != before, name
+    vocab = {f"tok{i}": i for i in range(200_000)}  # a wide default argument: not searched
+    wide = masks.custom(lambda b, h, q, k, _vocab=vocab: q >= k, per_head=False)
+    assert _versions(wide) == ()  # (its entries were walked on every call: 50 ms each)
 
 
 @pytest.mark.parametrize(("lq", "lk"), SIZES)

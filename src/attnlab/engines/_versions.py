@@ -4,13 +4,14 @@ The blocked and flex engines memoize a mask's plan for the last mask object; its
 holds :func:`versions`, which changes when any of those tensors is replaced or changed in
 place (a custom mask's function counts the tensors it closes over, its default
 arguments, module-level tensors it names, and, for a ``functools.partial``, a bound
-method or a callable object, the arguments or the object's attributes).
+method or a callable object, the arguments or the object's attributes). Containers of
+more than :data:`WIDE` entries are not searched (each call pays for the search).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Sized
 from types import FunctionType, MethodType, ModuleType
 from typing import Any
 
@@ -55,7 +56,13 @@ def versions(obj: object, depth: int = 0) -> tuple:
         return ((obj.data_ptr(), _version_of(obj)),)
     if depth > 4:
         return ()
-    return tuple(v for x in _parts(obj) if _followed(x) for v in versions(x, depth + 1))
+    parts = _parts(obj)
+    if isinstance(parts, Sized) and len(parts) > WIDE:  # (a vocabulary passed as a default
+        return ()  # argument: walking its entries on every call took 50 ms)
+    return tuple(v for x in parts if _followed(x) for v in versions(x, depth + 1))
+
+
+WIDE = 64  # containers with more entries are not searched for tensors
 
 
 def _parts(obj: object) -> Iterable[Any]:
