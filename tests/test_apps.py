@@ -497,3 +497,33 @@ def test_a_subfolder_that_cannot_be_read_is_named(tmp_path: Path, monkeypatch) -
     monkeypatch.setattr(corpus.os, "scandir", scandir)
     with pytest.raises(ValueError, match=r"docs: '.*/sub' cannot be read \(permission denied\)"):
         load_documents(tmp_path)
+
+
+def test_ask_passes_its_warnings_on_as_they_were() -> None:
+    """``ask`` collects warnings to say one about truncation; it dropped those raised
+    before an error, and filters by module no longer matched them."""
+    import warnings
+
+    from attnlab.apps.ask import _one_truncation_warning
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match="late"), _one_truncation_warning(256):
+            warnings.warn("early", UserWarning, stacklevel=1)
+            raise ValueError("late")
+    assert [str(w.message) for w in seen] == ["early"]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", module=__name__)  # the user silences this module
+        with _one_truncation_warning(256):
+            warnings.warn("from this module", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in seen] == []  # (the first block shows it passes unfiltered)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with _one_truncation_warning(256):
+            for n in (3, 1):  # two encoder warnings: one line, in ask's words
+                warnings.warn(f"{n} of 4 texts exceed max_seq_length=256", stacklevel=1)
+    assert [str(w.message) for w in seen] == [
+        "some candidate sentences are past the encoder's 256-token limit; they are compared "
+        "by their first 256 tokens"
+    ]

@@ -38,6 +38,7 @@ With ``docs="pydoc"`` (the default) the index of the whole reference is built on
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -249,13 +250,23 @@ def ask(
 
 @contextmanager
 def _one_truncation_warning(limit: int) -> Iterator[None]:
-    """Pass on the warnings inside, but at most one about texts past the encoder's
-    ``limit`` tokens: the index's (how many sentences), or one about the answers (an index
-    read from the cache). Ranking and explaining read the same long sentences again, which
-    made up to three such lines, two naming the encoder's internal ``texts[i]``."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        yield
+    """Pass on the warnings inside (also when it raises), but at most one about texts past
+    the encoder's ``limit`` tokens: the index's (how many sentences), or one about the
+    answers (an index read from the cache). Ranking and explaining read the same long
+    sentences again, which made up to three such lines, two naming the encoder's internal
+    ``texts[i]``."""
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        _reissue(caught, limit)
+
+
+def _reissue(caught: list[warnings.WarningMessage], limit: int) -> None:
+    """Warn each of ``caught`` again, from its own module (filters by module still match),
+    the truncation warnings after the first dropped."""
     said = False
     for w in caught:
         message, text = w.message, str(w.message)
@@ -268,4 +279,8 @@ def _one_truncation_warning(limit: int) -> Iterator[None]:
                 f"they are compared by their first {limit} tokens"
             )
         said = said or cut
-        warnings.warn_explicit(message, w.category, w.filename, w.lineno)
+        module = next(
+            (n for n, m in list(sys.modules.items()) if getattr(m, "__file__", None) == w.filename),
+            None,
+        )
+        warnings.warn_explicit(message, w.category, w.filename, w.lineno, module=module)
