@@ -43,7 +43,16 @@ def test_busy_port_and_missing_folders_are_one_line(tmp_path: object) -> None:
 
 
 def test_serves_on_loopback_and_stops_on_ctrl_c() -> None:
-    cmd = [sys.executable, "-m", "attnlab.cli", "serve", "--port", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "attnlab.cli",
+        "serve",
+        "--port",
+        "0",
+        "--allow-host",
+        "proxy.test",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
@@ -66,9 +75,10 @@ def test_serves_on_loopback_and_stops_on_ctrl_c() -> None:
         with pytest.raises(urllib.error.HTTPError) as refused:  # DNS rebinding
             urllib.request.urlopen(rebound, timeout=60)
         assert refused.value.code == 403
-        named = urllib.request.Request(url + "api/health", headers={"Host": f"localhost:{port}"})
-        with urllib.request.urlopen(named, timeout=60) as r:
-            assert json.load(r)["ok"] is True
+        for name in ("localhost", "proxy.test"):  # this machine's name, and --allow-host's
+            named = urllib.request.Request(url + "api/health", headers={"Host": f"{name}:{port}"})
+            with urllib.request.urlopen(named, timeout=60) as r:
+                assert json.load(r)["ok"] is True
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
     finally:

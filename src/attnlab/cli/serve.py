@@ -3,7 +3,8 @@
 Serves the page and its JSON API (FastAPI under uvicorn) on 127.0.0.1 by default; any
 other host needs ``--allow-remote`` and prints a warning, since the API runs models for
 whoever can reach it. On loopback it answers only requests whose ``Host`` names this
-machine: a foreign page behind a name rebound to 127.0.0.1 gets 403. The host and port
+machine (or a name given by ``--allow-host``, a reverse proxy's): a foreign page behind
+a name rebound to 127.0.0.1 gets 403. The host and port
 are checked before anything loads, and a ``--model`` folder is loaded before the server
 starts, so a bad host, a busy port or a folder without a model is one line and exit
 status 2.
@@ -37,6 +38,13 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--runs", default=None, help="list the task checkpoints found in this folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
     p.add_argument("--port", type=int_in(0, 65535), default=8000, help="0: any free port")
+    p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a Host name to answer besides this machine's (a reverse proxy's; repeatable)",
+    )
     p.add_argument(
         "--allow-remote",
         action="store_true",
@@ -131,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     if not _is_loopback(args.host):
         warn(args, f"serving on {args.host}: anyone who can reach it can run models here")
     # on loopback, only requests that name this machine (not a rebound foreign name)
-    hosts = (*LOOPBACK_HOSTS, args.host) if _is_loopback(args.host) else None
+    hosts = (*LOOPBACK_HOSTS, args.host, *args.allow_host) if _is_loopback(args.host) else None
     app = create_app(args.model, args.runs, encoder=encoder, hosts=hosts)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
