@@ -98,17 +98,29 @@ def _pool_rows(matrix: Tensor, pooling: str) -> Tensor:
     return matrix[0] if pooling == "cls" else matrix.mean(0)
 
 
+def _toy(dim: int = 8) -> TextModel:
+    """The docstrings' example model: a word is the id ``2 + len(word)`` between ``1`` and
+    ``9``; embeddings of size ``dim`` and two attention layers of 2 heads."""
+    from attnlab.nn import MultiHeadAttention  # only the examples need it
+
+    words = nn.Embedding(10, dim)
+    net = nn.Sequential(words, MultiHeadAttention(dim, 2), MultiHeadAttention(dim, 2))
+    return TextModel(
+        net,
+        tokenize=lambda s: [1, *(2 + len(w) for w in s.split()), 9],
+        token_name=str,
+        pooled=lambda t: net(t).mean(1),
+        embed=lambda t: F.normalize(net(t).mean(1), dim=-1),
+        input_embeddings=words,
+        pad_id=0,
+    )
+
+
 def captured_attentions(model: TextModel, ids: Tensor) -> list[Tensor]:
     """Every layer's attention weights ``(H, n, n)`` on ids ``(1, n)``, in layer order.
 
     Example:
-        >>> from attnlab.nn import MultiHeadAttention
-        >>> words = nn.Embedding(10, 8)
-        >>> net = nn.Sequential(words, MultiHeadAttention(8, 2), MultiHeadAttention(8, 2))
-        >>> toy = TextModel(net, tokenize=lambda s: [1, *(2 + len(w) for w in s.split()), 9],
-        ...                 token_name=str, pooled=lambda t: net(t).mean(1),
-        ...                 embed=lambda t: F.normalize(net(t).mean(1), dim=-1),
-        ...                 input_embeddings=words, pad_id=0)
+        >>> toy = _toy()  # two attention layers over word lengths (see _toy)
         >>> ids = torch.tensor([toy.tokenize("a toy text")])
         >>> attns = captured_attentions(toy, ids)
         >>> len(attns), tuple(attns[0].shape)  # 2 layers of 2 heads over 5 tokens
@@ -127,16 +139,10 @@ def explained_score(
     """``ids (B, n) -> (B,)``: the score that the explanations explain (see the module).
 
     Example:
-        >>> from attnlab.nn import MultiHeadAttention
-        >>> words = nn.Embedding(10, 8)
-        >>> net = nn.Sequential(words, MultiHeadAttention(8, 2), MultiHeadAttention(8, 2))
-        >>> toy = TextModel(net, tokenize=lambda s: [1, *(2 + len(w) for w in s.split()), 9],
-        ...                 token_name=str, pooled=lambda t: net(t).mean(1),
-        ...                 embed=lambda t: F.normalize(net(t).mean(1), dim=-1),
-        ...                 input_embeddings=words, pad_id=0)
+        >>> toy = _toy()  # two attention layers over word lengths (see _toy)
         >>> ids = torch.tensor([toy.tokenize("a toy text")])
         >>> score = explained_score(toy, ids)  # the pooled vector's length
-        >>> bool(torch.isclose(score(ids), net(ids).mean(1).norm(dim=-1)).all())
+        >>> bool(torch.isclose(score(ids), toy.pooled(ids).norm(dim=-1)).all())
         True
         >>> cosine = explained_score(toy, ids, against="a toy text")  # to that text's embedding
         >>> round(float(cosine(ids).detach()), 4)
@@ -256,13 +262,7 @@ def explain_text(
 
     Example:
         >>> import tempfile
-        >>> from attnlab.nn import MultiHeadAttention
-        >>> words = nn.Embedding(10, 16)
-        >>> net = nn.Sequential(words, MultiHeadAttention(16, 2), MultiHeadAttention(16, 2))
-        >>> toy = TextModel(net, tokenize=lambda s: [1, *(2 + len(w) for w in s.split()), 9],
-        ...                 token_name=str, pooled=lambda t: net(t).mean(1),
-        ...                 embed=lambda t: F.normalize(net(t).mean(1), dim=-1),
-        ...                 input_embeddings=words, pad_id=0)
+        >>> toy = _toy(16)  # two attention layers over word lengths (see _toy)
         >>> ex = explain_text(toy, "a toy text", tempfile.mkdtemp() + "/r.html", steps=4,
         ...                   log=lambda s: None)
         >>> ex.tokens, [p.suffix for p in ex.files][:2]
