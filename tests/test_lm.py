@@ -156,6 +156,10 @@ def test_top_p_boundary_against_a_direct_loop() -> None:
                 if mass >= p:
                     break
             assert {i for i in range(9) if k[i]} == want
+    # equal tokens, where p falls on a sum: mass-before as cumsum - probs lost the last
+    # float32 ulp and kept one token more (7 of 10 for p = 0.6)
+    for v, p, n in ((10, 0.6, 6), (20, 0.3, 6), (8, 0.25, 2)):
+        assert int((~filter_logits(torch.zeros(v), top_p=p).isinf()).sum()) == n, (v, p)
 
 
 def test_sampling_is_reproducible_with_a_generator() -> None:

@@ -252,8 +252,9 @@ def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None 
         logits = logits.masked_fill(~keep, -math.inf)
     if top_p is not None and top_p < 1.0:
         ranked, order = logits.sort(dim=-1, descending=True)  # (..., V)
-        probs = ranked.softmax(dim=-1)
-        before = probs.cumsum(dim=-1) - probs  # mass ranked strictly before each token
+        probs = ranked.softmax(dim=-1, dtype=torch.float64)  # (..., V)
+        mass = probs.cumsum(dim=-1)  # shifted by one, not minus probs, which lost the last
+        before = torch.cat([torch.zeros_like(mass[..., :1]), mass[..., :-1]], -1)  # ulp
         drop = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, order, before >= top_p)
         logits = logits.masked_fill(drop, -math.inf)
     return logits
