@@ -177,7 +177,7 @@ def test_bad_input_errors() -> None:
         lambda: m(images, torch.ones(3, 4, dtype=torch.long)),
         lambda: m(images, torch.ones(2, 4, dtype=torch.long)),
         ValueError,
-        r"words must have shape \(B, Lt\) with B = 2, got \(3, 4\)",
+        "words has batch size 3 but images has 2",
     )
     check_and_control(
         lambda: m(torch.rand(2, 3, 32, 32), torch.ones(2, 4, dtype=torch.long)),

@@ -356,3 +356,47 @@ def test_tasks_name_bad_seeds_and_label_smoothing(
     failed inside torch's manual_seed.)"""
     with pytest.raises(exc, match=match):
         make()
+
+
+def _decoders() -> tuple[Seq2Seq, object, object]:
+    from attnlab.models.captioner import Captioner, CaptionerConfig
+    from attnlab.models.rnn import RNNSeq2Seq, RNNSeq2SeqConfig
+
+    torch.manual_seed(0)
+    s = Seq2Seq(Seq2SeqConfig(9, 4, 16, 2, dim_feedforward=32, dropout=0.0)).eval()
+    r = RNNSeq2Seq(RNNSeq2SeqConfig(9, 7, 8, 8, 16, 8)).eval()
+    c = Captioner(CaptionerConfig(7, image_size=8, d_model=8, num_heads=2, embed_dim=8,
+                                  hidden_dim=8, attention_dim=8)).eval()  # fmt: skip
+    return s, r, c
+
+
+def test_an_empty_batch_decodes_to_nothing() -> None:
+    """B = 0 crashed: the fused linear's residual reshape (Seq2Seq, under no_grad) and
+    packing (RNNSeq2Seq); the language model and the captioner already gave []."""
+    s, r, c = _decoders()
+    src, lengths = torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    assert s.generate(src, lengths, max_len=3) == [] == s.generate(src, lengths, beam=2)
+    assert r.generate(src, lengths, max_len=3) == []  # type: ignore[attr-defined]
+    assert c.generate(torch.rand(0, 3, 8, 8), max_len=3) == []  # type: ignore[attr-defined]
+    with torch.no_grad():
+        assert s.encode(src, lengths).shape == (0, 3, 16)
+    assert len(s.generate(torch.tensor([[3, 4, 5]]), torch.tensor([3]), max_len=3)) == 1
+
+
+def test_lengths_and_caption_words_are_checked_by_name() -> None:
+    """Float lengths were read two ways by RNNSeq2Seq (packing cut 1.5 to 1, the mask
+    kept 2) and named an internal ``key_lengths`` in Seq2Seq; float caption words or
+    none reached torch's own errors."""
+    s, r, c = _decoders()
+    src, tgt = torch.tensor([[3, 4, 5]]), torch.tensor([[1, 2]])
+    for model in (s, r):
+        check_and_control(
+            lambda m=model: m(src, torch.tensor([1.5]), tgt),  # type: ignore[operator]
+            lambda m=model: m(src, torch.tensor([2]), tgt),  # type: ignore[operator]
+            TypeError,
+            "lengths must hold integers",
+        )
+    images = torch.rand(1, 3, 8, 8)
+    ok = lambda: c(images, torch.tensor([[1, 2]]))  # type: ignore[operator]  # noqa: E731
+    for words in (torch.tensor([[1.0, 2.0]]), torch.zeros(1, 0, dtype=torch.long)):
+        check_and_control(lambda w=words: c(images, w), ok, ValueError, "words must be an integer")  # type: ignore[operator]

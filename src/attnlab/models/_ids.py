@@ -1,11 +1,12 @@
-"""Checks of token ids shared by the models: ids in a vocabulary, and a config's special
-ids (BOS, EOS) inside the vocabulary they index."""
+"""Checks of token ids shared by the models: id tensors and source lengths, ids in a
+vocabulary, and a config's special ids (BOS, EOS) inside the vocabulary they index."""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-__all__ = ["check_special_ids", "check_vocab"]
+__all__ = ["check_ids", "check_source", "check_special_ids", "check_vocab"]
 
 
 def check_vocab(name: str, ids: Tensor, field: str, vocab: int) -> None:
@@ -40,3 +41,43 @@ def check_special_ids(cfg: object, field: str, *names: str) -> None:
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < vocab:
             raise ValueError(f"{name} must be a token id in [0, {field}={vocab}), got {v!r}")
+
+
+def check_ids(name: str, ids: object, batch: int | None, source: str = "src") -> Tensor:
+    """``ids`` must be an integer tensor ``(B, L)`` with ``L >= 1`` (and ``B = batch``,
+    the batch of ``source``).
+
+    Example:
+        >>> check_ids("tgt_in", torch.tensor([[1, 4]]), 1).shape
+        torch.Size([1, 2])
+        >>> try:
+        ...     check_ids("words", torch.tensor([[1.0, 2.0]]), 1, "images")
+        ... except ValueError as e:
+        ...     print(str(e)[:60])
+        words must be an integer tensor of token ids (B, L) with L >
+    """
+    if not isinstance(ids, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of token ids (B, L), got {type(ids)}")
+    if ids.dim() != 2 or ids.shape[1] == 0 or ids.is_floating_point() or ids.is_complex():
+        raise ValueError(
+            f"{name} must be an integer tensor of token ids (B, L) with L >= 1, got "
+            f"shape {tuple(ids.shape)} and dtype {ids.dtype}"
+        )
+    if batch is not None and ids.shape[0] != batch:
+        raise ValueError(f"{name} has batch size {ids.shape[0]} but {source} has {batch}")
+    return ids
+
+
+def check_source(src: object, lengths: object) -> None:
+    """``src (B, Ls)`` ids and ``lengths (B,)`` with ``1 <= lengths <= Ls``."""
+    s = check_ids("src", src, None)
+    if not isinstance(lengths, Tensor) or lengths.shape != (s.shape[0],):
+        seen = tuple(lengths.shape) if isinstance(lengths, Tensor) else type(lengths).__name__
+        raise ValueError(f"lengths must be a tensor of shape (B,) = ({s.shape[0]},), got {seen}")
+    if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+        raise TypeError(f"lengths must hold integers (each row's real length), got {lengths.dtype}")
+    if lengths.numel() and (int(lengths.min()) < 1 or int(lengths.max()) > s.shape[1]):
+        raise ValueError(
+            f"lengths must lie in [1, Ls={s.shape[1]}] (the real length of each src row), "
+            f"got {lengths.tolist()}"
+        )

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from attnlab._validate import positive_int
-from attnlab.models._ids import check_special_ids, check_vocab
+from attnlab.models._ids import check_ids, check_special_ids, check_vocab
 from attnlab.models.vit import PatchEmbedding
 from attnlab.nn import BahdanauAttention, Encoder, EncoderLayer, LayerConfig
 from attnlab.positional import LearnedPositional
@@ -119,11 +119,7 @@ class Captioner(nn.Module):
     def forward(self, images: Tensor, words: Tensor) -> Tensor:
         """Teacher-forced logits ``(B, Lt, V)`` for decoder inputs ``words (B, Lt)``
         (BOS first)."""
-        if words.dim() != 2 or words.shape[0] != images.shape[0]:
-            raise ValueError(
-                f"words must have shape (B, Lt) with B = {images.shape[0]}, got "
-                f"{tuple(words.shape)}"
-            )
+        check_ids("words", words, images.shape[0], "images")  # integer ids (B, Lt), Lt >= 1
         check_vocab("words", words, "vocab_size", self.cfg.vocab_size)
         memory = self.encode(images)  # (B, N, D)
         keys, state = self.attention.project_keys(memory), self._start(memory)

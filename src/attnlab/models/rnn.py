@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from attnlab._validate import positive_int
-from attnlab.models._ids import check_special_ids, check_vocab
+from attnlab.models._ids import check_ids, check_source, check_special_ids, check_vocab
 from attnlab.nn import BahdanauAttention
 
 __all__ = ["RNNSeq2Seq", "RNNSeq2SeqConfig"]
@@ -108,7 +108,7 @@ class RNNSeq2Seq(nn.Module):
 
     def encode(self, src: Tensor, lengths: Tensor) -> tuple[_Memory, Tensor]:
         """``src (B, Ls)`` -> the decoder's memory and its first state ``(B, D)``."""
-        _check_source(src, lengths)
+        check_source(src, lengths)
         check_vocab("src", src, "src_vocab", self.cfg.src_vocab)
         x = self.drop(self.src_embed(src))  # (B, Ls, E)
         packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
@@ -130,7 +130,7 @@ class RNNSeq2Seq(nn.Module):
     def forward(self, src: Tensor, lengths: Tensor, tgt_in: Tensor) -> Tensor:
         """Teacher-forced logits ``(B, Lt, V)`` for decoder inputs ``tgt_in (B, Lt)``
         (BOS followed by the target, shifted right)."""
-        _check_ids("tgt_in", tgt_in, src.shape[0] if isinstance(src, Tensor) else None)
+        check_ids("tgt_in", tgt_in, src.shape[0] if isinstance(src, Tensor) else None)
         check_vocab("tgt_in", tgt_in, "tgt_vocab", self.cfg.tgt_vocab)
         memory, state = self.encode(src, lengths)
         logits = []
@@ -143,6 +143,9 @@ class RNNSeq2Seq(nn.Module):
     def generate(self, src: Tensor, lengths: Tensor, *, max_len: int = 32) -> list[list[int]]:
         """Greedy decoding of each source row: ids without BOS and EOS."""
         max_len = positive_int("max_len", max_len)
+        if isinstance(src, Tensor) and src.shape[0] == 0:  # nothing to pack
+            check_source(src, lengths)
+            return []
         memory, state = self.encode(src, lengths)
         prev = torch.full((src.shape[0],), self.cfg.bos, dtype=torch.long, device=src.device)
         done = torch.zeros_like(prev, dtype=torch.bool)
@@ -156,30 +159,3 @@ class RNNSeq2Seq(nn.Module):
                 break
         rows = torch.stack(ids, 1).tolist()  # (B, T)
         return [r[: r.index(self.cfg.eos)] if self.cfg.eos in r else r for r in rows]
-
-
-def _check_ids(name: str, ids: object, batch: int | None) -> Tensor:
-    """``ids`` must be an integer tensor ``(B, L)`` with ``L >= 1``."""
-    if not isinstance(ids, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of token ids (B, L), got {type(ids)}")
-    if ids.dim() != 2 or ids.shape[1] == 0 or ids.is_floating_point() or ids.is_complex():
-        raise ValueError(
-            f"{name} must be an integer tensor of token ids (B, L) with L >= 1, got "
-            f"shape {tuple(ids.shape)} and dtype {ids.dtype}"
-        )
-    if batch is not None and ids.shape[0] != batch:
-        raise ValueError(f"{name} has batch size {ids.shape[0]} but src has {batch}")
-    return ids
-
-
-def _check_source(src: object, lengths: object) -> None:
-    """``src (B, Ls)`` ids and ``lengths (B,)`` with ``1 <= lengths <= Ls``."""
-    s = _check_ids("src", src, None)
-    if not isinstance(lengths, Tensor) or lengths.shape != (s.shape[0],):
-        seen = tuple(lengths.shape) if isinstance(lengths, Tensor) else type(lengths).__name__
-        raise ValueError(f"lengths must be a tensor of shape (B,) = ({s.shape[0]},), got {seen}")
-    if lengths.numel() and (int(lengths.min()) < 1 or int(lengths.max()) > s.shape[1]):
-        raise ValueError(
-            f"lengths must lie in [1, Ls={s.shape[1]}] (the real length of each src row), "
-            f"got {lengths.tolist()}"
-        )

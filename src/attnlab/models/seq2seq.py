@@ -15,8 +15,7 @@ from torch import Tensor, nn
 
 from attnlab import masks
 from attnlab._validate import positive_int
-from attnlab.models._ids import check_special_ids, check_vocab
-from attnlab.models.rnn import _check_ids, _check_source
+from attnlab.models._ids import check_ids, check_source, check_special_ids, check_vocab
 from attnlab.nn import DecoderCache, LayerConfig, Transformer
 from attnlab.positional import SinusoidalPositional
 
@@ -81,7 +80,7 @@ class Seq2Seq(nn.Module):
 
     def encode(self, src: Tensor, lengths: Tensor) -> Tensor:
         """``src (B, Ls)`` -> memory ``(B, Ls, D)``; ``lengths (B,)`` in ``[1, Ls]``."""
-        _check_source(src, lengths)
+        check_source(src, lengths)
         check_vocab("src", src, "src_vocab", self.cfg.src_vocab)
         return self.transformer.encode(
             self._embed(self.src_embed, src), mask=masks.padding(lengths)
@@ -89,7 +88,7 @@ class Seq2Seq(nn.Module):
 
     def forward(self, src: Tensor, lengths: Tensor, tgt_in: Tensor) -> Tensor:
         """Teacher-forced logits ``(B, Lt, V)`` for decoder inputs ``tgt_in (B, Lt)``."""
-        _check_ids("tgt_in", tgt_in, src.shape[0] if isinstance(src, Tensor) else None)
+        check_ids("tgt_in", tgt_in, src.shape[0] if isinstance(src, Tensor) else None)
         check_vocab("tgt_in", tgt_in, "tgt_vocab", self.cfg.tgt_vocab)
         memory = self.encode(src, lengths)
         pad = masks.padding(lengths)
@@ -115,6 +114,8 @@ class Seq2Seq(nn.Module):
         max_len, beam = positive_int("max_len", max_len), positive_int("beam", beam)
         b = src.shape[0]
         memory = self.encode(src, lengths).repeat_interleave(beam, 0)  # (B*k, Ls, D)
+        if b == 0:
+            return []
         pad = masks.padding(lengths.repeat_interleave(beam, 0))
         cache = self.transformer.new_cache()
         tokens = torch.full((b * beam, 1), self.cfg.bos, dtype=torch.long, device=src.device)

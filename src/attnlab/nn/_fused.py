@@ -53,6 +53,7 @@ def _fusable(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
         and x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
         and x.dim() >= 2
+        and x.numel() > 0  # an empty batch: reshape(0, -1) of its residual failed
         and not torch.is_autocast_enabled("cpu")
         and not (
             torch.is_grad_enabled()
