@@ -103,3 +103,46 @@ def test_family_follows_eager_by_the_2x_rule_through_attnlab(
     if model.config.is_encoder_decoder:  # encoder self, decoder self and cross
         layers = model.config.encoder_layers + 2 * model.config.decoder_layers
     assert len(calls) == layers, f"{family}: attnlab ran {len(calls)} of {layers} attentions"
+
+
+def _shrunk(cfg: Any, depth: int = 0) -> Any:
+    """``cfg`` and its sub-configs (encoder, decoder, text, vision) with :data:`SIZES`."""
+    for key, value in SIZES.items():
+        if getattr(cfg, key, None) is not None:
+            try:
+                setattr(cfg, key, value)
+            except Exception:  # a derived, read-only size
+                continue
+    for part in ("encoder", "decoder", "text_config", "vision_config"):
+        sub = getattr(cfg, part, None)
+        if depth < 3 and sub is not None and hasattr(sub, "to_dict"):
+            _shrunk(sub, depth + 1)
+    return cfg
+
+
+def test_t5gemma2_whose_decoder_joins_its_masks_as_tensors() -> None:
+    """T5Gemma 2's decoder joins its self- and cross-attention masks with ``torch.cat``;
+    handed attnlab's mask objects it failed inside transformers ("expected Tensor as
+    element 0 in argument 0, but got Causal"). It gets dense bool masks now."""
+    cfg = _shrunk(transformers.AutoConfig.for_model("t5gemma2"))
+    ids = torch.randint(3, V, (2, 8), generator=torch.Generator().manual_seed(1))
+    am = torch.ones(2, 8, dtype=torch.long)
+    am[1, -3:] = 0  # right padding
+    dec = ids[:, :5]
+    out = {}
+    for impl, dtype in (
+        ("eager", torch.float64),
+        ("eager", torch.float32),
+        ("attnlab", torch.float32),
+    ):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForSeq2SeqLM.from_config(cfg, attn_implementation=impl)
+        model = model.eval().to(dtype)
+        with torch.no_grad():
+            out[impl, dtype] = model(input_ids=ids, attention_mask=am, decoder_input_ids=dec).logits
+    ref = out["eager", torch.float64]
+    assert torch.isfinite(out["attnlab", torch.float32]).all()
+    keep = torch.isfinite(ref)  # (eager's own padded row may be NaN)
+    assert keep[0].all()
+    got, plain = out["attnlab", torch.float32][keep], out["eager", torch.float32][keep]
+    assert_2x_rule(got, plain, ref[keep], "t5gemma2")

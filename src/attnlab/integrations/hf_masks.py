@@ -242,6 +242,7 @@ TENSOR_MASK_MODELS = {
     **dict.fromkeys(("axk2", "deepseek_v32", "doge", "dots3_note_text", "glm_moe_dsa", "hy_v4",
                      "hy_v4_vl_text", "mistral_large4_text", "qwen4_exp_text"), "bool"),
     **dict.fromkeys(("bigbird_pegasus", "deepseek_v4"), "additive"),
+    "t5gemma2_decoder": "bool",  # joins its self- and cross-attention masks with torch.cat
 }  # fmt: skip
 
 
