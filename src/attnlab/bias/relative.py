@@ -116,7 +116,22 @@ def t5_bucket(
     return offset + torch.where(distance < max_exact, distance, large)
 
 
-class RelativeBuckets(Bias):
+class _HeadTable(Bias):
+    """A bias read from a learned ``table`` of one column per head, drawn
+    ``N(0, 0.02**2)`` when built and by ``reset_parameters`` (a meta-device build)."""
+
+    table: nn.Parameter  # (rows, H)
+
+    def reset_parameters(self) -> None:
+        """Draw the table again, ``N(0, 0.02**2)`` as when built."""
+        nn.init.normal_(self.table, std=0.02)
+
+    @property
+    def per_head(self) -> bool:
+        return True
+
+
+class RelativeBuckets(_HeadTable):
     """T5 relative position bias: a learned value per (bucket of ``k - p``, head).
 
     ``bias[h, p, k] = table[t5_bucket(k - p), h]`` with ``table`` an ``nn.Parameter`` of shape
@@ -144,14 +159,6 @@ class RelativeBuckets(Bias):
         self.bidirectional = bidirectional
         self.table = nn.Parameter(torch.empty(self.num_buckets, self.num_heads))  # (NB, H)
         self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Draw the table again, ``N(0, 0.02**2)`` as when built."""
-        nn.init.normal_(self.table, std=0.02)
-
-    @property
-    def per_head(self) -> bool:
-        return True
 
     def check(self, *, batch: int, heads: int, lq: int, lk: int) -> None:
         _check_heads(self, self.num_heads, heads)
@@ -209,7 +216,7 @@ def relative_buckets(
 # --------------------------------------------------------------------------- learned relative
 
 
-class LearnedRelative(Bias):
+class LearnedRelative(_HeadTable):
     """A learned value per (clipped offset ``k - p``, head).
 
     ``bias[h, p, k] = table[clamp(k - p, -D, D) + D, h]`` with ``table`` an ``nn.Parameter`` of
@@ -230,14 +237,6 @@ class LearnedRelative(Bias):
         rows = 2 * self.max_distance + 1
         self.table = nn.Parameter(torch.empty(rows, self.num_heads))  # (2D + 1, H)
         self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Draw the table again, ``N(0, 0.02**2)`` as when built."""
-        nn.init.normal_(self.table, std=0.02)
-
-    @property
-    def per_head(self) -> bool:
-        return True
 
     def check(self, *, batch: int, heads: int, lq: int, lk: int) -> None:
         _check_heads(self, self.num_heads, heads)
