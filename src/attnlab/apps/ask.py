@@ -270,10 +270,11 @@ def _reissue(caught: list[warnings.WarningMessage], limit: int) -> None:
     said = False
     for w in caught:
         message, text = w.message, str(w.message)
-        cut = "exceed max_seq_length" in text or "-token limit;" in text
+        encoder_cut = "exceed max_seq_length" in text  # the encoder's, per call
+        cut = encoder_cut or "-token limit;" in text  # or the index's
         if cut and said:
             continue
-        if "exceed max_seq_length" in text:
+        if encoder_cut:
             message = UserWarning(
                 f"some candidate sentences are past the encoder's {limit}-token limit; "
                 f"they are compared by their first {limit} tokens"

@@ -96,12 +96,13 @@ def _function_parts(fn: FunctionType) -> list[Any]:
     return items
 
 
+_HOLDERS = (Tensor, Mask, tuple, list, dict, FunctionType, MethodType, functools.partial)
+
+
 def _followed(x: object) -> bool:
     """Whether :func:`versions` looks inside ``x``: tensors, masks, containers, functions,
     and callable objects (a custom mask's function may be one), but not classes."""
-    if isinstance(x, (Tensor, Mask, tuple, list, dict, FunctionType, MethodType)):
-        return True
-    if isinstance(x, functools.partial):
+    if isinstance(x, _HOLDERS):
         return True
     return callable(x) and hasattr(x, "__dict__") and not isinstance(x, (type, ModuleType))
 

@@ -123,14 +123,13 @@ class MultiHeadAttention(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Initialize the projections as when built (Xavier-uniform weights, zero biases),
-        e.g. after a build on the meta device and ``to_empty``, as torch's layers do."""
+        """Initialize the input projections as when built (Xavier-uniform weights, zero
+        bias), e.g. after a build on the meta device and ``to_empty``, as torch's layers
+        do; ``out_proj`` has its own (zero bias too)."""
         for w in self._proj_weights():
             nn.init.xavier_uniform_(w)
         if self.in_proj_bias is not None:
             nn.init.zeros_(self.in_proj_bias)
-        if self.out_proj.bias is not None:
-            nn.init.zeros_(self.out_proj.bias)
 
     def _proj_weights(self) -> list[Tensor]:
         if self._qkv_same_embed_dim:
