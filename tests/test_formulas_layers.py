@@ -12,8 +12,6 @@ mutation audit found: the code could be changed this way and no other test faile
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,17 +19,12 @@ from torch import Tensor
 
 import attnlab
 from attnlab import masks as M
-from tests.conftest import assert_2x_rule, max_err
+from tests.conftest import assert_2x_rule, max_err, naive_attention
 
 
 def naive(q: Tensor, k: Tensor, v: Tensor, scale: float, allowed: Tensor | None = None) -> Tensor:
-    """softmax(scale q k^T) v with GQA, ``allowed (Lq, Lk)`` True where a key is seen."""
-    g = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-    s = torch.einsum("bhqe,bhke->bhqk", q, k) * scale
-    if allowed is not None:
-        s = s.masked_fill(~allowed, -math.inf)
-    return torch.softmax(s, -1) @ v
+    """softmax(scale q k^T) v (conftest's plain attention), ``allowed (Lq, Lk)``."""
+    return naive_attention(q, k, v, allowed=allowed, scale=scale)[0]
 
 
 @pytest.mark.parametrize("n", [600, 1100])
