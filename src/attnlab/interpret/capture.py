@@ -24,6 +24,7 @@ from torch.utils.hooks import RemovableHandle
 
 from attnlab._eager import as_written
 from attnlab._observe import LIVE_WEIGHTS, OBSERVERS, AttentionEvent
+from attnlab._validate import validate_flag
 from attnlab.functional import observed_weights
 
 __all__ = ["Captured", "capture"]
@@ -79,7 +80,9 @@ class capture:
         rows: tuple[int, int] | None = None,
         grad: bool = False,
     ) -> None:
-        if grad and (heads is not None or rows is not None):
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
+        if validate_flag("grad", grad) and (heads is not None or rows is not None):
             raise ValueError(
                 f"capture(grad=True) keeps whole weight tensors in the graph; got heads={heads} "
                 f"and rows={rows}, expected both None (slice the records afterwards)"

@@ -55,6 +55,11 @@ def _check_layers(name: str, attentions: Sequence[Tensor]) -> tuple[int, int]:
                 f"{name}[{i}] has shape {tuple(a.shape)} but {name}[0] has "
                 f"{tuple(first.shape)}; every layer needs the same B and n"
             )
+        if a.dtype != first.dtype or a.device != first.device:
+            raise TypeError(
+                f"{name} must share dtype and device; {name}[0] is {first.dtype}/"
+                f"{first.device}, {name}[{i}] is {a.dtype}/{a.device}"
+            )
     return first.shape[0], first.shape[-1]
 
 
@@ -185,7 +190,8 @@ def gradient_relevance(
     weights = [c.weights for c in cap.records]
     if not weights:
         raise ValueError(f"no attention call inside the model matched layers={layers}")
-    grads = torch.autograd.grad(score.sum(), weights, allow_unused=True)
+    with torch.enable_grad():  # the sum too: a caller under no_grad gets the same
+        grads = torch.autograd.grad(score.sum(), weights, allow_unused=True)
     grads_ = [torch.zeros_like(w) if g is None else g for w, g in zip(weights, grads, strict=True)]
     return relevance(weights, grads_)
 
@@ -253,6 +259,8 @@ def integrated_gradients(
         raise ValueError(f"steps must be an int >= 2, got {steps!r}")
     _check_path(method, internal_batch_size)
     _check_baselines(inputs, baselines)
+    if layer is not None and not isinstance(layer, nn.Module):
+        raise TypeError(f"layer must be a torch.nn.Module or None, got {type(layer).__name__}")
     attr = _captum()
 
     def scores(x: Tensor) -> Tensor:  # captum asserted on other shapes, naming neither

@@ -163,8 +163,16 @@ def _label(ax: Any, cols: Sequence[str], rows: Sequence[str]) -> None:
 
 
 def save_figure(fig: Any, path: str | Path, *, dpi: int = 110) -> Path:
-    """Lay out ``fig``, write it to ``path`` as a PNG atomically and free it."""
-    fig.tight_layout()
-    out = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"), mode=0o644)
-    pyplot().close(fig)
-    return out
+    """Lay out ``fig``, write it to ``path`` as a PNG atomically and free it (also when
+    that fails). Every text is drawn as written: a token such as ``$$`` or ``$_$`` is not
+    read as matplotlib's math (which failed to parse, after all the work, or drew
+    something else)."""
+    from matplotlib.text import Text
+
+    try:
+        for text in fig.findobj(Text):
+            text.set_parse_math(False)
+        fig.tight_layout()
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"), mode=0o644)
+    finally:
+        pyplot().close(fig)

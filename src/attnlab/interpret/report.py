@@ -98,7 +98,7 @@ def report(
     n = layers[0].shape[-1]
     if len(tokens) != n or n > _MAX_TOKENS:
         raise ValueError(f"tokens has {len(tokens)} entries but the weights are {n} x {n}")
-    if not isinstance(top_k, int) or top_k < 1:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k must be a positive int, got {top_k!r}")
     idx, val = _top_keys(layers, min(top_k, n))
     sal = {name: _scores(name, s, n) for name, s in (saliency or {}).items()}
@@ -118,6 +118,11 @@ def report(
 
 
 def _scores(name: str, scores: Sequence[float] | Tensor, n: int) -> list[float]:
+    if isinstance(scores, Tensor) and scores.dim() != 1:
+        raise ValueError(
+            f"saliency[{name!r}] has shape {tuple(scores.shape)}, expected ({n},): one score "
+            "per token"
+        )
     vals = [float(v) for v in scores]
     if len(vals) != n:
         raise ValueError(f"saliency[{name!r}] has {len(vals)} scores, expected one per token ({n})")

@@ -1,0 +1,70 @@
+"""attnlab.interpret on inputs its earlier tests missed: a caller under ``no_grad``,
+arguments of the wrong kind, and tokens that matplotlib would read as math."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnlab.interpret import capture, gradient_relevance, integrated_gradients, plot, rollout
+from attnlab.interpret.image import image_attention
+from attnlab.interpret.report import report
+from attnlab.nn import Encoder, EncoderLayer, LayerConfig
+
+
+def _encoder() -> Encoder:
+    torch.manual_seed(0)
+    return Encoder(EncoderLayer(LayerConfig(16, 2, 32, dropout=0.0)), 2).eval().double()
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_gradient_relevance_is_the_same_under_no_grad(context: type) -> None:
+    enc = _encoder()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    w = torch.randn(16, dtype=torch.float64)  # (a sum of a LayerNorm's output is constant)
+    want = gradient_relevance(enc, lambda: enc(x)[:, 0] @ w)
+    if context is torch.inference_mode:  # its tensors cannot join a graph
+        with context(), pytest.raises(RuntimeError):
+            gradient_relevance(enc, lambda: enc(x)[:, 0] @ w)
+        return
+    with context():
+        got = gradient_relevance(enc, lambda: enc(x)[:, 0] @ w)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert (want - torch.eye(5)).abs().max() > 1e-3
+
+
+def test_arguments_of_the_wrong_kind_are_named(tmp_path) -> None:
+    a = torch.rand(1, 2, 3, 3).softmax(-1)
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"):
+        capture("m")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="grad must be a bool"):
+        capture(_encoder(), grad="no")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"layer must be a torch\.nn\.Module"):
+        integrated_gradients(lambda t: t.sum(-1), torch.ones(1, 3), layer="emb")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="top_k must be a positive int, got True"):
+        report(tmp_path / "r.html", list("abc"), [a[0]], top_k=True)
+    with pytest.raises(ValueError, match=r"saliency\['s'\] has shape \(1, 3\), expected \(3,\)"):
+        report(tmp_path / "r.html", list("abc"), [a[0]], saliency={"s": torch.rand(1, 3)})
+    with pytest.raises(TypeError, match="attentions must share dtype"):
+        rollout([a, a.double()])
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("token", ["$$", "$_$", "$^$", "$x$"])
+def test_tokens_are_drawn_as_written(tmp_path, token: str) -> None:
+    plt = plot.pyplot()
+    before = plt.get_fignums()
+    plot.saliency([token, "b"], [0.5, -0.2], tmp_path / "s.png", title=token)
+    plot.heatmap(torch.eye(2), [token, "b"], tmp_path / "h.png")
+    image_attention(torch.rand(8, 8), torch.rand(1, 2, 2), [token], tmp_path / "i.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.png", "i.png", "s.png"]
+    assert plt.get_fignums() == before  # every figure freed
+
+
+def test_a_figure_that_fails_to_save_is_freed(tmp_path) -> None:
+    plt = plot.pyplot()
+    before = plt.get_fignums()
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(OSError):
+        plot.saliency(["a"], [1.0], tmp_path / "file" / "s.png")
+    assert plt.get_fignums() == before
