@@ -156,6 +156,8 @@ class ApproximateEngine(Engine):
     # ``auto`` (with approximate=True) uses the engine from this many (query, key) pairs
     # on, where its default settings are clearly faster than exact attention on a CPU.
     auto_min_pairs: int = 1 << 24
+    # float16 inputs computed in float32 (sums or exponentials out of float16's range)
+    float16_in_float32: bool = False
 
     def settings(self, req: AttentionRequest) -> Any:
         """The validated options dataclass of ``req.options``."""
@@ -190,6 +192,10 @@ class ApproximateEngine(Engine):
         return req.approximate and big and not req.return_weights
 
     def forward(self, req: AttentionRequest) -> EngineResult:
+        if self.float16_in_float32 and req.q.dtype == torch.float16:
+            wide = dataclasses.replace(req, q=req.q.float(), k=req.k.float(), v=req.v.float())
+            out, weights, _ = self.forward(wide)
+            return out.half(), None if weights is None else weights.half(), None
         plan, opts = MaskPlan.of(req), self.settings(req)
         if req.return_weights:
             out, weights = self.compute(req, plan, opts)

@@ -12,6 +12,8 @@ state per chunk), so memory is ``O(L F E / C)`` per head instead of ``O(L F E)``
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -20,7 +22,7 @@ from attnlab._eager import vmapping
 from attnlab.engines.base import AttentionRequest
 from attnlab.scores import grouped_matmul
 
-__all__ = ["kernel_attention", "kernel_result", "kernel_weights"]
+__all__ = ["kernel_attention", "kernel_result", "kernel_result_if", "kernel_sums", "kernel_weights"]
 
 
 def kernel_attention(
@@ -54,17 +56,25 @@ def kernel_attention(
         >>> torch.allclose(out[:, :, 0], v[:, :, 0].expand(1, 2, 4))
         True
     """
+    num, den = kernel_sums(qf, kf, v, causal=causal, chunk=chunk_size, log_scale=log_scale)
+    return _safe_ratio(num, den)
+
+
+def kernel_sums(
+    qf: Tensor, kf: Tensor, v: Tensor, *, causal: bool, chunk: int, log_scale: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """:func:`kernel_attention`'s numerator ``(B, Hq, Lq, Ev)`` and denominator
+    ``(B, Hq, Lq, 1)``, before they are divided."""
     if causal:  # numerator and denominator together: v with a column of ones
         v1 = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)  # (B, Hkv, Lk, Ev + 1)
         if log_scale is not None:
-            both = _scaled_causal_sums(qf, kf, v1, chunk_size, log_scale)
+            both = _scaled_causal_sums(qf, kf, v1, chunk, log_scale)
         else:
-            both = _causal_sums(qf, kf, v1, chunk_size)  # (B, Hq, Lq, Ev + 1)
-        num, den = both[..., :-1], both[..., -1:]
-    else:
-        num = grouped_matmul(qf, kf.transpose(-1, -2) @ v)  # (B, Hq, Lq, Ev)
-        den = grouped_matmul(qf, kf.sum(-2).unsqueeze(-1))  # (B, Hq, Lq, 1)
-    return _safe_ratio(num, den)
+            both = _causal_sums(qf, kf, v1, chunk)  # (B, Hq, Lq, Ev + 1)
+        return both[..., :-1], both[..., -1:]
+    num = grouped_matmul(qf, kf.transpose(-1, -2) @ v)  # (B, Hq, Lq, Ev)
+    den = grouped_matmul(qf, kf.sum(-2).unsqueeze(-1))  # (B, Hq, Lq, 1)
+    return num, den
 
 
 def _safe_ratio(num: Tensor, den: Tensor) -> Tensor:
@@ -236,6 +246,12 @@ def _finite(m: Tensor) -> Tensor:
 
 def kernel_weights(qf: Tensor, kf: Tensor, causal: bool, log_scale: Tensor | None = None) -> Tensor:
     """The weights ``(B, Hq, Lq, Lk)`` that :func:`kernel_attention` applies, dense."""
+    a = _kernel_matrix(qf, kf, causal, log_scale)  # (B, Hq, Lq, Lk)
+    return _safe_ratio(a, a.sum(-1, keepdim=True))
+
+
+def _kernel_matrix(qf: Tensor, kf: Tensor, causal: bool, log_scale: Tensor | None) -> Tensor:
+    """:func:`kernel_weights` before each row is divided by its sum."""
     a = grouped_matmul(qf, kf.transpose(-1, -2))  # (B, Hq, Lq, Lk)
     lq, lk = a.shape[-2:]
     if causal and log_scale is not None and lk:  # exp(a_j - M_i), M_i: the row's running max
@@ -245,7 +261,7 @@ def kernel_weights(qf: Tensor, kf: Tensor, causal: bool, log_scale: Tensor | Non
         a = a * torch.exp((s.unsqueeze(-2) - m.unsqueeze(-1)).clamp(max=0))
     if causal:
         a = a.tril(lk - lq)  # key j <= i + Lk - Lq
-    return _safe_ratio(a, a.sum(-1, keepdim=True))
+    return a
 
 
 def kernel_result(
@@ -259,8 +275,31 @@ def kernel_result(
     """``(out, weights)`` of features ``qf``, ``kf`` (and the keys' ``log_scale``, see
     :func:`kernel_attention`): the weights ``(B, Hq, Lq, Lk)`` materialized only when
     ``req.return_weights`` asks (else None, in linear time)."""
+    res = kernel_result_if(req, qf, kf, causal, chunk, log_scale, accept=None)
+    assert res is not None  # nothing to refuse
+    return res
+
+
+def kernel_result_if(
+    req: AttentionRequest,
+    qf: Tensor,
+    kf: Tensor,
+    causal: bool,
+    chunk: int,
+    log_scale: Tensor | None,
+    *,
+    accept: Callable[[Tensor], bool] | None,
+) -> tuple[Tensor, Tensor | None] | None:
+    """:func:`kernel_result`, or None when ``accept`` refuses the rows' denominators
+    ``(B, Hq, Lq, 1)`` (before they divide anything)."""
     if req.return_weights:
-        w = kernel_weights(qf, kf, causal, log_scale)  # (B, Hq, Lq, Lk)
+        a = _kernel_matrix(qf, kf, causal, log_scale)  # (B, Hq, Lq, Lk)
+        den = a.sum(-1, keepdim=True)  # (B, Hq, Lq, 1)
+        if accept is not None and not accept(den):
+            return None
+        w = _safe_ratio(a, den)
         return grouped_matmul(w, req.v), w
-    out = kernel_attention(qf, kf, req.v, causal=causal, chunk_size=chunk, log_scale=log_scale)
-    return out, None
+    num, den = kernel_sums(qf, kf, req.v, causal=causal, chunk=chunk, log_scale=log_scale)
+    if accept is not None and not accept(den):
+        return None
+    return _safe_ratio(num, den), None

@@ -49,6 +49,7 @@ class LinearEngine(ApproximateEngine):
     )
     options = ("chunk_size",)
     settings_type = LinearOptions
+    float16_in_float32 = True  # its sums overflowed past ~1000 keys: rows gave 0
 
     def compute(
         self, req: AttentionRequest, plan: MaskPlan, opts: LinearOptions

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 import torch
@@ -23,7 +23,7 @@ from torch import Tensor
 from attnlab._eager import vmapping
 from attnlab.engines.approximate import ApproximateEngine, MaskPlan, option_field, parse_options
 from attnlab.engines.base import AttentionRequest
-from attnlab.engines.kernelized import kernel_result
+from attnlab.engines.kernelized import kernel_result, kernel_result_if
 
 __all__ = ["PerformerEngine", "PerformerOptions", "favor_features", "orthogonal_features"]
 
@@ -151,6 +151,27 @@ def _narrow(scale: Tensor, top: Tensor) -> bool:
     return bool(((top - low).nan_to_num(0.0) <= SPREAD).all())
 
 
+def _rows_with_keys(plan: MaskPlan, lq: int, lk: int, device: torch.device) -> Tensor:
+    """Bool ``(B or 1, 1, Lq, 1)``: causal rows that see at least one valid key."""
+    last = torch.arange(lq, device=device) + (lk - lq)  # (Lq,): each row's last key
+    seen = (last >= 0).view(1, 1, lq, 1)
+    if plan.key_valid is None or not lk:
+        return seen
+    count = plan.key_valid.long().cumsum(2)[:, :, last.clamp(0, lk - 1)]  # (B, 1, Lq, 1)
+    return seen & (count > 0)
+
+
+def _in_range(keys: Tensor) -> Callable[[Tensor], bool]:
+    """A test of denominators ``(B, Hq, Lq, 1)``: no row with keys near or below the
+    dtype's smallest normal number (with a margin for the chunks' rounding)."""
+
+    def accept(den: Tensor) -> bool:
+        low = den < torch.finfo(den.dtype).tiny * 2.0**24
+        return not bool((low & keys).any())
+
+    return accept
+
+
 class PerformerEngine(ApproximateEngine):
     """Performer's FAVOR+ estimate of softmax attention (Choromanski et al. 2021).
 
@@ -172,6 +193,7 @@ class PerformerEngine(ApproximateEngine):
     )
     options = ("num_features", "seed", "redraw", "chunk_size")
     settings_type = PerformerOptions
+    float16_in_float32 = True  # exp's range ends at e^-9.7 there (row 0 gave 0)
 
     def check_option_values(self, options: Mapping[str, object]) -> None:
         opts = parse_options(PerformerOptions, options, self.name)
@@ -181,6 +203,15 @@ class PerformerEngine(ApproximateEngine):
                 "redraw=True (new features each call from torch's RNG), not both"
             )
 
+    def settings(self, req: AttentionRequest) -> PerformerOptions:
+        """The call's options; with ``redraw``, one seed drawn from torch's RNG for the
+        whole call (every block of heads, :meth:`_by_heads`, then uses the same features;
+        each block drew its own, so a call's result changed with its number of heads)."""
+        opts = parse_options(PerformerOptions, req.options, self.name)
+        if not opts.redraw:
+            return opts
+        return replace(opts, seed=int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64)))
+
     def unsupported(self, req: AttentionRequest) -> str | None:
         if req.scale < 0:
             return f"FAVOR+ needs scale >= 0 (it splits sqrt(scale)), got {req.scale}"
@@ -189,19 +220,21 @@ class PerformerEngine(ApproximateEngine):
     def compute(
         self, req: AttentionRequest, plan: MaskPlan, opts: PerformerOptions
     ) -> tuple[Tensor, Tensor | None]:
-        if req.q.dtype == torch.float16:  # exp's range ends at e^-9.7 there (row 0 gave 0)
-            wide = replace(req, q=req.q.float(), k=req.k.float(), v=req.v.float())
-            out, w16 = self.compute(wide, plan, opts)
-            return out.half(), None if w16 is None else w16.half()
         w = self.features(opts, req.q.shape[-1], req.q.device, req.q.dtype)  # (F, E)
         root = math.sqrt(req.scale)
         qf = favor_features(req.q * root, w, is_query=True, valid=None)  # (B, Hq, Lq, F)
         if plan.causal:  # each key its own scale: a row reads its own keys only
             kf, scale = causal_key_features(req.k * root, w, plan.key_valid)
             top = scale.amax(-1, keepdim=True)  # (B, Hkv, 1)
-            if _narrow(scale, top):  # one scale for all keys underflows none: the fast path
-                kf = kf * torch.exp(scale - top.nan_to_num(neginf=0.0)).unsqueeze(-1)
-                return kernel_result(req, qf, kf, True, opts.chunk_size)
+            if _narrow(scale, top):  # one scale for all keys: the fast path, unless a
+                one = kf * torch.exp(scale - top.nan_to_num(neginf=0.0)).unsqueeze(-1)
+                # row's sum then falls out of range (queries' and keys' features barely
+                # overlap: large norms); the row gave 0
+                keys = _rows_with_keys(plan, req.lq, req.lk, req.q.device)
+                test = _in_range(keys)
+                fast = kernel_result_if(req, qf, one, True, opts.chunk_size, None, accept=test)
+                if fast is not None:
+                    return fast
             return kernel_result(req, qf, kf, True, opts.chunk_size, scale)
         kf = favor_features(req.k * root, w, is_query=False, valid=plan.key_valid)
         return kernel_result(req, qf, kf, plan.causal, opts.chunk_size)
@@ -213,7 +246,9 @@ class PerformerEngine(ApproximateEngine):
     def features(
         opts: PerformerOptions, dim: int, device: torch.device, dtype: torch.dtype
     ) -> Tensor:
-        """The random features ``(F, E)`` this call uses (fixed by seed, or redrawn)."""
+        """The random features ``(F, E)`` of ``opts.seed``: the same on every call, or
+        with ``redraw`` the seed :meth:`settings` drew for this call (not cached)."""
         if opts.redraw:
-            return orthogonal_features(opts.num_features, dim).to(device, dtype)
+            gen = torch.Generator().manual_seed(opts.seed)
+            return orthogonal_features(opts.num_features, dim, generator=gen).to(device, dtype)
         return _seeded_features(opts.num_features, dim, opts.seed, device, dtype)
