@@ -73,3 +73,54 @@ def test_performer_redraw_is_one_draw_per_call(monkeypatch: pytest.MonkeyPatch) 
         x, x, x, engine="performer", engine_options=opts, return_weights=True
     )
     torch.testing.assert_close(with_w.out, out, rtol=1e-5, atol=1e-6)
+
+
+def _nan_inputs(seed: int, lq: int, lk: int) -> tuple[Tensor, Tensor, Tensor]:
+    """q (2, 4, lq, 4), k (2, 2, lk, 4), v (2, 2, lk, 3) with a NaN in some of them."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = torch.randn(2, 4, lq, 4, generator=g), *torch.randn(2, 2, 2, lk, 4, generator=g)
+    v = v[..., :3]
+    for t in (q, k, v):
+        if torch.rand(1, generator=g).item() < 0.6:
+            b, pos = (int(torch.randint(0, n, (1,), generator=g)) for n in (2, t.shape[2]))
+            t[b, :, pos, int(torch.randint(0, t.shape[3], (1,), generator=g))] = float("nan")
+    return q, k, v
+
+
+@pytest.mark.parametrize("engine", ["linear", "performer", "nystrom"])
+def test_nan_reaches_exactly_the_rows_that_read_it(engine: str) -> None:
+    """README: NaN in the inputs stays NaN in the rows that read it, and a NaN the mask
+    hides stays out of the others (it was 0, or spread through 0 * NaN to every row)."""
+    checked = 0
+    for seed in range(16):
+        lq, lk = ((9, 9), (5, 9), (12, 12))[seed % 3]
+        q, k, v = _nan_inputs(seed, lq, lk)
+        masks = [None, M.padding([lk, lk - 3])]
+        if engine != "nystrom":
+            masks += [M.causal(), M.causal() & M.padding([lk, lk - 4])]
+        if lq == lk:
+            masks.append(M.padding([lk, lk - 2], [lq, lq - 3]))
+        for mask in masks:
+            if engine == "nystrom" and q.isnan().any():
+                continue  # its query landmarks mix every query: a NaN query reaches all rows
+            want = attnlab.attention(q.double(), k.double(), v.double(), mask=mask)
+            opts = {"num_landmarks": 3} if engine == "nystrom" else {"chunk_size": 4}
+            got = attnlab.attention(q, k, v, mask=mask, engine=engine, engine_options=opts)
+            assert torch.equal(got.isnan(), want.isnan()), (seed, mask)
+            checked += 1
+    assert checked > (10 if engine == "nystrom" else 40)
+
+
+@pytest.mark.parametrize("engine", ["linear", "performer", "nystrom"])
+def test_a_hidden_nan_changes_nothing(engine: str) -> None:
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 2, 10, 4).unbind(0)
+    mask = M.padding([10, 6], [10, 7])
+    kn, vn, qn = k.clone(), v.clone(), q.clone()
+    kn[1, :, 6:], vn[1, :, 6:], qn[1, :, 7:] = float("nan"), float("nan"), float("nan")
+    for weights in (False, True):
+        clean = attnlab.attention(q, k, v, mask=mask, engine=engine, return_weights=weights)
+        hidden = attnlab.attention(qn, kn, vn, mask=mask, engine=engine, return_weights=weights)
+        for a, b in zip(clean, hidden, strict=True) if weights else [(clean, hidden)]:
+            if a is not None:
+                torch.testing.assert_close(b, a, rtol=0, atol=0)

@@ -120,6 +120,18 @@ def padding_validity(
     return keys[:, None, :, None], queries
 
 
+def _hidden_zeroed(req: AttentionRequest, plan: MaskPlan) -> AttentionRequest:
+    """``req`` with padded keys, values and query rows set to 0: a NaN there (an unwritten
+    cache slot) stays out of the rows that do not read it (``0 * NaN`` in the features,
+    the sums and the landmarks spread it to every row)."""
+    q, k, v = req.q, req.k, req.v
+    if plan.key_valid is not None:  # (B, 1, Lk, 1)
+        k, v = torch.where(plan.key_valid, k, 0.0), torch.where(plan.key_valid, v, 0.0)
+    if plan.query_valid is not None:  # (B, 1, Lq, 1)
+        q = torch.where(plan.query_valid, q, 0.0)
+    return req if q is req.q and k is req.k else dataclasses.replace(req, q=q, k=k, v=v)
+
+
 def _mask_parts(mask: Mask | None) -> tuple[Mask, ...]:
     return () if mask is None else mask.conjuncts
 
@@ -197,13 +209,15 @@ class ApproximateEngine(Engine):
             out, weights, _ = self.forward(wide)
             return out.half(), None if weights is None else weights.half(), None
         plan, opts = MaskPlan.of(req), self.settings(req)
+        req = _hidden_zeroed(req, plan)
         if req.return_weights:
             out, weights = self.compute(req, plan, opts)
         else:
             out, weights = self._by_heads(req, plan, opts), None
         if plan.query_valid is not None:
-            out = out * plan.query_valid  # padded query rows give 0
-            weights = None if weights is None else weights * plan.query_valid
+            valid = plan.query_valid  # padded query rows give 0 (also where a NaN is read)
+            out = torch.where(valid, out, 0.0)
+            weights = None if weights is None else torch.where(valid, weights, 0.0)
         return out, weights, None
 
     def compute(

@@ -66,24 +66,40 @@ def kernel_sums(
     """:func:`kernel_attention`'s numerator ``(B, Hq, Lq, Ev)`` and denominator
     ``(B, Hq, Lq, 1)``, before they are divided."""
     if causal:  # numerator and denominator together: v with a column of ones
+        nan = None if vmapping() else v.isnan()  # (B, Hkv, Lk, Ev); no value read under vmap
+        if nan is not None and bool(nan.any()):
+            v = v.masked_fill(nan, 0.0)  # a chunk's 0 * NaN reached the rows before it
         v1 = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)  # (B, Hkv, Lk, Ev + 1)
         if log_scale is not None:
             both = _scaled_causal_sums(qf, kf, v1, chunk, log_scale)
         else:
             both = _causal_sums(qf, kf, v1, chunk)  # (B, Hq, Lq, Ev + 1)
-        return both[..., :-1], both[..., -1:]
+        num = both[..., :-1]
+        if nan is not None and v.shape[2] and bool(nan.any()):
+            num = num.masked_fill(_reads(nan, qf.shape[1], qf.shape[2]), float("nan"))
+        return num, both[..., -1:]
     num = grouped_matmul(qf, kf.transpose(-1, -2) @ v)  # (B, Hq, Lq, Ev)
     den = grouped_matmul(qf, kf.sum(-2).unsqueeze(-1))  # (B, Hq, Lq, 1)
     return num, den
 
 
 def _safe_ratio(num: Tensor, den: Tensor) -> Tensor:
-    """``num / den`` where ``den`` is a normal float, 0 elsewhere (a row with no key, or
-    whose features all vanish), with 0 gradient there: dividing by a clamped ``den``
-    instead gives such rows gradients ``1 / tiny`` that overflow, and their ``0 * inf``
-    (through the zeroed features of padded keys) NaN."""
-    ok = den >= torch.finfo(den.dtype).tiny  # den >= 0: nonnegative features
+    """``num / den`` where ``den`` is a normal float or NaN (a row that read a NaN keeps
+    it), 0 elsewhere (a row with no key, or whose features all vanish), with 0 gradient
+    there: dividing by a clamped ``den`` instead gives such rows gradients ``1 / tiny``
+    that overflow, and their ``0 * inf`` (through the zeroed features of padded keys) NaN."""
+    ok = (den >= torch.finfo(den.dtype).tiny) | den.isnan()  # den >= 0: nonnegative features
     return torch.where(ok, num / torch.where(ok, den, 1), 0)
+
+
+def _reads(nan: Tensor, hq: int, lq: int) -> Tensor:
+    """Bool ``(B, Hq, Lq, Ev)``: the causal rows (bottom-right aligned) whose keys include
+    a NaN in that column of the values ``nan (B, Hkv, Lk, Ev)``."""
+    lk = nan.shape[2]
+    last = torch.arange(lq, device=nan.device) + (lk - lq)  # (Lq,): each row's last key
+    seen = nan.cumsum(2).gt(0)[:, :, last.clamp(0, lk - 1)]  # (B, Hkv, Lq, Ev)
+    seen = seen & (last >= 0).view(1, 1, lq, 1)
+    return seen.repeat_interleave(hq // nan.shape[1], 1)
 
 
 def _causal_sums(qf: Tensor, kf: Tensor, v1: Tensor, chunk: int) -> Tensor:
@@ -183,8 +199,9 @@ def _scaled_chunks(
     prev, tops = _carried(own, ends, state, top)  # (B, Hkv, 1, M, F, Ev1), (B, Hkv, 1, M)
     inter = torch.exp(tops.unsqueeze(-1) - rows).clamp(max=1).unsqueeze(-1) * (qc @ prev)
     seen = torch.ones(c, c, dtype=torch.bool, device=qg.device).tril()  # (C, C)
-    gap = torch.where(seen, ac.unsqueeze(-2) - rows.unsqueeze(-1), float("-inf"))
-    intra = ((qc @ kc.transpose(-1, -2)) * torch.exp(gap)) @ vc  # (B, Hkv, G, M, C, Ev1)
+    gap = torch.exp(ac.unsqueeze(-2) - rows.unsqueeze(-1))  # (B, Hkv, G?, M, C, C)
+    # keys after a row weigh 0 by where, not by a factor: 0 * NaN of a NaN key reached it
+    intra = torch.where(seen, (qc @ kc.transpose(-1, -2)) * gap, 0.0) @ vc
     return (inter + intra).reshape(b, hkv, g, m * c, -1)[:, :, :, :n]
 
 

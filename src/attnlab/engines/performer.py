@@ -147,6 +147,8 @@ def _narrow(scale: Tensor, top: Tensor) -> bool:
         return True
     if vmapping():
         return False
+    if bool(scale.isnan().any()):  # a NaN key: one scale would spread it to every row
+        return False
     low = torch.where(torch.isfinite(scale), scale, top).amin(-1, keepdim=True)
     return bool(((top - low).nan_to_num(0.0) <= SPREAD).all())
 
