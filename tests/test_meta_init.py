@@ -79,3 +79,17 @@ def test_meta_build_then_reset_parameters_draws_every_parameter(name: str) -> No
             assert not p.any(), f"{name}: {n} is zero when built, not after reset"
     for (n, b), c in zip(model.named_buffers(), fresh.buffers(), strict=True):
         assert torch.equal(b, c), f"{name}: buffer {n} was not made again"
+
+
+@pytest.mark.parametrize("where", ["meta", "cpu"])
+def test_rope_tables_built_before_to_empty_are_made_again(where: str) -> None:
+    """RoPE's cos/sin tables built before ``to_empty`` (a forward probing shapes under
+    ``torch.device("meta")``, or an ordinary one) kept their device and dtype but not
+    their values: the outputs were inf or NaN."""
+    torch.manual_seed(0)
+    with torch.device(where):
+        rope = RotaryEmbedding(8)
+        rope(torch.zeros(1, 2, 5, 8))  # builds the tables
+    rope = rope.to_empty(device="cpu")
+    x = torch.randn(1, 2, 5, 8)
+    torch.testing.assert_close(rope(x), RotaryEmbedding(8)(x), rtol=0, atol=0)

@@ -4,6 +4,7 @@ the attention layer."""
 from __future__ import annotations
 
 import numbers
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -148,6 +149,14 @@ class RotaryEmbedding(nn.Module):
         if r == self.head_dim:
             return out
         return torch.cat((out, x[..., r:]), dim=-1)  # (B, H, L, E)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> RotaryEmbedding:
+        """Move or cast as usual, then mark the cos/sin tables stale (made again on next
+        use): ``to_empty`` keeps their device and dtype but not their values, so tables
+        built under ``torch.device("meta")``, or before it, were read uninitialized (inf)."""
+        super()._apply(fn, recurse)
+        self._built = None
+        return self
 
     def _check_x(self, x: object) -> Tensor:
         if not isinstance(x, Tensor):
