@@ -323,3 +323,15 @@ def test_global_tokens_compiled_on_the_cpu_are_declined_with_the_way_around() ->
     mask = M.global_tokens([0, 7]) | M.window(4)
     with pytest.raises(ValueError, match=r"global-token mask.*'compile': False"):
         attnlab.attention(q, k, v, mask=mask, engine="flex")
+
+
+def test_inputs_that_want_grad_run_under_no_grad() -> None:
+    """Under ``torch.no_grad()`` no backward is needed, so the engine serves inputs that
+    require grad (torch's CPU FlexAttention refused them: "does not support backward")."""
+    q, k, v = (t.float() for t in _qkv(lq=L))
+    q.requires_grad_()
+    with torch.no_grad():
+        got = attnlab.attention(q, k, v, mask=M.causal(), engine="flex", engine_options=EAGER)
+    allowed = M.causal().dense(L, L, batch=BATCH, heads=HQ)
+    want = naive_attention(q.detach().double(), k.double(), v.double(), allowed=allowed)[0]
+    assert max_err(got, want) < 1e-5 and not got.requires_grad

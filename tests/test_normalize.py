@@ -401,3 +401,13 @@ def test_input_checks(name: str) -> None:
         ALL[name](torch.tensor(1.0))
     with pytest.raises(TypeError, match="floating-point"):
         ALL[name](torch.tensor([1, 2]))
+
+
+@pytest.mark.parametrize("fn", [softmax, sparsemax, entmax15])
+def test_normalizers_name_scores_that_are_not_float_tensors(fn: Callable[[Tensor], Tensor]) -> None:
+    with pytest.raises(TypeError, match=r"scores must be a torch\.Tensor, got list"):
+        fn([1.0, 2.0])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="scores must be a floating-point tensor"):
+        fn(torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="scores must have at least one dimension"):
+        fn(torch.tensor(1.0))

@@ -60,6 +60,8 @@ def _check_scores(scores: Tensor, fn: str) -> None:
         ValueError: ``scores`` is 0-dimensional.
         TypeError: ``scores`` is not a floating-point tensor.
     """
+    if not isinstance(scores, Tensor):
+        raise TypeError(f"{fn}: scores must be a torch.Tensor, got {type(scores).__name__}")
     if scores.ndim == 0:
         raise ValueError(f"{fn}: scores must have at least one dimension, got a 0-d tensor")
     if not scores.is_floating_point():

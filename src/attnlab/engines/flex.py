@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import itertools
 import sys
@@ -179,6 +180,9 @@ class FlexEngine(Engine):
     def forward(self, req: AttentionRequest) -> EngineResult:
         from torch.nn.attention.flex_attention import flex_attention
 
+        if not req.needs_grad and req.q.device.type != "cuda":  # (under no_grad, inputs that
+            # want grad: torch's CPU FlexAttention refused them, "does not support backward")
+            req = dataclasses.replace(req, q=req.q.detach(), k=req.k.detach(), v=req.v.detach())
         if req.score == "cosine":
             req = _normalized(req)
         compiled = req.options.get("compile", True)
