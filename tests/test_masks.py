@@ -944,7 +944,7 @@ def test_block_sizes_must_be_positive(bq: int, bk: int) -> None:
         lambda: masks.causal().block_layout(8, 8, bq, bk),
         lambda: masks.causal().block_layout(8, 8, 1, 1),
         ValueError,
-        f"block sizes must be positive, got block_q={bq}, block_k={bk}",
+        f"block_{'q' if bq < 1 else 'k'} must be a positive int, got {min(bq, bk)}",
     )
 
 

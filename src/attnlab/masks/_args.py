@@ -31,7 +31,14 @@ def pos_int(name: str, value: object) -> int:
 
 def int_tensor(name: str, value: object, ndims: tuple[int, ...]) -> Tensor:
     """Coerce a list or tensor of ints into a long tensor with one of ``ndims`` ranks."""
-    t = value if isinstance(value, Tensor) else torch.as_tensor(value)
+    if not isinstance(value, Tensor | list | tuple | range) and not hasattr(value, "__array__"):
+        raise TypeError(
+            f"{name} must be a tensor or a list of ints, got {type(value).__name__} {value!r}"
+        )
+    try:
+        t = value if isinstance(value, Tensor) else torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as e:  # ragged lists, strings inside
+        raise TypeError(f"{name} must be a tensor or a list of ints, got {value!r}") from e
     if not isinstance(value, Tensor) and t.numel() == 0:
         t = t.long()  # torch.as_tensor([]) is float32; an empty list holds no non-integer
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:

@@ -192,10 +192,10 @@ class Mask:
             >>> masks.window(1).block_layout(4, 4, 2, 2).states[0, 0].tolist()
             [[1, 0], [1, 1]]
         """
-        if block_q <= 0 or block_k <= 0:
-            raise ValueError(
-                f"block sizes must be positive, got block_q={block_q}, block_k={block_k}"
-            )
+        lq, lk = nonnegative_int("lq", lq), nonnegative_int("lk", lk)  # as dense
+        block_q, block_k = positive_int("block_q", block_q), positive_int("block_k", block_k)
+        heads = positive_int("heads", heads)
+        batch = None if batch is None else nonnegative_int("batch", batch)
         self._check_sizes(batch, heads, lq, lk)
         states = self._layout(lq, lk, block_q, block_k, batch, heads, device)
         return BlockLayout(states.to(torch.int8), lq, lk, block_q, block_k)
@@ -215,6 +215,12 @@ class Mask:
 
     def __or__(self, other: Mask | Tensor) -> Mask:
         return Or([self, _operand(other)])
+
+    def __rand__(self, other: Tensor) -> Mask:  # ``bool_tensor & mask``
+        return And([_operand(other), self])
+
+    def __ror__(self, other: Tensor) -> Mask:
+        return Or([_operand(other), self])
 
     def __invert__(self) -> Mask:
         return Not(self)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from attnlab._grid import Grid
-from attnlab._validate import check_broadcast
+from attnlab._validate import check_broadcast, validate_flag
 from attnlab.masks.base import Mask
 
 __all__ = ["Custom", "MaskFn", "custom"]
@@ -30,6 +30,10 @@ class Custom(Mask):
             raise TypeError(
                 f"fn must be callable (b, h, q_pos, k) -> bool tensor, got {type(fn).__name__}"
             )
+        per_batch, per_head = (
+            validate_flag("per_batch", per_batch),
+            validate_flag("per_head", per_head),
+        )
         self.fn, self._per_batch, self.per_head = fn, per_batch, per_head
 
     @property

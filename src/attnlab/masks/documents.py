@@ -41,7 +41,7 @@ class Documents(Mask):
 
     @property
     def batch_size(self) -> int | None:
-        return self.ids.shape[0] if self.ids.shape[0] > 1 else None
+        return self.ids.shape[0] if self.ids.shape[0] != 1 else None  # 0: an empty batch
 
     @property
     def natural_length(self) -> int:
@@ -62,7 +62,7 @@ class Documents(Mask):
 
     def evaluate(self, grid: Grid) -> Tensor:
         ids = self.ids.to(grid.k.device)
-        b = grid.b if ids.shape[0] > 1 else torch.zeros_like(grid.b)
+        b = grid.b if ids.shape[0] != 1 else torch.zeros_like(grid.b)
         return ids[b, grid.q.clamp(min=0)] == ids[b, grid.k]
 
     def row_bounds(

@@ -1,0 +1,69 @@
+"""Mask arguments and sizes the earlier tests missed: an empty batch of document ids,
+arguments that are not lists of ints, ``block_layout``'s sizes, ``custom``'s flags and a
+bool tensor on the left of ``&`` / ``|``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnlab
+from attnlab import masks as M
+
+
+def test_documents_of_an_empty_batch() -> None:
+    """(0, L) ids are a batch of 0, as a (0, 1, Lq, Lk) tensor mask is (IndexError)."""
+    ids = torch.zeros(0, 4, dtype=torch.long)
+    q = torch.randn(0, 2, 4, 8)
+    assert M.documents(ids).batch_size == 0
+    assert M.documents(ids).dense(4, 4, batch=0).shape == (0, 1, 4, 4)
+    assert attnlab.attention(q, q, q, mask=M.documents(ids) & M.causal()).shape == (0, 2, 4, 8)
+    two = torch.randn(2, 2, 4, 8)
+    with pytest.raises(ValueError, match="doc_ids for 0 batch items but the batch size is 2"):
+        attnlab.attention(two, two, two, mask=M.documents(ids))
+
+
+@pytest.mark.parametrize(
+    ("make", "name"),
+    [
+        (lambda x: M.padding(x), "key_lengths"),
+        (lambda x: M.padding([3], x if x is not None else "q"), "query_lengths"),
+        (lambda x: M.documents(x), "doc_ids"),
+        (lambda x: M.global_tokens(x), "indices"),
+    ],
+)
+@pytest.mark.parametrize("bad", [None, "ab", [[1, 2], [3]], {"a": 1}])
+def test_arguments_that_are_not_lists_of_ints_are_named(make, name: str, bad: object) -> None:
+    with pytest.raises(TypeError, match=rf"{name} must be a tensor or a list of ints"):
+        make(bad)
+
+
+def test_block_layout_checks_its_sizes() -> None:
+    m = M.causal()
+    with pytest.raises(ValueError, match="lq must be an int >= 0, got -1"):
+        m.block_layout(-1, 4, 2, 2)
+    with pytest.raises(TypeError, match=r"block_q must be a positive int, got 2\.5"):
+        m.block_layout(8, 8, 2.5, 2)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="heads must be a positive int, got 0"):
+        m.block_layout(8, 8, 2, 2, heads=0)
+    with pytest.raises(ValueError, match="block_k must be a positive int, got 0"):
+        m.block_layout(8, 8, 2, 0)
+    assert m.block_layout(4, 4, 2, 2).states[0, 0].tolist() == [[1, 0], [2, 1]]
+
+
+def test_custom_flags_must_be_bools() -> None:
+    with pytest.raises(TypeError, match="per_head must be a bool, got str"):
+        M.custom(lambda b, h, q, k: q >= k, per_head="no")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="per_batch must be a bool, got int"):
+        M.custom(lambda b, h, q, k: q >= k, per_batch=0)  # type: ignore[arg-type]
+
+
+def test_a_bool_tensor_on_the_left_of_and_or() -> None:
+    t = torch.rand(5, 5) > 0.5
+    for got, want in (
+        (t & M.causal(), M.causal() & t),
+        (t | M.window(1), M.window(1) | t),
+    ):
+        assert torch.equal(got.dense(5, 5), want.dense(5, 5))
+    expected = t & torch.ones(5, 5, dtype=torch.bool).tril()
+    assert torch.equal((t & M.causal()).dense(5, 5)[0, 0], expected)
