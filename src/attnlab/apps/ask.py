@@ -64,7 +64,13 @@ MAX_QUESTION_WORDS = 200
 
 @dataclass(frozen=True)
 class Weights:
-    """The ranking's weights on its four signals (see the module docstring)."""
+    """The ranking's weights on its four signals (see the module docstring).
+
+    Example:
+        >>> w = Weights(tokens=0.0)  # no MaxSim re-ranking: the four signals alone
+        >>> w.cosine, w.lexical, w.tokens, w.candidates
+        (1.0, 0.25, 0.0, 20)
+    """
 
     cosine: float = 1.0
     context: float = 0.5
@@ -83,6 +89,11 @@ class Answer:
         score: its ranking score; ``signals``: the four signals behind it.
         context: the paragraph's sentences around it (previous, it, next).
         matches: which question words matched which passage words (None unless asked).
+
+    Example:
+        >>> a = Answer(Sentence("Dogs bark.", "pets.txt", "", 0), 0.5, {"lexical": 1.0})
+        >>> a.sentence.doc, a.context, a.matches is None
+        ('pets.txt', [], True)
     """
 
     sentence: Sentence
@@ -121,6 +132,20 @@ class Asker:
         index: the sentence index (:func:`attnlab.apps.index.build_index`).
         enc: the encoder that built it.
         weights: the ranking weights.
+
+    Example:
+        >>> from attnlab.models import BertConfig, BertEncoder, SentenceConfig, load_tokenizer
+        >>> from attnlab.models import minilm_path
+        >>> _ = torch.manual_seed(0)  # a tiny untrained encoder; from_pretrained() in real use
+        >>> bert = BertEncoder(BertConfig(hidden_size=8, num_hidden_layers=1,
+        ...                               num_attention_heads=2, intermediate_size=16))
+        >>> tok = load_tokenizer(minilm_path() / "tokenizer.json", 64)  # needs attnlab[pretrained]
+        >>> enc = SentenceEncoder(bert, tok, SentenceConfig()).eval()
+        >>> from attnlab.apps.corpus import Document
+        >>> ix = build_index([Document("a", "Cats purr. Dogs bark.")], enc, None)
+        >>> lexical = Weights(cosine=0.0, context=0.0, title=0.0, tokens=0.0)  # BM25 alone
+        >>> [(a.sentence.text, a.score) for a in Asker(ix, enc, lexical).rank("Why do dogs bark?")]
+        [('Dogs bark.', 0.25), ('Cats purr.', 0.0)]
     """
 
     def __init__(self, index: Index, enc: SentenceEncoder, weights: Weights | None = None) -> None:
@@ -226,6 +251,28 @@ def ask(
 
     Returns:
         ``top`` :class:`Answer` objects, best first.
+
+    Example:
+        >>> import tempfile
+        >>> from attnlab.models import BertConfig, BertEncoder, SentenceConfig, load_tokenizer
+        >>> from attnlab.models import minilm_path
+        >>> _ = torch.manual_seed(0)  # a tiny untrained encoder; from_pretrained() in real use
+        >>> bert = BertEncoder(BertConfig(hidden_size=8, num_hidden_layers=1,
+        ...                               num_attention_heads=2, intermediate_size=16))
+        >>> tok = load_tokenizer(minilm_path() / "tokenizer.json", 64)  # needs attnlab[pretrained]
+        >>> enc = SentenceEncoder(bert, tok, SentenceConfig()).eval()
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     _ = (Path(d) / "pets.txt").write_text("Cats purr. Dogs bark.")
+        ...     answers = ask("Why do dogs bark?", d, top=2, encoder=enc, cache=False,
+        ...                   explain=False)  # explain=True: each answer's word matches
+        >>> sorted(a.sentence.text for a in answers), answers[0].score >= answers[1].score
+        (['Cats purr.', 'Dogs bark.'], True)
+        >>> answers[0].context  # the paragraph around the answer
+        ['Cats purr.', 'Dogs bark.']
+        >>> ask("Why?", d, top=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: top must be a positive int, got 0
     """
     question = check_question(question)
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:

@@ -63,7 +63,15 @@ _NO_MARKUP = -1
 
 @dataclass(frozen=True)
 class Document:
-    """A named text; ``digest`` is its content hash (the index's invalidation key)."""
+    """A named text; ``digest`` is its content hash (the index's invalidation key).
+
+    Example:
+        >>> a, b = Document("a.txt", "Cats purr. Dogs bark."), Document("b.txt", "Cats purr.")
+        >>> a.digest == Document("copy", a.text).digest, a.digest == b.digest, len(a.digest)
+        (True, False, 64)
+        >>> [s.text for s in split_document(a)]
+        ['Cats purr.', 'Dogs bark.']
+    """
 
     name: str
     text: str
@@ -75,7 +83,12 @@ class Document:
 
 @dataclass(frozen=True)
 class Sentence:
-    """One sentence: its text, document, the heading above it and its paragraph number."""
+    """One sentence: its text, document, the heading above it and its paragraph number.
+
+    Example:
+        >>> split_document(Document("pets", "Pets\\n====\\n\\nCats purr.\\n\\nDogs bark."))[-1]
+        Sentence(text='Dogs bark.', doc='pets', section='Pets', para=1)
+    """
 
     text: str
     doc: str

@@ -60,6 +60,13 @@ class Index:
         digests: document name -> content hash.
         model: the encoder's name (a different one invalidates the index).
         embedded: how many sentences this build embedded (0: all reused).
+
+    Example:
+        >>> cats, dogs = Sentence("Cats purr.", "a", "", 0), Sentence("Dogs bark.", "a", "", 0)
+        >>> ix = Index([cats, dogs], torch.eye(2), {"a": "0" * 64}, "toy")  # unit vectors
+        >>> scores, rows = ix.search(torch.tensor([[0.0, 1.0]]), k=1)
+        >>> ix.sentences[int(rows[0, 0])].text, float(scores[0, 0])
+        ('Dogs bark.', 1.0)
     """
 
     sentences: list[Sentence]
@@ -111,7 +118,25 @@ def _model_name(enc: SentenceEncoder) -> str:
 
 
 def load_index(folder: str | Path) -> Index | None:
-    """The index saved in ``folder``, or None if there is none or it is unreadable."""
+    """The index saved in ``folder``, or None if there is none or it is unreadable.
+
+    Example:
+        >>> import tempfile
+        >>> from attnlab.models import BertConfig, BertEncoder, SentenceConfig, load_tokenizer
+        >>> from attnlab.models import minilm_path
+        >>> _ = torch.manual_seed(0)  # a tiny untrained encoder; from_pretrained() in real use
+        >>> bert = BertEncoder(BertConfig(hidden_size=8, num_hidden_layers=1,
+        ...                               num_attention_heads=2, intermediate_size=16))
+        >>> tok = load_tokenizer(minilm_path() / "tokenizer.json", 64)  # needs attnlab[pretrained]
+        >>> enc = SentenceEncoder(bert, tok, SentenceConfig()).eval()
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     built = build_index([Document("a", "Cats purr. Dogs bark.")], enc, d)
+        ...     loaded, missing = load_index(d), load_index(Path(d) / "nothing")
+        >>> torch.equal(loaded.vectors, built.vectors), loaded.sentences == built.sentences
+        (True, True)
+        >>> loaded.model == built.model, missing
+        (True, None)
+    """
     from safetensors.torch import load
 
     folder = Path(folder)
@@ -190,6 +215,23 @@ def build_index(
         enc: the sentence encoder.
         folder: where the index lives (None: build in memory, save nothing).
         progress: called as ``progress(sentences embedded, sentences to embed)``.
+
+    Example:
+        >>> import tempfile
+        >>> from attnlab.models import BertConfig, BertEncoder, SentenceConfig, load_tokenizer
+        >>> from attnlab.models import minilm_path
+        >>> _ = torch.manual_seed(0)  # a tiny untrained encoder; from_pretrained() in real use
+        >>> bert = BertEncoder(BertConfig(hidden_size=8, num_hidden_layers=1,
+        ...                               num_attention_heads=2, intermediate_size=16))
+        >>> tok = load_tokenizer(minilm_path() / "tokenizer.json", 64)  # needs attnlab[pretrained]
+        >>> enc = SentenceEncoder(bert, tok, SentenceConfig()).eval()
+        >>> docs = [Document("a", "Cats purr. Dogs bark."), Document("b", "Rain falls.")]
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     first = build_index(docs, enc, d)
+        ...     again = build_index(docs, enc, d)  # read back: nothing to embed
+        ...     edited = build_index([docs[0], Document("b", "Snow falls. Wind blows.")], enc, d)
+        >>> first.embedded, again.embedded, edited.embedded, len(edited.sentences)
+        (3, 0, 2, 4)
     """
     names = [d.name for d in docs]
     if len(set(names)) != len(names):

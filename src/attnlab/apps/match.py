@@ -58,6 +58,13 @@ class WordMatch:
         question_ig, passage_ig: integrated gradients per word (sums: see the module).
         ig_expected: ``(question, passage)`` values of ``f(text) - f(baseline)``.
         ig_delta: ``(question, passage)`` convergence gaps of the path integrals.
+
+    Example:
+        >>> pairs = torch.tensor([[0.125, 0, 0, 0], [0, 0.5, 0.25, 0], [0, 0, 0, 0.125]])
+        >>> m = WordMatch(["[CLS]", "cats", "[SEP]"], ["[CLS]", "cats", "purr", "[SEP]"],
+        ...               pairs, 1.0, [0, 1, 0], [0, 0.6, 0.4, 0], (1.0, 1.0), (0.0, 0.0))
+        >>> m.top_pairs(2)  # [CLS] and [SEP] left out
+        [('cats', 'cats', 0.5), ('cats', 'purr', 0.25)]
     """
 
     question: list[str]
@@ -162,6 +169,24 @@ def match_words(enc: SentenceEncoder, question: str, passage: str, *, steps: int
         enc: a mean-pooling sentence encoder (all-MiniLM-L6-v2).
         question, passage: the two texts.
         steps: integrated-gradients steps (Gauss-Legendre).
+
+    Example:
+        >>> from attnlab.models import BertConfig, BertEncoder, SentenceConfig, load_tokenizer
+        >>> from attnlab.models import minilm_path
+        >>> _ = torch.manual_seed(0)  # a tiny untrained encoder; from_pretrained() in real use
+        >>> bert = BertEncoder(BertConfig(hidden_size=8, num_hidden_layers=1,
+        ...                               num_attention_heads=2, intermediate_size=16))
+        >>> tok = load_tokenizer(minilm_path() / "tokenizer.json", 64)  # needs attnlab[pretrained]
+        >>> enc = SentenceEncoder(bert, tok, SentenceConfig()).eval()
+        >>> m = match_words(enc, "Why do cats purr?", "Cats purr when content.", steps=4)
+        >>> m.question  # word pieces merged: "pu", "##rr" -> "purr"
+        ['[CLS]', 'why', 'do', 'cats', 'purr', '?', '[SEP]']
+        >>> m.passage, tuple(m.pairs.shape)
+        (['[CLS]', 'cats', 'purr', 'when', 'content', '.', '[SEP]'], (7, 7))
+        >>> abs(float(m.pairs.sum()) - m.cosine) < 1e-5  # the pairs split the cosine
+        True
+        >>> abs(sum(m.question_ig) - m.ig_expected[0]) < 1e-4  # IG is complete
+        True
     """
     if enc.config.pooling != "mean":
         raise ValueError(f"enc must pool by mean, got pooling={enc.config.pooling!r}")

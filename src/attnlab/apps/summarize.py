@@ -34,7 +34,12 @@ __all__ = ["Summary", "centrality", "summarize"]
 
 @dataclass
 class Summary:
-    """A summary: every sentence with its salience, and the ones chosen (in order)."""
+    """A summary: every sentence with its salience, and the ones chosen (in order).
+
+    Example:
+        >>> Summary(["Cats purr.", "Dogs bark.", "Rain falls."], [0.5, 0.2, 0.3], [0, 2]).text
+        'Cats purr. Rain falls.'
+    """
 
     sentences: list[str]
     salience: list[float]
@@ -115,6 +120,22 @@ def summarize(
         position: how strongly restarts favour early sentences (0: not at all).
         redundancy: the largest cosine allowed between two chosen sentences.
         progress: ``progress(done, total)`` while sentences are embedded.
+
+    Example:
+        >>> from attnlab.models import BertConfig, BertEncoder, SentenceConfig, load_tokenizer
+        >>> from attnlab.models import minilm_path
+        >>> _ = torch.manual_seed(0)  # a tiny untrained encoder; from_pretrained() in real use
+        >>> bert = BertEncoder(BertConfig(hidden_size=8, num_hidden_layers=1,
+        ...                               num_attention_heads=2, intermediate_size=16))
+        >>> tok = load_tokenizer(minilm_path() / "tokenizer.json", 64)  # needs attnlab[pretrained]
+        >>> enc = SentenceEncoder(bert, tok, SentenceConfig()).eval()
+        >>> s = summarize("Cats purr. Cats purr when content. Taxes rose.", 2, encoder=enc)
+        >>> s.sentences, round(sum(s.salience), 6), s.chosen == sorted(s.chosen)
+        (['Cats purr.', 'Cats purr when content.', 'Taxes rose.'], 1.0, True)
+        >>> summarize("Cats purr.", sentences=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: sentences must be a positive int, got 0
     """
     if isinstance(sentences, bool) or not isinstance(sentences, int) or sentences < 1:
         raise ValueError(f"sentences must be a positive int, got {sentences!r}")

@@ -83,6 +83,20 @@ def attention(
         r, p = dist.get_rank(), dist.get_world_size()
         qs, ks, vs = (shard(t, r, p) for t in (q, k, v))
         out = attention(qs, ks, vs, mask=masks.causal() & masks.window(512))
+
+    On a group of one rank, in this process, it is the whole sequence's attention:
+
+        >>> import torch.distributed as dist
+        >>> from attnlab import attention as whole, masks
+        >>> from attnlab.distributed import shard
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        >>> _ = torch.manual_seed(0)
+        >>> q, k, v = torch.randn(3, 1, 2, 8, 4).unbind(0)
+        >>> out = attention(*(shard(t, 0, 1) for t in (q, k, v)), mask=masks.causal(),
+        ...                 engine="reference")  # "auto": the C++ kernel, built on first use
+        >>> dist.destroy_process_group()
+        >>> torch.allclose(out, whole(q, k, v, mask=masks.causal()), atol=1e-6)
+        True
     """
     s = prepare(
         q,

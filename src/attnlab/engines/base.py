@@ -125,7 +125,15 @@ class AttentionRequest:
 class Engine:
     """Base class of engines. Subclasses set ``name`` and ``exact`` and implement
     :meth:`unsupported` and :meth:`forward`; an engine with settings lists their names in
-    ``options`` and checks their values in :meth:`check_option_values`."""
+    ``options`` and checks their values in :meth:`check_option_values`.
+
+    Example:
+        >>> get_engine("flex").options  # the settings its engine_options may carry
+        ('compile',)
+        >>> get_engine("flex").check_options({"chunk": 1})
+        Traceback (most recent call last):
+        ValueError: engine_options: 'chunk' is not an option of engine 'flex'; it accepts 'compile'
+    """
 
     name: str = "engine"
     exact: bool = True

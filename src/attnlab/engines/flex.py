@@ -98,7 +98,20 @@ def cpu_compile_problem() -> str | None:
 
 class FlexEngine(Engine):
     """torch FlexAttention (compiled) with attnlab's masks as its block mask and
-    ``mask_mod``; on CUDA forward and backward, on the CPU forward only."""
+    ``mask_mod``; on CUDA forward and backward, on the CPU forward only.
+
+    Example:
+        >>> from attnlab import masks
+        >>> q = torch.zeros(1, 2, 4, 16)
+        >>> req = AttentionRequest(q, q, q, masks.window(1), None, 0.25, "dot", "softmax", 0.0,
+        ...                        return_weights=True, return_lse=False)
+        >>> FlexEngine().unsupported(req)  # engine="auto" routes such calls elsewhere
+        'FlexAttention does not return attention weights (return_weights=True)'
+        >>> FlexEngine().check_options({"compile": "yes"})
+        Traceback (most recent call last):
+        ...
+        TypeError: engine_options['compile'] must be a bool, got 'yes'
+    """
 
     name = "flex"
     exact = True

@@ -124,7 +124,20 @@ def mix(
 
 
 class ReferenceEngine(Engine):
-    """Eager attention over materialized ``Lq x Lk`` scores; every feature, any dtype."""
+    """Eager attention over materialized ``Lq x Lk`` scores; every feature, any dtype.
+
+    Example:
+        >>> import attnlab
+        >>> from attnlab import masks
+        >>> _ = torch.manual_seed(0)
+        >>> q, k, v = torch.randn(3, 1, 2, 4, 8).unbind(0)
+        >>> out, w, lse = attnlab.attention(q, k, v, mask=masks.causal(), engine="reference",
+        ...                                 return_weights=True, return_lse=True)
+        >>> w[0, 0].triu(1).any().item(), torch.allclose(w.sum(-1), torch.ones(1, 2, 4))
+        (False, True)
+        >>> torch.allclose(out, w @ v), tuple(lse.shape)
+        (True, (1, 2, 4))
+    """
 
     name = "reference"
     exact = True

@@ -19,7 +19,20 @@ __all__ = ["SdpaEngine"]
 
 
 class SdpaEngine(Engine):
-    """torch SDPA for dot-product softmax attention with any mask and bias."""
+    """torch SDPA for dot-product softmax attention with any mask and bias.
+
+    Example:
+        >>> import attnlab
+        >>> from attnlab import masks
+        >>> _ = torch.manual_seed(0)
+        >>> q, k, v = torch.randn(3, 1, 2, 4, 8).unbind(0)
+        >>> out = attnlab.attention(q, k, v, mask=masks.causal(), engine="sdpa")
+        >>> torch.allclose(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        True
+        >>> attnlab.attention(q, k, v, engine="sdpa", return_weights=True)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ValueError: engine='sdpa' cannot compute this request: torch SDPA does not return ...
+    """
 
     name = "sdpa"
     exact = True

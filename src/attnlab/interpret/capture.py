@@ -39,6 +39,16 @@ class Captured:
         call: how many earlier calls this module made during the capture (decoding steps).
         weights: ``(B, h, r, Lk)``: the requested heads and query rows.
         engine: the engine that computed the call's output.
+
+    Example:
+        >>> import torch, attnlab
+        >>> with capture() as cap:  # no model: calls are unnamed
+        ...     _ = attnlab.attention(*torch.randn(3, 1, 2, 4, 8).unbind(0))
+        >>> c = cap.records[0]
+        >>> c.name, c.call, tuple(c.weights.shape), c.engine
+        ('', 0, (1, 2, 4, 4), 'sdpa')
+        >>> torch.allclose(c.weights.sum(-1), torch.ones(1, 2, 4))  # recomputed, normalized
+        True
     """
 
     name: str

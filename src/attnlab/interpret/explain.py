@@ -203,6 +203,11 @@ class Attribution:
     Attributes:
         attributions: the inputs' (or the layer output's) shape, e.g. ``(B, L, D)``.
         delta: ``(B,)`` completeness gap ``sum(attributions) - (f(x) - f(baseline))``.
+
+    Example:
+        >>> a = Attribution(torch.ones(1, 2, 3), torch.zeros(1))  # integrated_gradients'
+        >>> a.per_token()  # (B, L): each token's attribution summed over D
+        tensor([[3., 3.]])
     """
 
     attributions: Tensor

@@ -60,6 +60,18 @@ class TextModel:
         keep_last: tokens at the end the baseline keeps: a decoder's scored continuation
             (padded, its log-probability was of other tokens than the path's).
         pooling: ``"cls"`` (the first token's state) or another pooling (a mean of tokens).
+
+    Example:
+        >>> from attnlab.nn import MultiHeadAttention
+        >>> words = nn.Embedding(10, 8)
+        >>> net = nn.Sequential(words, MultiHeadAttention(8, 2))
+        >>> model = TextModel(net, tokenize=lambda s: [1, *(2 + len(w) for w in s.split()), 9],
+        ...                   token_name=str, pooled=lambda t: net(t).mean(1),
+        ...                   embed=lambda t: F.normalize(net(t).mean(1), dim=-1),
+        ...                   input_embeddings=words, pad_id=0)
+        >>> ids = torch.tensor([model.tokenize("a toy text")])
+        >>> ids.tolist(), tuple(model.embed(ids).shape), len(captured_attentions(model, ids))
+        ([[1, 3, 5, 6, 9]], (1, 8), 1)
     """
 
     network: nn.Module
@@ -83,6 +95,12 @@ class Explanation:
         saliency: method -> ``n`` token scores (rollout, relevance, integrated gradients).
         score, baseline_score: the explained score at the text and at the baseline.
         files: the HTML report first, then the PNGs.
+
+    Example:
+        >>> ex = Explanation(["[CLS]", "cats", "[SEP]"], [torch.eye(3)[None]],
+        ...                  {"rollout": [0.25, 0.5, 0.25]}, score=0.75, baseline_score=0.25)
+        >>> max(zip(ex.saliency["rollout"], ex.tokens)), ex.score - ex.baseline_score, ex.files
+        ((0.5, 'cats'), 0.5, [])
     """
 
     tokens: list[str]
@@ -207,7 +225,17 @@ def write_explanation(
     text: str = "",
 ) -> list[Path]:
     """The HTML report ``out`` and PNGs beside it (heads, rollout ``roll (n, n)``, one per
-    saliency method); returns the report first, then the PNGs."""
+    saliency method); returns the report first, then the PNGs.
+
+    Example:
+        >>> import tempfile
+        >>> attns = [torch.full((1, 3, 3), 1 / 3)]  # one layer, one head, 3 tokens
+        >>> with tempfile.TemporaryDirectory() as d:  # no saliency: no saliency PNGs
+        ...     files = write_explanation(Path(d) / "r.html", list("abc"), attns, attns[0][0], {})
+        ...     sizes = [f.stat().st_size > 0 for f in files]
+        >>> [f.name for f in files], all(sizes)
+        (['r.html', 'r_heads.png', 'r_rollout.png'], True)
+    """
     from attnlab.interpret import plot
 
     stem = Path(out).with_suffix("")

@@ -369,7 +369,14 @@ class And(_Combination):
 
 
 class Or(_Combination):
-    """``a | b | ...``: a pair may attend when some part allows it. Build with ``|``."""
+    """``a | b | ...``: a pair may attend when some part allows it. Build with ``|``.
+
+    Example:
+        >>> from attnlab import masks
+        >>> m = masks.window(0) | masks.global_tokens([0])
+        >>> type(m).__name__, m.dense(3, 3)[0, 0].int().tolist()
+        ('Or', [[1, 1, 1], [1, 1, 0], [1, 0, 1]])
+    """
 
     op = "|"
 
@@ -387,6 +394,17 @@ class Wrapped(Mask):
     Subclasses implement :meth:`evaluate` and :meth:`spec` and override what they change
     (:class:`Not`; outside this package, masks that restrict ``inner`` to a shard or to
     some heads).
+
+    Example:
+        >>> from attnlab import masks
+        >>> class EvenKeys(Wrapped):
+        ...     def evaluate(self, grid):
+        ...         return self.inner(grid) & (grid.k % 2 == 0)
+        ...     def spec(self):
+        ...         return f"even_keys({self.inner.spec()})"
+        >>> m = EvenKeys(masks.padding([3, 2]))
+        >>> m.batch_size, m.dense(1, 3)[:, 0, 0].int().tolist()  # batch size from inner
+        (2, [[1, 0, 1], [1, 0, 0]])
     """
 
     def __init__(self, inner: Mask) -> None:
@@ -407,7 +425,14 @@ class Wrapped(Mask):
 
 
 class Not(Wrapped):
-    """``~a``: a pair may attend when ``a`` forbids it. Build with ``~``."""
+    """``~a``: a pair may attend when ``a`` forbids it. Build with ``~``.
+
+    Example:
+        >>> from attnlab import masks
+        >>> m = ~masks.causal()
+        >>> m.spec(), m.dense(3, 3)[0, 0].int().tolist()
+        ('~causal()', [[0, 1, 1], [0, 0, 1], [0, 0, 0]])
+    """
 
     @property
     def natural_length(self) -> int | None:

@@ -21,6 +21,13 @@ class Custom(Mask):
 
     Not :attr:`~attnlab.masks.Mask.elementwise`: engines hand ``fn`` one tile-shaped grid
     at a time, the form it is documented to receive.
+
+    Example:
+        >>> m = custom(lambda b, h, q, k: k <= q + h, per_batch=False)  # head h: h ahead
+        >>> isinstance(m, Custom), m.elementwise, m.per_head
+        (True, False, True)
+        >>> m.dense(2, 2, heads=2)[0].int().tolist()
+        [[[1, 0], [1, 1]], [[1, 1], [1, 1]]]
     """
 
     elementwise = False

@@ -21,6 +21,13 @@ class Documents(Mask):
 
     When every document is one contiguous run, each row's keys are that run: the mask
     reports it as an exact :meth:`row_bounds` interval.
+
+    Example:
+        >>> m = documents([0, 0, 1, 1])
+        >>> m.spec(), m.row_bounds(4, 4).lo.tolist()  # each row's first key: its run's
+        ('documents(2 documents, length 4)', [[0, 0, 2, 2]])
+        >>> documents([0, 1, 0]).row_bounds(3, 3) is None  # document 0 is split
+        True
     """
 
     def __init__(self, doc_ids: object) -> None:

@@ -19,7 +19,15 @@ __all__ = ["Causal", "Dilated", "Prefix", "Window", "causal", "dilated", "prefix
 
 
 class Causal(Mask):
-    """Query position ``p`` sees keys ``k <= p``. Build with :func:`causal`."""
+    """Query position ``p`` sees keys ``k <= p``. Build with :func:`causal`.
+
+    Example:
+        >>> m = causal()
+        >>> isinstance(m, Causal), m.is_causal
+        (True, True)
+        >>> m.row_bounds(3, 3).hi.tolist()  # the last key of each row
+        [[0, 1, 2]]
+    """
 
     is_causal = True
 
@@ -35,7 +43,16 @@ class Causal(Mask):
 
 
 class Window(Mask):
-    """Query position ``p`` sees keys ``p - left <= k <= p + right``. See :func:`window`."""
+    """Query position ``p`` sees keys ``p - left <= k <= p + right``. See :func:`window`.
+
+    Example:
+        >>> m = Window(left=1, right=0)
+        >>> m.spec()
+        'window(left=1, right=0)'
+        >>> bounds = m.row_bounds(3, 3)  # each row's key interval, exact
+        >>> bounds.lo.tolist(), bounds.hi.tolist(), bounds.exact
+        ([[-1, 0, 1]], [[0, 1, 2]], True)
+    """
 
     def __init__(self, left: int, right: int) -> None:
         self.left, self.right = nonneg_int("left", left), nonneg_int("right", right)
@@ -52,7 +69,13 @@ class Window(Mask):
 
 
 class Prefix(Mask):
-    """Every query sees keys ``k < n``; past the prefix it is causal. See :func:`prefix`."""
+    """Every query sees keys ``k < n``; past the prefix it is causal. See :func:`prefix`.
+
+    Example:
+        >>> m = prefix(2)
+        >>> m.n, m.dense(4, 4)[0, 0].sum(-1).tolist()  # keys seen by each row
+        (2, [2, 2, 3, 4])
+    """
 
     def __init__(self, n: int) -> None:
         self.n = nonneg_int("n", n)
@@ -69,7 +92,14 @@ class Prefix(Mask):
 
 
 class Dilated(Mask):
-    """Keys with ``|p - k| <= window`` and ``(p - k) % dilation == 0``. See :func:`dilated`."""
+    """Keys with ``|p - k| <= window`` and ``(p - k) % dilation == 0``. See :func:`dilated`.
+
+    Example:
+        >>> dilated(2, 2).row_bounds(4, 4) is None  # gaps: no key interval per row
+        True
+        >>> dilated(1, 1).row_bounds(3, 3).hi.tolist()  # dilation 1 is a window
+        [[1, 2, 3]]
+    """
 
     def __init__(self, window: int, dilation: int) -> None:
         self.window = nonneg_int("window", window)

@@ -22,6 +22,13 @@ class Padding(Mask):
 
     Build with :func:`padding`. Engines that need only validity (approximate engines,
     Linformer) read it through :meth:`lengths`.
+
+    Example:
+        >>> m = padding([2, 3], query_lengths=[1, 3])
+        >>> m.batch_size, m.natural_length
+        (2, 3)
+        >>> m.dense(3, 3)[0, 0].int().tolist()  # item 0: 2 keys, only its first row
+        [[1, 1, 0], [0, 0, 0], [0, 0, 0]]
     """
 
     def __init__(self, key_lengths: object, query_lengths: object | None) -> None:

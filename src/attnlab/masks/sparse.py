@@ -21,7 +21,19 @@ TABLES = 8  # block counts whose random table a BlockRandom mask keeps
 
 class GlobalTokens(Mask):
     """Positions in ``indices`` see every key and are seen by every query. See
-    :func:`global_tokens`."""
+    :func:`global_tokens`.
+
+    Example:
+        >>> m = global_tokens([0, 2])
+        >>> m.spec()
+        'global_tokens([0, 2])'
+        >>> m.dense(3, 3)[0, 0].all(-1).tolist()  # which rows see every key
+        [True, False, True]
+        >>> global_tokens([-1])
+        Traceback (most recent call last):
+        ...
+        ValueError: indices must be >= 0, got [-1]
+    """
 
     def __init__(self, indices: object) -> None:
         self.idx = int_tensor("indices", indices, (1,))
@@ -38,7 +50,15 @@ class GlobalTokens(Mask):
 
 class BlockRandom(Mask):
     """Each query block sees ``num_blocks`` seeded random key blocks. See
-    :func:`block_random`."""
+    :func:`block_random`.
+
+    Example:
+        >>> m = block_random(block_size=2, num_blocks=1, seed=0)
+        >>> m.table(4).int().tolist()  # 4 keys: 2 blocks, one random key block per row
+        [[1, 0], [0, 1]]
+        >>> m.table(4) is m.table(4)  # kept, not drawn again
+        True
+    """
 
     def __init__(self, block_size: int, num_blocks: int, seed: int) -> None:
         self.block_size = pos_int("block_size", block_size)

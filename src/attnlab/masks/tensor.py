@@ -13,7 +13,17 @@ __all__ = ["TensorMask", "as_mask", "tensor"]
 
 
 class TensorMask(Mask):
-    """A bool tensor broadcastable to ``(B, H, Lq, Lk)``. Build with :func:`tensor`."""
+    """A bool tensor broadcastable to ``(B, H, Lq, Lk)``. Build with :func:`tensor`.
+
+    Example:
+        >>> m = tensor(torch.tensor([[True, False], [True, True]]))
+        >>> m.spec(), m.dense(2, 2, batch=3).shape  # a view: no batch axis of its own
+        ('tensor(shape=(1, 1, 2, 2))', torch.Size([1, 1, 2, 2]))
+        >>> tensor(torch.ones(2, 2))
+        Traceback (most recent call last):
+        ...
+        TypeError: mask tensor must be a bool tensor (True = may attend), got torch.float32
+    """
 
     def __init__(self, t: Tensor) -> None:
         if not isinstance(t, Tensor) or t.dtype != torch.bool:

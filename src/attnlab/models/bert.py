@@ -137,6 +137,13 @@ class BertOutput(NamedTuple):
     Attributes:
         hidden: the last layer's hidden states ``(B, L, D)``.
         attentions: per layer, the attention weights ``(B, H, L, L)``; None unless asked.
+
+    Example:
+        >>> bert = BertEncoder(BertConfig(vocab_size=10, hidden_size=8, num_hidden_layers=2,
+        ...                               num_attention_heads=2, intermediate_size=16)).eval()
+        >>> hidden, attentions = bert(torch.tensor([[1, 2, 3]]))  # a NamedTuple: it unpacks
+        >>> tuple(hidden.shape), attentions  # need_weights=True fills attentions
+        ((1, 3, 8), None)
     """
 
     hidden: Tensor

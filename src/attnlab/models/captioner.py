@@ -35,7 +35,14 @@ State = tuple[Tensor, Tensor]
 
 @dataclass
 class CaptionerConfig:
-    """Sizes of a :class:`Captioner` (saved in its checkpoints)."""
+    """Sizes of a :class:`Captioner` (saved in its checkpoints).
+
+    Example:
+        >>> cfg = CaptionerConfig(vocab_size=12, image_size=16, d_model=16, num_heads=2)
+        >>> m = Captioner(cfg)
+        >>> m.patches.num_patches, Captioner(CaptionerConfig(**asdict(cfg))).cfg == cfg
+        (16, True)
+    """
 
     vocab_size: int
     image_size: int = 32

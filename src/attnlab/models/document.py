@@ -19,7 +19,17 @@ __all__ = ["ClassifierOutput", "DocumentClassifier"]
 
 
 class ClassifierOutput(NamedTuple):
-    """``logits (B, C)`` and the hierarchical attention's output (weights included)."""
+    """``logits (B, C)`` and the hierarchical attention's output (weights included).
+
+    Example:
+        >>> import torch
+        >>> m = DocumentClassifier(20, 3, embed_dim=8, word_hidden=4, sentence_hidden=4)
+        >>> logits, han = m(torch.tensor([[[5, 6, 0], [7, 0, 0]]]))  # (B, S, W): it unpacks
+        >>> tuple(logits.shape), tuple(han.sentence_weights.shape)
+        ((1, 3), (1, 2))
+        >>> han.word_weights[0, 1].tolist()  # sentence 1 has one word: it takes all the weight
+        [1.0, 0.0, 0.0]
+    """
 
     logits: Tensor
     han: HierarchicalOutput

@@ -36,6 +36,12 @@ class LMConfig:
         dropout: in the decoder layers.
         tie_weights: the output head reuses the token embedding (``logits = h @ E^T``).
         rope_base: RoPE's frequency base.
+
+    Example:
+        >>> cfg = LMConfig(vocab_size=11, d_model=16, num_heads=4, num_kv_heads=2)
+        >>> lm = LanguageModel(cfg)
+        >>> lm.head is None, LanguageModel(LMConfig(**lm.config())).cfg == cfg  # tied; rebuilt
+        (True, True)
     """
 
     vocab_size: int

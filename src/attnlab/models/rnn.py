@@ -45,6 +45,15 @@ class RNNSeq2SeqConfig:
         attn_dim: hidden size of the additive score.
         dropout: dropout on embeddings and on the output layer's input.
         bos, eos: decoder start and end token ids.
+
+    Example:
+        >>> m = RNNSeq2Seq(RNNSeq2SeqConfig(src_vocab=10, tgt_vocab=8, embed_dim=8, hidden=8))
+        >>> m.encoder.hidden_size, m.attention, m.out.out_features  # doctest: +ELLIPSIS
+        (8, BahdanauAttention(...), 8)
+        >>> RNNSeq2Seq(RNNSeq2SeqConfig(src_vocab=10, tgt_vocab=8, eos=8))
+        Traceback (most recent call last):
+        ...
+        ValueError: eos must be a token id in [0, tgt_vocab=8), got 8
     """
 
     src_vocab: int

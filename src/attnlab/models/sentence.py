@@ -66,6 +66,14 @@ class SentenceConfig:
         max_seq_length: longer texts are truncated to this many tokens (with a warning).
         lowercase: lowercase texts before tokenizing (sentence-transformers'
             ``do_lower_case``).
+
+    Example:
+        >>> SentenceConfig(pooling="cls", normalize=False).max_seq_length
+        512
+        >>> SentenceConfig(pooling="sum")
+        Traceback (most recent call last):
+        ...
+        ValueError: pooling='sum' is not one of ('mean', 'cls', 'max')
     """
 
     pooling: str = "mean"
@@ -163,6 +171,18 @@ class SentenceEncoder(nn.Module):
             where the CPU has native bfloat16 units, float32 elsewhere). Embeddings stay
             float32. :attr:`precision` is the mode that runs, :attr:`precision_reason`
             says why.
+
+    Example:
+        >>> from attnlab.models import BertConfig
+        >>> _ = torch.manual_seed(0)  # a tiny untrained BERT; from_pretrained() for MiniLM
+        >>> bert = BertEncoder(BertConfig(hidden_size=8, num_hidden_layers=1,
+        ...                               num_attention_heads=2, intermediate_size=16)).eval()
+        >>> tok = load_tokenizer(minilm_path() / "tokenizer.json", 64)  # needs attnlab[pretrained]
+        >>> texts = ["A cat sits.", "Taxes rose sharply in May."]
+        >>> packed = SentenceEncoder(bert, tok, SentenceConfig(), strategy="pack").encode(texts)
+        >>> padded = SentenceEncoder(bert, tok, SentenceConfig()).encode(texts)  # "bucket"
+        >>> tuple(packed.shape), torch.allclose(packed, padded, atol=1e-5)
+        ((2, 8), True)
     """
 
     def __init__(

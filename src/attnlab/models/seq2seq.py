@@ -24,7 +24,15 @@ __all__ = ["Seq2Seq", "Seq2SeqConfig"]
 
 @dataclass
 class Seq2SeqConfig:
-    """Sizes of a :class:`Seq2Seq` model (saved in its checkpoints)."""
+    """Sizes of a :class:`Seq2Seq` model (saved in its checkpoints).
+
+    Example:
+        >>> cfg = Seq2SeqConfig(src_vocab=10, tgt_vocab=12, d_model=16, num_heads=2,
+        ...                     decoder_layers=1)
+        >>> m = Seq2Seq(cfg)
+        >>> len(m.transformer.decoder.layers), m.out.out_features, m.config()["dropout"]
+        (1, 12, 0.1)
+    """
 
     src_vocab: int
     tgt_vocab: int

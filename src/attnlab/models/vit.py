@@ -81,7 +81,16 @@ class PatchEmbedding(nn.Module):
 
 @dataclass
 class ViTConfig:
-    """Sizes of a :class:`ViT` (saved in its checkpoints)."""
+    """Sizes of a :class:`ViT` (saved in its checkpoints).
+
+    Example:
+        >>> ViT(ViTConfig(image_size=8, patch_size=4, d_model=16, num_heads=2, layers=1)).num_tokens
+        5
+        >>> ViT(ViTConfig(image_size=8, patch_size=3))
+        Traceback (most recent call last):
+        ...
+        ValueError: image_size=8 must be a multiple of patch_size=3
+    """
 
     image_size: int = 8
     patch_size: int = 2

@@ -117,6 +117,15 @@ class GridEnvs:
     new one), so a run is a pure function of the seed and the actions. :attr:`log` collects
     finished episodes; :attr:`starts` says which environments began a new episode at the
     current observation.
+
+    Example:
+        >>> envs = GridEnvs("MiniGrid-MemoryS11-v0", 2, seed=0)
+        >>> first = envs.reset()
+        >>> torch.equal(first, envs.reset(seed=0)), envs.starts.tolist()  # seeded episodes
+        (True, [True, True])
+        >>> _ = envs.step(torch.tensor([0, 1]))  # turn left, turn right
+        >>> envs.running(), envs.starts.tolist(), envs.log.returns  # none has ended yet
+        (2, [False, False], [])
     """
 
     def __init__(self, env_id: str, n: int, *, seed: int = 0) -> None:

@@ -116,7 +116,14 @@ class AgentPolicy(nn.Module):
 
 
 class MLPPolicy(AgentPolicy):
-    """Sees only the current observation (no memory)."""
+    """Sees only the current observation (no memory).
+
+    Example:
+        >>> p = MLPPolicy(obs_dim=5, num_actions=3, d_model=8)
+        >>> logits, values = p(torch.rand(2, 4, 5), torch.zeros(2, 4, dtype=torch.bool))
+        >>> tuple(logits.shape), tuple(values.shape), p.initial_state(2)  # no state to carry
+        ((2, 4, 3), (2, 4), None)
+    """
 
     kind = "mlp"
 
@@ -138,7 +145,19 @@ class MLPPolicy(AgentPolicy):
 
 
 class LSTMPolicy(AgentPolicy):
-    """An LSTM over the episode so far; its state is zeroed at each episode start."""
+    """An LSTM over the episode so far; its state is zeroed at each episode start.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> p = LSTMPolicy(obs_dim=5, num_actions=3, d_model=8)
+        >>> obs, starts = torch.rand(1, 3, 5), torch.tensor([[True, False, False]])
+        >>> logits, _ = p(obs, starts)  # the whole segment at once
+        >>> state = p.initial_state(1)
+        >>> for t in range(3):  # one step at a time, as when acting
+        ...     step_logits, _, state = p.step(obs[:, t], starts[:, t], state)
+        >>> torch.allclose(step_logits, logits[:, -1], atol=1e-6)
+        True
+    """
 
     kind = "lstm"
 
@@ -210,7 +229,17 @@ class _Block(nn.Module):
 
 
 class AttentionPolicy(AgentPolicy):
-    """A causal transformer over the last ``context`` steps of the episode."""
+    """A causal transformer over the last ``context`` steps of the episode.
+
+    Example:
+        >>> p = AttentionPolicy(obs_dim=5, num_actions=3, context=2, d_model=8, num_heads=2)
+        >>> starts = torch.tensor([[True, False, False, True]])  # a new episode at step 3
+        >>> p.segment_mask(starts).dense(4, 4)[0, 0].int().tolist()  # 2 steps, one episode
+        [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 0, 1]]
+        >>> logits, values, weights = p(torch.rand(1, 4, 5), starts, return_weights=True)
+        >>> tuple(logits.shape), len(weights), tuple(weights[0].shape)
+        ((1, 4, 3), 1, (1, 2, 4, 4))
+    """
 
     kind = "attention"
     pos: Tensor  # (max_steps, d_model) sinusoidal table

@@ -31,7 +31,16 @@ __all__ = ["PPOConfig", "Rollout", "collect", "gae", "ppo_loss"]
 @dataclass(frozen=True)
 class PPOConfig:
     """PPO's settings: discount ``gamma``, GAE ``lam``, the ratio clip, the value-loss and
-    entropy weights."""
+    entropy weights.
+
+    Example:
+        >>> PPOConfig(gamma=0.9).clip
+        0.2
+        >>> PPOConfig(lam=1.5)
+        Traceback (most recent call last):
+        ...
+        ValueError: lam must be in [0, 1], got 1.5
+    """
 
     gamma: float = 0.99
     lam: float = 0.95
@@ -52,7 +61,15 @@ class PPOConfig:
 class Rollout:
     """``T`` steps of ``B`` environments: inputs ``obs (B, T, D)``, ``starts (B, T)``,
     the actions taken, their log-probabilities and values at the time, the rewards and
-    ``dones`` (the episode ended after that step), and the advantages and returns."""
+    ``dones`` (the episode ended after that step), and the advantages and returns.
+
+    Example:
+        >>> z = torch.zeros(3, 4)  # 3 environments, 4 steps
+        >>> r = Rollout(torch.zeros(3, 4, 5), z.bool(), z.long(), z, z, z, z.bool(), z, z)
+        >>> part = r.select(torch.tensor([0, 2]))  # a minibatch of environments 0 and 2
+        >>> tuple(part.obs.shape), tuple(part.actions.shape)
+        ((2, 4, 5), (2, 4))
+    """
 
     obs: Tensor
     starts: Tensor

@@ -113,6 +113,17 @@ class AgentTask:
         seed: seeds the rollouts' environments and actions; None draws it from torch's
             generator when the model is built, which the trainer has just seeded with
             ``TrainConfig.seed`` (so ``attnlab train --seed`` sets it).
+
+    Example:
+        >>> task = AgentTask(policy="mlp", n_envs=2, rollout_steps=4, ppo_epochs=1, d_model=8,
+        ...                  seed=0)
+        >>> model = task.build_model()
+        >>> model.kind, task.steps_per_iteration(batch_size=1), task.config()["ppo"]["clip"]
+        ('mlp', 2, 0.2)
+        >>> task.begin_step(model, 0)  # what the trainer does before each step
+        >>> batch = task.batch(torch.tensor([0, 1]))  # collects the first rollout
+        >>> tuple(batch.obs.shape), task.loss(model, batch).dim()
+        ((2, 4, 984), 0)
     """
 
     env_id: str = MEMORY_ENV

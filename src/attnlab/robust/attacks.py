@@ -115,7 +115,15 @@ def pgd_embeddings(
 
 @dataclass
 class EditResult:
-    """The attack on one text: the edited text, the edits per word, whether it won."""
+    """The attack on one text: the edited text, the edits per word, whether it won.
+
+    Example:
+        >>> att = CharEditAttack(1, "x")  # one edit per word, inserting "x"
+        >>> score = lambda i, t: torch.tensor([-float(s.count("x")) for s in t])
+        >>> wins = lambda i, t: [s.count("x") == 2 for s in t]  # two x's fool the "model"
+        >>> [(r.edits, r.success) for r in att.attack(["ab cd", "ok"], score, wins)]
+        [([1, 1], True), ([1], False)]
+    """
 
     text: str
     edits: list[int]

@@ -31,7 +31,17 @@ __all__ = ["ApiError", "Limits", "check_range", "check_text", "decode_image", "r
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may ask for (``GET /api/limits`` lists them)."""
+    """What one request may ask for (``GET /api/limits`` lists them).
+
+    Example:
+        >>> tight = Limits(max_chars=100, max_tokens=64)
+        >>> tight.as_dict()["max_chars"], tight.max_steps  # the others keep their defaults
+        (100, 64)
+        >>> check_text(tight, "x" * 101)
+        Traceback (most recent call last):
+        ...
+        attnlab.serve.limits.ApiError: text has 101 characters; the limit is max_chars=100
+    """
 
     max_chars: int = 4000
     max_tokens: int = 512

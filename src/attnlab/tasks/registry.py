@@ -60,6 +60,11 @@ class TaskSpec:
         finish: ``finish(task, model, folder)`` runs the final evaluation, prints what a
             user should see (scores, samples), writes pictures into ``folder`` and returns
             the final metrics.
+
+    Example:
+        >>> s = spec("dates")
+        >>> isinstance(s, TaskSpec), s.defaults["steps"], s.finish is not None
+        (True, 450, True)
     """
 
     summary: str
@@ -69,7 +74,15 @@ class TaskSpec:
 
 
 def spec(name: str) -> TaskSpec:
-    """The :class:`TaskSpec` of task ``name`` (one of :data:`TASKS`)."""
+    """The :class:`TaskSpec` of task ``name`` (one of :data:`TASKS`).
+
+    Example:
+        >>> spec("translation").summary
+        'French number words to English (num2words), seq2seq transformer'
+        >>> spec("chess")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ValueError: task must be one of ['captioning', 'classification', ...], got 'chess'
+    """
     if name not in TASKS:
         raise ValueError(f"task must be one of {sorted(TASKS)}, got {name!r}")
     module, _, attr = TASKS[name].partition(":")  # "module" means "module:SPEC"

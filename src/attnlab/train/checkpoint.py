@@ -26,7 +26,19 @@ __all__ = ["Checkpoint", "CheckpointError", "check_same_run", "load_checkpoint",
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file that is missing, truncated, corrupt or does not fit the model."""
+    """A checkpoint file that is missing, truncated, corrupt or does not fit the model.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     bad = Path(d) / "ck.safetensors"
+        ...     _ = bad.write_bytes(b"not a checkpoint")
+        ...     try:
+        ...         load_checkpoint(bad)
+        ...     except CheckpointError as e:  # a ValueError too
+        ...         print(isinstance(e, ValueError), "truncated or corrupt" in str(e))
+        True True
+    """
 
 
 @dataclass

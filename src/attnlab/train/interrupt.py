@@ -36,6 +36,13 @@ class TrainingInterrupted(KeyboardInterrupt):
         step: optimizer steps done (the checkpoint's step).
         checkpoint: the ``last.safetensors`` written, or None (no ``out_dir``).
         signum: the signal (``signal.SIGINT`` or ``signal.SIGTERM``).
+
+    Example:
+        >>> e = TrainingInterrupted(120, Path("run/last.safetensors"), signal.SIGTERM)
+        >>> str(e)
+        'training stopped by SIGTERM at step 120; saved run/last.safetensors'
+        >>> isinstance(e, KeyboardInterrupt), e.step  # uncaught, it ends a run as Ctrl-C does
+        (True, 120)
     """
 
     def __init__(self, step: int, checkpoint: Path | None, signum: int) -> None:

@@ -108,6 +108,13 @@ class TrainConfig:
     Raises:
         TypeError, ValueError: a field of the wrong type or out of range, named (e.g.
             ``steps must be a positive int, got -5``).
+
+    Example:
+        >>> TrainConfig(steps=100, eval_every=10).warmup  # the others keep their defaults
+        100
+        >>> TrainConfig(steps=-5)
+        Traceback (most recent call last):
+        ValueError: steps must be a positive int, got -5
     """
 
     steps: int = 2000
