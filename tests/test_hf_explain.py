@@ -139,3 +139,25 @@ def test_explain_hf_model_refuses_what_it_cannot_explain(
     assert want in err, err
     assert not (tmp_path / "r.html").exists()
     assert main(["explain", "the cat sat", "--hf-model", str(folder), *out, "--steps", "2"]) == 0
+
+
+def test_explain_hf_model_names_corrupt_weights_and_keeps_its_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A truncated model.safetensors (safetensors' own error: exit 1 naming no argument),
+    and ``--out`` naming the folder's config.json (the report replaced it, exit 0)."""
+    folder = _decoder_folder(tmp_path / "gpt2")
+    capsys.readouterr()
+    config = (folder / "config.json").read_bytes()
+    out = ["--out", str(folder / "config.json"), "--steps", "2"]
+    assert main(["explain", "the cat sat", "--hf-model", str(folder), *out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "argument --out:" in err and "is an input" in err, err
+    assert (folder / "config.json").read_bytes() == config
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:30])
+    out = ["--out", str(tmp_path / "r.html"), "--steps", "2"]
+    assert main(["explain", "the cat sat", "--hf-model", str(folder), *out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "argument --hf-model:" in err, err
+    assert "weights cannot be read" in err and not (tmp_path / "r.html").exists()

@@ -61,6 +61,9 @@ def atomic_write(
         'hi'
     """
     path = Path(path)
+    if path.exists() and not (path.is_file() or path.is_dir()):  # os.replace swapped a
+        # pipe or a device (/dev/full, /dev/stdout's link) for a file, not writing into it
+        raise ValueError(f"path {str(path)!r} is not a regular file (a pipe or device)")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -157,8 +157,20 @@ def check_out_file(argument: str, path: str | Path) -> Path:
     p = reachable(argument, path)
     if p.is_dir():
         raise UsageError(argument, f"{str(p)!r} is a folder; give a file, e.g. {p / 'report.html'}")
+    if p.exists() and not p.is_file():  # it would be replaced by a file, not written into
+        raise UsageError(argument, f"{str(p)!r} is not a regular file (a pipe or device)")
     _check_creatable(argument, p.parent if str(p.parent) else Path("."))
     return p
+
+
+def check_outputs_not_inputs(argument: str, outs: Iterable[Path], folder: Path | None) -> None:
+    """Refuse outputs (``argument``'s file and those written beside it) that are folders,
+    not regular files, or files of the input ``folder`` (a model's weights were
+    overwritten by a report)."""
+    inputs = [p for p in folder.rglob("*") if p.is_file()] if folder is not None else []
+    for out in outs:
+        check_out_file(argument, out)
+        check_not_input(argument, out, inputs)
 
 
 def check_in_folder(argument: str, path: str | Path) -> Path:

@@ -13,10 +13,17 @@ from pathlib import Path
 from typing import Any
 
 from attnlab._io import OutputLock
-from attnlab.cli._args import check_in_folder, check_out_file, clean_text, int_in
+from attnlab.cli._args import (
+    check_in_folder,
+    check_out_file,
+    check_outputs_not_inputs,
+    clean_text,
+    int_in,
+)
 from attnlab.cli._errors import UsageError
-from attnlab.cli._sentence import add_model_option, load_encoder
+from attnlab.cli._sentence import add_model_option, check_has_tokens, load_encoder, word_tokens
 from attnlab.interpret import TextModel, explain_text
+from attnlab.interpret.text import explanation_files
 from attnlab.tasks.encoder import text_model
 
 __all__ = ["add_parsers", "run", "text_model"]
@@ -65,8 +72,13 @@ def _hf_model(args: argparse.Namespace, text: str, continuation: str | None) -> 
         # similarity: every explanation was 0 (cosine of two numbers)
         msg = f"needs an encoder --hf-model; {args.hf_model!r} is a decoder ({kind})"
         raise UsageError("--against", f"{msg}: explain a continuation with --continuation")
+    from safetensors import SafetensorError
+
     try:
         model, tokenizer = load_hf(args.hf_model)
+    except SafetensorError as e:  # (it was exit 1, naming no argument)
+        msg = f"{args.hf_model!r}: its weights cannot be read ({e}); truncated or corrupt?"
+        raise UsageError("--hf-model", msg) from e
     except (OSError, ValueError) as e:
         raise UsageError("--hf-model", str(e).removeprefix("--hf-model: ")) from e
     follow = 0  # the tokens a decoder scores after the text: the continuation, or 1
@@ -75,6 +87,9 @@ def _hf_model(args: argparse.Namespace, text: str, continuation: str | None) -> 
             continuation is not None) else 1  # fmt: skip
     for name, s in (("TEXT", text), ("--against", args.against)):
         _check_fits(name, s, tokenizer, config, follow if name == "TEXT" else 0)
+        if s is not None:
+            count = len(tokenizer(s)["input_ids"]) - len(tokenizer("")["input_ids"])
+            check_has_tokens(name, s, count)
     try:
         return hf_text_model(model, tokenizer, text=text, continuation=continuation)
     except ValueError as e:
@@ -136,7 +151,11 @@ def _check_args(args: argparse.Namespace) -> tuple[str, str | None, str | None, 
         raise UsageError("--continuation", msg)
     if args.model is not None and args.hf_model is not None:  # --model went unread
         raise UsageError("--model", "and --hf-model name two models; give one of them")
-    return text, against, continuation, check_out_file("--out", args.out)
+    out = check_out_file("--out", args.out)
+    folder = args.hf_model if args.hf_model is not None else args.model
+    # the pictures beside the report too; none may be a model file (weights were replaced)
+    check_outputs_not_inputs("--out", explanation_files(out), folder and Path(folder))
+    return text, against, continuation, out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -145,7 +164,11 @@ def run(args: argparse.Namespace) -> int:
     if args.hf_model is not None:
         model = _hf_model(args, text, continuation)
     else:
-        model = text_model(load_encoder(args.model)[0])
+        encoder = load_encoder(args.model)[0]
+        for name, t in (("TEXT", text), ("--against", against)):
+            if t is not None:
+                check_has_tokens(name, t, word_tokens(encoder, t))
+        model = text_model(encoder)
     with OutputLock(out, folder=False, command=f"attnlab explain --out {out}"):
         ex = explain_text(
             model,

@@ -39,6 +39,7 @@ __all__ = [
     "captured_attentions",
     "explain_text",
     "explained_score",
+    "explanation_files",
     "write_explanation",
 ]
 
@@ -215,6 +216,22 @@ def _flow_saliency(
     return {"attention flow": flow.mean(0).tolist()}
 
 
+SALIENCY = ("rollout", "attention flow", "gradient relevance", "integrated gradients")
+
+
+def explanation_files(out: str | Path, saliency: Sequence[str] = SALIENCY) -> list[Path]:
+    """The files :func:`write_explanation` writes for report ``out``: the report, then the
+    heads and rollout pictures and one per name in ``saliency``.
+
+    Example:
+        >>> [p.name for p in explanation_files("r.html", ["attention flow"])]
+        ['r.html', 'r_heads.png', 'r_rollout.png', 'r_saliency_attention_flow.png']
+    """
+    stem = Path(out).with_suffix("")
+    names = ["heads", "rollout", *(f"saliency_{n.replace(' ', '_')}" for n in saliency)]
+    return [Path(out), *(Path(f"{stem}_{n}.png") for n in names)]
+
+
 def write_explanation(
     out: str | Path,
     tokens: list[str],
@@ -238,12 +255,12 @@ def write_explanation(
     """
     from attnlab.interpret import plot
 
-    stem = Path(out).with_suffix("")
-    pngs = [plot.head_grid(attns, f"{stem}_heads.png", tokens=tokens, title="attention heads")]
-    pngs.append(plot.heatmap(roll, tokens, f"{stem}_rollout.png", title="attention rollout"))
+    heads, rollout, *_ = explanation_files(out, ())[1:]
+    pngs = [plot.head_grid(attns, heads, tokens=tokens, title="attention heads")]
+    pngs.append(plot.heatmap(roll, tokens, rollout, title="attention rollout"))
     for name, vals in saliency.items():
-        slug = name.replace(" ", "_")
-        pngs.append(plot.saliency(tokens, vals, f"{stem}_saliency_{slug}.png", title=name))
+        picture = explanation_files(out, (name,))[-1]
+        pngs.append(plot.saliency(tokens, vals, picture, title=name))
     html = report(
         out, tokens, attns, title="attnlab explain", text=text, saliency=saliency, pictures=pngs
     )

