@@ -95,7 +95,13 @@ BAD: list[tuple[str, int, str]] = [
     ("bench --device tpu", 2, "argument --device: device='tpu' is not a device"),
     ("bench --engine nope", 2, "argument --engine: invalid choice: 'nope'"),
     # torch failed asking for 9 TB
-    ("bench --cases documents --n 3000000 --heads 1", 2, "argument --n: 3000000 needs 8382 GiB"),
+    (
+        "bench --cases documents --n 3000000 --heads 1",
+        2,
+        "argument --n: --n 3000000 needs 8382 GiB",
+    ),
+    ("bench --heads 50000000 --n 64", 2, "argument --heads: --n 64 x --heads 50000000 needs"),
+    ("bench --dim 1000000000 --n 64", 2, "argument --dim: --n 64 x --heads 8 x --dim 1000000000"),
     # --smoke set its own sizes: the n and heads given went unread
     ("bench --smoke --n 512 --heads 4", 2, "argument --n: and --smoke both set it"),
     # embed and attend
@@ -142,6 +148,15 @@ BAD: list[tuple[str, int, str]] = [
     ("robust vision --method plain,plain", 2, "argument --method: names 'plain' twice"),
     ("robust vision --smoke --steps 1", 2, "argument --steps: and --smoke both set the steps"),
     ("robust shortcut --out {file}", 2, "argument --out: '{file}' is a file, not a folder"),
+    # what a run writes inside --out was checked only when written: after all the work
+    ("train dates --out {blocked}", 2, "argument --out: '{blocked}/report' is a file; the "),
+    ("train dates --out {tabled}", 2, "argument --out: '{tabled}/last.safetensors' is a folder"),
+    ("robust shortcut --out {tabled}", 2, "argument --out: '{tabled}/table.json' is a folder"),
+    # argparse took -inf and -nan for option names: "expected one argument"
+    ("train dates --target -inf", 2, "argument --target: must be a finite number, got '-inf'"),
+    ("train dates --time-limit -nan", 2, "argument --time-limit: must be a number > 0, got '-nan'"),
+    # it failed after making 370,000 sentences (100 s), naming no argument
+    ("train generation --train-size 300001", 2, "argument --train-size: is 300001; generation "),
 ]
 NEED_MODEL_CASES: list[tuple[str, int, str]] = [
     ("attend hi --layer 9", 2, "argument --layer: 9 is out of range: all-MiniLM-L6-v2 has "),
@@ -170,7 +185,11 @@ def places(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     (tmp_path / "docs" / "a.txt").write_text("Cats purr. Dogs bark.\n")
     (tmp_path / "code").mkdir()
     (tmp_path / "code" / "only.md").write_text("```\nx = 1\n```\n")
-    names = ("file", "empty", "corrupt", "other", "docs", "code", "dates")
+    (tmp_path / "blocked").mkdir()
+    (tmp_path / "blocked" / "report").write_text("a file where the report folder goes")
+    for name in ("table.json", "last.safetensors"):
+        (tmp_path / "tabled" / name).mkdir(parents=True)
+    names = ("file", "empty", "corrupt", "other", "docs", "code", "dates", "blocked", "tabled")
     return {"tmp": str(tmp_path)} | {n: str(tmp_path / n) for n in names}
 
 

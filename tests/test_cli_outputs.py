@@ -85,3 +85,40 @@ def test_a_text_without_a_token_is_refused(
     line = _one_line(capsys)
     assert "holds no token the model reads" in line and "argument TEXT" in line, line
     assert not list(tmp_path.iterdir())
+
+
+def test_unreadable_weights_and_checkpoints_say_permission_denied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(Root reads any file, so the permission is taken away through ``os.access``.) An
+    unreadable file was called missing ("No such file or directory") or corrupt."""
+    import torch
+
+    from attnlab.models._checkpoint import read_safetensors
+    from attnlab.train import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+
+    ck = save_checkpoint(
+        tmp_path / "last.safetensors", Checkpoint(torch.nn.Linear(2, 2).state_dict(), {})
+    )
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != ck and real(p, mode, **kw))
+    with pytest.raises(CheckpointError, match="cannot be read \\(permission denied\\)"):
+        load_checkpoint(ck)
+    with pytest.raises(PermissionError, match="cannot be read \\(permission denied\\)"):
+        read_safetensors(ck)
+
+
+def test_ctrl_c_promises_a_checkpoint_only_when_one_is_written(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import signal
+
+    from attnlab.train.interrupt import stop_requests
+
+    for saving in (True, False):
+        with stop_requests(saving=saving) as requested:
+            signal.raise_signal(signal.SIGINT)
+            assert requested() == signal.SIGINT
+        err = capsys.readouterr().err
+        assert "SIGINT: stopping after this step" in err
+        assert ("saving a checkpoint" in err) == saving, err

@@ -207,6 +207,9 @@ def test_ctrl_c_in_embed_and_explain_is_one_line_and_leaves_no_half_file(
         def encode(self, texts: Any, batch_size: int = 32) -> Tensor:
             raise KeyboardInterrupt
 
+        def tokenize(self, texts: list[str]) -> list[list[int]]:  # [CLS] words [SEP]
+            return [[101, *range(len(t.split())), 102] for t in texts]
+
     monkeypatch.setattr(embed_cli, "load_encoder", lambda model: (Stopped(), "toy"))
     assert main(["embed", "hello"]) == 130
     assert capsys.readouterr().err.strip() == (
@@ -224,7 +227,7 @@ def test_ctrl_c_in_embed_and_explain_is_one_line_and_leaves_no_half_file(
 
         atomic_write(out, half)
 
-    monkeypatch.setattr(explain_cli, "load_encoder", lambda model: (None, "toy"))
+    monkeypatch.setattr(explain_cli, "load_encoder", lambda model: (Stopped(), "toy"))
     monkeypatch.setattr(explain_cli, "text_model", lambda enc: None)
     monkeypatch.setattr(explain_cli, "explain_text", explain)
     assert main(["explain", "hello", "--out", str(tmp_path / "r.html")]) == 130

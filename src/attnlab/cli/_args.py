@@ -152,6 +152,23 @@ def check_out_folder(argument: str, path: str | Path) -> Path:
     return p
 
 
+def check_entries(
+    argument: str, folder: Path, files: Iterable[str], folders: Iterable[str] = ()
+) -> None:
+    """What a command writes in its output ``folder`` (``files`` and ``folders`` by name)
+    can be written there: a file where a folder goes, or the reverse, failed after all
+    the work (``FileExistsError: 'o1/report'``, exit 1)."""
+    for name in files:
+        if (folder / name).is_dir():
+            raise UsageError(argument, f"{str(folder / name)!r} is a folder; the command writes "
+                             "a file there: move it away or give another --out")  # fmt: skip
+        check_out_file(argument, folder / name)
+    for name in folders:
+        if (folder / name).exists() and not (folder / name).is_dir():
+            raise UsageError(argument, f"{str(folder / name)!r} is a file; the command writes "
+                             "a folder there: move it away or give another --out")  # fmt: skip
+
+
 def check_out_file(argument: str, path: str | Path) -> Path:
     """``path`` as an output file: not a folder, and its folder writable or creatable."""
     p = reachable(argument, path)

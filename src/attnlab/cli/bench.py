@@ -108,15 +108,30 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_memory(cfg: bench.BenchConfig, cases: Sequence[str]) -> None:
-    """The anchor's dense ``n x n`` mask (and ALiBi's float bias per head) fit in this
-    machine's memory (``--n 3000000`` failed in torch asking for 9 TB), on the CPU."""
+    """The anchor's dense ``n x n`` mask (and ALiBi's float bias per head), and q, k, v,
+    the output and their gradients, fit in this machine's memory, on the CPU (``--n
+    3000000`` failed in torch asking for 9 TB; ``--heads 50000000``, 819 GB)."""
     if torch.device(cfg.device).type != "cpu" or not hasattr(os, "sysconf"):
         return
-    per_pair = 1 + (4 * cfg.heads if "alibi" in cases else 0)  # bytes: bool mask, bias
-    need, have = cfg.n * cfg.n * per_pair, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if need > have:
-        msg = f"{cfg.n} needs {need / 2**30:.0f} GiB for the anchor's dense masks; "
-        raise UsageError("--n", msg + f"this machine has {have / 2**30:.0f} GiB")
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    alibi = "alibi" in cases
+    per_pair = 1 + (4 * cfg.heads if alibi else 0)  # bytes: bool mask, bias
+    size = torch.empty((), dtype=bench.DTYPES[cfg.dtype]).element_size()
+    for need, names, what in (
+        (cfg.n * cfg.n * per_pair, ("--n", "--heads") if alibi else ("--n",), "dense masks"),
+        # q, k, v, the output and their gradients
+        (8 * cfg.heads * cfg.n * cfg.dim * size, ("--n", "--heads", "--dim"), "tensors"),
+    ):
+        if need > have:
+            given = " x ".join(f"{a} {getattr(cfg, a[2:])}" for a in names)
+            msg = f"{given} needs {need / 2**30:.0f} GiB for the anchor's {what}; this "
+            raise UsageError(_furthest(cfg, names), msg + f"machine has {have / 2**30:.0f} GiB")
+
+
+def _furthest(cfg: bench.BenchConfig, names: Sequence[str]) -> str:
+    """Of the size options ``names``, the one furthest above its default."""
+    default = bench.BenchConfig()
+    return max(names, key=lambda a: getattr(cfg, a[2:]) / getattr(default, a[2:]))
 
 
 def _check_engine(cfg: bench.BenchConfig, args: argparse.Namespace) -> None:

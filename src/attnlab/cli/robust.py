@@ -16,7 +16,7 @@ import shlex
 from typing import Any
 
 from attnlab._io import OutputLock
-from attnlab.cli._args import check_out_folder, int_in
+from attnlab.cli._args import check_entries, check_out_folder, int_in
 from attnlab.cli._errors import UsageError
 from attnlab.train.loop import MAX_SEED
 
@@ -73,6 +73,7 @@ def run_robust(args: argparse.Namespace) -> int:
     if args.smoke and args.steps is not None:  # --smoke set its own steps, --steps unread
         raise UsageError("--steps", "and --smoke both set the steps; give one of them")
     out = check_out_folder("--out", f"runs/robust-{args.task}" if args.out is None else args.out)
+    check_entries("--out", out, ("table.json", "table.md", "table.png", "report.html"))
     command = "attnlab " + shlex.join(getattr(args, "argv", None) or ["robust", args.task])
     steps = {} if args.steps is None else {"steps": args.steps}
     with OutputLock(out, command=command):

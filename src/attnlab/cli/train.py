@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from attnlab._io import OutputLock
-from attnlab.cli._args import check_out_folder, float_in, int_in
+from attnlab.cli._args import check_entries, check_out_folder, float_in, int_in
 from attnlab.cli._errors import UsageError, warn
 from attnlab.tasks import TASKS, TaskSpec, demo, run_task, spec, train_config
 from attnlab.train import CheckpointError, TrainingInterrupted, load_checkpoint
@@ -90,7 +90,13 @@ def run_train(args: argparse.Namespace) -> int:
     """``attnlab train``: the task's settings with the command line's on top."""
     s = spec(args.task)
     out = check_out_folder("--out", f"runs/{args.task}" if args.out is None else args.out)
+    check_entries("--out", out, ("last.safetensors", "best.safetensors"), ("report",))
+    if s.max_train_size is not None and (args.train_size or 0) > s.max_train_size:
+        msg = f"{args.task} makes at most {s.max_train_size} training examples"
+        raise UsageError("--train-size", f"is {args.train_size}; {msg}")
     state = _check_resume(args.task, out / "last.safetensors", args)
+    if args.train_size is not None:  # before the data is made (20-110 s), not after
+        _check_size(state, args.train_size, args)
     at = None if state is None else int(state.get("step", 0))
     over = {k: getattr(args, k) for k in _OVERRIDES}
     cfg = train_config(

@@ -15,6 +15,7 @@ gradient relevance and integrated gradients see every one of its attention calls
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,9 @@ def load_hf(folder: str | Path) -> tuple[nn.Module, Any]:
     path = Path(folder)
     if not (path / "config.json").is_file():
         raise ValueError(f"--hf-model: {str(path)!r} holds no config.json (a local model folder)")
+    for file in path.iterdir():  # transformers said "No such file or directory"
+        if file.is_file() and not os.access(file, os.R_OK):
+            raise ValueError(f"--hf-model: {str(file)!r} cannot be read (permission denied)")
     config = t.AutoConfig.from_pretrained(path)
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError(

@@ -5,6 +5,7 @@ Weights are read with :mod:`safetensors` only: nothing is unpickled, ever.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -41,6 +42,8 @@ def read_safetensors(path: str | Path) -> dict[str, Tensor]:
             else ""
         )
         raise FileNotFoundError(f"weights file {path} does not exist{hint}")
+    if not os.access(path, os.R_OK):  # (safetensors said "No such file or directory")
+        raise PermissionError(f"weights file {path} cannot be read (permission denied)")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as err:

@@ -60,6 +60,8 @@ class TaskSpec:
         finish: ``finish(task, model, folder)`` runs the final evaluation, prints what a
             user should see (scores, samples), writes pictures into ``folder`` and returns
             the final metrics.
+        max_train_size: the most training examples the task can make (None: no bound
+            below the command line's), checked before any data is made.
 
     Example:
         >>> s = spec("dates")
@@ -71,6 +73,7 @@ class TaskSpec:
     build: Callable[[int | None], Task]
     defaults: dict[str, Any] = field(default_factory=dict)
     finish: Callable[[Any, nn.Module, Path], dict[str, float]] | None = None
+    max_train_size: int | None = None
 
 
 def spec(name: str) -> TaskSpec:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    if not os.access(path, os.R_OK):  # (it was called truncated or corrupt)
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read (permission denied)")
     try:
         with safe_open(str(path), "pt") as f:  # one pass: metadata and tensors
             meta = f.metadata() or {}

@@ -54,10 +54,12 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 @contextmanager
-def stop_requests() -> Iterator[Callable[[], int | None]]:
+def stop_requests(*, saving: bool = True) -> Iterator[Callable[[], int | None]]:
     """Record the first SIGINT/SIGTERM inside the block; a second one raises
     ``KeyboardInterrupt``. Yields a function returning the recorded signal (or None).
-    Outside the main thread (where Python cannot set handlers) nothing is installed."""
+    Outside the main thread (where Python cannot set handlers) nothing is installed.
+    ``saving``: whether a checkpoint is written on the way out (the message says so only
+    then: runs without an output folder promised one they never wrote)."""
     got: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield lambda: None
@@ -67,7 +69,8 @@ def stop_requests() -> Iterator[Callable[[], int | None]]:
         if got:
             raise KeyboardInterrupt
         got.append(signum)
-        _say(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint")
+        then = " and saving a checkpoint" if saving else ""
+        _say(f"\n{signal.Signals(signum).name}: stopping after this step{then}")
         again = "press Ctrl-C again" if signum == signal.SIGINT else "a second signal or Ctrl-C"
         _say(f" ({again} to stop at once)\n")
 

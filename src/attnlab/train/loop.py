@@ -282,7 +282,7 @@ class Trainer:
     def _fit(self) -> list[dict[str, float]]:
         start = time.perf_counter()
         progress = _progress(self.cfg.progress, self.cfg.steps, self.step)
-        with progress as advance, stop_requests() as requested:
+        with progress as advance, stop_requests(saving=bool(self.cfg.out_dir)) as requested:
             while self.step < self.cfg.steps:
                 if requested() is not None:
                     break
