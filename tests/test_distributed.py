@@ -309,7 +309,16 @@ def _errors(rank: int, world: int) -> dict[str, str]:
         "masks": lambda: D.attention(q, q, q, mask=masks.window(1 + 2 * rank)),
         "bias": lambda: D.attention(q, q, q, bias=B.alibi(2) if rank else None),
         "no heads": lambda: D.attention(q[:, :0], q[:, :0], q[:, :0]),  # ZeroDivisionError
+        # the spec names documents(...) by its count: gloo aborted, or a wrong result
+        "document ids": lambda: D.attention(q, q, q, mask=masks.documents(ids[rank])),
+        "bias values": lambda: D.attention(q, q, q, bias=tables[rank]),
+        # raised inside a ring step on every rank: its posted messages hung the group
+        "step error": lambda: _raises_in_a_step(q),
     }
+    ids = [torch.tensor([0, 1] * 6), torch.tensor([0, 0, 1, 1] * 3)]
+    tables = [B.relative_buckets(2), B.relative_buckets(2)]
+    with torch.no_grad():
+        tables[1].table.add_(1.0)  # the same class and sizes, other values
     for name, call in calls.items():
         try:
             call()
@@ -321,6 +330,16 @@ def _errors(rank: int, world: int) -> dict[str, str]:
     out = D.attention(q, q[:, :1].repeat(1, 2, 1, 1), q, strategy="ulysses")  # 2 heads fit
     seen["ulysses control"] = str(tuple(out.shape))
     return seen
+
+
+def _raises_in_a_step(q: Tensor) -> None:
+    def broken(b: Tensor, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
+        raise RuntimeError("a mask function that fails inside a step")
+
+    try:
+        D.attention(q, q, q, mask=masks.custom(broken))
+    except RuntimeError as e:  # (the same on every rank; the calls after it must run)
+        raise ValueError(str(e)) from e
 
 
 def test_bad_input_fails_on_every_rank_without_hanging() -> None:
@@ -342,6 +361,9 @@ def test_bad_input_fails_on_every_rank_without_hanging() -> None:
         "masks": "^ValueError: ranks disagree on the mask, bias, scale or engine",
         "bias": "^ValueError: ranks disagree on the mask, bias, scale or engine",
         "no heads": "^ValueError: q and k must have at least 1 head each",
+        "document ids": "^ValueError: ranks disagree on the mask, bias, scale or engine",
+        "bias values": "^ValueError: ranks disagree on the mask, bias, scale or engine",
+        "step error": "^ValueError: a mask function that fails inside a step",
     }
     for rank, seen in enumerate(results):
         for name, pattern in want.items():
@@ -604,3 +626,25 @@ def test_a_script_without_a_main_guard_fails_fast(tmp_path: pathlib.Path) -> Non
     assert time.monotonic() - start < 60
     assert res.returncode == 1
     assert "rank 0: exited with code 1 before giving a result" in res.stderr
+
+
+def _zero_scale(rank: int, world: int, dtype: torch.dtype, e: int) -> list[float]:
+    """Errors of out, dq, dk, dv with ``scale=0.0`` against one process in float64."""
+    torch.manual_seed(0)
+    q, k, v, g = (torch.randn(1, 2, N, e, dtype=torch.float64) for _ in range(4))
+    qs, ks, vs = (D.shard(t, rank, world).to(dtype).requires_grad_() for t in (q, k, v))
+    out = D.attention(qs, ks, vs, mask=masks.causal(), scale=0.0)
+    out.backward(D.shard(g, rank, world).to(dtype))
+    ours = [_gather(t, world, "zigzag") for t in (out.detach(), qs.grad, ks.grad, vs.grad)]
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    ref = attnlab.attention(q, k, v, mask=masks.causal(), scale=0.0, engine="reference")
+    ref.backward(g)
+    want = [ref.detach(), q.grad, k.grad, v.grad]
+    return [(a - b).abs().max().item() for a, b in zip(ours, want, strict=True)]
+
+
+@pytest.mark.parametrize(("dtype", "e"), [(torch.float64, 8), (torch.float32, 16)])
+def test_a_zero_scale_is_the_mean_of_the_values_seen(dtype: torch.dtype, e: int) -> None:
+    """(The steps divided by the scale: NaN gradients; torch's flash op gave NaN.)"""
+    for errors in run_local(_zero_scale, 2, dtype, e, timeout=120):
+        assert max(errors) < (1e-12 if dtype == torch.float64 else 1e-5), errors

@@ -22,6 +22,7 @@ from attnlab.distributed.plan import choose
 from attnlab.distributed.ring import RingAttention
 from attnlab.distributed.setup import Setup, make_setup
 from attnlab.distributed.ulysses import ulysses
+from attnlab.engines._versions import held_tensors
 from attnlab.masks import Mask, TensorMask, as_mask
 
 __all__ = ["STRATEGIES", "attention", "prepare"]
@@ -111,6 +112,9 @@ def attention(
         engine=engine,
     )
     q, k, v = (t.contiguous() for t in _broadcast_batch(q, k, v))  # a batch of 1 broadcasts
+    if s.scale == 0.0:  # every score 0 (plus the bias): the steps divided by the scale, and
+        # torch's flash op gave NaN for it
+        q, s = q * 0.0, dataclasses.replace(s, scale=1.0)
     if s.strategy == "ulysses":
         return ulysses(s, q, k, v)
     if not s.sizes[0]:  # an empty batch on every rank (checked): nothing to exchange
@@ -156,7 +160,7 @@ def prepare(
     dim = q.shape[-1]
     batch = max(q.shape[0], k.shape[0], v.shape[0])  # a batch of 1 broadcasts
     sizes = (batch, q.shape[1], k.shape[1], dim, v.shape[-1])
-    scale_ = dim**-0.5 if scale is None else float(scale)
+    scale_ = (dim**-0.5 if dim else 1.0) if scale is None else float(scale)  # E = 0: no score
     s = make_setup(g, n, layout, strategy, mask_, bias_, scale_, engine, sizes)
     picked = choose(s) if strategy == "auto" else strategy
     return dataclasses.replace(s, strategy=picked, cpu=q.device.type == "cpu")
@@ -254,7 +258,22 @@ def _fingerprint(mask: Mask | None, bias: Bias | None, scale: object, engine: ob
     masks planned other messages, and gloo aborted the process ("Received data size
     doesn't match"); another bias or scale gave each rank another attention."""
     text = f"{None if mask is None else mask.spec()}|{bias!r}|{scale!r}|{engine!r}"
-    return zlib.crc32(text.encode())
+    held = [*held_tensors(mask)] if mask is not None else []
+    held += [] if bias is None else [*bias.parameters(), *bias.buffers(), *held_tensors(bias)]
+    # the values too: a spec names documents(...) by its count, a bias by its class (other
+    # ids on two ranks aborted the process, or gave a wrong result silently)
+    return zlib.crc32("|".join([text, *map(_content, held)]).encode())
+
+
+def _content(t: Tensor) -> str:
+    """A checksum of ``t``'s values: its bytes on the CPU, two sums elsewhere."""
+    t = t.detach()
+    if t.device.type == "cpu":
+        raw = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        return f"{t.dtype}{tuple(t.shape)}{zlib.crc32(raw)}"
+    x = t.double().reshape(-1)
+    sums = torch.stack([x.sum(), (x * torch.arange(1, x.numel() + 1, device=x.device)).sum()])
+    return f"{t.dtype}{tuple(t.shape)}{sums.tolist()}"
 
 
 def _check_table(meta: Tensor, g: Group, layout: str) -> int:

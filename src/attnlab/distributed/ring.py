@@ -11,6 +11,7 @@ gradient of its keys and values.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -117,14 +118,19 @@ def _kv_steps(s: Setup, k: Tensor, v: Tensor, tag: int) -> Any:
         yield from _gathered(s, k, v)
         return
     ahead = _kv_exchange(s, 1, k, v, tag + 1) if world > 1 else None
-    yield 0, r, _views(segments(s, r, r), k, v, packed=False)
-    for t in range(1, world):
-        assert ahead is not None
-        buf = ahead.result()
-        ahead = _kv_exchange(s, t + 1, k, v, tag + t + 1) if t + 1 < world else None
-        src = (r - t) % world
-        segs = segments(s, r, src)
-        yield t, src, [] if buf is None else _views(segs, *_unpack(s, segs, buf), packed=True)
+    try:
+        yield 0, r, _views(segments(s, r, r), k, v, packed=False)
+        for t in range(1, world):
+            assert ahead is not None
+            buf, ahead = ahead.result(), None
+            ahead = _kv_exchange(s, t + 1, k, v, tag + t + 1) if t + 1 < world else None
+            src = (r - t) % world
+            segs = segments(s, r, src)
+            yield t, src, [] if buf is None else _views(segs, *_unpack(s, segs, buf), packed=True)
+    finally:  # closed early (a step raised): the posted messages are still waited on; a
+        # dropped send or receive hung the group's next collective
+        if ahead is not None:
+            ahead.result()
 
 
 def _gathered(s: Setup, k: Tensor, v: Tensor) -> Any:
@@ -164,18 +170,32 @@ def ring_forward(
     ]
     pair_lse: dict[tuple[int, Piece], tuple[Piece, Tensor]] = {}
     qo = offsets(s, r)
-    for _, _, key_pieces in _kv_steps(s, k, v, tag=0):
-        for kp, kj, vj in key_pieces:
-            for i, qp in enumerate(s.pieces[r]):
-                rr = s.rows(qp, kp) if qp[1] > qp[0] else None
-                if rr is None:
-                    continue
-                qi = q[:, :, qo[i] + rr[0] : qo[i] + rr[1]]  # only the rows that see kp
-                out, lse = forward_pair(s, qi, (qp[0] + rr[0], qp[0] + rr[1]), kj, vj, kp)
-                pair_lse[(i, kp)] = (rr, lse.to(acc).clone())
-                parts[i].merge(out, lse, rr)
+    with contextlib.closing(_kv_steps(s, k, v, tag=0)) as steps:
+        for _, _, key_pieces in steps:
+            _forward_step(s, q, key_pieces, parts, pair_lse, qo)
     out, lse = torch.cat([p.out for p in parts], 2), torch.cat([p.lse for p in parts], 2)
     return out, lse, pair_lse
+
+
+def _forward_step(
+    s: Setup,
+    q: Tensor,
+    key_pieces: list[tuple[Piece, Tensor, Tensor]],
+    parts: list[Partial],
+    pair_lse: dict[tuple[int, Piece], tuple[Piece, Tensor]],
+    qo: list[int],
+) -> None:
+    """One ring step of :func:`ring_forward`: this rank's query pieces over ``key_pieces``."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    for kp, kj, vj in key_pieces:
+        for i, qp in enumerate(s.pieces[s.group.rank]):
+            rr = s.rows(qp, kp) if qp[1] > qp[0] else None
+            if rr is None:
+                continue
+            qi = q[:, :, qo[i] + rr[0] : qo[i] + rr[1]]  # only the rows that see kp
+            out, lse = forward_pair(s, qi, (qp[0] + rr[0], qp[0] + rr[1]), kj, vj, kp)
+            pair_lse[(i, kp)] = (rr, lse.to(acc).clone())
+            parts[i].merge(out, lse, rr)
 
 
 def ring_backward(
@@ -198,26 +218,15 @@ def ring_backward(
         rows.append(Rows(q_, do_, out_, lse_, dq_, first=a))
     own_dk, own_dv = torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)
     returns: list[tuple[_Exchange, list[tuple[int, int, int]]]] = []
-    for t, src, key_pieces in _kv_steps(s, k.to(acc), v.to(acc), tag=world):
-        segs = segments(s, r, src)
-        if t == 0:
-            grads = _views(segs, own_dk, own_dv, packed=False)
-        else:
-            dk_all = q.new_zeros((s.sizes[0], s.sizes[2], sum(x[1] for x in segs), s.sizes[3]))
-            dv_all = q.new_zeros((*dk_all.shape[:3], s.sizes[4]))
-            grads = _views(segs, dk_all, dv_all, packed=True)
-        for (kp, kj, vj), (_, dkj, dvj) in zip(key_pieces, grads, strict=True):
-            keys = Keys(kj, vj, dkj, dvj, first=kp[0])
-            for i in range(len(s.pieces[r])):
-                if (i, kp) in pair_lse:
-                    rr, pl = pair_lse[(i, kp)]
-                    backward_pair(s, _row_slice(rows[i], rr), keys, pl, leaves, dleaves)
-        if t > 0:  # the gradients of src's keys go back to src; ours come from r + t
-            dst = (r + t) % world
-            mine = segments(s, dst, r)
-            send = torch.cat([dk_all.reshape(-1), dv_all.reshape(-1)]) if segs else None
-            ex = _Exchange(s, src, send, dst, _size(s, mine), own_dk, 2 * world + t)
-            returns.append((ex, mine))
+    try:
+        with contextlib.closing(_kv_steps(s, k.to(acc), v.to(acc), tag=world)) as steps:
+            for t, src, key_pieces in steps:
+                _backward_step(s, t, src, key_pieces, rows, pair_lse, (own_dk, own_dv),
+                               (leaves, dleaves), returns)  # fmt: skip
+    except BaseException:  # the gradients already posted are still waited on (a dropped
+        for ex, _ in returns:  # message hung the group's next collective)
+            ex.result()
+        raise
     for ex, mine in returns:
         buf = ex.result()
         if buf is not None:
@@ -227,6 +236,42 @@ def ring_backward(
                 own_dk[:, :, o : o + n] += dk_r
                 own_dv[:, :, o : o + n] += dv_r
     return dq, own_dk, own_dv, dleaves
+
+
+def _backward_step(
+    s: Setup,
+    t: int,
+    src: int,
+    key_pieces: list[tuple[Piece, Tensor, Tensor]],
+    rows: list[Rows],
+    pair_lse: dict[tuple[int, Piece], tuple[Piece, Tensor]],
+    own: tuple[Tensor, Tensor],
+    bias: tuple[list[Tensor], list[Tensor]],
+    returns: list[tuple[_Exchange, list[tuple[int, int, int]]]],
+) -> None:
+    """One ring step of :func:`ring_backward`: the gradients of ``src``'s keys from this
+    rank's rows, sent back to ``src`` (their exchange appended to ``returns``)."""
+    r, world = s.group.rank, s.group.world
+    (own_dk, own_dv), (leaves, dleaves) = own, bias
+    segs = segments(s, r, src)
+    if t == 0:
+        grads = _views(segs, own_dk, own_dv, packed=False)
+    else:
+        dk_all = own_dk.new_zeros((s.sizes[0], s.sizes[2], sum(x[1] for x in segs), s.sizes[3]))
+        dv_all = own_dk.new_zeros((*dk_all.shape[:3], s.sizes[4]))
+        grads = _views(segs, dk_all, dv_all, packed=True)
+    for (kp, kj, vj), (_, dkj, dvj) in zip(key_pieces, grads, strict=True):
+        keys = Keys(kj, vj, dkj, dvj, first=kp[0])
+        for i in range(len(s.pieces[r])):
+            if (i, kp) in pair_lse:
+                rr, pl = pair_lse[(i, kp)]
+                backward_pair(s, _row_slice(rows[i], rr), keys, pl, leaves, dleaves)
+    if t > 0:  # the gradients of src's keys go back to src; ours come from r + t
+        dst = (r + t) % world
+        mine = segments(s, dst, r)
+        send = torch.cat([dk_all.reshape(-1), dv_all.reshape(-1)]) if segs else None
+        ex = _Exchange(s, src, send, dst, _size(s, mine), own_dk, 2 * world + t)
+        returns.append((ex, mine))
 
 
 def _row_slice(rw: Rows, rr: Piece) -> Rows:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from attnlab.masks import Mask
 
-__all__ = ["versions"]
+__all__ = ["held_tensors", "versions"]
 
 
 def _version_of(t: Tensor) -> object:
@@ -52,14 +52,26 @@ def versions(obj: object, depth: int = 0) -> tuple:
         >>> versions(m) != before
         True
     """
+    return tuple((t.data_ptr(), _version_of(t)) for t in held_tensors(obj))
+
+
+def held_tensors(obj: object, depth: int = 0) -> tuple[Tensor, ...]:
+    """The tensors a mask (or a bias, or a custom mask's function) holds, as
+    :func:`versions` finds them.
+
+    Example:
+        >>> from attnlab import masks
+        >>> [t.tolist() for t in held_tensors(masks.causal() & masks.padding([3, 2]))]
+        [[3, 2]]
+    """
     if isinstance(obj, Tensor):
-        return ((obj.data_ptr(), _version_of(obj)),)
+        return (obj,)
     if depth > 4:
         return ()
     parts = _parts(obj)
     if isinstance(parts, Sized) and len(parts) > WIDE:  # (a vocabulary passed as a default
         return ()  # argument: walking its entries on every call took 50 ms)
-    return tuple(v for x in parts if _followed(x) for v in versions(x, depth + 1))
+    return tuple(t for x in parts if _followed(x) for t in held_tensors(x, depth + 1))
 
 
 WIDE = 64  # containers with more entries are not searched for tensors
