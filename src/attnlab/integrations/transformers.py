@@ -56,6 +56,7 @@ from attnlab.integrations.hf_args import (
     with_position_bias,
 )
 from attnlab.integrations.hf_masks import MaskCall, for_model, translate
+from attnlab.integrations.hf_own import check_partly_own
 from attnlab.masks import Mask
 
 __all__ = ["NAME", "attention_forward", "build_mask", "register", "with_packing"]
@@ -134,6 +135,8 @@ def _refuse_own_attention() -> None:
                 f"its own code, not through transformers' AttentionInterface, so attnlab "
                 f"cannot serve it; load it with attn_implementation='eager' {_COMPOSITE}"
             )
+        if isinstance(name, str) and name in _NAMES:
+            check_partly_own(self, name)
         return name
 
     # every model's implementation passes here: at construction, and for each sub-model
