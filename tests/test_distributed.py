@@ -648,3 +648,19 @@ def test_a_zero_scale_is_the_mean_of_the_values_seen(dtype: torch.dtype, e: int)
     """(The steps divided by the scale: NaN gradients; torch's flash op gave NaN.)"""
     for errors in run_local(_zero_scale, 2, dtype, e, timeout=120):
         assert max(errors) < (1e-12 if dtype == torch.float64 else 1e-5), errors
+
+
+def _zero_heads(rank: int, world: int, e: int, ev: int) -> tuple[tuple[int, ...], ...]:
+    qs, ks = (torch.randn(1, 2, 6, e, requires_grad=True) for _ in range(2))
+    vs = torch.randn(1, 2, 6, ev, requires_grad=True)
+    out = D.attention(qs, ks, vs, mask=masks.causal())
+    (out.sum() + 0 * (qs.sum() + ks.sum() + vs.sum())).backward()
+    return tuple(out.shape), *(tuple(t.grad.shape) for t in (qs, ks, vs))  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("e", "ev"), [(4, 0), (0, 3)])
+def test_zero_head_sizes_run(e: int, ev: int) -> None:
+    """(E = 0: the default scale raised ZeroDivisionError; Ev = 0: the kernel's backward
+    raised std::bad_alloc.)"""
+    for shapes in run_local(_zero_heads, 2, e, ev, timeout=120):
+        assert shapes == ((1, 2, 6, ev), (1, 2, 6, e), (1, 2, 6, e), (1, 2, 6, ev))

@@ -111,6 +111,8 @@ class BlockedEngine(Engine):
             return "the blocked engine returns weights without autograd; use 'reference'"
         if req.batch == 0 or req.lq == 0 or req.lk == 0:
             return "the blocked engine does not accept empty batches or sequences"
+        if not req.q.shape[-1] or not req.v.shape[-1]:  # (its backward: std::bad_alloc)
+            return "the blocked engine needs head sizes E >= 1 and Ev >= 1"
         if vmapping():
             return "the blocked engine plans from values, which torch.func.vmap hides"
         if any(is_functorch_wrapped_tensor(t) for t in bias_leaves(req.bias)):
@@ -212,7 +214,7 @@ class BlockedEngine(Engine):
         makes are off from the given (float64) logsumexp's by a factor ``c`` per row,
         which the upstream gradient and delta take instead (``dS = c P (dO V^T - delta)``
         and ``dV = c P^T dO`` are linear in them)."""
-        kplan = self._given_plan(req)
+        kplan = None if self.unsupported(req) is not None else self._given_plan(req)
         if kplan is None:
             return None
         lse2 = lse.double() * blocked_autograd.LOG2E  # (B, Hq, Lq)
