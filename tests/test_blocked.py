@@ -639,6 +639,145 @@ def test_kernel_passes_nan_on_like_fp64(name: str) -> None:
         assert got.lse[empty].isneginf().all(), where
 
 
+def _row_by_row(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, dout: Tensor) -> list[Tensor]:
+    """out, dq, dk, dv in fp64, each row from the keys it sees only (gathered, so no product
+    touches a key it does not see): where a NaN may go, by IEEE arithmetic."""
+    q, k, v = (t.double().detach().requires_grad_() for t in (q, k, v))
+    g = q.shape[1] // k.shape[1]
+    rows = []
+    for b, h, i in (
+        (b, h, i) for b in range(q.shape[0]) for h in range(q.shape[1]) for i in range(q.shape[2])
+    ):
+        keys = allowed[b, h, i].nonzero().flatten()
+        kk, vv = k[b, h // g].index_select(0, keys), v[b, h // g].index_select(0, keys)
+        p = torch.softmax(kk @ q[b, h, i] * q.shape[-1] ** -0.5, -1)
+        rows.append(p @ vv if len(keys) else v.new_zeros(v.shape[-1]))
+    out = torch.stack(rows).view(*q.shape[:3], v.shape[-1])
+    return [out.detach(), *torch.autograd.grad((out * dout.double()).sum(), (q, k, v))]
+
+
+# masks on the kernel's interval path (causal, window) and its partial tiles (dilated,
+# global tokens | window)
+HIDDEN_NAN_MASKS = {
+    "causal": M.causal(),
+    "window": M.window(5),
+    "dilated": M.dilated(6, 2),
+    "global|window": M.global_tokens([0, 3]) | M.window(4),
+}
+
+
+@pytest.mark.parametrize("name", list(HIDDEN_NAN_MASKS))
+def test_a_nan_reaches_the_gradients_of_the_rows_and_keys_that_read_it_only(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(The kernel's backward made dP = dO V^T and dQ += dS K over a row group's whole key
+    span: a NaN value or key the mask hides from a row gave it 0 * NaN, and dq was NaN in
+    every row of the group (19 of 19 rows that never see the last key, causal). A row with
+    a NaN query, key or upstream gradient put NaN into the dK and dV of keys it does not
+    see, there and on the eager path, whose logsumexp of such a row was -inf, so that its dV
+    took the row's unnormalized exponentials instead of NaN.) The NaN positions of out, dq,
+    dk and dv of the kernel (float32) and the eager path (float32, float64) are those of a
+    row-by-row fp64 computation, the rest close to it; Lq 1, 3, a prefill chunk and two
+    blocks; GQA. The reference engine's out and the dq of rows that read no NaN agree."""
+    if blocked_mod.kernel() is None:
+        pytest.skip(f"attnlab's CPU kernel could not be built: {blocked_mod.kernel_error()}")
+    mask = HIDDEN_NAN_MASKS[name]
+    hq, hkv = 4, 2  # query heads 2 and 3 read key/value head 1
+
+    def grads(x: list[Tensor], dout: Tensor, engine: str, dtype: torch.dtype) -> list[Tensor]:
+        q, k, v = (t.to(dtype).requires_grad_() for t in x)
+        out = attnlab.attention(q, k, v, mask=mask, engine=engine)
+        assert isinstance(out, Tensor)
+        return [out.detach(), *torch.autograd.grad((out * dout.to(dtype)).sum(), (q, k, v))]
+
+    read = 0  # cases where some row reads the NaN (the others hide it from every row)
+    for (lq, lk), which in [
+        (s, w) for s in ((1, 40), (3, 40), (40, 150), (130, 130)) for w in "qkv"
+    ]:
+        for pos in (lq - 1,) if which == "q" else (lk // 2, lk - 1):
+            gen = torch.Generator().manual_seed(lq + lk + pos)
+            x = [
+                torch.randn(1, h, n, 16, generator=gen) for h, n in ((hq, lq), (hkv, lk), (hkv, lk))
+            ]
+            x["qkv".index(which)][0, -1, pos, 3] = float("nan")
+            allowed = mask.dense(lq, lk, batch=1, heads=hq).expand(1, hq, lq, lk)
+            dout = torch.randn(1, hq, lq, 16, generator=gen)
+            want = _row_by_row(*x, allowed, dout)
+            where = f"{name}: NaN in {which} at {pos}, Lq {lq}, Lk {lk}"
+            assert not bool(want[0].isnan().all()), where
+            read += bool(want[0].isnan().any())
+            runs = {}
+            blocked_mod.STATS.clear()
+            runs["kernel"] = grads(x, dout, "blocked", torch.float32)
+            assert blocked_mod.STATS.get("scores", 0) > 0, where  # the kernel ran
+            runs["eager64"] = grads(x, dout, "blocked", torch.float64)
+            with monkeypatch.context() as m:
+                m.setattr(blocked_mod, "USE_KERNEL", False)
+                runs["eager32"] = grads(x, dout, "blocked", torch.float32)
+            for path, got in runs.items():
+                for what, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+                    assert torch.equal(a.isnan(), b.isnan()), f"{where}: {path} {what}"
+                    fin = ~b.isnan()
+                    tol = 1e-10 if path == "eager64" else 1e-5
+                    assert max_err(a[fin], b[fin]) <= tol * (1 + b[fin].abs().max().item()), (
+                        f"{where}: {path} {what}"
+                    )
+            ref = grads(x, dout, "reference", torch.float64)
+            clean = ~ref[0].isnan().any(-1)  # rows that read no NaN
+            assert torch.equal(ref[0].isnan(), want[0].isnan()), where
+            assert not ref[1][clean].isnan().any() and not runs["kernel"][1][clean].isnan().any()
+    assert read >= 12
+
+
+@pytest.mark.parametrize("case", ["value_read_across_chunks", "nan_dout", "query_of_an_empty_row"])
+def test_a_nan_a_row_reads_stays_out_of_the_keys_it_does_not_see(
+    case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row whose delta is NaN (it reads a NaN value, or its upstream gradient is NaN)
+    keeps it out of the dK of keys it does not see in other chunks of its key span (the
+    kernel's backward works in chunks of 512 keys); a NaN query of a row that sees no key
+    stays out of every dK. As a row-by-row fp64 computation; kernel and eager paths."""
+    if blocked_mod.kernel() is None:
+        pytest.skip(f"attnlab's CPU kernel could not be built: {blocked_mod.kernel_error()}")
+    gen = torch.Generator().manual_seed(7)
+    n = 1100
+    q, k, v = (torch.randn(1, 1, n, 16, generator=gen) for _ in range(3))
+    dout = torch.randn(1, 1, n, 16, generator=gen)
+    # dilated: even rows see even keys only, so a NaN at an even key leaves the odd ones
+    # clean; a row near the end spans 552 keys, two chunks
+    mask = M.dilated(520, 2)
+    if case == "value_read_across_chunks":
+        v[0, 0, 800, 3] = float("nan")
+    elif case == "nan_dout":
+        dout[0, 0, 1000, 3] = float("nan")
+    else:
+        mask = M.causal() & M.padding([n], [n - 40])  # rows from n - 40 on see no key
+        q[0, 0, n - 20, 3] = float("nan")
+    allowed = mask.dense(n, n).expand(1, 1, n, n)
+    want = _row_by_row(q, k, v, allowed, dout)
+    assert want[2].isnan().any(-1).sum() < (n if case != "query_of_an_empty_row" else 1)
+    for path, dtype in (
+        ("kernel", torch.float32),
+        ("eager", torch.float32),
+        ("eager", torch.float64),
+    ):
+        with monkeypatch.context() as m:
+            m.setattr(blocked_mod, "USE_KERNEL", path == "kernel")
+            x = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+            blocked_mod.STATS.clear()
+            out = attnlab.attention(*x, mask=mask, engine="blocked")
+            assert isinstance(out, Tensor)
+            assert (blocked_mod.STATS.get("scores", 0) > 0) == (
+                path == "kernel" and dtype == torch.float32
+            )
+            got = [out.detach(), *torch.autograd.grad((out * dout.to(dtype)).sum(), x)]
+        for what, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+            assert torch.equal(a.isnan(), b.isnan()), f"{case}: {path} {dtype} {what}"
+            fin = ~b.isnan()
+            tol = 1e-10 if dtype == torch.float64 else 1e-5
+            assert max_err(a[fin], b[fin]) <= tol * (1 + b[fin].abs().max().item()), what
+
+
 def test_kernel_large_outputs_come_from_a_pool(monkeypatch: pytest.MonkeyPatch) -> None:
     """Outputs of 4 MiB and more reuse freed ones (no fresh pages per call): a live output
     keeps its buffer, a freed one is handed to the next call, and values stay exact."""

@@ -113,6 +113,38 @@ def test_only_the_rows_intervals_are_read(decodes: list[int]) -> None:
     torch.testing.assert_close(out_b[finite].double(), ref64[finite], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("mask", ["causal", "window"])
+@pytest.mark.parametrize("heads", [(1, 1, 3), (8, 2, 1), (4, 2, 3)], ids=str)
+def test_a_nan_value_reaches_the_rows_that_see_its_key_only(
+    mask: str, heads: tuple[int, int, int], decodes: list[int]
+) -> None:
+    """(P V ran over all the rows of a key/value head, and a row multiplied the NaN value
+    of a key it does not see by its weight 0: rows 0 and 1 of three were NaN where causal
+    hides the newest key from them.) A NaN value or key reaches the rows that see it only,
+    as in fp64, with soft-capping and sinks too; the value in the first part of a cache
+    split across threads, in the middle, and the newest one."""
+    hq, hk, lq = heads
+    m = M.causal() if mask == "causal" else M.window(1)
+    read = 0
+    for lk, pos, which in [(40, 39, "v"), (40, 39, "k"), (1500, 1498, "v"), (1500, 3, "v")]:
+        q, k, v = _qkv(hq, hk, lq, lk, seed=lk + pos)
+        (k if which == "k" else v)[:, -1, pos, 5] = float("nan")
+        for softcap, sinks in ((None, None), (30.0, torch.linspace(-1.0, 1.0, hq))):
+            decodes.clear()
+            with torch.no_grad():
+                out = attnlab.attention(q, k, v, mask=m, softcap=softcap, sinks=sinks)
+                ref = attnlab.attention(*(t.double() for t in (q, k, v)), mask=m, softcap=softcap,
+                                        sinks=sinks, engine="reference")  # fmt: skip
+            assert isinstance(out, Tensor) and isinstance(ref, Tensor) and len(decodes) == 1
+            where = f"NaN {which} at {pos} of {lk}, softcap {softcap}"
+            assert torch.equal(out.isnan(), ref.isnan()), where
+            assert not ref.isnan().all(), where
+            read += bool(ref.isnan().any())
+            fin = ~ref.isnan()
+            torch.testing.assert_close(out[fin].double(), ref[fin], atol=1e-5, rtol=0)
+    assert read >= 4  # the newest key is seen by some row
+
+
 def test_a_mask_changed_in_place_is_read_again(decodes: list[int]) -> None:
     """The row bounds are kept for the next call with the same mask object and sizes (a
     model's layers share one mask per step), but not across an in-place change."""

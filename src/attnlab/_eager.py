@@ -164,3 +164,23 @@ def _refusing(outputs: Any, saved: tuple[torch.Tensor, ...], msg: str) -> Any:
     for i, t in zip(idx, tied, strict=True):
         result[i] = t
     return tuple(result) if isinstance(outputs, tuple) else result[0]
+
+
+legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
+
+
+def any_nan(*ts: torch.Tensor) -> bool:
+    """Whether some of ``ts`` may hold NaN, read back at once (``amax`` propagates NaN):
+    False while exporting (no value to read), True under vmap (each item may); a tensor
+    batched by ``is_grads_batched`` (legacy vmap), which cannot be read, is left out.
+
+    Example:
+        >>> any_nan(torch.ones(2), torch.tensor([1.0, float("nan")])), any_nan(torch.ones(2))
+        (True, False)
+    """
+    ts = tuple(t for t in ts if t.numel() and not legacy_batched(t))
+    if torch.compiler.is_exporting():
+        return False
+    if vmapping():
+        return True
+    return bool(ts) and bool(torch.stack([t.amax().to(torch.float64) for t in ts]).isnan().any())

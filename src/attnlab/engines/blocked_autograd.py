@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attnlab._eager import first_order_only
+from attnlab._eager import any_nan, first_order_only, legacy_batched
 from attnlab._grid import Grid
 from attnlab.bias import Bias
 from attnlab.engines._native import kernel, kernel_error
@@ -113,19 +113,23 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def softmax_lse(s: Tensor) -> tuple[Tensor, Tensor]:
-    """Probabilities and logsumexp of ``s (..., Ks)``; fully masked rows give 0 and -inf."""
+    """Probabilities and logsumexp of ``s (..., Ks)``; fully masked rows give 0 and -inf,
+    rows with a NaN score NaN (the lse was -inf there, and the backward took the row's
+    unnormalized exponentials for its probabilities)."""
     m = s.amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = torch.exp(s - m)
     total = p.sum(-1, keepdim=True)
-    p = p / torch.where(total > 0, total, torch.ones_like(total))
-    lse = torch.where(total > 0, m + torch.log(total), float("-inf"))
+    some = total != 0  # NaN rows too: their sum is NaN
+    p = p / torch.where(some, total, torch.ones_like(total))
+    lse = torch.where(some, m + torch.log(total), float("-inf"))
     return p, lse.squeeze(-1)
 
 
 def _probs(s: Tensor, lse: Tensor) -> Tensor:
-    """Recompute probabilities ``exp(s - lse)`` (0 on fully masked rows), a new tensor."""
-    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).unsqueeze(-1)
+    """Recompute probabilities ``exp(s - lse)`` (0 on fully masked rows, NaN on rows whose
+    lse is NaN), a new tensor."""
+    safe = lse.masked_fill(torch.isinf(lse), 0.0).unsqueeze(-1)
     return torch.exp(s - safe)
 
 
@@ -391,15 +395,21 @@ def _eager_block_backward(sv: _Saved, blk: Block, grads: _Grads) -> None:
     p = _probs(_masked(s, tile), lse[:, :, r0:r1])  # a new tensor: written in place below
     do = dout[:, :, r0:r1]  # (B, Hq, T, Ev)
     dp = grouped_matmul(do, v_sel.transpose(-1, -2))  # (B, Hq, T, Ks)
-    # a NaN key or value the tile hides: its 0 * NaN made every row's gradient NaN
-    hidden = torch.isneginf(tile) if tile is not None and may_hold_nan(k_sel, v_sel) else None
+    # a NaN key or value the tile hides: its 0 * NaN made every row's gradient NaN; a row's
+    # NaN query, lse, upstream gradient or shift reached the dK and dV of keys it does not
+    # see (0 * NaN in ds^T q, p^T dout, and ds = p * (dp - NaN delta))
+    rows = (lse[:, :, r0:r1], qs, do, sv.shift[:, :, r0:r1])
+    hidden = torch.isneginf(tile) if tile is not None and any_nan(k_sel, v_sel, *rows) else None
     if hidden is not None:  # (., ., T, Ks)
+        p = p.masked_fill(hidden, 0.0)  # (a row with a NaN lse: NaN throughout)
         dp = dp.masked_fill(hidden, 0.0)
     # the block holds every key of its rows: p normalized, delta of this p and dp
     total = p.sum(-1, keepdim=True)  # (B, Hq, T, 1); 0 for rows without keys
     p.div_(torch.where(total > 0, total, torch.ones_like(total)))
     delta = (p * dp).sum(-1, keepdim=True) + sv.shift[:, :, r0:r1].unsqueeze(-1)
     ds = dp.sub_(delta).mul_(p)  # (B, Hq, T, Ks): p * (dp - delta)
+    if hidden is not None:  # a NaN row's delta
+        ds = ds.masked_fill_(hidden, 0.0)
     bias_ds = ds  # the bias is added after the cap
     if req.softcap is not None:  # d(c tanh(x / c)) / dx = 1 - (s / c)^2
         capped = s if hidden is None else s.masked_fill(hidden, 0.0)  # a hidden NaN key's s
@@ -407,8 +417,15 @@ def _eager_block_backward(sv: _Saved, blk: Block, grads: _Grads) -> None:
     dq, dk, dv = grads.qkv
     ds_k = grouped_matmul(ds, k_sel) if hidden is None else weighted_values(ds, k_sel, ~hidden)
     dq[:, :, r0:r1] += ds_k * req.scale
-    _scatter_add(dk, blk.keys, _group_sum(ds.transpose(-1, -2) @ qs, hkv))
-    _scatter_add(dv, blk.keys, _group_sum(p.transpose(-1, -2) @ do, hkv))
+    if hidden is None:
+        dk_blk, dv_blk = ds.transpose(-1, -2) @ qs, p.transpose(-1, -2) @ do
+    else:  # a NaN in q or dout reaches the keys its row sees only
+        seen = (~hidden).transpose(-1, -2)  # (., ., Ks, T)
+        dk_blk = weighted_values(ds.transpose(-1, -2), qs, seen)
+        pt = p.transpose(-1, -2)
+        dv_blk = pt @ do if legacy_batched(do) else weighted_values(pt, do, seen)
+    _scatter_add(dk, blk.keys, _group_sum(dk_blk, hkv))
+    _scatter_add(dv, blk.keys, _group_sum(dv_blk, hkv))
     if bias_tile is not None and leaves:
         gs = torch.autograd.grad(
             bias_tile,
