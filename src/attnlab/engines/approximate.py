@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from attnlab._eager import any_nan
 from attnlab.engines.base import AttentionRequest, Engine, EngineResult
 from attnlab.masks import Mask
 
@@ -125,9 +126,9 @@ def _hidden_zeroed(req: AttentionRequest, plan: MaskPlan) -> AttentionRequest:
     cache slot) stays out of the rows that do not read it (``0 * NaN`` in the features,
     the sums and the landmarks spread it to every row)."""
     q, k, v = req.q, req.k, req.v
-    if plan.key_valid is not None:  # (B, 1, Lk, 1)
+    if plan.key_valid is not None and any_nan(k, v):  # (B, 1, Lk, 1); a read, no copy,
         k, v = torch.where(plan.key_valid, k, 0.0), torch.where(plan.key_valid, v, 0.0)
-    if plan.query_valid is not None:  # (B, 1, Lq, 1)
+    if plan.query_valid is not None and any_nan(q):  # (B, 1, Lq, 1) when there is none
         q = torch.where(plan.query_valid, q, 0.0)
     return req if q is req.q and k is req.k else dataclasses.replace(req, q=q, k=k, v=v)
 

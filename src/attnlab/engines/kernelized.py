@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlab._eager import vmapping
+from attnlab._eager import any_nan, vmapping
 from attnlab.engines.base import AttentionRequest
 from attnlab.scores import grouped_matmul
 
@@ -66,8 +66,9 @@ def kernel_sums(
     """:func:`kernel_attention`'s numerator ``(B, Hq, Lq, Ev)`` and denominator
     ``(B, Hq, Lq, 1)``, before they are divided."""
     if causal:  # numerator and denominator together: v with a column of ones
-        nan = None if vmapping() else v.isnan()  # (B, Hkv, Lk, Ev); no value read under vmap
-        if nan is not None and bool(nan.any()):
+        # (B, Hkv, Lk, Ev): where v holds NaN (none read under vmap; one read otherwise)
+        nan = v.isnan() if not vmapping() and any_nan(v) else None
+        if nan is not None:
             v = v.masked_fill(nan, 0.0)  # a chunk's 0 * NaN reached the rows before it
         v1 = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)  # (B, Hkv, Lk, Ev + 1)
         if log_scale is not None:
@@ -75,7 +76,7 @@ def kernel_sums(
         else:
             both = _causal_sums(qf, kf, v1, chunk)  # (B, Hq, Lq, Ev + 1)
         num = both[..., :-1]
-        if nan is not None and v.shape[2] and bool(nan.any()):
+        if nan is not None and v.shape[2]:
             num = num.masked_fill(_reads(nan, qf.shape[1], qf.shape[2]), float("nan"))
         return num, both[..., -1:]
     num = grouped_matmul(qf, kf.transpose(-1, -2) @ v)  # (B, Hq, Lq, Ev)
