@@ -572,18 +572,25 @@ def test_a_chunked_body_past_the_limit_is_refused(small: TestClient) -> None:
     [
         (b'{"text": "caf\\udce9"}', "text holds an unpaired surrogate 0xdce9 at character 3"),
         (b'{"text": "caf\xe9"}', "body is not JSON that can be read"),  # Latin-1, not UTF-8
-        (b'{"text": ' + b"[" * 1000 + b"]" * 1000 + b"}", "body is not JSON that can be read"),
+        # Python's parser reads this deep a nesting only under a raised recursion limit
+        # (hypothesis and torch's compiler raise it in the same process): then the value
+        # is the wrong type, else the body cannot be read; a one-line 422 either way
+        (
+            b'{"text": ' + b"[" * 1000 + b"]" * 1000 + b"}",
+            ("body is not JSON that can be read", "text: Input should be a valid string"),
+        ),
         (b'{"text": "a", "layer": ' + b"9" * 5000 + b"}", "body is not JSON that can be read"),
         (b'{"text": null}', "text is required: model 'minilm' reads text"),  # was: model None
     ],
 )
 def test_bodies_that_cannot_be_read_are_a_422_naming_why(
-    small: TestClient, body: bytes, words: str
+    small: TestClient, body: bytes, words: str | tuple[str, ...]
 ) -> None:
     r = small.post("/api/attend", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 422, r.text
     detail = r.json()["detail"]
-    assert words in detail and "\n" not in detail and len(detail) < 300, detail
+    said = any(w in detail for w in ((words,) if isinstance(words, str) else words))
+    assert said and "\n" not in detail and len(detail) < 300, detail
 
 
 def test_thousands_of_unknown_keys_give_a_short_detail(small: TestClient) -> None:
