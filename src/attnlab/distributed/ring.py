@@ -185,8 +185,9 @@ def _forward_step(
     pair_lse: dict[tuple[int, Piece], tuple[Piece, Tensor]],
     qo: list[int],
 ) -> None:
-    """One ring step of :func:`ring_forward`: this rank's query pieces over ``key_pieces``."""
-    acc = torch.promote_types(q.dtype, torch.float32)
+    """One ring step of :func:`ring_forward`: this rank's query pieces over ``key_pieces``.
+    Each pair's own logsumexp is kept in float64 (the sink path's ``beta`` is made from it:
+    see :func:`~attnlab.distributed.steps._engine_step`)."""
     for kp, kj, vj in key_pieces:
         for i, qp in enumerate(s.pieces[s.group.rank]):
             rr = s.rows(qp, kp) if qp[1] > qp[0] else None
@@ -194,7 +195,7 @@ def _forward_step(
                 continue
             qi = q[:, :, qo[i] + rr[0] : qo[i] + rr[1]]  # only the rows that see kp
             out, lse = forward_pair(s, qi, (qp[0] + rr[0], qp[0] + rr[1]), kj, vj, kp)
-            pair_lse[(i, kp)] = (rr, lse.to(acc).clone())
+            pair_lse[(i, kp)] = (rr, lse.to(torch.float64, copy=True))
             parts[i].merge(out, lse, rr)
 
 

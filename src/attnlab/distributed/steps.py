@@ -11,7 +11,8 @@ as its forward made them (:func:`_kernel_step`, float32 and half on the CPU; its
 hands the merge its logsumexp unrounded); torch's fused CPU flash backward takes them too,
 for the pairs whose forward ran torch's flash kernel (:func:`_flash_step`); and the
 blocked engine computes it given one extra "sink" key and one extra value column
-(:func:`_engine_step`) everywhere else, which also carries gradients of learnable biases.
+(:func:`_engine_step`, in float64 both ways) everywhere else, which also carries gradients
+of learnable biases.
 """
 
 from __future__ import annotations
@@ -75,7 +76,9 @@ def forward_pair(
 
     On the CPU, half precision runs in float32 here (the engines compute in it anyway), so
     each pair's output reaches the merge unrounded: rounded to bfloat16 pair by pair, the
-    merged output and the gradients from it carried up to 3x one process's error."""
+    merged output and the gradients from it carried up to 3x one process's error. A pair
+    whose backward takes the sink path (:func:`_engine_step`) runs in its dtype, float64
+    (:func:`sink_dtype`), both ways."""
     if s.cpu and q.dtype in (torch.bfloat16, torch.float16):
         q, k, v = (t.float() for t in (q, k, v))
     causal = _torch_pair(s, qp, kp, q, v)
@@ -91,6 +94,10 @@ def forward_pair(
         given = _blocked().forward_given(req)
         if given is not None:
             return given
+    # the backward's sink path recomputes this pair in float64: the forward's output and
+    # logsumexp must hold the probabilities it makes (see _engine_step)
+    q, k, v = (t.to(sink_dtype(s, t.dtype)) for t in (q, k, v))
+    engine = _engine(s, q, k, v, mask, bias)
     r = attention(q, k, v, mask=mask, bias=bias, scale=s.scale, engine=engine, return_lse=True)
     assert isinstance(r, AttentionOutput) and r.lse is not None
     return r.out, r.lse
@@ -291,15 +298,22 @@ def _engine_step(
     column that is 1 on the sink lets the upstream gradient set the engine's
     ``rowsum(dout * out)`` to the global output's. The engine's gradients are then exactly
     this step's share of the global ones.
+
+    The step runs in :func:`sink_dtype`, float64, as the pair's forward did: the sink's
+    score ``beta``, the engine's scores and probabilities and its backward. In float32
+    (the pair's logsumexp and ``beta`` rounded to it, the forward's scores made by another
+    kernel) ALiBi pairs gave dQ 3.2x and dK 5.8x plain PyTorch's float32 error (B=2,
+    Hq=4, Hkv=2, E=16, N=60, queries and keys of standard deviation 3, P=2).
     """
     (r0, r1), (a, b) = rr, kk
-    q, pl = rw.q[:, :, r0:r1], pair_lse[:, :, r0:r1]
-    lse = rw.lse[:, :, r0:r1].to(pl.dtype)
+    wide = sink_dtype(s, rw.q.dtype)
+    pl, lse = pair_lse[:, :, r0:r1].double(), rw.lse[:, :, r0:r1].double()
     w = torch.where(torch.isfinite(pl) & torch.isfinite(lse), torch.exp(pl - lse), 0.0)
     beta = torch.where(torch.isfinite(lse), lse + torch.log1p(-w.clamp(max=1.0)), 0.0)
     beta = torch.where(torch.isfinite(beta), beta, lse - 1e4)  # this step holds all mass
-    qx = torch.cat([q, (beta / s.scale).unsqueeze(-1)], -1).requires_grad_()  # (B,Hq,T,E+1)
-    kx, vx = (_with_sink(t[:, :, a:b]).requires_grad_() for t in (kw.k, kw.v))
+    sink = (beta / s.scale).to(wide).unsqueeze(-1)  # the sink's score, carried by q
+    qx = torch.cat([rw.q[:, :, r0:r1].to(wide), sink], -1).requires_grad_()  # (B,Hq,T,E+1)
+    kx, vx = (_with_sink(t[:, :, a:b].to(wide)).requires_grad_() for t in (kw.k, kw.v))
     rows, keys = (rw.first + r0, rw.first + r1), (kw.first + a, kw.first + b)
     mask, bias = restricted(s, rows, keys, sink=True)
     with torch.enable_grad():
@@ -313,8 +327,9 @@ def _engine_step(
             engine=_engine(s, qx, kx, vx, mask, bias),
         )
     assert isinstance(out, Tensor)
-    do, ov, p_sink = rw.dout[:, :, r0:r1], out[..., :-1].detach(), out[..., -1].detach()
-    num = (do * (rw.out[:, :, r0:r1] - ov)).sum(-1)  # dout . (global out - this step's)
+    do, ov = rw.dout[:, :, r0:r1].to(wide), out[..., :-1].detach()
+    p_sink = out[..., -1].detach()
+    num = (do * (rw.out[:, :, r0:r1].to(wide) - ov)).sum(-1)  # dout . (global out - step's)
     c = torch.where(p_sink > 1e-30, num / p_sink.clamp(min=1e-30), 0.0)
     upstream = torch.cat([do, c.unsqueeze(-1)], -1)
     grads = torch.autograd.grad(out, [qx, kx, vx, *leaves], upstream, allow_unused=True)
@@ -324,6 +339,15 @@ def _engine_step(
     for acc, g in zip(dleaves, grads[3:], strict=True):
         if g is not None:
             acc += g
+
+
+def sink_dtype(s: Setup, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a pair on the sink path, forward and backward: float64 on the CPU
+    whatever the inputs' (the path is taken there only by the pairs neither the compiled
+    kernel nor torch's flash kernel runs), except under ``engine="flex"``, which runs
+    float32 and half only; the inputs' own off the CPU, where every pair takes the path
+    and float64 would be slow on most GPUs."""
+    return dtype if s.engine == "flex" or not s.cpu else torch.float64
 
 
 def _with_sink(t: Tensor) -> Tensor:
