@@ -134,13 +134,8 @@ class Asker:
         weights: the ranking weights.
 
     Example:
-        >>> from attnlab.models import BertConfig, BertEncoder, SentenceConfig, load_tokenizer
-        >>> from attnlab.models import minilm_path
-        >>> _ = torch.manual_seed(0)  # a tiny untrained encoder; from_pretrained() in real use
-        >>> bert = BertEncoder(BertConfig(hidden_size=8, num_hidden_layers=1,
-        ...                               num_attention_heads=2, intermediate_size=16))
-        >>> tok = load_tokenizer(minilm_path() / "tokenizer.json", 64)  # needs attnlab[pretrained]
-        >>> enc = SentenceEncoder(bert, tok, SentenceConfig()).eval()
+        >>> from attnlab.models.sentence import _toy_encoder
+        >>> enc = _toy_encoder()  # untrained; needs attnlab[pretrained]; use from_pretrained()
         >>> from attnlab.apps.corpus import Document
         >>> ix = build_index([Document("a", "Cats purr. Dogs bark.")], enc, None)
         >>> lexical = Weights(cosine=0.0, context=0.0, title=0.0, tokens=0.0)  # BM25 alone
@@ -254,13 +249,8 @@ def ask(
 
     Example:
         >>> import tempfile
-        >>> from attnlab.models import BertConfig, BertEncoder, SentenceConfig, load_tokenizer
-        >>> from attnlab.models import minilm_path
-        >>> _ = torch.manual_seed(0)  # a tiny untrained encoder; from_pretrained() in real use
-        >>> bert = BertEncoder(BertConfig(hidden_size=8, num_hidden_layers=1,
-        ...                               num_attention_heads=2, intermediate_size=16))
-        >>> tok = load_tokenizer(minilm_path() / "tokenizer.json", 64)  # needs attnlab[pretrained]
-        >>> enc = SentenceEncoder(bert, tok, SentenceConfig()).eval()
+        >>> from attnlab.models.sentence import _toy_encoder
+        >>> enc = _toy_encoder()  # untrained; needs attnlab[pretrained]; use from_pretrained()
         >>> with tempfile.TemporaryDirectory() as d:
         ...     _ = (Path(d) / "pets.txt").write_text("Cats purr. Dogs bark.")
         ...     answers = ask("Why do dogs bark?", d, top=2, encoder=enc, cache=False,

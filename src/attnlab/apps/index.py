@@ -122,13 +122,8 @@ def load_index(folder: str | Path) -> Index | None:
 
     Example:
         >>> import tempfile
-        >>> from attnlab.models import BertConfig, BertEncoder, SentenceConfig, load_tokenizer
-        >>> from attnlab.models import minilm_path
-        >>> _ = torch.manual_seed(0)  # a tiny untrained encoder; from_pretrained() in real use
-        >>> bert = BertEncoder(BertConfig(hidden_size=8, num_hidden_layers=1,
-        ...                               num_attention_heads=2, intermediate_size=16))
-        >>> tok = load_tokenizer(minilm_path() / "tokenizer.json", 64)  # needs attnlab[pretrained]
-        >>> enc = SentenceEncoder(bert, tok, SentenceConfig()).eval()
+        >>> from attnlab.models.sentence import _toy_encoder
+        >>> enc = _toy_encoder()  # untrained; needs attnlab[pretrained]; use from_pretrained()
         >>> with tempfile.TemporaryDirectory() as d:
         ...     built = build_index([Document("a", "Cats purr. Dogs bark.")], enc, d)
         ...     loaded, missing = load_index(d), load_index(Path(d) / "nothing")
@@ -218,13 +213,8 @@ def build_index(
 
     Example:
         >>> import tempfile
-        >>> from attnlab.models import BertConfig, BertEncoder, SentenceConfig, load_tokenizer
-        >>> from attnlab.models import minilm_path
-        >>> _ = torch.manual_seed(0)  # a tiny untrained encoder; from_pretrained() in real use
-        >>> bert = BertEncoder(BertConfig(hidden_size=8, num_hidden_layers=1,
-        ...                               num_attention_heads=2, intermediate_size=16))
-        >>> tok = load_tokenizer(minilm_path() / "tokenizer.json", 64)  # needs attnlab[pretrained]
-        >>> enc = SentenceEncoder(bert, tok, SentenceConfig()).eval()
+        >>> from attnlab.models.sentence import _toy_encoder
+        >>> enc = _toy_encoder()  # untrained; needs attnlab[pretrained]; use from_pretrained()
         >>> docs = [Document("a", "Cats purr. Dogs bark."), Document("b", "Rain falls.")]
         >>> with tempfile.TemporaryDirectory() as d:
         ...     first = build_index(docs, enc, d)

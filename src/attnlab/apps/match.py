@@ -171,13 +171,8 @@ def match_words(enc: SentenceEncoder, question: str, passage: str, *, steps: int
         steps: integrated-gradients steps (Gauss-Legendre).
 
     Example:
-        >>> from attnlab.models import BertConfig, BertEncoder, SentenceConfig, load_tokenizer
-        >>> from attnlab.models import minilm_path
-        >>> _ = torch.manual_seed(0)  # a tiny untrained encoder; from_pretrained() in real use
-        >>> bert = BertEncoder(BertConfig(hidden_size=8, num_hidden_layers=1,
-        ...                               num_attention_heads=2, intermediate_size=16))
-        >>> tok = load_tokenizer(minilm_path() / "tokenizer.json", 64)  # needs attnlab[pretrained]
-        >>> enc = SentenceEncoder(bert, tok, SentenceConfig()).eval()
+        >>> from attnlab.models.sentence import _toy_encoder
+        >>> enc = _toy_encoder()  # untrained; needs attnlab[pretrained]; use from_pretrained()
         >>> m = match_words(enc, "Why do cats purr?", "Cats purr when content.", steps=4)
         >>> m.question  # word pieces merged: "pu", "##rr" -> "purr"
         ['[CLS]', 'why', 'do', 'cats', 'purr', '?', '[SEP]']

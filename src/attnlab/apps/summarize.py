@@ -122,13 +122,8 @@ def summarize(
         progress: ``progress(done, total)`` while sentences are embedded.
 
     Example:
-        >>> from attnlab.models import BertConfig, BertEncoder, SentenceConfig, load_tokenizer
-        >>> from attnlab.models import minilm_path
-        >>> _ = torch.manual_seed(0)  # a tiny untrained encoder; from_pretrained() in real use
-        >>> bert = BertEncoder(BertConfig(hidden_size=8, num_hidden_layers=1,
-        ...                               num_attention_heads=2, intermediate_size=16))
-        >>> tok = load_tokenizer(minilm_path() / "tokenizer.json", 64)  # needs attnlab[pretrained]
-        >>> enc = SentenceEncoder(bert, tok, SentenceConfig()).eval()
+        >>> from attnlab.models.sentence import _toy_encoder
+        >>> enc = _toy_encoder()  # untrained; needs attnlab[pretrained]; use from_pretrained()
         >>> s = summarize("Cats purr. Cats purr when content. Taxes rose.", 2, encoder=enc)
         >>> s.sentences, round(sum(s.salience), 6), s.chosen == sorted(s.chosen)
         (['Cats purr.', 'Cats purr when content.', 'Taxes rose.'], 1.0, True)

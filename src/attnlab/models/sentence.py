@@ -376,3 +376,17 @@ def _check_texts(texts: object) -> list[str]:
             stacklevel=4,
         )
     return [t for t, _ in fixed]
+
+
+def _toy_encoder() -> SentenceEncoder:
+    """The docstrings' example encoder: a tiny untrained BERT (hidden 8, one layer of 2
+    heads, seeded) with MiniLM's tokenizer (needs ``attnlab[pretrained]``). Real use
+    loads :meth:`SentenceEncoder.from_pretrained`."""
+    from attnlab.models import BertConfig
+
+    torch.manual_seed(0)
+    bert = BertEncoder(
+        BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)
+    )
+    tok = load_tokenizer(minilm_path() / "tokenizer.json", 64)
+    return SentenceEncoder(bert, tok, SentenceConfig()).eval()
