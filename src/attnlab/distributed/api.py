@@ -22,7 +22,7 @@ from attnlab.distributed.plan import choose
 from attnlab.distributed.ring import RingAttention
 from attnlab.distributed.setup import Setup, make_setup
 from attnlab.distributed.ulysses import ulysses
-from attnlab.engines._versions import held_tensors
+from attnlab.engines._versions import held_tensors, raw_bytes
 from attnlab.masks import Mask, TensorMask, as_mask
 
 __all__ = ["STRATEGIES", "attention", "prepare"]
@@ -269,8 +269,7 @@ def _content(t: Tensor) -> str:
     """A checksum of ``t``'s values: its bytes on the CPU, two sums elsewhere."""
     t = t.detach()
     if t.device.type == "cpu":
-        raw = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        return f"{t.dtype}{tuple(t.shape)}{zlib.crc32(raw)}"
+        return f"{t.dtype}{tuple(t.shape)}{zlib.crc32(raw_bytes(t))}"
     x = t.double().reshape(-1)
     sums = torch.stack([x.sum(), (x * torch.arange(1, x.numel() + 1, device=x.device)).sum()])
     return f"{t.dtype}{tuple(t.shape)}{sums.tolist()}"

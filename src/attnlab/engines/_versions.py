@@ -20,7 +20,7 @@ from torch import Tensor
 
 from attnlab.masks import Mask
 
-__all__ = ["held_tensors", "versions"]
+__all__ = ["held_tensors", "raw_bytes", "versions"]
 
 
 def _version_of(t: Tensor) -> object:
@@ -30,12 +30,18 @@ def _version_of(t: Tensor) -> object:
     if not t.is_inference():
         return t._version
     if t.device.type == "cpu" and t.numel() <= 1 << 16:
-        return (
-            t.dtype,
-            tuple(t.shape),
-            t.contiguous().view(-1).view(torch.uint8).numpy().tobytes(),
-        )
+        return (t.dtype, tuple(t.shape), raw_bytes(t))
     return object()
+
+
+def raw_bytes(t: Tensor) -> bytes:
+    """The bytes of a CPU tensor's values, in order.
+
+    Example:
+        >>> raw_bytes(torch.tensor([1, 2], dtype=torch.uint8))
+        b'\\x01\\x02'
+    """
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def versions(obj: object, depth: int = 0) -> tuple:

@@ -18,7 +18,7 @@ from types import MappingProxyType
 import torch
 from torch import Tensor
 
-from attnlab._eager import vmapping
+from attnlab._eager import any_nan
 from attnlab.bias import Bias
 from attnlab.masks import Mask
 from attnlab.scores import ScoreFn, expand_kv, grouped_matmul
@@ -283,11 +283,7 @@ def may_hold_nan(*ts: Tensor) -> bool:
         >>> may_hold_nan(torch.ones(3)), may_hold_nan(torch.tensor([1.0, float("nan")]))
         (False, True)
     """
-    if torch.compiler.is_exporting():  # no value to read: the program takes them as given
-        return False
-    if vmapping():  # no value to read: each item may hold one
-        return True
-    return any(bool(torch.isnan(t.amax())) for t in ts if t.numel())
+    return any_nan(*ts)  # (False while exporting; True under vmap: no value to read)
 
 
 def validate_options(options: object) -> Mapping[str, object]:

@@ -22,7 +22,14 @@ from attnlab._eager import any_nan, vmapping
 from attnlab.engines.base import AttentionRequest
 from attnlab.scores import grouped_matmul
 
-__all__ = ["kernel_attention", "kernel_result", "kernel_result_if", "kernel_sums", "kernel_weights"]
+__all__ = [
+    "kernel_attention",
+    "kernel_result",
+    "kernel_result_if",
+    "kernel_sums",
+    "kernel_weights",
+    "last_keys",
+]
 
 
 def kernel_attention(
@@ -93,13 +100,23 @@ def _safe_ratio(num: Tensor, den: Tensor) -> Tensor:
     return torch.where(ok, num / torch.where(ok, den, 1), 0)
 
 
+def last_keys(lq: int, lk: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Each causal row's last key (bottom-right aligned), clamped into ``[0, Lk)``, and
+    whether the row sees a key at all: two ``(Lq,)`` tensors.
+
+    Example:
+        >>> [t.tolist() for t in last_keys(3, 2, torch.device("cpu"))]
+        [[0, 0, 1], [False, True, True]]
+    """
+    last = torch.arange(lq, device=device) + (lk - lq)  # (Lq,)
+    return last.clamp(0, max(lk - 1, 0)), last >= 0
+
+
 def _reads(nan: Tensor, hq: int, lq: int) -> Tensor:
     """Bool ``(B, Hq, Lq, Ev)``: the causal rows (bottom-right aligned) whose keys include
     a NaN in that column of the values ``nan (B, Hkv, Lk, Ev)``."""
-    lk = nan.shape[2]
-    last = torch.arange(lq, device=nan.device) + (lk - lq)  # (Lq,): each row's last key
-    seen = nan.cumsum(2).gt(0)[:, :, last.clamp(0, lk - 1)]  # (B, Hkv, Lq, Ev)
-    seen = seen & (last >= 0).view(1, 1, lq, 1)
+    idx, sees = last_keys(lq, nan.shape[2], nan.device)
+    seen = nan.cumsum(2).gt(0)[:, :, idx] & sees.view(1, 1, lq, 1)  # (B, Hkv, Lq, Ev)
     return seen.repeat_interleave(hq // nan.shape[1], 1)
 
 
@@ -274,7 +291,7 @@ def _kernel_matrix(qf: Tensor, kf: Tensor, causal: bool, log_scale: Tensor | Non
     lq, lk = a.shape[-2:]
     if causal and log_scale is not None and lk:  # exp(a_j - M_i), M_i: the row's running max
         s = log_scale.repeat_interleave(qf.shape[1] // kf.shape[1], 1)  # (B, Hq, Lk)
-        last = (torch.arange(lq, device=a.device) + lk - lq).clamp(0, lk - 1)  # rows' p(i)
+        last = last_keys(lq, lk, a.device)[0]  # rows' p(i)
         m = _finite(torch.cummax(s, -1).values[..., last])  # (B, Hq, Lq)
         a = a * torch.exp((s.unsqueeze(-2) - m.unsqueeze(-1)).clamp(max=0))
     if causal:

@@ -23,7 +23,7 @@ from torch import Tensor
 from attnlab._eager import vmapping
 from attnlab.engines.approximate import ApproximateEngine, MaskPlan, option_field, parse_options
 from attnlab.engines.base import AttentionRequest
-from attnlab.engines.kernelized import kernel_result, kernel_result_if
+from attnlab.engines.kernelized import kernel_result, kernel_result_if, last_keys
 
 __all__ = ["PerformerEngine", "PerformerOptions", "favor_features", "orthogonal_features"]
 
@@ -155,11 +155,11 @@ def _narrow(scale: Tensor, top: Tensor) -> bool:
 
 def _rows_with_keys(plan: MaskPlan, lq: int, lk: int, device: torch.device) -> Tensor:
     """Bool ``(B or 1, 1, Lq, 1)``: causal rows that see at least one valid key."""
-    last = torch.arange(lq, device=device) + (lk - lq)  # (Lq,): each row's last key
-    seen = (last >= 0).view(1, 1, lq, 1)
+    idx, sees = last_keys(lq, lk, device)  # (Lq,), (Lq,)
+    seen = sees.view(1, 1, lq, 1)
     if plan.key_valid is None or not lk:
         return seen
-    count = plan.key_valid.long().cumsum(2)[:, :, last.clamp(0, lk - 1)]  # (B, 1, Lq, 1)
+    count = plan.key_valid.long().cumsum(2)[:, :, idx]  # (B, 1, Lq, 1)
     return seen & (count > 0)
 
 

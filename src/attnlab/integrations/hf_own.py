@@ -16,8 +16,9 @@ import warnings
 import weakref
 from typing import Any
 
-__all__ = ["OWN_SUBMODELS", "PARTLY_OWN", "check_partly_own"]
+__all__ = ["COMPOSITE", "OWN_SUBMODELS", "PARTLY_OWN", "check_partly_own"]
 
+COMPOSITE = "(a composite model takes a dict, one implementation per sub-config)"
 _WARNED: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 
 # model_type -> the layers that compute attention in their own code
@@ -71,7 +72,7 @@ def check_partly_own(model: Any, name: str) -> None:
             f"in its own code, so attnlab cannot serve it; load it with "
             f"attn_implementation='eager'"
             + (" or attention_type='full'" if prob else "")
-            + " (a composite model takes a dict, one implementation per sub-config)"
+            + f" {COMPOSITE}"
         )
     if kind in PARTLY_OWN and _WARNED.get(id(config)) is not config:  # once a model (its
         _WARNED[id(config)] = config  # encoder and decoder share its config)

@@ -56,7 +56,7 @@ from attnlab.integrations.hf_args import (
     with_position_bias,
 )
 from attnlab.integrations.hf_masks import MaskCall, for_model, translate
-from attnlab.integrations.hf_own import check_partly_own
+from attnlab.integrations.hf_own import COMPOSITE, check_partly_own
 from attnlab.masks import Mask
 
 __all__ = ["NAME", "attention_forward", "build_mask", "register", "with_packing"]
@@ -133,7 +133,7 @@ def _refuse_own_attention() -> None:
             raise ValueError(
                 f"attn_implementation={name!r}: {type(self).__name__} computes attention in "
                 f"its own code, not through transformers' AttentionInterface, so attnlab "
-                f"cannot serve it; load it with attn_implementation='eager' {_COMPOSITE}"
+                f"cannot serve it; load it with attn_implementation='eager' {COMPOSITE}"
             )
         if isinstance(name, str) and name in _NAMES:
             check_partly_own(self, name)
@@ -152,9 +152,6 @@ def _refuse_own_attention() -> None:
     check.refuses_own_attention = True  # type: ignore[attr-defined]
     PreTrainedModel._check_and_adjust_attn_implementation = check  # type: ignore[method-assign]
     PreTrainedModel.get_correct_attn_implementation = correct_and_check  # type: ignore[method-assign]
-
-
-_COMPOSITE = "(a composite model takes a dict, one implementation per sub-config)"
 
 
 def _refuse_in_class_tables(model: nn.Module, name: str) -> None:
@@ -182,7 +179,7 @@ def _refuse_in_class_tables(model: nn.Module, name: str) -> None:
             f"attn_implementation={name!r}: {cls.__module__} builds attention layers from "
             f"its own table {table_name} ({', '.join(offered)}), whose classes compute "
             f"attention in their own code, so attnlab cannot serve them; use one of those "
-            f"{_COMPOSITE}"
+            f"{COMPOSITE}"
         )
         classes = tuple(c for c in table.values() if isinstance(c, type))
         if any(isinstance(m, classes) for m in _own_modules(model)):
