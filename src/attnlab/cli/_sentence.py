@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Sequence
 
 from attnlab.cli._args import check_in_folder, shown
 from attnlab.cli._errors import UsageError
 from attnlab.models import SentenceEncoder
 from attnlab.train import CheckpointError
 
-__all__ = ["add_model_option", "check_has_tokens", "load_encoder", "word_tokens"]
+__all__ = ["add_model_option", "check_has_tokens", "encoder_tokens", "load_encoder"]
 
 
 def add_model_option(parser: argparse.ArgumentParser) -> None:
@@ -32,15 +33,15 @@ def load_encoder(model: str | None) -> tuple[SentenceEncoder, str]:
         raise UsageError("--model", msg) from e
 
 
-def word_tokens(encoder: SentenceEncoder, text: str) -> int:
-    """How many tokens ``encoder`` reads in ``text``, its special tokens left out."""
-    return len(encoder.tokenize([text])[0]) - len(encoder.tokenize([""])[0])
+def encoder_tokens(encoder: SentenceEncoder) -> Callable[[str], Sequence[int]]:
+    """``encoder``'s token ids of one text, special tokens included."""
+    return lambda text: encoder.tokenize([text])[0]
 
 
-def check_has_tokens(argument: str, text: str, count: int) -> None:
-    """A usage error of ``argument`` when its text gives the model no token (``count``,
-    special ones left out): zero-width or control characters passed the empty-text
-    check, and ``[CLS] [SEP]`` alone was embedded, attended or explained."""
-    if count <= 0:
+def check_has_tokens(argument: str, text: str, tokenize: Callable[[str], Sequence[int]]) -> None:
+    """A usage error of ``argument`` when its text gives the model no token beyond the
+    special ones ``tokenize`` adds to any text: zero-width or control characters passed
+    the empty-text check, and ``[CLS] [SEP]`` alone was embedded, attended or explained."""
+    if len(tokenize(text)) <= len(tokenize("")):
         msg = f"{shown(text)!r} holds no token the model reads (no word, only spaces, control "
         raise UsageError(argument, msg + "or zero-width characters); give a text with words")

@@ -26,7 +26,7 @@ import torch
 
 from attnlab.cli._args import clean_text, int_in
 from attnlab.cli._errors import UsageError
-from attnlab.cli._sentence import add_model_option, check_has_tokens, load_encoder, word_tokens
+from attnlab.cli._sentence import add_model_option, check_has_tokens, encoder_tokens, load_encoder
 
 __all__ = ["add_parsers", "run_attend", "run_embed"]
 
@@ -60,7 +60,7 @@ def run_embed(args: argparse.Namespace) -> int:
             raise UsageError(f"TEXT {i + 1}", "is empty; give a text to embed")
     enc, name = load_encoder(args.model)
     for i, t in enumerate(args.texts):
-        check_has_tokens(f"TEXT {i + 1}", t, word_tokens(enc, t))
+        check_has_tokens(f"TEXT {i + 1}", t, encoder_tokens(enc))
     emb = enc.encode(args.texts, batch_size=args.batch_size)  # (N, D)
     if args.json:
         print(json.dumps([[round(x, 7) for x in row] for row in emb.tolist()]))
@@ -91,7 +91,7 @@ def run_attend(args: argparse.Namespace) -> int:
     if not text.strip():
         raise UsageError("TEXT", "is empty; give a sentence")
     enc, name = load_encoder(args.model)
-    check_has_tokens("TEXT", text, word_tokens(enc, text))
+    check_has_tokens("TEXT", text, encoder_tokens(enc))
     _check_in_model("--layer", args.layer, enc.bert.config.num_hidden_layers, "layers", name)
     _check_in_model("--head", args.head, enc.bert.config.num_attention_heads, "heads", name)
     ids = enc.tokenize([text])[0]

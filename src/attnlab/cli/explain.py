@@ -21,7 +21,7 @@ from attnlab.cli._args import (
     int_in,
 )
 from attnlab.cli._errors import UsageError
-from attnlab.cli._sentence import add_model_option, check_has_tokens, load_encoder, word_tokens
+from attnlab.cli._sentence import add_model_option, check_has_tokens, encoder_tokens, load_encoder
 from attnlab.interpret import TextModel, explain_text
 from attnlab.interpret.text import explanation_files
 from attnlab.tasks.encoder import text_model
@@ -88,8 +88,7 @@ def _hf_model(args: argparse.Namespace, text: str, continuation: str | None) -> 
     for name, s in (("TEXT", text), ("--against", args.against)):
         _check_fits(name, s, tokenizer, config, follow if name == "TEXT" else 0)
         if s is not None:
-            count = len(tokenizer(s)["input_ids"]) - len(tokenizer("")["input_ids"])
-            check_has_tokens(name, s, count)
+            check_has_tokens(name, s, lambda x: tokenizer(x)["input_ids"])
     try:
         return hf_text_model(model, tokenizer, text=text, continuation=continuation)
     except ValueError as e:
@@ -167,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
         encoder = load_encoder(args.model)[0]
         for name, t in (("TEXT", text), ("--against", against)):
             if t is not None:
-                check_has_tokens(name, t, word_tokens(encoder, t))
+                check_has_tokens(name, t, encoder_tokens(encoder))
         model = text_model(encoder)
     with OutputLock(out, folder=False, command=f"attnlab explain --out {out}"):
         ex = explain_text(
