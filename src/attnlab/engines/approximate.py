@@ -122,13 +122,14 @@ def padding_validity(
 
 
 def _hidden_zeroed(req: AttentionRequest, plan: MaskPlan) -> AttentionRequest:
-    """``req`` with padded keys, values and query rows set to 0: a NaN there (an unwritten
-    cache slot) stays out of the rows that do not read it (``0 * NaN`` in the features,
-    the sums and the landmarks spread it to every row)."""
+    """``req`` with padded keys, values and query rows set to 0 when some of them hold NaN
+    (an unwritten cache slot), which then stays out of the rows that do not read it
+    (``0 * NaN`` in the features, the sums and the landmarks spread it to every row);
+    ``req`` itself when there is none (one read of each tensor, no copy)."""
     q, k, v = req.q, req.k, req.v
-    if plan.key_valid is not None and any_nan(k, v):  # (B, 1, Lk, 1); a read, no copy,
+    if plan.key_valid is not None and any_nan(k, v):  # (B, 1, Lk, 1)
         k, v = torch.where(plan.key_valid, k, 0.0), torch.where(plan.key_valid, v, 0.0)
-    if plan.query_valid is not None and any_nan(q):  # (B, 1, Lq, 1) when there is none
+    if plan.query_valid is not None and any_nan(q):  # (B, 1, Lq, 1)
         q = torch.where(plan.query_valid, q, 0.0)
     return req if q is req.q and k is req.k else dataclasses.replace(req, q=q, k=k, v=v)
 

@@ -209,7 +209,7 @@ class PerformerEngine(ApproximateEngine):
         """The call's options; with ``redraw``, one seed drawn from torch's RNG for the
         whole call (every block of heads, :meth:`_by_heads`, then uses the same features;
         each block drew its own, so a call's result changed with its number of heads)."""
-        opts = parse_options(PerformerOptions, req.options, self.name)
+        opts: PerformerOptions = super().settings(req)
         if not opts.redraw:
             return opts
         return replace(opts, seed=int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64)))
