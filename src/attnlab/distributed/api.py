@@ -22,7 +22,7 @@ from attnlab.distributed.plan import choose
 from attnlab.distributed.ring import RingAttention
 from attnlab.distributed.setup import Setup, make_setup
 from attnlab.distributed.ulysses import ulysses
-from attnlab.engines._versions import held_tensors, raw_bytes
+from attnlab.engines._versions import held_code, held_tensors, raw_bytes
 from attnlab.masks import Mask, TensorMask, as_mask
 
 __all__ = ["STRATEGIES", "attention", "prepare"]
@@ -261,8 +261,10 @@ def _fingerprint(mask: Mask | None, bias: Bias | None, scale: object, engine: ob
     held = [*held_tensors(mask)] if mask is not None else []
     held += [] if bias is None else [*bias.parameters(), *bias.buffers(), *held_tensors(bias)]
     # the values too: a spec names documents(...) by its count, a bias by its class (other
-    # ids on two ranks aborted the process, or gave a wrong result silently)
-    return zlib.crc32("|".join([text, *map(_content, held)]).encode())
+    # ids on two ranks aborted the process, or gave a wrong result silently), and a custom
+    # mask by its function's name (other code or closed-over numbers did the same)
+    code = [*held_code(mask), *held_code(bias)]
+    return zlib.crc32("|".join([text, *map(_content, held), *code]).encode())
 
 
 def _content(t: Tensor) -> str:

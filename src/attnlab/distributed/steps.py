@@ -207,13 +207,18 @@ def _flash_step(s: Setup, rw: Rows, kw: Keys, causal: bool) -> None:
     (:func:`_torch_pair`), so no mask or bias tile."""
     bsz, hq, hkv = s.sizes[:3]
     k, v = (t.repeat_interleave(hq // hkv, 1) if hq != hkv else t for t in (kw.k, kw.v))
+    lse = torch.where(torch.isfinite(rw.lse), rw.lse, 0.0)  # (B, Hq, T), float64; P = 0
+    rounded = lse.to(rw.q.dtype)
+    # the kernel's P is off from the global logsumexp's by its rounding, c per row; dout
+    # (and the delta made from it) takes c instead: dS and dV are linear in both
+    c = torch.exp(rounded.double() - lse.double()).to(rw.dout.dtype).unsqueeze(-1)
     dq, dk, dv = _FLASH_BWD(
-        rw.dout.contiguous(),
+        (rw.dout * c).contiguous(),
         rw.q,
         k,
         v,
         rw.out.contiguous(),
-        torch.where(torch.isfinite(rw.lse), rw.lse, 0.0).to(rw.q.dtype).contiguous(),  # P = 0
+        rounded.contiguous(),
         0.0,
         causal,
         scale=s.scale,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Sized
-from types import FunctionType, MethodType, ModuleType
+from types import CodeType, FunctionType, MethodType, ModuleType
 from typing import Any
 
 import torch
@@ -20,7 +20,7 @@ from torch import Tensor
 
 from attnlab.masks import Mask
 
-__all__ = ["held_tensors", "raw_bytes", "versions"]
+__all__ = ["held_code", "held_tensors", "raw_bytes", "versions"]
 
 
 def _version_of(t: Tensor) -> object:
@@ -81,6 +81,47 @@ def held_tensors(obj: object, depth: int = 0) -> tuple[Tensor, ...]:
 
 
 WIDE = 64  # containers with more entries are not searched for tensors
+
+_SCALARS = (bool, int, float, complex, str, bytes, type(None))
+# their classes are attnlab's or torch's (a bias module's repr names it): walked, not read
+_NOT_OWN_CODE = (Mask, MethodType, functools.partial, torch.nn.Module)
+
+
+def held_code(obj: object, depth: int = 0) -> tuple[str, ...]:
+    """What a mask's (or bias's) functions compute beyond the tensors they read: each
+    function's code (bytecode, constants and names; not its file or lines) and the plain
+    numbers and strings it closes over, takes as defaults or names at module level; for
+    a callable object, its class's ``__call__`` and such attributes. Found where
+    :func:`held_tensors` looks.
+
+    Example:
+        >>> from attnlab import masks
+        >>> a = masks.custom(lambda b, h, q, k: (q - k) % 2 == 0)
+        >>> b = masks.custom(lambda b, h, q, k: (q - k) % 3 == 0)
+        >>> held_code(a) != held_code(b), held_code(masks.causal())
+        (True, ())
+    """
+    if isinstance(obj, Tensor) or depth > 4:
+        return ()
+    own: tuple[str, ...] = ()
+    if isinstance(obj, FunctionType):
+        values = [*_function_parts(obj), *(obj.__globals__.get(n) for n in obj.__code__.co_names)]
+        own = (_code_text(obj.__code__), *(repr(x) for x in values if isinstance(x, _SCALARS)))
+    elif callable(obj) and not isinstance(obj, _NOT_OWN_CODE):  # a callable object
+        call = next((vars(c)["__call__"] for c in type(obj).__mro__ if "__call__" in vars(c)), None)
+        own = (_code_text(call.__code__),) if isinstance(call, FunctionType) else ()
+        attrs = getattr(obj, "__dict__", {}).items()
+        own += tuple(f"{k}={v!r}" for k, v in attrs if isinstance(v, _SCALARS))
+    parts = _parts(obj)
+    if isinstance(parts, Sized) and len(parts) > WIDE:
+        return own
+    return own + tuple(c for x in parts if _followed(x) for c in held_code(x, depth + 1))
+
+
+def _code_text(code: CodeType) -> str:
+    """``code``'s bytecode, constants (nested code too) and names, as text."""
+    consts = [_code_text(c) if isinstance(c, CodeType) else repr(c) for c in code.co_consts]
+    return f"{code.co_code.hex()}|{'|'.join(consts)}|{code.co_names}"
 
 
 def _parts(obj: object) -> Iterable[Any]:
