@@ -434,6 +434,52 @@ def test_kernel_backward_within_2x_of_plain_pytorch(case: str) -> None:
         assert_2x_rule(o, p, w, f"{case} {name}")
 
 
+# (head size, scale of q and k, mask and bias, seed): calls that broke the 2x rule while the
+# kernel scaled Q by scale * log2(e) before its dot products, which rounds every element of
+# Q (output 2.7x; dQ 3.8x and dK 2.65x; dK 2.48x); plain PyTorch rounds each score once
+SCALED_Q_CASES = {
+    "alibi E16 x3": (16, 3.0, "alibi", 3),
+    "dense E32 x6": (32, 6.0, "dense", 3),
+    "causal E32 x6": (32, 6.0, "causal", 3),
+    "dense E48 x6": (48, 6.0, "dense", 0),
+}
+
+
+@pytest.mark.parametrize("case", list(SCALED_Q_CASES))
+def test_kernel_scores_are_rounded_once_as_plain_pytorchs(case: str) -> None:
+    """Each score is the dot product times scale * log2(e), one rounding as plain PyTorch's
+    ``(Q K^T) * scale`` has; output, dQ, dK and dV by the 2x rule with no floor."""
+    if blocked_mod.kernel() is None:
+        pytest.skip(f"attnlab's CPU kernel could not be built: {blocked_mod.kernel_error()}")
+    e, std, kind, seed = SCALED_Q_CASES[case]
+    torch.manual_seed(seed)
+    q, k = (torch.randn(1, 2, 200, e, dtype=torch.float64) * std for _ in range(2))
+    v, dout = (torch.randn(1, 2, 200, e, dtype=torch.float64) for _ in range(2))
+    mask = None if kind == "dense" else M.causal()
+    bias = B.alibi(2) if kind == "alibi" else None
+    allowed = None if mask is None else mask.dense(200, 200)
+    dense = None if bias is None else bias.dense(200, 200, heads=2).double()
+
+    def run(fn, dtype):  # type: ignore[no-untyped-def]
+        x = [t.to(dtype, copy=True).requires_grad_() for t in (q, k, v)]
+        out = fn(*x)
+        out.backward(dout.to(dtype))
+        return [out.detach(), *(t.grad for t in x)]
+
+    def naive(*x):  # type: ignore[no-untyped-def]
+        b = None if dense is None else dense.to(x[0].dtype)
+        return naive_attention(*x, allowed=allowed, bias=b)[0]
+
+    want, plain = run(naive, torch.float64), run(naive, torch.float32)
+    blocked_mod.STATS.clear()
+    got = run(
+        lambda *x: attnlab.attention(*x, mask=mask, bias=bias, engine="blocked"), torch.float32
+    )
+    assert blocked_mod.STATS.get("scores", 0) > 0  # the kernel ran
+    ratios = [max_err(o, w) / max_err(p, w) for o, p, w in zip(got, plain, want, strict=True)]
+    assert max(ratios) <= 2, f"out, dq, dk, dv: {[round(r, 2) for r in ratios]}"
+
+
 # (seed, query heads, length, head size, scale of q and k, mask): calls where the kernel's
 # dQ was 4.2, 2.0 and 2.6 times plain PyTorch's error (AVX2) while each row's delta came
 # from the forward's output; with delta and P from the backward's own P and dP: 1.0-1.3
@@ -763,7 +809,7 @@ def test_a_nan_a_row_reads_stays_out_of_the_keys_it_does_not_see(
     ):
         with monkeypatch.context() as m:
             m.setattr(blocked_mod, "USE_KERNEL", path == "kernel")
-            x = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+            x = [t.to(dtype, copy=True).requires_grad_() for t in (q, k, v)]
             blocked_mod.STATS.clear()
             out = attnlab.attention(*x, mask=mask, engine="blocked")
             assert isinstance(out, Tensor)

@@ -245,24 +245,27 @@ void cap_scores(float* s, int64_t n, float cap, float* dcap) {
 
 // Per-thread scratch: a score chunk, its gradient, the accumulator and row statistics.
 struct Scratch {
-  std::vector<float> S, dP, X, C, Q, acc, m, l;  // C: the soft-cap's derivative, if capped
+  std::vector<float> S, dP, X, C, acc, m, l;  // C: the soft-cap's derivative, if capped
   std::vector<float> kept;  // the backward's P, dP (and C) over a row group's key span
   std::vector<float> dO;    // a row group's dO, each row divided by its P's sum
   std::vector<float> delta, scales;  // a row group's deltas and dS scales
   std::vector<double> sums;          // a row group's sum_j P dP and sum_j P, interleaved
   std::vector<float> clean;  // the careful path's K, Q or dO with NaN and infinities 0
-  Scratch(int64_t rows, int64_t chunk, int64_t e, int64_t ev, bool capped)
+  Scratch(int64_t rows, int64_t chunk, int64_t ev, bool capped)
       : S(rows * chunk), dP(rows * chunk), X(rows * chunk), C(capped ? rows * chunk : 0),
-        Q(rows * e), acc(rows * ev), m(rows), l(rows) {}
+        acc(rows * ev), m(rows), l(rows) {}
 };
 
 // ---- The forward's register tiles -------------------------------------------------------
 // A row tile is kRT query rows. Its scores are held transposed, St[key][row], with the rows
 // in the vector lanes: each key's K and V elements are broadcast against vectors of rows, so
 // K and V are read in place (no transposed copy), any E and Ev work, and the online softmax
-// is lane by lane (no horizontal reductions). Scores are kept in log2 units (Q is scaled by
-// scale * log2(e)), so the exponential is a power of two. Where only some of the tile's row
-// vectors have keys (the ends of a band), only those vectors are computed.
+// is lane by lane (no horizontal reductions). Scores are kept in log2 units (each dot product
+// is multiplied by scale * log2(e): one rounding, as plain PyTorch's (Q K^T) * scale has;
+// with Q scaled first, every element of Q was rounded, and the output and dQ came out up to
+// 2.3-3.4x plain PyTorch's float32 error with queries and keys of standard deviation 3), so
+// the exponential is a power of two. Where only some of the tile's row vectors have keys
+// (the ends of a band), only those vectors are computed.
 constexpr int64_t kW = Vec::size();              // floats per vector
 constexpr int64_t kRT = 32;                      // query rows per row tile
 constexpr int kNV = static_cast<int>(kRT / kW);  // row vectors per row tile
@@ -347,6 +350,7 @@ struct TileTerms {
   int64_t inner_lo = 0, inner_hi = 0;  // keys inside every row's span: no mask needed
   Vec lo[kNV], hi[kNV], pos[kNV];
   Vec slope{0.f};
+  Vec scale{0.f};  // scale * log2(e): the scores' factor, applied to each dot product
 };
 
 // The broadcast products the forward's tiles (query rows in the vector lanes) and the
@@ -377,7 +381,7 @@ inline __attribute__((always_inline)) void lane_products(const float* a, int64_t
 }
 
 // St[c + i][vectors j0 .. j0 + J) for keys c .. c + RK of the chunk (rows of `k`, E apart),
-// from the transposed scaled queries qt (E x kRT); raises the running maximum mx.
+// from the transposed queries qt (E x kRT); raises the running maximum mx.
 template <int RK, int J>
 void score_tile(const float* qt, const float* k, int64_t E, int64_t c, int j0, float* st,
                 const TileTerms& tt, Vec* mx) {
@@ -389,7 +393,7 @@ void score_tile(const float* qt, const float* k, int64_t E, int64_t c, int j0, f
     const Vec key(static_cast<float>(c + i));
 #pragma GCC unroll 4
     for (int j = 0; j < J; ++j) {
-      Vec s = acc[i][j];
+      Vec s = acc[i][j] * tt.scale;
       if (tt.cap) s = (s * tt.cap_over).tanh() * tt.cap_by;  // log2 units: cap * log2(e)
       if (tt.alibi) s = at::vec::fmadd(tt.slope, (tt.pos[j0 + j] - key).abs(), s);
       if (masked)
@@ -821,13 +825,12 @@ int64_t forward_tile(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_
 
   if (T < kRT) std::fill(w.qt, w.qt + E * kRT, 0.f);  // lanes past T: finite, never read
   transpose_block(P.qrow(b, h, a), E, w.qt, kRT, T, E);
-  const Vec qscale(P.scale * kLog2e);
-  for (int64_t u = 0; u < E * kRT; u += kW) (Vec::loadu(w.qt + u) * qscale).store(w.qt + u);
   std::fill(w.acc, w.acc + Ev * kRT, 0.f);
 
   const int64_t mb = P.mB == 1 ? 0 : b, mh = P.mH == 1 ? 0 : h;
   const int64_t* rs = P.spans + 2 * ((mb * P.mH + mh) * P.Lq + a);
   TileTerms tt;
+  tt.scale = Vec(P.scale * kLog2e);
   tt.spans = P.interval;
   tt.alibi = P.slopes != nullptr;
   if (tt.alibi) tt.slope = Vec(-P.slopes[h] * kLog2e);
@@ -1217,6 +1220,7 @@ struct RowKeys {
 struct DecodeShape {
   int64_t B, Hk, G, Lq, Lk, E, Ev, R, parts;
   float cap2 = 0.f;  // the soft-cap in log2 units (0: none)
+  float scale2 = 0.f;  // scale * log2(e): each dot product's factor (as the forward's tiles)
   RowKeys lo, hi;  // each query row's first and last key (inclusive), or none: every key
   // [lo, hi + 1) of row r of batch b, clamped to the keys (empty when hi < lo)
   std::pair<int64_t, int64_t> interval(int64_t b, int64_t r) const {
@@ -1281,17 +1285,19 @@ inline Vec row_key_scores(const float* q, int64_t E, const float* kp, int64_t ld
   return lane_sums(acc);
 }
 
-// p (R x n, leading dim kDecodeChunk) = Q K^T for the rows qr (R x E) and keys kp (n x E,
-// leading dim ldk), read in place.
+// p (R x n, leading dim kDecodeChunk) = scale2 Q K^T for the rows qr (R x E) and keys kp
+// (n x E, leading dim ldk), read in place.
 void decode_scores(const float* qr, int64_t R, int64_t E, const float* kp, int64_t ldk,
-                   int64_t n, float* p) {
+                   int64_t n, float scale2, float* p) {
+  const Vec by(scale2);
   int64_t j = 0;
   for (; j + kW <= n; j += kW)  // the kW keys stay in L1 for all the rows
     for (int64_t r = 0; r < R; ++r)
-      row_key_scores<true>(qr + r * E, E, kp + j * ldk, ldk, kW).store(p + r * kDecodeChunk + j);
+      (row_key_scores<true>(qr + r * E, E, kp + j * ldk, ldk, kW) * by)
+          .store(p + r * kDecodeChunk + j);
   if (j < n)
     for (int64_t r = 0; r < R; ++r)
-      row_key_scores<false>(qr + r * E, E, kp + j * ldk, ldk, n - j)
+      (row_key_scores<false>(qr + r * E, E, kp + j * ldk, ldk, n - j) * by)
           .store(p + r * kDecodeChunk + j, static_cast<int>(n - j));
 }
 
@@ -1342,7 +1348,7 @@ void decode_span(const DecodeShape& D, const at::Tensor& k, const at::Tensor& v,
   std::fill(acc, acc + R * D.Ev, 0.f);
   for (int64_t c0 = k0; c0 < k1; c0 += kDecodeChunk) {
     const int64_t n = std::min(kDecodeChunk, k1 - c0);
-    decode_scores(qr, R, D.E, kp + c0 * ldk, ldk, n, p);
+    decode_scores(qr, R, D.E, kp + c0 * ldk, ldk, n, D.scale2, p);
     for (int64_t r = 0; r < R; ++r) {
       float* pr = p + r * kDecodeChunk;
       if (D.cap2 > 0.f) cap_scores(pr, n, D.cap2, nullptr);
@@ -1370,8 +1376,7 @@ void decode_span(const DecodeShape& D, const at::Tensor& k, const at::Tensor& v,
 // Row r's output (Ev floats) of batch b, head hk, in double from the keys of its interval
 // only: the decoding kernel's path for rows that a NaN value reached through the 0 weights
 // of keys they do not see (P V runs over all rows of a chunk), or through a part without
-// their keys (rare; not fast). q: the row's query in log2 units; sink: its sink in log2
-// units, or -inf.
+// their keys (rare; not fast). q: the row's query; sink: its sink in log2 units, or -inf.
 void decode_exact_row(const DecodeShape& D, const at::Tensor& k, const at::Tensor& v,
                       const float* q, int64_t b, int64_t hk, int64_t r, float sink, float* out) {
   const auto [lo, hi] = D.interval(b, r);
@@ -1384,6 +1389,7 @@ void decode_exact_row(const DecodeShape& D, const at::Tensor& k, const at::Tenso
   for (int64_t c = lo; c < hi; ++c) {
     double x = 0.0;
     for (int64_t e = 0; e < D.E; ++e) x += static_cast<double>(q[e]) * kp[c * ldk + e];
+    x *= D.scale2;
     if (D.cap2 > 0.f) x = D.cap2 * std::tanh(x / D.cap2);
     s[c - lo] = x;
     mx = std::max(mx, x);  // a NaN score is skipped here and makes the sum NaN below
@@ -1454,15 +1460,15 @@ at::Tensor decode_forward(const at::Tensor& q, const at::Tensor& k, const at::Te
   // parts of at least kDecodePart keys of the widest range, for 4 tasks per thread
   const int64_t most = std::max<int64_t>(1, widest / kDecodePart);
   D.parts = std::min(most, std::max<int64_t>(1, (4 * threads + heads - 1) / heads));
-  // the rows (R x E) per head, scaled to log2 units
+  // the rows (R x E) per head
   std::vector<float> qr(heads * D.R * D.E);
   const at::Tensor qc = q.contiguous();
   const float* qp = qc.data_ptr<float>();
-  const float s2 = static_cast<float>(scale) * kLog2e;
+  D.scale2 = static_cast<float>(scale) * kLog2e;
   for (int64_t bh = 0; bh < heads; ++bh)
     for (int64_t r = 0; r < D.R; ++r) {
       const float* row = qp + ((bh * D.G + r / D.Lq) * D.Lq + r % D.Lq) * D.E;
-      for (int64_t e = 0; e < D.E; ++e) qr[(bh * D.R + r) * D.E + e] = row[e] * s2;
+      std::copy(row, row + D.E, qr.data() + (bh * D.R + r) * D.E);
     }
   const int64_t tasks = heads * D.parts;
   std::vector<float> M(tasks * D.R), L(tasks * D.R), A(tasks * D.R * D.Ev);
@@ -1541,32 +1547,26 @@ constexpr int kSR = 4, kSV = 2;  // 8 of 16
 constexpr int kSR = 4, kSV = 1;
 #endif
 
-// S[i][0, J kW) (rows ldS apart; `lanes` of a single partial vector) = sum over e of
-// qs[i][e] * kt[e][...] for I rows: lane_products with the keys in the lanes, which gives
-// each (row, key) the forward's fused sum (a * b + c is the same for b * a + c).
+// S[i][0, J kW) (rows ldS apart; `lanes` of a single partial vector) = scale2 times the sum
+// over e of qs[i][e] * kt[e][...] for I rows: lane_products with the keys in the lanes, which
+// gives each (row, key) the forward's fused sum (a * b + c is the same for b * a + c).
 template <int I, int J>
 void key_scores(const float* qs, int64_t E, const float* kt, int64_t ldt, float* S,
-                int64_t ldS, int lanes) {
+                int64_t ldS, int lanes, const Vec& scale2) {
   Vec acc[I][J];
   lane_products<I, J>(kt, E, qs, E, 1, acc, ldt, lanes);
 #pragma GCC unroll 8
   for (int i = 0; i < I; ++i)
 #pragma GCC unroll 2
-    for (int j = 0; j < J; ++j) acc[i][j].store(S + i * ldS + j * kW, lanes);
+    for (int j = 0; j < J; ++j) (acc[i][j] * scale2).store(S + i * ldS + j * kW, lanes);
 }
 
-// S (T x n) = Q K^T of rows [a, a + T) against keys [c0, c0 + n), in log2 units, as the
-// forward computes them (see above); qs (T x E) receives the scaled queries.
+// S (T x n) = scale Q K^T of rows [a, a + T) against keys [c0, c0 + n), in log2 units, as
+// the forward computes them (see above).
 void key_products(const Problem& P, int64_t b, int64_t h, int64_t a, int64_t T, int64_t c0,
-                  int64_t n, float* S, float* qs) {
-  const float* qp = P.qrow(b, h, a);
-  const Vec qscale(P.scale * kLog2e);
-  int64_t u = 0;
-  for (; u + kW <= T * P.E; u += kW) (Vec::loadu(qp + u) * qscale).store(qs + u);
-  if (u < T * P.E) {
-    const int c = static_cast<int>(T * P.E - u);
-    (Vec::loadu(qp + u, c) * qscale).store(qs + u, c);
-  }
+                  int64_t n, float* S) {
+  const float* qs = P.qrow(b, h, a);  // T rows of E, in place
+  const Vec scale2(P.scale * kLog2e);
   const float* kt = P.ktcol(b, h, c0);
   for (int64_t i = 0; i < T; i += kSR)
     with_count<kSR>(std::min<int64_t>(kSR, T - i), [&](auto rows) {
@@ -1574,9 +1574,10 @@ void key_products(const Problem& P, int64_t b, int64_t h, int64_t a, int64_t T, 
       const float* q = qs + i * P.E;
       float* s = S + i * n;
       int64_t c = 0;
-      for (; c + kSV * kW <= n; c += kSV * kW) key_scores<R, kSV>(q, P.E, kt + c, P.ldt, s + c, n, kW);
-      for (; c + kW <= n; c += kW) key_scores<R, 1>(q, P.E, kt + c, P.ldt, s + c, n, kW);
-      if (c < n) key_scores<R, 1>(q, P.E, kt + c, P.ldt, s + c, n, static_cast<int>(n - c));
+      for (; c + kSV * kW <= n; c += kSV * kW) key_scores<R, kSV>(q, P.E, kt + c, P.ldt, s + c, n, kW, scale2);
+      for (; c + kW <= n; c += kW) key_scores<R, 1>(q, P.E, kt + c, P.ldt, s + c, n, kW, scale2);
+      if (c < n)
+        key_scores<R, 1>(q, P.E, kt + c, P.ldt, s + c, n, static_cast<int>(n - c), scale2);
     });
 }
 
@@ -1595,8 +1596,8 @@ void each_vector(float* s, int64_t n, const F& f) {
 // `blk`) against keys [c0, c0 + n): soft-capped (the cap's derivative in dcap, T x n), ALiBi
 // added, masked, each by the forward's vector operations.
 void scores(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_t a, int64_t T,
-            int64_t c0, int64_t n, float* S, float* qscaled, float* dcap) {
-  key_products(P, b, h, a, T, c0, n, S, qscaled);
+            int64_t c0, int64_t n, float* S, float* dcap) {
+  key_products(P, b, h, a, T, c0, n, S);
   if (P.softcap > 0.f) {
     const Vec by(P.softcap * kLog2e), over(1.f / (P.softcap * kLog2e)), one(1.f);
     for (int64_t i = 0; i < T * n; i += n)
@@ -1697,7 +1698,7 @@ void add_dv(const Problem& P, int64_t b, int64_t h, int64_t T, int64_t c0, int64
 void chunk_probs(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_t a, int64_t T,
                  int64_t c0, int64_t n, const float* dout, const float* lse, float* dv,
                  float* S, float* dP, float* C, Scratch& w, bool careful = false) {
-  scores(P, b, h, blk, a, T, c0, n, S, w.Q.data(), C);
+  scores(P, b, h, blk, a, T, c0, n, S, C);
   const int64_t row = (b * P.Hq + h) * P.Lq + a;
   for (int64_t i = 0; i < T; ++i) {
     const float top = lse[row + i];
@@ -1922,7 +1923,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blocked_backward(
   float *pq = dq.data_ptr<float>(), *pk = dk.data_ptr<float>(), *pv = dv.data_ptr<float>();
   const int64_t kv_size = P.B * P.Hkv * P.Lk;
   std::vector<Scratch> scratch;
-  for (int64_t w = 0; w < nw; ++w) scratch.emplace_back(group, P.chunk, P.E, P.Ev, P.softcap > 0.f);
+  for (int64_t w = 0; w < nw; ++w) scratch.emplace_back(group, P.chunk, P.Ev, P.softcap > 0.f);
   dynamic_for(tasks, 4, [&](int64_t w, int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t blk = t % P.nblk, bh = t / P.nblk, b = bh / P.Hq, h = bh % P.Hq;
