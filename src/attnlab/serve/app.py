@@ -1,8 +1,10 @@
 """The explorer's FastAPI app: the page, its assets, and the JSON API under ``/api``.
 
 Every model call runs on one worker thread (:class:`~attnlab.serve.jobs.Worker`), off the
-event loop; slow explanations run as jobs with progress and cancel. The last few inputs'
-attention is kept, so moving between layers and heads does not recompute it.
+event loop; slow explanations run as jobs with progress and cancel. Request bodies are
+decoded and validated on a worker thread too (:class:`~attnlab.serve.bodies.ReadOffLoop`).
+The last few inputs' attention is kept, so moving between layers and heads does not
+recompute it.
 
 Example:
     >>> from fastapi.testclient import TestClient
@@ -33,6 +35,7 @@ from starlette.exceptions import HTTPException
 
 import attnlab
 from attnlab.serve import payload
+from attnlab.serve.bodies import ReadOffLoop
 from attnlab.serve.guard import Guard
 from attnlab.serve.jobs import Worker
 from attnlab.serve.limits import (
@@ -170,6 +173,7 @@ def create_app(
         redoc_url=None,
     )
     app.state.explorer = ex
+    app.router.route_class = ReadOffLoop  # JSON bodies decoded and validated off the loop
     _errors(app)
     _routes(app, ex)
     # bodies past the upload limit (as base64, in JSON) refused as they arrive

@@ -61,12 +61,13 @@ class ExplainIn(_Body):
     image: None = None
 
 
-def one_line(errors: Any) -> str:
-    """FastAPI's validation errors as one line: ``field: message (got value)``."""
+def one_line(errors: Any, total: int | None = None) -> str:
+    """FastAPI's validation errors as one line: ``field: message (got value)``; ``total``:
+    how many there are when ``errors`` lists only the first (at least six of them)."""
     parts = []
     for i, err in enumerate(errors):
         if i == 5:  # a body with thousands of unknown keys: the detail stays one line
-            parts.append(f"and {len(errors) - 5} more")
+            parts.append(f"and {(len(errors) if total is None else total) - 5} more")
             break
         if err.get("type") == "json_invalid":
             why = err.get("ctx", {}).get("error", "")
