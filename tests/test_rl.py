@@ -116,6 +116,20 @@ def test_gae_matches_the_sum_of_discounted_residuals() -> None:
     torch.testing.assert_close(ret, adv + v)
 
 
+def test_gae_keeps_float64() -> None:
+    """It returned float32 advantages for float64 inputs (6.9e-9 off a float64 sum)."""
+    g = torch.Generator().manual_seed(2)
+    r, v = (torch.rand(3, 9, generator=g, dtype=torch.float64) for _ in range(2))
+    v = v + 0.123456789012345  # digits a float32 would lose
+    d = torch.rand(3, 9, generator=g) < 0.25
+    last = torch.rand(3, generator=g, dtype=torch.float64)
+    adv, ret = gae(r, v, d, last, gamma=0.99, lam=0.95)
+    assert adv.dtype == ret.dtype == torch.float64 and adv.device == v.device
+    torch.testing.assert_close(adv, gae_reference(r, v, d, last, 0.99, 0.95), rtol=0, atol=1e-12)
+    adv32, _ = gae(r.float(), v.float(), d, last.float(), gamma=0.99, lam=0.95)
+    assert adv32.dtype == torch.float32  # the positive control
+
+
 def test_ppo_loss_matches_the_written_formula() -> None:
     torch.manual_seed(0)
     pol = MLPPolicy(984, 3, d_model=8).double()
@@ -309,6 +323,11 @@ def test_bad_settings_name_the_argument() -> None:
         tiny_task().steps_per_iteration(0)
     with pytest.raises(ValueError, match="actions must be 2 ints in"):
         GridEnvs(S7, 2).step(torch.tensor([0, 7]))
+    for floats in ([0.0, 1.0], [0.5, 1.0]):  # 0.0 indexed the action tuple: a TypeError
+        with pytest.raises(ValueError, match=r"actions must be 2 ints in \[0, 3\), got \[0"):
+            GridEnvs(S7, 2).step(torch.tensor(floats))
+    with pytest.raises(ValueError, match="actions must be 2 ints in"):
+        GridEnvs(S7, 2).step(torch.tensor([False, True]))
     with pytest.raises(ValueError, match="gamma must be in"):
         PPOConfig(gamma=1.5)
     pol = MLPPolicy(984, 3, d_model=8)
@@ -351,6 +370,21 @@ def test_cli_trains_an_agent_and_rejects_a_bad_size(tmp_path) -> None:  # type: 
     assert ok.returncode == 0, ok.stderr
     assert "100 evaluation episodes" in ok.stdout
     assert (out / "last.safetensors").is_file() and (out / "report" / "report.html").is_file()
+
+
+def test_cli_refuses_more_environments_than_fit_before_any_work(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """A million environments went on building (~15 GiB, minutes) toward a rollout whose
+    observations alone would take 469 GiB."""
+    from attnlab.cli import main
+    from attnlab.rl.specs import AGENT_TASKS, MAX_ENVS
+
+    assert {s.max_train_size for s in AGENT_TASKS.values()} == {MAX_ENVS}
+    assert MAX_ENVS * 128 * 984 * 4 <= 2**30  # a default rollout's observations: <= 1 GiB
+    for size in (1_000_000, MAX_ENVS + 1):
+        code = main(["train", "memory-agent", "--train-size", str(size), "--out", str(tmp_path)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1, err
+        assert f"argument --train-size: is {size}; memory-agent makes at most {MAX_ENVS}" in err[0]
 
 
 @pytest.mark.parametrize(

@@ -167,10 +167,11 @@ class GridEnvs:
 
         A done environment's next observation is the first of its new episode. With
         ``active`` (bool ``(n,)``), the others stand still: their observation is repeated,
-        with reward 0 and not done.
+        with reward 0 and not done. ``actions`` must be of an integer dtype (``0.0`` is
+        not an action: a ValueError, as an action out of range is).
         """
         acts = torch.as_tensor(actions).flatten()
-        if acts.numel() != self.n or bool(((acts < 0) | (acts >= self.num_actions)).any()):
+        if not _valid_actions(acts, self.n, self.num_actions):
             raise ValueError(
                 f"actions must be {self.n} ints in [0, {self.num_actions}), got {acts.tolist()}"
             )
@@ -192,6 +193,14 @@ class GridEnvs:
                 obs.append(o)
         self.starts, self._last = torch.from_numpy(dones.copy()), obs
         return _encode_all(obs), torch.from_numpy(rewards), self.starts.clone()
+
+
+def _valid_actions(acts: Tensor, n: int, k: int) -> bool:
+    """Whether ``acts`` is ``n`` actions in ``[0, k)`` of an integer dtype (floats such as
+    ``0.0`` went on to index the action tuple: a bare TypeError)."""
+    if acts.is_floating_point() or acts.is_complex() or acts.dtype == torch.bool:
+        return False
+    return acts.numel() == n and bool(((acts >= 0) & (acts < k)).all())
 
 
 def _encode_all(obs: list[dict[str, Any]]) -> Tensor:

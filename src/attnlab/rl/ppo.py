@@ -93,7 +93,8 @@ def gae(
 
     ``delta_t = r_t + gamma * V_{t+1} * (1 - done_t) - V_t`` and
     ``A_t = delta_t + gamma * lam * (1 - done_t) * A_{t+1}``, with ``V_T = last_value``
-    (the segment's cut is bootstrapped, an episode's end is not); returns ``A + V``.
+    (the segment's cut is bootstrapped, an episode's end is not); returns ``A + V``, in
+    the inputs' dtype (float64 stays float64) and on their device.
 
     Example:
         >>> cut = torch.zeros(1, 3, dtype=torch.bool)  # no episode ends: V_3 = last_value
@@ -103,10 +104,13 @@ def gae(
         ([[-0.875, -0.75, -0.5]], [[0.125, 0.25, 0.5]])
     """
     b, t = rewards.shape
-    adv, running = torch.zeros(b, t), torch.zeros(b)
-    next_value = last_value
+    dtype = torch.promote_types(torch.result_type(rewards, values), last_value.dtype)
+    if not dtype.is_floating_point:  # (integer rewards and values)
+        dtype = torch.get_default_dtype()
+    adv = torch.zeros(b, t, dtype=dtype, device=values.device)
+    running, next_value = adv.new_zeros(b), last_value
     for i in reversed(range(t)):
-        live = (~dones[:, i]).float()
+        live = (~dones[:, i]).to(dtype)
         delta = rewards[:, i] + gamma * next_value * live - values[:, i]
         running = delta + gamma * lam * live * running
         adv[:, i], next_value = running, values[:, i]

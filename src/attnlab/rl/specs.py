@@ -32,15 +32,25 @@ from attnlab.rl.task import (
 from attnlab.tasks.registry import TaskSpec
 from attnlab.train.loop import Task
 
-__all__ = ["AGENT_TASKS", "agent_spec"]
+__all__ = ["AGENT_TASKS", "MAX_ENVS", "agent_spec"]
 
 FRAMES = {MEMORY_ENV: 2_000_000, DOORKEY_ENV: 300_000}  # the default budget, in env steps
+# --train-size (environments) at most: 64x the default. A rollout's observations take
+# 128 x 984 float32 per environment (0.5 MB), so 1024 take about 0.5 GiB (a million:
+# 469 GiB, after minutes of building ~15 GiB of environments)
+MAX_ENVS = 1024
 
 
 def agent_spec(name: str, env_id: str, policy: str) -> TaskSpec:
     """The :class:`TaskSpec` of a PPO agent: ``--train-size`` sets the number of parallel
-    environments, ``--batch-size`` the environments per minibatch; ``--steps`` counts
-    optimizer steps (16 per rollout of 16 x 128 steps at the defaults)."""
+    environments (at most :data:`MAX_ENVS`), ``--batch-size`` the environments per
+    minibatch; ``--steps`` counts optimizer steps (16 per rollout of 16 x 128 steps at the
+    defaults).
+
+    Example:
+        >>> agent_spec("memory-agent", MEMORY_ENV, "attention").max_train_size
+        1024
+    """
     per_iteration = PPO_EPOCHS * (N_ENVS // MINIBATCH_ENVS)
     iterations = FRAMES[env_id] // (N_ENVS * ROLLOUT_STEPS)
     defaults: dict[str, Any] = {
@@ -58,7 +68,9 @@ def agent_spec(name: str, env_id: str, policy: str) -> TaskSpec:
         return AgentTask(env_id=env_id, policy=policy, name=name, n_envs=n or N_ENVS)
 
     summary = f"PPO agent, {policy} policy, on {env_id} ({FRAMES[env_id] // 1000}k frames)"
-    return TaskSpec(summary=summary, build=build, defaults=defaults, finish=finish)
+    return TaskSpec(
+        summary=summary, build=build, defaults=defaults, finish=finish, max_train_size=MAX_ENVS
+    )
 
 
 AGENT_TASKS: dict[str, TaskSpec] = {

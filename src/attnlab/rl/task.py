@@ -9,8 +9,10 @@ its batch indices (a seeded shuffle per pass) pick them, so one iteration is
 step's number (:meth:`AgentTask.begin_step`); :meth:`AgentTask.batch` collects the next
 rollout when a new iteration begins. Every rollout is a pure function of
 ``(seed, iteration, weights)``: its environments are restarted from a seed made of both.
-So a run resumed from a checkpoint taken at an evaluation (``eval_every`` a multiple of the
-steps per iteration, as in the defaults) takes exactly the steps of one that never stopped.
+A checkpoint taken partway through an iteration's steps (Ctrl-C, a time limit, an
+evaluation between iterations) holds that rollout too (:meth:`AgentTask.task_state`), and
+the minibatches are a pure function of the trainer's seed and step; so a run resumed from
+any checkpoint takes exactly the steps of one that never stopped.
 
 Example:
     >>> task = AgentTask(n_envs=2, rollout_steps=4, ppo_epochs=1, eval_episodes=2, d_model=16)
@@ -23,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
@@ -112,7 +115,8 @@ class AgentTask:
         eval_episodes: episodes per evaluation during training (the final report: 100).
         seed: seeds the rollouts' environments and actions; None draws it from torch's
             generator when the model is built, which the trainer has just seeded with
-            ``TrainConfig.seed`` (so ``attnlab train --seed`` sets it).
+            ``TrainConfig.seed`` (so ``attnlab train --seed`` sets it); a drawn seed
+            resumes as the checkpoint's (:meth:`load_task_state`).
 
     Example:
         >>> task = AgentTask(policy="mlp", n_envs=2, rollout_steps=4, ppo_epochs=1, d_model=8,
@@ -146,7 +150,9 @@ class AgentTask:
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
         self.envs = GridEnvs(self.env_id, self.n_envs, seed=self.seed or 0)
+        self._drawn = self.seed is None  # drawn from the trainer's seed in build_model
         self._rollout: tuple[int, Rollout] | None = None
+        self._per_iteration = 0  # optimizer steps per rollout, as of the last batch
         self._step, self._model = 0, cast(AgentPolicy | None, None)
         self.train_log: dict[str, float] = {}
 
@@ -178,7 +184,8 @@ class AgentTask:
         the rollout of the current iteration, collected first if it is a new one."""
         if self._model is None:
             raise RuntimeError("AgentTask.batch needs begin_step first (the trainer calls it)")
-        it = self._step // self.steps_per_iteration(len(indices))
+        self._per_iteration = self.steps_per_iteration(len(indices))
+        it = self._step // self._per_iteration
         if self._rollout is None or self._rollout[0] != it:
             self._model.eval()
             seed = (self.seed or 0) * 1_000_003 + it
@@ -187,6 +194,42 @@ class AgentTask:
             self._rollout = (it, ro)
             self.train_log = _rollout_summary(self.envs)
         return self._rollout[1].select(indices)
+
+    def task_state(self) -> dict[str, Any]:
+        """What a checkpoint needs to go on exactly (the trainer saves it): while steps of
+        the current iteration remain, its rollout's tensors, its number and its summary;
+        nothing at an iteration's end (the next step collects a new rollout).
+
+        Example:
+            >>> task = AgentTask(policy="mlp", n_envs=2, rollout_steps=4, d_model=8, seed=0)
+            >>> task.begin_step(task.build_model(), 0)
+            >>> _ = task.batch(torch.tensor([0]))  # step 0 of 8 (4 passes x 2 minibatches)
+            >>> state = task.task_state()
+            >>> state["rollout_iteration"], tuple(state["rollout.obs"].shape)
+            (0, (2, 4, 984))
+        """
+        if self._rollout is None or (self._step + 1) // self._per_iteration != self._rollout[0]:
+            return {}
+        it, ro = self._rollout
+        tensors = {f"rollout.{k}": getattr(ro, k) for k in ro.__dataclass_fields__}
+        if bool(((ro.obs == 0) | (ro.obs == 1)).all()):  # one-hot: a quarter of the bytes
+            tensors["rollout.obs"] = ro.obs.bool()
+        return {"rollout_iteration": it, "train_log": self.train_log, **tensors}
+
+    def load_task_state(self, state: dict[str, Any], config: dict[str, Any]) -> None:
+        """Take up a checkpoint's run (the trainer calls it on resume, with what
+        :meth:`task_state` saved and the checkpoint's config): a seed drawn from the
+        trainer's becomes the checkpoint's, so a resume under another ``--seed`` goes on
+        with the run's rollouts; and a rollout saved partway through its steps is taken up
+        where it stopped. (A checkpoint older than this holds no rollout: the iteration's
+        rollout is then collected again, with the weights of the step it stopped at.)"""
+        if self._drawn and isinstance(config.get("seed"), int):
+            self.seed = config["seed"]
+        same_run = json.loads(json.dumps(self.config())) == config  # (else refused after)
+        if "rollout_iteration" in state and same_run:
+            ro = _saved_rollout(state, (self.n_envs, self.rollout_steps))
+            self._rollout = (int(state["rollout_iteration"]), ro)
+            self.train_log = dict(state["train_log"])
 
     def loss(self, model: nn.Module, batch: Rollout) -> Tensor:
         return ppo_loss(_policy(model), batch, self.ppo)[0]
@@ -200,6 +243,19 @@ def _policy(model: nn.Module) -> AgentPolicy:
     if not isinstance(model, AgentPolicy):
         raise TypeError(f"model must be an attnlab.rl policy, got {type(model).__name__}")
     return model
+
+
+def _saved_rollout(state: dict[str, Any], shape: tuple[int, int]) -> Rollout:
+    """The :class:`Rollout` that :meth:`AgentTask.task_state` saved (observations back to
+    float32), checked to be ``(n_envs, rollout_steps)`` segments."""
+    fields: dict[str, Tensor] = {}
+    for k in Rollout.__dataclass_fields__:
+        x = state.get(f"rollout.{k}")
+        if not isinstance(x, Tensor) or tuple(x.shape[:2]) != shape:
+            raise ValueError(f"its rollout.{k} is not a tensor of {shape} segments")
+        fields[k] = x
+    fields["obs"] = fields["obs"].float()
+    return Rollout(**fields)
 
 
 def _rollout_summary(envs: GridEnvs) -> dict[str, float]:

@@ -23,7 +23,17 @@ from torch import Tensor, nn
 
 from attnlab._io import atomic_write
 
-__all__ = ["Checkpoint", "CheckpointError", "check_same_run", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "check_same_run",
+    "load_checkpoint",
+    "restore_task_state",
+    "save_checkpoint",
+    "task_state",
+]
+
+TASK_PREFIX = "task."  # a task's own entries in a checkpoint's state
 
 
 class CheckpointError(ValueError):
@@ -240,6 +250,50 @@ def check_same_run(ckpt: Checkpoint, config: dict, train_size: int, path: str | 
             f"resume: {path} holds another configuration than this task's: {shown}{more}; "
             "build the task as the checkpoint's was, or train afresh"
         )
+
+
+def task_state(task: object) -> dict[str, Any]:
+    """What a task keeps in each checkpoint, through its optional ``task_state()`` (tensors
+    go into the safetensors body, the rest into the JSON metadata), under ``task.``.
+
+    Example:
+        >>> class T:
+        ...     def task_state(self):
+        ...         return {"seen": torch.arange(2), "count": 2}
+        >>> sorted(task_state(T())), task_state(object())  # a task without one: nothing
+        (['task.count', 'task.seen'], {})
+    """
+    get = getattr(task, "task_state", None)
+    return {} if get is None else {TASK_PREFIX + k: v for k, v in get().items()}
+
+
+def restore_task_state(task: Any, ckpt: Checkpoint, path: str | Path) -> None:
+    """Give a resumed task what :func:`task_state` saved (nothing from a checkpoint older
+    than it) and the checkpoint's config, through its optional ``load_task_state(state,
+    config)``, then check that it continues the checkpoint's run (:func:`check_same_run`):
+    a task may take up a setting it drew itself (an agent's rollout seed) before the check.
+
+    Example:
+        >>> class T:
+        ...     def config(self): return {"d": 4}
+        ...     def num_train(self): return 2
+        ...     def load_task_state(self, state, config): print(state, config)
+        >>> ck = Checkpoint({}, {"d": 4}, state={"step": 3, "task.n": 2})
+        >>> restore_task_state(T(), ck, "last.safetensors")
+        {'n': 2} {'d': 4}
+    """
+    load = getattr(task, "load_task_state", None)
+    if load is not None:
+        n = len(TASK_PREFIX)
+        saved = {k[n:]: v for k, v in ckpt.state.items() if k.startswith(TASK_PREFIX)}
+        try:
+            load(saved, ckpt.config)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} holds task state this task cannot take up "
+                f"({type(e).__name__}: {e}); use an earlier checkpoint or train again"
+            ) from e
+    check_same_run(ckpt, task.config(), task.num_train(), path)
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, object]:

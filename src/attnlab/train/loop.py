@@ -27,10 +27,11 @@ from attnlab._validate import nonnegative_int, positive_int, validate_flag
 from attnlab.train.checkpoint import (
     Checkpoint,
     CheckpointError,
-    check_same_run,
     load_checkpoint,
     load_model_state,
+    restore_task_state,
     save_checkpoint,
+    task_state,
 )
 from attnlab.train.interrupt import TrainingInterrupted, stop_requests
 
@@ -53,7 +54,8 @@ class Task(Protocol):
 # A task may also define ``begin_step(model, step)``: the trainer calls it before each
 # step's ``batch``, so a task whose data comes from the model itself (reinforcement
 # learning's rollouts, :mod:`attnlab.rl`) can collect it. It should be a pure function of
-# ``(seed, step, model)`` for exact resume.
+# ``(seed, step, model)`` for exact resume, and keep what it holds between steps (a
+# rollout) through ``task_state()`` and ``load_task_state()`` (see ``restore_task_state``).
 #
 # A task may also define ``param_groups(model)``: AdamW parameter groups (dicts with
 # ``params`` and any of ``betas``, ``weight_decay``, ``lr_scale``); a group's learning rate
@@ -346,13 +348,14 @@ class Trainer:
             "train": asdict(self.cfg),
             "train_size": self.task.num_train(),  # a resume on other data is refused
             "rng_torch": torch.get_rng_state(),
+            **task_state(self.task),  # what the task holds between steps (a rollout)
         }
         ckpt = Checkpoint(self.model.state_dict(), self.task.config(), self.opt.state_dict(), state)
         save_checkpoint(Path(self.cfg.out_dir) / name, ckpt)
 
     def _resume(self, path: Path) -> None:
         ckpt = load_checkpoint(path)
-        check_same_run(ckpt, self.task.config(), self.task.num_train(), path)
+        restore_task_state(self.task, ckpt, path)  # and checks it is the checkpoint's run
         load_model_state(self.model, ckpt, path)
         if ckpt.optimizer is not None:
             self.opt.load_state_dict(ckpt.optimizer)
