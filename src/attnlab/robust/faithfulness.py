@@ -40,6 +40,7 @@ __all__ = [
     "AttentionSearch",
     "adversarial_attention",
     "jsd",
+    "median",
     "override_attention",
     "permutation_test",
     "tvd",
@@ -163,8 +164,28 @@ def _rewritten(module: nn.Module, fn: WeightsFn) -> Iterator[None]:
 
 
 def _rows_of(w: Tensor) -> WeightsFn:
-    """Call ``i`` gets ``w[:, i]``."""
-    return lambda _, i: w[:, i]
+    """Call ``i`` gets ``w[:, i]``, in the dtype of its own weights."""
+    return lambda own, i: w[:, i].to(own.dtype)
+
+
+def _working(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the tests compute in: the model's, at least float32 (float64 stays)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _probs(logits: Tensor) -> Tensor:
+    return logits.to(_working(logits.dtype)).softmax(-1)
+
+
+def median(x: Tensor, dim: int | None = None) -> Tensor:
+    """The median (over ``dim``, default all): for an even count the mean of the two middle
+    values (``torch.median`` gives the lower one).
+
+    Example:
+        >>> median(torch.tensor([[1.0, 2.0, 10.0, 4.0]]), 1), torch.tensor([1.0, 2.0]).median()
+        (tensor([3.]), tensor(1.))
+    """
+    return torch.quantile(x, 0.5) if dim is None else torch.quantile(x, 0.5, dim=dim)
 
 
 def _recorded(model: nn.Module, module: nn.Module, run: Run) -> tuple[Tensor, Tensor]:
@@ -176,13 +197,14 @@ def _recorded(model: nn.Module, module: nn.Module, run: Run) -> tuple[Tensor, Te
         return w
 
     with torch.no_grad(), override_attention(module, keep):
-        probs = run(model).float().softmax(-1)
+        probs = _probs(run(model))
     if not seen:  # (torch.stack: "expects a non-empty TensorList")
         raise ValueError(
             f"module: {type(module).__name__} made no attnlab attention call while run ran "
             "the model; give the attention layer the model calls"
         )
-    return probs, torch.stack(seen, 1).float()
+    w = torch.stack(seen, 1)
+    return probs, w.to(_working(w.dtype))
 
 
 def _output_shift(probs: Tensor, base: Tensor) -> Tensor:
@@ -245,7 +267,7 @@ def adversarial_attention(
     base, w0 = _recorded(model, module, run)  # (B, ..., C), (B, T, Lk)
     real = w0 > 0
     g = torch.Generator().manual_seed(seed)
-    z0 = w0.clamp_min(1e-12).log() + torch.randn(w0.shape, generator=g).to(w0.device)
+    z0 = w0.clamp_min(1e-12).log() + torch.randn(w0.shape, generator=g).to(w0)
     z = z0.masked_fill(~real, 0.0).requires_grad_(True)
     opt = torch.optim.Adam([z], lr=lr)
     zeros = w0.new_zeros(len(w0))  # (B,)
@@ -253,7 +275,7 @@ def adversarial_attention(
     for _ in range(steps):
         w = torch.softmax(z.masked_fill(~real, -torch.inf), -1).nan_to_num(0.0)  # (B, T, Lk)
         with override_attention(module, _rows_of(w)):
-            shift = _output_shift(run(model).float().softmax(-1), base)  # (B,)
+            shift = _output_shift(_probs(run(model)), base)  # (B,)
         div = _mean_rows(jsd(w, w0), real.any(-1))  # (B,)
         ok = (shift <= tolerance) & (div > best.jsd)
         best.jsd = torch.where(ok, div.detach(), best.jsd)
@@ -289,8 +311,9 @@ def permutation_test(
     attention row is shuffled among its real positions.
 
     Returns:
-        ``{"median_tvd": (B,) median over the permutations, "max_attention": (B,) the
-        largest weight of each example (mean over its rows)}``.
+        ``{"median_tvd": (B,) median over the permutations (:func:`median`: for an even
+        count the mean of the two middle values), "max_attention": (B,) the largest weight
+        of each example (mean over its rows)}``.
 
     Example:
         >>> pool, head, h = AttentionPooling(3), nn.Linear(3, 2), torch.randn(4, 5, 3)
@@ -305,9 +328,9 @@ def permutation_test(
     for _ in range(permutations):
         w = _permute_rows(w0, g)
         with torch.no_grad(), override_attention(module, _rows_of(w)):
-            shifts.append(_output_shift(run(model).float().softmax(-1), base))
+            shifts.append(_output_shift(_probs(run(model)), base))
     return {
-        "median_tvd": torch.stack(shifts, 1).median(1).values,
+        "median_tvd": median(torch.stack(shifts, 1), 1),
         "max_attention": _mean_rows(w0.amax(-1), (w0 > 0).any(-1)),
     }
 

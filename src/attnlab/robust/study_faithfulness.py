@@ -22,7 +22,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnlab.robust.faithfulness import adversarial_attention, permutation_test, uniform_attention
+from attnlab.robust.faithfulness import (
+    adversarial_attention,
+    median,
+    permutation_test,
+    uniform_attention,
+)
 from attnlab.robust.study import Row, train_row, write_outputs
 from attnlab.tasks.classification import DocumentTask
 from attnlab.tasks.dates import DatesTask
@@ -105,10 +110,10 @@ def faithfulness_row(name: str, *, examples: int = 200, smoke: bool = False) -> 
     metrics = {
         "accuracy": _accuracy(name, task, model),
         "uniform_accuracy": uniform_acc,
-        "adv_jsd_median": round(float(search.jsd.median()), 3),
+        "adv_jsd_median": round(float(median(search.jsd)), 3),
         "adv_jsd>0.5_%": round(100.0 * float((search.jsd > 0.5).float().mean()), 1),
-        "perm_tvd_median": round(float(perm["median_tvd"].median()), 3),
-        "max_attention_median": round(float(perm["max_attention"].median()), 3),
+        "perm_tvd_median": round(float(median(perm["median_tvd"])), 3),
+        "max_attention_median": round(float(median(perm["max_attention"])), 3),
     }
     return Row(name, metrics, round(seconds, 1))
 

@@ -1,0 +1,55 @@
+"""attnlab.robust's faithfulness tests keep a float64 model's dtype and take the
+conventional median (the mean of the two middle values for an even count)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from attnlab.nn import AttentionPooling
+from attnlab.robust import adversarial_attention, override_attention, permutation_test, tvd
+from attnlab.robust.faithfulness import _permute_rows
+
+
+def _pooling(dtype: torch.dtype) -> tuple[nn.Module, AttentionPooling, Tensor]:
+    """An attention-pooling classifier in ``dtype``, and its input ``h (4, 5, 6)``."""
+    torch.manual_seed(1)
+    pool, head = AttentionPooling(6).to(dtype), nn.Linear(6, 3).to(dtype)
+    return nn.ModuleDict({"pool": pool, "head": head}), pool, torch.randn(4, 5, 6).to(dtype)
+
+
+def test_faithfulness_tests_run_a_float64_model_in_float64() -> None:
+    model, pool, h = _pooling(torch.float64)
+    run = lambda m: m["head"](m["pool"](h)[0])  # noqa: E731
+    r = adversarial_attention(model, pool, run, tolerance=0.05, steps=20)
+    assert r.weights.dtype == r.original.dtype == r.jsd.dtype == torch.float64
+    with torch.no_grad():
+        base = run(model).softmax(-1)
+        with override_attention(pool, lambda w, i: r.weights[:, i]):
+            moved = tvd(run(model).softmax(-1), base)  # recomputed independently
+    torch.testing.assert_close(moved, r.tvd, rtol=0, atol=1e-12)
+    assert bool((r.tvd <= 0.05).all()) and float(r.jsd.max()) > 0.01
+    perm = permutation_test(model, pool, run, permutations=4)
+    assert perm["median_tvd"].dtype == torch.float64 and bool((perm["median_tvd"] > 0).all())
+
+
+def test_permutation_median_is_the_mean_of_the_middle_two() -> None:
+    model, pool, h = _pooling(torch.float32)
+    run = lambda m: m["head"](m["pool"](h)[0])  # noqa: E731
+    r = permutation_test(model, pool, run, permutations=2, seed=0)
+    with torch.no_grad():  # the two shuffles, redone
+        base, w0 = run(model).softmax(-1), pool(h)[1][:, None]
+        g, shifts = torch.Generator().manual_seed(0), []
+        for _ in range(2):
+            w = _permute_rows(w0, g)
+            with override_attention(pool, lambda _, i, w=w: w[:, i]):
+                shifts.append(tvd(run(model).softmax(-1), base))
+    s = torch.stack(shifts, 1)
+    assert bool((s[:, 0] != s[:, 1]).any())  # the control: lower median != mean here
+    torch.testing.assert_close(r["median_tvd"], s.mean(1))
+    from attnlab.robust.faithfulness import median  # what the faithfulness study reports
+
+    x = torch.tensor([[4.0, 1.0, 3.0, 10.0], [2.0, 2.0, 5.0, 0.0]])
+    torch.testing.assert_close(median(x, 1), torch.tensor(np.median(x.numpy(), 1)))
+    assert float(median(torch.tensor([1.0, 2.0, 3.0]))) == 2.0
