@@ -11,7 +11,8 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,31 @@ from attnlab.train import LossFn
 __all__ = ["CharEditAttack", "EditResult", "pgd_embeddings", "pgd_pixels", "word_edits"]
 
 
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Torch's global RNG seeded from ``seed`` inside the block, and as it was after it."""
+    g = torch.Generator().manual_seed(nonnegative_int("seed", seed))  # (a torch error)
+    with torch.random.fork_rng():
+        torch.manual_seed(int(torch.randint(2**31, (1,), generator=g)))
+        yield
+
+
+def _check_inside(images: Tensor, bounds: tuple[float, float]) -> None:
+    """A ValueError naming ``images`` and ``bounds`` unless every value lies in the bounds."""
+    if not isinstance(images, Tensor) or not images.is_floating_point():
+        raise TypeError(f"images must be a floating-point tensor, got {images!r:.60}")
+    if images.numel() == 0 or images.device.type == "meta":  # (meta: no values to read)
+        return
+    low, high = torch.aminmax(images)
+    lo, hi = torch.tensor(bounds, dtype=images.dtype)  # as the clamp compares them
+    if not bool((lo <= low) & (high <= hi)):  # (NaN: False)
+        raise ValueError(
+            f"images must lie inside bounds={bounds}, got values in "
+            f"[{float(low):.4g}, {float(high):.4g}]; "
+            "pass the images' own range as bounds (normalized images: the normalized range)"
+        )
+
+
 def pgd_pixels(
     model: nn.Module,
     images: Tensor,
@@ -51,7 +77,7 @@ def pgd_pixels(
 
     Args:
         model: ``images (B, C, H, W) -> logits (B, K)`` (put it in eval mode first).
-        images: ``(B, C, H, W)`` inside ``bounds``. labels: ``(B,)``.
+        images: ``(B, C, H, W)`` inside ``bounds`` (else a ValueError). labels: ``(B,)``.
         epsilon: radius (> 0). steps: >= 1. alpha: step (default ``2.5 eps / steps``).
         norm: ``"linf"`` or ``"l2"``. bounds: the valid pixel range ``(low, high)``,
             ``low < high``.
@@ -71,9 +97,8 @@ def pgd_pixels(
     steps = positive_int("steps", steps)
     alpha = check_positive("alpha", 2.5 * eps / steps if alpha is None else alpha)
     bounds = check_bounds(bounds)
-    g = torch.Generator().manual_seed(nonnegative_int("seed", seed))  # (a torch error)
-    with torch.random.fork_rng():
-        torch.manual_seed(int(torch.randint(2**31, (1,), generator=g)))
+    _check_inside(images, bounds)
+    with _seeded(seed):
         delta = random_start(images, eps, norm)
     x = images.detach()
     for _ in range(steps):
@@ -94,8 +119,16 @@ def pgd_embeddings(
     alpha: float | None = None,
     norm: str = "l2",
     embedding: str | None = None,
+    seed: int | None = None,
 ) -> Perturbation:
     """PGD on the embeddings of ``batch``: evaluate under it with ``p.active()``.
+
+    Args:
+        model, batch, loss_fn: the attack maximizes ``loss_fn(model, batch)``.
+        epsilon, steps, alpha, norm, embedding: as in :class:`~attnlab.robust.PGD`.
+        seed: of the random start, drawn as :func:`pgd_pixels` draws its own (the global
+            RNG left as it was; the same seed, the same attack). None (the default): drawn
+            from torch's global RNG, which it advances.
 
     Example:
         >>> m = nn.Sequential(nn.Embedding(5, 3), nn.Flatten(), nn.Linear(6, 2))
@@ -103,10 +136,16 @@ def pgd_embeddings(
         >>> p = pgd_embeddings(m, ids, lambda m, b: F.cross_entropy(m(b), y), epsilon=0.5)
         >>> bool(p.delta.flatten(1).norm(dim=1).max() <= 0.5 + 1e-6)
         True
+        >>> loss = lambda m, b: F.cross_entropy(m(b), y)
+        >>> a, b = (pgd_embeddings(m, ids, loss, epsilon=0.5, seed=3) for _ in range(2))
+        >>> torch.equal(a.delta, b.delta)
+        True
     """
-    return PGD(epsilon, steps=steps, alpha=alpha, norm=norm, embedding=embedding).attack(
-        model, batch, loss_fn
-    )
+    pgd = PGD(epsilon, steps=steps, alpha=alpha, norm=norm, embedding=embedding)
+    if seed is None:
+        return pgd.attack(model, batch, loss_fn)
+    with _seeded(seed):
+        return pgd.attack(model, batch, loss_fn)
 
 
 # ---------------------------------------------------------------------------------------
@@ -134,14 +173,17 @@ def word_edits(word: str, protect: Callable[[str], bool], alphabet: str) -> list
     """Every word one edit away (swap two neighbours, drop one, insert one of
     ``alphabet``) that keeps the protected characters and their adjacency.
 
-    A protected character (a digit of a date) is never dropped or swapped, nothing is
-    inserted between two protected characters, and none is dropped from between two of
-    them, so ``"21.11"`` never becomes ``"2111"``.
+    A protected character (a digit of a date) is never dropped, swapped or inserted (those
+    of ``alphabet`` are skipped), nothing is inserted between two protected characters,
+    and none is dropped from between two of them, so ``"21.11"`` never becomes ``"2111"``.
 
     Example:
         >>> sorted(word_edits("a1", str.isdigit, "x"))
         ['1', 'a1x', 'ax1', 'xa1']
+        >>> sorted(word_edits("a1", str.isdigit, "x7"))  # "7" is protected: never inserted
+        ['1', 'a1x', 'ax1', 'xa1']
     """
+    alphabet = "".join(a for a in alphabet if not protect(a))
     out: set[str] = set()
     n = len(word)
     for i in range(n):
@@ -165,8 +207,10 @@ class CharEditAttack:
 
     Args:
         budget: edits allowed in each word (>= 0).
-        alphabet: characters that may be inserted (no space).
-        protect: characters never edited (default none); e.g. ``str.isdigit`` for dates.
+        alphabet: characters that may be inserted (no space); the protected ones among
+            them never are.
+        protect: characters never edited, inserted or removed (default none); e.g.
+            ``str.isdigit`` for dates.
         max_candidates: edits scored per text and round, drawn at random (seeded).
         seed: of that draw.
 
