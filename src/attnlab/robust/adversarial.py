@@ -15,6 +15,12 @@ SMART    L(x) + w * symKL(f(x), f(x + delta)) (Jiang et al., 2020)        k+3 fw
 
 (plain training: 1 forward + 1 backward). Norms are per example (L2 or L-infinity over
 all of one example's embedding values). ``benchmarks/bench_robust.py`` measures the costs.
+
+With ``site="input"`` and ``bounds``, PGD, FreeLB and SMART keep ``x + delta`` inside the
+bounds after the start and after every step (:meth:`Perturbation.within_bounds`, as
+:func:`~attnlab.robust.pgd_pixels` does). A regularizer listed after (around) a plug-in
+reads the attention of the one pass it trains on (FGM, PGD, FreeLB: the last adversarial
+pass; SMART: the clean pass): the others run in :func:`~attnlab.robust.passes.hidden_pass`.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlab._validate import positive_int, validate_flag
+from attnlab.robust.passes import hidden_pass
 from attnlab.robust.perturb import (
     Perturbation,
     ascent_direction,
@@ -36,6 +43,7 @@ from attnlab.robust.perturb import (
     find_embedding,
     project,
     random_start,
+    unused_embedding,
 )
 from attnlab.train import LossFn
 
@@ -73,6 +81,35 @@ class _Adversary:
     def _start(self, x: Tensor) -> Tensor:
         return random_start(x, self.epsilon, self.norm)
 
+    def _leaf(self, pert: Perturbation) -> Tensor:
+        """``pert.delta`` after a tracked forward; a ValueError naming ``embedding=`` when
+        the layer never ran."""
+        if pert.delta is None:
+            raise unused_embedding(self._model(), pert.module, self.embedding)
+        return pert.delta
+
+    def _grad(self, pert: Perturbation, loss: Tensor | None = None) -> Tensor:
+        """``d loss / d delta`` (``loss=None``: the ``delta.grad`` a backward left); a
+        ValueError naming ``embedding=`` when there is none."""
+        delta = self._leaf(pert)
+        if loss is None:
+            g = delta.grad
+        else:
+            (g,) = torch.autograd.grad(loss, delta, allow_unused=True)
+        if g is None:
+            raise unused_embedding(self._model(), pert.module, self.embedding)
+        return g
+
+    def _model(self) -> nn.Module:
+        assert self._cache is not None
+        return self._cache[0]
+
+    def _ascend(self, pert: Perturbation, g: Tensor, alpha: float, norm: str) -> None:
+        """One ascent step of size ``alpha`` along ``g`` (``norm``'s steepest direction),
+        projected onto the ball, then into the bounds."""
+        step = self._leaf(pert).detach() + alpha * ascent_direction(g, norm)
+        pert.leaf(pert.within_bounds(project(step, self.epsilon, self.norm)))
+
 
 class FGM(_Adversary):
     """Fast gradient method (Miyato et al., 2017): one step of size ``epsilon`` along the
@@ -106,11 +143,11 @@ class FGM(_Adversary):
 
     def step(self, model: nn.Module, batch: Any, loss_fn: LossFn) -> Tensor:
         pert = self.perturbation(model)
-        with pert.active(track=True):
-            clean = loss_fn(model, batch)
-        clean.backward()  # parameter gradients of the clean loss, and d L / d delta
-        assert pert.delta is not None and pert.delta.grad is not None
-        pert.delta = self.epsilon * ascent_direction(pert.delta.grad, self.norm)
+        with hidden_pass():
+            with pert.active(track=True):
+                clean = loss_fn(model, batch)
+            clean.backward()  # parameter gradients of the clean loss, and d L / d delta
+        pert.delta = self.epsilon * ascent_direction(self._grad(pert), self.norm)
         with pert.active():
             adv = loss_fn(model, batch)
         pert.delta = None
@@ -151,8 +188,9 @@ class PGD(_Adversary):
     ) -> None:
         super().__init__(epsilon, norm, embedding, site, bounds)
         self.steps = positive_int("steps", steps)
-        self.alpha = 2.5 * self.epsilon / self.steps if alpha is None else alpha
-        check_positive("alpha", self.alpha)
+        self.alpha = check_positive(
+            "alpha", 2.5 * self.epsilon / self.steps if alpha is None else alpha
+        )
         self.random_start = validate_flag("random_start", random_start)
         self.clean = validate_flag("clean", clean)
 
@@ -161,14 +199,10 @@ class PGD(_Adversary):
         pert = self.perturbation(model)
         init = self._start if self.random_start else None
         for _ in range(self.steps):
-            with pert.active(track=True, init=init):
+            with hidden_pass(), pert.active(track=True, init=init):
                 loss = loss_fn(model, batch)
-            assert pert.delta is not None
-            (g,) = torch.autograd.grad(loss, pert.delta)
-            step = pert.delta.detach() + self.alpha * ascent_direction(g, self.norm)
-            pert.leaf(project(step, self.epsilon, self.norm))
-        assert pert.delta is not None
-        pert.delta = pert.delta.detach()
+            self._ascend(pert, self._grad(pert, loss), self.alpha, self.norm)
+        pert.delta = self._leaf(pert).detach()
         return pert
 
     def step(self, model: nn.Module, batch: Any, loss_fn: LossFn) -> Tensor:
@@ -176,7 +210,10 @@ class PGD(_Adversary):
         with pert.active():
             adv = loss_fn(model, batch)
         pert.delta = None
-        return adv + loss_fn(model, batch) if self.clean else adv
+        if not self.clean:
+            return adv
+        with hidden_pass():
+            return adv + loss_fn(model, batch)
 
 
 class FreeLB(_Adversary):
@@ -230,15 +267,15 @@ class FreeLB(_Adversary):
     def step(self, model: nn.Module, batch: Any, loss_fn: LossFn) -> Tensor:
         pert, total = self.perturbation(model), 0.0
         for _ in range(self.steps - 1):
-            with pert.active(track=True, init=self._init):
-                loss = loss_fn(model, batch) / self.steps
-            loss.backward()  # accumulates the parameters' gradients, and d L / d delta
+            with hidden_pass():
+                with pert.active(track=True, init=self._init):
+                    loss = loss_fn(model, batch) / self.steps
+                loss.backward()  # accumulates the parameters' gradients, and d L / d delta
             total += float(loss.detach())
-            assert pert.delta is not None and pert.delta.grad is not None
-            step = pert.delta.detach() + self.alpha * ascent_direction(pert.delta.grad, self.norm)
-            pert.leaf(project(step, self.epsilon, self.norm))
+            self._ascend(pert, self._grad(pert), self.alpha, self.norm)
         with pert.active(track=True, init=self._init):
             last = loss_fn(model, batch) / self.steps
+        self._leaf(pert)  # (steps=1: the layer ran)
         pert.delta = None
         return last + total  # the logged value is the mean loss over the K steps
 
@@ -298,20 +335,17 @@ class SMART(_Adversary):
 
     def step(self, model: nn.Module, batch: Any, loss_fn: LossFn) -> Tensor:
         loss = loss_fn(model, batch)
-        clean = self.outputs(model, batch)
+        with hidden_pass():
+            clean = self.outputs(model, batch)
         target = clean.detach()
         pert = self.perturbation(model)
         init: Callable[[Tensor], Tensor] = lambda x: torch.randn_like(x) * self.noise  # noqa: E731
         for _ in range(self.steps):
-            with pert.active(track=True, init=init):
+            with hidden_pass(), pert.active(track=True, init=init):
                 div = symmetric_kl(self.outputs(model, batch), target)
-            assert pert.delta is not None
-            (g,) = torch.autograd.grad(div, pert.delta)
-            step = pert.delta.detach() + self.alpha * ascent_direction(g, "linf")
-            pert.leaf(project(step, self.epsilon, self.norm))
-        assert pert.delta is not None
-        pert.delta = pert.delta.detach()
-        with pert.active():
+            self._ascend(pert, self._grad(pert, div), self.alpha, "linf")
+        pert.delta = self._leaf(pert).detach()
+        with hidden_pass(), pert.active():
             div = symmetric_kl(self.outputs(model, batch), clean)
         pert.delta = None
         return loss + self.weight * div

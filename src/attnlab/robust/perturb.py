@@ -35,6 +35,7 @@ __all__ = [
     "per_example_norm",
     "project",
     "random_start",
+    "unused_embedding",
 ]
 
 NORMS = ("l2", "linf")
@@ -43,13 +44,15 @@ _EMBEDDINGS = (nn.Embedding, PatchEmbedding)
 
 
 def check_positive(name: str, value: object, *, zero: bool = False) -> float:
-    """``value`` as a finite float > 0 (>= 0 with ``zero``), or an error naming ``name``.
+    """``value`` (any real number but a bool: a numpy scalar too) as a finite float > 0
+    (>= 0 with ``zero``), or an error naming ``name``.
 
     Example:
-        >>> check_positive("epsilon", 0.5)
-        0.5
+        >>> import numpy as np
+        >>> check_positive("epsilon", 0.5), check_positive("epsilon", np.float32(0.25))
+        (0.5, 0.25)
     """
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     v = float(value)
     if not (v >= 0 if zero else v > 0) or v != v or v == float("inf"):
@@ -137,6 +140,30 @@ def find_embedding(model: nn.Module, name: str | None = None) -> nn.Module:
     )
 
 
+def unused_embedding(model: nn.Module, module: nn.Module, name: str | None) -> ValueError:
+    """The error for an embedding layer that took no part in the loss: the layer
+    :func:`find_embedding` gave for ``name`` never ran in the forward pass, or its output
+    did not reach the loss; it names ``embedding=`` and the candidates to pass.
+
+    Example:
+        >>> m = nn.ModuleDict({"pos": nn.Embedding(4, 2), "tok": nn.Embedding(5, 2)})
+        >>> print(unused_embedding(m, m.pos, None))  # doctest: +NORMALIZE_WHITESPACE
+        the embedding layer 'pos' (Embedding, the first found) of ModuleDict took no part in
+        the loss (it never ran, or its output did not reach the loss); pass
+        embedding='<submodule name>' naming the layer that embeds the input, one of ['pos', 'tok']
+    """
+    names = {id(m): n for n, m in model.named_modules()}
+    found = names.get(id(module), "?")
+    which = "named by embedding=" if name is not None else "the first found"
+    candidates = [n for n, m in model.named_modules() if isinstance(m, _EMBEDDINGS)]
+    return ValueError(
+        f"the embedding layer {found!r} ({type(module).__name__}, {which}) of "
+        f"{type(model).__name__} took no part in the loss (it never ran, or its output did "
+        f"not reach the loss); pass embedding='<submodule name>' naming the layer that "
+        f"embeds the input, one of {candidates}"
+    )
+
+
 def per_example_norm(x: Tensor, norm: str) -> Tensor:
     """``(B, ...) -> (B, 1, ..., 1)``: the L2 or L-infinity norm of each example."""
     flat = x.flatten(1)
@@ -189,7 +216,9 @@ class Perturbation:
 
     Attributes:
         delta: the perturbation (None until set or until the first forward with
-            ``track=True`` makes a zero leaf of the right shape).
+            ``track=True`` makes a zero leaf of the right shape, or ``init``'s draw; with
+            ``site="input"`` and ``bounds`` that draw is first brought inside the bounds,
+            see :meth:`within_bounds`).
 
     Example:
         >>> emb = nn.Embedding(4, 2)
@@ -207,6 +236,7 @@ class Perturbation:
         self.module = module
         self.site, self.bounds = check_site(site, bounds)
         self.delta: Tensor | None = None
+        self._x: Tensor | None = None  # the input of the last forward (site="input")
         self._track = False
         self._init: Callable[[Tensor], Tensor] | None = None
 
@@ -214,6 +244,25 @@ class Perturbation:
         """Set ``delta`` to a detached copy of ``value`` that requires grad; return it."""
         self.delta = value.detach().clone().requires_grad_(True)
         return self.delta
+
+    def within_bounds(self, delta: Tensor) -> Tensor:
+        """``delta`` changed so that ``x + delta`` lies inside ``bounds`` (``x``: the input
+        of the last forward; ``site="input"`` with ``bounds``), else ``delta`` as it is.
+
+        The projection of Madry et al.'s PGD (and :func:`~attnlab.robust.pgd_pixels`):
+        a pixel pushed past the bounds would be clamped in the forward, get no gradient
+        through the clamp and never move again; brought back onto the bound, it does.
+
+        Example:
+            >>> p = Perturbation(nn.Identity(), "input", bounds=(0, 1))
+            >>> with p.active():
+            ...     _ = p.module(torch.tensor([[0.0, 0.5, 1.0]]))
+            >>> p.within_bounds(torch.tensor([[-0.2, 0.2, 0.2]]))
+            tensor([[0.0000, 0.2000, 0.0000]])
+        """
+        if self.bounds is None or self._x is None:
+            return delta
+        return (self._x + delta).clamp(*self.bounds) - self._x
 
     @contextmanager
     def active(
@@ -236,7 +285,7 @@ class Perturbation:
     def _delta_for(self, x: Tensor) -> Tensor | None:
         if self.delta is None and self._track:
             assert self._init is not None
-            self.leaf(self._init(x.detach()))
+            self.leaf(self.within_bounds(self._init(x.detach())))
         return self.delta
 
     def _add_to_output(self, module: nn.Module, args: Any, out: Tensor) -> Tensor:
@@ -250,6 +299,7 @@ class Perturbation:
                 f"site='input' perturbs a floating-point input (pixels); "
                 f"{type(module).__name__} got {getattr(x, 'dtype', type(x).__name__)}"
             )
+        self._x = x.detach()
         delta = self._delta_for(x)
         if delta is None:
             return args

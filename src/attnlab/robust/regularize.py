@@ -8,7 +8,9 @@
   random during training (Zhou et al., 2020), the survivors scaled by ``1 / (1 - p)``.
 
 The plug-ins read the weights with :class:`attnlab.interpret.capture` ``(grad=True)``, so
-they work on any model whose attention goes through :mod:`attnlab.functional`.
+they work on any model whose attention goes through :mod:`attnlab.functional`. Listed
+after (around) an adversarial plug-in they read the one pass it trains on, not its attack
+steps (:mod:`attnlab.robust.passes`); listed before it, every pass it makes.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnlab.interpret import capture
 from attnlab.nn import MultiHeadAttention
+from attnlab.robust.passes import visible_calls
 from attnlab.robust.perturb import check_positive
 from attnlab.train import LossFn
 
@@ -134,9 +136,9 @@ class EntropyRegularizer:
         self.target, self.layers = target, _layer_names(layers)
 
     def step(self, model: nn.Module, batch: Any, loss_fn: LossFn) -> Tensor:
-        with capture(model, layers=self.layers, grad=True) as cap:
+        with visible_calls(model, self.layers) as calls:
             loss = loss_fn(model, batch)
-        return loss + self.weight * entropy_term([c.weights for c in cap], self.target)
+        return loss + self.weight * entropy_term([c.weights for c in calls], self.target)
 
 
 def _layer_names(layers: object) -> list[str] | None:
@@ -176,11 +178,11 @@ class SupervisedAttention:
         self.weight = check_positive("weight", weight)
 
     def step(self, model: nn.Module, batch: Any, loss_fn: LossFn) -> Tensor:
-        with capture(model, layers=[self.layer], grad=True) as cap:
+        with visible_calls(model, [self.layer]) as calls:
             loss = loss_fn(model, batch)
-        if not cap.records:
+        if not calls:
             raise ValueError(f"layer={self.layer!r} made no attention call in this step")
-        w = torch.cat([c.weights for c in cap], dim=2)  # (B, H, Lq, Lk)
+        w = torch.cat([c.weights for c in calls], dim=2)  # (B, H, Lq, Lk)
         target = self.alignment(batch)
         target = target[:, None] if target.dim() == 2 else target  # (B, Lq, Lk)
         return loss + self.weight * supervised_attention_term(w, target[:, None])
