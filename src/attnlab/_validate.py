@@ -30,6 +30,32 @@ def positive_int(name: str, value: object) -> int:
     return int(value)
 
 
+def positive_real(name: str, value: object) -> float:
+    """``value`` as a finite float > 0, or a TypeError/ValueError naming ``name``.
+
+    Example:
+        >>> positive_real("lr_g", 1e-4), positive_real("sigma", 1)
+        (0.0001, 1.0)
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not 0 < float(value) < math.inf:
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return float(value)
+
+
+def limit_or(limit: object, default: int) -> int:
+    """How many held-out items an ``evaluate(limit=...)`` scores: ``limit``, an int >= 1,
+    or ``default`` when it is None; a TypeError/ValueError naming ``limit`` otherwise (0 or
+    a negative number used to mean the default or silently score fewer).
+
+    Example:
+        >>> limit_or(None, 400), limit_or(5, 400)
+        (400, 5)
+    """
+    return default if limit is None else positive_int("limit", limit)
+
+
 def env_mib(name: str, default: int) -> int:
     """The environment variable ``name`` as a whole number of MiB >= 0 (0: off), or
     ``default`` when unset; a ValueError naming it otherwise.
