@@ -126,6 +126,19 @@ def test_ngram_baseline_against_direct_counts() -> None:
     assert base.perplexity(test, lam=lam) == pytest.approx(math.exp(nll / 5))
 
 
+def test_ngram_bigram_backs_off_to_the_unigram_after_an_unseen_context() -> None:
+    """<unk> (3) never occurs in training: ``p(w | <unk>)`` was ``(1 - lam) P_uni(w)``, a
+    distribution summing to ``1 - lam`` (perplexity 49.50 instead of 15.65 here)."""
+    base = G.NgramBaseline([[4, 5]], vocab_size=6)
+    uni = base.p_unigram
+    assert sum(uni(w) for w in range(2, 6)) == pytest.approx(1.0)
+    for lam in (0.5, 0.9):
+        # <bos> -> <unk>: a seen context, interpolated; <unk> -> <eos>: the unigram alone
+        want = math.exp(-(math.log((1 - lam) * uni(3)) + math.log(uni(2))) / 2)
+        assert base.perplexity([[3]], lam=lam) == pytest.approx(want)
+    assert base.perplexity([[3]], lam=0.9) == pytest.approx(15.6525, rel=1e-4)
+
+
 def test_perplexity_matches_a_direct_computation(task: G.GenerationTask) -> None:
     torch.manual_seed(0)
     lm = task.build_model().eval()

@@ -168,7 +168,9 @@ class NgramBaseline:
 
     A sentence ``w_1 .. w_n`` is scored as ``<bos> w_1 .. w_n <eos>`` (the ``n + 1``
     predictions a language model makes). The unigram model is add-one smoothed over the
-    vocabulary; the bigram is ``lam * c(v, w) / c(v) + (1 - lam) * P_unigram(w)``.
+    vocabulary; the bigram is ``lam * c(v, w) / c(v) + (1 - lam) * P_unigram(w)``, and
+    ``P_unigram(w)`` after a context ``v`` never seen in training (``c(v) = 0``, e.g.
+    ``<unk>``), so that each context's probabilities sum to 1.
 
     Example:
         >>> base = NgramBaseline([[4, 5], [4, 6]], vocab_size=7)
@@ -206,8 +208,8 @@ class NgramBaseline:
             for v, w in itertools.pairwise(seq):
                 p = self.p_unigram(w)
                 if order == 2:
-                    c = self.context[v]
-                    p = (1 - lam) * p + (lam * self.bigram[v, w] / c if c else 0.0)
+                    c = self.context[v]  # 0: an unseen context backs off to the unigram
+                    p = (1 - lam) * p + lam * self.bigram[v, w] / c if c else p
                 nll -= math.log(p)
                 count += 1
         return math.exp(nll / count)
