@@ -5,6 +5,7 @@ control."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -400,3 +401,31 @@ def test_lengths_and_caption_words_are_checked_by_name() -> None:
     ok = lambda: c(images, torch.tensor([[1, 2]]))  # type: ignore[operator]  # noqa: E731
     for words in (torch.tensor([[1.0, 2.0]]), torch.zeros(1, 0, dtype=torch.long)):
         check_and_control(lambda w=words: c(images, w), ok, ValueError, "words must be an integer")  # type: ignore[operator]
+
+
+def _small_task(name: str) -> object:
+    from attnlab.tasks.captioning import CaptioningTask
+    from attnlab.tasks.generation import GenerationTask
+
+    return {
+        "translation": lambda: TranslationTask(150, 4, d_model=16, num_heads=2, layers=1),
+        "dates": lambda: DatesTask(8, 4, embed_dim=8, hidden=8, decoder_hidden=8, attn_dim=8),
+        "captioning": lambda: CaptioningTask(8, 4, d_model=16, hidden_dim=16),
+        "generation": lambda: GenerationTask(60, 4, d_model=16, num_heads=2),
+    }[name]()
+
+
+@pytest.mark.parametrize("name", ["translation", "dates", "captioning", "generation"])
+def test_evaluate_limit_is_checked(name: str) -> None:
+    """``limit or eval_size``: 0 meant the default, -1 scored all but the last example,
+    2.5 failed slicing (a bare TypeError)."""
+    task = _small_task(name)
+    torch.manual_seed(0)
+    model = task.build_model().eval()  # type: ignore[attr-defined]
+    for bad, exc in ((0, ValueError), (-1, ValueError), (2.5, TypeError), (True, TypeError)):
+        with pytest.raises(exc, match=re.escape(f"limit must be a positive int, got {bad}")):
+            task.evaluate(model, limit=bad)  # type: ignore[attr-defined]
+    assert task.evaluate(model, limit=1)["score"] >= 0  # type: ignore[attr-defined]
+    if name == "generation":
+        with pytest.raises(ValueError, match="limit must be a positive int, got 0"):
+            task.perplexity(model, limit=0)  # type: ignore[attr-defined]

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlab._validate import positive_int
+from attnlab._validate import limit_or, positive_int
 from attnlab.interpret import capture
 from attnlab.models.captioner import Captioner, CaptionerConfig
 from attnlab.tasks.registry import TaskSpec
@@ -297,7 +297,7 @@ class CaptioningTask:
     def evaluate(self, model: nn.Module, *, limit: int | None = None) -> dict[str, float]:
         """Exact caption match (%) on held-out scenes; ``score`` is exact / 100."""
         assert isinstance(model, Captioner)
-        n = limit or self.eval_size
+        n = limit_or(limit, self.eval_size)
         hyps = self.caption(model, self.test_images[:n])
         exact = 100.0 * sum(h == r for h, r in zip(hyps, self.test_captions[:n], strict=True))
         return {"exact": round(exact / len(hyps), 2), "score": exact / len(hyps) / 100}

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlab._validate import nonnegative_int, positive_int
+from attnlab._validate import limit_or, nonnegative_int, positive_int
 from attnlab.interpret import capture
 from attnlab.models.rnn import RNNSeq2Seq, RNNSeq2SeqConfig
 from attnlab.tasks.dates_data import (
@@ -216,7 +216,7 @@ class DatesTask:
         """Exact match (%) on the first ``limit`` held-out dates; ``score`` is exact / 100."""
         if not isinstance(model, RNNSeq2Seq):
             raise TypeError(f"model must be an RNNSeq2Seq, got {type(model).__name__}")
-        examples = self.test[: limit or self.eval_size]
+        examples = self.test[: limit_or(limit, self.eval_size)]
         hyps = self.convert(model, examples)
         exact = 100.0 * sum(h == e.target for h, e in zip(hyps, examples, strict=True))
         exact /= len(examples)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlab._validate import positive_int
+from attnlab._validate import limit_or, positive_int
 from attnlab.interpret import capture
 from attnlab.models.lm import LanguageModel, LMConfig
 from attnlab.tasks.registry import TaskSpec
@@ -296,7 +296,7 @@ class GenerationTask:
     @torch.no_grad()
     def perplexity(self, model: nn.Module, *, limit: int | None = None) -> float:
         """Per-token perplexity (eos included) of the held-out sentences."""
-        rows = self._test[: limit or len(self._test)]
+        rows = self._test[: limit_or(limit, len(self._test))]
         nll, count = 0.0, 0
         for i in range(0, len(rows), 256):
             b = _lm_batch(rows[i : i + 256])
@@ -314,7 +314,7 @@ class GenerationTask:
 
     def evaluate(self, model: nn.Module, *, limit: int | None = None) -> dict[str, float]:
         """Held-out perplexity; ``score = 1 / perplexity`` (1 = every token certain)."""
-        ppl = self.perplexity(model, limit=limit or self.eval_size)
+        ppl = self.perplexity(model, limit=limit_or(limit, self.eval_size))
         return {"perplexity": round(ppl, 4), "score": 1.0 / ppl}
 
     def baselines(self) -> dict[str, float]:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlab._validate import nonnegative_int, positive_int
+from attnlab._validate import limit_or, nonnegative_int, positive_int
 from attnlab.interpret import capture
 from attnlab.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from attnlab.tasks.registry import TaskSpec
@@ -186,7 +186,7 @@ class TranslationTask:
         import sacrebleu
 
         assert isinstance(model, Seq2Seq)
-        pairs = self.test_pairs[: limit or self.eval_size]
+        pairs = self.test_pairs[: limit_or(limit, self.eval_size)]
         hyps = self.translate(model, [s for s, _ in pairs], beam=beam)
         refs = [t for _, t in pairs]
         exact = 100.0 * sum(h == r for h, r in zip(hyps, refs, strict=True)) / len(pairs)
