@@ -133,6 +133,54 @@ def test_class_coverage_definition() -> None:
     assert class_coverage(torch.tensor([0] * 96 + [1] * 4)) == 0.1  # 4% does not count
 
 
+def test_class_coverage_checks_its_arguments() -> None:
+    """Ids past ``classes`` grew bincount: [0, 1, 11] of 10 classes scored 2 of 12 (0.25),
+    [5] * 10 of 2 classes 1/6 with no class of 2 predicted; threshold="0.1" failed
+    comparing a str."""
+    ok = lambda: class_coverage(torch.tensor([0, 1, 9]), classes=10)  # noqa: E731
+    check_and_control(
+        lambda: class_coverage(torch.tensor([0, 1, 11]), classes=10),
+        ok,
+        ValueError,
+        r"pred must hold class ids in \[0, 10\) \(classes=10\), got ids from 0 to 11",
+    )
+    check_and_control(
+        lambda: class_coverage(torch.tensor([5] * 10), classes=2),
+        lambda: class_coverage(torch.tensor([1] * 10), classes=2),
+        ValueError,
+        r"in \[0, 2\) \(classes=2\), got ids from 5 to 5",
+    )
+    check_and_control(
+        lambda: class_coverage(torch.tensor([-1, 0]), classes=2), ok, ValueError, "from -1 to 0"
+    )
+    check_and_control(
+        lambda: class_coverage(torch.tensor([0, 1]), 10, "0.1"),  # type: ignore[arg-type]
+        ok,
+        TypeError,
+        "threshold must be a number, got str '0.1'",
+    )
+    check_and_control(
+        lambda: class_coverage(torch.tensor([0, 1]), 10, 1.5), ok, ValueError, "threshold"
+    )
+    assert ok() == 0.3 and class_coverage(torch.tensor([], dtype=torch.long)) == 0.0
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_frechet_distance_names_non_finite_features(bad: float) -> None:
+    """sqrtm failed with 'Internal error in scipy.linalg.sqrtm: -102' (or returned NaN)."""
+    a = np.random.default_rng(0).normal(size=(20, 3))
+    b = a.copy()
+    b[0, 0] = bad
+    check_and_control(
+        lambda: frechet_distance(a, b),
+        lambda: frechet_distance(a, a + 1),
+        ValueError,
+        "fake must be finite features, got 1 NaN or inf of 60",
+    )
+    with pytest.raises(ValueError, match="real must be finite"):
+        frechet_distance(torch.tensor(b), a)
+
+
 @pytest.mark.parametrize("attention", [True, False])
 def test_gan_trains_discriminator_loss_goes_down(attention: bool) -> None:
     """The discriminator's hinge loss on a fixed batch of real images and latents."""

@@ -38,7 +38,7 @@ from numpy.typing import NDArray
 from torch import Tensor
 
 from attnlab._io import atomic_write
-from attnlab._validate import nonnegative_int, positive_int
+from attnlab._validate import nonnegative_int, positive_int, positive_real
 from attnlab.models.vit import ViT, check_images
 from attnlab.tasks.vision import DigitsTask, load_split
 from attnlab.train.checkpoint import digest
@@ -102,19 +102,29 @@ def _features64(name: str, x: Tensor | NDArray[np.float64]) -> NDArray[np.float6
     arr = x.detach().double().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x, float)
     if arr.ndim != 2 or arr.shape[0] < 2:
         raise ValueError(f"{name} must be features (N, D) with N >= 2, got shape {arr.shape}")
+    if not np.isfinite(arr).all():  # (sqrtm failed with an internal error)
+        bad = int((~np.isfinite(arr)).sum())
+        raise ValueError(f"{name} must be finite features, got {bad} NaN or inf of {arr.size}")
     return arr
 
 
 def class_coverage(pred: Tensor, classes: int = 10, threshold: float = 0.05) -> float:
-    """Share of ``classes`` that receive at least ``threshold`` of the predictions ``pred``.
+    """Share of ``classes`` that receive at least ``threshold`` of the predictions ``pred``,
+    class ids in ``[0, classes)``.
 
     Example:
         >>> class_coverage(torch.tensor([0, 0, 1, 2]), classes=4, threshold=0.25)
         0.75
     """
-    if not 0.0 < threshold <= 1.0:
+    if positive_real("threshold", threshold) > 1.0:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-    counts = torch.bincount(pred.flatten(), minlength=positive_int("classes", classes))
+    classes = positive_int("classes", classes)
+    if pred.numel() and not 0 <= int(pred.min()) <= int(pred.max()) < classes:
+        raise ValueError(  # (bincount grew past classes: the share was of more classes)
+            f"pred must hold class ids in [0, {classes}) (classes={classes}), got ids from "
+            f"{int(pred.min())} to {int(pred.max())}"
+        )
+    counts = torch.bincount(pred.flatten(), minlength=classes)
     share = counts.double() / max(pred.numel(), 1)  # (classes,)
     return float((share >= threshold - 1e-12).double().mean())
 
