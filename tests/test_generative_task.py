@@ -19,7 +19,13 @@ from attnlab.cli import main
 from attnlab.models.gan import GAN, GANConfig, SelfAttention2d, d_hinge_loss, g_hinge_loss
 from attnlab.models.vae import VAE, VAEConfig
 from attnlab.tasks import generative, spec
-from attnlab.tasks.generative_report import QUERIES, mosaic, write_attention, write_samples
+from attnlab.tasks.generative_report import (
+    QUERIES,
+    attention_of,
+    mosaic,
+    write_attention,
+    write_samples,
+)
 from attnlab.tasks.generative_task import (
     GAN_DEFAULTS,
     GANTask,
@@ -251,6 +257,28 @@ def test_pictured_attention_matches_fp64_recomputation(
     assert (wrong - maps).abs().max() > 0.1  # so the comparison can fail
     image = pytest.importorskip("matplotlib.image").imread(path)
     assert image.shape[1] > image.shape[0] > 100 and image.std() > 0.05
+
+
+@pytest.mark.parametrize("kind", ["gan", "vae"])
+def test_pictured_attention_runs_in_eval_mode_and_leaves_the_model_as_it_was(
+    kind: str, tmp_path: Path
+) -> None:
+    """A GAN in training mode (as the Trainer leaves it) was run as it was: its one sample
+    normalized by its own batch statistics, the running statistics (and spectral norm's
+    power-iteration vectors) overwritten. (The VAE has no such layer: a control.)"""
+    torch.manual_seed(0)
+    model: GAN | VAE = GAN(TINY_GAN) if kind == "gan" else VAE(VAEConfig(4, 8))
+    before = {k: b.clone() for k, b in model.named_buffers()}
+    assert kind == "vae" or any("running_var" in k for k in before)
+    z = torch.randn(1, 4)
+    img, w = attention_of(model, z)
+    write_attention(model, tmp_path / "a.png", "t")
+    assert all(m.training for m in model.modules())
+    for k, b in model.named_buffers():
+        assert torch.equal(b, before[k]), k
+    img_eval, w_eval = attention_of(model.eval(), z)  # the picture of the model in eval mode
+    assert torch.equal(img, img_eval) and torch.equal(w, w_eval)
+    assert not any(m.training for m in model.modules())  # eval stays eval
 
 
 def test_samples_picture_places_every_image(tmp_path: Path) -> None:

@@ -73,22 +73,31 @@ def write_samples(generated: Tensor, real: Tensor, path: Path, title: str) -> Pa
 def attention_of(model: GAN | VAE, z: Tensor) -> tuple[Tensor, Tensor]:
     """``(image (8, 8), weights (H, 64, 64))`` of the sample generated from ``z (1,
     latent_dim)``: the self-attention layer's weights over the 8x8 positions, captured
-    from the generator's (GAN) or decoder's (VAE) forward pass in eval mode.
+    from the generator's (GAN) or decoder's (VAE) forward pass in eval mode (as
+    :meth:`GAN.sample`; the model's mode is restored after, its batch-norm statistics
+    untouched).
 
     Example:
         >>> from attnlab.models.gan import GANConfig
-        >>> gan = GAN(GANConfig(latent_dim=4, channels=16)).eval()
+        >>> gan = GAN(GANConfig(latent_dim=4, channels=16))  # training mode
         >>> img, w = attention_of(gan, torch.randn(1, 4))
         >>> tuple(img.shape), tuple(w.shape), bool(torch.allclose(w.sum(-1), torch.ones(1, 64)))
         ((8, 8), (1, 64, 64), True)
+        >>> gan.training, gan.generator.training
+        (True, True)
     """
     if not model.cfg.attention:
         raise ValueError("model has no attention layer (cfg.attention=False): nothing to picture")
     if z.dim() != 2 or z.shape[0] != 1:
         raise ValueError(f"z must have shape (1, latent_dim), got {tuple(z.shape)}")
-    layer = "generator.attn" if isinstance(model, GAN) else "attn"
-    with capture(model, layers=[layer]) as cap:
-        img = model.generator(z) if isinstance(model, GAN) else model.decode(z)  # (1, 1, 8, 8)
+    net, layer = (model.generator, "generator.attn") if isinstance(model, GAN) else (model, "attn")
+    was = net.training
+    net.eval()  # (train mode normalized by this one sample and overwrote running stats)
+    try:
+        with capture(model, layers=[layer]) as cap:
+            img = model.decode(z) if isinstance(model, VAE) else net(z)  # (1, 1, 8, 8)
+    finally:
+        net.train(was)
     return img[0, 0], cap.records[0].weights[0]  # (8, 8), (H, L, L)
 
 
