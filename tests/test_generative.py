@@ -181,6 +181,21 @@ def test_frechet_distance_names_non_finite_features(bad: float) -> None:
         frechet_distance(torch.tensor(b), a)
 
 
+def test_train_gan_checks_its_learning_rates() -> None:
+    """lr_d=0 divided by zero, lr_g=0 named g_lr_scale, lr_g="1e-4" failed dividing a str."""
+    x, cfg = digits(16)[0], GANConfig(latent_dim=4, channels=8)
+    ok = lambda: train_gan(cfg, x, steps=1, batch_size=4, lr_g=2e-4, lr_d=1e-3)  # noqa: E731
+    for kw, exc, match in [
+        ({"lr_d": 0.0}, ValueError, "lr_d must be a finite number > 0, got 0.0"),
+        ({"lr_d": float("nan")}, ValueError, "lr_d must be a finite number > 0, got nan"),
+        ({"lr_g": 0.0}, ValueError, "lr_g must be a finite number > 0, got 0.0"),
+        ({"lr_g": -1e-4}, ValueError, "lr_g must be a finite number > 0"),
+        ({"lr_g": "1e-4"}, TypeError, "lr_g must be a number, got str '1e-4'"),
+    ]:
+        check_and_control(lambda k=kw: train_gan(cfg, x, steps=1, **k), ok, exc, match)  # type: ignore[arg-type]
+    assert len(ok().losses) == 1
+
+
 @pytest.mark.parametrize("attention", [True, False])
 def test_gan_trains_discriminator_loss_goes_down(attention: bool) -> None:
     """The discriminator's hinge loss on a fixed batch of real images and latents."""

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from attnlab._validate import positive_int
+from attnlab._validate import positive_int, positive_real
 from attnlab.models.gan import GAN, GANConfig, d_hinge_loss, g_hinge_loss
 from attnlab.models.vae import VAE, VAEConfig, vae_loss
 from attnlab.models.vit import check_images
@@ -161,11 +161,7 @@ class GANTask(_DigitsGenerative):
         super().__init__(train_size, images, samples)
         self.model_cfg = GANConfig() if cfg is None else cfg
         self.name = "gan" if self.model_cfg.attention else "gan-plain"
-        if isinstance(g_lr_scale, bool) or not isinstance(g_lr_scale, int | float):
-            raise TypeError(f"g_lr_scale must be a number > 0, got {type(g_lr_scale).__name__}")
-        if not 0 < g_lr_scale < float("inf"):
-            raise ValueError(f"g_lr_scale must be a finite number > 0, got {g_lr_scale}")
-        self.g_lr_scale = float(g_lr_scale)
+        self.g_lr_scale = positive_real("g_lr_scale", g_lr_scale)
 
     def build_model(self) -> nn.Module:
         return GAN(self.model_cfg)
@@ -267,7 +263,8 @@ def train_gan(
         >>> len(r.losses)
         2
     """
-    task = GANTask(cfg=cfg, images=images, g_lr_scale=lr_g / lr_d)
+    scale = positive_real("lr_g", lr_g) / positive_real("lr_d", lr_d)  # (0: a bare error)
+    task = GANTask(cfg=cfg, images=images, g_lr_scale=scale)
     return _train(task, GAN_DEFAULTS, steps=steps, batch_size=batch_size, lr=lr_d, seed=seed)
 
 
