@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from attnlab.models.bert import BertConfig, BertEncoder
-from attnlab.models.gan import GAN, GANConfig, draw_latents
+from attnlab.models.gan import GAN, GANConfig, Generator, SelfAttention2d, draw_latents
 from attnlab.models.lm import LanguageModel, LMConfig
 from attnlab.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from attnlab.models.vae import VAE, VAEConfig, VAEOutput, vae_loss
@@ -401,6 +401,66 @@ def test_lengths_and_caption_words_are_checked_by_name() -> None:
     ok = lambda: c(images, torch.tensor([[1, 2]]))  # type: ignore[operator]  # noqa: E731
     for words in (torch.tensor([[1.0, 2.0]]), torch.zeros(1, 0, dtype=torch.long)):
         check_and_control(lambda w=words: c(images, w), ok, ValueError, "words must be an integer")  # type: ignore[operator]
+
+
+def _vae_batch(b: int, mu_b: int | None = None) -> VAEOutput:
+    m = b if mu_b is None else mu_b
+    return VAEOutput(torch.zeros(b, 1, 8, 8), torch.zeros(m, 2), torch.zeros(m, 2))
+
+
+def test_vae_loss_checks_batches_and_sigma() -> None:
+    """A batch of 4 outputs against 1 image broadcast (4 images' error summed, over 1), an
+    empty batch gave NaN and sigma="0.5" failed comparing a str with 0."""
+    ok = lambda: vae_loss(_vae_batch(2), torch.ones(2, 1, 8, 8), 1.0)  # noqa: E731
+    shapes = r"out.recon and images must have the same shape \(B, 1, 8, 8\), got out.recon "
+    cases = [
+        (lambda: vae_loss(_vae_batch(4), torch.ones(1, 1, 8, 8), 1.0), ValueError,
+         shapes + r"\(4, 1, 8, 8\) and images \(1, 1, 8, 8\)"),
+        (lambda: vae_loss(_vae_batch(1), torch.ones(4, 1, 8, 8), 1.0), ValueError,
+         shapes + r"\(1, 1, 8, 8\) and images \(4, 1, 8, 8\)"),
+        (lambda: vae_loss(_vae_batch(2, 1), torch.ones(2, 1, 8, 8), 1.0), ValueError,
+         r"out.mu and out.logvar must have shape \(B, latent_dim\) with images' B = 2, got "
+         r"out.mu \(1, 2\) and out.logvar \(1, 2\)"),
+        (lambda: vae_loss(_vae_batch(0), torch.zeros(0, 1, 8, 8), 1.0), ValueError,
+         r"images must hold at least 1 image, got shape \(0, 1, 8, 8\)"),
+        (lambda: vae_loss(_vae_batch(2), torch.ones(2, 1, 8, 8), "0.5"), TypeError,
+         "sigma must be a number, got str '0.5'"),
+    ]  # fmt: skip
+    for call, exc, match in cases:
+        check_and_control(call, ok, exc, match)
+    assert [float(t) for t in ok()] == [32.0, 32.0, 0.0]  # 64 / 2 per image, / 2 images
+
+
+def test_gan_layers_name_bad_inputs() -> None:
+    """A 3-D map failed unpacking its shape, one of the wrong channels inside a conv, an
+    integer z inside a linear layer; spectral="no" was truthy: spectral norm on."""
+    torch.manual_seed(0)
+    att, x = SelfAttention2d(8), torch.zeros(1, 8, 4, 4)
+    shape = r"x must have shape \(B, C, H, W\) with C = channels = 8, got "
+    for bad in (torch.zeros(8, 4, 4), torch.zeros(1, 4, 4, 4)):
+        want = shape + re.escape(str(tuple(bad.shape)))
+        check_and_control(lambda b=bad: att(b), lambda: att(x), ValueError, want)
+        check_and_control(lambda b=bad: att.weights(b), lambda: att.weights(x), ValueError, want)
+    check_and_control(
+        lambda: att(x.long()), lambda: att(x), TypeError, r"x must be a floating-point tensor"
+    )
+    z = torch.zeros(2, 2)
+    g, vae = Generator(GANConfig(latent_dim=2, channels=8)), VAE(VAEConfig(2, channels=8))
+    for run in (g, vae.decode):
+        check_and_control(
+            lambda r=run: r(z.long()),
+            lambda r=run: r(z),
+            TypeError,
+            r"z must be a floating-point tensor \(torch.float32, the model's dtype\), got "
+            r"dtype torch.int64",
+        )
+    check_and_control(
+        lambda: SelfAttention2d(8, spectral="no"),  # type: ignore[arg-type]
+        lambda: SelfAttention2d(8, spectral=False),
+        TypeError,
+        "spectral must be a bool, got str",
+    )
+    assert not hasattr(SelfAttention2d(8, spectral=False).query, "parametrizations")
 
 
 def _small_task(name: str) -> object:

@@ -79,6 +79,33 @@ def draw_latents(
     return z.to(p.device, p.dtype)
 
 
+def check_latents(z: object, latent_dim: int, dtype: torch.dtype) -> Tensor:
+    """``z`` as a floating-point tensor ``(B, latent_dim)``, or an error naming ``z``
+    (``dtype``: the model's, named in the message).
+
+    Example:
+        >>> check_latents(torch.zeros(2, 4, dtype=torch.long), 4, torch.float32)
+        ... # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        TypeError: z must be a floating-point tensor (torch.float32, ...), got dtype torch.int64
+    """
+    z = _floating("z", z, f"({dtype}, the model's dtype)")
+    if z.dim() != 2 or z.shape[1] != latent_dim:
+        raise ValueError(
+            f"z must have shape (B, latent_dim) = (B, {latent_dim}), got {tuple(z.shape)}"
+        )
+    return z
+
+
+def _floating(name: str, x: object, want: str) -> Tensor:
+    """``x`` if a floating-point tensor, or a TypeError naming ``name`` (``want``: said after
+    what is expected)."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        seen = f"dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
+        raise TypeError(f"{name} must be a floating-point tensor {want}, got {seen}")
+    return x
+
+
 def d_hinge_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
     """Discriminator hinge loss ``mean(relu(1 - D(x))) + mean(relu(1 + D(G(z))))``.
 
@@ -111,7 +138,7 @@ class SelfAttention2d(nn.Module):
         channels: ``C`` of the input ``(B, C, h, w)``; a multiple of ``heads``.
         heads: attention heads ``H``.
         key_dim: per-head query/key width ``E`` (default ``max(1, C // 8 // heads)``).
-        spectral: spectral-normalize the four 1x1 convolutions.
+        spectral: spectral-normalize the four 1x1 convolutions (a bool).
 
     Example:
         >>> att = SelfAttention2d(16, heads=2)
@@ -125,6 +152,8 @@ class SelfAttention2d(nn.Module):
     ) -> None:
         super().__init__()
         c, self.heads = positive_int("channels", channels), positive_int("heads", heads)
+        self.channels = c
+        spectral = validate_flag("spectral", spectral)  # "no" is truthy: it was on
         if c % self.heads:
             raise ValueError(f"channels={c} must be a multiple of heads={self.heads}")
         e = max(1, c // 8 // self.heads) if key_dim is None else positive_int("key_dim", key_dim)
@@ -139,6 +168,16 @@ class SelfAttention2d(nn.Module):
         """Set the residual gate ``gamma`` to 0 again, as when built (SAGAN)."""
         nn.init.zeros_(self.gamma)
 
+    def _check(self, x: object) -> Tensor:
+        """``x`` as a floating-point ``(B, C, H, W)`` with this layer's ``C``, or an error."""
+        x = _floating("x", x, "(B, C, H, W)")
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(
+                f"x must have shape (B, C, H, W) with C = channels = {self.channels}, "
+                f"got {tuple(x.shape)}"
+            )
+        return x
+
     def _heads(self, x: Tensor) -> Tensor:
         """``(B, H * E, h, w) -> (B, H, L, E)`` with ``L = h * w`` (row-major)."""
         b, he, h, w = x.shape
@@ -146,12 +185,13 @@ class SelfAttention2d(nn.Module):
 
     def weights(self, x: Tensor) -> Tensor:
         """Attention weights ``(B, H, L, L)`` of ``x (B, C, h, w)`` (for pictures)."""
+        x = self._check(x)
         q, k = self._heads(self.query(x)), self._heads(self.key(x))  # (B, H, L, E)
         return torch.softmax(q @ k.transpose(-1, -2), dim=-1)  # (B, H, L, L)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x (B, C, h, w) -> x + gamma * attention (B, C, h, w)``."""
-        b, c, h, w = x.shape
+        b, c, h, w = self._check(x).shape
         q, k = self._heads(self.query(x)), self._heads(self.key(x))  # (B, H, L, E)
         v = self._heads(self.value(x))  # (B, H, L, C / H)
         o = attention(q, k, v, scale=1.0)  # (B, H, L, C / H)
@@ -214,11 +254,7 @@ class Generator(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         """Images ``(B, 1, 8, 8)`` from latents ``z (B, latent_dim)``."""
-        if z.dim() != 2 or z.shape[1] != self.cfg.latent_dim:
-            raise ValueError(
-                f"z must have shape (B, latent_dim) = (B, {self.cfg.latent_dim}), "
-                f"got {tuple(z.shape)}"
-            )
+        z = check_latents(z, self.cfg.latent_dim, next(self.parameters()).dtype)
         x = self.project(z).view(len(z), self.cfg.channels, 2, 2)  # (B, C, 2, 2)
         x = self.blocks(x)  # (B, C/2, 8, 8)
         return self.to_image(self.attn(x))  # (B, 1, 8, 8)

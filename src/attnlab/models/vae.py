@@ -12,14 +12,13 @@ per image.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
 
-from attnlab._validate import positive_int, validate_flag
-from attnlab.models.gan import IMAGE_SIZE, SelfAttention2d, draw_latents
+from attnlab._validate import positive_int, positive_real, validate_flag
+from attnlab.models.gan import IMAGE_SIZE, SelfAttention2d, check_latents, draw_latents
 from attnlab.models.vit import check_images
 
 __all__ = ["VAE", "VAEConfig", "VAEOutput", "vae_loss"]
@@ -42,10 +41,7 @@ class VAEConfig:
         if self.channels % self.heads:
             raise ValueError(f"channels={self.channels} must be a multiple of heads={self.heads}")
         validate_flag("attention", self.attention)
-        if isinstance(self.sigma, bool) or not isinstance(self.sigma, int | float):
-            raise TypeError(f"sigma must be a number, got {type(self.sigma).__name__}")
-        if not 0 < self.sigma < math.inf:
-            raise ValueError(f"sigma must be a finite number > 0, got {self.sigma}")
+        positive_real("sigma", self.sigma)
 
 
 @dataclass
@@ -61,17 +57,38 @@ def vae_loss(out: VAEOutput, images: Tensor, sigma: float) -> tuple[Tensor, Tens
     mu^2 - exp(logvar))``, ``loss = reconstruction + kl`` (the negative ELBO up to a
     constant).
 
+    ``out.recon`` must have the shape of ``images`` and ``out.mu``, ``out.logvar`` their
+    batch (they were broadcast); an empty batch is a ValueError (a mean over no image: NaN),
+    as :func:`~attnlab.tasks.generative.frechet_distance` refuses too few features.
+
     Example:
         >>> o = VAEOutput(torch.zeros(1, 1, 8, 8), torch.zeros(1, 2), torch.zeros(1, 2))
         >>> [abs(float(t)) for t in vae_loss(o, torch.ones(1, 1, 8, 8), 1.0)]
         [32.0, 32.0, 0.0]
     """
-    b = len(images)
-    if not 0 < sigma < math.inf:  # (0 gave an infinite loss)
-        raise ValueError(f"sigma must be a finite number > 0, got {sigma}")
+    sigma = positive_real("sigma", sigma)  # (0 gave an infinite loss)
+    b = _batch_of(out, images)
     rec = (images - out.recon).pow(2).sum() / (2 * sigma**2) / b
     kl = -0.5 * (1 + out.logvar - out.mu.pow(2) - out.logvar.exp()).sum() / b
     return rec + kl, rec, kl
+
+
+def _batch_of(out: VAEOutput, images: Tensor) -> int:
+    """The batch ``B >= 1`` of ``images`` that ``out`` matches, or a ValueError naming both."""
+    if out.recon.shape != images.shape:
+        raise ValueError(
+            f"out.recon and images must have the same shape (B, 1, 8, 8), got out.recon "
+            f"{tuple(out.recon.shape)} and images {tuple(images.shape)}"
+        )
+    b = len(images)
+    if out.mu.shape != out.logvar.shape or out.mu.dim() != 2 or len(out.mu) != b:
+        raise ValueError(
+            f"out.mu and out.logvar must have shape (B, latent_dim) with images' B = {b}, "
+            f"got out.mu {tuple(out.mu.shape)} and out.logvar {tuple(out.logvar.shape)}"
+        )
+    if b == 0:
+        raise ValueError(f"images must hold at least 1 image, got shape {tuple(images.shape)}")
+    return b
 
 
 class VAE(nn.Module):
@@ -122,11 +139,7 @@ class VAE(nn.Module):
 
     def decode(self, z: Tensor) -> Tensor:
         """Images ``(B, 1, 8, 8)`` in [-1, 1] from ``z (B, latent_dim)``."""
-        if z.dim() != 2 or z.shape[1] != self.cfg.latent_dim:
-            raise ValueError(
-                f"z must have shape (B, latent_dim) = (B, {self.cfg.latent_dim}), "
-                f"got {tuple(z.shape)}"
-            )
+        z = check_latents(z, self.cfg.latent_dim, next(self.parameters()).dtype)
         x = self.project(z).view(len(z), 2 * self.cfg.channels, 2, 2)  # (B, 2C, 2, 2)
         x = self.attn(self.up(x))  # (B, C, 8, 8)
         return self.to_image(x)  # (B, 1, 8, 8)
