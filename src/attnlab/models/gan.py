@@ -26,6 +26,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 from attnlab._validate import positive_int, validate_flag
 from attnlab.functional import attention
 from attnlab.models.vit import check_images
+from attnlab.nn._modes import eval_mode
 
 __all__ = [
     "GAN",
@@ -315,8 +316,5 @@ class GAN(nn.Module):
         """``n`` images ``(n, 1, 8, 8)`` in [-1, 1], the generator in eval mode, on the
         model's device (latents from :func:`draw_latents`)."""
         z = draw_latents(n, self.cfg.latent_dim, self.generator, generator)  # (n, latent)
-        was = self.generator.training
-        self.generator.eval()
-        out = self.generator(z)
-        self.generator.train(was)
-        return out
+        with eval_mode(self.generator):
+            return self.generator(z)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlab.models.rnn import RNNSeq2Seq
+from attnlab.nn._modes import eval_mode
 from attnlab.robust.adversarial import FreeLB
 from attnlab.robust.attacks import CharEditAttack, word_edits
 from attnlab.robust.study import Row, train_row, write_outputs
@@ -131,12 +132,10 @@ class AdversarialEditsTask(EditedDatesTask):
 
     def loss(self, model: nn.Module, batch: EditCandidates) -> Tensor:  # type: ignore[override]
         assert isinstance(model, RNNSeq2Seq)
-        was = model.training
-        model.eval()  # choose with the model as it predicts (no dropout)
-        scores = torch.stack(
-            [_log_prob(model, _sources(self, batch.examples, t)) for t in batch.texts]
-        )  # (k, B)
-        model.train(was)
+        with eval_mode(model):  # choose with the model as it predicts (no dropout)
+            scores = torch.stack(
+                [_log_prob(model, _sources(self, batch.examples, t)) for t in batch.texts]
+            )  # (k, B)
         worst = scores.argmin(0).tolist()  # (B,)
         chosen = [batch.texts[j][i] for i, j in enumerate(worst)]
         return super().loss(model, _sources(self, batch.examples, chosen))

@@ -24,6 +24,7 @@ from attnlab.interpret import capture
 from attnlab.interpret.plot import pyplot, save_figure
 from attnlab.models.gan import GAN, SelfAttention2d
 from attnlab.models.vae import VAE
+from attnlab.nn._modes import eval_mode
 from attnlab.tasks.report import Section, write_html
 from attnlab.tasks.vision import load_split
 
@@ -91,13 +92,9 @@ def attention_of(model: GAN | VAE, z: Tensor) -> tuple[Tensor, Tensor]:
     if z.dim() != 2 or z.shape[0] != 1:
         raise ValueError(f"z must have shape (1, latent_dim), got {tuple(z.shape)}")
     net, layer = (model.generator, "generator.attn") if isinstance(model, GAN) else (model, "attn")
-    was = net.training
-    net.eval()  # (train mode normalized by this one sample and overwrote running stats)
-    try:
-        with capture(model, layers=[layer]) as cap:
-            img = model.decode(z) if isinstance(model, VAE) else net(z)  # (1, 1, 8, 8)
-    finally:
-        net.train(was)
+    # (train mode normalized by this one sample and overwrote the running statistics)
+    with eval_mode(net), capture(model, layers=[layer]) as cap:
+        img = model.decode(z) if isinstance(model, VAE) else net(z)  # (1, 1, 8, 8)
     return img[0, 0], cap.records[0].weights[0]  # (8, 8), (H, L, L)
 
 
