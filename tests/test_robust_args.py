@@ -268,3 +268,43 @@ def test_pgd_seed_and_a_module_without_attention_are_named() -> None:
     )
     with pytest.raises(ValueError, match="module: Sequential made no attnlab attention call"):
         permutation_test(model, model, lambda m: m(x))
+
+
+class _Trained(Exception):
+    """Raised by a stand-in ``train_row``: the study got as far as training a row."""
+
+
+@pytest.mark.parametrize(
+    "module, fn, bad, match",
+    [
+        ("study_vision", "vision_study", {"methods": ["plain", "bogus"]}, "methods must hold"),
+        ("study_vision", "vision_study", {"methods": "plain"}, "methods must be a sequence"),
+        ("study_shortcut", "shortcut_study", {"methods": ["plain", "plain"]}, "each row once"),
+        ("study_shortcut", "shortcut_study", {"methods": []}, "at least one"),
+        ("study_dates", "dates_study", {"examples": 0}, "examples must be a positive int"),
+        ("study_dates", "dates_study", {"methods": ["plain", "x"]}, "methods must hold"),
+        ("study_faithfulness", "faithfulness_study", {"names": ("dates", "x")}, "names must"),
+        ("study_faithfulness", "faithfulness_row", {"name": "bogus"}, "name must be one of"),
+        ("study_faithfulness", "faithfulness_row", {"examples": -1}, "examples must be"),
+    ],
+)
+def test_a_study_checks_every_row_before_the_first_trains(
+    monkeypatch: pytest.MonkeyPatch, module: str, fn: str, bad: dict, match: str
+) -> None:
+    """(``vision_study(["fgm", "bogus"])`` trained fgm for minutes before refusing "bogus";
+    ``faithfulness_row("bogus")`` trained the dates model under that name; ``dates_study``
+    with ``examples=0`` named ``limit``.)"""
+    import importlib
+
+    mod = importlib.import_module(f"attnlab.robust.{module}")
+
+    def train_row(*a: object, **k: object) -> None:
+        raise _Trained
+
+    monkeypatch.setattr(mod, "train_row", train_row)
+    study = getattr(mod, fn)
+    good = {"name": "dates"} if fn == "faithfulness_row" else {}
+    with pytest.raises(ValueError if "sequence" not in match else TypeError, match=match):
+        study(**{**good, **bad}, smoke=True)
+    with pytest.raises(_Trained):  # the positive control reaches the first row
+        study(**good, smoke=True)

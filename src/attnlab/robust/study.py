@@ -24,7 +24,7 @@ from attnlab._cpu import cpu_info
 from attnlab._io import atomic_write_text
 from attnlab.train import Plugin, Task, TrainConfig, Trainer
 
-__all__ = ["Row", "bar_chart", "markdown_table", "train_row", "write_outputs"]
+__all__ = ["Row", "bar_chart", "check_methods", "markdown_table", "train_row", "write_outputs"]
 
 
 @dataclass
@@ -44,6 +44,29 @@ class Row:
         """
         cells = ", ".join(f"{k} {_cell(v)}" for k, v in self.metrics.items())
         return f"{self.method}: {cells} (trained in {self.seconds:.0f} s)"
+
+
+def check_methods(name: str, methods: object, known: Sequence[str]) -> tuple[str, ...]:
+    """``methods`` as a tuple of distinct names from ``known``, or a TypeError/ValueError
+    naming ``name``: a study checks every row before the first one trains for minutes.
+
+    Example:
+        >>> check_methods("methods", ["plain", "fgm"], ("plain", "fgm", "pgd"))
+        ('plain', 'fgm')
+    """
+    if isinstance(methods, str) or not isinstance(methods, Sequence):
+        raise TypeError(
+            f"{name} must be a sequence of names from {tuple(known)}, got {methods!r} "
+            f"({type(methods).__name__})"
+        )
+    if not methods:
+        raise ValueError(f"{name} must name at least one of {tuple(known)}, got none")
+    for m in methods:
+        if m not in known:
+            raise ValueError(f"{name} must hold names from {tuple(known)}, got {m!r}")
+    if len(set(methods)) < len(methods):
+        raise ValueError(f"{name} must name each row once, got {list(methods)}")
+    return tuple(methods)
 
 
 def train_row(

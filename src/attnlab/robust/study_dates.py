@@ -28,11 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnlab._validate import positive_int
 from attnlab.models.rnn import RNNSeq2Seq
 from attnlab.nn._modes import eval_mode
 from attnlab.robust.adversarial import FreeLB
 from attnlab.robust.attacks import CharEditAttack, word_edits
-from attnlab.robust.study import Row, train_row, write_outputs
+from attnlab.robust.study import Row, check_methods, train_row, write_outputs
 from attnlab.tasks.dates import DateExample, DatesBatch, DatesTask
 from attnlab.train import Plugin, TrainConfig
 
@@ -215,6 +216,8 @@ def dates_study(
 ) -> list[Row]:
     """Train each method from scratch and measure exact match, clean and under 1 and 2
     edits per word, on the first ``examples`` held-out dates."""
+    methods = check_methods("methods", methods, METHODS)
+    examples = positive_int("examples", examples)
     size = dict(train_size=400, test_size=20, hidden=16, decoder_hidden=16) if smoke else {}
     steps, examples = (5, 8) if smoke else (steps, examples)
     cfg = TrainConfig(

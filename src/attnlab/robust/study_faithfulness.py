@@ -22,18 +22,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from attnlab._validate import positive_int
 from attnlab.robust.faithfulness import (
     adversarial_attention,
     median,
     permutation_test,
     uniform_attention,
 )
-from attnlab.robust.study import Row, train_row, write_outputs
+from attnlab.robust.study import Row, check_methods, train_row, write_outputs
 from attnlab.tasks.classification import DocumentTask
 from attnlab.tasks.dates import DatesTask
 from attnlab.train import LossFn, TrainConfig
 
 __all__ = ["Uniform", "faithfulness_row", "faithfulness_study"]
+
+MODELS = ("classification", "dates")
 
 
 class Uniform:
@@ -97,6 +100,9 @@ def _accuracy(name: str, task: Any, model: nn.Module) -> float:
 def faithfulness_row(name: str, *, examples: int = 200, smoke: bool = False) -> Row:
     """Train the ``name`` model (``"classification"`` or ``"dates"``) normally and with
     uniform attention, and run the tests on ``examples`` held-out examples."""
+    if not isinstance(name, str) or name not in MODELS:
+        raise ValueError(f"name must be one of {MODELS}, got {name!r}")
+    examples = positive_int("examples", examples)
     task, site, cfg = _setup(name, smoke)
     model, seconds = train_row(task, cfg)
     frozen, _ = train_row(task, cfg, [Uniform(site)])
@@ -135,6 +141,7 @@ def faithfulness_study(
     out: Path | None = None,
 ) -> list[Row]:
     """:func:`faithfulness_row` for each model, then the table and report."""
+    names = check_methods("names", names, MODELS)
     rows = []
     for name in names:
         rows.append(faithfulness_row(name, smoke=smoke))

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from attnlab.robust.regularize import EntropyRegularizer, SupervisedAttention
-from attnlab.robust.study import Row, train_row, write_outputs
+from attnlab.robust.study import Row, check_methods, train_row, write_outputs
 from attnlab.tasks.classification import CURRENCIES, Document, DocumentBatch, DocumentTask
 from attnlab.tasks.text import Vocab
 from attnlab.train import Plugin, TrainConfig
@@ -146,6 +146,7 @@ def shortcut_study(
     out: Path | None = None,
 ) -> list[Row]:
     """Train each method from scratch (same seed and settings) and measure it."""
+    methods = check_methods("methods", methods, METHODS)
     task = ShortcutTask(200, 50) if smoke else ShortcutTask()
     steps = 10 if smoke else steps
     cfg = TrainConfig(

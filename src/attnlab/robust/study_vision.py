@@ -16,7 +16,7 @@ import torch
 
 from attnlab.robust.adversarial import FGM, PGD, FreeLB
 from attnlab.robust.attacks import pgd_pixels
-from attnlab.robust.study import Row, train_row, write_outputs
+from attnlab.robust.study import Row, check_methods, train_row, write_outputs
 from attnlab.tasks.vision import DigitsTask
 from attnlab.train import Plugin, TrainConfig
 
@@ -69,6 +69,7 @@ def vision_study(
 
     ``smoke``: 300 training images, a small model, 20 steps (checks the pipeline only).
     """
+    methods = check_methods("methods", methods, METHODS)
     if smoke:
         task = DigitsTask(300, d_model=16, num_heads=2, layers=1, dim_feedforward=32)
         steps = 20
