@@ -260,12 +260,57 @@ def test_ids_outside_the_vocabulary_are_named(name: str, bad: torch.Tensor, matc
     check_and_control(lambda: call(bad), lambda: call(*good), ValueError, match)
 
 
+@pytest.mark.parametrize("dtype", [torch.int16, torch.uint8, torch.bool])
+@pytest.mark.parametrize("name", ["src", "tgt_in", "words", "ids"])
+def test_ids_of_dtypes_an_embedding_cannot_index_are_named(name: str, dtype: torch.dtype) -> None:
+    """(int16, uint8 and bool ids passed the checks of RNNSeq2Seq, Seq2Seq, Captioner and
+    DocumentClassifier, then failed inside ``nn.Embedding`` with a RuntimeError naming
+    'argument #1 indices'.)"""
+    model, call, (good,) = _small_models()[name]
+    model.eval()
+    want = rf"{name} must hold int64 or int32 token ids, got dtype {re.escape(str(dtype))}"
+    check_and_control(lambda: call(good.to(dtype)), lambda: call(good.int()), TypeError, want)
+    if name in ("src", "tgt_in"):  # the transformer Seq2Seq shares the check
+        s, src, tgt = _seq2seq(), SRC, TGT
+        bad = (src.to(dtype), L3, tgt) if name == "src" else (src, L3, tgt.to(dtype))
+        check_and_control(lambda: s(*bad), lambda: s(src, L3, tgt), TypeError, want)
+
+
+def test_seq2seq_generate_and_captioner_name_inputs_that_are_not_tensors() -> None:
+    """(``Seq2Seq.generate(src=[[4, 5]])`` or ``src=None`` and ``Captioner(images=<list>,
+    words)`` raised AttributeError: 'list' object has no attribute 'shape'.)"""
+    from attnlab.models import Captioner
+
+    s = _seq2seq()
+    for src in ([[4, 5, 6]], None):
+        check_and_control(
+            lambda x=src: s.generate(x, L3),  # type: ignore[arg-type]
+            lambda: s.generate(SRC, L3, max_len=2),
+            TypeError,
+            r"src must be a torch\.Tensor of token ids \(B, L\), got <class '(list|NoneType)'>",
+        )
+    cap, call, (words,) = _small_models()["words"]
+    assert isinstance(cap, Captioner)
+    check_and_control(
+        lambda: cap([[0.0]], words),  # type: ignore[arg-type]
+        lambda: call(words),
+        TypeError,
+        r"images must be a torch\.Tensor \(B, C, H, W\), got list",
+    )
+
+
 @pytest.mark.parametrize(
     ("make", "match"),
     [
         (lambda: Seq2SeqConfig(10, 5, d_model=8, num_heads=2, eos=7), r"eos must be a token id "
          r"in \[0, tgt_vocab=5\), got 7"),
         (lambda: Seq2SeqConfig(0, 5, d_model=8, num_heads=2), "src_vocab must be a positive int"),
+        (lambda: Seq2SeqConfig(10, 5, d_model=0, num_heads=2), "d_model must be a positive int, "
+         "got 0"),
+        (lambda: Seq2SeqConfig(10, 5, d_model=8, num_heads=2, encoder_layers=0),
+         "encoder_layers must be a positive int, got 0"),
+        (lambda: Seq2SeqConfig(10, 5, d_model=8, num_heads=2, decoder_layers=0),
+         "decoder_layers must be a positive int, got 0"),
         (lambda: _rnn_cfg(bos=9), r"bos must be a token id in \[0, tgt_vocab=5\), got 9"),
         (lambda: _rnn_cfg(attn_dim=0), "attn_dim must be a positive int, got 0"),
         (lambda: _cap_cfg(eos=-1), r"eos must be a token id in \[0, vocab_size=5\), got -1"),
@@ -277,7 +322,8 @@ def test_configs_outside_their_ranges_are_refused_when_built(
     make: Callable[[], object], match: str
 ) -> None:
     """(A BOS or EOS outside the vocabulary failed at decoding with an IndexError; an
-    ``attn_dim`` of 0 was named ``hidden_dim``; ``dim_feedforward=0`` became 4 * d_model.)"""
+    ``attn_dim`` of 0 was named ``hidden_dim``; ``dim_feedforward=0`` became 4 * d_model;
+    Seq2Seq's ``d_model=0`` was named ``dim``, its encoder/decoder_layers ``num_layers``.)"""
     from attnlab.models import Captioner, CaptionerConfig
     from attnlab.models.rnn import RNNSeq2Seq, RNNSeq2SeqConfig
 
@@ -309,8 +355,9 @@ def _good(cfg: object) -> object:
 
     names = ("bos", "eos", "attn_dim", "dim_feedforward")
     over = {f.name: f.default for f in dataclasses.fields(cfg) if f.name in names}  # type: ignore[arg-type]
-    vocab = {"src_vocab": 10} if getattr(cfg, "src_vocab", 1) == 0 else {}
-    return dataclasses.replace(cfg, **over, **vocab)  # type: ignore[type-var]
+    sizes = {"src_vocab": 10, "d_model": 8, "encoder_layers": 1, "decoder_layers": 1}
+    zeros = {n: v for n, v in sizes.items() if getattr(cfg, n, 1) == 0}
+    return dataclasses.replace(cfg, **over, **zeros)  # type: ignore[type-var]
 
 
 def _vae_out() -> VAEOutput:

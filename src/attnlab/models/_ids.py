@@ -6,7 +6,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["check_ids", "check_source", "check_special_ids", "check_vocab"]
+__all__ = ["check_id_dtype", "check_ids", "check_source", "check_special_ids", "check_vocab"]
+
+# the index dtypes nn.Embedding takes
+_ID_DTYPES = (torch.int64, torch.int32)
 
 
 def check_vocab(name: str, ids: Tensor, field: str, vocab: int) -> None:
@@ -43,9 +46,23 @@ def check_special_ids(cfg: object, field: str, *names: str) -> None:
             raise ValueError(f"{name} must be a token id in [0, {field}={vocab}), got {v!r}")
 
 
+def check_id_dtype(name: str, ids: Tensor) -> None:
+    """The tensor ``ids`` must hold int64 or int32 token ids, the dtypes ``nn.Embedding``
+    indexes with (int16, uint8 or bool ids failed inside it, naming no argument).
+
+    Example:
+        >>> check_id_dtype("words", torch.tensor([[1, 4]], dtype=torch.uint8))
+        Traceback (most recent call last):
+        ...
+        TypeError: words must hold int64 or int32 token ids, got dtype torch.uint8
+    """
+    if ids.dtype not in _ID_DTYPES:
+        raise TypeError(f"{name} must hold int64 or int32 token ids, got dtype {ids.dtype}")
+
+
 def check_ids(name: str, ids: object, batch: int | None, source: str = "src") -> Tensor:
-    """``ids`` must be an integer tensor ``(B, L)`` with ``L >= 1`` (and ``B = batch``,
-    the batch of ``source``).
+    """``ids`` must be an int64 or int32 tensor ``(B, L)`` with ``L >= 1`` (and
+    ``B = batch``, the batch of ``source``).
 
     Example:
         >>> check_ids("tgt_in", torch.tensor([[1, 4]]), 1).shape
@@ -63,6 +80,7 @@ def check_ids(name: str, ids: object, batch: int | None, source: str = "src") ->
             f"{name} must be an integer tensor of token ids (B, L) with L >= 1, got "
             f"shape {tuple(ids.shape)} and dtype {ids.dtype}"
         )
+    check_id_dtype(name, ids)
     if batch is not None and ids.shape[0] != batch:
         raise ValueError(f"{name} has batch size {ids.shape[0]} but {source} has {batch}")
     return ids

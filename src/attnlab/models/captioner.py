@@ -126,7 +126,8 @@ class Captioner(nn.Module):
     def forward(self, images: Tensor, words: Tensor) -> Tensor:
         """Teacher-forced logits ``(B, Lt, V)`` for decoder inputs ``words (B, Lt)``
         (BOS first)."""
-        check_ids("words", words, images.shape[0], "images")  # integer ids (B, Lt), Lt >= 1
+        b = images.shape[0] if isinstance(images, Tensor) else None  # else: encode names it
+        check_ids("words", words, b, "images")  # integer ids (B, Lt), Lt >= 1
         check_vocab("words", words, "vocab_size", self.cfg.vocab_size)
         memory = self.encode(images)  # (B, N, D)
         keys, state = self.attention.project_keys(memory), self._start(memory)

@@ -11,7 +11,7 @@ from typing import NamedTuple
 from torch import Tensor, nn
 
 from attnlab._validate import positive_int
-from attnlab.models._ids import check_vocab
+from attnlab.models._ids import check_id_dtype, check_vocab
 from attnlab.nn import HierarchicalAttention
 from attnlab.nn.hierarchical import HierarchicalOutput
 
@@ -73,6 +73,7 @@ class DocumentClassifier(nn.Module):
         if not isinstance(ids, Tensor) or ids.dim() != 3 or ids.is_floating_point():
             seen = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, Tensor) else type(ids)
             raise TypeError(f"ids must be an integer tensor (B, S, W), got {seen}")
+        check_id_dtype("ids", ids)  # int16, uint8, bool failed inside nn.Embedding
         check_vocab("ids", ids, "vocab_size", self.embed.num_embeddings)
         han = self.han(self.embed(ids), ids != 0)  # document (B, Dd), weights ...
         return ClassifierOutput(self.head(self.dropout(han.document)), han)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlab._validate import nonnegative_int, positive_int
-from attnlab.models._ids import check_vocab
+from attnlab.models._ids import check_id_dtype, check_vocab
 from attnlab.nn import DecoderCache, DecoderOnly, LayerConfig
 from attnlab.positional import RotaryEmbedding
 
@@ -184,8 +184,7 @@ def _check_ids(ids: object, vocab_size: int, name: str = "ids") -> None:
         raise TypeError(
             f"{name} must be a torch.Tensor (B, L) of token ids, got {type(ids).__name__}"
         )
-    if ids.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{name} must hold int64 or int32 token ids, got dtype {ids.dtype}")
+    check_id_dtype(name, ids)
     if ids.dim() != 2:
         raise ValueError(f"{name} must have shape (B, L), got shape {tuple(ids.shape)}")
     check_vocab(name, ids, "vocab_size", vocab_size)

@@ -64,8 +64,8 @@ class Seq2Seq(nn.Module):
 
     def __init__(self, cfg: Seq2SeqConfig) -> None:
         super().__init__()
-        positive_int("src_vocab", cfg.src_vocab)
-        positive_int("tgt_vocab", cfg.tgt_vocab)
+        for name in ("src_vocab", "tgt_vocab", "d_model", "encoder_layers", "decoder_layers"):
+            positive_int(name, getattr(cfg, name))  # else named dim or num_layers below
         check_special_ids(cfg, "tgt_vocab", "bos", "eos")
         self.cfg = cfg
         d = cfg.d_model
@@ -120,8 +120,8 @@ class Seq2Seq(nn.Module):
         ``lengths (B,)`` must lie in ``[1, Ls]``; ``max_len`` and ``beam`` are positive ints.
         """
         max_len, beam = positive_int("max_len", max_len), positive_int("beam", beam)
-        b = src.shape[0]
         memory = self.encode(src, lengths).repeat_interleave(beam, 0)  # (B*k, Ls, D)
+        b = src.shape[0]  # after encode's checks: src is a tensor of ids
         if b == 0:
             return []
         pad = masks.padding(lengths.repeat_interleave(beam, 0))
