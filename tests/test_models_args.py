@@ -431,6 +431,24 @@ def test_an_empty_batch_decodes_to_nothing() -> None:
     assert len(s.generate(torch.tensor([[3, 4, 5]]), torch.tensor([3]), max_len=3)) == 1
 
 
+def test_an_empty_batch_gets_empty_teacher_forced_logits() -> None:
+    """(RNNSeq2Seq.forward with B = 0 raised 'Cannot pack empty tensors.' from its
+    encoder; Seq2Seq and the captioner already gave (0, Lt, V).)"""
+    s, r, c = _decoders()
+    src, lengths = torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    tgt = torch.ones(0, 2, dtype=torch.long)
+    assert tuple(s(src, lengths, tgt).shape) == (0, 2, 4)
+    assert tuple(r(src, lengths, tgt).shape) == (0, 2, 7)  # type: ignore[operator]
+    assert tuple(c(torch.rand(0, 3, 8, 8), tgt).shape) == (0, 2, 7)  # type: ignore[operator]
+    memory, state = r.encode(src, lengths)  # type: ignore[attr-defined]
+    assert memory.states.shape == (0, 3, 16) and memory.keep.shape == (0, 3)
+    assert state.shape == (0, 16)
+    one = (torch.tensor([[3, 4, 0]]), torch.tensor([2]), torch.tensor([[1, 5]]))
+    pair = (torch.tensor([[3, 4, 0], [5, 6, 7]]), torch.tensor([2, 3]), torch.ones(2, 2).long())
+    pair[2][0] = one[2][0]
+    torch.testing.assert_close(r(*one)[0], r(*pair)[0])  # type: ignore[operator]  # control
+
+
 def test_lengths_and_caption_words_are_checked_by_name() -> None:
     """Float lengths were read two ways by RNNSeq2Seq (packing cut 1.5 to 1, the mask
     kept 2) and named an internal ``key_lengths`` in Seq2Seq; float caption words or

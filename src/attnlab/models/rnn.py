@@ -119,13 +119,21 @@ class RNNSeq2Seq(nn.Module):
         """``src (B, Ls)`` -> the decoder's memory and its first state ``(B, D)``."""
         check_source(src, lengths)
         check_vocab("src", src, "src_vocab", self.cfg.src_vocab)
-        x = self.drop(self.src_embed(src))  # (B, Ls, E)
-        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        out, last = self.encoder(packed)  # last (2, B, H): forward at the end, backward at 0
-        states, _ = pad_packed_sequence(out, batch_first=True, total_length=src.shape[1])
+        states, last = self._run_encoder(self.drop(self.src_embed(src)), lengths)
         s0 = torch.tanh(self.init_state(torch.cat([last[0], last[1]], -1)))  # (B, D)
         keep = torch.arange(src.shape[1], device=src.device) < lengths[:, None].to(src.device)
         return _Memory(states, self.attention.project_keys(states), keep), s0
+
+    def _run_encoder(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """The GRU over embeddings ``x (B, Ls, E)`` packed by ``lengths``: states
+        ``(B, Ls, 2H)`` (zeros past each length) and the last states ``(2, B, H)``."""
+        if x.shape[0] == 0:  # an empty batch: nothing to pack
+            h = self.cfg.hidden
+            return x.new_zeros(0, x.shape[1], 2 * h), x.new_zeros(2, 0, h)
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, last = self.encoder(packed)  # last (2, B, H): forward at the end, backward at 0
+        states, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        return states, last
 
     def step(self, prev: Tensor, state: Tensor, memory: _Memory) -> tuple[Tensor, Tensor]:
         """One decoder step after tokens ``prev (B,)``: ``(logits (B, V), new state (B, D))``."""
@@ -152,7 +160,7 @@ class RNNSeq2Seq(nn.Module):
     def generate(self, src: Tensor, lengths: Tensor, *, max_len: int = 32) -> list[list[int]]:
         """Greedy decoding of each source row: ids without BOS and EOS."""
         max_len = positive_int("max_len", max_len)
-        if isinstance(src, Tensor) and src.shape[0] == 0:  # nothing to pack
+        if isinstance(src, Tensor) and src.shape[0] == 0:  # no step to run
             check_source(src, lengths)
             return []
         memory, state = self.encode(src, lengths)
