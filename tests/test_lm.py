@@ -81,6 +81,17 @@ def test_eos_stops_rows() -> None:
     assert out[1, 2 : 2 + stop].tolist() == row[:stop]
 
 
+def test_an_empty_batch_gets_max_new_tokens_without_eos() -> None:
+    """(B = 0 returned (0, P + 1), not (0, P + T): the loop stopped after one step because
+    ``done.all()`` of an empty batch is True, with eos_id=None as well.)"""
+    lm = _lm()
+    for one in (torch.ones(1, 2, dtype=torch.long), torch.ones(0, 2, dtype=torch.long)):
+        assert tuple(lm.generate(one, 3).shape) == (one.shape[0], 5)
+        assert tuple(lm.generate(one, 3, temperature=0.0).shape) == (one.shape[0], 5)
+    empty = lm.generate(torch.ones(0, 2, dtype=torch.long), 3, eos_id=2)
+    assert empty.shape[0] == 0 and 2 < empty.shape[1] <= 5  # eos: up to max_new_tokens
+
+
 # --- sampling against hand-computed distributions --------------------------------------
 
 PROBS = torch.tensor([0.4, 0.3, 0.2, 0.1])

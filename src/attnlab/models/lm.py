@@ -172,7 +172,7 @@ class LanguageModel(nn.Module):
                 done |= nxt == eos_id
             out.append(nxt[:, None])
             step_in = nxt[:, None]  # (B, 1)
-            if bool(done.all()):
+            if eos_id is not None and bool(done.all()):  # (an empty batch's all() is True)
                 break
         result = torch.cat(out, dim=1)  # (B, P + T)
         return result[0] if one_row else result
