@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -554,3 +555,30 @@ def test_evaluate_limit_is_checked(name: str) -> None:
     if name == "generation":
         with pytest.raises(ValueError, match="limit must be a positive int, got 0"):
             task.perplexity(model, limit=0)  # type: ignore[attr-defined]
+
+
+def _outputs(name: str, task: object, model: object, batch_size: object) -> list[str]:
+    """The task's decoding method on 3 held-out inputs, ``batch_size`` at a time."""
+    t: Any = task
+    if name == "translation":
+        return t.translate(model, [s for s, _ in t.test_pairs[:3]], batch_size=batch_size)
+    if name == "dates":
+        return t.convert(model, t.test[:3], batch_size=batch_size)
+    return t.caption(model, t.test_images[:3], batch_size=batch_size)
+
+
+@pytest.mark.parametrize("name", ["translation", "dates", "captioning"])
+def test_decoding_batch_size_is_checked(name: str) -> None:
+    """(translate and convert with batch_size=-1 returned [] for 3 inputs, with 0 raised
+    'range() arg 3 must not be zero'; caption with 0 or -1 raised a RuntimeError from
+    torch's split.)"""
+    task = _small_task(name)
+    torch.manual_seed(0)
+    model = task.build_model().eval()  # type: ignore[attr-defined]
+    for bad, exc in ((-1, ValueError), (0, ValueError), (2.5, TypeError), (True, TypeError)):
+        with pytest.raises(exc, match=re.escape(f"batch_size must be a positive int, got {bad}")):
+            _outputs(name, task, model, bad)
+    # the control: one output per input at any batch size (translate's max_len follows its
+    # batch's longest sentence, so only whole-batch outputs are compared)
+    assert [len(_outputs(name, task, model, b)) for b in (1, 2)] == [3, 3]
+    assert _outputs(name, task, model, 3) == _outputs(name, task, model, 500)

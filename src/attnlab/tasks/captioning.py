@@ -288,7 +288,8 @@ class CaptioningTask:
         return F.cross_entropy(logits.flatten(0, 1), batch.words_out.flatten(), ignore_index=0)
 
     def caption(self, model: Captioner, images: Tensor, batch_size: int = 500) -> list[str]:
-        """Greedy captions of uint8 ``images (N, 3, H, W)``."""
+        """Greedy captions of uint8 ``images (N, 3, H, W)``, ``batch_size`` (>= 1) at a time."""
+        batch_size = positive_int("batch_size", batch_size)  # 0 failed inside split
         out: list[str] = []
         for x in images.split(batch_size):
             out += [self.vocab.decode(r) for r in model.generate(x.float() / 255.0)]

@@ -205,7 +205,8 @@ class DatesTask:
     def convert(
         self, model: RNNSeq2Seq, examples: Sequence[DateExample], *, batch_size: int = 500
     ) -> list[str]:
-        """Greedy ISO dates for ``examples``."""
+        """Greedy ISO dates for ``examples``, ``batch_size`` (>= 1) at a time."""
+        batch_size = positive_int("batch_size", batch_size)  # -1 gave [], 0 a range() error
         out: list[str] = []
         for i in range(0, len(examples), batch_size):
             b = self.test_batch(examples[i : i + batch_size])

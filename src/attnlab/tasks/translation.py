@@ -169,7 +169,8 @@ class TranslationTask:
     def translate(
         self, model: Seq2Seq, sentences: list[str], *, beam: int = 1, batch_size: int = 256
     ) -> list[str]:
-        """English words for each French sentence."""
+        """English words for each French sentence, ``batch_size`` (>= 1) at a time."""
+        batch_size = positive_int("batch_size", batch_size)  # -1 gave [], 0 a range() error
         out: list[str] = []
         for i in range(0, len(sentences), batch_size):
             src, lengths = pad_batch(
