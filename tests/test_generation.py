@@ -173,3 +173,26 @@ def test_finish_writes_the_report(task: G.GenerationTask, tmp_path: Path) -> Non
     assert {"perplexity", "bigram_perplexity", "exact_digits"} <= set(scores)
     assert (tmp_path / "report.html").stat().st_size > 1000
     assert (tmp_path / "attention_0.png").exists()
+
+
+def test_completion_exact_scores_only_the_families_held_out(tmp_path: Path) -> None:
+    """(test_size=4 holds out 2 of the 5 families: completion_exact and finish raised
+    ZeroDivisionError; per_family=0 did too.)"""
+    small = G.GenerationTask(60, 4, d_model=16, num_heads=2)
+    torch.manual_seed(0)
+    lm = small.build_model().eval()
+    assert isinstance(lm, LanguageModel)
+    held = {G.family(p) for p, _ in small.test_pairs}
+    assert 0 < len(held) < len(G.FAMILIES)  # the case: some family has no test sentence
+    scores = small.completion_exact(lm)
+    assert set(scores) == {f"exact_{name}" for name in held}
+    for name in held:  # the oracle: the same completions, counted here
+        pairs = [(p, c) for p, c in small.test_pairs if G.family(p) == name]
+        hyps = small.complete(lm, [p for p, _ in pairs], temperature=0.0)
+        ref = [small.vocab.decode(small.vocab.encode(c)) for _, c in pairs]
+        hits = sum(h == r for h, r in zip(hyps, ref, strict=True))
+        assert scores[f"exact_{name}"] == round(100.0 * hits / len(pairs), 1)
+    assert set(scores) <= set(G.finish(small, lm, tmp_path))
+    with pytest.raises(ValueError, match="per_family must be a positive int, got 0"):
+        small.completion_exact(lm, per_family=0)
+    assert set(small.completion_exact(lm, per_family=1)) == set(scores)  # the control

@@ -351,10 +351,15 @@ class GenerationTask:
         return out
 
     def completion_exact(self, model: LanguageModel, per_family: int = 100) -> dict[str, float]:
-        """Greedy completions equal to the reference (%), per family, on held-out sentences."""
+        """Greedy completions equal to the reference (%) on up to ``per_family`` held-out
+        sentences of each family; a family with none in the test split (a small
+        ``test_size`` leaves some out) has no score and no key."""
+        per_family = positive_int("per_family", per_family)
         scores = {}
         for name in FAMILIES:
             pairs = [p for p in self.test_pairs if family(p[0]) == name][:per_family]
+            if not pairs:  # 0 of 0 is no accuracy (a ZeroDivisionError)
+                continue
             hyps = self.complete(model, [p for p, _ in pairs], temperature=0.0)
             hits = sum(
                 h == self.vocab.decode(self.vocab.encode(c))
