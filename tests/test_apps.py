@@ -527,3 +527,15 @@ def test_ask_passes_its_warnings_on_as_they_were() -> None:
         "some candidate sentences are past the encoder's 256-token limit; they are compared "
         "by their first 256 tokens"
     ]
+
+
+@pytest.mark.parametrize("raw", ["null", "[]", '"x"', "3", '{"format": 4, "vectors": "../x"}'])
+def test_an_index_json_that_is_no_index_is_rebuilt(tmp_path: Path, enc, raw: str) -> None:
+    """(JSON that is not an object, e.g. a clobbered cache file, raised AttributeError
+    from load_index and build_index instead of reading as no index.)"""
+    docs = [Document("a", "Cats purr. Dogs bark."), Document("b", "Rain falls.")]
+    assert build_index(docs, enc, tmp_path).embedded == 3
+    assert load_index(tmp_path) is not None  # control: the saved index reads back
+    (tmp_path / "index.json").write_text(raw)
+    assert load_index(tmp_path) is None
+    assert build_index(docs, enc, tmp_path).embedded == 3  # rebuilt

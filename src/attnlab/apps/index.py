@@ -137,6 +137,8 @@ def load_index(folder: str | Path) -> Index | None:
     folder = Path(folder)
     try:
         meta = json.loads((folder / "index.json").read_text(encoding="utf-8"))
+        if not isinstance(meta, dict):
+            return None  # JSON that is no index (null, a list, a string)
         raw = (folder / "index.safetensors").read_bytes()
         if meta.get("format") != FORMAT or meta.get("vectors_sha256") != _sha(raw):
             return None  # another version, or vectors from a build whose JSON never landed
