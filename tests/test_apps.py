@@ -237,7 +237,8 @@ def test_vectors_from_another_build_are_not_trusted(folder: Path, tmp_path: Path
     docs = load_documents(folder)
     index = build_index(docs, enc, tmp_path / "ix")
     other = {"vectors": torch.nn.functional.normalize(torch.randn_like(index.vectors), dim=1)}
-    save_file(other, str(tmp_path / "ix" / "index.safetensors"))  # same shape, other build
+    named = json.loads((tmp_path / "ix" / "index.json").read_text())["vectors"]
+    save_file(other, str(tmp_path / "ix" / named))  # same shape, other build
     assert load_index(tmp_path / "ix") is None
     again = build_index(docs, enc, tmp_path / "ix")
     assert again.embedded == len(index.sentences)  # rebuilt, not reused
@@ -539,3 +540,31 @@ def test_an_index_json_that_is_no_index_is_rebuilt(tmp_path: Path, enc, raw: str
     (tmp_path / "index.json").write_text(raw)
     assert load_index(tmp_path) is None
     assert build_index(docs, enc, tmp_path).embedded == 3  # rebuilt
+
+
+def test_a_stop_between_the_two_writes_leaves_the_previous_index(
+    tmp_path: Path, enc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(Both files had fixed names: a stop after the vectors and before the JSON left a
+    pair that read as no index, and the next run re-embedded every document.)"""
+    import attnlab.apps.index as index_module
+
+    docs = [Document("a", "Cats purr. Dogs bark."), Document("b", "Rain falls.")]
+    first = build_index(docs, enc, tmp_path)
+    edited = [docs[0], Document("b", "Snow falls.")]
+    real = index_module.atomic_write_text
+
+    def stop(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(index_module, "atomic_write_text", stop)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(edited, enc, tmp_path)
+    loaded = load_index(tmp_path)
+    assert loaded is not None and loaded.sentences == first.sentences
+    assert torch.equal(loaded.vectors, first.vectors)
+    monkeypatch.setattr(index_module, "atomic_write_text", real)
+    again = build_index(edited, enc, tmp_path)
+    assert again.embedded == 1  # only the edited document
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1  # the stray vectors removed
+    assert load_index(tmp_path).sentences == again.sentences  # type: ignore[union-attr]

@@ -1,12 +1,16 @@
 """A sentence index: every sentence's MiniLM embedding, built once and kept on disk.
 
-The index is two files in one folder: ``index.safetensors`` (the ``(N, D)`` float32
-unit vectors) and ``index.json`` (the model's name, and per document its content hash
-and its sentences, and the vectors file's SHA-256, so a pair from two different builds is
-never read as one). :func:`build_index` reuses the rows of every document whose hash is
-unchanged and embeds only the new or changed ones, so editing one document re-embeds
-that document alone; a different model or splitter version rebuilds everything. Both
-files are written atomically (a crash leaves the previous index). Nothing is pickled.
+The index is two files in one folder: ``index.json`` (the model's name, per document its
+content hash and its sentences, and the name and SHA-256 of the vectors file, so a pair
+from two different builds is never read as one) and that vectors file,
+``index-HASH.safetensors`` (the ``(N, D)`` float32 unit vectors). :func:`build_index`
+reuses the rows of every document whose hash is unchanged and embeds only the new or
+changed ones, so editing one document re-embeds that document alone; a different model
+or splitter version rebuilds everything. A save writes the new vectors under their own
+name, then the JSON that names them (each atomically), then removes the previous vectors:
+a crash at any point leaves the previous index or the new one, never a pair that is read
+as none (one file name for both made a stop between the two writes re-embed everything).
+Nothing is pickled.
 
 Search is brute force (``vectors @ q``, exact): at the Python reference's size (3,602
 sentences x 384) one query is a 1.4 MFLOP matrix-vector product. ``benchmarks/bench_ask.py``
@@ -31,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -46,8 +51,9 @@ from attnlab.models import SentenceEncoder
 
 __all__ = ["FORMAT", "Index", "build_index", "default_cache", "embed", "load_index"]
 
-FORMAT = 3  # bump when the splitter or the file layout changes: every index rebuilds
+FORMAT = 4  # bump when the splitter or the file layout changes: every index rebuilds
 Progress = Callable[[int, int], None]
+_VECTORS = re.compile(r"index-[0-9a-f]{16}\.safetensors")
 
 
 @dataclass
@@ -137,11 +143,11 @@ def load_index(folder: str | Path) -> Index | None:
     folder = Path(folder)
     try:
         meta = json.loads((folder / "index.json").read_text(encoding="utf-8"))
-        if not isinstance(meta, dict):
-            return None  # JSON that is no index (null, a list, a string)
-        raw = (folder / "index.safetensors").read_bytes()
-        if meta.get("format") != FORMAT or meta.get("vectors_sha256") != _sha(raw):
-            return None  # another version, or vectors from a build whose JSON never landed
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            return None  # another version, or JSON that is no index (null, a list)
+        raw = (folder / _vectors_name(meta.get("vectors"))).read_bytes()
+        if meta.get("vectors_sha256") != _sha(raw):
+            return None  # vectors from another build
         vectors = load(raw)["vectors"]
         sentences = [Sentence(*row) for d in meta["docs"] for row in d["sentences"]]
         digests = {d["name"]: d["digest"] for d in meta["docs"]}
@@ -152,8 +158,17 @@ def load_index(folder: str | Path) -> Index | None:
     return Index(sentences, vectors, digests, str(meta.get("model")))
 
 
+def _vectors_name(name: object) -> str:
+    """The vectors file that ``index.json`` names; a ValueError for anything but a file
+    name of the form ``index-HASH.safetensors`` (no path: nothing outside the folder)."""
+    if not isinstance(name, str) or not _VECTORS.fullmatch(name):
+        raise ValueError(f"index.json names no vectors file: {name!r}")
+    return name
+
+
 def _save(index: Index, folder: Path) -> None:
-    """Vectors first, then the JSON that describes them (both atomic)."""
+    """The vectors under a new name, then the JSON that names them (both atomic), then
+    the previous vectors removed: a stop anywhere leaves a readable index."""
     from safetensors.torch import save
 
     by_doc: dict[str, list[list[Any]]] = {name: [] for name in index.digests}
@@ -161,11 +176,16 @@ def _save(index: Index, folder: Path) -> None:
         by_doc[s.doc].append([s.text, s.doc, s.section, s.para])
     docs = [{"name": n, "digest": d, "sentences": by_doc[n]} for n, d in index.digests.items()]
     raw = save({"vectors": index.vectors.contiguous()})
-    meta = {"format": FORMAT, "model": index.model, "vectors_sha256": _sha(raw), "docs": docs}
-    atomic_write(folder / "index.safetensors", lambda t: Path(t).write_bytes(raw), mode=0o644)
+    sha = _sha(raw)
+    name = f"index-{sha[:16]}.safetensors"
+    meta = {"format": FORMAT, "model": index.model, "vectors": name, "vectors_sha256": sha}
+    atomic_write(folder / name, lambda t: Path(t).write_bytes(raw), mode=0o644)
     # ASCII: a document name from a file name that is not UTF-8 holds lone surrogates,
     # which UTF-8 cannot write but JSON's \uXXXX escapes carry there and back exactly
-    atomic_write_text(folder / "index.json", json.dumps(meta, ensure_ascii=True))
+    atomic_write_text(folder / "index.json", json.dumps(meta | {"docs": docs}, ensure_ascii=True))
+    for old in folder.glob("index*.safetensors"):  # the previous vectors (format 3's too)
+        if old.name != name and (old.name == "index.safetensors" or _VECTORS.fullmatch(old.name)):
+            old.unlink(missing_ok=True)
 
 
 def _sha(raw: bytes) -> str:
