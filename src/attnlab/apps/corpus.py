@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -286,6 +287,12 @@ def _files(path: Path) -> list[Path]:
     return found
 
 
+def _identity(path: str | Path) -> tuple[int, int]:
+    """The file or folder that ``path`` reaches (links followed): device and inode."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
 def _text_files(folder: Path) -> list[Path]:
     """The text files under ``folder`` (hidden ones and those in hidden folders left
     out), sorted; a subfolder that cannot be read is a ValueError (``rglob`` passed over
@@ -302,6 +309,17 @@ def _text_files(folder: Path) -> list[Path]:
             if not name.startswith(".") and p.suffix.lower() in SUFFIXES and p.is_file():
                 found.append(p)
     return sorted(found)
+
+
+def _named_files(path: Path) -> list[tuple[str, Path]]:
+    """The files that ``path`` names, each with its document name: a file's own name, or
+    for a folder its name and the path inside it (``docs/a.txt`` whether the folder was
+    given as ``docs``, ``./docs/`` or ``/home/me/docs``), so that the title signal and the
+    index's keys do not depend on how the folder was spelled."""
+    base = Path(os.path.abspath(path))
+    if not path.is_dir():
+        return [(base.name, p) for p in _files(path)]
+    return [(str(Path(base.name) / p.relative_to(path)), p) for p in _files(path)]
 
 
 def _path(item: str | Path) -> Path:
@@ -323,6 +341,19 @@ def document_files(docs: str | Path | Sequence[str | Path]) -> list[Path]:
     return [p for item in items if str(item) != "pydoc" for p in _files(_path(item))]
 
 
+def _unique_names(named: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
+    """``named`` with each file once; a file given twice (a file and its folder) is a
+    ValueError, and a name that two different files share (``a/docs/x.txt`` and
+    ``b/docs/x.txt``) becomes each one's absolute path."""
+    first: dict[tuple[int, int], Path] = {}
+    for _, p in named:
+        if (key := _identity(p)) in first:
+            raise ValueError(f"docs: names {str(p)!r} more than once (a file and its folder?)")
+        first[key] = p
+    counts = Counter(name for name, _ in named)
+    return [(name if counts[name] == 1 else os.path.abspath(p), p) for name, p in named]
+
+
 def load_documents(docs: str | Path | Sequence[str | Path]) -> list[Document]:
     """The documents that ``docs`` names: ``"pydoc"``, or paths to files and folders.
 
@@ -341,11 +372,13 @@ def load_documents(docs: str | Path | Sequence[str | Path]) -> list[Document]:
     if not docs:
         raise ValueError("docs: no documents given; give files, folders or 'pydoc'")
     out: list[Document] = []
+    named: list[tuple[str, Path]] = []
     for item in docs:
         if str(item) == "pydoc":
             out += pydoc_documents()
             continue
-        out += [Document(str(p), _read_text(p)) for p in _files(_path(item))]
+        named += _named_files(_path(item))
+    out += [Document(name, _read_text(p)) for name, p in _unique_names(named)]
     if not any(d.text.strip() for d in out):
         raise ValueError(f"docs: every document is empty ({len(out)} files)")
     seen: set[str] = set()
