@@ -587,3 +587,23 @@ def test_names_and_scores_do_not_depend_on_how_the_folder_is_spelled(
         scores.add(round(a[0].score, 6))
     assert names == {tuple(f"{folder.name}/{n}" for n in sorted(DOCS))}
     assert len(scores) == 1 and len(embedded) == 1  # embedded once, for the first spelling
+
+
+def test_links_are_followed_but_each_folder_and_file_is_read_once(tmp_path: Path) -> None:
+    """(os.walk followed a link to the folder itself until the path grew too long: one
+    file was read as 41 documents.)"""
+    (tmp_path / "a.txt").write_text("Cats purr.")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.txt").write_text("Dogs bark.")
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    outside.mkdir()
+    (outside / "c.txt").write_text("Rain falls.")
+    (tmp_path / "loop").symlink_to(tmp_path)  # the folder itself
+    (tmp_path / "sub" / "up").symlink_to(tmp_path / "sub")
+    (tmp_path / "same.txt").symlink_to(tmp_path / "a.txt")  # a file twice
+    (tmp_path / "far").symlink_to(outside)  # control: a link elsewhere is followed
+    docs = load_documents(tmp_path)
+    assert sorted(d.text for d in docs) == ["Cats purr.", "Dogs bark.", "Rain falls."]
+    assert [d.name for d in docs] == [
+        f"{tmp_path.name}/{n}" for n in ("a.txt", "far/c.txt", "sub/b.txt")
+    ]

@@ -296,17 +296,27 @@ def _identity(path: str | Path) -> tuple[int, int]:
 def _text_files(folder: Path) -> list[Path]:
     """The text files under ``folder`` (hidden ones and those in hidden folders left
     out), sorted; a subfolder that cannot be read is a ValueError (``rglob`` passed over
-    it, and its documents were silently never searched)."""
+    it, and its documents were silently never searched). Links are followed, but each
+    real folder and each real file is read once (a link to the folder itself made one
+    file 41 documents)."""
 
     def fail(e: OSError) -> None:
         raise ValueError(f"docs: {str(e.filename)!r} cannot be read (permission denied)")
 
     found: list[Path] = []
+    seen: set[tuple[int, int]] = set()
     for root, dirs, files in os.walk(folder, onerror=fail, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in files:
+        if _identity(root) in seen:  # reached again through a link: read already
+            dirs[:] = []
+            continue
+        seen.add(_identity(root))
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
             p = Path(root) / name
-            if not name.startswith(".") and p.suffix.lower() in SUFFIXES and p.is_file():
+            if name.startswith(".") or p.suffix.lower() not in SUFFIXES or not p.is_file():
+                continue
+            if _identity(p) not in seen:
+                seen.add(_identity(p))
                 found.append(p)
     return sorted(found)
 
