@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from importlib.resources import files
 from pathlib import Path
@@ -607,3 +608,47 @@ def test_links_are_followed_but_each_folder_and_file_is_read_once(tmp_path: Path
     assert [d.name for d in docs] == [
         f"{tmp_path.name}/{n}" for n in ("a.txt", "far/c.txt", "sub/b.txt")
     ]
+
+
+def test_bad_arguments_of_rank_summarize_and_ask_are_named(
+    folder: Path, tmp_path: Path, enc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(rank(top=-1) gave 3 answers; summarize(redundancy=nan) took a sentence twice;
+    redundancy='x', damping='0.5' and position=None failed comparing; ask(cache='') wrote
+    the index into the current folder; docs=123 and cache=123 were unnamed TypeErrors.)"""
+    from attnlab.apps import Asker
+
+    ix = build_index(load_documents(folder), enc, None)
+    asker = Asker(ix, enc)
+    assert len(asker.rank("loops?", top=1)) == 1  # control
+    for top, exc in ((-1, ValueError), (0, ValueError), (1.5, TypeError), (True, TypeError)):
+        with pytest.raises(exc, match=f"top must be a positive int, got {top}"):
+            asker.rank("loops?", top=top)
+    text = "Cats purr. Cats purr. Rain falls."
+    assert summarize(text, 3, encoder=enc).chosen == [0, 2]  # control: the repeat skipped
+    for kw, exc, message in [
+        ({"redundancy": float("nan")}, ValueError, "redundancy must be a number (a cosine), "
+                                                   "not NaN, got nan"),
+        ({"redundancy": "x"}, TypeError, "redundancy must be a number (a cosine), not NaN, "
+                                         "got str 'x'"),
+        ({"damping": "0.5"}, TypeError, "damping must be a number in (0, 1), got str '0.5'"),
+        ({"damping": 1.0}, ValueError, "damping must be a number in (0, 1), got 1.0"),
+        ({"position": None}, TypeError, "position must be a number >= 0, got NoneType None"),
+        ({"position": float("inf")}, ValueError, "position must be a number >= 0, got inf"),
+    ]:  # fmt: skip
+        with pytest.raises(exc, match=re.escape(message)):
+            summarize(text, 3, encoder=enc, **kw)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    for kw, exc, message in [
+        ({"cache": ""}, ValueError, "cache must be a folder, got an empty path"),
+        ({"cache": 123}, TypeError, "cache must be a folder (str or Path)"),
+        ({"docs": 123}, TypeError, "docs must be 'pydoc', a path or a sequence of paths, "
+                                   "got int 123"),
+        ({"docs": [folder, 123]}, TypeError, "docs: each item must be a path (str or Path), "
+                                             "got int 123"),
+    ]:  # fmt: skip
+        with pytest.raises(exc, match=re.escape(message)):
+            ask("loops?", **({"docs": folder} | kw), encoder=enc, explain=False)
+    assert list(Path().iterdir()) == []  # nothing written into the current folder

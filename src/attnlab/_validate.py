@@ -44,6 +44,25 @@ def positive_real(name: str, value: object) -> float:
     return float(value)
 
 
+def real_where(name: str, value: object, ok: Callable[[float], bool], expected: str) -> float:
+    """``value`` as a float for which ``ok`` holds (NaN fails every comparison), or a
+    TypeError/ValueError naming ``name``, what was seen and ``expected``.
+
+    Example:
+        >>> real_where("damping", 0.85, lambda d: 0 < d < 1, "a number in (0, 1)")
+        0.85
+        >>> real_where("damping", "0.5", lambda d: 0 < d < 1, "a number in (0, 1)")
+        Traceback (most recent call last):
+        ...
+        TypeError: damping must be a number in (0, 1), got str '0.5'
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
+    if not ok(float(value)):
+        raise ValueError(f"{name} must be {expected}, got {value}")
+    return float(value)
+
+
 def limit_or(limit: object, default: int) -> int:
     """How many held-out items an ``evaluate(limit=...)`` scores: ``limit``, an int >= 1,
     or ``default`` when it is None; a TypeError/ValueError naming ``limit`` otherwise (0 or

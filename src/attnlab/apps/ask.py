@@ -38,6 +38,7 @@ With ``docs="pydoc"`` (the default) the index of the whole reference is built on
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -51,6 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab._io import decode_text
+from attnlab._validate import positive_int
 from attnlab.apps.corpus import Sentence, load_documents
 from attnlab.apps.index import Index, Progress, build_index, default_cache
 from attnlab.apps.lexical import BM25, words
@@ -167,6 +169,7 @@ class Asker:
 
     def rank(self, question: str, top: int = 5) -> list[Answer]:
         """The ``top`` best sentences for ``question``, best first."""
+        top = positive_int("top", top)
         sig = self.signals(question)
         w = self.weights
         first = sum(getattr(w, name) * s for name, s in sig.items())
@@ -265,15 +268,10 @@ def ask(
         ValueError: top must be a positive int, got 0
     """
     question = check_question(question)
-    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
-        raise ValueError(f"top must be a positive int, got {top!r}")
+    top = positive_int("top", top)
     documents = load_documents(docs)
+    folder = _cache_folder(cache, docs)
     enc = encoder or SentenceEncoder.from_pretrained()
-    folder: str | Path | None = None  # cache=False: in memory
-    if cache is None or cache is True:
-        folder = default_cache(docs)
-    elif cache is not False:
-        folder = cache
     with _one_truncation_warning(enc.config.max_seq_length):
         index = build_index(documents, enc, folder, progress=progress)
         if not index.sentences:
@@ -283,6 +281,27 @@ def ask(
             for a in answers:
                 a.matches = match_words(enc, question, a.sentence.text)
     return answers
+
+
+def _cache_folder(cache: object, docs: str | Path | Sequence[str | Path]) -> Path | None:
+    """The index folder that ``ask(cache=...)`` means (None: in memory); ``""`` (which
+    would be the current folder, where the index files landed) and what is no path are
+    errors naming ``cache``."""
+    if cache is None or cache is True:
+        return default_cache(docs)
+    if cache is False:
+        return None
+    if not isinstance(cache, str | os.PathLike):
+        raise TypeError(
+            "cache must be a folder (str or Path), None or True for the default, or False "
+            f"for none, got {type(cache).__name__} {cache!r}"
+        )
+    if not str(cache):
+        raise ValueError(
+            "cache must be a folder, got an empty path (the current folder); give a folder, "
+            "or cache=False to keep the index in memory"
+        )
+    return Path(cache)
 
 
 @contextmanager

@@ -332,8 +332,26 @@ def _named_files(path: Path) -> list[tuple[str, Path]]:
     return [(str(Path(base.name) / p.relative_to(path)), p) for p in _files(path)]
 
 
-def _path(item: str | Path) -> Path:
-    """``item`` as a path; the empty string (which ``Path`` reads as ".") is a ValueError."""
+def _items(docs: object) -> list[str | Path]:
+    """``docs`` as a list: one path, or a sequence of them (a TypeError naming ``docs``
+    otherwise: ``docs=123`` said "'int' object is not iterable")."""
+    if isinstance(docs, str | os.PathLike):
+        return [docs]  # type: ignore[list-item]  # a PathLike: _path makes it a Path
+    if not isinstance(docs, Sequence):
+        raise TypeError(
+            f"docs must be 'pydoc', a path or a sequence of paths, got {type(docs).__name__} "
+            f"{docs!r}"
+        )
+    return list(docs)
+
+
+def _path(item: object) -> Path:
+    """``item`` as a path; the empty string (which ``Path`` reads as ".") is a ValueError,
+    and what is no path a TypeError naming ``docs``."""
+    if not isinstance(item, str | os.PathLike):
+        raise TypeError(
+            f"docs: each item must be a path (str or Path), got {type(item).__name__} {item!r}"
+        )
     if isinstance(item, str) and not item:
         raise ValueError("docs: an empty path was given; give files, folders or 'pydoc'")
     return Path(item)
@@ -347,8 +365,7 @@ def document_files(docs: str | Path | Sequence[str | Path]) -> list[Path]:
         >>> document_files("pydoc")
         []
     """
-    items = [docs] if isinstance(docs, str | Path) else list(docs)
-    return [p for item in items if str(item) != "pydoc" for p in _files(_path(item))]
+    return [p for item in _items(docs) if str(item) != "pydoc" for p in _files(_path(item))]
 
 
 def _unique_names(named: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
@@ -377,8 +394,7 @@ def load_documents(docs: str | Path | Sequence[str | Path]) -> list[Document]:
         >>> len(load_documents("pydoc")) > 70
         True
     """
-    if isinstance(docs, str | Path):
-        docs = [docs]
+    docs = _items(docs)
     if not docs:
         raise ValueError("docs: no documents given; give files, folders or 'pydoc'")
     out: list[Document] = []

@@ -20,11 +20,13 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from attnlab._validate import real_where
 from attnlab.apps.corpus import Document, split_document
 from attnlab.apps.index import Progress, embed
 from attnlab.models import SentenceEncoder
@@ -134,10 +136,11 @@ def summarize(
     """
     if isinstance(sentences, bool) or not isinstance(sentences, int) or sentences < 1:
         raise ValueError(f"sentences must be a positive int, got {sentences!r}")
-    if not 0 < damping < 1:
-        raise ValueError(f"damping must be in (0, 1), got {damping!r}")
-    if not position >= 0:
-        raise ValueError(f"position must be >= 0, got {position!r}")
+    damping = real_where("damping", damping, lambda d: 0 < d < 1, "a number in (0, 1)")
+    position = real_where("position", position, lambda p: 0 <= p < math.inf, "a number >= 0")
+    redundancy = real_where(
+        "redundancy", redundancy, lambda r: not math.isnan(r), "a number (a cosine), not NaN"
+    )
     doc = text if isinstance(text, Document) else Document("text", text)
     if not isinstance(doc.text, str):
         raise TypeError(f"text must be a str or Document, got {type(doc.text).__name__}")
