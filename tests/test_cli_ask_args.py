@@ -291,3 +291,20 @@ def test_ask_says_once_that_long_sentences_were_cut(
         "attnlab ask: warning: some candidate sentences are past the encoder's 256-token "
         "limit; they are compared by their first 256 tokens"
     ], said
+
+
+def test_ask_on_documents_without_prose_refuses_before_the_model_loads(
+    tmp_path: Path, no_work: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """(``attnlab ask`` loaded the model, then refused; summarize refused first.)"""
+    code = tmp_path / "code.md"
+    code.write_text("```\nprint(1)\n```\n")
+    for argv, named in [
+        (["ask", "why?", "--docs", str(code)], "argument --docs: the documents hold no prose"),
+        (["summarize", str(code)], "argument FILE: "),
+    ]:
+        status = main(argv)
+        _one_line(capsys.readouterr().err, named, 2, status)
+    (tmp_path / "prose.md").write_text(PROSE)  # control: prose beside it gets to the model
+    assert main(["ask", "why?", "--docs", str(tmp_path)]) == 1
+    assert "the command started work" in capsys.readouterr().err

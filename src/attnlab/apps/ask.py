@@ -53,7 +53,7 @@ from torch import Tensor
 
 from attnlab._io import decode_text
 from attnlab._validate import positive_int
-from attnlab.apps.corpus import Sentence, load_documents
+from attnlab.apps.corpus import Sentence, check_prose, load_documents
 from attnlab.apps.index import Index, Progress, build_index, default_cache
 from attnlab.apps.lexical import BM25, words
 from attnlab.apps.match import WordMatch, match_words, maxsim
@@ -270,12 +270,11 @@ def ask(
     question = check_question(question)
     top = positive_int("top", top)
     documents = load_documents(docs)
+    check_prose(documents)  # before the model loads
     folder = _cache_folder(cache, docs)
     enc = encoder or SentenceEncoder.from_pretrained()
     with _one_truncation_warning(enc.config.max_seq_length):
         index = build_index(documents, enc, folder, progress=progress)
-        if not index.sentences:
-            raise ValueError("docs: the documents hold no prose sentences (empty, or only code)")
         answers = Asker(index, enc).rank(question, top)
         if explain:
             for a in answers:

@@ -37,6 +37,7 @@ __all__ = [
     "SUFFIXES",
     "Document",
     "Sentence",
+    "check_prose",
     "document_files",
     "load_documents",
     "split_document",
@@ -241,6 +242,21 @@ def split_document(doc: Document) -> list[Sentence]:
         for i, (section, para) in enumerate(_paragraphs(doc.text, markdown))
         for s in split_sentences(para)
     ]
+
+
+def check_prose(docs: Sequence[Document]) -> None:
+    """A ValueError if no document of ``docs`` holds a prose sentence (empty, or only
+    code): said before the model loads (``attnlab ask`` loaded it first). Documents are
+    split until the first one with prose.
+
+    Example:
+        >>> check_prose([Document("a.md", "```\\nprint(1)\\n```\\n")])
+        Traceback (most recent call last):
+        ...
+        ValueError: docs: the documents hold no prose sentences (empty, or only code)
+    """
+    if not any(split_document(d) for d in docs):
+        raise ValueError("docs: the documents hold no prose sentences (empty, or only code)")
 
 
 def pydoc_documents() -> list[Document]:

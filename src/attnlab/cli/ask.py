@@ -19,7 +19,7 @@ from typing import Any
 
 from attnlab.apps import Answer, Document, ask, load_documents, split_document, summarize
 from attnlab.apps.ask import check_question
-from attnlab.apps.corpus import document_files
+from attnlab.apps.corpus import check_prose, document_files
 from attnlab.apps.index import default_cache
 from attnlab.apps.report import answers_html, summary_html
 from attnlab.apps.summarize import check_length
@@ -123,7 +123,11 @@ def run_ask(args: argparse.Namespace) -> int:
         question = check_question(text)
     except ValueError as e:
         raise UsageError("QUESTION", str(e).removeprefix("question ")) from None
-    _, inputs = _documents(args.docs)  # read and checked before the model loads
+    documents, inputs = _documents(args.docs)  # read and checked before the model loads
+    try:
+        check_prose(documents)
+    except ValueError as e:  # only code: said before the model loads, as summarize does
+        raise UsageError("--docs", str(e).removeprefix("docs: ")) from None
     out = _out_file(args.out, inputs)
     cache = _cache(args) if args.cache is None else check_out_folder("--cache", args.cache)
     enc, _ = load_encoder(args.model)
