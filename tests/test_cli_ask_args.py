@@ -308,3 +308,20 @@ def test_ask_on_documents_without_prose_refuses_before_the_model_loads(
     (tmp_path / "prose.md").write_text(PROSE)  # control: prose beside it gets to the model
     assert main(["ask", "why?", "--docs", str(tmp_path)]) == 1
     assert "the command started work" in capsys.readouterr().err
+
+
+def test_summarize_pydoc_without_a_topic_is_a_usage_error_not_a_topic(
+    tmp_path: Path,
+    no_work: None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """(``attnlab summarize pydoc``, with no file of that name, silently summarized the
+    reference's first topic, "assert".)"""
+    monkeypatch.chdir(tmp_path)
+    status = main(["summarize", "pydoc"])
+    named = "argument FILE: 'pydoc' is not a file; for a topic of Python's reference give pydoc:"
+    _one_line(capsys.readouterr().err, named, 2, status)
+    (tmp_path / "pydoc").write_text(PROSE)  # control: a file of that name is that file
+    doc = ask_cli._summary_doc("pydoc")
+    assert (doc.name, doc.text) == ("pydoc", PROSE)

@@ -174,12 +174,18 @@ def _summary_doc(name: str) -> Document:
         if topic not in docs:
             raise UsageError("FILE", f"{topic!r} is not a topic of the reference; e.g. pydoc:with")
         return docs[topic]
+    if name == "pydoc" and not Path(name).exists():  # load_documents reads the reference
+        raise UsageError(
+            "FILE", "'pydoc' is not a file; for a topic of Python's reference give "
+            "pydoc:TOPIC (e.g. pydoc:with)"
+        )  # fmt: skip
     if Path(name).is_dir():
         raise UsageError("FILE", f"{name!r} is a folder; give one text file")
-    try:
-        return load_documents([name])[0]
+    try:  # a file named "pydoc" by its full path, not the reference
+        text = load_documents([Path(name).absolute() if name == "pydoc" else name])[0].text
     except ValueError as e:
         raise UsageError("FILE", str(e).removeprefix("docs: ")) from None
+    return Document(name, text)  # named as given (load_documents names it by its file name)
 
 
 def run_summarize(args: argparse.Namespace) -> int:
