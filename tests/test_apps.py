@@ -652,3 +652,21 @@ def test_bad_arguments_of_rank_summarize_and_ask_are_named(
         with pytest.raises(exc, match=re.escape(message)):
             ask("loops?", **({"docs": folder} | kw), encoder=enc, explain=False)
     assert list(Path().iterdir()) == []  # nothing written into the current folder
+
+
+def test_the_first_answers_do_not_depend_on_how_many_are_asked_for(folder: Path, enc) -> None:
+    """(The re-ranked pool grew to ``top``: with a pool of 2, the second answer to "How do
+    I leave a loop early?" was another sentence for top=2 than for top=8.)"""
+    from attnlab.apps import Asker, Weights
+
+    ix = build_index(load_documents(folder), enc, None)
+    lexical_first = Weights(cosine=0.0, context=0.0, title=0.0, lexical=1.0, candidates=2)
+    asker = Asker(ix, enc, lexical_first)
+    q = "How do I leave a loop early?"
+    few, many = asker.rank(q, 2), asker.rank(q, 8)
+    assert [(a.sentence, a.score) for a in few] == [(a.sentence, a.score) for a in many[:2]]
+    assert all("tokens" in a.signals for a in many[:2])  # re-ranked
+    assert not any("tokens" in a.signals for a in many[2:])  # past the pool: four signals
+    assert [a.score for a in many[2:]] == sorted((a.score for a in many[2:]), reverse=True)
+    wide = Asker(ix, enc, Weights(cosine=0.0, context=0.0, title=0.0, lexical=1.0, candidates=8))
+    assert wide.rank(q, 2)[1].sentence != few[1].sentence  # control: a wider pool differs

@@ -9,12 +9,14 @@ Every sentence of the documents is scored for the question by four signals, each
 * ``title``: cosine to the sentence's document name and section heading;
 * ``lexical``: BM25 over the sentences' words, divided by the question's best BM25 score.
 
-The best ``Weights.candidates`` sentences are then re-ranked with a fifth signal,
+The best ``Weights.candidates`` (20) sentences are then re-ranked with a fifth signal,
 ``tokens``: for each question word piece (special tokens and stop words left out), the
 largest cosine between its final MiniLM state and any of the sentence's token states,
 averaged over the question (late interaction, "MaxSim"). It is the word-to-word match
-that :mod:`attnlab.apps.match` shows, used as a score. A sentence that appears word for
-word in several documents is answered once (its best-ranked copy).
+that :mod:`attnlab.apps.match` shows, used as a score. The pool is fixed, so the first
+answers do not depend on how many are asked for: past it (``top`` > 20), answers follow in
+the order of the four signals, scored by them alone (no ``tokens`` signal). A sentence that
+appears word for word in several documents is answered once (its best-ranked copy).
 
 The weights were chosen on the dev half of the question set that ships in
 ``attnlab/apps/data/questions.jsonl`` (``benchmarks/bench_ask.py`` reports the test half
@@ -168,25 +170,28 @@ class Asker:
         }
 
     def rank(self, question: str, top: int = 5) -> list[Answer]:
-        """The ``top`` best sentences for ``question``, best first."""
+        """The ``top`` best sentences for ``question``, best first: the best
+        ``weights.candidates`` re-ranked with the ``tokens`` signal, then (``top`` larger)
+        the next ones by the four signals alone."""
         top = positive_int("top", top)
         sig = self.signals(question)
         w = self.weights
         first = sum(getattr(w, name) * s for name, s in sig.items())
         assert isinstance(first, Tensor)
-        cand = self._candidates(first, max(w.candidates, top))  # (K,)
+        pool = self._candidates(first, max(w.candidates, top))  # (K,)
+        cand, rest = pool[: w.candidates], pool[w.candidates :]
         texts = [self.index.sentences[i].text for i in cand.tolist()]
-        tok = maxsim(self.enc, question, texts) if w.tokens else torch.zeros(len(cand))  # (K,)
-        total = first[cand] + w.tokens * tok
+        tok = maxsim(self.enc, question, texts) if w.tokens else torch.zeros(len(cand))
+        total = first[cand] + w.tokens * tok  # (K,)
+        ranked = [
+            (int(cand[r]), float(total[r]), float(tok[r]))
+            for r in total.argsort(descending=True).tolist()
+        ] + [(int(i), float(first[i]), None) for i in rest]
         out: list[Answer] = []
-        for r in total.argsort(descending=True).tolist():
-            i = int(cand[r])
-            if len(out) == top:
-                break
-            if any(a.sentence.text == self.index.sentences[i].text for a in out):
-                continue  # the same sentence in another document (topics overlap)
-            signals = {k: float(v[i]) for k, v in sig.items()} | {"tokens": float(tok[r])}
-            out.append(Answer(self.index.sentences[i], float(total[r]), signals, self._context(i)))
+        for i, score, t in ranked[:top]:
+            signals = {k: float(v[i]) for k, v in sig.items()}
+            signals |= {} if t is None else {"tokens": t}
+            out.append(Answer(self.index.sentences[i], score, signals, self._context(i)))
         return out
 
     def _candidates(self, first: Tensor, k: int) -> Tensor:
