@@ -670,3 +670,18 @@ def test_the_first_answers_do_not_depend_on_how_many_are_asked_for(folder: Path,
     assert [a.score for a in many[2:]] == sorted((a.score for a in many[2:]), reverse=True)
     wide = Asker(ix, enc, Weights(cosine=0.0, context=0.0, title=0.0, lexical=1.0, candidates=8))
     assert wide.rank(q, 2)[1].sentence != few[1].sentence  # control: a wider pool differs
+
+
+def test_a_question_past_the_token_limit_is_named_in_the_warning(folder: Path, enc) -> None:
+    """(A 160-word question, under the 200-word limit, was cut to 256 tokens and the
+    warning said candidate sentences were past the limit.)"""
+    question = "Why do xylophonists antidisestablishmentarianism? " * 40
+    for q, expected in [
+        (question, ["the question (160 words) reaches the encoder's 256-token limit; only its "
+                    "first 256 tokens are read: ask a shorter question"]),
+        ("Why do loops end?", []),  # control: nothing cut, nothing said
+    ]:  # fmt: skip
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            ask(q, folder, top=1, encoder=enc, cache=False, explain=True)
+        assert [str(w.message) for w in seen] == expected

@@ -174,14 +174,17 @@ class Asker:
         ``weights.candidates`` re-ranked with the ``tokens`` signal, then (``top`` larger)
         the next ones by the four signals alone."""
         top = positive_int("top", top)
-        sig = self.signals(question)
         w = self.weights
-        first = sum(getattr(w, name) * s for name, s in sig.items())
-        assert isinstance(first, Tensor)
-        pool = self._candidates(first, max(w.candidates, top))  # (K,)
-        cand, rest = pool[: w.candidates], pool[w.candidates :]
-        texts = [self.index.sentences[i].text for i in cand.tolist()]
-        tok = maxsim(self.enc, question, texts) if w.tokens else torch.zeros(len(cand))
+        with warnings.catch_warnings():  # said once below, naming what was cut
+            warnings.filterwarnings("ignore", message=".*exceed max_seq_length")
+            sig = self.signals(question)
+            first = sum(getattr(w, name) * s for name, s in sig.items())
+            assert isinstance(first, Tensor)
+            pool = self._candidates(first, max(w.candidates, top))  # (K,)
+            cand, rest = pool[: w.candidates], pool[w.candidates :]
+            texts = [self.index.sentences[i].text for i in cand.tolist()]
+            tok = maxsim(self.enc, question, texts) if w.tokens else torch.zeros(len(cand))
+        _warn_cut(self.enc, question, texts)
         total = first[cand] + w.tokens * tok  # (K,)
         ranked = [
             (int(cand[r]), float(total[r]), float(tok[r]))
@@ -228,6 +231,30 @@ def _context_vectors(index: Index) -> Tensor:
     out[1:] += v[:-1] * same[:, None]  # the previous sentence of the same paragraph
     out[:-1] += v[1:] * same[:, None]  # the next one
     return F.normalize(out, dim=-1)
+
+
+CANDIDATES_CUT = (
+    "some candidate sentences are past the encoder's {limit}-token limit; they are "
+    "compared by their first {limit} tokens"
+)
+QUESTION_CUT = (
+    "the question ({words} words) reaches the encoder's {limit}-token limit; only its "
+    "first {limit} tokens are read: ask a shorter question"
+)
+
+
+def _warn_cut(enc: SentenceEncoder, question: str, texts: list[str]) -> None:
+    """A warning if ``question`` reaches the encoder's token limit, and one if any of the
+    candidate ``texts`` does (a long question was reported as long candidates)."""
+    limit = enc.config.max_seq_length
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*exceed max_seq_length")
+        ids = enc.tokenize([question, *texts])
+    if len(ids[0]) >= limit:
+        words_ = len(question.split())
+        warnings.warn(QUESTION_CUT.format(words=words_, limit=limit), stacklevel=3)
+    if any(len(x) >= limit for x in ids[1:]):
+        warnings.warn(CANDIDATES_CUT.format(limit=limit), stacklevel=3)
 
 
 def ask(
@@ -281,8 +308,9 @@ def ask(
     with _one_truncation_warning(enc.config.max_seq_length):
         index = build_index(documents, enc, folder, progress=progress)
         answers = Asker(index, enc).rank(question, top)
-        if explain:
-            for a in answers:
+        with warnings.catch_warnings():  # the question and the answers: rank said it
+            warnings.filterwarnings("ignore", message=".*exceed max_seq_length")
+            for a in answers if explain else []:
                 a.matches = match_words(enc, question, a.sentence.text)
     return answers
 
@@ -331,14 +359,12 @@ def _reissue(caught: list[warnings.WarningMessage], limit: int) -> None:
     for w in caught:
         message, text = w.message, str(w.message)
         encoder_cut = "exceed max_seq_length" in text  # the encoder's, per call
-        cut = encoder_cut or "-token limit;" in text  # or the index's
+        question = text.startswith(QUESTION_CUT.split("(")[0])  # always said
+        cut = not question and (encoder_cut or "-token limit;" in text)  # or the index's
         if cut and said:
             continue
         if encoder_cut:
-            message = UserWarning(
-                f"some candidate sentences are past the encoder's {limit}-token limit; "
-                f"they are compared by their first {limit} tokens"
-            )
+            message = UserWarning(CANDIDATES_CUT.format(limit=limit))
         said = said or cut
         module = next(
             (n for n, m in list(sys.modules.items()) if getattr(m, "__file__", None) == w.filename),
