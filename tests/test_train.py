@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -291,3 +292,44 @@ def test_train_config_checks_seeds_and_flags(kw: dict, exc: type, match: str) ->
     with pytest.raises(exc, match=match):
         TrainConfig(**base, **kw)
     assert TrainConfig(**base, seed=2**32 - 1, progress=False).seed == 2**32 - 1  # control
+
+
+CHILD = """
+import json, torch
+from torch import nn
+from attnlab.train import TrainConfig, Trainer
+
+class Toy:
+    name = "toy"
+    x, y = torch.randn(32, 3), torch.randn(32, 1)
+    def build_model(self): return nn.Linear(3, 1)
+    def config(self): return {"task": "toy"}
+    def num_train(self): return 32
+    def batch(self, i): return self.x[i], self.y[i]
+    def loss(self, m, b): return (m(b[0]) - b[1]).pow(2).mean()
+    def evaluate(self, m): return {"score": 0.25, "a_long_metric_name": 1 / 3}
+
+cfg = TrainConfig(steps=2, batch_size=8, eval_every=1, progress=True)
+Trainer(Toy(), cfg, on_eval=lambda r: print(json.dumps(r), flush=True)).fit()
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a pseudo-terminal through pty")
+def test_eval_lines_stay_whole_under_the_progress_bar_on_a_narrow_terminal() -> None:
+    """(On a terminal, the progress bar's console cut each evaluation's JSON line at the
+    terminal's width: ``{"step": 2, ..., "score": `` newline ``0.0}``.)"""
+    import os
+    import pty
+
+    seen: list[bytes] = []
+
+    def read(fd: int) -> bytes:
+        seen.append(os.read(fd, 4096))
+        return seen[-1]
+
+    status = pty.spawn(["env", "COLUMNS=40", sys.executable, "-c", CHILD], read)
+    text = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", b"".join(seen).decode(errors="replace"))
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    lines = [ln for ln in re.split(r"[\r\n]+", text) if ln.startswith('{"step"')]
+    assert [json.loads(ln)["step"] for ln in lines] == [1, 2], text  # each whole: parses
+    assert len(lines[0]) > 40  # wider than the terminal (the control: it could be cut)

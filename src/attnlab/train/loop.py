@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from attnlab._validate import nonnegative_int, positive_int, validate_flag
+from attnlab.train._progress import flush_denormal, progress_bar
 from attnlab.train.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -278,12 +279,12 @@ class Trainer:
     def fit(self) -> list[dict[str, float]]:
         """Train until ``steps``, the target, patience or the time limit ends it (on
         ``cfg.threads`` threads, restored afterwards)."""
-        with num_threads(self.cfg.threads), _flush_denormal(self.cfg.flush_denormal):
+        with num_threads(self.cfg.threads), flush_denormal(self.cfg.flush_denormal):
             return self._fit()
 
     def _fit(self) -> list[dict[str, float]]:
         start = time.perf_counter()
-        progress = _progress(self.cfg.progress, self.cfg.steps, self.step)
+        progress = progress_bar(self.cfg.progress, self.cfg.steps, self.step)
         with progress as advance, stop_requests(saving=bool(self.cfg.out_dir)) as requested:
             while self.step < self.cfg.steps:
                 if requested() is not None:
@@ -403,47 +404,3 @@ def num_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
-
-
-@contextmanager
-def _flush_denormal(on: bool) -> Iterator[None]:
-    """Flush denormals to zero inside the block only (torch's default, off, after it)."""
-    if on:
-        torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        if on:
-            torch.set_flush_denormal(False)
-
-
-class _progress:
-    """A rich progress bar showing loss and examples/s (or nothing when disabled)."""
-
-    def __init__(self, enabled: bool, total: int, done: int) -> None:
-        self.enabled, self.total, self.done = enabled, total, done
-        self._bar: Any = None
-
-    def __enter__(self) -> Callable[[float, float], None]:
-        if self.enabled:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self._bar = Progress(
-                TextColumn("step {task.completed}/{task.total}"),
-                BarColumn(),
-                TextColumn("loss {task.fields[loss]:.4f}  {task.fields[speed]:.0f} ex/s"),
-                TimeElapsedColumn(),
-            )
-            self._bar.start()
-            self._id = self._bar.add_task(
-                "train", total=self.total, completed=self.done, loss=0, speed=0
-            )
-        return self._advance
-
-    def _advance(self, loss: float, speed: float) -> None:
-        if self._bar is not None:
-            self._bar.update(self._id, advance=1, loss=loss, speed=speed)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.stop()
