@@ -5,6 +5,7 @@ line and no half-written file."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
@@ -117,6 +118,25 @@ def test_a_second_signal_stops_at_once_and_keeps_the_last_checkpoint(
         Trainer(Toy(at=9, signals=(signal.SIGINT, signal.SIGINT)), _cfg(tmp_path)).fit()
     assert not isinstance(info.value, TrainingInterrupted)
     assert load_checkpoint(tmp_path / "last.safetensors").state["step"] == 8
+
+
+@MAIN_THREAD
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_second_signal_is_reported_as_that_signal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], signum: int, code: int
+) -> None:
+    """(A second SIGTERM, a process manager escalating, raised a bare KeyboardInterrupt:
+    the command said "interrupted (SIGINT)" and exited 130, not 143.)"""
+    from attnlab.cli._errors import run_command
+
+    def run(args: argparse.Namespace) -> int:
+        Trainer(Toy(at=5, signals=(signum, signum)), _cfg(tmp_path)).fit()
+        return 0
+
+    assert run_command(argparse.Namespace(command="train", run=run)) == code
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"attnlab train: interrupted ({signal.Signals(signum).name})"), err
+    assert load_checkpoint(tmp_path / "last.safetensors").state["step"] == 4  # kept whole
 
 
 STEPS, EVAL = 120, 20

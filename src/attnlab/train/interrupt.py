@@ -2,7 +2,8 @@
 
 Inside :func:`stop_requests` the first SIGINT or SIGTERM is only recorded: the trainer
 finishes its step, saves ``last.safetensors`` atomically and raises
-:class:`TrainingInterrupted`. A second signal raises ``KeyboardInterrupt`` at once; the
+:class:`TrainingInterrupted`. A second signal raises :class:`StoppedAtOnce` (a
+``KeyboardInterrupt`` that names the signal) at once; the
 checkpoint on disk is never half-written (writes go to a temporary file renamed over it),
 so the last complete one survives.
 
@@ -24,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
-__all__ = ["TrainingInterrupted", "stop_requests"]
+__all__ = ["StoppedAtOnce", "TrainingInterrupted", "stop_requests"]
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -53,10 +54,28 @@ class TrainingInterrupted(KeyboardInterrupt):
         )
 
 
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second signal inside :func:`stop_requests`: stopped at once, no checkpoint saved.
+
+    Attributes:
+        signum: the second signal (a command exits ``128 + signum``: a process manager's
+            second SIGTERM was reported as SIGINT, 130).
+
+    Example:
+        >>> e = StoppedAtOnce(signal.SIGTERM)
+        >>> str(e), e.signum == signal.SIGTERM, isinstance(e, KeyboardInterrupt)
+        ('a second signal, SIGTERM: stopped at once', True, True)
+    """
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"a second signal, {signal.Signals(signum).name}: stopped at once")
+
+
 @contextmanager
 def stop_requests(*, saving: bool = True) -> Iterator[Callable[[], int | None]]:
     """Record the first SIGINT/SIGTERM inside the block; a second one raises
-    ``KeyboardInterrupt``. Yields a function returning the recorded signal (or None).
+    :class:`StoppedAtOnce`. Yields a function returning the recorded signal (or None).
     Outside the main thread (where Python cannot set handlers) nothing is installed.
     ``saving``: whether a checkpoint is written on the way out (the message says so only
     then: runs without an output folder promised one they never wrote)."""
@@ -67,7 +86,7 @@ def stop_requests(*, saving: bool = True) -> Iterator[Callable[[], int | None]]:
 
     def handler(signum: int, frame: FrameType | None) -> None:
         if got:
-            raise KeyboardInterrupt
+            raise StoppedAtOnce(signum)
         got.append(signum)
         then = " and saving a checkpoint" if saving else ""
         _say(f"\n{signal.Signals(signum).name}: stopping after this step{then}")
