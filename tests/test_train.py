@@ -333,3 +333,51 @@ def test_eval_lines_stay_whole_under_the_progress_bar_on_a_narrow_terminal() -> 
     lines = [ln for ln in re.split(r"[\r\n]+", text) if ln.startswith('{"step"')]
     assert [json.loads(ln)["step"] for ln in lines] == [1, 2], text  # each whole: parses
     assert len(lines[0]) > 40  # wider than the terminal (the control: it could be cut)
+
+
+class LinearTask:
+    """A tiny regression task: what the trainer needs and nothing more."""
+
+    name = "linear"
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(32, 3, generator=g), torch.randn(32, 1, generator=g)
+
+    def build_model(self) -> torch.nn.Module:
+        return torch.nn.Linear(3, 1)
+
+    def config(self) -> dict[str, object]:
+        return {"task": "linear"}
+
+    def num_train(self) -> int:
+        return 32
+
+    def batch(self, i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i], self.y[i]
+
+    def loss(self, m: torch.nn.Module, b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return (m(b[0]) - b[1]).pow(2).mean()
+
+    def evaluate(self, m: torch.nn.Module) -> dict[str, float]:
+        return {"score": -float(self.loss(m, (self.x, self.y)))}
+
+
+def test_train_config_keeps_numpy_numbers_as_plain_ones(tmp_path: Path) -> None:
+    """(numpy scalars passed the checks but were kept: lr=np.float32(1e-3) failed the first
+    checkpoint with "Object of type float32 is not JSON serializable", steps and
+    eval_every as np.int64 the same, batch_size=np.int64(8) "an integer is required" from
+    torch's manual_seed.)"""
+    np = pytest.importorskip("numpy")
+    cfg = TrainConfig(
+        steps=np.int64(2), batch_size=np.int64(8), eval_every=np.int64(2), lr=np.float32(1e-3),
+        warmup=np.int32(1), seed=np.uint8(3), clip=np.float64(1), target=np.float16(2),
+        time_limit=np.int64(60), patience=np.int64(3), threads=np.int64(1),
+        out_dir=str(tmp_path), progress=False,
+    )  # fmt: skip
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        assert type(value) in (int, float, bool, str, type(None)), (f.name, type(value))
+    assert (cfg.steps, cfg.batch_size, cfg.seed, cfg.lr) == (2, 8, 3, float(np.float32(1e-3)))
+    assert Trainer(LinearTask(), cfg).fit()[-1]["step"] == 2
+    assert load_checkpoint(tmp_path / "last.safetensors").state["train"]["batch_size"] == 8

@@ -139,25 +139,27 @@ class TrainConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
+        # each field keeps the validator's plain int/float: a numpy scalar kept as given
+        # failed the first checkpoint's JSON (float32) or torch's manual_seed (int64)
         for name in ("steps", "batch_size", "eval_every"):
-            positive_int(name, getattr(self, name))
+            setattr(self, name, positive_int(name, getattr(self, name)))
         for name in ("warmup", "seed"):
-            nonnegative_int(name, getattr(self, name))
+            setattr(self, name, nonnegative_int(name, getattr(self, name)))
         if self.seed > MAX_SEED:  # the epoch seeds overflowed torch's generator at 1.8e14
             raise ValueError(f"seed must be an int in [0, {MAX_SEED}], got {self.seed}")
         for name in ("resume", "progress", "flush_denormal"):  # resume="no" resumed
             validate_flag(name, getattr(self, name))
         for name in ("patience", "threads"):
             if getattr(self, name) is not None:
-                positive_int(name, getattr(self, name))
-        _real("lr", self.lr, low=0.0, open_low=True)
-        _real("weight_decay", self.weight_decay, low=0.0)
-        _real("min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0)
-        _real("clip", self.clip, low=0.0)
+                setattr(self, name, positive_int(name, getattr(self, name)))
+        self.lr = _real("lr", self.lr, low=0.0, open_low=True)
+        self.weight_decay = _real("weight_decay", self.weight_decay, low=0.0)
+        self.min_lr_ratio = _real("min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0)
+        self.clip = _real("clip", self.clip, low=0.0)
         if self.time_limit is not None:
-            _real("time_limit", self.time_limit, low=0.0, open_low=True)
+            self.time_limit = _real("time_limit", self.time_limit, low=0.0, open_low=True)
         if self.target is not None:
-            _real("target", self.target)
+            self.target = _real("target", self.target)
         if self.out_dir is not None and not isinstance(self.out_dir, str | Path):
             raise TypeError(
                 f"out_dir must be a str, a Path or None, got {type(self.out_dir).__name__}"
