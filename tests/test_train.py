@@ -381,3 +381,36 @@ def test_train_config_keeps_numpy_numbers_as_plain_ones(tmp_path: Path) -> None:
     assert (cfg.steps, cfg.batch_size, cfg.seed, cfg.lr) == (2, 8, 3, float(np.float32(1e-3)))
     assert Trainer(LinearTask(), cfg).fit()[-1]["step"] == 2
     assert load_checkpoint(tmp_path / "last.safetensors").state["train"]["batch_size"] == 8
+
+
+def test_wrong_typed_arguments_are_named_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """(Trainer(task, {"steps": 2}) raised "'dict' object has no attribute 'threads'",
+    on_eval=5 "'int' object is not callable" only at the first evaluation, save_checkpoint
+    of a dict "no attribute 'model'", lr_factor(3, a dict) "no attribute 'warmup'",
+    spec(["x"]) "unhashable type: 'list'", and run_task with a str report "unsupported
+    operand type(s) for /: 'str' and 'str'" after all its training.)"""
+    from attnlab.tasks import run_task, spec
+
+    cfg = TrainConfig(steps=2, batch_size=8, eval_every=2, progress=False)
+    cases = [
+        (lambda: Trainer(LinearTask(), {"steps": 2}), "cfg must be a TrainConfig, got dict"),  # type: ignore[arg-type]
+        (lambda: Trainer(LinearTask(), cfg, on_eval=5), "on_eval must be a callable or None"),  # type: ignore[arg-type]
+        (lambda: save_checkpoint(tmp_path / "x.safetensors", {}), "ckpt must be a Checkpoint"),  # type: ignore[arg-type]
+        (lambda: lr_factor(3, {"steps": 3}), "cfg must be a TrainConfig, got dict"),  # type: ignore[arg-type]
+        (lambda: lr_factor(1.5, cfg), r"step must be an int >= 0, got 1.5"),  # type: ignore[arg-type]
+        (lambda: spec(["x"]), r"task must be a task name, one of \[.*\], got list"),  # type: ignore[arg-type]
+    ]  # fmt: skip
+    for call, match in cases:
+        with pytest.raises(TypeError, match=match):
+            call()
+    assert not (tmp_path / "x.safetensors").exists()
+    seen: list[object] = []
+    s = dataclasses.replace(spec("translation"), finish=lambda t, m, r: seen.append(r) or {})
+    with pytest.raises(TypeError, match="report must be a str or Path"):
+        run_task(s, LinearTask(), cfg, 5)  # type: ignore[arg-type]
+    assert "data:" not in capsys.readouterr().out  # refused before any training
+    run_task(s, LinearTask(), cfg, str(tmp_path / "report"))  # the control: a str will do
+    assert seen == [tmp_path / "report"] and isinstance(seen[0], Path)
+    assert Trainer(LinearTask(), cfg, on_eval=seen.append).fit()[-1] == seen[-1]

@@ -10,7 +10,7 @@ import math
 import numbers
 import os
 from collections.abc import Callable
-from typing import cast
+from typing import TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -20,6 +20,8 @@ from attnlab.scores import SCORES
 
 LAYOUT = "(B, H, L, E)"
 
+T = TypeVar("T")
+
 
 def positive_int(name: str, value: object) -> int:
     """``value`` as an int, or a TypeError/ValueError naming ``name``."""
@@ -28,6 +30,22 @@ def positive_int(name: str, value: object) -> int:
     if value < 1:
         raise ValueError(f"{name} must be a positive int, got {value}")
     return int(value)
+
+
+def instance_of(name: str, value: object, kind: type[T], expected: str) -> T:
+    """``value`` if it is a ``kind``, or a TypeError naming ``name``, what was expected and
+    the type seen.
+
+    Example:
+        >>> instance_of("steps", 3, int, "an int")
+        3
+        >>> instance_of("cfg", {"steps": 2}, int, "a TrainConfig")
+        Traceback (most recent call last):
+        TypeError: cfg must be a TrainConfig, got dict
+    """
+    if not isinstance(value, kind):
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
+    return value
 
 
 def positive_real(name: str, value: object) -> float:

@@ -22,6 +22,7 @@ from typing import Any
 
 from torch import nn
 
+from attnlab._validate import instance_of
 from attnlab.train.loop import Task
 
 __all__ = ["TASKS", "TaskSpec", "spec"]
@@ -86,6 +87,7 @@ def spec(name: str) -> TaskSpec:
         Traceback (most recent call last):
         ValueError: task must be one of ['captioning', 'classification', ...], got 'chess'
     """
+    instance_of("task", name, str, f"a task name, one of {sorted(TASKS)}")
     if name not in TASKS:
         raise ValueError(f"task must be one of {sorted(TASKS)}, got {name!r}")
     module, _, attr = TASKS[name].partition(":")  # "module" means "module:SPEC"

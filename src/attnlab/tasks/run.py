@@ -14,6 +14,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from attnlab._validate import instance_of
 from attnlab.tasks.registry import TaskSpec, spec
 from attnlab.train import TrainConfig, Trainer
 from attnlab.train.loop import Task, num_threads
@@ -93,8 +94,18 @@ def demo(
     return final
 
 
-def run_task(s: TaskSpec, task: Task, cfg: TrainConfig, report: Path) -> dict[str, float]:
-    """Train ``task`` under ``cfg`` printing each evaluation, then run the spec's finish."""
+def run_task(s: TaskSpec, task: Task, cfg: TrainConfig, report: str | Path) -> dict[str, float]:
+    """Train ``task`` under ``cfg`` printing each evaluation, then run the spec's finish
+    (its held-out scores and the report folder ``report``).
+
+    Raises:
+        TypeError: ``s``, ``cfg`` or ``report`` of the wrong type, before any training.
+    """
+    instance_of("s", s, TaskSpec, "a TaskSpec (see attnlab.tasks.spec)")
+    instance_of("cfg", cfg, TrainConfig, "a TrainConfig")
+    if not isinstance(report, str | Path):  # (a str failed in the finish, after training)
+        raise TypeError(f"report must be a str or Path (a folder), got {type(report).__name__}")
+    report = Path(report)
     print(f"data: {task.num_train()} training examples")
     trainer = Trainer(task, cfg, on_eval=lambda r: print(json.dumps(r), flush=True))
     t0 = time.perf_counter()

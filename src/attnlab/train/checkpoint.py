@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from attnlab._io import atomic_write
+from attnlab._validate import instance_of
 
 __all__ = [
     "Checkpoint",
@@ -86,6 +87,7 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
         >>> load_checkpoint(p).config
         {'n': 2}
     """
+    instance_of("ckpt", ckpt, Checkpoint, "a Checkpoint (model, config, optimizer, state)")
     tensors, meta = _flatten(ckpt)
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 

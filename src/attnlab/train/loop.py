@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from attnlab._validate import nonnegative_int, positive_int, validate_flag
+from attnlab._validate import instance_of, nonnegative_int, positive_int, validate_flag
 from attnlab.train._progress import flush_denormal, progress_bar
 from attnlab.train.checkpoint import (
     Checkpoint,
@@ -194,6 +194,8 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
         >>> lr_factor(4, cfg), lr_factor(10, cfg), round(lr_factor(100, cfg), 3)
         (0.5, 1.0, 0.05)
     """
+    step = nonnegative_int("step", step)
+    instance_of("cfg", cfg, TrainConfig, "a TrainConfig")
     if step < cfg.warmup:
         return (step + 1) / cfg.warmup
     frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
@@ -225,6 +227,9 @@ class Trainer:
         on_eval: Callable[[dict[str, float]], None] | None = None,
         plugins: Sequence[Plugin] = (),
     ) -> None:
+        instance_of("cfg", cfg, TrainConfig, "a TrainConfig")
+        if on_eval is not None and not callable(on_eval):  # (failed at the first evaluation)
+            raise TypeError(f"on_eval must be a callable or None, got {type(on_eval).__name__}")
         self.task, self.cfg, self.on_eval = task, cfg, on_eval
         self.loss_fn = _with_plugins(task.loss, plugins)
         if cfg.threads is not None:
