@@ -139,6 +139,52 @@ def test_a_second_signal_is_reported_as_that_signal(
     assert load_checkpoint(tmp_path / "last.safetensors").state["step"] == 4  # kept whole
 
 
+@MAIN_THREAD
+@pytest.mark.parametrize(("at", "kw"), [(11, {}), (3, {"target": -1e9})])
+def test_a_signal_in_the_step_that_ends_the_run_lets_it_finish(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], at: int, kw: dict[str, Any]
+) -> None:
+    """(A SIGINT during the last step, or one that reached the target, raised
+    TrainingInterrupted after the run was complete: the command said "interrupted", exit
+    130, and printed a resume command that was refused: the checkpoint was at --steps.)"""
+    trainer = Trainer(Toy(at=at, signals=(signal.SIGINT,)), _cfg(tmp_path, **kw))
+    try:
+        history = trainer.fit()
+    except TrainingInterrupted as e:  # (what it raised; uncaught, it would stop pytest)
+        pytest.fail(f"the complete run raised {e}")
+    assert history[-1]["step"] == at + 1 == trainer.step
+    assert load_checkpoint(tmp_path / "last.safetensors").state["step"] == at + 1
+    assert f"training is complete at step {at + 1}" in capsys.readouterr().err
+    with pytest.raises(TrainingInterrupted):  # the control: one step earlier, it stops
+        Trainer(Toy(at=at - 1, signals=(signal.SIGINT,)), _cfg(tmp_path / "b", **kw)).fit()
+
+
+@MAIN_THREAD
+def test_ctrl_c_in_the_last_step_of_train_writes_the_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(``attnlab train dates --steps 4``, Ctrl-C in step 4: "training stopped by SIGINT at
+    step 4", exit 130, and "resume with: ... --resume", which exited 2: "the checkpoint is
+    at step 4"; the held-out scores and report/ were never written.)"""
+    pytest.importorskip("babel")
+    from attnlab.tasks.dates import DatesTask
+
+    real, calls = DatesTask.loss, [0]
+
+    def loss(self: DatesTask, model: nn.Module, batch: Any) -> Tensor:
+        calls[0] += 1
+        if calls[0] == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, model, batch)
+
+    monkeypatch.setattr(DatesTask, "loss", loss)
+    argv = ["train", "dates", "--steps", "4", "--eval-every", "2", "--train-size", "64"]
+    assert main([*argv, "--batch-size", "16", "--no-progress", "--out", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "resume with" not in err and "training is complete at step 4" in err
+    assert f"report: {tmp_path / 'report'}" in out and (tmp_path / "report").is_dir()
+
+
 STEPS, EVAL = 120, 20
 
 

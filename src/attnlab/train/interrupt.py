@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
-__all__ = ["StoppedAtOnce", "TrainingInterrupted", "stop_requests"]
+__all__ = ["StoppedAtOnce", "TrainingInterrupted", "say_complete", "stop_requests"]
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -99,6 +99,15 @@ def stop_requests(*, saving: bool = True) -> Iterator[Callable[[], int | None]]:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def say_complete(signum: int, step: int) -> None:
+    """Say that a signal came during a run's last step (or one that ended it early): the
+    run is complete and saved, there is nothing to resume, and what follows (a command's
+    held-out scores and report) goes on; outside :func:`stop_requests` a signal again
+    stops at once."""
+    name = signal.Signals(signum).name
+    _say(f"{name}: the step it came in ended the run: training is complete at step {step}\n")
 
 
 def _say(text: str) -> None:

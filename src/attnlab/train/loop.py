@@ -34,7 +34,7 @@ from attnlab.train.checkpoint import (
     save_checkpoint,
     task_state,
 )
-from attnlab.train.interrupt import TrainingInterrupted, stop_requests
+from attnlab.train.interrupt import TrainingInterrupted, say_complete, stop_requests
 
 __all__ = ["LossFn", "Plugin", "Task", "TrainConfig", "Trainer", "lr_factor", "num_threads"]
 
@@ -285,7 +285,13 @@ class Trainer:
 
     def fit(self) -> list[dict[str, float]]:
         """Train until ``steps``, the target, patience or the time limit ends it (on
-        ``cfg.threads`` threads, restored afterwards)."""
+        ``cfg.threads`` threads, restored afterwards).
+
+        Raises:
+            TrainingInterrupted: a SIGINT/SIGTERM stopped the run before its end (after a
+                final checkpoint). A signal during the step that ends the run (its last
+                step, an early stop) stops nothing: the run is complete and returns.
+        """
         with num_threads(self.cfg.threads), flush_denormal(self.cfg.flush_denormal):
             return self._fit()
 
@@ -293,8 +299,10 @@ class Trainer:
         start = time.perf_counter()
         progress = progress_bar(self.cfg.progress, self.cfg.steps, self.step)
         with progress as advance, stop_requests(saving=bool(self.cfg.out_dir)) as requested:
+            cut = False  # whether the signal cut the run short (not its last step, early stop)
             while self.step < self.cfg.steps:
                 if requested() is not None:
+                    cut = True
                     break
                 t0 = time.perf_counter()
                 loss = self.train_step()
@@ -305,7 +313,9 @@ class Trainer:
                 if (at_eval or out_of_time) and self._evaluate(loss, elapsed):
                     break
             signum = requested()
-            if signum is not None:  # saved while a second signal still stops at once
+            if signum is not None and not cut:  # in the step that ended the run: complete
+                say_complete(signum, self.step)  # (it said "interrupted"; resume was refused)
+            elif signum is not None:  # saved while a second signal still stops at once
                 self._save("last.safetensors")
                 raise TrainingInterrupted(self.step, self._path("last.safetensors"), signum)
         return self.history
