@@ -28,8 +28,9 @@ NEED_MODEL = pytest.mark.skipif(
 )
 
 # (command line, exit status, what stderr must name); {file} is a plain file, {empty} an
-# empty folder, {corrupt} a folder with a truncated checkpoint, {other} a folder with a
-# checkpoint of another task, {tmp} the test's folder
+# empty folder, {corrupt} a folder with a truncated checkpoint, {edited} one whose JSON
+# metadata was changed, {other} a folder with a checkpoint of another task, {tmp} the
+# test's folder
 DATES_STATE = {"step": 151, "train_size": 7}  # the fixture's dates checkpoint
 RESUME_SIZE = "argument --train-size: is 64, but the checkpoint trained on 7 examples; give"
 BAD: list[tuple[str, int, str]] = [
@@ -70,6 +71,8 @@ BAD: list[tuple[str, int, str]] = [
     ("train dates --out {file}", 2, "argument --out: '{file}' is a file, not a folder"),
     ("train dates --out {empty} --resume", 2, "argument --resume: no checkpoint at {empty}"),
     ("train dates --out {corrupt} --resume", 2, "argument --resume: checkpoint '{corrupt}"),
+    # the dates checkpoint with "step": 151 -> 152 in its JSON: it resumed at step 152
+    ("train dates --out {edited} --resume --steps 10", 2, "is corrupt: its tensors or metadata"),
     ("train dates --out {other} --resume", 2, "argument --resume: {other}/last.safetensors "),
     ("train vision --train-size 5000 --out {tmp}/v", 2, "argument --train-size: train_size="),
     ("train translation --train-size 50 --out {tmp}/t", 2, "argument --train-size: "),
@@ -170,12 +173,15 @@ def places(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     ``report.html`` land there."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "file").write_text("not a folder")
-    for name in ("empty", "corrupt", "other", "dates"):
+    for name in ("empty", "corrupt", "other", "dates", "edited"):
         (tmp_path / name).mkdir()
-    save_checkpoint(  # a dates run at step 151
+    dates = save_checkpoint(  # a dates run at step 151
         tmp_path / "dates" / "last.safetensors",
         Checkpoint(torch.nn.Linear(2, 2).state_dict(), {"task": "dates"}, state=DATES_STATE),
     )
+    edited = dates.read_bytes().replace(b'\\"step\\": 151', b'\\"step\\": 152')
+    assert edited != dates.read_bytes()
+    (tmp_path / "edited" / "last.safetensors").write_bytes(edited)
     good = save_checkpoint(
         tmp_path / "other" / "last.safetensors",
         Checkpoint(torch.nn.Linear(2, 2).state_dict(), {"task": "vision"}),
@@ -189,7 +195,8 @@ def places(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     (tmp_path / "blocked" / "report").write_text("a file where the report folder goes")
     for name in ("table.json", "last.safetensors"):
         (tmp_path / "tabled" / name).mkdir(parents=True)
-    names = ("file", "empty", "corrupt", "other", "docs", "code", "dates", "blocked", "tabled")
+    names = ("file", "empty", "corrupt", "edited", "other", "docs", "code", "dates", "blocked")
+    names += ("tabled",)
     return {"tmp": str(tmp_path)} | {n: str(tmp_path / n) for n in names}
 
 

@@ -138,7 +138,7 @@ def test_corrupt_and_truncated_checkpoints_give_clear_errors(tmp_path: Path) -> 
     raw = bytearray(good.read_bytes())  # the weights' bytes damaged, the header intact
     raw[-20:-10] = b"\xff" * 10
     (tmp_path / "bytes.safetensors").write_bytes(bytes(raw))
-    with pytest.raises(CheckpointError, match="is corrupt: its tensors' bytes do not match"):
+    with pytest.raises(CheckpointError, match="is corrupt: its tensors or metadata do not match"):
         load_checkpoint(tmp_path / "bytes.safetensors")
 
 
@@ -414,3 +414,41 @@ def test_wrong_typed_arguments_are_named_before_any_work(
     run_task(s, LinearTask(), cfg, str(tmp_path / "report"))  # the control: a str will do
     assert seen == [tmp_path / "report"] and isinstance(seen[0], Path)
     assert Trainer(LinearTask(), cfg, on_eval=seen.append).fit()[-1] == seen[-1]
+
+
+def _format_1(path: Path, **replace: str) -> Path:
+    """Rewrite the checkpoint at ``path`` as the code before format 2 wrote it (a digest
+    of the tensors alone), with ``replace``'s metadata fields changed."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    meta |= {"format": "attnlab-checkpoint-1", "digest": ckmod.digest(tensors), **replace}
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def test_the_digest_covers_the_metadata_and_format_1_still_loads(tmp_path: Path) -> None:
+    """(The digest covered the tensors only: "step": 4 -> 5 in last.safetensors resumed
+    silently at step 5, 476 of 2416 one-bit flips in the header loaded, and "params" ->
+    "paramr" raised a bare KeyError: 'params' from the optimizer, exit 1.)"""
+    cfg = TrainConfig(steps=4, batch_size=8, eval_every=4, progress=False, out_dir=str(tmp_path))
+    Trainer(LinearTask(), cfg).fit()
+    path = tmp_path / "last.safetensors"
+    good = path.read_bytes()
+    assert load_checkpoint(path).state["step"] == 4  # the control
+    path.write_bytes(good.replace(b'\\"step\\": 4,', b'\\"step\\": 5,', 1))
+    with pytest.raises(CheckpointError, match="is corrupt: its tensors or metadata do not"):
+        load_checkpoint(path)
+    path.write_bytes(good)
+    state = load_checkpoint(_format_1(path)).state  # what the code before wrote loads
+    resumed = Trainer(LinearTask(), dataclasses.replace(cfg, steps=6, resume=True))
+    assert resumed.step == state["step"] == 4
+    opt = load_checkpoint(path).optimizer
+    assert opt is not None
+    path.write_bytes(good)
+    bad = json.dumps(opt["param_groups"]).replace('"params"', '"paramr"')
+    _format_1(path, optimizer=json.dumps({"param_groups": json.loads(bad), "state": {}}))
+    with pytest.raises(CheckpointError, match="holds an optimizer state that does not fit"):
+        Trainer(LinearTask(), dataclasses.replace(cfg, resume=True))

@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from attnlab.interpret import capture
-from attnlab.train.checkpoint import CheckpointError, load_checkpoint, load_model_state
+from attnlab.train.checkpoint import FORMATS, CheckpointError, load_checkpoint, load_model_state
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL.Image import Image
@@ -63,7 +63,6 @@ __all__ = [
     "run_task_name",
 ]
 
-_FORMAT = "attnlab-checkpoint-1"
 _MAX_HEADER = 100_000_000
 
 
@@ -260,7 +259,7 @@ def run_task_name(path: str | Path) -> str:
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     meta = _header_metadata(path)
     try:
-        task = json.loads(meta["config"])["task"] if meta.get("format") == _FORMAT else None
+        task = json.loads(meta["config"])["task"] if meta.get("format") in FORMATS else None
     except (KeyError, TypeError, ValueError):
         task = None
     if not isinstance(task, str):

@@ -2,7 +2,9 @@
 
 Nothing is pickled. Tensors go into the safetensors body under ``model.*``, ``optim.*``
 and ``state.*``; the config, the optimizer's hyper-parameters and the trainer's counters
-go into its string metadata as JSON. Writes are atomic: the file is written next to the
+go into its string metadata as JSON, with a SHA-256 digest of the tensors and the rest of
+the metadata (format 2; format 1's digest covered the tensors alone, and such files still
+load). Writes are atomic: the file is written next to the
 target under a temporary name, flushed to disk and renamed over it, so a crash during a
 save leaves the previous checkpoint intact.
 """
@@ -25,16 +27,22 @@ from attnlab._io import atomic_write
 from attnlab._validate import instance_of
 
 __all__ = [
+    "FORMATS",
     "Checkpoint",
     "CheckpointError",
     "check_same_run",
     "load_checkpoint",
+    "load_optimizer_state",
     "restore_task_state",
     "save_checkpoint",
     "task_state",
 ]
 
 TASK_PREFIX = "task."  # a task's own entries in a checkpoint's state
+FORMAT = "attnlab-checkpoint-2"  # the digest covers the tensors and the metadata
+# what load_checkpoint reads; format 1's digest (none in the oldest files) covers only the
+# tensors: a changed byte in its JSON (a step 4 -> 5) loaded silently
+FORMATS = (FORMAT, "attnlab-checkpoint-1")
 
 
 class CheckpointError(ValueError):
@@ -130,13 +138,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             f"checkpoint {str(path)!r} is truncated or corrupt and cannot be read ({e}); "
             "use an earlier checkpoint or train again"
         ) from e
-    if meta.get("format") != "attnlab-checkpoint-1":
+    if meta.get("format") not in FORMATS:
         raise CheckpointError(f"{str(path)!r} is a safetensors file but not an attnlab checkpoint")
-    if "digest" in meta and digest(tensors) != meta["digest"]:  # (older files have none)
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} is corrupt: its tensors' bytes do not match the "
-            "digest saved with them; use an earlier checkpoint or train again"
-        )
+    _check_digest(path, tensors, meta)
     try:  # the metadata's JSON (a changed byte there raised a bare JSONDecodeError)
         return _unflatten(tensors, meta)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -144,6 +148,20 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             f"checkpoint {str(path)!r} has corrupt metadata ({type(e).__name__}: {e}); "
             "use an earlier checkpoint or train again"
         ) from e
+
+
+def _check_digest(path: Path, tensors: dict[str, Tensor], meta: dict[str, str]) -> None:
+    """A :class:`CheckpointError` unless the digest saved in ``meta`` matches the tensors
+    and, from format 2 on, the rest of the metadata."""
+    if meta["format"] == FORMAT:
+        ok, what = meta.get("digest") == digest(tensors, meta), "tensors or metadata"
+    else:  # format 1: the tensors alone, and the oldest files have no digest
+        ok, what = "digest" not in meta or meta["digest"] == digest(tensors), "tensors"
+    if not ok:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is corrupt: its {what} do not match the digest saved "
+            "with them; use an earlier checkpoint or train again"
+        )
 
 
 def _flatten(ckpt: Checkpoint) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -157,23 +175,25 @@ def _flatten(ckpt: Checkpoint) -> tuple[dict[str, Tensor], dict[str, str]]:
             opt_meta["state"][str(pid)] = _split_state(st, f"optim.{pid}.", tensors)
     state_meta = _split_state(ckpt.state, "state.", tensors)
     meta = {
-        "format": "attnlab-checkpoint-1",
+        "format": FORMAT,
         "config": json.dumps(ckpt.config),
         "optimizer": json.dumps(opt_meta if ckpt.optimizer is not None else None),
         "state": json.dumps(state_meta),
-        "digest": digest(tensors),
     }
-    return tensors, meta
+    return tensors, meta | {"digest": digest(tensors, meta)}
 
 
-def digest(tensors: dict[str, Tensor]) -> str:
+def digest(tensors: dict[str, Tensor], meta: dict[str, str] | None = None) -> str:
     """SHA-256 of the tensors' names, dtypes, shapes and bytes (safetensors keeps no
-    checksum: damaged tensor bytes loaded as weights, 250 of them NaN).
+    checksum: damaged tensor bytes loaded as weights, 250 of them NaN), and of ``meta``'s
+    keys and values but ``digest`` when given.
 
     Example:
         >>> import torch
         >>> digest({"w": torch.zeros(2)}) == digest({"w": torch.zeros(2)})
         True
+        >>> digest({}, {"step": "4"}) == digest({}, {"step": "5"})
+        False
     """
     h = hashlib.sha256()
     for name in sorted(tensors):
@@ -181,6 +201,9 @@ def digest(tensors: dict[str, Tensor]) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         if t.numel():  # the bytes as a buffer, not a copy
             h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    for key, value in sorted((meta or {}).items()):
+        if key != "digest":  # with lengths: no two dicts give the same bytes
+            h.update(f"meta|{len(key)}|{key}|{len(value)}|{value}".encode())
     return h.hexdigest()
 
 
@@ -305,6 +328,20 @@ def _flat(d: dict, prefix: str = "") -> dict[str, object]:
         key = f"{prefix}{k}"
         out.update(_flat(v, f"{key}.") if isinstance(v, dict) else {key: v})
     return out
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, ckpt: Checkpoint, path: str | Path) -> None:
+    """Load the checkpoint's optimizer state into ``opt`` (none: leave it), turning a state
+    that does not fit (a bare ``KeyError: 'params'``) into a :class:`CheckpointError`."""
+    if ckpt.optimizer is None:
+        return
+    try:
+        opt.load_state_dict(ckpt.optimizer)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} holds an optimizer state that does not fit this "
+            f"model ({type(e).__name__}: {e}); use an earlier checkpoint or train again"
+        ) from e
 
 
 def load_model_state(model: nn.Module, ckpt: Checkpoint, path: str | Path = "") -> None:

@@ -30,6 +30,7 @@ from attnlab.train.checkpoint import (
     CheckpointError,
     load_checkpoint,
     load_model_state,
+    load_optimizer_state,
     restore_task_state,
     save_checkpoint,
     task_state,
@@ -375,19 +376,18 @@ class Trainer:
         ckpt = load_checkpoint(path)
         restore_task_state(self.task, ckpt, path)  # and checks it is the checkpoint's run
         load_model_state(self.model, ckpt, path)
-        if ckpt.optimizer is not None:
-            self.opt.load_state_dict(ckpt.optimizer)
+        load_optimizer_state(self.opt, ckpt, path)
         st = ckpt.state
         try:
             self.step, self.best = int(st["step"]), float(st["best"])
             self.bad_evals = int(st["bad_evals"])
-        except (KeyError, TypeError, ValueError) as e:  # (a bare KeyError: 'step')
+            self.history = list(st.get("history", []))
+            torch.set_rng_state(st["rng_torch"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # (a bare KeyError)
             raise CheckpointError(
                 f"checkpoint {str(path)!r} holds no training state ({type(e).__name__}: {e}); "
                 "it was not written by a Trainer"
             ) from e
-        self.history = list(st.get("history", []))
-        torch.set_rng_state(st["rng_torch"])
 
 
 def _with_plugins(loss_fn: LossFn, plugins: Sequence[Plugin]) -> LossFn:
