@@ -300,3 +300,29 @@ def test_ctrl_c_in_embed_and_explain_is_one_line_and_leaves_no_half_file(
     err = capsys.readouterr().err.strip()
     assert err == "attnlab explain: interrupted (SIGINT); files are written whole or not at all"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r_heads.png"]  # no half, no lock
+
+
+def test_resume_keeps_the_checkpoints_seed_batch_size_and_lr(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """(``--resume`` under another --seed, --batch-size or --lr, or without the --lr the run
+    began with, silently took the command line's: another data order and schedule than
+    the run's.)"""
+    pytest.importorskip("babel")
+    argv = ["train", "dates", "--eval-every", "2", "--train-size", "64", "--no-progress"]
+    argv += ["--out", str(tmp_path)]
+    assert main([*argv, "--steps", "2", "--seed", "3", "--batch-size", "16", "--lr", "0.01"]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--steps", "4", "--resume", "--seed", "4", "--batch-size", "8"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "attnlab train: warning: --seed 4 is not the checkpoint's 3: the resumed run keeps 3 "
+        "(drop --resume to train afresh with 4)",
+        "attnlab train: warning: --batch-size 8 is not the checkpoint's 16: the resumed run "
+        "keeps 16 (drop --resume to train afresh with 8)",
+    ]  # no word of --lr: not given, the checkpoint's 0.01 goes on (not the task's default)
+    state = load_checkpoint(tmp_path / "last.safetensors").state
+    assert state["step"] == 4
+    assert (state["train"]["seed"], state["train"]["batch_size"], state["train"]["lr"]) == (
+        3, 16, 0.01
+    )  # fmt: skip

@@ -4,8 +4,9 @@ The runners call :mod:`attnlab.tasks`: :func:`~attnlab.tasks.train_config` (the 
 defaults with the command line's settings on top), :func:`~attnlab.tasks.run_task` and
 :func:`~attnlab.tasks.demo`. Every option is checked before any work starts (ranges,
 ``--out`` writable, ``--resume`` with a readable checkpoint of the same task); ``--out``
-is locked while the run writes there. Ctrl-C or SIGTERM saves ``OUT/last.safetensors``
-and prints the command that resumes it.
+is locked while the run writes there; a resumed run keeps its checkpoint's seed, batch
+size, learning rate and warmup (a warning names each given otherwise). Ctrl-C or SIGTERM
+saves ``OUT/last.safetensors`` and prints the command that resumes it.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ _OVERRIDES = (
     "threads",
 )
 
+
+# what a resumed run takes from its checkpoint, whatever the command line gives
+_KEPT = ("seed", "batch_size", "lr", "warmup")
 
 MAX_THREADS = 256  # --threads at most
 # --batch-size at most: 32x the largest task default; every step's batch is at most the
@@ -98,7 +102,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.train_size is not None:  # before the data is made (20-110 s), not after
         _check_size(state, args.train_size, args)
     at = None if state is None else int(state.get("step", 0))
-    over = {k: getattr(args, k) for k in _OVERRIDES}
+    over = {k: getattr(args, k) for k in _OVERRIDES} | _run_settings(state, args)
     cfg = train_config(
         s, **over, out_dir=str(out), resume=args.resume, progress=not args.no_progress
     )
@@ -145,6 +149,23 @@ def _check_resume(task: str, last: Path, args: argparse.Namespace) -> dict | Non
             "--resume", f"{last} is a checkpoint of task {ckpt.config['task']!r}, not {task!r}"
         )
     return ckpt.state
+
+
+def _run_settings(state: dict | None, args: argparse.Namespace) -> dict[str, Any]:
+    """A resumed run's settings that decide which steps it takes (:data:`_KEPT`): the
+    checkpoint's, each given otherwise named in a warning (they changed the data order
+    and the schedule without a word; a changed --seed goes on as the agent tasks' does)."""
+    saved = {} if state is None else state.get("train")
+    if not isinstance(saved, dict):
+        return {}
+    kept = {k: saved[k] for k in _KEPT if saved.get(k) is not None}
+    for k, was in kept.items():
+        given = getattr(args, k)
+        if given is not None and given != was:
+            flag = "--" + k.replace("_", "-")
+            msg = f"{flag} {given} is not the checkpoint's {was}: the resumed run keeps {was}"
+            warn(args, f"{msg} (drop --resume to train afresh with {given})")
+    return kept
 
 
 def _check_size(state: dict | None, size: int, args: argparse.Namespace) -> None:
