@@ -107,18 +107,38 @@ def test_embeddings_equal_sentence_transformers(
     assert (got - reference).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("pooling", ["cls", "max"])
-def test_other_poolings_equal_sentence_transformers(pooling: str, tmp_path: Path) -> None:
-    """The pooling named in 1_Pooling/config.json is the one used (CLS token, max)."""
-    src, folder = minilm_path(), tmp_path / "model"
-    shutil.copytree(src, folder, ignore=shutil.ignore_patterns("model.safetensors", "1_Pooling"))
+@pytest.fixture(scope="module")
+def resaved(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """all-MiniLM-L6-v2 as the installed sentence-transformers saves it (6.x writes
+    ``"pooling_mode": "mean"`` and keeps the limit in tokenizer_config.json)."""
+    folder = tmp_path_factory.mktemp("saved") / "model"
+    st.SentenceTransformer(str(minilm_path()), device="cpu").save(str(folder))
+    return folder
+
+
+def _copy(src: Path, folder: Path) -> Path:
+    """A copy of the model folder ``src`` whose weights are a link to the original."""
+    shutil.copytree(src, folder, ignore=shutil.ignore_patterns("model.safetensors"))
     (folder / "model.safetensors").symlink_to(src / "model.safetensors")
-    (folder / "1_Pooling").mkdir()
-    cfg = json.loads((src / "1_Pooling" / "config.json").read_text())
-    cfg |= {
-        "pooling_mode_mean_tokens": False,
-        f"pooling_mode_{pooling}_token{'s' if pooling == 'max' else ''}": True,
-    }
+    return folder
+
+
+@pytest.mark.parametrize("layout", ["classic", "sentence-transformers 6"])
+@pytest.mark.parametrize("pooling", ["cls", "max"])
+def test_other_poolings_equal_sentence_transformers(
+    pooling: str, layout: str, tmp_path: Path
+) -> None:
+    """The pooling named in 1_Pooling/config.json is the one used (CLS token, max), in
+    both layouts (sentence-transformers 6's ``"pooling_mode": "max"`` was refused:
+    "exactly one of (...) must be true (got ['pooling_mode'])")."""
+    folder = _copy(minilm_path(), tmp_path / "model")
+    cfg: dict[str, object] = {"embedding_dimension": 384, "pooling_mode": pooling}
+    if layout == "classic":
+        cfg = json.loads((minilm_path() / "1_Pooling" / "config.json").read_text())
+        cfg |= {
+            "pooling_mode_mean_tokens": False,
+            f"pooling_mode_{pooling}_token{'s' if pooling == 'max' else ''}": True,
+        }
     (folder / "1_Pooling" / "config.json").write_text(json.dumps(cfg))
     texts = SENTENCES[:12]
     want = st.SentenceTransformer(str(folder), device="cpu").encode(texts, convert_to_tensor=True)
@@ -126,6 +146,48 @@ def test_other_poolings_equal_sentence_transformers(pooling: str, tmp_path: Path
         enc = SentenceEncoder.from_pretrained(folder, strategy=strategy)
         assert enc.config.pooling == pooling
         torch.testing.assert_close(enc.encode(texts, batch_size=5), want.cpu(), rtol=0, atol=1e-5)
+
+
+def test_folder_saved_by_sentence_transformers_equals_it(resaved: Path) -> None:
+    """A folder that the installed sentence-transformers saved loads, truncates where it
+    truncates, and embeds as it does (was refused: "exactly one of (...) must be true (got
+    ['pooling_mode'])"; with the classic pooling config put back, it truncated at 512 where
+    sentence-transformers reads 256 from tokenizer_config.json: cosine 0.88)."""
+    ref = st.SentenceTransformer(str(resaved), device="cpu")
+    texts = [SENTENCES[6], " ".join(f"word{i}" for i in range(200)), LONG]  # ~600, 420 tokens
+    enc = SentenceEncoder.from_pretrained(resaved)
+    assert enc.config.max_seq_length == ref.max_seq_length == 256
+    with pytest.warns(UserWarning, match="2 of 3 texts .* max_seq_length=256"):
+        got = enc.encode(texts)
+    want = ref.encode(texts, convert_to_tensor=True).cpu()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("st_config", "tokenizer_config", "limit"),
+    [
+        ({}, {}, 256),  # as saved: tokenizer_config.json's model_max_length
+        ({"max_seq_length": 128}, {}, 128),
+        ({"max_seq_length": 128, "tokenizer_args": {"model_max_length": 100}}, {}, 100),
+        ({}, {"model_max_length": 1000}, 512),  # capped at the position table
+        ({}, {"model_max_length": None}, 512),  # none given: the position table
+    ],
+)
+def test_max_seq_length_is_the_one_sentence_transformers_reads(
+    resaved: Path, tmp_path: Path, st_config: dict, tokenizer_config: dict, limit: int
+) -> None:
+    """The limit follows sentence-transformers' precedence (it was sentence_bert_config's
+    max_seq_length or 512: a folder saved by sentence-transformers 6 was read at 512, not
+    256). The classic pooling config keeps the old reader going to the limit."""
+    folder = _copy(resaved, tmp_path / "model")
+    pool = (minilm_path() / "1_Pooling" / "config.json").read_text()
+    (folder / "1_Pooling" / "config.json").write_text(pool)
+    for name, change in [("sentence_bert", st_config), ("tokenizer", tokenizer_config)]:
+        path = folder / f"{name}_config.json"
+        cfg = json.loads(path.read_text()) | change
+        path.write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+    want = st.SentenceTransformer(str(folder), device="cpu").max_seq_length
+    assert SentenceConfig.from_folder(folder, 512).max_seq_length == want == limit
 
 
 def test_attention_weights_equal_transformers_eager(encoders: dict[str, SentenceEncoder]) -> None:

@@ -23,13 +23,12 @@ Example:
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -40,14 +39,13 @@ from attnlab._cpu import resolve_precision
 from attnlab._io import decode_text
 from attnlab.models.bert import BertEncoder
 from attnlab.models.pretrained import minilm_path
+from attnlab.models.sentence_folder import POOLINGS, max_seq_length, pooling_mode, read_json
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
 __all__ = ["SentenceConfig", "SentenceEncoder", "load_tokenizer"]
 
-_POOLINGS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}
-_POOLINGS |= {"pooling_mode_max_tokens": "max"}
 STRATEGIES = ("pack", "bucket")
 # "bucket": the most padded tokens (texts x longest) one forward pass takes, unless one
 # text alone has more. A batch of 32 MiniLM texts of ~140 tokens ran 3.5% faster in three
@@ -82,8 +80,8 @@ class SentenceConfig:
     lowercase: bool = False
 
     def __post_init__(self) -> None:
-        if self.pooling not in _POOLINGS.values():
-            raise ValueError(f"pooling={self.pooling!r} is not one of {tuple(_POOLINGS.values())}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling={self.pooling!r} is not one of {POOLINGS}")
         if isinstance(self.max_seq_length, bool) or not isinstance(self.max_seq_length, int):
             raise TypeError(f"max_seq_length must be an int, got {self.max_seq_length!r}")
         if self.max_seq_length < 2:
@@ -92,39 +90,25 @@ class SentenceConfig:
     @classmethod
     def from_folder(cls, folder: str | Path, max_positions: int) -> SentenceConfig:
         """Read a sentence-transformers folder; a plain BERT folder gives mean pooling
-        without normalization, truncated at ``max_positions``."""
+        without normalization, truncated at ``max_positions``.
+
+        Pooling configs of sentence-transformers 2.x-6.x are read
+        (:func:`~attnlab.models.sentence_folder.pooling_mode`); the length limit follows
+        sentence-transformers' own precedence
+        (:func:`~attnlab.models.sentence_folder.max_seq_length`).
+        """
         folder = Path(folder)
-        modules = _read_json(folder / "modules.json", default=[])
+        modules = read_json(folder / "modules.json", default=[])
         types = [str(m.get("type", "")) for m in modules if isinstance(m, dict)]
         pool_dir = next(
             (m.get("path", "") for m in modules if str(m.get("type", "")).endswith("Pooling")),
             None,
         )
-        pooling = "mean" if pool_dir is None else _pooling_mode(folder / pool_dir / "config.json")
-        st = _read_json(folder / "sentence_bert_config.json", default={})
-        limit = min(int(st.get("max_seq_length") or max_positions), max_positions)
+        pooling = "mean" if pool_dir is None else pooling_mode(folder / pool_dir / "config.json")
+        st = read_json(folder / "sentence_bert_config.json", default={})
+        limit = max_seq_length(folder, st, max_positions)
         normalize = any(t.endswith("Normalize") for t in types)
         return cls(pooling, normalize, limit, bool(st.get("do_lower_case", False)))
-
-
-def _read_json(path: Path, default: Any) -> Any:
-    if not path.is_file():
-        return default
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
-
-
-def _pooling_mode(path: Path) -> str:
-    cfg = _read_json(path, default={"pooling_mode_mean_tokens": True})
-    modes = [mode for key, mode in _POOLINGS.items() if cfg.get(key)]
-    extra = [k for k, v in cfg.items() if k.startswith("pooling_mode") and v and k not in _POOLINGS]
-    if len(modes) != 1 or extra:
-        raise ValueError(
-            f"{path}: exactly one of {tuple(_POOLINGS)} must be true (got {modes + extra})"
-        )
-    return modes[0]
 
 
 def load_tokenizer(path: str | Path, max_length: int) -> Tokenizer:
