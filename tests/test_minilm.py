@@ -333,6 +333,20 @@ def test_overlong_text_is_truncated_with_one_warning(encoders: dict[str, Sentenc
         enc.tokenize(["short"])  # positive control: no warning
 
 
+def test_encode_after_train_equals_sentence_transformers(reference: torch.Tensor) -> None:
+    """``encode`` runs in eval mode and leaves the model in the mode it had (after
+    ``.train()`` it applied dropout: 0.09 from the eval embeddings, and two calls differed
+    by 0.1; sentence-transformers' ``encode`` switches to eval)."""
+    enc = SentenceEncoder.from_pretrained().train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # LONG is truncated
+        got = [enc.encode(SENTENCES, batch_size=8) for _ in range(2)]
+    for g in got:
+        torch.testing.assert_close(g, reference, rtol=0, atol=1e-4)
+    assert enc.training and all(m.training for m in enc.modules())  # the mode it had
+    assert not enc.eval().encode(["x"]).requires_grad and not enc.training
+
+
 def test_bad_texts(encoders: dict[str, SentenceEncoder]) -> None:
     enc = encoders["bucket"]
     ok = lambda: enc.encode(["fine"])  # noqa: E731

@@ -48,6 +48,7 @@ from attnlab.models.sentence_folder import (
     read_json,
     read_modules,
 )
+from attnlab.nn._modes import eval_mode
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -243,7 +244,8 @@ class SentenceEncoder(nn.Module):
         return [e.ids for e in encs]
 
     def encode(self, texts: Sequence[str], batch_size: int = 32) -> Tensor:
-        """Embed ``texts``.
+        """Embed ``texts``, in eval mode (no dropout, as sentence-transformers' ``encode``);
+        a model in training mode is back in it after.
 
         Args:
             texts: a list of strings (the empty string is allowed).
@@ -266,7 +268,8 @@ class SentenceEncoder(nn.Module):
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # longest first
         device = self.bert.embeddings.word_embeddings.weight.device
         low = self.precision == "bfloat16"
-        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=low):
+        autocast = torch.autocast(device.type, torch.bfloat16, enabled=low)
+        with eval_mode(self), torch.inference_mode(), autocast:  # no dropout; mode kept
             out = torch.empty(len(ids), self.dim, device=device)
             for start in range(0, len(ids), batch_size):
                 for sel in self._passes(order[start : start + batch_size], ids):
