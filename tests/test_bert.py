@@ -202,3 +202,41 @@ def test_bad_input_ids(hf_folder: Path) -> None:
         TypeError, match=r"input_ids must be an integer Tensor \(B, L\), got \(64,\)"
     ):
         ours(ok[0])
+
+
+def test_token_types_and_positions_must_fit_input_ids(hf_folder: Path) -> None:
+    """token_type_ids and positions broadcast to input_ids' (B, L) without growing it:
+    (L,), (1, L) and (B, 1) equal transformers given them expanded to (B, L) (another shape
+    was a bare RuntimeError from the embedding sum, naming neither argument; token types
+    (3, L) for one row of ids gave 3 rows without a word)."""
+    ours, ref = BertEncoder.from_pretrained(hf_folder), _hf_bert(hf_folder, torch.float32)
+    ids, types = torch.randint(1, 97, (2, 5)), torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]])
+    row, per_text, pos = types[0], torch.tensor([[0], [1]]), torch.arange(5)
+    cases = [  # (token types, positions) given to attnlab, token types given to transformers
+        (types, pos, types),
+        (types, pos[None], types),
+        (row, None, row.expand(2, 5)),
+        (row[None], pos[None].expand(2, 5), row.expand(2, 5)),
+        (per_text, None, per_text.expand(2, 5)),
+    ]
+    with torch.no_grad():
+        for t, p, full in cases:
+            want = ref(ids, token_type_ids=full).last_hidden_state
+            got = ours(ids, t, positions=p).hidden
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    zeros = torch.zeros(3, 5, dtype=torch.long)
+    for kw, seen in [
+        ({"token_type_ids": zeros[:2, :4]}, r"\(2, 4\)"),
+        ({"token_type_ids": zeros}, r"\(3, 5\)"),
+        ({"positions": torch.arange(4)}, r"\(4,\)"),
+        ({"positions": torch.arange(5)[:, None, None]}, r"\(5, 1, 1\)"),
+    ]:
+        name = next(iter(kw))
+        with pytest.raises(
+            ValueError,
+            match=rf"{name} must have input_ids' shape \(B, L\) = \(2, 5\) or one that "
+            rf"broadcasts to it, such as \(L,\) = \(5,\); got {seen}",
+        ):
+            ours(ids, **kw)
+    with pytest.raises(ValueError, match=r"token_type_ids .* = \(1, 5\) .*; got \(3, 5\)"):
+        ours(ids[:1], zeros)  # one row of ids, three of token types

@@ -243,10 +243,12 @@ class BertEncoder(nn.Module):
 
         Args:
             input_ids: ``(B, L)`` integer token ids.
-            token_type_ids: ``(B, L)`` segment ids (default all 0).
+            token_type_ids: ``(B, L)`` segment ids, or a shape that broadcasts to it such
+                as ``(L,)`` (default all 0).
             mask: an :mod:`attnlab.masks` mask or bool tensor broadcastable to
                 ``(B, H, L, L)`` (True = may attend), e.g. ``masks.padding(lengths)``.
-            positions: ``(L,)`` or ``(B, L)`` position ids (default ``0..L-1``).
+            positions: ``(L,)`` or ``(B, L)`` position ids, or a shape that broadcasts to
+                ``(B, L)`` (default ``0..L-1``); any other shape is a ValueError.
             need_weights: also return every layer's attention weights ``(B, H, L, L)``.
 
         Returns:
@@ -273,6 +275,9 @@ class BertEncoder(nn.Module):
             raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
         c = self.config
         _check_rows("input_ids", input_ids, "vocab_size", c)
+        for name, ids in (("token_type_ids", token_type_ids), ("positions", positions)):
+            if isinstance(ids, Tensor):  # (anything else: a TypeError below)
+                _check_shape(name, ids, input_ids.shape)
         if token_type_ids is not None:
             _check_rows("token_type_ids", token_type_ids, "type_vocab_size", c)
         top = input_ids.shape[1] - 1
@@ -327,6 +332,20 @@ def _id_range(name: str, ids: object) -> tuple[int, int]:
         return 0, -1
     lo, hi = torch.aminmax(ids)
     return int(lo), int(hi)
+
+
+def _check_shape(name: str, ids: Tensor, want: torch.Size) -> None:
+    """``ids`` must broadcast to ``want``, input_ids' ``(B, L)``, without growing it:
+    ``(L,)``, ``(1, L)`` and ``(B, 1)`` do (the embedding sum broadcasts them)."""
+    try:
+        fits = ids.dim() <= 2 and torch.broadcast_shapes(ids.shape, want) == want
+    except RuntimeError:  # the shapes do not broadcast at all
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"{name} must have input_ids' shape (B, L) = {tuple(want)} or one that "
+            f"broadcasts to it, such as (L,) = ({want[1]},); got {tuple(ids.shape)}"
+        )
 
 
 def _check_rows(name: str, ids: object, table: str, c: BertConfig) -> None:
