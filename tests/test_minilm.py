@@ -429,6 +429,21 @@ def test_cli_embed_prints_the_cosine_matrix(
     torch.testing.assert_close(torch.tensor(values), reference[i], rtol=0, atol=1e-4)
 
 
+def test_cli_warns_once_about_truncated_texts(capsys: pytest.CaptureFixture[str]) -> None:
+    """``attnlab embed`` and ``attend`` say once how many texts were cut, counted as
+    transformers' tokenizer counts texts over 256 tokens (each warned twice, the first
+    time "1 of 1 texts": each text's check for tokens warned before the real call)."""
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_path())
+    cut = " exceed max_seq_length=256 tokens and were truncated"
+    for argv in (["embed", LONG, LONG, "short"], ["attend", LONG, "--layer", "0", "--head", "0"]):
+        texts = [a for a in argv[1:] if a in (LONG, "short")]
+        over = sum(len(tok(t)["input_ids"]) > 256 for t in texts)
+        assert main(argv) == 0
+        lines = [line for line in capsys.readouterr().err.splitlines() if "truncated" in line]
+        want = f"attnlab {argv[0]}: warning: {over} of {len(texts)} texts (first: texts[0])"
+        assert lines == [want + cut]
+
+
 def test_cli_embed_prints_a_width_that_is_not_a_multiple_of_8(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 from collections.abc import Callable, Sequence
 
 from attnlab.cli._args import check_in_folder, shown
 from attnlab.cli._errors import UsageError
-from attnlab.models import SentenceEncoder
+from attnlab.models import SentenceEncoder, TruncationWarning
 from attnlab.train import CheckpointError
 
 __all__ = ["add_model_option", "check_has_tokens", "encoder_tokens", "load_encoder"]
@@ -34,8 +35,16 @@ def load_encoder(model: str | None) -> tuple[SentenceEncoder, str]:
 
 
 def encoder_tokens(encoder: SentenceEncoder) -> Callable[[str], Sequence[int]]:
-    """``encoder``'s token ids of one text, special tokens included."""
-    return lambda text: encoder.tokenize([text])[0]
+    """``encoder``'s token ids of one text, special tokens included, without the warning
+    about truncated texts: the command's own encode or tokenize call gives it, once, with
+    the count of all its texts (each text said "1 of 1 texts" first)."""
+
+    def tokens(text: str) -> Sequence[int]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TruncationWarning)
+            return encoder.tokenize([text])[0]
+
+    return tokens
 
 
 def check_has_tokens(argument: str, text: str, tokenize: Callable[[str], Sequence[int]]) -> None:

@@ -19,7 +19,12 @@ from attnlab.models.document import ClassifierOutput, DocumentClassifier
 from attnlab.models.lm import LanguageModel, LMConfig, sample_logits
 from attnlab.models.pretrained import minilm_path
 from attnlab.models.rnn import RNNSeq2Seq, RNNSeq2SeqConfig
-from attnlab.models.sentence import SentenceConfig, SentenceEncoder, load_tokenizer
+from attnlab.models.sentence import (
+    SentenceConfig,
+    SentenceEncoder,
+    TruncationWarning,
+    load_tokenizer,
+)
 from attnlab.models.sentence_folder import SentenceDense
 from attnlab.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from attnlab.models.vit import PatchEmbedding, ViT, ViTConfig
@@ -43,6 +48,7 @@ __all__ = [
     "SentenceEncoder",
     "Seq2Seq",
     "Seq2SeqConfig",
+    "TruncationWarning",
     "ViT",
     "ViTConfig",
     "bert_state_dict",

@@ -53,7 +53,7 @@ from attnlab.nn._modes import eval_mode
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
-__all__ = ["SentenceConfig", "SentenceEncoder", "load_tokenizer"]
+__all__ = ["SentenceConfig", "SentenceEncoder", "TruncationWarning", "load_tokenizer"]
 
 STRATEGIES = ("pack", "bucket")
 # "bucket": the most padded tokens (texts x longest) one forward pass takes, unless one
@@ -61,6 +61,11 @@ STRATEGIES = ("pack", "bucket")
 # passes than in one (forced AVX2; less padding, and each layer's intermediates are a
 # few MiB instead of 20-30); 1024 and 1536 were slower than 2048.
 TOKENS_PER_PASS = 2048
+
+
+class TruncationWarning(UserWarning):
+    """Texts longer than ``max_seq_length`` tokens were truncated
+    (:meth:`SentenceEncoder.tokenize`); filter this category to tokenize quietly."""
 
 
 @dataclass(frozen=True)
@@ -239,6 +244,7 @@ class SentenceEncoder(nn.Module):
             warnings.warn(
                 f"{len(cut)} of {len(encs)} texts (first: texts[{cut[0]}]) exceed "
                 f"max_seq_length={self.config.max_seq_length} tokens and were truncated",
+                TruncationWarning,
                 stacklevel=3,
             )
         return [e.ids for e in encs]
