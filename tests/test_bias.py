@@ -105,6 +105,30 @@ def test_alibi_slopes_follow_the_rule(n: int) -> None:
     torch.testing.assert_close(alibi_slopes(n).double(), expected, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("n", [3, 12, 16, 20, 40, 96])  # 3: float32 is exact
+def test_alibi_in_float64_has_the_papers_slopes(n: int) -> None:
+    """A float64 ALiBi (``.double()``, ``.to(float64)``, ``alibi_slopes(n, float64)``)
+    carries Press et al.'s slopes computed in Python floats, and its bias at distance 4096
+    is theirs (the slopes stayed float32's: 1.2e-8 off for 12 heads, the bias 5e-5 off)."""
+    exact = torch.tensor(ref_slopes(n), dtype=torch.float64)
+    close = {"rtol": 1e-14, "atol": 0}  # float64 rounding: the paper's code multiplies
+    b = alibi(n).double()
+    for got in (b.slopes, alibi(n).to(torch.float64).slopes):
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, exact, **close)
+    far = b.dense(1, 4097, heads=n)[0, :, 0, 0]  # the query at 4096, the key at 0
+    torch.testing.assert_close(far, -exact * 4096, **close)
+    torch.testing.assert_close(alibi_slopes(n, torch.float64), exact, **close)
+    assert torch.equal(b.float().slopes, alibi_slopes(n))  # back in float32: the default
+    assert torch.equal(alibi_slopes(n), exact.float())  # float32, rounded once
+    check_and_control(
+        lambda: alibi_slopes(n, torch.int64),
+        lambda: alibi_slopes(n, torch.float16),
+        TypeError,
+        r"dtype must be a floating-point torch\.dtype, got torch\.int64",
+    )
+
+
 @pytest.mark.parametrize(
     ("value", "exc", "match"),
     [

@@ -19,24 +19,34 @@ def _power_of_two_slopes(n: int) -> list[float]:
     return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
 
 
-def alibi_slopes(num_heads: int) -> Tensor:
-    """The per-head ALiBi slopes of Press et al. (2022), float32 of shape ``(num_heads,)``.
+def alibi_slopes(num_heads: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The per-head ALiBi slopes of Press et al. (2022), of shape ``(num_heads,)``.
 
     For a power of two ``n`` the slopes are the geometric sequence that starts at
     ``2^(-8/n)`` with ratio ``2^(-8/n)``. Otherwise, with ``m`` the largest power of two below
     ``n``, they are the ``m`` slopes for ``m`` heads followed by the first ``n - m`` of every
-    other slope (indices 0, 2, 4, ...) for ``2m`` heads.
+    other slope (indices 0, 2, 4, ...) for ``2m`` heads. They are computed in Python floats
+    (float64) and rounded once to ``dtype`` (float32 by default).
 
     Example:
         >>> alibi_slopes(4)
         tensor([0.2500, 0.0625, 0.0156, 0.0039])
+        >>> alibi_slopes(12, torch.float64)[-1].item() == 2**-3.5
+        True
     """
     n = positive_int("num_heads", num_heads)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    return torch.tensor(_slopes(n), dtype=dtype)
+
+
+def _slopes(n: int) -> list[float]:
+    """The ``n`` slopes of :func:`alibi_slopes` as Python floats."""
     m = 1 << (n.bit_length() - 1)  # the largest power of two <= n
     slopes = _power_of_two_slopes(m)
     if m != n:
         slopes += _power_of_two_slopes(2 * m)[0::2][: n - m]
-    return torch.tensor(slopes, dtype=torch.float32)
+    return slopes
 
 
 class ALiBi(Bias):
@@ -65,11 +75,12 @@ class ALiBi(Bias):
 
     def _apply(self, fn: Any, recurse: bool = True) -> ALiBi:
         """Move or cast as usual, then make the slopes again (they follow from
-        ``num_heads``): ``to_empty`` after a build under ``torch.device("meta")`` left
-        them uninitialized (0 or 8.6e32), and no state dict holds them."""
+        ``num_heads``) in their new dtype, rounded once from float64: ``to_empty`` after a
+        build under ``torch.device("meta")`` left them uninitialized (0 or 8.6e32), no
+        state dict holds them, and ``.double()`` kept float32's rounding."""
         super()._apply(fn, recurse)
         s = self.slopes
-        self.slopes = alibi_slopes(self.num_heads).to(device=s.device, dtype=s.dtype)
+        self.slopes = torch.tensor(_slopes(self.num_heads), dtype=s.dtype).to(s.device)
         return self
 
     def check(self, *, batch: int, heads: int, lq: int, lk: int) -> None:
