@@ -685,3 +685,16 @@ def test_a_question_past_the_token_limit_is_named_in_the_warning(folder: Path, e
             warnings.simplefilter("always")
             ask(q, folder, top=1, encoder=enc, cache=False, explain=True)
         assert [str(w.message) for w in seen] == expected
+
+
+def test_embed_checks_its_batch(enc) -> None:
+    """(``embed(enc, texts, batch=-1)`` returned no vectors for 3 texts, and batch=0 raised
+    'range() arg 3 must not be zero'.)"""
+    from attnlab.apps.index import embed
+
+    texts = ["Cats purr.", "Rain falls.", "Loops repeat."]
+    want = enc.encode(texts)
+    torch.testing.assert_close(embed(enc, texts, batch=2), want, atol=1e-6, rtol=0)  # control
+    for batch, exc in ((-1, ValueError), (0, ValueError), (2.5, TypeError)):
+        with pytest.raises(exc, match=f"batch must be a positive int, got {batch}"):
+            embed(enc, texts, batch=batch)

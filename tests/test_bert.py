@@ -195,7 +195,7 @@ def test_bad_input_ids(hf_folder: Path) -> None:
     with pytest.raises(ValueError, match=r"position 64 >= max_position_embeddings=64"):
         ours(ok[:, :3], positions=torch.tensor([0, 1, 64]))
     with pytest.raises(
-        TypeError, match=r"input_ids must hold integer token ids, got dtype torch\.float32"
+        TypeError, match=r"input_ids must hold int64 or int32 token ids, got dtype torch\.float32"
     ):
         ours(ok.float())
     with pytest.raises(

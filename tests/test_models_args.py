@@ -52,7 +52,7 @@ def _bert() -> BertEncoder:
         (
             {"token_type_ids": torch.ones(2, 7)},
             TypeError,
-            r"token_type_ids must hold integer ids, got dtype torch\.float32",
+            r"token_type_ids must hold int64 or int32 ids, got dtype torch\.float32",
         ),
         (
             {"positions": torch.tensor([-1, 0, 1, 2, 3, 4, 5])},
@@ -62,7 +62,7 @@ def _bert() -> BertEncoder:
         (
             {"positions": torch.arange(7.0)},
             TypeError,
-            r"positions must hold integer ids, got dtype torch\.float32",
+            r"positions must hold int64 or int32 ids, got dtype torch\.float32",
         ),
     ],
 )
@@ -72,6 +72,24 @@ def test_bert_rejects_token_types_and_positions_outside_the_tables(
     bert, ids = _bert(), torch.randint(1, 50, (2, 7))
     ok = {"token_type_ids": torch.ones(2, 7, dtype=torch.long), "positions": torch.arange(7)}
     check_and_control(lambda: bert(ids, **kw), lambda: bert(ids, **ok), exc, match)
+
+
+@pytest.mark.parametrize("dtype", [torch.int16, torch.uint8])
+@pytest.mark.parametrize("name", ["input_ids", "token_type_ids", "positions"])
+def test_bert_names_ids_of_dtypes_an_embedding_cannot_index(name: str, dtype: torch.dtype) -> None:
+    """(int16 and uint8 ids passed BertEncoder's checks, then failed inside
+    ``nn.Embedding`` with a RuntimeError naming 'argument #1 indices'.)"""
+    bert = _bert()
+    ok = {
+        "input_ids": torch.randint(1, 50, (2, 7)),
+        "token_type_ids": torch.ones(2, 7, dtype=torch.long),
+        "positions": torch.arange(7),
+    }
+    what = "token ids" if name == "input_ids" else "ids"
+    want = rf"{name} must hold int64 or int32 {what}, got dtype {re.escape(str(dtype))}"
+    bad = {**ok, name: ok[name].to(dtype)}
+    good = {**ok, name: ok[name].int()}
+    check_and_control(lambda: bert(**bad), lambda: bert(**good), TypeError, want)
 
 
 def test_bert_valid_token_types_and_positions_match_the_embedding_tables() -> None:

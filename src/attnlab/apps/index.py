@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from attnlab._io import atomic_write, atomic_write_text
+from attnlab._validate import positive_int
 from attnlab.apps.corpus import Document, Sentence, split_document
 from attnlab.models import SentenceEncoder
 
@@ -198,7 +199,8 @@ def embed(
     """``(len(texts), D)`` unit vectors, reporting ``progress(done, total)`` after each
     batch; one warning names how many texts were longer than the encoder reads (their
     first tokens count). The index and :func:`attnlab.apps.summarize.summarize` embed
-    with it."""
+    with it. ``batch``: texts per call of the encoder (a positive int)."""
+    batch = positive_int("batch", batch)  # 0 raised range()'s error, -1 embedded nothing
     parts = [torch.empty(0, enc.dim)]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*exceed max_seq_length")

@@ -46,8 +46,8 @@ def check_special_ids(cfg: object, field: str, *names: str) -> None:
             raise ValueError(f"{name} must be a token id in [0, {field}={vocab}), got {v!r}")
 
 
-def check_id_dtype(name: str, ids: Tensor) -> None:
-    """The tensor ``ids`` must hold int64 or int32 token ids, the dtypes ``nn.Embedding``
+def check_id_dtype(name: str, ids: Tensor, what: str = "token ids") -> None:
+    """The tensor ``ids`` must hold int64 or int32 ``what``, the dtypes ``nn.Embedding``
     indexes with (int16, uint8 or bool ids failed inside it, naming no argument).
 
     Example:
@@ -57,7 +57,7 @@ def check_id_dtype(name: str, ids: Tensor) -> None:
         TypeError: words must hold int64 or int32 token ids, got dtype torch.uint8
     """
     if ids.dtype not in _ID_DTYPES:
-        raise TypeError(f"{name} must hold int64 or int32 token ids, got dtype {ids.dtype}")
+        raise TypeError(f"{name} must hold int64 or int32 {what}, got dtype {ids.dtype}")
 
 
 def check_ids(name: str, ids: object, batch: int | None, source: str = "src") -> Tensor:

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from attnlab.masks import Mask
 from attnlab.models._checkpoint import check_keys, read_safetensors
+from attnlab.models._ids import check_id_dtype
 from attnlab.nn import EncoderLayer, LayerConfig
 
 __all__ = ["BertConfig", "BertEmbeddings", "BertEncoder", "BertOutput", "bert_state_dict"]
@@ -271,8 +272,7 @@ class BertEncoder(nn.Module):
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
             seen = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids)
             raise TypeError(f"input_ids must be an integer Tensor (B, L), got {seen}")
-        if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
-            raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        check_id_dtype("input_ids", input_ids)  # int16, uint8: failed inside nn.Embedding
         c = self.config
         _check_rows("input_ids", input_ids, "vocab_size", c)
         for name, ids in (("token_type_ids", token_type_ids), ("positions", positions)):
@@ -326,8 +326,7 @@ def _id_range(name: str, ids: object) -> tuple[int, int]:
     """``(min, max)`` of the integer tensor ``ids`` (``(0, -1)`` when empty)."""
     if not isinstance(ids, Tensor):
         raise TypeError(f"{name} must be an integer Tensor or None, got {type(ids).__name__}")
-    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-        raise TypeError(f"{name} must hold integer ids, got dtype {ids.dtype}")
+    check_id_dtype(name, ids, "ids")
     if not ids.numel():
         return 0, -1
     lo, hi = torch.aminmax(ids)
