@@ -266,6 +266,35 @@ def test_an_index_from_other_weights_of_the_same_shape_is_rebuilt(
     assert build_index(docs, tuned, tmp_path / "ix").embedded == 0  # then reused
 
 
+@pytest.mark.parametrize("change", ["dense", "no normalize", "shorter limit", "bfloat16"])
+def test_an_index_from_the_same_bert_with_other_settings_is_rebuilt(
+    folder: Path, tmp_path: Path, enc, change: str
+) -> None:
+    """(The index's model name digested BERT's weights only: the same BERT with a Dense
+    layer after it, or without the normalization, reused the first encoder's vectors,
+    0.73 and 0.90 off its own.)"""
+    import dataclasses
+
+    from attnlab.models import SentenceDense, SentenceEncoder
+
+    torch.manual_seed(1)
+    cfg, kw = enc.config, {}
+    if change == "dense":
+        kw["dense"] = [SentenceDense(enc.dim, enc.dim)]
+    elif change == "bfloat16":
+        kw["precision"] = "bfloat16"
+    else:
+        new = {"normalize": False} if change == "no normalize" else {"max_seq_length": 6}
+        cfg = dataclasses.replace(cfg, **new)
+    other = SentenceEncoder(enc.bert, enc.tokenizer, cfg, **kw).eval()
+    docs = load_documents(folder)
+    first = build_index(docs, enc, tmp_path / "ix")
+    again = build_index(docs, other, tmp_path / "ix")
+    assert again.embedded == len(first.sentences)  # rebuilt, not reused
+    torch.testing.assert_close(again.vectors, build_index(docs, other, None).vectors)
+    assert build_index(docs, enc, tmp_path / "ix").embedded == len(first.sentences)
+
+
 def test_incremental_rebuild_equals_full_build(folder: Path, tmp_path: Path, enc) -> None:
     cache = tmp_path / "ix"
     first = build_index(load_documents(folder), enc, cache)

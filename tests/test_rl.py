@@ -405,3 +405,18 @@ def test_only_s11_hides_the_cue_from_the_split(
     h = env.height
     assert env.agent_sees(split[0], h // 2 - 2) and env.agent_sees(split[0], h // 2 + 2)
     assert env.agent_sees(1, h // 2 - 1) == cue_in_view
+
+
+def test_a_float64_attention_policy_has_float64_sinusoids() -> None:
+    """(``.double()`` rebuilt the position table in float32 and cast it up: 1.8e-5 off
+    the float64 sinusoids, the logits 7e-6 off at step 3000.)"""
+    import math
+
+    policy = AttentionPolicy(5, 3, d_model=8, num_heads=2, context=4).double()
+    steps = torch.arange(policy.max_steps, dtype=torch.float64)[:, None]  # (T, 1)
+    freq = torch.tensor([10000.0 ** (-i / 8) for i in range(0, 8, 2)], dtype=torch.float64)
+    angle = steps * freq  # (T, 4), the paper's formula in float64
+    want = torch.stack((angle.sin(), angle.cos()), -1).flatten(1)  # sin, cos interleaved
+    assert policy.pos.dtype == torch.float64
+    torch.testing.assert_close(policy.pos, want, atol=1e-12, rtol=0)
+    assert math.isclose(float(policy.float().pos[3000, 0]), math.sin(3000.0), abs_tol=1e-3)

@@ -32,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -113,13 +114,18 @@ def default_cache(docs: str | Path | Sequence[str | Path]) -> Path:
 
 
 def _model_name(enc: SentenceEncoder) -> str:
-    """The encoder's shape and a digest of its weights: a fine-tuned copy of the same
-    shape is another model, whose vectors the index must not reuse."""
+    """The encoder's shape and a digest of all it embeds with: its weights (BERT's and the
+    Dense layers'), the Dense layers' activations, its settings (pooling, normalization,
+    length limit, lowercasing) and its tokenizer. A fine-tuned copy of the same shape, or
+    the same BERT with other layers after it, is another model, whose vectors the index
+    must not reuse (the digest read BERT's weights only)."""
     c = enc.bert.config
     h = hashlib.sha256()
-    for name, t in sorted(enc.bert.state_dict().items()):
+    for name, t in sorted(enc.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    h.update(repr((dataclasses.asdict(enc.config), list(enc.dense), enc.precision)).encode())
+    h.update(enc.tokenizer.to_str().encode())
     shape = f"{enc.config.pooling}-{c.hidden_size}x{c.num_hidden_layers}-{c.vocab_size}"
     return f"{shape}-{h.hexdigest()[:16]}"
 

@@ -271,7 +271,8 @@ class AttentionPolicy(AgentPolicy):
         it): ``to_empty`` after a build on the meta device left it uninitialized."""
         super()._apply(fn, recurse)
         p = self.pos
-        self.pos = sinusoidal_table(*p.shape).to(device=p.device, dtype=p.dtype)
+        # in its own dtype: a float64 policy's angles were float32's, cast up (1.8e-5 off)
+        self.pos = sinusoidal_table(*p.shape, dtype=p.dtype, device=p.device)
         return self
 
     def config(self) -> dict[str, Any]:
