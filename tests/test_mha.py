@@ -380,3 +380,58 @@ def test_a_prefill_under_inference_mode_continues_outside_it(then: str) -> None:
         full = mha(x, mask=masks.causal())
     assert cache.length == 11 and not cache.keys.is_inference()  # type: ignore[union-attr]
     assert max_err(torch.cat([first.clone(), *steps], 1), full) < 1e-12
+
+
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor")  # torch's, for norm_first
+def test_module_arguments_the_audit_found_unchecked_are_named() -> None:
+    """(LinformerAttention mixed 5 keys with 6 values without a word; EncoderLayer /
+    DecoderLayer / Transformer.from_torch of another module raised AttributeError
+    'has no attribute self_attn'; DecoderCache(-1) was accepted and a cache of 1 layer for
+    a 2-layer decoder failed with IndexError; KVCache.crop(True) set the length to True.)"""
+    from attnlab.nn import (
+        DecoderCache,
+        DecoderLayer,
+        DecoderOnly,
+        EncoderLayer,
+        LayerConfig,
+        LinformerAttention,
+        Transformer,
+    )
+
+    lin, x = LinformerAttention(8, 2, max_len=8, proj_dim=4), torch.randn(2, 4, 8)
+    check_and_control(
+        lambda: lin(x, torch.randn(2, 5, 8), torch.randn(2, 6, 8)),
+        lambda: lin(x, torch.randn(2, 5, 8), torch.randn(2, 5, 8)),
+        ValueError,
+        r"k and v must have the same length Lk, got k \(2, 2, 5, 4\) and v \(2, 2, 6, 4\)",
+    )
+    enc = torch.nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+    dec = torch.nn.TransformerDecoderLayer(8, 2, 16, batch_first=True)
+    for ours, good, bad in ((EncoderLayer, enc, dec), (DecoderLayer, dec, enc)):
+        check_and_control(
+            lambda o=ours, b=bad: o.from_torch(b),
+            lambda o=ours, g=good: o.from_torch(g),
+            TypeError,
+            rf"layer must be a torch\.nn\.{type(good).__name__}, got {type(bad).__name__}",
+        )
+    full = torch.nn.Transformer(8, 2, 1, 1, 16, batch_first=True, norm_first=True)
+    check_and_control(
+        lambda: Transformer.from_torch(enc),  # type: ignore[arg-type]
+        lambda: Transformer.from_torch(full),
+        TypeError,
+        r"model must be a torch\.nn\.Transformer, got TransformerEncoderLayer",
+    )
+    for n in (-1, 0):
+        with pytest.raises(ValueError, match=f"num_layers must be a positive int, got {n}"):
+            DecoderCache(n)
+    lm, x3 = DecoderOnly(LayerConfig(8, 2, 16), 2).eval(), torch.randn(1, 3, 8)
+    check_and_control(
+        lambda: lm(x3, cache=DecoderCache(1)),
+        lambda: lm(x3, cache=DecoderCache(2)),
+        ValueError,
+        r"cache has 1 layers but this decoder has 2: make it with DecoderCache\(num_layers=2\)",
+    )
+    cache = DecoderCache(1).self_attn[0]
+    with pytest.raises(ValueError, match="crop length must be an int in"):
+        cache.crop(True)  # type: ignore[arg-type]
+    assert cache.crop(0).length == 0  # the control

@@ -15,18 +15,22 @@ _M = TypeVar("_M", bound=nn.Module)
 _RENAMED = {"linear1": "ff.linear1", "linear2": "ff.linear2", "multihead_attn": "cross_attn"}
 
 
-def torch_config(layer: Any) -> LayerConfig:
-    """The :class:`LayerConfig` of a ``torch.nn.TransformerEncoderLayer`` or
-    ``TransformerDecoderLayer`` (sizes, dropout, activation, norm placement and eps)."""
-    sa = layer.self_attn
+def torch_config(layer: Any, kind: type[nn.Module]) -> LayerConfig:
+    """The :class:`LayerConfig` of ``layer``, a ``torch.nn.TransformerEncoderLayer`` or
+    ``TransformerDecoderLayer`` (``kind``): sizes, dropout, activation, norm placement and
+    eps; another module is a TypeError naming it (it was an AttributeError)."""
+    if not isinstance(layer, kind):
+        raise TypeError(f"layer must be a torch.nn.{kind.__name__}, got {type(layer).__name__}")
+    t: Any = layer  # (torch types its submodules as Tensor | Module)
+    sa = t.self_attn
     return LayerConfig(
         sa.embed_dim,
         sa.num_heads,
-        layer.linear1.out_features,
-        dropout=layer.dropout.p,
-        activation=_activation(layer.activation),
-        norm_first=layer.norm_first,
-        norm_eps=layer.norm1.eps,
+        t.linear1.out_features,
+        dropout=t.dropout.p,
+        activation=_activation(t.activation),
+        norm_first=t.norm_first,
+        norm_eps=t.norm1.eps,
         bias=sa.in_proj_bias is not None,
     )
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from attnlab._validate import positive_int
+
 __all__ = ["DecoderCache", "KVCache"]
 
 
@@ -90,7 +92,7 @@ class KVCache:
 
     def crop(self, length: int) -> KVCache:
         """Forget every position from ``length`` on (speculative decoding, retries)."""
-        if not isinstance(length, int) or not 0 <= length <= self._len:
+        if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= self._len:
             raise ValueError(f"crop length must be an int in [0, {self._len}], got {length!r}")
         self._len = length
         return self
@@ -180,6 +182,7 @@ class DecoderCache:
     """
 
     def __init__(self, num_layers: int, *, cross: bool = False) -> None:
+        num_layers = positive_int("num_layers", num_layers)
         self.self_attn = [KVCache() for _ in range(num_layers)]
         self.cross_attn: list[KVCache] | None = (
             [KVCache() for _ in range(num_layers)] if cross else None

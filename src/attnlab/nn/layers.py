@@ -187,7 +187,7 @@ class EncoderLayer(nn.Module):
     @classmethod
     def from_torch(cls: type[_L], layer: nn.Module) -> _L:
         """Copy a ``torch.nn.TransformerEncoderLayer`` (weights, norm placement, eps)."""
-        return load_torch(cls(torch_config(layer)), layer, layer)
+        return load_torch(cls(torch_config(layer, nn.TransformerEncoderLayer)), layer, layer)
 
 
 class DecoderLayer(EncoderLayer):
@@ -264,7 +264,7 @@ class DecoderLayer(EncoderLayer):
     def from_torch(cls: type[_L], layer: nn.Module) -> _L:
         """Copy a ``torch.nn.TransformerDecoderLayer`` (its self-attention is made causal
         here; torch's takes the causal mask as an argument)."""
-        return load_torch(cls(torch_config(layer)), layer, layer)
+        return load_torch(cls(torch_config(layer, nn.TransformerDecoderLayer)), layer, layer)
 
 
 def _memory(attn: MultiHeadAttention, memory: Tensor | None, cache: KVCache | None) -> Tensor:

@@ -71,6 +71,10 @@ def linformer_attention(
         >>> torch.allclose(linformer_attention(q, k, v, eye, eye), attnlab.attention(q, k, v))
         True
     """
+    if k.shape[2] != v.shape[2]:  # else 5 keys were mixed with 6 values without a word
+        raise ValueError(
+            f"k and v must have the same length Lk, got k {tuple(k.shape)} and v {tuple(v.shape)}"
+        )
     batch = max(q.shape[0], k.shape[0])  # a batch of 1 broadcasts
     key_valid, query_valid = _padding(mask, batch, k.shape[2], q.shape[2], q.device)
     kp = _project(k, proj_k, key_valid, "proj_k")  # (B, Hkv, P, E)

@@ -102,6 +102,11 @@ class Decoder(nn.Module):
     ) -> Tensor:
         """``x (B, Lt, D)`` (only the new steps when ``cache`` is given), ``memory
         (B, Ls, D)`` -> ``(B, Lt, D)``. ``mask`` is combined with the causal mask."""
+        if cache is not None and len(cache.self_attn) != len(self.layers):
+            raise ValueError(
+                f"cache has {len(cache.self_attn)} layers but this decoder has "
+                f"{len(self.layers)}: make it with DecoderCache(num_layers={len(self.layers)})"
+            )
         for i, layer in enumerate(self.layers):
             x = layer(
                 x,
@@ -222,8 +227,11 @@ class Transformer(nn.Module):
         (torch's post-norm stacks end with an extra final norm that attnlab's post-norm
         stacks leave out, so only pre-norm models map one to one.)
         """
+        if not isinstance(model, nn.Transformer):
+            raise TypeError(f"model must be a torch.nn.Transformer, got {type(model).__name__}")
         layer: Any = model.encoder.layers[0]
         if not layer.norm_first:
             raise ValueError("from_torch needs norm_first=True (see the docstring)")
-        ours = cls(torch_config(layer), len(model.encoder.layers), len(model.decoder.layers))
+        cfg = torch_config(layer, nn.TransformerEncoderLayer)
+        ours = cls(cfg, len(model.encoder.layers), len(model.decoder.layers))
         return load_torch(ours, model, layer)
