@@ -188,6 +188,40 @@ def test_classification(made: Callable[[str], Made]) -> None:
     assert ins.output.endswith(f"(p={float(p):.2f})")
 
 
+def test_classification_names_with_full_stops(made: Callable[[str], Made]) -> None:
+    """Texts naming "St. Lucia" or "U.S. Virgin Islands" (words of the task's vocabulary)
+    give the output and stacks of the task's own encoding, one sentence per line (the
+    inspector split sentences at every ".": "St." became <unk>, "Lucia" a sentence of its
+    own, and the tiny model's output was another document's)."""
+    from attnlab.tasks.classification import CURRENCIES, Document, currency_name
+
+    task, model, path = made("classification")
+    run = load_run(path)
+    for sentences in (
+        ["the customer lives in St. Lucia"],
+        ["the customer does not live in France", "the customer moved to U.S. Virgin Islands"],
+        ["the customer visited St. Kitts & Nevis on June 2, 2001", "the customer lives in Chad"],
+    ):
+        rows = [task.vocab.encode(s) for s in sentences]
+        assert {"St.", "U.S."} & {task.vocab.tokens[i] for r in rows for i in r}  # known words
+        ins = run.inspect(text="\n".join(sentences))
+        words, sents = ins.stacks
+        assert sents.keys == words.queries == sentences
+        assert words.keys == [task.vocab.tokens[i] for r in rows for i in r]
+        assert "<unk>" not in words.keys
+        with torch.no_grad():
+            out = model(task.encode([Document(tuple(sentences), 0, 0)]).ids)
+        probs = out.logits[0].softmax(-1)
+        code = CURRENCIES[int(probs.argmax())]
+        assert ins.output == f"{code} {currency_name(code)} (p={float(probs.max()):.2f})"
+        torch.testing.assert_close(sents.weights[0][0, 0], out.han.sentence_weights[0])
+        start = 0
+        for j, r in enumerate(rows):
+            got = words.weights[0][0, j, start : start + len(r)]
+            torch.testing.assert_close(got, out.han.word_weights[0, j, : len(r)])
+            start += len(r)
+
+
 def _rollout_by_hand(layers: list[Tensor]) -> Tensor:
     """Abnar & Zuidema's rollout from token 0 over tokens 1.., renormalized."""
     r = torch.eye(layers[0].shape[-1], dtype=torch.float64)

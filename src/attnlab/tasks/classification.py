@@ -49,6 +49,8 @@ __all__ = [
     "currency_name",
     "finish",
     "make_documents",
+    "sentence_ids",
+    "split_sentences",
 ]
 
 # The classes: currencies that several countries pay in (ISO 4217 codes).
@@ -181,6 +183,38 @@ def make_documents(
     return out
 
 
+def split_sentences(text: str) -> list[str]:
+    """The sentences of a document written as text, one per line (``"\\n".join(doc.sentences)``),
+    stripped; blank lines are skipped. Nothing else ends a sentence: the task's words hold
+    full stops ("St. Lucia", "U.S. Virgin Islands").
+
+    Example:
+        >>> split_sentences("the customer lives in St. Lucia\\n\\n the customer visited Chad ")
+        ['the customer lives in St. Lucia', 'the customer visited Chad']
+    """
+    return [s.strip() for s in text.splitlines() if s.strip()]
+
+
+def sentence_ids(vocab: Vocab, docs: Sequence[Sequence[str]]) -> Tensor:
+    """Word ids of each document's sentences, padded with 0 to ``(B, S, W)`` (S, W: the
+    longest document and sentence).
+
+    Example:
+        >>> v = Vocab.build(["the customer lives in St. Lucia"])
+        >>> sentence_ids(v, [["the customer", "lives in St. Lucia"]])
+        tensor([[[4, 5, 0, 0],
+                 [6, 7, 8, 9]]])
+    """
+    rows = [[vocab.encode(s) for s in d] for d in docs]
+    s = max(len(r) for r in rows)
+    w = max(len(x) for r in rows for x in r)
+    ids = torch.zeros(len(rows), s, w, dtype=torch.long)
+    for i, r in enumerate(rows):
+        for j, x in enumerate(r):
+            ids[i, j, : len(x)] = torch.tensor(x)
+    return ids
+
+
 @dataclass
 class DocumentBatch:
     ids: Tensor  # (B, S, W) word ids, 0 = padding
@@ -244,13 +278,7 @@ class DocumentTask:
 
     def encode(self, docs: Sequence[Document]) -> DocumentBatch:
         """Pad word ids to ``(B, S, W)`` (S, W: the longest document and sentence)."""
-        rows = [[self.vocab.encode(s) for s in d.sentences] for d in docs]
-        s = max(len(r) for r in rows)
-        w = max(len(x) for r in rows for x in r)
-        ids = torch.zeros(len(rows), s, w, dtype=torch.long)
-        for i, r in enumerate(rows):
-            for j, x in enumerate(r):
-                ids[i, j, : len(x)] = torch.tensor(x)
+        ids = sentence_ids(self.vocab, [d.sentences for d in docs])  # (B, S, W)
         labels = torch.tensor([d.label for d in docs])
         return DocumentBatch(ids, labels, torch.tensor([d.deciding for d in docs]))
 

@@ -20,6 +20,7 @@ from attnlab.models.document import DocumentClassifier
 from attnlab.models.lm import LanguageModel, LMConfig
 from attnlab.models.rnn import RNNSeq2Seq, RNNSeq2SeqConfig
 from attnlab.models.seq2seq import Seq2Seq, Seq2SeqConfig
+from attnlab.tasks.classification import currency_name, sentence_ids, split_sentences
 from attnlab.tasks.dates import CharVocab
 from attnlab.tasks.inspect import (
     AttentionStack,
@@ -172,12 +173,10 @@ class GenerationRun(RunModel):
         return Inspection(self.vocab.decode(cont), [s], None)
 
 
-_SENTENCE = re.compile(r"[^\n.!?;]+")
-
-
 class ClassificationRun(RunModel):
-    """Sentences (split at new lines and ``. ! ? ;``) -> the currency: the word attention
-    of each sentence and the sentence attention of the document."""
+    """Sentences, one per line as the task writes its documents (``St.`` and ``U.S.`` are
+    words of its country names, not sentence ends) -> the currency: the word attention of
+    each sentence and the sentence attention of the document."""
 
     model: DocumentClassifier
     task, kind = "classification", "classifier"
@@ -198,29 +197,22 @@ class ClassificationRun(RunModel):
     def build(cls, config: dict[str, Any]) -> ClassificationRun:
         return cls(DocumentClassifier(**config["model"]), config)
 
-    def _sentences(self, text: str) -> list[tuple[str, list[int]]]:
-        pieces = [(s.strip(), self.vocab.encode(s)) for s in _SENTENCE.findall(text)]
-        return [(s, ids) for s, ids in pieces if ids]
-
     def _tokens(self, text: str) -> list[int]:
-        return [i for _, ids in self._sentences(text) for i in ids]
+        return [i for s in split_sentences(text) for i in self.vocab.encode(s)]
 
     def _run_text(self, text: str) -> Inspection:
-        from attnlab.tasks.classification import currency_name
-
-        sents = self._sentences(text)
-        if not sents:
+        texts = split_sentences(text)  # as the task's documents: one sentence per line
+        if not texts:
             raise ValueError(f"text must hold at least one sentence with a word, got {text!r}")
-        ids = torch.zeros(1, len(sents), max(len(i) for _, i in sents), dtype=torch.long)
-        for j, (_, row) in enumerate(sents):
-            ids[0, j, : len(row)] = torch.tensor(row)  # (1, S, W), 0 = padding
+        ids = sentence_ids(self.vocab, [texts])  # (1, S, W), 0 = padding; as DocumentTask.encode
         with capture(self.model) as cap:
             probs = self.model(ids).logits[0].softmax(-1)  # (C,)
         k = int(probs.argmax())
         code = self.classes[k]
         output = f"{code} {currency_name(code)} (p={float(probs[k]):.2f})"
-        texts, words = [s for s, _ in sents], [w for _, r in sents for w in labels(self.vocab, r)]
-        per_word = _block_rows(cap.weights("han.word_attention")[0], [len(r) for _, r in sents])
+        rows = [self.vocab.encode(s) for s in texts]
+        words = [w for r in rows for w in labels(self.vocab, r)]
+        per_word = _block_rows(cap.weights("han.word_attention")[0], [len(r) for r in rows])
         stacks = [
             AttentionStack("words", "cross", texts, words, [per_word[None]]),
             stack(cap, "han.sentence_attention", "sentences", "cross", ["document"], texts),
