@@ -137,6 +137,27 @@ def test_bench_records_check_the_engine_before_the_first_record() -> None:
     assert [r["case"] for r in records(cfg, ["causal"])] == ["causal"]
 
 
+def test_bench_window_pairs_count_the_cases_mask() -> None:
+    """The window case's useful work counts the pairs its mask allows (it was ``n *
+    window``, keys that do not exist once the window reaches past the first row)."""
+    for n, window in itertools.product((1, 2, 7, 64, 97), (1, 3, 6, 7, 63, 64, 96, 10**6)):
+        mask, _ = bench_mod.make_case("window", n, 1, window)
+        assert mask is not None
+        assert bench_mod.window_pairs(n, window) == int(mask.dense(n, n).sum()), (n, window)
+
+
+def test_bench_efficiency_of_a_window_past_the_sequence(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--window`` at or past ``--n`` is causal attention: n (n + 1) / 2 pairs (``--n
+    1024 --window 1000000`` counted 4 n w E H and printed efficiency 820.9)."""
+    monkeypatch.setattr(bench_mod, "matmul_gflops", lambda **kw: 100.0)
+    for window in (255, 256, 10**6):  # >= n - 1: every earlier key is in the window
+        cfg = BenchConfig(n=256, heads=2, dim=16, window=window, repeat=1, modes=("fwd",))
+        (rec,) = records(cfg, ["window"])
+        flops = 4 * (256 * 257 // 2) * 16 * 2
+        assert rec["useful_gflops"] == pytest.approx(flops / rec["ours_ms"] / 1e6, abs=0.051)
+        assert rec["efficiency"] == pytest.approx(rec["useful_gflops"] / 100.0, abs=1e-3)
+
+
 # --- explain ---------------------------------------------------------------------------
 
 

@@ -55,6 +55,7 @@ __all__ = [
     "roofline_dtype",
     "run_case",
     "timeit",
+    "window_pairs",
 ]
 
 CASES = ("window", "documents", "alibi", "dense", "causal")
@@ -323,10 +324,9 @@ def _measure(
 ) -> dict[str, Any]:
     """One JSON record: attnlab and its anchors on the same inputs, in the same run."""
     n, h, e, grad = cfg.n, cfg.heads, cfg.dim, mode == "fwd+bwd"
-    dtype = DTYPES[cfg.dtype]
+    shape, dtype = (1, h, n, e), DTYPES[cfg.dtype]
     q, k, v = (
-        torch.randn(1, h, n, e, device=cfg.device, dtype=dtype, requires_grad=grad)
-        for _ in range(3)
+        torch.randn(shape, device=cfg.device, dtype=dtype, requires_grad=grad) for _ in "qkv"
     )
     fns: dict[str, Callable[[], Any]] = {
         "ours_ms": lambda: attnlab.attention(
@@ -336,16 +336,7 @@ def _measure(
     }
     if flex is not None and (not grad or q.is_cuda):
         fns["flex_ms"] = lambda: flex(q, k, v)
-    rec: dict[str, Any] = {
-        "case": name,
-        "mode": mode,
-        "engine": cfg.engine,
-        "n": n,
-        "heads": h,
-        "dim": e,
-        "device": cfg.device,
-        "dtype": cfg.dtype,
-    }
+    rec = _header(name, mode, cfg)
     with torch.set_grad_enabled(grad):
         for key, fn in fns.items():
             step = synced(_with_backward(fn) if grad else fn, cfg.device)
@@ -355,11 +346,30 @@ def _measure(
             rec[f"speedup_vs_{key[:-3]}"] = round(rec[key] / rec["ours_ms"], 3)
     if name == "window" and not grad:
         roof = roofline_dtype(cfg.device, dtype)
-        rec["useful_gflops"] = round(4 * n * cfg.window * e * h / rec["ours_ms"] / 1e6, 1)
+        flops = 4 * window_pairs(n, cfg.window) * e * h  # QK^T and PV over allowed pairs
+        rec["useful_gflops"] = round(flops / rec["ours_ms"] / 1e6, 1)
         rec["matmul_gflops"] = round(matmul_gflops(device=cfg.device, dtype=roof), 1)
         rec["matmul_dtype"] = str(roof).removeprefix("torch.")
         rec["efficiency"] = round(rec["useful_gflops"] / rec["matmul_gflops"], 3)
     return rec
+
+
+def _header(case: str, mode: str, cfg: BenchConfig, *more: str) -> dict[str, Any]:
+    """A record's first keys: the case, the mode and the settings of ``cfg`` it ran at."""
+    keys = ("engine", "n", "heads", "dim", *more, "device", "dtype")
+    return {"case": case, "mode": mode, **{k: getattr(cfg, k) for k in keys}}
+
+
+def window_pairs(n: int, window: int) -> int:
+    """The (query, key) pairs the ``window`` case allows at length ``n``: query ``p`` sees
+    keys ``max(0, p - window) .. p``, ``min(p, window) + 1`` of them, summed in closed form.
+
+    Example:
+        >>> window_pairs(4, 1), window_pairs(4, 3), window_pairs(4, 10**6)  # 1+2+2+2, 1+2+3+4
+        (7, 10, 10)
+    """
+    m = min(window, n - 1)  # the rows p >= m see m + 1 keys; the first m see p + 1
+    return (m + 1) * (2 * n - m) // 2
 
 
 def roofline_dtype(device: str, dtype: torch.dtype) -> torch.dtype:
@@ -435,15 +445,4 @@ def memory_probe(cfg: BenchConfig) -> dict[str, Any]:
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     gib = float(res.stdout.strip().splitlines()[-1])
-    return {
-        "case": "memory",
-        "mode": "fwd+bwd",
-        "engine": cfg.engine,
-        "n": cfg.n,
-        "heads": cfg.heads,
-        "dim": cfg.dim,
-        "window": cfg.window,
-        "device": cfg.device,
-        "dtype": cfg.dtype,
-        "peak_extra_gib": round(gib, 3),
-    }
+    return {**_header("memory", "fwd+bwd", cfg, "window"), "peak_extra_gib": round(gib, 3)}
