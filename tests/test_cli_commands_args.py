@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import attnlab.bench as bench_mod
+import attnlab.cli.bench as bench_cli
 import attnlab.cli.explain as explain_mod
 import attnlab.cli.tour as tour_mod
 import attnlab.cli.train as train_mod
@@ -156,6 +157,60 @@ def test_bench_efficiency_of_a_window_past_the_sequence(monkeypatch: pytest.Monk
         flops = 4 * (256 * 257 // 2) * 16 * 2
         assert rec["useful_gflops"] == pytest.approx(flops / rec["ours_ms"] / 1e6, abs=0.051)
         assert rec["efficiency"] == pytest.approx(rec["useful_gflops"] / 100.0, abs=1e-3)
+
+
+@pytest.fixture
+def ram_16_gib(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This machine reports 16 GiB of memory to ``attnlab bench``'s size checks."""
+    real = bench_cli.os.sysconf
+    pages = 16 * 2**30 // real("SC_PAGE_SIZE")
+    fake = lambda key: pages if key == "SC_PHYS_PAGES" else real(key)  # noqa: E731
+    monkeypatch.setattr(bench_cli.os, "sysconf", fake)
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (  # the probe of auto (blocked) holds 14 tensors of q's size, no n x n matrix
+            "--memory --n 4194304 --heads 8",
+            "argument --n: --n 4194304 x --heads 8 x --dim 64 needs 112 GiB for the "
+            "memory probe's tensors; this machine has 16 GiB",
+        ),
+        (  # the reference engine's probe builds the n x n mask and scores
+            "--memory --n 262144 --heads 1 --engine reference",
+            "argument --n: --n 262144 x --heads 1 needs 320 GiB for the memory probe's "
+            "n x n mask and scores (reference); this machine has 16 GiB",
+        ),
+        (  # the timed cases still build the anchor's dense masks
+            "--n 262144 --heads 1 --window 512 --cases window",
+            "argument --n: --n 262144 needs 64 GiB for the anchor's dense masks; this machine "
+            "has 16 GiB",
+        ),
+    ],
+)
+def test_bench_memory_check_refuses_what_would_not_fit(
+    argv: str, line: str, ram_16_gib: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["bench", *argv.split()]) == 2
+    assert _usage_line(capsys) == f"attnlab bench: error: {line}"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    ["--memory --n 262144 --heads 1 --window 512", "--memory --n 262144 --heads 1 --cases window"],
+)
+def test_bench_memory_is_sized_by_what_the_probe_allocates(
+    argv: str,
+    ram_16_gib: None,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The probe runs no anchor and no ``--cases``: one windowed forward+backward that
+    peaked 0.621 GiB above its inputs (it was refused as needing 320 GiB for the anchor's
+    n x n masks and ALiBi's bias of the default cases, 64 GiB with ``--cases window``)."""
+    monkeypatch.setattr(bench_mod, "run_case", _stop)
+    monkeypatch.setattr(bench_mod, "memory_probe", _stop)
+    _reached(main(["bench", *argv.split()]), capsys)
 
 
 # --- explain ---------------------------------------------------------------------------

@@ -101,31 +101,72 @@ def run(args: argparse.Namespace) -> int:
     if args.smoke:
         cfg = cfg.smoke()
     _check_engine(cfg, args)
-    _check_memory(cfg, args.cases)
+    _check_memory(cfg, args.cases, args.memory)
     for rec in bench.records(cfg, args.cases, memory=args.memory):
         print(json.dumps(rec), flush=True)
     return 0
 
 
-def _check_memory(cfg: bench.BenchConfig, cases: Sequence[str]) -> None:
-    """The anchor's dense ``n x n`` mask (and ALiBi's float bias per head), and q, k, v,
-    the output and their gradients, fit in this machine's memory, on the CPU (``--n
-    3000000`` failed in torch asking for 9 TB; ``--heads 50000000``, 819 GB)."""
+# Engines whose memory probe holds no n x n matrix: blocked skips the window's masked
+# tiles, and auto takes blocked for it past tiny lengths. The probe of another engine
+# (reference, sdpa) builds the dense mask and scores.
+_TILED = ("auto", "blocked")
+
+_Need = tuple[int, tuple[str, ...], str]  # bytes, the options that set them, what for
+
+
+def _check_memory(cfg: bench.BenchConfig, cases: Sequence[str], memory: bool) -> None:
+    """What the run will hold fits in this machine's memory, on the CPU: the anchor's
+    dense masks and the timed tensors, or with ``memory`` what the probe allocates
+    (``--n 3000000`` failed in torch asking for 9 TB; ``--heads 50000000``, 819 GB)."""
     if torch.device(cfg.device).type != "cpu" or not hasattr(os, "sysconf"):
         return
     have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for need, names, what in _probe_needs(cfg) if memory else _timing_needs(cfg, cases):
+        if need > have:
+            given = " x ".join(f"{a} {getattr(cfg, a[2:])}" for a in names)
+            msg = f"{given} needs {need / 2**30:.0f} GiB for {what}; this "
+            raise UsageError(_furthest(cfg, names), msg + f"machine has {have / 2**30:.0f} GiB")
+
+
+def _timing_needs(cfg: bench.BenchConfig, cases: Sequence[str]) -> list[_Need]:
+    """The timed cases' memory: the anchor's ``n x n`` bool mask (and ALiBi's float bias
+    per head), and q, k, v, the output and their gradients."""
     alibi = "alibi" in cases
     per_pair = 1 + (4 * cfg.heads if alibi else 0)  # bytes: bool mask, bias
     size = torch.empty((), dtype=bench.DTYPES[cfg.dtype]).element_size()
-    for need, names, what in (
-        (cfg.n * cfg.n * per_pair, ("--n", "--heads") if alibi else ("--n",), "dense masks"),
-        # q, k, v, the output and their gradients
-        (8 * cfg.heads * cfg.n * cfg.dim * size, ("--n", "--heads", "--dim"), "tensors"),
-    ):
-        if need > have:
-            given = " x ".join(f"{a} {getattr(cfg, a[2:])}" for a in names)
-            msg = f"{given} needs {need / 2**30:.0f} GiB for the anchor's {what}; this "
-            raise UsageError(_furthest(cfg, names), msg + f"machine has {have / 2**30:.0f} GiB")
+    return [
+        (
+            cfg.n * cfg.n * per_pair,
+            ("--n", "--heads") if alibi else ("--n",),
+            "the anchor's dense masks",
+        ),
+        (
+            8 * cfg.heads * cfg.n * cfg.dim * size,
+            ("--n", "--heads", "--dim"),
+            "the anchor's tensors",
+        ),
+    ]
+
+
+def _probe_needs(cfg: bench.BenchConfig) -> list[_Need]:
+    """The memory probe's peak (one windowed forward+backward; no anchor, no ``--cases``):
+    14 float32 tensors of q's size (q, k, v, the output, the gradients and the engine's
+    work: 12.4-13.6 measured with auto at n = 65536-262144), and on an engine that is not
+    tiled the ``n x n`` bool mask and a float32 score matrix per head."""
+    tensors = (
+        14 * cfg.heads * cfg.n * cfg.dim * 4,
+        ("--n", "--heads", "--dim"),
+        "the memory probe's tensors",
+    )
+    if cfg.engine in _TILED:
+        return [tensors]
+    dense = (
+        cfg.n * cfg.n * (1 + 4 * cfg.heads),
+        ("--n", "--heads"),
+        f"the memory probe's n x n mask and scores ({cfg.engine})",
+    )
+    return [tensors, dense]
 
 
 def _furthest(cfg: bench.BenchConfig, names: Sequence[str]) -> str:
