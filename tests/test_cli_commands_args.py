@@ -213,6 +213,26 @@ def test_bench_memory_is_sized_by_what_the_probe_allocates(
     _reached(main(["bench", *argv.split()]), capsys)
 
 
+def test_bench_smoke_keeps_the_head_dim(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--smoke`` sets n, heads, window and repeat, not dim: ``--smoke --dim 32`` runs at
+    dim 32 (it was refused: "argument --dim: and --smoke both set it")."""
+    seen: list[BenchConfig] = []
+    monkeypatch.setattr(bench_mod, "run_case", lambda name, cfg: seen.append(cfg) or _stop())
+    _reached(
+        main(["bench", "--smoke", "--dim", "32", "--cases", "causal", "--modes", "fwd"]), capsys
+    )
+    assert [(c.dim, c.n, c.heads) for c in seen] == [(32, 256, 2)]
+    assert main(["bench", "--smoke", "--window", "32"]) == 2  # control: smoke sets the window
+    assert _usage_line(capsys).endswith(
+        "argument --window: and --smoke both set it; give one of them"
+    )
+    smoke = BenchConfig().smoke()  # the options refused beside --smoke: what it sets
+    changed = {k for k in vars(smoke) if getattr(smoke, k) != getattr(BenchConfig(), k)}
+    assert changed == set(bench_mod.SMOKE) == {"n", "heads", "window", "repeat"}
+
+
 # --- explain ---------------------------------------------------------------------------
 
 

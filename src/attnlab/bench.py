@@ -43,6 +43,7 @@ from attnlab.functional import unsupported_by
 __all__ = [
     "CASES",
     "MODES",
+    "SMOKE",
     "BenchConfig",
     "check_cases",
     "check_device",
@@ -61,6 +62,7 @@ __all__ = [
 CASES = ("window", "documents", "alibi", "dense", "causal")
 MODES = ("fwd", "fwd+bwd")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SMOKE: dict[str, Any] = {"n": 256, "heads": 2, "window": 64, "repeat": 1}  # all --smoke sets
 
 
 @dataclass(frozen=True)
@@ -110,8 +112,8 @@ class BenchConfig:
             raise ValueError(f"flex=True: {why}; expected flex=False here")
 
     def smoke(self) -> BenchConfig:
-        """These settings at tiny sizes with one repeat (``--smoke``, for CI)."""
-        return dataclasses.replace(self, n=256, heads=2, repeat=1, window=64)
+        """These settings at :data:`SMOKE`'s tiny sizes, ``dim`` and the rest kept (CI)."""
+        return dataclasses.replace(self, **SMOKE)
 
 
 def flex_problem(device: str) -> str | None:

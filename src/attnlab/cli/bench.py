@@ -80,8 +80,7 @@ def run(args: argparse.Namespace) -> int:
     """``attnlab bench``: one JSON line per record, flushed as each is measured."""
     if args.smoke:  # it set its own sizes, and the ones given went unread
         default = bench.BenchConfig()  # where the options' defaults come from
-        sizes = ("n", "heads", "dim", "window", "repeat")
-        given = [f"--{k}" for k in sizes if getattr(args, k) != getattr(default, k)]
+        given = [f"--{k}" for k in bench.SMOKE if getattr(args, k) != getattr(default, k)]
         if given:
             raise UsageError(given[0], "and --smoke both set it; give one of them")
     if args.flex and (why := bench.flex_problem(args.device)) is not None:
