@@ -50,6 +50,24 @@ def test_the_reason_names_what_is_missing(info: CpuInfo, says: str) -> None:
     assert says in resolve_precision("auto", info)[1]
 
 
+def test_forced_avx2_says_the_products_stay_native() -> None:
+    """Under ``ATEN_CPU_CAPABILITY=avx2`` on a CPU with bfloat16 units, float32 still runs,
+    and the reason says why without denying the units (it said "this CPU runs torch's AVX2
+    path, without bfloat16 units", and the warning that bfloat16 would be emulated)."""
+    assert _cpu.bf16_products(FORCED) == (True, "this CPU's AVX512-BF16/AMX units, through oneDNN")
+    why = resolve_precision("auto", FORCED)[1]
+    assert "AVX2 path" in why and "AVX512 path" in why and "natively" in why
+    assert "without" not in why and "emulated" not in why
+    _cpu._WARNED.clear()
+    with pytest.warns(RuntimeWarning) as warned:
+        assert resolve_precision("bfloat16", FORCED)[0] == "float32"
+    assert "float32 runs instead (exact)" in str(warned[0].message)
+    assert "emulated" not in str(warned[0].message)
+    for info in (AVX2, SKYLAKE, LIMITED):  # control: there the products are emulated
+        assert _cpu.bf16_products(info)[0] is False
+        assert "natively" not in resolve_precision("auto", info)[1]
+
+
 def test_unknown_precision_is_named() -> None:
     with pytest.raises(ValueError, match=r"precision='fp16' is not one of \('auto'"):
         resolve_precision("fp16", SAPPHIRE)
@@ -141,6 +159,47 @@ def test_info_reports_the_zeros_cache(
     assert main(["info"]) == 1
     err = capsys.readouterr().err.strip()
     assert "ATTNLAB_ZEROS_CACHE_MB" in err and "'lots'" in err and "\n" not in err
+
+
+_TIMED = (
+    "import json, time, torch; from attnlab.cli.info import facts; f = facts()\n"
+    "def ms(dt):\n"
+    "    a = torch.randn(1024, 1024, dtype=dt); a @ a; ts = []\n"
+    "    for _ in range(3):\n"
+    "        t = time.perf_counter(); a @ a; ts.append(time.perf_counter() - t)\n"
+    "    return 1e3 * min(ts)\n"
+    "f['ms'] = {'float32': ms(torch.float32), 'bfloat16': ms(torch.bfloat16)}\n"
+    "print(json.dumps(f))"
+)
+
+
+def _forced_avx2(*args: str) -> str:
+    """stdout of ``python ARGS`` under ``ATEN_CPU_CAPABILITY=avx2``, one thread."""
+    env = os.environ | {"ATEN_CPU_CAPABILITY": "avx2", "ATTNLAB_NO_KERNEL": "1"}
+    run = [sys.executable, *args]
+    env |= {"OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        run, env=env, capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+
+
+def test_info_under_forced_avx2_prints_the_facts() -> None:
+    """``attnlab info`` under ``ATEN_CPU_CAPABILITY=avx2`` says whether bfloat16 products
+    are native as the same process finds them, timed (it printed "not native" and "without
+    bfloat16 units" where the CPU had them and a bf16 1024^2 product took 4.6 ms against
+    float32's 26.1)."""
+    got = json.loads(_forced_avx2("-c", _TIMED))
+    assert got["capability"] == "AVX2" and got["precision_auto"] == "float32"  # the policy
+    assert got["bf16_products"] == (got["bf16_units"] and got["onednn_bf16"])
+    if got["bf16_products"]:  # native: not several times slower than float32
+        assert got["ms"]["bfloat16"] < 1.5 * got["ms"]["float32"], got["ms"]
+        assert "natively" in got["precision_why"] and "without" not in got["precision_why"]
+    else:
+        assert "natively" not in got["precision_why"]
+    lines = _forced_avx2("-m", "attnlab.cli", "info")
+    native = "native" if got["bf16_products"] else "emulated"
+    assert f"bfloat16 matrix products: {native} ({got['bf16_products_why']})" in lines
+    assert f"precision='auto' runs float32: {got['precision_why']}" in lines
 
 
 def test_info_under_a_forced_instruction_set() -> None:

@@ -3,9 +3,13 @@
 torch reports its vector instruction set (``torch.backends.cpu.get_cpu_capability()``:
 ``AVX512``, ``AVX2``, ...; ``ATEN_CPU_CAPABILITY=avx2`` forces a lower one), oneDNN whether
 it runs bfloat16 matrix products natively (``ONEDNN_MAX_CPU_ISA`` limits it), and the CPU
-whether it has bfloat16 units (AVX512-BF16 or AMX). A bfloat16 mode is only faster where
-all three agree; elsewhere bfloat16 is emulated and several times slower than float32
-(0.17x of sentence-transformers was measured for MiniLM on an AVX2-only EPYC).
+whether it has bfloat16 units (AVX512-BF16 or AMX). bfloat16 matrix products are native
+where the units and oneDNN agree, whatever torch's own path; elsewhere they are emulated
+and several times slower than float32 (0.17x of sentence-transformers was measured for
+MiniLM on an AVX2-only EPYC). attnlab's bfloat16 modes also ask for torch's AVX512 path:
+under ``ATEN_CPU_CAPABILITY=avx2`` on a CPU with the units, oneDNN still runs bfloat16
+products natively (a 1024^2 product 2.1 against 15.1 ms in float32, MiniLM's bfloat16 mode
+about 2x float32's texts/s, one thread, 2026-12-02), but float32 runs.
 
 Example:
     >>> info = cpu_info()
@@ -24,7 +28,14 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PRECISIONS", "CpuInfo", "cpu_info", "fuse_activation", "resolve_precision"]
+__all__ = [
+    "PRECISIONS",
+    "CpuInfo",
+    "bf16_products",
+    "cpu_info",
+    "fuse_activation",
+    "resolve_precision",
+]
 
 PRECISIONS = ("auto", "float32", "bfloat16")
 
@@ -50,7 +61,8 @@ class CpuInfo:
 
     @property
     def native_bf16(self) -> bool:
-        """bfloat16 matrix products run on bfloat16 units, not emulated."""
+        """attnlab's bfloat16 modes run here: bfloat16 matrix products on bfloat16 units
+        (:func:`bf16_products`) under torch's AVX512 path."""
         return self.capability == "AVX512" and self.bf16_units and self.onednn_bf16
 
 
@@ -110,10 +122,13 @@ def resolve_precision(precision: str, info: CpuInfo | None = None) -> tuple[str,
         return "bfloat16", "bfloat16 matrix units (AVX512 with AVX512-BF16/AMX, oneDNN bf16)"
     why = _no_bf16_reason(info)
     if precision == "bfloat16":
-        _warn_once(
-            f"precision='bfloat16' asked for, but {why}: bfloat16 would be emulated and "
-            f"several times slower, so float32 runs instead (exact, and faster here)"
+        cost = (
+            "float32 runs instead (exact)"
+            if bf16_products(info)[0]
+            else "bfloat16 would be emulated and several times slower, so float32 runs "
+            "instead (exact, and faster here)"
         )
+        _warn_once(f"precision='bfloat16' asked for, but {why}: {cost}")
     return "float32", why
 
 
@@ -138,12 +153,37 @@ def fuse_activation(info: CpuInfo | None = None) -> tuple[bool, str]:
     return False, f"{info.capability}: a plain product then torch's GELU beats oneDNN's epilogue"
 
 
-def _no_bf16_reason(info: CpuInfo) -> str:
-    if info.capability != "AVX512":
-        return f"this CPU runs torch's {info.capability} path, without bfloat16 units"
+def bf16_products(info: CpuInfo | None = None) -> tuple[bool, str]:
+    """Whether bfloat16 matrix products run natively here (else emulated), and why: the
+    CPU's bfloat16 units and oneDNN decide, not torch's vector path (``capability``).
+
+    Example:
+        >>> bf16_products(CpuInfo("AVX2", bf16_units=True, onednn_bf16=True, threads=2))
+        (True, "this CPU's AVX512-BF16/AMX units, through oneDNN")
+        >>> bf16_products(CpuInfo("AVX2", bf16_units=False, onednn_bf16=False, threads=2))[1]
+        'this CPU has no AVX512-BF16 or AMX bfloat16 units'
+    """
+    info = cpu_info() if info is None else info
     if not info.bf16_units:
-        return "this CPU has no AVX512-BF16 or AMX bfloat16 units"
-    return "oneDNN does not run bfloat16 here (ONEDNN_MAX_CPU_ISA?)"
+        return False, "this CPU has no AVX512-BF16 or AMX bfloat16 units"
+    if not info.onednn_bf16:
+        return False, "oneDNN does not run bfloat16 here; ONEDNN_MAX_CPU_ISA may limit it"
+    return True, "this CPU's AVX512-BF16/AMX units, through oneDNN"
+
+
+def _no_bf16_reason(info: CpuInfo) -> str:
+    """Why attnlab's bfloat16 modes do not run here (``info.native_bf16`` is False)."""
+    native, why = bf16_products(info)
+    if not native:
+        path = "" if info.capability == "AVX512" else f"; torch runs its {info.capability} path"
+        return why + path
+    forced = os.environ.get("ATEN_CPU_CAPABILITY")
+    return (
+        f"torch runs its {info.capability} path"
+        + (f" (ATEN_CPU_CAPABILITY={forced})" if forced else "")
+        + " and attnlab's bfloat16 modes run only on its AVX512 path, though this CPU's"
+        + " bfloat16 units would still run oneDNN's bfloat16 matrix products natively"
+    )
 
 
 _WARNED: set[str] = set()

@@ -1,7 +1,7 @@
 """``attnlab info``: this machine as attnlab sees it, and the modes it chose from that.
 
 Prints the CPU and torch's instruction set, the thread count, whether bfloat16 matrix
-products are native or emulated (and so what ``precision="auto"`` runs), whether linears
+products are native or emulated and what ``precision="auto"`` runs (and why), whether linears
 fold their GELU into oneDNN's product (per instruction set), the blocked
 engine's compiled kernel (built for which instruction set, or why it is unavailable), the
 cache behind large zeroed weights (:mod:`attnlab.engines.zeros`) and the registered
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 import attnlab
-from attnlab._cpu import cpu_info, fuse_activation, resolve_precision
+from attnlab._cpu import bf16_products, cpu_info, fuse_activation, resolve_precision
 from attnlab.engines import available_engines, kernel_status
 from attnlab.engines.zeros import cache_info
 
@@ -38,6 +38,7 @@ def facts() -> dict[str, Any]:
     cpu, engines = cpu_info(), available_engines()
     precision, why = resolve_precision("auto", cpu)
     fused, fused_why = fuse_activation(cpu)
+    products, products_why = bf16_products(cpu)
     return {
         "attnlab": attnlab.__version__,
         "torch": torch.__version__,
@@ -45,7 +46,11 @@ def facts() -> dict[str, Any]:
         "cpu": cpu.cpu_name,
         "capability": cpu.capability,
         "threads": cpu.threads,
-        "bf16_native": cpu.native_bf16,
+        "bf16_units": cpu.bf16_units,
+        "onednn_bf16": cpu.onednn_bf16,
+        "bf16_products": products,  # bfloat16 matrix products run natively
+        "bf16_products_why": products_why,
+        "bf16_native": cpu.native_bf16,  # attnlab's bfloat16 modes run
         "precision_auto": precision,
         "precision_why": why,
         "gelu_fused": fused,
@@ -63,11 +68,12 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(f))
         return 0
     k = f["kernel"]
-    bf16 = "native" if f["bf16_native"] else "not native (precision='bfloat16' runs float32)"
+    bf16 = "" if f["bf16_native"] else "; attnlab's precision='bfloat16' runs float32"
     print(f"attnlab {f['attnlab']}, torch {f['torch']}, python {f['python']}")
     print(f"cpu: {f['cpu'] or 'unknown'}; torch instruction set {f['capability']}; "
           f"{f['threads']} threads")  # fmt: skip
-    print(f"bfloat16 matrix products: {bf16}")
+    native = "native" if f["bf16_products"] else "emulated"
+    print(f"bfloat16 matrix products: {native} ({f['bf16_products_why']}){bf16}")
     print(f"precision='auto' runs {f['precision_auto']}: {f['precision_why']}")
     gelu = "folded into oneDNN's product" if f["gelu_fused"] else "its own pass"
     print(f"float32 linear + GELU at inference: {gelu} ({f['gelu_why']})")
