@@ -68,3 +68,31 @@ def test_a_figure_that_fails_to_save_is_freed(tmp_path) -> None:
     with pytest.raises(OSError):
         plot.saliency(["a"], [1.0], tmp_path / "file" / "s.png")
     assert plt.get_fignums() == before
+
+
+def test_integer_weights_gradients_of_another_dtype_and_no_attention_are_named() -> None:
+    """(``rollout`` of integer weights failed in mean() naming nothing; ``relevance`` with
+    float64 gradients for float32 weights raised 'expected scalar type Double'; explaining
+    a model that makes no attnlab attention call raised IndexError.)"""
+    import tempfile
+
+    from torch import nn
+
+    from attnlab.interpret import relevance
+    from attnlab.interpret.text import TextModel, explain_text
+
+    a = torch.rand(1, 2, 3, 3).softmax(-1)
+    with pytest.raises(TypeError, match=r"attentions\[0\] must be a floating-point tensor"):
+        rollout([torch.ones(1, 1, 2, 2, dtype=torch.long)])
+    rollout([a])  # the control
+    with pytest.raises(TypeError, match="gradients must have the attentions' dtype and device"):
+        relevance([a], [a.double()])
+    relevance([a], [a.clone()])  # the control
+    toy = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4))
+    model = TextModel(
+        toy, tokenize=lambda t: [1 + len(w) % 8 for w in t.split()], token_name=str,
+        pooled=lambda t: toy(t).mean(1), embed=lambda t: toy(t).mean(1),
+        input_embeddings=toy[0], pad_id=0,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="model: Sequential made no attnlab attention call"):
+        explain_text(model, "a toy text", tempfile.mkdtemp() + "/r.html", log=lambda s: None)

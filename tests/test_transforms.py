@@ -422,3 +422,20 @@ def test_alibi_built_on_the_meta_device_gets_its_slopes() -> None:
     assert torch.equal(lazy.alibi.slopes, B.alibi_slopes(4))
     x = torch.randn(1, 5, 32)
     assert max_err(lazy(x), ref(x)) < 1e-6
+
+
+def test_capture_of_the_compiled_module_names_its_layers_as_the_model_does() -> None:
+    """(``capture(torch.compile(model))`` named the calls '_orig_mod.layers.0.self_attn',
+    so ``layers=["layers.0.self_attn"]`` recorded nothing.)"""
+    from attnlab.interpret import capture
+    from attnlab.nn import Encoder, EncoderLayer
+
+    torch.manual_seed(0)
+    enc = Encoder(EncoderLayer(LayerConfig(32, 4, 64, dropout=0.0)), 2).eval()
+    x, compiled = torch.randn(1, 20, 32), torch.compile(enc)
+    with torch.no_grad(), capture(enc) as plain:
+        enc(x)
+    with torch.no_grad(), capture(compiled, layers=[plain.records[0].name]) as one:
+        compiled(x)
+    assert [r.name for r in one.records] == [plain.records[0].name]
+    assert max_err(one.records[0].weights, plain.records[0].weights) < 1e-6

@@ -108,7 +108,10 @@ class capture:
 
     def __enter__(self) -> capture:
         self._thread = threading.get_ident()
-        for name, module in self.model.named_modules() if self.model is not None else []:
+        # a compiled model's modules by their own names (its wrapper prefixes "_orig_mod.")
+        compiled = type(self.model).__name__ == "OptimizedModule"  # torch.compile's wrapper
+        model: Any = self.model._orig_mod if compiled else self.model  # type: ignore[union-attr]
+        for name, module in model.named_modules() if model is not None else []:
             self._handles.append(module.register_forward_pre_hook(self._push(name)))
             self._handles.append(module.register_forward_hook(self._pop, always_call=True))
         OBSERVERS.append(self._observe)

@@ -55,6 +55,8 @@ def _check_layers(name: str, attentions: Sequence[Tensor]) -> tuple[int, int]:
                 f"{name}[{i}] has shape {tuple(a.shape)} but {name}[0] has "
                 f"{tuple(first.shape)}; every layer needs the same B and n"
             )
+        if not a.is_floating_point():  # (mean() failed on it, naming nothing)
+            raise TypeError(f"{name}[{i}] must be a floating-point tensor, got {a.dtype}")
         if a.dtype != first.dtype or a.device != first.device:
             raise TypeError(
                 f"{name} must share dtype and device; {name}[0] is {first.dtype}/"
@@ -149,6 +151,12 @@ def relevance(attentions: Sequence[Tensor], gradients: Sequence[Tensor]) -> Tens
     """
     b, n = _check_layers("attentions", attentions)
     _check_layers("gradients", gradients)
+    a0, g0 = attentions[0], gradients[0]
+    if (g0.dtype, g0.device) != (a0.dtype, a0.device):  # (a bare RuntimeError in the product)
+        raise TypeError(
+            f"gradients must have the attentions' dtype and device {a0.dtype}/{a0.device}, "
+            f"got {g0.dtype}/{g0.device}"
+        )
     if len(gradients) != len(attentions):
         raise ValueError(
             f"gradients has {len(gradients)} layers but attentions has {len(attentions)}"

@@ -317,6 +317,11 @@ def explain_text(
     ids = torch.tensor([list(model.tokenize(text))])  # (1, n)
     tokens = [model.token_name(int(i)) for i in ids[0]]
     attns = captured_attentions(model, ids)  # per layer (H, n, n)
+    if not attns:  # (an IndexError below)
+        raise ValueError(
+            f"model: {type(model.network).__name__} made no attnlab attention call to explain "
+            "(a transformers model must run with attn_implementation='attnlab')"
+        )
     log(f"{len(tokens)} tokens, {len(attns)} layers x {attns[0].shape[0]} heads captured")
     score = explained_score(model, ids, against)
     t0 = time.perf_counter()
