@@ -877,3 +877,33 @@ def test_the_output_pool_keeps_within_its_limit() -> None:
             timeout=120,
         )
         assert want in (got.stdout if env != "lots" else got.stderr)
+
+
+@pytest.mark.parametrize("n", [6, 520])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", ["padding", "padding alibi", "custom", "tensor bias"])
+def test_recomputed_weights_keep_a_hidden_nan_key_out(
+    case: str, dtype: torch.dtype, n: int
+) -> None:
+    """(The blocked engine's recomputed weights, ``return_weights=True`` with a bias or a
+    tile mask and every ``attnlab.attention_weights`` call, added the mask's -inf to a
+    hidden NaN key's NaN scores: every weight of the block NaN, 36 of 36 at n=6 and
+    270,400 of 270,400 at n=520; the reference engine's are finite.)"""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 16, dtype=dtype) for _ in range(3))
+    k[:, :, -1] = float("nan")  # an unwritten cache slot the mask hides
+    mask, bias = M.padding([n - 1]), None
+    if case == "padding alibi":
+        bias = B.alibi(2)
+    elif case == "custom":
+        mask = M.custom(lambda b, h, i, j: (j < n - 1) & ((i + j) % 3 != 0))
+    elif case == "tensor bias":
+        bias = torch.randn(1, 2, n, n, dtype=dtype)
+    kw = {"mask": mask, "bias": bias, "return_weights": True}
+    ref = attnlab.attention(q, k, v, engine="reference", **kw)
+    got = attnlab.attention(q, k, v, engine="blocked", **kw)
+    assert not ref.weights.isnan().any()  # the control: the key is hidden
+    torch.testing.assert_close(got.weights, ref.weights)
+    torch.testing.assert_close(got.out, ref.out)
+    w = attnlab.attention_weights(q, k, v, mask=mask, bias=bias)
+    torch.testing.assert_close(w, ref.weights)

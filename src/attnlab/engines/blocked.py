@@ -407,12 +407,16 @@ def _forward_with_weights(
 
 
 def _block_scores(req: AttentionRequest, blk: Block, q: Tensor, k: Tensor) -> Tensor:
-    """Scaled, soft-capped, biased and masked scores ``(B, Hq, T, Ks)`` of one block."""
+    """Scaled, soft-capped, biased and masked scores ``(B, Hq, T, Ks)`` of one block: -inf
+    wherever the tile masks a pair, even where the score is NaN (a NaN key the mask hides
+    made every weight of the block NaN: NaN + -inf is NaN)."""
     r0, r1 = blk.rows
     s = grouped_matmul(q[:, :, r0:r1] * req.scale, take(k, blk.keys).transpose(-1, -2))
     s = cap_scores(s, req.softcap)
     tile, _ = block_tile(req, blk, blk.key_index(q.device), q.dtype)
-    return s if tile is None else s.add_(tile)
+    if tile is None:
+        return s
+    return s.add_(tile).masked_fill_(torch.isneginf(tile), float("-inf"))
 
 
 def _put(dst: Tensor, blk: Block, p: Tensor) -> None:
