@@ -907,3 +907,37 @@ def test_recomputed_weights_keep_a_hidden_nan_key_out(
     torch.testing.assert_close(got.out, ref.out)
     w = attnlab.attention_weights(q, k, v, mask=mask, bias=bias)
     torch.testing.assert_close(w, ref.weights)
+
+
+# (head size, scale of q and k, attention scale, seed): calls of the eager block path (a
+# learnable bias takes it) that broke the 2x rule while it scaled q before its products
+# (out 7.3x, dQ 7.0x, dK 5.95x, dV 5.4x; 20 of 120 such calls): plain PyTorch rounds each
+# score once, as (q k^T) * scale
+EAGER_SCALED_Q_CASES = {
+    "E32 x8 seed 26": (32, 8.0, None, 26),
+    "E32 x8 seed 12": (32, 8.0, None, 12),
+    "E80 x3 scale 0.7 seed 11": (80, 3.0, 0.7, 11),
+    "E80 x3 scale 0.7 seed 36": (80, 3.0, 0.7, 36),
+}
+
+
+@pytest.mark.parametrize("case", list(EAGER_SCALED_Q_CASES))
+def test_eager_block_scores_are_rounded_once_as_plain_pytorchs(case: str) -> None:
+    """The eager path's scores are ``(q k^T) * scale`` in the forward, the backward and the
+    recomputed weights; output, dQ, dK and dV (and the bias's gradient) by the 2x rule."""
+    e, std, scale, seed = EAGER_SCALED_Q_CASES[case]
+    torch.manual_seed(seed)
+    q, k = (torch.randn(1, 1, 96, e, dtype=torch.float64) * std for _ in range(2))
+    v, dout = (torch.randn(1, 1, 96, e, dtype=torch.float64) for _ in range(2))
+    b = torch.randn(1, 1, 96, 96, dtype=torch.float64)
+
+    def run(dtype: torch.dtype, engine: str) -> list[Tensor]:
+        x = [t.to(dtype, copy=True).requires_grad_() for t in (q, k, v, b)]
+        out = attnlab.attention(*x[:3], bias=x[3], mask=M.causal(), scale=scale, engine=engine)
+        out.backward(dout.to(dtype))
+        return [out.detach(), *(t.grad for t in x)]  # type: ignore[misc]
+
+    want, plain = run(torch.float64, "reference"), run(torch.float32, "reference")
+    got = run(torch.float32, "blocked")
+    for name, o, p, w in zip(["out", "dq", "dk", "dv", "dbias"], got, plain, want, strict=True):
+        assert_2x_rule(o, p, w, f"{case} {name}")

@@ -64,7 +64,7 @@ from attnlab.engines.blocked_plan import (
 )
 from attnlab.engines.zeros import PAGE, lazy_zeros, lazy_zeros_unzeroed
 from attnlab.masks import Mask, RowBounds
-from attnlab.scores import grouped_matmul
+from attnlab.scores import scores_of
 
 __all__ = ["DECODE_ROWS", "BlockedEngine", "decodes", "kernel", "kernel_error", "kernel_status"]
 
@@ -407,16 +407,13 @@ def _forward_with_weights(
 
 
 def _block_scores(req: AttentionRequest, blk: Block, q: Tensor, k: Tensor) -> Tensor:
-    """Scaled, soft-capped, biased and masked scores ``(B, Hq, T, Ks)`` of one block: -inf
-    wherever the tile masks a pair, even where the score is NaN (a NaN key the mask hides
-    made every weight of the block NaN: NaN + -inf is NaN)."""
+    """Scaled, soft-capped, biased and masked scores ``(B, Hq, T, Ks)`` of one block; -inf
+    where the tile masks a pair, even a hidden NaN key's (NaN + -inf made its row NaN)."""
     r0, r1 = blk.rows
-    s = grouped_matmul(q[:, :, r0:r1] * req.scale, take(k, blk.keys).transpose(-1, -2))
+    s = scores_of(q[:, :, r0:r1], take(k, blk.keys), req.scale)  # (B, Hq, T, Ks)
     s = cap_scores(s, req.softcap)
     tile, _ = block_tile(req, blk, blk.key_index(q.device), q.dtype)
-    if tile is None:
-        return s
-    return s.add_(tile).masked_fill_(torch.isneginf(tile), float("-inf"))
+    return s if tile is None else s.add_(tile).masked_fill_(torch.isneginf(tile), -torch.inf)
 
 
 def _put(dst: Tensor, blk: Block, p: Tensor) -> None:

@@ -28,7 +28,7 @@ from attnlab.bias import Bias
 from attnlab.engines._native import kernel, kernel_error
 from attnlab.engines.base import AttentionRequest, may_hold_nan, weighted_values
 from attnlab.engines.blocked_plan import Block, KernelPlan, Plan
-from attnlab.scores import grouped_matmul
+from attnlab.scores import grouped_matmul, scores_of
 
 __all__ = [
     "ROWS",
@@ -243,7 +243,7 @@ def _block_forward(
         # row of -inf bias got torch's logsumexp 0, not -inf)
         empty = None if blk.has_full and req.bias is None else _empty_rows(tile)
         return out, (lse if empty is None else lse.masked_fill(empty, float("-inf")))
-    s = grouped_matmul(q[:, :, r0:r1] * req.scale, k_sel.transpose(-1, -2))  # (B, Hq, T, Ks)
+    s = scores_of(q[:, :, r0:r1], k_sel, req.scale)  # (B, Hq, T, Ks)
     hidden = None if tile is None else torch.isneginf(tile)  # the pairs the tile masks
     p, lse = softmax_lse(_masked(cap_scores(s, req.softcap), tile, hidden))
     return weighted_values(p, v_sel, None if hidden is None else ~hidden), lse
@@ -390,8 +390,8 @@ def _eager_block_backward(sv: _Saved, blk: Block, grads: _Grads) -> None:
     r0, r1 = blk.rows
     hkv = k.shape[1]
     tile, bias_tile = block_tile(req, blk, blk.key_index(q.device), q.dtype, bias_grad=bool(leaves))
-    qs, k_sel, v_sel = q[:, :, r0:r1] * req.scale, take(k, blk.keys), take(v, blk.keys)
-    s = cap_scores(grouped_matmul(qs, k_sel.transpose(-1, -2)), req.softcap)  # (B, Hq, T, Ks)
+    qs, k_sel, v_sel = q[:, :, r0:r1], take(k, blk.keys), take(v, blk.keys)
+    s = cap_scores(scores_of(qs, k_sel, req.scale), req.softcap)  # (B, Hq, T, Ks)
     p = _probs(_masked(s, tile), lse[:, :, r0:r1])  # a new tensor: written in place below
     do = dout[:, :, r0:r1]  # (B, Hq, T, Ev)
     dp = grouped_matmul(do, v_sel.transpose(-1, -2))  # (B, Hq, T, Ks)
@@ -417,6 +417,7 @@ def _eager_block_backward(sv: _Saved, blk: Block, grads: _Grads) -> None:
     dq, dk, dv = grads.qkv
     ds_k = grouped_matmul(ds, k_sel) if hidden is None else weighted_values(ds, k_sel, ~hidden)
     dq[:, :, r0:r1] += ds_k * req.scale
+    ds = ds * req.scale  # dK = (scale dS)^T q, as autograd of (q k^T) * scale makes it
     if hidden is None:
         dk_blk, dv_blk = ds.transpose(-1, -2) @ qs, p.transpose(-1, -2) @ do
     else:  # a NaN in q or dout reaches the keys its row sees only
