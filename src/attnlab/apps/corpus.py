@@ -322,17 +322,17 @@ def _text_files(folder: Path) -> list[Path]:
     found: list[Path] = []
     seen: set[tuple[int, int]] = set()
     for root, dirs, files in os.walk(folder, onerror=fail, followlinks=True):
-        if _identity(root) in seen:  # reached again through a link: read already
+        if (here := _identity(root)) in seen:  # reached again through a link: read already
             dirs[:] = []
             continue
-        seen.add(_identity(root))
+        seen.add(here)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             p = Path(root) / name
             if name.startswith(".") or p.suffix.lower() not in SUFFIXES or not p.is_file():
                 continue
-            if _identity(p) not in seen:
-                seen.add(_identity(p))
+            if (key := _identity(p)) not in seen:
+                seen.add(key)
                 found.append(p)
     return sorted(found)
 
