@@ -214,6 +214,20 @@ def test_rope_positions_argument_equals_cache_offset() -> None:
     assert max_err(a, b) < 1e-12
 
 
+def test_positions_without_rope_are_refused_not_ignored() -> None:
+    """``positions`` place RoPE's rotations only: a layer without RoPE, or a cross-attention
+    call, would compute the same output whatever positions it is given."""
+    x, mem = torch.randn(1, 5, 64), torch.randn(1, 7, 64)
+    plain = _layer(4, False, False)
+    with pytest.raises(ValueError, match=r"positions: given, but this layer has no RoPE"):
+        plain(x, positions=torch.arange(10, 15))
+    rotary = _layer(4, True, False)
+    with pytest.raises(ValueError, match=r"positions: given to cross-attention"):
+        rotary(x, mem, positions=torch.arange(5))
+    spread = rotary(x, positions=torch.tensor([0, 2, 4, 6, 8]))  # self-attention takes them
+    assert max_err(spread, rotary(x)) > 1e-4
+
+
 def test_dropout_only_in_training() -> None:
     mha = MultiHeadAttention(16, 2, dropout=0.5)
     x = torch.randn(1, 20, 16)

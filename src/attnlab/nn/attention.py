@@ -181,7 +181,8 @@ class MultiHeadAttention(nn.Module):
                 recomputed without autograd by one that can).
             average_weights: average the weights over heads, as torch's layer does.
             positions: RoPE positions ``(L,)`` or ``(B, L)`` of this call's queries and new
-                keys (default: the cache length onward).
+                keys (default: the cache length onward); a ValueError in a layer
+                without RoPE or in cross-attention, which would ignore them.
             residual: ``(B, Lq, D)`` added to the output (a residual layer's sum, done in
                 the output projection's epilogue at CPU inference).
 
@@ -193,6 +194,7 @@ class MultiHeadAttention(nn.Module):
         if cache is not None and not isinstance(cache, KVCache):
             raise TypeError(f"cache must be an attnlab.nn.KVCache, got {type(cache).__name__}")
         is_self = _is_self(query, key, value, self.rope, cache)
+        _check_positions(positions, self.rope is not None, is_self)
         q, k, v = self._heads(query, None if is_self else key, value, cache, positions)
         res = self._attend(q, k, v, mask, bias, need_weights)
         out = res.out if isinstance(res, AttentionOutput) else res  # (B, H, Lq, E)
@@ -341,6 +343,24 @@ def _check_input(name: str, x: object, dim: int) -> None:
         raise TypeError(f"{name} must be a Tensor (B, L, D), got {type(x).__name__}")
     if x.dim() != 3 or x.shape[-1] != dim:
         raise ValueError(f"{name} must be (B, L, {dim}), got {tuple(x.shape)}")
+
+
+def _check_positions(positions: object, rope: bool, is_self: bool) -> None:
+    """``positions`` only place RoPE's rotations in self-attention: refuse them anywhere
+    else rather than ignore them."""
+    if positions is None:
+        return
+    if not rope:
+        raise ValueError(
+            "positions: given, but this layer has no RoPE (rope=None), and positions only "
+            "place RoPE's rotations; add absolute positions to the inputs instead, or "
+            "build the layer with rope=..."
+        )
+    if not is_self:
+        raise ValueError(
+            "positions: given to cross-attention, which applies no RoPE (its queries and "
+            "keys come from two sequences); pass positions=None"
+        )
 
 
 def _is_self(
