@@ -290,6 +290,9 @@ def test_an_index_from_the_same_bert_with_other_settings_is_rebuilt(
     docs = load_documents(folder)
     first = build_index(docs, enc, tmp_path / "ix")
     again = build_index(docs, other, tmp_path / "ix")
+    if change == "bfloat16" and other.precision == enc.precision:  # float32 runs (AVX2)
+        assert again.embedded == 0  # the same vectors: reused
+        return
     assert again.embedded == len(first.sentences)  # rebuilt, not reused
     torch.testing.assert_close(again.vectors, build_index(docs, other, None).vectors)
     assert build_index(docs, enc, tmp_path / "ix").embedded == len(first.sentences)
