@@ -1,7 +1,9 @@
-"""The capture hook: observers see every :func:`attnlab.attention` / ``attend`` call.
+"""The capture hook: observers see every :func:`attnlab.attention` / ``attend`` call of
+their own thread.
 
 :mod:`attnlab.interpret` registers an observer while a ``capture`` block is open; with no
-observer the hook costs one truthiness check per call.
+observer the hook costs one truthiness check per call, and a block open in one thread
+changes nothing in the others (their calls are neither seen nor made to return weights).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ __all__ = [
     "AttentionEvent",
     "live_weights",
     "notify",
+    "observing",
     "rewriter",
     "unobserved",
 ]
@@ -46,7 +49,17 @@ class AttentionEvent:
 
 
 Observer = Callable[[AttentionEvent], None]
-OBSERVERS: list[Observer] = []
+#: ``(thread, observer)``: the observer sees that thread's calls (``threading.get_ident()``).
+OBSERVERS: list[tuple[int, Observer]] = []
+
+
+def observing() -> bool:
+    """Whether an observer is registered in this thread (cheap when none is anywhere)."""
+    if not OBSERVERS:
+        return False
+    me = threading.get_ident()
+    return any(t == me for t, _ in list(OBSERVERS))
+
 
 #: The threads (``threading.get_ident()``) in which :func:`attnlab.attention` runs every call
 #: on the reference engine with weights, so observers see the weights that computed the
@@ -81,11 +94,13 @@ def unobserved() -> Iterator[None]:
 
 
 def notify(event: AttentionEvent) -> None:
-    """Hand ``event`` to every registered observer (none inside :func:`unobserved`)."""
+    """Hand ``event`` to every observer of this thread (none inside :func:`unobserved`)."""
     if getattr(_QUIET, "on", False):
         return
-    for obs in list(OBSERVERS):
-        obs(event)
+    me = threading.get_ident()
+    for t, obs in list(OBSERVERS):
+        if t == me:
+            obs(event)
 
 
 Rewriter = Callable[[AttentionRequest, Tensor], Tensor]

@@ -29,6 +29,7 @@ from attnlab._observe import (
     AttentionEvent,
     live_weights,
     notify,
+    observing,
     rewriter,
 )
 from attnlab.bias import Bias, as_bias
@@ -168,14 +169,14 @@ def attention(
     if (live_weights() or rewrite) and not own:  # the weights must be the ones in the graph
         chosen = get_engine("reference")
         req = dataclasses.replace(req, return_weights=True, options={})
-    elif own and (OBSERVERS or live_weights() or rewrite):
+    elif own and (observing() or live_weights() or rewrite):
         req = dataclasses.replace(req, return_weights=True)
     out, weights, lse = chosen.forward(req)
     if rewrite is not None and weights is not None:  # an intervention on the weights
         weights = rewrite(req, weights)  # (B, Hq, Lq, Lk)
         out = weights.to(req.v.dtype) @ expand_kv(req.v, req.heads)  # (B, Hq, Lq, Ev)
         lse = None
-    if OBSERVERS:  # an attnlab.interpret.capture block is open
+    if OBSERVERS and observing():  # a capture block is open in this thread
         notify(AttentionEvent(req, weights, lse, chosen.name))
     if return_weights or return_lse:
         return AttentionOutput(out, weights if return_weights else None, lse)
@@ -212,10 +213,10 @@ def _plain(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor | Non
     A call with nothing but q, k, v and a scale is the whole of a decoding step, where
     building and routing a request cost as much as the kernel. The engine ``auto`` would
     pick answers it directly (:func:`attnlab.engines.base.plain_attention`) when no
-    capture block, weight rewriter or live-weights block is open anywhere; inputs are
+    capture block, weight rewriter or live-weights block is open in this thread; inputs are
     validated as on the full path.
     """
-    if OBSERVERS or REWRITERS or LIVE_WEIGHTS:
+    if (OBSERVERS or REWRITERS or LIVE_WEIGHTS) and (observing() or rewriter() or live_weights()):
         return None
     q, k, v = V.validate_qkv(q, k, v, same_dim=True)
     return plain_attention(q, k, v, V.validate_scale(scale))
@@ -343,7 +344,7 @@ def attend(
         dropout_p=V.validate_dropout(dropout_p),
         want_lse=want_lse,
     )
-    if OBSERVERS:
+    if OBSERVERS and observing():
         notify(AttentionEvent(None, w, lse, "attend"))
     if V.validate_flag("return_weights", return_weights) or want_lse:
         return AttentionOutput(out, w if return_weights else None, lse)

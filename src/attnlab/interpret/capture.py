@@ -114,13 +114,13 @@ class capture:
         for name, module in model.named_modules() if model is not None else []:
             self._handles.append(module.register_forward_pre_hook(self._push(name)))
             self._handles.append(module.register_forward_hook(self._pop, always_call=True))
-        OBSERVERS.append(self._observe)
+        OBSERVERS.append((self._thread, self._observe))
         if self.grad:
             LIVE_WEIGHTS.append(self._thread)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        OBSERVERS.remove(self._observe)
+        OBSERVERS.remove((self._thread, self._observe))
         if self.grad:
             LIVE_WEIGHTS.remove(self._thread)
         for h in self._handles:
