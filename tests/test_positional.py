@@ -241,6 +241,23 @@ def test_rope_cache_grows_and_follows_dtype() -> None:
     assert rope._cos.dtype == F64
 
 
+def test_rope_returns_the_tables_it_built_when_another_thread_swaps_them() -> None:
+    """Two threads sharing one RoPE: the other thread's shorter tables, stored between
+    this call's store and its return, were what this call read back (a size error for a
+    long sequence, 3 of 1000 trials of two threads at the default switch interval)."""
+
+    class Raced(RotaryEmbedding):
+        def __setattr__(self, name: str, value: object) -> None:
+            super().__setattr__(name, value)
+            if name == "_sin" and value.shape[0] > 16:  # type: ignore[union-attr]
+                short = torch.zeros(16, value.shape[1])  # type: ignore[union-attr]
+                super().__setattr__("_cos", short)  # the other thread's stores
+                super().__setattr__("_sin", short.clone())
+
+    x = torch.randn(1, 2, 100, 32)
+    torch.testing.assert_close(Raced(32)(x), RotaryEmbedding(32)(x), rtol=0, atol=0)
+
+
 def test_rope_tables_cast_by_double_are_computed_again() -> None:
     """``module.double()`` casts a float32 table; float64 work recomputes it (the offset
     path and the explicit-positions path then agree with the float64 definition)."""

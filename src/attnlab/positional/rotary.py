@@ -196,15 +196,19 @@ class RotaryEmbedding(nn.Module):
         """The cached cos/sin tables, rebuilt to cover positions ``0 .. end - 1`` if needed."""
         # ``module.double()`` casts the buffers, not the angles: a table computed in
         # float32 and cast is rebuilt for float64 work
-        stale = self._cos.device != device or self._cos.dtype != work or self._built != work
-        if stale or self._cos.shape[0] < end:
+        # one read of the pair, and the pair built here returned as built: another thread
+        # sharing the module may swap in tables of another length in between
+        cos, sin, built = self._cos, self._sin, self._built
+        stale = cos.device != device or cos.dtype != work or built != work
+        if stale or cos.shape[0] < end or (sin.shape, sin.dtype) != (cos.shape, cos.dtype):
             n = max(16, 1 << (end - 1).bit_length())  # the next power of two >= end
             # Built outside inference mode so the cache can serve autograd later on.
             with torch.inference_mode(False), torch.no_grad():
                 angle = self._angles(torch.arange(n, device=device), work)  # (N, R/2)
-                self._cos, self._sin = angle.cos(), angle.sin()
+                cos, sin = angle.cos(), angle.sin()
+                self._cos, self._sin = cos, sin
                 self._built = work
-        return self._cos, self._sin
+        return cos, sin
 
     def _rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """Rotate the feature pairs of ``x`` (..., R) by angles given as cos/sin (..., R/2)."""
