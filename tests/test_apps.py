@@ -71,6 +71,34 @@ def test_splitter_keeps_abbreviations_numbers_and_dotted_names(text: str, expect
     assert len(split_sentences(text.replace(". ", " "))) < len(expected)  # control
 
 
+def test_threads_split_sentences_with_their_own_segmenter() -> None:
+    """pysbd's segmenter keeps the text of its current call on itself, so threads that
+    shared one matched sentences against each other's texts (235 of 600 calls of four
+    threads returned no sentence): each thread has its own, and they split alike."""
+    import threading
+
+    from attnlab.apps.corpus import _segmenter
+
+    texts = [
+        " ".join(f"Doc {d} says fact {i}. It has {i} parts." for i in range(8)) for d in range(4)
+    ]
+    want = [split_sentences(t) for t in texts]
+    seen: dict[int, object] = {}
+    wrong: list[int] = []
+
+    def work(d: int) -> None:
+        seen[d] = _segmenter()
+        wrong.extend(d for _ in range(20) if split_sentences(texts[d]) != want[d])
+
+    threads = [threading.Thread(target=work, args=(d,)) for d in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len({id(seg) for seg in seen.values()} | {id(_segmenter())}) == 5
+    assert wrong == []
+
+
 def test_code_lists_and_headings_are_not_sentences() -> None:
     text = (
         "Title\n*****\n\nThe following code:\n\n   x = 1. y = 2.\n   f(x)\n\n"
