@@ -53,3 +53,21 @@ def test_permutation_median_is_the_mean_of_the_middle_two() -> None:
     x = torch.tensor([[4.0, 1.0, 3.0, 10.0], [2.0, 2.0, 5.0, 0.0]])
     torch.testing.assert_close(median(x, 1), torch.tensor(np.median(x.numpy(), 1)))
     assert float(median(torch.tensor([1.0, 2.0, 3.0]))) == 2.0
+
+
+def test_override_of_a_pooling_layer_leaves_other_threads_alone() -> None:
+    """The pooling, Bahdanau and Luong sites hooked every thread's calls (another thread
+    got the uniform mean, 0.131 off its own output); the other sites kept to this one."""
+    import threading
+
+    torch.manual_seed(0)
+    pool, h = AttentionPooling(3), torch.randn(2, 5, 3)
+    alone, _ = pool(h)
+    got: list[Tensor] = []
+    with override_attention(pool, lambda w, i: torch.full_like(w, 0.2)):
+        thread = threading.Thread(target=lambda: got.append(pool(h)[0]))
+        thread.start()
+        thread.join(timeout=60)
+        mine, _ = pool(h)
+    torch.testing.assert_close(got[0], alone, rtol=0, atol=0)
+    torch.testing.assert_close(mine, h.mean(1))

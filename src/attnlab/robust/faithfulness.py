@@ -86,7 +86,8 @@ def _values(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
 @contextmanager
 def override_attention(module: nn.Module, fn: WeightsFn) -> Iterator[None]:
     """Inside the block, ``module``'s weights ``w`` of call ``i`` become ``fn(w, i)`` and its
-    output is recomputed from them.
+    output is recomputed from them, for the calls of this thread (other threads' calls of
+    the same module keep their own weights).
 
     Args:
         module: an AttentionPooling, BahdanauAttention or LuongAttention (weights
@@ -115,9 +116,11 @@ def override_attention(module: nn.Module, fn: WeightsFn) -> Iterator[None]:
         with _rewritten(module, fn):
             yield
         return
-    calls = [0]
+    me, calls = threading.get_ident(), [0]
 
     def hook(m: nn.Module, args: Any, kwargs: Any, out: tuple[Tensor, Tensor]) -> Any:
+        if threading.get_ident() != me:
+            return None  # another thread's call: its own output, as for the other sites
         w = fn(out[1], calls[0])
         calls[0] += 1
         v = _values(m, args, kwargs)  # (B, Lk, D)
