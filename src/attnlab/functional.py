@@ -23,9 +23,6 @@ from torch import Tensor
 from attnlab import _validate as V
 from attnlab._eager import PLANS, as_written
 from attnlab._observe import (
-    LIVE_WEIGHTS,
-    OBSERVERS,
-    REWRITERS,
     AttentionEvent,
     live_weights,
     notify,
@@ -176,7 +173,7 @@ def attention(
         weights = rewrite(req, weights)  # (B, Hq, Lq, Lk)
         out = weights.to(req.v.dtype) @ expand_kv(req.v, req.heads)  # (B, Hq, Lq, Ev)
         lse = None
-    if OBSERVERS and observing():  # a capture block is open in this thread
+    if observing():  # a capture block is open in this thread
         notify(AttentionEvent(req, weights, lse, chosen.name))
     if return_weights or return_lse:
         return AttentionOutput(out, weights if return_weights else None, lse)
@@ -216,7 +213,7 @@ def _plain(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor | Non
     capture block, weight rewriter or live-weights block is open in this thread; inputs are
     validated as on the full path.
     """
-    if (OBSERVERS or REWRITERS or LIVE_WEIGHTS) and (observing() or rewriter() or live_weights()):
+    if observing() or rewriter() or live_weights():  # each a list's truth when none is open
         return None
     q, k, v = V.validate_qkv(q, k, v, same_dim=True)
     return plain_attention(q, k, v, V.validate_scale(scale))
@@ -344,7 +341,7 @@ def attend(
         dropout_p=V.validate_dropout(dropout_p),
         want_lse=want_lse,
     )
-    if OBSERVERS and observing():
+    if observing():
         notify(AttentionEvent(None, w, lse, "attend"))
     if V.validate_flag("return_weights", return_weights) or want_lse:
         return AttentionOutput(out, w if return_weights else None, lse)
