@@ -941,3 +941,26 @@ def test_eager_block_scores_are_rounded_once_as_plain_pytorchs(case: str) -> Non
     got = run(torch.float32, "blocked")
     for name, o, p, w in zip(["out", "dq", "dk", "dv", "dbias"], got, plain, want, strict=True):
         assert_2x_rule(o, p, w, f"{case} {name}")
+
+
+def test_backward_repeats_bit_for_bit_under_deterministic_algorithms() -> None:
+    """On two threads the kernel's dK and dV sums followed which thread took which row
+    groups (9 distinct dK of 40 identical calls, 6e-8 apart); under
+    ``torch.use_deterministic_algorithms(True)`` the row groups go to the threads in a
+    fixed order."""
+    torch.manual_seed(0)
+    q, k, v, dout = torch.randn(4, 2, 4, 640, 32).unbind(0)
+    was, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    torch.set_num_threads(2)
+    torch.use_deterministic_algorithms(True)
+    try:
+        grads = []
+        for _ in range(12):
+            qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+            mask = M.causal() & M.window(100)
+            attnlab.attention(qq, kk, vv, mask=mask, engine="blocked").backward(dout)
+            grads.append(torch.cat([qq.grad, kk.grad, vv.grad]))
+    finally:
+        torch.use_deterministic_algorithms(was)
+        torch.set_num_threads(threads)
+    assert all(torch.equal(g, grads[0]) for g in grads)

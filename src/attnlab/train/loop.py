@@ -107,7 +107,10 @@ class TrainConfig:
             computes tens of times slower: on the translation task this halves the step time.
         threads: ``torch.set_num_threads`` for the run (None: leave it). Models made of
             many small steps (RNN decoders) run faster on one thread, and a shared CPU
-            stalls torch's thread pool.
+            stalls torch's thread pool. On one thread a run is the same bit for bit each
+            time; on more, the blocked engine's backward sums its key and value gradients
+            in an order that varies (last bits) unless
+            ``torch.use_deterministic_algorithms(True)`` is set.
 
     Raises:
         TypeError, ValueError: a field of the wrong type or out of range, named (e.g.
