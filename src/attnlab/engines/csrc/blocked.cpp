@@ -37,11 +37,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
 #include <mutex>
+#include <set>
 #include <type_traits>
 #include <vector>
 
@@ -127,10 +129,25 @@ bool brgemm_works() {
   return works;
 }
 
+// oneDNN keeps each brgemm shape's generated code for the life of the thread (torch's
+// cache has no bound): a thread's first kBrgemmShapes shapes run on brgemm, later new ones
+// on sgemm (backward passes over 300 new lengths grew the process by 313 MiB of code).
+constexpr size_t kBrgemmShapes = 256;
+
+bool brgemm_shape(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc,
+                  bool add) {
+  thread_local std::set<std::array<int64_t, 7>> seen;
+  const std::array<int64_t, 7> key{m, n, k, lda, ldb, ldc, add ? 1 : 0};
+  if (seen.count(key) != 0) return true;
+  if (seen.size() >= kBrgemmShapes) return false;
+  seen.insert(key);
+  return true;
+}
+
 // Row-major C (m x n) = A (m x k) B (k x n), or C += A B with `add`.
 void mm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
         int64_t ldb, float* c, int64_t ldc, bool add) {
-  if (brgemm_works())
+  if (brgemm_works() && brgemm_shape(m, n, k, lda, ldb, ldc, add))
     at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, add, a, b, c, false);
   else
     gemm(false, false, m, n, k, 1.f, a, lda, b, ldb, add ? 1.f : 0.f, c, ldc);
