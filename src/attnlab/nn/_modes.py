@@ -11,7 +11,7 @@ from torch import nn
 
 __all__ = ["eval_mode"]
 
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()  # (a module's own train() may open a block itself)
 # module -> [blocks open on it, each submodule's mode before the first]: blocks that
 # overlap (in several threads) share one switch to eval, undone when the last one ends
 _OPEN: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()

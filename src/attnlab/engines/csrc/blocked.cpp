@@ -131,7 +131,7 @@ bool brgemm_works() {
 
 // oneDNN keeps each brgemm shape's generated code for the life of the thread (torch's
 // cache has no bound): a thread's first kBrgemmShapes shapes run on brgemm, later new ones
-// on sgemm (backward passes over 300 new lengths grew the process by 313 MiB of code).
+// on sgemm (backward passes over 300 new lengths on one thread left 313 MiB of code).
 constexpr size_t kBrgemmShapes = 256;
 
 bool brgemm_shape(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc,
