@@ -24,7 +24,7 @@ from torch import Tensor
 
 from attnlab._eager import any_nan, first_order_only, legacy_batched
 from attnlab._grid import Grid
-from attnlab.bias import Bias
+from attnlab.engines._leaves import bias_leaves, holding
 from attnlab.engines._native import kernel, kernel_error
 from attnlab.engines.base import AttentionRequest, may_hold_nan, weighted_values
 from attnlab.engines.blocked_plan import Block, KernelPlan, Plan
@@ -143,13 +143,6 @@ def _sum_to(x: Tensor, shape: torch.Size) -> Tensor:
     """Sum ``x`` over the dims where ``shape`` broadcasts (size 1)."""
     dims = [i for i, (a, b) in enumerate(zip(x.shape, shape, strict=True)) if b == 1 and a != 1]
     return x.sum(dims, keepdim=True) if dims else x
-
-
-def bias_leaves(bias: Bias | None) -> list[Tensor]:
-    """The tensors of ``bias`` that autograd should reach (parameters and grad buffers)."""
-    if bias is None:
-        return []
-    return [t for t in (*bias.parameters(), *bias.buffers()) if t.requires_grad]
 
 
 # torch's fused CPU flash kernel with its logsumexp (a private op: guarded, with a fallback)
@@ -327,8 +320,9 @@ class BlockedAttention(torch.autograd.Function):
         else:
             sv = _Saved(ctx.req, q, k, v, lse, dout, shift, leaves)
             grads = _Grads.zeros(dout, (q, k, v, *leaves))  # batched as dout is (jacrev)
-            for blk in ctx.plan.blocks:
-                _eager_block_backward(sv, blk, grads)
+            with holding(ctx.req.bias, leaves):  # as at the forward (functional_call)
+                for blk in ctx.plan.blocks:
+                    _eager_block_backward(sv, blk, grads)
         return (*grads.qkv, None, None, None, *grads.leaves)
 
 

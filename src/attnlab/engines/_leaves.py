@@ -1,0 +1,70 @@
+"""A bias's learnable tensors, and the bias holding again those a forward saw.
+
+``torch.func.functional_call(model, params, ...)`` swaps ``params`` into the modules for
+one call and puts the modules' own tensors back after it. A backward that runs later (the
+first-order MAML pattern: ``functional_call(...).backward()``) and recomputes a bias tile
+from the module would read the module's own tensors, which the saved graph never saw: no
+gradient for ``params`` and probabilities of the wrong bias.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from torch import Tensor, nn
+
+__all__ = ["bias_leaves", "holding"]
+
+
+def _slots(bias: nn.Module) -> list[tuple[nn.Module, str, str, Tensor]]:
+    """``(owner, "_parameters" or "_buffers", name, tensor)`` of each tensor of ``bias``
+    that autograd should reach, parameters first (the order of :func:`bias_leaves`)."""
+    found = []
+    for kind, named in (("_parameters", bias.named_parameters), ("_buffers", bias.named_buffers)):
+        for path, t in named():
+            if t is not None and t.requires_grad:
+                owner_path, _, name = path.rpartition(".")
+                found.append((bias.get_submodule(owner_path), kind, name, t))
+    return found
+
+
+def bias_leaves(bias: nn.Module | None) -> list[Tensor]:
+    """The tensors of ``bias`` that autograd should reach (parameters and grad buffers).
+
+    Example:
+        >>> from attnlab import bias
+        >>> [tuple(t.shape) for t in bias_leaves(bias.relative_buckets(4))]
+        [(32, 4)]
+    """
+    return [] if bias is None else [slot[3] for slot in _slots(bias)]
+
+
+@contextmanager
+def holding(bias: nn.Module | None, leaves: list[Tensor]) -> Iterator[None]:
+    """Inside the block ``bias`` holds ``leaves`` (its :func:`bias_leaves` at the forward)
+    where it holds other tensors now, and its own again after.
+
+    Example:
+        >>> import torch
+        >>> from attnlab import bias
+        >>> t5 = bias.relative_buckets(2)
+        >>> saved = [torch.zeros(32, 2, requires_grad=True)]
+        >>> with holding(t5, saved):
+        ...     t5.table is saved[0]
+        True
+        >>> t5.table is saved[0]
+        False
+    """
+    slots = [] if bias is None else _slots(bias)
+    same = len(slots) == len(leaves)
+    swap = same and any(s[3] is not t for s, t in zip(slots, leaves, strict=True))
+    if swap:
+        for (owner, kind, name, _), t in zip(slots, leaves, strict=True):
+            getattr(owner, kind)[name] = t
+    try:
+        yield
+    finally:
+        if swap:
+            for owner, kind, name, own in slots:
+                getattr(owner, kind)[name] = own
