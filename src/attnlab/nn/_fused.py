@@ -111,7 +111,7 @@ def _addable(residual: Tensor, shape: tuple[int, ...]) -> bool:
 
 # id(weight) -> (a weak reference to it, its (version, address) when packed, oneDNN's
 # blocked copy); an entry goes when its weight is freed
-_PACKED: dict[int, tuple[weakref.ref[Tensor], tuple[int, int], Tensor]] = {}
+_PACKED: dict[int, tuple[weakref.ref[Tensor], tuple[int, int], Tensor, object]] = {}
 
 
 def _packed(weight: Tensor, rows: int) -> Tensor:
@@ -122,7 +122,8 @@ def _packed(weight: Tensor, rows: int) -> Tensor:
 
     "Unchanged" is the weight's version counter (every in-place op on it, optimizer steps
     and ``load_state_dict`` included) and its storage's address (``param.data = t``,
-    ``vector_to_parameters``). A write through ``param.data`` in place bypasses both:
+    ``vector_to_parameters``, casts; the packed copy keeps its source's storage, so no
+    new storage takes that address). A write through ``param.data`` in place bypasses both:
     :func:`forget_packed` drops the copies after one. A weight made under
     ``torch.inference_mode`` has no version counter, so it is used as it is."""
     if _REORDER is None or weight.dim() != 2 or not weight.is_contiguous():
@@ -138,7 +139,9 @@ def _packed(weight: Tensor, rows: int) -> Tensor:
     except RuntimeError:
         return weight
     ref = weakref.ref(weight, functools.partial(_forget, key))
-    _PACKED[key] = (ref, state, packed)
+    # the source's storage is kept: a weight cast away and back (``.half().float()``) got
+    # new storage at the freed address, with the same version, and read the old packing
+    _PACKED[key] = (ref, state, packed, weight.untyped_storage())
     return packed
 
 
