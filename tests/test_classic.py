@@ -451,3 +451,28 @@ def test_attention_pooling_errors() -> None:
         ValueError,
         r"mask tensor must have shape \(B, Lk\) = \(3, 7\)",
     )
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: (BahdanauAttention(16, 12, 8), (torch.randn(2, 16), torch.randn(2, 5, 12))),
+        lambda: (
+            LuongAttention(12, 16, method="general"),
+            (torch.randn(2, 12), torch.randn(2, 5, 16)),
+        ),
+        lambda: (AttentionPooling(12), (torch.randn(2, 5, 12),)),
+    ],
+)
+def test_layers_run_under_autocast_as_torch_layers_do(make: Callable[[], Any]) -> None:
+    """Under ``torch.autocast`` a Linear's scores come out in bfloat16 beside float32
+    values: the layers raised "scores and v must share dtype". Now both are in autocast's
+    dtype, and the result is float32's within bfloat16's rounding."""
+    torch.manual_seed(0)
+    layer, args = make()
+    want, want_w = layer(*args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, got_w = layer(*args)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(got_w.float(), want_w, rtol=3e-2, atol=1e-2)

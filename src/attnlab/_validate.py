@@ -327,10 +327,11 @@ def validate_flag(name: str, value: object) -> bool:
     return value
 
 
-def validate_scores(scores: object, v: Tensor) -> Tensor:
-    """Precomputed scores ``(B, Hq, Lq, Lk)`` that fit ``v (B, Hkv, Lk, Ev)``."""
-    s = _rank4("scores", scores)
-    _rank4("v", v)
+def validate_scores(scores: object, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Precomputed scores ``(B, Hq, Lq, Lk)`` that fit ``v (B, Hkv, Lk, Ev)``, both in
+    ``torch.autocast``'s dtype where it is on (a Linear's scores come out in it beside
+    values that do not)."""
+    s, v = _autocast((_rank4("scores", scores), _rank4("v", v)))
     if s.dtype != v.dtype or s.device != v.device:
         raise TypeError(
             f"scores and v must share dtype and device; got {s.dtype}/{s.device} "
@@ -345,4 +346,4 @@ def validate_scores(scores: object, v: Tensor) -> Tensor:
             f"Ev) {tuple(v.shape)}: need equal Lk, Hq % Hkv == 0 and batches that are "
             "equal or 1"
         )
-    return s
+    return s, v

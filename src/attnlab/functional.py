@@ -325,7 +325,7 @@ def attend(
         >>> attend(scores, v).item()
         1.5
     """
-    s = V.validate_scores(scores, v)
+    s, v = V.validate_scores(scores, v)
     b, h, lq, lk = s.shape
     mask_ = as_mask(mask)
     allowed = None
