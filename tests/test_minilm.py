@@ -507,3 +507,18 @@ def test_bucket_passes_split_long_batches_evenly_and_keep_every_text() -> None:
     assert enc._passes([0], [[]]) == [[0]]  # no tokens at all: still one pass
     enc.strategy = "pack"
     assert enc._passes(list(range(32)), long_) == [list(range(32))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_encode_follows_a_cast_model(dtype: torch.dtype) -> None:
+    """``encode`` after ``.double()``, ``.to(torch.bfloat16)`` or ``.half()`` raised torch's
+    "Index put requires the source and destination dtypes match": float64 embeddings from
+    a float64 model, float32 from the lower precisions, each close to float32's."""
+    from attnlab.models.sentence import _toy_encoder
+
+    texts = ["a cat sat", "the dog ran far away", ""]
+    want = _toy_encoder().encode(texts)
+    got = _toy_encoder().to(dtype).encode(texts)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    tol = 1e-6 if dtype == torch.float64 else 3e-2
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)

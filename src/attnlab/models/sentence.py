@@ -260,7 +260,8 @@ class SentenceEncoder(nn.Module):
                 fewer texts, each at most :data:`TOKENS_PER_PASS` padded tokens.
 
         Returns:
-            ``(len(texts), D)`` float32 embeddings, in the order of ``texts``.
+            ``(len(texts), D)`` float32 embeddings (float64 from a ``.double()`` model),
+            in the order of ``texts``.
 
         Example:
             >>> enc = SentenceEncoder.from_pretrained()  # needs attnlab[pretrained]
@@ -272,14 +273,15 @@ class SentenceEncoder(nn.Module):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         ids = self.tokenize(texts)
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # longest first
-        device = self.bert.embeddings.word_embeddings.weight.device
+        weight = self.bert.embeddings.word_embeddings.weight
+        kind = torch.promote_types(weight.dtype, torch.float32)  # a .half() model: float32
         low = self.precision == "bfloat16"
-        autocast = torch.autocast(device.type, torch.bfloat16, enabled=low)
+        autocast = torch.autocast(weight.device.type, torch.bfloat16, enabled=low)
         with eval_mode(self), torch.inference_mode(), autocast:  # no dropout; mode kept
-            out = torch.empty(len(ids), self.dim, device=device)
+            out = torch.empty(len(ids), self.dim, device=weight.device, dtype=kind)
             for start in range(0, len(ids), batch_size):
                 for sel in self._passes(order[start : start + batch_size], ids):
-                    out[sel] = self.embed_ids([ids[i] for i in sel])
+                    out[sel] = self.embed_ids([ids[i] for i in sel]).to(kind)
         return out
 
     def _passes(self, sel: list[int], ids: Sequence[Sequence[int]]) -> list[list[int]]:
