@@ -222,3 +222,60 @@ def test_approximate_engines_record_their_own_weights(
         under = mha(x, mask=m)
     assert live.records[0].engine == engine and live.records[0].weights.requires_grad
     assert torch.allclose(under, plain, atol=1e-10)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointed_layers_are_recorded_once(reentrant: bool) -> None:
+    """Activation checkpointing recomputes each layer in the backward: with the backward
+    inside the block, those calls were recorded as second calls (4 records for 2 layers,
+    6 with grad=True), and rollout ran over 4 "layers"."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    enc = Encoder(EncoderLayer(LayerConfig(16, 2, 32, dropout=0.0)), 2).eval()
+    x = torch.randn(1, 5, 16, requires_grad=True)
+    with capture(enc) as plain:
+        enc(x)
+    with capture(enc) as cap:
+        h = x
+        for layer in enc.layers:
+            h = checkpoint(layer, h, use_reentrant=reentrant)
+        h.sum().backward()
+    assert [(c.name, c.call) for c in cap] == [(c.name, c.call) for c in plain]
+    for got, want in zip(cap, plain, strict=True):
+        torch.testing.assert_close(got.weights, want.weights)
+
+
+def test_gradient_relevance_of_a_checkpointed_model_equals_the_plain_one() -> None:
+    """Its backward ran after the block, where the recompute took another engine than the
+    forward's reference: torch's CheckpointError (37 tensors saved, 30 recomputed)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from attnlab.interpret import gradient_relevance
+
+    torch.manual_seed(0)
+    enc = Encoder(EncoderLayer(LayerConfig(16, 2, 32, dropout=0.0)), 2).eval()
+    x = torch.randn(1, 5, 16)
+
+    def checkpointed() -> torch.Tensor:
+        h = x
+        for layer in enc.layers:
+            h = checkpoint(layer, h, use_reentrant=False)
+        return h[:, 0].sum()
+
+    want = gradient_relevance(enc, lambda: enc(x)[:, 0].sum())
+    torch.testing.assert_close(gradient_relevance(enc, checkpointed), want)
+
+
+def test_gradient_relevance_under_reentrant_checkpointing_says_why() -> None:
+    """Reentrant checkpointing runs the forward without grad, so the weights are outside
+    the graph: torch's "One of the differentiated Tensors does not require grad"."""
+    from torch.utils.checkpoint import checkpoint
+
+    from attnlab.interpret import gradient_relevance
+
+    enc = Encoder(EncoderLayer(LayerConfig(16, 2, 32, dropout=0.0)), 1).eval()
+    x = torch.randn(1, 5, 16, requires_grad=True)
+    run = lambda: checkpoint(enc.layers[0], x, use_reentrant=True)[:, 0].sum()  # noqa: E731
+    with pytest.raises(RuntimeError, match="use_reentrant=False"):
+        gradient_relevance(enc, run)

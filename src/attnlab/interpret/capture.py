@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -69,7 +70,9 @@ class capture:
         grad: keep the weights that computed the output, still in the autograd graph, so
             ``torch.autograd.grad(score, [c.weights for c in cap])`` gives d score / d
             weights (gradient relevance). Every call then runs on the ``reference`` engine;
-            ``heads`` and ``rows`` must be left out.
+            ``heads`` and ``rows`` must be left out. With activation checkpointing, run
+            the backward inside the block too, so its recomputed calls take the same
+            engine (calls a backward recomputes are never recorded twice).
 
     Example:
         >>> import torch
@@ -146,6 +149,8 @@ class capture:
     def _observe(self, event: AttentionEvent) -> None:
         if threading.get_ident() != self._thread:
             return  # another thread's call
+        if torch._C._current_graph_task_id() != -1:  # activation checkpointing's recompute,
+            return  # run by the backward: the forward's call, recorded already
         name = self._stack[-1] if self._stack else ""
         if not self._wanted(name):
             return

@@ -190,15 +190,23 @@ def gradient_relevance(
         >>> tuple(gradient_relevance(enc, lambda: enc(x)[:, 0].sum()).shape)
         (1, 5, 5)
     """
+    # the backward inside the block too: activation checkpointing recomputes each call
+    # there, on the engine of the forward (reference), and capture does not record it again
     with capture(model, layers=layers, grad=True) as cap, torch.enable_grad():
         score = run()
-    if not isinstance(score, Tensor) or score.dim() > 1:
-        shape = tuple(score.shape) if isinstance(score, Tensor) else type(score).__name__
-        raise ValueError(f"run() must return a scalar or (B,) score, got {shape}")
-    weights = [c.weights for c in cap.records]
-    if not weights:
-        raise ValueError(f"no attention call inside the model matched layers={layers}")
-    with torch.enable_grad():  # the sum too: a caller under no_grad gets the same
+        if not isinstance(score, Tensor) or score.dim() > 1:
+            shape = tuple(score.shape) if isinstance(score, Tensor) else type(score).__name__
+            raise ValueError(f"run() must return a scalar or (B,) score, got {shape}")
+        weights = [c.weights for c in cap.records]
+        if not weights:
+            raise ValueError(f"no attention call inside the model matched layers={layers}")
+        if not all(w.requires_grad for w in weights):  # (torch: "does not require grad")
+            raise RuntimeError(
+                "gradient_relevance: the attention weights are outside the autograd graph: "
+                "run() ran under torch.inference_mode, or under reentrant activation "
+                "checkpointing (use_reentrant=True runs the forward without grad; use "
+                "use_reentrant=False)"
+            )
         grads = torch.autograd.grad(score.sum(), weights, allow_unused=True)
     grads_ = [torch.zeros_like(w) if g is None else g for w, g in zip(weights, grads, strict=True)]
     return relevance(weights, grads_)
