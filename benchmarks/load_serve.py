@@ -172,6 +172,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return summarize(args, times, errors, memory)
 
 
+def _p95(ms: list[float]) -> float:
+    """The 95th percentile of ``ms``, within them ("inclusive": the default method
+    extrapolates past the largest, a p95 of 170.7 ms beside a max of 148.8 ms of 16 calls)."""
+    return statistics.quantiles(ms, n=20, method="inclusive")[18]
+
+
 def summarize(
     args: argparse.Namespace,
     times: dict[str, list[float]],
@@ -180,14 +186,14 @@ def summarize(
 ) -> dict[str, Any]:
     cap = torch.backends.cpu.get_cpu_capability()
     for kind, ms in sorted(times.items()):
-        q = statistics.quantiles(ms, n=20) if len(ms) > 1 else ms * 19
+        p95 = _p95(ms) if len(ms) > 1 else ms[0]
         print(
             json.dumps(
                 {
                     "call": kind,
                     "count": len(ms),
                     "p50_ms": round(statistics.median(ms), 1),
-                    "p95_ms": round(q[18], 1),
+                    "p95_ms": round(p95, 1),
                     "max_ms": round(max(ms), 1),
                     "cpu": cap,
                 }
@@ -207,7 +213,7 @@ def summarize(
         "first_errors": errors[:3],
         "rps": round(len(all_ms) / args.seconds, 1),
         "p50_ms": round(statistics.median(all_ms), 1) if all_ms else None,
-        "p95_ms": round(statistics.quantiles(all_ms, n=20)[18], 1) if len(all_ms) > 1 else None,
+        "p95_ms": round(_p95(all_ms), 1) if len(all_ms) > 1 else None,
         "rss_after_warmup_mb": round(after[0], 1) if after else None,
         "rss_end_mb": round(memory[-1][1], 1) if memory else None,
         "rss_growth_mb": round(max(tail) - after[0], 1) if after else None,
