@@ -151,6 +151,23 @@ def test_autocast_follows_sdpa_by_the_2x_rule(family: str) -> None:
     assert_2x_rule(outs["attnlab"], outs["anchor"], ref64, f"{family} under autocast")
 
 
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_weights_under_autocast_follow_eager_by_the_2x_rule(family: str) -> None:
+    """``output_attentions=True`` under CPU autocast: eager's weights come from a float32
+    softmax (float32 where RoPE leaves the query float32); the backend's came back in
+    bfloat16, 2e-3 off the float64 model's where eager's were 1e-4."""
+    ids = _ids()
+    with torch.no_grad():
+        ref64 = tiny(family).double()(input_ids=ids, output_attentions=True).attentions
+        got = {}
+        for impl in ("eager", "attnlab"):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got[impl] = tiny(family, impl)(input_ids=ids, output_attentions=True).attentions
+    for ours, eager, want in zip(got["attnlab"], got["eager"], ref64, strict=True):
+        assert ours.dtype == eager.dtype
+        assert_2x_rule(ours.double(), eager.double(), want, f"{family} weights under autocast")
+
+
 @pytest.mark.parametrize("impl", ["attnlab", "attnlab_blocked"])
 def test_inkling2_sinks_per_row_and_position_bias_follow_eager(impl: str) -> None:
     """Inkling 2 passes a sink logit per query row (computed from each token) and a

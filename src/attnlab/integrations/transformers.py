@@ -370,18 +370,32 @@ def attention_forward(
     want = bool(kwargs.get("output_attentions", False)) or _collecting_attentions()
     graph = want and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     sinks = sinks_of(kwargs.get("s_aux"), kwargs.get("sinks"))
-    args = {"mask": mask, "bias": bias, "scale": scaling, "softcap": softcap, "sinks": sinks}
-    r = attention(
-        query,
-        key,
-        value,
-        **args,  # type: ignore[arg-type]
-        dropout_p=float(dropout),
-        engine="reference" if graph else engine,  # weights in the graph, as eager's are
-        return_weights=want,
-    )
-    out, weights = (r.out, r.weights) if isinstance(r, AttentionOutput) else (r, None)
+    args: dict[str, Any] = {"mask": mask, "bias": bias, "scale": scaling, "softcap": softcap}
+    args |= {"sinks": sinks, "dropout_p": float(dropout)}
+    args["engine"] = "reference" if graph else engine
+    out, weights = _attend(query, key, value, want, args)  # reference: weights in the graph
     return out.transpose(1, 2).contiguous(), eager_weights(module, weights, sinks)
+
+
+def _attend(
+    query: Tensor, key: Tensor, value: Tensor, want: bool, args: dict[str, Any]
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`attnlab.attention`'s output, and its weights if ``want``. Under
+    ``torch.autocast`` with weights asked for, q, k and v are rounded to its dtype (as
+    eager's matmuls take them) and computed in float32, so the weights keep the precision
+    of eager's float32 softmax (in bfloat16 they were 2e-3 off a float64 run, eager's
+    1e-4): the output in autocast's dtype, the weights in the query's, as eager's."""
+    kind = query.device.type
+    on = want and kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind)
+    if not on:
+        r = attention(query, key, value, **args, return_weights=want)
+        return (r.out, r.weights) if isinstance(r, AttentionOutput) else (r, None)
+    low = torch.get_autocast_dtype(kind)
+    qkv = [t if t.dtype == torch.float64 else t.to(low).float() for t in (query, key, value)]
+    with torch.autocast(kind, enabled=False):
+        r = attention(*qkv, **args, return_weights=True)
+    assert isinstance(r, AttentionOutput) and r.weights is not None
+    return r.out.to(low), r.weights.to(query.dtype)
 
 
 def _decoding_step(
