@@ -439,3 +439,32 @@ def test_capture_of_the_compiled_module_names_its_layers_as_the_model_does() -> 
         compiled(x)
     assert [r.name for r in one.records] == [plain.records[0].name]
     assert max_err(one.records[0].weights, plain.records[0].weights) < 1e-6
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_gives_the_same_gradients(reentrant: bool) -> None:
+    """``torch.utils.checkpoint`` recomputes the layer in the backward: the blocked
+    kernel's engine (a window at 512 tokens) with a learnable T5 bias gives the gradients
+    of the run without it, bit for bit."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Layer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mha, self.t5 = MultiHeadAttention(32, 4), B.relative_buckets(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.mha(x, mask=M.causal() & M.window(64), bias=self.t5)
+
+    torch.manual_seed(0)
+    layer, x = Layer(), torch.randn(1, 512, 32, requires_grad=True)
+    grads = []
+    for wrapped in (False, True):
+        layer.zero_grad()
+        x.grad = None
+        out = checkpoint(layer, x, use_reentrant=reentrant) if wrapped else layer(x)
+        out.square().sum().backward()
+        grads.append([x.grad.clone(), *(p.grad.clone() for p in layer.parameters())])
+    assert len(grads[0]) == 6  # x, the projections' weights and biases, the T5 table
+    for got, want in zip(*grads, strict=True):
+        assert torch.equal(got, want)
