@@ -117,15 +117,27 @@ def _segmenter() -> Any:
     return seg
 
 
+# characters pysbd uses as its own placeholders: a sentence holding one was dropped or cut
+# ("The sonata is in B♭ major." never reached the index); they pass as private-use ones
+_PYSBD_OWN = "∯∮♨☝♭♬☉☈☇☄ȸȹ⌬⎋☏♝♟✂"
+_HIDE = {ord(c): 0xF0000 + i for i, c in enumerate(_PYSBD_OWN)}
+_SHOW = {v: k for k, v in _HIDE.items()}
+
+
 def split_sentences(text: str) -> list[str]:
     """The sentences of one paragraph of prose (whitespace collapsed), by pysbd.
 
     Example:
         >>> split_sentences("Call str.format(), i.e. the method. It returns 3.5 too.")
         ['Call str.format(), i.e. the method.', 'It returns 3.5 too.']
+        >>> split_sentences("The sonata is in B♭ major. It is short.")
+        ['The sonata is in B♭ major.', 'It is short.']
     """
-    flat = " ".join(text.split())
-    return [s.strip() for s in _segmenter().segment(flat) if s.strip()] if flat else []
+    flat = " ".join(text.split()).translate(_HIDE)
+    parts = (
+        s.translate(_SHOW).strip().strip("\u200b\ufeff").strip() for s in _segmenter().segment(flat)
+    )
+    return [s for s in parts if s] if flat else []
 
 
 def _indent(block: str) -> int:
@@ -162,7 +174,8 @@ def _unfenced(text: str) -> str:
     ``# heading`` a paragraph of its own."""
     out: list[str] = []
     fence = ""
-    for line in _HTML_COMMENT.sub("\n", text.replace("\r\n", "\n")).split("\n"):
+    flat = text.replace("\r\n", "\n").replace("\r", "\n")  # old Mac line ends too
+    for line in _HTML_COMMENT.sub("\n", flat).split("\n"):
         if fence:  # code, until a bare run of the fence's character at least as long
             m = _FENCE.match(line)
             if m and m.group(1)[0] == fence[0] and len(m.group(1)) >= len(fence):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 
@@ -42,7 +43,10 @@ def words(text: str) -> list[str]:
         ['__enter__', 'return', 'and']
         >>> words("Müller café, Где кошка?")
         ['müller', 'café', 'где', 'кошка']
+        >>> words("Zu\u0308rich") == words("Zürich") == ["zürich"]
+        True
     """
+    text = unicodedata.normalize("NFC", text)  # "e" + U+0301 is one letter, as "é" is
     return [w for w in _WORD.findall(text.lower()) if w not in STOP_WORDS]
 
 
