@@ -161,3 +161,18 @@ def test_explain_hf_model_names_corrupt_weights_and_keeps_its_files(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "argument --hf-model:" in err, err
     assert "weights cannot be read" in err and not (tmp_path / "r.html").exists()
+
+
+def test_byte_level_tokens_are_named_by_their_text() -> None:
+    """A GPT-2-style tokenizer's vocabulary strings are bytes spelled as characters: the
+    pictures and reports showed "ĠcafÃ©" for " café" and "æĿ±äº¬" for " 東京"."""
+    from attnlab.integrations.hf_text import token_text
+
+    bpe = tokenizers.ByteLevelBPETokenizer()
+    corpus = ["the café in Zürich", "東京 and 大阪 are cities", "hello 👍🏽"] * 20
+    bpe.train_from_iterator(corpus, vocab_size=300, min_frequency=1, special_tokens=["<eos>"])
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<eos>")
+    ids = tok("the café in 東京")["input_ids"]
+    names = [token_text(tok, i) for i in ids]
+    assert "".join(names).replace("␣", " ") == "the café in 東京"
+    assert all("Ã" not in n and "Ġ" not in n for n in names)

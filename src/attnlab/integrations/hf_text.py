@@ -76,6 +76,28 @@ def load_hf(folder: str | Path) -> tuple[nn.Module, Any]:
     return model, tokenizer
 
 
+def token_text(tokenizer: Any, i: int) -> str:
+    """The text token ``i`` stands for, as a picture labels it: byte-level BPE's vocabulary
+    strings decoded (``"ĠcafÃ©"`` is ``" café"``), spaces alone shown as ``"␣"``, and the
+    vocabulary string itself where it decodes to part of a character (half an emoji).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> tok = SimpleNamespace(convert_ids_to_tokens=lambda i: "Ġ",
+        ...                       convert_tokens_to_string=lambda ts: " ")
+        >>> token_text(tok, 7)
+        '␣'
+    """
+    raw = tokenizer.convert_ids_to_tokens(i)
+    try:
+        text = tokenizer.convert_tokens_to_string([raw])
+    except (AttributeError, KeyError, TypeError, ValueError):  # no decoder: its own strings
+        return str(raw)
+    if "\ufffd" in text or not text:
+        return str(raw)
+    return text if text.strip() else text.replace(" ", "␣")
+
+
 def hf_text_model(
     model: nn.Module, tokenizer: Any, *, text: str = "", continuation: str | None = None
 ) -> TextModel:
@@ -98,7 +120,7 @@ def hf_text_model(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     common: dict[str, Any] = {
         "network": model,
-        "token_name": lambda i: tokenizer.convert_ids_to_tokens(int(i)),
+        "token_name": lambda i: token_text(tokenizer, int(i)),
         "input_embeddings": model.get_input_embeddings(),  # type: ignore[operator]
         "pad_id": int(pad),
     }
