@@ -340,6 +340,28 @@ def test_api_errors_are_one_line_on_the_page(page: Any, server: str) -> None:
     assert page.is_hidden("#error") and len(page.query_selector_all("#headview .q")) == 12
 
 
+def test_enter_that_ends_a_composition_does_not_run_and_chars_are_code_points(
+    page: Any, server: str
+) -> None:
+    """Typing Japanese or Chinese: the Enter that commits an input method's text ran the
+    model on the text not yet committed. The counter counted UTF-16 units (an emoji 2),
+    the server code points: "4200 / 4000 chars" for a text the server took."""
+    sent: list[str] = []
+    page.on("request", lambda r: sent.append(r.url) if "/api/attend" in r.url else None)
+    page.fill("#text", "とうきょう")
+    page.eval_on_selector(
+        "#text",
+        "e => e.dispatchEvent(new KeyboardEvent('keydown', {key: 'Enter', isComposing: true,"
+        " keyCode: 229, bubbles: true, cancelable: true}))",
+    )
+    page.wait_for_timeout(300)
+    assert sent == []
+    page.fill("#text", "😀" * 3 + "ab")
+    assert page.inner_text("#chars").startswith("5 / ")
+    _act(page, lambda: page.press("#text", "Enter"))  # a plain Enter still runs
+    assert len(sent) == 1
+
+
 def test_a_model_that_fails_to_load_is_not_left_loading(page: Any, server: str) -> None:
     """The note beside the model kept "(loading…)" after the load failed."""
     _act(page, lambda: page.select_option("#model", "broken"), timeout=60_000)

@@ -403,7 +403,7 @@ function setMode(mode, rerun = true) {
 }
 
 function chars() {
-  const n = $("#text").value.length, max = S.limits.max_chars;
+  const n = [...$("#text").value].length, max = S.limits.max_chars;  // code points, as the server
   $("#chars").textContent = max ? `${n} / ${max} chars` : `${n} chars`;
 }
 
@@ -418,8 +418,10 @@ function fillModels(list, def) {
 }
 
 function wire() {
-  const enter = e => {
-    if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); action(run); }
+  const enter = e => {  // (not the Enter that commits an input method's composition)
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing && e.keyCode !== 229) {
+      e.preventDefault(); action(run);
+    }
   };
   $("#text").addEventListener("keydown", enter);
   $("#text-b").addEventListener("keydown", enter);
