@@ -325,3 +325,27 @@ def test_summarize_pydoc_without_a_topic_is_a_usage_error_not_a_topic(
     (tmp_path / "pydoc").write_text(PROSE)  # control: a file of that name is that file
     doc = ask_cli._summary_doc("pydoc")
     assert (doc.name, doc.text) == ("pydoc", PROSE)
+
+
+@NEED_MODEL
+def test_a_terminal_without_the_texts_characters_gets_escapes_not_a_crash(
+    tmp_path: Path,
+) -> None:
+    """Under a cp1252 console (``PYTHONIOENCODING``, a redirected Windows console) a
+    summary holding "東京" raised UnicodeEncodeError after all the work, exit 1, and
+    nothing was printed."""
+    import subprocess
+    import sys
+
+    doc = tmp_path / "tokyo.txt"
+    doc.write_text("Tokyo (東京) is the capital of Japan. It is large.\n", encoding="utf-8")
+    code = "import sys; from attnlab.cli import main; sys.exit(main(sys.argv[1:]))"
+    env = {**os.environ, "PYTHONIOENCODING": "cp1252"}
+    res = subprocess.run(
+        [sys.executable, "-c", code, "summarize", str(doc), "--sentences", "2"],
+        capture_output=True,
+        env=env,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr.decode("cp1252", "replace")[-2000:]
+    assert b"Tokyo (\\u6771\\u4eac) is the capital of Japan." in res.stdout

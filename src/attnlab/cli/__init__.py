@@ -62,12 +62,23 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (``--help`` and parse errors included)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    _printable_output()
     try:
         args = parse_args(argv)
     except SystemExit as e:  # --help, --version, or a usage error already printed
         return e.code if isinstance(e.code, int) else 2
     args.argv = argv
     return _run(args)
+
+
+def _printable_output() -> None:
+    """Characters the terminal's encoding lacks (a cp1252 console, ``PYTHONIOENCODING``)
+    are written as escapes: an answer with "東京" raised UnicodeEncodeError after all the
+    work, and nothing was printed."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)  # (a test's StringIO has none)
+        if reconfigure is not None and getattr(stream, "errors", "strict") == "strict":
+            reconfigure(errors="backslashreplace")
 
 
 def _run(args: argparse.Namespace) -> int:
