@@ -501,3 +501,16 @@ def test_ctrl_c_while_torch_imports_is_one_line() -> None:
         "attnlab: interrupted (SIGINT) while starting; nothing was done"
     ]
     assert ATTNLAB.read_text().count("attnlab_launch") == 1  # the installed script uses it
+
+
+def test_clipped_labels_keep_whole_characters() -> None:
+    """summarize's salience list and embed's labels cut text at a count of code points: a
+    family emoji lost a member and kept a dangling joiner, "e" + U+0301 printed a bare
+    "e"."""
+    from attnlab.cli._args import clip
+
+    family = "👨\u200d👩\u200d👧"
+    assert clip("x" * 98 + family + " tail", 100) == "x" * 98 + family
+    assert clip("a" * 99 + "e\u0301z", 100) == "a" * 99 + "e\u0301"
+    assert clip("thumbs 👍🏽 up", 11, "...") == "thumbs 👍🏽..."  # not "thumbs 👍..."
+    assert clip("short", 10, "...") == "short"

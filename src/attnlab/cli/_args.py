@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -31,6 +32,7 @@ __all__ = [
     "check_out_file",
     "check_out_folder",
     "clean_text",
+    "clip",
     "float_in",
     "int_in",
     "names_in",
@@ -216,3 +218,32 @@ def _check_creatable(argument: str, folder: Path) -> None:
         raise UsageError(
             argument, f"cannot write in {str(level)!r} (permission denied or read-only)"
         )
+
+
+def clip(text: str, n: int, tail: str = "") -> str:
+    """``text`` cut to about ``n`` characters, ``tail`` marking a cut, never inside a
+    character a reader sees as one: combining marks, joiners, variation selectors and skin
+    tones stay with what they modify (a family emoji lost a member and left a dangling
+    joiner; "e" + U+0301 printed a bare "e").
+
+    Example:
+        >>> clip("cafe\u0301 au lait", 4) == "cafe\u0301", clip("short", 10, "...")
+        (True, 'short')
+    """
+    if len(text) <= n:
+        return text
+    cut = max(0, n - len(tail))
+    while 0 < cut < len(text) and _joined(text[cut - 1], text[cut]):
+        cut += 1
+    return text[:cut] + tail
+
+
+def _joined(before: str, ch: str) -> bool:
+    """Whether ``ch`` belongs to the character ``before`` is part of."""
+    modifier = 0x1F3FB <= ord(ch) <= 0x1F3FF  # emoji skin tones
+    return (
+        bool(unicodedata.combining(ch))
+        or ch in "\u200d\ufe0e\ufe0f"
+        or before == "\u200d"
+        or modifier
+    )

@@ -29,6 +29,7 @@ from attnlab.cli._args import (
     check_out_file,
     check_out_folder,
     clean_text,
+    clip,
     int_in,
     shown,
 )
@@ -207,7 +208,7 @@ def run_summarize(args: argparse.Namespace) -> int:
     print("\nsalience (PageRank over sentence similarity; sums to 1):")
     for i, (s, v) in enumerate(zip(summary.sentences, summary.salience, strict=True)):
         mark = "*" if i in summary.chosen else " "
-        print(f"{mark} {v:.4f}  {s[:100]}")
+        print(f"{mark} {v:.4f}  {clip(s, 100)}")
     if out is not None:
         print(f"wrote {shown(summary_html(summary, out, title=f'summary of {doc.name}'))}")
     return 0

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from attnlab.cli._args import clean_text, int_in
+from attnlab.cli._args import clean_text, clip, int_in
 from attnlab.cli._errors import UsageError
 from attnlab.cli._sentence import add_model_option, check_has_tokens, encoder_tokens, load_encoder
 
@@ -81,7 +81,7 @@ def _print_similarity(texts: list[str], emb: torch.Tensor, name: str) -> None:
     print(f"cosine similarity of {len(texts)} texts ({name}):")
     print("     " + "".join(f"{f'[{j}]':>8}" for j in range(len(texts))))
     for i, row in enumerate(sim.tolist()):
-        label = texts[i] if len(texts[i]) <= 60 else texts[i][:57] + "..."
+        label = clip(texts[i], 60, "...")
         print(f"{f'[{i}]':<5}" + "".join(f"{x:8.4f}" for x in row) + f"  {label}")
 
 
