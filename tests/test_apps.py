@@ -77,7 +77,7 @@ def test_threads_split_sentences_with_their_own_segmenter() -> None:
     threads returned no sentence): each thread has its own, and they split alike."""
     import threading
 
-    from attnlab.apps.corpus import _segmenter
+    from attnlab.apps.sentences import _segmenter
 
     texts = [
         " ".join(f"Doc {d} says fact {i}. It has {i} parts." for i in range(8)) for d in range(4)
