@@ -237,6 +237,14 @@ def test_text_is_read_alike_whatever_its_unicode_form_and_line_ends() -> None:
     assert split_sentences("Ok.\u200b Next.") == ["Ok.", "Next."]
 
 
+def test_markdown_strong_emphasis_does_not_cut_sentences() -> None:
+    """``**Fast.** The encoder runs faster.`` (README's own style) gave the answers
+    "** The encoder runs faster." and "**Fast."."""
+    text = "**Fast.** The encoder runs faster. Use **bold** words and 2**3 powers.\n"
+    got = [s.text for s in split_document(Document("a.md", text))]
+    assert got == ["Fast.", "The encoder runs faster.", "Use bold words and 2**3 powers."]
+
+
 def test_markdown_headings_code_and_comments_are_not_sentences(tmp_path: Path) -> None:
     (tmp_path / "manual.md").write_text(MANUAL_MD, encoding="utf-8")
     got = [(s.text, s.section) for s in split_document(load_documents(tmp_path)[0])]

@@ -158,6 +158,9 @@ def _heading(lines: list[str]) -> tuple[str, list[str]] | None:
     return None
 
 
+_STRONG = re.compile(r"\*\*(?=\S)(.+?)(?<=\S)\*\*", re.DOTALL)  # Markdown's strong emphasis
+
+
 def _prose(block: str) -> str:
     """A prose paragraph's text: a list's bullets dropped (those of the kind that opens
     it, so a wrapped ``2) ...`` stays), a reST ``text::`` read as ``text:``."""
@@ -201,6 +204,8 @@ def _paragraphs(text: str, markdown: bool = False) -> list[tuple[str, str]]:
         if markdown and (b := _BULLET.match(lines[0].lstrip())):
             prev_indent += len(b.group(0))  # a list item's own indented paragraphs are prose
         para = _prose(block)
+        if markdown:  # "**Fast.** The encoder..." gave "** The encoder..." and "**Fast."
+            para = _STRONG.sub(r"\1", para)
         if re.search(r"\w", para) and para.lower() not in _NOT_CODE_LEAD:
             out.append((section, para))  # not a bare "Note:", "::" or "---"
     return out
