@@ -803,3 +803,13 @@ def test_embed_checks_its_batch(enc) -> None:
     for batch, exc in ((-1, ValueError), (0, ValueError), (2.5, TypeError)):
         with pytest.raises(exc, match=f"batch must be a positive int, got {batch}"):
             embed(enc, texts, batch=batch)
+
+
+def test_matched_words_are_the_texts_own(enc: SentenceEncoder) -> None:
+    """The words of a match were the vocabulary's pieces: lowercased, accents stripped
+    ("食べましたか" showed as "へましたか") and "[UNK]" for an emoji; now each word is the
+    text its pieces cover."""
+    question, passage = "Why do Cats purr? 👍🏽", "昨日は東京で寿司を食べました。"
+    m = match_words(enc, question, passage, steps=2)
+    assert m.question == ["[CLS]", "Why", "do", "Cats", "purr", "?", "👍🏽", "[SEP]"]
+    assert "".join(m.passage[1:-1]) == passage and "べました" in m.passage

@@ -95,20 +95,46 @@ class WordMatch:
         return out
 
 
-def _words(tokens: list[str]) -> tuple[list[str], Tensor]:
+def _words(
+    tokens: list[str], text: str | None = None, offsets: list[tuple[int, int]] | None = None
+) -> tuple[list[str], Tensor]:
     """Word pieces merged into words, and the ``(W, T)`` 0/1 matrix of which token is in
-    which word."""
+    which word. With the tokens' ``offsets`` in ``text``, a word is the text it covers
+    (the vocabulary's pieces are lowercased and stripped of accents: "食べました" showed as
+    "へました", an emoji as "[UNK]")."""
     names: list[str] = []
     owner: list[int] = []
-    for t in tokens:
+    spans: list[list[int]] = []
+    for j, t in enumerate(tokens):
+        at = list(offsets[j]) if offsets is not None else [0, 0]
         if t.startswith("##") and names and names[-1] not in _SPECIAL:
             names[-1] += t[2:]
+            spans[-1][1] = at[1]
         else:
             names.append(t)
+            spans.append(at)
         owner.append(len(names) - 1)
+    if text is not None:
+        names = [
+            text[a:b] if b > a and n not in _SPECIAL else n
+            for n, (a, b) in zip(names, spans, strict=True)
+        ]
     member = torch.zeros(len(names), len(tokens))
     member[torch.tensor(owner), torch.arange(len(tokens))] = 1.0
     return names, member
+
+
+def _offsets(enc: SentenceEncoder, text: str, ids: list[int]) -> tuple[str | None, list | None]:
+    """``text`` and its tokens' character offsets, from the encoder's tokenizer (None,
+    None where it gives none, or other ids than ``ids``)."""
+    src = text.lower() if enc.config.lowercase else text
+    try:
+        e = enc.tokenizer.encode(src)
+    except (AttributeError, TypeError, ValueError):
+        return None, None
+    if list(e.ids) != ids:
+        return None, None
+    return (text if len(text) == len(src) else src), list(e.offsets)  # ("İ".lower(): 2)
 
 
 def _states(enc: SentenceEncoder, ids: Tensor) -> Tensor:
@@ -174,10 +200,10 @@ def match_words(enc: SentenceEncoder, question: str, passage: str, *, steps: int
         >>> from attnlab.models.sentence import _toy_encoder
         >>> enc = _toy_encoder()  # untrained; needs attnlab[pretrained]; use from_pretrained()
         >>> m = match_words(enc, "Why do cats purr?", "Cats purr when content.", steps=4)
-        >>> m.question  # word pieces merged: "pu", "##rr" -> "purr"
-        ['[CLS]', 'why', 'do', 'cats', 'purr', '?', '[SEP]']
+        >>> m.question  # word pieces merged: "pu", "##rr" -> "purr", as written
+        ['[CLS]', 'Why', 'do', 'cats', 'purr', '?', '[SEP]']
         >>> m.passage, tuple(m.pairs.shape)
-        (['[CLS]', 'cats', 'purr', 'when', 'content', '.', '[SEP]'], (7, 7))
+        (['[CLS]', 'Cats', 'purr', 'when', 'content', '.', '[SEP]'], (7, 7))
         >>> abs(float(m.pairs.sum()) - m.cosine) < 1e-5  # the pairs split the cosine
         True
         >>> abs(sum(m.question_ig) - m.ig_expected[0]) < 1e-4  # IG is complete
@@ -191,8 +217,12 @@ def match_words(enc: SentenceEncoder, question: str, passage: str, *, steps: int
     hq, hp = _states(enc, qi), _states(enc, pi)  # (nq, D), (np, D)
     mq, mp = hq.mean(0), hp.mean(0)  # (D,)
     tok = (hq @ hp.T) / (len(hq) * len(hp) * mq.norm() * mp.norm())  # (nq, np)
-    qw, qm = _words([model.token_name(int(i)) for i in qi[0]])
-    pw, pm = _words([model.token_name(int(i)) for i in pi[0]])
+    qw, qm = _words(
+        [model.token_name(int(i)) for i in qi[0]], *_offsets(enc, question, qi[0].tolist())
+    )
+    pw, pm = _words(
+        [model.token_name(int(i)) for i in pi[0]], *_offsets(enc, passage, pi[0].tolist())
+    )
     q_ig, q_exp, q_delta = _ig(model, qi, passage, steps)
     p_ig, p_exp, p_delta = _ig(model, pi, question, steps)
     return WordMatch(
