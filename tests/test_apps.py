@@ -556,6 +556,8 @@ def test_cli_ask_and_summarize_end_to_end(folder: Path, tmp_path: Path, capsys) 
         assert main([*argv, "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert text.startswith("1. The finally clause always runs") and "matched words" in text
+    asked = text.split("question words (integrated gradients): ")[1].split("\n")[0]
+    assert "[SEP]" not in asked and "[CLS]" not in asked and "finally" in asked  # 3 words
     assert "finally" in out.read_text() and (folder / ".attnlab-index" / "index.json").exists()
     assert main(["summarize", str(folder / "loops.txt"), "--sentences", "1"]) == 0
     assert "salience" in capsys.readouterr().out

@@ -110,7 +110,8 @@ def _print_answer(rank: int, a: Answer) -> None:
     if m is not None:
         pairs = ", ".join(f"{q} <-> {p} ({v:+.3f})" for q, p, v in m.top_pairs(5))
         print(f"   matched words (share of cosine {m.cosine:.3f}): {pairs}")
-        ranked = sorted(zip(m.question_ig, m.question, strict=True), reverse=True)[:5]
+        words = zip(m.question_ig[1:-1], m.question[1:-1], strict=True)  # not [CLS], [SEP]
+        ranked = sorted(words, reverse=True)[:5]
         print(
             "   question words (integrated gradients): "
             + ", ".join(f"{w} {v:+.3f}" for v, w in ranked)
