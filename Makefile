@@ -63,6 +63,7 @@ bench-smoke: $(VENV)/.base
 	$(PY) benchmarks/bench_hf.py --smoke
 	$(PY) benchmarks/sweep_hf.py --smoke
 	$(PY) benchmarks/bench_decode.py --smoke
+	$(PY) benchmarks/bench_auto.py --smoke
 	$(PY) benchmarks/bench_ask.py --smoke
 	$(PY) benchmarks/bench_robust.py --smoke
 	$(PY) benchmarks/bench_generative.py --smoke

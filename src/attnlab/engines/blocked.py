@@ -21,8 +21,9 @@ to be merged across tiles and no ``Lq x Lk`` tensor exists: memory is
   intervals. ``auto`` picks it for such calls with a mask, and without one where query
   heads are grouped (torch's SDPA reads the cache once per query head).
 
-The engine is three files: this one (the engine: what it supports, when ``auto`` picks
-it, weights), :mod:`~attnlab.engines.blocked_plan` (the schedule of blocks, key spans and
+The engine is four files: this one (the engine: what it supports, weights),
+:mod:`~attnlab.engines.blocked_choice` (when ``auto`` picks it),
+:mod:`~attnlab.engines.blocked_plan` (the schedule of blocks, key spans and
 partial tiles) and :mod:`~attnlab.engines.blocked_autograd` (the autograd function and
 its three implementations: compiled kernel, torch's per-block kernel, eager).
 """
@@ -38,7 +39,7 @@ from torch import Tensor
 from torch._C._functorch import is_functorch_wrapped_tensor
 
 from attnlab._eager import vmapping
-from attnlab.engines import blocked_autograd
+from attnlab.engines import blocked_autograd, blocked_choice
 from attnlab.engines._native import build_settings, ops, pool_limit_mib
 from attnlab.engines._versions import versions as _versions
 from attnlab.engines.base import AttentionRequest, Engine, EngineResult, sink_rows, with_sinks
@@ -238,18 +239,12 @@ class BlockedEngine(Engine):
         return _weights(req, self.plan(req), heads, rows)
 
     def prefers(self, req: AttentionRequest) -> bool:
-        """Whether ``auto`` should pick this engine over SDPA for ``req``."""
-        if self.decoding(req)[0]:
-            return True
-        if req.lq * req.lk < 1 << 18:
-            return False
-        if req.softcap is not None or req.sinks is not None or req.return_lse:
-            return True  # SDPA cannot: the reference engine's dense scores are the rest
-        if not req.q.is_cpu:  # blocks in eager torch: 8-38x slower than SDPA on an H200
-            return False
-        if req.mask is None or (req.mask.is_causal and req.bias is None):
-            return False  # SDPA's flash kernel is at the roofline for dense and causal
-        return self.plan(req).computed_fraction < 0.6
+        """Whether ``auto`` should pick this engine for ``req`` (:mod:`.blocked_choice`)."""
+        return self.decoding(req)[0] or blocked_choice.prefers(self, req)
+
+    def intervals(self, req: AttentionRequest) -> bool:
+        """Whether ``req``'s mask allows one key interval per row, the same for every head."""
+        return req.mask is not None and self._decode_bounds(req) is not None
 
 
 def decodes(q: Tensor, k: Tensor, v: Tensor, *, masked: bool) -> bool:

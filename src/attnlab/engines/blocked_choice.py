@@ -1,0 +1,126 @@
+"""When ``engine="auto"`` gives a call to the blocked engine (:meth:`BlockedEngine.prefers`).
+
+The rules come from timing the blocked engine against the engine ``auto`` would pick
+instead, in the same runs, on the CPU with its compiled kernel (``benchmarks/bench_auto.py``
+prints those timings; ``README`` has the table):
+
+* A call SDPA cannot compute (soft-capping, sinks, ``return_lse``, weights, cosine
+  scores) goes to the reference engine otherwise, whose dense ``Lq x Lk`` scores lose
+  from about 128 x 128 on in float32 (256 x 256 in half precision); weights only where
+  the compiled forward writes them beside the output (an interval mask, no bias, float32).
+* An ALiBi-like bias (linear in distance): SDPA reads it as a dense ``Hq x Lq x Lk``
+  tensor, the kernel computes it in its tiles. Float32 from ``2**17`` (query, key) pairs.
+* A few query rows against a long cache under an interval mask (a window, documents)
+  whose tiles leave at most a quarter of the keys: the kernel reads only those keys.
+* Otherwise from ``2**18`` pairs, where the mask leaves at most 60% of the tiles (80%
+  with an ALiBi-like bias, or from ``2**20`` pairs with any bias and no gradient); never
+  for dense or plain causal calls (SDPA's flash kernel).
+
+On a GPU the blocked engine runs eager torch: it takes only long calls SDPA cannot serve.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from attnlab.engines.base import AttentionRequest
+from attnlab.engines.blocked_autograd import bias_leaves, kernel_ok
+from attnlab.engines.blocked_plan import Plan
+
+__all__ = ["prefers"]
+
+LONG = 1 << 18  # (query, key) pairs from which a masked call pays for its plan anywhere
+
+
+class _Planner(Protocol):  # the blocked engine, as these rules see it
+    block: int
+
+    def plan(self, req: AttentionRequest) -> Plan: ...
+    def intervals(self, req: AttentionRequest) -> bool: ...
+
+
+def prefers(engine: _Planner, req: AttentionRequest) -> bool:
+    """Whether ``auto`` should give ``req`` (not a decoding step) to the blocked engine.
+
+    Example:
+        >>> from dataclasses import replace
+        >>> from attnlab import masks
+        >>> from attnlab.engines import get_engine
+        >>> q = torch.randn(1, 8, 256, 64)
+        >>> req = AttentionRequest(q, q, q, masks.causal(), None, 0.125, "dot", "softmax",
+        ...                        0.0, return_weights=False, return_lse=True)
+        >>> blocked = get_engine("blocked")
+        >>> prefers(blocked, req), prefers(blocked, replace(req, return_lse=False))
+        (True, False)
+    """
+    pairs = req.lq * req.lk
+    if pairs < 1 << 12:
+        return False
+    on_kernel = req.q.is_cpu and _kernel_rule(engine, req, pairs)  # then ask for the kernel
+    if on_kernel and kernel_ok(req, bias_leaves(req.bias)):  # (a first call builds it)
+        return True
+    return _eager_rule(engine, req, pairs)
+
+
+def _kernel_rule(engine: _Planner, req: AttentionRequest, pairs: int) -> bool:
+    """The rule where the compiled kernel runs ``req`` on the CPU."""
+    if _sdpa_lacks(req):
+        return pairs >= _versus_reference(engine, req)
+    linear = req.bias is not None and req.bias.linear_distance_slopes() is not None
+    f32 = req.q.dtype == torch.float32
+    if linear and pairs >= (1 << 17 if f32 else 1 << 20):
+        return True  # (B, Hq, Lq, Lk) bias tensor for SDPA: 1.6-7.7x (f32), 1.7-5.7x (bf16)
+    if pairs < LONG:
+        return f32 and _few_rows(engine, req, linear)
+    if req.mask is None or (req.mask.is_causal and req.bias is None):
+        return False  # SDPA's flash kernel is at the roofline for dense and causal
+    return linear and _fraction(engine, req) < 0.8
+
+
+def _eager_rule(engine: _Planner, req: AttentionRequest, pairs: int) -> bool:
+    """The rule wherever the blocked engine runs (the compiled kernel or not): long calls
+    that SDPA cannot serve, and on the CPU long ones whose mask leaves most tiles empty."""
+    if pairs < LONG:
+        return False
+    if req.softcap is not None or req.sinks is not None or req.return_lse:
+        return True  # SDPA cannot: the reference engine's dense scores are the rest
+    if not req.q.is_cpu:  # blocks in eager torch: 8-38x slower than SDPA on an H200
+        return False
+    if req.mask is None or (req.mask.is_causal and req.bias is None):
+        return False
+    if req.bias is not None and not req.needs_grad and pairs >= 1 << 20:
+        return _fraction(engine, req) < 0.8  # per-tile bias vs a dense one: 1.4-2.6x
+    return _fraction(engine, req) < 0.6
+
+
+def _sdpa_lacks(req: AttentionRequest) -> bool:
+    """Whether SDPA declines ``req`` for what it computes (the reference engine is next)."""
+    extra = req.softcap is not None or req.sinks is not None or req.score != "dot"
+    return extra or req.return_lse or req.return_weights
+
+
+def _versus_reference(engine: _Planner, req: AttentionRequest) -> int:
+    """The pairs from which the blocked engine beats the reference engine on ``req``."""
+    if req.return_weights:  # recomputed per block unless the forward writes them
+        fused = req.bias is None and req.q.dtype == torch.float32
+        if fused and req.mask is not None and engine.intervals(req):
+            return 1 << 14
+        return 1 << 20
+    return 1 << 14 if req.q.dtype == torch.float32 else 1 << 16
+
+
+def _few_rows(engine: _Planner, req: AttentionRequest, linear: bool) -> bool:
+    """A float32 call of a few rows over at least four key tiles, whose interval mask
+    leaves at most a quarter of them (2-10x SDPA, which reads every key)."""
+    if req.mask is None or req.lk < 4 * engine.block or req.lq * req.lk < 1 << 12:
+        return False
+    if req.bias is not None and not linear:
+        return False
+    return engine.intervals(req) and _fraction(engine, req) <= 0.25
+
+
+def _fraction(engine: _Planner, req: AttentionRequest) -> float:
+    """The fraction of ``req``'s tiles the plan computes."""
+    return engine.plan(req).computed_fraction

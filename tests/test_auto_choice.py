@@ -1,0 +1,93 @@
+"""What ``engine="auto"`` gives the blocked engine (``attnlab.engines.blocked_choice``).
+
+Each pick below was timed by ``benchmarks/bench_auto.py`` (README, "What auto picks"):
+these pin the rules, on both sides of each threshold, so a change to them shows here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnlab import bias as B
+from attnlab import masks as M
+from attnlab.engines import AttentionRequest, blocked_autograd, select_engine
+from attnlab.functional import _request
+
+
+def _pick(
+    lq: int,
+    lk: int,
+    mask: M.Mask | None = None,
+    bias: B.Bias | None = None,
+    *,
+    heads: tuple[int, int] = (8, 8),
+    dtype: torch.dtype = torch.float32,
+    lse: bool = False,
+    weights: bool = False,
+    grad: bool = False,
+) -> str:
+    q = torch.randn(1, heads[0], lq, 16, dtype=dtype, requires_grad=grad)
+    k, v = (torch.randn(1, heads[1], lk, 16, dtype=dtype, requires_grad=grad) for _ in "kv")
+    req: AttentionRequest = _request(q, k, v, mask, bias, None, "dot", "softmax", 0.0, weights, lse)
+    return select_engine("auto", req).name
+
+
+def test_what_sdpa_cannot_compute_goes_to_blocked_from_128_squared() -> None:
+    causal = M.causal()
+    assert _pick(128, 128, causal, lse=True) == "blocked"
+    assert _pick(128, 128, causal, lse=True, grad=True) == "blocked"
+    assert _pick(64, 64, causal, lse=True) == "reference"  # one small matmul wins
+    assert _pick(256, 256, None, lse=True, dtype=torch.bfloat16) == "blocked"
+    assert _pick(128, 128, None, lse=True, dtype=torch.bfloat16) == "reference"
+    assert _pick(256, 256, None, lse=True, dtype=torch.float64) == "reference"  # no kernel
+
+
+def test_weights_go_to_blocked_where_its_forward_writes_them() -> None:
+    assert _pick(128, 128, M.causal(), weights=True) == "blocked"
+    assert _pick(256, 256, M.window(32), weights=True) == "blocked"
+    assert _pick(512, 512, None, weights=True) == "reference"  # recomputed per block
+    assert _pick(512, 512, M.causal(), B.alibi(8), weights=True) == "reference"
+    assert _pick(1024, 1024, None, weights=True) == "blocked"
+    assert _pick(256, 256, M.causal(), weights=True, dtype=torch.bfloat16) == "reference"
+    assert _pick(256, 256, M.causal(), weights=True, grad=True) == "reference"  # refused
+
+
+def test_alibi_goes_to_blocked_whatever_the_mask() -> None:
+    for mask in (None, M.padding([360]), M.prefix(256)):
+        assert _pick(512, 512, mask, B.alibi(8)) == "blocked", mask
+        assert _pick(256, 256, mask, B.alibi(8)) == "sdpa", mask  # 2**16 pairs
+    assert _pick(64, 4096, None, B.alibi(8)) == "blocked"
+    assert _pick(512, 512, None, B.alibi(8), dtype=torch.bfloat16) == "sdpa"
+    assert _pick(1024, 1024, None, B.alibi(8), dtype=torch.bfloat16) == "blocked"
+    assert _pick(512, 512, M.padding([360]), B.alibi(8), dtype=torch.bfloat16) == "blocked"
+    assert _pick(512, 512, None, B.alibi(8), dtype=torch.float64) == "sdpa"
+
+
+def test_a_few_rows_under_a_narrow_interval_mask_go_to_blocked() -> None:
+    window, gqa = M.causal() & M.window(128), (32, 8)
+    assert _pick(16, 4096, window, heads=gqa) == "blocked"
+    assert _pick(1, 4096, window, B.alibi(32), heads=gqa) == "blocked"
+    assert _pick(32, 2048, M.documents(torch.arange(2048) // 512)) == "blocked"
+    assert _pick(16, 4096, M.padding([2900]), heads=gqa) == "sdpa"  # most keys allowed
+    assert _pick(16, 4096, window, heads=gqa, dtype=torch.bfloat16) == "sdpa"
+    assert _pick(16, 4096, M.block_random(64, 4), heads=gqa) == "sdpa"  # gathered keys
+    assert _pick(1, 4096, None, B.alibi(32), heads=gqa) == "sdpa"
+    assert _pick(16, 384, window, heads=gqa) == "sdpa"  # three key tiles
+
+
+def test_other_biases_go_to_blocked_when_no_gradient_is_wanted() -> None:
+    pad = M.padding([716])
+    with torch.no_grad():
+        assert _pick(1024, 1024, pad, B.relative_buckets(8)) == "blocked"
+        assert _pick(512, 512, pad, B.relative_buckets(8)) == "sdpa"
+        assert _pick(1024, 1024, None, B.relative_buckets(8)) == "sdpa"
+    assert _pick(1024, 1024, pad, B.relative_buckets(8)) == "sdpa"  # its table wants one
+
+
+def test_without_the_kernel_only_the_long_rules_hold(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(blocked_autograd, "USE_KERNEL", False)
+    assert _pick(256, 256, M.causal(), lse=True) == "reference"
+    assert _pick(512, 512, M.causal(), lse=True) == "blocked"
+    assert _pick(1024, 1024, None, B.alibi(8)) == "sdpa"
+    assert _pick(16, 4096, M.causal() & M.window(128), heads=(32, 8)) == "sdpa"
