@@ -277,3 +277,29 @@ def test_the_transformers_backend_decodes_without_a_request(
         assert isinstance(want, Tensor) and torch.equal(out, want.transpose(1, 2))
         _, weights = attention_forward(None, q, k, v, None, output_attentions=True)
         assert built and weights is not None and weights.shape == (2, 8, 1, 300)
+
+
+def test_a_one_row_causal_step_takes_the_path_without_a_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The causal mask is bottom-right aligned: one query row sees every key, so a
+    decoding step with ``mask=causal()`` (every ``DecoderLayer`` step) is the plain call
+    and takes its path (no request, no engine choice: 2-4x a plain loop's step time at
+    small sizes before); a second row still builds a request and is masked."""
+    from attnlab.models.lm import LanguageModel, LMConfig
+
+    picks: list[str] = []
+    real = functional.select_engine
+    monkeypatch.setattr(functional, "select_engine", lambda *a: picks.append(a[0]) or real(*a))
+    q, k, v = (torch.randn(1, 4, n, 16, dtype=torch.float64) for n in (1, 37, 37))
+    got = attnlab.attention(q, k, v, mask=M.causal())
+    assert picks == [] and torch.allclose(got, naive_attention(q, k, v)[0], atol=1e-12)
+    two = attnlab.attention(torch.cat([q, q], 2), k, v, mask=M.causal())
+    want = naive_attention(q, k[:, :, :36], v[:, :, :36])[0]  # the first row: one key fewer
+    assert picks == ["auto"] and torch.allclose(two[:, :, :1], want, atol=1e-12)
+    torch.manual_seed(0)
+    lm = LanguageModel(LMConfig(vocab_size=50, d_model=32, num_heads=4, num_layers=2)).eval()
+    picks.clear()
+    with torch.no_grad():
+        lm.generate(torch.randint(0, 50, (1, 16)), 12, temperature=0.0)  # from 16 keys on
+    assert picks == ["auto", "auto"]  # the prompt's pass through both layers, then none

@@ -13,6 +13,32 @@ from attnlab.nn import _fused
 from attnlab.nn._fused import linear
 
 
+@pytest.fixture(autouse=True)
+def _always_fused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These small shapes take the fused kernel too (in use only from FUSE_ROWS rows and
+    FUSE_WEIGHT weight entries on), so that its checks below check it."""
+    monkeypatch.setattr(_fused, "FUSE_ROWS", 1)
+    monkeypatch.setattr(_fused, "FUSE_WEIGHT", 1)
+
+
+def test_few_rows_and_small_weights_run_f_linear(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below 16 rows or 2**17 weight entries ``F.linear`` was faster (a decoding step's
+    single row: 22 against 13 us at 256 -> 768): only larger products are fused."""
+    monkeypatch.undo()
+    calls: list[int] = []
+    real = _fused._POINTWISE
+    if real is None:
+        pytest.skip("this torch has no oneDNN fused linear")
+    monkeypatch.setattr(_fused, "_POINTWISE", lambda x, *a: calls.append(len(x)) or real(x, *a))
+    big, small = torch.randn(1024, 256), torch.randn(192, 64)
+    with torch.no_grad():
+        for rows, w in [(1, big), (15, big), (16, big), (640, small)]:
+            x = torch.randn(rows, w.shape[1])
+            got = linear(x, w, None, "relu")
+            assert torch.allclose(got, F.relu(F.linear(x, w)), atol=1e-5)
+    assert calls == [16]
+
+
 @pytest.mark.parametrize("fold", [True, False])  # the AVX-512 and the AVX2 choice
 @pytest.mark.parametrize("activation", [None, "relu", "gelu", "gelu_tanh"])
 @pytest.mark.parametrize("rows", [1, 37, 640])

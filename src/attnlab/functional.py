@@ -7,8 +7,7 @@ Every attention in attnlab is the same four steps::
     weights = normalize(scores)                 # softmax, sparsemax, entmax15
     out     = weights @ v                       # weighted sum
 
-:func:`attention` validates the call and hands it to an engine; :func:`attend` runs the
-last three steps on scores computed elsewhere (Bahdanau's additive score, say).
+:func:`attention` hands a validated call to an engine; :func:`attend` runs the last three.
 """
 
 from __future__ import annotations
@@ -35,6 +34,7 @@ from attnlab.engines.approximate import ApproximateEngine
 from attnlab.engines.base import plain_attention, slice_weights
 from attnlab.engines.reference import mix
 from attnlab.masks import Mask, as_mask
+from attnlab.masks.intervals import Causal
 from attnlab.scores import ScoreFn, default_scale, expand_kv
 
 __all__ = [
@@ -136,6 +136,8 @@ def attention(
         >>> attnlab.attention(q, k, v, engine="performer", engine_options=opts).shape
         torch.Size([2, 4, 16, 8])
     """
+    if type(mask) is Causal and isinstance(q, Tensor) and q.dim() > 1 and q.shape[-2] == 1:
+        mask = None  # one query row, a decoding step: bottom-right causal allows every key
     plain = mask is None and bias is None and softcap is None and sinks is None
     if plain and engine == "auto" and engine_options is None:  # a decoding step, say
         flags_off = return_weights is False and return_lse is False and approximate is False
