@@ -25,7 +25,7 @@ from attnlab.engines.base import (
     weighted_values,
     with_sinks,
 )
-from attnlab.normalize import get_normalizer, softmax_with_lse
+from attnlab.normalize import get_normalizer, softmax_rows
 from attnlab.scores import SCORES, expand_kv
 
 __all__ = ["ReferenceEngine", "mix", "request_scores"]
@@ -113,8 +113,8 @@ def mix(
     s = scores if allowed is None else scores.masked_fill(~allowed, float("-inf"))
     lse = None
     if normalize == "softmax":
-        w, lse = softmax_with_lse(s)
-        if sinks is not None:  # the sinks take their share: the weights sum to less than 1
+        w, lse = softmax_rows(s, want_lse=want_lse or sinks is not None)
+        if sinks is not None and lse is not None:  # the sinks take their share of the sum
             w, lse = with_sinks(w, lse, sinks.to(s.dtype))
     else:
         w = get_normalizer(normalize)(s)
