@@ -847,6 +847,33 @@ def test_kernel_large_outputs_come_from_a_pool(monkeypatch: pytest.MonkeyPatch) 
     assert max_err(first, run()) < 1e-5
 
 
+def test_the_output_pool_keeps_the_sizes_in_use() -> None:
+    """Outputs of new sizes push the oldest buffers out: a pool that kept the first two
+    sizes it saw held them for good (192 MiB after two long prefills) and served no other."""
+    ops = blocked_mod.kernel()
+    if ops is None:
+        pytest.skip(f"attnlab's CPU kernel could not be built: {blocked_mod.kernel_error()}")
+    limit = _native.pool_limit_mib() << 20
+    mask = M.causal() & M.window(16)
+
+    def run(rows: int) -> int:  # out: 4 MiB per 4096 rows
+        q = torch.randn(1, 4, rows, 64)
+        out = attnlab.attention(q, q, q, mask=mask, engine="blocked")
+        assert isinstance(out, Tensor)
+        return out.data_ptr()
+
+    try:
+        ops.output_pool(0)
+        ops.output_pool(64 << 20)
+        run(4096), run(5120)  # two sizes freed into the pool: 4 + 5 MiB
+        first = run(6144)  # a third size: allocated, then kept
+        assert ops.output_pool(-1) == (5 + 6) << 20  # the oldest (4 MiB) made room
+        assert run(6144) == first  # and the third size is served from then on
+    finally:
+        ops.output_pool(0)
+        ops.output_pool(limit)
+
+
 def test_the_output_pool_keeps_within_its_limit() -> None:
     """A freed 4 MiB output stays in the pool; limit 0 frees it and keeps nothing after;
     ATTNLAB_KERNEL_POOL_MB sets the limit when the kernel loads, and a bad one is named."""

@@ -145,3 +145,21 @@ def test_a_forked_child_keeps_its_own_copy() -> None:
         os.waitpid(pid, 0)
         pytest.fail("the forked child did not finish in 30 s")
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+def test_a_new_size_evicts_the_oldest_maps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weights of changing lengths: the cache serves the sizes in use. It kept the first
+    sizes it saw and refused the rest (16 lengths: 965 MiB held, no hit)."""
+    monkeypatch.setenv("ATTNLAB_ZEROS_CACHE_MB", "1")  # one map of 160 written pages
+    like = torch.ones(1)
+    before = cache_info()
+    for rows in (1024, 1040, 1056):  # three sizes, each over the first's pages
+        for _ in range(3):
+            z = lazy_zeros((1, rows, 4096), like)
+            z[0, :40] = 1  # 160 pages
+            del z
+    info = cache_info()
+    hits, misses = info["hits"] - before["hits"], info["misses"] - before["misses"]
+    assert info["kept"] == 1 and (hits, misses) == (6, 3), info
+    z = lazy_zeros((1, 1056, 4096), like)  # the newest size is the one kept
+    assert cache_info()["hits"] - before["hits"] == 7 and not z.any()

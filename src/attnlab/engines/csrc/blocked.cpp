@@ -1066,9 +1066,9 @@ void populate(void* p, int64_t bytes) {
 // of MiB is mapped by the allocator on each call (every page faulted in and zeroed by the
 // system) and unmapped when freed, and those two cost about a tenth of a window forward at
 // 16k rows. A freed output of at least kPoolMin bytes goes back to the pool, which keeps
-// at most kPoolBuffers of them and `limit` bytes in all (else it is freed; the limit is
-// set from ATTNLAB_KERNEL_POOL_MB when the kernel loads, 0: no pool); a request takes one
-// of exactly its size, or allocates. Outputs so made are not resizable. The pool's buffers
+// the most recently freed of them, at most kPoolBuffers and `limit` bytes in all (the
+// limit is set from ATTNLAB_KERNEL_POOL_MB when the kernel loads, 0: no pool); a request
+// takes one of exactly its size, or allocates. Outputs so made are not resizable. The pool's buffers
 // stay resident between calls: in a model, through the layers' other work.
 constexpr size_t kPoolMin = size_t{4} << 20, kPoolBytes = size_t{256} << 20;
 constexpr size_t kPoolBuffers = 2;
@@ -1089,16 +1089,24 @@ struct OutputPool {
       }
     return nullptr;
   }
+  // Keeps p, the oldest buffers making room (a pool that kept the first two sizes it saw
+  // held them for good and served no other size), or frees it if it alone passes limit.
   void give(void* p, size_t bytes) {
+    std::vector<void*> drop{p};
     {
       std::lock_guard<std::mutex> lock(mu);
-      if (free.size() < kPoolBuffers && held + bytes <= limit) {
+      if (bytes <= limit) {
+        drop.clear();
+        while (!free.empty() && (free.size() >= kPoolBuffers || held + bytes > limit)) {
+          drop.push_back(free.front().second);
+          held -= free.front().first;
+          free.erase(free.begin());
+        }
         free.emplace_back(bytes, p);
         held += bytes;
-        return;
       }
     }
-    std::free(p);
+    for (void* d : drop) std::free(d);
   }
 };
 
