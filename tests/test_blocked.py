@@ -1052,3 +1052,37 @@ def test_backward_after_functional_call_uses_the_swapped_in_bias(make) -> None:
         grads[engine] = torch.autograd.grad(out.square().sum(), [q, k, v, *params.values()])
     for got, want in zip(grads["blocked"], grads["reference"], strict=True):
         assert max_err(got, want) <= 1e-9 * max(1.0, float(want.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_few_rows_convert_only_the_keys_they_read(dtype: torch.dtype) -> None:
+    """A few rows under a window at the end of a long cache: only the window's keys are
+    converted to float32 (the whole cache's conversion was 91-95% of the call); the result
+    keeps the 2x rule, and a gradient or a wide span still converts everything."""
+    from attnlab.engines.blocked_plan import widen
+
+    if blocked_mod.kernel() is None:
+        pytest.skip(f"attnlab's CPU kernel could not be built: {blocked_mod.kernel_error()}")
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 8, 3, 32, generator=g).to(dtype)
+    k, v = (torch.randn(1, 2, 2048, 32, generator=g).to(dtype) for _ in "kv")
+    mask = M.causal() & M.window(100)
+    got = attnlab.attention(q, k, v, mask=mask, engine="blocked")
+    allowed = mask.dense(3, 2048, batch=1, heads=8)
+    kk, vv = (t.repeat_interleave(4, 1) for t in (k, v))
+    ref, _ = naive_attention(q.double(), kk.double(), vv.double(), allowed=allowed)
+    plain, _ = naive_attention(q, kk, vv, allowed=allowed)
+    assert_2x_rule(got, plain, ref, f"{dtype} few rows")
+    plan = make_plan(
+        mask, _request(q, k, v, mask, None, None, "dot", "softmax", 0.0, False, False), 128
+    )
+    part = widen(k, torch.float32, plan)
+    assert torch.equal(part[:, :, -103:], k[:, :, -103:].float())  # the rows' keys
+    leaf = k.detach().requires_grad_()
+    assert torch.equal(widen(leaf, torch.float32, plan), k.float())  # autograd sees all
+    wide = make_plan(
+        M.causal(),
+        _request(k, k, v, M.causal(), None, None, "dot", "softmax", 0.0, False, False),
+        128,
+    )
+    assert torch.equal(widen(k, torch.float32, wide), k.float())

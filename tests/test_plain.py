@@ -137,3 +137,20 @@ def test_an_engine_registered_first_gets_plain_calls(no_requests: list[int]) -> 
 
 def _request(q: Tensor, k: Tensor, v: Tensor) -> base.AttentionRequest:
     return functional._request(q, k, v, None, None, None, "dot", "softmax", 0.0, False, False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_the_nan_screen_tells_nan_from_infinities(dtype: torch.dtype) -> None:
+    """The screen sums (a NaN makes the sum NaN; in half precision a sum took a quarter
+    of amax's time) and asks amax only then: +inf and -inf sum to NaN without a NaN."""
+    from attnlab._eager import any_nan
+
+    x = torch.randn(4096).to(dtype)
+    infs = x.clone()
+    infs[3], infs[7] = float("inf"), float("-inf")
+    nan = x.clone()
+    nan[2048] = float("nan")
+    assert not any_nan(x) and not any_nan(infs) and not any_nan(x, infs)
+    assert any_nan(nan) and any_nan(infs, nan) and any_nan(torch.ones(2), nan)
+    big = torch.full((4096,), torch.finfo(dtype).max, dtype=dtype)  # a sum that overflows
+    assert not any_nan(big)

@@ -276,8 +276,8 @@ def weighted_values(w: Tensor, v: Tensor, allowed: Tensor | None) -> Tensor:
 
 
 def may_hold_nan(*ts: Tensor) -> bool:
-    """Cheap NaN screen: torch's max propagates NaN, so ``amax`` is NaN exactly when an
-    element is (one pass, cheaper than a sum; decoding screens the whole KV cache).
+    """Cheap NaN screen (:func:`attnlab._eager.any_nan`): a sum is NaN when an element is
+    (one pass; ``amax`` then tells NaN from ``inf - inf``; a screen reads a whole KV cache).
 
     Example:
         >>> may_hold_nan(torch.ones(3)), may_hold_nan(torch.tensor([1.0, float("nan")]))

@@ -27,7 +27,7 @@ from attnlab._grid import Grid
 from attnlab.engines._leaves import bias_leaves, holding
 from attnlab.engines._native import kernel, kernel_error
 from attnlab.engines.base import AttentionRequest, may_hold_nan, weighted_values
-from attnlab.engines.blocked_plan import Block, KernelPlan, Plan
+from attnlab.engines.blocked_plan import Block, KernelPlan, Plan, widen
 from attnlab.scores import grouped_matmul, scores_of
 
 __all__ = [
@@ -335,7 +335,8 @@ def blocked_attention(
     :func:`kernel_ok`; elsewhere the last dim gets unit stride, for torch's fused op)
     here, where autograd sees it (each is the input itself where it already is)."""
     acc = acc_dtype(req.q.dtype)
-    qkv = [req.q.to(acc), req.k.to(acc), req.v.to(acc)]
+    kv = (widen(t, acc, plan) if kplan is not None else t.to(acc) for t in (req.k, req.v))
+    qkv = [req.q.to(acc), *kv]
     # torch's fused CPU op read a last dim of stride != 1 wrongly (off by 1.5-2, or
     # values of 1e33 from outside the tensor, torch 2.13): every path gets unit stride
     qkv = [t.contiguous() if kplan is not None or t.stride(-1) != 1 else t for t in qkv]
