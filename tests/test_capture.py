@@ -279,3 +279,47 @@ def test_gradient_relevance_under_reentrant_checkpointing_says_why() -> None:
     run = lambda: checkpoint(enc.layers[0], x, use_reentrant=True)[:, 0].sum()  # noqa: E731
     with pytest.raises(RuntimeError, match="use_reentrant=False"):
         gradient_relevance(enc, run)
+
+
+def test_asked_for_heads_and_rows_are_the_only_ones_computed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``heads=[1, 6]`` and ``rows=(130, 140)`` multiply those heads and rows only (it
+    computed every head of each overlapping 128-row block and sliced), with the weights
+    of an fp64 softmax, GQA and a per-head bias included."""
+    from attnlab.engines import blocked_weights
+
+    shapes: list[tuple[int, ...]] = []
+    real = blocked_weights.scores_of
+    monkeypatch.setattr(
+        blocked_weights, "scores_of", lambda q, k, s: shapes.append(tuple(q.shape)) or real(q, k, s)
+    )
+    torch.manual_seed(0)
+    q = torch.randn(1, 8, 300, 16, dtype=torch.float64)
+    k, v = torch.randn(2, 1, 2, 300, 16, dtype=torch.float64).unbind(0)
+    mask, alibi = masks.causal(), bias.alibi(8)
+    got = attnlab.attention_weights(q, k, v, mask=mask, bias=alibi, heads=[1, 6], rows=(130, 140))
+    assert shapes == [(1, 2, 10, 16)]  # one block's 10 rows, two heads
+    s = q @ k.repeat_interleave(4, 1).transpose(-1, -2) / 4 + alibi.dense(300, 300, heads=8)
+    want = s.masked_fill(~mask.dense(300, 300)[0, 0], float("-inf")).softmax(-1)
+    assert max_err(got, want[:, [1, 6], 130:140]) < 1e-12
+
+
+def test_the_reference_engines_weights_are_captured_as_computed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under capture a call on the reference engine (sparsemax here) hands its own weights
+    to the observers: it computed them twice, once for the output and once for capture."""
+    from attnlab.engines.reference import ReferenceEngine
+
+    calls: list[int] = []
+    real = ReferenceEngine.forward
+    monkeypatch.setattr(
+        ReferenceEngine, "forward", lambda self, r: calls.append(1) or real(self, r)
+    )
+    q, k, v = torch.randn(3, 1, 2, 40, 8).unbind(0)
+    with capture() as cap:
+        out = attnlab.attention(q, k, v, normalize="sparsemax")
+    assert len(calls) == 1 and len(cap.records) == 1
+    want = attnlab.attention(q, k, v, normalize="sparsemax", return_weights=True)
+    assert torch.equal(cap.records[0].weights, want.weights) and torch.equal(out, want.out)

@@ -32,7 +32,7 @@ from attnlab.bias import Bias, as_bias
 from attnlab.engines import AttentionRequest, get_engine, select_engine, validate_options
 from attnlab.engines.approximate import ApproximateEngine
 from attnlab.engines.base import plain_attention, slice_weights
-from attnlab.engines.reference import mix
+from attnlab.engines.reference import ReferenceEngine, mix
 from attnlab.masks import Mask, as_mask
 from attnlab.masks.intervals import Causal
 from attnlab.scores import ScoreFn, default_scale, expand_kv
@@ -164,7 +164,7 @@ def attention(
     )
     chosen = select_engine(engine, req)
     rewrite = rewriter()
-    own = isinstance(chosen, ApproximateEngine)  # its weights are its kernel's: its own
+    own = isinstance(chosen, (ApproximateEngine, ReferenceEngine))  # weights of its own
     if (live_weights() or rewrite) and not own:  # the weights must be the ones in the graph
         chosen = get_engine("reference")
         req = dataclasses.replace(req, return_weights=True, options={})

@@ -44,28 +44,22 @@ from attnlab.engines._native import build_settings, ops, pool_limit_mib
 from attnlab.engines._versions import versions as _versions
 from attnlab.engines.base import AttentionRequest, Engine, EngineResult, sink_rows, with_sinks
 from attnlab.engines.blocked_autograd import (
-    acc_dtype,
     bias_leaves,
-    block_tile,
     blocked_attention,
-    cap_scores,
     kernel,
     kernel_error,
     kernel_ok,
-    softmax_lse,
-    take,
 )
 from attnlab.engines.blocked_plan import (
-    Block,
     KernelPlan,
     Plan,
     kernel_plan,
     kernel_softcap,
     make_plan,
 )
-from attnlab.engines.zeros import PAGE, lazy_zeros, lazy_zeros_unzeroed
+from attnlab.engines.blocked_weights import weights as weights_of
+from attnlab.engines.zeros import PAGE, lazy_zeros_unzeroed
 from attnlab.masks import Mask, RowBounds
-from attnlab.scores import scores_of
 
 __all__ = ["DECODE_ROWS", "BlockedEngine", "decodes", "kernel", "kernel_error", "kernel_status"]
 
@@ -177,7 +171,7 @@ class BlockedEngine(Engine):
             out, lse = blocked_attention(req, plan, kplan, leaves)
             out, lse = _join_sinks(out, lse, req.sinks)
             out = out.to(req.v.dtype)
-            weights = _weights(req, plan) if req.return_weights else None
+            weights = weights_of(req, plan) if req.return_weights else None
         return out, weights, (lse.to(req.q.dtype) if req.return_lse else None)
 
     def _given_plan(self, req: AttentionRequest) -> KernelPlan | None:
@@ -236,7 +230,7 @@ class BlockedEngine(Engine):
         query blocks that overlap ``rows`` are computed."""
         if req.score == "cosine":
             req = _normalized(req)
-        return _weights(req, self.plan(req), heads, rows)
+        return weights_of(req, self.plan(req), heads, rows)
 
     def prefers(self, req: AttentionRequest) -> bool:
         """Whether ``auto`` should pick this engine for ``req`` (:mod:`.blocked_choice`)."""
@@ -321,35 +315,6 @@ def _normalized(req: AttentionRequest) -> AttentionRequest:
     return dataclasses.replace(req, q=qn, k=kn, score="dot")
 
 
-def _weights(
-    req: AttentionRequest,
-    plan: Plan,
-    heads: list[int] | None = None,
-    rows: tuple[int, int] | None = None,
-) -> Tensor:
-    """Normalized weights ``(B, len(heads), r1 - r0, Lk)`` recomputed block by block: each
-    query block holds all keys its rows may see, so its softmax is complete on its own;
-    only the blocks that overlap ``rows`` are computed."""
-    r_lo, r_hi = rows if rows is not None else (0, req.lq)
-    hs = list(range(req.heads)) if heads is None else heads
-    acc = acc_dtype(req.q.dtype)
-    sinks = None if req.sinks is None else sink_rows(req.sinks).to(acc)[:, hs]  # (., H', .)
-    per_row = req.sinks is not None and req.sinks.dim() == 3  # (B or 1, H', Lq)
-    with torch.no_grad():
-        q, k = req.q.to(acc), req.k.to(acc)
-        w = lazy_zeros((req.batch, len(hs), r_hi - r_lo, req.lk), req.q)
-        for blk in plan.blocks:
-            a, b = max(blk.rows[0], r_lo), min(blk.rows[1], r_hi)
-            if a >= b:
-                continue
-            s = _block_scores(req, blk, q, k)[:, hs, a - blk.rows[0] : b - blk.rows[0]]
-            p, lse = softmax_lse(s)  # (B, len(hs), b - a, Ks)
-            if sinks is not None:  # the sinks take their share: scale by exp(lse - lse')
-                p, _ = with_sinks(p, lse, sinks[..., a:b] if per_row else sinks)
-            _put(w[:, :, a - r_lo : b - r_lo], blk, p)
-    return w
-
-
 def _fused_weights_ok(req: AttentionRequest, kplan: KernelPlan) -> bool:
     """Whether the compiled forward can write every weight beside the output: an interval
     mask, no bias, float32 (and no gradient: the engine refuses weights with one)."""
@@ -399,25 +364,6 @@ def _forward_with_weights(
             w[:, :, r0:r1, k0:k1].mul_(share[:, :, r0:r1])  # the other pages stay unbacked
         lse = total
     return out, w, lse
-
-
-def _block_scores(req: AttentionRequest, blk: Block, q: Tensor, k: Tensor) -> Tensor:
-    """Scaled, soft-capped, biased and masked scores ``(B, Hq, T, Ks)`` of one block; -inf
-    where the tile masks a pair, even a hidden NaN key's (NaN + -inf made its row NaN)."""
-    r0, r1 = blk.rows
-    s = scores_of(q[:, :, r0:r1], take(k, blk.keys), req.scale)  # (B, Hq, T, Ks)
-    s = cap_scores(s, req.softcap)
-    tile, _ = block_tile(req, blk, blk.key_index(q.device), q.dtype)
-    return s if tile is None else s.add_(tile).masked_fill_(torch.isneginf(tile), -torch.inf)
-
-
-def _put(dst: Tensor, blk: Block, p: Tensor) -> None:
-    """Write a block's probabilities ``p (B, H, T, Ks)`` into its key columns of
-    ``dst (B, H, T, Lk)``."""
-    if isinstance(blk.keys, slice):
-        dst[..., blk.keys].copy_(p)
-    else:
-        dst.index_copy_(-1, blk.keys.to(dst.device), p.to(dst.dtype))
 
 
 def kernel_status() -> dict[str, object]:
