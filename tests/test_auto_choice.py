@@ -15,6 +15,13 @@ from attnlab.engines import AttentionRequest, blocked_autograd, select_engine
 from attnlab.functional import _request
 
 
+@pytest.fixture(autouse=True)
+def _kernel(request: pytest.FixtureRequest) -> None:
+    """These rules are the compiled kernel's; without one only the long ones hold."""
+    if "without_the_kernel" not in request.node.name and blocked_autograd.kernel() is None:
+        pytest.skip(f"attnlab's CPU kernel could not be built: {blocked_autograd.kernel_error()}")
+
+
 def _pick(
     lq: int,
     lk: int,
