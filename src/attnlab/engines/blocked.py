@@ -21,11 +21,12 @@ to be merged across tiles and no ``Lq x Lk`` tensor exists: memory is
   intervals. ``auto`` picks it for such calls with a mask, and without one where query
   heads are grouped (torch's SDPA reads the cache once per query head).
 
-The engine is four files: this one (the engine: what it supports, weights),
+The engine is five files: this one (the engine: what it supports, decoding),
 :mod:`~attnlab.engines.blocked_choice` (when ``auto`` picks it),
-:mod:`~attnlab.engines.blocked_plan` (the schedule of blocks, key spans and
-partial tiles) and :mod:`~attnlab.engines.blocked_autograd` (the autograd function and
-its three implementations: compiled kernel, torch's per-block kernel, eager).
+:mod:`~attnlab.engines.blocked_plan` (the schedule of blocks, key spans and partial
+tiles), :mod:`~attnlab.engines.blocked_weights` (weights recomputed block by block) and
+:mod:`~attnlab.engines.blocked_autograd` (the autograd function and its three
+implementations: compiled kernel, torch's per-block kernel, eager).
 """
 
 from __future__ import annotations
