@@ -27,7 +27,7 @@ import torch
 import attnlab
 from attnlab import bias as B
 from attnlab import masks as M
-from attnlab.engines import select_engine
+from attnlab.engines import get_engine, select_engine
 from attnlab.functional import _request
 
 ENGINES = ("reference", "sdpa", "blocked")
@@ -106,13 +106,7 @@ def _runner(qkv: tuple, kw: dict, engine: str, backward: bool) -> Callable[[], N
 def _able(qkv: tuple, kw: dict) -> tuple[str, list[str]]:
     req = _request(*qkv, kw["mask"], kw["bias"], None, "dot", "softmax", 0.0,
                    kw["return_weights"], kw["return_lse"])  # fmt: skip
-    able = []
-    for name in ENGINES:
-        try:
-            select_engine(name, req)
-            able.append(name)
-        except ValueError:
-            pass
+    able = [name for name in ENGINES if get_engine(name).unsupported(req) is None]
     return select_engine("auto", req).name, able
 
 

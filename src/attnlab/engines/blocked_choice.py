@@ -114,7 +114,7 @@ def _versus_reference(engine: _Planner, req: AttentionRequest) -> int:
 def _few_rows(engine: _Planner, req: AttentionRequest, linear: bool) -> bool:
     """A float32 call of a few rows over at least four key tiles, whose interval mask
     leaves at most a quarter of them (2-10x SDPA, which reads every key)."""
-    if req.mask is None or req.lk < 4 * engine.block or req.lq * req.lk < 1 << 12:
+    if req.mask is None or req.lk < 4 * engine.block:
         return False
     if req.bias is not None and not linear:
         return False

@@ -243,7 +243,7 @@ class DecoderLayer(EncoderLayer):
         """
         out = self.self_attn(
             self._in(x, self.norm1),
-            mask=_with_causal(mask, x.shape[1]) if self.causal else mask,
+            mask=_with_causal(mask) if self.causal else mask,
             bias=bias,
             cache=cache,
             positions=positions,
@@ -277,11 +277,6 @@ def _memory(attn: MultiHeadAttention, memory: Tensor | None, cache: KVCache | No
     return cache.keys.new_empty(cache.batch_size, 0, attn.kdim)
 
 
-def _with_causal(mask: MaskLike, lq: int) -> MaskLike:
-    """``mask`` and the causal mask; a decoding step's one query, last in the (bottom-right
-    aligned) causal mask, sees every key, so it gets ``mask`` alone: without a mask the
-    step then takes attention's path without a request (~80 us a layer at small sizes)."""
-    if lq == 1:
-        return mask
+def _with_causal(mask: MaskLike) -> Mask:
     causal = M.causal()
     return causal if mask is None else causal & mask
