@@ -14,10 +14,13 @@ tests/test_vmap.py). ``torch.export``: layers whose calls go to SDPA.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
 
 import pytest
 import torch
+from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
 
 import attnlab
 from attnlab import bias as B
@@ -56,6 +59,16 @@ def test_a_compiled_call_equals_the_call_and_breaks_only_there(name: str) -> Non
     want = f(q, k, v)
     assert max_err(torch.compile(f)(q, k, v), want) == 0.0  # the same kernel, as written
     assert max_err(want, attnlab.attention(q, k, v, mask=mask, engine="reference") * 2) < 1e-5
+
+    # the wrapper that stands for torch.compiler.disable is never traced itself
+    assert not _debug_get_cache_entry_list(attnlab.attention.__code__)
+
+
+def test_importing_attnlab_leaves_dynamo_unloaded_until_something_compiles() -> None:
+    """(``torch.compiler.disable`` imports dynamo: 0.8 of ``import attnlab``'s 2 s.)"""
+    code = "import sys, attnlab.cli, attnlab.interpret; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
 
 
 def test_a_compiled_layer_trains_as_the_layer() -> None:

@@ -12,6 +12,8 @@ raises), so the engines read none there (:func:`vmapping`).
 from __future__ import annotations
 
 import functools
+import sys
+import types
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar, cast
 
@@ -30,7 +32,8 @@ _R = TypeVar("_R")
 
 def as_written(reason: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
     """A decorator: ``torch.compiler.disable`` with ``reason``, keeping the signature's
-    types (torch's own decorator is untyped).
+    types (torch's own decorator is untyped), and without importing dynamo (0.8 s of
+    ``import attnlab``) before something compiles.
 
     Example:
         >>> @as_written("reads its argument's values")
@@ -41,9 +44,42 @@ def as_written(reason: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
     """
 
     def decorate(fn: Callable[_P, _R]) -> Callable[_P, _R]:
-        return cast(Callable[_P, _R], torch.compiler.disable(fn, reason=reason))
+        if _SKIP is None:  # a torch without the frame switch: disable at once
+            return cast(Callable[_P, _R], torch.compiler.disable(fn, reason=reason))
+        disabled: list[Callable[_P, _R]] = []
+
+        def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+            if "torch._dynamo" not in sys.modules:  # nothing can be compiling
+                return fn(*args, **kwargs)
+            if not disabled:
+                disabled.append(torch.compiler.disable(fn, reason=reason))
+            return disabled[0](*args, **kwargs)
+
+        functools.update_wrapper(run, fn)
+        # the marks torch.compiler.disable leaves: dynamo breaks the graph at `run` and
+        # calls it; `run`'s own frame is never traced (_SKIP), the disabled `fn` neither
+        marks = {"disable": True, "disable_msg": reason, "disable_recursive": True}
+        for key, value in {**marks, "orig_callable": fn, "wrapper_id": id(run)}.items():
+            setattr(run, f"_torchdynamo_{key}", value)
+        _SKIP(run.__code__)
+        return run
 
     return decorate
+
+
+def _frame_skipper() -> Callable[[types.CodeType], None] | None:
+    """What marks a code object's frames as never traced by dynamo (its ``skip_code``),
+    from torch's C module, which imports no dynamo; None where this torch lacks it."""
+    try:
+        from torch._C._dynamo import eval_frame as ef
+
+        strategy = ef._FrameExecStrategy(ef._FrameAction.SKIP, ef._FrameAction.DEFAULT)
+    except (ImportError, AttributeError, TypeError):
+        return None
+    return lambda code: ef.set_code_exec_strategy(code, strategy)
+
+
+_SKIP = _frame_skipper()
 
 
 def vmapping() -> bool:
