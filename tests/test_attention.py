@@ -480,6 +480,38 @@ def test_attend_precomputed_scores() -> None:
     assert max_err(r.out, want) < 1e-12 and max_err(r.weights, w) < 1e-12
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_the_reference_engine_writes_only_into_scores_it_made(grad: bool) -> None:
+    """It scales, caps, biases and masks its own scores in place: gradients of q, k, v
+    and a tensor bias still follow fp64 autograd, and scores a callable or ``attend`` was
+    given are left as they were."""
+    q, k, v = (t.requires_grad_(grad) for t in _qkv(2, 4, 2, 6, 9, 8, torch.float64))
+    bias = torch.randn(1, 4, 6, 9, dtype=torch.float64, requires_grad=grad)
+    kw = {"softcap": 2.0, "scale": 0.7, "mask": M.causal()}
+    got = attnlab.attention(q, k, v, bias=bias, engine="reference", **kw)
+    want, _ = naive_attention(
+        q, k, v, bias=bias, softcap=2.0, scale=0.7, allowed=M.causal().dense(6, 9)
+    )
+    assert isinstance(got, Tensor) and max_err(got, want) < 1e-12
+    if grad:
+        dout = torch.randn_like(want)
+        ours = torch.autograd.grad(got, (q, k, v, bias), dout)
+        ref = torch.autograd.grad(want, (q, k, v, bias), dout)
+        assert all(max_err(a, b) < 1e-12 for a, b in zip(ours, ref, strict=True))
+    kept = torch.randn(2, 4, 6, 9, dtype=torch.float64)
+    before = kept.clone()
+    attnlab.attention(q, k, v, score=lambda a, b: kept, engine="reference", **kw)
+    attnlab.attend(kept, v, mask=M.causal())
+    assert torch.equal(kept, before)
+    biases = torch.randn(3, 1, 4, 6, 9, dtype=torch.float64)  # vmapped alone: the scores
+    with torch.no_grad():  # are not, and cannot take a batched bias or mask in place
+        got = torch.func.vmap(
+            lambda b: attnlab.attention(q, k, v, bias=b, engine="reference", **kw)
+        )(biases)
+        want = torch.stack([attnlab.attention(q, k, v, bias=b, **kw) for b in biases])
+    assert max_err(got, want) < 1e-12
+
+
 @pytest.mark.parametrize("engine", ["reference", "sdpa"])
 def test_dropout_reproducible_and_unbiased(engine: str) -> None:
     q, k, v = _qkv(1, 2, 2, 16, 16, 8, torch.float64)

@@ -12,11 +12,13 @@ four steps are the library's definition of attention::
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnlab._eager import vmapping
 from attnlab.engines.base import (
     AttentionRequest,
     Engine,
@@ -39,30 +41,51 @@ _HALF = (torch.float16, torch.bfloat16)
 def request_scores(req: AttentionRequest) -> Tensor:
     """Scaled, soft-capped and biased scores ``(B, Hq, Lq, Lk)`` of a request, before
     masking."""
-    s = _nan_safe_scores(req)
-    s = s * req.scale if req.scale != 1.0 else s
-    if req.softcap is not None:
-        s = torch.tanh(s / req.softcap) * req.softcap
+    return _scores(req)[0]
+
+
+def _scores(req: AttentionRequest) -> tuple[Tensor, bool]:
+    """:func:`request_scores`, and whether they are this call's own tensor: then each
+    step writes into them: an ``Lq x Lk`` buffer less per step (scores to weights, float32,
+    B=8, H=8, L=128, E=32: 1.8 ms with a new tensor per step, 1.1 ms in place). Not under
+    vmap, where a bias or mask alone may be batched: a write cannot grow the scores."""
+    s, made = _nan_safe_scores(req)
+    writable = not vmapping()
+    own = made and writable
+    if req.scale != 1.0:
+        s, own = (s.mul_(req.scale) if own else s * req.scale), writable
+    if req.softcap is not None:  # tanh's backward keeps its result: a new one there
+        s = s.div_(req.softcap) if own else s / req.softcap
+        tracked = s.requires_grad or not writable
+        s, own = (torch.tanh(s) * req.softcap if tracked else s.tanh_().mul_(req.softcap)), writable
     if req.bias is not None:
         b = req.bias.dense(
             req.lq, req.lk, batch=req.batch, heads=req.heads, device=s.device, dtype=s.dtype
         )  # (Bb, Hb, Lq, Lk)
-        s = s + b
-    return s
+        s, own = (s.add_(b) if own and _fits(b, s) else s + b), writable
+    return s, own
 
 
-def _nan_safe_scores(req: AttentionRequest) -> Tensor:
+def _fits(x: Tensor, into: Tensor) -> bool:
+    """Whether ``x`` broadcasts to ``into``'s shape without growing it (an in-place
+    operation with ``x`` keeps ``into``'s shape)."""
+    return torch.broadcast_shapes(x.shape, into.shape) == into.shape
+
+
+def _nan_safe_scores(req: AttentionRequest) -> tuple[Tensor, bool]:
     """The raw scores ``(B, Hq, Lq, Lk)``; a NaN key's column NaN, made from a finite key
     (with the NaN key in the product, a mask that hides it still left ``0 * NaN`` in every
-    row's dq: 600 of 600 rows NaN)."""
+    row's dq: 600 of 600 rows NaN); and whether they are a new tensor (a score callable's
+    may be one it keeps)."""
     k = req.k
     bad = torch.isnan(k).any(-1) if req.mask is not None and may_hold_nan(k) else None
     if bad is not None:
         req = dataclasses.replace(req, k=k.masked_fill(torch.isnan(k), 0.0))
+    own = isinstance(req.score, str)
     s = SCORES[req.score](req.q, req.k) if isinstance(req.score, str) else _called_scores(req)
     if bad is None:
-        return s
-    return s.masked_fill(expand_kv(bad.unsqueeze(2), s.shape[1]), float("nan"))  # (B,Hq,.,Lk)
+        return s, own
+    return s.masked_fill(expand_kv(bad.unsqueeze(2), s.shape[1]), float("nan")), True
 
 
 def _called_scores(req: AttentionRequest) -> Tensor:
@@ -94,6 +117,7 @@ def mix(
     dropout_p: float = 0.0,
     want_lse: bool = False,
     sinks: Tensor | None = None,
+    own: bool = False,
 ) -> EngineResult:
     """Mask, normalize and take the weighted sum of ``v``.
 
@@ -106,11 +130,15 @@ def mix(
         want_lse: also return the logsumexp ``(B, Hq, Lq)`` (softmax only).
         sinks: ``(Hq,)`` or ``(B or 1, Hq, Lq)`` logits that join the softmax denominator
             (softmax only), or None.
+        own: ``scores`` is the caller's own tensor, which the mask may overwrite.
 
     Returns:
         ``(out (B, Hq, Lq, Ev), weights (B, Hq, Lq, Lk), lse | None)``.
     """
-    s = scores if allowed is None else scores.masked_fill(~allowed, float("-inf"))
+    s = scores
+    if allowed is not None:
+        inplace = own and _fits(allowed, s)
+        s = s.masked_fill_(~allowed, -math.inf) if inplace else s.masked_fill(~allowed, -math.inf)
     lse = None
     if normalize == "softmax":
         w, lse = softmax_rows(s, want_lse=want_lse or sinks is not None)
@@ -161,7 +189,7 @@ class ReferenceEngine(Engine):
                 None if w is None else w.to(low),
                 None if lse is None else lse.to(low),
             )
-        s = request_scores(req)  # (B, Hq, Lq, Lk)
+        s, own = _scores(req)  # (B, Hq, Lq, Lk)
         allowed = None
         if req.mask is not None:
             allowed = req.mask.dense(
@@ -175,5 +203,6 @@ class ReferenceEngine(Engine):
             dropout_p=req.dropout_p,
             want_lse=req.return_lse,
             sinks=req.sinks,
+            own=own,
         )
         return out, (w if req.return_weights else None), lse
