@@ -92,6 +92,9 @@ def test_seq2seq_transformer_matches_torch() -> None:
     causal = nn.Transformer.generate_square_subsequent_mask(6, dtype=torch.float64)
     want = ref(src, tgt, tgt_mask=causal)
     assert max_err(ours(src, tgt), want) < 1e-12
+    post = nn.Transformer(D, H, 1, 1, FF, batch_first=True)  # its stacks end with a norm
+    with pytest.raises(ValueError, match=r"model: .*norm_first=True, got a post-norm"):
+        Transformer.from_torch(post)
 
 
 @pytest.mark.parametrize("beam", [False, True])

@@ -231,7 +231,10 @@ class Transformer(nn.Module):
             raise TypeError(f"model must be a torch.nn.Transformer, got {type(model).__name__}")
         layer: Any = model.encoder.layers[0]
         if not layer.norm_first:
-            raise ValueError("from_torch needs norm_first=True (see the docstring)")
+            raise ValueError(
+                "model: from_torch needs norm_first=True, got a post-norm torch.nn.Transformer "
+                "(its stacks end with a final norm that attnlab's post-norm stacks leave out)"
+            )
         cfg = torch_config(layer, nn.TransformerEncoderLayer)
         ours = cls(cfg, len(model.encoder.layers), len(model.decoder.layers))
         return load_torch(ours, model, layer)
