@@ -415,6 +415,13 @@ def test_an_empty_batch_with_a_bool_mask_tensor(engine: str) -> None:
     assert attnlab.attend(scores, torch.randn(0, 1, 5, 4), mask=keep).shape == (0, 1, 3, 4)
     with pytest.raises(ValueError, match=r"does not broadcast to \(B, H, Lq, Lk\) = \(2, "):
         attnlab.attention(*_qkv(2, 2, 2, 3, 5, 8, torch.float32), mask=keep)  # 0 is not 1
+    # combined with another mask, it is read on the grid: its empty batch was taken for a
+    # broadcast one and indexed at 0 (IndexError); so was an empty query axis
+    for mask in (M.causal() & keep, M.tensor(keep) | M.prefix(2), ~M.tensor(keep)):
+        assert attnlab.attention(q, k, v, mask=mask, engine=engine).shape == (0, 2, 3, 8)
+    rows = M.global_tokens([1]) | torch.ones(1, 1, 0, 5, dtype=torch.bool)
+    q0, k1 = torch.randn(1, 2, 0, 8), torch.randn(1, 2, 5, 8)
+    assert attnlab.attention(q0, k1, k1, mask=rows, engine=engine).shape == (1, 2, 0, 8)
 
 
 def test_batch_of_one_broadcasts() -> None:

@@ -113,10 +113,10 @@ class Grid:
         """
         # a Python 0 for a broadcast dim, not a tensor: under FlexAttention's nested vmap a
         # tensor index made from one coordinate would be batched over that coordinate
-        b = self.b if t.shape[0] > 1 else 0
-        h = self.h if t.shape[1] > 1 else 0
-        q = self.rows if t.shape[2] > 1 else 0
-        k = self.k if t.shape[3] > 1 else 0
+        b = self.b if t.shape[0] != 1 else 0  # (an empty dim is indexed, not broadcast)
+        h = self.h if t.shape[1] != 1 else 0
+        q = self.rows if t.shape[2] != 1 else 0
+        k = self.k if t.shape[3] != 1 else 0
         return t[b, h, q, k]
 
     @property
