@@ -302,6 +302,10 @@ constexpr int64_t kRT = 32;                      // query rows per row tile
 constexpr int kNV = static_cast<int>(kRT / kW);  // row vectors per row tile
 constexpr int64_t kChunkKeys = 256;              // keys per score chunk: St stays in L1
 constexpr float kLog2e = 1.4426950408889634f;
+// products per partial sum of a score's dot product over the head size: one serial sum
+// over all of E=130 gave 2.4x plain PyTorch's float32 error at 2 query rows, where MKL's
+// few-row product splits its sums
+constexpr int64_t kScoreRun = 32;
 
 // Keys per score tile and value columns per output tile when J row vectors are computed:
 // as many accumulators as the registers hold beside the J row vectors and one broadcast.
@@ -388,17 +392,17 @@ struct TileTerms {
 // decoding kernel's P V (value columns in the lanes) are made of:
 // acc[i][j] = sum over t < n of a[t * step + j * kW ..][lanes] * b[i * bi + t * bt], for J
 // vectors of the panel a (`step` floats per step t; `lanes` < kW: one partial vector, the
-// rest 0) and I broadcast columns of b.
+// rest 0) and I broadcast columns of b. With `run` > 0 each `run` steps are summed from 0
+// and the partial sums added, so no sum runs serially over more than `run` products.
 template <int I, int J>
-inline __attribute__((always_inline)) void lane_products(const float* a, int64_t n,
-                                                         const float* b, int64_t bi,
-                                                         int64_t bt, Vec (&acc)[I][J],
-                                                         int64_t step = kRT, int lanes = kW) {
+inline __attribute__((always_inline)) void lane_run(const float* a, int64_t t0, int64_t t1,
+                                                    const float* b, int64_t bi, int64_t bt,
+                                                    Vec (&acc)[I][J], int64_t step, int lanes) {
 #pragma GCC unroll 16
   for (int i = 0; i < I; ++i)
 #pragma GCC unroll 4
     for (int j = 0; j < J; ++j) acc[i][j] = Vec(0.f);
-  for (int64_t t = 0; t < n; ++t) {
+  for (int64_t t = t0; t < t1; ++t) {
     Vec av[J];
 #pragma GCC unroll 4
     for (int j = 0; j < J; ++j) av[j] = Vec::loadu(a + t * step + j * kW, lanes);
@@ -411,13 +415,35 @@ inline __attribute__((always_inline)) void lane_products(const float* a, int64_t
   }
 }
 
+template <int I, int J>
+inline __attribute__((always_inline)) void lane_products(const float* a, int64_t n,
+                                                         const float* b, int64_t bi,
+                                                         int64_t bt, Vec (&acc)[I][J],
+                                                         int64_t step = kRT, int lanes = kW,
+                                                         int64_t run = 0) {
+  if (run <= 0 || n <= run) return lane_run<I, J>(a, 0, n, b, bi, bt, acc, step, lanes);
+  Vec total[I][J];
+  lane_run<I, J>(a, 0, run, b, bi, bt, total, step, lanes);
+  for (int64_t t = run; t < n; t += run) {
+    lane_run<I, J>(a, t, std::min(n, t + run), b, bi, bt, acc, step, lanes);
+#pragma GCC unroll 16
+    for (int i = 0; i < I; ++i)
+#pragma GCC unroll 4
+      for (int j = 0; j < J; ++j) total[i][j] = total[i][j] + acc[i][j];
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < I; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < J; ++j) acc[i][j] = total[i][j];
+}
+
 // St[c + i][vectors j0 .. j0 + J) for keys c .. c + RK of the chunk (rows of `k`, E apart),
 // from the transposed queries qt (E x kRT); raises the running maximum mx.
 template <int RK, int J>
 void score_tile(const float* qt, const float* k, int64_t E, int64_t c, int j0, float* st,
                 const TileTerms& tt, Vec* mx) {
   Vec acc[RK][J];
-  lane_products<RK, J>(qt + j0 * kW, E, k, E, 1, acc);  // acc[i] = Q k_i, rows in lanes
+  lane_products<RK, J>(qt + j0 * kW, E, k, E, 1, acc, kRT, kW, kScoreRun);  // Q k_i
   const bool masked = tt.spans && (c < tt.inner_lo || c + RK > tt.inner_hi);
 #pragma GCC unroll 16
   for (int i = 0; i < RK; ++i) {
@@ -1593,7 +1619,7 @@ template <int I, int J>
 void key_scores(const float* qs, int64_t E, const float* kt, int64_t ldt, float* S,
                 int64_t ldS, int lanes, const Vec scale2) {
   Vec acc[I][J];
-  lane_products<I, J>(kt, E, qs, E, 1, acc, ldt, lanes);
+  lane_products<I, J>(kt, E, qs, E, 1, acc, ldt, lanes, kScoreRun);
 #pragma GCC unroll 8
   for (int i = 0; i < I; ++i)
 #pragma GCC unroll 2
