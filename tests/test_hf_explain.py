@@ -95,6 +95,17 @@ def test_explain_hf_model_decoder_explains_eagers_log_probability(
     ig = sum(ex.saliency["integrated gradients"])
     assert abs(ig - (ex.score - ex.baseline_score)) < 0.02 * max(1.0, abs(ig))
     assert ex.saliency["integrated gradients"][n_text:] == [0.0] * m  # scored, kept
+    # rollout pooled over the rows the log-probabilities are read from (rows n_text - 1 ..
+    # n - 2; the mean of every row showed the causal mask, the scored token included)
+    with torch.no_grad():
+        atts = eager(input_ids=ids, output_attentions=True).attentions  # (1, H, n, n) each
+    n, eye = ids.shape[1], torch.eye(ids.shape[1], dtype=torch.float64)
+    flow = eye
+    for a in atts:
+        fused = 0.5 * a[0].double().mean(0) + 0.5 * eye
+        flow = (fused / fused.sum(-1, keepdim=True)) @ flow
+    want_rollout = flow[n_text - 1 : n - 1].mean(0)
+    assert max_err(torch.tensor(ex.saliency["rollout"], dtype=torch.float64), want_rollout) < 1e-5
 
 
 def test_explain_hf_model_names_a_folder_that_is_not_a_model(

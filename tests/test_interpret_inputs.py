@@ -96,3 +96,25 @@ def test_integer_weights_gradients_of_another_dtype_and_no_attention_are_named()
     )  # fmt: skip
     with pytest.raises(ValueError, match="model: Sequential made no attnlab attention call"):
         explain_text(model, "a toy text", tempfile.mkdtemp() + "/r.html", log=lambda s: None)
+
+
+def test_the_report_keeps_six_significant_digits_of_small_scores(tmp_path) -> None:
+    """(``round(v, 6)`` stored 2.5e-6 as 3e-06 and 3.2e-7 as 0: gradient relevance of a
+    small model is of that size, and the page shades relative to the largest score.)"""
+    import json
+    import re
+
+    scores = [3.2e-7, 1.23456e-5, -4.4e-7, 2.5e-6, 9.87654e-6]
+    a = torch.eye(5)[None]
+    page = report(tmp_path / "r.html", list("abcde"), [a], saliency={"s": scores}).read_text()
+    blob = re.search(r'<script type="application/json" id="data">(.*?)</script>', page, re.S)
+    assert blob is not None
+    assert json.loads(blob.group(1))["saliency"]["s"] == scores
+
+
+def test_numpy_bools_are_taken_as_bools() -> None:
+    """(numpy 2's ``np.bool_`` is named "bool": "residual must be a bool, got bool".)"""
+    np = pytest.importorskip("numpy")
+    a = torch.rand(1, 2, 3, 3).softmax(-1)
+    assert torch.equal(rollout([a], residual=np.bool_(False)), rollout([a], residual=False))
+    assert torch.equal(rollout([a], residual=np.bool_(True)), rollout([a], residual=True))

@@ -321,9 +321,18 @@ def validate_dropout(p: object, name: str = "dropout_p") -> float:
 
 
 def validate_flag(name: str, value: object) -> bool:
-    """A real ``bool`` (not a tensor or an int)."""
+    """A real ``bool`` or numpy's (not a tensor or an int).
+
+    Example:
+        >>> import numpy as np
+        >>> validate_flag("residual", np.bool_(False))
+        False
+    """
+    kind = type(value)
+    if kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_"):
+        return bool(value)  # (refused as "must be a bool, got bool")
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+        raise TypeError(f"{name} must be a bool, got {kind.__name__}")
     return value
 
 

@@ -142,7 +142,7 @@ def hf_text_model(
         tokenize=lambda s: [*tokenizer(s)["input_ids"], *follow],
         pooled=lambda ids: _log_prob(model, ids, len(follow)),
         embed=lambda ids: _log_prob(model, ids, len(follow)),
-        pooling="mean",
+        pooling="next",  # saliency: the rows the log-probabilities are read from
         keep_last=len(follow),
         **common,
     )

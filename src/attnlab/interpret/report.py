@@ -131,7 +131,7 @@ def _scores(name: str, scores: Sequence[float] | Tensor, n: int) -> list[float]:
         raise ValueError(
             f"saliency[{name!r}] has {vals[bad]} at token {bad}, expected finite scores"
         )
-    return [round(v, 6) for v in vals]
+    return [float(f"{v:.6g}") for v in vals]  # six digits: round(v, 6) zeroed 3.2e-7
 
 
 def _page(title: str, text: str, data: dict[str, object], pictures: list[Path]) -> str:

@@ -9,7 +9,8 @@ use, so this module knows no model class.
 The explained score is the embedding's length along its own direction (the raw pooled
 vector dotted with its unit vector, held fixed), or with ``against=OTHER`` the cosine
 similarity to OTHER's embedding. Token saliency pools the ``(n, n)`` explanations the
-way the model pools tokens (the mean of rows for mean pooling, row 0 for [CLS]).
+way the model pools tokens (the mean of rows for mean pooling, row 0 for [CLS], and for a
+decoder the rows its scored log-probabilities are read from).
 """
 
 from __future__ import annotations
@@ -60,7 +61,9 @@ class TextModel:
             kept).
         keep_last: tokens at the end the baseline keeps: a decoder's scored continuation
             (padded, its log-probability was of other tokens than the path's).
-        pooling: ``"cls"`` (the first token's state) or another pooling (a mean of tokens).
+        pooling: ``"cls"`` (the first token's state), ``"next"`` (a decoder's
+            log-probability of its last ``keep_last`` tokens, read from the rows before
+            each) or another pooling (a mean of tokens).
 
     Example:
         >>> from attnlab.nn import MultiHeadAttention
@@ -112,9 +115,18 @@ class Explanation:
     files: list[Path] = field(default_factory=list)
 
 
-def _pool_rows(matrix: Tensor, pooling: str) -> Tensor:
-    """``(n, n)`` explanation -> ``(n,)`` token scores, pooled like the model's tokens."""
-    return matrix[0] if pooling == "cls" else matrix.mean(0)
+def _score_rows(model: TextModel, n: int) -> list[int] | None:
+    """The rows of an ``(n, n)`` explanation the explained score reads (None: all)."""
+    if model.pooling == "cls":
+        return [0]
+    if model.pooling == "next":  # row i predicts token i + 1
+        return list(range(n - 1 - model.keep_last, n - 1))
+    return None
+
+
+def _pool_rows(matrix: Tensor, rows: list[int] | None) -> Tensor:
+    """``(n, n)`` explanation -> ``(n,)`` token scores: the mean of ``rows`` (None: all)."""
+    return (matrix if rows is None else matrix[rows]).mean(0)
 
 
 def _toy(dim: int = 8) -> TextModel:
@@ -202,7 +214,7 @@ def _integrated(
 
 
 def _flow_saliency(
-    attns: list[Tensor], pooling: str, flow_tokens: int, log: Callable[[str], None]
+    attns: list[Tensor], rows: list[int] | None, flow_tokens: int, log: Callable[[str], None]
 ) -> dict[str, list[float]]:
     """``{"attention flow": n scores}``, or nothing past ``flow_tokens`` tokens."""
     n = attns[0].shape[-1]
@@ -210,7 +222,6 @@ def _flow_saliency(
         log(f"attention flow skipped: {n} tokens > flow_tokens={flow_tokens}")
         return {}
     t0 = time.perf_counter()
-    rows = [0] if pooling == "cls" else None
     flow = attention_flow([a[None] for a in attns], outputs=rows, normalize=True)[0]
     log(f"attention flow ({flow.numel()} max-flows) in {time.perf_counter() - t0:.1f} s")
     return {"attention flow": flow.mean(0).tolist()}
@@ -334,9 +345,10 @@ def explain_text(
         f"integrated gradients ({steps} steps) in {time.perf_counter() - t0:.1f} s: "
         f"sum {float(ig.per_token().sum()):.4f} vs f(x) - f(baseline) {s_x - s_b:.4f}"
     )
-    sal = {"rollout": _pool_rows(roll, model.pooling).tolist()}
-    sal |= _flow_saliency(attns, model.pooling, flow_tokens, log)
-    sal["gradient relevance"] = _pool_rows(rel - torch.eye(len(tokens)), model.pooling).tolist()
+    rows = _score_rows(model, len(tokens))
+    sal = {"rollout": _pool_rows(roll, rows).tolist()}
+    sal |= _flow_saliency(attns, rows, flow_tokens, log)
+    sal["gradient relevance"] = _pool_rows(rel - torch.eye(len(tokens)), rows).tolist()
     sal["integrated gradients"] = ig.per_token()[0].tolist()
     what = f"similarity to: {against}" if against else "the embedding along its own direction"
     files = write_explanation(out, tokens, attns, roll, sal, text=f"{text}  (score: {what})")
