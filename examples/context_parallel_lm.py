@@ -151,10 +151,13 @@ def main() -> None:
     else:
         dist.init_process_group("gloo")
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        world = dist.get_world_size()
-        cp = _checked(p, args, world)
-        losses = train(dist.get_rank(), world, cp, args.seq, args.steps, args.dtype)
-        if dist.get_rank() != 0:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        try:
+            cp = _checked(p, args, world)
+            losses = train(rank, world, cp, args.seq, args.steps, args.dtype)
+        finally:  # (without it a rank could abort at exit: "terminate called without an
+            dist.destroy_process_group()  # active exception", and torchrun exited 1)
+        if rank != 0:
             return
     print(json.dumps({"losses": losses, "perplexity": math.exp(losses[-1])}))
 

@@ -37,7 +37,7 @@ from attnlab.bias import (
     t5_bucket,
     tensor,
 )
-from tests.conftest import check_and_control, naive_attention
+from tests.conftest import check_and_control, max_err, naive_attention
 
 # --------------------------------------------------------------------------- references
 
@@ -599,6 +599,26 @@ def test_custom_bias_module_parameters_get_gradients() -> None:
     fn.w.grad = None
     b.dense(1, 3).sum().backward()  # position 2: -2 - 1 + 0
     assert fn.w.grad is not None and fn.w.grad.item() == -3.0
+
+
+def test_a_custom_bias_closing_over_a_parameter_gets_its_gradient_or_a_refusal() -> None:
+    """The blocked engine's backward reaches a bias's parameters and buffers only: a
+    parameter the function closes over got no gradient (None, the output still requiring
+    grad); it declines the call by name, and auto gives it to an engine that can."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 300, 16, requires_grad=True) for _ in range(3))
+    w = nn.Parameter(torch.full((4,), 0.05))
+    b = custom(lambda h, p, kk: -w[h] * (p - kk).abs().float())
+    m = masks.causal() & masks.window(64)
+    ref = attnlab.attention(q, k, v, mask=m, bias=b, engine="reference")
+    want = torch.autograd.grad(ref.sum(), w)[0]
+    got = torch.autograd.grad(attnlab.attention(q, k, v, mask=m, bias=b).sum(), w)[0]
+    assert max_err(got, want) < 1e-3 * float(want.abs().max())
+    with pytest.raises(ValueError, match="reads a tensor that requires grad but is not one of"):
+        attnlab.attention(q, k, v, mask=m, bias=b, engine="blocked")
+    with torch.no_grad():  # no gradient wanted: it runs
+        out = attnlab.attention(q, k, v, mask=m, bias=b, engine="blocked")
+    assert max_err(out, ref) < 1e-5
 
 
 def test_custom_bias_errors() -> None:

@@ -712,6 +712,9 @@ def test_repr_padding_uses_natural_length() -> None:
     # padding([2, 3]) at 3x3: batch 0 allows 6 of 9, batch 1 all 9: 15 / 18.
     assert repr(masks.padding([2, 3])) == "padding(key_lengths=[2, 3])  [83.3% visible at 3x3]"
     assert repr(masks.causal()) == "causal()  [50.2% visible at 256x256]"
+    # past 2048 positions the spec alone: the fraction costs n x n (100,000 keys took 39 s)
+    long = masks.padding([100_000])
+    assert repr(long) == long.spec() == "padding(key_lengths=[100000])"
 
 
 def test_repr_of_non_square_tensor_mask_does_not_raise() -> None:

@@ -142,7 +142,7 @@ def prepare(
     try:
         mask_, bias_ = _structured(mask, bias)
         _local_checks(q, k, v, layout, strategy)
-        _option_checks(scale, engine)
+        _option_checks(scale, engine, q)
         _ulysses_checks(q, k, strategy, g.world)
         local_error: Exception | None = None
     except (TypeError, ValueError) as e:
@@ -152,6 +152,7 @@ def prepare(
         LAYOUTS.index(layout) if layout in LAYOUTS else -1,
         STRATEGIES.index(strategy) if strategy in STRATEGIES else -1,
         _fingerprint(mask_, bias_, scale, engine),
+        int(_backward_follows(q, k, v, bias_)),
     )
     meta = gather_meta(g, *_shape_probe(q, k, v), flags).cpu()
     if local_error is not None:
@@ -215,7 +216,7 @@ def _local_checks(q: Tensor, k: Tensor, v: Tensor, layout: str, strategy: str) -
 STEP_ENGINES = ("auto", "blocked", "reference", "flex")
 
 
-def _option_checks(scale: object, engine: object) -> None:
+def _option_checks(scale: object, engine: object, q: object) -> None:
     """The scale and the local engine, checked before any data moves (a step that
     failed on them would leave the other ranks' messages posted)."""
     validate_scale(scale)
@@ -225,6 +226,12 @@ def _option_checks(scale: object, engine: object) -> None:
         raise ValueError(
             f"engine={engine!r} cannot run a context-parallel step, which merges each "
             f"step's logsumexp; expected one of {STEP_ENGINES}"
+        )
+    if engine == "flex" and isinstance(q, Tensor) and q.device.type == "cpu":
+        raise ValueError(  # (each step failed on it, after the first messages had moved)
+            "engine='flex' cannot run a context-parallel step on the CPU: torch's compiled "
+            "FlexAttention returns no logsumexp there, which each step is merged by; use "
+            "'auto' (the blocked engine) or 'blocked'"
         )
 
 
@@ -242,6 +249,13 @@ def _ulysses_checks(q: Tensor, k: Tensor, strategy: str, world: int) -> None:
 
 def _describe(t: object) -> str:
     return f"shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+
+
+def _backward_follows(q: object, k: object, v: object, bias: Bias | None) -> bool:
+    """Whether autograd records the call: every rank's backward exchanges gradients."""
+    ts = [t for t in (q, k, v) if isinstance(t, Tensor)]
+    ts += [] if bias is None else _leaves(bias)
+    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
 
 
 def _shape_probe(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -294,6 +308,8 @@ def _check_table(meta: Tensor, g: Group, layout: str) -> int:
         "layout",
         "strategy",
         "mask, bias, scale or engine (each rank must pass the same global ones)",
+        "backward (grad mode on and an input or bias that requires grad: a rank without "
+        "one left the others' backward waiting)",
     )
     for col, name in enumerate(names):
         if name is not None and bool((meta[:, col] != meta[0, col]).any()):

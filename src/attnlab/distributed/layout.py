@@ -56,8 +56,8 @@ def pieces(n: int, rank: int, world: int, layout: str = "zigzag") -> list[Piece]
         [(4, 7)]
     """
     _check_sizes(n, world)
-    if not 0 <= rank < world:
-        raise ValueError(f"rank must be in [0, world={world}), got {rank}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world:
+        raise ValueError(f"rank must be an int in [0, world={world}), got {rank!r}")
     if validate_layout(layout) == "contiguous":
         return [_chunks(n, world)[rank]]
     chunks = _chunks(n, 2 * world)
@@ -94,6 +94,11 @@ def shard(x: Tensor, rank: int, world: int, *, layout: str = "zigzag", dim: int 
         >>> shard(torch.arange(8), 1, 2, dim=0).tolist()
         [2, 3, 4, 5]
     """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim must be an int in [{-x.dim()}, {x.dim()}) for x of shape "
+                         f"{tuple(x.shape)}, got {dim!r}")  # fmt: skip
     n = x.shape[dim]
     return torch.cat([x.narrow(dim, a, b - a) for a, b in pieces(n, rank, world, layout)], dim)
 

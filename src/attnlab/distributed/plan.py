@@ -128,6 +128,8 @@ def plan(
     """
     validate_layout(layout)
     nonnegative_int("n", n)
+    if mask is not None and not isinstance(mask, Mask):
+        raise TypeError(f"mask must be an attnlab.masks mask or None, got {type(mask).__name__}")
     counts = {"world": world, "batch": batch, "heads": heads, "head_dim": head_dim}
     for name, value in {**counts, "element_size": element_size}.items():
         positive_int(name, value)
@@ -135,6 +137,11 @@ def plan(
     if strategy not in names:
         raise ValueError(f"strategy must be one of {names}, got {strategy!r}")
     hkv = heads if kv_heads is None else positive_int("kv_heads", kv_heads)
+    if heads % hkv:
+        raise ValueError(
+            f"heads must be a multiple of kv_heads (each key/value head serves a group of "
+            f"query heads), got heads={heads}, kv_heads={hkv}"
+        )
     if strategy == "ulysses" and (heads % world or hkv % world):
         raise ValueError(
             f"strategy='ulysses' needs heads and kv_heads divisible by world={world}, "
@@ -173,9 +180,9 @@ def choose(s: Setup) -> str:
         'all-gather'
     """
     world, (_, hq, hkv, _, _) = s.group.world, s.sizes
-    ring = max(_busiest(_bytes(s, r, 1)) for r in range(world))
+    ring = max(_busiest(_bytes(s, r, 4)) for r in range(world))  # (float32 units)
     if hq % world == 0 and hkv % world == 0:
-        uly = max(_busiest(_ulysses_bytes(s, r, 1)) for r in range(world))
+        uly = max(_busiest(_ulysses_bytes(s, r, 4)) for r in range(world))
         if uly < ring:
             return "ulysses"
     if hkv < hq and all(all(row) for row in s.need):
@@ -189,23 +196,29 @@ def _busiest(b: tuple[int, int, int, int]) -> int:
 
 def _bytes(s: Setup, r: int, element_size: int) -> tuple[int, int, int, int]:
     """Rank ``r``'s ring or all-gather bytes: forward sent, received, backward sent,
-    received."""
+    received (the backward's in float32 at least: half precision is summed in it)."""
     world = s.group.world
     b, _, hkv, e, ev = s.sizes
 
-    def nbytes(receiver: int, owner: int) -> int:
+    def elements(receiver: int, owner: int) -> int:
         rows = sum(x[1] for x in segments(s, receiver, owner))
-        return b * hkv * rows * (e + ev) * element_size
+        return b * hkv * rows * (e + ev)
 
-    ring_in = sum(nbytes(r, (r - t) % world) for t in range(1, world))
-    ring_out = sum(nbytes((r + t) % world, r) for t in range(1, world))
+    ring_in = sum(elements(r, (r - t) % world) for t in range(1, world))
+    ring_out = sum(elements((r + t) % world, r) for t in range(1, world))
     if s.strategy == "all-gather":
         shard = [b * hkv * sum(y - x for x, y in s.pieces[p]) * (e + ev) for p in range(world)]
-        fwd_in = fwd_out = (world - 1) * max(shard) * element_size
+        fwd_in = fwd_out = (world - 1) * max(shard)
     else:
         fwd_in, fwd_out = ring_in, ring_out
     # backward: the keys again as forward, plus each peer's key gradients sent back
-    return fwd_out, fwd_in, fwd_out + ring_in, fwd_in + ring_out
+    back = max(element_size, 4)
+    return (
+        fwd_out * element_size,
+        fwd_in * element_size,
+        (fwd_out + ring_in) * back,
+        (fwd_in + ring_out) * back,
+    )
 
 
 def _ulysses_bytes(s: Setup, r: int, element_size: int) -> tuple[int, int, int, int]:

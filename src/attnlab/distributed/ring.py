@@ -211,7 +211,10 @@ def ring_backward(
     acc = out.dtype
     q, dout = q.to(acc), dout.to(acc)
     dq = torch.zeros_like(q)
-    dleaves = [torch.zeros_like(t) for t in leaves]
+    # the bias's gradients summed over pairs in float32 at least, returned in its dtypes
+    dleaves = [
+        torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32)) for t in leaves
+    ]
     r, world = s.group.rank, s.group.world
     rows = []
     for o, (a, b) in zip(offsets(s, r), s.pieces[r], strict=True):
@@ -236,7 +239,7 @@ def ring_backward(
             ):
                 own_dk[:, :, o : o + n] += dk_r
                 own_dv[:, :, o : o + n] += dv_r
-    return dq, own_dk, own_dv, dleaves
+    return dq, own_dk, own_dv, [d.to(t.dtype) for d, t in zip(dleaves, leaves, strict=True)]
 
 
 def _backward_step(

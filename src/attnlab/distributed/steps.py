@@ -28,6 +28,7 @@ from attnlab.distributed.layout import Piece
 from attnlab.distributed.setup import Setup
 from attnlab.distributed.shifted import ShiftedBias, ShiftedMask
 from attnlab.engines import get_engine
+from attnlab.engines._leaves import holding
 from attnlab.engines.blocked import BlockedEngine
 from attnlab.functional import AttentionOutput, _request, attention, unsupported_by
 from attnlab.masks import Mask
@@ -321,7 +322,10 @@ def _engine_step(
     kx, vx = (_with_sink(t[:, :, a:b].to(wide)).requires_grad_() for t in (kw.k, kw.v))
     rows, keys = (rw.first + r0, rw.first + r1), (kw.first + a, kw.first + b)
     mask, bias = restricted(s, rows, keys, sink=True)
-    with torch.enable_grad():
+    # the bias's tensors in the step's dtype too: a bfloat16 T5 table summed its gradient
+    # over the pair's positions in bfloat16 (2.4x plain PyTorch's error, summed over pairs)
+    wide_leaves = [t.detach().to(wide).requires_grad_() for t in leaves]
+    with torch.enable_grad(), holding(s.bias, wide_leaves):
         out = attention(
             qx,
             kx,
@@ -337,7 +341,7 @@ def _engine_step(
     num = (do * (rw.out[:, :, r0:r1].to(wide) - ov)).sum(-1)  # dout . (global out - step's)
     c = torch.where(p_sink > 1e-30, num / p_sink.clamp(min=1e-30), 0.0)
     upstream = torch.cat([do, c.unsqueeze(-1)], -1)
-    grads = torch.autograd.grad(out, [qx, kx, vx, *leaves], upstream, allow_unused=True)
+    grads = torch.autograd.grad(out, [qx, kx, vx, *wide_leaves], upstream, allow_unused=True)
     rw.dq[:, :, r0:r1] += grads[0][..., :-1]
     kw.dk[:, :, a:b] += grads[1][:, :, 1:, :-1]
     kw.dv[:, :, a:b] += grads[2][:, :, 1:, :-1]
