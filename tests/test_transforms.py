@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -62,6 +63,23 @@ def test_a_compiled_call_equals_the_call_and_breaks_only_there(name: str) -> Non
 
     # the wrapper that stands for torch.compiler.disable is never traced itself
     assert not _debug_get_cache_entry_list(attnlab.attention.__code__)
+
+
+def test_attend_compiled_breaks_only_at_the_call_without_a_warning() -> None:
+    """(Traced, ``attend`` broke the graph inside, at its NaN screen, with dynamo's
+    warning that it cannot trace ``is_legacy_batchedtensor``.)"""
+    s, v = torch.randn(2, 4, 64, 64), torch.randn(2, 4, 64, 16)
+
+    def f(s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return attnlab.attend(s.sin(), v, mask=M.causal()).cos()
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        reasons = [r.reason for r in dynamo.explain(f)(s, v).break_reasons]
+        got = torch.compile(f)(s, v)
+    assert len(reasons) == 1 and "torch.compiler.disable" in reasons[0], reasons
+    assert not [w for w in seen if "Dynamo" in str(w.message)], [str(w.message) for w in seen]
+    assert max_err(got, f(s, v)) < 1e-6
 
 
 def test_importing_attnlab_leaves_dynamo_unloaded_until_something_compiles() -> None:

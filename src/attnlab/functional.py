@@ -299,6 +299,7 @@ def _request(
     )
 
 
+@as_written(PLANS)  # (traced, it broke the graph inside, with dynamo's warning)
 def attend(
     scores: Tensor,
     v: Tensor,
@@ -309,9 +310,8 @@ def attend(
     return_weights: bool = False,
     return_lse: bool = False,
 ) -> Tensor | AttentionOutput:
-    """Mask, normalize and mix precomputed scores: the last three steps of attention.
-
-    For parametric scores (Luong's general, Bahdanau's additive) computed by a module.
+    """Mask, normalize and mix precomputed scores: the last three steps of attention; for
+    parametric scores (Luong's general, Bahdanau's additive) computed by a module.
 
     Args:
         scores: ``(B, Hq, Lq, Lk)`` scores, already scaled and biased.
