@@ -237,11 +237,42 @@ def validate_scale(scale: object) -> float | None:
     """``None`` or a finite real number."""
     if scale is None:
         return None
-    if isinstance(scale, bool) or not isinstance(scale, int | float):
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):  # (numpy's too)
         raise TypeError(f"scale must be a finite float or None, got {type(scale).__name__}")
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     return float(scale)
+
+
+def validate_selection(
+    heads: object, rows: object, n_heads: int, lq: int, *, clip: bool = False
+) -> tuple[list[int] | None, tuple[int, int] | None]:
+    """``heads`` (query head indices) and ``rows`` (``(r0, r1)``, clipped to ``lq`` with
+    ``clip``) of a weights request, each an error naming it where it does not fit.
+
+    Example:
+        >>> validate_selection([1], (0, 9), 4, 5, clip=True)
+        ([1], (0, 5))
+    """
+    hs = None if heads is None else _ints("heads", heads, "a list of query head indices (ints)")
+    if hs is not None and any(not 0 <= h < n_heads for h in hs):
+        raise ValueError(f"heads={heads} must be query head indices in [0, {n_heads})")
+    rs = None if rows is None else _ints("rows", rows, "a pair (r0, r1) of ints")
+    if rs is not None and len(rs) != 2:
+        raise TypeError(f"rows must be a pair (r0, r1) of ints, got {rows!r}")
+    r = None if rs is None else (min(rs[0], lq), min(rs[1], lq)) if clip else (rs[0], rs[1])
+    if r is not None and not 0 <= r[0] <= r[1] <= lq:
+        raise ValueError(f"rows={rows} must satisfy 0 <= r0 <= r1 <= Lq={lq}")
+    return hs, r
+
+
+def _ints(name: str, x: object, what: str) -> list[int]:
+    """``x``, a list, tuple or range of ints, as a list (1.5 was taken as head 1)."""
+    if not isinstance(x, list | tuple | range) or not all(
+        isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in x
+    ):
+        raise TypeError(f"{name} must be {what}, got {x!r}")
+    return [int(i) for i in x]
 
 
 def validate_softcap(softcap: object) -> float | None:

@@ -389,10 +389,7 @@ def attention_weights(
     """
     extras = {"softcap": softcap, "sinks": sinks}
     req = _request(q, k, v, mask, bias, scale, score, "softmax", 0.0, False, False, **extras)  # type: ignore[arg-type]
-    if heads is not None and any(not 0 <= h < req.heads for h in heads):
-        raise ValueError(f"heads={heads} must be query head indices in [0, {req.heads})")
-    if rows is not None and not 0 <= rows[0] <= rows[1] <= req.lq:
-        raise ValueError(f"rows={rows} must satisfy 0 <= r0 <= r1 <= Lq={req.lq}")
+    heads, rows = V.validate_selection(heads, rows, req.heads, req.lq)
     if get_engine("blocked").unsupported(req) is not None:
         raise ValueError("attention_weights needs the blocked engine (dot or cosine score)")
     return request_weights(req, heads, rows)
@@ -442,9 +439,7 @@ def observed_weights(
         if event.weights is not None
         else (event.request.heads, event.request.lq)  # type: ignore[union-attr]
     )
-    if heads is not None and any(not 0 <= h < n_heads for h in heads):
-        raise ValueError(f"heads={heads} must be query head indices in [0, {n_heads})")
-    rows = None if rows is None else (min(rows[0], lq), min(rows[1], lq))
+    heads, rows = V.validate_selection(heads, rows, n_heads, lq, clip=True)
     if event.weights is not None:
         return slice_weights(event.weights, heads, rows)
     return request_weights(event.request, heads, rows)  # type: ignore[arg-type]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlab._observe import unobserved
-from attnlab._validate import positive_int, validate_score
+from attnlab._validate import positive_int, validate_flag, validate_scale, validate_score
 from attnlab.bias import Bias
 from attnlab.functional import AttentionOutput, attention, unsupported_by
 from attnlab.masks import Mask
@@ -90,10 +90,12 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         hkv = check_heads(embed_dim, num_heads, num_kv_heads, head_dim)
         check_attention_options(dropout, normalize, engine)
-        check_rope(rope)
         validate_score(score)
+        validate_scale(scale)  # these failed at the first call, or took "no" as True
+        validate_flag("bias", bias), validate_flag("qk_norm", qk_norm)
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, hkv
         self.head_dim = embed_dim // num_heads if head_dim is None else head_dim
+        check_rope(rope, self.head_dim)
         self.kdim = embed_dim if kdim is None else positive_int("kdim", kdim)
         self.vdim = embed_dim if vdim is None else positive_int("vdim", vdim)
         self.dropout, self.scale, self.score = float(dropout), scale, score
@@ -191,6 +193,8 @@ class MultiHeadAttention(nn.Module):
             ``(B, H, Lq, Lk)`` (``(B, Lq, Lk)`` when averaged).
         """
         _check_input("query", query, self.embed_dim)
+        if residual is not None:  # (torch: "The size of tensor a (8) must match ...")
+            _check_input("residual", residual, self.embed_dim)
         if cache is not None and not isinstance(cache, KVCache):
             raise TypeError(f"cache must be an attnlab.nn.KVCache, got {type(cache).__name__}")
         is_self = _is_self(query, key, value, self.rope, cache)

@@ -99,11 +99,18 @@ class KVCache:
 
     def reorder(self, index: Tensor) -> KVCache:
         """Select batch rows by ``index (B',)``: beam search keeps the surviving beams."""
-        if self._k is None or self._v is None:
-            return self
+        if not isinstance(index, Tensor):  # (an AttributeError; empty caches took it)
+            raise TypeError(f"index must be a 1-D integer tensor, got {type(index).__name__}")
         if index.dtype not in (torch.int32, torch.int64) or index.dim() != 1:
             raise TypeError(
                 f"index must be a 1-D integer tensor, got {index.dtype} {index.dim()}-D"
+            )
+        if self._k is None or self._v is None:
+            return self
+        batch = self._k.shape[0]
+        if index.numel() and not (int(index.min()) >= 0 and int(index.max()) < batch):
+            raise ValueError(  # (torch's IndexError from index_select)
+                f"index must hold batch rows in [0, {batch}), got {index.tolist()}"
             )
         idx = index.to(self._k.device)
         self._k = self._k.index_select(0, idx)
@@ -143,6 +150,8 @@ class KVCache:
 
 
 def _check_step(cache: KVCache, k: Tensor, v: Tensor) -> None:
+    if not isinstance(k, Tensor) or not isinstance(v, Tensor):
+        raise TypeError(f"k and v must be tensors, got {type(k).__name__}, {type(v).__name__}")
     if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
         raise ValueError(
             f"k and v must be (B, Hkv, T, E) with equal B, Hkv, T; got {tuple(k.shape)} "

@@ -39,14 +39,20 @@ def check_heads(d: int, h: int, hkv: int | None, e: int | None) -> int:
     return hkv
 
 
-def check_rope(rope: object) -> None:
-    """``rope`` is None or a :class:`~attnlab.positional.RotaryEmbedding` (another value
-    failed at the first call: "'int' object is not callable")."""
+def check_rope(rope: object, head_dim: int) -> None:
+    """``rope`` is None or a :class:`~attnlab.positional.RotaryEmbedding` of the layer's
+    ``head_dim`` (another value failed at the first call: "'int' object is not callable",
+    another size with "x must have shape (B, H, L, E) with E = head_dim")."""
     from attnlab.positional import RotaryEmbedding
 
     if rope is not None and not isinstance(rope, RotaryEmbedding):
         raise TypeError(
             f"rope must be an attnlab.positional.RotaryEmbedding or None, got {type(rope).__name__}"
+        )
+    if rope is not None and rope.head_dim != head_dim:
+        raise ValueError(
+            f"rope must rotate heads of the layer's head_dim={head_dim}, got a "
+            f"RotaryEmbedding of head_dim={rope.head_dim}"
         )
 
 
@@ -135,7 +141,7 @@ class LayerConfig:
         check_attention_options(self.dropout, self.normalize, self.engine)
         check_choice("activation", self.activation, ACTIVATIONS)
         check_choice("norm", self.norm, NORMS)
-        check_rope(self.rope)
+        check_rope(self.rope, self.d_model // self.num_heads)
         eps = self.norm_eps  # a negative one gave NaN outputs, a str failed at the first call
         if isinstance(eps, bool) or not isinstance(eps, (int, float)):
             raise TypeError(f"norm_eps must be a positive float, got {type(eps).__name__}")

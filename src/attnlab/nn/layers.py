@@ -82,6 +82,12 @@ class FeedForward(nn.Module):
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         """``x (B, L, D) -> (B, L, D)``; plus ``residual (B, L, D)`` where given (the
         sum a residual layer makes, fused into the last product at CPU inference)."""
+        d = self.linear1.in_features  # (torch: "mat1 and mat2 shapes cannot be multiplied")
+        if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != d:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must be (B, L, {d}), got {got}")
+        if residual is not None and residual.shape != (*x.shape[:-1], d):
+            raise ValueError(f"residual must be {(*x.shape[:-1], d)}, got {tuple(residual.shape)}")
         if self.activation == "swiglu":
             gate, value = self.linear1(x).chunk(2, dim=-1)  # (B, L, F) each
             h = F.silu(gate) * value

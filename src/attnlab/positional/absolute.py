@@ -197,7 +197,7 @@ class LearnedPositional(nn.Module):
             self._check_end(offset, length)
         else:
             self._check_values(pos)
-        return x + F.embedding(pos, self.weight).to(x.dtype)  # (B, L, D)
+        return x + F.embedding(pos.long(), self.weight).to(x.dtype)  # (B, L, D): any int dtype
 
     def _check_end(self, offset: int, length: int) -> None:
         """Raise if positions ``offset .. offset + length - 1`` run past :attr:`max_len`."""
