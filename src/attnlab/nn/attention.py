@@ -92,7 +92,8 @@ class MultiHeadAttention(nn.Module):
         check_attention_options(dropout, normalize, engine)
         validate_score(score)
         validate_scale(scale)  # these failed at the first call, or took "no" as True
-        validate_flag("bias", bias), validate_flag("qk_norm", qk_norm)
+        validate_flag("bias", bias)
+        validate_flag("qk_norm", qk_norm)
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, hkv
         self.head_dim = embed_dim // num_heads if head_dim is None else head_dim
         check_rope(rope, self.head_dim)

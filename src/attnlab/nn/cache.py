@@ -108,7 +108,8 @@ class KVCache:
         if self._k is None or self._v is None:
             return self
         batch = self._k.shape[0]
-        if index.numel() and not (int(index.min()) >= 0 and int(index.max()) < batch):
+        lo, hi = torch.stack(torch.aminmax(index)).tolist() if index.numel() else (0, -1)
+        if not (lo >= 0 and hi < batch):  # (one pass over the index, one read back)
             raise ValueError(  # (torch's IndexError from index_select)
                 f"index must hold batch rows in [0, {batch}), got {index.tolist()}"
             )
