@@ -66,9 +66,14 @@ class SdpaEngine(Engine):
             return f"k or v {_hold()} NaN, which torch SDPA spreads to rows the mask hides it from"
         return None
 
+    def prefers(self, req: AttentionRequest) -> bool:
+        return not _one_tracked_key(req.q, req.k, req.v)
+
     def plain(self, q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor | None:
         if 0 in q.shape[:3] or not _keeps_nan(q, k.shape[2], 0.0) or _unbatched(q):
             return None  # empty, a NaN screen to run, or vmapped: the request decides
+        if _one_tracked_key(q, k, v):
+            return None
         gqa = q.shape[1] != k.shape[1]
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
 
@@ -99,6 +104,14 @@ class SdpaEngine(Engine):
         if empty_rows is not None:
             out = out.masked_fill(empty_rows, 0.0)
         return out, None, None
+
+
+def _one_tracked_key(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether a call has one key and gradients: each weight is then exactly 1 and dQ and
+    dK exactly 0, where torch SDPA's backward gives 1e-6 (float32, E=8); ``auto`` lets
+    another engine take it."""
+    tracked = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    return k.shape[2] == 1 and tracked
 
 
 def _keeps_nan(q: Tensor, lk: int, dropout_p: float) -> bool:
