@@ -174,6 +174,8 @@ class BlockedEngine(Engine):
 
     def forward(self, req: AttentionRequest) -> EngineResult:
         decode, bounds = self.decoding(req)
+        if not decode and req.mask is None:  # named for a maskless step: the kernel serves
+            decode = _plain_request(req, named=True)  # it too (auto leaves those to SDPA)
         if decode:
             lo, hi = (None, None) if bounds is None else (bounds.lo, bounds.hi)
             sinks = req.sinks
@@ -317,9 +319,10 @@ def _exact_bounds(mask: Mask, req: AttentionRequest) -> RowBounds | None:
     return bounds
 
 
-def _plain_request(req: AttentionRequest) -> bool:
+def _plain_request(req: AttentionRequest, *, named: bool = False) -> bool:
     """Whether ``req`` asks the decoding kernel's computation of its q, k, v (mask aside;
-    soft-capping and sinks without a gradient included)."""
+    soft-capping and sinks without a gradient included); ``named``: also a maskless call
+    without grouped heads, which ``auto`` leaves to SDPA but the kernel computes as well."""
     if req.score != "dot" or req.normalize != "softmax" or req.bias is not None:
         return False
     if req.dropout_p or req.return_weights or req.return_lse:
@@ -327,7 +330,7 @@ def _plain_request(req: AttentionRequest) -> bool:
     if req.sinks is not None and req.sinks.requires_grad and torch.is_grad_enabled():
         return False
     extra = req.softcap is not None or req.sinks is not None  # SDPA has neither
-    return decodes(req.q, req.k, req.v, masked=req.mask is not None or extra)
+    return decodes(req.q, req.k, req.v, masked=named or req.mask is not None or extra)
 
 
 def _normalized(req: AttentionRequest) -> AttentionRequest:

@@ -91,7 +91,19 @@ class KVCache:
         return k, v
 
     def crop(self, length: int) -> KVCache:
-        """Forget every position from ``length`` on (speculative decoding, retries)."""
+        """Forget every position from ``length`` on (speculative decoding, retries).
+
+        Outside autograd, the next appends write over those positions in place: keys and
+        values handed out before the crop are views of the same storage and see the new
+        steps (``.clone()`` them to keep the old ones).
+
+        Example:
+            >>> c = KVCache()
+            >>> k, _ = c.append(torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 3, 2))
+            >>> _ = c.crop(1).append(torch.ones(1, 1, 1, 2), torch.ones(1, 1, 1, 2))
+            >>> k[0, 0, :, 0].tolist()  # the view from before the crop
+            [0.0, 1.0, 0.0]
+        """
         if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= self._len:
             raise ValueError(f"crop length must be an int in [0, {self._len}], got {length!r}")
         self._len = length
