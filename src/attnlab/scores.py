@@ -39,7 +39,7 @@ def expand_kv(x: Tensor, heads: int) -> Tensor:
 
 
 #: below this many query rows, a group's rows are not stacked against ``k^T``: MKL's
-#: few-row product (M <= 3 here) sums more accurately than its GEMM (2-4x less error at
+#: few-row product (M <= 3 here) sums more accurately than its GEMM (2-3x less error at
 #: E=130, AMD EPYC), and plain PyTorch, one head at a time, gets that few-row product
 _FEW_ROWS = 4
 

@@ -169,10 +169,10 @@ def softmax_with_sinks(s: Tensor, sink: Tensor) -> tuple[Tensor, Tensor]:
     """Softmax of ``s (B, H, Lq, Lk)`` with one more logit per row, ``sink (B or 1, H, Lq
     or 1)``, in the denominator; and the logsumexp ``(B, H, Lq)`` of both.
 
-    The sink joins the sum under the row's shared max. Scaling a finished softmax by
-    ``exp(lse - lse')`` instead carried ``lse``'s rounding, which grows with its size: at
-    scores of std 11 (scale 1, E=130) that was up to 4.9x plain PyTorch's float32 error.
-    A row with no key and no sink (both ``-inf``) gives 0 with gradient 0.
+    The sink joins the sum under the row's shared max, as a last column of plain
+    PyTorch's softmax would. Scaling a finished softmax by ``exp(lse - lse')`` instead
+    carried ``lse``'s rounding, which grows with its size (scores of std 11: scale 1,
+    E=130). A row with no key and no sink (both ``-inf``) gives 0 with gradient 0.
 
     Example:
         >>> w, lse = softmax_with_sinks(torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1))
