@@ -20,7 +20,7 @@ from torch import Tensor
 
 from attnlab._eager import any_nan, vmapping
 from attnlab.engines.base import AttentionRequest
-from attnlab.scores import expand_kv, grouped_matmul
+from attnlab.scores import grouped_matmul
 
 __all__ = [
     "kernel_attention",
@@ -86,12 +86,9 @@ def kernel_sums(
         if nan is not None and v.shape[2]:
             num = num.masked_fill(_reads(nan, qf.shape[1], qf.shape[2]), float("nan"))
         return num, both[..., -1:]
-    kv, ks = kf.transpose(-1, -2) @ v, kf.sum(-2).unsqueeze(-1)  # (B, Hkv, F, Ev), (.., F, 1)
-    if torch.is_grad_enabled() and (kv.requires_grad or ks.requires_grad):
-        # per query head, then summed over the group, as plain PyTorch's repeated heads:
-        # a group's G * Lq rows in one product gave dK 2.3-3.3x that error (8/1 heads)
-        kv, ks = expand_kv(kv, qf.shape[1]), expand_kv(ks, qf.shape[1])
-    return grouped_matmul(qf, kv), grouped_matmul(qf, ks)  # (B, Hq, Lq, Ev), (.., 1)
+    num = grouped_matmul(qf, kf.transpose(-1, -2) @ v)  # (B, Hq, Lq, Ev)
+    den = grouped_matmul(qf, kf.sum(-2).unsqueeze(-1))  # (B, Hq, Lq, 1)
+    return num, den
 
 
 def _safe_ratio(num: Tensor, den: Tensor) -> Tensor:

@@ -151,20 +151,6 @@ def mix(
     return out, w, (lse if want_lse else None)
 
 
-def _repeated_under_grad(req: AttentionRequest) -> AttentionRequest:
-    """``req`` with its keys and values repeated per query head (GQA) when they take
-    gradients, as plain PyTorch's are: a group's rows in one product summed ``G * Lq``
-    terms at once for dK and dV (2.1-4.5x plain PyTorch's float32 error in dV at 8 query
-    heads on 1 key/value head, 64 rows); per head, then across the group, they sum as
-    plain's do. The copies are ``Hq x Lk x (E + Ev)``, less than the ``Hq x Lq x Lk``
-    scores once ``Lq`` passes ``E + Ev``."""
-    tracked = torch.is_grad_enabled() and (req.k.requires_grad or req.v.requires_grad)
-    if req.k.shape[1] == req.heads or not tracked:
-        return req
-    k, v = expand_kv(req.k, req.heads), expand_kv(req.v, req.heads)
-    return dataclasses.replace(req, k=k, v=v)
-
-
 def softmax_with_sinks(s: Tensor, sink: Tensor) -> tuple[Tensor, Tensor]:
     """Softmax of ``s (B, H, Lq, Lk)`` with one more logit per row, ``sink (B or 1, H, Lq
     or 1)``, in the denominator; and the logsumexp ``(B, H, Lq)`` of both.
@@ -230,7 +216,6 @@ class ReferenceEngine(Engine):
                 None if w is None else w.to(low),
                 None if lse is None else lse.to(low),
             )
-        req = _repeated_under_grad(req)
         s, own = _scores(req)  # (B, Hq, Lq, Lk)
         allowed = None
         if req.mask is not None:
