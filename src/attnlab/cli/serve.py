@@ -144,9 +144,24 @@ def run(args: argparse.Namespace) -> int:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{port}/"
-    print(f"attnlab serve: {url}  (API schema: /openapi.json; Ctrl-C stops)", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = _ready_server(
+        uvicorn, app, f"attnlab serve: {url}  (API schema: /openapi.json; Ctrl-C stops)"
+    )
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn shut down, then re-raised Ctrl-C
         server.run(sockets=[sock])
     print("attnlab serve: stopped", flush=True)
     return 0
+
+
+def _ready_server(uvicorn: Any, app: Any, line: str) -> Any:
+    """A uvicorn server that prints ``line`` (the URL) once it is serving, the model
+    loaded: uvicorn's Ctrl-C handler is in place by then, so a Ctrl-C sent on seeing the
+    line stops it (the line used to come before uvicorn started)."""
+
+    class Ready(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:
+                print(line, flush=True)
+
+    return Ready(uvicorn.Config(app, log_level="warning"))

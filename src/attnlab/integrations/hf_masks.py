@@ -414,7 +414,7 @@ def _evaluated(call: MaskCall) -> Mask:
     fn = call.mask_function
     if call.attention_mask is not None:
         pad = prepare_padding_mask(call.attention_mask.bool(), call.kv_length, call.kv_offset)
-        fn = and_masks(fn, padding_mask_function(pad))  # type: ignore[arg-type]
+        fn = and_masks(fn, padding_mask_function(pad))
     shift = call.q_offset - (call.kv_length - call.q_length)  # attnlab position -> absolute
 
     def hf_mask(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:

@@ -150,8 +150,8 @@ def _refuse_own_attention() -> None:
         return name
 
     check.refuses_own_attention = True  # type: ignore[attr-defined]
-    PreTrainedModel._check_and_adjust_attn_implementation = check  # type: ignore[method-assign]
-    PreTrainedModel.get_correct_attn_implementation = correct_and_check  # type: ignore[method-assign]
+    PreTrainedModel._check_and_adjust_attn_implementation = check
+    PreTrainedModel.get_correct_attn_implementation = correct_and_check
 
 
 def _refuse_in_class_tables(model: nn.Module, name: str) -> None:
@@ -278,7 +278,9 @@ def build_mask(
         'causal()'
     """
     if mask_function is None:
-        from transformers.masking_utils import causal_mask_function as mask_function
+        from transformers.masking_utils import causal_mask_function
+
+        mask_function = causal_mask_function
     q_offset, kv_offset = int(q_offset), int(kv_offset)  # tensors under some caches
     call = MaskCall(
         batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask
