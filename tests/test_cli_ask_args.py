@@ -272,11 +272,21 @@ def test_summarize_refuses_a_text_past_its_sentence_limit_before_any_work(
 
 @NEED_MODEL
 def test_ask_says_once_that_long_sentences_were_cut(
-    tmp_path: Path, with_model: None, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, enc: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The index warned, then ranking and explaining re-read the same long sentences and
-    the encoder warned twice more, naming its internal ``texts[1]``."""
-    long = " ".join(f"word{i}" for i in range(400))
+    the encoder warned twice more, naming its internal ``texts[1]``. (The model's limit is
+    64 tokens here, not 256: explaining 256-token sentences took 10 of the test's 13 s.)"""
+    import dataclasses
+
+    from attnlab.models import SentenceEncoder, minilm_path
+    from attnlab.models.sentence import load_tokenizer
+
+    config = dataclasses.replace(enc.config, max_seq_length=64)
+    tokenizer = load_tokenizer(minilm_path() / "tokenizer.json", 64)
+    short = SentenceEncoder(enc.bert, tokenizer, config, dense=list(enc.dense)).eval()
+    monkeypatch.setattr(ask_cli, "load_encoder", lambda model: (short, "all-MiniLM-L6-v2"))
+    long = " ".join(f"word{i}" for i in range(100))
     doc = tmp_path / "long.txt"
     doc.write_text(f"Cats purr when they are content. {long}. Dogs bark at night.\n")
     said = []
@@ -284,12 +294,12 @@ def test_ask_says_once_that_long_sentences_were_cut(
         assert main(["ask", "why do cats purr?", "--docs", str(doc), "--top", "3"]) == 0
         said.append([x for x in capsys.readouterr().err.splitlines() if "warning" in x])
     assert said[0] == [
-        "attnlab ask: warning: 1 of 3 sentences reach the encoder's 256-token limit; only "
-        "their first 256 tokens are embedded"
+        "attnlab ask: warning: 1 of 3 sentences reach the encoder's 64-token limit; only "
+        "their first 64 tokens are embedded"
     ], said
     assert said[1] == [
-        "attnlab ask: warning: some candidate sentences are past the encoder's 256-token "
-        "limit; they are compared by their first 256 tokens"
+        "attnlab ask: warning: some candidate sentences are past the encoder's 64-token "
+        "limit; they are compared by their first 64 tokens"
     ], said
 
 

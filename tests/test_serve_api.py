@@ -633,10 +633,14 @@ def test_a_body_slow_to_check_does_not_hold_other_requests(small: TestClient) ->
             answered.append(time.perf_counter())
         return await slow, answered
 
-    (status, out), answered = asyncio.run(race())
-    gap = max(b - a for a, b in itertools.pairwise(answered))
-    assert status == 422 and out["detail"].endswith("; and 199995 more"), out
-    assert gap < stall / 3, f"health waited {gap:.3f} s; pydantic alone takes {stall:.3f} s"
+    gaps: list[float] = []
+    for _ in range(3):  # a busy machine only lengthens a wait (0.32 s once, beside the
+        (status, out), answered = asyncio.run(race())  # other pytest worker): best of 3
+        assert status == 422 and out["detail"].endswith("; and 199995 more"), out
+        gaps.append(max(b - a for a, b in itertools.pairwise(answered)))
+        if gaps[-1] < stall / 3:
+            break
+    assert min(gaps) < stall / 3, f"health waited {gaps} s; pydantic alone takes {stall:.3f} s"
 
 
 @pytest.mark.parametrize(
