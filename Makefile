@@ -56,7 +56,7 @@ pytest: $(VENV)/.dev $(VENV)/.browser
 	$(PY) -m pytest -q -n 2
 
 # Each benchmark's smoke run (tiny sizes, one run, figures not checked) is its own target,
-# so that `make test` can run them two at a time beside mypy (most run on one thread).
+# so that `make test` can run them two at a time beside mypy.
 SMOKE_hf          := bench_hf.py --smoke
 SMOKE_minilm      := bench_minilm.py --smoke
 SMOKE_ask         := bench_ask.py --smoke
