@@ -77,6 +77,20 @@ def test_rollout_and_relevance_errors() -> None:
         TypeError,
         "residual must be a bool, got str",
     )
+    # NaN or negative weights were taken as given: one NaN weight made every row NaN
+    nan, neg = a.clone(), a.clone()
+    nan[0, 1, 2, 3], neg[0, 0, 1, 1] = float("nan"), -0.5
+    for bad in (nan, neg, a.clone().fill_(float("inf"))):
+        check_and_control(
+            lambda b=bad: rollout([a, b]), ok, ValueError, r"attentions\[1\] must be finite"
+        )
+        check_and_control(
+            lambda b=bad: relevance([b], [a]),
+            lambda: relevance([a], [-a]),
+            ValueError,
+            "finite and >= 0",
+        )
+    check_and_control(lambda: rollout(torch.stack([a, a])), ok, TypeError, "pass list")
 
 
 def _encoder(engine: str) -> Encoder:

@@ -37,31 +37,41 @@ __all__ = [
 HEAD_FUSIONS = ("mean", "max", "min")
 
 
-def _check_layers(name: str, attentions: Sequence[Tensor]) -> tuple[int, int]:
-    """``(B, n)`` of a non-empty list of square ``(B, H, n, n)`` tensors of one shape."""
-    if not isinstance(attentions, Sequence) or len(attentions) == 0:
-        raise ValueError(f"{name} must be a non-empty list of (B, H, n, n) tensors")
+def _check_layers(name: str, attentions: object, weights: bool = False) -> tuple[int, int]:
+    """``(B, n)`` of a non-empty list of square ``(B, H, n, n)`` float tensors sharing
+    ``B``, ``n``, dtype and device; with ``weights``, their entries must also be finite
+    and ``>= 0`` (attention weights; gradients may be negative)."""
+    if isinstance(attentions, Tensor) or not isinstance(attentions, Sequence):
+        raise TypeError(
+            f"{name} must be a list of (B, H, n, n) tensors, one per layer; got "
+            f"{type(attentions).__name__} (a stacked tensor t: pass list(t))"
+        )
+    if len(attentions) == 0:
+        raise ValueError(f"{name} must be a non-empty list (at least one layer), got none")
     first = attentions[0]
     for i, a in enumerate(attentions):
         if not isinstance(a, Tensor):
             raise TypeError(f"{name}[{i}] must be a Tensor, got {type(a).__name__}")
+        if not a.is_floating_point():  # (mean() failed on it, naming nothing)
+            raise TypeError(f"{name}[{i}] must be a floating-point tensor, got {a.dtype}")
         if a.dim() != 4 or a.shape[-1] != a.shape[-2]:
             raise ValueError(
-                f"{name}[{i}] has shape {tuple(a.shape)}; expected square self-attention "
-                "weights (B, H, n, n)"
+                f"{name}[{i}] must have shape (B, H, n, n) (square self-attention), "
+                f"got {tuple(a.shape)}"
             )
         if a.shape[0] != first.shape[0] or a.shape[-1] != first.shape[-1]:
             raise ValueError(
-                f"{name}[{i}] has shape {tuple(a.shape)} but {name}[0] has "
-                f"{tuple(first.shape)}; every layer needs the same B and n"
+                f"{name} must share batch B and length n (the same B and n in every "
+                f"layer); {name}[0] has shape {tuple(first.shape)}, {name}[{i}] has "
+                f"{tuple(a.shape)}"
             )
-        if not a.is_floating_point():  # (mean() failed on it, naming nothing)
-            raise TypeError(f"{name}[{i}] must be a floating-point tensor, got {a.dtype}")
         if a.dtype != first.dtype or a.device != first.device:
             raise TypeError(
                 f"{name} must share dtype and device; {name}[0] is {first.dtype}/"
                 f"{first.device}, {name}[{i}] is {a.dtype}/{a.device}"
             )
+        if weights and (not bool(torch.isfinite(a).all()) or bool((a < 0).any())):
+            raise ValueError(f"{name}[{i}] must be finite and >= 0 (attention weights)")
     return first.shape[0], first.shape[-1]
 
 
@@ -122,7 +132,7 @@ def rollout(
         >>> rollout([a, a])[0].tolist()
         [[0.25, 0.75], [0.0, 1.0]]
     """
-    _check_layers("attentions", attentions)
+    _check_layers("attentions", attentions, weights=True)  # (NaN spread to every row)
     validate_flag("residual", residual)  # (a str such as "no" was taken as True)
     out: Tensor | None = None
     for a in attentions:
@@ -149,7 +159,7 @@ def relevance(attentions: Sequence[Tensor], gradients: Sequence[Tensor]) -> Tens
         >>> relevance([a], [torch.tensor([[[[1.0, -1.0], [0.0, 2.0]]]])])[0].tolist()
         [[1.5, 0.0], [0.0, 2.0]]
     """
-    b, n = _check_layers("attentions", attentions)
+    b, n = _check_layers("attentions", attentions, weights=True)
     _check_layers("gradients", gradients)
     a0, g0 = attentions[0], gradients[0]
     if (g0.dtype, g0.device) != (a0.dtype, a0.device):  # (a bare RuntimeError in the product)

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from attnlab._validate import validate_flag
-from attnlab.interpret.explain import HEAD_FUSIONS, residual_attention
+from attnlab.interpret.explain import HEAD_FUSIONS, _check_layers, residual_attention
 
 __all__ = ["attention_flow"]
 
@@ -140,43 +140,10 @@ def _scipy() -> Any:
 
 
 def _validate_attentions(attentions: object) -> list[Tensor]:
-    """A non-empty list of ``(B, H, n, n)`` float tensors sharing ``B``, ``n`` and dtype."""
-    if isinstance(attentions, Tensor) or not isinstance(attentions, Sequence):
-        raise TypeError(
-            f"attentions must be a list of (B, H, n, n) tensors, one per layer; got "
-            f"{type(attentions).__name__} (a stacked tensor t: pass list(t))"
-        )
-    if len(attentions) == 0:
-        raise ValueError("attentions must hold at least one layer, got an empty sequence")
-    layers = [_check_layer(idx, a) for idx, a in enumerate(attentions)]
-    first = layers[0]
-    for idx, a in enumerate(layers):
-        if a.shape[0] != first.shape[0] or a.shape[-1] != first.shape[-1]:
-            raise ValueError(
-                f"attentions must share batch B and length n; attentions[0] has shape "
-                f"{tuple(first.shape)}, attentions[{idx}] has {tuple(a.shape)}"
-            )
-        if a.dtype != first.dtype or a.device != first.device:
-            raise TypeError(
-                f"attentions must share dtype and device; attentions[0] is "
-                f"{first.dtype}/{first.device}, attentions[{idx}] is {a.dtype}/{a.device}"
-            )
-    return layers
-
-
-def _check_layer(idx: int, a: object) -> Tensor:
-    """One layer: a finite, nonnegative, floating-point ``(B, H, n, n)`` tensor."""
-    if not isinstance(a, Tensor) or not a.is_floating_point():
-        seen = a.dtype if isinstance(a, Tensor) else type(a).__name__
-        raise TypeError(f"attentions[{idx}] must be a floating-point tensor, got {seen}")
-    if a.dim() != 4 or a.shape[-1] != a.shape[-2]:
-        raise ValueError(
-            f"attentions[{idx}] must have shape (B, H, n, n) (square self-attention), "
-            f"got {tuple(a.shape)}"
-        )
-    if not bool(torch.isfinite(a).all()) or bool((a < 0).any()):
-        raise ValueError(f"attentions[{idx}] must be finite and >= 0 (attention weights)")
-    return a
+    """A non-empty list of finite, nonnegative ``(B, H, n, n)`` float tensors sharing
+    ``B``, ``n``, dtype and device."""
+    _check_layers("attentions", attentions, weights=True)
+    return list(attentions)  # type: ignore[call-overload]
 
 
 def _validate_outputs(outputs: object, n: int) -> list[int]:
