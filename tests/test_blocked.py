@@ -10,6 +10,7 @@ import gc
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -339,6 +340,36 @@ def test_kernel_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
     assert _native.kernel() is None
     monkeypatch.setenv("ATTNLAB_NO_KERNEL", "0")
     assert _native.kernel() is not None or _native.kernel_error() is not None
+
+
+def test_each_checkout_and_torch_install_keeps_its_own_build(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Checkouts of one version shared a build folder whose ninja file named the other
+    checkout's source path, so each switch between them rebuilt the kernel (20-50 s)."""
+    from torch.utils import cpp_extension
+
+    calls: list[dict] = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: calls.append(kw))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    text = _native._SOURCE.read_text(encoding="utf-8")
+    names = []
+    for checkout, body in (("a", text), ("b", text), ("c", text + "// changed\n")):
+        copy = tmp_path / checkout / "blocked.cpp"
+        copy.parent.mkdir()
+        copy.write_text(body, encoding="utf-8")
+        monkeypatch.setattr(_native, "_SOURCE", copy)
+        _native._fingerprint.cache_clear()
+        names.append(_native.build_settings()[0])
+        _native._build()
+    _native._fingerprint.cache_clear()
+    assert names[0] == names[1] != names[2]  # the name follows the source's bytes
+    assert names[0].endswith("_" + _native._capability().lower())
+    sources = [kw["sources"] for kw in calls]
+    assert sources[0] == sources[1] == [str(tmp_path / "ext" / names[0] / "blocked.cpp")]
+    assert sources[2] == [str(tmp_path / "ext" / names[2] / "blocked.cpp")]
+    for name, body in ((names[0], text), (names[2], text + "// changed\n")):
+        assert (tmp_path / "ext" / name / "blocked.cpp").read_text(encoding="utf-8") == body
 
 
 def test_kernel_half_precision_and_gqa_match_the_reference() -> None:

@@ -20,6 +20,8 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import sys
 import threading
@@ -29,6 +31,7 @@ from typing import Any
 
 import torch
 
+from attnlab._io import atomic_write_text
 from attnlab._validate import env_mib
 
 __all__ = ["build_settings", "kernel", "kernel_error", "ops", "pool_limit_mib"]
@@ -59,20 +62,34 @@ def build_settings() -> tuple[str, list[str]]:
         True
     """
     cap = _capability()
-    name = f"attnlab_blocked_v{_VERSION}_{cap.lower()}"
     # -fopenmp: at::parallel_for is inline OpenMP; without it the kernel runs on one thread
     flags = ["-O3", "-fopenmp", *_FLAGS.get(cap, []), f"-DCPU_CAPABILITY={cap}"]
     if cap != "DEFAULT":
         flags.append(f"-DCPU_CAPABILITY_{cap}")
-    return name, flags
+    return f"attnlab_blocked_v{_VERSION}_{_fingerprint(tuple(flags))}_{cap.lower()}", flags
+
+
+@functools.cache
+def _fingerprint(flags: tuple[str, ...]) -> str:
+    """What the build depends on: the source's bytes, the flags, and the torch install it
+    compiles against. In the build's name, so that two checkouts or environments each
+    keep their own build instead of rebuilding in turn (ninja's file names the source's
+    path and torch's headers; a shared name made each switch a 20-50 s rebuild)."""
+    digest = hashlib.sha256(_SOURCE.read_bytes())
+    for part in (*flags, torch.__version__, str(Path(torch.__file__).parent)):
+        digest.update(b"\0" + part.encode())
+    return digest.hexdigest()[:12]
 
 
 def _build() -> Any:
     from torch.utils.cpp_extension import _get_build_directory, load
 
     name, flags = build_settings()
-    built = Path(_get_build_directory(name, verbose=False)) / f"{name}.so"
-    if not built.exists():
+    folder = Path(_get_build_directory(name, verbose=False))
+    source = folder / _SOURCE.name  # a copy: the same path from every checkout
+    if not source.exists():
+        atomic_write_text(source, _SOURCE.read_text(encoding="utf-8"))
+    if not (folder / f"{name}.so").exists():
         print(
             "attnlab: compiling the blocked engine's CPU kernel (once, about 20 s; "
             "cached in torch's extensions folder)",
@@ -81,7 +98,7 @@ def _build() -> Any:
         )
     load(
         name=name,
-        sources=[str(_SOURCE)],
+        sources=[str(source)],
         extra_cflags=flags,
         extra_ldflags=["-fopenmp"],
         is_python_module=False,
