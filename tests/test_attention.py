@@ -319,6 +319,34 @@ def test_the_reference_engine_in_half_precision_keeps_torch_sdpas_error(
     assert isinstance(out, Tensor) and max_err(out, want) < 1e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_a_score_layer_in_half_precision_gets_q_and_k_in_its_dtype(dtype: torch.dtype) -> None:
+    """Luong's "general" score as a half-precision ``nn.Linear``: it was called with the
+    float32 copies the engine computes in, and raised torch's bare "expected m1 and m2 to
+    have the same dtype". Output and gradients keep the 2x rule against plain PyTorch."""
+    g = torch.Generator().manual_seed(5)
+    layer = torch.nn.Linear(16, 16, bias=False)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=g, dtype=torch.float64) for _ in "qkv")
+
+    def run(dt: torch.dtype, attend: Callable[..., Tensor]) -> tuple[Tensor, ...]:
+        w = layer.to(dt)
+        w.zero_grad()
+        xs = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
+        out = attend(*xs, lambda a, b: a @ w(b).mT)
+        out.backward(torch.ones_like(out))
+        return (out.detach(), *(x.grad for x in xs), w.weight.grad)  # type: ignore[return-value]
+
+    def plain(a: Tensor, b: Tensor, c: Tensor, score: Callable) -> Tensor:
+        return torch.softmax(score(a, b).float(), -1).to(a.dtype) @ c
+
+    ref = run(torch.float64, plain)
+    anchor = run(dtype, plain)
+    got = run(dtype, lambda a, b, c, score: attnlab.attention(a, b, c, score=score))
+    assert got[0].dtype == dtype
+    for name, x, y, z in zip(("out", "dq", "dk", "dv", "dW"), got, anchor, ref, strict=True):
+        assert_2x_rule(x, y, z, f"{name} {dtype}")
+
+
 def test_fully_masked_rows_weights_and_lse() -> None:
     q, k, v = _qkv(1, 1, 1, 4, 3, 8, torch.float32)  # Lq > Lk: the first row sees nothing
     r = attnlab.attention(q, k, v, mask=M.causal(), return_weights=True, return_lse=True)

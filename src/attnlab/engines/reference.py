@@ -28,7 +28,7 @@ from attnlab.engines.base import (
     weighted_values,
 )
 from attnlab.normalize import _compute_dtype, get_normalizer, softmax_rows
-from attnlab.scores import SCORES, expand_kv
+from attnlab.scores import SCORES, ScoreFn, expand_kv
 
 __all__ = ["ReferenceEngine", "mix", "request_scores", "softmax_with_sinks"]
 
@@ -106,6 +106,13 @@ def _called_scores(req: AttentionRequest) -> Tensor:
             f"got {s.dtype} on {s.device}"
         )
     return s.to(req.q.dtype)  # another float dtype (float64 for float32 q) failed to mix
+
+
+def _in_dtype(score: ScoreFn, dtype: torch.dtype) -> ScoreFn:
+    """``score`` called on q and k in ``dtype`` (a half-precision call's own): its layers'
+    weights are in that dtype (given float32 q and k, a bfloat16 Linear raised torch's bare
+    "expected m1 and m2 to have the same dtype"). The round trip is exact."""
+    return lambda q, k: score(q.to(dtype), k.to(dtype))
 
 
 def mix(
@@ -208,9 +215,10 @@ class ReferenceEngine(Engine):
 
     def forward(self, req: AttentionRequest) -> EngineResult:
         if req.q.dtype in _HALF:  # scores, softmax and sum in float32, as torch SDPA's are
-            wide = [t.float() for t in (req.q, req.k, req.v)]
-            out, w, lse = self.forward(dataclasses.replace(req, q=wide[0], k=wide[1], v=wide[2]))
-            low = req.q.dtype
+            low, wide = req.q.dtype, [t.float() for t in (req.q, req.k, req.v)]
+            score = req.score if isinstance(req.score, str) else _in_dtype(req.score, low)
+            wider = dataclasses.replace(req, q=wide[0], k=wide[1], v=wide[2], score=score)
+            out, w, lse = self.forward(wider)
             return (
                 out.to(low),
                 None if w is None else w.to(low),
