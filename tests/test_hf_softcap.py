@@ -4,6 +4,7 @@ and backward; engines that cannot soft-cap say so; bad values are named."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -157,3 +158,7 @@ def test_bad_softcap_is_named(value: object, exc: type[Exception], match: str) -
         exc,
         match,
     )
+    want = attnlab.attention(q, q, q, softcap=30.0, scale=0.5)
+    for real in (np.float32(30.0), np.int64(30)):  # numpy's numbers, as scale takes them
+        got = attnlab.attention(q, q, q, softcap=real, scale=np.float32(0.5))  # type: ignore[arg-type]
+        assert torch.equal(got, want)  # type: ignore[arg-type]

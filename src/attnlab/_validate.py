@@ -279,7 +279,7 @@ def validate_softcap(softcap: object) -> float | None:
     """``None`` or a positive finite float (logit soft-capping)."""
     if softcap is None:
         return None
-    if isinstance(softcap, bool) or not isinstance(softcap, int | float):
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):  # (numpy's too)
         raise TypeError(f"softcap must be a positive float or None, got {type(softcap).__name__}")
     if not (math.isfinite(softcap) and softcap > 0):
         raise ValueError(f"softcap must be a positive finite float or None, got {softcap}")
