@@ -281,9 +281,10 @@ def validate_softcap(softcap: object) -> float | None:
         return None
     if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):  # (numpy's too)
         raise TypeError(f"softcap must be a positive float or None, got {type(softcap).__name__}")
-    if not (math.isfinite(softcap) and softcap > 0):
+    cap = float(softcap)
+    if not (math.isfinite(cap) and cap > 0):
         raise ValueError(f"softcap must be a positive finite float or None, got {softcap}")
-    return float(softcap)
+    return cap
 
 
 def validate_sinks(sinks: object, q: Tensor, normalize: str) -> Tensor | None:
