@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -446,6 +447,11 @@ def test_module_arguments_the_audit_found_unchecked_are_named() -> None:
         r"cache has 1 layers but this decoder has 2: make it with DecoderCache\(num_layers=2\)",
     )
     cache = DecoderCache(1).self_attn[0]
-    with pytest.raises(ValueError, match="crop length must be an int in"):
+    with pytest.raises(TypeError, match=r"length must be an int >= 0, got True \(bool\)"):
         cache.crop(True)  # type: ignore[arg-type]
     assert cache.crop(0).length == 0  # the control
+    full = KVCache()
+    full.append(torch.ones(1, 1, 3, 2), torch.ones(1, 1, 3, 2))
+    assert full.crop(np.int64(2)).length == 2  # (numpy's ints were refused as out of range)
+    with pytest.raises(ValueError, match="length must be an int >= 0, got -1"):
+        full.crop(-1)

@@ -85,6 +85,9 @@ def test_sinusoidal_table_base_and_empty() -> None:
     want = [[paper_sinusoid(p, j, 6, base=100.0) for j in range(6)] for p in range(4)]
     assert max_err(got, torch.tensor(want, dtype=F64)) < 1e-12
     assert sinusoidal_table(0, 6).shape == (0, 6)
+    for bad in ("float32", None, torch.int64):  # (a str or None raised AttributeError)
+        with pytest.raises(TypeError, match=r"dtype must be a floating-point torch\.dtype"):
+            sinusoidal_table(3, 4, dtype=bad)  # type: ignore[arg-type]
 
 
 def test_sinusoidal_module_offset_and_positions() -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnlab._validate import positive_int
+from attnlab._validate import nonnegative_int, positive_int
 
 __all__ = ["DecoderCache", "KVCache"]
 
@@ -104,7 +104,8 @@ class KVCache:
             >>> k[0, 0, :, 0].tolist()  # the view from before the crop
             [0.0, 1.0, 0.0]
         """
-        if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= self._len:
+        length = nonnegative_int("length", length)  # numpy's ints too (they were refused)
+        if length > self._len:
             raise ValueError(f"crop length must be an int in [0, {self._len}], got {length!r}")
         self._len = length
         return self

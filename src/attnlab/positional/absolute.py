@@ -101,8 +101,9 @@ def sinusoidal_table(
     length = nonnegative_int("length", length)
     dim = positive_int("dim", dim)
     offset = nonnegative_int("offset", offset)
-    if not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:  # (a str or None
+        # raised AttributeError)
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     pos = torch.arange(offset, offset + length, device=device)  # (L,)
     return _sinusoid(pos, dim, _positive_float("base", base), dtype)  # (L, D)
 
