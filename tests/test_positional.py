@@ -244,6 +244,23 @@ def test_rope_cache_grows_and_follows_dtype() -> None:
     assert rope._cos.dtype == F64
 
 
+def test_rope_far_offsets_compute_their_angles_without_a_table() -> None:
+    """One token at offset 2**21 built cos/sin tables of 2**22 positions (2 GiB at 128
+    rotated features, 12.6 s); past ``_TABLE_MAX`` the tokens' own angles are computed,
+    with the same values as explicit positions and the float64 formula."""
+    from attnlab.positional.rotary import _TABLE_MAX
+
+    rope, x = RotaryEmbedding(8), torch.randn(1, 2, 3, 8, dtype=F64)
+    far = 2**21
+    out = rope(x, far)
+    assert rope._cos.shape[0] <= _TABLE_MAX
+    assert torch.equal(out, rope(x, torch.arange(far, far + 3)))
+    assert max_err(out, complex_rope(x, torch.arange(far, far + 3))) < 1e-9
+    rope(x, _TABLE_MAX - 3)  # the last positions a table serves: built to _TABLE_MAX
+    assert rope._cos.shape[0] == _TABLE_MAX
+    assert torch.equal(rope(x, _TABLE_MAX - 3), rope(x, torch.arange(_TABLE_MAX - 3, _TABLE_MAX)))
+
+
 def test_rope_returns_the_tables_it_built_when_another_thread_swaps_them() -> None:
     """Two threads sharing one RoPE: the other thread's shorter tables, stored between
     this call's store and its return, were what this call read back (a size error for a

@@ -20,6 +20,9 @@ from attnlab.positional._common import (
 __all__ = ["SCALINGS", "RotaryEmbedding"]
 
 SCALINGS = ("none", "linear", "ntk")
+#: positions the cached cos/sin tables cover at most (64 MiB for 128 rotated features in
+#: float32); an int offset past them computes its own tokens' angles
+_TABLE_MAX = 1 << 17
 
 
 # --------------------------------------------------------------------------- validation
@@ -185,6 +188,10 @@ class RotaryEmbedding(nn.Module):
         if positions < 0:
             raise ValueError(f"positions must be an int offset >= 0, got {positions}")
         start = int(positions)
+        if start + length > max(_TABLE_MAX, self._cos.shape[0]):  # far out: these angles
+            # only (one token at 2**21 built 2 GiB of tables, 12.6 s); the same values
+            angle = self._angles(torch.arange(start, start + length, device=x.device), work)
+            return angle.cos(), angle.sin()  # (L, R/2)
         cos, sin = self._table(start + length, x.device, work)  # (N, R/2)
         return cos[start : start + length], sin[start : start + length]  # (L, R/2)
 
