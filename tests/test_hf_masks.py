@@ -78,6 +78,11 @@ CASES = {
     # a bare overlay (no transformers model asks for one) was dropped: every key attended
     "bare-overlay": (mu.sliding_window_overlay(3), 12, 12, 0, 0, True),
     "bare-overlay-unpadded": (mu.sliding_window_overlay(3), 12, 12, 0, 0, False),
+    # Qwen2-MoE's default window 0 (a mask no layer reads) raised "left must be a
+    # non-negative int, got -1": transformers' own function is evaluated
+    "sliding-window-0": (mu.sliding_window_causal_mask_function(0), 12, 12, 0, 0, True),
+    "bidirectional-window-minus-1": (mu.sliding_window_bidirectional_mask_function(-1),
+                                     12, 12, 0, 0, True),
     "cross-attention": (mu.bidirectional_mask_function, 7, 12, 0, 0, True),  # Lq != Lk
     "one-query-for-all": (mu.bidirectional_mask_function, 1, 12, 0, 0, True),  # BridgeTower
 }  # fmt: skip

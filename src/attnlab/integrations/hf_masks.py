@@ -333,11 +333,13 @@ def _structure(fn: HFMaskFn, call: MaskCall, positions: Tensor | None = None) ->
     kind = name.split(".")[0]
     if name in ("causal_mask_function", "bidirectional_mask_function"):
         return causal() if name.startswith("causal") else _ALL
-    if kind == "sliding_window_overlay":
-        return _Overlay(int(cells["sliding_window"]))  # type: ignore[call-overload]
+    if kind == "sliding_window_overlay":  # a window < 1 (Qwen2-MoE's default 0, a mask
+        # no layer reads) raised "left must be a non-negative int": its own function then
+        w = int(cells["sliding_window"])  # type: ignore[call-overload]
+        return _Overlay(w) if w >= 1 else _UNKNOWN
     if kind == "sliding_window_bidirectional_overlay":
         w = int(cells["sliding_window"])  # type: ignore[call-overload]
-        return window(w, w)
+        return window(w, w) if w >= 0 else _UNKNOWN
     if kind == "padding_mask_function":
         pad = cells["padding_mask"]
         if isinstance(pad, Tensor):
