@@ -185,7 +185,7 @@ def test_ctrl_c_in_the_last_step_of_train_writes_the_report(
     assert f"report: {tmp_path / 'report'}" in out and (tmp_path / "report").is_dir()
 
 
-STEPS, EVAL = 80, 20  # Ctrl-C after the eval line at step 20: 60 steps (~6 s) to spare
+STEPS, EVAL = 80, 20  # Ctrl-C after the eval line at step 20: 60 steps (~3 s) to spare
 
 
 def _train(out: Path, *extra: str) -> list[str]:

@@ -32,6 +32,14 @@ def positive_int(name: str, value: object) -> int:
     return int(value)
 
 
+def float_dtype(name: str, value: object) -> torch.dtype:
+    """``value`` if it is a floating-point ``torch.dtype``, or a TypeError naming ``name``
+    (a str or None raised AttributeError on ``.is_floating_point``)."""
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point torch.dtype, got {value!r}")
+    return value
+
+
 def instance_of(name: str, value: object, kind: type[T], expected: str) -> T:
     """``value`` if it is a ``kind``, or a TypeError naming ``name``, what was expected and
     the type seen.

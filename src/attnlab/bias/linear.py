@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from attnlab._grid import Grid
-from attnlab._validate import positive_int
+from attnlab._validate import float_dtype, positive_int
 from attnlab.bias.base import Bias, _check_heads
 
 __all__ = ["ALiBi", "alibi", "alibi_slopes"]
@@ -35,9 +35,7 @@ def alibi_slopes(num_heads: int, dtype: torch.dtype = torch.float32) -> Tensor:
         True
     """
     n = positive_int("num_heads", num_heads)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
-    return torch.tensor(_slopes(n), dtype=dtype)
+    return torch.tensor(_slopes(n), dtype=float_dtype("dtype", dtype))
 
 
 def _slopes(n: int) -> list[float]:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlab._validate import nonnegative_int, positive_int
+from attnlab._validate import float_dtype, nonnegative_int, positive_int
 from attnlab.positional._common import (
     _check_positions,
     _compute_dtype,
@@ -101,9 +101,7 @@ def sinusoidal_table(
     length = nonnegative_int("length", length)
     dim = positive_int("dim", dim)
     offset = nonnegative_int("offset", offset)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:  # (a str or None
-        # raised AttributeError)
-        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    dtype = float_dtype("dtype", dtype)
     pos = torch.arange(offset, offset + length, device=device)  # (L,)
     return _sinusoid(pos, dim, _positive_float("base", base), dtype)  # (L, D)
 
