@@ -17,6 +17,7 @@ from attnlab.interpret import (
     relevance,
     rollout,
 )
+from attnlab.interpret.explain import IG_METHODS
 from attnlab.models import BertConfig, BertEncoder
 from attnlab.nn import Encoder, EncoderLayer, LayerConfig
 from tests.conftest import check_and_control
@@ -194,6 +195,24 @@ def test_integrated_gradients_complete_and_equal_a_riemann_sum() -> None:
     fine = integrated_gradients(f, x, base, steps=256).attributions
     want = _riemann_ig(f, x, base, steps=300)
     torch.testing.assert_close(fine, want, rtol=0, atol=3e-3 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("method", IG_METHODS)
+def test_every_path_rule_integrates_a_linear_and_a_quadratic_score_exactly(method: str) -> None:
+    """A linear score's attributions are ``(x - b) * w`` exactly under every rule, and a
+    quadratic's ``x**2 - b**2`` under all but the one-sided Riemann sums. (captum's trapezoid
+    rule weighed points ``1/(n-1)`` apart as ``1/n``: 3/4 of the integral at 4 steps.)"""
+    x = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64)
+    b = torch.tensor([[0.5, -1.0, 0.0]], dtype=torch.float64)
+    w = torch.tensor([2.0, -3.0, 0.5], dtype=torch.float64)
+    lin = integrated_gradients(lambda t: t @ w, x, b, steps=4, method=method)
+    torch.testing.assert_close(lin.attributions, (x - b) * w, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lin.delta, torch.zeros(1, dtype=torch.float64), atol=1e-12, rtol=0)
+    if method in ("riemann_left", "riemann_right"):
+        return
+    quad = integrated_gradients(lambda t: (t**2).sum(-1), x, b, steps=400, method=method)
+    torch.testing.assert_close(quad.attributions, x**2 - b**2, rtol=1e-5, atol=1e-5)
+    assert quad.delta.abs().item() < 1e-4
 
 
 @pytest.mark.parametrize(
