@@ -455,3 +455,45 @@ def test_module_arguments_the_audit_found_unchecked_are_named() -> None:
     assert full.crop(np.int64(2)).length == 2  # (numpy's ints were refused as out of range)
     with pytest.raises(ValueError, match="length must be an int >= 0, got -1"):
         full.crop(-1)
+
+
+def test_need_weights_and_residual_are_checked_not_broadcast_or_truthy() -> None:
+    """(need_weights="no" is truthy: a pair came back; a (1, 1, D) residual was added to
+    every row without a word and a wrong length failed inside torch's add.)"""
+    from attnlab.models import BertConfig, BertEncoder
+    from attnlab.nn import EncoderLayer, LayerConfig, LinformerAttention
+
+    torch.manual_seed(0)
+    mha, x = MultiHeadAttention(16, 4).eval(), torch.randn(1, 4, 16)
+    layer = EncoderLayer(LayerConfig(16, 4, 32)).eval()
+    lin = LinformerAttention(16, 4, max_len=8, proj_dim=4)
+    bert = BertEncoder(
+        BertConfig(20, 16, num_hidden_layers=1, num_attention_heads=4, intermediate_size=32)
+    ).eval()
+    ids = torch.tensor([[1, 2, 3]])
+    for call in (
+        lambda w: mha(x, need_weights=w),
+        lambda w: layer(x, need_weights=w),
+        lambda w: lin(x, need_weights=w),
+        lambda w: bert(ids, need_weights=w),
+    ):
+        check_and_control(
+            lambda c=call: c("no"),
+            lambda c=call: c(False),
+            TypeError,
+            "need_weights must be a bool, got str",
+        )
+    with pytest.raises(TypeError, match="average_weights must be a bool, got int"):
+        mha(x, need_weights=True, average_weights=1)  # type: ignore[arg-type]
+    for ctx in (torch.no_grad, torch.enable_grad):  # the fused CPU epilogue and autograd's add
+        for bad in (torch.randn(1, 3, 16), torch.randn(1, 1, 16)):
+            with ctx():
+                check_and_control(
+                    lambda b=bad: mha(x, residual=b),
+                    lambda: mha(x, residual=x),
+                    ValueError,
+                    rf"residual must be the output's shape \(B, Lq, D\) = \(1, 4, 16\), "
+                    rf"got \({bad.shape[0]}, {bad.shape[1]}, 16\)",
+                )
+    with torch.no_grad():
+        torch.testing.assert_close(mha(x, residual=x), x + mha(x))

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from attnlab._validate import validate_flag
 from attnlab.masks import Mask
 from attnlab.models._checkpoint import check_keys, read_safetensors
 from attnlab.models._ids import check_id_dtype
@@ -256,6 +257,7 @@ class BertEncoder(nn.Module):
             a :class:`BertOutput` ``(hidden (B, L, D), attentions or None)``.
         """
         self._check_ids(input_ids, token_type_ids, positions)
+        need_weights = validate_flag("need_weights", need_weights)
         x = self.embeddings(input_ids, token_type_ids, positions)  # (B, L, D)
         weights: list[Tensor] = []
         for layer in self.layers:

@@ -194,8 +194,10 @@ class MultiHeadAttention(nn.Module):
             ``(B, H, Lq, Lk)`` (``(B, Lq, Lk)`` when averaged).
         """
         _check_input("query", query, self.embed_dim)
+        need_weights = validate_flag("need_weights", need_weights)  # ("no" is truthy)
+        average_weights = validate_flag("average_weights", average_weights)
         if residual is not None:  # (torch: "The size of tensor a (8) must match ...")
-            _check_input("residual", residual, self.embed_dim)
+            _check_residual(residual, query)
         if cache is not None and not isinstance(cache, KVCache):
             raise TypeError(f"cache must be an attnlab.nn.KVCache, got {type(cache).__name__}")
         is_self = _is_self(query, key, value, self.rope, cache)
@@ -348,6 +350,18 @@ def _check_input(name: str, x: object, dim: int) -> None:
         raise TypeError(f"{name} must be a Tensor (B, L, D), got {type(x).__name__}")
     if x.dim() != 3 or x.shape[-1] != dim:
         raise ValueError(f"{name} must be (B, L, {dim}), got {tuple(x.shape)}")
+
+
+def _check_residual(residual: object, query: Tensor) -> None:
+    """``residual`` is exactly the output's ``(B, Lq, D)``: a broadcastable ``(1, 1, D)``
+    would have been added silently, another length failed inside torch."""
+    if not isinstance(residual, Tensor):
+        raise TypeError(f"residual must be a Tensor (B, Lq, D), got {type(residual).__name__}")
+    if residual.shape != query.shape:
+        raise ValueError(
+            f"residual must be the output's shape (B, Lq, D) = {tuple(query.shape)}, "
+            f"got {tuple(residual.shape)}"
+        )
 
 
 def _check_positions(positions: object, rope: bool, is_self: bool) -> None:

@@ -26,7 +26,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from attnlab._validate import positive_int
+from attnlab._validate import positive_int, validate_flag
 from attnlab.engines.approximate import padding_validity
 from attnlab.functional import AttentionOutput, attention
 from attnlab.masks import Mask
@@ -202,6 +202,7 @@ class LinformerAttention(nn.Module):
         """
         if bias is not None or positions is not None:
             raise ValueError("LinformerAttention takes no bias and no RoPE positions")
+        need_weights = validate_flag("need_weights", need_weights)
         key = query if key is None else key
         value = key if value is None else value
         q = self._heads(self.q_proj, query)  # (B, H, Lq, E)
