@@ -272,6 +272,30 @@ def test_attention_weights_validates_its_arguments() -> None:
     assert attnlab.attention_weights(q, k, v, heads=[1], rows=(4, 10)).shape == (1, 1, 6, 10)
 
 
+@pytest.mark.parametrize(
+    ("qs", "ks", "ev"),
+    [
+        ((1, 2, 3, 4), (1, 2, 0, 4), 5),
+        ((1, 2, 3, 4), (1, 2, 3, 4), 0),
+        ((1, 2, 0, 4), (1, 2, 3, 4), 4),
+    ]
+    + [((0, 2, 3, 4), (0, 2, 3, 4), 4), ((1, 2, 3, 0), (1, 2, 5, 0), 5)],
+)
+def test_attention_weights_of_empty_shapes_equal_the_fp64_reference(
+    qs: tuple[int, ...], ks: tuple[int, ...], ev: int
+) -> None:
+    """(Each was refused: "needs the blocked engine (dot or cosine score)" for a dot score.)
+    Nothing to keep small: the reference engine's weights, e.g. uniform for E = 0."""
+    q, k = torch.randn(qs, dtype=torch.float64), torch.randn(ks, dtype=torch.float64)
+    v = torch.randn(*ks[:3], ev, dtype=torch.float64)
+    want = attnlab.attention(q, k, v, return_weights=True, engine="reference").weights
+    got = attnlab.attention_weights(q, k, v)
+    assert got.shape == want.shape and torch.equal(got, want)
+    full = torch.randn(1, 2, 3, 4)  # not empty: a callable score is declined, with the reason
+    with pytest.raises(ValueError, match="which declines: the blocked engine computes dot and"):
+        attnlab.attention_weights(full, full, full, score=lambda a, b: a @ b.transpose(-1, -2))
+
+
 def test_auto_uses_blocked_where_it_skips_work() -> None:
     assert select_engine("auto", _req(2048, M.causal() & M.window(256))).name == "blocked"
     assert select_engine("auto", _req(2048, M.documents(torch.arange(2048) // 128))).name == (

@@ -390,8 +390,10 @@ def attention_weights(
     extras = {"softcap": softcap, "sinks": sinks}
     req = _request(q, k, v, mask, bias, scale, score, "softmax", 0.0, False, False, **extras)  # type: ignore[arg-type]
     heads, rows = V.validate_selection(heads, rows, req.heads, req.lq)
-    if get_engine("blocked").unsupported(req) is not None:
-        raise ValueError("attention_weights needs the blocked engine (dot or cosine score)")
+    why = get_engine("blocked").unsupported(req)
+    empty = 0 in (*req.q.shape, *req.k.shape[2:], req.v.shape[-1])  # nothing to keep small
+    if why is not None and not empty:  # (its reason: a callable score, a float16 mask, ...)
+        raise ValueError(f"attention_weights needs the blocked engine, which declines: {why}")
     return request_weights(req, heads, rows)
 
 
