@@ -734,6 +734,26 @@ def test_visible_fraction(lq: int, lk: int) -> None:
     assert m.visible_fraction(lq, lk) == pytest.approx(want.mean())
 
 
+def test_visible_fraction_counts_every_head_and_names_wrong_sizes() -> None:
+    """(Only head 0 was counted: a tensor mask whose head 1 is all True gave 0.0; a
+    documents mask of length 3 at 5 x 5 raised a bare IndexError.)"""
+    t = torch.rand(2, 3, 4, 6) < 0.4  # (B, H, Lq, Lk), every head different
+    assert masks.tensor(t).visible_fraction(4, 6) == pytest.approx(t.double().mean().item())
+    both = masks.tensor(t) & masks.causal()
+    want = (t & masks.causal().dense(4, 6)).double().mean().item()
+    assert both.visible_fraction(4, 6) == pytest.approx(want)
+    fn = masks.custom(lambda b, h, q, k: (h == 0) & (k >= 0), per_head=True)
+    with pytest.raises(ValueError, match="has no head count of its own; pass heads=H"):
+        fn.visible_fraction(3, 3)
+    assert fn.visible_fraction(3, 3, heads=4) == 0.25
+    check_and_control(
+        lambda: masks.documents([0, 0, 1]).visible_fraction(5, 5),
+        lambda: masks.documents([0, 0, 1]).visible_fraction(3, 3),
+        ValueError,
+        "has doc_ids of length 3 but the call has Lq=5, Lk=5",
+    )
+
+
 # --------------------------------------------------------------------------- errors
 
 

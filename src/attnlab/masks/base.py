@@ -239,26 +239,26 @@ class Mask:
                 raise AttributeError(f"{type(self).__name__} has no {name!r}: {_NOT_A_TENSOR}")
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
-    def visible_fraction(self, lq: int, lk: int, *, batch: int | None = None) -> float:
-        """Fraction of (query, key) pairs the mask allows, counted in row chunks."""
-        total, allowed = 0, 0
-        for start in range(0, lq, 512):
-            rows = torch.arange(start, min(lq, start + 512))
-            bm, hm = self._sizes(batch, 1)
-            grid = Grid.tile(rows, torch.arange(lk), lq=lq, lk=lk, batch=bm, heads=hm)
-            vals = torch.broadcast_to(self.evaluate(grid), (bm, hm, len(rows), lk))
-            allowed += int(vals.sum())
-            total += vals.numel()
-        return allowed / total if total else 0.0
+    def visible_fraction(
+        self, lq: int, lk: int, *, batch: int | None = None, heads: int | None = None
+    ) -> float:
+        """Fraction of (query, key) pairs allowed, over every batch item and head the mask
+        varies by (``heads`` defaults to a tensor mask's own ``H``). Example:
+            >>> from attnlab import masks
+            >>> masks.causal().visible_fraction(4, 4)
+            0.625
+        """
+        from attnlab.masks._fraction import visible_fraction
+
+        return visible_fraction(self, lq, lk, batch, heads)
 
     def __repr__(self) -> str:
         n = self.natural_length or 256
         if n > 2048:  # its fraction costs n x n (padding of 100,000 keys printed in 39 s)
             return self.spec()
-        try:
-            self._check_sizes(None, 1, n, n)
+        try:  # (visible_fraction checks the sizes)
             frac = self.visible_fraction(n, n)
-        except (ValueError, IndexError):  # e.g. a non-square tensor mask: no n x n form
+        except ValueError:  # e.g. a non-square tensor mask: no n x n form
             return self.spec()
         return f"{self.spec()}  [{100 * frac:.1f}% visible at {n}x{n}]"
 
