@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -732,6 +733,34 @@ def test_visible_fraction(lq: int, lk: int) -> None:
     j = np.arange(lk).reshape(1, -1)
     want = ((j >= p - 9) & (j <= p + 2)) | (p == 3) | (j == 3)
     assert m.visible_fraction(lq, lk) == pytest.approx(want.mean())
+
+
+@pytest.mark.parametrize(
+    ("huge", "same"),
+    [
+        (lambda: masks.window(0, sys.maxsize), lambda: masks.window(0, 99)),
+        (lambda: masks.window(2**64), lambda: masks.window(99)),
+        (lambda: masks.prefix(2**64), lambda: masks.prefix(99)),
+        (lambda: masks.dilated(sys.maxsize, 1), lambda: masks.dilated(99, 1)),
+        (lambda: masks.dilated(3, 2**64), lambda: masks.dilated(3, 99)),
+        (lambda: masks.block_random(2**64, 1), lambda: masks.block_random(99, 1)),
+    ],
+)
+def test_sizes_past_int64_reach_the_keys_a_size_past_the_sequence_does(
+    huge: Callable[[], masks.Mask], same: Callable[[], masks.Mask]
+) -> None:
+    """(window(0, sys.maxsize) wrapped around int64 and hid every key in the blocked
+    engine; window(2**64) and prefix(2**64) raised OverflowError / int64_t errors.)"""
+    q = torch.randn(1, 2, 7, 4, dtype=torch.float64)
+    want = attnlab.attention(q, q, q, mask=same(), engine="reference")
+    assert torch.equal(huge().dense(7, 7), same().dense(7, 7))
+    for engine in ("reference", "blocked"):
+        got = attnlab.attention(q, q, q, mask=huge(), engine=engine)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    with pytest.raises(
+        ValueError, match=r"seed must be an int in \[0, 2\*\*64\), got 18446744073709551616"
+    ):
+        masks.block_random(2, 1, seed=2**64)
 
 
 def test_visible_fraction_counts_every_head_and_names_wrong_sizes() -> None:

@@ -22,6 +22,22 @@ def nonneg_int(name: str, value: object) -> int:
     return value
 
 
+#: Sizes past any sequence reach the same keys; clamped here so that ``p +- size`` stays
+#: within int64 (``window(0, sys.maxsize)`` wrapped around and hid every key).
+SIZE_CAP = 2**62
+
+
+def size(name: str, value: object, *, positive: bool = False) -> int:
+    """A window, prefix or block size: an int >= 0 (>= 1 with ``positive``), clamped to
+    :data:`SIZE_CAP`.
+
+    Example:
+        >>> size("left", 2**70) == SIZE_CAP, size("left", 5)
+        (True, 5)
+    """
+    return min((pos_int if positive else nonneg_int)(name, value), SIZE_CAP)
+
+
 def pos_int(name: str, value: object) -> int:
     """``value`` as an int >= 1, or a ``TypeError``/``ValueError`` naming ``name``."""
     if nonneg_int(name, value) == 0:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from attnlab._grid import Grid
-from attnlab.masks._args import nonneg_int, pos_int, positions
+from attnlab.masks._args import positions, size
 from attnlab.masks.base import Mask
 from attnlab.masks.layout import Device, RowBounds
 
@@ -55,7 +55,7 @@ class Window(Mask):
     """
 
     def __init__(self, left: int, right: int) -> None:
-        self.left, self.right = nonneg_int("left", left), nonneg_int("right", right)
+        self.left, self.right = size("left", left), size("right", right)
 
     def evaluate(self, grid: Grid) -> Tensor:
         return (grid.k >= grid.q - self.left) & (grid.k <= grid.q + self.right)
@@ -78,7 +78,7 @@ class Prefix(Mask):
     """
 
     def __init__(self, n: int) -> None:
-        self.n = nonneg_int("n", n)
+        self.n = size("n", n)
 
     def evaluate(self, grid: Grid) -> Tensor:
         return (grid.k < self.n) | (grid.k <= grid.q)
@@ -102,8 +102,8 @@ class Dilated(Mask):
     """
 
     def __init__(self, window: int, dilation: int) -> None:
-        self.window = nonneg_int("window", window)
-        self.dilation = pos_int("dilation", dilation)
+        self.window = size("window", window)
+        self.dilation = size("dilation", dilation, positive=True)
 
     def evaluate(self, grid: Grid) -> Tensor:
         d = grid.q - grid.k

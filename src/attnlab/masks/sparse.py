@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from attnlab._grid import Grid
-from attnlab.masks._args import int_tensor, nonneg_int, pos_int
+from attnlab.masks._args import int_tensor, nonneg_int, size
 from attnlab.masks.base import Mask
 
 __all__ = ["BlockRandom", "GlobalTokens", "block_random", "global_tokens"]
@@ -61,9 +61,11 @@ class BlockRandom(Mask):
     """
 
     def __init__(self, block_size: int, num_blocks: int, seed: int) -> None:
-        self.block_size = pos_int("block_size", block_size)
-        self.num_blocks = nonneg_int("num_blocks", num_blocks)
+        self.block_size = size("block_size", block_size, positive=True)
+        self.num_blocks = size("num_blocks", num_blocks)
         self.seed = nonneg_int("seed", seed)
+        if self.seed >= 2**64:  # (torch's generator: "Overflow when unpacking long long")
+            raise ValueError(f"seed must be an int in [0, 2**64), got {seed}")
         self._tables: dict[int, Tensor] = {}
 
     def table(self, lk: int) -> Tensor:
