@@ -17,7 +17,7 @@ from attnlab.interpret import (
     relevance,
     rollout,
 )
-from attnlab.interpret.explain import IG_METHODS
+from attnlab.interpret.explain import HEAD_FUSIONS, IG_METHODS
 from attnlab.models import BertConfig, BertEncoder
 from attnlab.nn import Encoder, EncoderLayer, LayerConfig
 from tests.conftest import check_and_control
@@ -62,6 +62,17 @@ def test_rollout_and_relevance_errors() -> None:
     check_and_control(lambda: rollout([]), ok, ValueError, "non-empty list")
     check_and_control(lambda: rollout([torch.rand(1, 2, 4, 5)]), ok, ValueError, "square")
     check_and_control(lambda: rollout([a, torch.rand(1, 2, 5, 5)]), ok, ValueError, "same B and n")
+    from attnlab.interpret import attention_flow
+
+    none = [torch.ones(1, 0, 4, 4)]  # (zero heads: rollout's mean was NaN, its max IndexError)
+    for fusion in HEAD_FUSIONS:
+        for f in (rollout, attention_flow):
+            check_and_control(
+                lambda f=f, h=fusion: f(none, head_fusion=h),
+                lambda f=f, h=fusion: f([a], head_fusion=h),
+                ValueError,
+                r"H >= 1 heads\), got \(1, 0, 4, 4\)",
+            )
     check_and_control(
         lambda: rollout([a], head_fusion="median"),
         lambda: rollout([a], head_fusion="max"),

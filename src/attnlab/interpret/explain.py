@@ -54,10 +54,10 @@ def _check_layers(name: str, attentions: object, weights: bool = False) -> tuple
             raise TypeError(f"{name}[{i}] must be a Tensor, got {type(a).__name__}")
         if not a.is_floating_point():  # (mean() failed on it, naming nothing)
             raise TypeError(f"{name}[{i}] must be a floating-point tensor, got {a.dtype}")
-        if a.dim() != 4 or a.shape[-1] != a.shape[-2]:
-            raise ValueError(
-                f"{name}[{i}] must have shape (B, H, n, n) (square self-attention), "
-                f"got {tuple(a.shape)}"
+        if a.dim() != 4 or a.shape[-1] != a.shape[-2] or a.shape[1] == 0:
+            raise ValueError(  # (H = 0: the mean over heads was NaN, the max an IndexError)
+                f"{name}[{i}] must have shape (B, H, n, n) (square self-attention, H >= 1 "
+                f"heads), got {tuple(a.shape)}"
             )
         if a.shape[0] != first.shape[0] or a.shape[-1] != first.shape[-1]:
             raise ValueError(
