@@ -804,3 +804,21 @@ def test_zero_head_sizes_run(e: int, ev: int) -> None:
     raised std::bad_alloc.)"""
     for shapes in run_local(_zero_heads, 2, e, ev, timeout=120):
         assert shapes == ((1, 2, 6, ev), (1, 2, 6, e), (1, 2, 6, e), (1, 2, 6, ev))
+
+
+@pytest.mark.parametrize("strategy", ["ring", "all-gather", "ulysses"])
+def test_plan_counts_every_head_and_batch_row_of_a_mask_that_varies_by_them(strategy: str) -> None:
+    """(Only batch 0 / head 0 of a per-head or per-batch mask was counted and repeated; a
+    plan with nothing to do made simulate() divide by zero.) Against a dense count."""
+    torch.manual_seed(0)
+    t = torch.rand(2, 4, 64, 64) < 0.3  # (B, H, Lq, Lk), every head and row different
+    per_pair = 2 * (8 + 8)  # QK^T and PV FLOPs of one allowed pair, E = Ev = 8
+    for layout in ("zigzag", "contiguous"):
+        p = D.plan(64, 2, mask=masks.tensor(t), batch=2, heads=4, head_dim=8,
+                   strategy=strategy, layout=layout)  # fmt: skip
+        assert sum(c.flops for c in p.ranks) == int(t.sum()) * per_pair
+    fn = masks.custom(lambda b, h, q, k: (k <= q) & (h == 0), per_head=True)
+    p = D.plan(64, 2, mask=fn, heads=4, head_dim=8, strategy=strategy)
+    assert sum(c.flops for c in p.ranks) == 64 * 65 // 2 * per_pair  # head 0 only: causal
+    for empty in (D.plan(0, 2, strategy=strategy), D.plan(4, 2, mask=masks.padding([0]))):
+        assert D.simulate(empty, bandwidth=1e9, flops=1e9) == 1.0

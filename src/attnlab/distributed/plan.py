@@ -271,22 +271,36 @@ def _flops(s: Setup, r: int, src: int) -> float:
         for kp in s.pieces[src]:
             if qp[1] > qp[0] and kp[1] > kp[0] and s.span(qp, kp) is not None:
                 pairs += _allowed(s, qp, kp)
-    per_batch = 1 if s.bounds is not None and s.bounds.lo.shape[0] > 1 else b
-    return float(pairs * per_batch * hq * 2 * (e + ev))
+    bm, hm = _extent(s)  # what _allowed summed over; the rest repeats it
+    return float(pairs * (b // bm) * (hq // hm) * 2 * (e + ev))
+
+
+def _extent(s: Setup) -> tuple[int, int]:
+    """The batch rows and heads :func:`_allowed` sums over: those the mask varies by
+    (a padding mask's interval rows; a per-head tensor mask's heads), else 1."""
+    if s.mask is None:
+        return 1, 1
+    if s.bounds is not None and s.bounds.exact:
+        return s.bounds.lo.shape[0], 1
+    b, hq = s.sizes[0], s.sizes[1]
+    return (b if s.mask.per_batch else 1), (hq if s.mask.per_head else 1)
 
 
 def _allowed(s: Setup, q: tuple[int, int], k: tuple[int, int]) -> int:
-    """Allowed (query, key) pairs of one piece pair, summed over the mask's batch rows."""
+    """Allowed (query, key) pairs of one piece pair, summed over :func:`_extent` (only
+    batch 0 and head 0 of a per-batch or per-head mask were counted)."""
     if s.mask is None:
         return (q[1] - q[0]) * (k[1] - k[0])
     if s.bounds is not None and s.bounds.exact:
         lo = s.bounds.lo[:, q[0] : q[1]].clamp(min=k[0])
         hi = s.bounds.hi[:, q[0] : q[1]].clamp(max=k[1] - 1)
         return int((hi - lo + 1).clamp(min=0).sum())
+    bm, hm = _extent(s)
     total = 0
     for a in range(q[0], q[1], 256):
-        grid = Grid.tile(torch.arange(a, min(a + 256, q[1])), torch.arange(*k), lq=s.n, lk=s.n)
-        total += int(torch.broadcast_to(s.mask(grid), (1, 1, grid.q.shape[2], k[1] - k[0])).sum())
+        rows, keys = torch.arange(a, min(a + 256, q[1])), torch.arange(*k)
+        grid = Grid.tile(rows, keys, lq=s.n, lk=s.n, batch=bm, heads=hm)
+        total += int(torch.broadcast_to(s.mask(grid), (bm, hm, len(rows), len(keys))).sum())
     return total
 
 
@@ -319,8 +333,9 @@ def simulate(
             + c.flops * factor / flops
             for c in p.ranks
         ]
-        return ideal / max(times)
-    return ideal / max(_rank_time(c, bandwidth, flops, latency, backward) for c in p.ranks)
+    else:
+        times = [_rank_time(c, bandwidth, flops, latency, backward) for c in p.ranks]
+    return ideal / max(times) if max(times) > 0 else 1.0  # (nothing to do: none is lost)
 
 
 def _rank_time(
