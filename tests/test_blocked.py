@@ -278,8 +278,9 @@ def test_attention_weights_validates_its_arguments() -> None:
         ((1, 2, 3, 4), (1, 2, 0, 4), 5),
         ((1, 2, 3, 4), (1, 2, 3, 4), 0),
         ((1, 2, 0, 4), (1, 2, 3, 4), 4),
-    ]
-    + [((0, 2, 3, 4), (0, 2, 3, 4), 4), ((1, 2, 3, 0), (1, 2, 5, 0), 5)],
+        ((0, 2, 3, 4), (0, 2, 3, 4), 4),
+        ((1, 2, 3, 0), (1, 2, 5, 0), 5),
+    ],
 )
 def test_attention_weights_of_empty_shapes_equal_the_fp64_reference(
     qs: tuple[int, ...], ks: tuple[int, ...], ev: int

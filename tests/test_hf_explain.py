@@ -187,3 +187,35 @@ def test_byte_level_tokens_are_named_by_their_text() -> None:
     names = [token_text(tok, i) for i in ids]
     assert "".join(names).replace("␣", " ") == "the café in 東京"
     assert all("Ã" not in n and "Ġ" not in n for n in names)
+
+
+def test_explain_hf_model_never_unpickles_and_never_explains_random_weights(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """(A folder with only pytorch_model.bin was unpickled by transformers and explained,
+    exit 0; one with no weights at all explained a randomly initialized model.)"""
+    folder = _decoder_folder(tmp_path / "gpt2")
+    model = load_hf(folder)[0]
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    for f in folder.iterdir():
+        if f.name != "model.safetensors":
+            (pickled / f.name).write_bytes(f.read_bytes())
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for f in pickled.iterdir():
+        (empty / f.name).write_bytes(f.read_bytes())
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    capsys.readouterr()
+    out = ["--out", str(tmp_path / "r.html"), "--steps", "2"]
+    for path, match in (
+        (pickled, "holds no model.safetensors; pytorch_model.bin is there, but attnlab never"),
+        (empty, "holds no model.safetensors$"),
+    ):
+        assert main(["explain", "the cat sat", "--hf-model", str(path), *out]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and re.search(match, err), err
+        with pytest.raises(ValueError, match=match.replace("$", "")):
+            load_hf(path)
+    assert not (tmp_path / "r.html").exists()
+    assert main(["explain", "the cat sat", "--hf-model", str(folder), *out]) == 0  # control

@@ -71,9 +71,26 @@ def load_hf(folder: str | Path) -> tuple[nn.Module, Any]:
             f"--hf-model: no tokenizer in {str(path)!r}: it holds no tokenizer files "
             f"(only {len(tokenizer)} special tokens could be made)"
         )
+    _check_weights(path)
     auto = t.AutoModelForCausalLM if is_decoder(config) else t.AutoModel
-    model = auto.from_pretrained(path, attn_implementation=register()).eval()
-    return model, tokenizer
+    model = auto.from_pretrained(path, attn_implementation=register(), use_safetensors=True)
+    return model.eval(), tokenizer
+
+
+def _check_weights(path: Path) -> None:
+    """Safetensors weights in the folder, or a ValueError before anything loads (a folder
+    with only ``pytorch_model.bin`` was unpickled; one with no weights at all explained a
+    randomly initialized model)."""
+    if any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json")):
+        return
+    pickled = sorted(f.name for f in path.glob("*.bin")) + sorted(f.name for f in path.glob("*.pt"))
+    hint = (
+        f"; {', '.join(pickled)} is there, but attnlab never unpickles weights: convert it "
+        "to safetensors first (model.save_pretrained(dir) writes model.safetensors)"
+        if pickled
+        else ""
+    )
+    raise ValueError(f"--hf-model: {str(path)!r} holds no model.safetensors{hint}")
 
 
 def token_text(tokenizer: Any, i: int) -> str:
