@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -371,27 +372,42 @@ def test_readme_error_examples_are_what_the_commands_print(
         assert capsys.readouterr().err.strip() == printed, command
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pysbd compiled: "invalid escape"
 def test_a_read_only_out_folder_is_named_before_any_work(
     places: dict[str, str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A folder the user cannot write in (root may write anywhere, so os.access is asked
-    the way a read-only mount answers it)."""
+    """A folder the user cannot write in, asked by writing a test file there (os.access
+    said yes to root for /proc and /sys: the command ran, then failed naming its lock
+    file, exit 1). A read-only mount is simulated: root may write anywhere else."""
+    import errno
+
     import attnlab.cli._args as args_mod
 
     ro = places["empty"]
-    real = os.access
-    monkeypatch.setattr(
-        args_mod.os, "access", lambda p, mode: False if str(p) == ro else real(p, mode)
-    )
-    for argv in (
-        ["train", "dates", "--out", f"{ro}/run"],
-        ["explain", "hi", "--out", f"{ro}/r.html"],
-    ):
-        assert main(argv) == 2
+    real = tempfile.mkstemp
+
+    def mkstemp(*a: object, dir: object = None, **kw: object) -> tuple[int, str]:
+        if str(dir) == ro:
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real(*a, dir=dir, **kw)  # type: ignore[call-overload,no-any-return]
+
+    monkeypatch.setattr(args_mod.tempfile, "mkstemp", mkstemp)
+    cases = [
+        (["train", "dates", "--out", f"{ro}/run"], ro, "Read-only file system"),
+        (["explain", "hi", "--out", f"{ro}/r.html"], ro, "Read-only file system"),
+    ]
+    if Path("/proc/self").is_dir():  # Linux: nothing may be created in /proc
+        cases += [
+            (["ask", "what?", "--cache", "/proc/attnlab-x"], "/proc", ""),
+            (["summarize", "docs/a.txt", "--out", "/proc/attnlab-x/s.txt"], "/proc", ""),
+            (["demo", "--out", "/proc/attnlab-x"], "/proc", ""),
+        ]
+    for argv, folder, why in cases:
+        assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
-        assert err.endswith(
-            f"argument --out: cannot write in '{ro}' (permission denied or read-only)"
-        )
+        arg = argv[-2]
+        want = f"argument {arg}: cannot write in '{folder}' (a test file there failed: {why}"
+        assert len(err.splitlines()) == 1 and want in err, err
     assert list(Path(ro).iterdir()) == []
 
 

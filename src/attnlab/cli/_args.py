@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import tempfile
 import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -214,10 +215,16 @@ def _check_creatable(argument: str, folder: Path) -> None:
         raise UsageError(
             argument, f"cannot create {str(folder)!r}: {str(level)!r} is a file, not a folder"
         )
-    if not os.access(level, os.W_OK | os.X_OK):
+    try:  # a real write: os.access said yes for root in /proc and /sys, and the command
+        # failed after its work, naming its lock file
+        fd, probe = tempfile.mkstemp(prefix=".attnlab-probe-", dir=level)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
         raise UsageError(
-            argument, f"cannot write in {str(level)!r} (permission denied or read-only)"
-        )
+            argument,
+            f"cannot write in {str(level)!r} (a test file there failed: {e.strerror or e})",
+        ) from None
 
 
 def clip(text: str, n: int, tail: str = "") -> str:
