@@ -14,6 +14,7 @@ import base64
 import io
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -281,6 +282,8 @@ def _png(size: tuple[int, int]) -> str:
         ("attend", {"text": "x" * 301}, 413, "max_chars=300"),
         ("attend", {"text": "word " * 40}, 413, "max_tokens=20"),
         ("attend", {"text": "   "}, 422, "text is empty"),
+        ("attend", {"text": "\u200b\u200d"}, 422, "holds no token the model reads"),
+        ("explain", {"text": "\u200b", "method": "rollout"}, 422, "holds no token the model"),
         ("attend", {"text": 5}, 422, "text"),
         ("attend", {"text": "a", "layer": "2"}, 422, "layer"),
         ("attend", {"text": "a", "layer": 6}, 422, "layer must be in 0..5"),
@@ -693,3 +696,23 @@ def test_on_loopback_only_this_machines_names_are_answered(enc: SentenceEncoder)
         assert got == status, (host, out)
         if status == 403:
             assert f"Host {host!r} is not this server's name" in out["detail"]
+
+
+def test_a_runs_or_model_folder_given_as_dot_is_named_by_its_folder(
+    enc: SentenceEncoder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(``--runs .`` in a run's folder, or ``--model .``, offered a model named "", which a
+    request could not ask for: ``"model": ""`` meant the default and /api/models/ is a 404.)"""
+    from attnlab.models import minilm_path
+    from attnlab.serve.registry import Registry
+    from tests.task_runs import make_tiny_run
+
+    make_tiny_run("dates", tmp_path / "mine")
+    monkeypatch.chdir(tmp_path / "mine")
+    with TestClient(create_app(runs=".", encoder=enc)) as c:
+        names = [m["name"] for m in c.get("/api/models").json()["models"]]
+        assert names == ["minilm", "mine"]
+        r = c.post("/api/attend", json={"model": "mine", "text": "[en_US] 11/21/2026"})
+        assert r.status_code == 200, r.text
+    monkeypatch.chdir(minilm_path())
+    assert Registry(model=".").default == minilm_path().resolve().name != ""

@@ -114,6 +114,12 @@ class Explorer:
         text the model cannot read."""
         with refused_input():
             n = int(m.count_tokens(text))
+        if n <= _empty_tokens(m):  # (zero-width or control characters: [CLS] [SEP] alone)
+            raise ApiError(
+                422,
+                "text holds no token the model reads (no word, only spaces, control or "
+                "zero-width characters); give a text with words",
+            )
         if n > self.limits.max_tokens:
             cap = self.limits.max_tokens
             raise ApiError(413, f"text has {n} tokens; the limit is max_tokens={cap}")
@@ -131,6 +137,15 @@ class Explorer:
             raise ApiError(422, f"text is required: model {name!r} reads text")
         text = check_text(self.limits, side.text)
         return text, None, "text:" + text
+
+
+def _empty_tokens(m: Any) -> int:
+    """The tokens model ``m`` reads for an empty text (the special ones it adds to any
+    text), or 0 where it refuses an empty text."""
+    try:
+        return int(m.count_tokens(""))
+    except (ApiError, TypeError, ValueError):
+        return 0
 
 
 def create_app(

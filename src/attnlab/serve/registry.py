@@ -138,9 +138,20 @@ def find_runs(runs: Path) -> dict[str, RunEntry]:
         except (CheckpointError, OSError, ValueError):
             continue
         name = folder.relative_to(runs).as_posix()
-        name = runs.name if name == "." else name
+        name = folder_name(runs, "runs") if name == "." else name
         found[name] = RunEntry(name, path, task)
     return found
+
+
+def folder_name(path: Path, fallback: str) -> str:
+    """The name a folder is offered under: its resolved name (``Path(".").name`` is ``""``,
+    which the explorer could not ask for), ``fallback`` for ``/``.
+
+    Example:
+        >>> folder_name(Path("/"), "runs"), folder_name(Path("/a/b/."), "runs")
+        ('runs', 'b')
+    """
+    return path.resolve().name or fallback
 
 
 def _folders(root: Path, depth: int) -> list[Path]:
@@ -166,7 +177,7 @@ class Registry:
     def __init__(
         self, model: str | Path | None = None, runs: str | Path | None = None, encoder: Any = None
     ) -> None:
-        self.default = "minilm" if model is None else Path(model).name
+        self.default = "minilm" if model is None else folder_name(Path(model), "model")
         self.models: dict[str, Any] = {self.default: EncoderModel(model, encoder)}
         self.refused: dict[str, str] = {}
         for name, entry in ({} if runs is None else find_runs(Path(runs))).items():
