@@ -118,3 +118,19 @@ def test_numpy_bools_are_taken_as_bools() -> None:
     a = torch.rand(1, 2, 3, 3).softmax(-1)
     assert torch.equal(rollout([a], residual=np.bool_(False)), rollout([a], residual=False))
     assert torch.equal(rollout([a], residual=np.bool_(True)), rollout([a], residual=True))
+
+
+def test_zero_heads_and_nan_weights_are_named_by_the_report_and_the_grid(tmp_path) -> None:
+    """(The report wrote a page of NaN or of no heads without a word; head_grid of zero
+    heads failed inside matplotlib.)"""
+    a = torch.rand(2, 3, 3).softmax(-1)
+    nan = a.clone()
+    nan[1, 0, 0] = float("nan")
+    for bad, match in ((torch.ones(0, 3, 3), r"\(0, 3, 3\).*H >= 1 heads"), (nan, "NaN")):
+        with pytest.raises(ValueError, match=match):
+            report(tmp_path / "r.html", list("abc"), [bad, bad] if bad.shape[0] == 0 else [a, bad])
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="H >= 1"):
+        plot.head_grid([torch.ones(0, 3, 3)], tmp_path / "g.png")
+    assert report(tmp_path / "r.html", list("abc"), [a, a]).exists()  # the control
+    assert plot.head_grid([a, a], tmp_path / "g.png").exists()

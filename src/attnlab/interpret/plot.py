@@ -96,8 +96,10 @@ def head_grid(
         >>> head_grid(attns, tempfile.mkdtemp() + "/g.png").stat().st_size > 0
         True
     """
-    if not attentions or any(a.dim() != 3 for a in attentions):
-        raise ValueError("attentions must be a non-empty list of per-layer (H, n, m) tensors")
+    if not attentions or any(a.dim() != 3 or a.shape[0] == 0 for a in attentions):
+        raise ValueError(  # (zero heads: matplotlib's "Number of columns must be ...")
+            "attentions must be a non-empty list of per-layer (H, n, m) tensors, H >= 1"
+        )
     rows, cols = len(attentions), max(a.shape[0] for a in attentions)
     plt = pyplot()
     fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows), squeeze=False)

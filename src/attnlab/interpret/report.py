@@ -38,12 +38,14 @@ def _per_layer(attentions: Sequence[Tensor]) -> list[Tensor]:
         if not isinstance(a, Tensor):
             raise TypeError(f"attentions[{i}] must be a Tensor, got {type(a).__name__}")
         a = a[0] if a.dim() == 4 and a.shape[0] == 1 else a
-        square = a.dim() == 3 and a.shape[-1] == a.shape[-2]
+        square = a.dim() == 3 and a.shape[-1] == a.shape[-2] and a.shape[0] > 0
         if not square or (out and a.shape != out[0].shape):
             raise ValueError(
                 f"attentions[{i}] has shape {tuple(a.shape)}; expected (H, n, n) self-attention "
-                "of one example, the same for every layer"
+                "of one example (H >= 1 heads), the same for every layer"
             )
+        if not bool(torch.isfinite(a).all()):  # (NaN weights drew as blanks, said nothing)
+            raise ValueError(f"attentions[{i}] holds NaN or infinite weights")
         out.append(a.detach().float().cpu())
     return out
 
