@@ -421,6 +421,18 @@ def test_summary_salience_is_a_distribution_and_picks_the_central_sentence(enc) 
     assert centrality(v, position=1.0)[0] > centrality(v, position=0.0)[0]  # control
 
 
+def test_a_summary_of_sentences_split_once_equals_one_that_splits(enc) -> None:
+    """``split=`` (the CLI splits once, for its limit and its progress line) gives the same
+    summary; ``split_document``'s progress counts paragraphs."""
+    doc = Document("t.md", "# A\n\nCats purr softly. Cats purr when content.\n\nTaxes rose.")
+    seen: list[tuple[int, int]] = []
+    split = split_document(doc, lambda done, total: seen.append((done, total)))
+    assert seen == [(0, 2), (1, 2), (2, 2)] and split == split_document(doc)
+    assert summarize(doc, 2, encoder=enc, split=split) == summarize(doc, 2, encoder=enc)
+    with pytest.raises(TypeError, match="split must be the Sentence list split_document"):
+        summarize(doc, 2, encoder=enc, split=["Cats purr."])  # type: ignore[list-item]
+
+
 def test_centrality_equals_networkx_pagerank_with_a_sentence_of_no_neighbour() -> None:
     """A sentence whose cosines to the others are all <= 0 restarts by the position prior,
     as networkx does (it was spread uniformly: 0.525 / 0.475 against 0.667 / 0.333)."""

@@ -248,7 +248,8 @@ def test_summarize_refuses_a_text_past_its_sentence_limit_before_any_work(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """(8,000 sentences took 2.8 GB and 16,000 ran out of memory, after every sentence was
-    embedded: the graph is n x n.)"""
+    embedded: the graph is n x n.) Splitting a text this long takes seconds: a progress
+    line says so (a 6,000-sentence file was 73 s without a word)."""
     from attnlab.apps import summarize
     from attnlab.apps.summarize import MAX_SENTENCES
 
@@ -260,7 +261,12 @@ def test_summarize_refuses_a_text_past_its_sentence_limit_before_any_work(
     big = tmp_path / "big.txt"
     big.write_text(text)
     assert main(["summarize", str(big)]) == 2
-    err = capsys.readouterr().err.strip()
+    progress, err = capsys.readouterr().err.strip().split("\n")
+    paragraphs = (n + 9) // 10
+    assert progress.startswith(f"reading: 0/{paragraphs} paragraphs split into sentences\r")
+    assert progress.endswith(
+        f"\rreading: {paragraphs}/{paragraphs} paragraphs split into sentences"
+    )
     assert err == (
         f"attnlab summarize: error: argument FILE: '{big}' has {MAX_SENTENCES + 1} prose "
         f"sentences; summarize reads at most {MAX_SENTENCES} (its sentence graph is n x n): "

@@ -27,7 +27,7 @@ import hashlib
 import os
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,8 +211,12 @@ def _paragraphs(text: str, markdown: bool = False) -> list[tuple[str, str]]:
     return out
 
 
-def split_document(doc: Document) -> list[Sentence]:
-    """Every prose sentence of ``doc``, in order (see the module docstring).
+def split_document(
+    doc: Document, progress: Callable[[int, int], None] | None = None
+) -> list[Sentence]:
+    """Every prose sentence of ``doc``, in order (see the module docstring);
+    ``progress(done, total)`` after each paragraph (pysbd's time grows with the square of a
+    paragraph's length: a 300,000-character one takes about a minute).
 
     Example:
         >>> text = ("# Setup\\n\\nInstall it. Then run:\\n\\n```\\npip install x\\n```\\n\\n"
@@ -221,11 +225,15 @@ def split_document(doc: Document) -> list[Sentence]:
         [('Setup', 0, 'Install it.'), ('Setup', 0, 'Then run:'), ('Use', 1, 'Call f().')]
     """
     markdown = doc.name.lower().endswith((".md", ".markdown"))
-    return [
-        Sentence(s, doc.name, section, i)
-        for i, (section, para) in enumerate(_paragraphs(doc.text, markdown))
-        for s in split_sentences(para)
-    ]
+    paragraphs = _paragraphs(doc.text, markdown)
+    out: list[Sentence] = []
+    for i, (section, para) in enumerate(paragraphs):
+        if progress is not None:
+            progress(i, len(paragraphs))
+        out += [Sentence(s, doc.name, section, i) for s in split_sentences(para)]
+    if progress is not None:
+        progress(len(paragraphs), len(paragraphs))
+    return out
 
 
 def check_prose(docs: Sequence[Document]) -> None:

@@ -21,13 +21,14 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from attnlab._validate import real_where
-from attnlab.apps.corpus import Document, split_document
+from attnlab.apps.corpus import Document, Sentence, split_document
 from attnlab.apps.index import Progress, embed
 from attnlab.models import SentenceEncoder
 
@@ -111,6 +112,7 @@ def summarize(
     position: float = 1.0,
     redundancy: float = 0.9,
     progress: Progress | None = None,
+    split: Sequence[Sentence] | None = None,
 ) -> Summary:
     """The ``sentences`` most central sentences of ``text`` (see the module docstring).
 
@@ -122,6 +124,8 @@ def summarize(
         position: how strongly restarts favour early sentences (0: not at all).
         redundancy: the largest cosine allowed between two chosen sentences.
         progress: ``progress(done, total)`` while sentences are embedded.
+        split: ``text``'s sentences as :func:`~attnlab.apps.split_document` gave them, so
+            that a caller who split the text already does not wait for it twice.
 
     Example:
         >>> from attnlab.models.sentence import _toy_encoder
@@ -144,7 +148,9 @@ def summarize(
     doc = text if isinstance(text, Document) else Document("text", text)
     if not isinstance(doc.text, str):
         raise TypeError(f"text must be a str or Document, got {type(doc.text).__name__}")
-    sents = [s.text for s in split_document(doc)]
+    if split is not None and not all(isinstance(x, Sentence) for x in split):
+        raise TypeError("split must be the Sentence list split_document(text) returns")
+    sents = [s.text for s in (split_document(doc) if split is None else split)]
     if not sents:
         raise ValueError("text has no prose sentences to summarize (empty, or only code)")
     check_length(len(sents))

@@ -62,17 +62,19 @@ def add_parsers(sub: Any) -> None:
 
 
 @contextmanager
-def _progress_line(label: str) -> Iterator[Callable[[int, int], None]]:
+def _progress_line(
+    label: str, unit: str = "sentences embedded"
+) -> Iterator[Callable[[int, int], None]]:
     """A ``progress(done, total)`` that redraws one stderr line, ``label: done/total
-    sentences embedded``; a line the work leaves unfinished (Ctrl-C, an error) is ended
-    on the way out, so that the next message starts on a line of its own."""
+    unit``; a line the work leaves unfinished (Ctrl-C, an error) is ended on the way
+    out, so that the next message starts on a line of its own."""
     unfinished = False
 
     def progress(done: int, total: int) -> None:
         nonlocal unfinished
         unfinished = done < total
         end = "" if unfinished else "\n"
-        print(f"\r{label}: {done}/{total} sentences embedded", end=end, file=sys.stderr, flush=True)
+        print(f"\r{label}: {done}/{total} {unit}", end=end, file=sys.stderr, flush=True)
 
     try:
         yield progress
@@ -190,10 +192,16 @@ def _summary_doc(name: str) -> Document:
     return Document(name, text)  # named as given (load_documents names it by its file name)
 
 
+LONG_TEXT = 100_000  # characters: pysbd splits these in about 5 s or more, so say so
+
+
 def run_summarize(args: argparse.Namespace) -> int:
     """``attnlab summarize``."""
     doc = _summary_doc(args.file)
-    n = len(split_document(doc))
+    with _progress_line("reading", "paragraphs split into sentences") as progress:
+        long = len(doc.text) > LONG_TEXT  # (a 6,000-sentence file: 73 s without a word)
+        split = split_document(doc, progress if long else None)
+    n = len(split)
     if not n:
         raise UsageError("FILE", f"{doc.name!r} has no prose sentences (empty, or only code)")
     try:
@@ -204,7 +212,7 @@ def run_summarize(args: argparse.Namespace) -> int:
     out = _out_file(args.out, inputs)
     enc, _ = load_encoder(args.model)
     with warnings_as_lines(args), _progress_line("summarizing") as progress:
-        summary = summarize(doc, args.sentences, encoder=enc, progress=progress)
+        summary = summarize(doc, args.sentences, encoder=enc, progress=progress, split=split)
     print(summary.text)
     print("\nsalience (PageRank over sentence similarity; sums to 1):")
     for i, (s, v) in enumerate(zip(summary.sentences, summary.salience, strict=True)):
