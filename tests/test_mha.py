@@ -497,3 +497,65 @@ def test_need_weights_and_residual_are_checked_not_broadcast_or_truthy() -> None
                 )
     with torch.no_grad():
         torch.testing.assert_close(mha(x, residual=x), x + mha(x))
+
+
+def test_decoder_options_caches_and_inputs_the_audit_found_unchecked() -> None:
+    """(A KVCache given to a decoder raised AttributeError 'no attribute self_attn'; a
+    decoder without cross-attention ignored memory and memory_mask; "False" switched
+    norm_first, causal, cross_attention and tie_weights on; a cross-attention cache called
+    without key appended the query's keys to the encoder's; Linformer blamed proj_k for a
+    long input; an int query failed inside torch's matmul.)"""
+    from attnlab.models import LanguageModel, LMConfig
+    from attnlab.nn import DecoderLayer, DecoderOnly, LayerConfig, LinformerAttention
+
+    torch.manual_seed(0)
+    dec, x = DecoderOnly(LayerConfig(16, 2, 32, dropout=0.0), 2).eval(), torch.randn(2, 3, 16)
+    check_and_control(
+        lambda: dec(x, cache=KVCache()),  # type: ignore[arg-type]
+        lambda: dec(x, cache=dec.new_cache()),
+        TypeError,
+        "cache must be an attnlab.nn.DecoderCache, got KVCache",
+    )
+    never = torch.zeros(2, 1, 3, 7, dtype=torch.bool)
+    for kw in ({"memory": torch.randn(2, 7, 16)}, {"memory_mask": never}):
+        check_and_control(
+            lambda k=kw: dec(x, **k), lambda: dec(x), ValueError,
+            "memory, memory_mask and cross_cache must be None: this decoder layer has no cross",
+        )  # fmt: skip
+    for make, name in (
+        (lambda v: LayerConfig(16, 2, 32, norm_first=v), "norm_first"),
+        (lambda v: DecoderLayer(LayerConfig(16, 2, 32), causal=v), "causal"),
+        (lambda v: DecoderLayer(LayerConfig(16, 2, 32), cross_attention=v), "cross_attention"),
+        (lambda v: LanguageModel(LMConfig(11, 16, 2, tie_weights=v)), "tie_weights"),
+    ):
+        check_and_control(
+            lambda m=make: m("False"), lambda m=make: m(False), TypeError,
+            f"{name} must be a bool, got str",
+        )  # fmt: skip
+    mha, q, mem = MultiHeadAttention(16, 2).eval(), torch.randn(1, 1, 16), torch.randn(1, 5, 16)
+    cross, own = KVCache(), KVCache()
+    want = mha(q, mem, cache=cross)
+    with pytest.raises(ValueError, match="cache holds cross-attention keys, but this is a self"):
+        mha(q, cache=cross)
+    assert cross.length == 5 and torch.equal(mha(q, mem, cache=cross), want)
+    mha(q, cache=own)
+    with pytest.raises(ValueError, match="cache holds self-attention keys, but this is a cross"):
+        mha(q, mem, cache=own)
+    lin = LinformerAttention(16, 2, max_len=8, proj_dim=4)
+    check_and_control(
+        lambda: lin(torch.randn(1, 9, 16)), lambda: lin(torch.randn(1, 8, 16)), ValueError,
+        r"key has length 9, past this layer's max_len=8",
+    )  # fmt: skip
+    kv8 = MultiHeadAttention(16, 2, kdim=8, vdim=8)
+    check_and_control(
+        lambda: kv8(torch.randn(1, 3, 16)),
+        lambda: kv8(torch.randn(1, 3, 16), torch.randn(1, 4, 8)),
+        ValueError,
+        "key: none given, so this is self-attention, which needs kdim = vdim = embed_dim=16",
+    )
+    ints = torch.ones(2, 5, 16, dtype=torch.long)
+    for layer, name in ((mha, "query"), (lin, "inputs")):
+        check_and_control(
+            lambda m=layer: m(ints), lambda m=layer: m(ints.float()), TypeError,
+            f"{name} must be a floating-point",
+        )  # fmt: skip

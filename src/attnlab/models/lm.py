@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlab._validate import nonnegative_int, positive_int
+from attnlab._validate import nonnegative_int, positive_int, validate_flag
 from attnlab.models._ids import check_id_dtype, check_vocab
 from attnlab.nn import DecoderCache, DecoderOnly, LayerConfig
 from attnlab.positional import RotaryEmbedding
@@ -104,7 +104,8 @@ class LanguageModel(nn.Module):
         self.decoder = DecoderOnly(layer, cfg.num_layers)
         # Tied: no head module, so the state dict holds the shared matrix once (safetensors
         # refuses tensors that share memory).
-        self.head = None if cfg.tie_weights else nn.Linear(cfg.d_model, cfg.vocab_size, False)
+        tied = validate_flag("tie_weights", cfg.tie_weights)  # ("False" tied them)
+        self.head = None if tied else nn.Linear(cfg.d_model, cfg.vocab_size, False)
 
     def config(self) -> dict[str, object]:
         """The JSON-able config that rebuilds this model."""

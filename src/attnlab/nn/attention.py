@@ -232,6 +232,7 @@ class MultiHeadAttention(nn.Module):
         q = self._split(F.linear(x, *self._weight("q")), self.num_heads)
         q = self._prep(q, self.q_norm, None, None)  # no RoPE across two sequences
         if cache is not None and cache.length:
+            cache._check_kind(cross=True)  # (a self-attention cache was read as the memory)
             assert cache.keys is not None and cache.values is not None
             return q, cache.keys, cache.values
         k, v = self._project_kv(key, key if value is None else value)
@@ -241,6 +242,12 @@ class MultiHeadAttention(nn.Module):
     def _project_self(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         hq, hk = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         if not self._qkv_same_embed_dim:
+            if self.kdim != self.embed_dim or self.vdim != self.embed_dim:
+                raise ValueError(  # (it said "key must be (B, L, 8)" of a key not given)
+                    f"key: none given, so this is self-attention, which needs kdim = vdim = "
+                    f"embed_dim={self.embed_dim}; this layer has kdim={self.kdim}, "
+                    f"vdim={self.vdim}: pass key and value"
+                )
             q = self._split(F.linear(x, *self._weight("q")), self.num_heads)  # (B, H, L, E)
             return (q, *self._project_kv(x, x))
         qkv = linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, L, (H + 2Hkv) E)
@@ -350,6 +357,8 @@ def _check_input(name: str, x: object, dim: int) -> None:
         raise TypeError(f"{name} must be a Tensor (B, L, D), got {type(x).__name__}")
     if x.dim() != 3 or x.shape[-1] != dim:
         raise ValueError(f"{name} must be (B, L, {dim}), got {tuple(x.shape)}")
+    if not x.is_floating_point():  # (torch: "mat1 and mat2 must have the same dtype")
+        raise TypeError(f"{name} must be a floating-point Tensor, got {x.dtype}")
 
 
 def _check_residual(residual: object, query: Tensor) -> None:

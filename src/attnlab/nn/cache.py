@@ -43,6 +43,7 @@ class KVCache:
         # whether the storage is the cache's own to write into: not after an append under
         # autograd (earlier steps saved it for backward) or set() (the caller's tensors)
         self._owned = False
+        self._cross = False  # filled by set() (cross-attention), not by append()
 
     @property
     def length(self) -> int:
@@ -67,6 +68,7 @@ class KVCache:
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Add ``k (B, Hkv, T, E)`` and ``v (B, Hkv, T, Ev)``; return all cached keys/values."""
         _check_step(self, k, v)
+        self._check_kind(cross=False)
         need = self._len + k.shape[2]
         if self._len == 0 and not self.takes(k, v):
             self._k = self._v = None  # emptied (crop(0)): the next step may change its sizes
@@ -87,8 +89,22 @@ class KVCache:
 
     def set(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Replace the contents by ``k`` and ``v`` (cross-attention's encoder keys)."""
-        self._k, self._v, self._len, self._owned = k, v, k.shape[2], False
+        self._check_kind(cross=True)
+        self._k, self._v, self._len, self._owned, self._cross = k, v, k.shape[2], False, True
         return k, v
+
+    def _check_kind(self, *, cross: bool) -> None:
+        """A cache holds one kind of keys: a call of the other kind on a filled cache is a
+        ValueError (a call without ``key`` appended its own keys to the encoder's and
+        attended over both). Emptied by ``crop(0)``, it takes either again."""
+        if self._len and self._cross != cross:
+            had, call = ("cross", "self") if self._cross else ("self", "cross")
+            raise ValueError(
+                f"cache holds {had}-attention keys, but this is a {call}-attention call "
+                f"({'no key given' if call == 'self' else 'a key given'}); give each "
+                "attention its own KVCache (for cross-attention, pass key on every call)"
+            )
+        self._cross = cross
 
     def crop(self, length: int) -> KVCache:
         """Forget every position from ``length`` on (speculative decoding, retries).

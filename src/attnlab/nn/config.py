@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from attnlab._validate import positive_int, validate_dropout, validate_normalize
+from attnlab._validate import positive_int, validate_dropout, validate_flag, validate_normalize
 from attnlab.engines import get_engine
 
 if TYPE_CHECKING:
@@ -142,6 +142,8 @@ class LayerConfig:
         check_choice("activation", self.activation, ACTIVATIONS)
         check_choice("norm", self.norm, NORMS)
         check_rope(self.rope, self.d_model // self.num_heads)
+        for flag in ("norm_first", "bias", "qk_norm"):  # ("False" is truthy: pre-norm)
+            object.__setattr__(self, flag, validate_flag(flag, getattr(self, flag)))
         eps = self.norm_eps  # a negative one gave NaN outputs, a str failed at the first call
         if isinstance(eps, bool) or not isinstance(eps, (int, float)):
             raise TypeError(f"norm_eps must be a positive float, got {type(eps).__name__}")

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlab import masks as M
-from attnlab._validate import positive_int
+from attnlab._validate import positive_int, validate_flag
 from attnlab.bias import Bias
 from attnlab.masks import Mask
 from attnlab.nn._from_torch import load_torch, torch_config
@@ -222,7 +222,8 @@ class DecoderLayer(EncoderLayer):
         self, config: LayerConfig, *, cross_attention: bool = True, causal: bool = True
     ) -> None:
         super().__init__(config)
-        self.causal = causal
+        self.causal = validate_flag("causal", causal)  # ("no" is truthy)
+        cross_attention = validate_flag("cross_attention", cross_attention)
         self.cross_attn: MultiHeadAttention | None = None
         if cross_attention:  # sub-layers: 1 self-attention, 2 cross-attention, 3 feed-forward
             self.cross_attn = _attention(config, rope=False)
@@ -258,6 +259,11 @@ class DecoderLayer(EncoderLayer):
         h, weights = out if need_weights else (out, None)
         x = self._out(x, h, self.norm1, self.dropout1)
         ca, norm, drop = self.cross_attn, self.norm2, self.dropout2
+        if ca is None and not (memory is None and memory_mask is None and cross_cache is None):
+            raise ValueError(  # (they were ignored: an all-False memory_mask changed nothing)
+                "memory, memory_mask and cross_cache must be None: this decoder layer has no "
+                "cross-attention (cross_attention=False)"
+            )
         if ca is not None:
             mem = _memory(ca, memory, cross_cache)
             h = ca(self._in(x, norm), mem, mask=memory_mask, cache=cross_cache)

@@ -205,6 +205,12 @@ class LinformerAttention(nn.Module):
         need_weights = validate_flag("need_weights", need_weights)
         key = query if key is None else key
         value = key if value is None else value
+        for name, t in (("key", key), ("value", value)):  # (it blamed proj_k's shape)
+            if isinstance(t, Tensor) and t.dim() == 3 and t.shape[1] > self.max_len:
+                raise ValueError(
+                    f"{name} has length {t.shape[1]}, past this layer's max_len={self.max_len} "
+                    "(the projections' columns)"
+                )
         q = self._heads(self.q_proj, query)  # (B, H, Lq, E)
         k, v = self._heads(self.k_proj, key), self._heads(self.v_proj, value)  # (B, H, Lk, E)
         res = self._attend(q, k, v, mask, need_weights)
@@ -238,6 +244,8 @@ class LinformerAttention(nn.Module):
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
             seen = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"inputs must be (B, L, {self.embed_dim}), got {seen}")
+        if not x.is_floating_point():  # (torch: "mat1 and mat2 must have the same dtype")
+            raise TypeError(f"inputs must be a floating-point Tensor, got {x.dtype}")
         b, n, _ = x.shape
         return proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 

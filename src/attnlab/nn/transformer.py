@@ -102,6 +102,8 @@ class Decoder(nn.Module):
     ) -> Tensor:
         """``x (B, Lt, D)`` (only the new steps when ``cache`` is given), ``memory
         (B, Ls, D)`` -> ``(B, Lt, D)``. ``mask`` is combined with the causal mask."""
+        if cache is not None and not isinstance(cache, DecoderCache):  # (AttributeError)
+            raise TypeError(f"cache must be an attnlab.nn.DecoderCache, got {type(cache).__name__}")
         if cache is not None and len(cache.self_attn) != len(self.layers):
             raise ValueError(
                 f"cache has {len(cache.self_attn)} layers but this decoder has "
