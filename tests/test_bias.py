@@ -949,3 +949,43 @@ def test_reprs() -> None:
     assert re.fullmatch(
         r"custom\(fn=.*my_fn, per_head=False\)", repr(custom(my_fn, per_head=False))
     )
+
+
+def test_edges_the_audit_found_in_sinks_buckets_dense_heads_and_attend() -> None:
+    """(Sinks over zero keys raised IndexError from amax; t5_bucket(-2**63) gave a bucket of
+    -2**63; dense(dtype=int64) truncated ALiBi to zeros; expand_kv(3 heads, 4) gave 3 heads
+    and dot() failed in unflatten; attend() checked its mask against the scores' batch 1,
+    not the output's batch 2.)"""
+    from attnlab.bias import alibi
+    from attnlab.bias.relative import t5_bucket
+    from attnlab.scores import dot, expand_kv
+
+    q, k = (
+        torch.randn(1, 2, 3, 4, dtype=torch.float64),
+        torch.zeros(1, 2, 0, 4, dtype=torch.float64),
+    )
+    sinks = torch.tensor([0.5, -1.0], dtype=torch.float64)
+    for engine in ("auto", "reference"):
+        got = attnlab.attention(q, k, k, sinks=sinks, return_lse=True, engine=engine)
+        assert torch.equal(got.out, torch.zeros(1, 2, 3, 4, dtype=torch.float64))
+        assert torch.equal(got.lse, sinks.view(1, 2, 1).expand(1, 2, 3))  # log(exp(sink))
+    for bidirectional in (True, False):
+        rel = torch.tensor([-(2**63), -(2**62), 2**63 - 1, -128, 128])
+        kw = {"bidirectional": bidirectional, "num_buckets": 32, "max_distance": 128}
+        far = t5_bucket(torch.tensor([-128, -128, 128, -128, 128]), **kw)
+        assert torch.equal(t5_bucket(rel, **kw), far)  # past max_distance: the same bucket
+    with pytest.raises(TypeError, match=r"dtype must be a floating-point torch\.dtype, got torch"):
+        alibi(2).dense(2, 3, heads=2, dtype=torch.int64)
+    assert alibi(2).dense(2, 3, heads=2, dtype=torch.float64).dtype == torch.float64
+    with pytest.raises(ValueError, match="heads=4 must be a multiple of the key/value heads"):
+        expand_kv(torch.ones(1, 3, 2, 4), 4)
+    with pytest.raises(ValueError, match="query heads Hq=3 must be a multiple of key/value"):
+        dot(torch.ones(1, 3, 2, 4), torch.ones(1, 2, 2, 4))
+    s, v = (
+        torch.randn(1, 2, 3, 5, dtype=torch.float64),
+        torch.randn(2, 2, 5, 4, dtype=torch.float64),
+    )
+    got = attnlab.attend(s, v, mask=masks.padding([3, 5]))
+    for i, n in enumerate((3, 5)):
+        want = torch.softmax(s[0, :, :, :n], -1) @ v[i, :, :n]  # (H, Lq, Ev)
+        torch.testing.assert_close(got[i], want, rtol=0, atol=1e-12)

@@ -328,7 +328,8 @@ def attend(
         1.5
     """
     s, v = V.validate_scores(scores, v)
-    b, h, lq, lk = s.shape
+    _, h, lq, lk = s.shape
+    b = torch.broadcast_shapes(s.shape[:1], v.shape[:1])[0]  # the output's batch (s may be 1)
     mask_ = as_mask(mask)
     allowed = None
     if mask_ is not None:

@@ -34,6 +34,12 @@ def expand_kv(x: Tensor, heads: int) -> Tensor:
         >>> expand_kv(torch.arange(2.).view(1, 2, 1, 1), 4).flatten().tolist()
         [0.0, 0.0, 1.0, 1.0]
     """
+    if x.dim() != 4 or x.shape[1] == 0 or heads % x.shape[1]:
+        got = tuple(x.shape) if x.dim() != 4 else f"Hkv={x.shape[1]}"
+        raise ValueError(  # (3 heads to 4 came back as 3; 2 to 5 as 4)
+            f"expand_kv: heads={heads} must be a multiple of the key/value heads "
+            f"(B, Hkv, L, E); got {got}"
+        )
     groups = heads // x.shape[1]
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
@@ -65,6 +71,10 @@ def grouped_matmul(a: Tensor, b: Tensor) -> Tensor:
     hkv = b.shape[1]
     if hq == hkv:
         return a @ b
+    if hkv == 0 or hq % hkv:  # (torch: "unflatten: Provided sizes [2, 1] don't multiply up")
+        raise ValueError(
+            f"query heads Hq={hq} must be a multiple of key/value heads Hkv={hkv} (GQA)"
+        )
     if torch.is_grad_enabled() and b.requires_grad:  # see the docstring
         return a @ _per_query_head(b, hq)
     if m < _FEW_ROWS and b.stride(-2) == 1:  # b = k^T: one product per query head

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from attnlab._grid import Grid
-from attnlab._validate import nonnegative_int, positive_int
+from attnlab._validate import float_dtype, nonnegative_int, positive_int
 
 __all__ = ["Bias", "SumBias"]
 
@@ -136,6 +136,7 @@ class Bias(nn.Module, abc.ABC):
         """
         lq, lk = nonnegative_int("lq", lq), nonnegative_int("lk", lk)
         batch, heads = nonnegative_int("batch", batch), positive_int("heads", heads)
+        dtype = None if dtype is None else float_dtype("dtype", dtype)  # (int64: all zeros)
         self.check(batch=batch, heads=heads, lq=lq, lk=lk)
         if device is None:
             device = self._own_device()

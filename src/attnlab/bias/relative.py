@@ -100,7 +100,8 @@ def t5_bucket(
         raise TypeError(
             f"relative_position must be an integer tensor, got dtype {relative_position.dtype}"
         )
-    rel = relative_position.long()
+    # past max_distance every offset shares the last bucket: clamp (-2**63's abs overflowed)
+    rel = relative_position.long().clamp(-max_distance, max_distance)
     per_direction = num_buckets // 2 if bidirectional else num_buckets
     if bidirectional:
         offset = (rel > 0).long() * per_direction  # keys after the query: upper half

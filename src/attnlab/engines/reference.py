@@ -174,7 +174,8 @@ def softmax_with_sinks(s: Tensor, sink: Tensor) -> tuple[Tensor, Tensor]:
     """
     x = s.to(_compute_dtype(s.dtype))  # (B, H, Lq, Lk)
     sink = sink.to(x.dtype)
-    m = torch.maximum(x.detach().amax(-1), sink.detach())  # (B, H, Lq); the result ignores it
+    top = x.detach().amax(-1) if x.shape[-1] else sink.detach()  # (no keys: amax raised)
+    m = torch.maximum(top, sink.detach())  # (B, H, Lq); the result ignores it
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(x - m.unsqueeze(-1))  # (B, H, Lq, Lk)
     total = e.sum(-1) + torch.exp(sink - m)  # (B, H, Lq)
