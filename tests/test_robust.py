@@ -480,11 +480,27 @@ def test_robust_command_writes_table_and_report(tmp_path: Path) -> None:
         ("faithfulness", "dates", "adv_jsd_median"),
     ],
 )
-def test_every_study_runs_as_a_smoke(tmp_path: Path, task: str, method: str, column: str) -> None:
+def test_every_study_runs_as_a_smoke(
+    tmp_path: Path, task: str, method: str, column: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--seed`` reaches every study's training (faithfulness ignored it: two seeds gave
+    one table)."""
+    import attnlab.train.loop as loop
+
+    seeds: list[int] = []
+    real = loop.Trainer.__init__
+
+    def init(self: Any, task_: Any, cfg: Any, *a: Any, **kw: Any) -> None:
+        seeds.append(cfg.seed)
+        real(self, task_, cfg, *a, **kw)
+
+    monkeypatch.setattr(loop.Trainer, "__init__", init)
     out = tmp_path / task
-    assert main(["robust", task, "--smoke", "--method", method, "--out", str(out)]) == 0
+    argv = ["robust", task, "--smoke", "--method", method, "--seed", "3", "--out", str(out)]
+    assert main(argv) == 0
     rows = json.loads((out / "table.json").read_text())["rows"]
     assert [r["method"] for r in rows] == [method] and column in rows[0]["metrics"]
+    assert seeds and set(seeds) == {3}, seeds
 
 
 class _TinyTransformer(nn.Module):

@@ -92,6 +92,6 @@ def run_robust(args: argparse.Namespace) -> int:
         else:
             from attnlab.robust.study_faithfulness import faithfulness_study
 
-            faithfulness_study(methods, smoke=args.smoke, out=out)
+            faithfulness_study(methods, seed=args.seed, smoke=args.smoke, out=out)
     print(f"table and report: {out / 'table.md'}, {out / 'report.html'}")
     return 0
