@@ -530,3 +530,26 @@ def test_clipped_labels_keep_whole_characters() -> None:
     assert clip("a" * 99 + "e\u0301z", 100) == "a" * 99 + "e\u0301"
     assert clip("thumbs 👍🏽 up", 11, "...") == "thumbs 👍🏽..."  # not "thumbs 👍..."
     assert clip("short", 10, "...") == "short"
+
+
+def test_a_folder_where_a_report_writes_a_file_is_named_before_any_work(
+    places: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """(demo trained 61 s, then failed with exit 1 on a folder named report.html; train did
+    the same on a folder where its pictures go.)"""
+    root = Path(places["empty"])
+    (root / "demo" / "report.html").mkdir(parents=True)
+    (root / "run" / "report" / "alignment_0.png").mkdir(parents=True)
+    cases = [
+        (["demo", "--seconds", "1", "--out", str(root / "demo")], root / "demo" / "report.html"),
+        (
+            ["train", "dates", "--steps", "2", "--out", str(root / "run")],
+            root / "run" / "report" / "alignment_0.png",
+        ),
+    ]
+    for argv, folder in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        want = f"argument --out: '{folder}' is a folder; the command writes a file there"
+        assert len(err.splitlines()) == 1 and want in err, err
+        assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]  # nothing new

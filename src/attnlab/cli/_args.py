@@ -172,6 +172,15 @@ def check_entries(
                              "a folder there: move it away or give another --out")  # fmt: skip
 
 
+def check_report(argument: str, folder: Path) -> None:
+    """A task's report folder can take what its finish writes: ``report.html`` and its
+    pictures (``*.png``, named by the task), none of them a folder (``mkdir report.html``
+    failed after all the training, exit 1)."""
+    check_entries(argument, folder, ("report.html",))
+    pictures = sorted(folder.glob("*.png")) if folder.is_dir() else []
+    check_entries(argument, folder, [p.name for p in pictures if p.is_dir()])
+
+
 def check_out_file(argument: str, path: str | Path) -> Path:
     """``path`` as an output file: not a folder, and its folder writable or creatable."""
     p = reachable(argument, path)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from attnlab._io import OutputLock
-from attnlab.cli._args import check_entries, check_out_folder, float_in, int_in
+from attnlab.cli._args import check_entries, check_out_folder, check_report, float_in, int_in
 from attnlab.cli._errors import UsageError, warn
 from attnlab.tasks import TASKS, TaskSpec, demo, run_task, spec, train_config
 from attnlab.train import CheckpointError, TrainingInterrupted, load_checkpoint
@@ -95,6 +95,7 @@ def run_train(args: argparse.Namespace) -> int:
     s = spec(args.task)
     out = check_out_folder("--out", f"runs/{args.task}" if args.out is None else args.out)
     check_entries("--out", out, ("last.safetensors", "best.safetensors"), ("report",))
+    check_report("--out", out / "report")
     if s.max_train_size is not None and (args.train_size or 0) > s.max_train_size:
         msg = f"{args.task} makes at most {s.max_train_size} training examples"
         raise UsageError("--train-size", f"is {args.train_size}; {msg}")
@@ -128,6 +129,7 @@ def run_train(args: argparse.Namespace) -> int:
 def run_demo(args: argparse.Namespace) -> int:
     """``attnlab demo``: a short translation run with scores and a report."""
     out = check_out_folder("--out", args.out)
+    check_report("--out", out)
     with OutputLock(out, command=_command(args)):
         demo(out, seconds=args.seconds, progress=not args.no_progress)
     return 0
