@@ -108,6 +108,9 @@ BAD: list[tuple[str, int, str]] = [
     ("bench --dim 1000000000 --n 64", 2, "argument --dim: --n 64 x --heads 8 x --dim 1000000000"),
     # --smoke set its own sizes: the n and heads given went unread
     ("bench --smoke --n 512 --heads 4", 2, "argument --n: and --smoke both set it"),
+    # a value equal to the default was taken as not given: --smoke ran at n=256
+    ("bench --smoke --n 4096 --cases dense", 2, "argument --n: and --smoke both set it"),
+    ("bench --smoke --repeat 3 --cases dense", 2, "argument --repeat: and --smoke both set it"),
     # embed and attend
     ("embed hi --batch-size 0", 2, "argument --batch-size: must be an int >= 1, got '0'"),
     ("embed hi --batch-size -2", 2, "argument --batch-size: must be an int >= 1, got '-2'"),
@@ -372,7 +375,6 @@ def test_readme_error_examples_are_what_the_commands_print(
         assert capsys.readouterr().err.strip() == printed, command
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pysbd compiled: "invalid escape"
 def test_a_read_only_out_folder_is_named_before_any_work(
     places: dict[str, str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

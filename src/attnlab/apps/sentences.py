@@ -4,6 +4,7 @@ characters pysbd keeps for itself passed through."""
 from __future__ import annotations
 
 import threading
+import warnings
 from typing import Any
 
 __all__ = ["split_sentences"]
@@ -18,7 +19,10 @@ def _segmenter() -> Any:
     seg = getattr(_LOCAL, "segmenter", None)
     if seg is None:
         try:
-            import pysbd
+            with warnings.catch_warnings():  # its regexes' "invalid escape sequence", shown
+                # when no .pyc is written (a command printed three warning lines first)
+                warnings.simplefilter("ignore", (SyntaxWarning, DeprecationWarning))
+                import pysbd
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise ModuleNotFoundError(
                 "attnlab.apps splits sentences with pysbd: pip install 'attnlab[apps]'"

@@ -30,13 +30,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cases", type=names_in(cases), default=",".join(cases), help=f"comma list of {cases}"
     )
-    p.add_argument("--n", type=positive, default=defaults.n, help="sequence length")
-    p.add_argument("--heads", type=positive, default=defaults.heads)
+    # what --smoke sets defaults to None here, so that one given (even at its default) is
+    # seen: --smoke --n 4096 ran at 256 without a word
+    p.add_argument("--n", type=positive, help=f"sequence length (default {defaults.n})")
+    p.add_argument("--heads", type=positive, help=f"default {defaults.heads}")
     p.add_argument("--dim", type=positive, default=defaults.dim)
-    p.add_argument("--window", type=positive, default=defaults.window)
+    p.add_argument("--window", type=positive, help=f"default {defaults.window}")
     p.add_argument("--engine", default=defaults.engine, choices=["auto", *available_engines()])
     p.add_argument("--modes", type=names_in(bench.MODES), default=",".join(defaults.modes))
-    p.add_argument("--repeat", type=positive, default=defaults.repeat)
+    p.add_argument("--repeat", type=positive, help=f"default {defaults.repeat}")
     p.add_argument("--flex", action="store_true", help="also time FlexAttention (compiles)")
     p.add_argument("--device", type=_device, default=defaults.device, help="cpu or cuda[:N]")
     p.add_argument("--dtype", default=defaults.dtype, choices=list(bench.DTYPES))
@@ -78,11 +80,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> int:
     """``attnlab bench``: one JSON line per record, flushed as each is measured."""
-    if args.smoke:  # it set its own sizes, and the ones given went unread
-        default = bench.BenchConfig()  # where the options' defaults come from
-        given = [f"--{k}" for k in bench.SMOKE if getattr(args, k) != getattr(default, k)]
-        if given:
-            raise UsageError(given[0], "and --smoke both set it; give one of them")
+    default = bench.BenchConfig()  # where the options' defaults come from
+    given = [f"--{k}" for k in bench.SMOKE if getattr(args, k) is not None]
+    if args.smoke and given:  # it set its own sizes, and the ones given went unread
+        raise UsageError(given[0], "and --smoke both set it; give one of them")
+    for k in bench.SMOKE:
+        setattr(args, k, getattr(default, k) if getattr(args, k) is None else getattr(args, k))
     if args.flex and (why := bench.flex_problem(args.device)) is not None:
         raise UsageError("--flex", f"{why}; leave --flex out")
     cfg = bench.BenchConfig(
