@@ -452,3 +452,45 @@ def test_the_digest_covers_the_metadata_and_format_1_still_loads(tmp_path: Path)
     _format_1(path, optimizer=json.dumps({"param_groups": json.loads(bad), "state": {}}))
     with pytest.raises(CheckpointError, match="holds an optimizer state that does not fit"):
         Trainer(LinearTask(), dataclasses.replace(cfg, resume=True))
+
+
+def test_trainer_and_checkpoint_arguments_the_audit_found_unnamed(tmp_path: Path) -> None:
+    """(Trainer(None, cfg) raised "'NoneType' object has no attribute 'loss'"; one plug-in
+    not in a list, "'FGM' object is not iterable"; load_checkpoint(123), "expected str,
+    bytes or os.PathLike object"; Checkpoint(5), "'int' object has no attribute 'items'";
+    a config holding an object, json's message naming nothing.)"""
+    from attnlab.robust import FGM
+    from attnlab.tasks.dates import DatesTask
+
+    cfg = TrainConfig(steps=2, batch_size=8, eval_every=2, progress=False)
+    task = DatesTask(train_size=64, test_size=8, hidden=8)
+
+    class NoModel(DatesTask):
+        def build_model(self) -> torch.nn.Module:
+            return 5  # type: ignore[return-value]
+
+    check_and_control(
+        lambda: Trainer(None, cfg),  # type: ignore[arg-type]
+        lambda: Trainer(task, cfg),
+        TypeError,
+        "task must be a Task .* got NoneType without build_model",
+    )
+    with pytest.raises(TypeError, match=r"task\.build_model\(\) must be a torch\.nn\.Module"):
+        Trainer(NoModel(train_size=64, test_size=8, hidden=8), cfg)
+    check_and_control(
+        lambda: Trainer(task, cfg, plugins=FGM(0.1)),  # type: ignore[arg-type]
+        lambda: Trainer(task, cfg, plugins=[FGM(0.1)]),
+        TypeError,
+        r"plugins must be a list of plug-ins .* got FGM: pass \[plugin\]",
+    )
+    good = Checkpoint(torch.nn.Linear(2, 2).state_dict(), {"a": 1})
+    path = tmp_path / "ck.safetensors"
+    for call in (lambda: load_checkpoint(123), lambda: save_checkpoint(123, good)):  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="path must be a str or Path, got int"):
+            call()
+    with pytest.raises(TypeError, match=r"ckpt\.model must be a state_dict \(str -> Tensor\)"):
+        save_checkpoint(path, Checkpoint(5))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"ckpt\.config must be JSON-able .* type object"):
+        save_checkpoint(path, Checkpoint({}, {"a": object()}))
+    assert not path.exists()
+    assert load_checkpoint(save_checkpoint(path, good)).config == {"a": 1}  # the control

@@ -95,7 +95,18 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
         >>> load_checkpoint(p).config
         {'n': 2}
     """
+    _check_path(path)
     instance_of("ckpt", ckpt, Checkpoint, "a Checkpoint (model, config, optimizer, state)")
+    if not isinstance(ckpt.model, dict) or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in ckpt.model.items()
+    ):  # (an int: "'int' object has no attribute 'items'")
+        raise TypeError(
+            f"ckpt.model must be a state_dict (str -> Tensor), got {type(ckpt.model).__name__}"
+        )
+    try:
+        json.dumps(ckpt.config)
+    except (TypeError, ValueError) as e:  # (json's message named no argument)
+        raise TypeError(f"ckpt.config must be JSON-able (str, numbers, lists, dicts): {e}") from e
     tensors, meta = _flatten(ckpt)
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
@@ -124,7 +135,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         ...     print(str(e).replace(d, "<d>"))
         checkpoint '<d>/none.safetensors' does not exist
     """
-    path = Path(path)
+    path = Path(_check_path(path))
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     if not os.access(path, os.R_OK):  # (it was called truncated or corrupt)
@@ -162,6 +173,13 @@ def _check_digest(path: Path, tensors: dict[str, Tensor], meta: dict[str, str]) 
             f"checkpoint {str(path)!r} is corrupt: its {what} do not match the digest saved "
             "with them; use an earlier checkpoint or train again"
         )
+
+
+def _check_path(path: object) -> str | os.PathLike[str]:
+    """A path (``Path(123)`` said "expected str, bytes or os.PathLike object")."""
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"path must be a str or Path, got {type(path).__name__}")
+    return path
 
 
 def _flatten(ckpt: Checkpoint) -> tuple[dict[str, Tensor], dict[str, str]]:

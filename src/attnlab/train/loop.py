@@ -232,6 +232,7 @@ class Trainer:
         plugins: Sequence[Plugin] = (),
     ) -> None:
         instance_of("cfg", cfg, TrainConfig, "a TrainConfig")
+        _check_task(task)
         if on_eval is not None and not callable(on_eval):  # (failed at the first evaluation)
             raise TypeError(f"on_eval must be a callable or None, got {type(on_eval).__name__}")
         self.task, self.cfg, self.on_eval = task, cfg, on_eval
@@ -241,6 +242,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         with num_threads(cfg.threads):  # init may compute (spectral norm): same bits as fit's
             self.model = task.build_model()
+        instance_of("task.build_model()", self.model, nn.Module, "a torch.nn.Module")
         groups = getattr(task, "param_groups", None)  # optional: per-group lr_scale, betas
         params = groups(self.model) if groups is not None else self.model.parameters()
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -393,8 +395,26 @@ class Trainer:
             ) from e
 
 
+def _check_task(task: object) -> None:
+    """``task`` has the :class:`Task` methods (None raised "has no attribute 'loss'")."""
+    missing = [m for m in _TASK_METHODS if not callable(getattr(task, m, None))]
+    if missing:
+        raise TypeError(
+            f"task must be a Task (with {', '.join(_TASK_METHODS)}), got "
+            f"{type(task).__name__} without {missing[0]}"
+        )
+
+
+_TASK_METHODS = ("build_model", "num_train", "batch", "loss", "evaluate")
+
+
 def _with_plugins(loss_fn: LossFn, plugins: Sequence[Plugin]) -> LossFn:
     """``loss_fn`` wrapped by each plug-in in turn (the last one outermost)."""
+    if not isinstance(plugins, list | tuple):  # (one plug-in: "'FGM' object is not iterable")
+        raise TypeError(
+            f"plugins must be a list of plug-ins (objects with step(model, batch, loss_fn)), "
+            f"got {type(plugins).__name__}: pass [plugin]"
+        )
     for plugin in plugins:
         if not callable(getattr(plugin, "step", None)):
             raise TypeError(
