@@ -989,3 +989,25 @@ def test_edges_the_audit_found_in_sinks_buckets_dense_heads_and_attend() -> None
     for i, n in enumerate((3, 5)):
         want = torch.softmax(s[0, :, :, :n], -1) @ v[i, :, :n]  # (H, Lq, Ev)
         torch.testing.assert_close(got[i], want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("engine", ["reference", "sdpa", "blocked", "auto"])
+def test_float64_alibi_of_a_default_module_is_float64_exact(engine: str) -> None:
+    """(alibi(12) kept float32 slopes, so float64 attention carried their rounding: 1.7e-8
+    at 4097 keys on every engine, while alibi(12).double() was exact.) Against the fp64
+    formula with slopes from Press et al.'s rule, 12 heads (not a power of two)."""
+    from attnlab.bias import alibi
+
+    torch.manual_seed(0)
+    h, n = 12, 1030
+    q, k, v = (torch.randn(1, h, n, 8, dtype=torch.float64) for _ in range(3))
+    base = [2 ** (-8 * (i + 1) / 8) for i in range(8)]  # 8 heads: 2^(-8/8 * (i + 1))
+    more = [2 ** (-8 * (i + 1) / 16) for i in range(16)][0::2][:4]  # odd ones of 16 heads
+    slopes = torch.tensor(base + more, dtype=torch.float64)
+    pos = torch.arange(n)
+    bias = -slopes[:, None, None] * (pos[:, None] - pos[None, :]).abs().double()
+    want = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8) + bias, -1) @ v
+    got = attnlab.attention(q, k, v, bias=alibi(h), engine=engine)
+    assert max_err(got, want) < 1e-12
+    dense = alibi(h).dense(1, n, heads=h, dtype=torch.float64)[0, :, 0]  # the last row
+    assert max_err(dense, bias[:, -1]) == 0.0

@@ -29,6 +29,8 @@ class Grid:
         k: key indices, shape ``(1, 1, 1, Tk)``.
         lq: full query length of the attention call.
         lk: full key length of the attention call.
+        dtype: the dtype the scores are computed in, when the caller knows it (a bias may
+            compute in it: ALiBi's float64 slopes for float64 scores); None otherwise.
 
     Example:
         >>> g = Grid.full(lq=2, lk=3)
@@ -42,6 +44,7 @@ class Grid:
     k: Tensor
     lq: int
     lk: int
+    dtype: torch.dtype | None = None
 
     @property
     def offset(self) -> int:
@@ -61,6 +64,7 @@ class Grid:
         batch: int = 1,
         heads: int = 1,
         device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> Grid:
         """The grid of a whole ``(batch, heads, lq, lk)`` score tensor."""
         return Grid.tile(
@@ -70,6 +74,7 @@ class Grid:
             lk=lk,
             batch=batch,
             heads=heads,
+            dtype=dtype,
         )
 
     @staticmethod
@@ -81,6 +86,7 @@ class Grid:
         lk: int,
         batch: int = 1,
         heads: int = 1,
+        dtype: torch.dtype | None = None,
     ) -> Grid:
         """The grid of the given query ``rows`` (not positions) and ``keys`` (1-D each)."""
         device = rows.device
@@ -91,6 +97,7 @@ class Grid:
             k=keys.view(1, 1, 1, -1),
             lq=lq,
             lk=lk,
+            dtype=dtype,
         )
 
     def restrict(self, *, batch: bool, heads: bool) -> Grid:
@@ -102,6 +109,7 @@ class Grid:
             k=self.k,
             lq=self.lq,
             lk=self.lk,
+            dtype=self.dtype,
         )
 
     def gather(self, t: Tensor) -> Tensor:

@@ -140,7 +140,7 @@ class Bias(nn.Module, abc.ABC):
         self.check(batch=batch, heads=heads, lq=lq, lk=lk)
         if device is None:
             device = self._own_device()
-        grid = Grid.full(lq, lk, batch=batch, heads=heads, device=device)
+        grid = Grid.full(lq, lk, batch=batch, heads=heads, device=device, dtype=dtype)
         grid = grid.restrict(batch=self.per_batch, heads=self.per_head)
         out = torch.broadcast_to(self(grid), grid.shape)  # (Bb, Hb, lq, lk)
         return out if dtype is None else out.to(dtype)

@@ -89,9 +89,12 @@ class ALiBi(Bias):
         return self.slopes
 
     def forward(self, grid: Grid) -> Tensor:
-        dtype = torch.promote_types(self.slopes.dtype, torch.float32)
+        slopes = self.slopes
+        if grid.dtype == torch.float64 and slopes.dtype != torch.float64:  # float64 scores:
+            slopes = alibi_slopes(self.num_heads, torch.float64)  # float32's rounding was 1e-8
+        dtype = torch.promote_types(slopes.dtype, torch.float32)
         # on the grid's device: the slopes are constants, whichever device the module is on
-        slope = self.slopes.to(grid.h.device, dtype)[grid.h]  # (1, Hg, 1, 1)
+        slope = slopes.to(grid.h.device, dtype)[grid.h]  # (1, Hg, 1, 1)
         distance = (grid.q - grid.k).abs().to(dtype)  # (1, 1, Tq, Tk)
         return -slope * distance  # (1, Hg, Tq, Tk)
 

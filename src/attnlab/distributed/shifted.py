@@ -29,7 +29,7 @@ def global_grid(grid: Grid, n: int, qs: int, ks: int, sink: bool = False) -> Gri
     key ``ks + j - 1``.
     """
     k = (grid.k - 1).clamp(min=0) + ks if sink else grid.k + ks
-    return Grid(b=grid.b, h=grid.h, q=grid.rows + qs, k=k, lq=n, lk=n)
+    return Grid(b=grid.b, h=grid.h, q=grid.rows + qs, k=k, lq=n, lk=n, dtype=grid.dtype)
 
 
 class ShiftedMask(Wrapped):

@@ -66,6 +66,7 @@ def _grid(req: AttentionRequest, blk: Block, keys: Tensor, batch: bool, heads: b
         lk=req.lk,
         batch=req.batch if batch else 1,
         heads=req.heads if heads else 1,
+        dtype=req.q.dtype,
     )
 
 
