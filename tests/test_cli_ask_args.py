@@ -274,6 +274,13 @@ def test_summarize_refuses_a_text_past_its_sentence_limit_before_any_work(
     )
     with pytest.raises(ValueError, match=f"text has {MAX_SENTENCES + 1} prose sentences"):
         summarize(text, encoder=object())  # type: ignore[arg-type]  # never reached
+    for extra, want in (  # named before the seconds of splitting, not after them
+        (["--model", str(tmp_path / "none")], "argument --model:"),
+        (["--out", str(big)], "argument --out:"),
+    ):
+        assert main(["summarize", str(big), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and want in err and "reading" not in err, err
 
 
 @NEED_MODEL

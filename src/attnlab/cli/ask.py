@@ -24,6 +24,7 @@ from attnlab.apps.index import default_cache
 from attnlab.apps.report import answers_html, summary_html
 from attnlab.apps.summarize import check_length
 from attnlab.cli._args import (
+    check_in_folder,
     check_not_empty,
     check_not_input,
     check_out_file,
@@ -198,6 +199,10 @@ LONG_TEXT = 100_000  # characters: pysbd splits these in about 5 s or more, so s
 def run_summarize(args: argparse.Namespace) -> int:
     """``attnlab summarize``."""
     doc = _summary_doc(args.file)
+    inputs = [] if args.file.startswith("pydoc:") else [Path(args.file)]
+    out = _out_file(args.out, inputs)  # (named after seconds of splitting, below)
+    if args.model is not None:
+        check_in_folder("--model", args.model)
     with _progress_line("reading", "paragraphs split into sentences") as progress:
         long = len(doc.text) > LONG_TEXT  # (a 6,000-sentence file: 73 s without a word)
         split = split_document(doc, progress if long else None)
@@ -208,8 +213,6 @@ def run_summarize(args: argparse.Namespace) -> int:
         check_length(n)
     except ValueError as e:
         raise UsageError("FILE", f"{doc.name!r}: {e}".replace(": text has", " has")) from None
-    inputs = [] if args.file.startswith("pydoc:") else [Path(args.file)]
-    out = _out_file(args.out, inputs)
     enc, _ = load_encoder(args.model)
     with warnings_as_lines(args), _progress_line("summarizing") as progress:
         summary = summarize(doc, args.sentences, encoder=enc, progress=progress, split=split)
