@@ -827,3 +827,67 @@ def test_matched_words_are_the_texts_own(enc: SentenceEncoder) -> None:
     m = match_words(enc, question, passage, steps=2)
     assert m.question == ["[CLS]", "Why", "do", "Cats", "purr", "?", "👍🏽", "[SEP]"]
     assert "".join(m.passage[1:-1]) == passage and "べました" in m.passage
+
+
+def test_api_arguments_and_corrupt_indexes_the_audit_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(Each was a bare torch/attribute error, a silent NaN, files in the current folder, a
+    WriteError after the work, or a corrupt index used or crashing.)"""
+    from pathlib import PurePosixPath
+
+    from attnlab.apps.ask import Asker, Weights
+    from attnlab.apps.index import default_cache
+    from attnlab.apps.summarize import centrality
+    from attnlab.models.sentence import _toy_encoder
+
+    enc = _toy_encoder()
+    (tmp_path / "a.txt").write_text("Cats purr. Dogs bark.\n\nSnow falls.")
+    kw = {"encoder": enc, "explain": False}
+    with pytest.raises(ValueError, match=r"cache must be a folder, got .*a\.txt', which is a file"):
+        ask("why?", tmp_path, cache=tmp_path / "a.txt", **kw)
+    monkeypatch.chdir(tmp_path)
+    one = [Document("a", "Cats purr. Dogs bark.")]
+    for call in (lambda: build_index(one, enc, ""), lambda: load_index("")):
+        with pytest.raises(ValueError, match="folder must be a folder, got an empty path"):
+            call()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]  # nothing landed here
+    assert ask("why?", PurePosixPath(tmp_path), cache=False, **kw)  # a PathLike, as load_documents
+    with pytest.raises(TypeError, match="non-empty list of paths, got \\[\\]"):
+        default_cache([])
+    index = build_index(one, enc, None)
+    for weights, match in (
+        ({"cosine": float("nan")}, "Weights.cosine must be finite"),
+        ({"cosine": "x"}, "Weights.cosine must be a number, got str"),
+        ({"candidates": -1}, "Weights.candidates must be an int >= 0, got -1"),
+    ):
+        with pytest.raises((TypeError, ValueError), match=match):
+            Asker(index, enc, Weights(**weights))  # type: ignore[arg-type]
+    code = build_index([Document("a.md", "```\ncode\n```\n")], enc, None)
+    with pytest.raises(ValueError, match="index holds no sentences"):
+        Asker(code, enc)
+    with pytest.raises(
+        TypeError, match="docs must be 'pydoc', a path or a sequence of paths, got bytes"
+    ):
+        load_documents(b"/tmp")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"damping must be a number in \(0, 1\), got 1.0"):
+        centrality(torch.eye(3), 1.0)  # (a singular system: NaN)
+    with pytest.raises(ValueError, match="k must be a positive int, got -1"):
+        index.search(torch.randn(1, enc.dim), -1)
+    for call, match in (
+        (lambda: build_index(["x"], enc, None), "docs must be a list of Documents"),
+        (lambda: split_document("text"), "doc must be a Document, got str"),
+        (lambda: ask("q", tmp_path, encoder="x", cache=False), "encoder must be a SentenceEncoder"),
+        (lambda: summarize("Cats purr. Dogs bark.", encoder="x"), "encoder must be a Sentence"),
+    ):
+        with pytest.raises(TypeError, match=match):
+            call()  # type: ignore[arg-type]
+    folder = tmp_path / "ix"
+    two = [*one, Document("b", "Snow falls.")]
+    build_index(two, enc, folder)
+    meta = json.loads((folder / "index.json").read_text())
+    meta["docs"][0]["sentences"][0][1] = "zzz"  # a row naming another document
+    (folder / "index.json").write_text(json.dumps(meta))
+    assert load_index(folder) is None  # (KeyError 'zzz' when updated)
+    assert build_index(two, enc, folder).embedded == 3  # rebuilt
+    assert load_index(folder) is not None

@@ -40,6 +40,7 @@ With ``docs="pydoc"`` (the default) the index of the whole reference is built on
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import warnings
@@ -54,7 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab._io import decode_text
-from attnlab._validate import positive_int
+from attnlab._validate import instance_of, positive_int
 from attnlab.apps.corpus import Sentence, check_prose, load_documents
 from attnlab.apps.index import Index, Progress, build_index, default_cache
 from attnlab.apps.lexical import BM25, words
@@ -82,6 +83,17 @@ class Weights:
     lexical: float = 0.25
     tokens: float = 4.0
     candidates: int = 20
+
+    def __post_init__(self) -> None:  # (NaN gave NaN scores, -1 dropped a candidate)
+        for name in ("cosine", "context", "title", "lexical", "tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(f"Weights.{name} must be a number, got {type(value).__name__}")
+            if not math.isfinite(value):
+                raise ValueError(f"Weights.{name} must be finite, got {value!r}")
+        c = self.candidates
+        if isinstance(c, bool) or not isinstance(c, int) or c < 0:
+            raise ValueError(f"Weights.candidates must be an int >= 0, got {c!r}")
 
 
 @dataclass
@@ -148,6 +160,12 @@ class Asker:
     """
 
     def __init__(self, index: Index, enc: SentenceEncoder, weights: Weights | None = None) -> None:
+        instance_of("index", index, Index, "an attnlab.apps Index (build_index)")
+        instance_of("enc", enc, SentenceEncoder, "a SentenceEncoder")
+        if weights is not None:
+            instance_of("weights", weights, Weights, "a Weights")
+        if not index.sentences:  # (rank raised torch's "max(): Expected reduction dim")
+            raise ValueError("index holds no sentences (its documents had no prose)")
         self.index, self.enc, self.weights = index, enc, weights or Weights()
         self.bm25 = BM25([words(s.text) for s in index.sentences])
         self.context = _context_vectors(index)  # (N, D)
@@ -304,6 +322,8 @@ def ask(
     documents = load_documents(docs)
     check_prose(documents)  # before the model loads
     folder = _cache_folder(cache, docs)
+    if encoder is not None:  # (a str: "'str' object has no attribute 'config'")
+        instance_of("encoder", encoder, SentenceEncoder, "a SentenceEncoder or None")
     enc = encoder or SentenceEncoder.from_pretrained()
     with _one_truncation_warning(enc.config.max_seq_length):
         index = build_index(documents, enc, folder, progress=progress)
@@ -333,6 +353,8 @@ def _cache_folder(cache: object, docs: str | Path | Sequence[str | Path]) -> Pat
             "cache must be a folder, got an empty path (the current folder); give a folder, "
             "or cache=False to keep the index in memory"
         )
+    if Path(cache).exists() and not Path(cache).is_dir():  # (WriteError after the work)
+        raise ValueError(f"cache must be a folder, got {str(cache)!r}, which is a file")
     return Path(cache)
 
 

@@ -224,6 +224,8 @@ def split_document(
         >>> [(s.section, s.para, s.text) for s in split_document(Document("notes.md", text))]
         [('Setup', 0, 'Install it.'), ('Setup', 0, 'Then run:'), ('Use', 1, 'Call f().')]
     """
+    if not isinstance(doc, Document):  # (a str: "'str' object has no attribute 'name'")
+        raise TypeError(f"doc must be a Document, got {type(doc).__name__}")
     markdown = doc.name.lower().endswith((".md", ".markdown"))
     paragraphs = _paragraphs(doc.text, markdown)
     out: list[Sentence] = []
@@ -345,7 +347,8 @@ def _items(docs: object) -> list[str | Path]:
     otherwise: ``docs=123`` said "'int' object is not iterable")."""
     if isinstance(docs, str | os.PathLike):
         return [docs]  # type: ignore[list-item]  # a PathLike: _path makes it a Path
-    if not isinstance(docs, Sequence):
+    if not isinstance(docs, Sequence) or isinstance(docs, bytes | bytearray):  # (bytes: each
+        # item an int, "got int 47")
         raise TypeError(
             f"docs must be 'pydoc', a path or a sequence of paths, got {type(docs).__name__} "
             f"{docs!r}"

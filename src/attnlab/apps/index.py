@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from attnlab._io import atomic_write, atomic_write_text
-from attnlab._validate import positive_int
+from attnlab._validate import instance_of, positive_int
 from attnlab.apps.corpus import Document, Sentence, split_document
 from attnlab.models import SentenceEncoder
 
@@ -86,6 +86,7 @@ class Index:
     def search(self, query: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """The ``k`` best rows for unit vectors ``query (Q, D)``: scores and indices,
         each ``(Q, min(k, N))``, best first (exact cosine, brute force)."""
+        k = positive_int("k", k)  # (-1: torch's "selected index k out of range")
         scores = query @ self.vectors.T  # (Q, N)
         return scores.topk(min(k, scores.shape[1]), dim=1)
 
@@ -104,7 +105,11 @@ def default_cache(docs: str | Path | Sequence[str | Path]) -> Path:
         >>> default_cache("pydoc").parent.name, default_cache("pydoc").name.startswith("pydoc-")
         ('attnlab', True)
     """
-    first = Path(docs if isinstance(docs, str | Path) else docs[0])
+    if not isinstance(docs, str | os.PathLike) and not (
+        isinstance(docs, Sequence) and docs and isinstance(docs[0], str | os.PathLike)
+    ):  # (an empty list: IndexError; a PurePath: "object is not subscriptable")
+        raise TypeError(f"docs must be 'pydoc', a path or a non-empty list of paths, got {docs!r}")
+    first = Path(docs if isinstance(docs, str | os.PathLike) else docs[0])
     if str(first) == "pydoc":
         import sys
 
@@ -147,7 +152,7 @@ def load_index(folder: str | Path) -> Index | None:
     """
     from safetensors.torch import load
 
-    folder = Path(folder)
+    folder = index_folder(folder)
     try:
         meta = json.loads((folder / "index.json").read_text(encoding="utf-8"))
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -160,9 +165,36 @@ def load_index(folder: str | Path) -> Index | None:
         digests = {d["name"]: d["digest"] for d in meta["docs"]}
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if vectors.shape[0] != len(sentences):
-        return None
+    if not _consistent(sentences, vectors, meta["docs"]):
+        return None  # rows edited or of another kind: rebuilt, not used
     return Index(sentences, vectors, digests, str(meta.get("model")))
+
+
+def _consistent(sentences: list[Sentence], vectors: Tensor, docs: list[dict]) -> bool:
+    """An index's rows as :func:`build_index` saved them: one float vector per sentence,
+    each row's fields of their kinds and its ``doc`` the document it is saved under (a
+    row naming another document raised KeyError when the index was updated; an int text
+    failed in ranking; int vectors gave every cosine 0)."""
+    names = [d["name"] for d in docs for _ in d["sentences"]]
+    kinds = all(
+        isinstance(s.text, str) and isinstance(s.section, str) and type(s.para) is int
+        and s.doc == name
+        for s, name in zip(sentences, names, strict=True)
+    )  # fmt: skip
+    shape = vectors.dim() == 2 and vectors.shape[0] == len(sentences)
+    return kinds and shape and vectors.dtype == torch.float32
+
+
+def index_folder(folder: object) -> Path:
+    """``folder`` as an index folder: a path, not ``""`` (the current folder, where the
+    index files landed) and not a file."""
+    if not isinstance(folder, str | os.PathLike):
+        raise TypeError(f"folder must be a str or Path, got {type(folder).__name__}")
+    if not str(folder):
+        raise ValueError("folder must be a folder, got an empty path (the current folder)")
+    if Path(folder).exists() and not Path(folder).is_dir():
+        raise ValueError(f"folder must be a folder, got {str(folder)!r}, which is a file")
+    return Path(folder)
 
 
 def _vectors_name(name: object) -> str:
@@ -253,12 +285,20 @@ def build_index(
         >>> first.embedded, again.embedded, edited.embedded, len(edited.sentences)
         (3, 0, 2, 4)
     """
+    if not isinstance(docs, list | tuple) or not all(isinstance(d, Document) for d in docs):
+        seen = next((d for d in docs if not isinstance(d, Document)), docs)  # the offender
+        raise TypeError(  # (a str: "'str' object has no attribute 'name'")
+            f"docs must be a list of Documents (load_documents), got {type(seen).__name__}"
+        )
+    instance_of("enc", enc, SentenceEncoder, "a SentenceEncoder")
+    folder = None if folder is None else index_folder(folder)
     names = [d.name for d in docs]
     if len(set(names)) != len(names):
         raise ValueError(f"docs: document names must be unique, got {len(names)} with repeats")
     model = _model_name(enc)
     old = load_index(folder) if folder is not None else None
-    old = old if old is not None and old.model == model else None
+    same = old is not None and old.model == model and old.vectors.shape[1] == enc.dim
+    old = old if same else None
     keep = {} if old is None else _rows_by_doc(old)
     fresh = [d for d in docs if old is None or old.digests.get(d.name) != d.digest]
     new_sents = {d.name: split_document(d) for d in fresh}

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attnlab._validate import real_where
+from attnlab._validate import instance_of, real_where
 from attnlab.apps.corpus import Document, Sentence, split_document
 from attnlab.apps.index import Progress, embed
 from attnlab.models import SentenceEncoder
@@ -65,6 +65,12 @@ def centrality(vectors: Tensor, damping: float = 0.85, position: float = 0.0) ->
         >>> [round(x, 3) for x in centrality(v).tolist()]
         [0.426, 0.486, 0.088]
     """
+    if not isinstance(vectors, Tensor) or vectors.dim() != 2 or not vectors.is_floating_point():
+        seen = tuple(vectors.shape) if isinstance(vectors, Tensor) else type(vectors).__name__
+        raise TypeError(f"vectors must be a float tensor (n, D), got {seen}")
+    # (damping 1 made the system singular: NaN; summarize checked position, this did not)
+    damping = real_where("damping", damping, lambda d: 0 < d < 1, "a number in (0, 1)")
+    position = real_where("position", position, lambda p: 0 <= p < math.inf, "a number >= 0")
     n = vectors.shape[0]
     sim = (vectors @ vectors.T).clamp_min(0).double()  # (n, n)
     sim.fill_diagonal_(0)
@@ -154,6 +160,8 @@ def summarize(
     if not sents:
         raise ValueError("text has no prose sentences to summarize (empty, or only code)")
     check_length(len(sents))
+    if encoder is not None:  # (a str: "'str' object has no attribute 'dim'")
+        instance_of("encoder", encoder, SentenceEncoder, "a SentenceEncoder or None")
     enc = encoder or SentenceEncoder.from_pretrained()
     vecs = embed(enc, sents, progress)  # (n, D)
     sal = centrality(vecs, damping, position)
