@@ -134,3 +134,79 @@ def test_zero_heads_and_nan_weights_are_named_by_the_report_and_the_grid(tmp_pat
         plot.head_grid([torch.ones(0, 3, 3)], tmp_path / "g.png")
     assert report(tmp_path / "r.html", list("abc"), [a, a]).exists()  # the control
     assert plot.head_grid([a, a], tmp_path / "g.png").exists()
+
+
+def test_what_the_interpret_audit_found(tmp_path) -> None:
+    """(against="" was scored as the empty text's embedding but labelled "its own
+    direction"; a model in training mode explained a dropout-perturbed score; an
+    encoder-decoder's gradient relevance blamed "attentions"; a 512-token heatmap took
+    90 s and 20 GB; numpy weights, a stacked tensor, (1, n) scores, grid 0 and tokens None
+    were bare AttributeError/RuntimeError.)"""
+    import numpy as np
+    from PIL import Image
+
+    from attnlab.interpret.image import patch_grid
+    from attnlab.interpret.text import TextModel, _toy, explain_text
+    from attnlab.nn import MultiHeadAttention, Transformer
+
+    toy = _toy(16)
+    quiet = {"steps": 4, "log": lambda s: None}
+    for against in ("", "  "):
+        with pytest.raises(ValueError, match="against must be a non-empty str"):
+            explain_text(toy, "a toy text", tmp_path / "r.html", against=against, **quiet)
+    words = torch.nn.Embedding(10, 16)
+    net = torch.nn.Sequential(words, torch.nn.Dropout(0.5), MultiHeadAttention(16, 2))
+    drop = TextModel(
+        net,
+        tokenize=lambda s: [1, *(2 + len(w) for w in s.split()), 9],
+        token_name=str,
+        pooled=lambda t: net(t).mean(1),
+        embed=lambda t: torch.nn.functional.normalize(net(t).mean(1), dim=-1),
+        input_embeddings=words,
+        pad_id=0,
+    )
+    net.train()
+    runs = [explain_text(drop, "a toy text", tmp_path / f"r{i}.html", **quiet) for i in range(2)]
+    assert net.training  # left as it was
+    net.eval()
+    want = explain_text(drop, "a toy text", tmp_path / "e.html", **quiet)
+    for ex in runs:  # in eval mode, as encode() embeds
+        assert ex.saliency == want.saliency
+    torch.manual_seed(0)
+    model = Transformer(LayerConfig(16, 2, 32, dropout=0.0), 1, 1).eval()
+    src, tgt = torch.randn(1, 5, 16), torch.randn(1, 3, 16)
+    with pytest.raises(ValueError, match=r"not one stack of square self-attention .* layers="):
+        gradient_relevance(model, lambda: model(src, tgt).sum())
+    enc_only = gradient_relevance(model, lambda: model(src, tgt).sum(), layers=["encoder.*"])
+    assert enc_only.shape == (1, 5, 5)  # the control
+    n = 300
+    png = plot.heatmap(
+        torch.rand(n, n).softmax(-1), [f"t{i}" for i in range(n)], tmp_path / "h.png"
+    )
+    assert max(Image.open(png).size) < 4000  # (n=256 drew 12089 x 10758 px)
+    for call, error, match in (
+        (
+            lambda: plot.heatmap(np.eye(3), list("abc"), tmp_path / "x.png"),
+            TypeError,
+            "weights must be a Tensor",
+        ),
+        (
+            lambda: plot.head_grid(torch.rand(2, 2, 3, 3), tmp_path / "x.png"),
+            TypeError,
+            "pass list",
+        ),
+        (
+            lambda: plot.saliency(list("abc"), torch.rand(1, 3), tmp_path / "x.png"),
+            ValueError,
+            r"\(n,\)",
+        ),
+        (lambda: patch_grid(torch.zeros(2, 0), 0), ValueError, "grid must be a positive int"),
+        (
+            lambda: report(tmp_path / "x.html", None, [torch.rand(1, 3, 3)]),
+            TypeError,
+            "tokens must be a list",
+        ),
+    ):
+        with pytest.raises(error, match=match):
+            call()
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "x.html").exists()

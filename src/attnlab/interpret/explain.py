@@ -210,6 +210,14 @@ def gradient_relevance(
         weights = [c.weights for c in cap.records]
         if not weights:
             raise ValueError(f"no attention call inside the model matched layers={layers}")
+        shapes = sorted({(w.shape[0], *w.shape[2:]) for w in weights})  # (B, Lq, Lk) each
+        if len(shapes) > 1 or shapes[0][1] != shapes[0][2]:  # (it blamed "attentions")
+            names = sorted({c.name for c in cap.records})
+            raise ValueError(
+                f"layers={layers}: the matched attention calls are not one stack of square "
+                f"self-attention (B, Lq, Lk): {shapes} from {names[:4]}; choose one stack's "
+                "calls, e.g. layers=['encoder.*']"
+            )
         if not all(w.requires_grad for w in weights):  # (torch: "does not require grad")
             raise RuntimeError(
                 "gradient_relevance: the attention weights are outside the autograd graph: "

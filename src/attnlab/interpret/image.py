@@ -107,6 +107,10 @@ def patch_grid(weights: Tensor, grid: int) -> Tensor:
         tensor([[4., 5.],
                 [6., 7.]])
     """
+    if not isinstance(weights, Tensor):
+        raise TypeError(f"weights must be a Tensor, got {type(weights).__name__}")
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:  # (0: reshape failed)
+        raise ValueError(f"grid must be a positive int, got {grid!r}")
     if weights.dim() != 2 or weights.shape[1] != grid * grid:
         raise ValueError(
             f"weights must have shape (N, grid * grid) = (N, {grid * grid}), got "

@@ -96,6 +96,8 @@ def report(
         >>> "<script src" in page, "attnlab attention report" in page
         (False, True)
     """
+    if isinstance(tokens, str) or not isinstance(tokens, Sequence):  # (None: "no len()")
+        raise TypeError(f"tokens must be a list of str, got {type(tokens).__name__}")
     layers = _per_layer(attentions)
     n = layers[0].shape[-1]
     if len(tokens) != n or n > _MAX_TOKENS:

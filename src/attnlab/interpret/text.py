@@ -33,6 +33,7 @@ from attnlab.interpret.explain import (
 )
 from attnlab.interpret.flow import attention_flow
 from attnlab.interpret.report import report
+from attnlab.nn._modes import eval_mode
 
 __all__ = [
     "Explanation",
@@ -287,8 +288,10 @@ def _check_explain_args(
     for name, value in (("text", text), ("against", against)):
         if not (isinstance(value, str) or (name == "against" and value is None)):
             raise TypeError(f"{name} must be a str, got {type(value).__name__}")
-    if not str(text).strip():
-        raise ValueError("text must be a non-empty str, got an empty or blank one")
+    for name, value in (("text", text), ("against", against)):
+        if value is not None and not str(value).strip():  # (against="" was scored as the
+            # empty text's embedding, and the report called it "its own direction")
+            raise ValueError(f"{name} must be a non-empty str, got an empty or blank one")
     if not isinstance(out, str | Path):
         raise TypeError(f"out must be a str or Path (the .html report), got {type(out).__name__}")
     if Path(out).is_dir():
@@ -325,31 +328,33 @@ def explain_text(
         (['1', '3', '5', '6', '9'], ['.html', '.png'])
     """
     _check_explain_args(model, text, out, against, steps, flow_tokens)
-    ids = torch.tensor([list(model.tokenize(text))])  # (1, n)
-    tokens = [model.token_name(int(i)) for i in ids[0]]
-    attns = captured_attentions(model, ids)  # per layer (H, n, n)
-    if not attns:  # (an IndexError below)
-        raise ValueError(
-            f"model: {type(model.network).__name__} made no attnlab attention call to explain "
-            "(a transformers model must run with attn_implementation='attnlab')"
+    with eval_mode(model.network):  # (dropout in training mode: another score each run)
+        ids = torch.tensor([list(model.tokenize(text))])  # (1, n)
+        tokens = [model.token_name(int(i)) for i in ids[0]]
+        attns = captured_attentions(model, ids)  # per layer (H, n, n)
+        if not attns:  # (an IndexError below)
+            raise ValueError(
+                f"model: {type(model.network).__name__} made no attnlab attention call to explain "
+                "(a transformers model must run with attn_implementation='attnlab')"
+            )
+        log(f"{len(tokens)} tokens, {len(attns)} layers x {attns[0].shape[0]} heads captured")
+        score = explained_score(model, ids, against)
+        t0 = time.perf_counter()
+        roll = rollout([a[None] for a in attns])[0]  # (n, n)
+        rel = gradient_relevance(model.network, lambda: score(ids))[0]  # (n, n)
+        log(f"rollout and gradient relevance in {time.perf_counter() - t0:.1f} s")
+        t0 = time.perf_counter()
+        ig, s_x, s_b = _integrated(model, score, ids, steps)
+        log(
+            f"integrated gradients ({steps} steps) in {time.perf_counter() - t0:.1f} s: "
+            f"sum {float(ig.per_token().sum()):.4f} vs f(x) - f(baseline) {s_x - s_b:.4f}"
         )
-    log(f"{len(tokens)} tokens, {len(attns)} layers x {attns[0].shape[0]} heads captured")
-    score = explained_score(model, ids, against)
-    t0 = time.perf_counter()
-    roll = rollout([a[None] for a in attns])[0]  # (n, n)
-    rel = gradient_relevance(model.network, lambda: score(ids))[0]  # (n, n)
-    log(f"rollout and gradient relevance in {time.perf_counter() - t0:.1f} s")
-    t0 = time.perf_counter()
-    ig, s_x, s_b = _integrated(model, score, ids, steps)
-    log(
-        f"integrated gradients ({steps} steps) in {time.perf_counter() - t0:.1f} s: "
-        f"sum {float(ig.per_token().sum()):.4f} vs f(x) - f(baseline) {s_x - s_b:.4f}"
-    )
-    rows = _score_rows(model, len(tokens))
-    sal = {"rollout": _pool_rows(roll, rows).tolist()}
-    sal |= _flow_saliency(attns, rows, flow_tokens, log)
-    sal["gradient relevance"] = _pool_rows(rel - torch.eye(len(tokens)), rows).tolist()
-    sal["integrated gradients"] = ig.per_token()[0].tolist()
-    what = f"similarity to: {against}" if against else "the embedding along its own direction"
-    files = write_explanation(out, tokens, attns, roll, sal, text=f"{text}  (score: {what})")
+        rows = _score_rows(model, len(tokens))
+        sal = {"rollout": _pool_rows(roll, rows).tolist()}
+        sal |= _flow_saliency(attns, rows, flow_tokens, log)
+        sal["gradient relevance"] = _pool_rows(rel - torch.eye(len(tokens)), rows).tolist()
+        sal["integrated gradients"] = ig.per_token()[0].tolist()
+        what = "the embedding along its own direction"
+        what = what if against is None else f"similarity to: {against}"
+        files = write_explanation(out, tokens, attns, roll, sal, text=f"{text}  (score: {what})")
     return Explanation(tokens, attns, sal, s_x, s_b, files)
