@@ -258,7 +258,7 @@ class Mask:
             return self.spec()
         try:  # (visible_fraction checks the sizes)
             frac = self.visible_fraction(n, n)
-        except ValueError:  # e.g. a non-square tensor mask: no n x n form
+        except (ValueError, IndexError):  # e.g. a non-square tensor mask: no n x n form
             return self.spec()
         return f"{self.spec()}  [{100 * frac:.1f}% visible at {n}x{n}]"
 
