@@ -541,7 +541,7 @@ def test_linformer_errors() -> None:
         lambda: attn(torch.randn(1, 7, 8)),
         lambda: attn(torch.randn(1, 6, 8)),
         ValueError,
-        r"proj_k must be \(P, max_len\) or \(Hkv, P, max_len\) with max_len >= L=7",
+        r"key has length 7, past this layer's max_len=6 \(the projections' columns\)",
     )
     check_and_control(
         lambda: attn(torch.randn(1, 6, 8), mask=M.causal()),

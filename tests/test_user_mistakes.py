@@ -68,7 +68,10 @@ def test_layers_name_a_rope_or_an_input_of_another_size() -> None:
     with pytest.raises(ValueError, match=r"x must be \(B, L, 16\), got \(2, 5, 12\)"):
         FeedForward(16, 32)(torch.randn(2, 5, 12))  # "mat1 and mat2 shapes cannot be ..."
     mha, x = MultiHeadAttention(16, 4), torch.randn(2, 5, 16)
-    with pytest.raises(ValueError, match=r"residual must be \(B, L, 16\), got \(2, 5, 8\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"residual must be the output's shape \(B, Lq, D\) = \(2, 5, 16\), got \(2, 5, 8\)",
+    ):
         mha(x, residual=torch.randn(2, 5, 8))
     assert mha(x, residual=x).shape == (2, 5, 16)
 
