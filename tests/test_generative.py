@@ -279,3 +279,30 @@ def test_bad_settings_name_the_argument() -> None:
         ValueError,
         "feature width",
     )
+
+
+def test_inputs_the_generative_audit_found() -> None:
+    """(float64 latents or images into a float32 model failed in torch's matmul; float
+    predictions failed in bincount; a VAEConfig built a GAN task.)"""
+    from attnlab.tasks.generative_task import GANTask, VAETask
+
+    gan, vae = GAN(GANConfig()), VAE(VAEConfig())
+    z = torch.randn(2, GANConfig().latent_dim, dtype=torch.float64)
+    images = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    for call, name in (
+        (lambda: gan.generator(z), "z"),
+        (lambda: vae.decode(z[:, : VAEConfig().latent_dim]), "z"),
+        (lambda: gan.discriminator(images), "images"),
+        (lambda: vae(images), "images"),
+    ):
+        check_and_control(
+            call, lambda c=call: None, TypeError,
+            f"{name} must be of the model's dtype torch.float32, got torch.float64",
+        )  # fmt: skip
+    assert gan.discriminator(images.float()).shape == (2,)  # the control
+    with pytest.raises(TypeError, match="pred must be an integer tensor of class ids"):
+        class_coverage(torch.tensor([0.0, 1.0]), 10)
+    with pytest.raises(TypeError, match="cfg must be a GANConfig, got VAEConfig"):
+        GANTask(64, cfg=VAEConfig())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="cfg must be a VAEConfig, got dict"):
+        VAETask(64, cfg={"latent_dim": 4})  # type: ignore[arg-type]

@@ -420,3 +420,35 @@ def test_a_float64_attention_policy_has_float64_sinusoids() -> None:
     assert policy.pos.dtype == torch.float64
     torch.testing.assert_close(policy.pos, want, atol=1e-12, rtol=0)
     assert math.isclose(float(policy.float().pos[3000, 0]), math.sin(3000.0), abs_tol=1e-3)
+
+
+def test_inputs_the_rl_audit_found() -> None:
+    """(int 0/1 dones gave wrong advantages, ~0 = -1; an int active froze every
+    environment; max_steps=0, steps=0, an int env_id, gamma="0.9" and ppo={...} failed
+    with bare torch or attribute errors, or later in config().)"""
+    r = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    v, last = torch.full((1, 4), 0.5), torch.tensor([0.3])
+    d = torch.tensor([[False, False, True, False]])
+    want, running, nxt = [0.0] * 4, 0.0, 0.3  # a hand-written fp64 loop
+    for i in reversed(range(4)):
+        live = 0.0 if d[0, i] else 1.0
+        running = r[0, i].item() + 0.9 * nxt * live - 0.5 + 0.9 * 0.8 * live * running
+        want[i], nxt = running, 0.5
+    adv = gae(r, v, d, last, gamma=0.9, lam=0.8)[0]
+    torch.testing.assert_close(adv[0].double(), torch.tensor(want, dtype=torch.float64))
+    with pytest.raises(TypeError, match="dones must be a bool tensor of the rewards' shape"):
+        gae(r, v, d.long(), last, gamma=0.9, lam=0.8)
+    envs = GridEnvs("MiniGrid-DoorKey-5x5-v0", 2)
+    envs.reset(0)
+    with pytest.raises(TypeError, match=r"active must be a bool tensor \(2,\) or None"):
+        envs.step(torch.tensor([2, 2]), active=torch.ones(2, dtype=torch.long))
+    envs.step(torch.tensor([2, 2]), active=torch.ones(2, dtype=torch.bool))  # the control
+    for call, error, match in (
+        (lambda: AttentionPolicy(984, 3, max_steps=0), ValueError, "max_steps must be a positive"),
+        (lambda: collect(MLPPolicy(984, 3), envs, 0, seed=0, cfg=PPOConfig()), ValueError, "steps"),
+        (lambda: GridEnvs(3, 1), TypeError, "env_id must be a str, got int"),
+        (lambda: PPOConfig(gamma="0.9"), TypeError, "gamma must be a number, got str"),
+        (lambda: AgentTask(ppo={"gamma": 0.9}), TypeError, "ppo must be a PPOConfig, got dict"),
+    ):
+        with pytest.raises(error, match=match):
+            call()  # type: ignore[arg-type]

@@ -91,11 +91,20 @@ def check_latents(z: object, latent_dim: int, dtype: torch.dtype) -> Tensor:
         TypeError: z must be a floating-point tensor (torch.float32, ...), got dtype torch.int64
     """
     z = _floating("z", z, f"({dtype}, the model's dtype)")
+    same_dtype("z", z, dtype)
     if z.dim() != 2 or z.shape[1] != latent_dim:
         raise ValueError(
             f"z must have shape (B, latent_dim) = (B, {latent_dim}), got {tuple(z.shape)}"
         )
     return z
+
+
+def same_dtype(name: str, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` if of the model's ``dtype``, else a TypeError naming ``name`` (float64 into
+    a float32 model: torch's "mat1 and mat2 must have the same dtype")."""
+    if x.dtype != dtype:
+        raise TypeError(f"{name} must be of the model's dtype {dtype}, got {x.dtype}")
+    return x
 
 
 def _floating(name: str, x: object, want: str) -> Tensor:
@@ -287,7 +296,9 @@ class Discriminator(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         """Logits ``(B,)`` of ``images (B, 1, 8, 8)``."""
-        x = self.stem(check_images(images, 1, IMAGE_SIZE))  # (B, C/2, 8, 8)
+        dtype = next(self.parameters()).dtype  # (not head.weight: spectral norm would step)
+        images = same_dtype("images", check_images(images, 1, IMAGE_SIZE), dtype)
+        x = self.stem(images)  # (B, C/2, 8, 8)
         x = self.down(self.attn(x))  # (B, 2C, 2, 2)
         return self.head(x.sum(dim=(2, 3))).squeeze(-1)  # (B,)
 

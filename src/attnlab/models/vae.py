@@ -18,7 +18,13 @@ import torch
 from torch import Tensor, nn
 
 from attnlab._validate import positive_int, positive_real, validate_flag
-from attnlab.models.gan import IMAGE_SIZE, SelfAttention2d, check_latents, draw_latents
+from attnlab.models.gan import (
+    IMAGE_SIZE,
+    SelfAttention2d,
+    check_latents,
+    draw_latents,
+    same_dtype,
+)
 from attnlab.models.vit import check_images
 
 __all__ = ["VAE", "VAEConfig", "VAEOutput", "vae_loss"]
@@ -133,7 +139,8 @@ class VAE(nn.Module):
 
     def encode(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """``(mu, logvar)``, each ``(B, latent_dim)``, of ``images (B, 1, 8, 8)``."""
-        h = self.encoder(check_images(images, 1, IMAGE_SIZE))  # (B, 2 * latent)
+        images = check_images(images, 1, IMAGE_SIZE)
+        h = self.encoder(same_dtype("images", images, next(self.parameters()).dtype))
         mu, logvar = h.chunk(2, dim=-1)
         return mu, logvar.clamp(-10.0, 10.0)
 

@@ -129,6 +129,8 @@ class GridEnvs:
     """
 
     def __init__(self, env_id: str, n: int, *, seed: int = 0) -> None:
+        if not isinstance(env_id, str):  # (an int: "'int' object has no attribute")
+            raise TypeError(f"env_id must be a str, got {type(env_id).__name__}")
         self.env_id, self.n = env_id, positive_int("n", n)
         self.actions = ACTIONS[_family(env_id)]
         self.envs = [make_env(env_id) for _ in range(self.n)]
@@ -176,6 +178,11 @@ class GridEnvs:
                 f"actions must be {self.n} ints in [0, {self.num_actions}), got {acts.tolist()}"
             )
         obs, rewards, dones = [], np.zeros(self.n, dtype=np.float32), np.zeros(self.n, bool)
+        if active is not None and not (
+            isinstance(active, Tensor) and active.dtype == torch.bool and active.shape == (self.n,)
+        ):  # (int 1: ~1 = -2 is truthy, every environment stood still)
+            seen = f"{active.dtype} {tuple(active.shape)}" if isinstance(active, Tensor) else active
+            raise TypeError(f"active must be a bool tensor ({self.n},) or None, got {seen}")
         skip = [False] * self.n if active is None else (~active).tolist()
         for i, (env, a) in enumerate(zip(self.envs, acts.tolist(), strict=True)):
             if skip[i]:

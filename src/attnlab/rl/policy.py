@@ -263,6 +263,7 @@ class AttentionPolicy(AgentPolicy):
             _Block(d_model, num_heads) for _ in range(positive_int("num_layers", num_layers))
         )
         self.norm = nn.LayerNorm(d_model)
+        max_steps = positive_int("max_steps", max_steps)  # (0: IndexError at the first step)
         self.register_buffer("pos", sinusoidal_table(max_steps, d_model), persistent=False)
         self.max_steps = max_steps
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from attnlab._validate import positive_int
 from attnlab.rl.env import GridEnvs
 from attnlab.rl.policy import AgentPolicy
 
@@ -49,6 +50,10 @@ class PPOConfig:
     entropy_coef: float = 0.01
 
     def __post_init__(self) -> None:
+        for name in ("gamma", "lam", "clip", "value_coef", "entropy_coef"):
+            value = getattr(self, name)  # ("0.9": "'<=' not supported ... 'str'")
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
         for name in ("gamma", "lam"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -103,6 +108,11 @@ def gae(
         >>> adv.tolist(), ret.tolist()  # lam = 1: returns are the discounted last_value
         ([[-0.875, -0.75, -0.5]], [[0.125, 0.25, 0.5]])
     """
+    if not isinstance(dones, Tensor) or dones.dtype != torch.bool or dones.shape != rewards.shape:
+        seen = f"{dones.dtype} {tuple(dones.shape)}" if isinstance(dones, Tensor) else dones
+        raise TypeError(  # (int 0/1: ~0 = -1 and ~1 = -2 weighed the steps, no error)
+            f"dones must be a bool tensor of the rewards' shape {tuple(rewards.shape)}, got {seen}"
+        )
     b, t = rewards.shape
     dtype = torch.promote_types(torch.result_type(rewards, values), last_value.dtype)
     if not dtype.is_floating_point:  # (integer rewards and values)
@@ -141,6 +151,7 @@ def collect(
         >>> torch.equal(r.actions, collect(pol, envs, 4, seed=0, cfg=PPOConfig()).actions)
         True
     """
+    steps = positive_int("steps", steps)  # (0: "stack expects a non-empty TensorList")
     gen = torch.Generator().manual_seed(seed)
     obs, state = envs.reset(seed), policy.initial_state(envs.n)
     starts = envs.starts.clone()

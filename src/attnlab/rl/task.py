@@ -143,6 +143,8 @@ class AgentTask:
     name: str = "memory-agent"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.ppo, PPOConfig):  # (a dict failed in config(): asdict())
+            raise TypeError(f"ppo must be a PPOConfig, got {type(self.ppo).__name__}")
         for k in _SIZES:
             positive_int(k, getattr(self, k))
         if self.seed is not None:

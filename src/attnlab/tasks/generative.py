@@ -119,6 +119,9 @@ def class_coverage(pred: Tensor, classes: int = 10, threshold: float = 0.05) -> 
     if positive_real("threshold", threshold) > 1.0:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     classes = positive_int("classes", classes)
+    if not isinstance(pred, Tensor) or pred.is_floating_point() or pred.dtype == torch.bool:
+        seen = pred.dtype if isinstance(pred, Tensor) else type(pred).__name__
+        raise TypeError(f"pred must be an integer tensor of class ids, got {seen}")
     if pred.numel() and not 0 <= int(pred.min()) <= int(pred.max()) < classes:
         raise ValueError(  # (bincount grew past classes: the share was of more classes)
             f"pred must hold class ids in [0, {classes}) (classes={classes}), got ids from "

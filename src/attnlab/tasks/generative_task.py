@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from attnlab._validate import positive_int, positive_real
+from attnlab._validate import instance_of, positive_int, positive_real
 from attnlab.models.gan import GAN, GANConfig, d_hinge_loss, g_hinge_loss
 from attnlab.models.vae import VAE, VAEConfig, vae_loss
 from attnlab.models.vit import check_images
@@ -159,7 +159,9 @@ class GANTask(_DigitsGenerative):
         samples: int = 1437,
     ) -> None:
         super().__init__(train_size, images, samples)
-        self.model_cfg = GANConfig() if cfg is None else cfg
+        self.model_cfg = (
+            GANConfig() if cfg is None else instance_of("cfg", cfg, GANConfig, "a GANConfig")
+        )
         self.name = "gan" if self.model_cfg.attention else "gan-plain"
         self.g_lr_scale = positive_real("g_lr_scale", g_lr_scale)
 
@@ -209,7 +211,9 @@ class VAETask(_DigitsGenerative):
         samples: int = 1437,
     ) -> None:
         super().__init__(train_size, images, samples)
-        self.model_cfg = VAEConfig() if cfg is None else cfg
+        self.model_cfg = (
+            VAEConfig() if cfg is None else instance_of("cfg", cfg, VAEConfig, "a VAEConfig")
+        )
         self.name = "vae" if self.model_cfg.attention else "vae-plain"
 
     def build_model(self) -> nn.Module:
