@@ -857,8 +857,8 @@ def test_api_arguments_and_corrupt_indexes_the_audit_found(
         default_cache([])
     index = build_index(one, enc, None)
     for weights, match in (
-        ({"cosine": float("nan")}, "Weights.cosine must be finite"),
-        ({"cosine": "x"}, "Weights.cosine must be a number, got str"),
+        ({"cosine": float("nan")}, "Weights.cosine must be a finite number, got nan"),
+        ({"cosine": "x"}, "Weights.cosine must be a finite number, got str"),
         ({"candidates": -1}, "Weights.candidates must be an int >= 0, got -1"),
     ):
         with pytest.raises((TypeError, ValueError), match=match):

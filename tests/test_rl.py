@@ -447,7 +447,7 @@ def test_inputs_the_rl_audit_found() -> None:
         (lambda: AttentionPolicy(984, 3, max_steps=0), ValueError, "max_steps must be a positive"),
         (lambda: collect(MLPPolicy(984, 3), envs, 0, seed=0, cfg=PPOConfig()), ValueError, "steps"),
         (lambda: GridEnvs(3, 1), TypeError, "env_id must be a str, got int"),
-        (lambda: PPOConfig(gamma="0.9"), TypeError, "gamma must be a number, got str"),
+        (lambda: PPOConfig(gamma="0.9"), TypeError, r"gamma must be in \[0, 1\], got str"),
         (lambda: AgentTask(ppo={"gamma": 0.9}), TypeError, "ppo must be a PPOConfig, got dict"),
     ):
         with pytest.raises(error, match=match):

@@ -55,9 +55,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab._io import decode_text
-from attnlab._validate import instance_of, positive_int
+from attnlab._validate import instance_of, nonnegative_int, positive_int, real_where
 from attnlab.apps.corpus import Sentence, check_prose, load_documents
-from attnlab.apps.index import Index, Progress, build_index, default_cache
+from attnlab.apps.index import Index, Progress, build_index, default_cache, index_folder
 from attnlab.apps.lexical import BM25, words
 from attnlab.apps.match import WordMatch, match_words, maxsim
 from attnlab.models import SentenceEncoder
@@ -86,14 +86,8 @@ class Weights:
 
     def __post_init__(self) -> None:  # (NaN gave NaN scores, -1 dropped a candidate)
         for name in ("cosine", "context", "title", "lexical", "tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise TypeError(f"Weights.{name} must be a number, got {type(value).__name__}")
-            if not math.isfinite(value):
-                raise ValueError(f"Weights.{name} must be finite, got {value!r}")
-        c = self.candidates
-        if isinstance(c, bool) or not isinstance(c, int) or c < 0:
-            raise ValueError(f"Weights.candidates must be an int >= 0, got {c!r}")
+            real_where(f"Weights.{name}", getattr(self, name), math.isfinite, "a finite number")
+        nonnegative_int("Weights.candidates", self.candidates)
 
 
 @dataclass
@@ -353,9 +347,7 @@ def _cache_folder(cache: object, docs: str | Path | Sequence[str | Path]) -> Pat
             "cache must be a folder, got an empty path (the current folder); give a folder, "
             "or cache=False to keep the index in memory"
         )
-    if Path(cache).exists() and not Path(cache).is_dir():  # (WriteError after the work)
-        raise ValueError(f"cache must be a folder, got {str(cache)!r}, which is a file")
-    return Path(cache)
+    return index_folder(cache, "cache")  # a file: a WriteError after the work
 
 
 @contextmanager

@@ -185,15 +185,15 @@ def _consistent(sentences: list[Sentence], vectors: Tensor, docs: list[dict]) ->
     return kinds and shape and vectors.dtype == torch.float32
 
 
-def index_folder(folder: object) -> Path:
+def index_folder(folder: object, name: str = "folder") -> Path:
     """``folder`` as an index folder: a path, not ``""`` (the current folder, where the
-    index files landed) and not a file."""
+    index files landed) and not a file; errors name the argument ``name``."""
     if not isinstance(folder, str | os.PathLike):
-        raise TypeError(f"folder must be a str or Path, got {type(folder).__name__}")
+        raise TypeError(f"{name} must be a str or Path, got {type(folder).__name__}")
     if not str(folder):
-        raise ValueError("folder must be a folder, got an empty path (the current folder)")
+        raise ValueError(f"{name} must be a folder, got an empty path (the current folder)")
     if Path(folder).exists() and not Path(folder).is_dir():
-        raise ValueError(f"folder must be a folder, got {str(folder)!r}, which is a file")
+        raise ValueError(f"{name} must be a folder, got {str(folder)!r}, which is a file")
     return Path(folder)
 
 

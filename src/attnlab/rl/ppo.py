@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attnlab._validate import positive_int
+from attnlab._validate import positive_int, real_where
 from attnlab.rl.env import GridEnvs
 from attnlab.rl.policy import AgentPolicy
 
@@ -49,17 +49,11 @@ class PPOConfig:
     value_coef: float = 0.5
     entropy_coef: float = 0.01
 
-    def __post_init__(self) -> None:
-        for name in ("gamma", "lam", "clip", "value_coef", "entropy_coef"):
-            value = getattr(self, name)  # ("0.9": "'<=' not supported ... 'str'")
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    def __post_init__(self) -> None:  # ("0.9" failed as "'<=' not supported ... 'str'")
         for name in ("gamma", "lam"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+            real_where(name, getattr(self, name), lambda x: 0.0 <= x <= 1.0, "in [0, 1]")
         for name in ("clip", "value_coef", "entropy_coef"):
-            if not getattr(self, name) >= 0.0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+            real_where(name, getattr(self, name), lambda x: x >= 0.0, ">= 0")
 
 
 @dataclass
