@@ -729,6 +729,13 @@ def test_links_are_followed_but_each_folder_and_file_is_read_once(tmp_path: Path
     ]
 
 
+def test_pydoc_named_twice_is_named_as_such() -> None:
+    """(``--docs pydoc pydoc`` was refused with the hint "(a file and its folder?)", which
+    does not fit.)"""
+    with pytest.raises(ValueError, match=r"^docs: names 'pydoc' more than once; give it once$"):
+        load_documents(["pydoc", "pydoc"])
+
+
 def test_bad_arguments_of_rank_summarize_and_ask_are_named(
     folder: Path, tmp_path: Path, enc, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -410,6 +410,8 @@ def load_documents(docs: str | Path | Sequence[str | Path]) -> list[Document]:
         raise ValueError("docs: no documents given; give files, folders or 'pydoc'")
     out: list[Document] = []
     named: list[tuple[str, Path]] = []
+    if sum(str(item) == "pydoc" for item in docs) > 1:
+        raise ValueError("docs: names 'pydoc' more than once; give it once")
     for item in docs:
         if str(item) == "pydoc":
             out += pydoc_documents()
