@@ -167,6 +167,20 @@ def test_ppo_trains_on_a_minibatch_of_one_step() -> None:
     assert math.isfinite(tr.train_step())
 
 
+def test_the_score_prints_without_float_noise(monkeypatch: pytest.MonkeyPatch) -> None:
+    """(An evaluation line printed ``"score": 0.46880000000000005`` for 46.88% success.)"""
+    import attnlab.rl.task as rl_task
+
+    class Log:
+        def summary(self) -> dict[str, float]:
+            return {"success": 46.88, "return": 0.3, "length": 9.0}
+
+    monkeypatch.setattr(rl_task, "run_episodes", lambda *a, **k: Log())
+    task = AgentTask(env_id=S7, policy="mlp", n_envs=1, rollout_steps=1, d_model=8)
+    res = task.evaluate(task.build_model())
+    assert repr(res["score"]) == "0.4688" and res["success"] == 46.88
+
+
 def segments(b: int, t: int, starts_at: dict[int, list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     obs = torch.randn(b, t, 984, dtype=torch.float64)
     starts = torch.zeros(b, t, dtype=torch.bool)

@@ -238,7 +238,8 @@ class AgentTask:
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         res = run_episodes(_policy(model), self.env_id, self.eval_episodes).summary()
-        return {"score": res["success"] / 100, **res, **self.train_log}  # a fraction
+        score = round(res["success"] / 100, 4)  # a fraction (46.88 / 100 = 0.46880000000000005)
+        return {"score": score, **res, **self.train_log}
 
 
 def _policy(model: nn.Module) -> AgentPolicy:
