@@ -74,7 +74,13 @@ def add_parsers(sub: Any) -> None:
     t.add_argument("--eval-every", type=positive, default=None)
     t.add_argument("--train-size", type=int_in(1, MAX_TRAIN_SIZE), help="training examples")
     t.add_argument("--seed", type=int_in(0, MAX_SEED), default=None)
-    t.add_argument("--time-limit", type=above0, default=None, help="seconds of training")
+    t.add_argument(
+        "--time-limit",
+        type=above0,
+        default=None,
+        help="seconds of training in this run (a resumed run counts from 0 again, "
+        "as its eval lines' seconds do)",
+    )
     t.add_argument("--target", type=float_in(), default=None, help=TARGET_HELP)
     t.add_argument(  # far more threads than cores only thrashes; thousands crash torch
         "--threads", type=int_in(1, MAX_THREADS), default=None, help="torch threads (task default)"
