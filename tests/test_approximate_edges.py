@@ -58,6 +58,56 @@ def test_performer_fast_path_keeps_a_row_whose_features_barely_overlap() -> None
         torch.testing.assert_close(row, v[0, 0, 0], rtol=1e-5, atol=1e-5)
 
 
+def _favor_fp64(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> Tensor:
+    """FAVOR+ with the engine's features (seed 0), in log space over the features and
+    keys in float64: nothing underflows, whatever the norms."""
+    from attnlab.engines.performer import orthogonal_features
+
+    w = orthogonal_features(64, q.shape[-1], generator=torch.Generator().manual_seed(0))
+    x, y = q.double() * scale**0.5, k.double() * scale**0.5
+    phi_q = x @ w.T - x.square().sum(-1, keepdim=True) / 2  # (B, H, Lq, F), log features
+    phi_k = y @ w.T - y.square().sum(-1, keepdim=True) / 2
+    log_a = torch.logsumexp(phi_q.unsqueeze(-2) + phi_k.unsqueeze(-3), -1)  # (B, H, Lq, Lk)
+    if causal:
+        log_a = log_a.masked_fill(~torch.ones_like(log_a, dtype=torch.bool).tril(), -torch.inf)
+    return torch.softmax(log_a, -1) @ v.double()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_performer_rows_whose_features_barely_overlap_keep_their_value(causal: bool) -> None:
+    """Queries and keys of large norm (scale 1e4: log-features 600 apart) gave rows of 0
+    in float32: 3 of 4 rows (non-causal) and 2 of 4 (causal), and row 0 with key 0 of
+    norm 60 against a query of 40 gave 0 (not v[0]) even with each key its own scale."""
+    torch.manual_seed(0)
+    q, v = torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 3)
+    opts = {"num_features": 64, "seed": 0}
+    mask = M.causal() if causal else None
+    for weights in (False, True):
+        res = attnlab.attention(q, q, v, scale=1e4, mask=mask, engine="performer",
+                                engine_options=opts, return_weights=weights)  # fmt: skip
+        out = res.out if weights else res
+        want = _favor_fp64(q, q, v, 1e4, causal)
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    u = torch.randn(16, dtype=torch.float64)
+    u /= u.norm()
+    q, k, v = torch.randn(3, 1, 1, 8, 16, dtype=torch.float64).unbind(0)
+    k[0, 0, 0], q[0, 0, 0] = -60 * u, 40 * u
+    out = attnlab.attention(q.float(), k.float(), v.float(), mask=mask, engine="performer",
+                            engine_options=opts)  # fmt: skip
+    want = _favor_fp64(q, k, v, 16**-0.5, causal)  # the default scale
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_performer_of_head_dim_0_is_uniform() -> None:
+    """(E = 0 raised ZeroDivisionError drawing the features; q . k = 0: the mean of v.)"""
+    q = torch.zeros(1, 1, 3, 0)
+    v = torch.arange(9.0).view(1, 1, 3, 3)
+    for mask in (None, M.causal()):
+        out = attnlab.attention(q, q, v, mask=mask, engine="performer")
+        want = attnlab.attention(q, q, v, mask=mask, engine="reference")
+        torch.testing.assert_close(out, want)
+
+
 def test_performer_redraw_is_one_draw_per_call(monkeypatch: pytest.MonkeyPatch) -> None:
     """With redraw=True every block of heads uses the call's features: identical heads
     give identical rows, and the weights' call draws the same."""

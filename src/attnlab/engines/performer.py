@@ -25,7 +25,13 @@ from attnlab.engines.approximate import ApproximateEngine, MaskPlan, option_fiel
 from attnlab.engines.base import AttentionRequest
 from attnlab.engines.kernelized import kernel_result, kernel_result_if, last_keys
 
-__all__ = ["PerformerEngine", "PerformerOptions", "favor_features", "orthogonal_features"]
+__all__ = [
+    "PerformerEngine",
+    "PerformerOptions",
+    "favor_features",
+    "favor_pair",
+    "orthogonal_features",
+]
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,8 @@ def orthogonal_features(
         >>> torch.allclose(block @ block.T, torch.eye(4, dtype=torch.float64))
         True
     """
+    if dim == 0:  # q . k = 0: every feature is exp(0) = 1, and attention is uniform
+        return torch.zeros(num_features, 0, dtype=torch.float64)
     blocks = []
     for _ in range(-(-num_features // dim)):
         q, r = torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=torch.float64))
@@ -109,6 +117,42 @@ def favor_features(x: Tensor, w: Tensor, *, is_query: bool, valid: Tensor | None
     if valid is None:
         return proj.sub_(shift).exp_()
     return proj.sub_(torch.where(valid, shift, row_max)).exp_() * valid
+
+
+def favor_pair(xq: Tensor, xk: Tensor, w: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
+    """FAVOR+ features of queries ``xq (B, Hq, Lq, E)`` and keys ``xk (B, Hkv, Lk, E)``
+    for attention in which every row reads every valid key, scaled per feature.
+
+    Each feature ``f`` of the keys is divided by its largest value over the valid keys,
+    ``exp(m_f)``, and the queries' feature ``f`` multiplied by it, so the factors cancel
+    in ``qf_i . kf_j``; each query row is then divided by its largest feature. A row's
+    denominator ``sum_j qf_i . kf_j`` is at least 1 (its largest feature meets the key that
+    set that feature's scale), so it never underflows, however little a query's and the
+    keys' features overlap. (One scale for all keys, and one per query row, gave rows of
+    0 in float32 once that overlap fell below ``exp(-87)``: queries and keys of large norm.)
+    Padded keys (``valid`` False, ``(B, 1, Lk, 1)``) get 0.
+
+    Returns:
+        ``(qf (B, Hq, Lq, F), kf (B, Hkv, Lk, F))``, entries in ``[0, 1]``.
+
+    Example:
+        >>> x, w = torch.randn(1, 1, 3, 4), torch.randn(8, 4)
+        >>> qf, kf = favor_pair(x, x, w, None)
+        >>> want = torch.exp(x @ w.T - x.square().sum(-1, keepdim=True) / 2)
+        >>> a = qf @ kf.transpose(-1, -2)
+        >>> b = want @ want.transpose(-1, -2)
+        >>> torch.allclose(a / a.sum(-1, keepdim=True), b / b.sum(-1, keepdim=True))
+        True
+    """
+    log_k = xk @ w.T - xk.square().sum(-1, keepdim=True) / 2  # (B, Hkv, Lk, F)
+    if valid is not None:
+        log_k = log_k.masked_fill(~valid, float("-inf"))
+    top = log_k.detach().amax(-2, keepdim=True)  # (B, Hkv, 1, F): m_f
+    top = torch.where(top == float("-inf"), 0.0, top)  # no valid key: every kf is 0
+    kf = (log_k - top).exp()  # (B, Hkv, Lk, F)
+    log_q = xq @ w.T + top.repeat_interleave(xq.shape[1] // xk.shape[1], 1)  # (B,Hq,Lq,F)
+    qf = (log_q - log_q.detach().amax(-1, keepdim=True)).exp()  # (B, Hq, Lq, F)
+    return qf, kf
 
 
 def causal_key_features(x: Tensor, w: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -224,22 +268,37 @@ class PerformerEngine(ApproximateEngine):
     ) -> tuple[Tensor, Tensor | None]:
         w = self.features(opts, req.q.shape[-1], req.q.device, req.q.dtype)  # (F, E)
         root = math.sqrt(req.scale)
+        if not plan.causal:  # every row reads every key: one scale per feature
+            qf, kf = favor_pair(req.q * root, req.k * root, w, plan.key_valid)
+            return kernel_result(req, qf, kf, False, opts.chunk_size)
         qf = favor_features(req.q * root, w, is_query=True, valid=None)  # (B, Hq, Lq, F)
-        if plan.causal:  # each key its own scale: a row reads its own keys only
-            kf, scale = causal_key_features(req.k * root, w, plan.key_valid)
-            top = scale.amax(-1, keepdim=True)  # (B, Hkv, 1)
-            if _narrow(scale, top):  # one scale for all keys: the fast path, unless a
-                one = kf * torch.exp(scale - top.nan_to_num(neginf=0.0)).unsqueeze(-1)
-                # row's sum then falls out of range (queries' and keys' features barely
-                # overlap: large norms); the row gave 0
-                keys = _rows_with_keys(plan, req.lq, req.lk, req.q.device)
-                test = _in_range(keys)
-                fast = kernel_result_if(req, qf, one, True, opts.chunk_size, None, accept=test)
-                if fast is not None:
-                    return fast
+        kf, scale = causal_key_features(req.k * root, w, plan.key_valid)  # each key its own
+        if vmapping():  # (no value can be read to choose a path)
             return kernel_result(req, qf, kf, True, opts.chunk_size, scale)
-        kf = favor_features(req.k * root, w, is_query=False, valid=plan.key_valid)
-        return kernel_result(req, qf, kf, plan.causal, opts.chunk_size)
+        test = _in_range(_rows_with_keys(plan, req.lq, req.lk, req.q.device))
+        top = scale.amax(-1, keepdim=True)  # (B, Hkv, 1)
+        if _narrow(scale, top):  # one scale for all keys: the fast path, unless a row's
+            # sum then falls out of range (queries' and keys' features barely overlap:
+            # large norms); the row gave 0
+            one = kf * torch.exp(scale - top.nan_to_num(neginf=0.0)).unsqueeze(-1)
+            fast = kernel_result_if(req, qf, one, True, opts.chunk_size, None, accept=test)
+            if fast is not None:
+                return fast
+        if req.q.dtype == torch.float64:
+            return kernel_result(req, qf, kf, True, opts.chunk_size, scale)
+        res = kernel_result_if(req, qf, kf, True, opts.chunk_size, scale, accept=test)
+        return res if res is not None else self._in_float64(req, plan, opts)
+
+    def _in_float64(
+        self, req: AttentionRequest, plan: MaskPlan, opts: PerformerOptions
+    ) -> tuple[Tensor, Tensor | None]:
+        """:meth:`compute` in float64, returned in the call's dtype: a causal row whose
+        query and keys' features overlap less than float32's range (below ``exp(-87)``
+        of the largest) gave 0 even with each key its own scale; float64 reaches
+        ``exp(-708)``."""
+        wide = replace(req, q=req.q.double(), k=req.k.double(), v=req.v.double())
+        out, weights = self.compute(wide, plan, opts)
+        return out.to(req.q.dtype), None if weights is None else weights.to(req.q.dtype)
 
     def feature_dim(self, req: AttentionRequest, opts: PerformerOptions) -> int:
         return opts.num_features
