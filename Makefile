@@ -55,7 +55,8 @@ typecheck: $(VENV)/.dev
 pytest: $(VENV)/.dev $(VENV)/.browser
 	$(PY) -m pytest -q -n 2
 
-# Each benchmark's smoke run (tiny sizes, one run, figures not checked) is its own target,
+# Each benchmark's smoke run (tiny sizes, one run, figures not checked; benchmarks/smoke.py
+# checks that every line it prints is strict JSON) is its own target,
 # so that `make test` can run them two at a time beside mypy.
 SMOKE_hf          := bench_hf.py --smoke
 SMOKE_minilm      := bench_minilm.py --smoke
@@ -79,7 +80,7 @@ SMOKES := $(addprefix smoke-,hf minilm ask core core_flex serve distributed robu
 
 .PHONY: $(SMOKES)
 $(SMOKES): smoke-%: $(VENV)/.base
-	$(PY) benchmarks/$(SMOKE_$*)
+	$(PY) benchmarks/smoke.py benchmarks/$(SMOKE_$*)
 
 bench-smoke: $(SMOKES)
 

@@ -212,6 +212,39 @@ def test_pick_a_head_and_hover_shows_the_torch_argmax(page: Any, server: str) ->
     assert _ink(page, "#headview .matrix canvas") > 0
 
 
+def test_a_head_picked_while_a_new_text_runs_gets_that_texts_thumbnails(
+    page: Any, server: str
+) -> None:
+    """(The run's answer was dropped for the newer head request, which asked for no
+    thumbnails: the page kept the previous text's, 6 x 6 cells beside the new text's
+    head.) Also: the steps box allows what the server does, and only integrated
+    gradients send it (rollout at steps 1 was a 422 over a field it ignores)."""
+    page.fill("#text", "Cats purr.")
+    _act(page, lambda: page.press("#text", "Enter"))
+    new = " ".join(f"word{i}" for i in range(120))  # long: its answer comes after the click
+
+    def run_then_pick() -> None:
+        page.press("#text", "Enter")
+        page.click("#thumbs canvas[data-layer='1'][data-head='2']")
+
+    page.fill("#text", new)
+    _act(page, run_then_pick, timeout=120_000)
+    want = _post(server, "/api/attend", {"model": "minilm", "text": new, "thumbs": True})
+    size = page.eval_on_selector(
+        "#thumbs canvas[data-layer='0'][data-head='0']", "c => [c.height, c.width]"
+    )
+    assert size == [len(want["thumbs"][0][0]), len(want["thumbs"][0][0][0])] == [16, 16]
+    assert len(page.query_selector_all("#headview .q")) == want["head"]["n_queries"]
+
+    assert page.get_attribute("#steps", "min") == "2"
+    page.fill("#text", "Cats purr.")
+    page.fill("#steps", "1")
+    _act(page, lambda: page.click("#run"))
+    _act(page, lambda: page.check("input[name=method][value=rollout]"))
+    assert page.evaluate("document.body.dataset.job") == "done", page.inner_text("#error")
+    assert page.inner_text("#error") == ""
+
+
 def _artifact(name: str) -> Path:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     return ARTIFACTS / name

@@ -102,13 +102,17 @@ async function run() {
 }
 
 async function attend(withThumbs) {
-  const seq = ++S.seq;
-  const body = { ...S.ran, stack: S.stack, layer: S.layer, head: S.head, top_k: topK(),
-    thumbs: withThumbs };
+  const seq = ++S.seq, input = S.ran;
+  // a head of an input whose answer has not been drawn (a head picked while a new text
+  // ran) asks for that input's thumbnails: the shown ones were the previous text's
+  const thumbs = withThumbs || !S.res || S.res.input !== input;
+  const body = { ...input, stack: S.stack, layer: S.layer, head: S.head, top_k: topK(),
+    thumbs };
   const r = await api("POST", "/api/attend", body);
   if (seq !== S.seq) return;  // a newer head was asked for meanwhile
-  if (!withThumbs && S.res) r.thumbs = S.res.thumbs;
-  r.runSeconds = withThumbs || !S.res ? r.seconds : S.res.runSeconds;
+  r.input = input;
+  if (!thumbs) r.thumbs = S.res.thumbs;
+  r.runSeconds = thumbs ? r.seconds : S.res.runSeconds;
   S.res = r; S.stack = r.stack; S.layer = r.head.layer; S.head = r.head.head;
   drawAttend(r);
   loaded(r.model);
@@ -217,8 +221,8 @@ async function explain() {
   S.job = null;  // the old job's polling stops; the job itself is cancelled
   if (old) cancelJob(old);
   $("#explain-title").textContent = METHODS[m];
-  const body = { model: S.ran.model, text: S.ran.text, method: m, steps: +$("#steps").value || 16,
-    top_k: topK() };
+  const body = { model: S.ran.model, text: S.ran.text, method: m, top_k: topK() };
+  if (m === "integrated") body.steps = +$("#steps").value || 16;  // the others have none
   jobShow({ state: "queued", progress: 0, message: "", seconds: 0 });
   let start;
   try {

@@ -1,0 +1,60 @@
+"""Runs one benchmark in its smoke mode and checks what it prints: every line of its
+standard output must be one strict JSON object (no ``NaN`` or ``Infinity``, which
+``json.dumps`` writes by default and JSON parsers refuse), naming its ``bench``.
+
+The benchmark's lines pass through as they come; its standard error is untouched. The
+exit status is the benchmark's own, or 1 when a line is not such an object (each one
+named on standard error).
+
+python benchmarks/smoke.py benchmarks/bench_flow.py --smoke
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def _refuse(constant: str) -> float:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def problem(line: str) -> str | None:
+    """What is wrong with one output line, or None.
+
+    Example:
+        >>> problem('{"bench": "x", "ms": 1.5}') is None
+        True
+        >>> problem('{"bench": "x", "err": NaN}')
+        'NaN is not JSON'
+    """
+    try:
+        row = json.loads(line, parse_constant=_refuse)
+    except ValueError as e:
+        return str(e)
+    if not isinstance(row, dict) or "bench" not in row:
+        return "not a JSON object with a 'bench' key"
+    return None
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print("usage: python benchmarks/smoke.py BENCHMARK.py [ARGS...]", file=sys.stderr)
+        return 2
+    proc = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    bad = []
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        if line.strip() and (why := problem(line)):
+            bad.append(f"{argv[0]}: {why}: {line.strip()[:200]}")
+    code = proc.wait()
+    for b in bad:
+        print(b, file=sys.stderr)
+    return code or (1 if bad else 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
