@@ -210,3 +210,51 @@ def test_what_the_interpret_audit_found(tmp_path) -> None:
         with pytest.raises(error, match=match):
             call()
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "x.html").exists()
+
+
+def test_report_arguments_and_picture_names_the_explorer_audit_found(tmp_path) -> None:
+    """(title/text None and saliency as a list were AttributeError, a str of pictures was
+    read letter by letter, a missing picture a bare FileNotFoundError, (1, n) numpy scores a
+    bare TypeError; weights of 5.0 drew as 1.00; saliency names "x y" and "x_y" wrote one
+    picture, and "a/b" wrote into a new folder.)"""
+    import numpy as np
+
+    from attnlab.interpret import write_explanation
+
+    a = [torch.rand(2, 3, 3).softmax(-1)]
+    out = tmp_path / "r.html"
+    for kwargs, error, match in (
+        ({"title": None}, TypeError, "title must be a str, got NoneType"),
+        ({"text": None}, TypeError, "text must be a str, got NoneType"),
+        ({"saliency": [0.1, 0.2, 0.3]}, TypeError, "saliency must be a dict"),
+        ({"saliency": {1: [0, 1, 2]}}, TypeError, "saliency's names must be str, got int 1"),
+        ({"saliency": {"s": np.zeros((1, 3))}}, ValueError, r"has shape \(1, 3\), expected"),
+        ({"saliency": {"s": [[0.1, 0.2, 0.3]]}}, TypeError, r"saliency\['s'\] must be 3 numbers"),
+        ({"saliency": {"s": "abc"}}, TypeError, r"saliency\['s'\] must be 3 numbers"),
+        ({"pictures": "a.png"}, TypeError, "pictures must be a list of PNG paths, got str"),
+        ({"pictures": [tmp_path / "no.png"]}, ValueError, r"pictures\[0\] cannot be read"),
+        ({"pictures": [__file__]}, ValueError, r"pictures\[0\] is not a PNG file"),
+    ):
+        with pytest.raises(error, match=match):
+            report(out, list("abc"), a, **kwargs)
+    for weights, error, match in (
+        (torch.full((2, 3, 3), 5.0), ValueError, r"in \[5, 5\], expected attention weights"),
+        (-a[0], ValueError, "expected attention weights in"),
+        (torch.ones(2, 3, 3, dtype=torch.long), TypeError, "must hold floating weights"),
+    ):
+        with pytest.raises(error, match=match):
+            report(out, list("abc"), [weights])
+    with pytest.raises(TypeError, match=r"tokens\[1\] must be a str, got int"):
+        report(out, ["a", 1, "c"], a)
+    assert not out.exists()
+    page = report(out, list("abc"), a, saliency={"s": np.array([0.5, 0.25, 0.25])})
+    assert '"s": [0.5, 0.25, 0.25]' in page.read_text()  # the control
+
+    roll = a[0].mean(0)
+    scores = [0.2, 0.3, 0.5]
+    with pytest.raises(ValueError, match="'x y' and 'x_y' would share the picture"):
+        write_explanation(out, list("abc"), a, roll, {"x y": scores, "x_y": scores})
+    files = write_explanation(tmp_path / "w.html", list("abc"), a, roll, {"a/b": scores})
+    assert [f.name for f in files] == ["w.html", "w_heads.png", "w_rollout.png",
+                                       "w_saliency_a_b.png"]  # fmt: skip
+    assert all(f.parent == tmp_path and f.is_file() for f in files)

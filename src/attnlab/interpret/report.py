@@ -16,6 +16,7 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
+from numbers import Real
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +45,15 @@ def _per_layer(attentions: Sequence[Tensor]) -> list[Tensor]:
                 f"attentions[{i}] has shape {tuple(a.shape)}; expected (H, n, n) self-attention "
                 "of one example (H >= 1 heads), the same for every layer"
             )
+        if not a.is_floating_point():  # (ints, bools and complex were drawn as weights)
+            raise TypeError(f"attentions[{i}] must hold floating weights, got {a.dtype}")
         if not bool(torch.isfinite(a).all()):  # (NaN weights drew as blanks, said nothing)
             raise ValueError(f"attentions[{i}] holds NaN or infinite weights")
+        if a.numel() and not (bool(a.min() >= 0) and bool(a.max() <= 1 + 1e-3)):
+            raise ValueError(  # (drawn clamped to [0, 1]: 5.0 showed as 1.00)
+                f"attentions[{i}] holds weights in [{float(a.min()):.4g}, {float(a.max()):.4g}]"
+                ", expected attention weights in [0, 1]"
+            )
         out.append(a.detach().float().cpu())
     return out
 
@@ -96,8 +104,7 @@ def report(
         >>> "<script src" in page, "attnlab attention report" in page
         (False, True)
     """
-    if isinstance(tokens, str) or not isinstance(tokens, Sequence):  # (None: "no len()")
-        raise TypeError(f"tokens must be a list of str, got {type(tokens).__name__}")
+    _check_texts(tokens, title, text)
     layers = _per_layer(attentions)
     n = layers[0].shape[-1]
     if len(tokens) != n or n > _MAX_TOKENS:
@@ -105,7 +112,9 @@ def report(
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k must be a positive int, got {top_k!r}")
     idx, val = _top_keys(layers, min(top_k, n))
-    sal = {name: _scores(name, s, n) for name, s in (saliency or {}).items()}
+    if saliency is not None and not isinstance(saliency, Mapping):
+        raise TypeError(f"saliency must be a dict of name -> scores, got {type(saliency).__name__}")
+    sal = {_name(name): _scores(name, s, n) for name, s in (saliency or {}).items()}
     data = {
         "tokens": list(tokens),
         "layers": len(layers),
@@ -115,17 +124,64 @@ def report(
         "val": _b64(val),
         "saliency": sal,
     }
-    page = _page(title, text, data, [Path(p) for p in pictures])
+    page = _page(title, text, data, _pictures(pictures))
     # a text or picture name from bytes that were not UTF-8 (lone surrogates, which UTF-8
     # cannot write: the page was lost after all the work) shown with U+FFFD
     return atomic_write_text(path, decode_text(page)[0])
 
 
+def _check_texts(tokens: object, title: object, text: object) -> None:
+    """``tokens`` a list of str, ``title`` and ``text`` str (None's ``.replace`` failed)."""
+    if isinstance(tokens, str) or not isinstance(tokens, Sequence):  # (None: "no len()")
+        raise TypeError(f"tokens must be a list of str, got {type(tokens).__name__}")
+    bad = next((i for i, t in enumerate(tokens) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise TypeError(f"tokens[{bad}] must be a str, got {type(tokens[bad]).__name__}")
+    for name, value in (("title", title), ("text", text)):
+        if not isinstance(value, str):
+            raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+
+
+def _name(name: object) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"saliency's names must be str, got {type(name).__name__} {name!r}")
+    return name
+
+
+def _pictures(pictures: object) -> list[Path]:
+    """``pictures`` as paths of PNG files, each checked (a str was read letter by letter)."""
+    if isinstance(pictures, (str, bytes)) or not isinstance(pictures, Sequence):
+        raise TypeError(f"pictures must be a list of PNG paths, got {type(pictures).__name__}")
+    out = []
+    for i, p in enumerate(pictures):
+        if not isinstance(p, (str, Path)):
+            raise TypeError(f"pictures[{i}] must be a path, got {type(p).__name__}")
+        try:
+            with open(p, "rb") as f:
+                head = f.read(8)
+        except OSError as e:
+            raise ValueError(f"pictures[{i}] cannot be read: {p} ({e.strerror})") from None
+        if head != b"\x89PNG\r\n\x1a\n":
+            raise ValueError(f"pictures[{i}] is not a PNG file: {p}")
+        out.append(Path(p))
+    return out
+
+
 def _scores(name: str, scores: Sequence[float] | Tensor, n: int) -> list[float]:
-    if isinstance(scores, Tensor) and scores.dim() != 1:
+    shape = tuple(getattr(scores, "shape", ()))
+    if isinstance(scores, (Tensor, np.ndarray)) and len(shape) != 1:
         raise ValueError(
-            f"saliency[{name!r}] has shape {tuple(scores.shape)}, expected ({n},): one score "
-            "per token"
+            f"saliency[{name!r}] has shape {shape}, expected ({n},): one score per token"
+        )
+    numbers = isinstance(scores, (Tensor, np.ndarray)) or (
+        isinstance(scores, Sequence)
+        and not isinstance(scores, str)
+        and all(isinstance(v, Real) and not isinstance(v, (bool, np.bool_)) for v in scores)
+    )
+    if not numbers or (isinstance(scores, Tensor) and scores.is_complex()):
+        raise TypeError(
+            f"saliency[{name!r}] must be {n} numbers (a list, or a 1-D tensor or array), "
+            f"got {type(scores).__name__}"
         )
     vals = [float(v) for v in scores]
     if len(vals) != n:

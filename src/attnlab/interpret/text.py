@@ -15,6 +15,7 @@ decoder the rows its scored log-probabilities are read from).
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -240,7 +241,17 @@ def explanation_files(out: str | Path, saliency: Sequence[str] = SALIENCY) -> li
         ['r.html', 'r_heads.png', 'r_rollout.png', 'r_saliency_attention_flow.png']
     """
     stem = Path(out).with_suffix("")
-    names = ["heads", "rollout", *(f"saliency_{n.replace(' ', '_')}" for n in saliency)]
+    names = ["heads", "rollout"]
+    first: dict[str, str] = {}
+    for n in saliency:  # letters, digits, "_" and "-" only: "a/b" wrote into a folder "r_a"
+        safe = "saliency_" + re.sub(r"[^\w-]+", "_", n)
+        if safe in first:  # ("x y" and "x_y" wrote one picture, the first lost)
+            raise ValueError(
+                f"saliency names {first[safe]!r} and {n!r} would share the picture {safe}.png; "
+                "give names that differ in letters or digits"
+            )
+        first[safe] = n
+        names.append(safe)
     return [Path(out), *(Path(f"{stem}_{n}.png") for n in names)]
 
 
@@ -267,11 +278,10 @@ def write_explanation(
     """
     from attnlab.interpret import plot
 
-    heads, rollout, *_ = explanation_files(out, ())[1:]
+    heads, rollout, *pictures = explanation_files(out, list(saliency))[1:]
     pngs = [plot.head_grid(attns, heads, tokens=tokens, title="attention heads")]
     pngs.append(plot.heatmap(roll, tokens, rollout, title="attention rollout"))
-    for name, vals in saliency.items():
-        picture = explanation_files(out, (name,))[-1]
+    for (name, vals), picture in zip(saliency.items(), pictures, strict=True):
         pngs.append(plot.saliency(tokens, vals, picture, title=name))
     html = report(
         out, tokens, attns, title="attnlab explain", text=text, saliency=saliency, pictures=pngs
