@@ -421,7 +421,13 @@ def _errors(rank: int, world: int) -> dict[str, str]:
         "flex on the CPU": lambda: D.attention(q, q, q, engine="flex"),
         # rank 0's backward waited for rank 1's forever
         "backward": lambda: D.attention(q.clone().requires_grad_(rank == 0), q, q),
+        # q's batch alone was compared: gloo aborted the process (other k, v batches)
+        "kv batch": lambda: D.attention(q, *[q.expand(3 - rank, -1, -1, -1)] * 2),
+        # a closed-over tensor that requires grad got no gradient, silently (ring, gather)
+        "closure grad": lambda: D.attention(q, q, q, bias=B.custom(lambda h, i, j: w[h] * (i - j))),
+        "group list": lambda: D.attention(q, q, q, group=[0, 1]),  # "unhashable type"
     }
+    w = torch.ones(2, requires_grad=True)
     ids = [torch.tensor([0, 1] * 6), torch.tensor([0, 0, 1, 1] * 3)]
     codes = [lambda b, h, i, j: (i - j) % 2 == 0, lambda b, h, i, j: (i - j) % 3 == 0]
     tables = [B.relative_buckets(2), B.relative_buckets(2)]
@@ -481,6 +487,10 @@ def test_bad_input_fails_on_every_rank_without_hanging() -> None:
         "step error": "^ValueError: a mask function that fails inside a step",
         "flex on the CPU": "^ValueError: engine='flex' cannot run a context-parallel step on",
         "backward": "^ValueError: ranks disagree on the backward .*: \\[1, 0\\]",
+        "kv batch": "^ValueError: ranks disagree on the batch: \\[3, 2\\]",
+        "closure grad": "^ValueError: bias's function reads a tensor that requires grad .*"
+        "strategy='ulysses'",
+        "group list": "^TypeError: group must be a torch.distributed ProcessGroup .* got list",
     }
     for rank, seen in enumerate(results):
         for name, pattern in want.items():
@@ -704,6 +714,18 @@ def test_an_empty_batch_gives_an_empty_output_on_every_strategy() -> None:
         (lambda: D.shard(torch.arange(8), 1.0, 2, dim=0), "rank must be an int in"),
         (lambda: D.shard(torch.arange(8), 0, 2, dim=5), r"dim must be an int in \[-1, 1\)"),
         (lambda: D.shard([1, 2, 3], 0, 2), "x must be a Tensor, got list"),
+        # a negative or NaN latency predicted a perfect 1.0; the others raised from inside
+        (lambda: _simulate(latency=-1e-4), "latency must be a finite number >= 0, got -0.0001"),
+        (lambda: _simulate(latency=float("nan")), "latency must be a finite number >= 0"),
+        (lambda: _simulate(latency="a"), "latency must be a number, got str"),
+        (lambda: _simulate(backward=1), "backward must be a bool, got int"),
+        (lambda: D.simulate("plan", bandwidth=1e9, flops=1e9), "p must be a plan"),  # type: ignore[arg-type]
+        (lambda: D.unshard([[1, 2], [3, 4]]), r"shards\[0\] must be a Tensor, got list"),
+        (lambda: D.unshard([]), "shards must be a non-empty list"),
+        (
+            lambda: D.unshard([torch.zeros(1, 1, 2, 1)] * 2, dim=5),
+            r"dim must be an int in \[-4, 4\)",
+        ),
     ],
 )
 def test_plans_and_launches_check_their_sizes(call: Callable[[], object], match: str) -> None:
@@ -712,6 +734,40 @@ def test_plans_and_launches_check_their_sizes(call: Callable[[], object], match:
     with pytest.raises((ValueError, TypeError), match=match):
         call()
     assert D.plan(64, 2).strategy == "ring" and D.shard_lengths(10, 4) == [3, 3, 2, 2]
+
+
+def _simulate(**kwargs: object) -> float:
+    return D.simulate(D.plan(64, 2), **{"bandwidth": 1e9, "flops": 1e9, **kwargs})  # type: ignore[arg-type]
+
+
+def _plain(
+    q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scale: float, dtype: torch.dtype
+) -> Tensor:
+    """Plain PyTorch attention in ``dtype``."""
+    s = (q.to(dtype) @ k.to(dtype).transpose(-1, -2)) * scale
+    return torch.softmax(s.masked_fill(~allowed, float("-inf")), -1) @ v.to(dtype)
+
+
+def _negative_scale(rank: int, world: int) -> dict[str, float]:
+    """A causal call at a negative scale in float32: its error against fp64, over plain
+    PyTorch float32's (torch's flash op, which served the diagonal pairs, gave NaN)."""
+    ratios = {}
+    allowed = torch.ones(16, 16, dtype=torch.bool).tril()
+    for e in (16, 64):
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(1, 2, 16, e, dtype=torch.float64) for _ in range(3))
+        ref, p32 = (_plain(q, k, v, allowed, -0.7, dt) for dt in (torch.float64, torch.float32))
+        parts = [D.shard(t.float(), rank, world) for t in (q, k, v)]
+        got = D.attention(*parts, mask=masks.causal(), scale=-0.7)
+        err = (got.double() - D.shard(ref, rank, world)).abs().max().item()
+        floor = (p32.double() - ref).abs().max().item()
+        ratios[f"E={e}"] = err / max(floor, 1e-7)
+    return ratios
+
+
+def test_a_negative_scale_keeps_the_2x_rule_in_fp32() -> None:
+    for ratios in run_local(_negative_scale, 2, timeout=60):
+        assert all(r <= 2.0 for r in ratios.values()), ratios  # (NaN before)
 
 
 def _mark(rank: int, world: int) -> str | None:

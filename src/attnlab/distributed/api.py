@@ -22,6 +22,7 @@ from attnlab.distributed.plan import choose
 from attnlab.distributed.ring import RingAttention
 from attnlab.distributed.setup import Setup, make_setup
 from attnlab.distributed.ulysses import ulysses
+from attnlab.engines._leaves import hides_grad
 from attnlab.engines._versions import held_code, held_tensors, raw_bytes
 from attnlab.masks import Mask, TensorMask, as_mask
 
@@ -144,6 +145,7 @@ def prepare(
         _local_checks(q, k, v, layout, strategy)
         _option_checks(scale, engine, q)
         _ulysses_checks(q, k, strategy, g.world)
+        _hidden_grad_checks(bias_, strategy)
         local_error: Exception | None = None
     except (TypeError, ValueError) as e:
         local_error, mask_, bias_ = e, None, None
@@ -159,7 +161,7 @@ def prepare(
         raise local_error
     n = _check_table(meta, g, layout)
     dim = q.shape[-1]
-    batch = max(q.shape[0], k.shape[0], v.shape[0])  # a batch of 1 broadcasts
+    batch = next((t.shape[0] for t in (q, k, v) if t.shape[0] != 1), 1)  # 1 broadcasts
     sizes = (batch, q.shape[1], k.shape[1], dim, v.shape[-1])
     scale_ = (dim**-0.5 if dim else 1.0) if scale is None else float(scale)  # E = 0: no score
     s = make_setup(g, n, layout, strategy, mask_, bias_, scale_, engine, sizes)
@@ -244,6 +246,18 @@ def _ulysses_checks(q: Tensor, k: Tensor, strategy: str, world: int) -> None:
             f"strategy='ulysses' splits heads over the {world} ranks, so query heads and "
             f"key/value heads must both divide by {world}; got Hq={q.shape[1]}, "
             f"Hkv={k.shape[1]}; use strategy='ring', 'all-gather' or 'auto'"
+        )
+
+
+def _hidden_grad_checks(bias: Bias | None, strategy: str) -> None:
+    """Ring and all-gather steps take a bias's gradient through its parameters and buffers
+    only: a function's closed-over tensor that requires grad got none, silently."""
+    if strategy != "ulysses" and hides_grad(bias):
+        raise ValueError(
+            "bias's function reads a tensor that requires grad but is not one of the bias's "
+            "parameters or buffers (a closure's or a default's); the ring and all-gather "
+            "steps reach only those: pass an nn.Module holding it to bias.custom, or use "
+            "strategy='ulysses'"
         )
 
 

@@ -60,6 +60,13 @@ class Group:
     @staticmethod
     def of(group: Any) -> Group:
         """The group (default: the world), checked to be initialized and to hold this rank."""
+        ok = group is None or not dist.is_available() or isinstance(group, dist.ProcessGroup)
+        outside = type(group) is int and group == dist.GroupMember.NON_GROUP_MEMBER
+        if not ok and not outside:  # (outside: new_group's answer on a rank outside it)
+            raise TypeError(  # (a list was "unhashable", a name torch's "not registered")
+                f"group must be a torch.distributed ProcessGroup (dist.new_group(...)) or None "
+                f"for the world, got {type(group).__name__}"
+            )
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
                 "attnlab.distributed needs torch.distributed initialized "
@@ -114,8 +121,11 @@ def gather_meta(g: Group, q: Tensor, k: Tensor, v: Tensor, flags: tuple[int, ...
     table and raises the same error, so a bad call fails everywhere instead of hanging.
     """
     code = _DTYPES.index(q.dtype) if q.dtype in _DTYPES else len(_DTYPES)
+    # the batch the call runs (a batch of 1 broadcasts): q's alone let ranks whose k and v
+    # differed pass, and gloo aborted the process ("Received data size doesn't match")
+    batch = next((t.shape[0] for t in (q, k, v) if t.shape[0] != 1), 1)
     row = torch.tensor(
-        [q.shape[0], q.shape[1], k.shape[1], q.shape[2], q.shape[3], v.shape[3], code, *flags],
+        [batch, q.shape[1], k.shape[1], q.shape[2], q.shape[3], v.shape[3], code, *flags],
         dtype=torch.long,
         device=q.device,
     )

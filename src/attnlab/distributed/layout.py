@@ -112,6 +112,7 @@ def unshard(shards: Sequence[Tensor], *, layout: str = "zigzag", dim: int = 2) -
         >>> unshard(parts, dim=0).tolist() == x.tolist()
         True
     """
+    _check_shards(shards, dim)
     world = len(shards)
     n = sum(s.shape[dim] for s in shards)
     if [s.shape[dim] for s in shards] != shard_lengths(n, world, layout):
@@ -127,3 +128,20 @@ def unshard(shards: Sequence[Tensor], *, layout: str = "zigzag", dim: int = 2) -
             placed.append((a, s.narrow(dim, offset, b - a)))
             offset += b - a
     return torch.cat([t for _, t in sorted(placed, key=lambda p: p[0])], dim)
+
+
+def _check_shards(shards: object, dim: object) -> None:
+    """``shards`` a non-empty list of tensors of one rank, each with a ``dim``."""
+    if isinstance(shards, Tensor) or not isinstance(shards, Sequence) or not shards:
+        raise TypeError(
+            f"shards must be a non-empty list of every rank's shard (Tensors), got "
+            f"{type(shards).__name__}{'' if shards else ' (empty)'}"
+        )
+    bad = next((i for i, t in enumerate(shards) if not isinstance(t, Tensor)), None)
+    if bad is not None:
+        raise TypeError(f"shards[{bad}] must be a Tensor, got {type(shards[bad]).__name__}")
+    rank = shards[0].dim()
+    if any(t.dim() != rank for t in shards):
+        raise ValueError(f"shards must share one rank, got {[t.dim() for t in shards]} dims")
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -rank <= dim < rank:
+        raise ValueError(f"dim must be an int in [{-rank}, {rank}), got {dim!r}")

@@ -321,9 +321,18 @@ def simulate(
         >>> 0.9 < e <= 1.0
         True
     """
-    for name, value in (("bandwidth", bandwidth), ("flops", flops)):
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-            raise ValueError(f"{name} must be a number > 0, got {value!r}")
+    if not isinstance(p, CallPlan):
+        raise TypeError(f"p must be a plan(...) result, got {type(p).__name__}")
+    for name, value in (("bandwidth", bandwidth), ("flops", flops), ("latency", latency)):
+        low = name == "latency"  # (a negative or NaN latency predicted a perfect 1.0)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        if not (value >= 0 if low else value > 0) or value == float("inf"):
+            raise ValueError(
+                f"{name} must be a finite number {'>=' if low else '>'} 0, got {value!r}"
+            )
+    if not isinstance(backward, bool):
+        raise TypeError(f"backward must be a bool, got {type(backward).__name__}")
     factor = 1 + (BACKWARD_FLOPS if backward else 0)
     total = sum(c.flops for c in p.ranks) * factor
     ideal = total / (len(p.ranks) * flops)

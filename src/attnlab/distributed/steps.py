@@ -185,7 +185,7 @@ def _torch_pair(s: Setup, rows: Piece, keys: Piece, q: Tensor, v: Tensor) -> boo
     (3-8.5x plain PyTorch's float32 error in dQ, dK and dV with large scores)."""
     if s.engine != "auto" or _FLASH_FWD is None or _FLASH_BWD is None or not s.cpu:
         return None  # a named step engine runs every pair's forward
-    if s.bias is not None:
+    if s.bias is not None or s.scale < 0:  # (its causal form gave NaN at a negative scale)
         return None
     e = q.shape[-1]
     if q.dtype != torch.float32 or e != v.shape[-1] or e not in TORCH_PAIR_HEAD_SIZES:

@@ -12,9 +12,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["bias_leaves", "holding"]
+from attnlab.bias.function import CustomBias
+from attnlab.engines._versions import held_tensors
+
+__all__ = ["bias_leaves", "hides_grad", "holding"]
 
 
 def _slots(bias: nn.Module) -> list[tuple[nn.Module, str, str, Tensor]]:
@@ -38,6 +42,26 @@ def bias_leaves(bias: nn.Module | None) -> list[Tensor]:
         [(32, 4)]
     """
     return [] if bias is None else [slot[3] for slot in _slots(bias)]
+
+
+def hides_grad(bias: nn.Module | None) -> bool:
+    """Whether ``bias``'s function reads a tensor that requires grad outside the bias's
+    parameters and buffers (a closure's or a default's), with grad enabled: a backward that
+    reaches only :func:`bias_leaves` would lose its gradient without a word.
+
+    Example:
+        >>> from attnlab import bias
+        >>> w = torch.ones(2, requires_grad=True)
+        >>> hides_grad(bias.custom(lambda h, q, k: w[h] * (k - q))), hides_grad(None)
+        (True, False)
+    """
+    if bias is None or not torch.is_grad_enabled():
+        return False
+    fns = [m.fn for m in bias.modules() if isinstance(m, CustomBias)]  # (attnlab's own
+    if not fns:  # biases keep their tensors as parameters and buffers)
+        return False
+    leaves = {id(t) for t in bias_leaves(bias)}
+    return any(t.requires_grad and id(t) not in leaves for t in held_tensors(fns))
 
 
 @contextmanager

@@ -40,10 +40,9 @@ from torch import Tensor
 from torch._C._functorch import is_functorch_wrapped_tensor
 
 from attnlab._eager import vmapping
-from attnlab.bias.function import CustomBias
 from attnlab.engines import blocked_autograd, blocked_choice
+from attnlab.engines._leaves import hides_grad
 from attnlab.engines._native import build_settings, ops, pool_limit_mib
-from attnlab.engines._versions import held_tensors
 from attnlab.engines._versions import versions as _versions
 from attnlab.engines.base import AttentionRequest, Engine, EngineResult, sink_rows, with_sinks
 from attnlab.engines.blocked_autograd import (
@@ -68,18 +67,6 @@ __all__ = ["DECODE_ROWS", "BlockedEngine", "decodes", "kernel", "kernel_error", 
 
 #: the most query rows per key/value head (``Hq / Hkv * Lq``) of a decoding call
 DECODE_ROWS = 8
-
-
-def _hidden_grad(req: AttentionRequest) -> bool:
-    """Whether the bias reads a tensor that requires grad outside its parameters and
-    buffers (its gradient was silently lost: None, the output still requiring grad)."""
-    if req.bias is None or not torch.is_grad_enabled():
-        return False
-    fns = [m.fn for m in req.bias.modules() if isinstance(m, CustomBias)]  # (attnlab's own
-    if not fns:  # biases keep their tensors as parameters and buffers)
-        return False
-    leaves = {id(t) for t in bias_leaves(req.bias)}
-    return any(t.requires_grad and id(t) not in leaves for t in held_tensors(fns))
 
 
 class BlockedEngine(Engine):
@@ -131,7 +118,7 @@ class BlockedEngine(Engine):
                 "backward, which cannot follow a torch.func transform of the bias; use "
                 "'reference'"
             )
-        if _hidden_grad(req):
+        if hides_grad(req.bias):
             return (
                 "the bias's function reads a tensor that requires grad but is not one of "
                 "the bias's parameters or buffers (a closure's or a default's); the blocked "
