@@ -300,8 +300,8 @@ class CaptioningTask:
         assert isinstance(model, Captioner)
         n = limit_or(limit, self.eval_size)
         hyps = self.caption(model, self.test_images[:n])
-        exact = 100.0 * sum(h == r for h, r in zip(hyps, self.test_captions[:n], strict=True))
-        return {"exact": round(exact / len(hyps), 2), "score": exact / len(hyps) / 100}
+        hits = sum(h == r for h, r in zip(hyps, self.test_captions[:n], strict=True))
+        return {"exact": round(100 * hits / len(hyps), 2), "score": hits / len(hyps)}
 
 
 def word_attention(model: Captioner, image: Tensor) -> tuple[list[int], Tensor]:

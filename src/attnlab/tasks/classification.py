@@ -305,12 +305,12 @@ class DocumentTask:
         pred, weights = self.predict(model, self.test_docs)
         truth = torch.tensor([d.label for d in self.test_docs])
         deciding = torch.tensor([d.deciding for d in self.test_docs])
-        acc = 100.0 * float((pred == truth).float().mean())
-        hit = 100.0 * float((weights.argmax(-1) == deciding).float().mean())
+        n = max(1, len(self.test_docs))  # counts, not float32 means: 9 of 10 read 0.8999999761
+        acc, hit = int((pred == truth).sum()), int((weights.argmax(-1) == deciding).sum())
         return {
-            "accuracy": round(acc, 2),
-            "attention_on_deciding": round(hit, 2),
-            "score": min(acc, hit) / 100,
+            "accuracy": round(100 * acc / n, 2),
+            "attention_on_deciding": round(100 * hit / n, 2),
+            "score": min(acc, hit) / n,
         }
 
 

@@ -219,9 +219,8 @@ class DatesTask:
             raise TypeError(f"model must be an RNNSeq2Seq, got {type(model).__name__}")
         examples = self.test[: limit_or(limit, self.eval_size)]
         hyps = self.convert(model, examples)
-        exact = 100.0 * sum(h == e.target for h, e in zip(hyps, examples, strict=True))
-        exact /= len(examples)
-        return {"exact": round(exact, 2), "score": exact / 100}
+        hits = sum(h == e.target for h, e in zip(hyps, examples, strict=True))
+        return {"exact": round(100 * hits / len(examples), 2), "score": hits / len(examples)}
 
 
 # ---------------------------------------------------------------------------------------

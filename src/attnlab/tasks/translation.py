@@ -190,9 +190,10 @@ class TranslationTask:
         pairs = self.test_pairs[: limit_or(limit, self.eval_size)]
         hyps = self.translate(model, [s for s, _ in pairs], beam=beam)
         refs = [t for _, t in pairs]
-        exact = 100.0 * sum(h == r for h, r in zip(hyps, refs, strict=True)) / len(pairs)
+        hits = sum(h == r for h, r in zip(hyps, refs, strict=True))
         bleu = sacrebleu.corpus_bleu(hyps, [refs]).score
-        return {"exact": round(exact, 2), "bleu": round(bleu, 2), "score": exact / 100}
+        exact = round(100 * hits / len(pairs), 2)
+        return {"exact": exact, "bleu": round(bleu, 2), "score": hits / len(pairs)}
 
 
 def samples(task: TranslationTask, model: Seq2Seq, n: int) -> list[tuple[str, str, str]]:
