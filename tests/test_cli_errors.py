@@ -555,3 +555,21 @@ def test_a_folder_where_a_report_writes_a_file_is_named_before_any_work(
         want = f"argument --out: '{folder}' is a folder; the command writes a file there"
         assert len(err.splitlines()) == 1 and want in err, err
         assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]  # nothing new
+
+
+def test_a_resume_without_train_size_builds_the_checkpoints(
+    places: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """(Without --train-size a resume built the task's default data, 20-110 s, and then
+    refused it: "defaults to 20000, but the checkpoint trained on 7 examples".)"""
+    import attnlab.cli.train as cli_train
+
+    asked: list[int | None] = []
+
+    def build(s: object, size: int | None) -> None:
+        asked.append(size)
+        raise cli_train.UsageError("--train-size", "stop here")
+
+    monkeypatch.setattr(cli_train, "_build", build)
+    code = main(["train", "dates", "--out", places["dates"], "--resume", "--steps", "200"])
+    assert (code, asked) == (2, [DATES_STATE["train_size"]]), capsys.readouterr().err

@@ -120,7 +120,9 @@ def run_train(args: argparse.Namespace) -> int:
     with OutputLock(out, command=_command(args)):
         if not args.resume and (out / "last.safetensors").exists():
             warn(args, f"{out / 'last.safetensors'} will be overwritten (--resume continues it)")
-        task = _build(s, args.train_size)
+        # resumed without --train-size: the checkpoint's (the task's default was built,
+        # 20-110 s of data, and then refused)
+        task = _build(s, args.train_size if args.train_size is not None else _saved_size(state))
         _check_size(state, task.num_train(), args)
         try:
             run_task(s, task, cfg, out / "report")
@@ -184,6 +186,12 @@ def _check_size(state: dict | None, size: int, args: argparse.Namespace) -> None
         given = "is" if args.train_size is not None else "defaults to"
         msg = f"{given} {size}, but the checkpoint trained on {int(was)} examples; "
         raise UsageError("--train-size", msg + f"give --train-size {int(was)} to continue it")
+
+
+def _saved_size(state: dict | None) -> int | None:
+    """The training set size a checkpoint's state records (None: none, or not a size)."""
+    was = None if state is None else state.get("train_size")
+    return was if isinstance(was, int) and not isinstance(was, bool) and was >= 1 else None
 
 
 def _build(s: TaskSpec, train_size: int | None) -> Task:
