@@ -898,3 +898,39 @@ def test_api_arguments_and_corrupt_indexes_the_audit_found(
     assert load_index(folder) is None  # (KeyError 'zzz' when updated)
     assert build_index(two, enc, folder).embedded == 3  # rebuilt
     assert load_index(folder) is not None
+
+
+def test_a_model_without_normalize_still_gives_the_apps_cosines(
+    enc: SentenceEncoder, tmp_path: Path
+) -> None:
+    """(A --model folder whose modules.json has no Normalize module, as paraphrase-MiniLM's,
+    gave vectors of length 2-7: their dot products read as cosines, every pair passed the
+    redundancy bound, and summarize kept 1 sentence of 3.) The reference: the same
+    sentences through the default model, which normalizes."""
+    from attnlab.apps import summarize
+    from attnlab.apps.index import embed
+    from attnlab.models import minilm_path
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for f in minilm_path().iterdir():
+        if f.name != "modules.json":
+            (plain / f.name).symlink_to(f)
+    modules = json.loads((minilm_path() / "modules.json").read_text())
+    (plain / "modules.json").write_text(
+        json.dumps([m for m in modules if "Normalize" not in m["type"]])
+    )
+    raw = SentenceEncoder.from_pretrained(plain)
+    texts = ["Cats purr when they are happy.", "The stock market fell today."]
+    assert not torch.allclose(raw.encode(texts).norm(dim=-1), torch.ones(2))  # the setting
+    torch.testing.assert_close(embed(raw, texts), embed(enc, texts), rtol=0, atol=1e-6)
+    text = (
+        "The nonlocal statement causes the listed identifiers to refer to previously bound "
+        "variables in the nearest enclosing scope excluding globals. This is important "
+        "because the default behavior for binding is to search the local namespace first. "
+        "The statement allows encapsulated code to rebind variables outside of the local "
+        "scope besides the global scope. Names listed in a nonlocal statement must not "
+        "collide with pre-existing bindings in the local scope."
+    )
+    assert summarize(text, 3, encoder=raw).chosen == summarize(text, 3, encoder=enc).chosen
+    assert len(summarize(text, 3, encoder=raw).chosen) == 3

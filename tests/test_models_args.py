@@ -600,3 +600,44 @@ def test_decoding_batch_size_is_checked(name: str) -> None:
     # batch's longest sentence, so only whole-batch outputs are compared)
     assert [len(_outputs(name, task, model, b)) for b in (1, 2)] == [3, 3]
     assert _outputs(name, task, model, 3) == _outputs(name, task, model, 500)
+
+
+def test_inputs_of_another_dtype_than_the_model_are_named() -> None:
+    """(float64 inputs into float32 layers raised torch's bare "mat1 and mat2 must have the
+    same dtype" or "Input type (double) and bias type (float)"; linformer_attention took a
+    list as proj_k (AttributeError) and blamed k and v for projections of two sizes.) Under
+    ``torch.autocast`` the layers cast for themselves, and the check stands aside."""
+    from attnlab.models.captioner import Captioner, CaptionerConfig
+    from attnlab.models.vit import ViT, ViTConfig
+    from attnlab.nn import (
+        AttentionPooling,
+        HierarchicalAttention,
+        LinformerAttention,
+        MultiHeadAttention,
+    )
+    from attnlab.nn.linformer import linformer_attention
+
+    x64 = torch.randn(1, 4, 8, dtype=torch.float64)
+    vit = ViT(ViTConfig(d_model=16, num_heads=2, layers=1))
+    cap = Captioner(CaptionerConfig(12))
+    q = k = v = torch.randn(1, 2, 6, 4)
+    p = torch.randn(3, 8)
+    for call, error, match in (
+        (lambda: MultiHeadAttention(8, 2)(x64), TypeError, "query must be of the model's dtype"),
+        (lambda: MultiHeadAttention(8, 2)(x64.float(), x64), TypeError, "key must be of the mod"),
+        (lambda: LinformerAttention(8, 2, max_len=6, proj_dim=3)(x64), TypeError, "query must"),
+        (lambda: AttentionPooling(8)(x64), TypeError, "h must be of the model's dtype"),
+        (lambda: HierarchicalAttention(8, 4, 3)(x64[None]), TypeError, "words must be of the"),
+        (lambda: vit(torch.rand(2, 1, 8, 8).double()), TypeError, "images must be of the mod"),
+        (lambda: cap.generate(torch.rand(2, 3, 32, 32).double()), TypeError, "images must be"),
+        (lambda: linformer_attention(q, k, v, p.tolist(), p), TypeError, "proj_k must be a Tensor"),
+        (lambda: linformer_attention(q, k, v, p.double(), p), TypeError, "proj_k must be of k's"),
+        (lambda: linformer_attention(q, k[0], v[0], p, p), ValueError, r"k must be \(B, H, L, E\)"),
+        (lambda: linformer_attention(q, k, v, p, torch.randn(5, 8)), ValueError, "P=3 and P=5"),
+    ):
+        with pytest.raises(error, match=match):
+            call()
+    mha = MultiHeadAttention(8, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the control: autocast casts itself
+        assert mha(x64.float().bfloat16()).dtype == torch.bfloat16
+    assert vit(torch.rand(2, 1, 8, 8)).shape == (2, 10)

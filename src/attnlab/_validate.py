@@ -183,6 +183,22 @@ def _autocast(ts: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     return tuple(t if t.dtype in (low, torch.float64) else t.to(low) for t in ts)
 
 
+def same_dtype(name: str, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` if of the model's ``dtype`` (or under ``torch.autocast``, which casts for the
+    model), else a TypeError naming ``name``: float64 into a float32 model raised torch's
+    bare "mat1 and mat2 must have the same dtype".
+
+    Example:
+        >>> same_dtype("images", torch.zeros(1), torch.float64)
+        Traceback (most recent call last):
+        TypeError: images must be of the model's dtype torch.float64, got torch.float32
+    """
+    kind = x.device.type
+    if x.dtype == dtype or (kind in _AUTOCAST_DEVICES and torch.is_autocast_enabled(kind)):
+        return x
+    raise TypeError(f"{name} must be of the model's dtype {dtype}, got {x.dtype}")
+
+
 def _rank4(name: str, x: object) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {LAYOUT}, got {type(x).__name__}")

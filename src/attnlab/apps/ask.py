@@ -57,7 +57,7 @@ from torch import Tensor
 from attnlab._io import decode_text
 from attnlab._validate import instance_of, nonnegative_int, positive_int, real_where
 from attnlab.apps.corpus import Sentence, check_prose, load_documents
-from attnlab.apps.index import Index, Progress, build_index, default_cache, index_folder
+from attnlab.apps.index import Index, Progress, build_index, default_cache, index_folder, unit
 from attnlab.apps.lexical import BM25, words
 from attnlab.apps.match import WordMatch, match_words, maxsim
 from attnlab.models import SentenceEncoder
@@ -166,13 +166,13 @@ class Asker:
         # a name from a file name that is not UTF-8 holds surrogates: read them as U+FFFD
         heads = [decode_text(f"{s.doc}: {s.section}")[0] for s in index.sentences]
         unique = sorted(set(heads))
-        vecs = enc.encode(unique) if unique else torch.empty(0, enc.dim)  # (T, D)
+        vecs = unit(enc.encode(unique)) if unique else torch.empty(0, enc.dim)  # (T, D)
         where = {h: i for i, h in enumerate(unique)}
         self.titles = vecs[torch.tensor([where[h] for h in heads], dtype=torch.long)]  # (N, D)
 
     def signals(self, question: str) -> dict[str, Tensor]:
         """The four ``(N,)`` signals of every sentence for ``question``."""
-        q = self.enc.encode([check_question(question)])[0]  # (D,)
+        q = unit(self.enc.encode([check_question(question)]))[0]  # (D,)
         lex = self.bm25.scores(words(question))
         return {
             "cosine": self.index.vectors @ q,

@@ -51,7 +51,7 @@ from attnlab._validate import instance_of, positive_int
 from attnlab.apps.corpus import Document, Sentence, split_document
 from attnlab.models import SentenceEncoder
 
-__all__ = ["FORMAT", "Index", "build_index", "default_cache", "embed", "load_index"]
+__all__ = ["FORMAT", "Index", "build_index", "default_cache", "embed", "load_index", "unit"]
 
 FORMAT = 4  # bump when the splitter or the file layout changes: every index rebuilds
 Progress = Callable[[int, int], None]
@@ -182,7 +182,10 @@ def _consistent(sentences: list[Sentence], vectors: Tensor, docs: list[dict]) ->
         for s, name in zip(sentences, names, strict=True)
     )  # fmt: skip
     shape = vectors.dim() == 2 and vectors.shape[0] == len(sentences)
-    return kinds and shape and vectors.dtype == torch.float32
+    if not (kinds and shape and vectors.dtype == torch.float32):
+        return False
+    # unit rows (an index of a model without a Normalize module held raw vectors)
+    return not vectors.numel() or bool(((vectors.norm(dim=-1) - 1).abs() < 1e-3).all())
 
 
 def index_folder(folder: object, name: str = "folder") -> Path:
@@ -231,6 +234,18 @@ def _sha(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
+def unit(x: Tensor) -> Tensor:
+    """Rows of ``x (N, D)`` scaled to length 1: what the apps' cosines assume, also for a
+    ``--model`` folder without a Normalize module (its dot products of vectors of length
+    2-7 read as cosines: summarize kept 1 of 3 sentences).
+
+    Example:
+        >>> unit(torch.tensor([[3.0, 4.0]])).tolist()
+        [[0.6000000238418579, 0.800000011920929]]
+    """
+    return torch.nn.functional.normalize(x, dim=-1)
+
+
 def embed(
     enc: SentenceEncoder, texts: list[str], progress: Progress | None = None, batch: int = 256
 ) -> Tensor:
@@ -243,7 +258,7 @@ def embed(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*exceed max_seq_length")
         for start in range(0, len(texts), batch):
-            parts.append(enc.encode(texts[start : start + batch]))
+            parts.append(unit(enc.encode(texts[start : start + batch])))
             if progress is not None:
                 progress(min(start + batch, len(texts)), len(texts))
         limit = enc.config.max_seq_length

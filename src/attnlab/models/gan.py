@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from attnlab._validate import positive_int, validate_flag
+from attnlab._validate import positive_int, same_dtype, validate_flag
 from attnlab.functional import attention
 from attnlab.models.vit import check_images
 from attnlab.nn._modes import eval_mode
@@ -97,14 +97,6 @@ def check_latents(z: object, latent_dim: int, dtype: torch.dtype) -> Tensor:
             f"z must have shape (B, latent_dim) = (B, {latent_dim}), got {tuple(z.shape)}"
         )
     return z
-
-
-def same_dtype(name: str, x: Tensor, dtype: torch.dtype) -> Tensor:
-    """``x`` if of the model's ``dtype``, else a TypeError naming ``name`` (float64 into
-    a float32 model: torch's "mat1 and mat2 must have the same dtype")."""
-    if x.dtype != dtype:
-        raise TypeError(f"{name} must be of the model's dtype {dtype}, got {x.dtype}")
-    return x
 
 
 def _floating(name: str, x: object, want: str) -> Tensor:

@@ -17,14 +17,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from attnlab._validate import positive_int, positive_real, validate_flag
-from attnlab.models.gan import (
-    IMAGE_SIZE,
-    SelfAttention2d,
-    check_latents,
-    draw_latents,
-    same_dtype,
-)
+from attnlab._validate import positive_int, positive_real, same_dtype, validate_flag
+from attnlab.models.gan import IMAGE_SIZE, SelfAttention2d, check_latents, draw_latents
 from attnlab.models.vit import check_images
 
 __all__ = ["VAE", "VAEConfig", "VAEOutput", "vae_loss"]

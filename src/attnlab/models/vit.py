@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from attnlab._validate import positive_int
+from attnlab._validate import positive_int, same_dtype
 from attnlab.nn import Encoder, EncoderLayer, LayerConfig
 from attnlab.positional import LearnedPositional
 
@@ -76,6 +76,7 @@ class PatchEmbedding(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         """``images (B, C, H, W) -> (B, N, D)`` with ``N = (H/p) * (W/p)``, row-major."""
         x = check_images(images, self.channels, self.image_size)
+        x = same_dtype("images", x, self.proj.weight.dtype)  # (a bare "Input type" error)
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
 
 

@@ -15,7 +15,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlab._observe import unobserved
-from attnlab._validate import positive_int, validate_flag, validate_scale, validate_score
+from attnlab._validate import (
+    positive_int,
+    same_dtype,
+    validate_flag,
+    validate_scale,
+    validate_score,
+)
 from attnlab.bias import Bias
 from attnlab.functional import AttentionOutput, attention, unsupported_by
 from attnlab.masks import Mask
@@ -194,6 +200,9 @@ class MultiHeadAttention(nn.Module):
             ``(B, H, Lq, Lk)`` (``(B, Lq, Lk)`` when averaged).
         """
         _check_input("query", query, self.embed_dim)
+        for name, t in (("query", query), ("key", key), ("value", value)):  # (float64 into a
+            if isinstance(t, Tensor):  # float32 layer: "mat1 and mat2 must have the same dtype")
+                same_dtype(name, t, self.out_proj.weight.dtype)
         need_weights = validate_flag("need_weights", need_weights)  # ("no" is truthy)
         average_weights = validate_flag("average_weights", average_weights)
         if residual is not None:  # (torch: "The size of tensor a (8) must match ...")

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from attnlab import masks
-from attnlab._validate import positive_int
+from attnlab._validate import positive_int, same_dtype
 from attnlab.functional import AttentionOutput, attend
 from attnlab.normalize import get_normalizer
 
@@ -421,6 +421,7 @@ class AttentionPooling(nn.Module):
         """
         x = _float_tensor("h", h, (3,), "(B, L, D)")
         _last_dim("h", x, self.input_dim, "input_dim")
+        same_dtype("h", x, self.context.dtype)  # (torch's "mat1 and mat2 must have the same")
         u = torch.tanh(self.proj(x))  # (B, L, A)
         scores = (u @ self.context)[:, None]  # (B, 1, L)
         pooled, weights = _attend(scores, x, mask, self.normalize)  # (B, 1, D), (B, 1, L)

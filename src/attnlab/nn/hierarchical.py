@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from attnlab._validate import same_dtype
 from attnlab.nn.classic import AttentionPooling
 
 __all__ = ["HierarchicalAttention", "HierarchicalOutput"]
@@ -160,6 +161,7 @@ class HierarchicalAttention(nn.Module):
             A :class:`HierarchicalOutput`. Documents with no real word give 0s.
         """
         x, keep = _validate_words(words, word_mask, self.embed_dim)
+        same_dtype("words", x, self.word_attention.context.dtype)  # (a bare torch error)
         b, s, w, e = x.shape
         if keep is None and not w:  # sentences without words: none is real
             keep = torch.zeros(b, s, 0, dtype=torch.bool, device=x.device)

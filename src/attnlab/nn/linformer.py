@@ -26,7 +26,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from attnlab._validate import positive_int, validate_flag
+from attnlab._validate import positive_int, same_dtype, validate_flag
 from attnlab.engines.approximate import padding_validity
 from attnlab.functional import AttentionOutput, attention
 from attnlab.masks import Mask
@@ -71,6 +71,7 @@ def linformer_attention(
         >>> torch.allclose(linformer_attention(q, k, v, eye, eye), attnlab.attention(q, k, v))
         True
     """
+    _check_linformer_args(q, k, v, proj_k, proj_v)
     if k.shape[2] != v.shape[2]:  # else 5 keys were mixed with 6 values without a word
         raise ValueError(
             f"k and v must have the same length Lk, got k {tuple(k.shape)} and v {tuple(v.shape)}"
@@ -86,6 +87,26 @@ def linformer_attention(
         w = None if res.weights is None else res.weights * query_valid
         return AttentionOutput(res.out * query_valid, w, None)
     return res * query_valid
+
+
+def _check_linformer_args(q: Tensor, k: Tensor, v: Tensor, pk: Tensor, pv: Tensor) -> None:
+    """Tensors of rank 4 (q, k, v) and float projections of k's dtype, with one ``P``:
+    a list was an AttributeError, a float64 projection torch's "expected scalar type",
+    and projections of other ``P`` blamed k and v for shapes the caller never passed."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("proj_k", pk), ("proj_v", pv)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be (B, H, L, E), got shape {tuple(t.shape)}")
+    for name, p in (("proj_k", pk), ("proj_v", pv)):
+        if p.dtype != k.dtype:
+            raise TypeError(f"{name} must be of k's dtype {k.dtype}, got {p.dtype}")
+    if pk.dim() >= 2 and pv.dim() >= 2 and pk.shape[-2] != pv.shape[-2]:
+        raise ValueError(
+            f"proj_k and proj_v must project to the same P rows, got P={pk.shape[-2]} and "
+            f"P={pv.shape[-2]} (shapes {tuple(pk.shape)} and {tuple(pv.shape)})"
+        )
 
 
 def _project(x: Tensor, proj: Tensor, valid: Tensor | None, name: str) -> Tensor:
@@ -205,6 +226,9 @@ class LinformerAttention(nn.Module):
         need_weights = validate_flag("need_weights", need_weights)
         key = query if key is None else key
         value = key if value is None else value
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if isinstance(t, Tensor) and t.is_floating_point():  # (float64 into float32: torch
+                same_dtype(name, t, self.q_proj.weight.dtype)  # said "mat1 and mat2 must ...")
         for name, t in (("key", key), ("value", value)):  # (it blamed proj_k's shape)
             if isinstance(t, Tensor) and t.dim() == 3 and t.shape[1] > self.max_len:
                 raise ValueError(
