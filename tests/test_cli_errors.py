@@ -61,6 +61,14 @@ BAD: list[tuple[str, int, str]] = [
     ("train dates --out {dates} --resume --steps 10", 2, "argument --steps: is 10, but the "),
     # another training set gave another vocabulary: a bare state-dict size mismatch
     ("train dates --out {dates} --resume --steps 200 --train-size 64", 2, RESUME_SIZE),
+    # a dangling link on the way read as absent: the command failed after its work
+    ("train dates --out {dangling}", 2, "argument --out: '{dangling}' is a link to a missing"),
+    ("summarize {tmp}/x.txt --out {dangling}/s.html", 2, "argument --out: '{dangling}' is a "),
+    ("train dates --out {danglingreport}", 2, "argument --out: '{danglingreport}/report' is a"),
+    # a name past 255 bytes: a bare "OSError: [Errno 36] File name too long", exit 1
+    ("train dates --out " + "a" * 300, 2, "argument --out: 'aaaa"),
+    ("summarize " + "a" * 300, 2, "argument FILE: 'aaaa"),
+    ("ask what --docs " + "a" * 300, 2, "argument --docs: 'aaaa"),
     ("train dates --seed -3", 2, "argument --seed: must be an int in [0, 4294967295], got '-3'"),
     ("train dates --time-limit 0", 2, "argument --time-limit: must be a number > 0"),
     ("train dates --target inf", 2, "argument --target: must be a finite number, got 'inf'"),
@@ -191,6 +199,10 @@ def places(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
         Checkpoint(torch.nn.Linear(2, 2).state_dict(), {"task": "vision"}),
     )
     (tmp_path / "corrupt" / "last.safetensors").write_bytes(good.read_bytes()[:40])
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    (tmp_path / "danglingreport").mkdir()
+    (tmp_path / "danglingreport" / "report").symlink_to(tmp_path / "gone")
+    (tmp_path / "x.txt").write_text("Cats purr. Dogs bark.\n")
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "a.txt").write_text("Cats purr. Dogs bark.\n")
     (tmp_path / "code").mkdir()
@@ -200,7 +212,7 @@ def places(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     for name in ("table.json", "last.safetensors"):
         (tmp_path / "tabled" / name).mkdir(parents=True)
     names = ("file", "empty", "corrupt", "edited", "other", "docs", "code", "dates", "blocked")
-    names += ("tabled",)
+    names += ("tabled", "dangling", "danglingreport")
     return {"tmp": str(tmp_path)} | {n: str(tmp_path / n) for n in names}
 
 

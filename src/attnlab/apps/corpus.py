@@ -365,6 +365,10 @@ def _path(item: object) -> Path:
         )
     if isinstance(item, str) and not item:
         raise ValueError("docs: an empty path was given; give files, folders or 'pydoc'")
+    try:
+        Path(item).exists()
+    except OSError as e:  # (a name past 255 bytes: a bare "OSError: [Errno 36]", exit 1)
+        raise ValueError(f"docs: {str(item)!r} cannot be reached ({e.strerror or e})") from None
     return Path(item)
 
 

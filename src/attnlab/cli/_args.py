@@ -143,6 +143,14 @@ def reachable(argument: str, path: str | Path) -> Path:
         p.exists()
     except PermissionError:
         raise UsageError(argument, f"{str(p)!r} cannot be reached (permission denied)") from None
+    except OSError as e:  # (a name past 255 bytes: a bare "OSError: [Errno 36]", exit 1)
+        raise UsageError(argument, f"{str(p)!r} cannot be reached ({e.strerror or e})") from None
+    for level in (p, *p.parents):  # exists() follows links: a dangling one read as absent,
+        # and the command failed after its work ("File exists", exit 1)
+        if level.is_symlink() and not level.exists():
+            raise UsageError(
+                argument, f"{str(level)!r} is a link to a missing place (or a loop of links)"
+            )
     return p
 
 

@@ -32,6 +32,7 @@ from attnlab.cli._args import (
     clean_text,
     clip,
     int_in,
+    reachable,
     shown,
 )
 from attnlab.cli._errors import UsageError, warn, warnings_as_lines
@@ -184,7 +185,7 @@ def _summary_doc(name: str) -> Document:
             "FILE", "'pydoc' is not a file; for a topic of Python's reference give "
             "pydoc:TOPIC (e.g. pydoc:with)"
         )  # fmt: skip
-    if Path(name).is_dir():
+    if reachable("FILE", name).is_dir():  # (a name past 255 bytes: a bare OSError, exit 1)
         raise UsageError("FILE", f"{name!r} is a folder; give one text file")
     try:  # a file named "pydoc" by its full path, not the reference
         text = load_documents([Path(name).absolute() if name == "pydoc" else name])[0].text
