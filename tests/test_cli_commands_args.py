@@ -121,6 +121,24 @@ def test_bench_engine_that_cannot_time_a_case_is_a_usage_error(
     assert named in line and "engines that can: auto, reference" in line
 
 
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        ("--memory --cases dense", "argument --cases: is dense; --memory measures one"),
+        ("--memory --modes fwd", "argument --modes: is fwd; --memory measures one"),
+        ("--memory --repeat 7", "argument --repeat: is 7; --memory measures one"),
+        ("--memory --flex", "argument --flex: --memory measures one"),
+    ],
+)
+def test_bench_memory_refuses_what_its_probe_would_not_read(
+    argv: str, named: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(They went unread: one record of the window case, fwd+bwd, exit 0.)"""
+    monkeypatch.setattr(bench_mod, "memory_probe", _stop)
+    assert main(["bench", *argv.split()]) == 2
+    assert _usage_line(capsys).startswith(f"attnlab bench: error: {named}")
+
+
 def test_bench_engine_that_can_time_the_cases_passes_the_check(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

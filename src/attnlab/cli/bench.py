@@ -27,8 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``attnlab bench``."""
     defaults = bench.BenchConfig()
     cases, positive = bench.CASES, int_in(1)
-    p.add_argument(
-        "--cases", type=names_in(cases), default=",".join(cases), help=f"comma list of {cases}"
+    p.add_argument(  # (None: the default, so that --memory sees one given)
+        "--cases", type=names_in(cases), help=f"comma list of {cases} (default: all)"
     )
     # what --smoke sets defaults to None here, so that one given (even at its default) is
     # seen: --smoke --n 4096 ran at 256 without a word
@@ -37,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dim", type=positive, default=defaults.dim)
     p.add_argument("--window", type=positive, help=f"default {defaults.window}")
     p.add_argument("--engine", default=defaults.engine, choices=["auto", *available_engines()])
-    p.add_argument("--modes", type=names_in(bench.MODES), default=",".join(defaults.modes))
+    modes = ",".join(defaults.modes)
+    p.add_argument("--modes", type=names_in(bench.MODES), help=f"comma list (default {modes})")
     p.add_argument("--repeat", type=positive, help=f"default {defaults.repeat}")
     p.add_argument("--flex", action="store_true", help="also time FlexAttention (compiles)")
     p.add_argument("--device", type=_device, default=defaults.device, help="cpu or cuda[:N]")
@@ -81,6 +82,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> int:
     """``attnlab bench``: one JSON line per record, flushed as each is measured."""
     default = bench.BenchConfig()  # where the options' defaults come from
+    _check_memory_options(args)
+    args.cases = bench.CASES if args.cases is None else args.cases
+    args.modes = default.modes if args.modes is None else args.modes
     given = [f"--{k}" for k in bench.SMOKE if getattr(args, k) is not None]
     if args.smoke and given:  # it set its own sizes, and the ones given went unread
         raise UsageError(given[0], "and --smoke both set it; give one of them")
@@ -107,6 +111,22 @@ def run(args: argparse.Namespace) -> int:
     for rec in bench.records(cfg, args.cases, memory=args.memory):
         print(json.dumps(rec), flush=True)
     return 0
+
+
+def _check_memory_options(args: argparse.Namespace) -> None:
+    """``--memory`` measures one window forward+backward, once: a case, mode, repeat or
+    FlexAttention it would not run is refused (they went unread, exit 0)."""
+    if not args.memory:
+        return
+    probe = "--memory measures one forward+backward of the case 'window', once"
+    if args.cases is not None and tuple(args.cases) != ("window",):
+        raise UsageError("--cases", f"is {','.join(args.cases)}; {probe}: leave --cases out")
+    if args.modes is not None and tuple(args.modes) != ("fwd+bwd",):
+        raise UsageError("--modes", f"is {','.join(args.modes)}; {probe}: leave --modes out")
+    if args.repeat is not None:
+        raise UsageError("--repeat", f"is {args.repeat}; {probe}: leave --repeat out")
+    if args.flex:
+        raise UsageError("--flex", f"{probe}, with the engine of --engine: leave --flex out")
 
 
 # Engines whose memory probe holds no n x n matrix: blocked skips the window's masked
