@@ -33,10 +33,11 @@ def _pick(
     lse: bool = False,
     weights: bool = False,
     grad: bool = False,
+    score: str = "dot",
 ) -> str:
     q = torch.randn(1, heads[0], lq, 16, dtype=dtype, requires_grad=grad)
     k, v = (torch.randn(1, heads[1], lk, 16, dtype=dtype, requires_grad=grad) for _ in "kv")
-    req: AttentionRequest = _request(q, k, v, mask, bias, None, "dot", "softmax", 0.0, weights, lse)
+    req: AttentionRequest = _request(q, k, v, mask, bias, None, score, "softmax", 0.0, weights, lse)
     return select_engine("auto", req).name
 
 
@@ -93,6 +94,9 @@ def test_other_biases_go_to_blocked_when_no_gradient_is_wanted() -> None:
 
 
 def test_without_the_kernel_only_the_long_rules_hold(monkeypatch: pytest.MonkeyPatch) -> None:
+    # cosine scores, which SDPA cannot compute, went to the reference engine's dense scores
+    assert _pick(2048, 2048, None, dtype=torch.float64, score="cosine") == "blocked"
+    assert _pick(256, 256, None, dtype=torch.float64, score="cosine") == "reference"  # short
     monkeypatch.setattr(blocked_autograd, "USE_KERNEL", False)
     assert _pick(256, 256, M.causal(), lse=True) == "reference"
     assert _pick(512, 512, M.causal(), lse=True) == "blocked"

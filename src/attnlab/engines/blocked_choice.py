@@ -84,8 +84,9 @@ def _eager_rule(engine: _Planner, req: AttentionRequest, pairs: int) -> bool:
     that SDPA cannot serve, and on the CPU long ones whose mask leaves most tiles empty."""
     if pairs < LONG:
         return False
-    if req.softcap is not None or req.sinks is not None or req.return_lse:
-        return True  # SDPA cannot: the reference engine's dense scores are the rest
+    if req.softcap is not None or req.sinks is not None or req.return_lse or req.score != "dot":
+        return True  # SDPA cannot: the reference engine's dense scores are the rest (cosine
+        # scores went there: 1.8x the time of blocked at 2048 x 2048 in float64)
     if not req.q.is_cpu:  # blocks in eager torch: 8-38x slower than SDPA on an H200
         return False
     if req.mask is None or (req.mask.is_causal and req.bias is None):
