@@ -522,3 +522,31 @@ def test_encode_follows_a_cast_model(dtype: torch.dtype) -> None:
     assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     tol = 1e-6 if dtype == torch.float64 else 3e-2
     torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+
+
+def test_folders_the_embed_audit_found(tmp_path: Path) -> None:
+    """Against sentence-transformers on the same folders: ``do_lower_case`` lowercases
+    character by character ("ΟΔΟΣ" ended in a final sigma: cosine 0.84), and a classic
+    Pooling config with every mode false is mean pooling (it was refused). Also: a text of
+    no token ids is refused by name (its mean over 0 tokens was NaN)."""
+    texts = ["ΟΔΟΣ", "Ο ΗΛΙΟΣ ΛΑΜΠΕΙ", "A plain English sentence."]
+    lower = _copy(minilm_path(), tmp_path / "lower")
+    cfg = json.loads((minilm_path() / "sentence_bert_config.json").read_text())
+    (lower / "sentence_bert_config.json").write_text(json.dumps(cfg | {"do_lower_case": True}))
+    none = _copy(minilm_path(), tmp_path / "none")
+    pool = json.loads((minilm_path() / "1_Pooling" / "config.json").read_text())
+    off = {k: False if k.startswith("pooling_mode") else v for k, v in pool.items()}
+    (none / "1_Pooling" / "config.json").write_text(json.dumps(off))
+    for folder in (lower, none):
+        ref = st.SentenceTransformer(str(folder), device="cpu")
+        want = ref.encode(texts, convert_to_tensor=True)
+        got = SentenceEncoder.from_pretrained(folder).encode(texts)
+        torch.testing.assert_close(got, want.cpu(), rtol=0, atol=1e-5)
+    enc = SentenceEncoder.from_pretrained()
+    for call, match in (
+        (lambda: enc.embed_ids([[101, 102], []]), r"batch\[1\] holds no token ids"),
+        (lambda: enc.embed_ids([]), "batch must hold at least one list"),
+        (lambda: enc.embed_rows(torch.zeros(1, 0, dtype=torch.long)), "at least one token"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            call()

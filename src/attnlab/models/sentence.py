@@ -237,7 +237,7 @@ class SentenceEncoder(nn.Module):
             [[101, 7592, 1010, 2088, 999, 102]]
         """
         texts = _check_texts(texts)
-        texts = [t.lower() for t in texts] if self.config.lowercase else list(texts)
+        texts = [_lowercase(t) for t in texts] if self.config.lowercase else list(texts)
         encs = self.tokenizer.encode_batch(texts)
         cut = [i for i, e in enumerate(encs) if e.overflowing]
         if cut:
@@ -302,6 +302,11 @@ class SentenceEncoder(nn.Module):
 
     def embed_ids(self, batch: Sequence[Sequence[int]]) -> Tensor:
         """Embeddings ``(B, D)`` of one batch of token-id lists (no sorting)."""
+        if not len(batch):  # (torch's "repeat_interleave_cpu not implemented for 'Float'")
+            raise ValueError("batch must hold at least one list of token ids, got none")
+        empty = next((i for i, x in enumerate(batch) if not len(x)), None)
+        if empty is not None:  # (its mean over 0 tokens was NaN)
+            raise ValueError(f"batch[{empty}] holds no token ids; each text needs at least one")
         dev = self.bert.embeddings.word_embeddings.weight.device
         lengths = torch.tensor([len(x) for x in batch], device=dev)  # (B,)
         flat = torch.tensor(list(chain.from_iterable(batch)), dtype=torch.long, device=dev)  # (T,)
@@ -329,6 +334,8 @@ class SentenceEncoder(nn.Module):
         if not isinstance(ids, Tensor) or ids.dim() != 2:
             raise ValueError(f"ids must be a (B, L) tensor, got {getattr(ids, 'shape', ids)!r}")
         b, n = ids.shape
+        if not n:  # (its mean over 0 tokens was NaN)
+            raise ValueError(f"ids must hold at least one token per row, got shape {(b, n)}")
         hidden = self.bert(ids).hidden.flatten(0, 1)  # (B * L, D)
         doc = torch.arange(b, device=ids.device).repeat_interleave(n)  # (B * L,)
         lengths = torch.full((b,), n, device=ids.device)
@@ -368,6 +375,20 @@ class SentenceEncoder(nn.Module):
             pooled = layer(pooled)  # (B, D) -> (B, D')
         unit = self.config.normalize if normalize is None else normalize
         return F.normalize(pooled, dim=-1) if unit else pooled
+
+
+def _lowercase(text: str) -> str:
+    """``text`` lowercased character by character, as the ``Lowercase`` normalizer that
+    sentence-transformers 6 adds for ``do_lower_case`` does (Python's ``str.lower`` ends a
+    word's sigma as final, and token ids then differed: cosine 0.84 for "ΟΔΟΣ").
+
+    Example:
+        >>> _lowercase("ΟΔΟΣ")
+        'οδοσ'
+    """
+    from tokenizers.normalizers import Lowercase
+
+    return str(Lowercase().normalize_str(text))
 
 
 def _check_dense(dense: object, width: int) -> list[SentenceDense]:

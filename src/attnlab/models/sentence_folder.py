@@ -85,7 +85,9 @@ def read_json(path: Path, default: Any) -> Any:
 
 
 def pooling_mode(path: Path) -> str:
-    """The pooling a Pooling module's ``config.json`` names (``"mean"`` when absent).
+    """The pooling a Pooling module's ``config.json`` names (``"mean"`` when absent, or
+    when no mode is named or every earlier-layout mode is false, as sentence-transformers
+    reads it).
 
     Both layouts are read: ``{"pooling_mode": "cls"}`` (sentence-transformers 6) and
     ``{"pooling_mode_cls_token": true, ...}`` (earlier); when both are present,
@@ -117,6 +119,8 @@ def pooling_mode(path: Path) -> str:
         return str(one)
     modes = [mode for key, mode in _CLASSIC.items() if cfg.get(key)]
     extra = [k for k, v in cfg.items() if k.startswith("pooling_mode") and v and k not in _CLASSIC]
+    if not modes and not extra:  # none true, or no mode keys: mean, as sentence-transformers
+        return "mean"  # 6 reads such a config (it was refused)
     if len(modes) != 1 or extra:
         raise ValueError(
             f"{path}: exactly one of {tuple(_CLASSIC)} must be true (got {modes + extra})"
