@@ -156,9 +156,14 @@ def test_info_reports_the_zeros_cache(
     assert main(["info"]) == 0
     assert "zero-cache: off" in capsys.readouterr().out
     monkeypatch.setenv("ATTNLAB_ZEROS_CACHE_MB", "lots")
-    assert main(["info"]) == 1
+    assert main(["info"]) == 2  # every command checks the environment's limits first
     err = capsys.readouterr().err.strip()
     assert "ATTNLAB_ZEROS_CACHE_MB" in err and "'lots'" in err and "\n" not in err
+    monkeypatch.setenv("ATTNLAB_ZEROS_CACHE_MB", "0")
+    monkeypatch.setenv("ATTNLAB_KERNEL_POOL_MB", "abc")  # (tour printed 35 lines, then exit 1)
+    assert main(["tour", "--length", "256"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("attnlab tour: error: ATTNLAB_KERNEL_POOL_MB must be")
 
 
 _TIMED = (

@@ -494,3 +494,23 @@ def test_trainer_and_checkpoint_arguments_the_audit_found_unnamed(tmp_path: Path
         save_checkpoint(path, Checkpoint({}, {"a": object()}))
     assert not path.exists()
     assert load_checkpoint(save_checkpoint(path, good)).config == {"a": 1}  # the control
+
+
+def test_a_fresh_run_does_not_keep_an_earlier_runs_best(
+    task: TranslationTask, tmp_path: Path
+) -> None:
+    """(A fresh run into a used folder, stopped before its first evaluation, left the
+    earlier run's best.safetensors beside its own last one: ``serve --runs`` opened it as
+    this run's model.) A resumed run keeps its best."""
+    cfg = TrainConfig(steps=2, batch_size=4, eval_every=100, out_dir=str(tmp_path), progress=False)
+    earlier = Trainer(task, cfg)
+    earlier._save("best.safetensors")
+    best = tmp_path / "best.safetensors"
+    fresh = Trainer(task, cfg)
+    fresh.train_step()
+    fresh._save("last.safetensors")  # as a Ctrl-C saves it
+    assert not best.exists()
+    fresh._save("best.safetensors")
+    resumed = Trainer(task, dataclasses.replace(cfg, resume=True))
+    resumed._save("last.safetensors")
+    assert best.exists()  # its own run's

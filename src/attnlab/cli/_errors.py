@@ -33,6 +33,7 @@ from types import FrameType
 from typing import Any, NoReturn
 
 from attnlab._io import LockedError, WriteError
+from attnlab._validate import env_mib
 from attnlab.train import CheckpointError
 
 __all__ = ["Parser", "UsageError", "debug_wanted", "run_command", "warn", "warnings_as_lines"]
@@ -91,9 +92,18 @@ def warnings_as_lines(args: argparse.Namespace) -> Iterator[None]:
         warn(args, message)
 
 
+# the MiB limits a command may read from the environment, and their defaults
+ENV_MIB = {"ATTNLAB_KERNEL_POOL_MB": 256, "ATTNLAB_ZEROS_CACHE_MB": 1024}
+
+
 def run_command(args: argparse.Namespace) -> int:
     """Run ``args.run(args)``; any error becomes one line on stderr and an exit status."""
     prog = f"attnlab {getattr(args, 'command', '')}".strip()
+    try:  # the settings read from the environment, before any work (a bad pool size
+        for name, default in ENV_MIB.items():  # failed when the kernel first ran: tour
+            env_mib(name, default)  # printed 35 lines, then exit 1)
+    except ValueError as e:
+        return _fail(args, f"{prog}: error: {e}", USAGE)
     try:
         with _sigterm_as_interrupt(), _one_line_warnings(args):
             return int(args.run(args))

@@ -119,7 +119,9 @@ def run_train(args: argparse.Namespace) -> int:
         raise UsageError("--steps", msg)
     with OutputLock(out, command=_command(args)):
         if not args.resume and (out / "last.safetensors").exists():
-            warn(args, f"{out / 'last.safetensors'} will be overwritten (--resume continues it)")
+            best = " and the earlier best.safetensors removed" * (out / "best.safetensors").exists()
+            msg = f"{out / 'last.safetensors'} will be overwritten{best} (--resume continues it)"
+            warn(args, msg)
         # resumed without --train-size: the checkpoint's (the task's default was built,
         # 20-110 s of data, and then refused)
         task = _build(s, args.train_size if args.train_size is not None else _saved_size(state))

@@ -4,8 +4,7 @@ SIGTERM (a final checkpoint, then :class:`~attnlab.train.interrupt.TrainingInter
 
 Batches are a pure function of ``(seed, step)`` (a seeded permutation per epoch), the
 learning rate a pure function of the step, and the torch RNG state (dropout) is saved in
-every checkpoint, so a run resumed from a checkpoint takes the same steps as one that
-never stopped.
+every checkpoint: a resumed run takes the same steps as one that never stopped.
 """
 
 from __future__ import annotations
@@ -249,8 +248,10 @@ class Trainer:
         self.step, self.best, self.bad_evals = 0, -math.inf, 0
         self.history: list[dict[str, float]] = []
         self._perm: tuple[int, Tensor] | None = None
-        if cfg.resume and cfg.out_dir and (Path(cfg.out_dir) / "last.safetensors").exists():
-            self._resume(Path(cfg.out_dir) / "last.safetensors")
+        last = Path(cfg.out_dir or ".") / "last.safetensors"
+        self._fresh = not (cfg.resume and cfg.out_dir and last.exists())  # (see _save)
+        if not self._fresh:
+            self._resume(last)
         self.first_step = self.step  # where this run began (a resumed run: past 0)
         self.stop_reason: str | None = None  # why fit() stopped before ``steps``, if it did
         self.eval_seconds = 0.0  # spent in the task's evaluate (a scorer's first training too)
@@ -376,6 +377,9 @@ class Trainer:
         }
         ckpt = Checkpoint(self.model.state_dict(), self.task.config(), self.opt.state_dict(), state)
         save_checkpoint(Path(self.cfg.out_dir) / name, ckpt)
+        if self._fresh and name == "last.safetensors":  # an earlier run's best beside this
+            (Path(self.cfg.out_dir) / "best.safetensors").unlink(missing_ok=True)  # run's last
+        self._fresh = self._fresh and name != "best.safetensors"  # (serve opened the old one)
 
     def _resume(self, path: Path) -> None:
         ckpt = load_checkpoint(path)
