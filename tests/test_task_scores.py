@@ -54,3 +54,24 @@ def test_exact_match_tasks_count_their_hits(name: str, monkeypatch: pytest.Monke
     res = task.evaluate(task.build_model(), limit=3)
     assert res["score"] == accuracy_score(refs, _wrong_first(refs, "x")) == 2 / 3
     assert res["exact"] == 66.67
+
+
+def test_helpers_name_an_empty_sentence_and_a_locale_the_task_lacks() -> None:
+    """(translate([""]) named the model's src and lengths, which nobody passed; convert of
+    a date in a locale the task was not built with was a bare KeyError '<fr_FR>'.)"""
+    import datetime
+
+    from attnlab.tasks.dates import DatesTask
+    from attnlab.tasks.dates_data import draw_examples, writing_styles
+
+    task: Any = tiny_task("translation")
+    model = task.build_model()
+    for sentences, where in (([""], 0), (["deux cent un", "  "], 1)):
+        with pytest.raises(ValueError, match=rf"sentences\[{where}\] is empty"):
+            task.translate(model, sentences)
+    dates = DatesTask(20, 5, locales=("de_DE",))
+    day = [datetime.date(2020, 1, 2)]
+    (french,) = draw_examples(day, 1, writing_styles(("fr_FR",), ("long",)), torch.Generator())
+    with pytest.raises(ValueError, match="in locale 'fr_FR', which this task was not built"):
+        dates.convert(dates.build_model(), [french])
+    assert len(dates.convert(dates.build_model(), dates.test[:2])) == 2  # the control

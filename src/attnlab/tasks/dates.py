@@ -140,6 +140,7 @@ class DatesTask:
         positive_int("train_size", train_size)
         self.eval_size = positive_int("eval_size", eval_size)
         self.styles = writing_styles(locales, formats)
+        self.locales = sorted({loc for loc, _ in self.styles})
         seed = nonnegative_int("seed", seed)  # (None and "a" failed inside torch)
         train_days, test_days = split_dates(test_size, seed)
         g = torch.Generator().manual_seed(seed + 1)
@@ -163,7 +164,13 @@ class DatesTask:
         self._tgt = [self.tgt_vocab.encode(e.target) for e in self.train]
 
     def encode_source(self, ex: DateExample) -> list[int]:
-        """Source ids: the locale token, then the characters."""
+        """Source ids: the locale token, then the characters (a locale the task was not
+        built with is a ValueError naming it: a bare KeyError '<fr_FR>' before)."""
+        if ex.locale not in self.locales:
+            raise ValueError(
+                f"example {ex.text!r} is in locale {ex.locale!r}, which this task was not "
+                f"built with; its locales: {self.locales}"
+            )
         return self.src_vocab.encode(ex.text, tag=f"<{ex.locale}>")
 
     def build_model(self) -> nn.Module:

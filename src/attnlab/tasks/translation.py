@@ -1,8 +1,9 @@
 """Translation: French number words to English number words (num2words).
 
 ``"quatre-vingt-dix-sept mille trois cent deux"`` -> ``"ninety-seven thousand, three
-hundred and two"``. Numbers are drawn with a uniform number of digits (1 to 6), so small
-and large numbers are both common; the test numbers never occur in training. Scores are
+hundred and two"``. Training holds every number below 100 (the words the others are built
+from); the others, and every test number, are drawn with a uniform number of digits (3 to
+6), so small and large numbers are both common; the test numbers never occur in training. Scores are
 exact match and BLEU (sacrebleu) of greedy or beam-search decoding.
 """
 
@@ -62,7 +63,8 @@ def number_pairs(numbers: list[int]) -> list[tuple[str, str]]:
 def _split_numbers(
     train: int, test: int, seed: int, max_digits: int = 6
 ) -> tuple[list[int], list[int]]:
-    """Disjoint train and test numbers, digit counts uniform in 1..max_digits.
+    """Disjoint train and test numbers: every number below 100 in training, the others
+    with digit counts uniform in 3..max_digits.
 
     Every number below 100 is in training (they are the words the others are built
     from, like a dictionary); the test numbers are drawn from 100 upward.
@@ -171,6 +173,9 @@ class TranslationTask:
     ) -> list[str]:
         """English words for each French sentence, ``batch_size`` (>= 1) at a time."""
         batch_size = positive_int("batch_size", batch_size)  # -1 gave [], 0 a range() error
+        blank = next((i for i, s in enumerate(sentences) if not str(s).split()), None)
+        if blank is not None:  # (it named the model's src and lengths, which nobody passed)
+            raise ValueError(f"sentences[{blank}] is empty; give French number words")
         out: list[str] = []
         for i in range(0, len(sentences), batch_size):
             src, lengths = pad_batch(
