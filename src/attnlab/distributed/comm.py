@@ -61,7 +61,7 @@ class Group:
     def of(group: Any) -> Group:
         """The group (default: the world), checked to be initialized and to hold this rank."""
         ok = group is None or not dist.is_available() or isinstance(group, dist.ProcessGroup)
-        outside = type(group) is int and group == dist.GroupMember.NON_GROUP_MEMBER
+        outside = not ok and type(group) is int and group == dist.GroupMember.NON_GROUP_MEMBER
         if not ok and not outside:  # (outside: new_group's answer on a rank outside it)
             raise TypeError(  # (a list was "unhashable", a name torch's "not registered")
                 f"group must be a torch.distributed ProcessGroup (dist.new_group(...)) or None "
