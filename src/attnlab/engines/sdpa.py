@@ -67,7 +67,7 @@ class SdpaEngine(Engine):
         return None
 
     def prefers(self, req: AttentionRequest) -> bool:
-        return not _one_tracked_key(req.q, req.k, req.v) and not _one_key_rows(req)
+        return not _one_tracked_key(req.q, req.k, req.v)
 
     def plain(self, q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor | None:
         if 0 in q.shape[:3] or not _keeps_nan(q, k.shape[2], 0.0) or _unbatched(q):
@@ -112,22 +112,6 @@ def _one_tracked_key(q: Tensor, k: Tensor, v: Tensor) -> bool:
     another engine take it."""
     tracked = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
     return k.shape[2] == 1 and tracked
-
-
-def _one_key_rows(req: AttentionRequest) -> bool:
-    """Whether a call with gradients has a mask that leaves some row exactly one key (by
-    its row intervals): as for one key, that row's weight is exactly 1 and its dQ and dK
-    exactly 0, where torch SDPA's backward gave 1e-6 (a padded item of length 1: 15-97x
-    plain PyTorch's float32 error in dQ and dK); ``auto`` lets another engine take it."""
-    tracked = torch.is_grad_enabled() and (req.q.requires_grad or req.k.requires_grad)
-    if req.mask is None or not tracked or vmapping() or torch.compiler.is_compiling():
-        return False
-    bounds = req.mask.row_bounds(req.lq, req.lk, req.batch, req.q.device)
-    if bounds is None:  # the dense mask, which SDPA's call builds too (global tokens: 15-97x)
-        m = req.mask.dense(req.lq, req.lk, batch=req.batch, heads=req.heads, device=req.q.device)
-        return bool((_unbroadcast(m).sum(-1) == 1).any())
-    width = bounds.hi.clamp(max=req.lk - 1) - bounds.lo.clamp(min=0)  # (Bm, Lq): keys - 1
-    return bool((width == 0).any())
 
 
 def _keeps_nan(q: Tensor, lk: int, dropout_p: float) -> bool:
