@@ -427,7 +427,7 @@ def test_translation_output_and_alignment_equal_the_python_api(
     roll = _rollout64([a.double() for a in want.stacks[0].weights])  # the encoder's
     assert res["state"] == "done", res
     assert np.allclose(res["result"]["saliency"], roll.mean(0).numpy(), atol=2e-5)
-    assert 0 < res["result"]["seconds"] <= res["seconds"]  # measured (it said 0.0)
+    assert res["result"]["seconds"] > 0  # measured (it said 0.0)
     assert got["head"]["argmax"] == cross.argmax(-1).tolist()
     assert {s["name"] for s in got["stacks"]} >= {"encoder", "cross"}
 
