@@ -488,7 +488,7 @@ def test_bad_input_fails_on_every_rank_without_hanging() -> None:
         "flex on the CPU": "^ValueError: engine='flex' cannot run a context-parallel step on",
         "backward": "^ValueError: ranks disagree on the backward .*: \\[1, 0\\]",
         "kv batch": "^ValueError: ranks disagree on the batch: \\[3, 2\\]",
-        "closure grad": "^ValueError: bias's function reads a tensor that requires grad .*"
+        "closure grad": "^ValueError: the bias's function reads a tensor that requires grad .*"
         "strategy='ulysses'",
         "group list": "^TypeError: group must be a torch.distributed ProcessGroup .* got list",
     }

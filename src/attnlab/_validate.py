@@ -220,12 +220,22 @@ def _same_dtype_device(ts: tuple[Tensor, ...]) -> None:
         raise ValueError(f"q, k and v must be on one device; got {seen}")
 
 
+def broadcast_batch_size(*ts: Tensor) -> int:
+    """The batch ``ts`` broadcast to, a batch of 1 to any other: the first size that is not
+    1 (no check: :func:`_broadcast_batch` checks that the others match it).
+
+    Example:
+        >>> broadcast_batch_size(torch.zeros(1, 2), torch.zeros(3, 2), torch.zeros(1, 2))
+        3
+    """
+    return next((t.shape[0] for t in ts if t.shape[0] != 1), 1)
+
+
 def _broadcast_batch(*ts: Tensor) -> tuple[Tensor, ...]:
     sizes = [t.shape[0] for t in ts]
-    big = {s for s in sizes if s != 1}
-    if len(big) > 1:
+    if len({s for s in sizes if s != 1}) > 1:
         raise ValueError(f"batch sizes of q, k, v must match or be 1; got {sizes}")
-    b = big.pop() if big else 1
+    b = broadcast_batch_size(*ts)
     return tuple(t.expand(b, *t.shape[1:]) if t.shape[0] != b else t for t in ts)
 
 

@@ -92,16 +92,17 @@ def warnings_as_lines(args: argparse.Namespace) -> Iterator[None]:
         warn(args, message)
 
 
-# the MiB limits a command may read from the environment, and their defaults
-ENV_MIB = {"ATTNLAB_KERNEL_POOL_MB": 256, "ATTNLAB_ZEROS_CACHE_MB": 1024}
+# the MiB limits a command may read from the environment (their defaults are their
+# readers': engines._native's pool, engines.zeros' cache; here only set values are checked)
+ENV_MIB = ("ATTNLAB_KERNEL_POOL_MB", "ATTNLAB_ZEROS_CACHE_MB")
 
 
 def run_command(args: argparse.Namespace) -> int:
     """Run ``args.run(args)``; any error becomes one line on stderr and an exit status."""
     prog = f"attnlab {getattr(args, 'command', '')}".strip()
     try:  # the settings read from the environment, before any work (a bad pool size
-        for name, default in ENV_MIB.items():  # failed when the kernel first ran: tour
-            env_mib(name, default)  # printed 35 lines, then exit 1)
+        for name in ENV_MIB:  # failed when the kernel first ran: tour printed 35 lines,
+            env_mib(name, 0)  # then exit 1); unset: the 0 is not used
     except ValueError as e:
         return _fail(args, f"{prog}: error: {e}", USAGE)
     try:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attnlab._validate import _broadcast_batch, _no_heads, validate_scale
+from attnlab._validate import _broadcast_batch, _no_heads, broadcast_batch_size, validate_scale
 from attnlab.bias import Bias, TensorBias, as_bias
 from attnlab.distributed.comm import Group, gather_meta
 from attnlab.distributed.layout import LAYOUTS, shard_lengths, validate_layout
@@ -22,7 +22,7 @@ from attnlab.distributed.plan import choose
 from attnlab.distributed.ring import RingAttention
 from attnlab.distributed.setup import Setup, make_setup
 from attnlab.distributed.ulysses import ulysses
-from attnlab.engines._leaves import hides_grad
+from attnlab.engines._leaves import HIDES_GRAD, hides_grad
 from attnlab.engines._versions import held_code, held_tensors, raw_bytes
 from attnlab.masks import Mask, TensorMask, as_mask
 
@@ -161,7 +161,7 @@ def prepare(
         raise local_error
     n = _check_table(meta, g, layout)
     dim = q.shape[-1]
-    batch = next((t.shape[0] for t in (q, k, v) if t.shape[0] != 1), 1)  # 1 broadcasts
+    batch = broadcast_batch_size(q, k, v)
     sizes = (batch, q.shape[1], k.shape[1], dim, v.shape[-1])
     scale_ = (dim**-0.5 if dim else 1.0) if scale is None else float(scale)  # E = 0: no score
     s = make_setup(g, n, layout, strategy, mask_, bias_, scale_, engine, sizes)
@@ -254,10 +254,8 @@ def _hidden_grad_checks(bias: Bias | None, strategy: str) -> None:
     only: a function's closed-over tensor that requires grad got none, silently."""
     if strategy != "ulysses" and hides_grad(bias):
         raise ValueError(
-            "bias's function reads a tensor that requires grad but is not one of the bias's "
-            "parameters or buffers (a closure's or a default's); the ring and all-gather "
-            "steps reach only those: pass an nn.Module holding it to bias.custom, or use "
-            "strategy='ulysses'"
+            f"{HIDES_GRAD}; the ring and all-gather steps reach only those: pass an "
+            "nn.Module holding it to bias.custom, or use strategy='ulysses'"
         )
 
 

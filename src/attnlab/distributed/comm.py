@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from attnlab._validate import broadcast_batch_size
+
 __all__ = ["TRAFFIC", "Group", "Traffic", "gather_meta", "post", "wait_all"]
 
 _DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -123,7 +125,7 @@ def gather_meta(g: Group, q: Tensor, k: Tensor, v: Tensor, flags: tuple[int, ...
     code = _DTYPES.index(q.dtype) if q.dtype in _DTYPES else len(_DTYPES)
     # the batch the call runs (a batch of 1 broadcasts): q's alone let ranks whose k and v
     # differed pass, and gloo aborted the process ("Received data size doesn't match")
-    batch = next((t.shape[0] for t in (q, k, v) if t.shape[0] != 1), 1)
+    batch = broadcast_batch_size(q, k, v)
     row = torch.tensor(
         [batch, q.shape[1], k.shape[1], q.shape[2], q.shape[3], v.shape[3], code, *flags],
         dtype=torch.long,

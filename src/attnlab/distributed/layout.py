@@ -96,9 +96,7 @@ def shard(x: Tensor, rank: int, world: int, *, layout: str = "zigzag", dim: int 
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
-    if isinstance(dim, bool) or not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
-        raise ValueError(f"dim must be an int in [{-x.dim()}, {x.dim()}) for x of shape "
-                         f"{tuple(x.shape)}, got {dim!r}")  # fmt: skip
+    _check_dim(dim, x.dim(), f" for x of shape {tuple(x.shape)}")
     n = x.shape[dim]
     return torch.cat([x.narrow(dim, a, b - a) for a, b in pieces(n, rank, world, layout)], dim)
 
@@ -143,5 +141,10 @@ def _check_shards(shards: object, dim: object) -> None:
     rank = shards[0].dim()
     if any(t.dim() != rank for t in shards):
         raise ValueError(f"shards must share one rank, got {[t.dim() for t in shards]} dims")
+    _check_dim(dim, rank, "")
+
+
+def _check_dim(dim: object, rank: int, of: str) -> None:
+    """``dim`` an int dimension of a tensor of ``rank`` dims (``of``: said after the range)."""
     if isinstance(dim, bool) or not isinstance(dim, int) or not -rank <= dim < rank:
-        raise ValueError(f"dim must be an int in [{-rank}, {rank}), got {dim!r}")
+        raise ValueError(f"dim must be an int in [{-rank}, {rank}){of}, got {dim!r}")

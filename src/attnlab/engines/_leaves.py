@@ -18,7 +18,13 @@ from torch import Tensor, nn
 from attnlab.bias.function import CustomBias
 from attnlab.engines._versions import held_tensors
 
-__all__ = ["bias_leaves", "hides_grad", "holding"]
+__all__ = ["HIDES_GRAD", "bias_leaves", "hides_grad", "holding"]
+
+# what :func:`hides_grad` finds, said by those that refuse it (then: who reaches what)
+HIDES_GRAD = (
+    "the bias's function reads a tensor that requires grad but is not one of the bias's "
+    "parameters or buffers (a closure's or a default's)"
+)
 
 
 def _slots(bias: nn.Module) -> list[tuple[nn.Module, str, str, Tensor]]:

@@ -41,7 +41,7 @@ from torch._C._functorch import is_functorch_wrapped_tensor
 
 from attnlab._eager import vmapping
 from attnlab.engines import blocked_autograd, blocked_choice
-from attnlab.engines._leaves import hides_grad
+from attnlab.engines._leaves import HIDES_GRAD, hides_grad
 from attnlab.engines._native import build_settings, ops, pool_limit_mib
 from attnlab.engines._versions import versions as _versions
 from attnlab.engines.base import AttentionRequest, Engine, EngineResult, sink_rows, with_sinks
@@ -120,10 +120,8 @@ class BlockedEngine(Engine):
             )
         if hides_grad(req.bias):
             return (
-                "the bias's function reads a tensor that requires grad but is not one of "
-                "the bias's parameters or buffers (a closure's or a default's); the blocked "
-                "engine's backward reaches only those: pass an nn.Module holding it to "
-                "bias.custom, or use 'reference'"
+                f"{HIDES_GRAD}; the blocked engine's backward reaches only those: pass an "
+                "nn.Module holding it to bias.custom, or use 'reference'"
             )
         return None
 
