@@ -4,6 +4,7 @@ one-line errors before anything loads, and a clean stop on Ctrl-C."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -14,6 +15,8 @@ import urllib.request
 import pytest
 
 from attnlab.cli import main
+from attnlab.cli._errors import UsageError
+from attnlab.cli.serve import _check_allow_host
 
 pytest.importorskip("fastapi")
 
@@ -27,6 +30,20 @@ def test_remote_host_needs_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--host", "0.0.0.0"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--allow-remote" in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_an_allow_host_no_request_could_carry_is_one_line() -> None:
+    """(``--allow-host ""`` was accepted, and served as if it named nothing; a server
+    that starts runs until the subprocess timeout fails the test.)"""
+    r = _serve("--port", "0", "--allow-host", "proxy.test", "--allow-host", "")
+    assert r.returncode == 2 and r.stdout == "", r.stdout
+    err = r.stderr.strip()
+    assert "--allow-host" in err and "''" in err and len(err.splitlines()) == 1
+    for name in ("http://proxy.test", "proxy test", "x..y", ":80", "-x", "[::1]x"):
+        with pytest.raises(UsageError, match=re.escape(repr(name))):
+            _check_allow_host([name])
+    for name in ("proxy.test:8080", "[::1]:80", "::1", "10.0.0.1", "my-host.lan."):
+        _check_allow_host([name])
 
 
 def test_busy_port_and_missing_folders_are_one_line(tmp_path: object) -> None:

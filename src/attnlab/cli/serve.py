@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import errno
 import ipaddress
+import re
 import socket
 from typing import Any
 
@@ -27,6 +28,8 @@ __all__ = ["add_parsers", "run"]
 
 # bind errors of the address, not the port: not this machine's, or its family unsupported
 _HOST_ERRNOS = {errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT}
+# a DNS name as a Host header carries it: dot-separated labels of letters, digits and "-"
+_NAME = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*\.?", re.I)
 
 
 def add_parsers(sub: Any) -> None:
@@ -110,9 +113,32 @@ def _encoder(args: argparse.Namespace, sock: socket.socket) -> Any:
         raise
 
 
+def _check_allow_host(names: list[str]) -> None:
+    """Each ``--allow-host`` is a host name or an IP address, as a ``Host`` header names
+    it (an optional ``:port`` is ignored there): ``""`` or ``http://proxy`` could never
+    match a request, so they are usage errors, not silently unused names."""
+    for name in names:
+        host, port = name, ""
+        if name.startswith("[") and "]" in name:  # as guard.host_name reads a Host header
+            host, port = name[1 : name.find("]")], name[name.find("]") + 1 :].removeprefix(":")
+        elif name.count(":") == 1:
+            host, port = name.split(":")
+        if port and not port.isdigit():
+            host = name  # "http://proxy": a scheme, not a port
+        with contextlib.suppress(ValueError):
+            ipaddress.ip_address(host)
+            continue
+        if len(host) > 253 or not _NAME.fullmatch(host):
+            raise UsageError(
+                "--allow-host", f"{name!r} is not a host name or an IP address (e.g. proxy.lan)"
+            )
+
+
 def _check_args(args: argparse.Namespace) -> None:
-    """``--host`` (and ``--allow-remote``), ``--model`` and ``--runs``, before any work."""
+    """``--host`` (and ``--allow-remote``), ``--allow-host``, ``--model`` and ``--runs``,
+    before any work."""
     _check_host(args.host)
+    _check_allow_host(args.allow_host)
     if not _is_loopback(args.host) and not args.allow_remote:
         raise UsageError(
             "--host",
