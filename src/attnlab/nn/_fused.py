@@ -48,18 +48,26 @@ _POST_OPS["gelu_tanh"] = ("gelu", "tanh")
 #: AVX512-b and AVX2 (forced); from 16 rows on weights of 2**17 entries and more tie or
 #: gain (1.0-2.1x)
 FUSE_ROWS, FUSE_WEIGHT = 16, 1 << 17
+#: the fused kernel only up to this inner size K: up to 192 its products equal
+#: ``F.linear``'s bit for bit; from 256 on (AVX2 EPYC, torch 2.13) oneDNN sums K in one
+#: long run where MKL sums blocks, and its error against float64 was 1.7-2.7x F.linear's
+#: at K=256-768 and 3.5-4.8x at 1536 (MiniLM's 1536 -> 384), past the 2x rule; MiniLM
+#: encoded 400 texts no slower without it (22.3 against 27.1 s, a loaded machine)
+FUSE_INNER = 192
 
 
 def _fusable(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     """CPU float32 without autograd or autocast, and the op is available, from
-    :data:`FUSE_ROWS` rows and :data:`FUSE_WEIGHT` weight entries on; not while
+    :data:`FUSE_ROWS` rows and :data:`FUSE_WEIGHT` weight entries on, up to an inner
+    size of :data:`FUSE_INNER`; not while
     torch.compile traces (inductor fuses linears itself, and failed to lower this op on
     the packed weight), nor under torch.func.vmap (no batching rule: torch warned at
     each call and looped over the items)."""
     return (
         _POINTWISE is not None
         and x.dim() >= 2
-        and x.numel() >= FUSE_ROWS * x.shape[-1] > 0  # (an empty batch: reshape failed)
+        and 0 < x.shape[-1] <= FUSE_INNER
+        and x.numel() >= FUSE_ROWS * x.shape[-1]  # (an empty batch: reshape failed)
         and weight.numel() >= FUSE_WEIGHT
         and not torch.compiler.is_compiling()
         and x.device.type == "cpu"
@@ -208,8 +216,14 @@ def module_linear(
 
 
 def _plain(module: nn.Module) -> TypeGuard[nn.Linear]:
-    """An ``nn.Linear`` itself (not a subclass or a swapped module), without hooks."""
-    return plain(module, nn.Linear)
+    """An ``nn.Linear`` whose forward is ``nn.Linear``'s own (the attention's output
+    projection only initializes differently; a swapped or quantized module, or one with
+    its own forward, is not), without hooks."""
+    return (
+        isinstance(module, nn.Linear)
+        and type(module).forward is nn.Linear.forward
+        and plain(module, type(module))
+    )
 
 
 def plain(module: nn.Module, kind: type) -> bool:
