@@ -991,6 +991,30 @@ def test_edges_the_audit_found_in_sinks_buckets_dense_heads_and_attend() -> None
         torch.testing.assert_close(got[i], want, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_row_with_neither_keys_nor_a_sink_has_weights_0(dtype: torch.dtype) -> None:
+    """(The blocked kernel's weights pass gave NaN weights on such a row in float32:
+    exp(-inf - -inf); its output and logsumexp were right.) Against the reference engine
+    and a softmax over the scores and the sink, in float64."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 8, generator=g, dtype=dtype) for n in (4, 6, 6))
+    mask, sinks = masks.padding([6], query_lengths=[3]), torch.tensor([0.5, -math.inf])
+    for engine in ("reference", "blocked", "auto"):
+        got = attnlab.attention(
+            q, k, v, mask=mask, sinks=sinks.to(dtype), engine=engine, return_weights=True
+        )
+        s = torch.cat(
+            [
+                q.double() @ k.double().mT / 8**0.5,
+                sinks.view(1, 2, 1, 1).expand(1, 2, 4, 1).double(),
+            ],
+            -1,
+        )
+        want = torch.softmax(s, -1)[..., :6].masked_fill(torch.arange(4).view(4, 1) >= 3, 0.0)
+        assert not got.weights.isnan().any(), engine
+        torch.testing.assert_close(got.weights.double(), want, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("engine", ["reference", "sdpa", "blocked", "auto"])
 def test_float64_alibi_of_a_default_module_is_float64_exact(engine: str) -> None:
     """(alibi(12) kept float32 slopes, so float64 attention carried their rounding: 1.7e-8

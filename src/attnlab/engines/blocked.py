@@ -369,7 +369,9 @@ def _forward_with_weights(
     blocked_autograd.STATS["scores"] = work
     if req.sinks is not None:  # the sinks take their share of every row, weights too
         out, total = with_sinks(out, lse, req.sinks)
-        share = torch.exp(lse - total).unsqueeze(-1)  # (B, Hq, Lq, 1)
+        # a row with neither keys nor a sink (both -inf) keeps weights 0 (the exp was NaN)
+        share = torch.exp(lse - total).masked_fill(torch.isneginf(total), 0.0)  # (B, Hq, Lq)
+        share = share.unsqueeze(-1)  # (B, Hq, Lq, 1)
         for r0, r1, k0, k1 in kplan.blocks.tolist():  # only the blocks' keys hold weights:
             w[:, :, r0:r1, k0:k1].mul_(share[:, :, r0:r1])  # the other pages stay unbacked
         lse = total
