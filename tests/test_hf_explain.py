@@ -219,3 +219,44 @@ def test_explain_hf_model_never_unpickles_and_never_explains_random_weights(
             load_hf(path)
     assert not (tmp_path / "r.html").exists()
     assert main(["explain", "the cat sat", "--hf-model", str(folder), *out]) == 0  # control
+
+
+def test_decoder_without_bos_attributes_its_first_word(tmp_path: Path) -> None:
+    """GPT-2's tokenizer puts no BOS first: its first token is a word of the text, which
+    the baseline kept as if it were [CLS], so that word's integrated gradient was always
+    exactly 0. The baseline pads it now; the attributions equal a hand integral."""
+    from attnlab.interpret.text import explained_score
+
+    folder = _decoder_folder(tmp_path / "gpt2")
+    model, tok = load_hf(folder)
+    text = "dog sat on a red mat"
+    tm = hf_text_model(model, tok, text=text, continuation="ran to the house")
+    ex = explain_text(tm, text, tmp_path / "r.html", steps=32, log=lambda s: None)
+    got = torch.tensor(ex.saliency["integrated gradients"])
+    assert got[0] != 0, got  # the first word "dog" (was 0.0)
+    ids = torch.tensor([list(tm.tokenize(text))])  # (1, 10): 6 words, 4 scored
+    base = ids.clone()
+    base[0, :6] = tok.pad_token_id
+    score = explained_score(tm, ids)
+    with torch.no_grad():
+        assert abs(ex.baseline_score - float(score(base))) < 1e-6
+    # by hand: trapezoid over 256 steps on the straight path between the word embeddings
+    wte = model.get_input_embeddings()
+    with torch.no_grad():
+        e_x, e_b = wte(ids), wte(base)  # (1, n, D)
+    alpha = torch.linspace(0, 1, 257)[:, None, None]
+    path = (e_b + alpha * (e_x - e_b)).requires_grad_(True)  # (257, n, D)
+    hook = wte.register_forward_hook(lambda m, i, o: path)
+    try:
+        (grad,) = torch.autograd.grad(score(ids.expand(257, -1)).sum(), path)
+    finally:
+        hook.remove()
+    w = torch.full((257, 1, 1), 1 / 256)
+    w[0] = w[-1] = 1 / 512
+    want = ((grad * w).sum(0) * (e_x - e_b)[0]).sum(-1)  # (n,)
+    assert abs(float(want[0])) > 1e-3
+    assert max_err(got, want) < 1e-4, (got, want)
+    assert abs(float(got.sum()) - (ex.score - ex.baseline_score)) < 1e-4  # completeness
+    from attnlab.integrations.hf_text import _adds_first
+
+    assert _adds_first(transformers.AutoTokenizer.from_pretrained(minilm_path()))  # [CLS] kept

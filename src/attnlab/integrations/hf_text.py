@@ -140,6 +140,7 @@ def hf_text_model(
         "token_name": lambda i: token_text(tokenizer, int(i)),
         "input_embeddings": model.get_input_embeddings(),  # type: ignore[operator]
         "pad_id": int(pad),
+        "keep_first": _adds_first(tokenizer),  # GPT-2's first token is a word of the text
     }
     if not is_decoder(model.config):
 
@@ -163,6 +164,20 @@ def hf_text_model(
         keep_last=len(follow),
         **common,
     )
+
+
+def _adds_first(tokenizer: Any) -> bool:
+    """Whether the tokenizer puts a special token ([CLS], <s>) before the text's tokens.
+
+    Example:
+        >>> def bert(s, add_special_tokens=True):  # [CLS] a [SEP]
+        ...     return {"input_ids": [101, 7, 102] if add_special_tokens else [7]}
+        >>> _adds_first(bert), _adds_first(lambda s, add_special_tokens=True: {"input_ids": [7]})
+        (True, False)
+    """
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    marked = tokenizer("a")["input_ids"]
+    return bool(marked) and list(marked[:1]) != list(plain[:1])
 
 
 def _continuation(model: nn.Module, tokenizer: Any, text: str, cont: str | None) -> list[int]:

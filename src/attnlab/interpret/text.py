@@ -59,8 +59,10 @@ class TextModel:
         pooled: ids ``(B, n)`` -> the raw pooled embedding ``(B, D)``, differentiable.
         embed: ids ``(B, n)`` -> the embedding ``(B, D)`` as the model gives it.
         input_embeddings: the module whose output integrated gradients interpolate.
-        pad_id: the baseline's token id (the first token and the last ``keep_last`` are
-            kept).
+        pad_id: the baseline's token id (the first token when ``keep_first`` and the last
+            ``keep_last`` are kept).
+        keep_first: whether the baseline keeps the first token: a special token the
+            tokenizer puts first ([CLS], <s>), not a word of the text (GPT-2 adds none).
         keep_last: tokens at the end the baseline keeps: a decoder's scored continuation
             (padded, its log-probability was of other tokens than the path's).
         pooling: ``"cls"`` (the first token's state), ``"next"`` (a decoder's
@@ -89,6 +91,7 @@ class TextModel:
     pad_id: int
     pooling: str = "mean"
     keep_last: int = 1
+    keep_first: bool = True
 
 
 @dataclass
@@ -204,10 +207,11 @@ def explained_score(
 def _integrated(
     model: TextModel, score: Callable[[Tensor], Tensor], ids: Tensor, steps: int
 ) -> tuple[Attribution, float, float]:
-    """Integrated gradients from a baseline of padding between the first token and the
-    last ``keep_last``, and the score at the text and at the baseline."""
+    """Integrated gradients from a baseline of padding between the first token (when
+    ``keep_first``) and the last ``keep_last``, and the score at the text and at the
+    baseline."""
     base = ids.clone()
-    base[:, 1 : ids.shape[1] - model.keep_last] = model.pad_id  # keep [CLS] and [SEP]
+    base[:, int(model.keep_first) : ids.shape[1] - model.keep_last] = model.pad_id
     ig = integrated_gradients(
         score, ids, base, layer=model.input_embeddings, steps=steps, internal_batch_size=8
     )
