@@ -97,7 +97,7 @@ def test_out_that_is_an_input_is_refused_before_work(
         assert doc.read_text() == PROSE, argv
     other = tmp_path / "other.md"  # control: another existing file passes the check
     other.write_text("x")
-    assert ask_cli._out_file(str(other), [doc]) == other
+    assert ask_cli._out_file(str(other), [doc], None) == other
 
 
 def test_empty_paths_are_usage_errors_not_the_current_folder(

@@ -46,6 +46,41 @@ def test_explain_out_may_not_replace_a_model_file(
 
 
 @NEED_MODEL
+@pytest.mark.parametrize("command", ["explain", "ask", "summarize"])
+@pytest.mark.parametrize("given", [False, True])
+def test_out_may_not_replace_a_file_of_the_default_model(
+    tmp_path: Path,
+    command: str,
+    given: bool,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without ``--model``, ``explain --out`` naming the shipped model's config.json was
+    accepted (its input folder was None), and ``ask`` and ``summarize`` checked no model
+    folder at all, given or not. The shipped folder is a copy here, so nothing real is
+    at risk when a check is missing."""
+    from attnlab.models import minilm_path
+
+    model = tmp_path / "model"
+    shutil.copytree(minilm_path(), model)
+    monkeypatch.setattr("attnlab.cli._sentence.minilm_path", lambda: model, raising=False)
+    config = (model / "config.json").read_bytes()
+    doc = tmp_path / "a.txt"
+    doc.write_text("Cats purr when they are happy. Dogs bark at strangers. Birds sing.\n")
+    argv = {
+        "explain": ["explain", "hi", "--steps", "2"],
+        "ask": ["ask", "why do cats purr?", "--docs", str(doc), "--no-explain"],
+        "summarize": ["summarize", str(doc), "--sentences", "1"],
+    }[command]
+    argv += ["--out", str(model / "config.json")] + (["--model", str(model)] if given else [])
+    assert main(argv) == 2
+    line = _one_line(capsys)
+    assert "argument --out:" in line and "config.json' is an input" in line, line
+    assert (model / "config.json").read_bytes() == config
+    assert main([*argv[: -4 if given else -2], "--out", str(tmp_path / "r.html")]) == 0  # control
+
+
+@NEED_MODEL
 def test_explain_pictures_that_are_folders_are_named_before_work(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -5,13 +5,20 @@ from __future__ import annotations
 import argparse
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from attnlab.cli._args import check_in_folder, shown
 from attnlab.cli._errors import UsageError
-from attnlab.models import SentenceEncoder, TruncationWarning
+from attnlab.models import SentenceEncoder, TruncationWarning, minilm_path
 from attnlab.train import CheckpointError
 
-__all__ = ["add_model_option", "check_has_tokens", "encoder_tokens", "load_encoder"]
+__all__ = [
+    "add_model_option",
+    "check_has_tokens",
+    "encoder_tokens",
+    "load_encoder",
+    "model_folder",
+]
 
 
 def add_model_option(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +39,18 @@ def load_encoder(model: str | None) -> tuple[SentenceEncoder, str]:
     except (OSError, ValueError, KeyError, CheckpointError) as e:
         msg = f"{model!r} is not a sentence-transformers folder attnlab can read: {e}"
         raise UsageError("--model", msg) from e
+
+
+def model_folder(model: str | None) -> Path | None:
+    """The folder whose files the command reads: ``--model``'s, else the shipped
+    all-MiniLM-L6-v2's (None where that is not installed: loading it says so). An
+    ``--out`` may name none of its files (a report replaced the default model's config)."""
+    if model is not None:
+        return Path(model)
+    try:
+        return minilm_path()
+    except (ModuleNotFoundError, FileNotFoundError):
+        return None
 
 
 def encoder_tokens(encoder: SentenceEncoder) -> Callable[[str], Sequence[int]]:

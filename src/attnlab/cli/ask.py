@@ -29,6 +29,7 @@ from attnlab.cli._args import (
     check_not_input,
     check_out_file,
     check_out_folder,
+    check_outputs_not_inputs,
     clean_text,
     clip,
     int_in,
@@ -36,7 +37,7 @@ from attnlab.cli._args import (
     shown,
 )
 from attnlab.cli._errors import UsageError, warn, warnings_as_lines
-from attnlab.cli._sentence import add_model_option, load_encoder
+from attnlab.cli._sentence import add_model_option, load_encoder, model_folder
 
 __all__ = ["add_parsers", "run_ask", "run_summarize"]
 
@@ -93,12 +94,14 @@ def _documents(docs: list[str]) -> tuple[list[Document], list[Path]]:
         raise UsageError("--docs", str(e).removeprefix("docs: ")) from None
 
 
-def _out_file(out: str | None, inputs: Sequence[Path]) -> Path | None:
-    """``--out`` checked: a writable file that is none of the ``inputs``."""
+def _out_file(out: str | None, inputs: Sequence[Path], model: str | None) -> Path | None:
+    """``--out`` checked: a writable file that is none of the ``inputs`` and no file of
+    the ``--model`` folder (without one, of the shipped model's)."""
     if out is None:
         return None
     path = check_out_file("--out", out)
     check_not_input("--out", path, inputs)
+    check_outputs_not_inputs("--out", [path], model_folder(model))
     return path
 
 
@@ -134,7 +137,7 @@ def run_ask(args: argparse.Namespace) -> int:
         check_prose(documents)
     except ValueError as e:  # only code: said before the model loads, as summarize does
         raise UsageError("--docs", str(e).removeprefix("docs: ")) from None
-    out = _out_file(args.out, inputs)
+    out = _out_file(args.out, inputs, args.model)
     cache = _cache(args) if args.cache is None else check_out_folder("--cache", args.cache)
     enc, _ = load_encoder(args.model)
     with warnings_as_lines(args), _progress_line("indexing") as progress:
@@ -201,7 +204,7 @@ def run_summarize(args: argparse.Namespace) -> int:
     """``attnlab summarize``."""
     doc = _summary_doc(args.file)
     inputs = [] if args.file.startswith("pydoc:") else [Path(args.file)]
-    out = _out_file(args.out, inputs)  # (named after seconds of splitting, below)
+    out = _out_file(args.out, inputs, args.model)  # (named after seconds of splitting, below)
     if args.model is not None:
         check_in_folder("--model", args.model)
     with _progress_line("reading", "paragraphs split into sentences") as progress:

@@ -21,7 +21,13 @@ from attnlab.cli._args import (
     int_in,
 )
 from attnlab.cli._errors import UsageError
-from attnlab.cli._sentence import add_model_option, check_has_tokens, encoder_tokens, load_encoder
+from attnlab.cli._sentence import (
+    add_model_option,
+    check_has_tokens,
+    encoder_tokens,
+    load_encoder,
+    model_folder,
+)
 from attnlab.interpret import TextModel, explain_text
 from attnlab.interpret.text import explanation_files
 from attnlab.tasks.encoder import text_model
@@ -151,9 +157,10 @@ def _check_args(args: argparse.Namespace) -> tuple[str, str | None, str | None, 
     if args.model is not None and args.hf_model is not None:  # --model went unread
         raise UsageError("--model", "and --hf-model name two models; give one of them")
     out = check_out_file("--out", args.out)
-    folder = args.hf_model if args.hf_model is not None else args.model
-    # the pictures beside the report too; none may be a model file (weights were replaced)
-    check_outputs_not_inputs("--out", explanation_files(out), folder and Path(folder))
+    folder = Path(args.hf_model) if args.hf_model is not None else model_folder(args.model)
+    # the pictures beside the report too; none may be a model file (weights were replaced;
+    # without --model, the shipped model's config.json could be)
+    check_outputs_not_inputs("--out", explanation_files(out), folder)
     return text, against, continuation, out
 
 
