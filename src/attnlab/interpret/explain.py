@@ -13,6 +13,7 @@ Attention lists are in layer order, each ``(B, H, n, n)`` with rows the queries.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -315,6 +316,7 @@ def integrated_gradients(
         if layer is None
         else attr.LayerIntegratedGradients(scores, layer)
     )
+    _float64_step_sizes(algo if layer is None else algo.ig)
     with torch.enable_grad():
         a, delta = algo.attribute(
             inputs,
@@ -327,6 +329,48 @@ def integrated_gradients(
     if method == "riemann_trapezoid":
         a, delta = _trapezoid_fix(a, delta, steps)
     return Attribution(a.detach(), delta.detach())
+
+
+def _float64_step_sizes(ig: Any) -> None:
+    """captum (0.9) multiplies each step's gradients by its step size cast to float32
+    (``torch.tensor(step_sizes).float()``), so float64 attributions were float32-accurate
+    only (6.6e-9 off a float64 integral that 64 Gauss-Legendre steps reach to 1e-14).
+    Scale each step's float64 gradients by ``size / float32(size)`` first, on this ``ig``
+    (an ``IntegratedGradients``) alone; other dtypes are left as captum computes them."""
+    from captum.attr._utils.approximation_methods import approximation_parameters
+
+    plain = ig._attribute
+    signature = inspect.signature(plain)
+
+    def attribute(*args: Any, **kwargs: Any) -> Any:
+        call = signature.bind(*args, **kwargs)
+        call.apply_defaults()
+        n, given = call.arguments["n_steps"], call.arguments["step_sizes_and_alphas"]
+        sizes = (
+            given[0]
+            if given is not None
+            else approximation_parameters(call.arguments["method"])[0](n)
+        )
+        exact = torch.tensor(sizes, dtype=torch.float64)
+        fix = (exact / exact.float().double()).view(n, 1)  # (steps, 1)
+        gradients = ig.gradient_func
+
+        def scaled(*a: Any, **k: Any) -> tuple[Tensor, ...]:
+            grads = gradients(*a, **k)  # each (steps * B, ...), step-major
+            return tuple(
+                (g.reshape(n, -1) * fix.to(g.device)).view(g.shape)
+                if g.dtype == torch.float64
+                else g
+                for g in grads
+            )
+
+        ig.gradient_func = scaled
+        try:
+            return plain(*args, **kwargs)
+        finally:
+            ig.gradient_func = gradients
+
+    ig._attribute = attribute
 
 
 def _trapezoid_fix(a: Tensor, delta: Tensor, steps: int) -> tuple[Tensor, Tensor]:
