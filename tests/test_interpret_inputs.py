@@ -258,3 +258,18 @@ def test_report_arguments_and_picture_names_the_explorer_audit_found(tmp_path) -
     assert [f.name for f in files] == ["w.html", "w_heads.png", "w_rollout.png",
                                        "w_saliency_a_b.png"]  # fmt: skip
     assert all(f.parent == tmp_path and f.is_file() for f in files)
+
+
+def test_a_report_past_its_token_limit_says_the_limit(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past 65535 tokens (uint16 key indices) it said "tokens has 5 entries but the
+    weights are 5 x 5", though the two agreed. The limit is lowered to 4 here."""
+    import attnlab.interpret.report as report_module
+
+    monkeypatch.setattr(report_module, "_MAX_TOKENS", 4)
+    with pytest.raises(ValueError, match=r"attentions are 5 x 5: a report shows at most 4 tokens"):
+        report(tmp_path / "r.html", list("abcde"), [torch.full((1, 5, 5), 0.2)])
+    with pytest.raises(ValueError, match=r"tokens has 3 entries but the weights are 4 x 4"):
+        report(tmp_path / "r.html", list("abc"), [torch.full((1, 4, 4), 0.25)])
+    assert report(tmp_path / "r.html", list("abcd"), [torch.full((1, 4, 4), 0.25)]).exists()

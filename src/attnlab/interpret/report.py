@@ -107,7 +107,12 @@ def report(
     _check_texts(tokens, title, text)
     layers = _per_layer(attentions)
     n = layers[0].shape[-1]
-    if len(tokens) != n or n > _MAX_TOKENS:
+    if n > _MAX_TOKENS:  # (it said "tokens has 70000 entries but the weights are 70000 x ...")
+        raise ValueError(
+            f"attentions are {n} x {n}: a report shows at most {_MAX_TOKENS} tokens (its key "
+            "indices are stored as uint16); cut the text"
+        )
+    if len(tokens) != n:
         raise ValueError(f"tokens has {len(tokens)} entries but the weights are {n} x {n}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k must be a positive int, got {top_k!r}")
