@@ -273,3 +273,57 @@ def test_a_report_past_its_token_limit_says_the_limit(
     with pytest.raises(ValueError, match=r"tokens has 3 entries but the weights are 4 x 4"):
         report(tmp_path / "r.html", list("abc"), [torch.full((1, 4, 4), 0.25)])
     assert report(tmp_path / "r.html", list("abcd"), [torch.full((1, 4, 4), 0.25)]).exists()
+
+
+def test_pictures_refuse_what_they_cannot_draw_before_drawing(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A str as tokens was drawn letter by letter (report refuses one); a NaN image gave a
+    blank panel and negative maps were drawn as 0; alpha=5 failed inside matplotlib; a
+    folder as path failed at the write, after the drawing. Each is refused, naming the
+    argument, before matplotlib is asked for anything."""
+    import attnlab.interpret.image as image_module
+
+    def no_drawing() -> None:
+        raise AssertionError("drew before checking")
+
+    img, maps = torch.rand(8, 8), torch.rand(1, 2, 2)
+    cases = [
+        (lambda: plot.heatmap(torch.eye(3), "abc", tmp_path / "h.png"), TypeError,
+         "tokens must be a list of str .* got the str 'abc'"),
+        (lambda: plot.alignment(torch.eye(3), list("abc"), "xyz", tmp_path / "h.png"),
+         TypeError, "tgt_tokens must be a list of str"),
+        (lambda: plot.saliency("ab", [1.0, 2.0], tmp_path / "s.png"), TypeError,
+         "tokens must be a list of str"),
+        (lambda: plot.head_grid([torch.rand(1, 3, 3)], tmp_path / "g.png", tokens="abc"),
+         TypeError, "tokens must be a list of str"),
+        (lambda: image_attention(torch.full((8, 8), float("nan")), maps, ["x"], tmp_path / "i.png"),
+         ValueError, "image must be finite, got 64 NaN or inf values"),
+        (lambda: image_attention(img, -maps, ["x"], tmp_path / "i.png"), ValueError,
+         r"maps must be finite and >= 0"),
+        (lambda: image_attention(img, maps * float("nan"), ["x"], tmp_path / "i.png"), ValueError,
+         r"maps must be finite and >= 0"),
+        (lambda: image_attention(img, maps, ["x"], tmp_path / "i.png", alpha=5.0), ValueError,
+         r"alpha must be a number in \[0, 1\], got 5.0"),
+        (lambda: image_attention(img, maps, ["x"], tmp_path / "i.png", alpha="0.5"), TypeError,
+         r"alpha must be a number in \[0, 1\], got str"),
+        (lambda: image_attention(img, maps, ["x"], tmp_path), ValueError,
+         "path must be a PNG file to write, got the folder"),
+        (lambda: plot.heatmap(torch.eye(3), list("abc"), tmp_path), ValueError,
+         "path must be a PNG file to write, got the folder"),
+        (lambda: plot.saliency(["a"], [1.0], tmp_path), ValueError, "path must be a PNG file"),
+        (lambda: plot.head_grid([torch.rand(1, 3, 3)], tmp_path), ValueError,
+         "path must be a PNG file"),
+    ]  # fmt: skip
+    with monkeypatch.context() as m:
+        m.setattr(plot, "pyplot", no_drawing)
+        m.setattr(image_module, "pyplot", no_drawing)
+        for call, error, match in cases:
+            with pytest.raises(error, match=match):
+                call()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    # the controls: edges of what is taken
+    plot.heatmap(torch.eye(3), ("a", "b", "c"), tmp_path / "h.png")
+    for alpha in (0, 1.0):
+        image_attention(img, maps * 0, ["x"], tmp_path / "i.png", alpha=alpha)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.png", "i.png"]

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from attnlab.interpret.plot import pyplot, save_figure
+from attnlab._validate import real_where
+from attnlab.interpret.plot import check_png_path, pyplot, save_figure
 
 __all__ = ["image_attention", "patch_grid"]
 
@@ -31,12 +32,16 @@ def _as_image(image: object) -> np.ndarray:
     if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
         raise ValueError(f"image must have shape (H, W) or (H, W, 3), got {image.shape}")
     img = image.astype(np.float64)
+    if not np.isfinite(img).all():  # (a blank panel was drawn)
+        raise ValueError(
+            f"image must be finite, got {int((~np.isfinite(img)).sum())} NaN or inf values"
+        )
     lo, hi = float(img.min()), float(img.max())
     return (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
 
 
 def _as_maps(maps: object, titles: Sequence[str]) -> np.ndarray:
-    """``(N, gh, gw)`` non-negative maps, one per title."""
+    """``(N, gh, gw)`` finite non-negative maps, one per title."""
     m = maps.detach().float().cpu().numpy() if isinstance(maps, Tensor) else maps
     if not isinstance(m, np.ndarray):
         raise TypeError(f"maps must be a Tensor or numpy array (N, gh, gw), got {type(m).__name__}")
@@ -44,6 +49,11 @@ def _as_maps(maps: object, titles: Sequence[str]) -> np.ndarray:
         raise ValueError(
             f"maps must have shape (N, gh, gw) with N = len(titles) = {len(titles)}, "
             f"got shape {m.shape}"
+        )
+    if not np.isfinite(m).all() or (m < 0).any():  # (drawn, negative weights as 0)
+        raise ValueError(
+            f"maps must be finite and >= 0 (attention weights), got values from {np.min(m)} "
+            f"to {np.max(m)}"
         )
     return m
 
@@ -60,13 +70,13 @@ def image_attention(
     """Save a PNG: the image, then one panel per attention map blended over it.
 
     Args:
-        image: ``(H, W)`` grey or ``(H, W, 3)`` RGB (any range; scaled to [0, 1]).
-        maps: ``(N, gh, gw)`` attention over the ``gh x gw`` patch grid (row-major
-            patches, as a ViT's ``PatchEmbedding`` orders them).
+        image: ``(H, W)`` grey or ``(H, W, 3)`` RGB (any finite range; scaled to [0, 1]).
+        maps: ``(N, gh, gw)`` attention (finite, >= 0) over the ``gh x gw`` patch grid
+            (row-major patches, as a ViT's ``PatchEmbedding`` orders them).
         titles: ``N`` panel titles (the generated words, or "rollout").
         path: the PNG to write (atomically).
         title: a line above the panels.
-        alpha: opacity of the attention overlay.
+        alpha: opacity of the attention overlay, in [0, 1].
 
     Returns:
         The path written.
@@ -78,6 +88,8 @@ def image_attention(
         >>> p.suffix, p.stat().st_size > 0
         ('.png', True)
     """
+    check_png_path(path)
+    real_where("alpha", alpha, lambda a: 0 <= a <= 1, "a number in [0, 1]")
     img, m = _as_image(image), _as_maps(maps, titles)
     h, w = img.shape[:2]
     plt = pyplot()

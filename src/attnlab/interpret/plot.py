@@ -15,7 +15,15 @@ from torch import Tensor
 
 from attnlab._io import atomic_write
 
-__all__ = ["alignment", "head_grid", "heatmap", "pyplot", "saliency", "save_figure"]
+__all__ = [
+    "alignment",
+    "check_png_path",
+    "head_grid",
+    "heatmap",
+    "pyplot",
+    "saliency",
+    "save_figure",
+]
 
 
 def pyplot() -> Any:
@@ -55,6 +63,9 @@ def alignment(
         >>> p.suffix, p.stat().st_size > 0
         ('.png', True)
     """
+    check_png_path(path)
+    for name, tokens in (("src_tokens", src_tokens), ("tgt_tokens", tgt_tokens)):
+        _check_tokens(name, tokens)
     w = _matrix("weights", weights, len(tgt_tokens), len(src_tokens))
     plt = pyplot()
     cols, rows = min(w.shape[1], MAX_LABELS), min(w.shape[0], MAX_LABELS)  # the size bounded
@@ -74,6 +85,7 @@ def heatmap(weights: Tensor, tokens: Sequence[str], path: str | Path, *, title: 
         >>> p.stat().st_size > 0
         True
     """
+    _check_tokens("tokens", tokens)
     return alignment(weights, tokens, tokens, path, title=title)
 
 
@@ -107,6 +119,9 @@ def head_grid(
         raise ValueError(  # (zero heads: matplotlib's "Number of columns must be ...")
             "attentions must be a non-empty list of per-layer (H, n, m) tensors, H >= 1"
         )
+    check_png_path(path)
+    if tokens is not None:
+        _check_tokens("tokens", tokens)
     rows, cols = len(attentions), max(a.shape[0] for a in attentions)
     plt = pyplot()
     fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows), squeeze=False)
@@ -144,6 +159,8 @@ def saliency(
         >>> saliency(["a", "b"], [0.5, -0.2], tempfile.mkdtemp() + "/s.png").suffix
         '.png'
     """
+    check_png_path(path)
+    _check_tokens("tokens", tokens)
     if isinstance(scores, Tensor) and scores.dim() != 1:  # ("only one element tensors")
         raise ValueError(f"scores must be one value per token (n,), got {tuple(scores.shape)}")
     vals = [float(v) for v in scores]
@@ -156,6 +173,33 @@ def saliency(
     ax.axhline(0.0, color="black", linewidth=0.5)
     ax.set_title(title, fontsize=9)
     return save_figure(fig, path)
+
+
+def check_png_path(path: object) -> Path:
+    """``path`` as the PNG to write: a str or Path that is not a folder (a folder failed
+    only at the write, after all the drawing).
+
+    Example:
+        >>> import tempfile
+        >>> check_png_path("pictures/a.png").name
+        'a.png'
+        >>> check_png_path(tempfile.mkdtemp())  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: path must be a PNG file to write, got the folder '...'
+    """
+    if not isinstance(path, str | Path):
+        raise TypeError(f"path must be a str or Path (the PNG to write), got {type(path).__name__}")
+    if Path(path).is_dir():
+        raise ValueError(f"path must be a PNG file to write, got the folder {str(path)!r}")
+    return Path(path)
+
+
+def _check_tokens(name: str, tokens: object) -> None:
+    """``tokens`` a sequence of labels, not one str (each letter was drawn as a token)."""
+    if isinstance(tokens, str) or not isinstance(tokens, Sequence):
+        shown = f"the str {tokens!r}" if isinstance(tokens, str) else type(tokens).__name__
+        raise TypeError(f"{name} must be a list of str (one per token), got {shown}")
 
 
 def _matrix(name: str, weights: Tensor, rows: int, cols: int) -> Any:
