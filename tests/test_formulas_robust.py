@@ -11,6 +11,8 @@ Wallace's permutation test shuffles only real positions.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -162,6 +164,19 @@ def test_the_entropy_regularizer_uses_its_target_and_only_its_layers(target: flo
     assert float(got) == pytest.approx(float(base + 0.1 * term), rel=1e-9)
 
 
+def test_a_0_dim_target_is_one_number_over_layers_of_different_heads() -> None:
+    """A 2-head layer (uniform over 4 keys: entropy log 4) and a 1-head pooling (uniform
+    over 2: log 2); the 0-dim target was expanded to the first layer's 2 heads."""
+    from attnlab.robust import entropy_term
+
+    f64 = torch.float64
+    w = [torch.full((1, 2, 3, 4), 0.25, dtype=f64), torch.full((1, 1, 1, 2), 0.5, dtype=f64)]
+    by_hand = (2 * (math.log(4) - 1.0) ** 2 + (math.log(2) - 1.0) ** 2) / 3
+    for target in (1.0, torch.tensor(1.0, dtype=f64)):
+        got = entropy_term(w, target)
+        assert float(got) == pytest.approx(by_hand, rel=1e-12)
+
+
 def test_supervised_attention_adds_its_weight_times_the_cross_entropy() -> None:
     from attnlab.robust import SupervisedAttention
 
@@ -177,6 +192,21 @@ def test_supervised_attention_adds_its_weight_times_the_cross_entropy() -> None:
     ce = -(target[:, None] * torch.log(w + 1e-9)).sum(-1).mean()
     got = SupervisedAttention("a", lambda b: target, weight=0.25).step(model, ids, loss)
     assert float(got) == pytest.approx(float(base + 0.25 * ce), rel=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_supervised_attention_with_a_masked_key_is_finite_in_low_precision(
+    dtype: torch.dtype,
+) -> None:
+    """A masked key (weight 0) beside a one-hot target: in float16 ``1e-9`` rounded to 0
+    and ``0 * log 0`` gave NaN; the fp64 formula gives log 2."""
+    from attnlab.robust import supervised_attention_term
+
+    w, t = torch.tensor([[0.5, 0.5, 0.0]]), torch.tensor([[1.0, 0.0, 0.0]])
+    ref = -(t.double() * torch.log(w.double() + 1e-9)).sum()
+    got = supervised_attention_term(w.to(dtype), t)
+    assert got.dtype == dtype
+    assert float(got) == pytest.approx(float(ref), abs=torch.finfo(dtype).eps)
 
 
 def test_the_permutation_test_shuffles_only_real_positions() -> None:

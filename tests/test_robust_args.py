@@ -220,6 +220,21 @@ def test_entropy_regularizer_refuses_a_bare_str_of_layers() -> None:
     assert EntropyRegularizer(0.1, layers=("mha",)).layers == ["mha"]
 
 
+def test_an_entropy_target_per_head_must_match_every_layers_heads() -> None:
+    from attnlab.robust import entropy_term
+
+    two, one = torch.full((1, 2, 3, 4), 0.25), torch.full((1, 1, 1, 2), 0.5)
+    check_and_control(
+        lambda: entropy_term([two], torch.tensor([1.0, 1.0, 1.0])),
+        lambda: entropy_term([two, two], torch.tensor([1.0, 1.0])),
+        ValueError,
+        r"target has 3 values \(one per head\).*heads \[2\].*one number",
+    )
+    with pytest.raises(ValueError, match=r"target has 2 values.*heads \[1, 2\]"):
+        entropy_term([two, one], torch.tensor([1.0, 1.0]))
+    assert torch.isfinite(entropy_term([two, one], torch.tensor(1.0)))
+
+
 def test_entropy_regularizer_with_named_layers_steps() -> None:
     torch.manual_seed(0)
     model, ids, y = _Attending(), torch.tensor([[1, 2, 3], [4, 5, 1]]), torch.tensor([0, 1])

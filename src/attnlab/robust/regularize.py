@@ -69,7 +69,8 @@ def entropy_term(weights: Sequence[Tensor], target: float | Tensor | None = None
     Args:
         weights: one ``(B, H, Lq, Lk)`` tensor per layer (or per call).
         target: None: ``-mean(Hbar)`` (minimizing it spreads attention, as in EAR); a
-            number or a ``(H,)`` tensor: ``mean((Hbar - target)^2)``. ``Hbar`` is each
+            number (a float or a 0-dim tensor) or a ``(H,)`` tensor, one per head of every
+            layer (all must have ``H`` heads): ``mean((Hbar - target)^2)``. ``Hbar`` is each
             layer's and head's mean row entropy (:func:`head_entropies`).
 
     Example:
@@ -79,20 +80,34 @@ def entropy_term(weights: Sequence[Tensor], target: float | Tensor | None = None
     """
     if not weights:
         raise ValueError("weights is empty: no attention call was captured")
-    ent = torch.cat([head_entropies(w) for w in weights])  # (layers * H,)
+    ents = [head_entropies(w) for w in weights]  # (H,) each
+    ent = torch.cat(ents)  # (sum of the layers' H,)
     if target is None:
         return -ent.mean()
     if isinstance(target, Tensor):  # (H,) per head, or one number (a 0-dim tensor)
         if not torch.isfinite(target).all() or target.dim() > 1:
             raise ValueError(f"target must be a finite number or (H,) tensor, got {target}")
-        target = target.expand(weights[0].shape[1]) if target.dim() == 0 else target
-        target = target.repeat(len(weights))
+        if target.dim() == 1:
+            target = _per_head(target, [e.shape[0] for e in ents]).repeat(len(weights))
     return ((ent - target) ** 2).mean()
 
 
+def _per_head(target: Tensor, heads: list[int]) -> Tensor:
+    """``target`` ``(H,)`` if every layer has ``H`` heads, else a ValueError naming it."""
+    if set(heads) != {target.shape[0]}:
+        raise ValueError(
+            f"target has {target.shape[0]} values (one per head) but the layers have heads "
+            f"{sorted(set(heads))}; pass one number (a float or a 0-dim tensor) for every "
+            f"head, or an (H,) tensor when every layer has H heads"
+        )
+    return target
+
+
 def supervised_attention_term(weights: Tensor, target: Tensor, eps: float = 1e-9) -> Tensor:
-    """Cross-entropy ``-sum_k t_k log w_k`` of attention rows against target rows, averaged
-    over the rows whose target is not all 0.
+    """Cross-entropy ``-sum_k t_k log(w_k + eps)`` of attention rows against target rows,
+    averaged over the rows whose target is not all 0; computed in float32 at least (in
+    float16 ``eps`` was 0 and a masked key's ``0 * log 0`` NaN), returned in the weights'
+    dtype.
 
     Args:
         weights: ``(..., Lk)`` attention rows.
@@ -103,10 +118,12 @@ def supervised_attention_term(weights: Tensor, target: Tensor, eps: float = 1e-9
         >>> round(float(supervised_attention_term(w, t)), 4)
         0.6931
     """
-    t = target.to(weights.dtype).expand_as(weights)
-    rows = (t.sum(-1) > 0).to(weights.dtype)
-    ce = -(t * torch.log(weights + eps)).sum(-1)
-    return (ce * rows).sum() / rows.sum().clamp_min(1.0)
+    wide = torch.promote_types(weights.dtype, torch.float32)  # float16 rounds 1e-9 to 0
+    w = weights.to(wide)
+    t = target.to(wide).expand_as(w)
+    rows = (t.sum(-1) > 0).to(wide)
+    ce = -(t * torch.log(w + eps)).sum(-1)
+    return ((ce * rows).sum() / rows.sum().clamp_min(1.0)).to(weights.dtype)
 
 
 class EntropyRegularizer:
