@@ -74,6 +74,30 @@ def test_random_start_on_cpu_keeps_its_draw_and_ball(norm: str) -> None:
     assert bool((size <= 0.5).all()) and bool((size > 0).all())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_an_all_zero_gradient_has_a_zero_l2_direction_in_every_dtype(dtype: torch.dtype) -> None:
+    """In float16 the 1e-12 floor of the norm was 0: 0 / 0 = NaN for the zero example,
+    and FGM then gave NaN parameter gradients."""
+    from attnlab.robust.perturb import ascent_direction, project
+
+    g = torch.tensor([[3.0, -4.0], [0.0, 0.0]], dtype=torch.float64)
+    want = g / g.norm(dim=1, keepdim=True).clamp_min(1e-300)  # [[0.6, -0.8], [0, 0]]
+    got = ascent_direction(g.to(dtype), "l2")
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=torch.finfo(dtype).eps)
+    torch.testing.assert_close(
+        project(g.to(dtype), 1.0, "l2").double(), want, rtol=0, atol=torch.finfo(dtype).eps
+    )
+    model = nn.Sequential(nn.Embedding(5, 2), nn.Flatten(), nn.Linear(4, 3)).to(dtype)
+    y = torch.tensor([0, -100])  # the second example is ignored: its gradient is all 0
+
+    def loss(m: nn.Module, b: Tensor) -> Tensor:
+        return F.cross_entropy(m(b).float(), y, ignore_index=-100)
+
+    FGM(0.5).step(model, torch.tensor([[1, 2], [3, 4]]), loss).backward()
+    assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+
+
 @pytest.mark.parametrize("device", ["cpu", "meta"])
 @pytest.mark.parametrize("norm", NORMS)
 def test_pgd_embeddings_runs_on_the_models_device(device: str, norm: str) -> None:

@@ -171,8 +171,17 @@ def per_example_norm(x: Tensor, norm: str) -> Tensor:
     return n.view(-1, *([1] * (x.dim() - 1)))
 
 
+def _wide_l2(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``x`` in float32 at least (float64 stays) and its per-example L2 norm floored at
+    1e-12: in float16 that floor was 0 (and the norm of large values inf), so an all-zero
+    example's direction was 0 / 0 = NaN."""
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    return wide, per_example_norm(wide, "l2").clamp_min(1e-12)
+
+
 def ascent_direction(grad: Tensor, norm: str) -> Tensor:
-    """The steepest-ascent unit step: ``g / ||g||_2`` per example, or ``sign(g)``.
+    """The steepest-ascent unit step: ``g / ||g||_2`` per example (0 for an all-zero
+    example; computed in float32 at least), or ``sign(g)``.
 
     Example:
         >>> ascent_direction(torch.tensor([[3.0, -4.0]]), "l2")
@@ -180,7 +189,8 @@ def ascent_direction(grad: Tensor, norm: str) -> Tensor:
     """
     if norm == "linf":
         return grad.sign()
-    return grad / per_example_norm(grad, "l2").clamp_min(1e-12)
+    wide, n = _wide_l2(grad)
+    return (wide / n).to(grad.dtype)
 
 
 def project(delta: Tensor, epsilon: float, norm: str) -> Tensor:
@@ -192,8 +202,8 @@ def project(delta: Tensor, epsilon: float, norm: str) -> Tensor:
     """
     if norm == "linf":
         return delta.clamp(-epsilon, epsilon)
-    n = per_example_norm(delta, "l2")
-    return delta * torch.clamp(epsilon / n.clamp_min(1e-12), max=1.0)
+    wide, n = _wide_l2(delta)
+    return (wide * torch.clamp(epsilon / n, max=1.0)).to(delta.dtype)
 
 
 def random_start(like: Tensor, epsilon: float, norm: str) -> Tensor:
@@ -203,7 +213,8 @@ def random_start(like: Tensor, epsilon: float, norm: str) -> Tensor:
     g = torch.randn_like(like)
     shape = (like.shape[0], *([1] * (like.dim() - 1)))  # (B, 1, ..., 1)
     radius = epsilon * torch.rand(shape, dtype=like.dtype, device=like.device)
-    return g / per_example_norm(g, "l2").clamp_min(1e-12) * radius
+    wide, n = _wide_l2(g)
+    return (wide / n * radius).to(like.dtype)
 
 
 class Perturbation:
