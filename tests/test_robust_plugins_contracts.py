@@ -104,6 +104,29 @@ def test_pixel_plugins_keep_every_pixel_movable(name: str) -> None:
         assert bool((deltas[-1] > 0).all())
 
 
+@pytest.mark.parametrize("name", ["fgm", "pgd", "freelb", "smart"])
+def test_pixel_plugins_refuse_images_outside_their_bounds(name: str) -> None:
+    """Normalized images in [-1, 1] with bounds (0, 1): each pass (the clean one too) was
+    silently clamped to [0, 1]; pgd_pixels refuses such images, and so do they."""
+    make: Any = {
+        "fgm": lambda **k: FGM(0.1, norm="linf", **k),
+        "pgd": lambda **k: PGD(0.1, steps=2, norm="linf", **k),
+        "freelb": lambda **k: FreeLB(0.1, steps=2, norm="linf", **k),
+        "smart": lambda **k: SMART(lambda m, b: m(b), epsilon=0.1, steps=1, **k),
+    }[name]
+    model, y = _pixel_model(), torch.randint(0, 3, (4,))
+    x = torch.rand(4, 1, 4, 4, dtype=torch.float64) * 2 - 1
+    loss = lambda m, b: F.cross_entropy(m(b), y)  # noqa: E731
+    inside = {**PIXELS, "bounds": (-1.0, 1.0)}
+    check_and_control(
+        lambda: make(**PIXELS).step(model, x, loss),
+        lambda: make(**inside).step(model, x, loss),
+        ValueError,
+        r"the input of Identity \(site='input'\) must lie inside bounds=\(0.0, 1.0\), got "
+        r"values in \[-0.9.*, 0.9.*\]; pass the images' own range as bounds",
+    )
+
+
 # ---------------------------------------------------------------------------------------
 # regularizers compose with adversarial plug-ins, in either order
 

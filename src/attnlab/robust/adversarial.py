@@ -123,7 +123,8 @@ class FGM(_Adversary):
         norm: ``"l2"`` or ``"linf"``.
         embedding: the embedding submodule's name (default: found).
         site: ``"output"`` (embeddings) or ``"input"`` (pixels of a ViT).
-        bounds: clamp of the perturbed input (``site="input"``), e.g. ``(0, 1)``.
+        bounds: clamp of the perturbed input (``site="input"``), e.g. ``(0, 1)``; an
+            input outside them is refused (ValueError), as :func:`~attnlab.robust.pgd_pixels` does.
 
     Example:
         >>> FGM(epsilon=0.5).epsilon, FGM(0.1, norm="linf").norm

@@ -26,6 +26,7 @@ from attnlab.robust.perturb import (
     Perturbation,
     ascent_direction,
     check_bounds,
+    check_inside,
     check_norm,
     check_positive,
     project,
@@ -43,22 +44,6 @@ def _seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng():
         torch.manual_seed(int(torch.randint(2**31, (1,), generator=g)))
         yield
-
-
-def _check_inside(images: Tensor, bounds: tuple[float, float]) -> None:
-    """A ValueError naming ``images`` and ``bounds`` unless every value lies in the bounds."""
-    if not isinstance(images, Tensor) or not images.is_floating_point():
-        raise TypeError(f"images must be a floating-point tensor, got {images!r:.60}")
-    if images.numel() == 0 or images.device.type == "meta":  # (meta: no values to read)
-        return
-    low, high = torch.aminmax(images)
-    lo, hi = torch.tensor(bounds, dtype=images.dtype)  # as the clamp compares them
-    if not bool((lo <= low) & (high <= hi)):  # (NaN: False)
-        raise ValueError(
-            f"images must lie inside bounds={bounds}, got values in "
-            f"[{float(low):.4g}, {float(high):.4g}]; "
-            "pass the images' own range as bounds (normalized images: the normalized range)"
-        )
 
 
 def pgd_pixels(
@@ -97,7 +82,7 @@ def pgd_pixels(
     steps = positive_int("steps", steps)
     alpha = check_positive("alpha", 2.5 * eps / steps if alpha is None else alpha)
     bounds = check_bounds(bounds)
-    _check_inside(images, bounds)
+    check_inside("images", images, bounds)
     with _seeded(seed):
         delta = random_start(images, eps, norm)
     x = images.detach()

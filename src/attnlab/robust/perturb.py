@@ -3,7 +3,8 @@
 A :class:`Perturbation` is a forward hook on one module: ``site="output"`` adds ``delta``
 to what the module returns (token embeddings ``(B, L, E)``, the ViT's patch embeddings
 ``(B, N, D)``), ``site="input"`` adds it to the module's first input (the ViT's pixels
-``(B, C, H, W)``, optionally clamped to the images' range). ``delta`` is made lazily, the
+``(B, C, H, W)``, optionally clamped to the images' range ``bounds``, which every input
+must lie inside: a clamp would change the clean images silently). ``delta`` is made lazily, the
 shape of that tensor, and is a leaf that requires grad, so ``delta.grad`` after a backward
 is d loss / d embeddings.
 
@@ -28,6 +29,7 @@ __all__ = [
     "Perturbation",
     "ascent_direction",
     "check_bounds",
+    "check_inside",
     "check_norm",
     "check_positive",
     "check_site",
@@ -87,6 +89,30 @@ def check_bounds(bounds: object) -> tuple[float, float]:
     if not low < high:
         raise ValueError(f"bounds must be (low, high) with low < high, got {bounds!r}")
     return low, high
+
+
+def check_inside(name: str, images: Tensor, bounds: tuple[float, float]) -> None:
+    """A ValueError naming ``name`` and ``bounds`` unless every value of ``images`` lies in
+    the bounds (a clamp would change them silently).
+
+    Example:
+        >>> check_inside("images", torch.tensor([-0.5, 0.5]), (0.0, 1.0))
+        ... # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ValueError: images must lie inside bounds=(0.0, 1.0), got values in [-0.5, 0.5]; ...
+    """
+    if not isinstance(images, Tensor) or not images.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {images!r:.60}")
+    if images.numel() == 0 or images.device.type == "meta":  # (meta: no values to read)
+        return
+    low, high = torch.aminmax(images.detach())
+    lo, hi = torch.tensor(bounds, dtype=images.dtype)  # as the clamp compares them
+    if not bool((lo <= low) & (high <= hi)):  # (NaN: False)
+        raise ValueError(
+            f"{name} must lie inside bounds={bounds}, got values in "
+            f"[{float(low):.4g}, {float(high):.4g}]; "
+            "pass the images' own range as bounds (normalized images: the normalized range)"
+        )
 
 
 def check_site(site: object, bounds: object) -> tuple[str, tuple[float, float] | None]:
@@ -223,7 +249,9 @@ class Perturbation:
     Args:
         module: usually :func:`find_embedding`'s answer.
         site: ``"output"`` or ``"input"`` (a floating-point input: pixels).
-        bounds: ``(low, high)`` to clamp the perturbed input to (``site="input"`` only).
+        bounds: ``(low, high)`` to clamp the perturbed input to (``site="input"`` only);
+            an input outside them is refused with a ValueError, as
+            :func:`~attnlab.robust.pgd_pixels` refuses it.
 
     Attributes:
         delta: the perturbation (None until set or until the first forward with
@@ -311,6 +339,8 @@ class Perturbation:
                 f"{type(module).__name__} got {getattr(x, 'dtype', type(x).__name__)}"
             )
         self._x = x.detach()
+        if self.bounds is not None:
+            check_inside(f"the input of {type(module).__name__} (site='input')", x, self.bounds)
         delta = self._delta_for(x)
         if delta is None:
             return args
