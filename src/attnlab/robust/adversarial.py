@@ -282,13 +282,15 @@ class FreeLB(_Adversary):
 
 
 def symmetric_kl(p_logits: Tensor, q_logits: Tensor) -> Tensor:
-    """``KL(p||q) + KL(q||p)`` over the last dim, averaged over the rest: a scalar.
+    """``KL(p||q) + KL(q||p)`` over the last dim, averaged over the rest: a scalar, in the
+    logits' dtype, at least float32 (float64 stays).
 
     Example:
         >>> float(symmetric_kl(torch.tensor([[0.0, 1.0]]), torch.tensor([[0.0, 1.0]])))
         0.0
     """
-    lp, lq = F.log_softmax(p_logits.float(), -1), F.log_softmax(q_logits.float(), -1)
+    wide = torch.promote_types(torch.result_type(p_logits, q_logits), torch.float32)
+    lp, lq = F.log_softmax(p_logits.to(wide), -1), F.log_softmax(q_logits.to(wide), -1)
     return ((lp.exp() - lq.exp()) * (lp - lq)).sum(-1).mean()
 
 
