@@ -1,5 +1,5 @@
 """What :meth:`~attnlab.train.loop.Trainer.fit` runs around its steps: a rich progress bar
-with loss and throughput, and denormal floats flushed to zero."""
+with loss and throughput, denormal floats flushed to zero, and a torch thread count."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["flush_denormal", "progress_bar"]
+from attnlab._validate import positive_int
+
+__all__ = ["flush_denormal", "num_threads", "progress_bar"]
 
 
 @contextmanager
@@ -61,3 +63,24 @@ class progress_bar:
     def __exit__(self, *exc: object) -> None:
         if self._bar is not None:
             self._bar.stop()
+
+
+@contextmanager
+def num_threads(n: int | None) -> Iterator[None]:
+    """Run the block on ``n`` torch threads (None: as is), then restore the count.
+
+    Example:
+        >>> before = torch.get_num_threads()
+        >>> with num_threads(1):
+        ...     torch.get_num_threads()
+        1
+        >>> torch.get_num_threads() == before
+        True
+    """
+    old = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(positive_int("threads", n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

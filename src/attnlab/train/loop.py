@@ -12,8 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from attnlab._validate import instance_of, nonnegative_int, positive_int, validate_flag
-from attnlab.train._progress import flush_denormal, progress_bar
+from attnlab.train._progress import flush_denormal, num_threads, progress_bar
 from attnlab.train.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -427,24 +426,3 @@ def _with_plugins(loss_fn: LossFn, plugins: Sequence[Plugin]) -> LossFn:
             )
         loss_fn = partial(plugin.step, loss_fn=loss_fn)
     return loss_fn
-
-
-@contextmanager
-def num_threads(n: int | None) -> Iterator[None]:
-    """Run the block on ``n`` torch threads (None: as is), then restore the count.
-
-    Example:
-        >>> before = torch.get_num_threads()
-        >>> with num_threads(1):
-        ...     torch.get_num_threads()
-        1
-        >>> torch.get_num_threads() == before
-        True
-    """
-    old = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(positive_int("threads", n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
