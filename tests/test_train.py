@@ -363,6 +363,25 @@ class LinearTask:
         return {"score": -float(self.loss(m, (self.x, self.y)))}
 
 
+@pytest.mark.parametrize(("batch_size", "examples"), [(64, 32), (8, 8)])
+def test_progress_counts_the_examples_a_step_really_took(
+    monkeypatch: pytest.MonkeyPatch, batch_size: int, examples: int
+) -> None:
+    """A clock that ticks 1 s per reading: ex/s is the step's examples. With 32 training
+    examples and batch_size 64 a step takes 32, and 64 ex/s was shown (2x)."""
+    from types import SimpleNamespace
+
+    from attnlab.train import _progress, loop
+
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    speeds: list[float] = []
+    monkeypatch.setattr(_progress.progress_bar, "_advance", lambda self, loss, s: speeds.append(s))
+    cfg = TrainConfig(steps=3, batch_size=batch_size, eval_every=3, progress=True)
+    Trainer(LinearTask(), cfg).fit()
+    assert speeds == [examples] * 3
+
+
 def test_train_config_keeps_numpy_numbers_as_plain_ones(tmp_path: Path) -> None:
     """(numpy scalars passed the checks but were kept: lr=np.float32(1e-3) failed the first
     checkpoint with "Object of type float32 is not JSON serializable", steps and

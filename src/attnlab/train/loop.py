@@ -310,9 +310,10 @@ class Trainer:
                 if requested() is not None:
                     cut = True
                     break
+                examples = len(self._indices(self.step))  # < batch_size: a small set
                 t0 = time.perf_counter()
                 loss = self.train_step()
-                advance(loss, self.cfg.batch_size / (time.perf_counter() - t0))
+                advance(loss, examples / (time.perf_counter() - t0))
                 elapsed = time.perf_counter() - start
                 out_of_time = self.cfg.time_limit is not None and elapsed >= self.cfg.time_limit
                 at_eval = self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps
