@@ -157,6 +157,35 @@ def test_tied_weights_are_saved_and_loaded(tmp_path: Path) -> None:
     assert torch.equal(b.emb.weight, a.emb.weight) and b.out.weight is b.emb.weight
 
 
+def test_a_state_tensor_shared_with_the_model_is_saved(tmp_path: Path) -> None:
+    """(Only the model's tensors were de-shared: an EMA copy that is the model's weight
+    raised safetensors' "Some tensors share memory".)"""
+    w = torch.arange(3.0)
+    p = save_checkpoint(tmp_path / "s.safetensors", Checkpoint({"w": w}, state={"ema": w}))
+    ck = load_checkpoint(p)
+    assert torch.equal(ck.state["ema"], w) and torch.equal(ck.model["w"], w)
+
+
+@pytest.mark.parametrize(
+    ("state", "match"),
+    [
+        ({"best": {0.5}}, r"ckpt.state\['best'\] must be a tensor or JSON-able.*, got set"),
+        ({1: 2}, r"ckpt.state must be a dict with str keys, got key 1 \(int\)"),
+        ([("step", 1)], r"ckpt.state must be a dict with str keys, got list"),
+    ],
+)  # fmt: skip
+def test_a_state_that_cannot_be_saved_is_named(tmp_path: Path, state: object, match: str) -> None:
+    """(A set, or a numpy float, raised json's bare "Object of type set is not JSON
+    serializable", an int key came back as the str '1' and a list "no attribute 'items'".)"""
+    path = tmp_path / "s.safetensors"
+    check_and_control(
+        lambda: save_checkpoint(path, Checkpoint({"w": torch.ones(1)}, state=state)),  # type: ignore[arg-type]
+        lambda: save_checkpoint(path, Checkpoint({"w": torch.ones(1)}, state={"best": 0.5})),
+        TypeError,
+        match,
+    )
+
+
 def test_a_checkpoint_without_training_state_is_named(
     task: TranslationTask, tmp_path: Path
 ) -> None:

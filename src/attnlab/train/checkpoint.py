@@ -107,6 +107,7 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
         json.dumps(ckpt.config)
     except (TypeError, ValueError) as e:  # (json's message named no argument)
         raise TypeError(f"ckpt.config must be JSON-able (str, numbers, lists, dicts): {e}") from e
+    _check_state(ckpt.state)
     tensors, meta = _flatten(ckpt)
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
@@ -175,6 +176,28 @@ def _check_digest(path: Path, tensors: dict[str, Tensor], meta: dict[str, str]) 
         )
 
 
+def _check_state(state: object) -> None:
+    """``ckpt.state``: a dict of str keys to tensors or JSON-able values, else a TypeError
+    naming it (a numpy float raised json's bare "not JSON serializable"; an int key came
+    back as a str)."""
+    if not isinstance(state, dict):
+        raise TypeError(f"ckpt.state must be a dict with str keys, got {type(state).__name__}")
+    for k, v in state.items():
+        if not isinstance(k, str):
+            raise TypeError(
+                f"ckpt.state must be a dict with str keys, got key {k!r} ({type(k).__name__})"
+            )
+        if isinstance(v, Tensor):
+            continue
+        try:
+            json.dumps(v)
+        except (TypeError, ValueError) as e:
+            raise TypeError(
+                f"ckpt.state[{k!r}] must be a tensor or JSON-able (str, numbers, lists, dicts; "
+                f"a numpy number as float() or int()), got {type(v).__name__}: {e}"
+            ) from e
+
+
 def _check_path(path: object) -> str | os.PathLike[str]:
     """A path (``Path(123)`` said "expected str, bytes or os.PathLike object")."""
     if not isinstance(path, str | os.PathLike):
@@ -183,15 +206,14 @@ def _check_path(path: object) -> str | os.PathLike[str]:
 
 
 def _flatten(ckpt: Checkpoint) -> tuple[dict[str, Tensor], dict[str, str]]:
-    tensors = _unshared(
-        {f"model.{k}": v.detach().contiguous().cpu() for k, v in ckpt.model.items()}
-    )
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in ckpt.model.items()}
     opt_meta: dict[str, Any] = {}
     if ckpt.optimizer is not None:
         opt_meta = {"param_groups": ckpt.optimizer["param_groups"], "state": {}}
         for pid, st in ckpt.optimizer["state"].items():
             opt_meta["state"][str(pid)] = _split_state(st, f"optim.{pid}.", tensors)
     state_meta = _split_state(ckpt.state, "state.", tensors)
+    tensors = _unshared(tensors)  # tied weights, a state tensor that is a model tensor
     meta = {
         "format": FORMAT,
         "config": json.dumps(ckpt.config),
@@ -238,7 +260,8 @@ def _split_state(d: dict[str, Any], prefix: str, tensors: dict[str, Tensor]) -> 
 
 def _unshared(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """Tensors that share memory with an earlier one (tied weights: an output layer that
-    reuses the embedding) as copies: safetensors refuses to write shared memory."""
+    reuses the embedding; a state tensor that is a model tensor) as copies: safetensors
+    refuses to write shared memory."""
     seen: set[int] = set()
     out = {}
     for k, v in tensors.items():
