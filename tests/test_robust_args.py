@@ -309,6 +309,53 @@ def test_pgd_seed_and_a_module_without_attention_are_named() -> None:
         permutation_test(model, model, lambda m: m(x))
 
 
+@pytest.mark.parametrize(
+    ("kw", "exc", "match"),
+    [
+        ({"labels": torch.tensor([0.0, 1.0, 0.0])}, TypeError, r"labels must be .*got .*float32"),
+        ({"labels": torch.zeros(3, 1).long()}, ValueError, r"labels must .*\(3,\), got \(3, 1\)"),
+        ({"labels": torch.tensor([0, 1])}, ValueError, r"labels must .*\(3,\), got \(2,\)"),
+        ({"labels": [0, 1, 0]}, TypeError, r"labels must be .*got list"),
+        ({"model": None}, TypeError, "model must be a torch.nn.Module, got NoneType"),
+    ],
+)  # fmt: skip
+def test_pgd_pixels_names_bad_labels_and_model(kw: dict, exc: type, match: str) -> None:
+    """(Float labels: "expected target dtype to be Long"; (B, 1): "0D or 1D target tensor
+    expected"; a model of None: "'NoneType' object is not callable".)"""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2)).eval()
+    args = {"model": model, "images": torch.rand(3, 1, 2, 2), "labels": torch.tensor([0, 1, 0])}
+    check_and_control(
+        lambda: pgd_pixels(**(args | kw), epsilon=0.1, steps=1),
+        lambda: pgd_pixels(**args, epsilon=0.1, steps=1),
+        exc,
+        match,
+    )
+
+
+@pytest.mark.parametrize(
+    ("kw", "exc", "match"),
+    [
+        ({"protect": 5}, TypeError, r"protect must be a callable .* or None, got int"),
+        ({"seed": "x"}, TypeError, r"seed must be an int >= 0, got 'x'"),
+        ({"seed": None}, TypeError, r"seed must be an int >= 0, got None"),
+        ({"seed": -1}, ValueError, r"seed must be an int >= 0, got -1"),
+    ],
+)  # fmt: skip
+def test_char_edit_attack_checks_protect_and_seed_when_built(
+    kw: dict, exc: type, match: str
+) -> None:
+    """(protect=5 failed only in attack(): "'int' object is not callable"; seed="x" and
+    None were accepted, None drawing from the clock: no run repeated.)"""
+    from attnlab.robust import CharEditAttack
+
+    check_and_control(
+        lambda: CharEditAttack(1, "x", **kw),
+        lambda: CharEditAttack(1, "x", protect=str.isdigit, seed=3),
+        exc,
+        match,
+    )
+
+
 class _Trained(Exception):
     """Raised by a stand-in ``train_row``: the study got as far as training a row."""
 

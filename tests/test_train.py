@@ -312,11 +312,12 @@ def test_fit_leaves_threads_and_denormals_as_it_found_them(task: TranslationTask
         ({"resume": "no"}, TypeError, "resume must be a bool, got str"),  # "no" resumed
         ({"progress": "no"}, TypeError, "progress must be a bool, got str"),
         ({"flush_denormal": 2}, TypeError, "flush_denormal must be a bool, got int"),
+        ({"out_dir": ""}, ValueError, r"out_dir must be a directory path or None .*got ''"),
     ],
 )
 def test_train_config_checks_seeds_and_flags(kw: dict, exc: type, match: str) -> None:
     """(A seed of 2**60 passed and failed in the first step: "Overflow when unpacking long
-    long"; the flags took any value.)"""
+    long"; the flags took any value; out_dir="" wrote no files and resumed nothing.)"""
     base = {"steps": 8, "batch_size": 32}
     with pytest.raises(exc, match=match):
         TrainConfig(**base, **kw)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlab._validate import nonnegative_int, positive_int
+from attnlab._validate import instance_of, nonnegative_int, positive_int
 from attnlab.robust.adversarial import PGD
 from attnlab.robust.perturb import (
     Perturbation,
@@ -46,6 +46,25 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
 
 
+def _class_indices(labels: object, batch: int) -> Tensor:
+    """``labels``, an integer tensor ``(B,)``, as int64 (cross-entropy's own messages for
+    float or ``(B, 1)`` labels named no argument), or an error naming it."""
+    if (
+        not isinstance(labels, Tensor)
+        or labels.is_floating_point()
+        or labels.is_complex()
+        or labels.dtype == torch.bool
+    ):
+        seen = labels.dtype if isinstance(labels, Tensor) else type(labels).__name__
+        raise TypeError(f"labels must be an integer tensor of class indices (B,), got {seen}")
+    if tuple(labels.shape) != (batch,):
+        raise ValueError(
+            f"labels must hold one class index per image, shape (B,) = ({batch},), got "
+            f"{tuple(labels.shape)} {labels.dtype}"
+        )
+    return labels.long()
+
+
 def pgd_pixels(
     model: nn.Module,
     images: Tensor,
@@ -62,7 +81,8 @@ def pgd_pixels(
 
     Args:
         model: ``images (B, C, H, W) -> logits (B, K)`` (put it in eval mode first).
-        images: ``(B, C, H, W)`` inside ``bounds`` (else a ValueError). labels: ``(B,)``.
+        images: ``(B, C, H, W)`` inside ``bounds`` (else a ValueError). labels: ``(B,)``
+            class indices, an integer tensor.
         epsilon: radius (> 0). steps: >= 1. alpha: step (default ``2.5 eps / steps``).
         norm: ``"linf"`` or ``"l2"``. bounds: the valid pixel range ``(low, high)``,
             ``low < high``.
@@ -83,6 +103,8 @@ def pgd_pixels(
     alpha = check_positive("alpha", 2.5 * eps / steps if alpha is None else alpha)
     bounds = check_bounds(bounds)
     check_inside("images", images, bounds)
+    instance_of("model", model, nn.Module, "a torch.nn.Module")
+    labels = _class_indices(labels, images.shape[0])
     with _seeded(seed):
         delta = random_start(images, eps, norm)
     x = images.detach()
@@ -225,9 +247,13 @@ class CharEditAttack:
         if not isinstance(alphabet, str) or " " in alphabet:
             raise ValueError(f"alphabet must be a str without spaces, got {alphabet!r}")
         self.alphabet = alphabet
+        if protect is not None and not callable(protect):  # (it failed in attack())
+            raise TypeError(
+                f"protect must be a callable (char) -> bool or None, got {type(protect).__name__}"
+            )
         self.protect = protect or (lambda c: False)
         self.max_candidates = positive_int("max_candidates", max_candidates)
-        self.seed = seed
+        self.seed = nonnegative_int("seed", seed)  # (None drew from the clock)
 
     def _candidates(
         self, words: list[str], used: list[int], rng: random.Random

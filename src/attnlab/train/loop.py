@@ -96,7 +96,8 @@ class TrainConfig:
         patience: stop after this many evaluations without a better score.
         time_limit: stop (after a last evaluation) at the first step past this many seconds.
         seed: seeds the model init, the batch order and dropout.
-        out_dir: where ``last.safetensors`` and ``best.safetensors`` go (None: no files).
+        out_dir: where ``last.safetensors`` and ``best.safetensors`` go (None: no files;
+            ``""`` is refused).
         resume: continue from ``out_dir/last.safetensors`` if it exists.
         progress: show a rich progress bar with loss and throughput.
         flush_denormal: treat denormal floats as 0 during :meth:`Trainer.fit`
@@ -166,6 +167,8 @@ class TrainConfig:
             raise TypeError(
                 f"out_dir must be a str, a Path or None, got {type(self.out_dir).__name__}"
             )
+        if self.out_dir == "":  # (it wrote no files, and resume=True resumed nothing)
+            raise ValueError("out_dir must be a directory path or None (no files), got ''")
         if isinstance(self.out_dir, Path):
             self.out_dir = str(self.out_dir)  # checkpoints store the config as JSON
 
