@@ -412,6 +412,43 @@ def test_progress_counts_the_examples_a_step_really_took(
     assert speeds == [examples] * 3
 
 
+class DropoutTask(LinearTask):
+    """:class:`LinearTask` with dropout on its inputs: each step draws from torch's RNG."""
+
+    def build_model(self) -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Linear(3, 1))
+
+
+@pytest.mark.parametrize("fit", [True, False])
+def test_a_draw_between_trainer_and_fit_changes_no_step(fit: bool) -> None:
+    """(Dropout drew from the global RNG as it stood when fit() ran: one torch.rand(1)
+    between Trainer(...) and fit() changed the run; the seed is meant to fix it.)"""
+    cfg = TrainConfig(steps=4, batch_size=8, eval_every=4, progress=False, seed=3)
+
+    def run(draw: bool) -> list[torch.Tensor]:
+        tr = Trainer(DropoutTask(), cfg)
+        if draw:
+            torch.rand(5)
+        if fit:
+            tr.fit()
+        else:
+            for _ in range(cfg.steps):
+                tr.train_step()
+        return [p.detach().clone() for p in tr.model.parameters()]
+
+    def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+        return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+    plain = run(False)
+    assert same(run(True), plain)
+    tr = Trainer(DropoutTask(), cfg)  # the control: a draw after the first step does
+    tr.train_step()  # change the next steps' dropout masks
+    torch.rand(5)
+    for _ in range(cfg.steps - 1):
+        tr.train_step()
+    assert not same([p.detach() for p in tr.model.parameters()], plain)
+
+
 def test_train_config_keeps_numpy_numbers_as_plain_ones(tmp_path: Path) -> None:
     """(numpy scalars passed the checks but were kept: lr=np.float32(1e-3) failed the first
     checkpoint with "Object of type float32 is not JSON serializable", steps and

@@ -95,7 +95,9 @@ class TrainConfig:
         target: stop once the task's ``score`` reaches it.
         patience: stop after this many evaluations without a better score.
         time_limit: stop (after a last evaluation) at the first step past this many seconds.
-        seed: seeds the model init, the batch order and dropout.
+        seed: seeds the model init, the batch order and what the steps draw from torch's
+            (CPU) RNG, such as dropout and a task's random shifts: the first step starts
+            from the RNG as :class:`Trainer` left it, whatever drew from it in between.
         out_dir: where ``last.safetensors`` and ``best.safetensors`` go (None: no files;
             ``""`` is refused).
         resume: continue from ``out_dir/last.safetensors`` if it exists.
@@ -255,6 +257,7 @@ class Trainer:
         if not self._fresh:
             self._resume(last)
         self.first_step = self.step  # where this run began (a resumed run: past 0)
+        self._rng: Tensor | None = torch.get_rng_state()  # the first step starts from it
         self.stop_reason: str | None = None  # why fit() stopped before ``steps``, if it did
         self.eval_seconds = 0.0  # spent in the task's evaluate (a scorer's first training too)
 
@@ -269,7 +272,12 @@ class Trainer:
         return self._perm[1][pos * bs : (pos + 1) * bs]
 
     def train_step(self) -> float:
-        """One optimizer step; returns the loss."""
+        """One optimizer step; returns the loss. The first one after ``__init__`` starts
+        from torch's RNG as ``__init__`` left it (seeded, or the checkpoint's): a draw made
+        between ``Trainer(...)`` and :meth:`fit` changes no dropout mask or random shift."""
+        if self._rng is not None:
+            torch.set_rng_state(self._rng)
+            self._rng = None
         self.model.train()
         for group in self.opt.param_groups:
             group["lr"] = self.cfg.lr * group.get("lr_scale", 1.0) * lr_factor(self.step, self.cfg)
