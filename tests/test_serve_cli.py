@@ -78,6 +78,8 @@ def test_serves_on_loopback_and_stops_on_ctrl_c() -> None:
         url = line.split()[2]
         with urllib.request.urlopen(url + "api/health", timeout=60) as r:
             assert json.load(r)["ok"] is True
+        with urllib.request.urlopen(url + "api/models", timeout=60) as r:  # (was False)
+            assert json.load(r)["models"][0]["loaded"] is True  # the URL came after the load
         req = urllib.request.Request(
             url + "api/attend",
             data=json.dumps({"text": "Hello there."}).encode(),

@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import threading
 import time
@@ -174,7 +175,11 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        ex.worker.call(ex.registry.get(ex.registry.default).load)  # ready for the first text
+        loading = ex.worker.call(ex.registry.get(ex.registry.default).load)
+        # served (and the URL printed) once the model is loaded; a failed load is the first
+        # text's error, as a later load's is
+        with contextlib.suppress(Exception):
+            await asyncio.wrap_future(loading)
         yield
         ex.worker.close()
 
