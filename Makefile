@@ -4,6 +4,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # A bare `torch` requirement pulls several GB of CUDA wheels; pin the CPU build first.
 TORCH  ?= torch==2.13.0
+# PyPI's Linux torch wheel is the CUDA build; where pip's index does not serve a CPU build
+# (this project's machines do), `make test TORCH_INDEX=https://download.pytorch.org/whl/cpu`
+TORCH_INDEX ?=
 # The test run starts some hundred Python processes (commands, servers, distributed
 # ranks, benchmarks): they share compiled bytecode even where PYTHONDONTWRITEBYTECODE is
 # set (an empty value unsets it).
@@ -14,7 +17,7 @@ export PYTHONDONTWRITEBYTECODE =
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e .
 	touch $@
 
