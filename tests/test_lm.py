@@ -191,6 +191,16 @@ def test_bad_input_errors() -> None:
     check_and_control(lambda: sample_logits(logits, top_p=1.5), ok, ValueError, "top_p")
     check_and_control(lambda: sample_logits(logits.long()), ok, TypeError, "logits")
     check_and_control(lambda: sample_logits(logits, generator=3), ok, TypeError, "generator")  # type: ignore[arg-type]
+
+
+def test_filter_logits_bad_logits() -> None:
+    """filter_logits checks its logits as sample_logits does (a list, int64, 0-d, V=0)."""
+    logits = torch.randn(2, 5)
+    ok = lambda: filter_logits(logits, top_k=1)  # noqa: E731
+    check_and_control(lambda: filter_logits([1.0, 2.0], top_k=1), ok, TypeError, "logits")  # type: ignore[arg-type]
+    check_and_control(lambda: filter_logits(logits.long(), top_k=1), ok, TypeError, "torch.int64")
+    check_and_control(lambda: filter_logits(torch.tensor(1.0), top_k=1), ok, TypeError, "logits")
+    check_and_control(lambda: filter_logits(logits[:, :0], top_p=0.5), ok, ValueError, "V >= 1")
     lm, prompt = _lm(), torch.tensor([[1, 2]])
     gen_ok = lambda: lm.generate(prompt, 2)  # noqa: E731
     check_and_control(lambda: lm.generate(prompt, -1), gen_ok, ValueError, "max_new_tokens")

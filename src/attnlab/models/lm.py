@@ -225,6 +225,21 @@ def _check_sampling(temperature: object, top_k: object, top_p: object, generator
         )
 
 
+def _check_logits(logits: object) -> None:
+    """``logits`` a floating-point tensor ``(..., V)`` with ``V >= 1``."""
+    if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.dim() < 1:
+        seen = (
+            f"{logits.dtype} {tuple(logits.shape)}"
+            if isinstance(logits, Tensor)
+            else type(logits).__name__
+        )
+        raise TypeError(f"logits must be a floating-point tensor (..., V), got {seen}")
+    if logits.shape[-1] == 0:
+        raise ValueError(
+            f"logits must have at least one token (V >= 1), got shape {tuple(logits.shape)}"
+        )
+
+
 def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None = None) -> Tensor:
     """Set the logits outside the top-k and then outside the top-p nucleus to ``-inf``.
 
@@ -235,7 +250,7 @@ def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None 
     token always stays.
 
     Args:
-        logits: ``(..., V)``.
+        logits: a floating-point tensor ``(..., V)``, ``V >= 1``.
         top_k: keep this many tokens per row (None or ``>= V``: all).
         top_p: the nucleus mass in ``(0, 1]`` (None or 1: all).
 
@@ -250,6 +265,7 @@ def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None 
         >>> filter_logits(logits, top_k=3).isinf().tolist()
         [False, False, False, True]
     """
+    _check_logits(logits)
     _check_sampling(1.0, top_k, top_p, None)
     v = logits.shape[-1]
     if top_k is not None and top_k < v:
@@ -298,17 +314,7 @@ def sample_logits(
         >>> sample_logits(logits, top_k=1, generator=g).tolist()
         [0, 1]
     """
-    if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.dim() < 1:
-        seen = (
-            f"{logits.dtype} {tuple(logits.shape)}"
-            if isinstance(logits, Tensor)
-            else type(logits).__name__
-        )
-        raise TypeError(f"logits must be a floating-point tensor (..., V), got {seen}")
-    if logits.shape[-1] == 0:
-        raise ValueError(
-            f"logits must have at least one token (V >= 1), got shape {tuple(logits.shape)}"
-        )
+    _check_logits(logits)
     _check_sampling(temperature, top_k, top_p, generator)
     if temperature == 0:
         return logits.argmax(dim=-1)
