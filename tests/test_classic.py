@@ -261,6 +261,38 @@ def _call(**overrides: object) -> Callable[[], object]:
 
 
 ERRORS: list[tuple[str, Callable[[], object], Callable[[], object], type[Exception], str]] = [
+    (  # (float64 into a float32 module: torch's "mat1 and mat2 must have the same dtype")
+        "query_float64",
+        _call(query=torch.randn(B, LQ, DQ, dtype=torch.float64)),
+        _call(query=torch.randn(B, LQ, DQ)),
+        TypeError,
+        r"query must be of the model's dtype torch.float32, got torch.float64",
+    ),
+    (
+        "bahdanau_query_float64",
+        lambda: BahdanauAttention(DQ, DK, HID)(torch.randn(B, DQ).double(), torch.randn(B, LK, DK)),
+        lambda: BahdanauAttention(DQ, DK, HID)(torch.randn(B, DQ), torch.randn(B, LK, DK)),
+        TypeError,
+        r"query must be of the model's dtype torch.float32, got torch.float64",
+    ),
+    (
+        "dot_keys_float64",
+        lambda: LuongAttention(DQ, method="dot")(
+            torch.randn(B, DQ), torch.randn(B, LK, DQ).double(), torch.randn(B, LK, DV).double()
+        ),
+        lambda: LuongAttention(DQ, method="dot")(
+            torch.randn(B, DQ).double(), torch.randn(B, LK, DQ).double()
+        ),
+        TypeError,
+        r"query must be of the model's dtype torch.float64, got torch.float32",
+    ),
+    (
+        "values_float64",
+        _call(values=torch.randn(B, LK, DV, dtype=torch.float64)),
+        _call(values=torch.randn(B, LK, DV)),
+        TypeError,
+        r"values must be of the model's dtype torch.float32, got torch.float64",
+    ),
     (
         "unknown_method",
         _luong(query_dim=4, method="bilinear"),

@@ -9,7 +9,17 @@ import torch
 
 import attnlab
 from attnlab.functional import attention_weights
-from attnlab.nn import FeedForward, KVCache, LayerConfig, MultiHeadAttention
+from attnlab.nn import (
+    Decoder,
+    DecoderCache,
+    DecoderLayer,
+    Encoder,
+    EncoderLayer,
+    FeedForward,
+    KVCache,
+    LayerConfig,
+    MultiHeadAttention,
+)
 from attnlab.positional import LearnedPositional, RotaryEmbedding
 
 
@@ -90,3 +100,50 @@ def test_multi_head_attention_checks_its_options_when_built(
 ) -> None:
     with pytest.raises(error, match=match):
         MultiHeadAttention(16, 4, **kw)
+
+
+def test_feed_forward_and_caches_name_a_bad_argument() -> None:
+    """(float64 or int64 x gave torch's "mat1 and mat2 must have the same dtype", a list
+    residual an AttributeError; bias="no" and cross="no" were taken as True; KVCache.set
+    took 3-D keys, whose E became the length, and values of another length.)"""
+    ff, x = FeedForward(16, 32), torch.randn(2, 3, 16)
+    for bad in (x.double(), x.long()):
+        with pytest.raises(TypeError, match=f"x must be of the model's dtype .*got {bad.dtype}"):
+            ff(bad)
+    with pytest.raises(TypeError, match=r"residual must be a Tensor .*got list"):
+        ff(x, residual=[1])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="residual must be of the model's dtype"):
+        ff(x, residual=x.double())
+    torch.testing.assert_close(ff(x, residual=x), x + ff(x))  # positive control
+    with pytest.raises(TypeError, match="bias must be a bool, got str"):
+        FeedForward(16, 32, bias="no")  # type: ignore[arg-type]
+    assert FeedForward(16, 32, bias=np.bool_(False)).linear1.bias is None
+    with pytest.raises(TypeError, match="cross must be a bool, got str"):
+        DecoderCache(2, cross="no")  # type: ignore[arg-type]
+    assert DecoderCache(2, cross=True).cross_attn is not None
+    k = torch.randn(1, 1, 5, 4)
+    for bad_k, bad_v, error in (
+        (torch.randn(2, 3, 4), torch.randn(2, 3, 4), ValueError),
+        (k, torch.randn(1, 1, 3, 4), ValueError),
+        ([1], [2], TypeError),
+    ):
+        with pytest.raises(error, match="k and v must be"):
+            KVCache().set(bad_k, bad_v)  # type: ignore[arg-type]
+    assert KVCache().set(k, k) is not None and KVCache().set(k, k)[0] is k
+
+
+def test_stacks_name_a_bad_layer_norm_or_config() -> None:
+    """(norm="layer" failed at the first forward, an EncoderLayer in a Decoder with an
+    AttributeError about cross_attn, EncoderLayer(16) with one about norm_first.)"""
+    layer = EncoderLayer(LayerConfig(16, 4, 32))
+    with pytest.raises(TypeError, match=r"norm must be an nn.Module or None, got str"):
+        Encoder(layer, 2, norm="layer")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"layer must be an attnlab.nn.DecoderLayer, got Enc"):
+        Decoder(layer, 2)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"layer must be an attnlab.nn.EncoderLayer, got str"):
+        Encoder("layer", 2)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"config must be an attnlab.nn.LayerConfig, got int"):
+        EncoderLayer(16)  # type: ignore[arg-type]
+    x = torch.randn(1, 3, 16)
+    assert Encoder(layer, 2, norm=torch.nn.LayerNorm(16))(x).shape == x.shape  # controls
+    assert Decoder(DecoderLayer(LayerConfig(16, 4, 32)), 2)(x, x).shape == x.shape

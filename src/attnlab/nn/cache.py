@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnlab._validate import nonnegative_int, positive_int
+from attnlab._validate import nonnegative_int, positive_int, validate_flag
 
 __all__ = ["DecoderCache", "KVCache"]
 
@@ -88,7 +88,9 @@ class KVCache:
         return _fits(self._k, k) and _fits(self._v, v)
 
     def set(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Replace the contents by ``k`` and ``v`` (cross-attention's encoder keys)."""
+        """Replace the contents by ``k (B, Hkv, L, E)`` and ``v (B, Hkv, L, Ev)``
+        (cross-attention's encoder keys)."""
+        _check_pair(k, v)  # (3-D keys were taken, with their E as the length)
         self._check_kind(cross=True)
         self._k, self._v, self._len, self._owned, self._cross = k, v, k.shape[2], False, True
         return k, v
@@ -179,7 +181,8 @@ class KVCache:
         return f"KVCache(length={self._len}, shape={shape})"
 
 
-def _check_step(cache: KVCache, k: Tensor, v: Tensor) -> None:
+def _check_pair(k: object, v: object) -> None:
+    """``k (B, Hkv, T, E)`` and ``v (B, Hkv, T, Ev)`` tensors with equal ``B, Hkv, T``."""
     if not isinstance(k, Tensor) or not isinstance(v, Tensor):
         raise TypeError(f"k and v must be tensors, got {type(k).__name__}, {type(v).__name__}")
     if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
@@ -187,6 +190,11 @@ def _check_step(cache: KVCache, k: Tensor, v: Tensor) -> None:
             f"k and v must be (B, Hkv, T, E) with equal B, Hkv, T; got {tuple(k.shape)} "
             f"and {tuple(v.shape)}"
         )
+
+
+def _check_step(cache: KVCache, k: Tensor, v: Tensor) -> None:
+    """A step ``cache`` can append: see :func:`_check_pair` and :meth:`KVCache.takes`."""
+    _check_pair(k, v)
     old, old_v = cache.keys, cache.values
     if old is None or old_v is None or not cache.length or cache.takes(k, v):
         return
@@ -222,6 +230,7 @@ class DecoderCache:
 
     def __init__(self, num_layers: int, *, cross: bool = False) -> None:
         num_layers = positive_int("num_layers", num_layers)
+        cross = validate_flag("cross", cross)  # ("no" is truthy)
         self.self_attn = [KVCache() for _ in range(num_layers)]
         self.cross_attn: list[KVCache] | None = (
             [KVCache() for _ in range(num_layers)] if cross else None

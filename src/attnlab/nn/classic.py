@@ -184,6 +184,9 @@ class _ScoredAttention(nn.Module):
                 f"values must have shape (B, Lk, Dv) with (B, Lk) = {tuple(k.shape[:2])} "
                 f"as in keys, got shape {tuple(v.shape)}"
             )
+        params = [p.dtype for p in self.parameters()]  # (Luong's dot has none: the keys')
+        for name, t in (("query", q), ("keys", k), ("values", v)):  # (torch: "mat1 and
+            same_dtype(name, t, params[0] if params else k.dtype)  # mat2 must have the same")
         return k, v
 
     def _check_projected(self, projected_keys: object, k: Tensor) -> Tensor:
@@ -195,7 +198,7 @@ class _ScoredAttention(nn.Module):
                 f"projected_keys must have shape (B, Lk, P) = {want} (project_keys(keys)), "
                 f"got shape {tuple(pk.shape)}"
             )
-        return pk
+        return same_dtype("projected_keys", pk, k.dtype)
 
 
 class BahdanauAttention(_ScoredAttention):

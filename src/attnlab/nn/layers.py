@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlab import masks as M
-from attnlab._validate import positive_int, validate_flag
+from attnlab._validate import instance_of, positive_int, same_dtype, validate_flag
 from attnlab.bias import Bias
 from attnlab.masks import Mask
 from attnlab.nn._from_torch import load_torch, torch_config
@@ -73,6 +73,7 @@ class FeedForward(nn.Module):
         check_choice("activation", activation, ACTIVATIONS)
         for name, size in (("d_model", d_model), ("dim_feedforward", dim_feedforward)):
             positive_int(name, size)
+        bias = validate_flag("bias", bias)  # ("no" is truthy)
         width = 2 * dim_feedforward if activation == "swiglu" else dim_feedforward
         self.activation = activation
         self.linear1 = nn.Linear(d_model, width, bias=bias)
@@ -86,8 +87,15 @@ class FeedForward(nn.Module):
         if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != d:
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x must be (B, L, {d}), got {got}")
-        if residual is not None and residual.shape != (*x.shape[:-1], d):
-            raise ValueError(f"residual must be {(*x.shape[:-1], d)}, got {tuple(residual.shape)}")
+        same_dtype("x", x, self.linear1.weight.dtype)  # (torch: "mat1 and mat2 must have")
+        if residual is not None:
+            if not isinstance(residual, Tensor):
+                raise TypeError(
+                    f"residual must be a Tensor (B, L, D), got {type(residual).__name__}"
+                )
+            if residual.shape != x.shape:
+                raise ValueError(f"residual must be {tuple(x.shape)}, got {tuple(residual.shape)}")
+            same_dtype("residual", residual, x.dtype)
         if self.activation == "swiglu":
             gate, value = self.linear1(x).chunk(2, dim=-1)  # (B, L, F) each
             h = F.silu(gate) * value
@@ -138,7 +146,7 @@ class EncoderLayer(nn.Module):
 
     def __init__(self, config: LayerConfig) -> None:
         super().__init__()
-        c = self.config = config
+        c = self.config = instance_of("config", config, LayerConfig, "an attnlab.nn.LayerConfig")
         self.norm_first = c.norm_first
         self.self_attn = _attention(c, rope=True)
         self.ff = FeedForward(

@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from attnlab._validate import instance_of
 from attnlab.bias import Bias
 from attnlab.nn._from_torch import load_torch, torch_config
 from attnlab.nn.cache import DecoderCache
@@ -20,6 +21,14 @@ from attnlab.nn.config import LayerConfig
 from attnlab.nn.layers import DecoderLayer, EncoderLayer, MaskLike
 
 __all__ = ["Decoder", "DecoderOnly", "Encoder", "Transformer"]
+
+
+def _stack(layer: object, kind: type[EncoderLayer], n: int, norm: object) -> nn.ModuleList:
+    """``n`` copies of ``layer`` (a ``kind``), after checking the final ``norm``."""
+    checked = instance_of("layer", layer, kind, f"an attnlab.nn.{kind.__name__}")
+    if norm is not None and not isinstance(norm, nn.Module):  # (failed at the first forward)
+        raise TypeError(f"norm must be an nn.Module or None, got {type(norm).__name__}")
+    return _clones(checked, n)
 
 
 def _clones(layer: nn.Module, n: int) -> nn.ModuleList:
@@ -46,7 +55,7 @@ class Encoder(nn.Module):
 
     def __init__(self, layer: EncoderLayer, num_layers: int, norm: nn.Module | None = None):
         super().__init__()
-        self.layers = _clones(layer, num_layers)
+        self.layers = _stack(layer, EncoderLayer, num_layers, norm)
         self.norm = norm
 
     def forward(
@@ -81,7 +90,7 @@ class Decoder(nn.Module):
 
     def __init__(self, layer: DecoderLayer, num_layers: int, norm: nn.Module | None = None):
         super().__init__()
-        self.layers = _clones(layer, num_layers)
+        self.layers = _stack(layer, DecoderLayer, num_layers, norm)
         self.norm = norm
         self.cross = layer.cross_attn is not None
 
