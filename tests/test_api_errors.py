@@ -102,6 +102,43 @@ def test_task_sizes_are_checked_before_any_data_is_made() -> None:
         TranslationTask(train_size=150, test_size=-1)
 
 
+class _DrewData(Exception):
+    """Raised in place of a task's data drawing: the check came after it."""
+
+
+@pytest.mark.parametrize("name", ["generation", "translation"])
+@pytest.mark.parametrize(
+    ("kw", "exc", "match"),
+    [
+        ({"d_model": 0}, ValueError, "d_model must be a positive int, got 0"),
+        ({"d_model": "128"}, TypeError, "d_model must be a positive int"),
+        ({"num_heads": 3}, ValueError, "d_model=128 must be .* num_heads=3"),
+        ({"layers": -1}, ValueError, "layers must be a positive int, got -1"),
+        ({"dim_feedforward": 0}, ValueError, "dim_feedforward must be a positive int, got 0"),
+        ({"dropout": 1.5}, ValueError, r"dropout must be in \[0, 1\), got 1.5"),
+    ],
+    ids=["d_model", "d_model_str", "num_heads", "layers", "dim_feedforward", "dropout"],
+)
+def test_task_model_sizes_are_checked_before_any_data_is_made(
+    monkeypatch: pytest.MonkeyPatch, name: str, kw: dict, exc: type[Exception], match: str
+) -> None:
+    """(GenerationTask and TranslationTask checked them in build_model, after drawing every
+    sentence: 8 s at train_size=20000.)"""
+    pytest.importorskip("num2words")
+    from attnlab.tasks import generation, translation
+
+    def drew(*_: object) -> None:
+        raise _DrewData
+
+    monkeypatch.setattr(generation, "make_sentences", drew)
+    monkeypatch.setattr(translation, "_split_numbers", drew)
+    make = generation.GenerationTask if name == "generation" else translation.TranslationTask
+    with pytest.raises(exc, match=match):
+        make(**kw)
+    with pytest.raises(_DrewData):  # the control: good sizes pass on to the data
+        make(d_model=16, num_heads=2, layers=1, dim_feedforward=32)
+
+
 BENCH_CASES: list[tuple[dict[str, Any], type[Exception], str]] = [
     ({"n": 0}, ValueError, r"n must be a positive int, got 0"),
     ({"heads": -1}, ValueError, r"heads must be a positive int, got -1"),

@@ -54,6 +54,28 @@ class LMConfig:
     tie_weights: bool = True
     rope_base: float = 10000.0
 
+    def layer_config(self) -> LayerConfig:
+        """The decoder layers' config (pre-norm GELU with RoPE), after checking every size
+        but ``vocab_size`` (a task checks them so before it builds its vocabulary)."""
+        positive_int("d_model", self.d_model)
+        heads = positive_int("num_heads", self.num_heads)
+        if self.d_model % heads:
+            raise ValueError(
+                f"d_model={self.d_model} must be a multiple of num_heads={heads} (head dim)"
+            )
+        positive_int("num_layers", self.num_layers)
+        ff = self.dim_feedforward
+        return LayerConfig(
+            self.d_model,
+            heads,
+            4 * self.d_model if ff is None else ff,
+            num_kv_heads=self.num_kv_heads,
+            dropout=self.dropout,
+            activation="gelu",
+            norm_first=True,
+            rope=RotaryEmbedding(self.d_model // heads, base=self.rope_base),
+        )
+
 
 class _Embedding(nn.Embedding):
     """Token embeddings drawn ``N(0, 0.02**2)`` (GPT-2's), when built and by
@@ -83,24 +105,9 @@ class LanguageModel(nn.Module):
     def __init__(self, cfg: LMConfig) -> None:
         super().__init__()
         positive_int("vocab_size", cfg.vocab_size)
-        positive_int("d_model", cfg.d_model)
-        heads = positive_int("num_heads", cfg.num_heads)
-        if cfg.d_model % heads:
-            raise ValueError(
-                f"d_model={cfg.d_model} must be a multiple of num_heads={heads} (head dim)"
-            )
+        layer = cfg.layer_config()  # pre-norm GELU layers with RoPE
         self.cfg = cfg
         self.embed = _Embedding(cfg.vocab_size, cfg.d_model)
-        layer = LayerConfig(  # pre-norm GELU layers with RoPE
-            cfg.d_model,
-            heads,
-            4 * cfg.d_model if cfg.dim_feedforward is None else cfg.dim_feedforward,
-            num_kv_heads=cfg.num_kv_heads,
-            dropout=cfg.dropout,
-            activation="gelu",
-            norm_first=True,
-            rope=RotaryEmbedding(cfg.d_model // heads, base=cfg.rope_base),
-        )
         self.decoder = DecoderOnly(layer, cfg.num_layers)
         # Tied: no head module, so the state dict holds the shared matrix once (safetensors
         # refuses tensors that share memory).

@@ -46,6 +46,19 @@ class Seq2SeqConfig:
     bos: int = 1
     eos: int = 2
 
+    def layer_config(self) -> LayerConfig:
+        """The encoder and decoder layers' config, after checking every size but the
+        vocabularies' (a task checks them so before it builds its vocabularies)."""
+        for name in ("d_model", "encoder_layers", "decoder_layers"):
+            positive_int(name, getattr(self, name))  # else named dim or num_layers later
+        return LayerConfig(
+            self.d_model,
+            self.num_heads,
+            self.dim_feedforward,
+            dropout=self.dropout,
+            norm_first=self.norm_first,
+        )
+
 
 class Seq2Seq(nn.Module):
     """Embeddings (scaled, plus sinusoidal positions), a :class:`~attnlab.nn.Transformer`
@@ -64,17 +77,15 @@ class Seq2Seq(nn.Module):
 
     def __init__(self, cfg: Seq2SeqConfig) -> None:
         super().__init__()
-        for name in ("src_vocab", "tgt_vocab", "d_model", "encoder_layers", "decoder_layers"):
-            positive_int(name, getattr(cfg, name))  # else named dim or num_layers below
+        for name in ("src_vocab", "tgt_vocab"):
+            positive_int(name, getattr(cfg, name))
+        layer = cfg.layer_config()
         check_special_ids(cfg, "tgt_vocab", "bos", "eos")
         self.cfg = cfg
         d = cfg.d_model
         self.src_embed = nn.Embedding(cfg.src_vocab, d, padding_idx=0)
         self.tgt_embed = nn.Embedding(cfg.tgt_vocab, d, padding_idx=0)
         self.pos = SinusoidalPositional(d)
-        layer = LayerConfig(
-            d, cfg.num_heads, cfg.dim_feedforward, dropout=cfg.dropout, norm_first=cfg.norm_first
-        )
         self.transformer = Transformer(layer, cfg.encoder_layers, cfg.decoder_layers)
         self.out = nn.Linear(d, cfg.tgt_vocab)
 

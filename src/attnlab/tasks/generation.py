@@ -22,7 +22,7 @@ import math
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -261,19 +261,21 @@ class GenerationTask:
         positive_int("train_size", train_size)
         positive_int("test_size", test_size)
         positive_int("eval_size", eval_size)
+        sizes = LMConfig(  # its vocab_size comes with the vocabulary, its sizes are named now
+            1,  # (they were checked in build_model, after drawing every sentence: 8 s)
+            d_model=d_model,
+            num_heads=num_heads,
+            num_layers=positive_int("layers", layers),
+            dim_feedforward=dim_feedforward,
+            dropout=dropout,
+        )
+        sizes.layer_config()
         pairs = make_sentences(train_size + test_size, seed)
         random.Random(seed).shuffle(pairs)  # the test split has the families' proportions
         self.test_pairs, self.train_pairs = pairs[:test_size], pairs[test_size:]
         self.vocab = Vocab.build(_text(p) for p in self.train_pairs)
         self.eval_size = eval_size
-        self.model_cfg = LMConfig(
-            len(self.vocab),
-            d_model=d_model,
-            num_heads=num_heads,
-            num_layers=layers,
-            dim_feedforward=dim_feedforward,
-            dropout=dropout,
-        )
+        self.model_cfg = replace(sizes, vocab_size=len(self.vocab))
         self._train = [self.vocab.encode(_text(p)) for p in self.train_pairs]
         self._test = [self.vocab.encode(_text(p)) for p in self.test_pairs]
 

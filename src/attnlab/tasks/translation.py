@@ -10,7 +10,7 @@ exact match and BLEU (sacrebleu) of greedy or beam-search decoding.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -124,21 +124,26 @@ class TranslationTask:
         positive_int("train_size", train_size)
         positive_int("test_size", test_size)
         positive_int("eval_size", eval_size)
-        train, test = _split_numbers(train_size, test_size, nonnegative_int("seed", seed))
-        self.train_numbers, self.test_numbers = train, test
-        self.train_pairs, self.test_pairs = number_pairs(train), number_pairs(test)
-        self.src_vocab = Vocab.build(p[0] for p in self.train_pairs)
-        self.tgt_vocab = Vocab.build(p[1] for p in self.train_pairs)
-        self.eval_size = eval_size
-        self.model_cfg = Seq2SeqConfig(
-            len(self.src_vocab),
-            len(self.tgt_vocab),
+        layers = positive_int("layers", layers)
+        sizes = Seq2SeqConfig(  # the vocabularies' sizes come later, the model's now
+            1,  # (they were checked in build_model, after drawing every pair)
+            1,
             d_model=d_model,
             num_heads=num_heads,
             encoder_layers=layers,
             decoder_layers=layers,
             dim_feedforward=dim_feedforward,
             dropout=dropout,
+        )
+        sizes.layer_config()
+        train, test = _split_numbers(train_size, test_size, nonnegative_int("seed", seed))
+        self.train_numbers, self.test_numbers = train, test
+        self.train_pairs, self.test_pairs = number_pairs(train), number_pairs(test)
+        self.src_vocab = Vocab.build(p[0] for p in self.train_pairs)
+        self.tgt_vocab = Vocab.build(p[1] for p in self.train_pairs)
+        self.eval_size = eval_size
+        self.model_cfg = replace(
+            sizes, src_vocab=len(self.src_vocab), tgt_vocab=len(self.tgt_vocab)
         )
         self._src = [self.src_vocab.encode(s) for s, _ in self.train_pairs]
         self._tgt = [self.tgt_vocab.encode(t) for _, t in self.train_pairs]
