@@ -67,3 +67,25 @@ def test_a_bool_tensor_on_the_left_of_and_or() -> None:
         assert torch.equal(got.dense(5, 5), want.dense(5, 5))
     expected = t & torch.ones(5, 5, dtype=torch.bool).tril()
     assert torch.equal((t & M.causal()).dense(5, 5)[0, 0], expected)
+
+
+@pytest.mark.parametrize(
+    ("kw", "error", "match"),
+    [
+        ({"heads": 0}, ValueError, "heads must be a positive int, got 0"),
+        ({"heads": -1}, ValueError, "heads must be a positive int, got -1"),
+        ({"heads": 2.5}, TypeError, r"heads must be a positive int, got 2\.5"),
+        ({"batch": -1}, ValueError, "batch must be an int >= 0, got -1"),
+        ({"lq": 2.0}, TypeError, r"lq must be an int >= 0, got 2\.0"),
+    ],
+)
+def test_tensor_mask_dense_checks_its_sizes_as_every_mask(
+    kw: dict, error: type, match: str
+) -> None:
+    """(A tensor mask took heads=0, -1 and 2.5 and batch=-1; lq=2.0 a raw TypeError.)"""
+    rows = torch.tensor([[True, False], [True, True]])
+    a = {"lq": 2, "batch": None, "heads": 1, **kw}
+    for mask in (M.tensor(rows), M.causal()):  # (the causal mask: the rule all others keep)
+        with pytest.raises(error, match=match):
+            mask.dense(a["lq"], 2, batch=a["batch"], heads=a["heads"])
+        assert torch.equal(mask.dense(2, 2, batch=2, heads=3)[0, 0], rows)  # the control

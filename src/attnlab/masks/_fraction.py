@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from attnlab._grid import Grid
-from attnlab._validate import nonnegative_int, positive_int
+from attnlab._validate import nonnegative_int
 
 if TYPE_CHECKING:
     from attnlab.masks.base import Mask
@@ -41,8 +41,7 @@ def visible_fraction(mask: Mask, lq: int, lk: int, batch: int | None, heads: int
                 f"heads: mask {mask.spec()} varies by head and has no head count of its own; "
                 "pass heads=H"
             )
-    heads = positive_int("heads", heads)
-    mask._check_sizes(batch, heads, lq, lk)  # the ValueError dense() gives, not IndexError
+    batch, heads, lq, lk = mask._check_sizes(batch, heads, lq, lk)  # (dense()'s ValueError)
     bm, hm = mask._sizes(batch, heads)
     total, allowed = 0, 0
     for start in range(0, lq, 512):

@@ -132,9 +132,15 @@ class Mask:
         b = batch if batch is not None else (self.batch_size or 1)
         return (b if self.per_batch else 1), (heads if self.per_head else 1)
 
-    def _check_sizes(self, batch: int | None, heads: int, lq: int, lk: int) -> None:
-        b = batch if batch is not None else (self.batch_size or 1)
-        self.check(batch=b, heads=heads, lq=lq, lk=lk)
+    def _check_sizes(
+        self, batch: object, heads: object, lq: object, lk: object
+    ) -> tuple[int | None, int, int, int]:
+        """``(batch, heads, lq, lk)`` as ints, named if bad (as Bias.dense), and checked."""
+        lq, lk = nonnegative_int("lq", lq), nonnegative_int("lk", lk)
+        h = positive_int("heads", heads)
+        b = None if batch is None else nonnegative_int("batch", batch)
+        self.check(batch=b if b is not None else (self.batch_size or 1), heads=h, lq=lq, lk=lk)
+        return b, h, lq, lk
 
     def dense(
         self,
@@ -152,10 +158,7 @@ class Mask:
             >>> masks.causal().dense(2, 3)[0, 0].tolist()
             [[True, True, False], [True, True, True]]
         """
-        lq, lk = nonnegative_int("lq", lq), nonnegative_int("lk", lk)  # as Bias.dense
-        heads = positive_int("heads", heads)
-        batch = None if batch is None else nonnegative_int("batch", batch)
-        self._check_sizes(batch, heads, lq, lk)
+        batch, heads, lq, lk = self._check_sizes(batch, heads, lq, lk)
         bm, hm = self._sizes(batch, heads)
         grid = Grid.full(lq, lk, batch=bm, heads=hm, device=device)
         return torch.broadcast_to(self.evaluate(grid), (bm, hm, lq, lk))
@@ -190,11 +193,8 @@ class Mask:
             >>> masks.window(1).block_layout(4, 4, 2, 2).states[0, 0].tolist()
             [[1, 0], [1, 1]]
         """
-        lq, lk = nonnegative_int("lq", lq), nonnegative_int("lk", lk)  # as dense
+        batch, heads, lq, lk = self._check_sizes(batch, heads, lq, lk)  # as dense
         block_q, block_k = positive_int("block_q", block_q), positive_int("block_k", block_k)
-        heads = positive_int("heads", heads)
-        batch = None if batch is None else nonnegative_int("batch", batch)
-        self._check_sizes(batch, heads, lq, lk)
         states = self._layout(lq, lk, block_q, block_k, batch, heads, device)
         return BlockLayout(states.to(torch.int8), lq, lk, block_q, block_k)
 

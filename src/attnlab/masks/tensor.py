@@ -70,7 +70,7 @@ class TensorMask(Mask):
         """The tensor itself broadcast to ``(Bm, Hm, lq, lk)``: on the whole grid the
         gather of :meth:`evaluate` is the identity, so this is a view (size-1 dims keep
         stride 0), not a copy."""
-        self._check_sizes(batch, heads, lq, lk)
+        batch, heads, lq, lk = self._check_sizes(batch, heads, lq, lk)  # (heads=0 was taken)
         bm, hm = self._sizes(batch, heads)
         return torch.broadcast_to(self.t.to(device), (bm, hm, lq, lk))
 
