@@ -4,6 +4,7 @@ bool tensor on the left of ``&`` / ``|``."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -89,3 +90,29 @@ def test_tensor_mask_dense_checks_its_sizes_as_every_mask(
         with pytest.raises(error, match=match):
             mask.dense(a["lq"], 2, batch=a["batch"], heads=a["heads"])
         assert torch.equal(mask.dense(2, 2, batch=2, heads=3)[0, 0], rows)  # the control
+
+
+@pytest.mark.parametrize(
+    ("make", "spec"),
+    [
+        (lambda n: M.window(n), "window(left=4, right=0)"),
+        (lambda n: M.window(1, n), "window(left=1, right=4)"),
+        (lambda n: M.prefix(n), "prefix(4)"),
+        (lambda n: M.dilated(n, 2), "dilated(window=4, dilation=2)"),
+        (
+            lambda n: M.block_random(n, 1, seed=n),
+            "block_random(block_size=4, num_blocks=1, seed=4)",
+        ),
+    ],
+)
+def test_mask_sizes_take_numpy_ints(make, spec: str) -> None:
+    """(window(np.int64(4)) and the others raised "must be an int, got int64", where every
+    other size in attnlab takes numpy's ints.)"""
+    for n in (np.int64(4), np.int32(4), 4):
+        mask = make(n)
+        assert mask.spec() == spec
+        assert torch.equal(mask.dense(6, 6), make(4).dense(6, 6))
+    with pytest.raises(TypeError, match="must be an int, got float64"):
+        make(np.float64(4.0))
+    with pytest.raises(TypeError, match="must be an int, got bool"):
+        make(np.bool_(True))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -14,12 +16,13 @@ def positions(lq: int, lk: int, batch: int, device: Device) -> Tensor:
 
 
 def nonneg_int(name: str, value: object) -> int:
-    """``value`` as an int >= 0, or a ``TypeError``/``ValueError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """``value`` as an int >= 0 (numpy's ints too, as ``_validate.nonnegative_int``), or a
+    ``TypeError``/``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < 0:
         raise ValueError(f"{name} must be a non-negative int, got {value}")
-    return value
+    return int(value)
 
 
 #: Sizes past any sequence reach the same keys; clamped here so that ``p +- size`` stays
