@@ -315,3 +315,16 @@ def test_attend_with_zero_heads_is_named() -> None:
     torch.testing.assert_close(
         out, v.mean(2, keepdim=True).repeat_interleave(2, 1).expand(2, 4, 5, 3)
     )
+
+
+def test_attend_names_the_layout_of_scores() -> None:
+    """Scores of the wrong rank were told the layout of q, k and v, "(B, H, L, E)"."""
+    v = torch.randn(1, 1, 5, 4)
+    for bad, seen in ((torch.randn(1, 3, 5), r"\(1, 3, 5\)"), ([[1.0]], "list")):
+        with pytest.raises(
+            (ValueError, TypeError), match=rf"scores must .*\(B, Hq, Lq, Lk\).*{seen}"
+        ):
+            attnlab.attend(bad, v)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"v must have shape \(B, H, L, E\)"):  # v's is
+        attnlab.attend(torch.randn(1, 1, 3, 5), v[0])
+    assert attnlab.attend(torch.randn(1, 1, 3, 5), v).shape == (1, 1, 3, 4)  # the control

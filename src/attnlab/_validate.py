@@ -199,11 +199,12 @@ def same_dtype(name: str, x: Tensor, dtype: torch.dtype) -> Tensor:
     raise TypeError(f"{name} must be of the model's dtype {dtype}, got {x.dtype}")
 
 
-def _rank4(name: str, x: object) -> Tensor:
+def _rank4(name: str, x: object, layout: str = LAYOUT) -> Tensor:
+    """``x`` if a floating-point tensor of rank 4 (``layout`` names its dims)."""
     if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape {LAYOUT}, got {type(x).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(x).__name__}")
     if x.dim() != 4:
-        raise ValueError(f"{name} must have shape {LAYOUT} (rank 4), got shape {tuple(x.shape)}")
+        raise ValueError(f"{name} must have shape {layout} (rank 4), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     return x
@@ -406,7 +407,7 @@ def validate_scores(scores: object, v: Tensor) -> tuple[Tensor, Tensor]:
     """Precomputed scores ``(B, Hq, Lq, Lk)`` that fit ``v (B, Hkv, Lk, Ev)``, both in
     ``torch.autocast``'s dtype where it is on (a Linear's scores come out in it beside
     values that do not)."""
-    s, v = _autocast((_rank4("scores", scores), _rank4("v", v)))
+    s, v = _autocast((_rank4("scores", scores, "(B, Hq, Lq, Lk)"), _rank4("v", v)))
     if s.dtype != v.dtype or s.device != v.device:
         raise TypeError(
             f"scores and v must share dtype and device; got {s.dtype}/{s.device} "
