@@ -726,6 +726,18 @@ def test_repr_of_non_square_tensor_mask_does_not_raise() -> None:
     assert "documents(2 documents, length 3)" in text
 
 
+def test_documents_spec_counts_every_row() -> None:
+    """(B, L) ids: each row's documents, counted by hand; it said row 0's "1 documents"."""
+    rows = [[0, 0, 0, 0], [0, 1, 2, 3], [7, 7, 9, 9]]  # 1, 4 and 2 documents
+    assert len({*rows[0]}) == 1 and len({*rows[1]}) == 4 and len({*rows[2]}) == 2
+    assert masks.documents(rows).spec() == "documents(3 rows of 1-4 documents, length 4)"
+    assert masks.documents(rows[:1] * 2).spec() == "documents(2 rows of 1 document, length 4)"
+    assert masks.documents(rows[0]).spec() == "documents(1 document, length 4)"
+    assert masks.documents(rows[2]).spec() == "documents(2 documents, length 4)"  # control
+    empty = masks.documents(torch.zeros(0, 4, dtype=torch.long))
+    assert empty.spec() == "documents(0 documents, length 4)"
+
+
 @pytest.mark.parametrize(("lq", "lk"), [(1, 1), (7, 33), (33, 7), (600, 520)])
 def test_visible_fraction(lq: int, lk: int) -> None:
     m = masks.window(9, 2) | masks.global_tokens([3])

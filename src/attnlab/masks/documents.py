@@ -82,8 +82,14 @@ class Documents(Mask):
         return RowBounds(lo, hi, exact=True)
 
     def spec(self) -> str:
-        n_docs = int(self.ids[0].unique().numel()) if self.ids.numel() else 0
-        return f"documents({n_docs} documents, length {self.ids.shape[1]})"
+        """``documents(3 documents, length 16)``; for ``(B, L)`` ids each row's count
+        (``2 rows of 1-4 documents``: row 0's alone was reported as all rows')."""
+        ranked = self.ids.sort(dim=1).values  # (Bd, L)
+        counts = (ranked[:, 1:] != ranked[:, :-1]).sum(1) + (ranked.shape[1] > 0)  # (Bd,)
+        lo, hi = (int(c) for c in counts.aminmax()) if counts.numel() else (0, 0)
+        n = f"{lo} document{'' if hi == 1 else 's'}" if lo == hi else f"{lo}-{hi} documents"
+        rows = f"{len(counts)} rows of " if len(counts) > 1 else ""
+        return f"documents({rows}{n}, length {self.ids.shape[1]})"
 
 
 @dataclass(frozen=True)
