@@ -13,7 +13,11 @@ mu = pytest.importorskip("transformers.masking_utils")
 
 import attnlab  # noqa: E402
 from attnlab.integrations.hf_masks import FilledKeys, KeyValid, MaskCall, translate  # noqa: E402
-from attnlab.integrations.transformers import attention_forward, build_mask  # noqa: E402
+from attnlab.integrations.transformers import (  # noqa: E402
+    attention_forward,
+    build_mask,
+    register,
+)
 from attnlab.masks import Custom  # noqa: E402
 from tests.conftest import check_and_control  # noqa: E402
 
@@ -140,6 +144,33 @@ def test_build_mask_takes_transformers_keywords() -> None:
         attention_mask=None, allow_is_causal_skip=True, dtype=torch.float32, use_vmap=False,
     )  # fmt: skip
     assert m is not None and m.is_causal
+
+
+@pytest.mark.parametrize(
+    ("engine", "exc", "match"),
+    [
+        ("blokced", ValueError, "engine='blokced' is not a known engine"),
+        (123, TypeError, "engine must be a str, got int"),
+        (None, TypeError, "engine must be a str, got NoneType"),
+    ],
+)
+def test_register_checks_its_engine_when_called(engine: object, exc: type, match: str) -> None:
+    """(Any engine was registered; 'blokced' failed at the model's first forward.)"""
+    interface = transformers.AttentionInterface._global_mapping
+    with pytest.raises(exc, match=match):
+        register("attnlab_bad_engine", engine=engine)  # type: ignore[arg-type]
+    assert "attnlab_bad_engine" not in interface
+    assert register("attnlab_good_engine", engine="reference") in interface  # the control
+
+
+@pytest.mark.parametrize("name", ["sdpa", "eager", "flash_attention_2", "flex_attention"])
+def test_register_refuses_transformers_own_names(name: str) -> None:
+    """(register("sdpa") put attnlab under transformers' sdpa for every model.)"""
+    before = dict(transformers.AttentionInterface._global_mapping)
+    with pytest.raises(ValueError, match=f"name='{name}' is transformers' own"):
+        register(name)
+    assert transformers.AttentionInterface._global_mapping == before
+    assert register() == register() == "attnlab"  # the control: its own name, again
 
 
 def test_what_the_backend_cannot_compute_is_named() -> None:

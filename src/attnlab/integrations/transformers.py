@@ -28,10 +28,10 @@ call through :func:`attnlab.attention`:
   (:data:`hf_masks.TENSOR_MASK_MODELS`); a mask from the builder refuses an attention
   call with another number of keys than it was made for.
 
-What the backend cannot serve exactly (a head mask, an unknown mask type) raises a
-``ValueError`` naming it; nothing is silently ignored. A model whose attention layers do
-not call transformers' attention interface (BLOOM, XLNet, ...) is refused by name when it
-is built (:func:`register` installs that check).
+What the backend cannot serve exactly raises an error naming it (a head mask a
+``ValueError``, a mask of an unknown type a ``TypeError``); nothing is silently ignored.
+A model whose attention layers do not call transformers' attention interface (BLOOM,
+XLNet, ...) is refused by name when it is built (:func:`register` installs that check).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from attnlab._eager import PLANS, as_written
+from attnlab.engines import get_engine
 from attnlab.functional import AttentionOutput, attention, attention_plain
 from attnlab.integrations.hf_args import (
     eager_weights,
@@ -76,8 +77,10 @@ def register(name: str = NAME, engine: str = "auto") -> str:
     """Register attnlab with transformers under ``name``; idempotent. Returns ``name``.
 
     Args:
-        name: the ``attn_implementation`` to register.
-        engine: the attnlab engine every call uses (``"auto"``: the fastest exact one).
+        name: the ``attn_implementation`` to register; not one of transformers' own
+            (``"sdpa"``, ``"eager"``, ...), which would be replaced for every model.
+        engine: the attnlab engine every call uses (``"auto"``: the fastest exact one);
+            a TypeError/ValueError naming it now, not at the first forward.
 
     Example:
         >>> import torch
@@ -93,6 +96,16 @@ def register(name: str = NAME, engine: str = "auto") -> str:
     """
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
+
+    if engine != "auto":
+        get_engine(engine)  # as attention() does: 'blokced' failed at the first forward
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    if name in {"eager", *AttentionInterface(), *AttentionMaskInterface()} - _NAMES:
+        raise ValueError(  # (register("sdpa") replaced transformers' sdpa for every model)
+            f"name={name!r} is transformers' own attention implementation or another "
+            "library's; register attnlab under a name of its own (default 'attnlab')"
+        )
 
     @as_written(PLANS)
     def forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
