@@ -717,3 +717,24 @@ def test_a_runs_or_model_folder_given_as_dot_is_named_by_its_folder(
         assert r.status_code == 200, r.text
     monkeypatch.chdir(minilm_path())
     assert Registry(model=".").default == minilm_path().resolve().name != ""
+
+
+def test_limits_a_text_past_the_model_and_two_inputs_are_refused(enc: SentenceEncoder) -> None:
+    """(``Limits(max_top_k="8")`` gave every request a 500; with ``max_tokens`` over the
+    model's 512 positions a 702-token text was answered on its first 512 tokens, 200;
+    a body with a text and an image was answered on the text, the image dropped.)"""
+    for bad in ({"max_top_k": "8"}, {"max_tokens": -5}, {"max_jobs": 0}, {"max_chars": True}):
+        field = next(iter(bad))
+        with pytest.raises(ValueError, match=rf"Limits\.{field} must be an int >= 1, got "):
+            Limits(**bad)  # type: ignore[arg-type]
+    with TestClient(create_app(encoder=enc, limits=Limits(max_tokens=4096))) as c:
+        text = "word " * 700  # 702 tokens with [CLS] and [SEP]
+        r = c.post("/api/attend", json={"text": text})
+        assert r.status_code == 413, r.text
+        assert r.json()["detail"] == "text has 702 tokens; the model reads at most 512"
+        r = c.post("/api/explain", json={"text": text, "method": "rollout"})
+        assert r.status_code == 413 and "at most 512" in r.json()["detail"]
+        r = c.post("/api/attend", json={"text": "Cats purr.", "image": "not base64 !!"})
+        assert r.status_code == 422
+        assert r.json()["detail"] == "image: model 'minilm' reads texts; send no image"
+        assert c.post("/api/attend", json={"text": "word " * 510}).status_code == 200

@@ -124,11 +124,17 @@ class Explorer:
         if n > self.limits.max_tokens:
             cap = self.limits.max_tokens
             raise ApiError(413, f"text has {n} tokens; the limit is max_tokens={cap}")
+        reads = getattr(m, "max_tokens", None)  # (a model that would cut a longer text)
+        if reads is not None and n > reads:
+            raise ApiError(413, f"text has {n} tokens; the model reads at most {reads}")
         return n
 
     def read_input(self, m: Any, side: Side | ExplainIn, name: str) -> tuple[str | None, Any, str]:
         """The text or decoded image a request gives, checked against model ``name``'s
         input."""
+        other = "text" if m.input == "image" else "image"
+        if getattr(side, other, None) is not None:  # (it was dropped without a word)
+            raise ApiError(422, f"{other}: model {name!r} reads {m.input}s; send no {other}")
         if m.input == "image":
             if side.image is None:
                 raise ApiError(422, f"image is required: model {name!r} reads images")

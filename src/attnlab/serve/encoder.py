@@ -103,6 +103,14 @@ class EncoderModel:
         """Token ids ``(1, n)`` of ``text``, [CLS] and [SEP] included, at most 512."""
         return torch.tensor([self._encoding(text).ids])
 
+    @property
+    def max_tokens(self) -> int:
+        """The most tokens the model reads (its position table: 512); a longer text would
+        be cut, so the server refuses it."""
+        self.load()
+        assert self._enc is not None
+        return int(self._enc.bert.config.max_position_embeddings)
+
     def count_tokens(self, text: str) -> int:
         """How many tokens ``text`` has, untruncated (for the server's limit)."""
         enc = self._encoding(text)

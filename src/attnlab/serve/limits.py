@@ -52,6 +52,11 @@ class Limits:
     max_flow_tokens: int = 64
     max_jobs: int = 32
 
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():  # (a str gave every request a 500)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Limits.{name} must be an int >= 1, got {value!r}")
+
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
 
