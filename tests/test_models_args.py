@@ -19,7 +19,10 @@ from attnlab.models.gan import GAN, GANConfig, Generator, SelfAttention2d, draw_
 from attnlab.models.lm import LanguageModel, LMConfig
 from attnlab.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from attnlab.models.vae import VAE, VAEConfig, VAEOutput, vae_loss
+from attnlab.tasks.captioning import CaptioningTask
+from attnlab.tasks.classification import DocumentTask, make_documents
 from attnlab.tasks.dates import DatesTask
+from attnlab.tasks.generation import GenerationTask, make_sentences
 from attnlab.tasks.translation import TranslationTask
 from attnlab.tasks.vision import DigitsTask
 from tests.conftest import check_and_control
@@ -414,15 +417,36 @@ def test_generative_configs_check_their_flags_and_scales(
         (lambda: DigitsTask(100, seed=-1), ValueError, "seed must be"),
         (lambda: TranslationTask(150, 5, seed="a"), TypeError, "seed must be"),
         (lambda: DatesTask(20, 5, seed=None, locales=("de_DE",)), TypeError, "seed must be"),
+        (lambda: GenerationTask(60, 10, seed=-7, d_model=16, num_heads=2), ValueError,
+         "seed must be an int >= 0, got -7"),
+        (lambda: GenerationTask(60, 10, seed="abc", d_model=16, num_heads=2), TypeError,
+         "seed must be an int >= 0, got 'abc'"),
+        (lambda: GenerationTask(60, 10, seed=None, d_model=16, num_heads=2), TypeError,
+         "seed must be an int >= 0, got None"),
+        (lambda: make_sentences(5, seed=-1), ValueError, "seed must be an int >= 0, got -1"),
+        (lambda: DocumentTask(40, 8, seed=-7), ValueError, "seed must be an int >= 0, got -7"),
+        (lambda: DocumentTask(40, 8, seed="x"), TypeError, "seed must be an int >= 0, got 'x'"),
+        (lambda: make_documents(3, seed=-1), ValueError, "seed must be an int >= 0, got -1"),
+        (lambda: CaptioningTask(20, 4, seed=-7), ValueError, "seed must be an int >= 0, got -7"),
+        (lambda: CaptioningTask(20, 4, seed=2.0), TypeError, "seed must be an int >= 0, got 2.0"),
     ],
 )  # fmt: skip
 def test_tasks_name_bad_seeds_and_label_smoothing(
     make: Callable[[], object], exc: type[Exception], match: str
 ) -> None:
     """(label_smoothing=2.0 failed at the first step, -0.1 trained; a seed of None or "a"
-    failed inside torch's manual_seed.)"""
+    failed inside torch's manual_seed. Python's random.Random, which draws the generation,
+    classification and captioning data, takes abs(seed): seed=-7 gave seed=7's data, and
+    "abc" or None were taken as seeds.)"""
     with pytest.raises(exc, match=match):
         make()
+
+
+def test_a_good_seed_still_draws_the_data() -> None:
+    """The control of the seed checks: 0 and numpy's ints are seeds."""
+    assert make_sentences(3, seed=np.int64(7)) == make_sentences(3, seed=7)
+    assert len(make_documents(3, seed=0)) == 3
+    assert CaptioningTask(4, 2, seed=0).num_train() == 4
 
 
 def _decoders() -> tuple[Seq2Seq, object, object]:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlab._validate import positive_int
+from attnlab._validate import nonnegative_int, positive_int
 from attnlab.models.document import DocumentClassifier
 from attnlab.tasks.registry import TaskSpec
 from attnlab.tasks.report import Section, write_html
@@ -163,7 +163,7 @@ def make_documents(
         >>> len(doc.sentences) >= 4, doc.sentences[doc.deciding].startswith("the customer")
         (True, True)
     """
-    rng = random.Random(seed)
+    rng = random.Random(nonnegative_int("seed", seed))  # (it takes abs(seed))
     words, table = _Words(rng), country_currency()
     by_class = {c: sorted(k for k, v in table.items() if v == c) for c in CURRENCIES}
     out: list[Document] = []
@@ -249,6 +249,7 @@ class DocumentTask:
         word_hidden: int = 64,
         sentence_hidden: int = 64,
     ) -> None:
+        seed = nonnegative_int("seed", seed)  # (random.Random gave -7 seed 7's documents)
         positive_int("train_size", train_size)
         positive_int("test_size", test_size)
         docs = make_documents(train_size + test_size, seed)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlab._validate import limit_or, positive_int
+from attnlab._validate import limit_or, nonnegative_int, positive_int
 from attnlab.interpret import capture
 from attnlab.models.lm import LanguageModel, LMConfig
 from attnlab.tasks.registry import TaskSpec
@@ -143,7 +143,7 @@ def make_sentences(n: int, seed: int) -> list[tuple[str, str]]:
         in Polish January 22, 2035 is | 22 stycznia 2035
         the year 1 1 6 7 is read | eleven sixty-seven
     """
-    rng, seen = random.Random(seed), set()
+    rng, seen = random.Random(nonnegative_int("seed", seed)), set()  # (it takes abs(seed))
     out: list[tuple[str, str]] = []
     draws = list(FAMILIES.values())
     while len(out) < n and draws:
@@ -258,6 +258,7 @@ class GenerationTask:
         dim_feedforward: int = 384,
         dropout: float = 0.0,
     ) -> None:
+        seed = nonnegative_int("seed", seed)  # (random.Random gave -7 seed 7's sentences)
         positive_int("train_size", train_size)
         positive_int("test_size", test_size)
         positive_int("eval_size", eval_size)
