@@ -185,7 +185,7 @@ def test_bad_input_errors() -> None:
         ValueError,
         r"images must have shape \(B, C, H, W\) = \(B, 3, 16, 16\)",
     )
-    with pytest.raises(ValueError, match=r"held_out must be in \(0, 1\), got 1.5"):
+    with pytest.raises(ValueError, match=r"held_out must be a number in \(0, 1\), got 1.5"):
         CaptioningTask(train_size=4, test_size=4, held_out=1.5)
     with pytest.raises(ValueError, match="max_len must be a positive int, got 0"):
         m.generate(images, max_len=0)

@@ -449,6 +449,38 @@ def test_a_good_seed_still_draws_the_data() -> None:
     assert CaptioningTask(4, 2, seed=0).num_train() == 4
 
 
+@pytest.mark.parametrize(
+    ("make", "exc", "match"),
+    [  # '5' and 2.5 failed inside split_dates ("'<' not supported", "slice indices"), True
+       # was a test_size of 1; '0.2' failed at "'<' not supported between float and str"
+        (lambda: DatesTask(20, "5", locales=("de_DE",)), TypeError,
+         r"test_size must be a positive int, got '5' \(str\)"),
+        (lambda: DatesTask(20, 2.5, locales=("de_DE",)), TypeError,
+         r"test_size must be a positive int, got 2.5 \(float\)"),
+        (lambda: DatesTask(20, True, locales=("de_DE",)), TypeError,
+         r"test_size must be a positive int, got True \(bool\)"),
+        (lambda: CaptioningTask(20, 4, held_out="0.2"), TypeError,
+         r"held_out must be a number in \(0, 1\), got str '0.2'"),
+        (lambda: DigitsTask(100, test_fraction="0.2"), TypeError,
+         r"test_fraction must be a number in \(0, 1\), got str '0.2'"),
+        (lambda: DigitsTask(100, test_fraction=0.0), ValueError,
+         r"test_fraction must be a number in \(0, 1\), got 0.0"),
+    ],
+)  # fmt: skip
+def test_tasks_name_split_sizes_of_the_wrong_type(
+    make: Callable[[], object], exc: type[Exception], match: str
+) -> None:
+    with pytest.raises(exc, match=match):
+        make()
+
+
+def test_good_split_sizes_pass() -> None:
+    """The control of the split size checks."""
+    assert len(DatesTask(20, 5, locales=("de_DE",)).test) == 5
+    assert CaptioningTask(4, 2, held_out=0.5).num_train() == 4
+    assert len(DigitsTask(100, test_fraction=0.25).test_y) == 450
+
+
 def _decoders() -> tuple[Seq2Seq, object, object]:
     from attnlab.models.captioner import Captioner, CaptionerConfig
     from attnlab.models.rnn import RNNSeq2Seq, RNNSeq2SeqConfig

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlab._validate import limit_or, nonnegative_int, positive_int
+from attnlab._validate import limit_or, nonnegative_int, positive_int, real_where
 from attnlab.interpret import capture
 from attnlab.models.captioner import Captioner, CaptionerConfig
 from attnlab.tasks.registry import TaskSpec
@@ -232,8 +232,7 @@ class CaptioningTask:
         dropout: float = 0.0,
     ) -> None:
         seed = nonnegative_int("seed", seed)  # (random.Random gave -7 seed 7's scenes)
-        if not 0.0 < held_out < 1.0:
-            raise ValueError(f"held_out must be in (0, 1), got {held_out}")
+        real_where("held_out", held_out, lambda h: 0 < h < 1, "a number in (0, 1)")
         if positive_int("image_size", image_size) < MIN_SIZE:
             raise ValueError(f"image_size must be >= {MIN_SIZE} (two objects must fit apart), "
                              f"got {image_size}")  # fmt: skip

@@ -138,6 +138,7 @@ class DatesTask:
         dropout: float = 0.0,
     ) -> None:
         positive_int("train_size", train_size)
+        test_size = positive_int("test_size", test_size)  # ('5', 2.5 failed in split_dates)
         self.eval_size = positive_int("eval_size", eval_size)
         self.styles = writing_styles(locales, formats)
         self.locales = sorted({loc for loc, _ in self.styles})

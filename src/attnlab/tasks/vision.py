@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlab._validate import nonnegative_int, positive_int
+from attnlab._validate import nonnegative_int, positive_int, real_where
 from attnlab.interpret import capture, rollout
 from attnlab.models.vit import ViT, ViTConfig
 from attnlab.tasks.registry import TaskSpec
@@ -50,8 +50,7 @@ def load_split(test_fraction: float, seed: int) -> tuple[Tensor, Tensor, Tensor,
         from sklearn.model_selection import train_test_split
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("the vision task needs scikit-learn: pip install 'attnlab[tasks]'") from e
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    real_where("test_fraction", test_fraction, lambda f: 0 < f < 1, "a number in (0, 1)")
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0  # (N, 1, 8, 8)
     y = torch.tensor(d.target, dtype=torch.long)
