@@ -6,6 +6,7 @@ output lock refuses a live run and takes over a dead one, non-UTF-8 text is repl
 from __future__ import annotations
 
 import errno
+import importlib
 import os
 import socket
 import subprocess
@@ -137,6 +138,50 @@ def test_task_model_sizes_are_checked_before_any_data_is_made(
         make(**kw)
     with pytest.raises(_DrewData):  # the control: good sizes pass on to the data
         make(d_model=16, num_heads=2, layers=1, dim_feedforward=32)
+
+
+_DATA = {  # where each task draws its data, the first step after its checks
+    "dates": ("dates", "DatesTask", "split_dates", {"locales": ("de_DE",)}),
+    "classification": ("classification", "DocumentTask", "make_documents", {}),
+    "captioning": ("captioning", "CaptioningTask", "all_captions", {}),
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "kw", "exc", "match"),
+    [
+        ("dates", {"hidden": 0}, ValueError, "hidden must be a positive int, got 0"),
+        ("dates", {"embed_dim": "32"}, TypeError, "embed_dim must be a positive int"),
+        ("dates", {"attn_dim": -1}, ValueError, "attn_dim must be a positive int, got -1"),
+        ("dates", {"dropout": 1.5}, ValueError, r"dropout must be in \[0, 1\), got 1.5"),
+        ("dates", {"dropout": 1.0}, ValueError, r"dropout must be in \[0, 1\), got 1.0"),
+        ("classification", {"embed_dim": 0}, ValueError, "embed_dim must be a positive int"),
+        ("classification", {"word_hidden": 2.5}, TypeError, "word_hidden must be a positive"),
+        ("classification", {"sentence_hidden": -1}, ValueError, "sentence_hidden must be a"),
+        ("captioning", {"d_model": 0}, ValueError, "d_model must be a positive int, got 0"),
+        ("captioning", {"hidden_dim": 0}, ValueError, "hidden_dim must be a positive int"),
+        ("captioning", {"dropout": 2.0}, ValueError, r"dropout must be in \[0, 1\), got 2.0"),
+    ],
+)
+def test_rnn_and_hierarchical_task_sizes_are_checked_before_any_data_is_made(
+    monkeypatch: pytest.MonkeyPatch, name: str, kw: dict, exc: type[Exception], match: str
+) -> None:
+    """(DatesTask, DocumentTask and CaptioningTask drew every example first and checked
+    the sizes in build_model: dropout=1.5 then failed in torch's Dropout, naming nothing,
+    and RNNSeq2Seq took dropout=1.0.)"""
+    pytest.importorskip("babel")
+    module, task, data, base = _DATA[name]
+    mod = importlib.import_module(f"attnlab.tasks.{module}")
+
+    def drew(*_: object, **__: object) -> None:
+        raise _DrewData
+
+    monkeypatch.setattr(mod, data, drew)
+    make = getattr(mod, task)
+    with pytest.raises(exc, match=match):
+        make(20, 5, **base, **kw)
+    with pytest.raises(_DrewData):  # the control: good sizes pass on to the data
+        make(20, 5, **base)
 
 
 BENCH_CASES: list[tuple[dict[str, Any], type[Exception], str]] = [

@@ -46,6 +46,23 @@ def test_documents_are_deterministic_and_held_out_is_disjoint(task: D.DocumentTa
     assert len(train) == 800
 
 
+@pytest.mark.parametrize(
+    ("kw", "exc", "match"),
+    [  # min > max raised random's bare "empty range for randrange()"; the others were taken
+        ({"min_sentences": 5, "max_sentences": 2}, ValueError,
+         r"min_sentences=5 must be at most max_sentences=2"),
+        ({"min_sentences": 0}, ValueError, "min_sentences must be a positive int, got 0"),
+        ({"max_sentences": 2.5}, TypeError, "max_sentences must be a positive int"),
+        ({"n": -1}, ValueError, "n must be an int >= 0, got -1"),
+    ],
+)  # fmt: skip
+def test_make_documents_names_bad_sizes(kw: dict, exc: type[Exception], match: str) -> None:
+    with pytest.raises(exc, match=match):
+        D.make_documents(**{"n": 3, "seed": 0, **kw})
+    docs = D.make_documents(3, seed=0, min_sentences=2, max_sentences=2)  # the control
+    assert [len(d.sentences) for d in docs] == [2, 2, 2]
+
+
 def test_exactly_one_sentence_decides_the_label() -> None:
     docs = D.make_documents(400, seed=1)
     for doc in docs:

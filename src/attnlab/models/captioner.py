@@ -58,6 +58,17 @@ class CaptionerConfig:
     bos: int = 1
     eos: int = 2
 
+    def layer_config(self) -> LayerConfig:
+        """The encoder layers' config (pre-norm GELU), after checking the sizes of the
+        encoder and decoder and the dropout (a task checks them so before it draws its
+        scenes); :class:`Captioner` checks the vocabulary, image and patch sizes."""
+        for name in ("d_model", "hidden_dim", "embed_dim", "attention_dim", "encoder_layers"):
+            positive_int(name, getattr(self, name))
+        d = self.d_model
+        return LayerConfig(
+            d, self.num_heads, 2 * d, dropout=self.dropout, activation="gelu", norm_first=True
+        )
+
 
 class Captioner(nn.Module):
     """Patch encoder + attention LSTM decoder; teacher-forced logits and greedy captions.
@@ -77,21 +88,16 @@ class Captioner(nn.Module):
     def __init__(self, cfg: CaptionerConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        d, hid = positive_int("d_model", cfg.d_model), positive_int("hidden_dim", cfg.hidden_dim)
-        emb = positive_int("embed_dim", cfg.embed_dim)
+        layer = EncoderLayer(cfg.layer_config())  # checks the sizes and the dropout
+        d, hid, emb = cfg.d_model, cfg.hidden_dim, cfg.embed_dim
         self.patches = PatchEmbedding(cfg.image_size, cfg.patch_size, cfg.channels, d)
         self.pos = LearnedPositional(self.patches.num_patches, d)
-        layer = EncoderLayer(
-            LayerConfig(
-                d, cfg.num_heads, 2 * d, dropout=cfg.dropout, activation="gelu", norm_first=True
-            )
-        )
-        self.encoder = Encoder(layer, positive_int("encoder_layers", cfg.encoder_layers))
+        self.encoder = Encoder(layer, cfg.encoder_layers)
         self.encoder_norm = nn.LayerNorm(d)
         self.embed = nn.Embedding(positive_int("vocab_size", cfg.vocab_size), emb, padding_idx=0)
         check_special_ids(cfg, "vocab_size", "bos", "eos")
         self.init_h, self.init_c = nn.Linear(d, hid), nn.Linear(d, hid)
-        self.attention = BahdanauAttention(hid, d, positive_int("attention_dim", cfg.attention_dim))
+        self.attention = BahdanauAttention(hid, d, cfg.attention_dim)
         self.gate = nn.Linear(hid, 1)
         self.cell = nn.LSTMCell(emb + d, hid)
         self.dropout = nn.Dropout(cfg.dropout)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -237,6 +237,10 @@ class CaptioningTask:
             raise ValueError(f"image_size must be >= {MIN_SIZE} (two objects must fit apart), "
                              f"got {image_size}")  # fmt: skip
         self.eval_size = positive_int("eval_size", eval_size)
+        sizes = CaptionerConfig(  # checked before drawing the scenes (it was in build_model)
+            1, image_size=image_size, d_model=d_model, hidden_dim=hidden_dim, dropout=dropout
+        )
+        sizes.layer_config()
         rng = random.Random(seed)
         caps = all_captions()
         rng.shuffle(caps)
@@ -255,13 +259,7 @@ class CaptioningTask:
         self.vocab = Vocab.build(all_captions())
         self.train_images = _images(self.train_scenes, image_size)
         self.test_images = _images(self.test_scenes, image_size)
-        self.model_cfg = CaptionerConfig(
-            len(self.vocab),
-            image_size=image_size,
-            d_model=d_model,
-            hidden_dim=hidden_dim,
-            dropout=dropout,
-        )
+        self.model_cfg = replace(sizes, vocab_size=len(self.vocab))
         self._words = [self.vocab.encode(c) for c in self.train_captions]
 
     def _scenes(self, pool: list[str], n: int, rng: random.Random) -> list[Scene]:

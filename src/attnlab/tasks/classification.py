@@ -156,7 +156,8 @@ def make_documents(
 ) -> list[Document]:
     """``n`` distinct documents drawn from ``seed``: the class uniformly, then a country
     paying in it, then ``min_sentences - 1 .. max_sentences - 1`` distractors about any
-    countries, the deciding sentence at a uniform position.
+    countries (``1 <= min_sentences <= max_sentences``), the deciding sentence at a uniform
+    position.
 
     Example:
         >>> doc = make_documents(1, seed=0)[0]
@@ -164,6 +165,12 @@ def make_documents(
         (True, True)
     """
     rng = random.Random(nonnegative_int("seed", seed))  # (it takes abs(seed))
+    nonnegative_int("n", n)
+    low = positive_int("min_sentences", min_sentences)
+    if low > positive_int("max_sentences", max_sentences):  # (randrange's "empty range")
+        raise ValueError(
+            f"min_sentences={min_sentences} must be at most max_sentences={max_sentences}"
+        )
     words, table = _Words(rng), country_currency()
     by_class = {c: sorted(k for k, v in table.items() if v == c) for c in CURRENCIES}
     out: list[Document] = []
@@ -252,15 +259,20 @@ class DocumentTask:
         seed = nonnegative_int("seed", seed)  # (random.Random gave -7 seed 7's documents)
         positive_int("train_size", train_size)
         positive_int("test_size", test_size)
+        sizes = {
+            "embed_dim": embed_dim,
+            "word_hidden": word_hidden,
+            "sentence_hidden": sentence_hidden,
+        }
+        for name, size in sizes.items():  # (checked in build_model, after drawing the data)
+            positive_int(name, size)
         docs = make_documents(train_size + test_size, seed)
         self.test_docs, self.train_docs = docs[:test_size], docs[test_size:]
         self.vocab = Vocab.build(s for d in self.train_docs for s in d.sentences)
         self.model_cfg = {
             "vocab_size": len(self.vocab),
             "num_classes": len(CURRENCIES),
-            "embed_dim": embed_dim,
-            "word_hidden": word_hidden,
-            "sentence_hidden": sentence_hidden,
+            **sizes,
         }
 
     def build_model(self) -> nn.Module:

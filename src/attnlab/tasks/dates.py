@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +140,16 @@ class DatesTask:
         positive_int("train_size", train_size)
         test_size = positive_int("test_size", test_size)  # ('5', 2.5 failed in split_dates)
         self.eval_size = positive_int("eval_size", eval_size)
+        sizes = RNNSeq2SeqConfig(  # the vocabularies' sizes come with the data, the model's now
+            1,  # (they were checked in build_model, after drawing every example)
+            1,
+            embed_dim=embed_dim,
+            hidden=hidden,
+            decoder_hidden=decoder_hidden,
+            attn_dim=attn_dim,
+            dropout=dropout,
+        )
+        sizes.check_sizes()
         self.styles = writing_styles(locales, formats)
         self.locales = sorted({loc for loc, _ in self.styles})
         seed = nonnegative_int("seed", seed)  # (None and "a" failed inside torch)
@@ -152,14 +162,8 @@ class DatesTask:
             [f"<{loc}>" for loc, _ in self.styles] + sorted({c for e in self.train for c in e.text})
         )
         self.tgt_vocab = CharVocab(list("0123456789-"))
-        self.model_cfg = RNNSeq2SeqConfig(
-            len(self.src_vocab),
-            len(self.tgt_vocab),
-            embed_dim=embed_dim,
-            hidden=hidden,
-            decoder_hidden=decoder_hidden,
-            attn_dim=attn_dim,
-            dropout=dropout,
+        self.model_cfg = replace(
+            sizes, src_vocab=len(self.src_vocab), tgt_vocab=len(self.tgt_vocab)
         )
         self._src = [self.encode_source(e) for e in self.train]
         self._tgt = [self.tgt_vocab.encode(e.target) for e in self.train]
