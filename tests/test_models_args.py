@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from attnlab.models import DocumentClassifier
 from attnlab.models.bert import BertConfig, BertEncoder
 from attnlab.models.gan import GAN, GANConfig, Generator, SelfAttention2d, draw_latents
 from attnlab.models.lm import LanguageModel, LMConfig
@@ -424,6 +425,10 @@ def test_generative_configs_check_their_flags_and_scales(
         (lambda: GenerationTask(60, 10, seed=None, d_model=16, num_heads=2), TypeError,
          "seed must be an int >= 0, got None"),
         (lambda: make_sentences(5, seed=-1), ValueError, "seed must be an int >= 0, got -1"),
+        (lambda: make_sentences(-1, seed=0), ValueError, "n must be an int >= 0, got -1"),
+        (lambda: make_sentences("5", seed=0), TypeError, "n must be an int >= 0, got '5'"),
+        (lambda: DocumentClassifier(9, 2, dropout=2.0), ValueError,
+         r"dropout must be in \[0, 1\), got 2.0"),
         (lambda: DocumentTask(40, 8, seed=-7), ValueError, "seed must be an int >= 0, got -7"),
         (lambda: DocumentTask(40, 8, seed="x"), TypeError, "seed must be an int >= 0, got 'x'"),
         (lambda: make_documents(3, seed=-1), ValueError, "seed must be an int >= 0, got -1"),

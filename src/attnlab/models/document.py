@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 from torch import Tensor, nn
 
-from attnlab._validate import positive_int
+from attnlab._validate import positive_int, validate_dropout
 from attnlab.models._ids import check_id_dtype, check_vocab
 from attnlab.nn import HierarchicalAttention
 from attnlab.nn.hierarchical import HierarchicalOutput
@@ -65,7 +65,7 @@ class DocumentClassifier(nn.Module):
         positive_int("num_classes", num_classes)
         self.embed = nn.Embedding(positive_int("vocab_size", vocab_size), embed_dim, padding_idx=0)
         self.han = HierarchicalAttention(embed_dim, word_hidden, sentence_hidden)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(validate_dropout(dropout, "dropout"))  # (torch's own error)
         self.head = nn.Linear(self.han.document_dim, num_classes)
 
     def forward(self, ids: Tensor) -> ClassifierOutput:

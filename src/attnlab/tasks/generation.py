@@ -143,6 +143,7 @@ def make_sentences(n: int, seed: int) -> list[tuple[str, str]]:
         in Polish January 22, 2035 is | 22 stycznia 2035
         the year 1 1 6 7 is read | eleven sixty-seven
     """
+    n = nonnegative_int("n", n)  # (-1 gave [], "5" a bare TypeError)
     rng, seen = random.Random(nonnegative_int("seed", seed)), set()  # (it takes abs(seed))
     out: list[tuple[str, str]] = []
     draws = list(FAMILIES.values())
