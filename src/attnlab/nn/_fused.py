@@ -49,10 +49,12 @@ _POST_OPS["gelu_tanh"] = ("gelu", "tanh")
 #: gain (1.0-2.1x)
 FUSE_ROWS, FUSE_WEIGHT = 16, 1 << 17
 #: the fused kernel only up to this inner size K: up to 192 its products equal
-#: ``F.linear``'s bit for bit; from 256 on (AVX2 EPYC, torch 2.13) oneDNN sums K in one
-#: long run where MKL sums blocks, and its error against float64 was 1.7-2.7x F.linear's
-#: at K=256-768 and 3.5-4.8x at 1536 (MiniLM's 1536 -> 384), past the 2x rule; MiniLM
-#: encoded 400 texts no slower without it (22.3 against 27.1 s, a loaded machine)
+#: ``F.linear``'s bit for bit; from 256 on (AMD EPYC with AVX-512, torch 2.13) oneDNN
+#: sums K in one long run where MKL sums blocks, and its error against float64 was
+#: 1.7-2.7x F.linear's at K=256-768 and 3.4-4.8x at 1536 (MiniLM's 1536 -> 384), past the
+#: 2x rule. Summing 192-wide slices of K in oneDNN's epilogue kept the rule (1.00x) but
+#: ran at F.linear's speed. The cost: MiniLM encoded 400 texts in 6.31 s, against 5.15 s
+#: with the long fused products (same CPU, 2 threads)
 FUSE_INNER = 192
 
 
