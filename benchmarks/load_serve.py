@@ -147,13 +147,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 start = time.perf_counter()
                 try:
                     kind, ok = one_call(client, rng)
-                except Exception as e:  # a dropped connection is an error too
-                    kind, ok = "exception", False
-                    errors.append(f"{type(e).__name__}: {e}")
+                    error = None if ok else kind
+                except Exception as e:  # a dropped connection is an error too, counted once
+                    kind, error = "exception", f"{type(e).__name__}: {e}"
                     client = Client(port)
                 times[kind].append(1000 * (time.perf_counter() - start))
-                if not ok:
-                    errors.append(kind)
+                if error is not None:
+                    errors.append(error)
 
         threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(args.clients)]
         for t in threads:
