@@ -7,9 +7,10 @@ token ids, with images where the model takes both; random images; raw audio; log
 frames) with ``attn_implementation="eager"`` and with
 ``"attnlab"``. One JSON line per family:
 
-* ``status``: ``ok`` (equal to eager within ``--tol`` of its largest value, and attnlab's
-  function ran), ``unreached`` (equal, but attnlab's function never ran: a model without
-  attention, like FNet), ``mismatch`` (not equal), ``refused`` (the backend named why it
+* ``status``: ``ok`` (equal to eager within ``--tol`` times its largest value, or within
+  ``--tol`` absolute where that value is below 1, and attnlab's function ran),
+  ``unreached`` (equal, but attnlab's function never ran: a model without attention, like
+  FNet), ``mismatch`` (not equal), ``refused`` (the backend named why it
   cannot serve the model), ``error`` (the attnlab run failed otherwise), ``skipped``
   (eager itself failed on the shrunk config or the inputs: not attnlab's to judge);
 * ``sizes``: ``retry`` where eager failed on the first sizes and ran on a second set
@@ -296,7 +297,12 @@ def main() -> None:
     p.add_argument("--mapping", choices=("causal", "base"), default="causal")
     p.add_argument("--families", nargs="+", help="model types (default: the whole mapping)")
     p.add_argument("--smoke", action="store_true", help=f"only {', '.join(SMOKE)}")
-    p.add_argument("--tol", type=float, default=1e-5, help="relative to eager's largest value")
+    p.add_argument(
+        "--tol",
+        type=float,
+        default=1e-5,
+        help="relative to eager's largest value, or absolute where that is below 1",
+    )
     p.add_argument("--timeout", type=int, default=60, help="seconds per family")
     p.add_argument("--max-gib", type=float, default=8.0, help="memory the sweep may take")
     args = p.parse_args()
