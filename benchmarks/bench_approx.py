@@ -19,7 +19,8 @@ Peak memory is the growth of the resident set (Linux ``VmHWM`` after resetting i
 process per method and N, inputs already allocated. Each method's ``exponent`` is the
 least-squares slope of log(time) against log(N). One JSON line per (method, N), then one
 summary line per method with the exponent, the speedups at 4K and 16K and the relative
-output error against fp64 exact attention at N=1024 on the same random inputs.
+output error against fp64 exact attention at N=1024 (or the largest N, if 1024 is not
+measured) on the same random inputs; the exponent is null with fewer than two N.
 ``--threads 1`` keeps a shared machine's other jobs from stalling torch's thread pool.
 
 python benchmarks/bench_approx.py            # N = 1K ... 16K (exact at 16K takes minutes)
@@ -125,10 +126,13 @@ def relative_error(method: str, n: int, heads: int, dim: int) -> float | None:
     return round(err["relative_fro"], 4)
 
 
-def exponent(ns: list[int], ms: list[float]) -> float:
-    """Least-squares slope of log(ms) against log(n)."""
-    x = [math.log(n) for n in ns]
-    y = [math.log(t) for t in ms]
+def exponent(points: list[tuple[int, float]]) -> float | None:
+    """Least-squares slope of log(ms) against log(n) over ``(n, ms)`` points (None with
+    fewer than 2 distinct N: no slope to fit)."""
+    if len({n for n, _ in points}) < 2:
+        return None
+    x = [math.log(n) for n, _ in points]
+    y = [math.log(t) for _, t in points]
     mx, my = statistics.fmean(x), statistics.fmean(y)
     return sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True)) / sum(
         (a - mx) ** 2 for a in x
@@ -138,7 +142,7 @@ def exponent(ns: list[int], ms: list[float]) -> float:
 def run(args: argparse.Namespace) -> None:
     """Time and probe every (method, N), print a JSON line each, then the summaries."""
     all_methods, ns = args.methods.split(","), [int(n) for n in args.ns.split(",")]
-    times: dict[str, list[float]] = {m: [] for m in all_methods}
+    times: dict[str, dict[int, float]] = {m: {} for m in all_methods}
     for n in ns:
         methods = [m for m in all_methods if m != "dense" or n <= args.dense_max]
         torch.manual_seed(0)
@@ -147,28 +151,29 @@ def run(args: argparse.Namespace) -> None:
         del steps
         mem = peak_memory(methods, n, args) if not args.smoke or n == ns[-1] else {}
         for m in methods:
-            times[m].append(ms[m])
+            times[m][n] = ms[m]
             rec = {"bench": "approx", "method": m, "n": n, "heads": args.heads}
             rec |= {"dim": args.dim, "ms": round(ms[m], 2)}
             rec |= {"speedup": round(ms["exact"] / ms[m], 2) if "exact" in ms else None}
             rec |= {"peak_mib": round(mem[m], 1) if m in mem else None}
             rec |= {"threads": torch.get_num_threads()}
             print(json.dumps(rec), flush=True)
+    err_n = 1024 if 1024 in ns else max(ns)
     for m in all_methods:
-        print(json.dumps(_summary(m, ns[: len(times[m])], times, args)), flush=True)
+        print(json.dumps(_summary(m, err_n, times, args)), flush=True)
 
 
 def _summary(
-    m: str, ns: list[int], times: dict[str, list[float]], args: argparse.Namespace
+    m: str, err_n: int, times: dict[str, dict[int, float]], args: argparse.Namespace
 ) -> dict[str, object]:
-    """The method's fitted exponent, its speedups at 4K and 16K and its error at 1K."""
+    """The method's fitted exponent (None with fewer than 2 N), its speedups at 4K and 16K
+    and its error at ``err_n`` (1K where measured, else the largest N)."""
     rec: dict[str, object] = {"bench": "approx_summary", "method": m}
-    rec["exponent"] = round(exponent(ns, times[m]), 3)
+    slope = exponent(sorted(times[m].items()))
+    rec["exponent"] = None if slope is None else round(slope, 3)
     for n, label in ((4096, "speedup_4k"), (16384, "speedup_16k")):
-        if n in ns and "exact" in times and m != "dense":
-            i = ns.index(n)
-            rec[label] = round(times["exact"][i] / times[m][i], 2)
-    err_n = min(1024, ns[-1])
+        if n in times[m] and n in times.get("exact", {}) and m != "dense":
+            rec[label] = round(times["exact"][n] / times[m][n], 2)
     rec[f"rel_err_{err_n}"] = relative_error(m, err_n, args.heads, args.dim)
     return rec
 

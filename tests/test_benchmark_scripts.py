@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -59,3 +60,39 @@ def test_load_serve_counts_a_client_exception_once(monkeypatch: Any) -> None:
     failed = calls["n"] // 2  # the even calls answer not ok
     assert s["errors"] == 1 + failed
     assert s["first_errors"][:2] == ["ConnectionResetError: dropped", "attend"]
+
+
+def _approx_summaries(monkeypatch: Any, capsys: Any, argv: list[str]) -> list[dict]:
+    """bench_approx's summary lines, with time n (exact) and n**2 (dense) per call and the
+    error replaced by the N it was asked for."""
+    ba = _load("bench_approx")
+    power = {"exact": 1, "dense": 2, "linear": 1}
+    monkeypatch.setattr(ba, "make_step", lambda m, n, h, d: float(n) ** power[m])
+    monkeypatch.setattr(ba, "interleaved_ms", lambda steps, repeat: dict(steps))
+    monkeypatch.setattr(ba, "peak_memory", lambda methods, n, args: {})
+    monkeypatch.setattr(ba, "relative_error", lambda m, n, h, d: n)
+    assert ba.main(argv) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    return [r for r in lines if r["bench"] == "approx_summary"]
+
+
+def test_bench_approx_summary_pairs_each_time_with_its_n(monkeypatch: Any, capsys: Any) -> None:
+    """Ns out of order with dense skipped at 1024: dense's exponent is 2 from its own
+    (n, ms) pairs (its times were fitted against the first Ns: 1024 and 128), the error is
+    at N=1024 (was min(1024, last N) = 256)."""
+    argv = ["--ns", "1024,128,256", "--methods", "exact,dense", "--dense-max", "256"]
+    exact, dense = _approx_summaries(monkeypatch, capsys, argv)
+    assert exact["exponent"] == 1.0 and dense["exponent"] == 2.0
+    assert exact["rel_err_1024"] == dense["rel_err_1024"] == 1024
+
+
+def test_bench_approx_summary_with_one_n(monkeypatch: Any, capsys: Any) -> None:
+    """One N (or none for dense) gives a null exponent, not ZeroDivisionError or
+    StatisticsError; the error is at the largest N when 1024 is not measured."""
+    argv = ["--ns", "128,512", "--methods", "exact,dense", "--dense-max", "128"]
+    exact, dense = _approx_summaries(monkeypatch, capsys, argv)
+    assert exact["exponent"] == 1.0 and dense["exponent"] is None
+    assert dense["rel_err_512"] == 512
+    argv = ["--ns", "128", "--methods", "exact,dense", "--dense-max", "64"]
+    exact, dense = _approx_summaries(monkeypatch, capsys, argv)
+    assert exact["exponent"] is None and dense["exponent"] is None
