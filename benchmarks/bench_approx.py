@@ -44,6 +44,7 @@ from torch import Tensor
 
 import attnlab
 from attnlab.bench import interleaved_ms
+from attnlab.cli._args import int_in, names_in
 from attnlab.nn.linformer import linformer_attention
 
 METHODS = ("exact", "dense", "linear", "performer", "nystrom", "linformer")
@@ -141,7 +142,7 @@ def exponent(points: list[tuple[int, float]]) -> float | None:
 
 def run(args: argparse.Namespace) -> None:
     """Time and probe every (method, N), print a JSON line each, then the summaries."""
-    all_methods, ns = args.methods.split(","), [int(n) for n in args.ns.split(",")]
+    all_methods, ns = list(args.methods), [int(n) for n in args.ns.split(",")]
     times: dict[str, dict[int, float]] = {m: {} for m in all_methods}
     for n in ns:
         methods = [m for m in all_methods if m != "dense" or n <= args.dense_max]
@@ -181,12 +182,19 @@ def _summary(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ns", default="1024,2048,4096,8192,16384", help="comma list of N")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {METHODS}")
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--dense-max", type=int, default=4096, help="largest N of 'dense'")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument(
+        "--methods",
+        type=names_in(METHODS),
+        default=",".join(METHODS),
+        help=f"comma list of {METHODS}",
+    )
+    p.add_argument("--heads", type=int_in(1), default=8)
+    p.add_argument("--dim", type=int_in(1), default=64)
+    p.add_argument("--repeat", type=int_in(1), default=3)
+    p.add_argument("--dense-max", type=int_in(0), default=4096, help="largest N of 'dense'")
+    p.add_argument(
+        "--threads", type=int_in(0), default=0, help="torch threads (0: torch's default)"
+    )
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (CI)")
     p.add_argument("--probe", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -195,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.probe:
-        peaks = probe(args.methods.split(","), args.probe, args.heads, args.dim)
+        peaks = probe(list(args.methods), args.probe, args.heads, args.dim)
         print(json.dumps(peaks))
         return 0
     run(args)

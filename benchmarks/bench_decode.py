@@ -27,6 +27,7 @@ from torch import Tensor
 
 import attnlab
 from attnlab import masks as M
+from attnlab.cli._args import int_in
 
 HEADS, KV_HEADS, DIM = 8, 2, 64
 
@@ -87,10 +88,10 @@ def case_rows(lk: int, window: int | None, steps: int, rounds: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="small sizes, one round each")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192, 32768])
-    parser.add_argument("--window", type=int, default=512, help="keys of the window case")
-    parser.add_argument("--steps", type=int, default=100, help="decoding steps per round")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")
+    parser.add_argument("--lengths", type=int_in(1), nargs="+", default=[512, 2048, 8192, 32768])
+    parser.add_argument("--window", type=int_in(1), default=512, help="keys of the window case")
+    parser.add_argument("--steps", type=int_in(1), default=100, help="decoding steps per round")
+    parser.add_argument("--rounds", type=int_in(1), default=3, help="alternating rounds")
     args = parser.parse_args()
     if args.smoke:
         args.lengths, args.window, args.steps, args.rounds = [64, 256], 32, 3, 1

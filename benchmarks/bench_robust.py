@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from attnlab.cli._args import int_in
 from attnlab.robust import FGM, PGD, SMART, FreeLB
 from attnlab.train import Plugin, TrainConfig, Trainer
 
@@ -66,9 +67,9 @@ def time_steps(trainer: Trainer, steps: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=int_in(1), default=10)
+    p.add_argument("--repeat", type=int_in(1), default=3)
+    p.add_argument("--batch-size", type=int_in(1), default=64)
     p.add_argument("--smoke", action="store_true")
     a = p.parse_args()
     steps, repeat, bs = (2, 1, 8) if a.smoke else (a.steps, a.repeat, a.batch_size)

@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 
+from attnlab.cli._args import float_in, int_in
+
 SHORT = [
     "The cat sat on the mat because it was warm.",
     "Attention lets a model look back at every word it has read.",
@@ -224,9 +226,11 @@ def summarize(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--clients", type=int, default=20)
-    p.add_argument("--seconds", type=float, default=60.0)
-    p.add_argument("--warmup", type=float, default=15.0, help="seconds before memory counts")
+    p.add_argument("--clients", type=int_in(1), default=20)
+    p.add_argument("--seconds", type=float_in(0.0, open_low=True), default=60.0)
+    p.add_argument(
+        "--warmup", type=float_in(0.0), default=15.0, help="seconds before memory counts"
+    )
     p.add_argument("--smoke", action="store_true", help="3 clients, 6 s (CI)")
     p.add_argument("serve_args", nargs="*", help="passed to attnlab serve (after --)")
     args = p.parse_args(argv)

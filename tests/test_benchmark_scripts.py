@@ -5,9 +5,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -96,3 +101,31 @@ def test_bench_approx_summary_with_one_n(monkeypatch: Any, capsys: Any) -> None:
     argv = ["--ns", "128", "--methods", "exact,dense", "--dense-max", "64"]
     exact, dense = _approx_summaries(monkeypatch, capsys, argv)
     assert exact["exponent"] is None and dense["exponent"] is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "argument"),
+    [
+        (["bench_decode.py", "--rounds", "0"], "--rounds"),
+        (["bench_hf.py", "--repeat", "0"], "--repeat"),
+        (["bench_layers.py", "--heads", "3"], "--heads"),
+        (["bench_approx.py", "--methods", "foo"], "--methods"),
+        (["bench_flow.py", "--n", "0"], "--n"),
+        (["load_serve.py", "--seconds", "0"], "--seconds"),
+        (["bench_minilm.py", "--modes", "foo"], "--modes"),
+    ],
+)
+def test_benchmarks_refuse_bad_arguments_before_any_work(argv: list[str], argument: str) -> None:
+    """Exit 2 with one error line naming the argument and nothing on stdout (these gave
+    Infinity/NaN JSON at exit 0, or a traceback after loading models or starting a server)."""
+    env = {**os.environ, "PYTHONPATH": str(BENCH.parent / "src")}
+    res = subprocess.run(
+        [sys.executable, str(BENCH / argv[0]), *argv[1:]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    errors = [line for line in res.stderr.splitlines() if "error:" in line]
+    assert (res.returncode, res.stdout) == (2, "")
+    assert len(errors) == 1 and f"argument {argument}:" in errors[0], res.stderr
