@@ -129,3 +129,32 @@ def test_benchmarks_refuse_bad_arguments_before_any_work(argv: list[str], argume
     errors = [line for line in res.stderr.splitlines() if "error:" in line]
     assert (res.returncode, res.stdout) == (2, "")
     assert len(errors) == 1 and f"argument {argument}:" in errors[0], res.stderr
+
+
+class _FakeIndex:
+    def __init__(self) -> None:
+        self.sentences = [argparse.Namespace(text="one"), argparse.Namespace(text="two")]
+        self.embedded = 1
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux only")
+def test_bench_ask_peak_memory_is_the_builds_own(
+    monkeypatch: Any, capsys: Any, tmp_path: Path
+) -> None:
+    """A build that touches 96 MiB after the process once held 400 MiB more reports about
+    96 MiB (ru_maxrss growth, which the models' loading had already set, gave 0.0)."""
+    torch = pytest.importorskip("torch")
+    ba = _load("bench_ask")
+    earlier = torch.ones(100 * 2**18)  # 400 MiB, written: the high-water mark rises
+    del earlier
+
+    def build(docs: object, enc: object, folder: Path) -> _FakeIndex:
+        held = torch.ones(24 * 2**20)  # 96 MiB, written
+        del held
+        return _FakeIndex()
+
+    anchor = argparse.Namespace(encode=lambda texts, **kw: None)
+    monkeypatch.setattr(ba, "build_index", build)
+    ba.bench_index([ba.Document("a", "b")], None, anchor, tmp_path)
+    row = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert 90 <= row["peak_rss_added_mb"] <= 130
