@@ -736,5 +736,5 @@ def test_limits_a_text_past_the_model_and_two_inputs_are_refused(enc: SentenceEn
         assert r.status_code == 413 and "at most 512" in r.json()["detail"]
         r = c.post("/api/attend", json={"text": "Cats purr.", "image": "not base64 !!"})
         assert r.status_code == 422
-        assert r.json()["detail"] == "image: model 'minilm' reads texts; send no image"
+        assert r.json()["detail"] == "image: model 'minilm' reads text; send no image"
         assert c.post("/api/attend", json={"text": "word " * 510}).status_code == 200

@@ -132,16 +132,15 @@ class Explorer:
     def read_input(self, m: Any, side: Side | ExplainIn, name: str) -> tuple[str | None, Any, str]:
         """The text or decoded image a request gives, checked against model ``name``'s
         input."""
-        other = "text" if m.input == "image" else "image"
-        if getattr(side, other, None) is not None:  # (it was dropped without a word)
-            raise ApiError(422, f"{other}: model {name!r} reads {m.input}s; send no {other}")
-        if m.input == "image":
-            if side.image is None:
-                raise ApiError(422, f"image is required: model {name!r} reads images")
+        kind = m.input  # "text" or "image"
+        extra, reads = ("text", "images") if kind == "image" else ("image", "text")
+        if getattr(side, kind) is None:
+            raise ApiError(422, f"{kind} is required: model {name!r} reads {reads}")
+        if getattr(side, extra) is not None:  # (it was dropped without a word)
+            raise ApiError(422, f"{extra}: model {name!r} reads {reads}; send no {extra}")
+        if side.image is not None:
             digest = hashlib.sha256(side.image.encode()).hexdigest()
             return None, decode_image(self.limits, side.image), "image:" + digest
-        if side.text is None:
-            raise ApiError(422, f"text is required: model {name!r} reads text")
         text = check_text(self.limits, side.text)
         return text, None, "text:" + text
 
