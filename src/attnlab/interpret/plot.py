@@ -18,6 +18,7 @@ from attnlab._io import atomic_write
 __all__ = [
     "alignment",
     "check_png_path",
+    "check_tokens",
     "head_grid",
     "heatmap",
     "pyplot",
@@ -65,7 +66,7 @@ def alignment(
     """
     check_png_path(path)
     for name, tokens in (("src_tokens", src_tokens), ("tgt_tokens", tgt_tokens)):
-        _check_tokens(name, tokens)
+        check_tokens(name, tokens)
     w = _matrix("weights", weights, len(tgt_tokens), len(src_tokens))
     plt = pyplot()
     cols, rows = min(w.shape[1], MAX_LABELS), min(w.shape[0], MAX_LABELS)  # the size bounded
@@ -85,7 +86,7 @@ def heatmap(weights: Tensor, tokens: Sequence[str], path: str | Path, *, title: 
         >>> p.stat().st_size > 0
         True
     """
-    _check_tokens("tokens", tokens)
+    check_tokens("tokens", tokens)
     return alignment(weights, tokens, tokens, path, title=title)
 
 
@@ -121,7 +122,7 @@ def head_grid(
         )
     check_png_path(path)
     if tokens is not None:
-        _check_tokens("tokens", tokens)
+        check_tokens("tokens", tokens)
     rows, cols = len(attentions), max(a.shape[0] for a in attentions)
     plt = pyplot()
     fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows), squeeze=False)
@@ -160,7 +161,7 @@ def saliency(
         '.png'
     """
     check_png_path(path)
-    _check_tokens("tokens", tokens)
+    check_tokens("tokens", tokens)
     if isinstance(scores, Tensor) and scores.dim() != 1:  # ("only one element tensors")
         raise ValueError(f"scores must be one value per token (n,), got {tuple(scores.shape)}")
     vals = [float(v) for v in scores]
@@ -195,8 +196,15 @@ def check_png_path(path: object) -> Path:
     return Path(path)
 
 
-def _check_tokens(name: str, tokens: object) -> None:
-    """``tokens`` a sequence of labels, not one str (each letter was drawn as a token)."""
+def check_tokens(name: str, tokens: object) -> None:
+    """``tokens`` a sequence of labels, not one str (each letter was drawn as a token).
+
+    Example:
+        >>> check_tokens("tokens", "abc")
+        Traceback (most recent call last):
+        ...
+        TypeError: tokens must be a list of str (one per token), got the str 'abc'
+    """
     if isinstance(tokens, str) or not isinstance(tokens, Sequence):
         shown = f"the str {tokens!r}" if isinstance(tokens, str) else type(tokens).__name__
         raise TypeError(f"{name} must be a list of str (one per token), got {shown}")

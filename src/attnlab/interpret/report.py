@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from attnlab._io import atomic_write_text, decode_text, png_data_uri
+from attnlab.interpret.plot import check_tokens
 
 __all__ = ["report"]
 
@@ -137,8 +138,8 @@ def report(
 
 def _check_texts(tokens: object, title: object, text: object) -> None:
     """``tokens`` a list of str, ``title`` and ``text`` str (None's ``.replace`` failed)."""
-    if isinstance(tokens, str) or not isinstance(tokens, Sequence):  # (None: "no len()")
-        raise TypeError(f"tokens must be a list of str, got {type(tokens).__name__}")
+    check_tokens("tokens", tokens)  # (None: "no len()")
+    assert isinstance(tokens, Sequence)
     bad = next((i for i, t in enumerate(tokens) if not isinstance(t, str)), None)
     if bad is not None:
         raise TypeError(f"tokens[{bad}] must be a str, got {type(tokens[bad]).__name__}")
