@@ -257,6 +257,30 @@ def test_decoder_without_bos_attributes_its_first_word(tmp_path: Path) -> None:
     assert abs(float(want[0])) > 1e-3
     assert max_err(got, want) < 1e-4, (got, want)
     assert abs(float(got.sum()) - (ex.score - ex.baseline_score)) < 1e-4  # completeness
-    from attnlab.integrations.hf_text import _adds_first
+    from attnlab.integrations.hf_text import _special_ends
 
-    assert _adds_first(transformers.AutoTokenizer.from_pretrained(minilm_path()))  # [CLS] kept
+    minilm = transformers.AutoTokenizer.from_pretrained(minilm_path())
+    assert _special_ends(minilm) == (True, True)  # [CLS] and [SEP] kept
+
+
+def test_encoder_without_a_last_special_token_attributes_its_last_word(tmp_path: Path) -> None:
+    """The encoder path kept the last token in the baseline as if it were [SEP]: with a
+    tokenizer that ends on a word, that word's integrated gradient was always 0."""
+    model, tok = load_hf(minilm_path())
+
+    class NoSep:  # MiniLM's tokenizer without its [SEP]
+        def __getattr__(self, name: str) -> object:
+            return getattr(tok, name)
+
+        def __call__(self, s: str, add_special_tokens: bool = True) -> dict:
+            ids = tok(s, add_special_tokens=add_special_tokens)["input_ids"]
+            return {"input_ids": ids[:-1] if add_special_tokens else ids}
+
+    assert hf_text_model(model, tok).keep_last == 1
+    tm = hf_text_model(model, NoSep())
+    assert (tm.keep_first, tm.keep_last) == (True, 0)
+    ex = explain_text(tm, "cats purr loudly", tmp_path / "r.html", steps=64, log=lambda s: None)
+    assert ex.tokens[-1] == "loudly"
+    got = ex.saliency["integrated gradients"]
+    assert got[0] == 0 and got[-1] != 0, got  # [CLS] kept, the last word attributed
+    assert abs(sum(got) - (ex.score - ex.baseline_score)) < 0.02  # completeness, 64 steps

@@ -140,8 +140,9 @@ def hf_text_model(
         "token_name": lambda i: token_text(tokenizer, int(i)),
         "input_embeddings": model.get_input_embeddings(),  # type: ignore[operator]
         "pad_id": int(pad),
-        "keep_first": _adds_first(tokenizer),  # GPT-2's first token is a word of the text
     }
+    first, last = _special_ends(tokenizer)  # GPT-2 adds neither: its ends are words
+    common["keep_first"] = first
     if not is_decoder(model.config):
 
         def pooled(ids: Tensor) -> Tensor:
@@ -153,6 +154,7 @@ def hf_text_model(
             pooled=pooled,
             embed=lambda ids: F.normalize(pooled(ids), dim=-1),
             pooling="mean",
+            keep_last=int(last),
             **common,
         )
     follow = _continuation(model, tokenizer, text, continuation)
@@ -166,18 +168,21 @@ def hf_text_model(
     )
 
 
-def _adds_first(tokenizer: Any) -> bool:
-    """Whether the tokenizer puts a special token ([CLS], <s>) before the text's tokens.
+def _special_ends(tokenizer: Any) -> tuple[bool, bool]:
+    """Whether the tokenizer puts a special token ([CLS], <s>) before the text's tokens,
+    and one ([SEP], </s>) after them: the baseline keeps those, and pads words.
 
     Example:
         >>> def bert(s, add_special_tokens=True):  # [CLS] a [SEP]
         ...     return {"input_ids": [101, 7, 102] if add_special_tokens else [7]}
-        >>> _adds_first(bert), _adds_first(lambda s, add_special_tokens=True: {"input_ids": [7]})
-        (True, False)
+        >>> def gpt2(s, add_special_tokens=True):  # a
+        ...     return {"input_ids": [7]}
+        >>> _special_ends(bert), _special_ends(gpt2)
+        ((True, True), (False, False))
     """
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    marked = tokenizer("a")["input_ids"]
-    return bool(marked) and list(marked[:1]) != list(plain[:1])
+    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    marked = list(tokenizer("a")["input_ids"])
+    return bool(marked) and marked[:1] != plain[:1], bool(marked) and marked[-1:] != plain[-1:]
 
 
 def _continuation(model: nn.Module, tokenizer: Any, text: str, cont: str | None) -> list[int]:
