@@ -46,6 +46,24 @@ def test_an_allow_host_no_request_could_carry_is_one_line() -> None:
         _check_allow_host([name])
 
 
+def test_allow_host_is_read_as_the_guard_reads_it_without_the_server() -> None:
+    """``--allow-host`` and the guard parse names with one function (``attnlab._hosts``),
+    and refusing a name imports no server module."""
+    from attnlab.serve.guard import host_name
+
+    names = {"Proxy.Test:8080": "proxy.test", "[::1]:80": "::1", "10.0.0.1": "10.0.0.1"}
+    for name, host in names.items():
+        _check_allow_host([name])
+        assert host_name(name) == host  # the name a request's Host header must carry
+    code = (
+        "import sys\nfrom attnlab.cli.serve import _check_allow_host\n"
+        "try:\n    _check_allow_host(['http://x'])\nexcept Exception as e:\n    print(e)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('starlette', 'fastapi')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.splitlines()[-1] == "[]" and "'http://x'" in out.stdout, out
+
+
 def test_busy_port_and_missing_folders_are_one_line(tmp_path: object) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

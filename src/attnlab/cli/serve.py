@@ -16,10 +16,10 @@ import argparse
 import contextlib
 import errno
 import ipaddress
-import re
 import socket
 from typing import Any
 
+from attnlab._hosts import LOOPBACK_HOSTS, is_host
 from attnlab.cli._args import check_in_folder, int_in
 from attnlab.cli._errors import UsageError, warn
 from attnlab.cli._sentence import load_encoder
@@ -28,8 +28,6 @@ __all__ = ["add_parsers", "run"]
 
 # bind errors of the address, not the port: not this machine's, or its family unsupported
 _HOST_ERRNOS = {errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT}
-# a DNS name as a Host header carries it: dot-separated labels of letters, digits and "-"
-_NAME = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*\.?", re.I)
 
 
 def add_parsers(sub: Any) -> None:
@@ -118,17 +116,7 @@ def _check_allow_host(names: list[str]) -> None:
     it (an optional ``:port`` is ignored there): ``""`` or ``http://proxy`` could never
     match a request, so they are usage errors, not silently unused names."""
     for name in names:
-        host, port = name, ""
-        if name.startswith("[") and "]" in name:  # as guard.host_name reads a Host header
-            host, port = name[1 : name.find("]")], name[name.find("]") + 1 :].removeprefix(":")
-        elif name.count(":") == 1:
-            host, port = name.split(":")
-        if port and not port.isdigit():
-            host = name  # "http://proxy": a scheme, not a port
-        with contextlib.suppress(ValueError):
-            ipaddress.ip_address(host)
-            continue
-        if len(host) > 253 or not _NAME.fullmatch(host):
+        if not is_host(name):
             raise UsageError(
                 "--allow-host", f"{name!r} is not a host name or an IP address (e.g. proxy.lan)"
             )
@@ -157,7 +145,6 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn
 
         from attnlab.serve import create_app
-        from attnlab.serve.guard import LOOPBACK_HOSTS
     except ModuleNotFoundError as e:
         raise ModuleNotFoundError(f"{e}; pip install 'attnlab[serve]'") from e
     sock = _bind(args.host, args.port)

@@ -8,11 +8,8 @@
   page whose name was made to resolve to 127.0.0.1 (DNS rebinding) sends its own name and
   gets 403, so it can neither queue work nor read the answers. ``None`` lets any host in
   (``--allow-remote``; and an app built by :func:`~attnlab.serve.create_app` for use
-  inside other code).
-
-Example:
-    >>> host_name("[::1]:8000"), host_name("LocalHost:80"), host_name("127.0.0.1")
-    ('::1', 'localhost', '127.0.0.1')
+  inside other code). The names are read by :func:`attnlab._hosts.host_name`, which
+  ``attnlab serve --allow-host`` checks with, before this module is imported.
 """
 
 from __future__ import annotations
@@ -23,9 +20,9 @@ from typing import Any
 
 from starlette.exceptions import HTTPException
 
-__all__ = ["LOOPBACK_HOSTS", "Guard", "host_name"]
+from attnlab._hosts import LOOPBACK_HOSTS, host_name
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+__all__ = ["LOOPBACK_HOSTS", "Guard", "host_name"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -36,14 +33,6 @@ Send = Callable[[Message], Awaitable[None]]
 class _TooLarge(HTTPException):
     """A streamed body went past the limit: an HTTP error, so that FastAPI, which reads
     the body, answers it as one (413) instead of "There was an error parsing the body"."""
-
-
-def host_name(header: str) -> str:
-    """The host of a ``Host`` header, lower case, without its port or IPv6 brackets."""
-    h = header.strip().lower()
-    if h.startswith("["):
-        return h[1 : h.find("]")] if "]" in h else h[1:]
-    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
 
 
 class Guard:
