@@ -78,6 +78,47 @@ def test_report_draws_heads_and_hover_shows_a_tokens_lines(browser: Any, tmp_pat
     assert all(u.startswith(("file:", "data:")) for u in requests), requests  # offline
 
 
+def test_report_tokens_take_keyboard_focus_and_show_the_hover_readout(
+    browser: Any, tmp_path: Path
+) -> None:
+    """(Tab went from the head select past the tokens: their readout was for a mouse only.)"""
+    tokens = [f"w{i}" for i in range(12)]
+    attns = _attentions(12, 2, 4)
+    path = report(tmp_path / "r.html", tokens, attns, saliency={"test": [i / 8 for i in range(12)]})
+    page, _ = _open(browser, path)
+    page.select_option("#layer", "1")
+    page.select_option("#head", "2")
+    page.focus("#head")
+    page.keyboard.press("Tab")  # the query tokens are the next Tab stop
+    for _ in range(5):
+        page.keyboard.press("ArrowDown")
+    assert page.evaluate("document.activeElement.dataset.i") == "5"
+    status = page.inner_text("#status")
+    want = int(attns[1][2, 5].argmax())
+    assert status.startswith(f'layer 1, head 2: "w5" attends to w{want} (')
+    tok = "document.activeElement"
+    assert page.evaluate(
+        f"[{tok}.getAttribute('role'), {tok}.getAttribute('aria-describedby')]"
+    ) == [
+        "option",
+        "status",
+    ]
+    assert page.evaluate(f"getComputedStyle({tok}).outlineStyle") == "solid"
+    page.keyboard.press("ArrowRight")  # across: key w5
+    assert page.inner_text("#status").endswith('tokens attend to "w5"')
+    page.keyboard.press("ArrowLeft")
+    page.screenshot(path=str(ARTIFACTS / "report_small_focus.png"), full_page=True)
+    page.hover("#left .tok >> nth=5")
+    assert page.inner_text("#status") == status  # the mouse shows the same
+    page.keyboard.press("Tab")  # on to the key column, then the saliency row
+    page.keyboard.press("Tab")
+    for _ in range(3):
+        page.keyboard.press("ArrowRight")
+    assert page.inner_text("#sal-status") == 'test: "w3" (3) 0.3750'
+    page.keyboard.press("Tab")  # focus leaves the tokens: the full view again
+    assert "lines" in page.inner_text("#status")
+
+
 def test_report_stays_usable_at_512_tokens(browser: Any, tmp_path: Path) -> None:
     n = 512
     path = report(tmp_path / "big.html", [f"t{i}" for i in range(n)], _attentions(n, 6, 4))

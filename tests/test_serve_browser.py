@@ -212,6 +212,38 @@ def test_pick_a_head_and_hover_shows_the_torch_argmax(page: Any, server: str) ->
     assert _ink(page, "#headview .matrix canvas") > 0
 
 
+def test_tokens_take_keyboard_focus_and_show_the_hover_readout(page: Any, server: str) -> None:
+    """(The tokens took no focus: Tab went from the last thumbnail past them, and their
+    readout was for a mouse only.) Tab reaches the query tokens, the arrows move along and
+    across; the readout is the hover's, argmax as torch's, and the status describes it."""
+    page.fill("#text", TEXT)
+    _act(page, lambda: page.press("#text", "Enter"))
+    tokens, layers = _torch_attention(TEXT)
+    w, i = layers[0][0], 4  # the head shown first: layer 0, head 0
+    page.focus("#thumbs canvas[data-layer='5'][data-head='11']")  # the last thumbnail
+    page.keyboard.press("Tab")
+    for _ in range(i):
+        page.keyboard.press("ArrowDown")
+    focused = page.evaluate("[document.activeElement.className, document.activeElement.title]")
+    assert focused == ["tok q hover", f"{tokens[i]} ({i})"], focused
+    by_keys = page.inner_text("#headview .hv-status")
+    best = int(page.get_attribute("#headview .k.argmax", "data-index"))
+    assert w[i, best] >= w[i].max() - 1e-6 and by_keys.startswith(f'layer 0, head 0: "{tokens[i]}')
+    tok = "document.activeElement"
+    aria = page.evaluate(f"[{tok}.getAttribute('role'), {tok}.getAttribute('aria-describedby')]")
+    assert aria[0] == "option" and page.get_attribute(f"#{aria[1]}", "class") == "hv-status"
+    assert page.evaluate(f"getComputedStyle({tok}).outlineStyle") == "solid"  # focus is seen
+    assert page.get_attribute("#headview .q >> nth=0", "tabindex") == "-1"  # one Tab stop
+    page.keyboard.press("ArrowRight")  # across: the key of the same place
+    assert page.inner_text("#headview .hv-status").startswith(
+        f'layer 0, head 0: "{tokens[i]}" ({i}) is'
+    )
+    page.keyboard.press("ArrowLeft")
+    assert page.inner_text("#headview .hv-status") == by_keys
+    page.hover(f"#headview .q[data-index='{i}']")
+    assert page.inner_text("#headview .hv-status") == by_keys  # the mouse shows the same
+
+
 def test_a_head_picked_while_a_new_text_runs_gets_that_texts_thumbnails(
     page: Any, server: str
 ) -> None:
@@ -274,6 +306,11 @@ def test_methods_draw_their_result_and_timing(page: Any, server: str) -> None:
             layers = _torch_attention(text)[1]
             want = rollout([w[None] for w in layers])[0].mean(0)  # MiniLM pools by the mean
             assert torch.allclose(torch.tensor(shown), want, atol=2e-5), (shown, want)
+            page.focus("#saliency .sal-tok >> nth=0")  # the arrows read the values out
+            page.keyboard.press("ArrowRight")
+            page.keyboard.press("ArrowRight")
+            said = page.inner_text("#saliency-status")
+            assert said.startswith('"') and abs(float(said.split("(2): ")[1]) - shown[2]) < 1e-3
     page.screenshot(path=str(_artifact("serve_flow.png")), full_page=True)
 
     long_text = " ".join(f"w{i}" for i in range(150))  # 381 tokens: past max_flow_tokens = 64,

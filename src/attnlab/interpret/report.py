@@ -1,8 +1,9 @@
 """One self-contained HTML file to explore a model's attention in any browser, offline.
 
 The page holds everything inline (no CDN, no network): a layer x head grid of thumbnails,
-a line view where hovering a token draws its attention to the other tokens, token
-saliency rows (rollout, gradient relevance, integrated gradients...), and PNG pictures.
+a line view where hovering a token (or reaching it with Tab and the arrow keys) draws its
+attention to the other tokens, token saliency rows (rollout, gradient relevance,
+integrated gradients...), and PNG pictures.
 
 Each query row keeps its ``top_k`` strongest keys per head (weights quantized to 1/255),
 so a 512-token, 6-layer, 12-head model stays around a megabyte and draws at once.
@@ -26,7 +27,10 @@ from torch import Tensor
 from attnlab._io import atomic_write_text, decode_text, png_data_uri
 from attnlab.interpret.plot import check_tokens
 
-__all__ = ["report"]
+__all__ = ["KEYS_JS", "report"]
+
+# the tokens' keyboard focus, inlined here and served by the explorer as /static/keys.js
+KEYS_JS = Path(__file__).with_name("keys.js")
 
 _MAX_TOKENS = 65535  # key indices are stored as uint16
 
@@ -211,4 +215,5 @@ def _page(title: str, text: str, data: dict[str, object], pictures: list[Path]) 
     )
     template = (Path(__file__).parent / "report.html").read_text(encoding="utf-8")
     fill = {"TITLE": html.escape(title), "TEXT": html.escape(text), "PICTURES": imgs, "DATA": blob}
-    return re.sub(r"%(TITLE|TEXT|PICTURES|DATA)%", lambda m: fill[m.group(1)], template)
+    fill["KEYS"] = KEYS_JS.read_text(encoding="utf-8")
+    return re.sub(r"%(TITLE|TEXT|PICTURES|DATA|KEYS)%", lambda m: fill[m.group(1)], template)

@@ -35,6 +35,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 import attnlab
+from attnlab.interpret.report import KEYS_JS
 from attnlab.serve import payload
 from attnlab.serve.bodies import ReadOffLoop
 from attnlab.serve.guard import Guard
@@ -237,6 +238,10 @@ def _routes(app: FastAPI, ex: Explorer) -> None:
             return FileResponse(page)
         msg = "attnlab explorer: the page is missing; the API's schema is at /openapi.json"
         return PlainTextResponse(msg)
+
+    @app.get("/static/keys.js", include_in_schema=False)
+    async def keys_js() -> Any:  # the tokens' keyboard focus, shared with the HTML report
+        return FileResponse(KEYS_JS, media_type="text/javascript")
 
     @app.get("/api/health")
     async def health() -> dict[str, Any]:

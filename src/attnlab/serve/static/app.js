@@ -268,7 +268,7 @@ async function cancelJob(id) {
 
 function drawExplain(j) {
   const r = j.result;
-  drawSaliency($("#saliency"), r.tokens, r.saliency);
+  drawSaliency($("#saliency"), r.tokens, r.saliency, $("#saliency-status"));
   $("#explain-matrix").hidden = !r.matrix;
   if (r.matrix) VIEW.explain.setTop(r.tokens, r.tokens, r.matrix.top, { what: r.method });
   const t = $("#timing-explain");
@@ -283,6 +283,7 @@ function chooseMethod(m) {
   $("#explain").hidden = raw;
   if (!raw) {
     $("#saliency").textContent = "";
+    $("#saliency-status").textContent = "";
     $("#explain-matrix").hidden = true;
     $("#timing-explain").textContent = "";
     if (S.ran && S.ran.text !== undefined) action(explain);

@@ -6,6 +6,7 @@
 const ROW = 18;          // px per token row in the lines view (matches --row in app.css)
 const LINES_W = 140;     // px between the query and key columns
 const MATRIX_PX = 320;   // the matrix's longest side, at most
+let readouts = 0;        // ids of the readout lines, which tokens name in aria-describedby
 const BLUE = [31, 111, 180], RED = [192, 57, 43], GREEN = [42, 157, 71], ORANGE = [230, 126, 34];
 
 function el(tag, cls, text) {
@@ -169,12 +170,14 @@ class MatrixView {
   }
 }
 
-// One head: bertviz-style lines (opacity = weight) and the matrix, with hover.
+// One head: bertviz-style lines (opacity = weight) and the matrix, with hover; the tokens
+// take keyboard focus too (keys.js) and show the same readout.
 class HeadView {
   constructor(root, onHover) {
     root.textContent = "";
     const main = el("div", "hv-main");
     this.status = el("div", "hv-status");
+    this.status.id = `hv-status-${++readouts}`;
     this.cols = el("div", "hv-cols");
     this.leftCol = el("div", "hv-col hv-left");
     this.canvas = el("canvas", "hv-lines");
@@ -185,10 +188,16 @@ class HeadView {
     root.append(main, m);
     this.matrix = new MatrixView(m);
     this.onHover = onHover || null;
-    this.hq = -1; this.hk = -1; this.lit = [];
+    this.hq = -1; this.hk = -1; this.lit = []; this.focused = null;
     this.leftCol.addEventListener("mouseover", e => this.pointed(e, true));
     this.rightCol.addEventListener("mouseover", e => this.pointed(e, false));
-    this.cols.addEventListener("mouseleave", () => this.hover(-1, -1, true));
+    this.cols.addEventListener("mouseleave", () => this.held(this.focused));
+  }
+
+  // The readout of a focused token ([0, i] a query, [1, j] a key), or none (null).
+  held(f) {
+    this.focused = f;
+    this.hover(f && f[0] === 0 ? f[1] : -1, f && f[0] === 1 ? f[1] : -1, true);
   }
 
   pointed(e, isQuery) {
@@ -206,6 +215,10 @@ class HeadView {
     this.byKey = keys.map(() => []);
     head.top.forEach((row, i) => row.forEach(([j, w]) => this.byKey[j].push([i, w])));
     this.byKey.forEach(list => list.sort((a, b) => b[1] - a[1]));
+    this.focused = null;
+    keyTokens([this.left, this.right], { vertical: true, readout: this.status,
+      labels: ["query tokens: where each looks", "key tokens: who looks at each"],
+      onFocus: (r, i) => this.held([r, i]), onLeave: () => this.held(null) });
     this.matrix.setTop(queries, keys, head.top);
     this.hq = -1; this.hk = -1; this.lit = [];
     this.draw();
@@ -258,7 +271,7 @@ class HeadView {
       }));
       const size = `${this.q.length} queries x ${this.k.length} keys`;
       this.status.textContent = `${this.where}: ${size}, top ${this.head.top_k} keys each; ` +
-        "hover a token";
+        "hover a token, or Tab to one and use the arrow keys";
     }
     g.globalAlpha = 1;
     const body = document.body.dataset;
@@ -333,9 +346,16 @@ function thumbnail(grid, l, h, selected) {
   return c;
 }
 
-// Per-token saliency: a bar per token (height = |value| / max, green >= 0, red < 0).
-function drawSaliency(root, tokens, values) {
+// Per-token saliency: a bar per token (height = |value| / max, green >= 0, red < 0); a
+// token hovered or focused shows its value in the readout line.
+function drawSaliency(root, tokens, values, readout) {
   root.textContent = "";
+  const hint = "hover a token, or Tab to one and use the arrow keys, for its value";
+  const say = i => {
+    readout.textContent = i < 0 ? hint
+      : `"${tokenLabel(tokens[i])}" (${i}): ${values[i].toPrecision(4)}`;
+  };
+  say(-1);
   const top = Math.max(1e-12, ...values.map(Math.abs));
   tokens.forEach((t, i) => {
     const v = values[i], box = el("div", "sal-tok"), bars = el("div", "bars");
@@ -346,8 +366,13 @@ function drawSaliency(root, tokens, values) {
     box.append(bars, el("span", "t", tokenLabel(t)));
     box.dataset.index = i; box.dataset.value = String(v);
     box.title = `${t} (${i}): ${v}`;
+    box.addEventListener("mouseenter", () => say(i));
     root.appendChild(box);
   });
+  root.onmouseleave = () => say(root.contains(document.activeElement)
+    ? +document.activeElement.dataset.index : -1);
+  keyTokens([[...root.children]], { vertical: false, readout, labels: ["saliency per token"],
+    onFocus: (_, i) => say(i), onLeave: () => say(-1) });
 }
 
 // The image as the model saw it (h x w grey or h x w x 3 colour, in 0..1), then one copy
