@@ -33,7 +33,7 @@ from attnlab.engines.blocked import BlockedEngine
 from attnlab.functional import AttentionOutput, _request, attention, unsupported_by
 from attnlab.masks import Mask
 
-__all__ = ["Keys", "Partial", "Rows", "backward_pair", "forward_pair"]
+__all__ = ["Keys", "Partial", "Rows", "backward_pair", "forward_pair", "local_engine"]
 
 ROWS = 128  # query rows per backward call where the mask is not one interval per pair
 
@@ -89,7 +89,7 @@ def forward_pair(
         out, lse = _FLASH_FWD(q, k, v, 0.0, causal, scale=s.scale)
         return out, lse
     mask, bias = restricted(s, qp, kp)
-    engine = _engine(s, q, k, v, mask, bias)
+    engine = local_engine(s, q, k, v, mask, bias)
     if engine == "blocked":  # the kernel's own logsumexp, unrounded (see forward_given)
         req = _request(q, k, v, mask, bias, s.scale, "dot", "softmax", 0.0, False, True)
         given = _blocked().forward_given(req)
@@ -98,7 +98,7 @@ def forward_pair(
     # the backward's sink path recomputes this pair in float64: the forward's output and
     # logsumexp must hold the probabilities it makes (see _engine_step)
     q, k, v = (t.to(sink_dtype(s, t.dtype)) for t in (q, k, v))
-    engine = _engine(s, q, k, v, mask, bias)
+    engine = local_engine(s, q, k, v, mask, bias)
     r = attention(q, k, v, mask=mask, bias=bias, scale=s.scale, engine=engine, return_lse=True)
     assert isinstance(r, AttentionOutput) and r.lse is not None
     return r.out, r.lse
@@ -333,7 +333,7 @@ def _engine_step(
             mask=mask,
             bias=bias,
             scale=s.scale,
-            engine=_engine(s, qx, kx, vx, mask, bias),
+            engine=local_engine(s, qx, kx, vx, mask, bias),
         )
     assert isinstance(out, Tensor)
     do, ov = rw.dout[:, :, r0:r1].to(wide), out[..., :-1].detach()
@@ -367,9 +367,13 @@ def _with_sink(t: Tensor) -> Tensor:
     return x
 
 
-def _engine(s: Setup, q: Tensor, k: Tensor, v: Tensor, mask: Mask | None, bias: Bias | None) -> str:
-    """The engine of a local step: the blocked one for ``auto`` where it can (``auto``
-    alone would take SDPA for causal pairs, which has no logsumexp)."""
+def local_engine(
+    s: Setup, q: Tensor, k: Tensor, v: Tensor, mask: Mask | None, bias: Bias | None
+) -> str:
+    """The engine of a local step (a ring pair, or Ulysses' head group on the CPU): the
+    blocked one for ``auto`` where it can. ``auto`` alone would take SDPA for dense and
+    causal calls, which has no logsumexp, and whose CPU flash backward at head size 32
+    gave dV 5-12x plain PyTorch's float32 error (queries and keys of standard deviation 3)."""
     if s.engine == "auto" and unsupported_by("blocked", q, k, v, mask=mask, bias=bias) is None:
         return "blocked"
     return s.engine

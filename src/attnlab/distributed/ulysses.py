@@ -4,9 +4,10 @@ Each rank starts with every head of its piece of the sequence, ``(B, H, L_r, E)`
 all-to-all per tensor gives rank ``r`` the whole sequence of its group of heads,
 ``(B, H/P, N, E)`` (query heads ``[r Hq/P, (r+1) Hq/P)`` and the key/value heads they
 use, so GQA stays aligned); there it runs plain :func:`attnlab.attention` with the global
-mask and bias, then one all-to-all sends every rank its shard of the output back. A bias
-or mask that depends on the head (ALiBi, learned relative buckets) is shown the global
-head indices through :class:`HeadSliceBias` and :class:`HeadSliceMask`.
+mask and bias (``engine="auto"``: the blocked kernel on the CPU, as the ring's steps),
+then one all-to-all sends every rank its shard of the output back. A bias or mask that
+depends on the head (ALiBi, learned relative buckets) is shown the global head indices
+through :class:`HeadSliceBias` and :class:`HeadSliceMask`.
 
 Backward is autograd: the gradient of an all-to-all is the inverse all-to-all. It needs
 ``Hq % P == 0`` and ``Hkv % P == 0``; :func:`attnlab.distributed.attention` checks that
@@ -28,6 +29,7 @@ from attnlab.bias import Bias
 from attnlab.distributed.comm import post, wait_all
 from attnlab.distributed.layout import shard, unshard
 from attnlab.distributed.setup import Setup
+from attnlab.distributed.steps import local_engine
 from attnlab.masks import Mask, Wrapped
 
 __all__ = ["HeadSliceBias", "HeadSliceMask", "heads_to_seq", "seq_to_heads", "ulysses"]
@@ -178,6 +180,9 @@ def ulysses(s: Setup, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     by head-group all-to-all; returns this rank's output shard ``(B, Hq, L_r, Ev)``."""
     qh, kh, vh = (_SeqToHeads.apply(t, s) for t in (q, k, v))  # (B, H/P, N, E) each
     mask, bias = head_views(s)
-    out = attnlab.attention(qh, kh, vh, mask=mask, bias=bias, scale=s.scale, engine=s.engine)
+    # on the CPU the ring's local engine: "auto" alone took torch's SDPA, 5-12x plain
+    # PyTorch's float32 error in dV (see local_engine)
+    engine = local_engine(s, qh, kh, vh, mask, bias) if s.cpu else s.engine
+    out = attnlab.attention(qh, kh, vh, mask=mask, bias=bias, scale=s.scale, engine=engine)
     result: Tensor = _HeadsToSeq.apply(out, s)
     return result
