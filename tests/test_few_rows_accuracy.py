@@ -239,3 +239,20 @@ def test_kernelized_gqa_gradients_match_repeated_heads(engine: str) -> None:
             for i, t in enumerate(run(x, torch.float32, rep)):
                 errs[i] = max(errs[i], (t.double() - ref[i]).abs().max().item())
     assert all(a <= 2 * b for a, b in zip(grouped, repeated, strict=True)), (grouped, repeated)
+
+
+def test_a_bias_that_hides_a_rows_one_key_leaves_the_row_empty() -> None:
+    """A row whose one key the bias sets to ``-inf`` sees no key: its output is 0, as the
+    reference engine gives, not that key's value (the one-key rows of the SDPA engine)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 8, 4, generator=g, requires_grad=True) for _ in "qkv")
+    bias = torch.zeros(1, 2, 8, 8)
+    bias[..., 0] = -math.inf  # key 0: the one key of rows 1-7 under global_tokens([0])
+    outs = {}
+    for engine in ("reference", "sdpa"):
+        out = attnlab.attention(q, k, v, mask=M.global_tokens([0]), bias=bias, engine=engine)
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+        outs[engine] = (out, *grads)
+    assert outs["sdpa"][0][:, :, 1:].abs().max().item() == 0.0
+    for ref, ours in zip(outs["reference"], outs["sdpa"], strict=True):
+        torch.testing.assert_close(ours, ref)

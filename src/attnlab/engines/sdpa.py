@@ -161,7 +161,20 @@ def _dense_mask(req: AttentionRequest) -> tuple[Tensor | None, Tensor | None, Te
     )  # (Bb, Hb, Lq, Lk)
     if allowed is not None:
         bias = bias.masked_fill(~allowed, float("-inf"))
-    return bias, empty, single
+    return bias, empty, _unhidden(single, bias)
+
+
+def _unhidden(single: Tensor | None, bias: Tensor) -> Tensor | None:
+    """``single`` (:func:`_single_keys`) without the rows whose one key ``bias (Bb, Hb,
+    Lq, Lk)`` hides with ``-inf``: those rows see no key and their output is 0, not the
+    key's value."""
+    if single is None:
+        return None
+    shape = torch.broadcast_shapes(single.shape, bias.shape[:-1])  # (B', H', Lq)
+    key = single.expand(shape).clamp(min=0).unsqueeze(-1)  # (B', H', Lq, 1)
+    at = bias.expand(*shape, bias.shape[-1]).gather(-1, key).squeeze(-1)
+    single = torch.where(at == float("-inf"), -1, single.expand(shape))
+    return single if bool((single >= 0).any()) else None
 
 
 def _single_keys(mask: Mask, allowed: Tensor, req: AttentionRequest) -> Tensor | None:
