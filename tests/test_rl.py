@@ -466,3 +466,71 @@ def test_inputs_the_rl_audit_found() -> None:
     ):
         with pytest.raises(error, match=match):
             call()  # type: ignore[arg-type]
+
+
+def test_ppo_entry_points_check_flags_config_and_gae_inputs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """(greedy="no" acted greedily in collect and run_episodes; collect(cfg={...}) ran the
+    whole rollout, then raised AttributeError; gae took gamma=2.0 and lam=-1, and a values
+    or last_value of the wrong shape raised torch's bare size error.)"""
+    from attnlab.rl.task import run_episodes
+
+    torch.manual_seed(0)
+    pol, envs = MLPPolicy(984, 3, d_model=8), GridEnvs(S7, 2)
+    ro = collect(pol, envs, 5, seed=0, cfg=PPOConfig(), greedy=True)  # the positive control
+    assert torch.equal(ro.actions, pol(ro.obs, ro.starts)[0].argmax(-1))
+    monkeypatch.setattr(envs, "step", lambda *a, **k: pytest.fail("stepped before the check"))
+    z, cut, last = torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.bool), torch.zeros(2)
+    for call, error, match in (
+        (
+            lambda: collect(pol, envs, 4, seed=0, cfg=PPOConfig(), greedy="no"),
+            TypeError,
+            "greedy must be a bool, got str",
+        ),
+        (lambda: run_episodes(pol, S7, 2, greedy="no"), TypeError, "greedy must be a bool"),
+        (lambda: trace_episode(pol, S7, seed=0, frames="no"), TypeError, "frames must be a bool"),
+        (
+            lambda: collect(pol, envs, 4, seed=0, cfg={"gamma": 0.9}),
+            TypeError,
+            "cfg must be a PPOConfig, got dict",
+        ),
+        (lambda: ppo_loss(pol, ro, {"clip": 0.2}), TypeError, "cfg must be a PPOConfig, got dict"),
+        (
+            lambda: gae(z, torch.zeros(2, 4), cut, last, gamma=0.9, lam=0.9),
+            ValueError,
+            r"values must have shape \(2, 3\) .*got \(2, 4\)",
+        ),
+        (
+            lambda: gae(z, z, cut, torch.zeros(2, 1), gamma=0.9, lam=0.9),
+            ValueError,
+            r"last_value must have shape \(2,\) .*got \(2, 1\)",
+        ),
+        (
+            lambda: gae(z[0], z[0], cut[0], last, gamma=0.9, lam=0.9),
+            ValueError,
+            r"rewards must be a tensor \(B, T\), got shape \(3,\)",
+        ),
+        (
+            lambda: gae(z, z, cut, [0.0, 0.0], gamma=0.9, lam=0.9),
+            TypeError,
+            "last_value must be a tensor",
+        ),
+        (
+            lambda: gae(z, z, cut, last, gamma="0.9", lam=0.9),
+            TypeError,
+            r"gamma must be in \[0, 1\], got str",
+        ),
+        (
+            lambda: gae(z, z, cut, last, gamma=2.0, lam=0.9),
+            ValueError,
+            r"gamma must be in \[0, 1\], got 2.0",
+        ),
+        (
+            lambda: gae(z, z, cut, last, gamma=0.9, lam=-1.0),
+            ValueError,
+            r"lam must be in \[0, 1\], got -1.0",
+        ),
+    ):
+        with pytest.raises(error, match=match):
+            call()  # type: ignore[arg-type]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attnlab._validate import positive_int, real_where
+from attnlab._validate import instance_of, positive_int, real_where, validate_flag
 from attnlab.rl.env import GridEnvs
 from attnlab.rl.policy import AgentPolicy
 
@@ -101,7 +101,12 @@ def gae(
         ...                gamma=0.5, lam=1.0)
         >>> adv.tolist(), ret.tolist()  # lam = 1: returns are the discounted last_value
         ([[-0.875, -0.75, -0.5]], [[0.125, 0.25, 0.5]])
+        >>> gae(torch.zeros(1, 3), torch.ones(1, 3), cut, torch.ones(1), gamma=2.0, lam=1.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: gamma must be in [0, 1], got 2.0
     """
+    _check_gae(rewards, values, last_value, gamma=gamma, lam=lam)
     if not isinstance(dones, Tensor) or dones.dtype != torch.bool or dones.shape != rewards.shape:
         seen = f"{dones.dtype} {tuple(dones.shape)}" if isinstance(dones, Tensor) else dones
         raise TypeError(  # (int 0/1: ~0 = -1 and ~1 = -2 weighed the steps, no error)
@@ -119,6 +124,30 @@ def gae(
         running = delta + gamma * lam * live * running
         adv[:, i], next_value = running, values[:, i]
     return adv, adv + values
+
+
+def _check_gae(rewards: object, values: object, last_value: object, **rates: object) -> None:
+    """Raise a TypeError/ValueError naming the argument unless ``rewards`` is a tensor
+    ``(B, T)``, ``values`` one of its shape, ``last_value`` one of shape ``(B,)`` and each
+    of ``rates`` (gamma, lam) in [0, 1], as :class:`PPOConfig` checks them (a mismatched
+    shape raised torch's bare size error, gamma=2.0 was taken)."""
+    r = _tensor("rewards", rewards, "(B, T)")
+    if r.dim() != 2:
+        raise ValueError(f"rewards must be a tensor (B, T), got shape {tuple(r.shape)}")
+    for name, x, want in (("values", values, r.shape), ("last_value", last_value, r.shape[:1])):
+        got = _tensor(name, x, str(tuple(want))).shape
+        if got != want:
+            raise ValueError(
+                f"{name} must have shape {tuple(want)} (rewards (B, T) = {tuple(r.shape)}), "
+                f"got {tuple(got)}"
+            )
+    for name, rate in rates.items():
+        real_where(name, rate, lambda x: 0.0 <= x <= 1.0, "in [0, 1]")
+
+
+def _tensor(name: str, x: object, shape: str) -> Tensor:
+    """``x`` if a tensor, or a TypeError naming ``name`` and the ``shape`` expected."""
+    return instance_of(name, x, Tensor, f"a tensor {shape}")
 
 
 @torch.no_grad()
@@ -146,6 +175,8 @@ def collect(
         True
     """
     steps = positive_int("steps", steps)  # (0: "stack expects a non-empty TensorList")
+    cfg = instance_of("cfg", cfg, PPOConfig, "a PPOConfig")  # (a dict: after the rollout)
+    greedy = validate_flag("greedy", greedy)  # ("no" acted greedily)
     gen = torch.Generator().manual_seed(seed)
     obs, state = envs.reset(seed), policy.initial_state(envs.n)
     starts = envs.starts.clone()
@@ -187,6 +218,7 @@ def ppo_loss(
         >>> abs(parts["policy"]) < 1e-6  # the policy that collected r: every ratio is 1
         True
     """
+    cfg = instance_of("cfg", cfg, PPOConfig, "a PPOConfig")
     logits, values = policy(batch.obs, batch.starts)  # (B, T, A), (B, T)
     logp_all = torch.log_softmax(logits, -1)
     logp = logp_all.gather(-1, batch.actions[..., None])[..., 0]  # (B, T)

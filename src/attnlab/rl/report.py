@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from attnlab._validate import validate_flag
 from attnlab.rl.env import GridEnvs
 from attnlab.rl.policy import AgentPolicy, AttentionPolicy
 
@@ -62,6 +63,7 @@ def trace_episode(
 ) -> Trace:
     """Run one greedy episode of ``policy`` and record what it saw (see :class:`Trace`);
     with ``actions``, take those instead (the policy still runs, as it would have seen them)."""
+    frames = validate_flag("frames", frames)
     envs = GridEnvs(env_id, 1, seed=seed)
     env, obs = envs.envs[0].unwrapped, envs.reset()
     state, rows, reward = policy.initial_state(1), [], 0.0

@@ -32,7 +32,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from attnlab._validate import nonnegative_int, positive_int
+from attnlab._validate import nonnegative_int, positive_int, validate_flag
 from attnlab.rl.env import OBS_DIM, GridEnvs
 from attnlab.rl.policy import POLICIES, AgentPolicy, build_policy
 from attnlab.rl.ppo import PPOConfig, Rollout, collect, ppo_loss
@@ -79,6 +79,7 @@ def run_episodes(
         >>> len(run_episodes(pol, MEMORY_ENV, 2).returns)
         2
     """
+    greedy = validate_flag("greedy", greedy)  # ("no" acted greedily)
     envs = GridEnvs(env_id, positive_int("episodes", episodes), seed=seed)
     obs, state, gen = (
         envs.reset(),
