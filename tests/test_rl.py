@@ -534,3 +534,62 @@ def test_ppo_entry_points_check_flags_config_and_gae_inputs(
     ):
         with pytest.raises(error, match=match):
             call()  # type: ignore[arg-type]
+
+
+def test_encode_refuses_values_outside_minigrids_ranges() -> None:
+    """(object 12 was clipped into object 10, the agent; -1 into 0; direction 5 wrapped
+    into direction 1: valid one-hots of something else.)"""
+    img = np.zeros((2, 7, 7, 3), dtype=np.int64)
+    img[1, 3, 4] = (10, 5, 2)  # the largest valid object, colour and state
+    x = encode(img, np.array([0, 3]))  # the positive control
+    assert torch.equal(x[1], one_hot_reference(img[1], 3))
+    for channel, limit in enumerate((11, 6, 3)):
+        for value in (limit, -1):
+            bad = img.copy()
+            bad[1, 3, 4, channel] = value
+            with pytest.raises(ValueError, match=rf"image\[\.\.\., {channel}\] .* got {value}$"):
+                encode(bad, np.array([0, 3]))
+    for direction in (4, 5, -1):
+        with pytest.raises(ValueError, match=rf"direction must .* \[0, 4\), got {direction}$"):
+            encode(img, np.array([0, direction]))
+
+
+@pytest.mark.parametrize("kind", [AttentionPolicy, LSTMPolicy, MLPPolicy])
+def test_policies_name_a_bad_obs_starts_or_state(kind: type) -> None:
+    """(An int64 obs, T = 0, a state for another batch or None reached torch's errors:
+    "mat1 and mat2 must have the same dtype", IndexError, AttributeError.)"""
+    from attnlab.rl.policy import episode_steps
+
+    torch.manual_seed(0)
+    opts = {"context": 3, "num_heads": 2} if kind is AttentionPolicy else {}
+    pol = kind(5, 3, d_model=8, **opts)
+    obs, starts = torch.randn(2, 4, 5), torch.zeros(2, 4, dtype=torch.bool)
+    logits = pol(obs, starts)[0]  # the positive control: step by step equals the segment
+    state = pol.initial_state(2)
+    for t in range(4):
+        step_logits, _, state = pol.step(obs[:, t], starts[:, t], state)
+    torch.testing.assert_close(step_logits, logits[:, -1], rtol=1e-5, atol=1e-6)
+    wrong_state = {AttentionPolicy: None, LSTMPolicy: None, MLPPolicy: (torch.zeros(2, 8),) * 2}
+    for call, error, match in (
+        (
+            lambda: pol(obs.long(), starts),
+            TypeError,
+            r"obs must be a floating-point tensor \(B, T, D\), got torch.int64",
+        ),
+        (lambda: pol(obs.double(), starts), TypeError, "obs must be of the model's dtype"),
+        (lambda: pol(obs[:, :0], starts[:, :0]), ValueError, r"obs must hold at least 1 step"),
+        (lambda: pol(obs, starts.tolist()), TypeError, r"starts must be bool \(2, 4\), got list"),
+        (
+            lambda: pol.step(obs[:, 0].long(), starts[:, 0], pol.initial_state(2)),
+            TypeError,
+            r"obs must be a floating-point tensor \(B, D\)",
+        ),
+        (lambda: pol.step(obs[:, 0], starts[:, 0], wrong_state[kind]), TypeError, "state must"),
+        (lambda: episode_steps(starts.long()), TypeError, "starts must be a bool tensor"),
+        (lambda: episode_steps(starts[:, :0]), ValueError, r"starts must hold at least 1 step"),
+    ):
+        with pytest.raises(error, match=match):
+            call()  # type: ignore[arg-type]
+    if kind is not MLPPolicy:
+        with pytest.raises(ValueError, match=r"state must .*initial_state\(3\)|state must .*\(3,"):
+            pol.step(torch.randn(3, 5), torch.ones(3, dtype=torch.bool), pol.initial_state(2))

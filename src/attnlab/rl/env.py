@@ -77,19 +77,34 @@ def encode(image: np.ndarray | Tensor, direction: int | np.ndarray | Tensor) -> 
         >>> x = encode(img, 1)
         >>> tuple(x.shape), float(x.sum())  # 49 cells x 3 one-hots + 1 direction
         ((984,), 148.0)
+        >>> encode(img, 5)
+        Traceback (most recent call last):
+        ...
+        ValueError: direction must hold MiniGrid directions in [0, 4), got 5
     """
     img = np.asarray(image).astype(np.int64)  # (..., 7, 7, 3)
     if img.shape[-3:] != (7, 7, 3):
         raise ValueError(f"image must be (..., 7, 7, 3), got {tuple(img.shape)}")
     lead = img.shape[:-3]
-    flat = img.reshape(-1, 49, 3).clip(0, _LIMITS - 1)  # (N, 49, 3)
+    flat = img.reshape(-1, 49, 3)  # (N, 49, 3)
+    for i, what in enumerate(("object", "colour", "state")):
+        _in_range(f"image[..., {i}]", flat[..., i], f"{what} indices", int(_LIMITS[i]))
     hot = (flat + _OFFSETS).reshape(len(flat), -1)  # (N, 147) feature indices
-    dirs = np.broadcast_to(np.asarray(direction, dtype=np.int64) % _DIRS, lead).reshape(-1)
+    dirs = np.broadcast_to(np.asarray(direction, dtype=np.int64), lead).reshape(-1)
+    _in_range("direction", dirs, "directions", _DIRS)
     out = np.zeros((len(flat), OBS_DIM), dtype=np.float32)
     rows = np.arange(len(flat))[:, None]
     out[rows, hot] = 1.0
     out[rows[:, 0], OBS_DIM - _DIRS + dirs] = 1.0
     return torch.from_numpy(out.reshape(*lead, OBS_DIM))
+
+
+def _in_range(name: str, x: np.ndarray, what: str, limit: int) -> None:
+    """A ValueError naming ``name`` unless every value of ``x`` is in ``[0, limit)`` (they
+    were clipped or wrapped into the one-hot of another value: direction 5 read as 1)."""
+    bad = x[(x < 0) | (x >= limit)]
+    if bad.size:
+        raise ValueError(f"{name} must hold MiniGrid {what} in [0, {limit}), got {bad.flat[0]}")
 
 
 _LIMITS = np.array([_OBJECTS, _COLOURS, _STATES])

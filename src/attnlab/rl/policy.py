@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from attnlab import masks
-from attnlab._validate import positive_int
+from attnlab._validate import instance_of, positive_int, same_dtype
 from attnlab.functional import AttentionOutput, attention
 from attnlab.positional import sinusoidal_table
 
@@ -56,12 +56,22 @@ def episode_steps(starts: Tensor) -> Tensor:
         >>> episode_steps(torch.tensor([[1, 0, 0, 1, 0]]).bool()).tolist()
         [[0, 1, 2, 0, 1]]
     """
+    if not isinstance(starts, Tensor) or starts.dtype != torch.bool or starts.dim() != 2:
+        seen = _seen(starts)
+        raise TypeError(f"starts must be a bool tensor (B, T), got {seen}")
+    if starts.shape[1] == 0:  # (IndexError: no first step to mark)
+        raise ValueError(f"starts must hold at least 1 step (T >= 1), got {_seen(starts)}")
     b, t = starts.shape
     idx = torch.arange(t).expand(b, t)
     first = starts.clone()
     first[:, 0] = True
     last_start = torch.where(first, idx, torch.zeros_like(idx)).cummax(1).values  # (B, T)
     return idx - last_start
+
+
+def _seen(x: object) -> str:
+    """What an error says was passed: a tensor's dtype and shape, else the type's name."""
+    return f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
 
 
 class AgentPolicy(nn.Module):
@@ -97,14 +107,23 @@ class AgentPolicy(nn.Module):
         return self.pi(h), self.v(h).squeeze(-1)
 
     def _check(self, obs: Tensor, starts: Tensor, dims: int) -> None:
+        """An error naming ``obs`` or ``starts`` unless ``obs`` is a floating-point tensor
+        of the model's dtype, ``(B, T, D)`` with ``T >= 1`` (``dims`` 3) or ``(B, D)``,
+        and ``starts`` a bool tensor of its leading shape (an int64 ``obs`` or ``T = 0``
+        reached torch's own errors)."""
+        shape = "(B, T, D)" if dims == 3 else "(B, D)"
+        if not isinstance(obs, Tensor) or not obs.is_floating_point():
+            raise TypeError(f"obs must be a floating-point tensor {shape}, got {_seen(obs)}")
         if obs.dim() != dims or obs.shape[-1] != self.obs_dim:
-            shape = "(B, T, D)" if dims == 3 else "(B, D)"
             raise ValueError(f"obs must be {shape} with D={self.obs_dim}, got {tuple(obs.shape)}")
+        if dims == 3 and obs.shape[1] == 0:
+            raise ValueError(f"obs must hold at least 1 step (T >= 1), got {tuple(obs.shape)}")
+        same_dtype("obs", obs, cast(nn.Linear, self.pi[-1]).weight.dtype)
+        error = f"starts must be bool {tuple(obs.shape[:-1])}, got {_seen(starts)}"
+        if not isinstance(starts, Tensor):
+            raise TypeError(error)
         if starts.dtype != torch.bool or starts.shape != obs.shape[:-1]:
-            raise ValueError(
-                f"starts must be bool {tuple(obs.shape[:-1])}, got {starts.dtype} "
-                f"{tuple(starts.shape)}"
-            )
+            raise ValueError(error)
 
     def config(self) -> dict[str, Any]:
         return {
@@ -140,6 +159,8 @@ class MLPPolicy(AgentPolicy):
 
     def step(self, obs: Tensor, starts: Tensor, state: None) -> tuple[Tensor, Tensor, None]:
         self._check(obs, starts, 2)
+        if state is not None:  # (another policy's state was ignored)
+            raise TypeError(f"state must be None (initial_state: no memory), got {_seen(state)}")
         logits, values = self.heads(self.core(self.encoder(obs)))
         return logits, values, None
 
@@ -188,6 +209,12 @@ class LSTMPolicy(AgentPolicy):
         self, obs: Tensor, starts: Tensor, state: tuple[Tensor, Tensor]
     ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
         self._check(obs, starts, 2)
+        want = (obs.shape[0], self.d_model)
+        if not isinstance(state, tuple) or len(state) != 2:
+            raise TypeError(f"state must be a pair (h, c) of tensors {want}, got {_seen(state)}")
+        if any(not isinstance(x, Tensor) or tuple(x.shape) != want for x in state):
+            seen = ", ".join(_seen(x) for x in state)
+            raise ValueError(f"state must be a pair (h, c) of tensors {want}, got {seen}")
         state = self._cell(self.encoder(obs), starts, state)
         logits, values = self.heads(state[0])
         return logits, values, state
@@ -328,7 +355,14 @@ class AttentionPolicy(AgentPolicy):
     ) -> tuple[Tensor, Tensor, RingCache]:
         """One step for each of ``B`` environments; ``state`` is updated in place."""
         self._check(obs, starts, 2)
-        st = state
+        st = instance_of("state", state, RingCache, "a RingCache (from initial_state)")
+        slots = (obs.shape[0], self.context)
+        if tuple(st.valid.shape) != slots or len(st.keys) != len(self.blocks):
+            raise ValueError(
+                f"state must be this policy's initial_state({obs.shape[0]}) for obs's batch: "
+                f"slots {slots} in {len(self.blocks)} layer(s), got "
+                f"slots {tuple(st.valid.shape)} in {len(st.keys)}"
+            )
         st.steps = torch.where(starts, torch.zeros_like(st.steps), st.steps)
         st.valid = st.valid & ~starts.unsqueeze(1)  # a new episode forgets the old one
         slot = st.steps % self.context  # (B,)
