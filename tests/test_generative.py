@@ -36,6 +36,28 @@ def test_hinge_losses_match_formulas() -> None:
     torch.testing.assert_close(float(g_hinge_loss(fake)), g_want, rtol=1e-6, atol=1e-6)
 
 
+def test_hinge_losses_refuse_an_empty_batch() -> None:
+    """(A mean over no logit: d_hinge_loss and g_hinge_loss returned NaN.)"""
+    one, none = torch.tensor([0.5]), torch.zeros(0)
+    check_and_control(
+        lambda: d_hinge_loss(none, one),
+        lambda: d_hinge_loss(one, one),
+        ValueError,
+        r"real_logits must hold at least 1 logit, got shape \(0,\)",
+    )
+    with pytest.raises(ValueError, match=r"fake_logits must hold at least 1 logit"):
+        d_hinge_loss(one, none)
+    check_and_control(
+        lambda: g_hinge_loss(none),
+        lambda: g_hinge_loss(one),
+        ValueError,
+        r"fake_logits must hold at least 1 logit, got shape \(0,\)",
+    )
+    with pytest.raises(TypeError, match="fake_logits must be a floating-point tensor"):
+        g_hinge_loss(torch.tensor([1, 2]))
+    assert float(d_hinge_loss(one, one)) == pytest.approx(0.5 + 1.5)  # by hand
+
+
 def _weight(module: nn.Module) -> torch.Tensor:
     """The (possibly parametrized) weight of ``module``, ``(out, in, ...)``."""
     w = module.weight

@@ -177,6 +177,15 @@ def test_bad_input_errors(tmp_path: object) -> None:
     )
     with pytest.raises(ValueError, match="image_size=8 must be a multiple of patch_size=3"):
         ViT(ViTConfig(patch_size=3))
+    # (nn.Dropout refused first: "'<' not supported between instances of 'str' and 'int'",
+    # "dropout probability has to be between 0 and 1", neither naming ViTConfig.dropout)
+    for bad, exc, match in (("0.1", TypeError, "got str"), (1.5, ValueError, "got 1.5")):
+        check_and_control(
+            lambda bad=bad: ViT(ViTConfig(dropout=bad)),  # type: ignore[arg-type]
+            lambda: ViT(ViTConfig(dropout=0.5)),
+            exc,
+            rf"^dropout must be (a float )?in \[0, 1\), {match}",
+        )
     with pytest.raises(ValueError, match="train_size=5000 is more than the 1437"):
         DigitsTask(train_size=5000)
     with pytest.raises(ValueError, match=r"N = len\(titles\) = 2, got shape \(3, 4, 4\)"):

@@ -109,23 +109,39 @@ def _floating(name: str, x: object, want: str) -> Tensor:
 
 
 def d_hinge_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
-    """Discriminator hinge loss ``mean(relu(1 - D(x))) + mean(relu(1 + D(G(z))))``.
+    """Discriminator hinge loss ``mean(relu(1 - D(x))) + mean(relu(1 + D(G(z))))``; an
+    empty batch is a ValueError (a mean over no logit: NaN), as in
+    :func:`~attnlab.models.vae.vae_loss`.
 
     Example:
         >>> float(d_hinge_loss(torch.tensor([2.0, 0.0]), torch.tensor([-2.0, 0.5])))
         1.25
     """
-    return F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean()
+    real, fake = _logits("real_logits", real_logits), _logits("fake_logits", fake_logits)
+    return F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean()
 
 
 def g_hinge_loss(fake_logits: Tensor) -> Tensor:
-    """Generator hinge loss ``-mean(D(G(z)))``.
+    """Generator hinge loss ``-mean(D(G(z)))``; an empty batch is a ValueError (NaN).
 
     Example:
         >>> float(g_hinge_loss(torch.tensor([1.0, 3.0])))
         -2.0
+        >>> g_hinge_loss(torch.zeros(0))
+        Traceback (most recent call last):
+        ...
+        ValueError: fake_logits must hold at least 1 logit, got shape (0,)
     """
-    return -fake_logits.mean()
+    return -_logits("fake_logits", fake_logits).mean()
+
+
+def _logits(name: str, x: object) -> Tensor:
+    """``x`` if a floating-point tensor of at least one logit, else an error naming ``name``
+    (the mean over an empty batch was NaN)."""
+    logits = _floating(name, x, "of discriminator logits")
+    if logits.numel() == 0:
+        raise ValueError(f"{name} must hold at least 1 logit, got shape {tuple(logits.shape)}")
+    return logits
 
 
 class SelfAttention2d(nn.Module):

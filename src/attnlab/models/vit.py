@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from attnlab._validate import positive_int, same_dtype
+from attnlab._validate import positive_int, same_dtype, validate_dropout
 from attnlab.nn import Encoder, EncoderLayer, LayerConfig
 from attnlab.positional import LearnedPositional
 
@@ -128,13 +128,14 @@ class ViT(nn.Module):
         self.cls = nn.Parameter(torch.zeros(1, 1, d))
         self.reset_parameters()
         self.pos = LearnedPositional(self.num_tokens, d)
-        self.dropout = nn.Dropout(cfg.dropout)
+        p = validate_dropout(cfg.dropout, "dropout")  # (nn.Dropout's error named nothing)
+        self.dropout = nn.Dropout(p)
         layer = EncoderLayer(
             LayerConfig(
                 d,
                 cfg.num_heads,
                 cfg.dim_feedforward,
-                dropout=cfg.dropout,
+                dropout=p,
                 activation="gelu",
                 norm_first=True,
                 engine=cfg.engine,
