@@ -1,8 +1,11 @@
 """What a transformers model's attention call carries, as :func:`attnlab.attention`'s
 arguments: its mask (an attnlab mask, a bool or an additive float tensor), the keys a
-sparse-attention indexer picked for each query, its position bias and its sinks."""
+sparse-attention indexer picked for each query, its position bias and its sinks; and
+whether it asks for nothing but a decoding step's output."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -12,6 +15,8 @@ from attnlab.masks import Mask, documents, tensor
 
 __all__ = [
     "SINK_AFTER_WEIGHTS",
+    "collecting_attentions",
+    "decoding_step",
     "eager_weights",
     "mask_and_bias",
     "sinks_of",
@@ -21,6 +26,10 @@ __all__ = [
     "with_packing",
     "with_position_bias",
 ]
+
+# transformers' ContextVar of the outputs being recorded (None: not looked up yet; False:
+# this transformers has none)
+_COLLECTOR: Any = None
 
 
 def sinks_of(s_aux: object, sinks: object) -> Tensor | None:
@@ -211,7 +220,9 @@ def with_packing(mask: Mask | None, position_ids: object, lq: int, lk: int) -> M
     for the first time (``Lq == Lk == L``, or a static cache's first ``L`` filled slots),
     row by row: a row with padding is left to the padding mask (its positions do not
     rise by one). Bidirectional masks (encoders, which transformers never packs), 3-D
-    position ids (multimodal RoPE) and decoding steps keep ``mask`` as it is.
+    position ids (multimodal RoPE) and decoding steps keep ``mask`` as it is; the backend
+    does not call it for a model whose mask request had no position ids (OPT, BioGPT,
+    gpt-oss), whose rows transformers never packs.
 
     Example:
         >>> from attnlab.masks import causal
@@ -254,3 +265,38 @@ def _padded_rows(parts: tuple[Mask, ...], lq: int) -> Tensor | None:
             continue
         rows = found if rows is None else rows | found
     return rows
+
+
+def decoding_step(
+    query: Tensor, key: Tensor, dropout: float, softcap: float | None, engine: str, kw: dict
+) -> bool:
+    """Whether a maskless call asks nothing but the attention output of queries that do not
+    meet their keys for the first time (``Lq < Lk``: no packed rows to find), as a decoding
+    step does: the backend then takes attnlab's plain-call path."""
+    if query.shape[-2] >= key.shape[-2] or dropout or softcap is not None or engine != "auto":
+        return False
+    get = kw.get  # every decoding step comes here: plain lookups, no generator
+    if get("s_aux") is not None or get("sinks") is not None or get("position_bias") is not None:
+        return False
+    if get("indices") is not None or get("block_indices") is not None:
+        return False
+    if get("output_attentions"):
+        return False
+    return not collecting_attentions()
+
+
+def collecting_attentions() -> bool:
+    """Whether transformers is recording attention weights now (``output_attentions=True``
+    on a model that does not pass the flag down to its attention calls, like GPT-2)."""
+    global _COLLECTOR
+    if _COLLECTOR is None:  # looked up once: this runs on every attention call
+        try:
+            from transformers.utils.output_capturing import _active_collector
+        except ImportError:  # an older transformers passes output_attentions down
+            _COLLECTOR = False
+        else:
+            _COLLECTOR = _active_collector
+    if _COLLECTOR is False:
+        return False
+    collected = _COLLECTOR.get()
+    return bool(collected) and any("attentions" in key for key in collected)

@@ -12,7 +12,9 @@ call through :func:`attnlab.attention`:
 * packed sequences are found from ``position_ids`` restarts also where transformers does
   not look (:func:`with_packing`, causal masks only, row by row): beside a 2-D
   ``attention_mask`` (rows without padding), and with a fresh KV cache, dynamic or
-  static, so an all-ones mask no longer lets packed rows see each other,
+  static, so an all-ones mask no longer lets packed rows see each other (for models
+  that give transformers' mask functions their position ids: OPT, BioGPT and gpt-oss
+  do not, so their packed rows attend to each other, as under eager),
   and from flash-attention's ``cu_seq_lens_q`` / ``cu_seq_lens_k`` where a collator
   passes them (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``);
 * the attention function (:func:`attention_forward`) calls the fastest exact engine for
@@ -47,6 +49,8 @@ from attnlab._eager import PLANS, as_written
 from attnlab.engines import get_engine
 from attnlab.functional import AttentionOutput, attention, attention_plain
 from attnlab.integrations.hf_args import (
+    collecting_attentions,
+    decoding_step,
     eager_weights,
     mask_and_bias,
     sinks_of,
@@ -66,11 +70,11 @@ NAME = "attnlab"
 _NAMES: set[str] = set()  # every name register() gave attnlab
 # keyword arguments that change the attention and that attnlab does not compute
 _REFUSED = ("head_mask", "layer_head_mask")
-# transformers' ContextVar of the outputs being recorded (None: not looked up yet; False:
-# this transformers has none)
-_COLLECTOR: Any = None
-# the number of keys each mask from build_mask was made for (checked by attention_forward)
-_BUILT_FOR: weakref.WeakKeyDictionary[Mask, int] = weakref.WeakKeyDictionary()
+# for each mask from build_mask: the number of keys it was made for (checked by
+# attention_forward), and whether the model gave its mask request position ids
+_BUILT_FOR: weakref.WeakKeyDictionary[Mask, tuple[int, bool]] = weakref.WeakKeyDictionary()
+# whether the mask request transformers prepared last had position ids (None: not known)
+_GIVEN_POSITIONS: bool | None = None
 
 
 def register(name: str = NAME, engine: str = "auto") -> str:
@@ -250,7 +254,8 @@ def _pass_built_masks() -> None:
     to its mask function again, which passes a prepared 4-D tensor or ``BlockMask`` through
     unchanged but reads anything else as a 2-D padding mask. An attnlab mask is prepared
     too, so it passes through the same way; every other argument goes on to transformers'
-    own preprocessing. Installed once.
+    own preprocessing, noting for :func:`build_mask` whether the request has position ids
+    (OPT, BioGPT, gpt-oss build their masks without them). Installed once.
     """
     import transformers.masking_utils as mu
 
@@ -260,6 +265,8 @@ def _pass_built_masks() -> None:
 
     def preprocess(config: Any, inputs_embeds: Any, attention_mask: Any, *a: Any, **kw: Any) -> Any:
         if not isinstance(attention_mask, Mask):
+            global _GIVEN_POSITIONS  # (config, embeds, mask, cache, position_ids, ...)
+            _GIVEN_POSITIONS = kw.get("position_ids", a[1] if len(a) > 1 else None) is not None
             return own(config, inputs_embeds, attention_mask, *a, **kw)
         # built already: answered as a prepared 4-D mask is, in this version's own form
         early = own(config, inputs_embeds, torch.empty(0, 0, 0, 0), *a, **kw)
@@ -290,6 +297,8 @@ def build_mask(
         >>> build_mask(1, 3, 3, mask_function=causal_mask_function).spec()
         'causal()'
     """
+    global _GIVEN_POSITIONS
+    given, _GIVEN_POSITIONS = _GIVEN_POSITIONS is not False, None
     if mask_function is None:
         from transformers.masking_utils import causal_mask_function
 
@@ -301,7 +310,7 @@ def build_mask(
     got = kwargs.get
     mask = for_model(translate(call), call, got("config"), got("device"), got("dtype"))
     if isinstance(mask, Mask):
-        _BUILT_FOR[mask] = kv_length
+        _BUILT_FOR[mask] = (kv_length, given)
         # it stands for a prepared (B, H, Lq, Lk) mask: models that branch on the rank of
         # the mask they are handed (GPT-2, given generate()'s mask for a static cache) read 4
         setattr(mask, "ndim", 4)  # noqa: B010
@@ -360,18 +369,18 @@ def attention_forward(
                 f"attnlab's attention); load this model with attn_implementation='eager'"
             )
     built = _BUILT_FOR.get(attention_mask) if isinstance(attention_mask, Mask) else None
-    if built is not None and built != key.shape[-2]:  # the model added keys the mask misses
+    if built is not None and built[0] != key.shape[-2]:  # the model added keys the mask misses
         raise ValueError(
-            f"attention_mask: built for {built} keys, but {type(module).__name__} attends to "
+            f"attention_mask: built for {built[0]} keys, but {type(module).__name__} attends to "
             f"{key.shape[-2]}: the model changed its keys after its mask was made, which an "
             f"attnlab mask cannot follow; load this model with attn_implementation='eager'"
         )
-    if attention_mask is None and _decoding_step(query, key, dropout, softcap, engine, kwargs):
+    if attention_mask is None and decoding_step(query, key, dropout, softcap, engine, kwargs):
         out = attention_plain(query, key, value, scaling)  # no request: see attnlab.attention
         if out is not None:
             return out.transpose(1, 2).contiguous(), None  # (B, Lq, Hq, Ev)
     mask, bias = mask_and_bias(attention_mask, key.shape[-2])
-    if bias is None and not isinstance(mask, Tensor):
+    if bias is None and not isinstance(mask, Tensor) and (built is None or built[1]):
         mask = with_packing(mask, kwargs.get("position_ids"), query.shape[-2], key.shape[-2])
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     mask = with_cu_seq_lens(mask, cu_q, cu_k, query.shape[-2], key.shape[-2])
@@ -382,7 +391,7 @@ def attention_forward(
             mask, kwargs["block_indices"], size, query.shape[1], key.shape[-2]
         )
     bias = with_position_bias(bias, kwargs.get("position_bias"))
-    want = bool(kwargs.get("output_attentions", False)) or _collecting_attentions()
+    want = bool(kwargs.get("output_attentions", False)) or collecting_attentions()
     graph = want and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     sinks = sinks_of(kwargs.get("s_aux"), kwargs.get("sinks"))
     args: dict[str, Any] = {"mask": mask, "bias": bias, "scale": scaling, "softcap": softcap}
@@ -411,38 +420,3 @@ def _attend(
         r = attention(*qkv, **args, return_weights=True)
     assert isinstance(r, AttentionOutput) and r.weights is not None
     return r.out.to(low), r.weights.to(query.dtype)
-
-
-def _decoding_step(
-    query: Tensor, key: Tensor, dropout: float, softcap: float | None, engine: str, kw: dict
-) -> bool:
-    """Whether a maskless call asks nothing but the attention output of queries that do not
-    meet their keys for the first time (``Lq < Lk``: no packed rows to find), as a decoding
-    step does: the backend then takes attnlab's plain-call path."""
-    if query.shape[-2] >= key.shape[-2] or dropout or softcap is not None or engine != "auto":
-        return False
-    get = kw.get  # every decoding step comes here: plain lookups, no generator
-    if get("s_aux") is not None or get("sinks") is not None or get("position_bias") is not None:
-        return False
-    if get("indices") is not None or get("block_indices") is not None:
-        return False
-    if get("output_attentions"):
-        return False
-    return not _collecting_attentions()
-
-
-def _collecting_attentions() -> bool:
-    """Whether transformers is recording attention weights now (``output_attentions=True``
-    on a model that does not pass the flag down to its attention calls, like GPT-2)."""
-    global _COLLECTOR
-    if _COLLECTOR is None:  # looked up once: this runs on every attention call
-        try:
-            from transformers.utils.output_capturing import _active_collector
-        except ImportError:  # an older transformers passes output_attentions down
-            _COLLECTOR = False
-        else:
-            _COLLECTOR = _active_collector
-    if _COLLECTOR is False:
-        return False
-    collected = _COLLECTOR.get()
-    return bool(collected) and any("attentions" in key for key in collected)
