@@ -21,7 +21,11 @@ from tests.conftest import assert_2x_rule, attnlab_calls  # noqa: E402
 V = 64
 # the family, and what its attention call carries that the core families do not
 FAMILIES = {
-    "qwen3": {},  # q/k norms
+    "qwen3": {  # q/k norms, its window on (off by default) in one layer
+        "use_sliding_window": True,
+        "sliding_window": 5,
+        "layer_types": ["full_attention", "sliding_attention"],
+    },
     "phi3": {"sliding_window": 5},  # fused qkv, a window
     "gemma3_text": {"sliding_window": 5, "layer_types": ["sliding_attention", "full_attention"]},
     "cohere2": {"sliding_window": 5, "layer_types": ["sliding_attention", "full_attention"]},

@@ -30,7 +30,9 @@ def _configs() -> dict[str, Callable[[], object]]:
     return {
         "llama": lambda: t.LlamaConfig(**GQA),
         "mistral": lambda: t.MistralConfig(**GQA, sliding_window=5),  # shorter than the text
-        "qwen2": lambda: t.Qwen2Config(**GQA),
+        "qwen2": lambda: t.Qwen2Config(  # its window on: layers from max_window_layers
+            **GQA, use_sliding_window=True, sliding_window=5, max_window_layers=1
+        ),
         "gemma2": lambda: t.Gemma2Config(**GQA, head_dim=16, sliding_window=5),  # soft-capping
         "gpt_oss": lambda: t.GptOssConfig(
             **GQA, head_dim=16, num_local_experts=2, num_experts_per_tok=1, sliding_window=5
@@ -208,7 +210,7 @@ def test_inkling2_sinks_per_row_and_position_bias_follow_eager(impl: str) -> Non
 
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize(
-    "family", ["llama", "mistral", "gemma2", "gpt_oss", "granite_swa", "llama4", "bert"]
+    "family", ["llama", "mistral", "qwen2", "gemma2", "gpt_oss", "granite_swa", "llama4", "bert"]
 )
 def test_padded_batches_and_weights_equal_eager(family: str, side: str) -> None:
     """Weights as each model's eager attention gives them: gpt-oss drops its sink's share,
@@ -406,7 +408,9 @@ def test_under_torch_compile_the_backend_runs_as_written_and_equals_eager() -> N
         dynamo.reset()
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "gpt_oss", "llama4", "gpt2"])
+@pytest.mark.parametrize(
+    "family", ["llama", "mistral", "qwen2", "gemma2", "gpt_oss", "llama4", "gpt2"]
+)
 def test_generate_with_the_cache_gives_eagers_greedy_tokens(family: str, tmp_path: Path) -> None:
     tiny(family).save_pretrained(tmp_path)  # the two-line use, from a folder
     auto = transformers.AutoModelForCausalLM
