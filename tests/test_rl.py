@@ -344,6 +344,11 @@ def test_bad_settings_name_the_argument() -> None:
         GridEnvs(S7, 2).step(torch.tensor([False, True]))
     with pytest.raises(ValueError, match="gamma must be in"):
         PPOConfig(gamma=1.5)
+    for name in ("clip", "value_coef", "entropy_coef"):  # inf: clipping off or an inf loss
+        for bad in (math.inf, math.nan, -0.1):
+            with pytest.raises(ValueError, match=rf"{name} must be finite, >= 0, got {bad}"):
+                PPOConfig(**{name: bad})
+        PPOConfig(**{name: 0.0})  # the control
     pol = MLPPolicy(984, 3, d_model=8)
     with pytest.raises(ValueError, match=r"obs must be \(B, D\) with D=984, got \(2, 3, 984\)"):
         pol.step(torch.zeros(2, 3, 984), torch.zeros(2, 3, dtype=torch.bool), None)

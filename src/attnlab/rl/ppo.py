@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -52,8 +53,8 @@ class PPOConfig:
     def __post_init__(self) -> None:  # ("0.9" failed as "'<=' not supported ... 'str'")
         for name in ("gamma", "lam"):
             real_where(name, getattr(self, name), lambda x: 0.0 <= x <= 1.0, "in [0, 1]")
-        for name in ("clip", "value_coef", "entropy_coef"):
-            real_where(name, getattr(self, name), lambda x: x >= 0.0, ">= 0")
+        for name in ("clip", "value_coef", "entropy_coef"):  # (inf: no clipping, an inf loss)
+            real_where(name, getattr(self, name), lambda x: 0.0 <= x < math.inf, "finite, >= 0")
 
 
 @dataclass
