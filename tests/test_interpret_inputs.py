@@ -280,7 +280,8 @@ def test_pictures_refuse_what_they_cannot_draw_before_drawing(
 ) -> None:
     """A str as tokens was drawn letter by letter (report refuses one); a NaN image gave a
     blank panel and negative maps were drawn as 0; alpha=5 failed inside matplotlib; a
-    folder as path failed at the write, after the drawing. Each is refused, naming the
+    folder as path failed at the write, after the drawing; NaN or inf scores and weights
+    drew blanks or a broken scale in plot's PNGs. Each is refused, naming the
     argument, before matplotlib is asked for anything."""
     import attnlab.interpret.image as image_module
 
@@ -314,6 +315,19 @@ def test_pictures_refuse_what_they_cannot_draw_before_drawing(
         (lambda: plot.saliency(["a"], [1.0], tmp_path), ValueError, "path must be a PNG file"),
         (lambda: plot.head_grid([torch.rand(1, 3, 3)], tmp_path), ValueError,
          "path must be a PNG file"),
+        (lambda: plot.saliency(["a", "b"], [0.5, float("nan")], tmp_path / "s.png"), ValueError,
+         "scores must be finite, got 1 NaN or inf values"),
+        (lambda: plot.saliency(["a"], torch.tensor([float("inf")]), tmp_path / "s.png"),
+         ValueError, "scores must be finite, got 1 NaN"),
+        (lambda: plot.saliency(["a", "b"], ["1", "x"], tmp_path / "s.png"), TypeError,
+         r"scores must be numbers, one per token, got \['1', 'x'\]"),
+        (lambda: plot.alignment(torch.eye(2) / 0, list("ab"), list("xy"), tmp_path / "a.png"),
+         ValueError, "weights must be finite, got 4 NaN or inf values"),
+        (lambda: plot.heatmap(torch.eye(2).log(), list("ab"), tmp_path / "h.png"), ValueError,
+         "weights must be finite, got 2 NaN or inf"),
+        (lambda: plot.head_grid([torch.rand(1, 2, 2), torch.full((1, 2, 2), float("nan"))],
+                                tmp_path / "g.png"), ValueError,
+         r"attentions\[1\] must be finite, got 4 NaN"),
     ]  # fmt: skip
     with monkeypatch.context() as m:
         m.setattr(plot, "pyplot", no_drawing)
@@ -324,6 +338,7 @@ def test_pictures_refuse_what_they_cannot_draw_before_drawing(
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     # the controls: edges of what is taken
     plot.heatmap(torch.eye(3), ("a", "b", "c"), tmp_path / "h.png")
+    plot.saliency(["a", "b"], torch.tensor([-1e30, 0]), tmp_path / "h.png")
     for alpha in (0, 1.0):
         image_attention(img, maps * 0, ["x"], tmp_path / "i.png", alpha=alpha)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["h.png", "i.png"]

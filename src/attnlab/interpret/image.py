@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from attnlab._validate import real_where
-from attnlab.interpret.plot import check_png_path, pyplot, save_figure
+from attnlab.interpret.plot import check_finite, check_png_path, pyplot, save_figure
 
 __all__ = ["image_attention", "patch_grid"]
 
@@ -32,10 +32,7 @@ def _as_image(image: object) -> np.ndarray:
     if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
         raise ValueError(f"image must have shape (H, W) or (H, W, 3), got {image.shape}")
     img = image.astype(np.float64)
-    if not np.isfinite(img).all():  # (a blank panel was drawn)
-        raise ValueError(
-            f"image must be finite, got {int((~np.isfinite(img)).sum())} NaN or inf values"
-        )
+    check_finite("image", img)  # (a blank panel was drawn)
     lo, hi = float(img.min()), float(img.max())
     return (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
 

@@ -7,16 +7,19 @@ Files are written atomically (a temporary file renamed over the target).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch import Tensor
 
 from attnlab._io import atomic_write
 
 __all__ = [
     "alignment",
+    "check_finite",
     "check_png_path",
     "check_tokens",
     "head_grid",
@@ -123,6 +126,7 @@ def head_grid(
     check_png_path(path)
     if tokens is not None:
         check_tokens("tokens", tokens)
+    maps = [_array(f"attentions[{i}]", a) for i, a in enumerate(attentions)]
     rows, cols = len(attentions), max(a.shape[0] for a in attentions)
     plt = pyplot()
     fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows), squeeze=False)
@@ -135,7 +139,7 @@ def head_grid(
             if h >= a.shape[0]:
                 ax.axis("off")
                 continue
-            ax.imshow(a[h].detach().float().cpu().numpy(), cmap="viridis", vmin=0.0)
+            ax.imshow(maps[li][h], cmap="viridis", vmin=0.0)
             if li == 0:
                 ax.set_title(f"head {h}", fontsize=7)
             if h == 0:
@@ -153,7 +157,8 @@ def saliency(
     *,
     title: str = "",
 ) -> Path:
-    """Save a bar per token (positive bars green, negative red) as a PNG.
+    """Save a bar per token (positive bars green, negative red) as a PNG; ``scores`` are
+    finite numbers, one per token.
 
     Example:
         >>> import tempfile
@@ -164,7 +169,7 @@ def saliency(
     check_tokens("tokens", tokens)
     if isinstance(scores, Tensor) and scores.dim() != 1:  # ("only one element tensors")
         raise ValueError(f"scores must be one value per token (n,), got {tuple(scores.shape)}")
-    vals = [float(v) for v in scores]
+    vals = _numbers(scores)
     if len(vals) != len(tokens):
         raise ValueError(f"scores has {len(vals)} values but there are {len(tokens)} tokens")
     plt = pyplot()
@@ -210,6 +215,39 @@ def check_tokens(name: str, tokens: object) -> None:
         raise TypeError(f"{name} must be a list of str (one per token), got {shown}")
 
 
+def check_finite(name: str, a: np.ndarray) -> np.ndarray:
+    """``a`` if it holds no NaN or inf, or a ValueError naming ``name`` (NaN was drawn as a
+    blank or a bar of nothing, inf broke the colour scale, and the PNG said nothing).
+
+    Example:
+        >>> check_finite("scores", np.array([1.0, np.nan]))
+        Traceback (most recent call last):
+        ...
+        ValueError: scores must be finite, got 1 NaN or inf values
+    """
+    bad = int((~np.isfinite(a)).sum())
+    if bad:
+        raise ValueError(f"{name} must be finite, got {bad} NaN or inf values")
+    return a
+
+
+def _numbers(scores: object) -> list[float]:
+    """``scores``, a 1-D tensor or array or a sequence of real numbers, as finite floats."""
+    seq = scores.tolist() if isinstance(scores, Tensor) else scores
+    if (
+        isinstance(seq, str)
+        or not isinstance(seq, Sequence | np.ndarray)
+        or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in seq)
+    ):  # ("1" was drawn as 1.0, "x" failed in float())
+        raise TypeError(f"scores must be numbers, one per token, got {scores!r:.80}")
+    return [float(v) for v in check_finite("scores", np.asarray(seq, dtype=np.float64))]
+
+
+def _array(name: str, weights: Tensor) -> Any:
+    """``weights`` as a finite float32 numpy array."""
+    return check_finite(name, weights.detach().float().cpu().numpy())
+
+
 def _matrix(name: str, weights: Tensor, rows: int, cols: int) -> Any:
     if not isinstance(weights, Tensor):  # (numpy: "'ndarray' object has no attribute")
         raise TypeError(f"{name} must be a Tensor, got {type(weights).__name__}")
@@ -219,7 +257,7 @@ def _matrix(name: str, weights: Tensor, rows: int, cols: int) -> Any:
             f"{name} has shape {w.shape} but the labels need ({rows}, {cols}) "
             "(rows: queries / target tokens, columns: keys / source tokens)"
         )
-    return w
+    return check_finite(name, w)
 
 
 #: labels drawn per axis at most (every k-th token past it): a picture sized by every
