@@ -195,6 +195,7 @@ def test_bad_input_errors() -> None:
     ("kw", "match"),
     [
         ({"image_size": 24}, "image_size must be >= 29"),  # it drew positions forever
+        ({"image_size": 30}, "image_size=30 must be a multiple of patch_size=4"),  # in build_model
         ({"held_out": 0.001}, r"held_out=0.001 leaves 0 of 264 captions"),  # ZeroDivisionError
         ({"held_out": 0.999}, r"held_out=0.999 leaves 264 of 264 captions"),
         ({"eval_size": 0}, "eval_size must be a positive int, got 0"),  # failed in evaluate

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from attnlab._validate import positive_int
 from attnlab.models._ids import check_ids, check_special_ids, check_vocab
-from attnlab.models.vit import PatchEmbedding
+from attnlab.models.vit import PatchEmbedding, patch_grid_side
 from attnlab.nn import BahdanauAttention, Encoder, EncoderLayer, LayerConfig
 from attnlab.positional import LearnedPositional
 
@@ -60,10 +60,11 @@ class CaptionerConfig:
 
     def layer_config(self) -> LayerConfig:
         """The encoder layers' config (pre-norm GELU), after checking the sizes of the
-        encoder and decoder and the dropout (a task checks them so before it draws its
-        scenes); :class:`Captioner` checks the vocabulary, image and patch sizes."""
+        encoder and decoder, the image and patch sizes and the dropout (a task checks them
+        so before it draws its scenes); :class:`Captioner` checks the vocabulary."""
         for name in ("d_model", "hidden_dim", "embed_dim", "attention_dim", "encoder_layers"):
             positive_int(name, getattr(self, name))
+        patch_grid_side(self.image_size, self.patch_size)  # (image_size=30 drew its scenes)
         d = self.d_model
         return LayerConfig(
             d, self.num_heads, 2 * d, dropout=self.dropout, activation="gelu", norm_first=True

@@ -18,7 +18,7 @@ from attnlab._validate import positive_int, same_dtype, validate_dropout
 from attnlab.nn import Encoder, EncoderLayer, LayerConfig
 from attnlab.positional import LearnedPositional
 
-__all__ = ["PatchEmbedding", "ViT", "ViTConfig", "check_images"]
+__all__ = ["PatchEmbedding", "ViT", "ViTConfig", "check_images", "patch_grid_side"]
 
 
 def check_images(images: object, channels: int, size: int) -> Tensor:
@@ -41,6 +41,24 @@ def check_images(images: object, channels: int, size: int) -> Tensor:
     return images
 
 
+def patch_grid_side(image_size: object, patch_size: object) -> int:
+    """Patches per side of an ``image_size`` square cut into ``patch_size`` squares, or a
+    TypeError/ValueError naming both sizes.
+
+    Example:
+        >>> patch_grid_side(32, 4)
+        8
+        >>> patch_grid_side(30, 4)
+        Traceback (most recent call last):
+        ...
+        ValueError: image_size=30 must be a multiple of patch_size=4
+    """
+    size, patch = positive_int("image_size", image_size), positive_int("patch_size", patch_size)
+    if size % patch:
+        raise ValueError(f"image_size={size} must be a multiple of patch_size={patch}")
+    return size // patch
+
+
 class PatchEmbedding(nn.Module):
     """Non-overlapping ``patch x patch`` patches, each projected to ``dim``.
 
@@ -61,12 +79,9 @@ class PatchEmbedding(nn.Module):
 
     def __init__(self, image_size: int, patch: int, channels: int, dim: int) -> None:
         super().__init__()
-        self.image_size = positive_int("image_size", image_size)
-        self.patch = positive_int("patch_size", patch)
+        self.grid = patch_grid_side(image_size, patch)
+        self.image_size, self.patch = int(image_size), int(patch)
         self.channels = positive_int("channels", channels)
-        if image_size % patch:
-            raise ValueError(f"image_size={image_size} must be a multiple of patch_size={patch}")
-        self.grid = image_size // patch
         self.proj = nn.Conv2d(channels, positive_int("dim", dim), patch, stride=patch)
 
     @property
