@@ -44,7 +44,7 @@ from torch import Tensor
 
 import attnlab
 from attnlab.bench import interleaved_ms
-from attnlab.cli._args import int_in, names_in
+from attnlab.cli._args import int_in, ints_in, names_in, script_parser
 from attnlab.nn.linformer import linformer_attention
 
 METHODS = ("exact", "dense", "linear", "performer", "nystrom", "linformer")
@@ -142,7 +142,7 @@ def exponent(points: list[tuple[int, float]]) -> float | None:
 
 def run(args: argparse.Namespace) -> None:
     """Time and probe every (method, N), print a JSON line each, then the summaries."""
-    all_methods, ns = list(args.methods), [int(n) for n in args.ns.split(",")]
+    all_methods, ns = list(args.methods), list(args.ns)
     times: dict[str, dict[int, float]] = {m: {} for m in all_methods}
     for n in ns:
         methods = [m for m in all_methods if m != "dense" or n <= args.dense_max]
@@ -180,8 +180,9 @@ def _summary(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ns", default="1024,2048,4096,8192,16384", help="comma list of N")
+    p = script_parser(__doc__)
+    ns = "1024,2048,4096,8192,16384"
+    p.add_argument("--ns", type=ints_in(1), default=ns, help="comma list of N")
     p.add_argument(
         "--methods",
         type=names_in(METHODS),
@@ -196,10 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int_in(0), default=0, help="torch threads (0: torch's default)"
     )
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (CI)")
-    p.add_argument("--probe", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--probe", type=int_in(0), default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.smoke:
-        args.ns, args.heads, args.repeat, args.threads = "128,256", 2, 1, args.threads or 1
+        args.ns, args.heads, args.repeat, args.threads = (128, 256), 2, 1, args.threads or 1
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.probe:

@@ -32,7 +32,6 @@ python benchmarks/bench_ask.py --smoke    # 6 topics, their questions, 3 summari
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
@@ -50,6 +49,7 @@ import torch
 from attnlab.apps import Asker, Document, build_index, load_documents, summarize
 from attnlab.apps.corpus import split_document
 from attnlab.apps.lexical import words
+from attnlab.cli._args import script_parser
 from attnlab.models import SentenceEncoder, minilm_path
 
 SUMMARY_SENTENCES = 2
@@ -272,7 +272,7 @@ def bench_summarize(docs: dict[str, Document], enc: SentenceEncoder, limit: int 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__)
     parser.add_argument("--smoke", action="store_true", help="6 topics, for CI")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", message=".*truncated")

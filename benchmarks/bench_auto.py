@@ -16,7 +16,6 @@ python benchmarks/bench_auto.py --smoke    # small sizes, one run each, for CI
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ import torch
 import attnlab
 from attnlab import bias as B
 from attnlab import masks as M
+from attnlab.cli._args import int_in, script_parser
 from attnlab.engines import get_engine, select_engine
 from attnlab.functional import _request
 
@@ -143,12 +143,12 @@ def run_case(case: Case, scale: int, repeat: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = script_parser(__doc__)
     ap.add_argument("--smoke", action="store_true", help="1/8 of the lengths, one run each")
-    ap.add_argument("--repeat", type=int, default=7, help="timed runs per engine (best counts)")
+    ap.add_argument(
+        "--repeat", type=int_in(1), default=7, help="timed runs per engine (best counts)"
+    )
     args = ap.parse_args()
-    if args.repeat < 1:
-        ap.error(f"--repeat must be at least 1, got {args.repeat}")
     scale, repeat = (8, 1) if args.smoke else (1, args.repeat)
     for case in CASES:
         print(json.dumps(run_case(case, scale, repeat)), flush=True)

@@ -16,7 +16,6 @@ python benchmarks/bench_decode.py --smoke       # small sizes, for CI
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections.abc import Callable
@@ -27,7 +26,7 @@ from torch import Tensor
 
 import attnlab
 from attnlab import masks as M
-from attnlab.cli._args import int_in
+from attnlab.cli._args import int_in, script_parser
 
 HEADS, KV_HEADS, DIM = 8, 2, 64
 
@@ -86,7 +85,7 @@ def case_rows(lk: int, window: int | None, steps: int, rounds: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__)
     parser.add_argument("--smoke", action="store_true", help="small sizes, one round each")
     parser.add_argument("--lengths", type=int_in(1), nargs="+", default=[512, 2048, 8192, 32768])
     parser.add_argument("--window", type=int_in(1), default=512, help="keys of the window case")

@@ -19,7 +19,6 @@ python benchmarks/bench_distributed.py --smoke     # tiny sizes, for CI
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from typing import Any
@@ -30,6 +29,7 @@ import torch.distributed as dist
 import attnlab
 import attnlab.distributed as D
 from attnlab import masks
+from attnlab.cli._args import int_in, script_parser
 from attnlab.distributed.launch import run_local
 
 H, E = 8, 64
@@ -149,9 +149,9 @@ def _torch_cp(rank: int, world: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = script_parser(__doc__)
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (CI)")
-    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--reps", type=int_in(1), default=2)
     p.add_argument("--skip-measured", action="store_true")
     args = p.parse_args(argv)
     if args.smoke:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from attnlab.cli._args import int_in
+from attnlab.cli._args import int_in, script_parser
 from attnlab.interpret import attention_flow, fuse_heads
 
 FLOWS = {
@@ -129,11 +129,11 @@ def run(args: argparse.Namespace) -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = script_parser(__doc__)
     p.add_argument("--layers", type=int_in(1), default=6)
     p.add_argument("--n", type=int_in(1), default=64, help="tokens")
     p.add_argument("--heads", type=int_in(1), default=12)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int_in(0), default=0)
     p.add_argument("--repeat", type=int_in(1), default=3, help="timed runs of ours (median)")
     p.add_argument(
         "--anchor-pairs", type=int_in(0), default=256, help="pairs networkx times (0: all)"

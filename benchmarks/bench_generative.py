@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from attnlab.cli._args import int_in, script_parser
 from attnlab.models.gan import GANConfig
 from attnlab.models.vae import VAEConfig
 from attnlab.tasks.generative import DigitsScorer, digits, train_feature_vit
@@ -38,16 +39,16 @@ from attnlab.tasks.vision import load_split
 
 
 def parse() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = script_parser(__doc__)
     p.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
-    p.add_argument("--gan-steps", type=int, default=2000)
-    p.add_argument("--vae-steps", type=int, default=3000)
-    p.add_argument("--vit-steps", type=int, default=600)
-    p.add_argument("--samples", type=int, default=1437)
+    p.add_argument("--gan-steps", type=int_in(1), default=2000)
+    p.add_argument("--vae-steps", type=int_in(1), default=3000)
+    p.add_argument("--vit-steps", type=int_in(1), default=600)
+    p.add_argument("--samples", type=int_in(1), default=1437)
     p.add_argument(
-        "--seed", type=int, default=0, help="training seed (split and scoring ViT: seed 0)"
+        "--seed", type=int_in(0), default=0, help="training seed (split and scoring ViT: seed 0)"
     )
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int_in(1), default=1)
     return p.parse_args()
 
 

@@ -58,7 +58,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
 
-from attnlab.cli._args import int_in
+from attnlab.cli._args import int_in, script_parser
 
 VOCAB = 512
 CASES = ("window", "memory", "dense", "weights", "padded", "static", "softcap", "sinks")
@@ -370,7 +370,7 @@ def family_case(args: argparse.Namespace, kind: str) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__)
     parser.add_argument("--smoke", action="store_true", help="small sizes, one run each")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     parser.add_argument("--n", type=int_in(1), default=8192, help="tokens of the window cases")

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from attnlab.bench import interleaved_ms
-from attnlab.cli._args import int_in
+from attnlab.cli._args import int_in, script_parser
 from attnlab.nn import EncoderLayer
 
 
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = script_parser(__doc__)
     p.add_argument("--batch", type=int_in(1), default=8)
     p.add_argument("--length", type=int_in(1), default=256)
     p.add_argument("--d", type=int_in(1), default=512)

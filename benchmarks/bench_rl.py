@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from attnlab.cli._args import int_in, script_parser
 from attnlab.rl.task import DOORKEY_ENV, MEMORY_ENV, AgentTask, run_episodes
 from attnlab.tasks import spec, train_config
 from attnlab.train import Trainer
@@ -35,17 +36,17 @@ POLICIES = ("attention", "lstm", "mlp")
 
 
 def parse() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = script_parser(__doc__)
     p.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
     p.add_argument("--envs", nargs="+", default=[MEMORY_ENV, DOORKEY_ENV])
     p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (task default)")
-    p.add_argument("--episodes", type=int, default=100)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seeds", type=int_in(0), nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int_in(1), default=None, help="optimizer steps (task default)")
+    p.add_argument("--episodes", type=int_in(1), default=100)
+    p.add_argument("--workers", type=int_in(1), default=2)
     p.add_argument(
         "--eval-every",
-        type=int,
+        type=int_in(1),
         default=None,
         help="also evaluate (32 episodes) every N steps during training, printed to stderr",
     )

@@ -16,7 +16,6 @@ python benchmarks/bench_robust.py --smoke    # tiny, for CI
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -25,7 +24,7 @@ from typing import Any
 
 import torch
 
-from attnlab.cli._args import int_in
+from attnlab.cli._args import int_in, script_parser
 from attnlab.robust import FGM, PGD, SMART, FreeLB
 from attnlab.train import Plugin, TrainConfig, Trainer
 
@@ -66,7 +65,7 @@ def time_steps(trainer: Trainer, steps: int) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = script_parser(__doc__)
     p.add_argument("--steps", type=int_in(1), default=10)
     p.add_argument("--repeat", type=int_in(1), default=3)
     p.add_argument("--batch-size", type=int_in(1), default=64)

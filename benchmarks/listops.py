@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 import attnlab
 from attnlab import masks as M
+from attnlab.cli._args import float_in, int_in, names_in, script_parser
 from attnlab.nn import EncoderLayer, LayerConfig, LinformerAttention
 
 METHODS = ("exact", "linear", "performer", "nystrom", "linformer")
@@ -197,19 +198,21 @@ def accuracy(model: nn.Module, split: tuple[Tensor, ...], batch: int = 250) -> f
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--train", type=int, default=20000, help="training examples")
-    p.add_argument("--test", type=int, default=2000, help="test examples")
-    p.add_argument("--max-len", type=int, default=128)
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p = script_parser(__doc__)
+    p.add_argument("--methods", type=names_in(METHODS), default=",".join(METHODS))
+    p.add_argument("--train", type=int_in(1), default=20000, help="training examples")
+    p.add_argument("--test", type=int_in(1), default=2000, help="test examples")
+    p.add_argument("--max-len", type=int_in(16), default=128)
+    p.add_argument("--steps", type=int_in(1), default=1500)
+    p.add_argument("--batch", type=int_in(1), default=32)
+    p.add_argument("--lr", type=float_in(0.0, open_low=True), default=2e-3)
+    p.add_argument("--d-model", type=int_in(1), default=64)
+    p.add_argument("--heads", type=int_in(1), default=4)
+    p.add_argument("--layers", type=int_in(1), default=2)
+    p.add_argument("--seed", type=int_in(0), default=0)
+    p.add_argument(
+        "--threads", type=int_in(0), default=0, help="torch threads (0: torch's default)"
+    )
     p.add_argument("--smoke", action="store_true", help="a few steps on little data (CI)")
     args = p.parse_args(argv)
     if args.threads:
@@ -231,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         flush=True,
     )
-    for method in args.methods.split(","):
+    for method in args.methods:
         rec = {"bench": "listops", **train_and_test(method, data, args)}
         rec["lra_reference"] = LRA_ACCURACY.get(method)
         print(json.dumps(rec), flush=True)

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from attnlab.cli._args import float_in, int_in
+from attnlab.cli._args import float_in, int_in, script_parser
 
 SHORT = [
     "The cat sat on the mat because it was warm.",
@@ -225,7 +225,7 @@ def summarize(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = script_parser(__doc__)
     p.add_argument("--clients", type=int_in(1), default=20)
     p.add_argument("--seconds", type=float_in(0.0, open_low=True), default=60.0)
     p.add_argument(

@@ -31,7 +31,6 @@ python benchmarks/sweep_hf.py --smoke                # three families, for CI
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import functools
@@ -49,6 +48,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
+
+from attnlab.cli._args import float_in, int_in, script_parser
 
 V = 64
 SIZES = {
@@ -293,24 +294,20 @@ def _alarm(*_: object) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = script_parser(__doc__)
     p.add_argument("--mapping", choices=("causal", "base"), default="causal")
     p.add_argument("--families", nargs="+", help="model types (default: the whole mapping)")
     p.add_argument("--smoke", action="store_true", help=f"only {', '.join(SMOKE)}")
     p.add_argument(
         "--tol",
-        type=float,
+        type=float_in(0.0, open_low=True),
         default=1e-5,
         help="relative to eager's largest value, or absolute where that is below 1",
     )
-    p.add_argument("--timeout", type=int, default=60, help="seconds per family")
-    p.add_argument("--max-gib", type=float, default=8.0, help="memory the sweep may take")
+    p.add_argument("--timeout", type=int_in(1), default=60, help="seconds per family")
+    gib = float_in(0.0, open_low=True)
+    p.add_argument("--max-gib", type=gib, default=8.0, help="memory the sweep may take")
     args = p.parse_args()
-    if args.timeout < 1 or not args.tol > 0 or not args.max_gib > 0:
-        p.error(
-            f"--timeout must be >= 1, --tol and --max-gib > 0, "
-            f"got {args.timeout}, {args.tol} and {args.max_gib}"
-        )
     # a config whose shrunk sizes still ask for tens of GiB fails its family, not the sweep
     limit = int(args.max_gib * 2**30)
     resource.setrlimit(resource.RLIMIT_DATA, (limit, resource.getrlimit(resource.RLIMIT_DATA)[1]))
@@ -332,7 +329,7 @@ def main() -> None:
     families = list(SMOKE) if args.smoke else (args.families or sorted(names))
     unknown = [f for f in families if f not in t.models.auto.configuration_auto.CONFIG_MAPPING]
     if unknown:
-        p.error(f"--families: unknown model types {unknown}")
+        p.error(f"argument --families: unknown model types {unknown}")
     register()
     calls = [0]
     own = t.AttentionInterface._global_mapping["attnlab"]

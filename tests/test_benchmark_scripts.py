@@ -113,11 +113,14 @@ def test_bench_approx_summary_with_one_n(monkeypatch: Any, capsys: Any) -> None:
         (["bench_flow.py", "--n", "0"], "--n"),
         (["load_serve.py", "--seconds", "0"], "--seconds"),
         (["bench_minilm.py", "--modes", "foo"], "--modes"),
+        (["bench_approx.py", "--ns", "128,0"], "--ns"),  # N=0 and -5 were timed
+        (["sweep_hf.py", "--timeout", "0"], "--timeout"),  # one line for three flags
     ],
 )
 def test_benchmarks_refuse_bad_arguments_before_any_work(argv: list[str], argument: str) -> None:
     """Exit 2 with one error line naming the argument and nothing on stdout (these gave
-    Infinity/NaN JSON at exit 0, or a traceback after loading models or starting a server)."""
+    Infinity/NaN JSON at exit 0, or a traceback after loading models or starting a server);
+    stderr is that line alone, as the ``attnlab`` commands' (argparse put its usage above)."""
     env = {**os.environ, "PYTHONPATH": str(BENCH.parent / "src")}
     res = subprocess.run(
         [sys.executable, str(BENCH / argv[0]), *argv[1:]],
@@ -129,6 +132,26 @@ def test_benchmarks_refuse_bad_arguments_before_any_work(argv: list[str], argume
     errors = [line for line in res.stderr.splitlines() if "error:" in line]
     assert (res.returncode, res.stdout) == (2, "")
     assert len(errors) == 1 and f"argument {argument}:" in errors[0], res.stderr
+    assert res.stderr.splitlines() == errors
+
+
+def test_bench_approx_ns_are_checked_like_the_other_ints(capsys: Any) -> None:
+    """A negative N is refused by value, as --heads is (not "expected one argument")."""
+    ba = _load("bench_approx")
+    for ns in ("-5", "0", "128,x"):
+        with pytest.raises(SystemExit) as e:
+            ba.main(["--ns", ns])
+        err = capsys.readouterr().err.splitlines()
+        assert e.value.code == 2 and len(err) == 1, err
+        assert f"argument --ns: must be an int >= 1, got '{ns.split(',')[-1]}'" in err[0]
+
+
+def test_every_benchmark_parses_with_the_shared_parser() -> None:
+    """Each script with a command line builds it with ``script_parser`` (one error line,
+    exit 2), not a bare ``argparse.ArgumentParser`` (usage lines above the error)."""
+    own = [p.name for p in BENCH.glob("*.py") if "ArgumentParser(" in p.read_text()]
+    users = [p.name for p in BENCH.glob("*.py") if "script_parser(__doc__)" in p.read_text()]
+    assert own == [] and len(users) >= 14, (own, users)
 
 
 class _FakeIndex:

@@ -5,9 +5,12 @@ Numbers are checked by ``argparse`` types (:func:`int_in`, :func:`float_in`,
 Paths are checked by the ``check_*`` functions, which raise :class:`UsageError` naming
 the argument: an output folder must be creatable and writable, an input folder readable.
 
+A script (``benchmarks/*.py``) builds its parser with :func:`script_parser`, so that it
+fails as the commands do: one line on stderr, exit status 2.
+
 Example:
-    >>> int_in(1)("12"), float_in(0.0, open_low=True)("3e-4")
-    (12, 0.0003)
+    >>> int_in(1)("12"), float_in(0.0, open_low=True)("3e-4"), ints_in(1)("128,256")
+    (12, 0.0003, (128, 256))
     >>> int_in(1)("-5")
     Traceback (most recent call last):
     argparse.ArgumentTypeError: must be an int >= 1, got '-5'
@@ -24,7 +27,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from attnlab._io import decode_text
-from attnlab.cli._errors import UsageError, warn
+from attnlab.cli._errors import Parser, UsageError, warn
 
 __all__ = [
     "check_in_folder",
@@ -36,9 +39,24 @@ __all__ = [
     "clip",
     "float_in",
     "int_in",
+    "ints_in",
     "names_in",
+    "script_parser",
     "shown",
 ]
+
+
+def script_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The parser of a script such as ``benchmarks/bench_flow.py``, described by the first
+    line of its ``doc``: the commands' :class:`~attnlab.cli._errors.Parser`, so a bad
+    argument is one line on stderr and exit status 2 (argparse's own printed its usage
+    above the error) and ``--lr -1e-3`` is a value.
+
+    Example:
+        >>> script_parser("Time things.\\n\\nMore.").description
+        'Time things.'
+    """
+    return Parser(description=(doc or "").strip().split("\n")[0])
 
 
 def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -55,6 +73,17 @@ def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
         return value
 
     parse.__name__ = "int"
+    return parse
+
+
+def ints_in(low: int, high: int | None = None) -> Callable[[str], tuple[int, ...]]:
+    """An argparse type: a comma list of ints, each checked by :func:`int_in`."""
+    one = int_in(low, high)
+
+    def parse(text: str) -> tuple[int, ...]:
+        return tuple(one(n.strip()) for n in text.split(","))
+
+    parse.__name__ = "list"
     return parse
 
 
