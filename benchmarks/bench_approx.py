@@ -157,7 +157,10 @@ def run(args: argparse.Namespace) -> None:
             rec |= {"dim": args.dim, "ms": round(ms[m], 2)}
             rec |= {"speedup": round(ms["exact"] / ms[m], 2) if "exact" in ms else None}
             rec |= {"peak_mib": round(mem[m], 1) if m in mem else None}
-            rec |= {"threads": torch.get_num_threads()}
+            rec |= {
+                "threads": torch.get_num_threads(),
+                "cpu": torch.backends.cpu.get_cpu_capability(),
+            }
             print(json.dumps(rec), flush=True)
     err_n = 1024 if 1024 in ns else max(ns)
     for m in all_methods:
@@ -169,7 +172,11 @@ def _summary(
 ) -> dict[str, object]:
     """The method's fitted exponent (None with fewer than 2 N), its speedups at 4K and 16K
     and its error at ``err_n`` (1K where measured, else the largest N)."""
-    rec: dict[str, object] = {"bench": "approx_summary", "method": m}
+    rec: dict[str, object] = {
+        "bench": "approx_summary",
+        "method": m,
+        "cpu": torch.backends.cpu.get_cpu_capability(),
+    }
     slope = exponent(sorted(times[m].items()))
     rec["exponent"] = None if slope is None else round(slope, 3)
     for n, label in ((4096, "speedup_4k"), (16384, "speedup_16k")):

@@ -78,7 +78,8 @@ def reset_peak_mb() -> float:
 
 
 def emit(**row: Any) -> None:
-    print(json.dumps(row), flush=True)
+    """One JSON line, naming the CPU its times were measured on."""
+    print(json.dumps({**row, "cpu": torch.backends.cpu.get_cpu_capability()}), flush=True)
 
 
 def bench_index(docs: list[Document], enc: SentenceEncoder, anchor: Any, folder: Path) -> Any:
@@ -279,7 +280,7 @@ def main() -> None:
     from sentence_transformers import SentenceTransformer
 
     torch.manual_seed(0)
-    emit(bench="info", cpu=torch.backends.cpu.get_cpu_capability(), threads=torch.get_num_threads())
+    emit(bench="info", threads=torch.get_num_threads())
     enc = SentenceEncoder.from_pretrained()
     anchor = SentenceTransformer(str(minilm_path()), device="cpu")
     docs = load_documents("pydoc")

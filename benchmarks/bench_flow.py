@@ -125,6 +125,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "max_abs_diff": float(f"{diff:.3g}"),
         "error_bound": float(f"{args.layers * n * n * 2.0**-30:.3g}"),
         "threads": torch.get_num_threads(),
+        "cpu": torch.backends.cpu.get_cpu_capability(),
     }
 
 

@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
                     "attnlab_ms": round(t["attnlab"], 3),
                     "ratio": round(t["torch"] / t["attnlab"], 3),
                     "threads": torch.get_num_threads(),
+                    "cpu": torch.backends.cpu.get_cpu_capability(),
                 }
             )
             print(json.dumps(rows[-1]), flush=True)

@@ -127,7 +127,7 @@ def main() -> None:
     jobs = [(e, p, s) for e in args.envs for p in args.policies for s in args.seeds]
     if args.smoke:
         jobs = [(e, p, 0) for e in args.envs[-1:] for p in args.policies]
-    rows = []
+    rows, cpu = [], {"cpu": torch.backends.cpu.get_cpu_capability()}  # the times' CPU
     with ProcessPoolExecutor(max(1, args.workers)) as pool:
         futures = [
             pool.submit(run, e, p, s, steps, episodes, args.smoke, args.eval_every)
@@ -135,9 +135,9 @@ def main() -> None:
         ]
         for f in futures:
             rows.append(f.result())
-            print(json.dumps(rows[-1]), flush=True)
+            print(json.dumps(rows[-1] | cpu), flush=True)
     for rec in summarize(rows):
-        print(json.dumps({"summary": True, **rec}), flush=True)
+        print(json.dumps({"summary": True, **rec, **cpu}), flush=True)
 
 
 if __name__ == "__main__":

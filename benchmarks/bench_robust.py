@@ -90,7 +90,7 @@ def main() -> None:
                 "anchor_ms": round(anchor_ms, 2),
                 "ours_ms": round(ours_ms, 2),
                 "ratio": round(ours_ms / anchor_ms, 2),
-                "cpu_capability": cap,
+                "cpu": cap,
                 "threads": 1,
             }
             print(json.dumps(row), flush=True)

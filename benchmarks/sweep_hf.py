@@ -331,7 +331,7 @@ def main() -> None:
     if unknown:
         p.error(f"argument --families: unknown model types {unknown}")
     register()
-    calls = [0]
+    calls, cpu = [0], torch.backends.cpu.get_cpu_capability()
     own = t.AttentionInterface._global_mapping["attnlab"]
 
     def counted(*a: Any, **k: Any) -> Any:
@@ -359,7 +359,8 @@ def main() -> None:
         finally:
             signal.alarm(0)
         counts[row["status"]] += 1
-        print(json.dumps({**row, "seconds": round(time.perf_counter() - t0, 2)}), flush=True)
+        took = {"seconds": round(time.perf_counter() - t0, 2), "cpu": cpu}
+        print(json.dumps({**row, **took}), flush=True)
     print(json.dumps({"bench": "sweep_hf", "mapping": args.mapping, "families": len(families),
                       **dict(sorted(counts.items())), "transformers": t.__version__}))  # fmt: skip
     if counts["mismatch"]:  # a wrong answer fails the run (and make test's smoke)

@@ -77,7 +77,9 @@ def _approx_summaries(monkeypatch: Any, capsys: Any, argv: list[str]) -> list[di
     monkeypatch.setattr(ba, "peak_memory", lambda methods, n, args: {})
     monkeypatch.setattr(ba, "relative_error", lambda m, n, h, d: n)
     assert ba.main(argv) == 0
-    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    out = capsys.readouterr().out.splitlines()
+    assert [_load("smoke").problem(x) for x in out] == [None] * len(out)  # "cpu" on each
+    lines = [json.loads(x) for x in out]
     return [r for r in lines if r["bench"] == "approx_summary"]
 
 
@@ -152,6 +154,23 @@ def test_every_benchmark_parses_with_the_shared_parser() -> None:
     own = [p.name for p in BENCH.glob("*.py") if "ArgumentParser(" in p.read_text()]
     users = [p.name for p in BENCH.glob("*.py") if "script_parser(__doc__)" in p.read_text()]
     assert own == [] and len(users) >= 14, (own, users)
+
+
+def test_smoke_check_wants_the_cpu_on_every_timed_row() -> None:
+    """``benchmarks/smoke.py``, which ``make test`` runs every benchmark's smoke mode
+    through, refuses a time or ratio that does not name the CPU (bench_approx, bench_flow,
+    bench_layers, bench_robust, sweep_hf and ``attnlab bench`` printed such rows)."""
+    from attnlab.bench import BenchConfig, records
+
+    problem = _load("smoke").problem
+    for row in ({"ms": 1.0}, {"p50_ms": 3}, {"ratio": 1.2}, {"speedup_4k": 2.0},
+                {"ours_s": 0.1}, {"anchor_us": 5}, {"seconds": 2.0}):  # fmt: skip
+        assert f'without "cpu" ({next(iter(row))})' in str(problem(json.dumps(row)))
+        assert problem(json.dumps({**row, "cpu": "AVX2"})) is None  # the control
+    for row in ({"kind": "simulated", "latency_us": 20.0}, {"threads": 2, "peak_mib": 3.0}):
+        assert problem(json.dumps(row)) is None  # a model's figure, a memory figure
+    (rec,) = records(BenchConfig(modes=("fwd",)).smoke(), ["causal"])
+    assert problem(json.dumps(rec)) is None and rec["cpu"]
 
 
 class _FakeIndex:

@@ -145,9 +145,7 @@ def doc_ids(n: int, docs: int = 16, seed: int = 0) -> Tensor:
     """Ids of ``docs`` packed documents of random lengths summing to ``n``."""
     gen = torch.Generator().manual_seed(seed)
     cuts = torch.randperm(n - 1, generator=gen)[: docs - 1].add(1)
-    starts = torch.zeros(n, dtype=torch.long)
-    starts[cuts] = 1
-    return starts.cumsum(0)
+    return torch.zeros(n, dtype=torch.long).index_fill_(0, cuts, 1).cumsum(0)
 
 
 def make_case(name: str, n: int, heads: int, window: int) -> tuple[M.Mask | None, B.Bias | None]:
@@ -357,9 +355,10 @@ def _measure(
 
 
 def _header(case: str, mode: str, cfg: BenchConfig, *more: str) -> dict[str, Any]:
-    """A record's first keys: the case, the mode and the settings of ``cfg`` it ran at."""
+    """A record's first keys: the case, the mode, the settings of ``cfg`` and the CPU."""
     keys = ("engine", "n", "heads", "dim", *more, "device", "dtype")
-    return {"case": case, "mode": mode, **{k: getattr(cfg, k) for k in keys}}
+    cpu = {"cpu": torch.backends.cpu.get_cpu_capability()}  # every figure names its CPU
+    return {"case": case, "mode": mode, **{k: getattr(cfg, k) for k in keys}, **cpu}
 
 
 def window_pairs(n: int, window: int) -> int:
