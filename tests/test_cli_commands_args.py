@@ -97,6 +97,19 @@ def test_bench_efficiency_divides_by_a_matmul_in_the_dtype_attention_runs_in(
     assert rec["efficiency"] == pytest.approx(rec["useful_gflops"] / 100.0, abs=1e-3)
 
 
+def test_bench_efficiency_of_a_slow_matmul_is_not_a_division_by_zero(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A matmul timed on a busy machine can measure under 0.05 GFLOP/s, which the record
+    rounds to 0.0: the efficiency came from the rounded figure (ZeroDivisionError)."""
+    monkeypatch.setattr(bench_mod, "matmul_gflops", lambda **kw: 0.04)
+    cfg = BenchConfig(n=256, heads=1, dim=16, window=32, repeat=1, modes=("fwd",))
+    (rec,) = records(cfg, ["window"])
+    flops = 4 * bench_mod.window_pairs(256, 32) * 16  # QK^T and PV over the allowed pairs
+    assert rec["matmul_gflops"] == 0.0
+    assert rec["efficiency"] == pytest.approx(flops / rec["ours_ms"] / 1e6 / 0.04, rel=1e-2)
+
+
 @pytest.mark.parametrize(
     ("argv", "named"),
     [

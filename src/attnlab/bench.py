@@ -347,10 +347,10 @@ def _measure(
     if name == "window" and not grad:
         roof = roofline_dtype(cfg.device, dtype)
         flops = 4 * window_pairs(n, cfg.window) * e * h  # QK^T and PV over allowed pairs
-        rec["useful_gflops"] = round(flops / rec["ours_ms"] / 1e6, 1)
-        rec["matmul_gflops"] = round(matmul_gflops(device=cfg.device, dtype=roof), 1)
+        useful, peak = flops / rec["ours_ms"] / 1e6, matmul_gflops(device=cfg.device, dtype=roof)
+        rec["useful_gflops"], rec["matmul_gflops"] = round(useful, 1), round(peak, 1)
         rec["matmul_dtype"] = str(roof).removeprefix("torch.")
-        rec["efficiency"] = round(rec["useful_gflops"] / rec["matmul_gflops"], 3)
+        rec["efficiency"] = round(useful / peak, 3)  # unrounded: a busy matmul rounds to 0.0
     return rec
 
 
