@@ -200,3 +200,14 @@ def test_bench_ask_peak_memory_is_the_builds_own(
     ba.bench_index([ba.Document("a", "b")], None, anchor, tmp_path)
     row = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert 90 <= row["peak_rss_added_mb"] <= 130
+
+
+def test_hf_rows_give_no_ratio_of_noise() -> None:
+    """A decoding time is the difference of two timings; on a busy machine a short one
+    came out negative (smoke run: -0.0539 s against -0.2497 s), and its ratio read as a
+    speed (0.216)."""
+    hf = _load("bench_hf")
+    row = hf._row("dense", "decode 4", "sdpa", {"sdpa": -0.0539, "attnlab": -0.2497})
+    assert row["ratio"] is None and row["cpu"]
+    row = hf._row("dense", "decode 4", "sdpa", {"sdpa": 0.3, "attnlab": 0.2})
+    assert row["ratio"] == 1.5
