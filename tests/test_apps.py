@@ -650,16 +650,96 @@ def test_ask_passes_its_warnings_on_as_they_were() -> None:
     ]
 
 
-@pytest.mark.parametrize("raw", ["null", "[]", '"x"', "3", '{"format": 4, "vectors": "../x"}'])
+@pytest.mark.parametrize(
+    "raw", ['{"format": 4, "vectors": "../x"}', '{"format": 4}', '{"format": 3, "docs": 1}']
+)
 def test_an_index_json_that_is_no_index_is_rebuilt(tmp_path: Path, enc, raw: str) -> None:
-    """(JSON that is not an object, e.g. a clobbered cache file, raised AttributeError
-    from load_index and build_index instead of reading as no index.)"""
+    """(A damaged attnlab index.json, or one of another version, raised KeyError or
+    AttributeError instead of reading as no index.) JSON that attnlab did not write is
+    refused: test_a_foreign_index_json_is_refused_and_kept."""
     docs = [Document("a", "Cats purr. Dogs bark."), Document("b", "Rain falls.")]
     assert build_index(docs, enc, tmp_path).embedded == 3
     assert load_index(tmp_path) is not None  # control: the saved index reads back
     (tmp_path / "index.json").write_text(raw)
     assert load_index(tmp_path) is None
     assert build_index(docs, enc, tmp_path).embedded == 3  # rebuilt
+
+
+@pytest.mark.parametrize("raw", ['{"project": "my notes"}', "null", "[]", '"x"', "3", "{no json"])
+def test_a_foreign_index_json_is_refused_and_kept(
+    tmp_path: Path, enc, raw: str, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """(A cache folder holding a user's own index.json and index.safetensors: the build
+    overwrote the first and deleted the second.)"""
+    docs = [Document("a", "Cats purr. Dogs bark.")]
+    (tmp_path / "a.txt").write_text(docs[0].text)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "index.json").write_text(raw)
+    (cache / "index.safetensors").write_bytes(b"my own tensors")
+    before = {p.name: p.read_bytes() for p in cache.iterdir()}
+    where = re.escape(repr(str(cache)))
+    with pytest.raises(ValueError, match=f"^folder {where} holds an index.json that attnlab "):
+        build_index(docs, enc, cache)
+    with pytest.raises(ValueError, match=f"^cache {where} holds an index.json that attnlab "):
+        ask("Why?", tmp_path / "a.txt", encoder=enc, cache=cache, progress=print)
+    monkeypatch.setattr("attnlab.cli.ask.load_encoder", lambda model: (enc, "MiniLM"))
+    argv = ["ask", "why?", "--docs", str(tmp_path / "a.txt"), "--cache", str(cache)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"attnlab ask: error: argument --cache: {str(cache)!r} holds an "), err
+    assert "\n" not in err
+    assert {p.name: p.read_bytes() for p in cache.iterdir()} == before  # nothing touched
+    # control: an attnlab index of format 3 is replaced, with the index.safetensors it named
+    (cache / "index.json").write_text('{"format": 3, "vectors_sha256": "0", "docs": []}')
+    assert build_index(docs, enc, cache).embedded == 2
+    assert load_index(cache) is not None and not (cache / "index.safetensors").exists()
+    # a format-4 index names its own vectors: an index.safetensors beside it is kept
+    (cache / "index.safetensors").write_bytes(b"my own tensors")
+    assert build_index([*docs, Document("b", "Rain falls.")], enc, cache).embedded == 1
+    assert (cache / "index.safetensors").read_bytes() == b"my own tensors"
+    assert len(list(cache.glob("index-*.safetensors"))) == 1  # the previous vectors removed
+
+
+@pytest.mark.parametrize("locked", [True, False])
+def test_two_builds_into_one_cache_leave_a_readable_index(
+    tmp_path: Path, enc, locked: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(Each save deleted every other index-*.safetensors: a build B that saved while
+    build A was between its vectors and its index.json deleted A's vectors, and the index
+    A then wrote read as none.) With the lock, B waits, then keeps its index in memory;
+    without it (an older attnlab), B's save deletes only what the JSON named before it."""
+    import contextlib
+    import time
+
+    import attnlab.apps.index as index_module
+
+    ix_a = build_index([Document("a", "Cats purr. Dogs bark.")], enc, None)
+    ix_b = build_index([Document("b", "Rain falls.")], enc, None)
+    real = index_module.atomic_write_text
+    calls = []
+
+    def between(path: Path, text: str) -> Path:  # A between its two writes: B saves whole
+        calls.append(path)
+        if len(calls) == 1:
+            index_module._save(ix_b, tmp_path)
+        return real(path, text)
+
+    monkeypatch.setattr(index_module, "atomic_write_text", between)
+    monkeypatch.setattr(time, "sleep", lambda s: None)  # the lock's waits
+    if not locked:
+        unlocked = lambda folder, **kw: contextlib.nullcontext()  # noqa: E731
+        monkeypatch.setattr(index_module, "OutputLock", unlocked, raising=False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        index_module._save(ix_a, tmp_path)
+    loaded = load_index(tmp_path)
+    assert loaded is not None and loaded.sentences == ix_a.sentences
+    assert torch.equal(loaded.vectors, ix_a.vectors)
+    saved_b = len(calls) == 2
+    assert saved_b != locked  # control: without the lock B did save in between
+    said = [str(w.message) for w in seen]
+    assert any("the index is not saved" in m for m in said) == locked, said
 
 
 def test_a_stop_between_the_two_writes_leaves_the_previous_index(

@@ -57,7 +57,15 @@ from torch import Tensor
 from attnlab._io import decode_text
 from attnlab._validate import instance_of, nonnegative_int, positive_int, real_where
 from attnlab.apps.corpus import Sentence, check_prose, load_documents
-from attnlab.apps.index import Index, Progress, build_index, default_cache, index_folder, unit
+from attnlab.apps.index import (
+    Index,
+    Progress,
+    build_index,
+    check_cache,
+    default_cache,
+    index_folder,
+    unit,
+)
 from attnlab.apps.lexical import BM25, words
 from attnlab.apps.match import WordMatch, match_words, maxsim
 from attnlab.models import SentenceEncoder
@@ -334,7 +342,7 @@ def _cache_folder(cache: object, docs: str | Path | Sequence[str | Path]) -> Pat
     would be the current folder, where the index files landed) and what is no path are
     errors naming ``cache``."""
     if cache is None or cache is True:
-        return default_cache(docs)
+        return check_cache(default_cache(docs), "cache")
     if cache is False:
         return None
     if not isinstance(cache, str | os.PathLike):
@@ -347,7 +355,7 @@ def _cache_folder(cache: object, docs: str | Path | Sequence[str | Path]) -> Pat
             "cache must be a folder, got an empty path (the current folder); give a folder, "
             "or cache=False to keep the index in memory"
         )
-    return index_folder(cache, "cache")  # a file: a WriteError after the work
+    return check_cache(index_folder(cache, "cache"), "cache")  # a user's own index.json
 
 
 @contextmanager

@@ -7,10 +7,12 @@ from two different builds is never read as one) and that vectors file,
 reuses the rows of every document whose hash is unchanged and embeds only the new or
 changed ones, so editing one document re-embeds that document alone; a different model
 or splitter version rebuilds everything. A save writes the new vectors under their own
-name, then the JSON that names them (each atomically), then removes the previous vectors:
-a crash at any point leaves the previous index or the new one, never a pair that is read
-as none (one file name for both made a stop between the two writes re-embed everything).
-Nothing is pickled.
+name, then the JSON that names them (each atomically), then removes the vectors file the
+previous JSON named: a crash at any point leaves the previous index or the new one, never
+a pair that is read as none (one file name for both made a stop between the two writes
+re-embed everything). A save holds the folder's :class:`~attnlab._io.OutputLock`, and
+another run's vectors are never removed. A folder whose ``index.json`` attnlab did not
+write (no JSON object with a ``"format"``) is refused, not overwritten. Nothing is pickled.
 
 Search is brute force (``vectors @ q``, exact): at the Python reference's size (3,602
 sentences x 384) one query is a 1.4 MFLOP matrix-vector product. ``benchmarks/bench_ask.py``
@@ -37,6 +39,7 @@ import hashlib
 import json
 import os
 import re
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -46,12 +49,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attnlab._io import atomic_write, atomic_write_text
+from attnlab._io import LockedError, OutputLock, atomic_write, atomic_write_text
 from attnlab._validate import instance_of, positive_int
 from attnlab.apps.corpus import Document, Sentence, split_document
 from attnlab.models import SentenceEncoder
 
-__all__ = ["FORMAT", "Index", "build_index", "default_cache", "embed", "load_index", "unit"]
+__all__ = [
+    "FORMAT",
+    "Index",
+    "build_index",
+    "check_cache",
+    "default_cache",
+    "embed",
+    "load_index",
+    "unit",
+]
 
 FORMAT = 4  # bump when the splitter or the file layout changes: every index rebuilds
 Progress = Callable[[int, int], None]
@@ -208,10 +220,75 @@ def _vectors_name(name: object) -> str:
     return name
 
 
+def check_cache(folder: Path, name: str = "folder") -> Path:
+    """``folder`` if :func:`build_index` may write its index there: it holds no
+    ``index.json``, or one attnlab wrote (a JSON object with a ``"format"``, perhaps of
+    another version or damaged); else a ValueError naming ``name`` and the folder (a
+    user's own ``index.json`` was overwritten, and an ``index.safetensors`` deleted).
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> check_cache(d) == d
+        True
+        >>> _ = (d / "index.json").write_text('{"project": "notes"}')
+        >>> check_cache(d, "cache")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ValueError: cache ... holds an index.json that attnlab did not write; ...
+    """
+    _own_meta(folder, name)
+    return folder
+
+
+def _own_meta(folder: Path, name: str) -> dict[str, Any] | None:
+    """The JSON object of ``folder/index.json`` (None: there is none), or the ValueError
+    of :func:`check_cache` if that is no attnlab index."""
+    try:
+        meta = json.loads((folder / "index.json").read_text(encoding="utf-8"))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (IsADirectoryError, ValueError):  # (not UTF-8 or not JSON: ValueErrors)
+        meta = None
+    if not isinstance(meta, dict) or "format" not in meta:
+        raise ValueError(
+            f"{name} {str(folder)!r} holds an index.json that attnlab did not write; the "
+            "index would replace it: give another folder, or move that file away"
+        )
+    return meta
+
+
+def _named_vectors(meta: dict[str, Any] | None) -> str | None:
+    """The vectors file an attnlab ``index.json`` names (formats 2 and 3: the fixed
+    ``index.safetensors``); None for none, or a name that is no such file."""
+    if meta is None:
+        return None
+    if "vectors" not in meta and meta["format"] in (2, 3):
+        return "index.safetensors"
+    name = meta.get("vectors")
+    return name if isinstance(name, str) and _VECTORS.fullmatch(name) else None
+
+
 def _save(index: Index, folder: Path) -> None:
+    """:func:`_write` under the folder's lock. A save takes milliseconds: if another live
+    run holds the lock for 3 s, a warning says so, and this index is kept in memory only."""
+    busy: LockedError | None = None
+    for _ in range(30):
+        try:
+            with OutputLock(folder, command=f"build_index of {folder}"):
+                return _write(index, folder)
+        except LockedError as e:
+            busy = e
+            time.sleep(0.1)
+    warnings.warn(f"the index is not saved: {busy}", stacklevel=3)
+
+
+def _write(index: Index, folder: Path) -> None:
     """The vectors under a new name, then the JSON that names them (both atomic), then
-    the previous vectors removed: a stop anywhere leaves a readable index."""
+    the vectors the previous JSON named removed: a stop anywhere leaves a readable index,
+    and vectors that another build's JSON names (or is about to) are kept."""
     from safetensors.torch import save
+
+    previous = _named_vectors(_own_meta(folder, "folder"))
 
     by_doc: dict[str, list[list[Any]]] = {name: [] for name in index.digests}
     for s in index.sentences:
@@ -225,9 +302,8 @@ def _save(index: Index, folder: Path) -> None:
     # ASCII: a document name from a file name that is not UTF-8 holds lone surrogates,
     # which UTF-8 cannot write but JSON's \uXXXX escapes carry there and back exactly
     atomic_write_text(folder / "index.json", json.dumps(meta | {"docs": docs}, ensure_ascii=True))
-    for old in folder.glob("index*.safetensors"):  # the previous vectors (format 3's too)
-        if old.name != name and (old.name == "index.safetensors" or _VECTORS.fullmatch(old.name)):
-            old.unlink(missing_ok=True)
+    if previous is not None and previous != name:
+        (folder / previous).unlink(missing_ok=True)
 
 
 def _sha(raw: bytes) -> str:
@@ -306,7 +382,7 @@ def build_index(
             f"docs must be a list of Documents (load_documents), got {type(seen).__name__}"
         )
     instance_of("enc", enc, SentenceEncoder, "a SentenceEncoder")
-    folder = None if folder is None else index_folder(folder)
+    folder = None if folder is None else check_cache(index_folder(folder))  # before the work
     names = [d.name for d in docs]
     if len(set(names)) != len(names):
         raise ValueError(f"docs: document names must be unique, got {len(names)} with repeats")

@@ -20,7 +20,7 @@ from typing import Any
 from attnlab.apps import Answer, Document, ask, load_documents, split_document, summarize
 from attnlab.apps.ask import check_question
 from attnlab.apps.corpus import check_prose, document_files
-from attnlab.apps.index import default_cache
+from attnlab.apps.index import check_cache, default_cache
 from attnlab.apps.report import answers_html, summary_html
 from attnlab.apps.summarize import check_length
 from attnlab.cli._args import (
@@ -139,6 +139,11 @@ def run_ask(args: argparse.Namespace) -> int:
         raise UsageError("--docs", str(e).removeprefix("docs: ")) from None
     out = _out_file(args.out, inputs, args.model)
     cache = _cache(args) if args.cache is None else check_out_folder("--cache", args.cache)
+    if isinstance(cache, Path):  # a folder holding a user's own index.json
+        try:
+            check_cache(cache)
+        except ValueError as e:
+            raise UsageError("--cache", str(e).removeprefix("folder ")) from None
     enc, _ = load_encoder(args.model)
     with warnings_as_lines(args), _progress_line("indexing") as progress:
         try:
