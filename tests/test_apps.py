@@ -980,6 +980,46 @@ def test_api_arguments_and_corrupt_indexes_the_audit_found(
     assert load_index(folder) is not None
 
 
+def test_search_ask_and_document_inputs_are_named(folder: Path, enc) -> None:
+    """(search with a (D,) or wrong-width query raised torch's "size mismatch" or topk's
+    "dimension out of range"; ask(explain="no") explained and progress=3 failed after the
+    first batch was embedded with "'int' object is not callable"; Document(Path, ...) and
+    Document(name, None) failed later, unnamed.)"""
+    index = build_index([Document("a", "Cats purr. Dogs bark.")], enc, None)
+    q = index.vectors[1:]  # the control: a (1, D) query finds its own row, cosine 1
+    scores, rows = index.search(q, k=1)
+    assert int(rows[0, 0]) == 1 and abs(float(scores[0, 0]) - 1.0) < 1e-5
+    for query, exc, match in (
+        (q[0], ValueError, r"^query must have shape \(Q, 384\), got \(384,\)$"),
+        (q[:, :8], ValueError, r"^query must have shape \(Q, 384\), got \(1, 8\)$"),
+        (q.double(), TypeError, "^query must be torch.float32 as the vectors, got torch.float64$"),
+        (q.tolist(), TypeError, r"^query must be a \(Q, D\) Tensor, got list$"),
+    ):
+        with pytest.raises(exc, match=match):
+            index.search(query, k=1)  # type: ignore[arg-type]
+    callable_or_none = r"^progress must be a callable progress\(done, total\) or None, got int$"
+    for kw, match in (
+        ({"explain": "no"}, "^explain must be a bool, got str$"),
+        ({"explain": 0}, "^explain must be a bool, got int$"),
+        ({"progress": 3}, callable_or_none),
+    ):
+        with pytest.raises(TypeError, match=match):
+            ask("Why?", folder, encoder=enc, cache=False, **kw)  # type: ignore[arg-type]
+    seen: list[int] = []
+    answers = ask("Why?", folder, encoder=enc, cache=False, explain=False,
+                  progress=lambda done, total: seen.append(done))  # fmt: skip
+    assert answers[0].matches is None and seen  # the control
+    for args, match in (
+        ((Path("a.txt"), "Cats purr."), "^name must be a str, got PosixPath$"),
+        (("a", None), "^text must be a str, got NoneType$"),
+        (("a", b"Cats purr."), "^text must be a str, got bytes$"),
+    ):
+        with pytest.raises(TypeError, match=match):
+            Document(*args)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^text must be a str or Document, got bytes$"):
+        summarize(b"Cats purr.", encoder=enc)  # type: ignore[arg-type]
+
+
 def test_a_model_without_normalize_still_gives_the_apps_cosines(
     enc: SentenceEncoder, tmp_path: Path
 ) -> None:

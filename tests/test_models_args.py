@@ -409,6 +409,21 @@ def test_generative_configs_check_their_flags_and_scales(
 
 
 @pytest.mark.parametrize(
+    ("flag", "value"), [("normalize", "no"), ("lowercase", 1), ("lowercase", None)]
+)
+def test_sentence_config_flags_must_be_bools(flag: str, value: object) -> None:
+    """(normalize="no" normalized and lowercase=1 lowercased: any truthy value passed.)"""
+    import numpy as np
+
+    from attnlab.models import SentenceConfig
+
+    with pytest.raises(TypeError, match=f"^{flag} must be a bool, got {type(value).__name__}$"):
+        SentenceConfig(**{flag: value})  # type: ignore[arg-type]
+    cfg = SentenceConfig(**{flag: np.bool_(True)})  # the control: numpy's bool, as a bool
+    assert getattr(cfg, flag) is True
+
+
+@pytest.mark.parametrize(
     ("make", "exc", "match"),
     [
         (lambda: DigitsTask(100, label_smoothing=2.0), ValueError,
@@ -695,7 +710,9 @@ def test_inputs_of_another_dtype_than_the_model_are_named() -> None:
         (lambda: linformer_attention(q, k, v, p.double(), p), TypeError, "proj_k must be of k's"),
         (lambda: linformer_attention(q, k[0], v[0], p, p), ValueError, r"k must be \(B, H, L, E\)"),
         (lambda: linformer_attention(q, k, v, p, torch.randn(5, 8)), ValueError, "P=3 and P=5"),
-    ):
+        (lambda: linformer_attention(q, k, v.double(), p, p), TypeError,
+         r"^v must be of k's dtype torch.float32, got torch.float64$"),  # (torch's "expected
+    ):  # scalar type Float but found Double")  # fmt: skip
         with pytest.raises(error, match=match):
             call()
     mha = MultiHeadAttention(8, 2)

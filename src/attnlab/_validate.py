@@ -387,6 +387,14 @@ def validate_dropout(p: object, name: str = "dropout_p") -> float:
     return float(p)
 
 
+def callable_or_none(name: str, value: object, signature: str) -> None:
+    """A TypeError naming ``name`` and ``signature`` unless ``value`` is None or callable
+    (an int progress failed as "'int' object is not callable" after the first batch)."""
+    if value is not None and not callable(value):
+        got = type(value).__name__
+        raise TypeError(f"{name} must be a callable {signature} or None, got {got}")
+
+
 def validate_flag(name: str, value: object) -> bool:
     """A real ``bool`` or numpy's (not a tensor or an int).
 

@@ -55,7 +55,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab._io import decode_text
-from attnlab._validate import instance_of, nonnegative_int, positive_int, real_where
+from attnlab._validate import (
+    callable_or_none,
+    instance_of,
+    nonnegative_int,
+    positive_int,
+    real_where,
+    validate_flag,
+)
 from attnlab.apps.corpus import Sentence, check_prose, load_documents
 from attnlab.apps.index import (
     Index,
@@ -321,6 +328,8 @@ def ask(
     """
     question = check_question(question)
     top = positive_int("top", top)
+    explain = validate_flag("explain", explain)  # (a truthy "no" explained)
+    callable_or_none("progress", progress, "progress(done, total)")
     documents = load_documents(docs)
     check_prose(documents)  # before the model loads
     folder = _cache_folder(cache, docs)

@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from attnlab._validate import instance_of
 from attnlab.apps.sentences import split_sentences
 
 __all__ = [
@@ -77,6 +78,10 @@ class Document:
 
     name: str
     text: str
+
+    def __post_init__(self) -> None:  # (a Path name or bytes text failed later, unnamed)
+        instance_of("name", self.name, str, "a str")
+        instance_of("text", self.text, str, "a str")
 
     @property
     def digest(self) -> str:

@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from attnlab._io import LockedError, OutputLock, atomic_write, atomic_write_text
-from attnlab._validate import instance_of, positive_int
+from attnlab._validate import callable_or_none, instance_of, positive_int
 from attnlab.apps.corpus import Document, Sentence, split_document
 from attnlab.models import SentenceEncoder
 
@@ -99,8 +99,14 @@ class Index:
         """The ``k`` best rows for unit vectors ``query (Q, D)``: scores and indices,
         each ``(Q, min(k, N))``, best first (exact cosine, brute force)."""
         k = positive_int("k", k)  # (-1: torch's "selected index k out of range")
+        query = instance_of("query", query, Tensor, "a (Q, D) Tensor")
+        n, d = self.vectors.shape
+        if query.dim() != 2 or query.shape[1] != d:  # (torch's "size mismatch" or a (N,) row)
+            raise ValueError(f"query must have shape (Q, {d}), got {tuple(query.shape)}")
+        if query.dtype != self.vectors.dtype:  # (torch's "expected m1 and m2 to have ...")
+            raise TypeError(f"query must be {self.vectors.dtype} as the vectors, got {query.dtype}")
         scores = query @ self.vectors.T  # (Q, N)
-        return scores.topk(min(k, scores.shape[1]), dim=1)
+        return scores.topk(min(k, n), dim=1)
 
 
 def default_cache(docs: str | Path | Sequence[str | Path]) -> Path:
@@ -330,6 +336,7 @@ def embed(
     first tokens count). The index and :func:`attnlab.apps.summarize.summarize` embed
     with it. ``batch``: texts per call of the encoder (a positive int)."""
     batch = positive_int("batch", batch)  # 0 raised range()'s error, -1 embedded nothing
+    callable_or_none("progress", progress, "progress(done, total)")
     parts = [torch.empty(0, enc.dim)]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*exceed max_seq_length")

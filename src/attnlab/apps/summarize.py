@@ -151,9 +151,9 @@ def summarize(
     redundancy = real_where(
         "redundancy", redundancy, lambda r: not math.isnan(r), "a number (a cosine), not NaN"
     )
+    if not isinstance(text, str | Document):
+        raise TypeError(f"text must be a str or Document, got {type(text).__name__}")
     doc = text if isinstance(text, Document) else Document("text", text)
-    if not isinstance(doc.text, str):
-        raise TypeError(f"text must be a str or Document, got {type(doc.text).__name__}")
     if split is not None and not all(isinstance(x, Sentence) for x in split):
         raise TypeError("split must be the Sentence list split_document(text) returns")
     sents = [s.text for s in (split_document(doc) if split is None else split)]

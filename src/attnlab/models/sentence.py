@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from attnlab import masks
 from attnlab._cpu import resolve_precision
 from attnlab._io import decode_text
+from attnlab._validate import validate_flag
 from attnlab.models.bert import BertEncoder
 from attnlab.models.pretrained import minilm_path
 from attnlab.models.sentence_folder import (
@@ -96,6 +97,8 @@ class SentenceConfig:
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling={self.pooling!r} is not one of {POOLINGS}")
+        for flag in ("normalize", "lowercase"):  # ("no" lowercased, 0 did not normalize)
+            object.__setattr__(self, flag, validate_flag(flag, getattr(self, flag)))
         if isinstance(self.max_seq_length, bool) or not isinstance(self.max_seq_length, int):
             raise TypeError(f"max_seq_length must be an int, got {self.max_seq_length!r}")
         if self.max_seq_length < 2:

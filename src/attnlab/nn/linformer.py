@@ -90,8 +90,8 @@ def linformer_attention(
 
 
 def _check_linformer_args(q: Tensor, k: Tensor, v: Tensor, pk: Tensor, pv: Tensor) -> None:
-    """Tensors of rank 4 (q, k, v) and float projections of k's dtype, with one ``P``:
-    a list was an AttributeError, a float64 projection torch's "expected scalar type",
+    """Tensors of rank 4 (q, k, v), v and float projections of k's dtype, with one ``P``:
+    a list was an AttributeError, a float64 projection or v torch's "expected scalar type",
     and projections of other ``P`` blamed k and v for shapes the caller never passed."""
     for name, t in (("q", q), ("k", k), ("v", v), ("proj_k", pk), ("proj_v", pv)):
         if not isinstance(t, Tensor):
@@ -99,7 +99,7 @@ def _check_linformer_args(q: Tensor, k: Tensor, v: Tensor, pk: Tensor, pv: Tenso
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"{name} must be (B, H, L, E), got shape {tuple(t.shape)}")
-    for name, p in (("proj_k", pk), ("proj_v", pv)):
+    for name, p in (("v", v), ("proj_k", pk), ("proj_v", pv)):
         if p.dtype != k.dtype:
             raise TypeError(f"{name} must be of k's dtype {k.dtype}, got {p.dtype}")
     if pk.dim() >= 2 and pv.dim() >= 2 and pk.shape[-2] != pv.shape[-2]:
