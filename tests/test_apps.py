@@ -916,6 +916,23 @@ def test_matched_words_are_the_texts_own(enc: SentenceEncoder) -> None:
     assert "".join(m.passage[1:-1]) == passage and "べました" in m.passage
 
 
+def test_matched_words_are_the_texts_own_with_a_lowercasing_model(enc: SentenceEncoder) -> None:
+    """(With do_lower_case, the words' offsets came from str.lower(), which ends a word's
+    sigma as final, "ΟΔΟΣ" -> "οδος", while the encoder tokenizes "οδοσ": the ids differed
+    and every word of the match showed as the vocabulary's pieces, "οδοσ", "μακρυς".)"""
+    import dataclasses
+
+    lower = SentenceEncoder(
+        enc.bert, enc.tokenizer, dataclasses.replace(enc.config, lowercase=True)
+    )
+    question, passage = "ΟΔΟΣ ΚΑΙ ΤΡΟΠΟΣ?", "Ο δρόμος ΟΔΟΣ είναι μακρύς."
+    m = match_words(lower.eval(), question, passage, steps=2)
+    assert m.question == ["[CLS]", "ΟΔΟΣ", "ΚΑΙ", "ΤΡΟΠΟΣ", "?", "[SEP]"]
+    assert m.passage == ["[CLS]", "Ο", "δρόμος", "ΟΔΟΣ", "είναι", "μακρύς", ".", "[SEP]"]
+    control = match_words(lower, "Odos road?", passage, steps=2)  # no sigma: it matched before
+    assert control.question == ["[CLS]", "Odos", "road", "?", "[SEP]"]
+
+
 def test_api_arguments_and_corrupt_indexes_the_audit_found(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

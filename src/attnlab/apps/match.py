@@ -40,6 +40,7 @@ from torch import Tensor
 from attnlab import masks
 from attnlab.interpret import TextModel, explained_score, integrated_gradients
 from attnlab.models import SentenceEncoder
+from attnlab.models.sentence import _lowercase
 from attnlab.tasks.encoder import text_model
 
 __all__ = ["WordMatch", "match_words", "maxsim", "token_states"]
@@ -127,14 +128,14 @@ def _words(
 def _offsets(enc: SentenceEncoder, text: str, ids: list[int]) -> tuple[str | None, list | None]:
     """``text`` and its tokens' character offsets, from the encoder's tokenizer (None,
     None where it gives none, or other ids than ``ids``)."""
-    src = text.lower() if enc.config.lowercase else text
+    src = _lowercase([text])[0] if enc.config.lowercase else text  # as enc.tokenize does
     try:
         e = enc.tokenizer.encode(src)
     except (AttributeError, TypeError, ValueError):
         return None, None
     if list(e.ids) != ids:
         return None, None
-    return (text if len(text) == len(src) else src), list(e.offsets)  # ("İ".lower(): 2)
+    return (text if len(text) == len(src) else src), list(e.offsets)  # ("İ" lowercased: 2)
 
 
 def _states(enc: SentenceEncoder, ids: Tensor) -> Tensor:
