@@ -906,6 +906,29 @@ def test_embed_checks_its_batch(enc) -> None:
             embed(enc, texts, batch=batch)
 
 
+def test_embed_says_once_that_texts_were_not_utf8(enc) -> None:
+    """(The warning came once per batch, naming a text by its place in that batch, and
+    once more when the truncated texts were counted: three lines for two such texts.)"""
+    from attnlab.apps.index import embed
+
+    texts = ["Cats purr.", "Snow \udcff falls.", "Rain falls.", "Dogs \ud800 bark.", "Fine."]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        got = embed(enc, texts, batch=2)
+    assert [str(w.message) for w in seen] == [
+        "2 of 5 texts (first: texts[1]) are not valid UTF-8; the undecodable characters "
+        "were replaced by U+FFFD"
+    ]
+    fixed = [t.replace("\udcff", "\ufffd").replace("\ud800", "\ufffd") for t in texts]
+    torch.testing.assert_close(got, enc.encode(fixed), atol=1e-6, rtol=0)  # the control
+    with warnings.catch_warnings(record=True) as seen:  # (build_index said it twice)
+        warnings.simplefilter("always")
+        build_index([Document("a", " ".join(texts))], enc, None)
+    assert [(str(w.message)[:40], w.filename) for w in seen] == [
+        ("2 of 5 texts (first: texts[1]) are not v", __file__)  # said where it was called
+    ]
+
+
 def test_matched_words_are_the_texts_own(enc: SentenceEncoder) -> None:
     """The words of a match were the vocabulary's pieces: lowercased, accents stripped
     ("食べましたか" showed as "へましたか") and "[UNK]" for an emoji; now each word is the

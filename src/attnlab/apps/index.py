@@ -53,6 +53,7 @@ from attnlab._io import LockedError, OutputLock, atomic_write, atomic_write_text
 from attnlab._validate import callable_or_none, instance_of, positive_int
 from attnlab.apps.corpus import Document, Sentence, split_document
 from attnlab.models import SentenceEncoder
+from attnlab.models.sentence import _check_texts
 
 __all__ = [
     "FORMAT",
@@ -333,10 +334,12 @@ def embed(
 ) -> Tensor:
     """``(len(texts), D)`` unit vectors, reporting ``progress(done, total)`` after each
     batch; one warning names how many texts were longer than the encoder reads (their
-    first tokens count). The index and :func:`attnlab.apps.summarize.summarize` embed
-    with it. ``batch``: texts per call of the encoder (a positive int)."""
+    first tokens count), one how many were not valid UTF-8. The index and
+    :func:`attnlab.apps.summarize.summarize` embed with it. ``batch``: texts per call of
+    the encoder (a positive int)."""
     batch = positive_int("batch", batch)  # 0 raised range()'s error, -1 embedded nothing
     callable_or_none("progress", progress, "progress(done, total)")
+    texts = _check_texts(texts)  # decoded once: the encoder warned per batch, and again
     parts = [torch.empty(0, enc.dim)]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*exceed max_seq_length")
