@@ -241,22 +241,33 @@ def _flash_pairs(rank: int, world: int, seeds: list[int]) -> dict[int, list[floa
     """Ratios of our float32 errors to plain PyTorch's (both against fp64) of out, dq,
     dk, dv per seed: no mask, head size 16 (pairs on torch's flash kernel both ways),
     queries and keys of standard deviation 3, 200 positions, contiguous."""
-    ratios = {}
-    for seed in seeds:
-        g = torch.Generator().manual_seed(seed)
-        q, k, v, dout = (
-            torch.randn(2, h, 200, 16, generator=g, dtype=torch.float64) for h in (4, 2, 2, 4)
-        )
-        q, k = q * 3, k * 3
-        ref = _single(q, k, v, dout, None, None, torch.float64)
-        plain = _single(q, k, v, dout, None, None, torch.float32)
-        how = ("contiguous", "ring")
-        ours = _sharded(rank, world, q, k, v, dout, None, None, how, torch.float32, 200)
-        ratios[seed] = [
-            (a - r).abs().max().item() / (p - r).abs().max().item()
-            for a, p, r in zip(ours, plain, ref, strict=True)
-        ]
-    return ratios
+    how = ("contiguous", "ring")
+    return {seed: _std3_ratios(rank, world, seed, (2, 200, 16), None, how) for seed in seeds}
+
+
+def _std3_ratios(
+    rank: int,
+    world: int,
+    seed: int,
+    size: tuple[int, int, int],
+    mask: masks.Mask | None,
+    how: tuple,
+) -> list[float]:
+    """Ratios of our float32 errors to plain PyTorch's (both against fp64) of out, dq, dk,
+    dv: ``size`` (B, N, E), 4 query and 2 key/value heads, queries and keys of standard
+    deviation 3, sharded as ``how`` (layout, strategy)."""
+    (b, n, e), g = size, torch.Generator().manual_seed(seed)
+    q, k, v, dout = (
+        torch.randn(b, h, n, e, generator=g, dtype=torch.float64) for h in (4, 2, 2, 4)
+    )
+    q, k = q * 3, k * 3
+    ref = _single(q, k, v, dout, mask, None, torch.float64)
+    plain = _single(q, k, v, dout, mask, None, torch.float32)
+    ours = _sharded(rank, world, q, k, v, dout, mask, None, how, torch.float32, n)
+    return [
+        (a - r).abs().max().item() / (p - r).abs().max().item()
+        for a, p, r in zip(ours, plain, ref, strict=True)
+    ]
 
 
 def test_flash_pairs_take_the_rounding_of_the_global_logsumexp_out() -> None:
@@ -351,19 +362,8 @@ def _ulysses_ratios(rank: int, world: int, seeds: list[int]) -> dict[str, list[f
     cases = [("causal & window", masks.causal() & masks.window(8)),
              ("global tokens & causal", masks.global_tokens([0, 20]) & masks.causal())]  # fmt: skip
     for seed, (name, mask) in itertools.product(seeds, cases):
-        g = torch.Generator().manual_seed(seed)
-        q, k, v, dout = (
-            torch.randn(1, h, 64, 32, generator=g, dtype=torch.float64) for h in (4, 2, 2, 4)
-        )
-        q, k = q * 3, k * 3
-        ref = _single(q, k, v, dout, mask, None, torch.float64)
-        plain = _single(q, k, v, dout, mask, None, torch.float32)
         how = ("zigzag", "ulysses")
-        ours = _sharded(rank, world, q, k, v, dout, mask, None, how, torch.float32, 64)
-        ratios[f"seed {seed} {name}"] = [
-            (a - r).abs().max().item() / (p - r).abs().max().item()
-            for a, p, r in zip(ours, plain, ref, strict=True)
-        ]
+        ratios[f"seed {seed} {name}"] = _std3_ratios(rank, world, seed, (1, 64, 32), mask, how)
     return ratios
 
 
