@@ -65,6 +65,22 @@ def test_a_compiled_call_equals_the_call_and_breaks_only_there(name: str) -> Non
     assert not _debug_get_cache_entry_list(attnlab.attention.__code__)
 
 
+@pytest.mark.parametrize("name", ["window", "documents"])
+def test_attention_compiled_itself_runs_as_written(name: str) -> None:
+    """``torch.compile(attnlab.attention)``, not a function that calls it: the decorator's
+    marks led dynamo to the undecorated function, which it traced (600 positions, window:
+    InductorError "vr must not be None for symbol q0"; documents: an index out of bounds)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 600, 32, generator=g) for _ in range(3))
+    masks = {"window": M.window(32), "documents": M.documents(torch.arange(600) * 30 // 600)}
+    want = attnlab.attention(q, k, v, mask=masks[name], engine="reference")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        got = torch.compile(attnlab.attention)(q, k, v, mask=masks[name])
+    assert not [w for w in seen if "ynamo" in str(w.message)], [str(w.message) for w in seen]
+    assert max_err(got, want) < 1e-5
+
+
 def test_attend_compiled_breaks_only_at_the_call_without_a_warning() -> None:
     """(Traced, ``attend`` broke the graph inside, at its NaN screen, with dynamo's
     warning that it cannot trace ``is_legacy_batchedtensor``.)"""

@@ -57,9 +57,11 @@ def as_written(reason: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
 
         functools.update_wrapper(run, fn)
         # the marks torch.compiler.disable leaves: dynamo breaks the graph at `run` and
-        # calls it; `run`'s own frame is never traced (_SKIP), the disabled `fn` neither
+        # calls it; `run`'s own frame is never traced (_SKIP), the disabled `fn` neither.
+        # Not its orig_callable/wrapper_id: torch.compile(run) followed them to the bare
+        # `fn` and traced it (window, documents: "vr must not be None", bad indices)
         marks = {"disable": True, "disable_msg": reason, "disable_recursive": True}
-        for key, value in {**marks, "orig_callable": fn, "wrapper_id": id(run)}.items():
+        for key, value in marks.items():
             setattr(run, f"_torchdynamo_{key}", value)
         _SKIP(run.__code__)
         return run
