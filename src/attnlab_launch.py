@@ -22,4 +22,7 @@ def main() -> int:
     except KeyboardInterrupt:
         print("attnlab: interrupted (SIGINT) while starting; nothing was done", file=sys.stderr)
         return 130
+    except ImportError as e:  # a torch older than attnlab needs, or a missing package
+        print(f"attnlab: error: {e}", file=sys.stderr)
+        return 1
     return cli_main()

@@ -11,6 +11,14 @@ Example:
 
 from __future__ import annotations
 
+import torch
+from torch.torch_version import Version
+
+# older releases lack torch.compiler.disable(reason=) and is_exporting(), and their
+# per-block flash kernel read past k and v for grouped-query heads without an error
+if Version(torch.__version__).release < (2, 9):
+    raise ImportError(f"attnlab needs torch >= 2.9, found torch {torch.__version__}")
+
 from attnlab import bias, engines, masks, nn, normalize, positional, scores
 from attnlab.approximation import approximation_error
 from attnlab.engines import available_engines, get_engine, register_engine

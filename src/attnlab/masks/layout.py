@@ -175,6 +175,8 @@ def layout_by_evaluation(
     """Exact tile states ``(bm, hm, nQ, nK)`` by evaluating ``mask``, a few query blocks at
     a time."""
     nq, nk = math.ceil(lq / bq), math.ceil(lk / bk)
+    if nq == 0 or nk == 0:  # no tile (torch before 2.10 refuses to pad a size-0 dim)
+        return torch.zeros(bm, hm, nq, nk, dtype=torch.long, device=device)
     keys = torch.arange(lk, device=device)
     step = max(1, (1 << 22) // max(1, bm * hm * bq * lk))  # query blocks per chunk
     out = []
@@ -188,6 +190,4 @@ def layout_by_evaluation(
         allv = torch.nn.functional.pad(vals, pads, value=True).view(bm, hm, nblk, bq, nk, bk)
         some, every = anyv.any(dim=5).any(dim=3), allv.all(dim=5).all(dim=3)
         out.append(torch.where(~some, 0, torch.where(every, 2, 1)))
-    if not out:
-        return torch.zeros(bm, hm, nq, nk, dtype=torch.long, device=device)
     return torch.cat(out, dim=2)
