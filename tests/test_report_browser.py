@@ -88,7 +88,7 @@ def test_report_tokens_take_keyboard_focus_and_show_the_hover_readout(
     page, _ = _open(browser, path)
     page.select_option("#layer", "1")
     page.select_option("#head", "2")
-    page.focus("#head")
+    page.focus("#grid canvas[data-layer='1'][data-head='4']")  # the last thumbnail
     page.keyboard.press("Tab")  # the query tokens are the next Tab stop
     for _ in range(5):
         page.keyboard.press("ArrowDown")
@@ -117,6 +117,37 @@ def test_report_tokens_take_keyboard_focus_and_show_the_hover_readout(
     assert page.inner_text("#sal-status") == 'test: "w3" (3) 0.3750'
     page.keyboard.press("Tab")  # focus leaves the tokens: the full view again
     assert "lines" in page.inner_text("#status")
+
+
+def test_report_thumbnails_take_keyboard_focus_and_pick_a_head(
+    browser: Any, tmp_path: Path
+) -> None:
+    """(The thumbnails took clicks only: Tab went from the head select past them, Enter on
+    one did nothing.) Each is a button, as in the explorer: Enter or Space picks its head."""
+    path = report(tmp_path / "r.html", [f"w{i}" for i in range(12)], _attentions(12, 2, 4))
+    page, _ = _open(browser, path)
+    page.focus("#head")
+    page.keyboard.press("Tab")  # the first thumbnail is the next Tab stop
+    got = "[document.activeElement.dataset.layer, document.activeElement.dataset.head]"
+    assert page.evaluate(got) == ["0", "0"]
+    for _ in range(6):  # one Tab stop each: layer 1, head 1 is the 7th
+        page.keyboard.press("Tab")
+    assert page.evaluate(got) == ["1", "1"]
+    tok = "document.activeElement"
+    assert page.evaluate(f"[{tok}.getAttribute('role'), {tok}.getAttribute('aria-label')]") == [
+        "button",
+        "layer 1, head 1",
+    ]
+    assert page.evaluate(f"getComputedStyle({tok}).outlineStyle") == "solid"  # focus is seen
+    page.keyboard.press("Enter")
+    assert page.inner_text("#status").startswith("layer 1, head 1: ")
+    assert (page.input_value("#layer"), page.input_value("#head")) == ("1", "1")
+    assert page.evaluate(f"{tok}.getAttribute('aria-pressed')") == "true"
+    page.keyboard.press("Shift+Tab")
+    page.keyboard.press("Space")  # layer 1, head 0
+    assert page.inner_text("#status").startswith("layer 1, head 0: ")
+    assert page.evaluate("window.scrollY") == 0  # Space picked, it did not scroll the page
+    assert page.get_attribute("#grid canvas.sel", "data-head") == "0"
 
 
 def test_report_stays_usable_at_512_tokens(browser: Any, tmp_path: Path) -> None:

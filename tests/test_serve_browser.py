@@ -244,6 +244,51 @@ def test_tokens_take_keyboard_focus_and_show_the_hover_readout(page: Any, server
     assert page.inner_text("#headview .hv-status") == by_keys  # the mouse shows the same
 
 
+def test_matrix_cells_take_keyboard_focus_and_show_the_hover_readout(
+    page: Any, server: str
+) -> None:
+    """(The heatmap's cells had a readout for a mouse only: Tab went from the key tokens past
+    the matrix.) The matrix is one Tab stop after the key tokens; the arrows move a cell
+    whose readout is the hover's, with torch's weight; a thumbnail's focus is seen."""
+    page.fill("#text", TEXT)
+    _act(page, lambda: page.press("#text", "Enter"))
+    tokens, layers = _torch_attention(TEXT)
+    w = layers[0][0]  # the head shown first: layer 0, head 0
+    i, j = 3, int(w[3].argmax())  # a cell in the top keys of its row, so it has a value
+    page.focus("#thumbs canvas[data-layer='5'][data-head='11']")  # the last thumbnail
+    tok = "document.activeElement"
+    assert page.evaluate(f"[{tok}.getAttribute('role'), getComputedStyle({tok}).outlineWidth]") == [
+        "button",
+        "2px",
+    ]
+    for _ in range(3):  # the query tokens, the key tokens, the matrix
+        page.keyboard.press("Tab")
+    assert page.evaluate(f"{tok}.parentElement.parentElement.id") == "headview"
+    assert page.evaluate(f"getComputedStyle({tok}).outlineStyle") == "solid"  # focus is seen
+    for _ in range(i):
+        page.keyboard.press("ArrowDown")
+    for _ in range(j + 2):
+        page.keyboard.press("ArrowRight")
+    page.keyboard.press("ArrowLeft")
+    page.keyboard.press("ArrowLeft")
+    status = page.inner_text("#headview .m-status")
+    q, k = tokens[i].replace(" ", "\u00b7"), tokens[j].replace(" ", "\u00b7")
+    assert status.startswith(f'"{q}" ({i}) \u2192 "{k}" ({j}): '), status
+    assert abs(float(status.rsplit(": ", 1)[1]) - float(w[i, j])) < 1e-3  # torch's weight
+    aria = page.evaluate(f"{tok}.getAttribute('aria-describedby')")
+    assert page.get_attribute(f"#{aria}", "class") == "m-status"
+    page.mouse.move(1, 1)  # the mouse leaving the matrix keeps the keyboard's cell
+    page.keyboard.press("End")
+    last = len(tokens) - 1
+    assert page.inner_text("#headview .m-status").startswith(f'"{q}" ({i}) \u2192 ')
+    assert f" ({last}): " in page.inner_text("#headview .m-status")
+    page.keyboard.press("Home")
+    _hover_cell(page, "#headview .matrix canvas", i, j)
+    assert page.inner_text("#headview .m-status") == status  # the mouse shows the same
+    page.keyboard.press("Tab")  # one Tab stop: the next one is past the matrix
+    assert page.evaluate(f"{tok}.tagName") != "CANVAS"
+
+
 def test_a_head_picked_while_a_new_text_runs_gets_that_texts_thumbnails(
     page: Any, server: str
 ) -> None:

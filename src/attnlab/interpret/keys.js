@@ -1,4 +1,4 @@
-// Rows of tokens that take keyboard focus, as they take the mouse: shared by the offline
+// Tokens and heatmap cells that take keyboard focus as they take the mouse: shared by the
 // report (inlined into report.html) and the explorer (served as /static/keys.js).
 // Each row is one Tab stop (a roving tabindex); the arrow keys along a row move in it,
 // the arrow keys across it go to the same place in the next row, Home and End to its ends.
@@ -44,5 +44,27 @@ function keyTokens(rows, opts) {
       t.addEventListener("blur", e => { if (!all.has(e.relatedTarget)) opts.onLeave(); });
       t.addEventListener("keydown", e => move(e, r, i));
     });
+  });
+}
+
+// A heatmap drawn on one element (a canvas) whose cells take keyboard focus: the element is
+// one Tab stop, the arrow keys move the focused cell, Home and End to the ends of its row.
+// opts: {label, readout (an element with an id), onMove(di, dj) (a step; +-Infinity for
+// Home/End), onFocus(), onLeave()}; the caller keeps the cell and shows the hover's readout.
+function keyCells(el, opts) {
+  const steps = {ArrowUp: [-1, 0], ArrowDown: [1, 0], ArrowLeft: [0, -1], ArrowRight: [0, 1],
+    Home: [0, -Infinity], End: [0, Infinity]};
+  el.tabIndex = 0;
+  el.setAttribute("role", "application");
+  el.setAttribute("aria-roledescription", "heatmap");
+  el.setAttribute("aria-label", opts.label);
+  el.setAttribute("aria-describedby", opts.readout.id);
+  opts.readout.setAttribute("aria-live", "polite");
+  el.addEventListener("focus", () => opts.onFocus());
+  el.addEventListener("blur", () => opts.onLeave());
+  el.addEventListener("keydown", e => {
+    if (!(e.key in steps) || e.altKey || e.ctrlKey || e.metaKey) return;
+    e.preventDefault();  // the arrows move between cells, not the page
+    opts.onMove(...steps[e.key]);
   });
 }

@@ -50,11 +50,29 @@ class MatrixView {
     root.textContent = "";
     this.canvas = el("canvas");
     this.status = el("div", "m-status");
+    this.status.id = `m-status-${++readouts}`;
     root.append(this.canvas, this.status);
     this.canvas.addEventListener("mousemove", e => this.onMove(e));
-    this.canvas.addEventListener("mouseleave", () => { this.mark = null; this.render(); });
+    this.canvas.addEventListener("mouseleave", () => this.rest());
     this.mark = null;
     this.vals = null;
+    this.cursor = [0, 0];  // the cell the keyboard is on
+    keyCells(this.canvas, { label: "heatmap: query rows, key columns", readout: this.status,
+      onFocus: () => this.rest(), onLeave: () => this.highlight(-1, -1),
+      onMove: (di, dj) => this.step(di, dj) });
+  }
+
+  focused() { return document.activeElement === this.canvas; }
+
+  rest() {  // the mouse gone: the keyboard's cell while the matrix has focus, else no mark
+    if (this.focused() && this.vals) this.show(...this.cursor); else this.highlight(-1, -1);
+  }
+
+  step(di, dj) {
+    if (!this.vals) return;
+    const clamp = (v, n) => Math.max(0, Math.min(n - 1, v));
+    const [i, j] = this.cursor;
+    this.show(...(this.cursor = [clamp(i + di, this.q.length), clamp(j + dj, this.k.length)]));
   }
 
   // rows: per query [[key, value], ...] (a top-k list); keys not listed are 0.
@@ -84,13 +102,16 @@ class MatrixView {
     for (const v of vals) top = Math.max(top, Math.abs(v));
     this.top = top || 1;
     this.mark = null;
+    this.cursor = [0, 0];
     this.layout();
     Object.assign(this.canvas.dataset, { left: this.left, top: this.topPad, cell: this.cell });
     this.paint();
     this.render();
     const scale = this.diverging ? `\u221a(|${this.what}| / ${this.top.toPrecision(3)}), red > 0`
       : `\u221a(${this.what} / ${this.top.toPrecision(3)})`;
-    this.status.textContent = `${queries.length} x ${keys.length}, colour ${scale}; hover a cell`;
+    this.status.textContent = `${queries.length} x ${keys.length}, colour ${scale}; ` +
+      "hover a cell, or Tab to the matrix and use the arrow keys";
+    if (this.focused()) this.show(...this.cursor);
   }
 
   layout() {
@@ -134,6 +155,11 @@ class MatrixView {
       if (i >= 0) g.strokeRect(this.left, this.topPad + i * c, this.k.length * c, c);
       if (j >= 0) g.strokeRect(this.left + j * c, this.topPad, c, this.q.length * c);
     }
+    if (this.focused()) {  // the keyboard's cell, as the focus ring of the matrix
+      const [i, j] = this.cursor;
+      g.strokeStyle = rgba(BLUE, 1); g.lineWidth = 2;
+      g.strokeRect(this.left + j * c - 1, this.topPad + i * c - 1, c + 2, c + 2);
+    }
   }
 
   drawLabels(g) {
@@ -162,6 +188,11 @@ class MatrixView {
     const j = Math.floor((e.clientX - r.left - this.left) / this.cell);
     const i = Math.floor((e.clientY - r.top - this.topPad) / this.cell);
     if (i < 0 || j < 0 || i >= this.q.length || j >= this.k.length) return;
+    this.show(i, j);
+  }
+
+  // The readout of cell (query i, key j), from the mouse or the keyboard alike.
+  show(i, j) {
     const p = i * this.k.length + j;
     const v = this.has[p] ? this.vals[p].toFixed(3) : "below the top k";
     const q = tokenLabel(this.q[i]), k = tokenLabel(this.k[j]);
@@ -334,7 +365,8 @@ function thumbnail(grid, l, h, selected) {
   const c = el("canvas"), dq = grid.length, dk = grid[0].length;
   c.width = dk; c.height = dq;
   c.dataset.layer = l; c.dataset.head = h; c.title = `layer ${l}, head ${h}`;
-  c.tabIndex = 0;  // Tab to a head, Enter picks it
+  c.tabIndex = 0;  // Tab to a head, Enter or Space picks it
+  c.setAttribute("role", "button"); c.setAttribute("aria-label", c.title);
   if (l === selected[0] && h === selected[1]) c.classList.add("sel");
   const g = c.getContext("2d"), img = g.createImageData(dk, dq);
   const top = Math.max(1e-9, ...grid.flat());
