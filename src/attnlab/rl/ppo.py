@@ -52,7 +52,7 @@ class PPOConfig:
 
     def __post_init__(self) -> None:  # ("0.9" failed as "'<=' not supported ... 'str'")
         for name in ("gamma", "lam"):
-            real_where(name, getattr(self, name), lambda x: 0.0 <= x <= 1.0, "in [0, 1]")
+            _rate(name, getattr(self, name))
         for name in ("clip", "value_coef", "entropy_coef"):  # (inf: no clipping, an inf loss)
             real_where(name, getattr(self, name), lambda x: 0.0 <= x < math.inf, "finite, >= 0")
 
@@ -130,7 +130,7 @@ def gae(
 def _check_gae(rewards: object, values: object, last_value: object, **rates: object) -> None:
     """Raise a TypeError/ValueError naming the argument unless ``rewards`` is a tensor
     ``(B, T)``, ``values`` one of its shape, ``last_value`` one of shape ``(B,)`` and each
-    of ``rates`` (gamma, lam) in [0, 1], as :class:`PPOConfig` checks them (a mismatched
+    of ``rates`` (gamma, lam) in [0, 1], by the check :class:`PPOConfig` uses (a mismatched
     shape raised torch's bare size error, gamma=2.0 was taken)."""
     r = _tensor("rewards", rewards, "(B, T)")
     if r.dim() != 2:
@@ -143,7 +143,13 @@ def _check_gae(rewards: object, values: object, last_value: object, **rates: obj
                 f"got {tuple(got)}"
             )
     for name, rate in rates.items():
-        real_where(name, rate, lambda x: 0.0 <= x <= 1.0, "in [0, 1]")
+        _rate(name, rate)
+
+
+def _rate(name: str, x: object) -> None:
+    """A discount or GAE rate (``gamma``, ``lam``): a real number in [0, 1], or an error
+    naming ``name``."""
+    real_where(name, x, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
 
 
 def _tensor(name: str, x: object, shape: str) -> Tensor:
