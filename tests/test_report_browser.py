@@ -92,6 +92,7 @@ def test_report_tokens_take_keyboard_focus_and_show_the_hover_readout(
     page.keyboard.press("Tab")  # the query tokens are the next Tab stop
     for _ in range(5):
         page.keyboard.press("ArrowDown")
+    page.keyboard.press("Alt+ArrowDown")  # a browser's shortcut, not a move (Alt+Left: Back)
     assert page.evaluate("document.activeElement.dataset.i") == "5"
     status = page.inner_text("#status")
     want = int(attns[1][2, 5].argmax())

@@ -20,6 +20,7 @@ function keyTokens(rows, opts) {
     current[r] = i;
   };
   const move = (e, r, i) => {
+    if (e.altKey || e.ctrlKey || e.metaKey) return;  // Alt+Left is the browser's Back
     let to = r, at = i;
     if (e.key === along[0] || e.key === along[1]) at += e.key === along[0] ? -1 : 1;
     else if (e.key === across[0] || e.key === across[1]) to += e.key === across[0] ? -1 : 1;
@@ -63,7 +64,7 @@ function keyCells(el, opts) {
   el.addEventListener("focus", () => opts.onFocus());
   el.addEventListener("blur", () => opts.onLeave());
   el.addEventListener("keydown", e => {
-    if (!(e.key in steps) || e.altKey || e.ctrlKey || e.metaKey) return;
+    if (!(e.key in steps) || e.altKey || e.ctrlKey || e.metaKey) return;  // as keyTokens
     e.preventDefault();  // the arrows move between cells, not the page
     opts.onMove(...steps[e.key]);
   });
