@@ -284,3 +284,41 @@ def test_encoder_without_a_last_special_token_attributes_its_last_word(tmp_path:
     got = ex.saliency["integrated gradients"]
     assert got[0] == 0 and got[-1] != 0, got  # [CLS] kept, the last word attributed
     assert abs(sum(got) - (ex.score - ex.baseline_score)) < 0.02  # completeness, 64 steps
+
+
+def test_a_decoder_named_for_conditional_generation_is_explained_as_one(tmp_path: Path) -> None:
+    """Gemma 3's architecture, ``Gemma3ForConditionalGeneration``, is transformers' causal
+    LM for its type; read by the name alone it was an encoder: ``--continuation`` was
+    refused ("needs a decoder --hf-model; ... is an encoder (gemma3)") and a text was
+    explained as a mean-pooled embedding."""
+    vocab = {w: i for i, w in enumerate(WORDS)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>"
+    )
+    fast.save_pretrained(tmp_path)
+    n = len(WORDS)
+    text = {"vocab_size": n + 4, "hidden_size": 32, "intermediate_size": 64, "head_dim": 8}
+    text |= {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+    vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1}
+    vision |= {"num_attention_heads": 2, "image_size": 28, "patch_size": 14}
+    cfg = transformers.Gemma3Config(
+        text_config=text | {"sliding_window": 4},
+        vision_config=vision,
+        mm_tokens_per_image=4,
+        image_token_index=n + 1,
+        boi_token_index=n + 2,
+        eoi_token_index=n + 3,
+        architectures=["Gemma3ForConditionalGeneration"],
+    )
+    torch.manual_seed(0)
+    transformers.Gemma3ForConditionalGeneration(cfg).save_pretrained(tmp_path)
+    model, tk = load_hf(tmp_path)
+    tm = hf_text_model(model, tk, text="the big dog sat", continuation="on a mat")
+    ids = torch.tensor([list(tm.tokenize("the big dog sat"))])
+    eager = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
+    with torch.no_grad():
+        logp = torch.log_softmax(eager.eval()(input_ids=ids).logits[0].double(), -1)  # (n, V)
+        want = sum(float(logp[i - 1, int(ids[0, i])]) for i in range(4, ids.shape[1]))
+        assert ids.shape[1] == 7 and abs(float(tm.pooled(ids)) - want) < 1e-5

@@ -30,15 +30,22 @@ __all__ = ["hf_text_model", "is_decoder", "load_hf"]
 
 
 def is_decoder(config: Any) -> bool:
-    """Whether a transformers config describes a causal language model.
+    """Whether a transformers config describes a causal language model: an architecture
+    named as one, or the class transformers' ``AutoModelForCausalLM`` maps the model type to
+    (Gemma 3's ``Gemma3ForConditionalGeneration``, read as an encoder by its name alone).
 
     Example:
-        >>> from transformers import BertConfig, GPT2Config
+        >>> from transformers import BertConfig, Gemma3Config, GPT2Config
         >>> is_decoder(GPT2Config(architectures=["GPT2LMHeadModel"])), is_decoder(BertConfig())
         (True, False)
+        >>> is_decoder(Gemma3Config(architectures=["Gemma3ForConditionalGeneration"]))
+        True
     """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
     names = getattr(config, "architectures", None) or []
-    return any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in names)
+    causal = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(config, "model_type", None))
+    return any(n.endswith(("ForCausalLM", "LMHeadModel")) or n == causal for n in names)
 
 
 def load_hf(folder: str | Path) -> tuple[nn.Module, Any]:
