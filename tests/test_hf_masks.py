@@ -19,7 +19,7 @@ from attnlab.integrations.transformers import (  # noqa: E402
     register,
 )
 from attnlab.masks import Custom  # noqa: E402
-from tests.conftest import check_and_control  # noqa: E402
+from tests.conftest import check_and_control, max_err  # noqa: E402
 
 B = 2
 
@@ -151,7 +151,7 @@ def test_build_mask_takes_transformers_keywords() -> None:
     [
         ("blokced", ValueError, "engine='blokced' is not a known engine"),
         (123, TypeError, "engine must be a str, got int"),
-        (None, TypeError, "engine must be a str, got NoneType"),
+        (1.5, TypeError, "engine must be a str, got float"),
     ],
 )
 def test_register_checks_its_engine_when_called(engine: object, exc: type, match: str) -> None:
@@ -161,6 +161,25 @@ def test_register_checks_its_engine_when_called(engine: object, exc: type, match
         register("attnlab_bad_engine", engine=engine)  # type: ignore[arg-type]
     assert "attnlab_bad_engine" not in interface
     assert register("attnlab_good_engine", engine="reference") in interface  # the control
+
+
+def test_a_plain_register_keeps_the_engine_a_name_was_given() -> None:
+    """``load_hf`` (``attnlab explain --hf-model``) calls ``register()``: it turned a user's
+    ``register(engine=...)`` back to ``"auto"`` without a word."""
+    q, k, v = (torch.randn(1, 2, 6, 8, dtype=torch.float64) for _ in range(3))
+    want = attnlab.attention(q, k, v, engine="linear").transpose(1, 2)  # (B, L, H, E)
+    exact = attnlab.attention(q, k, v, engine="reference").transpose(1, 2)
+    interface = transformers.AttentionInterface._global_mapping
+    try:
+        for again in [(), ("attnlab",), ("attnlab", None)]:
+            register(engine="linear")
+            register(*again)
+            out = interface["attnlab"](None, q, k, v, None)[0]
+            assert max_err(out, want) < 1e-12 and max_err(out, exact) > 1e-3  # still linear
+        register(engine="reference")  # an engine given: the new one
+        assert max_err(interface["attnlab"](None, q, k, v, None)[0], exact) < 1e-12
+    finally:
+        register(engine="auto")
 
 
 @pytest.mark.parametrize("name", ["sdpa", "eager", "flash_attention_2", "flex_attention"])

@@ -67,7 +67,7 @@ from attnlab.masks import Mask
 __all__ = ["NAME", "attention_forward", "build_mask", "register", "with_packing"]
 
 NAME = "attnlab"
-_NAMES: set[str] = set()  # every name register() gave attnlab
+_NAMES: dict[str, str] = {}  # every name register() gave attnlab, and its engine
 # keyword arguments that change the attention and that attnlab does not compute
 _REFUSED = ("head_mask", "layer_head_mask")
 # for each mask from build_mask: the number of keys it was made for (checked by
@@ -77,14 +77,17 @@ _BUILT_FOR: weakref.WeakKeyDictionary[Mask, tuple[int, bool]] = weakref.WeakKeyD
 _GIVEN_POSITIONS: bool | None = None
 
 
-def register(name: str = NAME, engine: str = "auto") -> str:
+def register(name: str = NAME, engine: str | None = None) -> str:
     """Register attnlab with transformers under ``name``; idempotent. Returns ``name``.
 
     Args:
         name: the ``attn_implementation`` to register; not one of transformers' own
             (``"sdpa"``, ``"eager"``, ...), which would be replaced for every model.
         engine: the attnlab engine every call uses (``"auto"``: the fastest exact one);
-            a TypeError/ValueError naming it now, not at the first forward.
+            a TypeError/ValueError naming it now, not at the first forward. None (the
+            default): the engine ``name`` was registered with, ``"auto"`` for a new name,
+            so a later plain ``register()`` (as ``attnlab explain --hf-model`` makes)
+            keeps an engine chosen before.
 
     Example:
         >>> import torch
@@ -101,11 +104,12 @@ def register(name: str = NAME, engine: str = "auto") -> str:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    if engine != "auto":
-        get_engine(engine)  # as attention() does: 'blokced' failed at the first forward
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, got {type(name).__name__}")
-    if name in {"eager", *AttentionInterface(), *AttentionMaskInterface()} - _NAMES:
+    engine = _NAMES.get(name, "auto") if engine is None else engine
+    if engine != "auto":
+        get_engine(engine)  # as attention() does: 'blokced' failed at the first forward
+    if name in {"eager", *AttentionInterface(), *AttentionMaskInterface()} - set(_NAMES):
         raise ValueError(  # (register("sdpa") replaced transformers' sdpa for every model)
             f"name={name!r} is transformers' own attention implementation or another "
             "library's; register attnlab under a name of its own (default 'attnlab')"
@@ -118,7 +122,7 @@ def register(name: str = NAME, engine: str = "auto") -> str:
 
     AttentionInterface.register(name, forward)
     AttentionMaskInterface.register(name, as_written(PLANS)(build_mask))
-    _NAMES.add(name)
+    _NAMES[name] = engine
     _pass_built_masks()
     _refuse_own_attention()
     return name
