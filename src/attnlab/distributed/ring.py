@@ -19,8 +19,9 @@ from torch import Tensor
 
 from attnlab.distributed.comm import all_gather_tensor, post, wait_all
 from attnlab.distributed.layout import Piece
+from attnlab.distributed.merge import Merge, Own
 from attnlab.distributed.setup import Setup
-from attnlab.distributed.steps import Keys, Partial, Rows, backward_pair, forward_pair
+from attnlab.distributed.steps import Keys, Rows, backward_pair, forward_pair, kernel_rows
 
 __all__ = ["RingAttention", "offsets", "segments"]
 
@@ -150,39 +151,50 @@ def _gathered(s: Setup, k: Tensor, v: Tensor) -> Any:
         yield t, src, _views(segments(s, r, src), ks, vs, packed=False)
 
 
+PairLse = dict[tuple[int, Piece], tuple[Piece, Tensor]]
+
+
 def ring_forward(
     s: Setup, q: Tensor, k: Tensor, v: Tensor
-) -> tuple[Tensor, Tensor, dict[tuple[int, Piece], tuple[Piece, Tensor]]]:
+) -> tuple[Tensor, Tensor, PairLse, Own | None]:
     """``out (B, Hq, L, Ev)`` and ``lse (B, Hq, L)`` of this rank's queries (accumulation
     dtype), and for each (query piece, key range) pair the rows that see it and their own
-    logsumexp, for the backward. A pair runs only the rows that see some of its keys."""
+    logsumexp, for the backward. A pair runs only the rows that see some of its keys.
+    Where pairs may take the blocked kernel's backward, also each row's heaviest key
+    range (:class:`~attnlab.distributed.merge.Own`)."""
     acc = torch.promote_types(q.dtype, torch.float32)
     r = s.group.rank
     b, hq, _, _, ev = s.sizes
     parts = [
-        Partial(
+        Merge(
             q.new_zeros((b, hq, hi - lo, ev), dtype=acc),
             # the logsumexp in float64: rounded once per merge at |lse|, float32's would
             # put several ulps of it into every probability the backward recomputes
             q.new_full((b, hq, hi - lo), float("-inf"), dtype=torch.float64),
+            own=kernel_rows(s, q, v),
         )
         for lo, hi in s.pieces[r]
     ]
-    pair_lse: dict[tuple[int, Piece], tuple[Piece, Tensor]] = {}
+    pair_lse: PairLse = {}
     qo = offsets(s, r)
     with contextlib.closing(_kv_steps(s, k, v, tag=0)) as steps:
         for _, _, key_pieces in steps:
             _forward_step(s, q, key_pieces, parts, pair_lse, qo)
-    out, lse = torch.cat([p.out for p in parts], 2), torch.cat([p.lse for p in parts], 2)
-    return out, lse, pair_lse
+    done = [p.result() for p in parts]
+    out, lse = torch.cat([d[0] for d in done], 2), torch.cat([d[1] for d in done], 2)
+    owns = [d[2] for d in done if d[2] is not None]
+    if len(owns) < len(done):
+        return out, lse, pair_lse, None
+    own = Own(*(torch.cat([getattr(o, f) for o in owns], 2) for f in ("key", "mass", "rest")))
+    return out, lse, pair_lse, own
 
 
 def _forward_step(
     s: Setup,
     q: Tensor,
     key_pieces: list[tuple[Piece, Tensor, Tensor]],
-    parts: list[Partial],
-    pair_lse: dict[tuple[int, Piece], tuple[Piece, Tensor]],
+    parts: list[Merge],
+    pair_lse: PairLse,
     qo: list[int],
 ) -> None:
     """One ring step of :func:`ring_forward`: this rank's query pieces over ``key_pieces``.
@@ -196,17 +208,19 @@ def _forward_step(
             qi = q[:, :, qo[i] + rr[0] : qo[i] + rr[1]]  # only the rows that see kp
             out, lse = forward_pair(s, qi, (qp[0] + rr[0], qp[0] + rr[1]), kj, vj, kp)
             pair_lse[(i, kp)] = (rr, lse.to(torch.float64, copy=True))
-            parts[i].merge(out, lse, rr)
+            parts[i].merge(out, lse, rr, key=kp[0])
 
 
 def ring_backward(
     s: Setup,
     saved: tuple[Tensor, ...],
-    pair_lse: dict[tuple[int, Piece], tuple[Piece, Tensor]],
+    pair_lse: PairLse,
     dout: Tensor,
     leaves: list[Tensor],
+    own: Own | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
-    """``dq, dk, dv`` of this rank's shard and the bias leaves' gradients."""
+    """``dq, dk, dv`` of this rank's shard and the bias leaves' gradients (``own``: each
+    row's heaviest key range, from :func:`ring_forward`)."""
     q, k, v, out, lse = saved
     acc = out.dtype
     q, dout = q.to(acc), dout.to(acc)
@@ -219,7 +233,8 @@ def ring_backward(
     rows = []
     for o, (a, b) in zip(offsets(s, r), s.pieces[r], strict=True):
         q_, do_, out_, lse_, dq_ = (x[:, :, o : o + b - a] for x in (q, dout, out, lse, dq))
-        rows.append(Rows(q_, do_, out_, lse_, dq_, first=a))
+        own_ = None if own is None else own.rows(o, o + b - a)
+        rows.append(Rows(q_, do_, out_, lse_, dq_, first=a, own=own_))
     own_dk, own_dv = torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)
     returns: list[tuple[_Exchange, list[tuple[int, int, int]]]] = []
     try:
@@ -248,7 +263,7 @@ def _backward_step(
     src: int,
     key_pieces: list[tuple[Piece, Tensor, Tensor]],
     rows: list[Rows],
-    pair_lse: dict[tuple[int, Piece], tuple[Piece, Tensor]],
+    pair_lse: PairLse,
     own: tuple[Tensor, Tensor],
     bias: tuple[list[Tensor], list[Tensor]],
     returns: list[tuple[_Exchange, list[tuple[int, int, int]]]],
@@ -284,7 +299,8 @@ def _row_slice(rw: Rows, rr: Piece) -> Rows:
     if (a, b) == (0, rw.q.shape[2]):
         return rw
     q, do, out, lse, dq = (x[:, :, a:b] for x in (rw.q, rw.dout, rw.out, rw.lse, rw.dq))
-    return Rows(q, do, out, lse, dq, first=rw.first + a)
+    own = None if rw.own is None else rw.own.rows(a, b)
+    return Rows(q, do, out, lse, dq, first=rw.first + a, own=own)
 
 
 class RingAttention(torch.autograd.Function):
@@ -293,15 +309,16 @@ class RingAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, s: Setup, *leaves: Tensor) -> Tensor:
-        out, lse, pair_lse = ring_forward(s, q, k, v)
+        out, lse, pair_lse, own = ring_forward(s, q, k, v)
         ctx.save_for_backward(q, k, v, out, lse, *leaves)
-        ctx.setup, ctx.pair_lse, ctx.dtypes = s, pair_lse, (q.dtype, k.dtype, v.dtype)
+        ctx.setup, ctx.pair_lse, ctx.own = s, pair_lse, own
+        ctx.dtypes = q.dtype, k.dtype, v.dtype
         return out.to(v.dtype)
 
     @staticmethod
     def backward(ctx: Any, dout: Tensor) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse, *leaves = ctx.saved_tensors
         saved = (q, k, v, out, lse)
-        dq, dk, dv, dleaves = ring_backward(ctx.setup, saved, ctx.pair_lse, dout, leaves)
+        dq, dk, dv, dleaves = ring_backward(ctx.setup, saved, ctx.pair_lse, dout, leaves, ctx.own)
         dq, dk, dv = (g.to(d) for g, d in zip((dq, dk, dv), ctx.dtypes, strict=True))
         return (dq, dk, dv, None, *dleaves)

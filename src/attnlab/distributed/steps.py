@@ -1,5 +1,5 @@
-"""The local steps: one (query piece, key piece) pair, forward and backward, and the
-logsumexp merge of partial results.
+"""The local steps: one (query piece, key piece) pair, forward and backward (their
+partial results merge in :mod:`~attnlab.distributed.merge`).
 
 Forward runs :func:`attnlab.functional.attention` with the global mask and bias restricted
 to the pair (:class:`~attnlab.distributed.shifted.ShiftedMask`), so the local engine skips
@@ -25,6 +25,7 @@ from torch import Tensor
 
 from attnlab.bias import Bias
 from attnlab.distributed.layout import Piece
+from attnlab.distributed.merge import Own
 from attnlab.distributed.setup import Setup
 from attnlab.distributed.shifted import ShiftedBias, ShiftedMask
 from attnlab.engines import get_engine
@@ -33,41 +34,9 @@ from attnlab.engines.blocked import BlockedEngine
 from attnlab.functional import AttentionOutput, _request, attention, unsupported_by
 from attnlab.masks import Mask
 
-__all__ = ["Keys", "Partial", "Rows", "backward_pair", "forward_pair", "local_engine"]
+__all__ = ["Keys", "Rows", "backward_pair", "forward_pair", "kernel_rows", "local_engine"]
 
 ROWS = 128  # query rows per backward call where the mask is not one interval per pair
-
-
-@dataclass
-class Partial:
-    """A running merge of partial attention results of some query rows.
-
-    Attributes:
-        out: ``(B, Hq, T, Ev)`` in the accumulation dtype.
-        lse: ``(B, Hq, T)``, ``-inf`` where no key has been seen.
-    """
-
-    out: Tensor
-    lse: Tensor
-    empty: bool = True
-
-    def merge(self, out: Tensor, lse: Tensor, rows: tuple[int, int] | None = None) -> None:
-        """Fold in another partial result over disjoint keys, of all rows or of rows
-        ``[a, b)`` (``out (B, Hq, b - a, Ev)``, ``lse (B, Hq, b - a)``)."""
-        a, b = rows or (0, self.out.shape[2])
-        if self.empty and (a, b) == (0, self.out.shape[2]):  # nothing to rescale
-            self.out, self.lse, self.empty = out.to(self.out.dtype), lse.to(self.lse.dtype), False
-            return
-        old_out, old_lse = self.out[:, :, a:b], self.lse[:, :, a:b]
-        new = torch.logaddexp(old_lse, lse)  # (B, Hq, b - a)
-        safe = torch.where(torch.isfinite(new), new, torch.zeros_like(new))
-        wa, wb = (torch.exp(x - safe).to(old_out.dtype).unsqueeze(-1) for x in (old_lse, lse))
-        merged = old_out * wa + out.to(self.out.dtype) * wb
-        if (a, b) == (0, self.out.shape[2]):
-            self.out, self.lse = merged, new
-        else:  # in place: only these rows change (self.out is this merge's own tensor)
-            self.out[:, :, a:b], self.lse[:, :, a:b] = merged, new
-        self.empty = False
 
 
 def forward_pair(
@@ -114,6 +83,7 @@ class Rows:
     lse: Tensor  # (B, Hq, T), the global logsumexp
     dq: Tensor  # (B, Hq, T, E), accumulated in place
     first: int  # the global position of row 0
+    own: Own | None = None  # each row's heaviest key piece (see kernel_rows)
 
 
 @dataclass(frozen=True)
@@ -183,18 +153,21 @@ def _torch_pair(s: Setup, rows: Piece, keys: Piece, q: Tensor, v: Tensor) -> boo
     None: the blocked engine. Both passes must be one kernel's: each recomputes the scores
     its own way, and the other's probabilities then miss the global logsumexp by rounding
     (3-8.5x plain PyTorch's float32 error in dQ, dK and dV with large scores)."""
-    if s.engine != "auto" or _FLASH_FWD is None or _FLASH_BWD is None or not s.cpu:
-        return None  # a named step engine runs every pair's forward
-    if s.bias is not None or s.scale < 0:  # (its causal form gave NaN at a negative scale)
-        return None
-    e = q.shape[-1]
-    if q.dtype != torch.float32 or e != v.shape[-1] or e not in TORCH_PAIR_HEAD_SIZES:
-        return None
-    if not q.shape[2]:
+    if not _torch_ok(s, q.dtype, q.shape[-1], v.shape[-1]) or not q.shape[2]:
         return None
     if s.full(rows, keys):
         return False
     return True if _diagonal(s, rows, keys) else None
+
+
+def _torch_ok(s: Setup, dtype: torch.dtype, e: int, ev: int) -> bool:
+    """Whether full pairs and causal ones on the diagonal run torch's flash kernel
+    (:func:`_torch_pair`), given the pairs' dtype and head sizes."""
+    if s.engine != "auto" or _FLASH_FWD is None or _FLASH_BWD is None or not s.cpu:
+        return False  # a named step engine runs every pair's forward
+    if s.bias is not None or s.scale < 0:  # (its causal form gave NaN at a negative scale)
+        return False
+    return dtype == torch.float32 and e == ev and e in TORCH_PAIR_HEAD_SIZES
 
 
 def _diagonal(s: Setup, rows: Piece, keys: Piece) -> bool:
@@ -236,21 +209,36 @@ def _kernel_step(s: Setup, rw: Rows, kw: Keys, rr: Piece, kk: Piece) -> bool:
     output and logsumexp; False where the kernel cannot run the pair. The kernel made the
     pair's scores in the forward and makes them again bit for bit; torch's flash backward
     makes them its own way, and its probabilities then miss the global logsumexp by
-    rounding: fp32 dQ, dK and dV came out 3-8.5x plain PyTorch's error with large scores."""
+    rounding: fp32 dQ, dK and dV came out 3-8.5x plain PyTorch's error with large scores.
+    The rows whose heaviest key piece this is (``rw.own``) make their delta of the
+    kernel's own probabilities (see :mod:`~attnlab.distributed.merge`)."""
     if s.engine not in ("auto", "blocked"):
         return False  # the pair's forward ran another engine
     (r0, r1), (a, b) = rr, kk
     mask, bias = restricted(s, (rw.first + r0, rw.first + r1), (kw.first + a, kw.first + b))
     q, k, v = rw.q[:, :, r0:r1], kw.k[:, :, a:b], kw.v[:, :, a:b]
     req = _request(q, k, v, mask, bias, s.scale, "dot", "softmax", 0.0, False, False)
-    lse = rw.lse[:, :, r0:r1]
-    grads = _blocked().backward_given(req, rw.dout[:, :, r0:r1], rw.out[:, :, r0:r1], lse)
+    lse, dout = rw.lse[:, :, r0:r1], rw.dout[:, :, r0:r1]
+    own = None if rw.own is None else rw.own.rows(r0, r1).of(kw.first + a, dout)
+    grads = _blocked().backward_given(req, dout, rw.out[:, :, r0:r1], lse, own)
     if grads is None:
         return False
     rw.dq[:, :, r0:r1] += grads[0]
     kw.dk[:, :, a:b] += grads[1]
     kw.dv[:, :, a:b] += grads[2]
     return True
+
+
+def kernel_rows(s: Setup, q: Tensor, v: Tensor) -> bool:
+    """Whether some pairs of ``q`` (this rank's queries) may take the blocked kernel's
+    backward (:func:`_kernel_step`: on the CPU, in float32 or half), so that the forward
+    keeps each row's heaviest key piece apart (:class:`~attnlab.distributed.merge.Own`).
+    Not where every pair runs torch's flash kernel (no mask or a causal one): there the
+    merge stays as cheap as it was."""
+    if not s.cpu or s.engine not in ("auto", "blocked") or q.dtype == torch.float64:
+        return False
+    flash = _torch_ok(s, torch.float32, q.shape[-1], v.shape[-1])  # half runs in float32
+    return not (flash and (s.mask is None or s.mask.is_causal))
 
 
 def _blocked() -> BlockedEngine:

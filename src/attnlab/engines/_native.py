@@ -37,7 +37,7 @@ from attnlab._validate import env_mib
 __all__ = ["build_settings", "kernel", "kernel_error", "ops", "pool_limit_mib"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "blocked.cpp"
-_VERSION = 7  # bump when the kernel's interface changes
+_VERSION = 8  # bump when the kernel's interface changes
 _POOL_ENV = "ATTNLAB_KERNEL_POOL_MB"
 _FLAGS = {  # vector width of torch's at::vec, matched to what this CPU runs
     "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mfma", "-mavx2"],

@@ -206,7 +206,12 @@ class BlockedEngine(Engine):
         return out, lse2.double() * blocked_autograd.LN2
 
     def backward_given(
-        self, req: AttentionRequest, dout: Tensor, out: Tensor, lse: Tensor
+        self,
+        req: AttentionRequest,
+        dout: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        own: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor] | None:
         """``dq, dk, dv`` of ``req`` as one part of a larger softmax over more keys, whose
         output ``out (B, Hq, Lq, Ev)`` and logsumexp ``lse (B, Hq, Lq)`` are given (context
@@ -217,17 +222,31 @@ class BlockedEngine(Engine):
         The kernel takes the logsumexp in float32 log2 units; the rows' ``P`` it then
         makes are off from the given (float64) logsumexp's by a factor ``c`` per row,
         which the upstream gradient and delta take instead (``dS = c P (dO V^T - delta)``
-        and ``dV = c P^T dO`` are linear in them)."""
+        and ``dV = c P^T dO`` are linear in them).
+
+        ``own = (mass, shift)``, each ``(B, Hq, Lq)``: the rows of ``mass > 0`` make their
+        delta of the kernel's own ``P`` and ``dP`` (``P`` normalized to sum to ``mass``, the
+        part's share of the row) plus ``shift``, the other parts' ``sum_j P_ij dP_ij``.
+        A delta made of the output misses the kernel's ``dP`` by rounding, which a row's
+        heaviest keys carry whole (a row of one key, whose exact dQ is 0, too): dK came out
+        4.4x plain PyTorch's float32 error with global tokens (see ``kernel_backward``)."""
         kplan = None if self.unsupported(req) is not None else self._given_plan(req)
         if kplan is None:
             return None
         lse2 = lse.double() * blocked_autograd.LOG2E  # (B, Hq, Lq)
         rounded = lse2.float()
         c = torch.exp2(rounded.double() - lse2).nan_to_num(1.0)  # ~1; NaN on empty rows
+        kept = req.k.shape[2] * blocked_autograd.ROWS[1] * 3 <= blocked_autograd.KEEP_FLOATS
+        own = own if kept else None  # else the kernel takes every row's delta as given
+        if own is not None:  # normalized by its sum, an own row's P needs no c
+            c = torch.where(own[0] > 0, 1.0, c)
         dout = dout * c.to(dout.dtype).unsqueeze(-1)
         delta = (dout * out).sum(-1)  # (B, Hq, Lq), of the scaled dout: c * delta
         saved = (req.q, req.k, req.v, rounded, delta)
-        return blocked_autograd.kernel_backward(ops(), kplan, req.scale, dout, *saved)
+        shift, mass = (None, None) if own is None else (own[1], own[0])
+        return blocked_autograd.kernel_backward(
+            ops(), kplan, req.scale, dout, *saved, shift=shift, mass=mass
+        )
 
     def weights(
         self,

@@ -195,6 +195,7 @@ def kernel_backward(
     dout: Tensor,
     *saved: Tensor,
     shift: Tensor | None = None,
+    mass: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``dq, dk, dv`` from the compiled kernel's backward, given ``saved`` = ``q, k, v``,
     the logsumexp in log2 units ``(B, Hq, Lq)`` (the kernel recomputes ``P = 2^(s - lse2)``)
@@ -206,10 +207,13 @@ def kernel_backward(
     given): a delta made from the forward's output differs from it by rounding, and every
     key's ``dS`` carries that difference (dQ up to 4x plain PyTorch's error at head size
     80, scale 0.7, causal). The gradients then take ``P`` divided by its row's sum too,
-    which cancels a rounding of lse (it scales a whole row of ``P`` alike)."""
+    which cancels a rounding of lse (it scales a whole row of ``P`` alike). With ``mass
+    (B, Hq, Lq)`` too, a row's ``P`` sums to its mass instead (the call's share of a larger
+    softmax; ``shift`` then holds the other keys' ``sum_j P_ij dP_ij``), and a row of mass
+    0 takes its ``delta`` as given."""
     args = [t.float().contiguous() for t in (dout, *saved)]
-    extra = None if shift is None else shift.float().contiguous()
-    dq, dk, dv = ops.backward(*args, *kplan.args(), scale, ROWS[1], extra)
+    extra, mass = (None if t is None else t.float().contiguous() for t in (shift, mass))
+    dq, dk, dv = ops.backward(*args, *kplan.args(), scale, ROWS[1], extra, mass)
     return dq, dk, dv
 
 

@@ -27,7 +27,8 @@
 //          dK += scale dS^T Q; see "The backward's scores" below. Given a `shift`, P is
 //          normalized by its row's sum and each row's delta is sum_j P_ij dP_ij + shift_i
 //          of the very P and dP its dS is made of (kept over the rows' key span between
-//          two passes; see backward_rows), so each row of dS sums to 0 as plain PyTorch's.
+//          two passes; see backward_rows), so each row of dS sums to 0 as plain PyTorch's;
+//          with a `mass` per row, P sums to it instead (a part of a larger softmax).
 //          A NaN reaches the gradients of the rows and keys that read it only, as in fp64:
 //          chunks where it could spread through 0 * NaN take a careful path (see there).
 #include <ATen/ATen.h>
@@ -1877,23 +1878,36 @@ bool keys_finite(const Problem& P, int64_t b, int64_t h, int64_t c0, int64_t n) 
 // whole key span, so that its delta is sum_j P_ij dP_ij of these very P and dP (16 MiB).
 constexpr int64_t kOwnDeltaFloats = int64_t{1} << 22;
 
+// Whether any of rows [row, row + T) makes its own delta: a `mass` above 0 (all, without).
+bool any_own(const float* mass, int64_t row, int64_t T) {
+  if (mass == nullptr) return true;
+  for (int64_t i = 0; i < T; ++i)
+    if (mass[row + i] > 0.f) return true;
+  return false;
+}
+
 // Rows [a, a + T) of block `blk`, head h, over their key span [lo, hi). With `shift` (the
 // call holds every key of its rows and no sink), and where the span's P and dP fit
 // kOwnDeltaFloats, a first pass keeps them and sums each row, and the second makes the
 // gradients of each row's P normalized by its sum (a rounding of lse scales a whole row
 // alike) with delta_i = sum_j P_ij dP_ij + shift_i of these very P and dP, so that each
 // row of dS sums to 0 as plain PyTorch's does. Else delta as given, chunk by chunk.
+// With `mass` too (a part of a larger softmax: context parallelism's pairs), row i's P is
+// normalized to sum to mass_i, the part's share of its row, and shift_i holds the other
+// parts' sum_j P_ij dP_ij; a row of mass 0 takes its delta as given, and P as made.
 void backward_rows(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_t a, int64_t T,
                    int64_t lo, int64_t hi, const float* dout, const float* lse,
-                   const float* delta, const float* shift, float* dq, float* dk, float* dv,
-                   Scratch& w) {
+                   const float* delta, const float* shift, const float* mass, float* dq,
+                   float* dk, float* dv, Scratch& w) {
   if (hi <= lo) return;  // no key: the rows' gradients stay 0
   const int64_t row = (b * P.Hq + h) * P.Lq + a, span = hi - lo;
   const int64_t per = P.softcap > 0.f ? 3 : 2;  // floats kept per pair
-  const bool own = shift != nullptr && span * T * per <= kOwnDeltaFloats;
+  const bool own =
+      shift != nullptr && span * T * per <= kOwnDeltaFloats && any_own(mass, row, T);
   // the careful path (see above) for every chunk where a row is not finite, else for the
-  // chunks that hold a key or value that is not
-  bool rows_ok = rows_finite(P, b, h, a, T, lse, own ? shift : delta);
+  // chunks that hold a key or value that is not (with `mass`, a row may read either)
+  bool rows_ok = rows_finite(P, b, h, a, T, lse, own ? shift : delta) &&
+                 (!own || mass == nullptr || rows_finite(P, b, h, a, T, lse, delta));
   auto careful = [&](int64_t c0, int64_t n) { return !rows_ok || !keys_finite(P, b, h, c0, n); };
   if (!own) {
     for (int64_t c0 = lo; c0 < hi; c0 += P.chunk) {
@@ -1931,11 +1945,18 @@ void backward_rows(const Problem& P, int64_t b, int64_t h, int64_t blk, int64_t 
   w.scales.resize(T);
   if (static_cast<int64_t>(w.dO.size()) < T * P.Ev) w.dO.resize(T * P.Ev);
   for (int64_t i = 0; i < T; ++i) {  // no key (P all 0): its gradients are 0 whatever these are
+    const float m = mass == nullptr ? 1.f : mass[row + i];
+    const float* g = dout + (row + i) * P.Ev;
+    if (!(m > 0.f)) {  // the delta given, P as made (the path without `shift`)
+      w.delta[i] = delta[row + i];
+      w.scales[i] = P.scale;
+      std::copy(g, g + P.Ev, w.dO.data() + i * P.Ev);
+      continue;
+    }
     const double total = sums[2 * i + 1];
-    const double inv = total > 0.0 ? 1.0 / total : 1.0;
+    const double inv = total > 0.0 ? m / total : 1.0;
     w.delta[i] = static_cast<float>(sums[2 * i] * inv + shift[row + i]);
     w.scales[i] = static_cast<float>(P.scale * inv);
-    const float* g = dout + (row + i) * P.Ev;
     for (int64_t e = 0; e < P.Ev; ++e) w.dO[i * P.Ev + e] = static_cast<float>(g[e] * inv);
   }
   for (int64_t c0 = lo; c0 < hi; c0 += P.chunk) {
@@ -1952,7 +1973,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blocked_backward(
     const at::Tensor& lse, const at::Tensor& delta, const at::Tensor& blocks,
     const at::Tensor& tiles, const at::Tensor& allowed, const at::Tensor& spans,
     const c10::optional<at::Tensor>& slopes, int64_t bs, bool interval, double softcap,
-    double scale, int64_t group, const c10::optional<at::Tensor>& shift) {
+    double scale, int64_t group, const c10::optional<at::Tensor>& shift,
+    const c10::optional<at::Tensor>& mass) {
   Problem P =
       make_problem(q, k, v, blocks, tiles, allowed, spans, slopes, bs, scale, interval, softcap);
   // K and V transposed; the keys whose K or V row is not finite noted meanwhile, and counted
@@ -1978,6 +2000,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blocked_backward(
   TORCH_CHECK(!shift || (shift->scalar_type() == at::kFloat && shift->is_contiguous() &&
                          shift->numel() == delta.numel()),
               "shift must be contiguous float32 shaped as delta");
+  TORCH_CHECK(!mass || (shift && mass->scalar_type() == at::kFloat && mass->is_contiguous() &&
+                        mass->numel() == delta.numel()),
+              "mass must come with shift, contiguous float32 shaped as delta");
   const int64_t tasks = P.B * P.Hq * P.nblk;
   const int64_t nw = workers(tasks, 4);
   // dQ rows have one writer (their task); dK and dV get one buffer per worker, summed after.
@@ -1988,7 +2013,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blocked_backward(
   at::Tensor dk = at::zeros({nw, P.B, P.Hkv, P.Lk, P.E}, k.options());
   at::Tensor dv = at::zeros({nw, P.B, P.Hkv, P.Lk, P.Ev}, v.options());
   const float *g = dout.data_ptr<float>(), *ls = lse.data_ptr<float>(),
-              *dl = delta.data_ptr<float>(), *sh = shift ? shift->data_ptr<float>() : nullptr;
+              *dl = delta.data_ptr<float>(), *sh = shift ? shift->data_ptr<float>() : nullptr,
+              *ms = mass ? mass->data_ptr<float>() : nullptr;
   float *pq = dq.data_ptr<float>(), *pk = dk.data_ptr<float>(), *pv = dv.data_ptr<float>();
   const int64_t kv_size = P.B * P.Hkv * P.Lk;
   std::vector<Scratch> scratch;
@@ -2000,8 +2026,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blocked_backward(
       for (int64_t a = bl[0]; a < bl[1]; a += group) {
         const int64_t z = std::min(a + group, bl[1]);
         const auto [lo, hi] = group_span(P, b, h, a, z);
-        backward_rows(P, b, h, blk, a, z - a, lo, hi, g, ls, dl, sh, pq, pk + w * kv_size * P.E,
-                      pv + w * kv_size * P.Ev, scratch[w]);
+        backward_rows(P, b, h, blk, a, z - a, lo, hi, g, ls, dl, sh, ms, pq,
+                      pk + w * kv_size * P.E, pv + w * kv_size * P.Ev, scratch[w]);
       }
     }
   };
@@ -2059,7 +2085,8 @@ TORCH_LIBRARY(attnlab_blocked, m) {
   m.def(
       "backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor delta, "
       "Tensor blocks, Tensor tiles, Tensor allowed, Tensor spans, Tensor? slopes, int bs, "
-      "bool interval, float softcap, float scale, int group, Tensor? shift=None) "
+      "bool interval, float softcap, float scale, int group, Tensor? shift=None, "
+      "Tensor? mass=None) "
       "-> (Tensor, Tensor, Tensor)");
   m.def(
       "forward_weights(Tensor q, Tensor k, Tensor v, Tensor blocks, Tensor tiles, "
