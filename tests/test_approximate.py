@@ -23,7 +23,7 @@ from attnlab.engines import approximate as approx_mod
 from attnlab.engines.performer import orthogonal_features
 from attnlab.nn import LinformerAttention
 from attnlab.nn.linformer import linformer_attention
-from tests.conftest import check_and_control, max_err, naive_attention
+from tests.conftest import assert_2x_rule, check_and_control, max_err, naive_attention
 
 APPROX = ["linear", "performer", "nystrom"]
 SIZES = [(37, 37), (20, 45), (45, 20), (130, 130), (1, 1)]
@@ -577,6 +577,33 @@ def test_linformer_errors() -> None:
     )
     with pytest.raises(TypeError, match="max_len must be a positive int, got True"):
         LinformerAttention(8, 2, max_len=True)  # type: ignore[arg-type]
+
+
+def test_linformer_runs_under_autocast_by_the_2x_rule() -> None:
+    """Under CPU bfloat16 autocast the Linear layers give bfloat16 keys beside the float32
+    projections: it raised "proj_k must be of k's dtype torch.bfloat16, got torch.float32"
+    (MultiHeadAttention ran). Now the projections follow autocast: the 2x rule against
+    the float64 module, next to the same layer written by hand in plain torch ops under
+    autocast, and gradients reach the float32 projections."""
+    torch.manual_seed(0)
+    lin = LinformerAttention(32, 4, max_len=16, proj_dim=8).eval()
+    x = torch.randn(2, 10, 32)
+    ref = lin.double()(x.double()).detach()
+    lin.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lin(x)
+        heads = [  # (B, H, L, E)
+            F.linear(x, m.weight, m.bias).view(2, 10, 4, 8).transpose(1, 2)
+            for m in (lin.q_proj, lin.k_proj, lin.v_proj)
+        ]
+        kp, vp = lin.proj_k[:, :10] @ heads[1], lin.proj_v[:, :10] @ heads[2]  # (B, H, P, E)
+        w = torch.softmax((heads[0] @ kp.transpose(-1, -2)) / math.sqrt(8), dim=-1)
+        o = (w.to(vp.dtype) @ vp).transpose(1, 2).reshape(2, 10, 32)
+        plain = F.linear(o, lin.out_proj.weight, lin.out_proj.bias)
+    assert isinstance(out, Tensor) and out.dtype == plain.dtype == torch.bfloat16
+    assert_2x_rule(out, plain, ref, "LinformerAttention under autocast")
+    out.float().sum().backward()
+    assert lin.proj_k.grad is not None and lin.proj_k.grad.dtype == torch.float32
 
 
 # -- the ListOps generator of the accuracy benchmark ----------------------------------

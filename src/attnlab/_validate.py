@@ -183,6 +183,18 @@ def _autocast(ts: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     return tuple(t if t.dtype in (low, torch.float64) else t.to(low) for t in ts)
 
 
+def autocast_inputs(*ts: Tensor) -> tuple[Tensor, ...]:
+    """``ts`` in ``torch.autocast``'s dtype where it is on for the first one's device
+    (float64 stays), as autocast's matmuls would take them; ``ts`` themselves otherwise.
+
+    Example:
+        >>> with torch.autocast("cpu", dtype=torch.bfloat16):
+        ...     [t.dtype for t in autocast_inputs(torch.zeros(1), torch.zeros(1).double())]
+        [torch.bfloat16, torch.float64]
+    """
+    return _autocast(ts)
+
+
 def same_dtype(name: str, x: Tensor, dtype: torch.dtype) -> Tensor:
     """``x`` if of the model's ``dtype`` (or under ``torch.autocast``, which casts for the
     model), else a TypeError naming ``name``: float64 into a float32 model raised torch's

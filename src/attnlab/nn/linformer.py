@@ -26,7 +26,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from attnlab._validate import positive_int, same_dtype, validate_flag
+from attnlab._validate import autocast_inputs, positive_int, same_dtype, validate_flag
 from attnlab.engines.approximate import padding_validity
 from attnlab.functional import AttentionOutput, attention
 from attnlab.masks import Mask
@@ -55,7 +55,8 @@ def linformer_attention(
         q: queries ``(B, Hq, Lq, E)``.
         k, v: keys ``(B, Hkv, Lk, E)`` and values ``(B, Hkv, Lk, Ev)``; ``Hq % Hkv == 0``.
         proj_k, proj_v: ``(P, max_len)`` shared by the heads, or ``(Hkv, P, max_len)``
-            per head, ``max_len >= Lk``; the first ``Lk`` columns are used.
+            per head, ``max_len >= Lk``; the first ``Lk`` columns are used. Under
+            ``torch.autocast`` k, v and the projections are taken in its dtype.
         mask: None or ``masks.padding(...)``: padded keys and values are zeroed before
             the projection, padded query rows give 0.
         dropout_p, engine, return_weights: as in :func:`attnlab.attention` (the weights
@@ -71,7 +72,7 @@ def linformer_attention(
         >>> torch.allclose(linformer_attention(q, k, v, eye, eye), attnlab.attention(q, k, v))
         True
     """
-    _check_linformer_args(q, k, v, proj_k, proj_v)
+    k, v, proj_k, proj_v = _check_linformer_args(q, k, v, proj_k, proj_v)
     if k.shape[2] != v.shape[2]:  # else 5 keys were mixed with 6 values without a word
         raise ValueError(
             f"k and v must have the same length Lk, got k {tuple(k.shape)} and v {tuple(v.shape)}"
@@ -89,16 +90,22 @@ def linformer_attention(
     return res * query_valid
 
 
-def _check_linformer_args(q: Tensor, k: Tensor, v: Tensor, pk: Tensor, pv: Tensor) -> None:
+def _check_linformer_args(
+    q: Tensor, k: Tensor, v: Tensor, pk: Tensor, pv: Tensor
+) -> tuple[Tensor, ...]:
     """Tensors of rank 4 (q, k, v), v and float projections of k's dtype, with one ``P``:
     a list was an AttributeError, a float64 projection or v torch's "expected scalar type",
-    and projections of other ``P`` blamed k and v for shapes the caller never passed."""
+    and projections of other ``P`` blamed k and v for shapes the caller never passed.
+
+    Returns ``k, v, pk, pv``, under ``torch.autocast`` in its dtype (a module's float32
+    projections beside its Linear layers' bfloat16 keys were refused)."""
     for name, t in (("q", q), ("k", k), ("v", v), ("proj_k", pk), ("proj_v", pv)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"{name} must be (B, H, L, E), got shape {tuple(t.shape)}")
+    k, v, pk, pv = autocast_inputs(k, v, pk, pv)
     for name, p in (("v", v), ("proj_k", pk), ("proj_v", pv)):
         if p.dtype != k.dtype:
             raise TypeError(f"{name} must be of k's dtype {k.dtype}, got {p.dtype}")
@@ -107,6 +114,7 @@ def _check_linformer_args(q: Tensor, k: Tensor, v: Tensor, pk: Tensor, pv: Tenso
             f"proj_k and proj_v must project to the same P rows, got P={pk.shape[-2]} and "
             f"P={pv.shape[-2]} (shapes {tuple(pk.shape)} and {tuple(pv.shape)})"
         )
+    return k, v, pk, pv
 
 
 def _project(x: Tensor, proj: Tensor, valid: Tensor | None, name: str) -> Tensor:
