@@ -577,6 +577,12 @@ def test_linformer_errors() -> None:
     )
     with pytest.raises(TypeError, match="max_len must be a positive int, got True"):
         LinformerAttention(8, 2, max_len=True)  # type: ignore[arg-type]
+    check_and_control(  # bias="False" was taken as True (biases were built)
+        lambda: LinformerAttention(8, 2, max_len=6, bias="False"),  # type: ignore[arg-type]
+        lambda: LinformerAttention(8, 2, max_len=6, bias=False),
+        TypeError,
+        "^bias must be a bool, got str$",
+    )
 
 
 def test_linformer_runs_under_autocast_by_the_2x_rule() -> None:

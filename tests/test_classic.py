@@ -236,6 +236,16 @@ def test_bahdanau_without_bias() -> None:
     torch.testing.assert_close(weights, ref, rtol=0, atol=1e-12)
 
 
+def test_bahdanau_bias_must_be_a_bool() -> None:
+    """bias="False" was taken as True (a bias was built), as MultiHeadAttention refuses."""
+    check_and_control(
+        lambda: BahdanauAttention(DQ, DK, HID, bias="False"),  # type: ignore[arg-type]
+        lambda: BahdanauAttention(DQ, DK, HID, bias=False),
+        TypeError,
+        "^bias must be a bool, got str$",
+    )
+
+
 # --------------------------------------------------------------------------- errors
 
 

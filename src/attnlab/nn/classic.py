@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from attnlab import masks
-from attnlab._validate import positive_int, same_dtype
+from attnlab._validate import positive_int, same_dtype, validate_flag
 from attnlab.functional import AttentionOutput, attend
 from attnlab.normalize import get_normalizer
 
@@ -243,7 +243,7 @@ class BahdanauAttention(_ScoredAttention):
         self.key_dim = positive_int("key_dim", key_dim)
         self.projected_dim = positive_int("hidden_dim", hidden_dim)
         self.normalize = _normalizer_name(normalize)
-        self.query_proj = nn.Linear(query_dim, hidden_dim, bias=bias)
+        self.query_proj = nn.Linear(query_dim, hidden_dim, bias=validate_flag("bias", bias))
         self.key_proj = nn.Linear(key_dim, hidden_dim, bias=False)
         self.v = nn.Linear(hidden_dim, 1, bias=False)
 

@@ -190,6 +190,7 @@ class LinformerAttention(nn.Module):
         super().__init__()
         _check_args(embed_dim, num_heads, max_len, proj_dim, sharing)
         check_attention_options(dropout, "softmax", engine)  # (they failed at the first call)
+        bias = validate_flag("bias", bias)  # ("False" was taken as True)
         self.embed_dim, self.num_heads, self.max_len = embed_dim, num_heads, max_len
         self.head_dim, self.proj_dim, self.sharing = embed_dim // num_heads, proj_dim, sharing
         self.dropout, self.engine = float(dropout), engine
