@@ -505,6 +505,57 @@ def test_public_scores_broadcast_a_batch_of_one_under_gqa(name: str, bq: int, bk
     assert max_err(got, qq @ kk.transpose(-1, -2)) < 1e-12
 
 
+def test_public_scores_and_expand_kv_name_shapes_that_do_not_fit() -> None:
+    """``expand_kv(x, 0)`` gave an empty head dim and ``expand_kv(x, -2)`` torch's error;
+    ``dot`` / ``cosine`` with head dims 4 and 5 failed in bmm, with 3-D inputs in "not
+    enough values to unpack". Now a ValueError naming the function, q and k and the shapes;
+    the controls against the keys repeated by hand (fp64)."""
+    from attnlab.scores import cosine, dot, expand_kv
+
+    x = torch.randn(1, 2, 3, 4, dtype=torch.float64)
+    for heads in (0, -2, 3):
+        with pytest.raises(ValueError, match=rf"^expand_kv: heads={heads} must be a multiple "):
+            expand_kv(x, heads)
+    assert torch.equal(expand_kv(x, 4), x.repeat_interleave(2, dim=1))
+    q, k = (
+        torch.randn(2, 4, 3, 4, dtype=torch.float64),
+        torch.randn(2, 2, 5, 4, dtype=torch.float64),
+    )
+    for fn in (dot, cosine):
+        name = fn.__name__
+        bad = (
+            (
+                q,
+                torch.randn(2, 2, 5, 5),
+                r"q and k must have the same head dim E; got q \(2, 4, 3, 4\) and k \(2, 2, 5, 5\)",
+            ),
+            (
+                q[0],
+                k[0],
+                r"q and k must have rank 4, q \(B, Hq, Lq, E\) and k .*; got q \(4, 3, 4\)",
+            ),
+            (
+                q[:, :3],
+                k,
+                r"q and k heads: query heads Hq=3 must be a multiple of key/value heads Hkv=2",
+            ),
+            (
+                torch.randn(3, 4, 3, 4),
+                k,
+                r"q and k must have batch sizes that are equal or 1; got q \(3,",
+            ),
+        )
+        for qq, kk, match in bad:
+            with pytest.raises(ValueError, match=f"^{name}: {match}"):
+                fn(qq, kk)
+        with pytest.raises(TypeError, match=f"^{name}: k must be a torch.Tensor, got list"):
+            fn(q, [[1.0]])  # type: ignore[arg-type]
+        qq, kk = q, k.repeat_interleave(2, dim=1)
+        if name == "cosine":
+            qq, kk = F.normalize(qq, dim=-1), F.normalize(kk, dim=-1)
+        assert max_err(fn(q, k), qq @ kk.transpose(-1, -2)) < 1e-12
+
+
 def test_attend_precomputed_scores() -> None:
     q, k, v = _qkv(2, 4, 2, 6, 9, 8, torch.float64)
     scores = torch.einsum("bhqe,bhke->bhqk", q, k.repeat_interleave(2, 1)) * 0.3

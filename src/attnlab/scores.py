@@ -34,11 +34,11 @@ def expand_kv(x: Tensor, heads: int) -> Tensor:
         >>> expand_kv(torch.arange(2.).view(1, 2, 1, 1), 4).flatten().tolist()
         [0.0, 0.0, 1.0, 1.0]
     """
-    if x.dim() != 4 or x.shape[1] == 0 or heads % x.shape[1]:
+    if x.dim() != 4 or x.shape[1] == 0 or heads < x.shape[1] or heads % x.shape[1]:
         got = tuple(x.shape) if x.dim() != 4 else f"Hkv={x.shape[1]}"
-        raise ValueError(  # (3 heads to 4 came back as 3; 2 to 5 as 4)
+        raise ValueError(  # (3 heads to 4 came back as 3; 2 to 5 as 4; 0 as empty)
             f"expand_kv: heads={heads} must be a multiple of the key/value heads "
-            f"(B, Hkv, L, E); got {got}"
+            f"(B, Hkv, L, E), at least Hkv; got {got}"
         )
     groups = heads // x.shape[1]
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
@@ -115,6 +115,7 @@ def dot(q: Tensor, k: Tensor) -> Tensor:
         >>> dot(torch.ones(1, 1, 1, 2), torch.ones(1, 1, 1, 2)).item()
         2.0
     """
+    _check_qk("dot", q, k)
     return grouped_matmul(q, k.transpose(-1, -2))
 
 
@@ -127,7 +128,34 @@ def cosine(q: Tensor, k: Tensor) -> Tensor:
         >>> cosine(torch.ones(1, 1, 1, 2), 3 * torch.ones(1, 1, 1, 2)).item()
         1.0
     """
-    return dot(F.normalize(q, dim=-1, eps=1e-12), F.normalize(k, dim=-1, eps=1e-12))
+    _check_qk("cosine", q, k)
+    qn, kn = F.normalize(q, dim=-1, eps=1e-12), F.normalize(k, dim=-1, eps=1e-12)
+    return grouped_matmul(qn, kn.transpose(-1, -2))
+
+
+def _check_qk(fn: str, q: Tensor, k: Tensor) -> None:
+    """A ValueError naming ``fn``, q and k unless q ``(B, Hq, Lq, E)`` and k ``(B, Hkv,
+    Lk, E)`` fit: rank 4, one ``E``, ``Hq`` a multiple of ``Hkv >= 1``, batches equal or
+    1 (torch said "not enough values to unpack" or failed in bmm). Shapes only: this runs
+    on every reference-engine call."""
+    for name, t in (("q", q), ("k", k)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    qs, ks = q.shape, k.shape
+    if len(qs) != 4 or len(ks) != 4:
+        problem = "must have rank 4, q (B, Hq, Lq, E) and k (B, Hkv, Lk, E)"
+    elif qs[3] != ks[3]:
+        problem = "must have the same head dim E"
+    elif ks[1] == 0 or qs[1] == 0 or qs[1] % ks[1]:
+        problem = (
+            f"heads: query heads Hq={qs[1]} must be a multiple of key/value heads "
+            f"Hkv={ks[1]} >= 1 (GQA)"
+        )
+    elif qs[0] != ks[0] and 1 not in (qs[0], ks[0]):
+        problem = "must have batch sizes that are equal or 1"
+    else:
+        return
+    raise ValueError(f"{fn}: q and k {problem}; got q {tuple(qs)} and k {tuple(ks)}")
 
 
 SCORES: dict[str, ScoreFn] = {"dot": dot, "cosine": cosine}
