@@ -435,6 +435,24 @@ def test_block_random_seeds_differ() -> None:
     assert np.array_equal(dense[3], to_np(masks.block_random(2, 2, seed=3).dense(32, 32)))
 
 
+def test_block_random_depends_on_lk_and_a_sliced_table_decodes_as_one_pass() -> None:
+    """block_random draws its table per key block count, as its docstring now says: one
+    (position, key) pair is allowed at Lk=4 and hidden at Lk=5, so cached decoding
+    differed from one pass (position 5: 1.54 apart). The documented recipe, one table
+    sliced into masks.tensor per step, decodes as the pass does (fp64, by hand)."""
+    m = masks.causal() & masks.block_random(2, 1, seed=0)
+    assert m.dense(4, 4)[0, 0, 2, 2] and not m.dense(5, 5)[0, 0, 2, 2]
+    full = m.dense(8, 8)  # (1, 1, 8, 8)
+    q, k, v = (torch.randn(1, 1, 8, 16, dtype=torch.float64) for _ in range(3))
+    s = (q @ k.transpose(-1, -2) / 4.0).masked_fill(~full, float("-inf"))
+    want = torch.softmax(s, -1).nan_to_num(0.0) @ v  # rows that see nothing give 0
+    for t in range(8):
+        step = masks.tensor(full[..., t : t + 1, : t + 1])
+        got = attnlab.attention(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], mask=step)
+        assert isinstance(got, Tensor)
+        assert (got[:, :, 0] - want[:, :, t]).abs().max() < 1e-12, t
+
+
 CUSTOMS: list[tuple[str, Callable, Pred, bool, bool]] = [
     (
         "bh",

@@ -2,8 +2,11 @@
 
 A mask says which (query, key) pairs may attend. Every mask is a function of
 ``(batch, head, query position, key index)``; query positions are aligned bottom-right
-(query row ``i`` sits at position ``i + Lk - Lq``), the frame of cached decoding. ``True``
-means *may attend*, as in :func:`torch.nn.functional.scaled_dot_product_attention`.
+(query row ``i`` sits at position ``i + Lk - Lq``), the frame of cached decoding.
+:func:`block_random` draws its random blocks per key length, so it depends on ``Lk`` too,
+and a cached decoder sees another pattern than a full pass (its docstring says how to keep
+one). ``True`` means *may attend*, as in
+:func:`torch.nn.functional.scaled_dot_product_attention`.
 
 Masks combine with ``&`` (both allow), ``|`` (either allows) and ``~`` (negation). Each
 mask knows its dense form (:meth:`Mask.dense` -> bool ``(Bm, Hm, Lq, Lk)``) and its block

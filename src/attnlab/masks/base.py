@@ -1,8 +1,8 @@
 """The mask protocol: what every mask is, and what engines may ask of it.
 
 A mask says which (query, key) pairs may attend: a function of ``(batch, head, query
-position, key index)`` evaluated on a :class:`~attnlab._grid.Grid`. Engines never check a
-mask's class; they ask it through the public members of :class:`Mask`:
+position, key index)`` (``block_random``'s of ``Lk`` too) on a :class:`~attnlab._grid.Grid`.
+Engines never check a mask's class; they ask it through the public members of :class:`Mask`:
 
 =====================  ==================================================================
 ``mask(grid)``         the bool values on a grid of coordinates

@@ -49,7 +49,8 @@ class GlobalTokens(Mask):
 
 
 class BlockRandom(Mask):
-    """Each query block sees ``num_blocks`` seeded random key blocks. See
+    """Each query block sees ``num_blocks`` seeded random key blocks, drawn among the
+    ``ceil(Lk / block_size)`` there are: the pattern depends on ``Lk``. See
     :func:`block_random`.
 
     Example:
@@ -116,12 +117,26 @@ def global_tokens(indices: Sequence[int] | Tensor) -> Mask:
 def block_random(block_size: int, num_blocks: int, *, seed: int = 0) -> Mask:
     """BigBird's random blocks: each query block sees ``num_blocks`` random key blocks.
 
-    The choice is seeded and fixed per key length. Combine with ``window`` and
-    ``global_tokens`` for the full BigBird pattern.
+    Combine with ``window`` and ``global_tokens`` for the full BigBird pattern.
+
+    .. warning::
+        The choice is seeded and drawn per key length: query block ``p // block_size``
+        sees ``min(num_blocks, n)`` of the ``n = ceil(Lk / block_size)`` key blocks, and
+        the table of ``n`` blocks is drawn afresh for each ``n``. Unlike the other masks
+        it is a function of ``Lk`` as well as of (query position, key): a pair allowed
+        at one ``Lk`` may be hidden at another. Cached decoding thus differs from one
+        pass over the same tokens: the step of position ``p`` draws from
+        ``ceil((p + 1) / block_size)`` key blocks, the pass over ``L`` tokens from
+        ``ceil(L / block_size)``. For a pattern that stays put, draw it once at the
+        longest length ``L`` and slice it: ``full = m.dense(L, L)``, then
+        ``masks.tensor(full[..., lk - lq : lk, :lk])`` for ``lq`` queries over ``lk``
+        keys.
 
     Example:
         >>> m = block_random(2, 1, seed=0)
         >>> int(m.dense(4, 4).sum())   # 2 query blocks x 1 key block x (2 x 2) pairs
         8
+        >>> m.dense(4, 4)[0, 0, 2].tolist(), m.dense(5, 5)[0, 0, 2].tolist()  # Lk matters
+        ([False, False, True, True], [False, False, False, False, True])
     """
     return BlockRandom(block_size, num_blocks, seed)
