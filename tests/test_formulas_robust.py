@@ -227,6 +227,26 @@ def test_supervised_attention_with_a_masked_key_is_finite_in_low_precision(
     assert float(got) == pytest.approx(float(ref), abs=torch.finfo(dtype).eps)
 
 
+def test_supervised_attention_gradient_in_float16_follows_float64() -> None:
+    """Targets on keys whose float16 weight rounds to 0 (scores 20 and 30 below the top):
+    the float32 ``-t / (w + 1e-9)`` was -1e9, -inf once cast back to float16, then
+    softmax's backward ``0 * inf`` NaN. The gradient of the scores is bounded by 1; here
+    it is compared with the fp64 formula with ``eps`` at float16's smallest normal."""
+    from attnlab.robust import supervised_attention_term
+
+    scores = torch.tensor([[0.0, 20.0, 0.0, 0.0], [30.0, 0.0, 1.0, 2.0], [0.0, 3.0, 1.0, 0.5]])
+    target = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.5, 0.0, 0.5, 0.0]])
+    eps = torch.finfo(torch.float16).tiny
+    s64 = scores.double().requires_grad_(True)
+    w64 = torch.softmax(s64, -1)
+    (-(target.double() * torch.log(w64 + eps)).sum(-1).mean()).backward()
+    s16 = scores.half().requires_grad_(True)
+    supervised_attention_term(torch.softmax(s16, -1), target.half()).backward()
+    assert s16.grad is not None and s64.grad is not None
+    assert torch.isfinite(s16.grad).all(), s16.grad
+    torch.testing.assert_close(s16.grad.double(), s64.grad, atol=2e-3, rtol=0)
+
+
 def test_the_permutation_test_shuffles_only_real_positions() -> None:
     """Every real position holds the same vector, so any shuffle among them leaves the
     output as it was (TVD 0); a shuffle that moved weight onto padding would not."""

@@ -112,6 +112,9 @@ def supervised_attention_term(weights: Tensor, target: Tensor, eps: float = 1e-9
     Args:
         weights: ``(..., Lk)`` attention rows.
         target: the same shape (or broadcastable): distributions or one-hot rows.
+        eps: added to the weights; raised to the smallest normal of the weights' dtype
+            (``6.1e-5`` in float16), so that the gradient ``-t / (w + eps)`` stays finite
+            once cast back to that dtype (``-1e9`` became ``-inf`` in float16, then NaN).
 
     Example:
         >>> w, t = torch.tensor([[0.5, 0.25, 0.25]]), torch.tensor([[1.0, 0.0, 0.0]])
@@ -119,6 +122,7 @@ def supervised_attention_term(weights: Tensor, target: Tensor, eps: float = 1e-9
         0.6931
     """
     wide = torch.promote_types(weights.dtype, torch.float32)  # float16 rounds 1e-9 to 0
+    eps = max(eps, torch.finfo(weights.dtype).tiny)  # 1 / eps finite in weights' dtype
     w = weights.to(wide)
     t = target.to(wide).expand_as(w)
     rows = (t.sum(-1) > 0).to(wide)
