@@ -247,6 +247,23 @@ def test_supervised_attention_gradient_in_float16_follows_float64() -> None:
     torch.testing.assert_close(s16.grad.double(), s64.grad, atol=2e-3, rtol=0)
 
 
+@pytest.mark.parametrize("lk", [1024, 4096])
+def test_attention_entropy_in_float16_is_within_2x_plain_torch(lk: int) -> None:
+    """Long float16 rows hold weights below float16's smallest normal (6.1e-5); the clamp
+    at that floor scored them as ``w log 6.1e-5``: 4x (Lk 1024) to 15x (Lk 4096) plain
+    PyTorch's float16 ``xlogy`` error against fp64 of the same rounded rows."""
+    from attnlab.robust import attention_entropy
+
+    torch.manual_seed(0)
+    w = torch.softmax(torch.randn(16, lk, dtype=torch.float64) * 3, -1).half()
+    ref = -torch.special.xlogy(w.double(), w.double()).sum(-1)
+    plain = float((-torch.special.xlogy(w, w).sum(-1).double() - ref).abs().max())
+    got = attention_entropy(w)
+    assert got.dtype == torch.float16
+    err = float((got.double() - ref).abs().max())
+    assert err <= 2 * plain, f"error {err:.3g}, plain float16 torch {plain:.3g}"
+
+
 def test_the_permutation_test_shuffles_only_real_positions() -> None:
     """Every real position holds the same vector, so any shuffle among them leaves the
     output as it was (TVD 0); a shuffle that moved weight onto padding would not."""
