@@ -4,6 +4,7 @@ refused where a list of layer names is expected. Every refusal has a positive co
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -257,6 +258,29 @@ def test_an_entropy_target_per_head_must_match_every_layers_heads() -> None:
     with pytest.raises(ValueError, match=r"target has 2 values.*heads \[1, 2\]"):
         entropy_term([two, one], torch.tensor([1.0, 1.0]))
     assert torch.isfinite(entropy_term([two, one], torch.tensor(1.0)))
+
+
+@pytest.mark.parametrize(
+    "target", [float("nan"), -1.0, torch.tensor(float("nan")), torch.tensor([-1.0, math.inf])]
+)
+def test_an_entropy_target_must_be_finite_and_nonnegative(target: float | Tensor) -> None:
+    """A float NaN target made the term NaN silently; a tensor NaN or inf target passed
+    :class:`EntropyRegularizer` and failed at training's first step as a divergence."""
+    from attnlab.robust import entropy_term
+
+    w = [torch.full((1, 2, 3, 4), 0.25)]
+    check_and_control(
+        lambda: entropy_term(w, target),
+        lambda: entropy_term(w, torch.tensor([0.0, 1.0])),
+        ValueError,
+        r"target must be a finite number",
+    )
+    check_and_control(
+        lambda: EntropyRegularizer(0.1, target=target),
+        lambda: EntropyRegularizer(0.1, target=torch.tensor(1.0)),
+        ValueError,
+        r"target must be a finite number.*>= 0",
+    )
 
 
 def test_entropy_regularizer_with_named_layers_steps() -> None:

@@ -72,8 +72,8 @@ def entropy_term(weights: Sequence[Tensor], target: float | Tensor | None = None
     Args:
         weights: one ``(B, H, Lq, Lk)`` tensor per layer (or per call).
         target: None: ``-mean(Hbar)`` (minimizing it spreads attention, as in EAR); a
-            number (a float or a 0-dim tensor) or a ``(H,)`` tensor, one per head of every
-            layer (all must have ``H`` heads): ``mean((Hbar - target)^2)``. ``Hbar`` is each
+            number >= 0 (a float or a 0-dim tensor) or a ``(H,)`` tensor, one per head of
+            every layer (all must have ``H`` heads): ``mean((Hbar - target)^2)``. ``Hbar`` is each
             layer's and head's mean row entropy (:func:`head_entropies`).
 
     Example:
@@ -83,16 +83,27 @@ def entropy_term(weights: Sequence[Tensor], target: float | Tensor | None = None
     """
     if not weights:
         raise ValueError("weights is empty: no attention call was captured")
+    target = _entropy_target(target)
     ents = [head_entropies(w) for w in weights]  # (H,) each
     ent = torch.cat(ents)  # (sum of the layers' H,)
     if target is None:
         return -ent.mean()
-    if isinstance(target, Tensor):  # (H,) per head, or one number (a 0-dim tensor)
-        if not torch.isfinite(target).all() or target.dim() > 1:
-            raise ValueError(f"target must be a finite number or (H,) tensor, got {target}")
-        if target.dim() == 1:
-            target = _per_head(target, [e.shape[0] for e in ents]).repeat(len(weights))
+    if isinstance(target, Tensor) and target.dim() == 1:  # (H,) per head; 0-dim: a number
+        target = _per_head(target, [e.shape[0] for e in ents]).repeat(len(weights))
     return ((ent - target) ** 2).mean()
+
+
+def _entropy_target(target: object) -> float | Tensor | None:
+    """``target`` of :func:`entropy_term`: None, a finite number >= 0 (an entropy), or a
+    0-dim or ``(H,)`` tensor of them; a TypeError/ValueError naming it otherwise (a NaN
+    target made the term NaN)."""
+    if target is None or not isinstance(target, Tensor):
+        return None if target is None else check_positive("target", target, zero=True)
+    if target.dim() > 1 or not (torch.isfinite(target) & (target >= 0)).all():
+        raise ValueError(
+            f"target must be a finite number or (H,) tensor, each >= 0 (an entropy), got {target}"
+        )
+    return target
 
 
 def _per_head(target: Tensor, heads: list[int]) -> Tensor:
@@ -155,9 +166,7 @@ class EntropyRegularizer:
         layers: Sequence[str] | None = None,
     ) -> None:
         self.weight = check_positive("weight", weight)
-        if target is not None and not isinstance(target, Tensor):
-            check_positive("target", target, zero=True)
-        self.target, self.layers = target, _layer_names(layers)
+        self.target, self.layers = _entropy_target(target), _layer_names(layers)
 
     def step(self, model: nn.Module, batch: Any, loss_fn: LossFn) -> Tensor:
         with visible_calls(model, self.layers) as calls:
