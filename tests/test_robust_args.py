@@ -418,3 +418,23 @@ def test_a_study_checks_every_row_before_the_first_trains(
         study(**{**good, **bad}, smoke=True)
     with pytest.raises(_Trained):  # the positive control reaches the first row
         study(**good, smoke=True)
+
+
+@pytest.mark.parametrize(
+    ("rate", "exc"),
+    [(5.0, ValueError), (-1.0, ValueError), (math.nan, ValueError), ("x", TypeError)],
+)
+@pytest.mark.parametrize("kind", ["EditedDatesTask", "AdversarialEditsTask"])
+def test_edited_dates_tasks_check_rate_when_built(kind: str, rate: object, exc: type) -> None:
+    """(rate=5, -1 and NaN were taken as they came; "x" failed at the first batch:
+    "'<' not supported between instances of 'float' and 'str'".)"""
+    from attnlab.robust import study_dates
+
+    task = getattr(study_dates, kind)
+    kw = {"train_size": 8, "test_size": 2, "locales": ("fr_FR",)}
+    check_and_control(
+        lambda: task(**kw, rate=rate),
+        lambda: task(**kw, rate=1),
+        exc,
+        rf"rate must be a number in \[0, 1\].*got .*{rate if rate != 'x' else 'str'}",
+    )

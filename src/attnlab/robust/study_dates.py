@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlab._validate import positive_int
+from attnlab._validate import positive_int, real_where
 from attnlab.models.rnn import RNNSeq2Seq
 from attnlab.nn._modes import eval_mode
 from attnlab.robust.adversarial import FreeLB
@@ -82,8 +82,10 @@ class EditedDatesTask(DatesTask):
     """
 
     def __init__(self, *args: object, rate: float = 0.5, **kwargs: object) -> None:
+        ok, want = (lambda r: 0 <= r <= 1), "a number in [0, 1] (a word's edit probability)"
+        self.rate = real_where("rate", rate, ok, want)  # checked before the data is made
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.rate, self.alphabet = rate, letters(self)
+        self.alphabet = letters(self)
 
     def batch(self, indices: Tensor) -> DatesBatch:
         rng = random.Random(int(torch.randint(2**31, (1,))))
