@@ -83,7 +83,7 @@ BAD: list[tuple[str, int, str]] = [
     # the dates checkpoint with "step": 151 -> 152 in its JSON: it resumed at step 152
     ("train dates --out {edited} --resume --steps 10", 2, "is corrupt: its tensors or metadata"),
     ("train dates --out {other} --resume", 2, "argument --resume: {other}/last.safetensors "),
-    ("train vision --train-size 5000 --out {tmp}/v", 2, "argument --train-size: train_size="),
+    ("train vision --train-size 5000 --out {tmp}/v", 2, "argument --train-size: is 5000; "),
     ("train translation --train-size 50 --out {tmp}/t", 2, "argument --train-size: "),
     # demo
     ("demo --seconds 0", 2, "argument --seconds: must be a number > 0, got '0'"),
@@ -303,6 +303,39 @@ def test_full_disk_keeps_the_checkpoint_and_says_where(
     monkeypatch.undo()
     assert main(_tiny_train(str(out))) == 0  # positive control
     assert ckmod.load_checkpoint(last).state["step"] == 2
+
+
+class _Reached(Exception):
+    """The run got past the command line's checks."""
+
+
+@pytest.mark.parametrize("task", ["vision", "gan", "gan-plain", "vae", "vae-plain"])
+def test_a_digits_train_size_past_the_split_is_refused_before_any_work(
+    task: str,
+    places: dict[str, str],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """(1438 was refused only after the --out lock was taken and the digits loaded.)"""
+    pytest.importorskip("sklearn")
+    import sklearn.datasets
+
+    from attnlab.cli import train as cli_train
+    from attnlab.tasks.vision import load_split
+
+    images = len(load_split(0.2, seed=0)[1])  # the training split: 1437
+
+    def reached(*args: object, **kwargs: object) -> None:
+        raise _Reached
+
+    monkeypatch.setattr(sklearn.datasets, "load_digits", reached)
+    monkeypatch.setattr(cli_train, "OutputLock", reached)
+    line = f"train {task} --train-size {images + 1} --out {{tmp}}/v"
+    named = f"argument --train-size: is {images + 1}; {task} makes at most {images} training"
+    _check(line, 2, named, _run(line, places, capsys), places)
+    # positive control: the whole split passes the checks and reaches the lock
+    assert main(["train", task, "--train-size", str(images), "--out", f"{places['tmp']}/v"]) == 1
+    assert "_Reached" in capsys.readouterr().err
 
 
 def test_a_second_run_on_the_same_out_is_refused_naming_the_first(

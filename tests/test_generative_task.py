@@ -158,7 +158,7 @@ def test_cli_plain_vae_and_bad_settings(
     assert "attention.png" not in {p.name for p in (tmp_path / "v" / "report").iterdir()}
     capsys.readouterr()
     cases = [
-        ("w", ["--train-size", "5000"], "--train-size", "5000 is more than the 1437"),
+        ("w", ["--train-size", "5000"], "--train-size", "is 5000; vae makes at most 1437"),
         ("v", ["--resume"], "--resume", "checkpoint of task 'vae-plain', not 'vae'"),
     ]
     for folder, extra, named, why in cases:

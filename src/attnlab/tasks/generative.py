@@ -40,7 +40,7 @@ from torch import Tensor
 from attnlab._io import atomic_write
 from attnlab._validate import nonnegative_int, positive_int, positive_real
 from attnlab.models.vit import ViT, check_images
-from attnlab.tasks.vision import DigitsTask, load_split
+from attnlab.tasks.vision import TEST_FRACTION, DigitsTask, load_split
 from attnlab.train.checkpoint import digest
 from attnlab.train.loop import num_threads
 
@@ -66,7 +66,7 @@ def digits(n: int | None = None, *, seed: int = 0) -> tuple[Tensor, Tensor]:
         >>> tuple(x.shape), float(x.min()), float(x.max())
         ((100, 1, 8, 8), -1.0, 1.0)
     """
-    x, y, _, _ = load_split(0.2, seed)
+    x, y, _, _ = load_split(TEST_FRACTION, seed)
     if n is not None:
         n = positive_int("n", n)
         x, y = x[:n], y[:n]

@@ -36,6 +36,7 @@ from attnlab.models.vit import check_images
 from attnlab.tasks import generative
 from attnlab.tasks.generative import DigitsScorer, digits
 from attnlab.tasks.registry import TaskSpec
+from attnlab.tasks.vision import TRAIN_IMAGES
 from attnlab.train import TrainConfig, Trainer
 from attnlab.train.loop import Task
 
@@ -296,7 +297,9 @@ def train_vae(
 def _spec(summary: str, build: Callable[[int | None], Task], defaults: dict[str, Any]) -> TaskSpec:
     from attnlab.tasks.generative_report import finish
 
-    return TaskSpec(summary=summary, build=build, defaults=defaults, finish=finish)
+    return TaskSpec(
+        summary=summary, build=build, defaults=defaults, finish=finish, max_train_size=TRAIN_IMAGES
+    )
 
 
 _DIGITS = "on scikit-learn's 8x8 digits, Fréchet distance in the ViT's features"

@@ -10,6 +10,7 @@ pictures (how much the CLS token draws on each patch, through every layer).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,11 @@ __all__ = [
     "load_split",
     "shift_images",
 ]
+
+
+IMAGES = 1797  # in scikit-learn's digits
+TEST_FRACTION = 0.2  # the default share of each class held out
+TRAIN_IMAGES = IMAGES - math.ceil(TEST_FRACTION * IMAGES)  # 1437 (the test share rounds up)
 
 
 def load_split(test_fraction: float, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -116,7 +122,7 @@ class DigitsTask:
         self,
         train_size: int | None = None,
         *,
-        test_fraction: float = 0.2,
+        test_fraction: float = TEST_FRACTION,
         seed: int = 0,
         max_shift: int = 1,
         label_smoothing: float = 0.1,
@@ -280,4 +286,5 @@ SPEC = TaskSpec(
         "threads": 1,
     },
     finish=finish,
+    max_train_size=TRAIN_IMAGES,  # with the default test_fraction
 )
