@@ -185,6 +185,12 @@ def test_adversary_checks_bounds_when_built(make: object) -> None:
         r"bounds must be \(low, high\) with low < high, got \(1, 0\)",
     )
     assert make(site="input", bounds=(0, 1)).bounds == (0.0, 1.0)
+    check_and_control(  # (embedding=3 was refused only at the first step)
+        lambda: make(embedding=3),
+        lambda: make(embedding="embed"),
+        TypeError,
+        r"embedding must be a submodule name \(str\) or None, got int",
+    )
 
 
 def test_perturbation_checks_bounds() -> None:
@@ -437,4 +443,37 @@ def test_edited_dates_tasks_check_rate_when_built(kind: str, rate: object, exc: 
         lambda: task(**kw, rate=1),
         exc,
         rf"rate must be a number in \[0, 1\].*got .*{rate if rate != 'x' else 'str'}",
+    )
+
+
+def test_regularizer_terms_name_a_bad_weights_or_target() -> None:
+    """(A target of the wrong shape: a bare RuntimeError from ``expand_as``; a list: an
+    AttributeError; symmetric_kl over 3 and 4 classes: a bare RuntimeError.)"""
+    from attnlab.robust import supervised_attention_term, symmetric_kl
+    from attnlab.robust.regularize import head_entropies
+
+    w = torch.full((1, 2, 3, 4), 0.25)
+    check_and_control(
+        lambda: supervised_attention_term(w, torch.ones(3, 5)),
+        lambda: supervised_attention_term(w, torch.ones(3, 4)),
+        ValueError,
+        r"target must broadcast to weights' shape \(1, 2, 3, 4\), got \(3, 5\)",
+    )
+    check_and_control(
+        lambda: supervised_attention_term(w, [[1.0, 0.0, 0.0, 0.0]]),  # type: ignore[arg-type]
+        lambda: supervised_attention_term(w, torch.tensor([1.0, 0.0, 0.0, 0.0])),
+        TypeError,
+        r"target must be a Tensor, got list",
+    )
+    check_and_control(
+        lambda: head_entropies([w]),  # type: ignore[arg-type]
+        lambda: head_entropies(w),
+        TypeError,
+        r"weights must be a \(B, H, Lq, Lk\) Tensor, got list",
+    )
+    check_and_control(
+        lambda: symmetric_kl(torch.zeros(2, 3), torch.zeros(2, 4)),
+        lambda: symmetric_kl(torch.zeros(2, 4), torch.zeros(2, 4)),
+        ValueError,
+        r"q_logits must have p_logits' shape \(2, 3\), got \(2, 4\)",
     )

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlab._validate import positive_int, validate_flag
+from attnlab._validate import instance_of, positive_int, validate_flag
 from attnlab.robust.passes import hidden_pass
 from attnlab.robust.perturb import (
     Perturbation,
@@ -65,6 +65,8 @@ class _Adversary:
     ) -> None:
         self.epsilon = check_positive("epsilon", epsilon)
         self.norm = check_norm(norm)
+        if embedding is not None:  # (3 was refused only at the first step)
+            instance_of("embedding", embedding, str, "a submodule name (str) or None")
         self.embedding = embedding
         self.site, self.bounds = check_site(site, bounds)
         self._cache: tuple[nn.Module, Perturbation] | None = None
@@ -289,6 +291,9 @@ def symmetric_kl(p_logits: Tensor, q_logits: Tensor) -> Tensor:
         >>> float(symmetric_kl(torch.tensor([[0.0, 1.0]]), torch.tensor([[0.0, 1.0]])))
         0.0
     """
+    if q_logits.shape != p_logits.shape:  # (3 against 4 classes: a bare RuntimeError)
+        shape = tuple(p_logits.shape)
+        raise ValueError(f"q_logits must have p_logits' shape {shape}, got {tuple(q_logits.shape)}")
     wide = torch.promote_types(torch.result_type(p_logits, q_logits), torch.float32)
     lp, lq = F.log_softmax(p_logits.to(wide), -1), F.log_softmax(q_logits.to(wide), -1)
     return ((lp.exp() - lq.exp()) * (lp - lq)).sum(-1).mean()

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from attnlab._validate import instance_of
 from attnlab.nn import MultiHeadAttention
 from attnlab.robust.passes import visible_calls
 from attnlab.robust.perturb import check_positive
@@ -59,6 +60,7 @@ def head_entropies(weights: Tensor) -> Tensor:
         >>> bool(head_entropies(torch.full((2, 3, 4, 5), 0.2)).sub(1.6094).abs().max() < 1e-4)
         True
     """
+    instance_of("weights", weights, Tensor, "a (B, H, Lq, Lk) Tensor")
     if weights.dim() != 4:
         raise ValueError(f"weights must be (B, H, Lq, Lk), got shape {tuple(weights.shape)}")
     real = (weights.sum(-1) > 0).to(weights.dtype)  # (B, H, Lq)
@@ -138,10 +140,22 @@ def supervised_attention_term(weights: Tensor, target: Tensor, eps: float = 1e-9
     wide = torch.promote_types(weights.dtype, torch.float32)  # float16 rounds 1e-9 to 0
     eps = max(eps, torch.finfo(weights.dtype).tiny)  # 1 / eps finite in weights' dtype
     w = weights.to(wide)
-    t = target.to(wide).expand_as(w)
+    t = _broadcast_target(target, w)
     rows = (t.sum(-1) > 0).to(wide)
     ce = -(t * torch.log(w + eps)).sum(-1)
     return ((ce * rows).sum() / rows.sum().clamp_min(1.0)).to(weights.dtype)
+
+
+def _broadcast_target(target: object, w: Tensor) -> Tensor:
+    """``target`` in ``w``'s dtype and shape, or an error naming it (``expand_as`` raised a
+    bare RuntimeError, a list AttributeError)."""
+    t = instance_of("target", target, Tensor, "a Tensor").to(w.dtype)
+    try:
+        return t.expand_as(w)
+    except RuntimeError:
+        shape = tuple(w.shape)
+        msg = f"target must broadcast to weights' shape {shape}, got {tuple(t.shape)}"
+        raise ValueError(msg) from None
 
 
 class EntropyRegularizer:
