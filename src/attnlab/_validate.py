@@ -217,15 +217,10 @@ def _rank4(name: str, x: object, layout: str = LAYOUT) -> Tensor:
         raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(x).__name__}")
     if x.dim() != 4:
         raise ValueError(f"{name} must have shape {layout} (rank 4), got shape {tuple(x.shape)}")
-    if x.dtype not in _COMPUTE_DTYPES:  # float8 is floating point, but nothing computes in it
-        raise TypeError(
-            f"{name} must be a floating-point tensor (float64, float32, float16 or bfloat16), "
-            f"got dtype {x.dtype}"
-        )
+    if x.dtype not in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+        kinds = "float64, float32, float16 or bfloat16"  # (float8: no engine computes in it)
+        raise TypeError(f"{name} must be a floating-point tensor ({kinds}), got dtype {x.dtype}")
     return x
-
-
-_COMPUTE_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 def _same_dtype_device(ts: tuple[Tensor, ...]) -> None:
