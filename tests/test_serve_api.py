@@ -314,6 +314,31 @@ def test_limits_and_bad_requests(
     assert small.post("/api/attend", json={"text": "still serving"}).status_code == 200
 
 
+def test_fields_left_out_fit_the_limits(enc: SentenceEncoder, client: TestClient) -> None:
+    """top_k and steps left out take 16 or the server's limit, the lower (with max_top_k=8
+    and max_steps=8 a body without them was refused: "got 16"); steps is checked where the
+    method takes it, or where the body sends it."""
+    tight = Limits(max_top_k=8, max_steps=8)
+    with TestClient(create_app(encoder=enc, limits=tight)) as c:
+        head = _attend(c)["head"]
+        assert head == _attend(client, top_k=8)["head"] and len(head["top"][0]) == 8
+        cmp = c.post(
+            "/api/compare", json={"a": {"text": TEXT}, "b": {"text": TEXT.replace("cat", "dog")}}
+        )
+        assert cmp.status_code == 200 and len(cmp.json()["diff"]["top"][0]) == 8, cmp.text
+        got = _job(c, {"method": "integrated"})
+        want = _job(client, {"method": "integrated", "steps": 8, "top_k": 8})
+        assert got["state"] == "done" and got["result"]["saliency"] == want["result"]["saliency"]
+        roll = _job(c, {"method": "rollout"})["result"]["matrix"]
+        assert roll == _job(client, {"method": "rollout", "top_k": 8})["result"]["matrix"]
+        r = c.post("/api/explain", json={"text": TEXT, "method": "rollout", "steps": 9})
+        assert r.status_code == 422 and "max_steps" in r.json()["detail"]
+    with TestClient(create_app(encoder=enc, limits=Limits(max_steps=1))) as c:
+        assert _job(c, {"method": "gradient"})["state"] == "done"  # takes no steps
+        r = c.post("/api/explain", json={"text": TEXT, "method": "integrated"})
+        assert r.status_code == 422 and "steps must be in 2..1" in r.json()["detail"], r.text
+
+
 def test_bad_json_jobs_and_paths(small: TestClient) -> None:
     r = small.post("/api/attend", content=b"{bad", headers={"content-type": "application/json"})
     assert r.status_code == 422 and "not valid JSON" in r.json()["detail"]

@@ -322,6 +322,30 @@ def test_a_head_picked_while_a_new_text_runs_gets_that_texts_thumbnails(
     assert page.inner_text("#error") == ""
 
 
+def test_boxes_fit_a_servers_lower_limits(browser: Any, server: str) -> None:
+    """/api/limits with max_top_k=5 and max_steps=3 (this server's answer, rewritten on the
+    way): the boxes' values come down to the limits, not only their max (the page sent
+    top_k 16 and steps 16, and every run was a 422); a run then sends the fitted values."""
+    pg = browser.new_page(viewport={"width": 1200, "height": 800})
+    pg.set_default_timeout(30_000)
+    tight = _get(server, "/api/limits") | {"max_top_k": 5, "max_steps": 3}
+    pg.route("**/api/limits", lambda route: route.fulfill(json=tight))
+    sent: list[Any] = []
+    pg.on("request", lambda r: sent.append(r.post_data_json) if r.method == "POST" else None)
+    try:
+        pg.goto(server + "/")
+        pg.wait_for_function("document.body.dataset.ready === '1'")
+        boxes = [(pg.input_value(b), pg.get_attribute(b, "max")) for b in ("#topk", "#steps")]
+        assert boxes == [("5", "5"), ("3", "3")]
+        pg.fill("#text", "Cats purr.")
+        _act(pg, lambda: pg.click("#run"))
+        _act(pg, lambda: pg.check("input[name=method][value=integrated]"))
+        assert pg.evaluate("document.body.dataset.job") == "done", pg.inner_text("#error")
+        assert (sent[-1]["top_k"], sent[-1]["steps"]) == (5, 3), sent
+    finally:
+        pg.close()
+
+
 def _artifact(name: str) -> Path:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     return ARTIFACTS / name

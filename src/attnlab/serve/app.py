@@ -55,6 +55,7 @@ __all__ = ["STATIC", "create_app"]
 
 STATIC = Path(__file__).with_name("static")
 CACHE = 6  # inputs whose attention is kept
+_STEPPED = ("integrated",)  # the explanations that take ``steps`` (integrated gradients)
 
 
 class Explorer:
@@ -267,7 +268,7 @@ def _routes(app: FastAPI, ex: Explorer) -> None:
     @app.post("/api/attend")
     async def attend(body: AttendIn) -> dict[str, Any]:
         """Attention of one input: its stacks, the thumbnails, the chosen head."""
-        _check_view(ex.limits, body.top_k)
+        _check_view(ex.limits, body)
 
         def work() -> dict[str, Any]:
             t0 = time.perf_counter()
@@ -280,7 +281,7 @@ def _routes(app: FastAPI, ex: Explorer) -> None:
     @app.post("/api/compare")
     async def compare(body: CompareIn) -> dict[str, Any]:
         """Two inputs (or two models), the same head, and their difference."""
-        _check_view(ex.limits, body.top_k)
+        _check_view(ex.limits, body)
 
         def work() -> dict[str, Any]:
             t0 = time.perf_counter()
@@ -294,8 +295,10 @@ def _routes(app: FastAPI, ex: Explorer) -> None:
     @app.post("/api/explain", status_code=202)
     async def explain(body: ExplainIn) -> dict[str, Any]:
         """Start a slow explanation as a job; poll ``GET /api/jobs/{id}``."""
-        _check_view(ex.limits, body.top_k)
-        check_range("steps", body.steps, 2, ex.limits.max_steps, "max_steps")
+        sent = set(body.model_fields_set)  # (before _check_view fits the fields left out)
+        _check_view(ex.limits, body)
+        if body.method in _STEPPED or "steps" in sent:
+            check_range("steps", body.steps, 2, ex.limits.max_steps, "max_steps")
         m = ex.model(body.model)
         _check_method(m, body, body.model or ex.registry.default)
         text = check_text(ex.limits, body.text)
@@ -326,8 +329,18 @@ def _routes(app: FastAPI, ex: Explorer) -> None:
         return {"job": found.id, "state": found.state}
 
 
-def _check_view(limits: Limits, top_k: int) -> None:
-    check_range("top_k", top_k, 1, limits.max_top_k, "max_top_k")
+def _check_view(limits: Limits, body: AttendIn | CompareIn | ExplainIn) -> None:
+    """Fit the fields ``body`` left out to the limits, then check its ``top_k``."""
+    _fit(body, limits)
+    check_range("top_k", body.top_k, 1, limits.max_top_k, "max_top_k")
+
+
+def _fit(body: AttendIn | CompareIn | ExplainIn, limits: Limits) -> None:
+    """A field the request left out takes its default or the limit, the lower one (with
+    max_top_k=8, a body without top_k was refused: "top_k must be in 1..8, got 16")."""
+    for name, cap in (("top_k", limits.max_top_k), ("steps", limits.max_steps)):
+        if name in type(body).model_fields and name not in body.model_fields_set:
+            setattr(body, name, min(getattr(body, name), cap))
 
 
 def _load(m: Any) -> Any:

@@ -34,7 +34,7 @@ class View(_Body):
     stack: StrictStr | None = None
     layer: StrictInt = 0
     head: StrictInt = 0
-    top_k: StrictInt = 16
+    top_k: StrictInt = 16  # left out: 16 or max_top_k, the lower
 
 
 class AttendIn(Side, View):
@@ -56,8 +56,8 @@ class ExplainIn(_Body):
     model: StrictStr | None = None
     text: StrictStr
     method: StrictStr
-    steps: StrictInt = 16
-    top_k: StrictInt = 16
+    steps: StrictInt = 16  # integrated gradients only; left out: 16 or max_steps, the lower
+    top_k: StrictInt = 16  # left out: 16 or max_top_k, the lower
     image: None = None
 
 

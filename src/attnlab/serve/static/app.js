@@ -80,7 +80,9 @@ function showError(msg) {
 const secs = x => (typeof x === "number" ? x.toFixed(3) : "?");
 const sleep = ms => new Promise(r => setTimeout(r, ms));
 const model = () => S.models.get($("#model").value);
-const topK = () => Math.max(1, Math.round(+$("#topk").value || 16));
+// A number box's value; an empty one: 16, or its max (the server's limit) if lower.
+const numberIn = el => Math.round(+el.value || Math.min(16, +el.max || 16));
+const topK = () => Math.max(1, numberIn($("#topk")));
 
 // --- explore: attend, heads, explanations ---------------------------------------------
 
@@ -222,7 +224,7 @@ async function explain() {
   if (old) cancelJob(old);
   $("#explain-title").textContent = METHODS[m];
   const body = { model: S.ran.model, text: S.ran.text, method: m, top_k: topK() };
-  if (m === "integrated") body.steps = +$("#steps").value || 16;  // the others have none
+  if (m === "integrated") body.steps = numberIn($("#steps"));  // the others have none
   jobShow({ state: "queued", progress: 0, message: "", seconds: 0 });
   let start;
   try {
@@ -478,8 +480,10 @@ async function init() {
     const [limits, models] = await Promise.all(
       [api("GET", "/api/limits"), api("GET", "/api/models")]);
     S.limits = limits;
-    $("#topk").max = limits.max_top_k;
-    $("#steps").max = limits.max_steps;
+    for (const [id, cap] of [["#topk", limits.max_top_k], ["#steps", limits.max_steps]]) {
+      $(id).max = cap;  // the value too: a server with max_top_k=8 refused the page's 16
+      $(id).value = Math.min(numberIn($(id)), cap);
+    }
     fillModels(models.models, models.default);
   });
   if (S.models.size) onModel();
