@@ -275,7 +275,7 @@ def no_work(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     if importlib.util.find_spec("transformers") is not None:
         import attnlab.integrations.hf_text as hf_text
 
-        monkeypatch.setattr(hf_text, "load_hf", _stop)
+        monkeypatch.setattr(hf_text, "load_hf_tokenizer", _stop)
     return tmp_path
 
 

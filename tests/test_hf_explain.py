@@ -152,6 +152,41 @@ def test_explain_hf_model_refuses_what_it_cannot_explain(
     assert main(["explain", "the cat sat", "--hf-model", str(folder), *out, "--steps", "2"]) == 0
 
 
+def test_explain_hf_model_refuses_a_long_text_before_the_weights_load(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TEXT or ``--against`` longer than the model reads is one line, exit 2, with no
+    weights loaded (it came after "Loading weights" and transformers' own long-sequence
+    warning); the positive control loads them once."""
+    folder = _decoder_folder(tmp_path / "gpt2")
+    loads: list[str] = []
+
+    def spy(auto: type) -> None:
+        real = auto.from_pretrained
+
+        def counted(*args: object, **kwargs: object) -> object:
+            loads.append(auto.__name__)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(auto, "from_pretrained", counted)
+
+    spy(transformers.AutoModel)
+    spy(transformers.AutoModelForCausalLM)
+    out = ["--out", str(tmp_path / "r.html"), "--steps", "2"]
+    capfd.readouterr()
+    cases = [
+        (["the cat sat " * 400, "--hf-model", str(folder)], "TEXT: has 1201 tokens"),
+        (["cats", "--hf-model", str(minilm_path()), "--against", "word " * 600], "--against:"),
+    ]
+    for args, words in cases:
+        assert main(["explain", *args, *out]) == 2
+        err = capfd.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and words in err and "reads at most" in err, err
+    assert loads == []
+    assert main(["explain", "the cat sat", "--hf-model", str(folder), *out]) == 0
+    assert loads == ["AutoModelForCausalLM"]
+
+
 def test_explain_hf_model_names_corrupt_weights_and_keeps_its_files(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -9,6 +9,7 @@ pictures beside it.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,10 +67,15 @@ def add_parsers(sub: Any) -> None:
 def _hf_model(args: argparse.Namespace, text: str, continuation: str | None) -> TextModel:
     """``--hf-model DIR`` on the attnlab transformers backend; a folder that holds no model
     it can load, or ``--continuation`` with an encoder, is a usage error."""
-    from attnlab.integrations.hf_text import hf_text_model, is_decoder, load_hf
+    from attnlab.integrations.hf_text import (
+        hf_text_model,
+        is_decoder,
+        load_hf_model,
+        load_hf_tokenizer,
+    )
 
     config = _hf_config(args.hf_model)
-    seq2seq = getattr(config, "is_encoder_decoder", False)  # load_hf names it below
+    seq2seq = getattr(config, "is_encoder_decoder", False)  # load_hf_tokenizer names it below
     kind = getattr(config, "model_type", "unknown")
     if continuation is not None and not is_decoder(config) and not seq2seq:
         msg = f"needs a decoder --hf-model; {args.hf_model!r} is an encoder ({kind})"
@@ -81,20 +87,17 @@ def _hf_model(args: argparse.Namespace, text: str, continuation: str | None) -> 
     from safetensors import SafetensorError
 
     try:
-        model, tokenizer = load_hf(args.hf_model)
+        tokenizer = load_hf_tokenizer(args.hf_model)[1]
+    except (OSError, ValueError) as e:
+        raise UsageError("--hf-model", str(e).removeprefix("--hf-model: ")) from e
+    _check_texts(args, text, continuation, tokenizer, config)  # before the weights load
+    try:
+        model = load_hf_model(args.hf_model, config)
     except SafetensorError as e:  # (it was exit 1, naming no argument)
         msg = f"{args.hf_model!r}: its weights cannot be read ({e}); truncated or corrupt?"
         raise UsageError("--hf-model", msg) from e
     except (OSError, ValueError) as e:
         raise UsageError("--hf-model", str(e).removeprefix("--hf-model: ")) from e
-    follow = 0  # the tokens a decoder scores after the text: the continuation, or 1
-    if is_decoder(config):
-        follow = len(tokenizer(continuation, add_special_tokens=False)["input_ids"]) if (
-            continuation is not None) else 1  # fmt: skip
-    for name, s in (("TEXT", text), ("--against", args.against)):
-        _check_fits(name, s, tokenizer, config, follow if name == "TEXT" else 0)
-        if s is not None:
-            check_has_tokens(name, s, lambda x: tokenizer(x)["input_ids"])
     try:
         return hf_text_model(model, tokenizer, text=text, continuation=continuation)
     except ValueError as e:
@@ -103,14 +106,36 @@ def _hf_model(args: argparse.Namespace, text: str, continuation: str | None) -> 
         raise
 
 
-def _check_fits(name: str, text: str | None, tokenizer: Any, config: Any, follow: int) -> None:
+def _check_texts(
+    args: argparse.Namespace, text: str, continuation: str | None, tokenizer: Any, config: Any
+) -> None:
+    """TEXT and ``--against`` fit the model and hold tokens it reads, measured with the
+    tokenizer alone (a text too long was refused after the weights loaded, below
+    transformers' progress bar and its own long-sequence warning)."""
+    from attnlab.integrations.hf_text import is_decoder
+
+    def ids(x: str, special: bool = True) -> list[int]:
+        return list(tokenizer(x, add_special_tokens=special, verbose=False)["input_ids"])
+
+    follow = 0  # the tokens a decoder scores after the text: the continuation, or 1
+    if is_decoder(config):
+        follow = 1 if continuation is None else len(ids(continuation, special=False))
+    for name, s in (("TEXT", text), ("--against", args.against)):
+        _check_fits(name, s, ids, config, follow if name == "TEXT" else 0)
+        if s is not None:
+            check_has_tokens(name, s, ids)
+
+
+def _check_fits(
+    name: str, text: str | None, ids: Callable[[str], list[int]], config: Any, follow: int
+) -> None:
     """A text longer than the model's position table is a usage error of ``name``, counted
     in tokens with the ``follow`` tokens a decoder scores after it: the model failed inside
     ("The expanded size of the tensor (92) must match ... (64)", an IndexError)."""
     limit = getattr(config, "max_position_embeddings", None)
     if text is None or not isinstance(limit, int):
         return
-    n = len(tokenizer(text)["input_ids"]) + follow
+    n = len(ids(text)) + follow
     if n > limit:
         kind = getattr(config, "model_type", "the model")
         plus = f" with the {follow} it scores after it" if follow else ""

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from attnlab.integrations.transformers import register
 from attnlab.interpret import TextModel
 
-__all__ = ["hf_text_model", "is_decoder", "load_hf"]
+__all__ = ["hf_text_model", "is_decoder", "load_hf", "load_hf_model", "load_hf_tokenizer"]
 
 
 def is_decoder(config: Any) -> bool:
@@ -51,8 +51,22 @@ def is_decoder(config: Any) -> bool:
 def load_hf(folder: str | Path) -> tuple[nn.Module, Any]:
     """The model (on the attnlab backend, eval mode) and tokenizer in a local folder.
 
-    ``ValueError`` naming the folder when it holds no config, no tokenizer, or an
-    encoder-decoder (which the explanations do not handle).
+    ``ValueError`` naming the folder when it holds no config, no tokenizer, no safetensors
+    weights, or an encoder-decoder (which the explanations do not handle).
+    """
+    config, tokenizer = load_hf_tokenizer(folder)
+    return load_hf_model(folder, config), tokenizer
+
+
+def load_hf_tokenizer(folder: str | Path) -> tuple[Any, Any]:
+    """The config and tokenizer in a local folder, with every check of :func:`load_hf`
+    that needs no weights: a text can be measured before the model loads.
+
+    Example:
+        >>> from attnlab.models.pretrained import minilm_path  # needs attnlab[pretrained]
+        >>> config, tok = load_hf_tokenizer(minilm_path())
+        >>> config.max_position_embeddings, tok("Cats purr.")["input_ids"][:2]
+        (512, [101, 8870])
     """
     import transformers as t
 
@@ -79,9 +93,17 @@ def load_hf(folder: str | Path) -> tuple[nn.Module, Any]:
             f"(only {len(tokenizer)} special tokens could be made)"
         )
     _check_weights(path)
+    return config, tokenizer
+
+
+def load_hf_model(folder: str | Path, config: Any) -> nn.Module:
+    """The weights in ``folder`` (checked by :func:`load_hf_tokenizer`, which gives
+    ``config``) as a model on the attnlab backend, in eval mode."""
+    import transformers as t
+
     auto = t.AutoModelForCausalLM if is_decoder(config) else t.AutoModel
-    model = auto.from_pretrained(path, attn_implementation=register(), use_safetensors=True)
-    return model.eval(), tokenizer
+    model = auto.from_pretrained(folder, attn_implementation=register(), use_safetensors=True)
+    return model.eval()
 
 
 def _check_weights(path: Path) -> None:
