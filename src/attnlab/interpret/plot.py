@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -181,9 +182,9 @@ def saliency(
     return save_figure(fig, path)
 
 
-def check_png_path(path: object) -> Path:
-    """``path`` as the PNG to write: a str or Path that is not a folder (a folder failed
-    only at the write, after all the drawing).
+def check_png_path(path: object, kind: str = "a PNG") -> Path:
+    """``path`` as the PNG (or ``kind`` of file, "an HTML") to write: a str or path-like
+    that is not a folder (a folder failed only at the write, after all the drawing).
 
     Example:
         >>> import tempfile
@@ -194,10 +195,12 @@ def check_png_path(path: object) -> Path:
         ...
         ValueError: path must be a PNG file to write, got the folder '...'
     """
-    if not isinstance(path, str | Path):
-        raise TypeError(f"path must be a str or Path (the PNG to write), got {type(path).__name__}")
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(
+            f"path must be a str or Path ({kind} file to write), got {type(path).__name__}"
+        )
     if Path(path).is_dir():
-        raise ValueError(f"path must be a PNG file to write, got the folder {str(path)!r}")
+        raise ValueError(f"path must be {kind} file to write, got the folder {str(path)!r}")
     return Path(path)
 
 

@@ -15,6 +15,7 @@ import base64
 import html
 import json
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from numbers import Real
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor
 
 from attnlab._io import atomic_write_text, decode_text, png_data_uri
-from attnlab.interpret.plot import check_tokens
+from attnlab.interpret.plot import check_png_path, check_tokens
 
 __all__ = ["KEYS_JS", "report"]
 
@@ -77,7 +78,7 @@ def _b64(a: np.ndarray) -> str:
 
 
 def report(
-    path: str | Path,
+    path: str | os.PathLike[str],
     tokens: Sequence[str],
     attentions: Sequence[Tensor],
     *,
@@ -90,7 +91,8 @@ def report(
     """Write the interactive attention page for one example.
 
     Args:
-        path: the ``.html`` file to write (atomically).
+        path: the ``.html`` file to write (atomically); a str or path-like, not a folder,
+            checked before any work.
         tokens: the ``n`` token strings.
         attentions: per-layer ``(H, n, n)`` weights (queries as rows), in layer order.
         title, text: the heading and a line under it (e.g. the input text).
@@ -109,6 +111,7 @@ def report(
         >>> "<script src" in page, "attnlab attention report" in page
         (False, True)
     """
+    out = check_png_path(path, "an HTML")  # (None or a folder failed at the write, after the work)
     _check_texts(tokens, title, text)
     layers = _per_layer(attentions)
     n = layers[0].shape[-1]
@@ -137,7 +140,7 @@ def report(
     page = _page(title, text, data, _pictures(pictures))
     # a text or picture name from bytes that were not UTF-8 (lone surrogates, which UTF-8
     # cannot write: the page was lost after all the work) shown with U+FFFD
-    return atomic_write_text(path, decode_text(page)[0])
+    return atomic_write_text(out, decode_text(page)[0])
 
 
 def _check_texts(tokens: object, title: object, text: object) -> None:
