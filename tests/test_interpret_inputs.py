@@ -6,7 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnlab.interpret import capture, gradient_relevance, integrated_gradients, plot, rollout
+from attnlab.interpret import (
+    capture,
+    fuse_heads,
+    gradient_relevance,
+    integrated_gradients,
+    plot,
+    residual_attention,
+    rollout,
+)
 from attnlab.interpret.image import image_attention
 from attnlab.interpret.report import report
 from attnlab.nn import Encoder, EncoderLayer, LayerConfig
@@ -210,6 +218,24 @@ def test_what_the_interpret_audit_found(tmp_path) -> None:
         with pytest.raises(error, match=match):
             call()
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "x.html").exists()
+
+
+def test_fuse_heads_and_residual_attention_name_bad_arguments() -> None:
+    """(fuse_heads of a (3, 3) tensor took the mean over its keys and returned (3,); and
+    residual_attention(residual="yes") took the str as True.)"""
+    a = torch.rand(2, 3, 4, 5).softmax(-1)
+    for bad in (torch.rand(3, 3), a[0], a.long()):
+        with pytest.raises((TypeError, ValueError), match=r"attention must (have shape|be a)"):
+            fuse_heads(bad)
+    sq = torch.rand(1, 2, 3, 3).softmax(-1)
+    with pytest.raises(TypeError, match="residual must be a bool, got str"):
+        residual_attention(sq, residual="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"attention must have shape \(B, H, n, n\)"):
+        residual_attention(a)
+    # the controls: heads fused on dim 1, of a non-square (cross-attention) tensor too
+    torch.testing.assert_close(fuse_heads(a), a.mean(1), rtol=0, atol=0)
+    torch.testing.assert_close(fuse_heads(a, "max"), a.amax(1), rtol=0, atol=0)
+    torch.testing.assert_close(residual_attention(sq, residual=False), sq.mean(1), rtol=0, atol=0)
 
 
 def test_report_checks_path_before_any_work(tmp_path, monkeypatch) -> None:

@@ -51,15 +51,7 @@ def _check_layers(name: str, attentions: object, weights: bool = False) -> tuple
         raise ValueError(f"{name} must be a non-empty list (at least one layer), got none")
     first = attentions[0]
     for i, a in enumerate(attentions):
-        if not isinstance(a, Tensor):
-            raise TypeError(f"{name}[{i}] must be a Tensor, got {type(a).__name__}")
-        if not a.is_floating_point():  # (mean() failed on it, naming nothing)
-            raise TypeError(f"{name}[{i}] must be a floating-point tensor, got {a.dtype}")
-        if a.dim() != 4 or a.shape[-1] != a.shape[-2] or a.shape[1] == 0:
-            raise ValueError(  # (H = 0: the mean over heads was NaN, the max an IndexError)
-                f"{name}[{i}] must have shape (B, H, n, n) (square self-attention, H >= 1 "
-                f"heads), got {tuple(a.shape)}"
-            )
+        _check_heads(f"{name}[{i}]", a)
         if a.shape[0] != first.shape[0] or a.shape[-1] != first.shape[-1]:
             raise ValueError(
                 f"{name} must share batch B and length n (the same B and n in every "
@@ -76,6 +68,20 @@ def _check_layers(name: str, attentions: object, weights: bool = False) -> tuple
     return first.shape[0], first.shape[-1]
 
 
+def _check_heads(name: str, a: object, square: bool = True) -> None:
+    """``a`` a floating ``(B, H, n, m)`` tensor with ``H >= 1`` heads (``square``:
+    ``n == m``, self-attention)."""
+    if not isinstance(a, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(a).__name__}")
+    if not a.is_floating_point():  # (mean() failed on it, naming nothing)
+        raise TypeError(f"{name} must be a floating-point tensor, got {a.dtype}")
+    if a.dim() != 4 or a.shape[1] == 0 or (square and a.shape[-1] != a.shape[-2]):
+        want = "(B, H, n, n) (square self-attention, " if square else "(B, H, n, m) ("
+        raise ValueError(  # (H = 0: the mean over heads was NaN, the max an IndexError)
+            f"{name} must have shape {want}H >= 1 heads), got {tuple(a.shape)}"
+        )
+
+
 def fuse_heads(attention: Tensor, head_fusion: str = "mean") -> Tensor:
     """``(B, H, n, m)`` -> ``(B, n, m)`` by the mean, max or min over heads.
 
@@ -84,6 +90,7 @@ def fuse_heads(attention: Tensor, head_fusion: str = "mean") -> Tensor:
         >>> fuse_heads(a).tolist(), fuse_heads(a, "max").tolist()
         ([[[0.5, 0.5]]], [[[1.0, 1.0]]])
     """
+    _check_heads("attention", attention, square=False)  # (a 2-D tensor: a mean over keys)
     if head_fusion == "mean":
         return attention.mean(1)
     if head_fusion == "max":
@@ -104,6 +111,8 @@ def residual_attention(
         >>> residual_attention(a)[0].tolist()
         [[0.5, 0.5], [0.0, 1.0]]
     """
+    _check_heads("attention", attention)
+    validate_flag("residual", residual)  # (a str such as "yes" was taken as True)
     fused = fuse_heads(attention.detach(), head_fusion)  # (B, n, n)
     if not residual:
         return fused
