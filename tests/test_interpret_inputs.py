@@ -238,6 +238,26 @@ def test_fuse_heads_and_residual_attention_name_bad_arguments() -> None:
     torch.testing.assert_close(residual_attention(sq, residual=False), sq.mean(1), rtol=0, atol=0)
 
 
+def test_bool_saliency_and_a_str_of_titles_are_refused(tmp_path) -> None:
+    """(A bool tensor or array of saliency was drawn as 0 and 1, where a list of bools was
+    refused; image_attention's titles "ab" drew one panel per letter.)"""
+    import numpy as np
+
+    a = [torch.full((1, 2, 2), 0.5)]
+    for scores in ([True, False], torch.tensor([True, False]), np.array([True, False])):
+        with pytest.raises(TypeError, match=r"saliency\['x'\] must be 2 numbers"):
+            report(tmp_path / "r.html", ["a", "b"], a, saliency={"x": scores})
+    with pytest.raises(TypeError, match=r"got Tensor of torch\.bool"):
+        report(tmp_path / "r.html", ["a", "b"], a, saliency={"x": torch.tensor([True, False])})
+    with pytest.raises(TypeError, match=r"titles must be a list of str .* got the str 'ab'"):
+        image_attention(torch.rand(8, 8), torch.rand(2, 2, 2), "ab", tmp_path / "i.png")
+    assert not list(tmp_path.iterdir())
+    # the controls: integer scores are numbers; a list of two titles draws two panels
+    page = report(tmp_path / "r.html", ["a", "b"], a, saliency={"x": torch.tensor([1, 0])})
+    assert '"saliency": {"x": [1.0, 0.0]}' in page.read_text()
+    image_attention(torch.rand(8, 8), torch.rand(2, 2, 2), ["a", "b"], tmp_path / "i.png")
+
+
 def test_report_checks_path_before_any_work(tmp_path, monkeypatch) -> None:
     """(None and 3 were an unnamed TypeError, a folder a WriteError, each at the final
     write after the page was built: about a second for 300 tokens.)"""

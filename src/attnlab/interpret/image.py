@@ -16,7 +16,13 @@ import torch
 from torch import Tensor
 
 from attnlab._validate import real_where
-from attnlab.interpret.plot import check_finite, check_png_path, pyplot, save_figure
+from attnlab.interpret.plot import (
+    check_finite,
+    check_png_path,
+    check_tokens,
+    pyplot,
+    save_figure,
+)
 
 __all__ = ["image_attention", "patch_grid"]
 
@@ -86,6 +92,7 @@ def image_attention(
         ('.png', True)
     """
     check_png_path(path)
+    check_tokens("titles", titles)  # (a str was split into one panel per letter)
     real_where("alpha", alpha, lambda a: 0 <= a <= 1, "a number in [0, 1]")
     img, m = _as_image(image), _as_maps(maps, titles)
     h, w = img.shape[:2]

@@ -181,20 +181,23 @@ def _pictures(pictures: object) -> list[Path]:
 
 
 def _scores(name: str, scores: Sequence[float] | Tensor, n: int) -> list[float]:
-    shape = tuple(getattr(scores, "shape", ()))
-    if isinstance(scores, (Tensor, np.ndarray)) and len(shape) != 1:
-        raise ValueError(
-            f"saliency[{name!r}] has shape {shape}, expected ({n},): one score per token"
+    got = type(scores).__name__
+    if isinstance(scores, (Tensor, np.ndarray)):
+        if len(scores.shape) != 1:
+            raise ValueError(
+                f"saliency[{name!r}] has shape {tuple(scores.shape)}, expected ({n},): one "
+                "score per token"
+            )
+        numbers, got = _real_dtype(scores), f"{got} of {scores.dtype}"
+    else:
+        numbers = (
+            isinstance(scores, Sequence)
+            and not isinstance(scores, str)
+            and all(isinstance(v, Real) and not isinstance(v, (bool, np.bool_)) for v in scores)
         )
-    numbers = isinstance(scores, (Tensor, np.ndarray)) or (
-        isinstance(scores, Sequence)
-        and not isinstance(scores, str)
-        and all(isinstance(v, Real) and not isinstance(v, (bool, np.bool_)) for v in scores)
-    )
-    if not numbers or (isinstance(scores, Tensor) and scores.is_complex()):
+    if not numbers:
         raise TypeError(
-            f"saliency[{name!r}] must be {n} numbers (a list, or a 1-D tensor or array), "
-            f"got {type(scores).__name__}"
+            f"saliency[{name!r}] must be {n} numbers (a list, or a 1-D tensor or array), got {got}"
         )
     vals = [float(v) for v in scores]
     if len(vals) != n:
@@ -205,6 +208,14 @@ def _scores(name: str, scores: Sequence[float] | Tensor, n: int) -> list[float]:
             f"saliency[{name!r}] has {vals[bad]} at token {bad}, expected finite scores"
         )
     return [float(f"{v:.6g}") for v in vals]  # six digits: round(v, 6) zeroed 3.2e-7
+
+
+def _real_dtype(scores: Tensor | np.ndarray) -> bool:
+    """Whether a tensor or array holds real numbers: not bools (drawn as 0 and 1, where a
+    list of bools was refused), not complex, not objects or strings."""
+    if isinstance(scores, Tensor):
+        return scores.dtype != torch.bool and not scores.is_complex()
+    return scores.dtype.kind in "iuf"
 
 
 def _page(title: str, text: str, data: dict[str, object], pictures: list[Path]) -> str:
