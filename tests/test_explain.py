@@ -341,3 +341,15 @@ def test_layer_integrated_gradients_on_token_ids() -> None:
         ValueError,
         "steps must be an int >= 2",
     )
+    emb = torch.nn.Embedding(30, 4)  # float baselines of ids: torch's embedding error,
+    # "Expected tensor for argument #1 'indices' ...", naming neither
+
+    def g(t: torch.Tensor) -> torch.Tensor:
+        return emb(t).sum((1, 2))
+
+    check_and_control(
+        lambda: integrated_gradients(g, ids, base.double(), layer=emb, steps=2),
+        lambda: integrated_gradients(g, ids, base.int(), layer=emb, steps=2),
+        TypeError,
+        r"baselines must be integer like the inputs \(torch.int64\), got torch.float64",
+    )

@@ -410,12 +410,26 @@ def _check_baselines(inputs: Tensor, baselines: object) -> None:
         raise TypeError(
             f"baselines must be a Tensor, a number or None, got {type(baselines).__name__}"
         )
+    if _kind(baselines) != _kind(inputs):  # (float baselines of token ids: a bare
+        # RuntimeError from the embedding, "Expected tensor for argument #1 'indices'")
+        hint = " (token ids need baseline ids, e.g. the padding id)" * (_kind(inputs) == "integer")
+        raise TypeError(
+            f"baselines must be {_kind(inputs)} like the inputs ({inputs.dtype}), got "
+            f"{baselines.dtype}{hint}"
+        )
     ok = baselines.shape == inputs.shape or baselines.shape == (1, *inputs.shape[1:])
     if not ok:
         raise ValueError(
             f"baselines must have the inputs' shape {tuple(inputs.shape)} or "
             f"{(1, *inputs.shape[1:])}, got {tuple(baselines.shape)}"
         )
+
+
+def _kind(t: Tensor) -> str:
+    """A tensor's kind of number: bool, integer, floating or complex."""
+    if t.dtype == torch.bool:
+        return "bool"
+    return "complex" if t.is_complex() else "floating" if t.is_floating_point() else "integer"
 
 
 def _check_path(method: object, internal_batch_size: object) -> None:
