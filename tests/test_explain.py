@@ -227,13 +227,27 @@ def test_every_path_rule_integrates_a_linear_and_a_quadratic_score_exactly(metho
     assert quad.delta.abs().item() < 1e-4
 
 
-def _gauss_legendre_ig(
-    f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, b: torch.Tensor, nodes: int
+def _rule(method: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """captum's rule ``method`` at ``n`` points, written here in float64: (points, weights)."""
+    if method == "gausslegendre":
+        nodes, weights = np.polynomial.legendre.leggauss(n)
+        return (nodes + 1) / 2, weights / 2
+    k = np.arange(n)
+    if method == "riemann_middle":
+        return (k + 0.5) / n, np.full(n, 1 / n)
+    assert method == "riemann_trapezoid"
+    return k / (n - 1), np.r_[0.5, np.ones(n - 2), 0.5] / (n - 1)
+
+
+def _path_ig(
+    f: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    b: torch.Tensor,
+    rule: tuple[np.ndarray, np.ndarray],
 ) -> torch.Tensor:
-    """Integrated gradients by hand: Gauss-Legendre with numpy's float64 nodes and weights."""
-    alphas, weights = np.polynomial.legendre.leggauss(nodes)
+    """Integrated gradients by hand: the path's points and weights of ``rule``."""
     total = torch.zeros_like(x)
-    for a, w in zip((alphas + 1) / 2, weights / 2, strict=True):
+    for a, w in zip(*rule, strict=True):
         p = (b + float(a) * (x - b)).requires_grad_(True)
         (g,) = torch.autograd.grad(f(p).sum(), p)
         total += float(w) * g
@@ -242,42 +256,51 @@ def _gauss_legendre_ig(
 
 @pytest.mark.parametrize("layer", [False, True])
 @pytest.mark.parametrize("chunk", [None, 4])
-def test_float64_integrated_gradients_are_float64_accurate(layer: bool, chunk: int | None) -> None:
+@pytest.mark.parametrize("method", ["gausslegendre", "riemann_middle", "riemann_trapezoid"])
+def test_float64_integrated_gradients_are_float64_accurate(
+    layer: bool, chunk: int | None, method: str
+) -> None:
     """captum weighs each step by its size cast to float32: 64 float64 steps were 6.6e-9
     off a 300-node float64 integral (the float32 weights' error) where 1e-14 is reachable;
-    over a layer, 4.8e-9 where 9e-12 is. float32 inputs keep captum's result bit for bit."""
+    over a layer, 4.8e-9 where 9e-12 is. Its Riemann points were float32 too: 50-step
+    riemann_middle and riemann_trapezoid were 7e-8 to 1.3e-7 off the same rules in float64,
+    now at most 1.1e-15. float32 inputs keep captum's result bit for bit."""
     torch.manual_seed(0)
     w = torch.randn(5, 3, dtype=torch.float64)
 
     def f(t: torch.Tensor) -> torch.Tensor:  # (..., 5) -> (...)
         return torch.tanh(t @ w.to(t.dtype)).pow(2).sum(-1) + torch.sin(t).sum(-1)
 
+    gauss = method == "gausslegendre"  # against the integral; the others against their rule
+    steps = 64 if gauss else 50  # (64 Riemann points, k/128, are exact in float32)
+    rule = _rule(method, 300 if gauss else steps)
     emb = torch.nn.Embedding(10, 5).double()
     ids, base_ids = torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.tensor([[0, 0, 0]])
     if layer:
         x, b = emb(ids).detach(), emb(base_ids).detach().expand(2, 3, 5)
-        want = _gauss_legendre_ig(lambda t: f(t.sum(1)), x, b, 300)
+        want = _path_ig(lambda t: f(t.sum(1)), x, b, rule)
         got = integrated_gradients(
-            lambda t: f(emb(t).sum(1)), ids, base_ids, layer=emb, steps=64,
-            internal_batch_size=chunk,
+            lambda t: f(emb(t).sum(1)), ids, base_ids, layer=emb, steps=steps,
+            internal_batch_size=chunk, method=method,
         )  # fmt: skip
-        tol = 1e-10  # the 64-node rule's own error: 9e-12
+        tol = 1e-10 if gauss else 1e-13  # the 64-node rule's own error: 9e-12
     else:
         x, b = torch.randn(3, 5, dtype=torch.float64), torch.randn(1, 5, dtype=torch.float64)
-        want = _gauss_legendre_ig(f, x, b.expand(3, 5), 300)
-        got = integrated_gradients(f, x, b, steps=64, internal_batch_size=chunk)
+        want = _path_ig(f, x, b.expand(3, 5), rule)
+        got = integrated_gradients(f, x, b, steps=steps, internal_batch_size=chunk, method=method)
         tol = 1e-13  # 9.8e-15
     assert got.attributions.dtype == torch.float64
     err = (got.attributions - want).abs().max().item()
     assert err < tol, err
     gap = f(x.sum(1) if layer else x) - f(b.sum(1) if layer else b)
     torch.testing.assert_close(got.delta, got.attributions.flatten(1).sum(1) - gap.detach())
-    if not layer:  # float32: what captum computes, unchanged
-        from captum.attr import IntegratedGradients
+    if not layer and method != "riemann_trapezoid":  # float32: what captum computes, unchanged
+        from captum.attr import IntegratedGradients  # (the trapezoid's weights are fixed)
 
         x32, b32 = x.float(), b.float()
-        plain = IntegratedGradients(f).attribute(x32, b32, n_steps=8)
-        assert torch.equal(integrated_gradients(f, x32, b32, steps=8).attributions, plain)
+        plain = IntegratedGradients(f).attribute(x32, b32, n_steps=8, method=method)
+        ours = integrated_gradients(f, x32, b32, steps=8, method=method)
+        assert torch.equal(ours.attributions, plain)
 
 
 @pytest.mark.parametrize(

@@ -13,15 +13,14 @@ Attention lists are in layer order, each ``(B, H, n, n)`` with rows the queries.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from attnlab._validate import validate_flag
+from attnlab.interpret._captum import captum_attr, float64_path, trapezoid_fix
 from attnlab.interpret.capture import capture
 
 __all__ = [
@@ -262,14 +261,6 @@ class Attribution:
         return self.attributions.sum(-1)
 
 
-def _captum() -> Any:
-    try:
-        import captum.attr
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("integrated gradients need captum: pip install 'attnlab[explain]'") from e
-    return captum.attr
-
-
 def integrated_gradients(
     forward: Callable[[Tensor], Tensor],
     inputs: Tensor,
@@ -310,7 +301,7 @@ def integrated_gradients(
     _check_baselines(inputs, baselines)
     if layer is not None and not isinstance(layer, nn.Module):
         raise TypeError(f"layer must be a torch.nn.Module or None, got {type(layer).__name__}")
-    attr = _captum()
+    attr = captum_attr()
 
     def scores(x: Tensor) -> Tensor:  # captum asserted on other shapes, naming neither
         out = forward(x)
@@ -325,7 +316,7 @@ def integrated_gradients(
         if layer is None
         else attr.LayerIntegratedGradients(scores, layer)
     )
-    _float64_step_sizes(algo if layer is None else algo.ig)
+    float64_path(algo if layer is None else algo.ig, method, steps)
     with torch.enable_grad():
         a, delta = algo.attribute(
             inputs,
@@ -336,60 +327,8 @@ def integrated_gradients(
             return_convergence_delta=True,
         )
     if method == "riemann_trapezoid":
-        a, delta = _trapezoid_fix(a, delta, steps)
+        a, delta = trapezoid_fix(a, delta, steps)
     return Attribution(a.detach(), delta.detach())
-
-
-def _float64_step_sizes(ig: Any) -> None:
-    """captum (0.9) multiplies each step's gradients by its step size cast to float32
-    (``torch.tensor(step_sizes).float()``), so float64 attributions were float32-accurate
-    only (6.6e-9 off a float64 integral that 64 Gauss-Legendre steps reach to 1e-14).
-    Scale each step's float64 gradients by ``size / float32(size)`` first, on this ``ig``
-    (an ``IntegratedGradients``) alone; other dtypes are left as captum computes them."""
-    from captum.attr._utils.approximation_methods import approximation_parameters
-
-    plain = ig._attribute
-    signature = inspect.signature(plain)
-
-    def attribute(*args: Any, **kwargs: Any) -> Any:
-        call = signature.bind(*args, **kwargs)
-        call.apply_defaults()
-        n, given = call.arguments["n_steps"], call.arguments["step_sizes_and_alphas"]
-        sizes = (
-            given[0]
-            if given is not None
-            else approximation_parameters(call.arguments["method"])[0](n)
-        )
-        exact = torch.tensor(sizes, dtype=torch.float64)
-        fix = (exact / exact.float().double()).view(n, 1)  # (steps, 1)
-        gradients = ig.gradient_func
-
-        def scaled(*a: Any, **k: Any) -> tuple[Tensor, ...]:
-            grads = gradients(*a, **k)  # each (steps * B, ...), step-major
-            return tuple(
-                (g.reshape(n, -1) * fix.to(g.device)).view(g.shape)
-                if g.dtype == torch.float64
-                else g
-                for g in grads
-            )
-
-        ig.gradient_func = scaled
-        try:
-            return plain(*args, **kwargs)
-        finally:
-            ig.gradient_func = gradients
-
-    ig._attribute = attribute
-
-
-def _trapezoid_fix(a: Tensor, delta: Tensor, steps: int) -> tuple[Tensor, Tensor]:
-    """captum (0.9) places the trapezoid's ``steps`` points ``1/(steps-1)`` apart but
-    weighs them as if ``1/steps`` apart, so every attribution came out ``(steps-1)/steps``
-    of the integral (a linear score lost a quarter at 4 steps); rescale, and move
-    ``delta`` (``sum(a) - (f(x) - f(b))``) by the same added sum."""
-    k = steps / (steps - 1)
-    added = a.detach().flatten(1).sum(1).to(delta.dtype) * (k - 1)  # (B,)
-    return a * k, delta + added
 
 
 # captum's rules of the path integral (``captum.attr._utils.approximation_methods``)
