@@ -46,8 +46,8 @@ def test_minilm_through_transformers_explains_like_attnlabs_own_encoder() -> Non
     assert max_err(rel, rel_own) < 1e-4
 
 
-def _decoder_folder(path: Path) -> Path:
-    """A tiny random GPT-2 with a word-level tokenizer, saved to ``path``."""
+def _save_word_tokenizer(path: Path) -> None:
+    """A word-level tokenizer of :data:`WORDS`, saved to ``path``."""
     vocab = {w: i for i, w in enumerate(WORDS)}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
@@ -55,6 +55,11 @@ def _decoder_folder(path: Path) -> Path:
         tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>"
     )
     fast.save_pretrained(path)
+
+
+def _decoder_folder(path: Path) -> Path:
+    """A tiny random GPT-2 with a word-level tokenizer, saved to ``path``."""
+    _save_word_tokenizer(path)
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(vocab_size=len(WORDS), n_embd=32, n_head=4, n_layer=2)
     transformers.GPT2LMHeadModel(cfg).save_pretrained(path)
@@ -326,13 +331,7 @@ def test_a_decoder_named_for_conditional_generation_is_explained_as_one(tmp_path
     LM for its type; read by the name alone it was an encoder: ``--continuation`` was
     refused ("needs a decoder --hf-model; ... is an encoder (gemma3)") and a text was
     explained as a mean-pooled embedding."""
-    vocab = {w: i for i, w in enumerate(WORDS)}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>"
-    )
-    fast.save_pretrained(tmp_path)
+    _save_word_tokenizer(tmp_path)
     n = len(WORDS)
     text = {"vocab_size": n + 4, "hidden_size": 32, "intermediate_size": 64, "head_dim": 8}
     text |= {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
