@@ -790,6 +790,14 @@ def test_an_empty_batch_gives_an_empty_output_on_every_strategy() -> None:
             lambda: D.unshard([torch.zeros(1, 1, 2, 1)] * 2, dim=5),
             r"dim must be an int in \[-4, 4\)",
         ),
+        (  # torch.cat's "Sizes of tensors must match except in dimension 2"
+            lambda: D.unshard([torch.zeros(1, 2, 8, 4), torch.zeros(1, 1, 8, 4)]),
+            r"shards must match outside dim 2 in shape, dtype and device, got \[\(\(1, 2, 8, 4\)",
+        ),
+        (  # (torch.cat promoted the float32 shard to float64 silently)
+            lambda: D.unshard([torch.zeros(1, 2, 8, 4), torch.zeros(1, 2, 8, 4).double()]),
+            r"shards must match outside dim 2 .* 'float32', 'cpu'\), \(\(1, 2, 8, 4\), 'float64'",
+        ),
     ],
 )
 def test_plans_and_launches_check_their_sizes(call: Callable[[], object], match: str) -> None:

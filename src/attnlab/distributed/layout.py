@@ -142,6 +142,16 @@ def _check_shards(shards: object, dim: object) -> None:
     if any(t.dim() != rank for t in shards):
         raise ValueError(f"shards must share one rank, got {[t.dim() for t in shards]} dims")
     _check_dim(dim, rank, "")
+    assert isinstance(dim, int)
+    outside = {tuple(n for d, n in enumerate(t.shape) if d != dim % rank) for t in shards}
+    kinds = {(t.dtype, t.device) for t in shards}
+    if len(outside) > 1 or len(kinds) > 1:  # (torch.cat: "Sizes of tensors must match")
+        seen = [
+            (tuple(t.shape), str(t.dtype).removeprefix("torch."), str(t.device)) for t in shards
+        ]
+        raise ValueError(
+            f"shards must match outside dim {dim} in shape, dtype and device, got {seen}"
+        )
 
 
 def _check_dim(dim: object, rank: int, of: str) -> None:
