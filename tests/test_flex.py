@@ -205,6 +205,44 @@ def test_what_it_cannot_do_is_declined_by_name(kw: dict, match: str) -> None:
         attnlab.attention(q, k, v, engine="flex", engine_options={"compile": "no"})
 
 
+_CLAIMS = {  # each capability word of the engine's summary, as the call that uses it
+    "dot/cosine score": {"score": "cosine"},
+    "softmax": {},
+    "any mask": {"mask": M.documents(torch.arange(L) * 5 // L)},
+    "soft-capping": {"softcap": 20.0},
+    "constant biases (ALiBi)": {"bias": B.alibi(HQ)},
+    "GQA": {},  # (_qkv gives HQ=4 query heads over HKV=2)
+    "sinks": {"sinks": torch.zeros(HQ)},
+    "lse": {"return_lse": True},
+}
+
+
+@COMPILES
+def test_the_summary_claims_on_every_device_only_what_a_cpu_call_does() -> None:
+    """``attnlab engines`` printed "sinks, GQA, lse; ... CUDA, or CPU without autograd"
+    while the compiled CPU call declined sinks and lse: each capability of the summary's
+    first clause (unconditional) must be accepted on the CPU with the default options, and
+    the ones it names for the CPU only uncompiled must run with ``compile=False``."""
+    summary = attnlab.available_engines()["flex"].summary
+    everywhere = summary.split("; ")[0].split(", ")
+    assert set(everywhere) <= set(_CLAIMS), everywhere
+    q, k, v = (t.float() for t in _qkv())
+    engine = select_engine("flex", _request(q, k, v))
+    for word in everywhere:
+        assert engine.unsupported(_request(q, k, v, **_CLAIMS[word])) is None, word
+    uncompiled = summary.split("CPU: forward only, ")[1].split(" only with")[0].split(" and ")
+    for word in uncompiled:
+        declined = engine.unsupported(_request(q, k, v, **_CLAIMS[word]))
+        assert declined is not None and "compile': False" in declined, word
+        attnlab.attention(q, k, v, engine="flex", engine_options=EAGER, **_CLAIMS[word])
+
+
+def _request(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: object) -> AttentionRequest:
+    base = {"mask": None, "bias": None, "scale": 0.2, "score": "dot", "normalize": "softmax",
+            "dropout_p": 0.0, "return_weights": False, "return_lse": False}  # fmt: skip
+    return AttentionRequest(q, k, v, **{**base, **kw})  # type: ignore[arg-type]
+
+
 def test_auto_never_picks_it_on_the_cpu() -> None:
     q = torch.randn(1, 2, 1024, 64)
     req = AttentionRequest(q, q, q, M.causal() & M.window(64), None, 0.125, "dot",

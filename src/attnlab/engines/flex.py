@@ -116,9 +116,10 @@ class FlexEngine(Engine):
     name = "flex"
     exact = True
     summary = (
-        "dot/cosine score, softmax, any mask, soft-capping, constant biases (ALiBi), sinks, "
-        "GQA, lse; skips empty 128x128 tiles fwd+bwd via torch FlexAttention (compiled); "
-        "CUDA, or CPU without autograd; no weights, dropout"
+        "dot/cosine score, softmax, any mask, soft-capping, constant biases (ALiBi), GQA; "
+        "skips empty 128x128 tiles fwd+bwd via torch FlexAttention (compiled); "
+        "CUDA: also sinks, lse, backward; CPU: forward only, sinks and lse only with "
+        "engine_options={'compile': False}; no weights, dropout"
     )
     options = ("compile",)
     passes_plain = True  # prefers() is False without a mask or soft-capping
