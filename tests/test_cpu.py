@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -137,6 +138,32 @@ def test_info_reports_what_torch_reports(capsys: pytest.CaptureFixture[str]) -> 
     assert got["gelu_fused"] == (got["capability"] == "AVX512")
     assert main(["info"]) == 0
     assert f"torch instruction set {got['capability']}" in capsys.readouterr().out
+
+
+def test_info_states_which_linears_fold_their_gelu(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``attnlab info`` said "folded into oneDNN's product" with no conditions, though the
+    fused path takes only small inner sizes, enough rows and large weights (MiniLM's
+    linears never did): the sizes it now states are the ones :func:`_fusable` decides by."""
+    from attnlab.cli import main
+    from attnlab.nn import _fused
+
+    if _fused._POINTWISE is None or not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN fused linear")
+    fold = lambda info: (True, "AVX512: faster")  # noqa: E731  (as on an AVX-512 CPU)
+    monkeypatch.setattr("attnlab.cli.info.fuse_activation", fold)
+    assert main(["info"]) == 0
+    line = next(r for r in capsys.readouterr().out.splitlines() if "GELU" in r)
+    stated = re.search(r"inner sizes <= (\d+), from (\d+) rows and 2\*\*(\d+) weight", line)
+    assert stated is not None, line
+    inner, rows, weight = int(stated[1]), int(stated[2]), 1 << int(stated[3])
+    out = -(-weight // inner)  # the fewest outputs that reach the weight entries
+    with torch.no_grad():
+        assert _fused._fusable(torch.ones(rows, inner), torch.ones(out, inner), None)  # control
+        assert not _fused._fusable(torch.ones(rows, inner + 1), torch.ones(out, inner + 1), None)
+        assert not _fused._fusable(torch.ones(rows - 1, inner), torch.ones(out, inner), None)
+        assert not _fused._fusable(torch.ones(rows, inner), torch.ones(out - 1, inner), None)
 
 
 def test_info_reports_the_zeros_cache(

@@ -2,7 +2,7 @@
 
 Prints the CPU and torch's instruction set, the thread count, whether bfloat16 matrix
 products are native or emulated and what ``precision="auto"`` runs (and why), whether linears
-fold their GELU into oneDNN's product (per instruction set), the blocked
+fold their GELU into oneDNN's product (per instruction set, and at which sizes), the blocked
 engine's compiled kernel (built for which instruction set, or why it is unavailable), the
 cache behind large zeroed weights (:mod:`attnlab.engines.zeros`) and the registered
 engines. ``--json`` prints the same as one JSON object.
@@ -21,6 +21,7 @@ import attnlab
 from attnlab._cpu import bf16_products, cpu_info, fuse_activation, resolve_precision
 from attnlab.engines import available_engines, kernel_status
 from attnlab.engines.zeros import cache_info
+from attnlab.nn._fused import FUSE_INNER, FUSE_ROWS, FUSE_WEIGHT
 
 __all__ = ["add_parsers", "facts", "run"]
 
@@ -55,6 +56,7 @@ def facts() -> dict[str, Any]:
         "precision_why": why,
         "gelu_fused": fused,
         "gelu_why": fused_why,
+        "gelu_fused_when": _fused_when(),
         "kernel": kernel_status(),
         "zeros_cache": zeros,
         "engines": {n: "exact" if e.exact else "approximate" for n, e in engines.items()},
@@ -75,7 +77,9 @@ def run(args: argparse.Namespace) -> int:
     native = "native" if f["bf16_products"] else "emulated"
     print(f"bfloat16 matrix products: {native} ({f['bf16_products_why']}){bf16}")
     print(f"precision='auto' runs {f['precision_auto']}: {f['precision_why']}")
-    gelu = "folded into oneDNN's product" if f["gelu_fused"] else "its own pass"
+    gelu = "its own pass"
+    if f["gelu_fused"]:
+        gelu = f"folded into oneDNN's product {f['gelu_fused_when']}; elsewhere its own pass"
     print(f"float32 linear + GELU at inference: {gelu} ({f['gelu_why']})")
     if k["loaded"]:
         print(f"blocked kernel: built for {k['isa']} ({' '.join(k['flags'])}); "
@@ -90,6 +94,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"weights zero-cache: {_zeros_line(f['zeros_cache'])}")
     print("engines: " + ", ".join(f"{n} ({kind})" for n, kind in f["engines"].items()))
     return 0
+
+
+def _fused_when() -> str:
+    """Which linears take oneDNN's fused product at all (``attnlab.nn._fused``'s sizes)."""
+    power = FUSE_WEIGHT.bit_length() - 1
+    weight = f"2**{power}" if FUSE_WEIGHT.bit_count() == 1 else str(FUSE_WEIGHT)
+    return f"for inner sizes <= {FUSE_INNER}, from {FUSE_ROWS} rows and {weight} weight entries"
 
 
 def _zeros_line(z: dict[str, Any]) -> str:
