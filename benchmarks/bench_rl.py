@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from attnlab.cli._args import int_in, script_parser
+from attnlab.rl.env import make_env
 from attnlab.rl.task import DOORKEY_ENV, MEMORY_ENV, AgentTask, run_episodes
 from attnlab.tasks import spec, train_config
 from attnlab.train import Trainer
@@ -50,7 +51,13 @@ def parse() -> argparse.Namespace:
         default=None,
         help="also evaluate (32 episodes) every N steps during training, printed to stderr",
     )
-    return p.parse_args()
+    args = p.parse_args()
+    for env_id in args.envs:  # before the process pool: the check AgentTask's envs make
+        try:
+            make_env(env_id).close()
+        except (ValueError, ImportError) as e:
+            p.error(f"argument --envs: {e}")
+    return args
 
 
 def task_name(env_id: str, policy: str) -> str:

@@ -117,6 +117,8 @@ def test_bench_approx_summary_with_one_n(monkeypatch: Any, capsys: Any) -> None:
         (["bench_minilm.py", "--modes", "foo"], "--modes"),
         (["bench_approx.py", "--ns", "128,0"], "--ns"),  # N=0 and -5 were timed
         (["sweep_hf.py", "--timeout", "0"], "--timeout"),  # one line for three flags
+        (["bench_rl.py", "--envs", "Bogus-v0"], "--envs"),  # 35 lines from the pool, exit 1
+        (["bench_rl.py", "--envs", "MiniGrid-MemoryS99-v0"], "--envs"),  # not registered
     ],
 )
 def test_benchmarks_refuse_bad_arguments_before_any_work(argv: list[str], argument: str) -> None:
