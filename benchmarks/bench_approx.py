@@ -44,7 +44,7 @@ from torch import Tensor
 
 import attnlab
 from attnlab.bench import interleaved_ms
-from attnlab.cli._args import int_in, ints_in, names_in, script_parser
+from attnlab.cli._args import int_in, ints_in, names_in, parse_smoke, script_parser
 from attnlab.nn.linformer import linformer_attention
 
 METHODS = ("exact", "dense", "linear", "performer", "nystrom", "linformer")
@@ -205,9 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (CI)")
     p.add_argument("--probe", type=int_in(0), default=0, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args = parse_smoke(p, argv, {"ns": (128, 256), "heads": 2, "repeat": 1})
     if args.smoke:
-        args.ns, args.heads, args.repeat, args.threads = (128, 256), 2, 1, args.threads or 1
+        args.threads = args.threads or 1
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.probe:

@@ -26,7 +26,7 @@ from torch import Tensor
 
 import attnlab
 from attnlab import masks as M
-from attnlab.cli._args import int_in, script_parser
+from attnlab.cli._args import int_in, parse_smoke, script_parser
 
 HEADS, KV_HEADS, DIM = 8, 2, 64
 
@@ -91,9 +91,8 @@ def main() -> None:
     parser.add_argument("--window", type=int_in(1), default=512, help="keys of the window case")
     parser.add_argument("--steps", type=int_in(1), default=100, help="decoding steps per round")
     parser.add_argument("--rounds", type=int_in(1), default=3, help="alternating rounds")
-    args = parser.parse_args()
-    if args.smoke:
-        args.lengths, args.window, args.steps, args.rounds = [64, 256], 32, 3, 1
+    smoke = {"lengths": [64, 256], "window": 32, "steps": 3, "rounds": 1}
+    args = parse_smoke(parser, None, smoke)
     for lk in args.lengths:
         print(json.dumps(case_rows(lk, None, args.steps, args.rounds)), flush=True)
     for lk in args.lengths:

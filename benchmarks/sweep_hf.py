@@ -49,7 +49,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
 
-from attnlab.cli._args import float_in, int_in, script_parser
+from attnlab.cli._args import float_in, int_in, parse_smoke, script_parser
 
 V = 64
 SIZES = {
@@ -307,7 +307,7 @@ def main() -> None:
     p.add_argument("--timeout", type=int_in(1), default=60, help="seconds per family")
     gib = float_in(0.0, open_low=True)
     p.add_argument("--max-gib", type=gib, default=8.0, help="memory the sweep may take")
-    args = p.parse_args()
+    args = parse_smoke(p, None, {"families": list(SMOKE)})
     # a config whose shrunk sizes still ask for tens of GiB fails its family, not the sweep
     limit = int(args.max_gib * 2**30)
     resource.setrlimit(resource.RLIMIT_DATA, (limit, resource.getrlimit(resource.RLIMIT_DATA)[1]))
@@ -326,7 +326,7 @@ def main() -> None:
     names = (
         ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if args.mapping == "causal" else ma.MODEL_MAPPING_NAMES
     )
-    families = list(SMOKE) if args.smoke else (args.families or sorted(names))
+    families = args.families or sorted(names)
     unknown = [f for f in families if f not in t.models.auto.configuration_auto.CONFIG_MAPPING]
     if unknown:
         p.error(f"argument --families: unknown model types {unknown}")

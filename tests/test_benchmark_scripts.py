@@ -139,6 +139,37 @@ def test_benchmarks_refuse_bad_arguments_before_any_work(argv: list[str], argume
     assert res.stderr.splitlines() == errors
 
 
+@pytest.mark.parametrize(
+    ("script", "flag"),
+    [
+        ("bench_layers", "--length"),
+        ("bench_minilm", "--n"),
+        ("bench_approx", "--ns"),
+        ("bench_decode", "--lengths"),
+        ("bench_flow", "--anchor-pairs"),
+        ("bench_generative", "--samples"),
+        ("bench_hf", "--dense-n"),
+        ("listops", "--max-len"),
+        ("load_serve", "--seconds"),
+        ("bench_robust", "--batch-size"),
+        ("sweep_hf", "--families"),
+    ],
+)
+def test_smoke_refuses_the_sizes_it_sets(
+    script: str, flag: str, monkeypatch: Any, capsys: Any
+) -> None:
+    """``--smoke`` replaced a size given beside it silently (``--smoke --length 64`` timed
+    16 tokens); as ``attnlab bench --smoke --n 4096`` it is one line, exit 2, before work."""
+    mod = _load(script)
+    argv = ["--smoke", flag, "64"]
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv])
+    with pytest.raises(SystemExit) as e:
+        mod.main(argv) if "argv" in mod.main.__code__.co_varnames else mod.main()
+    err = capsys.readouterr().err.splitlines()
+    assert (e.value.code, len(err)) == (2, 1), err
+    assert f"argument {flag}: and --smoke both set it; give one of them" in err[0]
+
+
 def test_bench_approx_ns_are_checked_like_the_other_ints(capsys: Any) -> None:
     """A negative N is refused by value, as --heads is (not "expected one argument")."""
     ba = _load("bench_approx")

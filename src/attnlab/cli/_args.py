@@ -41,6 +41,8 @@ __all__ = [
     "int_in",
     "ints_in",
     "names_in",
+    "parse_smoke",
+    "refuse_beside_smoke",
     "script_parser",
     "shown",
 ]
@@ -57,6 +59,41 @@ def script_parser(doc: str | None) -> argparse.ArgumentParser:
         'Time things.'
     """
     return Parser(description=(doc or "").strip().split("\n")[0])
+
+
+def refuse_beside_smoke(given: Sequence[str]) -> None:
+    """Refuse the options ``given`` beside ``--smoke``, which sets them itself (the values
+    given went unread): a :class:`UsageError` naming the first.
+
+    Example:
+        >>> refuse_beside_smoke([])
+        >>> refuse_beside_smoke(["--n"])
+        Traceback (most recent call last):
+        attnlab.cli._errors.UsageError: argument --n: and --smoke both set it; give one of them
+    """
+    if given:
+        raise UsageError(given[0], "and --smoke both set it; give one of them")
+
+
+def parse_smoke(
+    p: argparse.ArgumentParser, argv: Sequence[str] | None, sizes: dict[str, object]
+) -> argparse.Namespace:
+    """``p.parse_args(argv)``, where ``--smoke`` sets the options of ``sizes`` (their dests,
+    ``--batch-size`` as ``batch_size``, to their smoke values); one of them also given is
+    one line from ``p.error`` (:func:`refuse_beside_smoke`), exit status 2."""
+    args = p.parse_args(argv)
+    if not args.smoke:
+        return args
+    unset = object()  # argparse fills in a default only where the namespace has none
+    seen = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(sizes, unset)))
+    try:
+        given = [dest for dest in sizes if getattr(seen, dest) is not unset]
+        refuse_beside_smoke(["--" + dest.replace("_", "-") for dest in given])
+    except UsageError as e:
+        p.error(str(e))
+    for dest, value in sizes.items():
+        setattr(args, dest, value)
+    return args
 
 
 def int_in(low: int, high: int | None = None) -> Callable[[str], int]:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from attnlab import bench
-from attnlab.cli._args import int_in, names_in
+from attnlab.cli._args import int_in, names_in, refuse_beside_smoke
 from attnlab.cli._errors import Parser, UsageError
 from attnlab.engines import available_engines
 
@@ -86,8 +86,8 @@ def run(args: argparse.Namespace) -> int:
     args.cases = bench.CASES if args.cases is None else args.cases
     args.modes = default.modes if args.modes is None else args.modes
     given = [f"--{k}" for k in bench.SMOKE if getattr(args, k) is not None]
-    if args.smoke and given:  # it set its own sizes, and the ones given went unread
-        raise UsageError(given[0], "and --smoke both set it; give one of them")
+    if args.smoke:  # it sets its own sizes
+        refuse_beside_smoke(given)
     for k in bench.SMOKE:
         setattr(args, k, getattr(default, k) if getattr(args, k) is None else getattr(args, k))
     if args.flex and (why := bench.flex_problem(args.device)) is not None:
