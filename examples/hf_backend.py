@@ -15,19 +15,22 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a hub
 
 import torch
 
+from attnlab.cli._args import script_parser
+from attnlab.cli._errors import UsageError
+from attnlab.cli._sentence import check_fits, check_has_tokens
+
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Run the example; returns the differences it prints (for the test)."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = script_parser(__doc__)
     p.add_argument("--text", nargs="+", default=["The cat sat on the mat.", "Dogs bark."])
     args = p.parse_args(argv)
-    if not all(t.strip() for t in args.text):
-        p.error(f"--text: every text needs a word, got {args.text}")
     import transformers
 
     from attnlab.integrations.transformers import register
@@ -37,6 +40,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     register()  # the two-line use: register, then attn_implementation="attnlab"
     folder = minilm_path()
     tok = transformers.AutoTokenizer.from_pretrained(folder)
+    _check_texts(p, args.text, tok, transformers.AutoConfig.from_pretrained(folder))
     batch = tok(args.text, padding=True, return_tensors="pt")
     out = {}
     for impl in ("attnlab", "eager"):
@@ -62,6 +66,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     for i in flow.argsort(descending=True)[:5].tolist():
         print(f"  {words[i]:>10}  {float(flow[i]):.3f}")
     return diffs
+
+
+def _check_texts(p: argparse.ArgumentParser, texts: list[str], tok: Any, config: Any) -> None:
+    """Each text holds a word and fits the model's positions, before any weights load (one
+    past 512 tokens failed inside the model; a zero-width space alone passed): one line."""
+    ids = lambda x: list(tok(x, verbose=False)["input_ids"])  # noqa: E731
+    try:
+        for text in texts:
+            check_has_tokens("--text", text, ids)
+            check_fits("--text", text, ids, config)
+    except UsageError as e:
+        p.error(str(e))
 
 
 if __name__ == "__main__":

