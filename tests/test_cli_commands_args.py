@@ -23,6 +23,7 @@ import attnlab.cli.tour as tour_mod
 import attnlab.cli.train as train_mod
 from attnlab.bench import BenchConfig, matmul_gflops, records
 from attnlab.cli import main
+from attnlab.cli._errors import UsageError
 
 
 class Reached(Exception):
@@ -212,10 +213,15 @@ def ram_16_gib(monkeypatch: pytest.MonkeyPatch) -> None:
             "argument --n: --n 262144 x --heads 1 needs 320 GiB for the memory probe's "
             "n x n mask and scores (reference); this machine has 16 GiB",
         ),
-        (  # the timed cases still build the anchor's dense masks
+        (  # the timed cases still build the anchor's bool mask, and SDPA a float copy
             "--n 262144 --heads 1 --window 512 --cases window",
-            "argument --n: --n 262144 needs 64 GiB for the anchor's dense masks; this machine "
-            "has 16 GiB",
+            "argument --n: --n 262144 needs 576 GiB for the n x n masks and scores of case "
+            "'window' (SDPA's anchor and auto); this machine has 16 GiB",
+        ),
+        (  # the reference engine's scores and weights per head (counted as 1 byte a pair)
+            "--n 65536 --cases dense --engine reference",
+            "argument --n: --n 65536 x --heads 8 needs 256 GiB for the n x n masks and "
+            "scores of case 'dense' (SDPA's anchor and reference); this machine has 16 GiB",
         ),
     ],
 )
@@ -224,6 +230,15 @@ def test_bench_memory_check_refuses_what_would_not_fit(
 ) -> None:
     assert main(["bench", *argv.split()]) == 2
     assert _usage_line(capsys) == f"attnlab bench: error: {line}"
+
+
+def test_bench_dense_and_causal_build_no_mask_to_count(ram_16_gib: None) -> None:
+    """SDPA runs them without a mask (is_causal) and auto tiles them: at n 200000 only the
+    tensors count (3 GiB), where 37 GiB "for the anchor's dense masks" was refused."""
+    cfg = bench_mod.BenchConfig(n=200_000)
+    bench_cli._check_memory(cfg, ["dense", "causal"], False)
+    with pytest.raises(UsageError, match="needs 335 GiB for the n x n masks and scores of "):
+        bench_cli._check_memory(cfg, ["dense", "documents"], False)  # control: a mask
 
 
 @pytest.mark.parametrize(

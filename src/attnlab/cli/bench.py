@@ -138,8 +138,8 @@ _Need = tuple[int, tuple[str, ...], str]  # bytes, the options that set them, wh
 
 
 def _check_memory(cfg: bench.BenchConfig, cases: Sequence[str], memory: bool) -> None:
-    """What the run will hold fits in this machine's memory, on the CPU: the anchor's
-    dense masks and the timed tensors, or with ``memory`` what the probe allocates
+    """What the run will hold fits in this machine's memory, on the CPU: the largest
+    case's n x n masks and scores and the timed tensors, or with ``memory`` what the probe allocates
     (``--n 3000000`` failed in torch asking for 9 TB; ``--heads 50000000``, 819 GB)."""
     if torch.device(cfg.device).type != "cpu" or not hasattr(os, "sysconf"):
         return
@@ -152,23 +152,42 @@ def _check_memory(cfg: bench.BenchConfig, cases: Sequence[str], memory: bool) ->
 
 
 def _timing_needs(cfg: bench.BenchConfig, cases: Sequence[str]) -> list[_Need]:
-    """The timed cases' memory: the anchor's ``n x n`` bool mask (and ALiBi's float bias
-    per head), and q, k, v, the output and their gradients."""
-    alibi = "alibi" in cases
-    per_pair = 1 + (4 * cfg.heads if alibi else 0)  # bytes: bool mask, bias
+    """The timed cases' memory: the ``n x n`` matrices of the largest case (see
+    :func:`_pair_bytes`), and q, k, v, the output and their gradients."""
     size = torch.empty((), dtype=bench.DTYPES[cfg.dtype]).element_size()
-    return [
-        (
-            cfg.n * cfg.n * per_pair,
-            ("--n", "--heads") if alibi else ("--n",),
-            "the anchor's dense masks",
-        ),
+    needs: list[_Need] = [
         (
             8 * cfg.heads * cfg.n * cfg.dim * size,
             ("--n", "--heads", "--dim"),
             "the anchor's tensors",
-        ),
+        )
     ]
+    pairs = {case: _pair_bytes(cfg, case, size) for case in cases}
+    case = max(pairs, key=lambda c: pairs[c][0], default=None)
+    if case is not None and pairs[case][0]:
+        per_pair, per_head = pairs[case]
+        names = ("--n", "--heads") if per_head else ("--n",)
+        what = f"the n x n masks and scores of case {case!r} (SDPA's anchor and {cfg.engine})"
+        needs.insert(0, (cfg.n * cfg.n * per_pair, names, what))
+    return needs
+
+
+def _pair_bytes(cfg: bench.BenchConfig, case: str, size: int) -> tuple[int, bool]:
+    """Bytes per (query, key) pair that ``case`` holds at its peak, and whether they grow
+    with the heads: the anchor's bool mask, held through the case (none for dense and
+    causal: SDPA runs is_causal), ALiBi's float bias per head and its masked copy, and
+    the largest work of one call: SDPA's float copy of a bool mask (4 bytes; 8 with
+    backward, ~8.6 measured), the reference engine's scores and weights (float32 per
+    head: 8 x heads; 1.02 GiB at n 4096, 8 heads), the sdpa engine's own mask."""
+    if case in ("dense", "causal"):
+        held, work = 0, 0
+    elif case == "alibi":
+        held, work = 1 + 2 * cfg.heads * size, 0
+    else:
+        held, work = 1, 4 * (2 if "fwd+bwd" in cfg.modes else 1)
+    ours = {"reference": 8 * cfg.heads, "sdpa": held + work}.get(cfg.engine, 0)
+    heads = case == "alibi" or cfg.engine == "reference"
+    return held + max(work, ours), heads
 
 
 def _probe_needs(cfg: bench.BenchConfig) -> list[_Need]:
