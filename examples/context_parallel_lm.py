@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 import attnlab.distributed as D
 from attnlab import masks
+from attnlab.cli._args import script_parser
 from attnlab.distributed.launch import run_local
 from attnlab.tasks.generation import make_sentences
 from attnlab.tasks.text import Vocab
@@ -138,7 +139,7 @@ def _checked(p: argparse.ArgumentParser, args: argparse.Namespace, world: int) -
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = script_parser(__doc__)
     p.add_argument("--seq", type=int, default=8192)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cp", type=int, default=None, help="context-parallel group size")

@@ -28,12 +28,15 @@ def test_twenty_losses_equal_one_process() -> None:
 
 def test_options_that_do_not_fit_are_one_line() -> None:
     """``--cp`` that does not divide the ranks, ``--steps 0`` and a row too short for
-    the sentences ended in IndexError or RuntimeError tracebacks."""
+    the sentences ended in IndexError or RuntimeError tracebacks; a bad flag printed
+    argparse's usage above its error."""
     cases = {
         "--local 3 --cp 2": "argument --cp: must divide the 3 ranks, got 2",
         "--local 2 --cp 4": "argument --cp: must divide the 2 ranks, got 4",
         "--local 1 --steps 0": "argument --steps: must be >= 1, got 0",
         "--local 2 --seq 3": "argument --seq: must be >= 16 x cp = 32, got 3",
+        "--local 2 --seq x": "argument --seq: invalid int value: 'x'",  # (usage lines above)
+        "--local 2 --bogus": "unrecognized arguments: --bogus",
     }
     for args, words in cases.items():
         done = subprocess.run(
@@ -43,5 +46,6 @@ def test_options_that_do_not_fit_are_one_line() -> None:
             timeout=120,
         )
         assert done.returncode == 2 and done.stdout == "", (args, done.stderr)
-        assert done.stderr.strip().splitlines()[-1].endswith(words), (args, done.stderr)
+        lines = done.stderr.strip().splitlines()  # one line, as the commands' errors
+        assert len(lines) == 1 and words in lines[0], (args, done.stderr)
         assert "Traceback" not in done.stderr
