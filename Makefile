@@ -78,8 +78,9 @@ SMOKE_layers      := bench_layers.py --smoke
 SMOKE_flow        := bench_flow.py --smoke
 SMOKE_auto        := bench_auto.py --smoke
 SMOKE_decode      := bench_decode.py --smoke
+SMOKE_listops     := listops.py --smoke
 SMOKES := $(addprefix smoke-,hf minilm ask core core_flex serve distributed robust approx \
-  generative sweep_hf core_memory rl layers flow auto decode)  # longest first
+  generative sweep_hf core_memory rl layers flow auto decode listops)  # longest first
 
 .PHONY: $(SMOKES)
 $(SMOKES): smoke-%: $(VENV)/.base

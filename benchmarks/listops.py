@@ -234,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for method in args.methods:
         rec = {"bench": "listops", **train_and_test(method, data, args)}
+        rec["cpu"] = torch.backends.cpu.get_cpu_capability()  # train_s is a time
         rec["lra_reference"] = LRA_ACCURACY.get(method)
         print(json.dumps(rec), flush=True)
     return 0
