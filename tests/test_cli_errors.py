@@ -110,7 +110,7 @@ BAD: list[tuple[str, int, str]] = [
     (
         "bench --cases documents --n 3000000 --heads 1",
         2,
-        "argument --n: --n 3000000 needs 8382 GiB",
+        "argument --n: --n 3000000 needs 75437 GiB for the n x n masks and scores",
     ),
     ("bench --heads 50000000 --n 64", 2, "argument --heads: --n 64 x --heads 50000000 needs"),
     ("bench --dim 1000000000 --n 64", 2, "argument --dim: --n 64 x --heads 8 x --dim 1000000000"),
