@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import os
+import re
 import socket
+import subprocess
+import sys
 import types
 from pathlib import Path
 from typing import Any
@@ -430,3 +434,16 @@ def test_tour_weights_heading_says_how_many_tokens_it_shows(
     rows = list(itertools.takewhile(lambda x: x.startswith("     "), lines[at + 1 :]))
     n = int(shown.split()[0])
     assert len(rows) == n and all(len(r.split()) == n for r in rows)
+
+
+def test_tour_runs_where_torch_cannot_compile_flex() -> None:
+    """Without AVX2 (and on ARM, macOS) torch cannot compile FlexAttention for the CPU:
+    the tour stopped at flex with "attnlab tour: error: ValueError: engine='flex' cannot
+    compute this request", exit 1, before its normalizers."""
+    env = os.environ | {"ATEN_CPU_CAPABILITY": "default", "ATTNLAB_NO_KERNEL": "1"}
+    cmd = [sys.executable, "-m", "attnlab.cli", "tour", "--length", "16"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-800:]
+    assert re.search(r"^   flex +skipped: .*AVX2", res.stdout, re.M), res.stdout
+    assert "sparsemax" in res.stdout  # the tour went on
+    assert re.search(r"^   blocked +[\d.]+ ms", res.stdout, re.M)  # the others still ran
