@@ -358,6 +358,31 @@ def test_kernel_unavailable_falls_back_with_a_warning(monkeypatch: pytest.Monkey
     assert isinstance(got, Tensor) and max_err(got, want) < 1e-5  # torch's per-block path
 
 
+def test_a_build_without_ninja_says_so_before_it_starts(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without ninja torch cannot build: the "compiling (once, about 20 s)" line came in
+    every process, then torch's "Ninja is required". pip's ninja package (a dependency)
+    is found where its bin folder is not on PATH (an unactivated venv)."""
+    import types
+
+    import torch.utils.cpp_extension as cpp
+
+    from attnlab.engines import _native
+
+    monkeypatch.setenv("PATH", "/usr/bin")
+    monkeypatch.setattr(cpp, "is_ninja_available", lambda: "/venv/bin" in os.environ["PATH"])
+    monkeypatch.setitem(sys.modules, "ninja", types.SimpleNamespace(BIN_DIR="/venv/bin"))
+    _native._find_ninja()  # the package's folder put on PATH
+    assert os.environ["PATH"].split(os.pathsep) == ["/venv/bin", "/usr/bin"]
+    monkeypatch.setenv("PATH", "/usr/bin")
+    monkeypatch.setitem(sys.modules, "ninja", None)  # not installed either: import fails
+    monkeypatch.setattr(_native, "_state", {})
+    with pytest.warns(RuntimeWarning, match="needs ninja, found neither on PATH nor as the"):
+        assert _native.kernel() is None
+    assert "compiling" not in capsys.readouterr().err
+
+
 def test_kernel_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
     from attnlab.engines import _native
 

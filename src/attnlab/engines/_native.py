@@ -84,6 +84,7 @@ def _fingerprint(flags: tuple[str, ...]) -> str:
 def _build() -> Any:
     from torch.utils.cpp_extension import _get_build_directory, load
 
+    _find_ninja()  # before the "compiling" line: without ninja no build starts
     name, flags = build_settings()
     folder = Path(_get_build_directory(name, verbose=False))
     source = folder / _SOURCE.name  # a copy: the same path from every checkout
@@ -104,6 +105,25 @@ def _build() -> Any:
         is_python_module=False,
     )
     return torch.ops.attnlab_blocked
+
+
+def _find_ninja() -> None:
+    """ninja on ``PATH`` for torch's build, or a RuntimeError saying how to get it. pip's
+    ``ninja`` package (a dependency) puts it in the environment's ``bin``, which is not on
+    ``PATH`` when a venv's python runs unactivated: that folder is added to ``PATH``."""
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if is_ninja_available():
+        return
+    try:
+        import ninja  # type: ignore[import-not-found,unused-ignore]
+
+        os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
+    except ImportError:
+        pass
+    if not is_ninja_available():
+        raise RuntimeError("building it needs ninja, found neither on PATH nor as the "
+                           "ninja package: pip install ninja")  # fmt: skip
 
 
 def kernel() -> Any | None:
