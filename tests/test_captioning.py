@@ -208,3 +208,25 @@ def test_captioning_task_sizes_are_checked(kw: dict, match: str) -> None:
     with pytest.raises(ValueError, match="size must be >= 29"):
         random_scene("a red circle above a blue square", random.Random(0), size=28)
     assert random_scene("a red circle above a blue square", random.Random(0), size=29)
+
+
+def test_missing_pillow_and_babel_name_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without them, `attnlab train captioning` and `train dates` said only "No module
+    named 'PIL'" / "'babel'", where every other task names the extra to install."""
+    import sys
+
+    from attnlab.tasks.dates_data import writing_styles
+
+    scene = random_scene("a red circle left of a blue square", random.Random(0))
+    for name in ("PIL", "babel", "babel.core", "babel.dates"):
+        monkeypatch.setitem(sys.modules, name, None)  # an import of it fails
+    with pytest.raises(
+        ImportError, match=r"captioning task needs Pillow: pip install 'attnlab\[tasks\]'"
+    ):
+        render(scene)
+    with pytest.raises(
+        ImportError, match=r"dates task needs Babel: pip install 'attnlab\[tasks\]'"
+    ):
+        writing_styles(["en"], ["short"])
+    monkeypatch.undo()
+    assert render(scene).shape == (32, 32, 3) and writing_styles(["en"], ["short"])  # control

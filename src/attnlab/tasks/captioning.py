@@ -168,8 +168,10 @@ def render(scene: Scene, size: int = 32) -> np.ndarray:
         >>> img.shape, img.dtype
         ((32, 32, 3), dtype('uint8'))
     """
-    from PIL import Image, ImageDraw
-
+    try:
+        from PIL import Image, ImageDraw
+    except ImportError as e:  # (it said "No module named 'PIL'", naming no extra)
+        raise ImportError("the captioning task needs Pillow: pip install 'attnlab[tasks]'") from e
     im = Image.new("RGB", (size, size))
     draw = ImageDraw.Draw(im)
     for t in (scene.a, scene.b):

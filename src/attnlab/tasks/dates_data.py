@@ -163,6 +163,7 @@ def writing_styles(locales: Sequence[str], formats: Sequence[str]) -> list[tuple
         raise ValueError(
             f"formats must be a non-empty sequence drawn from {FORMATS}, got {formats!r}"
         )
+    _babel()  # without Babel: the error that names the extra
     from babel.core import UnknownLocaleError
 
     for loc in locales:
