@@ -46,18 +46,18 @@ def float64_path(ig: Any, method: str, steps: int) -> None:
     """
     from captum.attr._utils.approximation_methods import approximation_parameters
 
-    exact_alphas = np.asarray(_alphas64(method, steps))
     plain = ig._attribute
     signature = inspect.signature(plain)
 
     def attribute(*args: Any, **kwargs: Any) -> Any:
         call = signature.bind(*args, **kwargs)
         call.apply_defaults()
+        if not _float64(call.arguments["inputs"], call.arguments["baselines"]):
+            return plain(*args, **kwargs)
         n, given = call.arguments["n_steps"], call.arguments["step_sizes_and_alphas"]
         sizes_of, alphas_of = approximation_parameters(call.arguments["method"])
         sizes, alphas = given if given is not None else (sizes_of(n), alphas_of(n))
-        if not _float64(call.arguments["inputs"], call.arguments["baselines"]):
-            return plain(*args, **kwargs)
+        exact_alphas = np.asarray(_alphas64(method, steps))
         near = np.abs(np.asarray(alphas)[:, None] - exact_alphas[None, :]).argmin(1)
         call.arguments["step_sizes_and_alphas"] = (sizes, exact_alphas[near].tolist())
         exact = torch.tensor(sizes, dtype=torch.float64)
