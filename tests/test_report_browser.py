@@ -6,6 +6,7 @@ Skipped when Playwright or ``/usr/bin/chromium`` is missing (``make test`` insta
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -222,3 +223,28 @@ def test_a_text_and_picture_name_that_were_not_utf8_are_written(tmp_path: Path) 
     page = report(tmp_path / "r.html", ["a", "b", "c"], a, text="caf\udce9", pictures=[pic])
     html = page.read_text(encoding="utf-8")
     assert "caf\ufffd" in html and "heads_caf\ufffd" in html
+
+
+def test_a_diffuse_head_still_names_and_draws_each_tokens_strongest_key(
+    browser: Any, tmp_path: Path
+) -> None:
+    """Every weight of a diffuse head below 0.02 (MiniLM layer 0 head 11 at 256 tokens:
+    0.0135 at most) was dropped: hovering a token read 'attends to ' with no key and drew
+    nothing, hovering a key read '0 tokens attend to'."""
+    n = 100
+    logits = torch.zeros(2, n, n)
+    logits[:, torch.arange(n), (torch.arange(n) + 1) % n] = math.log(2.0)
+    attns = [logits.softmax(-1)]  # each token: 2/101 = 0.0198 on the next one, 1/101 elsewhere
+    path = report(tmp_path / "diffuse.html", [f"w{i}" for i in range(n)], attns)
+    page, _ = _open(browser, path)
+    page.select_option("#head", "1")
+    page.hover("#left .tok >> nth=5")
+    assert page.inner_text("#status").startswith('layer 0, head 1: "w5" attends to w6 (0.02), w')
+    assert int(page.evaluate("document.body.dataset.lines")) >= 1
+    assert page.evaluate(_LINES_INK) > 0
+    bg = page.eval_on_selector("#right .tok >> nth=6", "d => d.style.background")
+    assert bg.startswith("rgba(31, 111, 180")
+    page.hover("#right .tok >> nth=6")  # token 5 attends to key 6 most of all
+    status = page.inner_text("#status")
+    assert status.endswith('tokens attend to "w6"') and "head 1: 0 tokens" not in status
+    assert int(page.evaluate("document.body.dataset.lines")) >= 1
