@@ -144,6 +144,18 @@ def test_zero_heads_and_nan_weights_are_named_by_the_report_and_the_grid(tmp_pat
     assert plot.head_grid([a, a], tmp_path / "g.png").exists()
 
 
+def test_a_report_of_no_tokens_is_refused_before_the_write(tmp_path) -> None:
+    """0 tokens (attentions (H, 0, 0)) wrote a page that threw on load, createImageData(0,
+    0), and never drew."""
+    out = tmp_path / "r.html"
+    with pytest.raises(ValueError, match=r"attentions\[0\] has shape \(2, 0, 0\).*n >= 1 tokens"):
+        report(out, [], [torch.zeros(2, 0, 0)])
+    with pytest.raises(ValueError, match=r"attentions\[0\] has shape \(1, 0, 0\)"):
+        report(out, [], [torch.zeros(1, 1, 0, 0)])
+    assert not out.exists()
+    assert report(out, ["a"], [torch.ones(2, 1, 1)]).exists()  # the control: one token
+
+
 def test_what_the_interpret_audit_found(tmp_path) -> None:
     """(against="" was scored as the empty text's embedding but labelled "its own
     direction"; a model in training mode explained a dropout-perturbed score; an

@@ -45,11 +45,12 @@ def _per_layer(attentions: Sequence[Tensor]) -> list[Tensor]:
         if not isinstance(a, Tensor):
             raise TypeError(f"attentions[{i}] must be a Tensor, got {type(a).__name__}")
         a = a[0] if a.dim() == 4 and a.shape[0] == 1 else a
-        square = a.dim() == 3 and a.shape[-1] == a.shape[-2] and a.shape[0] > 0
+        # (0 tokens wrote a page that threw on load: createImageData(0, 0))
+        square = a.dim() == 3 and a.shape[-1] == a.shape[-2] and min(a.shape[0], a.shape[-1]) > 0
         if not square or (out and a.shape != out[0].shape):
             raise ValueError(
                 f"attentions[{i}] has shape {tuple(a.shape)}; expected (H, n, n) self-attention "
-                "of one example (H >= 1 heads), the same for every layer"
+                "of one example (H >= 1 heads, n >= 1 tokens), the same for every layer"
             )
         if not a.is_floating_point():  # (ints, bools and complex were drawn as weights)
             raise TypeError(f"attentions[{i}] must hold floating weights, got {a.dtype}")
