@@ -507,6 +507,22 @@ def test_a_text_the_model_refuses_is_a_422_naming_the_format(with_runs: TestClie
     assert r.status_code == 200 and r.json()["stacks"][0]["name"] == "attention"
 
 
+def test_a_compares_view_past_one_sides_model_names_that_side(with_runs: TestClient) -> None:
+    """With a smaller model B, a layer only A has said "layer must be in 0..1 (stack
+    'encoder'), got 3": it named neither side."""
+    mille, big = {"text": "mille", "model": "translation"}, {"text": TEXT}
+    for body, detail in (
+        ({"a": big, "b": mille, "layer": 3}, "layer must be in 0..1 (b: model 'translation', "),
+        ({"a": mille, "b": big, "layer": 3}, "layer must be in 0..1 (a: model 'translation', "),
+        ({"a": big, "b": mille, "head": 7}, "head must be in 0..3 (b: model 'translation', "),
+        ({"a": mille, "b": big, "stack": "cross"}, "stack must be one of ['encoder'] (b: model "),
+    ):
+        r = with_runs.post("/api/compare", json=body)
+        assert r.status_code == 422 and r.json()["detail"].startswith(detail), r.text
+    r = with_runs.post("/api/compare", json={"a": big, "b": mille, "layer": 1})
+    assert r.status_code == 200 and r.json()["b"]["model"] == "translation"  # the control
+
+
 def test_checkpoints_the_explorer_cannot_open_are_refused(with_runs: TestClient) -> None:
     """GAN, VAE and agent runs are not listed; asked for by name, they are a 404 that says
     why. A listed run whose weights do not fit its config is a 422, never a 500."""

@@ -437,6 +437,18 @@ def test_compare_two_texts(page: Any, server: str) -> None:
     page.screenshot(path=str(_artifact("serve_compare.png")), full_page=True)
 
 
+def test_compare_with_a_smaller_model_b_starts_at_its_first_head(page: Any, server: str) -> None:
+    """Model B picked after layer 4: the page kept layer 4, which the 2-layer translation
+    run does not have, and showed the 422 ("layer must be in 0..1 ..., got 4") instead."""
+    _act(page, lambda: page.click("#mode-compare"))
+    _act(page, lambda: page.select_option("#layer", "4"))
+    _act(page, lambda: page.select_option("#model-b", "translation"), timeout=60_000)
+    assert page.is_hidden("#error"), page.inner_text("#error")
+    assert page.inner_text("#cmp-b .hv-status").startswith("layer 0, head 0")
+    assert page.inner_text("#cmp-b-title").startswith("B: translation")
+    assert len(page.query_selector_all("#layer option")) == 2  # the fewer of A's and B's
+
+
 def _hover_cell(page: Any, canvas: str, i: int, j: int) -> None:
     """The mouse over cell (query i, key j) of a matrix the page drew."""
     page.locator(canvas).scroll_into_view_if_needed()

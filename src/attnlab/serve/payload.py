@@ -79,16 +79,19 @@ def one_line(errors: Any, total: int | None = None) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-def pick(ins: Inspection, view: View) -> tuple[AttentionStack, Tensor]:
+def pick(ins: Inspection, view: View, side: str = "") -> tuple[AttentionStack, Tensor]:
     """The chosen stack and head ``(Lq, Lk)``; ApiError 422 for a stack, layer or head
-    that the inspection does not have."""
+    that the inspection does not have, naming ``side`` (a compare's ``"b: model 'x'"``:
+    a smaller model B said "layer must be in 0..1", as if A were)."""
     names = [s.name for s in ins.stacks]
     name = view.stack or names[0]
     if name not in names:
-        raise ApiError(422, f"stack must be one of {names}, got {name!r}")
+        of = f" ({side})" if side else ""
+        raise ApiError(422, f"stack must be one of {names}{of}, got {name!r}")
     stack = ins.stacks[names.index(name)]
-    check_range("layer", view.layer, 0, len(stack.weights) - 1, f"stack {name!r}")
-    check_range("head", view.head, 0, stack.weights[view.layer].shape[0] - 1, f"stack {name!r}")
+    where = f"{side}, stack {name!r}" if side else f"stack {name!r}"
+    check_range("layer", view.layer, 0, len(stack.weights) - 1, where)
+    check_range("head", view.head, 0, stack.weights[view.layer].shape[0] - 1, where)
     return stack, stack.weights[view.layer][view.head]
 
 
@@ -147,8 +150,8 @@ def compare(a: Inspection, b: Inspection, body: CompareIn, default: str) -> dict
     """The answer of ``POST /api/compare``: the difference and the divergence come when
     the two stacks have the same shapes (position by position; ``same_tokens`` says
     whether the tokens are the same too)."""
-    sa, wa = pick(a, body)
-    sb, wb = pick(b, body)
+    sa, wa = pick(a, body, f"a: model {body.a.model or default!r}")
+    sb, wb = pick(b, body, f"b: model {body.b.model or default!r}")
     same_shape = [w.shape for w in sa.weights] == [w.shape for w in sb.weights]
     return {
         "a": attend(a, body, model=body.a.model or default, show=False),

@@ -297,7 +297,9 @@ function chooseMethod(m) {
 async function compare() {
   const a = { model: $("#model").value, text: $("#text").value };
   const b = { model: $("#model-b").value, text: $("#text-b").value };
-  const seq = ++S.seq;
+  const seq = ++S.seq, pair = `${a.model}\n${b.model}`;  // other models: other layers, heads
+  if (S.pair && S.pair !== pair) { S.stack = null; S.layer = 0; S.head = 0; }
+  S.pair = pair;
   const r = await api("POST", "/api/compare",
     { a, b, stack: S.stack, layer: S.layer, head: S.head, top_k: topK() });
   if (seq !== S.seq) return;
