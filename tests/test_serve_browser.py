@@ -521,6 +521,27 @@ def test_a_model_that_fails_to_load_is_not_left_loading(page: Any, server: str) 
     assert "loading" not in note and "loads on first use" in note, note
 
 
+def test_number_boxes_send_what_they_show(page: Any, server: str) -> None:
+    """top k 0 was sent as 16 and -3 as 1, steps 0 as 16, while the boxes still showed 0,
+    -3 and 0: the server's refusal never reached the page. An empty box is the default."""
+    sent: list[Any] = []
+    page.on("request", lambda r: sent.append(r.post_data_json) if r.method == "POST" else None)
+    page.fill("#text", "Cats purr.")
+    _act(page, lambda: page.click("#run"))
+    for typed in ("0", "-3"):
+        page.fill("#topk", typed)
+        _act(page, lambda: page.dispatch_event("#topk", "change"))
+        assert sent[-1]["top_k"] == int(typed)
+        assert page.inner_text("#error") == f"422: top_k must be in 1..64 (max_top_k), got {typed}"
+    page.fill("#topk", "")
+    _act(page, lambda: page.dispatch_event("#topk", "change"))
+    assert sent[-1]["top_k"] == 16 and page.is_hidden("#error")  # the control
+    page.fill("#steps", "0")
+    _act(page, lambda: page.check("input[name=method][value=integrated]"))
+    assert sent[-1]["steps"] == 0
+    assert "steps must be in 2..64 (max_steps), got 0" in page.inner_text("#error")
+
+
 def test_512_tokens_stay_responsive(page: Any, server: str) -> None:
     text = " ".join(["the cat sat on the mat"] * 85)  # 510 words, 512 tokens with the ends
     sizes: list[int] = []

@@ -80,9 +80,10 @@ function showError(msg) {
 const secs = x => (typeof x === "number" ? x.toFixed(3) : "?");
 const sleep = ms => new Promise(r => setTimeout(r, ms));
 const model = () => S.models.get($("#model").value);
-// A number box's value; an empty one: 16, or its max (the server's limit) if lower.
-const numberIn = el => Math.round(+el.value || Math.min(16, +el.max || 16));
-const topK = () => Math.max(1, numberIn($("#topk")));
+// A number box's value as typed (0 or -3 is the server's 422 to show, not 16 or 1); an
+// empty one: 16, or its max (the server's limit) if lower.
+const numberIn = el => (el.value.trim() === "" ? Math.min(16, +el.max || 16) : +el.value);
+const topK = () => numberIn($("#topk"));
 
 // --- explore: attend, heads, explanations ---------------------------------------------
 
