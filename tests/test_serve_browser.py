@@ -521,6 +521,25 @@ def test_a_model_that_fails_to_load_is_not_left_loading(page: Any, server: str) 
     assert "loading" not in note and "loads on first use" in note, note
 
 
+def test_a_model_that_fails_to_load_hides_the_views_of_the_one_before(
+    page: Any, server: str
+) -> None:
+    """The translation run's output, heads and thumbnails stayed on screen beside the
+    broken run's 422, as if they were its own."""
+    page.fill("#text", "trois cent deux")
+    _act(page, lambda: page.select_option("#model", "translation"), timeout=60_000)
+    assert page.is_visible("#seq2seq") and page.is_visible("#headview .q >> nth=0")
+    _act(page, lambda: page.select_option("#model", "broken"), timeout=60_000)
+    assert page.inner_text("#error").startswith("422: ")
+    for view in ("#seq2seq", "#thumbs", "#headview", "#image"):
+        assert page.is_hidden(view), view
+    _act(page, lambda: page.select_option("#layer", "1"))  # no head of the old model comes back
+    assert page.is_hidden("#headview")
+    _act(page, lambda: page.select_option("#model", "minilm"), timeout=60_000)
+    assert page.is_hidden("#error") and page.is_visible("#headview .q >> nth=0")
+    assert page.is_hidden("#seq2seq")  # an encoder has no output
+
+
 def test_number_boxes_send_what_they_show(page: Any, server: str) -> None:
     """top k 0 was sent as 16 and -3 as 1, steps 0 as 16, while the boxes still showed 0,
     -3 and 0: the server's refusal never reached the page. An empty box is the default."""

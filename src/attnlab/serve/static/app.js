@@ -119,7 +119,7 @@ async function attend(withThumbs) {
   S.res = r; S.stack = r.stack; S.layer = r.head.layer; S.head = r.head.head;
   drawAttend(r);
   loaded(r.model);
-  document.body.dataset.ready = "1";
+  document.body.dataset.ready = "1"; document.body.dataset.stale = "0";
 }
 
 function stackOf(r) {
@@ -317,7 +317,7 @@ async function compare() {
   $("#timing-compare").textContent = `compare ${secs(r.seconds)} s`;
   $("#timing-compare").dataset.seconds = String(r.seconds);
   drawDiff(r, sa, sb);
-  document.body.dataset.ready = "1";
+  document.body.dataset.ready = "1"; document.body.dataset.stale = "0";
 }
 
 function drawDiff(r, sa, sb) {
@@ -389,6 +389,9 @@ async function loadModel(m) {
   const path = m.name.split("/").map(encodeURIComponent).join("/");
   try {
     Object.assign(m, await api("GET", `/api/models/${path}`));
+  } catch (e) {  // the views of the model before are not this one's: hidden (app.css)
+    S.ran = null; document.body.dataset.stale = "1";
+    throw e;
   } finally {
     noteModel(m);  // not "(loading…)" after a model that fails to load
   }
