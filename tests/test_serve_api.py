@@ -302,6 +302,10 @@ def _png(size: tuple[int, int]) -> str:
         ("explain", {"method": "rollout"}, 422, "text"),
         ("compare", {"a": {"text": "a"}}, 422, "b"),
         ("compare", {"a": {"text": "a"}, "b": {"text": "a", "model": "x"}}, 404, "unknown"),
+        # "" ran the default model (GET /api/models/ with "" is a 404): left out is the default
+        ("attend", {"model": "", "text": "a"}, 422, "model: String should have at least 1"),
+        ("compare", {"a": {"text": "a"}, "b": {"text": "a", "model": ""}}, 422, "b.model: Str"),
+        ("explain", {"model": "", "text": "a", "method": "rollout"}, 422, "model: String sh"),
     ],
 )
 def test_limits_and_bad_requests(
@@ -477,6 +481,7 @@ def test_image_runs_take_an_uploaded_picture(with_runs: TestClient, runs: Any) -
     bad = {"model": "exp/vision", "image": "data:image/png;base64,aGVsbG8="}
     r = with_runs.post("/api/attend", json=bad)
     assert r.status_code == 422 and "could not be decoded" in r.json()["detail"]
+    assert " object at 0x" not in r.json()["detail"]
     huge = _png((2000, 10))
     r = with_runs.post("/api/attend", json={"model": "exp/vision", "image": huge})
     assert r.status_code == 413 and "max_image_side=1024" in r.json()["detail"]
@@ -484,6 +489,24 @@ def test_image_runs_take_an_uploaded_picture(with_runs: TestClient, runs: Any) -
     with TestClient(create_app(runs=runs, limits=Limits(max_image_side=300))) as c:
         r = c.post("/api/attend", json={"model": "exp/vision", "image": bomb})
     assert r.status_code == 413 and "max_image_side=300" in r.json()["detail"]
+
+
+def test_an_image_that_cannot_be_decoded_is_named_without_a_memory_address() -> None:
+    """Pillow's words went out as they were: "cannot identify image file <_io.BytesIO
+    object at 0x7f...>"."""
+    from attnlab.serve.limits import ApiError, decode_image
+
+    whole = base64.b64decode(_png((40, 40)).split(",")[1])
+    for blob, detail in (
+        (b"hello", "image could not be decoded: its 5 bytes are not a whole PNG, JPEG or "),
+        (whole[:8], "image could not be decoded: its 8 bytes are not a whole PNG"),
+        (whole[:60], "image could not be decoded (60 bytes): image file is truncated"),
+    ):
+        with pytest.raises(ApiError) as e:
+            decode_image(Limits(), base64.b64encode(blob).decode())
+        assert e.value.status == 422 and e.value.detail.startswith(detail), e.value.detail
+        assert "0x" not in e.value.detail
+    assert decode_image(Limits(), base64.b64encode(whole).decode()).size == (40, 40)
 
 
 def test_a_text_the_model_refuses_is_a_422_naming_the_format(with_runs: TestClient) -> None:

@@ -154,8 +154,14 @@ def _open_image(limits: Limits, blob: bytes) -> Any:
         img.load()
     except Image.DecompressionBombError as e:
         raise ApiError(413, f"image has too many pixels; max_image_side={side} ({e})") from e
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ApiError(422, f"image could not be decoded as a picture ({e})") from e
+    except UnidentifiedImageError as e:  # (Pillow's words held "<_io.BytesIO object at 0x..>")
+        raise ApiError(
+            422,
+            f"image could not be decoded: its {len(blob)} bytes are not a whole PNG, JPEG or "
+            "other picture that Pillow reads",
+        ) from e
+    except (OSError, SyntaxError) as e:  # a known format, broken: "image file is truncated"
+        raise ApiError(422, f"image could not be decoded ({len(blob)} bytes): {e}") from e
     finally:
         Image.MAX_IMAGE_PIXELS = default
     return img

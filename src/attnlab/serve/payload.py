@@ -6,9 +6,9 @@ a silent conversion.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, StringConstraints
 from torch import Tensor
 
 from attnlab.serve.limits import ApiError, check_range
@@ -22,10 +22,14 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
-class Side(_Body):
-    """One input: a model (default: the encoder) and a text or an image data URL."""
+# a model's name; left out (not "", which silently ran the default model) for the default
+ModelName = Annotated[str, StringConstraints(strict=True, min_length=1)]
 
-    model: StrictStr | None = None
+
+class Side(_Body):
+    """One input: a model (left out: the default) and a text or an image data URL."""
+
+    model: ModelName | None = None
     text: StrictStr | None = None
     image: StrictStr | None = None
 
@@ -53,7 +57,7 @@ class CompareIn(View):
 class ExplainIn(_Body):
     """``POST /api/explain``."""
 
-    model: StrictStr | None = None
+    model: ModelName | None = None
     text: StrictStr
     method: StrictStr
     steps: StrictInt = 16  # integrated gradients only; left out: 16 or max_steps, the lower
