@@ -218,6 +218,19 @@ def test_what_the_backend_cannot_compute_is_named() -> None:
         TypeError,
         "attention_mask: the attnlab backend takes an attnlab mask.*got str",
     )
+    # an integer or too-short 4-D mask was refused as "bias=", which nobody gave
+    check_and_control(
+        lambda: attention_forward(None, q, k, v, torch.ones(1, 1, 4, 4, dtype=torch.long)),
+        lambda: attention_forward(None, q, k, v, torch.zeros(1, 1, 4, 4)),
+        TypeError,
+        r"attention_mask: .*bool or an additive float tensor .*got torch.int64",
+    )
+    check_and_control(
+        lambda: attention_forward(None, q, k, v, torch.zeros(1, 1, 4, 3)),
+        lambda: attention_forward(None, q, k, v, torch.zeros(1, 1, 4, 5)),
+        ValueError,
+        r"attention_mask: .*\(B or 1, 1 or H, Lq, Lk >= 4\), got shape \(1, 1, 4, 3\)",
+    )
 
 
 def test_a_float_mask_is_added_like_eager() -> None:

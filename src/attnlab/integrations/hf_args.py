@@ -97,6 +97,13 @@ def mask_and_bias(m: Mask | Tensor | None, lk: int) -> tuple[Mask | Tensor | Non
             f"attention_mask: the attnlab backend takes an attnlab mask, a bool tensor or "
             f"an additive float tensor, got {type(m).__name__}"
         )
+    # (an int64 or too-short mask was refused as "bias=", which the user never gave)
+    want = f"a bool or an additive float tensor (B or 1, 1 or H, Lq, Lk >= {lk})"
+    if m.dtype != torch.bool and not m.is_floating_point():
+        raise TypeError(f"attention_mask: the attnlab backend takes {want}, got {m.dtype}")
+    if m.dim() < 2 or 1 < m.shape[-1] < lk:
+        raise ValueError(f"attention_mask: the attnlab backend takes {want}, got shape "
+                         f"{tuple(m.shape)}")  # fmt: skip
     m = m[..., :lk]  # static caches hand a longer mask, as to eager
     if m.dtype == torch.bool:
         return m, None

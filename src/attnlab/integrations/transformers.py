@@ -336,8 +336,8 @@ def attention_forward(
     """transformers' attention-function contract on :func:`attnlab.attention`.
 
     Args:
-        module: the calling attention module (unused: everything it sets arrives as an
-            argument).
+        module: the calling attention module, read only for its model type (a sink's
+            weights), an indexer's block size and the names in errors.
         query: ``(B, Hq, Lq, E)``.
         key, value: ``(B, Hkv, Lk, E)``, ``(B, Hkv, Lk, Ev)`` (GQA: not repeated).
         attention_mask: an attnlab mask from :func:`build_mask`, None, a bool tensor
