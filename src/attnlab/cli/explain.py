@@ -9,6 +9,7 @@ pictures beside it.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -192,11 +193,21 @@ def run(args: argparse.Namespace) -> int:
             steps=args.steps,
             flow_tokens=args.flow_tokens,
         )
-    top = sorted(zip(ex.saliency["integrated gradients"], ex.tokens, strict=True), reverse=True)
-    print(
-        "most important tokens (integrated gradients): "
-        + ", ".join(f"{t} ({v:+.3f})" for v, t in top[:5])
-    )
+    print(top_tokens(ex.saliency["integrated gradients"], ex.tokens))
     for path in ex.files:
         print(f"wrote {path}")
     return 0
+
+
+def top_tokens(saliency: Sequence[float], tokens: Sequence[str], k: int = 5) -> str:
+    """The line naming the ``k`` tokens of largest attribution by size, signs shown: a
+    decoder's score is ``-log p``, so the tokens that make its token likely are negative
+    (sorted by signed value they never showed).
+
+    Example:
+        >>> top_tokens([0.1, -0.9, 0.5], ["a", "b", "c"], k=2)
+        'most important tokens (integrated gradients, by size): b (-0.900), c (+0.500)'
+    """
+    top = sorted(zip(saliency, tokens, strict=True), key=lambda p: abs(p[0]), reverse=True)
+    named = ", ".join(f"{t} ({v:+.3f})" for v, t in top[:k])
+    return f"most important tokens (integrated gradients, by size): {named}"
