@@ -206,6 +206,12 @@ class ApproximateEngine(Engine):
         return req.approximate and big and not req.return_weights
 
     def forward(self, req: AttentionRequest) -> EngineResult:
+        kind = req.q.device.type
+        if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+            # q, k, v come in its dtype: they run as such inputs do (its float16 matmuls
+            # undid the float32 steps below; linear's sums overflowed, rows gave 0)
+            with torch.autocast(kind, enabled=False):
+                return self.forward(req)
         if self.float16_in_float32 and req.q.dtype == torch.float16:
             wide = dataclasses.replace(req, q=req.q.float(), k=req.k.float(), v=req.v.float())
             out, weights, _ = self.forward(wide)
