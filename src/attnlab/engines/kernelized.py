@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab._eager import any_nan, vmapping
-from attnlab.engines.base import AttentionRequest
+from attnlab.engines.base import AttentionRequest, weighted_values
 from attnlab.scores import grouped_matmul
 
 __all__ = [
@@ -333,7 +333,9 @@ def kernel_result_if(
         if accept is not None and not accept(den):
             return None
         w = _safe_ratio(a, den)
-        return grouped_matmul(w, req.v), w
+        lq, lk = a.shape[-2:]  # a NaN value reaches the rows that see its key (not 0 * NaN)
+        allowed = torch.ones(lq, lk, dtype=torch.bool, device=a.device).tril(lk - lq)
+        return weighted_values(w, req.v, allowed if causal else None), w
     num, den = kernel_sums(qf, kf, req.v, causal=causal, chunk=chunk, log_scale=log_scale)
     if accept is not None and not accept(den):
         return None
