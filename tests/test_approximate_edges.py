@@ -14,6 +14,7 @@ from torch import Tensor
 import attnlab
 from attnlab import masks as M
 from attnlab.engines import approximate as approx_mod
+from tests.conftest import max_err
 
 
 def _linear_fp64(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
@@ -125,6 +126,42 @@ def test_performer_redraw_is_one_draw_per_call(monkeypatch: pytest.MonkeyPatch) 
         x, x, x, engine="performer", engine_options=opts, return_weights=True
     )
     torch.testing.assert_close(with_w.out, out, rtol=1e-5, atol=1e-6)
+
+
+def _nystrom(*qkv: Tensor, iterations: int, weights: bool = False) -> Tensor:
+    opts = {"num_landmarks": 64, "pinv_iterations": iterations}
+    res = attnlab.attention(*qkv, engine="nystrom", engine_options=opts, return_weights=weights)
+    return res.out if isinstance(res, attnlab.AttentionOutput) else res
+
+
+def test_nystrom_float16_pseudo_inverse_past_float16s_range() -> None:
+    """Queries and keys ~ 0.2 N(0, 1), 30 iterations: the float32 pseudo-inverse, entries
+    up to 6.4e5, was cast to float16 (max 65504): every output entry inf or NaN, where
+    float32 is finite."""
+    torch.manual_seed(0)
+    q, k, v = (0.2 * torch.randn(3, 1, 2, 256, 32)).unbind(0)
+    assert torch.isfinite(_nystrom(q, k, v, iterations=30)).all()  # the positive control
+    for weights in (False, True):
+        out = _nystrom(q.half(), k.half(), v.half(), iterations=30, weights=weights)
+        bad = int((~torch.isfinite(out)).sum())
+        assert out.dtype == torch.float16 and bad == 0, f"{bad} of {out.numel()} not finite"
+
+
+@pytest.mark.parametrize(("dtype", "factor"), [(torch.float16, 2), (torch.bfloat16, 8)])
+def test_nystrom_half_precision_is_near_its_rounding_floor(dtype: torch.dtype, factor: int) -> None:
+    """Against the engine in float64: at most ``factor`` x the error of the float64 engine
+    run on the rounded inputs and rounded once (bfloat16's softmaxes run in bfloat16).
+    The pseudo-inverse's float32 entries, rounded to half precision, cancel: 115x it in
+    float16 (8.7e-3) and 167x in bfloat16 (9.3e-2) at 15 iterations."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 1, 2, 256, 32, dtype=torch.float64).unbind(0)
+    q, k = 0.1 * q, 0.1 * k
+    ref = _nystrom(q, k, v, iterations=15)
+    low = [t.to(dtype) for t in (q, k, v)]
+    floor = max_err(_nystrom(*[t.double() for t in low], iterations=15).to(dtype), ref)
+    for weights in (False, True):
+        err = max_err(_nystrom(*low, iterations=15, weights=weights), ref)
+        assert err <= factor * floor, f"error {err:.3g}, floor {floor:.3g} (weights={weights})"
 
 
 def _nan_inputs(seed: int, lq: int, lk: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -10,6 +10,9 @@ where ``A^+`` is the Moore-Penrose pseudo-inverse from the paper's iteration
 With as many landmarks as tokens, ``F = A = B`` is the softmax matrix and the output is
 exact attention up to the convergence of the iteration (``pinv_iterations``).
 
+The pseudo-inverse's entries can outgrow float16 (6.4e5 at 64 landmarks) and cancel:
+float16 calls run in float32, and bfloat16 calls keep ``A^+`` and its products in float32.
+
 Key padding makes landmarks the means of the valid tokens of each segment (a segment with
 none is dropped); padded query rows give 0. There is no causal form. The paper's
 depthwise-convolution skip connection on ``V`` is a learned layer, not part of the engine.
@@ -118,6 +121,7 @@ class NystromEngine(ApproximateEngine):
     settings_type = NystromOptions
     causal_ok = False
     auto_min_pairs = 1 << 22  # 64 landmarks: 5x faster than SDPA at 2K tokens (forward)
+    float16_in_float32 = True  # its pseudo-inverse outgrows float16 (output inf/NaN)
 
     def feature_dim(self, req: AttentionRequest, opts: NystromOptions) -> int:
         return opts.num_landmarks
@@ -136,11 +140,14 @@ class NystromEngine(ApproximateEngine):
         b = _softmax(grouped_matmul(ql, req.k.transpose(-1, -2)) * s, key_ok)  # (.., m, Lk)
         if plan.query_valid is not None:  # query landmarks without a valid query drop out
             a, b = a * q_live, b * q_live
-        z = iterative_pinv(_at_least_fp32(a), opts.pinv_iterations).to(a.dtype)  # (.., m, m)
+        low = req.q.dtype  # z and its products stay in float32 (its entries cancel)
+        z = iterative_pinv(_at_least_fp32(a), opts.pinv_iterations)  # (B, Hq, m, m)
+        f = f.to(z.dtype)  # (B, Hq, Lq, m)
         if req.return_weights:
-            w = f @ z @ b  # (B, Hq, Lq, Lk)
-            return grouped_matmul(w, req.v), w
-        return f @ (z @ grouped_matmul(b, req.v)), None  # (B, Hq, Lq, Ev)
+            w = f @ z @ b.to(z.dtype)  # (B, Hq, Lq, Lk)
+            return grouped_matmul(w, req.v.to(z.dtype)).to(low), w.to(low)
+        bv = grouped_matmul(b, req.v).to(z.dtype)  # (B, Hq, m, Ev)
+        return (f @ (z @ bv)).to(low), None  # (B, Hq, Lq, Ev)
 
 
 def _at_least_fp32(a: Tensor) -> Tensor:
