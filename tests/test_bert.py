@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 
 from attnlab import masks
 from attnlab.models import BertConfig, BertEncoder, bert_state_dict
@@ -240,3 +241,42 @@ def test_token_types_and_positions_must_fit_input_ids(hf_folder: Path) -> None:
             ours(ids, **kw)
     with pytest.raises(ValueError, match=r"token_type_ids .* = \(1, 5\) .*; got \(3, 5\)"):
         ours(ids[:1], zeros)  # one row of ids, three of token types
+
+
+def _attention_sublayer(hidden: float, attn: float, n: int) -> tuple[Tensor, Tensor]:
+    """Layer 0's self-attention outputs over ``n`` train-mode calls of a BertEncoder with
+    the given dropouts, and the same self-attention in eval mode on each call's inputs."""
+    config = BertConfig(
+        **{k: v for k, v in SMALL.items() if k != "model_type"},
+        hidden_dropout_prob=hidden,
+        attention_probs_dropout_prob=attn,
+    )
+    bert = BertEncoder(config).double().train()
+    sub = bert.layers[0].self_attn
+    seen: list[tuple[Tensor, Tensor]] = []
+
+    def hook(mod: torch.nn.Module, args: tuple, kwargs: dict, out: Tensor) -> None:
+        with torch.no_grad():
+            mod.eval()
+            seen.append((out.detach(), mod.forward(*args, **kwargs).detach()))
+            mod.train()
+
+    sub.register_forward_hook(hook, with_kwargs=True)
+    ids = torch.randint(1, SMALL["vocab_size"], (2, 9))
+    with torch.no_grad():
+        for _ in range(n):
+            bert(ids)
+    return torch.stack([t for t, _ in seen]), torch.stack([e for _, e in seen])
+
+
+def test_attention_probs_dropout_prob_drops_attention_weights() -> None:
+    # transformers' BertModel drops attention probabilities with attention_probs_dropout_prob
+    # and hidden states with hidden_dropout_prob; attnlab used hidden_dropout_prob for both
+    train, evals = _attention_sublayer(hidden=0.0, attn=0.5, n=600)
+    assert not torch.equal(train[0], train[1])  # was equal: no dropout at all
+    torch.testing.assert_close(evals[0], evals[1], rtol=0, atol=0)  # no hidden dropout
+    # dropout on the weights keeps the expectation of weights @ v: the mean -> eval output
+    err = (train.mean(0) - evals[0]).abs().max() / evals[0].abs().max()
+    assert err < 0.1, err
+    train, evals = _attention_sublayer(hidden=0.4, attn=0.0, n=2)
+    torch.testing.assert_close(train, evals, rtol=0, atol=0)  # the attention drops nothing

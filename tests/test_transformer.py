@@ -235,6 +235,7 @@ def test_layer_config_errors() -> None:
         ((30, 4), {}, "d_model=30 must be divisible by num_heads=4"),
         ((32, 4), {"num_kv_heads": 3}, "num_kv_heads=3 must be a positive int dividing"),
         ((32, 4), {"dropout": -0.1}, r"dropout must be in \[0, 1\), got -0\.1"),
+        ((32, 4), {"attention_dropout": 1.0}, r"^attention_dropout must be in \[0, 1\), got 1"),
         ((32, 4), {"engine": "nope"}, "engine='nope' is not a known engine"),
         ((32, 4), {"normalize": "hard"}, "normalize='hard' is not a known normalizer"),
         ((32, 4), {"norm_eps": -1.0}, "norm_eps must be a positive float, got -1.0"),

@@ -226,6 +226,7 @@ class BertEncoder(nn.Module):
             config.num_attention_heads,
             config.intermediate_size,
             dropout=config.hidden_dropout_prob,
+            attention_dropout=config.attention_probs_dropout_prob,
             activation=_ACTIVATIONS[config.hidden_act],
             norm_eps=config.layer_norm_eps,
             engine=engine,

@@ -84,7 +84,10 @@ class LayerConfig:
         num_heads: query heads ``H`` (``D % H == 0``).
         dim_feedforward: the feed-forward's hidden width.
         num_kv_heads: key/value heads (GQA / MQA); default ``num_heads``.
-        dropout: on attention weights, after each sub-layer and inside the feed-forward.
+        dropout: after each sub-layer and inside the feed-forward, and on the attention
+            weights unless ``attention_dropout`` is given.
+        attention_dropout: on the attention weights (BERT's
+            ``attention_probs_dropout_prob``); default None: ``dropout``.
         activation: ``"relu"``, ``"gelu"``, ``"gelu_tanh"`` or ``"swiglu"``.
         norm_first: pre-norm (True) or post-norm (False, the original transformer).
             Stacks of pre-norm layers end with a final norm.
@@ -120,6 +123,7 @@ class LayerConfig:
     _: KW_ONLY
     num_kv_heads: int | None = None
     dropout: float = 0.1
+    attention_dropout: float | None = None
     activation: str = "relu"
     norm_first: bool = False
     norm: str = "layer"
@@ -139,6 +143,8 @@ class LayerConfig:
             )
         check_heads(self.d_model, self.num_heads, self.num_kv_heads, None)
         check_attention_options(self.dropout, self.normalize, self.engine)
+        if self.attention_dropout is not None:
+            validate_dropout(self.attention_dropout, "attention_dropout")
         check_choice("activation", self.activation, ACTIVATIONS)
         check_choice("norm", self.norm, NORMS)
         check_rope(self.rope, self.d_model // self.num_heads)
@@ -149,6 +155,11 @@ class LayerConfig:
             raise TypeError(f"norm_eps must be a positive float, got {type(eps).__name__}")
         if not 0 < eps < float("inf"):
             raise ValueError(f"norm_eps must be a positive float, got {eps!r}")
+
+    @property
+    def attention_p(self) -> float:
+        """The dropout on the attention weights: ``attention_dropout``, or ``dropout``."""
+        return self.dropout if self.attention_dropout is None else self.attention_dropout
 
     def norm_layer(self) -> nn.Module:
         """A new norm of this config's kind, width ``d_model`` and epsilon."""

@@ -121,7 +121,7 @@ def _attention(c: LayerConfig, *, rope: bool) -> MultiHeadAttention:
         c.num_heads,
         num_kv_heads=c.num_kv_heads,
         bias=c.bias,
-        dropout=c.dropout,
+        dropout=c.attention_p,
         qk_norm=c.qk_norm,
         rope=c.rope if rope else None,
         normalize=c.normalize,
