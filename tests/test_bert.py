@@ -180,6 +180,40 @@ def test_bad_config(change: dict[str, object], match: str, tmp_path: Path) -> No
     )
 
 
+@pytest.mark.parametrize(
+    ("change", "exc", "match"),
+    [
+        ({"pad_token_id": 97}, ValueError, r"^BertConfig.pad_token_id must be None or an id in "
+         r"\[0, vocab_size=97\), got 97"),
+        ({"pad_token_id": "0"}, TypeError, "^BertConfig.pad_token_id must be an int >= 0, got '0'"),
+        ({"hidden_dropout_prob": 1.5}, ValueError,
+         r"^BertConfig.hidden_dropout_prob must be in \[0, 1\), got 1.5"),
+        ({"attention_probs_dropout_prob": 2.0}, ValueError,
+         r"^BertConfig.attention_probs_dropout_prob must be in \[0, 1\), got 2.0"),
+    ],
+)  # fmt: skip
+def test_bad_config_values_are_named(
+    change: dict[str, object], exc: type[Exception], match: str
+) -> None:
+    # these reached torch: an AssertionError in nn.Embedding, a TypeError in a comparison,
+    # nn.Dropout's message without the field; a dropout of 2.0 was accepted
+    check_and_control(
+        lambda: BertEncoder(BertConfig.from_dict({**SMALL, **change})),
+        lambda: BertEncoder(BertConfig.from_dict({**SMALL, "pad_token_id": None})),
+        exc,
+        match,
+    )
+
+
+def test_config_from_dict_needs_a_mapping() -> None:
+    check_and_control(  # (a list failed with AttributeError: 'list' object has no attribute 'get')
+        lambda: BertConfig.from_dict([("hidden_size", 48)]),  # type: ignore[arg-type]
+        lambda: BertConfig.from_dict({"hidden_size": 48, "num_attention_heads": 4}),
+        TypeError,
+        r"^raw must be a mapping of config.json's keys, got list",
+    )
+
+
 def test_bad_input_ids(hf_folder: Path) -> None:
     ours = BertEncoder.from_pretrained(hf_folder)
     ok = torch.randint(1, 97, (1, 64))

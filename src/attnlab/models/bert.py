@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from attnlab._validate import validate_flag
+from attnlab._validate import instance_of, nonnegative_int, validate_dropout, validate_flag
 from attnlab.masks import Mask
 from attnlab.models._checkpoint import check_keys, read_safetensors
 from attnlab.models._ids import check_id_dtype
@@ -79,7 +79,7 @@ class BertConfig:
     max_position_embeddings: int = 512
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
-    pad_token_id: int = 0
+    pad_token_id: int | None = 0
     position_embedding_type: str = "absolute"
 
     def __post_init__(self) -> None:
@@ -88,6 +88,14 @@ class BertConfig:
             val = getattr(self, name)
             if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
                 raise ValueError(f"BertConfig.{name} must be a positive int, got {val!r}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            validate_dropout(getattr(self, name), f"BertConfig.{name}")
+        pad = self.pad_token_id  # (100 failed inside nn.Embedding, "0" in a comparison)
+        if pad is not None and nonnegative_int("BertConfig.pad_token_id", pad) >= self.vocab_size:
+            raise ValueError(
+                f"BertConfig.pad_token_id must be None or an id in [0, vocab_size="
+                f"{self.vocab_size}), got {pad}"
+            )
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"BertConfig.hidden_size={self.hidden_size} is not divisible by "
@@ -106,6 +114,7 @@ class BertConfig:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> BertConfig:
         """A config from Hugging Face's keys (unknown keys are ignored)."""
+        instance_of("raw", raw, Mapping, "a mapping of config.json's keys")  # type: ignore[type-abstract]
         kind = raw.get("model_type", "bert")
         if kind != "bert":
             raise ValueError(f"config model_type={kind!r} is not 'bert'")
