@@ -550,3 +550,38 @@ def test_folders_the_embed_audit_found(tmp_path: Path) -> None:
     ):
         with pytest.raises(ValueError, match=match):
             call()
+
+
+def test_config_without_pad_token_id_equals_sentence_transformers(
+    reference: torch.Tensor, tmp_path: Path
+) -> None:
+    """A config.json with ``"pad_token_id": null`` (transformers accepts it): the bucket
+    strategy's padding raised torch.full's TypeError; the padded keys are masked, so any id
+    fills them and the embeddings are sentence-transformers' own."""
+    from attnlab.apps.match import token_states
+
+    folder = _copy(minilm_path(), tmp_path / "nopad")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(cfg | {"pad_token_id": None}))
+    enc = SentenceEncoder.from_pretrained(folder, strategy="bucket")
+    assert enc.bert.config.pad_token_id is None
+    with pytest.warns(UserWarning, match="max_seq_length=256"):
+        got = enc.encode(SENTENCES, batch_size=8)
+    torch.testing.assert_close(got, reference, rtol=0, atol=1e-4)
+    want = token_states(SentenceEncoder.from_pretrained(), SENTENCES[:3])
+    for ours, theirs in zip(token_states(enc, SENTENCES[:3]), want, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_embed_rows_normalize_must_be_a_bool() -> None:
+    """``normalize="no"`` was truthy: the rows came back normalized."""
+    from attnlab.models.sentence import _toy_encoder
+
+    enc = _toy_encoder()
+    ids = torch.tensor(enc.tokenize(["a cat sat"]))
+    pooled = enc.embed_rows(ids, normalize=False)
+    assert abs(pooled.norm().item() - 1) > 0.1  # the positive control: not a unit vector
+    torch.testing.assert_close(enc.embed_rows(ids), pooled / pooled.norm(), rtol=0, atol=1e-6)
+    for bad in ("no", 0):
+        with pytest.raises(TypeError, match=r"^normalize must be a bool, got (str|int)"):
+            enc.embed_rows(ids, normalize=bad)  # type: ignore[arg-type]

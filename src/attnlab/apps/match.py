@@ -148,7 +148,7 @@ def token_states(enc: SentenceEncoder, texts: list[str]) -> list[Tensor]:
     """Each text's final hidden states ``(n_i, D)``, one padded batch (keys masked)."""
     ids = enc.tokenize(texts)
     width = max(len(x) for x in ids)
-    batch = torch.full((len(ids), width), enc.bert.config.pad_token_id)  # (B, L)
+    batch = torch.full((len(ids), width), enc.bert.config.pad_token_id or 0)  # (B, L)
     for r, x in enumerate(ids):
         batch[r, : len(x)] = torch.tensor(x)
     with torch.inference_mode():

@@ -324,8 +324,8 @@ class SentenceEncoder(nn.Module):
         """Embeddings ``(B, D)`` of ``ids (B, L)``: rows of one length, no padding.
 
         Differentiable (no ``inference_mode``), for explanations that need gradients.
-        ``normalize`` overrides the model's own setting (``False``: the vector before the
-        normalization: pooled, then through the Dense layers).
+        ``normalize``, a bool, overrides the model's own setting (``False``: the vector
+        before the normalization: pooled, then through the Dense layers); None keeps it.
 
         Example:
             >>> enc = SentenceEncoder.from_pretrained()  # needs attnlab[pretrained]
@@ -334,6 +334,7 @@ class SentenceEncoder(nn.Module):
             >>> torch.allclose(e, enc.encode(["Hello, world!"]), atol=1e-6)
             True
         """
+        normalize = None if normalize is None else validate_flag("normalize", normalize)
         if not isinstance(ids, Tensor) or ids.dim() != 2:
             raise ValueError(f"ids must be a (B, L) tensor, got {getattr(ids, 'shape', ids)!r}")
         b, n = ids.shape
@@ -355,7 +356,8 @@ class SentenceEncoder(nn.Module):
         """Token states ``(T, D)`` of the batch padded to its longest text."""
         width = int(lengths.max())
         valid = torch.arange(width, device=flat.device)[None] < lengths[:, None]  # (B, L)
-        ids = torch.full(valid.shape, self.bert.config.pad_token_id, device=flat.device)
+        pad = self.bert.config.pad_token_id or 0  # (None: any id, the mask hides it)
+        ids = torch.full(valid.shape, pad, device=flat.device)
         ids[valid] = flat  # (B, L), row-major order is the texts' order
         out = self.bert(ids, mask=valid[:, None, None, :])  # keys of each row: (B, 1, 1, L)
         return out.hidden[valid]  # (T, D)

@@ -34,6 +34,6 @@ def text_model(enc: SentenceEncoder) -> TextModel:
         pooled=lambda ids: enc.embed_rows(ids, normalize=False),
         embed=lambda ids: enc.embed_rows(ids),
         input_embeddings=enc.bert.embeddings.word_embeddings,
-        pad_id=enc.bert.config.pad_token_id,
+        pad_id=enc.bert.config.pad_token_id or 0,  # (None: [PAD] is 0 in BERT vocabularies)
         pooling=enc.config.pooling,
     )
