@@ -27,6 +27,7 @@ from attnlab.rl import (
     PPOConfig,
     TrainConfig,
     Trainer,
+    build_policy,
     collect,
     encode,
     gae,
@@ -598,3 +599,21 @@ def test_policies_name_a_bad_obs_starts_or_state(kind: type) -> None:
     if kind is not MLPPolicy:
         with pytest.raises(ValueError, match=r"state must .*initial_state\(3\)|state must .*\(3,"):
             pol.step(torch.randn(3, 5), torch.ones(3, dtype=torch.bool), pol.initial_state(2))
+
+
+def test_a_policy_rebuilt_from_its_config_acts_the_same() -> None:
+    """``config()`` left out ``max_steps``: ``build_policy(**config())`` got 4096 and its
+    logits differed from step ``max_steps`` on (positions clamp there)."""
+    torch.manual_seed(0)
+    pol = AttentionPolicy(5, 3, context=8, d_model=8, num_heads=2, max_steps=4).double()
+    cfg = pol.config()
+    again = build_policy(cfg.pop("kind"), **cfg).double()
+    again.load_state_dict(pol.state_dict())
+    obs, starts = torch.randn(2, 10, 5, dtype=torch.float64), torch.zeros(2, 10, dtype=torch.bool)
+    starts[:, 0] = True
+    torch.testing.assert_close(again(obs, starts)[0], pol(obs, starts)[0], rtol=0, atol=0)
+    # the positive control: a policy that clamps nowhere differs from step 4 on only
+    other = AttentionPolicy(5, 3, context=8, d_model=8, num_heads=2).double()
+    other.load_state_dict(pol.state_dict())
+    diff = (other(obs, starts)[0] - pol(obs, starts)[0]).abs().amax((0, 2))  # (T,)
+    assert diff[:4].max() == 0 and diff[4:].min() > 0

@@ -308,6 +308,7 @@ class AttentionPolicy(AgentPolicy):
             "context": self.context,
             "num_heads": self.num_heads,
             "num_layers": len(self.blocks),
+            "max_steps": self.max_steps,  # (left out: a rebuilt policy took 4096)
         }
 
     def _blocks(self) -> list[_Block]:
