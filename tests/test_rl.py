@@ -617,3 +617,14 @@ def test_a_policy_rebuilt_from_its_config_acts_the_same() -> None:
     other.load_state_dict(pol.state_dict())
     diff = (other(obs, starts)[0] - pol(obs, starts)[0]).abs().amax((0, 2))  # (T,)
     assert diff[:4].max() == 0 and diff[4:].min() > 0
+
+
+@pytest.mark.parametrize("kind", [AttentionPolicy, LSTMPolicy, MLPPolicy])
+def test_initial_state_names_a_bad_n(kind: type) -> None:
+    """(-1 gave torch's RuntimeError, 2.0 its TypeError, neither naming ``n``.)"""
+    opts = {"context": 3, "num_heads": 2} if kind is AttentionPolicy else {}
+    pol = kind(5, 3, d_model=8, **opts)
+    pol.initial_state(0)  # the positive control: no environments is an empty state
+    for bad, error, match in ((-1, ValueError, "got -1$"), (2.0, TypeError, r"got 2\.0 \(float\)")):
+        with pytest.raises(error, match=rf"^n must be an int >= 0, {match}"):
+            pol.initial_state(bad)

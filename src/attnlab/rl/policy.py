@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from attnlab import masks
-from attnlab._validate import instance_of, positive_int, same_dtype
+from attnlab._validate import instance_of, nonnegative_int, positive_int, same_dtype
 from attnlab.functional import AttentionOutput, attention
 from attnlab.positional import sinusoidal_table
 
@@ -95,7 +95,7 @@ class AgentPolicy(nn.Module):
         raise NotImplementedError
 
     def initial_state(self, n: int) -> Any:
-        """The memory of ``n`` environments before their first step."""
+        """The memory of ``n`` environments before their first step (``n``: an int >= 0)."""
         raise NotImplementedError
 
     def step(self, obs: Tensor, starts: Tensor, state: Any) -> tuple[Tensor, Tensor, Any]:
@@ -155,6 +155,7 @@ class MLPPolicy(AgentPolicy):
         return self.heads(self.core(self.encoder(obs)))
 
     def initial_state(self, n: int) -> None:
+        nonnegative_int("n", n)  # (a policy with memory needs it; the same check here)
         return None
 
     def step(self, obs: Tensor, starts: Tensor, state: None) -> tuple[Tensor, Tensor, None]:
@@ -187,7 +188,7 @@ class LSTMPolicy(AgentPolicy):
         self.cell = nn.LSTMCell(d_model, d_model)
 
     def initial_state(self, n: int) -> tuple[Tensor, Tensor]:
-        z = torch.zeros(n, self.d_model, dtype=self.cell.weight_hh.dtype)
+        z = torch.zeros(nonnegative_int("n", n), self.d_model, dtype=self.cell.weight_hh.dtype)
         return z, z.clone()
 
     def _cell(
@@ -340,6 +341,7 @@ class AttentionPolicy(AgentPolicy):
         return (logits, values, weights) if return_weights else (logits, values)
 
     def initial_state(self, n: int) -> RingCache:
+        n = nonnegative_int("n", n)  # (-1: torch's RuntimeError, 2.0: its TypeError)
         e, c = self.d_model // self.num_heads, self.context
         dtype = self.norm.weight.dtype
         empty = [torch.zeros(n, self.num_heads, c, e, dtype=dtype) for _ in self.blocks]
