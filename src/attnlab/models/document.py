@@ -63,8 +63,9 @@ class DocumentClassifier(nn.Module):
     ) -> None:
         super().__init__()
         positive_int("num_classes", num_classes)
-        self.embed = nn.Embedding(positive_int("vocab_size", vocab_size), embed_dim, padding_idx=0)
-        self.han = HierarchicalAttention(embed_dim, word_hidden, sentence_hidden)
+        d = positive_int("embed_dim", embed_dim)  # (2.0 failed inside nn.Embedding)
+        self.embed = nn.Embedding(positive_int("vocab_size", vocab_size), d, padding_idx=0)
+        self.han = HierarchicalAttention(d, word_hidden, sentence_hidden)  # checks the others
         self.dropout = nn.Dropout(validate_dropout(dropout, "dropout"))  # (torch's own error)
         self.head = nn.Linear(self.han.document_dim, num_classes)
 
