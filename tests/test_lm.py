@@ -152,6 +152,14 @@ def test_temperature_zero_is_argmax_and_tiny_temperature_is_finite() -> None:
     assert torch.equal(sample_logits(logits, 1e-30), logits.argmax(-1))
 
 
+def test_float64_logits_are_sampled_in_float64() -> None:
+    """Logits 1e-9 apart at temperature 1e-11: softmax gives the second token e^100 times
+    the weight of the first. Cast to float32 (as they were), the two were equal: 50/50."""
+    logits = torch.tensor([1.0, 1.0 + 1e-9], dtype=torch.float64)
+    draws = sample_logits(logits.expand(200, -1), 1e-11, generator=torch.Generator().manual_seed(0))
+    assert draws.tolist() == [1] * 200
+
+
 def test_top_p_boundary_against_a_direct_loop() -> None:
     """filter_logits' kept set against a plain Python reading of the definition."""
     g = torch.Generator().manual_seed(1)

@@ -325,7 +325,7 @@ def sample_logits(
     _check_sampling(temperature, top_k, top_p, generator)
     if temperature == 0:
         return logits.argmax(dim=-1)
-    x = logits.float()
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays
     x = (x - x.amax(dim=-1, keepdim=True)) / temperature  # max 0: no overflow at small T
     scaled = filter_logits(x, top_k, top_p)  # (..., V)
     probs = scaled.softmax(dim=-1).reshape(-1, logits.shape[-1])  # (N, V)

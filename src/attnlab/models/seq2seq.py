@@ -117,10 +117,12 @@ class Seq2Seq(nn.Module):
     def _step(
         self, tok: Tensor, memory: Tensor | None, pad: masks.Mask, cache: DecoderCache
     ) -> Tensor:
-        """Log-probabilities ``(B, V)`` of the next token after ``tok (B, 1)``."""
+        """Log-probabilities ``(B, V)`` of the next token after ``tok (B, 1)``, in float32
+        or the model's wider dtype (a float64 model's were cast down: 2.6e-7 off)."""
         x = self._embed(self.tgt_embed, tok, offset=cache.length)
         h = self.transformer.decode(x, memory, memory_mask=pad, cache=cache)  # (B, 1, D)
-        return torch.log_softmax(self.out(h[:, -1]).float(), dim=-1)
+        logits = self.out(h[:, -1])  # (B, V)
+        return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
 
     @torch.no_grad()
     def generate(
