@@ -201,6 +201,24 @@ def test_bad_input_errors() -> None:
     check_and_control(lambda: sample_logits(logits, generator=3), ok, TypeError, "generator")  # type: ignore[arg-type]
 
 
+def test_rows_no_token_can_be_drawn_from_are_named() -> None:
+    """(NaN, +inf and all -inf rows raised torch's unnamed "probability tensor contains
+    either inf, nan or element < 0"; greedy decoding returned token 0 for all -inf.)"""
+    inf = math.inf
+    good = torch.tensor([[0.0, 1.0, -inf], [2.0, -inf, 0.5]])  # -inf beside a finite: fine
+    ok = lambda: sample_logits(good)  # noqa: E731
+    for row, what in ((torch.tensor([0.0, math.nan, 1.0]), "NaN"),
+                      (torch.tensor([0.0, inf, 1.0]), r"\+inf"),
+                      (torch.full((3,), -inf), "only -inf")):  # fmt: skip
+        bad = torch.stack([good[0], row])
+        for temperature in (1.0, 0.0):
+            check_and_control(
+                lambda: sample_logits(bad, temperature), ok, ValueError,  # noqa: B023
+                rf"^logits must hold a finite maximum in every row .*; logits\[1\] holds {what}$",
+            )  # fmt: skip
+    assert sample_logits(good, 0.0).tolist() == [1, 0]
+
+
 def test_filter_logits_bad_logits() -> None:
     """filter_logits checks its logits as sample_logits does (a list, int64, 0-d, V=0)."""
     logits = torch.randn(2, 5)

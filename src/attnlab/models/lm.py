@@ -247,6 +247,22 @@ def _check_logits(logits: object) -> None:
         )
 
 
+def _check_rows(logits: Tensor) -> None:
+    """A ValueError naming the first row of ``logits (..., V)`` that no token can be drawn
+    from: one holding NaN or +inf, or only -inf (torch's multinomial raised an unnamed
+    RuntimeError; greedy decoding returned token 0 for an all -inf row)."""
+    top = logits.amax(dim=-1)  # (...): NaN, +inf or -inf exactly where a row is bad
+    bad = ~torch.isfinite(top)
+    if bool(bad.any()):
+        row = tuple(int(i) for i in bad.nonzero()[0])
+        what = "NaN" if top[row].isnan() else "+inf" if top[row] > 0 else "only -inf"
+        at = f"logits[{', '.join(map(str, row))}]" if row else "logits"
+        raise ValueError(
+            f"logits must hold a finite maximum in every row (no NaN or +inf, not all "
+            f"-inf); {at} holds {what}"
+        )
+
+
 def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None = None) -> Tensor:
     """Set the logits outside the top-k and then outside the top-p nucleus to ``-inf``.
 
@@ -303,7 +319,8 @@ def sample_logits(
     returns the argmax (greedy decoding; ``top_k``/``top_p`` cannot change it).
 
     Args:
-        logits: ``(..., V)`` unnormalized log-probabilities.
+        logits: ``(..., V)`` unnormalized log-probabilities; each row's maximum finite
+            (no NaN or +inf, not all -inf), else a ValueError naming the row.
         temperature: ``>= 0``; below 1 sharpens, above 1 flattens.
         top_k: keep the ``k`` most probable tokens (None: all).
         top_p: keep the smallest most-probable set with mass ``>= top_p`` (None: all).
@@ -323,6 +340,7 @@ def sample_logits(
     """
     _check_logits(logits)
     _check_sampling(temperature, top_k, top_p, generator)
+    _check_rows(logits)
     if temperature == 0:
         return logits.argmax(dim=-1)
     x = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays
