@@ -585,3 +585,26 @@ def test_embed_rows_normalize_must_be_a_bool() -> None:
     for bad in ("no", 0):
         with pytest.raises(TypeError, match=r"^normalize must be a bool, got (str|int)"):
             enc.embed_rows(ids, normalize=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("raw", ["[1]", '"text"', "3"])
+def test_a_sentence_bert_config_of_another_kind_is_named(
+    tmp_path: Path, raw: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A ``sentence_bert_config.json`` holding a list raised AttributeError (``'list'
+    object has no attribute 'get'``), and ``attnlab embed --model`` exited 1."""
+    from attnlab.models.sentence_folder import max_seq_length
+
+    folder = _copy(minilm_path(), tmp_path / "model")
+    (folder / "sentence_bert_config.json").write_text(raw)
+    kind = type(json.loads(raw)).__name__
+    want = f"sentence_bert_config.json must hold a JSON object, got {kind}"
+    with pytest.raises(ValueError, match=re.escape(want)):
+        SentenceConfig.from_folder(folder, 512)
+    assert main(["embed", "hi", "--model", str(folder)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "argument --model:" in err[0] and want in err[0], err
+    with pytest.raises(TypeError, match="st_config must be a dict, got list"):
+        max_seq_length(folder, [1], 512)  # type: ignore[arg-type]
+    (folder / "sentence_bert_config.json").write_text('{"max_seq_length": 64}')  # control
+    assert SentenceConfig.from_folder(folder, 512).max_seq_length == 64

@@ -46,8 +46,8 @@ from attnlab.models.sentence_folder import (
     load_dense_layers,
     max_seq_length,
     pooling_mode,
-    read_json,
     read_modules,
+    read_object,
 )
 from attnlab.nn._modes import eval_mode
 
@@ -120,7 +120,7 @@ class SentenceConfig:
         modules = read_modules(folder)  # refuses any module attnlab does not run
         pool = next((m.path for m in modules if m.kind == "Pooling"), None)
         pooling = "mean" if pool is None else pooling_mode(pool / "config.json")
-        st = read_json(folder / "sentence_bert_config.json", default={})
+        st = read_object(folder / "sentence_bert_config.json")
         limit = max_seq_length(folder, st, max_positions)
         normalize = any(m.kind == "Normalize" for m in modules)
         return cls(pooling, normalize, limit, bool(st.get("do_lower_case", False)))

@@ -42,6 +42,7 @@ __all__ = [
     "pooling_mode",
     "read_json",
     "read_modules",
+    "read_object",
 ]
 
 POOLINGS = ("mean", "cls", "max")
@@ -82,6 +83,20 @@ def read_json(path: Path, default: Any) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from err
+
+
+def read_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``, ``{}`` when there is no such file; a ValueError naming
+    the file for JSON of another kind (a list: ``.get`` raised AttributeError, exit 1).
+
+    Example:
+        >>> read_object(Path("/nonexistent.json"))
+        {}
+    """
+    cfg = read_json(path, default={})
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(cfg).__name__}")
+    return cfg
 
 
 def pooling_mode(path: Path) -> str:
@@ -149,6 +164,8 @@ def max_seq_length(folder: Path, st_config: dict[str, Any], max_positions: int) 
         >>> max_seq_length(d, {}, 512), max_seq_length(d, {"max_seq_length": 128}, 512)
         (256, 128)
     """
+    if not isinstance(st_config, dict):  # (a list: AttributeError on .get)
+        raise TypeError(f"st_config must be a dict, got {type(st_config).__name__}")
     args = st_config.get("tokenizer_args", st_config.get("processor_kwargs")) or {}
     found = [
         ("sentence_bert_config.json tokenizer_args model_max_length", args, "model_max_length"),
