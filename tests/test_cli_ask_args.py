@@ -373,3 +373,23 @@ def test_a_terminal_without_the_texts_characters_gets_escapes_not_a_crash(
     )
     assert res.returncode == 0, res.stderr.decode("cp1252", "replace")[-2000:]
     assert b"Tokyo (\\u6771\\u4eac) is the capital of Japan." in res.stdout
+
+
+@NEED_MODEL
+def test_summarize_refuses_an_unusable_model_folder_before_splitting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An existing ``--model`` folder that is no model was refused only after the whole
+    file was split (seconds to minutes for a long one: a progress line, then the error)."""
+    doc, empty = tmp_path / "doc.txt", tmp_path / "empty"
+    doc.write_text(PROSE)
+    empty.mkdir()
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the file was split")
+
+    monkeypatch.setattr(ask_cli, "split_document", refuse)
+    status = main(["summarize", str(doc), "--model", str(empty)])
+    _one_line(capsys.readouterr().err, f"argument --model: '{empty}' is not a sentence-", 2, status)
+    assert main(["summarize", str(doc)]) == 1  # control: the shipped model gets to the split
+    assert "the file was split" in capsys.readouterr().err

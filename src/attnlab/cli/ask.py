@@ -24,7 +24,6 @@ from attnlab.apps.index import check_cache, default_cache
 from attnlab.apps.report import answers_html, summary_html
 from attnlab.apps.summarize import check_length
 from attnlab.cli._args import (
-    check_in_folder,
     check_not_empty,
     check_not_input,
     check_out_file,
@@ -210,8 +209,10 @@ def run_summarize(args: argparse.Namespace) -> int:
     doc = _summary_doc(args.file)
     inputs = [] if args.file.startswith("pydoc:") else [Path(args.file)]
     out = _out_file(args.out, inputs, args.model)  # (named after seconds of splitting, below)
-    if args.model is not None:
-        check_in_folder("--model", args.model)
+    # a --model folder loads (so its files are checked) before the seconds to minutes of
+    # splitting (an unusable one was refused after them); the shipped model after, so a
+    # file of no prose is refused without loading one
+    enc = None if args.model is None else load_encoder(args.model)[0]
     with _progress_line("reading", "paragraphs split into sentences") as progress:
         long = len(doc.text) > LONG_TEXT  # (a 6,000-sentence file: 73 s without a word)
         split = split_document(doc, progress if long else None)
@@ -222,7 +223,7 @@ def run_summarize(args: argparse.Namespace) -> int:
         check_length(n)
     except ValueError as e:
         raise UsageError("FILE", f"{doc.name!r}: {e}".replace(": text has", " has")) from None
-    enc, _ = load_encoder(args.model)
+    enc = load_encoder(None)[0] if enc is None else enc
     with warnings_as_lines(args), _progress_line("summarizing") as progress:
         summary = summarize(doc, args.sentences, encoder=enc, progress=progress, split=split)
     print(summary.text)
