@@ -679,9 +679,10 @@ def test_a_foreign_index_json_is_refused_and_kept(
     (cache / "index.safetensors").write_bytes(b"my own tensors")
     before = {p.name: p.read_bytes() for p in cache.iterdir()}
     where = re.escape(repr(str(cache)))
-    with pytest.raises(ValueError, match=f"^folder {where} holds an index.json that attnlab "):
+    why = "cannot be read \\(damaged" if raw == "{no json" else "attnlab did not write"
+    with pytest.raises(ValueError, match=f"^folder {where} holds an index.json that {why}"):
         build_index(docs, enc, cache)
-    with pytest.raises(ValueError, match=f"^cache {where} holds an index.json that attnlab "):
+    with pytest.raises(ValueError, match=f"^cache {where} holds an index.json that {why}"):
         ask("Why?", tmp_path / "a.txt", encoder=enc, cache=cache, progress=print)
     monkeypatch.setattr("attnlab.cli.ask.load_encoder", lambda model: (enc, "MiniLM"))
     argv = ["ask", "why?", "--docs", str(tmp_path / "a.txt"), "--cache", str(cache)]

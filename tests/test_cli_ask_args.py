@@ -393,3 +393,56 @@ def test_summarize_refuses_an_unusable_model_folder_before_splitting(
     _one_line(capsys.readouterr().err, f"argument --model: '{empty}' is not a sentence-", 2, status)
     assert main(["summarize", str(doc)]) == 1  # control: the shipped model gets to the split
     assert "the file was split" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["dangling link", "file"])
+def test_a_default_index_folder_that_cannot_be_one_is_refused_before_any_work(
+    tmp_path: Path, no_work: None, kind: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A ``.attnlab-index`` beside the documents that is a link to a missing place, or a
+    file, was found after every sentence was embedded (exit 1: "File exists", or
+    ValueError naming ``cache``); an explicit ``--cache`` was refused up front."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "doc.md").write_text(PROSE)
+    index = docs / ".attnlab-index"
+    if kind == "file":
+        index.write_text("x")
+    else:
+        index.symlink_to(tmp_path / "nowhere")
+    why = "is a file, not a folder" if kind == "file" else "is a link to a missing place"
+    status = main(["ask", "why?", "--docs", str(docs), "--no-explain"])
+    _one_line(capsys.readouterr().err, f"argument --docs (the index folder kept for them; "
+              f"--cache DIR gives another): {str(index)!r} {why}", 2, status)  # fmt: skip
+    assert main(["ask", "why?", "--docs", str(docs), "--cache", str(tmp_path / "ix")]) == 1
+    assert "the command started work" in capsys.readouterr().err  # control: --cache elsewhere
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        ('{"format": 4, "model": "mean-384', "damaged, or not attnlab's: Unterminated string"),
+        (
+            '{"format": 4, "docs": ' + "[" * 100_000 + "]" * 100_000 + "}",
+            "damaged, or not attnlab's: nested too deeply",
+        ),
+    ],
+)
+def test_an_unreadable_index_json_is_named_by_the_option_that_gave_its_folder(
+    tmp_path: Path, no_work: None, raw: str, why: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A cut-short index.json in the default index folder was reported against
+    ``--cache``, which was not given, as one "attnlab did not write"; one nested past
+    Python's recursion limit raised RecursionError (exit 1)."""
+    (tmp_path / "doc.md").write_text(PROSE)
+    for folder in (tmp_path / ".attnlab-index", tmp_path / "mine"):
+        folder.mkdir()
+        (folder / "index.json").write_text(raw)
+    argv = ["ask", "why?", "--docs", str(tmp_path / "doc.md")]
+    for cache, name in ((".attnlab-index", "--docs (the index folder kept"), ("mine", "--cache")):
+        extra = ["--cache", str(tmp_path / cache)] if name == "--cache" else []
+        status = main(argv + extra)
+        err = capsys.readouterr().err
+        _one_line(err, f"argument {name}", 2, status)
+        assert f"{str(tmp_path / cache)!r} holds an index.json that cannot be read ({why}" in err
+    assert load_index(tmp_path / "mine") is None  # read as no index, not a RecursionError

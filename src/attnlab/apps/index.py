@@ -12,7 +12,8 @@ previous JSON named: a crash at any point leaves the previous index or the new o
 a pair that is read as none (one file name for both made a stop between the two writes
 re-embed everything). A save holds the folder's :class:`~attnlab._io.OutputLock`, and
 another run's vectors are never removed. A folder whose ``index.json`` attnlab did not
-write (no JSON object with a ``"format"``) is refused, not overwritten. Nothing is pickled.
+write (no JSON object with a ``"format"``, or no JSON) is refused, not overwritten.
+Nothing is pickled.
 
 Search is brute force (``vectors @ q``, exact): at the Python reference's size (3,602
 sentences x 384) one query is a 1.4 MFLOP matrix-vector product. ``benchmarks/bench_ask.py``
@@ -182,7 +183,7 @@ def load_index(folder: str | Path) -> Index | None:
         vectors = load(raw)["vectors"]
         sentences = [Sentence(*row) for d in meta["docs"] for row in d["sentences"]]
         digests = {d["name"]: d["digest"] for d in meta["docs"]}
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):  # (JSON too deep)
         return None
     if not _consistent(sentences, vectors, meta["docs"]):
         return None  # rows edited or of another kind: rebuilt, not used
@@ -230,8 +231,10 @@ def _vectors_name(name: object) -> str:
 def check_cache(folder: Path, name: str = "folder") -> Path:
     """``folder`` if :func:`build_index` may write its index there: it holds no
     ``index.json``, or one attnlab wrote (a JSON object with a ``"format"``, perhaps of
-    another version or damaged); else a ValueError naming ``name`` and the folder (a
-    user's own ``index.json`` was overwritten, and an ``index.safetensors`` deleted).
+    another version or with damaged contents, which is rebuilt); else a ValueError naming
+    ``name`` and the folder: JSON of another kind (a user's own ``index.json`` was
+    overwritten, and an ``index.safetensors`` deleted), or a file that cannot be read as
+    JSON (cut short, not UTF-8, nested too deeply): it is not known to be attnlab's.
 
     Example:
         >>> import tempfile
@@ -254,8 +257,13 @@ def _own_meta(folder: Path, name: str) -> dict[str, Any] | None:
         meta = json.loads((folder / "index.json").read_text(encoding="utf-8"))
     except (FileNotFoundError, NotADirectoryError):
         return None
-    except (IsADirectoryError, ValueError):  # (not UTF-8 or not JSON: ValueErrors)
-        meta = None
+    except (IsADirectoryError, ValueError, RecursionError) as e:  # (not UTF-8, not JSON)
+        why = {IsADirectoryError: "it is a folder", RecursionError: "nested too deeply"}
+        raise ValueError(
+            f"{name} {str(folder)!r} holds an index.json that cannot be read (damaged, or "
+            f"not attnlab's: {why.get(type(e), e)}); the index would replace it: give "
+            "another folder, or move that file away"
+        ) from None
     if not isinstance(meta, dict) or "format" not in meta:
         raise ValueError(
             f"{name} {str(folder)!r} holds an index.json that attnlab did not write; the "

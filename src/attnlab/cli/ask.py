@@ -137,12 +137,7 @@ def run_ask(args: argparse.Namespace) -> int:
     except ValueError as e:  # only code: said before the model loads, as summarize does
         raise UsageError("--docs", str(e).removeprefix("docs: ")) from None
     out = _out_file(args.out, inputs, args.model)
-    cache = _cache(args) if args.cache is None else check_out_folder("--cache", args.cache)
-    if isinstance(cache, Path):  # a folder holding a user's own index.json
-        try:
-            check_cache(cache)
-        except ValueError as e:
-            raise UsageError("--cache", str(e).removeprefix("folder ")) from None
+    cache = _cache(args)
     enc, _ = load_encoder(args.model)
     with warnings_as_lines(args), _progress_line("indexing") as progress:
         try:
@@ -166,16 +161,38 @@ def run_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+# how an error about the index folder names it when --cache was not given
+DEFAULT_CACHE = "--docs (the index folder kept for them; --cache DIR gives another)"
+
+
 def _cache(args: argparse.Namespace) -> Path | bool:
-    """The default index folder if it can be written; else ``False`` (an index in
-    memory), said in one line: it failed after every sentence was embedded."""
-    folder = default_cache(args.docs)
+    """The index folder, checked before any work: ``--cache``'s, as any output folder, or
+    the default one of ``--docs``, which is refused as a link to a missing place or a
+    file, and when it cannot be written is ``False`` (an index in memory; one warning
+    line: it failed after every sentence was embedded). Either one holding an
+    ``index.json`` that attnlab did not write, or one that cannot be read, is refused
+    (naming ``--cache``, or ``--docs`` when the folder is theirs by default)."""
+    name = DEFAULT_CACHE if args.cache is None else "--cache"
+    folder = _default_cache(args) if args.cache is None else check_out_folder(name, args.cache)
+    if folder is None:
+        return False
+    try:  # a folder holding a user's own index.json, or a damaged one
+        return check_cache(folder)
+    except ValueError as e:
+        raise UsageError(name, str(e).removeprefix("folder ")) from None
+
+
+def _default_cache(args: argparse.Namespace) -> Path | None:
+    """The default index folder of ``--docs``, or None (said) where it cannot be written."""
+    folder = reachable(DEFAULT_CACHE, default_cache(args.docs))  # (a dangling link: exit 1)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(DEFAULT_CACHE, f"{str(folder)!r} is a file, not a folder")
     near = next(p for p in (folder, *folder.parents) if p.exists())
     if os.access(near, os.W_OK | os.X_OK) and (near == folder or near.is_dir()):
         return folder
     warn(args, f"cannot write the index to {str(folder)!r}; it is built in memory and not "
                "kept (give --cache DIR to keep it)")  # fmt: skip
-    return False
+    return None
 
 
 def _summary_doc(name: str) -> Document:
