@@ -1095,3 +1095,23 @@ def test_a_model_without_normalize_still_gives_the_apps_cosines(
     )
     assert summarize(text, 3, encoder=raw).chosen == summarize(text, 3, encoder=enc).chosen
     assert len(summarize(text, 3, encoder=raw).chosen) == 3
+
+
+def test_an_index_built_with_a_float64_encoder_is_float32_and_reused(tmp_path: Path) -> None:
+    """``embed`` kept what ``encode`` returned: float64 rows from a ``.double()`` encoder,
+    which ``load_index`` refuses (its vectors are float32), so every build re-embedded
+    every sentence. Rows equal the float32 encoder's up to float32 rounding, and the
+    ranking reads the float32 index with float64 questions."""
+    from attnlab.apps import Asker
+    from attnlab.models.sentence import _toy_encoder
+
+    docs = [Document("a", "Cats purr. Dogs bark."), Document("b", "Rain falls.")]
+    wide, narrow = _toy_encoder().double(), _toy_encoder()
+    first = build_index(docs, wide, tmp_path)
+    assert first.vectors.dtype == torch.float32 and first.embedded == 3
+    want = torch.nn.functional.normalize(narrow.encode([s.text for s in first.sentences]), dim=-1)
+    torch.testing.assert_close(first.vectors, want, rtol=0, atol=1e-6)
+    again = build_index(docs, wide, tmp_path)
+    assert again.embedded == 0 and load_index(tmp_path) is not None
+    assert torch.equal(again.vectors, first.vectors)
+    assert len(Asker(again, wide).rank("Why do dogs bark?", 3)) == 3

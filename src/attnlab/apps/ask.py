@@ -182,12 +182,14 @@ class Asker:
         heads = [decode_text(f"{s.doc}: {s.section}")[0] for s in index.sentences]
         unique = sorted(set(heads))
         vecs = unit(enc.encode(unique)) if unique else torch.empty(0, enc.dim)  # (T, D)
+        vecs = vecs.to(index.vectors.dtype)  # (a .double() encoder: float32 vectors)
         where = {h: i for i, h in enumerate(unique)}
         self.titles = vecs[torch.tensor([where[h] for h in heads], dtype=torch.long)]  # (N, D)
 
     def signals(self, question: str) -> dict[str, Tensor]:
         """The four ``(N,)`` signals of every sentence for ``question``."""
         q = unit(self.enc.encode([check_question(question)]))[0]  # (D,)
+        q = q.to(self.index.vectors.dtype)
         lex = self.bm25.scores(words(question))
         return {
             "cosine": self.index.vectors @ q,

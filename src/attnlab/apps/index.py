@@ -340,11 +340,12 @@ def unit(x: Tensor) -> Tensor:
 def embed(
     enc: SentenceEncoder, texts: list[str], progress: Progress | None = None, batch: int = 256
 ) -> Tensor:
-    """``(len(texts), D)`` unit vectors, reporting ``progress(done, total)`` after each
-    batch; one warning names how many texts were longer than the encoder reads (their
-    first tokens count), one how many were not valid UTF-8. The index and
-    :func:`attnlab.apps.summarize.summarize` embed with it. ``batch``: texts per call of
-    the encoder (a positive int)."""
+    """``(len(texts), D)`` float32 unit vectors (also from a ``.double()`` encoder: the
+    index keeps float32, and float64 rows were rebuilt on every run), reporting
+    ``progress(done, total)`` after each batch; one warning names how many texts were
+    longer than the encoder reads (their first tokens count), one how many were not valid
+    UTF-8. The index and :func:`attnlab.apps.summarize.summarize` embed with it.
+    ``batch``: texts per call of the encoder (a positive int)."""
     batch = positive_int("batch", batch)  # 0 raised range()'s error, -1 embedded nothing
     callable_or_none("progress", progress, "progress(done, total)")
     texts = _check_texts(texts)  # decoded once: the encoder warned per batch, and again
@@ -352,7 +353,7 @@ def embed(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*exceed max_seq_length")
         for start in range(0, len(texts), batch):
-            parts.append(unit(enc.encode(texts[start : start + batch])))
+            parts.append(unit(enc.encode(texts[start : start + batch])).float())  # (.double())
             if progress is not None:
                 progress(min(start + batch, len(texts)), len(texts))
         limit = enc.config.max_seq_length
