@@ -608,3 +608,25 @@ def test_a_sentence_bert_config_of_another_kind_is_named(
         max_seq_length(folder, [1], 512)  # type: ignore[arg-type]
     (folder / "sentence_bert_config.json").write_text('{"max_seq_length": 64}')  # control
     assert SentenceConfig.from_folder(folder, 512).max_seq_length == 64
+
+
+def test_the_truncation_warning_blames_the_callers_line(
+    encoders: dict[str, SentenceEncoder],
+) -> None:
+    """``tokenize`` warned with ``stacklevel=3``, right only through ``encode``: a direct
+    call blamed the line that called its caller (here pytest's)."""
+    import inspect
+
+    enc = encoders["bucket"]
+    for call, kwargs in ((enc.tokenize, {}), (enc.encode, {}), (enc.tokenize, {"stacklevel": 1})):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            line = inspect.currentframe().f_lineno + 1  # type: ignore[union-attr]
+            call([LONG], **kwargs)
+        (w,) = caught
+        if kwargs:  # stacklevel=1: tokenize's own line
+            assert w.filename.endswith("sentence.py") and w.lineno != line
+        else:
+            assert (w.filename, w.lineno) == (__file__, line), (w.filename, w.lineno)
+    with pytest.raises(ValueError, match="stacklevel must be a positive int, got 0"):
+        enc.tokenize(["short"], stacklevel=0)

@@ -146,7 +146,7 @@ def _states(enc: SentenceEncoder, ids: Tensor) -> Tensor:
 
 def token_states(enc: SentenceEncoder, texts: list[str]) -> list[Tensor]:
     """Each text's final hidden states ``(n_i, D)``, one padded batch (keys masked)."""
-    ids = enc.tokenize(texts)
+    ids = enc.tokenize(texts, stacklevel=3)  # a warning blames token_states' caller
     width = max(len(x) for x in ids)
     batch = torch.full((len(ids), width), enc.bert.config.pad_token_id or 0)  # (B, L)
     for r, x in enumerate(ids):

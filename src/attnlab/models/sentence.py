@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from attnlab import masks
 from attnlab._cpu import resolve_precision
 from attnlab._io import decode_text
-from attnlab._validate import validate_flag
+from attnlab._validate import positive_int, validate_flag
 from attnlab.models.bert import BertEncoder
 from attnlab.models.pretrained import minilm_path
 from attnlab.models.sentence_folder import (
@@ -230,15 +230,17 @@ class SentenceEncoder(nn.Module):
         enc = cls(bert, tokenizer, config, dense=dense, strategy=strategy, precision=precision)
         return enc.eval()
 
-    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+    def tokenize(self, texts: Sequence[str], *, stacklevel: int = 2) -> list[list[int]]:
         """Token ids of each text (``[CLS] ... [SEP]``), truncated to ``max_seq_length``
-        with one warning per call.
+        with one :class:`TruncationWarning` per call, blaming the line ``stacklevel``
+        frames up (2: the caller's; a wrapper passes its own caller's).
 
         Example:
             >>> enc = SentenceEncoder.from_pretrained()  # needs attnlab[pretrained]
             >>> enc.tokenize(["Hello, world!"])
             [[101, 7592, 1010, 2088, 999, 102]]
         """
+        stacklevel = positive_int("stacklevel", stacklevel)
         texts = _check_texts(texts)
         texts = _lowercase(texts) if self.config.lowercase else list(texts)
         encs = self.tokenizer.encode_batch(texts)
@@ -248,7 +250,7 @@ class SentenceEncoder(nn.Module):
                 f"{len(cut)} of {len(encs)} texts (first: texts[{cut[0]}]) exceed "
                 f"max_seq_length={self.config.max_seq_length} tokens and were truncated",
                 TruncationWarning,
-                stacklevel=3,
+                stacklevel=stacklevel,
             )
         return [e.ids for e in encs]
 
@@ -274,7 +276,7 @@ class SentenceEncoder(nn.Module):
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        ids = self.tokenize(texts)
+        ids = self.tokenize(texts, stacklevel=3)  # the warning blames encode's caller
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # longest first
         weight = self.bert.embeddings.word_embeddings.weight
         kind = torch.promote_types(weight.dtype, torch.float32)  # a .half() model: float32
