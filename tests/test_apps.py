@@ -1115,3 +1115,31 @@ def test_an_index_built_with_a_float64_encoder_is_float32_and_reused(tmp_path: P
     assert again.embedded == 0 and load_index(tmp_path) is not None
     assert torch.equal(again.vectors, first.vectors)
     assert len(Asker(again, wide).rank("Why do dogs bark?", 3)) == 3
+
+
+def test_a_text_of_exactly_the_token_limit_is_not_called_cut(enc: SentenceEncoder) -> None:
+    """A sentence of exactly 256 tokens (with [CLS] and [SEP]) is read whole, but the
+    index and the ranking counted ``len(ids) >= 256`` and warned that it was cut."""
+    from tokenizers import Tokenizer
+
+    from attnlab.apps.ask import _warn_cut
+    from attnlab.apps.index import embed
+    from attnlab.models import minilm_path
+
+    whole = Tokenizer.from_file(str(minilm_path() / "tokenizer.json"))
+    whole.no_truncation()  # an independent count, nothing cut
+    exact, over = "hello " * 254, "hello " * 255
+    assert [len(whole.encode(t).ids) for t in (exact, over)] == [256, 257]
+    assert enc.truncated([exact, over, "short"]) == [False, True, False]
+    for call, said in (
+        (lambda: embed(enc, [exact, "short"]), []),
+        (lambda: _warn_cut(enc, exact, [exact]), []),
+        (lambda: embed(enc, [exact, over]), ["1 of 2 sentences reach the encoder's 256-token"]),
+        (lambda: _warn_cut(enc, "why?", [exact, over]), ["some candidate sentences are past"]),
+        (lambda: _warn_cut(enc, over, [exact]), ["the question (255 words) reaches the encod"]),
+    ):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            call()
+        assert [str(w.message)[: len(s)] for w, s in zip(seen, said, strict=False)] == said
+        assert len(seen) == len(said), [str(w.message) for w in seen]

@@ -273,16 +273,15 @@ QUESTION_CUT = (
 
 
 def _warn_cut(enc: SentenceEncoder, question: str, texts: list[str]) -> None:
-    """A warning if ``question`` reaches the encoder's token limit, and one if any of the
-    candidate ``texts`` does (a long question was reported as long candidates)."""
+    """A warning if ``question`` is past the encoder's token limit, and one if any of the
+    candidate ``texts`` is (a long question was reported as long candidates; one of
+    exactly the limit, which is read whole, was reported as cut)."""
     limit = enc.config.max_seq_length
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*exceed max_seq_length")
-        ids = enc.tokenize([question, *texts])
-    if len(ids[0]) >= limit:
+    cut = enc.truncated([question, *texts])
+    if cut[0]:
         words_ = len(question.split())
         warnings.warn(QUESTION_CUT.format(words=words_, limit=limit), stacklevel=3)
-    if any(len(x) >= limit for x in ids[1:]):
+    if any(cut[1:]):
         warnings.warn(CANDIDATES_CUT.format(limit=limit), stacklevel=3)
 
 

@@ -356,8 +356,7 @@ def embed(
             parts.append(unit(enc.encode(texts[start : start + batch])).float())  # (.double())
             if progress is not None:
                 progress(min(start + batch, len(texts)), len(texts))
-        limit = enc.config.max_seq_length
-        long = sum(len(ids) >= limit for ids in enc.tokenize(texts)) if texts else 0
+    long, limit = sum(enc.truncated(texts)), enc.config.max_seq_length  # (not == limit)
     if long:
         warnings.warn(
             f"{long} of {len(texts)} sentences reach the encoder's {limit}-token limit; "

@@ -43,6 +43,7 @@ from attnlab.models.pretrained import minilm_path
 from attnlab.models.sentence_folder import (
     POOLINGS,
     SentenceDense,
+    check_dense,
     load_dense_layers,
     max_seq_length,
     pooling_mode,
@@ -52,7 +53,7 @@ from attnlab.models.sentence_folder import (
 from attnlab.nn._modes import eval_mode
 
 if TYPE_CHECKING:
-    from tokenizers import Tokenizer
+    from tokenizers import Encoding, Tokenizer
 
 __all__ = ["SentenceConfig", "SentenceEncoder", "TruncationWarning", "load_tokenizer"]
 
@@ -200,7 +201,7 @@ class SentenceEncoder(nn.Module):
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy={strategy!r} is not one of {STRATEGIES}")
         self.bert, self.tokenizer, self.config = bert, tokenizer, config
-        self.dense = nn.ModuleList(_check_dense(dense, bert.config.hidden_size))
+        self.dense = nn.ModuleList(check_dense(dense, bert.config.hidden_size))
         self.strategy = strategy
         self.precision, self.precision_reason = resolve_precision(precision)
 
@@ -241,9 +242,7 @@ class SentenceEncoder(nn.Module):
             [[101, 7592, 1010, 2088, 999, 102]]
         """
         stacklevel = positive_int("stacklevel", stacklevel)
-        texts = _check_texts(texts)
-        texts = _lowercase(texts) if self.config.lowercase else list(texts)
-        encs = self.tokenizer.encode_batch(texts)
+        encs = self._encodings(_check_texts(texts))
         cut = [i for i, e in enumerate(encs) if e.overflowing]
         if cut:
             warnings.warn(
@@ -253,6 +252,15 @@ class SentenceEncoder(nn.Module):
                 stacklevel=stacklevel,
             )
         return [e.ids for e in encs]
+
+    def truncated(self, texts: Sequence[str]) -> list[bool]:
+        """Whether :meth:`tokenize` cuts each text: it has more than ``max_seq_length``
+        tokens (one of exactly that many is whole). No warning."""
+        return [bool(e.overflowing) for e in self._encodings(_check_texts(texts))]
+
+    def _encodings(self, texts: list[str]) -> list[Encoding]:
+        """The tokenizer's encodings of ``texts``, lowercased first if the model lowercases."""
+        return self.tokenizer.encode_batch(_lowercase(texts) if self.config.lowercase else texts)
 
     def encode(self, texts: Sequence[str], batch_size: int = 32) -> Tensor:
         """Embed ``texts``, in eval mode (no dropout, as sentence-transformers' ``encode``);
@@ -397,20 +405,6 @@ def _lowercase(texts: Sequence[str]) -> list[str]:
 
     lower = Lowercase()  # one normalizer for the batch
     return [str(lower.normalize_str(t)) for t in texts]
-
-
-def _check_dense(dense: object, width: int) -> list[SentenceDense]:
-    """``dense`` as a list of :class:`SentenceDense` whose widths chain from ``width``."""
-    if not isinstance(dense, Sequence | nn.ModuleList):
-        raise TypeError(f"dense must be a list of SentenceDense, got {type(dense).__name__}")
-    for i, layer in enumerate(dense):
-        if not isinstance(layer, SentenceDense):
-            raise TypeError(f"dense[{i}] must be a SentenceDense, got {type(layer).__name__}")
-        if layer.linear.in_features != width:
-            got = layer.linear.in_features
-            raise ValueError(f"dense[{i}] takes {got}-wide vectors, but gets {width}-wide ones")
-        width = layer.linear.out_features
-    return list(dense)
 
 
 def _check_texts(texts: object) -> list[str]:

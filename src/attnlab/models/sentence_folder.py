@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -37,6 +37,7 @@ __all__ = [
     "POOLINGS",
     "SentenceDense",
     "StModule",
+    "check_dense",
     "load_dense_layers",
     "max_seq_length",
     "pooling_mode",
@@ -305,6 +306,20 @@ def load_dense_layers(folder: Path, width: int) -> list[SentenceDense]:
             layers.append(_load_dense(m.path, width))
             width = layers[-1].linear.out_features
     return layers
+
+
+def check_dense(dense: object, width: int) -> list[SentenceDense]:
+    """``dense`` as a list of :class:`SentenceDense` whose widths chain from ``width``."""
+    if not isinstance(dense, Sequence | nn.ModuleList):
+        raise TypeError(f"dense must be a list of SentenceDense, got {type(dense).__name__}")
+    for i, layer in enumerate(dense):
+        if not isinstance(layer, SentenceDense):
+            raise TypeError(f"dense[{i}] must be a SentenceDense, got {type(layer).__name__}")
+        if layer.linear.in_features != width:
+            got = layer.linear.in_features
+            raise ValueError(f"dense[{i}] takes {got}-wide vectors, but gets {width}-wide ones")
+        width = layer.linear.out_features
+    return list(dense)
 
 
 def _load_dense(folder: Path, width: int) -> SentenceDense:
