@@ -432,15 +432,19 @@ def test_cli_embed_prints_the_cosine_matrix(
 def test_cli_warns_once_about_truncated_texts(capsys: pytest.CaptureFixture[str]) -> None:
     """``attnlab embed`` and ``attend`` say once how many texts were cut, counted as
     transformers' tokenizer counts texts over 256 tokens (each warned twice, the first
-    time "1 of 1 texts": each text's check for tokens warned before the real call)."""
+    time "1 of 1 texts": each text's check for tokens warned before the real call), and
+    name the first as the command line does (``TEXT 2``, not the encoder's ``texts[1]``)."""
     tok = transformers.AutoTokenizer.from_pretrained(minilm_path())
     cut = " exceed max_seq_length=256 tokens and were truncated"
-    for argv in (["embed", LONG, LONG, "short"], ["attend", LONG, "--layer", "0", "--head", "0"]):
+    for argv, first in (
+        (["embed", "short", LONG, LONG], "TEXT 2"),  # (it named the encoder's texts[1])
+        (["attend", LONG, "--layer", "0", "--head", "0"], "TEXT"),
+    ):
         texts = [a for a in argv[1:] if a in (LONG, "short")]
         over = sum(len(tok(t)["input_ids"]) > 256 for t in texts)
         assert main(argv) == 0
         lines = [line for line in capsys.readouterr().err.splitlines() if "truncated" in line]
-        want = f"attnlab {argv[0]}: warning: {over} of {len(texts)} texts (first: texts[0])"
+        want = f"attnlab {argv[0]}: warning: {over} of {len(texts)} texts (first: {first})"
         assert lines == [want + cut]
 
 

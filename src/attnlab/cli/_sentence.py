@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ __all__ = [
     "encoder_tokens",
     "load_encoder",
     "model_folder",
+    "texts_named",
 ]
 
 
@@ -66,6 +69,25 @@ def encoder_tokens(encoder: SentenceEncoder) -> Callable[[str], Sequence[int]]:
             return encoder.tokenize([text])[0]
 
     return tokens
+
+
+@contextmanager
+def texts_named(name: Callable[[int], str]) -> Iterator[None]:
+    """The encoder's :class:`TruncationWarning` inside names a text as the command does,
+    ``name(i)`` (``TEXT 2``), not by the encoder's 0-based ``texts[1]``; every warning
+    of the block is passed on after it (also when it raises), as ``ask`` passes on its own."""
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        for w in caught:
+            message = w.message
+            if isinstance(message, TruncationWarning):
+                text = re.sub(r"texts\[(\d+)\]", lambda m: name(int(m[1])), str(message))
+                message = TruncationWarning(text)
+            warnings.warn_explicit(message, w.category, w.filename, w.lineno)
 
 
 def check_has_tokens(argument: str, text: str, tokenize: Callable[[str], Sequence[int]]) -> None:

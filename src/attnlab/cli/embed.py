@@ -26,7 +26,13 @@ import torch
 
 from attnlab.cli._args import clean_text, clip, int_in
 from attnlab.cli._errors import UsageError
-from attnlab.cli._sentence import add_model_option, check_has_tokens, encoder_tokens, load_encoder
+from attnlab.cli._sentence import (
+    add_model_option,
+    check_has_tokens,
+    encoder_tokens,
+    load_encoder,
+    texts_named,
+)
 
 __all__ = ["add_parsers", "run_attend", "run_embed"]
 
@@ -61,7 +67,8 @@ def run_embed(args: argparse.Namespace) -> int:
     enc, name = load_encoder(args.model)
     for i, t in enumerate(args.texts):
         check_has_tokens(f"TEXT {i + 1}", t, encoder_tokens(enc))
-    emb = enc.encode(args.texts, batch_size=args.batch_size)  # (N, D)
+    with texts_named(lambda i: f"TEXT {i + 1}"):  # (the encoder's texts[1] is TEXT 2)
+        emb = enc.encode(args.texts, batch_size=args.batch_size)  # (N, D)
     if args.json:
         print(json.dumps([[round(x, 7) for x in row] for row in emb.tolist()]))
     elif len(args.texts) == 1:
@@ -94,7 +101,8 @@ def run_attend(args: argparse.Namespace) -> int:
     check_has_tokens("TEXT", text, encoder_tokens(enc))
     _check_in_model("--layer", args.layer, enc.bert.config.num_hidden_layers, "layers", name)
     _check_in_model("--head", args.head, enc.bert.config.num_attention_heads, "heads", name)
-    ids = enc.tokenize([text])[0]
+    with texts_named(lambda i: "TEXT"):
+        ids = enc.tokenize([text])[0]
     tokens = [enc.tokenizer.id_to_token(i) or "?" for i in ids]
     with torch.inference_mode():
         out = enc.bert(torch.tensor([ids]), need_weights=True)
