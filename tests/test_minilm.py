@@ -634,3 +634,15 @@ def test_the_truncation_warning_blames_the_callers_line(
             assert (w.filename, w.lineno) == (__file__, line), (w.filename, w.lineno)
     with pytest.raises(ValueError, match="stacklevel must be a positive int, got 0"):
         enc.tokenize(["short"], stacklevel=0)
+
+
+@pytest.mark.parametrize("name", ["config.json", "modules.json", "sentence_bert_config.json"])
+def test_a_deeply_nested_model_file_is_named_not_a_recursion_error(
+    tmp_path: Path, name: str
+) -> None:
+    """JSON nested past Python's recursion limit raised RecursionError (exit 1 from the
+    commands, which turn a ValueError into one line and exit 2)."""
+    folder = _copy(minilm_path(), tmp_path / "model")
+    (folder / name).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=re.escape(name) + ".* not valid JSON"):
+        SentenceEncoder.from_pretrained(folder)

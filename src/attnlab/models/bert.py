@@ -129,7 +129,7 @@ class BertConfig:
             raise FileNotFoundError(f"config file {path} does not exist")
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
             raise ValueError(f"config file {path} is not valid JSON: {err}") from err
         if not isinstance(raw, dict):
             raise ValueError(
