@@ -250,6 +250,26 @@ def test_sparse_normalizer_passes_through() -> None:
     assert max_err(w, entmax.sparsemax(s, dim=-1)) < 1e-12
 
 
+def test_numpy_int_heads_are_taken_and_stored_as_int() -> None:
+    """numpy ints pass as sizes (the num_kv_heads default, np.int64(num_heads), was refused
+    in a message blaming num_kv_heads), a float num_kv_heads is a TypeError naming it, and
+    the sizes are kept as plain ints."""
+    from attnlab.nn import LayerConfig
+
+    mha = MultiHeadAttention(np.int64(16), np.int64(4), head_dim=np.int64(4))
+    gqa = MultiHeadAttention(16, 4, num_kv_heads=np.int64(2))
+    sizes = (mha.embed_dim, mha.num_heads, mha.num_kv_heads, mha.head_dim, gqa.num_kv_heads)
+    assert sizes == (16, 4, 4, 4, 2) and all(type(n) is int for n in sizes)
+    cfg = LayerConfig(np.int64(32), np.int64(4), num_kv_heads=np.int64(2))
+    assert all(type(n) is int for n in (cfg.d_model, cfg.num_heads, cfg.num_kv_heads))
+    check_and_control(
+        lambda: MultiHeadAttention(16, 4, num_kv_heads=2.0),  # type: ignore[arg-type]
+        lambda: MultiHeadAttention(16, 4, num_kv_heads=2),
+        TypeError,
+        r"num_kv_heads must be a positive int, got 2\.0 \(float\)",
+    )
+
+
 def test_errors_name_the_argument() -> None:
     mha = MultiHeadAttention(16, 4)
     check_and_control(

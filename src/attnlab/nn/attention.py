@@ -94,14 +94,16 @@ class MultiHeadAttention(nn.Module):
         engine: str = "auto",
     ) -> None:
         super().__init__()
-        hkv = check_heads(embed_dim, num_heads, num_kv_heads, head_dim)
+        embed_dim, num_heads, hkv, head_dim = check_heads(
+            embed_dim, num_heads, num_kv_heads, head_dim
+        )
         check_attention_options(dropout, normalize, engine)
         validate_score(score)
         validate_scale(scale)  # these failed at the first call, or took "no" as True
         validate_flag("bias", bias)
         validate_flag("qk_norm", qk_norm)
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, hkv
-        self.head_dim = embed_dim // num_heads if head_dim is None else head_dim
+        self.head_dim = head_dim
         check_rope(rope, self.head_dim)
         self.kdim = embed_dim if kdim is None else positive_int("kdim", kdim)
         self.vdim = embed_dim if vdim is None else positive_int("vdim", vdim)

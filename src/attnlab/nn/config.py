@@ -24,19 +24,19 @@ ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "swiglu")
 NORMS = ("layer", "rms")
 
 
-def check_heads(d: int, h: int, hkv: int | None, e: int | None) -> int:
+def check_heads(d: int, h: int, hkv: int | None, e: int | None) -> tuple[int, int, int, int]:
     """Check a layer's width ``d``, heads ``h``, key/value heads ``hkv`` (default ``h``)
-    and head size ``e`` (default ``d // h``); returns ``hkv``."""
-    positive_int("embed_dim", d)
-    positive_int("num_heads", h)
-    hkv = h if hkv is None else hkv
-    if isinstance(hkv, bool) or not isinstance(hkv, int) or hkv <= 0 or h % hkv:
-        raise ValueError(f"num_kv_heads={hkv!r} must be a positive int dividing num_heads={h}")
+    and head size ``e`` (default ``d // h``); returns ``(d, h, hkv, e)`` as plain ints
+    (numpy ints are taken, as :func:`positive_int` takes them)."""
+    d, h = positive_int("embed_dim", d), positive_int("num_heads", h)
+    hkv = h if hkv is None else positive_int("num_kv_heads", hkv)
+    if h % hkv:
+        raise ValueError(f"num_kv_heads={hkv} must be a positive int dividing num_heads={h}")
     if e is not None:
-        positive_int("head_dim", e)
-    elif d % h:
+        return d, h, hkv, positive_int("head_dim", e)
+    if d % h:
         raise ValueError(f"embed_dim={d} is not divisible by num_heads={h}; pass head_dim")
-    return hkv
+    return d, h, hkv, d // h
 
 
 def check_rope(rope: object, head_dim: int) -> None:
@@ -135,13 +135,15 @@ class LayerConfig:
     engine: str = "auto"
 
     def __post_init__(self) -> None:
-        for name in ("d_model", "num_heads", "dim_feedforward"):
-            positive_int(name, getattr(self, name))
+        for name in ("d_model", "num_heads", "dim_feedforward"):  # stored as plain ints
+            object.__setattr__(self, name, positive_int(name, getattr(self, name)))
         if self.d_model % self.num_heads:
             raise ValueError(
                 f"d_model={self.d_model} must be divisible by num_heads={self.num_heads}"
             )
-        check_heads(self.d_model, self.num_heads, self.num_kv_heads, None)
+        _, _, hkv, _ = check_heads(self.d_model, self.num_heads, self.num_kv_heads, None)
+        if self.num_kv_heads is not None:
+            object.__setattr__(self, "num_kv_heads", hkv)
         check_attention_options(self.dropout, self.normalize, self.engine)
         if self.attention_dropout is not None:
             validate_dropout(self.attention_dropout, "attention_dropout")
