@@ -135,6 +135,62 @@ def test_an_engine_registered_first_gets_plain_calls(no_requests: list[int]) -> 
         base._PLAIN[:] = saved[2]
 
 
+def _registry() -> tuple[dict[str, base.Engine], list[str], list[str], list[base.Engine]]:
+    return dict(base._REGISTRY), [*base._AUTO_ORDER], [*base._APPROX_ORDER], [*base._PLAIN]
+
+
+@pytest.fixture
+def kept_registry() -> Iterator[tuple]:
+    """The registry and auto's orders as they were, put back after the test."""
+    saved = _registry()
+    yield saved
+    base._REGISTRY.clear()
+    base._REGISTRY.update(saved[0])
+    base._AUTO_ORDER[:], base._APPROX_ORDER[:], base._PLAIN[:] = saved[1:]
+
+
+class _NoPlain(base.Engine):  # neither unsupported nor forward: a half-made engine
+    name = "half"
+
+
+class _Named(ReferenceEngine):
+    def __init__(self, name: object, exact: object = True) -> None:
+        self.name, self.exact = name, exact  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize(
+    ("engine", "rank", "error", "match"),
+    [
+        (None, 0, TypeError, r"engine must be an instance of an attnlab.engines.Engine .*None"),
+        ("blocked", 0, TypeError, r"Engine subclass, got 'blocked' \(str\)"),
+        (5, None, TypeError, r"Engine subclass, got 5 \(int\)"),
+        (_NoPlain(), 0, TypeError, r"engine 'half' must implement unsupported and forward"),
+        (_Named(7), 0, TypeError, r"engine.name must be a str, got 7 \(int\)"),
+        (_Named("auto"), 0, ValueError, r"engine.name must be a name of its own, got 'auto'"),
+        (_Named("mine", 1), 0, TypeError, r"engine.exact must be a bool, got 1"),
+        (_Named("mine"), "0", TypeError, r"auto_rank must be an int >= 0, got '0' \(str\)"),
+        (_Named("mine"), -1, ValueError, r"auto_rank must be an int >= 0, got -1"),
+        (ReferenceEngine(), True, TypeError, r"auto_rank must be an int >= 0, got True"),
+    ],
+)
+def test_a_refused_registration_names_the_fault_and_changes_nothing(
+    engine: object, rank: object, error: type[Exception], match: str, kept_registry: tuple
+) -> None:
+    """register_engine(None) gave AttributeError; auto_rank='0' a TypeError naming nothing
+    after it had taken the engine out of auto's order (auto then chose sdpa for the rest
+    of the process); an engine refused for lacking ``passes_plain`` stayed registered."""
+    with pytest.raises(error, match=match):
+        base.register_engine(engine, auto_rank=rank)  # type: ignore[arg-type]
+    assert kept_registry == _registry()
+    q, k, v = _qkv(40)
+    torch.testing.assert_close(attnlab.attention(q, k, v), naive_attention(q, k, v)[0])
+
+
+def test_a_rank_past_the_end_puts_the_engine_last(kept_registry: tuple) -> None:
+    base.register_engine(_Named("mine"), auto_rank=99)
+    assert [*kept_registry[1], "mine"] == base._AUTO_ORDER
+
+
 def _request(q: Tensor, k: Tensor, v: Tensor) -> base.AttentionRequest:
     return functional._request(q, k, v, None, None, None, "dot", "softmax", 0.0, False, False)
 

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from attnlab._eager import any_nan
 from attnlab.bias import Bias
+from attnlab.engines._registry import registered
 from attnlab.masks import Mask
 from attnlab.scores import ScoreFn, expand_kv, grouped_matmul
 
@@ -314,26 +315,22 @@ _PLAIN: list[Engine] = []  # the engines ``auto`` asks for a plain call, in its 
 
 def register_engine(engine: Engine, *, auto_rank: int | None = None) -> Engine:
     """Add ``engine`` to the registry; with ``auto_rank``, ``auto`` considers it at that
-    position in its preference order (0 = tried first). An approximate engine with an
-    ``auto_rank`` joins a separate order that ``auto`` tries first, but only for calls
-    with ``approximate=True``; without one, ``auto`` never picks it.
+    position in its preference order (0 = tried first; past the end: last). An approximate
+    engine with an ``auto_rank`` joins a separate order that ``auto`` tries first, but only
+    for calls with ``approximate=True``; without one, ``auto`` never picks it.
+
+    ``engine`` must be an :class:`Engine` (a subclass implementing ``unsupported`` and
+    ``forward``) with a str ``name`` other than ``"auto"``; a TypeError/ValueError naming
+    what is wrong leaves the registry and ``auto``'s orders unchanged.
 
     Example:
         >>> from attnlab.engines import get_engine
         >>> get_engine("reference").name
         'reference'
     """
-    _REGISTRY[engine.name] = engine
-    for order in (_AUTO_ORDER, _APPROX_ORDER):
-        if engine.name in order:
-            order.remove(engine.name)
-    if auto_rank is not None:
-        (_AUTO_ORDER if engine.exact else _APPROX_ORDER).insert(auto_rank, engine.name)
-    _PLAIN.clear()
-    for n in _AUTO_ORDER:  # up to the first engine that answers every plain call it gets
-        _PLAIN.append(_REGISTRY[n])
-        if not _REGISTRY[n].passes_plain:
-            break
+    orders = registered(engine, auto_rank, _REGISTRY, (_AUTO_ORDER, _APPROX_ORDER))
+    _REGISTRY[engine.name] = engine  # checked: nothing below raises
+    _AUTO_ORDER[:], _APPROX_ORDER[:], _PLAIN[:] = orders
     return engine
 
 
