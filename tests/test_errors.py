@@ -118,7 +118,7 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any], type[Exception], str]] = 
         {"engine": "flash"},
         {"engine": "reference"},
         ValueError,
-        r"engine='flash' is not a known engine; expected one of 'auto', 'reference', 'sdpa'",
+        r"engine='flash' is not a known engine; expected one of 'reference', 'sdpa'",
     ),
     (
         "scale_nan",

@@ -191,6 +191,17 @@ def test_a_rank_past_the_end_puts_the_engine_last(kept_registry: tuple) -> None:
     assert [*kept_registry[1], "mine"] == base._AUTO_ORDER
 
 
+def test_get_engine_auto_lists_only_registered_engines() -> None:
+    """get_engine('auto') was refused in a message that listed 'auto' as allowed."""
+    names = ", ".join(map(repr, attnlab.available_engines()))
+    with pytest.raises(ValueError, match="engine='auto' names no single engine") as info:
+        attnlab.get_engine("auto")
+    assert f"get_engine takes one of {names} (attention() and select_engine" in str(info.value)
+    with pytest.raises(ValueError, match=f"expected one of {names} "):
+        attnlab.get_engine("fast")
+    assert attnlab.get_engine("sdpa").name == "sdpa"
+
+
 def _request(q: Tensor, k: Tensor, v: Tensor) -> base.AttentionRequest:
     return functional._request(q, k, v, None, None, None, "dot", "softmax", 0.0, False, False)
 

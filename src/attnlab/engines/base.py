@@ -363,7 +363,9 @@ def available_engines() -> dict[str, Engine]:
 
 
 def get_engine(name: str) -> Engine:
-    """The engine registered under ``name``; ``ValueError`` listing the known names.
+    """The engine registered under ``name``; ``ValueError`` listing the registered names
+    (``"auto"`` is no engine: ``attention(engine="auto")`` and :func:`select_engine`
+    resolve it per call).
 
     Example:
         >>> e = get_engine("performer")
@@ -371,13 +373,17 @@ def get_engine(name: str) -> Engine:
         (<engine 'performer' (approximate)>, ('num_features', 'seed'))
         >>> get_engine("fast")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
-        ValueError: engine='fast' is not a known engine; expected one of 'auto', 'reference', ...
+        ValueError: engine='fast' is not a known engine; expected one of 'reference', ...
     """
     if not isinstance(name, str):
         raise TypeError(f"engine must be a str, got {type(name).__name__}")
     if name not in _REGISTRY:
-        known = ", ".join(repr(n) for n in ["auto", *_REGISTRY])
-        raise ValueError(f"engine={name!r} is not a known engine; expected one of {known}")
+        known = ", ".join(map(repr, _REGISTRY))
+        why = f"engine={name!r} is not a known engine; expected one of {known}"
+        if name == "auto":
+            why = f"engine='auto' names no single engine; get_engine takes one of {known}"
+        per_call = "attention() and select_engine also take 'auto', which picks one per call"
+        raise ValueError(f"{why} ({per_call})")
     return _REGISTRY[name]
 
 
