@@ -422,6 +422,39 @@ def test_each_checkout_and_torch_install_keeps_its_own_build(
         assert (tmp_path / "ext" / name / "blocked.cpp").read_text(encoding="utf-8") == body
 
 
+def test_a_lock_file_left_by_a_killed_build_does_not_block_the_next(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """torch guards its build with a ``lock`` file alone: a build killed mid-compile left
+    it, and every later process waited on it forever (FileBaton.wait), saying nothing.
+    attnlab holds an OS lock beside the build folder while torch builds (another process
+    waits on it, not forever: the OS lets it go when its holder dies) and removes the
+    stale file under it."""
+    fcntl = pytest.importorskip("fcntl")
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    folder = tmp_path / _native.build_settings()[0]
+    folder.mkdir()
+    (folder / "lock").touch()  # what a SIGKILLed build leaves
+    seen: list[tuple[bool, bool]] = []
+
+    def load(**kw: object) -> None:
+        with open(folder.with_name(folder.name + ".lock"), "a") as other:  # another's try
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held = False
+            except BlockingIOError:
+                held = True
+        seen.append(((folder / "lock").exists(), held))
+
+    monkeypatch.setattr(cpp_extension, "load", load)
+    _native._build()
+    assert seen == [(False, True)]  # the stale file gone, the OS lock held during the build
+    with open(folder.with_name(folder.name + ".lock")) as after:  # and let go after it
+        fcntl.flock(after, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 def test_kernel_half_precision_and_gqa_match_the_reference() -> None:
     if blocked_mod.kernel() is None:
         pytest.skip(f"attnlab's CPU kernel could not be built: {blocked_mod.kernel_error()}")

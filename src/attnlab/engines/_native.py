@@ -3,9 +3,11 @@
 :func:`kernel` compiles the kernel with :func:`torch.utils.cpp_extension.load` the first
 time it is asked for (19 s on a 2-core machine; the build is cached under
 ``~/.cache/torch_extensions``, or ``$TORCH_EXTENSIONS_DIR``, so later processes load it
-in well under a second). It returns ``None`` when the kernel cannot be had: no C++
-compiler, a failed build, or ``ATTNLAB_NO_KERNEL=1`` in the environment. The blocked engine
-then runs torch's own fused kernel per block instead (exact as well, but slower).
+in well under a second; a build killed part way is redone by the next process, which
+does not wait on the lock file it left). It returns ``None`` when the kernel cannot be
+had: no C++ compiler, a failed build, or ``ATTNLAB_NO_KERNEL=1`` in the environment. The
+blocked engine then runs torch's own fused kernel per block instead (exact as well, but
+slower).
 
 The kernel keeps up to two freed large forward outputs (4 MiB and more) for the next call
 of their size, at most ``ATTNLAB_KERNEL_POOL_MB`` (default 256; ``0`` turns the pool off),
@@ -20,12 +22,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -97,14 +101,37 @@ def _build() -> Any:
             file=sys.stderr,
             flush=True,
         )
-    load(
-        name=name,
-        sources=[str(source)],
-        extra_cflags=flags,
-        extra_ldflags=["-fopenmp"],
-        is_python_module=False,
-    )
+    with _build_lock(folder):
+        load(
+            name=name,
+            sources=[str(source)],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+        )
     return torch.ops.attnlab_blocked
+
+
+@contextlib.contextmanager
+def _build_lock(folder: Path) -> Iterator[None]:
+    """Hold an OS lock on ``<folder>.lock`` beside the build folder while torch builds or
+    loads, and remove a ``lock`` file torch left in the folder: torch guards its build with
+    that file alone, so a build killed mid-compile left it and every later process waited
+    on it forever, silently. The OS lock is let go when its holder dies, and any attnlab
+    process still building holds it, so a ``lock`` file found while holding it is stale.
+    Where there is no ``fcntl`` (Windows) only torch's own file guards the build."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(folder.with_name(folder.name + ".lock"), "a") as held:  # "a": never truncated
+        fcntl.flock(held, fcntl.LOCK_EX)  # waits while another process builds
+        try:
+            (folder / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(held, fcntl.LOCK_UN)
 
 
 def _find_ninja() -> None:
