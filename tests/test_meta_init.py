@@ -14,9 +14,12 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+import attnlab
 from attnlab import bias as B
+from attnlab import masks
 from attnlab import models as M
 from attnlab import nn as anm
 from attnlab.models import gan
@@ -93,3 +96,59 @@ def test_rope_tables_built_before_to_empty_are_made_again(where: str) -> None:
     rope = rope.to_empty(device="cpu")
     x = torch.randn(1, 2, 5, 8)
     torch.testing.assert_close(rope(x), RotaryEmbedding(8)(x), rtol=0, atol=0)
+
+
+META_CALLS: dict[str, dict[str, object]] = {
+    "plain": {},
+    "causal": {"mask": masks.causal()},
+    "window": {"mask": masks.window(3)},
+    "bool tensor": {"mask": torch.ones(8, 12, dtype=torch.bool, device="meta")},
+    "alibi": {"bias": B.alibi(4), "mask": masks.causal()},
+    "float bias": {"bias": torch.zeros(4, 8, 12, device="meta")},
+}
+
+
+@pytest.mark.parametrize("engine", ["auto", "reference"])
+@pytest.mark.parametrize("call", sorted(META_CALLS))
+def test_attention_on_meta_gives_the_shapes_torch_sdpa_gives(engine: str, call: str) -> None:
+    """Shape inference on the meta device, as torch SDPA and nn.MultiheadAttention do it:
+    attnlab failed reading a value ("Tensor.item() cannot be called on meta tensors")."""
+    q = torch.randn(2, 4, 8, 16, device="meta")
+    k, v = torch.randn(2, 2, 12, 16, device="meta"), torch.randn(2, 2, 12, 24, device="meta")
+    want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    got = attnlab.attention(q, k, v, engine=engine, **META_CALLS[call])  # type: ignore[arg-type]
+    assert isinstance(got, torch.Tensor) and got.is_meta and got.shape == want.shape
+    weights = attnlab.attention_weights(q, k, v, **META_CALLS[call])  # type: ignore[arg-type]
+    assert weights.is_meta and weights.shape == (2, 4, 8, 12)
+
+
+def test_softmax_and_a_layer_built_on_meta_run_there() -> None:
+    scores = torch.randn(2, 3, 5, device="meta")
+    got = attnlab.normalize.softmax(scores)
+    assert got.is_meta and got.shape == torch.softmax(scores, -1).shape
+    with torch.device("meta"):
+        mha = anm.MultiHeadAttention(16, 4)
+        ref = nn.MultiheadAttention(16, 4, batch_first=True)
+        x = torch.randn(2, 5, 16)
+        out = mha(x)
+        assert out.is_meta and out.shape == ref(x, x, x)[0].shape == (2, 5, 16)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"mask": torch.ones(8, 8, dtype=torch.bool, device="meta")}, "mask tensor"),
+        ({"bias": torch.zeros(8, 8, device="meta")}, "bias tensor"),
+    ],
+)
+def test_a_meta_mask_or_bias_beside_real_tensors_is_named(
+    kwargs: dict[str, torch.Tensor], match: str
+) -> None:
+    """torch raised NotImplementedError "Cannot copy out of meta tensor; no data!"."""
+    q = torch.randn(1, 2, 8, 16)
+    for engine in ("auto", "reference", "blocked"):
+        with pytest.raises(ValueError, match=f"{match} is on the meta device, which holds no "
+                           "values to read on cpu; put it on q's device"):  # fmt: skip
+            attnlab.attention(q, q, q, engine=engine, **kwargs)  # type: ignore[arg-type]
+        on_cpu = {name: torch.ones_like(t, device="cpu") for name, t in kwargs.items()}
+        assert attnlab.attention(q, q, q, engine=engine, **on_cpu).shape == q.shape  # type: ignore[arg-type, union-attr]

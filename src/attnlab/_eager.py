@@ -21,7 +21,14 @@ import torch
 from torch._C._functorch import TransformType, get_interpreter_stack
 from torch.autograd.function import once_differentiable
 
-__all__ = ["PLANS", "as_written", "differentiating_twice", "first_order_only", "vmapping"]
+__all__ = [
+    "PLANS",
+    "as_written",
+    "differentiating_twice",
+    "first_order_only",
+    "unreadable",
+    "vmapping",
+]
 
 #: why attnlab's attention calls run as written
 PLANS = "attnlab plans each call from its mask's values in Python"
@@ -95,6 +102,17 @@ def vmapping() -> bool:
     """
     stack = get_interpreter_stack()
     return bool(stack) and any(i.key() == TransformType.Vmap for i in stack)
+
+
+def unreadable(t: torch.Tensor) -> bool:
+    """Whether no value of ``t`` can be read here: while exporting, under vmap, or on the
+    meta device (shapes only: ``bool()`` raises, as it does under vmap).
+
+    Example:
+        >>> unreadable(torch.ones(1)), unreadable(torch.ones(1, device="meta"))
+        (False, True)
+    """
+    return t.is_meta or torch.compiler.is_exporting() or vmapping()
 
 
 def differentiating_twice() -> bool:
@@ -211,16 +229,16 @@ def any_nan(*ts: torch.Tensor) -> bool:
     """Whether some of ``ts`` may hold NaN, read back at once (a sum propagates NaN, and
     where one is NaN, ``amax`` tells a NaN from ``inf - inf``; in half precision a sum
     took a quarter of ``amax``'s time, which made SDPA's screen of a long KV cache cost
-    more than its attention): False while exporting (no value to read), True under vmap
-    (each item may); a tensor batched by ``is_grads_batched`` (legacy vmap), which cannot
-    be read, is left out.
+    more than its attention): False while exporting or on the meta device (no value to
+    read), True under vmap (each item may); a tensor batched by ``is_grads_batched``
+    (legacy vmap), which cannot be read, is left out.
 
     Example:
         >>> any_nan(torch.ones(2), torch.tensor([1.0, float("nan")])), any_nan(torch.ones(2))
         (True, False)
     """
     ts = tuple(t for t in ts if t.numel() and not legacy_batched(t))
-    if torch.compiler.is_exporting():
+    if torch.compiler.is_exporting() or any(t.is_meta for t in ts):
         return False
     if vmapping():
         return True

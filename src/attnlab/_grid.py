@@ -131,3 +131,22 @@ class Grid:
     def shape(self) -> tuple[int, int, int, int]:
         """The broadcast shape ``(Bg, Hg, Tq, Tk)`` of a value evaluated on this grid."""
         return (self.b.shape[0], self.h.shape[1], self.q.shape[2], self.k.shape[3])
+
+
+def moved(t: Tensor, device: torch.device | str | None, name: str) -> Tensor:
+    """``t`` (a mask's or bias's own tensor) on ``device``, where it is read; a ValueError
+    naming ``name`` for a ``t`` on the meta device read elsewhere (it holds shapes only:
+    torch raised "Cannot copy out of meta tensor; no data!").
+
+    Example:
+        >>> moved(torch.ones(2, device="meta"), "cpu", "mask tensor")
+        Traceback (most recent call last):
+        ValueError: mask tensor is on the meta device, which holds no values to read on cpu; ...
+    """
+    to = None if device is None else torch.device(device)
+    if t.is_meta and to is not None and to.type != "meta":
+        raise ValueError(
+            f"{name} is on the meta device, which holds no values to read on {to}; "
+            "put it on q's device"
+        )
+    return t.to(to)

@@ -392,7 +392,8 @@ def attention_weights(
     req = _request(q, k, v, mask, bias, scale, score, "softmax", 0.0, False, False, **extras)  # type: ignore[arg-type]
     heads, rows = V.validate_selection(heads, rows, req.heads, req.lq)
     why = get_engine("blocked").unsupported(req)
-    empty = 0 in (*req.q.shape, *req.k.shape[2:], req.v.shape[-1])  # nothing to keep small
+    sizes = (*req.q.shape, *req.k.shape[2:], req.v.shape[-1])
+    empty = req.q.is_meta or 0 in sizes  # nothing to keep small (meta: shapes only)
     if why is not None and not empty:  # (its reason: a callable score, a float16 mask, ...)
         raise ValueError(f"attention_weights needs the blocked engine, which declines: {why}")
     return request_weights(req, heads, rows)

@@ -386,7 +386,7 @@ def softmax_rows(scores: Tensor, *, want_lse: bool) -> tuple[Tensor, Tensor | No
 
     Where every row's max is finite (no fully masked row, NaN or +inf) it is torch's
     fused softmax (and logsumexp): the general form's five passes took 2x its time (the
-    reference engine's weights, B=8, H=8, 512 x 512); under compile or vmap, the latter.
+    reference engine's weights, B=8, H=8, 512 x 512); under compile, vmap or meta, the latter.
 
     Example:
         >>> softmax_rows(torch.tensor([[0.0, 0.0]]), want_lse=False)
@@ -395,7 +395,7 @@ def softmax_rows(scores: Tensor, *, want_lse: bool) -> tuple[Tensor, Tensor | No
     if scores.shape[-1] == 0:
         return _empty_like_result(scores), scores.new_full(scores.shape[:-1], -math.inf)
     x = scores.to(_compute_dtype(scores.dtype))  # (..., L)
-    readable = not (torch.compiler.is_compiling() or vmapping())
+    readable = not (x.is_meta or torch.compiler.is_compiling() or vmapping())  # values?
     if readable and bool(torch.isfinite(x.detach().amax(dim=-1)).all()):
         p = torch.softmax(x, dim=-1)  # (..., L)
         lse = torch.logsumexp(x, dim=-1).to(scores.dtype) if want_lse else None  # (...)

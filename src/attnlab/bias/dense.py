@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from attnlab._grid import Grid
+from attnlab._grid import Grid, moved
 from attnlab.bias.base import Bias
 
 __all__ = ["TensorBias", "as_bias", "tensor"]
@@ -80,7 +80,7 @@ class TensorBias(Bias):
                 )
 
     def forward(self, grid: Grid) -> Tensor:
-        t = self._as4d().to(grid.k.device)
+        t = moved(self._as4d(), grid.k.device, "bias tensor")
         if not t.numel():  # an empty batch or sequence's bias: its 0s match the grid's
             return t
         # size-1 dims broadcast; the others gather the grid's slice, on the grid's device

@@ -112,6 +112,8 @@ class BlockedEngine(Engine):
             return "the blocked engine needs head sizes E >= 1 and Ev >= 1"
         if vmapping():
             return "the blocked engine plans from values, which torch.func.vmap hides"
+        if req.q.is_meta:  # (auto: sdpa or reference give the shapes)
+            return "the blocked engine plans from values, which tensors on the meta device lack"
         if any(is_functorch_wrapped_tensor(t) for t in bias_leaves(req.bias)):
             return (
                 "the blocked engine takes a bias's gradient with torch.autograd in its "

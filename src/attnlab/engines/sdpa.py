@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlab._eager import vmapping
+from attnlab._eager import unreadable, vmapping
 from attnlab.engines.base import AttentionRequest, Engine, EngineResult, may_hold_nan
 from attnlab.masks import Mask
 
@@ -152,7 +152,7 @@ def _dense_mask(req: AttentionRequest) -> tuple[Tensor | None, Tensor | None, Te
         )  # (Bm, Hm, Lq or 1, Lk or 1): SDPA broadcasts it
         single = _single_keys(req.mask, allowed, req)
         rows = ~allowed.any(dim=-1, keepdim=True)  # (Bm, Hm, Lq, 1)
-        if torch.compiler.is_exporting() or vmapping() or bool(rows.any()):  # else no value
+        if unreadable(rows) or bool(rows.any()):  # (else no fully masked row)
             allowed, empty = allowed | rows, rows
     if req.bias is None:
         return allowed, empty, single
@@ -180,11 +180,12 @@ def _unhidden(single: Tensor | None, bias: Tensor) -> Tensor | None:
 def _single_keys(mask: Mask, allowed: Tensor, req: AttentionRequest) -> Tensor | None:
     """For a call with gradients: ``(Bm, Hm or 1, Lq or 1)``, the one key of each row that
     ``mask`` (dense: ``allowed (Bm, Hm, Lq or 1, Lk or 1)``) leaves exactly one, -1
-    elsewhere; None where no row has one (or under dropout, vmap or export, which keep
-    torch's backward). An exact interval mask answers from its row bounds (causal &
-    padding, B=4, 2048: counting the dense rows took 0.3 s of a 5.9 s forward and backward).
+    elsewhere; None where no row has one (or under dropout, vmap, export or on the meta
+    device, which keep torch's backward). An exact interval mask answers from its row
+    bounds (causal & padding, B=4, 2048: counting the dense rows took 0.3 s of a 5.9 s
+    forward and backward).
     """
-    if not req.needs_grad or req.dropout_p > 0 or vmapping() or torch.compiler.is_exporting():
+    if not req.needs_grad or req.dropout_p > 0 or unreadable(allowed):
         return None
     if allowed.shape[-1] != req.lk:  # the same for every key: a row sees none or all
         return None

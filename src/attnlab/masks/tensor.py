@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnlab._grid import Grid
+from attnlab._grid import Grid, moved
 from attnlab.masks._args import Device
 from attnlab.masks.base import Mask
 
@@ -56,7 +56,7 @@ class TensorMask(Mask):
             )
 
     def evaluate(self, grid: Grid) -> Tensor:
-        return grid.gather(self.t.to(grid.k.device))
+        return grid.gather(moved(self.t, grid.k.device, "mask tensor"))
 
     def dense(
         self,
@@ -72,7 +72,7 @@ class TensorMask(Mask):
         stride 0), not a copy."""
         batch, heads, lq, lk = self._check_sizes(batch, heads, lq, lk)  # (heads=0 was taken)
         bm, hm = self._sizes(batch, heads)
-        return torch.broadcast_to(self.t.to(device), (bm, hm, lq, lk))
+        return torch.broadcast_to(moved(self.t, device, "mask tensor"), (bm, hm, lq, lk))
 
     def spec(self) -> str:
         return f"tensor(shape={tuple(self.t.shape)})"
