@@ -40,8 +40,8 @@ def test_explain_out_may_not_replace_a_model_file(
     before = {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()}
     out = model / ("model.html" if name == "model_heads.png" else name)
     assert main(["explain", "hi", "--model", str(model), "--out", str(out), "--steps", "2"]) == 2
-    line = _one_line(capsys)
-    assert "argument --out:" in line and "is an input" in line, line
+    line = _one_line(capsys)  # (model.html, not there yet, is in the folder: refused too)
+    assert "argument --out:" in line and "the model folder" in line, line
     assert {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()} == before
 
 
@@ -157,3 +157,101 @@ def test_ctrl_c_promises_a_checkpoint_only_when_one_is_written(
         err = capsys.readouterr().err
         assert "SIGINT: stopping after this step" in err
         assert ("saving a checkpoint" in err) == saving, err
+
+
+class _Reached(Exception):
+    """Raised by a stub of the model loader: the checks passed and the work began."""
+
+
+def _no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stub the loaders, and make walking any folder fail: the old check listed every
+    file of ``--model`` before it was known to be a model (``/usr``: 18 s)."""
+
+    def stop(*args: object, **kwargs: object) -> None:
+        raise _Reached("work started")
+
+    def walked(self: Path, pattern: str) -> None:
+        raise AssertionError(f"walked {self}")
+
+    for where in ("attnlab.cli.explain.load_encoder", "attnlab.cli.ask.load_encoder"):
+        monkeypatch.setattr(where, stop)
+    monkeypatch.setattr("attnlab.cli.explain._hf_model", stop)
+    monkeypatch.setattr(Path, "rglob", walked)
+
+
+def _model_argv(command: str, option: str, folder: Path, out: Path, doc: Path) -> list[str]:
+    """``command`` with its model ``option`` naming ``folder`` and ``--out out``."""
+    head = {
+        "explain": ["explain", "hi", "--steps", "2"],
+        "ask": ["ask", "why do cats purr?", "--docs", str(doc), "--no-explain"],
+        "summarize": ["summarize", str(doc), "--sentences", "1"],
+    }[command]
+    return [*head, option, str(folder), "--out", str(out)]
+
+
+MODEL_OPTIONS = [
+    ("explain", "--model"),
+    ("explain", "--hf-model"),
+    ("ask", "--model"),
+    ("summarize", "--model"),
+]
+
+
+@pytest.mark.parametrize(("command", "option"), MODEL_OPTIONS)
+def test_a_model_folder_is_checked_before_its_files_are_walked(
+    tmp_path: Path,
+    command: str,
+    option: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A folder that is no model (``/usr``: refused after 18 s of listing 119k files;
+    ``/``: "cannot access '/proc/1/cwd'", exit 1) and one whose name is too long for the
+    file system ("OSError: [Errno 36]", exit 1) are usage errors of the option, and no
+    folder is walked."""
+    _no_loading(monkeypatch)
+    doc = tmp_path / "a.txt"
+    doc.write_text("Cats purr when they are happy. Dogs bark at strangers. Birds sing.\n")
+    tree = tmp_path / "tree"
+    (tree / "a" / "b").mkdir(parents=True)
+    (tree / "a" / "b" / "weights.bin").write_bytes(b"x")
+    out = tmp_path / "r.html"
+    for folder, named in [
+        (tree, "holds no config.json"),
+        (tmp_path / ("a" * 300), "cannot be reached (File name too long)"),
+    ]:
+        assert main(_model_argv(command, option, folder, out, doc)) == 2
+        line = _one_line(capsys)
+        assert f"argument {option}: " in line and named in line, line
+    (tree / "config.json").write_text("{}")  # positive control: on to the loader
+    assert main(_model_argv(command, option, tree, out, doc)) == 1
+    assert "work started" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("command", "option"), MODEL_OPTIONS)
+def test_an_out_inside_the_model_folder_is_refused_by_any_path(
+    tmp_path: Path,
+    command: str,
+    option: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An ``--out`` in the model folder that is not there yet (it would become a file of
+    the model: ``--out model/modules.json``), or reached through a link to the folder,
+    is refused without listing the folder's files."""
+    _no_loading(monkeypatch)
+    doc = tmp_path / "a.txt"
+    doc.write_text("Cats purr when they are happy. Dogs bark at strangers. Birds sing.\n")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (tmp_path / "link").symlink_to(model)
+    for out, named in [
+        (model / "modules.json", "is in the model folder"),
+        (tmp_path / "link" / "config.json", "is an input, a file of the model folder"),
+    ]:
+        assert main(_model_argv(command, option, model, out, doc)) == 2
+        line = _one_line(capsys)
+        assert "argument --out: " in line and named in line, line
+    assert sorted(p.name for p in model.iterdir()) == ["config.json"]

@@ -47,11 +47,17 @@ def load_encoder(model: str | None) -> tuple[SentenceEncoder, str]:
 
 
 def model_folder(model: str | None) -> Path | None:
-    """The folder whose files the command reads: ``--model``'s, else the shipped
-    all-MiniLM-L6-v2's (None where that is not installed: loading it says so). An
-    ``--out`` may name none of its files (a report replaced the default model's config)."""
+    """The folder whose files the command reads: ``--model``'s, checked to be a readable
+    folder holding the ``config.json`` the loader reads (a usage error of ``--model``),
+    else the shipped all-MiniLM-L6-v2's (None where that is not installed: loading it
+    says so). An ``--out`` may name none of its files (a report replaced the default
+    model's config)."""
     if model is not None:
-        return Path(model)
+        folder = check_in_folder("--model", model)
+        if not (folder / "config.json").is_file():
+            msg = f"{model!r} holds no config.json; give a sentence-transformers folder"
+            raise UsageError("--model", msg)
+        return folder
     try:
         return minilm_path()
     except (ModuleNotFoundError, FileNotFoundError):

@@ -132,14 +132,21 @@ def _hf_config(folder: str) -> Any:
     ``--hf-model`` if the folder is missing or holds no readable ``config.json``."""
     import transformers
 
-    path = check_in_folder("--hf-model", folder)
-    if not (path / "config.json").is_file():
-        msg = f"{folder!r} holds no config.json; give a local transformers model folder"
-        raise UsageError("--hf-model", msg)
+    path = _hf_folder(folder)
     try:
         return transformers.AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise UsageError("--hf-model", f"cannot read {str(path / 'config.json')!r}: {e}") from e
+
+
+def _hf_folder(folder: str) -> Path:
+    """``--hf-model``'s folder: a readable folder that holds a ``config.json`` (a usage
+    error of ``--hf-model`` otherwise)."""
+    path = check_in_folder("--hf-model", folder)
+    if not (path / "config.json").is_file():
+        msg = f"{folder!r} holds no config.json; give a local transformers model folder"
+        raise UsageError("--hf-model", msg)
+    return path
 
 
 def _optional_text(args: argparse.Namespace, name: str, value: str | None) -> str | None:
@@ -166,7 +173,7 @@ def _check_args(args: argparse.Namespace) -> tuple[str, str | None, str | None, 
     if args.model is not None and args.hf_model is not None:  # --model went unread
         raise UsageError("--model", "and --hf-model name two models; give one of them")
     out = check_out_file("--out", args.out)
-    folder = Path(args.hf_model) if args.hf_model is not None else model_folder(args.model)
+    folder = _hf_folder(args.hf_model) if args.hf_model is not None else model_folder(args.model)
     # the pictures beside the report too; none may be a model file (weights were replaced;
     # without --model, the shipped model's config.json could be)
     check_outputs_not_inputs("--out", explanation_files(out), folder)
