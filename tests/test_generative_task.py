@@ -210,6 +210,51 @@ def test_feature_vit_is_cached_deterministically(
     assert all(torch.isfinite(p).all() for p in third.parameters())
 
 
+def test_a_cache_that_cannot_be_written_is_a_warning_not_a_failure(
+    tiny_scorer: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cache write that fails (here ``$ATTNLAB_CACHE`` is a file) raised a WriteError
+    ("File exists") after the ViT had trained; the model is kept in memory instead."""
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("ATTNLAB_CACHE", str(tmp_path / "file"))
+    with pytest.warns(RuntimeWarning, match="kept in memory only, not cached: could not write"):
+        vit = generative.feature_vit(2)
+    assert not vit.training and vit is generative.feature_vit(2)
+    assert (tmp_path / "file").read_text() == "not a folder"
+
+
+@pytest.mark.parametrize(
+    ("where", "named"),
+    [("file", "is a file, not a folder"), ("file/sub", "cannot create"), ("cache", "")],
+)
+def test_an_attnlab_cache_that_cannot_be_a_folder_is_refused_before_any_work(
+    tmp_path: Path,
+    where: str,
+    named: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """It was found after the GAN and the scoring ViT had trained (2 min 51 s, then
+    "File exists", exit 1); now every command checks it first, exit 2 naming it. The
+    last case is the positive control: a folder that can be made reaches the work."""
+
+    def stop(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("work started")
+
+    monkeypatch.setattr("attnlab.cli.train.run_task", stop)
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("ATTNLAB_CACHE", str(tmp_path / where))
+    out = tmp_path / "g1"
+    code = main(["train", "gan", "--steps", "2", "--eval-every", "1", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    if not named:
+        assert code == 1 and "work started" in err, err
+        return
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("attnlab train: error: ATTNLAB_CACHE: ") and named in err, err
+    assert not out.exists() and (tmp_path / "file").read_text() == "not a folder"
+
+
 def _fp64_weights(att: SelfAttention2d, x: Tensor) -> Tensor:
     """``softmax(q k^T)`` per head ``(H, L, L)`` from the layer's 1x1 projections in fp64,
     for one feature map ``x (1, C, h, w)``; no scale, as SAGAN."""

@@ -95,6 +95,9 @@ def warnings_as_lines(args: argparse.Namespace) -> Iterator[None]:
 # the MiB limits a command may read from the environment (their defaults are their
 # readers': engines._native's pool, engines.zeros' cache; here only set values are checked)
 ENV_MIB = ("ATTNLAB_KERNEL_POOL_MB", "ATTNLAB_ZEROS_CACHE_MB")
+# the folders it may write, when set (tasks.generative's cache of the scoring ViT: a file
+# there failed after minutes of training, "File exists", exit 1)
+ENV_FOLDERS = ("ATTNLAB_CACHE",)
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -103,8 +106,11 @@ def run_command(args: argparse.Namespace) -> int:
     try:  # the settings read from the environment, before any work (a bad pool size
         for name in ENV_MIB:  # failed when the kernel first ran: tour printed 35 lines,
             env_mib(name, 0)  # then exit 1); unset: the 0 is not used
+        _check_env_folders()
     except ValueError as e:
         return _fail(args, f"{prog}: error: {e}", USAGE)
+    except UsageError as e:  # a setting, not an argument
+        return _fail(args, f"{prog}: error: {str(e).removeprefix('argument ')}", USAGE)
     try:
         with _sigterm_as_interrupt(), _one_line_warnings(args):
             return int(args.run(args))
@@ -129,6 +135,16 @@ def run_command(args: argparse.Namespace) -> int:
     except Exception as e:
         line = f"{prog}: error: {type(e).__name__}: {e}"
         return _fail(args, line, FAILURE, hint=" (--debug or ATTNLAB_DEBUG=1 shows the traceback)")
+
+
+def _check_env_folders() -> None:
+    """Each folder of :data:`ENV_FOLDERS` that is set can be one: not a file, reachable,
+    writable or creatable (a :class:`UsageError` naming the variable)."""
+    from attnlab.cli._args import check_out_folder  # (_args imports this module)
+
+    for name in ENV_FOLDERS:
+        if os.environ.get(name):
+            check_out_folder(name, os.environ[name])
 
 
 def _fail(args: argparse.Namespace, line: str, code: int, *, hint: str = "") -> int:

@@ -29,6 +29,7 @@ once and caches it in memory and in :func:`cache_dir` (safetensors). The trainin
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +38,7 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor
 
-from attnlab._io import atomic_write
+from attnlab._io import WriteError, atomic_write
 from attnlab._validate import nonnegative_int, positive_int, positive_real
 from attnlab.models.vit import ViT, check_images
 from attnlab.tasks.vision import TEST_FRACTION, DigitsTask, load_split
@@ -178,7 +179,8 @@ _FEATURE_VITS: dict[tuple[int, int], ViT] = {}
 def feature_vit(steps: int | None = None, *, seed: int = 0) -> ViT:
     """The scoring ViT (:func:`train_feature_vit`, ``steps`` default
     :data:`FEATURE_VIT_STEPS`), trained once per ``(steps, seed)`` and torch version:
-    kept in memory and in ``cache_dir()/feature_vit-...safetensors`` (written atomically).
+    kept in memory and in ``cache_dir()/feature_vit-...safetensors`` (written atomically;
+    a cache that cannot be written is a RuntimeWarning, and the model is kept in memory).
     Training runs on one thread with its own seed, so the cached model is the one a fresh
     run would train.
 
@@ -206,7 +208,11 @@ def feature_vit(steps: int | None = None, *, seed: int = 0) -> ViT:
     except (OSError, RuntimeError, SafetensorError):  # missing, corrupt, stale: retrain
         model = train_feature_vit(steps, seed=seed)
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"digest": digest(state)}))
+        try:  # (a cache that could not be written failed the caller after the training)
+            atomic_write(path, lambda t: save_file(state, t, metadata={"digest": digest(state)}))
+        except WriteError as e:
+            msg = f"the scoring ViT is kept in memory only, not cached: {e}"
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
     _FEATURE_VITS[key] = model
     return model
 
