@@ -166,6 +166,24 @@ def test_bench_engine_that_can_time_the_cases_passes_the_check(
     _reached(main(["bench", "--memory", "--engine", "blocked"]), capsys)
 
 
+@pytest.mark.parametrize("device", ["cpu:5", "cpu:0"])
+def test_bench_cpu_with_an_index_is_a_usage_error(
+    device: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--device cpu:5`` ran on the CPU and was recorded as ``"device": "cpu:5"``,
+    though the refusal of a bad device says "expected 'cpu' or 'cuda[:N]'"."""
+    monkeypatch.setattr(bench_mod, "run_case", _stop)
+    monkeypatch.setattr(bench_mod, "memory_probe", _stop)
+    assert main(["bench", "--device", device, "--smoke"]) == 2
+    assert _usage_line(capsys) == (
+        f"attnlab bench: error: argument --device: device='{device}': attnlab bench runs "
+        "on 'cpu' or 'cuda[:N]' (see attnlab bench --help)"
+    )
+    with pytest.raises(ValueError, match=r"runs on 'cpu' or 'cuda\[:N\]'"):
+        BenchConfig(device=device)
+    _reached(main(["bench", "--device", "cpu", "--smoke"]), capsys)  # positive control
+
+
 def test_bench_records_check_the_engine_before_the_first_record() -> None:
     cfg = BenchConfig(n=64, heads=1, dim=8, repeat=1, modes=("fwd",), engine="linear")
     with pytest.raises(ValueError, match=r"'linear' cannot time case 'window' \(fwd\)"):

@@ -124,7 +124,7 @@ def flex_problem(device: str) -> str | None:
 
 
 def check_device(device: str) -> None:
-    """``device`` names the CPU or a CUDA device this machine has (``ValueError`` if not)."""
+    """``device`` is ``'cpu'`` or a CUDA device this machine has (``ValueError`` if not)."""
     if not isinstance(device, str):
         raise TypeError(f"device must be a str such as 'cpu' or 'cuda', got {device!r}")
     try:
@@ -132,7 +132,7 @@ def check_device(device: str) -> None:
     except RuntimeError:
         msg = f"device={device!r} is not a device; expected 'cpu' or 'cuda[:N]'"
         raise ValueError(msg) from None
-    if dev.type == "cpu":
+    if dev.type == "cpu" and dev.index is None:  # ('cpu:5' ran, recorded as "cpu:5")
         return
     if dev.type != "cuda":
         raise ValueError(f"device={device!r}: attnlab bench runs on 'cpu' or 'cuda[:N]'")
