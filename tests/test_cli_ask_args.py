@@ -395,6 +395,26 @@ def test_summarize_refuses_an_unusable_model_folder_before_splitting(
     assert "the file was split" in capsys.readouterr().err
 
 
+def test_ask_refuses_an_unusable_model_folder_before_splitting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As for summarize: ask split its first document of prose before it found the
+    ``--model`` folder was no model."""
+    docs, empty = tmp_path / "docs", tmp_path / "empty"
+    docs.mkdir()
+    (docs / "doc.md").write_text(PROSE)
+    empty.mkdir()
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a document was split")
+
+    monkeypatch.setattr(ask_cli, "check_prose", refuse)
+    status = main(["ask", "What is it?", "--docs", str(docs), "--model", str(empty)])
+    _one_line(capsys.readouterr().err, f"argument --model: '{empty}' is not a sentence-", 2, status)
+    assert main(["ask", "What is it?", "--docs", str(docs)]) == 1  # control: split first
+    assert "a document was split" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("kind", ["dangling link", "file"])
 def test_a_default_index_folder_that_cannot_be_one_is_refused_before_any_work(
     tmp_path: Path, no_work: None, kind: str, capsys: pytest.CaptureFixture[str]

@@ -132,13 +132,16 @@ def run_ask(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError("QUESTION", str(e).removeprefix("question ")) from None
     documents, inputs = _documents(args.docs)  # read and checked before the model loads
+    out = _out_file(args.out, inputs, args.model)
+    cache = _cache(args)
+    # a --model folder loads (its files checked) before the first document is split, as in
+    # summarize; the shipped model after, so that docs of only code load no model
+    enc = None if args.model is None else load_encoder(args.model)[0]
     try:
         check_prose(documents)
     except ValueError as e:  # only code: said before the model loads, as summarize does
         raise UsageError("--docs", str(e).removeprefix("docs: ")) from None
-    out = _out_file(args.out, inputs, args.model)
-    cache = _cache(args)
-    enc, _ = load_encoder(args.model)
+    enc = load_encoder(None)[0] if enc is None else enc
     with warnings_as_lines(args), _progress_line("indexing") as progress:
         try:
             answers = ask(
