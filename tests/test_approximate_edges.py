@@ -128,6 +128,27 @@ def test_performer_redraw_is_one_draw_per_call(monkeypatch: pytest.MonkeyPatch) 
     torch.testing.assert_close(with_w.out, out, rtol=1e-5, atol=1e-6)
 
 
+def _performer_grad(q: Tensor, opts: dict[str, int]) -> Tensor:
+    leaf = q.clone().requires_grad_()
+    attnlab.attention(leaf, leaf, leaf, engine="performer", engine_options=opts).sum().backward()
+    assert leaf.grad is not None
+    return leaf.grad
+
+
+def test_performer_features_cached_under_inference_mode_serve_a_backward() -> None:
+    """Features first built in a call under ``torch.inference_mode`` are cached; a later
+    call with gradients saves them for backward, and gets the uncached gradient."""
+    from attnlab.engines.performer import _seeded_features
+
+    q, opts = torch.randn(1, 2, 16, 8), {"num_features": 64, "seed": 12345}
+    _seeded_features.cache_clear()
+    want = _performer_grad(q, opts)
+    _seeded_features.cache_clear()
+    with torch.inference_mode():
+        attnlab.attention(q, q, q, engine="performer", engine_options=opts)
+    torch.testing.assert_close(_performer_grad(q, opts), want, rtol=0, atol=0)
+
+
 def _nystrom(*qkv: Tensor, iterations: int, weights: bool = False) -> Tensor:
     opts = {"num_landmarks": 64, "pinv_iterations": iterations}
     res = attnlab.attention(*qkv, engine="nystrom", engine_options=opts, return_weights=weights)

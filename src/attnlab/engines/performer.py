@@ -84,8 +84,11 @@ def orthogonal_features(
 def _seeded_features(
     num_features: int, dim: int, seed: int, device: torch.device, dtype: torch.dtype
 ) -> Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return orthogonal_features(num_features, dim, generator=gen).to(device, dtype)
+    """The cached features of ``seed``: built outside inference mode, since a tensor made
+    under ``torch.inference_mode`` cannot be saved for a later call's backward."""
+    with torch.inference_mode(False), torch.no_grad():
+        gen = torch.Generator().manual_seed(seed)
+        return orthogonal_features(num_features, dim, generator=gen).to(device, dtype)
 
 
 def favor_features(x: Tensor, w: Tensor, *, is_query: bool, valid: Tensor | None = None) -> Tensor:
