@@ -188,6 +188,27 @@ def test_integrated_gradients_progress_counts_the_path_steps(enc: SentenceEncode
     assert [p for p, _ in seen] == sorted(p for p, _ in seen) and seen[-1][0] < 1
 
 
+def test_a_threads_copy_never_takes_the_hooks_of_a_capture_running_on_another(
+    enc: SentenceEncoder,
+) -> None:
+    """A second thread's model is copied while the first's runs under capture (its hooks
+    on every module): the copy has none of them, and is neither model."""
+    import threading
+
+    from attnlab.interpret import capture
+    from attnlab.serve.encoder import EncoderModel
+
+    em, box = EncoderModel(encoder=enc), {}
+    first = em.load()
+    with capture(first.network):
+        worker = threading.Thread(target=lambda: box.update(model=em.load()))
+        worker.start()
+        worker.join()
+    second = box["model"].network
+    hooked = [n for n, m in second.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+    assert hooked == [] and second is not first.network and second is not enc.bert
+
+
 def test_gradient_and_flow_equal_the_api(client: TestClient, enc: SentenceEncoder) -> None:
     model = text_model(enc)
     ids = torch.tensor([list(model.tokenize(TEXT))])
