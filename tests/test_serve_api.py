@@ -823,3 +823,31 @@ def test_limits_a_text_past_the_model_and_two_inputs_are_refused(enc: SentenceEn
         assert r.status_code == 422
         assert r.json()["detail"] == "image: model 'minilm' reads text; send no image"
         assert c.post("/api/attend", json={"text": "word " * 510}).status_code == 200
+
+
+def test_a_cancel_between_runs_check_and_its_start_never_lets_the_job_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A cancel that came after :meth:`Job.run` saw ``queued`` and before it set
+    ``running`` said ``cancelled`` (done_event set), and then the work ran to ``done``."""
+    import threading
+    import types
+
+    from attnlab.serve import jobs
+
+    during: list[bool] = []  # done_event while the work runs
+    job = jobs.Job(lambda report: during.append(job.done_event.is_set()) or "out")
+    seen: list[str] = []
+    other = threading.Thread(target=lambda: (job.cancel(), seen.append(job.state)))
+
+    def clock() -> float:  # run's start time: cancel from another thread right then
+        if not other.is_alive() and not seen:
+            other.start()
+            other.join(timeout=0.2)  # (it waits for run's lock on the fixed code)
+        return time.perf_counter()
+
+    monkeypatch.setattr(jobs, "time", types.SimpleNamespace(perf_counter=clock))
+    job.run()
+    other.join(timeout=5)
+    assert seen and (seen[0] != "cancelled" or during == []), (seen, during, job.state)
+    assert during == [False] and seen[0] in ("running", "done") and job.state == "done"

@@ -39,7 +39,9 @@ class Cancelled(Exception):
 class Job:
     """One slow computation: its state, progress (0..1), message and result.
 
-    ``state`` goes ``queued -> running -> done | error | cancelled``.
+    ``state`` goes ``queued -> running -> done | error | cancelled``, or straight from
+    ``queued`` to ``cancelled``; the two ways out of ``queued`` are taken under one lock,
+    so a cancelled job never runs and a running one ends only when its work has.
     """
 
     work: Callable[[Callable[..., None]], Any]
@@ -53,6 +55,7 @@ class Job:
     ended: float | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event)
     done_event: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def report(self, progress: float, message: str = "") -> None:
         """Record progress; raises :class:`Cancelled` once the job was cancelled."""
@@ -72,14 +75,16 @@ class Job:
     def cancel(self) -> None:
         """Ask the job to stop (a queued job never starts)."""
         self.cancel_event.set()
-        if self.state == "queued":
-            self._finish("cancelled")
+        with self._lock:
+            if self.state == "queued":
+                self._finish("cancelled")
 
     def run(self) -> None:
         """Run the work in this thread, recording the outcome (never raises)."""
-        if self.state != "queued":
-            return
-        self.state, self.started = "running", time.perf_counter()
+        with self._lock:
+            if self.state != "queued":
+                return
+            self.state, self.started = "running", time.perf_counter()
         try:
             self.result = self.work(self.report)
             self.progress = 1.0
