@@ -392,7 +392,17 @@ def test_too_many_jobs(small: TestClient) -> None:
     first = small.post("/api/explain", json={"text": "a b c", "method": "integrated", "steps": 64})
     r = small.post("/api/explain", json={"text": "a b", "method": "rollout"})
     assert r.status_code == 429 and "max_jobs=1" in r.json()["detail"]
-    small.delete(f"/api/jobs/{first.json()['job']}")
+    _cancel_and_wait(small, first.json()["job"])
+
+
+def _cancel_and_wait(client: TestClient, job: str) -> None:
+    """Cancel ``job`` and wait until it has ended: a running job ends at its next step, and
+    until then it still counts against ``max_jobs`` (the next test on this client got 429)."""
+    client.delete(f"/api/jobs/{job}")
+    deadline = time.monotonic() + 30
+    while client.get(f"/api/jobs/{job}").json()["state"] in ("queued", "running"):
+        assert time.monotonic() < deadline, "a cancelled job did not end"
+        time.sleep(0.01)
 
 
 #: tasks that `attnlab train` knows and `attnlab.tasks.inspect` cannot rebuild
@@ -638,7 +648,7 @@ def test_requests_at_once_cannot_pass_max_jobs(small: TestClient) -> None:
     assert sorted(s for s, _ in answers) == [202, 429, 429, 429, 429, 429], answers
     for status, out in answers:
         if status == 202:
-            small.delete(f"/api/jobs/{out['job']}")
+            _cancel_and_wait(small, out["job"])
         else:
             assert "max_jobs=1" in out["detail"]
 
