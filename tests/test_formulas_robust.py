@@ -113,7 +113,10 @@ def test_symmetric_kl_keeps_float64_and_widens_half(dtype: torch.dtype) -> None:
     wide = torch.promote_types(dtype, torch.float32)
     plain = float(_sym_kl(p.to(dtype).to(wide), q.to(dtype).to(wide)))
     assert got.dtype == wide
-    assert abs(float(got) - want) <= 2 * abs(plain - want) + 1e-15 * want
+    # + a float64 floor of 1e-14: the fp64 formula is itself 2e-15 to 4e-15 off the exact
+    # value (mpmath, 50 digits) by CPU (AVX2 / AVX-512), attnlab's 6e-16 to 3e-15, and the
+    # float64 case's plain error is 0 (the same formula): 1e-15 failed under AVX2 (4.1e-20)
+    assert abs(float(got) - want) <= 2 * abs(plain - want) + 1e-14 * want
 
 
 def test_pgd_clean_adds_the_clean_loss() -> None:
