@@ -465,3 +465,19 @@ def test_tour_runs_where_torch_cannot_compile_flex() -> None:
     assert re.search(r"^   flex +skipped: .*AVX2", res.stdout, re.M), res.stdout
     assert "sparsemax" in res.stdout  # the tour went on
     assert re.search(r"^   blocked +[\d.]+ ms", res.stdout, re.M)  # the others still ran
+
+
+def test_engines_says_where_flex_cannot_run_here(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Under ``ATEN_CPU_CAPABILITY=default`` (and on ARM, macOS) ``attnlab engines`` listed
+    flex as any other engine, which every compiled call then refused."""
+    import attnlab.cli.engines as engines_cli
+
+    monkeypatch.setattr(engines_cli, "cpu_compile_problem", lambda: "no AVX2 here")
+    assert main(["engines"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    noted = [x.split()[0] for x in lines if "[here on the CPU: no AVX2 here;" in x]
+    assert noted == ["flex"], lines
+    monkeypatch.setattr(engines_cli, "cpu_compile_problem", lambda: None)  # control
+    assert main(["engines"]) == 0 and "[here" not in capsys.readouterr().out

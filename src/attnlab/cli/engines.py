@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from attnlab.engines import available_engines
+from attnlab.engines.flex import cpu_compile_problem
 
 __all__ = ["add_parsers", "print_engines", "run"]
 
@@ -22,7 +23,14 @@ def print_engines() -> None:
     for name, eng in available_engines().items():
         kind = "exact" if eng.exact else "approximate"
         opts = f"; engine_options: {', '.join(eng.options)}" if eng.options else ""
-        print(f"{name:<10} {kind:<11} {eng.summary}{opts}")
+        print(f"{name:<10} {kind:<11} {eng.summary}{opts}{_here(name)}")
+
+
+def _here(name: str) -> str:
+    """What keeps an engine from its usual work in this process (flex where torch cannot
+    compile it for the CPU: listed as any other engine, then refused when called)."""
+    problem = cpu_compile_problem() if name == "flex" else None
+    return f" [here on the CPU: {problem}; compile=False runs it uncompiled]" if problem else ""
 
 
 def run(args: argparse.Namespace) -> int:
