@@ -330,6 +330,28 @@ def test_a_second_derivative_through_entmax_is_refused() -> None:
     assert gw.requires_grad  # the control: sparsemax's backward is differentiable
 
 
+UPSTREAM_CASES = [("blocked", "softmax"), ("reference", "entmax15")]
+
+
+@pytest.mark.parametrize(("engine", "normalize"), UPSTREAM_CASES)
+def test_a_second_order_path_only_through_the_upstream_gradient_is_refused(
+    engine: str, normalize: str
+) -> None:
+    """``loss = (out * w).sum()``: ``d/dw`` of ``grad(loss, q, create_graph=True)`` runs
+    only through the upstream gradient ``w``, which the refusal did not hold: None (or
+    zeros, or "appears to not have been used") where the reference gives norm 1.8547."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v, w = (torch.randn(1, 2, 5, 3, dtype=torch.float64, generator=g) for _ in range(4))
+    q.requires_grad_(), w.requires_grad_()
+    out = torch.as_tensor(attnlab.attention(q, k, v, engine=engine, normalize=normalize))
+    (gq,) = torch.autograd.grad((out * w).sum(), q, create_graph=True)
+    named = r"1\.5-entmax.* softmax" if engine == "reference" else r"blocked.* engine='reference'"
+    with pytest.raises(RuntimeError, match=rf"second-order gradient .* {named}"):
+        torch.autograd.grad(gq.sum(), w, allow_unused=True)
+    ref = torch.as_tensor(attnlab.attention(q, k, v, engine="reference", normalize=normalize))
+    assert max_err(gq, torch.autograd.grad((ref * w).sum(), q)[0]) < 1e-12  # first order: fine
+
+
 def _plain_sparsemax(z: torch.Tensor) -> torch.Tensor:
     """Martins & Astudillo (2016) in differentiable torch ops, rows of ``z (N, L)``."""
     zs = z.sort(-1, descending=True).values

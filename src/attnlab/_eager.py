@@ -132,7 +132,8 @@ def first_order_only(what: str, instead: str) -> Callable[[Callable[..., _R]], C
     """A decorator for an autograd Function's ``backward`` (static or class method): it
     runs ``once_differentiable``, raises (naming ``what`` and ``instead``) under two
     ``torch.func`` differentiation levels, and, under autograd's ``create_graph=True``,
-    marks the gradients it returns so that differentiating them raises. Plain
+    marks the gradients it returns so that differentiating them raises, whether the path
+    runs through the saved inputs or only through the upstream gradient. Plain
     ``once_differentiable`` marks them only when the upstream gradient wants grad, so a
     loss linear in the output got a second-order gradient that silently left out the
     backward's own dependence on the inputs (1970 off where the largest entry is 1993).
@@ -175,9 +176,10 @@ def first_order_only(what: str, instead: str) -> Callable[[Callable[..., _R]], C
                 return inner(*args)
             saved = ctx.saved_tensors  # unpacked once (non-reentrant checkpointing)
             lead = 0 if args[0] is ctx else 1  # a classmethod's cls comes before ctx
+            grads = tuple(g for g in args[lead + 1 :] if isinstance(g, torch.Tensor))
             with torch.no_grad():
                 outputs = fn(*args[:lead], _Unpacked(ctx, saved), *args[lead + 1 :])
-            return cast(_R, _refusing(outputs, saved, msg))
+            return cast(_R, _refusing(outputs, saved + grads, msg))
 
         return backward
 
@@ -195,9 +197,10 @@ class _Unpacked:
 
 
 class _Refuse(torch.autograd.Function):
-    """The gradients a backward returned, tied to the inputs it read: differentiating
-    them raises (``once_differentiable``'s marker hangs off fresh leaves, which
-    ``torch.autograd.grad(..., inputs)`` never visits)."""
+    """The gradients a backward returned, tied to the inputs it read (its saved tensors
+    and the incoming gradients): differentiating them raises (``once_differentiable``'s
+    marker hangs off fresh leaves, which ``torch.autograd.grad(..., inputs)`` never
+    visits)."""
 
     @staticmethod
     def forward(ctx: Any, msg: str, n: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -209,12 +212,13 @@ class _Refuse(torch.autograd.Function):
         raise RuntimeError(ctx.msg)
 
 
-def _refusing(outputs: Any, saved: tuple[torch.Tensor, ...], msg: str) -> Any:
+def _refusing(outputs: Any, read: tuple[torch.Tensor, ...], msg: str) -> Any:
     """``outputs`` (a tensor, or a tuple with ``None``s) tied through :class:`_Refuse` to
-    the ``saved`` tensors that want grad."""
+    the tensors in ``read`` that want grad (the saved ones and the incoming gradients: a
+    path through either alone was cut, e.g. to ``w`` in ``loss = (out * w).sum()``)."""
     outs = outputs if isinstance(outputs, tuple) else (outputs,)
     idx = [i for i, t in enumerate(outs) if isinstance(t, torch.Tensor)]
-    wanting = [t for t in saved if t.requires_grad]
+    wanting = [t for t in read if t.requires_grad]
     tied = _Refuse.apply(msg, len(idx), *(outs[i] for i in idx), *wanting)
     result = list(outs)
     for i, t in zip(idx, tied, strict=True):
