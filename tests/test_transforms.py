@@ -352,6 +352,64 @@ def test_a_second_order_path_only_through_the_upstream_gradient_is_refused(
     assert max_err(gq, torch.autograd.grad((ref * w).sum(), q)[0]) < 1e-12  # first order: fine
 
 
+HIGHER_ORDER_CALLS = {
+    "plain": lambda: {},
+    "causal": lambda: {"mask": M.causal()},
+    "window": lambda: {"mask": M.causal() & M.window(4)},
+    "padding": lambda: {"mask": M.padding([20, 13])},
+    "documents": lambda: {"mask": M.documents(torch.arange(20) // 7)},
+    "alibi": lambda: {"mask": M.causal(), "bias": B.alibi(2)},
+}
+
+
+@pytest.mark.parametrize("call", list(HIGHER_ORDER_CALLS))
+def test_auto_serves_forward_mode_and_second_order_as_the_reference(call: str) -> None:
+    """``auto`` gave these calls to SDPA, whose fused kernels have neither forward-mode AD
+    nor a second derivative ("Trying to use forward AD with
+    _scaled_dot_product_flash_attention_for_cpu..."): now the reference serves them."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v, t = (torch.randn(2, 2, 20, 8, dtype=torch.float64, generator=g) for _ in range(4))
+    kw = HIGHER_ORDER_CALLS[call]()
+
+    def f(engine: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda q: torch.as_tensor(attnlab.attention(q, k, v, engine=engine, **kw))
+
+    def hess(engine: str) -> torch.Tensor:
+        return torch.func.grad(
+            lambda q: torch.func.grad(lambda q: f(engine)(q).square().sum())(q).sum()
+        )(q)
+
+    want = torch.func.jvp(f("reference"), (q,), (t,))[1]
+    assert max_err(torch.func.jvp(f("auto"), (q,), (t,))[1], want) < 1e-12
+    with torch.autograd.forward_ad.dual_level():
+        dual = f("auto")(torch.autograd.forward_ad.make_dual(q, t))
+        assert max_err(torch.autograd.forward_ad.unpack_dual(dual).tangent, want) < 1e-12
+    assert max_err(hess("auto"), hess("reference")) < 1e-12
+
+
+def test_the_sdpa_engine_refuses_forward_mode_and_second_order_by_name() -> None:
+    """Explicit ``engine='sdpa'``: torch's errors named no engine ("derivative for
+    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented")."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v, t = (torch.randn(1, 2, 20, 8, dtype=torch.float64, generator=g) for _ in range(4))
+
+    def f(q: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(attnlab.attention(q, k, v, mask=M.causal(), engine="sdpa"))
+
+    with pytest.raises(ValueError, match=r"engine='sdpa' .*forward-mode.* engine='reference'"):
+        torch.func.jvp(f, (q,), (t,))
+    with pytest.raises(ValueError, match=r"engine='sdpa' .*second derivative.* engine='reference'"):
+        torch.func.grad(lambda q: torch.func.grad(lambda q: f(q).square().sum())(q).sum())(q)
+    qq = q.clone().requires_grad_()
+    (gq,) = torch.autograd.grad(f(qq).square().sum(), qq, create_graph=True)
+    ref = torch.as_tensor(attnlab.attention(qq, k, v, mask=M.causal(), engine="reference"))
+    assert max_err(gq, torch.autograd.grad(ref.square().sum(), qq)[0]) < 1e-12  # first order
+    with pytest.raises(
+        RuntimeError, match=r"second-order gradient .* sdpa engine.* engine='reference'"
+    ):
+        torch.autograd.grad(gq.sum(), qq)
+
+
 def _plain_sparsemax(z: torch.Tensor) -> torch.Tensor:
     """Martins & Astudillo (2016) in differentiable torch ops, rows of ``z (N, L)``."""
     zs = z.sort(-1, descending=True).values

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar, cast
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch._C._functorch import TransformType, get_interpreter_stack
 from torch.autograd.function import once_differentiable
 
@@ -26,6 +27,9 @@ __all__ = [
     "as_written",
     "differentiating_twice",
     "first_order_only",
+    "forward_mode",
+    "higher_order",
+    "refuse_second_order",
     "unreadable",
     "vmapping",
 ]
@@ -158,10 +162,7 @@ def first_order_only(what: str, instead: str) -> Callable[[Callable[..., _R]], C
         ...     print(str(e).split(" (")[0])
         a second-order gradient
     """
-    msg = (
-        "a second-order gradient (create_graph=True, grad of grad, a Hessian, MAML's outer "
-        f"step) through {what}: its backward is not differentiable; {instead}"
-    )
+    msg = _second_order(what, instead)
 
     def decorate(fn: Callable[..., _R]) -> Callable[..., _R]:
         inner = once_differentiable(fn)
@@ -184,6 +185,72 @@ def first_order_only(what: str, instead: str) -> Callable[[Callable[..., _R]], C
         return backward
 
     return decorate
+
+
+def _second_order(what: str, instead: str) -> str:
+    """The refusal of a second-order gradient through ``what``, pointing at ``instead``."""
+    return (
+        "a second-order gradient (create_graph=True, grad of grad, a Hessian, MAML's outer "
+        f"step) through {what}: its backward is not differentiable; {instead}"
+    )
+
+
+def forward_mode(*ts: torch.Tensor) -> bool:
+    """Whether forward-mode AD runs through the caller: ``torch.func.jvp`` (``jacfwd``,
+    ``hessian``) on the transform stack, or a dual tensor of ``torch.autograd.forward_ad``
+    among ``ts``.
+
+    Example:
+        >>> x = torch.ones(2)
+        >>> with fwAD.dual_level():
+        ...     forward_mode(x), forward_mode(fwAD.make_dual(x, torch.ones(2)))
+        (False, True)
+    """
+    stack = get_interpreter_stack()
+    if stack and any(i.key() == TransformType.Jvp for i in stack):
+        return True
+    if getattr(fwAD, "_current_level", 0) < 0:  # no dual level open: no tangent anywhere
+        return False
+    return any(fwAD.unpack_dual(t).tangent is not None for t in ts)
+
+
+def higher_order(*ts: torch.Tensor) -> bool:
+    """Whether a call must serve more than a first-order backward, as far as its forward
+    can tell: :func:`differentiating_twice` or :func:`forward_mode` (``create_graph=True``
+    shows only in the backward: :func:`refuse_second_order`).
+
+    Example:
+        >>> higher_order(torch.ones(1))
+        False
+    """
+    return differentiating_twice() or forward_mode(*ts)
+
+
+def refuse_second_order(node: Any, what: str, instead: str) -> None:
+    """Have autograd ``node`` (a kernel's backward with no derivative of its own) return
+    gradients whose differentiation raises, naming ``what`` and ``instead``, when it runs
+    under ``create_graph=True``; a first-order backward gets its gradients as they were.
+
+    Example:
+        >>> x = torch.ones(2, requires_grad=True)
+        >>> y = x.exp()
+        >>> refuse_second_order(y.grad_fn, "exp", "use something else")
+        >>> (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+        >>> try:
+        ...     g.sum().backward()
+        ... except RuntimeError as e:
+        ...     print(str(e).split(" (")[0])
+        a second-order gradient
+    """
+    msg = _second_order(what, instead)
+
+    def hook(grads_in: tuple[Any, ...], grads_out: tuple[Any, ...]) -> Any:
+        if not torch.is_grad_enabled() or get_interpreter_stack():
+            return None  # first order (torch.func's levels: differentiating_twice)
+        read = tuple(g for g in (*grads_in, *grads_out) if isinstance(g, torch.Tensor))
+        return _refusing(tuple(grads_in), read, msg)
+
+    node.register_hook(hook)
 
 
 class _Unpacked:

@@ -3,7 +3,10 @@
 Used wherever torch computes the request exactly: dot-product scores, softmax, any mask
 and bias (passed as one dense additive mask, or as ``is_causal`` for square causal
 attention), dropout, grouped-query attention. It does not return weights or the
-logsumexp; ``auto`` routes those requests elsewhere.
+logsumexp; ``auto`` routes those requests elsewhere. Torch's fused kernels have a
+first-order backward only: forward-mode AD and second derivatives that the forward can see
+(``torch.func``) go elsewhere too, and a ``create_graph=True`` gradient through them
+raises by name when differentiated (:func:`_sdpa`).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlab._eager import unreadable, vmapping
+from attnlab._eager import higher_order, refuse_second_order, unreadable, vmapping
 from attnlab.engines.base import AttentionRequest, Engine, EngineResult, may_hold_nan
 from attnlab.masks import Mask
 
@@ -58,6 +61,12 @@ class SdpaEngine(Engine):
             return "torch SDPA does not return the logsumexp (return_lse=True)"
         if req.batch == 0 or req.lq == 0 or req.lk == 0:
             return "torch SDPA does not accept empty batches or sequences"
+        if higher_order(req.q, req.k, req.v):
+            return (
+                "torch SDPA's fused kernels have no forward-mode AD (torch.func.jvp, jacfwd, "
+                "forward_ad) and no second derivative (torch.func grad of grad, hessian); "
+                "engine='reference' serves them"
+            )
         if _unbatched(req.q):
             return "torch has no vmap batching rule for SDPA's CPU kernels (it warns and loops)"
         if not _keeps_nan(req.q, req.lk, req.dropout_p):  # one screen, whichever applies
@@ -73,16 +82,16 @@ class SdpaEngine(Engine):
     def plain(self, q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor | None:
         if 0 in q.shape[:3] or not _keeps_nan(q, k.shape[2], 0.0) or _unbatched(q):
             return None  # empty, a NaN screen to run, or vmapped: the request decides
-        if _one_tracked_key(q, k, v):
+        if _one_tracked_key(q, k, v) or higher_order(q, k, v):
             return None
         gqa = q.shape[1] != k.shape[1]
-        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+        return _sdpa(q, k, v, scale=scale, enable_gqa=gqa)
 
     def forward(self, req: AttentionRequest) -> EngineResult:
         gqa = req.heads != req.k.shape[1]
         causal = req.mask is not None and req.mask.is_causal and req.bias is None
         if causal and req.lq == req.lk and req.scale > 0:  # is_causal: NaN rows at scale <= 0
-            out = F.scaled_dot_product_attention(
+            out = _sdpa(
                 req.q,
                 req.k,
                 req.v,
@@ -93,7 +102,7 @@ class SdpaEngine(Engine):
             )
             return out, None, None
         attn_mask, empty_rows, single = _dense_mask(req)
-        out = F.scaled_dot_product_attention(
+        out = _sdpa(
             req.q,
             req.k,
             req.v,
@@ -107,6 +116,19 @@ class SdpaEngine(Engine):
         if empty_rows is not None:
             out = out.masked_fill(empty_rows, 0.0)
         return out, None, None
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, **kwargs: object) -> Tensor:
+    """``F.scaled_dot_product_attention(q, k, v, **kwargs)`` whose fused kernel's backward
+    (it has no derivative) refuses by name a second-order gradient under
+    ``create_graph=True``: torch raised "derivative for
+    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented". The
+    math path (a mask that wants grad, dropout on the CPU) is differentiable and kept."""
+    out = F.scaled_dot_product_attention(q, k, v, **kwargs)  # type: ignore[arg-type]
+    node = out.grad_fn
+    if node is not None and node.name().startswith("ScaledDotProduct"):
+        refuse_second_order(node, "the sdpa engine", "give such calls engine='reference'")
+    return out
 
 
 def _one_tracked_key(q: Tensor, k: Tensor, v: Tensor) -> bool:
