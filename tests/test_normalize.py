@@ -411,3 +411,21 @@ def test_normalizers_name_scores_that_are_not_float_tensors(fn: Callable[[Tensor
         fn(torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="scores must have at least one dimension"):
         fn(torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("name", list(SPARSE))
+def test_forward_mode_equals_finite_differences(name: str) -> None:
+    """``torch.func.jvp`` and ``forward_ad`` dual tensors: they raised torch's "You must
+    implement the jvp function for custom autograd.Function"; a masked entry stays fixed."""
+    fn = SPARSE[name]
+    g = torch.Generator().manual_seed(0)
+    x, t = (torch.randn(4, 7, dtype=torch.float64, generator=g) for _ in range(2))
+    x[0, 2] = NEG_INF
+    eps = 1e-6
+    want = (fn(x + eps * t) - fn(x - eps * t)) / (2 * eps)
+    assert want.abs().max() > 0.1  # the control: the tangent is not trivially 0
+    assert (torch.func.jvp(fn, (x,), (t,))[1] - want).abs().max() < 1e-8
+    with torch.autograd.forward_ad.dual_level():
+        dual = fn(torch.autograd.forward_ad.make_dual(x, t))
+        got = torch.autograd.forward_ad.unpack_dual(dual).tangent
+    assert (got - want).abs().max() < 1e-8

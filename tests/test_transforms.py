@@ -410,6 +410,30 @@ def test_the_sdpa_engine_refuses_forward_mode_and_second_order_by_name() -> None
         torch.autograd.grad(gq.sum(), qq)
 
 
+def test_forward_mode_through_the_blocked_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's "You must implement the jvp function for custom autograd.Function" named no
+    engine: ``auto`` now gives the call to the reference, ``engine='blocked'`` is refused by
+    name, and its autograd Function's own jvp names it (where the forward cannot tell)."""
+    import attnlab.engines.blocked as blocked
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v, t = (torch.randn(1, 1, 1024, 4, dtype=torch.float64, generator=g) for _ in range(4))
+    mask = M.causal() & M.window(16)
+
+    def f(engine: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda q: torch.as_tensor(attnlab.attention(q, k, v, mask=mask, engine=engine))
+
+    want = torch.func.jvp(f("reference"), (q,), (t,))[1]
+    assert max_err(torch.func.jvp(f("auto"), (q,), (t,))[1], want) < 1e-12  # auto: blocked
+    with pytest.raises(ValueError, match=r"engine='blocked' .*forward-mode AD.*'reference'"):
+        torch.func.jvp(f("blocked"), (q,), (t,))
+    monkeypatch.setattr(blocked, "forward_mode", lambda *ts: False)
+    with pytest.raises(
+        RuntimeError, match=r"forward-mode AD .*blocked engine.* engine='reference'"
+    ):
+        torch.func.jvp(f("blocked"), (q,), (t,))
+
+
 def _plain_sparsemax(z: torch.Tensor) -> torch.Tensor:
     """Martins & Astudillo (2016) in differentiable torch ops, rows of ``z (N, L)``."""
     zs = z.sort(-1, descending=True).values

@@ -29,6 +29,7 @@ __all__ = [
     "first_order_only",
     "forward_mode",
     "higher_order",
+    "no_forward_mode",
     "refuse_second_order",
     "unreadable",
     "vmapping",
@@ -212,6 +213,32 @@ def forward_mode(*ts: torch.Tensor) -> bool:
     if getattr(fwAD, "_current_level", 0) < 0:  # no dual level open: no tangent anywhere
         return False
     return any(fwAD.unpack_dual(t).tangent is not None for t in ts)
+
+
+def no_forward_mode(what: str, instead: str) -> Callable[..., Any]:
+    """An autograd Function's ``jvp`` for one without a forward-mode derivative: it raises
+    naming ``what`` and ``instead`` (torch's own error named neither: "You must implement
+    the jvp function for custom autograd.Function").
+
+    Example:
+        >>> class Twice(torch.autograd.Function):
+        ...     forward = staticmethod(lambda ctx, x: 2 * x)
+        ...     jvp = staticmethod(no_forward_mode("Twice", "use 2 * x"))
+        >>> try:
+        ...     with fwAD.dual_level():
+        ...         Twice.apply(fwAD.make_dual(torch.ones(1), torch.ones(1)))
+        ... except RuntimeError as e:
+        ...     print(str(e).split(" (")[0])
+        forward-mode AD
+    """
+
+    def jvp(ctx: Any, *tangents: Any) -> Any:
+        raise RuntimeError(
+            "forward-mode AD (torch.func.jvp, jacfwd, torch.autograd.forward_ad dual "
+            f"tensors) through {what}: it has no forward-mode derivative; {instead}"
+        )
+
+    return jvp
 
 
 def higher_order(*ts: torch.Tensor) -> bool:

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 from torch._C._functorch import is_functorch_wrapped_tensor
 
-from attnlab._eager import vmapping
+from attnlab._eager import forward_mode, vmapping
 from attnlab.engines import blocked_autograd, blocked_choice
 from attnlab.engines._leaves import HIDES_GRAD, hides_grad
 from attnlab.engines._native import build_settings, ops, pool_limit_mib
@@ -112,6 +112,8 @@ class BlockedEngine(Engine):
             return "the blocked engine needs head sizes E >= 1 and Ev >= 1"
         if vmapping():
             return "the blocked engine plans from values, which torch.func.vmap hides"
+        if forward_mode(req.q, req.k, req.v):
+            return "the blocked engine has no forward-mode AD (jvp, forward_ad); use 'reference'"
         if req.q.is_meta:  # (auto: sdpa or reference give the shapes)
             return "the blocked engine plans from values, which tensors on the meta device lack"
         if any(is_functorch_wrapped_tensor(t) for t in bias_leaves(req.bias)):
@@ -294,7 +296,7 @@ def decodes(q: Tensor, k: Tensor, v: Tensor, *, masked: bool) -> bool:
     if k.stride(-1) != 1 or v.stride(-1) != 1:
         return False
     grads = (q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled()
-    if grads or vmapping():  # vmap: no batching rule for the kernel (torch warned, looped)
+    if grads or vmapping() or forward_mode(q, k, v):  # vmap: no batching rule (torch looped)
         return False
     return blocked_autograd.USE_KERNEL and (bool(_DECODE) or kernel() is not None)
 

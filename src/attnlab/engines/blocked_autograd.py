@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attnlab._eager import any_nan, first_order_only, legacy_batched
+from attnlab._eager import any_nan, first_order_only, legacy_batched, no_forward_mode
 from attnlab._grid import Grid
 from attnlab.engines._leaves import bias_leaves, holding
 from attnlab.engines._native import kernel, kernel_error
@@ -304,6 +304,8 @@ class BlockedAttention(torch.autograd.Function):
         ctx.lse2 = aux if ops is not None else None
         ctx.mark_non_differentiable(aux)
         ctx.set_materialize_grads(False)  # an unused lse (or output) has no gradient: None
+
+    jvp = staticmethod(no_forward_mode("the blocked engine", "give such calls engine='reference'"))
 
     @staticmethod
     @first_order_only("the blocked engine", "give such calls engine='reference'")
