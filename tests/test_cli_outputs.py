@@ -40,7 +40,7 @@ def test_explain_out_may_not_replace_a_model_file(
     before = {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()}
     out = model / ("model.html" if name == "model_heads.png" else name)
     assert main(["explain", "hi", "--model", str(model), "--out", str(out), "--steps", "2"]) == 2
-    line = _one_line(capsys)  # (model.html, not there yet, is in the folder: refused too)
+    line = _one_line(capsys)  # (model.html: its picture model_heads.png is there)
     assert "argument --out:" in line and "the model folder" in line, line
     assert {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()} == before
 
@@ -255,3 +255,6 @@ def test_an_out_inside_the_model_folder_is_refused_by_any_path(
         line = _one_line(capsys)
         assert "argument --out: " in line and named in line, line
     assert sorted(p.name for p in model.iterdir()) == ["config.json"]
+    # a new report in the folder is no model file (--model . with --out report.html)
+    assert main(_model_argv(command, option, model, model / "new.html", doc)) == 1
+    assert "work started" in capsys.readouterr().err

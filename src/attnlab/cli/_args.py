@@ -268,9 +268,11 @@ def check_out_file(argument: str, path: str | Path) -> Path:
 
 def check_outputs_not_inputs(argument: str, outs: Iterable[Path], folder: Path | None) -> None:
     """Refuse outputs (``argument``'s file and those written beside it) that are folders,
-    not regular files, or inside the input model ``folder``, by any path or link (a
-    model's weights were overwritten by a report). ``folder`` is checked by the caller
-    first; it is not listed (``/usr`` took 18 s, ``/`` failed on ``/proc``)."""
+    not regular files, files of the input model ``folder`` by any path or link (a model's
+    weights were overwritten by a report), or new files there of a kind a loader reads
+    (``modules.json``: it could change the model). A new report or picture in the folder
+    is kept (``--model .`` with the default ``--out report.html``). ``folder`` is checked
+    by the caller first; it is not listed (``/usr`` took 18 s, ``/`` failed on ``/proc``)."""
     inside = folder.resolve() if folder is not None else None
     for out in outs:
         check_out_file(argument, out)
@@ -279,8 +281,13 @@ def check_outputs_not_inputs(argument: str, outs: Iterable[Path], folder: Path |
         if out.exists():
             msg = f"{str(out)!r} is an input, a file of the model folder {str(folder)!r}: "
             raise UsageError(argument, msg + "writing it would replace it; give another file")
-        msg = f"{str(out)!r} is in the model folder {str(folder)!r}, an input: writing "
-        raise UsageError(argument, msg + "there could change the model; give a file outside it")
+        if out.suffix.lower() in _MODEL_SUFFIXES:
+            msg = f"{str(out)!r} is in the model folder {str(folder)!r}, an input: writing "
+            raise UsageError(argument, msg + "it could change the model; give another file")
+
+
+#: kinds of file a model folder's loaders read (configs, weights, vocabularies)
+_MODEL_SUFFIXES = (".json", ".safetensors", ".bin", ".txt", ".model", ".pt", ".pth")
 
 
 def check_in_folder(argument: str, path: str | Path) -> Path:
