@@ -42,10 +42,9 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
@@ -63,6 +62,7 @@ from attnlab._validate import (
     real_where,
     validate_flag,
 )
+from attnlab._warnings import passed_on, warn_again
 from attnlab.apps.corpus import Sentence, check_prose, load_documents
 from attnlab.apps.index import (
     Index,
@@ -368,20 +368,13 @@ def _cache_folder(cache: object, docs: str | Path | Sequence[str | Path]) -> Pat
     return check_cache(index_folder(cache, "cache"), "cache")  # a user's own index.json
 
 
-@contextmanager
-def _one_truncation_warning(limit: int) -> Iterator[None]:
+def _one_truncation_warning(limit: int) -> AbstractContextManager[None]:
     """Pass on the warnings inside (also when it raises), but at most one about texts past
     the encoder's ``limit`` tokens: the index's (how many sentences), or one about the
     answers (an index read from the cache). Ranking and explaining read the same long
     sentences again, which made up to three such lines, two naming the encoder's internal
     ``texts[i]``."""
-    caught: list[warnings.WarningMessage] = []
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            yield
-    finally:
-        _reissue(caught, limit)
+    return passed_on(lambda caught: _reissue(caught, limit))
 
 
 def _reissue(caught: list[warnings.WarningMessage], limit: int) -> None:
@@ -398,8 +391,4 @@ def _reissue(caught: list[warnings.WarningMessage], limit: int) -> None:
         if encoder_cut:
             message = UserWarning(CANDIDATES_CUT.format(limit=limit))
         said = said or cut
-        module = next(
-            (n for n, m in list(sys.modules.items()) if getattr(m, "__file__", None) == w.filename),
-            None,
-        )
-        warnings.warn_explicit(message, w.category, w.filename, w.lineno, module=module)
+        warn_again(w, message)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import re
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
+from attnlab._warnings import passed_on, warn_again
 from attnlab.cli._args import check_in_folder, shown
 from attnlab.cli._errors import UsageError
 from attnlab.models import SentenceEncoder, TruncationWarning, minilm_path
@@ -77,23 +78,20 @@ def encoder_tokens(encoder: SentenceEncoder) -> Callable[[str], Sequence[int]]:
     return tokens
 
 
-@contextmanager
-def texts_named(name: Callable[[int], str]) -> Iterator[None]:
+def texts_named(name: Callable[[int], str]) -> AbstractContextManager[None]:
     """The encoder's :class:`TruncationWarning` inside names a text as the command does,
     ``name(i)`` (``TEXT 2``), not by the encoder's 0-based ``texts[1]``; every warning
     of the block is passed on after it (also when it raises), as ``ask`` passes on its own."""
-    caught: list[warnings.WarningMessage] = []
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            yield
-    finally:
+
+    def rename(caught: list[warnings.WarningMessage]) -> None:
         for w in caught:
             message = w.message
             if isinstance(message, TruncationWarning):
                 text = re.sub(r"texts\[(\d+)\]", lambda m: name(int(m[1])), str(message))
                 message = TruncationWarning(text)
-            warnings.warn_explicit(message, w.category, w.filename, w.lineno)
+            warn_again(w, message)
+
+    return passed_on(rename)
 
 
 def check_has_tokens(argument: str, text: str, tokenize: Callable[[str], Sequence[int]]) -> None:
