@@ -305,9 +305,10 @@ class GenerationTask:
         for i in range(0, len(rows), 256):
             b = _lm_batch(rows[i : i + 256])
             logits = model(b.inputs)  # (B, L, V)
+            wide = torch.promote_types(logits.dtype, torch.float32)  # fp64 stays fp64
             nll += float(
                 F.cross_entropy(
-                    logits.flatten(0, 1).float(),
+                    logits.flatten(0, 1).to(wide),
                     b.targets.flatten(),
                     ignore_index=0,
                     reduction="sum",
