@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import json
 import os
 import re
 import socket
@@ -166,22 +167,36 @@ def test_bench_engine_that_can_time_the_cases_passes_the_check(
     _reached(main(["bench", "--memory", "--engine", "blocked"]), capsys)
 
 
-@pytest.mark.parametrize("device", ["cpu:5", "cpu:0"])
-def test_bench_cpu_with_an_index_is_a_usage_error(
-    device: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+def test_bench_cpu_with_an_index_other_than_0_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``--device cpu:5`` ran on the CPU and was recorded as ``"device": "cpu:5"``,
-    though the refusal of a bad device says "expected 'cpu' or 'cuda[:N]'"."""
+    """``--device cpu:5`` ran on the CPU and was recorded as ``"device": "cpu:5"``."""
     monkeypatch.setattr(bench_mod, "run_case", _stop)
     monkeypatch.setattr(bench_mod, "memory_probe", _stop)
-    assert main(["bench", "--device", device, "--smoke"]) == 2
+    assert main(["bench", "--device", "cpu:5", "--smoke"]) == 2
     assert _usage_line(capsys) == (
-        f"attnlab bench: error: argument --device: device='{device}': attnlab bench runs "
-        "on 'cpu' or 'cuda[:N]' (see attnlab bench --help)"
+        "attnlab bench: error: argument --device: device='cpu:5': the CPU is only 'cpu' "
+        "(or 'cpu:0') (see attnlab bench --help)"
     )
-    with pytest.raises(ValueError, match=r"runs on 'cpu' or 'cuda\[:N\]'"):
-        BenchConfig(device=device)
+    with pytest.raises(ValueError, match=r"the CPU is only 'cpu' \(or 'cpu:0'\)"):
+        BenchConfig(device="cpu:5")
     _reached(main(["bench", "--device", "cpu", "--smoke"]), capsys)  # positive control
+
+
+def test_bench_cpu_0_is_the_cpu_and_recorded_as_cpu(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``cpu:0`` is the device torch calls ``cpu`` (``torch.device('cpu:0')`` is valid);
+    it was refused as a usage error."""
+    assert torch.device("cpu:0").type == torch.device("cpu").type
+    header = bench_mod._header
+    monkeypatch.setattr(bench_mod, "run_case", lambda name, cfg: [header(name, "fwd", cfg)])
+    seen: dict[str, str] = {}
+    for device in ("cpu", "cpu:0"):
+        assert main(["bench", "--device", device, "--smoke", "--cases", "causal"]) == 0
+        seen[device] = json.loads(capsys.readouterr().out)["device"]
+    assert seen == {"cpu": "cpu", "cpu:0": "cpu"}
+    assert BenchConfig(device="cpu:0").device == "cpu" == bench_mod.check_device("cpu:0")
 
 
 def test_bench_records_check_the_engine_before_the_first_record() -> None:

@@ -107,7 +107,7 @@ class BenchConfig:
             raise ValueError(
                 f"dtype={self.dtype!r} is not a dtype; expected one of {tuple(DTYPES)}"
             )
-        check_device(self.device)
+        object.__setattr__(self, "device", check_device(self.device))  # 'cpu:0' as 'cpu'
         if self.flex and (why := flex_problem(self.device)) is not None:
             raise ValueError(f"flex=True: {why}; expected flex=False here")
 
@@ -123,8 +123,8 @@ def flex_problem(device: str) -> str | None:
     return cpu_compile_problem() if torch.device(device).type == "cpu" else None
 
 
-def check_device(device: str) -> None:
-    """``device`` is ``'cpu'`` or a CUDA device this machine has (``ValueError`` if not)."""
+def check_device(device: str) -> str:
+    """``device`` as recorded (``'cpu:0'`` as ``'cpu'``): the CPU or a CUDA device here."""
     if not isinstance(device, str):
         raise TypeError(f"device must be a str such as 'cpu' or 'cuda', got {device!r}")
     try:
@@ -132,13 +132,14 @@ def check_device(device: str) -> None:
     except RuntimeError:
         msg = f"device={device!r} is not a device; expected 'cpu' or 'cuda[:N]'"
         raise ValueError(msg) from None
-    if dev.type == "cpu" and dev.index is None:  # ('cpu:5' ran, recorded as "cpu:5")
-        return
-    if dev.type != "cuda":
+    if dev.type == "cpu" and dev.index:  # ('cpu:5' ran, recorded as "cpu:5")
+        raise ValueError(f"device={device!r}: the CPU is only 'cpu' (or 'cpu:0')")
+    if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device={device!r}: attnlab bench runs on 'cpu' or 'cuda[:N]'")
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if (dev.index or 0) >= count:
+    if dev.type == "cuda" and (dev.index or 0) >= count:
         raise ValueError(f"device={device!r}: this machine has {count} CUDA device(s)")
+    return "cpu" if dev.type == "cpu" else device
 
 
 def doc_ids(n: int, docs: int = 16, seed: int = 0) -> Tensor:

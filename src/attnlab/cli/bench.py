@@ -50,10 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _device(text: str) -> str:
     """An argparse type: a device this machine has (checked before any work)."""
     try:
-        bench.check_device(text)
+        return bench.check_device(text)
     except (TypeError, ValueError) as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-    return text
 
 
 def add_parsers(sub: Any) -> None:
