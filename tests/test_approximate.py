@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -392,6 +393,13 @@ OPTION_ERRORS: list[tuple[str, dict[str, Any], dict[str, Any], type[Exception], 
         TypeError,
         r"engine 'nystrom' option 'num_landmarks' must be int, got 4.0 \(float\)",
     ),
+    (  # numpy's integers are ints here (they were refused: "must be int, got np.int64(4)")
+        "numpy_float",
+        {"engine": "nystrom", "engine_options": {"num_landmarks": np.float64(4.0)}},
+        {"engine": "nystrom", "engine_options": {"num_landmarks": np.int64(4)}},
+        TypeError,
+        r"option 'num_landmarks' must be int, got (np\.float64\()?4\.0\)? \(float64\)",  # numpy 1|2
+    ),
     (
         "bool_for_int",
         {"engine": "linear", "engine_options": {"chunk_size": True}},
@@ -494,6 +502,25 @@ def test_bad_options_and_requests_raise(
         return lambda: attnlab.attention(q, k, v, **kw)
 
     check_and_control(call(bad), call(good), exc, match)
+
+
+@pytest.mark.parametrize(
+    ("engine", "options"),
+    [
+        ("performer", {"num_features": 16, "seed": 3, "chunk_size": 4}),
+        ("nystrom", {"num_landmarks": 4, "pinv_iterations": 3}),
+        ("linear", {"chunk_size": 4}),
+    ],
+)
+def test_numpy_integer_options_are_their_ints(engine: str, options: dict[str, int]) -> None:
+    """Every int option given as a numpy integer gives the result of the Python int."""
+    q, k, v = torch.randn(3, 1, 2, 9, 8).unbind(0)
+    mask = None if engine == "nystrom" else M.causal()  # (chunk_size: the causal sums')
+    want = attnlab.attention(q, k, v, mask=mask, engine=engine, engine_options=options)
+    for kind in (np.int64, np.int32, np.uint16):
+        given = {name: kind(n) for name, n in options.items()}
+        got = attnlab.attention(q, k, v, mask=mask, engine=engine, engine_options=given)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_exact_engine_errors_do_not_suggest_approximations() -> None:

@@ -15,6 +15,7 @@ sums that ``linear`` and ``performer`` share in :mod:`~attnlab.engines.kernelize
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
@@ -53,6 +54,8 @@ def parse_options(cls: type[_T], options: Mapping[str, object], engine: str) -> 
         if f.name not in options:
             continue
         val, kind = options[f.name], type(f.default)
+        if kind is int and isinstance(val, numbers.Integral) and not isinstance(val, bool):
+            val = int(val)  # numpy's integers too
         if isinstance(val, bool) != (kind is bool) or not isinstance(val, kind):
             raise TypeError(
                 f"engine_options: engine {engine!r} option {f.name!r} must be "
