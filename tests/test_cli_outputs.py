@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -179,14 +180,22 @@ def _no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Path, "rglob", walked)
 
 
-def _model_argv(command: str, option: str, folder: Path, out: Path, doc: Path) -> list[str]:
-    """``command`` with its model ``option`` naming ``folder`` and ``--out out``."""
-    head = {
-        "explain": ["explain", "hi", "--steps", "2"],
-        "ask": ["ask", "why do cats purr?", "--docs", str(doc), "--no-explain"],
-        "summarize": ["summarize", str(doc), "--sentences", "1"],
-    }[command]
-    return [*head, option, str(folder), "--out", str(out)]
+@dataclass(frozen=True)
+class ModelCommand:
+    """A command that reads a model folder through ``option``, its loaders stubbed."""
+
+    command: str
+    option: str
+    doc: Path  # the document ask and summarize read
+
+    def argv(self, folder: Path, out: Path) -> list[str]:
+        """The command with its model option naming ``folder`` and ``--out out``."""
+        head = {
+            "explain": ["explain", "hi", "--steps", "2"],
+            "ask": ["ask", "why do cats purr?", "--docs", str(self.doc), "--no-explain"],
+            "summarize": ["summarize", str(self.doc), "--sentences", "1"],
+        }[self.command]
+        return [*head, self.option, str(folder), "--out", str(out)]
 
 
 MODEL_OPTIONS = [
@@ -197,21 +206,24 @@ MODEL_OPTIONS = [
 ]
 
 
-@pytest.mark.parametrize(("command", "option"), MODEL_OPTIONS)
+@pytest.fixture(params=MODEL_OPTIONS, ids=[f"{c}-{o.lstrip('-')}" for c, o in MODEL_OPTIONS])
+def cmd(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> ModelCommand:
+    """Each command and model option, with :func:`_no_loading` and a document."""
+    _no_loading(monkeypatch)
+    doc = tmp_path / "a.txt"
+    doc.write_text("Cats purr when they are happy. Dogs bark at strangers. Birds sing.\n")
+    return ModelCommand(*request.param, doc)
+
+
 def test_a_model_folder_is_checked_before_its_files_are_walked(
-    tmp_path: Path,
-    command: str,
-    option: str,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, cmd: ModelCommand, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A folder that is no model (``/usr``: refused after 18 s of listing 119k files;
     ``/``: "cannot access '/proc/1/cwd'", exit 1) and one whose name is too long for the
     file system ("OSError: [Errno 36]", exit 1) are usage errors of the option, and no
     folder is walked."""
-    _no_loading(monkeypatch)
-    doc = tmp_path / "a.txt"
-    doc.write_text("Cats purr when they are happy. Dogs bark at strangers. Birds sing.\n")
     tree = tmp_path / "tree"
     (tree / "a" / "b").mkdir(parents=True)
     (tree / "a" / "b" / "weights.bin").write_bytes(b"x")
@@ -220,29 +232,21 @@ def test_a_model_folder_is_checked_before_its_files_are_walked(
         (tree, "holds no config.json"),
         (tmp_path / ("a" * 300), "cannot be reached (File name too long)"),
     ]:
-        assert main(_model_argv(command, option, folder, out, doc)) == 2
+        assert main(cmd.argv(folder, out)) == 2
         line = _one_line(capsys)
-        assert f"argument {option}: " in line and named in line, line
+        assert f"argument {cmd.option}: " in line and named in line, line
     (tree / "config.json").write_text("{}")  # positive control: on to the loader
-    assert main(_model_argv(command, option, tree, out, doc)) == 1
+    assert main(cmd.argv(tree, out)) == 1
     assert "work started" in capsys.readouterr().err
     assert not out.exists()
 
 
-@pytest.mark.parametrize(("command", "option"), MODEL_OPTIONS)
 def test_an_out_inside_the_model_folder_is_refused_by_any_path(
-    tmp_path: Path,
-    command: str,
-    option: str,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, cmd: ModelCommand, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """An ``--out`` in the model folder that is not there yet (it would become a file of
     the model: ``--out model/modules.json``), or reached through a link to the folder,
     is refused without listing the folder's files."""
-    _no_loading(monkeypatch)
-    doc = tmp_path / "a.txt"
-    doc.write_text("Cats purr when they are happy. Dogs bark at strangers. Birds sing.\n")
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")
@@ -251,10 +255,10 @@ def test_an_out_inside_the_model_folder_is_refused_by_any_path(
         (model / "modules.json", "is in the model folder"),
         (tmp_path / "link" / "config.json", "is an input, a file of the model folder"),
     ]:
-        assert main(_model_argv(command, option, model, out, doc)) == 2
+        assert main(cmd.argv(model, out)) == 2
         line = _one_line(capsys)
         assert "argument --out: " in line and named in line, line
     assert sorted(p.name for p in model.iterdir()) == ["config.json"]
     # a new report in the folder is no model file (--model . with --out report.html)
-    assert main(_model_argv(command, option, model, model / "new.html", doc)) == 1
+    assert main(cmd.argv(model, model / "new.html")) == 1
     assert "work started" in capsys.readouterr().err
