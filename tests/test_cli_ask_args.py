@@ -95,7 +95,7 @@ def test_out_that_is_an_input_is_refused_before_work(
         status = main(argv)
         _one_line(capsys.readouterr().err, "argument --out: ", 2, status)
         assert doc.read_text() == PROSE, argv
-    other = tmp_path / "other.md"  # control: another existing file passes the check
+    other = tmp_path / "other.html"  # control: another existing file passes the check
     other.write_text("x")
     assert ask_cli._out_file(str(other), [doc], None) == other
 

@@ -262,3 +262,25 @@ def test_an_out_inside_the_model_folder_is_refused_by_any_path(
     # a new report in the folder is no model file (--model . with --out report.html)
     assert main(cmd.argv(model, model / "new.html")) == 1
     assert "work started" in capsys.readouterr().err
+
+
+def test_an_out_that_is_not_html_is_refused_before_loading(
+    tmp_path: Path, cmd: ModelCommand, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``explain --out r.png`` wrote its HTML report into ``r.png`` (and its pictures
+    beside it), exit 0; ask's and summarize's ``--out`` took any suffix too."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    for name in ("r.png", "r.PNG", "s.txt", "r.html.json"):
+        assert main(cmd.argv(model, tmp_path / name)) == 2
+        suffix = Path(name).suffix
+        assert _one_line(capsys) == (
+            f"attnlab {cmd.command}: error: argument --out: '{tmp_path / name}' ends in "
+            f"'{suffix}', but what is written there is HTML: give a file ending in .html "
+            "or .htm"
+        )
+    for name in ("r.html", "r.HTM", "report"):  # positive control: on to the loader
+        assert main(cmd.argv(model, tmp_path / name)) == 1
+        assert "work started" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "model"]

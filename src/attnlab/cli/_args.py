@@ -30,6 +30,7 @@ from attnlab._io import decode_text
 from attnlab.cli._errors import Parser, UsageError, warn
 
 __all__ = [
+    "check_html_out",
     "check_in_folder",
     "check_not_empty",
     "check_not_input",
@@ -264,6 +265,14 @@ def check_out_file(argument: str, path: str | Path) -> Path:
         raise UsageError(argument, f"{str(p)!r} is not a regular file (a pipe or device)")
     _check_creatable(argument, p.parent if str(p.parent) else Path("."))
     return p
+
+
+def check_html_out(argument: str, path: Path) -> None:
+    """``path``, where a command writes an HTML report or page, has no suffix of another
+    kind (``explain --out r.png`` wrote HTML into a ``.png``); no suffix at all is kept."""
+    if path.suffix and path.suffix.lower() not in (".html", ".htm"):
+        msg = f"{str(path)!r} ends in {path.suffix!r}, but what is written there is HTML"
+        raise UsageError(argument, msg + ": give a file ending in .html or .htm")
 
 
 def check_outputs_not_inputs(argument: str, outs: Iterable[Path], folder: Path | None) -> None:

@@ -24,6 +24,7 @@ from attnlab.apps.index import check_cache, default_cache
 from attnlab.apps.report import answers_html, summary_html
 from attnlab.apps.summarize import check_length
 from attnlab.cli._args import (
+    check_html_out,
     check_not_empty,
     check_not_input,
     check_out_file,
@@ -94,13 +95,14 @@ def _documents(docs: list[str]) -> tuple[list[Document], list[Path]]:
 
 
 def _out_file(out: str | None, inputs: Sequence[Path], model: str | None) -> Path | None:
-    """``--out`` checked: a writable file that is none of the ``inputs`` and no file of
-    the ``--model`` folder (without one, of the shipped model's)."""
+    """``--out`` checked: a writable HTML file that is none of the ``inputs`` and no file
+    of the ``--model`` folder (without one, of the shipped model's)."""
     if out is None:
         return None
     path = check_out_file("--out", out)
     check_not_input("--out", path, inputs)
     check_outputs_not_inputs("--out", [path], model_folder(model))
+    check_html_out("--out", path)
     return path
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from attnlab._io import OutputLock
 from attnlab.cli._args import (
+    check_html_out,
     check_in_folder,
     check_out_file,
     check_outputs_not_inputs,
@@ -177,6 +178,7 @@ def _check_args(args: argparse.Namespace) -> tuple[str, str | None, str | None, 
     # the pictures beside the report too; none may be a model file (weights were replaced;
     # without --model, the shipped model's config.json could be)
     check_outputs_not_inputs("--out", explanation_files(out), folder)
+    check_html_out("--out", out)  # (the pictures beside it are named by explain)
     return text, against, continuation, out
 
 
