@@ -31,19 +31,41 @@ def test_explain_out_may_not_replace_a_model_file(
     tmp_path: Path, name: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``--out`` (or a picture written beside it: ``model.html`` writes
-    ``model_heads.png``) naming a file of the ``--model`` folder: the weights became an
-    HTML page, on exit 0."""
+    ``model_heads.png``, here a link to the weights) naming a file of the ``--model``
+    folder: the weights became an HTML page, on exit 0."""
     from attnlab.models import minilm_path
 
     model = tmp_path / "model"
     shutil.copytree(minilm_path(), model)
-    (model / "model_heads.png").write_bytes(b"a file of the folder")
+    (model / "model_heads.png").symlink_to("model.safetensors")
     before = {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()}
     out = model / ("model.html" if name == "model_heads.png" else name)
     assert main(["explain", "hi", "--model", str(model), "--out", str(out), "--steps", "2"]) == 2
     line = _one_line(capsys)  # (model.html: its picture model_heads.png is there)
     assert "argument --out:" in line and "the model folder" in line, line
     assert {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()} == before
+
+
+@NEED_MODEL
+def test_explain_in_the_model_folder_twice_replaces_its_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``attnlab explain TEXT --model .`` ran once; the second run was refused, its own
+    report.html "an input, a file of the model folder". The model's files stay as they
+    were."""
+    from attnlab.models import minilm_path
+
+    model = tmp_path / "model"
+    shutil.copytree(minilm_path(), model)
+    before = {p: p.read_bytes() for p in model.rglob("*") if p.is_file()}
+    monkeypatch.chdir(model)
+    for text in ("Cats purr.", "Dogs bark."):
+        assert main(["explain", text, "--model", ".", "--steps", "2", "--flow-tokens", "0"]) == 0
+        assert capsys.readouterr().out.count("wrote ") == 6
+        page = (model / "report.html").read_text()
+        assert "<title>attnlab explain</title>" in page and text[:4].lower() in page
+    assert {p: p.read_bytes() for p in before} == before
+    assert len(list(model.glob("report*"))) == 6
 
 
 @NEED_MODEL
@@ -284,3 +306,23 @@ def test_an_out_that_is_not_html_is_refused_before_loading(
         assert main(cmd.argv(model, tmp_path / name)) == 1
         assert "work started" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "model"]
+
+
+def test_a_report_in_the_model_folder_may_be_replaced_a_model_file_not(
+    tmp_path: Path, cmd: ModelCommand, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A report (or picture) that no loader reads is replaced, as outside the folder;
+    a file a loader reads, or a report's name linked to one, is refused."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "vocab.txt").write_text("[PAD]\n")
+    (model / "report.html").write_text("an earlier report")
+    (model / "report_heads.png").write_bytes(b"an earlier picture")
+    (model / "tokens.html").symlink_to("vocab.txt")
+    for name in ("config.json", "vocab.txt", "tokens.html"):
+        assert main(cmd.argv(model, model / name)) == 2
+        line = _one_line(capsys)
+        assert f"--out: '{model / name}' is an input, a file of the model folder" in line, line
+    assert main(cmd.argv(model, model / "report.html")) == 1  # on to the loader
+    assert "work started" in capsys.readouterr().err

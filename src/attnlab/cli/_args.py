@@ -277,26 +277,32 @@ def check_html_out(argument: str, path: Path) -> None:
 
 def check_outputs_not_inputs(argument: str, outs: Iterable[Path], folder: Path | None) -> None:
     """Refuse outputs (``argument``'s file and those written beside it) that are folders,
-    not regular files, files of the input model ``folder`` by any path or link (a model's
-    weights were overwritten by a report), or new files there of a kind a loader reads
-    (``modules.json``: it could change the model). A new report or picture in the folder
-    is kept (``--model .`` with the default ``--out report.html``). ``folder`` is checked
-    by the caller first; it is not listed (``/usr`` took 18 s, ``/`` failed on ``/proc``)."""
+    not regular files, files of the input model ``folder`` other than reports, by any path
+    or link (a model's weights were overwritten by a report), or new files of a kind a
+    loader reads there
+    (``modules.json``: it could change the model). A report or picture in the folder,
+    new or replaced, is kept (``--model .`` with the default ``--out report.html``, run
+    twice). ``folder`` is checked by the caller first; it is not listed (``/usr`` took
+    18 s, ``/`` failed on ``/proc``)."""
     inside = folder.resolve() if folder is not None else None
     for out in outs:
         check_out_file(argument, out)
-        if inside is None or not out.resolve().is_relative_to(inside):
+        target = out.resolve()  # (a link named report.html to the weights is the weights)
+        if inside is None or not target.is_relative_to(inside):
             continue
-        if out.exists():
+        kind = target.suffix.lower()
+        if target.exists() and kind not in _REPORT_SUFFIXES:
             msg = f"{str(out)!r} is an input, a file of the model folder {str(folder)!r}: "
             raise UsageError(argument, msg + "writing it would replace it; give another file")
-        if out.suffix.lower() in _MODEL_SUFFIXES:
+        if kind in _MODEL_SUFFIXES:
             msg = f"{str(out)!r} is in the model folder {str(folder)!r}, an input: writing "
             raise UsageError(argument, msg + "it could change the model; give another file")
 
 
 #: kinds of file a model folder's loaders read (configs, weights, vocabularies)
 _MODEL_SUFFIXES = (".json", ".safetensors", ".bin", ".txt", ".model", ".pt", ".pth")
+#: kinds of file the commands write as reports (pictures among them), which no loader reads
+_REPORT_SUFFIXES = (".html", ".htm", ".png")
 
 
 def check_in_folder(argument: str, path: str | Path) -> Path:
