@@ -303,7 +303,7 @@ def check_same_run(ckpt: Checkpoint, config: dict, train_size: int, path: str | 
     """
     size = ckpt.state.get("train_size")
     if size is not None and int(size) != train_size:
-        raise ValueError(
+        raise CheckpointError(
             f"resume: {path} was trained on {int(size)} training examples, this task has "
             f"{train_size}; build the task with the checkpoint's size to continue it"
         )
@@ -312,7 +312,7 @@ def check_same_run(ckpt: Checkpoint, config: dict, train_size: int, path: str | 
         keys = sorted(k for k in was.keys() | ours.keys() if was.get(k) != ours.get(k))
         shown = ", ".join(f"{k}: {was.get(k)!r} -> {ours.get(k)!r}" for k in keys[:3])
         more = f" (and {len(keys) - 3} more)" if len(keys) > 3 else ""
-        raise ValueError(
+        raise CheckpointError(
             f"resume: {path} holds another configuration than this task's: {shown}{more}; "
             "build the task as the checkpoint's was, or train afresh"
         )
