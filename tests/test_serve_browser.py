@@ -407,6 +407,51 @@ def test_methods_draw_their_result_and_timing(page: Any, server: str) -> None:
     assert "max_flow_tokens = 64" in page.inner_text("#method-note")
 
 
+def test_a_job_the_page_no_longer_wants_is_cancelled_without_an_error(
+    page: Any, server: str
+) -> None:
+    """Raw attention picked while integrated gradients run, or while their job is being
+    started: the page sends DELETE for that job (it ran to its end before), the server
+    stops it, and the page shows no error for the requests it gave up on."""
+    page.fill("#text", " ".join(f"w{i}" for i in range(150)))  # 381 tokens: a long job
+    page.fill("#steps", "64")
+    _act(page, lambda: page.click("#run"), timeout=120_000)
+    started: list[str] = []  # the jobs' ids, as the server answered their start
+    page.on(
+        "response", lambda r: r.url.endswith("/api/explain") and started.append(r.json()["job"])
+    )
+    deletes: list[str] = []
+    page.on("request", lambda r: deletes.append(r.url) if r.method == "DELETE" else None)
+    held: list[Any] = []  # the second time, the job's start waits here until released
+    n0 = int(page.evaluate("document.body.dataset.done"))
+    page.check("input[name=method][value=integrated]")
+    page.wait_for_function("document.body.dataset.job === 'running'", timeout=120_000)
+    page.check("input[name=method][value=attention]")  # while the job runs
+    page.wait_for_function(IDLE.format(n=n0), timeout=120_000)
+    page.route("**/api/explain", lambda route: held.append(route))
+    n1 = int(page.evaluate("document.body.dataset.done"))
+    page.check("input[name=method][value=integrated]")
+    page.wait_for_function("document.body.dataset.busy === '1'")
+    deadline = time.monotonic() + 30
+    while not held and time.monotonic() < deadline:
+        page.wait_for_timeout(50)
+    page.check("input[name=method][value=attention]")  # while the job is being started
+    held[0].continue_()
+    page.wait_for_function(IDLE.format(n=n1), timeout=120_000)
+    page.wait_for_timeout(500)  # a poll the old page would send next
+
+    assert [u.rsplit("/", 1)[1] for u in deletes] == started and len(started) == 2
+    for url in deletes:  # a running job stops at its next step (seconds on a busy machine)
+        deadline, state = time.monotonic() + 60, "running"
+        while state == "running" and time.monotonic() < deadline:
+            with urllib.request.urlopen(url, timeout=30) as r:
+                state = json.load(r)["state"]
+            time.sleep(0.1)
+        assert state == "cancelled", (url, state)
+    assert page.inner_text("#error") == ""
+    assert page.is_hidden("#explain") and page.is_visible("#attention")
+
+
 def test_compare_two_texts(page: Any, server: str) -> None:
     a, b = "The cat sat on the mat.", "The dog sat on the rug."
     _act(page, lambda: page.click("#mode-compare"))

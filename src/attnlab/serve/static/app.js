@@ -2,7 +2,7 @@
 // Test hooks on <body>: data-ready="1" once the first result is drawn; data-busy="1" while
 // any request or job is in flight; data-done counts the times the page became idle;
 // data-job is the last job's state. Drawing lives in views.js, the
-// compare mode in compare.js.
+// compare mode in compare.js, the explanation jobs in explain.js.
 "use strict";
 
 const $ = sel => document.querySelector(sel);
@@ -13,6 +13,7 @@ const S = {
   res: null,        // the last /api/attend response (thumbs kept across head changes)
   cmp: null,        // the last /api/compare response
   job: null,        // the id of the job being polled
+  want: 0,          // counts dropped jobs: a job started before the last drop is cancelled
   seq: 0,           // the latest head request; older answers are dropped
 };
 const VIEW = {};    // HeadViews and MatrixViews, made once in init()
@@ -220,68 +221,9 @@ function setMethod(m, enabled, why) {
   input.parentElement.title = enabled ? "" : off;
 }
 
-async function explain() {
-  const m = S.method, old = S.job;
-  S.job = null;  // the old job's polling stops; the job itself is cancelled
-  if (old) cancelJob(old);
-  $("#explain-title").textContent = METHODS[m];
-  const body = { model: S.ran.model, text: S.ran.text, method: m, top_k: topK() };
-  if (m === "integrated") body.steps = numberIn($("#steps"));  // the others have none
-  jobShow({ state: "queued", progress: 0, message: "", seconds: 0 });
-  let start;
-  try {
-    start = await api("POST", "/api/explain", body);
-  } catch (e) {  // refused (a limit, too many jobs): the error line says why
-    jobShow({ state: "error", progress: 0, message: "", seconds: 0 });
-    throw e;
-  }
-  const id = start.job;
-  S.job = id;
-  if (start.tokens) flowLimit(start.tokens);  // known now, even if the job is cancelled
-  for (;;) {
-    await sleep(200);
-    if (S.job !== id) return;
-    const j = await api("GET", `/api/jobs/${encodeURIComponent(id)}`);
-    if (S.job !== id) return;
-    jobShow(j);
-    if (j.state === "done") drawExplain(j);
-    if (j.state === "error") showError(`${METHODS[m]}: ${j.error}`);
-    if (["done", "error", "cancelled"].includes(j.state)) break;
-  }
-  S.job = null;
-}
-
-function jobShow(j) {
-  $("#job").hidden = false;
-  $("#progress").value = j.progress;
-  $("#job-state").textContent = j.message ? `${j.state}: ${j.message}` : j.state;
-  $("#job-seconds").textContent = `${secs(j.seconds)} s`;
-  $("#cancel").disabled = !["queued", "running"].includes(j.state);
-  document.body.dataset.job = j.state;
-}
-
-async function cancelJob(id) {
-  try {
-    const j = await api("DELETE", `/api/jobs/${encodeURIComponent(id)}`);
-    $("#job-state").textContent = j.state;
-    document.body.dataset.job = j.state;
-  } catch (e) {
-    showError(e.message);
-  }
-}
-
-function drawExplain(j) {
-  const r = j.result;
-  drawSaliency($("#saliency"), r.tokens, r.saliency, $("#saliency-status"));
-  $("#explain-matrix").hidden = !r.matrix;
-  if (r.matrix) VIEW.explain.setTop(r.tokens, r.tokens, r.matrix.top, { what: r.method });
-  const t = $("#timing-explain");
-  t.textContent = `${r.method} ${secs(r.seconds)} s (job ${secs(j.seconds)} s)`;
-  t.dataset.seconds = String(r.seconds);
-}
-
 function chooseMethod(m) {
   S.method = m;
+  dropJob();
   const raw = m === "attention";
   $("#attention").hidden = !raw;
   $("#explain").hidden = raw;
@@ -344,6 +286,7 @@ function noteModel(m) {
 
 function setMode(mode, rerun = true) {
   S.mode = mode;
+  if (mode === "compare") dropJob();
   for (const b of document.querySelectorAll("#modes button"))
     b.classList.toggle("on", b.dataset.mode === mode);
   $("#explore").hidden = mode !== "explore";
