@@ -771,6 +771,56 @@ def test_a_stop_between_the_two_writes_leaves_the_previous_index(
     assert load_index(tmp_path).sentences == again.sentences  # type: ignore[union-attr]
 
 
+def test_ask_reads_the_index_json_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """(An ask read index.json 4 times when it saved the index and 3 when it reused it:
+    ask's cache check, build_index's, load_index and the save's.) At most once now (not
+    again while the file read last is unchanged), with the answers of an index kept in
+    memory (cache=False, which reads no file); a file changed since is read again."""
+    import builtins
+
+    from attnlab.models.sentence import _toy_encoder
+
+    toy = _toy_encoder()
+    doc, cache, q = tmp_path / "pets.txt", tmp_path / "ix", "Why do dogs bark?"
+    opened: list[object] = []
+    real_open, real_path_open = builtins.open, Path.open
+
+    def seen(f: object) -> None:
+        if isinstance(f, str | os.PathLike) and Path(f).name == "index.json":
+            opened.append(f)
+
+    def counted(f: object, *args: object, **kwargs: object) -> object:
+        seen(f)
+        return real_open(f, *args, **kwargs)  # type: ignore[call-overload]
+
+    def path_counted(self: Path, *args: object, **kwargs: object) -> object:
+        seen(self)
+        return real_path_open(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    def answers(cache: Path | bool) -> list[tuple[str, float]]:
+        got = ask(q, doc, top=3, encoder=toy, cache=cache, explain=False)
+        return [(a.sentence.text, a.score) for a in got]
+
+    monkeypatch.setattr(builtins, "open", counted)
+    monkeypatch.setattr(Path, "open", path_counted)
+    for case, text in [("saved", "Cats purr. Dogs bark. Birds sing."), ("reused", None),
+                       ("saved again", "Cats purr. Dogs bark loudly. Birds sing.")]:  # fmt: skip
+        if text is not None:
+            doc.write_text(text)
+        want = answers(False)
+        opened.clear()
+        got = answers(cache)
+        assert [t for t, _ in got] == [t for t, _ in want], case
+        assert [x for _, x in got] == pytest.approx([x for _, x in want], rel=1e-6), case
+        assert len(opened) <= 1, (case, opened)
+    (cache / "index.json").write_text((cache / "index.json").read_text())  # the same, again
+    opened.clear()
+    assert load_index(cache) is not None and len(opened) == 1  # control: a changed file
+    (cache / "index.json").write_text('{"project": "notes"}')  # a user's file, now
+    with pytest.raises(ValueError, match=r"holds an index\.json that attnlab did not write"):
+        ask(q, doc, encoder=toy, cache=cache, explain=False)
+
+
 def test_names_and_scores_do_not_depend_on_how_the_folder_is_spelled(
     folder: Path, tmp_path_factory: pytest.TempPathFactory, enc, monkeypatch: pytest.MonkeyPatch
 ) -> None:

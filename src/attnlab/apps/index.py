@@ -42,7 +42,7 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,10 +51,10 @@ import torch
 from torch import Tensor
 
 from attnlab._io import LockedError, OutputLock, atomic_write, atomic_write_text
-from attnlab._validate import callable_or_none, instance_of, positive_int
+from attnlab._validate import instance_of, positive_int
 from attnlab.apps.corpus import Document, Sentence, split_document
+from attnlab.apps.embedding import Progress, embed, unit
 from attnlab.models import SentenceEncoder
-from attnlab.models.sentence import _check_texts
 
 __all__ = [
     "FORMAT",
@@ -68,7 +68,6 @@ __all__ = [
 ]
 
 FORMAT = 4  # bump when the splitter or the file layout changes: every index rebuilds
-Progress = Callable[[int, int], None]
 _VECTORS = re.compile(r"index-[0-9a-f]{16}\.safetensors")
 
 
@@ -174,9 +173,9 @@ def load_index(folder: str | Path) -> Index | None:
 
     folder = index_folder(folder)
     try:
-        meta = json.loads((folder / "index.json").read_text(encoding="utf-8"))
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            return None  # another version, or JSON that is no index (null, a list)
+        meta = _own_meta(folder, "folder")  # (JSON that is no index: a ValueError)
+        if meta is None or meta.get("format") != FORMAT:
+            return None  # none, or another version
         raw = (folder / _vectors_name(meta.get("vectors"))).read_bytes()
         if meta.get("vectors_sha256") != _sha(raw):
             return None  # vectors from another build
@@ -250,11 +249,32 @@ def check_cache(folder: Path, name: str = "folder") -> Path:
     return folder
 
 
+def _key(st: os.stat_result) -> tuple[int, ...]:
+    """A file's identity: inode, size, mtime and ctime (a save gives it a new inode)."""
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+# the index.json read last: its folder -> (its file's identity, its JSON object, never changed)
+_LAST: dict[Path, tuple[tuple[int, ...], dict[str, Any]]] = {}
+
+
 def _own_meta(folder: Path, name: str) -> dict[str, Any] | None:
     """The JSON object of ``folder/index.json`` (None: there is none), or the ValueError
-    of :func:`check_cache` if that is no attnlab index."""
+    of :func:`check_cache` if that is no attnlab index. The file read last is not read
+    again while it is unchanged (an ask read it four times: its cache check,
+    build_index's, load_index and the save's)."""
     try:
-        meta = json.loads((folder / "index.json").read_text(encoding="utf-8"))
+        key = _key((folder / "index.json").stat())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError:  # (a folder we may not search: open says why)
+        key = ()
+    if (last := _LAST.get(folder)) is not None and last[0] == key:
+        return last[1]
+    try:
+        with open(folder / "index.json", "rb") as f:
+            st = os.fstat(f.fileno())
+            meta = json.loads(f.read().decode("utf-8"))
     except (FileNotFoundError, NotADirectoryError):
         return None
     except (IsADirectoryError, ValueError, RecursionError) as e:  # (not UTF-8, not JSON)
@@ -269,6 +289,8 @@ def _own_meta(folder: Path, name: str) -> dict[str, Any] | None:
             f"{name} {str(folder)!r} holds an index.json that attnlab did not write; the "
             "index would replace it: give another folder, or move that file away"
         )
+    _LAST.clear()  # one entry: the folder in use
+    _LAST[folder] = (_key(st), meta)
     return meta
 
 
@@ -323,47 +345,6 @@ def _write(index: Index, folder: Path) -> None:
 
 def _sha(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()
-
-
-def unit(x: Tensor) -> Tensor:
-    """Rows of ``x (N, D)`` scaled to length 1: what the apps' cosines assume, also for a
-    ``--model`` folder without a Normalize module (its dot products of vectors of length
-    2-7 read as cosines: summarize kept 1 of 3 sentences).
-
-    Example:
-        >>> unit(torch.tensor([[3.0, 4.0]])).tolist()
-        [[0.6000000238418579, 0.800000011920929]]
-    """
-    return torch.nn.functional.normalize(x, dim=-1)
-
-
-def embed(
-    enc: SentenceEncoder, texts: list[str], progress: Progress | None = None, batch: int = 256
-) -> Tensor:
-    """``(len(texts), D)`` float32 unit vectors (also from a ``.double()`` encoder: the
-    index keeps float32, and float64 rows were rebuilt on every run), reporting
-    ``progress(done, total)`` after each batch; one warning names how many texts were
-    longer than the encoder reads (their first tokens count), one how many were not valid
-    UTF-8. The index and :func:`attnlab.apps.summarize.summarize` embed with it.
-    ``batch``: texts per call of the encoder (a positive int)."""
-    batch = positive_int("batch", batch)  # 0 raised range()'s error, -1 embedded nothing
-    callable_or_none("progress", progress, "progress(done, total)")
-    texts = _check_texts(texts)  # decoded once: the encoder warned per batch, and again
-    parts = [torch.empty(0, enc.dim)]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*exceed max_seq_length")
-        for start in range(0, len(texts), batch):
-            parts.append(unit(enc.encode(texts[start : start + batch])).float())  # (.double())
-            if progress is not None:
-                progress(min(start + batch, len(texts)), len(texts))
-    long, limit = sum(enc.truncated(texts)), enc.config.max_seq_length  # (not == limit)
-    if long:
-        warnings.warn(
-            f"{long} of {len(texts)} sentences reach the encoder's {limit}-token limit; "
-            f"only their first {limit} tokens are embedded",
-            stacklevel=3,
-        )
-    return torch.cat(parts)
 
 
 def build_index(

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from attnlab._validate import instance_of, real_where
 from attnlab.apps.corpus import Document, Sentence, split_document
-from attnlab.apps.index import Progress, embed
+from attnlab.apps.embedding import Progress, embed
 from attnlab.models import SentenceEncoder
 
 __all__ = ["Summary", "centrality", "summarize"]
