@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 import warnings
 from importlib.resources import files
 from pathlib import Path
@@ -769,6 +770,49 @@ def test_a_stop_between_the_two_writes_leaves_the_previous_index(
     assert again.embedded == 1  # only the edited document
     assert len(list(tmp_path.glob("*.safetensors"))) == 1  # the stray vectors removed
     assert load_index(tmp_path).sentences == again.sentences  # type: ignore[union-attr]
+
+
+def test_vectors_no_index_names_are_removed_by_a_later_save(
+    tmp_path: Path, enc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(A stop between a save's two writes left vectors that no index.json names, and
+    later saves removed only the file the JSON named: they stayed for good.) A save
+    removes them once its JSON is written, if older than STRAY_SECONDS; a younger one
+    (another run's, between its two writes) and files of other names are kept."""
+    import attnlab.apps.index as index_module
+
+    a = Document("a", "Cats purr. Dogs bark.")
+    build_index([a], enc, tmp_path)
+    real = index_module.atomic_write_text
+
+    def stop(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(index_module, "atomic_write_text", stop)
+    with pytest.raises(KeyboardInterrupt):
+        build_index([a, Document("b", "Rain falls.")], enc, tmp_path)
+    named = json.loads((tmp_path / "index.json").read_text())["vectors"]
+    (stray,) = {p.name for p in tmp_path.glob("index-*.safetensors")} - {named}
+    mine = tmp_path / "index-mine.safetensors"
+    mine.write_bytes(b"not attnlab's")
+    present_at_json: list[set[str]] = []
+
+    def write_json(path: Path, text: str) -> Path:
+        present_at_json.append({p.name for p in tmp_path.iterdir()})
+        return real(path, text)
+
+    monkeypatch.setattr(index_module, "atomic_write_text", write_json)
+    build_index([a, Document("c", "Snow falls.")], enc, tmp_path)  # the stray is young
+    assert (tmp_path / stray).exists()
+    old = time.time() - 24 * 3600  # (STRAY_SECONDS is ten minutes)
+    for p in (tmp_path / stray, mine):
+        os.utime(p, (old, old))
+    last = build_index([a, Document("d", "Wind blows.")], enc, tmp_path)
+    assert stray in present_at_json[-1]  # removed after the JSON was written, not before
+    named = json.loads((tmp_path / "index.json").read_text())["vectors"]
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == sorted([named, mine.name])
+    loaded = load_index(tmp_path)
+    assert loaded is not None and loaded.sentences == last.sentences
 
 
 def test_ask_reads_the_index_json_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,11 +8,13 @@ reuses the rows of every document whose hash is unchanged and embeds only the ne
 changed ones, so editing one document re-embeds that document alone; a different model
 or splitter version rebuilds everything. A save writes the new vectors under their own
 name, then the JSON that names them (each atomically), then removes the vectors file the
-previous JSON named: a crash at any point leaves the previous index or the new one, never
-a pair that is read as none (one file name for both made a stop between the two writes
-re-embed everything). A save holds the folder's :class:`~attnlab._io.OutputLock`, and
-another run's vectors are never removed. A folder whose ``index.json`` attnlab did not
-write (no JSON object with a ``"format"``, or no JSON) is refused, not overwritten.
+previous JSON named and any other that no JSON names and is older than ten minutes (a
+stop between two writes left it): a crash at any point leaves the previous index or the
+new one, never a pair that is read as none (one file name for both made a stop between
+the two writes re-embed everything). A save holds the folder's
+:class:`~attnlab._io.OutputLock`, and another run's vectors are never removed. A folder
+whose ``index.json`` attnlab did not write (no JSON object with a ``"format"``, or no
+JSON) is refused, not overwritten.
 Nothing is pickled.
 
 Search is brute force (``vectors @ q``, exact): at the Python reference's size (3,602
@@ -35,6 +37,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -69,6 +72,7 @@ __all__ = [
 
 FORMAT = 4  # bump when the splitter or the file layout changes: every index rebuilds
 _VECTORS = re.compile(r"index-[0-9a-f]{16}\.safetensors")
+STRAY_SECONDS = 600.0  # vectors no JSON names, older than this, are no save in progress
 
 
 @dataclass
@@ -321,8 +325,9 @@ def _save(index: Index, folder: Path) -> None:
 
 def _write(index: Index, folder: Path) -> None:
     """The vectors under a new name, then the JSON that names them (both atomic), then
-    the vectors the previous JSON named removed: a stop anywhere leaves a readable index,
-    and vectors that another build's JSON names (or is about to) are kept."""
+    the vectors no JSON names removed (:func:`_remove_strays`): a stop anywhere leaves a
+    readable index, and vectors that another build's JSON names (or is about to) are
+    kept."""
     from safetensors.torch import save
 
     previous = _named_vectors(_own_meta(folder, "folder"))
@@ -339,8 +344,22 @@ def _write(index: Index, folder: Path) -> None:
     # ASCII: a document name from a file name that is not UTF-8 holds lone surrogates,
     # which UTF-8 cannot write but JSON's \uXXXX escapes carry there and back exactly
     atomic_write_text(folder / "index.json", json.dumps(meta | {"docs": docs}, ensure_ascii=True))
-    if previous is not None and previous != name:
+    _remove_strays(folder, name, previous)
+
+
+def _remove_strays(folder: Path, keep: str, previous: str | None) -> None:
+    """Once the JSON naming ``keep`` is written: the vectors the previous JSON named, and
+    every other ``index-HASH.safetensors`` older than :data:`STRAY_SECONDS`, which no
+    JSON names (a stop between a save's two writes, or after them, left them for good; a
+    younger one may be another run's, between its two writes)."""
+    if previous is not None and previous != keep:
         (folder / previous).unlink(missing_ok=True)
+    now = time.time()
+    for p in folder.glob("index-*.safetensors"):
+        with contextlib.suppress(OSError):  # gone meanwhile, or not ours to remove: kept
+            old = now - p.stat().st_mtime > STRAY_SECONDS
+            if old and p.name != keep and _VECTORS.fullmatch(p.name):
+                p.unlink()
 
 
 def _sha(raw: bytes) -> str:
