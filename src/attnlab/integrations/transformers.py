@@ -38,6 +38,7 @@ XLNet, ...) is refused by name when it is built (:func:`register` installs that 
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -73,8 +74,17 @@ _REFUSED = ("head_mask", "layer_head_mask")
 # for each mask from build_mask: the number of keys it was made for (checked by
 # attention_forward), and whether the model gave its mask request position ids
 _BUILT_FOR: weakref.WeakKeyDictionary[Mask, tuple[int, bool]] = weakref.WeakKeyDictionary()
-# whether the mask request transformers prepared last had position ids (None: not known)
-_GIVEN_POSITIONS: bool | None = None
+
+
+class _Request(threading.local):
+    """Per thread (models run in several threads at once, as under ``attnlab serve``):
+    whether the mask request transformers prepared last had position ids (None: not
+    known). A global let one thread's OPT request decide another's Llama mask."""
+
+    given_positions: bool | None = None
+
+
+_REQUEST = _Request()
 
 
 def register(name: str = NAME, engine: str | None = None) -> str:
@@ -269,8 +279,8 @@ def _pass_built_masks() -> None:
 
     def preprocess(config: Any, inputs_embeds: Any, attention_mask: Any, *a: Any, **kw: Any) -> Any:
         if not isinstance(attention_mask, Mask):
-            global _GIVEN_POSITIONS  # (config, embeds, mask, cache, position_ids, ...)
-            _GIVEN_POSITIONS = kw.get("position_ids", a[1] if len(a) > 1 else None) is not None
+            pos = kw.get("position_ids", a[1] if len(a) > 1 else None)  # (cache, position_ids)
+            _REQUEST.given_positions = pos is not None
             return own(config, inputs_embeds, attention_mask, *a, **kw)
         # built already: answered as a prepared 4-D mask is, in this version's own form
         early = own(config, inputs_embeds, torch.empty(0, 0, 0, 0), *a, **kw)
@@ -301,8 +311,7 @@ def build_mask(
         >>> build_mask(1, 3, 3, mask_function=causal_mask_function).spec()
         'causal()'
     """
-    global _GIVEN_POSITIONS
-    given, _GIVEN_POSITIONS = _GIVEN_POSITIONS is not False, None
+    given, _REQUEST.given_positions = _REQUEST.given_positions is not False, None
     if mask_function is None:
         from transformers.masking_utils import causal_mask_function
 
