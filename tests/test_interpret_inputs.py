@@ -428,3 +428,34 @@ def test_pictures_refuse_what_they_cannot_draw_before_drawing(
     for alpha in (0, 1.0):
         image_attention(img, maps * 0, ["x"], tmp_path / "i.png", alpha=alpha)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["h.png", "i.png"]
+
+
+def test_the_report_reads_each_picture_once(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """(Each picture was opened twice: its header for the check, then all of it for the
+    page.) The page holds each file's bytes as they are, read once."""
+    import base64
+    import builtins
+    import io
+    import re
+    from typing import Any
+
+    import matplotlib.pyplot as plt
+
+    pictures = [tmp_path / "first.png", tmp_path / "second.png"]
+    for i, p in enumerate(pictures):
+        plt.imsave(p, torch.rand(4, 5 + i).numpy())
+    opened: list[str] = []
+    real = builtins.open
+
+    def counted(file: Any, *a: Any, **kw: Any) -> Any:
+        opened.append(str(file))
+        return real(file, *a, **kw)
+
+    monkeypatch.setattr(builtins, "open", counted)
+    monkeypatch.setattr(io, "open", counted)  # Path.read_bytes opens through io.open
+    page = report(tmp_path / "r.html", list("abc"), [torch.rand(2, 3, 3).softmax(-1)],
+                  pictures=pictures)  # fmt: skip
+    monkeypatch.undo()
+    assert [opened.count(str(p)) for p in pictures] == [1, 1]
+    inlined = re.findall(r"src='data:image/png;base64,([^']*)'", page.read_text())
+    assert [base64.b64decode(s) for s in inlined] == [p.read_bytes() for p in pictures]

@@ -124,17 +124,19 @@ def decode_text(text: str) -> tuple[str, bool]:
     return raw.decode("utf-8", "replace"), True
 
 
-def png_data_uri(path: str | Path) -> str:
-    """``data:image/png;base64,...`` of the PNG at ``path``, for an ``<img src>``.
+def png_data_uri(png: str | Path | bytes) -> str:
+    """``data:image/png;base64,...`` of the PNG at path ``png`` (or of its bytes, already
+    read), for an ``<img src>``.
 
     Example:
         >>> import tempfile
         >>> p = Path(tempfile.mkdtemp()) / "x.png"
         >>> _ = p.write_bytes(b"PNG")
-        >>> png_data_uri(p)
-        'data:image/png;base64,UE5H'
+        >>> png_data_uri(p), png_data_uri(b"PNG")
+        ('data:image/png;base64,UE5H', 'data:image/png;base64,UE5H')
     """
-    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+    data = png if isinstance(png, bytes) else Path(png).read_bytes()
+    return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
 class LockedError(RuntimeError):

@@ -162,8 +162,10 @@ def _name(name: object) -> str:
     return name
 
 
-def _pictures(pictures: object) -> list[Path]:
-    """``pictures`` as paths of PNG files, each checked (a str was read letter by letter)."""
+def _pictures(pictures: object) -> list[tuple[Path, bytes]]:
+    """``pictures`` as paths of PNG files, each checked (a str was read letter by letter),
+    with their bytes, each file opened and read once (its header was read for the check,
+    then the whole file again for the page); one that is not a PNG is read no further."""
     if isinstance(pictures, (str, bytes)) or not isinstance(pictures, Sequence):
         raise TypeError(f"pictures must be a list of PNG paths, got {type(pictures).__name__}")
     out = []
@@ -173,11 +175,12 @@ def _pictures(pictures: object) -> list[Path]:
         try:
             with open(p, "rb") as f:
                 head = f.read(8)
+                data = head + f.read() if head == b"\x89PNG\r\n\x1a\n" else b""
         except OSError as e:
             raise ValueError(f"pictures[{i}] cannot be read: {p} ({e.strerror})") from None
-        if head != b"\x89PNG\r\n\x1a\n":
+        if not data:
             raise ValueError(f"pictures[{i}] is not a PNG file: {p}")
-        out.append(Path(p))
+        out.append((Path(p), data))
     return out
 
 
@@ -219,14 +222,16 @@ def _real_dtype(scores: Tensor | np.ndarray) -> bool:
     return scores.dtype.kind in "iuf"
 
 
-def _page(title: str, text: str, data: dict[str, object], pictures: list[Path]) -> str:
+def _page(
+    title: str, text: str, data: dict[str, object], pictures: list[tuple[Path, bytes]]
+) -> str:
     # every "<" escaped: "</script>", and "<!--" before "<script" (which would make the
     # HTML parser skip the real end tag), cannot occur inside the script element
     blob = json.dumps(data, allow_nan=False).replace("<", "\\u003c")
     imgs = "<h2>Pictures</h2>" * bool(pictures) + "".join(
-        f"<figure><img alt='{html.escape(p.stem)}' src='{png_data_uri(p)}'>"
+        f"<figure><img alt='{html.escape(p.stem)}' src='{png_data_uri(png)}'>"
         f"<figcaption>{html.escape(p.stem)}</figcaption></figure>"
-        for p in pictures
+        for p, png in pictures
     )
     template = (Path(__file__).parent / "report.html").read_text(encoding="utf-8")
     fill = {"TITLE": html.escape(title), "TEXT": html.escape(text), "PICTURES": imgs, "DATA": blob}
