@@ -246,6 +246,7 @@ def test_explain_text_checks_its_arguments_before_any_work(tmp_path: Path) -> No
         ({"text": b"bytes"}, TypeError, r"text must be a str, got bytes"),
         ({"against": 3}, TypeError, r"against must be a str, got int"),
         ({"out": tmp_path}, ValueError, r"out must be a file path, got the folder"),
+        ({"out": tmp_path / "r.png"}, ValueError, r"ends in '.png', but the report .* is HTML"),
         ({"flow_tokens": -1}, ValueError, r"flow_tokens must be an int >= 0, got -1"),
     ]:
         with pytest.raises(exc, match=pattern):

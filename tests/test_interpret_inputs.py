@@ -285,6 +285,7 @@ def test_report_checks_path_before_any_work(tmp_path, monkeypatch) -> None:
         (None, TypeError, r"path must be a str or Path \(an HTML file to write\), got NoneType"),
         (3, TypeError, r"path must be a str or Path .* got int"),
         (tmp_path, ValueError, "path must be an HTML file to write, got the folder"),
+        (tmp_path / "r.png", ValueError, r"ends in '.png', but an HTML file is written there"),
     ):
         with pytest.raises(error, match=match):
             report(path, list("abc"), a)
@@ -398,6 +399,10 @@ def test_pictures_refuse_what_they_cannot_draw_before_drawing(
          "path must be a PNG file to write, got the folder"),
         (lambda: plot.heatmap(torch.eye(3), list("abc"), tmp_path), ValueError,
          "path must be a PNG file to write, got the folder"),
+        (lambda: plot.heatmap(torch.eye(3), list("abc"), tmp_path / "h.svg"), ValueError,
+         r"ends in '.svg', but a PNG file is written there; give a name ending in .png"),
+        (lambda: image_attention(img, maps, ["x"], tmp_path / "i.jpg"), ValueError,
+         r"ends in '.jpg', but a PNG file is written there"),
         (lambda: plot.saliency(["a"], [1.0], tmp_path), ValueError, "path must be a PNG file"),
         (lambda: plot.head_grid([torch.rand(1, 3, 3)], tmp_path), ValueError,
          "path must be a PNG file"),

@@ -184,7 +184,9 @@ def saliency(
 
 def check_png_path(path: object, kind: str = "a PNG") -> Path:
     """``path`` as the PNG (or ``kind`` of file, "an HTML") to write: a str or path-like
-    that is not a folder (a folder failed only at the write, after all the drawing).
+    that is not a folder (a folder failed only at the write, after all the drawing), whose
+    suffix, if it has one, is that kind's (``a.svg`` and ``r.png`` were written as PNG
+    and HTML under names that said otherwise).
 
     Example:
         >>> import tempfile
@@ -194,6 +196,10 @@ def check_png_path(path: object, kind: str = "a PNG") -> Path:
         Traceback (most recent call last):
         ...
         ValueError: path must be a PNG file to write, got the folder '...'
+        >>> check_png_path("a.svg")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: path 'a.svg' ends in '.svg', but a PNG file is written there; give a ...
     """
     if not isinstance(path, str | os.PathLike):
         raise TypeError(
@@ -201,7 +207,17 @@ def check_png_path(path: object, kind: str = "a PNG") -> Path:
         )
     if Path(path).is_dir():
         raise ValueError(f"path must be {kind} file to write, got the folder {str(path)!r}")
+    suffix, kinds = Path(path).suffix, _SUFFIXES.get(kind, ())
+    if kinds and suffix and suffix.lower() not in kinds:
+        raise ValueError(
+            f"path {str(path)!r} ends in {suffix!r}, but {kind} file is written there; give "
+            f"a name ending in {' or '.join(kinds)}"
+        )
     return Path(path)
+
+
+#: the suffixes a file of each kind may have (a name without one is kept)
+_SUFFIXES = {"a PNG": (".png",), "an HTML": (".html", ".htm")}
 
 
 def check_tokens(name: str, tokens: object) -> None:

@@ -310,6 +310,9 @@ def _check_explain_args(
         raise TypeError(f"out must be a str or Path (the .html report), got {type(out).__name__}")
     if Path(out).is_dir():
         raise ValueError(f"out must be a file path, got the folder {str(out)!r}")
+    if Path(out).suffix.lower() not in ("", ".html", ".htm"):  # (r.png was written as HTML)
+        msg = f"out {str(out)!r} ends in {Path(out).suffix!r}, but the report written is HTML"
+        raise ValueError(msg + "; give a name ending in .html or .htm")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
         raise ValueError(f"steps must be an int >= 2 (integrated gradients), got {steps!r}")
     if isinstance(flow, bool) or not isinstance(flow, int) or flow < 0:
