@@ -29,6 +29,14 @@ METHODS = {
     "faithfulness": ("classification", "dates"),
 }
 
+# the studies' own steps per row (their functions' defaults; a test holds them equal)
+_STUDY_STEPS = {"vision": 800, "shortcut": 400, "dates": 450}
+_STEPS_HELP = (
+    "training steps per row of vision, shortcut or dates (default "
+    + ", ".join(f"{task} {n}" for task, n in _STUDY_STEPS.items())
+    + "); faithfulness refuses it: it trains each model with its task's steps"
+)
+
 
 def add_parsers(sub: Any) -> None:
     """Add the ``robust`` subcommand to an argparse subparsers object."""
@@ -41,7 +49,7 @@ def add_parsers(sub: Any) -> None:
         "shortcut: plain,entropy,supervised; dates: plain,freelb,edits,adv_edits; "
         "faithfulness: classification,dates",
     )
-    r.add_argument("--steps", type=int_in(1), default=None, help="training steps per row")
+    r.add_argument("--steps", type=int_in(1), default=None, help=_STEPS_HELP)
     r.add_argument("--seed", type=int_in(0, MAX_SEED), default=0)
     r.add_argument("--out", default=None, help="table and report folder (runs/robust-TASK)")
     r.add_argument("--smoke", action="store_true", help="tiny data and models: checks only")
