@@ -1,14 +1,17 @@
-"""What ``attnlab CMD --help`` says is true: the options a command refuses in a case are
-named as refused there, and the text is read from the real ``--help`` output."""
+"""What ``attnlab CMD --help`` says is true and complete: every option with a default
+shows it, in one form, ``(default X)``; the options a command refuses in a case are named
+as refused there. The text is read from the real ``--help`` output."""
 
 from __future__ import annotations
 
+import argparse
 import inspect
+import re
 from pathlib import Path
 
 import pytest
 
-from attnlab.cli import main
+from attnlab.cli import bench, build_parser, main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -17,6 +20,35 @@ def _help_text(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     """``attnlab ARGV --help``'s output, its line wrapping undone."""
     assert main([*argv, "--help"]) == 0
     return " ".join(capsys.readouterr().out.split())
+
+
+def _parsers() -> dict[str, argparse.ArgumentParser]:
+    """Every subcommand's parser, and ``attnlab bench``'s own (the one it runs with)."""
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {**sub.choices, "bench (own parser)": bench.build_parser()}
+
+
+@pytest.mark.parametrize("command", sorted(_parsers()))
+def test_every_option_with_a_default_shows_it(command: str) -> None:
+    parser = _parsers()[command]
+    text = " ".join(parser.format_help().split())
+    for action in parser._actions:
+        default = action.default
+        unset = any(default is x for x in (None, False, argparse.SUPPRESS)) or default == []
+        if unset or not action.option_strings:  # (a flag, a list that starts empty)
+            continue
+        shown = " ".join(default) if isinstance(default, list) else str(default)
+        said = (action.help or "") % dict(vars(action), prog=parser.prog)  # as argparse does
+        assert f"(default {shown})" in said, f"{command} {action.option_strings}: {said!r}"
+        assert " ".join(said.split()) in text  # and --help prints it
+
+
+@pytest.mark.parametrize("command", sorted(_parsers()))
+def test_defaults_are_named_in_one_form(command: str) -> None:
+    for action in _parsers()[command]._actions:
+        said = action.help or ""
+        if "default" in said:  # "(default: all)", "(task default)", "'pydoc' (the default)"
+            assert re.search(r"\(default [^:)][^)]*\)", said), f"{command}: {said!r}"
 
 
 def test_robust_steps_help_says_which_studies_take_it(

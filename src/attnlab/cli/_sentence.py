@@ -30,7 +30,7 @@ __all__ = [
 def add_model_option(parser: argparse.ArgumentParser) -> None:
     """``--model FOLDER``: a sentence-transformers folder instead of all-MiniLM-L6-v2."""
     parser.add_argument(
-        "--model", default=None, help="a sentence-transformers folder (default: all-MiniLM-L6-v2)"
+        "--model", default=None, help="a sentence-transformers folder (default all-MiniLM-L6-v2)"
     )
 
 

@@ -21,6 +21,7 @@ from attnlab.engines import available_engines
 __all__ = ["add_arguments", "add_parsers", "build_parser", "parse_args", "run"]
 
 _DESCRIPTION = (bench.__doc__ or "").splitlines()[0]
+_ENGINE_HELP = "attnlab's engine, timed against the anchors (default %(default)s)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,21 +29,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     defaults = bench.BenchConfig()
     cases, positive = bench.CASES, int_in(1)
     p.add_argument(  # (None: the default, so that --memory sees one given)
-        "--cases", type=names_in(cases), help=f"comma list of {cases} (default: all)"
+        "--cases", type=names_in(cases), help=f"comma list of {cases} (default all)"
     )
     # what --smoke sets defaults to None here, so that one given (even at its default) is
     # seen: --smoke --n 4096 ran at 256 without a word
     p.add_argument("--n", type=positive, help=f"sequence length (default {defaults.n})")
-    p.add_argument("--heads", type=positive, help=f"default {defaults.heads}")
-    p.add_argument("--dim", type=positive, default=defaults.dim)
-    p.add_argument("--window", type=positive, help=f"default {defaults.window}")
-    p.add_argument("--engine", default=defaults.engine, choices=["auto", *available_engines()])
+    p.add_argument("--heads", type=positive, help=f"attention heads (default {defaults.heads})")
+    p.add_argument(
+        "--dim", type=positive, default=defaults.dim, help="head dim (default %(default)s)"
+    )
+    p.add_argument(
+        "--window", type=positive, help=f"the window case's window (default {defaults.window})"
+    )
+    engines = ["auto", *available_engines()]
+    p.add_argument("--engine", default=defaults.engine, choices=engines, help=_ENGINE_HELP)
     modes = ",".join(defaults.modes)
     p.add_argument("--modes", type=names_in(bench.MODES), help=f"comma list (default {modes})")
-    p.add_argument("--repeat", type=positive, help=f"default {defaults.repeat}")
+    p.add_argument(
+        "--repeat",
+        type=positive,
+        help=f"timed calls per figure, median reported (default {defaults.repeat})",
+    )
     p.add_argument("--flex", action="store_true", help="also time FlexAttention (compiles)")
-    p.add_argument("--device", type=_device, default=defaults.device, help="cpu or cuda[:N]")
-    p.add_argument("--dtype", default=defaults.dtype, choices=list(bench.DTYPES))
+    p.add_argument(
+        "--device",
+        type=_device,
+        default=defaults.device,
+        help="cpu or cuda[:N] (default %(default)s)",
+    )
+    dtypes = list(bench.DTYPES)
+    p.add_argument(
+        "--dtype", default=defaults.dtype, choices=dtypes, help="of q, k, v (default %(default)s)"
+    )
     p.add_argument("--memory", action="store_true", help="peak memory of window fwd+bwd")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (for CI)")
 

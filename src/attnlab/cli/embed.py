@@ -42,12 +42,19 @@ def add_parsers(sub: Any) -> None:
     embed = sub.add_parser("embed", help="sentence embeddings, or the cosine matrix of several")
     embed.add_argument("texts", nargs="+", metavar="TEXT")
     embed.add_argument("--json", action="store_true", help="print the embeddings as JSON")
-    embed.add_argument("--batch-size", type=int_in(1), default=32)
+    embed.add_argument(
+        "--batch-size",
+        type=int_in(1),
+        default=32,
+        help="texts per forward pass (default %(default)s)",
+    )
     add_model_option(embed)
     embed.set_defaults(run=run_embed)
     attend = sub.add_parser("attend", help="per layer and head, the tokens each token attends to")
     attend.add_argument("text", metavar="TEXT")
-    attend.add_argument("--top", type=int_in(1), default=1, help="keys shown per token (default 1)")
+    attend.add_argument(
+        "--top", type=int_in(1), default=1, help="keys shown per token (default %(default)s)"
+    )
     attend.add_argument(
         "--layer", type=int_in(0), action="append", help="only this layer (repeatable)"
     )

@@ -42,16 +42,23 @@ def add_parsers(sub: Any) -> None:
     """Add the ``explain`` subcommand to an argparse subparsers object."""
     p = sub.add_parser("explain", help="explain a sentence encoder's attention (HTML + PNGs)")
     p.add_argument("text", metavar="TEXT")
-    p.add_argument("--out", default="report.html", help="the HTML report; PNGs go beside it")
+    p.add_argument(
+        "--out",
+        default="report.html",
+        help="the HTML report; PNGs go beside it (default %(default)s)",
+    )
     p.add_argument("--against", default=None, help="explain the similarity to this text")
     p.add_argument(  # 100000 steps asked for 74.5 GiB after the model had loaded
-        "--steps", type=int_in(2, 1024), default=32, help="integrated-gradients steps"
+        "--steps",
+        type=int_in(2, 1024),
+        default=32,
+        help="integrated-gradients steps (default %(default)s)",
     )
     p.add_argument(
         "--flow-tokens",
         type=int_in(0),
         default=64,
-        help="attention flow only up to this many tokens",
+        help="attention flow only up to this many tokens (default %(default)s)",
     )
     add_model_option(p)
     p.add_argument(

@@ -50,8 +50,13 @@ def add_parsers(sub: Any) -> None:
         "faithfulness: classification,dates",
     )
     r.add_argument("--steps", type=int_in(1), default=None, help=_STEPS_HELP)
-    r.add_argument("--seed", type=int_in(0, MAX_SEED), default=0)
-    r.add_argument("--out", default=None, help="table and report folder (runs/robust-TASK)")
+    r.add_argument(
+        "--seed",
+        type=int_in(0, MAX_SEED),
+        default=0,
+        help="seed of every row (default %(default)s)",
+    )
+    r.add_argument("--out", default=None, help="table and report folder (default runs/robust-TASK)")
     r.add_argument("--smoke", action="store_true", help="tiny data and models: checks only")
     r.set_defaults(run=run_robust)
 

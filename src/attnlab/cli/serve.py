@@ -22,7 +22,7 @@ from typing import Any
 from attnlab._hosts import LOOPBACK_HOSTS, is_host
 from attnlab.cli._args import check_in_folder, int_in
 from attnlab.cli._errors import UsageError, warn
-from attnlab.cli._sentence import load_encoder
+from attnlab.cli._sentence import add_model_option, load_encoder
 
 __all__ = ["add_parsers", "run"]
 
@@ -33,12 +33,15 @@ _HOST_ERRNOS = {errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT}
 def add_parsers(sub: Any) -> None:
     """Add the ``serve`` subcommand to an argparse subparsers object."""
     p = sub.add_parser("serve", help="a local web page to explore attention (attnlab[serve])")
-    p.add_argument(
-        "--model", default=None, help="a sentence-transformers folder (default: all-MiniLM-L6-v2)"
-    )
+    add_model_option(p)
     p.add_argument("--runs", default=None, help="list the task checkpoints found in this folder")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
-    p.add_argument("--port", type=int_in(0, 65535), default=8000, help="0: any free port")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
+    p.add_argument(
+        "--port",
+        type=int_in(0, 65535),
+        default=8000,
+        help="port to listen on, 0 for any free one (default %(default)s)",
+    )
     p.add_argument(
         "--allow-host",
         action="append",

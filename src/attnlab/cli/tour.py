@@ -29,7 +29,7 @@ def add_parsers(sub: Any) -> None:
         "--length",
         type=int_in(1, _MAX_LENGTH),
         default=1024,
-        help=f"sequence length of the tour (1 to {_MAX_LENGTH})",
+        help=f"sequence length of the tour, 1 to {_MAX_LENGTH} (default %(default)s)",
     )
     p.set_defaults(run=run)
 

@@ -61,12 +61,14 @@ def add_parsers(sub: Any) -> None:
     positive, above0 = int_in(1), float_in(0.0, open_low=True)
     t = sub.add_parser("train", help="train a task model (see README: tasks)")
     t.add_argument("task", choices=sorted(TASKS))
-    t.add_argument("--steps", type=positive, default=None, help="optimizer steps (task default)")
+    t.add_argument(
+        "--steps", type=positive, default=None, help="optimizer steps (default per task)"
+    )
     t.add_argument(
         "--batch-size",
         type=int_in(1, MAX_BATCH_SIZE),
         default=None,
-        help=f"examples per step, at most {MAX_BATCH_SIZE} (task default)",
+        help=f"examples per step, at most {MAX_BATCH_SIZE} (default per task)",
     )
     lr = float_in(0.0, MAX_LR, open_low=True)
     t.add_argument("--lr", type=lr, default=None, help=f"peak learning rate in (0, {MAX_LR:g}]")
@@ -83,14 +85,17 @@ def add_parsers(sub: Any) -> None:
     )
     t.add_argument("--target", type=float_in(), default=None, help=TARGET_HELP)
     t.add_argument(  # far more threads than cores only thrashes; thousands crash torch
-        "--threads", type=int_in(1, MAX_THREADS), default=None, help="torch threads (task default)"
+        "--threads",
+        type=int_in(1, MAX_THREADS),
+        default=None,
+        help="torch threads (default per task)",
     )
-    t.add_argument("--out", default=None, help="checkpoints and report (runs/TASK)")
+    t.add_argument("--out", default=None, help="checkpoints and report (default runs/TASK)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(run=run_train)
     d = sub.add_parser("demo", help="the translation task (1100 steps, minutes), with a report")
-    d.add_argument("--out", default="attnlab-demo", help="report folder")
+    d.add_argument("--out", default="attnlab-demo", help="report folder (default %(default)s)")
     d.add_argument("--seconds", type=above0, default=None, help="optional training time limit")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(run=run_demo)
