@@ -73,3 +73,27 @@ def test_robust_steps_help_says_which_studies_take_it(
     readme = " ".join(README.read_text().split())
     synopsis = readme[readme.index("`attnlab robust TASK [--method a,b] [--steps N]") :][:600]
     assert "`faithfulness` trains each model with its task's steps and refuses it" in synopsis
+
+
+def test_debug_is_one_option_everywhere_and_bench_honours_the_variable(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # bench's --help said "print the traceback of an error", without the variable
+    assert "--debug print the traceback of an error (or set ATTNLAB_DEBUG=1)" in _help_text(
+        ["bench"], capsys
+    )
+    parsers = {"attnlab": build_parser(), **_parsers()}
+    helps = {
+        name: [a.help for a in p._actions if "--debug" in a.option_strings]
+        for name, p in parsers.items()
+    }
+    assert all(len(h) == 1 for h in helps.values()), helps
+    assert len({h[0] for h in helps.values()}) == 1, helps
+    # ... and what it says is true of bench: the variable shows the traceback
+    argv = ["bench", "--memory", "--cases", "dense"]  # a usage error found in its runner
+    for value, traceback in (("1", True), ("0", False)):
+        monkeypatch.setenv("ATTNLAB_DEBUG", value)
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "argument --cases: is dense" in err
+        assert ("Traceback (most recent call last)" in err) is traceback, (value, err)

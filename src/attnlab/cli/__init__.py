@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import attnlab
 from attnlab.cli import ask, bench, embed, engines, explain, info, robust, serve, tour, train
-from attnlab.cli._errors import Parser, run_command
+from attnlab.cli._errors import Parser, add_debug_option, run_command
 
 __all__ = ["build_parser", "main", "parse_args"]
 
@@ -32,19 +32,16 @@ __all__ = ["build_parser", "main", "parse_args"]
 _COMMANDS = (tour, train, engines, info, embed, explain, ask, serve, robust, bench)
 
 
-_DEBUG_HELP = "print the traceback of an error (or set ATTNLAB_DEBUG=1)"
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``attnlab`` argument parser (its errors are one line, exit status 2)."""
     parser = Parser(prog="attnlab", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=attnlab.__version__)
-    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
+    add_debug_option(parser)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for command in _COMMANDS:
         command.add_parsers(sub)
     for p in sub.choices.values():  # `attnlab CMD ... --debug` works too
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
+        add_debug_option(p, default=argparse.SUPPRESS)
     return parser
 
 

@@ -36,7 +36,15 @@ from attnlab._io import LockedError, WriteError
 from attnlab._validate import env_mib
 from attnlab.train import CheckpointError
 
-__all__ = ["Parser", "UsageError", "debug_wanted", "run_command", "warn", "warnings_as_lines"]
+__all__ = [
+    "Parser",
+    "UsageError",
+    "add_debug_option",
+    "debug_wanted",
+    "run_command",
+    "warn",
+    "warnings_as_lines",
+]
 
 USAGE, FAILURE = 2, 1
 
@@ -67,6 +75,14 @@ class Parser(argparse.ArgumentParser):
 
 class _Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so that clean-ups run."""
+
+
+def add_debug_option(parser: argparse.ArgumentParser, default: Any = False) -> None:
+    """``--debug``, the one definition every command's parser takes (:func:`debug_wanted`
+    reads it and ``ATTNLAB_DEBUG``); ``default=argparse.SUPPRESS`` on a subcommand keeps
+    a ``--debug`` given before the command."""
+    text = "print the traceback of an error (or set ATTNLAB_DEBUG=1)"
+    parser.add_argument("--debug", action="store_true", default=default, help=text)
 
 
 def debug_wanted(args: argparse.Namespace) -> bool:

@@ -15,7 +15,7 @@ import torch
 
 from attnlab import bench
 from attnlab.cli._args import int_in, names_in, refuse_beside_smoke
-from attnlab.cli._errors import Parser, UsageError
+from attnlab.cli._errors import Parser, UsageError, add_debug_option
 from attnlab.engines import available_engines
 
 __all__ = ["add_arguments", "add_parsers", "build_parser", "parse_args", "run"]
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     """``attnlab bench``'s own parser: its usage and errors name ``attnlab bench``."""
     p = Parser(prog="attnlab bench", description=_DESCRIPTION)
     add_arguments(p)
-    p.add_argument("--debug", action="store_true", help="print the traceback of an error")
+    add_debug_option(p)
     p.set_defaults(run=run, command="bench")
     return p
 
