@@ -22,6 +22,7 @@ RANKS = {
     "_eager": 0,  # what torch.compile runs as written; whether torch.func.vmap runs
     "_rows": 0,  # the normalizers' row helpers
     "_warnings": 0,  # a block's warnings held back and passed on
+    "_timing": 0,  # the benchmarks' timers (attnlab.bench re-exports them)
     "_hosts": 0,  # Host header names: serve's guard reads them, cli's --allow-host checks them
     "normalize": 1,
     "scores": 1,

@@ -20,10 +20,8 @@ forward and backward, and the memory probe reads ``torch.cuda.max_memory_allocat
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +34,7 @@ import attnlab
 import attnlab.engines
 from attnlab import bias as B
 from attnlab import masks as M
+from attnlab._timing import interleaved_ms, matmul_gflops, synced, timeit
 from attnlab._validate import positive_int
 from attnlab.engines.flex import compile_options, cpu_compile_problem, flex_available
 from attnlab.functional import unsupported_by
@@ -79,6 +78,14 @@ class BenchConfig:
             FlexAttention backward).
         device: ``"cpu"`` or ``"cuda"`` (or ``"cuda:N"``).
         dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` of q, k and v.
+
+    Example:
+        >>> cfg = BenchConfig(device="cpu:0")  # checked and recorded as 'cpu'
+        >>> cfg.n, cfg.device, cfg.smoke().n, cfg.smoke().dim  # smoke: tiny, dim kept
+        (4096, 'cpu', 256, 64)
+        >>> BenchConfig(modes=("bwd",))
+        Traceback (most recent call last):
+        ValueError: modes: 'bwd' is not a mode; expected some of ('fwd', 'fwd+bwd')
     """
 
     n: int = 4096
@@ -124,7 +131,15 @@ def flex_problem(device: str) -> str | None:
 
 
 def check_device(device: str) -> str:
-    """``device`` as recorded (``'cpu:0'`` as ``'cpu'``): the CPU or a CUDA device here."""
+    """``device`` as recorded (``'cpu:0'`` as ``'cpu'``): the CPU or a CUDA device here.
+
+    Example:
+        >>> check_device("cpu:0")
+        'cpu'
+        >>> check_device("cpu:5")
+        Traceback (most recent call last):
+        ValueError: device='cpu:5': the CPU is only 'cpu' (or 'cpu:0')
+    """
     if not isinstance(device, str):
         raise TypeError(f"device must be a str such as 'cpu' or 'cuda', got {device!r}")
     try:
@@ -143,14 +158,29 @@ def check_device(device: str) -> str:
 
 
 def doc_ids(n: int, docs: int = 16, seed: int = 0) -> Tensor:
-    """Ids of ``docs`` packed documents of random lengths summing to ``n``."""
+    """Ids of ``docs`` packed documents of random lengths summing to ``n``.
+
+    Example:
+        >>> ids = doc_ids(1000, docs=16)
+        >>> len(ids), ids.unique().tolist() == list(range(16)), bool((ids.diff() >= 0).all())
+        (1000, True, True)
+    """
     gen = torch.Generator().manual_seed(seed)
     cuts = torch.randperm(n - 1, generator=gen)[: docs - 1].add(1)
     return torch.zeros(n, dtype=torch.long).index_fill_(0, cuts, 1).cumsum(0)
 
 
 def make_case(name: str, n: int, heads: int, window: int) -> tuple[M.Mask | None, B.Bias | None]:
-    """The mask and bias of a named case at length ``n``."""
+    """The mask and bias of a named case at length ``n``.
+
+    Example:
+        >>> mask, bias = make_case("window", 6, heads=2, window=2)
+        >>> mask.dense(6, 6).sum(-1).flatten().tolist(), bias  # query p sees keys p - 2 .. p
+        ([1, 2, 3, 3, 3, 3], None)
+        >>> alibi = make_case("alibi", 6, heads=2, window=2)[1]
+        >>> alibi.dense(2, 2, heads=2)[0, :, 1, 0].tolist()  # -slope per head at distance 1
+        [-0.0625, -0.00390625]
+    """
     cases: dict[str, Callable[[], tuple[M.Mask | None, B.Bias | None]]] = {
         "window": lambda: (M.causal() & M.window(window), None),
         "documents": lambda: (M.documents(doc_ids(n)), None),
@@ -161,45 +191,6 @@ def make_case(name: str, n: int, heads: int, window: int) -> tuple[M.Mask | None
     if name not in cases:
         raise ValueError(f"case={name!r} is not a benchmark case; expected one of {CASES}")
     return cases[name]()
-
-
-def timeit(fn: Callable[[], object], repeat: int) -> float:
-    """Median wall time of ``fn`` in milliseconds, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
-
-
-def interleaved_ms(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
-    """Median ms of each fn after one warm-up, calls alternating so that machine noise
-    hits every fn alike (benchmarks compare ratios measured this way)."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(1e3 * (time.perf_counter() - t0))
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def synced(fn: Callable[[], Any], device: str) -> Callable[[], Any]:
-    """``fn`` followed by ``torch.cuda.synchronize()`` on a CUDA ``device`` (so a timer
-    around it sees the kernels' time, not their launch), else ``fn`` itself."""
-    if torch.device(device).type != "cuda":
-        return fn
-
-    def call() -> Any:
-        out = fn()
-        torch.cuda.synchronize(device)
-        return out
-
-    return call
 
 
 def _sdpa_anchor(case: tuple[M.Mask | None, B.Bias | None], cfg: BenchConfig) -> Any:
@@ -308,7 +299,15 @@ def _unsupported(engine: str, name: str, mode: str, cfg: BenchConfig) -> str | N
 
 
 def run_case(name: str, cfg: BenchConfig) -> list[dict[str, Any]]:
-    """Time one case forward and/or forward+backward; returns the JSON records."""
+    """Time one case forward and/or forward+backward; returns the JSON records.
+
+    Example:
+        >>> recs = run_case("causal", BenchConfig(n=64, heads=1, dim=8, repeat=1))
+        >>> [r["mode"] for r in recs]
+        ['fwd', 'fwd+bwd']
+        >>> all(r["speedup_vs_sdpa"] == round(r["sdpa_ms"] / r["ours_ms"], 3) for r in recs)
+        True
+    """
     case = make_case(name, cfg.n, cfg.heads, cfg.window)
     anchor_kw = _sdpa_anchor(case, cfg)
     flex = _flex_anchor(name, cfg) if cfg.flex else None
@@ -394,41 +393,15 @@ def _with_backward(fn: Callable[[], Tensor]) -> Callable[[], None]:
     return step
 
 
-def matmul_gflops(
-    size: int = 2048,
-    device: str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    *,
-    budget_s: float = 2.0,
-) -> float:
-    """Matmul throughput of this device now, in ``dtype`` (the roofline of the efficiency
-    figure), measured on square matrices of at most ``size``.
-
-    The size doubles from 128 while the timing at the next size fits in ``budget_s``
-    seconds, so a dtype this device runs slowly (bfloat16 on many CPUs: a 2048 matmul
-    takes over 10 s) is measured on smaller matrices in seconds, not minutes.
-
-    Example:
-        >>> matmul_gflops(256, budget_s=0.1) > 0
-        True
-    """
-    n = min(size, 128)
-    ms = _matmul_ms(n, device, dtype)
-    while 2 * n <= size and 4 * 8 * ms / 1e3 <= budget_s:  # 4 calls at 2n, each ~8x longer
-        n *= 2
-        ms = _matmul_ms(n, device, dtype)
-    return 2 * n**3 / ms / 1e6
-
-
-def _matmul_ms(n: int, device: str, dtype: torch.dtype) -> float:
-    """Median ms of an ``(n, n) @ (n, n)`` matmul (three calls after a warm-up)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    return timeit(synced(lambda: a @ a, device), 3)
-
-
 def memory_probe(cfg: BenchConfig) -> dict[str, Any]:
     """Peak memory of one forward+backward above its inputs, measured in a fresh process:
-    resident memory on the CPU, ``torch.cuda.max_memory_allocated`` on a GPU."""
+    resident memory on the CPU, ``torch.cuda.max_memory_allocated`` on a GPU.
+
+    Example:
+        >>> r = memory_probe(BenchConfig(n=256, heads=1, dim=16, window=32))  # ~2 s: a process
+        >>> r["case"], r["mode"], 0 <= r["peak_extra_gib"] < 1
+        ('memory', 'fwd+bwd', True)
+    """
     cuda = torch.device(cfg.device).type == "cuda"
     peak = (
         "torch.cuda.max_memory_allocated()"

@@ -21,13 +21,7 @@ from torch import Tensor
 
 from attnlab import _validate as V
 from attnlab._eager import PLANS, as_written
-from attnlab._observe import (
-    AttentionEvent,
-    live_weights,
-    notify,
-    observing,
-    rewriter,
-)
+from attnlab._observe import AttentionEvent, live_weights, notify, observing, rewriter
 from attnlab.bias import Bias, as_bias
 from attnlab.engines import AttentionRequest, get_engine, select_engine, validate_options
 from attnlab.engines.approximate import ApproximateEngine
@@ -57,6 +51,13 @@ class AttentionOutput(NamedTuple):
         weights: ``(B, Hq, Lq, Lk)`` normalized weights (before dropout), or None.
         lse: ``(B, Hq, Lq)`` logsumexp of the scaled, biased, masked scores (``-inf`` on
             fully masked rows), or None.
+
+    Example:
+        >>> q = torch.randn(1, 2, 5, 8, dtype=torch.float64)  # (B, H, L, E)
+        >>> r = attention(q, q, q, return_weights=True, return_lse=True)
+        >>> s = q @ q.mT / 8**0.5  # the scaled scores
+        >>> torch.allclose(r.out, r.weights @ q), torch.allclose(r.lse, s.logsumexp(-1))
+        (True, True)
     """
 
     out: Tensor

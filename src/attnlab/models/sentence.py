@@ -67,7 +67,16 @@ TOKENS_PER_PASS = 2048
 
 class TruncationWarning(UserWarning):
     """Texts longer than ``max_seq_length`` tokens were truncated
-    (:meth:`SentenceEncoder.tokenize`); filter this category to tokenize quietly."""
+    (:meth:`SentenceEncoder.tokenize`); filter this category to tokenize quietly.
+
+    Example:
+        >>> enc = _toy_encoder()  # its tokenizer keeps 64 tokens
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     ids = enc.tokenize(["short", "word " * 100])
+        >>> [w.category.__name__ for w in caught], [len(x) for x in ids]
+        (['TruncationWarning'], [3, 64])
+    """
 
 
 @dataclass(frozen=True)

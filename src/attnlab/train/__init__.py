@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from attnlab.train.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from attnlab.train.interrupt import TrainingInterrupted
-from attnlab.train.loop import LossFn, Plugin, Task, TrainConfig, Trainer, lr_factor
+from attnlab.train.loop import TrainConfig, Trainer, lr_factor
+from attnlab.train.protocols import LossFn, Plugin, Task
 
 __all__ = [
     "Checkpoint",

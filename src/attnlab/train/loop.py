@@ -16,7 +16,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -34,49 +33,9 @@ from attnlab.train.checkpoint import (
     task_state,
 )
 from attnlab.train.interrupt import TrainingInterrupted, say_complete, stop_requests
+from attnlab.train.protocols import LossFn, Plugin, Task
 
 __all__ = ["LossFn", "Plugin", "Task", "TrainConfig", "Trainer", "lr_factor", "num_threads"]
-
-
-class Task(Protocol):
-    """What the trainer needs from a task (see :mod:`attnlab.tasks`)."""
-
-    name: str
-
-    def build_model(self) -> nn.Module: ...
-    def config(self) -> dict[str, Any]: ...
-    def num_train(self) -> int: ...
-    def batch(self, indices: Tensor) -> Any: ...
-    def loss(self, model: nn.Module, batch: Any) -> Tensor: ...
-    def evaluate(self, model: nn.Module) -> dict[str, float]: ...
-
-
-# A task may also define ``begin_step(model, step)``: the trainer calls it before each
-# step's ``batch``, so a task whose data comes from the model itself (reinforcement
-# learning's rollouts, :mod:`attnlab.rl`) can collect it. It should be a pure function of
-# ``(seed, step, model)`` for exact resume, and keep what it holds between steps (a
-# rollout) through ``task_state()`` and ``load_task_state()`` (see ``restore_task_state``).
-#
-# A task may also define ``param_groups(model)``: AdamW parameter groups (dicts with
-# ``params`` and any of ``betas``, ``weight_decay``, ``lr_scale``); a group's learning rate
-# is ``lr * lr_scale`` on the schedule. A GAN uses it for its two learning rates (TTUR).
-
-LossFn = Callable[[nn.Module, Any], Tensor]
-
-
-class Plugin(Protocol):
-    """A change to how a step computes its gradients (adversarial training, a loss term;
-    see :mod:`attnlab.robust`).
-
-    ``step(model, batch, loss_fn)`` returns a loss still in the autograd graph; the
-    trainer calls ``backward`` on it. A plug-in may also have put gradients into the
-    parameters' ``.grad`` before returning (the trainer zeroes them before the step and
-    never after), and it reports through the returned value: ``float(loss)`` is the
-    step's logged loss. ``Trainer(..., plugins=[a, b])`` runs ``b`` around ``a``: ``b``'s
-    ``loss_fn`` is ``a.step`` over the task's loss.
-    """
-
-    def step(self, model: nn.Module, batch: Any, loss_fn: LossFn) -> Tensor: ...
 
 
 MAX_SEED = 2**32 - 1  # numpy's and the epochs' seeds stay in range
