@@ -141,7 +141,8 @@ def _packed(weight: Tensor, rows: int) -> Tensor:
     cannot be packed is used as it is.
 
     "Unchanged" is the weight's version counter (every in-place op on it, optimizer steps
-    and ``load_state_dict`` included) and its storage's address (``param.data = t``,
+    and ``load_state_dict`` included; a step of any optimizer drops its parameters'
+    copies, as torch's fused ones bump no version) and its storage's address (``param.data = t``,
     ``vector_to_parameters``, casts; the packed copy keeps its source's storage, so no
     new storage takes that address). A write through ``param.data`` in place bypasses both:
     :func:`forget_packed` drops the copies after one. A weight made under
@@ -158,6 +159,7 @@ def _packed(weight: Tensor, rows: int) -> Tensor:
         packed = _REORDER(weight.detach(), rows)
     except RuntimeError:
         return weight
+    _watch_optimizers()
     ref = weakref.ref(weight, functools.partial(_forget, key))
     # the source's storage is kept: a weight cast away and back (``.half().float()``) got
     # new storage at the freed address, with the same version, and read the old packing
@@ -179,6 +181,23 @@ def forget_packed() -> None:
 def _forget(key: int, _ref: object) -> None:
     """Drop the packed copy of a weight that was freed."""
     _PACKED.pop(key, None)
+
+
+@functools.cache
+def _watch_optimizers() -> None:
+    """Once, at the first packing: after any optimizer's step, drop the packed copies of
+    its parameters. torch's fused CPU optimizers (``Adam``/``AdamW``/``Adagrad`` with
+    ``fused=True``) write them in place without bumping their version counter: a
+    ``no_grad`` forward after a step used the weights of before it (0.85 off)."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    register_optimizer_step_post_hook(_stepped)
+
+
+def _stepped(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            _PACKED.pop(id(p), None)
 
 
 def _activate(y: Tensor, activation: str | None, *, inplace: bool = False) -> Tensor:
