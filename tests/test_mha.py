@@ -579,3 +579,17 @@ def test_decoder_options_caches_and_inputs_the_audit_found_unchecked() -> None:
             lambda m=layer: m(ints), lambda m=layer: m(ints.float()), TypeError,
             f"{name} must be a floating-point",
         )  # fmt: skip
+
+
+def test_key_and_value_shapes_are_named_as_given() -> None:
+    """A key and value of other lengths, or a key of another batch, were reported as the
+    head-split ``k (2, 4, 7, 4)`` and ``v``, or as ``batch sizes of q, k, v``."""
+    m, x = MultiHeadAttention(16, 4), torch.randn(2, 5, 16)
+    with pytest.raises(ValueError, match=r"key and value .* got key \(2, 7, 16\) and value \(2, 6"):
+        m(x, torch.randn(2, 7, 16), torch.randn(2, 6, 16))
+    with pytest.raises(ValueError, match=r"key must have query's batch size 2 \(or 1\), got key \(3"):
+        m(x, torch.randn(3, 7, 16))
+    # the control: a key of batch 1 is broadcast, as the attention itself does
+    mem = torch.randn(1, 7, 16)
+    out, _ = m(x, mem)
+    assert max_err(out, m(x, mem.expand(2, 7, 16).contiguous())[0]) < 1e-6

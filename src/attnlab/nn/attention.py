@@ -246,6 +246,11 @@ class MultiHeadAttention(nn.Module):
             cache._check_kind(cross=True)  # (a self-attention cache was read as the memory)
             assert cache.keys is not None and cache.values is not None
             return q, cache.keys, cache.values
+        if key is not None and key.dim() == 3 and key.shape[0] not in (1, x.shape[0]):
+            raise ValueError(  # (it said "batch sizes of q, k, v must match or be 1")
+                f"key must have query's batch size {x.shape[0]} (or 1), got key "
+                f"{tuple(key.shape)} for query {tuple(x.shape)}"
+            )
         k, v = self._project_kv(key, key if value is None else value)
         k = self._prep(k, self.k_norm, None, None)
         return (q, *cache.set(k, v)) if cache is not None else (q, k, v)
@@ -272,6 +277,11 @@ class MultiHeadAttention(nn.Module):
     def _project_kv(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         _check_input("key", key, self.kdim)
         _check_input("value", value, self.vdim)
+        if key.shape[:-1] != value.shape[:-1]:  # (it named the head-split k and v)
+            raise ValueError(
+                f"key and value must have the same batch and length (B, Lk, .), got key "
+                f"{tuple(key.shape)} and value {tuple(value.shape)}"
+            )
         if self._qkv_same_embed_dim and key is value:
             kv = F.linear(key, *self._weight("kv"))  # (B, Lk, 2 Hkv E)
             k, v = kv.chunk(2, dim=-1)
