@@ -587,7 +587,9 @@ def test_key_and_value_shapes_are_named_as_given() -> None:
     m, x = MultiHeadAttention(16, 4), torch.randn(2, 5, 16)
     with pytest.raises(ValueError, match=r"key and value .* got key \(2, 7, 16\) and value \(2, 6"):
         m(x, torch.randn(2, 7, 16), torch.randn(2, 6, 16))
-    with pytest.raises(ValueError, match=r"key must have query's batch size 2 \(or 1\), got key \(3"):
+    with pytest.raises(
+        ValueError, match=r"key must have query's batch size 2 \(or 1\), got key \(3"
+    ):
         m(x, torch.randn(3, 7, 16))
     # the control: a key of batch 1 is broadcast, as the attention itself does
     mem = torch.randn(1, 7, 16)
