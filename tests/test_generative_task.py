@@ -138,7 +138,7 @@ def test_cli_trains_checkpoints_and_resumes_exactly(
     assert _train("gan", tmp_path / "straight") == 0
     out = capsys.readouterr().out
     assert '"step": 4' in out and "frechet" in out and "held-out real test images" in out
-    assert any(tiny_scorer.glob("feature_vit-s2-*.safetensors"))
+    assert any(tiny_scorer.glob("feature_vit-v2-s2-*.safetensors"))
     report = tmp_path / "straight" / "report"
     assert {"samples.png", "attention.png", "report.html"} <= {p.name for p in report.iterdir()}
     # stop at the first step (time limit), then resume: the same weights as the straight run
@@ -192,7 +192,7 @@ def test_feature_vit_is_cached_deterministically(
     rng = torch.get_rng_state()
     first = generative.feature_vit(3)
     assert torch.equal(torch.get_rng_state(), rng)  # the caller's RNG is left alone
-    (path,) = tiny_scorer.glob("feature_vit-s3-*.safetensors")
+    (path,) = tiny_scorer.glob("feature_vit-v2-s3-*.safetensors")
     fresh = generative.train_feature_vit(3)
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, first.state_dict()[k]), k

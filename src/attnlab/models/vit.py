@@ -159,10 +159,10 @@ class ViT(nn.Module):
         self.encoder = Encoder(layer, positive_int("layers", cfg.layers), nn.LayerNorm(d))
         self.head = nn.Linear(d, positive_int("num_classes", cfg.num_classes))
 
-    def reset_parameters(self) -> None:
-        """Draw the class token again, ``N(0, 0.02**2)`` as when built (the submodules
-        have their own)."""
-        nn.init.normal_(self.cls, std=0.02)
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Draw the class token again, ``N(0, 0.02**2)`` as when built (from
+        ``generator`` if given, else torch's global RNG; the submodules have their own)."""
+        nn.init.normal_(self.cls, std=0.02, generator=generator)
 
     def config(self) -> dict[str, object]:
         """The JSON-able config that rebuilds this model."""

@@ -28,6 +28,7 @@ from attnlab.masks import Mask
 from attnlab.nn._fused import linear, module_linear
 from attnlab.nn.cache import KVCache
 from attnlab.nn.config import check_attention_options, check_heads, check_rope
+from attnlab.nn.seeded import affine_init
 from attnlab.scores import ScoreFn
 
 if TYPE_CHECKING:
@@ -40,8 +41,11 @@ class _OutProj(nn.Linear):
     """The output projection: torch's ``Linear`` with its bias 0 when built and by its own
     ``reset_parameters`` (a meta-device build reaches it after the layer's)."""
 
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        if generator is None:
+            super().reset_parameters()
+        else:
+            affine_init(self, generator)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
@@ -133,12 +137,13 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = _OutProj(hq, d, bias=bias)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Initialize the input projections as when built (Xavier-uniform weights, zero
         bias), e.g. after a build on the meta device and ``to_empty``, as torch's layers
-        do; ``out_proj`` has its own (zero bias too)."""
+        do; ``out_proj`` has its own (zero bias too). ``generator``: draw from it, not
+        from torch's global RNG."""
         for w in self._proj_weights():
-            nn.init.xavier_uniform_(w)
+            nn.init.xavier_uniform_(w, generator=generator)
         if self.in_proj_bias is not None:
             nn.init.zeros_(self.in_proj_bias)
 

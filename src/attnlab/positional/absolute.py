@@ -171,9 +171,10 @@ class LearnedPositional(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.max_len, self.dim))  # (max_len, D)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """Draw the vectors again, ``N(0, 0.02**2)`` as when built."""
-        nn.init.normal_(self.weight, std=0.02)
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Draw the vectors again, ``N(0, 0.02**2)`` as when built (from ``generator``
+        if given, else torch's global RNG)."""
+        nn.init.normal_(self.weight, std=0.02, generator=generator)
 
     def forward(self, x: Tensor, offset: int = 0, *, positions: Tensor | None = None) -> Tensor:
         """Add the vectors of positions ``offset .. offset + L - 1`` (or ``positions``).

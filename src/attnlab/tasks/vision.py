@@ -164,13 +164,13 @@ class DigitsTask:
     def num_train(self) -> int:
         return len(self.train_y)
 
-    def batch(self, indices: Tensor) -> DigitsBatch:
-        """Training images ``indices``, each shifted at random (torch's global RNG, which
-        the trainer seeds and checkpoints)."""
+    def batch(self, indices: Tensor, *, generator: torch.Generator | None = None) -> DigitsBatch:
+        """Training images ``indices``, each shifted at random (from ``generator``, else
+        torch's global RNG, which the trainer seeds and checkpoints)."""
         x = self.train_x[indices]
         if self.max_shift:
-            s = self.max_shift
-            x = shift_images(x, torch.randint(-s, s + 1, (len(indices), 2)))
+            s, n = self.max_shift, len(indices)
+            x = shift_images(x, torch.randint(-s, s + 1, (n, 2), generator=generator))
         return DigitsBatch(x, self.train_y[indices])
 
     def loss(self, model: nn.Module, batch: DigitsBatch) -> Tensor:
