@@ -17,8 +17,11 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+import attnlab.robust.adversarial as adversarial
+import attnlab.robust.attacks as attacks
 from attnlab.models.vit import ViT
 from attnlab.nn.seeded import reset_parameters
 from attnlab.tasks import generative
@@ -128,6 +131,51 @@ def _built(make: Callable[[], nn.Module], g: torch.Generator) -> nn.Module:
     with torch.device("meta"):
         model = make()
     return reset_parameters(model.to_empty(device="cpu"), g)
+
+
+def _pixels(seed: int, norm: str) -> Tensor:
+    g = torch.Generator().manual_seed(0)
+    model = _built(lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), g).eval()
+    x, y = torch.rand(4, 1, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g)
+    return attacks.pgd_pixels(model, x, y, epsilon=0.1, steps=1, alpha=1e-3, norm=norm, seed=seed)
+
+
+def _embeddings(seed: int) -> Tensor:
+    g = torch.Generator().manual_seed(0)
+    model = _built(lambda: nn.Sequential(nn.Embedding(5, 3), nn.Flatten(), nn.Linear(6, 2)), g)
+    ids, y = torch.tensor([[1, 2], [3, 4]]), torch.tensor([0, 1])
+    p = attacks.pgd_embeddings(
+        model, ids, lambda m, b: F.cross_entropy(m(b), y), epsilon=0.5, steps=1, seed=seed
+    )
+    assert p.delta is not None
+    return p.delta
+
+
+@pytest.mark.parametrize("attack", ["pixels-linf", "pixels-l2", "embeddings"])
+def test_pgd_in_two_threads_equals_each_seeds_single_threaded_attack(
+    attack: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def run(seed: int) -> Tensor:
+        if attack == "embeddings":
+            return _embeddings(seed)
+        return _pixels(seed, attack.split("-")[1])
+
+    ref = {s: run(s) for s in (0, 1)}
+    assert torch.equal(run(0), ref[0])  # the same seed, the same attack
+    assert not torch.equal(ref[0], ref[1])  # positive control: the seed matters
+    order = _Order()
+    for module in (attacks, adversarial):  # where each attack looks up its random start
+        monkeypatch.setattr(module, "random_start", order.forced(module.random_start))
+    out = _together(run, order)
+    for s in (0, 1):
+        diff = float((out[s] - ref[s]).abs().max())
+        assert torch.equal(out[s], ref[s]), f"seed {s}: {diff} off its single-threaded attack"
+
+
+def test_a_seeded_attack_leaves_the_global_rng_alone() -> None:
+    state = torch.get_rng_state()
+    _pixels(3, "l2"), _embeddings(3)
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_reset_parameters_draws_a_vit_as_its_build_does() -> None:

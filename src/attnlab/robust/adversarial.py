@@ -26,13 +26,14 @@ pass; SMART: the clean pass): the others run in :func:`~attnlab.robust.passes.hi
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlab._validate import instance_of, positive_int, validate_flag
+from attnlab._validate import instance_of, nonnegative_int, positive_int, validate_flag
 from attnlab.robust.passes import hidden_pass
 from attnlab.robust.perturb import (
     Perturbation,
@@ -43,6 +44,7 @@ from attnlab.robust.perturb import (
     find_embedding,
     project,
     random_start,
+    seeded_generator,
     unused_embedding,
 )
 from attnlab.train import LossFn
@@ -82,6 +84,9 @@ class _Adversary:
 
     def _start(self, x: Tensor) -> Tensor:
         return random_start(x, self.epsilon, self.norm)
+
+    def _seeded_start(self, seed: int, x: Tensor) -> Tensor:
+        return random_start(x, self.epsilon, self.norm, generator=seeded_generator(seed, x.device))
 
     def _leaf(self, pert: Perturbation) -> Tensor:
         """``pert.delta`` after a tracked forward; a ValueError naming ``embedding=`` when
@@ -197,10 +202,17 @@ class PGD(_Adversary):
         self.random_start = validate_flag("random_start", random_start)
         self.clean = validate_flag("clean", clean)
 
-    def attack(self, model: nn.Module, batch: Any, loss_fn: LossFn) -> Perturbation:
-        """The perturbation after ``steps`` projected ascent steps (parameters untouched)."""
+    def attack(
+        self, model: nn.Module, batch: Any, loss_fn: LossFn, *, seed: int | None = None
+    ) -> Perturbation:
+        """The perturbation after ``steps`` projected ascent steps (parameters untouched);
+        ``seed``: of the random start, from a generator of its own (None: torch's global
+        RNG)."""
         pert = self.perturbation(model)
         init = self._start if self.random_start else None
+        if self.random_start and seed is not None:
+            nonnegative_int("seed", seed)
+            init = partial(self._seeded_start, seed)
         for _ in range(self.steps):
             with hidden_pass(), pert.active(track=True, init=init):
                 loss = loss_fn(model, batch)

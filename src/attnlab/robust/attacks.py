@@ -11,8 +11,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,19 +30,11 @@ from attnlab.robust.perturb import (
     check_positive,
     project,
     random_start,
+    seeded_generator,
 )
 from attnlab.train import LossFn
 
 __all__ = ["CharEditAttack", "EditResult", "pgd_embeddings", "pgd_pixels", "word_edits"]
-
-
-@contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Torch's global RNG seeded from ``seed`` inside the block, and as it was after it."""
-    g = torch.Generator().manual_seed(nonnegative_int("seed", seed))  # (a torch error)
-    with torch.random.fork_rng():
-        torch.manual_seed(int(torch.randint(2**31, (1,), generator=g)))
-        yield
 
 
 def _class_indices(labels: object, batch: int) -> Tensor:
@@ -86,7 +77,9 @@ def pgd_pixels(
         epsilon: radius (> 0). steps: >= 1. alpha: step (default ``2.5 eps / steps``).
         norm: ``"linf"`` or ``"l2"``. bounds: the valid pixel range ``(low, high)``,
             ``low < high``.
-        seed: of the random start.
+        seed: of the random start, drawn from a generator of its own on the images'
+            device (torch's global RNG is not used: the same seed, the same start,
+            whatever other threads draw meanwhile).
 
     Returns:
         ``(B, C, H, W)`` images within ``epsilon`` of ``images`` and inside ``bounds``.
@@ -105,8 +98,7 @@ def pgd_pixels(
     check_inside("images", images, bounds)
     instance_of("model", model, nn.Module, "a torch.nn.Module")
     labels = _class_indices(labels, images.shape[0])
-    with _seeded(seed):
-        delta = random_start(images, eps, norm)
+    delta = random_start(images, eps, norm, generator=seeded_generator(seed, images.device))
     x = images.detach()
     for _ in range(steps):
         delta = ((x + delta).clamp(*bounds) - x).requires_grad_(True)
@@ -133,9 +125,11 @@ def pgd_embeddings(
     Args:
         model, batch, loss_fn: the attack maximizes ``loss_fn(model, batch)``.
         epsilon, steps, alpha, norm, embedding: as in :class:`~attnlab.robust.PGD`.
-        seed: of the random start, drawn as :func:`pgd_pixels` draws its own (the global
-            RNG left as it was; the same seed, the same attack). None (the default): drawn
-            from torch's global RNG, which it advances.
+        seed: of the random start, drawn as :func:`pgd_pixels` draws its own, from a
+            generator of its own (the global RNG not used; the same seed, the same attack,
+            whatever other threads draw meanwhile). None (the default): drawn from torch's
+            global RNG, which it advances. A model in training mode draws its dropout
+            from the global RNG: put it in eval mode for a reproducible attack.
 
     Example:
         >>> m = nn.Sequential(nn.Embedding(5, 3), nn.Flatten(), nn.Linear(6, 2))
@@ -149,10 +143,7 @@ def pgd_embeddings(
         True
     """
     pgd = PGD(epsilon, steps=steps, alpha=alpha, norm=norm, embedding=embedding)
-    if seed is None:
-        return pgd.attack(model, batch, loss_fn)
-    with _seeded(seed):
-        return pgd.attack(model, batch, loss_fn)
+    return pgd.attack(model, batch, loss_fn, seed=seed)
 
 
 # ---------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from attnlab._validate import nonnegative_int
 from attnlab.models.vit import PatchEmbedding
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "per_example_norm",
     "project",
     "random_start",
+    "seeded_generator",
     "unused_embedding",
 ]
 
@@ -232,15 +234,38 @@ def project(delta: Tensor, epsilon: float, norm: str) -> Tensor:
     return (wide * torch.clamp(epsilon / n, max=1.0)).to(delta.dtype)
 
 
-def random_start(like: Tensor, epsilon: float, norm: str) -> Tensor:
-    """A uniform draw in the L-inf ball, or a Gaussian direction scaled into the L2 ball."""
+def random_start(
+    like: Tensor, epsilon: float, norm: str, *, generator: torch.Generator | None = None
+) -> Tensor:
+    """A uniform draw in the L-inf ball, or a Gaussian direction scaled into the L2 ball;
+    from ``generator`` (on ``like``'s device) if given, else torch's global RNG."""
     if norm == "linf":
-        return torch.empty_like(like).uniform_(-epsilon, epsilon)
-    g = torch.randn_like(like)
+        return torch.empty_like(like).uniform_(-epsilon, epsilon, generator=generator)
+    g = torch.empty_like(like).normal_(generator=generator)  # (as randn_like draws)
     shape = (like.shape[0], *([1] * (like.dim() - 1)))  # (B, 1, ..., 1)
-    radius = epsilon * torch.rand(shape, dtype=like.dtype, device=like.device)
+    radius = torch.rand(shape, dtype=like.dtype, device=like.device, generator=generator)
+    radius = epsilon * radius
     wide, n = _wide_l2(g)
     return (wide / n * radius).to(like.dtype)
+
+
+def seeded_generator(seed: int, device: torch.device) -> torch.Generator:
+    """A generator on ``device`` for the draws of ``seed`` (>= 0): seeded from the first
+    draw of a CPU generator seeded with ``seed``, as torch's global RNG was seeded
+    before, so the same seed draws the same start on the CPU as it did then.
+
+    Example:
+        >>> a = seeded_generator(3, torch.device("cpu"))
+        >>> b = seeded_generator(3, torch.device("cpu"))
+        >>> torch.equal(torch.rand(2, generator=a), torch.rand(2, generator=b))
+        True
+    """
+    cpu = torch.Generator().manual_seed(nonnegative_int("seed", seed))  # (a torch error)
+    if device.type == "meta":  # (no generator there; a draw on it takes a CPU one)
+        device = torch.device("cpu")
+    return torch.Generator(device=device).manual_seed(
+        int(torch.randint(2**31, (1,), generator=cpu))
+    )
 
 
 class Perturbation:
