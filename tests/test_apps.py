@@ -622,29 +622,31 @@ def test_a_subfolder_that_cannot_be_read_is_named(tmp_path: Path, monkeypatch) -
 
 
 def test_ask_passes_its_warnings_on_as_they_were() -> None:
-    """``ask`` collects warnings to say one about truncation; it dropped those raised
-    before an error, and filters by module no longer matched them."""
+    """``ask`` takes attnlab's warnings to say one about truncation; it dropped those
+    raised before an error, and filters by module no longer matched them."""
     import warnings
 
+    from attnlab._warnings import warn
     from attnlab.apps.ask import _one_truncation_warning
+    from attnlab.models import TruncationWarning
 
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         with pytest.raises(ValueError, match="late"), _one_truncation_warning(256):
-            warnings.warn("early", UserWarning, stacklevel=1)
+            warn("early", UserWarning, stacklevel=1)
             raise ValueError("late")
-    assert [str(w.message) for w in seen] == ["early"]
+    assert [(str(w.message), w.filename) for w in seen] == [("early", __file__)]
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         warnings.filterwarnings("ignore", module=__name__)  # the user silences this module
         with _one_truncation_warning(256):
-            warnings.warn("from this module", UserWarning, stacklevel=1)
+            warn("from this module", UserWarning, stacklevel=1)
     assert [str(w.message) for w in seen] == []  # (the first block shows it passes unfiltered)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         with _one_truncation_warning(256):
             for n in (3, 1):  # two encoder warnings: one line, in ask's words
-                warnings.warn(f"{n} of 4 texts exceed max_seq_length=256", stacklevel=1)
+                warn(f"{n} of 4 texts exceed max_seq_length=256", TruncationWarning)
     assert [str(w.message) for w in seen] == [
         "some candidate sentences are past the encoder's 256-token limit; they are compared "
         "by their first 256 tokens"

@@ -62,7 +62,7 @@ from attnlab._validate import (
     real_where,
     validate_flag,
 )
-from attnlab._warnings import passed_on, warn_again
+from attnlab._warnings import passed_on, quiet, warn, warn_again
 from attnlab.apps.corpus import Sentence, check_prose, load_documents
 from attnlab.apps.index import (
     Index,
@@ -75,7 +75,7 @@ from attnlab.apps.index import (
 )
 from attnlab.apps.lexical import BM25, words
 from attnlab.apps.match import WordMatch, match_words, maxsim
-from attnlab.models import SentenceEncoder
+from attnlab.models import SentenceEncoder, TruncationWarning
 
 __all__ = ["MAX_QUESTION_WORDS", "Answer", "Asker", "Weights", "ask", "check_question"]
 
@@ -204,8 +204,7 @@ class Asker:
         the next ones by the four signals alone."""
         top = positive_int("top", top)
         w = self.weights
-        with warnings.catch_warnings():  # said once below, naming what was cut
-            warnings.filterwarnings("ignore", message=".*exceed max_seq_length")
+        with quiet(TruncationWarning):  # said once below, naming what was cut
             sig = self.signals(question)
             first = sum(getattr(w, name) * s for name, s in sig.items())
             assert isinstance(first, Tensor)
@@ -280,9 +279,9 @@ def _warn_cut(enc: SentenceEncoder, question: str, texts: list[str]) -> None:
     cut = enc.truncated([question, *texts])
     if cut[0]:
         words_ = len(question.split())
-        warnings.warn(QUESTION_CUT.format(words=words_, limit=limit), stacklevel=3)
+        warn(QUESTION_CUT.format(words=words_, limit=limit), stacklevel=3)
     if any(cut[1:]):
-        warnings.warn(CANDIDATES_CUT.format(limit=limit), stacklevel=3)
+        warn(CANDIDATES_CUT.format(limit=limit), stacklevel=3)
 
 
 def ask(
@@ -340,8 +339,7 @@ def ask(
     with _one_truncation_warning(enc.config.max_seq_length):
         index = build_index(documents, enc, folder, progress=progress)
         answers = Asker(index, enc).rank(question, top)
-        with warnings.catch_warnings():  # the question and the answers: rank said it
-            warnings.filterwarnings("ignore", message=".*exceed max_seq_length")
+        with quiet(TruncationWarning):  # the question and the answers: rank said it
             for a in answers if explain else []:
                 a.matches = match_words(enc, question, a.sentence.text)
     return answers
@@ -369,26 +367,22 @@ def _cache_folder(cache: object, docs: str | Path | Sequence[str | Path]) -> Pat
 
 
 def _one_truncation_warning(limit: int) -> AbstractContextManager[None]:
-    """Pass on the warnings inside (also when it raises), but at most one about texts past
+    """Pass on attnlab's warnings inside as they come, but at most one about texts past
     the encoder's ``limit`` tokens: the index's (how many sentences), or one about the
     answers (an index read from the cache). Ranking and explaining read the same long
     sentences again, which made up to three such lines, two naming the encoder's internal
-    ``texts[i]``."""
-    return passed_on(lambda caught: _reissue(caught, limit))
-
-
-def _reissue(caught: list[warnings.WarningMessage], limit: int) -> None:
-    """Warn each of ``caught`` again, from its own module (filters by module still match),
-    the truncation warnings after the first dropped."""
+    ``texts[i]``. Only this thread's: see :mod:`attnlab._warnings`."""
     said = False
-    for w in caught:
-        message, text = w.message, str(w.message)
+
+    def reissue(w: warnings.WarningMessage) -> None:
+        nonlocal said
+        text = str(w.message)
         encoder_cut = "exceed max_seq_length" in text  # the encoder's, per call
         question = text.startswith(QUESTION_CUT.split("(")[0])  # always said
         cut = not question and (encoder_cut or "-token limit;" in text)  # or the index's
         if cut and said:
-            continue
-        if encoder_cut:
-            message = UserWarning(CANDIDATES_CUT.format(limit=limit))
+            return
         said = said or cut
-        warn_again(w, message)
+        warn_again(w, UserWarning(CANDIDATES_CUT.format(limit=limit)) if encoder_cut else None)
+
+    return passed_on(reissue)

@@ -7,14 +7,14 @@ Example:
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from attnlab._validate import callable_or_none, positive_int
-from attnlab.models import SentenceEncoder
+from attnlab._warnings import quiet, warn
+from attnlab.models import SentenceEncoder, TruncationWarning
 from attnlab.models.sentence import _check_texts
 
 __all__ = ["Progress", "embed", "unit"]
@@ -47,15 +47,14 @@ def embed(
     callable_or_none("progress", progress, "progress(done, total)")
     texts = _check_texts(texts)  # decoded once: the encoder warned per batch, and again
     parts = [torch.empty(0, enc.dim)]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*exceed max_seq_length")
+    with quiet(TruncationWarning):  # (this thread's only: not the process's filters)
         for start in range(0, len(texts), batch):
             parts.append(unit(enc.encode(texts[start : start + batch])).float())  # (.double())
             if progress is not None:
                 progress(min(start + batch, len(texts)), len(texts))
     long, limit = sum(enc.truncated(texts)), enc.config.max_seq_length  # (not == limit)
     if long:
-        warnings.warn(
+        warn(
             f"{long} of {len(texts)} sentences reach the encoder's {limit}-token limit; "
             f"only their first {limit} tokens are embedded",
             stacklevel=3,

@@ -44,7 +44,6 @@ import json
 import os
 import re
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +54,7 @@ from torch import Tensor
 
 from attnlab._io import LockedError, OutputLock, atomic_write, atomic_write_text
 from attnlab._validate import instance_of, positive_int
+from attnlab._warnings import warn
 from attnlab.apps.corpus import Document, Sentence, split_document
 from attnlab.apps.embedding import Progress, embed, unit
 from attnlab.models import SentenceEncoder
@@ -320,7 +320,7 @@ def _save(index: Index, folder: Path) -> None:
         except LockedError as e:
             busy = e
             time.sleep(0.1)
-    warnings.warn(f"the index is not saved: {busy}", stacklevel=3)
+    warn(f"the index is not saved: {busy}", stacklevel=3)
 
 
 def _write(index: Index, folder: Path) -> None:

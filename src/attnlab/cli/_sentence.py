@@ -10,7 +10,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from attnlab._warnings import passed_on, warn_again
+from attnlab._warnings import passed_on, quiet, warn_again
 from attnlab.cli._args import check_in_folder, shown
 from attnlab.cli._errors import UsageError
 from attnlab.models import SentenceEncoder, TruncationWarning, minilm_path
@@ -71,8 +71,7 @@ def encoder_tokens(encoder: SentenceEncoder) -> Callable[[str], Sequence[int]]:
     the count of all its texts (each text said "1 of 1 texts" first)."""
 
     def tokens(text: str) -> Sequence[int]:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", TruncationWarning)
+        with quiet(TruncationWarning):  # (this thread's: not the process's filters)
             return encoder.tokenize([text])[0]
 
     return tokens
@@ -80,16 +79,15 @@ def encoder_tokens(encoder: SentenceEncoder) -> Callable[[str], Sequence[int]]:
 
 def texts_named(name: Callable[[int], str]) -> AbstractContextManager[None]:
     """The encoder's :class:`TruncationWarning` inside names a text as the command does,
-    ``name(i)`` (``TEXT 2``), not by the encoder's 0-based ``texts[1]``; every warning
-    of the block is passed on after it (also when it raises), as ``ask`` passes on its own."""
+    ``name(i)`` (``TEXT 2``), not by the encoder's 0-based ``texts[1]``; attnlab's
+    other warnings in the block pass on as they come (only this thread's are taken)."""
 
-    def rename(caught: list[warnings.WarningMessage]) -> None:
-        for w in caught:
-            message = w.message
-            if isinstance(message, TruncationWarning):
-                text = re.sub(r"texts\[(\d+)\]", lambda m: name(int(m[1])), str(message))
-                message = TruncationWarning(text)
-            warn_again(w, message)
+    def rename(w: warnings.WarningMessage) -> None:
+        message = w.message
+        if isinstance(message, TruncationWarning):
+            text = re.sub(r"texts\[(\d+)\]", lambda m: name(int(m[1])), str(message))
+            message = TruncationWarning(text)
+        warn_again(w, message)
 
     return passed_on(rename)
 

@@ -23,7 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -38,6 +37,7 @@ from attnlab import masks
 from attnlab._cpu import resolve_precision
 from attnlab._io import decode_text
 from attnlab._validate import positive_int, validate_flag
+from attnlab._warnings import warn
 from attnlab.models.bert import BertEncoder
 from attnlab.models.pretrained import minilm_path
 from attnlab.models.sentence_folder import (
@@ -70,6 +70,7 @@ class TruncationWarning(UserWarning):
     (:meth:`SentenceEncoder.tokenize`); filter this category to tokenize quietly.
 
     Example:
+        >>> import warnings
         >>> enc = _toy_encoder()  # its tokenizer keeps 64 tokens
         >>> with warnings.catch_warnings(record=True) as caught:
         ...     warnings.simplefilter("always")
@@ -175,13 +176,12 @@ class SentenceEncoder(nn.Module):
         dense: sentence-transformers' ``Dense`` layers, run in order on the pooled vector
             before the normalization (:class:`~attnlab.models.sentence_folder.SentenceDense`).
         strategy: ``"pack"`` or ``"bucket"`` (see the module docstring).
-        precision: ``"float32"`` (exact, the default), ``"bfloat16"`` (a faster,
-            approximate mode that runs the matrix products under ``torch.autocast`` in
-            bfloat16, where the CPU has bfloat16 units: AVX512-BF16 or AMX; elsewhere it
-            warns once and runs float32, which is faster there) or ``"auto"`` (bfloat16
-            where the CPU has native bfloat16 units, float32 elsewhere). Embeddings stay
-            float32. :attr:`precision` is the mode that runs, :attr:`precision_reason`
-            says why.
+        precision: ``"float32"`` (exact, the default), ``"bfloat16"`` (a faster, approximate mode
+            that runs the matrix products under ``torch.autocast`` in bfloat16, where the CPU has
+            bfloat16 units: AVX512-BF16 or AMX; elsewhere it warns once and runs float32, which is
+            faster there) or ``"auto"`` (bfloat16 where the CPU has native bfloat16 units, float32
+            elsewhere). Embeddings stay float32. :attr:`precision` is the mode that runs,
+            :attr:`precision_reason` says why.
 
     Example:
         >>> from attnlab.models import BertConfig
@@ -254,7 +254,7 @@ class SentenceEncoder(nn.Module):
         encs = self._encodings(_check_texts(texts))
         cut = [i for i, e in enumerate(encs) if e.overflowing]
         if cut:
-            warnings.warn(
+            warn(
                 f"{len(cut)} of {len(encs)} texts (first: texts[{cut[0]}]) exceed "
                 f"max_seq_length={self.config.max_seq_length} tokens and were truncated",
                 TruncationWarning,
@@ -428,7 +428,7 @@ def _check_texts(texts: object) -> list[str]:
     fixed = [decode_text(t) for t in texts]
     bad = [i for i, (_, replaced) in enumerate(fixed) if replaced]
     if bad:
-        warnings.warn(
+        warn(
             f"{len(bad)} of {len(texts)} texts (first: texts[{bad[0]}]) are not valid UTF-8; "
             "the undecodable characters were replaced by U+FFFD",
             stacklevel=4,
