@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -143,6 +144,39 @@ def test_allow_remote_binds_and_warns() -> None:
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 0 and out == "attnlab serve: stopped\n", (out, err)
         assert err == "", err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def test_ctrl_c_stops_with_a_request_half_sent() -> None:
+    """A client that sent a POST's headers and one byte of its 100-byte body: the first
+    Ctrl-C stops the server within seconds, exit 0, one line, and the client gets a 503.
+    (The server kept running, silently, for as long as the client held the socket; a
+    second Ctrl-C exited 0 with a 124-line ``CancelledError`` traceback.)"""
+    cmd = [sys.executable, "-m", "attnlab.cli", "serve", "--port", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        port = int(re.search(r":(\d+)/", line).group(1))  # type: ignore[union-attr]
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+            head = (
+                "POST /api/attend HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+            )
+            client.sendall(head.encode())
+            time.sleep(0.5)  # the server is reading the body
+            start = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=15)
+            took = time.monotonic() - start
+            answer = client.recv(4096)
+        assert proc.returncode == 0 and out == "attnlab serve: stopped\n", (out, err)
+        assert "Traceback" not in err and err == "", err
+        assert took < 10, took
+        assert answer.startswith(b"HTTP/1.1 503"), answer
     finally:
         if proc.poll() is None:
             proc.kill()

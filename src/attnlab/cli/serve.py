@@ -13,9 +13,11 @@ status 2.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import errno
 import ipaddress
+import logging
 import socket
 from typing import Any
 
@@ -28,6 +30,8 @@ __all__ = ["add_parsers", "run"]
 
 # bind errors of the address, not the port: not this machine's, or its family unsupported
 _HOST_ERRNOS = {errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT}
+# seconds that Ctrl-C leaves unfinished requests (a body still coming) before dropping them
+GRACE_S = 2.0
 
 
 def add_parsers(sub: Any) -> None:
@@ -172,7 +176,12 @@ def run(args: argparse.Namespace) -> int:
 def _ready_server(uvicorn: Any, app: Any, line: str) -> Any:
     """A uvicorn server that prints ``line`` (the URL) once it is serving, the model
     loaded: uvicorn's Ctrl-C handler is in place by then, so a Ctrl-C sent on seeing the
-    line stops it (the line used to come before uvicorn started)."""
+    line stops it (the line used to come before uvicorn started).
+
+    Ctrl-C gives unfinished requests :data:`GRACE_S` seconds, then uvicorn cancels them:
+    each gets a 503 and its connection closes. (Without the limit, a client that sent
+    half a body kept the server running for as long as it held the socket, silently; a
+    second Ctrl-C then printed a 124-line ``CancelledError`` traceback.)"""
 
     class Ready(uvicorn.Server):
         async def startup(self, sockets: Any = None) -> None:
@@ -180,4 +189,33 @@ def _ready_server(uvicorn: Any, app: Any, line: str) -> Any:
             if self.started:
                 print(line, flush=True)
 
-    return Ready(uvicorn.Config(app, log_level="warning"))
+    server: Any = None
+
+    async def stoppable(scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await app(scope, receive, send)
+        except asyncio.CancelledError:
+            if scope["type"] != "http" or not server.should_exit:
+                raise
+            await _stopping(send)  # cancelled by the stop: an answer, not a traceback
+
+    config = uvicorn.Config(stoppable, log_level="warning", timeout_graceful_shutdown=GRACE_S)
+    logging.getLogger("uvicorn.error").addFilter(_not_cancel_notice)
+    server = Ready(config)
+    return server
+
+
+def _not_cancel_notice(record: logging.LogRecord) -> bool:
+    """Drop uvicorn's "Cancel N running task(s), timeout graceful shutdown exceeded"
+    (an ERROR line on every Ctrl-C with a request open): the stop is the expected one."""
+    return "timeout graceful shutdown exceeded" not in str(record.msg)
+
+
+async def _stopping(send: Any) -> None:
+    """A 503 for a request that the stop cut short (ignored if its client is gone, or
+    if its answer had begun: uvicorn then closes the connection)."""
+    body = b'{"detail": "the server is stopping"}'
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    with contextlib.suppress(Exception):
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
