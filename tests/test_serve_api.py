@@ -188,6 +188,30 @@ def test_integrated_gradients_progress_counts_the_path_steps(enc: SentenceEncode
     assert [p for p, _ in seen] == sorted(p for p, _ in seen) and seen[-1][0] < 1
 
 
+def test_a_lowercasing_model_folder_is_tokenized_as_the_encoder_does(tmp_path: Path) -> None:
+    """With ``do_lower_case``, the explorer lowercased with ``str.lower``, which ends a
+    word's sigma as final: "ΟΔΟΣ ΚΑΙ ΛΟΓΟΣ" was 12 tokens ("##ος"), 14 in
+    :meth:`SentenceEncoder.tokenize` (which equals sentence-transformers)."""
+    import json
+    import shutil
+
+    from attnlab.serve.encoder import EncoderModel
+
+    folder = tmp_path / "lower"
+    shutil.copytree(minilm_path(), folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    (folder / "model.safetensors").symlink_to(minilm_path() / "model.safetensors")
+    cfg = json.loads((folder / "sentence_bert_config.json").read_text())
+    (folder / "sentence_bert_config.json").write_text(json.dumps(cfg | {"do_lower_case": True}))
+    ref = SentenceEncoder.from_pretrained(folder)
+    assert ref.config.lowercase
+    served = EncoderModel(folder)
+    for text in ("ΟΔΟΣ ΚΑΙ ΛΟΓΟΣ", "Ο ΗΛΙΟΣ ΛΑΜΠΕΙ.", "A plain English sentence."):
+        want = ref.tokenize([text])[0]
+        assert served.ids(text)[0].tolist() == want, text
+        assert served.count_tokens(text) == len(want)
+    assert len(served.ids("ΟΔΟΣ ΚΑΙ ΛΟΓΟΣ")[0]) == 14
+
+
 def test_a_threads_copy_never_takes_the_hooks_of_a_capture_running_on_another(
     enc: SentenceEncoder,
 ) -> None:

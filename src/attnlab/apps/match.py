@@ -40,7 +40,7 @@ from torch import Tensor
 from attnlab import masks
 from attnlab.interpret import TextModel, explained_score, integrated_gradients
 from attnlab.models import SentenceEncoder
-from attnlab.models.sentence import _lowercase
+from attnlab.models.sentence_folder import tokenizer_input
 from attnlab.tasks.encoder import text_model
 
 __all__ = ["WordMatch", "match_words", "maxsim", "token_states"]
@@ -128,7 +128,7 @@ def _words(
 def _offsets(enc: SentenceEncoder, text: str, ids: list[int]) -> tuple[str | None, list | None]:
     """``text`` and its tokens' character offsets, from the encoder's tokenizer (None,
     None where it gives none, or other ids than ``ids``)."""
-    src = _lowercase([text])[0] if enc.config.lowercase else text  # as enc.tokenize does
+    src = tokenizer_input([text], enc.config.lowercase)[0]  # as enc.tokenize reads it
     try:
         e = enc.tokenizer.encode(src)
     except (AttributeError, TypeError, ValueError):

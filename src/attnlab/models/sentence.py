@@ -49,6 +49,7 @@ from attnlab.models.sentence_folder import (
     pooling_mode,
     read_modules,
     read_object,
+    tokenizer_input,
 )
 from attnlab.nn._modes import eval_mode
 
@@ -269,7 +270,7 @@ class SentenceEncoder(nn.Module):
 
     def _encodings(self, texts: list[str]) -> list[Encoding]:
         """The tokenizer's encodings of ``texts``, lowercased first if the model lowercases."""
-        return self.tokenizer.encode_batch(_lowercase(texts) if self.config.lowercase else texts)
+        return self.tokenizer.encode_batch(tokenizer_input(texts, self.config.lowercase))
 
     def encode(self, texts: Sequence[str], batch_size: int = 32) -> Tensor:
         """Embed ``texts``, in eval mode (no dropout, as sentence-transformers' ``encode``);
@@ -399,21 +400,6 @@ class SentenceEncoder(nn.Module):
             pooled = layer(pooled)  # (B, D) -> (B, D')
         unit = self.config.normalize if normalize is None else normalize
         return F.normalize(pooled, dim=-1) if unit else pooled
-
-
-def _lowercase(texts: Sequence[str]) -> list[str]:
-    """``texts`` lowercased character by character, as the ``Lowercase`` normalizer that
-    sentence-transformers 6 adds for ``do_lower_case`` does (Python's ``str.lower`` ends a
-    word's sigma as final, and token ids then differed: cosine 0.84 for "ΟΔΟΣ").
-
-    Example:
-        >>> _lowercase(["ΟΔΟΣ"])
-        ['οδοσ']
-    """
-    from tokenizers.normalizers import Lowercase
-
-    lower = Lowercase()  # one normalizer for the batch
-    return [str(lower.normalize_str(t)) for t in texts]
 
 
 def _check_texts(texts: object) -> list[str]:

@@ -44,6 +44,7 @@ __all__ = [
     "read_json",
     "read_modules",
     "read_object",
+    "tokenizer_input",
 ]
 
 POOLINGS = ("mean", "cls", "max")
@@ -368,3 +369,21 @@ def _check_pooled(path: Path, cfg: object) -> None:
             f"{path}: module_input_name/module_output_name are {names}; attnlab runs Dense "
             f"and Normalize on the pooled {_POOLED!r} only"
         )
+
+
+def tokenizer_input(texts: Sequence[str], lowercase: bool) -> list[str]:
+    """``texts`` as the tokenizer reads them, for every reader of it (the encoder, the
+    explorer, word offsets): with ``lowercase`` (``do_lower_case``), lowercased character
+    by character as sentence-transformers 6's ``Lowercase`` normalizer does (Python's
+    ``str.lower`` ends a word's sigma as final: other ids, cosine 0.84 for "ΟΔΟΣ").
+
+    Example:
+        >>> tokenizer_input(["ΟΔΟΣ"], lowercase=True), tokenizer_input(["ΟΔΟΣ"], False)
+        (['οδοσ'], ['ΟΔΟΣ'])
+    """
+    if not lowercase:
+        return list(texts)
+    from tokenizers.normalizers import Lowercase
+
+    lower = Lowercase()  # one normalizer for the batch
+    return [str(lower.normalize_str(t)) for t in texts]

@@ -32,6 +32,7 @@ from attnlab.interpret import (
     rollout,
 )
 from attnlab.models import SentenceEncoder
+from attnlab.models.sentence_folder import tokenizer_input
 from attnlab.serve.views import matrix_view, rounded
 from attnlab.tasks.encoder import text_model
 from attnlab.tasks.inspect import AttentionStack, Inspection
@@ -98,11 +99,12 @@ class EncoderModel:
             return self._models[me]
 
     def _encoding(self, text: str) -> Any:
-        """The tokenizer's encoding of ``text`` (lower-cased if the model is), truncated at
+        """The tokenizer's encoding of ``text`` (read as :class:`SentenceEncoder` reads it:
+        lowercased by the same function if the model lowercases), truncated at
         512 tokens with the rest in its ``overflowing`` parts."""
         self.load()
         assert self._enc is not None
-        return self._tokenizer.encode(text.lower() if self._enc.config.lowercase else text)
+        return self._tokenizer.encode(tokenizer_input([text], self._enc.config.lowercase)[0])
 
     def ids(self, text: str) -> Tensor:
         """Token ids ``(1, n)`` of ``text``, [CLS] and [SEP] included, at most 512."""
