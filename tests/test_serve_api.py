@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -450,6 +451,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Any:
     outside = tmp_path_factory.mktemp("outside")
     make_tiny_run("generation", outside / "secret")
     (root / "linked").symlink_to(outside, target_is_directory=True)
+    (root / "filelink").mkdir()  # a checkpoint file linked from outside (it was listed)
+    secret = outside / "secret" / "best.safetensors"
+    (root / "filelink" / "best.safetensors").symlink_to(os.path.relpath(secret, root / "filelink"))
     return root
 
 
@@ -486,9 +490,35 @@ def test_runs_are_listed_by_folder_and_nothing_outside(with_runs: TestClient, ru
     one = with_runs.get("/api/models/translation").json()  # loads it
     assert one["loaded"] and one["example"] and one["kind"] == "seq2seq"
     assert with_runs.get("/api/models/..%2Fsecret").status_code == 404
-    for name in ("linked/secret", "../outside", "junk", "exp/../translation", "exp%2Fvision"):
+    names = (
+        "linked/secret",
+        "filelink",
+        "../outside",
+        "junk",
+        "exp/../translation",
+        "exp%2Fvision",
+    )
+    for name in names:
         r = with_runs.post("/api/attend", json={"model": name, "text": "un"})
         assert r.status_code == 404 and "unknown model" in r.json()["detail"]
+
+
+def test_a_checkpoint_made_a_symlink_after_listing_is_not_loaded(tmp_path: Path) -> None:
+    """A run listed while its checkpoint was a file, then replaced by a link to a file
+    outside ``--runs``: loading it is refused (the control, before the swap, loads)."""
+    from attnlab.serve.registry import find_runs
+    from attnlab.train import CheckpointError
+    from tests.task_runs import make_tiny_run
+
+    make_tiny_run("dates", tmp_path / "runs" / "dates")
+    make_tiny_run("dates", tmp_path / "outside")
+    listed, control = find_runs(tmp_path / "runs")["dates"], find_runs(tmp_path / "runs")["dates"]
+    assert control.load().kind
+    listed.path.unlink()
+    listed.path.symlink_to(tmp_path / "outside" / "best.safetensors")
+    assert find_runs(tmp_path / "runs")["dates"].path.name == "last.safetensors"  # a file
+    with pytest.raises(CheckpointError, match="'dates': its checkpoint is now a symlink"):
+        listed.load()
 
 
 def test_translation_output_and_alignment_equal_the_python_api(

@@ -2,10 +2,11 @@
 checkpoints found under ``--runs``, each loaded once, on first use.
 
 A request names a model; the name is looked up in :class:`Registry`'s table, built when
-the server starts. No path is ever made from a request, so nothing outside ``--runs``
-can be read. Checkpoints of tasks that :mod:`attnlab.tasks.inspect` cannot rebuild (the
-GAN, VAE and agent tasks) are left out of the table; asked for by name, they are refused
-with the reason.
+the server starts. No path is ever made from a request and no symlink under ``--runs``
+is followed (a checkpoint file's no more than a folder's: one could point anywhere), so
+nothing outside ``--runs`` can be read. Checkpoints of tasks that
+:mod:`attnlab.tasks.inspect` cannot rebuild (the GAN, VAE and agent tasks) are left out
+of the table; asked for by name, they are refused with the reason.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class RunEntry:
     def load(self) -> RunModel:
         with self._lock:
             if self._run is None:
+                if self.path.is_symlink():  # made one since it was listed
+                    raise CheckpointError(f"{self.name!r}: its checkpoint is now a symlink")
                 self._run = load_run(self.path)
             return self._run
 
@@ -121,7 +124,8 @@ def _config_example(path: Path) -> str:
 
 def find_runs(runs: Path) -> dict[str, RunEntry]:
     """Checkpoints under ``runs`` (up to :data:`MAX_DEPTH` folders down), named by their
-    folder relative to ``runs``; files that are not attnlab task checkpoints are skipped.
+    folder relative to ``runs``; files that are not attnlab task checkpoints, and symlinks
+    (to a file or a folder, wherever they point), are skipped.
     (Checkpoints of tasks without a runner in :data:`RUNNERS` are found too: the
     :class:`Registry` leaves them out.)
 
@@ -132,7 +136,7 @@ def find_runs(runs: Path) -> dict[str, RunEntry]:
     """
     found: dict[str, RunEntry] = {}
     for folder in sorted(_folders(runs, MAX_DEPTH)):
-        path = next((folder / f for f in CHECKPOINTS if (folder / f).is_file()), None)
+        path = next((folder / f for f in CHECKPOINTS if _plain_file(folder / f)), None)
         if path is None:
             continue
         try:
@@ -154,6 +158,12 @@ def folder_name(path: Path, fallback: str) -> str:
         ('runs', 'b')
     """
     return path.resolve().name or fallback
+
+
+def _plain_file(path: Path) -> bool:
+    """``path`` is a file, not a symlink to one (``is_file`` follows links: a
+    ``best.safetensors`` linking outside ``--runs`` was listed and loaded)."""
+    return path.is_file() and not path.is_symlink()
 
 
 def _folders(root: Path, depth: int) -> list[Path]:
