@@ -172,12 +172,18 @@ def _seeded_vit(task: DigitsTask, g: torch.Generator) -> ViT:
     copies of the first, as :class:`~attnlab.nn.Encoder` builds them."""
     with torch.device("meta"):
         model = task.build_model()
-    assert isinstance(model, ViT)
+    assert isinstance(model, ViT) and _no_buffers(model)
     reset_parameters(model.to_empty(device="cpu"), g)
     first, *rest = model.encoder.layers
     for layer in rest:
         layer.load_state_dict(first.state_dict())
     return model
+
+
+def _no_buffers(model: torch.nn.Module) -> bool:
+    """``model`` holds parameters only: a meta build made real by ``to_empty`` leaves
+    buffers uninitialized, and neither drawing parameters nor loading them fills those."""
+    return next(model.buffers(), None) is None
 
 
 def cache_dir() -> Path:
@@ -235,7 +241,7 @@ def _load_or_train(steps: int, seed: int) -> ViT:
     path = cache_dir() / f"{name}.safetensors"
     with torch.device("meta"):  # (a CPU build drew on torch's global RNG)
         model = DigitsTask(seed=seed).build_model()
-    assert isinstance(model, ViT)
+    assert isinstance(model, ViT) and _no_buffers(model)
     try:
         model.to_empty(device="cpu").load_state_dict(_verified(path))
         return model.eval()
