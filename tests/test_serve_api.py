@@ -915,3 +915,28 @@ def test_a_cancel_between_runs_check_and_its_start_never_lets_the_job_run(
     other.join(timeout=5)
     assert seen and (seen[0] != "cancelled" or during == []), (seen, during, job.state)
     assert during == [False] and seen[0] in ("running", "done") and job.state == "done"
+
+
+def test_every_answer_carries_the_security_headers() -> None:
+    """(No answer said ``X-Content-Type-Options: nosniff``, nor set a referrer or content
+    policy.) The page, its assets, the API, a 404 and the gate's own 403 and 413 all do;
+    no model is loaded (no lifespan)."""
+    c = TestClient(create_app(limits=LIMITED, hosts=["testserver"]))
+    big = {"content-length": str(10**9)}
+    answers = {
+        "/": c.get("/"),
+        "/static/app.css": c.get("/static/app.css"),
+        "/static/keys.js": c.get("/static/keys.js"),
+        "/api/limits": c.get("/api/limits"),
+        "/nowhere": c.get("/nowhere"),
+        "403": c.get("/api/health", headers={"host": "evil.example"}),
+        "413": c.post("/api/attend", content=b"{}", headers=big),
+    }
+    statuses = [r.status_code for r in answers.values()]
+    assert statuses == [200, 200, 200, 200, 404, 403, 413], statuses
+    for name, r in answers.items():
+        h = r.headers
+        assert h.get("x-content-type-options") == "nosniff", (name, h)
+        assert h.get("referrer-policy") == "no-referrer", (name, h)
+        csp = h.get("content-security-policy", "")  # the page's own resources only
+        assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp, (name, h)

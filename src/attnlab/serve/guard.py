@@ -10,6 +10,10 @@
   (``--allow-remote``; and an app built by :func:`~attnlab.serve.create_app` for use
   inside other code). The names are read by :func:`attnlab._hosts.host_name`, which
   ``attnlab serve --allow-host`` checks with, before this module is imported.
+* :class:`Headers` puts :data:`SECURITY_HEADERS` on every answer, the gate's own refusals
+  included: no MIME sniffing (a JSON answer read as HTML), no referrer, and a content
+  policy that fits the page (its own scripts, styles and API; pictures from ``data:`` and
+  ``blob:`` URLs, the upload's preview; nothing from elsewhere, no framing).
 """
 
 from __future__ import annotations
@@ -22,7 +26,16 @@ from starlette.exceptions import HTTPException
 
 from attnlab._hosts import LOOPBACK_HOSTS, host_name
 
-__all__ = ["LOOPBACK_HOSTS", "Guard", "host_name"]
+__all__ = ["LOOPBACK_HOSTS", "SECURITY_HEADERS", "Guard", "Headers", "host_name"]
+
+SECURITY_HEADERS: dict[str, str] = {
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    "content-security-policy": (
+        "default-src 'self'; img-src 'self' data: blob:; object-src 'none'; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+}
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -87,6 +100,36 @@ class Guard:
 
     def _too_large(self, size: str) -> str:
         return f"request body has {size} bytes; the limit is {self.max_body} bytes"
+
+
+class Headers:
+    """ASGI middleware: :data:`SECURITY_HEADERS` on every HTTP answer (one the app set
+    itself is kept).
+
+    Example:
+        >>> from starlette.applications import Starlette
+        >>> from starlette.testclient import TestClient
+        >>> r = TestClient(Headers(Starlette())).get("/nowhere")  # a 404 gets them too
+        >>> r.status_code, r.headers["x-content-type-options"]
+        (404, 'nosniff')
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.extra = [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def headed(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                have = {k.lower() for k, _ in message.get("headers", [])}
+                extra = [(k, v) for k, v in self.extra if k not in have]
+                message["headers"] = [*message.get("headers", []), *extra]
+            await send(message)
+
+        await self.app(scope, receive, headed)
 
 
 async def _answer(send: Send, status: int, detail: str) -> None:
