@@ -83,6 +83,8 @@ BAD: list[tuple[str, int, str]] = [
     # the dates checkpoint with "step": 151 -> 152 in its JSON: it resumed at step 152
     ("train dates --out {edited} --resume --steps 10", 2, "is corrupt: its tensors or metadata"),
     ("train dates --out {other} --resume", 2, "argument --resume: {other}/last.safetensors "),
+    # an empty config skipped the config check: it built the data, then failed (exit 1)
+    ("train dates --out {noconfig} --resume", 2, "{noconfig}/last.safetensors names no task"),
     ("train vision --train-size 5000 --out {tmp}/v", 2, "argument --train-size: is 5000; "),
     ("train translation --train-size 50 --out {tmp}/t", 2, "argument --train-size: "),
     # demo
@@ -185,7 +187,7 @@ def places(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     ``report.html`` land there."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "file").write_text("not a folder")
-    for name in ("empty", "corrupt", "other", "dates", "edited"):
+    for name in ("empty", "corrupt", "other", "dates", "edited", "noconfig"):
         (tmp_path / name).mkdir()
     dates = save_checkpoint(  # a dates run at step 151
         tmp_path / "dates" / "last.safetensors",
@@ -199,6 +201,8 @@ def places(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
         Checkpoint(torch.nn.Linear(2, 2).state_dict(), {"task": "vision"}),
     )
     (tmp_path / "corrupt" / "last.safetensors").write_bytes(good.read_bytes()[:40])
+    empty = Checkpoint(torch.nn.Linear(2, 2).state_dict(), {}, state=DATES_STATE)
+    save_checkpoint(tmp_path / "noconfig" / "last.safetensors", empty)
     (tmp_path / "dangling").symlink_to(tmp_path / "gone")
     (tmp_path / "danglingreport").mkdir()
     (tmp_path / "danglingreport" / "report").symlink_to(tmp_path / "gone")
@@ -212,7 +216,7 @@ def places(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     for name in ("table.json", "last.safetensors"):
         (tmp_path / "tabled" / name).mkdir(parents=True)
     names = ("file", "empty", "corrupt", "edited", "other", "docs", "code", "dates", "blocked")
-    names += ("tabled", "dangling", "danglingreport")
+    names += ("tabled", "dangling", "danglingreport", "noconfig")
     return {"tmp": str(tmp_path)} | {n: str(tmp_path / n) for n in names}
 
 

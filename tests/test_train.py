@@ -92,6 +92,30 @@ def test_resume_on_another_training_set_is_refused(
         Trainer(task, _cfg(tmp_path, resume=True))
 
 
+def test_a_checkpoint_with_an_empty_config_resumes_only_a_task_without_one(
+    tmp_path: Path,
+) -> None:
+    """(An empty saved config skipped the config check: a hand-made file resumed into any
+    task; a list failed with a bare AttributeError.) Every config was saved from the first
+    format on, so none is missing: a file without one is corrupt."""
+    path = tmp_path / "last.safetensors"
+    ours = {"task": "toy", "model": {"d": 4}}
+    check_and_control(
+        lambda: ckmod.check_same_run(Checkpoint({}, {}), ours, 10, path),
+        lambda: ckmod.check_same_run(Checkpoint({}, ours), ours, 10, path),
+        CheckpointError,
+        rf"^resume: {re.escape(str(path))} holds an empty config, .* names model, task\)",
+    )
+    ckmod.check_same_run(Checkpoint({}, {}), {}, 10, path)  # a task without a config
+    with pytest.raises(TypeError, match=r"ckpt\.config must be a dict .*, got list"):
+        save_checkpoint(path, Checkpoint({}, [1]))  # type: ignore[arg-type]
+    tensors, meta = ckmod._flatten(Checkpoint({"w": torch.ones(1)}))
+    meta |= {"config": "[1]"}
+    ckmod.save_file(tensors, str(path), metadata=meta | {"digest": ckmod.digest(tensors, meta)})
+    with pytest.raises(CheckpointError, match=r"metadata \(TypeError: its config is a list, not"):
+        load_checkpoint(path)
+
+
 def test_run_task_says_why_it_stopped_and_where_it_resumed(
     task: TranslationTask, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

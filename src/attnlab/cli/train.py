@@ -161,10 +161,13 @@ def _check_resume(task: str, last: Path, args: argparse.Namespace) -> dict | Non
         ckpt = load_checkpoint(last)
     except CheckpointError as e:
         raise UsageError("--resume", f"{e}; or drop --resume to start fresh") from e
-    if ckpt.config.get("task", task) != task:
-        raise UsageError(
-            "--resume", f"{last} is a checkpoint of task {ckpt.config['task']!r}, not {task!r}"
-        )
+    saved = ckpt.config.get("task")
+    if saved is None:  # (every task's config names it; an empty one passed, and built data)
+        has = f"its config has {sorted(ckpt.config)}" if ckpt.config else "its config is empty"
+        msg = f"{last} names no task ({has}), so nothing shows it is a run of {task!r}"
+        raise UsageError("--resume", f"{msg}; drop --resume to start fresh")
+    if saved != task:
+        raise UsageError("--resume", f"{last} is a checkpoint of task {saved!r}, not {task!r}")
     return ckpt.state
 
 

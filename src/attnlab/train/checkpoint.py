@@ -103,6 +103,7 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
         raise TypeError(
             f"ckpt.model must be a state_dict (str -> Tensor), got {type(ckpt.model).__name__}"
         )
+    instance_of("ckpt.config", ckpt.config, dict, "a dict (JSON-able)")  # (see _unflatten)
     try:
         json.dumps(ckpt.config)
     except (TypeError, ValueError) as e:  # (json's message named no argument)
@@ -281,9 +282,12 @@ def _unflatten(tensors: dict[str, Tensor], meta: dict[str, str]) -> Checkpoint:
         for pid, rest in opt["state"].items():
             state[int(pid)] = {**rest, **under(f"optim.{pid}.")}
         opt = {"param_groups": opt["param_groups"], "state": state}
+    config = json.loads(meta["config"])
+    if not isinstance(config, dict):  # (a list failed a resume: a bare AttributeError)
+        raise TypeError(f"its config is a {type(config).__name__}, not a JSON object")
     return Checkpoint(
         model=under("model."),
-        config=json.loads(meta["config"]),
+        config=config,
         optimizer=opt,
         state={**json.loads(meta["state"]), **under("state.")},
     )
@@ -291,8 +295,8 @@ def _unflatten(tensors: dict[str, Tensor], meta: dict[str, str]) -> Checkpoint:
 
 def check_same_run(ckpt: Checkpoint, config: dict, train_size: int, path: str | Path) -> None:
     """A resume must continue the checkpoint's run: the same task config (a model of other
-    heads but the same shapes loaded without a word) and training set size (another
-    gave another vocabulary, or other data).
+    heads but the same shapes loaded without a word; an empty saved config matches only
+    an empty one) and training set size (another gave another vocabulary, or other data).
 
     Example:
         >>> try:
@@ -308,7 +312,12 @@ def check_same_run(ckpt: Checkpoint, config: dict, train_size: int, path: str | 
             f"{train_size}; build the task with the checkpoint's size to continue it"
         )
     was, ours = _flat(ckpt.config), _flat(json.loads(json.dumps(config)))
-    if ckpt.config and was != ours:
+    if not was and ours:  # (it was taken for a match: a hand-made file, no config saved)
+        raise CheckpointError(
+            f"resume: {path} holds an empty config, so nothing shows it continues this "
+            f"task's run (whose config names {', '.join(sorted(config)[:4])}); train afresh"
+        )
+    if was != ours:
         keys = sorted(k for k in was.keys() | ours.keys() if was.get(k) != ours.get(k))
         shown = ", ".join(f"{k}: {was.get(k)!r} -> {ours.get(k)!r}" for k in keys[:3])
         more = f" (and {len(keys) - 3} more)" if len(keys) > 3 else ""
