@@ -42,7 +42,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--envs", nargs="+", default=[MEMORY_ENV, DOORKEY_ENV])
     p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     p.add_argument("--seeds", type=int_in(0), nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int_in(1), default=None, help="optimizer steps (task default)")
+    p.add_argument(
+        "--steps", type=int_in(1), default=None, help="optimizer steps (default per task)"
+    )
     p.add_argument("--episodes", type=int_in(1), default=100)
     p.add_argument("--workers", type=int_in(1), default=2)
     p.add_argument(

@@ -296,7 +296,7 @@ def _alarm(*_: object) -> None:
 def main() -> None:
     p = script_parser(__doc__)
     p.add_argument("--mapping", choices=("causal", "base"), default="causal")
-    p.add_argument("--families", nargs="+", help="model types (default: the whole mapping)")
+    p.add_argument("--families", nargs="+", help="model types (default the whole mapping)")
     p.add_argument("--smoke", action="store_true", help=f"only {', '.join(SMOKE)}")
     p.add_argument(
         "--tol",

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ def _load(name: str) -> Any:
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # (a dataclass looks its module up while it is made)
     spec.loader.exec_module(mod)
     return mod
 
@@ -187,6 +189,50 @@ def test_every_benchmark_parses_with_the_shared_parser() -> None:
     own = [p.name for p in BENCH.glob("*.py") if "ArgumentParser(" in p.read_text()]
     users = [p.name for p in BENCH.glob("*.py") if "script_parser(__doc__)" in p.read_text()]
     assert own == [] and len(users) >= 14, (own, users)
+
+
+class _Parsed(Exception):
+    """Raised where a benchmark's parser would parse: the parser, and no benchmark run."""
+
+
+def _benchmark_parsers(monkeypatch: Any) -> dict[str, argparse.ArgumentParser]:
+    """Each script's parser, as its ``main`` builds it: ``main`` is stopped where it would
+    parse the command line (before any work: the scripts check their arguments first)."""
+    from attnlab.cli._errors import Parser
+
+    def caught(self: Parser, *args: object, **kw: object) -> None:
+        raise _Parsed(self)
+
+    monkeypatch.setattr(Parser, "parse_known_args", caught)
+    parsers = {}
+    for path in sorted(BENCH.glob("*.py")):
+        if "script_parser(__doc__)" in path.read_text():
+            main = _load(path.stem).main
+            monkeypatch.setattr(sys, "argv", [path.name])
+            with pytest.raises(_Parsed) as e:
+                main([]) if "argv" in main.__code__.co_varnames else main()
+            parsers[path.stem] = e.value.args[0]
+    return parsers
+
+
+def test_every_benchmark_option_with_a_default_shows_it(monkeypatch: Any) -> None:
+    """(No benchmark's --help showed a default: ``--heads HEADS``, ``--ns NS comma list of
+    N``.) Each option with one says ``(default X)``, as the commands' help does."""
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per option (no break at a hyphen)
+    parsers = _benchmark_parsers(monkeypatch)
+    assert len(parsers) >= 14, sorted(parsers)
+    for name, p in parsers.items():
+        for action in p._actions:
+            said = " ".join(p._get_formatter()._format_action(action).split())
+            if "default" in said:  # one form: not "(default: X)" nor "(task default)"
+                assert re.search(r"\(default [^:)][^)]*\)", said), (name, said)
+            d = action.default
+            if any(d is x for x in (None, False, argparse.SUPPRESS)) or d in ("", [], ()):
+                continue  # (a flag; an option whose absence means something)
+            if action.option_strings and action.help != argparse.SUPPRESS:
+                sep = " " if isinstance(d, list) else ","
+                shown = sep.join(map(str, d)) if isinstance(d, list | tuple) else str(d)
+                assert f"(default {shown})" in said, (name, said)
 
 
 def test_smoke_check_wants_the_cpu_on_every_timed_row() -> None:

@@ -6,7 +6,8 @@ Paths are checked by the ``check_*`` functions, which raise :class:`UsageError` 
 the argument: an output folder must be creatable and writable, an input folder readable.
 
 A script (``benchmarks/*.py``) builds its parser with :func:`script_parser`, so that it
-fails as the commands do: one line on stderr, exit status 2.
+fails as the commands do (one line on stderr, exit status 2) and its ``--help`` shows
+every default as theirs does, ``(default X)``.
 
 Example:
     >>> int_in(1)("12"), float_in(0.0, open_low=True)("3e-4"), ints_in(1)("128,256")
@@ -19,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import tempfile
@@ -30,6 +32,7 @@ from attnlab._io import decode_text
 from attnlab.cli._errors import Parser, UsageError, warn
 
 __all__ = [
+    "DefaultsShown",
     "check_html_out",
     "check_in_folder",
     "check_not_empty",
@@ -46,6 +49,7 @@ __all__ = [
     "refuse_beside_smoke",
     "script_parser",
     "shown",
+    "shown_default",
 ]
 
 
@@ -53,13 +57,53 @@ def script_parser(doc: str | None) -> argparse.ArgumentParser:
     """The parser of a script such as ``benchmarks/bench_flow.py``, described by the first
     line of its ``doc``: the commands' :class:`~attnlab.cli._errors.Parser`, so a bad
     argument is one line on stderr and exit status 2 (argparse's own printed its usage
-    above the error) and ``--lr -1e-3`` is a value.
+    above the error) and ``--lr -1e-3`` is a value; its help shows each option's
+    default (:class:`DefaultsShown`).
 
     Example:
-        >>> script_parser("Time things.\\n\\nMore.").description
-        'Time things.'
+        >>> p = script_parser("Time things.\\n\\nMore.")
+        >>> _ = p.add_argument("--n", type=int, default=64, help="tokens")
+        >>> p.description, " ".join(p.format_help().split()[-5:])
+        ('Time things.', '--n N tokens (default 64)')
     """
-    return Parser(description=(doc or "").strip().split("\n")[0])
+    return Parser(description=(doc or "").strip().split("\n")[0], formatter_class=DefaultsShown)
+
+
+def shown_default(action: argparse.Action) -> str | None:
+    """How ``--help`` shows an option's default: a list (``nargs``) space-separated, a tuple
+    (a comma list's value) comma-separated; None for none to show (a positional, a flag, a
+    None or empty default, a hidden option, a help that names its default already).
+
+    Example:
+        >>> p = argparse.ArgumentParser()
+        >>> a, b = p.add_argument("--ns", default=(128, 256)), p.add_argument("--quiet")
+        >>> shown_default(a), shown_default(b)
+        ('128,256', None)
+    """
+    d, said = action.default, action.help or ""
+    named = "(default " in said or "%(default)" in said  # (as the commands write it)
+    if not action.option_strings or said == argparse.SUPPRESS or named:
+        return None
+    if any(d is x for x in (None, False, argparse.SUPPRESS)) or d in ("", [], ()):
+        return None
+    if isinstance(d, list | tuple):
+        return (" " if isinstance(d, list) else ",").join(map(str, d))
+    return str(d)
+
+
+class DefaultsShown(argparse.HelpFormatter):
+    """Help that ends each option's text with ``(default X)`` (:func:`shown_default`), the
+    form the commands write by hand; an option without help text gets that alone
+    (argparse's ArgumentDefaultsHelpFormatter says ``(default: X)``, and nothing for an
+    option without help)."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        shown = shown_default(action)
+        if shown is not None:
+            action = copy.copy(action)
+            said = f"{action.help or ''} (default {shown.replace('%', '%%')})"
+            action.help = said.lstrip()
+        return super()._format_action(action)
 
 
 def refuse_beside_smoke(given: Sequence[str]) -> None:
