@@ -1,5 +1,5 @@
 """The fused oneDNN linear of inference: equal to F.linear, and never stale after a weight
-changes (its packed copy of the weight follows the weight's version)."""
+changes (its packed copy follows the weight's version, address and a sample of its entries)."""
 
 from __future__ import annotations
 
@@ -123,9 +123,10 @@ def test_a_weight_made_under_inference_mode_is_used_as_it_is_and_follows_changes
     assert not torch.allclose(first, second)  # positive control: the change was seen
 
 
-def test_a_new_storage_is_seen_and_data_writes_are_dropped_on_request() -> None:
+def test_a_new_storage_is_seen_and_single_data_writes_are_dropped_on_request() -> None:
     """``vector_to_parameters`` (``param.data = t``: a new storage, the same version) is
-    seen; a write in place through ``.data`` is seen after :func:`forget_packed`."""
+    seen; a write through ``.data`` of one entry off the sample is seen only after
+    :func:`forget_packed` (the documented limit)."""
     from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
     from attnlab.nn import MultiHeadAttention, forget_packed
@@ -142,9 +143,55 @@ def test_a_new_storage_is_seen_and_data_writes_are_dropped_on_request() -> None:
         vector_to_parameters(parameters_to_vector(m.parameters()) * 1.5, m.parameters())
         assert (m(x) - unfused()).abs().max() < 1e-5
         assert (m(x) - before).abs().max() > 0.1  # positive control: the weights changed
-        m.out_proj.weight.data.mul_(2.0)
+        m.out_proj.weight.data[0, 1] = 50.0  # entry 1: not one of every 61st
+        assert (m(x) - unfused()).abs().max() > 0.1  # missed by the sample
         forget_packed()
         assert (m(x) - unfused()).abs().max() < 1e-5
+
+
+def _sgd(ff: torch.nn.Module, x: torch.Tensor) -> None:
+    """Three steps of the tutorials' loop, ``p.data -= lr * p.grad``, each followed by an
+    evaluation under ``no_grad`` (which packs the weights of that step)."""
+    for _ in range(3):
+        ff(x).square().mean().backward()
+        for p in ff.parameters():
+            assert p.grad is not None
+            p.data -= 0.5 * p.grad
+            p.grad = None
+        with torch.no_grad():
+            ff(x)
+
+
+_DATA_WRITES = {
+    "mul_": lambda ff, x: [p.data.mul_(2.0) for p in ff.parameters()],
+    "add_": lambda ff, x: [p.data.add_(0.1 * torch.randn_like(p)) for p in ff.parameters()],
+    "sgd": _sgd,
+    "copy_": lambda ff, x: [
+        p.data.copy_(q)
+        for p, q in zip(ff.parameters(), type(ff)(128, 1024).parameters(), strict=True)
+    ],
+    "row": lambda ff, x: ff.linear1.weight.data[7].mul_(-3.0),
+    "column": lambda ff, x: ff.linear1.weight.data[:, 5].fill_(2.0),
+}
+
+
+@pytest.mark.parametrize("write", list(_DATA_WRITES))
+def test_a_write_through_data_is_seen(write: str) -> None:
+    """A write in place through ``.data`` bumps no version counter: a ``no_grad`` forward
+    after one used the packed weights of before it (FeedForward 128 -> 1024, every entry
+    plus 0.1 noise: 8.9 off the grad-enabled forward). The sample kept at packing sees it."""
+    from attnlab.nn import FeedForward
+
+    torch.manual_seed(0)
+    ff, x = FeedForward(128, 1024).eval(), torch.randn(2, 16, 128)  # 2**17 entries, K 128
+    with torch.no_grad():
+        before = ff(x)  # packs linear1.weight
+    _DATA_WRITES[write](ff, x)
+    with torch.no_grad():
+        after = ff(x)
+    truth = ff(x).detach()  # autograd on: F.linear of the weights as they are now
+    assert (truth - before).abs().max() > 1e-3  # positive control: the write changed them
+    assert (after - truth).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("fold", [True, False])
