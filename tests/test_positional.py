@@ -300,6 +300,51 @@ def test_rope_cache_built_in_inference_mode_serves_autograd() -> None:
     torch.testing.assert_close(x.grad, 2 * x.detach())
 
 
+def rotate_half_rope(x: Tensor, pos: Tensor, base: float = 10000.0) -> Tensor:
+    """Hugging Face's ``x * cos + rotate_half(x) * sin`` in float64, ``pos`` (L,)."""
+    half = x.shape[-1] // 2
+    inv_freq = base ** (-torch.arange(half, dtype=F64) * 2 / x.shape[-1])  # (E/2,)
+    angle = torch.cat([pos.to(F64)[:, None] * inv_freq] * 2, dim=-1)  # (L, E)
+    x1, x2 = x.to(F64).chunk(2, dim=-1)
+    return x.to(F64) * angle.cos() + torch.cat((-x2, x1), dim=-1) * angle.sin()
+
+
+def test_rope_tables_are_no_buffers_so_models_that_ran_other_lengths_stack() -> None:
+    """The cos/sin tables were buffers sized by the longest sequence run: a model that had
+    run 32 tokens and a fresh one did not stack ("got [32, 8] at entry 0 and [0, 8] at
+    entry 1") and ``AveragedModel(use_buffers=True)`` failed to update (size 0 vs 32)."""
+    from torch.func import stack_module_state
+    from torch.optim.swa_utils import AveragedModel
+
+    from attnlab.models import LanguageModel, LMConfig
+
+    cfg = LMConfig(vocab_size=50, d_model=32, num_heads=4, num_layers=1)
+    ran, fresh = LanguageModel(cfg).eval(), LanguageModel(cfg).eval()
+    ema, ids = AveragedModel(ran, use_buffers=True), torch.randint(0, 50, (2, 32))
+    with torch.no_grad():
+        want = ran(ids)
+    stack_module_state([ran, fresh])
+    ema.update_parameters(ran)
+    assert [n for n, _ in ran.named_buffers() if "rope" in n] == []
+    fresh.load_state_dict(ran.state_dict(), strict=True)  # the same keys, run or not
+    with torch.no_grad():
+        assert torch.equal(fresh(ids), want)
+
+
+def test_rope_tables_follow_double_and_float_moves() -> None:
+    """Plain cached tables, dropped by ``.double()`` / ``.float()``: each dtype's result
+    matches the rotate_half formula to its own precision."""
+    rope, x = RotaryEmbedding(64), torch.randn(1, 2, 100, 64)
+    want = rotate_half_rope(x, torch.arange(100))
+    assert max_err(rope(x), want) < 1e-5  # float32 tables of 128 positions
+    rope.double()
+    assert max_err(rope(x.double()), want) < 1e-12
+    assert (rope._cos.dtype, rope._cos.shape) == (F64, (128, 32))
+    rope.float()
+    assert rope._cos.shape[0] == 0  # dropped by the cast; built again on use
+    assert max_err(rope(x), want) < 1e-5 and rope._cos.dtype == torch.float32
+
+
 def test_rope_scaling_formulas() -> None:
     r, base, factor = 16, 10000.0, 4.0
     ntk = RotaryEmbedding(r, scaling="ntk", factor=factor)

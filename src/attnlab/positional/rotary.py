@@ -74,7 +74,9 @@ class RotaryEmbedding(nn.Module):
             GPT-NeoX, Llama and Hugging Face); ``True`` pairs ``(2j, 2j + 1)`` (the paper,
             GPT-J).
 
-    The cos/sin tables of positions ``0 .. N-1`` are cached in non-persistent buffers that
+    The cos/sin tables of positions ``0 .. N-1`` are a plain cache, not buffers: their size
+    follows the longest sequence seen, so as buffers they made modules that had run different
+    lengths unstackable (``stack_module_state``, ``AveragedModel(use_buffers=True)``). They
     grow (to a power of two) on demand and are rebuilt on a new device or dtype.
 
     Example:
@@ -107,10 +109,7 @@ class RotaryEmbedding(nn.Module):
             raise TypeError(f"interleaved must be a bool, got {interleaved!r}")
         self.interleaved = interleaved
         self._inv_freq = self._scaled_inverse_frequencies()  # (R/2,) float64, CPU
-        empty = torch.empty(0, self.rotary_dim // 2)
-        self.register_buffer("_cos", empty, persistent=False)  # (N, R/2)
-        self.register_buffer("_sin", empty.clone(), persistent=False)  # (N, R/2)
-        self._built: torch.dtype | None = None  # the dtype the tables were computed in
+        self._drop_tables()
 
     @property
     def effective_base(self) -> float:
@@ -154,12 +153,17 @@ class RotaryEmbedding(nn.Module):
         return torch.cat((out, x[..., r:]), dim=-1)  # (B, H, L, E)
 
     def _apply(self, fn: Any, recurse: bool = True) -> RotaryEmbedding:
-        """Move or cast as usual, then mark the cos/sin tables stale (made again on next
-        use): ``to_empty`` keeps their device and dtype but not their values, so tables
-        built under ``torch.device("meta")``, or before it, were read uninitialized (inf)."""
+        """Move or cast as usual, then drop the cos/sin tables (made again on next use, on
+        the device and in the dtype the inputs then ask for): they are not buffers, so
+        ``.to``, ``.double()`` and ``to_empty`` would otherwise leave them behind."""
         super()._apply(fn, recurse)
-        self._built = None
+        self._drop_tables()
         return self
+
+    def _drop_tables(self) -> None:
+        """Empty the cached cos/sin tables ``(0, R/2)``; the next use builds them."""
+        empty = torch.empty(0, self.rotary_dim // 2)
+        self._cos, self._sin = empty, empty  # (N, R/2) each, plain attributes
 
     def _check_x(self, x: object) -> Tensor:
         if not isinstance(x, Tensor):
@@ -201,12 +205,10 @@ class RotaryEmbedding(nn.Module):
 
     def _table(self, end: int, device: torch.device, work: torch.dtype) -> tuple[Tensor, Tensor]:
         """The cached cos/sin tables, rebuilt to cover positions ``0 .. end - 1`` if needed."""
-        # ``module.double()`` casts the buffers, not the angles: a table computed in
-        # float32 and cast is rebuilt for float64 work
         # one read of the pair, and the pair built here returned as built: another thread
         # sharing the module may swap in tables of another length in between
-        cos, sin, built = self._cos, self._sin, self._built
-        stale = cos.device != device or cos.dtype != work or built != work
+        cos, sin = self._cos, self._sin
+        stale = cos.device != device or cos.dtype != work
         if stale or cos.shape[0] < end or (sin.shape, sin.dtype) != (cos.shape, cos.dtype):
             n = max(16, 1 << (end - 1).bit_length())  # the next power of two >= end
             # Built outside inference mode so the cache can serve autograd later on.
@@ -214,7 +216,6 @@ class RotaryEmbedding(nn.Module):
                 angle = self._angles(torch.arange(n, device=device), work)  # (N, R/2)
                 cos, sin = angle.cos(), angle.sin()
                 self._cos, self._sin = cos, sin
-                self._built = work
         return cos, sin
 
     def _rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
