@@ -195,10 +195,10 @@ def autocast_inputs(*ts: Tensor) -> tuple[Tensor, ...]:
     return _autocast(ts)
 
 
-def same_dtype(name: str, x: Tensor, dtype: torch.dtype) -> Tensor:
+def same_dtype(name: str, x: Tensor, dtype: torch.dtype | None) -> Tensor:
     """``x`` if of the model's ``dtype`` (or under ``torch.autocast``, which casts for the
     model), else a TypeError naming ``name``: float64 into a float32 model raised torch's
-    bare "mat1 and mat2 must have the same dtype".
+    bare "mat1 and mat2 must have the same dtype". ``dtype`` None leaves it to the module.
 
     Example:
         >>> same_dtype("images", torch.zeros(1), torch.float64)
@@ -206,7 +206,8 @@ def same_dtype(name: str, x: Tensor, dtype: torch.dtype) -> Tensor:
         TypeError: images must be of the model's dtype torch.float64, got torch.float32
     """
     kind = x.device.type
-    if x.dtype == dtype or (kind in _AUTOCAST_DEVICES and torch.is_autocast_enabled(kind)):
+    autocast = kind in _AUTOCAST_DEVICES and torch.is_autocast_enabled(kind)
+    if dtype is None or x.dtype == dtype or autocast:
         return x
     raise TypeError(f"{name} must be of the model's dtype {dtype}, got {x.dtype}")
 

@@ -130,8 +130,9 @@ class LanguageModel(nn.Module):
         """
         _check_ids(ids, self.cfg.vocab_size)
         h = self.decoder(self.embed(ids), cache=cache)  # (B, L, D)
-        weight = self.embed.weight if self.head is None else self.head.weight  # (V, D)
-        return F.linear(h, weight)  # (B, L, V)
+        if self.head is None:  # tied: the embedding is the output weight (V, D)
+            return F.linear(h, self.embed.weight)  # (B, L, V)
+        return self.head(h)  # (B, L, V); a module call, so a quantized head works too
 
     @torch.no_grad()
     def generate(

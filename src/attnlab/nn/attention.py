@@ -26,6 +26,7 @@ from attnlab.bias import Bias
 from attnlab.functional import AttentionOutput, attention, unsupported_by
 from attnlab.masks import Mask
 from attnlab.nn._fused import linear, module_linear
+from attnlab.nn._weights import weight_dtype
 from attnlab.nn.cache import KVCache
 from attnlab.nn.config import check_attention_options, check_heads, check_rope
 from attnlab.nn.seeded import affine_init
@@ -209,7 +210,7 @@ class MultiHeadAttention(nn.Module):
         _check_input("query", query, self.embed_dim)
         for name, t in (("query", query), ("key", key), ("value", value)):  # (float64 into a
             if isinstance(t, Tensor):  # float32 layer: "mat1 and mat2 must have the same dtype")
-                same_dtype(name, t, self.out_proj.weight.dtype)
+                same_dtype(name, t, weight_dtype(self.out_proj))
         need_weights = validate_flag("need_weights", need_weights)  # ("no" is truthy)
         average_weights = validate_flag("average_weights", average_weights)
         if residual is not None:  # (torch: "The size of tensor a (8) must match ...")

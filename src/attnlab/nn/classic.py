@@ -327,15 +327,25 @@ class LuongAttention(_ScoredAttention):
             return k
         if self.method == "general":
             return self.key_proj(k)
-        return k @ self.proj.weight[:, self.query_dim :].T  # (B, Lk, hidden)
+        return self._concat_half(k, query=False)  # (B, Lk, hidden)
 
     def score(self, query: Tensor, projected_keys: Tensor) -> Tensor:
         """Scores ``(B, Lq, Lk)`` of queries ``(B, Lq, Dq)`` against projected keys."""
         if self.method != "concat":
             return torch.einsum("bqd,bkd->bqk", query, projected_keys)
-        pq = query @ self.proj.weight[:, : self.query_dim].T  # (B, Lq, hidden)
+        pq = self._concat_half(query, query=True)  # (B, Lq, hidden)
         hidden = torch.tanh(pq[:, :, None] + projected_keys[:, None])  # (B, Lq, Lk, hidden)
         return self.v(hidden).squeeze(-1)
+
+    def _concat_half(self, x: Tensor, *, query: bool) -> Tensor:
+        """``x (..., Dq or Dk)`` through the query or key half of concat's ``W [q; k]``:
+        a slice of ``W``, or where ``proj.weight`` is no tensor (quantized) ``proj`` itself
+        on ``x`` padded with zeros for the other half."""
+        w, dq = self.proj.weight, self.query_dim
+        if isinstance(w, Tensor):
+            return x @ (w[:, :dq] if query else w[:, dq:]).T  # (..., hidden)
+        zeros = x.new_zeros(*x.shape[:-1], self.key_dim if query else dq)
+        return self.proj(torch.cat((x, zeros) if query else (zeros, x), dim=-1))
 
     def extra_repr(self) -> str:
         return (

@@ -30,6 +30,7 @@ from attnlab.bias import Bias
 from attnlab.masks import Mask
 from attnlab.nn._from_torch import load_torch, torch_config
 from attnlab.nn._fused import feed_forward, module_linear, plain
+from attnlab.nn._weights import weight_dtype
 from attnlab.nn.attention import MultiHeadAttention
 from attnlab.nn.cache import KVCache
 from attnlab.nn.config import ACTIVATIONS, LayerConfig, check_choice
@@ -87,7 +88,7 @@ class FeedForward(nn.Module):
         if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != d:
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x must be (B, L, {d}), got {got}")
-        same_dtype("x", x, self.linear1.weight.dtype)  # (torch: "mat1 and mat2 must have")
+        same_dtype("x", x, weight_dtype(self.linear1))  # (torch: "mat1 and mat2 must have")
         if residual is not None:
             if not isinstance(residual, Tensor):
                 raise TypeError(

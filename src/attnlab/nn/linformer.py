@@ -30,6 +30,7 @@ from attnlab._validate import autocast_inputs, positive_int, same_dtype, validat
 from attnlab.engines.approximate import padding_validity
 from attnlab.functional import AttentionOutput, attention
 from attnlab.masks import Mask
+from attnlab.nn._weights import weight_dtype
 from attnlab.nn.config import check_attention_options
 
 __all__ = ["SHARING", "LinformerAttention", "linformer_attention"]
@@ -237,7 +238,7 @@ class LinformerAttention(nn.Module):
         value = key if value is None else value
         for name, t in (("query", query), ("key", key), ("value", value)):
             if isinstance(t, Tensor) and t.is_floating_point():  # (float64 into float32: torch
-                same_dtype(name, t, self.q_proj.weight.dtype)  # said "mat1 and mat2 must ...")
+                same_dtype(name, t, weight_dtype(self.q_proj))  # said "mat1 and mat2 must ...")
         for name, t in (("key", key), ("value", value)):  # (it blamed proj_k's shape)
             if isinstance(t, Tensor) and t.dim() == 3 and t.shape[1] > self.max_len:
                 raise ValueError(

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from attnlab import masks
 from attnlab._validate import instance_of, nonnegative_int, positive_int, same_dtype
 from attnlab.functional import AttentionOutput, attention
+from attnlab.nn._weights import weight_dtype
 from attnlab.positional import sinusoidal_table
 
 __all__ = [
@@ -118,7 +119,7 @@ class AgentPolicy(nn.Module):
             raise ValueError(f"obs must be {shape} with D={self.obs_dim}, got {tuple(obs.shape)}")
         if dims == 3 and obs.shape[1] == 0:
             raise ValueError(f"obs must hold at least 1 step (T >= 1), got {tuple(obs.shape)}")
-        same_dtype("obs", obs, cast(nn.Linear, self.pi[-1]).weight.dtype)
+        same_dtype("obs", obs, weight_dtype(self.pi[-1]))
         error = f"starts must be bool {tuple(obs.shape[:-1])}, got {_seen(starts)}"
         if not isinstance(starts, Tensor):
             raise TypeError(error)
