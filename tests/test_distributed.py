@@ -8,6 +8,7 @@ fp64), so one spawn covers the whole matrix of masks, biases and layouts.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import pathlib
@@ -758,6 +759,51 @@ def test_an_empty_batch_gives_an_empty_output_on_every_strategy() -> None:
     """(The ring hung: a rank sent its empty keys, and its peer posted no receive.)"""
     for shapes in run_local(_empty, 2, timeout=60):
         assert set(shapes.values()) == {((0, 4, 6, 8), (0, 4, 6, 8))}, shapes
+
+
+def _penalty_grads(q: Tensor, k: Tensor, v: Tensor, attend: Callable[..., Tensor]) -> list[Tensor]:
+    """``dq`` (with ``create_graph=True``) and the gradients of ``out.sum() + |dq|^2``."""
+    out = attend(q, k, v, mask=masks.causal(), engine="reference")
+    (dq,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    (out.sum() + (dq**2).sum()).backward()
+    return [dq.detach(), *(t.grad for t in (q, k, v))]  # type: ignore[misc]
+
+
+def _second_order(rank: int, world: int) -> dict[str, object]:
+    """Per strategy: the largest error of a gradient penalty's dq, dq/dk/dv against one
+    process (fp64, N=8), or the error its second backward raised."""
+    torch.manual_seed(0)
+    whole = [torch.randn(1, 2, 8, 4, dtype=torch.float64) for _ in range(3)]
+    ref = _penalty_grads(*(t.clone().requires_grad_() for t in whole), attnlab.attention)
+    seen: dict[str, object] = {}
+    for strategy in ("ring", "all-gather", "ulysses"):
+        qkv = [D.shard(t, rank, world).requires_grad_() for t in whole]
+        attend = functools.partial(D.attention, strategy=strategy)
+        try:
+            ours = _penalty_grads(*qkv, attend)
+        except RuntimeError as e:
+            out = attend(*qkv, mask=masks.causal(), engine="reference")  # first order still
+            (dq,) = torch.autograd.grad(out.sum(), qkv[0], create_graph=True)
+            seen[strategy] = (str(e), (dq - D.shard(ref[0], rank, world)).abs().max().item())
+            continue
+        seen[strategy] = max(
+            (a - D.shard(b, rank, world)).abs().max().item() for a, b in zip(ours, ref, strict=True)
+        )
+    return seen
+
+
+def test_second_order_gradients_are_exact_through_ulysses_and_refused_elsewhere() -> None:
+    """A gradient penalty through the context-parallel call: ring and all-gather gave a
+    ``create_graph=True`` dq with no graph, so the penalty was dropped silently (q.grad off
+    by up to 1.19); Ulysses with engine="reference" gave the pieces other ranks sent no
+    history (as far off). Now Ulysses is exact and the others raise by name."""
+    for seen in run_local(_second_order, 2, timeout=60):
+        assert isinstance(seen["ulysses"], float) and seen["ulysses"] < 1e-12, seen
+        for strategy in ("ring", "all-gather"):
+            msg, dq_error = seen[strategy]  # type: ignore[misc]
+            assert f"attention(strategy='{strategy}'): its backward is not" in msg, msg
+            assert "strategy='ulysses' with engine='reference' serves it" in msg, msg
+            assert dq_error < 1e-12, seen  # create_graph=True's first order is served
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from attnlab.bias import Bias, TensorBias, as_bias
 from attnlab.distributed.comm import Group, gather_meta
 from attnlab.distributed.layout import LAYOUTS, shard_lengths, validate_layout
 from attnlab.distributed.plan import choose
-from attnlab.distributed.ring import RingAttention
+from attnlab.distributed.ring import FUNCTIONS
 from attnlab.distributed.setup import Setup, make_setup
 from attnlab.distributed.ulysses import ulysses
 from attnlab.engines._leaves import HIDES_GRAD, hides_grad
@@ -48,7 +48,9 @@ def attention(
 
     Every rank passes its shard (as :func:`attnlab.distributed.shard` cuts it) and gets
     its shard of the output; forward and backward equal :func:`attnlab.attention` on the
-    whole sequence. Masks and biases are evaluated at global positions.
+    whole sequence. Masks and biases are evaluated at global positions. Second-order
+    gradients (``create_graph=True``) are exact with ``strategy="ulysses"`` and
+    ``engine="reference"``; the ring and all-gather strategies refuse them by name.
 
     Args:
         q: this rank's queries ``(B, Hq, L_r, E)``.
@@ -121,7 +123,7 @@ def attention(
     if not s.sizes[0]:  # an empty batch on every rank (checked): nothing to exchange
         return q.new_zeros((*q.shape[:3], v.shape[-1])) + 0 * (q.sum() + k.sum() + v.sum())
     leaves = [] if s.bias is None else _leaves(s.bias)
-    out: Tensor = RingAttention.apply(q, k, v, s, *leaves)
+    out: Tensor = FUNCTIONS[s.strategy].apply(q, k, v, s, *leaves)
     return out
 
 

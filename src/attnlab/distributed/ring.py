@@ -17,13 +17,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from attnlab._eager import first_order_only
 from attnlab.distributed.comm import all_gather_tensor, post, wait_all
 from attnlab.distributed.layout import Piece
 from attnlab.distributed.merge import Merge, Own
 from attnlab.distributed.setup import Setup
 from attnlab.distributed.steps import Keys, Rows, backward_pair, forward_pair, kernel_rows
 
-__all__ = ["RingAttention", "offsets", "segments"]
+__all__ = ["FUNCTIONS", "GatheredAttention", "RingAttention", "offsets", "segments"]
 
 
 def offsets(s: Setup, rank: int) -> list[int]:
@@ -303,9 +304,33 @@ def _row_slice(rw: Rows, rr: Piece) -> Rows:
     return Rows(q, do, out, lse, dq, first=rw.first + a, own=own)
 
 
+# what serves a second-order gradient instead of the ring's own backward
+_INSTEAD = (
+    "strategy='ulysses' with engine='reference' serves it (query and key/value heads "
+    "divisible by the ranks), as attnlab.attention(..., engine='reference') does on the "
+    "whole sequence"
+)
+
+
+def _what(strategy: str) -> str:
+    return f"attnlab.distributed.attention(strategy={strategy!r})"
+
+
+def _backward(ctx: Any, dout: Tensor) -> tuple[Tensor | None, ...]:
+    """:meth:`RingAttention.backward` (first order only: see its refusal)."""
+    q, k, v, out, lse, *leaves = ctx.saved_tensors
+    saved = (q, k, v, out, lse)
+    dq, dk, dv, dleaves = ring_backward(ctx.setup, saved, ctx.pair_lse, dout, leaves, ctx.own)
+    dq, dk, dv = (g.to(d) for g, d in zip((dq, dk, dv), ctx.dtypes, strict=True))
+    return (dq, dk, dv, None, *dleaves)
+
+
 class RingAttention(torch.autograd.Function):
     """Ring attention over a :class:`Setup`: logsumexp merge forward, global-logsumexp
-    recompute backward. Inputs ``q, k, v`` are this rank's shards ``(B, H, L_r, E)``."""
+    recompute backward. Inputs ``q, k, v`` are this rank's shards ``(B, H, L_r, E)``.
+    The backward is not differentiable: differentiating its gradients again (a
+    ``create_graph=True`` gradient penalty, a Hessian) raises, naming what serves it
+    (it returned them with no graph, so the second-order term was dropped silently)."""
 
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, s: Setup, *leaves: Tensor) -> Tensor:
@@ -315,10 +340,14 @@ class RingAttention(torch.autograd.Function):
         ctx.dtypes = q.dtype, k.dtype, v.dtype
         return out.to(v.dtype)
 
-    @staticmethod
-    def backward(ctx: Any, dout: Tensor) -> tuple[Tensor | None, ...]:
-        q, k, v, out, lse, *leaves = ctx.saved_tensors
-        saved = (q, k, v, out, lse)
-        dq, dk, dv, dleaves = ring_backward(ctx.setup, saved, ctx.pair_lse, dout, leaves, ctx.own)
-        dq, dk, dv = (g.to(d) for g, d in zip((dq, dk, dv), ctx.dtypes, strict=True))
-        return (dq, dk, dv, None, *dleaves)
+    backward = staticmethod(first_order_only(_what("ring"), _INSTEAD)(_backward))
+
+
+class GatheredAttention(RingAttention):
+    """:class:`RingAttention` for the all-gather strategy, which its refusal names."""
+
+    backward = staticmethod(first_order_only(_what("all-gather"), _INSTEAD)(_backward))
+
+
+#: The autograd Function of each strategy that runs the ring's steps.
+FUNCTIONS: dict[str, type[RingAttention]] = {"ring": RingAttention, "all-gather": GatheredAttention}

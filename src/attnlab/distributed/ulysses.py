@@ -9,7 +9,9 @@ then one all-to-all sends every rank its shard of the output back. A bias or mas
 depends on the head (ALiBi, learned relative buckets) is shown the global head indices
 through :class:`HeadSliceBias` and :class:`HeadSliceMask`.
 
-Backward is autograd: the gradient of an all-to-all is the inverse all-to-all. It needs
+Backward is autograd: the gradient of an all-to-all is the inverse all-to-all, itself
+recorded by autograd, so second-order gradients are exact wherever the local engine's
+are (``engine="reference"``; the blocked one refuses them by name). It needs
 ``Hq % P == 0`` and ``Hkv % P == 0``; :func:`attnlab.distributed.attention` checks that
 on every rank before any data moves.
 """
@@ -142,6 +144,10 @@ def heads_to_seq(s: Setup, y: Tensor) -> Tensor:
 
 
 class _SeqToHeads(torch.autograd.Function):
+    """:func:`seq_to_heads`; its backward is :class:`_HeadsToSeq`, itself differentiable,
+    so a second-order gradient goes through the all-to-alls (a plain
+    :func:`heads_to_seq` there gave the pieces received from other ranks no history)."""
+
     @staticmethod
     def forward(ctx: Any, x: Tensor, s: Setup) -> Tensor:
         ctx.setup = s
@@ -149,10 +155,12 @@ class _SeqToHeads(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        return heads_to_seq(ctx.setup, grad.contiguous()), None
+        return _HeadsToSeq.apply(grad.contiguous(), ctx.setup), None
 
 
 class _HeadsToSeq(torch.autograd.Function):
+    """:func:`heads_to_seq`; its backward is :class:`_SeqToHeads`."""
+
     @staticmethod
     def forward(ctx: Any, y: Tensor, s: Setup) -> Tensor:
         ctx.setup = s
@@ -160,7 +168,7 @@ class _HeadsToSeq(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        return seq_to_heads(ctx.setup, grad.contiguous()), None
+        return _SeqToHeads.apply(grad.contiguous(), ctx.setup), None
 
 
 def head_views(s: Setup) -> tuple[Mask | None, Bias | None]:
