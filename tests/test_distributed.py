@@ -806,6 +806,37 @@ def test_second_order_gradients_are_exact_through_ulysses_and_refused_elsewhere(
             assert dq_error < 1e-12, seen  # create_graph=True's first order is served
 
 
+def _autocast(rank: int, world: int) -> dict[str, tuple[str, float]]:
+    """Per strategy (and one process): the output's dtype under CPU bfloat16 autocast
+    and its largest error against fp64 (float32 inputs, causal, N=8)."""
+    torch.manual_seed(0)
+    whole = [torch.randn(1, 2, 8, 4) for _ in range(3)]
+    ref = attnlab.attention(*(t.double() for t in whole), mask=masks.causal())
+    seen = {}
+    for strategy in ("ring", "all-gather", "ulysses", "one process"):
+        if strategy == "one process":
+            qkv, attend = whole, attnlab.attention
+        else:
+            qkv = [D.shard(t, rank, world) for t in whole]
+            attend = functools.partial(D.attention, strategy=strategy)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = attend(*qkv, mask=masks.causal())
+        if strategy == "one process":
+            out = D.shard(out, rank, world)
+        err = (out.double() - D.shard(ref, rank, world)).abs().max().item()
+        seen[strategy] = (str(out.dtype), err)
+    return seen
+
+
+def test_under_autocast_every_strategy_returns_its_dtype() -> None:
+    """The ring and all-gather returned float32 under bfloat16 autocast, beside Ulysses'
+    and one process's bfloat16; now bfloat16 too, computed as before (rounded once)."""
+    for seen in run_local(_autocast, 2, timeout=60):
+        assert {dtype for dtype, _ in seen.values()} == {"torch.bfloat16"}, seen
+        for strategy in ("ring", "all-gather"):
+            assert seen[strategy][1] <= 2 * seen["one process"][1], seen
+
+
 @pytest.mark.parametrize(
     ("call", "match"),
     [

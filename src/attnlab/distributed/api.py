@@ -14,7 +14,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attnlab._validate import _broadcast_batch, _no_heads, broadcast_batch_size, validate_scale
+from attnlab._validate import (
+    _broadcast_batch,
+    _no_heads,
+    autocast_inputs,
+    broadcast_batch_size,
+    validate_scale,
+)
 from attnlab.bias import Bias, TensorBias, as_bias
 from attnlab.distributed.comm import Group, gather_meta
 from attnlab.distributed.layout import LAYOUTS, shard_lengths, validate_layout
@@ -120,6 +126,14 @@ def attention(
         q, s = q * 0.0, dataclasses.replace(s, scale=1.0)
     if s.strategy == "ulysses":
         return ulysses(s, q, k, v)
+    # under torch.autocast in its dtype, as one process's attention and Ulysses return it
+    # (computed as before, from the inputs as given; it was float32 beside their bfloat16)
+    (out,) = autocast_inputs(_ring(s, q, k, v))
+    return out
+
+
+def _ring(s: Setup, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """The ring or all-gather strategy's output shard ``(B, Hq, L_r, Ev)``."""
     if not s.sizes[0]:  # an empty batch on every rank (checked): nothing to exchange
         return q.new_zeros((*q.shape[:3], v.shape[-1])) + 0 * (q.sum() + k.sum() + v.sum())
     leaves = [] if s.bias is None else _leaves(s.bias)
