@@ -292,3 +292,42 @@ def test_a_fused_optimizer_step_is_seen(kind: str) -> None:
     assert ff.linear1.weight._version == version  # what hid the step from the packing
     assert (truth - before).abs().max() > 0.05  # positive control: the step changed them
     assert (after - truth).abs().max() < 1e-5
+
+
+def test_a_packed_weight_can_be_swapped_and_its_packing_follows() -> None:
+    """The cache held a weakref to each packed weight, and torch swaps no tensor that has
+    one: after a ``no_grad`` forward, ``load_state_dict`` and ``.double()`` under
+    ``torch.__future__.set_swap_module_params_on_conversion(True)``, and
+    ``torch.utils.swap_tensors``, raised RuntimeError. They swap; the next forward uses
+    the weights swapped in, and a packing goes when its weight's storage is freed."""
+    from attnlab.nn import FeedForward
+
+    torch.manual_seed(0)
+    ff, x = FeedForward(128, 1024).eval(), torch.randn(2, 16, 128)
+    w = ff.linear1.weight
+
+    def check() -> torch.Tensor:  # the fused forward against autograd's F.linear
+        with torch.no_grad():
+            got = ff(x)
+        assert (got - ff(x).detach()).abs().max() < 1e-5
+        return got
+
+    before = check()  # packs linear1.weight
+    swapping = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        ff.load_state_dict(FeedForward(128, 1024).state_dict())
+        loaded = check()
+        ff.double().float()
+        assert torch.equal(check(), loaded)
+        torch.utils.swap_tensors(w, torch.nn.Parameter(-w.detach()))
+        assert (check() - loaded).abs().max() > 0.1  # positive control: the swap was seen
+        key = _fused._key(w)
+        assert key in _fused._PACKED or _fused._REORDER is None
+        ff.double()  # for good: the float32 storage is freed, and its packing with it
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swapping)
+    assert ff.linear1.weight is w and w.dtype == torch.float64  # swapped, not replaced
+    assert (loaded - before).abs().max() > 0.1
+    gc.collect()
+    assert key not in _fused._PACKED

@@ -132,31 +132,46 @@ def _addable(residual: Tensor, shape: tuple[int, ...]) -> bool:
 class _Packing(NamedTuple):
     """A weight's packed copy and what tells whether the weight changed since."""
 
-    ref: weakref.ref[Tensor]  # the weight (the entry goes when it is freed)
-    state: tuple[int, int]  # its version and address when packed
+    storage: weakref.ref[torch.UntypedStorage]  # the weight's (the entry goes with it)
+    version: int  # the weight's version when packed
     packed: Tensor  # oneDNN's blocked copy
-    sample: Tensor  # a view of its sampled entries, which holds its storage (see _packed)
-    then: Tensor  # their bits when packed
+    step: int  # the sample's stride (see _sample)
+    then: Tensor  # the sampled entries' bits when packed
 
 
-# id(weight) -> its packing
-_PACKED: dict[int, _Packing] = {}
+# (id of the weight's storage, the weight's address, its shape) -> its packing: no
+# reference to the weight itself, as a weakref to a tensor forbids swapping it
+# (``torch.utils.swap_tensors``; ``module.double()`` and ``load_state_dict`` under
+# ``torch.__future__.set_swap_module_params_on_conversion(True)``)
+_PACKED: dict[tuple[int, int, torch.Size], _Packing] = {}
+
+
+def _key(weight: Tensor) -> tuple[int, int, torch.Size]:
+    """``weight``'s place in :data:`_PACKED`: where it lies, and its shape."""
+    return id(weight.untyped_storage()), weight.data_ptr(), weight.shape
+
 
 #: a packed weight's every ``SAMPLE_STRIDE``-th entry is kept at packing and compared at
 #: each use, so that a write through ``.data`` (which bumps no version) is seen: prime, so
-#: the sample visits every column (and every row of a weight 67 or more wide). 2-3 us a
-#: call at 2**17 entries, 2-4% of the smallest fused product; a float sum of the whole
-#: weight (blind to changes under its rounding) took 7 us, 29 us at 3072 x 192
+#: the sample visits every column (and every row of a weight 67 or more wide). The
+#: compare took 2-3 us a call at 2**17 entries, and making the sample's view anew 2-3 us
+#: more (see _sample): 5-7% of the smallest fused product (16 rows: 78-90 us); a float
+#: sum of the whole weight (blind to changes under its rounding) took 7 us, 29 us at
+#: 3072 x 192
 SAMPLE_STRIDE = 61
 
 
-def _sample(weight: Tensor) -> Tensor:
-    """A view of every :data:`SAMPLE_STRIDE`-th entry of a contiguous ``weight (N, K)``,
-    as int32 (bit for bit: a NaN equals itself); where that stride divides ``K`` (61, 122,
-    183), 67, so the sample still visits every column. The view holds the weight's
-    storage, not the weight (whose freeing drops its packing)."""
-    step = SAMPLE_STRIDE + 6 * (weight.shape[1] % SAMPLE_STRIDE == 0)
-    return weight.detach().view(-1)[::step].view(torch.int32)
+def _stride(weight: Tensor) -> int:
+    """The sample's stride for ``weight (N, K)``: :data:`SAMPLE_STRIDE`, or 67 where that
+    divides ``K`` (61, 122, 183), so the sample still visits every column."""
+    return SAMPLE_STRIDE + 6 * (weight.shape[1] % SAMPLE_STRIDE == 0)
+
+
+def _sample(weight: Tensor, step: int) -> Tensor:
+    """A view of every ``step``-th entry of a contiguous ``weight``, as int32 (bit for bit:
+    a NaN equals itself). Made anew at each use: a view kept would keep the weight's
+    storage, and with it the packing, alive after the weight is freed."""
+    return weight.as_strided(((weight.numel() - 1) // step + 1,), (step,)).view(torch.int32)
 
 
 def _packed(weight: Tensor, rows: int) -> Tensor:
@@ -165,29 +180,36 @@ def _packed(weight: Tensor, rows: int) -> Tensor:
     a plain weight (7-10% of a MiniLM-sized linear). The result is the same; a weight that
     cannot be packed is used as it is.
 
-    "Unchanged" is the weight's version counter (every in-place op on it, optimizer steps
-    and ``load_state_dict`` included; a step of any optimizer drops its parameters'
-    copies, as torch's fused ones bump no version), its storage's address
-    (``param.data = t``, ``vector_to_parameters``, casts; the packed copy keeps its
-    source's storage, so no new storage takes that address) and a sample of its entries,
-    one in :data:`SAMPLE_STRIDE` (61) in every column, compared bit for bit. A
-    write in place through ``param.data`` bypasses the first two; the sample sees it when
+    "Unchanged" is the weight's storage (the same object, still alive: ``param.data = t``,
+    ``vector_to_parameters``, casts, a swap of tensors give it another; a cast away and
+    back got new storage at the freed address, so the address alone did not tell), its
+    address and shape in that storage, its version counter (every in-place op on it,
+    optimizer steps and ``load_state_dict`` included; a step of any optimizer drops its
+    parameters' copies, as torch's fused ones bump no version) and a sample of its
+    entries, one in :data:`SAMPLE_STRIDE` (61) in every column, compared bit for bit. A
+    write in place through ``param.data`` bypasses the version; the sample sees it when
     it changes any sampled entry (``p.data.mul_(2)``, ``p.data -= lr * p.grad``,
     ``p.data.copy_(other)``, a row, a column, a random 1% of the entries), but not a
     write of a few single entries that misses it (``p.data[3, 5] = 0``: one chance in 61
     to be seen): :func:`forget_packed` drops the copies after one. A weight made under
-    ``torch.inference_mode`` has no version counter, so it is used as it is."""
+    ``torch.inference_mode`` has no version counter, so it is used as it is.
+
+    The cache holds no reference to the weight (a weakref would forbid swapping it): it is
+    keyed by where the weight lies, so a new tensor on the same place (a view made at
+    each call) finds its packing, and an entry goes when its storage is freed (a weight
+    freed while another tensor views its storage keeps its packing until then)."""
     if _REORDER is None or weight.dim() != 2 or not weight.is_contiguous():
         return weight
     if weight.is_inference():  # no version to tell a change by
         return weight
-    key, state = id(weight), (weight._version, weight.data_ptr())
+    storage = weight.untyped_storage()
+    key = (id(storage), weight.data_ptr(), weight.shape)
     got = _PACKED.get(key)
     if (
         got is not None
-        and got.ref() is weight
-        and got.state == state
-        and torch.equal(got.sample, got.then)  # a write through .data
+        and got.storage() is storage
+        and got.version == weight._version
+        and torch.equal(_sample(weight, got.step), got.then)  # a write through .data
     ):
         return got.packed
     try:
@@ -195,12 +217,9 @@ def _packed(weight: Tensor, rows: int) -> Tensor:
     except RuntimeError:
         return weight
     _watch_optimizers()
-    ref = weakref.ref(weight, functools.partial(_forget, key))
-    # the sample's view keeps the source's storage: a weight cast away and back
-    # (``.half().float()``) got new storage at the freed address, with the same version,
-    # and read the old packing
-    sample = _sample(weight)
-    _PACKED[key] = _Packing(ref, state, packed, sample, sample.clone())
+    ref = weakref.ref(storage, functools.partial(_forget, key))
+    step = _stride(weight)
+    _PACKED[key] = _Packing(ref, weight._version, packed, step, _sample(weight, step).clone())
     return packed
 
 
@@ -216,9 +235,12 @@ def forget_packed() -> None:
     _PACKED.clear()
 
 
-def _forget(key: int, _ref: object) -> None:
-    """Drop the packed copy of a weight that was freed."""
-    _PACKED.pop(key, None)
+def _forget(key: tuple[int, int, torch.Size], ref: object) -> None:
+    """Drop the packed copy of a weight whose storage was freed (unless the entry is
+    another's since)."""
+    got = _PACKED.get(key)
+    if got is not None and got.storage is ref:
+        del _PACKED[key]
 
 
 @functools.cache
@@ -235,7 +257,10 @@ def _watch_optimizers() -> None:
 def _stepped(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
     for group in optimizer.param_groups:
         for p in group["params"]:
-            _PACKED.pop(id(p), None)
+            try:
+                _PACKED.pop(_key(p), None)
+            except (RuntimeError, NotImplementedError):  # no storage (sparse): never packed
+                continue
 
 
 def _activate(y: Tensor, activation: str | None, *, inplace: bool = False) -> Tensor:
