@@ -162,6 +162,19 @@ def _sgd(ff: torch.nn.Module, x: torch.Tensor) -> None:
             ff(x)
 
 
+def _vector(ff: torch.nn.Module, x: torch.Tensor) -> None:
+    """``vector_to_parameters`` (the parameters become views of one vector, through
+    ``param.data``), an evaluation under ``no_grad`` (which packs them), then a write
+    into the vector: no parameter's version changes."""
+    from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+    vec = parameters_to_vector(ff.parameters())
+    vector_to_parameters(vec, ff.parameters())
+    with torch.no_grad():
+        ff(x)
+        vec.mul_(2.0)
+
+
 _DATA_WRITES = {
     "mul_": lambda ff, x: [p.data.mul_(2.0) for p in ff.parameters()],
     "add_": lambda ff, x: [p.data.add_(0.1 * torch.randn_like(p)) for p in ff.parameters()],
@@ -172,6 +185,7 @@ _DATA_WRITES = {
     ],
     "row": lambda ff, x: ff.linear1.weight.data[7].mul_(-3.0),
     "column": lambda ff, x: ff.linear1.weight.data[:, 5].fill_(2.0),
+    "vector": _vector,
 }
 
 

@@ -189,9 +189,10 @@ def _packed(weight: Tensor, rows: int) -> Tensor:
     entries, one in :data:`SAMPLE_STRIDE` (61) in every column, compared bit for bit. A
     write in place through ``param.data`` bypasses the version; the sample sees it when
     it changes any sampled entry (``p.data.mul_(2)``, ``p.data -= lr * p.grad``,
-    ``p.data.copy_(other)``, a row, a column, a random 1% of the entries), but not a
-    write of a few single entries that misses it (``p.data[3, 5] = 0``: one chance in 61
-    to be seen): :func:`forget_packed` drops the copies after one. A weight made under
+    ``p.data.copy_(other)``, a row, a column, a random 1% of the entries, a write into
+    the vector that ``vector_to_parameters`` made them views of), but not a write of a
+    few single entries that misses it (``p.data[3, 5] = 0``: one chance in 61 to be
+    seen): :func:`forget_packed` drops the copies after one. A weight made under
     ``torch.inference_mode`` has no version counter, so it is used as it is.
 
     The cache holds no reference to the weight (a weakref would forbid swapping it): it is
