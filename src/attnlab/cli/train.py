@@ -104,6 +104,7 @@ def add_parsers(sub: Any) -> None:
 def run_train(args: argparse.Namespace) -> int:
     """``attnlab train``: the task's settings with the command line's on top."""
     s = spec(args.task)
+    _check_target(args.task, s, args.target)
     out = check_out_folder("--out", f"runs/{args.task}" if args.out is None else args.out)
     check_entries("--out", out, ("last.safetensors", "best.safetensors"), ("report",))
     check_report("--out", out / "report")
@@ -122,6 +123,8 @@ def run_train(args: argparse.Namespace) -> int:
         given = f"is {cfg.steps}" if args.steps is not None else f"defaults to {cfg.steps}"
         msg = f"{given}, but the checkpoint is at step {at}; give more steps to continue"
         raise UsageError("--steps", msg)
+    if args.warmup is not None and cfg.warmup == args.warmup:  # (not a checkpoint's kept one)
+        _check_warmup(args, cfg.steps)
     with OutputLock(out, command=_command(args)):
         if not args.resume and (out / "last.safetensors").exists():
             best = " and the earlier best.safetensors removed" * (out / "best.safetensors").exists()
@@ -148,6 +151,28 @@ def run_demo(args: argparse.Namespace) -> int:
     with OutputLock(out, command=_command(args)):
         demo(out, seconds=args.seconds, progress=not args.no_progress)
     return 0
+
+
+def _check_target(task: str, s: TaskSpec, target: float | None) -> None:
+    """A ``--target`` outside the task's score range is never reached: ``95`` for 95%
+    trained the whole run on a score in [0, 1] (the eval lines' ``exact`` is a percent)."""
+    if target is None or s.score_range is None:
+        return
+    low, high = s.score_range
+    if not low <= target <= high:
+        hint = f"; did you mean {target / 100:g}?" if 5 * high <= target <= 100 * high else ""
+        msg = f"is {target:g}; {task} scores lie in [{low:g}, {high:g}], so it is never reached"
+        raise UsageError("--target", msg + hint)
+
+
+def _check_warmup(args: argparse.Namespace, steps: int) -> None:
+    """A ``--warmup`` longer than the run's steps keeps the learning rate below its peak
+    throughout (10**12 trained 450 steps at lr ~0: exact 0.0, exit 0); equal is allowed
+    (the peak comes at the last step)."""
+    if args.warmup > steps:
+        given = "--steps" if args.steps is not None else f"the {args.task} default"
+        msg = f"is {args.warmup}, more than the run's {steps} steps ({given}): the learning "
+        raise UsageError("--warmup", msg + f"rate would never reach its peak; give at most {steps}")
 
 
 def _check_resume(task: str, last: Path, args: argparse.Namespace) -> dict | None:

@@ -69,7 +69,12 @@ def agent_spec(name: str, env_id: str, policy: str) -> TaskSpec:
 
     summary = f"PPO agent, {policy} policy, on {env_id} ({FRAMES[env_id] // 1000}k frames)"
     return TaskSpec(
-        summary=summary, build=build, defaults=defaults, finish=finish, max_train_size=MAX_ENVS
+        summary=summary,
+        build=build,
+        defaults=defaults,
+        finish=finish,
+        max_train_size=MAX_ENVS,
+        score_range=(0.0, 1.0),  # the success rate, a fraction
     )
 
 

@@ -375,4 +375,5 @@ SPEC = TaskSpec(
         "threads": 1,
     },
     finish=finish,
+    score_range=(0.0, 1.0),
 )

@@ -446,4 +446,5 @@ SPEC = TaskSpec(
         "eval_every": 250,
     },
     finish=finish,
+    score_range=(0.0, 1.0),  # 1/perplexity
 )

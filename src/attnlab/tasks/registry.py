@@ -63,6 +63,9 @@ class TaskSpec:
             the final metrics.
         max_train_size: the most training examples the task can make (None: no bound
             below the command line's), checked before any data is made.
+        score_range: the ``(low, high)`` every eval line's ``score`` lies in (None: not
+            bounded, as the generative tasks' ``-Frechet``); a ``--target`` outside it is
+            refused before any work (0.95 is a fraction, 95 was never reached).
 
     Example:
         >>> s = spec("dates")
@@ -75,6 +78,7 @@ class TaskSpec:
     defaults: dict[str, Any] = field(default_factory=dict)
     finish: Callable[[Any, nn.Module, Path], dict[str, float]] | None = None
     max_train_size: int | None = None
+    score_range: tuple[float, float] | None = None
 
 
 def spec(name: str) -> TaskSpec:

@@ -272,4 +272,5 @@ SPEC = TaskSpec(
     build=lambda n: TranslationTask(60_000 if n is None else n, dropout=0.0),
     defaults={"steps": 2000, "batch_size": 128, "lr": 2e-3, "warmup": 100, "eval_every": 250},
     finish=finish,
+    score_range=(0.0, 1.0),
 )

@@ -287,4 +287,5 @@ SPEC = TaskSpec(
     },
     finish=finish,
     max_train_size=TRAIN_IMAGES,  # with the default test_fraction
+    score_range=(0.0, 1.0),
 )

@@ -1,0 +1,78 @@
+"""``attnlab train`` settings that can never do what they ask, refused before any work:
+a ``--warmup`` longer than the run, a ``--target`` outside the task's score range."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import attnlab.cli.train as train_mod
+from attnlab.cli import main
+from attnlab.tasks import TASKS, spec
+
+
+class Reached(Exception):
+    """The stubbed work was reached: every check passed."""
+
+
+def _stop(*args: Any, **kwargs: Any) -> None:
+    raise Reached("work started")
+
+
+def _error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """The one stderr line of ``attnlab train ARGV``'s usage error (exit 2)."""
+    assert main(["train", *argv]) == 2
+    out, err = capsys.readouterr()
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert out == "" and len(lines) == 1 and "Traceback" not in err, (out, err)
+    return lines[0]
+
+
+@pytest.fixture
+def stubbed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(train_mod, "_build", _stop)  # the data, then the training
+
+
+def _reached(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", *argv]) == 1
+    assert "Reached: work started" in capsys.readouterr().err
+
+
+def test_warmup_longer_than_the_run_is_refused(
+    stubbed: None, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    out = ["--out", str(tmp_path / "r")]
+    # 10**12 trained dates' 450 default steps at lr ~0 (exact 0.0) and exited 0
+    line = _error(["dates", "--warmup", "1000000000000", *out], capsys)
+    assert "argument --warmup: is 1000000000000, more than the run's 450 steps" in line
+    assert "(the dates default)" in line and "give at most 450" in line
+    line = _error(["dates", "--steps", "10", "--warmup", "11", *out], capsys)
+    assert "is 11, more than the run's 10 steps (--steps)" in line
+    assert not (tmp_path / "r").exists()
+    _reached(["dates", "--steps", "10", "--warmup", "10", *out], capsys)  # peak at the end
+    _reached(["dates", "--steps", "10", *out], capsys)  # dates' own warmup is not refused
+
+
+def test_target_outside_the_score_range_is_refused(
+    stubbed: None, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    out = ["--out", str(tmp_path / "r")]
+    line = _error(["dates", "--target", "95", *out], capsys)  # a percent: never reached
+    assert "argument --target: is 95; dates scores lie in [0, 1]" in line
+    assert line.endswith("did you mean 0.95?")
+    for value in ("1.5", "-0.1"):
+        line = _error(["dates", "--target", value, *out], capsys)
+        assert f"is {value}; dates scores lie in [0, 1], so it is never reached" in line
+        assert "did you mean" not in line
+    for value in ("0.95", "1", "0"):
+        _reached(["dates", "--target", value, *out], capsys)
+    _reached(["gan", "--target", "-5", *out], capsys)  # -Frechet: no range to check
+
+
+def test_every_fraction_task_names_its_score_range() -> None:
+    unbounded = {"gan", "gan-plain", "vae", "vae-plain"}  # -Frechet
+    for name in TASKS:
+        want = None if name in unbounded else (0.0, 1.0)
+        assert spec(name).score_range == want, name
