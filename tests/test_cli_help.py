@@ -44,6 +44,27 @@ def test_every_option_with_a_default_shows_it(command: str) -> None:
 
 
 @pytest.mark.parametrize("command", sorted(_parsers()))
+def test_every_option_says_what_it_does(command: str) -> None:
+    # train's --warmup, --eval-every and --seed, demo's --no-progress said nothing
+    for action in _parsers()[command]._actions:
+        if action.option_strings and action.help is not argparse.SUPPRESS:
+            said = (action.help or "").strip()
+            assert said, f"{command} {action.option_strings}: no help text"
+
+
+def test_train_help_shows_each_tasks_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    from attnlab.tasks import TASKS, spec
+
+    text = _help_text(["train"], capsys)  # --steps etc. said "default per task", no value
+    assert text.count("(default per task: see the table below)") == 6, text
+    table = text[text.index("defaults per task:") :]
+    for name in TASKS:
+        d = spec(name).defaults
+        assert f" {name} {d['steps']} {d['batch_size']} {d['lr']:g} " in table, name
+    assert "(default 0)" in text  # --seed
+
+
+@pytest.mark.parametrize("command", sorted(_parsers()))
 def test_defaults_are_named_in_one_form(command: str) -> None:
     for action in _parsers()[command]._actions:
         said = action.help or ""

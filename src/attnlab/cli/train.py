@@ -55,27 +55,54 @@ TARGET_HELP = (
     "fractions (0.9), generation's is 1/perplexity, the generative tasks' -Frechet"
 )
 
+PER_TASK = "(default per task: see the table below)"
+
+
+class _TrainHelp(argparse.HelpFormatter):
+    """``attnlab train --help`` with each task's defaults in a table at the end (the
+    options said only "default per task"); read only when the help is shown."""
+
+    def format_help(self) -> str:
+        return super().format_help() + "\n" + task_defaults() + "\n"
+
+
+def task_defaults() -> str:
+    """A table of every task's defaults of the options that say "default per task"."""
+    cols = (("steps", 6), ("batch_size", 11), ("lr", 7), ("warmup", 7), ("eval_every", 11))
+    head = "".join(f"{k.replace('_', '-'):>{w}}" for k, w in cols)
+    lines = [f"defaults per task:\n  {'TASK':<19}{head}  threads"]
+    for name in TASKS:
+        cfg = train_config(spec(name))
+        row = "".join(f"{getattr(cfg, k):>{w}g}" for k, w in cols)
+        lines.append(f"  {name:<19}{row}  {cfg.threads or 'torch default'}")
+    return "\n".join(lines)
+
 
 def add_parsers(sub: Any) -> None:
     """Add the ``train`` and ``demo`` subcommands to an argparse subparsers object."""
     positive, above0 = int_in(1), float_in(0.0, open_low=True)
-    t = sub.add_parser("train", help="train a task model (see README: tasks)")
-    t.add_argument("task", choices=sorted(TASKS))
-    t.add_argument(
-        "--steps", type=positive, default=None, help="optimizer steps (default per task)"
+    t = sub.add_parser(
+        "train", help="train a task model (see README: tasks)", formatter_class=_TrainHelp
     )
+    t.add_argument("task", choices=sorted(TASKS))
+    t.add_argument("--steps", type=positive, default=None, help=f"optimizer steps {PER_TASK}")
     t.add_argument(
         "--batch-size",
         type=int_in(1, MAX_BATCH_SIZE),
         default=None,
-        help=f"examples per step, at most {MAX_BATCH_SIZE} (default per task)",
+        help=f"examples per step, at most {MAX_BATCH_SIZE} {PER_TASK}",
     )
     lr = float_in(0.0, MAX_LR, open_low=True)
-    t.add_argument("--lr", type=lr, default=None, help=f"peak learning rate in (0, {MAX_LR:g}]")
-    t.add_argument("--warmup", type=int_in(0), default=None)
-    t.add_argument("--eval-every", type=positive, default=None)
-    t.add_argument("--train-size", type=int_in(1, MAX_TRAIN_SIZE), help="training examples")
-    t.add_argument("--seed", type=int_in(0, MAX_SEED), default=None)
+    lr_help = f"peak learning rate in (0, {MAX_LR:g}] {PER_TASK}"
+    t.add_argument("--lr", type=lr, default=None, help=lr_help)
+    warmup = "steps of linear learning-rate warmup, at most --steps"
+    t.add_argument("--warmup", type=int_in(0), default=None, help=f"{warmup} {PER_TASK}")
+    every = f"steps between evaluations (and checkpoints) {PER_TASK}"
+    t.add_argument("--eval-every", type=positive, default=None, help=every)
+    size = f"training examples, at most {MAX_TRAIN_SIZE} (default the task's own size)"
+    t.add_argument("--train-size", type=int_in(1, MAX_TRAIN_SIZE), help=size)
+    seed = f"seed of the weights and the data order, in [0, {MAX_SEED}] (default 0)"
+    t.add_argument("--seed", type=int_in(0, MAX_SEED), default=None, help=seed)
     t.add_argument(
         "--time-limit",
         type=above0,
@@ -88,16 +115,17 @@ def add_parsers(sub: Any) -> None:
         "--threads",
         type=int_in(1, MAX_THREADS),
         default=None,
-        help="torch threads (default per task)",
+        help=f"torch threads {PER_TASK}",
     )
     t.add_argument("--out", default=None, help="checkpoints and report (default runs/TASK)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(run=run_train)
     d = sub.add_parser("demo", help="the translation task (1100 steps, minutes), with a report")
     d.add_argument("--out", default="attnlab-demo", help="report folder (default %(default)s)")
-    d.add_argument("--seconds", type=above0, default=None, help="optional training time limit")
-    d.add_argument("--no-progress", action="store_true")
+    limit = "seconds of training (default none: the demo's 1100 steps)"
+    d.add_argument("--seconds", type=above0, default=None, help=limit)
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(run=run_demo)
 
 
