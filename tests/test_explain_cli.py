@@ -78,3 +78,27 @@ def test_the_most_important_tokens_are_ranked_by_size() -> None:
     # sorted by signed value they never showed
     line = top_tokens([0.2, -1.5, 0.9, -0.1], ["a", "b", "c", "d"], k=3)
     assert line.endswith("b (-1.500), c (+0.900), a (+0.200)")
+
+
+def test_truncation_warning_names_the_argument(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import attnlab.cli.explain as explain_mod
+
+    class Reached(Exception):
+        pass
+
+    def tokenized(model: object, text: str, out: Path, against: str, **kwargs: object) -> None:
+        for t in (text, against, text, against):  # as explain_text may, more than once
+            model.tokenize(t)  # type: ignore[attr-defined]
+        raise Reached("work done")
+
+    monkeypatch.setattr(explain_mod, "explain_text", tokenized)
+    long = "word " * 300  # over all-MiniLM-L6-v2's 256 tokens
+    argv = ["explain", long, "--against", "other " + long, "--out", str(tmp_path / "r.html")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Reached: work done" in err
+    lines = [x for x in err.splitlines() if "truncated" in x]
+    # it said "1 of 1 texts (first: texts[0]) exceed max_seq_length=256", for either text
+    assert [x.split("(first: ")[1].split(")")[0] for x in lines] == ["TEXT", "--against"], err

@@ -294,7 +294,7 @@ def test_ctrl_c_in_embed_and_explain_is_one_line_and_leaves_no_half_file(
         atomic_write(out, half)
 
     monkeypatch.setattr(explain_cli, "load_encoder", lambda model: (Stopped(), "toy"))
-    monkeypatch.setattr(explain_cli, "text_model", lambda enc: None)
+    monkeypatch.setattr(explain_cli, "_named_text_model", lambda enc, text: None)
     monkeypatch.setattr(explain_cli, "explain_text", explain)
     assert main(["explain", "hello", "--out", str(tmp_path / "r.html")]) == 130
     err = capsys.readouterr().err.strip()

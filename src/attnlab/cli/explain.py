@@ -9,6 +9,7 @@ pictures beside it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,11 @@ from attnlab.cli._sentence import (
     encoder_tokens,
     load_encoder,
     model_folder,
+    texts_named,
 )
 from attnlab.interpret import TextModel, explain_text
 from attnlab.interpret.text import explanation_files
+from attnlab.models import SentenceEncoder
 from attnlab.tasks.encoder import text_model
 
 __all__ = ["add_parsers", "run", "text_model"]
@@ -199,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
         for name, t in (("TEXT", text), ("--against", against)):
             if t is not None:
                 check_has_tokens(name, t, encoder_tokens(encoder))
-        model = text_model(encoder)
+        model = _named_text_model(encoder, text)
     with OutputLock(out, folder=False, command=f"attnlab explain --out {out}"):
         ex = explain_text(
             model,
@@ -213,6 +216,22 @@ def run(args: argparse.Namespace) -> int:
     for path in ex.files:
         print(f"wrote {path}")
     return 0
+
+
+def _named_text_model(encoder: SentenceEncoder, text: str) -> TextModel:
+    """:func:`text_model` of ``encoder`` whose truncation warning names the text as the
+    command line does, ``TEXT`` or ``--against`` (it said the encoder's ``texts[0]`` for
+    either; embed and attend said ``TEXT``), once per text."""
+    model = text_model(encoder)
+    seen: dict[str, list[int]] = {}
+
+    def tokenize(t: str) -> Sequence[int]:
+        if t not in seen:
+            with texts_named(lambda i: "TEXT" if t == text else "--against"):
+                seen[t] = list(model.tokenize(t))
+        return list(seen[t])
+
+    return dataclasses.replace(model, tokenize=tokenize)
 
 
 def top_tokens(saliency: Sequence[float], tokens: Sequence[str], k: int = 5) -> str:
