@@ -196,8 +196,9 @@ def _no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
     def walked(self: Path, pattern: str) -> None:
         raise AssertionError(f"walked {self}")
 
-    for where in ("attnlab.cli.explain.load_encoder", "attnlab.cli.ask.load_encoder"):
-        monkeypatch.setattr(where, stop)
+    stubbed = ("explain.model_parts", "explain.load_encoder", "ask.load_encoder")
+    for where in stubbed:  # (explain reads the tokenizer before the weights)
+        monkeypatch.setattr(f"attnlab.cli.{where}", stop)
     monkeypatch.setattr("attnlab.cli.explain._hf_model", stop)
     monkeypatch.setattr(Path, "rglob", walked)
 

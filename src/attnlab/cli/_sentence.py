@@ -10,19 +10,28 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from attnlab._warnings import passed_on, quiet, warn_again
+from attnlab._warnings import passed_on, warn_again
 from attnlab.cli._args import check_in_folder, shown
 from attnlab.cli._errors import UsageError
-from attnlab.models import SentenceEncoder, TruncationWarning, minilm_path
+from attnlab.models import (
+    BertConfig,
+    SentenceConfig,
+    SentenceEncoder,
+    TruncationWarning,
+    load_tokenizer,
+    minilm_path,
+)
+from attnlab.models.sentence_folder import tokenizer_input
 from attnlab.train import CheckpointError
 
 __all__ = [
     "add_model_option",
     "check_fits",
     "check_has_tokens",
-    "encoder_tokens",
     "load_encoder",
     "model_folder",
+    "model_name",
+    "model_parts",
     "texts_named",
 ]
 
@@ -38,13 +47,42 @@ def load_encoder(model: str | None) -> tuple[SentenceEncoder, str]:
     """The encoder that ``--model`` names (None: all-MiniLM-L6-v2) and its display name;
     a folder that is missing or not a sentence-transformers model is a usage error."""
     if model is None:
-        return SentenceEncoder.from_pretrained(), "all-MiniLM-L6-v2"
+        return SentenceEncoder.from_pretrained(), model_name(model)
     check_in_folder("--model", model)
     try:
-        return SentenceEncoder.from_pretrained(model), str(model)
+        return SentenceEncoder.from_pretrained(model), model_name(model)
     except (OSError, ValueError, KeyError, CheckpointError) as e:
-        msg = f"{model!r} is not a sentence-transformers folder attnlab can read: {e}"
-        raise UsageError("--model", msg) from e
+        raise _unreadable(model, e) from e
+
+
+def model_name(model: str | None) -> str:
+    """The name the commands print for ``--model`` (None: all-MiniLM-L6-v2)."""
+    return "all-MiniLM-L6-v2" if model is None else str(model)
+
+
+def model_parts(model: str | None) -> tuple[Callable[[str], Sequence[int]], BertConfig]:
+    """``--model``'s token ids of one text (special tokens included, never a truncation
+    warning) and its BERT config, read without the weights (milliseconds; the weights
+    took ~1 s, and a text of no tokens or a ``--layer`` past the model was refused only
+    after them)."""
+    folder = minilm_path() if model is None else check_in_folder("--model", model)
+    try:
+        config = BertConfig.from_json(folder / "config.json")
+        sentence = SentenceConfig.from_folder(folder, config.max_position_embeddings)
+        tokenizer = load_tokenizer(folder / "tokenizer.json", sentence.max_seq_length)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise _unreadable(model_name(model), e) from e
+
+    def tokens(text: str) -> Sequence[int]:
+        return tokenizer.encode(tokenizer_input([text], sentence.lowercase)[0]).ids
+
+    return tokens, config
+
+
+def _unreadable(model: str, e: Exception) -> UsageError:
+    """The usage error of a ``--model`` folder attnlab cannot read."""
+    msg = f"{model!r} is not a sentence-transformers folder attnlab can read: {e}"
+    return UsageError("--model", msg)
 
 
 def model_folder(model: str | None) -> Path | None:
@@ -63,18 +101,6 @@ def model_folder(model: str | None) -> Path | None:
         return minilm_path()
     except (ModuleNotFoundError, FileNotFoundError):
         return None
-
-
-def encoder_tokens(encoder: SentenceEncoder) -> Callable[[str], Sequence[int]]:
-    """``encoder``'s token ids of one text, special tokens included, without the warning
-    about truncated texts: the command's own encode or tokenize call gives it, once, with
-    the count of all its texts (each text said "1 of 1 texts" first)."""
-
-    def tokens(text: str) -> Sequence[int]:
-        with quiet(TruncationWarning):  # (this thread's: not the process's filters)
-            return encoder.tokenize([text])[0]
-
-    return tokens
 
 
 def texts_named(name: Callable[[int], str]) -> AbstractContextManager[None]:

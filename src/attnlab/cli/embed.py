@@ -29,8 +29,9 @@ from attnlab.cli._errors import UsageError
 from attnlab.cli._sentence import (
     add_model_option,
     check_has_tokens,
-    encoder_tokens,
     load_encoder,
+    model_name,
+    model_parts,
     texts_named,
 )
 
@@ -71,9 +72,10 @@ def run_embed(args: argparse.Namespace) -> int:
     for i, t in enumerate(args.texts):  # (an embedding of [CLS] [SEP] alone came out)
         if not t.strip():
             raise UsageError(f"TEXT {i + 1}", "is empty; give a text to embed")
-    enc, name = load_encoder(args.model)
+    tokens = model_parts(args.model)[0]  # before the weights load (~1 s)
     for i, t in enumerate(args.texts):
-        check_has_tokens(f"TEXT {i + 1}", t, encoder_tokens(enc))
+        check_has_tokens(f"TEXT {i + 1}", t, tokens)
+    enc, name = load_encoder(args.model)
     with texts_named(lambda i: f"TEXT {i + 1}"):  # (the encoder's texts[1] is TEXT 2)
         emb = enc.encode(args.texts, batch_size=args.batch_size)  # (N, D)
     if args.json:
@@ -104,10 +106,12 @@ def run_attend(args: argparse.Namespace) -> int:
     text = clean_text(args, "TEXT", args.text)
     if not text.strip():
         raise UsageError("TEXT", "is empty; give a sentence")
-    enc, name = load_encoder(args.model)
-    check_has_tokens("TEXT", text, encoder_tokens(enc))
-    _check_in_model("--layer", args.layer, enc.bert.config.num_hidden_layers, "layers", name)
-    _check_in_model("--head", args.head, enc.bert.config.num_attention_heads, "heads", name)
+    ids_of, config = model_parts(args.model)  # before the weights load (~1 s)
+    check_has_tokens("TEXT", text, ids_of)
+    name = model_name(args.model)
+    _check_in_model("--layer", args.layer, config.num_hidden_layers, "layers", name)
+    _check_in_model("--head", args.head, config.num_attention_heads, "heads", name)
+    enc = load_encoder(args.model)[0]
     with texts_named(lambda i: "TEXT"):
         ids = enc.tokenize([text])[0]
     tokens = [enc.tokenizer.id_to_token(i) or "?" for i in ids]

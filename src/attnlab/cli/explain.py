@@ -28,9 +28,9 @@ from attnlab.cli._sentence import (
     add_model_option,
     check_fits,
     check_has_tokens,
-    encoder_tokens,
     load_encoder,
     model_folder,
+    model_parts,
     texts_named,
 )
 from attnlab.interpret import TextModel, explain_text
@@ -198,11 +198,11 @@ def run(args: argparse.Namespace) -> int:
     if args.hf_model is not None:
         model = _hf_model(args, text, continuation)
     else:
-        encoder = load_encoder(args.model)[0]
+        tokens = model_parts(args.model)[0]  # before the weights load (~1 s)
         for name, t in (("TEXT", text), ("--against", against)):
             if t is not None:
-                check_has_tokens(name, t, encoder_tokens(encoder))
-        model = _named_text_model(encoder, text)
+                check_has_tokens(name, t, tokens)
+        model = _named_text_model(load_encoder(args.model)[0], text)
     with OutputLock(out, folder=False, command=f"attnlab explain --out {out}"):
         ex = explain_text(
             model,
