@@ -100,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
     """``attnlab bench``: one JSON line per record, flushed as each is measured."""
     default = bench.BenchConfig()  # where the options' defaults come from
     _check_memory_options(args)
+    _check_lists(args)
     args.cases = bench.CASES if args.cases is None else args.cases
     args.modes = default.modes if args.modes is None else args.modes
     given = [f"--{k}" for k in bench.SMOKE if getattr(args, k) is not None]
@@ -128,6 +129,19 @@ def run(args: argparse.Namespace) -> int:
     for rec in bench.records(cfg, args.cases, memory=args.memory):
         print(json.dumps(rec), flush=True)
     return 0
+
+
+def _check_lists(args: argparse.Namespace) -> None:
+    """``--cases`` and ``--modes`` name each once (``dense,dense`` timed dense twice), and
+    ``--window`` needs the case that reads it (``--cases dense --window 5`` ran, exit 0,
+    with the window unused)."""
+    for flag, names in (("--cases", args.cases), ("--modes", args.modes)):
+        twice = [n for n in names or () if names.count(n) > 1]
+        if twice:
+            raise UsageError(flag, f"names {twice[0]!r} twice; give each once")
+    if args.window is not None and args.cases is not None and "window" not in args.cases:
+        msg = f"is {args.window}, but only the case 'window' reads it and --cases is "
+        raise UsageError("--window", msg + f"{','.join(args.cases)}: add window or drop --window")
 
 
 def _check_memory_options(args: argparse.Namespace) -> None:
