@@ -288,6 +288,15 @@ def test_a_failed_write_keeps_the_previous_file_and_names_it(
     assert atomic_write_text(path, "new").read_text() == "new"  # positive control
 
 
+def test_a_file_name_of_the_longest_legal_length_is_written(tmp_path: Path) -> None:
+    """The temporary file beside it was named ``.{name}.XXXXXXXX.tmp``, 14 bytes longer:
+    ``summarize --out`` with 250 letters + ``.html`` (255 bytes, legal) failed after all
+    the work with "File name too long" [errno 36]."""
+    path = tmp_path / ("d" * 250 + ".html")
+    assert atomic_write_text(path, "report").read_text() == "report"
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
+
+
 def test_a_write_into_a_path_under_a_file_is_a_write_error(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(WriteError, match=r"could not write .*file/sub/r.html"):

@@ -66,7 +66,9 @@ def atomic_write(
         raise ValueError(f"path {str(path)!r} is not a regular file (a pipe or device)")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        # a short name of fixed length: ".{name}.XXXXXXXX.tmp" was 14 bytes past a legal
+        # name of 250 bytes, and the write failed after all the work ("File name too long")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".attnlab-", suffix=".tmp")
     except OSError as e:
         raise WriteError(e.errno, e.strerror, str(path)) from e
     os.close(fd)
