@@ -269,6 +269,17 @@ def test_sentence_encoder_replaces_bytes_that_are_not_utf8() -> None:
     assert decode_text("café") == ("café", False)  # valid text is left alone
 
 
+def test_escaped_bytes_that_are_valid_utf8_are_not_reported_replaced() -> None:
+    """Under an ASCII locale with UTF-8 mode off, ``sys.argv`` holds "東京" as escaped
+    bytes: they are valid UTF-8 and nothing is lost, but "TEXT 1 is not valid UTF-8; the
+    undecodable bytes were replaced by U+FFFD" was warned."""
+    escaped = "東京 café".encode().decode("ascii", "surrogateescape")
+    assert decode_text(escaped) == ("東京 café", False)
+    bad = b"caf\xe9".decode("utf-8", "surrogateescape")  # control: a byte that is not UTF-8
+    assert decode_text(bad) == ("caf\ufffd", True)
+    assert decode_text("\ufffd" + escaped) == ("\ufffd東京 café", False)  # an own U+FFFD
+
+
 def test_a_failed_write_keeps_the_previous_file_and_names_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

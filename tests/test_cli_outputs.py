@@ -112,6 +112,26 @@ def test_explain_pictures_that_are_folders_are_named_before_work(
     assert "r_heads.png' is a folder" in _one_line(capsys)
 
 
+@NEED_MODEL
+def test_an_ascii_locale_gets_escapes_not_a_crash_nor_a_false_warning() -> None:
+    """``LC_ALL=C`` with UTF-8 mode off: stdout is ASCII with ``surrogateescape`` (not
+    ``strict``, so no escapes were set up) and ``embed "東京 café" "Zürich"`` printed half
+    its table, then UnicodeEncodeError, exit 1; the texts, valid UTF-8 held as escaped
+    bytes, were also said to be "not valid UTF-8"."""
+    import subprocess
+    import sys
+
+    code = "import sys; from attnlab.cli import main; sys.exit(main(sys.argv[1:]))"
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    env.pop("PYTHONIOENCODING", None)
+    argv = [sys.executable, "-c", code, "embed", "東京 café", "Zürich"]
+    res = subprocess.run(argv, capture_output=True, env=env, timeout=300)
+    err = res.stderr.decode("ascii", "replace")
+    assert res.returncode == 0, err[-2000:]
+    assert b"\\u6771\\u4eac caf\\xe9" in res.stdout and b"Z\\xfcrich" in res.stdout, res.stdout
+    assert "not valid UTF-8" not in err, err
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
 def test_an_out_that_is_a_pipe_is_refused_not_replaced(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -111,8 +111,8 @@ def decode_text(text: str) -> tuple[str, bool]:
         >>> text, replaced = decode_text(b"caf\xe9 ok".decode("utf-8", "surrogateescape"))
         >>> text == "caf\ufffd ok", replaced
         (True, True)
-        >>> decode_text("café")
-        ('café', False)
+        >>> decode_text("café"), decode_text("café".encode().decode("ascii", "surrogateescape"))
+        (('café', False), ('café', False))
     """
     try:
         text.encode("utf-8")
@@ -123,7 +123,10 @@ def decode_text(text: str) -> tuple[str, bool]:
         raw = text.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:  # surrogates that are not escaped bytes
         raw = text.encode("utf-8", "surrogatepass")
-    return raw.decode("utf-8", "replace"), True
+    try:  # escaped bytes that are valid UTF-8 (an ASCII locale's command line): none lost
+        return raw.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", "replace"), True
 
 
 def png_data_uri(png: str | Path | bytes) -> str:

@@ -71,10 +71,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _printable_output() -> None:
     """Characters the terminal's encoding lacks (a cp1252 console, ``PYTHONIOENCODING``)
     are written as escapes: an answer with "東京" raised UnicodeEncodeError after all the
-    work, and nothing was printed."""
+    work, and nothing was printed. An ASCII locale with UTF-8 mode off gives stdout
+    ``surrogateescape``, which fails alike on any non-ASCII character."""
     for stream in (sys.stdout, sys.stderr):
         reconfigure = getattr(stream, "reconfigure", None)  # (a test's StringIO has none)
-        if reconfigure is not None and getattr(stream, "errors", "strict") == "strict":
+        errors = getattr(stream, "errors", "strict")
+        if reconfigure is not None and errors in ("strict", "surrogateescape"):
             reconfigure(errors="backslashreplace")
 
 
