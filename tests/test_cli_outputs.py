@@ -107,9 +107,13 @@ def test_out_may_not_replace_a_file_of_the_default_model(
 def test_explain_pictures_that_are_folders_are_named_before_work(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """A folder where a picture goes: the error suggested "give a file, e.g.
+    pic/r_rollout.png/report.html", which names the picture's folder again."""
     (tmp_path / "r_heads.png").mkdir()
     assert main(["explain", "hi", "--out", str(tmp_path / "r.html"), "--steps", "2"]) == 2
-    assert "r_heads.png' is a folder" in _one_line(capsys)
+    line = _one_line(capsys)
+    assert "r_heads.png' is a folder; the command writes a file there: move it away" in line
+    assert "e.g." not in line, line
 
 
 @NEED_MODEL

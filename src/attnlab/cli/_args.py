@@ -329,8 +329,12 @@ def check_outputs_not_inputs(argument: str, outs: Iterable[Path], folder: Path |
     twice). ``folder`` is checked by the caller first; it is not listed (``/usr`` took
     18 s, ``/`` failed on ``/proc``)."""
     inside = folder.resolve() if folder is not None else None
-    for out in outs:
-        check_out_file(argument, out)
+    for i, out in enumerate(outs):
+        if i == 0:
+            check_out_file(argument, out)
+        else:  # a file the command names beside it: "is a folder; give a file, e.g.
+            # pic/r_rollout.png/report.html" named the folder again, a wrong way out
+            check_entries(argument, out.parent, [out.name])
         target = out.resolve()  # (a link named report.html to the weights is the weights)
         if inside is None or not target.is_relative_to(inside):
             continue
