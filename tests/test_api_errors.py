@@ -327,6 +327,22 @@ def test_the_output_lock_refuses_a_live_run_and_names_it(tmp_path: Path) -> None
     assert not (tmp_path / ".attnlab.lock").exists()
 
 
+def test_a_released_lock_removes_the_empty_folders_it_created(tmp_path: Path) -> None:
+    """An interrupted ``robust shortcut --out a/b/c`` left ``a/b`` (``demo --out x/y``
+    left ``x/``): only the lock's own folder was removed. Folders that existed before, or
+    that the run filled, stay."""
+    with OutputLock(tmp_path / "a" / "b" / "c"):
+        assert (tmp_path / "a" / "b" / "c").is_dir()
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "a").mkdir()
+    with OutputLock(tmp_path / "a" / "b" / "c"):
+        (tmp_path / "a" / "b" / "kept.txt").write_text("x")  # what the run wrote
+    assert [p.name for p in (tmp_path / "a").rglob("*")] == ["b", "kept.txt"]
+    with OutputLock(tmp_path / "d" / "r.html", folder=False):  # a file's lock alike
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
 def _write_lock(folder: Path, pid: int, host: str | None = None, started: float = 0.0) -> None:
     import json
 

@@ -181,14 +181,15 @@ class OutputLock:
         self.target = Path(target)
         parent, name = (self.target, "") if folder else (self.target.parent, self.target.name)
         self.path = parent / (f".{name}.lock" if name else ".attnlab.lock")
-        self.command, self._held, self._created = command, False, False
+        self.command, self._held = command, False
+        self._made: list[Path] = []  # the folders acquire() created, deepest first
 
     def acquire(self) -> OutputLock:
         """Take the lock (creating its folder); :class:`LockedError` if a live run has it."""
         me = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command}
         me["started"] = time.time()
         new = self.path.with_name(f"{self.path.name}.{os.getpid()}.new")
-        self._created = not self.path.parent.exists()
+        self._made = _missing_folders(self.path.parent)
         atomic_write(new, lambda t: _dump(t, me))
         try:
             for _ in range(5):
@@ -206,15 +207,19 @@ class OutputLock:
             new.unlink(missing_ok=True)
 
     def release(self) -> None:
-        """Give the lock back (only if this object holds it)."""
+        """Give the lock back (only if this object holds it), and remove the folders its
+        acquire created, from the deepest up, while the run left them empty."""
         if self._held:
             self._held = False
             holder = _read_lock(self.path)
             if holder is not None and holder.get("pid") == os.getpid():
                 self.path.unlink(missing_ok=True)
-            if self._created:  # the folder this lock made, if the run left it empty
-                with contextlib.suppress(OSError):
-                    self.path.parent.rmdir()
+            for made in self._made:  # the folders this lock made (not only the last:
+                # an interrupted `demo --out x/y` left x/), if the run left them empty
+                try:
+                    made.rmdir()
+                except OSError:
+                    break
 
     def __enter__(self) -> OutputLock:
         return self.acquire()
@@ -223,6 +228,16 @@ class OutputLock:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.release()
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    for level in (folder.absolute(), *folder.absolute().parents):
+        if level.exists():
+            break
+        missing.append(level)
+    return missing
 
 
 def _dump(path: str, info: dict[str, Any]) -> None:
