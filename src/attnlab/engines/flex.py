@@ -48,6 +48,7 @@ from attnlab._eager import vmapping
 from attnlab._grid import Grid
 from attnlab.bias.base import Bias
 from attnlab.bias.function import CustomBias
+from attnlab.engines._far import far_rows
 from attnlab.engines._versions import versions as _versions
 from attnlab.engines.base import AttentionRequest, Engine, EngineResult, with_sinks
 from attnlab.engines.blocked import _normalized
@@ -177,7 +178,7 @@ class FlexEngine(Engine):
             )
         if 0 in (req.batch, req.lq, req.lk):
             return "FlexAttention does not accept empty batches or sequences"
-        return None
+        return far_rows(req, "FlexAttention's backward")
 
     def prefers(self, req: AttentionRequest) -> bool:
         """On CUDA, calls of at least 512 x 512 with soft-capping, sinks or the logsumexp,

@@ -6,7 +6,10 @@ attention), dropout, grouped-query attention. It does not return weights or the
 logsumexp; ``auto`` routes those requests elsewhere. Torch's fused kernels have a
 first-order backward only: forward-mode AD and second derivatives that the forward can see
 (``torch.func``) go elsewhere too, and a ``create_graph=True`` gradient through them
-raises by name when differentiated (:func:`_sdpa`).
+raises by name when differentiated (:func:`_sdpa`). Their backward recomputes the weights
+from each row's logsumexp, which loses the row's sum where a bias puts the row far from 0
+(an additive mask's padded row): calls with gradients and such a row go elsewhere
+(:func:`~attnlab.engines._far.far_rows`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab._eager import higher_order, refuse_second_order, unreadable, vmapping
+from attnlab.engines._far import far_rows
 from attnlab.engines.base import AttentionRequest, Engine, EngineResult, may_hold_nan
 from attnlab.masks import Mask
 
@@ -74,7 +78,7 @@ class SdpaEngine(Engine):
                 return f"the inputs {_hold()} NaN, which torch SDPA's fused kernels turn into 0"
         elif _screens_hidden_nan(req) and may_hold_nan(req.k, req.v):
             return f"k or v {_hold()} NaN, which torch SDPA spreads to rows the mask hides it from"
-        return None
+        return far_rows(req, "torch SDPA's backward")
 
     def prefers(self, req: AttentionRequest) -> bool:
         return not _one_tracked_key(req.q, req.k, req.v)

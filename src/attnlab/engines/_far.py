@@ -1,0 +1,74 @@
+"""Bias rows far from 0, whose gradients fused kernels get wrong: torch SDPA's and
+FlexAttention's backward recompute the weights from each row's stored logsumexp, and a
+logsumexp that large rounds away the log of the row's sum."""
+
+from __future__ import annotations
+
+import torch
+
+from attnlab._eager import unreadable
+from attnlab.engines.base import AttentionRequest
+
+__all__ = ["far_limit", "far_rows"]
+
+
+def far_rows(req: AttentionRequest, backward: str) -> str | None:
+    """Why ``backward`` (``"torch SDPA's backward"``) cannot give the gradients of
+    ``req``: a row's largest bias over the keys its mask leaves is at least
+    :func:`far_limit` from 0; None without gradients, without such a row, or where no value
+    can be read (vmapped, exported, on the meta device).
+
+    Example:
+        >>> from attnlab.bias import tensor
+        >>> q = torch.zeros(1, 1, 2, 8, requires_grad=True)
+        >>> bias = tensor(torch.tensor([[0.0, 0.0], [-1e9, -1e9]]))  # row 1: additive mask
+        >>> req = AttentionRequest(q, q, q, None, bias, 1.0, "dot", "softmax", 0.0,
+        ...                        return_weights=False, return_lse=False)
+        >>> print(far_rows(req, "the backward"))  # doctest: +ELLIPSIS
+        the backward recomputes the weights from a logsumexp that rounds ... peaks at -1e+09 ...
+    """
+    if req.bias is None or not req.needs_grad or unreadable(req.q):
+        return None
+    with torch.no_grad():
+        b, h, dev = req.batch, req.heads, req.q.device
+        bias = req.bias.dense(req.lq, req.lk, batch=b, heads=h, device=dev, dtype=req.q.dtype)
+        if req.mask is not None:  # a row's largest score is over the keys it may see
+            allowed = req.mask.dense(req.lq, req.lk, batch=b, heads=h, device=dev)
+            bias = bias.masked_fill(~allowed, float("-inf"))
+        top = bias.amax(dim=-1).flatten()  # (B' * H' * Lq,); -inf: no key reaches it
+        top = torch.where(top.isfinite(), top, 0.0)
+        peak = float(top[top.abs().argmax()])
+    limit = far_limit(req.q.dtype)
+    if abs(peak) < limit:
+        return None
+    dtype = str(req.q.dtype).removeprefix("torch.")
+    return (
+        f"{backward} recomputes the weights from a logsumexp that rounds by up to "
+        f"|row max| * eps: a bias row peaks at {peak:.3g} (|peak| >= {limit:g} in {dtype}), "
+        f"where its gradients go wrong (a row of finfo.min: weights 1, not 1/Lk); calls "
+        f"without gradients keep it"
+    )
+
+
+def far_limit(dtype: torch.dtype) -> float:
+    """The ``|row max|`` of a bias from which a fused kernel's backward is refused: where
+    the logsumexp's rounding, ``|row max| * eps / 2`` in its dtype (float32; float64 for
+    float64 inputs), passes ``max(2**-18, eps of dtype) / 2``. 32 in float32, 8192 in
+    float16, 65536 in bfloat16, 2**34 in float64.
+
+    The backward recomputes each weight as ``exp(s - lse)``, so the rounding of ``lse``
+    scales every weight of the row alike. Past ``log(Lk)`` it rounds away the whole log of
+    the sum: a row with bias ``finfo(float32).min`` on every key got weights 1, not 1/Lk
+    (Lk = 2: dV [1, 1], not [0.5, 0.5]; Lk 4-300: dQ up to 55 off). Torch SDPA's CPU
+    kernels, against float64 (whole rows at +-2**e, 2-300 keys, queries of std 0.001-3;
+    the worst gradient's error over 2x plain PyTorch's plus the tests' floor): float32
+    0.8-1.4 to 2**6 (1.4 where q.k adds 3 sigma), 2-20 at 2**10, 1e5 at 2**24; float64
+    0.9 at 2**34, 1.7-2.5 at 2**35-2**36; bfloat16 0.5 at 2**16, 1.0 at 2**18; float16 0.4
+    at 2**13.
+
+    Example:
+        >>> far_limit(torch.float32), far_limit(torch.bfloat16), far_limit(torch.float64)
+        (32.0, 65536.0, 17179869184.0)
+    """
+    lse = torch.float64 if dtype == torch.float64 else torch.float32
+    return max(2.0**-18, torch.finfo(dtype).eps) / torch.finfo(lse).eps
