@@ -122,6 +122,28 @@ def test_sinks_join_through_the_logsumexp_and_follow_fp64(per_row: bool) -> None
     assert max_err(no_sinks.out, ours.out) > 1e-2  # positive control: the sinks count
 
 
+def test_a_row_of_finfo_min_keeps_its_logsumexp_and_rows_without_keys_stay_minus_inf() -> None:
+    """FlexAttention multiplies its base-2 logsumexp by ln 2 at the end: a row with bias
+    ``finfo.min`` on every key (an additive mask's padded row) overflowed there to -inf,
+    though its output is the values' mean (reference and blocked: -3.4e38). Rows no key
+    reaches (query padding, a bias of -inf) stay -inf."""
+    q, k, v = (t[:, :, :64].float() for t in _qkv())
+    low = torch.finfo(torch.float32).min
+    bias = torch.zeros(BATCH, 1, 64, 64)
+    bias[0, :, :4] = low  # every key
+    bias[0, :, 4, :] = low
+    bias[0, :, 4, 9] = -3e38  # its largest: the logsumexp, as in the reference
+    bias[0, :, 5] = float("-inf")  # no key
+    kw = {"mask": M.padding([64, 64], [64, 40]), "bias": bias, "return_lse": True}
+    ref = attnlab.attention(q, k, v, engine="reference", **kw)
+    ours = attnlab.attention(q, k, v, engine="flex", engine_options=EAGER, **kw)
+    assert ref.lse[0, :, :4].eq(low).all() and ref.lse[0, :, 4].eq(-3e38).all()
+    assert torch.equal(ours.lse.isneginf(), ref.lse.isneginf())  # row 5 and item 1's >= 40
+    assert int(ours.lse.isneginf().sum()) == HQ * (1 + 24)
+    torch.testing.assert_close(ours.lse, ref.lse)
+    torch.testing.assert_close(ours.out, ref.out)
+
+
 def test_cosine_scores_and_a_tensor_bias_follow_fp64() -> None:
     q, k, v = _qkv()
     bias = torch.randn(1, HQ, L, L, dtype=torch.float64)

@@ -32,7 +32,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import functools
 import itertools
@@ -45,13 +44,13 @@ import torch
 from torch import Tensor
 
 from attnlab._eager import vmapping
-from attnlab._grid import Grid
 from attnlab.bias.base import Bias
 from attnlab.bias.function import CustomBias
 from attnlab.engines._far import far_rows
 from attnlab.engines._versions import versions as _versions
 from attnlab.engines.base import AttentionRequest, Engine, EngineResult, with_sinks
 from attnlab.engines.blocked import _normalized
+from attnlab.engines.flex_mods import finite_lse, mask_mod, moved, score_mod
 from attnlab.masks.base import And, Mask, Or, Wrapped
 from attnlab.masks.custom import Custom
 from attnlab.masks.layout import TileState
@@ -208,7 +207,7 @@ class FlexEngine(Engine):
                 req.q,
                 req.k,
                 req.v,
-                score_mod=_score_mod(req),
+                score_mod=score_mod(req),
                 block_mask=block_mask,
                 scale=req.scale,
                 enable_gqa=req.heads != req.k.shape[1],
@@ -218,6 +217,7 @@ class FlexEngine(Engine):
             return res, None, None
         out, aux = res
         lse = aux if isinstance(aux, Tensor) else aux.lse  # (B, Hq, Lq), natural log, fp32
+        lse = finite_lse(lse, req)  # (rows past finfo.max in base 2 came back -inf)
         out, lse = with_sinks(out, lse, req.sinks)  # FlexAttention differentiates its lse
         return out, None, lse.to(req.q.dtype) if req.return_lse else None
 
@@ -248,7 +248,7 @@ def block_mask(mask: Mask, req: AttentionRequest) -> tuple[Any, float]:
         *partial,
         *full,
         BLOCK_SIZE=BLOCK,
-        mask_mod=_mask_mod(moved(mask, req.q.device), req.lq, req.lk),
+        mask_mod=mask_mod(moved(mask, req.q.device), req.lq, req.lk),
         seq_lengths=(req.lq, req.lk),
     )
     return bm, layout.computed_fraction
@@ -262,33 +262,6 @@ def _ordered(sel: Tensor) -> tuple[Tensor, Tensor]:
     return counts, order.to(torch.int32).contiguous()
 
 
-def _mask_mod(mask: Mask, lq: int, lk: int) -> Callable[..., Tensor]:
-    """``mask`` as a FlexAttention ``mask_mod``: query row ``i`` is position
-    ``i + lk - lq`` (attnlab's bottom-right alignment)."""
-
-    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        return mask(Grid(b, h, q_idx + (lk - lq), kv_idx, lq, lk))
-
-    return mask_mod
-
-
-def _score_mod(req: AttentionRequest) -> Callable[..., Tensor] | None:
-    """Soft-capping, then the bias, as a FlexAttention ``score_mod`` (or None)."""
-    cap, lq, lk = req.softcap, req.lq, req.lk
-    bias = None if req.bias is None else _bias_on(req.bias, req.q.device)
-    if cap is None and bias is None:
-        return None
-
-    def score_mod(s: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        if cap is not None:
-            s = cap * torch.tanh(s / cap)
-        if bias is not None:
-            s = s + bias(Grid(b, h, q_idx + (lk - lq), kv_idx, lq, lk)).to(s.dtype)
-        return s
-
-    return score_mod
-
-
 def _lse_request(wanted: bool) -> dict[str, Any]:
     """The keyword that asks FlexAttention for the logsumexp: ``return_aux`` where this
     torch has it (``return_lse`` is deprecated there), else ``return_lse``."""
@@ -300,54 +273,11 @@ def _lse_request(wanted: bool) -> dict[str, Any]:
     return {"return_lse": True} if aux is None else {"return_aux": aux(lse=True)}
 
 
-def moved(obj: Any, device: torch.device, depth: int = 0) -> Any:
-    """``obj`` (a mask, or a tuple or list in one) with every tensor it holds on
-    ``device``: itself where they all are there, else a shallow copy holding moved ones.
-    A compiled ``mask_mod`` cannot move a tensor between devices (masks keep theirs on
-    the CPU and move them to each grid's device as they evaluate).
-
-    Example:
-        >>> from attnlab import masks
-        >>> m = masks.causal() & masks.padding([3, 2])
-        >>> moved(m, torch.device("cpu")) is m, moved(m, torch.device("meta")).parts[1].kl.device
-        (True, device(type='meta'))
-    """
-    if isinstance(obj, Tensor):
-        return obj if obj.device == device else obj.to(device)
-    if depth > 4:
-        return obj
-    if type(obj) in (tuple, list):
-        items = [moved(x, device, depth + 1) for x in obj]
-        return obj if all(a is b for a, b in zip(items, obj, strict=True)) else type(obj)(items)
-    if type(obj) is dict:  # a cache of tables by length (random blocks)
-        new_items = {k: moved(v, device, depth + 1) for k, v in obj.items()}
-        return obj if all(new_items[k] is v for k, v in obj.items()) else new_items
-    if not isinstance(obj, Mask):
-        return obj
-    own = vars(obj)
-    changed = {k: moved(v, device, depth + 1) for k, v in own.items()}
-    changed = {k: v for k, v in changed.items() if v is not own[k]}
-    if not changed:
-        return obj
-    new = copy.copy(obj)
-    new.__dict__.update(changed)
-    return new
-
-
 def _learnable(bias: Bias | None) -> bool:
     """Whether autograd would need a gradient for one of ``bias``'s tensors."""
     if bias is None or not torch.is_grad_enabled():
         return False
     return any(t.requires_grad for t in itertools.chain(bias.parameters(), bias.buffers()))
-
-
-def _bias_on(bias: Bias, device: torch.device) -> Bias:
-    """``bias`` with its tables and buffers on ``device``: itself where they are there,
-    else a copy (the caller's module stays where it is)."""
-    tensors = itertools.chain(bias.parameters(), bias.buffers())
-    if all(t.device == device for t in tensors):
-        return bias
-    return copy.deepcopy(bias).to(device)
 
 
 def _unproven(req: AttentionRequest) -> bool:

@@ -1,0 +1,136 @@
+"""What the flex engine hands FlexAttention and repairs in what it hands back: the mask
+and the bias as ``mask_mod`` and ``score_mod`` (with their tensors on the call's device),
+and the logsumexp of rows that FlexAttention's base-2 conversion overflowed to -inf."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnlab._eager import unreadable
+from attnlab._grid import Grid
+from attnlab.bias.base import Bias
+from attnlab.engines.base import AttentionRequest
+from attnlab.masks.base import Mask
+
+__all__ = ["bias_on", "finite_lse", "mask_mod", "moved", "score_mod"]
+
+#: the most (row, key) pairs :func:`finite_lse` evaluates at once: 4 MB of float32
+ROWS_BY_KEYS = 2**20
+
+
+def moved(obj: Any, device: torch.device, depth: int = 0) -> Any:
+    """``obj`` (a mask, or a tuple or list in one) with every tensor it holds on
+    ``device``: itself where they all are there, else a shallow copy holding moved ones.
+    A compiled ``mask_mod`` cannot move a tensor between devices (masks keep theirs on
+    the CPU and move them to each grid's device as they evaluate).
+
+    Example:
+        >>> from attnlab import masks
+        >>> m = masks.causal() & masks.padding([3, 2])
+        >>> moved(m, torch.device("cpu")) is m, moved(m, torch.device("meta")).parts[1].kl.device
+        (True, device(type='meta'))
+    """
+    if isinstance(obj, Tensor):
+        return obj if obj.device == device else obj.to(device)
+    if depth > 4:
+        return obj
+    if type(obj) in (tuple, list):
+        items = [moved(x, device, depth + 1) for x in obj]
+        return obj if all(a is b for a, b in zip(items, obj, strict=True)) else type(obj)(items)
+    if type(obj) is dict:  # a cache of tables by length (random blocks)
+        new_items = {k: moved(v, device, depth + 1) for k, v in obj.items()}
+        return obj if all(new_items[k] is v for k, v in obj.items()) else new_items
+    if not isinstance(obj, Mask):
+        return obj
+    own = vars(obj)
+    changed = {k: moved(v, device, depth + 1) for k, v in own.items()}
+    changed = {k: v for k, v in changed.items() if v is not own[k]}
+    if not changed:
+        return obj
+    new = copy.copy(obj)
+    new.__dict__.update(changed)
+    return new
+
+
+def bias_on(bias: Bias, device: torch.device) -> Bias:
+    """``bias`` with its tables and buffers on ``device``: itself where they are there,
+    else a copy (the caller's module stays where it is)."""
+    tensors = itertools.chain(bias.parameters(), bias.buffers())
+    if all(t.device == device for t in tensors):
+        return bias
+    return copy.deepcopy(bias).to(device)
+
+
+def mask_mod(mask: Mask, lq: int, lk: int) -> Callable[..., Tensor]:
+    """``mask`` as a FlexAttention ``mask_mod``: query row ``i`` is position
+    ``i + lk - lq`` (attnlab's bottom-right alignment)."""
+
+    def mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return mask(Grid(b, h, q_idx + (lk - lq), kv_idx, lq, lk))
+
+    return mod
+
+
+def score_mod(req: AttentionRequest) -> Callable[..., Tensor] | None:
+    """Soft-capping, then the bias, as a FlexAttention ``score_mod`` (or None)."""
+    cap, lq, lk = req.softcap, req.lq, req.lk
+    bias = None if req.bias is None else bias_on(req.bias, req.q.device)
+    if cap is None and bias is None:
+        return None
+
+    def mod(s: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        if cap is not None:
+            s = cap * torch.tanh(s / cap)
+        if bias is not None:
+            s = s + bias(Grid(b, h, q_idx + (lk - lq), kv_idx, lq, lk)).to(s.dtype)
+        return s
+
+    return mod
+
+
+def finite_lse(lse: Tensor, req: AttentionRequest) -> Tensor:
+    """``lse (B, Hq, Lq)`` from FlexAttention with each row it overflowed to -inf set to
+    its value; rows that no key reaches stay -inf.
+
+    FlexAttention keeps the logsumexp in base 2 and multiplies it by ``ln 2`` at the end:
+    a row whose logsumexp lies below ``-finfo.max * ln 2`` (a bias of
+    ``finfo(float32).min`` on every key it sees, the additive-mask convention for a padded
+    row) came back -inf, though the row has keys and an output (the reference engine:
+    -3.4e38). Only a bias reaches that far, and there each score is its bias (``q . k``
+    is far under half an ulp, 2**103 in float32) and the log of the sum rounds away too:
+    the logsumexp is the row's largest bias over the keys its mask leaves.
+    """
+    if req.bias is None or unreadable(lse):
+        return lse
+    dead = torch.isneginf(lse)  # (B, Hq, Lq)
+    if not bool(dead.any()):  # (a sync only for calls with a bias and the logsumexp)
+        return lse
+    rows = dead.nonzero(as_tuple=True)  # 3 x (N,)
+    step = max(1, ROWS_BY_KEYS // req.lk)
+    parts = zip(*(i.split(step) for i in rows), strict=True)
+    top = torch.cat([_largest_bias(req, b, h, r, lse.dtype) for b, h, r in parts])
+    return lse.index_put(rows, top)
+
+
+def _largest_bias(
+    req: AttentionRequest, b: Tensor, h: Tensor, r: Tensor, dtype: torch.dtype
+) -> Tensor:
+    """``(n,)``: each row's largest bias (soft-capped 0 plus the bias, as ``score_mod``
+    adds it) over the keys the mask leaves it, -inf where none; rows of item ``b``, query
+    head ``h`` and query row ``r`` (``(n,)`` each)."""
+    keys = torch.arange(req.lk, device=req.q.device).view(1, -1)  # (1, Lk)
+    b, h, r = b.view(-1, 1), h.view(-1, 1), r.view(-1, 1)  # (n, 1)
+    add = score_mod(req)
+    assert add is not None  # (a bias)
+    s = add(torch.zeros((), dtype=dtype, device=keys.device), b, h, r, keys)
+    s = torch.broadcast_to(s, (b.shape[0], req.lk))  # (n, Lk)
+    if req.mask is not None:
+        allowed = mask_mod(moved(req.mask, keys.device), req.lq, req.lk)(b, h, r, keys)
+        s = s.masked_fill(~torch.broadcast_to(allowed, s.shape), float("-inf"))
+    return s.amax(dim=-1)
