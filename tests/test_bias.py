@@ -536,6 +536,17 @@ def test_tensor_bias_check_message_and_control() -> None:
     )
 
 
+def test_a_bias_for_another_batch_names_the_one_size_expected_once() -> None:
+    """Scores of batch 1 take a bias of batch 1 only: the message said "expected 1 or 1"."""
+    q = torch.randn(1, 2, 3, 8)
+    check_and_control(
+        lambda: attnlab.attention(q, q, q, bias=torch.zeros(2, 2, 3, 3)),
+        lambda: attnlab.attention(q, q, q, bias=torch.zeros(1, 2, 3, 3)),
+        ValueError,
+        r"\(batch=1, heads=2, lq=3, lk=3\): its batch size is 2, expected 1$",
+    )
+
+
 @pytest.mark.parametrize(
     ("value", "exc", "match"),
     [

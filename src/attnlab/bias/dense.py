@@ -74,9 +74,10 @@ class TensorBias(Bias):
         want = (batch, heads, lq, lk)
         for name, have, size in zip(_DIM_NAMES, self.full_shape, want, strict=True):
             if have not in (1, size):
+                expected = "1" if size == 1 else f"1 or {size}"
                 raise ValueError(
                     f"bias={self!r} does not fit scores of shape (batch={batch}, heads={heads}, "
-                    f"lq={lq}, lk={lk}): its {name} size is {have}, expected 1 or {size}"
+                    f"lq={lq}, lk={lk}): its {name} size is {have}, expected {expected}"
                 )
 
     def forward(self, grid: Grid) -> Tensor:
