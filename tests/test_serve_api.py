@@ -940,3 +940,21 @@ def test_every_answer_carries_the_security_headers() -> None:
         assert h.get("referrer-policy") == "no-referrer", (name, h)
         csp = h.get("content-security-policy", "")  # the page's own resources only
         assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp, (name, h)
+
+
+def test_a_500_carries_the_security_headers() -> None:
+    """(An error the app raised was answered by the server's own 500, outside the
+    middleware that sets the headers: none of them.) It carries them, in the API's JSON
+    shape, and the error still reaches the server (raised to the test client)."""
+    app = create_app(limits=LIMITED, hosts=["testserver"])
+
+    @app.get("/api/boom")
+    def boom() -> None:
+        raise RuntimeError("boom")
+
+    r = TestClient(app, raise_server_exceptions=False).get("/api/boom")
+    assert r.status_code == 500 and r.json() == {"detail": "internal server error"}, r.text
+    assert r.headers.get("x-content-type-options") == "nosniff", r.headers
+    assert "frame-ancestors 'none'" in r.headers.get("content-security-policy", ""), r.headers
+    with pytest.raises(RuntimeError, match="boom"):
+        TestClient(app).get("/api/boom")

@@ -104,7 +104,7 @@ class Guard:
 
 class Headers:
     """ASGI middleware: :data:`SECURITY_HEADERS` on every HTTP answer (one the app set
-    itself is kept).
+    itself is kept), a 500 for an error the app raised included.
 
     Example:
         >>> from starlette.applications import Starlette
@@ -122,14 +122,23 @@ class Headers:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
 
+        started = False
+
         async def headed(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 have = {k.lower() for k, _ in message.get("headers", [])}
                 extra = [(k, v) for k, v in self.extra if k not in have]
                 message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 
-        await self.app(scope, receive, headed)
+        try:
+            await self.app(scope, receive, headed)
+        except Exception:  # the server's own 500 would be answered outside this middleware
+            if not started:
+                await _answer(headed, 500, "internal server error")
+            raise  # (the server logs it; an answer begun is not answered twice)
 
 
 async def _answer(send: Send, status: int, detail: str) -> None:
