@@ -3,6 +3,7 @@ a ``--warmup`` longer than the run, a ``--target`` outside the task's score rang
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -68,11 +69,14 @@ def test_target_outside_the_score_range_is_refused(
         assert "did you mean" not in line
     for value in ("0.95", "1", "0"):
         _reached(["dates", "--target", value, *out], capsys)
-    _reached(["gan", "--target", "-5", *out], capsys)  # -Frechet: no range to check
+    _reached(["gan", "--target", "-5", *out], capsys)  # -Frechet: at most 0
+    line = _error(["gan", "--target", "1.5", *out], capsys)  # the distance, not the score
+    assert "is 1.5; gan scores (-Frechet distance) are at most 0, so it is never" in line
+    assert line.endswith("did you mean -1.5?")
 
 
 def test_every_fraction_task_names_its_score_range() -> None:
-    unbounded = {"gan", "gan-plain", "vae", "vae-plain"}  # -Frechet
+    frechet = {"gan", "gan-plain", "vae", "vae-plain"}  # -Frechet, at most 0
     for name in TASKS:
-        want = None if name in unbounded else (0.0, 1.0)
+        want = (-math.inf, 0.0) if name in frechet else (0.0, 1.0)
         assert spec(name).score_range == want, name

@@ -12,6 +12,7 @@ saves ``OUT/last.safetensors`` and prints the command that resumes it.
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -187,10 +188,15 @@ def _check_target(task: str, s: TaskSpec, target: float | None) -> None:
     if target is None or s.score_range is None:
         return
     low, high = s.score_range
-    if not low <= target <= high:
-        hint = f"; did you mean {target / 100:g}?" if 5 * high <= target <= 100 * high else ""
-        msg = f"is {target:g}; {task} scores lie in [{low:g}, {high:g}], so it is never reached"
-        raise UsageError("--target", msg + hint)
+    if low <= target <= high:
+        return
+    if low == -math.inf:  # -Frechet: the distance itself was given
+        msg = f"is {target:g}; {task} scores (-Frechet distance) are at most {high:g}, so it "
+        hint = f"; did you mean {-target:g}?" if -target <= high else ""
+        raise UsageError("--target", msg + "is never reached" + hint)
+    hint = f"; did you mean {target / 100:g}?" if 5 * high <= target <= 100 * high else ""
+    msg = f"is {target:g}; {task} scores lie in [{low:g}, {high:g}], so it is never reached"
+    raise UsageError("--target", msg + hint)
 
 
 def _check_warmup(args: argparse.Namespace, steps: int) -> None:

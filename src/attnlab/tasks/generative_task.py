@@ -20,6 +20,7 @@ rates (TTUR: G at ``lr * g_lr_scale``, D at ``lr``) and Adam betas ``(0, 0.9)``.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -298,7 +299,12 @@ def _spec(summary: str, build: Callable[[int | None], Task], defaults: dict[str,
     from attnlab.tasks.generative_report import finish
 
     return TaskSpec(
-        summary=summary, build=build, defaults=defaults, finish=finish, max_train_size=TRAIN_IMAGES
+        summary=summary,
+        build=build,
+        defaults=defaults,
+        finish=finish,
+        max_train_size=TRAIN_IMAGES,
+        score_range=(-math.inf, 0.0),  # -Frechet: the distance is at least 0
     )
 
 

@@ -64,8 +64,9 @@ class TaskSpec:
         max_train_size: the most training examples the task can make (None: no bound
             below the command line's), checked before any data is made.
         score_range: the ``(low, high)`` every eval line's ``score`` lies in (None: not
-            bounded, as the generative tasks' ``-Frechet``); a ``--target`` outside it is
-            refused before any work (0.95 is a fraction, 95 was never reached).
+            bounded; the generative tasks' ``-Frechet`` is at most 0: ``(-inf, 0)``); a
+            ``--target`` outside it is refused before any work (0.95 is a fraction, 95 was
+            never reached; 1.5 is a distance, -1.5 its score).
 
     Example:
         >>> s = spec("dates")
