@@ -26,6 +26,7 @@ from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
 import attnlab
 from attnlab import bias as B
 from attnlab import masks as M
+from attnlab.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from attnlab.nn import DecoderOnly, LayerConfig
 from attnlab.nn.attention import MultiHeadAttention
 from attnlab.positional import RotaryEmbedding
@@ -96,6 +97,38 @@ def test_attend_compiled_breaks_only_at_the_call_without_a_warning() -> None:
     assert len(reasons) == 1 and "torch.compiler.disable" in reasons[0], reasons
     assert not [w for w in seen if "Dynamo" in str(w.message)], [str(w.message) for w in seen]
     assert max_err(got, f(s, v)) < 1e-6
+
+
+BUILT_INSIDE: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "padding": lambda q, n: attnlab.attention(q, q, q, mask=M.padding(n)),
+    "query_padding": lambda q, n: attnlab.attention(q, q, q, mask=M.padding(n, n)),
+    "global_tokens": lambda q, n: attnlab.attention(q, q, q, mask=M.global_tokens(n - 3)),
+}
+
+
+@pytest.mark.parametrize("name", [*BUILT_INSIDE, "seq2seq"])
+def test_masks_and_ids_checked_inside_a_compiled_function_without_a_warning(name: str) -> None:
+    """(Traced, ``padding``'s and ``global_tokens``' check that their values are >= 0
+    broke the graph with dynamo's warning that it cannot trace functorch's interpreter
+    stack; a model's checks of its token ids and source lengths broke it at
+    ``Tensor.item()``.) They run as written, a bad value still refused."""
+    q, n = torch.randn(2, 2, 12, 8), torch.tensor([3, 11])
+    if name == "seq2seq":
+        torch.manual_seed(0)
+        m = Seq2Seq(Seq2SeqConfig(src_vocab=10, tgt_vocab=12, d_model=16, num_heads=2)).eval()
+        src, tgt = torch.tensor([[1, 2, 3, 4, 5], [1, 2, 3, 0, 0]]), torch.ones(2, 4).long()
+        f, n = (lambda q, lengths: m(src, lengths, tgt)), torch.tensor([5, 3])
+    else:
+        f = BUILT_INSIDE[name]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        reasons = [r.reason for r in dynamo.explain(f)(q, n).break_reasons]
+        got = torch.compile(f, backend="eager")(q, n)
+    assert all("torch.compiler.disable" in r for r in reasons), reasons
+    assert not [w for w in seen if "ynamo" in str(w.message)], [str(w.message) for w in seen]
+    assert max_err(got, f(q, n)) == 0.0
+    with pytest.raises(ValueError, match=r"must be >= 0|must lie in"):
+        torch.compile(f, backend="eager")(q, -n)
 
 
 def test_importing_attnlab_leaves_dynamo_unloaded_until_something_compiles() -> None:

@@ -7,6 +7,8 @@ import numbers
 import torch
 from torch import Tensor
 
+from attnlab._eager import PLANS, as_written, vmapping
+
 Device = torch.device | str | None
 
 
@@ -67,3 +69,22 @@ def int_tensor(name: str, value: object, ndims: tuple[int, ...]) -> Tensor:
             f"{name} must have rank {' or '.join(map(str, ndims))}, got shape {tuple(t.shape)}"
         )
     return t.long()
+
+
+@as_written(PLANS)
+def check_nonnegative(name: str, t: Tensor | None) -> None:
+    """A ``ValueError`` naming ``name`` where ``t`` holds a value below 0; run as written
+    under ``torch.compile`` (traced, the read broke the graph with dynamo's warning that
+    it cannot trace functorch's interpreter stack), skipped where no value can be read
+    (vmapped, exported).
+
+    Example:
+        >>> check_nonnegative("key_lengths", torch.tensor([2, -1]))
+        Traceback (most recent call last):
+        ...
+        ValueError: key_lengths must be >= 0, got [2, -1]
+    """
+    if t is None or vmapping() or torch.compiler.is_exporting():
+        return
+    if bool((t < 0).any()):
+        raise ValueError(f"{name} must be >= 0, got {t.tolist()}")

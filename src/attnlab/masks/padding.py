@@ -8,9 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from attnlab._eager import vmapping
 from attnlab._grid import Grid
-from attnlab.masks._args import int_tensor
+from attnlab.masks._args import check_nonnegative, int_tensor
 from attnlab.masks.base import Mask
 from attnlab.masks.layout import Device, RowBounds, on
 
@@ -41,11 +40,8 @@ class Padding(Mask):
                 f"query_lengths has shape {tuple(self.ql.shape)} but key_lengths "
                 f"has {tuple(self.kl.shape)}; give one length per batch item"
             )
-        for name, t in (("key_lengths", self.kl), ("query_lengths", self.ql)):
-            if vmapping() or torch.compiler.is_exporting():
-                break  # no value to read (vmap and export raised on it): taken as given
-            if t is not None and bool((t < 0).any()):
-                raise ValueError(f"{name} must be >= 0, got {t.tolist()}")
+        check_nonnegative("key_lengths", self.kl)  # (vmapped or exported: taken as given)
+        check_nonnegative("query_lengths", self.ql)
 
     @property
     def batch_size(self) -> int:

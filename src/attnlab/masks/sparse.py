@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from attnlab._grid import Grid
-from attnlab.masks._args import int_tensor, nonneg_int, size
+from attnlab.masks._args import check_nonnegative, int_tensor, nonneg_int, size
 from attnlab.masks.base import Mask
 
 __all__ = ["BlockRandom", "GlobalTokens", "block_random", "global_tokens"]
@@ -37,8 +37,7 @@ class GlobalTokens(Mask):
 
     def __init__(self, indices: object) -> None:
         self.idx = int_tensor("indices", indices, (1,))
-        if bool((self.idx < 0).any()):
-            raise ValueError(f"indices must be >= 0, got {self.idx.tolist()}")
+        check_nonnegative("indices", self.idx)
 
     def evaluate(self, grid: Grid) -> Tensor:
         idx = self.idx.to(grid.k.device)

@@ -6,12 +6,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from attnlab._eager import PLANS, as_written, vmapping
+
 __all__ = ["check_id_dtype", "check_ids", "check_source", "check_special_ids", "check_vocab"]
 
 # the index dtypes nn.Embedding takes
 _ID_DTYPES = (torch.int64, torch.int32)
 
 
+@as_written(PLANS)  # (traced, its read broke the graph with dynamo's warning)
 def check_vocab(name: str, ids: Tensor, field: str, vocab: int) -> None:
     """Integer token ids ``ids`` must lie in ``[0, vocab)``, ``field`` naming ``vocab``
     (an embedding raised a bare ``IndexError: index out of range in self``).
@@ -23,6 +26,8 @@ def check_vocab(name: str, ids: Tensor, field: str, vocab: int) -> None:
         ...
         ValueError: src must lie in [0, src_vocab=5), got values in [1, 7]
     """
+    if vmapping() or torch.compiler.is_exporting():
+        return  # no value to read: taken as given (an embedding still fails on a bad id)
     lo, hi = (int(v) for v in ids.aminmax()) if ids.numel() else (0, 0)
     if lo < 0 or hi >= vocab:
         raise ValueError(f"{name} must lie in [0, {field}={vocab}), got values in [{lo}, {hi}]")
@@ -94,8 +99,16 @@ def check_source(src: object, lengths: object) -> None:
         raise ValueError(f"lengths must be a tensor of shape (B,) = ({s.shape[0]},), got {seen}")
     if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
         raise TypeError(f"lengths must hold integers (each row's real length), got {lengths.dtype}")
-    if lengths.numel() and (int(lengths.min()) < 1 or int(lengths.max()) > s.shape[1]):
+    _check_lengths_in(lengths, s.shape[1])
+
+
+@as_written(PLANS)  # (traced, its read broke the graph)
+def _check_lengths_in(lengths: Tensor, ls: int) -> None:
+    """``lengths (B,)`` must lie in ``[1, ls]`` (where its values can be read)."""
+    if vmapping() or torch.compiler.is_exporting() or not lengths.numel():
+        return
+    if int(lengths.min()) < 1 or int(lengths.max()) > ls:
         raise ValueError(
-            f"lengths must lie in [1, Ls={s.shape[1]}] (the real length of each src row), "
+            f"lengths must lie in [1, Ls={ls}] (the real length of each src row), "
             f"got {lengths.tolist()}"
         )
