@@ -152,6 +152,22 @@ def test_temperature_zero_is_argmax_and_tiny_temperature_is_finite() -> None:
     assert torch.equal(sample_logits(logits, 1e-30), logits.argmax(-1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_temperatures_past_the_dtype_range_take_their_limits(dtype: torch.dtype) -> None:
+    """(In float32 a temperature of 1e-50 divided to 0/0, and 1e39 to -inf/inf at a banned
+    token: NaN, torch's multinomial error.) T -> 0: the argmax; T -> inf: uniform over the
+    tokens not banned."""
+    logits = PROBS.log().to(dtype)
+    assert sample_logits(logits.expand(5, -1), 1e-50).tolist() == [0] * 5
+    banned = PROBS.log().clone()
+    banned[2] = -math.inf
+    _close(_freq(banned.to(dtype), temperature=1e39), [1 / 3, 1 / 3, 0.0, 1 / 3])
+    lm = LanguageModel(LMConfig(vocab_size=11, d_model=16, num_heads=2)).eval()
+    with torch.no_grad():
+        want = lm.generate(torch.tensor([[1, 5]]), 3, temperature=0.0)  # greedy
+        assert torch.equal(lm.generate(torch.tensor([[1, 5]]), 3, temperature=1e-50), want)
+
+
 def test_float64_logits_are_sampled_in_float64() -> None:
     """Logits 1e-9 apart at temperature 1e-11: softmax gives the second token e^100 times
     the weight of the first. Cast to float32 (as they were), the two were equal: 50/50."""

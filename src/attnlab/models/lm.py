@@ -345,7 +345,11 @@ def sample_logits(
     if temperature == 0:
         return logits.argmax(dim=-1)
     x = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays
-    x = (x - x.amax(dim=-1, keepdim=True)) / temperature  # max 0: no overflow at small T
+    t = torch.tensor(temperature, dtype=x.dtype)  # 0 or inf where T passes x's range
+    if t == 0:  # the limit T -> 0 (1e-50 gave 0/0 = NaN)
+        return logits.argmax(dim=-1)
+    x = x - x.amax(dim=-1, keepdim=True)  # max 0: no overflow at small T
+    x = torch.where(x == -math.inf, x, x / t)  # a banned token stays so at T = inf
     scaled = filter_logits(x, top_k, top_p)  # (..., V)
     probs = scaled.softmax(dim=-1).reshape(-1, logits.shape[-1])  # (N, V)
     picked = torch.multinomial(probs, 1, generator=generator)  # (N, 1)
