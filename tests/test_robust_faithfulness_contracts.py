@@ -4,12 +4,14 @@ conventional median (the mean of the two middle values for an even count)."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import Tensor, nn
 
 from attnlab.nn import AttentionPooling
 from attnlab.robust import adversarial_attention, override_attention, permutation_test, tvd
 from attnlab.robust.faithfulness import _permute_rows
+from tests.conftest import check_and_control
 
 
 def _pooling(dtype: torch.dtype) -> tuple[nn.Module, AttentionPooling, Tensor]:
@@ -71,3 +73,64 @@ def test_override_of_a_pooling_layer_leaves_other_threads_alone() -> None:
         mine, _ = pool(h)
     torch.testing.assert_close(got[0], alone, rtol=0, atol=0)
     torch.testing.assert_close(mine, h.mean(1))
+
+
+@pytest.mark.parametrize(
+    ("kw", "exc", "match"),
+    [
+        ({"lr": 0}, ValueError, r"lr must be a finite number > 0, got 0"),  # JSD stayed 0
+        ({"lr": -1.0}, ValueError, r"lr must be a finite number > 0, got -1"),  # Adam's words
+        ({"lr": "0.5"}, TypeError, r"lr must be a real number, got str"),
+        ({"penalty": -1}, ValueError, r"penalty must be a finite number >= 0, got -1"),
+        ({"penalty": float("nan")}, ValueError, r"penalty must be a finite number >= 0, got nan"),
+        ({"seed": -1}, ValueError, r"seed must be an int >= 0, got -1"),
+        ({"seed": 1.5}, TypeError, r"seed must be an int >= 0, got 1\.5 \(float\)"),  # torch's
+    ],
+)
+def test_adversarial_attention_names_a_bad_lr_penalty_or_seed(
+    kw: dict, exc: type, match: str
+) -> None:
+    """lr=0, penalty=-1 or NaN and seed=-1 were accepted (lr=0: JSD 0 for every example);
+    lr=-1 and seed=1.5 failed in Adam's and torch's words, naming no argument."""
+    model, pool, h = _pooling(torch.float32)
+    run = lambda m: m["head"](m["pool"](h)[0])  # noqa: E731
+    check_and_control(
+        lambda: adversarial_attention(model, pool, run, steps=2, **kw),
+        lambda: adversarial_attention(model, pool, run, steps=2, lr=0.1, seed=3),
+        exc,
+        match,
+    )
+
+
+def test_adversarial_attention_without_penalty_still_keeps_the_tolerance() -> None:
+    """penalty=0 means no penalty (documented): the search ignores the output, and only the
+    best iterate within tolerance is kept; checked against an independent TVD."""
+    model, pool, h = _pooling(torch.float64)
+    run = lambda m: m["head"](m["pool"](h)[0])  # noqa: E731
+    r = adversarial_attention(model, pool, run, tolerance=0.02, steps=30, penalty=0)
+    with torch.no_grad():
+        base = run(model).softmax(-1)
+        with override_attention(pool, lambda w, i: r.weights[:, i]):
+            moved = tvd(run(model).softmax(-1), base)
+    torch.testing.assert_close(moved, r.tvd, rtol=0, atol=1e-12)
+    assert bool((moved <= 0.02).all())
+
+
+@pytest.mark.parametrize(
+    ("seed", "exc", "match"),
+    [
+        (-1, ValueError, r"seed must be an int >= 0, got -1"),
+        (1.5, TypeError, r"seed must be an int >= 0, got 1\.5 \(float\)"),
+        (True, TypeError, r"seed must be an int >= 0, got True \(bool\)"),
+    ],
+)
+def test_permutation_test_names_a_bad_seed(seed: object, exc: type, match: str) -> None:
+    """seed=-1 was accepted; 1.5 failed as torch's "manual_seed expected a long"."""
+    model, pool, h = _pooling(torch.float32)
+    run = lambda m: m["head"](m["pool"](h)[0])  # noqa: E731
+    check_and_control(
+        lambda: permutation_test(model, pool, run, permutations=2, seed=seed),
+        lambda: permutation_test(model, pool, run, permutations=2, seed=np.int64(4)),
+        exc,
+        match,
+    )

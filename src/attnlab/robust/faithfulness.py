@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from attnlab._observe import REWRITERS
-from attnlab._validate import positive_int
+from attnlab._validate import nonnegative_int, positive_int
 from attnlab.nn import AttentionPooling, BahdanauAttention, LuongAttention
 from attnlab.robust.perturb import check_positive
 
@@ -256,6 +256,15 @@ def adversarial_attention(
     penalty past the tolerance; the best iterate within tolerance is kept, so the model's
     own attention, JSD 0, is the answer when nothing else is found).
 
+    Args:
+        model, module, run: as in the module docstring.
+        tolerance: the largest output TVD allowed (> 0). steps: Adam steps (>= 1).
+        lr: Adam's learning rate (> 0; 0 never moved from the start).
+        penalty: weight of the loss ``relu(TVD - tolerance)`` (>= 0; 0: no penalty, the
+            search ignores the output and only the keeping of the best iterate within
+            tolerance holds it).
+        seed: of the random start of the logits (an int >= 0).
+
     Example:
         >>> pool = AttentionPooling(3)
         >>> head = nn.Linear(3, 2)
@@ -267,9 +276,10 @@ def adversarial_attention(
     """
     check_positive("tolerance", tolerance)
     positive_int("steps", steps)
+    lr, penalty = check_positive("lr", lr), check_positive("penalty", penalty, zero=True)
+    g = torch.Generator().manual_seed(nonnegative_int("seed", seed))
     base, w0 = _recorded(model, module, run)  # (B, ..., C), (B, T, Lk)
     real = w0 > 0
-    g = torch.Generator().manual_seed(seed)
     z0 = w0.clamp_min(1e-12).log() + torch.randn(w0.shape, generator=g).to(w0)
     z = z0.masked_fill(~real, 0.0).requires_grad_(True)
     opt = torch.optim.Adam([z], lr=lr)
@@ -313,6 +323,10 @@ def permutation_test(
     """Jain & Wallace's permutation test: how far the output moves (TVD) when each
     attention row is shuffled among its real positions.
 
+    Args:
+        model, module, run: as in the module docstring.
+        permutations: shuffles per example (>= 1). seed: of the shuffles (an int >= 0).
+
     Returns:
         ``{"median_tvd": (B,) median over the permutations (:func:`median`: for an even
         count the mean of the two middle values), "max_attention": (B,) the largest weight
@@ -325,8 +339,8 @@ def permutation_test(
         torch.Size([4])
     """
     positive_int("permutations", permutations)
+    g = torch.Generator().manual_seed(nonnegative_int("seed", seed))
     base, w0 = _recorded(model, module, run)
-    g = torch.Generator().manual_seed(seed)
     shifts = []
     for _ in range(permutations):
         w = _permute_rows(w0, g)
