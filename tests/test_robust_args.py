@@ -8,6 +8,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -477,3 +478,38 @@ def test_regularizer_terms_name_a_bad_weights_or_target() -> None:
         ValueError,
         r"q_logits must have p_logits' shape \(2, 3\), got \(2, 4\)",
     )
+
+
+# ---------------------------------------------------------------------------------------
+# project: the norm and radius checked as FGM and PGD check them
+
+
+@pytest.mark.parametrize(
+    ("norm", "epsilon", "exc", "match"),
+    [
+        ("l3", 1.0, ValueError, r"norm must be one of \('l2', 'linf'\), got 'l3'"),  # was L2
+        ("L2", 1.0, ValueError, r"norm must be one of \('l2', 'linf'\), got 'L2'"),
+        ("linf", -1.0, ValueError, r"epsilon must be a finite number > 0, got -1"),  # all -1
+        ("l2", -1.0, ValueError, r"epsilon must be a finite number > 0, got -1"),  # flipped
+        ("l2", 0.0, ValueError, r"epsilon must be a finite number > 0, got 0"),
+        ("l2", float("nan"), ValueError, r"epsilon must be a finite number > 0, got nan"),
+        ("l2", "1", TypeError, r"epsilon must be a real number, got str"),
+    ],
+)
+def test_project_checks_its_norm_and_epsilon(
+    norm: str, epsilon: object, exc: type, match: str
+) -> None:
+    """norm="l3" was projected as L2; epsilon=-1 set every L-inf value to -1 and flipped the L2
+    direction ([0.3, -0.2] -> [-0.83, 0.55])."""
+    from attnlab.robust import project
+
+    d = torch.tensor([[0.3, -0.2]], dtype=torch.float64)
+    check_and_control(
+        lambda: project(d, epsilon, norm),  # type: ignore[arg-type]
+        lambda: project(d, np.float64(0.1), "l2"),
+        exc,
+        match,
+    )
+    want = d * 0.1 / math.hypot(0.3, 0.2)  # the L2 ball of radius 0.1, by hand
+    torch.testing.assert_close(project(d, 0.1, "l2"), want, rtol=1e-12, atol=0.0)
+    assert torch.equal(project(d, 0.25, "linf"), torch.tensor([[0.25, -0.2]], dtype=d.dtype))

@@ -22,8 +22,10 @@ from attnlab.robust import (
     SMART,
     EntropyRegularizer,
     FreeLB,
+    Perturbation,
     SupervisedAttention,
     entropy_term,
+    pgd_embeddings,
     pgd_pixels,
 )
 from attnlab.robust.perturb import check_positive
@@ -223,6 +225,78 @@ def test_an_unused_embedding_layer_names_the_argument(name: str) -> None:
         ValueError,
         r"'pos' .* took no part in the loss.*pass embedding='<submodule name>'.*\['pos', 'tok'\]",
     )
+
+
+class _Shared(nn.Module):
+    """One embedding ``emb`` read for both inputs of a pair (a siamese model)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.lin = nn.Embedding(7, 3), nn.Linear(3, 2)
+
+    def forward(self, pair: tuple[Tensor, Tensor]) -> Tensor:
+        return self.lin(self.emb(pair[0]).mean(1) + self.emb(pair[1]).mean(1))
+
+
+@pytest.mark.parametrize("name", ["fgm", "pgd", "freelb", "smart", "pgd_embeddings"])
+def test_a_shared_embedding_on_inputs_of_two_lengths_is_named(name: str) -> None:
+    """An embedding run on a 4-token and a 3-token input in one forward failed inside the
+    hook as "The size of tensor a (3) must match the size of tensor b (4)"."""
+    m, y = _Shared().double(), torch.tensor([0, 1])
+    loss = lambda mm, b: F.cross_entropy(mm(b), y)  # noqa: E731
+    run = {
+        "fgm": lambda b: FGM(0.1).step(m, b, loss),
+        "pgd": lambda b: PGD(0.1).step(m, b, loss),
+        "freelb": lambda b: FreeLB(0.1, steps=2).step(m, b, loss),
+        "smart": lambda b: SMART(lambda mm, bb: mm(bb), epsilon=0.1).step(m, b, loss),
+        "pgd_embeddings": lambda b: pgd_embeddings(m, b, loss, epsilon=0.1),
+    }[name]
+    first = torch.randint(0, 7, (2, 4))
+    check_and_control(
+        lambda: run((first, torch.randint(0, 7, (2, 3)))),
+        lambda: run((first, torch.randint(0, 7, (2, 4)))),  # one length: one delta fits both
+        ValueError,
+        r"layer 'emb' \(Embedding\) has shape \(2, 4, 3\), its output here \(2, 3, 3\).*"
+        r"pass embedding='<submodule name>'",
+    )
+
+
+def test_a_shared_embedding_gets_one_delta_whose_gradient_sums_both_calls() -> None:
+    """Inputs of one length: the one delta goes into both calls; its gradient is the
+    hand-derived ``2 / L * W^T (softmax(z) - onehot(y)) / B`` at every position."""
+    m, y = _Shared().double(), torch.tensor([0, 1])
+    a, b = torch.randint(0, 7, (2, 4)), torch.randint(0, 7, (2, 4))
+    p = Perturbation(m.emb, name="emb")
+    with p.active(track=True):
+        F.cross_entropy(m((a, b)), y).backward()
+    with torch.no_grad():
+        e, w, c = m.emb.weight, m.lin.weight, m.lin.bias
+        dz = (((e[a].mean(1) + e[b].mean(1)) @ w.T + c).softmax(-1) - F.one_hot(y, 2)) / 2
+        want = (2 / 4 * dz @ w)[:, None].expand(2, 4, 3)  # (B, L, E)
+    assert p.delta is not None and p.delta.grad is not None
+    torch.testing.assert_close(p.delta.grad, want, rtol=1e-12, atol=1e-15)
+
+
+def test_a_perturbation_that_does_not_fit_the_output_is_named() -> None:
+    """A delta made for a batch of 2 broadcast a batch of 1 up to 2 outputs silently; a
+    delta that broadcasts onto the output (one for every position) is still added."""
+    emb = nn.Embedding(5, 3)
+    p = Perturbation(emb)
+    p.leaf(torch.zeros(2, 4, 3))
+
+    def run(ids: Tensor) -> Tensor:
+        with p.active():
+            return emb(ids)
+
+    check_and_control(
+        lambda: run(torch.tensor([[1, 2, 3, 4]])),
+        lambda: run(torch.tensor([[1, 2, 3, 4], [0, 1, 2, 3]])),
+        ValueError,
+        r"layer Embedding has shape \(2, 4, 3\), its output here \(1, 4, 3\)",
+    )
+    p.leaf(torch.ones(1, 1, 3))
+    ids = torch.tensor([[1, 2, 3, 4], [0, 1, 2, 3]])
+    torch.testing.assert_close(run(ids), emb(ids) + 1, rtol=0, atol=0)
 
 
 def test_numbers_include_numpy_scalars_but_not_bools() -> None:

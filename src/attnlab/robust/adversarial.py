@@ -77,7 +77,8 @@ class _Adversary:
         """The (cached) :class:`Perturbation` of ``model``'s embedding layer, cleared."""
         if self._cache is None or self._cache[0] is not model:
             module = find_embedding(model, self.embedding)
-            self._cache = (model, Perturbation(module, self.site, self.bounds))
+            name = next(n for n, m in model.named_modules() if m is module)
+            self._cache = (model, Perturbation(module, self.site, self.bounds, name=name))
         pert = self._cache[1]
         pert.delta = None
         return pert

@@ -222,12 +222,15 @@ def ascent_direction(grad: Tensor, norm: str) -> Tensor:
 
 
 def project(delta: Tensor, epsilon: float, norm: str) -> Tensor:
-    """``delta`` projected onto the ball of radius ``epsilon`` (per example).
+    """``delta`` projected onto the ball of radius ``epsilon`` (> 0; per example) of
+    ``norm`` (one of :data:`NORMS`); others are refused, as FGM and PGD refuse them (``"l3"``
+    was taken for L2, a negative ``epsilon`` flipped the direction).
 
     Example:
         >>> project(torch.tensor([[3.0, -4.0]]), 1.0, "l2")
         tensor([[ 0.6000, -0.8000]])
     """
+    epsilon, norm = check_positive("epsilon", epsilon), check_norm(norm)
     if norm == "linf":
         return delta.clamp(-epsilon, epsilon)
     wide, n = _wide_l2(delta)
@@ -277,6 +280,12 @@ class Perturbation:
         bounds: ``(low, high)`` to clamp the perturbed input to (``site="input"`` only);
             an input outside them is refused with a ValueError, as
             :func:`~attnlab.robust.pgd_pixels` refuses it.
+        name: the module's name in its model, for the error messages (default: its type).
+
+    One ``delta`` per module: a module that runs more than once in a forward pass (an
+    embedding shared by two inputs) gets the same ``delta`` each time, so it must fit
+    every tensor it is added to; one it cannot fit (inputs of other lengths) is refused
+    with a ValueError naming the module and both shapes.
 
     Attributes:
         delta: the perturbation (None until set or until the first forward with
@@ -295,9 +304,14 @@ class Perturbation:
     """
 
     def __init__(
-        self, module: nn.Module, site: str = "output", bounds: tuple[float, float] | None = None
+        self,
+        module: nn.Module,
+        site: str = "output",
+        bounds: tuple[float, float] | None = None,
+        *,
+        name: str | None = None,
     ) -> None:
-        self.module = module
+        self.module, self.name = module, name
         self.site, self.bounds = check_site(site, bounds)
         self.delta: Tensor | None = None
         self._x: Tensor | None = None  # the input of the last forward (site="input")
@@ -350,7 +364,30 @@ class Perturbation:
         if self.delta is None and self._track:
             assert self._init is not None
             self.leaf(self.within_bounds(self._init(x.detach())))
+        if self.delta is not None:
+            self._check_fits(x, self.delta)
         return self.delta
+
+    def _check_fits(self, x: Tensor, delta: Tensor) -> None:
+        """A ValueError naming the module and both shapes unless ``x + delta`` has ``x``'s
+        shape (else a bare "size of tensor a (3) must match ... b (4)" came from the hook,
+        or a smaller ``x`` was broadcast up silently)."""
+        try:
+            fits = torch.broadcast_shapes(x.shape, delta.shape) == x.shape
+        except RuntimeError:
+            fits = False
+        if fits:
+            return
+        kind = type(self.module).__name__
+        layer = kind if self.name is None else f"{self.name!r} ({kind})"
+        where = "output" if self.site == "output" else "input"
+        raise ValueError(
+            f"the perturbation of layer {layer} has shape {tuple(delta.shape)}, its {where} "
+            f"here {tuple(x.shape)}: one delta per layer, and this layer ran again in the "
+            "forward pass on a tensor of another shape (an embedding shared by two inputs), "
+            "or the batch is not the one delta was made for; pass embedding='<submodule "
+            "name>' naming a layer that runs once per forward pass"
+        )
 
     def _add_to_output(self, module: nn.Module, args: Any, out: Tensor) -> Tensor:
         delta = self._delta_for(out)
