@@ -208,16 +208,27 @@ class PGD(_Adversary):
     ) -> Perturbation:
         """The perturbation after ``steps`` projected ascent steps (parameters untouched);
         ``seed``: of the random start, from a generator of its own (None: torch's global
-        RNG)."""
+        RNG). Under ``torch.no_grad()`` (evaluation code) the ascent runs with gradients
+        on, as outside it; under ``torch.inference_mode()`` a RuntimeError (the batch and
+        ``loss_fn`` may hold inference tensors, which autograd cannot use)."""
+        if not callable(loss_fn):  # ("'NoneType' object is not callable" at the first step)
+            raise TypeError(f"loss_fn must be callable (model, batch) -> loss, got {loss_fn!r}")
+        if torch.is_inference_mode_enabled():  # (enable_grad cannot help there)
+            raise RuntimeError(
+                "PGD.attack (pgd_embeddings) ascends the gradient of loss_fn and cannot run "
+                "under torch.inference_mode(), whose tensors autograd refuses; call it "
+                "outside inference_mode (under torch.no_grad() it runs)"
+            )
         pert = self.perturbation(model)
         init = self._start if self.random_start else None
         if self.random_start and seed is not None:
             nonnegative_int("seed", seed)
             init = partial(self._seeded_start, seed)
-        for _ in range(self.steps):
-            with hidden_pass(), pert.active(track=True, init=init):
-                loss = loss_fn(model, batch)
-            self._ascend(pert, self._grad(pert, loss), self.alpha, self.norm)
+        with torch.enable_grad():  # (under no_grad: "element 0 of tensors does not require grad")
+            for _ in range(self.steps):
+                with hidden_pass(), pert.active(track=True, init=init):
+                    loss = loss_fn(model, batch)
+                self._ascend(pert, self._grad(pert, loss), self.alpha, self.norm)
         pert.delta = self._leaf(pert).detach()
         return pert
 

@@ -81,6 +81,11 @@ def pgd_pixels(
             device (torch's global RNG is not used: the same seed, the same start,
             whatever other threads draw meanwhile).
 
+    Runs from evaluation code too: under ``torch.no_grad()`` the ascent has gradients on,
+    and under ``torch.inference_mode()`` it leaves inference mode, cloning ``images`` and
+    ``labels`` out of it if they were made in it (the model's parameters must be normal
+    tensors: a model built under inference mode cannot be attacked).
+
     Returns:
         ``(B, C, H, W)`` images within ``epsilon`` of ``images`` and inside ``bounds``.
 
@@ -98,14 +103,23 @@ def pgd_pixels(
     check_inside("images", images, bounds)
     instance_of("model", model, nn.Module, "a torch.nn.Module")
     labels = _class_indices(labels, images.shape[0])
-    delta = random_start(images, eps, norm, generator=seeded_generator(seed, images.device))
-    x = images.detach()
-    for _ in range(steps):
-        delta = ((x + delta).clamp(*bounds) - x).requires_grad_(True)
-        loss = F.cross_entropy(model(x + delta), labels)
-        (grad,) = torch.autograd.grad(loss, delta)
-        delta = project(delta.detach() + alpha * ascent_direction(grad, norm), eps, norm)
-    return (x + delta).clamp(*bounds).detach()
+    generator = seeded_generator(seed, images.device)
+    with torch.inference_mode(False), torch.enable_grad():  # (evaluation code: no_grad)
+        x, labels = _autograd_usable(images), _autograd_usable(labels)
+        delta = random_start(x, eps, norm, generator=generator)
+        for _ in range(steps):
+            delta = ((x + delta).clamp(*bounds) - x).requires_grad_(True)
+            loss = F.cross_entropy(model(x + delta), labels)
+            (grad,) = torch.autograd.grad(loss, delta)
+            delta = project(delta.detach() + alpha * ascent_direction(grad, norm), eps, norm)
+        return (x + delta).clamp(*bounds).detach()
+
+
+def _autograd_usable(t: Tensor) -> Tensor:
+    """``t`` detached; a tensor made under ``torch.inference_mode()`` cloned (outside it)
+    into a normal one, which autograd can save ("Inference tensors cannot be saved for
+    backward")."""
+    return t.detach().clone() if t.is_inference() else t.detach()
 
 
 def pgd_embeddings(
@@ -130,6 +144,10 @@ def pgd_embeddings(
             whatever other threads draw meanwhile). None (the default): drawn from torch's
             global RNG, which it advances. A model in training mode draws its dropout
             from the global RNG: put it in eval mode for a reproducible attack.
+
+    Runs under ``torch.no_grad()`` (the ascent has gradients on), not under
+    ``torch.inference_mode()`` (a RuntimeError: ``batch`` and ``loss_fn`` may hold
+    inference tensors, which autograd cannot use).
 
     Example:
         >>> m = nn.Sequential(nn.Embedding(5, 3), nn.Flatten(), nn.Linear(6, 2))
