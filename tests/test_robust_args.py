@@ -447,6 +447,39 @@ def test_edited_dates_tasks_check_rate_when_built(kind: str, rate: object, exc: 
     )
 
 
+@pytest.mark.parametrize(
+    ("target", "exc", "got"),
+    [
+        (torch.eye(5)[0], ValueError, r"got shape \(5,\)"),  # (Lk,): broadcast, 8.79 returned
+        (torch.eye(5)[:2], ValueError, r"got shape \(2, 5\)"),  # another batch
+        (torch.eye(5)[None, :4].expand(3, 4, 5), ValueError, r"got shape \(3, 4, 5\)"),
+        (torch.eye(6)[None, :5].expand(3, 5, 6), ValueError, r"got shape \(3, 5, 6\)"),
+        ([[1.0, 0, 0, 0, 0]] * 3, TypeError, r"got list"),  # AttributeError: no .dim
+    ],
+)
+def test_supervised_attention_names_an_alignment_of_another_shape(
+    target: object, exc: type, got: str
+) -> None:
+    """alignment(batch) must give (B, Lq, Lk) or (B, Lk); both documented shapes give the
+    same term when the (B, Lk) row is each query's row (the control)."""
+    from attnlab.robust import SupervisedAttention
+
+    mha, x = MultiHeadAttention(8, 2).eval(), torch.randn(3, 5, 8)
+    zero = lambda m, b: m(b).sum() * 0  # noqa: E731 (the step is the term alone)
+    rows = torch.eye(5)[torch.tensor([0, 2, 4])]  # (B, Lk)
+    each = rows[:, None].expand(3, 5, 5)  # (B, Lq, Lk): the same row for every query
+    check_and_control(
+        lambda: SupervisedAttention("", lambda b: target).step(mha, x, zero),
+        lambda: SupervisedAttention("", lambda b: each).step(mha, x, zero),
+        exc,
+        r"alignment\(batch\) must return a Tensor \(B, Lq, Lk\) = \(3, 5, 5\) or "
+        r"\(B, Lk\) = \(3, 5\), " + got,
+    )
+    a = float(SupervisedAttention("", lambda b: rows).step(mha, x, zero).detach())
+    b = float(SupervisedAttention("", lambda b: each).step(mha, x, zero).detach())
+    assert a == pytest.approx(b, rel=1e-6) and a > 0.5
+
+
 def test_regularizer_terms_name_a_bad_weights_or_target() -> None:
     """(A target of the wrong shape: a bare RuntimeError from ``expand_as``; a list: an
     AttributeError; symmetric_kl over 3 and 4 classes: a bare RuntimeError.)"""

@@ -206,9 +206,10 @@ class SupervisedAttention:
     Args:
         layer: the module name whose attention is supervised (``"han.sentence_attention"``).
         alignment: ``alignment(batch) -> target (B, Lq, Lk)`` (or ``(B, Lk)`` for a
-            one-query pooling); the layer's calls are joined along the query dimension
-            (one call per decoder step gives ``Lq`` = the steps) and every head is
-            supervised.
+            one-query pooling: every query gets that row); the layer's calls are joined
+            along the query dimension (one call per decoder step gives ``Lq`` = the steps)
+            and every head is supervised. Another shape, or not a Tensor, is refused at
+            the step with an error naming ``alignment`` and both shapes.
         weight: the term's weight (> 0).
 
     Example:
@@ -230,9 +231,23 @@ class SupervisedAttention:
         if not calls:
             raise ValueError(f"layer={self.layer!r} made no attention call in this step")
         w = torch.cat([c.weights for c in calls], dim=2)  # (B, H, Lq, Lk)
-        target = self.alignment(batch)
-        target = target[:, None] if target.dim() == 2 else target  # (B, Lq, Lk)
+        target = _alignment_rows(self.alignment(batch), w)  # (B, Lq or 1, Lk)
         return loss + self.weight * supervised_attention_term(w, target[:, None])
+
+
+def _alignment_rows(target: object, w: Tensor) -> Tensor:
+    """What ``alignment(batch)`` returned, as ``(B, Lq, Lk)`` or ``(B, 1, Lk)`` for the
+    weights ``w (B, H, Lq, Lk)``, or an error naming ``alignment``, the shape seen and the
+    shapes expected (a ``(Lk,)`` row was broadcast silently, a list raised AttributeError)."""
+    b, _, lq, lk = w.shape
+    want = f"a Tensor (B, Lq, Lk) = {(b, lq, lk)} or (B, Lk) = {(b, lk)}"
+    if not isinstance(target, Tensor):
+        got = type(target).__name__
+        raise TypeError(f"alignment(batch) must return {want}, got {got}")
+    if tuple(target.shape) not in ((b, lq, lk), (b, lk)):
+        got = f"shape {tuple(target.shape)}"
+        raise ValueError(f"alignment(batch) must return {want}, got {got}")
+    return target[:, None] if target.dim() == 2 else target
 
 
 class HeadDropout:
