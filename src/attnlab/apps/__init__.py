@@ -17,7 +17,8 @@ Example:
 from __future__ import annotations
 
 from attnlab.apps.ask import Answer, Asker, Weights, ask
-from attnlab.apps.corpus import Document, Sentence, load_documents, split_document
+from attnlab.apps.corpus import Document, Sentence, split_document
+from attnlab.apps.documents import load_documents
 from attnlab.apps.index import Index, build_index, default_cache, load_index
 from attnlab.apps.match import WordMatch, match_words
 from attnlab.apps.summarize import Summary, summarize

@@ -43,7 +43,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -63,7 +63,8 @@ from attnlab._validate import (
     validate_flag,
 )
 from attnlab._warnings import passed_on, quiet, warn, warn_again
-from attnlab.apps.corpus import Sentence, check_prose, load_documents
+from attnlab.apps.corpus import Document, Sentence, check_prose
+from attnlab.apps.documents import load_documents
 from attnlab.apps.index import (
     Index,
     Progress,
@@ -71,6 +72,7 @@ from attnlab.apps.index import (
     check_cache,
     default_cache,
     index_folder,
+    saved_sentences,
     unit,
 )
 from attnlab.apps.lexical import BM25, words
@@ -293,18 +295,23 @@ def ask(
     cache: str | Path | bool | None = None,
     explain: bool = True,
     progress: Progress | None = None,
+    split: Mapping[Document, Sequence[Sentence]] | None = None,
 ) -> list[Answer]:
     """Answer ``question`` from ``docs`` (``"pydoc"``, files or folders).
 
     Args:
         question: at most :data:`MAX_QUESTION_WORDS` words.
-        docs: what :func:`attnlab.apps.corpus.load_documents` reads.
+        docs: what :func:`attnlab.apps.documents.load_documents` reads.
         top: how many answers, best first.
         encoder: the sentence encoder (default: all-MiniLM-L6-v2).
         cache: the index folder (default :func:`attnlab.apps.index.default_cache`);
             ``False``: build it in memory and keep nothing.
         explain: compute each answer's word matches (:func:`attnlab.apps.match.match_words`).
         progress: ``progress(done, total)`` while sentences are embedded.
+        split: the documents' sentences known already (as
+            :func:`~attnlab.apps.corpus.check_prose` returns them), so that a caller who
+            checked the documents does not wait for them again; default: those the saved
+            index holds (a document is split once, and not at all while the index is current).
 
     Returns:
         ``top`` :class:`Answer` objects, best first.
@@ -331,13 +338,14 @@ def ask(
     explain = validate_flag("explain", explain)  # (a truthy "no" explained)
     callable_or_none("progress", progress, "progress(done, total)")
     documents = load_documents(docs)
-    check_prose(documents)  # before the model loads
     folder = _cache_folder(cache, docs)
+    given = saved_sentences(documents, folder) if split is None else split
+    known = check_prose(documents, given)  # before the model loads
     if encoder is not None:  # (a str: "'str' object has no attribute 'config'")
         instance_of("encoder", encoder, SentenceEncoder, "a SentenceEncoder or None")
     enc = encoder or SentenceEncoder.from_pretrained()
     with _one_truncation_warning(enc.config.max_seq_length):
-        index = build_index(documents, enc, folder, progress=progress)
+        index = build_index(documents, enc, folder, progress=progress, split=known)
         answers = Asker(index, enc).rank(question, top)
         with quiet(TruncationWarning):  # the question and the answers: rank said it
             for a in answers if explain else []:

@@ -1,4 +1,5 @@
-"""Documents and their sentences: text files, folders of them, or Python's reference.
+"""Documents and their sentences (:mod:`attnlab.apps.documents` reads them from files,
+folders or Python's reference).
 
 A document is split into paragraphs at blank lines, and what is not prose is kept out of
 the sentences: headings (a line underlined, or over- and underlined, with ``*``, ``=``,
@@ -11,10 +12,6 @@ an admonition's body, as under ``.. note::``, is prose) and HTML comments. Each 
 paragraph has its lines joined (list bullets dropped) and is split into sentences by pysbd
 (a rule-based splitter that knows abbreviations, decimals and dotted names).
 
-``load_documents("pydoc")`` reads the language reference that the standard library
-ships (``pydoc_data.topics.topics``, one document per topic); paths read ``.txt``,
-``.md`` and ``.rst`` files, folders recursively.
-
 Example:
     >>> doc = Document("demo", "Title\\n=====\\n\\nIt is e.g. 3.5 m long. See x.y() too.\\n")
     >>> [(s.text, s.section) for s in split_document(doc)]
@@ -24,28 +21,22 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from attnlab._validate import instance_of
 from attnlab.apps.sentences import split_sentences
 
 __all__ = [
-    "SUFFIXES",
     "Document",
     "Sentence",
     "check_prose",
-    "document_files",
-    "load_documents",
+    "known_sentences",
     "split_document",
     "split_sentences",
 ]
 
-SUFFIXES = (".txt", ".md", ".rst")
 _UNDERLINE = re.compile(r"^\s*([*=\-~^#])\1{2,}\s*$")
 _BULLET = re.compile(r"^(?:[*\-+•]|\d{1,2}[.)])\s+")
 _NOT_CODE_LEAD = ("note:", "see also:", "warning:")
@@ -243,195 +234,49 @@ def split_document(
     return out
 
 
-def check_prose(docs: Sequence[Document]) -> None:
+def check_prose(
+    docs: Sequence[Document], split: Mapping[Document, Sequence[Sentence]] | None = None
+) -> dict[Document, list[Sentence]]:
     """A ValueError if no document of ``docs`` holds a prose sentence (empty, or only
-    code): said before the model loads (``attnlab ask`` loaded it first). Documents are
-    split until the first one with prose.
+    code): said before the model loads (``attnlab ask`` loaded it first). ``split``:
+    documents whose sentences are known already (a saved index's); the others are split
+    until the first with prose.
+
+    Returns:
+        the sentences known: ``split``'s and those of the documents split here (pass them
+        on, as ``ask`` and ``build_index`` take them, and none is split twice).
 
     Example:
+        >>> known = check_prose([Document("a", "Cats purr."), Document("b", "Rain falls.")])
+        >>> [(d.name, [s.text for s in sentences]) for d, sentences in known.items()]
+        [('a', ['Cats purr.'])]
         >>> check_prose([Document("a.md", "```\\nprint(1)\\n```\\n")])
         Traceback (most recent call last):
         ...
         ValueError: docs: the documents hold no prose sentences (empty, or only code)
     """
-    if not any(split_document(d) for d in docs):
-        raise ValueError("docs: the documents hold no prose sentences (empty, or only code)")
+    known = known_sentences(split)
+    if any(known.get(d) for d in docs):
+        return known
+    for d in docs:
+        if d not in known and known.setdefault(d, split_document(d)):
+            return known
+    raise ValueError("docs: the documents hold no prose sentences (empty, or only code)")
 
 
-def pydoc_documents() -> list[Document]:
-    """The Python language reference that ships with the standard library, by topic."""
-    from pydoc_data.topics import topics
-
-    return [Document(name, topics[name]) for name in sorted(topics)]
-
-
-def _read_text(path: Path) -> str:
-    """A file's text; a binary or non-UTF-8 file is a ValueError naming it."""
-    try:
-        raw = path.read_bytes()
-    except PermissionError:
-        raise ValueError(f"docs: {str(path)!r} cannot be read (permission denied)") from None
-    except OSError as e:
-        raise ValueError(f"docs: {str(path)!r} cannot be read ({e.strerror})") from None
-    if b"\x00" in raw[:8192]:
-        raise ValueError(f"docs: {str(path)!r} is a binary file; give text files")
-    try:
-        return raw.decode("utf-8-sig")  # a byte-order mark is not text (it hid a heading)
-    except UnicodeDecodeError as e:
-        raise ValueError(f"docs: {str(path)!r} is not UTF-8 text ({e.reason} at {e.start})") from e
-
-
-def _files(path: Path) -> list[Path]:
-    """The text files that ``path`` names: itself, or a folder's (recursively, sorted)."""
-    if not path.exists():
-        raise ValueError(f"docs: {str(path)!r} does not exist")
-    if path.is_file():
-        return [path]
-    if not path.is_dir():  # os.access would call a FIFO "permission denied"
-        raise ValueError(
-            f"docs: {str(path)!r} is not a regular file or folder (a pipe, device or "
-            "socket); save the text to a file and give that"
-        )
-    if not os.access(path, os.R_OK | os.X_OK):
-        raise ValueError(f"docs: {str(path)!r} cannot be read (permission denied)")
-    found = _text_files(path)
-    if not found:
-        raise ValueError(
-            f"docs: the folder {str(path)!r} holds no text files ({', '.join(SUFFIXES)})"
-        )
-    return found
-
-
-def _identity(path: str | Path) -> tuple[int, int]:
-    """The file or folder that ``path`` reaches (links followed): device and inode."""
-    st = os.stat(path)
-    return st.st_dev, st.st_ino
-
-
-def _text_files(folder: Path) -> list[Path]:
-    """The text files under ``folder`` (hidden ones and those in hidden folders left
-    out), sorted; a subfolder that cannot be read is a ValueError (``rglob`` passed over
-    it, and its documents were silently never searched). Links are followed, but each
-    real folder and each real file is read once (a link to the folder itself made one
-    file 41 documents)."""
-
-    def fail(e: OSError) -> None:
-        raise ValueError(f"docs: {str(e.filename)!r} cannot be read (permission denied)")
-
-    found: list[Path] = []
-    seen: set[tuple[int, int]] = set()
-    for root, dirs, files in os.walk(folder, onerror=fail, followlinks=True):
-        if (here := _identity(root)) in seen:  # reached again through a link: read already
-            dirs[:] = []
-            continue
-        seen.add(here)
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            p = Path(root) / name
-            if name.startswith(".") or p.suffix.lower() not in SUFFIXES or not p.is_file():
-                continue
-            if (key := _identity(p)) not in seen:
-                seen.add(key)
-                found.append(p)
-    return sorted(found)
-
-
-def _named_files(path: Path) -> list[tuple[str, Path]]:
-    """The files that ``path`` names, each with its document name: a file's own name, or
-    for a folder its name and the path inside it (``docs/a.txt`` whether the folder was
-    given as ``docs``, ``./docs/`` or ``/home/me/docs``), so that the title signal and the
-    index's keys do not depend on how the folder was spelled."""
-    base = Path(os.path.abspath(path))
-    if not path.is_dir():
-        return [(base.name, p) for p in _files(path)]
-    return [(str(Path(base.name) / p.relative_to(path)), p) for p in _files(path)]
-
-
-def _items(docs: object) -> list[str | Path]:
-    """``docs`` as a list: one path, or a sequence of them (a TypeError naming ``docs``
-    otherwise: ``docs=123`` said "'int' object is not iterable")."""
-    if isinstance(docs, str | os.PathLike):
-        return [docs]  # type: ignore[list-item]  # a PathLike: _path makes it a Path
-    if not isinstance(docs, Sequence) or isinstance(docs, bytes | bytearray):  # (bytes: each
-        # item an int, "got int 47")
-        raise TypeError(
-            f"docs must be 'pydoc', a path or a sequence of paths, got {type(docs).__name__} "
-            f"{docs!r}"
-        )
-    return list(docs)
-
-
-def _path(item: object) -> Path:
-    """``item`` as a path; the empty string (which ``Path`` reads as ".") is a ValueError,
-    and what is no path a TypeError naming ``docs``."""
-    if not isinstance(item, str | os.PathLike):
-        raise TypeError(
-            f"docs: each item must be a path (str or Path), got {type(item).__name__} {item!r}"
-        )
-    if isinstance(item, str) and not item:
-        raise ValueError("docs: an empty path was given; give files, folders or 'pydoc'")
-    try:
-        Path(item).exists()
-    except OSError as e:  # (a name past 255 bytes: a bare "OSError: [Errno 36]", exit 1)
-        raise ValueError(f"docs: {str(item)!r} cannot be reached ({e.strerror or e})") from None
-    return Path(item)
-
-
-def document_files(docs: str | Path | Sequence[str | Path]) -> list[Path]:
-    """The files that :func:`load_documents` reads for ``docs`` (``"pydoc"`` names none),
-    e.g. to refuse an output that would overwrite one of them.
-
-    Example:
-        >>> document_files("pydoc")
-        []
-    """
-    return [p for item in _items(docs) if str(item) != "pydoc" for p in _files(_path(item))]
-
-
-def _unique_names(named: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
-    """``named`` with each file once; a file given twice (a file and its folder) is a
-    ValueError, and a name that two different files share (``a/docs/x.txt`` and
-    ``b/docs/x.txt``) becomes each one's absolute path."""
-    first: dict[tuple[int, int], Path] = {}
-    for _, p in named:
-        if (key := _identity(p)) in first:
-            raise ValueError(f"docs: names {str(p)!r} more than once (a file and its folder?)")
-        first[key] = p
-    counts = Counter(name for name, _ in named)
-    return [(name if counts[name] == 1 else os.path.abspath(p), p) for name, p in named]
-
-
-def load_documents(docs: str | Path | Sequence[str | Path]) -> list[Document]:
-    """The documents that ``docs`` names: ``"pydoc"``, or paths to files and folders.
-
-    Raises:
-        ValueError: a path that is empty, does not exist, cannot be read or is not a
-            regular file or folder (a pipe, such as ``/dev/stdin``), a binary or non-UTF-8
-            file, a folder without text files, a document named twice (a file and its
-            folder), or no documents at all.
-
-    Example:
-        >>> len(load_documents("pydoc")) > 70
-        True
-    """
-    docs = _items(docs)
-    if not docs:
-        raise ValueError("docs: no documents given; give files, folders or 'pydoc'")
-    out: list[Document] = []
-    named: list[tuple[str, Path]] = []
-    if sum(str(item) == "pydoc" for item in docs) > 1:
-        raise ValueError("docs: names 'pydoc' more than once; give it once")
-    for item in docs:
-        if str(item) == "pydoc":
-            out += pydoc_documents()
-            continue
-        named += _named_files(_path(item))
-    out += [Document(name, _read_text(p)) for name, p in _unique_names(named)]
-    if not any(d.text.strip() for d in out):
-        raise ValueError(f"docs: every document is empty ({len(out)} files)")
-    seen: set[str] = set()
-    for d in out:  # names key the index: each document once
-        if d.name in seen:
-            raise ValueError(f"docs: names {d.name!r} more than once (a file and its folder?)")
-        seen.add(d.name)
-    return out
+def known_sentences(split: object) -> dict[Document, list[Sentence]]:
+    """``split`` (each document's sentences, as :func:`split_document` gives them) as a
+    new dict; None is an empty one, and what is no such mapping a TypeError naming it."""
+    want = "split must map Documents to lists of Sentences (as check_prose returns them)"
+    if split is None:
+        return {}
+    if not isinstance(split, Mapping):
+        raise TypeError(f"{want}, got {type(split).__name__}")
+    for d, s in split.items():
+        if (
+            not isinstance(d, Document)
+            or not isinstance(s, list | tuple)
+            or not all(isinstance(x, Sentence) for x in s)
+        ):
+            raise TypeError(f"{want}, got an item {type(d).__name__} -> {type(s).__name__}")
+    return {d: list(s) for d, s in split.items()}

@@ -1,4 +1,5 @@
-"""Sentences to unit vectors: what the index stores and summarize compares.
+"""Sentences to unit vectors: what the index stores and summarize compares, and the
+name of the encoder that made them (the index's key to its vectors).
 
 Example:
     >>> unit(torch.tensor([[0.0, 2.0]])).tolist()
@@ -7,6 +8,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from collections.abc import Callable
 
 import torch
@@ -17,7 +20,7 @@ from attnlab._warnings import quiet, warn
 from attnlab.models import SentenceEncoder, TruncationWarning
 from attnlab.models.sentence import _check_texts
 
-__all__ = ["Progress", "embed", "unit"]
+__all__ = ["Progress", "embed", "model_name", "unit"]
 
 Progress = Callable[[int, int], None]
 
@@ -60,3 +63,20 @@ def embed(
             stacklevel=3,
         )
     return torch.cat(parts)
+
+
+def model_name(enc: SentenceEncoder) -> str:
+    """The encoder's shape and a digest of all it embeds with: its weights (BERT's and the
+    Dense layers'), the Dense layers' activations, its settings (pooling, normalization,
+    length limit, lowercasing) and its tokenizer. A fine-tuned copy of the same shape, or
+    the same BERT with other layers after it, is another model, whose vectors the index
+    must not reuse (the digest read BERT's weights only)."""
+    c = enc.bert.config
+    h = hashlib.sha256()
+    for name, t in sorted(enc.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    h.update(repr((dataclasses.asdict(enc.config), list(enc.dense), enc.precision)).encode())
+    h.update(enc.tokenizer.to_str().encode())
+    shape = f"{enc.config.pooling}-{c.hidden_size}x{c.num_hidden_layers}-{c.vocab_size}"
+    return f"{shape}-{h.hexdigest()[:16]}"

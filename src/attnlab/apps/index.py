@@ -38,13 +38,12 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,8 +54,8 @@ from torch import Tensor
 from attnlab._io import LockedError, OutputLock, atomic_write, atomic_write_text
 from attnlab._validate import instance_of, positive_int
 from attnlab._warnings import warn
-from attnlab.apps.corpus import Document, Sentence, split_document
-from attnlab.apps.embedding import Progress, embed, unit
+from attnlab.apps.corpus import Document, Sentence, known_sentences, split_document
+from attnlab.apps.embedding import Progress, embed, model_name, unit
 from attnlab.models import SentenceEncoder
 
 __all__ = [
@@ -67,6 +66,7 @@ __all__ = [
     "default_cache",
     "embed",
     "load_index",
+    "saved_sentences",
     "unit",
 ]
 
@@ -139,23 +139,6 @@ def default_cache(docs: str | Path | Sequence[str | Path]) -> Path:
         base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "attnlab"
         return base / f"pydoc-{sys.version_info.major}.{sys.version_info.minor}"
     return (first if first.is_dir() else first.resolve().parent) / ".attnlab-index"
-
-
-def _model_name(enc: SentenceEncoder) -> str:
-    """The encoder's shape and a digest of all it embeds with: its weights (BERT's and the
-    Dense layers'), the Dense layers' activations, its settings (pooling, normalization,
-    length limit, lowercasing) and its tokenizer. A fine-tuned copy of the same shape, or
-    the same BERT with other layers after it, is another model, whose vectors the index
-    must not reuse (the digest read BERT's weights only)."""
-    c = enc.bert.config
-    h = hashlib.sha256()
-    for name, t in sorted(enc.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    h.update(repr((dataclasses.asdict(enc.config), list(enc.dense), enc.precision)).encode())
-    h.update(enc.tokenizer.to_str().encode())
-    shape = f"{enc.config.pooling}-{c.hidden_size}x{c.num_hidden_layers}-{c.vocab_size}"
-    return f"{shape}-{h.hexdigest()[:16]}"
 
 
 def load_index(folder: str | Path) -> Index | None:
@@ -372,6 +355,7 @@ def build_index(
     folder: str | Path | None,
     *,
     progress: Progress | None = None,
+    split: Mapping[Document, Sequence[Sentence]] | None = None,
 ) -> Index:
     """The index of ``docs``: loaded from ``folder`` and brought up to date (only new or
     changed documents are split and embedded), then saved back if anything changed.
@@ -381,6 +365,7 @@ def build_index(
         enc: the sentence encoder.
         folder: where the index lives (None: build in memory, save nothing).
         progress: called as ``progress(sentences embedded, sentences to embed)``.
+        split: sentences known already, by document (as ``check_prose`` returns): not split again.
 
     Example:
         >>> import tempfile
@@ -400,17 +385,18 @@ def build_index(
             f"docs must be a list of Documents (load_documents), got {type(seen).__name__}"
         )
     instance_of("enc", enc, SentenceEncoder, "a SentenceEncoder")
+    known = known_sentences(split)
     folder = None if folder is None else check_cache(index_folder(folder))  # before the work
     names = [d.name for d in docs]
     if len(set(names)) != len(names):
         raise ValueError(f"docs: document names must be unique, got {len(names)} with repeats")
-    model = _model_name(enc)
+    model = model_name(enc)
     old = load_index(folder) if folder is not None else None
     same = old is not None and old.model == model and old.vectors.shape[1] == enc.dim
     old = old if same else None
     keep = {} if old is None else _rows_by_doc(old)
     fresh = [d for d in docs if old is None or old.digests.get(d.name) != d.digest]
-    new_sents = {d.name: split_document(d) for d in fresh}
+    new_sents = {d.name: known[d] if d in known else split_document(d) for d in fresh}
     texts = [s.text for d in fresh for s in new_sents[d.name]]
     vecs = embed(enc, texts, progress) if texts else torch.empty(0, enc.dim)
     new_rows, start = {}, 0
@@ -428,6 +414,27 @@ def build_index(
     if folder is not None and changed and sentences:  # nothing to keep from no prose
         _save(index, Path(folder))
     return index
+
+
+def saved_sentences(
+    docs: Sequence[Document], folder: str | Path | None
+) -> dict[Document, list[Sentence]]:
+    """The sentences the index in ``folder`` (None: none) holds for those of ``docs`` it
+    holds unchanged (same name and digest, whatever model embedded them): read, not split.
+
+    Example:
+        >>> import tempfile
+        >>> from attnlab.models.sentence import _toy_encoder
+        >>> a, d = Document("a", "Cats purr. Dogs bark."), tempfile.mkdtemp()
+        >>> _ = build_index([a], _toy_encoder(), d)  # needs attnlab[pretrained]
+        >>> [s.text for s in saved_sentences([a], d)[a]], saved_sentences([Document("a", "Hi.")], d)
+        (['Cats purr.', 'Dogs bark.'], {})
+    """
+    old = None if folder is None else load_index(folder)
+    if old is None:
+        return {}
+    rows = _rows_by_doc(old)
+    return {d: rows[d.name][0] for d in docs if old.digests.get(d.name) == d.digest}
 
 
 def _rows_by_doc(index: Index) -> dict[str, tuple[list[Sentence], Tensor]]:

@@ -19,8 +19,9 @@ from typing import Any
 
 from attnlab.apps import Answer, Document, ask, load_documents, split_document, summarize
 from attnlab.apps.ask import check_question
-from attnlab.apps.corpus import check_prose, document_files
-from attnlab.apps.index import check_cache, default_cache
+from attnlab.apps.corpus import check_prose
+from attnlab.apps.documents import document_files
+from attnlab.apps.index import check_cache, default_cache, saved_sentences
 from attnlab.apps.report import answers_html, summary_html
 from attnlab.apps.summarize import check_length
 from attnlab.cli._args import (
@@ -146,8 +147,10 @@ def run_ask(args: argparse.Namespace) -> int:
     # a --model folder loads (its files checked) before the first document is split, as in
     # summarize; the shipped model after, so that docs of only code load no model
     enc = None if args.model is None else load_encoder(args.model)[0]
+    # each document split once a run (here or in ask), none the saved index holds unchanged
+    saved = saved_sentences(documents, cache if isinstance(cache, Path) else None)
     try:
-        check_prose(documents)
+        split = check_prose(documents, saved)
     except ValueError as e:  # only code: said before the model loads, as summarize does
         raise UsageError("--docs", str(e).removeprefix("docs: ")) from None
     enc = load_encoder(None)[0] if enc is None else enc
@@ -161,6 +164,7 @@ def run_ask(args: argparse.Namespace) -> int:
                 cache=cache,
                 explain=not args.no_explain,
                 progress=progress,
+                split=split,
             )
         except ValueError as e:  # the documents' own problem (no prose): a usage error
             if not str(e).startswith("docs: "):
