@@ -506,6 +506,9 @@ def test_question_set_and_summaries_are_real_reference_text() -> None:
         (lambda d: d, "holds no text files"),
         (lambda d: (d / "a.txt").write_bytes(b"\x00\x01PNG") and d, "is a binary file"),
         (lambda d: (d / "a.txt").write_bytes(b"caf\xe9") and d, "is not UTF-8"),
+        (lambda d: (d / "a.txt").write_bytes(b"\xff\xfe" + bytes(10)) and d, "is a binary file"),
+        (lambda d: (d / "a.txt").write_bytes(b"\xff\xfeH\x00i") and d, "is not UTF-16 text, as"),
+        (lambda d: (d / "a.txt").write_bytes(b"\xfe\xff\xd8\x00\x00A") and d, "illegal UTF-16"),
         (lambda d: d / "missing", "does not exist"),
     ],
 )
@@ -598,6 +601,40 @@ def test_a_byte_order_mark_does_not_hide_a_heading(tmp_path: Path) -> None:
     assert bom.text == plain.text
     got = [(s.text, s.section) for s in split_document(bom)]
     assert got == [("Some prose here.", "Title"), ("More prose.", "Title")]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be"])
+def test_utf16_and_utf32_files_with_a_byte_order_mark_are_text(
+    tmp_path: Path, encoding: str, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """A file saved as Windows Notepad's "Unicode" (UTF-16 LE with a byte-order mark) was
+    refused as "a binary file; give text files". UTF-16 and UTF-32 files that start with
+    their mark read as the same text as the UTF-8 file, in load_documents, ``attnlab
+    summarize`` and ``attnlab ask --docs``."""
+    from attnlab.cli import ask as ask_cli
+    from attnlab.models.sentence import _toy_encoder
+
+    text = "Notes\r\n=====\r\n\r\nCats purr when content. Dogs bark at night. Ünïcode stays.\r\n"
+    (tmp_path / "utf8").mkdir()
+    (tmp_path / "wide").mkdir()
+    plain, wide = tmp_path / "utf8" / "notes.txt", tmp_path / "wide" / "notes.txt"
+    plain.write_bytes(text.encode("utf-8"))
+    wide.write_bytes(("\ufeff" + text).encode(encoding))  # the mark first
+    assert wide.read_bytes()[:2] in (b"\xff\xfe", b"\xfe\xff", b"\x00\x00")
+    assert b"\x00" in wide.read_bytes()  # what called it binary
+    got, want = load_documents(wide)[0], load_documents(plain)[0]
+    assert got == want and got.text == text
+    assert [s.text for s in split_document(got)][-1] == "Ünïcode stays."
+    toy = _toy_encoder()
+    monkeypatch.setattr(ask_cli, "load_encoder", lambda model: (toy, "toy"))
+    printed = []
+    for path in (plain, wide):
+        assert main(["summarize", str(path), "--sentences", "1"]) == 0
+        assert main(["ask", "Why do dogs bark?", "--docs", str(path), "--no-explain"]) == 0
+        out, err = capsys.readouterr()
+        assert "error" not in err and "warning" not in err, err
+        printed.append(out)
+    assert printed[0] == printed[1] and "Dogs bark at night." in printed[0]
 
 
 def test_a_subfolder_that_cannot_be_read_is_named(tmp_path: Path, monkeypatch) -> None:

@@ -2,8 +2,9 @@
 
 ``load_documents("pydoc")`` reads the language reference that the standard library
 ships (``pydoc_data.topics.topics``, one document per topic); paths read ``.txt``,
-``.md`` and ``.rst`` files, folders recursively, as UTF-8 text (a byte-order mark is
-dropped). :mod:`attnlab.apps.corpus` splits them into sentences.
+``.md`` and ``.rst`` files, folders recursively, as UTF-8 text, or as UTF-16 or UTF-32
+when the file starts with that encoding's byte-order mark (Windows Notepad's "Unicode");
+a mark is not part of the text. :mod:`attnlab.apps.corpus` splits them into sentences.
 
 Example:
     >>> import tempfile
@@ -16,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import codecs
 import os
 from collections import Counter
 from collections.abc import Sequence
@@ -35,20 +37,39 @@ def pydoc_documents() -> list[Document]:
     return [Document(name, topics[name]) for name in sorted(topics)]
 
 
+# byte-order marks and the encodings they announce; UTF-32's first, as its little-endian
+# mark starts with UTF-16's
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "UTF-32"),
+    (codecs.BOM_UTF32_BE, "UTF-32"),
+    (codecs.BOM_UTF16_LE, "UTF-16"),
+    (codecs.BOM_UTF16_BE, "UTF-16"),
+)
+
+
 def _read_text(path: Path) -> str:
-    """A file's text; a binary or non-UTF-8 file is a ValueError naming it."""
+    """A file's text: UTF-8 (a byte-order mark dropped: it hid a heading), or UTF-16 or
+    UTF-32 that starts with its byte-order mark (Windows Notepad's "Unicode", which was
+    called a binary file); a binary file, or one that is not text in its encoding, is a
+    ValueError naming it."""
     try:
         raw = path.read_bytes()
     except PermissionError:
         raise ValueError(f"docs: {str(path)!r} cannot be read (permission denied)") from None
     except OSError as e:
         raise ValueError(f"docs: {str(path)!r} cannot be read ({e.strerror})") from None
-    if b"\x00" in raw[:8192]:
-        raise ValueError(f"docs: {str(path)!r} is a binary file; give text files")
+    binary = f"docs: {str(path)!r} is a binary file; give text files"
+    encoding = next((name for bom, name in _BOMS if raw.startswith(bom)), None)
+    if encoding is None and b"\x00" in raw[:8192]:  # (UTF-16 text is half NUL bytes)
+        raise ValueError(binary)
     try:
-        return raw.decode("utf-8-sig")  # a byte-order mark is not text (it hid a heading)
+        text = raw.decode(encoding or "utf-8-sig")  # (the UTF-16/32 codecs drop the mark)
     except UnicodeDecodeError as e:
-        raise ValueError(f"docs: {str(path)!r} is not UTF-8 text ({e.reason} at {e.start})") from e
+        said = f"{encoding} text, as its byte-order mark says" if encoding else "UTF-8 text"
+        raise ValueError(f"docs: {str(path)!r} is not {said} ({e.reason} at {e.start})") from e
+    if "\x00" in text[:8192]:  # bytes that only start like a byte-order mark
+        raise ValueError(binary)
+    return text
 
 
 def _files(path: Path) -> list[Path]:
@@ -176,9 +197,10 @@ def load_documents(docs: str | Path | Sequence[str | Path]) -> list[Document]:
 
     Raises:
         ValueError: a path that is empty, does not exist, cannot be read or is not a
-            regular file or folder (a pipe, such as ``/dev/stdin``), a binary or non-UTF-8
-            file, a folder without text files, a document named twice (a file and its
-            folder), or no documents at all.
+            regular file or folder (a pipe, such as ``/dev/stdin``), a binary file or one
+            that is not UTF-8 (or the UTF-16 or UTF-32 its byte-order mark announces), a
+            folder without text files, a document named twice (a file and its folder), or
+            no documents at all.
 
     Example:
         >>> len(load_documents("pydoc")) > 70
