@@ -628,3 +628,46 @@ def test_initial_state_names_a_bad_n(kind: type) -> None:
     for bad, error, match in ((-1, ValueError, "got -1$"), (2.0, TypeError, r"got 2\.0 \(float\)")):
         with pytest.raises(error, match=rf"^n must be an int >= 0, {match}"):
             pol.initial_state(bad)
+
+
+@pytest.mark.parametrize(
+    ("env_id", "needs", "wrong"), [("MiniGrid-DoorKey-5x5-v0", 5, 3), (S7, 3, 5)]
+)
+def test_a_policy_must_fit_the_environment_before_any_step(
+    env_id: str, needs: int, wrong: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(A 3-action policy ran DoorKey, 5 actions, silently: 0% success, the key never
+    picked up; a 5-action one failed on Memory only when it sampled action 3 or 4, as
+    "actions must be 4 ints in [0, 3)"; a policy of 100 observation features failed inside
+    its step; a str policy with an AttributeError.)"""
+    from attnlab.rl.task import run_episodes
+
+    torch.manual_seed(0)
+    ok = MLPPolicy(984, needs, d_model=8)  # the positive controls
+    assert collect(ok, GridEnvs(env_id, 2), 3, seed=0, cfg=PPOConfig()).actions.shape == (2, 3)
+    assert len(trace_episode(ok, env_id, seed=0, max_steps=3).positions) == 3
+    assert len(run_episodes(ok, env_id, 1).returns) == 1
+    monkeypatch.setattr(GridEnvs, "step", lambda *a, **k: pytest.fail("stepped before the check"))
+    entry_points = (
+        lambda p: run_episodes(p, env_id, 2),
+        lambda p: collect(p, GridEnvs(env_id, 2), 4, seed=0, cfg=PPOConfig()),
+        lambda p: trace_episode(p, env_id, seed=0),
+    )
+    for pol, error, match in (
+        (
+            MLPPolicy(984, wrong, d_model=8),
+            ValueError,
+            f"^policy has {wrong} actions, {env_id} needs {needs}$",
+        ),
+        (
+            MLPPolicy(100, needs, d_model=8),
+            ValueError,
+            f"^policy takes 100 observation features, {env_id} gives 984$",
+        ),
+        ("mlp", TypeError, r"^policy must be an attnlab.rl policy \(AgentPolicy\), got str$"),
+    ):
+        for call in entry_points:
+            with pytest.raises(error, match=match):
+                call(pol)
+    with pytest.raises(TypeError, match=r"^envs must be a GridEnvs, got str$"):
+        collect(ok, env_id, 4, seed=0, cfg=PPOConfig())  # type: ignore[arg-type]

@@ -24,10 +24,10 @@ import torch
 from torch import Tensor
 
 from attnlab._validate import instance_of, positive_int, real_where, validate_flag
-from attnlab.rl.env import GridEnvs
+from attnlab.rl.env import OBS_DIM, GridEnvs
 from attnlab.rl.policy import AgentPolicy
 
-__all__ = ["PPOConfig", "Rollout", "collect", "gae", "ppo_loss"]
+__all__ = ["PPOConfig", "Rollout", "check_policy", "collect", "gae", "ppo_loss"]
 
 
 @dataclass(frozen=True)
@@ -157,6 +157,33 @@ def _tensor(name: str, x: object, shape: str) -> Tensor:
     return instance_of(name, x, Tensor, f"a tensor {shape}")
 
 
+def check_policy(policy: object, envs: object) -> AgentPolicy:
+    """``policy`` if it can act in ``envs``: an :class:`AgentPolicy` with their number of
+    actions and observation features; a TypeError/ValueError naming both otherwise (a
+    3-action policy ran DoorKey, 5 actions, silently and never picked up the key; a
+    5-action one failed on Memory only once it sampled action 3, blaming ``actions``).
+
+    Example:
+        >>> from attnlab.rl.policy import build_policy
+        >>> check_policy(build_policy("mlp", OBS_DIM, 3, d_model=8),
+        ...              GridEnvs("MiniGrid-DoorKey-5x5-v0", 1))
+        Traceback (most recent call last):
+        ...
+        ValueError: policy has 3 actions, MiniGrid-DoorKey-5x5-v0 needs 5
+    """
+    pol = instance_of("policy", policy, AgentPolicy, "an attnlab.rl policy (AgentPolicy)")
+    env = instance_of("envs", envs, GridEnvs, "a GridEnvs")
+    if pol.num_actions != env.num_actions:
+        raise ValueError(
+            f"policy has {pol.num_actions} actions, {env.env_id} needs {env.num_actions}"
+        )
+    if pol.obs_dim != OBS_DIM:
+        raise ValueError(
+            f"policy takes {pol.obs_dim} observation features, {env.env_id} gives {OBS_DIM}"
+        )
+    return pol
+
+
 @torch.no_grad()
 def collect(
     policy: AgentPolicy,
@@ -168,7 +195,8 @@ def collect(
     greedy: bool = False,
 ) -> Rollout:
     """Run ``policy`` for ``steps`` steps in ``envs`` started afresh from ``seed``; actions
-    sampled by a generator seeded with ``seed`` (or the most likely one, ``greedy``).
+    sampled by a generator seeded with ``seed`` (or the most likely one, ``greedy``). The
+    policy must fit the environments (:func:`check_policy`, before any step).
 
     Example:
         >>> from attnlab.rl.env import OBS_DIM
@@ -184,6 +212,7 @@ def collect(
     steps = positive_int("steps", steps)  # (0: "stack expects a non-empty TensorList")
     cfg = instance_of("cfg", cfg, PPOConfig, "a PPOConfig")  # (a dict: after the rollout)
     greedy = validate_flag("greedy", greedy)  # ("no" acted greedily)
+    policy = check_policy(policy, envs)
     gen = torch.Generator().manual_seed(seed)
     obs, state = envs.reset(seed), policy.initial_state(envs.n)
     starts = envs.starts.clone()

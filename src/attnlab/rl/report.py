@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from attnlab._validate import validate_flag
 from attnlab.rl.env import GridEnvs
 from attnlab.rl.policy import AgentPolicy, AttentionPolicy
+from attnlab.rl.ppo import check_policy
 
 __all__ = ["Trace", "decision_attention", "finish", "plot_decision", "trace_episode"]
 
@@ -62,9 +63,11 @@ def trace_episode(
     actions: Sequence[int] | None = None,
 ) -> Trace:
     """Run one greedy episode of ``policy`` and record what it saw (see :class:`Trace`);
-    with ``actions``, take those instead (the policy still runs, as it would have seen them)."""
+    with ``actions``, take those instead (the policy still runs, as it would have seen them).
+    The policy must fit ``env_id`` (:func:`~attnlab.rl.ppo.check_policy`)."""
     frames = validate_flag("frames", frames)
     envs = GridEnvs(env_id, 1, seed=seed)
+    policy = check_policy(policy, envs)
     env, obs = envs.envs[0].unwrapped, envs.reset()
     state, rows, reward = policy.initial_state(1), [], 0.0
     starts = envs.starts.clone()

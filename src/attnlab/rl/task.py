@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from attnlab._validate import nonnegative_int, positive_int, validate_flag
 from attnlab.rl.env import OBS_DIM, GridEnvs
 from attnlab.rl.policy import POLICIES, AgentPolicy, build_policy
-from attnlab.rl.ppo import PPOConfig, Rollout, collect, ppo_loss
+from attnlab.rl.ppo import PPOConfig, Rollout, check_policy, collect, ppo_loss
 
 __all__ = ["AgentTask", "EvalResult", "run_episodes"]
 
@@ -72,7 +72,8 @@ def run_episodes(
     greedy: bool = False,
 ) -> EvalResult:
     """Run ``episodes`` episodes in parallel, one per environment, each to its end;
-    actions sampled from the policy (by a generator seeded with ``seed``) or greedy.
+    actions sampled from the policy (by a generator seeded with ``seed``) or greedy. The
+    policy must fit ``env_id`` (:func:`~attnlab.rl.ppo.check_policy`, before any step).
 
     Example:
         >>> pol = build_policy("mlp", OBS_DIM, 3, d_model=8)
@@ -81,6 +82,7 @@ def run_episodes(
     """
     greedy = validate_flag("greedy", greedy)  # ("no" acted greedily)
     envs = GridEnvs(env_id, positive_int("episodes", episodes), seed=seed)
+    policy = check_policy(policy, envs)
     obs, state, gen = (
         envs.reset(),
         policy.initial_state(envs.n),
