@@ -671,3 +671,38 @@ def test_a_policy_must_fit_the_environment_before_any_step(
                 call(pol)
     with pytest.raises(TypeError, match=r"^envs must be a GridEnvs, got str$"):
         collect(ok, env_id, 4, seed=0, cfg=PPOConfig())  # type: ignore[arg-type]
+
+
+def test_seeds_are_checked_before_use_with_a_bound_every_derived_seed_fits() -> None:
+    """(collect seeded its generator before checking seed: 1.5, "3" and True gave torch's
+    bare "manual_seed expected a long"; collect and run_episodes took 2**64 to torch's
+    "Overflow when unpacking long long"; AgentTask(seed=2**62) was taken, then its first
+    rollout's seed, seed * 1000003, overflowed.)"""
+    from attnlab.rl.task import run_episodes
+
+    torch.manual_seed(0)
+    pol, envs = MLPPolicy(984, 3, d_model=8), GridEnvs(S7, 2)
+    largest = 2**63 - 1  # the positive controls: the largest seeds each takes
+    ro = collect(pol, envs, 2, seed=largest, cfg=PPOConfig())
+    assert torch.equal(ro.actions, collect(pol, envs, 2, seed=largest, cfg=PPOConfig()).actions)
+    assert len(run_episodes(pol, S7, 1, seed=largest).returns) == 1
+    task = tiny_task(seed=2**32 - 1)
+    task.begin_step(task.build_model(), 0)
+    assert task.batch(torch.tensor([0, 1])).obs.shape == (2, 8, 984)
+    for bad, error, match in (
+        (1.5, TypeError, r"^seed must be an int >= 0, got 1\.5 \(float\)$"),
+        ("3", TypeError, r"^seed must be an int >= 0, got '3' \(str\)$"),
+        (True, TypeError, r"^seed must be an int >= 0, got True \(bool\)$"),
+        (-1, ValueError, r"^seed must be an int >= 0, got -1$"),
+        (2**63, ValueError, rf"^seed must be an int in \[0, 2\*\*63\) .*int64\), got {2**63}$"),
+        (2**64, ValueError, rf"^seed must be an int in \[0, 2\*\*63\) .*int64\), got {2**64}$"),
+    ):
+        with pytest.raises(error, match=match):
+            collect(pol, envs, 2, seed=bad, cfg=PPOConfig())  # type: ignore[arg-type]
+        with pytest.raises(error, match=match):
+            run_episodes(pol, S7, 1, seed=bad)  # type: ignore[arg-type]
+    for bad in (2**32, 2**62):
+        with pytest.raises(
+            ValueError, match=rf"^seed must be an int in \[0, 2\*\*32\) .*, got {bad}$"
+        ):
+            tiny_task(seed=bad)

@@ -23,11 +23,28 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attnlab._validate import instance_of, positive_int, real_where, validate_flag
+from attnlab._validate import (
+    instance_of,
+    nonnegative_int,
+    positive_int,
+    real_where,
+    validate_flag,
+)
 from attnlab.rl.env import OBS_DIM, GridEnvs
 from attnlab.rl.policy import AgentPolicy
 
-__all__ = ["PPOConfig", "Rollout", "check_policy", "collect", "gae", "ppo_loss"]
+__all__ = [
+    "SEED_BITS",
+    "PPOConfig",
+    "Rollout",
+    "check_policy",
+    "check_seed",
+    "collect",
+    "gae",
+    "ppo_loss",
+]
+
+SEED_BITS = 63  # a seed of torch.Generator.manual_seed held in an int64
 
 
 @dataclass(frozen=True)
@@ -184,6 +201,27 @@ def check_policy(policy: object, envs: object) -> AgentPolicy:
     return pol
 
 
+def check_seed(
+    seed: object, bits: int = SEED_BITS, why: str = "a torch generator's seed must fit in an int64"
+) -> int:
+    """``seed`` as an int in ``[0, 2**bits)`` (``why`` says what bounds it), or a
+    TypeError/ValueError naming ``seed`` (1.5, "3" and True reached torch's bare "manual_seed
+    expected a long", 2**64 its "Overflow when unpacking long long").
+
+    Example:
+        >>> check_seed(2**63 - 1) == 2**63 - 1
+        True
+        >>> check_seed(2**63)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: seed must be an int in [0, 2**63) (a torch generator's seed must fit ...
+    """
+    value = nonnegative_int("seed", seed)
+    if value >= 2**bits:
+        raise ValueError(f"seed must be an int in [0, 2**{bits}) ({why}), got {value}")
+    return value
+
+
 @torch.no_grad()
 def collect(
     policy: AgentPolicy,
@@ -194,9 +232,10 @@ def collect(
     cfg: PPOConfig,
     greedy: bool = False,
 ) -> Rollout:
-    """Run ``policy`` for ``steps`` steps in ``envs`` started afresh from ``seed``; actions
-    sampled by a generator seeded with ``seed`` (or the most likely one, ``greedy``). The
-    policy must fit the environments (:func:`check_policy`, before any step).
+    """Run ``policy`` for ``steps`` steps in ``envs`` started afresh from ``seed``, an int
+    in ``[0, 2**63)``; actions sampled by a generator seeded with ``seed`` (or the most
+    likely one, ``greedy``). The policy must fit the environments (:func:`check_policy`):
+    both are checked before any step.
 
     Example:
         >>> from attnlab.rl.env import OBS_DIM
@@ -212,7 +251,7 @@ def collect(
     steps = positive_int("steps", steps)  # (0: "stack expects a non-empty TensorList")
     cfg = instance_of("cfg", cfg, PPOConfig, "a PPOConfig")  # (a dict: after the rollout)
     greedy = validate_flag("greedy", greedy)  # ("no" acted greedily)
-    policy = check_policy(policy, envs)
+    seed, policy = check_seed(seed), check_policy(policy, envs)
     gen = torch.Generator().manual_seed(seed)
     obs, state = envs.reset(seed), policy.initial_state(envs.n)
     starts = envs.starts.clone()

@@ -32,10 +32,10 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from attnlab._validate import nonnegative_int, positive_int, validate_flag
+from attnlab._validate import positive_int, validate_flag
 from attnlab.rl.env import OBS_DIM, GridEnvs
 from attnlab.rl.policy import POLICIES, AgentPolicy, build_policy
-from attnlab.rl.ppo import PPOConfig, Rollout, check_policy, collect, ppo_loss
+from attnlab.rl.ppo import PPOConfig, Rollout, check_policy, check_seed, collect, ppo_loss
 
 __all__ = ["AgentTask", "EvalResult", "run_episodes"]
 
@@ -43,6 +43,9 @@ MEMORY_ENV, DOORKEY_ENV = "MiniGrid-MemoryS11-v0", "MiniGrid-DoorKey-5x5-v0"
 EVAL_SEED = 1_000_000  # evaluation episodes never share a seed with training ones
 # the defaults: 16 environments x 128 steps per rollout, 4 passes in minibatches of 4
 N_ENVS, ROLLOUT_STEPS, PPO_EPOCHS, MINIBATCH_ENVS = 16, 128, 4, 4
+# rollout i is seeded with seed * SEED_STRIDE + i; a seed below 2**TASK_SEED_BITS keeps that
+# below 2**52 + i, well inside the int64 of torch's generator (2**62 overflowed at step 0)
+SEED_STRIDE, TASK_SEED_BITS = 1_000_003, 32
 
 
 @dataclass
@@ -72,15 +75,16 @@ def run_episodes(
     greedy: bool = False,
 ) -> EvalResult:
     """Run ``episodes`` episodes in parallel, one per environment, each to its end;
-    actions sampled from the policy (by a generator seeded with ``seed``) or greedy. The
-    policy must fit ``env_id`` (:func:`~attnlab.rl.ppo.check_policy`, before any step).
+    actions sampled from the policy (by a generator seeded with ``seed``, an int in
+    ``[0, 2**63)``) or greedy. The policy must fit ``env_id``
+    (:func:`~attnlab.rl.ppo.check_policy`): both are checked before any step.
 
     Example:
         >>> pol = build_policy("mlp", OBS_DIM, 3, d_model=8)
         >>> len(run_episodes(pol, MEMORY_ENV, 2).returns)
         2
     """
-    greedy = validate_flag("greedy", greedy)  # ("no" acted greedily)
+    greedy, seed = validate_flag("greedy", greedy), check_seed(seed)  # ("no" acted greedily)
     envs = GridEnvs(env_id, positive_int("episodes", episodes), seed=seed)
     policy = check_policy(policy, envs)
     obs, state, gen = (
@@ -116,10 +120,11 @@ class AgentTask:
         policy: ``"attention"``, ``"lstm"`` or ``"mlp"``.
         context: steps the attention policy sees (itself included).
         eval_episodes: episodes per evaluation during training (the final report: 100).
-        seed: seeds the rollouts' environments and actions; None draws it from torch's
-            generator when the model is built, which the trainer has just seeded with
-            ``TrainConfig.seed`` (so ``attnlab train --seed`` sets it); a drawn seed
-            resumes as the checkpoint's (:meth:`load_task_state`).
+        seed: seeds the rollouts' environments and actions, an int in ``[0, 2**32)``
+            (rollout ``i`` is seeded with ``seed * 1_000_003 + i``, which must fit in an
+            int64); None draws it from torch's generator when the model is built, which the
+            trainer has just seeded with ``TrainConfig.seed`` (so ``attnlab train --seed``
+            sets it); a drawn seed resumes as the checkpoint's (:meth:`load_task_state`).
 
     Example:
         >>> task = AgentTask(policy="mlp", n_envs=2, rollout_steps=4, ppo_epochs=1, d_model=8,
@@ -151,7 +156,8 @@ class AgentTask:
         for k in _SIZES:
             positive_int(k, getattr(self, k))
         if self.seed is not None:
-            nonnegative_int("seed", self.seed)
+            why = f"each rollout's seed, seed * {SEED_STRIDE} + iteration, must fit in an int64"
+            check_seed(self.seed, TASK_SEED_BITS, why)
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
         self.envs = GridEnvs(self.env_id, self.n_envs, seed=self.seed or 0)
@@ -193,7 +199,7 @@ class AgentTask:
         it = self._step // self._per_iteration
         if self._rollout is None or self._rollout[0] != it:
             self._model.eval()
-            seed = (self.seed or 0) * 1_000_003 + it
+            seed = (self.seed or 0) * SEED_STRIDE + it
             ro = collect(self._model, self.envs, self.rollout_steps, seed=seed, cfg=self.ppo)
             self._model.train()
             self._rollout = (it, ro)
