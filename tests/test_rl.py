@@ -706,3 +706,49 @@ def test_seeds_are_checked_before_use_with_a_bound_every_derived_seed_fits() -> 
             ValueError, match=rf"^seed must be an int in \[0, 2\*\*32\) .*, got {bad}$"
         ):
             tiny_task(seed=bad)
+
+
+def test_encode_takes_ints_of_matching_shapes_and_an_empty_batch() -> None:
+    """(A float view 1.7 and direction 2.9 were truncated: encoded as 1 and 2; a direction
+    of the wrong shape gave numpy's bare broadcast error; 0 views its bare reshape error,
+    though every policy steps on 0 environments.)"""
+    img = np.random.default_rng(1).integers(0, 3, (2, 7, 7, 3)).astype(np.uint8)
+    want = torch.stack([one_hot_reference(img[0], 2), one_hot_reference(img[1], 2)])
+    for view, direction in (  # the positive controls: numpy, torch, one direction for all
+        (img, np.array([2, 2])),
+        (torch.from_numpy(img), torch.tensor([2, 2])),
+        (img.astype(np.int32), 2),
+    ):
+        assert torch.equal(encode(view, direction), want)
+    assert torch.equal(encode(img[0], np.int64(2)), want[0])
+    for views, lead in (((0, 7, 7, 3), (0,)), ((3, 0, 7, 7, 3), (3, 0))):
+        x = encode(np.zeros(views, np.uint8), np.zeros(lead, np.int64))
+        assert x.shape == (*lead, 984) and x.dtype == torch.float32
+        assert encode(np.zeros(views, np.uint8), 1).shape == (*lead, 984)
+    pol = MLPPolicy(984, 3, d_model=8)
+    empty = encode(np.zeros((0, 7, 7, 3), np.uint8), np.zeros(0, np.int64))
+    assert pol.step(empty, torch.zeros(0, dtype=torch.bool), pol.initial_state(0))[0].shape == (
+        0,
+        3,
+    )
+    for view, direction, error, match in (
+        (np.full((7, 7, 3), 1.7), 2, TypeError, r"^image must hold .* as ints, got dtype float64$"),
+        (torch.ones(7, 7, 3), 2, TypeError, r"^image must hold .* as ints, got dtype float32$"),
+        (img > 0, np.array([0, 1]), TypeError, r"^image must hold .* as ints, got dtype bool$"),
+        (img[0], 2.9, TypeError, r"^direction must hold .* as ints, got dtype float64$"),
+        (img[0], True, TypeError, r"^direction must hold .* as ints, got dtype bool$"),
+        (
+            img,
+            np.array([0, 1, 2]),
+            ValueError,
+            r"^direction must have the views' leading shape \(2,\) .* got shape \(3,\)$",
+        ),
+        (
+            img,
+            np.array([[0, 1]]),
+            ValueError,
+            r"^direction must have the views' leading shape \(2,\) .* got shape \(1, 2\)$",
+        ),
+    ):
+        with pytest.raises(error, match=match):
+            encode(view, direction)  # type: ignore[arg-type]

@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,7 +71,9 @@ def _family(env_id: str) -> str:
 
 def encode(image: np.ndarray | Tensor, direction: int | np.ndarray | Tensor) -> Tensor:
     """One-hot features ``(..., 984)`` of MiniGrid views ``(..., 7, 7, 3)`` and directions
-    ``(...)``.
+    of their leading shape ``(...)`` (or one direction for all), both of an integer dtype
+    (1.7 is no MiniGrid index: it was read as 1). An empty batch ``(0, 7, 7, 3)`` gives
+    empty features ``(0, 984)``, as a policy's :meth:`initial_state` takes 0 environments.
 
     Example:
         >>> img = np.zeros((7, 7, 3), dtype=np.uint8)
@@ -82,21 +85,46 @@ def encode(image: np.ndarray | Tensor, direction: int | np.ndarray | Tensor) -> 
         ...
         ValueError: direction must hold MiniGrid directions in [0, 4), got 5
     """
-    img = np.asarray(image).astype(np.int64)  # (..., 7, 7, 3)
+    img = np.asarray(image)  # (..., 7, 7, 3)
     if img.shape[-3:] != (7, 7, 3):
         raise ValueError(f"image must be (..., 7, 7, 3), got {tuple(img.shape)}")
-    lead = img.shape[:-3]
-    flat = img.reshape(-1, 49, 3)  # (N, 49, 3)
+    _integers("image", img, "object, colour and state indices")
+    lead, dirs = img.shape[:-3], _directions(direction, img.shape)  # dirs (N,)
+    n = math.prod(lead)  # (reshape(-1, ...) of 0 views: a bare numpy error)
+    flat = img.reshape(n, 49, 3).astype(np.int64)  # (N, 49, 3)
     for i, what in enumerate(("object", "colour", "state")):
         _in_range(f"image[..., {i}]", flat[..., i], f"{what} indices", int(_LIMITS[i]))
-    hot = (flat + _OFFSETS).reshape(len(flat), -1)  # (N, 147) feature indices
-    dirs = np.broadcast_to(np.asarray(direction, dtype=np.int64), lead).reshape(-1)
-    _in_range("direction", dirs, "directions", _DIRS)
-    out = np.zeros((len(flat), OBS_DIM), dtype=np.float32)
-    rows = np.arange(len(flat))[:, None]
+    hot = (flat + _OFFSETS).reshape(n, 49 * 3)  # (N, 147) feature indices
+    out = np.zeros((n, OBS_DIM), dtype=np.float32)
+    rows = np.arange(n)[:, None]
     out[rows, hot] = 1.0
     out[rows[:, 0], OBS_DIM - _DIRS + dirs] = 1.0
     return torch.from_numpy(out.reshape(*lead, OBS_DIM))
+
+
+def _integers(name: str, x: object, what: str) -> np.ndarray:
+    """``x`` as a numpy array of an integer dtype, or a TypeError naming ``name`` (floats
+    were truncated: image 1.7 read as object 1, direction 2.9 as 2)."""
+    arr = np.asarray(x)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{name} must hold MiniGrid {what} as ints, got dtype {arr.dtype}")
+    return arr
+
+
+def _directions(direction: object, views: tuple[int, ...]) -> np.ndarray:
+    """The directions of views of shape ``views`` ``(..., 7, 7, 3)``, flat ``(N,)``: ints
+    of their leading shape or one for all, in ``[0, 4)`` (a direction of another shape gave
+    numpy's bare broadcast error)."""
+    lead = views[:-3]
+    dirs = _integers("direction", direction, "directions")
+    if dirs.shape not in ((), lead):
+        raise ValueError(
+            f"direction must have the views' leading shape {lead} (image {views}) or be one "
+            f"direction, got shape {dirs.shape}"
+        )
+    flat = np.broadcast_to(dirs.astype(np.int64), lead).reshape(math.prod(lead))
+    _in_range("direction", flat, "directions", _DIRS)
+    return flat
 
 
 def _in_range(name: str, x: np.ndarray, what: str, limit: int) -> None:
