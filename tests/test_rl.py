@@ -752,3 +752,15 @@ def test_encode_takes_ints_of_matching_shapes_and_an_empty_batch() -> None:
     ):
         with pytest.raises(error, match=match):
             encode(view, direction)  # type: ignore[arg-type]
+
+
+def test_step_before_reset_says_to_call_reset() -> None:
+    """(Without active, gymnasium's ResetNeeded "Cannot call env.step() before calling
+    env.reset()"; with active, a bare IndexError "list index out of range".)"""
+    for active in (None, torch.tensor([False, False]), torch.tensor([True, False])):
+        envs = GridEnvs(S7, 2)
+        with pytest.raises(RuntimeError, match=r"^GridEnvs.step needs reset\(\) first"):
+            envs.step(torch.tensor([0, 1]), active=active)
+        first = envs.reset()  # the positive control
+        obs = envs.step(torch.tensor([0, 1]), active=active)[0]
+        assert obs.shape == (2, 984) and (active is None or torch.equal(obs[1], first[1]))

@@ -213,7 +213,7 @@ class GridEnvs:
         A done environment's next observation is the first of its new episode. With
         ``active`` (bool ``(n,)``), the others stand still: their observation is repeated,
         with reward 0 and not done. ``actions`` must be of an integer dtype (``0.0`` is
-        not an action: a ValueError, as an action out of range is).
+        not an action: a ValueError, as an action out of range is). :meth:`reset` comes first.
         """
         acts = torch.as_tensor(actions).flatten()
         if not _valid_actions(acts, self.n, self.num_actions):
@@ -226,6 +226,8 @@ class GridEnvs:
         ):  # (int 1: ~1 = -2 is truthy, every environment stood still)
             seen = f"{active.dtype} {tuple(active.shape)}" if isinstance(active, Tensor) else active
             raise TypeError(f"active must be a bool tensor ({self.n},) or None, got {seen}")
+        if not self._last:  # (gymnasium's ResetNeeded; with active, a bare IndexError)
+            raise RuntimeError("GridEnvs.step needs reset() first: no episode has begun")
         skip = [False] * self.n if active is None else (~active).tolist()
         for i, (env, a) in enumerate(zip(self.envs, acts.tolist(), strict=True)):
             if skip[i]:
