@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from attnlab._validate import instance_of, nonnegative_int, positive_int, validate_flag
+from attnlab.train._best import model_digest, resumed_best
 from attnlab.train._progress import flush_denormal, num_threads, progress_bar
 from attnlab.train.checkpoint import (
     Checkpoint,
@@ -209,6 +211,8 @@ class Trainer:
         params = groups(self.model) if groups is not None else self.model.parameters()
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step, self.best, self.bad_evals = 0, -math.inf, 0
+        self.best_step: int | None = None  # of the best model so far, and its weights'
+        self.best_digest: str | None = None  # digest (what best.safetensors must hold)
         self.history: list[dict[str, float]] = []
         self._perm: tuple[int, Tensor] | None = None
         last = Path(cfg.out_dir or ".") / "last.safetensors"
@@ -314,8 +318,10 @@ class Trainer:
         score = metrics.get("score", -loss)
         improved = score > self.best
         self.best, self.bad_evals = max(self.best, score), 0 if improved else self.bad_evals + 1
-        self._save("last.safetensors")
         if improved:
+            self.best_step, self.best_digest = self.step, model_digest(self.model.state_dict())
+        self._save("last.safetensors")  # first: a crash before the best is saved leaves a
+        if improved:  # last that is the best, and the resume writes best from it (_best)
             self._save("best.safetensors")
         self.stop_reason = self._stop_reason(score, elapsed)
         return self.stop_reason is not None
@@ -338,6 +344,8 @@ class Trainer:
         state = {
             "step": self.step,
             "best": self.best,
+            "best_step": self.best_step,
+            "best_digest": self.best_digest,
             "bad_evals": self.bad_evals,
             "history": self.history,
             "train": asdict(self.cfg),
@@ -346,9 +354,9 @@ class Trainer:
             **task_state(self.task),  # what the task holds between steps (a rollout)
         }
         ckpt = Checkpoint(self.model.state_dict(), self.task.config(), self.opt.state_dict(), state)
+        if self._fresh and name == "last.safetensors":  # first: an earlier run's best is never
+            (Path(self.cfg.out_dir) / "best.safetensors").unlink(missing_ok=True)  # beside ours
         save_checkpoint(Path(self.cfg.out_dir) / name, ckpt)
-        if self._fresh and name == "last.safetensors":  # an earlier run's best beside this
-            (Path(self.cfg.out_dir) / "best.safetensors").unlink(missing_ok=True)  # run's last
         self._fresh = self._fresh and name != "best.safetensors"  # (serve opened the old one)
 
     def _resume(self, path: Path) -> None:
@@ -360,6 +368,7 @@ class Trainer:
         try:
             self.step, self.best = int(st["step"]), float(st["best"])
             self.bad_evals = int(st["bad_evals"])
+            self.best_step = st.get("best_step")
             self.history = list(st.get("history", []))
             torch.set_rng_state(st["rng_torch"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:  # (a bare KeyError)
@@ -367,6 +376,23 @@ class Trainer:
                 f"checkpoint {str(path)!r} holds no training state ({type(e).__name__}: {e}); "
                 "it was not written by a Trainer"
             ) from e
+        self._resume_best(ckpt, path.with_name("best.safetensors"))
+
+    def _resume_best(self, last: Checkpoint, path: Path) -> None:
+        """Take up the run's best model (:func:`resumed_best`: after a crash between the
+        saves of ``last`` and ``best``, the best of step 20 stayed where step 50's was
+        recorded, for good); if ``path`` lost it, say so, and the next evaluation writes one."""
+        best = resumed_best(path, last)
+        if best is not None:
+            self.best_step, self.best_digest = best
+            return
+        had = "" if self.best_step is None else f" (the best model was step {self.best_step}'s)"
+        warnings.warn(
+            f"resume: {path} was not this run's best model{had}; it was removed, and the "
+            "next evaluation writes a new best",
+            stacklevel=4,
+        )
+        self.best, self.best_step, self.best_digest = -math.inf, None, None
 
 
 def _check_task(task: object) -> None:

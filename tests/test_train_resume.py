@@ -1,0 +1,137 @@
+"""What a resumed run takes from its checkpoints: the best model after a crash between
+the saves of one evaluation, and refusals and warnings for a run that is not the same."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from attnlab.train import Checkpoint, TrainConfig, Trainer, load_checkpoint, save_checkpoint
+from attnlab.train import loop as loopmod
+from tests.test_train import LinearTask
+
+
+class Crash(Exception):
+    """The process dies here (a SIGKILL, the OOM killer): nothing after it runs."""
+
+
+class ScoredTask(LinearTask):
+    """:class:`LinearTask` whose evaluations score ``scores`` in turn."""
+
+    def __init__(self, *scores: float) -> None:
+        super().__init__()
+        self.scores = list(scores)
+
+    def evaluate(self, m: torch.nn.Module) -> dict[str, float]:
+        return {"score": self.scores.pop(0)}
+
+
+def _cfg(out: Path, **kw: Any) -> TrainConfig:
+    base = {"steps": 8, "batch_size": 8, "warmup": 1, "eval_every": 2, "lr": 0.01}
+    return TrainConfig(**base | kw, out_dir=str(out), progress=False)
+
+
+def _crash_at(monkeypatch: pytest.MonkeyPatch, name: str, nth: int, *, after: bool) -> None:
+    """Die at the ``nth`` save of ``name``: before it is written, or just ``after``."""
+    real, seen = loopmod.save_checkpoint, []
+
+    def save(path: Path, ckpt: Checkpoint) -> Path:
+        seen.extend([1] if Path(path).name == name else [])
+        if len(seen) == nth and not after:
+            raise Crash(path)
+        out = real(path, ckpt)
+        if len(seen) == nth and after:
+            raise Crash(path)
+        return out
+
+    monkeypatch.setattr(loopmod, "save_checkpoint", save)
+
+
+@contextmanager
+def _no_warning() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield
+
+
+def _weights(ckpt: Checkpoint) -> list[torch.Tensor]:
+    return [ckpt.model[k] for k in sorted(ckpt.model)]
+
+
+def test_a_crash_between_the_saves_of_last_and_best_keeps_the_best_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(Killed after ``last`` of step 4, which recorded its score 0.2 as the best, before
+    ``best`` of step 4 was written: the resumed run kept step 2's model as the best for
+    good, since no later score beat 0.2.) The resume writes ``best`` from ``last``."""
+    _crash_at(monkeypatch, "best.safetensors", 2, after=False)  # the best of step 4
+    with pytest.raises(Crash):
+        Trainer(ScoredTask(0.1, 0.2), _cfg(tmp_path)).fit()
+    monkeypatch.undo()
+    at_crash = load_checkpoint(tmp_path / "last.safetensors")
+    assert at_crash.state["step"] == 4 and at_crash.state["best"] == 0.2
+    assert load_checkpoint(tmp_path / "best.safetensors").state["step"] == 2  # stale
+    with _no_warning():
+        resumed = Trainer(ScoredTask(0.15, 0.1), _cfg(tmp_path, resume=True))
+    resumed.fit()
+    best = load_checkpoint(tmp_path / "best.safetensors")
+    assert best.state["step"] == 4 and best.state["history"][-1]["score"] == 0.2
+    assert all(map(torch.equal, _weights(best), _weights(at_crash)))
+    assert resumed.best == 0.2 and resumed.best_step == 4
+
+
+def test_a_fresh_run_killed_at_its_first_save_never_keeps_the_earlier_runs_best(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(A fresh run over a folder removed the earlier run's ``best`` only after writing its
+    own ``last``: killed in between, and resumed, the folder's best was seed 5's model
+    beside the seed-0 run's last.)"""
+    Trainer(ScoredTask(0.9, 0.8, 0.7, 0.6), _cfg(tmp_path, seed=5)).fit()
+    assert load_checkpoint(tmp_path / "best.safetensors").state["train"]["seed"] == 5
+    _crash_at(monkeypatch, "last.safetensors", 1, after=True)
+    with pytest.raises(Crash):
+        Trainer(ScoredTask(0.3), _cfg(tmp_path)).fit()
+    monkeypatch.undo()
+    assert not (tmp_path / "best.safetensors").exists()  # removed before last was written
+    Trainer(ScoredTask(0.2, 0.1, 0.1), _cfg(tmp_path, resume=True)).fit()
+    best = load_checkpoint(tmp_path / "best.safetensors")
+    assert (best.state["train"]["seed"], best.state["step"], best.state["best"]) == (0, 2, 0.3)
+
+
+def test_a_best_that_is_not_the_runs_is_removed_and_written_anew(tmp_path: Path) -> None:
+    """A ``best`` that holds no model the run recorded (another run's, put there by hand)
+    cannot be recovered: a warning names it, and the next evaluation writes a new best
+    (it was kept, and only a score above the lost one's replaced it)."""
+    Trainer(ScoredTask(0.5, 0.1), _cfg(tmp_path, steps=4)).fit()
+    save_checkpoint(tmp_path / "best.safetensors", Checkpoint(torch.nn.Linear(3, 1).state_dict()))
+    msg = r"best\.safetensors was not this run's best model \(the best model was step 2's\); it"
+    with pytest.warns(UserWarning, match=msg + " was removed, and the next evaluation writes"):
+        resumed = Trainer(ScoredTask(0.2, 0.1), _cfg(tmp_path, steps=8, resume=True))
+    assert not (tmp_path / "best.safetensors").exists() and resumed.best == float("-inf")
+    resumed.fit()
+    best = load_checkpoint(tmp_path / "best.safetensors")
+    assert (best.state["step"], best.state["best"]) == (6, 0.2)
+    with _no_warning():  # the control: resumed again, its best is its own
+        Trainer(ScoredTask(), _cfg(tmp_path, steps=10, resume=True))
+    assert (tmp_path / "best.safetensors").exists()
+
+
+def test_a_checkpoint_from_before_the_best_was_recorded_keeps_its_best(tmp_path: Path) -> None:
+    """``last`` files written before they recorded the best model's digest resume as they
+    did: the best file found is taken as the run's."""
+    Trainer(ScoredTask(0.5, 0.1), _cfg(tmp_path, steps=4)).fit()
+    last = load_checkpoint(tmp_path / "last.safetensors")
+    for key in ("best_step", "best_digest"):
+        del last.state[key]
+    save_checkpoint(tmp_path / "last.safetensors", last)
+    with _no_warning():
+        resumed = Trainer(ScoredTask(0.2, 0.1), _cfg(tmp_path, steps=8, resume=True))
+    assert (resumed.best, resumed.best_step) == (0.5, 2)
+    resumed.fit()
+    assert load_checkpoint(tmp_path / "best.safetensors").state["step"] == 2
