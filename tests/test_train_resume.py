@@ -12,7 +12,14 @@ from typing import Any
 import pytest
 import torch
 
-from attnlab.train import Checkpoint, TrainConfig, Trainer, load_checkpoint, save_checkpoint
+from attnlab.train import (
+    Checkpoint,
+    CheckpointError,
+    TrainConfig,
+    Trainer,
+    load_checkpoint,
+    save_checkpoint,
+)
 from attnlab.train import loop as loopmod
 from tests.test_train import LinearTask
 
@@ -135,3 +142,40 @@ def test_a_checkpoint_from_before_the_best_was_recorded_keeps_its_best(tmp_path:
     assert (resumed.best, resumed.best_step) == (0.5, 2)
     resumed.fit()
     assert load_checkpoint(tmp_path / "best.safetensors").state["step"] == 2
+
+
+def test_a_resume_keeps_the_runs_settings_and_names_each_given_otherwise(
+    tmp_path: Path,
+) -> None:
+    """(``Trainer(task, TrainConfig(..., resume=True))`` took another lr, seed and batch
+    size without a word, and weight_decay 0.3 was silently the checkpoint's 0.01: AdamW
+    loads the saved param_groups.) It goes on as the run would have, as ``attnlab train
+    --resume`` does, and warns of each setting given otherwise."""
+    run = {"batch_size": 8, "lr": 0.01, "weight_decay": 0.01, "warmup": 1, "seed": 0}
+    run |= {"min_lr_ratio": 0.05, "clip": 1.0}
+    other = {"batch_size": 4, "lr": 0.05, "weight_decay": 0.3, "warmup": 3, "seed": 7}
+    other |= {"min_lr_ratio": 0.5, "clip": 0.1}
+    straight = Trainer(ScoredTask(*[0.5] * 4), _cfg(tmp_path / "straight", **run))
+    straight.fit()
+    Trainer(ScoredTask(0.5), _cfg(tmp_path, **run, target=0.5)).fit()  # stops at step 2
+    asked = _cfg(tmp_path, **other, resume=True)
+    another = ScoredTask()
+    another.config = lambda: {"task": "another"}  # type: ignore[method-assign]
+    with _no_warning(), pytest.raises(CheckpointError, match="another configuration"):
+        Trainer(another, asked)  # refused: no word of its settings first
+    with pytest.warns(UserWarning) as caught:
+        resumed = Trainer(ScoredTask(0.5, 0.5, 0.5), asked)
+    last = tmp_path / "last.safetensors"
+    assert [str(w.message) for w in caught] == [
+        f"resume: {last}: {k} {other[k]} is not the checkpoint's {run[k]}: the resumed run "
+        f"keeps {run[k]} (resume=False trains afresh with {other[k]})"
+        for k in ("seed", "batch_size", "lr", "weight_decay", "warmup", "min_lr_ratio", "clip")
+    ]
+    assert all(getattr(resumed.cfg, k) == v for k, v in run.items())
+    assert asked.lr == 0.05  # the caller's config is left as it was
+    assert resumed.opt.param_groups[0]["weight_decay"] == 0.01
+    resumed.fit()
+    for a, b in zip(resumed.model.parameters(), straight.model.parameters(), strict=True):
+        assert torch.equal(a, b)  # the steps of the run never stopped
+    with _no_warning():  # the control: its own settings, no word
+        Trainer(ScoredTask(), _cfg(tmp_path, **run, steps=10, resume=True))

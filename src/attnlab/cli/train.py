@@ -5,7 +5,8 @@ defaults with the command line's settings on top), :func:`~attnlab.tasks.run_tas
 :func:`~attnlab.tasks.demo`. Every option is checked before any work starts (ranges,
 ``--out`` writable, ``--resume`` with a readable checkpoint of the same task); ``--out``
 is locked while the run writes there; a resumed run keeps its checkpoint's seed, batch
-size, learning rate and warmup (a warning names each given otherwise). Ctrl-C or SIGTERM
+size, learning rate, warmup and the other settings that decide its steps (a warning names
+each given otherwise, :mod:`attnlab.train.resume`). Ctrl-C or SIGTERM
 saves ``OUT/last.safetensors`` and prints the command that resumes it.
 """
 
@@ -22,8 +23,9 @@ from attnlab._io import OutputLock
 from attnlab.cli._args import check_entries, check_out_folder, check_report, float_in, int_in
 from attnlab.cli._errors import UsageError, warn
 from attnlab.tasks import TASKS, TaskSpec, demo, run_task, spec, train_config
-from attnlab.train import CheckpointError, TrainingInterrupted, load_checkpoint
+from attnlab.train import CheckpointError, TrainConfig, TrainingInterrupted, load_checkpoint
 from attnlab.train.loop import MAX_SEED, Task
+from attnlab.train.resume import kept_message, resumed_config
 
 __all__ = ["add_parsers", "run_demo", "run_train"]
 
@@ -39,10 +41,6 @@ _OVERRIDES = (
     "target",
     "threads",
 )
-
-
-# what a resumed run takes from its checkpoint, whatever the command line gives
-_KEPT = ("seed", "batch_size", "lr", "warmup")
 
 MAX_THREADS = 256  # --threads at most
 # --batch-size at most: 32x the largest task default; every step's batch is at most the
@@ -144,10 +142,12 @@ def run_train(args: argparse.Namespace) -> int:
     if args.train_size is not None:  # before the data is made (20-110 s), not after
         _check_size(state, args.train_size, args)
     at = None if state is None else int(state.get("step", 0))
-    over = {k: getattr(args, k) for k in _OVERRIDES} | _run_settings(state, args)
+    over = {k: getattr(args, k) for k in _OVERRIDES}
     cfg = train_config(
         s, **over, out_dir=str(out), resume=args.resume, progress=not args.no_progress
     )
+    if state is not None:
+        cfg = _run_settings(cfg, state, args, out / "last.safetensors")
     if at is not None and cfg.steps <= at:  # it trained 0 steps and said so on exit 0
         given = f"is {cfg.steps}" if args.steps is not None else f"defaults to {cfg.steps}"
         msg = f"{given}, but the checkpoint is at step {at}; give more steps to continue"
@@ -230,21 +230,23 @@ def _check_resume(task: str, last: Path, args: argparse.Namespace) -> dict | Non
     return ckpt.state
 
 
-def _run_settings(state: dict | None, args: argparse.Namespace) -> dict[str, Any]:
-    """A resumed run's settings that decide which steps it takes (:data:`_KEPT`): the
-    checkpoint's, each given otherwise named in a warning (they changed the data order
-    and the schedule without a word; a changed --seed goes on as the agent tasks' does)."""
-    saved = {} if state is None else state.get("train")
-    if not isinstance(saved, dict):
-        return {}
-    kept = {k: saved[k] for k in _KEPT if saved.get(k) is not None}
-    for k, was in kept.items():
-        given = getattr(args, k)
-        if given is not None and given != was:
+def _run_settings(
+    cfg: TrainConfig, state: dict, args: argparse.Namespace, last: Path
+) -> TrainConfig:
+    """``cfg`` with a resumed run's settings that decide which steps it takes (the
+    checkpoint's, :func:`~attnlab.train.resume.resumed_config`), each given otherwise on
+    the command line named in a warning (they changed the data order and the schedule
+    without a word; a changed --seed goes on as the agent tasks' does). One not given
+    takes the checkpoint's without a word (not the task's default)."""
+    try:
+        cfg, changed = resumed_config(cfg, state, last)
+    except CheckpointError as e:
+        raise UsageError("--resume", f"{e}; or drop --resume to start fresh") from e
+    for k, (kept, given) in changed.items():
+        if getattr(args, k, None) is not None:
             flag = "--" + k.replace("_", "-")
-            msg = f"{flag} {given} is not the checkpoint's {was}: the resumed run keeps {was}"
-            warn(args, f"{msg} (drop --resume to train afresh with {given})")
-    return kept
+            warn(args, kept_message(flag, kept, given, "drop --resume to train afresh"))
+    return cfg
 
 
 def _check_size(state: dict | None, size: int, args: argparse.Namespace) -> None:

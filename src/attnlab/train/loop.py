@@ -36,6 +36,7 @@ from attnlab.train.checkpoint import (
 )
 from attnlab.train.interrupt import TrainingInterrupted, say_complete, stop_requests
 from attnlab.train.protocols import LossFn, Plugin, Task
+from attnlab.train.resume import kept_message, resumed_config
 
 __all__ = ["LossFn", "Plugin", "Task", "TrainConfig", "Trainer", "lr_factor", "num_threads"]
 
@@ -61,7 +62,9 @@ class TrainConfig:
             from the RNG as :class:`Trainer` left it, whatever drew from it in between.
         out_dir: where ``last.safetensors`` and ``best.safetensors`` go (None: no files;
             ``""`` is refused).
-        resume: continue from ``out_dir/last.safetensors`` if it exists.
+        resume: continue from ``out_dir/last.safetensors`` if it exists, with the
+            checkpoint's seed, batch_size, lr, weight_decay, warmup, min_lr_ratio and clip
+            (a warning names each given otherwise; see :mod:`attnlab.train.resume`).
         progress: show a rich progress bar with loss and throughput.
         flush_denormal: treat denormal floats as 0 during :meth:`Trainer.fit`
             (``torch.set_flush_denormal``; switched off again afterwards). Adam's
@@ -199,10 +202,16 @@ class Trainer:
         _check_task(task)
         if on_eval is not None and not callable(on_eval):  # (failed at the first evaluation)
             raise TypeError(f"on_eval must be a callable or None, got {type(on_eval).__name__}")
-        self.task, self.cfg, self.on_eval = task, cfg, on_eval
         self.loss_fn = _with_plugins(task.loss, plugins)
         if cfg.threads is not None:
             positive_int("threads", cfg.threads)
+        last = Path(cfg.out_dir or ".") / "last.safetensors"
+        self._fresh = not (cfg.resume and cfg.out_dir and last.exists())  # (see _save)
+        ckpt = None if self._fresh else load_checkpoint(last)
+        changed: dict[str, tuple[object, object]] = {}
+        if ckpt is not None:  # the run's seed, batch size, lr, ... (each given otherwise:
+            cfg, changed = resumed_config(cfg, ckpt.state, last)  # a warning, below)
+        self.task, self.cfg, self.on_eval = task, cfg, on_eval
         torch.manual_seed(cfg.seed)
         with num_threads(cfg.threads):  # init may compute (spectral norm): same bits as fit's
             self.model = task.build_model()
@@ -215,10 +224,9 @@ class Trainer:
         self.best_digest: str | None = None  # digest (what best.safetensors must hold)
         self.history: list[dict[str, float]] = []
         self._perm: tuple[int, Tensor] | None = None
-        last = Path(cfg.out_dir or ".") / "last.safetensors"
-        self._fresh = not (cfg.resume and cfg.out_dir and last.exists())  # (see _save)
-        if not self._fresh:
-            self._resume(last)
+        if ckpt is not None:
+            self._resume(ckpt, last)
+            _say_kept(changed, last)  # once sure the resume goes on (it may be refused)
         self.first_step = self.step  # where this run began (a resumed run: past 0)
         self._rng: Tensor | None = torch.get_rng_state()  # the first step starts from it
         self.stop_reason: str | None = None  # why fit() stopped before ``steps``, if it did
@@ -359,8 +367,7 @@ class Trainer:
         save_checkpoint(Path(self.cfg.out_dir) / name, ckpt)
         self._fresh = self._fresh and name != "best.safetensors"  # (serve opened the old one)
 
-    def _resume(self, path: Path) -> None:
-        ckpt = load_checkpoint(path)
+    def _resume(self, ckpt: Checkpoint, path: Path) -> None:
         restore_task_state(self.task, ckpt, path)  # and checks it is the checkpoint's run
         load_model_state(self.model, ckpt, path)
         load_optimizer_state(self.opt, ckpt, path)
@@ -393,6 +400,16 @@ class Trainer:
             stacklevel=4,
         )
         self.best, self.best_step, self.best_digest = -math.inf, None, None
+
+
+def _say_kept(changed: dict[str, tuple[object, object]], path: Path) -> None:
+    """A warning for each :data:`~attnlab.train.resume.RUN_SETTINGS` entry that a resumed
+    run keeps from its checkpoint though its config gave another (a new lr, seed or batch
+    size went on without a word, and weight_decay was silently the checkpoint's: AdamW
+    loads its param_groups)."""
+    for name, (kept, given) in changed.items():
+        msg = kept_message(name, kept, given, "resume=False trains afresh")
+        warnings.warn(f"resume: {path}: {msg}", stacklevel=3)
 
 
 def _check_task(task: object) -> None:
