@@ -3,6 +3,7 @@ the saves of one evaluation, and refusals and warnings for a run that is not the
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +22,7 @@ from attnlab.train import (
     save_checkpoint,
 )
 from attnlab.train import loop as loopmod
+from attnlab.train.checkpoint import restore_task_state
 from tests.test_train import LinearTask
 
 
@@ -179,3 +181,101 @@ def test_a_resume_keeps_the_runs_settings_and_names_each_given_otherwise(
         assert torch.equal(a, b)  # the steps of the run never stopped
     with _no_warning():  # the control: its own settings, no word
         Trainer(ScoredTask(), _cfg(tmp_path, **run, steps=10, resume=True))
+
+
+def _tasks() -> dict[str, Any]:
+    """Per task: its tiny build, one data or loss option changed, what the refusal says."""
+    from attnlab.models.gan import GANConfig
+    from attnlab.models.vae import VAEConfig
+    from attnlab.tasks.captioning import CaptioningTask
+    from attnlab.tasks.classification import DocumentTask
+    from attnlab.tasks.dates import DatesTask
+    from attnlab.tasks.generation import GenerationTask
+    from attnlab.tasks.generative import digits
+    from attnlab.tasks.generative_task import GANTask, VAETask
+    from attnlab.tasks.translation import TranslationTask
+    from attnlab.tasks.vision import DigitsTask
+
+    gan, vae = GANConfig(latent_dim=4, channels=8), VAEConfig(latent_dim=4, channels=8)
+    other_images = {"train_size": None, "images": digits()[0][64:128]}  # 64 other ones
+    return {
+        "vision": (
+            lambda **k: DigitsTask(100, d_model=16, **k),
+            {"label_smoothing": 0.2},
+            "data.label_smoothing: 0.1 -> 0.2",
+        ),
+        "translation": (
+            lambda **k: TranslationTask(128, 8, d_model=32, **k),
+            {"seed": 1},
+            "data.seed: 1234 -> 1",
+        ),
+        "dates": (
+            lambda **k: DatesTask(20, 5, locales=("de_DE",), **k),
+            {"eval_size": 4},
+            "data.eval_size: 500 -> 4",
+        ),
+        "generation": (
+            lambda **k: GenerationTask(60, 10, d_model=16, **k),
+            {"seed": 1},
+            "data.seed: 1234 -> 1",
+        ),
+        "captioning": (
+            lambda **k: CaptioningTask(20, 4, **k),
+            {"held_out": 0.3},
+            "data.held_out: 0.2 -> 0.3",
+        ),
+        "classification": (
+            lambda **k: DocumentTask(40, **{"test_size": 8} | k),
+            {"test_size": 9},
+            "data.test_size: 8 -> 9",
+        ),
+        "gan": (
+            lambda **k: GANTask(cfg=gan, **{"train_size": 64} | k),
+            {"samples": 99},
+            "data.samples: 1437 -> 99",
+        ),
+        "vae": (
+            lambda **k: VAETask(cfg=vae, **{"train_size": 64} | k),
+            other_images,
+            "data.images: None -> '",  # their digest
+        ),
+    }
+
+
+NAMES = ["captioning", "classification", "dates", "gan", "generation", "translation", "vae"]
+
+
+@pytest.mark.parametrize("name", [*NAMES, "vision"])
+def test_a_resume_on_other_data_or_another_loss_is_refused(name: str) -> None:
+    """(A task's data seed, held-out share, evaluation size, label smoothing, ... were not
+    in its config: DigitsTask(seed=1) resumed a seed-0 checkpoint and trained on 292 of
+    the 360 images it had held out, TranslationTask(seed=1) one of seed 1234 sharing 109
+    of its 512 training pairs.) Each is in config()["data"], and a resume names it."""
+    pytest.importorskip("babel"), pytest.importorskip("sklearn")
+    build, changed, says = _tasks()[name]
+    ours, other = build(), build(**changed)
+    assert ours.num_train() == other.num_train()  # the size check cannot see it
+    ckpt = Checkpoint({}, ours.config(), state={"train_size": ours.num_train()})
+    restore_task_state(build(), ckpt, "last.safetensors")  # the control: the same task
+    with pytest.raises(CheckpointError, match=r"another configuration .*: " + re.escape(says)):
+        restore_task_state(other, ckpt, "last.safetensors")
+
+
+def test_a_checkpoint_from_before_the_data_options_resumes_a_task_with_the_defaults(
+    tmp_path: Path,
+) -> None:
+    """A ``last`` whose config has no ``data`` (saved before the options were named) meant
+    the task's defaults: it resumes a task built with them, and no other."""
+    pytest.importorskip("sklearn")
+    from attnlab.tasks.vision import DigitsTask
+
+    def task(**kw: Any) -> DigitsTask:
+        return DigitsTask(100, d_model=16, num_heads=2, layers=1, dim_feedforward=16, **kw)
+
+    Trainer(task(), _cfg(tmp_path, steps=2)).fit()
+    last = load_checkpoint(tmp_path / "last.safetensors")
+    assert last.config.pop("data") == {"test_fraction": 0.2, "seed": 0, "label_smoothing": 0.1}
+    save_checkpoint(tmp_path / "last.safetensors", last)  # as the older code wrote it
+    assert Trainer(task(), _cfg(tmp_path, steps=4, resume=True)).step == 2
+    with pytest.raises(CheckpointError, match=r"another configuration .*: data\.seed: 0 -> 1;"):
+        Trainer(task(seed=1), _cfg(tmp_path, steps=4, resume=True))

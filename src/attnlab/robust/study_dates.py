@@ -86,6 +86,7 @@ class EditedDatesTask(DatesTask):
         self.rate = real_where("rate", rate, ok, want)  # checked before the data is made
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.alphabet = letters(self)
+        self.data_options["rate"] = self.rate
 
     def batch(self, indices: Tensor) -> DatesBatch:
         rng = random.Random(int(torch.randint(2**31, (1,))))
@@ -122,7 +123,7 @@ class AdversarialEditsTask(EditedDatesTask):
         super().__init__(*args, **kwargs)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an int >= 1 (edited versions per source), got {k!r}")
-        self.k = k
+        self.k = self.data_options["k"] = k
 
     def batch(self, indices: Tensor) -> EditCandidates:  # type: ignore[override]
         rng = random.Random(int(torch.randint(2**31, (1,))))

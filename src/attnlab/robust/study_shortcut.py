@@ -86,6 +86,7 @@ class ShortcutTask(DocumentTask):
         self.agreeing_docs = _swap_cue(self.test_docs, self.test_cues)
         self.vocab = Vocab.build(s for d in self.train_docs for s in d.sentences)
         self.model_cfg["vocab_size"] = len(self.vocab)
+        self.data_options["agree"] = float(agree)
 
     def measure(self, model: torch.nn.Module) -> dict[str, float]:
         """Accuracy (%) with the cue reversed and agreeing, attention on the deciding

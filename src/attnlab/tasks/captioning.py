@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from attnlab._validate import limit_or, nonnegative_int, positive_int, real_where
 from attnlab.interpret import capture
 from attnlab.models.captioner import Captioner, CaptionerConfig
+from attnlab.tasks.options import DataOptions
 from attnlab.tasks.registry import TaskSpec
 from attnlab.tasks.report import Section, write_html
 from attnlab.tasks.text import Vocab, pad_batch
@@ -201,7 +202,7 @@ class CaptionBatch:
     words_out: Tensor  # (B, Lt): caption + EOS, 0 = padding
 
 
-class CaptioningTask:
+class CaptioningTask(DataOptions):
     """Two-shape scenes -> captions, for :class:`attnlab.train.Trainer`.
 
     Args:
@@ -262,6 +263,8 @@ class CaptioningTask:
         self.train_images = _images(self.train_scenes, image_size)
         self.test_images = _images(self.test_scenes, image_size)
         self.model_cfg = replace(sizes, vocab_size=len(self.vocab))
+        self.data_options = {"test_size": len(self.test_scenes), "held_out": float(held_out)}
+        self.data_options |= {"eval_size": self.eval_size, "seed": seed}
         self._words = [self.vocab.encode(c) for c in self.train_captions]
 
     def _scenes(self, pool: list[str], n: int, rng: random.Random) -> list[Scene]:
@@ -272,7 +275,8 @@ class CaptioningTask:
         return Captioner(self.model_cfg)
 
     def config(self) -> dict[str, Any]:
-        return {"task": self.name, "model": self.model_cfg.__dict__, "vocab": self.vocab.tokens}
+        model, data = self.model_cfg.__dict__, self.data_options
+        return {"task": self.name, "model": model, "vocab": self.vocab.tokens, "data": data}
 
     def num_train(self) -> int:
         return len(self._words)

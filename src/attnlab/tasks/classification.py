@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from attnlab._validate import nonnegative_int, positive_int
 from attnlab.models.document import DocumentClassifier
+from attnlab.tasks.options import DataOptions
 from attnlab.tasks.registry import TaskSpec
 from attnlab.tasks.report import Section, write_html
 from attnlab.tasks.text import Vocab
@@ -229,7 +230,7 @@ class DocumentBatch:
     deciding: Tensor  # (B,)
 
 
-class DocumentTask:
+class DocumentTask(DataOptions):
     """Which currency does the customer pay in: one deciding sentence among distractors.
 
     Args:
@@ -258,7 +259,7 @@ class DocumentTask:
     ) -> None:
         seed = nonnegative_int("seed", seed)  # (random.Random gave -7 seed 7's documents)
         positive_int("train_size", train_size)
-        positive_int("test_size", test_size)
+        test_size = positive_int("test_size", test_size)
         sizes = {
             "embed_dim": embed_dim,
             "word_hidden": word_hidden,
@@ -269,6 +270,7 @@ class DocumentTask:
         docs = make_documents(train_size + test_size, seed)
         self.test_docs, self.train_docs = docs[:test_size], docs[test_size:]
         self.vocab = Vocab.build(s for d in self.train_docs for s in d.sentences)
+        self.data_options = {"test_size": test_size, "seed": seed}
         self.model_cfg = {
             "vocab_size": len(self.vocab),
             "num_classes": len(CURRENCIES),
@@ -284,6 +286,7 @@ class DocumentTask:
             "model": self.model_cfg,
             "classes": list(CURRENCIES),
             "vocab": self.vocab.tokens,
+            "data": self.data_options,
         }
 
     def num_train(self) -> int:

@@ -41,6 +41,7 @@ from attnlab.tasks.dates_data import (
     split_dates,
     writing_styles,
 )
+from attnlab.tasks.options import DataOptions
 from attnlab.tasks.registry import TaskSpec
 from attnlab.tasks.report import Section, write_html
 from attnlab.tasks.text import SPECIALS, pad_batch
@@ -101,7 +102,7 @@ class DatesBatch:
     tgt_out: Tensor  # (B, 11): YYYY-MM-DD + EOS
 
 
-class DatesTask:
+class DatesTask(DataOptions):
     """Written dates -> ISO dates, for :class:`attnlab.train.Trainer`.
 
     Args:
@@ -162,6 +163,7 @@ class DatesTask:
             [f"<{loc}>" for loc, _ in self.styles] + sorted({c for e in self.train for c in e.text})
         )
         self.tgt_vocab = CharVocab(list("0123456789-"))
+        self.data_options = {"test_size": test_size, "eval_size": self.eval_size, "seed": seed}
         self.model_cfg = replace(
             sizes, src_vocab=len(self.src_vocab), tgt_vocab=len(self.tgt_vocab)
         )
@@ -188,6 +190,7 @@ class DatesTask:
             "styles": [list(s) for s in self.styles],
             "src_vocab": self.src_vocab.tokens,
             "tgt_vocab": self.tgt_vocab.tokens,
+            "data": self.data_options,
         }
 
     def num_train(self) -> int:

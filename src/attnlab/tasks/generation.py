@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from attnlab._validate import limit_or, nonnegative_int, positive_int
 from attnlab.interpret import capture
 from attnlab.models.lm import LanguageModel, LMConfig
+from attnlab.tasks.options import DataOptions
 from attnlab.tasks.registry import TaskSpec
 from attnlab.tasks.report import Section, write_html
 from attnlab.tasks.text import Vocab, pad_batch
@@ -228,7 +229,7 @@ class LMBatch:
     targets: Tensor  # (B, L): sentence + <eos>, 0 = padding
 
 
-class GenerationTask:
+class GenerationTask(DataOptions):
     """Word-level language modelling of generated English sentences.
 
     Args:
@@ -261,8 +262,8 @@ class GenerationTask:
     ) -> None:
         seed = nonnegative_int("seed", seed)  # (random.Random gave -7 seed 7's sentences)
         positive_int("train_size", train_size)
-        positive_int("test_size", test_size)
-        positive_int("eval_size", eval_size)
+        test_size = positive_int("test_size", test_size)
+        eval_size = positive_int("eval_size", eval_size)
         sizes = LMConfig(  # its vocab_size comes with the vocabulary, its sizes are named now
             1,  # (they were checked in build_model, after drawing every sentence: 8 s)
             d_model=d_model,
@@ -277,6 +278,7 @@ class GenerationTask:
         self.test_pairs, self.train_pairs = pairs[:test_size], pairs[test_size:]
         self.vocab = Vocab.build(_text(p) for p in self.train_pairs)
         self.eval_size = eval_size
+        self.data_options = {"test_size": test_size, "eval_size": eval_size, "seed": seed}
         self.model_cfg = replace(sizes, vocab_size=len(self.vocab))
         self._train = [self.vocab.encode(_text(p)) for p in self.train_pairs]
         self._test = [self.vocab.encode(_text(p)) for p in self.test_pairs]
@@ -285,7 +287,8 @@ class GenerationTask:
         return LanguageModel(self.model_cfg)
 
     def config(self) -> dict[str, Any]:
-        return {"task": self.name, "model": self.model_cfg.__dict__, "vocab": self.vocab.tokens}
+        model, data = self.model_cfg.__dict__, self.data_options
+        return {"task": self.name, "model": model, "vocab": self.vocab.tokens, "data": data}
 
     def num_train(self) -> int:
         return len(self._train)
@@ -392,13 +395,8 @@ def self_attention_picture(
         model(ids)
     w = cap.records[0].weights[0].mean(0)  # (L, L)
     toks = ["<bos>", *(task.vocab.tokens[i] for i in ids[0, 1:].tolist())]
-    return alignment(
-        w,
-        toks,
-        toks,
-        path,
-        title=f"{text}\n(last layer, mean over heads; row i predicts token i + 1)",
-    )
+    title = f"{text}\n(last layer, mean over heads; row i predicts token i + 1)"
+    return alignment(w, toks, toks, path, title=title)
 
 
 def finish(task: GenerationTask, model: nn.Module, folder: Path) -> dict[str, float]:

@@ -36,9 +36,11 @@ from attnlab.models.vae import VAE, VAEConfig, vae_loss
 from attnlab.models.vit import check_images
 from attnlab.tasks import generative
 from attnlab.tasks.generative import DigitsScorer, digits
+from attnlab.tasks.options import DataOptions
 from attnlab.tasks.registry import TaskSpec
 from attnlab.tasks.vision import TRAIN_IMAGES
 from attnlab.train import TrainConfig, Trainer
+from attnlab.train.checkpoint import digest
 from attnlab.train.loop import Task
 
 __all__ = [
@@ -95,7 +97,7 @@ def gan_losses(gan: GAN, real: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
     return d_loss, g_loss
 
 
-class _DigitsGenerative:
+class _DigitsGenerative(DataOptions):
     """What the GAN and VAE tasks share: training images, evaluation, sampling."""
 
     name: str
@@ -103,6 +105,7 @@ class _DigitsGenerative:
     def __init__(self, train_size: int | None, images: Tensor | None, samples: int) -> None:
         if images is not None and train_size is not None:
             raise ValueError("give train_size or images, not both")
+        custom = images is not None
         if images is None:
             n = None if train_size is None else positive_int("train_size", train_size)
             full = digits()[0]
@@ -111,6 +114,8 @@ class _DigitsGenerative:
             images = full[:n]
         self.images = check_images(images, 1, 8)  # (N, 1, 8, 8) in [-1, 1]
         self.samples = positive_int("samples", samples)
+        given = digest({"images": self.images.detach().cpu()}) if custom else None
+        self.data_options = {"samples": self.samples, "images": given}  # (custom: a digest)
         self.seed = 0  # of the data split and the scoring ViT (evaluation noise: seed 1)
         self._scorer: DigitsScorer | None = None
 
@@ -171,7 +176,8 @@ class GANTask(_DigitsGenerative):
         return GAN(self.model_cfg)
 
     def config(self) -> dict[str, Any]:
-        return {"task": self.name, "model": asdict(self.model_cfg), "g_lr_scale": self.g_lr_scale}
+        model, data = asdict(self.model_cfg), self.data_options
+        return {"task": self.name, "model": model, "g_lr_scale": self.g_lr_scale, "data": data}
 
     def batch(self, indices: Tensor) -> GANBatch:
         """Real images ``indices`` and fresh latents (torch's global RNG: checkpointed)."""
@@ -222,7 +228,7 @@ class VAETask(_DigitsGenerative):
         return VAE(self.model_cfg)
 
     def config(self) -> dict[str, Any]:
-        return {"task": self.name, "model": asdict(self.model_cfg)}
+        return {"task": self.name, "model": asdict(self.model_cfg), "data": self.data_options}
 
     def batch(self, indices: Tensor) -> Tensor:
         return self.images[indices]  # (B, 1, 8, 8)

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from attnlab._validate import limit_or, nonnegative_int, positive_int
 from attnlab.interpret import capture
 from attnlab.models.seq2seq import Seq2Seq, Seq2SeqConfig
+from attnlab.tasks.options import DataOptions
 from attnlab.tasks.registry import TaskSpec
 from attnlab.tasks.report import Section, write_html
 from attnlab.tasks.text import Vocab, pad_batch
@@ -97,7 +98,7 @@ class TranslationBatch:
     tgt_out: Tensor  # (B, Lt): target + EOS, 0 = padding
 
 
-class TranslationTask:
+class TranslationTask(DataOptions):
     """French -> English number words, for :class:`attnlab.train.Trainer`.
 
     Args:
@@ -128,8 +129,8 @@ class TranslationTask:
         dropout: float = 0.1,
     ) -> None:
         positive_int("train_size", train_size)
-        positive_int("test_size", test_size)
-        positive_int("eval_size", eval_size)
+        test_size = positive_int("test_size", test_size)
+        eval_size = positive_int("eval_size", eval_size)
         layers = positive_int("layers", layers)
         sizes = Seq2SeqConfig(  # the vocabularies' sizes come later, the model's now
             1,  # (they were checked in build_model, after drawing every pair)
@@ -142,12 +143,14 @@ class TranslationTask:
             dropout=dropout,
         )
         sizes.layer_config()
-        train, test = _split_numbers(train_size, test_size, nonnegative_int("seed", seed))
+        seed = nonnegative_int("seed", seed)
+        train, test = _split_numbers(train_size, test_size, seed)
         self.train_numbers, self.test_numbers = train, test
         self.train_pairs, self.test_pairs = number_pairs(train), number_pairs(test)
         self.src_vocab = Vocab.build(p[0] for p in self.train_pairs)
         self.tgt_vocab = Vocab.build(p[1] for p in self.train_pairs)
         self.eval_size = eval_size
+        self.data_options = {"test_size": test_size, "eval_size": eval_size, "seed": seed}
         self.model_cfg = replace(
             sizes, src_vocab=len(self.src_vocab), tgt_vocab=len(self.tgt_vocab)
         )
@@ -163,6 +166,7 @@ class TranslationTask:
             "model": self.model_cfg.__dict__,
             "src_vocab": self.src_vocab.tokens,
             "tgt_vocab": self.tgt_vocab.tokens,
+            "data": self.data_options,
         }
 
     def num_train(self) -> int:

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from attnlab._validate import nonnegative_int, positive_int, real_where
 from attnlab.interpret import capture, rollout
 from attnlab.models.vit import ViT, ViTConfig
+from attnlab.tasks.options import DataOptions
 from attnlab.tasks.registry import TaskSpec
 from attnlab.tasks.report import Section, write_html
 
@@ -99,7 +100,7 @@ class DigitsBatch:
     labels: Tensor  # (B,)
 
 
-class DigitsTask:
+class DigitsTask(DataOptions):
     """8x8 digit classification with a :class:`~attnlab.models.vit.ViT`.
 
     Args:
@@ -133,7 +134,8 @@ class DigitsTask:
         dim_feedforward: int = 128,
         dropout: float = 0.0,
     ) -> None:
-        tx, ty, self.test_x, self.test_y = load_split(test_fraction, nonnegative_int("seed", seed))
+        seed = nonnegative_int("seed", seed)
+        tx, ty, self.test_x, self.test_y = load_split(test_fraction, seed)
         n = len(ty) if train_size is None else positive_int("train_size", train_size)
         if n > len(ty):
             raise ValueError(f"train_size={n} is more than the {len(ty)} training images")
@@ -143,6 +145,8 @@ class DigitsTask:
         if not ok or not 0.0 <= label_smoothing < 1.0:  # (2.0 failed at the first step)
             raise ValueError(f"label_smoothing must be a number in [0, 1), got {label_smoothing!r}")
         self.label_smoothing = float(label_smoothing)
+        self.data_options = {"test_fraction": float(test_fraction), "seed": seed}
+        self.data_options["label_smoothing"] = self.label_smoothing
         self.model_cfg = ViTConfig(
             image_size=8,
             patch_size=patch_size,
@@ -159,7 +163,8 @@ class DigitsTask:
         return ViT(self.model_cfg)
 
     def config(self) -> dict[str, Any]:
-        return {"task": self.name, "model": self.model_cfg.__dict__, "max_shift": self.max_shift}
+        model, data = self.model_cfg.__dict__, self.data_options
+        return {"task": self.name, "model": model, "max_shift": self.max_shift, "data": data}
 
     def num_train(self) -> int:
         return len(self.train_y)

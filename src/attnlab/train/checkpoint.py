@@ -293,10 +293,19 @@ def _unflatten(tensors: dict[str, Tensor], meta: dict[str, str]) -> Checkpoint:
     )
 
 
-def check_same_run(ckpt: Checkpoint, config: dict, train_size: int, path: str | Path) -> None:
+def check_same_run(
+    ckpt: Checkpoint,
+    config: dict,
+    train_size: int,
+    path: str | Path,
+    defaults: dict[str, Any] | None = None,
+) -> None:
     """A resume must continue the checkpoint's run: the same task config (a model of other
     heads but the same shapes loaded without a word; an empty saved config matches only
     an empty one) and training set size (another gave another vocabulary, or other data).
+    ``defaults``: what an entry missing from the saved config means (one that a checkpoint
+    saved before the task named it lacks), so that such a checkpoint resumes a task that
+    uses the default.
 
     Example:
         >>> try:
@@ -317,6 +326,7 @@ def check_same_run(ckpt: Checkpoint, config: dict, train_size: int, path: str | 
             f"resume: {path} holds an empty config, so nothing shows it continues this "
             f"task's run (whose config names {', '.join(sorted(config)[:4])}); train afresh"
         )
+    was = _flat(json.loads(json.dumps(defaults or {}))) | was
     if was != ours:
         keys = sorted(k for k in was.keys() | ours.keys() if was.get(k) != ours.get(k))
         shown = ", ".join(f"{k}: {was.get(k)!r} -> {ours.get(k)!r}" for k in keys[:3])
@@ -345,8 +355,10 @@ def task_state(task: object) -> dict[str, Any]:
 def restore_task_state(task: Any, ckpt: Checkpoint, path: str | Path) -> None:
     """Give a resumed task what :func:`task_state` saved (nothing from a checkpoint older
     than it) and the checkpoint's config, through its optional ``load_task_state(state,
-    config)``, then check that it continues the checkpoint's run (:func:`check_same_run`):
-    a task may take up a setting it drew itself (an agent's rollout seed) before the check.
+    config)``, then check that it continues the checkpoint's run (:func:`check_same_run`,
+    with what the task's optional ``config_defaults()`` says an entry missing from an older
+    checkpoint's config means): a task may take up a setting it drew itself (an agent's
+    rollout seed) before the check.
 
     Example:
         >>> class T:
@@ -368,7 +380,8 @@ def restore_task_state(task: Any, ckpt: Checkpoint, path: str | Path) -> None:
                 f"checkpoint {str(path)!r} holds task state this task cannot take up "
                 f"({type(e).__name__}: {e}); use an earlier checkpoint or train again"
             ) from e
-    check_same_run(ckpt, task.config(), task.num_train(), path)
+    defaults = getattr(task, "config_defaults", None)
+    check_same_run(ckpt, task.config(), task.num_train(), path, defaults and defaults())
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, object]:

@@ -52,6 +52,11 @@ class Task(Protocol):
 # A task may also define ``param_groups(model)``: AdamW parameter groups (dicts with
 # ``params`` and any of ``betas``, ``weight_decay``, ``lr_scale``); a group's learning rate
 # is ``lr * lr_scale`` on the schedule. A GAN uses it for its two learning rates (TTUR).
+#
+# ``config()`` must name everything that decides the run's data and loss (a resume is
+# refused when it differs, :func:`~attnlab.train.checkpoint.check_same_run`); a task may
+# also define ``config_defaults()``: what an entry its older checkpoints' config lacks
+# means (:class:`attnlab.tasks.options.DataOptions`).
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
