@@ -80,3 +80,28 @@ def test_every_fraction_task_names_its_score_range() -> None:
     for name in TASKS:
         want = (-math.inf, 0.0) if name in frechet else (0.0, 1.0)
         assert spec(name).score_range == want, name
+
+
+def test_a_task_default_warmup_not_shorter_than_the_steps_is_cut_to_a_tenth(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """(``vision --steps 40`` kept vision's default warmup of 150 steps: the learning rate
+    never reached its peak, and nothing said so; only a --warmup given was checked.)"""
+    from types import SimpleNamespace
+
+    used: list[int] = []
+    monkeypatch.setattr(train_mod, "_build", lambda s, n: SimpleNamespace(num_train=lambda: 8))
+    monkeypatch.setattr(train_mod, "run_task", lambda s, task, cfg, out: used.append(cfg.warmup))
+    assert spec("vision").defaults["warmup"] == 150
+    for i, (argv, want) in enumerate(
+        [(["--steps", "40"], 4), (["--steps", "150"], 15), (["--steps", "5"], 1)]
+    ):
+        assert main(["train", "vision", *argv, "--out", str(tmp_path / str(i))]) == 0
+        assert capsys.readouterr().err.splitlines() == [
+            f"attnlab train: warning: the vision default warmup of 150 steps is not shorter "
+            f"than the run's {argv[1]} steps: warming up for {want} (--warmup sets it)"
+        ]
+        assert used.pop() == want
+    for argv, want in [(["--steps", "151"], 150), (["--steps", "40", "--warmup", "40"], 40)]:
+        assert main(["train", "vision", *argv, "--out", str(tmp_path / "c")]) == 0
+        assert capsys.readouterr().err == "" and used.pop() == want  # the controls
