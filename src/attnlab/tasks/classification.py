@@ -5,7 +5,7 @@ names, dates) and num2words (numbers, years). Exactly one sentence says where th
 lives now; the label is that country's currency (Babel's territory currencies). The other
 sentences are distractors made of the same words: other countries, negations ("does not
 live in"), the past ("lived in ... until"), other people ("the sister of the customer
-lives in")::
+lives in"); those about the customer never name the deciding country::
 
     the warehouse in Chad counted six hundred and twelve boxes
     the customer does not live in Niue
@@ -123,23 +123,36 @@ class _Words:
 
 
 # Each template: words -> a sentence about country c. The deciding ones say where the
-# customer lives now; the distractors use the same words and say something else.
+# customer lives now; the distractors use the same words and say something else. Those
+# about the customer (True) never name the deciding country: there, "does not live in",
+# "never moved to" and "lived in ... until" would contradict the deciding sentence.
 _Template = Callable[[_Words, str], str]
 DECIDING: tuple[_Template, ...] = (
     lambda w, c: f"the customer lives in {c}",
     lambda w, c: f"the customer has lived in {c} since {w.year()}",
     lambda w, c: f"the customer moved to {c} on {w.date()}",
 )
-DISTRACTORS: tuple[_Template, ...] = (
-    lambda w, c: f"the customer does not live in {c}",
-    lambda w, c: f"the sister of the customer lives in {c}",
-    lambda w, c: f"the customer lived in {c} until {w.year()}",
-    lambda w, c: f"the customer never moved to {c}",
-    lambda w, c: f"the customer visited {c} on {w.date()}",
-    lambda w, c: f"the parcel was shipped from {c} on {w.date()}",
-    lambda w, c: f"the warehouse in {c} counted {w.count()} boxes",
-    lambda w, c: f"{w.count()} people in {c} ordered the same book",
+DISTRACTORS: tuple[tuple[_Template, bool], ...] = (
+    (lambda w, c: f"the customer does not live in {c}", True),
+    (lambda w, c: f"the sister of the customer lives in {c}", False),
+    (lambda w, c: f"the customer lived in {c} until {w.year()}", True),
+    (lambda w, c: f"the customer never moved to {c}", True),
+    (lambda w, c: f"the customer visited {c} on {w.date()}", True),
+    (lambda w, c: f"the parcel was shipped from {c} on {w.date()}", False),
+    (lambda w, c: f"the warehouse in {c} counted {w.count()} boxes", False),
+    (lambda w, c: f"{w.count()} people in {c} ordered the same book", False),
 )
+
+
+def _distractor(words: _Words, redraw: random.Random, deciding_country: str) -> str:
+    """A distractor drawn with ``words.rng``; one about the customer that drew the deciding
+    country draws again from ``redraw`` (a stream of its own: the other sentences and
+    documents stay those of ``words.rng``), so its country is uniform over the others."""
+    template, about_customer = words.rng.choice(DISTRACTORS)
+    country = words.country()
+    while about_customer and country == deciding_country:
+        country = redraw.choice(words.countries)
+    return template(words, country)
 
 
 @dataclass(frozen=True)
@@ -157,8 +170,8 @@ def make_documents(
 ) -> list[Document]:
     """``n`` distinct documents drawn from ``seed``: the class uniformly, then a country
     paying in it, then ``min_sentences - 1 .. max_sentences - 1`` distractors about any
-    countries (``1 <= min_sentences <= max_sentences``), the deciding sentence at a uniform
-    position.
+    countries (``1 <= min_sentences <= max_sentences``; those about the customer never
+    name the deciding country), the deciding sentence at a uniform position.
 
     Example:
         >>> doc = make_documents(1, seed=0)[0]
@@ -173,14 +186,17 @@ def make_documents(
             f"min_sentences={min_sentences} must be at most max_sentences={max_sentences}"
         )
     words, table = _Words(rng), country_currency()
+    redraw = random.Random(f"make_documents redraw {seed}")
     by_class = {c: sorted(k for k, v in table.items() if v == c) for c in CURRENCIES}
     out: list[Document] = []
     seen: set[tuple[str, ...]] = set()
     while len(out) < n:
         label = rng.randrange(len(CURRENCIES))
-        deciding = rng.choice(DECIDING)(words, rng.choice(by_class[CURRENCIES[label]]))
+        template = rng.choice(DECIDING)
+        country = rng.choice(by_class[CURRENCIES[label]])
+        deciding = template(words, country)
         others = [
-            rng.choice(DISTRACTORS)(words, words.country())
+            _distractor(words, redraw, country)
             for _ in range(rng.randint(min_sentences, max_sentences) - 1)
         ]
         pos = rng.randint(0, len(others))
