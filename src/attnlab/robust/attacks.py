@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -185,19 +186,29 @@ class EditResult:
     success: bool
 
 
-def word_edits(word: str, protect: Callable[[str], bool], alphabet: str) -> list[str]:
+def word_edits(
+    word: str,
+    protect: Callable[[str], bool],
+    alphabet: str,
+    *,
+    allowed: Callable[[str], bool] | None = None,
+) -> list[str]:
     """Every word one edit away (swap two neighbours, drop one, insert one of
     ``alphabet``) that keeps the protected characters and their adjacency.
 
     A protected character (a digit of a date) is never dropped, swapped or inserted (those
     of ``alphabet`` are skipped), nothing is inserted between two protected characters,
     and none is dropped from between two of them, so ``"21.11"`` never becomes ``"2111"``.
+    ``allowed(edited) -> bool`` (default: all): the edited words it refuses are left
+    out, e.g. those that name another month.
 
     Example:
         >>> sorted(word_edits("a1", str.isdigit, "x"))
         ['1', 'a1x', 'ax1', 'xa1']
         >>> sorted(word_edits("a1", str.isdigit, "x7"))  # "7" is protected: never inserted
         ['1', 'a1x', 'ax1', 'xa1']
+        >>> sorted(word_edits("a1", str.isdigit, "x", allowed=lambda w: "x" not in w))
+        ['1']
     """
     alphabet = "".join(a for a in alphabet if not protect(a))
     out: set[str] = set()
@@ -215,7 +226,7 @@ def word_edits(word: str, protect: Callable[[str], bool], alphabet: str) -> list
             continue
         out.update(word[:i] + a + word[i:] for a in alphabet)
     out.discard(word)
-    return sorted(out)
+    return sorted(out if allowed is None else filter(allowed, out))
 
 
 class CharEditAttack:
@@ -230,10 +241,14 @@ class CharEditAttack:
         max_candidates: edits scored per text and round, drawn at random (seeded).
         seed: of that draw.
 
-    ``attack(texts, score, wrong)``: ``score(index, texts) -> (N,)`` (lower = worse for
-    the model, e.g. the log-probability of the right answer) and ``wrong(index, texts) ->
-    list[bool]`` (the model's answer is wrong) see edited texts and, in ``index``, which
-    of the original texts each one comes from.
+    ``attack(texts, score, wrong, allowed=None)``: ``score(index, texts) -> (N,)`` (lower
+    = worse for the model, e.g. the log-probability of the right answer) and
+    ``wrong(index, texts) -> list[bool]`` (the model's answer is wrong) see edited texts
+    and, in ``index``, which of the original texts each one comes from.
+    ``allowed(index, word, edited) -> bool`` (default: all) says whether ``word``, as
+    text ``index`` had it before any edit, may be edited into ``edited``: the edits that
+    would change the right answer are refused there (the dates study refuses a month
+    name that becomes another month's, ``"Jun"`` -> ``"Ju"`` -> ``"Jul"``).
 
     Example:
         >>> att = CharEditAttack(1, "x")
@@ -265,13 +280,24 @@ class CharEditAttack:
         self.seed = nonnegative_int("seed", seed)  # (None drew from the clock)
 
     def _candidates(
-        self, words: list[str], used: list[int], rng: random.Random
+        self,
+        words: list[str],
+        used: list[int],
+        rng: random.Random,
+        allowed: Callable[[int, str], bool] | None,
     ) -> list[tuple[int, str]]:
+        """``max_candidates`` drawn among the allowed edits of the words with budget left;
+        ``allowed(j, edited)``: may word ``j`` become ``edited`` (None: all may)."""
         cands = [
             (j, w)
             for j, word in enumerate(words)
             if used[j] < self.budget
-            for w in word_edits(word, self.protect, self.alphabet)
+            for w in word_edits(
+                word,
+                self.protect,
+                self.alphabet,
+                allowed=None if allowed is None else partial(allowed, j),
+            )
         ]
         return rng.sample(cands, min(len(cands), self.max_candidates))
 
@@ -280,15 +306,25 @@ class CharEditAttack:
         texts: Sequence[str],
         score: Callable[[list[int], list[str]], Tensor],
         wrong: Callable[[list[int], list[str]], list[bool]],
+        allowed: Callable[[int, str, str], bool] | None = None,
     ) -> list[EditResult]:
         """Attack every text; see the class docstring."""
+        if allowed is not None and not callable(allowed):
+            raise TypeError(
+                "allowed must be a callable (index, word, edited) -> bool or None, got "
+                f"{type(allowed).__name__}"
+            )
         rng = random.Random(self.seed)
         words = [t.split(" ") for t in texts]
+        first = [list(w) for w in words]  # the words as they were: what allowed judges
         used = [[0] * len(w) for w in words]
         done = wrong(list(range(len(texts))), list(texts))
         for _ in range(self.budget * max((len(w) for w in words), default=0)):
             todo = [i for i in range(len(texts)) if not done[i]]
-            cands = {i: self._candidates(words[i], used[i], rng) for i in todo}
+            cands = {
+                i: self._candidates(words[i], used[i], rng, _judge(allowed, i, first[i]))
+                for i in todo
+            }
             flat = [(i, j, w) for i in todo for j, w in cands[i]]
             if not flat:
                 break
@@ -306,3 +342,13 @@ class CharEditAttack:
         return [
             EditResult(" ".join(w), u, bool(d)) for w, u, d in zip(words, used, done, strict=True)
         ]
+
+
+def _judge(
+    allowed: Callable[[int, str, str], bool] | None, index: int, first: list[str]
+) -> Callable[[int, str], bool] | None:
+    """``allowed`` for text ``index``: may its word ``j`` (``first[j]`` before any edit)
+    become ``edited``."""
+    if allowed is None:
+        return None
+    return lambda j, edited: bool(allowed(index, first[j], edited))

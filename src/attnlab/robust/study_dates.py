@@ -2,7 +2,9 @@
 
 The attack (:class:`~attnlab.robust.attacks.CharEditAttack`) edits the written date
 within a budget of edits per word (swap two neighbouring characters, drop one, insert a
-letter), never touching a digit, never joining two digit groups, so the right answer
+letter), never touching a digit, never joining two digit groups, never making a word
+name another month of the locale (:func:`keeps_month`: ``"Jun"`` -> ``"Ju"`` ->
+``"Jul"`` is refused, as is the weekday ``"mardi"`` -> ``"mai"``), so the right answer
 stays the same: ``"21 novembre 2026"`` may become ``"21 novmebre 2026"`` or
 ``"21 nvembre 2026"``, never ``"2 novembre 2026"``. Each round it applies, per example,
 the edit (of 48 drawn at random) that lowers the model's log-probability of the right
@@ -10,7 +12,8 @@ ISO date most, until the greedy answer is wrong or the budget is spent.
 
 Rows: plain training; FreeLB on the character embeddings; training on randomly edited
 sources (each word of a training source gets one random edit with probability 0.5, the
-same kinds of edits as the attack's); and adversarial training with edits
+same kinds of edits as the attack's, under the same month rule, so that no edited source
+means another date than its target); and adversarial training with edits
 (:class:`AdversarialEditsTask`: of ``k`` randomly edited versions of each training source,
 the one the current model finds hardest is trained on, a one-round version of the
 attack's inner maximization). Measured on held-out days.
@@ -19,8 +22,9 @@ attack's inner maximization). Measured on held-out days.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +39,7 @@ from attnlab.robust.adversarial import FreeLB
 from attnlab.robust.attacks import CharEditAttack, word_edits
 from attnlab.robust.study import Row, check_methods, train_row, write_outputs
 from attnlab.tasks.dates import DateExample, DatesBatch, DatesTask
+from attnlab.tasks.dates_data import month_key, month_names
 from attnlab.train import Plugin, TrainConfig
 
 __all__ = [
@@ -44,6 +49,7 @@ __all__ = [
     "attack_dates",
     "dates_plugins",
     "dates_study",
+    "keeps_month",
 ]
 
 METHODS = ("plain", "freelb", "edits", "adv_edits")
@@ -55,8 +61,32 @@ def letters(task: DatesTask) -> str:
     return "".join(sorted(c for c in chars if not c.isdigit() and not c.isspace()))
 
 
-def random_edits(text: str, rate: float, alphabet: str, rng: random.Random) -> str:
-    """Each word of ``text`` gets one random edit (digits kept) with probability ``rate``.
+@cache
+def keeps_month(locale: str) -> Callable[[str, str], bool]:
+    """``allowed(word, edited)`` of ``locale``: False when ``edited`` names a month (any
+    CLDR width and form, :func:`~attnlab.tasks.dates_data.month_names`) that ``word``
+    does not, so an edit never makes a written date mean another one.
+
+    Example:
+        >>> ok = keeps_month("en_US")
+        >>> ok("Jun", "Jnu"), ok("Jun", "Jul"), ok("Jun", "jun."), ok("Mon", "Nov")
+        (True, False, True, False)
+    """
+    names = month_names(locale)
+    none: frozenset[int] = frozenset()
+
+    def allowed(word: str, edited: str) -> bool:
+        months = names.get(month_key(edited))
+        return months is None or months <= names.get(month_key(word), none)
+
+    return allowed
+
+
+def random_edits(
+    text: str, rate: float, alphabet: str, rng: random.Random, *, locale: str | None = None
+) -> str:
+    """Each word of ``text`` gets one random edit (digits kept) with probability ``rate``;
+    with ``locale``, none that names another month (:func:`keeps_month`).
 
     Example:
         >>> edited = random_edits("21 novembre 2026", 1.0, "x", random.Random(0))
@@ -66,7 +96,8 @@ def random_edits(text: str, rate: float, alphabet: str, rng: random.Random) -> s
     words = text.split(" ")
     for j, w in enumerate(words):
         if rng.random() < rate:
-            options = word_edits(w, str.isdigit, alphabet)
+            allowed = None if locale is None else partial(keeps_month(locale), w)
+            options = word_edits(w, str.isdigit, alphabet, allowed=allowed)
             words[j] = rng.choice(options) if options else w
     return " ".join(words)
 
@@ -92,7 +123,8 @@ class EditedDatesTask(DatesTask):
         rng = random.Random(int(torch.randint(2**31, (1,))))
         examples = [self.train[i] for i in indices.tolist()]
         edited = [
-            replace(e, text=random_edits(e.text, self.rate, self.alphabet, rng)) for e in examples
+            replace(e, text=random_edits(e.text, self.rate, self.alphabet, rng, locale=e.locale))
+            for e in examples
         ]
         return self.test_batch(edited)
 
@@ -129,7 +161,7 @@ class AdversarialEditsTask(EditedDatesTask):
         rng = random.Random(int(torch.randint(2**31, (1,))))
         examples = [self.train[i] for i in indices.tolist()]
         texts = [
-            [random_edits(e.text, self.rate, self.alphabet, rng) for e in examples]
+            [random_edits(e.text, self.rate, self.alphabet, rng, locale=e.locale) for e in examples]
             for _ in range(self.k)
         ]
         return EditCandidates(examples, texts)
@@ -181,7 +213,7 @@ def attack_dates(
     seed: int = 0,
 ) -> tuple[float, list[str]]:
     """Exact match (%) under the greedy character-edit attack with ``budget`` edits per
-    word, and the attacked texts."""
+    word, and the attacked texts. No edit names another month (:func:`keeps_month`)."""
 
     def score(idx: list[int], texts: list[str]) -> Tensor:
         chunks = range(0, len(idx), 2000)
@@ -203,7 +235,11 @@ def attack_dates(
     attack = CharEditAttack(
         budget, letters(task), protect=str.isdigit, max_candidates=max_candidates, seed=seed
     )
-    results = attack.attack([e.text for e in examples], score, wrong)
+
+    def allowed(i: int, word: str, edited: str) -> bool:
+        return keeps_month(examples[i].locale)(word, edited)
+
+    results = attack.attack([e.text for e in examples], score, wrong, allowed)
     accuracy = 100.0 * sum(not r.success for r in results) / len(results)
     return round(accuracy, 2), [r.text for r in results]
 
@@ -250,8 +286,8 @@ def dates_study(
         notes = [
             f"Exact match (%) on the first {examples} held-out dates (days never trained on), "
             "clean and under the greedy character-edit attack with 1 and 2 edits per word "
-            "(digits never edited). Every row trained from scratch, "
-            f"{steps} steps of 64, seed {seed}. Samples: " + "; ".join(samples[:6])
+            "(digits never edited, no word made to name another month). Every row trained "
+            f"from scratch, {steps} steps of 64, seed {seed}. Samples: " + "; ".join(samples[:6])
         ]
         columns = ["clean", "edits=1", "edits=2"]
         write_outputs(

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Sequence
+import unicodedata
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -29,6 +31,8 @@ __all__ = [
     "DateExample",
     "date_pattern",
     "draw_examples",
+    "month_key",
+    "month_names",
     "render",
     "split_dates",
     "writing_styles",
@@ -115,6 +119,42 @@ def render(day: dt.date, locale: str, width: str) -> DateExample:
             spans[_FIELDS[value[0]]] = (len(text), len(text) + len(piece))
         text += piece
     return DateExample(day, locale, width, text, spans)
+
+
+def month_key(word: str) -> str:
+    """How a word reads as a month name: its letters, case-folded, accents dropped (the
+    digits and punctuation of ``"3.Juni,"`` are not part of the name; ``"fevr"`` reads
+    as ``"févr."``).
+
+    Example:
+        >>> month_key("Févr."), month_key("3.Juni,"), month_key("2001")
+        ('fevr', 'juni', '')
+    """
+    folded = word.casefold()
+    if not folded.isascii():  # (the common case skips the normalization)
+        folded = unicodedata.normalize("NFKD", folded)
+    return "".join(filter(str.isalpha, folded))
+
+
+@cache
+def month_names(locale: str) -> Mapping[str, frozenset[int]]:
+    """Every month name of ``locale`` (CLDR: abbreviated, wide and narrow, format and
+    stand-alone forms) as :func:`month_key` reads it, with the months it names (a narrow
+    ``"J"`` names three).
+
+    Example:
+        >>> names = month_names("en_US")
+        >>> sorted(names["jun"]), sorted(names["j"]), "ju" in names
+        ([6], [1, 6, 7], False)
+    """
+    bd, names = _babel(), dict[str, frozenset[int]]()
+    for width in ("abbreviated", "wide", "narrow"):
+        for context in ("format", "stand-alone"):
+            for month, name in bd.get_month_names(width, context, locale=locale).items():
+                key = month_key(str(name))
+                names[key] = names.get(key, frozenset()) | {int(month)}
+    names.pop("", None)  # a name without letters (digits): digits are another matter
+    return MappingProxyType(names)  # (cached: read-only)
 
 
 @cache
