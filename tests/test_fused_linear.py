@@ -4,6 +4,7 @@ changes (its packed copy follows the weight's version, address and a sample of i
 from __future__ import annotations
 
 import gc
+import math
 
 import pytest
 import torch
@@ -92,6 +93,26 @@ def test_fused_linear_equals_torch(
         got = linear(x, w, b, activation)
     ours, plain = (got.double() - want).abs().max(), (F.linear(x, w, b).double() - want).abs()
     assert ours <= 2 * plain.max() + 1e-6  # the 2x rule, with gelu's own rounding
+
+
+@pytest.mark.parametrize("fold", [True, False])
+@pytest.mark.parametrize("activation", [None, "relu", "gelu", "gelu_tanh"])
+def test_nan_and_inf_come_out_where_torch_puts_them(
+    activation: str | None, fold: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(oneDNN's ReLU post-op gave 0 for NaN: a FeedForward with a NaN weight was finite
+    at inference only.) NaN and inf in the input or the weight give NaN and inf where
+    torch's linear and activation give them."""
+    monkeypatch.setattr(_fused, "fuse_activation", lambda: (fold, "test"))
+    x, w, b = torch.randn(64, 48), torch.randn(40, 48), torch.randn(40)
+    x[3, 5], x[4, 6], x[5, 7], w[7, 0] = math.nan, math.inf, -math.inf, math.nan
+    with torch.no_grad():
+        got = linear(x, w, b, activation)
+        want = _fused._activate(F.linear(x, w, b), activation)
+    assert want.isnan().any() and torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.isinf(), want.isinf())
+    ok = want.isfinite()
+    assert torch.allclose(got[ok], want[ok], atol=1e-5)
 
 
 def test_packed_weight_follows_in_place_updates_and_is_freed() -> None:

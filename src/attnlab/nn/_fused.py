@@ -8,7 +8,8 @@ function; the fused kernel saves the bias copy and the activation's extra pass o
 output, and its matmul is faster than MKL's on small inner dimensions. Weights are packed
 into oneDNN's blocked layout once (and again only when they change). On CPUs without
 AVX-512 the activation runs as torch's own pass after the product
-(:func:`attnlab._cpu.fuse_activation` says why).
+(:func:`attnlab._cpu.fuse_activation` says why); ReLU does everywhere (oneDNN's maps NaN
+to 0, torch's keeps it).
 
 Example:
     >>> import torch
@@ -37,9 +38,10 @@ __all__ = ["forget_packed", "linear", "module_linear"]
 _POINTWISE: Any = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 _BINARY: Any = getattr(_POINTWISE, "binary", None)  # the product plus a tensor, fused
 _REORDER: Any = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
-# attnlab activation -> (oneDNN post-op, its algorithm)
-_POST_OPS = {None: ("none", ""), "relu": ("relu", ""), "gelu": ("gelu", "none")}
-_POST_OPS["gelu_tanh"] = ("gelu", "tanh")
+# attnlab activation -> (oneDNN post-op, its algorithm). Not ReLU: oneDNN's gives 0 for
+# NaN (torch's keeps it: a NaN weight gave finite outputs at inference only), and torch's
+# in-place pass after the product cost the same here
+_POST_OPS = {None: ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
 
 
 #: the fused kernel from this many rows and weight entries on; below, ``F.linear`` was
@@ -102,7 +104,7 @@ def linear(
     if residual is not None and activation is not None:
         raise ValueError("linear adds a residual only without an activation")
     if _fusable(x, weight, bias):
-        fold = activation in (None, "relu") or fuse_activation()[0]  # GELU: per ISA
+        fold = activation is None or (activation != "relu" and fuse_activation()[0])
         op, algorithm = _POST_OPS[activation if fold else None]
         flat = x.reshape(-1, x.shape[-1])  # (M, K)
         shape = (*x.shape[:-1], weight.shape[0])
