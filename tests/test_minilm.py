@@ -4,6 +4,7 @@ sentence-transformers' ``encode`` and transformers' eager ``BertModel``."""
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -367,6 +369,25 @@ def test_bad_texts(encoders: dict[str, SentenceEncoder]) -> None:
         r"batch_size must be a positive int, got 0",
     )
     assert enc.encode([]).shape == (0, 384)
+
+
+def test_numpy_batch_sizes_and_the_utf8_warning_blame_the_caller(
+    encoders: dict[str, SentenceEncoder],
+) -> None:
+    """(``batch_size=np.int64(16)`` was "must be a positive int, got np.int64(16)", a
+    ValueError; the not-valid-UTF-8 warning of ``tokenize`` and ``truncated`` blamed the
+    frame above their caller, ``sys:1`` here, so the second one was never shown.)"""
+    enc = encoders["bucket"]
+    texts = ["one", "a longer text, with punctuation!", "two"]
+    assert torch.equal(enc.encode(texts, batch_size=np.int64(2)), enc.encode(texts, batch_size=2))
+    bad = ["bad\ud800x"]
+    for call in (enc.encode, enc.tokenize, enc.truncated):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            call(bad)  # the line every warning must name
+        line = inspect.currentframe().f_lineno - 1  # type: ignore[union-attr]
+        utf8 = [w for w in seen if "not valid UTF-8" in str(w.message)]
+        assert [(w.filename, w.lineno) for w in utf8] == [(__file__, line)], call
 
 
 def test_folder_with_missing_or_corrupt_weights(tmp_path: Path) -> None:

@@ -48,7 +48,7 @@ def embed(
     ``batch``: texts per call of the encoder (a positive int)."""
     batch = positive_int("batch", batch)  # 0 raised range()'s error, -1 embedded nothing
     callable_or_none("progress", progress, "progress(done, total)")
-    texts = _check_texts(texts)  # decoded once: the encoder warned per batch, and again
+    texts = _check_texts(texts, 4)  # decoded once: the encoder warned per batch, and again
     parts = [torch.empty(0, enc.dim)]
     with quiet(TruncationWarning):  # (this thread's only: not the process's filters)
         for start in range(0, len(texts), batch):

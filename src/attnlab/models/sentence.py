@@ -252,7 +252,7 @@ class SentenceEncoder(nn.Module):
             [[101, 7592, 1010, 2088, 999, 102]]
         """
         stacklevel = positive_int("stacklevel", stacklevel)
-        encs = self._encodings(_check_texts(texts))
+        encs = self._encodings(_check_texts(texts, stacklevel + 1))
         cut = [i for i, e in enumerate(encs) if e.overflowing]
         if cut:
             warn(
@@ -266,7 +266,7 @@ class SentenceEncoder(nn.Module):
     def truncated(self, texts: Sequence[str]) -> list[bool]:
         """Whether :meth:`tokenize` cuts each text: it has more than ``max_seq_length``
         tokens (one of exactly that many is whole). No warning."""
-        return [bool(e.overflowing) for e in self._encodings(_check_texts(texts))]
+        return [bool(e.overflowing) for e in self._encodings(_check_texts(texts, 3))]
 
     def _encodings(self, texts: list[str]) -> list[Encoding]:
         """The tokenizer's encodings of ``texts``, lowercased first if the model lowercases."""
@@ -292,8 +292,7 @@ class SentenceEncoder(nn.Module):
             >>> tuple(emb.shape), [round(float(n), 4) for n in emb.norm(dim=1)]
             ((3, 384), [1.0, 1.0, 1.0])
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        batch_size = positive_int("batch_size", batch_size)  # (numpy's ints too)
         ids = self.tokenize(texts, stacklevel=3)  # the warning blames encode's caller
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # longest first
         weight = self.bert.embeddings.word_embeddings.weight
@@ -402,9 +401,10 @@ class SentenceEncoder(nn.Module):
         return F.normalize(pooled, dim=-1) if unit else pooled
 
 
-def _check_texts(texts: object) -> list[str]:
+def _check_texts(texts: object, stacklevel: int) -> list[str]:
     """``texts`` as a list of str; undecodable bytes (lone surrogates) are replaced by
-    U+FFFD with one warning, as ``bytes.decode(errors="replace")`` would."""
+    U+FFFD with one warning, as ``bytes.decode(errors="replace")`` would, blaming the line
+    ``stacklevel`` frames up from here (the public method's caller)."""
     if isinstance(texts, str) or not isinstance(texts, Sequence):
         got = "a str" if isinstance(texts, str) else type(texts).__name__
         raise TypeError(f"texts must be a list of str, got {got}; wrap one text as [text]")
@@ -417,7 +417,7 @@ def _check_texts(texts: object) -> list[str]:
         warn(
             f"{len(bad)} of {len(texts)} texts (first: texts[{bad[0]}]) are not valid UTF-8; "
             "the undecodable characters were replaced by U+FFFD",
-            stacklevel=4,
+            stacklevel=stacklevel,
         )
     return [t for t, _ in fixed]
 
