@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import math
+import threading
 
 import pytest
 import torch
@@ -113,6 +114,45 @@ def test_nan_and_inf_come_out_where_torch_puts_them(
     assert torch.equal(got.isinf(), want.isinf())
     ok = want.isfinite()
     assert torch.allclose(got[ok], want[ok], atol=1e-5)
+
+
+def test_a_write_by_another_thread_during_the_packing_is_seen(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """(The version and the sample were read after oneDNN's reorder: a write another
+    thread made meanwhile was taken for the packed values, a stale copy for good, 120
+    off.) The reorder here pauses, as a thread switch can, while the other thread writes."""
+    real = _fused._REORDER
+    packed, written = threading.Event(), threading.Event()
+
+    def reorder_then_pause(w: torch.Tensor, rows: int) -> torch.Tensor:
+        out = real(w, rows)
+        packed.set()
+        written.wait(5)
+        return out
+
+    monkeypatch.setattr(_fused, "_REORDER", reorder_then_pause)
+    w, x = torch.randn(64, 48), torch.randn(32, 48)
+
+    def infer() -> None:
+        with torch.no_grad():
+            linear(x, w, None)
+
+    def write() -> None:
+        packed.wait(5)
+        with torch.no_grad():
+            w.mul_(-1)  # in place: a new version
+        written.set()
+
+    threads = [threading.Thread(target=infer), threading.Thread(target=write)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert written.is_set()
+    monkeypatch.setattr(_fused, "_REORDER", real)
+    with torch.no_grad():
+        assert torch.allclose(linear(x, w, None), F.linear(x, w), atol=1e-5)
 
 
 def test_packed_weight_follows_in_place_updates_and_is_freed() -> None:

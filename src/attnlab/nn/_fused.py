@@ -215,14 +215,18 @@ def _packed(weight: Tensor, rows: int) -> Tensor:
         and torch.equal(_sample(weight, got.step), got.then)  # a write through .data
     ):
         return got.packed
+    # what the packing is checked against, read before it: a write that another thread
+    # makes during the reorder then tells at the next call (read after, it was taken for
+    # the packed values: a stale copy for good)
+    version, step = weight._version, _stride(weight)
+    then = _sample(weight, step).clone()
     try:
         packed = _REORDER(weight.detach(), rows)
     except RuntimeError:
         return weight
     _watch_optimizers()
     ref = weakref.ref(storage, functools.partial(_forget, key))
-    step = _stride(weight)
-    _PACKED[key] = _Packing(ref, weight._version, packed, step, _sample(weight, step).clone())
+    _PACKED[key] = _Packing(ref, version, packed, step, then)
     return packed
 
 
