@@ -163,3 +163,34 @@ def test_a_new_size_evicts_the_oldest_maps(monkeypatch: pytest.MonkeyPatch) -> N
     assert info["kept"] == 1 and (hits, misses) == (6, 3), info
     z = lazy_zeros((1, 1056, 4096), like)  # the newest size is the one kept
     assert cache_info()["hits"] - before["hits"] == 7 and not z.any()
+
+
+def _vm_mib() -> float:
+    """This process's address space (VmSize), in MiB."""
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmSize")) / 1024
+
+
+def test_unwritten_maps_are_unmapped_and_the_count_is_capped() -> None:
+    """A never-written map cost 0 under the limit and was kept: all-padding weights at 600
+    lengths kept 600 maps (0 MiB written, VmSize 4.6 -> 49 GiB). Now it is unmapped, and
+    written maps are kept MAX_KEPT at most, the newest size still reused."""
+    like = torch.ones(1)
+    before = _vm_mib()
+    for i in range(50):  # 50 sizes, 16 to 28.5 MiB, none written (1.1 GiB if all kept)
+        z = lazy_zeros((1, 1024 + 16 * i, 4096), like)
+        del z
+        assert cache_info()["kept"] == 0
+    assert _vm_mib() - before < 256, (before, _vm_mib())
+    for i in range(_zeros.MAX_KEPT + 4):  # written maps: one page each, well under the limit
+        z = lazy_zeros((1, 1024 + 16 * i, 4096), like)
+        z[0, 0, 0] = 1.0
+        del z
+        assert cache_info()["kept"] == min(i + 1, _zeros.MAX_KEPT)
+    assert _vm_mib() - before < 256 + _zeros.MAX_KEPT * 32, (before, _vm_mib())
+    hits = cache_info()["hits"]
+    z = lazy_zeros((1, 1024 + 16 * (_zeros.MAX_KEPT + 3), 4096), like)  # the newest: reused
+    assert cache_info()["hits"] == hits + 1 and not z.any()
+    del z
+    assert lazy_zeros((1, 1024, 4096), like).shape == (1, 1024, 4096)  # the oldest: evicted
+    assert cache_info()["hits"] == hits + 1

@@ -10,6 +10,10 @@ just the pages that were written (``/proc/self/pagemap`` names them, whoever wro
 
 * ``ATTNLAB_ZEROS_CACHE_MB`` bounds the written memory the cache may keep (default 1024;
   ``0`` turns the cache off); :func:`empty_cache` gives it all back.
+* At most :data:`MAX_KEPT` (16) maps are kept, the oldest making room, and a map with no
+  written page is unmapped: it would save nothing (a new map faults no page either) and
+  cost 0 under the limit, so all-padding weights at 600 lengths kept 600 maps (0 MiB
+  written, 44 GiB of address space, ENOMEM under ``ulimit -v``).
 * A map of which more than half was written (or read: reading maps zero pages, which
   look alike) is unmapped rather than kept: zeroing it would cost more than a new one.
 * Without a readable ``pagemap`` nothing is cached.
@@ -33,15 +37,16 @@ from attnlab._validate import env_mib
 __all__ = ["PAGE", "cache_info", "empty_cache", "lazy_zeros", "lazy_zeros_unzeroed"]
 
 MIN_BYTES = 1 << 24  # smaller results are plain torch.zeros
+MAX_KEPT = 16  # maps kept at most: the weights of a 12-layer model, each layer's map reused
 PAGE = mmap.PAGESIZE  # bytes per page: the unit of lazy_zeros_unzeroed's dirty pages
 _ENV = "ATTNLAB_ZEROS_CACHE_MB"
 
 
 class _Cache:
     """Maps whose tensors died, oldest first, each with its size and the indices of its
-    written pages. A map that does not fit under the limit evicts the oldest: a cache that
-    kept the first sizes it saw was full of lengths no call asked for again (16 lengths of
-    weights: 965 MiB held, 0 hits)."""
+    written pages. A map that does not fit under the limit, or past :data:`MAX_KEPT` maps,
+    evicts the oldest: a cache that kept the first sizes it saw was full of lengths no call
+    asked for again (16 lengths of weights: 965 MiB held, 0 hits)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -70,12 +75,12 @@ class _Cache:
         dirty = _written_pages(addr, len(mm) // PAGE)
         cost = len(mm) if dirty is None else dirty.size * PAGE
         close = [mm]
-        if dirty is not None and 2 * cost <= len(mm):
+        if dirty is not None and 0 < 2 * cost <= len(mm):  # (unwritten: a new map is as cheap)
             with self.lock:
                 limit = self.limit()
                 if cost <= limit:
                     close.clear()
-                    while self.free and self.held + cost > limit:
+                    while self.free and (self.held + cost > limit or len(self.free) >= MAX_KEPT):
                         _, old, old_dirty = self.free.pop(0)
                         self.held -= old_dirty.size * PAGE
                         close.append(old)
