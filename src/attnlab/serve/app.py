@@ -27,7 +27,7 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
@@ -39,7 +39,7 @@ from attnlab.interpret.report import KEYS_JS
 from attnlab.serve import payload
 from attnlab.serve.bodies import ReadOffLoop
 from attnlab.serve.guard import Guard, Headers
-from attnlab.serve.jobs import Worker
+from attnlab.serve.jobs import Job, Worker
 from attnlab.serve.limits import (
     ApiError,
     Limits,
@@ -85,7 +85,22 @@ class Explorer:
 
     async def run(self, fn: Callable[[], Any]) -> Any:
         """``fn()`` on the worker thread, awaited without blocking the event loop."""
-        return await asyncio.wrap_future(self.worker.call(fn))
+        with _serving():
+            fut = self.worker.call(fn)
+        return await asyncio.wrap_future(fut)
+
+    def submit(self, work: Callable[[Callable[..., None]], Any]) -> Job:
+        """``work(report)`` queued as a job on the worker."""
+        with _serving():
+            return self.worker.submit(work)
+
+    def close(self) -> None:
+        """Stop the worker (its threads end) and let go of the attention cache and the
+        models' loaded copies (a model asked for again loads again)."""
+        self.worker.close()
+        with self.lock:
+            self.cache.clear()
+        self.registry.release()
 
     def model(self, name: str | None) -> Any:
         try:
@@ -147,6 +162,15 @@ class Explorer:
         return text, None, "text:" + text
 
 
+@contextmanager
+def _serving() -> Iterator[None]:
+    """ApiError 503 for work handed to a closed worker (a request after the shutdown)."""
+    try:
+        yield
+    except RuntimeError as e:
+        raise ApiError(503, f"the explorer has shut down ({e}); start it again") from e
+
+
 def _empty_tokens(m: Any) -> int:
     """The tokens model ``m`` reads for an empty text (the special ones it adds to any
     text), or 0 where it refuses an empty text."""
@@ -179,30 +203,21 @@ def create_app(
         (8, 403)
     """
     ex = Explorer(Registry(model, runs, encoder), limits or Limits())
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loading = ex.worker.call(ex.registry.get(ex.registry.default).load)
-        # served (and the URL printed) once the model is loaded; a failed load is the first
-        # text's error, as a later load's is
-        with contextlib.suppress(Exception):
-            await asyncio.wrap_future(loading)
-        yield
-        ex.worker.close()
-
     # no /docs or /redoc: FastAPI's pages load Swagger UI and ReDoc from a CDN, and were
     # blank offline; the schema itself is served, at /openapi.json
     app = FastAPI(
         title="attnlab explorer",
         version=attnlab.__version__,
-        lifespan=lifespan,
+        lifespan=_lifespan,
         docs_url=None,
         redoc_url=None,
     )
+    # the routes are this module's functions, which find the explorer in app.state: FastAPI
+    # keeps every endpoint in its global caches, and endpoints made here, closures over
+    # the explorer, kept each app's models alive (100 MB a copy) after it was dropped
     app.state.explorer = ex
-    app.router.route_class = ReadOffLoop  # JSON bodies decoded and validated off the loop
     _errors(app)
-    _routes(app, ex)
+    app.include_router(_ROUTER)  # (its ReadOffLoop routes read JSON bodies off the loop)
     # bodies past the upload limit (as base64, in JSON) refused as they arrive
     app.add_middleware(Guard, max_body=ex.limits.max_upload_bytes * 4 // 3 + 65536, hosts=hosts)
     app.add_middleware(Headers)  # outermost: the Guard's refusals carry them too
@@ -232,7 +247,34 @@ def _errors(app: FastAPI) -> None:
         return JSONResponse({"detail": f"body is not JSON that can be read ({why})"}, 422)
 
 
-def _routes(app: FastAPI, ex: Explorer) -> None:
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Load the default model before serving; at the end stop the worker and let go of
+    the models' copies. (An app never served starts no thread; one dropped unserved
+    stops its threads as its worker is collected.)"""
+    ex: Explorer = app.state.explorer
+    ex.worker.reopen()  # (served again after a shutdown)
+    loading = ex.worker.call(ex.registry.get(ex.registry.default).load)
+    # served (and the URL printed) once the model is loaded; a failed load is the first
+    # text's error, as a later load's is
+    with contextlib.suppress(Exception):
+        await asyncio.wrap_future(loading)
+    yield
+    ex.close()
+
+
+_ROUTER = APIRouter(route_class=ReadOffLoop)
+
+
+def _ex(request: Request) -> Explorer:
+    """The explorer of the app serving ``request``."""
+    return request.app.state.explorer
+
+
+def _routes(app: APIRouter) -> None:
+    """The page, its assets and the API, on ``app`` (each endpoint finds its app's
+    explorer in the request)."""
+
     @app.get("/", include_in_schema=False)
     async def index() -> Any:
         page = STATIC / "index.html"
@@ -250,16 +292,18 @@ def _routes(app: FastAPI, ex: Explorer) -> None:
         return {"ok": True, "version": attnlab.__version__}
 
     @app.get("/api/limits")
-    async def limits() -> dict[str, int]:
-        return ex.limits.as_dict()
+    async def limits(request: Request) -> dict[str, int]:
+        return _ex(request).limits.as_dict()
 
     @app.get("/api/models")
-    async def models() -> dict[str, Any]:
+    async def models(request: Request) -> dict[str, Any]:
+        ex = _ex(request)
         return {"models": ex.registry.info(), "default": ex.registry.default}
 
     @app.get("/api/models/{name:path}")
-    async def model_info(name: str) -> dict[str, Any]:
+    async def model_info(name: str, request: Request) -> dict[str, Any]:
         """One model, loaded now if it was not (so its ``example`` is known)."""
+        ex = _ex(request)
         if not name:  # the default model's name is not "" (a 500: StopIteration below)
             raise ApiError(404, "no model named ''; GET /api/models lists them")
         m = ex.model(name)
@@ -267,8 +311,9 @@ def _routes(app: FastAPI, ex: Explorer) -> None:
         return next(i for i in ex.registry.info() if i["name"] == name)
 
     @app.post("/api/attend")
-    async def attend(body: AttendIn) -> dict[str, Any]:
+    async def attend(body: AttendIn, request: Request) -> dict[str, Any]:
         """Attention of one input: its stacks, the thumbnails, the chosen head."""
+        ex = _ex(request)
         _check_view(ex.limits, body)
 
         def work() -> dict[str, Any]:
@@ -280,8 +325,9 @@ def _routes(app: FastAPI, ex: Explorer) -> None:
         return await ex.run(work)
 
     @app.post("/api/compare")
-    async def compare(body: CompareIn) -> dict[str, Any]:
+    async def compare(body: CompareIn, request: Request) -> dict[str, Any]:
         """Two inputs (or two models), the same head, and their difference."""
+        ex = _ex(request)
         _check_view(ex.limits, body)
 
         def work() -> dict[str, Any]:
@@ -294,8 +340,9 @@ def _routes(app: FastAPI, ex: Explorer) -> None:
         return await ex.run(work)
 
     @app.post("/api/explain", status_code=202)
-    async def explain(body: ExplainIn) -> dict[str, Any]:
+    async def explain(body: ExplainIn, request: Request) -> dict[str, Any]:
         """Start a slow explanation as a job; poll ``GET /api/jobs/{id}``."""
+        ex = _ex(request)
         sent = set(body.model_fields_set)  # (before _check_view fits the fields left out)
         _check_view(ex.limits, body)
         if body.method in _STEPPED or "steps" in sent:
@@ -311,23 +358,28 @@ def _routes(app: FastAPI, ex: Explorer) -> None:
                     text, body.method, steps=body.steps, top_k=body.top_k, report=report
                 )
 
-            job = ex.worker.submit(work)
+            job = ex.submit(work)
         return {"job": job.id, "state": job.state, "tokens": tokens}
 
     @app.get("/api/jobs/{job_id}")
-    async def job(job_id: str) -> dict[str, Any]:
+    async def job(job_id: str, request: Request) -> dict[str, Any]:
+        ex = _ex(request)
         found = ex.worker.job(job_id)
         if found is None:
             raise ApiError(404, f"unknown job {job_id!r} (finished jobs are kept a while)")
         return found.as_dict()
 
     @app.delete("/api/jobs/{job_id}")
-    async def cancel(job_id: str) -> dict[str, Any]:
+    async def cancel(job_id: str, request: Request) -> dict[str, Any]:
+        ex = _ex(request)
         found = ex.worker.job(job_id)
         if found is None:
             raise ApiError(404, f"unknown job {job_id!r}")
         found.cancel()
         return {"job": found.id, "state": found.state}
+
+
+_routes(_ROUTER)
 
 
 def _check_view(limits: Limits, body: AttendIn | CompareIn | ExplainIn) -> None:

@@ -66,6 +66,7 @@ class EncoderModel:
 
     def __init__(self, folder: str | Path | None = None, encoder: SentenceEncoder | None = None):
         self.folder = None if folder is None else Path(folder)
+        self._given = encoder
         self._enc = encoder  # the template: copied for each thread, never run
         self._models: dict[int, TextModel] = {}  # one copy per thread
         self._tokenizer: Any = None
@@ -97,6 +98,13 @@ class EncoderModel:
                 assert self._enc is not None
                 self._models[me] = text_model(copy.deepcopy(self._enc))
             return self._models[me]
+
+    def release(self) -> None:
+        """Let go of the threads' copies (and of a template loaded here, not given):
+        the server has stopped; a later use loads again."""
+        with self._lock:
+            self._models.clear()
+            self._enc, self._tokenizer = self._given, None
 
     def _encoding(self, text: str) -> Any:
         """The tokenizer's encoding of ``text`` (read as :class:`SentenceEncoder` reads it:

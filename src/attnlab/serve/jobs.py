@@ -22,6 +22,7 @@ import queue
 import threading
 import time
 import uuid
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -29,6 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["Cancelled", "Job", "Worker"]
+
+Tasks = queue.Queue[Callable[[], None] | None]  # a thread's tasks; None: stop
 
 
 class Cancelled(Exception):
@@ -113,24 +116,50 @@ class Job:
 
 
 class Worker:
-    """Two daemon threads: one for quick calls, one for jobs, each in order of arrival.
+    """Two daemon threads: one for quick calls, one for jobs, each in order of arrival;
+    started on first use, stopped by :meth:`close` or when the worker is dropped.
 
     Args:
         keep: how many jobs to remember (the oldest finished ones are forgotten).
     """
 
     def __init__(self, keep: int = 64) -> None:
-        self._quick: queue.Queue[Callable[[], None] | None] = queue.Queue()
-        self._slow: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._queues: list[Tasks] = []  # (quick, slow) while the threads run
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._keep = keep
         self._lock = threading.Lock()
-        self._threads = [
-            threading.Thread(target=self._loop, args=(q,), name=f"attnlab-{n}", daemon=True)
-            for q, n in ((self._quick, "quick"), (self._slow, "jobs"))
-        ]
-        for t in self._threads:
-            t.start()
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+        # a worker dropped unclosed (an app whose lifespan never ran) stops its threads
+        weakref.finalize(self, _stop, self._queues)
+
+    def _put(self, slow: bool, task: Callable[[], None]) -> None:
+        """Queue ``task`` (on the jobs thread if ``slow``), starting the two threads on
+        first use (a worker never used starts none); RuntimeError once the worker was
+        closed and not reopened."""
+        with self._lock:  # (under the lock: a task is never queued behind close's stop)
+            if self._closed:
+                raise RuntimeError("the worker is closed (the server has shut down)")
+            if not self._threads:  # fresh queues: a thread close left running keeps its own
+                self._queues[:] = [queue.Queue(), queue.Queue()]
+                # (the threads hold their queue only, never the worker: it stays collectable)
+                self._threads = [
+                    threading.Thread(target=self._loop, args=(q,), name=f"attnlab-{n}", daemon=True)
+                    for q, n in zip(self._queues, ("quick", "jobs"), strict=True)
+                ]
+                for t in self._threads:
+                    t.start()
+            self._queues[slow].put(task)
+
+    @property
+    def running(self) -> int:
+        """How many of the worker's threads are alive (0 before the first use)."""
+        return sum(t.is_alive() for t in self._threads)
+
+    def reopen(self) -> None:
+        """Accept work again after :meth:`close` (a server started again)."""
+        with self._lock:
+            self._closed = False
 
     def call(self, fn: Callable[[], Any]) -> Future[Any]:
         """Run ``fn()`` on the quick thread; its future."""
@@ -143,16 +172,21 @@ class Worker:
                 except BaseException as e:
                     fut.set_exception(e)
 
-        self._quick.put(task)
+        self._put(False, task)
         return fut
 
     def submit(self, work: Callable[[Callable[..., None]], Any]) -> Job:
         """Queue ``work(report)`` as a :class:`Job`; ``report(progress, message="")``."""
         job = Job(work)
-        with self._lock:
+        with self._lock:  # (listed first: a close from here on cancels it)
             self._jobs[job.id] = job
             self._forget_old()
-        self._slow.put(job.run)
+        try:
+            self._put(True, job.run)
+        except RuntimeError:
+            with self._lock:
+                self._jobs.pop(job.id, None)
+            raise
         return job
 
     def job(self, job_id: str) -> Job | None:
@@ -171,14 +205,15 @@ class Worker:
         return job
 
     def close(self) -> None:
-        """Cancel every job and stop the threads once their current task ends."""
+        """Cancel every job and stop the threads once their current task ends; later
+        calls and submits raise RuntimeError until :meth:`reopen`."""
         with self._lock:
-            jobs = list(self._jobs.values())
+            self._closed = True
+            jobs, threads, self._threads = list(self._jobs.values()), self._threads, []
+            _stop(self._queues)
         for j in jobs:
             j.cancel()
-        for q in (self._quick, self._slow):
-            q.put(None)
-        for t in self._threads:
+        for t in threads:
             t.join(timeout=30)
 
     def _forget_old(self) -> None:
@@ -187,6 +222,14 @@ class Worker:
             del self._jobs[k]
 
     @staticmethod
-    def _loop(tasks: queue.Queue[Callable[[], None] | None]) -> None:
+    def _loop(tasks: Tasks) -> None:
         while (task := tasks.get()) is not None:
             task()
+            del task  # (not kept while waiting: it holds its work, and the work its app)
+
+
+def _stop(queues: list[Tasks]) -> None:
+    """Tell each queue's thread to end after the tasks queued before; forget the queues."""
+    for q in queues:
+        q.put(None)
+    queues.clear()

@@ -56,6 +56,11 @@ class RunEntry:
                 self._run = load_run(self.path)
             return self._run
 
+    def release(self) -> None:
+        """Let go of the loaded model (the server has stopped; a later use loads again)."""
+        with self._lock:
+            self._run = None
+
     @property
     def kind(self) -> str:
         return RUNNERS[self.task].kind
@@ -209,6 +214,11 @@ class Registry:
             why = self.refused.get(name, f"unknown model {name!r}")
             raise KeyError(f"{why}; choose one of {sorted(self.models)}")
         return self.models[name]
+
+    def release(self) -> None:
+        """Let go of every loaded model (the server has stopped)."""
+        for m in self.models.values():
+            m.release()
 
     def info(self) -> list[dict[str, Any]]:
         """What ``GET /api/models`` lists (every text model with its example)."""
