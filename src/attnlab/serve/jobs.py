@@ -151,11 +151,6 @@ class Worker:
                     t.start()
             self._queues[slow].put(task)
 
-    @property
-    def running(self) -> int:
-        """How many of the worker's threads are alive (0 before the first use)."""
-        return sum(t.is_alive() for t in self._threads)
-
     def reopen(self) -> None:
         """Accept work again after :meth:`close` (a server started again)."""
         with self._lock:
