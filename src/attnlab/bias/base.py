@@ -102,6 +102,26 @@ class Bias(nn.Module, abc.ABC):
         """
         return None
 
+    def magnitude_bound(self, lq: int, lk: int) -> float | None:
+        """A bound on ``|bias|`` over every score of an ``lq x lk`` call, or None where
+        only evaluating the bias would tell.
+
+        Engines ask it before building the whole bias (the default knows one for
+        :meth:`linear_distance_slopes` biases: the largest slope times the largest
+        distance, ``max(lq, lk) - 1``). NaN where a value is NaN.
+
+        Example:
+            >>> from attnlab.bias import alibi, custom
+            >>> alibi(2).magnitude_bound(3, 5)  # slope 1/16, distance up to 4
+            0.25
+            >>> print(custom(lambda h, q, k: (q - k).float()).magnitude_bound(3, 5))
+            None
+        """
+        slopes = self.linear_distance_slopes()
+        if slopes is None or not slopes.numel():
+            return None
+        return float(slopes.detach().abs().max()) * max(lq - 1, lk - 1, 0)
+
     def dense(
         self,
         lq: int,
@@ -201,6 +221,16 @@ class SumBias(Bias):
         """The one term's answer if the sum has a single term, else None."""
         terms = self._biases()
         return terms[0].linear_distance_slopes() if len(terms) == 1 else None
+
+    def magnitude_bound(self, lq: int, lk: int) -> float | None:
+        """The sum of the terms' bounds, or None if one has none."""
+        total = 0.0
+        for t in self._biases():
+            bound = t.magnitude_bound(lq, lk)
+            if bound is None:
+                return None
+            total += bound
+        return total
 
     def forward(self, grid: Grid) -> Tensor:
         terms = self._biases()

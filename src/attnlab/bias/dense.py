@@ -80,6 +80,11 @@ class TensorBias(Bias):
                     f"lq={lq}, lk={lk}): its {name} size is {have}, expected {expected}"
                 )
 
+    def magnitude_bound(self, lq: int, lk: int) -> float | None:
+        """The tensor's largest ``|value|`` (NaN if it holds one)."""
+        t = self.values.detach()
+        return float(t.abs().max()) if t.numel() else 0.0
+
     def forward(self, grid: Grid) -> Tensor:
         t = moved(self._as4d(), grid.k.device, "bias tensor")
         if not t.numel():  # an empty batch or sequence's bias: its 0s match the grid's

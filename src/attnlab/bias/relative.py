@@ -131,6 +131,11 @@ class _HeadTable(Bias):
     def per_head(self) -> bool:
         return True
 
+    def magnitude_bound(self, lq: int, lk: int) -> float | None:
+        """The table's largest ``|value|``: every score reads one of its cells."""
+        t = self.table.detach()
+        return float(t.abs().max()) if t.numel() else 0.0
+
     def _lookup(self, index: Tensor, heads: Tensor) -> Tensor:
         """``table[index, heads]`` ``(1, Hg, Tq, Tk)``; a half-precision table is read
         through a float32 copy, so its gradient sums the many cells of each entry in

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from attnlab._eager import unreadable
+from attnlab._grid import Grid
 from attnlab.engines.base import AttentionRequest
 
 __all__ = ["far_limit", "far_rows"]
@@ -29,6 +30,9 @@ def far_rows(req: AttentionRequest, backward: str) -> str | None:
     """
     if req.bias is None or not req.needs_grad or unreadable(req.q):
         return None
+    limit = far_limit(req.q.dtype)
+    if _near(req, limit):  # shown without the (B, H, Lq, Lk) bias: seconds on a GPU
+        return None
     with torch.no_grad():
         b, h, dev = req.batch, req.heads, req.q.device
         bias = req.bias.dense(req.lq, req.lk, batch=b, heads=h, device=dev, dtype=req.q.dtype)
@@ -38,7 +42,6 @@ def far_rows(req: AttentionRequest, backward: str) -> str | None:
         top = bias.amax(dim=-1).flatten()  # (B' * H' * Lq,); -inf: no key reaches it
         top = torch.where(top.isfinite(), top, 0.0)
         peak = float(top[top.abs().argmax()])
-    limit = far_limit(req.q.dtype)
     if abs(peak) < limit:
         return None
     dtype = str(req.q.dtype).removeprefix("torch.")
@@ -48,6 +51,34 @@ def far_rows(req: AttentionRequest, backward: str) -> str | None:
         f"where its gradients go wrong (a row of finfo.min: weights 1, not 1/Lk); calls "
         f"without gradients keep it"
     )
+
+
+def _near(req: AttentionRequest, limit: float) -> bool:
+    """Whether no row of ``req`` can peak at ``limit``, shown without evaluating the whole
+    bias: the bias's bound is below it (with a margin for the cast to the inputs' dtype),
+    or it is ``-slopes[h] * |p - k|`` and every query row sees its own position (the
+    row's largest bias is then 0)."""
+    assert req.bias is not None
+    bound = req.bias.magnitude_bound(req.lq, req.lk)  # (NaN compares False)
+    if bound is not None and bound * (1 + torch.finfo(req.q.dtype).eps) < limit:
+        return True
+    slopes = req.bias.linear_distance_slopes()  # (H,)
+    return slopes is not None and bool((slopes >= 0).all()) and _sees_itself(req)
+
+
+def _sees_itself(req: AttentionRequest) -> bool:
+    """Whether the mask leaves every query row the key at its own position (False where
+    a row has no such key, ``Lq > Lk``, or the mask must be evaluated tile by tile)."""
+    mask = req.mask
+    if req.lq > req.lk or (mask is not None and not mask.elementwise):
+        return False
+    if mask is None:
+        return True
+    dev = req.q.device
+    pos = torch.arange(req.lk - req.lq, req.lk, device=dev).view(1, 1, -1, 1)  # (1, 1, Lq, 1)
+    b = torch.arange(req.batch if mask.per_batch else 1, device=dev).view(-1, 1, 1, 1)
+    h = torch.arange(req.heads if mask.per_head else 1, device=dev).view(1, -1, 1, 1)
+    return bool(mask(Grid(b, h, pos, pos, req.lq, req.lk)).all())  # (Bm, Hm, Lq, 1)
 
 
 def far_limit(dtype: torch.dtype) -> float:
