@@ -56,7 +56,13 @@ from attnlab.masks.custom import Custom
 from attnlab.masks.layout import TileState
 from attnlab.masks.sparse import BlockRandom, GlobalTokens
 
-__all__ = ["FlexEngine", "compile_options", "cpu_compile_problem", "flex_available"]
+__all__ = [
+    "FlexEngine",
+    "compile_options",
+    "cpu_compile_problem",
+    "flex_available",
+    "room_to_compile",
+]
 
 BLOCK = 128  # FlexAttention's default sparse block size
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -202,7 +208,7 @@ class FlexEngine(Engine):
         compiled = req.options.get("compile", True)
         fn = _compiled(req.q.device) if compiled else cast(Callable[..., Any], flex_attention)
         block_mask = None if req.mask is None else self._block_mask(req)[0]
-        with _room_to_compile() if compiled else contextlib.nullcontext():
+        with room_to_compile() if compiled else contextlib.nullcontext():
             res = fn(
                 req.q,
                 req.k,
@@ -309,7 +315,7 @@ def _holds(mask: Mask | None, kinds: type | tuple[type, ...]) -> bool:
 RECOMPILE_LIMIT = 64
 
 
-def _room_to_compile() -> contextlib.AbstractContextManager:
+def room_to_compile() -> contextlib.AbstractContextManager:
     """torch.compile's recompile limit raised to :data:`RECOMPILE_LIMIT` for one call."""
     import torch._dynamo.config as dynamo
 
