@@ -26,7 +26,7 @@ import torch
 import attnlab
 from attnlab import bias as B
 from attnlab import masks as M
-from attnlab.cli._args import int_in, script_parser
+from attnlab.cli._args import int_in, parse_smoke, script_parser
 from attnlab.engines import get_engine, select_engine
 from attnlab.functional import _request
 
@@ -148,8 +148,8 @@ def main() -> None:
     ap.add_argument(
         "--repeat", type=int_in(1), default=7, help="timed runs per engine (best counts)"
     )
-    args = ap.parse_args()
-    scale, repeat = (8, 1) if args.smoke else (1, args.repeat)
+    args = parse_smoke(ap, None, {"repeat": 1})  # --repeat beside --smoke: refused
+    scale, repeat = (8, args.repeat) if args.smoke else (1, args.repeat)
     for case in CASES:
         print(json.dumps(run_case(case, scale, repeat)), flush=True)
 

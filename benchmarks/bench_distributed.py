@@ -29,7 +29,7 @@ import torch.distributed as dist
 import attnlab
 import attnlab.distributed as D
 from attnlab import masks
-from attnlab.cli._args import int_in, script_parser
+from attnlab.cli._args import int_in, parse_smoke, script_parser
 from attnlab.distributed.launch import run_local
 
 H, E = 8, 64
@@ -153,11 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (CI)")
     p.add_argument("--reps", type=int_in(1), default=2)
     p.add_argument("--skip-measured", action="store_true")
-    args = p.parse_args(argv)
+    args = parse_smoke(p, argv, {"reps": 1})  # --reps beside --smoke: refused
     if args.smoke:
         runs, reps, sim_n, worlds = (
             [("causal", 512, 2, 64), ("window", 1024, 2, 64)],
-            1,
+            args.reps,
             8192,
             [8, 32],
         )

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from attnlab.cli._args import int_in, script_parser
+from attnlab.cli._args import int_in, parse_smoke, script_parser
 from attnlab.rl.env import make_env
 from attnlab.rl.task import DOORKEY_ENV, MEMORY_ENV, AgentTask, run_episodes
 from attnlab.tasks import spec, train_config
@@ -53,7 +53,7 @@ def parse() -> argparse.Namespace:
         default=None,
         help="also evaluate (32 episodes) every N steps during training, printed to stderr",
     )
-    args = p.parse_args()
+    args = parse_smoke(p, None, {"seeds": [0], "episodes": 4})  # (--steps may be given)
     for env_id in args.envs:  # before the process pool: the check AgentTask's envs make
         try:
             make_env(env_id).close()
@@ -132,7 +132,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def main() -> None:
     args = parse()
     steps = 8 if args.smoke and args.steps is None else args.steps
-    episodes = 4 if args.smoke else args.episodes
+    episodes = args.episodes
     jobs = [(e, p, s) for e in args.envs for p in args.policies for s in args.seeds]
     if args.smoke:
         jobs = [(e, p, 0) for e in args.envs[-1:] for p in args.policies]

@@ -155,6 +155,10 @@ def test_benchmarks_refuse_bad_arguments_before_any_work(argv: list[str], argume
         ("load_serve", "--seconds"),
         ("bench_robust", "--batch-size"),
         ("sweep_hf", "--families"),
+        ("bench_auto", "--repeat"),
+        ("bench_distributed", "--reps"),
+        ("bench_rl", "--episodes"),
+        ("bench_rl", "--seeds"),
     ],
 )
 def test_smoke_refuses_the_sizes_it_sets(
