@@ -233,7 +233,11 @@ def _flex_anchor(name: str, cfg: BenchConfig) -> Callable[..., Tensor]:
         if name == "dense"
         else create_block_mask(mask_mod, None, None, n, n, device=cfg.device)
     )
-    compiled = torch.compile(flex_attention, options=compile_options(cfg.device))
+    # static shapes, as the engine compiles it: with the engine's compilations of the
+    # same function, automatic dynamic shapes made the documents case's ids dynamic, and
+    # inductor's CPU kernel for that failed to build (CppCompileError)
+    options = compile_options(cfg.device)
+    compiled = torch.compile(flex_attention, dynamic=False, options=options)
     mod = score_mod if name == "alibi" else None
 
     def run(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
