@@ -341,10 +341,39 @@ def test_a_compile_cache_shared_by_two_instruction_sets_stays_exact(tmp_path: Pa
     assert max(errors.values()) < 1e-5, errors
 
 
+_BESIDE_A_USER = """
+import torch, attnlab
+from torch._dynamo.utils import counters
+from torch.nn.attention.flex_attention import flex_attention
+from attnlab import masks as M
+q = torch.randn(1, 2, 256, 16, generator=torch.Generator().manual_seed(0))
+for m in (M.causal() & M.window(16), M.documents(torch.arange(256) // 64)):
+    attnlab.attention(q, q, q, mask=m, engine="flex")
+before = counters["stats"]["unique_graphs"]
+out = torch.compile(flex_attention)(q, q, q)  # the user's own, as its docs show
+ref = torch.softmax(q @ q.mT / 4, -1) @ q
+print(counters["stats"]["unique_graphs"] - before, (out - ref).abs().max().item())
+"""
+
+
+@COMPILES
+def test_a_users_own_compiled_flexattention_runs_after_the_engines() -> None:
+    """The engine compiled ``flex_attention`` itself, and torch.compile keeps (and counts)
+    compilations per code object: after two engine calls a user's own compiled
+    ``flex_attention(q, k, v)`` failed inside dynamo ("'NoneType' object has no attribute
+    'q_indices'"). The engine compiles a function of its own now: the user's call is
+    compiled (one new graph) and right (in its own process: other tests compile too)."""
+    cmd = [sys.executable, "-c", _BESIDE_A_USER]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-1500:]
+    graphs, err = res.stdout.split()
+    assert int(graphs) == 1 and float(err) < 1e-5, res.stdout
+
+
 def test_the_recompile_limit_is_raised_for_the_engines_calls_only() -> None:
-    """torch.compile allows 8 compilations of flex_attention per process by default,
-    shared with every caller; past them torch runs it uncompiled (dense scores). The
-    engine raises the limit around its own calls and leaves the global setting alone."""
+    """torch.compile allows 8 compilations of a function per process by default; past
+    them torch runs it uncompiled (dense scores). The engine raises the limit around its
+    own calls and leaves the global setting alone."""
     import torch._dynamo.config as dynamo
 
     before = dynamo.recompile_limit

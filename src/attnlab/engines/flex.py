@@ -308,7 +308,7 @@ def _holds(mask: Mask | None, kinds: type | tuple[type, ...]) -> bool:
 
 
 #: compilations of FlexAttention per process that this engine allows (torch.compile's
-#: default is 8 per function, shared with every other caller of flex_attention): one per
+#: default is 8 per function; the engine's are its own, see :func:`_compiled`): one per
 #: mask kind, bias, soft-cap, dtype, grad mode and shape kind. Past it, torch runs the
 #: uncompiled FlexAttention, which materializes the scores: seen on an H200 as a 30x
 #: slowdown in a benchmark process that had compiled 8 cases.
@@ -356,11 +356,23 @@ def compile_options(device: torch.device | str = "cpu") -> dict[str, Any]:
 
 
 def _compiled(device: torch.device) -> Callable[..., Any]:
-    """``torch.compile(flex_attention)`` with :func:`compile_options` for ``device``, made
-    once per process and device type."""
+    """``flex_attention`` compiled with :func:`compile_options` for ``device``, made once
+    per process and device type, through a function of the engine's own.
+
+    torch.compile keeps its compilations, and counts them against its limit, per code
+    object: compiling ``flex_attention`` itself shared them with every other caller in the
+    process. After two engine calls a user's own ``torch.compile(flex_attention)(q, k, v)``
+    failed inside dynamo (AttributeError: 'NoneType' object has no attribute
+    'q_indices'), and the engine's compilations used up the user's 8.
+    """
     if device.type not in _COMPILED:
         from torch.nn.attention.flex_attention import flex_attention
 
+        def engines_flex_attention(*args: Any, **kwargs: Any) -> Any:
+            return flex_attention(*args, **kwargs)  # traced through: one graph
+
         options = compile_options(device)
-        _COMPILED[device.type] = torch.compile(flex_attention, dynamic=False, options=options)
+        _COMPILED[device.type] = torch.compile(
+            engines_flex_attention, dynamic=False, options=options
+        )
     return _COMPILED[device.type]
