@@ -247,6 +247,46 @@ def test_gradient_and_flow_equal_the_api(client: TestClient, enc: SentenceEncode
     assert np.allclose(got["saliency"], flow[0].mean(0).numpy(), atol=1e-4)
 
 
+def test_a_long_texts_gradient_relevance_keeps_its_small_values(
+    client: TestClient, enc: SentenceEncoder
+) -> None:
+    """Gradient relevance shrinks as the text grows: at 492 tokens the largest token
+    score is 3.7e-5, and 5 fixed decimals served 380 of the 492 as 0 (4 distinct values).
+    Each served score and matrix value is the library's to 6 significant digits."""
+    from tokenizers import Tokenizer
+
+    text = " ".join(["The quick brown fox jumps over the lazy dog near the river bank."] * 35)
+    tok = Tokenizer.from_str(enc.tokenizer.to_str())
+    tok.no_truncation()
+    ids = torch.tensor([tok.encode(text).ids])  # (1, 492): all of them, as the explorer
+    model = text_model(enc)
+    score = explained_score(model, ids)
+    rel = gradient_relevance(model.network, lambda: score(ids))[0].double()  # (n, n)
+    want = (rel - torch.eye(ids.shape[1])).mean(0)
+    got = _job(client, {"text": text, "method": "gradient"})["result"]
+    sal = torch.tensor(got["saliency"], dtype=torch.float64)
+    assert ids.shape[1] == sal.numel() == 492 and want.abs().max() < 1e-4
+    assert ((sal - want).abs() <= 1e-5 * want.abs()).all()  # no 0 where the library has none
+    for q, row in enumerate(got["matrix"]["top"]):
+        for k, v in row:
+            assert abs(v - rel[q, k]) <= 1e-5 * abs(rel[q, k])
+
+
+@pytest.mark.parametrize("exponent", [-30, -12, -6, -1, 0, 3, 9, 25])
+def test_rounded_keeps_six_significant_digits(exponent: int) -> None:
+    """views.rounded against Python's own ``%.6g``, at every magnitude (5 decimals gave
+    0 below 5e-6); 0, -0, NaN and infinities pass unchanged."""
+    from attnlab.serve.views import rounded
+
+    x = torch.randn(500, dtype=torch.float64) * 10.0**exponent
+    assert rounded(x) == [float(f"{v:.6g}") for v in x.tolist()]
+    assert rounded(x.float().view(5, 100)) == [
+        [float(f"{v:.6g}") for v in row] for row in x.float().double().view(5, 100).tolist()
+    ]
+    edge = rounded(torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan")]))
+    assert str(edge) == "[0.0, -0.0, inf, -inf, nan]"
+
+
 def test_cancel_a_running_and_a_queued_job(client: TestClient) -> None:
     long = {"text": TEXT * 16, "method": "integrated", "steps": 64}  # 180 tokens: seconds
     first = client.post("/api/explain", json=long).json()["job"]

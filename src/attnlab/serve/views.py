@@ -2,7 +2,8 @@
 
 A page never receives every head's full matrix: the thumbnails are each head pooled to
 at most 16 x 16 cells, the chosen head comes as its ``top_k`` keys per query, and a
-comparison as the largest differences. All figures are rounded to 5 decimals.
+comparison as the largest differences. All figures keep 6 significant digits (a relative
+error of at most 5e-6, however small the value).
 
 Example:
     >>> import torch
@@ -24,12 +25,33 @@ from attnlab.robust.faithfulness import jsd
 __all__ = ["THUMB", "divergence", "head_view", "matrix_view", "rounded", "thumbs", "top_rows"]
 
 THUMB = 16  # cells per side of a thumbnail, at most
-DIGITS = 5
+SIGNIFICANT = 6
+_POW10 = torch.tensor([10.0**i for i in range(23)], dtype=torch.float64)  # exact doubles
 
 
 def rounded(x: Tensor) -> list[Any]:
-    """A tensor as nested lists of floats rounded to :data:`DIGITS` decimals."""
-    return torch.round(x.detach().double(), decimals=DIGITS).tolist()
+    """A tensor as nested lists of floats rounded to :data:`SIGNIFICANT` significant
+    digits, each the float ``f"{v:.6g}"`` reads as (5 decimals turned a gradient
+    relevance of 3e-6 into 0). 0, NaN and infinities stay as they are.
+
+    Example:
+        >>> rounded(torch.tensor([0.0, 1.23456789e-7, -98765.4321, 3.0e12]))
+        [0.0, 1.23457e-07, -98765.4, 3000000000000.0]
+    """
+    a = x.detach().to("cpu", torch.float64, copy=True)  # never the caller's tensor
+    flat = a.flatten()
+    mag = flat.abs()
+    live = torch.isfinite(flat) & (mag > 0)
+    k = torch.zeros_like(flat)  # decimals kept: SIGNIFICANT - 1 - the decimal exponent
+    k[live] = SIGNIFICANT - 1 - mag[live].log10().floor()
+    up, down = live & (k >= 0) & (k <= 22), live & (k < 0) & (k >= -22)
+    p = _POW10[k[up].long()]
+    flat[up] = torch.round(flat[up] * p) / p  # an exact integer / an exact power of 10
+    p = _POW10[(-k[down]).long()]
+    flat[down] = torch.round(flat[down] / p) * p
+    for i in (live & ~up & ~down).nonzero().flatten().tolist():  # |v| < 1e-17 or > 1e27
+        flat[i] = float(f"{float(flat[i]):.{SIGNIFICANT}g}")
+    return flat.view(a.shape).tolist()
 
 
 def thumbs(layers: list[Tensor]) -> list[list[list[list[float]]]]:
@@ -85,7 +107,7 @@ def divergence(a: list[Tensor], b: list[Tensor]) -> list[list[float]]:
     Example:
         >>> p = [torch.tensor([[[1.0, 0.0]]])]
         >>> divergence(p, p), divergence(p, [torch.tensor([[[0.0, 1.0]]])])  # ln 2
-        ([[0.0]], [[0.69315]])
+        ([[0.0]], [[0.693147]])
     """
     out = []
     for x, y in zip(a, b, strict=True):  # (H, Lq, Lk) each
