@@ -376,6 +376,9 @@ def _png(size: tuple[int, int]) -> str:
         ("attend", {"text": "a", "head": -1}, 422, "head must be in 0..11"),
         ("attend", {"text": "a", "top_k": 0}, 422, "top_k must be in 1..64"),
         ("attend", {"text": "a", "stack": "decoder"}, 422, "stack must be one of"),
+        # "" was read as left out: the first stack
+        ("attend", {"text": "a", "stack": ""}, 422, "stack must be one of ['encoder'], got ''"),
+        ("compare", {"a": {"text": "a"}, "b": {"text": "a"}, "stack": ""}, 422, "got ''"),
         ("attend", {"text": "a", "colour": 1}, 422, "colour"),
         ("attend", {"image": _png((8, 8))}, 422, "text is required"),
         ("attend", {"model": "../../etc/passwd", "text": "a"}, 404, "unknown model"),

@@ -88,7 +88,7 @@ def pick(ins: Inspection, view: View, side: str = "") -> tuple[AttentionStack, T
     that the inspection does not have, naming ``side`` (a compare's ``"b: model 'x'"``:
     a smaller model B said "layer must be in 0..1", as if A were)."""
     names = [s.name for s in ins.stacks]
-    name = view.stack or names[0]
+    name = names[0] if view.stack is None else view.stack  # "" is no stack's name
     if name not in names:
         of = f" ({side})" if side else ""
         raise ApiError(422, f"stack must be one of {names}{of}, got {name!r}")
