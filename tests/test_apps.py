@@ -1147,6 +1147,23 @@ def test_matched_words_are_the_texts_own_with_a_lowercasing_model(enc: SentenceE
     assert control.question == ["[CLS]", "Odos", "road", "?", "[SEP]"]
 
 
+def test_match_words_names_a_bad_encoder_question_or_passage() -> None:
+    """(question=123 and passage=None failed in the tokenizer as "texts[0] must be a str",
+    naming neither; enc=None was a bare AttributeError on ``.config``.)"""
+    from attnlab.models.sentence import _toy_encoder
+
+    toy = _toy_encoder()
+    assert match_words(toy, "Why?", "Cats purr.", steps=2).passage[1] == "Cats"  # control
+    for args, message in [
+        ((toy, 123, "Cats purr."), "question must be a str, got int"),
+        ((toy, "Why?", None), "passage must be a str, got NoneType"),
+        ((None, "Why?", "Cats purr."), "enc must be a SentenceEncoder, got NoneType"),
+        ((toy.bert, "Why?", "Cats purr."), "enc must be a SentenceEncoder, got BertEncoder"),
+    ]:
+        with pytest.raises(TypeError, match=f"^{re.escape(message)}$"):
+            match_words(*args, steps=2)
+
+
 def test_api_arguments_and_corrupt_indexes_the_audit_found(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab import masks
+from attnlab._validate import instance_of
 from attnlab.interpret import TextModel, explained_score, integrated_gradients
 from attnlab.models import SentenceEncoder
 from attnlab.models.sentence_folder import tokenizer_input
@@ -138,6 +139,14 @@ def _offsets(enc: SentenceEncoder, text: str, ids: list[int]) -> tuple[str | Non
     return (text if len(text) == len(src) else src), list(e.offsets)  # ("İ" lowercased: 2)
 
 
+def _check_texts(enc: object, **texts: object) -> None:
+    """A TypeError naming the argument unless ``enc`` is a SentenceEncoder and each of
+    ``texts`` a str (the tokenizer's own error named ``texts[0]``, None's ``.config``)."""
+    instance_of("enc", enc, SentenceEncoder, "a SentenceEncoder")
+    for name, text in texts.items():
+        instance_of(name, text, str, "a str")
+
+
 def _states(enc: SentenceEncoder, ids: Tensor) -> Tensor:
     """Final hidden states ``(n, D)`` of ids ``(1, n)``."""
     with torch.no_grad():
@@ -210,6 +219,7 @@ def match_words(enc: SentenceEncoder, question: str, passage: str, *, steps: int
         >>> abs(sum(m.question_ig) - m.ig_expected[0]) < 1e-4  # IG is complete
         True
     """
+    _check_texts(enc, question=question, passage=passage)
     if enc.config.pooling != "mean":
         raise ValueError(f"enc must pool by mean, got pooling={enc.config.pooling!r}")
     model = text_model(enc)
