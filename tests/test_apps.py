@@ -1164,6 +1164,25 @@ def test_match_words_names_a_bad_encoder_question_or_passage() -> None:
             match_words(*args, steps=2)
 
 
+def test_maxsim_refuses_one_passage_given_as_a_str() -> None:
+    """(maxsim(enc, q, "Cats purr.") scored each of the 10 characters as a passage and
+    returned 10 scores; a non-str item failed in the tokenizer as "texts[2]".)"""
+    from attnlab.apps.match import maxsim
+    from attnlab.models.sentence import _toy_encoder
+
+    toy = _toy_encoder()
+    both = maxsim(toy, "Why do cats purr?", ["Cats purr.", "Rain falls."])  # control
+    assert both.shape == (2,)
+    assert torch.allclose(maxsim(toy, "Why do cats purr?", ["Cats purr."]), both[:1], atol=1e-6)
+    for passages, message in [
+        ("Cats purr.", "passages must be a list of str, got str (one passage: give [passage])"),
+        (None, "passages must be a list of str, got NoneType"),
+        (["Cats purr.", 3], "passages[1] must be a str, got int"),
+    ]:
+        with pytest.raises(TypeError, match=f"^{re.escape(message)}$"):
+            maxsim(toy, "Why do cats purr?", passages)
+
+
 def test_api_arguments_and_corrupt_indexes_the_audit_found(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

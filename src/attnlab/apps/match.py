@@ -31,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -178,6 +179,13 @@ def maxsim(enc: SentenceEncoder, question: str, passages: list[str]) -> Tensor:
     """
     from attnlab.apps.lexical import words
 
+    _check_texts(enc, question=question)
+    if isinstance(passages, str) or not isinstance(passages, Iterable):
+        seen = "str (one passage: give [passage])" if isinstance(passages, str) else None
+        raise TypeError(f"passages must be a list of str, got {seen or type(passages).__name__}")
+    passages = list(passages)
+    for i, p in enumerate(passages):
+        instance_of(f"passages[{i}]", p, str, "a str")
     if not passages:
         return torch.zeros(0)
     states = [F.normalize(h, dim=-1) for h in token_states(enc, [question, *passages])]
