@@ -149,3 +149,22 @@ def test_bad_input_errors(task: D.DocumentTask) -> None:
     ids = task.encode(task.test_docs[:2]).ids
     check_and_control(lambda: model(ids.float()), lambda: model(ids), TypeError, r"\(B, S, W\)")
     check_and_control(lambda: model(ids[0]), lambda: model(ids), TypeError, r"\(B, S, W\)")
+
+
+def test_an_empty_batch_or_a_document_with_no_sentence_gives_zero_size_ids(
+    task: D.DocumentTask,
+) -> None:
+    """(sentence_ids(vocab, []) and a document of blank text, [[]], failed with "max() arg
+    is an empty sequence"; now S and W are 0 and the model reads them as padding.)"""
+    v = task.vocab
+    control = D.sentence_ids(v, [[], ["the customer"]])  # one document with a sentence
+    assert control.tolist() == [[[0, 0]], [v.encode("the customer")]]
+    assert D.split_sentences("  \n ") == []
+    for docs, shape in (([], (0, 0, 0)), ([[]], (1, 0, 0)), ([[], []], (2, 0, 0))):
+        ids = D.sentence_ids(v, docs)
+        assert ids.shape == shape and ids.dtype == torch.long
+    model = task.build_model().eval()
+    with torch.no_grad():
+        assert model(D.sentence_ids(v, [])).logits.shape == (0, len(D.CURRENCIES))
+        padding_only = model(torch.zeros(1, 1, 1, dtype=torch.long)).logits
+        torch.testing.assert_close(model(D.sentence_ids(v, [[]])).logits, padding_only)

@@ -221,7 +221,7 @@ def split_sentences(text: str) -> list[str]:
 
 def sentence_ids(vocab: Vocab, docs: Sequence[Sequence[str]]) -> Tensor:
     """Word ids of each document's sentences, padded with 0 to ``(B, S, W)`` (S, W: the
-    longest document and sentence).
+    longest document and sentence; 0 where there are none, as for ``[]`` or ``[[]]``).
 
     Example:
         >>> v = Vocab.build(["the customer lives in St. Lucia"])
@@ -230,8 +230,8 @@ def sentence_ids(vocab: Vocab, docs: Sequence[Sequence[str]]) -> Tensor:
                  [6, 7, 8, 9]]])
     """
     rows = [[vocab.encode(s) for s in d] for d in docs]
-    s = max(len(r) for r in rows)
-    w = max(len(x) for r in rows for x in r)
+    s = max((len(r) for r in rows), default=0)
+    w = max((len(x) for r in rows for x in r), default=0)
     ids = torch.zeros(len(rows), s, w, dtype=torch.long)
     for i, r in enumerate(rows):
         for j, x in enumerate(r):
