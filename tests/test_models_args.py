@@ -627,6 +627,22 @@ def test_gan_layers_name_bad_inputs() -> None:
     assert not hasattr(SelfAttention2d(8, spectral=False).query, "parametrizations")
 
 
+def test_self_attention_2d_names_an_input_of_another_dtype() -> None:
+    """(float64 into a float32 layer failed in a conv as "expected scalar type Double but
+    found Float"; the check reads gamma's dtype, so the spectral norm's u is not stepped.)"""
+    torch.manual_seed(0)
+    att = SelfAttention2d(8).train()
+    x = torch.randn(1, 8, 4, 4, dtype=torch.float64)
+    u = att.query.parametrizations.weight[0]._u.clone()
+    want = r"^x must be of the model's dtype torch.float32, got torch.float64$"
+    for call in (att, att.weights):
+        with pytest.raises(TypeError, match=want):
+            call(x)
+    assert torch.equal(att.query.parametrizations.weight[0]._u, u)  # no power step
+    att64 = SelfAttention2d(8, spectral=False).double()  # control: a float64 layer
+    assert att64.weights(x).dtype == torch.float64 and torch.equal(att64(x), x)  # gamma = 0
+
+
 def _small_task(name: str) -> object:
     from attnlab.tasks.captioning import CaptioningTask
     from attnlab.tasks.generation import GenerationTask

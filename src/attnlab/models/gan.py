@@ -187,14 +187,16 @@ class SelfAttention2d(nn.Module):
         nn.init.zeros_(self.gamma)
 
     def _check(self, x: object) -> Tensor:
-        """``x`` as a floating-point ``(B, C, H, W)`` with this layer's ``C``, or an error."""
+        """``x`` as a floating-point ``(B, C, H, W)`` with this layer's ``C`` and dtype, or
+        an error (the dtype read off ``gamma``: a spectral-normed weight would step its
+        power iteration)."""
         x = _floating("x", x, "(B, C, H, W)")
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(
                 f"x must have shape (B, C, H, W) with C = channels = {self.channels}, "
                 f"got {tuple(x.shape)}"
             )
-        return x
+        return same_dtype("x", x, self.gamma.dtype)
 
     def _heads(self, x: Tensor) -> Tensor:
         """``(B, H * E, h, w) -> (B, H, L, E)`` with ``L = h * w`` (row-major)."""
