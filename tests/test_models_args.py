@@ -595,6 +595,23 @@ def test_vae_loss_checks_batches_and_sigma() -> None:
     assert [float(t) for t in ok()] == [32.0, 32.0, 0.0]  # 64 / 2 per image, / 2 images
 
 
+def test_vae_loss_names_an_output_or_images_of_the_wrong_type() -> None:
+    """(out a tuple or None, or images a list, failed with a bare AttributeError on
+    ``.recon`` or ``.shape``.)"""
+    out, x = _vae_batch(2), torch.ones(2, 1, 8, 8)
+    ok = lambda: vae_loss(out, x, 1.0)  # noqa: E731
+    cases = [
+        ((out.recon, out.mu, out.logvar), x, "out must be a VAEOutput (what VAE returns), "
+                                             "got tuple"),
+        (None, x, "out must be a VAEOutput (what VAE returns), got NoneType"),
+        (out, x.tolist(), "images must be a tensor (B, 1, 8, 8), got list"),
+    ]  # fmt: skip
+    for o, images, message in cases:
+        check_and_control(
+            lambda o=o, i=images: vae_loss(o, i, 1.0), ok, TypeError, f"^{re.escape(message)}$"
+        )
+
+
 def test_gan_layers_name_bad_inputs() -> None:
     """A 3-D map failed unpacking its shape, one of the wrong channels inside a conv, an
     integer z inside a linear layer; spectral="no" was truthy: spectral norm on."""

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from attnlab._validate import positive_int, positive_real, same_dtype, validate_flag
+from attnlab._validate import instance_of, positive_int, positive_real, same_dtype, validate_flag
 from attnlab.models.gan import IMAGE_SIZE, SelfAttention2d, check_latents, draw_latents
 from attnlab.models.vit import check_images
 
@@ -74,7 +74,10 @@ def vae_loss(out: VAEOutput, images: Tensor, sigma: float) -> tuple[Tensor, Tens
 
 
 def _batch_of(out: VAEOutput, images: Tensor) -> int:
-    """The batch ``B >= 1`` of ``images`` that ``out`` matches, or a ValueError naming both."""
+    """The batch ``B >= 1`` of ``images`` that ``out`` matches, or a ValueError naming both
+    (a TypeError if ``out`` is no VAEOutput or ``images`` no tensor)."""
+    instance_of("out", out, VAEOutput, "a VAEOutput (what VAE returns)")
+    instance_of("images", images, Tensor, "a tensor (B, 1, 8, 8)")
     if out.recon.shape != images.shape:
         raise ValueError(
             f"out.recon and images must have the same shape (B, 1, 8, 8), got out.recon "
