@@ -357,10 +357,15 @@ def _plain_request(req: AttentionRequest, *, named: bool = False) -> bool:
 
 
 def _normalized(req: AttentionRequest) -> AttentionRequest:
-    """Cosine scores are dot scores of unit vectors."""
-    qn = torch.nn.functional.normalize(req.q, dim=-1, eps=1e-12)
-    kn = torch.nn.functional.normalize(req.k, dim=-1, eps=1e-12)
-    return dataclasses.replace(req, q=qn, k=kn, score="dot")
+    """Cosine scores are dot scores of unit vectors, made in float32 or float64: in
+    float16 the eps 1e-12 rounded to 0 (a zero vector gave 0/0, NaN in every row that saw
+    it) and a norm past 65504 to inf (the vector became 0)."""
+
+    def unit(t: Tensor) -> Tensor:  # (B, H, L, E)
+        wide = t if t.dtype in (torch.float32, torch.float64) else t.float()
+        return torch.nn.functional.normalize(wide, dim=-1, eps=1e-12).to(t.dtype)
+
+    return dataclasses.replace(req, q=unit(req.q), k=unit(req.k), score="dot")
 
 
 def _fused_weights_ok(req: AttentionRequest, kplan: KernelPlan) -> bool:
