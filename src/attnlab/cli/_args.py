@@ -55,18 +55,19 @@ __all__ = [
 
 def script_parser(doc: str | None) -> argparse.ArgumentParser:
     """The parser of a script such as ``benchmarks/bench_flow.py``, described by the first
-    line of its ``doc``: the commands' :class:`~attnlab.cli._errors.Parser`, so a bad
-    argument is one line on stderr and exit status 2 (argparse's own printed its usage
-    above the error) and ``--lr -1e-3`` is a value; its help shows each option's
-    default (:class:`DefaultsShown`).
+    paragraph of its ``doc`` (a wrapped first sentence was cut at its first line): the
+    commands' :class:`~attnlab.cli._errors.Parser`, so a bad argument is one line on stderr
+    and exit status 2 (argparse's own printed its usage above the error) and ``--lr -1e-3``
+    is a value; its help shows each option's default (:class:`DefaultsShown`).
 
     Example:
-        >>> p = script_parser("Time things.\\n\\nMore.")
+        >>> p = script_parser("Time things\\nat length.\\n\\nMore.")
         >>> _ = p.add_argument("--n", type=int, default=64, help="tokens")
         >>> p.description, " ".join(p.format_help().split()[-5:])
-        ('Time things.', '--n N tokens (default 64)')
+        ('Time things at length.', '--n N tokens (default 64)')
     """
-    return Parser(description=(doc or "").strip().split("\n")[0], formatter_class=DefaultsShown)
+    first = (doc or "").strip().split("\n\n")[0]
+    return Parser(description=" ".join(first.split()), formatter_class=DefaultsShown)
 
 
 def shown_default(action: argparse.Action) -> str | None:
