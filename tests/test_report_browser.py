@@ -37,6 +37,11 @@ def _open(browser: Any, page_path: Path) -> tuple[Any, list[str]]:
     return page, requests
 
 
+def _status(page: Any, where: str = "#status") -> str:
+    """A status line as read: tokens in it are isolated (U+2068 ... U+2069)."""
+    return str(page.inner_text(where)).replace("\u2068", "").replace("\u2069", "")
+
+
 _INK = """c => { const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
   let s = 0; for (let i = 0; i < d.length; i += 4) s += (d[i] < 250 || d[i+3] > 0 && d[i] < 250);
   return s; }"""
@@ -57,12 +62,12 @@ def test_report_draws_heads_and_hover_shows_a_tokens_lines(browser: Any, tmp_pat
     assert len(thumbs) == 2 * (4 + 1)  # every layer's heads plus their mean
     assert all(t.evaluate(_INK) > 0 for t in thumbs)  # each head is drawn
     all_lines = page.evaluate(_LINES_INK)
-    assert all_lines > 0 and "lines" in page.inner_text("#status")
+    assert all_lines > 0 and "lines" in _status(page)
 
     page.select_option("#layer", "1")
     page.select_option("#head", "2")
     page.hover("#left .tok >> nth=5")
-    status = page.inner_text("#status")
+    status = _status(page)
     assert status.startswith('layer 1, head 2: "w5" attends to')
     want = int(attns[1][2, 5].argmax())  # the strongest key of token 5 in that head
     assert status.split("attends to ")[1].startswith(f"w{want} (")
@@ -72,9 +77,9 @@ def test_report_draws_heads_and_hover_shows_a_tokens_lines(browser: Any, tmp_pat
     page.screenshot(path=str(ARTIFACTS / "report_small_hover.png"), full_page=True)
 
     page.mouse.move(1, 1)  # leaving the token restores the full view
-    assert "lines" in page.inner_text("#status")
+    assert "lines" in _status(page)
     page.click("#grid canvas >> nth=0")  # a thumbnail picks layer 0, head 0
-    assert page.inner_text("#status").startswith("layer 0, head 0")
+    assert _status(page).startswith("layer 0, head 0")
     assert page.query_selector_all(".sal span") and len(page.query_selector_all(".sal span")) == 12
     assert all(u.startswith(("file:", "data:")) for u in requests), requests  # offline
 
@@ -95,7 +100,7 @@ def test_report_tokens_take_keyboard_focus_and_show_the_hover_readout(
         page.keyboard.press("ArrowDown")
     page.keyboard.press("Alt+ArrowDown")  # a browser's shortcut, not a move (Alt+Left: Back)
     assert page.evaluate("document.activeElement.dataset.i") == "5"
-    status = page.inner_text("#status")
+    status = _status(page)
     want = int(attns[1][2, 5].argmax())
     assert status.startswith(f'layer 1, head 2: "w5" attends to w{want} (')
     tok = "document.activeElement"
@@ -107,18 +112,18 @@ def test_report_tokens_take_keyboard_focus_and_show_the_hover_readout(
     ]
     assert page.evaluate(f"getComputedStyle({tok}).outlineStyle") == "solid"
     page.keyboard.press("ArrowRight")  # across: key w5
-    assert page.inner_text("#status").endswith('tokens attend to "w5"')
+    assert _status(page).endswith('tokens attend to "w5"')
     page.keyboard.press("ArrowLeft")
     page.screenshot(path=str(ARTIFACTS / "report_small_focus.png"), full_page=True)
     page.hover("#left .tok >> nth=5")
-    assert page.inner_text("#status") == status  # the mouse shows the same
+    assert _status(page) == status  # the mouse shows the same
     page.keyboard.press("Tab")  # on to the key column, then the saliency row
     page.keyboard.press("Tab")
     for _ in range(3):
         page.keyboard.press("ArrowRight")
-    assert page.inner_text("#sal-status") == 'test: "w3" (3) 0.3750'
+    assert _status(page, "#sal-status") == 'test: "w3" (3) 0.3750'
     page.keyboard.press("Tab")  # focus leaves the tokens: the full view again
-    assert "lines" in page.inner_text("#status")
+    assert "lines" in _status(page)
 
 
 def test_report_thumbnails_take_keyboard_focus_and_pick_a_head(
@@ -142,12 +147,12 @@ def test_report_thumbnails_take_keyboard_focus_and_pick_a_head(
     ]
     assert page.evaluate(f"getComputedStyle({tok}).outlineStyle") == "solid"  # focus is seen
     page.keyboard.press("Enter")
-    assert page.inner_text("#status").startswith("layer 1, head 1: ")
+    assert _status(page).startswith("layer 1, head 1: ")
     assert (page.input_value("#layer"), page.input_value("#head")) == ("1", "1")
     assert page.evaluate(f"{tok}.getAttribute('aria-pressed')") == "true"
     page.keyboard.press("Shift+Tab")
     page.keyboard.press("Space")  # layer 1, head 0
-    assert page.inner_text("#status").startswith("layer 1, head 0: ")
+    assert _status(page).startswith("layer 1, head 0: ")
     assert page.evaluate("window.scrollY") == 0  # Space picked, it did not scroll the page
     assert page.get_attribute("#grid canvas.sel", "data-head") == "0"
 
@@ -160,7 +165,7 @@ def test_report_stays_usable_at_512_tokens(browser: Any, tmp_path: Path) -> None
     first = float(page.evaluate("document.body.dataset.drawMs"))
     page.hover("#left .tok >> nth=300")
     hover = float(page.evaluate("document.body.dataset.drawMs"))
-    assert page.inner_text("#status").startswith('layer 0, head mean: "t300" attends to')
+    assert _status(page).startswith('layer 0, head mean: "t300" attends to')
     page.screenshot(path=str(ARTIFACTS / "report_512.png"))
     (ARTIFACTS / "report_512.txt").write_text(
         f"size {size_mb:.2f} MiB, full draw {first:.1f} ms, hover draw {hover:.1f} ms\n"
@@ -239,12 +244,36 @@ def test_a_diffuse_head_still_names_and_draws_each_tokens_strongest_key(
     page, _ = _open(browser, path)
     page.select_option("#head", "1")
     page.hover("#left .tok >> nth=5")
-    assert page.inner_text("#status").startswith('layer 0, head 1: "w5" attends to w6 (0.02), w')
+    assert _status(page).startswith('layer 0, head 1: "w5" attends to w6 (0.02), w')
     assert int(page.evaluate("document.body.dataset.lines")) >= 1
     assert page.evaluate(_LINES_INK) > 0
     bg = page.eval_on_selector("#right .tok >> nth=6", "d => d.style.background")
     assert bg.startswith("rgba(31, 111, 180")
     page.hover("#right .tok >> nth=6")  # token 5 attends to key 6 most of all
-    status = page.inner_text("#status")
+    status = _status(page)
     assert status.endswith('tokens attend to "w6"') and "head 1: 0 tokens" not in status
     assert int(page.evaluate("document.body.dataset.lines")) >= 1
+
+
+def test_a_right_to_left_override_in_the_text_or_a_token_stays_inside_it(
+    browser: Any, tmp_path: Path
+) -> None:
+    """A text with U+202E (right-to-left override) and no U+202C reversed the rest of its
+    line, the note after it too ('cats (noitcerid ...) nur sgod'); a token with one reversed
+    the status line after it. Each is isolated now: the note reads left to right after the
+    text, the status line's words after the token."""
+    rlo = "\u202e"
+    attns = [torch.full((1, 3, 3), 1 / 3)]
+    path = report(tmp_path / "rlo.html", ["a", f"b{rlo}c", "d"], attns,
+                  text=f"cats {rlo}dogs run", note="(score: x)")  # fmt: skip
+    page, _ = _open(browser, path)
+    x_of = """s => { const p = document.querySelector('p.muted');
+      const w = document.createTreeWalker(p, 4);
+      for (let t = w.nextNode(); t; t = w.nextNode()) { const i = t.data.indexOf(s);
+        if (i >= 0) { const r = document.createRange(); r.setStart(t, i); r.setEnd(t, i + 1);
+          return r.getBoundingClientRect().x; } } return null; }"""
+    opening, closing = page.evaluate(x_of, "(score"), page.evaluate(x_of, ": x)")
+    assert opening is not None and closing is not None and opening < closing, (opening, closing)
+    page.hover("#left .tok >> nth=1")
+    raw = page.inner_text("#status")
+    assert f"\u2068b{rlo}c\u2069" in raw and raw.index("attends to") > raw.index(rlo), raw

@@ -29,7 +29,7 @@ _STYLE = (
     "body{font:15px/1.5 system-ui,sans-serif;max-width:60em;margin:2em auto;padding:0 1em}"
     ".a{border:1px solid #ccc;border-radius:6px;padding:.5em 1em;margin:1em 0}"
     ".ctx{color:#666}.hit{color:#000;font-weight:600}small{color:#555}"
-    "span.w{padding:0 2px;border-radius:3px}mark{background:#fde68a}"
+    "span.w{padding:0 2px;border-radius:3px;unicode-bidi:isolate}mark{background:#fde68a}"
 )
 
 

@@ -85,6 +85,7 @@ def report(
     *,
     title: str = "attnlab attention report",
     text: str = "",
+    note: str = "",
     saliency: Mapping[str, Sequence[float] | Tensor] | None = None,
     pictures: Sequence[str | Path] = (),
     top_k: int = 8,
@@ -96,7 +97,10 @@ def report(
             checked before any work.
         tokens: the ``n`` token strings.
         attentions: per-layer ``(H, n, n)`` weights (queries as rows), in layer order.
-        title, text: the heading and a line under it (e.g. the input text).
+        title, text: the heading and a line under it (e.g. the input text), shown
+            isolated from what follows it: a right-to-left override in it reversed the rest
+            of the line.
+        note: words after ``text`` on its line (e.g. what was explained).
         saliency: method name -> ``n`` scores per token (e.g. ``{"rollout": r[0]}``).
         pictures: PNG files to inline at the end.
         top_k: keys kept per query and head.
@@ -113,7 +117,7 @@ def report(
         (False, True)
     """
     out = check_png_path(path, "an HTML")  # (None or a folder failed at the write, after the work)
-    _check_texts(tokens, title, text)
+    _check_texts(tokens, title, text, note)
     layers = _per_layer(attentions)
     n = layers[0].shape[-1]
     if n > _MAX_TOKENS:  # (it said "tokens has 70000 entries but the weights are 70000 x ...")
@@ -138,20 +142,21 @@ def report(
         "val": _b64(val),
         "saliency": sal,
     }
-    page = _page(title, text, data, _pictures(pictures))
+    page = _page(title, (text, note), data, _pictures(pictures))
     # a text or picture name from bytes that were not UTF-8 (lone surrogates, which UTF-8
     # cannot write: the page was lost after all the work) shown with U+FFFD
     return atomic_write_text(out, decode_text(page)[0])
 
 
-def _check_texts(tokens: object, title: object, text: object) -> None:
-    """``tokens`` a list of str, ``title`` and ``text`` str (None's ``.replace`` failed)."""
+def _check_texts(tokens: object, title: object, text: object, note: object) -> None:
+    """``tokens`` a list of str, ``title``, ``text`` and ``note`` str (None's ``.replace``
+    failed)."""
     check_tokens("tokens", tokens)  # (None: "no len()")
     assert isinstance(tokens, Sequence)
     bad = next((i for i, t in enumerate(tokens) if not isinstance(t, str)), None)
     if bad is not None:
         raise TypeError(f"tokens[{bad}] must be a str, got {type(tokens[bad]).__name__}")
-    for name, value in (("title", title), ("text", text)):
+    for name, value in (("title", title), ("text", text), ("note", note)):
         if not isinstance(value, str):
             raise TypeError(f"{name} must be a str, got {type(value).__name__}")
 
@@ -223,7 +228,7 @@ def _real_dtype(scores: Tensor | np.ndarray) -> bool:
 
 
 def _page(
-    title: str, text: str, data: dict[str, object], pictures: list[tuple[Path, bytes]]
+    title: str, line: tuple[str, str], data: dict[str, object], pictures: list[tuple[Path, bytes]]
 ) -> str:
     # every "<" escaped: "</script>", and "<!--" before "<script" (which would make the
     # HTML parser skip the real end tag), cannot occur inside the script element
@@ -234,6 +239,8 @@ def _page(
         for p, png in pictures
     )
     template = (Path(__file__).parent / "report.html").read_text(encoding="utf-8")
-    fill = {"TITLE": html.escape(title), "TEXT": html.escape(text), "PICTURES": imgs, "DATA": blob}
+    text, note = (html.escape(t) for t in line)  # each isolated: its bidi controls end with it
+    fill = {"TITLE": html.escape(title), "PICTURES": imgs, "DATA": blob}
+    fill["TEXT"] = f"<bdi>{text}</bdi>" + f"  <bdi>{note}</bdi>" * bool(note)
     fill["KEYS"] = KEYS_JS.read_text(encoding="utf-8")
     return re.sub(r"%(TITLE|TEXT|PICTURES|DATA|KEYS)%", lambda m: fill[m.group(1)], template)

@@ -267,6 +267,7 @@ def write_explanation(
     saliency: dict[str, list[float]],
     *,
     text: str = "",
+    note: str = "",
 ) -> list[Path]:
     """The HTML report ``out`` and PNGs beside it (heads, rollout ``roll (n, n)``, one per
     saliency method); returns the report first, then the PNGs.
@@ -288,8 +289,9 @@ def write_explanation(
     for (name, vals), picture in zip(saliency.items(), pictures, strict=True):
         pngs.append(plot.saliency(tokens, vals, picture, title=name))
     html = report(
-        out, tokens, attns, title="attnlab explain", text=text, saliency=saliency, pictures=pngs
-    )
+        out, tokens, attns, title="attnlab explain", text=text, note=note, saliency=saliency,
+        pictures=pngs,
+    )  # fmt: skip
     return [html, *pngs]
 
 
@@ -373,5 +375,5 @@ def explain_text(
         sal["integrated gradients"] = ig.per_token()[0].tolist()
         what = "the embedding along its own direction"
         what = what if against is None else f"similarity to: {against}"
-        files = write_explanation(out, tokens, attns, roll, sal, text=f"{text}  (score: {what})")
+        files = write_explanation(out, tokens, attns, roll, sal, text=text, note=f"(score: {what})")
     return Explanation(tokens, attns, sal, s_x, s_b, files)
