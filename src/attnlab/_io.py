@@ -43,7 +43,8 @@ def atomic_write(
 ) -> Path:
     """Call ``write(tmp)`` on a temporary file next to ``path``, flush it to disk and
     rename it over ``path``; on any error the temporary file is removed and ``path`` is
-    left as it was.
+    left as it was. A ``path`` that is a symbolic link is kept: the file it points to is
+    written (the temporary file goes beside that file).
 
     Args:
         path: the file to create or replace (its folder is created if missing).
@@ -60,7 +61,8 @@ def atomic_write(
         >>> p.read_text()
         'hi'
     """
-    path = Path(path)
+    given = Path(path)
+    path = _target(given)
     if path.exists() and not (path.is_file() or path.is_dir()):  # os.replace swapped a
         # pipe or a device (/dev/full, /dev/stdout's link) for a file, not writing into it
         raise ValueError(f"path {str(path)!r} is not a regular file (a pipe or device)")
@@ -86,7 +88,20 @@ def atomic_write(
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return path
+    return given
+
+
+def _target(path: Path) -> Path:
+    """The file a write to ``path`` means: ``path``, or the file a symbolic link there
+    points to (links followed): ``os.replace`` on the link replaced the link itself by a
+    regular file (``--out /dev/stdout`` as root replaced the system's link), and left its
+    target as it was."""
+    if not path.is_symlink():
+        return path
+    target = Path(os.path.realpath(path))
+    if target.is_symlink():  # (realpath stops in a loop of links)
+        raise ValueError(f"path {str(path)!r} is a link in a loop of links")
+    return target
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from attnlab._io import decode_text
 from attnlab.cli._errors import Parser, UsageError, warn
+from attnlab.cli._paths import check_not_system
 
 __all__ = [
     "DefaultsShown",
@@ -308,6 +309,7 @@ def check_out_file(argument: str, path: str | Path) -> Path:
         raise UsageError(argument, f"{str(p)!r} is a folder; give a file, e.g. {p / 'report.html'}")
     if p.exists() and not p.is_file():  # it would be replaced by a file, not written into
         raise UsageError(argument, f"{str(p)!r} is not a regular file (a pipe or device)")
+    check_not_system(argument, p)
     _check_creatable(argument, p.parent if str(p.parent) else Path("."))
     return p
 

@@ -1,0 +1,68 @@
+"""How output and input paths are read: a link is written through, not replaced; a
+system file, a folder-like name and a name too long are refused before any work (one
+line, exit 2); file modes follow the umask; ``~`` is expanded on the command line."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from attnlab._io import atomic_write_text
+from attnlab.cli import main
+from attnlab.cli._args import check_out_file
+from attnlab.cli._errors import UsageError
+from tests.test_cli_outputs import NEED_MODEL
+
+
+def test_a_link_is_written_through_not_replaced(tmp_path: Path) -> None:
+    """``os.replace`` on a link replaced the link by a regular file and left its target
+    as it was (as root, ``--out /dev/stdout`` replaced the system's link)."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "t.html").write_text("OLD")
+    link = tmp_path / "link.html"
+    link.symlink_to("real/t.html")  # relative, as ln -s makes it
+    chain = tmp_path / "chain.html"
+    chain.symlink_to(link)
+    assert atomic_write_text(link, "NEW") == link
+    assert link.is_symlink() and os.readlink(link) == "real/t.html"
+    assert (tmp_path / "real" / "t.html").read_text() == "NEW"
+    atomic_write_text(chain, "NEWER")  # a link to a link: the last target is written
+    assert chain.is_symlink() and link.is_symlink()
+    assert (tmp_path / "real" / "t.html").read_text() == "NEWER"
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["t.html"]  # no temp left
+    plain = tmp_path / "plain.html"  # the control: a plain file is replaced
+    atomic_write_text(plain, "x")
+    assert plain.read_text() == "x" and not plain.is_symlink()
+
+
+def test_an_out_reached_through_proc_or_dev_is_refused(tmp_path: Path) -> None:
+    """``/dev/stdout`` is a link to ``/proc/self/fd/1``, a link to the file stdout goes
+    to: a regular file there passed the pipe-or-device check. Here a link made in
+    ``tmp_path`` to ``/proc/self/fd/N`` of a file of ``tmp_path`` (nothing outside is
+    written)."""
+    target = tmp_path / "o.txt"
+    with open(target, "w") as f:
+        link = tmp_path / "fd.html"
+        link.symlink_to(f"/proc/self/fd/{f.fileno()}")
+        if not link.exists():
+            pytest.skip("no /proc/self/fd here")
+        with pytest.raises(UsageError, match=r"argument --out: .*fd\.html' is a system file "
+                           r"\(through '/proc/self/fd/\d+'\)"):  # fmt: skip
+            check_out_file("--out", str(link))
+    assert target.read_text() == ""
+    assert check_out_file("--out", str(tmp_path / "r.html")) == tmp_path / "r.html"  # control
+
+
+@NEED_MODEL
+def test_summarize_out_a_link_writes_its_target(tmp_path: Path) -> None:
+    (tmp_path / "doc.txt").write_text("Cats purr. Dogs bark. Birds sing.\n")
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "t.html").write_text("OLD")
+    link = tmp_path / "link.html"
+    link.symlink_to("real/t.html")
+    argv = ["summarize", str(tmp_path / "doc.txt"), "--sentences", "1", "--out", str(link)]
+    assert main(argv) == 0
+    assert link.is_symlink()
+    assert (tmp_path / "real" / "t.html").read_text().startswith("<!doctype html>")
