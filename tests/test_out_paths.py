@@ -13,7 +13,7 @@ from attnlab._io import atomic_write_text
 from attnlab.cli import main
 from attnlab.cli._args import check_out_file
 from attnlab.cli._errors import UsageError
-from tests.test_cli_outputs import NEED_MODEL
+from tests.test_cli_outputs import NEED_MODEL, _one_line
 
 
 def test_a_link_is_written_through_not_replaced(tmp_path: Path) -> None:
@@ -66,3 +66,26 @@ def test_summarize_out_a_link_writes_its_target(tmp_path: Path) -> None:
     assert main(argv) == 0
     assert link.is_symlink()
     assert (tmp_path / "real" / "t.html").read_text().startswith("<!doctype html>")
+
+
+@pytest.mark.parametrize("command", ["summarize", "explain", "ask"])
+def test_an_out_ending_in_a_slash_is_refused(
+    tmp_path: Path, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--out newdir/`` (a folder meant) wrote an HTML file named ``newdir``."""
+    doc = tmp_path / "doc.txt"
+    doc.write_text("Cats purr. Dogs bark. Birds sing.\n")
+    first = {
+        "summarize": ["summarize", str(doc)],
+        "explain": ["explain", "hi", "--steps", "2"],
+        "ask": ["ask", "who purrs?", "--docs", str(doc)],
+    }[command]
+    out = f"{tmp_path}/newdir/"
+    assert main([*first, "--out", out]) == 2
+    line = _one_line(capsys)
+    assert line.endswith(
+        f"argument --out: {out!r} ends in '/', a folder; give a file such as "
+        f"{tmp_path}/newdir/report.html"
+    ), line
+    assert not (tmp_path / "newdir").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["doc.txt"]

@@ -303,7 +303,11 @@ def check_report(argument: str, folder: Path) -> None:
 
 
 def check_out_file(argument: str, path: str | Path) -> Path:
-    """``path`` as an output file: not a folder, and its folder writable or creatable."""
+    """``path`` as an output file: not a folder, nor a name ending in ``/`` (``--out
+    newdir/`` wrote a file named ``newdir``), and its folder writable or creatable."""
+    if isinstance(path, str) and path.endswith(("/", os.sep)):
+        example = f"{path.rstrip('/' + os.sep)}/report.html"
+        raise UsageError(argument, f"{path!r} ends in '/', a folder; give a file such as {example}")
     p = reachable(argument, path)
     if p.is_dir():
         raise UsageError(argument, f"{str(p)!r} is a folder; give a file, e.g. {p / 'report.html'}")
