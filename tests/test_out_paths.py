@@ -89,3 +89,16 @@ def test_an_out_ending_in_a_slash_is_refused(
     ), line
     assert not (tmp_path / "newdir").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["doc.txt"]
+
+
+@NEED_MODEL
+def test_explain_out_whose_pictures_get_names_too_long_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A legal 240-byte ``--out``: the pictures written beside it (``NAME_rollout.png``)
+    pass 255 bytes, and ``is_dir()`` on them raised a bare OSError (exit 1)."""
+    out = tmp_path / ("e" * 235 + ".html")
+    assert main(["explain", "hi", "--steps", "2", "--out", str(out)]) == 2
+    line = _one_line(capsys)
+    assert "argument --out: " in line and "cannot be reached (File name too long)" in line, line
+    assert list(tmp_path.iterdir()) == []

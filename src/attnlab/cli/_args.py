@@ -282,13 +282,13 @@ def check_entries(
     """What a command writes in its output ``folder`` (``files`` and ``folders`` by name)
     can be written there: a file where a folder goes, or the reverse, failed after all
     the work (``FileExistsError: 'o1/report'``, exit 1)."""
-    for name in files:
-        if (folder / name).is_dir():
+    for name in files:  # (a name past 255 bytes: a bare OSError from is_dir(), exit 1)
+        if reachable(argument, folder / name).is_dir():
             raise UsageError(argument, f"{str(folder / name)!r} is a folder; the command writes "
                              "a file there: move it away or give another --out")  # fmt: skip
         check_out_file(argument, folder / name)
     for name in folders:
-        if (folder / name).exists() and not (folder / name).is_dir():
+        if reachable(argument, folder / name).exists() and not (folder / name).is_dir():
             raise UsageError(argument, f"{str(folder / name)!r} is a file; the command writes "
                              "a folder there: move it away or give another --out")  # fmt: skip
 
