@@ -102,3 +102,55 @@ def test_explain_out_whose_pictures_get_names_too_long_is_a_usage_error(
     line = _one_line(capsys)
     assert "argument --out: " in line and "cannot be reached (File name too long)" in line, line
     assert list(tmp_path.iterdir()) == []
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+@pytest.mark.parametrize("umask", [0o077, 0o022, 0o027], ids=oct)
+def test_written_files_follow_the_umask_and_keep_their_mode(tmp_path: Path, umask: int) -> None:
+    """Reports were forced to 0o644 whatever the umask (and a private 0o600 report was
+    widened to 0o644); checkpoints and index caches got mkstemp's 0o600 under umask
+    022. Compared with what ``open()`` gives under the same umask."""
+    import torch
+
+    from attnlab.interpret.plot import pyplot, save_figure
+    from attnlab.train import Checkpoint, save_checkpoint
+
+    old = os.umask(umask)
+    try:
+        with open(tmp_path / "by_open", "w"):
+            pass
+        expected = _mode(tmp_path / "by_open")  # the reference: 0o666 & ~umask
+        assert expected == 0o666 & ~umask
+        text = atomic_write_text(tmp_path / "r.html", "<p>hi</p>")
+        fig = save_figure(pyplot().figure(), tmp_path / "f.png")
+        ck = save_checkpoint(tmp_path / "c.safetensors", Checkpoint({"w": torch.ones(1)}))
+        assert [_mode(p) for p in (text, fig, ck)] == [expected] * 3
+        for p, keep in [(text, 0o600), (fig, 0o640), (ck, 0o604)]:  # replaced: kept
+            p.chmod(keep)
+        atomic_write_text(text, "<p>again</p>")
+        save_figure(pyplot().figure(), fig)
+        save_checkpoint(ck, Checkpoint({"w": torch.zeros(1)}))
+        assert [_mode(p) for p in (text, fig, ck)] == [0o600, 0o640, 0o604]
+    finally:
+        os.umask(old)
+
+
+def test_the_umask_is_read_without_proc_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where ``/proc/self/status`` cannot be read, the umask is set and put back."""
+    from attnlab import _io
+
+    old = os.umask(0o027)
+    try:
+        assert _io._umask() == 0o027
+
+        def no_proc(*a: object, **k: object) -> None:
+            raise OSError("no /proc")
+
+        monkeypatch.setattr(_io, "open", no_proc, raising=False)
+        assert _io._umask() == 0o027
+        assert os.umask(0o027) == 0o027  # put back as it was
+    finally:
+        os.umask(old)

@@ -9,7 +9,9 @@ import contextlib
 import json
 import os
 import socket
+import stat
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,18 +40,16 @@ class WriteError(OSError):
         )
 
 
-def atomic_write(
-    path: str | Path, write: Callable[[str], object], *, mode: int | None = None
-) -> Path:
+def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
     """Call ``write(tmp)`` on a temporary file next to ``path``, flush it to disk and
     rename it over ``path``; on any error the temporary file is removed and ``path`` is
     left as it was. A ``path`` that is a symbolic link is kept: the file it points to is
-    written (the temporary file goes beside that file).
+    written (the temporary file goes beside that file). A file replaced keeps its
+    permission bits; a new one gets ``0o666`` less the umask, as ``open()`` gives.
 
     Args:
         path: the file to create or replace (its folder is created if missing).
         write: writes the whole content to the temporary path it is given.
-        mode: permission bits for the file (default: the temporary file's, 0o600).
 
     Raises:
         WriteError: an ``OSError`` (no space, no permission, ...) while writing, naming
@@ -78,8 +78,7 @@ def atomic_write(
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
+        os.chmod(tmp, _mode_for(path))
         os.replace(tmp, path)
     except OSError as e:
         if isinstance(e, WriteError):
@@ -104,15 +103,44 @@ def _target(path: Path) -> Path:
     return target
 
 
+def _mode_for(path: Path) -> int:
+    """The permission bits a write to ``path`` leaves: those of the file it replaces (a
+    private 0o600 file was widened to 0o644), else ``0o666`` less the umask (reports were
+    0o644 under umask 077, checkpoints mkstemp's 0o600 under umask 022)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it
+    (``/proc/self/status``); elsewhere set and put back at once, under a lock."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically, readable by everyone (0o644).
+    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`atomic_write`).
 
     Example:
         >>> import tempfile
         >>> atomic_write_text(tempfile.mkdtemp() + "/a.html", "<p>hi</p>").read_text()
         '<p>hi</p>'
     """
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), mode=0o644)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def decode_text(text: str) -> tuple[str, bool]:

@@ -323,7 +323,7 @@ def _write(index: Index, folder: Path) -> None:
     sha = _sha(raw)
     name = f"index-{sha[:16]}.safetensors"
     meta = {"format": FORMAT, "model": index.model, "vectors": name, "vectors_sha256": sha}
-    atomic_write(folder / name, lambda t: Path(t).write_bytes(raw), mode=0o644)
+    atomic_write(folder / name, lambda t: Path(t).write_bytes(raw))
     # ASCII: a document name from a file name that is not UTF-8 holds lone surrogates,
     # which UTF-8 cannot write but JSON's \uXXXX escapes carry there and back exactly
     atomic_write_text(folder / "index.json", json.dumps(meta | {"docs": docs}, ensure_ascii=True))

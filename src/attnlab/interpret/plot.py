@@ -302,6 +302,6 @@ def save_figure(fig: Any, path: str | Path, *, dpi: int = 110) -> Path:
         for text in fig.findobj(Text):
             text.set_parse_math(False)
         fig.tight_layout()
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"), mode=0o644)
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
     finally:
         pyplot().close(fig)
