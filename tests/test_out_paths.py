@@ -154,3 +154,43 @@ def test_the_umask_is_read_without_proc_too(monkeypatch: pytest.MonkeyPatch) -> 
         assert os.umask(0o027) == 0o027  # put back as it was
     finally:
         os.umask(old)
+
+
+#: the dests of the options and arguments that name a file or folder
+_PATH_DESTS = {"out", "model", "hf_model", "runs", "cache", "docs", "file"}
+
+
+def test_every_path_option_expands_a_leading_tilde() -> None:
+    """``--out=~/x`` (bash expands no ``~`` after ``=``) or a quoted ``'~/x'`` was taken
+    literally: a folder named ``~`` was made; each command's path options now read it as
+    the shell does, ``os.path.expanduser``."""
+    import argparse
+
+    from attnlab.cli import build_parser
+
+    home = os.path.expanduser("~")
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    seen = set()
+    for command, parser in sub.choices.items():
+        for action in parser._actions:
+            if action.dest in _PATH_DESTS:
+                seen.add(action.dest)
+                assert action.type is not None, (command, action.dest)
+                assert action.type("~/x") == f"{home}/x", (command, action.dest)
+                assert action.type("a/~") == "a/~" and action.type("pydoc:with") == "pydoc:with"
+    assert seen == _PATH_DESTS  # (each one found: the control)
+
+
+@NEED_MODEL
+def test_summarize_reads_and_writes_under_a_tilde(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    (home / "doc.txt").write_text("Cats purr. Dogs bark. Birds sing.\n")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    assert main(["summarize", "~/doc.txt", "--sentences", "1", "--out=~/sum.html"]) == 0
+    assert (home / "sum.html").read_text().startswith("<!doctype html>")
+    assert list(work.iterdir()) == []  # no folder named "~"

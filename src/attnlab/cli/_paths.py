@@ -1,6 +1,7 @@
 """Checks of the paths the commands write, beside :mod:`attnlab.cli._args`: an output
 reached through the system's own files (``/dev``, ``/proc``, ``/sys``) is refused before
-any work, one line naming the argument.
+any work, one line naming the argument; and :func:`user_path`, the ``type`` of every
+option or argument that names a path, expands a leading ``~`` as a shell would.
 
 Example:
     >>> check_not_system("--out", Path("runs/report.html"))
@@ -16,11 +17,27 @@ from pathlib import Path
 
 from attnlab.cli._errors import UsageError
 
-__all__ = ["check_not_system"]
+__all__ = ["check_not_system", "user_path"]
 
 #: folders of the system's own files: a device, a process's open file, a kernel setting
 #: (``/dev/shm``, a memory-backed folder of ordinary files, is not one)
 _SYSTEM = ("/dev", "/proc", "/sys")
+
+
+def user_path(text: str) -> str:
+    """An argparse type: the path ``text`` with a leading ``~`` or ``~user`` expanded
+    (``--out=~/r.html`` and a quoted ``'~/r.html'`` reach the command unexpanded: a
+    folder named ``~`` was made, and ``summarize '~/doc.txt'`` said it does not exist).
+    The library's functions take a path literally, as ``open()`` does.
+
+    Example:
+        >>> user_path("~/r.html") == os.path.expanduser("~") + "/r.html", user_path("a/~")
+        (True, 'a/~')
+    """
+    return os.path.expanduser(text)
+
+
+user_path.__name__ = "path"  # (argparse's "invalid path value")
 
 
 def check_not_system(argument: str, path: Path) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 from attnlab._warnings import passed_on, warn_again
 from attnlab.cli._args import check_in_folder, shown
 from attnlab.cli._errors import UsageError
+from attnlab.cli._paths import user_path
 from attnlab.models import (
     BertConfig,
     SentenceConfig,
@@ -39,7 +40,10 @@ __all__ = [
 def add_model_option(parser: argparse.ArgumentParser) -> None:
     """``--model FOLDER``: a sentence-transformers folder instead of all-MiniLM-L6-v2."""
     parser.add_argument(
-        "--model", default=None, help="a sentence-transformers folder (default all-MiniLM-L6-v2)"
+        "--model",
+        type=user_path,
+        default=None,
+        help="a sentence-transformers folder (default all-MiniLM-L6-v2)",
     )
 
 

@@ -38,6 +38,7 @@ from attnlab.cli._args import (
     shown,
 )
 from attnlab.cli._errors import UsageError, warn, warnings_as_lines
+from attnlab.cli._paths import user_path
 from attnlab.cli._sentence import add_model_option, load_encoder, model_folder
 
 __all__ = ["add_parsers", "run_ask", "run_summarize"]
@@ -48,26 +49,30 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser("ask", help="answer a question from documents (default: Python's reference)")
     p.add_argument("question", metavar="QUESTION")
     p.add_argument(
-        "--docs", nargs="+", default=["pydoc"], metavar="PATH",
+        "--docs", nargs="+", type=user_path, default=["pydoc"], metavar="PATH",
         help="text files or folders (.txt .md .rst), or pydoc: Python's reference (default pydoc)",
     )  # fmt: skip
     p.add_argument(
         "--top", type=int_in(1, 50), default=3, help="how many answers (default %(default)s)"
     )
-    p.add_argument("--out", default=None, help="also write an HTML report here")
-    p.add_argument("--cache", default=None, help="the index folder (default beside the docs)")
+    p.add_argument("--out", type=user_path, default=None, help="also write an HTML report here")
+    p.add_argument(
+        "--cache", type=user_path, default=None, help="the index folder (default beside the docs)"
+    )
     p.add_argument("--no-explain", action="store_true", help="skip the word-match explanation")
     add_model_option(p)
     p.set_defaults(run=run_ask)
     s = sub.add_parser("summarize", help="extractive summary of a text file, with salience")
-    s.add_argument("file", metavar="FILE", help="a text file, or pydoc:TOPIC (e.g. pydoc:with)")
+    s.add_argument(
+        "file", metavar="FILE", type=user_path, help="a text file, or pydoc:TOPIC (e.g. pydoc:with)"
+    )
     s.add_argument(
         "--sentences",
         type=int_in(1),
         default=3,
         help="sentences in the summary (default %(default)s)",
     )
-    s.add_argument("--out", default=None, help="also write an HTML page here")
+    s.add_argument("--out", type=user_path, default=None, help="also write an HTML page here")
     add_model_option(s)
     s.set_defaults(run=run_summarize)
 

@@ -24,6 +24,7 @@ from attnlab.cli._args import (
     int_in,
 )
 from attnlab.cli._errors import UsageError
+from attnlab.cli._paths import user_path
 from attnlab.cli._sentence import (
     add_model_option,
     check_fits,
@@ -47,6 +48,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("text", metavar="TEXT")
     p.add_argument(
         "--out",
+        type=user_path,
         default="report.html",
         help="the HTML report; PNGs go beside it (default %(default)s)",
     )
@@ -66,6 +68,7 @@ def add_parsers(sub: Any) -> None:
     add_model_option(p)
     p.add_argument(
         "--hf-model",
+        type=user_path,
         default=None,
         metavar="DIR",
         help="explain a local transformers encoder or decoder folder instead (attnlab[hf])",

@@ -18,6 +18,7 @@ from typing import Any
 from attnlab._io import OutputLock
 from attnlab.cli._args import check_entries, check_out_folder, int_in
 from attnlab.cli._errors import UsageError
+from attnlab.cli._paths import user_path
 from attnlab.train.loop import MAX_SEED
 
 __all__ = ["METHODS", "add_parsers", "run_robust"]
@@ -56,7 +57,12 @@ def add_parsers(sub: Any) -> None:
         default=0,
         help="seed of every row (default %(default)s)",
     )
-    r.add_argument("--out", default=None, help="table and report folder (default runs/robust-TASK)")
+    r.add_argument(
+        "--out",
+        type=user_path,
+        default=None,
+        help="table and report folder (default runs/robust-TASK)",
+    )
     r.add_argument("--smoke", action="store_true", help="tiny data and models: checks only")
     r.set_defaults(run=run_robust)
 

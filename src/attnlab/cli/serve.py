@@ -24,6 +24,7 @@ from typing import Any
 from attnlab._hosts import LOOPBACK_HOSTS, is_host
 from attnlab.cli._args import check_in_folder, int_in
 from attnlab.cli._errors import UsageError, warn
+from attnlab.cli._paths import user_path
 from attnlab.cli._sentence import add_model_option, load_encoder
 
 __all__ = ["add_parsers", "run"]
@@ -38,7 +39,12 @@ def add_parsers(sub: Any) -> None:
     """Add the ``serve`` subcommand to an argparse subparsers object."""
     p = sub.add_parser("serve", help="a local web page to explore attention (attnlab[serve])")
     add_model_option(p)
-    p.add_argument("--runs", default=None, help="list the task checkpoints found in this folder")
+    p.add_argument(
+        "--runs",
+        type=user_path,
+        default=None,
+        help="list the task checkpoints found in this folder",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
     p.add_argument(
         "--port",

@@ -23,6 +23,7 @@ from typing import Any
 from attnlab._io import OutputLock
 from attnlab.cli._args import check_entries, check_out_folder, check_report, float_in, int_in
 from attnlab.cli._errors import UsageError, warn
+from attnlab.cli._paths import user_path
 from attnlab.tasks import TASKS, TaskSpec, demo, run_task, spec, train_config
 from attnlab.train import CheckpointError, TrainConfig, TrainingInterrupted, load_checkpoint
 from attnlab.train.loop import MAX_SEED, Task
@@ -118,12 +119,16 @@ def add_parsers(sub: Any) -> None:
         default=None,
         help=f"torch threads {PER_TASK}",
     )
-    t.add_argument("--out", default=None, help="checkpoints and report (default runs/TASK)")
+    t.add_argument(
+        "--out", type=user_path, default=None, help="checkpoints and report (default runs/TASK)"
+    )
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(run=run_train)
     d = sub.add_parser("demo", help="the translation task (1100 steps, minutes), with a report")
-    d.add_argument("--out", default="attnlab-demo", help="report folder (default %(default)s)")
+    d.add_argument(
+        "--out", type=user_path, default="attnlab-demo", help="report folder (default %(default)s)"
+    )
     limit = "seconds of training (default none: the demo's 1100 steps)"
     d.add_argument("--seconds", type=above0, default=None, help=limit)
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
