@@ -194,3 +194,38 @@ def test_summarize_reads_and_writes_under_a_tilde(
     assert main(["summarize", "~/doc.txt", "--sentences", "1", "--out=~/sum.html"]) == 0
     assert (home / "sum.html").read_text().startswith("<!doctype html>")
     assert list(work.iterdir()) == []  # no folder named "~"
+
+
+def test_checkpoint_paths_that_cannot_be_one_are_named(tmp_path: Path) -> None:
+    """``load_checkpoint`` of a folder said "does not exist", of ``''`` "checkpoint '.'
+    does not exist", of a 256-byte name a bare OSError; ``save_checkpoint('')`` wrote a
+    temp file then failed "Device or resource busy", under a file "File exists [errno
+    17]", and to ``ck.pt`` wrote safetensors silently."""
+    import torch
+
+    from attnlab.train import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+
+    ck = Checkpoint(torch.nn.Linear(2, 2).state_dict(), {"n": 2})
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("")
+    long = str(tmp_path / ("y" * 256 + ".safetensors"))
+    loads = [
+        ("", r"^path is an empty string; give a file such as runs/x/last\.safetensors$"),
+        (tmp_path / "adir", r"^path '.*adir' is a folder; give a file, such as '.*adir/last"),
+        (long, r"^path '.*y{256}\.safetensors' cannot be reached \(File name too long\)$"),
+    ]
+    for path, message in loads:
+        with pytest.raises(CheckpointError, match=message):
+            load_checkpoint(path)
+    saves = [
+        *loads,
+        (tmp_path / "afile" / "ck.safetensors", r"is in '.*afile', a file, not a folder$"),
+        (tmp_path / "ck.pt", r"^path '.*ck\.pt' must end in \.safetensors .*got '\.pt'$"),
+        (tmp_path / "ck", r"^path '.*ck' must end in \.safetensors .*got 'no suffix'$"),
+    ]
+    for path, message in saves:
+        with pytest.raises(ValueError, match=message):
+            save_checkpoint(path, ck)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"]  # nothing written
+    good = tmp_path / "adir" / "ck.safetensors"  # the control
+    assert load_checkpoint(save_checkpoint(good, ck)).config == {"n": 2}

@@ -87,6 +87,10 @@ class Checkpoint:
 def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
     """Write ``ckpt`` to ``path`` atomically (temporary file, fsync, rename).
 
+    Raises:
+        ValueError: ``path`` is empty, a folder, in a "folder" that is a file, has a name
+            too long, or does not end in ``.safetensors`` (the format written).
+
     Example:
         >>> import tempfile, torch
         >>> d = tempfile.mkdtemp()
@@ -95,7 +99,7 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
         >>> load_checkpoint(p).config
         {'n': 2}
     """
-    _check_path(path)
+    _check_path(path, saving=True)
     instance_of("ckpt", ckpt, Checkpoint, "a Checkpoint (model, config, optimizer, state)")
     if not isinstance(ckpt.model, dict) or not all(
         isinstance(k, str) and isinstance(v, Tensor) for k, v in ckpt.model.items()
@@ -137,7 +141,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         ...     print(str(e).replace(d, "<d>"))
         checkpoint '<d>/none.safetensors' does not exist
     """
-    path = Path(_check_path(path))
+    path = _check_path(path, saving=False)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     if not os.access(path, os.R_OK):  # (it was called truncated or corrupt)
@@ -199,11 +203,31 @@ def _check_state(state: object) -> None:
             ) from e
 
 
-def _check_path(path: object) -> str | os.PathLike[str]:
-    """A path (``Path(123)`` said "expected str, bytes or os.PathLike object")."""
+def _check_path(path: object, *, saving: bool) -> Path:
+    """``path`` as a checkpoint file (``Path(123)`` said "expected str, bytes or
+    os.PathLike object"): not empty (read as ``'.'``), not a folder (said not to exist),
+    a name the file system takes (a bare OSError); to save, in a folder that is not a
+    file (``File exists``) and ending in ``.safetensors`` (``ck.pt`` got safetensors).
+    A ValueError naming ``path`` (to load, a :class:`CheckpointError`)."""
     if not isinstance(path, str | os.PathLike):
         raise TypeError(f"path must be a str or Path, got {type(path).__name__}")
-    return path
+    text, error = os.fspath(path), ValueError if saving else CheckpointError
+    if not text:
+        raise error("path is an empty string; give a file such as runs/x/last.safetensors")
+    p = Path(text)
+    try:
+        if p.is_dir():
+            msg = f"is a folder; give a file, such as {str(p / 'last.safetensors')!r}"
+            raise error(f"path {text!r} {msg}")
+        above = next((d for d in p.absolute().parents if d.exists()), None) if saving else None
+    except OSError as e:  # (a name past 255 bytes)
+        raise error(f"path {text!r} cannot be reached ({e.strerror or e})") from None
+    if above is not None and not above.is_dir():
+        raise error(f"path {text!r} is in {str(above)!r}, a file, not a folder")
+    if saving and p.suffix.lower() != ".safetensors":
+        raise error(f"path {text!r} must end in .safetensors (the format written), got "
+                    f"{p.suffix or 'no suffix'!r}")  # fmt: skip
+    return p
 
 
 def _flatten(ckpt: Checkpoint) -> tuple[dict[str, Tensor], dict[str, str]]:
