@@ -229,3 +229,18 @@ def test_checkpoint_paths_that_cannot_be_one_are_named(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"]  # nothing written
     good = tmp_path / "adir" / "ck.safetensors"  # the control
     assert load_checkpoint(save_checkpoint(good, ck)).config == {"n": 2}
+
+
+@NEED_MODEL
+def test_explain_names_what_it_wrote_as_summarize_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file name that is not UTF-8 (``caf\\xe9``: a lone surrogate in Python) was
+    printed raw by explain (``caf\\udce9`` here; a strict UTF-8 stdout refuses it);
+    summarize prints it through ``shown()``, U+FFFD for the byte."""
+    out = tmp_path / os.fsdecode(b"caf\xe9.html")
+    assert main(["explain", "hi", "--steps", "2", "--out", str(out)]) == 0
+    wrote = [line for line in capsys.readouterr().out.splitlines() if line.startswith("wrote ")]
+    assert wrote[0] == f"wrote {tmp_path}/caf\ufffd.html", wrote
+    assert len(wrote) > 1 and all("caf\ufffd_" in line for line in wrote[1:])  # the pictures
+    assert out.is_file()

@@ -22,6 +22,7 @@ from attnlab.cli._args import (
     check_outputs_not_inputs,
     clean_text,
     int_in,
+    shown,
 )
 from attnlab.cli._errors import UsageError
 from attnlab.cli._paths import user_path
@@ -217,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
         )
     print(top_tokens(ex.saliency["integrated gradients"], ex.tokens))
     for path in ex.files:
-        print(f"wrote {path}")
+        print(f"wrote {shown(path)}")  # (a name not UTF-8 was shown as \udcXX escapes)
     return 0
 
 
