@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import TypeVar
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -130,6 +131,25 @@ def _attention(c: LayerConfig, *, rope: bool) -> MultiHeadAttention:
     )
 
 
+def check_input(name: str, x: object, d_model: int, dtype: torch.dtype | None) -> None:
+    """``x`` a floating ``(B, L, d_model)`` tensor, of ``dtype`` unless None; else an
+    error naming ``name`` (a pre-norm layer's norm failed first, in torch's words: "Given
+    normalized_shape=[32], expected input with shape [*, 32]", "mixed dtype (CPU)").
+
+    Example:
+        >>> check_input("x", torch.zeros(2, 7, 16), 32, None)
+        Traceback (most recent call last):
+        ValueError: x must be (B, L, 32), got (2, 7, 16)
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a Tensor (B, L, {d_model}), got {type(x).__name__}")
+    if x.dim() != 3 or x.shape[-1] != d_model:
+        raise ValueError(f"{name} must be (B, L, {d_model}), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point Tensor, got {x.dtype}")
+    same_dtype(name, x, dtype)
+
+
 class EncoderLayer(nn.Module):
     """Self-attention and feed-forward with residuals: a transformer encoder layer.
 
@@ -156,6 +176,10 @@ class EncoderLayer(nn.Module):
         self.norm1, self.dropout1 = c.norm_layer(), nn.Dropout(c.dropout)
         self.norm2, self.dropout2 = c.norm_layer(), nn.Dropout(c.dropout)
 
+    def check(self, name: str, x: object) -> None:
+        """:func:`check_input` at this layer's width and dtype."""
+        check_input(name, x, self.config.d_model, weight_dtype(self.norm1))
+
     def _in(self, x: Tensor, norm: nn.Module) -> Tensor:
         """A sub-layer's input: ``norm(x)`` pre-norm, ``x`` post-norm."""
         return norm(x) if self.norm_first else x
@@ -178,6 +202,7 @@ class EncoderLayer(nn.Module):
 
         With ``need_weights``, a pair with the self-attention weights ``(B, H, L, L)``.
         """
+        self.check("x", x)
         fold = _foldable(self.self_attn, MultiHeadAttention, self.dropout1)
         out = self.self_attn(
             self._in(x, self.norm1),
@@ -257,6 +282,9 @@ class DecoderLayer(EncoderLayer):
         decoding; ``memory`` may be None once ``cross_cache`` is filled. With
         ``need_weights``, a pair with the self-attention weights ``(B, H, Lt, Lk)``.
         """
+        self.check("x", x)
+        if memory is not None:
+            self.check("memory", memory)
         out = self.self_attn(
             self._in(x, self.norm1),
             mask=_with_causal(mask) if self.causal else mask,

@@ -208,6 +208,10 @@ class Transformer(nn.Module):
         memory_mask: MaskLike = None,
     ) -> Tensor:
         """``src (B, Ls, D)``, ``tgt (B, Lt, D)`` -> ``(B, Lt, D)``."""
+        layer = self.decoder.layers[0] if len(self.decoder.layers) else None
+        if isinstance(layer, EncoderLayer):  # (its layers would say "x")
+            layer.check("src", src)
+            layer.check("tgt", tgt)
         memory = self.encode(src, mask=src_mask)
         return self.decode(tgt, memory, mask=tgt_mask, memory_mask=memory_mask)
 

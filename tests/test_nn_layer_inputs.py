@@ -1,0 +1,52 @@
+"""Layers and stacks name a wrong input: a pre-norm layer's norm failed first, in torch's
+words ("Given normalized_shape=[32], expected input with shape [*, 32]", "mixed dtype
+(CPU): all inputs must share same datatype", "rms_norm not implemented for 'Long'"), and a
+post-norm one named ``query``/``key``, its attention's arguments."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from attnlab.nn import DecoderLayer, DecoderOnly, EncoderLayer, LayerConfig, Transformer
+
+PRE, POST = LayerConfig(32, 4, 64, norm_first=True), LayerConfig(32, 4, 64)
+RMS = LayerConfig(32, 4, 64, norm_first=True, norm="rms")
+X, MEM = torch.randn(2, 7, 32), torch.randn(2, 5, 32)
+NARROW, WIDE64 = torch.randn(2, 7, 16), torch.randn(2, 7, 32, dtype=torch.float64)
+
+CASES: list[tuple[str, Callable[[], object], type, str]] = [
+    ("pre-norm width", lambda: EncoderLayer(PRE)(NARROW), ValueError,
+     r"^x must be \(B, L, 32\), got \(2, 7, 16\)$"),
+    ("post-norm width", lambda: EncoderLayer(POST)(NARROW), ValueError,
+     r"^x must be \(B, L, 32\), got \(2, 7, 16\)$"),
+    ("pre-norm dtype", lambda: EncoderLayer(PRE)(WIDE64), TypeError, r"^x .*float32.*float64"),
+    ("rms int", lambda: EncoderLayer(RMS)(X.long()), TypeError, r"^x must be a floating"),
+    ("decoder-only width", lambda: DecoderOnly(PRE, 1)(NARROW), ValueError, r"^x must be"),
+    ("memory width", lambda: DecoderLayer(POST)(X, MEM[..., :16]), ValueError,
+     r"^memory must be \(B, L, 32\), got \(2, 5, 16\)$"),
+    ("memory dtype", lambda: DecoderLayer(PRE)(X, MEM.double()), TypeError, r"^memory "),
+    ("src width", lambda: Transformer(PRE, 1, 1)(NARROW, X), ValueError, r"^src must be"),
+    ("tgt width", lambda: Transformer(POST, 1, 1)(X, NARROW), ValueError, r"^tgt must be"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("what", "call", "kind", "message"), CASES, ids=[c[0] for c in CASES])
+def test_a_wrong_input_is_named(what: str, call: Callable[[], object], kind: type, message: str):
+    with pytest.raises(kind, match=message):
+        call()
+
+
+def test_right_inputs_still_run() -> None:
+    """The control: each layer and stack above takes the inputs of its width and dtype."""
+    assert EncoderLayer(PRE)(X).shape == EncoderLayer(RMS)(X).shape == X.shape
+    assert DecoderLayer(POST)(X, MEM).shape == DecoderOnly(PRE, 1)(X).shape == X.shape
+    assert Transformer(PRE, 1, 1)(MEM, X).shape == X.shape
+    assert (
+        DecoderLayer(PRE.__class__(32, 4, 64, norm_first=True))
+        .double()(X.double(), MEM.double())
+        .dtype
+        == torch.float64
+    )
