@@ -35,7 +35,7 @@ from attnlab.train.checkpoint import (
     task_state,
 )
 from attnlab.train.interrupt import TrainingInterrupted, say_complete, stop_requests
-from attnlab.train.protocols import LossFn, Plugin, Task
+from attnlab.train.protocols import LossFn, Plugin, Task, eval_score
 from attnlab.train.resume import kept_message, resumed_config
 
 __all__ = ["LossFn", "Plugin", "Task", "TrainConfig", "Trainer", "lr_factor", "num_threads"]
@@ -54,7 +54,7 @@ class TrainConfig:
         lr, weight_decay, warmup, clip: AdamW, linear warmup steps then cosine decay to
             ``min_lr_ratio * lr``, gradient-norm clipping (0 = off).
         eval_every: steps between evaluations (and checkpoints).
-        target: stop once the task's ``score`` reaches it.
+        target: stop once the task's ``score`` (its ``evaluate()``'s) reaches it.
         patience: stop after this many evaluations without a better score.
         time_limit: stop (after a last evaluation) at the first step past this many seconds.
         seed: seeds the model init, the batch order and what the steps draw from torch's
@@ -323,7 +323,7 @@ class Trainer:
         self.history.append(record)
         if self.on_eval is not None:
             self.on_eval(record)
-        score = metrics.get("score", -loss)
+        score = eval_score(metrics, loss, first=len(self.history) == 1)
         improved = score > self.best
         self.best, self.bad_evals = max(self.best, score), 0 if improved else self.bad_evals + 1
         if improved:

@@ -6,12 +6,13 @@ any model beyond these.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from torch import Tensor, nn
 
-__all__ = ["LossFn", "Plugin", "Task"]
+__all__ = ["LossFn", "Plugin", "Task", "eval_score"]
 
 
 class Task(Protocol):
@@ -27,7 +28,9 @@ class Task(Protocol):
         ...     def num_train(self): return len(self.data)
         ...     def batch(self, indices): return self.data[indices]
         ...     def loss(self, model, batch): return (model(0 * batch) - batch).square().mean()
-        ...     def evaluate(self, model): return {"mean": float(model(torch.zeros(1, 1)))}
+        ...     def evaluate(self, model):  # a "score", higher is better, picks the best
+        ...         mean = float(model(torch.zeros(1, 1)))
+        ...         return {"mean": mean, "score": -abs(mean - 1.0)}
         >>> cfg = TrainConfig(steps=100, batch_size=16, lr=0.1, eval_every=100, progress=False)
         >>> round(Trainer(Mean(), cfg).fit()[-1]["mean"], 1)
         1.0
@@ -43,6 +46,9 @@ class Task(Protocol):
     def evaluate(self, model: nn.Module) -> dict[str, float]: ...
 
 
+# ``evaluate`` returns the metrics of one evaluation; its ``"score"`` (higher is better)
+# decides ``best.safetensors``, ``target`` and ``patience`` (:func:`eval_score`).
+#
 # A task may also define ``begin_step(model, step)``: the trainer calls it before each
 # step's ``batch``, so a task whose data comes from the model itself (reinforcement
 # learning's rollouts, :mod:`attnlab.rl`) can collect it. It should be a pure function of
@@ -59,6 +65,28 @@ class Task(Protocol):
 # means (:class:`attnlab.tasks.options.DataOptions`).
 
 LossFn = Callable[[nn.Module, Any], Tensor]
+
+
+def eval_score(metrics: dict[str, Any], loss: float, *, first: bool = False) -> float:
+    """What an evaluation's ``metrics`` rank by: their ``"score"``, else minus ``loss``,
+    the last training batch's (said in a warning at the ``first`` evaluation: the best
+    checkpoint, ``target`` and ``patience`` followed that noisy loss without a word).
+
+    Example:
+        >>> eval_score({"score": 0.5, "bleu": 20.0}, 1.2), eval_score({"bleu": 20.0}, 1.2)
+        (0.5, -1.2)
+    """
+    if "score" in metrics:
+        return float(metrics["score"])
+    if first:
+        keys = ", ".join(map(repr, metrics)) or "none"
+        warnings.warn(
+            f"the task's evaluate() returned no 'score' (its keys: {keys}): the best "
+            f"checkpoint, target and patience follow minus the last training batch's loss; "
+            f"return a 'score', higher is better",
+            stacklevel=3,
+        )
+    return -loss
 
 
 class Plugin(Protocol):
