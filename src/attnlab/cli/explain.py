@@ -83,6 +83,10 @@ def add_parsers(sub: Any) -> None:
 def _hf_model(args: argparse.Namespace, text: str, continuation: str | None) -> TextModel:
     """``--hf-model DIR`` on the attnlab transformers backend; a folder that holds no model
     it can load, or ``--continuation`` with an encoder, is a usage error."""
+    try:
+        import transformers  # noqa: F401  (it said "... (an optional dependency is missing)")
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError(f"{e}; pip install 'attnlab[hf]'") from e
     from attnlab.integrations.hf_text import (
         hf_text_model,
         is_decoder,

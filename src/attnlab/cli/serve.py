@@ -159,6 +159,8 @@ def run(args: argparse.Namespace) -> int:
 
         from attnlab.serve import create_app
     except ModuleNotFoundError as e:
+        if "attnlab[serve]" in str(e):  # (attnlab.serve names it)
+            raise
         raise ModuleNotFoundError(f"{e}; pip install 'attnlab[serve]'") from e
     sock = _bind(args.host, args.port)
     encoder = _encoder(args, sock)

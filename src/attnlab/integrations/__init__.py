@@ -6,5 +6,6 @@
   :mod:`~attnlab.integrations.hf_masks`, the translation of transformers' mask requests
   into attnlab masks.
 
-Nothing here is imported by ``import attnlab``; importing a submodule needs its library.
+Nothing here is imported by ``import attnlab``; what calls into a library (``register()``)
+needs its extra, and says so.
 """

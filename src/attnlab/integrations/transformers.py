@@ -111,8 +111,12 @@ def register(name: str = NAME, engine: str | None = None) -> str:
         >>> model(torch.tensor([[1, 2, 3]])).logits.shape
         torch.Size([1, 3, 32])
     """
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+    except ModuleNotFoundError as e:  # (a bare "No module named 'transformers'")
+        why = f"{e}; register() needs the hf extra: pip install 'attnlab[hf]'"
+        raise ModuleNotFoundError(why, name=e.name) from e
 
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, got {type(name).__name__}")

@@ -8,7 +8,13 @@ would load Swagger UI from a CDN).
 
 from __future__ import annotations
 
-from attnlab.serve.app import create_app
-from attnlab.serve.limits import Limits
+try:
+    from attnlab.serve.app import create_app
+    from attnlab.serve.limits import Limits
+except ModuleNotFoundError as e:  # (a traceback ending "No module named 'fastapi'")
+    if e.name not in ("fastapi", "starlette", "pydantic", "uvicorn", "PIL"):
+        raise
+    why = f"{e}; attnlab.serve needs the serve extra: pip install 'attnlab[serve]'"
+    raise ModuleNotFoundError(why, name=e.name) from e
 
 __all__ = ["Limits", "create_app"]

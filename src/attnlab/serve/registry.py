@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 
 from attnlab.interpret import rollout
 from attnlab.serve.encoder import EncoderModel
+from attnlab.serve.limits import ApiError
 from attnlab.serve.views import matrix_view, rounded
 from attnlab.tasks import inspect_image, inspect_text
 from attnlab.tasks.inspect import Inspection, RunModel, load_run, run_task_name
@@ -53,7 +54,10 @@ class RunEntry:
             if self._run is None:
                 if self.path.is_symlink():  # made one since it was listed
                     raise CheckpointError(f"{self.name!r}: its checkpoint is now a symlink")
-                self._run = load_run(self.path)
+                try:
+                    self._run = load_run(self.path)
+                except ImportError as e:  # (a 500: the task's data needs an extra)
+                    raise ApiError(503, f"model {self.name!r} cannot be loaded here: {e}") from e
             return self._run
 
     def release(self) -> None:
@@ -123,8 +127,8 @@ def _config_example(path: Path) -> str:
             config = json.loads((f.metadata() or {})["config"])
         with torch.device("meta"):
             return RUNNERS[config["task"]].build(config).example
-    except (SafetensorError, OSError, KeyError, TypeError, ValueError, RuntimeError):
-        return ""
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError, RuntimeError, ImportError):
+        return ""  # (an ImportError failed the whole listing: /api/models answered 500)
 
 
 def find_runs(runs: Path) -> dict[str, RunEntry]:
