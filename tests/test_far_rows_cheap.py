@@ -113,3 +113,27 @@ def test_bounds_of_the_biases() -> None:
         0.0625 * 4 + float(rel.table.detach().abs().max())
     )
     assert B.custom(lambda h, q, k: q.float()).magnitude_bound(5, 5) is None
+
+
+@pytest.mark.parametrize(
+    ("terms", "dtype"),
+    [([2.0**34 - 1024, 513.0], torch.float64), ([32 - 5 * 2.0**-19] + [2.0**-20 + 2.0**-40] * 5,
+      torch.float32)],
+    ids=["float64", "float32"],
+)  # fmt: skip
+def test_a_sum_that_rounds_up_to_the_limit_is_found_far(
+    terms: list[float], dtype: torch.dtype
+) -> None:
+    """Float32 terms summed in float32 round past the sum of their bounds: the bound was
+    just under the limit (17179868673 for 2**34 in float64, 31.999995 for 32 in float32)
+    while the bias is at it, and the shortcut said no far row where the dense check says
+    one."""
+    bias: Bias = B.tensor(torch.tensor([[terms[0]]]))
+    for t in terms[1:]:
+        bias = bias + B.tensor(torch.tensor([[t]]))
+    q = torch.zeros(1, 1, 1, 8, dtype=dtype, requires_grad=True)
+    req = AttentionRequest(
+        q, q, q, None, bias, 1.0, "dot", "softmax", 0.0, return_weights=False, return_lse=False
+    )
+    assert float(bias.dense(1, 1, dtype=dtype).flatten()[0]) >= far_limit(dtype)  # the control
+    assert far_rows(req, "the backward") is not None

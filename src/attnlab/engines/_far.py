@@ -55,12 +55,13 @@ def far_rows(req: AttentionRequest, backward: str) -> str | None:
 
 def _near(req: AttentionRequest, limit: float) -> bool:
     """Whether no row of ``req`` can peak at ``limit``, shown without evaluating the whole
-    bias: the bias's bound is below it (with a margin for the cast to the inputs' dtype),
-    or it is ``-slopes[h] * |p - k|`` and every query row sees its own position (the
-    row's largest bias is then 0)."""
+    bias: the bias's bound is below it with a margin of 1% (a sum of biases adds in its
+    terms' dtype, float32 for float64 inputs too, and rounds past the sum of their bounds;
+    a call at the margin takes the dense check), or it is ``-slopes[h] * |p - k|`` and
+    every query row sees its own position (the row's largest bias is then 0)."""
     assert req.bias is not None
     bound = req.bias.magnitude_bound(req.lq, req.lk)  # (NaN compares False)
-    if bound is not None and bound * (1 + torch.finfo(req.q.dtype).eps) < limit:
+    if bound is not None and bound * 1.01 < limit:
         return True
     slopes = req.bias.linear_distance_slopes()  # (H,)
     return slopes is not None and bool((slopes >= 0).all()) and _sees_itself(req)
