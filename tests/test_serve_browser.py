@@ -612,6 +612,38 @@ def test_number_boxes_send_what_they_show(page: Any, server: str) -> None:
     assert "steps must be in 2..64 (max_steps), got 0" in page.inner_text("#error")
 
 
+# The characters of an element's text in the order they are drawn (top to bottom, then left
+# to right), read from each character's box.
+_DRAWN = """e => { const out = [], w = document.createTreeWalker(e, NodeFilter.SHOW_TEXT); let n;
+  while ((n = w.nextNode())) for (let i = 0; i < n.data.length; i++) {
+    const r = document.createRange(); r.setStart(n, i); r.setEnd(n, i + 1);
+    const b = r.getBoundingClientRect(); out.push([Math.round(b.top), b.left, n.data[i]]); }
+  return out.sort((a, b) => a[0] - b[0] || a[1] - b[1]).map(x => x[2]).join(''); }"""
+
+
+def test_a_right_to_left_token_keeps_its_place_in_the_readouts(page: Any, server: str) -> None:
+    """(A Hebrew token pulled its quotes and index along: the head's line was drawn
+    '...: 3) "ש" looks at', the matrix's and the saliency's alike.) Each token is isolated:
+    the readouts read left to right as written, the token inside its quotes."""
+    text = "shalom \u05e9\u05dc\u05d5\u05dd 12"
+    tokens = _torch_attention(text)[0]
+    shin = tokens.index("\u05e9")  # one letter: drawn the same either way
+    page.fill("#text", text)
+    _act(page, lambda: page.click("#run"))
+    page.hover(f"#headview .q[data-index='{shin}']")
+    drawn = page.eval_on_selector("#headview .hv-status", _DRAWN)
+    assert f': "\u05e9" ({shin}) looks at ' in drawn, drawn
+    _hover_cell(page, "#headview .matrix canvas", shin, shin)
+    drawn = page.eval_on_selector("#headview .m-status", _DRAWN)
+    assert drawn.startswith(f'"\u05e9" ({shin}) \u2192 "\u05e9" ({shin}): '), drawn
+    _act(page, lambda: page.check("input[name=method][value=rollout]"))
+    page.hover(f"#saliency .sal-tok >> nth={shin}")
+    drawn = page.eval_on_selector("#saliency-status", _DRAWN)
+    assert drawn.startswith(f'"\u05e9" ({shin}): '), drawn
+    isolated = "e => getComputedStyle(e).unicodeBidi"
+    assert page.eval_on_selector("#saliency .sal-tok .t", isolated) == "isolate"
+
+
 def test_512_tokens_stay_responsive(page: Any, server: str) -> None:
     text = " ".join(["the cat sat on the mat"] * 85)  # 510 words, 512 tokens with the ends
     sizes: list[int] = []

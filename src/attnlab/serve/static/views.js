@@ -21,6 +21,11 @@ function tokenLabel(t) {
   return t === "" ? "\u2423" : String(t).replace(/ /g, "\u00b7");
 }
 
+// A readout: strings as text, each token ([t]) in its own <bdi>, so that a right-to-left
+// token cannot move its quotes and the numbers beside it (bidi isolation).
+const readLine = (root, ...parts) => root.replaceChildren(
+  ...parts.map(p => (Array.isArray(p) ? el("bdi", null, tokenLabel(p[0])) : p)));
+
 function rgba(c, a) {
   return `rgba(${c[0]},${c[1]},${c[2]},${Math.max(0, Math.min(1, a)).toFixed(3)})`;
 }
@@ -177,10 +182,7 @@ class MatrixView {
   }
 
   // Outline query row i and/or key column j (-1: none).
-  highlight(i, j) {
-    this.mark = i < 0 && j < 0 ? null : [i, j];
-    this.render();
-  }
+  highlight(i, j) { this.mark = i < 0 && j < 0 ? null : [i, j]; this.render(); }
 
   onMove(e) {
     if (!this.vals) return;
@@ -195,8 +197,7 @@ class MatrixView {
   show(i, j) {
     const p = i * this.k.length + j;
     const v = this.has[p] ? this.vals[p].toFixed(3) : "below the top k";
-    const q = tokenLabel(this.q[i]), k = tokenLabel(this.k[j]);
-    this.status.textContent = `"${q}" (${i}) \u2192 "${k}" (${j}): ${v}`;
+    readLine(this.status, "\"", [this.q[i]], `" (${i}) \u2192 "`, [this.k[j]], `" (${j}): ${v}`);
     this.highlight(i, j);
   }
 }
@@ -318,7 +319,7 @@ class HeadView {
       this.light(this.right[j], null, rgba(BLUE, w));
     }
     this.light(this.right[best], "argmax");
-    this.say(`"${tokenLabel(this.q[i])}" (${i}) looks at`, row.slice(0, 5), this.k);
+    this.say(["\"", [this.q[i]], `" (${i}) looks at`], row.slice(0, 5), this.k);
     return row.length;
   }
 
@@ -333,15 +334,15 @@ class HeadView {
     const who = list.length
       ? `looked at by ${list.length} queries (in their top ${this.head.top_k}):`
       : "in no query's top keys";
-    this.say(`"${tokenLabel(this.k[j])}" (${j}) is ${who}`, list.slice(0, 5), this.q);
+    this.say(["\"", [this.k[j]], `" (${j}) is ${who}`], list.slice(0, 5), this.q);
     return list.length;
   }
 
-  // The status line: a sentence, then up to 5 tokens with their weights as the API sent them.
+  // The status line: a sentence (readLine's parts), then up to 5 tokens with their weights.
   say(lead, pairs, tokens) {
-    this.status.textContent = `${this.where}: ${lead} `;
+    readLine(this.status, `${this.where}: `, ...lead, " ");
     for (const [idx, w] of pairs) {
-      const s = el("span", "w", `${tokenLabel(tokens[idx])} ${w.toFixed(3)}`);
+      const s = el("span", "w"); readLine(s, [tokens[idx]], ` ${w.toFixed(3)}`);
       s.dataset.index = idx; s.dataset.weight = String(w);
       this.status.append(s, " ");
     }
@@ -383,10 +384,8 @@ function thumbnail(grid, l, h, selected) {
 function drawSaliency(root, tokens, values, readout) {
   root.textContent = "";
   const hint = "hover a token, or Tab to one and use the arrow keys, for its value";
-  const say = i => {
-    readout.textContent = i < 0 ? hint
-      : `"${tokenLabel(tokens[i])}" (${i}): ${values[i].toPrecision(4)}`;
-  };
+  const say = i => (i < 0 ? readLine(readout, hint)
+    : readLine(readout, "\"", [tokens[i]], `" (${i}): ${values[i].toPrecision(4)}`));
   say(-1);
   const top = Math.max(1e-12, ...values.map(Math.abs));
   tokens.forEach((t, i) => {
