@@ -644,6 +644,41 @@ def test_a_right_to_left_token_keeps_its_place_in_the_readouts(page: Any, server
     assert page.eval_on_selector("#saliency .sal-tok .t", isolated) == "isolate"
 
 
+def test_top_k_and_steps_run_a_shown_explanation_again(page: Any, server: str) -> None:
+    """(top k changed under rollout asked only for the hidden head: the rollout matrix kept
+    every value; steps changed under integrated gradients did nothing until Run.) Both send
+    the explanation again, and the matrix shows the new top k."""
+    sent: list[Any] = []
+    page.on("request", lambda r: r.url.endswith("/api/explain") and sent.append(r.post_data_json))
+    page.fill("#text", "Cats purr.")
+    _act(page, lambda: page.click("#run"))
+    _act(page, lambda: page.check("input[name=method][value=rollout]"))
+    n = len(page.query_selector_all("#saliency .sal-tok"))
+
+    def row(i: int) -> list[str]:  # the readouts of the matrix's row i, by the keyboard
+        page.focus("#explain-matrix canvas")
+        for key in ["Home"] + ["ArrowUp"] * n + ["ArrowDown"] * i:
+            page.keyboard.press(key)
+        out = []
+        for _ in range(n):
+            out.append(page.inner_text("#explain-matrix .m-status").rsplit(": ", 1)[1])
+            page.keyboard.press("ArrowRight")
+        return out
+
+    assert "below the top k" not in row(1) and len(sent) == 1
+    page.fill("#topk", "2")
+    _act(page, lambda: page.press("#topk", "Tab"))
+    assert page.evaluate("document.body.dataset.job") == "done", page.inner_text("#error")
+    assert [b["method"] for b in sent] == ["rollout"] * 2 and sent[-1]["top_k"] == 2
+    for i in (0, n - 1):
+        assert sum(v != "below the top k" for v in row(i)) == 2, row(i)
+    _act(page, lambda: page.check("input[name=method][value=integrated]"))
+    page.fill("#steps", "3")
+    _act(page, lambda: page.press("#steps", "Tab"))
+    assert (sent[-1]["method"], sent[-1]["steps"], len(sent)) == ("integrated", 3, 4)
+    assert page.evaluate("document.body.dataset.job") == "done", page.inner_text("#error")
+
+
 def test_512_tokens_stay_responsive(page: Any, server: str) -> None:
     text = " ".join(["the cat sat on the mat"] * 85)  # 510 words, 512 tokens with the ends
     sizes: list[int] = []

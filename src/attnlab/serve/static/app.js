@@ -196,6 +196,12 @@ async function selectHead(l, h) {
   if (S.ran) await attend(false);
 }
 
+// An explanation (not raw attention) of a text is what the page shows.
+function explained() {
+  return S.mode === "explore" && S.method !== "attention" && !!S.ran &&
+    S.ran.text !== undefined && methodOk(S.method);
+}
+
 function methodOk(m) {
   return methodAvailable(m) && (m !== "flow" || S.flowOk !== false);
 }
@@ -333,8 +339,12 @@ function wire() {
     () => action(() => selectHead(+$("#layer").value, S.head)));
   $("#head").addEventListener("change",
     () => action(() => selectHead(S.layer, +$("#head").value)));
+  // top k: the head again, and a shown explanation (its matrix keeps the top k) too; steps:
+  // integrated gradients again when shown (both used to wait for Run, the view unchanged)
   $("#topk").addEventListener("change", () => S.ran && action(S.mode === "compare" ? compare
-    : () => attend(false)));
+    : async () => { await attend(false); if (explained()) await explain(); }));
+  $("#steps").addEventListener("change",
+    () => explained() && S.method === "integrated" && action(explain));
   const pickThumb = e => {
     const c = e.target.closest("canvas");
     if (c && (e.type === "click" || e.key === "Enter" || e.key === " ")) {
