@@ -50,3 +50,14 @@ def _inverse_frequencies(dim: int, base: float) -> Tensor:
     ``to_empty`` restores: "Cannot copy out of meta tensor")."""
     steps = torch.arange(0, dim, 2, dtype=torch.float64, device="cpu")
     return torch.pow(base, -steps / dim)
+
+
+def _check_span(name: str, start: int, length: int) -> int:
+    """``start`` if ``start + length`` fits int64, the end of its positions' arange (past
+    it torch said "value cannot be converted to type int64_t without overflow")."""
+    if start + length > 2**63 - 1:
+        raise ValueError(
+            f"{name}={start} with {length} tokens runs past the positions int64 holds: "
+            f"{name} + length must be at most 2**63 - 1"
+        )
+    return start

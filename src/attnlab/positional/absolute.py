@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from attnlab._validate import float_dtype, nonnegative_int, positive_int
 from attnlab.positional._common import (
     _check_positions,
+    _check_span,
     _compute_dtype,
     _inverse_frequencies,
     _positive_float,
@@ -41,7 +42,7 @@ def _positions(
 ) -> Tensor:
     """The positions of ``length`` tokens: ``offset + arange(length)`` or the explicit ones."""
     if positions is None:
-        start = nonnegative_int("offset", offset)
+        start = _check_span("offset", nonnegative_int("offset", offset), length)
         return torch.arange(start, start + length, device=device)  # (L,)
     if not (isinstance(offset, numbers.Integral) and offset == 0):
         raise ValueError(
@@ -100,7 +101,7 @@ def sinusoidal_table(
     """
     length = nonnegative_int("length", length)
     dim = positive_int("dim", dim)
-    offset = nonnegative_int("offset", offset)
+    offset = _check_span("offset", nonnegative_int("offset", offset), length)
     dtype = float_dtype("dtype", dtype)
     pos = torch.arange(offset, offset + length, device=device)  # (L,)
     return _sinusoid(pos, dim, _positive_float("base", base), dtype)  # (L, D)
@@ -192,10 +193,10 @@ class LearnedPositional(nn.Module):
         """
         x = _check_embeddings(x, self.dim)  # (B, L, D)
         b, length, _ = x.shape
+        if positions is None and isinstance(offset, numbers.Integral) and offset is not True:
+            self._check_end(int(offset), length)  # (first: arange overflowed at 2**63)
         pos = _positions(offset, positions, batch=b, length=length, device=self.weight.device)
-        if positions is None:
-            self._check_end(offset, length)
-        else:
+        if positions is not None:
             self._check_values(pos)
         return x + F.embedding(pos.long(), self.weight).to(x.dtype)  # (B, L, D): any int dtype
 

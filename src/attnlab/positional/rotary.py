@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from attnlab._validate import positive_int
 from attnlab.positional._common import (
     _check_positions,
+    _check_span,
     _compute_dtype,
     _inverse_frequencies,
     _positive_float,
@@ -191,7 +192,7 @@ class RotaryEmbedding(nn.Module):
             )
         if positions < 0:
             raise ValueError(f"positions must be an int offset >= 0, got {positions}")
-        start = int(positions)
+        start = _check_span("positions", int(positions), length)
         if start + length > max(_TABLE_MAX, self._cos.shape[0]):  # far out: these angles
             # only (one token at 2**21 built 2 GiB of tables, 12.6 s); the same values
             angle = self._angles(torch.arange(start, start + length, device=x.device), work)
