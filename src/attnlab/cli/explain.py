@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -132,16 +132,19 @@ def _check_texts(
     """TEXT and ``--against`` fit the model and hold tokens it reads, measured with the
     tokenizer alone (a text too long was refused after the weights loaded, below
     transformers' progress bar and its own long-sequence warning)."""
-    from attnlab.integrations.hf_text import is_decoder
+    from attnlab.integrations.hf_text import decoder_ids, is_decoder
 
     def ids(x: str, special: bool = True) -> list[int]:
         return list(tokenizer(x, add_special_tokens=special, verbose=False)["input_ids"])
 
-    follow = 0  # the tokens a decoder scores after the text: the continuation, or 1
-    if is_decoder(config):
+    text_ids: Callable[[str], list[int]] = ids
+    follow = 0  # the tokens a decoder scores after the text: the
+    if is_decoder(config):  # continuation, or 1; the text counted without EOS
         follow = 1 if continuation is None else len(ids(continuation, special=False))
-    for name, s in (("TEXT", text), ("--against", args.against)):
-        check_fits(name, s, ids, config, follow if name == "TEXT" else 0)
+        text_ids = lambda x: decoder_ids(tokenizer, x, verbose=False)  # noqa: E731
+    checks = (("TEXT", text, text_ids, follow), ("--against", args.against, ids, 0))
+    for name, s, count, n in checks:
+        check_fits(name, s, count, config, n)
         if s is not None:
             check_has_tokens(name, s, ids)
 

@@ -26,7 +26,14 @@ from torch import Tensor, nn
 from attnlab.integrations.transformers import register
 from attnlab.interpret import TextModel
 
-__all__ = ["hf_text_model", "is_decoder", "load_hf", "load_hf_model", "load_hf_tokenizer"]
+__all__ = [
+    "decoder_ids",
+    "hf_text_model",
+    "is_decoder",
+    "load_hf",
+    "load_hf_model",
+    "load_hf_tokenizer",
+]
 
 
 def is_decoder(config: Any) -> bool:
@@ -188,7 +195,7 @@ def hf_text_model(
         )
     follow = _continuation(model, tokenizer, text, continuation)
     return TextModel(
-        tokenize=lambda s: [*tokenizer(s)["input_ids"], *follow],
+        tokenize=lambda s: [*decoder_ids(tokenizer, s), *follow],
         pooled=lambda ids: _log_prob(model, ids, len(follow)),
         embed=lambda ids: _log_prob(model, ids, len(follow)),
         pooling="next",  # saliency: the rows the log-probabilities are read from
@@ -214,6 +221,28 @@ def _special_ends(tokenizer: Any) -> tuple[bool, bool]:
     return bool(marked) and marked[:1] != plain[:1], bool(marked) and marked[-1:] != plain[-1:]
 
 
+def decoder_ids(tokenizer: Any, text: str, **kwargs: Any) -> list[int]:
+    """``text``'s token ids as a decoder continues it: the tokenizer's special tokens
+    before the text (BOS) kept, those it appends after it (EOS, as ``add_eos_token`` or a
+    ``<s> $A </s>`` template add) dropped, as the model would never go on after them.
+
+    Example:
+        >>> def llama(s, add_special_tokens=True, **kw):  # <s> a </s>
+        ...     return {"input_ids": [1, 7, 2] if add_special_tokens else [7]}
+        >>> decoder_ids(llama, "a")
+        [1, 7]
+    """
+    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    marked = list(tokenizer("a")["input_ids"])
+    after = 0  # the tokens appended after the text's own
+    for i in range(len(marked) - len(plain) + 1):
+        if marked[i : i + len(plain)] == plain:
+            after = len(marked) - i - len(plain)
+            break
+    ids = list(tokenizer(text, **kwargs)["input_ids"])
+    return ids[: len(ids) - after]
+
+
 def _continuation(model: nn.Module, tokenizer: Any, text: str, cont: str | None) -> list[int]:
     """The token ids to explain after the text: ``cont``'s, else the greedy next token."""
     if cont is not None:
@@ -222,7 +251,7 @@ def _continuation(model: nn.Module, tokenizer: Any, text: str, cont: str | None)
             raise ValueError(f"continuation={cont!r} has no tokens")
         return list(ids)
     with torch.no_grad():
-        logits = model(input_ids=torch.tensor([tokenizer(text)["input_ids"]])).logits
+        logits = model(input_ids=torch.tensor([decoder_ids(tokenizer, text)])).logits
     return [int(logits[0, -1].argmax())]
 
 
