@@ -38,10 +38,10 @@ def _eos_llama(path: Path, positions: int = 64) -> Path:
     return path
 
 
-def _eager_log_probs(folder: Path, ids: list[int]) -> torch.Tensor:
-    """``(n, V)`` float64 log-probabilities of transformers' eager model on ``ids``."""
+def _eager_log_probs(folder: Path, ids: list[int], impl: str = "eager") -> torch.Tensor:
+    """``(n, V)`` float64 log-probabilities of transformers' ``impl`` attention on ``ids``."""
     eager = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, attn_implementation="eager", dtype=torch.float64
+        folder, attn_implementation=impl, dtype=torch.float64
     )
     with torch.no_grad():
         return torch.log_softmax(eager.eval()(input_ids=torch.tensor([ids])).logits[0], -1)
@@ -68,3 +68,24 @@ def test_a_decoder_whose_tokenizer_appends_eos_is_scored_after_the_text(tmp_path
     small = _eos_llama(tmp_path / "small", positions=8)
     out = ["--out", str(tmp_path / "r.html"), "--steps", "2"]
     assert main(["explain", "the cat sat on a mat", "--hf-model", str(small), *out]) == 0
+
+
+def test_a_float64_decoder_is_scored_in_float64(tmp_path: Path) -> None:
+    """The log-probability was taken after ``.float()``: a float64 model's score was
+    1.1e-6 from torch's float64 attention's; it keeps the logits' precision now (fp16 and
+    bf16 still go up to float32). (Eager's softmax is float32 even in a float64 model:
+    2.6e-8 off, so the reference is transformers' sdpa attention.)"""
+    from attnlab.integrations.transformers import register
+
+    folder = _eos_llama(tmp_path / "llama")
+    _, tok = load_hf(folder)
+    m64 = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, attn_implementation=register(), dtype=torch.float64
+    )
+    tm = hf_text_model(m64.eval(), tok, text="the cat sat", continuation="on a mat the cat")
+    ids = list(tm.tokenize("the cat sat"))
+    logp = _eager_log_probs(folder, ids, impl="sdpa")
+    want = sum(float(logp[i - 1, ids[i]]) for i in range(4, len(ids)))
+    with torch.no_grad():
+        got = tm.pooled(torch.tensor([ids]))
+    assert got.dtype == torch.float64 and abs(float(got) - want) < 1e-9, float(got) - want

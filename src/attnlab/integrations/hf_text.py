@@ -258,5 +258,5 @@ def _continuation(model: nn.Module, tokenizer: Any, text: str, cont: str | None)
 def _log_prob(model: nn.Module, ids: Tensor, m: int) -> Tensor:
     """``(B, 1)`` log-probability of the last ``m`` tokens of ``ids (B, n)`` given the rest."""
     logits = model(input_ids=ids).logits[:, -m - 1 : -1]  # (B, m, V): each predicts the next
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
     return logp.gather(-1, ids[:, -m:, None]).sum((1, 2)).unsqueeze(-1)
