@@ -89,3 +89,25 @@ def test_a_float64_decoder_is_scored_in_float64(tmp_path: Path) -> None:
     with torch.no_grad():
         got = tm.pooled(torch.tensor([ids]))
     assert got.dtype == torch.float64 and abs(float(got) - want) < 1e-9, float(got) - want
+
+
+@pytest.mark.parametrize("continuation", ["a mat", None])
+def test_a_decoders_report_names_the_log_probability_it_explains(
+    tmp_path: Path, continuation: str | None
+) -> None:
+    """The note said "(score: the embedding along its own direction)" for a decoder, whose
+    score is -log p(continuation | text); it names that, and the scored tokens."""
+    import html
+    import re
+
+    from attnlab.interpret.text import explain_text
+
+    model, tok = load_hf(_eos_llama(tmp_path / "llama"))
+    tm = hf_text_model(model, tok, text="the cat sat on", continuation=continuation)
+    ex = explain_text(tm, "the cat sat on", tmp_path / "r.html", steps=2, log=lambda s: None)
+    notes = re.findall(r"\(score: (?:[^()]|\([^()]*\))*\)", html.unescape(ex.files[0].read_text()))
+    scored = continuation or ex.tokens[-1]  # the greedy next token
+    assert notes == [f'(score: -log p("{scored}" | text))'], notes
+    ids = torch.tensor([list(tm.tokenize("the cat sat on"))])
+    with torch.no_grad():
+        assert abs(ex.score + float(tm.pooled(ids))) < 1e-6  # the score is -log p

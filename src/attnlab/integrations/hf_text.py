@@ -200,6 +200,7 @@ def hf_text_model(
         embed=lambda ids: _log_prob(model, ids, len(follow)),
         pooling="next",  # saliency: the rows the log-probabilities are read from
         keep_last=len(follow),
+        scored=tokenizer.decode(follow).strip(),
         **common,
     )
 

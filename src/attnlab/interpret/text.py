@@ -68,6 +68,8 @@ class TextModel:
         pooling: ``"cls"`` (the first token's state), ``"next"`` (a decoder's
             log-probability of its last ``keep_last`` tokens, read from the rows before
             each) or another pooling (a mean of tokens).
+        scored: (``"next"``) the scored tokens' text, as the report names the score
+            (the tokens' names joined when empty).
 
     Example:
         >>> from attnlab.nn import MultiHeadAttention
@@ -92,6 +94,7 @@ class TextModel:
     pooling: str = "mean"
     keep_last: int = 1
     keep_first: bool = True
+    scored: str = ""
 
 
 @dataclass
@@ -127,6 +130,22 @@ def _score_rows(model: TextModel, n: int) -> list[int] | None:
     if model.pooling == "next":  # row i predicts token i + 1
         return list(range(n - 1 - model.keep_last, n - 1))
     return None
+
+
+def _score_name(model: TextModel, tokens: list[str], against: str | None) -> str:
+    """What the explained score is, as the report's note names it: a decoder's
+    ``-log p(continuation | text)``, a similarity, or the embedding's length.
+
+    Example:
+        >>> _score_name(_toy(), ["1", "3", "9"], None), _score_name(_toy(), [], "dogs")
+        ('the embedding along its own direction', 'similarity to: dogs')
+    """
+    if against is not None:
+        return f"similarity to: {against}"
+    if model.pooling == "next":
+        scored = model.scored or " ".join(tokens[len(tokens) - model.keep_last :])
+        return f'-log p("{scored}" | text)'
+    return "the embedding along its own direction"
 
 
 def _pool_rows(matrix: Tensor, rows: list[int] | None) -> Tensor:
@@ -373,7 +392,6 @@ def explain_text(
         sal |= _flow_saliency(attns, rows, flow_tokens, log)
         sal["gradient relevance"] = _pool_rows(rel - torch.eye(len(tokens)), rows).tolist()
         sal["integrated gradients"] = ig.per_token()[0].tolist()
-        what = "the embedding along its own direction"
-        what = what if against is None else f"similarity to: {against}"
-        files = write_explanation(out, tokens, attns, roll, sal, text=text, note=f"(score: {what})")
+        note = f"(score: {_score_name(model, tokens, against)})"
+        files = write_explanation(out, tokens, attns, roll, sal, text=text, note=note)
     return Explanation(tokens, attns, sal, s_x, s_b, files)
