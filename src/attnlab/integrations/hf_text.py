@@ -217,9 +217,15 @@ def _special_ends(tokenizer: Any) -> tuple[bool, bool]:
         >>> _special_ends(bert), _special_ends(gpt2)
         ((True, True), (False, False))
     """
-    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
-    marked = list(tokenizer("a")["input_ids"])
+    plain, marked = _sample_ids(tokenizer)
     return bool(marked) and marked[:1] != plain[:1], bool(marked) and marked[-1:] != plain[-1:]
+
+
+def _sample_ids(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The ids of the text ``"a"`` without and with the tokenizer's special tokens: what
+    it adds around a text."""
+    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    return plain, list(tokenizer("a")["input_ids"])
 
 
 def decoder_ids(tokenizer: Any, text: str, **kwargs: Any) -> list[int]:
@@ -233,8 +239,7 @@ def decoder_ids(tokenizer: Any, text: str, **kwargs: Any) -> list[int]:
         >>> decoder_ids(llama, "a")
         [1, 7]
     """
-    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
-    marked = list(tokenizer("a")["input_ids"])
+    plain, marked = _sample_ids(tokenizer)
     after = 0  # the tokens appended after the text's own
     for i in range(len(marked) - len(plain) + 1):
         if marked[i : i + len(plain)] == plain:
