@@ -207,7 +207,7 @@ class MultiHeadAttention(nn.Module):
             ``(B, Lq, D)``, or with ``need_weights`` a pair with the weights
             ``(B, H, Lq, Lk)`` (``(B, Lq, Lk)`` when averaged).
         """
-        _check_input("query", query, self.embed_dim)
+        check_input("query", query, self.embed_dim)
         for name, t in (("query", query), ("key", key), ("value", value)):  # (float64 into a
             if isinstance(t, Tensor):  # float32 layer: "mat1 and mat2 must have the same dtype")
                 same_dtype(name, t, weight_dtype(self.out_proj))
@@ -281,8 +281,8 @@ class MultiHeadAttention(nn.Module):
         )
 
     def _project_kv(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
-        _check_input("key", key, self.kdim)
-        _check_input("value", value, self.vdim)
+        check_input("key", key, self.kdim)
+        check_input("value", value, self.vdim)
         if key.shape[:-1] != value.shape[:-1]:  # (it named the head-split k and v)
             raise ValueError(
                 f"key and value must have the same batch and length (B, Lk, .), got key "
@@ -379,7 +379,14 @@ class _Call(TypedDict):
     normalize: str
 
 
-def _check_input(name: str, x: object, dim: int) -> None:
+def check_input(name: str, x: object, dim: int) -> None:
+    """``x`` a floating ``(B, L, dim)`` tensor, else an error naming ``name``.
+
+    Example:
+        >>> check_input("x", torch.zeros(2, 7, 16), 32)
+        Traceback (most recent call last):
+        ValueError: x must be (B, L, 32), got (2, 7, 16)
+    """
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a Tensor (B, L, D), got {type(x).__name__}")
     if x.dim() != 3 or x.shape[-1] != dim:

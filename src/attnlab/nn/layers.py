@@ -19,9 +19,8 @@ patterns) and follow torch's, so loading weights is a key mapping:
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import TypeVar, cast
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -32,7 +31,7 @@ from attnlab.masks import Mask
 from attnlab.nn._from_torch import load_torch, torch_config
 from attnlab.nn._fused import feed_forward, module_linear, plain
 from attnlab.nn._weights import weight_dtype
-from attnlab.nn.attention import MultiHeadAttention
+from attnlab.nn.attention import MultiHeadAttention, check_input
 from attnlab.nn.cache import KVCache
 from attnlab.nn.config import ACTIVATIONS, LayerConfig, check_choice
 
@@ -131,25 +130,6 @@ def _attention(c: LayerConfig, *, rope: bool) -> MultiHeadAttention:
     )
 
 
-def check_input(name: str, x: object, d_model: int, dtype: torch.dtype | None) -> None:
-    """``x`` a floating ``(B, L, d_model)`` tensor, of ``dtype`` unless None; else an
-    error naming ``name`` (a pre-norm layer's norm failed first, in torch's words: "Given
-    normalized_shape=[32], expected input with shape [*, 32]", "mixed dtype (CPU)").
-
-    Example:
-        >>> check_input("x", torch.zeros(2, 7, 16), 32, None)
-        Traceback (most recent call last):
-        ValueError: x must be (B, L, 32), got (2, 7, 16)
-    """
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a Tensor (B, L, {d_model}), got {type(x).__name__}")
-    if x.dim() != 3 or x.shape[-1] != d_model:
-        raise ValueError(f"{name} must be (B, L, {d_model}), got {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point Tensor, got {x.dtype}")
-    same_dtype(name, x, dtype)
-
-
 class EncoderLayer(nn.Module):
     """Self-attention and feed-forward with residuals: a transformer encoder layer.
 
@@ -177,8 +157,11 @@ class EncoderLayer(nn.Module):
         self.norm2, self.dropout2 = c.norm_layer(), nn.Dropout(c.dropout)
 
     def check(self, name: str, x: object) -> None:
-        """:func:`check_input` at this layer's width and dtype."""
-        check_input(name, x, self.config.d_model, weight_dtype(self.norm1))
+        """``x`` a floating ``(B, L, d_model)`` tensor of this layer's dtype, else an error
+        naming ``name`` (a pre-norm layer's norm failed first, in torch's words: "Given
+        normalized_shape=[32], expected input with shape [*, 32]", "mixed dtype (CPU)")."""
+        check_input(name, x, self.config.d_model)
+        same_dtype(name, cast(Tensor, x), weight_dtype(self.norm1))
 
     def _in(self, x: Tensor, norm: nn.Module) -> Tensor:
         """A sub-layer's input: ``norm(x)`` pre-norm, ``x`` post-norm."""
