@@ -564,6 +564,59 @@ def test_a_checkpoint_made_a_symlink_after_listing_is_not_loaded(tmp_path: Path)
         listed.load()
 
 
+def test_a_run_folder_made_a_symlink_after_listing_is_not_followed(
+    tmp_path: Path, enc: SentenceEncoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A listed run whose folder (or a folder above it) is swapped for a link to a folder
+    outside ``--runs`` holding another checkpoint: the load is refused with a 422 and the
+    outside file is never opened (only the checkpoint's own name was checked; the outside
+    classification run answered as ``yy``). A checkpoint swapped for a FIFO is refused
+    too, without blocking."""
+    from attnlab.serve import registry
+    from attnlab.train import CheckpointError
+    from tests.task_runs import make_tiny_run
+
+    runs, outside = tmp_path / "runs", tmp_path / "outside"
+    make_tiny_run("dates", runs / "yy")
+    make_tiny_run("dates", runs / "exp" / "zz")
+    make_tiny_run("classification", outside / "zz")
+    app, listed = create_app(runs=runs, encoder=enc), registry.find_runs(runs)
+    (runs / "yy").rename(tmp_path / "yy.bak")
+    (runs / "yy").symlink_to(outside / "zz", target_is_directory=True)
+    (runs / "exp").rename(tmp_path / "exp.bak")
+    (runs / "exp").symlink_to(outside, target_is_directory=True)
+    read: list[str] = []
+    real_load = registry.load_run
+
+    def spy(path: Any) -> Any:
+        read.append(os.path.realpath(path))
+        return real_load(path)
+
+    monkeypatch.setattr(registry, "load_run", spy)
+    with TestClient(app) as c:
+        for name in ("yy", "exp/zz"):
+            r = c.post("/api/attend", json={"model": name, "text": "[en_US] 11/21/2026"})
+            assert r.status_code == 422, r.text
+            assert f"{name!r}: its checkpoint is now a symlink or behind one" in r.text
+            models = c.get("/api/models").json()["models"]
+            assert next(m for m in models if m["name"] == name)["example"] == ""
+    assert not [p for p in read if p.startswith(str(outside.resolve()))], read
+    for no_links in (False, True):  # False: a system without O_NOFOLLOW or /dev/fd
+        monkeypatch.setattr(registry, "_NO_LINKS", no_links)
+        for name in ("yy", "exp/zz"):
+            with pytest.raises(CheckpointError, match="now a symlink or behind one"):
+                listed[name].load()
+        assert registry.find_runs(tmp_path)["yy.bak"].load().kind  # (a file is read)
+    if hasattr(os, "mkfifo"):
+        fifo = tmp_path / "fifo"
+        make_tiny_run("dates", fifo)
+        entry = registry.find_runs(fifo)["fifo"]
+        entry.path.unlink()
+        os.mkfifo(entry.path)
+        with pytest.raises(CheckpointError, match="'fifo': its checkpoint is now not a plain"):
+            entry.load()
+
+
 def test_translation_output_and_alignment_equal_the_python_api(
     with_runs: TestClient, runs: Any
 ) -> None:

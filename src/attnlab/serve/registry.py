@@ -4,16 +4,23 @@ checkpoints found under ``--runs``, each loaded once, on first use.
 A request names a model; the name is looked up in :class:`Registry`'s table, built when
 the server starts. No path is ever made from a request and no symlink under ``--runs``
 is followed (a checkpoint file's no more than a folder's: one could point anywhere), so
-nothing outside ``--runs`` can be read. Checkpoints of tasks that
+nothing outside ``--runs`` can be read: a checkpoint is read through a descriptor opened
+one folder at a time from ``--runs`` without following links (:func:`_opened`), so a
+folder or file swapped for a link after the listing is refused, not read. Checkpoints of tasks that
 :mod:`attnlab.tasks.inspect` cannot rebuild (the GAN, VAE and agent tasks) are left out
 of the table; asked for by name, they are refused with the reason.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import stat
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +46,9 @@ RUNNERS: dict[str, type[RunModel]] = {**inspect_text.RUNNERS, **inspect_image.RU
 class RunEntry:
     """One trained task checkpoint, loaded on first use."""
 
-    def __init__(self, name: str, path: Path, task: str) -> None:
+    def __init__(self, name: str, path: Path, task: str, root: Path | None = None) -> None:
         self.name, self.path, self.task = name, path, task
+        self.root = path.parent if root is None else root  # --runs: no link below it followed
         self._run: RunModel | None = None
         self._example: str | None = None
         self._lock = threading.RLock()  # both worker threads may run it
@@ -52,12 +60,14 @@ class RunEntry:
     def load(self) -> RunModel:
         with self._lock:
             if self._run is None:
-                if self.path.is_symlink():  # made one since it was listed
-                    raise CheckpointError(f"{self.name!r}: its checkpoint is now a symlink")
-                try:
-                    self._run = load_run(self.path)
-                except ImportError as e:  # (a 500: the task's data needs an extra)
-                    raise ApiError(503, f"model {self.name!r} cannot be loaded here: {e}") from e
+                with _opened(self.name, self.root, self.path) as read:  # (a link: refused)
+                    try:
+                        self._run = load_run(read)
+                    except CheckpointError as e:  # (it named /proc/self/fd/N)
+                        raise CheckpointError(str(e).replace(read, str(self.path))) from e
+                    except ImportError as e:  # (a 500: the task's data needs an extra)
+                        msg = f"model {self.name!r} cannot be loaded here: {e}"
+                        raise ApiError(503, msg) from e
             return self._run
 
     def release(self) -> None:
@@ -87,7 +97,11 @@ class RunEntry:
         if self._run is not None:  # (no lock: a listing never waits for a running model)
             return self._run.example
         if self._example is None:
-            self._example = _config_example(self.path)
+            try:
+                with _opened(self.name, self.root, self.path) as read:
+                    self._example = _config_example(read)
+            except CheckpointError:  # (loading it says why)
+                self._example = ""
         return self._example
 
     def count_tokens(self, text: str) -> int:
@@ -118,12 +132,12 @@ class RunEntry:
 _ROLLOUT = ("translation", "generation")
 
 
-def _config_example(path: Path) -> str:
+def _config_example(path: str) -> str:
     """The ``example`` of the runner that ``path``'s config builds, its model made on the
     meta device (no weights read, no memory taken); ``""`` if the config cannot build one
     (loading it then says why)."""
     try:
-        with safe_open(str(path), "pt") as f:
+        with safe_open(path, "pt") as f:
             config = json.loads((f.metadata() or {})["config"])
         with torch.device("meta"):
             return RUNNERS[config["task"]].build(config).example
@@ -154,8 +168,59 @@ def find_runs(runs: Path) -> dict[str, RunEntry]:
             continue
         name = folder.relative_to(runs).as_posix()
         name = folder_name(runs, "runs") if name == "." else name
-        found[name] = RunEntry(name, path, task)
+        found[name] = RunEntry(name, path, task, runs)
     return found
+
+
+# where an open descriptor can be opened again by name (the file, not a path to it)
+_FD_DIR = next((d for d in ("/proc/self/fd", "/dev/fd") if os.path.isdir(d)), None)
+_NO_LINKS = hasattr(os, "O_NOFOLLOW") and os.open in os.supports_dir_fd and bool(_FD_DIR)
+
+
+@contextmanager
+def _opened(name: str, root: Path, path: Path) -> Iterator[str]:
+    """A path that reads ``path`` (a file under ``root``) as it is now, reached without
+    following a link: each folder below ``root``, and the file, opened with
+    ``O_NOFOLLOW`` relative to the one above, then read through its descriptor, so the
+    file checked is the file read (checking ``path.is_symlink()`` missed a folder swapped
+    for a link after the listing, and a swap between the check and the read).
+    A :class:`CheckpointError` naming the run if a part is a link or the file is not a
+    plain file (a FIFO would block the read).
+    """
+    if not _NO_LINKS:  # (no O_NOFOLLOW or /dev/fd: check, then read by name)
+        rel = path.relative_to(root)
+        inside = Path(os.path.realpath(path)).is_relative_to(Path(os.path.realpath(root)))
+        if any((root / p).is_symlink() for p in (rel, *rel.parents)[:-1]) or not inside:
+            raise CheckpointError(f"{name!r}: its checkpoint is now a symlink or behind one")
+        yield str(path)
+        return
+    fds: list[int] = []
+    try:
+        fds.append(_open_part(name, str(root), os.O_RDONLY | os.O_DIRECTORY, None))
+        parts = path.relative_to(root).parts
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            flags = os.O_RDONLY | os.O_NOFOLLOW | (os.O_NONBLOCK if last else os.O_DIRECTORY)
+            fds.append(_open_part(name, part, flags, fds[-1]))
+        if not stat.S_ISREG(os.fstat(fds[-1]).st_mode):
+            raise CheckpointError(f"{name!r}: its checkpoint is now not a plain file")
+        yield f"{_FD_DIR}/{fds[-1]}"
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _open_part(name: str, part: str, flags: int, dir_fd: int | None) -> int:
+    """``part`` of run ``name``'s checkpoint path opened in ``dir_fd`` with ``flags``; a
+    :class:`CheckpointError` if it is a link (``O_NOFOLLOW``) or cannot be opened."""
+    try:
+        return os.open(part, flags, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):  # (EMLINK: FreeBSD's)
+            raise CheckpointError(
+                f"{name!r}: its checkpoint is now a symlink or behind one ({part!r})"
+            ) from e
+        raise CheckpointError(f"{name!r}: its checkpoint cannot be opened ({e.strerror})") from e
 
 
 def folder_name(path: Path, fallback: str) -> str:
