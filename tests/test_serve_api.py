@@ -679,7 +679,7 @@ def test_an_image_that_cannot_be_decoded_is_named_without_a_memory_address() -> 
 
     whole = base64.b64decode(_png((40, 40)).split(",")[1])
     for blob, detail in (
-        (b"hello", "image could not be decoded: its 5 bytes are not a whole PNG, JPEG or "),
+        (b"hello", "image could not be decoded: its 5 bytes are not a whole PNG or JPEG "),
         (whole[:8], "image could not be decoded: its 8 bytes are not a whole PNG"),
         (whole[:60], "image could not be decoded (60 bytes): image file is truncated"),
     ):
@@ -688,6 +688,39 @@ def test_an_image_that_cannot_be_decoded_is_named_without_a_memory_address() -> 
         assert e.value.status == 422 and e.value.detail.startswith(detail), e.value.detail
         assert "0x" not in e.value.detail
     assert decode_image(Limits(), base64.b64encode(whole).decode()).size == (40, 40)
+
+
+def test_an_upload_is_decoded_as_png_or_jpeg_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An EPS sent as a PNG data URL went to Pillow's EPS plugin, which ran Ghostscript
+    (``gs --version``, then the PostScript): it is a 422 naming the formats taken, and
+    neither the plugin nor a subprocess is reached. PNG and JPEG still decode."""
+    import subprocess
+
+    from PIL import EpsImagePlugin, Image
+
+    from attnlab.serve.limits import ApiError, decode_image
+
+    def never(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError(f"reached with {args}")
+
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", never)
+    monkeypatch.setattr(EpsImagePlugin, "has_ghostscript", never)
+    for name in ("Popen", "run", "call", "check_call", "check_output"):
+        monkeypatch.setattr(subprocess, name, never)
+    eps = (
+        b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 32\n%%EndComments\n"
+        b"newpath 0 0 moveto 32 32 lineto stroke\nshowpage\n%%EOF\n"
+    )
+    with pytest.raises(ApiError) as e:
+        decode_image(Limits(), "data:image/png;base64," + base64.b64encode(eps).decode())
+    want = "image could not be decoded: its 117 bytes are not a whole PNG or JPEG image"
+    assert e.value.status == 422 and e.value.detail.startswith(want), e.value.detail
+    for fmt in ("PNG", "JPEG"):
+        buf = io.BytesIO()
+        Image.new("RGB", (24, 16), (200, 30, 30)).save(buf, fmt)
+        url = f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+        img = decode_image(Limits(), url)
+        assert (img.format, img.size) == (fmt, (24, 16))
 
 
 def test_a_text_the_model_refuses_is_a_422_naming_the_format(with_runs: TestClient) -> None:

@@ -26,7 +26,15 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["ApiError", "Limits", "check_range", "check_text", "decode_image", "refused_input"]
+__all__ = [
+    "IMAGE_FORMATS",
+    "ApiError",
+    "Limits",
+    "check_range",
+    "check_text",
+    "decode_image",
+    "refused_input",
+]
 
 
 @dataclass(frozen=True)
@@ -118,15 +126,18 @@ def refused_input() -> Iterator[None]:
         raise ApiError(422, " ".join(str(e).split()) or type(e).__name__) from e
 
 
+#: the formats an upload is decoded as: the API's (the page sends PNG); Pillow's others are
+#: never tried (its EPS plugin ran Ghostscript on an uploaded PostScript file)
+IMAGE_FORMATS = ("PNG", "JPEG")
 _DATA_URL = re.compile(r"^data:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)
 
 
 def decode_image(limits: Limits, data: str) -> Any:
     """A ``data:image/...;base64,`` URL (or bare base64) -> a decoded PIL image.
 
-    Pillow decodes it with its decompression-bomb limit set to the largest image the
-    limits allow; an image past ``max_upload_bytes`` or ``max_image_side`` is a 413, one
-    that is not an image a 422.
+    Pillow decodes it as one of :data:`IMAGE_FORMATS` only, with its decompression-bomb
+    limit set to the largest image the limits allow; an image past ``max_upload_bytes``
+    or ``max_image_side`` is a 413, one that is not a PNG or JPEG image a 422.
     """
 
     raw = _DATA_URL.sub("", data.strip(), count=1)
@@ -148,7 +159,7 @@ def _open_image(limits: Limits, blob: bytes) -> Any:
     side = limits.max_image_side
     default, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, side * side  # refused past 2x
     try:
-        img = Image.open(io.BytesIO(blob))
+        img = Image.open(io.BytesIO(blob), formats=IMAGE_FORMATS)
         if max(img.size) > side:
             raise ApiError(413, f"image is {img.size[0]}x{img.size[1]}; max_image_side={side}")
         img.load()
@@ -157,8 +168,8 @@ def _open_image(limits: Limits, blob: bytes) -> Any:
     except UnidentifiedImageError as e:  # (Pillow's words held "<_io.BytesIO object at 0x..>")
         raise ApiError(
             422,
-            f"image could not be decoded: its {len(blob)} bytes are not a whole PNG, JPEG or "
-            "other picture that Pillow reads",
+            f"image could not be decoded: its {len(blob)} bytes are not a whole "
+            f"{' or '.join(IMAGE_FORMATS)} image (the formats accepted)",
         ) from e
     except (OSError, SyntaxError) as e:  # a known format, broken: "image file is truncated"
         raise ApiError(422, f"image could not be decoded ({len(blob)} bytes): {e}") from e
