@@ -1071,6 +1071,27 @@ def test_every_answer_carries_the_security_headers() -> None:
         assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp, (name, h)
 
 
+def test_an_api_request_from_another_site_is_refused() -> None:
+    """(A page elsewhere could make the server load any checkpoint it named:
+    ``<img src="http://127.0.0.1:PORT/api/models/NAME">`` passed the gate, whose Host
+    was right.) An API request a browser marks ``cross-site`` or ``same-site`` gets 403
+    before any route runs; the page's own (``same-origin``), the user's (``none``),
+    non-browser clients (no header) and a navigation to the page from elsewhere pass."""
+    c = TestClient(create_app(limits=LIMITED, hosts=["testserver"]))
+
+    def status(path: str, site: str | None) -> int:
+        headers = {} if site is None else {"sec-fetch-site": site}
+        return c.get(path, headers=headers).status_code
+
+    for site in ("cross-site", "same-site"):
+        r = c.get("/api/models/minilm", headers={"sec-fetch-site": site})
+        assert r.status_code == 403 and site in r.json()["detail"], r.text
+        assert r.headers.get("x-content-type-options") == "nosniff"
+        assert status("/api/limits", site) == 403
+    assert [status("/api/limits", s) for s in ("same-origin", "none", None)] == [200] * 3
+    assert status("/", "cross-site") == 200  # a link to the page itself
+
+
 def test_a_500_carries_the_security_headers() -> None:
     """(An error the app raised was answered by the server's own 500, outside the
     middleware that sets the headers: none of them.) It carries them, in the API's JSON

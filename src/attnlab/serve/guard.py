@@ -1,4 +1,5 @@
-"""The explorer's gate, in front of every route: the request body's size and the ``Host``.
+"""The explorer's gate, in front of every route: the request body's size, the ``Host``
+and, for the API, the site a browser says the request comes from.
 
 * A body past the limit is refused with 413 whether its size is declared
   (``Content-Length``) or not (``Transfer-Encoding: chunked``): the chunks are counted as
@@ -10,6 +11,12 @@
   (``--allow-remote``; and an app built by :func:`~attnlab.serve.create_app` for use
   inside other code). The names are read by :func:`attnlab._hosts.host_name`, which
   ``attnlab serve --allow-host`` checks with, before this module is imported.
+* An API request that a browser marks as sent by another site (``Sec-Fetch-Site:
+  cross-site`` or ``same-site``: a page elsewhere, or on another port of this machine)
+  gets 403 before anything runs. Such a page could not read the answer, but its
+  ``<img src=".../api/models/NAME">`` made the server load a checkpoint. The page's own
+  requests are ``same-origin``; one typed or opened by the user is ``none``; clients
+  other than browsers send no such header and are let in.
 * :class:`Headers` puts :data:`SECURITY_HEADERS` on every answer, the gate's own refusals
   included: no MIME sniffing (a JSON answer read as HTML), no referrer, and a content
   policy that fits the page (its own scripts, styles and API; pictures from ``data:`` and
@@ -59,7 +66,7 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        refused = self._refused(headers)
+        refused = self._refused(headers, scope.get("path", ""))
         if refused is not None:
             return await _answer(send, *refused)
         seen, started = 0, False
@@ -84,9 +91,14 @@ class Guard:
                 raise
             await _answer(send, 413, str(e.detail))
 
-    def _refused(self, headers: dict[str, str]) -> tuple[int, str] | None:
-        """(status, detail) of a request refused on its headers alone, or None."""
-        host = headers.get("host", "")
+    def _refused(self, headers: dict[str, str], path: str) -> tuple[int, str] | None:
+        """(status, detail) of a request refused on its headers and path alone, or None."""
+        host, site = headers.get("host", ""), headers.get("sec-fetch-site", "")
+        if path.startswith("/api/") and site in ("cross-site", "same-site"):
+            return 403, (
+                f"a request from another site (Sec-Fetch-Site: {site}) is refused; the "
+                "API answers this server's own page and clients that are not browsers"
+            )
         if self.hosts is not None and host_name(host) not in self.hosts:
             allowed = ", ".join(sorted(self.hosts))
             return 403, (
