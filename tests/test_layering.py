@@ -32,6 +32,7 @@ RANKS = {
     "bias": 3,
     "positional": 4,
     "engines": 5,
+    "_request": 6,  # an attention call's request, its output type, unsupported_by
     "_observe": 6,
     "functional": 7,
     "approximation": 8,

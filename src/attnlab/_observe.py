@@ -8,14 +8,18 @@ changes nothing in the others (their calls are neither seen nor made to return w
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
-from attnlab.engines import AttentionRequest
+from attnlab import _validate as V
+from attnlab.engines import AttentionRequest, get_engine
+from attnlab.engines.base import slice_weights
 
 __all__ = [
     "LIVE_WEIGHTS",
@@ -24,7 +28,9 @@ __all__ = [
     "AttentionEvent",
     "live_weights",
     "notify",
+    "observed_weights",
     "observing",
+    "request_weights",
     "rewriter",
     "unobserved",
 ]
@@ -118,3 +124,54 @@ def rewriter() -> Rewriter | None:
         return None
     me = threading.get_ident()
     return next((fn for t, fn in reversed(REWRITERS) if t == me), None)
+
+
+def request_weights(
+    req: AttentionRequest, heads: list[int] | None = None, rows: tuple[int, int] | None = None
+) -> Tensor:
+    """Weights ``(B, len(heads), r1 - r0, Lk)`` of a validated request, without autograd.
+
+    The one place weights are recomputed (for :func:`attention_weights` and for
+    :mod:`attnlab.interpret`): by the blocked engine where it can (only the query blocks
+    that overlap ``rows``), else by the reference engine. Dropout is not applied.
+
+    Example:
+        >>> import torch
+        >>> q = k = v = torch.randn(1, 2, 5, 4)
+        >>> from attnlab.functional import _request
+        >>> req = _request(q, k, v, None, None, None, "dot", "softmax", 0.0, False, False)
+        >>> request_weights(req, heads=[1], rows=(0, 2)).shape
+        torch.Size([1, 1, 2, 5])
+    """
+    with torch.no_grad():
+        plain = dataclasses.replace(
+            req,
+            q=req.q.detach(),
+            k=req.k.detach(),
+            v=req.v.detach(),
+            dropout_p=0.0,
+            return_weights=False,
+            return_lse=False,
+        )
+        blocked = get_engine("blocked")
+        engine = blocked if blocked.unsupported(plain) is None else get_engine("reference")
+        return engine.weights(plain, heads, rows)
+
+
+def observed_weights(
+    event: AttentionEvent, heads: list[int] | None = None, rows: tuple[int, int] | None = None
+) -> Tensor:
+    """``(B, h, r, Lk)`` weights of an observed call: sliced from the weights the engine
+    returned, else recomputed by :func:`request_weights`. ``rows`` are clipped to the
+    call's queries, as a slice is (a decoding step has one); ``heads`` must exist."""
+    if event.weights is None and event.request is None:
+        raise ValueError("attend() hands its weights to observers; this event has none")
+    n_heads, lq = (
+        event.weights.shape[1:3]
+        if event.weights is not None
+        else (event.request.heads, event.request.lq)  # type: ignore[union-attr]
+    )
+    heads, rows = V.validate_selection(heads, rows, n_heads, lq, clip=True)
+    if event.weights is not None:
+        return slice_weights(event.weights, heads, rows)
+    return request_weights(event.request, heads, rows)  # type: ignore[arg-type]

@@ -14,22 +14,32 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import Literal, overload
 
 import torch
 from torch import Tensor
 
 from attnlab import _validate as V
 from attnlab._eager import PLANS, as_written
-from attnlab._observe import AttentionEvent, live_weights, notify, observing, rewriter
-from attnlab.bias import Bias, as_bias
-from attnlab.engines import AttentionRequest, get_engine, select_engine, validate_options
+from attnlab._observe import (
+    AttentionEvent,
+    live_weights,
+    notify,
+    observed_weights,
+    observing,
+    request_weights,
+    rewriter,
+)
+from attnlab._request import AttentionOutput, unsupported_by
+from attnlab._request import build_request as _request
+from attnlab.bias import Bias
+from attnlab.engines import get_engine, select_engine
 from attnlab.engines.approximate import ApproximateEngine
-from attnlab.engines.base import plain_attention, slice_weights
+from attnlab.engines.base import plain_attention
 from attnlab.engines.reference import ReferenceEngine, mix
 from attnlab.masks import Mask, as_mask
 from attnlab.masks.intervals import Causal
-from attnlab.scores import ScoreFn, default_scale, expand_kv
+from attnlab.scores import ScoreFn, expand_kv
 
 __all__ = [
     "AttentionOutput",
@@ -43,26 +53,92 @@ __all__ = [
 ]
 
 
-class AttentionOutput(NamedTuple):
-    """What :func:`attention` returns when weights or the logsumexp are asked for.
+@overload
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Mask | Tensor | None = ...,
+    bias: Bias | Tensor | None = ...,
+    scale: float | None = ...,
+    score: str | ScoreFn = ...,
+    normalize: str = ...,
+    dropout_p: float = ...,
+    engine: str = ...,
+    engine_options: Mapping[str, object] | None = ...,
+    approximate: bool = ...,
+    return_weights: Literal[False] = ...,
+    return_lse: Literal[False] = ...,
+    softcap: float | None = ...,
+    sinks: Tensor | None = ...,
+) -> Tensor: ...
 
-    Attributes:
-        out: ``(B, Hq, Lq, Ev)``.
-        weights: ``(B, Hq, Lq, Lk)`` normalized weights (before dropout), or None.
-        lse: ``(B, Hq, Lq)`` logsumexp of the scaled, biased, masked scores (``-inf`` on
-            fully masked rows), or None.
 
-    Example:
-        >>> q = torch.randn(1, 2, 5, 8, dtype=torch.float64)  # (B, H, L, E)
-        >>> r = attention(q, q, q, return_weights=True, return_lse=True)
-        >>> s = q @ q.mT / 8**0.5  # the scaled scores
-        >>> torch.allclose(r.out, r.weights @ q), torch.allclose(r.lse, s.logsumexp(-1))
-        (True, True)
-    """
+@overload
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Mask | Tensor | None = ...,
+    bias: Bias | Tensor | None = ...,
+    scale: float | None = ...,
+    score: str | ScoreFn = ...,
+    normalize: str = ...,
+    dropout_p: float = ...,
+    engine: str = ...,
+    engine_options: Mapping[str, object] | None = ...,
+    approximate: bool = ...,
+    return_weights: Literal[True],
+    return_lse: bool = ...,
+    softcap: float | None = ...,
+    sinks: Tensor | None = ...,
+) -> AttentionOutput: ...
 
-    out: Tensor
-    weights: Tensor | None
-    lse: Tensor | None
+
+@overload
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Mask | Tensor | None = ...,
+    bias: Bias | Tensor | None = ...,
+    scale: float | None = ...,
+    score: str | ScoreFn = ...,
+    normalize: str = ...,
+    dropout_p: float = ...,
+    engine: str = ...,
+    engine_options: Mapping[str, object] | None = ...,
+    approximate: bool = ...,
+    return_weights: bool = ...,
+    return_lse: Literal[True],
+    softcap: float | None = ...,
+    sinks: Tensor | None = ...,
+) -> AttentionOutput: ...
+
+
+@overload
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Mask | Tensor | None = ...,
+    bias: Bias | Tensor | None = ...,
+    scale: float | None = ...,
+    score: str | ScoreFn = ...,
+    normalize: str = ...,
+    dropout_p: float = ...,
+    engine: str = ...,
+    engine_options: Mapping[str, object] | None = ...,
+    approximate: bool = ...,
+    return_weights: bool = ...,
+    return_lse: bool = ...,
+    softcap: float | None = ...,
+    sinks: Tensor | None = ...,
+) -> Tensor | AttentionOutput: ...
 
 
 @as_written(PLANS)
@@ -222,82 +298,56 @@ def _plain(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor | Non
     return plain_attention(q, k, v, V.validate_scale(scale))
 
 
-def unsupported_by(
-    engine: str,
-    q: Tensor,
-    k: Tensor,
+@overload
+def attend(
+    scores: Tensor,
     v: Tensor,
     *,
-    mask: Mask | Tensor | None = None,
-    bias: Bias | Tensor | None = None,
-    scale: float | None = None,
-    score: str | ScoreFn = "dot",
-    normalize: str = "softmax",
-    return_weights: bool = False,
-) -> str | None:
-    """Why ``engine`` cannot compute this :func:`attention` call, or None if it can.
-
-    Layers use it to fall back (for example to recompute weights) instead of failing.
-
-    Example:
-        >>> import torch
-        >>> q = torch.randn(1, 2, 4, 8)
-        >>> unsupported_by("sdpa", q, q, q, return_weights=True)
-        'torch SDPA does not return attention weights (return_weights=True)'
-        >>> unsupported_by("reference", q, q, q, return_weights=True) is None
-        True
-    """
-    req = _request(q, k, v, mask, bias, scale, score, normalize, 0.0, return_weights, False)
-    return get_engine(engine).unsupported(req)
+    mask: Mask | Tensor | None = ...,
+    normalize: str = ...,
+    dropout_p: float = ...,
+    return_weights: Literal[False] = ...,
+    return_lse: Literal[False] = ...,
+) -> Tensor: ...
 
 
-def _request(
-    q: Tensor,
-    k: Tensor,
+@overload
+def attend(
+    scores: Tensor,
     v: Tensor,
-    mask: Mask | Tensor | None,
-    bias: Bias | Tensor | None,
-    scale: float | None,
-    score: str | ScoreFn,
-    normalize: str,
-    dropout_p: float,
-    return_weights: bool,
-    return_lse: bool,
     *,
-    engine_options: Mapping[str, object] | None = None,
-    approximate: bool = False,
-    softcap: float | None = None,
-    sinks: Tensor | None = None,
-) -> AttentionRequest:
-    """Validate every argument and build the engine request."""
-    score_ = V.validate_score(score)
-    q, k, v = V.validate_qkv(q, k, v, same_dim=isinstance(score_, str))
-    mask_, bias_ = as_mask(mask), as_bias(bias)
-    if mask_ is not None or bias_ is not None:
-        sizes = {"batch": q.shape[0], "heads": q.shape[1], "lq": q.shape[2], "lk": k.shape[2]}
-        for checked in (mask_, bias_):
-            if checked is not None:
-                checked.check(**sizes)
-    want_lse = V.validate_flag("return_lse", return_lse)
-    scale_ = V.validate_scale(scale)
-    normalize_ = V.validate_normalize(normalize, want_lse)
-    return AttentionRequest(
-        q=q,
-        k=k,
-        v=v,
-        mask=mask_,
-        bias=bias_,
-        scale=default_scale(score_, q.shape[-1]) if scale_ is None else scale_,
-        score=score_,
-        normalize=normalize_,
-        dropout_p=V.validate_dropout(dropout_p),
-        return_weights=V.validate_flag("return_weights", return_weights),
-        return_lse=want_lse,
-        options=validate_options(engine_options),
-        approximate=V.validate_flag("approximate", approximate),
-        softcap=V.validate_softcap(softcap),
-        sinks=V.validate_sinks(sinks, q, normalize_),
-    )
+    mask: Mask | Tensor | None = ...,
+    normalize: str = ...,
+    dropout_p: float = ...,
+    return_weights: Literal[True],
+    return_lse: bool = ...,
+) -> AttentionOutput: ...
+
+
+@overload
+def attend(
+    scores: Tensor,
+    v: Tensor,
+    *,
+    mask: Mask | Tensor | None = ...,
+    normalize: str = ...,
+    dropout_p: float = ...,
+    return_weights: bool = ...,
+    return_lse: Literal[True],
+) -> AttentionOutput: ...
+
+
+@overload
+def attend(
+    scores: Tensor,
+    v: Tensor,
+    *,
+    mask: Mask | Tensor | None = ...,
+    normalize: str = ...,
+    dropout_p: float = ...,
+    return_weights: bool = ...,
+    return_lse: bool = ...,
+) -> Tensor | AttentionOutput: ...
 
 
 @as_written(PLANS)  # (traced, it broke the graph inside, with dynamo's warning)
@@ -398,53 +448,3 @@ def attention_weights(
     if why is not None and not empty:  # (its reason: a callable score, a float16 mask, ...)
         raise ValueError(f"attention_weights needs the blocked engine, which declines: {why}")
     return request_weights(req, heads, rows)
-
-
-def request_weights(
-    req: AttentionRequest, heads: list[int] | None = None, rows: tuple[int, int] | None = None
-) -> Tensor:
-    """Weights ``(B, len(heads), r1 - r0, Lk)`` of a validated request, without autograd.
-
-    The one place weights are recomputed (for :func:`attention_weights` and for
-    :mod:`attnlab.interpret`): by the blocked engine where it can (only the query blocks
-    that overlap ``rows``), else by the reference engine. Dropout is not applied.
-
-    Example:
-        >>> import torch
-        >>> q = k = v = torch.randn(1, 2, 5, 4)
-        >>> req = _request(q, k, v, None, None, None, "dot", "softmax", 0.0, False, False)
-        >>> request_weights(req, heads=[1], rows=(0, 2)).shape
-        torch.Size([1, 1, 2, 5])
-    """
-    with torch.no_grad():
-        plain = dataclasses.replace(
-            req,
-            q=req.q.detach(),
-            k=req.k.detach(),
-            v=req.v.detach(),
-            dropout_p=0.0,
-            return_weights=False,
-            return_lse=False,
-        )
-        blocked = get_engine("blocked")
-        engine = blocked if blocked.unsupported(plain) is None else get_engine("reference")
-        return engine.weights(plain, heads, rows)
-
-
-def observed_weights(
-    event: AttentionEvent, heads: list[int] | None = None, rows: tuple[int, int] | None = None
-) -> Tensor:
-    """``(B, h, r, Lk)`` weights of an observed call: sliced from the weights the engine
-    returned, else recomputed by :func:`request_weights`. ``rows`` are clipped to the
-    call's queries, as a slice is (a decoding step has one); ``heads`` must exist."""
-    if event.weights is None and event.request is None:
-        raise ValueError("attend() hands its weights to observers; this event has none")
-    n_heads, lq = (
-        event.weights.shape[1:3]
-        if event.weights is not None
-        else (event.request.heads, event.request.lq)  # type: ignore[union-attr]
-    )
-    heads, rows = V.validate_selection(heads, rows, n_heads, lq, clip=True)
-    if event.weights is not None:
-        return slice_weights(event.weights, heads, rows)
-    return request_weights(event.request, heads, rows)  # type: ignore[arg-type]

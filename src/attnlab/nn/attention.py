@@ -8,7 +8,7 @@ core works here. Parameter names follow ``torch.nn.MultiheadAttention``
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, TypedDict, cast
+from typing import TYPE_CHECKING, Literal, TypedDict, cast, overload
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ from attnlab.bias import Bias
 from attnlab.functional import AttentionOutput, attention, unsupported_by
 from attnlab.masks import Mask
 from attnlab.nn._fused import linear, module_linear
+from attnlab.nn._inputs import check_input, check_positions, check_residual, is_self_attention
 from attnlab.nn._weights import weight_dtype
 from attnlab.nn.cache import KVCache
 from attnlab.nn.config import check_attention_options, check_heads, check_rope
@@ -164,6 +165,54 @@ class MultiHeadAttention(nn.Module):
             return self.in_proj_weight[lo:hi], b
         return cast(Tensor, getattr(self, f"{part}_proj_weight")), b
 
+    @overload
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor | None = ...,
+        value: Tensor | None = ...,
+        *,
+        mask: Mask | Tensor | None = ...,
+        bias: Bias | Tensor | None = ...,
+        cache: KVCache | None = ...,
+        need_weights: Literal[False] = ...,
+        average_weights: bool = ...,
+        positions: Tensor | None = ...,
+        residual: Tensor | None = ...,
+    ) -> Tensor: ...
+
+    @overload
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor | None = ...,
+        value: Tensor | None = ...,
+        *,
+        mask: Mask | Tensor | None = ...,
+        bias: Bias | Tensor | None = ...,
+        cache: KVCache | None = ...,
+        need_weights: Literal[True],
+        average_weights: bool = ...,
+        positions: Tensor | None = ...,
+        residual: Tensor | None = ...,
+    ) -> tuple[Tensor, Tensor]: ...
+
+    @overload
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor | None = ...,
+        value: Tensor | None = ...,
+        *,
+        mask: Mask | Tensor | None = ...,
+        bias: Bias | Tensor | None = ...,
+        cache: KVCache | None = ...,
+        need_weights: bool = ...,
+        average_weights: bool = ...,
+        positions: Tensor | None = ...,
+        residual: Tensor | None = ...,
+    ) -> Tensor | tuple[Tensor, Tensor]: ...
+
     def forward(
         self,
         query: Tensor,
@@ -214,11 +263,11 @@ class MultiHeadAttention(nn.Module):
         need_weights = validate_flag("need_weights", need_weights)  # ("no" is truthy)
         average_weights = validate_flag("average_weights", average_weights)
         if residual is not None:  # (torch: "The size of tensor a (8) must match ...")
-            _check_residual(residual, query)
+            check_residual(residual, query)
         if cache is not None and not isinstance(cache, KVCache):
             raise TypeError(f"cache must be an attnlab.nn.KVCache, got {type(cache).__name__}")
-        is_self = _is_self(query, key, value, self.rope, cache)
-        _check_positions(positions, self.rope is not None, is_self)
+        is_self = is_self_attention(query, key, value, self.rope, cache)
+        check_positions(positions, self.rope is not None, is_self)
         q, k, v = self._heads(query, None if is_self else key, value, cache, positions)
         res = self._attend(q, k, v, mask, bias, need_weights)
         out = res.out if isinstance(res, AttentionOutput) else res  # (B, H, Lq, E)
@@ -377,72 +426,3 @@ class _Call(TypedDict):
     scale: float | None
     score: str | ScoreFn
     normalize: str
-
-
-def check_input(name: str, x: object, dim: int) -> None:
-    """``x`` a floating ``(B, L, dim)`` tensor, else an error naming ``name``.
-
-    Example:
-        >>> check_input("x", torch.zeros(2, 7, 16), 32)
-        Traceback (most recent call last):
-        ValueError: x must be (B, L, 32), got (2, 7, 16)
-    """
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a Tensor (B, L, D), got {type(x).__name__}")
-    if x.dim() != 3 or x.shape[-1] != dim:
-        raise ValueError(f"{name} must be (B, L, {dim}), got {tuple(x.shape)}")
-    if not x.is_floating_point():  # (torch: "mat1 and mat2 must have the same dtype")
-        raise TypeError(f"{name} must be a floating-point Tensor, got {x.dtype}")
-
-
-def _check_residual(residual: object, query: Tensor) -> None:
-    """``residual`` is exactly the output's ``(B, Lq, D)``: a broadcastable ``(1, 1, D)``
-    would have been added silently, another length failed inside torch."""
-    if not isinstance(residual, Tensor):
-        raise TypeError(f"residual must be a Tensor (B, Lq, D), got {type(residual).__name__}")
-    if residual.shape != query.shape:
-        raise ValueError(
-            f"residual must be the output's shape (B, Lq, D) = {tuple(query.shape)}, "
-            f"got {tuple(residual.shape)}"
-        )
-
-
-def _check_positions(positions: object, rope: bool, is_self: bool) -> None:
-    """``positions`` only place RoPE's rotations in self-attention: refuse them anywhere
-    else rather than ignore them."""
-    if positions is None:
-        return
-    if not rope:
-        raise ValueError(
-            "positions: given, but this layer has no RoPE (rope=None), and positions only "
-            "place RoPE's rotations; add absolute positions to the inputs instead, or "
-            "build the layer with rope=..."
-        )
-    if not is_self:
-        raise ValueError(
-            "positions: given to cross-attention, which applies no RoPE (its queries and "
-            "keys come from two sequences); pass positions=None"
-        )
-
-
-def _is_self(
-    query: Tensor, key: Tensor | None, value: Tensor | None, rope: object, cache: object
-) -> bool:
-    """Self-attention: ``key`` None or ``query`` itself, with ``value`` None or ``query``
-    too. ``key=query`` beside another ``value`` attends over that value (torch's layer
-    does), which has no meaning with RoPE or a cache, whose self-attention reads values
-    from the queries' own tokens."""
-    if key is None and value is not None and value is not query:
-        raise ValueError(  # it attended over query's own values, the value unread
-            "value: given without key; pass key as well (key=query attends over this "
-            "value with the queries' own keys), or neither for self-attention"
-        )
-    if key is None or (key is query and (value is None or value is query)):
-        return True
-    if key is query and (rope is not None or cache is not None):
-        raise ValueError(
-            "value: with key=query and RoPE or a cache, self-attention takes its values "
-            "from query; got another value tensor (pass value=None, or a separate key "
-            "for cross-attention)"
-        )
-    return False

@@ -19,7 +19,7 @@ patterns) and follow torch's, so loading weights is a key mapping:
 
 from __future__ import annotations
 
-from typing import TypeVar, cast
+from typing import Literal, TypeVar, cast, overload
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -30,8 +30,9 @@ from attnlab.bias import Bias
 from attnlab.masks import Mask
 from attnlab.nn._from_torch import load_torch, torch_config
 from attnlab.nn._fused import feed_forward, module_linear, plain
+from attnlab.nn._inputs import check_input
 from attnlab.nn._weights import weight_dtype
-from attnlab.nn.attention import MultiHeadAttention, check_input
+from attnlab.nn.attention import MultiHeadAttention
 from attnlab.nn.cache import KVCache
 from attnlab.nn.config import ACTIVATIONS, LayerConfig, check_choice
 
@@ -172,6 +173,39 @@ class EncoderLayer(nn.Module):
         ``norm(x + drop(h))``."""
         return x + drop(h) if self.norm_first else norm(x + drop(h))
 
+    @overload
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        mask: MaskLike = ...,
+        bias: Bias | Tensor | None = ...,
+        positions: Tensor | None = ...,
+        need_weights: Literal[False] = ...,
+    ) -> Tensor: ...
+
+    @overload
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        mask: MaskLike = ...,
+        bias: Bias | Tensor | None = ...,
+        positions: Tensor | None = ...,
+        need_weights: Literal[True],
+    ) -> tuple[Tensor, Tensor]: ...
+
+    @overload
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        mask: MaskLike = ...,
+        bias: Bias | Tensor | None = ...,
+        positions: Tensor | None = ...,
+        need_weights: bool = ...,
+    ) -> Tensor | tuple[Tensor, Tensor]: ...
+
     def forward(
         self,
         x: Tensor,
@@ -245,6 +279,51 @@ class DecoderLayer(EncoderLayer):
         if cross_attention:  # sub-layers: 1 self-attention, 2 cross-attention, 3 feed-forward
             self.cross_attn = _attention(config, rope=False)
             self.norm3, self.dropout3 = config.norm_layer(), nn.Dropout(config.dropout)
+
+    @overload
+    def forward(
+        self,
+        x: Tensor,
+        memory: Tensor | None = ...,
+        *,
+        mask: MaskLike = ...,
+        memory_mask: MaskLike = ...,
+        bias: Bias | Tensor | None = ...,
+        cache: KVCache | None = ...,
+        cross_cache: KVCache | None = ...,
+        positions: Tensor | None = ...,
+        need_weights: Literal[False] = ...,
+    ) -> Tensor: ...
+
+    @overload
+    def forward(
+        self,
+        x: Tensor,
+        memory: Tensor | None = ...,
+        *,
+        mask: MaskLike = ...,
+        memory_mask: MaskLike = ...,
+        bias: Bias | Tensor | None = ...,
+        cache: KVCache | None = ...,
+        cross_cache: KVCache | None = ...,
+        positions: Tensor | None = ...,
+        need_weights: Literal[True],
+    ) -> tuple[Tensor, Tensor]: ...
+
+    @overload
+    def forward(
+        self,
+        x: Tensor,
+        memory: Tensor | None = ...,
+        *,
+        mask: MaskLike = ...,
+        memory_mask: MaskLike = ...,
+        bias: Bias | Tensor | None = ...,
+        cache: KVCache | None = ...,
+        cross_cache: KVCache | None = ...,
+        positions: Tensor | None = ...,
+        need_weights: bool = ...,
+    ) -> Tensor | tuple[Tensor, Tensor]: ...
 
     def forward(
         self,

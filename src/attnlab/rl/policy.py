@@ -337,7 +337,7 @@ class AttentionPolicy(AgentPolicy):
                 x = blk.finish(x, res.out)
                 weights.append(res.weights)
             else:
-                x = blk.finish(x, cast(Tensor, attention(q, k, v, mask=mask)))
+                x = blk.finish(x, attention(q, k, v, mask=mask))
         logits, values = self.heads(self.norm(x))
         return (logits, values, weights) if return_weights else (logits, values)
 
@@ -380,7 +380,7 @@ class AttentionPolicy(AgentPolicy):
             st.values[i][rows, :, slot] = v[:, :, 0]
             mask = st.valid[:, None, None, :]  # (B, 1, 1, C)
             att = attention(q, st.keys[i], st.values[i], mask=mask)
-            x = blk.finish(x, cast(Tensor, att))
+            x = blk.finish(x, att)
         st.steps = st.steps + 1
         logits, values = self.heads(self.norm(x[:, 0]))
         return logits, values, st
