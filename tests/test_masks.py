@@ -1289,3 +1289,22 @@ def test_block_random_keeps_a_bounded_number_of_tables() -> None:
     assert torch.equal(m.dense(100, 100), first)  # remade after it was dropped
     assert torch.equal(masks.block_random(16, 2, seed=3).dense(100, 100), first)
     assert m.table(97) is m.table(100)  # 7 blocks both
+
+
+def test_grid_the_argument_of_a_new_mask_is_public() -> None:
+    """(It was only in the private ``attnlab._grid``: a typed ``evaluate(self, grid: Grid)``
+    of README's new-mask recipe had to import a private module.)"""
+    from attnlab import bias
+    from attnlab.masks import Grid
+
+    assert "Grid" in masks.__all__ and "Grid" in bias.__all__ and bias.Grid is Grid
+
+    class Band(Mask):
+        def evaluate(self, grid: Grid) -> Tensor:
+            return (grid.k <= grid.q) & (grid.k >= grid.q - 1)
+
+        def spec(self) -> str:
+            return "band(1)"
+
+    want = masks.causal() & masks.window(1)
+    assert torch.equal(Band().dense(5, 5), want.dense(5, 5))

@@ -8,6 +8,9 @@ definition serves the dense reference (one grid over all of ``Lq x Lk``) and til
 Query positions are aligned bottom-right: query row ``i`` sits at position
 ``i + Lk - Lq``. This is the frame of cached decoding, where the last query is the newest
 token and the keys are the whole history.
+
+Public as :class:`attnlab.masks.Grid` (and :class:`attnlab.bias.Grid`): a new mask's
+``evaluate`` and a new bias's ``forward`` take one.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Additive attention biases: ``scores = q·kᵀ * scale + bias``.
 
 A bias is a function of ``(batch, head, query position, key index)``. It is evaluated on a
-:class:`~attnlab._grid.Grid`, so a tiled engine asks for one tile at a time and the full
-``Lq x Lk`` tensor exists only when :meth:`Bias.dense` is called.
+:class:`Grid` (:meth:`Bias.forward`'s argument, the one masks are evaluated on), so a tiled
+engine asks for one tile at a time and the full ``Lq x Lk`` tensor exists only when
+:meth:`Bias.dense` is called.
 
 Query positions are aligned bottom-right (row ``i`` sits at position ``i + Lk - Lq``), which
 is the frame of cached decoding: the last query is the newest token.
@@ -26,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+from attnlab._grid import Grid
 from attnlab.bias.base import Bias, SumBias
 from attnlab.bias.dense import TensorBias, as_bias, tensor
 from attnlab.bias.function import CustomBias, custom
@@ -43,6 +45,7 @@ __all__ = [
     "ALiBi",
     "Bias",
     "CustomBias",
+    "Grid",
     "LearnedRelative",
     "RelativeBuckets",
     "SumBias",

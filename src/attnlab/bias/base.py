@@ -39,7 +39,7 @@ def _check_heads(bias: Bias, have: int, heads: int) -> None:
 
 
 class Bias(nn.Module, abc.ABC):
-    """An additive attention bias, evaluated lazily on a :class:`~attnlab._grid.Grid`.
+    """An additive attention bias, evaluated lazily on a :class:`~attnlab.masks.Grid`.
 
     Subclasses implement :meth:`forward` and say whether the values depend on the batch and
     head indices (:attr:`per_batch`, :attr:`per_head`); engines use those flags to skip

@@ -18,7 +18,8 @@ causal, its padding lengths. Engines ask; they never check a mask's class.
 The package holds one file per family: ``intervals`` (causal, window, prefix, dilated),
 ``padding``, ``documents``, ``sparse`` (global tokens, random blocks), ``custom``,
 ``tensor``; ``base`` holds the protocol and the ``& | ~`` combinators, ``layout`` the
-block layouts.
+block layouts. :class:`Grid` is the argument of :meth:`Mask.evaluate` (a new mask's type
+hints name it).
 
 Example:
     >>> from attnlab import masks
@@ -29,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+from attnlab._grid import Grid
 from attnlab.masks.base import And, Mask, Not, Or, Wrapped
 from attnlab.masks.custom import Custom, MaskFn, custom
 from attnlab.masks.documents import Documents, documents
@@ -56,6 +58,7 @@ __all__ = [
     "Dilated",
     "Documents",
     "GlobalTokens",
+    "Grid",
     "Mask",
     "MaskFn",
     "Not",

@@ -1,7 +1,7 @@
 """The mask protocol: what every mask is, and what engines may ask of it.
 
 A mask says which (query, key) pairs may attend: a function of ``(batch, head, query
-position, key index)`` (``block_random``'s of ``Lk`` too) on a :class:`~attnlab._grid.Grid`.
+position, key index)`` (``block_random``'s of ``Lk`` too) on a :class:`~attnlab.masks.Grid`.
 Engines never check a mask's class; they ask it through the public members of :class:`Mask`:
 
 =====================  ==================================================================
