@@ -1,6 +1,7 @@
 """The public API's types: the flags that decide what a call returns are typed overloads,
 so a type checker follows README's uses (``r = attention(..., return_weights=True)`` then
 ``r.out``; ``y: Tensor = layer.forward(x)``) without a cast.
+Arguments are typed as widely as the calls accept them.
 
 ``mypy --strict`` on a snippet takes ~30 s cold (torch's stubs), so the overloads are read
 at runtime instead (``typing.get_overloads``, Python 3.11+).
@@ -55,3 +56,17 @@ def test_the_weights_flags_decide_the_functional_return_type(fn: Callable[..., o
 @pytest.mark.parametrize("layer", [MultiHeadAttention, EncoderLayer, DecoderLayer])
 def test_need_weights_decides_a_layer_forward_return_type(layer: type) -> None:
     assert overload_returns(layer.forward, ("need_weights",)) == LAYER
+
+
+def test_attention_weights_takes_any_sequence_of_heads() -> None:
+    """(``heads`` was typed ``list[int]``: a tuple or range, which work, failed mypy;
+    ``capture(heads=)`` takes a ``Sequence[int]``.)"""
+    import typing
+    from collections.abc import Sequence
+
+    import torch
+
+    assert typing.get_type_hints(attnlab.attention_weights)["heads"] == Sequence[int] | None
+    q = torch.randn(1, 4, 6, 8)
+    for heads in ((0, 2), range(2), [1, 3]):
+        assert attnlab.attention_weights(q, q, q, heads=heads).shape == (1, 2, 6, 6)

@@ -13,7 +13,7 @@ Every attention in attnlab is the same four steps::
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Literal, overload
 
 import torch
@@ -411,7 +411,7 @@ def attention_weights(
     bias: Bias | Tensor | None = None,
     scale: float | None = None,
     score: str = "dot",
-    heads: list[int] | None = None,
+    heads: Sequence[int] | None = None,
     rows: tuple[int, int] | None = None,
     softcap: float | None = None,
     sinks: Tensor | None = None,
@@ -425,7 +425,7 @@ def attention_weights(
         q, k, v: ``(B, Hq, Lq, E)``, ``(B, Hkv, Lk, E)``, ``(B, Hkv, Lk, Ev)``.
         mask, bias, scale, score, softcap, sinks: as in :func:`attention` (``"dot"`` or
             ``"cosine"`` score).
-        heads: query heads to return (default all).
+        heads: query heads to return, any sequence of indices (default all).
         rows: ``(r0, r1)`` query rows to return (default all).
 
     Returns:
