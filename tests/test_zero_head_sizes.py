@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import attnlab
-from attnlab import masks
+from attnlab import bias, masks
 
 
 @pytest.mark.parametrize(("e", "ev"), [(4, 0), (0, 3)])
@@ -26,3 +26,27 @@ def test_zero_head_sizes(e: int, ev: int) -> None:
     want = v.cumsum(2) / counts
     torch.testing.assert_close(out.detach(), want)
     assert all(t.grad is not None and not t.grad.isnan().any() for t in leaves)
+
+
+@pytest.mark.parametrize("engine", ["auto", "sdpa"])
+@pytest.mark.parametrize(
+    ("mask", "alibi"),
+    [(masks.window(0), None), (masks.padding([1, 5]), None), (masks.causal(), bias.alibi(2))],
+)
+def test_empty_values_rows_of_one_key(
+    engine: str, mask: masks.Mask, alibi: bias.Bias | None
+) -> None:
+    """``Ev = 0`` with gradients where some row sees one key: SDPA's exact one-key rows
+    reshaped the empty values with ``-1`` (RuntimeError "cannot reshape tensor of 0
+    elements"); the output is empty and the gradients 0, as the reference engine gives."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 0)
+    grads = []
+    for name in (engine, "reference"):
+        leaf = q.clone().requires_grad_()
+        out = attnlab.attention(leaf, k, v, mask=mask, bias=alibi, engine=name)
+        assert out.shape == (2, 2, 5, 0)
+        out.sum().backward()
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+    torch.testing.assert_close(grads[0], torch.zeros_like(q))

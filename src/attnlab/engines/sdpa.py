@@ -240,14 +240,14 @@ def _one_key_rows(out: Tensor, v: Tensor, single: Tensor) -> Tensor:
     with SDPA at the cost of a gather of those rows.
     """
     b, hq, lq, _ = out.shape
-    hkv, lk, ev = v.shape[1:]
+    hkv, lk = v.shape[1], v.shape[2]
     item, head, row = torch.nonzero(single.expand(b, hq, lq) >= 0, as_tuple=True)
     key = single.expand(b, hq, lq)[item, head, row]
     flat = (item * hkv + head // (hq // hkv)) * lk + key  # (N,) rows of v (B * Hkv * Lk, Ev)
     keys, which = torch.unique(flat, return_inverse=True)
     # each value once, then float64 for the backward's sum of many rows' gradients into
     # it (key 0 of global_tokens([0]) in float32: dV 2.1x plain PyTorch's error, not 0.8x)
-    picked = v.reshape(-1, ev)[keys].double()[which]  # (N, Ev)
+    picked = v.flatten(0, 2)[keys].double()[which]  # (N, Ev)
     return out.index_put((item, head, row), picked.to(out.dtype))
 
 
