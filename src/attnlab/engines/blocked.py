@@ -40,7 +40,7 @@ from torch import Tensor
 from torch._C._functorch import is_functorch_wrapped_tensor
 
 from attnlab._eager import forward_mode, vmapping
-from attnlab.engines import blocked_autograd, blocked_choice
+from attnlab.engines import blocked_autograd, blocked_choice, blocked_fold
 from attnlab.engines._leaves import HIDES_GRAD, hides_grad
 from attnlab.engines._native import build_settings, ops, pool_limit_mib
 from attnlab.engines._versions import versions as _versions
@@ -187,6 +187,7 @@ class BlockedEngine(Engine):
                 sinks = sink_rows(sinks.detach()).float().contiguous()  # (1 or B, Hq, 1 or Lq)
             cap = kernel_softcap(req)
             return _decode_op()(req.q, req.k, req.v, lo, hi, req.scale, cap, sinks), None, None
+        given, req = req, blocked_fold.fold(req)  # a broadcast K and V read once
         if req.score == "cosine":
             req = _normalized(req)
         plan = self.plan(req)
@@ -200,7 +201,8 @@ class BlockedEngine(Engine):
             out, lse = _join_sinks(out, lse, req.sinks)
             out = out.to(req.v.dtype)
             weights = weights_of(req, plan) if req.return_weights else None
-        return out, weights, (lse.to(req.q.dtype) if req.return_lse else None)
+        kept = blocked_fold.unfold(lse.to(req.q.dtype), given) if req.return_lse else None
+        return blocked_fold.unfold(out, given), weights, kept
 
     def _given_plan(self, req: AttentionRequest) -> KernelPlan | None:
         """The kernel plan of a part of a larger softmax (:meth:`forward_given`), or None
