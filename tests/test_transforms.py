@@ -233,6 +233,30 @@ def test_torch_export_holds_what_auto_gives_to_sdpa(name: str) -> None:
         assert max_err(program.module()(x), Layer()(x)) == 0.0
 
 
+@pytest.mark.parametrize("flag", ["_is_exporting_flag", "_is_compiling_flag"])
+def test_an_export_in_another_thread_leaves_this_threads_calls_eager(
+    flag: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``torch.compiler.is_exporting()`` and ``is_compiling()`` are process-wide flags that
+    an export or a compile sets for its whole length, in whatever thread. Read as "this
+    call is traced", they made eager calls in other threads skip the NaN screen (a NaN
+    that a padding mask hides reached all 64 rows in 8918 of 13058 calls) and the argument
+    checks (``padding([-3])`` accepted). Here the flag is set as another thread's export
+    or compile leaves it, with nothing traced in this thread."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(3, 1, 2, 32, 16, generator=g).unbind(0)
+    v[:, :, 20:] = float("nan")  # unwritten cache slots, hidden by the padding mask
+    want = attnlab.attention(q, k, v.nan_to_num(), mask=M.padding([20]), engine="reference")
+    monkeypatch.setattr(torch.compiler, flag, True)
+    for engine in ("auto", "reference", "blocked"):  # (sdpa refuses a NaN)
+        got = torch.as_tensor(attnlab.attention(q, k, v, mask=M.padding([20]), engine=engine))
+        assert not got.isnan().any(), engine
+    got = attnlab.attention(q, k, v.nan_to_num(), mask=M.padding([20]), engine="reference")
+    assert torch.equal(torch.as_tensor(got), torch.as_tensor(want))  # the same softmax
+    with pytest.raises(ValueError, match="must be >= 0"):
+        M.padding(torch.tensor([-3]))
+
+
 def test_torch_export_with_a_dynamic_length() -> None:
     """A mask's size check took the symbolic length (``SymInt``) of a dynamic dimension for
     a wrong type: "lq must be an int >= 0, got s53 (SymInt)"."""

@@ -25,7 +25,9 @@ from torch.autograd.function import once_differentiable
 __all__ = [
     "PLANS",
     "as_written",
+    "compiling",
     "differentiating_twice",
+    "exporting",
     "first_order_only",
     "forward_mode",
     "higher_order",
@@ -109,6 +111,41 @@ def vmapping() -> bool:
     return bool(stack) and any(i.key() == TransformType.Vmap for i in stack)
 
 
+def _traced_here() -> bool:
+    """Whether a tracer runs in this thread: dynamo traces the caller (then
+    ``is_dynamo_compiling`` is a constant True), or a tracing context or fake mode, both
+    thread-local, is active (torch.export's make_fx, AOT autograd)."""
+    if torch.compiler.is_dynamo_compiling():
+        return True
+    from torch._guards import TracingContext, detect_fake_mode
+
+    return TracingContext.try_get() is not None or detect_fake_mode() is not None
+
+
+def exporting() -> bool:
+    """Whether ``torch.export`` traces this call. ``torch.compiler.is_exporting()`` alone
+    is process-wide: set for a whole export in whatever thread, it made eager calls in
+    other threads skip their NaN screens and argument checks; it is the cheap first
+    test, and the thread's own tracing state decides.
+
+    Example:
+        >>> exporting()
+        False
+    """
+    return torch.compiler.is_exporting() and _traced_here()
+
+
+def compiling() -> bool:
+    """Whether ``torch.compile`` or ``torch.export`` traces this call, in this thread
+    (``torch.compiler.is_compiling()`` is process-wide: see :func:`exporting`).
+
+    Example:
+        >>> compiling()
+        False
+    """
+    return torch.compiler.is_compiling() and _traced_here()
+
+
 def unreadable(t: torch.Tensor) -> bool:
     """Whether no value of ``t`` can be read here: while exporting, under vmap, or on the
     meta device (shapes only: ``bool()`` raises, as it does under vmap).
@@ -117,7 +154,7 @@ def unreadable(t: torch.Tensor) -> bool:
         >>> unreadable(torch.ones(1)), unreadable(torch.ones(1, device="meta"))
         (False, True)
     """
-    return t.is_meta or torch.compiler.is_exporting() or vmapping()
+    return t.is_meta or exporting() or vmapping()
 
 
 def differentiating_twice() -> bool:
@@ -336,7 +373,7 @@ def any_nan(*ts: torch.Tensor) -> bool:
         (True, False)
     """
     ts = tuple(t for t in ts if t.numel() and not legacy_batched(t))
-    if torch.compiler.is_exporting() or any(t.is_meta for t in ts):
+    if exporting() or any(t.is_meta for t in ts):
         return False
     if vmapping():
         return True

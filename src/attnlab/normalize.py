@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attnlab._eager import first_order_only, vmapping
+from attnlab._eager import compiling, first_order_only, vmapping
 from attnlab._rows import (
     _check_scores,
     _compute_dtype,
@@ -322,7 +322,7 @@ def softmax_rows(scores: Tensor, *, want_lse: bool) -> tuple[Tensor, Tensor | No
     if scores.shape[-1] == 0:
         return _empty_like_result(scores), scores.new_full(scores.shape[:-1], -math.inf)
     x = scores.to(_compute_dtype(scores.dtype))  # (..., L)
-    readable = not (x.is_meta or torch.compiler.is_compiling() or vmapping())  # values?
+    readable = not (x.is_meta or compiling() or vmapping())  # values?
     if readable and bool(torch.isfinite(x.detach().amax(dim=-1)).all()):
         p = torch.softmax(x, dim=-1)  # (..., L)
         lse = torch.logsumexp(x, dim=-1).to(scores.dtype) if want_lse else None  # (...)

@@ -7,7 +7,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from attnlab._eager import PLANS, as_written, vmapping
+from attnlab._eager import PLANS, as_written, exporting, vmapping
 
 Device = torch.device | str | None
 
@@ -84,7 +84,7 @@ def check_nonnegative(name: str, t: Tensor | None) -> None:
         ...
         ValueError: key_lengths must be >= 0, got [2, -1]
     """
-    if t is None or vmapping() or torch.compiler.is_exporting():
+    if t is None or vmapping() or exporting():
         return
     if bool((t < 0).any()):
         raise ValueError(f"{name} must be >= 0, got {t.tolist()}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnlab._eager import PLANS, as_written, vmapping
+from attnlab._eager import PLANS, as_written, exporting, vmapping
 
 __all__ = ["check_id_dtype", "check_ids", "check_source", "check_special_ids", "check_vocab"]
 
@@ -26,7 +26,7 @@ def check_vocab(name: str, ids: Tensor, field: str, vocab: int) -> None:
         ...
         ValueError: src must lie in [0, src_vocab=5), got values in [1, 7]
     """
-    if vmapping() or torch.compiler.is_exporting():
+    if vmapping() or exporting():
         return  # no value to read: taken as given (an embedding still fails on a bad id)
     lo, hi = (int(v) for v in ids.aminmax()) if ids.numel() else (0, 0)
     if lo < 0 or hi >= vocab:
@@ -105,7 +105,7 @@ def check_source(src: object, lengths: object) -> None:
 @as_written(PLANS)  # (traced, its read broke the graph)
 def _check_lengths_in(lengths: Tensor, ls: int) -> None:
     """``lengths (B,)`` must lie in ``[1, ls]`` (where its values can be read)."""
-    if vmapping() or torch.compiler.is_exporting() or not lengths.numel():
+    if vmapping() or exporting() or not lengths.numel():
         return
     if int(lengths.min()) < 1 or int(lengths.max()) > ls:
         raise ValueError(

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlab._cpu import fuse_activation
-from attnlab._eager import vmapping
+from attnlab._eager import compiling, vmapping
 
 __all__ = ["forget_packed", "linear", "module_linear"]
 
@@ -73,7 +73,7 @@ def _fusable(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
         and 0 < x.shape[-1] <= FUSE_INNER
         and x.numel() >= FUSE_ROWS * x.shape[-1]  # (an empty batch: reshape failed)
         and weight.numel() >= FUSE_WEIGHT
-        and not torch.compiler.is_compiling()
+        and not compiling()
         and x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
