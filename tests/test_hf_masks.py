@@ -192,6 +192,21 @@ def test_register_refuses_transformers_own_names(name: str) -> None:
     assert register() == register() == "attnlab"  # the control: its own name, again
 
 
+@pytest.mark.parametrize("version", ["5.0.0", "5.3.0"])
+def test_register_refuses_a_transformers_before_5_4(
+    version: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(On 5.0-5.3 register() succeeded and every forward raised "build_mask() missing 1
+    required positional argument: 'q_length'": those call it with cache_position.)"""
+    before = dict(transformers.AttentionInterface._global_mapping)
+    monkeypatch.setattr(transformers, "__version__", version)
+    with pytest.raises(ImportError, match=f"needs transformers>=5.4, found {version} "):
+        register()
+    assert transformers.AttentionInterface._global_mapping == before
+    monkeypatch.setattr(transformers, "__version__", "5.4.0.dev0")  # the control
+    assert register() == "attnlab"
+
+
 def test_what_the_backend_cannot_compute_is_named() -> None:
     q = k = v = torch.randn(1, 2, 4, 8)
     check_and_control(

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import operator
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,9 +35,26 @@ from attnlab.masks.documents import Documents
 from attnlab.masks.layout import on
 from attnlab.masks.padding import Padding
 
-__all__ = ["Chunks", "FilledKeys", "KeyValid", "MaskCall", "translate"]
+__all__ = ["FLOOR", "Chunks", "FilledKeys", "KeyValid", "MaskCall", "check_version", "translate"]
 
 HFMaskFn = Callable[..., Tensor]
+# before 5.4 transformers called the mask builder as (batch_size, cache_position, kv_length)
+FLOOR = (5, 4)
+
+
+def check_version(version: str) -> None:
+    """An ImportError naming ``version`` and the floor when transformers is older than 5.4,
+    whose mask calls :class:`MaskCall` does not describe.
+
+    Example:
+        >>> check_version("5.4.0.dev0")
+    """
+    parts = re.match(r"(\d+)\.(\d+)", version)
+    if parts is not None and tuple(map(int, parts.groups())) < FLOOR:
+        raise ImportError(
+            f"attnlab's hf integration needs transformers>=5.4, found {version} (before 5.4 "
+            "it calls the mask builder with cache_position); pip install 'transformers>=5.4'"
+        )
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,7 @@ from attnlab.integrations.hf_args import (
     with_packing,
     with_position_bias,
 )
-from attnlab.integrations.hf_masks import MaskCall, for_model, translate
+from attnlab.integrations.hf_masks import MaskCall, check_version, for_model, translate
 from attnlab.integrations.hf_own import COMPOSITE, check_partly_own
 from attnlab.masks import Mask
 
@@ -112,11 +112,13 @@ def register(name: str = NAME, engine: str | None = None) -> str:
         torch.Size([1, 3, 32])
     """
     try:
+        import transformers
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface
     except ModuleNotFoundError as e:  # (a bare "No module named 'transformers'")
         why = f"{e}; register() needs the hf extra: pip install 'attnlab[hf]'"
         raise ModuleNotFoundError(why, name=e.name) from e
+    check_version(transformers.__version__)  # (5.0-5.3: a TypeError at every forward)
 
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, got {type(name).__name__}")
