@@ -702,6 +702,45 @@ def test_custom_bias_and_mask_run_under_flexattention() -> None:
     assert isinstance(ours, Tensor) and (ours.double() - ref).abs().max() < 1e-5
 
 
+class _Indexing(torch.overrides.TorchFunctionMode):
+    """Records the index of every ``Tensor.__getitem__`` call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.indices: list[object] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func is Tensor.__getitem__:
+            self.indices.append(args[1])
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_tensor_bias_is_indexed_by_tensors_alone() -> None:
+    """(A broadcast dim was indexed by a Python 0 among tensor indices, t[0, h, q, k]:
+    torch 2.9's dynamo failed on it under FlexAttention, "Could not extract specialized
+    integer from data-dependent expression".)"""
+    t = torch.randn(1, 3, 5, 7)
+    grid = Grid.tile(torch.tensor([1, 2]), torch.tensor([0, 4]), lq=5, lk=7, batch=2, heads=3)
+    with _Indexing() as seen:
+        got = torch.broadcast_to(tensor(t)(grid), grid.shape)
+    assert torch.equal(got, t.expand(2, -1, -1, -1)[:, :, [1, 2]][:, :, :, [0, 4]])
+    mixed = [i for i in seen.indices if isinstance(i, tuple) and int in map(type, i)]
+    assert seen.indices and not mixed
+
+
+def test_a_custom_bias_makes_its_repr_only_for_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """(Its repr was made for every call: torch 2.9's dynamo cannot trace a module's repr,
+    so FlexAttention with compile=False failed on every custom bias.)"""
+    made: list[int] = []
+    monkeypatch.setattr(CustomBias, "extra_repr", lambda self: str(made.append(1) or "fn"))
+    grid = Grid.tile(torch.tensor([1, 2]), torch.tensor([0, 4]), lq=5, lk=7, heads=3)
+    custom(lambda h, q, k: (k - q) * h)(grid)
+    assert not made
+    with pytest.raises(ValueError, match=r"bias=custom\(fn\): fn returned shape \(9,\)"):
+        custom(lambda h, q, k: torch.zeros(9))(grid)
+    assert made
+
+
 # --------------------------------------------------------------------------- sums
 
 

@@ -122,13 +122,15 @@ class Grid:
         dim of ``t`` broadcasts (as FlexAttention's ``score_mod`` takes it: made 4-D, its
         vmapped output grew four dims); gradients flow into ``t``.
         """
-        # a Python 0 for a broadcast dim, not a tensor: under FlexAttention's nested vmap a
-        # tensor index made from one coordinate would be batched over that coordinate
-        b = self.b if t.shape[0] != 1 else 0  # (an empty dim is indexed, not broadcast)
-        h = self.h if t.shape[1] != 1 else 0
-        q = self.rows if t.shape[2] != 1 else 0
-        k = self.k if t.shape[3] != 1 else 0
-        return t[b, h, q, k]
+        # a broadcast dim is selected at 0, not indexed by a tensor: under FlexAttention's
+        # nested vmap a tensor index made from one coordinate would be batched over that
+        # coordinate; nor by a Python 0 among the tensor indices, which torch 2.9's dynamo
+        # could not trace ("Could not extract specialized integer")
+        coords = (self.b, self.h, self.rows, self.k)
+        wide = [d for d in range(4) if t.shape[d] != 1]  # (an empty dim is indexed)
+        for d in (3, 2, 1, 0):
+            t = t if d in wide else t.select(d, 0)
+        return t[tuple(coords[d] for d in wide)]
 
     @property
     def shape(self) -> tuple[int, int, int, int]:

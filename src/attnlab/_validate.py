@@ -254,8 +254,11 @@ def _broadcast_batch(*ts: Tensor) -> tuple[Tensor, ...]:
     return tuple(t.expand(b, *t.shape[1:]) if t.shape[0] != b else t for t in ts)
 
 
-def check_broadcast(what: str, out: Tensor, coords: tuple[Tensor, ...], kind: str) -> None:
-    """Raise a ValueError naming ``what`` unless ``out``, the result of a user's function
+def check_broadcast(
+    what: str | Callable[[], str], out: Tensor, coords: tuple[Tensor, ...], kind: str
+) -> None:
+    """Raise a ValueError naming ``what`` (or what it returns, called only then: torch 2.9's
+    dynamo cannot trace a module's ``repr``) unless ``out``, the result of a user's function
     of the index tensors ``coords`` (b, h, q_pos, k), broadcasts to their shape.
 
     The shape is the coordinates' own, not a grid's: under FlexAttention's vmap they are
@@ -277,8 +280,8 @@ def check_broadcast(what: str, out: Tensor, coords: tuple[Tensor, ...], kind: st
         seen = None
     if seen != want:
         raise ValueError(
-            f"{what}: fn returned shape {tuple(out.shape)}, expected {kind} broadcastable "
-            f"to {tuple(want)} (batch, heads, queries, keys)"
+            f"{what() if callable(what) else what}: fn returned shape {tuple(out.shape)}, "
+            f"expected {kind} broadcastable to {tuple(want)} (batch, heads, queries, keys)"
         )
 
 

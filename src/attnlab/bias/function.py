@@ -56,7 +56,7 @@ class CustomBias(Bias):
 
     def forward(self, grid: Grid) -> Tensor:
         raw: Any = self.fn(grid.h, grid.q, grid.k)
-        if not isinstance(raw, Tensor | numbers.Number):
+        if not isinstance(raw, (Tensor, numbers.Number)):  # (a union: dynamo 2.9 failed)
             raise TypeError(
                 f"bias={self!r}: fn returned {type(raw).__name__}, expected a float tensor "
                 f"or a Python number"
@@ -71,7 +71,7 @@ class CustomBias(Bias):
             raise TypeError(f"bias={self!r}: fn returned dtype {out.dtype}, expected a float dtype")
         if not out.is_floating_point():
             out = out.to(torch.get_default_dtype())
-        check_broadcast(f"bias={self!r}", out, (grid.b, grid.h, grid.q, grid.k), "a shape")
+        check_broadcast(lambda: f"bias={self!r}", out, (grid.b, grid.h, grid.q, grid.k), "a shape")
         return out
 
     def extra_repr(self) -> str:
