@@ -137,6 +137,33 @@ def test_missing_unexpected_and_misshaped_tensors_are_listed(
     )
 
 
+def test_a_huge_layer_count_is_refused_before_listing_its_tensors(
+    hf_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """num_hidden_layers=10**7 in config.json built 160 million expected names (minutes,
+    gigabytes) before the missing ones were reported: the weights' layers are counted first."""
+    import attnlab.models.bert as bert_module
+
+    shapes = bert_module._hf_shapes
+
+    def bounded(c: BertConfig) -> dict[str, tuple[int, ...]]:
+        assert c.num_hidden_layers < 100, "listed the tensors of every configured layer"
+        return shapes(c)
+
+    monkeypatch.setattr(bert_module, "_hf_shapes", bounded)
+    huge = _copy(hf_folder, tmp_path / "huge")
+    shutil.copy(hf_folder / "model.safetensors", huge / "model.safetensors")
+    config = json.loads((hf_folder / "config.json").read_text())
+    (huge / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 10**7}))
+    check_and_control(
+        lambda: BertEncoder.from_pretrained(huge),
+        lambda: BertEncoder.from_pretrained(hf_folder),
+        ValueError,
+        r"model\.safetensors does not fit the model: the config has "
+        r"num_hidden_layers=10000000, the weights hold 2 layers",
+    )
+
+
 def test_missing_and_corrupt_weight_files(hf_folder: Path, tmp_path: Path) -> None:
     empty = _copy(hf_folder, tmp_path / "empty")
     check_and_control(

@@ -6,14 +6,14 @@ Weights are read with :mod:`safetensors` only: nothing is unpickled, ever.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
-__all__ = ["check_keys", "read_safetensors"]
+__all__ = ["check_keys", "check_layer_count", "check_state", "read_safetensors"]
 
 _SHOWN = 8  # names listed per kind of mismatch before "... and N more"
 
@@ -92,6 +92,39 @@ def check_keys(
     ]
     if parts:
         raise ValueError(f"{where} does not fit the model: " + "; ".join(parts))
+
+
+def check_state(
+    where: str,
+    found: Mapping[str, Tensor],
+    expected: Callable[[], Mapping[str, tuple[int, ...]]],
+    optional: Iterable[str],
+    layers: tuple[str, int],
+) -> None:
+    """:func:`check_layer_count` (``layers`` is the layer names' prefix and the config's
+    count), then :func:`check_keys` against ``expected()``."""
+    opt = tuple(optional)
+    check_layer_count(where, found, *layers)
+    check_keys(where, {k: tuple(v.shape) for k, v in found.items()}, expected(), opt)
+
+
+def check_layer_count(where: str, found: Iterable[str], prefix: str, layers: int) -> None:
+    """Raise ``ValueError`` when the config asks for more layers than the weights hold,
+    before the names of every expected tensor are listed (a ``num_hidden_layers`` of
+    10**7 built a dict of 160 million names, for minutes and gigabytes).
+
+    Example:
+        >>> check_layer_count("w", ["l.0.a", "l.1.a"], "l.", 5)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: w does not fit the model: the config has num_hidden_layers=5, the ...
+    """
+    held = {k[len(prefix) :].split(".", 1)[0] for k in found if k.startswith(prefix)}
+    if layers > len(held):
+        raise ValueError(
+            f"{where} does not fit the model: the config has num_hidden_layers={layers}, "
+            f"the weights hold {len(held)} layers ({prefix}N.*)"
+        )
 
 
 def _listing(kind: str, names: list[str]) -> str:

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from attnlab._validate import instance_of, nonnegative_int, validate_dropout, validate_flag
 from attnlab.masks import Mask
-from attnlab.models._checkpoint import check_keys, read_safetensors
+from attnlab.models._checkpoint import check_state, read_safetensors
 from attnlab.models._ids import check_id_dtype
 from attnlab.nn import EncoderLayer, LayerConfig
 
@@ -427,10 +427,11 @@ def bert_state_dict(
         >>> bert_state_dict({}, c)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: checkpoint does not fit the model: missing 21: embeddings.word_embeddings...
+        ValueError: checkpoint does not fit the model: the config has num_hidden_layers=1, the...
     """
     hf = {_canonical(k): v for k, v in state.items()}
-    check_keys(where, {k: tuple(v.shape) for k, v in hf.items()}, _hf_shapes(config), _OPTIONAL)
+    shapes = lambda: _hf_shapes(config)  # noqa: E731  (after the layer count is checked)
+    check_state(where, hf, shapes, _OPTIONAL, ("encoder.layer.", config.num_hidden_layers))
     out = {
         "embeddings.word_embeddings.weight": hf["embeddings.word_embeddings.weight"],
         "embeddings.position_embeddings.weight": hf["embeddings.position_embeddings.weight"],
