@@ -137,6 +137,25 @@ def test_missing_unexpected_and_misshaped_tensors_are_listed(
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool])
+def test_integer_tensors_are_refused_and_other_floats_cast(
+    hf_folder: Path, tmp_path: Path, dtype: torch.dtype
+) -> None:
+    """An int8 or bool weight was cast to float by load_state_dict and the model ran."""
+    state = load_file(hf_folder / "model.safetensors")
+    key = "bert.encoder.layer.1.attention.self.query.weight"
+    bad = _copy(hf_folder, tmp_path / "bad", {**state, key: state[key].to(dtype)})
+    half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    fp16 = _copy(hf_folder, tmp_path / "fp16", half)
+    check_and_control(
+        lambda: BertEncoder.from_pretrained(bad),
+        lambda: BertEncoder.from_pretrained(fp16),
+        ValueError,
+        r"model\.safetensors does not fit the model: not floating-point 1: "
+        rf"encoder\.layer\.1\.attention\.self\.query\.weight \({dtype}\)",
+    )
+
+
 def test_a_huge_layer_count_is_refused_before_listing_its_tensors(
     hf_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

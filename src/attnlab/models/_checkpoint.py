@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
-__all__ = ["check_keys", "check_layer_count", "check_state", "read_safetensors"]
+__all__ = ["check_floating", "check_keys", "check_layer_count", "check_state", "read_safetensors"]
 
 _SHOWN = 8  # names listed per kind of mismatch before "... and N more"
 
@@ -102,10 +102,11 @@ def check_state(
     layers: tuple[str, int],
 ) -> None:
     """:func:`check_layer_count` (``layers`` is the layer names' prefix and the config's
-    count), then :func:`check_keys` against ``expected()``."""
+    count), then :func:`check_keys` against ``expected()``, then :func:`check_floating`."""
     opt = tuple(optional)
     check_layer_count(where, found, *layers)
     check_keys(where, {k: tuple(v.shape) for k, v in found.items()}, expected(), opt)
+    check_floating(where, found, opt)
 
 
 def check_layer_count(where: str, found: Iterable[str], prefix: str, layers: int) -> None:
@@ -124,6 +125,30 @@ def check_layer_count(where: str, found: Iterable[str], prefix: str, layers: int
         raise ValueError(
             f"{where} does not fit the model: the config has num_hidden_layers={layers}, "
             f"the weights hold {len(held)} layers ({prefix}N.*)"
+        )
+
+
+def check_floating(where: str, found: Mapping[str, Tensor], optional: Iterable[str] = ()) -> None:
+    """Raise ``ValueError`` naming the tensors that are not floating-point (int8, bool: a
+    model's weights are cast to float silently); float16, bfloat16 and float64 are cast.
+
+    Example:
+        >>> import torch
+        >>> check_floating("w", {"a": torch.ones(2), "b": torch.ones(2, dtype=torch.int8)})
+        Traceback (most recent call last):
+        ...
+        ValueError: w does not fit the model: not floating-point 1: b (torch.int8); ...
+    """
+    opt = tuple(optional)
+    bad = [
+        f"{k} ({v.dtype})"
+        for k, v in found.items()
+        if not k.startswith(opt) and not v.is_floating_point()
+    ]
+    if bad:
+        raise ValueError(
+            f"{where} does not fit the model: {_listing('not floating-point', bad)}; "
+            "expected float32 (float16, bfloat16 and float64 are cast)"
         )
 
 

@@ -419,7 +419,7 @@ def bert_state_dict(
         a state dict that :class:`BertEncoder(config)` loads strictly.
 
     Raises:
-        ValueError: listing missing, unexpected and mis-shaped tensors.
+        ValueError: listing missing, unexpected, mis-shaped and integer tensors.
 
     Example:
         >>> c = BertConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1,

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from attnlab._io import atomic_write
 from attnlab._validate import instance_of
+from attnlab.train._fit import model_misfits, optimizer_misfits, shown
 
 __all__ = [
     "FORMATS",
@@ -424,6 +425,9 @@ def load_optimizer_state(opt: torch.optim.Optimizer, ckpt: Checkpoint, path: str
         return
     try:
         opt.load_state_dict(ckpt.optimizer)
+        bad = optimizer_misfits(opt, ckpt.optimizer)  # int8 moments were cast silently
+        if bad:
+            raise ValueError(f"{shown(bad)} cannot be its state")
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
         raise CheckpointError(
             f"checkpoint {str(path)!r} holds an optimizer state that does not fit this "
@@ -433,6 +437,10 @@ def load_optimizer_state(opt: torch.optim.Optimizer, ckpt: Checkpoint, path: str
 
 def load_model_state(model: nn.Module, ckpt: Checkpoint, path: str | Path = "") -> None:
     """Load weights, turning key or shape mismatches into a :class:`CheckpointError`."""
+    bad = model_misfits(model, ckpt.model)  # (load_state_dict casts an int8 to float)
+    if bad:
+        msg = f"{shown(bad)} are not floating-point; expected float32 (float16 and bfloat16 fit)"
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model: {msg}")
     try:
         model.load_state_dict(ckpt.model)
     except RuntimeError as e:
