@@ -15,6 +15,7 @@ gradient relevance and integrated gradients see every one of its attention calls
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -108,9 +109,81 @@ def load_hf_model(folder: str | Path, config: Any) -> nn.Module:
     ``config``) as a model on the attnlab backend, in eval mode."""
     import transformers as t
 
+    _check_layer_count(Path(folder), config)
     auto = t.AutoModelForCausalLM if is_decoder(config) else t.AutoModel
-    model = auto.from_pretrained(folder, attn_implementation=register(), use_safetensors=True)
+    report = _Captured()  # its multi-line report of the keys: one line below
+    root = logging.getLogger("transformers")
+    handlers, root.handlers = root.handlers, [report]
+    try:
+        model, info = auto.from_pretrained(
+            folder, attn_implementation=register(), use_safetensors=True, output_loading_info=True
+        )
+    except RuntimeError as e:  # (exit 1 after a dump: "ignore_mismatched_sizes")
+        if "ignore_mismatched_sizes" not in str(e):
+            raise
+        raise _misfit(Path(folder), [], report.mismatched()) from e
+    finally:
+        root.handlers = handlers
+    _check_loaded(Path(folder), info)
     return model.eval()
+
+
+def _check_loaded(path: Path, info: dict[str, Any]) -> None:
+    """A ValueError naming the tensors the weights lack (transformers initialized them at
+    random, and a random model was explained); a missing pooler (the explanations read the
+    hidden states) is let through."""
+    missing = sorted(k for k in info["missing_keys"] if "pooler" not in k.split("."))
+    shaped = sorted(k for k, *_ in info["mismatched_keys"])
+    if missing or shaped:
+        raise _misfit(path, missing, shaped)
+
+
+def _misfit(path: Path, missing: list[str], shaped: list[str]) -> ValueError:
+    """The error for weights that lack or mis-shape the named tensors."""
+    parts = [
+        f"{kind} {len(names)}: " + ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        for kind, names in (("missing", missing), ("mis-shaped", shaped))
+        if names
+    ]
+    return ValueError(
+        f"--hf-model: the weights in {str(path)!r} do not fit its config.json: "
+        + ("; ".join(parts) or "mis-shaped tensors")
+    )
+
+
+class _Captured(logging.Handler):
+    """transformers' log lines while a model loads, kept (its load report named the
+    mis-shaped tensors in a table on stderr)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines += record.getMessage().splitlines()
+
+    def mismatched(self) -> list[str]:
+        """The tensors the report's table marks MISMATCH."""
+        return [ln.split("|")[0].strip() for ln in self.lines if "| MISMATCH" in ln]
+
+
+def _check_layer_count(path: Path, config: Any) -> None:
+    """A ValueError when config.json asks for more layers than the weights hold tensors
+    (``num_hidden_layers`` of 10**7 built the model for minutes, eating gigabytes)."""
+    from safetensors import safe_open
+
+    layers = getattr(config, "num_hidden_layers", None)
+    if not isinstance(layers, int):
+        return
+    count = 0
+    for file in path.glob("*.safetensors"):  # the headers alone
+        with safe_open(str(file), "pt") as f:
+            count += len(list(f.keys()))
+    if count and layers > count:
+        raise ValueError(
+            f"--hf-model: {str(path)!r} config.json has num_hidden_layers={layers}, more "
+            f"than the {count} tensors its weights hold"
+        )
 
 
 def _check_weights(path: Path) -> None:
