@@ -246,7 +246,19 @@ def _check_resume(task: str, last: Path, args: argparse.Namespace) -> dict | Non
         raise UsageError("--resume", f"{msg}; drop --resume to start fresh")
     if saved != task:
         raise UsageError("--resume", f"{last} is a checkpoint of task {saved!r}, not {task!r}")
+    _check_counters(last, ckpt.state)
     return ckpt.state
+
+
+def _check_counters(last: Path, state: dict) -> None:
+    """The checkpoint's ``step`` and ``train_size`` must be ints (>= 0, >= 1), before any
+    work: a step "x" was a bare ValueError from int() (exit 1), a train_size [1] a bare
+    TypeError, and a step -5 was refused only after the data was built."""
+    for key, low in (("step", 0), ("train_size", 1)):
+        val = state.get(key, low)
+        if isinstance(val, bool) or not isinstance(val, int) or val < low:
+            msg = f"{last} holds {key}={val!r} in its state, not an int >= {low}"
+            raise UsageError("--resume", f"{msg}; drop --resume to start fresh")
 
 
 def _run_settings(
