@@ -1,7 +1,7 @@
 """``attnlab explain --hf-model DIR`` with weights that do not fit the folder's config.json:
-a missing tensor was initialized at random and explained (exit 0), a mis-shaped one was
-exit 1 after transformers' multi-line report, and num_hidden_layers=10**7 built the model
-for minutes (auditor helper-270)."""
+a missing tensor was initialized at random and explained (exit 0), as was an int8 or bool
+one (cast to float), a mis-shaped one was exit 1 after transformers' multi-line report, and
+num_hidden_layers=10**7 built the model for minutes (auditor helper-270)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,13 @@ def _edited(folder: Path, edit: dict[str, torch.Tensor | None]) -> Path:
     [
         ({"transformer.h.1.mlp.c_fc.weight": None}, r"missing 1: \S*h\.1\.mlp\.c_fc\.weight$"),
         ({"transformer.h.0.ln_1.bias": torch.zeros(31)}, r"mis-shaped 1: \S*h\.0\.ln_1\.bias$"),
+        *[
+            (
+                {"transformer.h.0.mlp.c_fc.weight": torch.ones(32, 128, dtype=dtype)},
+                rf"not floating-point 1: transformer\.h\.0\.mlp\.c_fc\.weight \({name}\)$",
+            )
+            for dtype, name in ((torch.int8, "I8"), (torch.bool, "BOOL"))
+        ],
     ],
 )
 def test_weights_that_do_not_fit_the_config_are_one_line(

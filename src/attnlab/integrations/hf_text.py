@@ -125,6 +125,7 @@ def load_hf_model(folder: str | Path, config: Any) -> nn.Module:
     finally:
         root.handlers = handlers
     _check_loaded(Path(folder), info)
+    _check_dtypes(Path(folder), model)
     return model.eval()
 
 
@@ -167,22 +168,45 @@ class _Captured(logging.Handler):
         return [ln.split("|")[0].strip() for ln in self.lines if "| MISMATCH" in ln]
 
 
+def _header(path: Path) -> dict[str, str]:
+    """The tensors of the folder's ``*.safetensors`` files and their dtypes (``"F32"``,
+    ``"I8"``), from the headers alone."""
+    from safetensors import safe_open
+
+    out: dict[str, str] = {}
+    for file in path.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            out |= {k: f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118
+    return out
+
+
 def _check_layer_count(path: Path, config: Any) -> None:
     """A ValueError when config.json asks for more layers than the weights hold tensors
     (``num_hidden_layers`` of 10**7 built the model for minutes, eating gigabytes)."""
-    from safetensors import safe_open
-
     layers = getattr(config, "num_hidden_layers", None)
-    if not isinstance(layers, int):
-        return
-    count = 0
-    for file in path.glob("*.safetensors"):  # the headers alone
-        with safe_open(str(file), "pt") as f:
-            count += len(list(f.keys()))
-    if count and layers > count:
+    count = len(_header(path)) if isinstance(layers, int) else 0
+    if count and isinstance(layers, int) and layers > count:
         raise ValueError(
             f"--hf-model: {str(path)!r} config.json has num_hidden_layers={layers}, more "
             f"than the {count} tensors its weights hold"
+        )
+
+
+def _check_dtypes(path: Path, model: nn.Module) -> None:
+    """A ValueError naming the tensors stored as integers or bools where the model's are
+    floating-point (transformers cast an int8 weight to float and the model ran)."""
+    own, prefix = model.state_dict(), getattr(model, "base_model_prefix", "") + "."
+    bad = []
+    for key, dtype in _header(path).items():
+        names = (key, key.removeprefix(prefix), prefix + key)
+        ours = next((own[n] for n in names if n in own), None)
+        if ours is not None and ours.is_floating_point() and not dtype.startswith(("F", "BF")):
+            bad.append(f"{key} ({dtype})")
+    if bad:
+        more = f", ... and {len(bad) - 4} more" if len(bad) > 4 else ""
+        raise ValueError(
+            f"--hf-model: the weights in {str(path)!r} do not fit its config.json: not "
+            f"floating-point {len(bad)}: {', '.join(bad[:4])}{more}"
         )
 
 
