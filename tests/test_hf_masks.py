@@ -5,6 +5,8 @@ tensor); what is not recognized is evaluated, never dropped. And the backend's e
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -197,13 +199,15 @@ def test_register_refuses_a_transformers_before_5_4(
     version: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """(On 5.0-5.3 register() succeeded and every forward raised "build_mask() missing 1
-    required positional argument: 'q_length'": those call it with cache_position.)"""
-    before = dict(transformers.AttentionInterface._global_mapping)
-    monkeypatch.setattr(transformers, "__version__", version)
+    required positional argument: 'q_length'": those call it with cache_position.)
+    The module register() imports now: another test may have imported it again."""
+    tf = importlib.import_module("transformers")
+    before = dict(tf.AttentionInterface._global_mapping)
+    monkeypatch.setattr(tf, "__version__", version)
     with pytest.raises(ImportError, match=f"needs transformers>=5.4, found {version} "):
         register()
-    assert transformers.AttentionInterface._global_mapping == before
-    monkeypatch.setattr(transformers, "__version__", "5.4.0.dev0")  # the control
+    assert tf.AttentionInterface._global_mapping == before
+    monkeypatch.setattr(tf, "__version__", "5.4.0.dev0")  # the control
     assert register() == "attnlab"
 
 
