@@ -1,6 +1,7 @@
 """File helpers: atomic writes (a crash while writing never leaves a half-written file
 behind, a failed write keeps the previous file), a lock on an output path that a crashed
-run does not leave stuck, and PNGs inlined as data URIs for self-contained HTML."""
+run does not leave stuck, PNGs inlined as data URIs for self-contained HTML, and the
+names of a file's misfit entries shown in one line."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ __all__ = [
     "atomic_write",
     "atomic_write_text",
     "decode_text",
+    "first_names",
     "png_data_uri",
 ]
 
@@ -170,6 +172,18 @@ def decode_text(text: str) -> tuple[str, bool]:
         return raw.decode("utf-8"), False
     except UnicodeDecodeError:
         return raw.decode("utf-8", "replace"), True
+
+
+def first_names(names: list[str], n: int = 4) -> str:
+    """The first ``n`` of ``names`` and how many more, for a one-line message naming a
+    file's entries that do not fit (a checkpoint's tensors, a config's fields).
+
+    Example:
+        >>> first_names(["a", "b", "c"], 2)
+        'a, b, ... and 1 more'
+    """
+    more = f", ... and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
 
 
 def png_data_uri(png: str | Path | bytes) -> str:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnlab._io import first_names
 from attnlab.integrations.transformers import register
 from attnlab.interpret import TextModel
 
@@ -203,10 +204,9 @@ def _check_dtypes(path: Path, model: nn.Module) -> None:
         if ours is not None and ours.is_floating_point() and not dtype.startswith(("F", "BF")):
             bad.append(f"{key} ({dtype})")
     if bad:
-        more = f", ... and {len(bad) - 4} more" if len(bad) > 4 else ""
         raise ValueError(
             f"--hf-model: the weights in {str(path)!r} do not fit its config.json: not "
-            f"floating-point {len(bad)}: {', '.join(bad[:4])}{more}"
+            f"floating-point {len(bad)}: {first_names(bad)}"
         )
 
 

@@ -13,6 +13,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
+from attnlab._io import first_names
+
 __all__ = ["check_floating", "check_keys", "check_layer_count", "check_state", "read_safetensors"]
 
 _SHOWN = 8  # names listed per kind of mismatch before "... and N more"
@@ -153,5 +155,4 @@ def check_floating(where: str, found: Mapping[str, Tensor], optional: Iterable[s
 
 
 def _listing(kind: str, names: list[str]) -> str:
-    more = f", ... and {len(names) - _SHOWN} more" if len(names) > _SHOWN else ""
-    return f"{kind} {len(names)}: " + ", ".join(names[:_SHOWN]) + more
+    return f"{kind} {len(names)}: " + first_names(names, _SHOWN)

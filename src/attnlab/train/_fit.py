@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import Tensor, nn, optim
 
-__all__ = ["model_misfits", "optimizer_misfits", "shown"]
+__all__ = ["model_misfits", "optimizer_misfits"]
 
 # optimizer state entries shaped as their parameter (Adam's moments, SGD's momentum)
 _LIKE_PARAM = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
@@ -60,14 +60,3 @@ def optimizer_misfits(opt: optim.Optimizer, saved: Mapping[str, Any]) -> list[st
                 shapes = f"shape {tuple(v.shape)}, its parameter {tuple(param.shape)}"
                 out.append(f"optim.{pid}.{key} ({shapes})")
     return out
-
-
-def shown(names: list[str], n: int = 4) -> str:
-    """The first ``n`` of ``names`` and how many more.
-
-    Example:
-        >>> shown(["a", "b", "c"], 2)
-        'a, b, ... and 1 more'
-    """
-    more = f", ... and {len(names) - n} more" if len(names) > n else ""
-    return ", ".join(names[:n]) + more

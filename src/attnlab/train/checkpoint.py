@@ -23,9 +23,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from attnlab._io import atomic_write
+from attnlab._io import atomic_write, first_names
 from attnlab._validate import instance_of
-from attnlab.train._fit import model_misfits, optimizer_misfits, shown
+from attnlab.train._fit import model_misfits, optimizer_misfits
 
 __all__ = [
     "FORMATS",
@@ -354,10 +354,9 @@ def check_same_run(
     was = _flat(json.loads(json.dumps(defaults or {}))) | was
     if was != ours:
         keys = sorted(k for k in was.keys() | ours.keys() if was.get(k) != ours.get(k))
-        shown = ", ".join(f"{k}: {was.get(k)!r} -> {ours.get(k)!r}" for k in keys[:3])
-        more = f" (and {len(keys) - 3} more)" if len(keys) > 3 else ""
+        shown = first_names([f"{k}: {was.get(k)!r} -> {ours.get(k)!r}" for k in keys], 3)
         raise CheckpointError(
-            f"resume: {path} holds another configuration than this task's: {shown}{more}; "
+            f"resume: {path} holds another configuration than this task's: {shown}; "
             "build the task as the checkpoint's was, or train afresh"
         )
 
@@ -427,7 +426,7 @@ def load_optimizer_state(opt: torch.optim.Optimizer, ckpt: Checkpoint, path: str
         opt.load_state_dict(ckpt.optimizer)
         bad = optimizer_misfits(opt, ckpt.optimizer)  # int8 moments were cast silently
         if bad:
-            raise ValueError(f"{shown(bad)} cannot be its state")
+            raise ValueError(f"{first_names(bad)} cannot be its state")
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
         raise CheckpointError(
             f"checkpoint {str(path)!r} holds an optimizer state that does not fit this "
@@ -439,7 +438,7 @@ def load_model_state(model: nn.Module, ckpt: Checkpoint, path: str | Path = "") 
     """Load weights, turning key or shape mismatches into a :class:`CheckpointError`."""
     bad = model_misfits(model, ckpt.model)  # (load_state_dict casts an int8 to float)
     if bad:
-        msg = f"{shown(bad)} are not floating-point; expected float32 (float16 and bfloat16 fit)"
+        msg = f"{first_names(bad)} are not floating-point; expected float32 (float16, bfloat16 fit)"
         raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model: {msg}")
     try:
         model.load_state_dict(ckpt.model)
