@@ -194,6 +194,26 @@ def test_register_refuses_transformers_own_names(name: str) -> None:
     assert register() == register() == "attnlab"  # the control: its own name, again
 
 
+@pytest.mark.parametrize("name", ["", "my/attn", "paged|mine", "flash_mine", "a b"])
+def test_register_refuses_names_transformers_reads_otherwise(name: str) -> None:
+    """(register("my/attn") was accepted, and set_attn_implementation("my/attn") then went
+    for a Hub kernel of that name; "flash_mine" was sought as a flash-attention kernel.)"""
+    before = dict(transformers.AttentionInterface._global_mapping)
+    with pytest.raises(ValueError, match=f"name={name!r} would not reach attnlab"):
+        register(name)
+    assert transformers.AttentionInterface._global_mapping == before
+    assert register("attnlab.mine-2") == "attnlab.mine-2"  # the control: such a name works
+    cfg = transformers.LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, attn_implementation="eager",
+    )  # fmt: skip
+    model, ids = transformers.LlamaForCausalLM(cfg).eval(), torch.tensor([[1, 2, 3, 4]])
+    want = model(ids).logits
+    model.set_attn_implementation("attnlab.mine-2")
+    assert model.config._attn_implementation == "attnlab.mine-2"
+    assert max_err(model(ids).logits, want) < 1e-5
+
+
 @pytest.mark.parametrize("version", ["5.0.0", "5.3.0"])
 def test_register_refuses_a_transformers_before_5_4(
     version: str, monkeypatch: pytest.MonkeyPatch

@@ -38,6 +38,7 @@ XLNet, ...) is refused by name when it is built (:func:`register` installs that 
 
 from __future__ import annotations
 
+import re
 import threading
 import weakref
 from collections.abc import Iterator
@@ -92,7 +93,9 @@ def register(name: str = NAME, engine: str | None = None) -> str:
 
     Args:
         name: the ``attn_implementation`` to register; not one of transformers' own
-            (``"sdpa"``, ``"eager"``, ...), which would be replaced for every model.
+            (``"sdpa"``, ``"eager"``, ...), which would be replaced for every model, and
+            of letters, digits, ``_``, ``.`` and ``-`` without "flash" (transformers reads
+            ``"org/name"`` as a Hub kernel, a "flash" name as flash attention).
         engine: the attnlab engine every call uses (``"auto"``: the fastest exact one);
             a TypeError/ValueError naming it now, not at the first forward. None (the
             default): the engine ``name`` was registered with, ``"auto"`` for a new name,
@@ -129,6 +132,12 @@ def register(name: str = NAME, engine: str | None = None) -> str:
         raise ValueError(  # (register("sdpa") replaced transformers' sdpa for every model)
             f"name={name!r} is transformers' own attention implementation or another "
             "library's; register attnlab under a name of its own (default 'attnlab')"
+        )
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or "flash" in name.lower():
+        raise ValueError(  # ('org/x' made transformers fetch a Hub kernel, 'flash...' fa2)
+            f"name={name!r} would not reach attnlab: transformers reads a '/' as a Hub "
+            "kernel to download, 'flash' as flash attention and 'paged|' as its own prefix; "
+            "expected letters, digits, '_', '.' or '-' (default 'attnlab')"
         )
 
     @as_written(PLANS)
