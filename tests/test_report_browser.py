@@ -7,6 +7,7 @@ Skipped when Playwright or ``/usr/bin/chromium`` is missing (``make test`` insta
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +173,24 @@ def test_report_stays_usable_at_512_tokens(browser: Any, tmp_path: Path) -> None
     )
     assert size_mb < 3 and len(page.query_selector_all("#grid canvas")) == 6 * 5
     assert hover < 1000  # generous: a redraw of one token's lines, not a benchmark
+
+
+def test_report_runs_only_its_own_scripts(browser: Any, tmp_path: Path) -> None:
+    """(The page had no Content-Security-Policy: escaping was its only guard.) A script
+    added to the saved page does not run; the control, the same page without the policy,
+    runs it; the report's own scripts still draw."""
+    path = report(tmp_path / "r.html", ["a", "b", "c"], _attentions(3, 1, 2))
+    page_text = path.read_text(encoding="utf-8")
+    assert page_text.count("Content-Security-Policy") == 1
+    injected = "<script>document.documentElement.dataset.pwned = '1'</script></body>"
+    for name, policy in (("with.html", True), ("without.html", False)):
+        text = page_text.replace("</body>", injected)
+        if not policy:
+            text = re.sub(r"<meta http-equiv=\"Content-Security-Policy\"[^>]*>", "", text)
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        page, _ = _open(browser, tmp_path / name)  # the report's own scripts ran
+        assert page.evaluate("document.documentElement.dataset.pwned") == (None if policy else "1")
+        assert page.query_selector_all("#grid canvas")
 
 
 NAN = float("nan")

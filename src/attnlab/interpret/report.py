@@ -12,6 +12,7 @@ so a 512-token, 6-layer, 12-head model stays around a megabyte and draws at once
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import json
 import math
@@ -239,8 +240,21 @@ def _page(
         for p, png in pictures
     )
     template = (Path(__file__).parent / "report.html").read_text(encoding="utf-8")
+    template = template.replace("%KEYS%", KEYS_JS.read_text(encoding="utf-8"))
     text, note = (html.escape(t) for t in line)  # each isolated: its bidi controls end with it
-    fill = {"TITLE": html.escape(title), "PICTURES": imgs, "DATA": blob}
+    fill = {"TITLE": html.escape(title), "PICTURES": imgs, "DATA": blob, "CSP": _csp(template)}
     fill["TEXT"] = f"<bdi>{text}</bdi>" + f"  <bdi>{note}</bdi>" * bool(note)
-    fill["KEYS"] = KEYS_JS.read_text(encoding="utf-8")
-    return re.sub(r"%(TITLE|TEXT|PICTURES|DATA|KEYS)%", lambda m: fill[m.group(1)], template)
+    return re.sub(r"%(CSP|TITLE|TEXT|PICTURES|DATA)%", lambda m: fill[m.group(1)], template)
+
+
+def _csp(template: str) -> str:
+    """A Content-Security-Policy meta that lets only the template's own scripts run (by
+    their sha256, taken before any text is filled in), loads nothing from anywhere and
+    images only from data URIs: escaping is the first guard, this the second."""
+    bodies = re.findall(r"<script>(.*?)</script>", template, flags=re.S)
+    hashes = " ".join(
+        "'sha256-" + base64.b64encode(hashlib.sha256(b.encode()).digest()).decode() + "'"
+        for b in bodies
+    )
+    policy = f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src {hashes}"
+    return f'<meta http-equiv="Content-Security-Policy" content="{policy}">'
