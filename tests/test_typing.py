@@ -70,3 +70,17 @@ def test_attention_weights_takes_any_sequence_of_heads() -> None:
     q = torch.randn(1, 4, 6, 8)
     for heads in ((0, 2), range(2), [1, 3]):
         assert attnlab.attention_weights(q, q, q, heads=heads).shape == (1, 2, 6, 6)
+
+
+def test_attention_weights_takes_any_pair_of_rows() -> None:
+    """(``rows`` was typed ``tuple[int, int]``: ``rows=[2, 5]``, which works, failed mypy.)"""
+    import typing
+    from collections.abc import Sequence
+
+    import torch
+
+    assert typing.get_type_hints(attnlab.attention_weights)["rows"] == Sequence[int] | None
+    q = torch.randn(1, 2, 8, 4)
+    want = attnlab.attention_weights(q, q, q)[:, :, 2:5]
+    for rows in ((2, 5), [2, 5], range(2, 6, 3)):
+        assert torch.equal(attnlab.attention_weights(q, q, q, rows=rows), want)

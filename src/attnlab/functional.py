@@ -412,7 +412,7 @@ def attention_weights(
     scale: float | None = None,
     score: str = "dot",
     heads: Sequence[int] | None = None,
-    rows: tuple[int, int] | None = None,
+    rows: Sequence[int] | None = None,
     softcap: float | None = None,
     sinks: Tensor | None = None,
 ) -> Tensor:
