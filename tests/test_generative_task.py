@@ -334,3 +334,18 @@ def test_samples_picture_places_every_image(tmp_path: Path) -> None:
     assert np.isnan(m[8]).all() and np.isnan(m[18:, 18:]).all()  # gaps and the empty tail
     png = write_samples(imgs, imgs.flip(0), tmp_path / "s.png", "t")
     assert png.stat().st_size > 1000
+
+
+def test_cache_dir_reads_a_home_tilde_and_ignores_a_relative_xdg_folder(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """(ATTNLAB_CACHE="~/models" cached under a folder named "~" in the working directory,
+    and XDG_CACHE_HOME="rel" under ./rel, which the XDG rule says to ignore.)"""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("ATTNLAB_CACHE", "~/models")
+    assert generative.cache_dir() == tmp_path / "models"
+    monkeypatch.setenv("ATTNLAB_CACHE", "")
+    monkeypatch.setenv("XDG_CACHE_HOME", "rel")
+    assert generative.cache_dir() == tmp_path / ".cache" / "attnlab"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # the control: an absolute one
+    assert generative.cache_dir() == tmp_path / "xdg" / "attnlab"

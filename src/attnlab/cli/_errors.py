@@ -160,7 +160,7 @@ def _check_env_folders() -> None:
 
     for name in ENV_FOLDERS:
         if os.environ.get(name):
-            check_out_folder(name, os.environ[name])
+            check_out_folder(name, os.path.expanduser(os.environ[name]))  # as read
 
 
 def _fail(args: argparse.Namespace, line: str, code: int, *, hint: str = "") -> int:

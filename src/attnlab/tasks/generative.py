@@ -187,17 +187,18 @@ def _no_buffers(model: torch.nn.Module) -> bool:
 
 
 def cache_dir() -> Path:
-    """Where derived models are cached: ``$ATTNLAB_CACHE``, else
-    ``$XDG_CACHE_HOME/attnlab``, else ``~/.cache/attnlab``.
+    """Where derived models are cached: ``$ATTNLAB_CACHE`` (a leading ``~`` is the home
+    folder), else ``$XDG_CACHE_HOME/attnlab`` when that is an absolute path (the XDG rule:
+    a relative one is ignored), else ``~/.cache/attnlab``.
 
     Example:
         >>> isinstance(cache_dir(), Path)
         True
     """
     if os.environ.get("ATTNLAB_CACHE"):
-        return Path(os.environ["ATTNLAB_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "attnlab"
+        return Path(os.environ["ATTNLAB_CACHE"]).expanduser()
+    xdg = Path(os.environ.get("XDG_CACHE_HOME") or ".")
+    return (xdg if xdg.is_absolute() else Path.home() / ".cache") / "attnlab"
 
 
 _FEATURE_VITS: dict[tuple[int, int], ViT] = {}
