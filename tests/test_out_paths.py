@@ -244,3 +244,19 @@ def test_explain_names_what_it_wrote_as_summarize_does(
     assert wrote[0] == f"wrote {tmp_path}/caf\ufffd.html", wrote
     assert len(wrote) > 1 and all("caf\ufffd_" in line for line in wrote[1:])  # the pictures
     assert out.is_file()
+
+
+def test_robust_names_its_table_through_shown(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(robust printed its --out raw: ``caf\\udce9`` for a name that is not UTF-8.) The
+    study is replaced by a stub: what is checked is the line naming what it wrote."""
+    from attnlab.robust import study_shortcut
+
+    monkeypatch.setattr(study_shortcut, "shortcut_study", lambda *a, **k: None)
+    out = tmp_path / os.fsdecode(b"caf\xe9")
+    assert main(["robust", "shortcut", "--smoke", "--out", str(out)]) == 0
+    line = capsys.readouterr().out.strip()
+    assert (
+        line == f"table and report: {tmp_path}/caf\ufffd/table.md, {tmp_path}/caf\ufffd/report.html"
+    )

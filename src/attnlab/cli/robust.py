@@ -16,7 +16,7 @@ import shlex
 from typing import Any
 
 from attnlab._io import OutputLock
-from attnlab.cli._args import check_entries, check_out_folder, int_in
+from attnlab.cli._args import check_entries, check_out_folder, int_in, shown
 from attnlab.cli._errors import UsageError
 from attnlab.cli._paths import user_path
 from attnlab.train.loop import MAX_SEED
@@ -112,5 +112,5 @@ def run_robust(args: argparse.Namespace) -> int:
             from attnlab.robust.study_faithfulness import faithfulness_study
 
             faithfulness_study(methods, seed=args.seed, smoke=args.smoke, out=out)
-    print(f"table and report: {out / 'table.md'}, {out / 'report.html'}")
+    print(f"table and report: {shown(out / 'table.md')}, {shown(out / 'report.html')}")
     return 0
