@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from attnlab._io import atomic_write_text
 from attnlab.cli import main
@@ -260,3 +261,17 @@ def test_robust_names_its_table_through_shown(
     assert (
         line == f"table and report: {tmp_path}/caf\ufffd/table.md, {tmp_path}/caf\ufffd/report.html"
     )
+
+
+def test_a_path_ending_with_a_slash_is_not_written_as_a_file(tmp_path: Path) -> None:
+    """(``atomic_write_text("newdir/", ...)``, and so ``report("newdir/", ...)``, wrote a
+    file named ``newdir``: Path() drops the slash.)"""
+    from attnlab.interpret.report import report
+
+    folder = f"{tmp_path}/newdir/"
+    with pytest.raises(ValueError, match="newdir/' ends with a slash, a folder; expected a file"):
+        atomic_write_text(folder, "x")
+    with pytest.raises(ValueError, match="must be an HTML file to write, got the folder"):
+        report(folder, ["a", "b"], [torch.full((1, 2, 2), 0.5)])
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    assert atomic_write_text(folder + "r.html", "x").read_text() == "x"  # the control

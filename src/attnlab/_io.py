@@ -63,6 +63,9 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
         >>> p.read_text()
         'hi'
     """
+    if isinstance(path, str) and path.endswith(("/", os.sep)):  # Path() drops the slash:
+        # "newdir/" wrote a file named newdir
+        raise ValueError(f"path {path!r} ends with a slash, a folder; expected a file's path")
     given = Path(path)
     path = _target(given)
     if path.exists() and not (path.is_file() or path.is_dir()):  # os.replace swapped a

@@ -205,7 +205,7 @@ def check_png_path(path: object, kind: str = "a PNG") -> Path:
         raise TypeError(
             f"path must be a str or Path ({kind} file to write), got {type(path).__name__}"
         )
-    if Path(path).is_dir():
+    if Path(path).is_dir() or os.fspath(path).endswith(("/", os.sep)):  # ("new/": a file)
         raise ValueError(f"path must be {kind} file to write, got the folder {str(path)!r}")
     suffix, kinds = Path(path).suffix, _SUFFIXES.get(kind, ())
     if kinds and suffix and suffix.lower() not in kinds:
