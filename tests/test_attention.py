@@ -193,6 +193,38 @@ def test_autocast_runs_in_its_dtype_as_torch_sdpa_does(engine: str) -> None:
     assert q.grad is not None and q.grad.dtype == torch.float32 and torch.isfinite(q.grad).all()
 
 
+@pytest.mark.parametrize("normalize", ["softmax", "sparsemax"])
+def test_autocast_leaves_bfloat16_inputs_as_they_run_without_it(normalize: str) -> None:
+    """(Under autocast the reference engine's float32 steps ran as bfloat16 matmuls again:
+    4.7x torch SDPA's error on bfloat16 q, k, v with no mask, and so for every call auto
+    gives it: weights below 1024 keys, sparsemax.) Inputs already in autocast's dtype give
+    what they give without it, bit for bit; torch SDPA is the control."""
+    q, k, v = (t.bfloat16() for t in _qkv(2, 4, 4, 300, 300, 32, torch.float32))
+    out = attnlab.attention(q, k, v, normalize=normalize, return_weights=True)
+    want_sdpa = F.scaled_dot_product_attention(q, k, v)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = attnlab.attention(q, k, v, normalize=normalize, return_weights=True)
+        assert torch.equal(F.scaled_dot_product_attention(q, k, v), want_sdpa)
+    assert torch.equal(got.out, out.out) and torch.equal(got.weights, out.weights)
+
+
+def test_a_callable_score_runs_under_the_callers_autocast() -> None:
+    """A score with a float32 Linear under autocast: the reference engine's float32 steps
+    turn autocast off, and the score still runs under it (a float32 Linear met bfloat16 q:
+    "expected m1 and m2 to have the same dtype"); 2x rule next to the same steps in torch."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 16, bias=False)
+    q, k, v = _qkv(2, 2, 2, 40, 40, 16, torch.float32)
+    with torch.no_grad():  # fp64: the score's own steps, then softmax and sum
+        s64 = (q.double() @ lin.weight.double().T) @ k.double().transpose(-1, -2)
+        ref = s64.softmax(-1) @ v.double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attnlab.attention(q, k, v, score=lambda a, b: lin(a) @ b.transpose(-1, -2))
+        plain = (lin(q.bfloat16()) @ k.bfloat16().transpose(-1, -2)).softmax(-1) @ v.bfloat16()
+    assert out.dtype == torch.bfloat16
+    assert_2x_rule(out, plain, ref, "a callable score under autocast")
+
+
 @pytest.mark.parametrize("normalize", ["sparsemax", "entmax15"])
 @pytest.mark.parametrize("mask_name", ["causal", "padding", "documents", "global_window"])
 def test_sparse_normalizers_against_entmax(normalize: str, mask_name: str) -> None:

@@ -11,6 +11,7 @@ four steps are the library's definition of attention::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -108,11 +109,22 @@ def _called_scores(req: AttentionRequest) -> Tensor:
     return s.to(req.q.dtype)  # another float dtype (float64 for float32 q) failed to mix
 
 
-def _in_dtype(score: ScoreFn, dtype: torch.dtype) -> ScoreFn:
+def _in_dtype(score: ScoreFn, dtype: torch.dtype, kind: str) -> ScoreFn:
     """``score`` called on q and k in ``dtype`` (a half-precision call's own): its layers'
     weights are in that dtype (given float32 q and k, a bfloat16 Linear raised torch's bare
-    "expected m1 and m2 to have the same dtype"). The round trip is exact."""
-    return lambda q, k: score(q.to(dtype), k.to(dtype))
+    "expected m1 and m2 to have the same dtype"). The round trip is exact. It runs under
+    the autocast of the caller (on device type ``kind``), which the engine's own float32
+    steps turn off: a float32 Linear met bfloat16 q."""
+    on = torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+    if not on:
+        return lambda q, k: score(q.to(dtype), k.to(dtype))
+    cast = torch.get_autocast_dtype(kind)
+
+    def scored(q: Tensor, k: Tensor) -> Tensor:
+        with torch.autocast(kind, dtype=cast):
+            return score(q.to(dtype), k.to(dtype))
+
+    return scored
 
 
 def mix(
@@ -217,9 +229,11 @@ class ReferenceEngine(Engine):
     def forward(self, req: AttentionRequest) -> EngineResult:
         if req.q.dtype in _HALF:  # scores, softmax and sum in float32, as torch SDPA's are
             low, wide = req.q.dtype, [t.float() for t in (req.q, req.k, req.v)]
-            score = req.score if isinstance(req.score, str) else _in_dtype(req.score, low)
+            kind = req.q.device.type
+            score = req.score if isinstance(req.score, str) else _in_dtype(req.score, low, kind)
             wider = dataclasses.replace(req, q=wide[0], k=wide[1], v=wide[2], score=score)
-            out, w, lse = self.forward(wider)
+            with _no_autocast(req.q.device.type):  # (its bfloat16 matmuls undid the float32)
+                out, w, lse = self.forward(wider)
             return (
                 out.to(low),
                 None if w is None else w.to(low),
@@ -242,3 +256,10 @@ class ReferenceEngine(Engine):
             own=own,
         )
         return out, (w if req.return_weights else None), lse
+
+
+def _no_autocast(kind: str) -> contextlib.AbstractContextManager[object]:
+    """Autocast off on ``kind`` (a device type) where torch has it, else nothing."""
+    if torch.amp.is_autocast_available(kind):
+        return torch.autocast(kind, enabled=False)
+    return contextlib.nullcontext()
