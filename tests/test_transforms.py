@@ -676,3 +676,31 @@ def test_activation_checkpointing_gives_the_same_gradients(reentrant: bool) -> N
     assert len(grads[0]) == 6  # x, the projections' weights and biases, the T5 table
     for got, want in zip(*grads, strict=True):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointing_a_layer_that_returns_weights(reentrant: bool) -> None:
+    """What README says of weights under checkpointing: bit for bit with
+    ``use_reentrant=False``; the reentrant kind's first forward runs without autograd,
+    where auto takes the blocked engine (the recompute: the reference engine, whose
+    weights carry gradients), so its gradients agree to rounding."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    mha, x = MultiHeadAttention(32, 4), torch.randn(2, 160, 32, requires_grad=True)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        out, w = mha(x, mask=M.causal(), need_weights=True)
+        return out.square().sum() + w.square().sum()
+
+    grads = []
+    for wrapped in (False, True):
+        mha.zero_grad()
+        x.grad = None
+        (checkpoint(run, x, use_reentrant=reentrant) if wrapped else run(x)).backward()
+        grads.append([x.grad.clone(), *(p.grad.clone() for p in mha.parameters())])
+    for got, want in zip(*grads, strict=True):
+        if reentrant:
+            assert max_err(got, want) <= 1e-5 * want.abs().max()
+        else:
+            assert torch.equal(got, want)
