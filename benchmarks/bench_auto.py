@@ -59,6 +59,8 @@ CASES = (
     Case("weights_dense", 2048, 2048, "none", weights=True),
     Case("few_rows_window", 16, 4096, "cwin128", heads=(32, 8)),
     Case("few_rows_window_alibi", 1, 4096, "cwin128", "alibi", heads=(32, 8)),
+    Case("decode_window_bf16", 1, 32768, "cwin128", dtype="bfloat16", heads=(8, 2)),
+    Case("decode_window_fp16", 1, 32768, "cwin128", dtype="float16", heads=(8, 2)),
     Case("t5_padding", 1024, 1024, "pad70", "t5"),
     # controls: SDPA or the reference engine stays the pick
     Case("causal", 2048, 2048, "causal"),

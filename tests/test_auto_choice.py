@@ -9,10 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+import attnlab
 from attnlab import bias as B
 from attnlab import masks as M
 from attnlab.engines import AttentionRequest, blocked_autograd, select_engine
 from attnlab.functional import _request
+from tests.conftest import assert_2x_rule, naive_attention
 
 
 @pytest.fixture(autouse=True)
@@ -78,10 +80,63 @@ def test_a_few_rows_under_a_narrow_interval_mask_go_to_blocked() -> None:
     assert _pick(1, 4096, window, B.alibi(32), heads=gqa) == "blocked"
     assert _pick(32, 2048, M.documents(torch.arange(2048) // 512)) == "blocked"
     assert _pick(16, 4096, M.padding([2900]), heads=gqa) == "sdpa"  # most keys allowed
-    assert _pick(16, 4096, window, heads=gqa, dtype=torch.bfloat16) == "sdpa"
+    assert _pick(16, 4096, window, heads=gqa, dtype=torch.bfloat16) == "blocked"
     assert _pick(16, 4096, M.block_random(64, 4), heads=gqa) == "sdpa"  # gathered keys
     assert _pick(1, 4096, None, B.alibi(32), heads=gqa) == "sdpa"
     assert _pick(16, 384, window, heads=gqa) == "sdpa"  # three key tiles
+
+
+HALF = [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_half_precision_decoding_under_a_narrow_interval_mask_goes_to_blocked(
+    dtype: torch.dtype,
+) -> None:
+    # SDPA read the whole cache: 7-390x the blocked engine's time at 4096-131072 keys
+    window, gqa = M.causal() & M.window(256), (8, 2)
+    for lk in (4096, 32768, 131072):
+        assert _pick(1, lk, window, heads=gqa, dtype=dtype) == "blocked", lk
+        assert _pick(1, lk, window, dtype=dtype) == "blocked", lk
+    assert _pick(16, 4096, window, heads=gqa, dtype=dtype) == "blocked"
+    assert _pick(1, 32768, M.documents(torch.arange(32768) // 1024), dtype=dtype) == "blocked"
+    assert _pick(1, 4096, window, B.alibi(8), dtype=dtype) == "blocked"
+    for heads in (gqa, (8, 8)):  # dense decoding, and one row that sees every key
+        assert _pick(1, 4096, None, heads=heads, dtype=dtype) == "sdpa"
+        assert _pick(1, 4096, M.causal(), heads=heads, dtype=dtype) == "sdpa"
+    assert _pick(16, 4096, M.padding([2900]), heads=gqa, dtype=dtype) == "sdpa"
+
+
+def test_bfloat16_keeps_sdpa_on_short_caches_where_its_kernel_is_faster() -> None:
+    window, bf16 = M.causal() & M.window(128), torch.bfloat16
+    assert _pick(2, 2048, window, dtype=bf16) == "sdpa"
+    assert _pick(16, 2048, window, heads=(8, 2), dtype=bf16) == "sdpa"
+    assert _pick(2, 4096, window, dtype=bf16) == "blocked"
+    assert _pick(16, 1024, window, dtype=torch.float16) == "blocked"  # SDPA: slow float16
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("heads", [(8, 2, 1), (8, 8, 1), (4, 1, 16)], ids=str)
+@pytest.mark.parametrize("mask", ["window", "documents"])
+def test_half_precision_few_rows_auto_gives_blocked_keep_the_2x_rule(
+    dtype: torch.dtype, heads: tuple[int, int, int], mask: str
+) -> None:
+    hq, hk, lq = heads
+    lk = 4096
+    g = torch.Generator().manual_seed(hq + lq)
+    q = torch.randn(2, hq, lq, 64, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, hk, lk, 64, generator=g, dtype=torch.float64) for _ in "kv")
+    docs = M.documents(torch.arange(lk) // 1000)
+    m = M.causal() & M.window(256) if mask == "window" else docs
+    qh, kh, vh = (t.to(dtype) for t in (q, k, v))
+    req = _request(qh, kh, vh, m, None, None, "dot", "softmax", 0.0, False, False)
+    assert select_engine("auto", req).name == "blocked"
+    out = attnlab.attention(qh, kh, vh, mask=m)
+    assert isinstance(out, torch.Tensor) and out.dtype == dtype
+    allowed = m.dense(lq, lk, batch=2, heads=hq)
+    ref64, _ = naive_attention(q, k, v, allowed=allowed)
+    plain, _ = naive_attention(qh, kh, vh, allowed=allowed)
+    assert_2x_rule(out, plain, ref64, f"{dtype} {mask} {heads}")
 
 
 def test_other_biases_go_to_blocked_when_no_gradient_is_wanted() -> None:

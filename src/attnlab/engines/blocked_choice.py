@@ -11,7 +11,8 @@ prints those timings; ``README`` has the table):
 * An ALiBi-like bias (linear in distance): SDPA reads it as a dense ``Hq x Lq x Lk``
   tensor, the kernel computes it in its tiles. Float32 from ``2**17`` (query, key) pairs.
 * A few query rows against a long cache under an interval mask (a window, documents)
-  whose tiles leave at most a quarter of the keys: the kernel reads only those keys.
+  whose tiles leave at most a quarter of the keys: the kernel reads (and in half
+  precision converts) only those keys; in bfloat16 from 4096 keys (SDPA's fast kernel).
 * Otherwise from ``2**18`` pairs, where the mask leaves at most 60% of the tiles (80%
   with an ALiBi-like bias, or from ``2**20`` pairs with any bias and no gradient); never
   for dense or plain causal calls (SDPA's flash kernel).
@@ -73,7 +74,7 @@ def _kernel_rule(engine: _Planner, req: AttentionRequest, pairs: int) -> bool:
     if linear and pairs >= (1 << 17 if f32 else 1 << 20):
         return True  # (B, Hq, Lq, Lk) bias tensor for SDPA: 1.6-7.7x (f32), 1.7-5.7x (bf16)
     if pairs < LONG:
-        return f32 and _few_rows(engine, req, linear)
+        return _few_rows(engine, req, linear)
     if req.mask is None or (req.mask.is_causal and req.bias is None):
         return False  # SDPA's flash kernel is at the roofline for dense and causal
     return linear and _fraction(engine, req) < 0.8
@@ -113,13 +114,25 @@ def _versus_reference(engine: _Planner, req: AttentionRequest) -> int:
 
 
 def _few_rows(engine: _Planner, req: AttentionRequest, linear: bool) -> bool:
-    """A float32 call of a few rows over at least four key tiles, whose interval mask
-    leaves at most a quarter of them (2-10x SDPA, which reads every key)."""
-    if req.mask is None or req.lk < 4 * engine.block:
+    """A call of a few rows over enough key tiles (:func:`_few_rows_tiles`) whose interval
+    mask leaves at most a quarter of them: the kernel reads only those keys, SDPA every key
+    (and in half precision the kernel converts only the keys it reads)."""
+    tiles = _few_rows_tiles(req)
+    if req.mask is None or tiles is None or req.lk < tiles * engine.block:
         return False
     if req.bias is not None and not linear:
         return False
     return engine.intervals(req) and _fraction(engine, req) <= 0.25
+
+
+def _few_rows_tiles(req: AttentionRequest) -> int | None:
+    """The key tiles from which a few rows pay for the plan: four in float32 (2-10x SDPA)
+    and float16 (1.2-390x: SDPA's float16 is slow on the CPU), 32 in bfloat16, where SDPA
+    has a fast kernel (2 rows: 0.4-1.3x at 512-2048 keys, 1.7-3.4x at 4096; one row from
+    4096 keys: 7-390x); None for float64, which the kernel does not compute."""
+    if req.q.dtype == torch.bfloat16:
+        return 32
+    return 4 if req.q.dtype in (torch.float32, torch.float16) else None
 
 
 def _fraction(engine: _Planner, req: AttentionRequest) -> float:
