@@ -38,7 +38,7 @@ from attnlab.masks.layout import (
     Device,
     RowBounds,
     layout_by_evaluation,
-    layout_from_bounds,
+    part_states,
 )
 
 __all__ = ["And", "Mask", "Not", "Or", "Wrapped"]
@@ -196,15 +196,15 @@ class Mask:
         batch, heads, lq, lk = self._check_sizes(batch, heads, lq, lk)  # as dense
         block_q, block_k = positive_int("block_q", block_q), positive_int("block_k", block_k)
         states = self._layout(lq, lk, block_q, block_k, batch, heads, device)
-        return BlockLayout(states.to(torch.int8), lq, lk, block_q, block_k)
+        return BlockLayout(states, lq, lk, block_q, block_k)
 
     def _layout(
         self, lq: int, lk: int, bq: int, bk: int, batch: int | None, heads: int, device: Device
-    ) -> Tensor:
+    ) -> Tensor | RowBounds:
         bm, hm = self._sizes(batch, heads)
         bounds = None if self.per_head else self.row_bounds(lq, lk, bm, device)
-        if bounds is not None:
-            return layout_from_bounds(bounds, lq, lk, bq, bk)
+        if bounds is not None:  # exact states from these, as runs of key tiles
+            return bounds
         return layout_by_evaluation(self, lq, lk, bq, bk, bm, hm, device)
 
     # -- algebra and display ----------------------------------------------------------
@@ -316,14 +316,14 @@ class _Combination(Mask):
 
     def _layout(
         self, lq: int, lk: int, bq: int, bk: int, batch: int | None, heads: int, device: Device
-    ) -> Tensor:
+    ) -> Tensor | RowBounds:
         b = batch if batch is not None else self.batch_size
         if not self.per_head:  # intervals carry no head axis
             bm, _ = self._sizes(b, heads)
             bounds = self.row_bounds(lq, lk, bm, device)
             if bounds is not None:
-                return layout_from_bounds(bounds, lq, lk, bq, bk)
-        states = [p._layout(lq, lk, bq, bk, b, heads, device) for p in self.parts]
+                return bounds
+        states = [part_states(p, lq, lk, bq, bk, b, heads, device) for p in self.parts]
         return functools.reduce(self._combine_states, states)
 
     def _combine_states(self, a: Tensor, b: Tensor) -> Tensor:
@@ -443,8 +443,8 @@ class Not(Wrapped):
 
     def _layout(
         self, lq: int, lk: int, bq: int, bk: int, batch: int | None, heads: int, device: Device
-    ) -> Tensor:
-        return 2 - self.inner._layout(lq, lk, bq, bk, batch, heads, device)
+    ) -> Tensor | RowBounds:
+        return 2 - part_states(self.inner, lq, lk, bq, bk, batch, heads, device)
 
     def spec(self) -> str:
         return f"~{self.inner.spec()}"

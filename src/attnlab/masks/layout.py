@@ -2,29 +2,38 @@
 
 :class:`BlockLayout` is what :meth:`Mask.block_layout <attnlab.masks.Mask.block_layout>`
 returns; :class:`RowBounds` is the key interval of each query row that a mask reports
-through :meth:`Mask.row_bounds <attnlab.masks.Mask.row_bounds>`. The two functions here
-build tile states from either (intervals in ``O(Lq + nQ nK)``, or by evaluating the mask).
+through :meth:`Mask.row_bounds <attnlab.masks.Mask.row_bounds>`. A layout from row bounds
+keeps them and reads its tiles as runs along the key axis (:mod:`attnlab.masks._tiles`, in
+``O(Lq + tiles kept)``); its dense ``states`` are made only when asked for, as
+:func:`part_states` does to combine a part with others tile by tile.
+:func:`layout_by_evaluation` builds tile states by evaluating the mask.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from attnlab._grid import Grid
+from attnlab.masks._tiles import runs_from_bounds, runs_from_states, states_from_runs
+
+if TYPE_CHECKING:
+    from attnlab.masks.base import Mask
 
 __all__ = [
     "BlockLayout",
     "RowBounds",
     "TileState",
     "layout_by_evaluation",
-    "layout_from_bounds",
     "on",
+    "part_states",
 ]
 
 Device = torch.device | str | None
@@ -59,12 +68,13 @@ class TileState(IntEnum):
     FULL = 2
 
 
-@dataclass(frozen=True)
 class BlockLayout:
     """Which tiles of an ``Lq x Lk`` score matrix a mask leaves empty, partial or full.
 
     Attributes:
-        states: int8 tensor ``(Bm, Hm, nQ, nK)`` of :class:`TileState` values.
+        states: int8 tensor ``(Bm, Hm, nQ, nK)`` of :class:`TileState` values; a layout
+            made from row bounds builds it on first use only (:meth:`count`,
+            :attr:`computed_fraction` and :meth:`tile_runs` read the intervals).
         lq, lk: the lengths the layout was made for.
         block_q, block_k: tile sizes (the last tile of each axis may be shorter).
 
@@ -77,20 +87,69 @@ class BlockLayout:
         BlockLayout(256x256, tiles 64x64: 6 full, 4 partial, 6 empty; 62.5% of tiles computed)
     """
 
-    states: Tensor
     lq: int
     lk: int
     block_q: int
     block_k: int
+    bounds: RowBounds | None
+
+    def __init__(
+        self, states: Tensor | RowBounds, lq: int, lk: int, block_q: int, block_k: int
+    ) -> None:
+        """``states``: the tile states, or the row bounds they follow from (exactly)."""
+        bounds = states if isinstance(states, RowBounds) else None
+        self.__dict__.update(lq=lq, lk=lk, block_q=block_q, block_k=block_k, bounds=bounds)
+        if not isinstance(states, RowBounds):
+            self.__dict__["states"] = states.to(torch.int8)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"BlockLayout is read-only: cannot set {name!r}")
+
+    @functools.cached_property
+    def states(self) -> Tensor:
+        """The tile states ``(Bm, Hm, nQ, nK)``, from the intervals on first use."""
+        return states_from_runs(self._runs, self._shape())
+
+    @functools.cached_property
+    def _runs(self) -> Tensor:
+        """:meth:`tile_runs` per batch row, computed once for counts and ``states``."""
+        return self.tile_runs()
+
+    def _shape(self) -> tuple[int, int, int, int]:
+        nq, nk = math.ceil(self.lq / self.block_q), math.ceil(self.lk / self.block_k)
+        if self.bounds is not None:
+            return self.bounds.lo.shape[0], 1, nq, nk
+        bm, hm = self.states.shape[:2]
+        return bm, hm, nq, nk
+
+    def tile_runs(self, union: bool = False) -> Tensor:
+        """The non-empty tiles as runs along the key axis: ``(R, 4)`` int64 rows
+        ``(group, k0, k1, state)`` (key tiles ``k0 .. k1 - 1``), ordered by group then
+        ``k0``; ``group`` is ``(b * Hm + h) * nQ + qb``, or ``qb`` with ``union``: the
+        union over batch and heads, a tile full only where it is full for all of them.
+        From row bounds this takes ``O(Bm Lq + R)``, no ``(nQ, nK)`` table.
+        """
+        if self.bounds is not None:
+            return runs_from_bounds(
+                self.bounds, self.lq, self.lk, self.block_q, self.block_k, union
+            )
+        return runs_from_states(self.states, union)
 
     def count(self, state: TileState) -> int:
         """Number of tiles in ``state`` (over batch and head rows of the layout)."""
-        return int((self.states == int(state)).sum())
+        if self.bounds is None:
+            return int((self.states == int(state)).sum())
+        runs = self._runs
+        total = math.prod(self._shape())
+        kept = runs[:, 2] - runs[:, 1]
+        if state == TileState.EMPTY:
+            return total - int(kept.sum())
+        return int(kept[runs[:, 3] == int(state)].sum())
 
     @property
     def computed_fraction(self) -> float:
         """Fraction of tiles that an engine must compute (partial or full)."""
-        total = self.states.numel()
+        total = math.prod(self._shape())
         return 1.0 if total == 0 else 1.0 - self.count(TileState.EMPTY) / total
 
     def __str__(self) -> str:
@@ -134,32 +193,24 @@ class RowBounds:
                 object.__setattr__(self, name, t.long())
 
 
-def layout_from_bounds(bounds: RowBounds, lq: int, lk: int, bq: int, bk: int) -> Tensor:
-    """Exact tile states from per-row intervals; returns ``(Bm, 1, nQ, nK)``.
-
-    Each row touches the key tiles ``lo // bk .. hi // bk``; a difference array summed along
-    the tiles marks the union per query block in ``O(Lq + nQ nK)``. A tile is full when
-    every row of its block covers it (the block's largest ``lo`` and smallest ``hi``).
-    """
+def part_states(
+    part: Mask,
+    lq: int,
+    lk: int,
+    bq: int,
+    bk: int,
+    batch: int | None,
+    heads: int,
+    device: Device,
+) -> Tensor:
+    """Dense tile states ``(Bm, Hm, nQ, nK)`` of one part of a combination (``Hm = 1`` for
+    a part with row bounds), to combine with the others' tile by tile."""
+    layout = part._layout(lq, lk, bq, bk, batch, heads, device)
+    if isinstance(layout, Tensor):
+        return layout
     nq, nk = math.ceil(lq / bq), math.ceil(lk / bk)
-    pad, bm = nq * bq - lq, bounds.lo.shape[0]  # explicit bm: a view(-1, 0, ...) fails at lq=0
-    lo, hi = bounds.lo.clamp(min=0), bounds.hi.clamp(max=lk - 1)  # (Bm, Lq)
-    some = lo <= hi  # rows that allow any key
-    first = torch.where(some, lo // bk, nk)  # (Bm, Lq) first tile touched (nk: none)
-    after = torch.where(some, hi // bk + 1, nk)  # one past the last tile touched
-    block = (torch.arange(lq, device=lo.device) // bq).expand(bm, lq)  # (Bm, Lq)
-    diff = torch.zeros(bm, nq, nk + 1, dtype=torch.int32, device=lo.device)
-    ones = torch.ones_like(first, dtype=torch.int32)
-    diff.view(bm, -1).scatter_add_(1, block * (nk + 1) + first, ones)
-    diff.view(bm, -1).scatter_add_(1, block * (nk + 1) + after, -ones)
-    touched = diff.cumsum(-1)[..., :nk] > 0  # (Bm, nQ, nK)
-    lo_max = torch.nn.functional.pad(lo, (0, pad), value=0).view(bm, nq, bq).amax(-1)
-    hi_min = torch.nn.functional.pad(hi, (0, pad), value=lk - 1).view(bm, nq, bq).amin(-1)
-    ks = torch.arange(nk, device=lo.device) * bk  # (nK,)
-    ke = torch.clamp(ks + bk, max=lk) - 1
-    full = (lo_max[..., None] <= ks) & (hi_min[..., None] >= ke) & bounds.exact & touched
-    states = torch.where(touched, torch.where(full, 2, 1), 0)
-    return states.unsqueeze(1)
+    runs = runs_from_bounds(layout, lq, lk, bq, bk, False)
+    return states_from_runs(runs, (layout.lo.shape[0], 1, nq, nk)).long()
 
 
 def layout_by_evaluation(
