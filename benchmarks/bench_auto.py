@@ -62,6 +62,8 @@ CASES = (
     Case("decode_window_bf16", 1, 32768, "cwin128", dtype="bfloat16", heads=(8, 2)),
     Case("decode_window_fp16", 1, 32768, "cwin128", dtype="float16", heads=(8, 2)),
     Case("t5_padding", 1024, 1024, "pad70", "t5"),
+    Case("padding", 2048, 2048, "pad70", heads=(4, 4)),
+    Case("padding", 1024, 1024, "pad70", backward=True),
     # controls: SDPA or the reference engine stays the pick
     Case("causal", 2048, 2048, "causal"),
     Case("t5_padding", 1024, 1024, "pad70", "t5", backward=True),

@@ -31,14 +31,15 @@ def _pick(
     bias: B.Bias | None = None,
     *,
     heads: tuple[int, int] = (8, 8),
+    batch: int = 1,
     dtype: torch.dtype = torch.float32,
     lse: bool = False,
     weights: bool = False,
     grad: bool = False,
     score: str = "dot",
 ) -> str:
-    q = torch.randn(1, heads[0], lq, 16, dtype=dtype, requires_grad=grad)
-    k, v = (torch.randn(1, heads[1], lk, 16, dtype=dtype, requires_grad=grad) for _ in "kv")
+    q = torch.randn(batch, heads[0], lq, 16, dtype=dtype, requires_grad=grad)
+    k, v = (torch.randn(batch, heads[1], lk, 16, dtype=dtype, requires_grad=grad) for _ in "kv")
     req: AttentionRequest = _request(q, k, v, mask, bias, None, score, "softmax", 0.0, weights, lse)
     return select_engine("auto", req).name
 
@@ -146,6 +147,57 @@ def test_other_biases_go_to_blocked_when_no_gradient_is_wanted() -> None:
         assert _pick(512, 512, pad, B.relative_buckets(8)) == "sdpa"
         assert _pick(1024, 1024, None, B.relative_buckets(8)) == "sdpa"
     assert _pick(1024, 1024, pad, B.relative_buckets(8)) == "sdpa"  # its table wants one
+
+
+def _keeps_2x_rule(
+    shape: tuple[int, int, int, int], mask: M.Mask | None, dtype: torch.dtype, what: str
+) -> None:
+    """``auto`` gives the call (with gradients) to blocked, within 2x plain PyTorch's error
+    against float64, output and gradients."""
+    b, hq, hk, lq = shape
+    g = torch.Generator().manual_seed(lq + hk)
+    t64 = [torch.randn(b, h, lq, 32, generator=g, dtype=torch.float64) for h in (hq, hk, hk)]
+    low = [t.to(dtype).requires_grad_() for t in t64]
+    req = _request(*low, mask, None, None, "dot", "softmax", 0.0, False, False)
+    assert select_engine("auto", req).name == "blocked", what
+    allowed = None if mask is None else mask.dense(lq, lq, batch=b, heads=hq)
+    grad = torch.randn(b, hq, lq, 32, generator=g, dtype=torch.float64)
+    runs = []
+    for ins, fn in ((low, "auto"), ([t.detach().requires_grad_() for t in low], "plain"),
+                    ([t.clone().requires_grad_() for t in t64], "plain")):  # fmt: skip
+        if fn == "auto":
+            out = attnlab.attention(*ins, mask=mask)
+            assert isinstance(out, torch.Tensor)
+        else:
+            kv = [t.repeat_interleave(hq // hk, 1) for t in ins[1:]]
+            out = naive_attention(ins[0], *kv, allowed=allowed)[0]
+        out.backward(grad.to(out.dtype))
+        runs.append([out.detach(), *(t.grad for t in ins)])
+    for name, ours, plain, ref64 in zip("oqkv", *runs, strict=True):
+        assert ours is not None and plain is not None and ref64 is not None
+        assert_2x_rule(ours, plain, ref64, f"{what} {name}")
+
+
+def test_padding_goes_to_blocked_while_its_items_leave_tiles_empty() -> None:
+    # SDPA reads padding as a dense mask: 1.3-1.9x the kernel's time at 2048 x 2048
+    # (AVX512; 1.0-1.6x AVX2), even where one full-length item makes every tile needed
+    n, bf16 = 2048, torch.bfloat16
+    for keep in (6, 7, 9):
+        assert _pick(n, n, M.padding([n * keep // 10]), heads=(4, 4)) == "blocked", keep
+    assert _pick(n, n, M.padding([n * 7 // 10]), heads=(4, 4), dtype=bf16) == "blocked"
+    assert _pick(n, n, M.padding([n * 7 // 10]), heads=(4, 4), grad=True) == "blocked"
+    assert _pick(n, n, M.padding([n, n * 4 // 10]), heads=(4, 4), batch=2) == "blocked"
+    assert _pick(512, 512, M.padding([358])) == "blocked"
+    assert _pick(n, n, M.window(768, 768), heads=(4, 4)) == "blocked"
+    assert _pick(n, n, M.padding([n - 100]), heads=(4, 4)) == "sdpa"  # every tile needed
+    assert _pick(n, n, M.padding([n, n]), heads=(4, 4), batch=2) == "sdpa"
+    assert _pick(256, 256, M.padding([180])) == "sdpa"  # 2**16 pairs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_padding_auto_gives_blocked_keeps_the_2x_rule(dtype: torch.dtype) -> None:
+    _keeps_2x_rule((2, 4, 4, 512), M.padding([512, 200]), dtype, f"padding {dtype}")
+    _keeps_2x_rule((1, 4, 2, 512), M.padding([300]), dtype, f"padding GQA {dtype}")
 
 
 def test_without_the_kernel_only_the_long_rules_hold(monkeypatch: pytest.MonkeyPatch) -> None:

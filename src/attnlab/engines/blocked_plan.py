@@ -20,7 +20,7 @@ from torch import Tensor
 from attnlab._grid import Grid
 from attnlab.engines._native import ops
 from attnlab.engines.base import AttentionRequest
-from attnlab.masks import Mask, TileState
+from attnlab.masks import BlockLayout, Mask, TileState
 
 __all__ = ["Block", "KernelPlan", "Plan", "kernel_plan", "make_plan", "widen"]
 
@@ -51,10 +51,13 @@ class Block:
 
 @dataclass(frozen=True)
 class Plan:
-    """The work of one request: non-empty query blocks and the fraction of tiles kept."""
+    """The work of one request: non-empty query blocks and the fraction of tiles kept
+    (``computed_fraction``: their union over batch items; ``item_fraction``: the mean of
+    each item's own, the tiles the compiled kernel computes under per-item key spans)."""
 
     blocks: tuple[Block, ...]
     computed_fraction: float
+    item_fraction: float = 1.0
 
 
 def make_plan(mask: Mask | None, req: AttentionRequest, block: int) -> Plan:
@@ -81,7 +84,17 @@ def make_plan(mask: Mask | None, req: AttentionRequest, block: int) -> Plan:
             start = end
     total = -(-lq // block) * -(-lk // block)
     kept = sum(k1 - k0 for _, k0, k1, _ in runs)
-    return Plan(tuple(blocks), kept / total if total else 0.0)
+    return Plan(tuple(blocks), kept / total if total else 0.0, _item_fraction(layout))
+
+
+def _item_fraction(layout: BlockLayout) -> float:
+    """The mean over batch items of each one's kept tiles (any head's): what the compiled
+    kernel computes under per-item key spans. One head row from row bounds: the
+    layout's own fraction, no ``(nQ, nK)`` table."""
+    if layout.bounds is not None:
+        return layout.computed_fraction if layout.lq and layout.lk else 0.0
+    per_item = (layout.states != TileState.EMPTY).any(1)  # (Bm, nQ, nK)
+    return float(per_item.float().mean()) if per_item.numel() else 0.0
 
 
 def _make_block(rows: tuple[int, int], runs: list[list[int]], block: int, lk: int) -> Block:
