@@ -64,6 +64,7 @@ CASES = (
     Case("t5_padding", 1024, 1024, "pad70", "t5"),
     Case("padding", 2048, 2048, "pad70", heads=(4, 4)),
     Case("padding", 1024, 1024, "pad70", backward=True),
+    Case("causal_gqa", 1024, 1024, "causal", heads=(8, 2), backward=True),
     # controls: SDPA or the reference engine stays the pick
     Case("causal", 2048, 2048, "causal"),
     Case("t5_padding", 1024, 1024, "pad70", "t5", backward=True),

@@ -200,6 +200,26 @@ def test_padding_auto_gives_blocked_keeps_the_2x_rule(dtype: torch.dtype) -> Non
     _keeps_2x_rule((1, 4, 2, 512), M.padding([300]), dtype, f"padding GQA {dtype}")
 
 
+def test_causal_calls_that_want_a_gradient_go_to_blocked() -> None:
+    # torch's causal flash backward on the CPU: 1.3-2.0x the kernel's time at 512-4096
+    # (AVX512; 1.1-1.8x AVX2), grouped heads or not
+    causal = M.causal()
+    for heads in ((8, 1), (8, 2), (8, 8)):
+        assert _pick(512, 512, causal, heads=heads, grad=True) == "blocked", heads
+        assert _pick(512, 512, causal, heads=heads) == "sdpa", heads  # its forward
+    assert _pick(1024, 1024, causal, heads=(8, 2), grad=True, dtype=torch.bfloat16) == "blocked"
+    assert _pick(256, 256, causal, grad=True) == "sdpa"  # 2**16 pairs
+    assert _pick(1024, 1024, None, heads=(8, 2), grad=True) == "sdpa"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("heads", [(8, 2), (4, 4)], ids=str)
+def test_causal_gradients_auto_gives_blocked_keep_the_2x_rule(
+    dtype: torch.dtype, heads: tuple[int, int]
+) -> None:
+    _keeps_2x_rule((1, *heads, 512), M.causal(), dtype, f"causal {heads} {dtype}")
+
+
 def test_without_the_kernel_only_the_long_rules_hold(monkeypatch: pytest.MonkeyPatch) -> None:
     # cosine scores, which SDPA cannot compute, went to the reference engine's dense scores
     assert _pick(2048, 2048, None, dtype=torch.float64, score="cosine") == "blocked"

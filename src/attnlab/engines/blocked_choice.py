@@ -15,10 +15,11 @@ prints those timings; ``README`` has the table):
   precision converts) only those keys; in bfloat16 from 4096 keys (SDPA's fast kernel).
 * Otherwise from ``2**18`` pairs, where the mask leaves at most 60% of the tiles (80%
   with an ALiBi-like bias, or from ``2**20`` pairs with any bias and no gradient); never
-  for dense or plain causal calls (SDPA's flash kernel). With the kernel and no bias, an
-  interval mask (padding, a prefix, a two-sided window) whose batch items each leave less
-  than 95% of their tiles on average: SDPA's dense mask costs 1.3-2.4x (AVX512; 1.0-1.9x
-  on AVX2) from padding to 90% to a two-sided window.
+  for dense calls or plain causal ones without a gradient (SDPA's flash kernel; its
+  causal backward is slower than the kernel's, with grouped heads or not). With the
+  kernel and no bias, an interval mask (padding, a prefix, a two-sided window) whose
+  batch items each leave less than 95% of their tiles on average: SDPA's dense mask
+  costs 1.3-2.4x (AVX512; 1.0-1.9x on AVX2) from padding to 90% to a two-sided window.
 
 On a GPU the blocked engine runs eager torch: it takes only long calls SDPA cannot serve.
 """
@@ -78,8 +79,10 @@ def _kernel_rule(engine: _Planner, req: AttentionRequest, pairs: int) -> bool:
         return True  # (B, Hq, Lq, Lk) bias tensor for SDPA: 1.6-7.7x (f32), 1.7-5.7x (bf16)
     if pairs < LONG:
         return _few_rows(engine, req, linear)
-    if req.mask is None or (req.mask.is_causal and req.bias is None):
-        return False  # SDPA's flash kernel is at the roofline for dense and causal
+    if req.mask is None:
+        return False  # SDPA's flash kernel is at the roofline for dense calls
+    if req.mask.is_causal and req.bias is None:  # its forward too, not its causal backward:
+        return req.needs_grad  # 1.3-2.0x the kernel's time (AVX512), 1.1-1.8x (AVX2)
     if linear:
         return _fraction(engine, req) < 0.8
     return req.bias is None and engine.intervals(req) and _item_fraction(engine, req) < 0.95
