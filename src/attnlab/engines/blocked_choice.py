@@ -13,6 +13,8 @@ prints those timings; ``README`` has the table):
 * A few query rows against a long cache under an interval mask (a window, documents)
   whose tiles leave at most a quarter of the keys: the kernel reads (and in half
   precision converts) only those keys; in bfloat16 from 4096 keys (SDPA's fast kernel).
+* Half precision with a gradient under an interval mask from ``2**16`` pairs (SDPA's
+  half-precision backward on the CPU).
 * Otherwise from ``2**18`` pairs, where the mask leaves at most 60% of the tiles (80%
   with an ALiBi-like bias, or from ``2**20`` pairs with any bias and no gradient); never
   for dense calls or plain causal ones without a gradient (SDPA's flash kernel; its
@@ -78,7 +80,7 @@ def _kernel_rule(engine: _Planner, req: AttentionRequest, pairs: int) -> bool:
     if linear and pairs >= (1 << 17 if f32 else 1 << 20):
         return True  # (B, Hq, Lq, Lk) bias tensor for SDPA: 1.6-7.7x (f32), 1.7-5.7x (bf16)
     if pairs < LONG:
-        return _few_rows(engine, req, linear)
+        return _few_rows(engine, req, linear) or _half_backward(engine, req, pairs)
     if req.mask is None:
         return False  # SDPA's flash kernel is at the roofline for dense calls
     if req.mask.is_causal and req.bias is None:  # its forward too, not its causal backward:
@@ -131,6 +133,16 @@ def _few_rows(engine: _Planner, req: AttentionRequest, linear: bool) -> bool:
     if req.bias is not None and not linear:
         return False
     return engine.intervals(req) and _fraction(engine, req) <= 0.25
+
+
+def _half_backward(engine: _Planner, req: AttentionRequest, pairs: int) -> bool:
+    """Half precision with a gradient under an interval mask, no bias, from ``2**16``
+    pairs: SDPA took 1.5-3.0x the kernel's time forward and backward in bfloat16 at
+    256 x 256 (causal, documents, a window; AVX512 and AVX2), 9.6x in float16."""
+    half = req.q.dtype in (torch.bfloat16, torch.float16)
+    if not half or not req.needs_grad or pairs < 1 << 16 or req.bias is not None:
+        return False
+    return engine.intervals(req)
 
 
 def _few_rows_tiles(req: AttentionRequest) -> int | None:
