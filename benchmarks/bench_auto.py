@@ -66,6 +66,8 @@ CASES = (
     Case("padding", 1024, 1024, "pad70", backward=True),
     Case("causal_gqa", 1024, 1024, "causal", heads=(8, 2), backward=True),
     Case("documents_bf16", 256, 256, "docs4", dtype="bfloat16", backward=True),
+    Case("one_row_window_fp16", 1, 2048, "cwin64", dtype="float16", heads=(8, 2)),
+    Case("one_row_window_bf16", 1, 2048, "cwin64", dtype="bfloat16", heads=(8, 2)),
     # controls: SDPA or the reference engine stays the pick
     Case("causal", 2048, 2048, "causal"),
     Case("t5_padding", 1024, 1024, "pad70", "t5", backward=True),
@@ -79,6 +81,7 @@ def _mask(name: str, lk: int) -> M.Mask | None:
         "none": None,
         "causal": M.causal(),
         "cwin128": M.causal() & M.window(128),
+        "cwin64": M.causal() & M.window(64),
         "pad70": M.padding([lk * 7 // 10]),
         "prefix": M.prefix(lk // 2),
         "docs4": M.documents(torch.arange(lk) * 4 // lk),

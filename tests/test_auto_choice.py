@@ -244,6 +244,31 @@ def test_half_precision_gradients_auto_gives_blocked_keep_the_2x_rule(
     _keeps_2x_rule((1, 8, 2, 256), m, dtype, f"{mask} {dtype}")
 
 
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_one_half_precision_row_under_a_window_goes_to_blocked_from_1024_keys(
+    dtype: torch.dtype,
+) -> None:
+    # SDPA's one-row path: 1.0-1.4x the kernel's time in bfloat16, 2.0-4.3x in float16
+    window = M.causal() & M.window(64)
+    for lk in (1024, 2048):
+        for heads in ((8, 2), (8, 8)):
+            assert _pick(1, lk, window, heads=heads, dtype=dtype) == "blocked", (lk, heads)
+    assert _pick(1, 512, window, dtype=dtype) == "sdpa"  # a tie
+    assert _pick(1, 2048, None, heads=(8, 2), dtype=dtype) == "sdpa"
+    assert _pick(1, 2048, M.causal(), dtype=dtype) == "sdpa"  # every key
+    assert _pick(2, 2048, window, dtype=torch.bfloat16) == "sdpa"
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 8, 1, 64, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 2048, 64, generator=g, dtype=torch.float64) for _ in "kv")
+    out = attnlab.attention(*(t.to(dtype) for t in (q, k, v)), mask=window)
+    assert isinstance(out, torch.Tensor)
+    kv = [t.repeat_interleave(4, 1) for t in (k, v)]
+    allowed = window.dense(1, 2048, batch=2, heads=8)
+    ref64, _ = naive_attention(q, *kv, allowed=allowed)
+    plain, _ = naive_attention(q.to(dtype), *(t.to(dtype) for t in kv), allowed=allowed)
+    assert_2x_rule(out, plain, ref64, f"one row {dtype}")
+
+
 def test_without_the_kernel_only_the_long_rules_hold(monkeypatch: pytest.MonkeyPatch) -> None:
     # cosine scores, which SDPA cannot compute, went to the reference engine's dense scores
     assert _pick(2048, 2048, None, dtype=torch.float64, score="cosine") == "blocked"

@@ -12,7 +12,8 @@ prints those timings; ``README`` has the table):
   tensor, the kernel computes it in its tiles. Float32 from ``2**17`` (query, key) pairs.
 * A few query rows against a long cache under an interval mask (a window, documents)
   whose tiles leave at most a quarter of the keys: the kernel reads (and in half
-  precision converts) only those keys; in bfloat16 from 4096 keys (SDPA's fast kernel).
+  precision converts) only those keys; in bfloat16 from 4096 keys (SDPA's fast kernel),
+  one row in half precision from 1024 keys.
 * Half precision with a gradient under an interval mask from ``2**16`` pairs (SDPA's
   half-precision backward on the CPU).
 * Otherwise from ``2**18`` pairs, where the mask leaves at most 60% of the tiles (80%
@@ -63,7 +64,7 @@ def prefers(engine: _Planner, req: AttentionRequest) -> bool:
         (True, False)
     """
     pairs = req.lq * req.lk
-    if pairs < 1 << 12:
+    if pairs < 1 << 12 and not (_one_half_row(req) and req.lk >= 1 << 10):
         return False
     on_kernel = req.q.is_cpu and _kernel_rule(engine, req, pairs)  # then ask for the kernel
     if on_kernel and kernel_ok(req, bias_leaves(req.bias)):  # (a first call builds it)
@@ -149,10 +150,18 @@ def _few_rows_tiles(req: AttentionRequest) -> int | None:
     """The key tiles from which a few rows pay for the plan: four in float32 (2-10x SDPA)
     and float16 (1.2-390x: SDPA's float16 is slow on the CPU), 32 in bfloat16, where SDPA
     has a fast kernel (2 rows: 0.4-1.3x at 512-2048 keys, 1.7-3.4x at 4096; one row from
-    4096 keys: 7-390x); None for float64, which the kernel does not compute."""
+    4096 keys: 7-390x), but eight for one row (:func:`_one_half_row`); None for float64,
+    which the kernel does not compute."""
     if req.q.dtype == torch.bfloat16:
-        return 32
+        return 8 if _one_half_row(req) else 32
     return 4 if req.q.dtype in (torch.float32, torch.float16) else None
+
+
+def _one_half_row(req: AttentionRequest) -> bool:
+    """One query row in half precision, where SDPA is slow on the CPU: under a causal
+    window of 64, 8 query heads, 1024-2048 keys, 1.0-1.4x the kernel's time in bfloat16
+    and 2.0-4.3x in float16 (AVX512 and AVX2)."""
+    return req.lq == 1 and req.q.dtype in (torch.bfloat16, torch.float16)
 
 
 def _fraction(engine: _Planner, req: AttentionRequest) -> float:
