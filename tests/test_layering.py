@@ -23,6 +23,7 @@ RANKS = {
     "_rows": 0,  # the normalizers' row helpers
     "_warnings": 0,  # a block's warnings held back and passed on
     "_timing": 0,  # the benchmarks' timers (attnlab.bench re-exports them)
+    "_scalars": 0,  # numbers and flags checked, numpy scalars as plain values
     "_hosts": 0,  # Host header names: serve's guard reads them, cli's --allow-host checks them
     "normalize": 1,
     "scores": 1,

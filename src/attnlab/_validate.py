@@ -6,30 +6,30 @@ was seen and what was expected. No asserts: validation survives ``python -O``.
 
 from __future__ import annotations
 
-import math
 import numbers
 import os
 from collections.abc import Callable
-from typing import TypeVar, cast
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
+from attnlab._scalars import nonnegative_int as nonnegative_int
+from attnlab._scalars import plain as plain
+from attnlab._scalars import plain_fields as plain_fields
+from attnlab._scalars import positive_int as positive_int
+from attnlab._scalars import positive_real as positive_real
+from attnlab._scalars import real_where as real_where
+from attnlab._scalars import validate_dropout as validate_dropout
+from attnlab._scalars import validate_flag as validate_flag
+from attnlab._scalars import validate_scale as validate_scale
+from attnlab._scalars import validate_softcap as validate_softcap
 from attnlab.normalize import NORMALIZERS
 from attnlab.scores import SCORES
 
 LAYOUT = "(B, H, L, E)"
 
 T = TypeVar("T")
-
-
-def positive_int(name: str, value: object) -> int:
-    """``value`` as an int, or a TypeError/ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be a positive int, got {value!r} ({type(value).__name__})")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value}")
-    return int(value)
 
 
 def float_dtype(name: str, value: object) -> torch.dtype:
@@ -56,39 +56,6 @@ def instance_of(name: str, value: object, kind: type[T], expected: str) -> T:
     return value
 
 
-def positive_real(name: str, value: object) -> float:
-    """``value`` as a finite float > 0, or a TypeError/ValueError naming ``name``.
-
-    Example:
-        >>> positive_real("lr_g", 1e-4), positive_real("sigma", 1)
-        (0.0001, 1.0)
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    if not 0 < float(value) < math.inf:
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return float(value)
-
-
-def real_where(name: str, value: object, ok: Callable[[float], bool], expected: str) -> float:
-    """``value`` as a float for which ``ok`` holds (NaN fails every comparison), or a
-    TypeError/ValueError naming ``name``, what was seen and ``expected``.
-
-    Example:
-        >>> real_where("damping", 0.85, lambda d: 0 < d < 1, "a number in (0, 1)")
-        0.85
-        >>> real_where("damping", "0.5", lambda d: 0 < d < 1, "a number in (0, 1)")
-        Traceback (most recent call last):
-        ...
-        TypeError: damping must be a number in (0, 1), got str '0.5'
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
-    if not ok(float(value)):
-        raise ValueError(f"{name} must be {expected}, got {value}")
-    return float(value)
-
-
 def limit_or(limit: object, default: int) -> int:
     """How many held-out items an ``evaluate(limit=...)`` scores: ``limit``, an int >= 1,
     or ``default`` when it is None; a TypeError/ValueError naming ``limit`` otherwise (0 or
@@ -113,18 +80,6 @@ def env_mib(name: str, default: int) -> int:
     if not seen.strip().isdigit():
         raise ValueError(f"{name} must be a whole number of MiB >= 0 (0: off), got {seen!r}")
     return int(seen)
-
-
-def nonnegative_int(name: str, value: object) -> int:
-    """``value`` as an int >= 0, or a TypeError/ValueError naming ``name``; a symbolic
-    size (``torch.export`` with a dynamic dimension) passes as it is."""
-    if isinstance(value, torch.SymInt):
-        return cast(int, value)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int >= 0, got {value!r} ({type(value).__name__})")
-    if value < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {value}")
-    return int(value)
 
 
 def validate_qkv(q: object, k: object, v: object, *, same_dim: bool) -> tuple[Tensor, ...]:
@@ -285,17 +240,6 @@ def check_broadcast(
         )
 
 
-def validate_scale(scale: object) -> float | None:
-    """``None`` or a finite real number."""
-    if scale is None:
-        return None
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):  # (numpy's too)
-        raise TypeError(f"scale must be a finite float or None, got {type(scale).__name__}")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    return float(scale)
-
-
 def validate_selection(
     heads: object, rows: object, n_heads: int, lq: int, *, clip: bool = False
 ) -> tuple[list[int] | None, tuple[int, int] | None]:
@@ -325,18 +269,6 @@ def _ints(name: str, x: object, what: str) -> list[int]:
     ):
         raise TypeError(f"{name} must be {what}, got {x!r}")
     return [int(i) for i in x]
-
-
-def validate_softcap(softcap: object) -> float | None:
-    """``None`` or a positive finite float (logit soft-capping)."""
-    if softcap is None:
-        return None
-    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):  # (numpy's too)
-        raise TypeError(f"softcap must be a positive float or None, got {type(softcap).__name__}")
-    cap = float(softcap)
-    if not (math.isfinite(cap) and cap > 0):
-        raise ValueError(f"softcap must be a positive finite float or None, got {softcap}")
-    return cap
 
 
 def validate_sinks(sinks: object, q: Tensor, normalize: str) -> Tensor | None:
@@ -395,37 +327,12 @@ def validate_normalize(normalize: object, return_lse: bool) -> str:
     return normalize
 
 
-def validate_dropout(p: object, name: str = "dropout_p") -> float:
-    """A probability in ``[0, 1)``, or an error naming ``name``."""
-    if isinstance(p, bool) or not isinstance(p, int | float):
-        raise TypeError(f"{name} must be a float in [0, 1), got {type(p).__name__}")
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {p}")
-    return float(p)
-
-
 def callable_or_none(name: str, value: object, signature: str) -> None:
     """A TypeError naming ``name`` and ``signature`` unless ``value`` is None or callable
     (an int progress failed as "'int' object is not callable" after the first batch)."""
     if value is not None and not callable(value):
         got = type(value).__name__
         raise TypeError(f"{name} must be a callable {signature} or None, got {got}")
-
-
-def validate_flag(name: str, value: object) -> bool:
-    """A real ``bool`` or numpy's (not a tensor or an int).
-
-    Example:
-        >>> import numpy as np
-        >>> validate_flag("residual", np.bool_(False))
-        False
-    """
-    kind = type(value)
-    if kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_"):
-        return bool(value)  # (refused as "must be a bool, got bool")
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {kind.__name__}")
-    return value
 
 
 def validate_scores(scores: object, v: Tensor) -> tuple[Tensor, Tensor]:

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from attnlab._scalars import plain_fields, positive_int
 from attnlab._validate import instance_of, nonnegative_int, validate_dropout, validate_flag
 from attnlab.masks import Mask
 from attnlab.models._checkpoint import check_state, read_safetensors
@@ -83,11 +84,10 @@ class BertConfig:
     position_embedding_type: str = "absolute"
 
     def __post_init__(self) -> None:
+        plain_fields(self)  # numpy scalars as Python's: the config stays JSON-able
         sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
         for name in (*sizes, "intermediate_size", "max_position_embeddings", "type_vocab_size"):
-            val = getattr(self, name)
-            if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
-                raise ValueError(f"BertConfig.{name} must be a positive int, got {val!r}")
+            positive_int(f"BertConfig.{name}", getattr(self, name))  # (numpy's taken)
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             validate_dropout(getattr(self, name), f"BertConfig.{name}")
         pad = self.pad_token_id  # (100 failed inside nn.Embedding, "0" in a comparison)

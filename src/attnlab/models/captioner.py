@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from attnlab._validate import positive_int
+from attnlab._validate import plain_fields, positive_int
 from attnlab.models._ids import check_ids, check_special_ids, check_vocab
 from attnlab.models.vit import PatchEmbedding, patch_grid_side
 from attnlab.nn import BahdanauAttention, Encoder, EncoderLayer, LayerConfig
@@ -57,6 +57,9 @@ class CaptionerConfig:
     dropout: float = 0.0
     bos: int = 1
     eos: int = 2
+
+    def __post_init__(self) -> None:
+        plain_fields(self)  # numpy scalars as Python's: the config stays JSON-able
 
     def layer_config(self) -> LayerConfig:
         """The encoder layers' config (pre-norm GELU), after checking the sizes of the

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from attnlab._validate import positive_int, same_dtype, validate_flag
+from attnlab._validate import plain_fields, positive_int, same_dtype, validate_flag
 from attnlab.functional import attention
 from attnlab.models.vit import check_images
 from attnlab.nn._modes import eval_mode
@@ -230,6 +230,7 @@ class GANConfig:
     attention: bool = True
 
     def __post_init__(self) -> None:
+        plain_fields(self)  # numpy scalars as Python's: the config stays JSON-able
         positive_int("latent_dim", self.latent_dim)
         positive_int("channels", self.channels)
         positive_int("heads", self.heads)

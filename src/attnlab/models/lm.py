@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlab._validate import nonnegative_int, positive_int, validate_flag
+from attnlab._validate import nonnegative_int, plain_fields, positive_int, validate_flag
 from attnlab.models._ids import check_id_dtype, check_vocab
 from attnlab.nn import DecoderCache, DecoderOnly, LayerConfig
 from attnlab.positional import RotaryEmbedding
@@ -53,6 +53,9 @@ class LMConfig:
     dropout: float = 0.0
     tie_weights: bool = True
     rope_base: float = 10000.0
+
+    def __post_init__(self) -> None:
+        plain_fields(self)  # numpy scalars as Python's: the config stays JSON-able
 
     def layer_config(self) -> LayerConfig:
         """The decoder layers' config (pre-norm GELU with RoPE), after checking every size

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from attnlab._validate import positive_int, validate_dropout
+from attnlab._validate import plain_fields, positive_int, validate_dropout
 from attnlab.models._ids import check_ids, check_source, check_special_ids, check_vocab
 from attnlab.nn import BahdanauAttention
 
@@ -65,6 +65,9 @@ class RNNSeq2SeqConfig:
     dropout: float = 0.0
     bos: int = 1
     eos: int = 2
+
+    def __post_init__(self) -> None:
+        plain_fields(self)  # numpy scalars as Python's: the config stays JSON-able
 
     def check_sizes(self) -> None:
         """Check every size but the vocabularies' and the dropout, in [0, 1) as the other

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from attnlab import masks
 from attnlab._cpu import resolve_precision
 from attnlab._io import decode_text
-from attnlab._validate import positive_int, validate_flag
+from attnlab._validate import plain_fields, positive_int, validate_flag
 from attnlab._warnings import warn
 from attnlab.models.bert import BertEncoder
 from attnlab.models.pretrained import minilm_path
@@ -107,6 +107,7 @@ class SentenceConfig:
     lowercase: bool = False
 
     def __post_init__(self) -> None:
+        plain_fields(self)  # numpy scalars as Python's: the config stays JSON-able
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling={self.pooling!r} is not one of {POOLINGS}")
         for flag in ("normalize", "lowercase"):  # ("no" lowercased, 0 did not normalize)

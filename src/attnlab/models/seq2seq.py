@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from attnlab import masks
-from attnlab._validate import positive_int
+from attnlab._validate import plain_fields, positive_int
 from attnlab.models._ids import check_ids, check_source, check_special_ids, check_vocab
 from attnlab.nn import DecoderCache, LayerConfig, Transformer
 from attnlab.positional import SinusoidalPositional
@@ -45,6 +45,9 @@ class Seq2SeqConfig:
     norm_first: bool = True
     bos: int = 1
     eos: int = 2
+
+    def __post_init__(self) -> None:
+        plain_fields(self)  # numpy scalars as Python's: the config stays JSON-able
 
     def layer_config(self) -> LayerConfig:
         """The encoder and decoder layers' config, after checking every size but the

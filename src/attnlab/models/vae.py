@@ -17,7 +17,14 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from attnlab._validate import instance_of, positive_int, positive_real, same_dtype, validate_flag
+from attnlab._validate import (
+    instance_of,
+    plain_fields,
+    positive_int,
+    positive_real,
+    same_dtype,
+    validate_flag,
+)
 from attnlab.models.gan import IMAGE_SIZE, SelfAttention2d, check_latents, draw_latents
 from attnlab.models.vit import check_images
 
@@ -35,6 +42,7 @@ class VAEConfig:
     sigma: float = 0.5  # the likelihood's standard deviation (images in [-1, 1])
 
     def __post_init__(self) -> None:
+        plain_fields(self)  # numpy scalars as Python's: the config stays JSON-able
         positive_int("latent_dim", self.latent_dim)
         positive_int("channels", self.channels)
         positive_int("heads", self.heads)

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from attnlab._validate import positive_int, same_dtype, validate_dropout
+from attnlab._validate import plain_fields, positive_int, same_dtype, validate_dropout
 from attnlab.nn import Encoder, EncoderLayer, LayerConfig
 from attnlab.positional import LearnedPositional
 
@@ -118,6 +118,9 @@ class ViTConfig:
     dim_feedforward: int = 128
     dropout: float = 0.1
     engine: str = "auto"
+
+    def __post_init__(self) -> None:
+        plain_fields(self)  # numpy scalars as Python's: the config stays JSON-able
 
 
 class ViT(nn.Module):

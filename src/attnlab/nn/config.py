@@ -12,7 +12,13 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from attnlab._validate import positive_int, validate_dropout, validate_flag, validate_normalize
+from attnlab._validate import (
+    plain_fields,
+    positive_int,
+    validate_dropout,
+    validate_flag,
+    validate_normalize,
+)
 from attnlab.engines import get_engine
 
 if TYPE_CHECKING:
@@ -135,6 +141,7 @@ class LayerConfig:
     engine: str = "auto"
 
     def __post_init__(self) -> None:
+        plain_fields(self)  # numpy scalars as Python's: the config stays JSON-able
         for name in ("d_model", "num_heads", "dim_feedforward"):  # stored as plain ints
             object.__setattr__(self, name, positive_int(name, getattr(self, name)))
         if self.d_model % self.num_heads:

@@ -26,6 +26,7 @@ from torch import Tensor
 from attnlab._validate import (
     instance_of,
     nonnegative_int,
+    plain_fields,
     positive_int,
     real_where,
     validate_flag,
@@ -68,6 +69,7 @@ class PPOConfig:
     entropy_coef: float = 0.01
 
     def __post_init__(self) -> None:  # ("0.9" failed as "'<=' not supported ... 'str'")
+        plain_fields(self)  # numpy scalars as Python's: the config stays JSON-able
         for name in ("gamma", "lam"):
             _rate(name, getattr(self, name))
         for name in ("clip", "value_coef", "entropy_coef"):  # (inf: no clipping, an inf loss)

@@ -32,7 +32,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from attnlab._validate import positive_int, validate_flag
+from attnlab._validate import plain_fields, positive_int, validate_flag
 from attnlab.rl.env import OBS_DIM, GridEnvs
 from attnlab.rl.policy import POLICIES, AgentPolicy, build_policy
 from attnlab.rl.ppo import PPOConfig, Rollout, check_policy, check_seed, collect, ppo_loss
@@ -151,6 +151,7 @@ class AgentTask:
     name: str = "memory-agent"
 
     def __post_init__(self) -> None:
+        plain_fields(self)  # numpy scalars as Python's: the config stays JSON-able
         if not isinstance(self.ppo, PPOConfig):  # (a dict failed in config(): asdict())
             raise TypeError(f"ppo must be a PPOConfig, got {type(self.ppo).__name__}")
         for k in _SIZES:

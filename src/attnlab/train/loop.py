@@ -21,7 +21,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from attnlab._validate import instance_of, nonnegative_int, positive_int, validate_flag
+from attnlab._validate import (
+    instance_of,
+    nonnegative_int,
+    plain_fields,
+    positive_int,
+    validate_flag,
+)
 from attnlab.train._best import model_digest, resumed_best
 from attnlab.train._progress import flush_denormal, num_threads, progress_bar
 from attnlab.train.checkpoint import (
@@ -108,6 +114,7 @@ class TrainConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
+        plain_fields(self)  # numpy scalars as Python's: the config stays JSON-able
         # each field keeps the validator's plain int/float: a numpy scalar kept as given
         # failed the first checkpoint's JSON (float32) or torch's manual_seed (int64)
         for name in ("steps", "batch_size", "eval_every"):
@@ -117,7 +124,7 @@ class TrainConfig:
         if self.seed > MAX_SEED:  # the epoch seeds overflowed torch's generator at 1.8e14
             raise ValueError(f"seed must be an int in [0, {MAX_SEED}], got {self.seed}")
         for name in ("resume", "progress", "flush_denormal"):  # resume="no" resumed
-            validate_flag(name, getattr(self, name))
+            setattr(self, name, validate_flag(name, getattr(self, name)))
         for name in ("patience", "threads"):
             if getattr(self, name) is not None:
                 setattr(self, name, positive_int(name, getattr(self, name)))
