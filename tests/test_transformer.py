@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +16,7 @@ from attnlab.nn import (
     Decoder,
     DecoderLayer,
     DecoderOnly,
+    Encoder,
     EncoderLayer,
     FeedForward,
     LayerConfig,
@@ -258,8 +261,6 @@ def test_layer_config_names_a_bad_argument_when_made(
 
 
 def test_sizes_of_a_feed_forward_and_a_stack_are_named() -> None:
-    from attnlab.nn import Encoder
-
     check_and_control(
         lambda: FeedForward(16, 0), lambda: FeedForward(16, 8), ValueError,
         "dim_feedforward must be a positive int, got 0",
@@ -268,7 +269,7 @@ def test_sizes_of_a_feed_forward_and_a_stack_are_named() -> None:
     check_and_control(
         lambda: Encoder(layer, True),  # type: ignore[arg-type]
         lambda: Encoder(layer, 1),
-        ValueError,
+        TypeError,
         "num_layers must be a positive int, got True",
     )
 
@@ -287,3 +288,31 @@ def test_copies_of_float64_torch_layers_are_exact_and_keep_eval_mode() -> None:
     x = torch.randn(2, 5, 16, dtype=torch.float64)
     with torch.no_grad():
         assert max_err(ours(x), ref(x)) < 1e-12
+
+
+_CFG = LayerConfig(16, 4, 32)
+# (the call with the bad argument, the call with numpy's int in its place, error, message)
+STACK_CASES: list[tuple[Callable[[], object], Callable[[], object], type[Exception], str]] = [
+    (lambda: Encoder(EncoderLayer(_CFG), 2.0), lambda: Encoder(EncoderLayer(_CFG), np.int64(2)),
+     TypeError, r"^num_layers must be a positive int, got 2.0 \(float\)"),
+    (lambda: Decoder(DecoderLayer(_CFG), None), lambda: Decoder(DecoderLayer(_CFG), np.int64(2)),
+     TypeError, r"^num_layers must be a positive int, got None"),
+    (lambda: DecoderOnly(_CFG, "2"), lambda: DecoderOnly(_CFG, np.int64(2)),
+     TypeError, r"^num_layers must be a positive int, got '2'"),
+    (lambda: Transformer(_CFG, 0, 1), lambda: Transformer(_CFG, np.int64(2), 1),
+     ValueError, r"^num_encoder_layers must be a positive int, got 0"),
+    (lambda: Transformer(_CFG, 1, -1), lambda: Transformer(_CFG, 1, np.int64(2)),
+     ValueError, r"^num_decoder_layers must be a positive int, got -1"),
+    (lambda: Encoder(DecoderLayer(_CFG), 1), lambda: Encoder(EncoderLayer(_CFG), 1),
+     TypeError, r"^layer must be an attnlab.nn.EncoderLayer, got DecoderLayer"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("bad", "ok", "exc", "match"), STACK_CASES)
+def test_stack_depths_and_layers_are_named(
+    bad: Callable[[], object], ok: Callable[[], object], exc: type[Exception], match: str
+) -> None:
+    """A depth of the wrong type is a TypeError (2.0 and None were ValueErrors), the
+    Transformer names its own argument, numpy's ints are taken (np.int64(2) was refused),
+    and an Encoder refuses a DecoderLayer (its forward asked for memory)."""
+    check_and_control(bad, ok, exc, match)

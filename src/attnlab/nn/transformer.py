@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from attnlab._validate import instance_of
+from attnlab._validate import instance_of, positive_int
 from attnlab.bias import Bias
 from attnlab.nn._from_torch import load_torch, torch_config
 from attnlab.nn.cache import DecoderCache
@@ -24,17 +24,20 @@ __all__ = ["Decoder", "DecoderOnly", "Encoder", "Transformer"]
 
 
 def _stack(layer: object, kind: type[EncoderLayer], n: int, norm: object) -> nn.ModuleList:
-    """``n`` copies of ``layer`` (a ``kind``), after checking the final ``norm``."""
+    """``n`` copies of ``layer`` (a ``kind``), after checking the final ``norm``. A
+    DecoderLayer is an EncoderLayer to Python, not to an Encoder: its forward asked for
+    the memory an encoder does not have."""
     checked = instance_of("layer", layer, kind, f"an attnlab.nn.{kind.__name__}")
+    if kind is EncoderLayer and isinstance(layer, DecoderLayer):
+        raise TypeError("layer must be an attnlab.nn.EncoderLayer, got DecoderLayer")
     if norm is not None and not isinstance(norm, nn.Module):  # (failed at the first forward)
         raise TypeError(f"norm must be an nn.Module or None, got {type(norm).__name__}")
     return _clones(checked, n)
 
 
 def _clones(layer: nn.Module, n: int) -> nn.ModuleList:
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-        raise ValueError(f"num_layers must be a positive int, got {n!r}")
-    return nn.ModuleList(copy.deepcopy(layer) for _ in range(n))
+    """``n`` deep copies of ``layer`` (numpy ints taken, as everywhere)."""
+    return nn.ModuleList(copy.deepcopy(layer) for _ in range(positive_int("num_layers", n)))
 
 
 class Encoder(nn.Module):
@@ -195,6 +198,8 @@ class Transformer(nn.Module):
         super().__init__()
         enc, dec = EncoderLayer(config), DecoderLayer(config)
         pre = config.norm_first
+        positive_int("num_encoder_layers", num_encoder_layers)  # (else named num_layers)
+        positive_int("num_decoder_layers", num_decoder_layers)
         self.encoder = Encoder(enc, num_encoder_layers, config.norm_layer() if pre else None)
         self.decoder = Decoder(dec, num_decoder_layers, config.norm_layer() if pre else None)
 
