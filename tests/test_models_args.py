@@ -447,7 +447,7 @@ def test_sentence_config_flags_must_be_bools(flag: str, value: object) -> None:
         (lambda: DocumentClassifier(9, 2, embed_dim=2.0), TypeError,  # (failed in nn.Embedding)
          r"^embed_dim must be a positive int, got 2.0 \(float\)"),
         (lambda: DocumentClassifier(9, 2, word_hidden=2.0), TypeError,
-         r"^word_hidden must be a positive int, got float"),
+         r"^word_hidden must be a positive int, got 2.0 \(float\)"),
         (lambda: DocumentTask(40, 8, seed=-7), ValueError, "seed must be an int >= 0, got -7"),
         (lambda: DocumentTask(40, 8, seed="x"), TypeError, "seed must be an int >= 0, got 'x'"),
         (lambda: make_documents(3, seed=-1), ValueError, "seed must be an int >= 0, got -1"),

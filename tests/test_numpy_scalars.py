@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from attnlab import models as M
 from attnlab import rl
@@ -90,3 +91,35 @@ def test_numpy_scalars_are_stored_as_python_values(
     of type int64 is not JSON serializable" at the first checkpoint)."""
     plain = json.dumps(build(**kw))
     assert json.dumps(build(**_np(kw))) == plain
+
+
+def _shapes(m: Any) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in m.state_dict().items()}
+
+
+# (a model's constructor, the int arguments given)
+INT_CASES: list[tuple[Callable[..., Any], dict[str, Any]]] = [
+    (lambda **k: M.Seq2Seq(M.Seq2SeqConfig(20, 20, d_model=16, num_heads=2, **k)),
+     {"bos": 1, "eos": 2}),
+    (lambda **k: M.RNNSeq2Seq(M.RNNSeq2SeqConfig(20, 20, **k)), {"embed_dim": 8, "hidden": 8}),
+    (lambda **k: M.Captioner(M.CaptionerConfig(20, image_size=8, patch_size=4, channels=1,
+                                               d_model=16, num_heads=2, **k)),
+     {"encoder_layers": 1, "bos": 1, "eos": 2}),
+    (lambda **k: M.DocumentClassifier(9, 2, **k),
+     {"embed_dim": 8, "word_hidden": 4, "sentence_hidden": 4}),
+    (lambda **k: M.SentenceConfig(**k), {"max_seq_length": 8}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("build", "kw"), INT_CASES)
+def test_numpy_ints_build_what_python_ints_build(
+    build: Callable[..., Any], kw: dict[str, Any]
+) -> None:
+    """numpy's ints are sizes and token ids like Python's (bos=np.int64(1) was "out of
+    range", embed_dim=np.int64(8) a TypeError from torch's nn.GRU, word_hidden and
+    max_seq_length refused)."""
+    plain, numpy = build(**kw), build(**_np(kw))
+    if isinstance(plain, torch.nn.Module):
+        assert _shapes(numpy) == _shapes(plain)
+    else:
+        assert numpy == plain

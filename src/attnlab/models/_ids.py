@@ -3,6 +3,8 @@ vocabulary, and a config's special ids (BOS, EOS) inside the vocabulary they ind
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -47,7 +49,7 @@ def check_special_ids(cfg: object, field: str, *names: str) -> None:
     vocab = getattr(cfg, field)
     for name in names:
         v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < vocab:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 0 <= int(v) < vocab:
             raise ValueError(f"{name} must be a token id in [0, {field}={vocab}), got {v!r}")
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from attnlab._validate import same_dtype
+from attnlab._validate import positive_int, same_dtype
 from attnlab.nn.classic import AttentionPooling
 
 __all__ = ["HierarchicalAttention", "HierarchicalOutput"]
@@ -136,7 +136,7 @@ class HierarchicalAttention(nn.Module):
         attn_dim: int | None = None,
     ) -> None:
         super().__init__()
-        _validate_sizes(
+        embed_dim, word_hidden, sentence_hidden = _validate_sizes(
             embed_dim=embed_dim, word_hidden=word_hidden, sentence_hidden=sentence_hidden
         )
         if encoder not in ENCODERS:
@@ -185,13 +185,9 @@ def _bigru(input_dim: int, hidden: int) -> nn.GRU:
     return nn.GRU(input_dim, hidden, batch_first=True, bidirectional=True)
 
 
-def _validate_sizes(**sizes: object) -> None:
-    """Every size is a positive ``int`` (not a bool)."""
-    for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be a positive int, got {type(value).__name__}")
-        if value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value}")
+def _validate_sizes(**sizes: object) -> list[int]:
+    """Every size as a plain positive ``int`` (numpy's taken: nn.GRU refuses them)."""
+    return [positive_int(name, value) for name, value in sizes.items()]
 
 
 def _validate_words(
