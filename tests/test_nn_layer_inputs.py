@@ -7,10 +7,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 
-from attnlab.nn import DecoderLayer, DecoderOnly, EncoderLayer, LayerConfig, Transformer
+from attnlab.nn import (
+    DecoderLayer,
+    DecoderOnly,
+    EncoderLayer,
+    FeedForward,
+    LayerConfig,
+    MultiHeadAttention,
+    Transformer,
+)
+from attnlab.positional import RotaryEmbedding
+from tests.conftest import check_and_control
 
 PRE, POST = LayerConfig(32, 4, 64, norm_first=True), LayerConfig(32, 4, 64)
 RMS = LayerConfig(32, 4, 64, norm_first=True, norm="rms")
@@ -50,3 +61,34 @@ def test_right_inputs_still_run() -> None:
         .dtype
         == torch.float64
     )
+
+
+def _ff(p: object) -> FeedForward:
+    return FeedForward(8, 16, dropout=p)  # type: ignore[arg-type]
+
+
+# (the call with the bad value, the call with numpy's value of the kind, error, message)
+OPTION_CASES: list[tuple[Callable[[], object], Callable[[], object], type, str]] = [
+    (lambda: _ff(True), lambda: _ff(np.float32(0.5)), TypeError,
+     r"^dropout must be a float in \[0, 1\), got bool"),
+    (lambda: _ff(1), lambda: _ff(np.float64(0.5)), ValueError, r"^dropout must be in .* got 1$"),
+    (lambda: _ff(float("nan")), lambda: _ff(0), ValueError, r"^dropout must be in .* got nan"),
+    (lambda: _ff(torch.tensor(0.1)), lambda: _ff(0.1), TypeError, r"^dropout must .* got Tensor"),
+    (lambda: _ff(None), lambda: _ff(0.1), TypeError, r"^dropout must .* got NoneType"),
+    (lambda: _ff("0.1"), lambda: _ff(0.1), TypeError, r"^dropout must .* got str"),
+    (lambda: MultiHeadAttention(32, 4, dropout=1.5),
+     lambda: MultiHeadAttention(32, 4, dropout=np.float32(0.5)), ValueError, r"^dropout"),
+    (lambda: RotaryEmbedding(8, interleaved="yes"),
+     lambda: RotaryEmbedding(8, interleaved=np.bool_(True)), TypeError,
+     r"^interleaved must be a bool, got str"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("bad", "ok", "exc", "match"), OPTION_CASES)
+def test_dropout_and_flags_are_checked_and_numpy_taken(
+    bad: Callable[[], object], ok: Callable[[], object], exc: type, match: str
+) -> None:
+    """A FeedForward's dropout is checked as a LayerConfig's (True zeroed the hidden layer in
+    training, NaN failed at the first call, None in a bare '<'), and numpy's float32 and
+    bool are taken where float64 and bool are (they were TypeErrors)."""
+    check_and_control(bad, ok, exc, match)

@@ -133,10 +133,11 @@ def validate_softcap(softcap: object) -> float | None:
 
 
 def validate_dropout(p: object, name: str = "dropout_p") -> float:
-    """A probability in ``[0, 1)``, or an error naming ``name``."""
-    if isinstance(p, bool) or not isinstance(p, int | float):
+    """A probability in ``[0, 1)`` (numpy's float32 too, as float64), or an error naming
+    ``name`` (NaN fails the comparison)."""
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
         raise TypeError(f"{name} must be a float in [0, 1), got {type(p).__name__}")
-    if not 0.0 <= p < 1.0:
+    if not 0.0 <= float(p) < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {p}")
     return float(p)
 

@@ -25,7 +25,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlab import masks as M
-from attnlab._validate import instance_of, positive_int, same_dtype, validate_flag
+from attnlab._validate import (
+    instance_of,
+    positive_int,
+    same_dtype,
+    validate_dropout,
+    validate_flag,
+)
 from attnlab.bias import Bias
 from attnlab.masks import Mask
 from attnlab.nn._from_torch import load_torch, torch_config
@@ -79,7 +85,7 @@ class FeedForward(nn.Module):
         width = 2 * dim_feedforward if activation == "swiglu" else dim_feedforward
         self.activation = activation
         self.linear1 = nn.Linear(d_model, width, bias=bias)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(validate_dropout(dropout, "dropout"))  # (True: p=1.0)
         self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias)
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:

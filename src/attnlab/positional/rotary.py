@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnlab._validate import positive_int
+from attnlab._validate import positive_int, validate_flag
 from attnlab.positional._common import (
     _check_positions,
     _check_span,
@@ -106,9 +106,7 @@ class RotaryEmbedding(nn.Module):
         self.head_dim, self.rotary_dim = _check_rotary(head_dim, rotary_dim)
         self.base = _positive_float("base", base)
         self.scaling, self.factor = _check_scaling(scaling, factor)
-        if not isinstance(interleaved, bool):
-            raise TypeError(f"interleaved must be a bool, got {interleaved!r}")
-        self.interleaved = interleaved
+        self.interleaved = validate_flag("interleaved", interleaved)  # (numpy's taken)
         self._inv_freq = self._scaled_inverse_frequencies()  # (R/2,) float64, CPU
         self._drop_tables()
 
