@@ -175,6 +175,7 @@ def test_rows_past_the_queries_are_clipped_as_a_slice(engine: str) -> None:
         ({"heads": [-1]}, ValueError, "heads must be a list of query head indices >= 0"),
         ({"rows": (5, 2)}, ValueError, r"rows=\(5, 2\) must satisfy 0 <= r0 <= r1"),
         ({"rows": 3}, ValueError, "rows must be a pair of ints"),
+        ({"heads": 3}, TypeError, r"^heads must be a list of query head indices >= 0, got int 3"),
     ],
 )
 def test_bad_capture_arguments_are_named(

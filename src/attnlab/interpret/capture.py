@@ -14,8 +14,9 @@ capture their own model at the same time (the explorer's worker threads do).
 from __future__ import annotations
 
 import fnmatch
+import numbers
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -185,11 +186,14 @@ def _heads(heads: Sequence[int] | None) -> list[int] | None:
     """Query head indices >= 0 (each call checks them against its own head count)."""
     if heads is None:
         return None
-    if isinstance(heads, str | bytes) or not all(
-        isinstance(h, int) and not isinstance(h, bool) and h >= 0 for h in heads
+    want = "heads must be a list of query head indices >= 0"
+    if isinstance(heads, str | bytes) or not isinstance(heads, Iterable):  # (3: not iterable)
+        raise TypeError(f"{want}, got {type(heads).__name__} {heads!r}")
+    if not all(
+        isinstance(h, numbers.Integral) and not isinstance(h, bool) and h >= 0 for h in heads
     ):
-        raise ValueError(f"heads must be a list of query head indices >= 0, got {heads!r}")
-    return list(heads)
+        raise ValueError(f"{want}, got {heads!r}")
+    return [int(h) for h in heads]
 
 
 def _rows(rows: tuple[int, int] | None) -> tuple[int, int] | None:
