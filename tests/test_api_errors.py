@@ -55,6 +55,12 @@ TRAIN_CONFIG_CASES: list[tuple[dict[str, Any], dict[str, Any], type[Exception], 
     ({"target": float("inf")}, {"target": 0.9}, ValueError, r"target must be a finite number"),
     ({"patience": 0}, {"patience": 2}, ValueError, r"patience must be a positive int"),
     ({"threads": 0}, {"threads": 1}, ValueError, r"threads must be a positive int"),
+    (
+        {"threads": 10**12},
+        {"threads": 1024},
+        ValueError,  # (torch: "Overflow when unpacking long")
+        r"^threads must be a positive int <= 1024 or None, got 1000000000000",
+    ),
     ({"out_dir": 3}, {"out_dir": "runs/x"}, TypeError, r"out_dir must be a str, a Path or None"),
 ]
 

@@ -65,6 +65,24 @@ class progress_bar:
             self._bar.stop()
 
 
+MAX_THREADS = 1024  # (10**12 passed, then torch.set_num_threads: "Overflow when unpacking long")
+
+
+def check_threads(n: object) -> int | None:
+    """``n`` as a thread count in ``[1, MAX_THREADS]``, or None; an error naming ``threads``.
+
+    Example:
+        >>> check_threads(None), check_threads(4)
+        (None, 4)
+    """
+    if n is None:
+        return None
+    count = positive_int("threads", n)
+    if count > MAX_THREADS:
+        raise ValueError(f"threads must be a positive int <= {MAX_THREADS} or None, got {n}")
+    return count
+
+
 @contextmanager
 def num_threads(n: int | None) -> Iterator[None]:
     """Run the block on ``n`` torch threads (None: as is), then restore the count.
@@ -77,9 +95,9 @@ def num_threads(n: int | None) -> Iterator[None]:
         >>> torch.get_num_threads() == before
         True
     """
-    old = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(positive_int("threads", n))
+    old, count = torch.get_num_threads(), check_threads(n)
+    if count is not None:
+        torch.set_num_threads(count)
     try:
         yield
     finally:

@@ -29,7 +29,7 @@ from attnlab._validate import (
     validate_flag,
 )
 from attnlab.train._best import model_digest, resumed_best
-from attnlab.train._progress import flush_denormal, num_threads, progress_bar
+from attnlab.train._progress import check_threads, flush_denormal, num_threads, progress_bar
 from attnlab.train.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -125,9 +125,9 @@ class TrainConfig:
             raise ValueError(f"seed must be an int in [0, {MAX_SEED}], got {self.seed}")
         for name in ("resume", "progress", "flush_denormal"):  # resume="no" resumed
             setattr(self, name, validate_flag(name, getattr(self, name)))
-        for name in ("patience", "threads"):
-            if getattr(self, name) is not None:
-                setattr(self, name, positive_int(name, getattr(self, name)))
+        if self.patience is not None:
+            self.patience = positive_int("patience", self.patience)
+        self.threads = check_threads(self.threads)  # (bounded: torch overflowed at 10**12)
         self.lr = _real("lr", self.lr, low=0.0, open_low=True)
         self.weight_decay = _real("weight_decay", self.weight_decay, low=0.0)
         self.min_lr_ratio = _real("min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0)
@@ -210,8 +210,7 @@ class Trainer:
         if on_eval is not None and not callable(on_eval):  # (failed at the first evaluation)
             raise TypeError(f"on_eval must be a callable or None, got {type(on_eval).__name__}")
         self.loss_fn = _with_plugins(task.loss, plugins)
-        if cfg.threads is not None:
-            positive_int("threads", cfg.threads)
+        check_threads(cfg.threads)
         last = Path(cfg.out_dir or ".") / "last.safetensors"
         self._fresh = not (cfg.resume and cfg.out_dir and last.exists())  # (see _save)
         ckpt = None if self._fresh else load_checkpoint(last)
