@@ -18,6 +18,7 @@ from attnlab.models import DocumentClassifier
 from attnlab.models.bert import BertConfig, BertEncoder
 from attnlab.models.gan import GAN, GANConfig, Generator, SelfAttention2d, draw_latents
 from attnlab.models.lm import LanguageModel, LMConfig
+from attnlab.models.sentence_folder import SentenceDense
 from attnlab.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from attnlab.models.vae import VAE, VAEConfig, VAEOutput, vae_loss
 from attnlab.tasks.captioning import CaptioningTask
@@ -756,3 +757,34 @@ def test_inputs_of_another_dtype_than_the_model_are_named() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the control: autocast casts itself
         assert mha(x64.float().bfloat16()).dtype == torch.bfloat16
     assert vit(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+
+
+def _bert_cfg(**kw: Any) -> BertConfig:
+    return BertConfig(vocab_size=30, hidden_size=16, num_attention_heads=2, **kw)
+
+
+# (the call with the bad option, the same call fixed, error, message)
+OPTION_CASES: list[tuple[Callable[[], object], Callable[[], object], type, str]] = [
+    (lambda: SentenceDense(4, 4, use_residual="False"),
+     lambda: SentenceDense(4, 4, use_residual=np.bool_(False)), TypeError,
+     r"^use_residual must be a bool, got str"),
+    (lambda: SentenceDense(4, 4, bias=None), lambda: SentenceDense(4, 4, bias=False), TypeError,
+     r"^bias must be a bool, got NoneType"),
+    (lambda: SentenceDense(4, 4, bias=0), lambda: SentenceDense(4, 4, bias=True), TypeError,
+     r"^bias must be a bool, got int"),
+    (lambda: SentenceDense(4, 4, activation=["Tanh"]),
+     lambda: SentenceDense(4, 4, activation="Tanh"), TypeError,
+     r"^activation must be one of \(.*\), got list \['Tanh'\]"),
+    (lambda: _bert_cfg(hidden_act=["gelu"]), lambda: _bert_cfg(hidden_act="gelu"), TypeError,
+     r"^BertConfig.hidden_act must be one of \(.*\), got list"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("bad", "ok", "exc", "match"), OPTION_CASES)
+def test_flags_and_choices_are_named(
+    bad: Callable[[], object], ok: Callable[[], object], exc: type, match: str
+) -> None:
+    """SentenceDense's flags are checked (use_residual="False" turned the residual on, bias
+    None, 0 or a tensor were taken) and a list for a choice is a named TypeError (it raised
+    "unhashable type: 'list'")."""
+    check_and_control(bad, ok, exc, match)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import cast
 
 import torch
@@ -155,4 +155,20 @@ def validate_flag(name: str, value: object) -> bool:
         return bool(value)  # (refused as "must be a bool, got bool")
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {kind.__name__}")
+    return value
+
+
+def choice(name: str, value: object, choices: Iterable[str]) -> str:
+    """``value`` if it is one of the names ``choices``; a TypeError naming ``name`` for
+    what is not a str (a list raised "unhashable type" from a dict), a ValueError else.
+
+    Example:
+        >>> choice("activation", "Tanh", ("Tanh", "ReLU"))
+        'Tanh'
+    """
+    known = tuple(choices)
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be one of {known}, got {type(value).__name__} {value!r}")
+    if value not in known:
+        raise ValueError(f"{name}={value!r} is not one of {known}")
     return value

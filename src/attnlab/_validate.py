@@ -14,6 +14,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
+from attnlab._scalars import choice as choice
 from attnlab._scalars import nonnegative_int as nonnegative_int
 from attnlab._scalars import plain as plain
 from attnlab._scalars import plain_fields as plain_fields

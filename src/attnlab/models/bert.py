@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from attnlab._scalars import plain_fields, positive_int
+from attnlab._scalars import choice, plain_fields, positive_int
 from attnlab._validate import instance_of, nonnegative_int, validate_dropout, validate_flag
 from attnlab.masks import Mask
 from attnlab.models._checkpoint import check_state, read_safetensors
@@ -101,10 +101,7 @@ class BertConfig:
                 f"BertConfig.hidden_size={self.hidden_size} is not divisible by "
                 f"num_attention_heads={self.num_attention_heads}"
             )
-        if self.hidden_act not in _ACTIVATIONS:
-            raise ValueError(
-                f"BertConfig.hidden_act={self.hidden_act!r} is not one of {tuple(_ACTIVATIONS)}"
-            )
+        choice("BertConfig.hidden_act", self.hidden_act, _ACTIVATIONS)  # ([...]: unhashable)
         if self.position_embedding_type != "absolute":
             raise ValueError(
                 "BertConfig.position_embedding_type must be 'absolute', got "

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
-from attnlab._validate import positive_int
+from attnlab._validate import choice, positive_int, validate_flag
 from attnlab.models._checkpoint import check_keys, read_safetensors
 
 __all__ = [
@@ -268,8 +268,9 @@ class SentenceDense(nn.Module):
         use_residual: bool = False,
     ) -> None:
         super().__init__()
-        if activation not in _ACTIVATIONS:
-            raise ValueError(f"activation={activation!r} is not one of {tuple(_ACTIVATIONS)}")
+        activation = choice("activation", activation, _ACTIVATIONS)  # ([...]: unhashable)
+        bias = validate_flag("bias", bias)  # (None, 0 and a tensor were taken)
+        use_residual = validate_flag("use_residual", use_residual)  # ("False" turned it on)
         n_in = positive_int("in_features", in_features)
         n_out = positive_int("out_features", out_features)
         self.linear = nn.Linear(n_in, n_out, bias=bias)
