@@ -788,3 +788,27 @@ def test_flags_and_choices_are_named(
     None, 0 or a tensor were taken) and a list for a choice is a named TypeError (it raised
     "unhashable type: 'list'")."""
     check_and_control(bad, ok, exc, match)
+
+
+@pytest.mark.parametrize(
+    ("bad", "ok", "exc", "match"),
+    [
+        (lambda: LanguageModel(LMConfig(50, d_model=32, rope_base=-1.0)),
+         lambda: LanguageModel(LMConfig(50, d_model=32, rope_base=500.0)), ValueError,
+         r"^rope_base must be a finite number > 0, got -1.0"),
+        (lambda: LanguageModel(LMConfig(50, d_model=36, num_heads=4)),
+         lambda: LanguageModel(LMConfig(50, d_model=40, num_heads=4)), ValueError,
+         r"^d_model=36 must be a multiple of num_heads=4 with an even head dim .*, got 9$"),
+        (lambda: _bert_cfg(layer_norm_eps=0.0), lambda: _bert_cfg(layer_norm_eps=1e-6),
+         ValueError, r"^BertConfig.layer_norm_eps must be a finite number > 0, got 0.0"),
+    ],
+)  # fmt: skip
+def test_config_errors_name_the_config_field(
+    bad: Callable[[], object], ok: Callable[[], object], exc: type, match: str
+) -> None:
+    """An LMConfig's rope_base was named base and an odd head dim said "pass rotary_dim=8"
+    (RotaryEmbedding's words: LMConfig has no rotary_dim); BertConfig took layer_norm_eps=0.0,
+    refused only by BertEncoder as norm_eps."""
+    with pytest.raises(exc, match=match):
+        bad()
+    ok()

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from attnlab._scalars import choice, plain_fields, positive_int
+from attnlab._scalars import choice, plain_fields, positive_int, positive_real
 from attnlab._validate import instance_of, nonnegative_int, validate_dropout, validate_flag
 from attnlab.masks import Mask
 from attnlab.models._checkpoint import check_state, read_safetensors
@@ -88,6 +88,7 @@ class BertConfig:
         sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
         for name in (*sizes, "intermediate_size", "max_position_embeddings", "type_vocab_size"):
             positive_int(f"BertConfig.{name}", getattr(self, name))  # (numpy's taken)
+        positive_real("BertConfig.layer_norm_eps", self.layer_norm_eps)  # (BertEncoder: norm_eps)
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             validate_dropout(getattr(self, name), f"BertConfig.{name}")
         pad = self.pad_token_id  # (100 failed inside nn.Embedding, "0" in a comparison)

@@ -16,7 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlab._validate import nonnegative_int, plain_fields, positive_int, validate_flag
+from attnlab._validate import (
+    nonnegative_int,
+    plain_fields,
+    positive_int,
+    positive_real,
+    validate_flag,
+)
 from attnlab.models._ids import check_id_dtype, check_vocab
 from attnlab.nn import DecoderCache, DecoderOnly, LayerConfig
 from attnlab.positional import RotaryEmbedding
@@ -62,11 +68,13 @@ class LMConfig:
         but ``vocab_size`` (a task checks them so before it builds its vocabulary)."""
         positive_int("d_model", self.d_model)
         heads = positive_int("num_heads", self.num_heads)
-        if self.d_model % heads:
+        if self.d_model % heads or self.d_model // heads % 2:  # (RoPE rotates feature pairs)
             raise ValueError(
-                f"d_model={self.d_model} must be a multiple of num_heads={heads} (head dim)"
+                f"d_model={self.d_model} must be a multiple of num_heads={heads} with an even "
+                f"head dim d_model // num_heads (RoPE), got {self.d_model / heads:g}"
             )
         positive_int("num_layers", self.num_layers)
+        positive_real("rope_base", self.rope_base)  # (else named base, RotaryEmbedding's)
         ff = self.dim_feedforward
         return LayerConfig(
             self.d_model,
