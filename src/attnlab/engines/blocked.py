@@ -55,9 +55,9 @@ from attnlab.engines.blocked_autograd import (
 from attnlab.engines.blocked_plan import (
     KernelPlan,
     Plan,
+    PlanCache,
     kernel_plan,
     kernel_softcap,
-    make_plan,
 )
 from attnlab.engines.blocked_weights import weights as weights_of
 from attnlab.engines.zeros import PAGE, lazy_zeros_unzeroed
@@ -98,19 +98,16 @@ class BlockedEngine(Engine):
 
     def __init__(self, block: int = 128) -> None:
         self.block = block
-        # the last request's plan; a weak reference, so its tensors are not kept alive
-        self._cache: tuple[weakref.ref[AttentionRequest], Plan] | None = None
+        self._plans = PlanCache()  # the last request's and the last mask object's plans
         # the last request asked about decoding: whether it decodes, and its row bounds
         self._decode: tuple[weakref.ref[AttentionRequest], bool, RowBounds | None] | None = None
         # the last mask's row bounds, by its sizes and tensors' versions
         self._last_bounds: tuple[weakref.ref[Mask], tuple, RowBounds | None] | None = None
 
     def plan(self, req: AttentionRequest) -> Plan:
-        """The block schedule of ``req`` (memoized for the last request)."""
-        cached = self._cache  # read once: another thread may replace it meanwhile
-        if cached is None or cached[0]() is not req:
-            self._cache = cached = (weakref.ref(req), make_plan(req.mask, req, self.block))
-        return cached[1]
+        """The block schedule of ``req``, memoized for the last request and for the last
+        mask object, sizes and versions of the tensors it holds (:class:`PlanCache`)."""
+        return self._plans.get(req, self.block)
 
     def unsupported(self, req: AttentionRequest) -> str | None:
         if req.score not in ("dot", "cosine"):
