@@ -203,9 +203,9 @@ class Mask:
     ) -> Tensor | RowBounds:
         bm, hm = self._sizes(batch, heads)
         bounds = None if self.per_head else self.row_bounds(lq, lk, bm, device)
-        if bounds is not None:  # exact states from these, as runs of key tiles
+        if bounds is not None and bounds.exact:  # states from these, as runs of key tiles
             return bounds
-        return layout_by_evaluation(self, lq, lk, bq, bk, bm, hm, device)
+        return layout_by_evaluation(self, lq, lk, bq, bk, bm, hm, device, within=bounds)
 
     # -- algebra and display ----------------------------------------------------------
     def __and__(self, other: Mask | Tensor) -> Mask:
@@ -318,11 +318,9 @@ class _Combination(Mask):
         self, lq: int, lk: int, bq: int, bk: int, batch: int | None, heads: int, device: Device
     ) -> Tensor | RowBounds:
         b = batch if batch is not None else self.batch_size
-        if not self.per_head:  # intervals carry no head axis
-            bm, _ = self._sizes(b, heads)
-            bounds = self.row_bounds(lq, lk, bm, device)
-            if bounds is not None:
-                return bounds
+        bm = self._sizes(b, heads)[0]  # an interval, or an outer bound to evaluate inside:
+        if not self.per_head and self.row_bounds(lq, lk, bm, device) is not None:
+            return Mask._layout(self, lq, lk, bq, bk, b, heads, device)
         states = [part_states(p, lq, lk, bq, bk, b, heads, device) for p in self.parts]
         return functools.reduce(self._combine_states, states)
 
@@ -357,15 +355,17 @@ class And(_Combination):
     def row_bounds(
         self, lq: int, lk: int, batch: int = 1, device: Device = None
     ) -> RowBounds | None:
-        """An ``&`` of masks with row intervals allows at most their intersection."""
+        """The intersection of the parts' row intervals: exact when every part's is, else
+        an outer bound (a part without one, ``block_random``, only narrows it)."""
         if self.per_head:
             return None
         parts = [p.row_bounds(lq, lk, batch, device) for p in self.parts]
-        if any(b is None for b in parts):
+        known = [b for b in parts if b is not None]
+        if not known:
             return None
-        lo = functools.reduce(torch.maximum, [b.lo for b in parts if b is not None])
-        hi = functools.reduce(torch.minimum, [b.hi for b in parts if b is not None])
-        return RowBounds(lo, hi, all(b.exact for b in parts if b is not None))
+        lo = functools.reduce(torch.maximum, [b.lo for b in known])
+        hi = functools.reduce(torch.minimum, [b.hi for b in known])
+        return RowBounds(lo, hi, len(known) == len(parts) and all(b.exact for b in known))
 
 
 class Or(_Combination):

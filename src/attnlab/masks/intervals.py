@@ -2,7 +2,8 @@
 
 Each reports its exact interval through :meth:`~attnlab.masks.Mask.row_bounds`, so block
 layouts come from intervals and the blocked engine masks by spans without evaluating
-tiles (a dilated window with ``dilation > 1`` reports none: it is not an interval).
+tiles (a dilated window with ``dilation > 1`` reports its window as an outer bound: its
+tiles are evaluated only inside it).
 """
 
 from __future__ import annotations
@@ -95,8 +96,8 @@ class Dilated(Mask):
     """Keys with ``|p - k| <= window`` and ``(p - k) % dilation == 0``. See :func:`dilated`.
 
     Example:
-        >>> dilated(2, 2).row_bounds(4, 4) is None  # gaps: no key interval per row
-        True
+        >>> dilated(2, 2).row_bounds(4, 4).exact  # gaps: only an outer bound per row
+        False
         >>> dilated(1, 1).row_bounds(3, 3).hi.tolist()  # dilation 1 is a window
         [[1, 2, 3]]
     """
@@ -112,10 +113,8 @@ class Dilated(Mask):
     def row_bounds(
         self, lq: int, lk: int, batch: int = 1, device: Device = None
     ) -> RowBounds | None:
-        if self.dilation != 1:
-            return None  # an envelope only: evaluate, so that the layout stays exact
-        p = positions(lq, lk, 1, device)
-        return RowBounds(p - self.window, p + self.window, exact=True)
+        p = positions(lq, lk, 1, device)  # with gaps (dilation > 1), an outer bound only:
+        return RowBounds(p - self.window, p + self.window, exact=self.dilation == 1)
 
     def spec(self) -> str:
         return f"dilated(window={self.window}, dilation={self.dilation})"
