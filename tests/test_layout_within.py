@@ -19,7 +19,7 @@ from attnlab import masks
 from attnlab._grid import Grid
 from attnlab.masks import Mask, TileState
 from attnlab.masks.intervals import Dilated
-from attnlab.masks.sparse import BlockRandom
+from attnlab.masks.sparse import BlockRandom, GlobalTokens
 
 SIZES = [(1, 1), (7, 33), (33, 33), (40, 17), (64, 100), (130, 130)]
 TILES = [(1, 1), (4, 8), (16, 16), (64, 64)]
@@ -107,3 +107,24 @@ def test_layout_evaluates_only_the_tiles_inside_the_bound(make: object) -> None:
     layout = make().block_layout(lq, lk, 64, 64)  # type: ignore[operator]
     assert _Counted.seen <= 8 * 64 * lq, _Counted.seen  # O(Lq w), not O(Lq Lk)
     assert layout.computed_fraction < 0.05
+
+
+class CountedGlobal(_Counted, GlobalTokens):
+    """Global tokens that count their evaluations."""
+
+
+@pytest.mark.parametrize("indices", [[0], [0, 5, 5], [3, 40, 100, 129], list(range(16))])
+@pytest.mark.parametrize(("lq", "lk"), [*SIZES, (0, 4), (4, 0), (5, 70)])
+def test_global_tokens_layout_equals_the_dense_tiles(indices: list[int], lq: int, lk: int) -> None:
+    m = masks.global_tokens(indices)
+    for bq, bk in [*TILES, (2, 3)]:
+        got = m.block_layout(lq, lk, bq, bk).states.long()
+        assert torch.equal(got, dense_states(m, lq, lk, bq, bk, None)), (lq, lk, bq, bk)
+
+
+def test_global_tokens_layout_evaluates_no_pair() -> None:
+    _Counted.seen = 0  # window | global_tokens took 4.8 s at 32768 queries, every pair
+    m = masks.window(64, 64) | CountedGlobal([0, 1, 2, 3])
+    layout = m.block_layout(4096, 4096, 64, 64)
+    assert _Counted.seen == 0
+    assert torch.equal(layout.states.long(), dense_states(m, 4096, 4096, 64, 64, None))

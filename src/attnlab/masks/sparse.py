@@ -13,6 +13,7 @@ from torch import Tensor
 from attnlab._grid import Grid
 from attnlab.masks._args import check_nonnegative, int_tensor, nonneg_int, size
 from attnlab.masks.base import Mask
+from attnlab.masks.layout import Device
 
 __all__ = ["BlockRandom", "GlobalTokens", "block_random", "global_tokens"]
 
@@ -45,6 +46,31 @@ class GlobalTokens(Mask):
 
     def spec(self) -> str:
         return f"global_tokens({self.idx.tolist()})"
+
+    def _layout(
+        self, lq: int, lk: int, bq: int, bk: int, batch: int | None, heads: int, device: Device
+    ) -> Tensor:
+        """Exact tile states ``(1, 1, nQ, nK)`` from the indices alone, in ``O(Lq + Lk +
+        nQ nK)``: a tile is full when all its rows or all its keys are global, partial when
+        some are (every pair was evaluated: ``window(256, 256) | global_tokens([0])`` took
+        4.8 s at 32768 queries)."""
+        idx = self.idx.to(device).unique()
+        rows, keys = idx - (lk - lq), idx[idx < lk]  # query rows at global positions
+        rows = rows[(rows >= 0) & (rows < lq)]
+        q_any, q_all = _blocks_holding(rows, lq, bq, device)
+        k_any, k_all = _blocks_holding(keys, lk, bk, device)
+        full = q_all[:, None] | k_all[None, :]
+        some = q_any[:, None] | k_any[None, :]
+        return torch.where(full, 2, some.long())[None, None]
+
+
+def _blocks_holding(at: Tensor, n: int, block: int, device: Device) -> tuple[Tensor, Tensor]:
+    """For each block of ``block`` of ``n`` indices: whether it holds some of the distinct
+    indices ``at``, and whether it holds only those."""
+    nb = math.ceil(n / block)
+    count = torch.bincount(at // block, minlength=nb)
+    size = (n - torch.arange(nb, device=device) * block).clamp(max=block)
+    return count > 0, count == size
 
 
 class BlockRandom(Mask):
