@@ -79,8 +79,9 @@ SMOKE_flow        := bench_flow.py --smoke
 SMOKE_auto        := bench_auto.py --smoke
 SMOKE_decode      := bench_decode.py --smoke
 SMOKE_listops     := listops.py --smoke
+SMOKE_layouts     := bench_layouts.py --smoke
 SMOKES := $(addprefix smoke-,hf minilm ask core core_flex serve distributed robust approx \
-  generative sweep_hf core_memory rl layers flow auto decode listops)  # longest first
+  generative sweep_hf core_memory rl layers flow auto decode listops layouts)  # longest first
 
 .PHONY: $(SMOKES)
 $(SMOKES): smoke-%: $(VENV)/.base

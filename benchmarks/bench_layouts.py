@@ -1,23 +1,25 @@
 """Work skipping under masks with no exact key interval per row: block layout, blocked
 plan (first call, and again for the same mask object) and one blocked forward, as JSON
-lines. A dilated window, ``window & block_random`` and ``window | global_tokens`` were
-planned over every (query, key) pair on every call (33-43 s at 32768 for 1.9% of tiles).
+lines, beside torch SDPA with the same mask made dense (the anchor). A dilated window,
+``window & block_random`` and ``window | global_tokens`` were planned over every (query,
+key) pair on every call (33-43 s at 32768 for 1.9% of tiles).
 
-python benchmarks/bench_layouts.py --ns 4096,32768
+python benchmarks/bench_layouts.py --ns 4096,16384
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 import attnlab
 from attnlab import masks
 from attnlab._request import build_request
+from attnlab.cli._args import ints_in, parse_smoke, script_parser
 from attnlab.engines import get_engine
 
 CASES: dict[str, Callable[[], masks.Mask]] = {
@@ -25,17 +27,6 @@ CASES: dict[str, Callable[[], masks.Mask]] = {
     "window(256)&block_random(64,3)": lambda: masks.window(256) & masks.block_random(64, 3),
     "window(256,256)|global_tokens([0])": lambda: masks.window(256, 256) | masks.global_tokens([0]),
 }
-
-
-def sizes(text: str) -> list[int]:
-    """``--ns``: comma-separated positive sequence lengths."""
-    try:
-        ns = [int(x) for x in text.split(",")]
-    except ValueError:
-        ns = []
-    if not ns or min(ns) < 1:
-        raise argparse.ArgumentTypeError(f"--ns wants positive ints like 4096,8192, got {text!r}")
-    return ns
 
 
 def seconds(f: Callable[[], object]) -> float:
@@ -58,23 +49,29 @@ def run(n: int, name: str, heads: int, forward: bool) -> dict[str, object]:
     if forward:  # the first call picks and plans (auto's choice too), the second reuses
         call = lambda: attnlab.attention(q, q, q, mask=m)  # noqa: E731
         row["attention_s"], row["attention_again_s"] = seconds(call), seconds(call)
+        dense = m.dense(n, n)  # (the anchor's mask, made once, outside its time)
+        anchor = lambda: F.scaled_dot_product_attention(q, q, q, attn_mask=dense)  # noqa: E731
+        seconds(anchor)  # a warm-up, as the second attnlab call is
+        row["sdpa_dense_s"] = seconds(anchor)
     return row
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     """Parse the arguments and print one JSON line per case and size."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ns", type=sizes, default=[4096, 16384])
-    p.add_argument("--heads", type=int, default=4)
+    p = script_parser(__doc__)
+    p.add_argument("--ns", type=ints_in(1, 2**20), default=(4096, 16384), help="lengths")
+    p.add_argument("--heads", type=ints_in(1, 64), default=(4,), help="query heads")
     p.add_argument("--no-forward", action="store_true", help="time layouts and plans only")
-    args = p.parse_args()
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (CI)")
+    args = parse_smoke(p, argv, {"ns": (512,), "heads": (1,)})
     torch.set_num_threads(1)
     cap = torch.backends.cpu.get_cpu_capability()
     for n in args.ns:
         for name in CASES:
-            row = run(n, name, args.heads, not args.no_forward)
+            row = run(n, name, args.heads[0], not args.no_forward)
             print(json.dumps({"cpu": cap, **row}), flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
