@@ -11,6 +11,7 @@ raises), so the engines read none there (:func:`vmapping`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 import types
@@ -25,12 +26,14 @@ from torch.autograd.function import once_differentiable
 __all__ = [
     "PLANS",
     "as_written",
+    "autocast_dtype",
     "compiling",
     "differentiating_twice",
     "exporting",
     "first_order_only",
     "forward_mode",
     "higher_order",
+    "no_autocast",
     "no_forward_mode",
     "refuse_second_order",
     "unreadable",
@@ -380,3 +383,26 @@ def any_nan(*ts: torch.Tensor) -> bool:
     if not ts or not bool(torch.stack([t.sum().to(torch.float64) for t in ts]).isnan().any()):
         return False
     return bool(torch.stack([t.amax().to(torch.float64) for t in ts]).isnan().any())
+
+
+def autocast_dtype(kind: str) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` casts to on device type ``kind``, None where it is off
+    (or torch has no autocast for ``kind``).
+
+    Example:
+        >>> with torch.autocast("cpu", dtype=torch.bfloat16):
+        ...     autocast_dtype("cpu")
+        torch.bfloat16
+        >>> autocast_dtype("cpu") is None
+        True
+    """
+    on = torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+    return torch.get_autocast_dtype(kind) if on else None
+
+
+def no_autocast(kind: str) -> contextlib.AbstractContextManager[object]:
+    """Autocast off on device type ``kind`` where torch has it, else nothing: steps an
+    engine means to run in float32 (autocast's matmuls undid them)."""
+    if torch.amp.is_autocast_available(kind):
+        return torch.autocast(kind, enabled=False)
+    return contextlib.nullcontext()

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from attnlab._eager import any_nan
+from attnlab._eager import any_nan, autocast_dtype, no_autocast
 from attnlab.engines.base import AttentionRequest, Engine, EngineResult
 from attnlab.masks import Mask
 
@@ -210,10 +210,10 @@ class ApproximateEngine(Engine):
 
     def forward(self, req: AttentionRequest) -> EngineResult:
         kind = req.q.device.type
-        if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        if autocast_dtype(kind) is not None:
             # q, k, v come in its dtype: they run as such inputs do (its float16 matmuls
             # undid the float32 steps below; linear's sums overflowed, rows gave 0)
-            with torch.autocast(kind, enabled=False):
+            with no_autocast(kind):
                 return self.forward(req)
         if self.float16_in_float32 and req.q.dtype == torch.float16:
             wide = dataclasses.replace(req, q=req.q.float(), k=req.k.float(), v=req.v.float())

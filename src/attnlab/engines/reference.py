@@ -11,7 +11,6 @@ four steps are the library's definition of attention::
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlab._eager import vmapping
+from attnlab._eager import autocast_dtype, no_autocast, vmapping
 from attnlab.engines.base import (
     AttentionRequest,
     Engine,
@@ -115,10 +114,9 @@ def _in_dtype(score: ScoreFn, dtype: torch.dtype, kind: str) -> ScoreFn:
     "expected m1 and m2 to have the same dtype"). The round trip is exact. It runs under
     the autocast of the caller (on device type ``kind``), which the engine's own float32
     steps turn off: a float32 Linear met bfloat16 q."""
-    on = torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
-    if not on:
+    cast = autocast_dtype(kind)
+    if cast is None:
         return lambda q, k: score(q.to(dtype), k.to(dtype))
-    cast = torch.get_autocast_dtype(kind)
 
     def scored(q: Tensor, k: Tensor) -> Tensor:
         with torch.autocast(kind, dtype=cast):
@@ -232,7 +230,7 @@ class ReferenceEngine(Engine):
             kind = req.q.device.type
             score = req.score if isinstance(req.score, str) else _in_dtype(req.score, low, kind)
             wider = dataclasses.replace(req, q=wide[0], k=wide[1], v=wide[2], score=score)
-            with _no_autocast(req.q.device.type):  # (its bfloat16 matmuls undid the float32)
+            with no_autocast(req.q.device.type):  # (its bfloat16 matmuls undid the float32)
                 out, w, lse = self.forward(wider)
             return (
                 out.to(low),
@@ -256,10 +254,3 @@ class ReferenceEngine(Engine):
             own=own,
         )
         return out, (w if req.return_weights else None), lse
-
-
-def _no_autocast(kind: str) -> contextlib.AbstractContextManager[object]:
-    """Autocast off on ``kind`` (a device type) where torch has it, else nothing."""
-    if torch.amp.is_autocast_available(kind):
-        return torch.autocast(kind, enabled=False)
-    return contextlib.nullcontext()

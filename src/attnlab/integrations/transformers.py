@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnlab._eager import PLANS, as_written
+from attnlab._eager import PLANS, as_written, autocast_dtype, no_autocast
 from attnlab.engines import get_engine
 from attnlab.functional import AttentionOutput, attention, attention_plain
 from attnlab.integrations.hf_args import (
@@ -438,13 +438,12 @@ def _attend(
     of eager's float32 softmax (in bfloat16 they were 2e-3 off a float64 run, eager's
     1e-4): the output in autocast's dtype, the weights in the query's, as eager's."""
     kind = query.device.type
-    on = want and kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind)
-    if not on:
+    low = autocast_dtype(kind) if want and kind in ("cpu", "cuda") else None
+    if low is None:
         r = attention(query, key, value, **args, return_weights=want)
         return (r.out, r.weights) if isinstance(r, AttentionOutput) else (r, None)
-    low = torch.get_autocast_dtype(kind)
     qkv = [t if t.dtype == torch.float64 else t.to(low).float() for t in (query, key, value)]
-    with torch.autocast(kind, enabled=False):
+    with no_autocast(kind):
         r = attention(*qkv, **args, return_weights=True)
     assert isinstance(r, AttentionOutput) and r.weights is not None
     return r.out.to(low), r.weights.to(query.dtype)
