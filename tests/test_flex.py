@@ -447,3 +447,25 @@ def test_inputs_that_want_grad_run_under_no_grad() -> None:
     allowed = M.causal().dense(L, L, batch=BATCH, heads=HQ)
     want = naive_attention(q.detach().double(), k.double(), v.double(), allowed=allowed)[0]
     assert max_err(got, want) < 1e-5 and not got.requires_grad
+
+
+def test_a_bias_is_copied_to_the_calls_device_once_while_it_is_unchanged() -> None:
+    """A bias on another device than the call is copied there (the caller's module stays);
+    copying ALiBi's slopes on every call made two host-device syncs per call on an H200.
+    The copy is kept while the bias holds the same tensors, unchanged, and made again
+    when one is changed in place or replaced; a learnable bias is not kept."""
+    from attnlab.engines.flex_mods import bias_on
+
+    meta = torch.device("meta")
+    slopes = B.alibi(4)
+    first = bias_on(slopes, meta)
+    assert first is not slopes and first.slopes.is_meta and not slopes.slopes.is_meta
+    assert bias_on(slopes, meta) is first
+    slopes.slopes.mul_(1.0)  # changed in place: a new copy
+    second = bias_on(slopes, meta)
+    assert second is not first and bias_on(slopes, meta) is second
+    slopes.slopes = torch.ones(4)  # replaced: a new copy
+    assert bias_on(slopes, meta) is not second
+    assert bias_on(slopes, torch.device("cpu")) is slopes
+    learned = B.relative_buckets(4)
+    assert bias_on(learned, meta) is not bias_on(learned, meta)

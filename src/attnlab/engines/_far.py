@@ -69,13 +69,15 @@ def _near(req: AttentionRequest, limit: float) -> bool:
 
 def _sees_itself(req: AttentionRequest) -> bool:
     """Whether the mask leaves every query row the key at its own position (False where
-    a row has no such key, ``Lq > Lk``, or the mask must be evaluated tile by tile)."""
+    a row has no such key, ``Lq > Lk``, or the mask must be evaluated tile by tile).
+    Evaluated on the CPU, where masks keep their tensors: on a GPU the answer read back
+    was a host-device sync on every call with gradients."""
     mask = req.mask
     if req.lq > req.lk or (mask is not None and not mask.elementwise):
         return False
     if mask is None:
         return True
-    dev = req.q.device
+    dev = torch.device("cpu")
     pos = torch.arange(req.lk - req.lq, req.lk, device=dev).view(1, 1, -1, 1)  # (1, 1, Lq, 1)
     b = torch.arange(req.batch if mask.per_batch else 1, device=dev).view(-1, 1, 1, 1)
     h = torch.arange(req.heads if mask.per_head else 1, device=dev).view(1, -1, 1, 1)

@@ -144,15 +144,25 @@ def _one_tracked_key(q: Tensor, k: Tensor, v: Tensor) -> bool:
 
 
 def _keeps_nan(q: Tensor, lk: int, dropout_p: float) -> bool:
-    """Whether torch's CPU SDPA passes NaN inputs on to the rows that read them, so the
-    NaN screen (a pass over the whole KV cache at every decoding step) can be skipped.
+    """Whether torch's SDPA passes NaN inputs on to the rows that read them, so the NaN
+    screen (a pass over the whole KV cache at every decoding step, and on a GPU a device
+    sync that stalls the host on every call) can be skipped.
 
     Measured on torch's CPU kernels over float32, bfloat16 and float64, masks or none,
     ``is_causal``, GQA and head sizes 32-128: with at least 16 keys every NaN reaches
-    its rows; with fewer and no mask, NaN queries and keys can come out as 0.
-    ``tests/test_attention.py`` pins this, so a torch that changes it fails the suite.
+    its rows; with fewer and no mask, NaN queries and keys can come out as 0. On CUDA
+    (an H200, torch 2.11.0+cu130) every kernel passed every NaN on, from one key up:
+    18,936 calls of the default choice, flash, memory-efficient, cuDNN and math, in
+    bfloat16, float16 and float32, 1-1000 keys, 1, 4 or all query rows, head sizes
+    32-128, no mask, ``is_causal``, bool and float masks, GQA 4:1 or none.
+    ``tests/test_attention.py`` and ``tests/test_gpu.py`` pin this, so a torch that
+    changes it fails the suite (ROCm's kernels are not measured: they are screened).
     """
-    return q.device.type == "cpu" and lk >= 16 and dropout_p == 0.0
+    if dropout_p != 0.0:
+        return False
+    if q.device.type == "cuda":
+        return torch.version.hip is None
+    return q.device.type == "cpu" and lk >= 16
 
 
 def _screens_hidden_nan(req: AttentionRequest) -> bool:
