@@ -401,3 +401,45 @@ def test_common_calls_make_no_host_sync_on_cuda() -> None:
                     raise AssertionError(f"{name} {dtype} grad={grad}: {e}") from e
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
+
+
+SYNC_FREE: dict[str, Callable[[], tuple[M.Mask, B.Bias | None, bool]]] = {
+    "window": lambda: (M.causal() & M.window(128), None, False),
+    "padding": lambda: (M.padding([1024, 700], query_lengths=[1024, 600]), None, False),
+    "causal_alibi": lambda: (M.causal(), B.alibi(8), False),
+    "causal_alibi_backward": lambda: (M.causal(), B.alibi(8), True),
+    "window_backward": lambda: (M.causal() & M.window(128), None, True),
+    "padding_backward": lambda: (M.padding([1024, 700], query_lengths=[1024, 600]), None, True),
+}
+
+
+@pytest.mark.parametrize("case", list(SYNC_FREE))
+def test_sdpa_masked_calls_make_no_host_device_sync(case: str) -> None:
+    """The sdpa engine's masked calls read nothing back from the device: masks with exact
+    row bounds answer which rows see no key or one key on the CPU, ALiBi keeps its slopes'
+    copy on the device. Each sync stalled the CPU until the GPU queue drained (an H200,
+    bf16 1x8x1024x64, ``causal() & window(128)``: 380-510 us to return, bare SDPA 48 us).
+    The first call (allocators, pinned memory, the slopes' copy) runs outside the check."""
+    if DEV.type != "cuda":
+        pytest.skip("torch.cuda.set_sync_debug_mode is CUDA's")
+    mask, bias, grad = SYNC_FREE[case]()
+    g = torch.Generator().manual_seed(0)
+    shape = (2, 8, 1024, 64)  # (B, H, L, E)
+    q, k, v, do = (torch.randn(shape, generator=g).to(DEV, torch.bfloat16) for _ in "qkvo")
+    q, k, v = (t.requires_grad_(grad) for t in (q, k, v))
+
+    def call() -> list[Tensor]:
+        out = attnlab.attention(q, k, v, mask=mask, bias=bias, engine="sdpa")
+        return [out, *torch.autograd.grad(out, (q, k, v), do)] if grad else [out]
+
+    want = call()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = call()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+    if case.startswith("padding"):  # item 1's rows from 600 on see nothing: 0
+        assert got[0][1, :, 600:].abs().max().item() == 0.0

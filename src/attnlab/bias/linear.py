@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from attnlab._eager import compiling, unreadable
 from attnlab._grid import Grid
 from attnlab._validate import float_dtype, positive_int
 from attnlab.bias.base import Bias, _check_heads
@@ -79,6 +80,7 @@ class ALiBi(Bias):
         super()._apply(fn, recurse)
         s = self.slopes
         self.slopes = torch.tensor(_slopes(self.num_heads), dtype=s.dtype).to(s.device)
+        self.__dict__["_copies"] = {}  # made from the old slopes
         return self
 
     def check(self, *, batch: int, heads: int, lq: int, lk: int) -> None:
@@ -89,14 +91,33 @@ class ALiBi(Bias):
         return self.slopes
 
     def forward(self, grid: Grid) -> Tensor:
-        slopes = self.slopes
-        if grid.dtype == torch.float64 and slopes.dtype != torch.float64:  # float64 scores:
-            slopes = alibi_slopes(self.num_heads, torch.float64)  # float32's rounding was 1e-8
-        dtype = torch.promote_types(slopes.dtype, torch.float32)
-        # on the grid's device: the slopes are constants, whichever device the module is on
-        slope = slopes.to(grid.h.device, dtype)[grid.h]  # (1, Hg, 1, 1)
+        wide = grid.dtype == torch.float64 and self.slopes.dtype != torch.float64
+        dtype = torch.promote_types(torch.float64 if wide else self.slopes.dtype, torch.float32)
+        slope = self._slopes_on(grid.h.device, dtype, wide)[grid.h]  # (1, Hg, 1, 1)
         distance = (grid.q - grid.k).abs().to(dtype)  # (1, 1, Tq, Tk)
         return -slope * distance  # (1, Hg, Tq, Tk)
+
+    def _slopes_on(self, device: torch.device, dtype: torch.dtype, wide: bool) -> Tensor:
+        """The slopes ``(H,)`` in ``dtype`` on ``device`` (the grid's: they are constants,
+        whichever device the module is on); for float64 scores (``wide``) rounded from
+        float64, not float32 (whose rounding was 1e-8).
+
+        A copy to another device is made once and kept (not in the state dict; ``.to()``
+        and ``to_empty`` drop it): copied at each call from the CPU to a GPU it was a
+        host-device sync per call. Not kept while tracing (a traced copy is no tensor).
+        """
+        slopes = alibi_slopes(self.num_heads, torch.float64) if wide else self.slopes
+        if slopes.device == device and not wide:
+            return slopes.to(dtype)
+        copies: dict[tuple[torch.device, torch.dtype, bool], Tensor]
+        copies = self.__dict__.setdefault("_copies", {})
+        key = (torch.device(device), dtype, wide)
+        if key not in copies:
+            made = slopes.to(device, dtype)
+            if compiling() or unreadable(made):
+                return made
+            copies[key] = made
+        return copies[key]
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}"

@@ -18,7 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlab._eager import higher_order, refuse_second_order, unreadable, vmapping
+from attnlab._eager import (
+    compiling,
+    higher_order,
+    refuse_second_order,
+    unreadable,
+    vmapping,
+)
 from attnlab.engines._far import far_rows
 from attnlab.engines.base import AttentionRequest, Engine, EngineResult, may_hold_nan
 from attnlab.masks import Mask
@@ -116,7 +122,7 @@ class SdpaEngine(Engine):
             enable_gqa=gqa,
         )  # (B, Hq, Lq, Ev)
         if single is not None:  # exact dQ = dK = 0 on rows that see one key
-            out = _one_key_rows(out, req.v, single)
+            out = _one_key_rows(out, req.v, single, attn_mask if req.bias is not None else None)
         if empty_rows is not None:
             out = out.masked_fill(empty_rows, 0.0)
         return out, None, None
@@ -179,17 +185,18 @@ def _dense_mask(req: AttentionRequest) -> tuple[Tensor | None, Tensor | None, Te
     and the key of each row it leaves exactly one key (:func:`_single_keys`).
 
     Fully masked rows are opened to every key (so torch never sees an all ``-inf`` row
-    and its gradients stay finite) and their output is zeroed afterwards.
+    and its gradients stay finite) and their output is zeroed afterwards. Off the CPU a
+    mask with exact row bounds answers both from bounds made on the CPU
+    (:func:`_mask_by_bounds`): no device value is read back. Other masks are read on the
+    device (one host-device sync per question on a GPU).
     """
     allowed = empty = single = None
     if req.mask is not None:
-        allowed = _unbroadcast(
-            req.mask.dense(req.lq, req.lk, batch=req.batch, heads=req.heads, device=req.q.device)
-        )  # (Bm, Hm, Lq or 1, Lk or 1): SDPA broadcasts it
-        single = _single_keys(req.mask, allowed, req)
-        rows = ~allowed.any(dim=-1, keepdim=True)  # (Bm, Hm, Lq, 1)
-        if unreadable(rows) or bool(rows.any()):  # (else no fully masked row)
-            allowed, empty = allowed | rows, rows
+        bounds = _host_bounds(req)
+        if bounds is not None:
+            allowed, empty, single = _mask_by_bounds(req, *bounds)
+        else:
+            allowed, empty, single = _mask_by_evaluation(req.mask, req)
     if req.bias is None:
         return allowed, empty, single
     bias = req.bias.dense(
@@ -197,20 +204,83 @@ def _dense_mask(req: AttentionRequest) -> tuple[Tensor | None, Tensor | None, Te
     )  # (Bb, Hb, Lq, Lk)
     if allowed is not None:
         bias = bias.masked_fill(~allowed, float("-inf"))
-    return bias, empty, _unhidden(single, bias)
+    return bias, empty, single
 
 
-def _unhidden(single: Tensor | None, bias: Tensor) -> Tensor | None:
-    """``single`` (:func:`_single_keys`) without the rows whose one key ``bias (Bb, Hb,
-    Lq, Lk)`` hides with ``-inf``: those rows see no key and their output is 0, not the
-    key's value."""
-    if single is None:
+def _mask_by_evaluation(
+    mask: Mask, req: AttentionRequest
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``(allowed, empty, single)`` of :func:`_dense_mask` from the mask's dense form,
+    read where it lies (on a GPU, ``bool()`` of a device tensor: a sync)."""
+    allowed = _unbroadcast(
+        mask.dense(req.lq, req.lk, batch=req.batch, heads=req.heads, device=req.q.device)
+    )  # (Bm, Hm, Lq or 1, Lk or 1): SDPA broadcasts it
+    single = _single_keys(mask, allowed, req)
+    rows = ~allowed.any(dim=-1, keepdim=True)  # (Bm, Hm, Lq, 1)
+    if unreadable(rows) or bool(rows.any()):  # (else no fully masked row)
+        return allowed | rows, rows, single
+    return allowed, None, single
+
+
+def _host_bounds(req: AttentionRequest) -> tuple[Tensor, Tensor] | None:
+    """The mask's exact row bounds ``lo, hi (Bm, Lq)`` on the CPU for a call off the CPU,
+    or None: on the CPU (reading the dense form there costs no sync), for a mask without
+    exact bounds (per head, gaps, split documents), and where no value can be read or a
+    trace would keep Python's answers (meta, vmap, export, ``torch.compile``)."""
+    if req.q.device.type in ("cpu", "meta"):
         return None
-    shape = torch.broadcast_shapes(single.shape, bias.shape[:-1])  # (B', H', Lq)
-    key = single.expand(shape).clamp(min=0).unsqueeze(-1)  # (B', H', Lq, 1)
-    at = bias.expand(*shape, bias.shape[-1]).gather(-1, key).squeeze(-1)
-    single = torch.where(at == float("-inf"), -1, single.expand(shape))
-    return single if bool((single >= 0).any()) else None
+    return _exact_bounds(req)
+
+
+def _exact_bounds(req: AttentionRequest) -> tuple[Tensor, Tensor] | None:
+    """:func:`_host_bounds` on any device (the tests run it on the CPU)."""
+    mask = req.mask
+    if mask is None or mask.per_head or unreadable(req.q) or compiling():
+        return None
+    bounds = mask.row_bounds(req.lq, req.lk, req.batch, "cpu")
+    if bounds is None or not bounds.exact:
+        return None
+    return bounds.lo.cpu(), bounds.hi.cpu()
+
+
+def _mask_by_bounds(
+    req: AttentionRequest, lo: Tensor, hi: Tensor
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``(allowed, empty, single)`` of :func:`_dense_mask` for a mask that allows exactly
+    the keys ``lo..hi`` of each row (``(Bm, Lq)`` on the CPU): every question is answered
+    on the CPU and only the answers travel to the device, copied without a sync. On an
+    H200, ``causal() & window(128)`` at 1x8x1024x64 made a sync per call (380-510 us to
+    return against 48 us for bare SDPA)."""
+    device = req.q.device
+    first, last = lo.clamp(min=0), hi.clamp(max=req.lk - 1)  # (Bm, Lq)
+    allowed = _interval_mask(lo, hi, req.lk, device)  # (Bm, 1, Lq or 1, Lk)
+    empty = None
+    if bool((first > last).any()):
+        empty = _to_device((first > last)[:, None, :, None], device)  # (Bm, 1, Lq, 1)
+        allowed = allowed | empty
+    single = None
+    if req.needs_grad and req.dropout_p == 0 and bool((first == last).any()):
+        single = _to_device(torch.where(first == last, first, -1).unsqueeze(1), device)
+    return allowed, empty, single  # single: (Bm, 1, Lq)
+
+
+def _interval_mask(lo: Tensor, hi: Tensor, lk: int, device: torch.device) -> Tensor:
+    """``(Bm, 1, Lq or 1, Lk)`` bool on ``device``: key ``k`` of row ``i`` allowed where
+    ``lo[:, i] <= k <= hi[:, i]`` (``lo, hi (Bm, Lq)`` on the CPU); one row for all when
+    every row has the same interval (a key padding mask stays ``(B, 1, 1, Lk)``)."""
+    if bool((lo == lo[:, :1]).all()) and bool((hi == hi[:, :1]).all()):
+        lo, hi = lo[:, :1], hi[:, :1]
+    keys = torch.arange(lk, device=device)  # (Lk,)
+    lo_d, hi_d = (_to_device(t[:, None, :, None], device) for t in (lo, hi))
+    return (keys >= lo_d) & (keys <= hi_d)
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """CPU tensor ``t`` on ``device``; to a GPU through pinned memory without blocking
+    (from pageable memory the copy waits for the device: a sync)."""
+    if device.type == "cuda":
+        return t.contiguous().pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _single_keys(mask: Mask, allowed: Tensor, req: AttentionRequest) -> Tensor | None:
@@ -235,9 +305,11 @@ def _single_keys(mask: Mask, allowed: Tensor, req: AttentionRequest) -> Tensor |
     return torch.where(single, first, -1) if bool(single.any()) else None
 
 
-def _one_key_rows(out: Tensor, v: Tensor, single: Tensor) -> Tensor:
+def _one_key_rows(out: Tensor, v: Tensor, single: Tensor, bias: Tensor | None) -> Tensor:
     """``out (B, Hq, Lq, Ev)`` with each row that sees one key (``single``, see
-    :func:`_single_keys`) set to that key's value ``v (B, Hkv, Lk, Ev)``.
+    :func:`_single_keys`) set to that key's value ``v (B, Hkv, Lk, Ev)``, unless ``bias
+    (Bb, Hb, Lq, Lk)`` hides that key with ``-inf``: such a row sees no key and keeps
+    ``out``'s row.
 
     The forward is the same (the row's weight is exactly 1); backward hands the row's
     upstream gradient to that value alone, so its dQ, dK and bias gradient are exactly 0,
@@ -247,7 +319,9 @@ def _one_key_rows(out: Tensor, v: Tensor, single: Tensor) -> Tensor:
     vs float64 (1024 rows: 45x and 515x); an item of padding length 1: dK 5-26x;
     ``window(0)``: 1e-6 where plain PyTorch's is 0. Made exact here rather than routed
     elsewhere: row 0 of ``causal() & padding(...)`` sees one key too, and such calls stay
-    with SDPA at the cost of a gather of those rows.
+    with SDPA at the cost of a gather of those rows. The rows are found where ``single``
+    lies: on the CPU when it came from row bounds (:func:`_mask_by_bounds`), so a GPU
+    call reads nothing back.
     """
     b, hq, lq, _ = out.shape
     hkv, lk = v.shape[1], v.shape[2]
@@ -255,10 +329,17 @@ def _one_key_rows(out: Tensor, v: Tensor, single: Tensor) -> Tensor:
     key = single.expand(b, hq, lq)[item, head, row]
     flat = (item * hkv + head // (hq // hkv)) * lk + key  # (N,) rows of v (B * Hkv * Lk, Ev)
     keys, which = torch.unique(flat, return_inverse=True)
+    if single.device != out.device:
+        item, head, row, key, keys, which = (
+            _to_device(t, out.device) for t in (item, head, row, key, keys, which)
+        )
     # each value once, then float64 for the backward's sum of many rows' gradients into
     # it (key 0 of global_tokens([0]) in float32: dV 2.1x plain PyTorch's error, not 0.8x)
-    picked = v.flatten(0, 2)[keys].double()[which]  # (N, Ev)
-    return out.index_put((item, head, row), picked.to(out.dtype))
+    picked = v.flatten(0, 2)[keys].double()[which].to(out.dtype)  # (N, Ev)
+    if bias is not None:  # a key the bias hides: the row keeps its output
+        hidden = bias.expand(b, hq, lq, lk)[item, head, row, key] == float("-inf")  # (N,)
+        picked = torch.where(hidden.unsqueeze(-1), out[item, head, row], picked)
+    return out.index_put((item, head, row), picked)
 
 
 def _unbroadcast(t: Tensor) -> Tensor:
