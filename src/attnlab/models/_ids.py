@@ -30,7 +30,8 @@ def check_vocab(name: str, ids: Tensor, field: str, vocab: int) -> None:
     """
     if vmapping() or exporting():
         return  # no value to read: taken as given (an embedding still fails on a bad id)
-    lo, hi = (int(v) for v in ids.aminmax()) if ids.numel() else (0, 0)
+    # one read of both (two int() reads were two host-device syncs on a GPU)
+    lo, hi = torch.stack(ids.aminmax()).tolist() if ids.numel() else (0, 0)
     if lo < 0 or hi >= vocab:
         raise ValueError(f"{name} must lie in [0, {field}={vocab}), got values in [{lo}, {hi}]")
 

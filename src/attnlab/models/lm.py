@@ -113,6 +113,9 @@ class LanguageModel(nn.Module):
         ((1, 7), [1, 5, 6])
     """
 
+    #: the ids :meth:`generate` hands :meth:`forward`, which need no check there
+    _own_ids: Tensor | None = None
+
     def __init__(self, cfg: LMConfig) -> None:
         super().__init__()
         positive_int("vocab_size", cfg.vocab_size)
@@ -139,7 +142,8 @@ class LanguageModel(nn.Module):
         With ``cache`` the ids are the new tokens only; their positions continue from the
         cache length (RoPE) and they attend to every cached token.
         """
-        _check_ids(ids, self.cfg.vocab_size)
+        if ids is not self._own_ids:  # generate's own: checked, or drawn in range
+            _check_ids(ids, self.cfg.vocab_size)
         h = self.decoder(self.embed(ids), cache=cache)  # (B, L, D)
         if self.head is None:  # tied: the embedding is the output weight (V, D)
             return F.linear(h, self.embed.weight)  # (B, L, V)
@@ -184,16 +188,25 @@ class LanguageModel(nn.Module):
         cache, out = self.new_cache(), [ids]
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)  # (B,)
         step_in = ids  # the prefill, then one token per step
-        for _ in range(n):
-            logits = self(step_in, cache=cache)[:, -1]  # (B, V)
-            nxt = sample_logits(logits, temperature, top_k, top_p, generator)  # (B,)
-            if eos_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-                done |= nxt == eos_id
-            out.append(nxt[:, None])
-            step_in = nxt[:, None]  # (B, 1)
-            if eos_id is not None and bool(done.all()):  # (an empty batch's all() is True)
-                break
+        try:
+            for _ in range(n):
+                self._own_ids = step_in  # checked above or drawn below: forward skips its check
+                logits = self(step_in, cache=cache)[:, -1]  # (B, V)
+                nxt, bad = _draw(logits, temperature, top_k, top_p, generator)  # (B,) each
+                if eos_id is not None:
+                    nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+                    done |= nxt == eos_id
+                out.append(nxt[:, None])
+                step_in = nxt[:, None]  # (B, 1)
+                # the step's one read (each was a host-device sync on a GPU); an empty
+                # batch's all() is True
+                any_bad, all_done = torch.stack([bad.any(), done.all()]).tolist()
+                if any_bad:
+                    _check_rows(logits)  # raises, naming the row
+                if eos_id is not None and all_done:
+                    break
+        finally:
+            self._own_ids = None
         result = torch.cat(out, dim=1)  # (B, P + T)
         return result[0] if one_row else result
 
@@ -353,11 +366,39 @@ def sample_logits(
     _check_logits(logits)
     _check_sampling(temperature, top_k, top_p, generator)
     _check_rows(logits)
+    return _sample(logits, temperature, top_k, top_p, generator)
+
+
+def _draw(
+    logits: Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`sample_logits` of ``logits (B, V)`` without reading a value: the tokens
+    ``(B,)`` and which rows ``(B,)`` no token can be drawn from (drawn as if all 0, so
+    that the caller reads the flags with its own and raises :func:`_check_rows`' error)."""
+    bad = ~torch.isfinite(logits.amax(dim=-1))  # (B,): NaN, +inf or only -inf
+    if temperature != 0:  # (multinomial fails on them, on a GPU with a device assert)
+        logits = logits.masked_fill(bad[:, None], 0.0)
+    return _sample(logits, temperature, top_k, top_p, generator), bad
+
+
+def _sample(
+    logits: Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """:func:`sample_logits` on checked arguments and rows."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     x = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays
     t = torch.tensor(temperature, dtype=x.dtype)  # 0 or inf where T passes x's range
-    if t == 0:  # the limit T -> 0 (1e-50 gave 0/0 = NaN)
+    fi = torch.finfo(x.dtype)  # T rounds to 0 at half the smallest subnormal or below
+    if temperature <= fi.tiny * fi.eps / 2:  # the limit T -> 0 (1e-50 gave 0/0 = NaN)
         return logits.argmax(dim=-1)
     x = x - x.amax(dim=-1, keepdim=True)  # max 0: no overflow at small T
     x = torch.where(x == -math.inf, x, x / t)  # a banned token stays so at T = inf

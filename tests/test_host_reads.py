@@ -1,0 +1,160 @@
+"""Values read back to the host where a GPU would stall for each (``int(t)``, ``bool(t)``,
+``.item()``, ``.tolist()``: a host-device sync on CUDA), counted on the CPU, where the same
+code runs: ``LanguageModel.generate`` reads once per step."""
+
+from __future__ import annotations
+
+import collections
+import math
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import attnlab
+from attnlab.models.lm import LanguageModel, LMConfig, sample_logits
+
+ROOT = attnlab.__file__.rsplit("/", 1)[0] + "/"
+aten = torch.ops.aten
+READS = {aten._local_scalar_dense.default, aten.item.default, aten.is_nonzero.default}
+
+
+class Reads(TorchDispatchMode):
+    """Counts reads of a tensor's values by the innermost attnlab file that made them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_file: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func in READS:
+            self.note()
+        return func(*args, **(kwargs or {}))
+
+    def note(self) -> None:
+        ours = [f.filename for f in traceback.extract_stack() if f.filename.startswith(ROOT)]
+        if ours:
+            self.by_file[ours[-1].removeprefix(ROOT)] += 1
+
+    def under(self, folder: str) -> int:
+        return sum(n for name, n in self.by_file.items() if name.startswith(folder))
+
+
+@contextmanager
+def reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[Reads]:
+    """A :class:`Reads` over the block, ``Tensor.tolist`` (one copy to the host, no
+    dispatched op) counted too."""
+    rec, tolist = Reads(), torch.Tensor.tolist
+
+    def counted(t: torch.Tensor) -> Any:
+        rec.note()
+        return tolist(t)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted)
+    with rec:
+        yield rec
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+
+
+def _lm() -> LanguageModel:
+    torch.manual_seed(0)
+    cfg = LMConfig(vocab_size=50, d_model=32, num_heads=4, num_kv_heads=2, num_layers=2)
+    return LanguageModel(cfg).eval()
+
+
+def _stepwise(lm: LanguageModel, ids: torch.Tensor, n: int, seed: int | None, **kw: Any) -> Any:
+    """The reference: the public forward with a cache and ``sample_logits``, step by step."""
+    eos, temperature = kw.pop("eos_id", None), kw.pop("temperature", 1.0)
+    g = None if seed is None else torch.Generator().manual_seed(seed)
+    cache, out, step = lm.new_cache(), [ids], ids
+    done = torch.zeros(ids.shape[0], dtype=torch.bool)
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = sample_logits(lm(step, cache=cache)[:, -1], temperature, generator=g, **kw)
+            if eos is not None:
+                nxt = torch.where(done, eos, nxt)
+                done |= nxt == eos
+            out.append(step := nxt[:, None])
+            if eos is not None and bool(done.all()):
+                break
+    return torch.cat(out, 1)
+
+
+CASES = {
+    "greedy": {"temperature": 0.0},
+    "greedy, eos": {"temperature": 0.0, "eos_id": 3},
+    "sampled": {"top_k": 5, "top_p": 0.9},
+    "sampled, eos": {"top_k": 5, "top_p": 0.9, "eos_id": 7},
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_generate_reads_once_per_step_and_draws_as_sample_logits(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(Two reads of the vocabulary check per forward, the model's own tokens included,
+    one of the rows' check and one of ``done.all()``: 3.3-5.3 per step, each a sync on a
+    GPU.) One read checks the prompt; each step reads its flags once."""
+    lm, kw = _lm(), CASES[name]
+    ids = torch.randint(0, 50, (3, 6), generator=torch.Generator().manual_seed(1))
+    seed = None if kw.get("temperature") == 0.0 else 5
+    want = _stepwise(lm, ids, 10, seed, **kw)
+    g = None if seed is None else torch.Generator().manual_seed(seed)
+    with reads(monkeypatch) as rec:
+        got = lm.generate(ids, 10, generator=g, **kw)
+    assert torch.equal(got, want)
+    steps = got.shape[1] - ids.shape[1]
+    assert rec.under("models/") == 1 + steps, rec.by_file
+
+
+def test_generate_stopped_by_eos_reads_once_per_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    lm, ids = _lm(), torch.tensor([[4, 9, 2]])
+    eos = int(lm.generate(ids, 2, temperature=0.0)[0, 4])  # the second new token
+    with reads(monkeypatch) as rec:
+        got = lm.generate(ids, 10, temperature=0.0, eos_id=eos)
+    assert torch.equal(got, _stepwise(lm, ids, 10, None, temperature=0.0, eos_id=eos))
+    assert got.shape[1] < 13 and rec.under("models/") == 1 + got.shape[1] - 3
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_generate_names_a_row_no_token_can_be_drawn_from(temperature: float, value: float) -> None:
+    """Generate draws before it reads the step's flags: a bad row still raises
+    sample_logits' error, naming it, at the step it appears."""
+    lm, calls = _lm(), []
+    row = (
+        torch.full((50,), value)
+        if value == -math.inf
+        else torch.ones(50).index_fill(0, torch.tensor(7), value)
+    )
+
+    def spoil(module: Any, args: Any, logits: torch.Tensor) -> torch.Tensor:
+        calls.append(1)  # the prefill, two steps, then row 1 of the third step's logits
+        return (
+            logits if len(calls) < 3 else logits.index_copy(0, torch.tensor([1]), row[None, None])
+        )
+
+    lm.register_forward_hook(spoil)
+    what = {"nan": "NaN", "inf": r"\+inf", "-inf": "only -inf"}[str(value)]
+    pattern = rf"^logits must hold a finite maximum in every row .*; logits\[1\] holds {what}$"
+    with pytest.raises(ValueError, match=pattern):  # the control: sample_logits' own
+        sample_logits(torch.stack([torch.zeros(50), row]), temperature)
+    with pytest.raises(ValueError, match=pattern):
+        lm.generate(torch.tensor([[1, 2], [3, 4]]), 5, temperature=temperature)
+    assert len(calls) == 3
+    with pytest.raises(ValueError, match="vocab_size=50"):  # forward checks ids again
+        lm(torch.tensor([[50]]))
+
+
+def test_forward_and_generate_still_check_ids_they_are_given() -> None:
+    lm = _lm()
+    lm.generate(torch.tensor([[1, 2]]), 2)
+    for bad in (torch.tensor([[50]]), torch.tensor([[-1, 3]])):
+        with pytest.raises(ValueError, match=r"^ids must lie in \[0, vocab_size=50\)"):
+            lm(bad)
+        with pytest.raises(ValueError, match=r"^prompt_ids must lie in \[0, vocab_size=50\)"):
+            lm.generate(bad, 2)
