@@ -1,13 +1,14 @@
 """Values read back to the host where a GPU would stall for each (``int(t)``, ``bool(t)``,
 ``.item()``, ``.tolist()``: a host-device sync on CUDA), counted on the CPU, where the same
-code runs: ``LanguageModel.generate`` reads once per step."""
+code runs: ``LanguageModel.generate`` reads once per step, and the flex engine's
+``finite_lse`` reads nothing where the bias's bound rules out an overflowed row."""
 
 from __future__ import annotations
 
 import collections
 import math
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -16,6 +17,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnlab
+from attnlab import bias as B
+from attnlab import masks as M
+from attnlab.engines import AttentionRequest
+from attnlab.engines import flex as flex_mod
+from attnlab.engines.flex import flex_available
+from attnlab.engines.flex_mods import finite_lse
 from attnlab.models.lm import LanguageModel, LMConfig, sample_logits
 
 ROOT = attnlab.__file__.rsplit("/", 1)[0] + "/"
@@ -158,3 +165,62 @@ def test_forward_and_generate_still_check_ids_they_are_given() -> None:
             lm(bad)
         with pytest.raises(ValueError, match=r"^prompt_ids must lie in \[0, vocab_size=50\)"):
             lm.generate(bad, 2)
+
+
+def _request(bias: Any, lse_rows: int = 8) -> tuple[AttentionRequest, torch.Tensor]:
+    q = torch.randn(1, 2, lse_rows, 8)
+    req = AttentionRequest(
+        q, q, q, None, bias, 1.0, "dot", "softmax", 0.0, return_weights=False, return_lse=True
+    )
+    return req, torch.zeros(1, 2, lse_rows)
+
+
+def _reads_in(fn: Callable[[], Any], monkeypatch: pytest.MonkeyPatch) -> tuple[Any, int]:
+    """``fn()`` and the reads made in flex_mods (a bias's bound reads its own CPU tensors:
+    on a GPU call the caller's module stays on the CPU, and the call reads no device)."""
+    with reads(monkeypatch) as rec:
+        out = fn()
+    assert set(rec.by_file) <= {"engines/flex_mods.py", "bias/base.py", "bias/dense.py"}
+    return out, rec.by_file["engines/flex_mods.py"]
+
+
+def test_finite_lse_reads_nothing_where_the_bias_bound_rules_out_overflow(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """(``bool(dead.any())`` on every call with a bias and the logsumexp: a sync per flex
+    call on a GPU.) ALiBi's bound, slope times distance, keeps the logsumexp far from
+    ``-finfo.max * ln 2``; a dense bias of ``finfo.min`` has none and is read."""
+    req, lse = _request(B.alibi(2))
+    out, n = _reads_in(lambda: finite_lse(lse, req), monkeypatch)
+    assert out is lse and n == 0
+    req, lse = _request(B.alibi(2) + B.tensor(torch.zeros(2, 8, 8)))  # a sum's bound: its terms'
+    assert _reads_in(lambda: finite_lse(lse, req), monkeypatch)[1] == 0
+    low = torch.full((2, 8, 8), torch.finfo(torch.float32).min)
+    req, lse = _request(B.tensor(low))
+    assert _reads_in(lambda: finite_lse(lse, req), monkeypatch)[1] == 1  # no bound: read
+    dead = lse.index_fill(2, torch.tensor([3]), -math.inf)  # row 3 came back -inf
+    torch.testing.assert_close(finite_lse(dead, req)[:, :, 3], low[:, 3].amax(-1)[None])
+    req, lse = _request(B.alibi(2) + B.tensor(low))  # a bound past the overflow: read, repaired
+    assert _reads_in(lambda: finite_lse(dead, req), monkeypatch)[1] >= 1
+
+
+@pytest.mark.skipif(not flex_available(), reason="this torch has no FlexAttention")
+def test_flex_with_alibi_and_the_logsumexp_reads_nothing_in_finite_lse(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=g) for _ in range(3))
+    kw: dict[str, Any] = {"mask": M.causal(), "bias": B.alibi(2), "return_lse": True}
+    ref = attnlab.attention(q, k, v, engine="reference", **kw)
+    counts: list[int] = []
+
+    def counted(lse: torch.Tensor, req: AttentionRequest) -> torch.Tensor:
+        out, n = _reads_in(lambda: finite_lse(lse, req), monkeypatch)
+        counts.append(n)
+        return out  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(flex_mod, "finite_lse", counted)
+    ours = attnlab.attention(q, k, v, engine="flex", engine_options={"compile": False}, **kw)
+    assert counts == [0]
+    torch.testing.assert_close(ours.lse, ref.lse)
+    torch.testing.assert_close(ours.out, ref.out)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +24,8 @@ __all__ = ["bias_on", "finite_lse", "mask_mod", "moved", "score_mod"]
 
 #: the most (row, key) pairs :func:`finite_lse` evaluates at once: 4 MB of float32
 ROWS_BY_KEYS = 2**20
+#: the most values a bias may hold for :func:`finite_lse` to ask its bound on the host
+BOUND_NUMEL = 2**16
 
 
 def moved(obj: Any, device: torch.device, depth: int = 0) -> Any:
@@ -132,16 +135,35 @@ def finite_lse(lse: Tensor, req: AttentionRequest) -> Tensor:
     is far under half an ulp, 2**103 in float32) and the log of the sum rounds away too:
     the logsumexp is the row's largest bias over the keys its mask leaves.
     """
-    if req.bias is None or unreadable(lse):
+    if req.bias is None or unreadable(lse) or _cannot_overflow(req):
         return lse
     dead = torch.isneginf(lse)  # (B, Hq, Lq)
-    if not bool(dead.any()):  # (a sync only for calls with a bias and the logsumexp)
+    if not bool(dead.any()):  # (a host-device sync on a GPU: only where no bound tells)
         return lse
     rows = dead.nonzero(as_tuple=True)  # 3 x (N,)
     step = max(1, ROWS_BY_KEYS // req.lk)
     parts = zip(*(i.split(step) for i in rows), strict=True)
     top = torch.cat([_largest_bias(req, b, h, r, lse.dtype) for b, h, r in parts])
     return lse.index_put(rows, top)
+
+
+def _cannot_overflow(req: AttentionRequest) -> bool:
+    """Whether a bound on ``|bias|`` known on the host keeps every row's logsumexp far
+    above the overflow at ``-finfo(float32).max * ln 2`` (ALiBi: slope times distance),
+    so that ``finite_lse`` need not read the rows back (a sync per call on a GPU). Asked
+    only of a bias that holds its tensors on the CPU, at most :data:`BOUND_NUMEL` values
+    (a dense bias's bound is a pass over it); half the threshold leaves the scores room."""
+    assert req.bias is not None
+    tensors = list(itertools.chain(req.bias.parameters(), req.bias.buffers()))
+    if not all(t.is_cpu for t in tensors) or sum(t.numel() for t in tensors) > BOUND_NUMEL:
+        return False
+    bound = req.bias.magnitude_bound(req.lq, req.lk)  # (NaN compares False)
+    cap = 0.0 if req.softcap is None else abs(req.softcap)
+    return bound is not None and bound + cap < _OVERFLOW / 2
+
+
+#: where FlexAttention's base-2 logsumexp overflows to -inf once multiplied by ln 2
+_OVERFLOW = torch.finfo(torch.float32).max * math.log(2)
 
 
 def _largest_bias(
