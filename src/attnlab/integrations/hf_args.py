@@ -5,6 +5,8 @@ whether it asks for nothing but a decoding step's output."""
 
 from __future__ import annotations
 
+import threading
+import weakref
 from typing import Any
 
 import torch
@@ -18,7 +20,9 @@ __all__ = [
     "collecting_attentions",
     "decoding_step",
     "eager_weights",
+    "forget_packing",
     "mask_and_bias",
+    "packed_sequences",
     "sinks_of",
     "with_block_indices",
     "with_cu_seq_lens",
@@ -244,9 +248,7 @@ def with_packing(mask: Mask | None, position_ids: object, lq: int, lk: int) -> M
         return mask  # a decoding step (lq < lk) returns here, before any import
     if not any(m.is_causal for m in parts):
         return mask  # transformers packs causal masks only: encoders attend across
-    from transformers.masking_utils import find_packed_sequence_indices
-
-    packed = find_packed_sequence_indices(pos.reshape(-1, lq))  # (B or 1, L)
+    packed = packed_sequences(pos, lq)  # (B or 1, L)
     padded = _padded_rows(parts, lq)  # (B,) or None
     if packed is None or (padded is not None and bool(padded.all())):
         return mask
@@ -256,6 +258,50 @@ def with_packing(mask: Mask | None, position_ids: object, lq: int, lk: int) -> M
     for p in parts:  # Llama 4's chunks follow positions: each sequence's start at its own
         docs = docs & (p.at(pos.reshape(-1, lq)) if isinstance(p, Chunks) else p)
     return docs
+
+
+class _Packed(threading.local):
+    """Per thread: the position ids looked at last (a weak reference, their version and
+    length) and the packed sequences transformers found in them."""
+
+    ref: Any = None
+    key: tuple[int | None, int] | None = None
+    found: Tensor | None = None
+
+
+_PACKED = _Packed()
+
+
+def packed_sequences(position_ids: Tensor, lq: int) -> Tensor | None:
+    """transformers' ``find_packed_sequence_indices`` of ``position_ids (B or 1, L)``
+    (None: no row packs several sequences), found once for the tensor every layer's
+    call is handed: its check reads a value back from the device (a CUDA sync), once
+    per forward instead of once per layer. A changed tensor (its version) is looked at
+    again, and so is any after :func:`forget_packing` (an inference tensor has no version).
+
+    Example:
+        >>> pos = torch.tensor([[0, 1, 0, 1]])
+        >>> packed_sequences(pos, 4).tolist(), packed_sequences(pos, 4) is packed_sequences(pos, 4)
+        ([[0, 0, 1, 1]], True)
+    """
+    key = (None if position_ids.is_inference() else position_ids._version, lq)
+    memo = _PACKED
+    if memo.ref is not None and memo.ref() is position_ids and memo.key == key:
+        return memo.found
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    found = find_packed_sequence_indices(position_ids.reshape(-1, lq))  # (B or 1, L) or None
+    memo.ref, memo.key, memo.found = weakref.ref(position_ids), key, found
+    return found
+
+
+def forget_packing() -> None:
+    """Drop this thread's :func:`packed_sequences` memo (each mask request: a new forward).
+
+    Example:
+        >>> forget_packing()
+    """
+    _PACKED.ref = _PACKED.key = _PACKED.found = None
 
 
 def _padded_rows(parts: tuple[Mask, ...], lq: int) -> Tensor | None:

@@ -54,6 +54,7 @@ from attnlab.integrations.hf_args import (
     collecting_attentions,
     decoding_step,
     eager_weights,
+    forget_packing,
     mask_and_bias,
     sinks_of,
     with_block_indices,
@@ -327,6 +328,7 @@ def build_mask(
         'causal()'
     """
     given, _REQUEST.given_positions = _REQUEST.given_positions is not False, None
+    forget_packing()  # a new forward: its position ids are looked at afresh
     if mask_function is None:
         from transformers.masking_utils import causal_mask_function
 
@@ -335,8 +337,7 @@ def build_mask(
     call = MaskCall(
         batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask
     )
-    got = kwargs.get
-    mask = for_model(translate(call), call, got("config"), got("device"), got("dtype"))
+    mask = for_model(translate(call), call, *map(kwargs.get, ("config", "device", "dtype")))
     if isinstance(mask, Mask):
         _BUILT_FOR[mask] = (kv_length, given)
         # it stands for a prepared (B, H, Lq, Lk) mask: models that branch on the rank of
