@@ -1,6 +1,6 @@
 """Host read-backs of the transformers backend (each one a CUDA sync on a GPU): packed
-sequences are looked for once per forward, not once per layer; outputs stay those of
-eager attention."""
+sequences are looked for once per forward, not once per layer, and a padding mask reads
+its checks and lengths back in one go; outputs stay those of eager attention."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ from typing import Any
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 transformers = pytest.importorskip("transformers")
 mu = pytest.importorskip("transformers.masking_utils")
 
+from attnlab.integrations import hf_masks  # noqa: E402
 from attnlab.integrations.transformers import register  # noqa: E402
 
 LAYERS = 8
@@ -107,3 +109,66 @@ def test_packed_sequences_are_transformers_own() -> None:
     pos = torch.tensor([[0, 1, 2, 0, 1, 0]])
     assert packed_sequences(pos, 6).tolist() == [[0, 0, 0, 1, 1, 2]]
     assert packed_sequences(torch.arange(4)[None], 4) is None
+
+
+def _in_builder(frame: Any) -> bool:
+    """Whether the innermost attnlab frame from ``frame`` out is the mask builder's (a
+    host tensor's read in masks.padding is no device read)."""
+    while frame is not None and "attnlab" not in frame.f_code.co_filename:
+        frame = frame.f_back
+    return frame is not None and frame.f_code.co_filename.endswith("hf_masks.py")
+
+
+class _Reads(TorchDispatchMode):
+    """Counts the mask builder's scalar read-backs; ``.tolist()``, ``.cpu()`` and
+    ``.item()`` are counted apart (on a CPU tensor they do not dispatch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.n += _in_builder(sys._getframe(1))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [[1, 1, 1, 1], [1, 1, 1, 1]],  # no padding
+        [[1, 1, 0, 0], [1, 1, 1, 0]],  # right
+        [[0, 0, 1, 1], [1, 1, 1, 1]],  # left
+        [[0, 1, 1, 0], [1, 0, 1, 1]],  # a row of two runs
+    ],
+)
+def test_a_padding_mask_reads_back_once(
+    rows: list[list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    valid = torch.tensor(rows, dtype=torch.bool)  # (B, Lk)
+    reads = _Reads()
+    for name in ("tolist", "cpu", "item"):
+        own = getattr(torch.Tensor, name)
+
+        def counted(t: torch.Tensor, *a: Any, _own: Any = own, **k: Any) -> Any:
+            reads.n += _in_builder(sys._getframe(1))
+            return _own(t, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    with reads:
+        mask = hf_masks.padding_mask(valid)
+    monkeypatch.undo()
+    assert reads.n == 1  # was 1 (no padding) and 3 (else): all(), prefix, lengths or run
+    if bool(valid.all()):
+        assert mask is None
+        return
+    assert mask is not None
+    assert torch.equal(mask.dense(3, 4, batch=2)[:, 0], valid[:, None].expand(2, 3, 4))
+    bounds = mask.row_bounds(3, 4, 2)
+    runs = [r.nonzero().flatten().tolist() for r in valid]
+    if any(r != list(range(r[0], r[-1] + 1)) for r in runs):
+        assert bounds is None or not bounds.exact
+    else:
+        assert bounds is not None and bounds.exact
+        assert bounds.lo[:, 0].tolist() == [r[0] for r in runs]
+        assert bounds.hi[:, 0].tolist() == [r[-1] for r in runs]

@@ -92,13 +92,13 @@ class KeyValid(Mask):
         [[1], [0]]
     """
 
-    def __init__(self, valid: Tensor) -> None:
+    def __init__(self, valid: Tensor, run: tuple[Tensor, Tensor] | bool | None = True) -> None:
         if valid.dtype != torch.bool or valid.dim() != 2:
             raise TypeError(
                 f"valid must be a bool tensor (B, Lk), got {valid.dtype} {tuple(valid.shape)}"
             )
-        self.valid = valid
-        self._run = _contiguous_run(valid)
+        self.valid = valid  # run: (first, last) (B,) known, None: no run (True: find them)
+        self._run = _contiguous_run(valid) if run is True else run or None
 
     @property
     def batch_size(self) -> int:
@@ -188,31 +188,37 @@ class FilledKeys(Mask):
 
 def _contiguous_run(valid: Tensor) -> tuple[Tensor, Tensor] | None:
     """``(first, last)`` valid key per row ``(B,)`` when each row's valid keys are one run."""
+    first, last, one_run = _run_parts(valid)
+    return (first, last) if bool(one_run) else None
+
+
+def _run_parts(valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Each row's first and last valid key ``(B,)``, and whether each row is one run (0-d)."""
     idx = torch.arange(valid.shape[1], device=valid.device).expand_as(valid)
     first = torch.where(valid, idx, valid.shape[1]).amin(1)
     last = torch.where(valid, idx, -1).amax(1)
-    count = valid.sum(1)
-    if bool(((last - first + 1).clamp(min=0) != count).any()):
-        return None
-    return first, last
+    return first, last, ((last - first + 1).clamp(min=0) == valid.sum(1)).all()
 
 
 def padding_mask(valid: Tensor) -> Mask | None:
     """The attnlab mask of a 2-D key validity tensor ``(B, Lk)``: None when all are valid,
     :func:`~attnlab.masks.padding` for right padding (engines read its lengths), else
-    :class:`KeyValid`.
+    :class:`KeyValid`. Its checks and lengths come back from the device in one read.
 
     Example:
         >>> padding_mask(torch.tensor([[True, True, False]])).spec()
         'padding(key_lengths=[2])'
     """
-    if bool(valid.all()):
+    lengths = valid.sum(1)  # (B,)
+    prefix = torch.arange(valid.shape[1], device=valid.device) < lengths.view(-1, 1)  # (B, Lk)
+    first, last, one_run = _run_parts(valid)
+    flags = torch.stack([(lengths == valid.shape[1]).all(), (prefix == valid).all(), one_run])
+    full, right, run, *counts = torch.cat([flags.long(), lengths]).tolist()  # the one read
+    if full:
         return None
-    lengths = valid.sum(1)
-    prefix = torch.arange(valid.shape[1], device=valid.device) < lengths.view(-1, 1)
-    if bool((prefix == valid).all()):
-        return padding(lengths.cpu())
-    return KeyValid(valid)
+    if right:
+        return padding(torch.tensor(counts, dtype=lengths.dtype))  # (B,) on the host
+    return KeyValid(valid, (first, last) if run else None)
 
 
 def translate(call: MaskCall) -> Mask | None:
