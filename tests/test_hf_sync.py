@@ -103,6 +103,21 @@ def test_generate_takes_eager_tokens_with_left_padding() -> None:
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize(("family", "masks"), [("llama", 1), ("gemma2", 2)])
+@pytest.mark.parametrize("kind", ["left", "right"])
+def test_padded_rows_are_left_out_of_packing_once_per_mask(
+    kind: str, family: str, masks: int
+) -> None:
+    batch = _batch(kind)  # its padded row's positions restart: a packing to check per row
+    model = _model("attnlab", family)
+    with torch.no_grad():
+        model(**batch, use_cache=False)
+        reads = _Reads("hf_args.py")
+        with reads:
+            model(**batch, use_cache=False)
+    assert reads.n == 1 + masks  # the positions, each mask's padded rows (was 1 per layer)
+
+
 def test_packed_sequences_are_transformers_own() -> None:
     from attnlab.integrations.hf_args import packed_sequences
 
@@ -111,25 +126,25 @@ def test_packed_sequences_are_transformers_own() -> None:
     assert packed_sequences(torch.arange(4)[None], 4) is None
 
 
-def _in_builder(frame: Any) -> bool:
-    """Whether the innermost attnlab frame from ``frame`` out is the mask builder's (a
-    host tensor's read in masks.padding is no device read)."""
+def _in_builder(frame: Any, module: str = "hf_masks.py") -> bool:
+    """Whether the innermost attnlab frame from ``frame`` out is in ``module`` (a host
+    tensor's read in masks.padding is no device read)."""
     while frame is not None and "attnlab" not in frame.f_code.co_filename:
         frame = frame.f_back
-    return frame is not None and frame.f_code.co_filename.endswith("hf_masks.py")
+    return frame is not None and frame.f_code.co_filename.endswith(module)
 
 
 class _Reads(TorchDispatchMode):
-    """Counts the mask builder's scalar read-backs; ``.tolist()``, ``.cpu()`` and
+    """Counts the scalar read-backs of ``module``; ``.tolist()``, ``.cpu()`` and
     ``.item()`` are counted apart (on a CPU tensor they do not dispatch)."""
 
-    def __init__(self) -> None:
+    def __init__(self, module: str = "hf_masks.py") -> None:
         super().__init__()
-        self.n = 0
+        self.n, self.module = 0, module
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if func is torch.ops.aten._local_scalar_dense.default:
-            self.n += _in_builder(sys._getframe(1))
+            self.n += _in_builder(sys._getframe(1), self.module)
         return func(*args, **(kwargs or {}))
 
 

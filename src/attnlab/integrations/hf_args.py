@@ -249,24 +249,40 @@ def with_packing(mask: Mask | None, position_ids: object, lq: int, lk: int) -> M
     if not any(m.is_causal for m in parts):
         return mask  # transformers packs causal masks only: encoders attend across
     packed = packed_sequences(pos, lq)  # (B or 1, L)
-    padded = _padded_rows(parts, lq)  # (B,) or None
-    if packed is None or (padded is not None and bool(padded.all())):
+    if packed is None:
+        return mask
+    done = _PACKED.masks  # this forward's: every layer hands the same mask and positions
+    for ref, packed_mask in done:
+        if ref() is mask:
+            return packed_mask
+    packed_mask = _packed(mask, parts, packed, pos.reshape(-1, lq))  # type: ignore[arg-type]
+    done.append((weakref.ref(mask), packed_mask))
+    return packed_mask
+
+
+def _packed(mask: Mask, parts: tuple[Mask, ...], packed: Tensor, pos: Tensor) -> Mask:
+    """``mask`` AND the ``packed (B or 1, L)`` sequences of positions ``pos (B or 1, L)``."""
+    padded = _padded_rows(parts, pos.shape[-1])  # (B,) or None
+    if padded is not None and bool(padded.all()):  # (one read-back per forward)
         return mask
     if padded is not None:  # those rows one sequence: the padding mask keeps them apart
         packed = torch.where(padded.to(packed.device)[:, None], 0, packed)
     docs = documents(packed)
     for p in parts:  # Llama 4's chunks follow positions: each sequence's start at its own
-        docs = docs & (p.at(pos.reshape(-1, lq)) if isinstance(p, Chunks) else p)
+        docs = docs & (p.at(pos) if isinstance(p, Chunks) else p)
     return docs
 
 
 class _Packed(threading.local):
     """Per thread: the position ids looked at last (a weak reference, their version and
-    length) and the packed sequences transformers found in them."""
+    length), the packed sequences transformers found in them and the masks made of those."""
 
     ref: Any = None
     key: tuple[int | None, int] | None = None
     found: Tensor | None = None
+
+    def __init__(self) -> None:
+        self.masks: list[tuple[Any, Mask]] = []  # each mask with its packed sequences
 
 
 _PACKED = _Packed()
@@ -292,6 +308,7 @@ def packed_sequences(position_ids: Tensor, lq: int) -> Tensor | None:
 
     found = find_packed_sequence_indices(position_ids.reshape(-1, lq))  # (B or 1, L) or None
     memo.ref, memo.key, memo.found = weakref.ref(position_ids), key, found
+    memo.masks = []
     return found
 
 
@@ -302,6 +319,7 @@ def forget_packing() -> None:
         >>> forget_packing()
     """
     _PACKED.ref = _PACKED.key = _PACKED.found = None
+    _PACKED.masks = []
 
 
 def _padded_rows(parts: tuple[Mask, ...], lq: int) -> Tensor | None:
