@@ -12,10 +12,14 @@ import pytest
 import torch
 
 from attnlab import masks
+from attnlab.engines import blocked_plan, flex
 from attnlab.engines.base import AttentionRequest
 from attnlab.engines.blocked import BlockedEngine
 from attnlab.engines.blocked_plan import make_plan
 from attnlab.masks import Mask
+from attnlab.nn import DecoderOnly, LayerConfig
+from attnlab.positional import RotaryEmbedding
+from tests.conftest import max_err
 
 
 def request(mask: Mask, lq: int = 256, heads: int = 2) -> AttentionRequest:
@@ -61,3 +65,65 @@ def test_kept_plan_gives_the_same_output() -> None:
 def _fields(req: AttentionRequest) -> tuple:
     """``req``'s fields, to make an equal request that is another object."""
     return tuple(getattr(req, f) for f in req.__dataclass_fields__)
+
+
+def _stack(engine: str) -> DecoderOnly:
+    """A 4-layer pre-norm RoPE decoder with grouped-query heads on ``engine``."""
+    torch.manual_seed(0)
+    cfg = LayerConfig(
+        64, 4, 128, num_kv_heads=2, dropout=0.0, norm_first=True, rope=RotaryEmbedding(16),
+        engine=engine,
+    )  # fmt: skip
+    return DecoderOnly(cfg, 4).eval()
+
+
+def _counted(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list[int]:
+    """A list that grows by one at each call of ``module.name``."""
+    calls: list[int] = []
+    real = getattr(module, name)
+
+    def spy(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+def test_a_decoder_stack_plans_its_mask_once_per_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each layer combined ``causal() & mask`` anew, so the blocked engine planned the
+    same mask in every layer (4 plans per forward of a 4-layer stack); an in-place change
+    of the mask's lengths is still seen."""
+    lm, ref = _stack("blocked"), _stack("reference").double()
+    x = torch.randn(2, 300, 64)
+    lengths = torch.tensor([300, 250])
+    pad = masks.padding(lengths)
+    plans = _counted(monkeypatch, blocked_plan, "make_plan")
+    for mask in (masks.window(40), pad, None):
+        with torch.no_grad():
+            for _ in range(2):
+                plans.clear()
+                out = lm(x, mask=mask)
+                assert len(plans) <= 1, mask  # (none again: the causal mask is kept)
+            want = ref(x.double(), mask=mask)
+        assert max_err(out[:, :250], want[:, :250]) < 1e-4  # (padded rows: any output)
+    lengths[0] = 120  # in place: a new plan, with the new length
+    with torch.no_grad():
+        plans.clear()
+        out, want = lm(x, mask=pad), ref(x.double(), mask=pad)
+    assert len(plans) == 1 and max_err(out[:, :120], want[:, :120]) < 1e-4
+
+
+@pytest.mark.skipif(not flex.flex_available(), reason="this torch has no FlexAttention")
+def test_a_decoder_stack_on_flex_keeps_its_block_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flex engine's block mask (on CUDA: tile planning and copies to the device)
+    was built in every layer of every forward: 8 in 2 forwards of a 4-layer stack."""
+    lm, ref = _stack("flex"), _stack("reference").double()
+    x, w = torch.randn(1, 256, 64), masks.window(64)
+    built = _counted(monkeypatch, flex, "block_mask")
+    with torch.no_grad():
+        lm(x, mask=w)
+        assert len(built) == 1
+        out = lm(x, mask=w)
+        assert len(built) == 1  # the same mask object: the same block mask
+        assert max_err(out, ref(x.double(), mask=w)) < 1e-4

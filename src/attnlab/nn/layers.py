@@ -19,6 +19,8 @@ patterns) and follow torch's, so loading weights is a key mapping:
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from typing import Literal, TypeVar, cast, overload
 
 import torch.nn.functional as F
@@ -394,6 +396,44 @@ def _memory(attn: MultiHeadAttention, memory: Tensor | None, cache: KVCache | No
     return cache.keys.new_empty(cache.batch_size, 0, attn.kdim)
 
 
+_CAUSAL = M.causal()  # (holds nothing: shared by every layer and thread)
+# id(mask) -> (mask, causal() & mask), both weakly: while someone holds the combined mask
+_JOINED: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+
+
 def _with_causal(mask: MaskLike) -> Mask:
-    causal = M.causal()
-    return causal if mask is None else causal & mask
+    """``causal() & mask``: the same object for the same ``mask`` while one is alive (a
+    stack holds it through its forward). The blocked and flex engines memoize plans per
+    mask object; a new one per layer made them plan again in every layer (8 block masks
+    in 2 forwards of a 4-layer DecoderOnly). Nothing here keeps a mask alive; a mask
+    this made comes back as it is.
+
+    Example:
+        >>> from attnlab import masks
+        >>> w = masks.window(4)
+        >>> joined = _with_causal(w)
+        >>> _with_causal(w) is joined, _with_causal(joined) is joined, joined.spec()
+        (True, True, '(causal() & window(left=4, right=0))')
+    """
+    if mask is None or mask is _CAUSAL:
+        return _CAUSAL
+    if isinstance(mask, M.And) and mask.parts[0] is _CAUSAL:  # made here: causal already
+        return mask
+    key = id(mask)
+    held = _JOINED.get(key)  # read once: another thread may replace it meanwhile
+    joined = held[1]() if held is not None and held[0]() is mask else None
+    if joined is None:
+        joined = _CAUSAL & mask
+        _JOINED[key] = (weakref.ref(mask), weakref.ref(joined, _forget(key)))
+    return joined
+
+
+def _forget(key: int) -> Callable[[weakref.ref], None]:
+    """A callback that drops ``key``'s entry once its combined mask is gone."""
+
+    def drop(ref: weakref.ref) -> None:
+        held = _JOINED.get(key)
+        if held is not None and held[1] is ref:  # (not a newer entry for a new mask)
+            _JOINED.pop(key, None)
+
+    return drop

@@ -18,7 +18,7 @@ from attnlab.bias import Bias
 from attnlab.nn._from_torch import load_torch, torch_config
 from attnlab.nn.cache import DecoderCache
 from attnlab.nn.config import LayerConfig
-from attnlab.nn.layers import DecoderLayer, EncoderLayer, MaskLike
+from attnlab.nn.layers import DecoderLayer, EncoderLayer, MaskLike, _with_causal
 
 __all__ = ["Decoder", "DecoderOnly", "Encoder", "Transformer"]
 
@@ -121,11 +121,14 @@ class Decoder(nn.Module):
                 f"cache has {len(cache.self_attn)} layers but this decoder has "
                 f"{len(self.layers)}: make it with DecoderCache(num_layers={len(self.layers)})"
             )
+        # one combined mask for every causal layer, alive through the forward: the engines
+        # memoize plans per mask object (a new one per layer: a plan per layer)
+        joined = _with_causal(mask) if any(layer.causal for layer in self.layers) else mask
         for i, layer in enumerate(self.layers):
             x = layer(
                 x,
                 memory,
-                mask=mask,
+                mask=joined if layer.causal else mask,
                 memory_mask=memory_mask,
                 bias=bias,
                 cache=None if cache is None else cache.self_attn[i],
