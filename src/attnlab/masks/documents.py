@@ -10,6 +10,7 @@ from torch import Tensor
 
 from attnlab._grid import Grid
 from attnlab.masks._args import int_tensor
+from attnlab.masks._copies import DeviceCopies
 from attnlab.masks.base import Mask
 from attnlab.masks.layout import Device, RowBounds, on
 
@@ -34,6 +35,7 @@ class Documents(Mask):
         ids = int_tensor("doc_ids", doc_ids, (1, 2))
         self.ids = ids if ids.dim() == 2 else ids.unsqueeze(0)  # (Bd, L)
         self._runs = _Runs(None, None)
+        self._copies = DeviceCopies()  # the ids on the devices evaluated on
 
     def _bounds(self) -> tuple[Tensor, Tensor] | None:
         """Each position's document run, found when a call asks (reading the ids' values
@@ -68,7 +70,7 @@ class Documents(Mask):
             )
 
     def evaluate(self, grid: Grid) -> Tensor:
-        ids = self.ids.to(grid.k.device)
+        ids = self._copies.on("ids", self.ids, grid.k.device)
         b = grid.b if ids.shape[0] != 1 else torch.zeros_like(grid.b)
         return ids[b, grid.q.clamp(min=0)] == ids[b, grid.k]
 

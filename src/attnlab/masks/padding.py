@@ -10,6 +10,7 @@ from torch import Tensor
 
 from attnlab._grid import Grid
 from attnlab.masks._args import check_nonnegative, int_tensor
+from attnlab.masks._copies import DeviceCopies
 from attnlab.masks.base import Mask
 from attnlab.masks.layout import Device, RowBounds, on
 
@@ -42,6 +43,7 @@ class Padding(Mask):
             )
         check_nonnegative("key_lengths", self.kl)  # (vmapped or exported: taken as given)
         check_nonnegative("query_lengths", self.ql)
+        self._copies = DeviceCopies()  # the lengths on the devices evaluated on
 
     @property
     def batch_size(self) -> int:
@@ -62,18 +64,18 @@ class Padding(Mask):
             )
 
     def evaluate(self, grid: Grid) -> Tensor:
-        kl = self.kl.to(grid.k.device)[grid.b]  # (B, 1, 1, 1)
+        kl = self._copies.on("kl", self.kl, grid.k.device)[grid.b]  # (B, 1, 1, 1)
         ok = grid.k < kl
         if self.ql is not None:
-            ok = ok & (grid.rows < self.ql.to(grid.k.device)[grid.b])
+            ok = ok & (grid.rows < self._copies.on("ql", self.ql, grid.k.device)[grid.b])
         return ok
 
     def row_bounds(self, lq: int, lk: int, batch: int = 1, device: Device = None) -> RowBounds:
         device = on(device)  # not the lengths' own device: an & meets the others there
-        hi = (self.kl.to(device) - 1).view(-1, 1).expand(-1, lq)
+        hi = (self._copies.on("kl", self.kl, device) - 1).view(-1, 1).expand(-1, lq)
         if self.ql is not None:
             rows = torch.arange(lq, device=device).view(1, -1)
-            hi = torch.where(rows < self.ql.to(device).view(-1, 1), hi, -1)
+            hi = torch.where(rows < self._copies.on("ql", self.ql, device).view(-1, 1), hi, -1)
         return RowBounds(torch.zeros_like(hi), hi, exact=True)
 
     def spec(self) -> str:

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from attnlab._grid import Grid
 from attnlab.masks._args import check_nonnegative, int_tensor, nonneg_int, size
+from attnlab.masks._copies import DeviceCopies
 from attnlab.masks.base import Mask
 from attnlab.masks.layout import Device
 
@@ -39,9 +40,10 @@ class GlobalTokens(Mask):
     def __init__(self, indices: object) -> None:
         self.idx = int_tensor("indices", indices, (1,))
         check_nonnegative("indices", self.idx)
+        self._copies = DeviceCopies()  # the indices on the devices evaluated on
 
     def evaluate(self, grid: Grid) -> Tensor:
-        idx = self.idx.to(grid.k.device)
+        idx = self._copies.on("idx", self.idx, grid.k.device)
         return torch.isin(grid.q, idx) | torch.isin(grid.k, idx)
 
     def spec(self) -> str:
@@ -93,6 +95,7 @@ class BlockRandom(Mask):
         if self.seed >= 2**64:  # (torch's generator: "Overflow when unpacking long long")
             raise ValueError(f"seed must be an int in [0, 2**64), got {seed}")
         self._tables: dict[int, Tensor] = {}
+        self._copies = DeviceCopies()  # the last table on the devices evaluated on
 
     def table(self, lk: int) -> Tensor:
         """Bool ``(n_blocks, n_blocks)``: query block -> its random key blocks (seeded).
@@ -115,7 +118,7 @@ class BlockRandom(Mask):
         return tab
 
     def evaluate(self, grid: Grid) -> Tensor:
-        tab = self.table(grid.lk).to(grid.k.device)
+        tab = self._copies.on("table", self.table(grid.lk), grid.k.device)
         qb = grid.q.clamp(min=0) // self.block_size
         ok = tab[qb, grid.k // self.block_size]
         return ok & (grid.q >= 0)

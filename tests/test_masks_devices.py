@@ -1,0 +1,119 @@
+"""Masks keep their tensors where they were given and meet each call's device as they
+evaluate: a copy there was made on every evaluation (on CUDA a host-device copy from
+pageable memory, a sync, per layer and decoding step). The ``meta`` device stands for
+another device here: one copy per tensor while it is unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import Tensor
+
+from attnlab import masks
+from attnlab.engines._versions import held_tensors, versions
+from attnlab.engines.flex_mods import moved
+from attnlab.masks import Mask
+
+META = torch.device("meta")
+
+
+def _copies_to_meta(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
+    """The values of each CPU tensor copied to the meta device from now on."""
+    seen: list[list[int]] = []
+    real = torch.Tensor.to
+
+    def to(self: Tensor, *args: object, **kwargs: object) -> Tensor:
+        out = real(self, *args, **kwargs)
+        if self.device.type == "cpu" and out.is_meta:
+            seen.append(self.tolist())
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    return seen
+
+
+def _padding_ref(kl: list[int], ql: list[int], lq: int, lk: int) -> Tensor:
+    """Padding's dense ``(B, 1, lq, lk)``, from its definition."""
+    k, rows = torch.arange(lk), torch.arange(lq).view(-1, 1)
+    return torch.stack([(k < a) & (rows < b) for a, b in zip(kl, ql, strict=True)])[:, None]
+
+
+def test_padding_copies_its_lengths_once_per_device_while_unchanged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    kl, ql = torch.tensor([5, 3]), torch.tensor([4, 2])
+    m = masks.padding(kl, query_lengths=ql)
+    seen = _copies_to_meta(monkeypatch)
+    for _ in range(3):
+        assert m.dense(4, 6, batch=2, device="meta").shape == (2, 1, 4, 6)
+    assert seen == [[5, 3], [4, 2]]  # (each evaluation copied both: 6)
+    kl[1] = 1  # in place: copied again, with the new values
+    m.dense(4, 6, batch=2, device="meta")
+    assert seen[2:] == [[5, 1]]
+    assert torch.equal(m.dense(4, 6, batch=2), _padding_ref([5, 1], [4, 2], 4, 6))
+    m.ql = torch.tensor([1, 1])  # another tensor: copied
+    m.dense(4, 6, batch=2, device="meta")
+    assert seen[3:] == [[1, 1]]
+    assert torch.equal(m.dense(4, 6, batch=2), _padding_ref([5, 1], [1, 1], 4, 6))
+
+
+@pytest.mark.parametrize(
+    ("make", "lq", "lk"),
+    [
+        (lambda: masks.documents(torch.tensor([0, 0, 1, 1, 1, 2])), 6, 6),
+        (lambda: masks.global_tokens(torch.tensor([0, 3])), 5, 6),
+        (lambda: masks.block_random(2, 1, seed=3), 6, 6),
+    ],
+    ids=["documents", "global_tokens", "block_random"],
+)
+def test_masks_copy_their_tensors_once_per_device(
+    monkeypatch: pytest.MonkeyPatch, make: Callable[[], Mask], lq: int, lk: int
+) -> None:
+    m = make()
+    want = m.dense(lq, lk)  # on the CPU: nothing copied
+    seen = _copies_to_meta(monkeypatch)
+    for _ in range(3):
+        assert m.dense(lq, lk, device="meta").shape == want.shape
+    assert len(seen) == 1
+    assert torch.equal(m.dense(lq, lk), want) and torch.equal(make().dense(lq, lk), want)
+
+
+def test_documents_see_ids_changed_in_place_on_another_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ids = torch.tensor([0, 0, 1, 1])
+    m = masks.documents(ids)
+    seen = _copies_to_meta(monkeypatch)
+    m.dense(4, 4, device="meta")
+    ids[1] = 1
+    m.dense(4, 4, device="meta")
+    m.dense(4, 4, device="meta")
+    assert seen == [[[0, 0, 1, 1]], [[0, 1, 1, 1]]]
+    assert torch.equal(m.dense(4, 4)[0, 0], ids.view(-1, 1) == ids.view(1, -1))
+
+
+def test_kept_copies_are_no_part_of_a_masks_identity() -> None:
+    """What engines key plans on, the flex engine's moved copy, pickles and deep copies
+    see the mask's own tensors only."""
+    kl = torch.tensor([3, 2])
+    m = masks.causal() & masks.padding(kl, query_lengths=[3, 1])
+    held, key, want = held_tensors(m), versions(m), m.dense(3, 3, batch=2)
+    m.dense(3, 3, batch=2, device="meta")  # fills the copies
+    assert [t is u for t, u in zip(held_tensors(m), held, strict=True)] == [True, True]
+    assert versions(m) == key
+    assert moved(m, torch.device("cpu")) is m
+    on_meta = moved(m, META)
+    assert [t.is_meta for t in held_tensors(on_meta)] == [True, True]
+    assert on_meta.dense(3, 3, batch=2, device="meta").is_meta
+    for other in (pickle.loads(pickle.dumps(m)), copy.deepcopy(m)):
+        assert torch.equal(other.dense(3, 3, batch=2), want)
+        assert other.spec() == m.spec()
+        assert other.dense(3, 3, batch=2, device="meta").is_meta
+    kl.fill_(1)  # the original still follows its tensor
+    causal = torch.ones(3, 3, dtype=torch.bool).tril()
+    assert torch.equal(m.dense(3, 3, batch=2), _padding_ref([1, 1], [3, 1], 3, 3) & causal)
