@@ -19,8 +19,10 @@ nvidia-smi -L
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers',
 transformers.__version__, torch.cuda.get_device_name())"
 if [ -z "${GPU_BENCH_ONLY:-}" ]; then
-    timeout "${GPU_TEST_TIMEOUT:-300}" python3 -m pytest -q -n 12 -p no:cacheprovider \
-        tests/test_gpu.py 2>&1 | tee "$OUT/tests.log" | tail -60
+    # -v names each failure as it happens: a run cut by the timeout (or the lease) kept
+    # only dots and F's of 14 failures, without the summary that names them
+    timeout "${GPU_TEST_TIMEOUT:-300}" python3 -m pytest -v -rf -n 12 -p no:cacheprovider \
+        tests/test_gpu.py 2>&1 | tee "$OUT/tests.log" | grep -E "FAILED|ERROR|passed|failed" | tail -60
 fi
 bench() {  # DTYPE N CASES
     timeout "${GPU_BENCH_TIMEOUT:-150}" python3 benchmarks/bench_core.py --device cuda \
