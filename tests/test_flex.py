@@ -467,5 +467,17 @@ def test_a_bias_is_copied_to_the_calls_device_once_while_it_is_unchanged() -> No
     slopes.slopes = torch.ones(4)  # replaced: a new copy
     assert bias_on(slopes, meta) is not second
     assert bias_on(slopes, torch.device("cpu")) is slopes
+    kept = bias_on(slopes, meta)
+    slopes.eval()  # its mode, a setting and a storage swapped under .data: new copies
+    assert bias_on(slopes, meta) is not kept and not bias_on(slopes, meta).training
+    kept = bias_on(slopes, meta)
+    slopes.num_heads = 4  # (set again: equal, so kept)
+    assert bias_on(slopes, meta) is kept
+    slopes.extra = 2.0
+    assert bias_on(slopes, meta) is not kept
+    kept = bias_on(slopes, meta)
+    slopes.slopes.data = torch.full((4,), 3.0)
+    again = bias_on(slopes, meta)
+    assert again is not kept and bias_on(slopes, meta) is again
     learned = B.relative_buckets(4)
     assert bias_on(learned, meta) is not bias_on(learned, meta)

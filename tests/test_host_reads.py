@@ -167,6 +167,34 @@ def test_forward_and_generate_still_check_ids_they_are_given() -> None:
             lm.generate(bad, 2)
 
 
+def test_generate_checks_its_own_ids_again_when_a_hook_changed_them_in_place() -> None:
+    """forward skips the check of the ids generate hands it only while they are unchanged:
+    a pre-hook writing 99 into them got an IndexError from the embedding (a device assert
+    on a GPU), not the check's ValueError."""
+    lm = _lm()
+    hook = lm.register_forward_pre_hook(lambda m, a: a[0].fill_(99) if a[0].shape[1] == 1 else None)
+    try:
+        with pytest.raises(ValueError, match=r"^ids must lie in \[0, vocab_size=50\)"):
+            lm.generate(torch.tensor([[1, 2]]), 3)
+    finally:
+        hook.remove()
+    assert lm._own_ids is None
+
+
+@pytest.mark.parametrize("temperature", [1e-39, 1e-40, 1e-45])
+def test_a_subnormal_temperature_is_argmax_with_denormals_flushed(temperature: float) -> None:
+    """A temperature below the smallest normal float is the limit T -> 0 (argmax): with
+    ``torch.set_flush_denormal(True)`` (Trainer sets it) it rounded to 0 and 0/0 made the
+    draw fail ("probability tensor contains either inf, nan or element < 0")."""
+    logits = torch.tensor([[0.5, 2.0, -1.0], [3.0, 1.0, 0.0]])
+    before = torch.set_flush_denormal(True)
+    try:
+        got = sample_logits(logits, temperature=temperature)
+    finally:
+        torch.set_flush_denormal(False)
+    assert before in (True, False) and got.tolist() == [1, 0]
+
+
 def _request(bias: Any, lse_rows: int = 8) -> tuple[AttentionRequest, torch.Tensor]:
     q = torch.randn(1, 2, lse_rows, 8)
     req = AttentionRequest(

@@ -78,7 +78,7 @@ def bias_on(bias: Bias, device: torch.device) -> Bias:
     tensors = tuple(itertools.chain(bias.parameters(), bias.buffers()))
     if all(t.device == device for t in tensors):
         return bias
-    stamp = tuple(t._version for t in tensors)
+    stamp = _stamp(bias, tensors)
     kept = _MOVED.get(bias)
     if kept is not None and kept[0] == device and kept[2] == stamp and _same(kept[1], tensors):
         return kept[3]
@@ -86,6 +86,15 @@ def bias_on(bias: Bias, device: torch.device) -> Bias:
     if not any(t.requires_grad for t in tensors):  # a copy of a parameter gets no gradient
         _MOVED[bias] = (device, tensors, stamp, moved)
     return moved
+
+
+def _stamp(bias: Bias, tensors: tuple[Tensor, ...]) -> tuple:
+    """What a kept copy of ``bias`` must still match: its mode, its tensors' versions and
+    storages (``p.data = new`` keeps the version), and its plain settings (an attribute
+    set since). A change through ``.data`` in place is not seen: make a new bias then."""
+    plain = (bool, int, float, str, type(None))
+    settings = tuple((k, v) for k, v in vars(bias).items() if type(v) in plain)
+    return bias.training, settings, tuple((t._version, t.data_ptr()) for t in tensors)
 
 
 def _same(a: tuple[Tensor, ...], b: tuple[Tensor, ...]) -> bool:

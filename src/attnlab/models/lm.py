@@ -113,8 +113,9 @@ class LanguageModel(nn.Module):
         ((1, 7), [1, 5, 6])
     """
 
-    #: the ids :meth:`generate` hands :meth:`forward`, which need no check there
-    _own_ids: Tensor | None = None
+    #: the ids :meth:`generate` hands :meth:`forward` and their version, which need no
+    #: check there unless changed in place since (a forward pre-hook's ``fill_(99)``)
+    _own_ids: tuple[Tensor, int | None] | None = None
 
     def __init__(self, cfg: LMConfig) -> None:
         super().__init__()
@@ -142,12 +143,17 @@ class LanguageModel(nn.Module):
         With ``cache`` the ids are the new tokens only; their positions continue from the
         cache length (RoPE) and they attend to every cached token.
         """
-        if ids is not self._own_ids:  # generate's own: checked, or drawn in range
+        if not self._owns(ids):  # generate's own, unchanged: checked, or drawn in range
             _check_ids(ids, self.cfg.vocab_size)
         h = self.decoder(self.embed(ids), cache=cache)  # (B, L, D)
         if self.head is None:  # tied: the embedding is the output weight (V, D)
             return F.linear(h, self.embed.weight)  # (B, L, V)
         return self.head(h)  # (B, L, V); a module call, so a quantized head works too
+
+    def _owns(self, ids: Tensor) -> bool:
+        """Whether ``ids`` are what :meth:`generate` handed :meth:`forward`, unchanged."""
+        own = self._own_ids
+        return own is not None and ids is own[0] and _version(ids) == own[1]
 
     @torch.no_grad()
     def generate(
@@ -190,7 +196,7 @@ class LanguageModel(nn.Module):
         step_in = ids  # the prefill, then one token per step
         try:
             for _ in range(n):
-                self._own_ids = step_in  # checked above or drawn below: forward skips its check
+                self._own_ids = (step_in, _version(step_in))  # forward skips its check
                 logits = self(step_in, cache=cache)[:, -1]  # (B, V)
                 nxt, bad = _draw(logits, temperature, top_k, top_p, generator)  # (B,) each
                 if eos_id is not None:
@@ -270,6 +276,12 @@ def _check_logits(logits: object) -> None:
         raise ValueError(
             f"logits must have at least one token (V >= 1), got shape {tuple(logits.shape)}"
         )
+
+
+def _version(t: Tensor) -> int | None:
+    """``t``'s version counter, None for an inference tensor (which keeps none: an
+    in-place change of it under ``torch.inference_mode`` goes unseen)."""
+    return None if t.is_inference() else t._version
 
 
 def _check_rows(logits: Tensor) -> None:
@@ -396,9 +408,11 @@ def _sample(
     if temperature == 0:
         return logits.argmax(dim=-1)
     x = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays
-    t = torch.tensor(temperature, dtype=x.dtype)  # 0 or inf where T passes x's range
-    fi = torch.finfo(x.dtype)  # T rounds to 0 at half the smallest subnormal or below
-    if temperature <= fi.tiny * fi.eps / 2:  # the limit T -> 0 (1e-50 gave 0/0 = NaN)
+    t = torch.tensor(temperature, dtype=x.dtype)  # inf where T passes x's range
+    # the limit T -> 0 below the smallest normal number (1e-50 rounded to 0 and gave
+    # 0/0 = NaN; a subnormal T does too where torch.set_flush_denormal(True), as Trainer
+    # sets it; elsewhere every gap between logits of over 1e-36 is then a factor of e^88)
+    if temperature < torch.finfo(x.dtype).tiny:
         return logits.argmax(dim=-1)
     x = x - x.amax(dim=-1, keepdim=True)  # max 0: no overflow at small T
     x = torch.where(x == -math.inf, x, x / t)  # a banned token stays so at T = inf
