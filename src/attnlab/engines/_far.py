@@ -8,6 +8,7 @@ import torch
 
 from attnlab._eager import unreadable
 from attnlab._grid import Grid
+from attnlab.engines._versions import held_tensors
 from attnlab.engines.base import AttentionRequest
 
 __all__ = ["far_limit", "far_rows"]
@@ -70,14 +71,16 @@ def _near(req: AttentionRequest, limit: float) -> bool:
 def _sees_itself(req: AttentionRequest) -> bool:
     """Whether the mask leaves every query row the key at its own position (False where
     a row has no such key, ``Lq > Lk``, or the mask must be evaluated tile by tile).
-    Evaluated on the CPU, where masks keep their tensors: on a GPU the answer read back
-    was a host-device sync on every call with gradients."""
+    Evaluated where the mask keeps its tensors, the CPU for attnlab's own: on a GPU the
+    answer read back was a host-device sync on every call with gradients (a mask that
+    holds a device tensor, a dense one say, is still read there rather than copied)."""
     mask = req.mask
     if req.lq > req.lk or (mask is not None and not mask.elementwise):
         return False
     if mask is None:
         return True
-    dev = torch.device("cpu")
+    held = {t.device for t in held_tensors(mask)}
+    dev = held.pop() if len(held) == 1 else torch.device("cpu")
     pos = torch.arange(req.lk - req.lq, req.lk, device=dev).view(1, 1, -1, 1)  # (1, 1, Lq, 1)
     b = torch.arange(req.batch if mask.per_batch else 1, device=dev).view(-1, 1, 1, 1)
     h = torch.arange(req.heads if mask.per_head else 1, device=dev).view(1, -1, 1, 1)
