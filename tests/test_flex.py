@@ -479,5 +479,8 @@ def test_a_bias_is_copied_to_the_calls_device_once_while_it_is_unchanged() -> No
     slopes.slopes.data = torch.full((4,), 3.0)
     again = bias_on(slopes, meta)
     assert again is not kept and bias_on(slopes, meta) is again
+    with torch.inference_mode():  # no version counter: kept by its values (it crashed)
+        frozen = B.alibi(4)
+    assert bias_on(frozen, meta) is bias_on(frozen, meta)
     learned = B.relative_buckets(4)
     assert bias_on(learned, meta) is not bias_on(learned, meta)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from attnlab.masks import Mask
 
-__all__ = ["held_code", "held_tensors", "raw_bytes", "versions"]
+__all__ = ["held_code", "held_tensors", "raw_bytes", "tensor_versions", "versions"]
 
 
 def _version_of(t: Tensor) -> object:
@@ -58,7 +58,21 @@ def versions(obj: object, depth: int = 0) -> tuple:
         >>> versions(m) != before
         True
     """
-    return tuple((t.data_ptr(), _version_of(t)) for t in held_tensors(obj))
+    return tensor_versions(held_tensors(obj))
+
+
+def tensor_versions(tensors: Iterable[Tensor]) -> tuple:
+    """``(data pointer, version)`` of each of ``tensors``, as :func:`versions` keys a
+    mask's (an inference tensor, which keeps no version, by its values where small).
+
+    Example:
+        >>> t = torch.zeros(2)
+        >>> before = tensor_versions([t])
+        >>> _ = t.add_(1)
+        >>> tensor_versions([t]) != before
+        True
+    """
+    return tuple((t.data_ptr(), _version_of(t)) for t in tensors)
 
 
 def held_tensors(obj: object, depth: int = 0) -> tuple[Tensor, ...]:

@@ -17,6 +17,7 @@ from torch import Tensor
 from attnlab._eager import unreadable
 from attnlab._grid import Grid
 from attnlab.bias.base import Bias
+from attnlab.engines._versions import tensor_versions
 from attnlab.engines.base import AttentionRequest
 from attnlab.masks.base import Mask
 
@@ -94,7 +95,7 @@ def _stamp(bias: Bias, tensors: tuple[Tensor, ...]) -> tuple:
     set since). A change through ``.data`` in place is not seen: make a new bias then."""
     plain = (bool, int, float, str, type(None))
     settings = tuple((k, v) for k, v in vars(bias).items() if type(v) in plain)
-    return bias.training, settings, tuple((t._version, t.data_ptr()) for t in tensors)
+    return bias.training, settings, tensor_versions(tensors)
 
 
 def _same(a: tuple[Tensor, ...], b: tuple[Tensor, ...]) -> bool:
