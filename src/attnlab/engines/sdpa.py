@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnlab._devices import to_device
 from attnlab._eager import (
     compiling,
     higher_order,
@@ -256,11 +257,11 @@ def _mask_by_bounds(
     allowed = _interval_mask(lo, hi, req.lk, device)  # (Bm, 1, Lq or 1, Lk)
     empty = None
     if bool((first > last).any()):
-        empty = _to_device((first > last)[:, None, :, None], device)  # (Bm, 1, Lq, 1)
+        empty = to_device((first > last)[:, None, :, None], device)  # (Bm, 1, Lq, 1)
         allowed = allowed | empty
     single = None
     if req.needs_grad and req.dropout_p == 0 and bool((first == last).any()):
-        single = _to_device(torch.where(first == last, first, -1).unsqueeze(1), device)
+        single = to_device(torch.where(first == last, first, -1).unsqueeze(1), device)
     return allowed, empty, single  # single: (Bm, 1, Lq)
 
 
@@ -271,16 +272,8 @@ def _interval_mask(lo: Tensor, hi: Tensor, lk: int, device: torch.device) -> Ten
     if bool((lo == lo[:, :1]).all()) and bool((hi == hi[:, :1]).all()):
         lo, hi = lo[:, :1], hi[:, :1]
     keys = torch.arange(lk, device=device)  # (Lk,)
-    lo_d, hi_d = (_to_device(t[:, None, :, None], device) for t in (lo, hi))
+    lo_d, hi_d = (to_device(t[:, None, :, None], device) for t in (lo, hi))
     return (keys >= lo_d) & (keys <= hi_d)
-
-
-def _to_device(t: Tensor, device: torch.device) -> Tensor:
-    """CPU tensor ``t`` on ``device``; to a GPU through pinned memory without blocking
-    (from pageable memory the copy waits for the device: a sync)."""
-    if device.type == "cuda":
-        return t.contiguous().pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 def _single_keys(mask: Mask, allowed: Tensor, req: AttentionRequest) -> Tensor | None:
@@ -331,7 +324,7 @@ def _one_key_rows(out: Tensor, v: Tensor, single: Tensor, bias: Tensor | None) -
     keys, which = torch.unique(flat, return_inverse=True)
     if single.device != out.device:
         item, head, row, key, keys, which = (
-            _to_device(t, out.device) for t in (item, head, row, key, keys, which)
+            to_device(t, out.device) for t in (item, head, row, key, keys, which)
         )
     # each value once, then float64 for the backward's sum of many rows' gradients into
     # it (key 0 of global_tokens([0]) in float32: dV 2.1x plain PyTorch's error, not 0.8x)
