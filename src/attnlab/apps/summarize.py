@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attnlab._validate import instance_of, real_where
+from attnlab._validate import instance_of, plain, real_where
 from attnlab.apps.corpus import Document, Sentence, split_document
 from attnlab.apps.embedding import Progress, embed
 from attnlab.models import SentenceEncoder
@@ -144,7 +144,8 @@ def summarize(
         ...
         ValueError: sentences must be a positive int, got 0
     """
-    if isinstance(sentences, bool) or not isinstance(sentences, int) or sentences < 1:
+    count = plain(sentences)  # (np.int64 was refused)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ValueError(f"sentences must be a positive int, got {sentences!r}")
     damping = real_where("damping", damping, lambda d: 0 < d < 1, "a number in (0, 1)")
     position = real_where("position", position, lambda p: 0 <= p < math.inf, "a number >= 0")
@@ -165,4 +166,4 @@ def summarize(
     enc = encoder or SentenceEncoder.from_pretrained()
     vecs = embed(enc, sents, progress)  # (n, D)
     sal = centrality(vecs, damping, position)
-    return Summary(sents, sal.tolist(), _pick(vecs, sal, sentences, redundancy))
+    return Summary(sents, sal.tolist(), _pick(vecs, sal, count, redundancy))

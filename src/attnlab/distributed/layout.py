@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from attnlab._scalars import plain
+
 __all__ = ["LAYOUTS", "Piece", "pieces", "positions", "shard", "shard_lengths", "unshard"]
 
 LAYOUTS = ("contiguous", "zigzag")
@@ -28,11 +30,15 @@ def validate_layout(layout: object) -> str:
     return str(layout)
 
 
-def _check_sizes(n: object, world: object) -> None:
-    """``n`` an int >= 0 and ``world`` an int >= 1 (0 ranks gave no shards, no error)."""
-    for name, value, low in (("n", n, 0), ("world", world, 1)):
+def _check_sizes(n: object, world: object) -> tuple[int, int]:
+    """``n`` an int >= 0 and ``world`` an int >= 1 (0 ranks gave no shards, no error), as
+    Python's ints (numpy's taken)."""
+    sizes = []
+    for name, value, low in (("n", plain(n), 0), ("world", plain(world), 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        sizes.append(value)
+    return sizes[0], sizes[1]
 
 
 def _chunks(n: int, parts: int) -> list[Piece]:
@@ -55,13 +61,14 @@ def pieces(n: int, rank: int, world: int, layout: str = "zigzag") -> list[Piece]
         >>> pieces(7, 1, 2, "contiguous")
         [(4, 7)]
     """
-    _check_sizes(n, world)
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world:
+    n, world = _check_sizes(n, world)
+    r = plain(rank)
+    if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < world:
         raise ValueError(f"rank must be an int in [0, world={world}), got {rank!r}")
     if validate_layout(layout) == "contiguous":
-        return [_chunks(n, world)[rank]]
+        return [_chunks(n, world)[r]]
     chunks = _chunks(n, 2 * world)
-    return [chunks[rank], chunks[2 * world - 1 - rank]]
+    return [chunks[r], chunks[2 * world - 1 - r]]
 
 
 def shard_lengths(n: int, world: int, layout: str = "zigzag") -> list[int]:
@@ -71,7 +78,7 @@ def shard_lengths(n: int, world: int, layout: str = "zigzag") -> list[int]:
         >>> shard_lengths(10, 4)
         [3, 3, 2, 2]
     """
-    _check_sizes(n, world)
+    n, world = _check_sizes(n, world)
     return [sum(b - a for a, b in pieces(n, r, world, layout)) for r in range(world)]
 
 
@@ -96,7 +103,7 @@ def shard(x: Tensor, rank: int, world: int, *, layout: str = "zigzag", dim: int 
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
-    _check_dim(dim, x.dim(), f" for x of shape {tuple(x.shape)}")
+    dim = _check_dim(dim, x.dim(), f" for x of shape {tuple(x.shape)}")
     n = x.shape[dim]
     return torch.cat([x.narrow(dim, a, b - a) for a, b in pieces(n, rank, world, layout)], dim)
 
@@ -110,7 +117,7 @@ def unshard(shards: Sequence[Tensor], *, layout: str = "zigzag", dim: int = 2) -
         >>> unshard(parts, dim=0).tolist() == x.tolist()
         True
     """
-    _check_shards(shards, dim)
+    dim = _check_shards(shards, dim)
     world = len(shards)
     n = sum(s.shape[dim] for s in shards)
     if [s.shape[dim] for s in shards] != shard_lengths(n, world, layout):
@@ -128,8 +135,9 @@ def unshard(shards: Sequence[Tensor], *, layout: str = "zigzag", dim: int = 2) -
     return torch.cat([t for _, t in sorted(placed, key=lambda p: p[0])], dim)
 
 
-def _check_shards(shards: object, dim: object) -> None:
-    """``shards`` a non-empty list of tensors of one rank, each with a ``dim``."""
+def _check_shards(shards: object, dim: object) -> int:
+    """``shards`` a non-empty list of tensors of one rank, each with a ``dim`` (returned as
+    Python's int)."""
     if isinstance(shards, Tensor) or not isinstance(shards, Sequence) or not shards:
         raise TypeError(
             f"shards must be a non-empty list of every rank's shard (Tensors), got "
@@ -141,8 +149,7 @@ def _check_shards(shards: object, dim: object) -> None:
     rank = shards[0].dim()
     if any(t.dim() != rank for t in shards):
         raise ValueError(f"shards must share one rank, got {[t.dim() for t in shards]} dims")
-    _check_dim(dim, rank, "")
-    assert isinstance(dim, int)
+    dim = _check_dim(dim, rank, "")
     outside = {tuple(n for d, n in enumerate(t.shape) if d != dim % rank) for t in shards}
     kinds = {(t.dtype, t.device) for t in shards}
     if len(outside) > 1 or len(kinds) > 1:  # (torch.cat: "Sizes of tensors must match")
@@ -152,9 +159,13 @@ def _check_shards(shards: object, dim: object) -> None:
         raise ValueError(
             f"shards must match outside dim {dim} in shape, dtype and device, got {seen}"
         )
+    return dim
 
 
-def _check_dim(dim: object, rank: int, of: str) -> None:
-    """``dim`` an int dimension of a tensor of ``rank`` dims (``of``: said after the range)."""
-    if isinstance(dim, bool) or not isinstance(dim, int) or not -rank <= dim < rank:
+def _check_dim(dim: object, rank: int, of: str) -> int:
+    """``dim`` an int dimension of a tensor of ``rank`` dims (``of``: said after the range),
+    as Python's int (numpy's taken)."""
+    d = plain(dim)
+    if isinstance(d, bool) or not isinstance(d, int) or not -rank <= d < rank:
         raise ValueError(f"dim must be an int in [{-rank}, {rank}){of}, got {dim!r}")
+    return d

@@ -201,8 +201,11 @@ def _rows(rows: tuple[int, int] | None) -> tuple[int, int] | None:
     if rows is None:
         return None
     ok = isinstance(rows, tuple | list) and len(rows) == 2
-    if not ok or not all(isinstance(r, int) and not isinstance(r, bool) for r in rows):
+    if not ok or not all(
+        isinstance(r, numbers.Integral) and not isinstance(r, bool) for r in rows
+    ):  # (numpy's ints too: np.bool_ is no Integral)
         raise ValueError(f"rows must be a pair of ints (r0, r1), got {rows!r}")
-    if not 0 <= rows[0] <= rows[1]:
-        raise ValueError(f"rows={tuple(rows)} must satisfy 0 <= r0 <= r1")
-    return (rows[0], rows[1])
+    r0, r1 = int(rows[0]), int(rows[1])
+    if not 0 <= r0 <= r1:
+        raise ValueError(f"rows={(r0, r1)} must satisfy 0 <= r0 <= r1")
+    return (r0, r1)

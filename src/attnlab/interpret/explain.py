@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from attnlab._validate import validate_flag
+from attnlab._validate import plain, validate_flag
 from attnlab.interpret._captum import captum_attr, float64_path, trapezoid_fix
 from attnlab.interpret.capture import capture
 
@@ -295,9 +295,7 @@ def integrated_gradients(
     """
     if not isinstance(inputs, Tensor):
         raise TypeError(f"inputs must be a Tensor, got {type(inputs).__name__}")
-    if not isinstance(steps, int) or steps < 2:
-        raise ValueError(f"steps must be an int >= 2, got {steps!r}")
-    _check_path(method, internal_batch_size)
+    steps, internal_batch_size = _check_path(method, steps, internal_batch_size)
     _check_baselines(inputs, baselines)
     if layer is not None and not isinstance(layer, nn.Module):
         raise TypeError(f"layer must be a torch.nn.Module or None, got {type(layer).__name__}")
@@ -371,10 +369,15 @@ def _kind(t: Tensor) -> str:
     return "complex" if t.is_complex() else "floating" if t.is_floating_point() else "integer"
 
 
-def _check_path(method: object, internal_batch_size: object) -> None:
-    """The path integral's rule and chunk size, named here rather than by captum's assert."""
+def _check_path(method: object, steps: object, batch: object) -> tuple[int, int | None]:
+    """The path integral's rule, steps and chunk size, named here rather than by captum's
+    assert; the sizes as Python's ints (numpy's taken)."""
+    n = plain(steps)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise ValueError(f"steps must be an int >= 2, got {steps!r}")
     if method not in IG_METHODS:
         raise ValueError(f"method={method!r} is not one of {IG_METHODS}")
-    n = internal_batch_size
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-        raise ValueError(f"internal_batch_size must be an int >= 1, got {n!r}")
+    chunk = plain(batch)
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"internal_batch_size must be an int >= 1, got {batch!r}")
+    return n, chunk

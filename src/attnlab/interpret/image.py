@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from attnlab._validate import real_where
+from attnlab._validate import plain, real_where
 from attnlab.interpret.plot import (
     check_finite,
     check_png_path,
@@ -125,11 +125,11 @@ def patch_grid(weights: Tensor, grid: int) -> Tensor:
     """
     if not isinstance(weights, Tensor):
         raise TypeError(f"weights must be a Tensor, got {type(weights).__name__}")
-    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:  # (0: reshape failed)
+    g = plain(grid)  # (np.int64 was refused)
+    if isinstance(g, bool) or not isinstance(g, int) or g < 1:  # (0: reshape failed)
         raise ValueError(f"grid must be a positive int, got {grid!r}")
-    if weights.dim() != 2 or weights.shape[1] != grid * grid:
+    if weights.dim() != 2 or weights.shape[1] != g * g:
         raise ValueError(
-            f"weights must have shape (N, grid * grid) = (N, {grid * grid}), got "
-            f"{tuple(weights.shape)}"
+            f"weights must have shape (N, grid * grid) = (N, {g * g}), got {tuple(weights.shape)}"
         )
-    return weights.reshape(-1, grid, grid).to(torch.float32)
+    return weights.reshape(-1, g, g).to(torch.float32)

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from attnlab._io import atomic_write_text, decode_text, png_data_uri
+from attnlab._scalars import plain
 from attnlab.interpret.plot import check_png_path, check_tokens
 
 __all__ = ["KEYS_JS", "report"]
@@ -128,9 +129,10 @@ def report(
         )
     if len(tokens) != n:
         raise ValueError(f"tokens has {len(tokens)} entries but the weights are {n} x {n}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+    k = plain(top_k)  # (np.int64 was refused)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"top_k must be a positive int, got {top_k!r}")
-    idx, val = _top_keys(layers, min(top_k, n))
+    idx, val = _top_keys(layers, min(k, n))
     if saliency is not None and not isinstance(saliency, Mapping):
         raise TypeError(f"saliency must be a dict of name -> scores, got {type(saliency).__name__}")
     sal = {_name(name): _scores(name, s, n) for name, s in (saliency or {}).items()}

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnlab._scalars import plain
 from attnlab.interpret.capture import capture
 from attnlab.interpret.explain import (
     Attribution,
@@ -316,8 +317,9 @@ def write_explanation(
 
 def _check_explain_args(
     model: object, text: object, out: object, against: object, steps: object, flow: object
-) -> None:
-    """:func:`explain_text`'s arguments, checked before any work (TypeError/ValueError)."""
+) -> tuple[int, int]:
+    """:func:`explain_text`'s arguments, checked before any work (TypeError/ValueError);
+    ``steps`` and ``flow`` returned as Python's ints (numpy's taken)."""
     if not isinstance(model, TextModel):
         raise TypeError(f"model must be a TextModel, got {type(model).__name__}")
     for name, value in (("text", text), ("against", against)):
@@ -334,10 +336,12 @@ def _check_explain_args(
     if Path(out).suffix.lower() not in ("", ".html", ".htm"):  # (r.png was written as HTML)
         msg = f"out {str(out)!r} ends in {Path(out).suffix!r}, but the report written is HTML"
         raise ValueError(msg + "; give a name ending in .html or .htm")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+    n, most = plain(steps), plain(flow)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise ValueError(f"steps must be an int >= 2 (integrated gradients), got {steps!r}")
-    if isinstance(flow, bool) or not isinstance(flow, int) or flow < 0:
+    if isinstance(most, bool) or not isinstance(most, int) or most < 0:
         raise ValueError(f"flow_tokens must be an int >= 0, got {flow!r}")
+    return n, most
 
 
 def explain_text(
@@ -365,7 +369,7 @@ def explain_text(
         >>> ex.tokens, [p.suffix for p in ex.files][:2]
         (['1', '3', '5', '6', '9'], ['.html', '.png'])
     """
-    _check_explain_args(model, text, out, against, steps, flow_tokens)
+    steps, flow_tokens = _check_explain_args(model, text, out, against, steps, flow_tokens)
     with eval_mode(model.network):  # (dropout in training mode: another score each run)
         ids = torch.tensor([list(model.tokenize(text))])  # (1, n)
         tokens = [model.token_name(int(i)) for i in ids[0]]

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
-from attnlab._validate import choice, positive_int, validate_flag
+from attnlab._validate import choice, plain, positive_int, validate_flag
 from attnlab.models._checkpoint import check_keys, read_safetensors
 
 __all__ = [
@@ -186,10 +186,11 @@ def max_seq_length(folder: Path, st_config: dict[str, Any], max_positions: int) 
 def _length(where: str, value: object) -> int:
     """A token limit read from a config file: a whole number >= 2 (ints past any position
     table, as transformers writes for 'no limit', are fine: the caller caps them)."""
-    whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-    if isinstance(value, bool) or not whole or not isinstance(value, int | float) or value < 2:
+    v = plain(value)
+    whole = isinstance(v, int) or (isinstance(v, float) and v.is_integer())
+    if isinstance(v, bool) or not whole or not isinstance(v, int | float) or v < 2:
         raise ValueError(f"{where} must be a whole number >= 2, got {value!r}")
-    return int(value)
+    return int(v)
 
 
 def read_modules(folder: Path) -> list[StModule]:
@@ -353,9 +354,9 @@ def _load_dense(folder: Path, width: int) -> SentenceDense:
 
 def _size(path: Path, cfg: dict[str, Any], key: str) -> int:
     """``cfg[key]``, a positive int, or a ValueError naming the file and the key."""
-    n = cfg.get(key)
+    n = plain(cfg.get(key))
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"{path}: {key} must be a positive int, got {n!r}")
+        raise ValueError(f"{path}: {key} must be a positive int, got {cfg.get(key)!r}")
     return n
 
 

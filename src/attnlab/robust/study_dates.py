@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlab._validate import positive_int, real_where
+from attnlab._validate import plain, positive_int, real_where
 from attnlab.models.rnn import RNNSeq2Seq
 from attnlab.nn._modes import eval_mode
 from attnlab.robust.adversarial import FreeLB
@@ -153,9 +153,10 @@ class AdversarialEditsTask(EditedDatesTask):
 
     def __init__(self, *args: object, k: int = 4, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        n = plain(k)  # (np.int64 was refused; data_options are saved as JSON)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"k must be an int >= 1 (edited versions per source), got {k!r}")
-        self.k = self.data_options["k"] = k
+        self.k = self.data_options["k"] = n
 
     def batch(self, indices: Tensor) -> EditCandidates:  # type: ignore[override]
         rng = random.Random(int(torch.randint(2**31, (1,))))

@@ -26,6 +26,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from attnlab._scalars import plain_fields
+
 __all__ = [
     "IMAGE_FORMATS",
     "ApiError",
@@ -61,6 +63,7 @@ class Limits:
     max_jobs: int = 32
 
     def __post_init__(self) -> None:
+        plain_fields(self)  # (np.int64 was refused; /api/limits answers these as JSON)
         for name, value in asdict(self).items():  # (a str gave every request a 500)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Limits.{name} must be an int >= 1, got {value!r}")
