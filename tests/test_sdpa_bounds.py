@@ -10,15 +10,18 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import attnlab
 from attnlab import bias as B
 from attnlab import masks as M
-from attnlab.engines import sdpa
+from attnlab.engines import AttentionRequest, sdpa
 
 BATCH, HQ, HKV, LK, E = 3, 4, 2, 40, 8
 
@@ -161,3 +164,53 @@ def test_alibi_keeps_its_slopes_per_device_out_of_the_state_dict() -> None:
     assert m.double().dense(3, 5, heads=8).dtype == torch.float64
     assert m._slopes_on(cpu, torch.float64, True) is not kept  # .to() dropped the copy
     assert m.state_dict() == {}
+
+
+aten = torch.ops.aten
+DEVICE_READS = {  # ops whose output's shape or value depends on the data
+    aten.nonzero.default,
+    aten._unique2.default,
+    aten.unique_dim.default,
+    aten.masked_select.default,
+    aten._local_scalar_dense.default,
+    aten.is_nonzero.default,
+}
+
+
+class _NoDeviceReads(TorchDispatchMode):
+    """Raises on an op off the CPU whose output's shape or value depends on the data
+    (``nonzero``, ``unique``, ``bool()``): on a GPU each is a host-device sync."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        found = [t.device for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+        if func in DEVICE_READS and any(d.type != "cpu" for d in found):
+            raise AssertionError(f"{func} reads a value on {found}: a sync on a GPU")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("case", ["window", "causal_alibi", "padding"])
+def test_the_bounds_path_reads_no_device_value_for_rows_of_one_key(
+    case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The off-CPU path with gradients, run on the meta device: the rows that see one key
+    are found on the CPU. On an H200 ``single`` was on the device and ``_one_key_rows``'s
+    ``nonzero`` of it raised under ``torch.cuda.set_sync_debug_mode("error")``."""
+    mask, bias = {
+        "window": (M.causal() & M.window(6), None),
+        "causal_alibi": (M.causal(), B.alibi(HQ)),
+        "padding": (M.padding([LK, 1, 0]), None),
+    }[case]
+
+    def host_bounds(req: AttentionRequest) -> tuple[Tensor, Tensor]:
+        bounds = mask.row_bounds(req.lq, req.lk, req.batch, "cpu")  # (meta is unreadable)
+        assert bounds is not None and bounds.exact
+        return bounds.lo, bounds.hi
+
+    monkeypatch.setattr(sdpa, "_host_bounds", host_bounds)
+    q = torch.empty(BATCH, HQ, LK, E, device="meta", requires_grad=True)
+    k, v = (torch.empty(BATCH, HKV, LK, E, device="meta", requires_grad=True) for _ in "kv")
+    req = AttentionRequest(q, k, v, mask, bias, 1.0, "dot", "softmax", 0.0, False, False)
+    assert req.needs_grad
+    with _NoDeviceReads():
+        out = sdpa.SdpaEngine().forward(req)[0]
+    assert out.shape == q.shape and out.is_meta

@@ -251,7 +251,8 @@ def _mask_by_bounds(
     the keys ``lo..hi`` of each row (``(Bm, Lq)`` on the CPU): every question is answered
     on the CPU and only the answers travel to the device, copied without a sync. On an
     H200, ``causal() & window(128)`` at 1x8x1024x64 made a sync per call (380-510 us to
-    return against 48 us for bare SDPA)."""
+    return against 48 us for bare SDPA). ``single`` stays on the CPU, where
+    :func:`_one_key_rows` finds its rows (``nonzero`` of a device tensor is a sync)."""
     device = req.q.device
     first, last = lo.clamp(min=0), hi.clamp(max=req.lk - 1)  # (Bm, Lq)
     allowed = _interval_mask(lo, hi, req.lk, device)  # (Bm, 1, Lq or 1, Lk)
@@ -259,10 +260,10 @@ def _mask_by_bounds(
     if bool((first > last).any()):
         empty = to_device((first > last)[:, None, :, None], device)  # (Bm, 1, Lq, 1)
         allowed = allowed | empty
-    single = None
+    single = None  # kept on the CPU: _one_key_rows finds its rows there, unsynced
     if req.needs_grad and req.dropout_p == 0 and bool((first == last).any()):
-        single = to_device(torch.where(first == last, first, -1).unsqueeze(1), device)
-    return allowed, empty, single  # single: (Bm, 1, Lq)
+        single = torch.where(first == last, first, -1).unsqueeze(1)
+    return allowed, empty, single  # single: (Bm, 1, Lq) on the CPU
 
 
 def _interval_mask(lo: Tensor, hi: Tensor, lk: int, device: torch.device) -> Tensor:
