@@ -21,7 +21,8 @@ from torch.utils._pytree import tree_leaves
 import attnlab
 from attnlab import bias as B
 from attnlab import masks as M
-from attnlab.engines import AttentionRequest, sdpa
+from attnlab.engines import AttentionRequest, get_engine, sdpa
+from attnlab.engines._dense_cache import DenseCache
 
 BATCH, HQ, HKV, LK, E = 3, 4, 2, 40, 8
 
@@ -55,8 +56,10 @@ def _run(ts: list[Tensor], engine: str, dtype: torch.dtype, **kw: object) -> lis
 
 def _by_bounds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Make the engine take the off-CPU path (bounds on the CPU) here; the list counts
-    the calls that took it."""
+    the calls that took it. The engine's memo of the last mask starts empty (it would
+    give an earlier CPU-path call's dense mask, as the path follows the device there)."""
     taken: list[int] = []
+    monkeypatch.setattr(get_engine("sdpa"), "_masks", DenseCache())
 
     def host_bounds(req: object) -> tuple[Tensor, Tensor] | None:
         got = sdpa._exact_bounds(req)  # type: ignore[arg-type]

@@ -9,7 +9,9 @@ first-order backward only: forward-mode AD and second derivatives that the forwa
 raises by name when differentiated (:func:`_sdpa`). Their backward recomputes the weights
 from each row's logsumexp, which loses the row's sum where a bias puts the row far from 0
 (an additive mask's padded row): calls with gradients and such a row go elsewhere
-(:func:`~attnlab.engines._far.far_rows`).
+(:func:`~attnlab.engines._far.far_rows`). The engine keeps the dense form of the last
+mask object (:class:`~attnlab.engines._dense_cache.DenseCache`): a model's layers share one.
+It holds that one dense mask per engine instance, as the flex engine holds one block mask.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from attnlab._eager import (
     unreadable,
     vmapping,
 )
+from attnlab.engines._dense_cache import DenseCache, Parts
 from attnlab.engines._far import far_rows
 from attnlab.engines.base import AttentionRequest, Engine, EngineResult, may_hold_nan
 from attnlab.masks import Mask
@@ -56,6 +59,9 @@ class SdpaEngine(Engine):
         "causal without one), dropout, GQA, autograd incl. learnable biases; "
         "no weights, no lse"
     )
+
+    def __init__(self) -> None:
+        self._masks = DenseCache()  # the last mask's dense form: one per engine instance
 
     def unsupported(self, req: AttentionRequest) -> str | None:
         if req.score != "dot":
@@ -112,7 +118,7 @@ class SdpaEngine(Engine):
                 enable_gqa=gqa,
             )
             return out, None, None
-        attn_mask, empty_rows, single = _dense_mask(req)
+        attn_mask, empty_rows, single = _dense_mask(req, self._masks)
         out = _sdpa(
             req.q,
             req.k,
@@ -181,7 +187,9 @@ def _screens_hidden_nan(req: AttentionRequest) -> bool:
     return masked and req.q.device.type == "cpu" and req.lq >= 16
 
 
-def _dense_mask(req: AttentionRequest) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+def _dense_mask(
+    req: AttentionRequest, cache: DenseCache | None = None
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """The request's mask and bias as one SDPA ``attn_mask``, plus its fully masked rows
     and the key of each row it leaves exactly one key (:func:`_single_keys`).
 
@@ -189,15 +197,12 @@ def _dense_mask(req: AttentionRequest) -> tuple[Tensor | None, Tensor | None, Te
     and its gradients stay finite) and their output is zeroed afterwards. Off the CPU a
     mask with exact row bounds answers both from bounds made on the CPU
     (:func:`_mask_by_bounds`): no device value is read back. Other masks are read on the
-    device (one host-device sync per question on a GPU).
+    device (one host-device sync per question on a GPU). ``cache`` keeps the mask's part
+    for the next call with the same mask; the bias's part is made per call.
     """
     allowed = empty = single = None
     if req.mask is not None:
-        bounds = _host_bounds(req)
-        if bounds is not None:
-            allowed, empty, single = _mask_by_bounds(req, *bounds)
-        else:
-            allowed, empty, single = _mask_by_evaluation(req.mask, req)
+        allowed, empty, single = _mask_parts(req) if cache is None else cache.get(req, _mask_parts)
     if req.bias is None:
         return allowed, empty, single
     bias = req.bias.dense(
@@ -206,6 +211,15 @@ def _dense_mask(req: AttentionRequest) -> tuple[Tensor | None, Tensor | None, Te
     if allowed is not None:
         bias = bias.masked_fill(~allowed, float("-inf"))
     return bias, empty, single
+
+
+def _mask_parts(req: AttentionRequest) -> Parts:
+    """``(allowed, empty, single)`` of :func:`_dense_mask` for ``req.mask``, not None."""
+    assert req.mask is not None
+    bounds = _host_bounds(req)
+    if bounds is not None:
+        return _mask_by_bounds(req, *bounds)
+    return _mask_by_evaluation(req.mask, req)
 
 
 def _mask_by_evaluation(
