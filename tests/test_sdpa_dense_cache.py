@@ -114,3 +114,23 @@ def test_gradients_and_inference_mode_get_their_own_build(
         torch.testing.assert_close(a, w, rtol=0, atol=0)
         torch.testing.assert_close(b, w, rtol=0, atol=0)
     assert got[0][1][1].abs().max().item() == 0.0  # dQ of item 1
+
+
+def test_a_dense_mask_over_the_limit_is_built_per_call_not_held(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The engine is one object for the process: a kept dense mask stays allocated after
+    the call (1 GiB of bool at 32768 tokens), so one above ``KEPT_MAX`` is not kept."""
+    from attnlab.engines import _dense_cache
+
+    built = _counted(monkeypatch, "_mask_by_evaluation")
+    monkeypatch.setattr(_dense_cache, "KEPT_MAX", L * L - 1)  # causal(): (1, 1, L, L)
+    q, k, v = _qkv()
+    mask = M.causal() & M.window(4)
+    outs = [attnlab.attention(q, k, v, mask=mask, engine="sdpa") for _ in range(2)]
+    assert len(built) == 2, "a mask above KEPT_MAX was kept"
+    torch.testing.assert_close(outs[1], _torch(q, k, v, mask))
+    monkeypatch.setattr(_dense_cache, "KEPT_MAX", L * L)
+    attnlab.attention(q, k, v, mask=mask, engine="sdpa")
+    attnlab.attention(q, k, v, mask=mask, engine="sdpa")
+    assert len(built) == 3

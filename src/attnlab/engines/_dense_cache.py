@@ -23,6 +23,8 @@ from attnlab.masks import Mask
 
 __all__ = ["DenseCache", "Parts"]
 
+KEPT_MAX = 1 << 24  # elements of a dense mask kept between calls (16 MiB of bool)
+
 Parts = tuple[Tensor, Tensor | None, Tensor | None]  # (allowed, empty rows, single keys)
 
 
@@ -30,7 +32,8 @@ class DenseCache:
     """The dense parts of the last mask object, for its sizes, device, the call's flags
     and the versions of the tensors it holds (an in-place change of one, or a new mask
     object, builds again). It holds one dense mask (``(Bm, Hm, Lq or 1, Lk)`` bool, at
-    most ``B * H * Lq * Lk`` bytes, on the call's device) and its rows per engine
+    most :data:`KEPT_MAX` bytes, on the call's device; a larger one, 1 GiB at 32768
+    tokens, is built per call rather than held after it) and its rows per engine
     instance, until the next mask replaces it; no mask is kept alive. The parts are read
     only downstream (never changed in place) and carry no autograd history (bool and
     index tensors). Not kept while compiling, exporting, under vmap or on the meta device.
@@ -62,8 +65,9 @@ class DenseCache:
         if last is not None and last[0]() is mask and last[1] == _key(req, mask):
             return last[2]
         parts = build(req)
-        self._last = (weakref.ref(mask), _key(req, mask), parts)  # after: a build may keep
-        return parts  # a device copy in the mask, a new tensor for versions()
+        if parts[0].numel() <= KEPT_MAX:  # the key after: a build may keep a device copy
+            self._last = (weakref.ref(mask), _key(req, mask), parts)  # in the mask
+        return parts
 
 
 def _key(req: AttentionRequest, mask: Mask) -> tuple:
