@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from attnlab._validate import positive_int
+from attnlab._validate import plain, positive_int
 
 __all__ = ["free_port", "run_local"]
 
@@ -92,8 +92,10 @@ def run_local(
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
     world, threads = positive_int("world", world), positive_int("threads", threads)
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+    number = plain(timeout)  # (numpy's numbers too, passed on as Python's)
+    if isinstance(number, bool) or not isinstance(number, int | float) or not number > 0:
         raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+    timeout = number
     if backend == "nccl" and torch.cuda.device_count() < world:
         raise ValueError(
             f"backend='nccl' needs one GPU per rank: world={world}, "

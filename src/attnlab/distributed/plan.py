@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from attnlab._grid import Grid
-from attnlab._validate import nonnegative_int, positive_int
+from attnlab._validate import nonnegative_int, plain, positive_int
 from attnlab.distributed.comm import Group
 from attnlab.distributed.layout import validate_layout
 from attnlab.distributed.ring import segments
@@ -304,6 +304,17 @@ def _allowed(s: Setup, q: tuple[int, int], k: tuple[int, int]) -> int:
     return total
 
 
+def _rate(name: str, value: object, low: bool = False) -> float:
+    """``value`` as a finite float > 0 (>= 0 where ``low``; numpy's numbers too), or an
+    error naming ``name`` (a negative or NaN latency predicted a perfect 1.0)."""
+    number = plain(value)
+    if isinstance(number, bool) or not isinstance(number, int | float):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not (number >= 0 if low else number > 0) or number == float("inf"):
+        raise ValueError(f"{name} must be a finite number {'>=' if low else '>'} 0, got {value!r}")
+    return float(number)
+
+
 def simulate(
     p: CallPlan, *, bandwidth: float, flops: float, latency: float = 0.0, backward: bool = True
 ) -> float:
@@ -323,14 +334,8 @@ def simulate(
     """
     if not isinstance(p, CallPlan):
         raise TypeError(f"p must be a plan(...) result, got {type(p).__name__}")
-    for name, value in (("bandwidth", bandwidth), ("flops", flops), ("latency", latency)):
-        low = name == "latency"  # (a negative or NaN latency predicted a perfect 1.0)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-        if not (value >= 0 if low else value > 0) or value == float("inf"):
-            raise ValueError(
-                f"{name} must be a finite number {'>=' if low else '>'} 0, got {value!r}"
-            )
+    bandwidth, flops = _rate("bandwidth", bandwidth), _rate("flops", flops)
+    latency = _rate("latency", latency, low=True)
     if not isinstance(backward, bool):
         raise TypeError(f"backward must be a bool, got {type(backward).__name__}")
     factor = 1 + (BACKWARD_FLOPS if backward else 0)

@@ -296,7 +296,7 @@ def integrated_gradients(
     if not isinstance(inputs, Tensor):
         raise TypeError(f"inputs must be a Tensor, got {type(inputs).__name__}")
     steps, internal_batch_size = _check_path(method, steps, internal_batch_size)
-    _check_baselines(inputs, baselines)
+    base = _check_baselines(inputs, baselines)
     if layer is not None and not isinstance(layer, nn.Module):
         raise TypeError(f"layer must be a torch.nn.Module or None, got {type(layer).__name__}")
     attr = captum_attr()
@@ -318,7 +318,7 @@ def integrated_gradients(
     with torch.enable_grad():
         a, delta = algo.attribute(
             inputs,
-            baselines=baselines,
+            baselines=base,
             n_steps=steps,
             method=method,
             internal_batch_size=internal_batch_size,
@@ -334,15 +334,17 @@ IG_METHODS: tuple[str, ...] = ("riemann_right", "riemann_left", "riemann_middle"
 IG_METHODS += ("riemann_trapezoid", "gausslegendre")
 
 
-def _check_baselines(inputs: Tensor, baselines: object) -> None:
-    """A baseline tensor of the inputs' shape (or one of its rows, ``(1, ...)``) or a
-    number, and a batch with an input (captum's AssertionError or IndexError named
-    neither)."""
+def _check_baselines(inputs: Tensor, baselines: object) -> Tensor | float | None:
+    """``baselines`` (a number as Python's, numpy's too) if it is a baseline tensor of the
+    inputs' shape (or one of its rows, ``(1, ...)``), a number or None, and a batch with an
+    input (captum's AssertionError or IndexError named neither)."""
     if inputs.dim() == 0 or inputs.shape[0] == 0:
         raise ValueError(f"inputs must hold at least one input (B >= 1), got {tuple(inputs.shape)}")
-    number = isinstance(baselines, int | float) and not isinstance(baselines, bool)
-    if baselines is None or number:
-        return
+    number = plain(baselines)
+    if baselines is None:
+        return None
+    if isinstance(number, int | float) and not isinstance(number, bool):
+        return number
     if not isinstance(baselines, Tensor):
         raise TypeError(
             f"baselines must be a Tensor, a number or None, got {type(baselines).__name__}"
@@ -360,6 +362,7 @@ def _check_baselines(inputs: Tensor, baselines: object) -> None:
             f"baselines must have the inputs' shape {tuple(inputs.shape)} or "
             f"{(1, *inputs.shape[1:])}, got {tuple(baselines.shape)}"
         )
+    return baselines
 
 
 def _kind(t: Tensor) -> str:

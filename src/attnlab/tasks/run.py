@@ -14,7 +14,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from attnlab._validate import instance_of
+from attnlab._validate import instance_of, plain
 from attnlab.tasks.registry import TaskSpec, spec
 from attnlab.train import TrainConfig, Trainer
 from attnlab.train.loop import Task, num_threads
@@ -85,10 +85,7 @@ def demo(
     """
     if not isinstance(out, str | Path):
         raise TypeError(f"out must be a str or Path (a folder), got {type(out).__name__}")
-    if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, int | float)):
-        raise TypeError(f"seconds must be None or a number > 0, got {type(seconds).__name__}")
-    if seconds is not None and (not seconds > 0 or seconds == float("inf")):
-        raise ValueError(f"seconds must be a finite number > 0, got {seconds!r}")
+    seconds = _seconds(seconds)
     t0 = time.perf_counter()
     print("attnlab demo: French number words -> English number words (num2words)")
     print("held-out numbers never appear in training; model: 2+2-layer transformer\n")
@@ -99,6 +96,18 @@ def demo(
     final = run_task(s, TranslationTask(40_000, eval_size=200, dropout=0.0), cfg, Path(out))
     print(f"demo took {time.perf_counter() - t0:.0f} s in all")
     return final
+
+
+def _seconds(seconds: object) -> float | None:
+    """``None``, or ``seconds`` as a finite float > 0 (numpy's numbers too)."""
+    if seconds is None:
+        return None
+    number = plain(seconds)
+    if isinstance(number, bool) or not isinstance(number, int | float):
+        raise TypeError(f"seconds must be None or a number > 0, got {type(seconds).__name__}")
+    if not number > 0 or number == float("inf"):
+        raise ValueError(f"seconds must be a finite number > 0, got {seconds!r}")
+    return float(number)
 
 
 def run_task(s: TaskSpec, task: Task, cfg: TrainConfig, report: str | Path) -> dict[str, float]:

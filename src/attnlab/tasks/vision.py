@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlab._validate import nonnegative_int, positive_int, real_where
+from attnlab._validate import nonnegative_int, plain, positive_int, real_where
 from attnlab.interpret import capture, rollout
 from attnlab.models.vit import ViT, ViTConfig
 from attnlab.tasks.options import DataOptions
@@ -141,10 +141,10 @@ class DigitsTask(DataOptions):
             raise ValueError(f"train_size={n} is more than the {len(ty)} training images")
         self.train_x, self.train_y = tx[:n], ty[:n]
         self.max_shift = nonnegative_int("max_shift", max_shift)
-        ok = isinstance(label_smoothing, int | float) and not isinstance(label_smoothing, bool)
-        if not ok or not 0.0 <= label_smoothing < 1.0:  # (2.0 failed at the first step)
+        smooth = plain(label_smoothing)  # (numpy's numbers too; 2.0 failed at the first step)
+        if isinstance(smooth, bool) or not isinstance(smooth, int | float) or not 0 <= smooth < 1:
             raise ValueError(f"label_smoothing must be a number in [0, 1), got {label_smoothing!r}")
-        self.label_smoothing = float(label_smoothing)
+        self.label_smoothing = float(smooth)
         self.data_options = {"test_fraction": float(test_fraction), "seed": seed}
         self.data_options["label_smoothing"] = self.label_smoothing
         self.model_cfg = ViTConfig(
