@@ -12,7 +12,10 @@ import pytest
 import torch
 
 from attnlab import _devices
+from attnlab import masks as M
+from attnlab.engines import AttentionRequest
 from attnlab.engines.base import weighted_values
+from attnlab.engines.reference import request_scores
 from tests.test_host_reads import reads
 
 NAN, INF = float("nan"), float("inf")
@@ -90,4 +93,50 @@ def test_weighted_values_reads_nothing_where_reads_stall(
     _stall(monkeypatch)
     with reads(monkeypatch) as rec:
         weighted_values(w, v, allowed)
+    assert sum(rec.by_file.values()) == 0, rec.by_file
+
+
+def _scores_request(nan_key: bool, k: torch.Tensor | None = None) -> AttentionRequest:
+    """A masked request ``(1, 4, 3, 8)`` against 5 keys on 2 heads, key 2 NaN or not."""
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 4, 3, 8, generator=g)
+    if k is None:
+        k = torch.randn(1, 2, 5, 8, generator=g)
+        if nan_key:
+            k[0, 1, 2, 4] = NAN
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[:2, 2] = False  # the NaN key seen by the last row only
+    return AttentionRequest(
+        q, k, k, M.tensor(mask), None, 0.5, "dot", "softmax", 0.0,
+        return_weights=False, return_lse=False,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("nan_key", [False, True], ids=["finite keys", "a NaN key"])
+def test_reference_scores_without_reads_equal_the_branch(
+    nan_key: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scores and their dq, dk, bit for bit: a NaN key's column NaN."""
+
+    def run() -> list[torch.Tensor]:
+        req = _scores_request(nan_key)
+        q, k = req.q.requires_grad_(), req.k.requires_grad_()
+        s = request_scores(AttentionRequest(**{**req.__dict__, "q": q, "k": k}))
+        up = torch.linspace(-1, 1, s.numel()).view_as(s)
+        return [s, *torch.autograd.grad((s * up).nan_to_num(0.0).sum(), [q, k])]
+
+    want, got = _both(run, monkeypatch)
+    _assert_bits(got, want)
+    assert got[0].isnan().any(-2).sum().item() == (2 if nan_key else 0)  # heads 2, 3
+
+
+@pytest.mark.parametrize("nan_key", [False, True], ids=["finite keys", "a NaN key"])
+def test_reference_scores_read_nothing_where_reads_stall(
+    nan_key: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(The masked call's NaN screen of k read its sum back: a sync per call on a GPU.)"""
+    req = _scores_request(nan_key)
+    _stall(monkeypatch)
+    with reads(monkeypatch) as rec:
+        request_scores(req)
     assert sum(rec.by_file.values()) == 0, rec.by_file
