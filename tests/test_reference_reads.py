@@ -11,11 +11,13 @@ from typing import Any
 import pytest
 import torch
 
+import attnlab
 from attnlab import _devices
 from attnlab import masks as M
 from attnlab.engines import AttentionRequest
 from attnlab.engines.base import weighted_values
 from attnlab.engines.reference import request_scores
+from attnlab.normalize import softmax_rows
 from tests.test_host_reads import reads
 
 NAN, INF = float("nan"), float("inf")
@@ -139,4 +141,138 @@ def test_reference_scores_read_nothing_where_reads_stall(
     _stall(monkeypatch)
     with reads(monkeypatch) as rec:
         request_scores(req)
+    assert sum(rec.by_file.values()) == 0, rec.by_file
+
+
+def _rows(seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """Scores ``(3, 5, 17)`` of std 1, 30 or 200, some with -inf entries, fully masked
+    rows, +inf or NaN."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 5, 17, generator=g) * [1, 30, 200][seed % 3]
+    if seed % 4 == 1:
+        x[torch.rand(3, 5, 17, generator=g) < 0.3] = -INF
+    if seed % 4 == 2:
+        x[0, 1] = -INF
+    if seed % 8 == 3:
+        x[1, 2, 3] = INF
+    if seed % 8 == 7:
+        x[2, 2, 3] = NAN
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_softmax_rows_without_reads_equals_the_branch(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Weights, logsumexp and the scores' gradient, bit for bit (both forms' gradients
+    summed with ``+0.0`` where not taken turned ``-0.0`` into ``+0.0``)."""
+    for seed in range(24):
+        x0 = _rows(seed, dtype)
+        up = torch.randn(3, 5, 17, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+        def run(x0: torch.Tensor = x0, up: torch.Tensor = up) -> list[torch.Tensor]:
+            x = x0.clone().requires_grad_()
+            p, lse = softmax_rows(x, want_lse=True)
+            assert lse is not None
+            loss = (p * up).sum() + (lse.nan_to_num(0.0, 0.0, 0.0) * up[..., 0]).sum()
+            return [p, lse, *torch.autograd.grad(loss, x)]
+
+        want, got = _both(run, monkeypatch)
+        _assert_bits(got, want)
+        with torch.no_grad():
+            want, got = _both(lambda x0=x0: list(softmax_rows(x0, want_lse=True)), monkeypatch)
+        _assert_bits(got, want)
+
+
+def test_softmax_rows_reads_nothing_where_reads_stall(monkeypatch: pytest.MonkeyPatch) -> None:
+    """(Its finite-row check read a flag back: a sync per call on a GPU.)"""
+    _stall(monkeypatch)
+    with reads(monkeypatch) as rec:
+        for seed in range(4):
+            softmax_rows(_rows(seed, torch.float32), want_lse=seed % 2 == 0)
+    assert sum(rec.by_file.values()) == 0, rec.by_file
+
+
+def _inputs(case: str, dtype: torch.dtype) -> dict[str, Any]:
+    """q ``(2, 4, 6, 8)``, k, v ``(2, 2, 10, 8)`` (GQA) and a mask, bias or softcap."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 6, 8, generator=g, dtype=torch.float64)
+    k, v = torch.randn(2, 2, 2, 10, 8, generator=g, dtype=torch.float64).unbind(0)
+    mask = torch.rand(2, 1, 6, 10, generator=g) > 0.3
+    mask[..., 0] = True
+    kw: dict[str, Any] = {"mask": mask}
+    bias = torch.zeros(1, 4, 6, 10, dtype=torch.float64)
+    if case == "nan q":
+        q[0, 1, 2, 3] = NAN
+    elif case == "nan k":
+        k[1, 0, 4, 5] = NAN
+        mask[1, :, :, 4] = False
+        mask[1, :, 5, 4] = True  # seen by one row
+    elif case == "nan v":
+        v[0, 1, 3, 2] = NAN
+        mask[0, :, :2, 3] = False
+    elif case == "fully masked rows":
+        mask[0, :, 2] = False
+    elif case == "-inf scores":
+        bias[0, :, 1, :] = -INF  # a whole row
+        bias[0, :, 3, 2:] = -INF
+        kw["bias"] = bias
+    elif case == "+inf scores":
+        bias[0, 2, 4, 0] = INF
+        kw["bias"] = bias
+    elif case == "softcap":
+        kw.update(softcap=2.5, scale=3.0)
+    elif case == "no mask":
+        kw.pop("mask")
+    if "bias" in kw:
+        kw["bias"] = kw["bias"].to(dtype)
+    return {"q": q.to(dtype), "k": k.to(dtype), "v": v.to(dtype), **kw}
+
+
+CASES = ["plain", "no mask", "nan q", "nan k", "nan v", "fully masked rows", "-inf scores"]
+CASES += ["+inf scores", "softcap"]
+
+
+def _attend(inputs: dict[str, Any], grad: bool) -> list[torch.Tensor]:
+    """The reference engine's out, weights, lse and, with ``grad``, dq, dk, dv."""
+    leaves = {n: t.clone().requires_grad_(grad) if n in "qkv" else t for n, t in inputs.items()}
+    res = attnlab.attention(**leaves, engine="reference", return_weights=True, return_lse=True)
+    got = [res.out, res.weights, res.lse]
+    if grad:
+        up = torch.linspace(-1, 1, res.out.shape[-1], dtype=res.out.dtype)
+        loss = (res.out * up).sum() + (res.lse.nan_to_num(0.0, 0.0, 0.0) * 0.5).sum()
+        got += list(torch.autograd.grad(loss, [leaves["q"], leaves["k"], leaves["v"]]))
+    return got
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no grad", "grad"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES)
+def test_reference_engine_without_reads_equals_the_branches(
+    case: str, dtype: torch.dtype, grad: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out, weights, lse, dq, dk and dv bit for bit; the float64 computation's within
+    rounding (NaN where it is NaN)."""
+    inputs = _inputs(case, dtype)
+    want, got = _both(lambda: _attend(inputs, grad), monkeypatch)
+    _assert_bits(got, want)
+    exact = _attend(_inputs(case, torch.float64), grad)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float64: 1e-12}[dtype]
+    for g, e in zip(got, exact, strict=True):
+        torch.testing.assert_close(g.double(), e, rtol=tol, atol=tol, equal_nan=True)
+
+
+@pytest.mark.parametrize("case", ["plain", "nan k", "nan v", "fully masked rows", "softcap"])
+@pytest.mark.parametrize("lq", [1, 6], ids=["decode", "prefill"])
+def test_reference_forward_reads_nothing_where_reads_stall(
+    case: str, lq: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(A masked call read 3-4 values back: the NaN screens of k and v and the
+    finite-row check, a sync each on a GPU; 67 in eight steps of a tiny Gemma 2.)"""
+    inputs = _inputs(case, torch.float32)
+    inputs["q"] = inputs["q"][:, :, -lq:]
+    inputs["mask"] = inputs["mask"][:, :, -lq:]
+    _stall(monkeypatch)
+    with torch.no_grad(), reads(monkeypatch) as rec:
+        attnlab.attention(**inputs, engine="reference", return_weights=True, return_lse=True)
     assert sum(rec.by_file.values()) == 0, rec.by_file
