@@ -25,6 +25,7 @@ RANKS = {
     "_timing": 0,  # the benchmarks' timers (attnlab.bench re-exports them)
     "_scalars": 0,  # numbers and flags checked, numpy scalars as plain values
     "_hosts": 0,  # Host header names: serve's guard reads them, cli's --allow-host checks them
+    "_devices": 0,  # host-to-device copies without a sync; whether a read stalls the host
     "normalize": 1,
     "scores": 1,
     "_validate": 2,
