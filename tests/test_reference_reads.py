@@ -276,3 +276,45 @@ def test_reference_forward_reads_nothing_where_reads_stall(
     with torch.no_grad(), reads(monkeypatch) as rec:
         attnlab.attention(**inputs, engine="reference", return_weights=True, return_lse=True)
     assert sum(rec.by_file.values()) == 0, rec.by_file
+
+
+def _on_device(
+    ts: list[torch.Tensor], kw: dict[str, Any], grad: bool, dev: str, dtype: torch.dtype
+) -> list[torch.Tensor]:
+    """The reference engine's out, weights, lse and, with ``grad``, dq, dk, dv on ``dev``."""
+    leaves = [t.to(dev, dtype).requires_grad_(grad) for t in ts]
+    res = attnlab.attention(*leaves, engine="reference", return_lse=True, **kw)
+    got = [res.out, res.weights, res.lse]
+    if grad:
+        got += list(torch.autograd.grad(res.out.nan_to_num(0.0).sum(), leaves))
+    return got
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_reference_calls_make_no_host_sync_on_cuda(dtype: torch.dtype, dev: str = "cuda") -> None:
+    """On CUDA itself: masked, soft-capped, decoding calls with weights (a transformers
+    model's under ``output_attentions`` or Gemma 2's soft-capping), NaN in v or not, make
+    no host-device sync forward or backward, and equal the branches (which sync) bit for
+    bit."""
+    if dev == "cuda" and not torch.cuda.is_available():
+        pytest.skip("torch.cuda.set_sync_debug_mode is CUDA's")
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 4, 64, 16, generator=g) for _ in "qkv")
+    v[0, 1, 7, 3] = NAN
+    mask = torch.rand(2, 1, 64, 64, generator=g) > 0.2
+    mask[1, :, 5] = False  # a fully masked row
+    for lq, grad, nan in [(64, False, False), (1, False, False), (64, True, True), (1, True, True)]:
+        ts = [q[:, :, -lq:], k, v if nan else v.nan_to_num(0.0)]
+        kw = {"mask": mask[:, :, -lq:].to(dev), "softcap": 20.0, "return_weights": True}
+        _on_device(ts, kw, grad, dev, dtype)  # warm-up
+        if dev == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = _on_device(ts, kw, grad, dev, dtype)
+        finally:
+            if dev == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(_devices, "reads_stall", lambda t: dev == "cpu")
+            _assert_bits(got, _on_device(ts, kw, grad, dev, dtype))
