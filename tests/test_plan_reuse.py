@@ -127,3 +127,35 @@ def test_a_decoder_stack_on_flex_keeps_its_block_mask(monkeypatch: pytest.Monkey
         out = lm(x, mask=w)
         assert len(built) == 1  # the same mask object: the same block mask
         assert max_err(out, ref(x.double(), mask=w)) < 1e-4
+
+
+_KINDS: dict[str, Callable[[], Mask]] = {
+    "padding": lambda: masks.padding([256, 200], query_lengths=[256, 150]),
+    "documents": lambda: masks.documents([0] * 100 + [1] * 156),
+    "global_tokens": lambda: masks.window(16) | masks.global_tokens([0, 5]),
+    "block_random": lambda: masks.block_random(32, 2),
+    "prefix": lambda: masks.prefix(40),
+    "tensor": lambda: masks.tensor(torch.ones(256, 256, dtype=torch.bool).tril()),
+}
+
+
+def _flex_request(mask: Mask, device: str = "cpu") -> AttentionRequest:
+    """A new request of 2 x 2 heads x 256 queries and keys under ``mask`` on ``device``."""
+    q = torch.zeros(2, 2, 256, 16, device=device)
+    return AttentionRequest(q, q, q, mask, None, 1.0, "dot", "softmax", 0.0, False, False)
+
+
+@pytest.mark.skipif(not flex.flex_available(), reason="this torch has no FlexAttention")
+@pytest.mark.parametrize("kind", sorted(_KINDS))
+def test_flex_builds_one_block_mask_in_three_calls(
+    monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """The block mask's key took the mask's tensors' versions before building it, and
+    block_random draws its table for the length while building: its first key never
+    matched again (2 builds in 3 calls)."""
+    engine, m = flex.FlexEngine(), masks.causal() & _KINDS[kind]()
+    built = _counted(monkeypatch, flex, "block_mask")
+    first = engine._block_mask(_flex_request(m))
+    for _ in range(2):
+        assert engine._block_mask(_flex_request(m)) is first
+    assert len(built) == 1

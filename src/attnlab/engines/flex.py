@@ -230,13 +230,16 @@ class FlexEngine(Engine):
     def _block_mask(self, req: AttentionRequest) -> tuple[Any, float]:
         """The request's FlexAttention block mask and the fraction of tiles it computes,
         memoized for the last mask, sizes and versions of the tensors it holds (a model's
-        layers share one mask per forward)."""
+        layers share one mask per forward). The key takes the versions again after
+        building: building may make tensors the mask keeps (block_random draws its table
+        for the length then), and a key from before never matched again."""
         mask = req.mask
         assert mask is not None
-        key = (req.lq, req.lk, req.batch, req.heads, req.q.device, _versions(mask))
-        last = self._last
-        if last is None or last[0]() is not mask or last[1] != key:
-            self._last = last = (weakref.ref(mask), key, block_mask(mask, req))
+        sizes = (req.lq, req.lk, req.batch, req.heads, req.q.device)
+        last = self._last  # read once: another thread may replace it meanwhile
+        if last is None or last[0]() is not mask or last[1] != (*sizes, _versions(mask)):
+            built = block_mask(mask, req)
+            self._last = last = (weakref.ref(mask), (*sizes, _versions(mask)), built)
         return last[2]
 
 
