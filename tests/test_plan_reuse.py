@@ -18,6 +18,7 @@ from attnlab.engines.blocked import BlockedEngine
 from attnlab.engines.blocked_plan import make_plan
 from attnlab.masks import Mask
 from attnlab.nn import DecoderOnly, LayerConfig
+from attnlab.nn.layers import _with_causal
 from attnlab.positional import RotaryEmbedding
 from tests.conftest import max_err
 
@@ -158,4 +159,21 @@ def test_flex_builds_one_block_mask_in_three_calls(
     first = engine._block_mask(_flex_request(m))
     for _ in range(2):
         assert engine._block_mask(_flex_request(m)) is first
+    assert len(built) == 1
+
+
+@pytest.mark.skipif(not flex.flex_available(), reason="this torch has no FlexAttention")
+@pytest.mark.parametrize("kind", ["padding", "documents", "tensor"])
+def test_flex_keeps_a_decoder_stacks_mask_between_forwards(
+    monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """A stack's ``causal() & mask`` lives through its forward (held weakly by
+    ``_with_causal``). On a device other than its tensors' (CUDA; meta here) the block
+    mask holds a moved copy, and the engine held the mask weakly: it died after each
+    forward and the next built again (on an H200, 2 host-device syncs per forward of a
+    DecoderOnly with a padding mask; one build per call here)."""
+    engine, m = flex.FlexEngine(), _KINDS[kind]()
+    built = _counted(monkeypatch, flex, "block_mask")
+    for _ in range(3):  # (the combined mask is dropped after each call)
+        engine._block_mask(_flex_request(_with_causal(m), "meta"))
     assert len(built) == 1

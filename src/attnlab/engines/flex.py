@@ -36,7 +36,6 @@ import dataclasses
 import functools
 import itertools
 import sys
-import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
@@ -131,7 +130,7 @@ class FlexEngine(Engine):
     passes_plain = True  # prefers() is False without a mask or soft-capping
 
     def __init__(self) -> None:
-        self._last: tuple[Any, tuple, Any] | None = None  # (weakref(mask), key, block mask)
+        self._last: tuple[Mask, tuple, Any] | None = None  # (mask, key, block mask)
 
     def check_option_values(self, options: Mapping[str, object]) -> None:
         if "compile" in options and not isinstance(options["compile"], bool):
@@ -230,16 +229,20 @@ class FlexEngine(Engine):
     def _block_mask(self, req: AttentionRequest) -> tuple[Any, float]:
         """The request's FlexAttention block mask and the fraction of tiles it computes,
         memoized for the last mask, sizes and versions of the tensors it holds (a model's
-        layers share one mask per forward). The key takes the versions again after
-        building: building may make tensors the mask keeps (block_random draws its table
-        for the length then), and a key from before never matched again."""
+        layers share one mask per forward). The mask is held, not weakly: a decoder
+        stack's ``causal() & mask`` lives only through its forward, and where the block
+        mask holds a moved copy (its tensors on CUDA) nothing else kept it, so each
+        forward built again (2 host-device syncs per forward on an H200). The key takes
+        the versions again after building: building may make tensors the mask keeps
+        (block_random draws its table for the length then), and a key from before never
+        matched again."""
         mask = req.mask
         assert mask is not None
         sizes = (req.lq, req.lk, req.batch, req.heads, req.q.device)
         last = self._last  # read once: another thread may replace it meanwhile
-        if last is None or last[0]() is not mask or last[1] != (*sizes, _versions(mask)):
+        if last is None or last[0] is not mask or last[1] != (*sizes, _versions(mask)):
             built = block_mask(mask, req)
-            self._last = last = (weakref.ref(mask), (*sizes, _versions(mask)), built)
+            self._last = last = (mask, (*sizes, _versions(mask)), built)
         return last[2]
 
 
