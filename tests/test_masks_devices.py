@@ -117,3 +117,29 @@ def test_kept_copies_are_no_part_of_a_masks_identity() -> None:
     kl.fill_(1)  # the original still follows its tensor
     causal = torch.ones(3, 3, dtype=torch.bool).tril()
     assert torch.equal(m.dense(3, 3, batch=2), _padding_ref([1, 1], [3, 1], 3, 3) & causal)
+
+
+def test_flex_copies_to_the_device_through_to_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flex engine copied the tile states and the mask's tensors to the call's device
+    with ``Tensor.to``: from pageable memory to CUDA, a host-device sync each (2 per block
+    mask on an H200; the transformers backend makes a new mask per forward). They go
+    through ``attnlab._devices.to_device`` (pinned, not blocking); a sync cannot be seen
+    without CUDA, so the meta device stands for it and the copies are counted."""
+    from attnlab.engines import flex, flex_mods
+    from attnlab.engines.base import AttentionRequest
+
+    seen: list[tuple[list[int], torch.device]] = []
+
+    def spy(t: Tensor, device: torch.device | str) -> Tensor:
+        seen.append((list(t.shape), torch.device(device)))
+        return t.to(device)
+
+    for module in (flex, flex_mods):
+        monkeypatch.setattr(module, "to_device", spy, raising=False)
+    q = torch.zeros(2, 2, 256, 16, device=META)
+    m = masks.causal() & masks.padding([256, 200], query_lengths=[256, 150])
+    req = AttentionRequest(q, q, q, m, None, 1.0, "dot", "softmax", 0.0, False, False)
+    bm, _ = flex.block_mask(m, req)
+    assert sorted(shape for shape, _ in seen) == [[2], [2], [2, 1, 2, 2]]  # kl, ql, states
+    assert all(device == META for _, device in seen)
+    assert bm.kv_num_blocks.is_meta

@@ -42,6 +42,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
+from attnlab._devices import to_device
 from attnlab._eager import vmapping
 from attnlab.bias.base import Bias
 from attnlab.bias.function import CustomBias
@@ -254,7 +255,7 @@ def block_mask(mask: Mask, req: AttentionRequest) -> tuple[Any, float]:
     layout = mask.block_layout(
         req.lq, req.lk, BLOCK, BLOCK, batch=req.batch, heads=req.heads, device="cpu"
     )
-    states = layout.states.to(req.q.device)  # (Bm, Hm, nQ, nK)
+    states = to_device(layout.states, req.q.device)  # (Bm, Hm, nQ, nK), not blocking
     partial, full = (_ordered(states == int(s)) for s in (TileState.PARTIAL, TileState.FULL))
     bm = BlockMask.from_kv_blocks(
         *partial,

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from attnlab._devices import to_device
 from attnlab._eager import unreadable
 from attnlab._grid import Grid
 from attnlab.bias.base import Bias
@@ -33,7 +34,9 @@ def moved(obj: Any, device: torch.device, depth: int = 0) -> Any:
     """``obj`` (a mask, or a tuple or list in one) with every tensor it holds on
     ``device``: itself where they all are there, else a shallow copy holding moved ones.
     A compiled ``mask_mod`` cannot move a tensor between devices (masks keep theirs on
-    the CPU and move them to each grid's device as they evaluate).
+    the CPU and move them to each grid's device as they evaluate). Copies from the host
+    to CUDA go through pinned memory without blocking (a pageable one was a host-device
+    sync per block mask built, and the transformers backend makes a mask per forward).
 
     Example:
         >>> from attnlab import masks
@@ -42,7 +45,7 @@ def moved(obj: Any, device: torch.device, depth: int = 0) -> Any:
         (True, device(type='meta'))
     """
     if isinstance(obj, Tensor):
-        return obj if obj.device == device else obj.to(device)
+        return to_device(obj, device)  # (itself where it is there; pinned to CUDA)
     if depth > 4:
         return obj
     if type(obj) in (tuple, list):
