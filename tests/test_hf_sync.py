@@ -126,7 +126,10 @@ def test_packed_sequences_are_transformers_own() -> None:
     assert packed_sequences(torch.arange(4)[None], 4) is None
 
 
-def _in_builder(frame: Any, module: str = "hf_masks.py") -> bool:
+BUILDER = ("hf_masks.py", "hf_keys.py")  # padding_mask's module, and where it was
+
+
+def _in_builder(frame: Any, module: str | tuple[str, ...] = BUILDER) -> bool:
     """Whether the innermost attnlab frame from ``frame`` out is in ``module`` (a host
     tensor's read in masks.padding is no device read)."""
     while frame is not None and "attnlab" not in frame.f_code.co_filename:
@@ -134,11 +137,19 @@ def _in_builder(frame: Any, module: str = "hf_masks.py") -> bool:
     return frame is not None and frame.f_code.co_filename.endswith(module)
 
 
+ROWS = [
+    [[1, 1, 1, 1], [1, 1, 1, 1]],  # no padding
+    [[1, 1, 0, 0], [1, 1, 1, 0]],  # right
+    [[0, 0, 1, 1], [1, 1, 1, 1]],  # left
+    [[0, 1, 1, 0], [1, 0, 1, 1]],  # a row of two runs
+]
+
+
 class _Reads(TorchDispatchMode):
     """Counts the scalar read-backs of ``module``; ``.tolist()``, ``.cpu()`` and
     ``.item()`` are counted apart (on a CPU tensor they do not dispatch)."""
 
-    def __init__(self, module: str = "hf_masks.py") -> None:
+    def __init__(self, module: str | tuple[str, ...] = BUILDER) -> None:
         super().__init__()
         self.n, self.module = 0, module
 
@@ -148,15 +159,7 @@ class _Reads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize(
-    "rows",
-    [
-        [[1, 1, 1, 1], [1, 1, 1, 1]],  # no padding
-        [[1, 1, 0, 0], [1, 1, 1, 0]],  # right
-        [[0, 0, 1, 1], [1, 1, 1, 1]],  # left
-        [[0, 1, 1, 0], [1, 0, 1, 1]],  # a row of two runs
-    ],
-)
+@pytest.mark.parametrize("rows", ROWS)
 def test_a_padding_mask_reads_back_once(
     rows: list[list[int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -187,3 +190,137 @@ def test_a_padding_mask_reads_back_once(
         assert bounds is not None and bounds.exact
         assert bounds.lo[:, 0].tolist() == [r[0] for r in runs]
         assert bounds.hi[:, 0].tolist() == [r[-1] for r in runs]
+
+
+SYNCING = frozenset(
+    {
+        torch.ops.aten._local_scalar_dense.default,
+        torch.ops.aten.nonzero.default,
+        torch.ops.aten._unique2.default,
+        torch.ops.aten.unique_dim.default,
+        torch.ops.aten.unique_consecutive.default,
+    }
+)  # ops that wait for a device's values
+
+
+class _DeviceReads(TorchDispatchMode):
+    """The CPU standing in for a GPU: tensors made from ``seeds`` (a model's inputs and
+    weights) and by factories given a device are the device's; a value of one read back
+    (``int``, ``bool``, ``.tolist()``, ``.cpu()``, ``unique``, or ``.to`` for row bounds
+    asked for on the host) from the transformers backend or a mask counts as a sync,
+    by its innermost attnlab site. The sdpa engine asks for host row bounds as off the CPU.
+    """
+
+    def __init__(self, seeds: list[torch.Tensor]) -> None:
+        from torch.utils.weak import WeakTensorKeyDictionary
+
+        super().__init__()
+        self.on = WeakTensorKeyDictionary()
+        for t in seeds:
+            self.on[t] = True
+        self.sites: dict[str, int] = {}
+
+    @property
+    def n(self) -> int:
+        return sum(self.sites.values())
+
+    def read(self, frame: Any) -> None:
+        while frame is not None and "/attnlab/" not in frame.f_code.co_filename:
+            frame = frame.f_back
+        where = "" if frame is None else frame.f_code.co_filename.split("/attnlab/")[-1]
+        if where.startswith(("integrations/", "masks/")):
+            site = f"{where}:{frame.f_lineno}"
+            self.sites[site] = self.sites.get(site, 0) + 1
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        flat = [*args, *(kwargs or {}).values()]
+        flat += [t for a in flat if isinstance(a, (list, tuple)) for t in a]
+        dev = any(isinstance(t, torch.Tensor) and t in self.on for t in flat)
+        if not any(isinstance(t, torch.Tensor) for t in flat) and (kwargs or {}).get("device"):
+            dev = not _host_request(sys._getframe(1))  # a factory on the call's device
+        if dev and func in SYNCING:
+            self.read(sys._getframe(1))
+        out = func(*args, **(kwargs or {}))
+        for t in out if dev and isinstance(out, (list, tuple)) else [out] if dev else []:
+            if isinstance(t, torch.Tensor):
+                self.on[t] = True
+        return out
+
+
+def _host_request(frame: Any) -> bool:
+    """Whether ``frame`` is in a ``row_bounds`` asked for on the host ("cpu")."""
+    for _ in range(6):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "row_bounds" and frame.f_locals.get("device") == "cpu":
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _to_host(args: tuple[Any, ...], kwargs: dict[str, Any], frame: Any) -> bool:
+    """Whether ``Tensor.to(*args, **kwargs)`` called from ``frame`` moves to the host: to
+    the CPU, for row bounds asked for there (elsewhere the CPU is the device)."""
+    where = kwargs.get("device", args[0] if args else None)
+    if not isinstance(where, (str, torch.device)) or torch.device(where).type != "cpu":
+        return False
+    return _host_request(frame)
+
+
+def _device_reads(
+    seeds: list[torch.Tensor], run: Any, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, int]:
+    """The reads :class:`_DeviceReads` counts in ``run()`` (after a warm-up call)."""
+    from attnlab.engines import sdpa
+
+    run()
+    reads = _DeviceReads(seeds)
+    monkeypatch.setattr(sdpa, "_host_bounds", sdpa._exact_bounds)  # as on a GPU
+    for name in ("tolist", "cpu", "item", "to"):
+        own = getattr(torch.Tensor, name)
+
+        def counted(t: torch.Tensor, *a: Any, _own: Any = own, _n: str = name, **k: Any) -> Any:
+            if t not in reads.on or (_n == "to" and not _to_host(a, k, sys._getframe(1))):
+                return _own(t, *a, **k)
+            reads.read(sys._getframe(1))
+            out = _own(t, *a, **k)
+            if isinstance(out, torch.Tensor):  # on the host now: a copy of its own
+                out = out.clone()
+                del reads.on[out]
+            return out
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    with reads:
+        run()
+    monkeypatch.undo()
+    return reads.sites
+
+
+def _seeds(model: torch.nn.Module, *inputs: torch.Tensor) -> list[torch.Tensor]:
+    """What is on the device before a call: ``model``'s weights and ``inputs``."""
+    return [*inputs, *model.parameters(), *model.buffers()]
+
+
+@pytest.mark.parametrize("rows", ROWS)
+def test_a_padding_masks_row_bounds_read_nothing_back(
+    rows: list[list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    valid = torch.tensor(rows, dtype=torch.bool)  # (B, Lk) "on the device"
+    got: list[object] = []
+
+    def layers() -> None:  # each mask made once, its bounds asked by 3 layers
+        got.clear()
+        for mask in (hf_masks.padding_mask(valid), hf_masks.KeyValid(valid)):
+            for _ in range(3):
+                got.append(None if mask is None else mask.row_bounds(2, 4, 2, "cpu"))
+
+    sites = _device_reads([valid], layers, monkeypatch)
+    assert sum(sites.values()) == 2, sites  # each mask's making (was 2 more per layer)
+    runs = [r.nonzero().flatten().tolist() for r in valid]
+    one_run = all(r == list(range(r[0], r[-1] + 1)) for r in runs)
+    for bounds in got[3:]:  # KeyValid's: each row's run, on the host
+        assert (bounds is not None) == one_run
+        if bounds is not None:
+            assert bounds.lo.device.type == "cpu" and bounds.exact  # type: ignore[attr-defined]
+            assert bounds.lo.tolist() == [[r[0]] * 2 for r in runs]  # type: ignore[attr-defined]
+            assert bounds.hi.tolist() == [[r[-1]] * 2 for r in runs]  # type: ignore[attr-defined]

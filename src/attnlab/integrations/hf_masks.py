@@ -30,9 +30,9 @@ import torch
 from torch import Tensor
 
 from attnlab._grid import Grid
-from attnlab.masks import Mask, RowBounds, causal, custom, documents, padding, window
+from attnlab.integrations.hf_keys import KeyValid, padding_mask
+from attnlab.masks import Mask, RowBounds, causal, custom, documents, window
 from attnlab.masks.documents import Documents
-from attnlab.masks.layout import on
 from attnlab.masks.padding import Padding
 
 __all__ = ["FLOOR", "Chunks", "FilledKeys", "KeyValid", "MaskCall", "check_version", "translate"]
@@ -76,59 +76,6 @@ class MaskCall:
     kv_offset: int
     mask_function: HFMaskFn
     attention_mask: Tensor | None
-
-
-class KeyValid(Mask):
-    """Keys ``j`` with ``valid[b, j]`` may be attended: a 2-D padding mask, left or right.
-
-    Rows of ``valid`` whose valid keys are one contiguous run report that run as an exact
-    :meth:`row_bounds` interval (left padding, right padding, both).
-
-    Example:
-        >>> m = KeyValid(torch.tensor([[False, True, True], [True, True, False]]))
-        >>> m.dense(1, 3, batch=2)[:, 0, 0].int().tolist()
-        [[0, 1, 1], [1, 1, 0]]
-        >>> m.row_bounds(1, 3, 2).lo.tolist()
-        [[1], [0]]
-    """
-
-    def __init__(self, valid: Tensor, run: tuple[Tensor, Tensor] | bool | None = True) -> None:
-        if valid.dtype != torch.bool or valid.dim() != 2:
-            raise TypeError(
-                f"valid must be a bool tensor (B, Lk), got {valid.dtype} {tuple(valid.shape)}"
-            )
-        self.valid = valid  # run: (first, last) (B,) known, None: no run (True: find them)
-        self._run = _contiguous_run(valid) if run is True else run or None
-
-    @property
-    def batch_size(self) -> int:
-        return self.valid.shape[0]
-
-    @property
-    def natural_length(self) -> int:
-        return self.valid.shape[1]
-
-    def check(self, *, batch: int, heads: int, lq: int, lk: int) -> None:
-        if (batch, lk) != tuple(self.valid.shape):
-            raise ValueError(
-                f"KeyValid mask holds valid keys of shape {tuple(self.valid.shape)} but the "
-                f"call has (B, Lk) = {(batch, lk)}"
-            )
-
-    def evaluate(self, grid: Grid) -> Tensor:
-        valid = self.valid.to(grid.k.device)
-        return valid[grid.b, grid.k]  # (B, 1, 1, Tk)
-
-    def row_bounds(
-        self, lq: int, lk: int, batch: int = 1, device: torch.device | str | None = None
-    ) -> RowBounds | None:
-        if self._run is None:
-            return None
-        lo, hi = (t.to(on(device)).view(-1, 1).expand(-1, lq) for t in self._run)
-        return RowBounds(lo, hi, exact=True)
-
-    def spec(self) -> str:
-        return f"key_valid({int(self.valid.sum())} of {self.valid.numel()} keys)"
 
 
 class FilledKeys(Mask):
@@ -184,41 +131,6 @@ class FilledKeys(Mask):
     def spec(self) -> str:
         inner = "all" if self.inner is None else self.inner.spec()
         return f"filled_keys({self.keys} of {self.slots}, {inner})"
-
-
-def _contiguous_run(valid: Tensor) -> tuple[Tensor, Tensor] | None:
-    """``(first, last)`` valid key per row ``(B,)`` when each row's valid keys are one run."""
-    first, last, one_run = _run_parts(valid)
-    return (first, last) if bool(one_run) else None
-
-
-def _run_parts(valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Each row's first and last valid key ``(B,)``, and whether each row is one run (0-d)."""
-    idx = torch.arange(valid.shape[1], device=valid.device).expand_as(valid)
-    first = torch.where(valid, idx, valid.shape[1]).amin(1)
-    last = torch.where(valid, idx, -1).amax(1)
-    return first, last, ((last - first + 1).clamp(min=0) == valid.sum(1)).all()
-
-
-def padding_mask(valid: Tensor) -> Mask | None:
-    """The attnlab mask of a 2-D key validity tensor ``(B, Lk)``: None when all are valid,
-    :func:`~attnlab.masks.padding` for right padding (engines read its lengths), else
-    :class:`KeyValid`. Its checks and lengths come back from the device in one read.
-
-    Example:
-        >>> padding_mask(torch.tensor([[True, True, False]])).spec()
-        'padding(key_lengths=[2])'
-    """
-    lengths = valid.sum(1)  # (B,)
-    prefix = torch.arange(valid.shape[1], device=valid.device) < lengths.view(-1, 1)  # (B, Lk)
-    first, last, one_run = _run_parts(valid)
-    flags = torch.stack([(lengths == valid.shape[1]).all(), (prefix == valid).all(), one_run])
-    full, right, run, *counts = torch.cat([flags.long(), lengths]).tolist()  # the one read
-    if full:
-        return None
-    if right:
-        return padding(torch.tensor(counts, dtype=lengths.dtype))  # (B,) on the host
-    return KeyValid(valid, (first, last) if run else None)
 
 
 def translate(call: MaskCall) -> Mask | None:
