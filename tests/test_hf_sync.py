@@ -324,3 +324,37 @@ def test_a_padding_masks_row_bounds_read_nothing_back(
             assert bounds.lo.device.type == "cpu" and bounds.exact  # type: ignore[attr-defined]
             assert bounds.lo.tolist() == [[r[0]] * 2 for r in runs]  # type: ignore[attr-defined]
             assert bounds.hi.tolist() == [[r[-1]] * 2 for r in runs]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [
+        [[0, 0, 1, 1, 1, 2], [5, 5, 5, 5, 7, 7]],  # each document one run
+        [[0, 0, 1, 1, 0, 2], [5, 5, 5, 5, 7, 7]],  # row 0's document 0 split
+        [[3, 3, 3, 3, 3, 3]],  # one row for the batch
+    ],
+)
+def test_documents_runs_read_back_once(
+    ids: list[list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from attnlab.masks import documents
+
+    doc_ids = torch.tensor(ids)  # (Bd, L) "on the device"
+    got: list[object] = []
+
+    def layers() -> None:  # the mask made once, its bounds asked by 3 layers
+        got.clear()
+        mask = documents(doc_ids)
+        got.extend(mask.row_bounds(4, 6, 2, "cpu") for _ in range(3))
+
+    sites = _device_reads([doc_ids], layers, monkeypatch)
+    assert sum(sites.values()) == 1, sites  # was 2 per row, then 2 per layer (10)
+    dense = documents(doc_ids).dense(4, 6, batch=len(ids))[:, 0]  # (Bd, Lq, Lk)
+    keys = [[r.nonzero().flatten().tolist() for r in b] for b in dense]
+    one_run = all(k == list(range(k[0], k[-1] + 1)) for b in keys for k in b)
+    for bounds in got:
+        assert (bounds is not None) == one_run
+        if bounds is not None:
+            assert bounds.lo.device.type == "cpu" and bounds.exact  # type: ignore[attr-defined]
+            assert bounds.lo.tolist() == [[k[0] for k in b] for b in keys]  # type: ignore[attr-defined]
+            assert bounds.hi.tolist() == [[k[-1] for k in b] for b in keys]  # type: ignore[attr-defined]

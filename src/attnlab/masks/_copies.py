@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from attnlab._devices import to_device
 from attnlab._eager import compiling
 
 __all__ = ["DeviceCopies"]
@@ -57,7 +58,7 @@ class DeviceCopies:
         kept = self._kept.get(key)  # read once: another thread may replace it meanwhile
         if kept is not None and kept[0] is t and kept[1] == t._version:
             return kept[2]
-        out = t.to(device)
+        out = to_device(t, device)  # (from the host to a GPU: without a sync)
         if type(out) is Tensor:  # (not a tracer's fake tensor)
             self._kept[key] = (t, t._version, out)
         return out

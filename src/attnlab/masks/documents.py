@@ -80,7 +80,11 @@ class Documents(Mask):
         runs = self._bounds()
         if runs is None:
             return None
-        lo, hi = (t.to(on(device))[:, lk - lq :] for t in runs)
+        where = on(device)
+        lo, hi = (  # (Bd, Lq): kept on the host, copied once to each device asked for
+            self._copies.on(name, t, where)[:, lk - lq :]
+            for name, t in zip(("starts", "ends"), runs, strict=True)
+        )
         return RowBounds(lo, hi, exact=True)
 
     def spec(self) -> str:
@@ -105,18 +109,28 @@ class _Runs:
 
 
 def _run_bounds(ids: Tensor) -> tuple[Tensor, Tensor] | None:
-    """Per-position ``(start, end)`` of its document, if every document is one run."""
+    """Per-position ``(start, end)`` of its document ``(Bd, L)``, if every document is one
+    run, on the host: the check and the runs come back from ids on a device in one read
+    (it was two per row, a run count and ``unique``, and the runs one per call after)."""
     if ids.shape[1] == 0:
-        return ids.clone(), ids.clone()
+        return ids.cpu(), ids.cpu()
     change = torch.nn.functional.pad(ids[:, 1:] != ids[:, :-1], (1, 0), value=True)
     run = change.long().cumsum(1) - 1  # (Bd, L) run index of each position
-    for row, r in zip(ids, run, strict=True):
-        if int(r[-1]) + 1 != row.unique().numel():
-            return None
+    ranked = ids.sort(dim=1).values  # (Bd, L)
+    distinct = (ranked[:, 1:] != ranked[:, :-1]).sum(1) + 1  # (Bd,) documents per row
+    one_run = (run[:, -1] + 1 == distinct).all()  # each document one run
     pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
     start = torch.zeros_like(ids).scatter_reduce(1, run, pos, "amin", include_self=False)
     end = torch.zeros_like(ids).scatter_reduce(1, run, pos, "amax", include_self=False)
-    return start.gather(1, run), end.gather(1, run)
+    parts = (
+        one_run.to(ids.dtype)[None],
+        start.gather(1, run).flatten(),
+        end.gather(1, run).flatten(),
+    )
+    read = torch.cat(parts).cpu()  # the one read
+    if not read[0]:
+        return None
+    return read[1 : 1 + ids.numel()].view(ids.shape), read[1 + ids.numel() :].view(ids.shape)
 
 
 def documents(doc_ids: Sequence[int] | Tensor) -> Mask:
