@@ -103,19 +103,21 @@ def test_generate_takes_eager_tokens_with_left_padding() -> None:
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize(("family", "masks"), [("llama", 1), ("gemma2", 2)])
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
 @pytest.mark.parametrize("kind", ["left", "right"])
-def test_padded_rows_are_left_out_of_packing_once_per_mask(
-    kind: str, family: str, masks: int
+def test_padded_rows_are_left_out_of_packing_without_a_read(
+    kind: str, family: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     batch = _batch(kind)  # its padded row's positions restart: a packing to check per row
     model = _model("attnlab", family)
     with torch.no_grad():
-        model(**batch, use_cache=False)
-        reads = _Reads("hf_args.py")
-        with reads:
-            model(**batch, use_cache=False)
-    assert reads.n == 1 + masks  # the positions, each mask's padded rows (was 1 per layer)
+        sites = _device_reads(
+            _seeds(model, *batch.values()), lambda: model(**batch, use_cache=False), monkeypatch
+        )
+    args = {k: n for k, n in sites.items() if k.startswith("integrations/hf_args.py")}
+    # the positions (transformers' check); each mask's padded rows come on the host from
+    # its padding mask's read (was 1 per mask, and 1 per layer before that)
+    assert sum(args.values()) == 1, sites
 
 
 def test_packed_sequences_are_transformers_own() -> None:
@@ -324,6 +326,55 @@ def test_a_padding_masks_row_bounds_read_nothing_back(
             assert bounds.lo.device.type == "cpu" and bounds.exact  # type: ignore[attr-defined]
             assert bounds.lo.tolist() == [[r[0]] * 2 for r in runs]  # type: ignore[attr-defined]
             assert bounds.hi.tolist() == [[r[-1]] * 2 for r in runs]  # type: ignore[attr-defined]
+
+
+def _left_padded(family: str) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """The model (``LAYERS`` layers), ids ``(2, 64)`` and an attention mask whose row 0
+    is left-padded by 7 (transformers makes positions that restart there: a packed row)."""
+    model = _model("attnlab", family)
+    ids = torch.randint(1, V, (2, 64), generator=torch.Generator().manual_seed(1))
+    am = torch.ones_like(ids)
+    am[0, :7] = 0
+    return model, ids, am
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_a_left_padded_forward_reads_back_once_per_mask(
+    family: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, ids, am = _left_padded(family)
+    pos = (am.cumsum(-1) - 1).clamp(min=0)
+    kw = {"attention_mask": am, "position_ids": pos, "use_cache": False}
+    with torch.no_grad():
+        sites = _device_reads(_seeds(model, ids, am, pos), lambda: model(ids, **kw), monkeypatch)
+        got = model(ids, **kw).logits
+        want = _model("eager", family)(ids, **kw).logits
+    # llama: its mask's padding, transformers' packed positions, the documents' runs of
+    # the packing (was 39: 2 per layer for KeyValid's row bounds and for the documents',
+    # 4 for the runs, 1 for the packing's padded rows); gemma2: its 2 masks' padding and
+    # the packed positions (was 5: each mask's padded rows for the packing)
+    assert sum(sites.values()) == 3, sites
+    torch.testing.assert_close(got[0, 7:], want[0, 7:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("family", "masks", "once"), [("llama", 1, 2), ("gemma2", 2, 1)])
+def test_generate_reads_back_once_per_mask_and_step(
+    family: str, masks: int, once: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """8 forwards, each mask's padding read once in each; once per generate: the packed
+    positions and (llama, packed on sdpa) the documents' runs. Was 60 (llama: KeyValid's
+    row bounds 2 per layer in the prefill, the documents' 4 + 16) and 33 (gemma2)."""
+    model, ids, am = _left_padded(family)
+    kw = {"attention_mask": am, "max_new_tokens": 8, "min_new_tokens": 8, "do_sample": False}
+    with torch.no_grad():
+        sites = _device_reads(
+            _seeds(model, ids, am), lambda: model.generate(ids, **kw), monkeypatch
+        )
+        got = model.generate(ids, **kw)
+        want = _model("eager", family).generate(ids, **kw)
+    assert sum(sites.values()) == 8 * masks + once, sites
+    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from attnlab._devices import to_device
 from attnlab.integrations.hf_masks import Chunks, FilledKeys, KeyValid
 from attnlab.masks import Mask, documents, tensor
 
@@ -263,10 +264,10 @@ def with_packing(mask: Mask | None, position_ids: object, lq: int, lk: int) -> M
 def _packed(mask: Mask, parts: tuple[Mask, ...], packed: Tensor, pos: Tensor) -> Mask:
     """``mask`` AND the ``packed (B or 1, L)`` sequences of positions ``pos (B or 1, L)``."""
     padded = _padded_rows(parts, pos.shape[-1])  # (B,) or None
-    if padded is not None and bool(padded.all()):  # (one read-back per forward)
+    if padded is not None and bool(padded.all()):  # (on the host from padding_mask's read)
         return mask
     if padded is not None:  # those rows one sequence: the padding mask keeps them apart
-        packed = torch.where(padded.to(packed.device)[:, None], 0, packed)
+        packed = torch.where(to_device(padded, packed.device)[:, None], 0, packed)
     docs = documents(packed)
     for p in parts:  # Llama 4's chunks follow positions: each sequence's start at its own
         docs = docs & (p.at(pos) if isinstance(p, Chunks) else p)
@@ -328,7 +329,7 @@ def _padded_rows(parts: tuple[Mask, ...], lq: int) -> Tensor | None:
     rows = None
     for m in parts:
         if isinstance(m, KeyValid):
-            found = ~m.valid.all(-1)
+            found = m.padded_rows()  # (on the host where its padding_mask read them)
         elif (lengths := m.lengths()) is not None:
             kl, ql = lengths
             found = (kl < lq) | (torch.zeros_like(kl, dtype=torch.bool) if ql is None else ql < lq)
