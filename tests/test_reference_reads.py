@@ -304,7 +304,8 @@ def test_reference_calls_make_no_host_sync_on_cuda(dtype: torch.dtype, dev: str 
     mask = torch.rand(2, 1, 64, 64, generator=g) > 0.2
     mask[1, :, 5] = False  # a fully masked row
     for lq, grad, nan in [(64, False, False), (1, False, False), (64, True, True), (1, True, True)]:
-        ts = [q[:, :, -lq:], k, v if nan else v.nan_to_num(0.0)]
+        # on the device before the check: a copy from the host's pageable memory syncs
+        ts = [t.to(dev) for t in (q[:, :, -lq:], k, v if nan else v.nan_to_num(0.0))]
         kw = {"mask": mask[:, :, -lq:].to(dev), "softcap": 20.0, "return_weights": True}
         _on_device(ts, kw, grad, dev, dtype)  # warm-up
         if dev == "cuda":
