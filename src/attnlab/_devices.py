@@ -5,15 +5,20 @@ host-device sync, which ``torch.cuda.set_sync_debug_mode`` reports and which sta
 host until the GPU's queue drains (on an H200, a 128-token call returned in 380 us
 against 48 us for bare SDPA). Copied through pinned memory without blocking, the copy is
 queued like a kernel. Masks, engines and integrations use this for the small tensors
-they make on the host (row bounds, tile states, lengths).
+they make on the host (row bounds, tile states, lengths); masks and the dense tensor bias
+keep their own tensors' copies on each device in a :class:`DeviceCopies`.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
-__all__ = ["reads_stall", "to_device"]
+from attnlab._eager import compiling
+
+__all__ = ["DeviceCopies", "reads_stall", "to_device"]
 
 
 def to_device(t: Tensor, device: torch.device | str) -> Tensor:
@@ -46,3 +51,78 @@ def reads_stall(t: Tensor) -> bool:
         (False, False)
     """
     return t.device.type not in ("cpu", "meta")
+
+
+_Stamp = tuple[int, int, torch.dtype]
+
+
+def _stamp(t: Tensor) -> _Stamp | None:
+    """What a kept copy of ``t`` must still match: ``t``'s version (bumped by a change in
+    place), where its values start and its dtype (``t.data = new`` keeps the version);
+    None for a tensor without storage of its own (a functorch transform's wrapper)."""
+    try:
+        return t._version, t.data_ptr(), t.dtype
+    except RuntimeError:
+        return None
+
+
+class DeviceCopies:
+    """Copies of a mask's (or a tensor bias's) tensors on other devices, each kept while
+    its source is the same tensor, unchanged (its version, storage and dtype): an
+    in-place change, a new tensor or ``t.data = new`` (as ``module.to`` does to a
+    parameter) makes a new copy; a change in place through ``t.data`` is not seen. One
+    copy per name and device, made with :func:`to_device` (on CUDA through pinned
+    memory, not waiting).
+    A tensor that requires grad is copied on every call and not kept: its copy carries
+    the autograd graph of that call.
+
+    Not a tensor, mask or container, so what engines key their plans on (a mask's
+    tensors, :func:`attnlab.engines._versions.versions`) and the flex engine's ``moved``
+    pass it by; a copied mask shares it (the keys are the sources), a deep copy or a
+    pickle starts empty.
+
+    Example:
+        >>> lengths = torch.tensor([3, 2])
+        >>> copies, meta = DeviceCopies(), torch.device("meta")
+        >>> a = copies.on("lengths", lengths, meta)
+        >>> copies.on("lengths", lengths, meta) is a, copies.on("lengths", lengths, "cpu")
+        (True, tensor([3, 2]))
+        >>> _ = lengths.add_(0)  # in place: a new copy
+        >>> copies.on("lengths", lengths, meta) is a
+        False
+    """
+
+    __slots__ = ("_kept",)
+
+    def __init__(self) -> None:
+        # (name, device) -> (source, its stamp, the copy)
+        self._kept: dict[tuple[str, torch.device], tuple[Tensor, _Stamp, Tensor]] = {}
+
+    def on(self, name: str, t: Tensor, device: torch.device | str) -> Tensor:
+        """``t`` on ``device``: itself where it is there, else the copy kept for ``name``
+        while ``t`` is unchanged, else a new one (kept unless traced, or ``t`` is an
+        inference tensor, which has no version, or requires grad)."""
+        device = torch.device(device)
+        if t.device == device:
+            return t
+        if compiling() or t.is_inference() or t.requires_grad:
+            return t.to(device)
+        key, stamp = (name, device), _stamp(t)
+        if stamp is None:
+            return t.to(device)
+        kept = self._kept.get(key)  # read once: another thread may replace it meanwhile
+        if kept is not None and kept[0] is t and kept[1] == stamp:
+            return kept[2]
+        out = to_device(t, device)
+        if type(out) is Tensor:  # (not a tracer's fake tensor)
+            self._kept[key] = (t, stamp, out)
+        return out
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (DeviceCopies, ())
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> DeviceCopies:
+        return DeviceCopies()
+
+    def __repr__(self) -> str:
+        return f"DeviceCopies({len(self._kept)} kept)"

@@ -16,9 +16,13 @@ Public as :class:`attnlab.masks.Grid` (and :class:`attnlab.bias.Grid`): a new ma
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from attnlab._devices import DeviceCopies
 
 
 @dataclass(frozen=True)
@@ -138,10 +142,13 @@ class Grid:
         return (self.b.shape[0], self.h.shape[1], self.q.shape[2], self.k.shape[3])
 
 
-def moved(t: Tensor, device: torch.device | str | None, name: str) -> Tensor:
-    """``t`` (a mask's or bias's own tensor) on ``device``, where it is read; a ValueError
-    naming ``name`` for a ``t`` on the meta device read elsewhere (it holds shapes only:
-    torch raised "Cannot copy out of meta tensor; no data!").
+def moved(
+    t: Tensor, device: torch.device | str | None, name: str, copies: DeviceCopies | None = None
+) -> Tensor:
+    """``t`` (a mask's or bias's own tensor) on ``device``, where it is read: the copy
+    ``copies`` keeps there while ``t`` is unchanged, if given (else a new copy); a
+    ValueError naming ``name`` for a ``t`` on the meta device read elsewhere (it holds
+    shapes only: torch raised "Cannot copy out of meta tensor; no data!").
 
     Example:
         >>> moved(torch.ones(2, device="meta"), "cpu", "mask tensor")
@@ -154,4 +161,4 @@ def moved(t: Tensor, device: torch.device | str | None, name: str) -> Tensor:
             f"{name} is on the meta device, which holds no values to read on {to}; "
             "put it on q's device"
         )
-    return t.to(to)
+    return t.to(to) if copies is None or to is None else copies.on(name, t, to)

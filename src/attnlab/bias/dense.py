@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from attnlab._devices import DeviceCopies
 from attnlab._grid import Grid, moved
 from attnlab.bias.base import Bias
 
@@ -21,6 +22,8 @@ class TensorBias(Bias):
     dimension is broadcast. Evaluating on a grid gathers just the grid's block, and gradients
     flow back to the tensor if it requires grad. An ``nn.Parameter`` is registered as a
     parameter, any other tensor as a non-persistent buffer. Build with :func:`tensor`.
+    Evaluated on another device, the tensor's copy there is kept while it is the same,
+    unchanged tensor (not when it requires grad: each call copies it, with its graph).
 
     Example:
         >>> b = tensor(torch.arange(6.0).view(2, 3))
@@ -51,6 +54,7 @@ class TensorBias(Bias):
             self.values = t
         else:
             self.register_buffer("values", t, persistent=False)
+        self._device_copies = DeviceCopies()  # the values on the devices evaluated on
 
     def _as4d(self) -> Tensor:
         t = self.values
@@ -86,7 +90,9 @@ class TensorBias(Bias):
         return float(t.abs().max()) if t.numel() else 0.0
 
     def forward(self, grid: Grid) -> Tensor:
-        t = moved(self._as4d(), grid.k.device, "bias tensor")
+        copies = getattr(self, "_device_copies", None)  # (None: pickled before it kept any)
+        t = moved(self.values, grid.k.device, "bias tensor", copies)  # kept: the source's
+        t = t.view((1,) * (4 - t.dim()) + tuple(t.shape))  # (Bt, Ht, Lqt, Lkt)
         if not t.numel():  # an empty batch or sequence's bias: its 0s match the grid's
             return t
         # size-1 dims broadcast; the others gather the grid's slice, on the grid's device

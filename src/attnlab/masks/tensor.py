@@ -7,6 +7,7 @@ from torch import Tensor
 
 from attnlab._grid import Grid, moved
 from attnlab.masks._args import Device
+from attnlab.masks._copies import DeviceCopies
 from attnlab.masks.base import Mask
 
 __all__ = ["TensorMask", "as_mask", "tensor"]
@@ -38,6 +39,13 @@ class TensorMask(Mask):
             )
         self.t = t.view((1,) * (4 - t.dim()) + tuple(t.shape))
         self.per_head = self.t.shape[1] > 1
+        self._copies = DeviceCopies()  # the tensor on the devices evaluated on
+
+    def _on(self, device: Device) -> Tensor:
+        """The tensor on ``device``: a copy kept while it is the same, unchanged tensor
+        (one host-device copy per device, not one per call)."""
+        copies = getattr(self, "_copies", None)  # (None: pickled before it kept copies)
+        return moved(self.t, device, "mask tensor", copies)
 
     @property
     def batch_size(self) -> int | None:
@@ -56,7 +64,7 @@ class TensorMask(Mask):
             )
 
     def evaluate(self, grid: Grid) -> Tensor:
-        return grid.gather(moved(self.t, grid.k.device, "mask tensor"))
+        return grid.gather(self._on(grid.k.device))
 
     def dense(
         self,
@@ -72,7 +80,7 @@ class TensorMask(Mask):
         stride 0), not a copy."""
         batch, heads, lq, lk = self._check_sizes(batch, heads, lq, lk)  # (heads=0 was taken)
         bm, hm = self._sizes(batch, heads)
-        return torch.broadcast_to(moved(self.t, device, "mask tensor"), (bm, hm, lq, lk))
+        return torch.broadcast_to(self._on(device), (bm, hm, lq, lk))
 
     def spec(self) -> str:
         return f"tensor(shape={tuple(self.t.shape)})"
