@@ -18,7 +18,7 @@ from torch import Tensor
 
 from attnlab._eager import compiling
 
-__all__ = ["DeviceCopies", "reads_stall", "to_device"]
+__all__ = ["DeviceCopies", "to_device"]
 
 
 def to_device(t: Tensor, device: torch.device | str) -> Tensor:
@@ -37,20 +37,6 @@ def to_device(t: Tensor, device: torch.device | str) -> Tensor:
     if device.type == "cuda" and t.device.type == "cpu":
         return t.contiguous().pin_memory().to(device, non_blocking=True)
     return t.to(device)
-
-
-def reads_stall(t: Tensor) -> bool:
-    """Whether reading a value of ``t`` on the host (``bool(t)``, ``.item()``) waits for
-    its device: a host-device sync on every device but the CPU (where reading is free)
-    and meta (no value to read). Code that branches on a value (a NaN screen, a finite-row
-    check) takes a branch-free form with the same results where this is True. Called
-    through the module, so tests can force it on the CPU.
-
-    Example:
-        >>> reads_stall(torch.ones(1)), reads_stall(torch.ones(1, device="meta"))
-        (False, False)
-    """
-    return t.device.type not in ("cpu", "meta")
 
 
 _Stamp = tuple[int, int, torch.dtype]

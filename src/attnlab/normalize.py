@@ -33,7 +33,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attnlab import _devices
 from attnlab._eager import compiling, first_order_only, vmapping
 from attnlab._rows import (
     _check_scores,
@@ -315,8 +314,6 @@ def softmax_rows(scores: Tensor, *, want_lse: bool) -> tuple[Tensor, Tensor | No
     Where every row's max is finite (no fully masked row, NaN or +inf) it is torch's
     fused softmax (and logsumexp): the general form's five passes took 2x its time (the
     reference engine's weights, B=8, H=8, 512 x 512); under compile, vmap or meta, the latter.
-    Where reading the check stalls the host (a GPU: :func:`attnlab._devices.reads_stall`),
-    both, chosen on the device (:func:`_unread_softmax`; the same bits).
 
     Example:
         >>> softmax_rows(torch.tensor([[0.0, 0.0]]), want_lse=False)
@@ -325,51 +322,16 @@ def softmax_rows(scores: Tensor, *, want_lse: bool) -> tuple[Tensor, Tensor | No
     if scores.shape[-1] == 0:
         return _empty_like_result(scores), scores.new_full(scores.shape[:-1], -math.inf)
     x = scores.to(_compute_dtype(scores.dtype))  # (..., L)
-    if x.is_meta or compiling() or vmapping():  # no value to read
-        p, lse = _general_softmax(x)
-    elif _devices.reads_stall(x):
-        p, lse_ = _unread_softmax(x, want_lse)
-        return p.to(scores.dtype), None if lse_ is None else lse_.to(scores.dtype)
-    elif bool(torch.isfinite(x.detach().amax(dim=-1)).all()):
-        return _fused_softmax(x, want_lse, scores.dtype)
-    else:
-        p, lse = _general_softmax(x)
-    return p.to(scores.dtype), lse.to(scores.dtype) if want_lse else None
-
-
-def _fused_softmax(x: Tensor, want_lse: bool, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
-    """torch's softmax of ``x (..., L)`` and, if ``want_lse``, logsumexp ``(...)``, in
-    ``dtype``: exact only where every row's max is finite."""
-    p = torch.softmax(x, dim=-1)  # (..., L)
-    lse = torch.logsumexp(x, dim=-1).to(dtype) if want_lse else None  # (...)
-    return p.to(dtype), lse
-
-
-def _general_softmax(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Softmax ``(..., L)`` and logsumexp ``(...)`` of ``x`` for any rows: fully masked
-    ones give 0 and ``-inf``."""
+    readable = not (x.is_meta or compiling() or vmapping())  # values?
+    if readable and bool(torch.isfinite(x.detach().amax(dim=-1)).all()):
+        p = torch.softmax(x, dim=-1)  # (..., L)
+        lse = torch.logsumexp(x, dim=-1).to(scores.dtype) if want_lse else None  # (...)
+        return p.to(scores.dtype), lse
     e, s, m = _softmax_parts(x)  # (..., L), (..., 1), (..., 1)
     s_safe = _nonzero(s)  # (..., 1)
     p = e / s_safe  # (..., L)
     lse = torch.where(s == 0, torch.full_like(s, -math.inf), m + torch.log(s_safe))  # (..., 1)
-    return p, lse.squeeze(-1)
-
-
-def _unread_softmax(x: Tensor, want_lse: bool) -> tuple[Tensor, Tensor | None]:
-    """:func:`softmax_rows`'s choice without reading a value (a host-device sync on a
-    GPU): both forms, the fused one where every row's max is finite (a flag on the
-    device), the general one otherwise. Values and gradients equal the branch's bit for
-    bit: with a gradient, each form sees ``x`` only where it is taken (the fused one's NaN
-    reached the gradient through ``0 * NaN``), and zeros with gradient ``-0.0`` elsewhere
-    (the two gradients are summed, and ``torch.where``'s ``+0.0`` turned the other's
-    ``-0.0`` into ``+0.0``: 460 of 600 random softmaxes)."""
-    fine = torch.isfinite(x.detach().amax(dim=-1)).all()  # () bool, on x's device
-    grad = torch.is_grad_enabled() and x.requires_grad
-    x_fused = -torch.where(fine, -x, 0.0) if grad else x  # (..., L)
-    x_any = -torch.where(fine, 0.0, -x) if grad else x  # (..., L)
-    p, lse = _fused_softmax(x_fused, want_lse, x.dtype)  # (..., L), (...)
-    p_any, lse_any = _general_softmax(x_any)
-    return torch.where(fine, p, p_any), None if lse is None else torch.where(fine, lse, lse_any)
+    return p.to(scores.dtype), lse.squeeze(-1).to(scores.dtype)
 
 
 # --------------------------------------------------------------------------- registry

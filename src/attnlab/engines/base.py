@@ -21,9 +21,8 @@ from torch import Tensor
 from attnlab._eager import any_nan
 from attnlab.bias import Bias
 from attnlab.engines._registry import registered
-from attnlab.engines._values import weighted_values
 from attnlab.masks import Mask
-from attnlab.scores import ScoreFn
+from attnlab.scores import ScoreFn, expand_kv, grouped_matmul
 
 __all__ = [
     "AttentionRequest",
@@ -38,7 +37,6 @@ __all__ = [
     "sink_rows",
     "slice_weights",
     "validate_options",
-    "weighted_values",
     "with_sinks",
 ]
 
@@ -252,6 +250,30 @@ def with_sinks(out: Tensor, lse: Tensor, sinks: Tensor | None) -> tuple[Tensor, 
     total = torch.logaddexp(lse_, sink_)  # (B, H, L), finite where dead
     share = torch.exp(lse_ - total).masked_fill(dead, 0.0)
     return out * share.unsqueeze(-1).to(out.dtype), total.masked_fill(dead, float("-inf"))
+
+
+def weighted_values(w: Tensor, v: Tensor, allowed: Tensor | None) -> Tensor:
+    """``w (B, Hq, Lq, Lk) @ v (B, Hkv, Lk, Ev)`` where a NaN value reaches only the rows
+    ``allowed (., ., Lq, Lk)`` (None: every key) lets see its key: a masked-out weight is
+    0, and ``0 * NaN`` would spread it to every row (an uninitialized cache slot, say).
+
+    Example:
+        >>> v = torch.tensor([[[[1.0], [float("nan")]]]])
+        >>> allowed = torch.tensor([[[[True, False], [True, True]]]])
+        >>> weighted_values(torch.tensor([[[[1.0, 0.0], [0.5, 0.5]]]]), v, allowed).flatten()
+        tensor([1., nan])
+    """
+    if not may_hold_nan(v):
+        return grouped_matmul(w, v)
+    bad = torch.isnan(v)  # (B, Hkv, Lk, Ev)
+    out = grouped_matmul(w, v.masked_fill(bad, 0.0))  # (B, Hq, Lq, Ev)
+    b, h, lq, _ = out.shape
+    if allowed is None:
+        reach = expand_kv(bad.any(-2, keepdim=True), h)  # (B, Hq, 1, Ev)
+    else:
+        a = allowed.expand(b, h, lq, bad.shape[-2]).to(torch.float32)
+        reach = grouped_matmul(a, bad.to(torch.float32)) > 0  # (B, Hq, Lq, Ev)
+    return out.masked_fill(reach, float("nan"))
 
 
 def may_hold_nan(*ts: Tensor) -> bool:
