@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 
 from attnlab._validate import nonnegative_int, positive_int, validate_flag
+from attnlab.nn import _cache_state
+from attnlab.nn._cache_state import DeviceLike
 
 __all__ = ["DecoderCache", "KVCache"]
 
@@ -34,6 +36,18 @@ class KVCache:
         (4, (2, 4, 4, 8))
         >>> c.reorder(torch.tensor([1, 1, 0])).batch_size
         3
+
+    ``to()`` moves or casts it with its model (in place, like ``nn.Module.to``);
+    ``state_dict()`` is a flat dict of tensors that safetensors saves, so a generation can
+    stop and go on later with the same outputs:
+
+        >>> import tempfile, os
+        >>> from safetensors.torch import load_file, save_file
+        >>> path = os.path.join(tempfile.mkdtemp(), "cache.safetensors")
+        >>> save_file(c.to(dtype=torch.float64).state_dict(), path)
+        >>> d = KVCache().load_state_dict(load_file(path))
+        >>> d.length, d.keys.dtype, torch.equal(d.values, c.values)
+        (4, torch.float64, True)
     """
 
     def __init__(self) -> None:
@@ -150,6 +164,35 @@ class KVCache:
         self._owned = not (self._k.requires_grad or self._v.requires_grad)
         return self
 
+    def to(self, device: DeviceLike | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        """Move the cached keys and values to ``device`` and cast them to the floating-point
+        ``dtype``, in place (like ``nn.Module.to``); return the cache. Later steps must come
+        in the same dtype and on the same device."""
+        self._k, self._v, self._owned = _cache_state.move(
+            self._k, self._v, self._owned, device, dtype
+        )
+        return self
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The cache as a flat dict of tensors for ``safetensors.torch.save_file``: ``keys``
+        ``(B, Hkv, L, E)`` and ``values`` ``(B, Hkv, L, Ev)`` (absent when empty; detached,
+        views of the cache's storage where it is already contiguous: clone them to keep
+        them across later steps) and ``cross`` (int64 ``(1,)``: 1 for encoder keys)."""
+        return _cache_state.layer_state(self.keys, self.values, self._cross)
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> KVCache:
+        """Replace the contents by a :meth:`state_dict` (on the state's device, in its
+        dtype; the next append copies them into the cache's own storage); return the cache.
+        A state with missing or unexpected entries, or keys and values of unequal
+        ``B, Hkv, L``, is a ValueError and leaves the cache as it was."""
+        self._load(_cache_state.parse_layer(state))
+        return self
+
+    def _load(self, layer: _cache_state.Layer) -> None:
+        k, v = layer.keys, layer.values
+        self._k, self._v, self._cross, self._owned = k, v, layer.cross, False
+        self._len = 0 if k is None else k.shape[2]
+
     def _writable(self) -> bool:
         """Whether appends may write into the storage: it is the cache's own, and not an
         inference tensor (a prefill under ``torch.inference_mode``) written outside it."""
@@ -226,6 +269,20 @@ class DecoderCache:
         >>> c = DecoderCache(num_layers=2, cross=True)
         >>> len(c.self_attn), c.length
         (2, 0)
+
+    ``to()``, ``state_dict()`` and ``load_state_dict()`` act on every layer's caches as
+    :class:`KVCache`'s do; the state names them ``self_attn.{i}.keys``,
+    ``cross_attn.{i}.values``, ... and holds ``num_layers`` and ``has_cross_attn``
+    (int64 ``(1,)``), which loading checks against this cache's.
+
+        >>> d = DecoderCache(num_layers=2, cross=True)
+        >>> d.load_state_dict(c.to("cpu", torch.float64).state_dict()).length
+        0
+        >>> try:
+        ...     DecoderCache(num_layers=3).load_state_dict(c.state_dict())
+        ... except ValueError as e:
+        ...     print(str(e).split(": ")[-1])
+        make it with DecoderCache(num_layers=2, cross=True)
     """
 
     def __init__(self, num_layers: int, *, cross: bool = False) -> None:
@@ -251,4 +308,40 @@ class DecoderCache:
         """Crop the self-attention caches to ``length`` positions."""
         for c in self.self_attn:
             c.crop(length)
+        return self
+
+    def _all(self) -> list[KVCache]:
+        return [*self.self_attn, *(self.cross_attn or [])]
+
+    def to(
+        self, device: DeviceLike | None = None, dtype: torch.dtype | None = None
+    ) -> DecoderCache:
+        """Move and cast every layer's keys and values in place; return the cache."""
+        _cache_state.target(device, dtype)  # (checked once, also when every layer is empty)
+        for c in self._all():
+            c.to(device, dtype)
+        return self
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Every layer's :meth:`KVCache.state_dict` under ``self_attn.{i}.`` and
+        ``cross_attn.{i}.``, with ``num_layers`` and ``has_cross_attn``."""
+        state = {
+            "num_layers": torch.tensor([len(self.self_attn)]),
+            "has_cross_attn": torch.tensor([int(self.cross_attn is not None)]),
+        }
+        kinds = [("self_attn", self.self_attn), ("cross_attn", self.cross_attn or [])]
+        for kind, caches in kinds:
+            for i, c in enumerate(caches):
+                state.update({f"{kind}.{i}.{n}": t for n, t in c.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> DecoderCache:
+        """Replace every layer's contents by a :meth:`state_dict` of a cache with as many
+        layers, both with or both without cross-attention; return the cache. A mismatch
+        is a ValueError naming what the state holds, and leaves the cache as it was."""
+        own, cross = _cache_state.parse_decoder(
+            state, len(self.self_attn), self.cross_attn is not None
+        )
+        for c, layer in zip(self._all(), [*own, *(cross or [])], strict=True):
+            c._load(layer)
         return self
