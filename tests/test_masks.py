@@ -205,6 +205,8 @@ def test_prefix(lq: int, lk: int, n: int) -> None:
     [([0, 3], None), ([5, 40], None), ([1], [1]), ([4, 0, 33], [2, 7, 0]), ([7, 2], [40, 3])],
 )
 def test_padding(lq: int, lk: int, key_lengths: list[int], query_lengths: list[int] | None) -> None:
+    key_lengths = [min(n, lk) for n in key_lengths]  # counts of the call's keys and queries
+    query_lengths = None if query_lengths is None else [min(n, lq) for n in query_lengths]
     m = masks.padding(key_lengths, query_lengths)
     n = len(key_lengths)
     assert m.batch_size == n and m.per_batch
@@ -669,13 +671,13 @@ ZERO_LENGTH_MASKS = {
     "causal": masks.causal(),
     "window": masks.window(1, 2),
     "prefix": masks.prefix(2),
-    "padding": masks.padding([1, 0], [0, 1]),
+    "padding": None,  # made for each call's sizes: lengths count its keys and queries
     "global": masks.global_tokens([0]),
     "dilated1": masks.dilated(1, 1),
     "dilated3": masks.dilated(4, 3),
     "random": masks.block_random(2, 1),
     "custom": masks.custom(lambda b, h, q, k: q >= k),
-    "combined": masks.causal() & ~masks.padding([1, 0]) | masks.window(1),
+    "combined": None,
 }
 
 
@@ -683,6 +685,11 @@ ZERO_LENGTH_MASKS = {
 @pytest.mark.parametrize(("lq", "lk"), [(0, 5), (5, 0), (0, 0)])
 def test_zero_lengths(name: str, lq: int, lk: int) -> None:
     m = ZERO_LENGTH_MASKS[name]
+    if name == "padding":
+        m = masks.padding([min(1, lk), 0], [0, min(1, lq)])
+    elif name == "combined":
+        m = masks.causal() & ~masks.padding([min(1, lk), 0]) | masks.window(1)
+    assert m is not None
     dense = m.dense(lq, lk, batch=2)
     assert dense.shape[2:] == (lq, lk)
     layout = m.block_layout(lq, lk, 4, 3, batch=2)
@@ -916,6 +923,50 @@ def test_padding_batch_mismatch() -> None:
     )
 
 
+def test_padding_lengths_past_the_call_are_named() -> None:
+    """A length counts the call's keys (queries): one past ``Lk`` (``Lq``) was taken as
+    every key (row) valid, with no word; now a ValueError, through ``attention`` too."""
+    m = masks.padding([2, 5], query_lengths=[3, 1])
+    msg = r"key_lengths=\[2, 5\] but the call has Lk=4; expected key_lengths <= Lk"
+    check_and_control(lambda: m.dense(3, 4), lambda: m.dense(3, 5), ValueError, msg)
+    msg = r"query_lengths=\[3, 1\] but the call has Lq=2; expected query_lengths <= Lq"
+    check_and_control(lambda: m.dense(2, 5), lambda: m.dense(3, 5), ValueError, msg)
+    q, k = torch.randn(2, 1, 3, 8), torch.randn(2, 1, 4, 8)
+    check_and_control(
+        lambda: attnlab.attention(q, k, k, mask=masks.padding([2, 5])),
+        lambda: attnlab.attention(q, k, k, mask=masks.padding([2, 4])),
+        ValueError,
+        r"mask=padding\(...\) has key_lengths=\[2, 5\] but the call has Lk=4",
+    )
+    both = masks.causal() & masks.padding(torch.tensor([4, 6]))
+    with pytest.raises(ValueError, match="key_lengths=\\[4, 6\\] but the call has Lk=5"):
+        both.dense(5, 5)
+
+
+def test_padding_reads_its_lengths_once_and_again_after_a_change(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The largest length is read with the construction's check and kept while the
+    lengths are unchanged (no read per call: a sync per layer where they live on a GPU);
+    a change in place is seen."""
+    lengths = torch.tensor([3, 2])
+    m = masks.padding(lengths)
+
+    def no_read(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the lengths were read again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Tensor, "max", no_read)
+        patch.setattr(Tensor, "tolist", no_read)
+        for _ in range(3):
+            m.check(batch=2, heads=1, lq=1, lk=3)
+    lengths[0] = 4  # in place: read again
+    with pytest.raises(ValueError, match=r"key_lengths=\[4, 2\] but the call has Lk=3"):
+        m.check(batch=2, heads=1, lq=1, lk=3)
+    lengths[0] = 1
+    m.check(batch=2, heads=1, lq=1, lk=3)
+
+
 def test_documents_wrong_length() -> None:
     m = masks.documents([0, 0, 1])
     msg = r"doc_ids of length 3 but the call has Lq=4, Lk=4; expected Lk == 3 and Lq <= Lk"
@@ -1110,8 +1161,8 @@ def primitives(draw: st.DrawFn, lq: int, lk: int, docs_ok: bool) -> Expr:
         n = draw(st.integers(0, 45))
         mask, pred = masks.prefix(n), ref_prefix(n)
     elif kind == "padding":
-        kl = draw(st.lists(st.integers(0, lk + 2), min_size=B, max_size=B))
-        ql = draw(st.none() | st.lists(st.integers(0, lq + 2), min_size=B, max_size=B))
+        kl = draw(st.lists(st.integers(0, lk), min_size=B, max_size=B))  # (at most Lk, Lq)
+        ql = draw(st.none() | st.lists(st.integers(0, lq), min_size=B, max_size=B))
         mask, pred = masks.padding(kl, ql), ref_padding(kl, ql)
     elif kind == "global":
         idx = draw(st.lists(st.integers(0, 45), max_size=3))

@@ -72,19 +72,26 @@ def int_tensor(name: str, value: object, ndims: tuple[int, ...]) -> Tensor:
 
 
 @as_written(PLANS)
-def check_nonnegative(name: str, t: Tensor | None) -> None:
-    """A ``ValueError`` naming ``name`` where ``t`` holds a value below 0; run as written
-    under ``torch.compile`` (traced, the read broke the graph with dynamo's warning that
-    it cannot trace functorch's interpreter stack), skipped where no value can be read
-    (vmapped, exported).
+def check_nonnegative(name: str, t: Tensor | None) -> int | None:
+    """A ``ValueError`` naming ``name`` where ``t`` holds a value below 0, else ``t``'s
+    largest value (0 when empty), from one read; run as written under ``torch.compile``
+    (traced, the read broke the graph with dynamo's warning that it cannot trace
+    functorch's interpreter stack), skipped (None) where no value can be read (vmapped,
+    exported).
 
     Example:
+        >>> check_nonnegative("key_lengths", torch.tensor([2, 5]))
+        5
         >>> check_nonnegative("key_lengths", torch.tensor([2, -1]))
         Traceback (most recent call last):
         ...
         ValueError: key_lengths must be >= 0, got [2, -1]
     """
     if t is None or vmapping() or exporting():
-        return
-    if bool((t < 0).any()):
+        return None
+    if not t.numel():
+        return 0
+    lo, hi = torch.stack(torch.aminmax(t)).tolist()  # (one read where t is on a device)
+    if lo < 0:
         raise ValueError(f"{name} must be >= 0, got {t.tolist()}")
+    return int(hi)

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from attnlab._devices import _stamp
+from attnlab._eager import compiling, exporting, vmapping
 from attnlab._grid import Grid
 from attnlab.masks._args import check_nonnegative, int_tensor
 from attnlab.masks._copies import DeviceCopies
@@ -41,8 +43,14 @@ class Padding(Mask):
                 f"query_lengths has shape {tuple(self.ql.shape)} but key_lengths "
                 f"has {tuple(self.kl.shape)}; give one length per batch item"
             )
-        check_nonnegative("key_lengths", self.kl)  # (vmapped or exported: taken as given)
-        check_nonnegative("query_lengths", self.ql)
+        # the largest lengths, read with the check (vmapped or exported: taken as given)
+        # and kept as host ints with the stamp they were read at, so that each call's
+        # check() compares ints: no read of a device's lengths per call
+        self._longest: dict[str, tuple[object, int]] = {}
+        for name, t in (("key_lengths", self.kl), ("query_lengths", self.ql)):
+            top, stamp = check_nonnegative(name, t), None if t is None else _stamp(t)
+            if top is not None and stamp is not None:
+                self._longest[name] = (stamp, top)
         self._copies = DeviceCopies()  # the lengths on the devices evaluated on
 
     @property
@@ -62,6 +70,35 @@ class Padding(Mask):
                 f"mask=padding(...) holds {self.batch_size} lengths but the batch "
                 f"size is {batch}; give one length per batch item"
             )
+        for name, t, n, what in (
+            ("key_lengths", self.kl, lk, "Lk"),
+            ("query_lengths", self.ql, lq, "Lq"),
+        ):
+            top = None if t is None else self._most(name, t)
+            if t is not None and top is not None and top > n:
+                seen = t.tolist() if t.numel() <= 8 else f"up to {top}"  # (an error: a read)
+                raise ValueError(
+                    f"mask=padding(...) has {name}={seen} but the call has {what}={n}; "
+                    f"expected {name} <= {what} (each a count of the call's "
+                    f"{'keys' if what == 'Lk' else 'queries'})"
+                )
+
+    def _most(self, name: str, t: Tensor) -> int | None:
+        """The largest of the lengths ``t`` as an int: the one kept while ``t`` is
+        unchanged, else read again on the CPU; None where that read would wait for a
+        device or cannot be made (vmapped, exported), and under ``torch.compile`` (whose
+        trace would break at the stamp): that call is not checked."""
+        if compiling():
+            return None
+        stamp, kept = _stamp(t), self._longest.get(name)
+        if kept is not None and stamp is not None and kept[0] == stamp:
+            return kept[1]
+        if t.device.type != "cpu" or vmapping() or exporting():
+            return None
+        top = int(t.max()) if t.numel() else 0
+        if stamp is not None:
+            self._longest[name] = (stamp, top)
+        return top
 
     def evaluate(self, grid: Grid) -> Tensor:
         kl = self._copies.on("kl", self.kl, grid.k.device)[grid.b]  # (B, 1, 1, 1)
