@@ -135,6 +135,8 @@ def validate_softcap(softcap: object) -> float | None:
 def validate_dropout(p: object, name: str = "dropout_p") -> float:
     """A probability in ``[0, 1)`` (numpy's float32 too, as float64), or an error naming
     ``name`` (NaN fails the comparison)."""
+    if type(p) is float and 0.0 <= p < 1.0:  # the common case first: runs per attention call
+        return p
     if isinstance(p, bool) or not isinstance(p, numbers.Real):
         raise TypeError(f"{name} must be a float in [0, 1), got {type(p).__name__}")
     if not 0.0 <= float(p) < 1.0:
@@ -150,6 +152,8 @@ def validate_flag(name: str, value: object) -> bool:
         >>> validate_flag("residual", np.bool_(False))
         False
     """
+    if value is True or value is False:  # the common case first: runs per attention call
+        return value is True
     kind = type(value)
     if kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_"):
         return bool(value)  # (refused as "must be a bool, got bool")
