@@ -92,7 +92,7 @@ def validate_qkv(q: object, k: object, v: object, *, same_dim: bool) -> tuple[Te
     """
     ts = _autocast((_rank4("q", q), _rank4("k", k), _rank4("v", v)))
     _same_dtype_device(ts)
-    qs, ks, vs = (t.shape for t in ts)
+    qs, ks, vs = ts[0].shape, ts[1].shape, ts[2].shape  # (no generator: every call)
     if ks[1] != vs[1] or ks[2] != vs[2]:
         raise ValueError(
             f"k and v must have the same heads and length (B, Hkv, Lk, .); got "
