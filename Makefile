@@ -80,8 +80,9 @@ SMOKE_auto        := bench_auto.py --smoke
 SMOKE_decode      := bench_decode.py --smoke
 SMOKE_listops     := listops.py --smoke
 SMOKE_layouts     := bench_layouts.py --smoke
+SMOKE_overhead    := bench_overhead.py --smoke
 SMOKES := $(addprefix smoke-,hf minilm ask core core_flex serve distributed robust approx \
-  generative sweep_hf core_memory rl layers flow auto decode listops layouts)  # longest first
+  generative sweep_hf core_memory rl layers flow auto decode listops layouts overhead)  # longest first
 
 .PHONY: $(SMOKES)
 $(SMOKES): smoke-%: $(VENV)/.base
