@@ -173,9 +173,9 @@ def _keeps_nan(q: Tensor, lk: int, dropout_p: float) -> bool:
     """
     if dropout_p != 0.0:
         return False
-    if q.device.type == "cuda":
+    if q.is_cuda:  # (is_cuda, is_cpu: no torch.device made, as .device.type does)
         return torch.version.hip is None
-    return q.device.type == "cpu" and lk >= 16
+    return q.is_cpu and lk >= 16
 
 
 def _screens_hidden_nan(req: AttentionRequest) -> bool:
@@ -184,7 +184,7 @@ def _screens_hidden_nan(req: AttentionRequest) -> bool:
     and v is small beside the attention. A decoding step (a pass over the whole cache per
     step) and a GPU call (a device sync) are not screened."""
     masked = req.mask is not None or req.bias is not None
-    return masked and req.q.device.type == "cpu" and req.lq >= 16
+    return masked and req.q.is_cpu and req.lq >= 16
 
 
 def _dense_mask(
@@ -369,4 +369,4 @@ def _unbatched(q: Tensor) -> bool:
     """Whether torch.func.vmap runs a call to the CPU, where torch has no batching rule
     for SDPA's kernels (forward and backward): it warned "there is a performance drop"
     and looped over the items."""
-    return q.device.type == "cpu" and vmapping()
+    return q.is_cpu and vmapping()
