@@ -399,3 +399,17 @@ def test_greedy_generation_follows_eager_by_the_2x_rule(family: str, cache: str 
     assert torch.equal(got.sequences, ref64.sequences)  # (else the steps' logits differ)
     logits = [torch.stack(o.logits) for o in (got, plain, ref64)]
     assert_2x_rule(*logits, f"{family} generated logits")
+
+
+@pytest.mark.parametrize("family", ["paligemma", "gemma3"])
+def test_a_siglip_tower_without_its_pooling_head_builds_without_a_warning(family: str) -> None:
+    """PaliGemma's and Gemma 3's SigLIP towers are built without the pooling head
+    (``vision_use_head=False``), so every layer calls attnlab: building one warned that
+    the head ran outside attnlab. With the head the warning stays (the control)."""
+    cls, cfg, _, _ = _case(family)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        getattr(transformers, cls)._from_config(copy.deepcopy(cfg), attn_implementation="attnlab")
+    cfg.vision_config.vision_use_head = True
+    with pytest.warns(UserWarning, match="pooling head"):
+        getattr(transformers, cls)._from_config(cfg, attn_implementation="attnlab")

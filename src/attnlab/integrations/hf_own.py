@@ -74,8 +74,8 @@ def check_partly_own(model: Any, name: str) -> None:
             + (" or attention_type='full'" if prob else "")
             + f" {COMPOSITE}"
         )
-    if kind in PARTLY_OWN and _WARNED.get(id(config)) is not config:  # once a model (its
-        _WARNED[id(config)] = config  # encoder and decoder share its config)
+    if kind in PARTLY_OWN and not _headless(config) and _WARNED.get(id(config)) is not config:
+        _WARNED[id(config)] = config  # once a model (its encoder and decoder share its config)
         warnings.warn(
             f"attn_implementation={name!r}: {type(model).__name__} ({kind}) runs "
             f"{PARTLY_OWN[kind]} in its own code, outside attnlab (no weights or capture "
@@ -83,3 +83,12 @@ def check_partly_own(model: Any, name: str) -> None:
             UserWarning,
             stacklevel=4,
         )
+
+
+def _headless(config: Any) -> bool:
+    """Whether ``config`` is a SigLIP vision tower's (or a SigLIP model's) built without
+    its pooling head (``vision_use_head=False``, as PaliGemma's and Gemma 3's are), whose
+    layers then all call the attention interface."""
+    vision = getattr(config, "vision_config", config)
+    kind = str(getattr(config, "model_type", ""))
+    return kind.startswith("siglip") and getattr(vision, "vision_use_head", True) is False
