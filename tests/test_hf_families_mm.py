@@ -285,6 +285,42 @@ def _blip_2() -> Case:  # a Q-Former (2 self-, 1 cross-attention) before OPT
     return "Blip2ForConditionalGeneration", cfg, {**kw, "pixel_values": _pixels(2, 3, 16, 16)}, 7
 
 
+def _llama4() -> Case:  # chunked attention (chunks of 4) beside a no-RoPE full layer
+    vision = {
+        **VISION,
+        "intermediate_size": 128,
+        "vision_output_dim": 32,
+        "pixel_shuffle_ratio": 0.5,
+    }
+    vision |= {"projector_input_dim": 32, "projector_output_dim": 32}
+    text = {**TEXT, "intermediate_size_mlp": 37, "num_local_experts": 2, "num_experts_per_tok": 1}
+    text |= {"attention_chunk_size": 4, "no_rope_layers": [1, 0]}
+    cfg = transformers.Llama4Config(
+        text_config=text, vision_config=vision, image_token_index=IMG, boi_token_index=START,
+        eoi_token_index=END,
+    )  # fmt: skip
+    kw = _text(4)
+    kw["attention_mask"][1, -2], kw["input_ids"][1, -2] = 1, 7  # (a chunk of padding alone:
+    # a row without keys, which eager and attnlab fill differently)
+    return "Llama4ForConditionalGeneration", cfg, {**kw, "pixel_values": _pixels(2, 3, 16, 16)}, 4
+
+
+def _qwen2_audio() -> Case:  # a Whisper-like audio encoder with its feature mask
+    audio = {
+        "num_mel_bins": 8, "encoder_layers": 2, "encoder_attention_heads": 4,
+        "encoder_ffn_dim": 37, "d_model": 32, "max_source_positions": 15,
+    }  # fmt: skip
+    cfg = transformers.Qwen2AudioConfig(
+        audio_config=audio, text_config={**TEXT, "model_type": "qwen2"}, audio_token_index=IMG
+    )
+    frames = torch.ones(2, 30, dtype=torch.long)
+    frames[1, 20:] = 0  # 30 frames: 7 tokens; row 1's 20: 5
+    kw = _text(7)
+    kw["input_ids"][1, 7:9] = 50
+    kw |= {"input_features": _pixels(2, 8, 30), "feature_attention_mask": frames}
+    return "Qwen2AudioForConditionalGeneration", cfg, kw, 4
+
+
 CASES: dict[str, Callable[[], Case]] = {
     "llava": _llava,
     "paligemma": _paligemma,
@@ -298,6 +334,8 @@ CASES: dict[str, Callable[[], Case]] = {
     **{f: (lambda f=f: _seq2seq(f)) for f in ("t5", "whisper", "pegasus_x")},
     "vision_encoder_decoder": _vision_encoder_decoder,
     "blip_2": _blip_2,
+    "llama4": _llama4,
+    "qwen2_audio": _qwen2_audio,
 }
 
 
@@ -318,12 +356,19 @@ def _case(family: str) -> Case:
 
 
 def _model(cls: str, cfg: Any, impl: str, dtype: torch.dtype) -> Any:
+    """The seeded float32 model's weights in a model built in ``dtype`` (so buffers such
+    as Llama 4's complex vision RoPE are made in it: ``.to(float64)`` drops their
+    imaginary part)."""
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "attn_implementation='attnlab'", UserWarning)
-        cfg = copy.deepcopy(cfg)  # (a model shares its config: another's build changed it)
-        model = getattr(transformers, cls)._from_config(cfg, attn_implementation=impl)
-    return model.eval().to(dtype)
+        build = getattr(transformers, cls)._from_config
+        model = build(copy.deepcopy(cfg), attn_implementation=impl)
+        if dtype != torch.float32:  # (a model shares its config: another's build changed it)
+            weights = model.state_dict()
+            model = build(copy.deepcopy(cfg), attn_implementation=impl, dtype=dtype)
+            model.load_state_dict(weights)
+    return model.eval()
 
 
 def _logits(model: Any, kw: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
