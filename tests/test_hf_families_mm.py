@@ -321,6 +321,20 @@ def _qwen2_audio() -> Case:  # a Whisper-like audio encoder with its feature mas
     return "Qwen2AudioForConditionalGeneration", cfg, kw, 4
 
 
+def _idefics_v1() -> Case:  # gated cross-attention layers, a perceiver resampler
+    vision = {"embed_dim": 32, "image_size": 16, "patch_size": 4, "num_hidden_layers": 2}
+    vision |= {"num_attention_heads": 4, "intermediate_size": 37}
+    resampler = {"resampler_n_latents": 4, "resampler_depth": 1, "resampler_n_heads": 2}
+    text = {k: v for k, v in TEXT.items() if k not in ("num_key_value_heads", "head_dim")}
+    cfg = transformers.IdeficsConfig(
+        **text, additional_vocab_size=2, cross_layer_interval=1, vision_config=vision,
+        perceiver_config={**resampler, "resampler_head_dim": 8}, use_resampler=True,
+    )  # fmt: skip
+    kw = _text(0)
+    kw["image_attention_mask"] = torch.ones(2, kw["input_ids"].shape[1], 1, dtype=torch.long)
+    return "IdeficsForVisionText2Text", cfg, {**kw, "pixel_values": _pixels(2, 1, 3, 16, 16)}, 6
+
+
 CASES: dict[str, Callable[[], Case]] = {
     "llava": _llava,
     "paligemma": _paligemma,
@@ -336,6 +350,7 @@ CASES: dict[str, Callable[[], Case]] = {
     "blip_2": _blip_2,
     "llama4": _llama4,
     "qwen2_audio": _qwen2_audio,
+    "idefics": _idefics_v1,
 }
 
 
@@ -458,3 +473,18 @@ def test_a_siglip_tower_without_its_pooling_head_builds_without_a_warning(family
     cfg.vision_config.vision_use_head = True
     with pytest.warns(UserWarning, match="pooling head"):
         getattr(transformers, cls)._from_config(cfg, attn_implementation="attnlab")
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_idefics_warns_of_its_resampler_only_when_it_has_one(flag: bool) -> None:
+    """IDEFICS's perceiver resampler (``use_resampler=True``) computes its attention in
+    its own code: built under attnlab it ran silently outside attnlab (6 of the model's
+    7 attentions reached attnlab). It now warns, as other partly-own models do; without
+    the resampler every attention runs on attnlab, with no warning."""
+    cls, cfg, _, _ = _case("idefics")
+    cfg.use_resampler = flag
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        getattr(transformers, cls)._from_config(cfg, attn_implementation="attnlab")
+    said = [str(w.message) for w in seen if "perceiver resampler" in str(w.message)]
+    assert len(said) == flag, said

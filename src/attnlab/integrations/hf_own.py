@@ -33,7 +33,15 @@ PARTLY_OWN = {
     "siglip_vision_model": "its pooling head, if vision_use_head (torch.nn.MultiheadAttention)",
     "siglip2_vision_model": "its pooling head, if vision_use_head (torch.nn.MultiheadAttention)",
     "evolla": "its sequence compressor's and aligner's cross-attention",
+    "idefics": "its perceiver resampler's attention, if use_resampler (IdeficsPerceiverAttention)",
 }
+# model_type -> the config flag (of the vision config for a composite SigLIP) that builds
+# those layers: off, the model has none and is not warned about
+_BUILT_IF = {
+    **dict.fromkeys(("siglip", "siglip2", "siglip_vision_model", "siglip2_vision_model"),
+                    "vision_use_head"),
+    "idefics": "use_resampler",
+}  # fmt: skip
 # sub-models whose attention layers all compute attention in their own code (CLAP's
 # audio tower, BridgeTower's vision tower, ...): refused, so a composite that holds one
 # (ClapModel) takes a dict that gives it "eager" ({"audio_config": "eager", "": "attnlab"})
@@ -74,7 +82,7 @@ def check_partly_own(model: Any, name: str) -> None:
             + (" or attention_type='full'" if prob else "")
             + f" {COMPOSITE}"
         )
-    if kind in PARTLY_OWN and not _headless(config) and _WARNED.get(id(config)) is not config:
+    if kind in PARTLY_OWN and _built(config, kind) and _WARNED.get(id(config)) is not config:
         _WARNED[id(config)] = config  # once a model (its encoder and decoder share its config)
         warnings.warn(
             f"attn_implementation={name!r}: {type(model).__name__} ({kind}) runs "
@@ -85,10 +93,10 @@ def check_partly_own(model: Any, name: str) -> None:
         )
 
 
-def _headless(config: Any) -> bool:
-    """Whether ``config`` is a SigLIP vision tower's (or a SigLIP model's) built without
-    its pooling head (``vision_use_head=False``, as PaliGemma's and Gemma 3's are), whose
-    layers then all call the attention interface."""
-    vision = getattr(config, "vision_config", config)
-    kind = str(getattr(config, "model_type", ""))
-    return kind.startswith("siglip") and getattr(vision, "vision_use_head", True) is False
+def _built(config: Any, kind: str) -> bool:
+    """Whether ``config`` builds the layers :data:`PARTLY_OWN` names for ``kind``: a SigLIP
+    tower without its pooling head (``vision_use_head=False``, PaliGemma's and Gemma 3's)
+    or an IDEFICS without its resampler has none."""
+    flag = _BUILT_IF.get(kind)
+    holder = getattr(config, "vision_config", config) if kind in ("siglip", "siglip2") else config
+    return flag is None or getattr(holder, flag, True) is not False
