@@ -65,9 +65,9 @@ def test_weights_go_to_blocked_where_its_forward_writes_them() -> None:
 
 
 def test_alibi_goes_to_blocked_whatever_the_mask() -> None:
-    for mask in (None, M.padding([360]), M.prefix(256)):
-        assert _pick(512, 512, mask, B.alibi(8)) == "blocked", mask
-        assert _pick(256, 256, mask, B.alibi(8)) == "sdpa", mask  # 2**16 pairs
+    for make in (lambda n: None, lambda n: M.padding([n * 45 // 64]), lambda n: M.prefix(256)):
+        assert _pick(512, 512, make(512), B.alibi(8)) == "blocked", make(512)
+        assert _pick(256, 256, make(256), B.alibi(8)) == "sdpa", make(256)  # 2**16 pairs
     assert _pick(64, 4096, None, B.alibi(8)) == "blocked"
     assert _pick(512, 512, None, B.alibi(8), dtype=torch.bfloat16) == "sdpa"
     assert _pick(1024, 1024, None, B.alibi(8), dtype=torch.bfloat16) == "blocked"
@@ -144,7 +144,7 @@ def test_other_biases_go_to_blocked_when_no_gradient_is_wanted() -> None:
     pad = M.padding([716])
     with torch.no_grad():
         assert _pick(1024, 1024, pad, B.relative_buckets(8)) == "blocked"
-        assert _pick(512, 512, pad, B.relative_buckets(8)) == "sdpa"
+        assert _pick(512, 512, M.padding([358]), B.relative_buckets(8)) == "sdpa"
         assert _pick(1024, 1024, None, B.relative_buckets(8)) == "sdpa"
     assert _pick(1024, 1024, pad, B.relative_buckets(8)) == "sdpa"  # its table wants one
 

@@ -57,6 +57,8 @@ MASKS = {
 @pytest.mark.parametrize(("lq", "lk"), SIZES)
 def test_layout_inside_an_outer_bound_equals_the_dense_tiles(name: str, lq: int, lk: int) -> None:
     m = MASKS[name]()
+    if name == "padding & dilated":  # lengths are counts of the call's keys: at most lk
+        m = masks.padding([min(30, lk), min(17, lk)]) & masks.dilated(6, 3)
     batch = 2 if m.per_batch else None
     for bq, bk in TILES:
         got = m.block_layout(lq, lk, bq, bk, batch=batch)

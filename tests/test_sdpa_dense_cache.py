@@ -64,7 +64,7 @@ def test_one_build_serves_calls_with_the_same_mask_until_it_changes(
     twin = M.causal() & M.padding(lengths.clone())  # a new object, the same mask
     torch.testing.assert_close(attnlab.attention(q, k, v, mask=twin, engine="sdpa"), changed)
     assert len(built) == 3
-    short = [t[:, :, :10] for t in (q, k, v)]  # other sizes
+    short = [t[:, :, :20] for t in (q, k, v)]  # other sizes
     attnlab.attention(*short, mask=twin, engine="sdpa")
     assert len(built) == 4
 
@@ -74,7 +74,7 @@ def test_the_bounds_path_is_kept_too(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sdpa, "_host_bounds", sdpa._exact_bounds)
     built = _counted(monkeypatch, "_mask_by_bounds")
     q, k, v = _qkv()
-    lengths = torch.tensor([L, 5])
+    lengths = torch.tensor([L - 3, 5])
     mask = M.padding(lengths)
     outs = [attnlab.attention(q, k, v, mask=mask, engine="sdpa") for _ in range(3)]
     assert len(built) == 1
