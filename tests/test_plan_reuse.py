@@ -177,28 +177,3 @@ def test_flex_keeps_a_decoder_stacks_mask_between_forwards(
     for _ in range(3):  # (the combined mask is dropped after each call)
         engine._block_mask(_flex_request(_with_causal(m), "meta"))
     assert len(built) == 1
-
-
-@pytest.mark.parametrize("kind", ["padding", "window", "tensor"])
-def test_blocked_and_sdpa_keep_a_decoder_stacks_mask_between_forwards(
-    monkeypatch: pytest.MonkeyPatch, kind: str
-) -> None:
-    """As the flex engine above: the blocked engine's plan and the sdpa engine's dense
-    mask were kept for a weakly held mask, so a stack's ``causal() & mask``, dropped after
-    each forward, was planned again in every forward (3 plans in 3 forwards of a
-    2-layer DecoderOnly with one padding mask, on the CPU)."""
-    from attnlab.engines import sdpa
-
-    m = masks.window(16) if kind == "window" else _KINDS[kind]()
-    plans = _counted(monkeypatch, blocked_plan, "make_plan")
-    dense = _counted(monkeypatch, sdpa, "_mask_by_evaluation")
-    engine, sdpa_engine = BlockedEngine(block=64), sdpa.SdpaEngine()
-    q = torch.randn(2, 2, 256, 8)
-    for _ in range(3):  # (the combined mask is dropped after each call)
-        engine.forward(_flex_request(_with_causal(m)))
-        sdpa_engine.forward(
-            AttentionRequest(
-                q, q, q, _with_causal(m), None, 1.0, "dot", "softmax", 0.0, False, False
-            )
-        )
-    assert (len(plans), len(dense)) == (1, 1)

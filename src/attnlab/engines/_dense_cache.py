@@ -10,6 +10,7 @@ the parts of the last mask object, as the flex engine keeps its block mask.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -33,9 +34,7 @@ class DenseCache:
     object, builds again). It holds one dense mask (``(Bm, Hm, Lq or 1, Lk)`` bool, at
     most :data:`KEPT_MAX` bytes, on the call's device; a larger one, 1 GiB at 32768
     tokens, is built per call rather than held after it) and its rows per engine
-    instance, until the next mask replaces it. The mask is held too, not weakly: a
-    decoder stack's ``causal() & mask`` lives only through its forward, and held weakly
-    it died after each, so every forward built again. The parts are read
+    instance, until the next mask replaces it; no mask is kept alive. The parts are read
     only downstream (never changed in place) and carry no autograd history (bool and
     index tensors). Not kept while compiling, exporting, under vmap or on the meta device.
 
@@ -54,8 +53,8 @@ class DenseCache:
     """
 
     def __init__(self) -> None:
-        """Empty."""
-        self._last: tuple[Mask, tuple, Parts] | None = None
+        """Empty; a weak reference to the mask only."""
+        self._last: tuple[weakref.ref[Mask], tuple, Parts] | None = None
 
     def get(self, req: AttentionRequest, build: Callable[[AttentionRequest], Parts]) -> Parts:
         """``build(req)``, made again only when the mask, its tensors or the call differ."""
@@ -63,11 +62,11 @@ class DenseCache:
         if mask is None or unreadable(req.q) or compiling():
             return build(req)
         last = self._last  # read once: another thread may replace it meanwhile
-        if last is not None and last[0] is mask and last[1] == _key(req, mask):
+        if last is not None and last[0]() is mask and last[1] == _key(req, mask):
             return last[2]
         parts = build(req)
         if parts[0].numel() <= KEPT_MAX:  # the key after: a build may keep a device copy
-            self._last = (mask, _key(req, mask), parts)  # in the mask
+            self._last = (weakref.ref(mask), _key(req, mask), parts)  # in the mask
         return parts
 
 

@@ -102,7 +102,7 @@ class BlockedEngine(Engine):
         # the last request asked about decoding: whether it decodes, and its row bounds
         self._decode: tuple[weakref.ref[AttentionRequest], bool, RowBounds | None] | None = None
         # the last mask's row bounds, by its sizes and tensors' versions
-        self._last_bounds: tuple[Mask, tuple, RowBounds | None] | None = None  # (held)
+        self._last_bounds: tuple[weakref.ref[Mask], tuple, RowBounds | None] | None = None
 
     def plan(self, req: AttentionRequest) -> Plan:
         """The block schedule of ``req``, memoized for the last request and for the last
@@ -169,8 +169,8 @@ class BlockedEngine(Engine):
         assert mask is not None
         key = (req.lq, req.lk, req.batch, _versions(mask))
         last = self._last_bounds
-        if last is None or last[0] is not mask or last[1] != key:
-            self._last_bounds = last = (mask, key, _exact_bounds(mask, req))
+        if last is None or last[0]() is not mask or last[1] != key:
+            self._last_bounds = last = (weakref.ref(mask), key, _exact_bounds(mask, req))
         return last[2]
 
     def forward(self, req: AttentionRequest) -> EngineResult:

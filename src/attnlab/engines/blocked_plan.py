@@ -116,12 +116,9 @@ class PlanCache:
     """
 
     def __init__(self) -> None:
-        """Empty. The last mask is held, not weakly: a decoder stack's ``causal() & mask``
-        lives only through its forward, and held weakly it died after each, so every
-        forward planned again (3 plans in 3 forwards of a DecoderOnly with one padding
-        mask). No request is kept alive."""
+        """Empty; weak references only, so no request or mask is kept alive."""
         self._req: tuple[weakref.ref[AttentionRequest], Plan] | None = None
-        self._mask: tuple[Mask, tuple, Plan] | None = None
+        self._mask: tuple[weakref.ref[Mask], tuple, Plan] | None = None
 
     def get(self, req: AttentionRequest, block: int) -> Plan:
         """:func:`make_plan` of ``req`` with ``block``, made again only when needed."""
@@ -134,9 +131,9 @@ class PlanCache:
         else:
             sizes = (req.lq, req.lk, req.batch, req.heads, block)
             held = self._mask
-            if held is None or held[0] is not mask or held[1] != (*sizes, versions(mask)):
+            if held is None or held[0]() is not mask or held[1] != (*sizes, versions(mask)):
                 plan = make_plan(mask, req, block)  # versions after: block_random keeps
-                held = (mask, (*sizes, versions(mask)), plan)  # a new table
+                held = (weakref.ref(mask), (*sizes, versions(mask)), plan)  # a new table
                 self._mask = held
             plan = held[2]
         self._req = (weakref.ref(req), plan)
