@@ -7,7 +7,9 @@ while the tensor is the same and unchanged, none kept for a tensor that requires
 from __future__ import annotations
 
 import copy
+import gc
 import pickle
+import weakref
 from collections.abc import Callable
 
 import pytest
@@ -186,3 +188,17 @@ def test_a_tensor_on_the_meta_device_read_elsewhere_is_still_refused() -> None:
         m.dense(L, L, heads=H, device="cpu")
     with pytest.raises(ValueError, match="bias tensor is on the meta device"):
         _call("reference", "cpu", bias=b)
+
+
+def test_a_bias_moved_to_the_device_drops_the_copy_kept_there() -> None:
+    """After ``module.to(device)`` the bias's values are on the device, so the copy kept
+    for that device was never read again, nor replaced: it held the old source on the
+    host and a second copy on the device (2 GiB each for a 32 x 4096^2 float32 bias)."""
+    b = bias.tensor(torch.randn(4, 16, 16))
+    source = weakref.ref(b.values)
+    q = torch.randn(1, 4, 16, 8, device="meta")
+    attnlab.attention(q, q, q, bias=b, engine="reference")
+    b.to("meta")
+    attnlab.attention(q, q, q, bias=b, engine="reference")
+    gc.collect()
+    assert source() is None, "the host tensor the bias moved away from is still held"

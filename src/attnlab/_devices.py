@@ -89,8 +89,9 @@ class DeviceCopies:
         while ``t`` is unchanged, else a new one (kept unless traced, or ``t`` is an
         inference tensor, which has no version, or requires grad)."""
         device = torch.device(device)
-        if t.device == device:
-            return t
+        if t.device == device:  # (a copy kept for a source now moved here is dropped:
+            self._kept.pop((name, device), None)  # after module.to(device) it held the
+            return t  # old source and a second copy on the device)
         if compiling() or t.is_inference() or t.requires_grad:
             return t.to(device)
         key, stamp = (name, device), _stamp(t)
