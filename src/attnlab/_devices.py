@@ -35,7 +35,9 @@ def to_device(t: Tensor, device: torch.device | str) -> Tensor:
     if t.device == device:
         return t
     if device.type == "cuda" and t.device.type == "cpu":
-        return t.contiguous().pin_memory().to(device, non_blocking=True)
+        # (pinned already, pin_memory() returns t itself, which the copy would read late)
+        src = t.clone() if t.is_pinned() else t
+        return src.contiguous().pin_memory().to(device, non_blocking=True)
     return t.to(device)
 
 
