@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnlab._devices import to_device
-from attnlab._eager import compiling
+from attnlab._devices import DeviceCopies
 from attnlab._grid import Grid
 from attnlab.masks import Mask, RowBounds, padding
 from attnlab.masks.layout import on
@@ -51,7 +50,7 @@ class KeyValid(Mask):
             run, lengths = _host_runs(valid)
         self._run = run or None  # (first, last) (B,), or None: no run
         self._lengths = lengths  # (B,) on the host, or None: not read
-        self._run_on: dict[torch.device, tuple[Tensor, Tensor]] = {}  # its copies
+        self._run_copies = DeviceCopies()  # the run on the devices asked for
 
     @property
     def batch_size(self) -> int:
@@ -77,22 +76,11 @@ class KeyValid(Mask):
     ) -> RowBounds | None:
         if self._run is None:
             return None
-        lo, hi = (t.view(-1, 1).expand(-1, lq) for t in self._run_at(on(device)))  # (B, Lq)
+        lo, hi = (  # (B, Lq): the host's run, copied once to each device asked for
+            self._run_copies.on(name, t, on(device)).view(-1, 1).expand(-1, lq)
+            for name, t in zip(("first", "last"), self._run, strict=True)
+        )
         return RowBounds(lo, hi, exact=True)
-
-    def _run_at(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        """The run on ``device``: copied there once (not blocking from the host to a GPU;
-        kept unless traced), then kept; the run is the mask's own, never changed."""
-        assert self._run is not None
-        if self._run[0].device == device:
-            return self._run
-        kept = self._run_on.get(device)
-        if kept is None:
-            first, last = (to_device(t, device) for t in self._run)
-            kept = (first, last)
-            if not compiling():
-                self._run_on[device] = kept
-        return kept
 
     def padded_rows(self) -> Tensor:
         """Which rows ``(B,)`` hide a key: on the host where the lengths were read (the
