@@ -57,8 +57,7 @@ class TensorBias(Bias):
         self._device_copies = DeviceCopies()  # the values on the devices evaluated on
 
     def _as4d(self) -> Tensor:
-        t = self.values
-        return t.view((1,) * (4 - t.dim()) + tuple(t.shape))  # (Bt, Ht, Lqt, Lkt)
+        return _rank4(self.values)
 
     @property
     def full_shape(self) -> tuple[int, int, int, int]:
@@ -91,8 +90,8 @@ class TensorBias(Bias):
 
     def forward(self, grid: Grid) -> Tensor:
         copies = getattr(self, "_device_copies", None)  # (None: pickled before it kept any)
-        t = moved(self.values, grid.k.device, "bias tensor", copies)  # kept: the source's
-        t = t.view((1,) * (4 - t.dim()) + tuple(t.shape))  # (Bt, Ht, Lqt, Lkt)
+        # the values' kept copy (keyed by the values, not a view made per call), as rank 4
+        t = _rank4(moved(self.values, grid.k.device, "bias tensor", copies))
         if not t.numel():  # an empty batch or sequence's bias: its 0s match the grid's
             return t
         # size-1 dims broadcast; the others gather the grid's slice, on the grid's device
@@ -146,3 +145,8 @@ def as_bias(x: Bias | Tensor | None) -> Bias | None:
         f"bias= got {type(x).__name__}; expected a Bias (e.g. alibi(num_heads)), "
         f"a float tensor or None"
     )
+
+
+def _rank4(t: Tensor) -> Tensor:
+    """``t`` viewed with 1s on the left to rank 4: ``(Bt, Ht, Lqt, Lkt)``."""
+    return t.view((1,) * (4 - t.dim()) + tuple(t.shape))
