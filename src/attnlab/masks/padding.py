@@ -59,7 +59,10 @@ class Padding(Mask):
 
     @property
     def natural_length(self) -> int | None:
-        return int(self.kl.max()) if self.kl.numel() else None
+        if not self.kl.numel():
+            return None
+        top = self._most("key_lengths", self.kl)  # (the longest the check keeps)
+        return int(self.kl.max()) if top is None else top
 
     def lengths(self) -> tuple[Tensor, Tensor | None]:
         return self.kl, self.ql
