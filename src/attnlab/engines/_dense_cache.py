@@ -10,16 +10,14 @@ the parts of the last mask object, as the flex engine keeps its block mask.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from attnlab._eager import compiling, unreadable
-from attnlab.engines._versions import versions
+from attnlab.engines._memo import LastMask
 from attnlab.engines.base import AttentionRequest
-from attnlab.masks import Mask
 
 __all__ = ["DenseCache", "Parts"]
 
@@ -53,27 +51,29 @@ class DenseCache:
     """
 
     def __init__(self) -> None:
-        """Empty; a weak reference to the mask only."""
-        self._last: tuple[weakref.ref[Mask], tuple, Parts] | None = None
+        """Empty; a weak reference to the mask only (:class:`LastMask`)."""
+        self._last: LastMask[Parts] = LastMask(keep=_small)
 
     def get(self, req: AttentionRequest, build: Callable[[AttentionRequest], Parts]) -> Parts:
-        """``build(req)``, made again only when the mask, its tensors or the call differ."""
+        """``build(req)``, made again only when the mask, its tensors or the call differ
+        (the versions of its tensors read after the build: a build may keep a device
+        copy in the mask)."""
         mask = req.mask
         if mask is None or unreadable(req.q) or compiling():
             return build(req)
-        last = self._last  # read once: another thread may replace it meanwhile
-        if last is not None and last[0]() is mask and last[1] == _key(req, mask):
-            return last[2]
-        parts = build(req)
-        if parts[0].numel() <= KEPT_MAX:  # the key after: a build may keep a device copy
-            self._last = (weakref.ref(mask), _key(req, mask), parts)  # in the mask
-        return parts
+        return self._last.get(mask, _key(req), lambda: build(req))
 
 
-def _key(req: AttentionRequest, mask: Mask) -> tuple:
-    """What the parts depend on besides the mask object: sizes, device, the flags that
-    decide the one-key rows, inference mode (a tensor made there cannot be saved for a
-    later call's backward) and the versions of the mask's tensors (an inference tensor
-    has none: large or off the CPU it matches nothing, so it is built each call)."""
+def _small(parts: Parts) -> bool:
+    """Whether ``parts``' dense mask is small enough to keep (:data:`KEPT_MAX`)."""
+    return parts[0].numel() <= KEPT_MAX
+
+
+def _key(req: AttentionRequest) -> tuple:
+    """What the parts depend on besides the mask object and its tensors: sizes, device,
+    the flags that decide the one-key rows and inference mode (a tensor made there cannot
+    be saved for a later call's backward). The versions of the mask's tensors follow
+    (:class:`LastMask`; an inference tensor has none: large or off the CPU it matches
+    nothing, so it is built each call)."""
     flags = (req.needs_grad, req.dropout_p > 0, torch.is_inference_mode_enabled())
-    return (req.lq, req.lk, req.batch, req.heads, req.q.device, *flags, versions(mask))
+    return (req.lq, req.lk, req.batch, req.heads, req.q.device, *flags)

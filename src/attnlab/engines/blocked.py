@@ -42,8 +42,8 @@ from torch._C._functorch import is_functorch_wrapped_tensor
 from attnlab._eager import forward_mode, vmapping
 from attnlab.engines import blocked_autograd, blocked_choice, blocked_fold
 from attnlab.engines._leaves import HIDES_GRAD, hides_grad
+from attnlab.engines._memo import LastMask
 from attnlab.engines._native import build_settings, ops, pool_limit_mib
-from attnlab.engines._versions import versions as _versions
 from attnlab.engines.base import AttentionRequest, Engine, EngineResult, sink_rows, with_sinks
 from attnlab.engines.blocked_autograd import (
     bias_leaves,
@@ -102,7 +102,7 @@ class BlockedEngine(Engine):
         # the last request asked about decoding: whether it decodes, and its row bounds
         self._decode: tuple[weakref.ref[AttentionRequest], bool, RowBounds | None] | None = None
         # the last mask's row bounds, by its sizes and tensors' versions
-        self._last_bounds: tuple[weakref.ref[Mask], tuple, RowBounds | None] | None = None
+        self._last_bounds: LastMask[RowBounds | None] = LastMask()
 
     def plan(self, req: AttentionRequest) -> Plan:
         """The block schedule of ``req``, memoized for the last request and for the last
@@ -164,14 +164,13 @@ class BlockedEngine(Engine):
     def _decode_bounds(self, req: AttentionRequest) -> RowBounds | None:
         """:func:`_exact_bounds` of ``req``'s mask, memoized for the last mask, sizes and
         versions of the tensors it holds (an in-place change of one recomputes them): a
-        model's layers share one mask object per decoding step."""
+        model's layers share one mask object per decoding step. The versions are read
+        after computing (:class:`LastMask`): read before, a mask that keeps tensors it
+        makes for its bounds computed them twice."""
         mask = req.mask
         assert mask is not None
-        key = (req.lq, req.lk, req.batch, _versions(mask))
-        last = self._last_bounds
-        if last is None or last[0]() is not mask or last[1] != key:
-            self._last_bounds = last = (weakref.ref(mask), key, _exact_bounds(mask, req))
-        return last[2]
+        key = (req.lq, req.lk, req.batch)
+        return self._last_bounds.get(mask, key, lambda: _exact_bounds(mask, req))
 
     def forward(self, req: AttentionRequest) -> EngineResult:
         decode, bounds = self.decoding(req)

@@ -47,7 +47,7 @@ from attnlab._eager import vmapping
 from attnlab.bias.base import Bias
 from attnlab.bias.function import CustomBias
 from attnlab.engines._far import far_rows
-from attnlab.engines._versions import versions as _versions
+from attnlab.engines._memo import LastMask
 from attnlab.engines.base import AttentionRequest, Engine, EngineResult, with_sinks
 from attnlab.engines.blocked import _normalized
 from attnlab.engines.flex_mods import finite_lse, mask_mod, moved, score_mod
@@ -131,7 +131,7 @@ class FlexEngine(Engine):
     passes_plain = True  # prefers() is False without a mask or soft-capping
 
     def __init__(self) -> None:
-        self._last: tuple[Mask, tuple, Any] | None = None  # (mask, key, block mask)
+        self._last: LastMask[tuple[Any, float]] = LastMask(strong=True)  # see _block_mask
 
     def check_option_values(self, options: Mapping[str, object]) -> None:
         if "compile" in options and not isinstance(options["compile"], bool):
@@ -230,21 +230,17 @@ class FlexEngine(Engine):
     def _block_mask(self, req: AttentionRequest) -> tuple[Any, float]:
         """The request's FlexAttention block mask and the fraction of tiles it computes,
         memoized for the last mask, sizes and versions of the tensors it holds (a model's
-        layers share one mask per forward). The mask is held, not weakly: a decoder
-        stack's ``causal() & mask`` lives only through its forward, and where the block
-        mask holds a moved copy (its tensors on CUDA) nothing else kept it, so each
-        forward built again (2 host-device syncs per forward on an H200). The key takes
-        the versions again after building: building may make tensors the mask keeps
+        layers share one mask per forward; :class:`LastMask`). The mask is held, not
+        weakly: a decoder stack's ``causal() & mask`` lives only through its forward, and
+        where the block mask holds a moved copy (its tensors on CUDA) nothing else kept
+        it, so each forward built again (2 host-device syncs per forward on an H200). The
+        key takes the versions after building: building may make tensors the mask keeps
         (block_random draws its table for the length then), and a key from before never
         matched again."""
         mask = req.mask
         assert mask is not None
         sizes = (req.lq, req.lk, req.batch, req.heads, req.q.device)
-        last = self._last  # read once: another thread may replace it meanwhile
-        if last is None or last[0] is not mask or last[1] != (*sizes, _versions(mask)):
-            built = block_mask(mask, req)
-            self._last = last = (mask, (*sizes, _versions(mask)), built)
-        return last[2]
+        return self._last.get(mask, sizes, lambda: block_mask(mask, req))
 
 
 def block_mask(mask: Mask, req: AttentionRequest) -> tuple[Any, float]:
