@@ -426,6 +426,26 @@ def test_family_follows_eager_by_the_2x_rule_through_attnlab(
     )
 
 
+def test_llama4_chunk_of_padding_alone_gives_0_as_sdpa_not_eagers_even_spread() -> None:
+    """Right padding that fills a chunk of Llama 4's chunked layer leaves its pad queries
+    no key: attnlab gives those rows 0, as transformers' sdpa does, where eager's additive
+    mask spreads them evenly over all keys (its logits there 0.03-0.04 off). Real
+    positions agree with eager; the pad positions with sdpa."""
+    cls, cfg, kw, _ = _case("llama4")
+    kw["attention_mask"][1, -2], kw["input_ids"][1, -2] = 0, 0  # chunk 8-11: pads alone
+    real = kw["attention_mask"].bool()
+    out = {
+        (impl, dtype): _logits(_model(cls, cfg, impl, dtype), kw, dtype)
+        for impl in ("eager", "sdpa")
+        for dtype in (torch.float64, torch.float32)
+    }
+    got = _logits(_model(cls, cfg, "attnlab", torch.float32), kw, torch.float32)
+    eager64, eager, sdpa64, sdpa = out.values()
+    assert_2x_rule(got, sdpa, sdpa64, "llama4 logits against sdpa")
+    assert_2x_rule(got[real], eager[real], eager64[real], "llama4 real logits against eager")
+    assert float((eager64 - sdpa64)[~real].abs().max()) > 1e-2  # (eager's even spread)
+
+
 @pytest.mark.parametrize(
     ("family", "cache"),
     [
