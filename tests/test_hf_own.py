@@ -5,6 +5,7 @@ CLAP audio tower was served by nothing, Informer's ProbSparse attention failed i
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -39,6 +40,50 @@ def test_a_model_that_runs_some_attention_itself_says_so_once() -> None:
         )  # fmt: skip
         transformers.LlamaModel._from_config(llama, attn_implementation=name)
     assert not [w for w in seen if "outside attnlab" in str(w.message)]
+
+
+LONGT5 = {
+    "vocab_size": 50, "d_model": 32, "d_kv": 8, "d_ff": 32, "num_layers": 1,
+    "num_decoder_layers": 1, "num_heads": 2, "local_radius": 2, "global_block_size": 2,
+}  # fmt: skip
+
+
+def _sub_models() -> dict[str, Any]:
+    """Models that build sub-models of their own kind on their own config objects."""
+    vision = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "intermediate_size": 32, "image_size": 16, "patch_size": 4}  # fmt: skip
+    text = {"vocab_size": 50, "hidden_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "intermediate_size": 32}  # fmt: skip
+    longt5 = transformers.LongT5Config(**LONGT5, encoder_attention_type="transient-global")
+    siglip = transformers.SiglipConfig(text_config=text, vision_config=vision)
+    return {
+        "LongT5Model": transformers.LongT5Config(**LONGT5),
+        "LongT5ForConditionalGeneration": longt5,
+        "LongT5EncoderModel": transformers.LongT5Config(**LONGT5),
+        "SiglipModel": siglip,
+    }
+
+
+@pytest.mark.parametrize("cls", list(_sub_models()))
+@pytest.mark.parametrize("switched", [False, True])
+def test_a_model_with_sub_models_of_copied_configs_says_so_once(cls: str, switched: bool) -> None:
+    """LongT5's encoder and decoder stacks each take a copy of the model's config, and
+    SigLIP's vision tower its own: the warning, given once per config object, was given
+    three times for a LongT5 (twice for SigLIP). Once a model now, built under attnlab or
+    switched to it; again for the same config object, not at all."""
+    name, cfg = register(), _sub_models()[cls]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        build = getattr(transformers, cls)._from_config
+        if switched:
+            build(cfg, attn_implementation="eager").set_attn_implementation(name)
+        else:
+            models = build(cfg, attn_implementation=name).modules()
+            models = [m for m in models if isinstance(m, transformers.PreTrainedModel)]
+            assert len(models) > 1 and all(m.config._attn_implementation == name for m in models)
+        build(cfg, attn_implementation=name)  # the same config: said already
+    said = [str(w.message) for w in seen if "outside attnlab" in str(w.message)]
+    assert len(said) == 1 and f"{cls} (" in said[0], said
 
 
 def test_models_whose_attention_is_all_their_own_are_refused() -> None:

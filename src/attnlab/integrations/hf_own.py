@@ -6,20 +6,25 @@ calls attnlab saw with those made outside it).
 Such a model passes transformers' own source test (its file calls the interface), so
 :func:`attnlab.integrations.transformers.register` cannot refuse it whole: it runs, with
 the layers named here outside attnlab (``attnlab.interpret.capture`` does not see them).
-It now says so, once, with a ``UserWarning``. Sub-models whose every attention layer is
-of that kind (loaded alone) are refused like the models that never call the interface.
+It now says so, once a model, with a ``UserWarning`` (not again for the sub-models it
+builds, nor for a model of a config already warned about). Sub-models whose every
+attention layer is of that kind (loaded alone) are refused like the models that never call
+the interface.
 """
 
 from __future__ import annotations
 
+import sys
 import warnings
 import weakref
+from types import FrameType
 from typing import Any
 
 __all__ = ["COMPOSITE", "OWN_SUBMODELS", "PARTLY_OWN", "check_partly_own"]
 
 COMPOSITE = "(a composite model takes a dict, one implementation per sub-config)"
 _WARNED: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+_BUILDS = ("__init__", "set_attn_implementation")  # where a model builds its sub-models
 
 # model_type -> the layers that compute attention in their own code
 PARTLY_OWN = {
@@ -82,8 +87,8 @@ def check_partly_own(model: Any, name: str) -> None:
             + (" or attention_type='full'" if prob else "")
             + f" {COMPOSITE}"
         )
-    if kind in PARTLY_OWN and _built(config, kind) and _WARNED.get(id(config)) is not config:
-        _WARNED[id(config)] = config  # once a model (its encoder and decoder share its config)
+    if kind in PARTLY_OWN and _built(config, kind) and not _warned(config):
+        _WARNED[id(config)] = config
         warnings.warn(
             f"attn_implementation={name!r}: {type(model).__name__} ({kind}) runs "
             f"{PARTLY_OWN[kind]} in its own code, outside attnlab (no weights or capture "
@@ -91,6 +96,24 @@ def check_partly_own(model: Any, name: str) -> None:
             UserWarning,
             stacklevel=4,
         )
+
+
+def _warned(config: Any) -> bool:
+    """Whether the warning was given for ``config`` (PEGASUS-X's encoder and decoder share
+    their model's) or, up the call stack, for a model whose construction or
+    ``set_attn_implementation`` builds this one (LongT5's encoder and decoder stacks each
+    take a copy of the config: the warning was given three times a model)."""
+    if _WARNED.get(id(config)) is config:
+        return True
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name in _BUILDS:
+            outer = getattr(frame.f_locals.get("self"), "__dict__", {}).get("config")
+            if outer is not None and _WARNED.get(id(outer)) is outer:
+                _WARNED[id(config)] = config
+                return True
+        frame = frame.f_back
+    return False
 
 
 def _built(config: Any, kind: str) -> bool:
