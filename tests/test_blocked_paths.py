@@ -192,6 +192,31 @@ def test_a_row_a_bias_hides_whole_has_logsumexp_minus_infinity() -> None:
         assert torch.allclose(g, torch.ones(2)), engine
 
 
+@pytest.mark.parametrize("lk", [8, 15, 40])
+def test_a_row_with_a_score_of_plus_infinity_has_the_logsumexp_fp64_gives(lk: int) -> None:
+    """A bias of +inf gives its row NaN, as torch's SDPA does, in every engine; its lse is
+    +inf, as float64's reference engine and ``torch.logsumexp`` give (torch's fused forward
+    gave NaN below 16 keys, so the blocked engine's lse was NaN at 8 keys, +inf at 300)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, lk, 16) for _ in range(3))
+    dense = torch.zeros(1, 2, lk, lk)
+    dense[0, 0, 3, 5] = float("inf")
+    want = attnlab.attention(*(t.double() for t in (q, k, v)), bias=dense.double(),
+                             engine="reference", return_lse=True)  # fmt: skip
+    assert isinstance(want, attnlab.AttentionOutput) and want.lse is not None
+    assert torch.isposinf(want.lse[0, 0, 3]) and torch.isnan(want.out[0, 0, 3]).all()
+    rows = torch.isnan(want.out).any(-1)
+    plain = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+    assert torch.equal(torch.isnan(plain).any(-1), rows)
+    for engine in ("blocked", "auto"):
+        got = attnlab.attention(q, k, v, bias=dense, engine=engine, return_lse=True)
+        assert isinstance(got, attnlab.AttentionOutput) and got.lse is not None
+        assert torch.equal(torch.isnan(got.out).any(-1), rows), engine
+        assert torch.equal(torch.isposinf(got.lse), torch.isposinf(want.lse)), engine
+        assert max_err(got.out[~rows], want.out[~rows]) < 1e-5, engine
+        assert max_err(got.lse[~rows], want.lse[~rows]) < 1e-5, engine
+
+
 def test_a_tensor_bias_that_wants_grad_keeps_the_weights_in_the_graph() -> None:
     """(needs_grad read the bias's parameters only: a plain tensor bias is a buffer, and
     the blocked engine returned its weights cut off from autograd: b.grad 0.29 off.)"""

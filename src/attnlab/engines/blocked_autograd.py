@@ -237,10 +237,10 @@ def _block_forward(
         out, lse = _FLASH_FWD(
             q[:, :, r0:r1], k_sel, v_sel, 0.0, False, attn_mask=tile, scale=req.scale
         )
-        # rows the tile hides whole: a partial mask's, or a bias of -inf (a full block's
-        # row of -inf bias got torch's logsumexp 0, not -inf)
-        empty = None if blk.has_full and req.bias is None else _empty_rows(tile)
-        return out, (lse if empty is None else lse.masked_fill(empty, float("-inf")))
+        if not bool(lse.isnan().any()):  # (a +inf score's lse: NaN below 16 keys; eager: +inf)
+            # rows the tile hides whole (a full block's row of -inf bias got torch's lse 0)
+            empty = None if blk.has_full and req.bias is None else _empty_rows(tile)
+            return out, (lse if empty is None else lse.masked_fill(empty, float("-inf")))
     s = scores_of(q[:, :, r0:r1], k_sel, req.scale)  # (B, Hq, T, Ks)
     hidden = None if tile is None else torch.isneginf(tile)  # the pairs the tile masks
     p, lse = softmax_lse(_masked(cap_scores(s, req.softcap), tile, hidden))
