@@ -73,3 +73,34 @@ def test_half_cosine_follows_fp64(engine: str, case: str) -> None:
         assert torch.isfinite(got[0]).all(), f"{engine}, {case}, {dtype}: not finite"
         for name, a, c, r in zip(("out", "dq", "dk", "dv"), got, control, ref, strict=False):
             assert_2x_rule(a, c, r, f"{engine} {case} {dtype} {name}")
+
+
+@pytest.mark.parametrize("engine", ["reference", "blocked", "auto"])
+def test_half_cosine_gradient_at_a_zero_vector_is_fp64_rounded(engine: str) -> None:
+    """A zero query's and key's float16 gradients are float64's rounded to float16: inf
+    where float64's passes 65504 (1/eps = 1e12 times the upstream part: 5e11 here), finite
+    elsewhere (torch's F.normalize in float16 gives NaN: its eps rounds to 0). A zero
+    vector under padding, which no loss term reads, gets gradient 0."""
+    x = _inputs("zero query")
+    x[1][0, 1, 7] = 0  # and a zero key
+
+    def ours(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return attnlab.attention(q, k, v, score="cosine", scale=10.0, engine=engine)
+
+    ref = _run(ours, x, torch.float64, True)
+    got = _run(ours, x, torch.float16, True)
+    for name, a, r in zip(("dq", "dk"), got[1:3], ref[1:3], strict=True):
+        big = r.abs() > torch.finfo(torch.float16).max
+        assert big.any() and torch.equal(torch.isinf(a), big), f"{engine} {name}"
+        assert not torch.isnan(a).any(), f"{engine} {name}"
+        assert torch.equal(a[big].sign(), r[big].sign().to(a.dtype)), f"{engine} {name}"
+    q, k, v, dout = (t.clone() for t in x)
+    q[0, :, 60:], k[0, :, 60:] = 0, 0  # padded tail: masked keys, rows the loss skips
+    dout[0, :, 60:] = 0
+    padded = attnlab.masks.padding(torch.tensor([60]))
+
+    def masked(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return attnlab.attention(q, k, v, score="cosine", mask=padded, engine=engine)
+
+    g = _run(masked, [q, k, v, dout], torch.float16, True)
+    assert all(torch.equal(t[0, :, 60:], torch.zeros_like(t[0, :, 60:])) for t in g[1:3])
