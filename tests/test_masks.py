@@ -9,7 +9,9 @@ primitive masks (and their negations) ``PARTIAL`` tiles hold both.
 
 from __future__ import annotations
 
+import copy
 import math
+import pickle
 import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -965,6 +967,31 @@ def test_padding_reads_its_lengths_once_and_again_after_a_change(
         m.check(batch=2, heads=1, lq=1, lk=3)
     lengths[0] = 1
     m.check(batch=2, heads=1, lq=1, lk=3)
+
+
+def test_padding_keeps_its_longest_length_for_the_tensor_read() -> None:
+    """The largest length kept with the check answered for any tensor at the same
+    address and version: lengths set to another view of the same buffer ([2, 9] where
+    [2, 3] was read) passed a call of Lk=4 that a fresh mask refuses. Copies share the
+    kept values (flex's ``moved``) and cannot take each other's."""
+    buf = torch.tensor([[2, 9], [3, 9]])
+    m = masks.padding(buf[:, 0])  # [2, 3]
+    m.kl = buf[0]  # [2, 9]: same storage, offset, version counter and dtype
+    fresh = masks.padding(buf[0].clone())
+    assert m.natural_length == fresh.natural_length == 9
+    for mask in (fresh, m):
+        with pytest.raises(ValueError, match=r"key_lengths=\[2, 9\] but the call has Lk=4"):
+            mask.check(batch=2, heads=1, lq=1, lk=4)
+    lengths = torch.tensor([2, 3])
+    m = masks.padding(lengths)
+    moved = copy.copy(m)  # (as flex's moved: a shallow copy, then its own lengths)
+    moved.kl = buf[0]
+    with pytest.raises(ValueError, match=r"key_lengths=\[2, 9\] but the call has Lk=4"):
+        moved.check(batch=2, heads=1, lq=1, lk=4)
+    m.check(batch=2, heads=1, lq=1, lk=3)  # the original's own, kept
+    for again in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):  # (start empty)
+        assert again.natural_length == 3
+        again.check(batch=2, heads=1, lq=1, lk=3)
 
 
 def test_documents_wrong_length() -> None:

@@ -4,11 +4,12 @@ nothing."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from attnlab._devices import _stamp
+from attnlab._devices import _Stamp, _stamp
 from attnlab._eager import compiling, exporting, vmapping
 from attnlab._grid import Grid
 from attnlab.masks._args import check_nonnegative, int_tensor
@@ -44,13 +45,13 @@ class Padding(Mask):
                 f"has {tuple(self.kl.shape)}; give one length per batch item"
             )
         # the largest lengths, read with the check (vmapped or exported: taken as given)
-        # and kept as host ints with the stamp they were read at, so that each call's
-        # check() compares ints: no read of a device's lengths per call
-        self._longest: dict[str, tuple[object, int]] = {}
+        # and kept as host ints, so that each call's check() compares ints: no read of a
+        # device's lengths per call
+        self._longest = _Longest()
         for name, t in (("key_lengths", self.kl), ("query_lengths", self.ql)):
-            top, stamp = check_nonnegative(name, t), None if t is None else _stamp(t)
-            if top is not None and stamp is not None:
-                self._longest[name] = (stamp, top)
+            top = check_nonnegative(name, t)
+            if t is not None and top is not None:
+                self._longest.put(name, t, top)
         self._copies = DeviceCopies()  # the lengths on the devices evaluated on
 
     @property
@@ -93,14 +94,13 @@ class Padding(Mask):
         trace would break at the stamp): that call is not checked."""
         if compiling():
             return None
-        stamp, kept = _stamp(t), self._longest.get(name)
-        if kept is not None and stamp is not None and kept[0] == stamp:
-            return kept[1]
+        kept = self._longest.get(name, t)
+        if kept is not None:
+            return kept
         if t.device.type != "cpu" or vmapping() or exporting():
             return None
         top = int(t.max()) if t.numel() else 0
-        if stamp is not None:
-            self._longest[name] = (stamp, top)
+        self._longest.put(name, t, top)
         return top
 
     def evaluate(self, grid: Grid) -> Tensor:
@@ -121,6 +121,50 @@ class Padding(Mask):
     def spec(self) -> str:
         q = "" if self.ql is None else f", query_lengths={self.ql.tolist()}"
         return f"padding(key_lengths={self.kl.tolist()}{q})"
+
+
+class _Longest:
+    """The largest of each of a mask's lengths tensors, as read: kept per name with the
+    tensor read and its stamp then (version, storage, dtype), the answer only for that
+    same tensor, unchanged. The stamp alone named no tensor: a view of the same buffer at
+    the same address and version (``buf[0]`` after ``buf[:, 0]``), or a new tensor where
+    a freed one lay (a CUDA copy in the caching allocator), took the other's value.
+
+    Not a tensor, dict or mask, so flex's ``moved`` passes it by: the shallow copy it
+    makes with the lengths on the device shares it and cannot answer with the original's
+    value, nor the original with the copy's; a deep copy or a pickle starts empty.
+
+    Example:
+        >>> buf = torch.tensor([[2, 9], [3, 9]])
+        >>> lengths, kept = buf[:, 0], _Longest()
+        >>> kept.put("key_lengths", lengths, 3)
+        >>> kept.get("key_lengths", lengths), kept.get("key_lengths", buf[0])
+        (3, None)
+    """
+
+    __slots__ = ("_kept",)
+
+    def __init__(self) -> None:
+        self._kept: dict[str, tuple[Tensor, _Stamp, int]] = {}
+
+    def get(self, name: str, t: Tensor) -> int | None:
+        """The value kept for ``name`` where it was read from ``t`` as it is now."""
+        kept, stamp = self._kept.get(name), _stamp(t)  # (read once: threads may put)
+        if kept is None or kept[0] is not t or stamp is None or kept[1] != stamp:
+            return None
+        return kept[2]
+
+    def put(self, name: str, t: Tensor, top: int) -> None:
+        """Keep ``top``, the largest value of ``t`` read now, for ``name``."""
+        stamp = _stamp(t)
+        if stamp is not None:  # (no storage of its own: a functorch wrapper)
+            self._kept[name] = (t, stamp, top)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_Longest, ())
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Longest:
+        return _Longest()
 
 
 def padding(
