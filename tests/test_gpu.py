@@ -453,3 +453,19 @@ def test_sdpa_masked_calls_make_no_host_device_sync(
         torch.testing.assert_close(c, b, rtol=2e-2, atol=2e-2)
     if case.startswith("padding"):  # item 1's rows from 600 on see nothing: 0
         assert got[0][1, :, 600:].abs().max().item() == 0.0
+
+
+def test_padding_lengths_on_the_device_changed_in_place_are_checked() -> None:
+    """Lengths held on the device are read with the construction's check; changed in
+    place there they were taken unchecked (a length past ``Lk`` passed): read again,
+    once per change."""
+    lengths = torch.tensor([3, 2], device=DEV)
+    mask = M.padding(lengths)
+    q = torch.randn(2, 1, 3, 8, device=DEV)
+    attnlab.attention(q, q, q, mask=mask)
+    lengths[0] = 5
+    with pytest.raises(ValueError, match=r"key_lengths=\[5, 2\] but the call has Lk=3"):
+        attnlab.attention(q, q, q, mask=mask)
+    assert mask.natural_length == 5
+    lengths[0] = 1
+    attnlab.attention(q, q, q, mask=mask)

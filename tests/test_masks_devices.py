@@ -143,3 +143,38 @@ def test_flex_copies_to_the_device_through_to_device(monkeypatch: pytest.MonkeyP
     assert sorted(shape for shape, _ in seen) == [[2], [2], [2, 1, 2, 2]]  # kl, ql, states
     assert all(device == META for _, device in seen)
     assert bm.kv_num_blocks.is_meta
+
+
+def test_padding_checks_device_lengths_changed_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lengths on a GPU are read with the construction's check and kept; changed in place
+    there, they were taken unchecked (a length past ``Lk`` passed, where a fresh mask of
+    the same lengths refuses it): read again, once per change. No GPU here: a CPU tensor
+    that says it is on one stands for it."""
+    lengths = torch.tensor([3, 2])
+    real = torch.Tensor.device
+    on_gpu = property(lambda t: torch.device("cuda", 0) if t is lengths else real.__get__(t))
+    monkeypatch.setattr(torch.Tensor, "device", on_gpu)
+    m = masks.padding(lengths)
+    assert m.kl is lengths and m.kl.device.type == "cuda"
+    reads: list[int] = []
+    real_max = torch.Tensor.max
+
+    def counted_max(t: Tensor, *args: object, **kwargs: object) -> object:
+        reads.append(1)
+        return real_max(t, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "max", counted_max)
+    for _ in range(3):  # unchanged: the kept value, no read
+        m.check(batch=2, heads=1, lq=1, lk=3)
+    assert reads == []
+    lengths[0] = 5  # in place on the "device"
+    with pytest.raises(ValueError, match=r"key_lengths=\[5, 2\] but the call has Lk=3"):
+        masks.padding(lengths.clone()).check(batch=2, heads=1, lq=1, lk=3)  # a fresh mask
+    reads.clear()
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"key_lengths=\[5, 2\] but the call has Lk=3"):
+            m.check(batch=2, heads=1, lq=1, lk=3)
+    assert m.natural_length == 5 and len(reads) == 1  # one read for the change
+    lengths[0] = 1
+    m.check(batch=2, heads=1, lq=1, lk=3)
+    assert m.natural_length == 2

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from attnlab._devices import _Stamp, _stamp
-from attnlab._eager import compiling, exporting, vmapping
+from attnlab._eager import compiling, unreadable
 from attnlab._grid import Grid
 from attnlab.masks._args import check_nonnegative, int_tensor
 from attnlab.masks._copies import DeviceCopies
@@ -89,15 +89,17 @@ class Padding(Mask):
 
     def _most(self, name: str, t: Tensor) -> int | None:
         """The largest of the lengths ``t`` as an int: the one kept while ``t`` is
-        unchanged, else read again on the CPU; None where that read would wait for a
-        device or cannot be made (vmapped, exported), and under ``torch.compile`` (whose
-        trace would break at the stamp): that call is not checked."""
+        unchanged, else read again and kept, on a GPU too (one read, a sync, per change
+        of the lengths, as at construction; lengths changed in place there were taken
+        unchecked); None where no read can be made (vmapped, exported, the meta device,
+        a CUDA graph capturing) and under ``torch.compile`` (whose trace would break at
+        the stamp): that call is not checked."""
         if compiling():
             return None
         kept = self._longest.get(name, t)
         if kept is not None:
             return kept
-        if t.device.type != "cpu" or vmapping() or exporting():
+        if unreadable(t) or (t.is_cuda and torch.cuda.is_current_stream_capturing()):
             return None
         top = int(t.max()) if t.numel() else 0
         self._longest.put(name, t, top)
