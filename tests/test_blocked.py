@@ -456,6 +456,57 @@ def test_a_lock_file_left_by_a_killed_build_does_not_block_the_next(
         fcntl.flock(after, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
+@pytest.mark.parametrize(
+    ("held", "finished", "lines"),
+    [
+        (False, False, ["compiling"]),  # nobody else: this process builds
+        (True, True, ["waiting"]),  # another builds it and finishes: this one loads it
+        (True, False, ["waiting", "compiling"]),  # another dies part way: this one builds
+        (True, None, []),  # another loads a finished build (well under a second)
+    ],
+    ids=["free", "another-builds", "another-dies", "another-loads"],
+)
+def test_a_process_waiting_on_anothers_build_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    held: bool,
+    finished: bool | None,
+    lines: list[str],
+) -> None:
+    """A process that found the build lock held said "compiling the blocked engine's CPU
+    kernel" and then only waited (a minute here) while another process built it; it says
+    it waits for another's build now, and "compiling" only where it builds (the other
+    died part way). ``finished`` None: the library is there from the start."""
+    fcntl = pytest.importorskip("fcntl")
+    import threading
+
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    name = _native.build_settings()[0]
+    folder, built = tmp_path / name, tmp_path / name / f"{name}.so"
+    folder.mkdir()
+    if finished is None:
+        built.touch()
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: None)
+    with open(folder.with_name(folder.name + ".lock"), "a") as other:  # another process's
+        if held:
+            fcntl.flock(other, fcntl.LOCK_EX)
+
+        def done() -> None:  # the other process ends: its build there or not
+            if finished:
+                built.touch()
+            fcntl.flock(other, fcntl.LOCK_UN)
+
+        timer = threading.Timer(0.3, done)
+        timer.start()
+        _native._build()
+        timer.join()
+    said = [line.split()[1].rstrip(":") for line in capsys.readouterr().err.splitlines()]
+    assert said == lines
+
+
 def test_kernel_half_precision_and_gqa_match_the_reference() -> None:
     if blocked_mod.kernel() is None:
         pytest.skip(f"attnlab's CPU kernel could not be built: {blocked_mod.kernel_error()}")

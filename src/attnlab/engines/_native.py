@@ -94,14 +94,11 @@ def _build() -> Any:
     source = folder / _SOURCE.name  # a copy: the same path from every checkout
     if not source.exists():
         atomic_write_text(source, _SOURCE.read_text(encoding="utf-8"))
-    if not (folder / f"{name}.so").exists():
-        print(
-            "attnlab: compiling the blocked engine's CPU kernel (once, about 20 s; "
-            "cached in torch's extensions folder)",
-            file=sys.stderr,
-            flush=True,
-        )
-    with _build_lock(folder):
+    built = folder / f"{name}.so"
+    with _build_lock(folder, built):
+        if not built.exists():  # (asked holding the lock: another's build has finished)
+            _say("compiling the blocked engine's CPU kernel (once, about 20 s; cached in "
+                 "torch's extensions folder)")  # fmt: skip
         load(
             name=name,
             sources=[str(source)],
@@ -113,12 +110,15 @@ def _build() -> Any:
 
 
 @contextlib.contextmanager
-def _build_lock(folder: Path) -> Iterator[None]:
+def _build_lock(folder: Path, built: Path) -> Iterator[None]:
     """Hold an OS lock on ``<folder>.lock`` beside the build folder while torch builds or
     loads, and remove a ``lock`` file torch left in the folder: torch guards its build with
     that file alone, so a build killed mid-compile left it and every later process waited
     on it forever, silently. The OS lock is let go when its holder dies, and any attnlab
     process still building holds it, so a ``lock`` file found while holding it is stale.
+    A process that finds the lock held while ``built`` (the library) is not there yet
+    says it waits for another's build (it said it was compiling, and waited a minute);
+    one held while the library is there is another's load (well under a second): no line.
     Where there is no ``fcntl`` (Windows) only torch's own file guards the build."""
     try:
         import fcntl
@@ -126,12 +126,23 @@ def _build_lock(folder: Path) -> Iterator[None]:
         yield
         return
     with open(folder.with_name(folder.name + ".lock"), "a") as held:  # "a": never truncated
-        fcntl.flock(held, fcntl.LOCK_EX)  # waits while another process builds
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not built.exists():
+                _say("waiting for another process's build of the blocked engine's CPU "
+                     f"kernel (it holds {held.name})")  # fmt: skip
+            fcntl.flock(held, fcntl.LOCK_EX)  # waits while another process builds
         try:
             (folder / "lock").unlink(missing_ok=True)
             yield
         finally:
             fcntl.flock(held, fcntl.LOCK_UN)
+
+
+def _say(line: str) -> None:
+    """One line on stderr, at once: what a build that takes a while is doing."""
+    print(f"attnlab: {line}", file=sys.stderr, flush=True)
 
 
 def _find_ninja() -> None:
