@@ -450,6 +450,8 @@ def test_llama4_chunk_of_padding_alone_gives_0_as_sdpa_not_eagers_even_spread() 
     ("family", "cache"),
     [
         ("gemma3", "static"),
+        ("gemma3", None),
+        ("paligemma", None),
         ("qwen2_vl", None),
         ("mllama", None),
         ("whisper", "static"),
@@ -479,6 +481,25 @@ def test_greedy_generation_follows_eager_by_the_2x_rule(family: str, cache: str 
     assert torch.equal(got.sequences, ref64.sequences)  # (else the steps' logits differ)
     logits = [torch.stack(o.logits) for o in (got, plain, ref64)]
     assert_2x_rule(*logits, f"{family} generated logits")
+
+
+@pytest.mark.parametrize("family", ["paligemma", "gemma3"])
+def test_image_tokens_seeing_each_other_reach_attnlab_as_groups(
+    family: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PaliGemma's prefix and Gemma 3's images see each other (transformers'
+    ``blockwise_overlay`` OR-ed with causal): the text layers get ``causal() |
+    groups(ids)`` with exact key intervals, no mask evaluated tile by tile (before, every
+    text layer's mask was ``custom(hf_mask)``)."""
+    cls, cfg, kw, _ = _case(family)
+    calls = attnlab_calls(monkeypatch)
+    _logits(_model(cls, cfg, "attnlab", torch.float32), kw, torch.float32)
+    text = [m for m in calls if m is not None]  # (the vision towers' calls have no mask)
+    specs = [m.spec() for m in text]
+    assert len(text) == cfg.text_config.num_hidden_layers, specs
+    assert all("(causal() | groups(" in s and "custom" not in s for s in specs), specs
+    b, lq = kw["input_ids"].shape
+    assert all(m.row_bounds(lq, lq, b).exact for m in text), specs
 
 
 @pytest.mark.parametrize("family", ["paligemma", "gemma3"])

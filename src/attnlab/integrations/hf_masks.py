@@ -4,7 +4,8 @@ transformers describes each attention mask as a composed index function
 ``mask_function(batch_idx, head_idx, q_idx, kv_idx)`` plus a 2-D padding
 ``attention_mask`` and the query and key offsets of the KV cache. :func:`translate`
 recognizes the pieces transformers builds its masks from (causal, bidirectional,
-sliding windows, packed sequences, padding, ``and``/``or``) and turns them into attnlab
+sliding windows, packed sequences, padding, the image blocks of vision-language models,
+``and``/``or``) and turns them into attnlab
 masks with exact key intervals, so the blocked engine skips masked-out work and no
 ``Lq x Lk`` tensor is made; chunked attention (Llama 4) becomes :func:`documents` of the
 chunks. A piece it does not recognize (a model's own overlay) is not dropped: the whole
@@ -31,7 +32,7 @@ from torch import Tensor
 
 from attnlab._grid import Grid
 from attnlab.integrations.hf_keys import KeyValid, padding_mask
-from attnlab.masks import Mask, RowBounds, causal, custom, documents, window
+from attnlab.masks import Mask, RowBounds, causal, custom, documents, groups, window
 from attnlab.masks.documents import Documents
 from attnlab.masks.padding import Padding
 
@@ -283,6 +284,8 @@ def _structure(fn: HFMaskFn, call: MaskCall, positions: Tensor | None = None) ->
     if kind == "chunked_overlay":  # Llama 4: (k - pad) // C == (q - pad) // C
         keys = torch.arange(call.kv_length) + call.kv_offset if positions is None else positions
         return Chunks(int(cells["chunk_size"]), cells["left_padding"], keys)  # type: ignore[call-overload]
+    if kind == "blockwise_overlay" and positions is None:  # Gemma 3, PaliGemma, ...
+        return _blocks(cells["block_sequence_ids"], call)
     if kind == "packed_sequence_mask_function" and call.q_length == call.kv_length:
         return documents(cells["packed_sequence_mask"])  # type: ignore[arg-type]
     if kind == "remap_positions_for_packed_sequence":
@@ -293,6 +296,22 @@ def _structure(fn: HFMaskFn, call: MaskCall, positions: Tensor | None = None) ->
     if kind in ("and_masks", "or_masks"):
         return _combine(kind == "and_masks", cells["mask_functions"], call, positions)  # type: ignore[arg-type]
     return _UNKNOWN
+
+
+def _blocks(ids: object, call: MaskCall) -> Piece:
+    """transformers' ``blockwise_overlay``, ``ids[b, q] == ids[b, k] >= 0`` at absolute
+    positions (an image's tokens see each other): :func:`groups` of the keys' ids (queries
+    aligned on their keys sit on their keys' ids), or ``_UNKNOWN`` where the ids are not a
+    ``(1 or B, >= kv_offset + kv_length)`` integer tensor."""
+    end = call.kv_offset + call.kv_length
+    if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.shape[1] < end:
+        return _UNKNOWN
+    if ids.shape[0] not in (1, call.batch_size) or ids.dtype not in _INTS:
+        return _UNKNOWN
+    return groups(ids[:, call.kv_offset : end])
+
+
+_INTS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 class Chunks(Documents):

@@ -16,7 +16,7 @@ or full), and describes its structure to engines through a public protocol (see
 causal, its padding lengths. Engines ask; they never check a mask's class.
 
 The package holds one file per family: ``intervals`` (causal, window, prefix, dilated),
-``padding``, ``documents``, ``sparse`` (global tokens, random blocks), ``custom``,
+``padding``, ``documents`` (and groups), ``sparse`` (global tokens, random blocks), ``custom``,
 ``tensor``; ``base`` holds the protocol and the ``& | ~`` combinators, ``layout`` the
 block layouts. :class:`Grid` is the argument of :meth:`Mask.evaluate` (a new mask's type
 hints name it).
@@ -33,7 +33,7 @@ from __future__ import annotations
 from attnlab._grid import Grid
 from attnlab.masks.base import And, Mask, Not, Or, Wrapped
 from attnlab.masks.custom import Custom, MaskFn, custom
-from attnlab.masks.documents import Documents, documents
+from attnlab.masks.documents import Documents, Groups, documents, groups
 from attnlab.masks.intervals import (
     Causal,
     Dilated,
@@ -59,6 +59,7 @@ __all__ = [
     "Documents",
     "GlobalTokens",
     "Grid",
+    "Groups",
     "Mask",
     "MaskFn",
     "Not",
@@ -77,6 +78,7 @@ __all__ = [
     "dilated",
     "documents",
     "global_tokens",
+    "groups",
     "padding",
     "prefix",
     "tensor",

@@ -38,7 +38,9 @@ from attnlab.masks.layout import (
     Device,
     RowBounds,
     layout_by_evaluation,
+    meet_bounds,
     part_states,
+    union_bounds,
 )
 
 __all__ = ["And", "Mask", "Not", "Or", "Wrapped"]
@@ -357,15 +359,7 @@ class And(_Combination):
     ) -> RowBounds | None:
         """The intersection of the parts' row intervals: exact when every part's is, else
         an outer bound (a part without one, ``block_random``, only narrows it)."""
-        if self.per_head:
-            return None
-        parts = [p.row_bounds(lq, lk, batch, device) for p in self.parts]
-        known = [b for b in parts if b is not None]
-        if not known:
-            return None
-        lo = functools.reduce(torch.maximum, [b.lo for b in known])
-        hi = functools.reduce(torch.minimum, [b.hi for b in known])
-        return RowBounds(lo, hi, len(known) == len(parts) and all(b.exact for b in known))
+        return None if self.per_head else meet_bounds(self.parts, lq, lk, batch, device)
 
 
 class Or(_Combination):
@@ -385,6 +379,12 @@ class Or(_Combination):
 
     def _combine_states(self, a: Tensor, b: Tensor) -> Tensor:
         return torch.maximum(a, b)
+
+    def row_bounds(
+        self, lq: int, lk: int, batch: int = 1, device: Device = None
+    ) -> RowBounds | None:
+        """The parts' exact intervals joined, where each row's join is one interval."""
+        return None if self.per_head else union_bounds(self.parts, lq, lk, batch, device)
 
 
 class Wrapped(Mask):

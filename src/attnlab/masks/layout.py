@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.nn.functional import pad
 
+from attnlab._devices import to_device
 from attnlab._grid import Grid
 from attnlab.masks._tiles import runs_from_bounds, runs_from_states, states_from_runs
 
@@ -33,8 +34,10 @@ __all__ = [
     "RowBounds",
     "TileState",
     "layout_by_evaluation",
+    "meet_bounds",
     "on",
     "part_states",
+    "union_bounds",
 ]
 
 Device = torch.device | str | None
@@ -212,6 +215,63 @@ def part_states(
     nq, nk = math.ceil(lq / bq), math.ceil(lk / bk)
     runs = runs_from_bounds(layout, lq, lk, bq, bk, False)
     return states_from_runs(runs, (layout.lo.shape[0], 1, nq, nk)).long()
+
+
+def meet_bounds(
+    parts: tuple[Mask, ...], lq: int, lk: int, batch: int, device: Device
+) -> RowBounds | None:
+    """The intersection of the row intervals of ``parts`` AND-ed: exact when every part's
+    is, else an outer bound (a part without one, ``block_random``, only narrows it).
+
+    Example:
+        >>> from attnlab import masks
+        >>> meet_bounds((masks.causal(), masks.window(1)), 3, 3, 1, None).lo.tolist()
+        [[0, 0, 1]]
+    """
+    bounds = [p.row_bounds(lq, lk, batch, device) for p in parts]
+    known = [b for b in bounds if b is not None]
+    if not known:
+        return None
+    lo = functools.reduce(torch.maximum, [b.lo for b in known])
+    hi = functools.reduce(torch.minimum, [b.hi for b in known])
+    return RowBounds(lo, hi, len(known) == len(bounds) and all(b.exact for b in known))
+
+
+def union_bounds(
+    parts: tuple[Mask, ...], lq: int, lk: int, batch: int, device: Device
+) -> RowBounds | None:
+    """The exact key interval of each row of ``parts`` OR-ed, where each part has exact
+    intervals and, taken in order, each row's meet or touch (or one is empty), so their
+    union is one interval; else None. Asked on the host (the check reads the bounds),
+    copied to ``device`` without a sync: ``causal() | groups(ids)`` keeps its intervals
+    for the blocked engine's interval plans and layouts from runs (an ``|`` had no row
+    bounds: its tiles were evaluated).
+
+    Example:
+        >>> from attnlab import masks
+        >>> b = union_bounds((masks.causal(), masks.documents([0, 0, 1])), 3, 3, 1, None)
+        >>> b.lo.tolist(), b.hi.tolist(), b.exact
+        ([[0, 0, 0]], [[1, 1, 2]], True)
+        >>> union_bounds((masks.window(0), masks.global_tokens([2])), 3, 3, 1, None) is None
+        True
+    """
+    lo = hi = None
+    for part in parts:
+        b = part.row_bounds(lq, lk, batch, "cpu")
+        if b is None or not b.exact:
+            return None
+        plo, phi = b.lo.clamp(min=0), b.hi.clamp(max=lk - 1)  # (Bm or 1, Lq)
+        if lo is None or hi is None:
+            lo, hi = plo, phi
+            continue
+        none, pnone = lo > hi, plo > phi  # rows without a key
+        if not bool((none | pnone | ((plo <= hi + 1) & (lo <= phi + 1))).all()):
+            return None  # a gap between two intervals
+        lo = torch.where(none, plo, torch.where(pnone, lo, torch.minimum(lo, plo)))
+        hi = torch.where(none, phi, torch.where(pnone, hi, torch.maximum(hi, phi)))
+    if lo is None or hi is None:
+        return None
+    return RowBounds(to_device(lo, on(device)), to_device(hi, on(device)), exact=True)
 
 
 def layout_by_evaluation(
