@@ -362,7 +362,7 @@ def test_kernel_unavailable_falls_back_with_a_warning(monkeypatch: pytest.Monkey
 def test_a_build_without_ninja_says_so_before_it_starts(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Without ninja torch cannot build: the "compiling (once, about 20 s)" line came in
+    """Without ninja torch cannot build: the "compiling (once, 25-65 s)" line came in
     every process, then torch's "Ninja is required". pip's ninja package (a dependency)
     is found where its bin folder is not on PATH (an unactivated venv)."""
     import types

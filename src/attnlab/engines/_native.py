@@ -1,13 +1,13 @@
 """attnlab's compiled CPU tile kernel (``csrc/blocked.cpp``), built at first use and cached.
 
 :func:`kernel` compiles the kernel with :func:`torch.utils.cpp_extension.load` the first
-time it is asked for (19 s on a 2-core machine; the build is cached under
-``~/.cache/torch_extensions``, or ``$TORCH_EXTENSIONS_DIR``, so later processes load it
-in well under a second; a build killed part way is redone by the next process, which
-does not wait on the lock file it left). It returns ``None`` when the kernel cannot be
-had: no C++ compiler, a failed build, or ``ATTNLAB_NO_KERNEL=1`` in the environment. The
-blocked engine then runs torch's own fused kernel per block instead (exact as well, but
-slower).
+time it is asked for (25-65 s on a 2-core machine: 23 s of the compiler's CPU time, more
+as other work shares the cores; the build is cached under ``~/.cache/torch_extensions``,
+or ``$TORCH_EXTENSIONS_DIR``, so later processes load it in well under a second; a build
+killed part way is redone by the next process, which does not wait on the lock file it
+left). It returns ``None`` when the kernel cannot be had: no C++ compiler, a failed
+build, or ``ATTNLAB_NO_KERNEL=1`` in the environment. The blocked engine then runs
+torch's own fused kernel per block instead (exact as well, but slower).
 
 The kernel keeps up to two freed large forward outputs (4 MiB and more) for the next call
 of their size, at most ``ATTNLAB_KERNEL_POOL_MB`` (default 256; ``0`` turns the pool off),
@@ -97,7 +97,7 @@ def _build() -> Any:
     built = folder / f"{name}.so"
     with _build_lock(folder, built):
         if not built.exists():  # (asked holding the lock: another's build has finished)
-            _say("compiling the blocked engine's CPU kernel (once, about 20 s; cached in "
+            _say("compiling the blocked engine's CPU kernel (once, 25-65 s; cached in "
                  "torch's extensions folder)")  # fmt: skip
         load(
             name=name,

@@ -421,7 +421,7 @@ def _forward_with_weights(
 
 def kernel_status() -> dict[str, object]:
     """The blocked engine's compiled CPU kernel: the instruction set it is built for, its
-    compiler flags, whether it loaded (building it on first use, about 20 s), why not, the
+    compiler flags, whether it loaded (building it on first use, 25-65 s), why not, the
     query rows per task of its forward and backward, and its output pool's limit in MiB.
 
     Example:
