@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -32,7 +33,6 @@ from torch import Tensor, nn
 
 import attnlab.distributed as D
 from attnlab import masks
-from attnlab.cli._args import script_parser
 from attnlab.distributed.launch import run_local
 from attnlab.tasks.generation import make_sentences
 from attnlab.tasks.text import Vocab
@@ -52,6 +52,13 @@ def packed_rows(rows: int, seq: int, seed: int = 0) -> tuple[Tensor, Tensor, int
             break
     n = rows * seq
     return torch.tensor(ids[:n]).view(rows, seq), torch.tensor(docs[:n]).view(rows, seq), len(vocab)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr (exit status 2), without the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 class Block(nn.Module):
@@ -139,12 +146,15 @@ def _checked(p: argparse.ArgumentParser, args: argparse.Namespace, world: int) -
 
 
 def main() -> None:
-    p = script_parser(__doc__)
-    p.add_argument("--seq", type=int, default=8192)
-    p.add_argument("--steps", type=int, default=20)
+    first = " ".join((__doc__ or "").split("\n\n")[0].split())
+    p = Parser(description=first, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--seq", type=int, default=8192, help="tokens per row")
+    p.add_argument("--steps", type=int, default=20, help="AdamW steps")
     p.add_argument("--cp", type=int, default=None, help="context-parallel group size")
     p.add_argument("--local", type=int, default=None, help="spawn this many local processes")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "float64", "bfloat16"], help="model dtype"
+    )
     args = p.parse_args()
     if args.local is not None:
         cp = _checked(p, args, args.local)

@@ -15,21 +15,27 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any
+from typing import Any, NoReturn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a hub
 
 import torch
 
-from attnlab.cli._args import script_parser
-from attnlab.cli._errors import UsageError
-from attnlab.cli._sentence import check_fits, check_has_tokens
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr (exit status 2), without the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Run the example; returns the differences it prints (for the test)."""
-    p = script_parser(__doc__)
-    p.add_argument("--text", nargs="+", default=["The cat sat on the mat.", "Dogs bark."])
+    first = " ".join((__doc__ or "").split("\n\n")[0].split())
+    p = Parser(description=first, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument(
+        "--text", nargs="+", default=["The cat sat on the mat.", "Dogs bark."], help="texts"
+    )
     args = p.parse_args(argv)
     import transformers
 
@@ -71,13 +77,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 def _check_texts(p: argparse.ArgumentParser, texts: list[str], tok: Any, config: Any) -> None:
     """Each text holds a word and fits the model's positions, before any weights load (one
     past 512 tokens failed inside the model; a zero-width space alone passed): one line."""
-    ids = lambda x: list(tok(x, verbose=False)["input_ids"])  # noqa: E731
-    try:
-        for text in texts:
-            check_has_tokens("--text", text, ids)
-            check_fits("--text", text, ids, config)
-    except UsageError as e:
-        p.error(str(e))
+    empty = len(tok("")["input_ids"])  # [CLS] [SEP]: what any text gets
+    limit = config.max_position_embeddings
+    for text in texts:
+        n = len(tok(text, verbose=False)["input_ids"])
+        if n <= empty:
+            why = "(no word, only spaces, control or zero-width characters); give a text with words"
+            p.error(f"argument --text: {text!r} holds no token the model reads {why}")
+        if n > limit:
+            why = f"{config.model_type} reads at most {limit}: give a shorter text"
+            p.error(f"argument --text: has {n} tokens; {why}")
 
 
 if __name__ == "__main__":
