@@ -1,4 +1,5 @@
-"""Self-contained HTML pages for answers and summaries (no scripts, no external files).
+"""Self-contained HTML pages for answers and summaries (no scripts, no external files;
+the pages' Content-Security-Policy lets neither be added).
 
 Each answer shows the sentence in its paragraph's context, the ranking signals, and the
 question and passage words shaded by their integrated-gradients relevance, with the
@@ -19,12 +20,14 @@ from collections.abc import Sequence
 from html import escape
 from pathlib import Path
 
-from attnlab._io import atomic_write_text, decode_text
+from attnlab._io import atomic_write_text, decode_text, no_script_csp
 from attnlab.apps.ask import Answer
 from attnlab.apps.summarize import Summary
 
 __all__ = ["answers_html", "summary_html"]
 
+# no pictures: the policy allows the page's styles and nothing else (no script runs)
+_HEAD = f"<!doctype html><meta charset=utf-8>{no_script_csp(images=False)}"
 _STYLE = (
     "body{font:15px/1.5 system-ui,sans-serif;max-width:60em;margin:2em auto;padding:0 1em}"
     ".a{border:1px solid #ccc;border-radius:6px;padding:.5em 1em;margin:1em 0}"
@@ -75,8 +78,7 @@ def answers_html(question: str, answers: Sequence[Answer], out: str | Path) -> P
     """Write the answers to ``question`` as one HTML page at ``out`` (atomic)."""
     body = "".join(_answer(i + 1, a) for i, a in enumerate(answers))
     page = (
-        f"<!doctype html><meta charset=utf-8><title>attnlab ask</title><style>{_STYLE}</style>"
-        f"<h1>{escape(question)}</h1>{body}"
+        f"{_HEAD}<title>attnlab ask</title><style>{_STYLE}</style><h1>{escape(question)}</h1>{body}"
     )
     return _write(out, page)
 
@@ -93,7 +95,7 @@ def summary_html(summary: Summary, out: str | Path, title: str = "attnlab summar
             f'title="salience {v:.4f}">{text}</span>'
         )
     page = (
-        f"<!doctype html><meta charset=utf-8><title>{escape(title)}</title><style>{_STYLE}</style>"
+        f"{_HEAD}<title>{escape(title)}</title><style>{_STYLE}</style>"
         f"<h1>{escape(title)}</h1><p>{' '.join(parts)}</p>"
     )
     return _write(out, page)

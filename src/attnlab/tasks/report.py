@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from attnlab._io import atomic_write_text, png_data_uri
+from attnlab._io import atomic_write_text, no_script_csp, png_data_uri
 
 __all__ = ["Section", "write_html"]
 
@@ -26,7 +26,8 @@ class Section:
 def write_html(
     path: str | Path, title: str, scores: dict[str, float], sections: Sequence[Section]
 ) -> Path:
-    """Write ``path``: a page that needs no network (every picture is inside it).
+    """Write ``path``: a page that needs no network (every picture is inside it) and runs
+    no script (its Content-Security-Policy allows none).
 
     Example:
         >>> import tempfile
@@ -35,7 +36,8 @@ def write_html(
         >>> "a &lt;b&gt;" in p.read_text() and "exact 99.5" in p.read_text()
         True
     """
-    parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>"]
+    head = f"<!doctype html><meta charset='utf-8'>{no_script_csp(images=True)}"
+    parts = [f"{head}<title>{html.escape(title)}</title>"]
     parts.append("<style>body{font-family:sans-serif;max-width:60em;margin:auto}</style>")
     parts.append(f"<h1>{html.escape(title)}</h1><p>Scores: ")
     parts.append(html.escape(", ".join(f"{k} {v}" for k, v in scores.items())) + "</p>")
