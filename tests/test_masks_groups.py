@@ -85,6 +85,20 @@ def test_groups_name_their_argument() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("bad", "error", "match"),
+    [
+        ([0.5, 1.0], TypeError, r"group_ids must hold integers"),
+        (torch.zeros(1, 2, 3, dtype=torch.long), ValueError, r"group_ids must have rank 1 or 2"),
+    ],
+)
+def test_groups_name_their_argument_when_made(bad: object, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        masks.groups(bad)
+    with pytest.raises(error, match=match.replace("group_ids", "doc_ids")):
+        masks.documents(bad)
+
+
 OR_CASES = {
     "causal|documents": masks.causal() | masks.documents([0, 0, 0, 1, 1, 2, 2, 2, 2]),
     "window|groups": masks.window(1) | masks.groups([-1, 0, 0, 0, -1, -1, 1, 1, -1]),

@@ -36,7 +36,7 @@ class Documents(Mask):
     _names = ("documents", "doc_ids", "document")  # the function, its argument, a part
 
     def __init__(self, doc_ids: object) -> None:
-        ids = int_tensor("doc_ids", doc_ids, (1, 2))
+        ids = int_tensor(self._names[1], doc_ids, (1, 2))
         self.ids = ids if ids.dim() == 2 else ids.unsqueeze(0)  # (Bd, L)
         self._runs = _Runs(None, None)
         self._copies = DeviceCopies()  # the ids on the devices evaluated on
