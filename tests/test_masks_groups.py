@@ -3,6 +3,7 @@ row intervals of an ``|`` of masks (their union, where it is one interval per ro
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -150,3 +151,14 @@ def test_images_beside_causal_through_the_engines(engine: str) -> None:
     dense = attnlab.attention(q, k, v, mask=mask.dense(300, 300, batch=2), engine="reference")
     err, floor = (got.double() - want).abs().max(), (dense.double() - want).abs().max()
     assert err <= max(2 * floor, 1e-5), f"{engine}: {err} against the dense form's {floor}"
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(range(3))))
+def test_an_or_has_its_intervals_in_any_order_of_its_parts(order: tuple[int, ...]) -> None:
+    parts = [masks.padding([2]), masks.window(0), masks.causal()]
+    m = parts[order[0]] | parts[order[1]] | parts[order[2]]
+    b = m.row_bounds(6, 6, 1)
+    assert b is not None and b.exact  # padding's and the window's leave a gap causal fills
+    k = torch.arange(6)
+    claimed = (k >= b.lo[..., None]) & (k <= b.hi[..., None])  # (1, Lq, Lk)
+    assert torch.equal(claimed, m.dense(6, 6).reshape(1, 6, 6))

@@ -241,11 +241,11 @@ def union_bounds(
     parts: tuple[Mask, ...], lq: int, lk: int, batch: int, device: Device
 ) -> RowBounds | None:
     """The exact key interval of each row of ``parts`` OR-ed, where each part has exact
-    intervals and, taken in order, each row's meet or touch (or one is empty), so their
-    union is one interval; else None. Asked on the host (the check reads the bounds),
-    copied to ``device`` without a sync: ``causal() | groups(ids)`` keeps its intervals
-    for the blocked engine's interval plans and layouts from runs (an ``|`` had no row
-    bounds: its tiles were evaluated).
+    intervals and each row's, sorted by their first key, meet or touch (or are empty), so
+    their union is one interval; else None. Asked on the host (the check reads the
+    bounds), copied to ``device`` without a sync: ``causal() | groups(ids)`` keeps its
+    intervals for the blocked engine's interval plans and layouts from runs (an ``|`` had
+    no row bounds: its tiles were evaluated). The parts' order does not matter.
 
     Example:
         >>> from attnlab import masks
@@ -255,22 +255,25 @@ def union_bounds(
         >>> union_bounds((masks.window(0), masks.global_tokens([2])), 3, 3, 1, None) is None
         True
     """
-    lo = hi = None
+    los, his = [], []
     for part in parts:
         b = part.row_bounds(lq, lk, batch, "cpu")
         if b is None or not b.exact:
             return None
-        plo, phi = b.lo.clamp(min=0), b.hi.clamp(max=lk - 1)  # (Bm or 1, Lq)
-        if lo is None or hi is None:
-            lo, hi = plo, phi
-            continue
-        none, pnone = lo > hi, plo > phi  # rows without a key
-        if not bool((none | pnone | ((plo <= hi + 1) & (lo <= phi + 1))).all()):
-            return None  # a gap between two intervals
-        lo = torch.where(none, plo, torch.where(pnone, lo, torch.minimum(lo, plo)))
-        hi = torch.where(none, phi, torch.where(pnone, hi, torch.maximum(hi, phi)))
-    if lo is None or hi is None:
+        los.append(b.lo.clamp(min=0))  # (Bm or 1, Lq)
+        his.append(b.hi.clamp(max=lk - 1))
+    if not los:
         return None
+    lo, hi = (torch.stack(torch.broadcast_tensors(*t)) for t in (los, his))  # (P, Bm, Lq)
+    empty = lo > hi
+    first = torch.where(empty, lk + 1, lo).sort(0)  # rows' intervals by first key, empty last
+    ends = torch.where(empty, -1, hi).gather(0, first.indices).cummax(0).values
+    gap = first.values[1:] > ends[:-1] + 1  # an interval starting past all before it
+    if bool((gap & (first.values[1:] <= lk)).any()):
+        return None
+    none = empty.all(0)  # (Bm, Lq): rows without a key keep the first part's bounds
+    lo = torch.where(none, lo[0], first.values[0])
+    hi = torch.where(none, hi[0], ends[-1])
     return RowBounds(to_device(lo, on(device)), to_device(hi, on(device)), exact=True)
 
 
