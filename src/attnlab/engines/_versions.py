@@ -91,7 +91,13 @@ def held_tensors(obj: object, depth: int = 0) -> tuple[Tensor, ...]:
     parts = _parts(obj)
     if isinstance(parts, Sized) and len(parts) > WIDE:  # (a vocabulary passed as a default
         return ()  # argument: walking its entries on every call took 50 ms)
-    return tuple(t for x in parts if _followed(x) for t in held_tensors(x, depth + 1))
+    found: list[Tensor] = []  # (a loop, not nested generators: a memo hit walks it per call)
+    for x in parts:
+        if isinstance(x, Tensor):
+            found.append(x)
+        elif x is not None and _followed(x):
+            found += held_tensors(x, depth + 1)
+    return tuple(found)
 
 
 WIDE = 64  # containers with more entries are not searched for tensors
@@ -140,6 +146,8 @@ def _code_text(code: CodeType) -> str:
 
 def _parts(obj: object) -> Iterable[Any]:
     """What ``obj`` holds that a mask's values may come from."""
+    if isinstance(obj, Mask):  # (first: what a memo walks on every call)
+        return getattr(obj, "__dict__", {}).values()
     if isinstance(obj, FunctionType):  # a custom mask's function: the tensors it reads
         return _function_parts(obj)
     if isinstance(obj, functools.partial):
