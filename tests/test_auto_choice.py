@@ -6,6 +6,8 @@ these pin the rules, on both sides of each threshold, so a change to them shows 
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -278,3 +280,23 @@ def test_without_the_kernel_only_the_long_rules_hold(monkeypatch: pytest.MonkeyP
     assert _pick(512, 512, M.causal(), lse=True) == "blocked"
     assert _pick(1024, 1024, None, B.alibi(8)) == "sdpa"
     assert _pick(16, 4096, M.causal() & M.window(128), heads=(32, 8)) == "sdpa"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_what_blocked_declines_by_its_sizes_it_would_not_prefer(dtype: torch.dtype) -> None:
+    """``declines`` skips ``unsupported`` and ``prefers`` for small calls: it must never
+    pass by a call ``prefers`` takes (decoding steps, one half-precision row of a long
+    cache), on both sides of each size it reads."""
+    blocked = attnlab.engines.get_engine("blocked")
+    masks = [None, M.causal(), M.window(4), M.padding([5]), M.causal() & M.window(64)]
+    seen = set()
+    for lq, lk, heads, mask in itertools.product(
+        [1, 2, 8, 9, 16, 63, 64], [8, 15, 16, 63, 64, 1023, 1024, 4096], [(8, 8), (8, 1)], masks
+    ):
+        q = torch.randn(1, heads[0], lq, 8, dtype=dtype)
+        kv = torch.randn(1, heads[1], lk, 8, dtype=dtype)
+        req = _request(q, kv, kv, mask, None, None, "dot", "softmax", 0.0, False, False)
+        if blocked.declines(req):
+            seen.add((lq, lk))
+            assert not blocked.prefers(req), (lq, lk, heads, mask)
+    assert (16, 16) in seen and (1, 8) in seen  # it does pass small calls by

@@ -173,6 +173,10 @@ class Engine:
         """Whether ``auto`` should pick this engine for ``req`` (given it is supported)."""
         return True
 
+    def declines(self, req: AttentionRequest) -> bool:
+        """Whether :meth:`prefers` is False, told cheaply before :meth:`unsupported`."""
+        return False
+
     def plain(self, q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor | None:
         """``out (B, Hq, Lq, Ev)`` of a plain call, or None to have a request built.
 
@@ -435,13 +439,11 @@ def _select_auto(req: AttentionRequest) -> Engine:
             f"engine='performer'); engine='auto' chooses among engines with different options"
         )
     order = [*_APPROX_ORDER, *_AUTO_ORDER] if req.approximate else _AUTO_ORDER
-    for cand in order:
-        eng = _REGISTRY[cand]
-        if eng.unsupported(req) is None and eng.prefers(req):
+    for eng in (_REGISTRY[cand] for cand in order):
+        if not eng.declines(req) and eng.unsupported(req) is None and eng.prefers(req):
             return eng
-    raise ValueError(
-        "no registered exact engine supports this request: " + _reasons(req, _AUTO_ORDER)
-    )
+    why = _reasons(req, _AUTO_ORDER)
+    raise ValueError(f"no registered exact engine supports this request: {why}")
 
 
 def _reasons(req: AttentionRequest, names: list[str]) -> str:

@@ -281,6 +281,12 @@ class BlockedEngine(Engine):
         """Whether ``auto`` should pick this engine for ``req`` (:mod:`.blocked_choice`)."""
         return self.decoding(req)[0] or blocked_choice.prefers(self, req)
 
+    def declines(self, req: AttentionRequest) -> bool:
+        """A small call that is no decoding step (:func:`decodes`, blocked_choice.prefers)."""
+        rows = req.heads // req.k.shape[1] * req.lq  # query rows per key/value head
+        small = req.lq * req.lk < 1 << 12 and req.lk < 1 << 10
+        return small and (req.lk < 16 or rows > DECODE_ROWS)
+
     def intervals(self, req: AttentionRequest) -> bool:
         """Whether ``req``'s mask allows one key interval per row, the same for every head."""
         return req.mask is not None and self._decode_bounds(req) is not None
