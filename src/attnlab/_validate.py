@@ -132,7 +132,7 @@ def _autocast(ts: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     """Under ``torch.autocast`` for the inputs' device, q, k and v in its dtype, as torch
     SDPA and eager attention's matmuls take them (float64 stays: autocast leaves it).
     RoPE in a transformers model, say, leaves q and k in float32 beside a bfloat16 v."""
-    kind = ts[0].device.type
+    kind = "cpu" if ts[0].is_cpu else ts[0].device.type  # (is_cpu: no torch.device made)
     if kind not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(kind):
         return ts
     low = torch.get_autocast_dtype(kind)
@@ -168,13 +168,16 @@ def same_dtype(name: str, x: Tensor, dtype: torch.dtype | None) -> Tensor:
     raise TypeError(f"{name} must be of the model's dtype {dtype}, got {x.dtype}")
 
 
+_FLOATS = frozenset((torch.float64, torch.float32, torch.float16, torch.bfloat16))
+
+
 def _rank4(name: str, x: object, layout: str = LAYOUT) -> Tensor:
     """``x`` if a floating-point tensor of rank 4 (``layout`` names its dims)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(x).__name__}")
     if x.dim() != 4:
         raise ValueError(f"{name} must have shape {layout} (rank 4), got shape {tuple(x.shape)}")
-    if x.dtype not in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+    if x.dtype not in _FLOATS:
         kinds = "float64, float32, float16 or bfloat16"  # (float8: no engine computes in it)
         raise TypeError(f"{name} must be a floating-point tensor ({kinds}), got dtype {x.dtype}")
     return x
