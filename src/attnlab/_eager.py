@@ -380,25 +380,32 @@ def any_nan(*ts: torch.Tensor) -> bool:
         >>> any_nan(torch.tensor([float("inf")]), torch.tensor([float("-inf")]))  # inf - inf
         False
     """
-    ts = tuple(t for t in ts if t.numel() and not legacy_batched(t))
-    if exporting() or any(t.is_meta for t in ts):
+    kept, meta = [], False  # (one loop, no generators: a screen per masked call)
+    for t in ts:
+        if t.numel() and not legacy_batched(t):
+            kept.append(t)
+            meta = meta or t.is_meta
+    if meta or exporting():
         return False
     if vmapping():
         return True
-    if not ts or not _sum_is_nan(ts):
+    if not kept or not _sum_is_nan(kept):
         return False
-    return bool(torch.stack([t.amax().to(torch.float64) for t in ts]).isnan().any())
+    return bool(torch.stack([t.amax().to(torch.float64) for t in kept]).isnan().any())
 
 
-def _sum_is_nan(ts: tuple[torch.Tensor, ...]) -> bool:
+def _sum_is_nan(ts: list[torch.Tensor]) -> bool:
     """Whether the sum of the sums of ``ts`` (not empty) is NaN, read back once: True where
     one of them holds NaN, and also where one sums to ``inf`` and another to ``-inf`` (the
     ``amax`` pass of :func:`any_nan` then answers). Three ops for two tensors where a
     stack of float64 sums took seven; on the CPU, where a read costs no sync, each sum is
     read as a Python float (an add of two 0-dim tensors took 3 us: 16 -> 5 us in all for
-    two 1x8x16x16 tensors)."""
-    if all(t.is_cpu for t in ts):
-        return math.isnan(sum(t.sum().item() for t in ts))
+    two 1x8x16x16 tensors; a loop, not sum() of a generator: 5.4 -> 4.8 us)."""
+    if False not in [t.is_cpu for t in ts]:
+        read = 0.0
+        for t in ts:
+            read += t.sum().item()
+        return math.isnan(read)
     total = ts[0].sum()  # () each: 0-dim tensors of mixed dtypes add by promotion
     for t in ts[1:]:
         total = total + t.sum()
