@@ -707,3 +707,26 @@ def test_attend_scores_callables_and_dense_masks_check_what_torch_failed_on() ->
         with pytest.raises(ValueError, match=r"must be a nonnegative int|must be an int >= 0"):
             M.causal().dense(*bad)
     assert M.causal().dense(0, 4).shape == (1, 1, 0, 4)
+
+
+def test_a_built_request_is_the_dataclass_its_init_makes() -> None:
+    """``build_request`` fills the frozen request's fields without its ``__init__``: every
+    field is given, and the object compares, hashes, replaces and refuses changes alike."""
+    import dataclasses
+
+    from attnlab._request import build_request
+    from attnlab.engines import AttentionRequest
+
+    q = torch.randn(1, 2, 3, 4)
+    sinks = torch.zeros(2)
+    req = build_request(
+        q, q, q, M.causal(), None, 0.5, "dot", "softmax", 0.1, True, True,
+        engine_options={"chunk": 2}, approximate=True, softcap=30.0, sinks=sinks,
+    )  # fmt: skip
+    names = [f.name for f in dataclasses.fields(AttentionRequest)]
+    assert sorted(vars(req)) == sorted(names)
+    made = AttentionRequest(**{n: getattr(req, n) for n in names})
+    assert req == made and hash(req) == hash(made)
+    assert dataclasses.replace(req, scale=1.0) == dataclasses.replace(made, scale=1.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        req.scale = 1.0  # type: ignore[misc]

@@ -103,7 +103,7 @@ def build_request(
     want_lse = V.validate_flag("return_lse", return_lse)
     scale_ = V.validate_scale(scale)
     normalize_ = V.validate_normalize(normalize, want_lse)
-    return AttentionRequest(
+    return _request(
         q=q,
         k=k,
         v=v,
@@ -120,3 +120,21 @@ def build_request(
         softcap=V.validate_softcap(softcap),
         sinks=V.validate_sinks(sinks, q, normalize_),
     )
+
+
+def _request(**fields: object) -> AttentionRequest:
+    """``AttentionRequest(**fields)``, every field given, without the frozen dataclass's
+    ``__init__``, which sets each of its 15 fields through ``object.__setattr__`` (2.1 us
+    of a 1x8x16x16 call; 0.5 us here). The same object: equal, hashed and replaced alike
+    (``tests/test_attention.py`` pins the fields given).
+
+    Example:
+        >>> import torch
+        >>> q = torch.zeros(1, 1, 2, 4)
+        >>> req = build_request(q, q, q, None, None, None, "dot", "softmax", 0.0, False, False)
+        >>> req == AttentionRequest(q, q, q, None, None, 0.5, "dot", "softmax", 0.0, False, False)
+        True
+    """
+    req = object.__new__(AttentionRequest)
+    req.__dict__.update(fields)
+    return req
