@@ -5,7 +5,8 @@ transformers describes each attention mask as a composed index function
 ``attention_mask`` and the query and key offsets of the KV cache. :func:`translate`
 recognizes the pieces transformers builds its masks from (causal, bidirectional,
 sliding windows, packed sequences, padding, the image blocks of vision-language models,
-``and``/``or``) and turns them into attnlab
+``and``/``or``, and the windows some models define for themselves, see
+:mod:`~attnlab.integrations.hf_overlays`) and turns them into attnlab
 masks with exact key intervals, so the blocked engine skips masked-out work and no
 ``Lq x Lk`` tensor is made; chunked attention (Llama 4) becomes :func:`documents` of the
 chunks. A piece it does not recognize (a model's own overlay) is not dropped: the whole
@@ -32,6 +33,7 @@ from torch import Tensor
 
 from attnlab._grid import Grid
 from attnlab.integrations.hf_keys import KeyValid, padding_mask
+from attnlab.integrations.hf_overlays import model_overlay, without_covered
 from attnlab.masks import Mask, RowBounds, causal, custom, documents, groups, window
 from attnlab.masks.documents import Documents
 from attnlab.masks.padding import Padding
@@ -295,7 +297,8 @@ def _structure(fn: HFMaskFn, call: MaskCall, positions: Tensor | None = None) ->
         return _structure(cells["mask_function"], call, cells["position_ids"])  # type: ignore[arg-type]
     if kind in ("and_masks", "or_masks"):
         return _combine(kind == "and_masks", cells["mask_functions"], call, positions)  # type: ignore[arg-type]
-    return _UNKNOWN
+    known, mask = model_overlay(fn, cells)  # a model's own (EmbeddingGemma's windows, ...)
+    return mask if known else _UNKNOWN
 
 
 def _blocks(ids: object, call: MaskCall) -> Piece:
@@ -348,6 +351,7 @@ def _combine(
     masks = [_as_mask(p, call, causal_too) for p in parts if p is not _ALL]
     if not masks:
         return _ALL
+    masks = masks if conjunction else without_covered(masks)
     return functools.reduce(operator.and_ if conjunction else operator.or_, masks)
 
 

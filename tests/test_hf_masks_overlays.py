@@ -1,0 +1,255 @@
+"""The windows that transformers' model files define for themselves (Gemma 3's and
+Step3p7's ``_bidirectional_window_overlay`` and the always-true lambda of their
+bidirectional full layers, i.e. EmbeddingGemma; Gemma 4's audio and Moonshine streaming's
+``sliding_window_mask_function``; T5Gemma 2's function of the same name) as attnlab
+windows: the masks equal transformers' dense masks on a grid of paddings and caches, and
+carry no custom mask (before, each was evaluated tile by tile as ``custom(hf_mask)``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+mu = pytest.importorskip("transformers.masking_utils")
+cache_utils = pytest.importorskip("transformers.cache_utils")
+gemma3 = pytest.importorskip("transformers.models.gemma3.modeling_gemma3")
+
+from attnlab import masks  # noqa: E402
+from attnlab.integrations.hf_masks import MaskCall, translate  # noqa: E402
+from attnlab.integrations.transformers import register  # noqa: E402
+from tests.conftest import assert_2x_rule, attnlab_calls  # noqa: E402
+from tests.test_hf_masks_blockwise import PADDINGS, _attention_mask, _hf_dense  # noqa: E402
+
+B, L, V = 2, 12, 64
+CACHES = ("none", "prefill-after-cache", "decode", "static")
+
+
+def _embedding_gemma(window: int = 7) -> Any:
+    """A tiny EmbeddingGemma config: Gemma 3 text, bidirectional (its window becomes
+    ``window // 2 + 1``, keys ``|q - k| < 4`` for 7)."""
+    cfg = transformers.Gemma3TextConfig(
+        hidden_size=32, intermediate_size=32, num_attention_heads=2, head_dim=16,
+        num_key_value_heads=1, num_hidden_layers=2, vocab_size=V, sliding_window=window,
+        layer_types=["sliding_attention", "full_attention"], use_bidirectional_attention=True,
+        pad_token_id=0,
+    )  # fmt: skip
+    return cfg
+
+
+def _record(cfg: Any) -> tuple[list[MaskCall], Any]:
+    """The mask requests the model's own builders make from now on, and a restorer."""
+    seen: list[MaskCall] = []
+
+    def record(batch_size: int, q_length: int, kv_length: int, **kw: Any) -> None:
+        seen.append(
+            MaskCall(batch_size, q_length, kv_length, int(kw.get("q_offset", 0)),
+                     int(kw.get("kv_offset", 0)), kw["mask_function"], kw.get("attention_mask"))
+        )  # fmt: skip
+
+    mapping = mu.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
+    own = mapping[cfg._attn_implementation]
+    mapping[cfg._attn_implementation] = record
+    return seen, lambda: mapping.__setitem__(cfg._attn_implementation, own)
+
+
+def _gemma_calls(cache_kind: str, padding: str) -> list[MaskCall]:
+    """The mask requests of EmbeddingGemma's own forward for one step."""
+    cfg = _embedding_gemma()
+    cfg._attn_implementation = register()
+    torch.manual_seed(0)
+    model = gemma3.Gemma3TextModel(cfg).eval()
+    cached = {"none": 0, "prefill-after-cache": 8, "decode": L - 1, "static": 0}[cache_kind]
+    cache = None
+    if cache_kind == "static":
+        cache = cache_utils.StaticCache(config=cfg, max_cache_len=2 * L)
+    elif cache_kind != "none":
+        cache = cache_utils.DynamicCache(config=cfg)
+        for layer in range(cfg.num_hidden_layers):
+            kv = torch.zeros(B, 1, cached, 16)
+            cache.update(kv, kv, layer)
+    ids = torch.randint(3, V, (B, L - cached), generator=torch.Generator().manual_seed(1))
+    seen, restore = _record(cfg)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=_attention_mask(padding), cache=cache,
+                  position_ids=torch.arange(cached, L).expand(B, -1))  # fmt: skip
+    finally:
+        restore()
+    return seen
+
+
+def _check(call: MaskCall, what: str, structured: bool = True) -> masks.Mask | None:
+    """The translation of ``call`` equals transformers' dense mask; ``structured``: it
+    carries no custom mask and reports an exact interval per row."""
+    mask = translate(call)
+    want = _hf_dense(call)
+    got = torch.ones_like(want) if mask is None else mask.dense(*want.shape[2:], batch=B)
+    assert torch.equal(torch.broadcast_to(got, want.shape), want), what
+    if structured and mask is not None:
+        assert "custom" not in mask.spec(), f"{what}: {mask.spec()}"
+        bounds = mask.row_bounds(call.q_length, call.kv_length, B)
+        assert bounds is not None and bounds.exact, f"{what}: no exact interval per row"
+    return mask
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("cache_kind", CACHES)
+def test_embedding_gemma_masks_equal_transformers_and_are_windows(
+    cache_kind: str, padding: str
+) -> None:
+    calls = _gemma_calls(cache_kind, padding)
+    assert len(calls) == 2  # the sliding and the full layers' masks
+    for call in calls:
+        what = f"{cache_kind} {padding} Lq={call.q_length} Lk={call.kv_length}"
+        # a static cache's unfilled slots: a two-sided window is transformers' function
+        mask = _check(call, what, structured=cache_kind != "static")
+        if cache_kind == "none" and padding == "none":
+            specs = {"window(left=3, right=3)", None}
+            assert (mask.spec() if mask is not None else None) in specs, what
+
+
+def _step3p7_overlay() -> Any:
+    step3p7 = pytest.importorskip("transformers.models.step3p7.modeling_step3p7")
+    return step3p7._bidirectional_window_overlay
+
+
+def _model_fn(module: str, name: str) -> Any:
+    return getattr(pytest.importorskip(f"transformers.models.{module}.modeling_{module}"), name)
+
+
+# (what, the mask function as its model composes it, the attnlab window it is)
+def _cases() -> list[tuple[str, Any, str]]:
+    gemma4 = _model_fn("gemma4", "sliding_window_mask_function")
+    moon = _model_fn("moonshine_streaming", "sliding_window_mask_function")
+    t5g2 = _model_fn("t5gemma2", "sliding_window_mask_function")
+    bidir, causal_w = mu.bidirectional_mask_function, mu.sliding_window_causal_mask_function
+    both = mu.and_masks
+    step = _step3p7_overlay()
+    return [
+        ("step3p7 4", mu.or_masks(causal_w(4), step(4)), "window(left=3, right=3)"),
+        ("gemma4 (12, 0)", mu.and_masks(bidir, gemma4((12, 0))), "window(left=11, right=0)"),
+        ("moonshine (16, 4)", mu.and_masks(bidir, moon((16, 4))), "window(left=15, right=3)"),
+        ("moonshine (1, 1)", mu.and_masks(bidir, moon((1, 1))), "window(left=0, right=0)"),
+        ("moonshine [3, 2]", mu.and_masks(bidir, moon([3, 2])), "window(left=2, right=1)"),
+        ("t5gemma2 5 enc", both(bidir, t5g2(5, is_causal=False)), "window(left=2, right=2)"),
+        ("t5gemma2 4 enc", both(bidir, t5g2(4, is_causal=False)), "window(left=1, right=2)"),
+        ("t5gemma2 4 causal", mu.and_masks(bidir, t5g2(4)), "window(left=3, right=0)"),
+    ]  # fmt: skip
+
+
+# (q_offset, kv_offset, Lq): no cache, prefill after cache, decode, a window cache's keys
+OFFSETS = [(0, 0, L), (8, 0, L - 8), (L - 1, 0, 1), (10, 3, 5)]
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("offsets", OFFSETS)
+@pytest.mark.parametrize("case", range(8))
+def test_model_windows_equal_transformers_and_are_windows(
+    case: int, offsets: tuple[int, int, int], padding: str
+) -> None:
+    what, fn, spec = _cases()[case]
+    q_offset, kv_offset, lq = offsets
+    lk = q_offset + lq - kv_offset
+    am = _attention_mask(padding)
+    call = MaskCall(B, lq, lk, q_offset, kv_offset, fn, am)
+    mask = _check(call, f"{what} {offsets} {padding}")
+    if padding == "none" and lq > 1:
+        assert mask is not None and mask.spec() == spec, what
+
+
+def _same_name(sliding_window: tuple[int, int]) -> Any:
+    """A function named as Gemma 4's whose code differs (``<=``): not read as a window."""
+
+    def inner_mask(batch_idx: Any, head_idx: Any, q_idx: Any, kv_idx: Any) -> Any:
+        left_window_size, right_window_size = sliding_window
+
+        dist = q_idx - kv_idx
+        left_mask = (dist >= 0) & (dist <= left_window_size)
+        right_mask = (dist < 0) & (-dist <= right_window_size)
+        return left_mask | right_mask
+
+    return inner_mask
+
+
+_same_name.__qualname__ = "sliding_window_mask_function"
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: _model_fn("moonshine_streaming", "sliding_window_mask_function")((0, 3)),
+        lambda: _model_fn("moonshine_streaming", "sliding_window_mask_function")((2.0, 3)),
+        lambda: _model_fn("moonshine_streaming", "sliding_window_mask_function")((True, 3)),
+        lambda: _model_fn("t5gemma2", "sliding_window_mask_function")(4, is_causal=1),
+        lambda: gemma3._bidirectional_window_overlay(0),
+        lambda: _step3p7_overlay()(torch.tensor(3)),
+        lambda: _same_name((2, 1)),
+        lambda: lambda *args: torch.tensor(False, dtype=torch.bool),
+    ],
+)
+def test_windows_it_cannot_read_leave_transformers_function_evaluated(build: Any) -> None:
+    fn = build()
+    fn.__qualname__ = fn.__qualname__.replace("_same_name.<locals>", "sliding_window_mask_function")
+    call = MaskCall(B, 6, 6, 0, 0, mu.and_masks(mu.bidirectional_mask_function, fn), None)
+    mask = _check(call, fn.__qualname__, structured=False)
+    assert isinstance(mask, masks.Custom), fn.__qualname__
+
+
+def test_embedding_gemma_follows_eager_by_the_2x_rule_through_attnlab_windows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A tiny EmbeddingGemma, right-padded: attnlab's hidden states under the 2x rule
+    against fp64 eager, each layer handed a window or padding, no custom mask."""
+    register()
+    ids = torch.randint(3, V, (B, L), generator=torch.Generator().manual_seed(1))
+    am = torch.ones(B, L, dtype=torch.long)
+    am[1, -2:] = 0  # (padded rows keep valid keys: a row without, NaN in fp64 eager)
+    out = {}
+    for impl, dtype in (("eager", torch.float64), ("eager", torch.float32), ("attnlab", None)):
+        torch.manual_seed(0)
+        model = gemma3.Gemma3TextModel(_embedding_gemma()).eval().to(dtype or torch.float32)
+        model.set_attn_implementation(impl)
+        calls = attnlab_calls(monkeypatch) if impl == "attnlab" else []
+        with torch.no_grad():
+            out[impl, dtype] = model(input_ids=ids, attention_mask=am).last_hidden_state
+    keep = am.bool()
+    ref, plain = out["eager", torch.float64][keep], out["eager", torch.float32][keep]
+    assert_2x_rule(out["attnlab", None][keep], plain, ref, "EmbeddingGemma hidden states")
+    specs = [m.spec() for m in calls]
+    assert len(specs) == 2 and not any("custom" in s for s in specs), specs
+    assert "window(left=3, right=3)" in specs[0], specs
+
+
+def test_moonshine_streaming_encoder_follows_eager_through_attnlab_windows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A tiny Moonshine streaming encoder, its audio padded: attnlab's hidden states
+    under the 2x rule against fp64 eager, each layer's ``(left, right)`` window a window."""
+    moon = _model_fn("moonshine_streaming", "MoonshineStreamingEncoder")
+    register()
+    cfg = transformers.MoonshineStreamingEncoderConfig(
+        hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, sliding_windows=[[4, 2], [3, 0]],
+    )  # fmt: skip
+    audio = torch.randn(B, 3200, generator=torch.Generator().manual_seed(1))
+    am = torch.ones(B, 3200, dtype=torch.long)
+    am[1, -400:] = 0
+    out = {}
+    for impl, dtype in (("eager", torch.float64), ("eager", torch.float32), ("attnlab", None)):
+        torch.manual_seed(0)
+        model = moon(cfg).eval().to(dtype or torch.float32)
+        model.set_attn_implementation(impl)
+        calls = attnlab_calls(monkeypatch) if impl == "attnlab" else []
+        with torch.no_grad():
+            out[impl, dtype] = model(audio.to(dtype or torch.float32), attention_mask=am)[0]
+    ref, plain = out["eager", torch.float64], out["eager", torch.float32]
+    keep = torch.isfinite(ref).all(-1)
+    assert keep[0].all()
+    assert_2x_rule(out["attnlab", None][keep], plain[keep], ref[keep], "Moonshine streaming")
+    specs = [m.spec() for m in calls]
+    assert len(specs) == 2 and not any("custom" in s for s in specs), specs
+    assert "window(left=3, right=1)" in specs[0] and "window(left=2, right=0)" in specs[1], specs
