@@ -199,38 +199,56 @@ def test_windows_it_cannot_read_leave_transformers_function_evaluated(build: Any
     assert isinstance(mask, masks.Custom), fn.__qualname__
 
 
+def _follows_eager(
+    build: Any, inputs: dict[str, torch.Tensor], monkeypatch: pytest.MonkeyPatch, what: str
+) -> list[str]:
+    """``build()``'s first output through attnlab (float32) under the 2x rule against
+    float64 eager at the rows where eager's is finite (float32 eager the plain error), and
+    the specs of the masks attnlab was handed."""
+    register()
+    out, specs = {}, []
+    for impl, dtype in (("eager", torch.float64), ("eager", torch.float32), ("attnlab", None)):
+        torch.manual_seed(0)
+        model = build().eval().to(dtype or torch.float32)
+        model.set_attn_implementation(impl)
+        if model.config.model_type == "unlimited_ocr_text":  # (a mixture of experts)
+            model.set_experts_implementation("eager")  # a grouped matmul takes no float64
+        calls = attnlab_calls(monkeypatch) if impl == "attnlab" else []
+        kw = {k: v.to(dtype or torch.float32) if v.is_floating_point() else v
+              for k, v in inputs.items()}  # fmt: skip
+        with torch.no_grad():
+            out[impl, dtype] = model(**kw)[0]
+        specs = [m.spec() for m in calls]
+    ref, plain = out["eager", torch.float64], out["eager", torch.float32]
+    keep = torch.isfinite(ref).all(-1)
+    assert keep[0].all(), what
+    assert_2x_rule(out["attnlab", None][keep], plain[keep], ref[keep], what)
+    assert specs and not any("custom" in s for s in specs), specs
+    return specs
+
+
+def _ids() -> dict[str, torch.Tensor]:
+    """Token ids, the second row right-padded by 2 (a padded row keeps real keys in a
+    window of 3 each side: a row without, NaN in float64 eager)."""
+    ids = torch.randint(3, V, (B, L), generator=torch.Generator().manual_seed(1))
+    return {"input_ids": ids, "attention_mask": _attention_mask("right")}
+
+
 def test_embedding_gemma_follows_eager_by_the_2x_rule_through_attnlab_windows(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A tiny EmbeddingGemma, right-padded: attnlab's hidden states under the 2x rule
-    against fp64 eager, each layer handed a window or padding, no custom mask."""
-    register()
-    ids = torch.randint(3, V, (B, L), generator=torch.Generator().manual_seed(1))
-    am = torch.ones(B, L, dtype=torch.long)
-    am[1, -2:] = 0  # (padded rows keep valid keys: a row without, NaN in fp64 eager)
-    out = {}
-    for impl, dtype in (("eager", torch.float64), ("eager", torch.float32), ("attnlab", None)):
-        torch.manual_seed(0)
-        model = gemma3.Gemma3TextModel(_embedding_gemma()).eval().to(dtype or torch.float32)
-        model.set_attn_implementation(impl)
-        calls = attnlab_calls(monkeypatch) if impl == "attnlab" else []
-        with torch.no_grad():
-            out[impl, dtype] = model(input_ids=ids, attention_mask=am).last_hidden_state
-    keep = am.bool()
-    ref, plain = out["eager", torch.float64][keep], out["eager", torch.float32][keep]
-    assert_2x_rule(out["attnlab", None][keep], plain, ref, "EmbeddingGemma hidden states")
-    specs = [m.spec() for m in calls]
-    assert len(specs) == 2 and not any("custom" in s for s in specs), specs
-    assert "window(left=3, right=3)" in specs[0], specs
+    """A tiny EmbeddingGemma: each layer handed a window or padding, no custom mask."""
+    build = lambda: gemma3.Gemma3TextModel(_embedding_gemma())  # noqa: E731
+    specs = _follows_eager(build, _ids(), monkeypatch, "EmbeddingGemma")
+    assert len(specs) == 2 and "window(left=3, right=3)" in specs[0], specs
 
 
 def test_moonshine_streaming_encoder_follows_eager_through_attnlab_windows(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A tiny Moonshine streaming encoder, its audio padded: attnlab's hidden states
-    under the 2x rule against fp64 eager, each layer's ``(left, right)`` window a window."""
+    """A tiny Moonshine streaming encoder, its audio padded: each layer's ``(left,
+    right)`` window a window."""
     moon = _model_fn("moonshine_streaming", "MoonshineStreamingEncoder")
-    register()
     cfg = transformers.MoonshineStreamingEncoderConfig(
         hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=2, sliding_windows=[[4, 2], [3, 0]],
@@ -238,18 +256,56 @@ def test_moonshine_streaming_encoder_follows_eager_through_attnlab_windows(
     audio = torch.randn(B, 3200, generator=torch.Generator().manual_seed(1))
     am = torch.ones(B, 3200, dtype=torch.long)
     am[1, -400:] = 0
-    out = {}
-    for impl, dtype in (("eager", torch.float64), ("eager", torch.float32), ("attnlab", None)):
-        torch.manual_seed(0)
-        model = moon(cfg).eval().to(dtype or torch.float32)
-        model.set_attn_implementation(impl)
-        calls = attnlab_calls(monkeypatch) if impl == "attnlab" else []
-        with torch.no_grad():
-            out[impl, dtype] = model(audio.to(dtype or torch.float32), attention_mask=am)[0]
-    ref, plain = out["eager", torch.float64], out["eager", torch.float32]
-    keep = torch.isfinite(ref).all(-1)
-    assert keep[0].all()
-    assert_2x_rule(out["attnlab", None][keep], plain[keep], ref[keep], "Moonshine streaming")
-    specs = [m.spec() for m in calls]
-    assert len(specs) == 2 and not any("custom" in s for s in specs), specs
+    inputs = {"input_values": audio, "attention_mask": am}
+    specs = _follows_eager(lambda: moon(cfg), inputs, monkeypatch, "Moonshine streaming")
+    assert len(specs) == 2, specs
     assert "window(left=3, right=1)" in specs[0] and "window(left=2, right=0)" in specs[1], specs
+
+
+def _unlimited_ocr() -> tuple[Any, Any]:
+    """Unlimited OCR's text model class and a tiny config of it (sliding window 4)."""
+    ocr = _model_fn("unlimited_ocr", "UnlimitedOcrTextModel")
+    cfg = transformers.AutoConfig.for_model("unlimited_ocr").text_config
+    sizes = {"hidden_size": 32, "intermediate_size": 32, "num_attention_heads": 2, "head_dim": 16}
+    sizes |= {"num_key_value_heads": 1, "num_hidden_layers": 2, "sliding_window": 4}
+    for key, value in {**sizes, "vocab_size": V, "layer_types": cfg.layer_types[:2]}.items():
+        setattr(cfg, key, value)
+    return ocr, cfg
+
+
+def test_unlimited_ocr_follows_eager_through_attnlab_causal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A tiny Unlimited OCR text model's prefill: each layer handed causal and padding."""
+    ocr, cfg = _unlimited_ocr()
+    specs = _follows_eager(lambda: ocr(cfg), _ids(), monkeypatch, "Unlimited OCR")
+    assert len(specs) == 2 and all(s.startswith("(causal() &") for s in specs), specs
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_unlimited_ocr_prefill_is_causal_and_its_decode_equals_transformers(padding: str) -> None:
+    """Unlimited OCR's reference-sliding layers: while prefilling (``prefill_overlay``'s
+    length still ``inf``) every earlier key, ``causal()`` with the padding; its decode
+    steps (prefill keys beside the window's, not aligned) stay transformers' function."""
+    ocr, cfg = _unlimited_ocr()
+    cfg._attn_implementation = register()
+    torch.manual_seed(0)
+    model = ocr(cfg).eval()
+    ids = torch.randint(3, V, (B, L), generator=torch.Generator().manual_seed(1))
+    am = _attention_mask(padding)
+    seen, restore = _record(cfg)
+    try:
+        with torch.no_grad():
+            cache = model(input_ids=ids, attention_mask=am, use_cache=True).past_key_values
+            am = None if am is None else torch.cat([am, torch.ones(B, 1, dtype=am.dtype)], 1)
+            model(input_ids=ids[:, :1], attention_mask=am, cache=cache,
+                  position_ids=torch.full((B, 1), L))  # fmt: skip
+    finally:
+        restore()
+    prefill = [c for c in seen if c.q_length == L]
+    assert prefill and len(prefill) < len(seen)
+    for call in seen:
+        what = f"{padding} Lq={call.q_length} Lk={call.kv_length}"
+        mask = _check(call, what, structured=call.q_length == L)
+        if call.q_length == L:
+            assert mask is not None and mask.conjuncts[0].is_causal, f"{what}: {mask.spec()}"

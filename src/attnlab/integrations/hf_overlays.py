@@ -4,9 +4,10 @@
 by name; a model's own overlay has no such stable name (Gemma 4's and T5Gemma 2's
 ``sliding_window_mask_function`` differ), so one is read only when its code is, op for op,
 the code of a copy kept here (:data:`OVERLAYS`), the globals it reads are the same objects,
-and its closure holds plain ints. Anything else stays transformers' function, evaluated tile
-by tile. The overlays compare absolute query and key indices by their difference alone, so
-their windows hold in attnlab's bottom-right aligned positions too.
+and its closure holds plain ints (or Unlimited OCR's ``inf``). Anything else stays
+transformers' function, evaluated tile by tile. The overlays compare absolute query and key
+indices by their difference alone, so their windows hold in attnlab's bottom-right aligned
+positions too.
 """
 
 from __future__ import annotations
@@ -63,6 +64,13 @@ def _t5gemma2_sliding_window_mask_function(sliding_window, is_causal=True):  # t
     return inner_mask
 
 
+def _reference_sliding_window_causal_mask(kv_offset, prefill_length):  # type: ignore[no-untyped-def]
+    def prefill_overlay(batch_idx, head_idx, q_idx, kv_idx):  # type: ignore[no-untyped-def]
+        # Remove kv_offset to retrieve the kv_index with respect to prefill
+        return kv_idx - kv_offset < prefill_length
+    return prefill_overlay
+
+
 _always = lambda *args: torch.tensor(True, dtype=torch.bool)  # noqa: E731
 # fmt: on
 
@@ -103,6 +111,14 @@ def _t5gemma2(cells: dict[str, object]) -> Found:
     return _reach(w, 0) if is_causal else _reach((w + 1) // 2, w // 2 + 1)
 
 
+def _prefill(cells: dict[str, object]) -> Found:
+    """Unlimited OCR's prefill keys, those before ``prefill_length``: while it prefills
+    (the length not known yet, ``inf``) every key; a known length is not read (its decode
+    calls' keys are not aligned on their queries, transformers' function runs)."""
+    length = cells["prefill_length"]
+    return (True, None) if isinstance(length, float) and length == math.inf else _NO
+
+
 Meaning = Callable[[dict[str, object]], Found]
 # an overlay's function name -> the copies of its code (one name, two codes: Gemma 4's
 # and T5Gemma 2's windows) and what each one's closure means
@@ -113,6 +129,7 @@ OVERLAYS: dict[str, tuple[tuple[Callable[..., object], Meaning], ...]] = {
         (_t5gemma2_sliding_window_mask_function(1), _t5gemma2),
     ),
     "<lambda>": ((_always, lambda cells: (True, None)),),  # Gemma 3's bidirectional full layers
+    "prefill_overlay": ((_reference_sliding_window_causal_mask(0, 1), _prefill),),
 }
 
 
@@ -126,11 +143,12 @@ def model_overlay(fn: Callable[..., object], cells: dict[str, object]) -> Found:
         >>> model_overlay(lambda *args: torch.tensor(False), {})
         (False, None)
     """
-    name = getattr(fn, "__qualname__", "")
-    kind = "<lambda>" if name.endswith("<lambda>") else name.split(".")[0]
-    for copy, meaning in OVERLAYS.get(kind, ()):
-        if _same_code(fn, copy):
-            return meaning(cells)
+    parts = str(getattr(fn, "__qualname__", "")).split(".")
+    # a factory's inner function by the factory's name, a closure or a lambda by its own
+    for kind in dict.fromkeys((parts[0], parts[-1])):
+        for copy, meaning in OVERLAYS.get(kind, ()):
+            if _same_code(fn, copy):
+                return meaning(cells)
     return _NO
 
 
