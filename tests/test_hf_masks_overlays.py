@@ -309,3 +309,46 @@ def test_unlimited_ocr_prefill_is_causal_and_its_decode_equals_transformers(padd
         mask = _check(call, what, structured=call.q_length == L)
         if call.q_length == L:
             assert mask is not None and mask.conjuncts[0].is_causal, f"{what}: {mask.spec()}"
+
+
+def _nemotron() -> tuple[Any, Any]:
+    """Nemotron ASR streaming's encoder class and a tiny config: chunks of 3 frames (2
+    looked ahead), each seeing 8 // 3 = 2 chunks back."""
+    enc = _model_fn("nemotron_asr_streaming", "NemotronAsrStreamingEncoder")
+    cfg = transformers.NemotronAsrStreamingEncoderConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        subsampling_conv_channels=8, num_mel_bins=16, sliding_window=9,
+        default_num_lookahead_tokens=2, dropout=0.0, layerdrop=0.0, activation_dropout=0.0,
+        attention_dropout=0.0,
+    )  # fmt: skip
+    return enc, cfg
+
+
+@pytest.mark.parametrize("padding", ["none", "right"])
+def test_nemotron_chunked_limited_masks_equal_transformers_and_are_chunk_windows(
+    padding: str,
+) -> None:
+    """Nemotron's ``chunked_limited`` masks, a whole utterance and two streamed chunks
+    with its cache: ``chunk_window`` from the first key's absolute position."""
+    enc, cfg = _nemotron()
+    cfg._attn_implementation = register()
+    torch.manual_seed(0)
+    model = enc(cfg).eval()
+    feat = torch.randn(B, 96, 16, generator=torch.Generator().manual_seed(1))
+    am = torch.ones(B, 96, dtype=torch.long)
+    if padding == "right":
+        am[1, -20:] = 0
+    seen, restore = _record(cfg)
+    try:
+        with torch.no_grad():
+            model(input_features=feat, attention_mask=am, num_lookahead_tokens=2)
+            out = model(input_features=feat[:, :48], num_lookahead_tokens=2, use_cache=True)
+            model(input_features=feat[:, 48:], num_lookahead_tokens=2, use_cache=True,
+                  cache=out.cache, padding_cache=out.padding_cache)  # fmt: skip
+    finally:
+        restore()
+    assert any(c.q_offset > 0 for c in seen), [c.q_offset for c in seen]  # streamed
+    for call in seen:
+        what = f"{padding} Lq={call.q_length} Lk={call.kv_length} q_offset={call.q_offset}"
+        mask = _check(call, what)
+        assert mask is not None and "chunk_window(size=3, back=2" in mask.spec(), what

@@ -297,7 +297,8 @@ def _structure(fn: HFMaskFn, call: MaskCall, positions: Tensor | None = None) ->
         return _structure(cells["mask_function"], call, cells["position_ids"])  # type: ignore[arg-type]
     if kind in ("and_masks", "or_masks"):
         return _combine(kind == "and_masks", cells["mask_functions"], call, positions)  # type: ignore[arg-type]
-    known, mask = model_overlay(fn, cells)  # a model's own (EmbeddingGemma's windows, ...)
+    offset = call.kv_offset if positions is None else None
+    known, mask = model_overlay(fn, cells, offset)  # a model's own (EmbeddingGemma's, ...)
     return mask if known else _UNKNOWN
 
 

@@ -20,7 +20,7 @@ from types import CodeType
 
 import torch
 
-from attnlab.masks import Mask, window
+from attnlab.masks import Mask, chunk_window, window
 from attnlab.masks.intervals import Causal, Window
 
 __all__ = ["OVERLAYS", "model_overlay", "without_covered"]
@@ -71,6 +71,18 @@ def _reference_sliding_window_causal_mask(kv_offset, prefill_length):  # type: i
     return prefill_overlay
 
 
+def _chunked_limited_mask_function(left_ctx, right_ctx):  # type: ignore[no-untyped-def]
+    chunk_size = right_ctx + 1
+    left_context_chunks = left_ctx // chunk_size if left_ctx >= 0 else 10_000
+
+    def inner_mask(batch_idx, head_idx, q_idx, kv_idx):  # type: ignore[no-untyped-def]
+        q_chunk = torch.div(q_idx, chunk_size, rounding_mode="trunc")
+        kv_chunk = torch.div(kv_idx, chunk_size, rounding_mode="trunc")
+        chunk_diff = q_chunk - kv_chunk
+        return (chunk_diff >= 0) & (chunk_diff <= left_context_chunks)
+    return inner_mask
+
+
 _always = lambda *args: torch.tensor(True, dtype=torch.bool)  # noqa: E731
 # fmt: on
 
@@ -80,7 +92,7 @@ def _count(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _bidirectional(cells: dict[str, object]) -> Found:
+def _bidirectional(cells: dict[str, object], _: int | None = None) -> Found:
     """Gemma 3's and Step3p7's ``|q - k| < w`` (EmbeddingGemma's local layers)."""
     w = _count(cells["sliding_window"])
     return (True, window(w - 1, w - 1)) if w is not None and w >= 1 else _NO
@@ -94,7 +106,7 @@ def _reach(left: object, right: object) -> Found:
     return True, window(lo - 1, max(hi - 1, 0))
 
 
-def _two_sided(cells: dict[str, object]) -> Found:
+def _two_sided(cells: dict[str, object], _: int | None = None) -> Found:
     """Gemma 4's audio and Moonshine streaming's ``(left, right)`` windows."""
     sides = cells["sliding_window"]
     if not isinstance(sides, tuple | list) or len(sides) != 2:
@@ -102,7 +114,7 @@ def _two_sided(cells: dict[str, object]) -> Found:
     return _reach(*sides)
 
 
-def _t5gemma2(cells: dict[str, object]) -> Found:
+def _t5gemma2(cells: dict[str, object], _: int | None = None) -> Found:
     """T5Gemma 2's window of ``w``: ``w`` keys back when causal, else about ``w / 2``
     each side."""
     w, is_causal = _count(cells["sliding_window"]), cells["is_causal"]
@@ -111,7 +123,7 @@ def _t5gemma2(cells: dict[str, object]) -> Found:
     return _reach(w, 0) if is_causal else _reach((w + 1) // 2, w // 2 + 1)
 
 
-def _prefill(cells: dict[str, object]) -> Found:
+def _prefill(cells: dict[str, object], _: int | None = None) -> Found:
     """Unlimited OCR's prefill keys, those before ``prefill_length``: while it prefills
     (the length not known yet, ``inf``) every key; a known length is not read (its decode
     calls' keys are not aligned on their queries, transformers' function runs)."""
@@ -119,7 +131,17 @@ def _prefill(cells: dict[str, object]) -> Found:
     return (True, None) if isinstance(length, float) and length == math.inf else _NO
 
 
-Meaning = Callable[[dict[str, object]], Found]
+def _chunked_limited(cells: dict[str, object], kv_offset: int | None) -> Found:
+    """Nemotron ASR streaming's chunks of ``chunk_size`` absolute positions, each query
+    seeing its chunk and ``left_context_chunks`` before: :func:`chunk_window` from the
+    first key's position ``kv_offset`` (None, positions remapped: not read)."""
+    size, back = _count(cells["chunk_size"]), _count(cells["left_context_chunks"])
+    if kv_offset is None or size is None or back is None or size < 1 or back < 0:
+        return _NO
+    return True, chunk_window(size, back, kv_offset)
+
+
+Meaning = Callable[[dict[str, object], int | None], Found]
 # an overlay's function name -> the copies of its code (one name, two codes: Gemma 4's
 # and T5Gemma 2's windows) and what each one's closure means
 OVERLAYS: dict[str, tuple[tuple[Callable[..., object], Meaning], ...]] = {
@@ -128,13 +150,18 @@ OVERLAYS: dict[str, tuple[tuple[Callable[..., object], Meaning], ...]] = {
         (_sliding_window_mask_function((1, 1)), _two_sided),
         (_t5gemma2_sliding_window_mask_function(1), _t5gemma2),
     ),
-    "<lambda>": ((_always, lambda cells: (True, None)),),  # Gemma 3's bidirectional full layers
+    "<lambda>": ((_always, lambda cells, _: (True, None)),),  # Gemma 3's bidirectional full
     "prefill_overlay": ((_reference_sliding_window_causal_mask(0, 1), _prefill),),
+    "chunked_limited_mask_function": ((_chunked_limited_mask_function(0, 0), _chunked_limited),),
 }
 
 
-def model_overlay(fn: Callable[..., object], cells: dict[str, object]) -> Found:
-    """Whether ``fn`` is one of :data:`OVERLAYS`, and its mask (None: every pair).
+def model_overlay(
+    fn: Callable[..., object], cells: dict[str, object], kv_offset: int | None = 0
+) -> Found:
+    """Whether ``fn`` is one of :data:`OVERLAYS`, and its mask (None: every pair);
+    ``kv_offset``: the first key's absolute position (None: positions remapped, as in a
+    packed sequence, where only the windows on differences are read).
 
     Example:
         >>> fn = _bidirectional_window_overlay(3)
@@ -148,7 +175,7 @@ def model_overlay(fn: Callable[..., object], cells: dict[str, object]) -> Found:
     for kind in dict.fromkeys((parts[0], parts[-1])):
         for copy, meaning in OVERLAYS.get(kind, ()):
             if _same_code(fn, copy):
-                return meaning(cells)
+                return meaning(cells, kv_offset)
     return _NO
 
 

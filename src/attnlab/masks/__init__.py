@@ -36,10 +36,12 @@ from attnlab.masks.custom import Custom, MaskFn, custom
 from attnlab.masks.documents import Documents, Groups, documents, groups
 from attnlab.masks.intervals import (
     Causal,
+    ChunkWindow,
     Dilated,
     Prefix,
     Window,
     causal,
+    chunk_window,
     dilated,
     prefix,
     window,
@@ -54,6 +56,7 @@ __all__ = [
     "BlockLayout",
     "BlockRandom",
     "Causal",
+    "ChunkWindow",
     "Custom",
     "Dilated",
     "Documents",
@@ -74,6 +77,7 @@ __all__ = [
     "as_mask",
     "block_random",
     "causal",
+    "chunk_window",
     "custom",
     "dilated",
     "documents",

@@ -13,10 +13,22 @@ from torch import Tensor
 
 from attnlab._grid import Grid
 from attnlab.masks._args import positions, size
+from attnlab.masks._args import size as _size
 from attnlab.masks.base import Mask
 from attnlab.masks.layout import Device, RowBounds
 
-__all__ = ["Causal", "Dilated", "Prefix", "Window", "causal", "dilated", "prefix", "window"]
+__all__ = [
+    "Causal",
+    "ChunkWindow",
+    "Dilated",
+    "Prefix",
+    "Window",
+    "causal",
+    "chunk_window",
+    "dilated",
+    "prefix",
+    "window",
+]
 
 
 class Causal(Mask):
@@ -92,6 +104,37 @@ class Prefix(Mask):
         return f"prefix({self.n})"
 
 
+class ChunkWindow(Mask):
+    """Positions in chunks of ``size`` (position ``p`` in chunk ``(p + start) // size``);
+    a query sees its own chunk's keys and the ``back`` chunks' before. See
+    :func:`chunk_window`.
+
+    Example:
+        >>> bounds = ChunkWindow(size=2, back=1, start=0).row_bounds(4, 4)
+        >>> bounds.lo.tolist(), bounds.hi.tolist(), bounds.exact
+        ([[-2, -2, 0, 0]], [[1, 1, 3, 3]], True)
+    """
+
+    def __init__(self, size: int, back: int, start: int) -> None:
+        self.size = _size("size", size, positive=True)
+        self.back, self.start = _size("back", back), _size("start", start)
+
+    def _chunk(self, p: Tensor) -> Tensor:
+        return torch.div(p + self.start, self.size, rounding_mode="floor")
+
+    def evaluate(self, grid: Grid) -> Tensor:
+        behind = self._chunk(grid.q) - self._chunk(grid.k)  # chunks from the key's to the query's
+        return (behind >= 0) & (behind <= self.back)
+
+    def row_bounds(self, lq: int, lk: int, batch: int = 1, device: Device = None) -> RowBounds:
+        chunk = self._chunk(positions(lq, lk, 1, device))
+        lo = (chunk - self.back) * self.size - self.start
+        return RowBounds(lo, (chunk + 1) * self.size - 1 - self.start, exact=True)
+
+    def spec(self) -> str:
+        return f"chunk_window(size={self.size}, back={self.back}, start={self.start})"
+
+
 class Dilated(Mask):
     """Keys with ``|p - k| <= window`` and ``(p - k) % dilation == 0``. See :func:`dilated`.
 
@@ -138,6 +181,21 @@ def window(left: int, right: int = 0) -> Mask:
         [[1, 1, 0], [1, 1, 1], [0, 1, 1]]
     """
     return Window(left, right)
+
+
+def chunk_window(size: int, back: int = 0, start: int = 0) -> Mask:
+    """Chunked attention with look-back: positions split into chunks of ``size``, position
+    ``p`` in chunk ``(p + start) // size`` (``start``: the positions before the first
+    query's, as a cache's offset); a query sees every key of its own chunk (later ones
+    too) and of the ``back`` chunks before it. ``back=0`` is :func:`documents` of the
+    chunks; NeMo's ``chunked_limited`` attention is ``chunk_window(right + 1, left //
+    (right + 1))``.
+
+    Example:
+        >>> chunk_window(2, back=1).dense(5, 5)[0, 0].int().tolist()
+        [[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0], [0, 0, 1, 1, 1]]
+    """
+    return ChunkWindow(size, back, start)
 
 
 def prefix(n: int) -> Mask:
