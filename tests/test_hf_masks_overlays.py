@@ -200,14 +200,18 @@ def test_windows_it_cannot_read_leave_transformers_function_evaluated(build: Any
 
 
 def _follows_eager(
-    build: Any, inputs: dict[str, torch.Tensor], monkeypatch: pytest.MonkeyPatch, what: str
+    build: Any,
+    inputs: dict[str, torch.Tensor],
+    monkeypatch: pytest.MonkeyPatch,
+    what: str,
+    eager: str = "eager",
 ) -> list[str]:
     """``build()``'s first output through attnlab (float32) under the 2x rule against
-    float64 eager at the rows where eager's is finite (float32 eager the plain error), and
-    the specs of the masks attnlab was handed."""
+    float64 ``eager`` at the rows where its is finite (float32 the plain error), and the
+    specs of the masks attnlab was handed."""
     register()
     out, specs = {}, []
-    for impl, dtype in (("eager", torch.float64), ("eager", torch.float32), ("attnlab", None)):
+    for impl, dtype in ((eager, torch.float64), (eager, torch.float32), ("attnlab", None)):
         torch.manual_seed(0)
         model = build().eval().to(dtype or torch.float32)
         model.set_attn_implementation(impl)
@@ -218,8 +222,8 @@ def _follows_eager(
               for k, v in inputs.items()}  # fmt: skip
         with torch.no_grad():
             out[impl, dtype] = model(**kw)[0]
-        specs = [m.spec() for m in calls]
-    ref, plain = out["eager", torch.float64], out["eager", torch.float32]
+        specs = [m.spec() if isinstance(m, masks.Mask) else f"tensor {m.dtype}" for m in calls]
+    ref, plain = out[eager, torch.float64], out[eager, torch.float32]
     keep = torch.isfinite(ref).all(-1)
     assert keep[0].all(), what
     assert_2x_rule(out["attnlab", None][keep], plain[keep], ref[keep], what)
@@ -352,3 +356,20 @@ def test_nemotron_chunked_limited_masks_equal_transformers_and_are_chunk_windows
         what = f"{padding} Lq={call.q_length} Lk={call.kv_length} q_offset={call.q_offset}"
         mask = _check(call, what)
         assert mask is not None and "chunk_window(size=3, back=2" in mask.spec(), what
+
+
+def test_nemotron_encoder_follows_eager_through_attnlab_chunk_windows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A tiny Nemotron ASR streaming encoder, its features padded, runs through attnlab
+    (it reads its mask as a tensor: before, "And has no 'dtype'") under the 2x rule, each
+    layer handed its score bias masked by the dense chunk window. Against sdpa: eager's
+    additive mask is inverted by the model's ``attention_mask.logical_not()`` (1.7-4.0 off
+    sdpa)."""
+    enc, cfg = _nemotron()
+    feat = torch.randn(B, 96, 16, generator=torch.Generator().manual_seed(1))
+    am = torch.ones(B, 96, dtype=torch.long)
+    am[1, -20:] = 0
+    inputs = {"input_features": feat, "attention_mask": am}
+    specs = _follows_eager(lambda: enc(cfg), inputs, monkeypatch, "Nemotron", eager="sdpa")
+    assert specs == ["tensor torch.float32"] * 2, specs  # its score bias, masked by the mask

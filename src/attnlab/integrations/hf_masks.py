@@ -182,6 +182,7 @@ TENSOR_MASK_MODELS = {
                      "hy_v4_vl_text", "mistral_large4_text", "qwen4_exp_text"), "bool"),
     **dict.fromkeys(("bigbird_pegasus", "deepseek_v4"), "additive"),
     "t5gemma2_decoder": "bool",  # joins its self- and cross-attention masks with torch.cat
+    "nemotron_asr_streaming_encoder": "bool",  # finds the rows that see no key
 }  # fmt: skip
 
 
