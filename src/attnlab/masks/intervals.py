@@ -128,8 +128,9 @@ class ChunkWindow(Mask):
 
     def row_bounds(self, lq: int, lk: int, batch: int = 1, device: Device = None) -> RowBounds:
         chunk = self._chunk(positions(lq, lk, 1, device))
-        lo = (chunk - self.back) * self.size - self.start
-        return RowBounds(lo, (chunk + 1) * self.size - 1 - self.start, exact=True)
+        first = chunk * self.size - self.start  # each row's chunk's first position
+        back = min(self.back, (max(lq, lk) + self.start) // self.size + 1)  # past 0: all
+        return RowBounds(first - back * self.size, first + self.size - 1, exact=True)
 
     def spec(self) -> str:
         return f"chunk_window(size={self.size}, back={self.back}, start={self.start})"
