@@ -178,3 +178,30 @@ def test_padding_checks_device_lengths_changed_in_place(monkeypatch: pytest.Monk
     lengths[0] = 1
     m.check(batch=2, heads=1, lq=1, lk=3)
     assert m.natural_length == 2
+
+
+def test_padding_inference_lengths_on_a_device_are_not_read_per_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Lengths made under ``torch.inference_mode`` have no version to keep a read by: on
+    a GPU each call read them (a sync per layer per step), where before the device
+    re-check they were taken unchecked; they are again. No GPU here: a CPU tensor that
+    says it is on one stands for it."""
+    with torch.inference_mode():
+        lengths = torch.tensor([3, 2])
+    real = torch.Tensor.device
+    on_gpu = property(lambda t: torch.device("cuda", 0) if t is lengths else real.__get__(t))
+    monkeypatch.setattr(torch.Tensor, "device", on_gpu)
+    monkeypatch.setattr(torch.Tensor, "is_cpu", property(lambda t: t.device.type == "cpu"))
+    m = masks.padding(lengths)
+    reads: list[int] = []
+    real_max = torch.Tensor.max
+
+    def counted_max(t: Tensor, *args: object, **kwargs: object) -> object:
+        reads.append(1)
+        return real_max(t, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "max", counted_max)
+    for _ in range(4):
+        m.check(batch=2, heads=1, lq=1, lk=3)
+    assert reads == []

@@ -92,8 +92,9 @@ class Padding(Mask):
         unchanged, else read again and kept, on a GPU too (one read, a sync, per change
         of the lengths, as at construction; lengths changed in place there were taken
         unchecked); None where no read can be made (vmapped, exported, the meta device,
-        a CUDA graph capturing) and under ``torch.compile`` (whose trace would break at
-        the stamp): that call is not checked."""
+        a CUDA graph capturing), for an inference tensor off the CPU (no version: it
+        would be read on every call) and under ``torch.compile`` (whose trace would break
+        at the stamp): that call is not checked."""
         if compiling():
             return None
         kept = self._longest.get(name, t)
@@ -101,6 +102,8 @@ class Padding(Mask):
             return kept
         if unreadable(t) or (t.is_cuda and torch.cuda.is_current_stream_capturing()):
             return None
+        if not t.is_cpu and _stamp(t) is None:  # an inference tensor: nothing to keep a
+            return None  # read by, so a read (a sync) per call; unchecked, as before
         top = int(t.max()) if t.numel() else 0
         self._longest.put(name, t, top)
         return top
