@@ -134,3 +134,26 @@ def test_decode_bounds_are_computed_once_in_three_calls(monkeypatch: pytest.Monk
     bounds = engine._decode_bounds(_decode_request(m))
     want = masks.causal().row_bounds(1, 32)  # the same rows
     assert bounds is not None and torch.equal(bounds.hi, want.hi)
+
+
+@pytest.mark.parametrize("container", [dict, list])
+def test_a_mask_that_is_a_container_has_its_items_walked(container: type) -> None:
+    """A user's mask that is also a dict or a list, holding its tensor as an item: the
+    walk took a mask's attributes only, so an in-place change of that tensor was not seen
+    (the item is what 728100f's walk found)."""
+    from attnlab.engines._versions import held_tensors, versions
+
+    class Held(Mask, container):  # type: ignore[misc, valid-type]
+        def evaluate(self, grid: Grid) -> Tensor:
+            return grid.k < 3
+
+    t = torch.zeros(2)
+    m = Held()
+    if isinstance(m, dict):
+        m["x"] = t
+    else:
+        m.append(t)
+    assert any(h is t for h in held_tensors(m))
+    before = versions(m)
+    t.add_(1)
+    assert versions(m) != before

@@ -147,7 +147,10 @@ def _code_text(code: CodeType) -> str:
 def _parts(obj: object) -> Iterable[Any]:
     """What ``obj`` holds that a mask's values may come from."""
     if isinstance(obj, Mask):  # (first: what a memo walks on every call)
-        return getattr(obj, "__dict__", {}).values()
+        own = getattr(obj, "__dict__", {}).values()
+        if isinstance(obj, (tuple, list, dict)):  # a mask that is a container too
+            return [*(obj.values() if isinstance(obj, dict) else obj), *own]
+        return own
     if isinstance(obj, FunctionType):  # a custom mask's function: the tensors it reads
         return _function_parts(obj)
     if isinstance(obj, functools.partial):
