@@ -373,3 +373,23 @@ def test_nemotron_encoder_follows_eager_through_attnlab_chunk_windows(
     inputs = {"input_features": feat, "attention_mask": am}
     specs = _follows_eager(lambda: enc(cfg), inputs, monkeypatch, "Nemotron", eager="sdpa")
     assert specs == ["tensor torch.float32"] * 2, specs  # its score bias, masked by the mask
+
+
+def test_a_lambda_without_a_docstring_slot_keeps_its_first_constant(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """From Python 3.14 a code object without a docstring has no None in front of its
+    constants (the CO_HAS_DOCSTRING flag says when co_consts[0] is one): skipping the first
+    constant whatever the flags made a lambda returning False read as Gemma 3's always-true
+    one (every pair attends). Made here by dropping the leading None from 3.11's code."""
+    from attnlab.integrations import hf_overlays
+
+    flag = 0x4000000  # a bit no code object here sets, standing for CO_HAS_DOCSTRING
+    monkeypatch.setattr(hf_overlays, "_HAS_DOC", flag, raising=False)
+    never = lambda *args: torch.tensor(False, dtype=torch.bool)  # noqa: E731
+    ours, theirs = (f.__code__ for f in (hf_overlays._always, never))
+    if ours.co_consts[0] is None:  # (3.10-3.13: the docstring slot; 3.14: no slot)
+        ours, theirs = (c.replace(co_consts=c.co_consts[1:]) for c in (ours, theirs))
+    assert ours.co_flags & flag == 0
+    assert hf_overlays._code_key(ours) != hf_overlays._code_key(theirs)
+    assert hf_overlays._code_key(ours) == hf_overlays._code_key(ours.replace())

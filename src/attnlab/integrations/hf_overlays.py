@@ -193,11 +193,16 @@ def _same_code(fn: Callable[..., object], copy: Callable[..., object]) -> bool:
 _FLAGS = 0xFFFF & ~inspect.CO_NESTED  # (``__future__`` flags are above 0xFFFF)
 
 
+_HAS_DOC = getattr(inspect, "CO_HAS_DOCSTRING", None)  # Python 3.14 on: co_consts[0] is
+# the docstring only where this flag is set (before, always the docstring or None)
+
+
 def _code_key(code: CodeType) -> tuple[object, ...]:
-    """What a function's code does (its first constant, the docstring or None, whether it
-    is nested and its module's ``__future__`` flags aside)."""
+    """What a function's code does (its docstring, whether it is nested and its module's
+    ``__future__`` flags aside)."""
+    doc = _HAS_DOC is None or bool(code.co_flags & _HAS_DOC)
     return (code.co_code, code.co_names, code.co_freevars, code.co_varnames,
-            code.co_consts[1:], code.co_argcount, code.co_flags & _FLAGS)  # fmt: skip
+            code.co_consts[doc:], code.co_argcount, code.co_flags & _FLAGS)  # fmt: skip
 
 
 def _global(fn: Callable[..., object], name: str) -> object:
