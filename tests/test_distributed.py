@@ -1030,3 +1030,24 @@ def test_plan_counts_every_head_and_batch_row_of_a_mask_that_varies_by_them(stra
     assert sum(c.flops for c in p.ranks) == 64 * 65 // 2 * per_pair  # head 0 only: causal
     for empty in (D.plan(0, 2, strategy=strategy), D.plan(4, 2, mask=masks.padding([0]))):
         assert D.simulate(empty, bandwidth=1e9, flops=1e9) == 1.0
+
+
+def test_a_port_taken_after_it_was_found_free_does_not_stop_a_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The ranks' store port was found free, then bound by rank 0 once the ranks started:
+    taken meanwhile (here by a socket that listens on it), the run failed, and a
+    concurrent run's rank could join another's store (gloo's "connectFullMesh failed ...
+    Connection closed by peer", seen once under ``pytest -n 2``). The caller holds the
+    store from before the ranks start."""
+    import socket
+
+    from attnlab.distributed import launch
+    from attnlab.distributed.launch import _rank_times_two
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setattr(launch, "free_port", lambda: port)
+        assert run_local(_rank_times_two, 2, timeout=60) == [0, 2]

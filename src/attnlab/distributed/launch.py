@@ -48,9 +48,9 @@ def _child(
     try:
         if backend == "nccl":  # one GPU per rank
             torch.cuda.set_device(rank)
-        dist.init_process_group(
-            backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout)
-        )
+        wait = timedelta(seconds=timeout)  # the caller's store (run_local), as a client
+        store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=wait)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=wait)
         # pickled here, by value: a tensor put on the queue as it is travels as shared
         # memory that vanishes when this process exits, before the parent may read it
         out.put((rank, True, pickle.dumps(fn(rank, world, *args))))
@@ -103,8 +103,11 @@ def run_local(
         )
     ctx = _context()
     out = ctx.Queue()
-    port = free_port()
-    conf = (port, threads, timeout, backend, dict(os.environ))
+    # the ranks' store, held here from before they start: a port chosen free and bound by
+    # rank 0 later could be taken meanwhile (a concurrent run's rank joined this one:
+    # gloo's "connectFullMesh failed ... Connection closed by peer" under pytest -n 2)
+    store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)
+    conf = (store.port, threads, timeout, backend, dict(os.environ))
     procs = [
         ctx.Process(target=_child, args=(r, world, *conf, fn, args, out)) for r in range(world)
     ]
