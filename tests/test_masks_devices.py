@@ -145,17 +145,16 @@ def test_flex_copies_to_the_device_through_to_device(monkeypatch: pytest.MonkeyP
     assert bm.kv_num_blocks.is_meta
 
 
-def test_padding_checks_device_lengths_changed_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Lengths on a GPU are read with the construction's check and kept; changed in place
-    there, they were taken unchecked (a length past ``Lk`` passed, where a fresh mask of
-    the same lengths refuses it): read again, once per change. No GPU here: a CPU tensor
-    that says it is on one stands for it."""
-    lengths = torch.tensor([3, 2])
+def _on_gpu(monkeypatch: pytest.MonkeyPatch, lengths: Tensor) -> None:
+    """``lengths`` (a CPU tensor) says it is on a GPU."""
     real = torch.Tensor.device
     on_gpu = property(lambda t: torch.device("cuda", 0) if t is lengths else real.__get__(t))
     monkeypatch.setattr(torch.Tensor, "device", on_gpu)
-    m = masks.padding(lengths)
-    assert m.kl is lengths and m.kl.device.type == "cuda"
+    monkeypatch.setattr(torch.Tensor, "is_cpu", property(lambda t: t.device.type == "cpu"))
+
+
+def _counted_max(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that gets one item per ``Tensor.max`` call (a read of lengths) from now."""
     reads: list[int] = []
     real_max = torch.Tensor.max
 
@@ -164,6 +163,19 @@ def test_padding_checks_device_lengths_changed_in_place(monkeypatch: pytest.Monk
         return real_max(t, *args, **kwargs)
 
     monkeypatch.setattr(torch.Tensor, "max", counted_max)
+    return reads
+
+
+def test_padding_checks_device_lengths_changed_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lengths on a GPU are read with the construction's check and kept; changed in place
+    there, they were taken unchecked (a length past ``Lk`` passed, where a fresh mask of
+    the same lengths refuses it): read again, once per change. No GPU here: a CPU tensor
+    that says it is on one stands for it."""
+    lengths = torch.tensor([3, 2])
+    _on_gpu(monkeypatch, lengths)
+    m = masks.padding(lengths)
+    assert m.kl is lengths and m.kl.device.type == "cuda"
+    reads = _counted_max(monkeypatch)
     for _ in range(3):  # unchanged: the kept value, no read
         m.check(batch=2, heads=1, lq=1, lk=3)
     assert reads == []
@@ -189,19 +201,9 @@ def test_padding_inference_lengths_on_a_device_are_not_read_per_call(
     says it is on one stands for it."""
     with torch.inference_mode():
         lengths = torch.tensor([3, 2])
-    real = torch.Tensor.device
-    on_gpu = property(lambda t: torch.device("cuda", 0) if t is lengths else real.__get__(t))
-    monkeypatch.setattr(torch.Tensor, "device", on_gpu)
-    monkeypatch.setattr(torch.Tensor, "is_cpu", property(lambda t: t.device.type == "cpu"))
+    _on_gpu(monkeypatch, lengths)
     m = masks.padding(lengths)
-    reads: list[int] = []
-    real_max = torch.Tensor.max
-
-    def counted_max(t: Tensor, *args: object, **kwargs: object) -> object:
-        reads.append(1)
-        return real_max(t, *args, **kwargs)
-
-    monkeypatch.setattr(torch.Tensor, "max", counted_max)
+    reads = _counted_max(monkeypatch)
     for _ in range(4):
         m.check(batch=2, heads=1, lq=1, lk=3)
     assert reads == []
