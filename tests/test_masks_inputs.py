@@ -4,6 +4,8 @@ bool tensor on the left of ``&`` / ``|``."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -116,3 +118,19 @@ def test_mask_sizes_take_numpy_ints(make, spec: str) -> None:
         make(np.float64(4.0))
     with pytest.raises(TypeError, match="must be an int, got bool"):
         make(np.bool_(True))
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: M.chunk_window(-2), r"^size must be a positive int, got -2$"),
+        (lambda: M.chunk_window(0), r"^size must be a positive int, got 0$"),
+        (lambda: M.block_random(-2, 1), r"^block_size must be a positive int, got -2$"),
+    ],
+)
+def test_a_negative_size_that_must_be_positive_is_told_so(
+    make: Callable[[], object], match: str
+) -> None:
+    """A size that must be >= 1 given as -2 was told "must be a non-negative int"."""
+    with pytest.raises(ValueError, match=match):
+        make()

@@ -44,10 +44,19 @@ def size(name: str, value: object, *, positive: bool = False) -> int:
 
 
 def pos_int(name: str, value: object) -> int:
-    """``value`` as an int >= 1, or a ``TypeError``/``ValueError`` naming ``name``."""
-    if nonneg_int(name, value) == 0:
-        raise ValueError(f"{name} must be a positive int, got 0")
-    return int(value)  # type: ignore[call-overload]
+    """``value`` as an int >= 1, or a ``TypeError``/``ValueError`` naming ``name``.
+
+    Example:
+        >>> pos_int("size", -2)
+        Traceback (most recent call last):
+        ...
+        ValueError: size must be a positive int, got -2
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+    return int(value)
 
 
 def int_tensor(name: str, value: object, ndims: tuple[int, ...]) -> Tensor:
