@@ -121,8 +121,10 @@ def train(
         )
         loss.backward()
         for p in model.parameters():  # sum over the context group, mean over data groups
-            dist.all_reduce(p.grad)  # type: ignore[arg-type]
-            p.grad /= dp  # type: ignore[operator]
+            grad = p.grad
+            assert grad is not None  # every parameter takes part in the loss
+            dist.all_reduce(grad)
+            grad.div_(dp)
         opt.step()
         total = loss.detach().double()
         dist.all_reduce(total, group=group)
