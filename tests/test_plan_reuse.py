@@ -11,6 +11,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
+import attnlab
 from attnlab import masks
 from attnlab.engines import blocked_plan, flex
 from attnlab.engines.base import AttentionRequest
@@ -177,3 +178,34 @@ def test_flex_keeps_a_decoder_stacks_mask_between_forwards(
     for _ in range(3):  # (the combined mask is dropped after each call)
         engine._block_mask(_flex_request(_with_causal(m), "meta"))
     assert len(built) == 1
+
+
+@pytest.mark.parametrize("kind", ["or", "and"])
+def test_row_bounds_asked_once_per_mask_object(monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """``|`` and ``&`` combine their parts' row bounds on each ask: a new mask's plan asked
+    twice (the layout of a combination, then the base layout) and the kernel's spans once
+    more on every call, the plan kept or not (3 asks, then 1 per call). The spans are kept
+    with the plan; an in-place change of the mask's lengths is still seen."""
+    lengths = torch.tensor([300, 200])
+    if kind == "or":
+        m = masks.causal() | masks.groups(torch.arange(300) // 70)
+    else:
+        m = masks.causal() & masks.window(40) & masks.padding(lengths)
+    asked: list[int] = []
+    real = type(m).row_bounds
+
+    def spy(self: Mask, *args: object, **kwargs: object) -> object:
+        asked.append(self is m)  # the whole mask's asks, not its parts'
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(m), "row_bounds", spy)
+    engine, q = BlockedEngine(block=64), torch.randn(2, 2, 300, 8)
+    new = lambda: AttentionRequest(q, q, q, m, None, 1.0, "dot", "softmax", 0.0, False, False)  # noqa: E731
+    for _ in range(3):
+        out, _, _ = engine.forward(new())
+    assert sum(asked) == 1
+    lengths.fill_(150)  # in place: a new plan, and new spans for the kernel
+    out, _, _ = engine.forward(new())
+    assert sum(asked) == (1 if kind == "or" else 2)
+    want = attnlab.attention(*(q.double(),) * 3, mask=m, scale=1.0, engine="reference")
+    assert max_err(out, want) < 1e-5

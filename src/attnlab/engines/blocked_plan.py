@@ -55,11 +55,15 @@ class Block:
 class Plan:
     """The work of one request: non-empty query blocks and the fraction of tiles kept
     (``computed_fraction``: their union over batch items; ``item_fraction``: the mean of
-    each item's own, the tiles the compiled kernel computes under per-item key spans)."""
+    each item's own, the tiles the compiled kernel computes under per-item key spans), and
+    ``spans`` ``(Bm, 1, Lq, 2)``: each row's keys ``[lo, hi)`` where the mask allows exactly
+    those (the same for every head), else None; kept with the plan, as the kernel's mask
+    (asked per call, ``|`` and ``&`` combined their parts' bounds again each time)."""
 
     blocks: tuple[Block, ...]
     computed_fraction: float
     item_fraction: float = 1.0
+    spans: Tensor | None = None
 
 
 def make_plan(mask: Mask | None, req: AttentionRequest, block: int) -> Plan:
@@ -86,7 +90,9 @@ def make_plan(mask: Mask | None, req: AttentionRequest, block: int) -> Plan:
             start = end
     total = -(-lq // block) * -(-lk // block)
     kept = sum(k1 - k0 for _, k0, k1, _ in runs)
-    return Plan(tuple(blocks), kept / total if total else 0.0, _item_fraction(layout))
+    fraction = kept / total if total else 0.0
+    kernel_spans = _interval_spans(layout, req.batch if mask.per_batch else 1)
+    return Plan(tuple(blocks), fraction, _item_fraction(layout), kernel_spans)
 
 
 def _item_fraction(layout: BlockLayout) -> float:
@@ -214,7 +220,7 @@ def kernel_plan(req: AttentionRequest, plan: Plan, bs: int) -> KernelPlan | None
     )
     if slopes is not None:
         slopes = slopes.detach().to(device="cpu", dtype=torch.float32).contiguous()
-    spans = _interval_spans(req)
+    spans = plan.spans
     if spans is not None:  # no tile to evaluate: the spans are the mask
         tiles = torch.full((len(plan.blocks), 1), -1, dtype=torch.long)
         allowed = torch.ones(spans.shape[0], 1, 0, bs, bs, dtype=torch.bool)
@@ -241,19 +247,17 @@ def kernel_softcap(req: AttentionRequest) -> float:
     return 0.0 if req.softcap is None else float(req.softcap)
 
 
-def _interval_spans(req: AttentionRequest) -> Tensor | None:
-    """``(Bm, 1, Lq, 2)`` spans ``[lo, hi)`` if the mask allows exactly one key interval
-    per row (the same for every head), else None."""
-    m = req.mask
-    if m is None or m.per_head:
+def _interval_spans(layout: BlockLayout, bm: int) -> Tensor | None:
+    """``(Bm, 1, Lq, 2)`` spans ``[lo, hi)`` on the CPU if the layout comes from row bounds
+    (the mask allows exactly one key interval per row, the same for every head), else None;
+    ``bm``: the mask's batch extent (``B`` for a per-batch mask, else 1)."""
+    bounds, lq, lk = layout.bounds, layout.lq, layout.lk
+    if bounds is None:
         return None
-    bm = req.batch if m.per_batch else 1
-    bounds = m.row_bounds(req.lq, req.lk, bm, "cpu")
-    if bounds is None or not bounds.exact:
-        return None
-    lo = bounds.lo.clamp(0, req.lk)
-    hi = (bounds.hi + 1).clamp(0, req.lk)
-    return torch.stack([lo, hi], -1).expand(bm, req.lq, 2).reshape(bm, 1, req.lq, 2).contiguous()
+    lo = bounds.lo.clamp(0, lk)
+    hi = (bounds.hi + 1).clamp(0, lk)
+    spans = torch.stack([lo, hi], -1).expand(bm, lq, 2).reshape(bm, 1, lq, 2)
+    return spans.to("cpu").contiguous()
 
 
 def _allowed_tiles(req: AttentionRequest, starts: list[tuple[int, int]], bs: int) -> Tensor:

@@ -37,7 +37,7 @@ from attnlab.masks.layout import (
     BlockLayout,
     Device,
     RowBounds,
-    layout_by_evaluation,
+    layout_within,
     meet_bounds,
     part_states,
     union_bounds,
@@ -205,9 +205,7 @@ class Mask:
     ) -> Tensor | RowBounds:
         bm, hm = self._sizes(batch, heads)
         bounds = None if self.per_head else self.row_bounds(lq, lk, bm, device)
-        if bounds is not None and bounds.exact:  # states from these, as runs of key tiles
-            return bounds
-        return layout_by_evaluation(self, lq, lk, bq, bk, bm, hm, device, within=bounds)
+        return layout_within(self, bounds, (lq, lk, bq, bk, bm, hm), device)
 
     # -- algebra and display ----------------------------------------------------------
     def __and__(self, other: Mask | Tensor) -> Mask:
@@ -320,9 +318,10 @@ class _Combination(Mask):
         self, lq: int, lk: int, bq: int, bk: int, batch: int | None, heads: int, device: Device
     ) -> Tensor | RowBounds:
         b = batch if batch is not None else self.batch_size
-        bm = self._sizes(b, heads)[0]  # an interval, or an outer bound to evaluate inside:
-        if not self.per_head and self.row_bounds(lq, lk, bm, device) is not None:
-            return Mask._layout(self, lq, lk, bq, bk, b, heads, device)
+        bm, hm = self._sizes(b, heads)  # an interval, or an outer bound to evaluate inside
+        bounds = None if self.per_head else self.row_bounds(lq, lk, bm, device)  # asked once
+        if bounds is not None:
+            return layout_within(self, bounds, (lq, lk, bq, bk, bm, hm), device)
         states = [part_states(p, lq, lk, bq, bk, b, heads, device) for p in self.parts]
         return functools.reduce(self._combine_states, states)
 

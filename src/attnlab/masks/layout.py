@@ -34,6 +34,7 @@ __all__ = [
     "RowBounds",
     "TileState",
     "layout_by_evaluation",
+    "layout_within",
     "meet_bounds",
     "on",
     "part_states",
@@ -304,6 +305,28 @@ def layout_by_evaluation(
         vals = torch.broadcast_to(mask(grid), (bm, hm, len(rows), len(keys)))
         out[:, :, q0:q1, k0:k1] = _tile_states(vals, bq, bk)
     return out
+
+
+def layout_within(
+    mask: Callable[[Grid], Tensor],
+    bounds: RowBounds | None,
+    sizes: tuple[int, int, int, int, int, int],
+    device: Device,
+) -> Tensor | RowBounds:
+    """A mask's layout from its row ``bounds``, asked once by the caller (``|`` and ``&``
+    combine their parts' bounds on each call): the bounds themselves where exact (states
+    as runs of key tiles), else :func:`layout_by_evaluation` within them; ``sizes``: its
+    ``(lq, lk, bq, bk, bm, hm)``.
+
+    Example:
+        >>> from attnlab import masks
+        >>> m = masks.causal()
+        >>> type(layout_within(m, m.row_bounds(4, 4), (4, 4, 2, 2, 1, 1), None)).__name__
+        'RowBounds'
+    """
+    if bounds is not None and bounds.exact:
+        return bounds
+    return layout_by_evaluation(mask, *sizes, device, within=bounds)
 
 
 def _tile_states(vals: Tensor, bq: int, bk: int) -> Tensor:
