@@ -52,6 +52,9 @@ class Block:
         return self.keys
 
 
+_MaskPart = tuple[Tensor, Tensor, Tensor, Tensor, bool]  # blocks, tiles, allowed, spans, interval
+
+
 @dataclass(frozen=True)
 class Plan:
     """The work of one request: non-empty query blocks and the fraction of tiles kept
@@ -66,7 +69,9 @@ class Plan:
     computed_fraction: float
     item_fraction: float = 1.0
     spans: Tensor | None = None
-    kernel: dict[str, tuple] = field(default_factory=dict, compare=False, repr=False)
+    kernel: LastMask[_MaskPart] = field(
+        default_factory=lambda: LastMask(keep=_fits), compare=False, repr=False
+    )
 
 
 def make_plan(mask: Mask | None, req: AttentionRequest, block: int) -> Plan:
@@ -229,23 +234,21 @@ def kernel_plan(req: AttentionRequest, plan: Plan, bs: int) -> KernelPlan | None
     return KernelPlan(blocks, tiles, allowed, spans, slopes, bs, interval, kernel_softcap(req))
 
 
-_MaskPart = tuple[Tensor, Tensor, Tensor, Tensor, bool]  # blocks, tiles, allowed, spans, interval
-
-
 def _mask_part(req: AttentionRequest, plan: Plan, bs: int) -> _MaskPart:
-    """:func:`_build_mask_part`, kept in ``plan.kernel`` for its mask object, sizes and
-    inference mode while ``allowed`` has at most :data:`KEPT_MAX` elements (the plan is
-    made again when the mask's tensors change; the mask is held weakly). The parts are
-    only read (the kernel takes them as ``const``) and carry no autograd history."""
+    """:func:`_build_mask_part`, kept in ``plan.kernel`` (:class:`LastMask`: the mask held
+    weakly) for its mask object, sizes and inference mode while ``allowed`` has at most
+    :data:`KEPT_MAX` elements. The parts are only read (the kernel takes them as
+    ``const``) and carry no autograd history."""
     mask = req.mask
+    if mask is None:
+        return _build_mask_part(req, plan, bs)
     key = (bs, req.lq, req.lk, req.batch, req.heads, torch.is_inference_mode_enabled())
-    kept = plan.kernel.get("last")  # read once: another thread may replace it meanwhile
-    if kept is not None and kept[0]() is mask and kept[1] == key:
-        return kept[2]
-    part = _build_mask_part(req, plan, bs)
-    if mask is not None and part[2].numel() <= KEPT_MAX:
-        plan.kernel["last"] = (weakref.ref(mask), key, part)
-    return part
+    return plan.kernel.get(mask, key, lambda: _build_mask_part(req, plan, bs))
+
+
+def _fits(part: _MaskPart) -> bool:
+    """Whether ``part``'s mask on the partial tiles is small enough to keep."""
+    return part[2].numel() <= KEPT_MAX
 
 
 def _build_mask_part(req: AttentionRequest, plan: Plan, bs: int) -> _MaskPart:
