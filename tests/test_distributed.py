@@ -1032,22 +1032,29 @@ def test_plan_counts_every_head_and_batch_row_of_a_mask_that_varies_by_them(stra
         assert D.simulate(empty, bandwidth=1e9, flops=1e9) == 1.0
 
 
-def test_a_port_taken_after_it_was_found_free_does_not_stop_a_run(
+def _master_port(rank: int, world: int) -> str:
+    return os.environ["MASTER_PORT"]
+
+
+def test_the_ranks_join_a_store_the_caller_holds_from_before_they_start(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The ranks' store port was found free, then bound by rank 0 once the ranks started:
-    taken meanwhile (here by a socket that listens on it), the run failed, and a
-    concurrent run's rank could join another's store (gloo's "connectFullMesh failed ...
-    Connection closed by peer", seen once under ``pytest -n 2``). The caller holds the
-    store from before the ranks start."""
-    import socket
-
+    a port taken meanwhile failed the run, and a concurrent run's rank could join another's
+    store (gloo's "connectFullMesh failed ... Connection closed by peer", seen once under
+    ``pytest -n 2``). The caller makes the store, listening, before the ranks start, and
+    the ranks' port is its port."""
     from attnlab.distributed import launch
-    from attnlab.distributed.launch import _rank_times_two
 
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        monkeypatch.setattr(launch, "free_port", lambda: port)
-        assert run_local(_rank_times_two, 2, timeout=60) == [0, 2]
+    made: list[tuple[int, bool]] = []
+    real = launch.dist.TCPStore
+
+    def recorded(*args: object, **kwargs: object) -> object:
+        store = real(*args, **kwargs)
+        made.append((store.port, bool(kwargs.get("is_master"))))
+        return store
+
+    monkeypatch.setattr(launch.dist, "TCPStore", recorded)  # (the caller's: ranks fork apart)
+    ports = run_local(_master_port, 2, timeout=60)
+    assert len(made) == 1 and made[0][1], made  # one store, made here as the master
+    assert ports == [str(made[0][0])] * 2

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import pickle
 import queue
-import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -20,14 +19,7 @@ import torch.multiprocessing as mp
 
 from attnlab._validate import plain, positive_int
 
-__all__ = ["free_port", "run_local"]
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["run_local"]
 
 
 def _child(
