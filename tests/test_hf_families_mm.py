@@ -451,6 +451,7 @@ def test_llama4_chunk_of_padding_alone_gives_0_as_sdpa_not_eagers_even_spread() 
     [
         ("gemma3", "static"),
         ("gemma3", None),
+        ("paligemma", "static"),
         ("paligemma", None),
         ("qwen2_vl", None),
         ("mllama", None),
@@ -500,6 +501,25 @@ def test_image_tokens_seeing_each_other_reach_attnlab_as_groups(
     assert all("(causal() | groups(" in s and "custom" not in s for s in specs), specs
     b, lq = kw["input_ids"].shape
     assert all(m.row_bounds(lq, lq, b).exact for m in text), specs
+
+
+@pytest.mark.parametrize("family", ["paligemma", "gemma3"])
+def test_a_static_cache_hands_the_images_on_as_groups_over_the_filled_keys(
+    family: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``cache_implementation="static"`` the full layers' keys run to the cache's
+    last slot, past the last query; each image ends before it, so the prefill's mask is
+    ``filled_keys(causal() | groups(ids))`` (before, transformers' function was evaluated
+    tile by tile: ``custom(hf_mask)`` for the prefill and the first step)."""
+    cls, cfg, kw, _ = _case(family)
+    kw["attention_mask"] = torch.ones_like(kw["attention_mask"])
+    calls = attnlab_calls(monkeypatch)
+    _model(cls, cfg, "attnlab", torch.float32).generate(
+        **kw, max_new_tokens=3, do_sample=False, cache_implementation="static"
+    )
+    specs = [m.spec() for m in calls if m is not None]
+    assert specs and not any("custom" in s for s in specs), specs
+    assert any(s.startswith("filled_keys(") and "groups(" in s for s in specs), specs
 
 
 @pytest.mark.parametrize("family", ["paligemma", "gemma3"])

@@ -2,8 +2,8 @@
 models: an image's tokens see each other, OR-ed with causal, within the sliding window of
 Gemma 3's local layers) as attnlab's ``groups``: the masks that transformers' own builders
 ask for equal its dense masks on a grid of paddings, images, caches and windows, and carry
-no custom mask (before, each was evaluated tile by tile as ``custom(hf_mask)``), so the
-blocked engine gets exact key intervals.
+no custom mask (before, each was evaluated tile by tile as ``custom(hf_mask)``, and with a
+static cache still was), so the blocked engine gets exact key intervals.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ B, L, WINDOW = 2, 12, 3
 TYPES = torch.tensor([[1, 1, 1, 1, 0, 0, 0, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1, 0, 0, 0, 1, 1, 0]])
 # PaliGemma's token types: 0 on the prefix (image and prompt, one group), 1 on the suffix
 PREFIX = (torch.arange(L) >= torch.tensor([[7], [4]])).long()
-CACHES = ("none", "prefill-after-cache", "decode", "static")
+CACHES = ("none", "prefill-after-cache", "decode", "static", "static-decode")
 PADDINGS = ("none", "right", "left")
 
 
@@ -59,7 +59,7 @@ def _cache(cfg: Any, kind: str, cached: int) -> Any:
     """No cache, or a cache holding ``cached`` tokens of every layer."""
     if kind == "none":
         return None
-    if kind == "static":
+    if kind.startswith("static"):
         cache = cache_utils.StaticCache(config=cfg, max_cache_len=2 * L)
     else:
         cache = cache_utils.DynamicCache(config=cfg)
@@ -73,7 +73,7 @@ def _cache(cfg: Any, kind: str, cached: int) -> Any:
 def _calls(family: str, cache_kind: str, padding: str, ids_of: str) -> list[MaskCall]:
     """The mask requests the family's own mask builder makes for one step."""
     cfg = _config(family)
-    cached = {"none": 0, "prefill-after-cache": 8, "decode": L - 1, "static": 0}[cache_kind]
+    cached = {"none": 0, "prefill-after-cache": 8, "static": 0}.get(cache_kind, L - 1)  # decodes
     q_length = L - cached
     cache = _cache(cfg, cache_kind, cached)
     types = TYPES if family == "gemma3" else PREFIX
@@ -142,8 +142,7 @@ def test_blockwise_masks_equal_transformers_and_are_structured(
         want = _hf_dense(call)
         got = torch.ones_like(want) if mask is None else mask.dense(*want.shape[2:], batch=B)
         assert torch.equal(torch.broadcast_to(got, want.shape), want), what
-        if cache_kind == "static":  # unaligned keys: transformers' function, evaluated
-            continue
+        # a static cache's images end by the last query: its empty slots are never seen
         assert mask is not None and "custom" not in mask.spec(), f"{what}: {mask.spec()}"
         bounds = mask.row_bounds(call.q_length, call.kv_length, B)
         assert bounds is not None and bounds.exact, f"{what}: no exact interval per row"
@@ -181,3 +180,31 @@ def test_block_ids_it_cannot_read_leave_transformers_function_evaluated(ids: tor
     fn = mu.or_masks(mu.causal_mask_function, mu.blockwise_overlay(ids))
     mask = translate(MaskCall(2, 3, 3, 0, 0, fn, None))
     assert isinstance(mask, masks.Custom)
+
+
+def _static_call(ids: torch.Tensor, q_length: int) -> MaskCall:
+    """A static cache's prefill of ``q_length`` tokens into ``2 L`` slots, ``ids (B, L)``
+    padded with -1 as transformers pads them."""
+    padded = mu.maybe_pad_block_sequence_ids(ids, None, 2 * L, 0)
+    fn = mu.or_masks(mu.causal_mask_function, mu.blockwise_overlay(padded))
+    return MaskCall(B, q_length, 2 * L, 0, 0, fn, None)
+
+
+def test_a_static_cache_keeps_only_images_that_end_by_the_last_query_structured() -> None:
+    """An image group whose keys go on past the last query (a prefill cut in an image)
+    lets transformers' mask see the cache's empty slots: that call stays transformers'
+    function; a group of the same id in another row, past the last query, does not."""
+    run = torch.full((B, L), -1)
+    run[0, :3] = 0  # row 0: an image at 0..2; row 1: id 0 too, at 9..10 (past query 7)
+    run[1, 9:11] = 0
+    cut = run.clone()
+    cut[0, 6:9] = 1  # row 0: an image at 6..8, cut by the last query (7)
+    for ids, structured in ((run, True), (cut, False)):
+        call = _static_call(ids, 8)
+        mask = translate(call)
+        want = _hf_dense(call)
+        assert mask is not None
+        assert torch.equal(torch.broadcast_to(mask.dense(8, 2 * L, batch=B), want.shape), want)
+        assert ("custom" not in mask.spec()) == structured, mask.spec()
+        if structured:
+            assert mask.spec().startswith("filled_keys(8 of 24, (causal() | groups("), mask.spec()

@@ -56,9 +56,9 @@ def _record(cfg: Any) -> tuple[list[MaskCall], Any]:
     return seen, lambda: mapping.__setitem__(cfg._attn_implementation, own)
 
 
-def _gemma_calls(cache_kind: str, padding: str) -> list[MaskCall]:
+def _gemma_calls(cache_kind: str, padding: str, window: int = 7) -> list[MaskCall]:
     """The mask requests of EmbeddingGemma's own forward for one step."""
-    cfg = _embedding_gemma()
+    cfg = _embedding_gemma(window)
     cfg._attn_implementation = register()
     torch.manual_seed(0)
     model = gemma3.Gemma3TextModel(cfg).eval()
@@ -96,18 +96,24 @@ def _check(call: MaskCall, what: str, structured: bool = True) -> masks.Mask | N
     return mask
 
 
+@pytest.mark.parametrize("window", [7, 31])
 @pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("cache_kind", CACHES)
 def test_embedding_gemma_masks_equal_transformers_and_are_windows(
-    cache_kind: str, padding: str
+    cache_kind: str, padding: str, window: int
 ) -> None:
-    calls = _gemma_calls(cache_kind, padding)
+    """A window of 31 (16 each side) is wider than the 12 tokens: with a static cache its
+    layer reads 16 slots, 4 of them empty. The 2-D mask ends at the last token, so
+    transformers' mask hides the empty slots and the window covers the filled keys
+    (before, transformers' function was evaluated); without a 2-D mask transformers' window
+    sees the empty slots, and its function stays."""
+    calls = _gemma_calls(cache_kind, padding, window)
     assert len(calls) == 2  # the sliding and the full layers' masks
     for call in calls:
-        what = f"{cache_kind} {padding} Lq={call.q_length} Lk={call.kv_length}"
-        # a static cache's unfilled slots: a two-sided window is transformers' function
-        mask = _check(call, what, structured=cache_kind != "static")
-        if cache_kind == "none" and padding == "none":
+        what = f"{cache_kind} {padding} {window} Lq={call.q_length} Lk={call.kv_length}"
+        sees_empty = cache_kind == "static" and padding == "none"
+        mask = _check(call, what, structured=not sees_empty)
+        if cache_kind == "none" and padding == "none" and window == 7:
             specs = {"window(left=3, right=3)", None}
             assert (mask.spec() if mask is not None else None) in specs, what
 
@@ -205,10 +211,11 @@ def _follows_eager(
     monkeypatch: pytest.MonkeyPatch,
     what: str,
     eager: str = "eager",
+    extra: Any = lambda model: {},
 ) -> list[str]:
     """``build()``'s first output through attnlab (float32) under the 2x rule against
     float64 ``eager`` at the rows where its is finite (float32 the plain error), and the
-    specs of the masks attnlab was handed."""
+    specs of the masks attnlab was handed; ``extra(model)``: more arguments (a cache)."""
     register()
     out, specs = {}, []
     for impl, dtype in ((eager, torch.float64), (eager, torch.float32), ("attnlab", None)):
@@ -219,7 +226,7 @@ def _follows_eager(
             model.set_experts_implementation("eager")  # a grouped matmul takes no float64
         calls = attnlab_calls(monkeypatch) if impl == "attnlab" else []
         kw = {k: v.to(dtype or torch.float32) if v.is_floating_point() else v
-              for k, v in inputs.items()}  # fmt: skip
+              for k, v in inputs.items()} | extra(model)  # fmt: skip
         with torch.no_grad():
             out[impl, dtype] = model(**kw)[0]
         specs = [m.spec() if isinstance(m, masks.Mask) else f"tensor {m.dtype}" for m in calls]
@@ -245,6 +252,18 @@ def test_embedding_gemma_follows_eager_by_the_2x_rule_through_attnlab_windows(
     build = lambda: gemma3.Gemma3TextModel(_embedding_gemma())  # noqa: E731
     specs = _follows_eager(build, _ids(), monkeypatch, "EmbeddingGemma")
     assert len(specs) == 2 and "window(left=3, right=3)" in specs[0], specs
+
+
+def test_embedding_gemma_with_a_static_cache_follows_eager_through_attnlab_windows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A window of 16 each side over 12 tokens into a static cache of 24 slots: the
+    sliding layer reads 16, the last 4 empty and hidden by the 2-D mask; it is handed the
+    window over the 12 filled keys (before, ``custom(hf_mask)``)."""
+    build = lambda: gemma3.Gemma3TextModel(_embedding_gemma(31))  # noqa: E731
+    cache = lambda m: {"cache": cache_utils.StaticCache(config=m.config, max_cache_len=2 * L)}  # noqa: E731
+    specs = _follows_eager(build, _ids(), monkeypatch, "EmbeddingGemma static", extra=cache)
+    assert specs[0].startswith("filled_keys(12 of 16, (window(left=15, right=15)"), specs
 
 
 def test_moonshine_streaming_encoder_follows_eager_through_attnlab_windows(

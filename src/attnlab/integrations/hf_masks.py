@@ -35,7 +35,8 @@ from attnlab._grid import Grid
 from attnlab.integrations.hf_keys import KeyValid, padding_mask
 from attnlab.integrations.hf_overlays import model_overlay, without_covered
 from attnlab.masks import Mask, RowBounds, causal, custom, documents, groups, window
-from attnlab.masks.documents import Documents
+from attnlab.masks.base import And, Or
+from attnlab.masks.documents import Documents, Groups
 from attnlab.masks.padding import Padding
 
 __all__ = ["FLOOR", "Chunks", "FilledKeys", "KeyValid", "MaskCall", "check_version", "translate"]
@@ -149,8 +150,8 @@ def translate(call: MaskCall) -> Mask | None:
     if isinstance(structured, _Overlay):  # a bare overlay was dropped: every key attended
         structured = _as_mask(structured, call, causal_too=False)
     filled = call.q_offset + call.q_length - call.kv_offset  # keys up to the last query
-    if 0 < filled < call.kv_length and _no_future(structured):
-        # a static cache: the slots after the last query hold no key yet
+    if 0 < filled < call.kv_length and _unfilled_hidden(structured, call, filled):
+        # a static cache: the slots after the last query hold no key yet, none seen
         inner = translate(dataclasses.replace(call, kv_length=filled))
         return FilledKeys(inner, filled, call.kv_length)
     aligned = call.kv_offset + call.kv_length == call.q_offset + call.q_length
@@ -236,10 +237,40 @@ def _query_free(piece: Piece) -> bool:
     )
 
 
-def _no_future(piece: Piece) -> bool:
-    """Whether a translated piece lets no query see a key after its own position: a causal
-    piece in a conjunction (recognized; anything else is not assumed)."""
-    return isinstance(piece, Mask) and any(m.is_causal for m in piece.conjuncts)
+def _unfilled_hidden(piece: Piece, call: MaskCall, filled: int) -> bool:
+    """Whether transformers' mask hides the keys from ``filled`` on (a static cache's empty
+    slots) from every query: its padding does (the 2-D mask ends before them, so
+    transformers pads it with 0), or ``piece`` lets no query see past its own position
+    (:func:`_no_future`). A piece of keys alone keeps its padding over every slot."""
+    if _query_free(piece):
+        return False
+    am, start = call.attention_mask, call.kv_offset + filled
+    hidden = am is not None and not bool(am[:, start : call.kv_offset + call.kv_length].any())
+    return hidden or _no_future(piece, call.q_offset - call.kv_offset, filled)
+
+
+def _no_future(piece: Piece, first: int, end: int) -> bool:
+    """Whether no query of a translated piece, sitting on keys ``first`` to ``end - 1``,
+    sees a key from ``end`` on: a causal conjunct, every part of an ``|`` such, or groups
+    whose ids from ``end`` on are none of the queries' (an image wholly before the last
+    query); anything else is not assumed."""
+    if isinstance(piece, And):
+        return any(_no_future(p, first, end) for p in piece.parts)
+    if isinstance(piece, Or):
+        return all(_no_future(p, first, end) for p in piece.parts)
+    if isinstance(piece, Groups):
+        return first >= 0 and not _shares_group(piece.ids, first, end)
+    return isinstance(piece, Mask) and piece.is_causal
+
+
+def _shares_group(ids: Tensor, first: int, end: int) -> bool:
+    """Whether a row's ids ``(Bd, Lk)`` at ``first:end`` and from ``end`` on hold one group
+    (a non-negative id) in common: one read of the device."""
+    rows = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1)  # (Bd, 1)
+    tagged = ids.long() * ids.shape[0] + rows  # (Bd, Lk): an id of one row, none of another
+    tagged = torch.where(ids >= 0, tagged, -1)  # in no group
+    queries, after = tagged[:, first:end], tagged[:, end:]
+    return bool(torch.isin(after, torch.where(queries >= 0, queries, -2)).any())
 
 
 class _Unknown:
