@@ -54,9 +54,13 @@ class KVCache:
         self._k: Tensor | None = None  # (B, Hkv, capacity, E)
         self._v: Tensor | None = None  # (B, Hkv, capacity, Ev)
         self._len = 0
-        # whether the storage is the cache's own to write into: not after an append under
-        # autograd (earlier steps saved it for backward) or set() (the caller's tensors)
+        # whether the storage is the cache's own to write into: not after set() (the
+        # caller's tensors) or load_state_dict(), nor while it is lent (below)
         self._owned = False
+        # whether an append under grad mode handed the storage out: the step's backward
+        # may have saved it, and any write into it (even past the saved length) would fail
+        # that backward ("modified by an inplace operation"), so the next append copies
+        self._lent = False
         self._cross = False  # filled by set() (cross-attention), not by append()
 
     @property
@@ -80,20 +84,40 @@ class KVCache:
         return None if self._v is None else self._v[:, :, : self._len]
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Add ``k (B, Hkv, T, E)`` and ``v (B, Hkv, T, Ev)``; return all cached keys/values."""
+        """Add ``k (B, Hkv, T, E)`` and ``v (B, Hkv, T, Ev)``; return all cached keys/values.
+
+        Outside grad mode (``torch.no_grad``, ``torch.inference_mode``) the step is written
+        into the cache's storage, which grows by doubling, and views of it are returned.
+        Under grad mode the returned tensors may be saved by a backward (through the keys,
+        or only through the queries or a bias), so the next append leaves them as they are
+        and concatenates: gradients flow through every cached step. A layer that built no
+        graph says so (:class:`~attnlab.nn.MultiHeadAttention` does), and its next append
+        writes in place again.
+
+        Example:
+            >>> c = KVCache()
+            >>> q = torch.ones(1, 1, 1, 2, requires_grad=True)
+            >>> for _ in range(2):
+            ...     k, v = c.append(torch.ones(1, 1, 1, 2), torch.ones(1, 1, 1, 2))
+            ...     loss = (q @ k.transpose(-1, -2)).sum()  # saves k for q's gradient
+            >>> loss.backward()
+            >>> q.grad.tolist()
+            [[[[2.0, 2.0]]]]
+        """
         _check_step(self, k, v)
         self._check_kind(cross=False)
         need = self._len + k.shape[2]
         if self._len == 0 and not self.takes(k, v):
             self._k = self._v = None  # emptied (crop(0)): the next step may change its sizes
-        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+        grad = torch.is_grad_enabled()
+        if grad and (k.requires_grad or v.requires_grad or self._lent):
             return self._concat(k, v, need)
         if self._k is None or self._v is None or need > self._k.shape[2] or not self._writable():
             self._grow(k, v, need)  # after crop(), a write would have reached those
         assert self._k is not None and self._v is not None
         self._k[:, :, self._len : need] = k
         self._v[:, :, self._len : need] = v
-        self._len = need
+        self._len, self._lent = need, grad
         return self._k[:, :, :need], self._v[:, :, :need]
 
     def takes(self, k: Tensor, v: Tensor) -> bool:
@@ -106,7 +130,8 @@ class KVCache:
         (cross-attention's encoder keys)."""
         _check_pair(k, v)  # (3-D keys were taken, with their E as the length)
         self._check_kind(cross=True)
-        self._k, self._v, self._len, self._owned, self._cross = k, v, k.shape[2], False, True
+        self._k, self._v, self._len, self._cross = k, v, k.shape[2], True
+        self._owned = self._lent = False
         return k, v
 
     def _check_kind(self, *, cross: bool) -> None:
@@ -125,14 +150,15 @@ class KVCache:
     def crop(self, length: int) -> KVCache:
         """Forget every position from ``length`` on (speculative decoding, retries).
 
-        Outside autograd, the next appends write over those positions in place: keys and
+        Outside grad mode, the next appends write over those positions in place: keys and
         values handed out before the crop are views of the same storage and see the new
         steps (``.clone()`` them to keep the old ones).
 
         Example:
             >>> c = KVCache()
-            >>> k, _ = c.append(torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 3, 2))
-            >>> _ = c.crop(1).append(torch.ones(1, 1, 1, 2), torch.ones(1, 1, 1, 2))
+            >>> with torch.no_grad():
+            ...     k, _ = c.append(torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 3, 2))
+            ...     _ = c.crop(1).append(torch.ones(1, 1, 1, 2), torch.ones(1, 1, 1, 2))
             >>> k[0, 0, :, 0].tolist()  # the view from before the crop
             [0.0, 1.0, 0.0]
         """
@@ -162,6 +188,7 @@ class KVCache:
         self._k = self._k.index_select(0, idx)
         self._v = self._v.index_select(0, idx)
         self._owned = not (self._k.requires_grad or self._v.requires_grad)
+        self._lent = False  # (new storage)
         return self
 
     def to(self, device: DeviceLike | None = None, dtype: torch.dtype | None = None) -> KVCache:
@@ -190,14 +217,21 @@ class KVCache:
 
     def _load(self, layer: _cache_state.Layer) -> None:
         k, v = layer.keys, layer.values
-        self._k, self._v, self._cross, self._owned = k, v, layer.cross, False
+        self._k, self._v, self._cross, self._owned, self._lent = k, v, layer.cross, False, False
         self._len = 0 if k is None else k.shape[2]
 
+    def _unsaved(self) -> None:
+        """The caller's step built no autograd graph (its output needs no gradient), so
+        nothing saved what the last append returned: the next may write into it again."""
+        self._lent = False
+
     def _writable(self) -> bool:
-        """Whether appends may write into the storage: it is the cache's own, and not an
-        inference tensor (a prefill under ``torch.inference_mode``) written outside it."""
+        """Whether appends may write into the storage: it is the cache's own, not lent to
+        autograd, and not an inference tensor (a prefill under ``torch.inference_mode``)
+        written outside it."""
         frozen = self._k is not None and self._k.is_inference()
-        return self._owned and not (frozen and not torch.is_inference_mode_enabled())
+        inference = frozen and not torch.is_inference_mode_enabled()
+        return self._owned and not self._lent and not inference
 
     def _concat(self, k: Tensor, v: Tensor, need: int) -> tuple[Tensor, Tensor]:
         """Append under autograd: new tensors each step, since writing into the storage
@@ -207,7 +241,8 @@ class KVCache:
             self._k, self._v = k.clone(), v.clone()
         else:
             self._k, self._v = torch.cat((old_k, k), 2), torch.cat((old_v, v), 2)
-        self._len, self._owned = need, False
+        self._len, self._lent = need, True  # fresh, and lent to the step's backward
+        self._owned = not (self._k.requires_grad or self._v.requires_grad)
         return self._k, self._v
 
     def _grow(self, k: Tensor, v: Tensor, need: int) -> None:
@@ -217,7 +252,7 @@ class KVCache:
         if self._k is not None and self._v is not None and self._len:
             nk[:, :, : self._len] = self._k[:, :, : self._len]
             nv[:, :, : self._len] = self._v[:, :, : self._len]
-        self._k, self._v, self._owned = nk, nv, True
+        self._k, self._v, self._owned, self._lent = nk, nv, True, False
 
     def __repr__(self) -> str:
         shape = None if self._k is None else (*self._k.shape[:2], self._len, self._k.shape[3])
