@@ -193,4 +193,35 @@ def test_mismatched_layer_states_are_named_and_change_nothing() -> None:
         cache.load_state_dict({"cross": torch.tensor([0.5])})
     with pytest.raises(ValueError, match="floating-point"):
         cache.load_state_dict({"keys": k.long(), "values": k.long(), "cross": torch.tensor([0])})
+    with pytest.raises(ValueError, match=r"one dtype on one device; got torch\.float64 on cpu"):
+        cache.load_state_dict({"keys": k.double(), "values": k, "cross": torch.tensor([0])})
     assert cache.length == 3 and cache.keys is not None and torch.equal(cache.keys, k)
+    cache.load_state_dict({"keys": k.double(), "values": k.double(), "cross": torch.tensor([0])})
+    assert cache.keys is not None and cache.keys.dtype == torch.float64  # the control
+
+
+_K = torch.ones(1, 1, 2, 4)
+
+
+@pytest.mark.parametrize(
+    ("k", "v", "exc", "match"),
+    [
+        (_K.long(), _K.bool(), TypeError, "k must be a floating-point tensor, got torch.int64"),
+        (_K, _K.int(), TypeError, "v must be a floating-point tensor, got torch.int32"),
+        (_K.double(), _K, ValueError, "k torch.float64 on cpu and v torch.float32 on cpu"),
+        (_K.to("meta"), _K, ValueError, "k torch.float32 on meta and v torch.float32 on cpu"),
+    ],
+)
+@pytest.mark.parametrize("call", ["append", "set"])
+def test_append_and_set_refuse_what_to_and_loading_refuse(
+    k: Tensor, v: Tensor, exc: type[Exception], match: str, call: str
+) -> None:
+    """Integer or bool keys/values, or keys and values of two dtypes or devices, were
+    cached (``to()`` and ``load_state_dict`` refused them); the next float step was then
+    told the whole cache held the keys' dtype."""
+    cache = KVCache()
+    with pytest.raises(exc, match=match):
+        getattr(cache, call)(k, v)
+    assert cache.length == 0 and cache.keys is None
+    kk, vv = getattr(cache, call)(_K.double(), _K.double())  # the control
+    assert cache.length == 2 and kk.dtype == vv.dtype == torch.float64

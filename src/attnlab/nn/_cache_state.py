@@ -119,10 +119,10 @@ def parse_layer(state: object, prefix: str = "") -> Layer:
             f"{where}: keys and values must be (B, Hkv, L, E) with equal B, Hkv, L; got "
             f"{tuple(k.shape)} and {tuple(v.shape)}"
         )
-    if not (k.dtype.is_floating_point and v.dtype.is_floating_point) or k.device != v.device:
+    if not k.dtype.is_floating_point or k.dtype != v.dtype or k.device != v.device:
         raise ValueError(
-            f"{where}: keys and values must be floating-point on one device; got "
-            f"{k.dtype} on {k.device} and {v.dtype} on {v.device}"
+            f"{where}: keys and values must be floating-point of one dtype on one device; "
+            f"got {k.dtype} on {k.device} and {v.dtype} on {v.device}"
         )
     return Layer(k, v, cross)
 

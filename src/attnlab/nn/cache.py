@@ -260,9 +260,18 @@ class KVCache:
 
 
 def _check_pair(k: object, v: object) -> None:
-    """``k (B, Hkv, T, E)`` and ``v (B, Hkv, T, Ev)`` tensors with equal ``B, Hkv, T``."""
+    """``k (B, Hkv, T, E)`` and ``v (B, Hkv, T, Ev)`` floating-point tensors of one dtype on
+    one device, with equal ``B, Hkv, T``."""
     if not isinstance(k, Tensor) or not isinstance(v, Tensor):
         raise TypeError(f"k and v must be tensors, got {type(k).__name__}, {type(v).__name__}")
+    for name, t in (("k", k), ("v", v)):  # (as to() and load_state_dict() refuse them)
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if k.dtype != v.dtype or k.device != v.device:
+        raise ValueError(
+            f"k and v must share one dtype and device; got k {k.dtype} on {k.device} and "
+            f"v {v.dtype} on {v.device}"
+        )
     if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
         raise ValueError(
             f"k and v must be (B, Hkv, T, E) with equal B, Hkv, T; got {tuple(k.shape)} "
