@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from attnlab._grid import Grid
-from attnlab.masks._args import positions, size
+from attnlab.masks._args import SIZE_CAP, nonneg_int, pos_int, positions, size
 from attnlab.masks._args import size as _size
 from attnlab.masks.base import Mask
 from attnlab.masks.layout import Device, RowBounds
@@ -107,17 +107,20 @@ class Prefix(Mask):
 class ChunkWindow(Mask):
     """Positions in chunks of ``size`` (position ``p`` in chunk ``(p + start) // size``);
     a query sees its own chunk's keys and the ``back`` chunks' before. See
-    :func:`chunk_window`.
+    :func:`chunk_window`. Only ``start % size`` places the chunks: that is what it keeps.
 
     Example:
         >>> bounds = ChunkWindow(size=2, back=1, start=0).row_bounds(4, 4)
         >>> bounds.lo.tolist(), bounds.hi.tolist(), bounds.exact
         ([[-2, -2, 0, 0]], [[1, 1, 3, 3]], True)
+        >>> ChunkWindow(size=5, back=0, start=2**63 - 1).start
+        2
     """
 
     def __init__(self, size: int, back: int, start: int) -> None:
-        self.size = _size("size", size, positive=True)
-        self.back, self.start = _size("back", back), _size("start", start)
+        whole = pos_int("size", size)
+        self.size, self.back = min(whole, SIZE_CAP), _size("back", back)
+        self.start = _phase(whole, nonneg_int("start", start))
 
     def _chunk(self, p: Tensor) -> Tensor:
         return torch.div(p + self.start, self.size, rounding_mode="floor")
@@ -129,11 +132,24 @@ class ChunkWindow(Mask):
     def row_bounds(self, lq: int, lk: int, batch: int = 1, device: Device = None) -> RowBounds:
         chunk = self._chunk(positions(lq, lk, 1, device))
         first = chunk * self.size - self.start  # each row's chunk's first position
-        back = min(self.back, (max(lq, lk) + self.start) // self.size + 1)  # past 0: all
-        return RowBounds(first - back * self.size, first + self.size - 1, exact=True)
+        oldest = torch.clamp(chunk - self.back, min=-1)  # chunk -1 is before key 0: all
+        return RowBounds(oldest * self.size - self.start, first + self.size - 1, exact=True)
 
     def spec(self) -> str:
         return f"chunk_window(size={self.size}, back={self.back}, start={self.start})"
+
+
+def _phase(size: int, start: int) -> int:
+    """The ``start`` of chunks of ``min(size, SIZE_CAP)`` positions whose boundaries below
+    :data:`SIZE_CAP` are those of chunks of ``size`` from ``start``: ``start % size`` (a
+    capped size keeps the one boundary below the cap, at ``size - start % size``).
+
+    Example:
+        >>> _phase(5, 2**63 - 1), _phase(3 * 2**61, 3 * 2**61 - 7) == SIZE_CAP - 7
+        (2, True)
+    """
+    rest = start % size  # (clamping start to SIZE_CAP, as a size is, moved the chunks)
+    return rest if size <= SIZE_CAP else max(SIZE_CAP - (size - rest), 0)
 
 
 class Dilated(Mask):
