@@ -45,7 +45,7 @@ _VERSION = 8  # bump when the kernel's interface changes
 _POOL_ENV = "ATTNLAB_KERNEL_POOL_MB"
 _FLAGS = {  # vector width of torch's at::vec, matched to what this CPU runs
     "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mfma", "-mavx2"],
-    "AVX2": ["-mavx2", "-mfma"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],  # f16c: at::vec's float16 conversions
 }
 _lock = threading.Lock()
 _state: dict[str, Any] = {}

@@ -16,7 +16,9 @@
 //          chunk, transposed, to a row tile buffer, and once the tile's rows have their
 //          maximum and sum, writes w = 2^(s - lse) normalized by its own sum, so Q K^T is
 //          computed once (see store_weights).
-// Decode   (decode: a few query rows per key/value head, no autograd): the query heads that
+// Decode   (decode: a few query rows per key/value head, no autograd; float32, bfloat16 or
+//          float16, each chunk of half-precision keys and values converted to float32 in a
+//          small buffer per task, the sums in float32 as for float32): the query heads that
 //          share a key/value head are the rows of one product, so each key and value is read
 //          once; keys split into parts run in parallel and merged; an interval mask reads
 //          only each row's interval (see "Decoding" below); a row that a NaN value of a
@@ -33,6 +35,7 @@
 //          chunks where it could spread through 0 * NaN take a careful path (see there).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
@@ -1419,20 +1422,46 @@ void decode_pv(const float* p, int64_t R, int64_t n, const float* v, int64_t ldv
     });
 }
 
+// n rows of `cols` elements of x (leading dim ld) as float32: x itself (leading dim ld) for
+// float, else converted into buf (leading dim cols) with at::vec's conversions.
+template <typename T>
+std::pair<const float*, int64_t> as_floats(const T* x, int64_t ld, int64_t n, int64_t cols,
+                                           float* buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    return {x, ld};
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      const T* src = x + i * ld;
+      float* dst = buf + i * cols;
+      int64_t e = 0;
+      for (; e + kW <= cols; e += kW) {
+        Vec f;
+        at::vec::load_to_float<T>(src + e, f);
+        f.store(dst + e);
+      }
+      for (; e < cols; ++e) dst[e] = static_cast<float>(src[e]);
+    }
+    return {buf, cols};
+  }
+}
+
 // The rows' partial softmax over keys [k0, k1) of batch b, head hk: running maximum m and
-// sum l per row, and acc (R x Ev) = sum over keys of 2^(s - m) v.
+// sum l per row, and acc (R x Ev) = sum over keys of 2^(s - m) v. Half-precision keys and
+// values are read a chunk at a time into kv (kDecodeChunk x (E + Ev) floats).
+template <typename T>
 void decode_span(const DecodeShape& D, const at::Tensor& k, const at::Tensor& v,
                  const float* qr, int64_t b, int64_t hk, int64_t k0, int64_t k1, float* m,
-                 float* l, float* acc, float* p) {
+                 float* l, float* acc, float* p, float* kv) {
   const int64_t R = D.R, ldk = k.stride(2), ldv = v.stride(2);
-  const float* kp = k.data_ptr<float>() + b * k.stride(0) + hk * k.stride(1);
-  const float* vp = v.data_ptr<float>() + b * v.stride(0) + hk * v.stride(1);
+  const T* kp = k.data_ptr<T>() + b * k.stride(0) + hk * k.stride(1);
+  const T* vp = v.data_ptr<T>() + b * v.stride(0) + hk * v.stride(1);
   std::fill(m, m + R, kNegInf);
   std::fill(l, l + R, 0.f);
   std::fill(acc, acc + R * D.Ev, 0.f);
   for (int64_t c0 = k0; c0 < k1; c0 += kDecodeChunk) {
     const int64_t n = std::min(kDecodeChunk, k1 - c0);
-    decode_scores(qr, R, D.E, kp + c0 * ldk, ldk, n, D.scale2, p);
+    const auto [kc, ldkc] = as_floats(kp + c0 * ldk, ldk, n, D.E, kv);
+    decode_scores(qr, R, D.E, kc, ldkc, n, D.scale2, p);
     for (int64_t r = 0; r < R; ++r) {
       float* pr = p + r * kDecodeChunk;
       if (D.cap2 > 0.f) cap_scores(pr, n, D.cap2, nullptr);
@@ -1453,7 +1482,8 @@ void decode_span(const DecodeShape& D, const at::Tensor& k, const at::Tensor& v,
       if (alpha != 1.f)
         for (int64_t e = 0; e < D.Ev; ++e) acc[r * D.Ev + e] *= alpha;
     }
-    decode_pv(p, R, n, vp + c0 * ldv, ldv, acc, D.Ev);  // acc += P V
+    const auto [vc, ldvc] = as_floats(vp + c0 * ldv, ldv, n, D.Ev, kv + kDecodeChunk * D.E);
+    decode_pv(p, R, n, vc, ldvc, acc, D.Ev);  // acc += P V
   }
 }
 
@@ -1461,18 +1491,20 @@ void decode_span(const DecodeShape& D, const at::Tensor& k, const at::Tensor& v,
 // only: the decoding kernel's path for rows that a NaN value reached through the 0 weights
 // of keys they do not see (P V runs over all rows of a chunk), or through a part without
 // their keys (rare; not fast). q: the row's query; sink: its sink in log2 units, or -inf.
+template <typename T>
 void decode_exact_row(const DecodeShape& D, const at::Tensor& k, const at::Tensor& v,
                       const float* q, int64_t b, int64_t hk, int64_t r, float sink, float* out) {
   const auto [lo, hi] = D.interval(b, r);
-  const float* kp = k.data_ptr<float>() + b * k.stride(0) + hk * k.stride(1);
-  const float* vp = v.data_ptr<float>() + b * v.stride(0) + hk * v.stride(1);
+  const T* kp = k.data_ptr<T>() + b * k.stride(0) + hk * k.stride(1);
+  const T* vp = v.data_ptr<T>() + b * v.stride(0) + hk * v.stride(1);
   const int64_t ldk = k.stride(2), ldv = v.stride(2);
   std::vector<double> s(static_cast<size_t>(std::max<int64_t>(0, hi - lo)));
   std::vector<double> o(static_cast<size_t>(D.Ev), 0.0);
   double mx = sink;
   for (int64_t c = lo; c < hi; ++c) {
     double x = 0.0;
-    for (int64_t e = 0; e < D.E; ++e) x += static_cast<double>(q[e]) * kp[c * ldk + e];
+    for (int64_t e = 0; e < D.E; ++e)
+      x += static_cast<double>(q[e]) * static_cast<float>(kp[c * ldk + e]);
     x *= D.scale2;
     if (D.cap2 > 0.f) x = D.cap2 * std::tanh(x / D.cap2);
     s[c - lo] = x;
@@ -1482,24 +1514,92 @@ void decode_exact_row(const DecodeShape& D, const at::Tensor& k, const at::Tenso
   for (int64_t c = lo; c < hi; ++c) {
     const double p = std::exp2(s[c - lo] - mx);
     total += p;
-    for (int64_t e = 0; e < D.Ev; ++e) o[e] += p * vp[c * ldv + e];
+    for (int64_t e = 0; e < D.Ev; ++e) o[e] += p * static_cast<float>(vp[c * ldv + e]);
   }
   for (int64_t e = 0; e < D.Ev; ++e) out[e] = static_cast<float>(o[e] / total);
 }
 
+// The sinks of a decoding call, (sB, Hq, sL) contiguous float32, or none (p null).
+struct DecodeSinks {
+  const float* p = nullptr;
+  int64_t sB = 0, H = 0, sL = 0;
+  float at(int64_t b, int64_t h, int64_t qi) const {
+    return p[((sB == 1 ? 0 : b) * H + h) * sL + (sL == 1 ? 0 : qi)];
+  }
+};
+
+// o (B, Hq, Lq, Ev) float32 from the parts' maxima M, sums L and accumulators A (per task
+// of D.parts per head, R rows each) of the rows qr (per head, R x E), and the sinks.
+template <typename T>
+void decode_merge(const DecodeShape& D, const at::Tensor& k, const at::Tensor& v,
+                  const DecodeSinks& sinks, const std::vector<float>& qr,
+                  const std::vector<float>& M, const std::vector<float>& L,
+                  const std::vector<float>& A, float* o) {
+  const int64_t heads = D.B * D.Hk;
+  for (int64_t bh = 0; bh < heads; ++bh)
+    for (int64_t r = 0; r < D.R; ++r) {  // merge the parts: the same rescaling
+      const int64_t t0 = bh * D.parts;
+      float mx = kNegInf;
+      double total = 0.0;
+      for (int64_t s = 0; s < D.parts; ++s) mx = std::max(mx, M[(t0 + s) * D.R + r]);
+      const int64_t b = bh / D.Hk, h = bh % D.Hk * D.G + r / D.Lq, qi = r % D.Lq;
+      float* dst = o + ((bh * D.G + r / D.Lq) * D.Lq + qi) * D.Ev;
+      std::fill(dst, dst + D.Ev, 0.f);
+      if (mx == kNegInf) {  // no key: 0 (a sink or not), or NaN where a score was NaN
+        for (int64_t s = 0; s < D.parts; ++s) total += L[(t0 + s) * D.R + r];
+        if (total != total) std::fill(dst, dst + D.Ev, std::numeric_limits<float>::quiet_NaN());
+        continue;
+      }
+      float s2 = kNegInf;  // the row's sink in log2 units (-inf: none)
+      if (sinks.p != nullptr) {  // the row's sink joins the denominator (its value is 0)
+        s2 = sinks.at(b, h, qi) * kLog2e;
+        mx = std::max(mx, s2);
+        total += std::exp2(s2 - mx);
+      }
+      for (int64_t s = 0; s < D.parts; ++s) {
+        const int64_t i = (t0 + s) * D.R + r;
+        const float w = M[i] == kNegInf ? 0.f : std::exp2(M[i] - mx);
+        total += static_cast<double>(w) * L[i];  // 0 * NaN: NaN
+        const float* a = A.data() + i * D.Ev;
+        for (int64_t e = 0; e < D.Ev; ++e) dst[e] += w * a[e];
+      }
+      const float inv = static_cast<float>(1.0 / total);
+      bool nan = false;
+      for (int64_t e = 0; e < D.Ev; ++e) {
+        dst[e] *= inv;
+        nan |= dst[e] != dst[e];
+      }
+      // A NaN output beside a sum that is not NaN came from V, which P V reads for all the
+      // rows of a chunk: a NaN value reaches rows that do not see its key (0 * NaN). Such a
+      // row is computed again from the keys it sees (NaN again where it sees the value).
+      if (nan && total == total)
+        decode_exact_row<T>(D, k, v, qr.data() + (bh * D.R + r) * D.E, b, bh % D.Hk, r, s2, dst);
+    }
+}
+
+// fn(T{}) for the element type T of a decoding call's q, k and v (one dtype): float,
+// c10::BFloat16 or c10::Half.
+template <typename F>
+void with_element(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const F& fn) {
+  const at::ScalarType t = q.scalar_type();
+  TORCH_CHECK(k.scalar_type() == t && v.scalar_type() == t,
+              "attnlab decode: q, k and v must share one dtype");
+  if (t == at::kFloat) return fn(float{});
+  if (t == at::kBFloat16) return fn(c10::BFloat16{});
+  TORCH_CHECK(t == at::kHalf, "attnlab decode: float32, bfloat16 or float16 inputs");
+  fn(c10::Half{});
+}
+
 // out (B, Hq, Lq, Ev) = softmax(scale Q K^T) V, for R = Hq / Hk * Lq rows per key/value
-// head of at most 64 (float32; the last dimension of each input contiguous); `lo`, `hi`
-// (1 or B, Lq), int64: each query row's first and last key (a mask's row bounds), or
-// None: every key. `softcap` > 0 caps the scaled scores (softcap * tanh(s / softcap));
+// head of at most 64 (float32, bfloat16 or float16, summed in float32, out in q's dtype;
+// the last dimension of each input contiguous); `lo`, `hi` (1 or B, Lq), int64: each query
+// row's first and last key (a mask's row bounds), or None: every key. `softcap` > 0 caps the scaled scores (softcap * tanh(s / softcap));
 // `sinks` (1 or B, Hq, 1 or Lq), float32: a logit per row in the softmax's denominator.
 at::Tensor decode_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           const c10::optional<at::Tensor>& lo,
                           const c10::optional<at::Tensor>& hi, double scale, double softcap,
                           const c10::optional<at::Tensor>& sinks) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attnlab decode: 4-D inputs");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
-                  v.scalar_type() == at::kFloat,
-              "attnlab decode: float32 inputs");
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "attnlab decode: k, v last dim contiguous");
   DecodeShape D{q.size(0), k.size(1), 0, q.size(2), k.size(2), q.size(3), v.size(3), 0, 0,
                 {}, {}};
@@ -1511,17 +1611,14 @@ at::Tensor decode_forward(const at::Tensor& q, const at::Tensor& k, const at::Te
   TORCH_CHECK(D.R >= 1 && D.R <= 64, "attnlab decode: at most 64 rows per key/value head");
   TORCH_CHECK(softcap >= 0.0, "attnlab decode: softcap must be positive (0: none)");
   D.cap2 = static_cast<float>(softcap) * kLog2e;
-  const float* sk = nullptr;  // the sinks, (sB, Hq, sL)
-  int64_t sB = 0, sL = 0;
+  DecodeSinks sk;  // the sinks, (sB, Hq, sL)
   if (sinks.has_value()) {
     const at::Tensor& t = *sinks;
     TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 3 &&
                     (t.size(0) == 1 || t.size(0) == D.B) && t.size(1) == q.size(1) &&
                     (t.size(2) == 1 || t.size(2) == D.Lq),
                 "attnlab decode: sinks must be contiguous float32 (1 or B, Hq, 1 or Lq)");
-    sk = t.data_ptr<float>();
-    sB = t.size(0);
-    sL = t.size(2);
+    sk = {t.data_ptr<float>(), t.size(0), t.size(1), t.size(2)};
   }
   TORCH_CHECK(lo.has_value() == hi.has_value(), "attnlab decode: lo and hi go together");
   if (lo.has_value()) {
@@ -1546,7 +1643,7 @@ at::Tensor decode_forward(const at::Tensor& q, const at::Tensor& k, const at::Te
   D.parts = std::min(most, std::max<int64_t>(1, (4 * threads + heads - 1) / heads));
   // the rows (R x E) per head
   std::vector<float> qr(heads * D.R * D.E);
-  const at::Tensor qc = q.contiguous();
+  const at::Tensor qc = q.to(at::kFloat).contiguous();
   const float* qp = qc.data_ptr<float>();
   D.scale2 = static_cast<float>(scale) * kLog2e;
   for (int64_t bh = 0; bh < heads; ++bh)
@@ -1556,60 +1653,24 @@ at::Tensor decode_forward(const at::Tensor& q, const at::Tensor& k, const at::Te
     }
   const int64_t tasks = heads * D.parts;
   std::vector<float> M(tasks * D.R), L(tasks * D.R), A(tasks * D.R * D.Ev);
-  dynamic_for(tasks, 1, [&](int64_t, int64_t begin, int64_t end) {
-    std::vector<float> p(kDecodeChunk * D.R);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t bh = t / D.parts, b = bh / D.Hk;
-      const auto [lo, hi] = range[b];
-      const int64_t width = (hi - lo + D.parts - 1) / D.parts, k0 = lo + t % D.parts * width;
-      decode_span(D, k, v, qr.data() + bh * D.R * D.E, b, bh % D.Hk, k0,
-                  std::min(hi, k0 + width), M.data() + t * D.R, L.data() + t * D.R,
-                  A.data() + t * D.R * D.Ev, p.data());
-    }
+  at::Tensor out = at::empty({D.B, D.Hk * D.G, D.Lq, D.Ev}, q.options().dtype(at::kFloat));
+  with_element(q, k, v, [&](auto element) {
+    using T = decltype(element);
+    const int64_t scratch = std::is_same_v<T, float> ? 0 : kDecodeChunk * (D.E + D.Ev);
+    dynamic_for(tasks, 1, [&](int64_t, int64_t begin, int64_t end) {
+      std::vector<float> p(kDecodeChunk * D.R), kv(scratch);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t bh = t / D.parts, b = bh / D.Hk;
+        const auto [lo, hi] = range[b];
+        const int64_t width = (hi - lo + D.parts - 1) / D.parts, k0 = lo + t % D.parts * width;
+        decode_span<T>(D, k, v, qr.data() + bh * D.R * D.E, b, bh % D.Hk, k0,
+                       std::min(hi, k0 + width), M.data() + t * D.R, L.data() + t * D.R,
+                       A.data() + t * D.R * D.Ev, p.data(), kv.data());
+      }
+    });
+    decode_merge<T>(D, k, v, sk, qr, M, L, A, out.data_ptr<float>());
   });
-  at::Tensor out = at::empty({D.B, D.Hk * D.G, D.Lq, D.Ev}, q.options());
-  float* o = out.data_ptr<float>();
-  for (int64_t bh = 0; bh < heads; ++bh)
-    for (int64_t r = 0; r < D.R; ++r) {  // merge the parts: the same rescaling
-      const int64_t t0 = bh * D.parts;
-      float mx = kNegInf;
-      double total = 0.0;
-      for (int64_t s = 0; s < D.parts; ++s) mx = std::max(mx, M[(t0 + s) * D.R + r]);
-      const int64_t b = bh / D.Hk, h = bh % D.Hk * D.G + r / D.Lq, qi = r % D.Lq;
-      float* dst = o + ((bh * D.G + r / D.Lq) * D.Lq + qi) * D.Ev;
-      std::fill(dst, dst + D.Ev, 0.f);
-      if (mx == kNegInf) {  // no key: 0 (a sink or not), or NaN where a score was NaN
-        for (int64_t s = 0; s < D.parts; ++s) total += L[(t0 + s) * D.R + r];
-        if (total != total) std::fill(dst, dst + D.Ev, std::numeric_limits<float>::quiet_NaN());
-        continue;
-      }
-      float s2 = kNegInf;  // the row's sink in log2 units (-inf: none)
-      if (sk != nullptr) {  // the row's sink joins the denominator (its value is 0)
-        const float sink = sk[((sB == 1 ? 0 : b) * q.size(1) + h) * sL + (sL == 1 ? 0 : qi)];
-        s2 = sink * kLog2e;
-        mx = std::max(mx, s2);
-        total += std::exp2(s2 - mx);
-      }
-      for (int64_t s = 0; s < D.parts; ++s) {
-        const int64_t i = (t0 + s) * D.R + r;
-        const float w = M[i] == kNegInf ? 0.f : std::exp2(M[i] - mx);
-        total += static_cast<double>(w) * L[i];  // 0 * NaN: NaN
-        const float* a = A.data() + i * D.Ev;
-        for (int64_t e = 0; e < D.Ev; ++e) dst[e] += w * a[e];
-      }
-      const float inv = static_cast<float>(1.0 / total);
-      bool nan = false;
-      for (int64_t e = 0; e < D.Ev; ++e) {
-        dst[e] *= inv;
-        nan |= dst[e] != dst[e];
-      }
-      // A NaN output beside a sum that is not NaN came from V, which P V reads for all the
-      // rows of a chunk: a NaN value reaches rows that do not see its key (0 * NaN). Such a
-      // row is computed again from the keys it sees (NaN again where it sees the value).
-      if (nan && total == total)
-        decode_exact_row(D, k, v, qr.data() + (bh * D.R + r) * D.E, b, bh % D.Hk, r, s2, dst);
-    }
-  return out;
+  return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
 }
 
 // ---- The backward's scores ------------------------------------------------------------
