@@ -104,16 +104,21 @@ def test_half_precision_decoding_under_a_narrow_interval_mask_goes_to_blocked(
     assert _pick(16, 4096, window, heads=gqa, dtype=dtype) == "blocked"
     assert _pick(1, 32768, M.documents(torch.arange(32768) // 1024), dtype=dtype) == "blocked"
     assert _pick(1, 4096, window, B.alibi(8), dtype=dtype) == "blocked"
-    for heads in (gqa, (8, 8)):  # dense decoding, and one row that sees every key
-        assert _pick(1, 4096, None, heads=heads, dtype=dtype) == "sdpa"
-        assert _pick(1, 4096, M.causal(), heads=heads, dtype=dtype) == "sdpa"
+    for heads in (gqa, (8, 8)):  # dense decoding, and one row that sees every key: the
+        # decoding kernel reads half precision in place (engines.blocked_decode.kernel_wins)
+        assert _pick(1, 4096, None, heads=heads, dtype=dtype) == "blocked"
+        assert _pick(1, 4096, M.causal(), heads=heads, dtype=dtype) == "blocked"
+    # 8 rows of one query head per key/value head over every key: a tie in bfloat16
+    tie = "sdpa" if dtype == torch.bfloat16 else "blocked"
+    assert _pick(8, 4096, M.causal(), dtype=dtype) == tie
+    assert _pick(8, 4096, window, dtype=dtype) == "blocked"  # 264 keys of 4096
     assert _pick(16, 4096, M.padding([2900]), heads=gqa, dtype=dtype) == "sdpa"
 
 
 def test_bfloat16_keeps_sdpa_on_short_caches_where_its_kernel_is_faster() -> None:
     window, bf16 = M.causal() & M.window(128), torch.bfloat16
-    assert _pick(2, 2048, window, dtype=bf16) == "sdpa"
-    assert _pick(16, 2048, window, heads=(8, 2), dtype=bf16) == "sdpa"
+    assert _pick(2, 2048, window, dtype=bf16) == "blocked"  # a decoding step: its kernel
+    assert _pick(16, 2048, window, heads=(8, 2), dtype=bf16) == "sdpa"  # 64 rows per head
     assert _pick(2, 4096, window, dtype=bf16) == "blocked"
     assert _pick(16, 1024, window, dtype=torch.float16) == "blocked"  # SDPA: slow float16
 
@@ -255,10 +260,11 @@ def test_one_half_precision_row_under_a_window_goes_to_blocked_from_1024_keys(
     for lk in (1024, 2048):
         for heads in ((8, 2), (8, 8)):
             assert _pick(1, lk, window, heads=heads, dtype=dtype) == "blocked", (lk, heads)
-    assert _pick(1, 512, window, dtype=dtype) == "sdpa"  # a tie
-    assert _pick(1, 2048, None, heads=(8, 2), dtype=dtype) == "sdpa"
-    assert _pick(1, 2048, M.causal(), dtype=dtype) == "sdpa"  # every key
-    assert _pick(2, 2048, window, dtype=torch.bfloat16) == "sdpa"
+    # decoding steps all (engines.blocked_decode.kernel_wins): the decoding kernel
+    assert _pick(1, 512, window, dtype=dtype) == "blocked"
+    assert _pick(1, 2048, None, heads=(8, 2), dtype=dtype) == "blocked"
+    assert _pick(1, 2048, M.causal(), dtype=dtype) == "blocked"  # every key
+    assert _pick(2, 2048, window, dtype=torch.bfloat16) == "blocked"
     g = torch.Generator().manual_seed(1)
     q = torch.randn(2, 8, 1, 64, generator=g, dtype=torch.float64)
     k, v = (torch.randn(2, 2, 2048, 64, generator=g, dtype=torch.float64) for _ in "kv")

@@ -49,8 +49,8 @@ def test_a_plain_call_skips_the_request_and_equals_the_full_path(
     with torch.no_grad():
         fast = attnlab.attention(q, k, v, scale=0.2)
     assert not no_requests  # the plain path answered
-    picked = "blocked" if dtype == torch.float32 and kernel() is not None else "sdpa"
-    with torch.no_grad():  # grouped heads in float32: the decoding kernel; else SDPA
+    picked = "blocked" if kernel() is not None else "sdpa"
+    with torch.no_grad():  # grouped heads: the decoding kernel (half precision too); else SDPA
         full = attnlab.attention(q, k, v, scale=0.2, engine=picked)
     assert no_requests and isinstance(fast, Tensor) and torch.equal(fast, full)
     ref64, _ = naive_attention(*(t.double() for t in (q, k, v)), scale=0.2)

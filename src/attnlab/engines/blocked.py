@@ -15,13 +15,15 @@ to be merged across tiles and no ``Lq x Lk`` tensor exists: memory is
 * ``return_weights``: the compiled forward writes every weight of an interval mask from
   the scores it computes anyway; otherwise they are recomputed block by block;
   :meth:`BlockedEngine.weights` returns only some heads and query rows.
-* Decoding (a few query rows per key/value head, float32, no autograd): the compiled
-  kernel's ``decode`` reads each key and value once for all the query heads that share
-  them, and under an interval mask (a sliding window, padding) only the keys of the rows'
-  intervals. ``auto`` picks it for such calls with a mask, and without one where query
-  heads are grouped (torch's SDPA reads the cache once per query head).
+* Decoding (a few query rows per key/value head, float32 or half precision, no autograd):
+  the compiled kernel's ``decode`` reads each key and value once for all the query heads
+  that share them, and under an interval mask (a sliding window, padding) only the keys
+  of the rows' intervals. ``auto`` picks it for such calls with a mask, and without one
+  where query heads are grouped (torch's SDPA reads the cache once per query head); in
+  half precision nearly always (:func:`~attnlab.engines.blocked_decode.kernel_wins`).
 
-The engine is five files: this one (the engine: what it supports, decoding),
+The engine is six files: this one (the engine: what it supports),
+:mod:`~attnlab.engines.blocked_decode` (which decoding steps its kernel serves),
 :mod:`~attnlab.engines.blocked_choice` (when ``auto`` picks it),
 :mod:`~attnlab.engines.blocked_plan` (the schedule of blocks, key spans and partial
 tiles), :mod:`~attnlab.engines.blocked_weights` (weights recomputed block by block) and
@@ -33,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -52,6 +53,10 @@ from attnlab.engines.blocked_autograd import (
     kernel_error,
     kernel_ok,
 )
+from attnlab.engines.blocked_decode import DECODE_ROWS, decodes, kernel_wins
+from attnlab.engines.blocked_decode import decode_op as _decode_op
+from attnlab.engines.blocked_decode import exact_bounds as _exact_bounds
+from attnlab.engines.blocked_decode import plain_request as _plain_request
 from attnlab.engines.blocked_plan import (
     KernelPlan,
     Plan,
@@ -61,12 +66,9 @@ from attnlab.engines.blocked_plan import (
 )
 from attnlab.engines.blocked_weights import weights as weights_of
 from attnlab.engines.zeros import PAGE, lazy_zeros_unzeroed
-from attnlab.masks import Mask, RowBounds
+from attnlab.masks import RowBounds
 
 __all__ = ["DECODE_ROWS", "BlockedEngine", "decodes", "kernel", "kernel_error", "kernel_status"]
-
-#: the most query rows per key/value head (``Hq / Hkv * Lq``) of a decoding call
-DECODE_ROWS = 8
 
 
 class BlockedEngine(Engine):
@@ -142,7 +144,7 @@ class BlockedEngine(Engine):
         return None
 
     def plain(self, q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor | None:
-        if not decodes(q, k, v, masked=False):
+        if not decodes(q, k, v, masked=False) or not kernel_wins(q, k, None):
             return None  # passed on to SDPA
         return _decode_op()(q, k, v, None, None, q.shape[-1] ** -0.5 if scale is None else scale)
 
@@ -279,7 +281,10 @@ class BlockedEngine(Engine):
 
     def prefers(self, req: AttentionRequest) -> bool:
         """Whether ``auto`` should pick this engine for ``req`` (:mod:`.blocked_choice`)."""
-        return self.decoding(req)[0] or blocked_choice.prefers(self, req)
+        decode, bounds = self.decoding(req)
+        if decode and kernel_wins(req.q, req.k, bounds):
+            return True
+        return blocked_choice.prefers(self, req)
 
     def declines(self, req: AttentionRequest) -> bool:
         """A small call that is no decoding step (:func:`decodes`, blocked_choice.prefers)."""
@@ -290,74 +295,6 @@ class BlockedEngine(Engine):
     def intervals(self, req: AttentionRequest) -> bool:
         """Whether ``req``'s mask allows one key interval per row, the same for every head."""
         return req.mask is not None and self._decode_bounds(req) is not None
-
-
-def decodes(q: Tensor, k: Tensor, v: Tensor, *, masked: bool) -> bool:
-    """Whether the compiled decoding kernel serves ``q, k, v``: float32 on the CPU without
-    autograd, at most :data:`DECODE_ROWS` query rows per key/value head, 16 keys or more,
-    the last dimensions contiguous; without a mask only where query heads share key/value
-    heads (one query head per key/value head: SDPA is as fast).
-
-    Example:
-        >>> q, k = torch.randn(1, 8, 1, 64), torch.randn(1, 2, 100, 64)
-        >>> decodes(q, k, k, masked=False), decodes(q[:, :2], k, k, masked=False)
-        (True, False)
-    """
-    # the cheapest checks first: this runs on every decoding step, mostly out of cache
-    qs, ks = q.shape, k.shape
-    group = qs[1] // ks[1]
-    if ks[2] < 16 or group * qs[2] > DECODE_ROWS or (group == 1 and not masked):
-        return False
-    if not qs[0] or not qs[2]:  # empty: the kernel divided by 0 heads (SIGFPE)
-        return False
-    if q.dtype is not _F32 or k.dtype is not _F32 or v.dtype is not _F32 or not q.is_cpu:
-        return False
-    if k.stride(-1) != 1 or v.stride(-1) != 1:
-        return False
-    grads = (q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled()
-    if grads or vmapping() or forward_mode(q, k, v):  # vmap: no batching rule (torch looped)
-        return False
-    return blocked_autograd.USE_KERNEL and (bool(_DECODE) or kernel() is not None)
-
-
-_F32 = torch.float32
-
-
-def _decode_op() -> Any:
-    """The kernel's ``decode`` overload, looked up once (callers have checked the kernel)."""
-    if not _DECODE:
-        _DECODE.append(ops().decode.default)
-    return _DECODE[0]
-
-
-_DECODE: list[Any] = []
-
-
-def _exact_bounds(mask: Mask, req: AttentionRequest) -> RowBounds | None:
-    """``mask``'s row bounds ``(1 or B, Lq)`` as int64 where it allows exactly one key
-    interval per row, the same for every head; else None."""
-    if mask.per_head:
-        return None
-    bounds = mask.row_bounds(req.lq, req.lk, req.batch if mask.per_batch else 1, "cpu")
-    if bounds is None or not bounds.exact:
-        return None
-    if bounds.lo.dtype != torch.long or bounds.hi.dtype != torch.long:
-        bounds = RowBounds(bounds.lo.long(), bounds.hi.long(), exact=True)
-    return bounds
-
-
-def _plain_request(req: AttentionRequest, *, named: bool = False) -> bool:
-    """Whether ``req`` asks the decoding kernel's computation of its q, k, v (mask aside;
-    soft-capping and sinks without a gradient included); ``named``: also a maskless call
-    without grouped heads, which ``auto`` leaves to SDPA but the kernel computes as well."""
-    if req.score != "dot" or req.normalize != "softmax" or req.bias is not None:
-        return False
-    if req.dropout_p or req.return_weights or req.return_lse:
-        return False
-    if req.sinks is not None and req.sinks.requires_grad and torch.is_grad_enabled():
-        return False
-    extra = req.softcap is not None or req.sinks is not None  # SDPA has neither
-    return decodes(req.q, req.k, req.v, masked=named or req.mask is not None or extra)
 
 
 def _normalized(req: AttentionRequest) -> AttentionRequest:
