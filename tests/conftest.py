@@ -125,6 +125,25 @@ def attnlab_calls(monkeypatch: pytest.MonkeyPatch, name: str = "attnlab") -> lis
     return calls
 
 
+@pytest.fixture
+def decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the blocked engine's decoding kernel's calls (tests/test_decode*.py); skips
+    where the kernel cannot be built."""
+    from attnlab.engines import blocked as blocked_engine
+
+    if blocked_engine.kernel() is None:
+        pytest.skip(f"attnlab's CPU kernel could not be built: {blocked_engine.kernel_error()}")
+    calls: list[int] = []
+    op = blocked_engine._decode_op()
+
+    def counted(*args: object) -> Tensor:
+        calls.append(1)
+        return op(*args)
+
+    monkeypatch.setattr(blocked_engine, "_decode_op", lambda: counted)
+    return calls
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

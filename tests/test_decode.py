@@ -16,22 +16,6 @@ from attnlab.engines import blocked as blocked_engine
 from tests.conftest import assert_2x_rule, naive_attention
 
 
-@pytest.fixture
-def decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the decoding kernel's calls; skips where the kernel cannot be built."""
-    if blocked_engine.kernel() is None:
-        pytest.skip(f"attnlab's CPU kernel could not be built: {blocked_engine.kernel_error()}")
-    calls: list[int] = []
-    op = blocked_engine._decode_op()
-
-    def counted(*args: object) -> Tensor:
-        calls.append(1)
-        return op(*args)
-
-    monkeypatch.setattr(blocked_engine, "_decode_op", lambda: counted)
-    return calls
-
-
 def _qkv(hq: int, hk: int, lq: int, lk: int, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(2, hq, lq, 64, generator=g)
