@@ -10,8 +10,8 @@ the same kernel call). One JSON line per case:
 and ``ratio = anchor / auto`` (about 1 or more: ``auto`` picked the fastest; below 1 it
 left speed on the table). The cases are the calls whose pick the rules of
 :mod:`attnlab.engines.blocked_choice` decide: ALiBi with dense masks, what SDPA cannot
-compute (``return_lse``, weights), a few query rows against a long windowed cache, and
-controls that stay with SDPA or the reference engine.
+compute (``return_lse``, weights), a few query rows against a long windowed cache,
+half-precision decoding steps, and controls that stay with SDPA or the reference engine.
 
 python benchmarks/bench_auto.py            # every case
 python benchmarks/bench_auto.py --smoke    # small sizes, one run each, for CI
@@ -71,10 +71,13 @@ CASES = (
     Case("documents_bf16", 256, 256, "docs4", dtype="bfloat16", backward=True),
     Case("one_row_window_fp16", 1, 2048, "cwin64", dtype="float16", heads=(8, 2)),
     Case("one_row_window_bf16", 1, 2048, "cwin64", dtype="bfloat16", heads=(8, 2)),
+    Case("few_rows_window_bf16", 2, 2048, "cwin128", dtype="bfloat16"),
+    Case("decode_gqa_bf16", 1, 32768, dtype="bfloat16", heads=(8, 2)),
+    Case("decode_gqa_fp16", 1, 32768, dtype="float16", heads=(8, 2)),
     # controls: SDPA or the reference engine stays the pick
     Case("causal", 2048, 2048, "causal"),
     Case("t5_padding", 1024, 1024, "pad70", "t5", backward=True),
-    Case("few_rows_window_bf16", 2, 2048, "cwin128", dtype="bfloat16"),
+    Case("decode_8_rows_bf16", 8, 4096, "causal", dtype="bfloat16"),  # a tie: sdpa
     Case("weights_dense_small", 256, 256, "none", weights=True),
 )
 
