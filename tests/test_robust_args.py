@@ -347,12 +347,17 @@ def test_pgd_seed_and_a_module_without_attention_are_named() -> None:
         ({"labels": torch.zeros(3, 1).long()}, ValueError, r"labels must .*\(3,\), got \(3, 1\)"),
         ({"labels": torch.tensor([0, 1])}, ValueError, r"labels must .*\(3,\), got \(2,\)"),
         ({"labels": [0, 1, 0]}, TypeError, r"labels must be .*got list"),
+        ({"labels": torch.tensor([0, -100, 1])}, ValueError, r"labels .* >= 0, got .*\[-100, 1\]"),
+        ({"labels": torch.tensor([0, -1, 1])}, ValueError, r"labels .* >= 0, got .*\[-1, 1\]"),
+        ({"labels": torch.tensor([0, 2, 1])}, ValueError, r"labels must .*\[0, 2\) .*in \[0, 2\]"),
+        ({"labels": torch.tensor([0, 7, 1]).int()}, ValueError, r"labels .*\[0, 2\).*\[0, 7\]"),
         ({"model": None}, TypeError, "model must be a torch.nn.Module, got NoneType"),
     ],
 )  # fmt: skip
 def test_pgd_pixels_names_bad_labels_and_model(kw: dict, exc: type, match: str) -> None:
     """(Float labels: "expected target dtype to be Long"; (B, 1): "0D or 1D target tensor
-    expected"; a model of None: "'NoneType' object is not callable".)"""
+    expected"; -100: accepted, that row left unattacked; -1 or 2 of 2 classes: IndexError
+    "Target 2 is out of bounds"; a model of None: "'NoneType' object is not callable".)"""
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2)).eval()
     args = {"model": model, "images": torch.rand(3, 1, 2, 2), "labels": torch.tensor([0, 1, 0])}
     check_and_control(

@@ -38,9 +38,10 @@ from attnlab.train import LossFn
 __all__ = ["CharEditAttack", "EditResult", "pgd_embeddings", "pgd_pixels", "word_edits"]
 
 
-def _class_indices(labels: object, batch: int) -> Tensor:
-    """``labels``, an integer tensor ``(B,)``, as int64 (cross-entropy's own messages for
-    float or ``(B, 1)`` labels named no argument), or an error naming it."""
+def _class_indices(labels: object, batch: int) -> tuple[Tensor, tuple[int, int]]:
+    """``labels``, an integer tensor ``(B,)`` of indices >= 0, as int64 with its range
+    (``(0, -1)`` if unread), or an error naming it: cross-entropy's own messages for float
+    or ``(B, 1)`` labels named no argument, and it skips a row labelled -100 unattacked."""
     if (
         not isinstance(labels, Tensor)
         or labels.is_floating_point()
@@ -54,7 +55,25 @@ def _class_indices(labels: object, batch: int) -> Tensor:
             f"labels must hold one class index per image, shape (B,) = ({batch},), got "
             f"{tuple(labels.shape)} {labels.dtype}"
         )
-    return labels.long()
+    if labels.numel() == 0 or labels.device.type == "meta":  # (meta: no values to read)
+        return labels.long(), (0, -1)
+    low, high = torch.stack(torch.aminmax(labels)).tolist()  # (one device read)
+    if low < 0:
+        raise ValueError(f"labels must be class indices >= 0, got values in [{low}, {high}]")
+    return labels.long(), (low, high)
+
+
+def _check_classes(seen: tuple[int, int], logits: Tensor) -> None:
+    """A ValueError naming ``labels`` (range ``seen``) if one is not an index into
+    ``logits (B, K)``'s classes (cross-entropy's "Target 5 is out of bounds" named none)."""
+    if logits.dim() == 0:  # (cross-entropy's own message)
+        return
+    classes = logits.shape[1] if logits.dim() > 1 else logits.shape[0]  # as cross-entropy
+    if seen[1] >= classes:
+        raise ValueError(
+            f"labels must be class indices in [0, {classes}) for the model's {classes} "
+            f"classes, got values in [{seen[0]}, {seen[1]}]"
+        )
 
 
 def pgd_pixels(
@@ -74,7 +93,7 @@ def pgd_pixels(
     Args:
         model: ``images (B, C, H, W) -> logits (B, K)`` (put it in eval mode first).
         images: ``(B, C, H, W)`` inside ``bounds`` (else a ValueError). labels: ``(B,)``
-            class indices, an integer tensor.
+            class indices in ``[0, K)``, an integer tensor (else a ValueError).
         epsilon: radius (> 0). steps: >= 1. alpha: step (default ``2.5 eps / steps``).
         norm: ``"linf"`` or ``"l2"``. bounds: the valid pixel range ``(low, high)``,
             ``low < high``.
@@ -103,14 +122,17 @@ def pgd_pixels(
     bounds = check_bounds(bounds)
     check_inside("images", images, bounds)
     instance_of("model", model, nn.Module, "a torch.nn.Module")
-    labels = _class_indices(labels, images.shape[0])
+    labels, seen = _class_indices(labels, images.shape[0])
     generator = seeded_generator(seed, images.device)
     with torch.inference_mode(False), torch.enable_grad():  # (evaluation code: no_grad)
         x, labels = _autograd_usable(images), _autograd_usable(labels)
         delta = random_start(x, eps, norm, generator=generator)
-        for _ in range(steps):
+        for step in range(steps):
             delta = ((x + delta).clamp(*bounds) - x).requires_grad_(True)
-            loss = F.cross_entropy(model(x + delta), labels)
+            logits = model(x + delta)  # (B, K)
+            if step == 0:
+                _check_classes(seen, logits)
+            loss = F.cross_entropy(logits, labels)
             (grad,) = torch.autograd.grad(loss, delta)
             delta = project(delta.detach() + alpha * ascent_direction(grad, norm), eps, norm)
         return (x + delta).clamp(*bounds).detach()
