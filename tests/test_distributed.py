@@ -458,6 +458,9 @@ def _errors(rank: int, world: int) -> dict[str, str]:
         "lengths": lambda: D.attention(cut, cut, cut),
         "heads": lambda: D.attention(q[:, : 1 + rank], q[:, : 1 + rank], q[:, : 1 + rank]),
         "layout": lambda: D.attention(q, q, q, layout=D.LAYOUTS[rank]),
+        # the dtype, layout and strategy were printed as codes ("[1, 0]")
+        "dtype": lambda: D.attention(*[q.double() if rank else q] * 3),
+        "strategy": lambda: D.attention(q, q, q, strategy=D.STRATEGIES[rank]),
         "one rank's bad input": lambda: D.attention(q if rank else q[0], q, q),
         "tensor mask": lambda: D.attention(q, q, q, mask=torch.ones(12, 12, dtype=torch.bool)),
         "mask size": lambda: D.attention(q, q, q, mask=masks.documents(torch.zeros(20).long())),
@@ -531,7 +534,9 @@ def test_bad_input_fails_on_every_rank_without_hanging() -> None:
     want = {
         "lengths": "shards have lengths \\[5, 7\\].*gives \\[6, 6\\]",
         "heads": "ranks disagree on the query heads: \\[1, 2\\]",
-        "layout": "ranks disagree on the layout",
+        "layout": "ranks disagree on the layout: rank 0: contiguous, rank 1: zigzag$",
+        "dtype": "ranks disagree on the dtype: rank 0: float32, rank 1: float64$",
+        "strategy": "ranks disagree on the strategy: rank 0: ring, rank 1: all-gather$",
         "tensor mask": "dense tensor mask",
         "mask size": "20",
         "ulysses heads": "^ValueError: strategy='ulysses' .* divide by 2; got Hq=3, Hkv=1",

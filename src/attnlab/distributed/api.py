@@ -22,7 +22,7 @@ from attnlab._validate import (
     validate_scale,
 )
 from attnlab.bias import Bias, TensorBias, as_bias
-from attnlab.distributed.comm import Group, gather_meta
+from attnlab.distributed.comm import Group, gather_meta, meta_dtype
 from attnlab.distributed.layout import LAYOUTS, shard_lengths, validate_layout
 from attnlab.distributed.plan import choose
 from attnlab.distributed.ring import FUNCTIONS
@@ -341,9 +341,7 @@ def _check_table(meta: Tensor, g: Group, layout: str) -> int:
     )
     for col, name in enumerate(names):
         if name is not None and bool((meta[:, col] != meta[0, col]).any()):
-            raise ValueError(
-                f"ranks disagree on the {name}: {meta[:, col].tolist()} over ranks 0..{g.world - 1}"
-            )
+            raise ValueError(f"ranks disagree on the {name}: {_per_rank(col, meta[:, col])}")
     lengths = meta[:, 3].tolist()
     n = int(sum(lengths))
     want = shard_lengths(n, g.world, layout)
@@ -354,6 +352,23 @@ def _check_table(meta: Tensor, g: Group, layout: str) -> int:
             f"with attnlab.distributed.shard(x, rank, {g.world}, layout={layout!r})"
         )
     return n
+
+
+def _per_rank(col: int, codes: Tensor) -> str:
+    """Column ``col`` of the table over the ranks, its dtype, layout or strategy codes by
+    name ("rank 0: float32, rank 1: float64"; the codes were printed as ``[1, 0]``)."""
+    values = codes.tolist()
+    if col not in (6, 8, 9):
+        return f"{values} over ranks 0..{len(values) - 1}"
+    return ", ".join(f"rank {r}: {_code_name(col, c)}" for r, c in enumerate(values))
+
+
+def _code_name(col: int, code: int) -> str:
+    """The dtype (column 6), layout (8) or strategy (9) that ``code`` stands for."""
+    if col == 6:
+        return meta_dtype(code)
+    choices = LAYOUTS if col == 8 else STRATEGIES
+    return choices[code] if 0 <= code < len(choices) else "an invalid one"
 
 
 def _leaves(bias: Bias) -> list[Tensor]:

@@ -134,3 +134,15 @@ def gather_meta(g: Group, q: Tensor, k: Tensor, v: Tensor, flags: tuple[int, ...
     rows = [torch.empty_like(row) for _ in range(g.world)]
     dist.all_gather(rows, row, group=g.handle)
     return torch.stack(rows)
+
+
+def meta_dtype(code: int) -> str:
+    """The dtype a :func:`gather_meta` row's ``code`` stands for, by name.
+
+    Example:
+        >>> meta_dtype(1), meta_dtype(9)
+        ('float32', 'another dtype')
+    """
+    return (
+        str(_DTYPES[code]).removeprefix("torch.") if 0 <= code < len(_DTYPES) else "another dtype"
+    )
