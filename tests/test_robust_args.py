@@ -341,6 +341,26 @@ def test_pgd_seed_and_a_module_without_attention_are_named() -> None:
 
 
 @pytest.mark.parametrize(
+    ("images", "match"),
+    [
+        (torch.randint(0, 2, (3, 1, 2, 2), dtype=torch.uint8), "got dtype torch.uint8$"),
+        (torch.rand(3, 1, 2, 2).tolist(), "got list$"),
+    ],
+)
+def test_pgd_pixels_names_the_images_type_not_their_values(images: object, match: str) -> None:
+    """The message held the tensor's repr cut at 60 characters ("got tensor([[[[0, 1],
+    ...") instead of its dtype."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2)).eval()
+    y = torch.tensor([0, 1, 0])
+    check_and_control(
+        lambda: pgd_pixels(model, images, y, epsilon=0.1, steps=1),  # type: ignore[arg-type]
+        lambda: pgd_pixels(model, torch.rand(3, 1, 2, 2), y, epsilon=0.1, steps=1),
+        TypeError,
+        "images must be a floating-point tensor, " + match,
+    )
+
+
+@pytest.mark.parametrize(
     ("kw", "exc", "match"),
     [
         ({"labels": torch.tensor([0.0, 1.0, 0.0])}, TypeError, r"labels must be .*got .*float32"),

@@ -104,7 +104,8 @@ def check_inside(name: str, images: Tensor, bounds: tuple[float, float]) -> None
         ValueError: images must lie inside bounds=(0.0, 1.0), got values in [-0.5, 0.5]; ...
     """
     if not isinstance(images, Tensor) or not images.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {images!r:.60}")
+        seen = f"dtype {images.dtype}" if isinstance(images, Tensor) else type(images).__name__
+        raise TypeError(f"{name} must be a floating-point tensor, got {seen}")
     if images.numel() == 0 or images.device.type == "meta":  # (meta: no values to read)
         return
     low, high = torch.aminmax(images.detach())
