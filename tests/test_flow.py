@@ -161,3 +161,16 @@ def test_empty_batches_and_sequences_give_empty_flows(shape: tuple[int, ...]) ->
     flows = attention_flow([a, a])
     assert flows.shape == rollout([a, a]).shape == (shape[0], shape[-1], shape[-1])
     assert flows.dtype == a.dtype
+
+
+@pytest.mark.parametrize("scale", [1e-250, 1e-305, 1e-310])
+def test_tiny_capacities_match_networkx(scale: float) -> None:
+    """Row sums below about 6e-300 overflowed the scale ``2.0**30 / largest`` to inf: every
+    flow came back 0 with RuntimeWarnings. Now the same relative error as at scale 1."""
+    atts = [a * scale for a in _attentions(7, layers=2, n=5, batch=1)]
+    with np.errstate(all="raise"):
+        ours = attention_flow(atts, residual=False)[0].numpy()
+    caps = [_fused_numpy(a, "mean", False)[0] for a in atts]
+    ref = _flow_networkx(caps)
+    assert ref.min() > 0  # the check is not vacuous
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=_bound(caps) + 2 * 5e-324)

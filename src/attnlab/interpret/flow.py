@@ -102,8 +102,8 @@ def _flows_one(caps: np.ndarray, rows: list[int]) -> np.ndarray:
     largest = caps.sum(-1).max() if caps.size else 0.0
     if largest <= 0:
         return out
-    scale = 2.0 ** np.floor(np.log2(2.0**_CAPACITY_BITS / largest))
-    graph = _graph(np.rint(caps * scale).astype(np.int32))
+    bits = _scale_bits(float(largest))
+    graph = _graph(np.rint(np.ldexp(caps, bits)).astype(np.int32))
     into_sink = caps[0].sum(0)  # (n,) capacity into each input node
     for r, i in enumerate(rows):
         source = num_layers * n + i
@@ -111,7 +111,21 @@ def _flows_one(caps: np.ndarray, rows: list[int]) -> np.ndarray:
             continue
         for j in np.flatnonzero(into_sink > 0):
             out[r, j] = maximum_flow(graph, source, int(j), method="dinic").flow_value
-    return out / scale
+    return np.ldexp(out, -bits)
+
+
+def _scale_bits(largest: float) -> int:
+    """``k`` of the capacities' scale ``2**k``: the largest with ``2**k * largest <=
+    2**30``, for any positive ``largest`` (``2.0**30 / largest`` overflowed to inf below
+    about 6e-300, and every flow came back 0), applied with ``np.ldexp`` (exact: the scale
+    itself may not be a float, ``2**1059`` at ``1e-310``).
+
+    Example:
+        >>> _scale_bits(1.0), _scale_bits(0.75), _scale_bits(1e-310)
+        (30, 30, 1059)
+    """
+    mantissa, exponent = np.frexp(largest)  # largest = mantissa * 2**exponent, in [0.5, 1)
+    return _CAPACITY_BITS - int(exponent) + int(mantissa == 0.5)
 
 
 def _graph(caps: np.ndarray) -> Any:
