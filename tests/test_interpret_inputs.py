@@ -144,6 +144,28 @@ def test_zero_heads_and_nan_weights_are_named_by_the_report_and_the_grid(tmp_pat
     assert plot.head_grid([a, a], tmp_path / "g.png").exists()
 
 
+def test_pictures_of_no_tokens_are_named_and_a_failed_drawing_is_freed(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """0 tokens failed inside numpy ("zero-size array to reduction operation maximum"),
+    naming no argument, and each failure left its figure open (3 calls: 3 figures)."""
+    plt = plot.pyplot()
+    before = plt.get_fignums()
+    no_tokens = r"weights has shape \({}\), no tokens to draw; expected \(rows, cols\)"
+    with pytest.raises(ValueError, match=no_tokens.format("0, 0")):
+        plot.heatmap(torch.zeros(0, 0), [], tmp_path / "h.png")
+    with pytest.raises(ValueError, match=no_tokens.format("2, 0")):
+        plot.alignment(torch.zeros(2, 0), [], ["a", "b"], tmp_path / "a.png")
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("drawing failed")
+
+    monkeypatch.setattr(plot, "_label", broken)  # any failure after the figure is made
+    with pytest.raises(RuntimeError, match="drawing failed"):
+        plot.heatmap(torch.eye(2), ["a", "b"], tmp_path / "h.png")
+    assert plt.get_fignums() == before and not list(tmp_path.iterdir())
+
+
 def test_a_report_of_no_tokens_is_refused_before_the_write(tmp_path) -> None:
     """0 tokens (attentions (H, 0, 0)) wrote a page that threw on load, createImageData(0,
     0), and never drew."""

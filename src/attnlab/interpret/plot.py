@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -75,9 +76,10 @@ def alignment(
     plt = pyplot()
     cols, rows = min(w.shape[1], MAX_LABELS), min(w.shape[0], MAX_LABELS)  # the size bounded
     fig, ax = plt.subplots(figsize=(1.0 + 0.45 * cols, 1.0 + 0.4 * rows))
-    ax.imshow(w, cmap="viridis", vmin=0.0, vmax=max(float(w.max()), 1e-9), aspect="auto")
-    _label(ax, src_tokens, tgt_tokens)
-    ax.set_title(title, fontsize=9)
+    with _closed_on_error(fig):
+        ax.imshow(w, cmap="viridis", vmin=0.0, vmax=max(float(w.max()), 1e-9), aspect="auto")
+        _label(ax, src_tokens, tgt_tokens)
+        ax.set_title(title, fontsize=9)
     return save_figure(fig, path)
 
 
@@ -132,22 +134,23 @@ def head_grid(
     plt = pyplot()
     fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows), squeeze=False)
     small = tokens is not None and len(tokens) <= 24
-    for li, a in enumerate(attentions):
-        for h in range(cols):
-            ax = axes[li][h]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if h >= a.shape[0]:
-                ax.axis("off")
-                continue
-            ax.imshow(maps[li][h], cmap="viridis", vmin=0.0)
-            if li == 0:
-                ax.set_title(f"head {h}", fontsize=7)
-            if h == 0:
-                ax.set_ylabel(f"layer {li}", fontsize=7)
-            if small and li == rows - 1 and tokens is not None:
-                ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=4)
-    fig.suptitle(title, fontsize=9)
+    with _closed_on_error(fig):
+        for li, a in enumerate(attentions):
+            for h in range(cols):
+                ax = axes[li][h]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if h >= a.shape[0]:
+                    ax.axis("off")
+                    continue
+                ax.imshow(maps[li][h], cmap="viridis", vmin=0.0)
+                if li == 0:
+                    ax.set_title(f"head {h}", fontsize=7)
+                if h == 0:
+                    ax.set_ylabel(f"layer {li}", fontsize=7)
+                if small and li == rows - 1 and tokens is not None:
+                    ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=4)
+        fig.suptitle(title, fontsize=9)
     return save_figure(fig, path)
 
 
@@ -175,10 +178,11 @@ def saliency(
         raise ValueError(f"scores has {len(vals)} values but there are {len(tokens)} tokens")
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.0 + 0.4 * len(vals), 2.6))
-    ax.bar(range(len(vals)), vals, color=["#2a9d47" if v >= 0 else "#c0392b" for v in vals])
-    ax.set_xticks(range(len(tokens)), tokens, rotation=60, ha="right")
-    ax.axhline(0.0, color="black", linewidth=0.5)
-    ax.set_title(title, fontsize=9)
+    with _closed_on_error(fig):
+        ax.bar(range(len(vals)), vals, color=["#2a9d47" if v >= 0 else "#c0392b" for v in vals])
+        ax.set_xticks(range(len(tokens)), tokens, rotation=60, ha="right")
+        ax.axhline(0.0, color="black", linewidth=0.5)
+        ax.set_title(title, fontsize=9)
     return save_figure(fig, path)
 
 
@@ -276,7 +280,23 @@ def _matrix(name: str, weights: Tensor, rows: int, cols: int) -> Any:
             f"{name} has shape {w.shape} but the labels need ({rows}, {cols}) "
             "(rows: queries / target tokens, columns: keys / source tokens)"
         )
+    if w.size == 0:  # (numpy's "zero-size array to reduction operation maximum")
+        raise ValueError(
+            f"{name} has shape {w.shape}, no tokens to draw; expected (rows, cols) with at "
+            "least one token each"
+        )
     return check_finite(name, w)
+
+
+@contextmanager
+def _closed_on_error(fig: Any) -> Iterator[None]:
+    """Close ``fig`` if drawing on it fails (:func:`save_figure` closes it otherwise): a
+    failed picture left its figure open, one more per call in a long-running process."""
+    try:
+        yield
+    except BaseException:
+        pyplot().close(fig)
+        raise
 
 
 #: labels drawn per axis at most (every k-th token past it): a picture sized by every
