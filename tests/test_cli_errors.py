@@ -38,6 +38,11 @@ BAD: list[tuple[str, int, str]] = [
     ("nosuchcommand", 2, "argument command: invalid choice: 'nosuchcommand'"),
     ("engines --bogus", 2, "unrecognized arguments: --bogus"),
     ("info --bogus", 2, "unrecognized arguments: --bogus"),
+    # extra words and unknown options were named by the top level, "attnlab: error: ..."
+    ("explain hi extra words", 2, "attnlab explain: error: unrecognized arguments: extra words"),
+    ("train dates --steps 1 --smoke", 2, "attnlab train: error: unrecognized arguments: --smoke"),
+    ("tour --bogus", 2, "attnlab tour: error: unrecognized arguments: --bogus (see attnlab tour"),
+    ("--bogus info", 2, "attnlab: error: unrecognized arguments: --bogus (see attnlab --help)"),
     # train
     ("train dates --steps -5", 2, "argument --steps: must be an int >= 1, got '-5'"),
     ("train dates --steps 0", 2, "argument --steps: must be an int >= 1, got '0'"),
@@ -236,7 +241,9 @@ def _check(line: str, code: int, named: str, got: tuple, places: dict[str, str])
     lines = [x for x in err.splitlines() if x.strip()]
     assert len(lines) == 1, (line, err)  # one line
     assert named.format(**places) in lines[0], (line, lines[0])
-    assert lines[0].startswith("attnlab"), lines[0]
+    command = line.split()[0]  # the command's own prefix, as README's examples show
+    prefix = "attnlab:" if command in ("nosuchcommand", "--bogus") else f"attnlab {command}:"
+    assert lines[0].startswith(prefix), lines[0]
     assert after == before, f"{line}: a failed command left files: {set(after) - set(before)}"
 
 

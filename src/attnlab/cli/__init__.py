@@ -53,7 +53,21 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """
     if list(argv[:1]) == ["bench"]:
         return bench.parse_args(argv[1:])
-    return build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # the command's parser names it (the top level said "attnlab: error: ..."),
+        # unless it came before the command (the top level's options take no values)
+        before = set(argv[: list(argv).index(args.command)])
+        named = parser if before & set(extra) else _command_parser(parser, args.command)
+        named.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The subcommand ``command``'s parser in ``parser`` (from :func:`build_parser`)."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    found: argparse.ArgumentParser = sub.choices[command]
+    return found
 
 
 def main(argv: Sequence[str] | None = None) -> int:
