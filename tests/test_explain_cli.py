@@ -102,3 +102,46 @@ def test_truncation_warning_names_the_argument(
     lines = [x for x in err.splitlines() if "truncated" in x]
     # it said "1 of 1 texts (first: texts[0]) exceed max_seq_length=256", for either text
     assert [x.split("(first: ")[1].split(")")[0] for x in lines] == ["TEXT", "--against"], err
+
+
+def test_progress_counts_steps_and_rows_and_changes_no_result(
+    enc: SentenceEncoder, tmp_path: Path
+) -> None:
+    """Integrated gradients and attention flow ran for minutes (hours for a long text's
+    flow) with no word: ``progress`` hears each chunk, and the results are the same bits
+    as without it; the flow, computed a few rows at a time, as one attention_flow call."""
+    from attnlab.interpret import attention_flow, captured_attentions
+    from attnlab.interpret.text import FLOW_CHUNK
+
+    model, text = text_model(enc), "The cat sat on the mat because it was warm."
+    heard: list[tuple[int, int, str]] = []
+
+    def hear(done: int, total: int, label: str) -> None:
+        heard.append((done, total, label))
+
+    quiet = {"steps": 20, "log": lambda s: None}
+    kept = explain_text(model, text, tmp_path / "a.html", progress=hear, **quiet)  # type: ignore[arg-type]
+    plain = explain_text(model, text, tmp_path / "b.html", **quiet)  # type: ignore[arg-type]
+    assert kept.saliency == plain.saliency and kept.tokens == plain.tokens
+    assert (kept.score, kept.baseline_score) == (plain.score, plain.baseline_score)
+    n = len(kept.tokens)
+    assert n > 2 * FLOW_CHUNK and n % FLOW_CHUNK  # (several chunks, the last one short)
+    ids = torch.tensor([list(model.tokenize(text))])
+    whole = attention_flow([a[None] for a in captured_attentions(model, ids)], normalize=True)
+    assert kept.saliency["attention flow"] == whole[0].mean(0).tolist()
+    steps = [(d, t) for d, t, label in heard if label == "integrated gradients"]
+    rows = [(d, t) for d, t, label in heard if label == "attention flow"]
+    assert steps == [(0, 20), (8, 20), (16, 20), (20, 20)]  # internal batches of 8 points
+    assert rows == [(d, n) for d in range(0, n, FLOW_CHUNK)] + [(n, n)]
+    with pytest.raises(TypeError, match="progress must be a callable"):
+        explain_text(model, text, tmp_path / "c.html", progress=True)  # type: ignore[arg-type]
+
+
+def test_the_command_shows_progress_on_stderr(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = str(tmp_path / "r.html")
+    assert main(["explain", "Cats purr when happy.", "--out", out, "--steps", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "\rintegrated gradients: 0/2 steps" in err and "integrated gradients: 2/2 steps" in err
+    assert "\rattention flow: 0/8 rows" in err and "attention flow: 8/8 rows" in err

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Callable, Sequence
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +39,14 @@ from attnlab.cli._sentence import (
     texts_named,
 )
 from attnlab.interpret import TextModel, explain_text
-from attnlab.interpret.text import explanation_files
+from attnlab.interpret.text import Progress, explanation_files
 from attnlab.models import SentenceEncoder
 from attnlab.tasks.encoder import text_model
 
 __all__ = ["add_parsers", "run", "text_model"]
+
+MAX_FLOW_TOKENS = 256  # the shipped encoder's longest input; its flow takes about 15 min
+UNITS = {"integrated gradients": "steps", "attention flow": "rows"}
 
 
 def add_parsers(sub: Any) -> None:
@@ -60,11 +66,13 @@ def add_parsers(sub: Any) -> None:
         default=32,
         help="integrated-gradients steps (default %(default)s)",
     )
-    p.add_argument(
+    p.add_argument(  # the flow of a 510-token text ran for about 7 h, printing nothing
         "--flow-tokens",
-        type=int_in(0),
+        type=int_in(0, MAX_FLOW_TOKENS),
         default=64,
-        help="attention flow only up to this many tokens (default %(default)s)",
+        help=f"attention flow only up to this many tokens, at most {MAX_FLOW_TOKENS} (default "
+        "%(default)s; MiniLM's flow takes about 10 s at 50 tokens, 25 s at 100, 6 min at 200, "
+        "15 min at 250: a line on stderr shows the rows done and the time left)",
     )
     add_model_option(p)
     p.add_argument(
@@ -214,7 +222,8 @@ def run(args: argparse.Namespace) -> int:
             if t is not None:
                 check_has_tokens(name, t, tokens)
         model = _named_text_model(load_encoder(args.model)[0], text)
-    with OutputLock(out, folder=False, command=f"attnlab explain --out {out}"):
+    lock = OutputLock(out, folder=False, command=f"attnlab explain --out {out}")
+    with lock, _progress_lines() as progress:
         ex = explain_text(
             model,
             text,
@@ -222,11 +231,51 @@ def run(args: argparse.Namespace) -> int:
             against=against,
             steps=args.steps,
             flow_tokens=args.flow_tokens,
+            progress=progress,
         )
     print(top_tokens(ex.saliency["integrated gradients"], ex.tokens))
     for path in ex.files:
         print(f"wrote {shown(path)}")  # (a name not UTF-8 was shown as \udcXX escapes)
     return 0
+
+
+@contextmanager
+def _progress_lines() -> Iterator[Progress]:
+    """A ``progress(done, total, label)`` that redraws one stderr line per part of the
+    work, ``label: done/total unit``, with the time left once a part has some done
+    (integrated gradients and attention flow ran for minutes with nothing printed). As
+    ``ask``'s line: a line left unfinished (Ctrl-C, an error) is ended on the way out."""
+    started: dict[str, float] = {}
+    unfinished, width = False, 0
+
+    def progress(done: int, total: int, label: str) -> None:
+        nonlocal unfinished, width
+        elapsed = time.perf_counter() - started.setdefault(label, time.perf_counter())
+        unfinished = done < total
+        line = f"{label}: {done}/{total} {UNITS.get(label, '')}".rstrip()
+        if unfinished and done:
+            line += f" (about {_duration(elapsed / done * (total - done))} left)"
+        end = "" if unfinished else "\n"
+        print(f"\r{line:<{width}}", end=end, file=sys.stderr, flush=True)  # (spaces: over
+        width = len(line) if unfinished else 0  # the longer line before)
+
+    try:
+        yield progress
+    finally:
+        if unfinished:
+            print(file=sys.stderr, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    """``seconds`` as a person reads a wait.
+
+    Example:
+        >>> _duration(42.4), _duration(400), _duration(25000)
+        ('42 s', '7 min', '6.9 h')
+    """
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def _named_text_model(encoder: SentenceEncoder, text: str) -> TextModel:
