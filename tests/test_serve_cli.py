@@ -125,6 +125,14 @@ def test_serves_on_loopback_and_stops_on_ctrl_c() -> None:
             proc.wait(timeout=30)
 
 
+def _stops_cleanly(proc: subprocess.Popen[str], signum: int) -> None:
+    """``signum`` stops the server: exit 0, "stopped", nothing on stderr."""
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and out == "attnlab serve: stopped\n", (out, err)
+    assert err == "", err
+
+
 def test_allow_remote_binds_and_warns() -> None:
     """Ctrl-C as soon as the URL is read stops the server, exit 0. (The URL came before
     uvicorn started: a Ctrl-C then exited 130 as "interrupted", or 0 with "coroutine
@@ -140,10 +148,7 @@ def test_allow_remote_binds_and_warns() -> None:
         assert line.startswith("attnlab serve: http://0.0.0.0:"), line
         warning = proc.stderr.readline()
         assert "warning" in warning and "anyone who can reach it" in warning
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
-        assert proc.returncode == 0 and out == "attnlab serve: stopped\n", (out, err)
-        assert err == "", err
+        _stops_cleanly(proc, signal.SIGINT)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -177,6 +182,39 @@ def test_ctrl_c_stops_with_a_request_half_sent() -> None:
         assert "Traceback" not in err and err == "", err
         assert took < 10, took
         assert answer.startswith(b"HTTP/1.1 503"), answer
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def _head(url: str) -> tuple[int, str, bytes]:
+    """``curl -I URL``: the status, Content-Length and body (none) of a HEAD."""
+    req = urllib.request.Request(url, method="HEAD")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.headers.get("content-length", ""), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("content-length", ""), e.read()
+
+
+def test_head_is_answered_as_get_and_sigterm_stops_as_ctrl_c_does() -> None:
+    """``curl -I`` got 405 for the page and every GET route (FastAPI routes GET only).
+    SIGTERM, a supervisor's stop, is the server's normal end as Ctrl-C is: exit 0 and
+    "stopped" (README's table said 143, the code's and the docs' serve section 0)."""
+    cmd = [sys.executable, "-m", "attnlab.cli", "serve", "--port", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().split()[2]
+        for path in ("", "api/health", "static/app.js"):
+            with urllib.request.urlopen(url + path, timeout=60) as r:
+                got = r.read()
+            status, length, body = _head(url + path)
+            assert (status, body) == (200, b"") and length == str(len(got)), path
+        assert _head(url + "api/attend")[0] == 405  # POST only
+        assert _head(url + "nowhere")[0] == 404
+        _stops_cleanly(proc, signal.SIGTERM)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -38,7 +38,7 @@ import attnlab
 from attnlab.interpret.report import KEYS_JS
 from attnlab.serve import payload
 from attnlab.serve.bodies import ReadOffLoop
-from attnlab.serve.guard import Guard, Headers
+from attnlab.serve.guard import Guard, HeadAsGet, Headers
 from attnlab.serve.jobs import Job, Worker
 from attnlab.serve.limits import (
     ApiError,
@@ -218,6 +218,7 @@ def create_app(
     app.state.explorer = ex
     _errors(app)
     app.include_router(_ROUTER)  # (its ReadOffLoop routes read JSON bodies off the loop)
+    app.add_middleware(HeadAsGet)  # innermost: the Guard and Headers see the HEAD
     # bodies past the upload limit (as base64, in JSON) refused as they arrive
     app.add_middleware(Guard, max_body=ex.limits.max_upload_bytes * 4 // 3 + 65536, hosts=hosts)
     app.add_middleware(Headers)  # outermost: the Guard's refusals carry them too

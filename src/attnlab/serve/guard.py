@@ -17,6 +17,7 @@ and, for the API, the site a browser says the request comes from.
   ``<img src=".../api/models/NAME">`` made the server load a checkpoint. The page's own
   requests are ``same-origin``; one typed or opened by the user is ``none``; clients
   other than browsers send no such header and are let in.
+* :class:`HeadAsGet` answers ``HEAD`` as ``GET`` without the body.
 * :class:`Headers` puts :data:`SECURITY_HEADERS` on every answer, the gate's own refusals
   included: no MIME sniffing (a JSON answer read as HTML), no referrer, and a content
   policy that fits the page (its own scripts, styles and API; pictures from ``data:`` and
@@ -33,7 +34,7 @@ from starlette.exceptions import HTTPException
 
 from attnlab._hosts import LOOPBACK_HOSTS, host_name
 
-__all__ = ["LOOPBACK_HOSTS", "SECURITY_HEADERS", "Guard", "Headers", "host_name"]
+__all__ = ["LOOPBACK_HOSTS", "SECURITY_HEADERS", "Guard", "HeadAsGet", "Headers", "host_name"]
 
 SECURITY_HEADERS: dict[str, str] = {
     "x-content-type-options": "nosniff",
@@ -151,6 +152,37 @@ class Headers:
             if not started:
                 await _answer(headed, 500, "internal server error")
             raise  # (the server logs it; an answer begun is not answered twice)
+
+
+class HeadAsGet:
+    """ASGI middleware: ``HEAD`` answered as ``GET`` is, headers only (FastAPI routes a
+    GET for GET alone, so ``curl -I`` got 405); a POST-only route still answers 405.
+
+    Example:
+        >>> from starlette.applications import Starlette
+        >>> from starlette.responses import PlainTextResponse
+        >>> from starlette.routing import Route
+        >>> from starlette.testclient import TestClient
+        >>> async def hello(request): return PlainTextResponse("hello")
+        >>> app = Starlette(routes=[Route("/", hello, methods=["GET"])])
+        >>> r = TestClient(HeadAsGet(app)).head("/")
+        >>> r.status_code, r.headers["content-length"], r.content
+        (200, '5', b'')
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            return await self.app(scope, receive, send)
+
+        async def headless(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headless)
 
 
 async def _answer(send: Send, status: int, detail: str) -> None:
