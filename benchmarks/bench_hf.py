@@ -32,6 +32,9 @@ and ``ratio = anchor / attnlab`` (> 1: attnlab is faster):
   (transformers refuses ``sdpa`` for it) and, forward only with ``--flex``, against
   ``flex_attention`` (compiled; it has no backward on the CPU), and greedy decoding of 64
   tokens after 1024 against ``eager`` (best of 7 rounds); no target of the issue;
+* ``bf16``: the Llama-style model in bfloat16, prefill of ``--padded-n`` tokens and greedy
+  decoding of ``--new`` tokens after it, against ``sdpa`` (no target of the issue: half
+  precision is where torch's CPU SDPA is slow on a decoding step), best of 7 rounds;
 * ``sinks``: the same for a gpt-oss-style model (a sink logit per head, local layers of
   window 128 between global ones, 4 experts) against ``eager``, the only other
   implementation transformers runs it with on the CPU (its ``flex_attention`` refuses
@@ -61,7 +64,7 @@ import torch
 from attnlab.cli._args import int_in, parse_smoke, script_parser
 
 VOCAB = 512
-CASES = ("window", "memory", "dense", "weights", "padded", "static", "softcap", "sinks")
+CASES = ("window", "memory", "dense", "weights", "padded", "static", "softcap", "sinks", "bf16")
 
 
 def build(kind: str, layers: int, window: int, impl: str) -> torch.nn.Module:
@@ -262,6 +265,26 @@ def dense_case(args: argparse.Namespace) -> list[dict]:
     """Prefill and greedy decoding of the Llama-style model against sdpa."""
     ids = torch.randint(0, VOCAB, (1, args.dense_n))
     models = {i: build("dense", args.layers, 0, i) for i in ("sdpa", "attnlab")}
+    return _prefill_and_decode("dense", models, ids, args, n=args.dense_n, layers=args.layers)
+
+
+def bf16_case(args: argparse.Namespace) -> list[dict]:
+    """Prefill and greedy decoding of the Llama-style model in bfloat16 against sdpa."""
+    ids = torch.randint(0, VOCAB, (1, args.padded_n))
+    models = {i: build("dense", args.layers, 0, i).bfloat16() for i in ("sdpa", "attnlab")}
+    size = {"n": args.padded_n, "layers": args.layers, "dtype": "bfloat16"}
+    return _prefill_and_decode("bf16", models, ids, args, **size)
+
+
+def _prefill_and_decode(
+    case: str,
+    models: dict[str, torch.nn.Module],
+    ids: torch.Tensor,
+    args: argparse.Namespace,
+    **size: object,
+) -> list[dict]:
+    """A prefill row and a decoding row of ``args.new`` greedy tokens after ``ids (1, L)``,
+    each model's best of ``args.dense_repeat`` alternating rounds."""
 
     def prefill(m: torch.nn.Module) -> Callable[[], object]:
         def run() -> object:
@@ -270,12 +293,11 @@ def dense_case(args: argparse.Namespace) -> list[dict]:
 
         return run
 
-    size = {"n": args.dense_n, "layers": args.layers}
     secs = best_times({k: prefill(m) for k, m in models.items()}, args.dense_repeat)
-    rows = [_row("dense", "prefill", "sdpa", secs, **size)]
+    rows = [_row(case, "prefill", "sdpa", secs, **size)]
     ones = torch.ones_like(ids)
     decode, same = decode_seconds(models, ids, args.new, args.dense_repeat, attention_mask=ones)
-    rows.append(_row("dense", f"decode {args.new}", "sdpa", decode, **size, same_tokens=same))
+    rows.append(_row(case, f"decode {args.new}", "sdpa", decode, **size, same_tokens=same))
     return rows
 
 
@@ -416,6 +438,7 @@ def main() -> None:
     run["weights"], run["padded"], run["static"] = weights_case, padded_case, static_case
     run["softcap"] = lambda a: family_case(a, "softcap")
     run["sinks"] = lambda a: family_case(a, "sinks")
+    run["bf16"] = bf16_case
     for case in args.cases:
         for row in run[case](args):
             print(json.dumps(row), flush=True)
