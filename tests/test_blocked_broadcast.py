@@ -73,11 +73,11 @@ def test_broadcast_kv_is_read_once(
         assert ours.shape == r.shape, what
         assert_2x_rule(ours, pt, r, f"{case} {what}")
     (req,) = seen
-    folded = case not in ("padding", "alibi")
+    folded = case not in ("padding", "alibi")  # the batch attnlab broadcast, gradients too
     assert req.k.shape[0] == req.v.shape[0] == (1 if folded else BATCH)
     assert req.q.shape[:2] == ((1, HEADS * BATCH) if folded else (BATCH, HEADS))
-    if heads_expanded:
-        assert req.k.shape[1] == req.v.shape[1] == 1
+    if heads_expanded:  # the caller's expand: per-head gradients asked of it, not folded
+        assert req.k.shape[1] == req.v.shape[1] == HEADS
 
 
 def test_broadcast_kv_lse_and_no_grad() -> None:
@@ -89,3 +89,53 @@ def test_broadcast_kv_lse_and_no_grad() -> None:
     ref = attnlab.attention(q, k, v, mask=M.window(5), engine="reference", return_lse=True)
     torch.testing.assert_close(got.out, ref.out)
     torch.testing.assert_close(got.lse, ref.lse)
+
+
+def test_expanded_heads_fold_without_grad(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Heads a caller expanded are read once where no gradient is wanted."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(BATCH, HEADS, L, 8), torch.randn(1, 1, L, 8), torch.randn(1, 1, L, 8)
+    kk, vv = (t.expand(-1, HEADS, -1, -1) for t in (k, v))
+    seen = _spy(monkeypatch)
+    got = attnlab.attention(q, kk, vv, mask=M.causal(), engine="blocked")
+    ref = attnlab.attention(q, kk, vv, mask=M.causal(), engine="reference")
+    torch.testing.assert_close(got, ref)
+    (req,) = seen
+    assert req.k.shape[:2] == req.v.shape[:2] == (1, 1)
+
+
+def _stride0_grads(engine: str, shape: tuple[int, ...], how: str) -> list[Tensor]:
+    """The gradients of a stride-0 ``k`` and ``v`` of ``shape`` (one ``(1, 1, 64, 16)``
+    tensor expanded) that a caller asks for per index, ``how``: a leaf (both the same one,
+    or two), ``autograd.grad`` of the expanded views, or their ``retain_grad``; fp64."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 64, 16, dtype=torch.float64)
+    base = torch.randn(1, 1, 64, 16, dtype=torch.float64, requires_grad=how != "leaf")
+    k = base.expand(shape)
+    v = base.detach().expand(shape) if how != "same leaf" else k
+    if how in ("leaf", "same leaf"):
+        k.requires_grad_()
+    if how == "retain_grad":
+        v = base.flip(2).expand(shape)
+        k.retain_grad(), v.retain_grad()
+    out = attnlab.attention(q, k, v, mask=M.causal(), engine=engine)
+    loss = (out * torch.arange(out.numel()).reshape(out.shape).sin()).sum()
+    if how == "retain_grad":
+        loss.backward()
+        return [k.grad, v.grad]  # type: ignore[list-item]
+    wanted = (k,) if how == "same leaf" else (k, v) if v.requires_grad else (k,)
+    return list(torch.autograd.grad(loss, wanted))
+
+
+@pytest.mark.parametrize("how", ["leaf", "same leaf", "autograd.grad", "retain_grad"])
+@pytest.mark.parametrize("shape", [(2, 2, 64, 16), (1, 2, 64, 16), (2, 1, 64, 16)])
+def test_a_stride0_kv_gets_its_gradient_per_index(shape: tuple[int, ...], how: str) -> None:
+    """A stride-0 k or v whose own gradient is asked for got the whole sum at index 0 and
+    zeros elsewhere (audit A4: dk[0, 0, 0, 0] 5.1786 and dk[1, 1, 0, 0] 0.0 where the
+    reference has 0.6818 and 1.7152): the folded K's gradient put there for an expand's
+    backward to sum. Per index as the reference engine's, in fp64."""
+    got = _stride0_grads("blocked", shape, how)
+    ref = _stride0_grads("reference", shape, how)
+    for ours, r in zip(got, ref, strict=True):
+        assert ours.shape == r.shape
+        torch.testing.assert_close(ours, r, rtol=1e-10, atol=1e-10)

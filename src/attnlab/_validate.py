@@ -9,7 +9,7 @@ from __future__ import annotations
 import numbers
 import os
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -210,7 +210,41 @@ def _broadcast_batch(*ts: Tensor) -> tuple[Tensor, ...]:
     if len({s for s in sizes if s != 1}) > 1:
         raise ValueError(f"batch sizes of q, k, v must match or be 1; got {sizes}")
     b = broadcast_batch_size(*ts)
-    return tuple(t.expand(b, *t.shape[1:]) if t.shape[0] != b else t for t in ts)
+    return tuple(_expand_batch(t, b) if t.shape[0] != b else t for t in ts)
+
+
+_OURS = "attnlab.broadcast_batch"  # the key marking our batch expand's autograd node
+
+
+def _expand_batch(t: Tensor, b: int) -> Tensor:
+    """``t (1, ...)`` expanded to ``(b, ...)``; where autograd records it, its node marked
+    as ours (:func:`batch_broadcast_here`). Not under torch.compile (unmarked then)."""
+    out = t.expand(b, *t.shape[1:])
+    if out.grad_fn is not None and not torch.compiler.is_compiling():
+        _marks(out.grad_fn)[_OURS] = True
+    return out
+
+
+def _marks(node: Any) -> dict[str, bool]:
+    """An autograd node's metadata dict (an attribute at run time, a method in the stubs)."""
+    marks: dict[str, bool] = node.metadata
+    return marks
+
+
+def batch_broadcast_here(t: Tensor) -> bool:
+    """Whether ``t`` is the batch broadcast of a batch of 1 that :func:`validate_qkv` made
+    itself, with autograd recording it: nobody else holds ``t``, so no gradient of ``t``
+    itself is asked for, only of the tensor it broadcast (which its expand's backward sums
+    over the batch). An engine that computes such a batch once may put its gradient on
+    index 0 of ``t``'s batch. False for a tensor a caller expanded.
+
+    Example:
+        >>> x = torch.zeros(1, 2, 3, 4, requires_grad=True)
+        >>> q, k, v = validate_qkv(torch.zeros(5, 2, 3, 4), x, x, same_dim=True)
+        >>> batch_broadcast_here(k), batch_broadcast_here(x.expand(5, -1, -1, -1))
+        (True, False)
+    """
+    return t.grad_fn is not None and _marks(t.grad_fn).get(_OURS, False)
 
 
 def check_broadcast(

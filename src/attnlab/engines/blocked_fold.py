@@ -10,6 +10,15 @@ whose key/value head under the grouping ``(Hq / Hkv) * B`` is ``hq // (Hq / Hkv)
 right one. The mask and bias must then be the same for every batch item and head (a
 per-head one would see head ``hq * B + b``), and no sinks or weights are asked for. Heads
 expanded with stride 0 are read once (``Hkv = 1``) whatever the mask.
+
+The folded K and V get one gradient for all the indices they stand for, their sum: it
+lands on index 0 (zeros elsewhere), right only where the gradient then goes through an
+expand's backward, which sums it. A caller that asks for the gradient of the broadcast
+tensor itself (a stride-0 leaf, ``autograd.grad`` of an expanded ``k``, ``retain_grad``,
+a hook) would see the whole sum at index 0, and nothing here can tell that caller from
+one whose expand sums it. So where autograd wants K's or V's gradient, only the batch
+broadcast that attnlab made itself folds (:func:`attnlab._validate.batch_broadcast_here`);
+a caller's stride-0 view is made contiguous, whose gradient is per index.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from attnlab._validate import batch_broadcast_here
 from attnlab.engines.base import AttentionRequest
 
 __all__ = ["fold", "unfold"]
@@ -67,14 +77,25 @@ def _batch_free(req: AttentionRequest) -> bool:
     return req.sinks is None and not req.return_weights
 
 
+def _foldable(t: Tensor, dim: int) -> bool:
+    """Whether ``t`` repeats one slice along ``dim`` and the gradient :class:`_First` gives
+    it there is right: none wanted, or ``t`` is attnlab's own batch broadcast."""
+    if not _shared(t, dim):
+        return False
+    if not (t.requires_grad and torch.is_grad_enabled()):
+        return True
+    return dim == 0 and batch_broadcast_here(t)
+
+
 def fold(req: AttentionRequest) -> AttentionRequest:
     """``req`` with broadcast keys and values read once: heads expanded with stride 0 as
     one key/value head, and a broadcast batch folded into the query heads where
-    :func:`_batch_free`; ``req`` itself where neither applies (see the module's note)."""
+    :func:`_batch_free`; ``req`` itself where neither applies or the gradients would not
+    be right (see the module's note)."""
     dims: tuple[int, ...] = ()
-    if _shared(req.k, 0) and _shared(req.v, 0) and _batch_free(req):
+    if _foldable(req.k, 0) and _foldable(req.v, 0) and _batch_free(req):
         dims = (0,)
-    if _shared(req.k, 1) and _shared(req.v, 1):
+    if _foldable(req.k, 1) and _foldable(req.v, 1):
         dims += (1,)
     if not dims:
         return req
