@@ -15,7 +15,8 @@ from torch import Tensor
 
 import attnlab
 from attnlab import masks
-from attnlab.engines import blocked_autograd
+from attnlab.engines import blocked_autograd, get_engine
+from attnlab.engines.base import AttentionRequest
 from tests.conftest import assert_2x_rule, max_err
 
 N, E = 97, 40
@@ -155,3 +156,21 @@ def test_few_query_rows_with_grad_keep_the_2x_rule(head_dim: int) -> None:
         )
     medians = torch.tensor(ratios).median(dim=0).values  # out, dq, dk, dv
     assert bool((medians <= 2.0).all()), medians.tolist()
+
+
+def test_the_kernels_lse_is_rounded_once() -> None:
+    """The kernel's float32 logsumexp in log2 units was multiplied by ln 2 in float32, a
+    second rounding (lse 1.51x plain PyTorch's float32 error at the median of one-row
+    calls, audit A4): the lse the engine returns is the float64 product rounded once, as
+    ``forward_given`` gives it (float64, from the same kernel call)."""
+    if blocked_autograd.kernel() is None:
+        pytest.skip(f"attnlab's CPU kernel could not be built: {blocked_autograd.kernel_error()}")
+    engine = get_engine("blocked")
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        q, k, v = (torch.randn(1, h, n, E, generator=g) * 3 for h, n in ((3, 64), (1, N), (1, N)))
+        got = attnlab.attention(q, k, v, engine="blocked", return_lse=True)
+        req = AttentionRequest(q, k, v, None, None, E**-0.5, "dot", "softmax", 0.0, False, True)
+        given = engine.forward_given(req)
+        assert given is not None
+        assert torch.equal(got.lse, given[1].float())

@@ -349,7 +349,7 @@ def _forward_with_weights(
         out, lse2, work = ops().forward_weights(
             q, k, v, *kplan.args(), req.scale, blocked_autograd.ROWS[0], w, dirty, PAGE // 4
         )
-    lse = lse2 * blocked_autograd.LN2  # the kernel's logsumexp is in log2 units
+    lse = blocked_autograd.natural_lse(lse2)  # the kernel's logsumexp is in log2 units
     blocked_autograd.STATS["scores"] = work
     if req.sinks is not None:  # the sinks take their share of every row, weights too
         out, total = with_sinks(out, lse, req.sinks)

@@ -15,7 +15,6 @@ read the kernel's work counter in :data:`STATS`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +26,9 @@ from attnlab._grid import Grid
 from attnlab.engines._leaves import bias_leaves, holding
 from attnlab.engines._native import kernel, kernel_error
 from attnlab.engines.base import AttentionRequest, may_hold_nan, weighted_values
-from attnlab.engines.blocked_plan import Block, KernelPlan, Plan, widen
+from attnlab.engines.blocked_plan import LN2 as LN2
+from attnlab.engines.blocked_plan import LOG2E as LOG2E
+from attnlab.engines.blocked_plan import Block, KernelPlan, Plan, natural_lse, widen
 from attnlab.scores import grouped_matmul, scores_of
 
 __all__ = [
@@ -155,7 +156,6 @@ USE_KERNEL = True  # tests switch this off to check torch's per-block kernel
 # dP over that span between two passes, and transposes them in vector blocks (32: 18-28%
 # faster forward+backward than 64 on AVX512 and AVX2, 2026-12-01; see the README)
 ROWS = [32, 32]
-LN2, LOG2E = math.log(2.0), 1.0 / math.log(2.0)  # the kernel's logsumexp is in log2 units
 # floats a row group of the kernel's backward may keep of its P, dP (and a cap's
 # derivative) over its key span, for a delta of its own (blocked.cpp's kOwnDeltaFloats)
 KEEP_FLOATS = 1 << 22
@@ -283,7 +283,7 @@ class BlockedAttention(torch.autograd.Function):
         if ops is not None:
             out, lse2, work = ops.forward(q, k, v, *kplan.args(), req.scale, ROWS[0])  # type: ignore[union-attr]
             STATS["scores"] = work
-            return out, lse2 * LN2, lse2  # the kernel's logsumexp is in log2 units
+            return out, natural_lse(lse2), lse2
         fused = req.softcap is None and _fused_ok(q, k, v, leaves)
         out = q.new_zeros((*q.shape[:3], v.shape[-1]))  # (B, Hq, Lq, Ev)
         lse = torch.full(q.shape[:3], float("-inf"), device=q.device, dtype=q.dtype)
