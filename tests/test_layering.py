@@ -1,5 +1,6 @@
 """The structure README describes, checked on the source: one-way imports, no private
-mask names outside ``masks/``, and rooms of readable size.
+mask names outside ``masks/``, rooms of readable size, and every module named in README's
+"Layout of the code".
 
 Each check runs on the real tree and, as a positive control, on a small snippet that
 breaks the rule, so a checker that sees nothing cannot pass.
@@ -8,12 +9,14 @@ breaks the rule, so a checker that sees nothing cannot pass.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "attnlab"
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 # A room may import rooms of a lower rank (or itself). README's order, bottom to top.
 RANKS = {
@@ -188,3 +191,53 @@ def test_no_page_script_is_over_the_size_limit() -> None:
     sizes = {p.relative_to(SRC): len(p.read_text().splitlines()) for p in SRC.rglob("*.js")}
     big = {str(p): n for p, n in sizes.items() if n > MAX_LINES}
     assert len(sizes) >= 4 and not big, f"scripts over {MAX_LINES} lines: {big}"
+
+
+def layout_block() -> str:
+    """README's "Layout of the code" block (the text between its fences)."""
+    return README.read_text().split("## Layout of the code", 1)[1].split("```", 2)[1]
+
+
+def unnamed_modules(block: str) -> list[str]:
+    """Modules the layout block does not name: a top-level one by its file name anywhere
+    in it, a package's public one by its name as a word in the package's own entry."""
+    entries: dict[str, str] = {}
+    name = ""
+    for line in block.splitlines():
+        if re.match(r"  \S", line):  # an entry starts at column 2; its text runs on below
+            name = line.split()[0]
+        entries[name] = entries.get(name, "") + line + "\n"
+    missing = []
+    for path in sources():
+        rel = path.relative_to(SRC)
+        if path.name.startswith("__") or (len(rel.parts) > 1 and path.stem.startswith("_")):
+            continue
+        text, word = (
+            (block, path.name)
+            if len(rel.parts) == 1
+            else (entries.get(f"{rel.parts[0]}/", ""), path.stem)
+        )
+        if not re.search(rf"(?<![\w/.]){re.escape(word)}(?![\w])", text):
+            missing.append(str(rel))
+    return missing
+
+
+def test_every_module_is_named_in_the_readme_layout() -> None:
+    """The list had fallen behind the tree (blocked_fold, flex_mods, zeros, ulysses, the
+    top-level helpers, and interpret's plot called "plots")."""
+    missing = unnamed_modules(layout_block())
+    assert not missing, f"modules README's Layout of the code does not name: {missing}"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "module"),
+    [
+        ("flex_mods", "flex's mods", "engines/flex_mods.py"),
+        (" plot (", " plots (", "interpret/plot.py"),
+        ("_timing.py", "_timing", "_timing.py"),
+    ],
+)
+def test_layout_check_catches_an_unnamed_module(old: str, new: str, module: str) -> None:
+    block = layout_block()
+    assert old in block
+    assert module in unnamed_modules(block.replace(old, new))
