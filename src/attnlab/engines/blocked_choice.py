@@ -7,7 +7,8 @@ prints those timings; ``README`` has the table):
 * A call SDPA cannot compute (soft-capping, sinks, ``return_lse``, weights, cosine
   scores) goes to the reference engine otherwise, whose dense ``Lq x Lk`` scores lose
   from about 128 x 128 on in float32 (256 x 256 in half precision); weights only where
-  the compiled forward writes them beside the output (an interval mask, no bias, float32).
+  the compiled forward writes them beside the output (an interval mask, no bias, float32),
+  else from ``2**20`` pairs, and without the kernel only by the mask rule below.
 * An ALiBi-like bias (linear in distance): SDPA reads it as a dense ``Hq x Lq x Lk``
   tensor, the kernel computes it in its tiles. Float32 from ``2**17`` (query, key) pairs.
 * A few query rows against a long cache under an interval mask (a window, documents)
@@ -96,9 +97,13 @@ def _eager_rule(engine: _Planner, req: AttentionRequest, pairs: int) -> bool:
     that SDPA cannot serve, and on the CPU long ones whose mask leaves most tiles empty."""
     if pairs < LONG:
         return False
-    if req.softcap is not None or req.sinks is not None or req.return_lse or req.score != "dot":
+    sdpa_cannot = req.softcap is not None or req.sinks is not None or req.score != "dot"
+    if (sdpa_cannot or req.return_lse) and not req.return_weights:
         return True  # SDPA cannot: the reference engine's dense scores are the rest (cosine
-        # scores went there: 1.8x the time of blocked at 2048 x 2048 in float64)
+        # scores went there: 1.8x the time of blocked at 2048 x 2048 in float64). Weights
+        # only by the kernel's rule or the mask's below: blocked recomputes them per block,
+        # 0.7-2.2x reference's time at 512 x 512 (slower in 22 of 24), float64 0.6-2.1x
+        # to 2048 x 2048 (slower in 9 of 12)
     if not req.q.is_cpu:  # blocks in eager torch: 8-38x slower than SDPA on an H200
         return False
     if req.mask is None or (req.mask.is_causal and req.bias is None):
