@@ -105,6 +105,36 @@ def test_custom_mask_class_example_uses_the_protocol() -> None:
     assert namespace["out"].shape == (1, 8, 8192, 64)  # type: ignore[attr-defined]
 
 
+def test_select_engine_example_prints_what_auto_picks(capsys: pytest.CaptureFixture[str]) -> None:
+    """README's `select_engine` example prints what `auto` picks, and its request is the one
+    `attention` builds from the same arguments (and hands to `select_engine`)."""
+    from attnlab.engines import select_engine
+    from attnlab.functional import _request
+
+    namespace: dict[str, object] = {}
+    exec(compile(_block_with("py", "select_engine"), "README.md", "exec"), namespace)
+    assert capsys.readouterr().out.strip() == "blocked"
+    q, req, masks = namespace["q"], namespace["req"], namespace["masks"]
+    built = _request(q, q, q, masks.causal(), None, None, "dot", "softmax", 0.0, False, True)  # type: ignore[arg-type, attr-defined]
+    assert req.scale == built.scale and req.return_lse and not req.return_weights  # type: ignore[attr-defined]
+    assert select_engine("auto", built).name == "blocked"
+
+
+def test_multi_head_attention_row_names_every_argument() -> None:
+    """The building-blocks table's MultiHeadAttention row lists the constructor's and
+    forward's arguments (it had left out scale=, score= and residual)."""
+    import inspect
+
+    from attnlab.nn import MultiHeadAttention
+
+    row = next(r for r in README.read_text().splitlines() if r.startswith("| `MultiHeadAttention("))
+    init, forward = row.split(" | ")[0], row.split("`forward(")[1].split(")")[0]
+    for name in list(inspect.signature(MultiHeadAttention.__init__).parameters)[3:]:
+        assert f"{name}=" in init, name
+    for name in list(inspect.signature(MultiHeadAttention.forward).parameters)[1:]:
+        assert re.search(rf"\b{name}\b", forward), name
+
+
 def test_meta_device_example_draws_every_parameter() -> None:
     namespace: dict[str, object] = {}
     torch.manual_seed(0)
