@@ -271,8 +271,6 @@ class MultiHeadAttention(nn.Module):
         q, k, v = self._heads(query, None if is_self else key, value, cache, positions)
         res = self._attend(q, k, v, mask, bias, need_weights)
         out = res.out if isinstance(res, AttentionOutput) else res  # (B, H, Lq, E)
-        if cache is not None and not out.requires_grad:
-            cache._unsaved()  # no graph saved the cache's keys: the next step may write in
         b, h, lq, e = out.shape
         out = out.transpose(1, 2).reshape(b, lq, h * e)  # (B, Lq, H E)
         out = module_linear(self.out_proj, out, residual=residual)  # (B, Lq, D)

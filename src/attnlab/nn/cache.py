@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from attnlab._eager import as_written, compiling
 from attnlab._validate import nonnegative_int, positive_int, validate_flag
 from attnlab.nn import _cache_state
 from attnlab.nn._cache_state import DeviceLike
@@ -25,7 +26,10 @@ class KVCache:
     """Growing ``(B, Hkv, L, E)`` key and value buffers of one attention layer.
 
     Storage grows by doubling, so appending one step at a time costs amortized O(1)
-    copies per step instead of re-concatenating the whole history.
+    copies per step instead of re-concatenating the whole history, in every grad mode.
+    Two cases copy more: steps whose ``k`` or ``v`` need a gradient are concatenated (each
+    append copies the history, so gradients reach every cached step), and the first append
+    after :meth:`crop` under grad mode copies the kept positions once (see there).
 
     Example:
         >>> import torch
@@ -55,11 +59,13 @@ class KVCache:
         self._v: Tensor | None = None  # (B, Hkv, capacity, Ev)
         self._len = 0
         # whether the storage is the cache's own to write into: not after set() (the
-        # caller's tensors) or load_state_dict(), nor while it is lent (below)
+        # caller's tensors) or load_state_dict(), nor after a concatenation (autograd's)
         self._owned = False
-        # whether an append under grad mode handed the storage out: the step's backward
-        # may have saved it, and any write into it (even past the saved length) would fail
-        # that backward ("modified by an inplace operation"), so the next append copies
+        # the storage's positions handed out since it was allocated: views of [0, _high)
+        # may be saved by a backward, so writes below it copy or bump the version counter
+        # (see _write); _high >= _len
+        self._high = 0
+        # whether an append under grad mode handed views of the storage out since then
         self._lent = False
         self._cross = False  # filled by set() (cross-attention), not by append()
 
@@ -86,13 +92,12 @@ class KVCache:
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Add ``k (B, Hkv, T, E)`` and ``v (B, Hkv, T, Ev)``; return all cached keys/values.
 
-        Outside grad mode (``torch.no_grad``, ``torch.inference_mode``) the step is written
-        into the cache's storage, which grows by doubling, and views of it are returned.
-        Under grad mode the returned tensors may be saved by a backward (through the keys,
-        or only through the queries or a bias), so the next append leaves them as they are
-        and concatenates: gradients flow through every cached step. A layer that built no
-        graph says so (:class:`~attnlab.nn.MultiHeadAttention` does), and its next append
-        writes in place again.
+        The step is written into the cache's storage, which grows by doubling, and views
+        of it are returned, in every grad mode. A backward may have saved earlier views
+        (through the keys, or only through the queries or a bias): the write lies past
+        them and leaves their version counter as it was, so that backward still runs (see
+        :meth:`crop` for writes over them). Steps whose ``k`` or ``v`` need a gradient are
+        concatenated instead, so gradients flow through every cached step.
 
         Example:
             >>> c = KVCache()
@@ -110,14 +115,13 @@ class KVCache:
         if self._len == 0 and not self.takes(k, v):
             self._k = self._v = None  # emptied (crop(0)): the next step may change its sizes
         grad = torch.is_grad_enabled()
-        if grad and (k.requires_grad or v.requires_grad or self._lent):
+        if grad and (k.requires_grad or v.requires_grad or self._tracked()):
             return self._concat(k, v, need)
-        if self._k is None or self._v is None or need > self._k.shape[2] or not self._writable():
-            self._grow(k, v, need)  # after crop(), a write would have reached those
+        if self._k is None or self._v is None or need > self._k.shape[2] or self._moves(grad):
+            self._grow(k, v, need)
+        self._write(k, v, need, grad)
+        self._lent |= grad
         assert self._k is not None and self._v is not None
-        self._k[:, :, self._len : need] = k
-        self._v[:, :, self._len : need] = v
-        self._len, self._lent = need, grad
         return self._k[:, :, :need], self._v[:, :, :need]
 
     def takes(self, k: Tensor, v: Tensor) -> bool:
@@ -131,7 +135,7 @@ class KVCache:
         _check_pair(k, v)  # (3-D keys were taken, with their E as the length)
         self._check_kind(cross=True)
         self._k, self._v, self._len, self._cross = k, v, k.shape[2], True
-        self._owned = self._lent = False
+        self._owned, self._high, self._lent = False, self._len, False
         return k, v
 
     def _check_kind(self, *, cross: bool) -> None:
@@ -152,7 +156,10 @@ class KVCache:
 
         Outside grad mode, the next appends write over those positions in place: keys and
         values handed out before the crop are views of the same storage and see the new
-        steps (``.clone()`` them to keep the old ones).
+        steps (``.clone()`` them to keep the old ones). Under grad mode, or once an append
+        under grad mode handed out views of the storage, the first append over those
+        positions copies the kept ones into new storage, so a backward that saved the old
+        keys still finds them.
 
         Example:
             >>> c = KVCache()
@@ -188,16 +195,19 @@ class KVCache:
         self._k = self._k.index_select(0, idx)
         self._v = self._v.index_select(0, idx)
         self._owned = not (self._k.requires_grad or self._v.requires_grad)
-        self._lent = False  # (new storage)
+        self._high, self._lent = self._len, False  # (new storage)
         return self
 
     def to(self, device: DeviceLike | None = None, dtype: torch.dtype | None = None) -> KVCache:
         """Move the cached keys and values to ``device`` and cast them to the floating-point
         ``dtype``, in place (like ``nn.Module.to``); return the cache. Later steps must come
         in the same dtype and on the same device."""
+        old = self._k
         self._k, self._v, self._owned = _cache_state.move(
             self._k, self._v, self._owned, device, dtype
         )
+        if self._k is not old:
+            self._high, self._lent = self._len, False  # (new storage)
         return self
 
     def state_dict(self) -> dict[str, Tensor]:
@@ -218,45 +228,93 @@ class KVCache:
     def _load(self, layer: _cache_state.Layer) -> None:
         k, v = layer.keys, layer.values
         self._k, self._v, self._cross, self._owned, self._lent = k, v, layer.cross, False, False
-        self._len = 0 if k is None else k.shape[2]
+        self._len = self._high = 0 if k is None else k.shape[2]
 
-    def _unsaved(self) -> None:
-        """The caller's step built no autograd graph (its output needs no gradient), so
-        nothing saved what the last append returned: the next may write into it again."""
-        self._lent = False
+    def _tracked(self) -> bool:
+        """Whether the storage is part of an autograd graph (earlier steps' ``k`` or ``v``
+        needed a gradient): appends under grad mode go on concatenating."""
+        k, v = self._k, self._v
+        return k is not None and v is not None and (k.requires_grad or v.requires_grad)
 
-    def _writable(self) -> bool:
-        """Whether appends may write into the storage: it is the cache's own, not lent to
-        autograd, and not an inference tensor (a prefill under ``torch.inference_mode``)
-        written outside it."""
+    def _moves(self, grad: bool) -> bool:
+        """Whether this append needs new storage though the step fits: it is not the
+        cache's own, it is an inference tensor (a prefill under ``torch.inference_mode``)
+        written outside it, or the step would write over views handed out under grad mode
+        (after :meth:`crop`), which a backward may have saved: copy on write."""
         frozen = self._k is not None and self._k.is_inference()
         inference = frozen and not torch.is_inference_mode_enabled()
-        return self._owned and not self._lent and not inference
+        over_lent = self._len < self._high and (grad or self._lent)
+        return not self._owned or inference or over_lent
+
+    def _write(self, k: Tensor, v: Tensor, need: int, grad: bool) -> None:
+        """Write the step into positions ``[_len, need)`` of the storage. Over views
+        handed out (after :meth:`crop`, outside grad mode): in place, the version counter
+        bumped, so a backward that saved them fails loudly. Past them: see
+        :func:`_write_past`; torch.compile would turn that write into a copy back into
+        the graph input, which bumps the version counter, so where views may be saved
+        (grad mode, or views handed out under it) a compiled step writes eagerly."""
+        assert self._k is not None and self._v is not None
+        a = self._len
+        if a < self._high:
+            self._k[:, :, a:need] = k  # (B, Hkv, T, E)
+            self._v[:, :, a:need] = v  # (B, Hkv, T, Ev)
+        else:
+            saved = grad or self._lent
+            write = _write_eagerly if saved and compiling() else _write_past
+            write(self._k, k, a)
+            write(self._v, v, a)
+        self._len, self._high = need, max(self._high, need)
 
     def _concat(self, k: Tensor, v: Tensor, need: int) -> tuple[Tensor, Tensor]:
-        """Append under autograd: new tensors each step, since writing into the storage
-        would change the keys and values earlier steps saved for their backward."""
+        """Append a step whose ``k`` or ``v`` needs a gradient (or onto keys that do) under
+        grad mode: new tensors each step, so the graph reaches every cached step."""
         old_k, old_v = self.keys, self.values
         if self._len == 0 or old_k is None or old_v is None:
             self._k, self._v = k.clone(), v.clone()
         else:
             self._k, self._v = torch.cat((old_k, k), 2), torch.cat((old_v, v), 2)
-        self._len, self._lent = need, True  # fresh, and lent to the step's backward
-        self._owned = not (self._k.requires_grad or self._v.requires_grad)
+        self._len = self._high = need
+        self._owned, self._lent = not self._tracked(), True
         return self._k, self._v
 
     def _grow(self, k: Tensor, v: Tensor, need: int) -> None:
-        cap = max(need, 2 * (0 if self._k is None else self._k.shape[2]), 16)
+        """New storage for ``need`` positions, the kept ones copied: doubling when it
+        must grow, the same capacity otherwise (copy on write)."""
+        old = 0 if self._k is None else self._k.shape[2]
+        cap = max(need, 16, old if need <= old else 2 * old)
         nk = k.new_empty(k.shape[0], k.shape[1], cap, k.shape[3])  # (B, Hkv, cap, E)
         nv = v.new_empty(v.shape[0], v.shape[1], cap, v.shape[3])  # (B, Hkv, cap, Ev)
         if self._k is not None and self._v is not None and self._len:
             nk[:, :, : self._len] = self._k[:, :, : self._len]
             nv[:, :, : self._len] = self._v[:, :, : self._len]
-        self._k, self._v, self._owned, self._lent = nk, nv, True, False
+        self._k, self._v, self._owned = nk, nv, True
+        self._high, self._lent = self._len, False
 
     def __repr__(self) -> str:
         shape = None if self._k is None else (*self._k.shape[:2], self._len, self._k.shape[3])
         return f"KVCache(length={self._len}, shape={shape})"
+
+
+def _write_past(buf: Tensor, x: Tensor, start: int) -> None:
+    """Write ``x (B, Hkv, T, E)`` into positions ``[start, start + T)`` of ``buf (B, Hkv,
+    capacity, E)``, past every view of ``buf`` handed out, through ``.data``: the same
+    memory under a new version counter. ``buf``'s counter, which its views share, stays,
+    so a backward that saved a view still runs, and no byte it saved changed.
+
+    Example:
+        >>> buf, q = torch.zeros(1, 1, 4, 2), torch.ones(1, 1, 1, 2, requires_grad=True)
+        >>> loss = (q @ buf[:, :, :2].transpose(-1, -2)).sum()  # saves the view
+        >>> _write_past(buf, torch.ones(1, 1, 2, 2), 2)
+        >>> loss.backward()  # (buf[:, :, 2:] = ... fails it: "modified by an inplace")
+        >>> buf._version, buf[0, 0, :, 0].tolist()
+        (0, [0.0, 0.0, 1.0, 1.0])
+    """
+    buf.data[:, :, start : start + x.shape[2]] = x
+
+
+_write_eagerly = as_written("traced, a write into an input is a copy back into all of it")(
+    _write_past
+)
 
 
 def _check_pair(k: object, v: object) -> None:
