@@ -97,7 +97,9 @@ class KVCache:
         (through the keys, or only through the queries or a bias): the write lies past
         them and leaves their version counter as it was, so that backward still runs (see
         :meth:`crop` for writes over them). Steps whose ``k`` or ``v`` need a gradient are
-        concatenated instead, so gradients flow through every cached step.
+        concatenated instead, so gradients flow through every cached step. Compiled, a step
+        outside grad mode writes in the graph (a version bump): a backward that saved keys
+        handed out outside grad mode then fails loudly; run that step eagerly.
 
         Example:
             >>> c = KVCache()
@@ -233,8 +235,7 @@ class KVCache:
     def _tracked(self) -> bool:
         """Whether the storage is part of an autograd graph (earlier steps' ``k`` or ``v``
         needed a gradient): appends under grad mode go on concatenating."""
-        k, v = self._k, self._v
-        return k is not None and v is not None and (k.requires_grad or v.requires_grad)
+        return any(t is not None and t.requires_grad for t in (self._k, self._v))
 
     def _moves(self, grad: bool) -> bool:
         """Whether this append needs new storage though the step fits: it is not the
