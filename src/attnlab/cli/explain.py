@@ -71,8 +71,8 @@ def add_parsers(sub: Any) -> None:
         type=int_in(0, MAX_FLOW_TOKENS),
         default=64,
         help=f"attention flow only up to this many tokens, at most {MAX_FLOW_TOKENS} (default "
-        "%(default)s; MiniLM's flow takes about 10 s at 50 tokens, 25 s at 100, 6 min at 200, "
-        "15 min at 250: a line on stderr shows the rows done and the time left)",
+        "%(default)s); MiniLM's flow takes about 10 s at 50 tokens, 25 s at 100, 6 min at 200, "
+        "15 min at 250, and a line on stderr shows the rows done and the time left",
     )
     add_model_option(p)
     p.add_argument(
