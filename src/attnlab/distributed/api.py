@@ -341,7 +341,7 @@ def _check_table(meta: Tensor, g: Group, layout: str) -> int:
     )
     for col, name in enumerate(names):
         if name is not None and bool((meta[:, col] != meta[0, col]).any()):
-            raise ValueError(f"ranks disagree on the {name}: {_per_rank(col, meta[:, col])}")
+            raise ValueError(f"ranks disagree on the {name}: {_per_rank(name, meta[:, col])}")
     lengths = meta[:, 3].tolist()
     n = int(sum(lengths))
     want = shard_lengths(n, g.world, layout)
@@ -354,20 +354,20 @@ def _check_table(meta: Tensor, g: Group, layout: str) -> int:
     return n
 
 
-def _per_rank(col: int, codes: Tensor) -> str:
-    """Column ``col`` of the table over the ranks, its dtype, layout or strategy codes by
+def _per_rank(name: str, codes: Tensor) -> str:
+    """The table's ``name`` column over the ranks, a dtype, layout or strategy code by
     name ("rank 0: float32, rank 1: float64"; the codes were printed as ``[1, 0]``)."""
     values = codes.tolist()
-    if col not in (6, 8, 9):
+    if name not in ("dtype", "layout", "strategy"):
         return f"{values} over ranks 0..{len(values) - 1}"
-    return ", ".join(f"rank {r}: {_code_name(col, c)}" for r, c in enumerate(values))
+    return ", ".join(f"rank {r}: {_code_name(name, c)}" for r, c in enumerate(values))
 
 
-def _code_name(col: int, code: int) -> str:
-    """The dtype (column 6), layout (8) or strategy (9) that ``code`` stands for."""
-    if col == 6:
+def _code_name(name: str, code: int) -> str:
+    """The dtype, layout or strategy (``name``) that ``code`` stands for."""
+    if name == "dtype":
         return meta_dtype(code)
-    choices = LAYOUTS if col == 8 else STRATEGIES
+    choices = LAYOUTS if name == "layout" else STRATEGIES
     return choices[code] if 0 <= code < len(choices) else "an invalid one"
 
 
