@@ -45,7 +45,8 @@ LN2, LOG2E = math.log(2.0), 1.0 / math.log(2.0)  # the kernel's logsumexp is in 
 def natural_lse(lse2: Tensor) -> Tensor:
     """The kernel's logsumexp in log2 units ``(B, Hq, Lq)`` in natural-log units, in its
     dtype: multiplied in float64 and rounded once (multiplied in float32, it was rounded
-    twice: 1.5x plain PyTorch's float32 error at the median of one-row calls).
+    twice). One-row calls stay at 1.5x plain PyTorch's float32 error at the median, from
+    the kernel's scores (README, "few rows"), not from this rounding.
 
     Example:
         >>> natural_lse(torch.tensor([1.0, float("-inf")])).tolist()

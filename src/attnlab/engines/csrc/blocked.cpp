@@ -18,7 +18,7 @@
 //          computed once (see store_weights).
 // Decode   (decode: a few query rows per key/value head, no autograd; float32, bfloat16 or
 //          float16, each chunk of half-precision keys and values converted to float32 in a
-//          small buffer per task, the sums in float32 as for float32): the query heads that
+//          small buffer per worker, the sums in float32 as for float32): the query heads that
 //          share a key/value head are the rows of one product, so each key and value is read
 //          once; keys split into parts run in parallel and merged; an interval mask reads
 //          only each row's interval (see "Decoding" below); a row that a NaN value of a
@@ -1595,7 +1595,8 @@ void with_element(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 // out (B, Hq, Lq, Ev) = softmax(scale Q K^T) V, for R = Hq / Hk * Lq rows per key/value
 // head of at most 64 (float32, bfloat16 or float16, summed in float32, out in q's dtype;
 // the last dimension of each input contiguous); `lo`, `hi` (1 or B, Lq), int64: each query
-// row's first and last key (a mask's row bounds), or None: every key. `softcap` > 0 caps the scaled scores (softcap * tanh(s / softcap));
+// row's first and last key (a mask's row bounds), or None: every key. `softcap` > 0 caps
+// the scaled scores (softcap * tanh(s / softcap));
 // `sinks` (1 or B, Hq, 1 or Lq), float32: a logit per row in the softmax's denominator.
 at::Tensor decode_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           const c10::optional<at::Tensor>& lo,
