@@ -591,6 +591,9 @@ def test_key_and_value_shapes_are_named_as_given() -> None:
         ValueError, match=r"key must have query's batch size 2 \(or 1\), got key \(3"
     ):
         m(x, torch.randn(3, 7, 16))
+    for args, name in (((x, [[0.0] * 16]), "key"), ((x, x, [[0.0] * 16]), "value")):
+        with pytest.raises(TypeError, match=rf"^{name} must be a Tensor \(B, L, D\), got list$"):
+            m(*args)  # (a key that is a list was an AttributeError: no attribute 'dim')
     # the control: a key of batch 1 is broadcast, as the attention itself does
     mem = torch.randn(1, 7, 16)
     out, _ = m(x, mem)

@@ -301,12 +301,13 @@ class MultiHeadAttention(nn.Module):
             cache._check_kind(cross=True)  # (a self-attention cache was read as the memory)
             assert cache.keys is not None and cache.values is not None
             return q, cache.keys, cache.values
-        if key is not None and key.dim() == 3 and key.shape[0] not in (1, x.shape[0]):
+        # key and value checked before their batch (a list key: "no attribute 'dim'")
+        k, v = self._project_kv(key, key if value is None else value)  # (B, Hkv, Lk, E)
+        if key.shape[0] not in (1, x.shape[0]):
             raise ValueError(  # (it said "batch sizes of q, k, v must match or be 1")
                 f"key must have query's batch size {x.shape[0]} (or 1), got key "
                 f"{tuple(key.shape)} for query {tuple(x.shape)}"
             )
-        k, v = self._project_kv(key, key if value is None else value)
         k = self._prep(k, self.k_norm, None, None)
         return (q, *cache.set(k, v)) if cache is not None else (q, k, v)
 
