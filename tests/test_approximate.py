@@ -612,6 +612,30 @@ def test_linformer_errors() -> None:
     )
 
 
+def test_linformer_names_the_wrong_input_as_passed() -> None:
+    """query, key and value were all "inputs must be (B, L, 8)" (a list a ValueError), a
+    key and value of two lengths were named by the head-split ``k (2, 2, 5, 4)``, a key
+    of another batch as ``batch sizes of q, k, v``."""
+    attn, x = LinformerAttention(8, 2, max_len=6, proj_dim=3), torch.randn(2, 5, 8)
+    cases = [
+        ((torch.randn(2, 5, 4),), ValueError, r"^query must be \(B, L, 8\), got \(2, 5, 4\)$"),
+        ((x, torch.randn(2, 5, 4)), ValueError, r"^key must be \(B, L, 8\), got \(2, 5, 4\)$"),
+        ((x, x, torch.randn(2, 5, 4)), ValueError, r"^value must be \(B, L, 8\), got \(2, 5, 4"),
+        ((x, [[0.0] * 8]), TypeError, r"^key must be a Tensor \(B, L, D\), got list$"),
+        ((x, x, [[0.0] * 8]), TypeError, r"^value must be a Tensor \(B, L, D\), got list$"),
+        ((x, x, torch.randn(2, 6, 8)), ValueError,
+         r"^key and value must .* got key \(2, 5, 8\) and value \(2, 6, 8\)$"),
+        ((x, torch.randn(3, 5, 8)), ValueError,
+         r"^key must have query's batch size 2 \(or 1\), got key \(3, 5, 8\) for query"),
+    ]  # fmt: skip
+    for args, kind, match in cases:
+        with pytest.raises(kind, match=match):
+            attn(*args)
+    # the control: right inputs run, and a key and value of batch 1 broadcast
+    ref = attn(x, x[:1].expand(2, 5, 8).contiguous())
+    assert max_err(attn(x, x[:1]), ref) < 1e-6
+
+
 def test_linformer_runs_under_autocast_by_the_2x_rule() -> None:
     """Under CPU bfloat16 autocast the Linear layers give bfloat16 keys beside the float32
     projections: it raised "proj_k must be of k's dtype torch.bfloat16, got torch.float32"

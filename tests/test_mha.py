@@ -438,7 +438,8 @@ def test_module_arguments_the_audit_found_unchecked_are_named() -> None:
         lambda: lin(x, torch.randn(2, 5, 8), torch.randn(2, 6, 8)),
         lambda: lin(x, torch.randn(2, 5, 8), torch.randn(2, 5, 8)),
         ValueError,
-        r"k and v must have the same length Lk, got k \(2, 2, 5, 4\) and v \(2, 2, 6, 4\)",
+        r"key and value must have the same batch and length \(B, Lk, \.\), got key "
+        r"\(2, 5, 8\) and value \(2, 6, 8\)",
     )
     enc = torch.nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
     dec = torch.nn.TransformerDecoderLayer(8, 2, 16, batch_first=True)
@@ -574,7 +575,7 @@ def test_decoder_options_caches_and_inputs_the_audit_found_unchecked() -> None:
         "key: none given, so this is self-attention, which needs kdim = vdim = embed_dim=16",
     )
     ints = torch.ones(2, 5, 16, dtype=torch.long)
-    for layer, name in ((mha, "query"), (lin, "inputs")):
+    for layer, name in ((mha, "query"), (lin, "query")):
         check_and_control(
             lambda m=layer: m(ints), lambda m=layer: m(ints.float()), TypeError,
             f"{name} must be a floating-point",

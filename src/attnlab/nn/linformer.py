@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +31,7 @@ from attnlab._validate import autocast_inputs, positive_int, same_dtype, validat
 from attnlab.engines.approximate import padding_validity
 from attnlab.functional import AttentionOutput, attention
 from attnlab.masks import Mask
+from attnlab.nn._inputs import check_input
 from attnlab.nn._weights import weight_dtype
 from attnlab.nn.config import check_attention_options
 
@@ -236,15 +238,7 @@ class LinformerAttention(nn.Module):
         need_weights = validate_flag("need_weights", need_weights)
         key = query if key is None else key
         value = key if value is None else value
-        for name, t in (("query", query), ("key", key), ("value", value)):
-            if isinstance(t, Tensor) and t.is_floating_point():  # (float64 into float32: torch
-                same_dtype(name, t, weight_dtype(self.q_proj))  # said "mat1 and mat2 must ...")
-        for name, t in (("key", key), ("value", value)):  # (it blamed proj_k's shape)
-            if isinstance(t, Tensor) and t.dim() == 3 and t.shape[1] > self.max_len:
-                raise ValueError(
-                    f"{name} has length {t.shape[1]}, past this layer's max_len={self.max_len} "
-                    "(the projections' columns)"
-                )
+        self._check_inputs(query, key, value)
         q = self._heads(self.q_proj, query)  # (B, H, Lq, E)
         k, v = self._heads(self.k_proj, key), self._heads(self.v_proj, value)  # (B, H, Lk, E)
         res = self._attend(q, k, v, mask, need_weights)
@@ -273,13 +267,33 @@ class LinformerAttention(nn.Module):
             return_weights=need_weights,
         )
 
+    def _check_inputs(self, query: object, key: object, value: object) -> None:
+        """Floating ``(B, L, D)`` tensors of the layer's dtype, named as passed: each was
+        "inputs must be (B, L, D)" (a list a ValueError), a key and value of two lengths
+        were named by their head-split shapes ``k (B, H, Lk, E)``, a key of another batch
+        as ``batch sizes of q, k, v``."""
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            check_input(name, t, self.embed_dim)  # (float64 into float32: torch said
+            same_dtype(name, cast(Tensor, t), weight_dtype(self.q_proj))  # "mat1 and mat2")
+        q, k, v = cast(Tensor, query), cast(Tensor, key), cast(Tensor, value)
+        if k.shape[:2] != v.shape[:2]:
+            raise ValueError(
+                f"key and value must have the same batch and length (B, Lk, .), got key "
+                f"{tuple(k.shape)} and value {tuple(v.shape)}"
+            )
+        if 1 != k.shape[0] != q.shape[0] != 1:  # (a batch of 1 broadcasts)
+            raise ValueError(
+                f"key must have query's batch size {q.shape[0]} (or 1), got key "
+                f"{tuple(k.shape)} for query {tuple(q.shape)}"
+            )
+        if k.shape[1] > self.max_len:  # (it blamed proj_k's shape)
+            raise ValueError(
+                f"key has length {k.shape[1]}, past this layer's max_len={self.max_len} "
+                "(the projections' columns)"
+            )
+
     def _heads(self, proj: nn.Linear, x: Tensor) -> Tensor:
         """``x (B, L, D)`` projected and split into heads ``(B, H, L, E)``."""
-        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
-            seen = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"inputs must be (B, L, {self.embed_dim}), got {seen}")
-        if not x.is_floating_point():  # (torch: "mat1 and mat2 must have the same dtype")
-            raise TypeError(f"inputs must be a floating-point Tensor, got {x.dtype}")
         b, n, _ = x.shape
         return proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
