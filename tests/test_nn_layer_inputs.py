@@ -39,6 +39,8 @@ CASES: list[tuple[str, Callable[[], object], type, str]] = [
     ("memory width", lambda: DecoderLayer(POST)(X, MEM[..., :16]), ValueError,
      r"^memory must be \(B, L, 32\), got \(2, 5, 16\)$"),
     ("memory dtype", lambda: DecoderLayer(PRE)(X, MEM.double()), TypeError, r"^memory "),
+    ("memory batch", lambda: DecoderLayer(PRE)(X, torch.randn(3, 5, 32)), ValueError,
+     r"^memory must have x's batch size 2 \(or 1\), got memory \(3, 5, 32\) for x \(2, 7"),
     ("src width", lambda: Transformer(PRE, 1, 1)(NARROW, X), ValueError, r"^src must be"),
     ("tgt width", lambda: Transformer(POST, 1, 1)(X, NARROW), ValueError, r"^tgt must be"),
 ]  # fmt: skip
@@ -51,7 +53,11 @@ def test_a_wrong_input_is_named(what: str, call: Callable[[], object], kind: typ
 
 
 def test_right_inputs_still_run() -> None:
-    """The control: each layer and stack above takes the inputs of its width and dtype."""
+    """The control: each layer and stack above takes the inputs of its width and dtype,
+    and a memory of batch 1 is broadcast."""
+    one = DecoderLayer(POST).eval()
+    want = one(X, MEM[:1].expand(2, 5, 32).contiguous())
+    assert torch.allclose(one(X, MEM[:1]), want, atol=1e-6)
     assert EncoderLayer(PRE)(X).shape == EncoderLayer(RMS)(X).shape == X.shape
     assert DecoderLayer(POST)(X, MEM).shape == DecoderOnly(PRE, 1)(X).shape == X.shape
     assert Transformer(PRE, 1, 1)(MEM, X).shape == X.shape

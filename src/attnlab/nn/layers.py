@@ -355,6 +355,7 @@ class DecoderLayer(EncoderLayer):
         self.check("x", x)
         if memory is not None:
             self.check("memory", memory)
+            _check_memory_batch(memory, x, cross_cache)
         out = self.self_attn(
             self._in(x, self.norm1),
             mask=_with_causal(mask) if self.causal else mask,
@@ -384,6 +385,16 @@ class DecoderLayer(EncoderLayer):
         """Copy a ``torch.nn.TransformerDecoderLayer`` (its self-attention is made causal
         here; torch's takes the causal mask as an argument)."""
         return load_torch(cls(torch_config(layer, nn.TransformerDecoderLayer)), layer, layer)
+
+
+def _check_memory_batch(memory: Tensor, x: Tensor, cache: KVCache | None) -> None:
+    """``memory`` of ``x``'s batch or 1 (unless the cross cache holds its keys): it was
+    named as the cross-attention's ``key`` and ``query``."""
+    if memory.shape[0] not in (1, x.shape[0]) and (cache is None or not cache.length):
+        raise ValueError(
+            f"memory must have x's batch size {x.shape[0]} (or 1), got memory "
+            f"{tuple(memory.shape)} for x {tuple(x.shape)}"
+        )
 
 
 def _memory(attn: MultiHeadAttention, memory: Tensor | None, cache: KVCache | None) -> Tensor:
