@@ -360,6 +360,13 @@ ERRORS: list[tuple[str, Callable[[], object], Callable[[], object], type[Excepti
         r"query has last dim 7 \(shape \(3, 4, 7\)\) but the module was built with query_dim=6",
     ),
     (
+        "query_dim_single",  # (it showed the unsqueezed (3, 1, 7))
+        _call(query=torch.randn(B, DQ + 1)),
+        _call(query=torch.randn(B, DQ)),
+        ValueError,
+        r"query has last dim 7 \(shape \(3, 7\)\) but the module was built with query_dim=6",
+    ),
+    (
         "keys_rank",
         _call(keys=torch.randn(LK, DK)),
         _call(keys=torch.randn(B, LK, DK)),

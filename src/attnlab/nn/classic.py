@@ -157,6 +157,7 @@ class _ScoredAttention(nn.Module):
             1 over the allowed keys; fully masked rows give context 0 and weights 0.
         """
         q = _float_tensor("query", query, (2, 3), "(B, Dq) or (B, Lq, Dq)")
+        _last_dim("query", q, self.query_dim, "query_dim")  # (shape as passed, not (B, 1, Dq))
         single = q.dim() == 2
         q = q[:, None] if single else q  # (B, Lq, Dq)
         k, v = self._keys_values(q, keys, values)  # (B, Lk, Dk), (B, Lk, Dv)
@@ -170,7 +171,6 @@ class _ScoredAttention(nn.Module):
 
     def _keys_values(self, q: Tensor, keys: object, values: object) -> tuple[Tensor, Tensor]:
         """Validate keys ``(B, Lk, Dk)`` and values ``(B, Lk, Dv)`` against ``q``."""
-        _last_dim("query", q, self.query_dim, "query_dim")
         k = _float_tensor("keys", keys, (3,), "(B, Lk, Dk)")
         _last_dim("keys", k, self.key_dim, "key_dim")
         if k.shape[0] != q.shape[0]:
