@@ -74,8 +74,12 @@ CASES = (
     Case("few_rows_window_bf16", 2, 2048, "cwin128", dtype="bfloat16"),
     Case("decode_gqa_bf16", 1, 32768, dtype="bfloat16", heads=(8, 2)),
     Case("decode_gqa_fp16", 1, 32768, dtype="float16", heads=(8, 2)),
+    Case("causal", 2048, 2048, "causal"),  # sdpa with AMX in bfloat16, AVX2 from 4096
+    Case("causal_bf16", 2048, 2048, "causal", dtype="bfloat16"),
+    Case("dense_fp16", 1024, 1024, "none", dtype="float16"),
+    Case("dense_fp16", 1024, 1024, "none", dtype="float16", backward=True),
     # controls: SDPA or the reference engine stays the pick
-    Case("causal", 2048, 2048, "causal"),
+    Case("dense", 2048, 2048, "none"),
     Case("t5_padding", 1024, 1024, "pad70", "t5", backward=True),
     Case("decode_8_rows_bf16", 8, 4096, "causal", dtype="bfloat16"),  # a tie: sdpa
     Case("weights_dense_small", 256, 256, "none", weights=True),

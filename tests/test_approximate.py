@@ -340,7 +340,7 @@ def test_auto_picks_an_approximation_only_when_asked() -> None:
 
     assert pick(*long) == "nystrom" and pick(2048, 2048) == "nystrom"
     assert pick(*long, mask=causal) == "performer"
-    assert pick(2048, 2048, mask=causal) == "sdpa"  # below performer's threshold
+    assert pick(2048, 2048, mask=causal) in ("sdpa", "blocked")  # exact: below its threshold
     assert pick(64, 64) == "sdpa"
     assert pick(*long, return_weights=True) == "blocked"  # exact; per block, not Lq x Lk
     assert pick(*long, mask=M.window(64) & causal) == "blocked"

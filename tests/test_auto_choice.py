@@ -14,7 +14,8 @@ import torch
 import attnlab
 from attnlab import bias as B
 from attnlab import masks as M
-from attnlab.engines import AttentionRequest, blocked_autograd, select_engine
+from attnlab._cpu import CpuInfo
+from attnlab.engines import AttentionRequest, blocked_autograd, blocked_choice, select_engine
 from attnlab.functional import _request
 from tests.conftest import assert_2x_rule, naive_attention
 
@@ -234,10 +235,58 @@ def test_causal_calls_that_want_a_gradient_go_to_blocked() -> None:
     causal = M.causal()
     for heads in ((8, 1), (8, 2), (8, 8)):
         assert _pick(512, 512, causal, heads=heads, grad=True) == "blocked", heads
-        assert _pick(512, 512, causal, heads=heads) == "sdpa", heads  # its forward
     assert _pick(1024, 1024, causal, heads=(8, 2), grad=True, dtype=torch.bfloat16) == "blocked"
     assert _pick(256, 256, causal, grad=True) == "sdpa"  # 2**16 pairs
     assert _pick(1024, 1024, None, heads=(8, 2), grad=True) == "sdpa"
+
+
+def _on(monkeypatch: pytest.MonkeyPatch, cap: str, amx: bool = False, fp16: bool = False) -> None:
+    """The rules as they run on a CPU of torch's ``cap``, with or without AMX tiles and
+    oneDNN float16 products."""
+    info = CpuInfo(cap, bf16_units=amx, onednn_bf16=amx, threads=2, amx=amx, onednn_fp16=fp16)
+    monkeypatch.setattr(blocked_choice, "cpu_info", lambda: info)
+
+
+def test_causal_forward_follows_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    # SDPA's causal forward: 1.2-1.5x the kernel's time in float32 and bfloat16 (AVX512,
+    # 1024-8192); AVX2 1.05-1.2x to 2048, 0.94-1.0x from 4096; bfloat16 on AMX: SDPA
+    causal, bf16 = M.causal(), torch.bfloat16
+    _on(monkeypatch, "AVX512")
+    for n, heads in itertools.product((512, 4096), ((8, 1), (8, 2), (8, 8))):
+        assert _pick(n, n, causal, heads=heads) == "blocked", (n, heads)
+        assert _pick(n, n, causal, heads=heads, dtype=bf16) == "blocked", (n, heads)
+    assert _pick(256, 256, causal) == "sdpa"  # 2**16 pairs
+    assert _pick(1024, 1024, None) == "sdpa"  # dense: level
+    assert _pick(1024, 1024, causal, B.alibi(8)) == "blocked"  # (its own rule)
+    _on(monkeypatch, "AVX512", amx=True)
+    assert _pick(1024, 1024, causal, dtype=bf16) == "sdpa"
+    assert _pick(1024, 1024, causal) == "blocked"
+    _on(monkeypatch, "AVX2")
+    assert _pick(2048, 2048, causal) == _pick(2048, 2048, causal, dtype=bf16) == "blocked"
+    assert _pick(4096, 4096, causal) == _pick(4096, 4096, causal, dtype=bf16) == "sdpa"
+    _on(monkeypatch, "DEFAULT")
+    assert _pick(1024, 1024, causal) == "blocked"
+    assert _pick(1024, 1024, causal, dtype=torch.float64) == "sdpa"  # no kernel in float64
+
+
+def test_float16_goes_to_blocked_without_float16_products(monkeypatch: pytest.MonkeyPatch) -> None:
+    # SDPA in float16 on a CPU without AVX512-FP16 / AMX-FP16: 1.5-3.7x the kernel's time
+    # forward (dense, causal), 8x dense forward and backward
+    f16, causal, t5 = torch.float16, M.causal(), B.relative_buckets(8)
+    for cap in ("AVX512", "AVX2"):
+        _on(monkeypatch, cap)
+        for grad in (False, True):
+            assert _pick(512, 512, None, dtype=f16, grad=grad) == "blocked", (cap, grad)
+            assert _pick(4096, 4096, causal, dtype=f16, grad=grad) == "blocked", (cap, grad)
+        assert _pick(1024, 1024, None, t5, dtype=f16, grad=True) == "sdpa"  # 0.86x
+        assert _pick(256, 256, None, dtype=f16) == "sdpa"  # 2**16 pairs
+    _on(monkeypatch, "AVX512", fp16=True)
+    assert _pick(1024, 1024, None, dtype=f16) == _pick(1024, 1024, causal, dtype=f16) == "sdpa"
+
+
+def test_float16_auto_gives_blocked_keeps_the_2x_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    _on(monkeypatch, "AVX512")
+    _keeps_2x_rule((1, 4, 2, 512), None, torch.float16, "dense float16")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

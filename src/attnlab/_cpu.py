@@ -51,6 +51,9 @@ class CpuInfo:
             ``ONEDNN_MAX_CPU_ISA``).
         threads: torch's intra-op threads.
         cpu_name: the processor's model name, where the OS says it.
+        amx: the CPU has AMX tiles (torch's SDPA runs bfloat16 on them).
+        onednn_fp16: oneDNN runs float16 matrix products (AVX512-FP16 or AMX-FP16); where
+            it does not, torch's SDPA computes float16 slowly on the CPU.
     """
 
     capability: str
@@ -58,6 +61,8 @@ class CpuInfo:
     onednn_bf16: bool
     threads: int
     cpu_name: str = ""
+    amx: bool = False
+    onednn_fp16: bool = False
 
     @property
     def native_bf16(self) -> bool:
@@ -82,7 +87,14 @@ def cpu_info() -> CpuInfo:
         onednn_bf16=onednn,
         threads=torch.get_num_threads(),
         cpu_name=_cpu_name(),
+        amx=bool(getattr(cpu, "_is_amx_tile_supported", lambda: False)()),
+        onednn_fp16=_onednn_fp16(),
     )
+
+
+def _onednn_fp16() -> bool:
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", None)
+    return torch.backends.mkldnn.is_available() and check is not None and bool(check())
 
 
 def _cpu_name() -> str:

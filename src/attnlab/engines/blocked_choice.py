@@ -17,10 +17,13 @@ prints those timings; ``README`` has the table):
   one row in half precision from 1024 keys.
 * Half precision with a gradient under an interval mask from ``2**16`` pairs (SDPA's
   half-precision backward on the CPU).
+* float16 from ``2**18`` pairs on a CPU without float16 matrix products, any mask
+  (:func:`_slow_half`), and plain causal calls without a gradient where the CPU makes
+  SDPA's causal forward the slower one (:func:`_causal_forward`).
 * Otherwise from ``2**18`` pairs, where the mask leaves at most 60% of the tiles (80%
   with an ALiBi-like bias, or from ``2**20`` pairs with any bias and no gradient); never
-  for dense calls or plain causal ones without a gradient (SDPA's flash kernel; its
-  causal backward is slower than the kernel's, with grouped heads or not). With the
+  for dense calls (SDPA's flash kernel is level with the kernel), but plain causal ones
+  with a gradient (SDPA's causal backward is slower, with grouped heads or not). With the
   kernel and no bias, an interval mask (padding, a prefix, a two-sided window) whose
   batch items each leave less than 95% of their tiles on average: SDPA's dense mask
   costs 1.3-2.4x (AVX512; 1.0-1.9x on AVX2) from padding to 90% to a two-sided window.
@@ -34,6 +37,7 @@ from typing import Protocol
 
 import torch
 
+from attnlab._cpu import cpu_info
 from attnlab.engines.base import AttentionRequest
 from attnlab.engines.blocked_autograd import bias_leaves, kernel_ok
 from attnlab.engines.blocked_plan import Plan
@@ -83,10 +87,12 @@ def _kernel_rule(engine: _Planner, req: AttentionRequest, pairs: int) -> bool:
         return True  # (B, Hq, Lq, Lk) bias tensor for SDPA: 1.6-7.7x (f32), 1.7-5.7x (bf16)
     if pairs < LONG:
         return _few_rows(engine, req, linear) or _half_backward(engine, req, pairs)
+    if _slow_half(req):
+        return True
     if req.mask is None:
         return False  # SDPA's flash kernel is at the roofline for dense calls
-    if req.mask.is_causal and req.bias is None:  # its forward too, not its causal backward:
-        return req.needs_grad  # 1.3-2.0x the kernel's time (AVX512), 1.1-1.8x (AVX2)
+    if req.mask.is_causal and req.bias is None:  # its causal backward: 1.3-2.0x the
+        return req.needs_grad or _causal_forward(req, pairs)  # kernel's (AVX512), 1.1-1.8x
     if linear:
         return _fraction(engine, req) < 0.8
     return req.bias is None and engine.intervals(req) and _item_fraction(engine, req) < 0.95
@@ -127,6 +133,31 @@ def _versus_reference(engine: _Planner, req: AttentionRequest) -> int:
             return 1 << 14
         return 1 << 20
     return 1 << 14 if req.q.dtype == torch.float32 else 1 << 16
+
+
+def _slow_half(req: AttentionRequest) -> bool:
+    """float16 where oneDNN has no float16 products (AVX512-FP16, AMX-FP16), so SDPA
+    computes it slowly, unless a bias is learned: SDPA took 1.5-3.7x the kernel's time
+    forward (dense, causal, 512-4096 tokens, AVX512; 1.2-3.1x AVX2 forced), 8.2-8.8x dense
+    forward and backward, 1.3-6.8x forward and 12-29x forward and backward under a padding,
+    prefix, documents or ALiBi (1024 tokens); with T5's table and a gradient 0.86x (one
+    thread, AMD EPYC, 2026-12-05)."""
+    if req.q.dtype != torch.float16 or cpu_info().onednn_fp16:
+        return False
+    return req.bias is None or not req.needs_grad
+
+
+def _causal_forward(req: AttentionRequest, pairs: int) -> bool:
+    """Plain causal attention without a gradient: SDPA's causal forward took 1.2-1.5x the
+    kernel's time in float32 and bfloat16 (512-8192 tokens, 8 or 32 query heads on 8 or 2,
+    E 64 and 128; AVX512, one thread, AMD EPYC), 1.1-1.2x in float32 on an Intel Xeon; with
+    AVX2 1.05-1.2x up to 2048 tokens and 0.94-1.0x from 4096. In bfloat16 on AMX, torch's
+    SDPA runs on the matrix units (2-2.5x faster than the kernel on that Xeon)."""
+    if req.q.dtype == torch.bfloat16 and cpu_info().amx:
+        return False
+    if req.q.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    return cpu_info().capability == "AVX512" or pairs <= 1 << 22
 
 
 def _few_rows(engine: _Planner, req: AttentionRequest, linear: bool) -> bool:
