@@ -380,6 +380,17 @@ def any_nan(*ts: torch.Tensor) -> bool:
         >>> any_nan(torch.tensor([float("inf")]), torch.tensor([float("-inf")]))  # inf - inf
         False
     """
+    kept = screened(ts)
+    if not isinstance(kept, list):
+        return kept
+    if not kept or not sum_is_off(kept, math.isnan):
+        return False
+    return bool(torch.stack([t.amax().to(torch.float64) for t in kept]).isnan().any())
+
+
+def screened(ts: tuple[torch.Tensor, ...]) -> list[torch.Tensor] | bool:
+    """The tensors of ``ts`` a screen reads, or its answer without a read: False while
+    exporting or on the meta device, True under vmap."""
     kept, meta = [], False  # (one loop, no generators: a screen per masked call)
     for t in ts:
         if t.numel() and not legacy_batched(t):
@@ -387,29 +398,26 @@ def any_nan(*ts: torch.Tensor) -> bool:
             meta = meta or t.is_meta
     if meta or exporting():
         return False
-    if vmapping():
-        return True
-    if not kept or not _sum_is_nan(kept):
-        return False
-    return bool(torch.stack([t.amax().to(torch.float64) for t in kept]).isnan().any())
+    return True if vmapping() else kept
 
 
-def _sum_is_nan(ts: list[torch.Tensor]) -> bool:
-    """Whether the sum of the sums of ``ts`` (not empty) is NaN, read back once: True where
-    one of them holds NaN, and also where one sums to ``inf`` and another to ``-inf`` (the
-    ``amax`` pass of :func:`any_nan` then answers). Three ops for two tensors where a
-    stack of float64 sums took seven; on the CPU, where a read costs no sync, each sum is
-    read as a Python float (an add of two 0-dim tensors took 3 us: 16 -> 5 us in all for
-    two 1x8x16x16 tensors; a loop, not sum() of a generator: 5.4 -> 4.8 us)."""
+def sum_is_off(ts: list[torch.Tensor], off: Callable[[float], bool]) -> bool:
+    """Whether the sum of the sums of ``ts`` (not empty) is ``off`` (NaN, or not finite),
+    read back once: where one of them holds NaN (or inf), and also where one sums to
+    ``inf`` and another to ``-inf`` (the second pass of the screen then answers). Three
+    ops for two tensors where a stack of float64 sums took seven; on the CPU, where a read
+    costs no sync, each sum is read as a Python float (an add of two 0-dim tensors took
+    3 us: 16 -> 5 us in all for two 1x8x16x16 tensors; a loop, not sum() of a generator:
+    5.4 -> 4.8 us)."""
     if False not in [t.is_cpu for t in ts]:
         read = 0.0
         for t in ts:
             read += t.sum().item()
-        return math.isnan(read)
+        return off(read)
     total = ts[0].sum()  # () each: 0-dim tensors of mixed dtypes add by promotion
     for t in ts[1:]:
         total = total + t.sum()
-    return bool(total.isnan())
+    return off(float(total))
 
 
 def autocast_dtype(kind: str) -> torch.dtype | None:

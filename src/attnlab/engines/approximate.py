@@ -23,7 +23,8 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from attnlab._eager import any_nan, autocast_dtype, no_autocast
+from attnlab._eager import autocast_dtype, no_autocast
+from attnlab.engines._nonfinite import any_nonfinite
 from attnlab.engines.base import AttentionRequest, Engine, EngineResult
 from attnlab.masks import Mask
 
@@ -126,13 +127,14 @@ def padding_validity(
 
 def _hidden_zeroed(req: AttentionRequest, plan: MaskPlan) -> AttentionRequest:
     """``req`` with padded keys, values and query rows set to 0 when some of them hold NaN
-    (an unwritten cache slot), which then stays out of the rows that do not read it
-    (``0 * NaN`` in the features, the sums and the landmarks spread it to every row);
+    or inf (an unwritten cache slot), which then stays out of the rows that do not read it
+    (``0 * NaN`` and ``0 * inf`` in the features, the sums and the landmarks spread it to
+    every row);
     ``req`` itself when there is none (one read of each tensor, no copy)."""
     q, k, v = req.q, req.k, req.v
-    if plan.key_valid is not None and any_nan(k, v):  # (B, 1, Lk, 1)
+    if plan.key_valid is not None and any_nonfinite(k, v):  # (B, 1, Lk, 1)
         k, v = torch.where(plan.key_valid, k, 0.0), torch.where(plan.key_valid, v, 0.0)
-    if plan.query_valid is not None and any_nan(q):  # (B, 1, Lq, 1)
+    if plan.query_valid is not None and any_nonfinite(q):  # (B, 1, Lq, 1)
         q = torch.where(plan.query_valid, q, 0.0)
     return req if q is req.q and k is req.k else dataclasses.replace(req, q=q, k=k, v=v)
 

@@ -20,9 +20,10 @@ from torch import Tensor
 
 from attnlab._eager import any_nan
 from attnlab.bias import Bias
+from attnlab.engines._nonfinite import any_nonfinite, finite_part, inf_products
 from attnlab.engines._registry import registered
 from attnlab.masks import Mask
-from attnlab.scores import ScoreFn, expand_kv, grouped_matmul
+from attnlab.scores import ScoreFn, grouped_matmul
 
 __all__ = [
     "AttentionRequest",
@@ -257,27 +258,22 @@ def with_sinks(out: Tensor, lse: Tensor, sinks: Tensor | None) -> tuple[Tensor, 
 
 
 def weighted_values(w: Tensor, v: Tensor, allowed: Tensor | None) -> Tensor:
-    """``w (B, Hq, Lq, Lk) @ v (B, Hkv, Lk, Ev)`` where a NaN value reaches only the rows
-    ``allowed (., ., Lq, Lk)`` (None: every key) lets see its key: a masked-out weight is
-    0, and ``0 * NaN`` would spread it to every row (an uninitialized cache slot, say).
+    """``w (B, Hq, Lq, Lk) @ v (B, Hkv, Lk, Ev)`` where a NaN or infinite value reaches
+    only the rows ``allowed (., ., Lq, Lk)`` (None: every key) lets see its key, as plain
+    math gives it there: a masked-out weight is 0, and ``0 * NaN`` or ``0 * inf`` would
+    spread it to every row (an uninitialized cache slot, say).
 
     Example:
-        >>> v = torch.tensor([[[[1.0], [float("nan")]]]])
+        >>> v = torch.tensor([[[[1.0], [float("inf")]]]])
         >>> allowed = torch.tensor([[[[True, False], [True, True]]]])
         >>> weighted_values(torch.tensor([[[[1.0, 0.0], [0.5, 0.5]]]]), v, allowed).flatten()
-        tensor([1., nan])
+        tensor([1., inf])
     """
-    if not may_hold_nan(v):
+    if not any_nonfinite(v):
         return grouped_matmul(w, v)
-    bad = torch.isnan(v)  # (B, Hkv, Lk, Ev)
-    out = grouped_matmul(w, v.masked_fill(bad, 0.0))  # (B, Hq, Lq, Ev)
-    b, h, lq, _ = out.shape
-    if allowed is None:
-        reach = expand_kv(bad.any(-2, keepdim=True), h)  # (B, Hq, 1, Ev)
-    else:
-        a = allowed.expand(b, h, lq, bad.shape[-2]).to(torch.float32)
-        reach = grouped_matmul(a, bad.to(torch.float32)) > 0  # (B, Hq, Lq, Ev)
-    return out.masked_fill(reach, float("nan"))
+    bad = ~torch.isfinite(v)  # (B, Hkv, Lk, Ev)
+    out = grouped_matmul(w, finite_part(v, bad))  # (B, Hq, Lq, Ev)
+    return out + inf_products(w, v.masked_fill(~bad, 0.0), allowed).to(out.dtype)
 
 
 def may_hold_nan(*ts: Tensor) -> bool:

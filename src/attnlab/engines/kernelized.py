@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlab._eager import any_nan, vmapping
+from attnlab._eager import vmapping
+from attnlab.engines._nonfinite import any_nonfinite
 from attnlab.engines.base import AttentionRequest, weighted_values
 from attnlab.scores import grouped_matmul
 
@@ -73,10 +74,11 @@ def kernel_sums(
     """:func:`kernel_attention`'s numerator ``(B, Hq, Lq, Ev)`` and denominator
     ``(B, Hq, Lq, 1)``, before they are divided."""
     if causal:  # numerator and denominator together: v with a column of ones
-        # (B, Hkv, Lk, Ev): where v holds NaN (none read under vmap; one read otherwise)
-        nan = v.isnan() if not vmapping() and any_nan(v) else None
+        # (B, Hkv, Lk, Ev): where v holds NaN or inf (none read under vmap; one read
+        # otherwise); the rows that read one get NaN
+        nan = ~torch.isfinite(v) if not vmapping() and any_nonfinite(v) else None
         if nan is not None:
-            v = v.masked_fill(nan, 0.0)  # a chunk's 0 * NaN reached the rows before it
+            v = v.masked_fill(nan, 0.0)  # a chunk's 0 * NaN (0 * inf) reached the rows before it
         v1 = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)  # (B, Hkv, Lk, Ev + 1)
         if log_scale is not None:
             both = _scaled_causal_sums(qf, kf, v1, chunk, log_scale)

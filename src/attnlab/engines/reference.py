@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab._eager import autocast_dtype, no_autocast, vmapping
+from attnlab.engines._nonfinite import any_nonfinite, inf_products
 from attnlab.engines.base import (
     AttentionRequest,
     Engine,
     EngineResult,
-    may_hold_nan,
     sink_rows,
     weighted_values,
 )
@@ -79,19 +79,24 @@ def _fits(x: Tensor, into: Tensor) -> bool:
 
 
 def _nan_safe_scores(req: AttentionRequest) -> tuple[Tensor, bool]:
-    """The raw scores ``(B, Hq, Lq, Lk)``; a NaN key's column NaN, made from a finite key
-    (with the NaN key in the product, a mask that hides it still left ``0 * NaN`` in every
-    row's dq: 600 of 600 rows NaN); and whether they are a new tensor (a score callable's
-    may be one it keeps)."""
+    """The raw scores ``(B, Hq, Lq, Lk)``, made from keys whose NaN and infinite entries are
+    0 (with them in the product, a mask that hides such a key still left ``0 * NaN`` or
+    ``0 * inf`` in every row's dq: 600 of 600 rows NaN); such a key's column is then what
+    plain math gives (``score="dot"``: ``inf``, ``-inf`` or NaN; other scores: NaN), with
+    no gradient; and whether they are a new tensor (a score callable's may be one it
+    keeps)."""
     k = req.k
-    bad = torch.isnan(k).any(-1) if req.mask is not None and may_hold_nan(k) else None
-    if bad is not None:
-        req = dataclasses.replace(req, k=k.masked_fill(torch.isnan(k), 0.0))
+    bad = ~torch.isfinite(k) if req.mask is not None and any_nonfinite(k) else None
+    if bad is not None:  # (B, Hkv, Lk, E)
+        req = dataclasses.replace(req, k=k.masked_fill(bad, 0.0))
     own = isinstance(req.score, str)
     s = SCORES[req.score](req.q, req.k) if isinstance(req.score, str) else _called_scores(req)
     if bad is None:
         return s, own
-    return s.masked_fill(expand_kv(bad.unsqueeze(2), s.shape[1]), float("nan")), True
+    column = expand_kv(bad.any(-1).unsqueeze(2), s.shape[1])  # (B, Hq, 1, Lk)
+    if req.score != "dot":
+        return s.masked_fill(column, float("nan")), True
+    return torch.where(column, inf_products(req.q, k.masked_fill(~bad, 0.0).mT, None), s), True
 
 
 def _called_scores(req: AttentionRequest) -> Tensor:

@@ -30,7 +30,8 @@ from attnlab._eager import (
 )
 from attnlab.engines._dense_cache import DenseCache, Parts
 from attnlab.engines._far import far_rows
-from attnlab.engines.base import AttentionRequest, Engine, EngineResult, may_hold_nan
+from attnlab.engines._nonfinite import any_nonfinite
+from attnlab.engines.base import AttentionRequest, Engine, EngineResult
 from attnlab.masks import Mask
 
 __all__ = ["SdpaEngine"]
@@ -87,10 +88,12 @@ class SdpaEngine(Engine):
         if _unbatched(req.q):
             return "torch has no vmap batching rule for SDPA's CPU kernels (it warns and loops)"
         if not _keeps_nan(req.q, req.lk, req.dropout_p):  # one screen, whichever applies
-            if may_hold_nan(req.q, req.k, req.v):
-                return f"the inputs {_hold()} NaN, which torch SDPA's fused kernels turn into 0"
-        elif _screens_hidden_nan(req) and may_hold_nan(req.k, req.v):
-            return f"k or v {_hold()} NaN, which torch SDPA spreads to rows the mask hides it from"
+            if any_nonfinite(req.q, req.k, req.v):
+                hold = f"the inputs {_hold()} NaN or inf"
+                return f"{hold}, which torch SDPA's fused kernels turn into 0 (NaN) or spread"
+        elif _screens_hidden_nan(req) and any_nonfinite(req.k, req.v):  # 0 * inf is NaN
+            hidden = "rows the mask hides it from"
+            return f"k or v {_hold()} NaN or inf, which torch SDPA spreads to {hidden}"
         return far_rows(req, "torch SDPA's backward")
 
     def prefers(self, req: AttentionRequest) -> bool:

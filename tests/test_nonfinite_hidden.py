@@ -1,0 +1,96 @@
+"""An infinite key or value the mask hides stays out of the rows that do not read it, as a
+NaN one does; the rows that read it get what plain math gives (checked against fp64, each
+row computed over the keys it sees only)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import attnlab
+from attnlab import masks
+
+B, H, L, E = 1, 2, 40, 16
+SPOT = 20  # the causal case's non-finite key: rows 0-19 do not see it
+CASES = [("k", math.inf), ("k", -math.inf), ("v", math.inf), ("v", -math.inf)]
+
+
+def _inputs(which: str, value: float, at: int) -> tuple[torch.Tensor, ...]:
+    """q, k, v ``(B, H, L, E)``; ``which`` holds ``value`` in one entry of key ``at``."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, E, generator=g) for _ in range(3))
+    (k if which == "k" else v)[:, :, at, 3] = value
+    return q, k, v
+
+
+def _fp64_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seen: list[int]):
+    """Plain fp64 attention, row ``i`` over keys ``0 .. seen[i] - 1`` only, and the
+    gradients of ``out.sum()`` (q, k, v; 0 for a key no row sees)."""
+    q, k, v = (t.double().requires_grad_() for t in (q, k, v))
+    rows = []
+    for i, n in enumerate(seen):
+        w = torch.softmax(q[:, :, i : i + 1] @ k[:, :, :n].mT / math.sqrt(E), -1)
+        rows.append(w @ v[:, :, :n])  # (B, H, 1, E)
+    out = torch.cat(rows, 2)
+    return (out.detach(), *torch.autograd.grad(out.sum(), (q, k, v)))
+
+
+def _run(engine: str, mask: masks.Mask, q, k, v):
+    ts = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = attnlab.attention(*ts, mask=mask, engine=engine)
+    return (out.detach(), *torch.autograd.grad(out.sum(), ts))
+
+
+@pytest.mark.parametrize("which,value", CASES)
+@pytest.mark.parametrize("engine", ["reference", "auto", "blocked"])
+def test_a_hidden_padded_key_or_value_stays_out(engine: str, which: str, value: float) -> None:
+    q, k, v = _inputs(which, value, L - 1)  # padding hides the last key from every row
+    got = _run(engine, masks.padding(torch.tensor([L - 1])), q, k, v)
+    want = _fp64_rows(q, k, v, [L - 1] * L)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        assert torch.isfinite(g).all(), name
+        torch.testing.assert_close(g.double(), w, atol=2e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("which,value", CASES)
+@pytest.mark.parametrize("engine", ["reference", "auto", "blocked"])
+def test_rows_before_a_causal_non_finite_key_stay_clean(
+    engine: str, which: str, value: float
+) -> None:
+    q, k, v = _inputs(which, value, SPOT)
+    got = _run(engine, masks.causal(), q, k, v)
+    want = _fp64_rows(q, k, v, list(range(1, L + 1)))
+    # every row as plain math gives it: the rows from SPOT on read the key (inf, NaN or
+    # a -inf score's weight 0), the rows before it do not
+    torch.testing.assert_close(got[0].double(), want[0], atol=2e-5, rtol=1e-5, equal_nan=True)
+    assert torch.isfinite(got[0][:, :, :SPOT]).all() and torch.isfinite(got[1][:, :, :SPOT]).all()
+    for name, g, w in zip(("dq", "dk", "dv"), got[1:], want[1:], strict=True):
+        ok = torch.isfinite(w)  # plain math's non-finite gradients (0 * inf) not compared
+        torch.testing.assert_close(g.double()[ok], w[ok], atol=2e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("which,value", CASES)
+def test_sdpa_declines_a_non_finite_key_or_value_by_name(which: str, value: float) -> None:
+    q, k, v = _inputs(which, value, L - 1)
+    with pytest.raises(ValueError, match="NaN or inf, which torch SDPA spreads to rows"):
+        attnlab.attention(q, k, v, mask=masks.padding(torch.tensor([L - 1])), engine="sdpa")
+
+
+@pytest.mark.parametrize("which,value", CASES)
+@pytest.mark.parametrize("engine", ["linear", "performer", "nystrom"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_approximate_engines_keep_a_hidden_non_finite_entry_out(
+    engine: str, which: str, value: float, causal: bool
+) -> None:
+    if causal and engine == "nystrom":
+        pytest.skip("nystrom has no causal form")
+    mask = masks.padding(torch.tensor([L - 1]))
+    mask = mask & masks.causal() if causal else mask
+    q, k, v = _inputs(which, value, L - 1)
+    clean = _inputs(which, 0.0, L - 1)  # the hidden entry finite: the engine's own answer
+    got, want = _run(engine, mask, q, k, v), _run(engine, mask, *clean)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        assert torch.isfinite(g).all(), name
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=name)
