@@ -239,3 +239,19 @@ def test_a_hidden_nan_changes_nothing(engine: str) -> None:
         for a, b in zip(clean, hidden, strict=True) if weights else [(clean, hidden)]:
             if a is not None:
                 torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("engine", ["performer", "linear"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_a_meta_call_infers_the_shapes_of_the_cpu_call(engine: str, causal: bool) -> None:
+    """(A causal performer call on the meta device read its keys' scales:
+    "Tensor.item() cannot be called on meta tensors".)"""
+    mask = M.causal() if causal else M.padding([30, 40])
+    shapes = [(2, 4, 40, 16), (2, 2, 40, 16), (2, 2, 40, 8)]
+    cpu = [torch.randn(s, requires_grad=True) for s in shapes]
+    meta = [torch.empty(s, device="meta", requires_grad=True) for s in shapes]
+    want = attnlab.attention(*cpu, mask=mask, engine=engine)
+    got = attnlab.attention(*meta, mask=mask, engine=engine)
+    assert got.is_meta and got.shape == want.shape and got.dtype == want.dtype
+    grads = torch.autograd.grad(got.sum(), meta)
+    assert [g.shape for g in grads] == [t.shape for t in meta]

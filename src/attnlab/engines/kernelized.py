@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlab._eager import vmapping
+from attnlab._eager import unreadable, vmapping
 from attnlab.engines._nonfinite import any_nonfinite
 from attnlab.engines.base import AttentionRequest, weighted_values
 from attnlab.scores import grouped_matmul
@@ -236,7 +236,7 @@ def _carried(
     t_prev = torch.cat([_start(ends, top), ends[..., :-1]], -1)  # (B, Hkv, 1, M)
     acc = torch.float64
     spread = ends.amax() - torch.cat([t_prev, ends], -1).amin()
-    if vmapping() or not bool(spread <= SCAN_SPREAD):  # (under vmap no value is read)
+    if unreadable(ends) or not bool(spread <= SCAN_SPREAD):  # (vmap, meta: no value read)
         return _carried_scan(own, ends, state, top), t_prev
     last = ends[..., -1:].to(acc)  # (B, Hkv, 1, 1)
     weights = torch.exp(ends.to(acc) - last)[..., None, None]  # (B, Hkv, 1, M, 1, 1)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from attnlab._eager import vmapping
+from attnlab._eager import unreadable
 from attnlab.engines.approximate import ApproximateEngine, MaskPlan, option_field, parse_options
 from attnlab.engines.base import AttentionRequest
 from attnlab.engines.kernelized import kernel_result, kernel_result_if, last_keys
@@ -189,10 +189,10 @@ SPREAD = 60.0  # keys' log-scales this close share one scale without underflow i
 def _narrow(scale: Tensor, top: Tensor) -> bool:
     """Whether the keys' scales ``(B, H, L)`` (``-inf`` on padded keys) lie within
     :data:`SPREAD` of their maximum ``top`` in every row (then the features of one
-    shift by ``top`` stay normal in float32); False under vmap, which cannot read it."""
+    shift by ``top`` stay normal in float32); False where it cannot be read (vmap, meta)."""
     if not scale.numel():
         return True
-    if vmapping():
+    if unreadable(scale):
         return False
     if bool(scale.isnan().any()):  # a NaN key: one scale would spread it to every row
         return False
@@ -276,7 +276,7 @@ class PerformerEngine(ApproximateEngine):
             return kernel_result(req, qf, kf, False, opts.chunk_size)
         qf = favor_features(req.q * root, w, is_query=True, valid=None)  # (B, Hq, Lq, F)
         kf, scale = causal_key_features(req.k * root, w, plan.key_valid)  # each key its own
-        if vmapping():  # (no value can be read to choose a path)
+        if unreadable(req.q):  # (vmap, export, meta: no value can be read to choose a path)
             return kernel_result(req, qf, kf, True, opts.chunk_size, scale)
         test = _in_range(_rows_with_keys(plan, req.lq, req.lk, req.q.device))
         top = scale.amax(-1, keepdim=True)  # (B, Hkv, 1)
