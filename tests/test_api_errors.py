@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import torch
 
+import attnlab
 from attnlab import _io
 from attnlab._io import LockedError, OutputLock, WriteError, atomic_write_text, decode_text
 from attnlab.bench import BenchConfig, records
@@ -389,3 +390,22 @@ def test_the_lock_works_where_there_are_no_hard_links(
     with OutputLock(tmp_path, command="first"), pytest.raises(LockedError, match=r"`first`"):
         OutputLock(tmp_path).acquire()
     assert not (tmp_path / ".attnlab.lock").exists()
+
+
+def _jagged(q: torch.Tensor) -> torch.Tensor:
+    parts = [q[0, :, :5], q[0, :, :7]]  # (H, L_i, E) each
+    return torch.nested.nested_tensor(parts, layout=torch.jagged)
+
+
+@pytest.mark.parametrize("make", [torch.Tensor.to_sparse, _jagged], ids=["sparse", "jagged"])
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+def test_a_sparse_or_nested_input_is_refused_by_name(make: Callable[..., Any], name: str) -> None:
+    """(A sparse COO q raised torch's "expand is unsupported for Sparse tensors", a jagged
+    nested one "ge: relation is indeterminate".)"""
+    q = torch.randn(2, 2, 20, 8)
+    args = {"q": q, "k": q, "v": q, name: make(q)}
+    with pytest.raises(TypeError, match=f"^{name} must be a strided \\(dense\\) tensor, got"):
+        attnlab.attention(args["q"], args["k"], args["v"], mask=attnlab.masks.causal())
+    if name == "v":  # attend checks its values the same way
+        with pytest.raises(TypeError, match=r"^v must be a strided \(dense\) tensor"):
+            attnlab.attend(torch.randn(2, 2, 20, 20), args["v"])

@@ -175,6 +175,9 @@ def _rank4(name: str, x: object, layout: str = LAYOUT) -> Tensor:
     """``x`` if a floating-point tensor of rank 4 (``layout`` names its dims)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(x).__name__}")
+    if x.is_nested or x.layout != torch.strided:  # (torch's own errors named neither)
+        seen = "a nested tensor" if x.is_nested else f"layout {x.layout}"
+        raise TypeError(f"{name} must be a strided (dense) tensor, got {seen}")
     if x.dim() != 4:
         raise ValueError(f"{name} must have shape {layout} (rank 4), got shape {tuple(x.shape)}")
     if x.dtype not in _FLOATS:
