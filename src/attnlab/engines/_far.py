@@ -1,17 +1,18 @@
-"""Bias rows far from 0, whose gradients fused kernels get wrong: torch SDPA's and
+"""Rows far from 0, whose gradients fused kernels get wrong: torch SDPA's and
 FlexAttention's backward recompute the weights from each row's stored logsumexp, and a
-logsumexp that large rounds away the log of the row's sum."""
+logsumexp that large rounds away the log of the row's sum. A bias puts a row there
+(:func:`far_rows`), and so do large scores (:func:`far_scores`)."""
 
 from __future__ import annotations
 
 import torch
 
-from attnlab._eager import unreadable
+from attnlab._eager import compiling, unreadable
 from attnlab._grid import Grid
 from attnlab.engines._versions import held_tensors
 from attnlab.engines.base import AttentionRequest
 
-__all__ = ["far_limit", "far_rows"]
+__all__ = ["far_limit", "far_rows", "far_scores", "score_limit"]
 
 
 def far_rows(req: AttentionRequest, backward: str) -> str | None:
@@ -45,13 +46,22 @@ def far_rows(req: AttentionRequest, backward: str) -> str | None:
         peak = float(top[top.abs().argmax()])
     if abs(peak) < limit:
         return None
-    dtype = str(req.q.dtype).removeprefix("torch.")
+    seen = f"a bias row peaks at {peak:.3g} (|peak| >= {limit:g} in {_name(req)})"
+    return _refusal(backward, seen, "go wrong (a row of finfo.min: weights 1, not 1/Lk)")
+
+
+def _refusal(backward: str, seen: str, wrong: str) -> str:
+    """Why ``backward`` is refused, where ``seen`` puts a row far from 0."""
     return (
         f"{backward} recomputes the weights from a logsumexp that rounds by up to "
-        f"|row max| * eps: a bias row peaks at {peak:.3g} (|peak| >= {limit:g} in {dtype}), "
-        f"where its gradients go wrong (a row of finfo.min: weights 1, not 1/Lk); calls "
-        f"without gradients keep it"
+        f"|row max| * eps: {seen}, where its gradients {wrong}; calls without "
+        f"gradients keep it"
     )
+
+
+def _name(req: AttentionRequest) -> str:
+    """The name of the request's dtype: ``"float32"``."""
+    return str(req.q.dtype).removeprefix("torch.")
 
 
 def _near(req: AttentionRequest, limit: float) -> bool:
@@ -109,3 +119,60 @@ def far_limit(dtype: torch.dtype) -> float:
     """
     lse = torch.float64 if dtype == torch.float64 else torch.float32
     return max(2.0**-18, torch.finfo(dtype).eps) / torch.finfo(lse).eps
+
+
+#: The bound on ``|q_i . k_j| * scale`` from which torch SDPA's CPU backward is refused
+#: (see :func:`score_limit`); float64 is not measured and not checked.
+_SCORE_LIMITS = {torch.float32: 2.0**5, torch.float16: 2.0**12, torch.bfloat16: 2.0**15}
+
+
+def far_scores(req: AttentionRequest, backward: str) -> str | None:
+    """Why ``backward`` cannot give the gradients of ``req``: its scores may reach
+    :func:`score_limit`, by the bound ``|scale| * max_i ||q_i|| * max_j ||k_j||``
+    (Cauchy-Schwarz: two norms over E, no ``Lq x Lk`` work, one value read). None without
+    gradients, below the limit, in float64, where no value can be read (vmapped,
+    exported, compiled, on the meta device) and off the CPU, where the read would be a
+    host-device sync on every call with gradients and the error is not measured.
+
+    Example:
+        >>> q = torch.ones(1, 1, 4, 16, requires_grad=True)  # ||q_i|| = 4: scores 2 * 16
+        >>> req = AttentionRequest(q, q, q, None, None, 2.0, "dot", "softmax", 0.0,
+        ...                        return_weights=False, return_lse=False)
+        >>> print(far_scores(req, "the backward"))  # doctest: +ELLIPSIS
+        the backward recomputes the weights from a logsumexp ... scores may reach 32 ...
+    """
+    limit = score_limit(req.q.dtype)
+    if limit is None or not req.needs_grad or req.q.device.type != "cpu":
+        return None
+    if unreadable(req.q) or compiling():
+        return None
+    with torch.no_grad():  # (Hq, Lq) and (Hkv, Lk) norms, accumulated in float32
+        norms = [torch.linalg.vector_norm(t, dim=-1, dtype=torch.float32) for t in (req.q, req.k)]
+        qn, kn = torch.stack([n.amax() for n in norms]).tolist()  # the one read
+    bound = abs(req.scale) * qn * kn  # (a Python float: past float32's range too)
+    if not bound >= limit:  # (NaN: the NaN screen's concern)
+        return None
+    seen = (
+        f"scores may reach {bound:.3g} (|scale| * max ||q_i|| * max ||k_j|| >= {limit:g} "
+        f"in {_name(req)})"
+    )
+    return _refusal(backward, seen, "pass 2x plain PyTorch's error")
+
+
+def score_limit(dtype: torch.dtype) -> float | None:
+    """The bound on a call's scores from which :func:`far_scores` refuses torch SDPA's
+    CPU backward, None where none is (float64). 32 in float32, 4096 in float16, 32768
+    in bfloat16: the first power of 2 where the worst gradient of SDPA's CPU kernels
+    passed 2x plain PyTorch's error plus the tests' floor against float64 (queries and
+    keys of random directions, standard deviation 1 and 3, head sizes 8-128, 40 and 200
+    rows, causal and not, 2 seeds; AVX512 EPYC, torch 2.13): below it 0.99x at most,
+    past it the error doubles with the bound (E=16, 40 rows, causal, scale 1000: dQ 3e-3
+    where plain PyTorch's is 1e-9; scale 1e8: inf). Rows whose query matches its own key
+    (saturated, exact in plain PyTorch) or scores sharing a large offset pass 2x sooner:
+    float32 from 8-32, float16 and bfloat16 from 16-256.
+
+    Example:
+        >>> score_limit(torch.float32), score_limit(torch.bfloat16), score_limit(torch.float64)
+        (32.0, 32768.0, None)
+    """
+    return _SCORE_LIMITS.get(dtype)

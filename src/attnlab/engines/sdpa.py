@@ -9,7 +9,8 @@ first-order backward only: forward-mode AD and second derivatives that the forwa
 raises by name when differentiated (:func:`_sdpa`). Their backward recomputes the weights
 from each row's logsumexp, which loses the row's sum where a bias puts the row far from 0
 (an additive mask's padded row): calls with gradients and such a row go elsewhere
-(:func:`~attnlab.engines._far.far_rows`). The engine keeps the dense form of the last
+(:func:`~attnlab.engines._far.far_rows`), as do CPU calls whose scores may be that large
+(:func:`~attnlab.engines._far.far_scores`). The engine keeps the dense form of the last
 mask object (:class:`~attnlab.engines._dense_cache.DenseCache`): a model's layers share one.
 It holds that one dense mask per engine instance, as the flex engine holds one block mask.
 """
@@ -29,7 +30,7 @@ from attnlab._eager import (
     vmapping,
 )
 from attnlab.engines._dense_cache import DenseCache, Parts
-from attnlab.engines._far import far_rows
+from attnlab.engines._far import far_rows, far_scores
 from attnlab.engines._nonfinite import any_nonfinite
 from attnlab.engines.base import AttentionRequest, Engine, EngineResult
 from attnlab.masks import Mask
@@ -94,7 +95,8 @@ class SdpaEngine(Engine):
         elif _screens_hidden_nan(req) and any_nonfinite(req.k, req.v):  # 0 * inf is NaN
             hidden = "rows the mask hides it from"
             return f"k or v {_hold()} NaN or inf, which torch SDPA spreads to {hidden}"
-        return far_rows(req, "torch SDPA's backward")
+        backward = "torch SDPA's backward"
+        return far_rows(req, backward) or far_scores(req, backward)
 
     def prefers(self, req: AttentionRequest) -> bool:
         return not _one_tracked_key(req.q, req.k, req.v)
