@@ -269,6 +269,30 @@ def _nonzero(s: Tensor) -> Tensor:
     return torch.where(s == 0, torch.ones_like(s), s)
 
 
+def _fused_with_dead_rows(
+    x: Tensor, dead: Tensor, want_lse: bool, dtype: torch.dtype
+) -> tuple[Tensor, Tensor | None]:
+    """Torch's fused softmax (and logsumexp) where the only non-finite row maxima are
+    fully masked rows: those rows are filled with 0, then their results set to 0 (lse
+    ``-inf``), so their gradient is exactly 0 and the other rows round as torch's do.
+
+    Args:
+        x: scores in the compute dtype, shape ``(..., L)`` with ``L >= 1``.
+        dead: the fully masked rows, shape ``(..., 1)`` bool.
+        want_lse: whether to compute the logsumexp.
+        dtype: the dtype of the results.
+
+    Returns:
+        ``(weights, lse)``: ``(..., L)`` and ``(...)`` (or None), in ``dtype``.
+    """
+    live = x.masked_fill(dead, 0.0)  # (..., L)
+    p = torch.softmax(live, dim=-1).masked_fill(dead, 0.0)  # (..., L)
+    if not want_lse:
+        return p.to(dtype), None
+    lse = torch.logsumexp(live, dim=-1).masked_fill(dead.squeeze(-1), -math.inf)  # (...)
+    return p.to(dtype), lse.to(dtype)
+
+
 def softmax(scores: Tensor) -> Tensor:
     """Softmax along the last dim with masked (``-inf``) and fully masked rows handled.
 
@@ -311,9 +335,11 @@ def softmax_with_lse(scores: Tensor) -> tuple[Tensor, Tensor]:
 def softmax_rows(scores: Tensor, *, want_lse: bool) -> tuple[Tensor, Tensor | None]:
     """:func:`softmax_with_lse` (unchecked), the logsumexp only if ``want_lse``.
 
-    Where every row's max is finite (no fully masked row, NaN or +inf) it is torch's
-    fused softmax (and logsumexp): the general form's five passes took 2x its time (the
-    reference engine's weights, B=8, H=8, 512 x 512); under compile, vmap or meta, the latter.
+    Where no row's max is NaN or +inf it is torch's fused softmax (and logsumexp), fully
+    masked rows filled and then zeroed: the general form's five passes took 2x its time (the
+    reference engine's weights, B=8, H=8, 512 x 512) and, used for a whole call because one
+    row was fully masked, up to 3.6x plain PyTorch's float32 dq error on the other rows
+    (rows 0-14 of window(1) & padding([16], [15])). Under compile, vmap or meta, the latter.
 
     Example:
         >>> softmax_rows(torch.tensor([[0.0, 0.0]]), want_lse=False)
@@ -322,11 +348,14 @@ def softmax_rows(scores: Tensor, *, want_lse: bool) -> tuple[Tensor, Tensor | No
     if scores.shape[-1] == 0:
         return _empty_like_result(scores), scores.new_full(scores.shape[:-1], -math.inf)
     x = scores.to(_compute_dtype(scores.dtype))  # (..., L)
-    readable = not (x.is_meta or compiling() or vmapping())  # values?
-    if readable and bool(torch.isfinite(x.detach().amax(dim=-1)).all()):
-        p = torch.softmax(x, dim=-1)  # (..., L)
-        lse = torch.logsumexp(x, dim=-1).to(scores.dtype) if want_lse else None  # (...)
-        return p.to(scores.dtype), lse
+    if not (x.is_meta or compiling() or vmapping()):  # values readable
+        row_max = x.detach().amax(dim=-1, keepdim=True)  # (..., 1)
+        if bool(torch.isfinite(row_max).all()):
+            p = torch.softmax(x, dim=-1)  # (..., L)
+            lse = torch.logsumexp(x, dim=-1).to(scores.dtype) if want_lse else None  # (...)
+            return p.to(scores.dtype), lse
+        if not bool((torch.isnan(row_max) | torch.isposinf(row_max)).any()):
+            return _fused_with_dead_rows(x, torch.isneginf(row_max), want_lse, scores.dtype)
     e, s, m = _softmax_parts(x)  # (..., L), (..., 1), (..., 1)
     s_safe = _nonzero(s)  # (..., 1)
     p = e / s_safe  # (..., L)
