@@ -14,7 +14,7 @@ from torch import Tensor
 
 import attnlab
 from attnlab import masks as M
-from attnlab.engines import select_engine
+from attnlab.engines import blocked_autograd, get_engine, select_engine
 from attnlab.engines._far import score_limit
 from attnlab.functional import _request
 from tests.conftest import assert_2x_rule, check_and_control
@@ -89,3 +89,47 @@ def test_the_sdpa_engine_named_refuses_them_by_name() -> None:
         r"torch SDPA's backward recomputes the weights from a logsumexp .* scores may reach "
         r"\S+ \(\|scale\| \* max \|\|q_i\|\| \* max \|\|k_j\|\| >= 32 in float32\)",
     )
+
+
+def test_long_calls_sdpa_declines_go_to_the_kernel_not_dense_scores() -> None:
+    """Past the limit a long call would otherwise fall to the reference engine's dense
+    ``Lq x Lk`` scores; the kernel takes it (from ``2**14`` pairs in float32), in 2x."""
+    if blocked_autograd.kernel() is None:
+        pytest.skip(f"attnlab's CPU kernel could not be built: {blocked_autograd.kernel_error()}")
+    g = torch.Generator().manual_seed(2)
+    x = [torch.randn(1, 2, 256, 16, generator=g).double() for _ in "qkvo"]
+    q, k = x[0].float(), x[1].float()
+    assert _pick(q, k, 4.0) == "blocked" and _pick(q, k) == "sdpa"  # bound ~100 vs ~8
+    assert _pick(q[:, :, :64], k[:, :, :64], 4.0) == "reference"  # 2**12 pairs
+
+    def dense(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return torch.softmax(q @ k.mT * 4.0, -1) @ v
+
+    ref, plain = (_grads(dense, x, dt) for dt in (torch.float64, torch.float32))
+    ours = _grads(lambda q, k, v: attnlab.attention(q, k, v, scale=4.0), x, torch.float32)
+    for what, o, p, r in zip(("out", "dq", "dk", "dv"), ours, plain, ref, strict=True):
+        assert_2x_rule(o, p, r, what)
+
+
+def test_plain_calls_take_the_same_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call of q, k, v and a scale skips the request (``attention_plain``): SDPA passes
+    such calls on when their scores are too far (and float16 the kernel takes), so the
+    request path decides as for any other call."""
+    if blocked_autograd.kernel() is None:
+        pytest.skip(f"attnlab's CPU kernel could not be built: {blocked_autograd.kernel_error()}")
+    ran: list[str] = []
+    for name in ("blocked", "sdpa", "reference"):
+        engine = get_engine(name)
+        monkeypatch.setattr(engine, "forward", _spy(engine.forward, name, ran), raising=False)
+    q = torch.randn(1, 2, 256, 16, requires_grad=True)
+    attnlab.attention(q, q, q, scale=4.0)
+    attnlab.attention(q.detach(), q.detach(), q.detach(), scale=4.0)  # no gradient: SDPA
+    assert ran == ["blocked"]
+
+
+def _spy(fn: object, name: str, ran: list[str]) -> object:
+    def spy(req: object) -> object:
+        ran.append(name)
+        return fn(req)  # type: ignore[operator]
+
+    return spy

@@ -5,7 +5,10 @@ logsumexp that large rounds away the log of the row's sum. A bias puts a row the
 
 from __future__ import annotations
 
+import weakref
+
 import torch
+from torch import Tensor
 
 from attnlab._eager import compiling, unreadable
 from attnlab._grid import Grid
@@ -146,10 +149,7 @@ def far_scores(req: AttentionRequest, backward: str) -> str | None:
         return None
     if unreadable(req.q) or compiling():
         return None
-    with torch.no_grad():  # (Hq, Lq) and (Hkv, Lk) norms, accumulated in float32
-        norms = [torch.linalg.vector_norm(t, dim=-1, dtype=torch.float32) for t in (req.q, req.k)]
-        qn, kn = torch.stack([n.amax() for n in norms]).tolist()  # the one read
-    bound = abs(req.scale) * qn * kn  # (a Python float: past float32's range too)
+    bound = _bound(req)
     if not bound >= limit:  # (NaN: the NaN screen's concern)
         return None
     seen = (
@@ -157,6 +157,45 @@ def far_scores(req: AttentionRequest, backward: str) -> str | None:
         f"in {_name(req)})"
     )
     return _refusal(backward, seen, "pass 2x plain PyTorch's error")
+
+
+_last: list[tuple[weakref.ref[AttentionRequest], float]] = []  # auto asks blocked, then sdpa
+
+
+def _bound(req: AttentionRequest) -> float:
+    """:func:`_bound_of` the request, read once per request."""
+    if _last and _last[0][0]() is req:
+        return _last[0][1]
+    bound = _bound_of(req.q, req.k, req.scale)
+    _last[:] = [(weakref.ref(req), bound)]
+    return bound
+
+
+def _bound_of(q: Tensor, k: Tensor, scale: float) -> float:
+    """``|scale| * max_i ||q_i|| * max_j ||k_j||``: two norms over E, one read."""
+    with torch.no_grad():  # (Hq, Lq) and (Hkv, Lk) norms, accumulated in float32
+        norms = [torch.linalg.vector_norm(t, dim=-1, dtype=torch.float32) for t in (q, k)]
+        qn, kn = torch.stack([n.amax() for n in norms]).tolist()  # the one read
+    return abs(scale) * qn * kn  # (a Python float: past float32's range too)
+
+
+def far_plain(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> bool:
+    """Whether :func:`far_scores` would refuse a plain call (q, k, v and a scale, no
+    request): the same bound, where gradients are wanted, on the CPU.
+
+    Example:
+        >>> q = torch.ones(1, 1, 4, 16, requires_grad=True)
+        >>> far_plain(q, q, q, 2.0), far_plain(q, q, q, None), far_plain(q.detach(), q, q, 2.0)
+        (True, False, False)
+    """
+    limit = score_limit(q.dtype)
+    if limit is None or not q.is_cpu or not torch.is_grad_enabled():
+        return False
+    if not (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    if unreadable(q) or compiling():
+        return False
+    return _bound_of(q, k, q.shape[-1] ** -0.5 if scale is None else scale) >= limit
 
 
 def score_limit(dtype: torch.dtype) -> float | None:

@@ -91,7 +91,7 @@ class BlockedEngine(Engine):
 
     name = "blocked"
     exact = True
-    passes_plain = True  # prefers() declines every maskless call: SDPA is at the roofline
+    passes_plain = True  # sdpa's plain() passes on the maskless calls prefers() takes
     summary = (
         "dot/cosine score, softmax, any mask (skips empty tiles, masks only partial "
         "ones) and bias (per tile), softcap, sinks, GQA, autograd incl. learnable biases, lse, "

@@ -36,13 +36,15 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
+from torch import Tensor
 
 from attnlab._cpu import cpu_info
+from attnlab.engines._far import far_scores
 from attnlab.engines.base import AttentionRequest
 from attnlab.engines.blocked_autograd import bias_leaves, kernel_ok
 from attnlab.engines.blocked_plan import Plan
 
-__all__ = ["prefers"]
+__all__ = ["LONG", "prefers", "slow_half"]
 
 LONG = 1 << 18  # (query, key) pairs from which a masked call pays for its plan anywhere
 
@@ -79,7 +81,7 @@ def prefers(engine: _Planner, req: AttentionRequest) -> bool:
 
 def _kernel_rule(engine: _Planner, req: AttentionRequest, pairs: int) -> bool:
     """The rule where the compiled kernel runs ``req`` on the CPU."""
-    if _sdpa_lacks(req):
+    if _sdpa_lacks(req) or _sdpa_far(engine, req, pairs):
         return pairs >= _versus_reference(engine, req)
     linear = req.bias is not None and req.bias.linear_distance_slopes() is not None
     f32 = req.q.dtype == torch.float32
@@ -125,6 +127,14 @@ def _sdpa_lacks(req: AttentionRequest) -> bool:
     return extra or req.return_lse or req.return_weights
 
 
+def _sdpa_far(engine: _Planner, req: AttentionRequest, pairs: int) -> bool:
+    """A call with gradients whose scores SDPA declines as too large (:func:`far_scores`),
+    long enough for the kernel to beat the reference engine, which ``auto`` tries next."""
+    if not req.needs_grad or pairs < _versus_reference(engine, req):
+        return False
+    return far_scores(req, "") is not None
+
+
 def _versus_reference(engine: _Planner, req: AttentionRequest) -> int:
     """The pairs from which the blocked engine beats the reference engine on ``req``."""
     if req.return_weights:  # recomputed per block unless the forward writes them
@@ -142,9 +152,13 @@ def _slow_half(req: AttentionRequest) -> bool:
     forward and backward, 1.3-6.8x forward and 12-29x forward and backward under a padding,
     prefix, documents or ALiBi (1024 tokens); with T5's table and a gradient 0.86x (one
     thread, AMD EPYC, 2026-12-05)."""
-    if req.q.dtype != torch.float16 or cpu_info().onednn_fp16:
-        return False
-    return req.bias is None or not req.needs_grad
+    return slow_half(req.q) and (req.bias is None or not req.needs_grad)
+
+
+def slow_half(q: Tensor) -> bool:
+    """``q`` is float16 on a CPU whose oneDNN has no float16 products (:func:`_slow_half`;
+    the sdpa engine passes plain calls of at least ``LONG`` pairs on to the request)."""
+    return q.dtype == torch.float16 and q.is_cpu and not cpu_info().onednn_fp16
 
 
 def _causal_forward(req: AttentionRequest, pairs: int) -> bool:

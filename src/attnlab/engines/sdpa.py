@@ -30,9 +30,10 @@ from attnlab._eager import (
     vmapping,
 )
 from attnlab.engines._dense_cache import DenseCache, Parts
-from attnlab.engines._far import far_rows, far_scores
+from attnlab.engines._far import far_plain, far_rows, far_scores
 from attnlab.engines._nonfinite import any_nonfinite
 from attnlab.engines.base import AttentionRequest, Engine, EngineResult
+from attnlab.engines.blocked_choice import LONG, slow_half
 from attnlab.masks import Mask
 
 __all__ = ["SdpaEngine"]
@@ -106,6 +107,8 @@ class SdpaEngine(Engine):
             return None  # empty, a NaN screen to run, or vmapped: the request decides
         if _one_tracked_key(q, k, v) or higher_order(q, k, v):
             return None
+        if (slow_half(q) and q.shape[2] * k.shape[2] >= LONG) or far_plain(q, k, v, scale):
+            return None  # the request decides: the blocked engine, or declined (far_scores)
         gqa = q.shape[1] != k.shape[1]
         return _sdpa(q, k, v, scale=scale, enable_gqa=gqa)
 
