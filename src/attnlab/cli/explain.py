@@ -98,12 +98,13 @@ def _hf_model(args: argparse.Namespace, text: str, continuation: str | None) -> 
     from attnlab.integrations.hf_text import (
         hf_text_model,
         is_decoder,
+        is_seq2seq,
         load_hf_model,
         load_hf_tokenizer,
     )
 
     config = _hf_config(args.hf_model)
-    seq2seq = getattr(config, "is_encoder_decoder", False)  # load_hf_tokenizer names it below
+    seq2seq = is_seq2seq(config)  # load_hf_tokenizer names it below
     kind = getattr(config, "model_type", "unknown")
     if continuation is not None and not is_decoder(config) and not seq2seq:
         msg = f"needs a decoder --hf-model; {args.hf_model!r} is an encoder ({kind})"
@@ -131,6 +132,8 @@ def _hf_model(args: argparse.Namespace, text: str, continuation: str | None) -> 
     except ValueError as e:
         if continuation is not None and "continuation" in str(e):
             raise UsageError("--continuation", str(e)) from e
+        if str(e).startswith("--hf-model: "):
+            raise UsageError("--hf-model", str(e).removeprefix("--hf-model: ")) from e
         raise
 
 

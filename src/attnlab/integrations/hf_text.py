@@ -30,8 +30,10 @@ from attnlab.interpret import TextModel
 
 __all__ = [
     "decoder_ids",
+    "encoder_class",
     "hf_text_model",
     "is_decoder",
+    "is_seq2seq",
     "load_hf",
     "load_hf_model",
     "load_hf_tokenizer",
@@ -57,11 +59,65 @@ def is_decoder(config: Any) -> bool:
     return any(n.endswith(("ForCausalLM", "LMHeadModel")) or n == causal for n in names)
 
 
+def encoder_class(config: Any) -> type[Any] | None:
+    """The encoder-only class ``config.architectures`` names (``T5EncoderModel``,
+    ``MT5EncoderModel``, ``UMT5EncoderModel``) when transformers has it for this config;
+    ``AutoModel`` made the whole encoder-decoder of such a folder, and its decoder's tensors
+    were missing. None for other architectures.
+
+    Example:
+        >>> from transformers import BertConfig, T5Config
+        >>> encoder_class(T5Config(architectures=["T5EncoderModel"])).__name__
+        'T5EncoderModel'
+        >>> encoder_class(T5Config(architectures=["T5Model"])), encoder_class(BertConfig())
+        (None, None)
+    """
+    import transformers as t
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(t, name, None) if name.endswith("EncoderModel") else None
+        if isinstance(cls, type) and isinstance(config, getattr(cls, "config_class", ())):
+            return cls
+    return None
+
+
+def is_seq2seq(config: Any) -> bool:
+    """Whether a config describes an encoder-decoder that its folder holds whole (an
+    encoder-only ``T5EncoderModel``'s config may still say ``is_encoder_decoder``).
+
+    Example:
+        >>> from transformers import T5Config
+        >>> is_seq2seq(T5Config()), is_seq2seq(T5Config(architectures=["T5EncoderModel"]))
+        (True, False)
+    """
+    return bool(getattr(config, "is_encoder_decoder", False)) and encoder_class(config) is None
+
+
+def _text_and_vision(config: Any) -> str | None:
+    """The refusal of a text-and-vision (or audio) composite that is no causal LM (CLIP,
+    SigLIP: transformers raised NotImplementedError on its input embeddings), naming the
+    text model to save alone where transformers has one; None for other configs."""
+    towers = [n for n in ("vision_config", "audio_config") if getattr(config, n, None)]
+    if not towers or is_decoder(config):
+        return None
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    text = getattr(getattr(config, "text_config", None), "model_type", None)
+    tower = MODEL_MAPPING_NAMES.get(text) if text else None
+    names = getattr(config, "architectures", None) or [config.model_type]
+    return (
+        f"is a composite of a text model and {towers[0].removesuffix('_config')} model "
+        f"({names[0]}); explain takes a text encoder or a decoder-only model"
+        + (f": save its text model alone ({tower})" if tower else "")
+    )
+
+
 def load_hf(folder: str | Path) -> tuple[nn.Module, Any]:
     """The model (on the attnlab backend, eval mode) and tokenizer in a local folder.
 
     ``ValueError`` naming the folder when it holds no config, no tokenizer, no safetensors
-    weights, or an encoder-decoder (which the explanations do not handle).
+    weights, an encoder-decoder or a text-and-vision composite (which the explanations do
+    not handle).
     """
     config, tokenizer = load_hf_tokenizer(folder)
     return load_hf_model(folder, config), tokenizer
@@ -86,11 +142,13 @@ def load_hf_tokenizer(folder: str | Path) -> tuple[Any, Any]:
         if file.is_file() and not os.access(file, os.R_OK):
             raise ValueError(f"--hf-model: {str(file)!r} cannot be read (permission denied)")
     config = t.AutoConfig.from_pretrained(path)
-    if getattr(config, "is_encoder_decoder", False):
+    if is_seq2seq(config):
         raise ValueError(
             f"--hf-model: {str(path)!r} is an encoder-decoder ({config.model_type}); "
             f"explain takes an encoder or a decoder-only model"
         )
+    if (composite := _text_and_vision(config)) is not None:
+        raise ValueError(f"--hf-model: {str(path)!r} {composite}")
     try:
         tokenizer = t.AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -111,7 +169,7 @@ def load_hf_model(folder: str | Path, config: Any) -> nn.Module:
     import transformers as t
 
     _check_layer_count(Path(folder), config)
-    auto = t.AutoModelForCausalLM if is_decoder(config) else t.AutoModel
+    auto = t.AutoModelForCausalLM if is_decoder(config) else encoder_class(config) or t.AutoModel
     report = _Captured()  # its multi-line report of the keys: one line below
     root = logging.getLogger("transformers")
     handlers, root.handlers = root.handlers, [report]
@@ -271,7 +329,7 @@ def hf_text_model(
     common: dict[str, Any] = {
         "network": model,
         "token_name": lambda i: token_text(tokenizer, int(i)),
-        "input_embeddings": model.get_input_embeddings(),  # type: ignore[operator]
+        "input_embeddings": _input_embeddings(model),
         "pad_id": int(pad),
     }
     first, last = _special_ends(tokenizer)  # GPT-2 adds neither: its ends are words
@@ -300,6 +358,23 @@ def hf_text_model(
         scored=tokenizer.decode(follow).strip(),
         **common,
     )
+
+
+def _input_embeddings(model: nn.Module) -> nn.Module:
+    """The word-embedding module ``model``'s forward calls: T5EncoderModel's
+    ``get_input_embeddings()`` names ``shared``, but the forward calls its encoder's
+    ``embed_tokens``, which shares the weight (integrated gradients' hook on ``shared``
+    "did not obtain any outputs"). A model that names none (a composite) is a ValueError."""
+    try:
+        words = model.get_input_embeddings()  # type: ignore[operator]
+    except NotImplementedError as e:  # transformers' own, raw: exit 1
+        raise ValueError(
+            f"--hf-model: {type(model).__name__} has no word embeddings explain can read; "
+            f"explain takes a text encoder or a decoder-only model"
+        ) from e
+    inner = getattr(getattr(model, "encoder", None), "embed_tokens", None)
+    same = getattr(inner, "weight", None) is getattr(words, "weight", 0)
+    return inner if isinstance(inner, nn.Module) and same else words
 
 
 def _special_ends(tokenizer: Any) -> tuple[bool, bool]:
