@@ -387,6 +387,40 @@ def test_incremental_rebuild_equals_full_build(folder: Path, tmp_path: Path, enc
     assert len(build_index(load_documents(folder), enc, cache).digests) == 2
 
 
+def test_one_file_of_a_folder_shares_the_folders_index(folder: Path) -> None:
+    """(Asking about one file of a folder saved an index of that file alone into the
+    folder's index folder, named ``try.txt`` there but ``notes/try.txt`` in the folder's:
+    folder, file, folder embedded 252, 50 and 252 sentences again, and two single files
+    asked in turn replaced each other.) Each file is kept under its path: nothing is
+    embedded again, each result equals a fresh build's, and a removed file's rows go."""
+    from attnlab.apps.index import default_cache
+    from attnlab.models.sentence import _toy_encoder
+
+    enc = _toy_encoder()
+    cache = default_cache(folder / "errors.md")
+    assert cache == default_cache(folder)  # one index folder for both
+    steps = [folder, folder / "errors.md", folder, folder / "loops.txt", folder / "errors.md"]
+    embedded = []
+    for docs in steps:
+        documents = load_documents(docs)
+        ix = build_index(documents, enc, cache)
+        fresh = build_index(documents, enc, None)
+        assert ix.sentences == fresh.sentences and ix.digests == fresh.digests
+        torch.testing.assert_close(ix.vectors, fresh.vectors, atol=1e-6, rtol=0)
+        embedded.append(ix.embedded)
+    assert embedded == [len(build_index(load_documents(folder), enc, None).sentences), 0, 0, 0, 0]
+    assert ix.sentences[0].doc == "errors.md"  # named as given, read from the folder's rows
+    saved = load_index(cache)
+    assert saved is not None and len(saved.digests) == 3  # the whole folder kept
+    (folder / "scopes.rst").unlink()  # gone: its rows are dropped at the next save
+    (folder / "loops.txt").write_text("The for statement loops. It stops at the end.\n")
+    assert build_index(load_documents(folder / "loops.txt"), enc, cache).embedded == 2
+    paths = [d["path"] for d in json.loads((cache / "index.json").read_text())["docs"]]
+    assert sorted(paths) == ["errors.md", "loops.txt"]  # (scopes.rst's rows dropped)
+    again = build_index(load_documents(folder), enc, cache)
+    assert again.embedded == 0 and len(again.digests) == 2
+
+
 def test_match_pairs_sum_to_the_cosine_and_ig_to_its_gain(enc) -> None:
     q, p = "When does the finally clause run?", "The finally clause always runs on the way out."
     m = match_words(enc, q, p, steps=16)
@@ -754,16 +788,20 @@ def test_two_builds_into_one_cache_leave_a_readable_index(
     import time
 
     import attnlab.apps.index as index_module
+    from attnlab.apps._saved import SavedDoc
 
     ix_a = build_index([Document("a", "Cats purr. Dogs bark.")], enc, None)
     ix_b = build_index([Document("b", "Rain falls.")], enc, None)
+    # each index as a save writes it: its one document
+    doc_a = [SavedDoc("a", None, ix_a.digests["a"], ix_a.sentences, ix_a.vectors)]
+    doc_b = [SavedDoc("b", None, ix_b.digests["b"], ix_b.sentences, ix_b.vectors)]
     real = index_module.atomic_write_text
     calls = []
 
     def between(path: Path, text: str) -> Path:  # A between its two writes: B saves whole
         calls.append(path)
         if len(calls) == 1:
-            index_module._save(ix_b, tmp_path)
+            index_module._save(doc_b, ix_b.model, tmp_path)
         return real(path, text)
 
     monkeypatch.setattr(index_module, "atomic_write_text", between)
@@ -773,7 +811,7 @@ def test_two_builds_into_one_cache_leave_a_readable_index(
         monkeypatch.setattr(index_module, "OutputLock", unlocked, raising=False)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        index_module._save(ix_a, tmp_path)
+        index_module._save(doc_a, ix_a.model, tmp_path)
     loaded = load_index(tmp_path)
     assert loaded is not None and loaded.sentences == ix_a.sentences
     assert torch.equal(loaded.vectors, ix_a.vectors)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from attnlab._validate import instance_of
 from attnlab.apps.sentences import split_sentences
@@ -32,6 +32,7 @@ __all__ = [
     "Document",
     "Sentence",
     "check_prose",
+    "is_markdown",
     "known_sentences",
     "split_document",
     "split_sentences",
@@ -57,7 +58,11 @@ _NO_MARKUP = -1
 
 @dataclass(frozen=True)
 class Document:
-    """A named text; ``digest`` is its content hash (the index's invalidation key).
+    """A named text; ``digest`` is its content hash (the index's invalidation key), and
+    ``path`` the real path of the file it was read from (links resolved; None: no file),
+    by which a saved index knows the file however it was named (``notes/a.txt`` in its
+    folder, ``a.txt`` given alone) and whether it still exists. ``path`` takes no part in
+    equality or the repr.
 
     Example:
         >>> a, b = Document("a.txt", "Cats purr. Dogs bark."), Document("b.txt", "Cats purr.")
@@ -69,10 +74,13 @@ class Document:
 
     name: str
     text: str
+    path: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:  # (a Path name or bytes text failed later, unnamed)
         instance_of("name", self.name, str, "a str")
         instance_of("text", self.text, str, "a str")
+        if self.path is not None:
+            instance_of("path", self.path, str, "a str or None")
 
     @property
     def digest(self) -> str:
@@ -222,8 +230,7 @@ def split_document(
     """
     if not isinstance(doc, Document):  # (a str: "'str' object has no attribute 'name'")
         raise TypeError(f"doc must be a Document, got {type(doc).__name__}")
-    markdown = doc.name.lower().endswith((".md", ".markdown"))
-    paragraphs = _paragraphs(doc.text, markdown)
+    paragraphs = _paragraphs(doc.text, is_markdown(doc.name))
     out: list[Sentence] = []
     for i, (section, para) in enumerate(paragraphs):
         if progress is not None:
@@ -232,6 +239,16 @@ def split_document(
     if progress is not None:
         progress(len(paragraphs), len(paragraphs))
     return out
+
+
+def is_markdown(name: str) -> bool:
+    """Whether a document of this name is split as Markdown (``.md``, ``.markdown``).
+
+    Example:
+        >>> is_markdown("notes/README.MD"), is_markdown("notes.txt")
+        (True, False)
+    """
+    return name.lower().endswith((".md", ".markdown"))
 
 
 def check_prose(

@@ -218,7 +218,7 @@ def load_documents(docs: str | Path | Sequence[str | Path]) -> list[Document]:
             out += pydoc_documents()
             continue
         named += _named_files(_path(item))
-    out += [Document(name, _read_text(p)) for name, p in _unique_names(named)]
+    out += [Document(name, _read_text(p), os.path.realpath(p)) for name, p in _unique_names(named)]
     if not any(d.text.strip() for d in out):
         raise ValueError(f"docs: every document is empty ({len(out)} files)")
     seen: set[str] = set()

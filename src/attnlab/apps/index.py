@@ -1,17 +1,20 @@
 """A sentence index: every sentence's MiniLM embedding, built once and kept on disk.
 
 The index is two files in one folder: ``index.json`` (the model's name, per document its
-content hash and its sentences, and the name and SHA-256 of the vectors file, so a pair
-from two different builds is never read as one) and that vectors file,
+content hash, its file and its sentences, and the name and SHA-256 of the vectors file,
+so a pair from two different builds is never read as one) and that vectors file,
 ``index-HASH.safetensors`` (the ``(N, D)`` float32 unit vectors). :func:`build_index`
 reuses the rows of every document whose hash is unchanged and embeds only the new or
 changed ones, so editing one document re-embeds that document alone; a different model
-or splitter version rebuilds everything. A save writes the new vectors under their own
-name, then the JSON that names them (each atomically), then removes the vectors file the
-previous JSON named and any other that no JSON names and is older than ten minutes (a
-stop between two writes left it): a crash at any point leaves the previous index or the
-new one, never a pair that is read as none (one file name for both made a stop between
-the two writes re-embed everything). A save holds the folder's
+or splitter version rebuilds everything. A document read from a file is known by that
+file's path relative to the folder holding the index folder (:mod:`attnlab.apps._saved`):
+one file of a folder, asked about alone, reuses its rows from the folder's index, and the
+rows of the other files are kept while those files exist. A save writes the new vectors
+under their own name, then the JSON that names them (each atomically), then removes the
+vectors file the previous JSON named and any other that no JSON names and is older than
+ten minutes (a stop between two writes left it): a crash at any point leaves the previous
+index or the new one, never a pair that is read as none (one file name for both made a
+stop between the two writes re-embed everything). A save holds the folder's
 :class:`~attnlab._io.OutputLock`, and another run's vectors are never removed. A folder
 whose ``index.json`` attnlab did not write (no JSON object with a ``"format"``, or no
 JSON) is refused, not overwritten.
@@ -44,7 +47,7 @@ import os
 import re
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +57,17 @@ from torch import Tensor
 from attnlab._io import LockedError, OutputLock, atomic_write, atomic_write_text
 from attnlab._validate import instance_of, positive_int
 from attnlab._warnings import warn
+from attnlab.apps._saved import (
+    SavedDoc,
+    base_of,
+    consistent,
+    entries,
+    locate,
+    merge,
+    path_key,
+    renamed,
+    reusable,
+)
 from attnlab.apps.corpus import Document, Sentence, known_sentences, split_document
 from attnlab.apps.embedding import Progress, embed, model_name, unit
 from attnlab.models import SentenceEncoder
@@ -70,7 +84,8 @@ __all__ = [
     "unit",
 ]
 
-FORMAT = 4  # bump when the splitter or the file layout changes: every index rebuilds
+FORMAT = 5  # bump when the splitter or the file layout changes: every index rebuilds
+_READ = (4, FORMAT)  # 4: the same splitter, documents without their paths (known by name)
 _VECTORS = re.compile(r"index-[0-9a-f]{16}\.safetensors")
 STRAY_SECONDS = 600.0  # vectors no JSON names, older than this, are no save in progress
 
@@ -118,7 +133,8 @@ def default_cache(docs: str | Path | Sequence[str | Path]) -> Path:
     """Where the index of ``docs`` lives: for ``"pydoc"`` under ``$XDG_CACHE_HOME/attnlab``
     (or ``~/.cache/attnlab``), else ``.attnlab-index`` in the (first) folder given or
     beside the (first) file, where links lead (``/dev/stdin`` fed from a file: beside that
-    file, not in ``/dev``).
+    file, not in ``/dev``). A file given alone shares its folder's index: its rows are
+    reused from it, and the folder's other rows are kept.
 
     Example:
         >>> import tempfile
@@ -156,12 +172,17 @@ def load_index(folder: str | Path) -> Index | None:
         >>> loaded.model == built.model, missing
         (True, None)
     """
+    loaded = _load(index_folder(folder))
+    return None if loaded is None else loaded[0]
+
+
+def _load(folder: Path) -> tuple[Index, list[SavedDoc]] | None:
+    """The index saved in ``folder``, whole and document by document (None: none)."""
     from safetensors.torch import load
 
-    folder = index_folder(folder)
     try:
         meta = _own_meta(folder, "folder")  # (JSON that is no index: a ValueError)
-        if meta is None or meta.get("format") != FORMAT:
+        if meta is None or meta.get("format") not in _READ:
             return None  # none, or another version
         raw = (folder / _vectors_name(meta.get("vectors"))).read_bytes()
         if meta.get("vectors_sha256") != _sha(raw):
@@ -169,29 +190,12 @@ def load_index(folder: str | Path) -> Index | None:
         vectors = load(raw)["vectors"]
         sentences = [Sentence(*row) for d in meta["docs"] for row in d["sentences"]]
         digests = {d["name"]: d["digest"] for d in meta["docs"]}
+        if not consistent(sentences, vectors, meta["docs"]):
+            return None  # rows edited or of another kind: rebuilt, not used
+        docs = entries(meta["docs"], sentences, vectors)
     except (OSError, ValueError, KeyError, TypeError, RecursionError):  # (JSON too deep)
         return None
-    if not _consistent(sentences, vectors, meta["docs"]):
-        return None  # rows edited or of another kind: rebuilt, not used
-    return Index(sentences, vectors, digests, str(meta.get("model")))
-
-
-def _consistent(sentences: list[Sentence], vectors: Tensor, docs: list[dict]) -> bool:
-    """An index's rows as :func:`build_index` saved them: one float vector per sentence,
-    each row's fields of their kinds and its ``doc`` the document it is saved under (a
-    row naming another document raised KeyError when the index was updated; an int text
-    failed in ranking; int vectors gave every cosine 0)."""
-    names = [d["name"] for d in docs for _ in d["sentences"]]
-    kinds = all(
-        isinstance(s.text, str) and isinstance(s.section, str) and type(s.para) is int
-        and s.doc == name
-        for s, name in zip(sentences, names, strict=True)
-    )  # fmt: skip
-    shape = vectors.dim() == 2 and vectors.shape[0] == len(sentences)
-    if not (kinds and shape and vectors.dtype == torch.float32):
-        return False
-    # unit rows (an index of a model without a Normalize module held raw vectors)
-    return not vectors.numel() or bool(((vectors.norm(dim=-1) - 1).abs() < 1e-3).all())
+    return Index(sentences, vectors, digests, str(meta.get("model"))), docs
 
 
 def index_folder(folder: object, name: str = "folder") -> Path:
@@ -292,22 +296,22 @@ def _named_vectors(meta: dict[str, Any] | None) -> str | None:
     return name if isinstance(name, str) and _VECTORS.fullmatch(name) else None
 
 
-def _save(index: Index, folder: Path) -> None:
+def _save(index: list[SavedDoc], model: str, folder: Path) -> None:
     """:func:`_write` under the folder's lock. A save takes milliseconds: if another live
     run holds the lock for 3 s, a warning says so, and this index is kept in memory only."""
     busy: LockedError | None = None
     for _ in range(30):
         try:
             with OutputLock(folder, command=f"build_index of {folder}"):
-                return _write(index, folder)
+                return _write(index, model, folder)
         except LockedError as e:
             busy = e
             time.sleep(0.1)
     warn(f"the index is not saved: {busy}", stacklevel=3)
 
 
-def _write(index: Index, folder: Path) -> None:
-    """The vectors under a new name, then the JSON that names them (both atomic), then
+def _write(index: list[SavedDoc], model: str, folder: Path) -> None:
+    """The documents' vectors under a new name, then the JSON that names them (both atomic), then
     the vectors no JSON names removed (:func:`_remove_strays`): a stop anywhere leaves a
     readable index, and vectors that another build's JSON names (or is about to) are
     kept."""
@@ -315,14 +319,11 @@ def _write(index: Index, folder: Path) -> None:
 
     previous = _named_vectors(_own_meta(folder, "folder"))
 
-    by_doc: dict[str, list[list[Any]]] = {name: [] for name in index.digests}
-    for s in index.sentences:
-        by_doc[s.doc].append([s.text, s.doc, s.section, s.para])
-    docs = [{"name": n, "digest": d, "sentences": by_doc[n]} for n, d in index.digests.items()]
-    raw = save({"vectors": index.vectors.contiguous()})
+    docs = [d.as_json() for d in index]
+    raw = save({"vectors": torch.cat([d.vectors for d in index]).contiguous()})
     sha = _sha(raw)
     name = f"index-{sha[:16]}.safetensors"
-    meta = {"format": FORMAT, "model": index.model, "vectors": name, "vectors_sha256": sha}
+    meta = {"format": FORMAT, "model": model, "vectors": name, "vectors_sha256": sha}
     atomic_write(folder / name, lambda t: Path(t).write_bytes(raw))
     # ASCII: a document name from a file name that is not UTF-8 holds lone surrogates,
     # which UTF-8 cannot write but JSON's \uXXXX escapes carry there and back exactly
@@ -391,36 +392,45 @@ def build_index(
     if len(set(names)) != len(names):
         raise ValueError(f"docs: document names must be unique, got {len(names)} with repeats")
     model = model_name(enc)
-    old = load_index(folder) if folder is not None else None
-    same = old is not None and old.model == model and old.vectors.shape[1] == enc.dim
-    old = old if same else None
-    keep = {} if old is None else _rows_by_doc(old)
-    fresh = [d for d in docs if old is None or old.digests.get(d.name) != d.digest]
+    saved = _saved(folder, model, enc.dim)
+    base = None if folder is None else base_of(folder)
+    keys = {d.name: path_key(d, base) for d in docs}
+    where = locate(saved, docs, keys)
+    rows = {d.name: replace(saved[i], path=keys[d.name]) for d, i in reusable(saved, docs, where)}
+    fresh = [d for d in docs if d.name not in rows]
     new_sents = {d.name: known[d] if d in known else split_document(d) for d in fresh}
     texts = [s.text for d in fresh for s in new_sents[d.name]]
-    vecs = embed(enc, texts, progress) if texts else torch.empty(0, enc.dim)
-    new_rows, start = {}, 0
+    vecs = embed(enc, texts, progress) if texts else torch.empty(0, enc.dim)  # (n, D)
+    start = 0
     for d in fresh:
-        n = len(new_sents[d.name])
-        new_rows[d.name], start = (new_sents[d.name], vecs[start : start + n]), start + n
-    sentences: list[Sentence] = []
-    parts = [torch.empty(0, enc.dim)]
-    for d in docs:
-        s, v = new_rows.get(d.name) or keep[d.name]
-        sentences += s
-        parts.append(v)
-    index = Index(sentences, torch.cat(parts), {d.name: d.digest for d in docs}, model, len(texts))
-    changed = old is None or fresh or set(old.digests) != set(index.digests)
-    if folder is not None and changed and sentences:  # nothing to keep from no prose
-        _save(index, Path(folder))
+        n, sents = len(new_sents[d.name]), new_sents[d.name]
+        rows[d.name] = SavedDoc(d.name, keys[d.name], d.digest, sents, vecs[start : start + n])
+        start += n
+    sentences = [s for d in docs for s in renamed(rows[d.name].sentences, d.name)]
+    vectors = torch.cat([torch.empty(0, enc.dim), *(rows[d.name].vectors for d in docs)])
+    index = Index(sentences, vectors, {d.name: d.digest for d in docs}, model, len(texts))
+    if folder is not None and base is not None:
+        stored = merge(saved, where, rows, base)  # and the other files' rows, while they exist
+        changed = [e.signature() for e in stored] != [e.signature() for e in saved]
+        if changed and any(e.sentences for e in stored):  # nothing to keep from no prose
+            _save(stored, model, Path(folder))
     return index
+
+
+def _saved(folder: Path | None, model: str, dim: int) -> list[SavedDoc]:
+    """The documents saved in ``folder`` by the encoder ``model`` (none for another)."""
+    loaded = None if folder is None else _load(folder)
+    if loaded is None or loaded[0].model != model or loaded[0].vectors.shape[1] != dim:
+        return []
+    return loaded[1]
 
 
 def saved_sentences(
     docs: Sequence[Document], folder: str | Path | None
 ) -> dict[Document, list[Sentence]]:
     """The sentences the index in ``folder`` (None: none) holds for those of ``docs`` it
-    holds unchanged (same name and digest, whatever model embedded them): read, not split.
+    holds unchanged (the same file, or name without a file, and digest, whatever model
+    embedded them), named as in ``docs``: read, not split.
 
     Example:
         >>> import tempfile
@@ -430,21 +440,10 @@ def saved_sentences(
         >>> [s.text for s in saved_sentences([a], d)[a]], saved_sentences([Document("a", "Hi.")], d)
         (['Cats purr.', 'Dogs bark.'], {})
     """
-    old = None if folder is None else load_index(folder)
-    if old is None:
+    folder = None if folder is None else index_folder(folder)
+    loaded = None if folder is None else _load(folder)
+    if folder is None or loaded is None:
         return {}
-    rows = _rows_by_doc(old)
-    return {d: rows[d.name][0] for d in docs if old.digests.get(d.name) == d.digest}
-
-
-def _rows_by_doc(index: Index) -> dict[str, tuple[list[Sentence], Tensor]]:
-    """Document name -> its sentences and their rows of ``index.vectors``."""
-    counts = {name: 0 for name in index.digests}
-    for s in index.sentences:
-        counts[s.doc] += 1
-    out: dict[str, tuple[list[Sentence], Tensor]] = {}
-    start = 0
-    for name, n in counts.items():  # saved document by document, in this order
-        out[name] = (index.sentences[start : start + n], index.vectors[start : start + n])
-        start += n
-    return out
+    saved, base = loaded[1], base_of(folder)
+    where = locate(saved, docs, {d.name: path_key(d, base) for d in docs})
+    return {d: renamed(saved[i].sentences, d.name) for d, i in reusable(saved, docs, where)}
