@@ -9,6 +9,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import socket
 import stat
 import tempfile
@@ -20,6 +21,7 @@ from types import TracebackType
 from typing import Any
 
 __all__ = [
+    "STALE_TEMP_SECONDS",
     "LockedError",
     "OutputLock",
     "WriteError",
@@ -29,6 +31,7 @@ __all__ = [
     "first_names",
     "no_script_csp",
     "png_data_uri",
+    "remove_stale_temps",
 ]
 
 
@@ -43,12 +46,22 @@ class WriteError(OSError):
         )
 
 
+STALE_TEMP_SECONDS = 600.0  # a temporary file untouched this long is no write in progress
+_TEMP = re.compile(r"\.attnlab-[a-z0-9_]{8}\.tmp")  # mkstemp's names with our prefix/suffix
+
+
 def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
     """Call ``write(tmp)`` on a temporary file next to ``path``, flush it to disk and
     rename it over ``path``; on any error the temporary file is removed and ``path`` is
     left as it was. A ``path`` that is a symbolic link is kept: the file it points to is
     written (the temporary file goes beside that file). A file replaced keeps its
     permission bits; a new one gets ``0o666`` less the umask, as ``open()`` gives.
+
+    A process killed mid-write (``kill -9``, out of memory, power loss) cannot remove its
+    temporary file; each write first removes, in its folder, the temporary files of this
+    function (``.attnlab-XXXXXXXX.tmp``) not modified for :data:`STALE_TEMP_SECONDS`
+    (:func:`remove_stale_temps`). A younger one may be another process's write in progress
+    and is kept; ``write`` callbacks write their file at once, never pausing that long.
 
     Args:
         path: the file to create or replace (its folder is created if missing).
@@ -74,6 +87,7 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
         raise ValueError(f"path {str(path)!r} is not a regular file (a pipe or device)")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path.parent)
         # a short name of fixed length: ".{name}.XXXXXXXX.tmp" was 14 bytes past a legal
         # name of 250 bytes, and the write failed after all the work ("File name too long")
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".attnlab-", suffix=".tmp")
@@ -94,6 +108,40 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return given
+
+
+def remove_stale_temps(folder: str | Path, max_age: float = STALE_TEMP_SECONDS) -> list[Path]:
+    """Remove from ``folder`` the temporary files :func:`atomic_write` left behind (its
+    process killed mid-write): regular files named ``.attnlab-XXXXXXXX.tmp`` not modified
+    for ``max_age`` seconds. Younger ones (perhaps a write in progress), other files, and
+    files that cannot be removed are kept; a missing folder has none. Returns the removed.
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> for name in (".attnlab-ab12cd34.tmp", ".attnlab-fresh000.tmp", "keep.tmp"):
+        ...     _ = (d / name).write_text("x")
+        >>> os.utime(d / ".attnlab-ab12cd34.tmp", (0, 0))  # untouched since 1970
+        >>> [p.name for p in remove_stale_temps(d)], sorted(p.name for p in d.iterdir())
+        (['.attnlab-ab12cd34.tmp'], ['.attnlab-fresh000.tmp', 'keep.tmp'])
+    """
+    if not (isinstance(max_age, (int, float)) and 0 <= max_age < float("inf")):
+        raise ValueError(f"max_age is {max_age!r}; expected a finite number of seconds >= 0")
+    removed, now = [], time.time()
+    with contextlib.suppress(OSError), os.scandir(folder) as entries:
+        for e in entries:
+            with contextlib.suppress(OSError):  # gone meanwhile, or not ours to remove
+                if _TEMP.fullmatch(e.name) and _untouched(e, now - max_age):
+                    os.unlink(e.path)
+                    removed.append(Path(e.path))
+    return removed
+
+
+def _untouched(entry: os.DirEntry[str], since: float) -> bool:
+    """``entry`` is a regular file (not a link) last modified before time ``since``."""
+    if not entry.is_file(follow_symlinks=False):
+        return False
+    return entry.stat(follow_symlinks=False).st_mtime < since
 
 
 def _target(path: Path) -> Path:
@@ -241,7 +289,8 @@ class OutputLock:
     :class:`LockedError` naming the first; a lock whose process is gone (same host, pid
     dead, a zombie, or reused by a process started later) is stale and taken over, so a
     crashed run never blocks the next one. A lock from another host cannot be checked and
-    is respected.
+    is respected. Taking the lock writes its file with :func:`atomic_write`, which removes
+    the stale temporary files a killed run left in the lock's folder.
 
     Example:
         >>> import tempfile
