@@ -18,6 +18,7 @@ from torch.nn.utils import parametrize
 from attnlab.cli import main
 from attnlab.models.gan import GAN, GANConfig, SelfAttention2d, d_hinge_loss, g_hinge_loss
 from attnlab.models.vae import VAE, VAEConfig
+from attnlab.models.vit import ViT
 from attnlab.tasks import generative, spec
 from attnlab.tasks.generative_report import (
     QUERIES,
@@ -136,7 +137,8 @@ def test_cli_trains_checkpoints_and_resumes_exactly(
     tiny_scorer: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert _train("gan", tmp_path / "straight") == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert err.count("attnlab: training the scoring ViT") == 1  # the first run trains it
     assert '"step": 4' in out and "frechet" in out and "held-out real test images" in out
     assert any(tiny_scorer.glob("feature_vit-v2-s2-*.safetensors"))
     report = tmp_path / "straight" / "report"
@@ -145,6 +147,7 @@ def test_cli_trains_checkpoints_and_resumes_exactly(
     assert _train("gan", tmp_path / "cut", "--time-limit", "1e-9") == 0
     assert '"step": 1,' in capsys.readouterr().out
     assert _train("gan", tmp_path / "cut", "--resume") == 0
+    assert "scoring ViT" not in capsys.readouterr().err  # trained once: not again
     a = load_file(tmp_path / "straight" / "last.safetensors")
     b = load_file(tmp_path / "cut" / "last.safetensors")
     models = [k for k in a if k.startswith("model.")]
@@ -208,6 +211,37 @@ def test_feature_vit_is_cached_deterministically(
     third = generative.feature_vit(3)
     assert torch.equal(third.head.weight, first.head.weight)
     assert all(torch.isfinite(p).all() for p in third.parameters())
+
+
+def test_training_the_scoring_vit_is_announced_once_on_stderr(
+    tiny_scorer: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """(The first evaluation of a GAN or VAE trained the ViT silently: the progress bar sat
+    at its step for 30-50 s.) The line comes before the training, and not from the cache."""
+    said: list[bool] = []  # whether the line was out when each training began
+    real = generative.train_feature_vit
+
+    def train(steps: int, **kw: int) -> ViT:
+        said.append("training the scoring ViT" in capfd.readouterr().err)
+        return real(steps, **kw)
+
+    monkeypatch.setattr(generative, "train_feature_vit", train)
+    generative.feature_vit(2)
+    assert said == [True] and capfd.readouterr().err == ""  # one line, before, once
+    monkeypatch.setattr(generative, "_FEATURE_VITS", {})
+    generative.feature_vit(2)  # from the file cache
+    generative.feature_vit(2)  # from memory
+    assert said == [True] and capfd.readouterr().err == ""
+    (path,) = tiny_scorer.glob("feature_vit-v2-s2-*.safetensors")
+    path.write_bytes(b"damaged")  # retrained: said again
+    monkeypatch.setattr(generative, "_FEATURE_VITS", {})
+    generative.feature_vit(2)
+    assert said == [True, True]
+    generative._say_training(600, path)  # the default's line: its time, the file
+    assert capfd.readouterr().err == (
+        "attnlab: training the scoring ViT for the Fréchet distance (once, ~30-50 s; "
+        f"cached in {path})\n"
+    )
 
 
 def test_a_cache_that_cannot_be_written_is_a_warning_not_a_failure(

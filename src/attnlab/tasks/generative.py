@@ -29,6 +29,7 @@ once and caches it in memory and in :func:`cache_dir` (safetensors). The trainin
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -212,7 +213,8 @@ def feature_vit(steps: int | None = None, *, seed: int = 0) -> ViT:
     :data:`FEATURE_VIT_STEPS`), trained once per ``(steps, seed)`` and torch version:
     kept in memory and in ``cache_dir()/feature_vit-v2-...safetensors`` (written
     atomically; a cache that cannot be written is a RuntimeWarning, and the model is kept
-    in memory). Training draws from its own seeded generator, so the cached model is the
+    in memory). A training says so first, in one line on stderr (600 steps take 30-50 s).
+    Training draws from its own seeded generator, so the cached model is the
     one a fresh run would train; threads asking for the same ``(steps, seed)`` at once
     wait for one training.
 
@@ -247,6 +249,7 @@ def _load_or_train(steps: int, seed: int) -> ViT:
         model.to_empty(device="cpu").load_state_dict(_verified(path))
         return model.eval()
     except (OSError, RuntimeError, SafetensorError):  # missing, corrupt, stale: retrain
+        _say_training(steps, path)
         model = train_feature_vit(steps, seed=seed)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     try:  # (a cache that could not be written failed the caller after the training)
@@ -255,6 +258,18 @@ def _load_or_train(steps: int, seed: int) -> ViT:
         msg = f"the scoring ViT is kept in memory only, not cached: {e}"
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
     return model
+
+
+_SECONDS_PER_STEP = (0.05, 0.083)  # the scoring ViT's, one thread (600 steps: 30-50 s)
+
+
+def _say_training(steps: int, path: Path) -> None:
+    """One line on stderr before the scoring ViT trains (the first evaluation of a GAN or
+    VAE sat silent for 30-50 s), as the kernel build says it is compiling."""
+    lo, hi = (round(steps * s) for s in _SECONDS_PER_STEP)
+    took = f", ~{lo}-{hi} s" if hi >= 2 else ""
+    line = f"training the scoring ViT for the Fréchet distance (once{took}; cached in {path})"
+    print(f"attnlab: {line}", file=sys.stderr, flush=True)
 
 
 def _verified(path: Path) -> dict[str, Tensor]:
