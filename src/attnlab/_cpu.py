@@ -54,6 +54,7 @@ class CpuInfo:
         amx: the CPU has AMX tiles (torch's SDPA runs bfloat16 on them).
         onednn_fp16: oneDNN runs float16 matrix products (AVX512-FP16 or AMX-FP16); where
             it does not, torch's SDPA computes float16 slowly on the CPU.
+        amx_fp16: the CPU has AMX float16 tiles (torch's SDPA may run float16 on them).
     """
 
     capability: str
@@ -63,6 +64,7 @@ class CpuInfo:
     cpu_name: str = ""
     amx: bool = False
     onednn_fp16: bool = False
+    amx_fp16: bool = False
 
     @property
     def native_bf16(self) -> bool:
@@ -89,6 +91,7 @@ def cpu_info() -> CpuInfo:
         cpu_name=_cpu_name(),
         amx=bool(getattr(cpu, "_is_amx_tile_supported", lambda: False)()),
         onednn_fp16=_onednn_fp16(),
+        amx_fp16=bool(getattr(cpu, "_is_amx_fp16_supported", lambda: False)()),
     )
 
 

@@ -164,14 +164,20 @@ def slow_half(q: Tensor) -> bool:
 def _causal_forward(req: AttentionRequest, pairs: int) -> bool:
     """Plain causal attention without a gradient: SDPA's causal forward took 1.2-1.5x the
     kernel's time in float32 and bfloat16 (512-8192 tokens, 8 or 32 query heads on 8 or 2,
-    E 64 and 128; AVX512, one thread, AMD EPYC), 1.1-1.2x in float32 on an Intel Xeon; with
-    AVX2 1.05-1.2x up to 2048 tokens and 0.94-1.0x from 4096. In bfloat16 on AMX, torch's
-    SDPA runs on the matrix units (2-2.5x faster than the kernel on that Xeon)."""
-    if req.q.dtype == torch.bfloat16 and cpu_info().amx:
+    E 64 and 128; AVX512, one thread, AMD EPYC), 1.2-1.5x in float32 and 1.2-1.6x in
+    float16 on an Intel Xeon with AVX512-FP16 (512-4096); with AVX2 1.05-1.2x up to 2048
+    tokens and 0.94-1.0x from 4096 (float16 there: 0.6-0.8x from 1024, SDPA's oneDNN
+    products keep AVX512-FP16). In bfloat16 on AMX, torch's SDPA runs on the matrix units
+    (1.7x faster than the kernel on that Xeon); float16 on AMX-FP16 is left to SDPA too
+    (not measured)."""
+    info, dtype = cpu_info(), req.q.dtype
+    if dtype == torch.float16:
+        return info.capability == "AVX512" and not info.amx_fp16
+    if dtype == torch.bfloat16 and info.amx:
         return False
-    if req.q.dtype not in (torch.float32, torch.bfloat16):
+    if dtype != torch.float32 and dtype != torch.bfloat16:
         return False
-    return cpu_info().capability == "AVX512" or pairs <= 1 << 22
+    return info.capability == "AVX512" or pairs <= 1 << 22
 
 
 def _few_rows(engine: _Planner, req: AttentionRequest, linear: bool) -> bool:
