@@ -94,3 +94,28 @@ def test_approximate_engines_keep_a_hidden_non_finite_entry_out(
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
         assert torch.isfinite(g).all(), name
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_inf_products_match_plain_products_with_nan_and_inf_on_both_sides() -> None:
+    # a NaN query entry meeting an infinite key entry gave 0 (a finite output row where
+    # plain math gives NaN); every mix of 0, +-1, NaN in a and 0, +-inf, NaN in d
+    from attnlab.engines._nonfinite import inf_products
+
+    left, right = [0.0, 1.0, -1.0, math.nan], [0.0, math.inf, -math.inf, math.nan]
+    pairs = torch.cartesian_prod(torch.arange(4), torch.arange(4), torch.arange(4), torch.arange(4))
+    a = torch.tensor(left)[pairs[:, :2]].view(1, 1, -1, 2)  # (1, 1, 256, 2) rows
+    d = torch.tensor(right)[pairs[:, 2:]].T.reshape(1, 1, 2, -1)  # (1, 1, 2, 256) columns
+    terms = a.double().unsqueeze(-1) * d.double()  # (1, 1, 256, 2, 256)
+    plain = terms.where(d != 0, 0.0).sum(-2)  # d's 0 entries add nothing (docstring)
+    ours = inf_products(a, d, None).double()
+    same = (ours == plain) | (ours.isnan() & plain.isnan())
+    assert bool(same.all()), f"{int((~same).sum())} of {same.numel()} entries differ"
+
+
+def test_a_nan_query_entry_meeting_an_infinite_key_gives_nan() -> None:
+    q, k, v = (torch.randn(1, 1, 4, 2, generator=torch.Generator().manual_seed(1)) for _ in "qkv")
+    q[0, 0, 0, 0], k[0, 0, 0, 0] = math.nan, math.inf  # row 0 sees key 0 only
+    for engine in ("reference", "auto"):
+        out = attnlab.attention(q, k, v, mask=masks.causal(), engine=engine)
+        assert isinstance(out, torch.Tensor)
+        assert bool(out[0, 0, 0].isnan().all()), engine

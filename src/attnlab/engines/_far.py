@@ -164,8 +164,9 @@ _last: list[tuple[weakref.ref[AttentionRequest], float]] = []  # auto asks block
 
 def _bound(req: AttentionRequest) -> float:
     """:func:`_bound_of` the request, read once per request."""
-    if _last and _last[0][0]() is req:
-        return _last[0][1]
+    last = _last[0] if _last else None  # (one read: another thread may replace it)
+    if last is not None and last[0]() is req:
+        return last[1]
     bound = _bound_of(req.q, req.k, req.scale)
     _last[:] = [(weakref.ref(req), bound)]
     return bound

@@ -43,7 +43,8 @@ def any_nonfinite(*ts: Tensor) -> bool:
 
 def inf_products(a: Tensor, d: Tensor, allowed: Tensor | None) -> Tensor:
     """Plain math's ``a (B, Hq, M, K) @ d (B, Hkv, K, N)`` for a ``d`` that holds only
-    non-finite entries (0 elsewhere), where a pair ``(m, k)`` that ``allowed``
+    non-finite entries (0 elsewhere, adding nothing: the finite part's product carries a
+    NaN of ``a`` there), where a pair ``(m, k)`` that ``allowed``
     (broadcastable to ``a``; None: every pair) hides adds nothing: per entry 0, ``inf``,
     ``-inf`` or NaN (``0 * inf``, ``inf - inf`` or a NaN read), in ``a``'s dtype, with no
     gradient (it is constant where it is finite). Counts of signed pairs, in float32.
@@ -65,7 +66,8 @@ def inf_products(a: Tensor, d: Tensor, allowed: Tensor | None) -> Tensor:
         up, down = d == math.inf, d == -math.inf  # (B, Hkv, K, N)
         plus = count(a > 0, up) + count(a < 0, down)
         minus = count(a > 0, down) + count(a < 0, up)
-        void = count(a == 0, up | down) + count(a == a, d.isnan())  # (a NaN: a's own row)
+        void = count((a == 0) | a.isnan(), up | down) + count(a == a, d.isnan())
+        void += count(a.isnan(), d.isnan())  # (0 * inf, NaN * inf, anything * NaN)
         nan = (void > 0) | ((plus > 0) & (minus > 0))
         out = torch.where(plus > 0, math.inf, torch.where(minus > 0, -math.inf, 0.0))
         return out.masked_fill_(nan, math.nan).to(a.dtype)

@@ -96,7 +96,8 @@ def _nan_safe_scores(req: AttentionRequest) -> tuple[Tensor, bool]:
     column = expand_kv(bad.any(-1).unsqueeze(2), s.shape[1])  # (B, Hq, 1, Lk)
     if req.score != "dot":
         return s.masked_fill(column, float("nan")), True
-    return torch.where(column, inf_products(req.q, k.masked_fill(~bad, 0.0).mT, None), s), True
+    inf = inf_products(req.q, k.masked_fill(~bad, 0.0).mT, None)  # (B, Hq, Lq, Lk)
+    return torch.where(column, inf.masked_fill(s.isnan(), math.nan), s), True  # (q's NaN)
 
 
 def _called_scores(req: AttentionRequest) -> Tensor:
