@@ -186,7 +186,8 @@ def far_plain(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> bool:
 
     Example:
         >>> q = torch.ones(1, 1, 4, 16, requires_grad=True)
-        >>> far_plain(q, q, q, 2.0), far_plain(q, q, q, None), far_plain(q.detach(), q, q, 2.0)
+        >>> d = q.detach()  # no gradient wanted: SDPA's forward is fine
+        >>> far_plain(q, q, q, 2.0), far_plain(q, q, q, None), far_plain(d, d, d, 2.0)
         (True, False, False)
     """
     limit = score_limit(q.dtype)
