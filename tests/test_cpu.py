@@ -254,3 +254,29 @@ def test_info_under_a_forced_instruction_set() -> None:
     assert got["gelu_fused"] is False and got["gelu_why"].startswith("AVX2")
     assert "-mavx2" in got["kernel"]["flags"] and "-mavx512f" not in got["kernel"]["flags"]
     assert got["kernel"]["loaded"] is False and "ATTNLAB_NO_KERNEL" in got["kernel"]["why_not"]
+
+
+@pytest.mark.parametrize(
+    ("isa", "amx", "amx_fp16"),
+    [
+        ("", True, True),
+        ("ALL", True, True),
+        ("AVX512_CORE_AMX_FP16", True, True),
+        ("avx512_core_amx", True, False),
+        ("AVX512_CORE_BF16", False, False),
+        ("AVX2", False, False),
+    ],
+)
+def test_amx_counts_only_where_onednn_may_use_it(
+    monkeypatch: pytest.MonkeyPatch, isa: str, amx: bool, amx_fp16: bool
+) -> None:
+    # the rules give bfloat16 (and float16 on AMX-FP16) to SDPA where it runs on the
+    # matrix units; oneDNN held below them by ONEDNN_MAX_CPU_ISA does not
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_fp16_supported", lambda: True, raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
+    assert _cpu._amx("_is_amx_tile_supported", "AMX") is amx
+    assert _cpu._amx("_is_amx_fp16_supported", "AMX_FP16") is amx_fp16
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert _cpu._amx("_is_amx_tile_supported", "AMX") is False

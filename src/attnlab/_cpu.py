@@ -89,10 +89,26 @@ def cpu_info() -> CpuInfo:
         onednn_bf16=onednn,
         threads=torch.get_num_threads(),
         cpu_name=_cpu_name(),
-        amx=bool(getattr(cpu, "_is_amx_tile_supported", lambda: False)()),
+        amx=_amx("_is_amx_tile_supported", "AMX"),
         onednn_fp16=_onednn_fp16(),
-        amx_fp16=bool(getattr(cpu, "_is_amx_fp16_supported", lambda: False)()),
+        amx_fp16=_amx("_is_amx_fp16_supported", "AMX_FP16"),
     )
+
+
+def _amx(check: str, isa: str) -> bool:
+    """The CPU has these AMX tiles (``torch.cpu`` says) and oneDNN may use them: a
+    ``ONEDNN_MAX_CPU_ISA`` (or ``DNNL_MAX_CPU_ISA``) below them keeps SDPA off them.
+
+    Example:
+        >>> isinstance(_amx("_is_amx_tile_supported", "AMX"), bool)
+        True
+    """
+    if not bool(getattr(torch.cpu, check, lambda: False)()):
+        return False
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
+    if cap in ("", "ALL", "DEFAULT"):
+        return True
+    return isa in cap if isa == "AMX_FP16" else "AMX" in cap
 
 
 def _onednn_fp16() -> bool:
