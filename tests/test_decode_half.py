@@ -14,6 +14,7 @@ from torch import Tensor
 import attnlab
 from attnlab import functional
 from attnlab import masks as M
+from attnlab._cpu import cpu_info
 from attnlab.engines import base
 from attnlab.engines import blocked as blocked_engine
 from tests.conftest import assert_2x_rule, naive_attention
@@ -150,7 +151,7 @@ def test_auto_gives_half_precision_decoding_steps_to_the_kernel(
     """A bfloat16 or float16 decoding step goes to the kernel (SDPA read the cache once per
     query head and its float16 is slow on the CPU), a plain one without a request too;
     eight rows of one query head per key/value head over every key stay on SDPA in
-    bfloat16 (a tie)."""
+    bfloat16 (a tie), and on AMX from one row (blocked_decode.kernel_wins)."""
     q, k, v = (t.to(dtype) for t in _qkv(8, 2, 1, 4096))
     with torch.no_grad():
         assert base.select_engine("auto", _request(q, k, None)).name == "blocked"
@@ -161,7 +162,9 @@ def test_auto_gives_half_precision_decoding_steps_to_the_kernel(
     q8, k8 = (t.to(dtype) for t in _qkv(8, 8, 8, 4096)[:2])
     tie = "sdpa" if dtype == torch.bfloat16 else "blocked"
     assert base.select_engine("auto", _request(q8, k8, M.causal())).name == tie
-    assert base.select_engine("auto", _request(q8[:, :, :4], k8, None)).name == "blocked"
+    amx = dtype == torch.bfloat16 and cpu_info().amx  # SDPA on the tiles: 4 rows too
+    four = "sdpa" if amx else "blocked"
+    assert base.select_engine("auto", _request(q8[:, :, :4], k8, None)).name == four
 
 
 def test_the_op_takes_one_dtype() -> None:
