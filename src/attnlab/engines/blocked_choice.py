@@ -150,8 +150,9 @@ def _versus_reference(engine: _Planner, req: AttentionRequest) -> int:
 def _slow_half(req: AttentionRequest) -> bool:
     """float16 where oneDNN has no float16 products (AVX512-FP16, AMX-FP16), so SDPA
     computes it slowly, unless a bias comes with a gradient (the kernel takes ALiBi's by
-    the linear-bias rule; a bias tensor with a gradient was not measured): SDPA took 1.5-3.7x the kernel's time
-    forward (dense, causal, 512-4096 tokens, AVX512; 1.2-3.1x AVX2 forced), 8.2-8.8x dense
+    the linear-bias rule; a bias tensor with a gradient was not measured): SDPA took
+    1.5-3.7x the kernel's time forward (dense, causal, 512-4096 tokens, AVX512; 1.2-3.1x
+    AVX2 forced), 8.2-8.8x dense
     forward and backward, 1.3-6.8x forward and 12-29x forward and backward under a padding,
     prefix, documents or ALiBi (1024 tokens); with T5's table and a gradient 0.86x (one
     thread, AMD EPYC, 2026-12-05)."""
