@@ -78,6 +78,13 @@ CASES = (
     Case("causal_bf16", 2048, 2048, "causal", dtype="bfloat16"),
     Case("dense_fp16", 1024, 1024, "none", dtype="float16"),
     Case("dense_fp16", 1024, 1024, "none", dtype="float16", backward=True),
+    # picks that follow the CPU: blocked, but SDPA where it runs bfloat16 on AMX tiles
+    # (causal with a gradient from 1024, padding over 60% of the tiles, one-head-per-head
+    # decoding over every key) or oneDNN has float16 and torch runs AVX2 (causal_fp16)
+    Case("causal_fp16", 2048, 2048, "causal", dtype="float16"),
+    Case("causal_bf16", 2048, 2048, "causal", dtype="bfloat16", backward=True),
+    Case("padding_bf16", 2048, 2048, "pad70", dtype="bfloat16"),
+    Case("decode_bf16", 1, 4096, "causal", dtype="bfloat16"),
     # controls: SDPA or the reference engine stays the pick
     Case("dense", 2048, 2048, "none"),
     Case("t5_padding", 1024, 1024, "pad70", "t5", backward=True),
