@@ -4,6 +4,7 @@ row computed over the keys it sees only)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -119,3 +120,28 @@ def test_a_nan_query_entry_meeting_an_infinite_key_gives_nan() -> None:
         out = attnlab.attention(q, k, v, mask=masks.causal(), engine=engine)
         assert isinstance(out, torch.Tensor)
         assert bool(out[0, 0, 0].isnan().all()), engine
+
+
+def test_reference_rows_match_plain_math_with_nan_and_inf_in_queries_and_keys() -> None:
+    # an inf query entry meeting a key that holds inf or NaN gave 0 rows (plain: NaN) or a
+    # NaN score where plain math has inf; every row that sees a score above -inf is
+    # compared with plain float64 softmax over the keys it sees (400 seeded trials)
+    g = torch.Generator().manual_seed(0)
+    values, seen, wrong = [math.inf, -math.inf, math.nan], 0, []
+    for trial in range(400):
+        q, k, v = (torch.randn(1, 2, 6, 2, generator=g, dtype=torch.float64) for _ in "qkv")
+        for t in (q, k):
+            for _ in range(2):
+                h, i, e, n = (int(torch.randint(0, m, (1,), generator=g)) for m in (2, 6, 2, 3))
+                t[0, h, i, e] = values[n]
+        out = attnlab.attention(q, k, v, mask=masks.causal(), engine="reference")
+        assert isinstance(out, torch.Tensor)
+        for h, i in itertools.product(range(2), range(6)):
+            s = q[0, h, i] @ k[0, h, : i + 1].T / math.sqrt(2)  # (i + 1,)
+            if bool((s == -math.inf).all()):
+                continue  # no key left: attnlab gives 0 (plain math NaN)
+            ref, ours = torch.softmax(s, -1) @ v[0, h, : i + 1], out[0, h, i]
+            seen += 1
+            if not torch.allclose(ours, ref, rtol=1e-9, atol=1e-9, equal_nan=True):
+                wrong.append((trial, h, i, ours.tolist(), ref.tolist()))
+    assert seen > 4000 and not wrong, wrong[:3]

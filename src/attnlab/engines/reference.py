@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab._eager import autocast_dtype, no_autocast, vmapping
-from attnlab.engines._nonfinite import any_nonfinite, inf_products
+from attnlab.engines._nonfinite import any_nonfinite
 from attnlab.engines.base import (
     AttentionRequest,
     Engine,
@@ -96,8 +96,9 @@ def _nan_safe_scores(req: AttentionRequest) -> tuple[Tensor, bool]:
     column = expand_kv(bad.any(-1).unsqueeze(2), s.shape[1])  # (B, Hq, 1, Lk)
     if req.score != "dot":
         return s.masked_fill(column, float("nan")), True
-    inf = inf_products(req.q, k.masked_fill(~bad, 0.0).mT, None)  # (B, Hq, Lq, Lk)
-    return torch.where(column, inf.masked_fill(s.isnan(), math.nan), s), True  # (q's NaN)
+    with torch.no_grad():  # plain math's product of q and the key as given (q's inf too)
+        plain = SCORES["dot"](req.q.detach(), k)  # (B, Hq, Lq, Lk)
+    return torch.where(column, plain, s), True
 
 
 def _called_scores(req: AttentionRequest) -> Tensor:
