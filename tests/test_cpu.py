@@ -265,6 +265,10 @@ def test_info_under_a_forced_instruction_set() -> None:
         ("avx512_core_amx", True, False),
         ("AVX512_CORE_BF16", False, False),
         ("AVX2", False, False),
+        ("AVX512_CORE_FP16", False, False),
+        ("AVX10_1_512_AMX", True, False),
+        ("AVX512_CORE_BF1", True, True),  # a typo: oneDNN ignores it and uses the tiles
+        (" AVX512_CORE_BF16", True, True),
     ],
 )
 def test_amx_counts_only_where_onednn_may_use_it(

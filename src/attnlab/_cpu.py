@@ -51,10 +51,11 @@ class CpuInfo:
             ``ONEDNN_MAX_CPU_ISA``).
         threads: torch's intra-op threads.
         cpu_name: the processor's model name, where the OS says it.
-        amx: the CPU has AMX tiles (torch's SDPA runs bfloat16 on them).
+        amx: the CPU has AMX tiles and oneDNN may use them (no ``ONEDNN_MAX_CPU_ISA``
+            below them): torch's SDPA runs bfloat16 on them.
         onednn_fp16: oneDNN runs float16 matrix products (AVX512-FP16 or AMX-FP16); where
             it does not, torch's SDPA computes float16 slowly on the CPU.
-        amx_fp16: the CPU has AMX float16 tiles (torch's SDPA may run float16 on them).
+        amx_fp16: the same for AMX float16 tiles (torch's SDPA may run float16 on them).
     """
 
     capability: str
@@ -106,9 +107,29 @@ def _amx(check: str, isa: str) -> bool:
     if not bool(getattr(torch.cpu, check, lambda: False)()):
         return False
     cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
-    if cap in ("", "ALL", "DEFAULT"):
-        return True
+    if cap not in _ONEDNN_ISAS:
+        return True  # unset, ALL, DEFAULT, or a value oneDNN ignores (a typo, spaces)
     return isa in cap if isa == "AMX_FP16" else "AMX" in cap
+
+
+_ONEDNN_ISAS = frozenset(
+    [
+        "SSE41",
+        "AVX",
+        "AVX2",
+        "AVX2_VNNI",
+        "AVX2_VNNI_2",
+        "AVX512_CORE",
+        "AVX512_CORE_VNNI",
+        "AVX512_CORE_BF16",
+        "AVX10_1_512",
+        "AVX512_CORE_FP16",
+        "AVX10_1_512_AMX",
+        "AVX512_CORE_AMX",
+        "AVX10_1_512_AMX_FP16",
+        "AVX512_CORE_AMX_FP16",
+    ]
+)  # the values of ONEDNN_MAX_CPU_ISA that cap it below ALL
 
 
 def _onednn_fp16() -> bool:

@@ -23,10 +23,12 @@ prints those timings; ``README`` has the table):
 * Otherwise from ``2**18`` pairs, where the mask leaves at most 60% of the tiles (80%
   with an ALiBi-like bias, or from ``2**20`` pairs with any bias and no gradient); never
   for dense calls (SDPA's flash kernel is level with the kernel), but plain causal ones
-  with a gradient (SDPA's causal backward is slower, with grouped heads or not). With the
+  with a gradient (SDPA's causal backward is slower, with grouped heads or not; in
+  bfloat16 on AMX only below ``2**20`` pairs: :func:`_causal_backward`). With the
   kernel and no bias, an interval mask (padding, a prefix, a two-sided window) whose
-  batch items each leave less than 95% of their tiles on average: SDPA's dense mask
-  costs 1.3-2.4x (AVX512; 1.0-1.9x on AVX2) from padding to 90% to a two-sided window.
+  batch items each leave less than 95% of their tiles on average (60% in bfloat16 on
+  AMX: :func:`_item_limit`): SDPA's dense mask costs 1.3-2.4x (AVX512; 1.0-1.9x on AVX2)
+  from padding to 90% to a two-sided window.
 
 On a GPU the blocked engine runs eager torch: it takes only long calls SDPA cannot serve.
 """
