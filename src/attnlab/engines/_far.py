@@ -144,10 +144,8 @@ def far_scores(req: AttentionRequest, backward: str) -> str | None:
         >>> print(far_scores(req, "the backward"))  # doctest: +ELLIPSIS
         the backward recomputes the weights from a logsumexp ... scores may reach 32 ...
     """
-    limit = score_limit(req.q.dtype)
-    if limit is None or not req.needs_grad or req.q.device.type != "cpu":
-        return None
-    if unreadable(req.q) or compiling():
+    limit = _checked_limit(req.q, req.needs_grad)
+    if limit is None:
         return None
     bound = _bound(req)
     if not bound >= limit:  # (NaN: the NaN screen's concern)
@@ -190,14 +188,20 @@ def far_plain(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> bool:
         >>> far_plain(q, q, q, 2.0), far_plain(q, q, q, None), far_plain(d, d, d, 2.0)
         (True, False, False)
     """
-    limit = score_limit(q.dtype)
-    if limit is None or not q.is_cpu or not torch.is_grad_enabled():
-        return False
-    if not (q.requires_grad or k.requires_grad or v.requires_grad):
-        return False
-    if unreadable(q) or compiling():
+    grads = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    limit = _checked_limit(q, grads)
+    if limit is None:
         return False
     return _bound_of(q, k, q.shape[-1] ** -0.5 if scale is None else scale) >= limit
+
+
+def _checked_limit(q: Tensor, grads: bool) -> float | None:
+    """:func:`score_limit` where the bound is checked: gradients wanted (``grads``), on
+    the CPU, values readable (not vmapped, exported, compiled or on the meta device)."""
+    limit = score_limit(q.dtype)
+    if limit is None or not grads or not q.is_cpu:
+        return None
+    return None if unreadable(q) or compiling() else limit
 
 
 def score_limit(dtype: torch.dtype) -> float | None:
