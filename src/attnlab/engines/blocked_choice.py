@@ -154,10 +154,9 @@ def _slow_half(req: AttentionRequest) -> bool:
     computes it slowly, unless a bias comes with a gradient (the kernel takes ALiBi's by
     the linear-bias rule; a bias tensor with a gradient was not measured): SDPA took
     1.5-3.7x the kernel's time forward (dense, causal, 512-4096 tokens, AVX512; 1.2-3.1x
-    AVX2 forced), 8.2-8.8x dense
-    forward and backward, 1.3-6.8x forward and 12-29x forward and backward under a padding,
-    prefix, documents or ALiBi (1024 tokens); with T5's table and a gradient 0.86x (one
-    thread, AMD EPYC, 2026-12-05)."""
+    AVX2 forced), 8.2-8.8x dense forward and backward, 1.3-6.8x forward and 12-29x
+    forward and backward under a padding, prefix, documents or ALiBi (1024 tokens); with
+    T5's table and a gradient 0.86x (one thread, AMD EPYC, 2026-12-05)."""
     return slow_half(req.q) and (req.bias is None or not req.needs_grad)
 
 
